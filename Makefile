@@ -1,0 +1,85 @@
+# Entry points: `make demo`, `make test` (see README.md). Everything missing is installed
+# on first use: torch==2.11.0 in a venv under $(PERT_CACHE) (default ~/.cache/perturbations),
+# and cmake, a C/C++ compiler and pkg-config through apt-get. A user's own libtorch 2.11 is
+# used instead when LIBTORCH is set.
+
+SHELL := /bin/bash
+PERT_CACHE ?= $(HOME)/.cache/perturbations
+TORCH_VERSION := 2.11.0
+VENV := $(PERT_CACHE)/venv
+TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
+BUILD_DIR := target/release
+CTEST_DIR := target/ctest
+
+ifdef LIBTORCH
+  TORCH_DEP :=
+  CARGO_ENV := LIBTORCH=$(LIBTORCH)
+else
+  TORCH_DEP := $(TORCH_STAMP)
+  CARGO_ENV := PATH="$(VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=1
+endif
+CARGO := $(CARGO_ENV) cargo
+
+CFLAGS_STRICT := -std=c11 -Wall -Wextra -Werror -O2
+LINK_PERT := -Iinclude -L$(BUILD_DIR) -lperturbations -Wl,-rpath,$(abspath $(BUILD_DIR)) -lm
+
+.PHONY: all build test demo header tools torch clean cargo-test ctest examples
+
+all: build
+
+# --- installs -------------------------------------------------------------
+tools:
+	@missing=""; \
+	command -v cmake >/dev/null || missing="$$missing cmake"; \
+	command -v cc >/dev/null || missing="$$missing gcc"; \
+	command -v c++ >/dev/null || missing="$$missing g++"; \
+	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
+	command -v make >/dev/null || missing="$$missing make"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing with apt-get:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+torch: $(TORCH_DEP)
+
+$(TORCH_STAMP):
+	@echo "installing torch==$(TORCH_VERSION) into $(VENV) (once; about 4.6 GB)"
+	python3 -m venv "$(VENV)"
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
+	touch "$@"
+
+# --- build ----------------------------------------------------------------
+build: tools $(TORCH_DEP)
+	$(CARGO) build --release
+	@test -f $(BUILD_DIR)/libperturbations.so && test -f $(BUILD_DIR)/libperturbations.a
+
+header: $(TORCH_DEP)
+	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
+
+# --- tests ----------------------------------------------------------------
+test: build cargo-test ctest
+	@echo "make test: all suites passed"
+
+cargo-test: build
+	$(CARGO) test --release
+
+ctest: build
+	cmake -S tests/c -B $(CTEST_DIR) -DPERT_ROOT=$(abspath .) -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build $(CTEST_DIR) -j2
+	cd $(CTEST_DIR) && ctest --output-on-failure
+
+# --- examples -------------------------------------------------------------
+EXAMPLES := seed_walkthrough shortest_path
+examples: build
+	@mkdir -p target/examples
+	@for e in $(EXAMPLES); do \
+	  cc $(CFLAGS_STRICT) examples/c/$$e.c -o target/examples/$$e $(LINK_PERT) || exit 1; \
+	done
+
+demo: examples
+	./target/examples/seed_walkthrough
+	./target/examples/shortest_path target/examples
+
+clean:
+	cargo clean

@@ -1,0 +1,31 @@
+//! Link settings that tch's build script applies only to tch's own targets.
+//!
+//! * RUNPATH to the libtorch folder, so that our cdylib, tests and examples find
+//!   libtorch without LD_LIBRARY_PATH.
+//! * libtorch_cuda linked with `-as-needed` switched off: nothing in our code refers
+//!   to its symbols, so the default `--as-needed` would drop it and CUDA would look
+//!   unavailable on a GPU machine.
+//! * A SONAME on the cdylib, so that applications record `libperturbations.so`
+//!   instead of the absolute path of the build tree.
+//!
+//! This script never writes into the source tree.
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
+        .expect("torch-sys did not report the libtorch lib folder (DEP_TCH_LIBTORCH_LIB)");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
+    // The `-as-needed` link modifier is unstable, so pass the libraries as raw linker
+    // arguments, which rustc places after its own libraries.
+    let cuda: Vec<String> = ["torch_cuda", "c10_cuda"]
+        .iter()
+        .filter(|name| Path::new(&lib).join(format!("lib{name}.so")).exists())
+        .map(|name| format!("-l{name}"))
+        .collect();
+    if !cuda.is_empty() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,{},--as-needed", cuda.join(","));
+    }
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libperturbations.so");
+}

@@ -1,0 +1,158 @@
+//! The settings of a perturbed op, validated on the way in.
+
+use crate::device::DeviceSpec;
+use crate::error::{Error, Result};
+use crate::noise::Noise;
+
+/// The largest number of solver threads a config accepts (C: `PERT_MAX_THREADS`).
+pub(crate) const MAX_THREADS: u32 = 1024;
+
+/// Settings of a perturbed op. An op copies its config: changing a config later does not
+/// change ops made from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    num_samples: u64,
+    sigma: f64,
+    noise: Noise,
+    seed: u64,
+    device: DeviceSpec,
+    threads: u32,
+}
+
+impl Default for Config {
+    /// The seed's defaults: 1000 samples, sigma 0.05, Normal noise, seed 0, device auto,
+    /// one solver thread.
+    fn default() -> Config {
+        Config {
+            num_samples: 1000,
+            sigma: 0.05,
+            noise: Noise::Normal,
+            seed: 0,
+            device: DeviceSpec::Auto,
+            threads: 1,
+        }
+    }
+}
+
+impl Config {
+    /// The default config.
+    pub fn new() -> Config {
+        Config::default()
+    }
+
+    /// Number of perturbed samples per problem; at least 1.
+    pub fn set_num_samples(&mut self, num_samples: u64) -> Result<&mut Config> {
+        if num_samples == 0 || num_samples > i64::MAX as u64 {
+            return Err(Error::invalid(format!(
+                "num_samples must be between 1 and {}, got {num_samples}",
+                i64::MAX
+            )));
+        }
+        self.num_samples = num_samples;
+        Ok(self)
+    }
+
+    /// Scale of the noise; finite and > 0.
+    pub fn set_sigma(&mut self, sigma: f64) -> Result<&mut Config> {
+        if !(sigma.is_finite() && sigma > 0.0) {
+            return Err(Error::invalid(format!("sigma must be finite and > 0, got {sigma}")));
+        }
+        self.sigma = sigma;
+        Ok(self)
+    }
+
+    /// Distribution of the noise.
+    pub fn set_noise(&mut self, noise: Noise) -> &mut Config {
+        self.noise = noise;
+        self
+    }
+
+    /// Seed of the op's random stream.
+    pub fn set_seed(&mut self, seed: u64) -> &mut Config {
+        self.seed = seed;
+        self
+    }
+
+    /// Device for sampling, perturbation and reductions.
+    pub fn set_device(&mut self, device: DeviceSpec) -> &mut Config {
+        self.device = device;
+        self
+    }
+
+    /// Number of threads that call the solver; 0 means one per available core.
+    /// At most 1024.
+    pub fn set_threads(&mut self, threads: u32) -> Result<&mut Config> {
+        if threads > MAX_THREADS {
+            return Err(Error::invalid(format!(
+                "threads must be at most {}, got {threads}",
+                MAX_THREADS
+            )));
+        }
+        self.threads = threads;
+        Ok(self)
+    }
+
+    /// Number of perturbed samples per problem.
+    pub fn num_samples(&self) -> u64 {
+        self.num_samples
+    }
+    /// Scale of the noise.
+    pub fn sigma(&self) -> f64 {
+        self.sigma
+    }
+    /// Distribution of the noise.
+    pub fn noise(&self) -> Noise {
+        self.noise
+    }
+    /// Seed of the random stream.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+    /// Requested device.
+    pub fn device(&self) -> DeviceSpec {
+        self.device
+    }
+    /// Requested solver threads (0: one per core).
+    pub fn threads(&self) -> u32 {
+        self.threads
+    }
+
+    /// The number of solver threads a forward call uses.
+    pub fn effective_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            t => t as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_seeds() {
+        let c = Config::new();
+        assert_eq!(c.num_samples(), 1000);
+        assert_eq!(c.sigma(), 0.05);
+        assert_eq!(c.noise(), Noise::Normal);
+        assert_eq!(c.seed(), 0);
+        assert_eq!(c.device(), DeviceSpec::Auto);
+        assert_eq!(c.threads(), 1);
+    }
+
+    #[test]
+    fn rejects_bad_values_and_keeps_the_old_ones() {
+        let mut c = Config::new();
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = c.set_sigma(bad).unwrap_err();
+            assert!(err.message().starts_with("sigma must be finite and > 0, got"), "{}", err.message());
+        }
+        assert_eq!(c.set_sigma(-1.0).unwrap_err().message(), "sigma must be finite and > 0, got -1");
+        assert!(c.set_num_samples(0).is_err());
+        assert!(c.set_num_samples(u64::MAX).is_err());
+        assert_eq!(c, Config::new());
+        c.set_sigma(0.5).unwrap().set_num_samples(10).unwrap();
+        assert_eq!((c.sigma(), c.num_samples()), (0.5, 10));
+    }
+}

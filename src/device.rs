@@ -1,0 +1,103 @@
+//! Where the sampling, perturbation and reductions run.
+
+use crate::error::{Error, Result, Status};
+use std::fmt;
+use tch::Device;
+
+/// The device an op computes on, as the user asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when a GPU is present, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The CUDA device with this index.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// Parses `"auto"`, `"cpu"`, `"cuda"` (device 0) or `"cuda:N"`.
+    /// Whether the device exists is checked by [`DeviceSpec::resolve`], not here.
+    pub fn parse(text: &str) -> Result<DeviceSpec> {
+        let bad = || {
+            Error::invalid(format!(
+                "device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got \"{text}\""
+            ))
+        };
+        match text {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => {
+                let index = text.strip_prefix("cuda:").ok_or_else(bad)?;
+                if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad());
+                }
+                index.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| bad())
+            }
+        }
+    }
+
+    /// The libtorch device this spec names on this machine.
+    /// A CUDA device that does not exist gives [`Status::DeviceUnavailable`].
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Auto => Ok(if cuda_device_count() > 0 { Device::Cuda(0) } else { Device::Cpu }),
+            DeviceSpec::Cuda(index) => {
+                let count = cuda_device_count();
+                if index < count {
+                    Ok(Device::Cuda(index))
+                } else {
+                    Err(Error::new(
+                        Status::DeviceUnavailable,
+                        format!("device \"{self}\" requested, but this machine has {count} CUDA device(s)"),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(index) => write!(f, "cuda:{index}"),
+        }
+    }
+}
+
+/// The number of CUDA devices libtorch sees (0 without a GPU or without CUDA libraries).
+pub fn cuda_device_count() -> usize {
+    static COUNT: once_cell::sync::OnceCell<usize> = once_cell::sync::OnceCell::new();
+    *COUNT.get_or_init(|| usize::try_from(tch::Cuda::device_count()).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_forms() {
+        assert_eq!(DeviceSpec::parse("auto").unwrap(), DeviceSpec::Auto);
+        assert_eq!(DeviceSpec::parse("cpu").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(DeviceSpec::parse("cuda").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(DeviceSpec::parse("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+        for bad in ["", "CPU", "cuda:", "cuda:-1", "cuda:x", "gpu", "cuda:1 "] {
+            let err = DeviceSpec::parse(bad).unwrap_err();
+            assert_eq!(err.status(), Status::InvalidArgument, "{bad:?}");
+            assert!(err.message().contains(&format!("\"{bad}\"")), "{}", err.message());
+        }
+    }
+
+    #[test]
+    fn missing_cuda_device_is_unavailable() {
+        let count = cuda_device_count();
+        let err = DeviceSpec::Cuda(count).resolve().unwrap_err();
+        assert_eq!(err.status(), Status::DeviceUnavailable);
+        assert_eq!(DeviceSpec::Cpu.resolve().unwrap(), Device::Cpu);
+    }
+}

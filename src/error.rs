@@ -1,0 +1,106 @@
+//! Errors of the safe API: a stable status class and a message that names the
+//! argument, the problem and the offending value.
+
+use std::fmt;
+
+/// The class of an error. The numbers are the C API's `pert_status` values and are
+/// stable: a number is never reused for another meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Status {
+    /// Success.
+    Ok = 0,
+    /// A required pointer was NULL.
+    NullArgument = 1,
+    /// An argument was out of its documented range, or sizes did not fit.
+    InvalidArgument = 2,
+    /// An input (theta, a gradient, a target) held NaN or an infinity.
+    NonFiniteInput = 3,
+    /// The solver returned non-zero or wrote non-finite values.
+    SolverFailed = 4,
+    /// The requested device does not exist on this machine.
+    DeviceUnavailable = 5,
+    /// libtorch reported an error.
+    TorchError = 6,
+    /// A panic was caught at the C boundary.
+    Panic = 7,
+}
+
+impl Status {
+    /// Every status, in numeric order.
+    pub const ALL: [Status; 8] = [
+        Status::Ok,
+        Status::NullArgument,
+        Status::InvalidArgument,
+        Status::NonFiniteInput,
+        Status::SolverFailed,
+        Status::DeviceUnavailable,
+        Status::TorchError,
+        Status::Panic,
+    ];
+
+    /// The status with this number, if there is one.
+    pub fn from_u32(value: u32) -> Option<Status> {
+        Status::ALL.get(value as usize).copied()
+    }
+
+    /// A static, upper-case name, the C constant without its `PERT_STATUS_` prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::NullArgument => "NULL_ARGUMENT",
+            Status::InvalidArgument => "INVALID_ARGUMENT",
+            Status::NonFiniteInput => "NON_FINITE_INPUT",
+            Status::SolverFailed => "SOLVER_FAILED",
+            Status::DeviceUnavailable => "DEVICE_UNAVAILABLE",
+            Status::TorchError => "TORCH_ERROR",
+            Status::Panic => "PANIC",
+        }
+    }
+}
+
+/// An error of the library: a status class and a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    status: Status,
+    message: String,
+}
+
+impl Error {
+    /// An error of class `status` with `message`.
+    pub fn new(status: Status, message: impl Into<String>) -> Error {
+        Error { status, message: message.into() }
+    }
+
+    /// An [`Status::InvalidArgument`] error.
+    pub fn invalid(message: impl Into<String>) -> Error {
+        Error::new(Status::InvalidArgument, message)
+    }
+
+    /// The error's class.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// The error's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.status.name(), self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<tch::TchError> for Error {
+    fn from(err: tch::TchError) -> Error {
+        Error::new(Status::TorchError, format!("libtorch: {err}"))
+    }
+}
+
+/// The result type of the safe API.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,189 @@
+//! `pert_op`: a solver callback turned into a perturbed optimizer, and its forward call.
+
+use super::boundary::{arg, arg_mut, check_finite, guard, guard_or, slice, slice_mut};
+use super::config::pert_config;
+use super::status::pert_status;
+use super::tape::pert_tape;
+use crate::error::{Error, Result};
+use crate::op::PerturbedOp;
+use crate::shape::checked_product;
+use crate::solver::Solver;
+use std::ffi::c_void;
+use tch::Tensor;
+
+/// A black-box solver: solves `count` perturbed problems at once.
+///
+/// @param user_data  The pointer given to `pert_op_new`, passed through untouched.
+/// @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
+///                   host memory, valid only during the call.
+/// @param count      Number of problems in this call (at least 1).
+/// @param outputs    Room for `count * output_numel` floats, row-major
+///                   `[count, *output_shape]`; every entry must be written, finite.
+/// @return 0 on success; any other value aborts the forward call with
+///         `PERT_STATUS_SOLVER_FAILED`.
+///
+/// The callback must not throw C++ exceptions or longjmp through the library.
+pub type pert_solver_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, inputs: *const f32, count: usize, outputs: *mut f32) -> i32>;
+
+/// A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.
+///
+/// Made by `pert_op_new`, freed by `pert_op_free`. It holds a copy of its config.
+/// Threads: `pert_forward` may be called from any thread, one call at a time per op
+/// (ops are independent of each other).
+pub struct pert_op {
+    inner: PerturbedOp,
+}
+
+struct CallbackSolver {
+    solve: unsafe extern "C" fn(*mut c_void, *const f32, usize, *mut f32) -> i32,
+    user_data: *mut c_void,
+}
+
+// SAFETY: the header requires a solver used with threads > 1 to be thread-safe; with one
+// thread the callback runs on the thread that called `pert_forward`.
+unsafe impl Send for CallbackSolver {}
+unsafe impl Sync for CallbackSolver {}
+
+impl Solver for CallbackSolver {
+    fn solve(&self, inputs: &[f32], count: usize, outputs: &mut [f32]) -> std::result::Result<(), String> {
+        // SAFETY: the buffers hold `count` rows each, as the callback's contract says.
+        let rc = unsafe { (self.solve)(self.user_data, inputs.as_ptr(), count, outputs.as_mut_ptr()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(format!("the solver callback returned {rc}"))
+        }
+    }
+}
+
+/// Reads a C shape (`rank` dimensions at `dims`, which may be NULL when `rank` is 0).
+unsafe fn shape(dims: *const i64, rank: usize, name: &str) -> Result<Vec<i64>> {
+    if rank == 0 {
+        return Ok(Vec::new());
+    }
+    if rank > 64 {
+        return Err(Error::invalid(format!("{name} rank must be at most 64, got {rank}")));
+    }
+    Ok(unsafe { slice(dims, rank, name) }?.to_vec())
+}
+
+/// Makes a perturbed op over a solver callback.
+///
+/// @param config        Settings, copied: the config may be freed afterwards.
+/// @param input_shape   The shape of one problem's input theta (`input_rank` dimensions,
+///                      each >= 1; may be NULL when `input_rank` is 0, a scalar input).
+/// @param output_shape  The shape of one problem's solution (`output_rank` dimensions, each
+///                      >= 1; may be NULL when `output_rank` is 0: one scalar per problem).
+/// @param solver        The solver callback; see `pert_solver_fn`. It runs on the thread
+///                      that calls `pert_forward` when the config has threads = 1; with
+///                      threads > 1 it runs concurrently on that many threads (each call on
+///                      a disjoint slice of the problems) and must be thread-safe.
+/// @param user_data     Passed to every solver call untouched; must stay valid while the
+///                      op exists.
+/// @param out           Receives the op on success; untouched on error.
+/// @return `PERT_STATUS_NULL_ARGUMENT` (config, solver, out, or a shape with rank > 0),
+///         `PERT_STATUS_INVALID_ARGUMENT` (a dimension < 1, rank > 64, sizes overflow),
+///         `PERT_STATUS_DEVICE_UNAVAILABLE` (the config's CUDA device is missing).
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_new(
+    config: *const pert_config,
+    input_shape: *const i64,
+    input_rank: usize,
+    output_shape: *const i64,
+    output_rank: usize,
+    solver: pert_solver_fn,
+    user_data: *mut c_void,
+    out: *mut *mut pert_op,
+) -> pert_status {
+    guard(|| {
+        let config = unsafe { arg(config, "config") }?;
+        let out = unsafe { arg_mut(out, "out") }?;
+        let solve = solver.ok_or_else(|| Error::new(crate::Status::NullArgument, "solver is NULL"))?;
+        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
+        let output_shape = unsafe { shape(output_shape, output_rank, "output_shape") }?;
+        let inner = PerturbedOp::new(
+            &config.inner,
+            &input_shape,
+            &output_shape,
+            CallbackSolver { solve, user_data },
+        )?;
+        *out = Box::into_raw(Box::new(pert_op { inner }));
+        Ok(())
+    })
+}
+
+/// Frees an op. NULL is accepted and ignored. Tapes made by the op stay valid.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_free(op: *mut pert_op) {
+    guard_or((), || {
+        if !op.is_null() {
+            // SAFETY: a non-NULL op comes from `pert_op_new` and is freed once.
+            drop(unsafe { Box::from_raw(op) });
+        }
+    })
+}
+
+/// The number of floats in one problem's input (the product of `input_shape`); 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_input_numel(op: *const pert_op) -> usize {
+    guard_or(0, || unsafe { op.as_ref() }.map_or(0, |op| op.inner.input_numel()))
+}
+
+/// The number of floats in one problem's output (the product of `output_shape`, 1 for rank
+/// 0); 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
+    guard_or(0, || unsafe { op.as_ref() }.map_or(0, |op| op.inner.output_numel()))
+}
+
+/// The perturbed solution y_sigma(theta) = mean over num_samples of solver(theta + sigma Z),
+/// for a batch of problems, and optionally the tape for its gradient.
+///
+/// Each call draws fresh noise; the draws are a pure function of (seed, number of earlier
+/// forward calls on this op), and the results do not depend on the number of threads.
+///
+/// @param op      The op.
+/// @param theta   `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
+///                borrowed for the call.
+/// @param batch   Number of problems. 0: `PERT_STATUS_OK` and nothing is written.
+/// @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`.
+/// @param tape    NULL when no gradient is needed; else receives a new tape on success
+///                (free it with `pert_tape_free`). Keeping a tape costs
+///                `batch * output_numel * input_numel` doubles.
+/// @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in theta), `PERT_STATUS_SOLVER_FAILED`
+///         (a callback returned non-zero or wrote a non-finite value),
+///         `PERT_STATUS_INVALID_ARGUMENT` (sizes overflow), `PERT_STATUS_TORCH_ERROR`
+///         (e.g. out of memory). On error `output` is untouched and `*tape` is not written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_forward(
+    op: *mut pert_op,
+    theta: *const f32,
+    batch: usize,
+    output: *mut f32,
+    tape: *mut *mut pert_tape,
+) -> pert_status {
+    guard(|| {
+        let op = &unsafe { arg(op, "op") }?.inner;
+        if batch == 0 {
+            return Ok(());
+        }
+        let (d, o) = (op.input_numel(), op.output_numel());
+        let theta_len = checked_product(&[batch, d], "batch * input_numel")?;
+        let output_len = checked_product(&[batch, o], "batch * output_numel")?;
+        let theta = unsafe { slice(theta, theta_len, "theta") }?;
+        let output = unsafe { slice_mut(output, output_len, "output") }?;
+        check_finite(theta, d, "theta")?;
+        let theta = Tensor::f_from_slice(theta)?.f_reshape(crate::shape::batched(batch, op.input_shape()))?;
+        if tape.is_null() {
+            let y = op.forward(&theta)?;
+            y.f_copy_data(output, output_len)?;
+        } else {
+            let (y, t) = op.forward_with_tape(&theta)?;
+            y.f_copy_data(output, output_len)?;
+            // SAFETY: checked non-NULL above; written only on success.
+            unsafe { *tape = Box::into_raw(Box::new(pert_tape { inner: t })) };
+        }
+        Ok(())
+    })
+}

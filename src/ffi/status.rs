@@ -1,0 +1,120 @@
+//! Status codes, error messages, version and device queries.
+
+use super::boundary::{guard_or, with_last_error};
+use crate::error::Status;
+use std::ffi::c_char;
+
+/// The result of every fallible function: `PERT_STATUS_OK` (0) or an error class.
+/// The numbers are stable and never reused.
+pub type pert_status = u32;
+
+/// Success.
+pub const PERT_STATUS_OK: pert_status = 0;
+/// A required pointer argument was NULL.
+pub const PERT_STATUS_NULL_ARGUMENT: pert_status = 1;
+/// An argument was outside its documented range, or sizes overflowed.
+pub const PERT_STATUS_INVALID_ARGUMENT: pert_status = 2;
+/// An input buffer held NaN or an infinity.
+pub const PERT_STATUS_NON_FINITE_INPUT: pert_status = 3;
+/// The solver callback returned non-zero, or wrote a non-finite value (or nothing).
+pub const PERT_STATUS_SOLVER_FAILED: pert_status = 4;
+/// The requested device does not exist on this machine.
+pub const PERT_STATUS_DEVICE_UNAVAILABLE: pert_status = 5;
+/// libtorch reported an error (for example, it could not allocate memory).
+pub const PERT_STATUS_TORCH_ERROR: pert_status = 6;
+/// An internal panic was caught; the library stays usable.
+pub const PERT_STATUS_PANIC: pert_status = 7;
+
+/// Major version of this header; equal to `pert_version()`'s first number.
+pub const PERT_VERSION_MAJOR: u32 = 0;
+/// Minor version of this header.
+pub const PERT_VERSION_MINOR: u32 = 1;
+/// Patch version of this header.
+pub const PERT_VERSION_PATCH: u32 = 0;
+
+/// The library's version, "MAJOR.MINOR.PATCH": a static string, never NULL.
+#[no_mangle]
+pub extern "C" fn pert_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// A static name for `status`, such as "PERT_STATUS_NULL_ARGUMENT";
+/// "PERT_STATUS_UNKNOWN" for a number that is not a status. Never NULL.
+#[no_mangle]
+pub extern "C" fn pert_status_name(status: pert_status) -> *const c_char {
+    let name: &'static str = match Status::from_u32(status) {
+        Some(Status::Ok) => "PERT_STATUS_OK\0",
+        Some(Status::NullArgument) => "PERT_STATUS_NULL_ARGUMENT\0",
+        Some(Status::InvalidArgument) => "PERT_STATUS_INVALID_ARGUMENT\0",
+        Some(Status::NonFiniteInput) => "PERT_STATUS_NON_FINITE_INPUT\0",
+        Some(Status::SolverFailed) => "PERT_STATUS_SOLVER_FAILED\0",
+        Some(Status::DeviceUnavailable) => "PERT_STATUS_DEVICE_UNAVAILABLE\0",
+        Some(Status::TorchError) => "PERT_STATUS_TORCH_ERROR\0",
+        Some(Status::Panic) => "PERT_STATUS_PANIC\0",
+        None => "PERT_STATUS_UNKNOWN\0",
+    };
+    name.as_ptr().cast()
+}
+
+/// Copies the calling thread's last error message into `buf`.
+///
+/// The message is that of the most recent call on this thread that returned an error
+/// (successful calls leave it unchanged); it is empty before any error.
+///
+/// @param buf      Where to copy the message; may be NULL when `buf_len` is 0.
+/// @param buf_len  Size of `buf` in bytes. At most `buf_len - 1` bytes are copied and the
+///                 copy is always NUL-terminated when `buf_len > 0`.
+/// @return The full length of the message in bytes, without the NUL: a return value
+///         `>= buf_len` means the copy was truncated.
+#[no_mangle]
+pub unsafe extern "C" fn pert_last_error(buf: *mut c_char, buf_len: usize) -> usize {
+    guard_or(0, || {
+        with_last_error(|message| {
+            if !buf.is_null() && buf_len > 0 {
+                let n = message.len().min(buf_len - 1);
+                // SAFETY: the caller gives `buf_len` writable bytes at `buf`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(message.as_ptr().cast::<c_char>(), buf, n);
+                    *buf.add(n) = 0;
+                }
+            }
+            message.len()
+        })
+    })
+}
+
+/// The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
+#[no_mangle]
+pub extern "C" fn pert_cuda_device_count() -> i32 {
+    guard_or(0, || i32::try_from(crate::device::cuda_device_count()).unwrap_or(i32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    #[test]
+    fn constants_match_the_rust_enum_and_names() {
+        let consts = [
+            PERT_STATUS_OK,
+            PERT_STATUS_NULL_ARGUMENT,
+            PERT_STATUS_INVALID_ARGUMENT,
+            PERT_STATUS_NON_FINITE_INPUT,
+            PERT_STATUS_SOLVER_FAILED,
+            PERT_STATUS_DEVICE_UNAVAILABLE,
+            PERT_STATUS_TORCH_ERROR,
+            PERT_STATUS_PANIC,
+        ];
+        for (c, s) in consts.iter().zip(Status::ALL) {
+            assert_eq!(*c, s as u32);
+            let name = unsafe { CStr::from_ptr(pert_status_name(*c)) }.to_str().unwrap();
+            assert_eq!(name, format!("PERT_STATUS_{}", s.name()));
+        }
+        let unknown = unsafe { CStr::from_ptr(pert_status_name(8)) };
+        assert_eq!(unknown.to_str().unwrap(), "PERT_STATUS_UNKNOWN");
+        assert_eq!(super::super::config::PERT_NOISE_NORMAL, crate::Noise::Normal as u32);
+        assert_eq!(super::super::config::PERT_NOISE_GUMBEL, crate::Noise::Gumbel as u32);
+        assert_eq!(super::super::config::PERT_MAX_THREADS, crate::config::MAX_THREADS);
+    }
+}

@@ -1,0 +1,78 @@
+//! `pert_tape`: what a forward call keeps for its gradient.
+
+use super::boundary::{arg, check_finite, guard, guard_or, slice, slice_mut};
+use super::status::pert_status;
+use crate::shape::{batched, checked_product};
+use crate::tape::Tape;
+use tch::Tensor;
+
+/// The record of one `pert_forward` call, from which gradients are computed without
+/// calling the solver again.
+///
+/// Made by `pert_forward`, freed by `pert_tape_free`. It owns its data: it stays valid
+/// after its op is freed, and may be freed on any thread.
+/// Threads: the functions taking `const pert_tape *` may be called concurrently on the
+/// same tape.
+pub struct pert_tape {
+    pub(crate) inner: Tape,
+}
+
+fn sizes(tape: &Tape) -> crate::Result<(usize, usize, usize)> {
+    let d = crate::shape::numel(tape.input_shape(), "input_shape")?;
+    let o = crate::shape::numel(tape.output_shape(), "output_shape")?;
+    Ok((tape.batch(), d, o))
+}
+
+/// The vector-Jacobian product J^T g, per problem: what backpropagation needs.
+///
+/// @param grad_output  `batch * output_numel` floats `[batch, *output_shape]` (the batch of
+///                     the forward call), finite; borrowed.
+/// @param grad_input   Receives `batch * input_numel` floats `[batch, *input_shape]`.
+/// @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in grad_output; on error grad_input
+///         is untouched.
+#[no_mangle]
+pub unsafe extern "C" fn pert_tape_vjp(tape: *const pert_tape, grad_output: *const f32, grad_input: *mut f32) -> pert_status {
+    guard(|| {
+        let tape = &unsafe { arg(tape, "tape") }?.inner;
+        let (b, d, o) = sizes(tape)?;
+        let g = unsafe { slice(grad_output, b * o, "grad_output") }?;
+        let out = unsafe { slice_mut(grad_input, b * d, "grad_input") }?;
+        check_finite(g, o, "grad_output")?;
+        let g = Tensor::f_from_slice(g)?.f_reshape(batched(b, tape.output_shape()))?;
+        tape.vjp(&g)?.f_copy_data(out, b * d)?;
+        Ok(())
+    })
+}
+
+/// The Jacobian estimate J = d y_sigma / d theta of every problem.
+///
+/// @param jacobian  Receives `batch * output_numel * input_numel` floats, row-major
+///                  `[batch, output_numel, input_numel]`.
+#[no_mangle]
+pub unsafe extern "C" fn pert_tape_jacobian(tape: *const pert_tape, jacobian: *mut f32) -> pert_status {
+    guard(|| {
+        let tape = &unsafe { arg(tape, "tape") }?.inner;
+        let (b, d, o) = sizes(tape)?;
+        let len = checked_product(&[b, o, d], "batch * output_numel * input_numel")?;
+        let out = unsafe { slice_mut(jacobian, len, "jacobian") }?;
+        tape.jacobian()?.f_copy_data(out, len)?;
+        Ok(())
+    })
+}
+
+/// The number of problems of the forward call that made the tape; 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_tape_batch(tape: *const pert_tape) -> usize {
+    guard_or(0, || unsafe { tape.as_ref() }.map_or(0, |t| t.inner.batch()))
+}
+
+/// Frees a tape, on any thread. NULL is accepted and ignored.
+#[no_mangle]
+pub unsafe extern "C" fn pert_tape_free(tape: *mut pert_tape) {
+    guard_or((), || {
+        if !tape.is_null() {
+            // SAFETY: a non-NULL tape comes from `pert_forward` and is freed once.
+            drop(unsafe { Box::from_raw(tape) });
+        }
+    })
+}

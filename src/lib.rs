@@ -1,0 +1,26 @@
+//! Differentiable perturbed optimizers (Berthet et al., "Learning with Differentiable
+//! Perturbed Optimizers", NeurIPS 2020) on libtorch.
+//!
+//! A black-box [`Solver`] y*(θ) becomes the smooth y_σ(θ) = E[y*(θ + σZ)], estimated from
+//! N perturbed samples, with a Monte-Carlo Jacobian kept on a [`Tape`]. The safe API here
+//! knows nothing of C; the C API (`pert_*`, see `include/perturbations.h`) is a thin layer
+//! in [`ffi`].
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod ffi;
+pub mod noise;
+pub mod op;
+pub mod rng;
+pub mod shape;
+pub mod solver;
+pub mod tape;
+
+pub use config::Config;
+pub use device::{cuda_device_count, DeviceSpec};
+pub use error::{Error, Result, Status};
+pub use noise::Noise;
+pub use op::PerturbedOp;
+pub use solver::Solver;
+pub use tape::Tape;

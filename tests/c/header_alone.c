@@ -1,0 +1,2 @@
+#include "perturbations.h"
+int pert_header_alone_c(void) { return PERT_STATUS_OK; }

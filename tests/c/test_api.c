@@ -1,0 +1,258 @@
+/* Every function and status code: NULLs, bad values, solver failures, no partial
+ * results, messages, version, ownership. */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "harness.h"
+#include "solvers.h"
+
+static size_t D3 = 3;
+static const int64_t SHAPE3[1] = {3};
+
+static pert_op *make_op(pert_solver_fn solver, void *user_data) {
+  pert_config *c = NULL;
+  pert_op *op = NULL;
+  if (pert_config_new(&c) != PERT_STATUS_OK) return NULL;
+  pert_config_set_num_samples(c, 100);
+  pert_config_set_device(c, "cpu");
+  pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solver, user_data, &op);
+  pert_config_free(c);
+  return op;
+}
+
+static bool version_matches_header(void) {
+  char want[64];
+  snprintf(want, sizeof want, "%d.%d.%d", PERT_VERSION_MAJOR, PERT_VERSION_MINOR, PERT_VERSION_PATCH);
+  CHECK(strcmp(pert_version(), want) == 0);
+  return true;
+}
+
+static bool status_names_cover_every_code(void) {
+  CHECK(strcmp(pert_status_name(PERT_STATUS_OK), "PERT_STATUS_OK") == 0);
+  CHECK(strcmp(pert_status_name(PERT_STATUS_NULL_ARGUMENT), "PERT_STATUS_NULL_ARGUMENT") == 0);
+  CHECK(strcmp(pert_status_name(PERT_STATUS_INVALID_ARGUMENT), "PERT_STATUS_INVALID_ARGUMENT") == 0);
+  CHECK(strcmp(pert_status_name(PERT_STATUS_NON_FINITE_INPUT), "PERT_STATUS_NON_FINITE_INPUT") == 0);
+  CHECK(strcmp(pert_status_name(PERT_STATUS_SOLVER_FAILED), "PERT_STATUS_SOLVER_FAILED") == 0);
+  CHECK(strcmp(pert_status_name(PERT_STATUS_DEVICE_UNAVAILABLE), "PERT_STATUS_DEVICE_UNAVAILABLE") == 0);
+  CHECK(strcmp(pert_status_name(PERT_STATUS_TORCH_ERROR), "PERT_STATUS_TORCH_ERROR") == 0);
+  CHECK(strcmp(pert_status_name(PERT_STATUS_PANIC), "PERT_STATUS_PANIC") == 0);
+  CHECK(strcmp(pert_status_name(8), "PERT_STATUS_UNKNOWN") == 0);
+  CHECK(strcmp(pert_status_name(UINT32_MAX), "PERT_STATUS_UNKNOWN") == 0);
+  return true;
+}
+
+static bool last_error_copies_truncates_and_terminates(void) {
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sigma(c, -1.0));
+  const char *want = "sigma must be finite and > 0, got -1";
+  char buf[128];
+  CHECK(pert_last_error(buf, sizeof buf) == strlen(want));
+  CHECK(strcmp(buf, want) == 0);
+  char small[6];
+  memset(small, 'x', sizeof small);
+  CHECK(pert_last_error(small, sizeof small) == strlen(want));
+  CHECK(strcmp(small, "sigma") == 0);
+  CHECK(pert_last_error(NULL, 0) == strlen(want));
+  /* a successful call leaves the message */
+  CHECK_OK(pert_config_set_sigma(c, 1.0));
+  CHECK(pert_last_error(NULL, 0) == strlen(want));
+  pert_config_free(c);
+  return true;
+}
+
+static bool config_rejects_bad_values(void) {
+  pert_config *c = NULL;
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_new(NULL));
+  CHECK_OK(pert_config_new(&c));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_sigma(NULL, 1.0));
+  CHECK(last_error_contains("config is NULL"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sigma(c, 0.0));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sigma(c, NAN));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sigma(c, INFINITY));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_num_samples(c, 0));
+  CHECK(last_error_contains("got 0"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_num_samples(c, UINT64_MAX));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_noise(c, 2));
+  CHECK(last_error_contains("got 2"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_threads(c, PERT_MAX_THREADS + 1));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_device(c, NULL));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_device(c, "gpu"));
+  CHECK(last_error_contains("\"gpu\""));
+  CHECK_STATUS(PERT_STATUS_DEVICE_UNAVAILABLE, pert_config_set_device(c, "cuda:1000"));
+  if (pert_cuda_device_count() == 0) CHECK_STATUS(PERT_STATUS_DEVICE_UNAVAILABLE, pert_config_set_device(c, "cuda"));
+  CHECK_OK(pert_config_set_device(c, "auto"));
+  CHECK_OK(pert_config_set_device(c, "cpu"));
+  CHECK_OK(pert_config_set_noise(c, PERT_NOISE_GUMBEL));
+  CHECK_OK(pert_config_set_seed(c, UINT64_MAX));
+  CHECK_OK(pert_config_set_threads(c, 0));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_num_samples(NULL, 1));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_noise(NULL, 0));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_seed(NULL, 0));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_threads(NULL, 0));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_device(NULL, "cpu"));
+  pert_config_free(c);
+  pert_config_free(NULL);
+  return true;
+}
+
+static bool op_new_checks_arguments(void) {
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_op *op = NULL;
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_new(NULL, SHAPE3, 1, SHAPE3, 1, solve_identity, &D3, &op));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_new(c, SHAPE3, 1, SHAPE3, 1, NULL, &D3, &op));
+  CHECK(last_error_contains("solver is NULL"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_new(c, NULL, 1, SHAPE3, 1, solve_identity, &D3, &op));
+  CHECK(last_error_contains("input_shape is NULL"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_identity, &D3, NULL));
+  const int64_t zero[2] = {3, 0};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_new(c, zero, 2, SHAPE3, 1, solve_identity, &D3, &op));
+  CHECK(last_error_contains("input_shape[1] must be >= 1, got 0"));
+  const int64_t negative[1] = {-4};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_new(c, SHAPE3, 1, negative, 1, solve_identity, &D3, &op));
+  const int64_t huge[2] = {INT64_MAX / 2, 4};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_new(c, huge, 2, SHAPE3, 1, solve_identity, &D3, &op));
+  CHECK(op == NULL);
+  /* rank 0 input and output: one scalar each */
+  CHECK_OK(pert_op_new(c, NULL, 0, NULL, 0, solve_identity, &(size_t){1}, &op));
+  CHECK(pert_op_input_numel(op) == 1 && pert_op_output_numel(op) == 1);
+  pert_op_free(op);
+  CHECK(pert_op_input_numel(NULL) == 0 && pert_op_output_numel(NULL) == 0);
+  pert_op_free(NULL);
+  pert_config_free(c);
+  return true;
+}
+
+static int32_t solve_fail(void *user_data, const float *x, size_t count, float *y) {
+  (void)user_data, (void)x, (void)count, (void)y;
+  return 17;
+}
+static int32_t solve_nan(void *user_data, const float *x, size_t count, float *y) {
+  solve_identity(user_data, x, count, y);
+  y[count * 3 - 1] = NAN;
+  return 0;
+}
+static int32_t solve_nothing(void *user_data, const float *x, size_t count, float *y) {
+  (void)user_data, (void)x, (void)count, (void)y;
+  return 0;
+}
+
+/* On every error: status, message, output untouched, tape not written. */
+static bool forward_errors_leave_outputs_untouched(void) {
+  pert_op *op = make_op(solve_identity, &D3);
+  CHECK(op != NULL);
+  const float theta[6] = {1, 2, 3, 4, 5, 6};
+  float out[6] = {-7, -7, -7, -7, -7, -7};
+  pert_tape *tape = NULL;
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_forward(NULL, theta, 2, out, &tape));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_forward(op, NULL, 2, out, &tape));
+  CHECK(last_error_contains("theta is NULL"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_forward(op, theta, 2, NULL, &tape));
+  const float bad[6] = {1, 2, 3, 4, NAN, 6};
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_forward(op, bad, 2, out, &tape));
+  CHECK(last_error_contains("theta[1][1] is NaN"));
+  const float inf[3] = {INFINITY, 0, 0};
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_forward(op, inf, 1, out, &tape));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_forward(op, theta, SIZE_MAX / 2, out, &tape));
+  CHECK(last_error_contains("overflows"));
+  for (int i = 0; i < 6; i++) CHECK(out[i] == -7);
+  CHECK(tape == NULL);
+
+  pert_solver_fn failing[3] = {solve_fail, solve_nan, solve_nothing};
+  const char *messages[3] = {"returned 17", "NaN", "NaN"};
+  for (int k = 0; k < 3; k++) {
+    pert_op *bad_op = make_op(failing[k], &D3);
+    CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_forward(bad_op, theta, 2, out, &tape));
+    CHECK(last_error_contains(messages[k]));
+    for (int i = 0; i < 6; i++) CHECK(out[i] == -7);
+    CHECK(tape == NULL);
+    pert_op_free(bad_op);
+  }
+  /* batch 0: OK, nothing written, NULL buffers allowed */
+  CHECK_OK(pert_forward(op, NULL, 0, NULL, &tape));
+  CHECK(tape == NULL);
+  pert_op_free(op);
+  return true;
+}
+
+static bool tape_checks_arguments_and_outlives_op(void) {
+  pert_op *op = make_op(solve_identity, &D3);
+  const float theta[3] = {1, 2, 3};
+  float out[3], grad[3] = {9, 9, 9};
+  pert_tape *tape = NULL;
+  CHECK_OK(pert_forward(op, theta, 1, out, &tape));
+  pert_op_free(op); /* the tape stays valid */
+  CHECK(pert_tape_batch(tape) == 1 && pert_tape_batch(NULL) == 0);
+  const float g[3] = {1, 0, 0};
+  const float g_nan[3] = {1, NAN, 0};
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_tape_vjp(NULL, g, grad));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_tape_vjp(tape, NULL, grad));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_tape_vjp(tape, g, NULL));
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_tape_vjp(tape, g_nan, grad));
+  CHECK(last_error_contains("grad_output[0][1] is NaN"));
+  for (int i = 0; i < 3; i++) CHECK(grad[i] == 9);
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_tape_jacobian(NULL, grad));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_tape_jacobian(tape, NULL));
+  CHECK_OK(pert_tape_vjp(tape, g, grad));
+  /* identity: J ~ I, so J^T e_0 ~ e_0 (s.d. ~ sqrt(1 + 0.0025 * 3) / (0.05 * 10) ~ 2) */
+  CHECK(isfinite(grad[0]) && isfinite(grad[1]) && isfinite(grad[2]));
+  pert_tape_free(tape);
+  pert_tape_free(NULL);
+  return true;
+}
+
+static bool config_is_copied_by_op(void) {
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_OK(pert_config_set_device(c, "cpu"));
+  CHECK_OK(pert_config_set_num_samples(c, 50));
+  pert_op *a = NULL, *b = NULL;
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_sign, &D3, &a));
+  CHECK_OK(pert_config_set_sigma(c, 10.0));
+  CHECK_OK(pert_config_set_sigma(c, 0.05));
+  pert_config_free(c); /* a keeps its own copy */
+  CHECK_OK(pert_config_new(&c));
+  CHECK_OK(pert_config_set_device(c, "cpu"));
+  CHECK_OK(pert_config_set_num_samples(c, 50));
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_sign, &D3, &b));
+  pert_config_free(c);
+  const float theta[3] = {0.01f, -0.02f, 0.0f};
+  float ya[3], yb[3];
+  CHECK_OK(pert_forward(a, theta, 1, ya, NULL));
+  CHECK_OK(pert_forward(b, theta, 1, yb, NULL));
+  CHECK(memcmp(ya, yb, sizeof ya) == 0);
+  pert_op_free(a);
+  pert_op_free(b);
+  return true;
+}
+
+static bool draws_depend_on_seed_and_call_count_only(void) {
+  const float theta[3] = {0.01f, -0.02f, 0.0f};
+  float first[3], second[3], again[3];
+  pert_op *a = make_op(solve_sign, &D3);
+  pert_op *b = make_op(solve_sign, &D3);
+  CHECK_OK(pert_forward(a, theta, 1, first, NULL));
+  CHECK_OK(pert_forward(a, theta, 1, second, NULL));
+  CHECK(memcmp(first, second, sizeof first) != 0); /* fresh noise each call */
+  CHECK_OK(pert_forward(b, theta, 1, again, NULL));
+  CHECK(memcmp(first, again, sizeof first) == 0); /* same seed, first call */
+  pert_op_free(a);
+  pert_op_free(b);
+  return true;
+}
+
+int main(void) {
+  const test_case tests[] = {
+      TEST(version_matches_header),
+      TEST(status_names_cover_every_code),
+      TEST(last_error_copies_truncates_and_terminates),
+      TEST(config_rejects_bad_values),
+      TEST(op_new_checks_arguments),
+      TEST(forward_errors_leave_outputs_untouched),
+      TEST(tape_checks_arguments_and_outlives_op),
+      TEST(config_is_copied_by_op),
+      TEST(draws_depend_on_seed_and_call_count_only),
+  };
+  return run_tests(tests, sizeof tests / sizeof tests[0]);
+}
