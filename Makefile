@@ -23,7 +23,7 @@ CARGO := $(CARGO_ENV) cargo
 CFLAGS_STRICT := -std=c11 -Wall -Wextra -Werror -O2
 LINK_PERT := -Iinclude -L$(BUILD_DIR) -lperturbations -Wl,-rpath,$(abspath $(BUILD_DIR)) -lm
 
-.PHONY: all build test demo header tools torch clean cargo-test ctest examples
+.PHONY: all build test demo header tools torch clean cargo-test ctest examples readme-example
 
 all: build
 
@@ -58,8 +58,15 @@ header: $(TORCH_DEP)
 	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
 
 # --- tests ----------------------------------------------------------------
-test: build cargo-test ctest
+test: build cargo-test ctest readme-example
 	@echo "make test: all suites passed"
+
+# The README's C example must compile as printed and run.
+readme-example: examples
+	@mkdir -p target/readme
+	awk '/^```c$$/{on=1; next} /^```$$/{if (on) exit} on' README.md > target/readme/app.c
+	cc $(CFLAGS_STRICT) target/readme/app.c -o target/readme/app $(LINK_PERT)
+	./target/readme/app
 
 cargo-test: build
 	$(CARGO) test --release

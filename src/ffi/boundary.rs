@@ -110,3 +110,25 @@ pub(crate) fn check_finite(values: &[f32], cols: usize, name: &str) -> Result<()
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_become_a_status_and_a_message() {
+        let status = guard(|| panic!("forced for the test"));
+        assert_eq!(status, Status::Panic as pert_status);
+        with_last_error(|m| assert!(m.contains("forced for the test"), "{m}"));
+        // the boundary keeps working afterwards
+        assert_eq!(guard(|| Ok(())), PERT_STATUS_OK);
+        assert_eq!(guard_or(5, || -> i32 { panic!("again") }), 5);
+    }
+
+    #[test]
+    fn errors_set_the_message() {
+        let status = guard(|| Err(Error::invalid("x must be > 0, got -1")));
+        assert_eq!(status, Status::InvalidArgument as pert_status);
+        with_last_error(|m| assert_eq!(m, "x must be > 0, got -1"));
+    }
+}

@@ -1,0 +1,122 @@
+//! The safe Rust API with tch tensors: shapes, kinds, errors, determinism, threads.
+
+use perturbations::{Config, DeviceSpec, Noise, PerturbedOp, Status};
+use tch::{Device, Kind, Tensor};
+
+fn argmax(x: &[f32], count: usize, y: &mut [f32]) -> Result<(), String> {
+    let d = x.len() / count;
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let best = (0..d).fold(0, |b, i| if xr[i] > xr[b] { i } else { b });
+        yr.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
+    }
+    Ok(())
+}
+
+fn config(threads: u32) -> Config {
+    let mut c = Config::new();
+    c.set_num_samples(5000).unwrap().set_sigma(0.5).unwrap().set_threads(threads).unwrap();
+    c.set_noise(Noise::Gumbel).set_seed(99).set_device(DeviceSpec::Cpu);
+    c
+}
+
+fn theta() -> Tensor {
+    Tensor::from_slice(&[-0.6f32, 1.9, -0.2, 1.1, -1.0, -0.6, 1.0, -0.2, 1.8, -1.0]).reshape([2, 5])
+}
+
+#[test]
+fn forward_and_vjp_match_softmax() {
+    let op = PerturbedOp::new(&config(1), &[5], &[5], argmax).unwrap();
+    let (y, tape) = op.forward_with_tape(&theta()).unwrap();
+    assert_eq!(y.size(), [2, 5]);
+    let p = (theta() / 0.5).softmax(-1, Kind::Float);
+    // forward entries: s.d. <= 0.5 / sqrt(5000) = 0.0071
+    let err = f64::try_from((&y - &p).abs().max()).unwrap();
+    assert!(err < 5.0 * 0.5 / 5000f64.sqrt(), "{err}");
+    // VJP of g = e_1 against the softmax Jacobian row: s.d. <= 1 / (sigma sqrt(N))
+    let g = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));
+    let _ = g.narrow(1, 1, 1).fill_(1.0);
+    let vjp = tape.vjp(&g).unwrap();
+    let p1 = p.narrow(1, 1, 1);
+    let onehot = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));
+    let _ = onehot.narrow(1, 1, 1).fill_(1.0);
+    let exact = (&p1 * (&onehot - &p)) / 0.5;
+    let err = f64::try_from((&vjp - &exact).abs().max()).unwrap();
+    assert!(err < 5.0 / (0.5 * 5000f64.sqrt()), "{err}");
+}
+
+#[test]
+fn wrong_shapes_and_kinds_are_invalid_arguments() {
+    let op = PerturbedOp::new(&config(1), &[5], &[5], argmax).unwrap();
+    let err = op.forward(&Tensor::zeros([2, 4], (Kind::Float, Device::Cpu))).unwrap_err();
+    assert_eq!(err.status(), Status::InvalidArgument);
+    assert_eq!(err.message(), "theta must have shape [batch, 5], got [2, 4]");
+    let err = op.forward(&Tensor::zeros([2, 5], (Kind::Double, Device::Cpu))).unwrap_err();
+    assert!(err.message().contains("float32"), "{}", err.message());
+    let nan = theta();
+    let _ = nan.narrow(1, 2, 1).fill_(f64::NAN);
+    assert_eq!(op.forward(&nan).unwrap_err().status(), Status::NonFiniteInput);
+    let (_, tape) = op.forward_with_tape(&theta()).unwrap();
+    let err = tape.vjp(&Tensor::zeros([3, 5], (Kind::Float, Device::Cpu))).unwrap_err();
+    assert_eq!(err.message(), "grad_output must have shape [2, 5], got [3, 5]");
+}
+
+#[test]
+fn solver_errors_carry_their_message() {
+    let op = PerturbedOp::new(&config(1), &[5], &[5], |_: &[f32], _: usize, _: &mut [f32]| {
+        Err("infeasible".to_string())
+    })
+    .unwrap();
+    let err = op.forward(&theta()).unwrap_err();
+    assert_eq!(err.status(), Status::SolverFailed);
+    assert!(err.message().contains("infeasible"));
+}
+
+#[test]
+fn results_are_bitwise_equal_for_any_thread_count_and_tape_outlives_op() {
+    let run = |threads| {
+        let op = PerturbedOp::new(&config(threads), &[5], &[5], argmax).unwrap();
+        let (y, tape) = op.forward_with_tape(&theta()).unwrap();
+        drop(op);
+        (y, tape.jacobian().unwrap())
+    };
+    let (y1, j1) = run(1);
+    for threads in [2, 3, 7] {
+        let (y, j) = run(threads);
+        assert!(y.equal(&y1) && j.equal(&j1), "threads = {threads}");
+    }
+}
+
+#[test]
+fn fresh_noise_per_call_and_reproducible_per_seed() {
+    let a = PerturbedOp::new(&config(1), &[5], &[5], argmax).unwrap();
+    let b = PerturbedOp::new(&config(1), &[5], &[5], argmax).unwrap();
+    let a1 = a.forward(&theta()).unwrap();
+    let a2 = a.forward(&theta()).unwrap();
+    let b1 = b.forward(&theta()).unwrap();
+    assert!(!a1.equal(&a2));
+    assert!(a1.equal(&b1));
+}
+
+#[test]
+fn library_never_touches_the_global_torch_rng() {
+    tch::manual_seed(1234);
+    let expected = Tensor::randn([8], (Kind::Float, Device::Cpu));
+    tch::manual_seed(1234);
+    let op = PerturbedOp::new(&config(2), &[5], &[5], argmax).unwrap();
+    let _ = op.forward_with_tape(&theta()).unwrap();
+    let got = Tensor::randn([8], (Kind::Float, Device::Cpu));
+    assert!(got.equal(&expected));
+}
+
+#[test]
+fn large_num_samples_are_chunked_with_bounded_buffers() {
+    // 2 problems x 400k samples x 5 floats would be 16 MB of inputs at once; the op works
+    // in chunks of at most 8 MiB and still matches the softmax.
+    let mut c = config(2);
+    c.set_num_samples(400_000).unwrap();
+    let op = PerturbedOp::new(&c, &[5], &[5], argmax).unwrap();
+    let y = op.forward(&theta()).unwrap();
+    let p = (theta() / 0.5).softmax(-1, Kind::Float);
+    let err = f64::try_from((&y - &p).abs().max()).unwrap();
+    assert!(err < 5.0 * 0.5 / 400_000f64.sqrt(), "{err}");
+}
