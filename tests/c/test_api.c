@@ -242,6 +242,32 @@ static bool draws_depend_on_seed_and_call_count_only(void) {
   return true;
 }
 
+/* A tape too large for memory (2^20 x 2^20 doubles = 8 TiB) is a libtorch allocation
+ * error reported as TORCH_ERROR, not a crash; nothing is written. */
+static bool impossible_allocation_is_a_torch_error(void) {
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_OK(pert_config_set_device(c, "cpu"));
+  CHECK_OK(pert_config_set_num_samples(c, 1));
+  const int64_t big[1] = {1 << 20};
+  size_t d = 1 << 20;
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new(c, big, 1, big, 1, solve_identity, &d, &op));
+  pert_config_free(c);
+  float *theta = calloc(d, sizeof *theta), *out = malloc(d * sizeof *out);
+  CHECK(theta && out);
+  out[0] = -7;
+  pert_tape *tape = NULL;
+  CHECK_STATUS(PERT_STATUS_TORCH_ERROR, pert_forward(op, theta, 1, out, &tape));
+  CHECK(last_error_contains("libtorch"));
+  CHECK(tape == NULL && out[0] == -7);
+  CHECK_OK(pert_forward(op, theta, 1, out, NULL)); /* without a tape it fits */
+  free(theta);
+  free(out);
+  pert_op_free(op);
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(version_matches_header),
@@ -253,6 +279,7 @@ int main(void) {
       TEST(tape_checks_arguments_and_outlives_op),
       TEST(config_is_copied_by_op),
       TEST(draws_depend_on_seed_and_call_count_only),
+      TEST(impossible_allocation_is_a_torch_error),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }
