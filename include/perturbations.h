@@ -45,6 +45,44 @@
 #define PERT_NOISE_GUMBEL 1
 
 /*
+ Additive perturbation theta + sigma Z. The default.
+ */
+#define PERT_PERTURBATION_ADDITIVE 0
+
+/*
+ Multiplicative perturbation theta * exp(sigma Z - sigma^2 / 2), Normal noise only: keeps
+ the sign of each entry (for costs); a zero entry stays zero, with gradient 0.
+ */
+#define PERT_PERTURBATION_MULTIPLICATIVE 1
+
+/*
+ Plain estimator: J = sum_n Y_n s_n^T / (N sigma).
+ */
+#define PERT_BASELINE_NONE 0
+
+/*
+ Sample-mean baseline: J = sum_n (Y_n - mean Y) s_n^T / ((N - 1) sigma); no extra solve,
+ needs num_samples >= 2. The default.
+ */
+#define PERT_BASELINE_SAMPLE_MEAN 1
+
+/*
+ Clean-input control variate: J = sum_n (Y_n - y*(theta)) s_n^T / (N sigma); one extra
+ solve per problem (in forward calls that make a tape); stays bounded as sigma -> 0.
+ */
+#define PERT_BASELINE_CLEAN_INPUT 2
+
+/*
+ The solver maximizes <theta, y>. The default.
+ */
+#define PERT_SENSE_MAXIMIZE 0
+
+/*
+ The solver minimizes <theta, y> (shortest paths, costs).
+ */
+#define PERT_SENSE_MINIMIZE 1
+
+/*
  The largest value `pert_config_set_threads` accepts.
  */
 #define PERT_MAX_THREADS 1024
@@ -225,6 +263,39 @@ pert_status pert_config_set_device(pert_config *config, const char *device);
 pert_status pert_config_set_threads(pert_config *config, uint32_t threads);
 
 /*
+ Sets how the noise enters the input: `PERT_PERTURBATION_ADDITIVE` (default) or
+ `PERT_PERTURBATION_MULTIPLICATIVE` (Normal noise only; checked by `pert_op_new`).
+
+ @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
+ */
+pert_status pert_config_set_perturbation(pert_config *config, uint32_t perturbation);
+
+/*
+ Sets the variance-reduction baseline of the gradient: `PERT_BASELINE_NONE`,
+ `PERT_BASELINE_SAMPLE_MEAN` (default) or `PERT_BASELINE_CLEAN_INPUT`. All are unbiased;
+ see each constant for the estimator it gives. Under antithetic pairs every baseline
+ gives the same estimator (the pair's scores cancel any constant) and no extra solve.
+
+ @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
+ */
+pert_status pert_config_set_baseline(pert_config *config, uint32_t baseline);
+
+/*
+ Draws the samples in antithetic pairs (Z, -Z) (default false): the Jacobian becomes
+ sum over pairs of (Y(Z) - Y(-Z)) Z^T / (N sigma). Needs Normal noise and an even
+ num_samples; `pert_op_new` checks both.
+ */
+pert_status pert_config_set_antithetic(pert_config *config, bool antithetic);
+
+/*
+ Says whether the solver maximizes (`PERT_SENSE_MAXIMIZE`, default) or minimizes
+ (`PERT_SENSE_MINIMIZE`) <theta, y>; this sets the sign of the Fenchel-Young loss.
+
+ @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
+ */
+pert_status pert_config_set_sense(pert_config *config, uint32_t sense);
+
+/*
  Makes a perturbed op over a solver callback.
 
  @param config        Settings, copied: the config may be freed afterwards.
@@ -240,7 +311,10 @@ pert_status pert_config_set_threads(pert_config *config, uint32_t threads);
                       op exists.
  @param out           Receives the op on success; untouched on error.
  @return `PERT_STATUS_NULL_ARGUMENT` (config, solver, out, or a shape with rank > 0),
-         `PERT_STATUS_INVALID_ARGUMENT` (a dimension < 1, rank > 64, sizes overflow),
+         `PERT_STATUS_INVALID_ARGUMENT` (a dimension < 1, rank > 64, sizes overflow, or
+         settings that do not go together: Gumbel noise with the multiplicative
+         perturbation or antithetic pairs, antithetic pairs with an odd num_samples, the
+         sample-mean baseline with num_samples 1),
          `PERT_STATUS_DEVICE_UNAVAILABLE` (the config's CUDA device is missing).
  */
 pert_status pert_op_new(const pert_config *config,
@@ -295,6 +369,32 @@ pert_status pert_forward(pert_op *op,
                          pert_tape **tape);
 
 /*
+ The Fenchel-Young loss of theta against target solutions y_true, and its gradient,
+ from one forward call's draws (one call's worth of fresh noise, like `pert_forward`).
+
+ - `PERT_SENSE_MAXIMIZE`: loss = F_sigma(theta) - <theta, y_true>, grad = y_sigma(theta) - y_true.
+ - `PERT_SENSE_MINIMIZE`: loss = <theta, y_true> - F_sigma(theta), grad = y_true - y_sigma(theta).
+
+ (For the multiplicative perturbation y_sigma is replaced by E[exp(sigma Z - sigma^2/2) * y*(eta)].)
+ This is the true loss value, >= 0 up to Monte-Carlo error when y_true is feasible, not
+ the squared distance the original code returned.
+
+ @param theta       `batch * input_numel` floats, finite.
+ @param y_true      `batch * input_numel` floats (output shape = input shape), finite.
+ @param loss        Receives `batch` floats.
+ @param grad_theta  Receives `batch * input_numel` floats; may be NULL.
+ @return `PERT_STATUS_INVALID_ARGUMENT` when the op's output shape differs from its input
+         shape; `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in theta or y_true; the
+         statuses of `pert_forward`. On error nothing is written.
+ */
+pert_status pert_fenchel_young(pert_op *op,
+                               const float *theta,
+                               const float *y_true,
+                               size_t batch,
+                               float *loss,
+                               float *grad_theta);
+
+/*
  The library's version, "MAJOR.MINOR.PATCH": a static string, never NULL.
  */
 const char *pert_version(void);
@@ -334,6 +434,28 @@ int32_t pert_cuda_device_count(void);
          is untouched.
  */
 pert_status pert_tape_vjp(const pert_tape *tape, const float *grad_output, float *grad_input);
+
+/*
+ The Jacobian-vector product J t, per problem (forward-mode differentiation).
+
+ @param tangent_input   `batch * input_numel` floats `[batch, *input_shape]`, finite.
+ @param tangent_output  Receives `batch * output_numel` floats `[batch, *output_shape]`.
+ @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in tangent_input; on error
+         tangent_output is untouched.
+ */
+pert_status pert_tape_jvp(const pert_tape *tape, const float *tangent_input, float *tangent_output);
+
+/*
+ The perturbed objective F_sigma(theta) of every problem, from the forward call's draws:
+ the mean over samples of <theta + sigma Z, Y> (additive) or <eta, Y> (multiplicative).
+ Its gradient is y_sigma(theta) (additive). With Gumbel noise and a one-hot argmax,
+ F_sigma = sigma logsumexp(theta / sigma) + sigma * 0.5772 (Euler's gamma).
+
+ @param value  Receives `batch` floats.
+ @return `PERT_STATUS_INVALID_ARGUMENT` when the op's output shape differs from its input
+         shape (there is no linear objective <theta, y> then).
+ */
+pert_status pert_tape_objective(const pert_tape *tape, float *value);
 
 /*
  The Jacobian estimate J = d y_sigma / d theta of every problem.

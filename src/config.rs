@@ -2,7 +2,10 @@
 
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
+use crate::estimator::Baseline;
+use crate::fenchel_young::Sense;
 use crate::noise::Noise;
+use crate::perturbation::Perturbation;
 
 /// The largest number of solver threads a config accepts (C: `PERT_MAX_THREADS`).
 pub(crate) const MAX_THREADS: u32 = 1024;
@@ -17,11 +20,16 @@ pub struct Config {
     seed: u64,
     device: DeviceSpec,
     threads: u32,
+    perturbation: Perturbation,
+    baseline: Baseline,
+    antithetic: bool,
+    sense: Sense,
 }
 
 impl Default for Config {
     /// The seed's defaults: 1000 samples, sigma 0.05, Normal noise, seed 0, device auto,
-    /// one solver thread.
+    /// one solver thread; additive perturbation, sample-mean baseline, no antithetic
+    /// pairs, maximization.
     fn default() -> Config {
         Config {
             num_samples: 1000,
@@ -30,6 +38,10 @@ impl Default for Config {
             seed: 0,
             device: DeviceSpec::Auto,
             threads: 1,
+            perturbation: Perturbation::Additive,
+            baseline: Baseline::SampleMean,
+            antithetic: false,
+            sense: Sense::Maximize,
         }
     }
 }
@@ -92,6 +104,75 @@ impl Config {
         Ok(self)
     }
 
+    /// How noise enters the input.
+    pub fn set_perturbation(&mut self, perturbation: Perturbation) -> &mut Config {
+        self.perturbation = perturbation;
+        self
+    }
+
+    /// The variance-reduction baseline of the gradient estimator.
+    pub fn set_baseline(&mut self, baseline: Baseline) -> &mut Config {
+        self.baseline = baseline;
+        self
+    }
+
+    /// Whether samples come in antithetic pairs (Z, −Z); Normal noise and an even
+    /// num_samples only (checked when an op is made).
+    pub fn set_antithetic(&mut self, antithetic: bool) -> &mut Config {
+        self.antithetic = antithetic;
+        self
+    }
+
+    /// Whether the solver maximizes or minimizes ⟨θ, y⟩ (used by the Fenchel-Young loss).
+    pub fn set_sense(&mut self, sense: Sense) -> &mut Config {
+        self.sense = sense;
+        self
+    }
+
+    /// Checks the settings that only make sense together; called when an op is made.
+    pub fn validate(&self) -> Result<()> {
+        if self.noise == Noise::Gumbel && self.perturbation == Perturbation::Multiplicative {
+            return Err(Error::invalid(
+                "the multiplicative perturbation needs Normal noise, got Gumbel noise",
+            ));
+        }
+        if self.antithetic && self.noise != Noise::Normal {
+            return Err(Error::invalid(
+                "antithetic pairs need symmetric (Normal) noise, got Gumbel noise",
+            ));
+        }
+        if self.antithetic && self.num_samples % 2 == 1 {
+            return Err(Error::invalid(format!(
+                "antithetic pairs need an even num_samples, got {}",
+                self.num_samples
+            )));
+        }
+        if self.baseline == Baseline::SampleMean && !self.antithetic && self.num_samples < 2 {
+            return Err(Error::invalid(format!(
+                "the sample-mean baseline needs num_samples >= 2, got {}",
+                self.num_samples
+            )));
+        }
+        Ok(())
+    }
+
+    /// How noise enters the input.
+    pub fn perturbation(&self) -> Perturbation {
+        self.perturbation
+    }
+    /// The gradient estimator's baseline.
+    pub fn baseline(&self) -> Baseline {
+        self.baseline
+    }
+    /// Whether samples come in antithetic pairs.
+    pub fn antithetic(&self) -> bool {
+        self.antithetic
+    }
+    /// Maximization or minimization.
+    pub fn sense(&self) -> Sense {
+        self.sense
+    }
+
     /// Number of perturbed samples per problem.
     pub fn num_samples(&self) -> u64 {
         self.num_samples
@@ -139,6 +220,29 @@ mod tests {
         assert_eq!(c.seed(), 0);
         assert_eq!(c.device(), DeviceSpec::Auto);
         assert_eq!(c.threads(), 1);
+        assert_eq!(c.perturbation(), Perturbation::Additive);
+        assert_eq!(c.baseline(), Baseline::SampleMean);
+        assert!(!c.antithetic());
+        assert_eq!(c.sense(), Sense::Maximize);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn incompatible_settings_are_refused_with_a_reason() {
+        let mut c = Config::new();
+        c.set_noise(Noise::Gumbel).set_perturbation(Perturbation::Multiplicative);
+        assert!(c.validate().unwrap_err().message().contains("Normal noise"));
+        let mut c = Config::new();
+        c.set_noise(Noise::Gumbel).set_antithetic(true);
+        assert!(c.validate().unwrap_err().message().contains("antithetic"));
+        let mut c = Config::new();
+        c.set_antithetic(true).set_num_samples(7).unwrap();
+        assert_eq!(c.validate().unwrap_err().message(), "antithetic pairs need an even num_samples, got 7");
+        let mut c = Config::new();
+        c.set_num_samples(1).unwrap();
+        assert!(c.validate().unwrap_err().message().contains("num_samples >= 2"));
+        c.set_baseline(Baseline::None);
+        c.validate().unwrap();
     }
 
     #[test]

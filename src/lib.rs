@@ -6,12 +6,16 @@
 //! knows nothing of C; the C API (`pert_*`, see `include/perturbations.h`) is a thin layer
 //! in [`ffi`].
 
+pub mod autograd;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod estimator;
+pub mod fenchel_young;
 pub mod ffi;
 pub mod noise;
 pub mod op;
+pub mod perturbation;
 pub mod rng;
 pub mod shape;
 pub mod solver;
@@ -20,6 +24,9 @@ pub mod tape;
 pub use config::Config;
 pub use device::{cuda_device_count, DeviceSpec};
 pub use error::{Error, Result, Status};
+pub use estimator::Baseline;
+pub use fenchel_young::Sense;
+pub use perturbation::Perturbation;
 pub use noise::Noise;
 pub use op::PerturbedOp;
 pub use solver::Solver;

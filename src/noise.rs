@@ -68,19 +68,7 @@ impl Noise {
         }
     }
 
-    /// The score ∇ν(z), elementwise, in place.
-    pub fn score_in_place(self, z: &mut tch::Tensor) -> Result<()> {
-        match self {
-            Noise::Normal => {}
-            Noise::Gumbel => {
-                // 1 − e^{−z}
-                let _ = z.f_neg_()?.f_exp_()?.f_neg_()?.f_add_scalar_(1.0)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The score ∇ν(z) of one value (for tests and host-side code).
+    /// The score ∇ν(z) of one value.
     pub fn score(self, z: f64) -> f64 {
         match self {
             Noise::Normal => z,

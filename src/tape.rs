@@ -1,19 +1,20 @@
-//! What a forward call keeps for the backward pass: sums over the samples, so that the
-//! VJP and the Jacobian need no further solver call.
+//! What a forward call keeps for the backward pass: the Jacobian estimate of every
+//! problem (and the perturbed objective), so that VJP, JVP and the Jacobian need no
+//! further solver call.
 
 use crate::error::{Error, Result, Status};
 use crate::shape::batched;
 use tch::{Device, Kind, Tensor};
 
-/// The statistics of one forward call, summed over its N samples, per problem:
-/// `sum_ys[b] = Σ_n Y_n ∇ν(Z_n)ᵀ` (`[batch, output_numel, input_numel]`, float64).
+/// The record of one forward call.
 ///
 /// A tape owns its tensors: it stays valid after its op is dropped.
 #[derive(Debug)]
 pub struct Tape {
-    sum_ys: Tensor,
-    num_samples: u64,
-    sigma: f64,
+    /// `[batch, output_numel, input_numel]`, float32, on the op's device.
+    jacobian: Tensor,
+    /// F_σ(θ) `[batch]` (float32), when output shape = input shape.
+    objective: Option<Tensor>,
     input_shape: Vec<i64>,
     output_shape: Vec<i64>,
     batch: usize,
@@ -25,21 +26,13 @@ unsafe impl Sync for Tape {}
 
 impl Tape {
     pub(crate) fn new(
-        sum_ys: Tensor,
-        num_samples: u64,
-        sigma: f64,
+        jacobian: Tensor,
+        objective: Option<Tensor>,
         input_shape: &[i64],
         output_shape: &[i64],
         batch: usize,
     ) -> Tape {
-        Tape {
-            sum_ys,
-            num_samples,
-            sigma,
-            input_shape: input_shape.to_vec(),
-            output_shape: output_shape.to_vec(),
-            batch,
-        }
+        Tape { jacobian, objective, input_shape: input_shape.to_vec(), output_shape: output_shape.to_vec(), batch }
     }
 
     /// Number of problems of the forward call.
@@ -56,31 +49,45 @@ impl Tape {
     }
     /// The device the tape's statistics live on.
     pub fn device(&self) -> Device {
-        self.sum_ys.device()
+        self.jacobian.device()
     }
 
-    /// The Jacobian estimate `[batch, output_numel, input_numel]` (float32):
-    /// J = (1/(Nσ)) Σ_n Y_n ∇ν(Z_n)ᵀ.
+    /// The Jacobian estimate `[batch, output_numel, input_numel]` (float32); see
+    /// [`crate::estimator`] for the estimator each setting gives.
     pub fn jacobian(&self) -> Result<Tensor> {
-        let scale = 1.0 / (self.num_samples as f64 * self.sigma);
-        Ok(self.sum_ys.f_mul_scalar(scale)?.f_to_kind(Kind::Float)?)
+        Ok(self.jacobian.shallow_clone())
+    }
+
+    /// The perturbed objective F_σ(θ) of every problem, `[batch]`: E[⟨θ + σZ, y*(θ + σZ)⟩]
+    /// (additive) or E[⟨η, y*(η)⟩] (multiplicative), from the forward call's draws.
+    /// Only for ops whose output shape equals their input shape.
+    pub fn objective(&self) -> Result<Tensor> {
+        self.objective.as_ref().map(Tensor::shallow_clone).ok_or_else(|| {
+            Error::invalid(format!(
+                "the objective <theta, y> needs output_shape == input_shape, got output {:?} and input {:?}",
+                self.output_shape, self.input_shape
+            ))
+        })
     }
 
     /// The vector-Jacobian product Jᵀg for `grad_output` of shape `[batch, *output_shape]`;
     /// the result has shape `[batch, *input_shape]`, on the device of `grad_output`.
     pub fn vjp(&self, grad_output: &Tensor) -> Result<Tensor> {
         let g = self.check_tensor(grad_output, &self.output_shape, "grad_output")?;
-        let scale = 1.0 / (self.num_samples as f64 * self.sigma);
-        // Σ_o sum_ys[b, o, d] g[b, o]
-        let out = g.f_unsqueeze(1)?.f_matmul(&self.sum_ys)?.f_squeeze_dim(1)?.f_mul_scalar(scale)?;
-        Ok(out
-            .f_to_kind(Kind::Float)?
-            .f_reshape(batched(self.batch, &self.input_shape))?
-            .f_to_device(grad_output.device())?)
+        let out = g.f_unsqueeze(1)?.f_matmul(&self.jacobian)?; // [b, 1, d]
+        Ok(out.f_reshape(batched(self.batch, &self.input_shape))?.f_to_device(grad_output.device())?)
+    }
+
+    /// The Jacobian-vector product J t for `tangent` of shape `[batch, *input_shape]`;
+    /// the result has shape `[batch, *output_shape]`, on the device of `tangent`.
+    pub fn jvp(&self, tangent: &Tensor) -> Result<Tensor> {
+        let t = self.check_tensor(tangent, &self.input_shape, "tangent_input")?;
+        let out = self.jacobian.f_matmul(&t.f_unsqueeze(2)?)?; // [b, o, 1]
+        Ok(out.f_reshape(batched(self.batch, &self.output_shape))?.f_to_device(tangent.device())?)
     }
 
     /// Checks kind, shape and finiteness of a per-problem tensor and returns it flattened to
-    /// `[batch, numel]` as float64 on the tape's device.
+    /// `[batch, numel]` on the tape's device.
     fn check_tensor(&self, t: &Tensor, shape: &[i64], what: &str) -> Result<Tensor> {
         let expected = batched(self.batch, shape);
         if t.size() != expected {
@@ -92,6 +99,6 @@ impl Tape {
         if !bool::try_from(t.f_isfinite()?.f_all()?)? {
             return Err(Error::new(Status::NonFiniteInput, format!("{what} contains NaN or infinite values")));
         }
-        Ok(t.f_to_device(self.device())?.f_to_kind(Kind::Double)?.f_reshape([self.batch as i64, -1])?)
+        Ok(t.f_to_device(self.device())?.f_reshape([self.batch as i64, -1])?)
     }
 }

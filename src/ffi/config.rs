@@ -5,13 +5,36 @@ use super::status::pert_status;
 use crate::config::Config;
 use crate::device::DeviceSpec;
 use crate::error::Error;
+use crate::estimator::Baseline;
+use crate::fenchel_young::Sense;
 use crate::noise::Noise;
+use crate::perturbation::Perturbation;
 use std::ffi::{c_char, CStr};
 
 /// Normal noise N(0, 1): score z. The default.
 pub const PERT_NOISE_NORMAL: u32 = 0;
 /// Gumbel noise: score 1 - exp(-z).
 pub const PERT_NOISE_GUMBEL: u32 = 1;
+
+/// Additive perturbation theta + sigma Z. The default.
+pub const PERT_PERTURBATION_ADDITIVE: u32 = 0;
+/// Multiplicative perturbation theta * exp(sigma Z - sigma^2 / 2), Normal noise only: keeps
+/// the sign of each entry (for costs); a zero entry stays zero, with gradient 0.
+pub const PERT_PERTURBATION_MULTIPLICATIVE: u32 = 1;
+
+/// Plain estimator: J = sum_n Y_n s_n^T / (N sigma).
+pub const PERT_BASELINE_NONE: u32 = 0;
+/// Sample-mean baseline: J = sum_n (Y_n - mean Y) s_n^T / ((N - 1) sigma); no extra solve,
+/// needs num_samples >= 2. The default.
+pub const PERT_BASELINE_SAMPLE_MEAN: u32 = 1;
+/// Clean-input control variate: J = sum_n (Y_n - y*(theta)) s_n^T / (N sigma); one extra
+/// solve per problem (in forward calls that make a tape); stays bounded as sigma -> 0.
+pub const PERT_BASELINE_CLEAN_INPUT: u32 = 2;
+
+/// The solver maximizes <theta, y>. The default.
+pub const PERT_SENSE_MAXIMIZE: u32 = 0;
+/// The solver minimizes <theta, y> (shortest paths, costs).
+pub const PERT_SENSE_MINIMIZE: u32 = 1;
 
 /// The largest value `pert_config_set_threads` accepts.
 pub const PERT_MAX_THREADS: u32 = 1024;
@@ -124,4 +147,53 @@ pub unsafe extern "C" fn pert_config_set_device(config: *mut pert_config, device
 #[no_mangle]
 pub unsafe extern "C" fn pert_config_set_threads(config: *mut pert_config, threads: u32) -> pert_status {
     set(config, |c| c.set_threads(threads).map(|_| ()))
+}
+
+/// Sets how the noise enters the input: `PERT_PERTURBATION_ADDITIVE` (default) or
+/// `PERT_PERTURBATION_MULTIPLICATIVE` (Normal noise only; checked by `pert_op_new`).
+///
+/// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_perturbation(config: *mut pert_config, perturbation: u32) -> pert_status {
+    set(config, |c| {
+        c.set_perturbation(Perturbation::from_u32(perturbation)?);
+        Ok(())
+    })
+}
+
+/// Sets the variance-reduction baseline of the gradient: `PERT_BASELINE_NONE`,
+/// `PERT_BASELINE_SAMPLE_MEAN` (default) or `PERT_BASELINE_CLEAN_INPUT`. All are unbiased;
+/// see each constant for the estimator it gives. Under antithetic pairs every baseline
+/// gives the same estimator (the pair's scores cancel any constant) and no extra solve.
+///
+/// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_baseline(config: *mut pert_config, baseline: u32) -> pert_status {
+    set(config, |c| {
+        c.set_baseline(Baseline::from_u32(baseline)?);
+        Ok(())
+    })
+}
+
+/// Draws the samples in antithetic pairs (Z, -Z) (default false): the Jacobian becomes
+/// sum over pairs of (Y(Z) - Y(-Z)) Z^T / (N sigma). Needs Normal noise and an even
+/// num_samples; `pert_op_new` checks both.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_antithetic(config: *mut pert_config, antithetic: bool) -> pert_status {
+    set(config, |c| {
+        c.set_antithetic(antithetic);
+        Ok(())
+    })
+}
+
+/// Says whether the solver maximizes (`PERT_SENSE_MAXIMIZE`, default) or minimizes
+/// (`PERT_SENSE_MINIMIZE`) <theta, y>; this sets the sign of the Fenchel-Young loss.
+///
+/// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_sense(config: *mut pert_config, sense: u32) -> pert_status {
+    set(config, |c| {
+        c.set_sense(Sense::from_u32(sense)?);
+        Ok(())
+    })
 }

@@ -83,7 +83,10 @@ unsafe fn shape(dims: *const i64, rank: usize, name: &str) -> Result<Vec<i64>> {
 ///                      op exists.
 /// @param out           Receives the op on success; untouched on error.
 /// @return `PERT_STATUS_NULL_ARGUMENT` (config, solver, out, or a shape with rank > 0),
-///         `PERT_STATUS_INVALID_ARGUMENT` (a dimension < 1, rank > 64, sizes overflow),
+///         `PERT_STATUS_INVALID_ARGUMENT` (a dimension < 1, rank > 64, sizes overflow, or
+///         settings that do not go together: Gumbel noise with the multiplicative
+///         perturbation or antithetic pairs, antithetic pairs with an odd num_samples, the
+///         sample-mean baseline with num_samples 1),
 ///         `PERT_STATUS_DEVICE_UNAVAILABLE` (the config's CUDA device is missing).
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_new(
@@ -183,6 +186,59 @@ pub unsafe extern "C" fn pert_forward(
             y.f_copy_data(output, output_len)?;
             // SAFETY: checked non-NULL above; written only on success.
             unsafe { *tape = Box::into_raw(Box::new(pert_tape { inner: t })) };
+        }
+        Ok(())
+    })
+}
+
+/// The Fenchel-Young loss of theta against target solutions y_true, and its gradient,
+/// from one forward call's draws (one call's worth of fresh noise, like `pert_forward`).
+///
+/// - `PERT_SENSE_MAXIMIZE`: loss = F_sigma(theta) - <theta, y_true>, grad = y_sigma(theta) - y_true.
+/// - `PERT_SENSE_MINIMIZE`: loss = <theta, y_true> - F_sigma(theta), grad = y_true - y_sigma(theta).
+///
+/// (For the multiplicative perturbation y_sigma is replaced by E[exp(sigma Z - sigma^2/2) * y*(eta)].)
+/// This is the true loss value, >= 0 up to Monte-Carlo error when y_true is feasible, not
+/// the squared distance the original code returned.
+///
+/// @param theta       `batch * input_numel` floats, finite.
+/// @param y_true      `batch * input_numel` floats (output shape = input shape), finite.
+/// @param loss        Receives `batch` floats.
+/// @param grad_theta  Receives `batch * input_numel` floats; may be NULL.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` when the op's output shape differs from its input
+///         shape; `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in theta or y_true; the
+///         statuses of `pert_forward`. On error nothing is written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_fenchel_young(
+    op: *mut pert_op,
+    theta: *const f32,
+    y_true: *const f32,
+    batch: usize,
+    loss: *mut f32,
+    grad_theta: *mut f32,
+) -> pert_status {
+    guard(|| {
+        let op = &unsafe { arg(op, "op") }?.inner;
+        op.require_square("the Fenchel-Young loss")?;
+        if batch == 0 {
+            return Ok(());
+        }
+        let d = op.input_numel();
+        let len = checked_product(&[batch, d], "batch * input_numel")?;
+        let theta = unsafe { slice(theta, len, "theta") }?;
+        let y_true = unsafe { slice(y_true, len, "y_true") }?;
+        let loss = unsafe { slice_mut(loss, batch, "loss") }?;
+        check_finite(theta, d, "theta")?;
+        check_finite(y_true, d, "y_true")?;
+        let shape = crate::shape::batched(batch, op.input_shape());
+        let theta = Tensor::f_from_slice(theta)?.f_reshape(&shape)?;
+        let y_true = Tensor::f_from_slice(y_true)?.f_reshape(&shape)?;
+        let (l, g) = op.fenchel_young(&theta, &y_true)?;
+        l.f_copy_data(loss, batch)?;
+        if !grad_theta.is_null() {
+            // SAFETY: the caller gives `batch * input_numel` writable floats.
+            let grad = unsafe { std::slice::from_raw_parts_mut(grad_theta, len) };
+            g.f_copy_data(grad, len)?;
         }
         Ok(())
     })

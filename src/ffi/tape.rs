@@ -44,6 +44,48 @@ pub unsafe extern "C" fn pert_tape_vjp(tape: *const pert_tape, grad_output: *con
     })
 }
 
+/// The Jacobian-vector product J t, per problem (forward-mode differentiation).
+///
+/// @param tangent_input   `batch * input_numel` floats `[batch, *input_shape]`, finite.
+/// @param tangent_output  Receives `batch * output_numel` floats `[batch, *output_shape]`.
+/// @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in tangent_input; on error
+///         tangent_output is untouched.
+#[no_mangle]
+pub unsafe extern "C" fn pert_tape_jvp(
+    tape: *const pert_tape,
+    tangent_input: *const f32,
+    tangent_output: *mut f32,
+) -> pert_status {
+    guard(|| {
+        let tape = &unsafe { arg(tape, "tape") }?.inner;
+        let (b, d, o) = sizes(tape)?;
+        let t = unsafe { slice(tangent_input, b * d, "tangent_input") }?;
+        let out = unsafe { slice_mut(tangent_output, b * o, "tangent_output") }?;
+        check_finite(t, d, "tangent_input")?;
+        let t = Tensor::f_from_slice(t)?.f_reshape(batched(b, tape.input_shape()))?;
+        tape.jvp(&t)?.f_copy_data(out, b * o)?;
+        Ok(())
+    })
+}
+
+/// The perturbed objective F_sigma(theta) of every problem, from the forward call's draws:
+/// the mean over samples of <theta + sigma Z, Y> (additive) or <eta, Y> (multiplicative).
+/// Its gradient is y_sigma(theta) (additive). With Gumbel noise and a one-hot argmax,
+/// F_sigma = sigma logsumexp(theta / sigma) + sigma * 0.5772 (Euler's gamma).
+///
+/// @param value  Receives `batch` floats.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` when the op's output shape differs from its input
+///         shape (there is no linear objective <theta, y> then).
+#[no_mangle]
+pub unsafe extern "C" fn pert_tape_objective(tape: *const pert_tape, value: *mut f32) -> pert_status {
+    guard(|| {
+        let tape = &unsafe { arg(tape, "tape") }?.inner;
+        let out = unsafe { slice_mut(value, tape.batch(), "value") }?;
+        tape.objective()?.f_copy_data(out, tape.batch())?;
+        Ok(())
+    })
+}
+
 /// The Jacobian estimate J = d y_sigma / d theta of every problem.
 ///
 /// @param jacobian  Receives `batch * output_numel * input_numel` floats, row-major

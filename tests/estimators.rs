@@ -1,0 +1,385 @@
+//! Estimators and learning: exact identities with shared draws, closed forms, variance
+//! reduction, regression tests for bugs other implementations shipped, and training
+//! through tch autograd. Tolerances are 5 standard deviations of the estimator (MATH.md).
+
+use perturbations::autograd;
+use perturbations::{Baseline, Config, DeviceSpec, Noise, Perturbation, PerturbedOp, Sense, Status};
+use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
+
+const EULER_GAMMA: f64 = 0.577_215_664_901_532_9;
+
+fn argmax(x: &[f32], count: usize, y: &mut [f32]) -> Result<(), String> {
+    let d = x.len() / count;
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let best = (0..d).fold(0, |b, i| if xr[i] > xr[b] { i } else { b });
+        yr.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
+    }
+    Ok(())
+}
+
+fn argmin(x: &[f32], count: usize, y: &mut [f32]) -> Result<(), String> {
+    let d = x.len() / count;
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let best = (0..d).fold(0, |b, i| if xr[i] < xr[b] { i } else { b });
+        yr.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
+    }
+    Ok(())
+}
+
+fn identity(x: &[f32], _: usize, y: &mut [f32]) -> Result<(), String> {
+    y.copy_from_slice(x);
+    Ok(())
+}
+
+fn config(noise: Noise, sigma: f64, n: u64, seed: u64) -> Config {
+    let mut c = Config::new();
+    c.set_num_samples(n).unwrap().set_sigma(sigma).unwrap();
+    c.set_noise(noise).set_seed(seed).set_device(DeviceSpec::Cpu);
+    c
+}
+
+fn t(values: &[f32], shape: &[i64]) -> Tensor {
+    Tensor::from_slice(values).reshape(shape)
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    f64::try_from((a - b).abs().max()).unwrap()
+}
+
+fn vec_f64(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
+// ---- exact identities with shared draws ------------------------------------------------
+
+#[test]
+fn fenchel_young_gradient_is_y_sigma_minus_y_and_max_gradient_is_argmax() {
+    let theta = t(&[0.3, -0.2, 0.9, 0.1, 0.5, 0.5, -1.0, 0.0], &[2, 4]);
+    let y_true = t(&[0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0], &[2, 4]);
+    for sense in [Sense::Maximize, Sense::Minimize] {
+        let mut c = config(Noise::Gumbel, 0.7, 2000, 5);
+        c.set_sense(sense);
+        let solver = if sense == Sense::Maximize { argmax } else { argmin };
+        let a = PerturbedOp::new(&c, &[4], &[4], solver).unwrap();
+        let b = PerturbedOp::new(&c, &[4], &[4], solver).unwrap();
+        let (_, grad) = a.fenchel_young(&theta, &y_true).unwrap();
+        let y_sigma = b.forward(&theta).unwrap(); // same seed, same call index: same draws
+        let expected = match sense {
+            Sense::Maximize => &y_sigma - &y_true,
+            Sense::Minimize => &y_true - &y_sigma,
+        };
+        assert!(max_abs(&grad, &expected) < 1e-6, "{sense:?}");
+        // gradient of the perturbed max (y_true = 0) = perturbed argmax, exactly
+        let a = PerturbedOp::new(&c, &[4], &[4], solver).unwrap();
+        let (_, grad_f) = a.fenchel_young(&theta, &theta.zeros_like()).unwrap();
+        let sign = if sense == Sense::Maximize { 1.0 } else { -1.0 };
+        assert!(max_abs(&(grad_f * sign), &y_sigma) < 1e-6);
+    }
+}
+
+#[test]
+fn jvp_and_vjp_are_the_same_jacobian() {
+    let theta = t(&[0.3, -0.2, 0.9, 0.1, 0.5, 0.5, -1.0, 0.0], &[2, 4]);
+    let op = PerturbedOp::new(&config(Noise::Normal, 0.5, 3000, 1), &[4], &[4], argmax).unwrap();
+    let (_, tape) = op.forward_with_tape(&theta).unwrap();
+    let j = tape.jacobian().unwrap(); // [2, 4, 4]
+    let v = t(&[1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5], &[2, 4]);
+    let jv = j.matmul(&v.unsqueeze(2)).squeeze_dim(2);
+    let jtv = v.unsqueeze(1).matmul(&j).squeeze_dim(1);
+    assert!(max_abs(&tape.jvp(&v).unwrap(), &jv) < 1e-5);
+    assert!(max_abs(&tape.vjp(&v).unwrap(), &jtv) < 1e-5);
+}
+
+// ---- closed forms ---------------------------------------------------------------------
+
+#[test]
+fn gumbel_objective_is_sigma_logsumexp_plus_sigma_gamma() {
+    let n = 100_000;
+    for sigma in [0.5, 1.0] {
+        let theta = t(&[-0.6, 1.9, -0.2, 1.1, -1.0, -0.6, 1.0, -0.2, 1.8, -1.0], &[2, 5]);
+        let op = PerturbedOp::new(&config(Noise::Gumbel, sigma, n, 17), &[5], &[5], argmax).unwrap();
+        let (_, tape) = op.forward_with_tape(&theta).unwrap();
+        let f = vec_f64(&tape.objective().unwrap());
+        let exact = vec_f64(&((&theta / sigma).logsumexp(&[1], false) * sigma + sigma * EULER_GAMMA));
+        // one sample is max_i(θ_i + σG_i), a Gumbel of scale σ: s.d. σπ/√6
+        let sd = sigma * std::f64::consts::PI / 6f64.sqrt() / (n as f64).sqrt();
+        for (a, b) in f.iter().zip(&exact) {
+            assert!((a - b).abs() < 5.0 * sd, "{a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn gumbel_fenchel_young_is_logistic_loss_plus_sigma_gamma() {
+    let n = 100_000;
+    let sigma = 1.0;
+    let theta = t(&[0.2, 1.5, -0.3, 0.7, -1.0, 0.4], &[2, 3]);
+    let labels = [1i64, 2];
+    let y_true = Tensor::from_slice(&labels).one_hot(3).to_kind(Kind::Float);
+    let op = PerturbedOp::new(&config(Noise::Gumbel, sigma, n, 23), &[3], &[3], argmax).unwrap();
+    let (loss, _) = op.fenchel_young(&theta, &y_true).unwrap();
+    let logistic = theta.cross_entropy_for_logits(&Tensor::from_slice(&labels)); // mean over batch
+    let logistic_rows = -(theta.log_softmax(1, Kind::Float) * &y_true).sum_dim_intlist(1, false, Kind::Float);
+    let got = vec_f64(&loss);
+    let want = vec_f64(&(logistic_rows + sigma * EULER_GAMMA));
+    let sd = sigma * std::f64::consts::PI / 6f64.sqrt() / (n as f64).sqrt();
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 5.0 * sd, "{a} vs {b}");
+        assert!(*a > 0.0);
+    }
+    assert!(f64::try_from(logistic).unwrap() > 0.0);
+}
+
+#[test]
+fn multiplicative_identity_gives_theta_and_unit_jacobian() {
+    let n = 100_000u64;
+    let sigma = 0.5f64;
+    let theta_v = [1.0f32, -2.0, 0.5, 0.0];
+    let mut c = config(Noise::Normal, sigma, n, 29);
+    c.set_perturbation(Perturbation::Multiplicative).set_baseline(Baseline::None);
+    let op = PerturbedOp::new(&c, &[4], &[4], identity).unwrap();
+    let (y, tape) = op.forward_with_tape(&t(&theta_v, &[1, 4])).unwrap();
+    let y = vec_f64(&y);
+    let j = vec_f64(&tape.jacobian().unwrap());
+    let e = sigma * sigma;
+    let rn = (n as f64).sqrt();
+    for i in 0..4 {
+        let ti = f64::from(theta_v[i]);
+        // y_i = θ_i w, w = exp(σZ − σ²/2): s.d. |θ_i| sqrt(e^{σ²} − 1) / √N
+        assert!((y[i] - ti).abs() <= 5.0 * ti.abs() * (e.exp() - 1.0).sqrt() / rn + 1e-9, "y[{i}] = {}", y[i]);
+        for k in 0..4 {
+            let tk = f64::from(theta_v[k]);
+            let got = j[i * 4 + k];
+            if tk == 0.0 || ti == 0.0 {
+                assert_eq!(got, 0.0, "zero entries have gradient 0 (J[{i}][{k}])");
+                continue;
+            }
+            // J_ik = mean(θ_i w_i Z_k) / (σθ_k): s.d. |θ_i/θ_k| sqrt(Var(w_i Z_k)) / (σ√N)
+            let var = if i == k { (1.0 + 4.0 * e) * e.exp() - e } else { e.exp() };
+            let sd = (ti / tk).abs() * var.sqrt() / (sigma * rn);
+            let want = if i == k { 1.0 } else { 0.0 };
+            assert!((got - want).abs() < 5.0 * sd, "J[{i}][{k}] = {got}");
+        }
+    }
+}
+
+// ---- variance reduction ---------------------------------------------------------------
+
+/// The spread (summed variance over entries) of the VJP over `seeds` seeds.
+fn vjp_spread(baseline: Baseline, antithetic: bool, seeds: u64) -> f64 {
+    let theta = t(&[1.0, 0.0, -0.5], &[1, 3]);
+    let g = t(&[1.0, 0.0, 0.0], &[1, 3]);
+    let mut samples = Vec::new();
+    for seed in 0..seeds {
+        let mut c = config(Noise::Normal, 0.5, 64, 1000 + seed);
+        c.set_baseline(baseline).set_antithetic(antithetic);
+        let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        let (_, tape) = op.forward_with_tape(&theta).unwrap();
+        samples.push(vec_f64(&tape.vjp(&g).unwrap()));
+    }
+    (0..3)
+        .map(|k| {
+            let m = samples.iter().map(|s| s[k]).sum::<f64>() / seeds as f64;
+            samples.iter().map(|s| (s[k] - m).powi(2)).sum::<f64>() / (seeds - 1) as f64
+        })
+        .sum()
+}
+
+#[test]
+fn baselines_and_antithetic_pairs_reduce_the_spread_of_the_vjp() {
+    // 400 seeds: a variance estimate has relative s.d. sqrt(2/399) ≈ 7%, a ratio of two
+    // ≈ 10%; the reductions measured here are about 5x (ratios 0.17-0.20), so 0.75 is far
+    // outside the noise.
+    let seeds = 400;
+    let plain = vjp_spread(Baseline::None, false, seeds);
+    for (name, spread) in [
+        ("sample mean", vjp_spread(Baseline::SampleMean, false, seeds)),
+        ("clean input", vjp_spread(Baseline::CleanInput, false, seeds)),
+        ("antithetic", vjp_spread(Baseline::None, true, seeds)),
+    ] {
+        eprintln!("{name}: spread {spread:.4} vs plain {plain:.4} (ratio {:.2})", spread / plain);
+        assert!(spread < 0.75 * plain, "{name}: {spread} vs plain {plain}");
+    }
+}
+
+#[test]
+fn every_estimator_is_unbiased_on_the_softmax_jacobian() {
+    // Mean over 200 seeds of each estimator's J against (diag p − ppᵀ)/σ for Gumbel argmax.
+    let sigma = 0.5;
+    let theta = t(&[0.5, 0.0, -0.5], &[1, 3]);
+    let p = vec_f64(&(&theta / sigma).softmax(1, Kind::Double));
+    let exact: Vec<f64> =
+        (0..9).map(|k| ((if k / 3 == k % 3 { p[k / 3] } else { 0.0 }) - p[k / 3] * p[k % 3]) / sigma).collect();
+    let seeds = 200u64;
+    let n = 200u64;
+    for baseline in [Baseline::None, Baseline::SampleMean, Baseline::CleanInput] {
+        let mut mean = [0f64; 9];
+        for seed in 0..seeds {
+            let mut c = config(Noise::Gumbel, sigma, n, seed);
+            c.set_baseline(baseline);
+            let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+            let (_, tape) = op.forward_with_tape(&theta).unwrap();
+            for (m, v) in mean.iter_mut().zip(vec_f64(&tape.jacobian().unwrap())) {
+                *m += v / seeds as f64;
+            }
+        }
+        // one-hot outputs: an entry's s.d. <= 1/(σ√N) per run, / √seeds for the mean
+        let tol = 5.0 / (sigma * ((n * seeds) as f64).sqrt());
+        for k in 0..9 {
+            assert!((mean[k] - exact[k]).abs() < tol, "{baseline:?} J[{k}] = {} vs {}", mean[k], exact[k]);
+        }
+    }
+}
+
+// ---- regression tests for bugs other implementations shipped --------------------------
+
+#[test]
+fn regression_gradient_has_the_one_over_sigma_factor() {
+    // σ = 2: a missing 1/σ would halve every entry.
+    let sigma = 2.0;
+    let n = 200_000;
+    let theta = t(&[1.0, 0.0, -1.0], &[1, 3]);
+    let op = PerturbedOp::new(&config(Noise::Gumbel, sigma, n, 3), &[3], &[3], argmax).unwrap();
+    let (_, tape) = op.forward_with_tape(&theta).unwrap();
+    let j = vec_f64(&tape.jacobian().unwrap());
+    let p = vec_f64(&(&theta / sigma).softmax(1, Kind::Double));
+    let tol = 5.0 / (sigma * (n as f64).sqrt());
+    assert!((j[0] - p[0] * (1.0 - p[0]) / sigma).abs() < tol, "{}", j[0]);
+}
+
+#[test]
+fn regression_jacobian_is_averaged_not_summed_over_samples() {
+    let theta = t(&[0.2, 0.0, -0.1], &[1, 3]);
+    let diag = |n| {
+        let op = PerturbedOp::new(&config(Noise::Gumbel, 1.0, n, 8), &[3], &[3], argmax).unwrap();
+        vec_f64(&op.forward_with_tape(&theta).unwrap().1.jacobian().unwrap())[0]
+    };
+    let (small, large) = (diag(2_000), diag(200_000));
+    assert!((small - large).abs() < 5.0 / 2000f64.sqrt(), "{small} vs {large}");
+}
+
+#[test]
+fn regression_multiplicative_shift_keeps_the_mean() {
+    // E[η] = θ needs the ½ in σ²/2; without it the mean is θ e^{σ²/2} (+13% at σ = 0.5).
+    let n = 200_000;
+    let mut c = config(Noise::Normal, 0.5, n, 4);
+    c.set_perturbation(Perturbation::Multiplicative);
+    let op = PerturbedOp::new(&c, &[2], &[2], identity).unwrap();
+    let y = vec_f64(&op.forward(&t(&[3.0, -1.0], &[1, 2])).unwrap());
+    let sd = (0.25f64.exp() - 1.0).sqrt() / (n as f64).sqrt();
+    assert!((y[0] - 3.0).abs() < 5.0 * 3.0 * sd && (y[1] + 1.0).abs() < 5.0 * sd, "{y:?}");
+}
+
+#[test]
+fn regression_minimization_fenchel_young_gradient_has_the_right_sign() {
+    // For costs, descending the FY gradient must move y_σ(θ) towards the target path.
+    let mut c = config(Noise::Normal, 0.3, 4000, 2);
+    c.set_sense(Sense::Minimize);
+    let op = PerturbedOp::new(&c, &[3], &[3], argmin).unwrap();
+    let y_true = t(&[0.0, 0.0, 1.0], &[1, 3]); // the target picks the third (costliest) entry
+    let mut theta = t(&[0.0, 0.1, 0.5], &[1, 3]);
+    let start = vec_f64(&op.forward(&theta).unwrap())[2];
+    for _ in 0..30 {
+        let (_, grad) = op.fenchel_young(&theta, &y_true).unwrap();
+        theta = theta - grad * 0.1;
+    }
+    let end = vec_f64(&op.forward(&theta).unwrap())[2];
+    assert!(end > start + 0.5, "weight of the target went {start} -> {end}");
+}
+
+#[test]
+fn regression_one_op_is_safe_to_share_between_threads() {
+    // No shared mutable state across calls: concurrent calls give exactly the results of
+    // sequential calls (call k draws stream k), in some order.
+    let theta = t(&[0.1, 0.0, -0.1], &[1, 3]);
+    let c = config(Noise::Gumbel, 0.5, 500, 6);
+    let sequential: Vec<Vec<f64>> = {
+        let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        (0..16).map(|_| vec_f64(&op.forward(&theta).unwrap())).collect()
+    };
+    let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+    let mut concurrent: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (op, theta) = (&op, theta.shallow_clone());
+                s.spawn(move || (0..4).map(|_| vec_f64(&op.forward(&theta).unwrap())).collect::<Vec<_>>())
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let key = |v: &Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut sequential = sequential;
+    sequential.sort_by_key(key);
+    concurrent.sort_by_key(key);
+    assert_eq!(sequential, concurrent);
+}
+
+// ---- errors ---------------------------------------------------------------------------
+
+#[test]
+fn objective_and_fenchel_young_need_a_square_op() {
+    let op = PerturbedOp::new(&config(Noise::Normal, 0.5, 10, 0), &[3], &[], |_: &[f32], _: usize, y: &mut [f32]| {
+        y.fill(1.0);
+        Ok(())
+    })
+    .unwrap();
+    let theta = t(&[0.0, 1.0, 2.0], &[1, 3]);
+    let (_, tape) = op.forward_with_tape(&theta).unwrap();
+    let err = tape.objective().unwrap_err();
+    assert_eq!(err.status(), Status::InvalidArgument);
+    assert!(err.message().contains("output_shape == input_shape"), "{}", err.message());
+    let err = op.fenchel_young(&theta, &theta).unwrap_err();
+    assert!(err.message().contains("Fenchel-Young loss needs output_shape == input_shape"), "{}", err.message());
+    let square = PerturbedOp::new(&config(Noise::Normal, 0.5, 10, 0), &[3], &[3], identity).unwrap();
+    let nan = t(&[0.0, f32::NAN, 0.0], &[1, 3]);
+    assert_eq!(square.fenchel_young(&theta, &nan).unwrap_err().status(), Status::NonFiniteInput);
+    let err = square.fenchel_young(&theta, &t(&[0.0, 1.0], &[1, 2])).unwrap_err();
+    assert!(err.message().contains("y_true must have the shape of theta"));
+}
+
+// ---- training through tch autograd ----------------------------------------------------
+
+#[test]
+fn autograd_perturbed_backward_is_the_tape_vjp() {
+    let c = config(Noise::Gumbel, 0.5, 2000, 12);
+    let theta = t(&[0.3, -0.2, 0.9, 0.1, 0.5, 0.5], &[2, 3]).set_requires_grad(true);
+    let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+    let y = autograd::perturbed(&op, &theta).unwrap();
+    let g = t(&[1.0, -1.0, 0.5, 0.0, 2.0, -0.5], &[2, 3]);
+    (&y * &g).sum(Kind::Float).backward();
+    let twin = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+    let (y2, tape) = twin.forward_with_tape(&theta.detach()).unwrap();
+    assert!(max_abs(&y.detach(), &y2) == 0.0);
+    assert!(max_abs(&theta.grad(), &tape.vjp(&g).unwrap()) < 1e-6);
+}
+
+#[test]
+fn a_tch_model_learns_through_the_fenchel_young_loss() {
+    // Features x ∈ R^4, 3 classes from a hidden linear map; a linear model learns it with
+    // the perturbed argmax's Fenchel-Young loss, `backward()` and SGD only.
+    tch::manual_seed(0);
+    let x = Tensor::randn([64, 4], (Kind::Float, Device::Cpu));
+    let w_true = Tensor::randn([4, 3], (Kind::Float, Device::Cpu)) * 2.0;
+    let labels = x.matmul(&w_true).argmax(1, false);
+    let y_true = labels.one_hot(3).to_kind(Kind::Float);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = nn::linear(vs.root(), 4, 3, Default::default());
+    let mut opt = nn::Sgd::default().build(&vs, 0.5).unwrap();
+    let op = PerturbedOp::new(&config(Noise::Gumbel, 1.0, 200, 0), &[3], &[3], argmax).unwrap();
+    let loss_at = |model: &nn::Linear| {
+        let theta = model.forward(&x).detach();
+        f64::try_from(op.fenchel_young(&theta, &y_true).unwrap().0.mean(Kind::Float)).unwrap()
+    };
+    let start = loss_at(&model);
+    for _ in 0..100 {
+        let theta = model.forward(&x);
+        let loss = autograd::fenchel_young_loss(&op, &theta, &y_true).unwrap().mean(Kind::Float);
+        opt.backward_step(&loss);
+    }
+    let end = loss_at(&model);
+    let accuracy = f64::try_from(model.forward(&x).argmax(1, false).eq_tensor(&labels).to_kind(Kind::Float).mean(Kind::Float)).unwrap();
+    eprintln!("FY loss {start:.3} -> {end:.3}, accuracy {accuracy:.2}");
+    // the loss is at least σγ ≈ 0.58 (closed form above); measured 1.60 -> 0.79
+    assert!(end < 0.5 * start, "loss {start} -> {end}");
+    assert!(accuracy > 0.85, "accuracy {accuracy}");
+}
