@@ -2,34 +2,14 @@
 //! reduction, regression tests for bugs other implementations shipped, and training
 //! through tch autograd. Tolerances are 5 standard deviations of the estimator (MATH.md).
 
+mod common;
+
+use common::{argmax, argmin, identity};
 use perturbations::autograd;
 use perturbations::{Baseline, Config, DeviceSpec, Noise, Perturbation, PerturbedOp, Sense, Status};
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 
 const EULER_GAMMA: f64 = 0.577_215_664_901_532_9;
-
-fn argmax(x: &[f32], count: usize, y: &mut [f32]) -> Result<(), String> {
-    let d = x.len() / count;
-    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-        let best = (0..d).fold(0, |b, i| if xr[i] > xr[b] { i } else { b });
-        yr.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
-    }
-    Ok(())
-}
-
-fn argmin(x: &[f32], count: usize, y: &mut [f32]) -> Result<(), String> {
-    let d = x.len() / count;
-    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-        let best = (0..d).fold(0, |b, i| if xr[i] < xr[b] { i } else { b });
-        yr.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
-    }
-    Ok(())
-}
-
-fn identity(x: &[f32], _: usize, y: &mut [f32]) -> Result<(), String> {
-    y.copy_from_slice(x);
-    Ok(())
-}
 
 fn config(noise: Noise, sigma: f64, n: u64, seed: u64) -> Config {
     let mut c = Config::new();

@@ -1,16 +1,10 @@
 //! The safe Rust API with tch tensors: shapes, kinds, errors, determinism, threads.
 
+mod common;
+
+use common::argmax;
 use perturbations::{Config, DeviceSpec, Noise, PerturbedOp, Status};
 use tch::{Device, Kind, Tensor};
-
-fn argmax(x: &[f32], count: usize, y: &mut [f32]) -> Result<(), String> {
-    let d = x.len() / count;
-    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-        let best = (0..d).fold(0, |b, i| if xr[i] > xr[b] { i } else { b });
-        yr.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
-    }
-    Ok(())
-}
 
 fn config(threads: u32) -> Config {
     let mut c = Config::new();
