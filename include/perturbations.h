@@ -88,6 +88,22 @@
 #define PERT_MAX_THREADS 1024
 
 /*
+ One-hot of the largest entry along the last dimension. Its statistics are accumulated
+ as counts of winners (no one-hot products).
+ */
+#define PERT_BUILTIN_ARGMAX 0
+
+/*
+ Indicator (1.0 / 0.0) of the k largest entries along the last dimension.
+ */
+#define PERT_BUILTIN_TOPK 1
+
+/*
+ 1-based ranks along the last dimension, the smallest entry ranked 1.
+ */
+#define PERT_BUILTIN_RANKS 2
+
+/*
  Major version of this header; equal to `pert_version()`'s first number.
  */
 #define PERT_VERSION_MAJOR 0
@@ -111,6 +127,15 @@
  not be changed while another thread uses it.
  */
 typedef struct pert_config pert_config;
+
+/*
+ The perturbed inputs of one call, waiting for their solutions (two-phase API).
+
+ Made by `pert_draw_new`, freed by `pert_draw_free`. It keeps what it needs of its op and
+ stays valid after the op is freed. Threads: the functions taking `const pert_draw *` may
+ run concurrently on one draw.
+ */
+typedef struct pert_draw pert_draw;
 
 /*
  A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.
@@ -296,6 +321,73 @@ pert_status pert_config_set_antithetic(pert_config *config, bool antithetic);
 pert_status pert_config_set_sense(pert_config *config, uint32_t sense);
 
 /*
+ Sets the working memory of one chunk of samples, in bytes (default 16 MiB). Samples are
+ drawn, solved and reduced a chunk at a time, so a forward call's extra memory is about
+ this plus its tape, whatever num_samples. A chunk holds at least one sample.
+
+ @return `PERT_STATUS_INVALID_ARGUMENT` for 0.
+ */
+pert_status pert_config_set_chunk_bytes(pert_config *config, uint64_t bytes);
+
+/*
+ Sets the largest tape a forward call may make, in bytes (default 0: no limit). A tape
+ keeps, per problem, the smaller of output_numel * input_numel floats (the Jacobian) and
+ num_samples * (output_numel + input_numel) floats (the samples). A call whose tape would
+ be larger fails with `PERT_STATUS_INVALID_ARGUMENT` before any work.
+ */
+pert_status pert_config_set_max_tape_bytes(pert_config *config, uint64_t bytes);
+
+/*
+ Draws the perturbed inputs of one call on `op` (any op: callback, built-in or external),
+ for `batch` problems theta `[batch, *input_shape]`. Solve the rows of
+ `pert_draw_inputs` anywhere, in any order or place, then pass their solutions to
+ `pert_draw_finish`. With the same seed and number of earlier calls on the op, the results
+ equal those of `pert_forward`. Counts as one forward call of the op.
+
+ Rows `b * num_samples .. (b + 1) * num_samples - 1` are problem b's perturbed inputs;
+ with the clean-input baseline (without antithetic pairs) `batch` more rows follow,
+ holding theta itself.
+
+ @param out  Receives the draw on success; untouched on error.
+ @return The errors of `pert_forward` for theta; `PERT_STATUS_INVALID_ARGUMENT` for
+         batch 0 (there is nothing to draw).
+ */
+pert_status pert_draw_new(pert_op *op, const float *theta, size_t batch, pert_draw **out);
+
+/*
+ The number of rows of `pert_draw_inputs` (problems to solve); 0 for NULL.
+ */
+size_t pert_draw_count(const pert_draw *draw);
+
+/*
+ The perturbed inputs, `pert_draw_count(draw) * input_numel` floats, row-major
+ `[count, *input_shape]`, owned by the draw and valid until `pert_draw_free`; NULL for
+ NULL.
+ */
+const float *pert_draw_inputs(const pert_draw *draw);
+
+/*
+ Completes a draw: y_sigma(theta) and, when `tape` is not NULL, the tape, from the
+ solutions of every row of `pert_draw_inputs`. May be called more than once.
+
+ @param solutions  `pert_draw_count(draw) * output_numel` floats, row i the solution of
+                   input row i; finite.
+ @param output     Receives `batch * output_numel` floats.
+ @param tape       NULL, or receives a new tape on success.
+ @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in solutions; on error nothing is
+         written.
+ */
+pert_status pert_draw_finish(const pert_draw *draw,
+                             const float *solutions,
+                             float *output,
+                             pert_tape **tape);
+
+/*
+ Frees a draw, on any thread. NULL is accepted and ignored.
+ */
+void pert_draw_free(pert_draw *draw);
+
+/*
  Makes a perturbed op over a solver callback.
 
  @param config        Settings, copied: the config may be freed afterwards.
@@ -325,6 +417,40 @@ pert_status pert_op_new(const pert_config *config,
                         pert_solver_fn solver,
                         void *user_data,
                         pert_op **out);
+
+/*
+ Makes a perturbed op over a built-in solver that runs inside libtorch on the op's
+ device (no callback, no host round trip). The output shape is the input shape; the
+ solver works along the last dimension.
+
+ @param builtin      `PERT_BUILTIN_ARGMAX`, `PERT_BUILTIN_TOPK` or `PERT_BUILTIN_RANKS`.
+ @param k            For top-k: 1 <= k <= the last dimension; ignored otherwise.
+ @param input_shape  `input_rank` >= 1 dimensions, each >= 1.
+ @param out          Receives the op on success; untouched on error.
+ @return `PERT_STATUS_INVALID_ARGUMENT` for an unknown builtin, a bad k, rank 0, and the
+         errors of `pert_op_new`.
+ */
+pert_status pert_op_new_builtin(const pert_config *config,
+                                uint32_t builtin,
+                                int64_t k,
+                                const int64_t *input_shape,
+                                size_t input_rank,
+                                pert_op **out);
+
+/*
+ Makes a perturbed op whose problems are solved outside the library, through the
+ two-phase API (`pert_draw_new`, then `pert_draw_finish`): for solvers that cannot be
+ called back (another process, a cluster job, a GPU batch solver). `pert_forward` and
+ `pert_fenchel_young` on it fail with `PERT_STATUS_INVALID_ARGUMENT`.
+
+ Parameters and errors as for `pert_op_new`, without the solver.
+ */
+pert_status pert_op_new_external(const pert_config *config,
+                                 const int64_t *input_shape,
+                                 size_t input_rank,
+                                 const int64_t *output_shape,
+                                 size_t output_rank,
+                                 pert_op **out);
 
 /*
  Frees an op. NULL is accepted and ignored. Tapes made by the op stay valid.

@@ -10,6 +10,9 @@ use crate::perturbation::Perturbation;
 /// The largest number of solver threads a config accepts (C: `PERT_MAX_THREADS`).
 pub(crate) const MAX_THREADS: u32 = 1024;
 
+/// The default working memory of one chunk of samples: 16 MiB.
+pub const DEFAULT_CHUNK_BYTES: u64 = 16 << 20;
+
 /// Settings of a perturbed op. An op copies its config: changing a config later does not
 /// change ops made from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +27,8 @@ pub struct Config {
     baseline: Baseline,
     antithetic: bool,
     sense: Sense,
+    chunk_bytes: u64,
+    max_tape_bytes: u64,
 }
 
 impl Default for Config {
@@ -42,6 +47,8 @@ impl Default for Config {
             baseline: Baseline::SampleMean,
             antithetic: false,
             sense: Sense::Maximize,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            max_tape_bytes: 0,
         }
     }
 }
@@ -127,6 +134,34 @@ impl Config {
     pub fn set_sense(&mut self, sense: Sense) -> &mut Config {
         self.sense = sense;
         self
+    }
+
+    /// The working memory of one chunk of samples (perturbed inputs, noise, scores and
+    /// solutions, on the device and their host copies): samples are drawn, solved and
+    /// reduced a chunk at a time, so a forward call's extra memory is this plus the tape,
+    /// whatever num_samples. At least one sample per chunk is always used. Default 16 MiB.
+    pub fn set_chunk_bytes(&mut self, bytes: u64) -> Result<&mut Config> {
+        if bytes == 0 {
+            return Err(Error::invalid("chunk_bytes must be > 0, got 0"));
+        }
+        self.chunk_bytes = bytes;
+        Ok(self)
+    }
+
+    /// The largest tape a forward call may make, in bytes (0, the default: no limit).
+    /// A call whose tape would be larger fails with INVALID_ARGUMENT before any work.
+    pub fn set_max_tape_bytes(&mut self, bytes: u64) -> &mut Config {
+        self.max_tape_bytes = bytes;
+        self
+    }
+
+    /// Working memory of one chunk, in bytes.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk_bytes
+    }
+    /// The largest tape allowed (0: no limit).
+    pub fn max_tape_bytes(&self) -> u64 {
+        self.max_tape_bytes
     }
 
     /// Checks the settings that only make sense together; called when an op is made.

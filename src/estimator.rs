@@ -1,5 +1,5 @@
-//! The Monte-Carlo estimator: running sums over the samples of a forward call, and the
-//! Jacobian, objective and objective gradient computed from them once all samples are in.
+//! The Monte-Carlo estimator: what a forward call accumulates over its samples, and the
+//! Jacobian, objective and objective gradient computed from it once all samples are in.
 //!
 //! With Y_n the solutions, s_n the scores (∇ν(Z_n) for the additive model, Z_n for the
 //! multiplicative one) and N samples, the Jacobian estimate per problem is
@@ -14,9 +14,15 @@
 //! unbiased since E[s] = 0. With antithetic pairs (Z, −Z) the scores of a pair cancel, so
 //! any constant baseline drops out: J = Σ Y_n s_nᵀ / (Nσ) exactly, whatever the baseline,
 //! and no extra solve is made.
+//!
+//! Memory: per problem, either the sums Σ Y_n s_nᵀ (output_numel × input_numel) are
+//! streamed, or, when smaller, the samples Y_n and s_n themselves are kept
+//! (N × (output_numel + input_numel)); [`TapeForm::choose`] picks the smaller.
 
+use crate::builtin::Solutions;
 use crate::error::{Error, Result};
 use crate::perturbation::Perturbation;
+use crate::tape::JacobianData;
 use tch::{Device, Kind, Tensor};
 
 /// The variance-reduction baseline of the gradient estimator.
@@ -24,7 +30,7 @@ use tch::{Device, Kind, Tensor};
 pub enum Baseline {
     /// The plain score-function estimator (C: `PERT_BASELINE_NONE = 0`).
     None = 0,
-    /// Subtract the mean of the other samples; no extra solve, needs N ≥ 2
+    /// Subtract the mean of the samples; no extra solve, needs N ≥ 2
     /// (C: `PERT_BASELINE_SAMPLE_MEAN = 1`). The default.
     #[default]
     SampleMean = 1,
@@ -47,156 +53,204 @@ impl Baseline {
     }
 }
 
-/// What one forward call estimated, per problem.
-pub(crate) struct Estimate {
-    /// y_σ(θ), `[batch * output_numel]`.
-    pub mean: Vec<f32>,
-    /// J, `[batch, output_numel, input_numel]` float32 on the op's device, when asked for.
-    pub jacobian: Option<Tensor>,
-    /// F_σ(θ) = E[⟨perturbed input, Y⟩], `[batch]`, when output shape = input shape.
-    pub objective: Option<Vec<f64>>,
-    /// ∇F_σ(θ), `[batch * input_numel]`, when output shape = input shape.
-    pub grad_objective: Option<Vec<f64>>,
+/// How a tape keeps what the Jacobian needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapeForm {
+    /// Σ Y_n s_nᵀ per problem: output_numel × input_numel floats.
+    Sums,
+    /// Y_n and s_n of every sample: N × (output_numel + input_numel) floats per problem.
+    Samples,
 }
 
-/// Running sums of one forward call.
+impl TapeForm {
+    /// The smaller form for N samples of problems with d inputs and o outputs, and its size
+    /// in floats per problem.
+    pub fn choose(n: usize, d: usize, o: usize) -> (TapeForm, u128) {
+        let sums = o as u128 * d as u128;
+        let samples = n as u128 * (o as u128 + d as u128);
+        if samples < sums {
+            (TapeForm::Samples, samples)
+        } else {
+            (TapeForm::Sums, sums)
+        }
+    }
+}
+
+/// What one forward call estimated.
+pub(crate) struct Estimate {
+    /// y_σ(θ), `[batch, output_numel]` float32 on the op's device.
+    pub mean: Tensor,
+    /// What the tape keeps, when asked for.
+    pub jacobian: Option<JacobianData>,
+    /// F_σ(θ) = E[⟨perturbed input, Y⟩] `[batch]` and its gradient `[batch, input_numel]`
+    /// (float64), when output shape = input shape.
+    pub objective: Option<(Tensor, Tensor)>,
+}
+
+enum JacobianSums {
+    Sums { sum_s: Tensor, sum_ys: Tensor },
+    Samples { y: Tensor, s: Tensor },
+}
+
+/// Running sums of one forward call, on the op's device.
 pub(crate) struct Accumulator {
-    d: usize,
-    o: usize,
+    o: i64,
     perturbation: Perturbation,
-    sigma: f32,
-    sum_y: Vec<f64>,
-    /// Σ s_n and Σ Y_n s_nᵀ, kept when a Jacobian is wanted.
-    jacobian_sums: Option<(Vec<f64>, Tensor)>,
-    /// Σ ⟨x_n, Y_n⟩ and, for the multiplicative model, Σ exp(σZ_n − σ²/2) ⊙ Y_n; kept when
-    /// output shape = input shape.
-    objective_sums: Option<(Vec<f64>, Vec<f64>)>,
+    sigma: f64,
+    sum_y: Tensor,
+    jacobian: Option<JacobianSums>,
+    /// Σ ⟨x_n, Y_n⟩ `[batch]` and Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, d]` (multiplicative).
+    objective: Option<(Tensor, Tensor)>,
 }
 
 impl Accumulator {
+    /// Sums for `batch` problems of `n` samples; `form` when a Jacobian is wanted;
+    /// `square` when output shape = input shape (the objective is then estimated too).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         batch: usize,
+        n: usize,
         d: usize,
         o: usize,
         perturbation: Perturbation,
         sigma: f64,
-        want_jacobian: bool,
+        form: Option<TapeForm>,
         square: bool,
         device: Device,
     ) -> Result<Accumulator> {
-        let jacobian_sums = if want_jacobian {
-            let sum_ys = Tensor::f_zeros([batch as i64, o as i64, d as i64], (Kind::Double, device))?;
-            Some((vec![0.0; batch * d], sum_ys))
+        let (b, n, d, o) = (batch as i64, n as i64, d as i64, o as i64);
+        let f64s = (Kind::Double, device);
+        let f32s = (Kind::Float, device);
+        let jacobian = match form {
+            None => None,
+            Some(TapeForm::Sums) => Some(JacobianSums::Sums {
+                sum_s: Tensor::f_zeros([b, d], f64s)?,
+                sum_ys: Tensor::f_zeros([b, o, d], f32s)?,
+            }),
+            Some(TapeForm::Samples) => Some(JacobianSums::Samples {
+                y: Tensor::f_empty([b, n, o], f32s)?,
+                s: Tensor::f_empty([b, n, d], f32s)?,
+            }),
+        };
+        let objective = if square {
+            let wy = if perturbation == Perturbation::Multiplicative { d } else { 0 };
+            Some((Tensor::f_zeros([b], f64s)?, Tensor::f_zeros([b, wy], f64s)?))
         } else {
             None
         };
-        let objective_sums = square.then(|| {
-            let wy = if perturbation == Perturbation::Multiplicative { batch * d } else { 0 };
-            (vec![0.0; batch], vec![0.0; wy])
-        });
-        Ok(Accumulator {
-            d,
-            o,
-            perturbation,
-            sigma: sigma as f32,
-            sum_y: vec![0.0; batch * o],
-            jacobian_sums,
-            objective_sums,
-        })
+        Ok(Accumulator { o, perturbation, sigma, sum_y: Tensor::f_zeros([b, o], f64s)?, jacobian, objective })
     }
 
-    /// Adds a chunk of `rows` samples of problem `b`: noise `z`, perturbed inputs `x`,
-    /// scores `score` (all `[rows, d]`) and solutions `y` (`[rows, o]`).
-    pub fn add(&mut self, b: usize, z: &[f32], x: &[f32], score: &[f32], y: &[f32], rows: usize) -> Result<()> {
-        let (d, o) = (self.d, self.o);
-        add_column_sums(&mut self.sum_y[b * o..(b + 1) * o], y);
-        if let Some((sum_s, sum_ys)) = &mut self.jacobian_sums {
-            add_column_sums(&mut sum_s[b * d..(b + 1) * d], score);
-            let device = sum_ys.device();
-            let yt = Tensor::f_from_slice(y)?.f_view([rows as i64, o as i64])?.f_to_device(device)?;
-            let st = Tensor::f_from_slice(score)?.f_view([rows as i64, d as i64])?.f_to_device(device)?;
-            let chunk = yt.f_tr()?.f_matmul(&st)?.f_to_kind(Kind::Double)?;
-            let _ = sum_ys.f_get(b as i64)?.f_add_(&chunk)?;
+    /// Whether the scores are needed.
+    pub fn wants_scores(&self) -> bool {
+        self.jacobian.is_some()
+    }
+
+    /// Adds samples `n0 .. n0 + rows` of problem `b`: noise `z` and perturbed inputs `x`
+    /// `[rows, d]`, scores `s` (when wanted) and solutions `y`.
+    pub fn add(&mut self, b: i64, n0: i64, z: &Tensor, x: &Tensor, s: Option<&Tensor>, y: &Solutions) -> Result<()> {
+        let rows = z.size()[0];
+        let dense = || y.dense(self.o);
+        match y {
+            Solutions::Dense(y) => {
+                let _ = self.sum_y.f_get(b)?.f_add_(&y.f_sum_dim_intlist(0, false, Kind::Double)?)?;
+            }
+            Solutions::OneHot(index) => {
+                let ones = Tensor::f_ones([index.numel() as i64], (Kind::Double, index.device()))?;
+                let _ = self.sum_y.f_get(b)?.f_index_add_(0, &index.f_flatten(0, -1)?, &ones)?;
+            }
         }
-        if let Some((objective, sum_wy)) = &mut self.objective_sums {
-            objective[b] += x.iter().zip(y).map(|(&xv, &yv)| f64::from(xv) * f64::from(yv)).sum::<f64>();
-            if self.perturbation == Perturbation::Multiplicative {
-                let shift = 0.5 * f64::from(self.sigma).powi(2);
-                let acc = &mut sum_wy[b * d..(b + 1) * d];
-                for (zr, yr) in z.chunks_exact(d).zip(y.chunks_exact(d)) {
-                    for ((a, &zv), &yv) in acc.iter_mut().zip(zr).zip(yr) {
-                        *a += (f64::from(self.sigma) * f64::from(zv) - shift).exp() * f64::from(yv);
+        match (&mut self.jacobian, s) {
+            (Some(JacobianSums::Sums { sum_s, sum_ys }), Some(s)) => {
+                let _ = sum_s.f_get(b)?.f_add_(&s.f_sum_dim_intlist(0, false, Kind::Double)?)?;
+                let mut target = sum_ys.f_get(b)?;
+                match y {
+                    Solutions::Dense(y) => {
+                        let _ = target.f_addmm_(&y.f_tr()?, s)?;
+                    }
+                    Solutions::OneHot(index) => {
+                        // Σ_n e_{i_n} s_nᵀ: add each s_n to the row of its winner.
+                        let groups = index.size()[1];
+                        let src = if groups == 1 { s.shallow_clone() } else { s.f_repeat_interleave_self_int(groups, 0, None)? };
+                        let _ = target.f_index_add_(0, &index.f_flatten(0, -1)?, &src)?;
                     }
                 }
+            }
+            (Some(JacobianSums::Samples { y: ys, s: ss }), Some(s)) => {
+                ys.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(&dense()?)?;
+                ss.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(s)?;
+            }
+            (Some(_), None) => unreachable!("scores are computed when a Jacobian is wanted"),
+            (None, _) => {}
+        }
+        if let Some((objective, sum_wy)) = &mut self.objective {
+            let value = match y {
+                Solutions::Dense(y) => x.f_mul(y)?.f_sum(Kind::Double)?,
+                Solutions::OneHot(index) => x.f_gather(1, index, false)?.f_sum(Kind::Double)?,
+            };
+            let _ = objective.f_get(b)?.f_add_(&value)?;
+            if self.perturbation == Perturbation::Multiplicative {
+                let w = self.perturbation.weight(z, self.sigma)?;
+                let wy = w.f_mul(&dense()?)?.f_sum_dim_intlist(0, false, Kind::Double)?;
+                let _ = sum_wy.f_get(b)?.f_add_(&wy)?;
             }
         }
         Ok(())
     }
 
     /// The estimates from `n` samples. `baseline` is the effective one (None under
-    /// antithetic pairs); `clean` holds y*(θ) `[batch * o]` for the clean-input baseline;
-    /// `theta` `[batch * d]` is needed by the multiplicative model.
-    pub fn finish(self, n: u64, baseline: Baseline, clean: Option<&[f32]>, theta: &[f32]) -> Result<Estimate> {
-        let (d, o) = (self.d, self.o);
-        let batch = self.sum_y.len() / o;
+    /// antithetic pairs); `clean` holds y*(θ) `[batch, o]` for the clean-input baseline;
+    /// `theta` `[batch, d]` (on the device) is needed by the multiplicative model.
+    pub fn finish(self, n: usize, baseline: Baseline, clean: Option<&Tensor>, theta: &Tensor) -> Result<Estimate> {
         let nf = n as f64;
-        let sigma = f64::from(self.sigma);
-        let mean: Vec<f32> = self.sum_y.iter().map(|&s| (s / nf) as f32).collect();
-        let jacobian = match self.jacobian_sums {
-            None => None,
-            Some((sum_s, sum_ys)) => {
-                let device = sum_ys.device();
-                let outer = |left: &[f64], right: &[f64]| -> Result<Tensor> {
-                    let l = Tensor::f_from_slice(left)?.f_view([batch as i64, o as i64, 1])?;
-                    let r = Tensor::f_from_slice(right)?.f_view([batch as i64, 1, d as i64])?;
-                    Ok(l.f_mul(&r)?.f_to_device(device)?)
-                };
-                let j = match baseline {
-                    Baseline::None => sum_ys.f_div_scalar(nf * sigma)?,
-                    Baseline::SampleMean => {
-                        let correction = outer(&self.sum_y, &sum_s)?.f_div_scalar(nf)?;
-                        sum_ys.f_sub(&correction)?.f_div_scalar((nf - 1.0) * sigma)?
-                    }
-                    Baseline::CleanInput => {
-                        let clean: Vec<f64> = clean
-                            .expect("the clean-input baseline needs y*(theta)")
-                            .iter()
-                            .map(|&v| f64::from(v))
-                            .collect();
-                        sum_ys.f_sub(&outer(&clean, &sum_s)?)?.f_div_scalar(nf * sigma)?
-                    }
-                };
-                let j = match self.perturbation {
-                    Perturbation::Additive => j,
-                    Perturbation::Multiplicative => {
-                        let inv: Vec<f64> =
-                            theta.iter().map(|&t| if t == 0.0 { 0.0 } else { 1.0 / f64::from(t) }).collect();
-                        let inv = Tensor::f_from_slice(&inv)?.f_view([batch as i64, 1, d as i64])?.f_to_device(device)?;
-                        j.f_mul(&inv)?
-                    }
-                };
-                Some(j.f_to_kind(Kind::Float)?)
+        let mean = self.sum_y.f_div_scalar(nf)?.f_to_kind(Kind::Float)?;
+        let (center, scale) = match baseline {
+            Baseline::None => (None, 1.0 / (nf * self.sigma)),
+            Baseline::SampleMean => (Some(mean.shallow_clone()), 1.0 / ((nf - 1.0) * self.sigma)),
+            Baseline::CleanInput => {
+                (Some(clean.expect("the clean-input baseline needs y*(theta)").shallow_clone()), 1.0 / (nf * self.sigma))
             }
         };
-        let (objective, grad_objective) = match self.objective_sums {
-            None => (None, None),
+        let col_scale = match self.perturbation {
+            Perturbation::Additive => None,
+            Perturbation::Multiplicative => {
+                let zero = theta.f_eq(0.0)?;
+                let inv = theta.f_where_scalarother(&zero.f_logical_not()?, 1.0)?.f_reciprocal()?;
+                Some(inv.f_masked_fill(&zero, 0.0)?.f_to_kind(Kind::Float)?)
+            }
+        };
+        let jacobian = match self.jacobian {
+            None => None,
+            Some(JacobianSums::Sums { sum_s, sum_ys }) => {
+                // Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ
+                let mut j = sum_ys.f_to_kind(Kind::Double)?;
+                if let Some(c) = &center {
+                    j = j.f_sub(&c.f_to_kind(Kind::Double)?.f_unsqueeze(2)?.f_mul(&sum_s.f_unsqueeze(1)?)?)?;
+                }
+                let mut j = j.f_mul_scalar(scale)?;
+                if let Some(cs) = &col_scale {
+                    j = j.f_mul(&cs.f_unsqueeze(1)?)?;
+                }
+                Some(JacobianData::Dense(j.f_to_kind(Kind::Float)?))
+            }
+            Some(JacobianSums::Samples { y, s }) => {
+                let center = match center {
+                    Some(c) => c,
+                    None => mean.f_zeros_like()?,
+                };
+                Some(JacobianData::Samples { y, s, center, col_scale, scale })
+            }
+        };
+        let objective = match self.objective {
+            None => None,
             Some((objective, sum_wy)) => {
                 let grad = match self.perturbation {
-                    Perturbation::Additive => self.sum_y.iter().map(|&s| s / nf).collect(),
-                    Perturbation::Multiplicative => sum_wy.iter().map(|&s| s / nf).collect(),
+                    Perturbation::Additive => self.sum_y.f_div_scalar(nf)?,
+                    Perturbation::Multiplicative => sum_wy.f_div_scalar(nf)?,
                 };
-                (Some(objective.iter().map(|&s| s / nf).collect()), Some(grad))
+                Some((objective.f_div_scalar(nf)?, grad))
             }
         };
-        Ok(Estimate { mean, jacobian, objective, grad_objective })
-    }
-}
-
-/// Adds the column sums of a row-major `[rows, acc.len()]` buffer to `acc`, in float64.
-fn add_column_sums(acc: &mut [f64], values: &[f32]) {
-    for row in values.chunks_exact(acc.len()) {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a += f64::from(v);
-        }
+        Ok(Estimate { mean, jacobian, objective })
     }
 }

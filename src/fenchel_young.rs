@@ -9,6 +9,7 @@
 //! Monte-Carlo error, so loss curves mean something.
 
 use crate::error::{Error, Result};
+use tch::{Kind, Tensor};
 
 /// Whether the solver maximizes or minimizes ⟨θ, y⟩.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,29 +34,22 @@ impl Sense {
     }
 }
 
-/// The loss `[batch]` and its gradient `[batch * d]` from F_σ `[batch]` and ∇F_σ
-/// `[batch * d]`, for θ and targets `[batch * d]`.
+/// The loss `[batch]` and its gradient `[batch, d]` (float32) from θ and targets
+/// `[batch, d]`, F_σ `[batch]` and ∇F_σ `[batch, d]` (float64), all on one device.
 pub(crate) fn loss_and_grad(
     sense: Sense,
-    theta: &[f32],
-    y_true: &[f32],
-    objective: &[f64],
-    grad_objective: &[f64],
-) -> (Vec<f32>, Vec<f32>) {
-    let d = theta.len() / objective.len();
+    theta: &Tensor,
+    y_true: &Tensor,
+    objective: &Tensor,
+    grad_objective: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let sign = match sense {
         Sense::Maximize => 1.0,
         Sense::Minimize => -1.0,
     };
-    let loss = objective
-        .iter()
-        .enumerate()
-        .map(|(b, &f)| {
-            let rows = b * d..(b + 1) * d;
-            let dot: f64 = theta[rows.clone()].iter().zip(&y_true[rows]).map(|(&t, &y)| f64::from(t) * f64::from(y)).sum();
-            (sign * (f - dot)) as f32
-        })
-        .collect();
-    let grad = grad_objective.iter().zip(y_true).map(|(&g, &y)| (sign * (g - f64::from(y))) as f32).collect();
-    (loss, grad)
+    let y = y_true.f_to_kind(Kind::Double)?;
+    let dot = theta.f_to_kind(Kind::Double)?.f_mul(&y)?.f_sum_dim_intlist(1, false, Kind::Double)?;
+    let loss = objective.f_sub(&dot)?.f_mul_scalar(sign)?.f_to_kind(Kind::Float)?;
+    let grad = grad_objective.f_sub(&y)?.f_mul_scalar(sign)?.f_to_kind(Kind::Float)?;
+    Ok((loss, grad))
 }

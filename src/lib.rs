@@ -7,6 +7,7 @@
 //! in [`ffi`].
 
 pub mod autograd;
+pub mod builtin;
 pub mod config;
 pub mod device;
 pub mod error;
@@ -20,7 +21,9 @@ pub mod rng;
 pub mod shape;
 pub mod solver;
 pub mod tape;
+pub mod two_phase;
 
+pub use builtin::Builtin;
 pub use config::Config;
 pub use device::{cuda_device_count, DeviceSpec};
 pub use error::{Error, Result, Status};
@@ -31,3 +34,4 @@ pub use noise::Noise;
 pub use op::PerturbedOp;
 pub use solver::Solver;
 pub use tape::Tape;
+pub use two_phase::Draw;

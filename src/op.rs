@@ -1,43 +1,62 @@
 //! A perturbed optimizer: a solver, its problem shapes, and a config.
 
+use crate::builtin::{Builtin, Solutions};
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
-use crate::estimator::{Accumulator, Baseline, Estimate};
-use crate::noise::Noise;
+use crate::estimator::{Accumulator, Baseline, Estimate, TapeForm};
 use crate::rng::Stream;
 use crate::shape::{batched, checked_product, numel};
 use crate::solver::Solver;
 use crate::tape::Tape;
+use crate::two_phase::Draw;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-/// Upper bound on the host memory of one chunk of perturbed inputs and solutions.
-const CHUNK_BYTES: usize = 8 << 20;
+/// What solves an op's perturbed problems.
+#[derive(Clone)]
+pub(crate) enum SolverKind {
+    /// A host solver (a C callback or a Rust closure).
+    Host(Arc<dyn Solver>),
+    /// A built-in solver running in libtorch on the op's device.
+    Builtin(Builtin),
+    /// Solved elsewhere, through the two-phase API only.
+    External,
+}
+
+/// Where a forward call's solutions come from.
+pub(crate) enum Source<'a> {
+    /// The op's own solver.
+    Solver(&'a SolverKind),
+    /// Solutions handed back after a [`Draw`]: `[rows, output_numel]` host floats, rows in
+    /// the order of the draw's inputs.
+    Provided(&'a [f32]),
+}
+
+/// The part of an op that its draws keep (shapes, config, device): immutable.
+#[derive(Debug)]
+pub(crate) struct OpSpec {
+    pub config: Config,
+    pub device: Device,
+    pub input_shape: Vec<i64>,
+    pub output_shape: Vec<i64>,
+    pub input_numel: usize,
+    pub output_numel: usize,
+}
 
 /// y_σ(θ) = E[y*(θ + σZ)] for a black-box solver y*, with its Monte-Carlo gradient.
 ///
 /// `forward` may be called from several threads at once. Each call draws fresh noise: the
 /// draws are a pure function of (seed, number of earlier forward calls on this op).
 pub struct PerturbedOp {
-    config: Config,
-    device: Device,
-    input_shape: Vec<i64>,
-    output_shape: Vec<i64>,
-    input_numel: usize,
-    output_numel: usize,
-    solver: Arc<dyn Solver>,
+    spec: Arc<OpSpec>,
+    solver: SolverKind,
     calls: AtomicU64,
 }
 
 impl std::fmt::Debug for PerturbedOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PerturbedOp")
-            .field("config", &self.config)
-            .field("device", &self.device)
-            .field("input_shape", &self.input_shape)
-            .field("output_shape", &self.output_shape)
-            .finish_non_exhaustive()
+        f.debug_struct("PerturbedOp").field("spec", &self.spec).finish_non_exhaustive()
     }
 }
 
@@ -50,64 +69,74 @@ impl PerturbedOp {
         output_shape: &[i64],
         solver: impl Solver + 'static,
     ) -> Result<PerturbedOp> {
+        PerturbedOp::with_solver(config, input_shape, output_shape, SolverKind::Host(Arc::new(solver)))
+    }
+
+    /// An op over a built-in solver, working along the last dimension of `input_shape`;
+    /// the output has the input's shape.
+    pub fn new_builtin(config: &Config, builtin: Builtin, input_shape: &[i64]) -> Result<PerturbedOp> {
+        builtin.check(input_shape)?;
+        PerturbedOp::with_solver(config, input_shape, input_shape, SolverKind::Builtin(builtin))
+    }
+
+    /// An op whose problems are solved elsewhere: only [`PerturbedOp::draw`] and
+    /// [`Draw::finish`] work on it.
+    pub fn new_external(config: &Config, input_shape: &[i64], output_shape: &[i64]) -> Result<PerturbedOp> {
+        PerturbedOp::with_solver(config, input_shape, output_shape, SolverKind::External)
+    }
+
+    fn with_solver(config: &Config, input_shape: &[i64], output_shape: &[i64], solver: SolverKind) -> Result<PerturbedOp> {
         let input_numel = numel(input_shape, "input_shape")?;
         let output_numel = numel(output_shape, "output_shape")?;
         config.validate()?;
         let device = config.device().resolve()?;
-        Ok(PerturbedOp {
+        let spec = OpSpec {
             config: config.clone(),
             device,
             input_shape: input_shape.to_vec(),
             output_shape: output_shape.to_vec(),
             input_numel,
             output_numel,
-            solver: Arc::new(solver),
-            calls: AtomicU64::new(0),
-        })
+        };
+        Ok(PerturbedOp { spec: Arc::new(spec), solver, calls: AtomicU64::new(0) })
     }
 
     /// The op's config (a copy made at construction).
     pub fn config(&self) -> &Config {
-        &self.config
+        &self.spec.config
     }
     /// The device the op computes on.
     pub fn device(&self) -> Device {
-        self.device
+        self.spec.device
     }
     /// Shape of one problem's input.
     pub fn input_shape(&self) -> &[i64] {
-        &self.input_shape
+        &self.spec.input_shape
     }
     /// Shape of one problem's output.
     pub fn output_shape(&self) -> &[i64] {
-        &self.output_shape
+        &self.spec.output_shape
     }
     /// Elements of one problem's input.
     pub fn input_numel(&self) -> usize {
-        self.input_numel
+        self.spec.input_numel
     }
     /// Elements of one problem's output.
     pub fn output_numel(&self) -> usize {
-        self.output_numel
+        self.spec.output_numel
     }
 
     /// y_σ(θ) for `theta` of shape `[batch, *input_shape]` (float32, any device); the result
     /// has shape `[batch, *output_shape]`, on the device of `theta`.
     pub fn forward(&self, theta: &Tensor) -> Result<Tensor> {
         let (batch, _, estimate) = self.estimate(theta, false)?;
-        self.output_tensor(&estimate.mean, batch, theta.device())
+        self.spec.output_tensor(&estimate.mean, batch, theta.device())
     }
 
     /// As [`PerturbedOp::forward`], and the tape for the backward pass.
     pub fn forward_with_tape(&self, theta: &Tensor) -> Result<(Tensor, Tape)> {
         let (batch, _, estimate) = self.estimate(theta, true)?;
-        let output = self.output_tensor(&estimate.mean, batch, theta.device())?;
-        let objective = match &estimate.objective {
-            Some(f) => Some(Tensor::f_from_slice(f)?.f_to_kind(Kind::Float)?),
-            None => None,
-        };
-        let jacobian = estimate.jacobian.expect("a Jacobian was requested");
-        Ok((output, Tape::new(jacobian, objective, &self.input_shape, &self.output_shape, batch)))
+        self.spec.output_and_tape(estimate, batch, theta.device())
     }
 
     /// The Fenchel-Young loss `[batch]` of `theta` against targets `y_true` (both
@@ -115,7 +144,7 @@ impl PerturbedOp {
     /// gradient with respect to theta, from one forward call's draws. See
     /// [`crate::fenchel_young`] for the formulas per sense and perturbation.
     pub fn fenchel_young(&self, theta: &Tensor, y_true: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.require_square("the Fenchel-Young loss")?;
+        self.spec.require_square("the Fenchel-Young loss")?;
         if y_true.size() != theta.size() {
             return Err(Error::invalid(format!(
                 "y_true must have the shape of theta {:?}, got {:?}",
@@ -123,22 +152,45 @@ impl PerturbedOp {
                 y_true.size()
             )));
         }
-        let y_vec = host_vec(y_true, "y_true")?;
-        let (batch, theta_vec, estimate) = self.estimate(theta, false)?;
-        let (objective, grad_objective) = (
-            estimate.objective.expect("square ops estimate the objective"),
-            estimate.grad_objective.expect("square ops estimate its gradient"),
-        );
+        check_host(y_true, "y_true")?;
+        let (_, theta_dev, estimate) = self.estimate(theta, false)?;
+        let (objective, grad_objective) = estimate.objective.expect("square ops estimate the objective");
+        let y = y_true.f_to_device(self.spec.device)?.f_reshape(theta_dev.size())?;
         let (loss, grad) =
-            crate::fenchel_young::loss_and_grad(self.config.sense(), &theta_vec, &y_vec, &objective, &grad_objective);
+            crate::fenchel_young::loss_and_grad(self.config().sense(), &theta_dev, &y, &objective, &grad_objective)?;
         let device = theta.device();
-        let loss = Tensor::f_from_slice(&loss)?.f_to_device(device)?;
-        let grad = Tensor::f_from_slice(&grad)?.f_reshape(batched(batch, &self.input_shape))?.f_to_device(device)?;
-        Ok((loss, grad))
+        Ok((loss.f_to_device(device)?, grad.f_reshape(theta.size())?.f_to_device(device)?))
+    }
+
+    /// Draws the perturbed inputs of one call for the two-phase API: solve
+    /// [`Draw::inputs`] anywhere, then hand the solutions to [`Draw::finish`]. Gives the
+    /// results of a forward call with the same seed and call count.
+    pub fn draw(&self, theta: &Tensor) -> Result<Draw> {
+        let theta_dev = self.spec.check_theta(theta)?;
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        Draw::new(self.spec.clone(), theta_dev, call)
     }
 
     /// An error unless output shape = input shape, naming `what` needs it.
-    pub(crate) fn require_square(&self, what: &str) -> Result<()> {
+    pub fn require_square(&self, what: &str) -> Result<()> {
+        self.spec.require_square(what)
+    }
+
+    fn estimate(&self, theta: &Tensor, want_jacobian: bool) -> Result<(usize, Tensor, Estimate)> {
+        if let SolverKind::External = self.solver {
+            return Err(Error::invalid(
+                "this op has no solver (it was made for the two-phase API): use draw and finish",
+            ));
+        }
+        let theta_dev = self.spec.check_theta(theta)?;
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let estimate = self.spec.run(&theta_dev, call, want_jacobian, Source::Solver(&self.solver))?;
+        Ok((theta_dev.size()[0] as usize, theta_dev, estimate))
+    }
+}
+
+impl OpSpec {
+    pub fn require_square(&self, what: &str) -> Result<()> {
         if self.input_shape == self.output_shape {
             return Ok(());
         }
@@ -148,13 +200,8 @@ impl PerturbedOp {
         )))
     }
 
-    fn output_tensor(&self, mean: &[f32], batch: usize, device: Device) -> Result<Tensor> {
-        Ok(Tensor::f_from_slice(mean)?.f_reshape(batched(batch, &self.output_shape))?.f_to_device(device)?)
-    }
-
-    /// Checks theta, draws the samples of one call in chunks, solves them and returns
-    /// (batch, theta on the host, the estimates).
-    fn estimate(&self, theta: &Tensor, want_jacobian: bool) -> Result<(usize, Vec<f32>, Estimate)> {
+    /// Checks theta's shape, kind and values; returns it as `[batch, d]` on the op's device.
+    fn check_theta(&self, theta: &Tensor) -> Result<Tensor> {
         let size = theta.size();
         if size.len() != self.input_shape.len() + 1 || size[1..] != self.input_shape[..] {
             return Err(Error::invalid(format!(
@@ -162,96 +209,183 @@ impl PerturbedOp {
                 self.input_shape.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
             )));
         }
-        let batch = size[0] as usize;
-        let (d, o) = (self.input_numel, self.output_numel);
-        let n = usize::try_from(self.config.num_samples())
-            .map_err(|_| Error::invalid("num_samples does not fit in this machine's address space"))?;
+        check_host(theta, "theta")?;
+        let (batch, d, o) = (size[0] as usize, self.input_numel, self.output_numel);
+        let n = self.config.num_samples() as usize;
         checked_product(&[batch, n, d], "batch * num_samples * input_numel")?;
         checked_product(&[batch, n, o], "batch * num_samples * output_numel")?;
-        if want_jacobian {
-            checked_product(&[batch, o, d, 8], "the tape size batch * output_numel * input_numel")?;
-        }
-        let theta_vec = host_vec(theta, "theta")?;
+        Ok(theta.f_to_device(self.device)?.f_reshape([batch as i64, d as i64])?)
+    }
 
-        let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let stream = Stream::new(self.config.seed(), call);
-        let (noise, perturbation) = (self.config.noise(), self.config.perturbation());
-        let sigma = self.config.sigma() as f32;
-        let threads = self.config.effective_threads();
-        let antithetic = self.config.antithetic();
-        let baseline = if antithetic { Baseline::None } else { self.config.baseline() };
+    pub(crate) fn output_tensor(&self, mean: &Tensor, batch: usize, device: Device) -> Result<Tensor> {
+        Ok(mean.f_reshape(batched(batch, &self.output_shape))?.f_to_device(device)?)
+    }
+
+    pub(crate) fn output_and_tape(&self, estimate: Estimate, batch: usize, device: Device) -> Result<(Tensor, Tape)> {
+        let output = self.output_tensor(&estimate.mean, batch, device)?;
+        let objective = match &estimate.objective {
+            Some((f, _)) => Some(f.f_to_kind(Kind::Float)?),
+            None => None,
+        };
+        let jacobian = estimate.jacobian.expect("a Jacobian was requested");
+        Ok((output, Tape::new(jacobian, objective, &self.input_shape, &self.output_shape, batch)))
+    }
+
+    /// The tape form for `batch` problems, checked against the config's tape limit.
+    fn tape_form(&self, batch: usize) -> Result<TapeForm> {
+        let n = self.config.num_samples() as usize;
+        let (form, floats) = TapeForm::choose(n, self.input_numel, self.output_numel);
+        let bytes = floats.saturating_mul(batch as u128).saturating_mul(4);
+        let limit = self.config.max_tape_bytes();
+        if limit > 0 && bytes > u128::from(limit) {
+            return Err(Error::invalid(format!(
+                "the tape needs {bytes} bytes (batch {batch}, {} floats per problem), above max_tape_bytes {limit}",
+                floats
+            )));
+        }
+        if bytes > i64::MAX as u128 {
+            return Err(Error::invalid(format!("the tape would need {bytes} bytes, more than can be addressed")));
+        }
+        Ok(form)
+    }
+
+    /// Samples per chunk: what fits in the config's chunk budget (even under antithetic
+    /// pairs), at least one (two).
+    pub(crate) fn rows_per_chunk(&self) -> usize {
+        let (d, o) = (self.input_numel as u64, self.output_numel as u64);
+        let row_bytes = 4 * (4 * d + 3 * o);
+        let n = self.config.num_samples() as usize;
+        let rows = (self.config.chunk_bytes() / row_bytes).clamp(1, n as u64) as usize;
+        if self.config.antithetic() {
+            (rows & !1).max(2)
+        } else {
+            rows
+        }
+    }
+
+    /// The noise `[rows, d]` of samples `n0 .. n0 + rows` of problem `b` of a call and the
+    /// perturbed inputs, on the op's device. With antithetic pairs, sample 2k + 1 is the
+    /// negation of sample 2k (n0 and rows are then even).
+    pub(crate) fn chunk(&self, stream: &Stream, theta_b: &Tensor, b: usize, n0: usize, rows: usize) -> Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        let (d, n) = (self.input_numel, c.num_samples() as usize);
+        let threads = c.effective_threads();
+        let z = if c.antithetic() {
+            let half = c.noise().sample(stream, ((b * n + n0) / 2 * d) as u64, rows / 2 * d, threads)?;
+            let half = half.f_view([(rows / 2) as i64, d as i64])?;
+            Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?.f_view([rows as i64, d as i64])?
+        } else {
+            c.noise().sample(stream, ((b * n + n0) * d) as u64, rows * d, threads)?.f_view([rows as i64, d as i64])?
+        };
+        let z = z.f_to_device(self.device)?;
+        let x = c.perturbation().perturb(theta_b, &z, c.sigma())?;
+        Ok((z, x))
+    }
+
+    /// One forward call (number `call` of its op) on `theta` `[batch, d]` (on the device).
+    pub(crate) fn run(&self, theta: &Tensor, call: u64, want_jacobian: bool, source: Source<'_>) -> Result<Estimate> {
+        let c = &self.config;
+        let batch = theta.size()[0] as usize;
+        let (d, o, n) = (self.input_numel, self.output_numel, c.num_samples() as usize);
+        let form = if want_jacobian { Some(self.tape_form(batch)?) } else { None };
+        let stream = Stream::new(c.seed(), call);
+        let baseline = if c.antithetic() { Baseline::None } else { c.baseline() };
         let clean = if want_jacobian && baseline == Baseline::CleanInput {
-            let mut y0 = vec![0f32; batch * o];
-            solve_rows(&*self.solver, &theta_vec, &mut y0, batch, d, o, threads)?;
-            Some(y0)
+            let rows = match source {
+                Source::Provided(all) => Solutions::Dense(provided(all, batch * n, batch, o, self.device)?),
+                Source::Solver(solver) => self.solve(solver, theta)?,
+            };
+            Some(rows.dense(o as i64)?)
         } else {
             None
         };
-
         let square = self.input_shape == self.output_shape;
-        let mut acc =
-            Accumulator::new(batch, d, o, perturbation, self.config.sigma(), want_jacobian, square, self.device)?;
-        let rows_per_chunk = (CHUNK_BYTES / (4 * (3 * d + o))).clamp(1, n);
-        let mut z = vec![0f32; rows_per_chunk * d];
-        let mut x = vec![0f32; rows_per_chunk * d];
-        let mut s = vec![0f32; if want_jacobian { rows_per_chunk * d } else { 0 }];
-        let mut y = vec![0f32; rows_per_chunk * o];
+        let mut acc = Accumulator::new(batch, n, d, o, c.perturbation(), c.sigma(), form, square, self.device)?;
+        let rows_per_chunk = self.rows_per_chunk();
         for b in 0..batch {
-            let theta_b = &theta_vec[b * d..(b + 1) * d];
+            let theta_b = theta.f_narrow(0, b as i64, 1)?;
             let mut n0 = 0;
             while n0 < n {
                 let rows = rows_per_chunk.min(n - n0);
-                let (z, x, y) = (&mut z[..rows * d], &mut x[..rows * d], &mut y[..rows * o]);
-                draw(noise, &stream, (b * n + n0) as u64, d, antithetic, z);
-                perturbation.perturb(theta_b, z, sigma, x);
-                solve_rows(&*self.solver, x, y, rows, d, o, threads)?;
-                let s = &mut s[..if want_jacobian { rows * d } else { 0 }];
-                if want_jacobian {
-                    perturbation.score(noise, z, s);
-                }
-                acc.add(b, z, x, s, y, rows)?;
+                let (z, x) = self.chunk(&stream, &theta_b, b, n0, rows)?;
+                let y = match source {
+                    Source::Solver(solver) => self.solve(solver, &x)?,
+                    Source::Provided(all) => Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?),
+                };
+                let s = if acc.wants_scores() { Some(c.perturbation().score(c.noise(), &z)?) } else { None };
+                acc.add(b as i64, n0 as i64, &z, &x, s.as_ref(), &y)?;
                 n0 += rows;
             }
         }
-        let estimate = acc.finish(n as u64, baseline, clean.as_deref(), &theta_vec)?;
-        Ok((batch, theta_vec, estimate))
+        acc.finish(n, baseline, clean.as_ref(), theta)
     }
-}
 
-/// The noise of samples `first_sample ..` (as many rows of `d` as `z` holds). Sample k's
-/// draws are elements k·d .. (k+1)·d of the call's stream; with antithetic pairs an odd
-/// sample is the negation of the sample before it.
-fn draw(noise: Noise, stream: &Stream, first_sample: u64, d: usize, antithetic: bool, z: &mut [f32]) {
-    if !antithetic {
-        noise.fill(stream, first_sample * d as u64, z);
-        return;
-    }
-    for (i, row) in z.chunks_exact_mut(d).enumerate() {
-        let k = first_sample + i as u64;
-        noise.fill(stream, (k & !1) * d as u64, row);
-        if k % 2 == 1 {
-            row.iter_mut().for_each(|v| *v = -*v);
+    /// Solves the problems `x` `[rows, d]` with the op's own solver.
+    fn solve(&self, solver: &SolverKind, x: &Tensor) -> Result<Solutions> {
+        match solver {
+            SolverKind::Builtin(builtin) => {
+                let x = x.f_view(batched(x.size()[0] as usize, &self.input_shape).as_slice())?;
+                builtin.solve(&x, *self.input_shape.last().expect("built-ins have rank >= 1"))
+            }
+            SolverKind::Host(host) => {
+                let y = solve_host(&**host, x, self.output_numel, self.config.effective_threads())?;
+                Ok(Solutions::Dense(y.f_to_device(self.device)?))
+            }
+            SolverKind::External => unreachable!("external ops are refused before solving"),
         }
     }
 }
 
-/// A float32 tensor's values on the host, checked finite (NON_FINITE_INPUT names the first
-/// bad entry as `what[problem][index]`).
-fn host_vec(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+/// Rows `first .. first + rows` of provided solutions `[*, o]`, checked finite, on `device`.
+fn provided(all: &[f32], first: usize, rows: usize, o: usize, device: Device) -> Result<Tensor> {
+    let part = &all[first * o..(first + rows) * o];
+    if let Some(i) = part.iter().position(|v| !v.is_finite()) {
+        return Err(Error::new(
+            Status::NonFiniteInput,
+            format!("solutions[{}][{}] is {}; solutions must be finite", first + i / o, i % o, part[i]),
+        ));
+    }
+    Ok(Tensor::f_from_slice(part)?.f_view([rows as i64, o as i64])?.f_to_device(device)?)
+}
+
+/// Checks that a float32 tensor is finite (NON_FINITE_INPUT names the first bad entry as
+/// `what[problem][index]`).
+fn check_host(t: &Tensor, what: &str) -> Result<()> {
     if t.f_kind()? != Kind::Float {
         return Err(Error::invalid(format!("{what} must be float32, got {:?}", t.f_kind()?)));
     }
-    let numel = t.numel();
-    let cols = if t.dim() == 0 { 1 } else { numel / (t.size()[0].max(1) as usize) };
-    let mut values = vec![0f32; numel];
-    t.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?.f_copy_data(&mut values, numel)?;
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::new(
-            Status::NonFiniteInput,
-            format!("{what}[{}][{}] is {}; {what} must be finite", i / cols, i % cols, values[i]),
-        ));
+    if bool::try_from(t.f_isfinite()?.f_all()?)? {
+        return Ok(());
     }
-    Ok(values)
+    let flat = t.f_reshape([t.size().first().copied().unwrap_or(1).max(1), -1])?;
+    let cols = flat.size()[1].max(1);
+    let bad = flat.f_isfinite()?.f_logical_not()?.f_flatten(0, -1)?.f_to_kind(Kind::Int)?;
+    let bad = i64::try_from(bad.f_argmax(0, false)?)?;
+    let value = f64::try_from(flat.f_flatten(0, -1)?.f_get(bad)?)?;
+    let value = if value.is_nan() { "NaN".to_string() } else { format!("{value}") };
+    Err(Error::new(
+        Status::NonFiniteInput,
+        format!("{what}[{}][{}] is {value}; {what} must be finite", bad / cols, bad % cols),
+    ))
+}
+
+/// Calls a host solver on the rows of `x` (copied to the host if needed) and returns the
+/// solutions `[rows, o]` on the CPU.
+fn solve_host(solver: &dyn Solver, x: &Tensor, o: usize, threads: usize) -> Result<Tensor> {
+    let x = x.f_to_device(Device::Cpu)?.f_contiguous()?;
+    let rows = x.size()[0] as usize;
+    let d = x.numel() / rows.max(1);
+    let y = Tensor::f_empty([rows as i64, o as i64], (Kind::Float, Device::Cpu))?;
+    // SAFETY: x and y are contiguous float32 CPU tensors of rows·d and rows·o elements that
+    // outlive these slices; y is not aliased.
+    let (xs, ys) = unsafe {
+        (
+            std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * d),
+            std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, rows * o),
+        )
+    };
+    solve_rows(solver, xs, ys, rows, d, o, threads)?;
+    Ok(y)
 }
 
 /// Calls the solver on `rows` problems, split into contiguous slices over `threads`
@@ -267,8 +401,8 @@ fn solve_rows(
     threads: usize,
 ) -> Result<()> {
     y.fill(f32::NAN);
-    let threads = threads.clamp(1, rows);
-    let per = rows.div_ceil(threads);
+    let threads = threads.clamp(1, rows.max(1));
+    let per = rows.div_ceil(threads).max(1);
     let result = if threads == 1 {
         solver.solve(x, rows, y)
     } else {

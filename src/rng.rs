@@ -45,19 +45,44 @@ impl Stream {
         Stream { key: [seed as u32, (seed >> 32) as u32], stream }
     }
 
-    /// Block `index` of this stream: two uniform doubles in the open interval (0, 1),
-    /// each with 53 random bits (never exactly 0 or 1).
+    /// The four 32-bit words of block `index` of this stream.
     #[inline]
-    pub fn uniform_pair(&self, index: u64) -> (f64, f64) {
-        let [a, b, c, d] = philox4x32(
+    pub fn block(&self, index: u64) -> [u32; 4] {
+        philox4x32(
             [index as u32, (index >> 32) as u32, self.stream as u32, (self.stream >> 32) as u32],
             self.key,
-        );
-        let to_unit = |hi: u32, lo: u32| {
-            let bits = ((u64::from(hi) << 32) | u64::from(lo)) >> 11;
-            (bits as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
-        };
-        (to_unit(a, b), to_unit(c, d))
+        )
+    }
+
+    /// Uniform floats in the open interval (0, 1) for the words `first .. first + out.len()`
+    /// of this stream (word w is word w % 4 of block w / 4), each from the top 24 bits of
+    /// its word: (w >> 8 + 0.5) / 2^24, exactly representable, never 0 or 1.
+    pub fn fill_uniform(&self, first: u64, out: &mut [f32]) {
+        const SCALE: f32 = 1.0 / (1u32 << 24) as f32;
+        let to_unit = |w: u32| ((w >> 8) as f32 + 0.5) * SCALE;
+        let mut w = first;
+        let mut rest = &mut out[..];
+        // head: up to the next block boundary
+        while w % 4 != 0 && !rest.is_empty() {
+            rest[0] = to_unit(self.block(w / 4)[(w % 4) as usize]);
+            rest = &mut rest[1..];
+            w += 1;
+        }
+        let mut quads = rest.chunks_exact_mut(4);
+        for quad in &mut quads {
+            let words = self.block(w / 4);
+            for (o, &x) in quad.iter_mut().zip(&words) {
+                *o = to_unit(x);
+            }
+            w += 4;
+        }
+        let tail = quads.into_remainder();
+        if !tail.is_empty() {
+            let words = self.block(w / 4);
+            for (o, &x) in tail.iter_mut().zip(&words) {
+                *o = to_unit(x);
+            }
+        }
     }
 }
 
@@ -81,25 +106,36 @@ mod tests {
 
     #[test]
     fn uniforms_are_open_interval_and_roughly_uniform() {
-        let s = Stream::new(7, 3);
-        let n = 200_000u64;
-        let mut sum = 0.0;
-        for i in 0..n {
-            let (u, v) = s.uniform_pair(i);
-            assert!(u > 0.0 && u < 1.0 && v > 0.0 && v < 1.0);
-            sum += u + v;
-        }
-        let mean = sum / (2 * n) as f64;
-        // s.d. of the mean: sqrt(1/12 / 400000) ~ 4.6e-4; 5 s.d.
+        let n = 400_000;
+        let mut u = vec![0f32; n];
+        Stream::new(7, 3).fill_uniform(0, &mut u);
+        assert!(u.iter().all(|&v| v > 0.0 && v < 1.0));
+        let mean = u.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+        // s.d. of the mean: sqrt(1/12 / n) ~ 4.6e-4; 5 s.d.
         assert!((mean - 0.5).abs() < 2.3e-3, "{mean}");
     }
 
     #[test]
+    fn uniform_words_do_not_depend_on_where_a_fill_starts() {
+        let s = Stream::new(9, 4);
+        let mut whole = vec![0f32; 37];
+        s.fill_uniform(5, &mut whole);
+        for split in [1, 3, 4, 11, 36] {
+            let mut parts = vec![0f32; 37];
+            let (a, b) = parts.split_at_mut(split);
+            s.fill_uniform(5, a);
+            s.fill_uniform(5 + split as u64, b);
+            assert_eq!(whole, parts);
+        }
+        assert!(whole.iter().all(|&u| u > 0.0 && u < 1.0));
+    }
+
+    #[test]
     fn streams_and_seeds_differ() {
-        let a = Stream::new(1, 0).uniform_pair(0);
-        assert_ne!(a, Stream::new(1, 1).uniform_pair(0));
-        assert_ne!(a, Stream::new(2, 0).uniform_pair(0));
-        assert_ne!(a, Stream::new(1, 0).uniform_pair(1));
-        assert_eq!(a, Stream::new(1, 0).uniform_pair(0));
+        let a = Stream::new(1, 0).block(0);
+        assert_ne!(a, Stream::new(1, 1).block(0));
+        assert_ne!(a, Stream::new(2, 0).block(0));
+        assert_ne!(a, Stream::new(1, 0).block(1));
+        assert_eq!(a, Stream::new(1, 0).block(0));
     }
 }

@@ -1,18 +1,26 @@
-//! What a forward call keeps for the backward pass: the Jacobian estimate of every
-//! problem (and the perturbed objective), so that VJP, JVP and the Jacobian need no
-//! further solver call.
+//! What a forward call keeps for the backward pass, so that VJP, JVP, the Jacobian and
+//! the objective need no further solver call.
 
 use crate::error::{Error, Result, Status};
 use crate::shape::batched;
 use tch::{Device, Kind, Tensor};
+
+/// What the Jacobian is computed from (see [`crate::estimator`]).
+#[derive(Debug)]
+pub(crate) enum JacobianData {
+    /// J itself, `[batch, o, d]` float32.
+    Dense(Tensor),
+    /// J = scale · (y − center)ᵀ s ⊙ col_scale from the samples: y `[batch, N, o]`,
+    /// s `[batch, N, d]`, center `[batch, o]`, col_scale `[batch, d]`.
+    Samples { y: Tensor, s: Tensor, center: Tensor, col_scale: Option<Tensor>, scale: f64 },
+}
 
 /// The record of one forward call.
 ///
 /// A tape owns its tensors: it stays valid after its op is dropped.
 #[derive(Debug)]
 pub struct Tape {
-    /// `[batch, output_numel, input_numel]`, float32, on the op's device.
-    jacobian: Tensor,
+    jacobian: JacobianData,
     /// F_σ(θ) `[batch]` (float32), when output shape = input shape.
     objective: Option<Tensor>,
     input_shape: Vec<i64>,
@@ -26,7 +34,7 @@ unsafe impl Sync for Tape {}
 
 impl Tape {
     pub(crate) fn new(
-        jacobian: Tensor,
+        jacobian: JacobianData,
         objective: Option<Tensor>,
         input_shape: &[i64],
         output_shape: &[i64],
@@ -49,13 +57,30 @@ impl Tape {
     }
     /// The device the tape's statistics live on.
     pub fn device(&self) -> Device {
-        self.jacobian.device()
+        match &self.jacobian {
+            JacobianData::Dense(j) => j.device(),
+            JacobianData::Samples { y, .. } => y.device(),
+        }
+    }
+    /// Whether the tape keeps the samples (true) or the Jacobian (false).
+    pub fn keeps_samples(&self) -> bool {
+        matches!(self.jacobian, JacobianData::Samples { .. })
     }
 
     /// The Jacobian estimate `[batch, output_numel, input_numel]` (float32); see
     /// [`crate::estimator`] for the estimator each setting gives.
     pub fn jacobian(&self) -> Result<Tensor> {
-        Ok(self.jacobian.shallow_clone())
+        match &self.jacobian {
+            JacobianData::Dense(j) => Ok(j.shallow_clone()),
+            JacobianData::Samples { y, s, center, col_scale, scale } => {
+                let yc = y.f_sub(&center.f_unsqueeze(1)?)?;
+                let j = yc.f_transpose(1, 2)?.f_matmul(s)?.f_mul_scalar(*scale)?;
+                Ok(match col_scale {
+                    Some(cs) => j.f_mul(&cs.f_unsqueeze(1)?)?,
+                    None => j,
+                })
+            }
+        }
     }
 
     /// The perturbed objective F_σ(θ) of every problem, `[batch]`: E[⟨θ + σZ, y*(θ + σZ)⟩]
@@ -73,16 +98,42 @@ impl Tape {
     /// The vector-Jacobian product Jᵀg for `grad_output` of shape `[batch, *output_shape]`;
     /// the result has shape `[batch, *input_shape]`, on the device of `grad_output`.
     pub fn vjp(&self, grad_output: &Tensor) -> Result<Tensor> {
-        let g = self.check_tensor(grad_output, &self.output_shape, "grad_output")?;
-        let out = g.f_unsqueeze(1)?.f_matmul(&self.jacobian)?; // [b, 1, d]
+        let g = self.check_tensor(grad_output, &self.output_shape, "grad_output")?; // [b, o]
+        let out = match &self.jacobian {
+            JacobianData::Dense(j) => g.f_unsqueeze(1)?.f_matmul(j)?,
+            JacobianData::Samples { y, s, center, col_scale, scale } => {
+                // scale · Σ_n s_n ⟨Y_n − c, g⟩
+                let yg = y.f_matmul(&g.f_unsqueeze(2)?)?; // [b, N, 1]
+                let cg = center.f_mul(&g)?.f_sum_dim_intlist(1, true, Kind::Float)?; // [b, 1]
+                let weights = yg.f_squeeze_dim(2)?.f_sub(&cg)?; // [b, N]
+                let out = weights.f_unsqueeze(1)?.f_matmul(s)?.f_mul_scalar(*scale)?; // [b, 1, d]
+                match col_scale {
+                    Some(cs) => out.f_mul(&cs.f_unsqueeze(1)?)?,
+                    None => out,
+                }
+            }
+        };
         Ok(out.f_reshape(batched(self.batch, &self.input_shape))?.f_to_device(grad_output.device())?)
     }
 
     /// The Jacobian-vector product J t for `tangent` of shape `[batch, *input_shape]`;
     /// the result has shape `[batch, *output_shape]`, on the device of `tangent`.
     pub fn jvp(&self, tangent: &Tensor) -> Result<Tensor> {
-        let t = self.check_tensor(tangent, &self.input_shape, "tangent_input")?;
-        let out = self.jacobian.f_matmul(&t.f_unsqueeze(2)?)?; // [b, o, 1]
+        let t = self.check_tensor(tangent, &self.input_shape, "tangent_input")?; // [b, d]
+        let out = match &self.jacobian {
+            JacobianData::Dense(j) => j.f_matmul(&t.f_unsqueeze(2)?)?,
+            JacobianData::Samples { y, s, center, col_scale, scale } => {
+                // scale · Σ_n (Y_n − c) ⟨s_n, t ⊙ col_scale⟩
+                let t = match col_scale {
+                    Some(cs) => t.f_mul(cs)?,
+                    None => t,
+                };
+                let st = s.f_matmul(&t.f_unsqueeze(2)?)?; // [b, N, 1]
+                let yst = y.f_transpose(1, 2)?.f_matmul(&st)?; // [b, o, 1]
+                let cst = center.f_unsqueeze(2)?.f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
+                yst.f_sub(&cst)?.f_mul_scalar(*scale)?
+            }
+        };
         Ok(out.f_reshape(batched(self.batch, &self.output_shape))?.f_to_device(tangent.device())?)
     }
 

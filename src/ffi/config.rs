@@ -197,3 +197,25 @@ pub unsafe extern "C" fn pert_config_set_sense(config: *mut pert_config, sense: 
         Ok(())
     })
 }
+
+/// Sets the working memory of one chunk of samples, in bytes (default 16 MiB). Samples are
+/// drawn, solved and reduced a chunk at a time, so a forward call's extra memory is about
+/// this plus its tape, whatever num_samples. A chunk holds at least one sample.
+///
+/// @return `PERT_STATUS_INVALID_ARGUMENT` for 0.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_chunk_bytes(config: *mut pert_config, bytes: u64) -> pert_status {
+    set(config, |c| c.set_chunk_bytes(bytes).map(|_| ()))
+}
+
+/// Sets the largest tape a forward call may make, in bytes (default 0: no limit). A tape
+/// keeps, per problem, the smaller of output_numel * input_numel floats (the Jacobian) and
+/// num_samples * (output_numel + input_numel) floats (the samples). A call whose tape would
+/// be larger fails with `PERT_STATUS_INVALID_ARGUMENT` before any work.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_max_tape_bytes(config: *mut pert_config, bytes: u64) -> pert_status {
+    set(config, |c| {
+        c.set_max_tape_bytes(bytes);
+        Ok(())
+    })
+}

@@ -9,11 +9,13 @@
 
 pub mod boundary;
 pub mod config;
+pub mod draw;
 pub mod op;
 pub mod status;
 pub mod tape;
 
 pub use config::pert_config;
+pub use draw::pert_draw;
 pub use op::pert_op;
 pub use status::pert_status;
 pub use tape::pert_tape;

@@ -5,6 +5,7 @@ use super::config::pert_config;
 use super::status::pert_status;
 use super::tape::pert_tape;
 use crate::error::{Error, Result};
+use crate::builtin::Builtin;
 use crate::op::PerturbedOp;
 use crate::shape::checked_product;
 use crate::solver::Solver;
@@ -32,7 +33,7 @@ pub type pert_solver_fn =
 /// Threads: `pert_forward` may be called from any thread, one call at a time per op
 /// (ops are independent of each other).
 pub struct pert_op {
-    inner: PerturbedOp,
+    pub(crate) inner: PerturbedOp,
 }
 
 struct CallbackSolver {
@@ -111,6 +112,70 @@ pub unsafe extern "C" fn pert_op_new(
             &output_shape,
             CallbackSolver { solve, user_data },
         )?;
+        *out = Box::into_raw(Box::new(pert_op { inner }));
+        Ok(())
+    })
+}
+
+/// One-hot of the largest entry along the last dimension. Its statistics are accumulated
+/// as counts of winners (no one-hot products).
+pub const PERT_BUILTIN_ARGMAX: u32 = 0;
+/// Indicator (1.0 / 0.0) of the k largest entries along the last dimension.
+pub const PERT_BUILTIN_TOPK: u32 = 1;
+/// 1-based ranks along the last dimension, the smallest entry ranked 1.
+pub const PERT_BUILTIN_RANKS: u32 = 2;
+
+/// Makes a perturbed op over a built-in solver that runs inside libtorch on the op's
+/// device (no callback, no host round trip). The output shape is the input shape; the
+/// solver works along the last dimension.
+///
+/// @param builtin      `PERT_BUILTIN_ARGMAX`, `PERT_BUILTIN_TOPK` or `PERT_BUILTIN_RANKS`.
+/// @param k            For top-k: 1 <= k <= the last dimension; ignored otherwise.
+/// @param input_shape  `input_rank` >= 1 dimensions, each >= 1.
+/// @param out          Receives the op on success; untouched on error.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` for an unknown builtin, a bad k, rank 0, and the
+///         errors of `pert_op_new`.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_new_builtin(
+    config: *const pert_config,
+    builtin: u32,
+    k: i64,
+    input_shape: *const i64,
+    input_rank: usize,
+    out: *mut *mut pert_op,
+) -> pert_status {
+    guard(|| {
+        let config = unsafe { arg(config, "config") }?;
+        let out = unsafe { arg_mut(out, "out") }?;
+        let builtin = Builtin::from_u32(builtin, k)?;
+        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
+        let inner = PerturbedOp::new_builtin(&config.inner, builtin, &input_shape)?;
+        *out = Box::into_raw(Box::new(pert_op { inner }));
+        Ok(())
+    })
+}
+
+/// Makes a perturbed op whose problems are solved outside the library, through the
+/// two-phase API (`pert_draw_new`, then `pert_draw_finish`): for solvers that cannot be
+/// called back (another process, a cluster job, a GPU batch solver). `pert_forward` and
+/// `pert_fenchel_young` on it fail with `PERT_STATUS_INVALID_ARGUMENT`.
+///
+/// Parameters and errors as for `pert_op_new`, without the solver.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_new_external(
+    config: *const pert_config,
+    input_shape: *const i64,
+    input_rank: usize,
+    output_shape: *const i64,
+    output_rank: usize,
+    out: *mut *mut pert_op,
+) -> pert_status {
+    guard(|| {
+        let config = unsafe { arg(config, "config") }?;
+        let out = unsafe { arg_mut(out, "out") }?;
+        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
+        let output_shape = unsafe { shape(output_shape, output_rank, "output_shape") }?;
+        let inner = PerturbedOp::new_external(&config.inner, &input_shape, &output_shape)?;
         *out = Box::into_raw(Box::new(pert_op { inner }));
         Ok(())
     })

@@ -242,13 +242,14 @@ static bool draws_depend_on_seed_and_call_count_only(void) {
   return true;
 }
 
-/* A tape too large for memory (2^20 x 2^20 doubles = 8 TiB) is a libtorch allocation
- * error reported as TORCH_ERROR, not a crash; nothing is written. */
+/* A tape too large for memory (2^20 x 2^20 floats = 4 TiB) is a libtorch allocation
+ * error reported as TORCH_ERROR, not a crash; nothing is written. A tape above the
+ * config's max_tape_bytes is refused before any work. */
 static bool impossible_allocation_is_a_torch_error(void) {
   pert_config *c = NULL;
   CHECK_OK(pert_config_new(&c));
   CHECK_OK(pert_config_set_device(c, "cpu"));
-  CHECK_OK(pert_config_set_num_samples(c, 2));
+  CHECK_OK(pert_config_set_num_samples(c, 1 << 20));
   const int64_t big[1] = {1 << 20};
   size_t d = 1 << 20;
   pert_op *op = NULL;
@@ -261,7 +262,23 @@ static bool impossible_allocation_is_a_torch_error(void) {
   CHECK_STATUS(PERT_STATUS_TORCH_ERROR, pert_forward(op, theta, 1, out, &tape));
   CHECK(last_error_contains("libtorch"));
   CHECK(tape == NULL && out[0] == -7);
-  CHECK_OK(pert_forward(op, theta, 1, out, NULL)); /* without a tape it fits */
+  pert_op_free(op);
+
+  c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_OK(pert_config_set_device(c, "cpu"));
+  CHECK_OK(pert_config_set_max_tape_bytes(c, 1000));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_chunk_bytes(c, 0));
+  CHECK_OK(pert_config_set_chunk_bytes(c, 4096));
+  const int64_t shape[1] = {16};
+  size_t d16 = 16;
+  CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_identity, &d16, &op));
+  pert_config_free(c);
+  /* 16 x 16 floats = 1024 bytes > 1000 */
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_forward(op, theta, 1, out, &tape));
+  CHECK(last_error_contains("above max_tape_bytes 1000"));
+  CHECK(tape == NULL && out[0] == -7);
+  CHECK_OK(pert_forward(op, theta, 1, out, NULL)); /* no tape: nothing to limit */
   free(theta);
   free(out);
   pert_op_free(op);

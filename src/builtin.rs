@@ -1,0 +1,130 @@
+//! Built-in solvers that run inside libtorch on the op's device, with no host round trip.
+//! Each works along the last dimension of the input; the output has the input's shape.
+
+use crate::error::{Error, Result};
+use tch::{Kind, Tensor};
+
+/// A built-in solver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builtin {
+    /// One-hot of the largest entry along the last dimension (C: `PERT_BUILTIN_ARGMAX = 0`).
+    /// Its statistics are accumulated as counts of winners, not one-hot products.
+    Argmax,
+    /// Indicator of the k largest entries along the last dimension
+    /// (C: `PERT_BUILTIN_TOPK = 1`).
+    TopK(i64),
+    /// 1-based ranks along the last dimension, the smallest entry ranked 1
+    /// (C: `PERT_BUILTIN_RANKS = 2`).
+    Ranks,
+}
+
+/// Solutions of a chunk of perturbed problems.
+pub(crate) enum Solutions {
+    /// `[rows, output_numel]` float32.
+    Dense(Tensor),
+    /// One-hot solutions given by the flat positions of their ones, `[rows, groups]` int64
+    /// (one group per slice along the last dimension).
+    OneHot(Tensor),
+}
+
+impl Builtin {
+    /// The built-in with this C number; `k` is used by top-k only.
+    pub fn from_u32(id: u32, k: i64) -> Result<Builtin> {
+        match id {
+            0 => Ok(Builtin::Argmax),
+            1 => Ok(Builtin::TopK(k)),
+            2 => Ok(Builtin::Ranks),
+            _ => Err(Error::invalid(format!(
+                "builtin must be PERT_BUILTIN_ARGMAX (0), PERT_BUILTIN_TOPK (1) or PERT_BUILTIN_RANKS (2), got {id}"
+            ))),
+        }
+    }
+
+    /// Checks that the built-in applies to problems of `input_shape`.
+    pub fn check(self, input_shape: &[i64]) -> Result<()> {
+        let last = *input_shape.last().ok_or_else(|| {
+            Error::invalid("built-in solvers work along the last dimension: input_rank must be >= 1, got 0")
+        })?;
+        if let Builtin::TopK(k) = self {
+            if k < 1 || k > last {
+                return Err(Error::invalid(format!(
+                    "top-k needs 1 <= k <= the last dimension ({last}), got k = {k}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Solves the problems `x` `[rows, *input_shape]`, with `last` the size of the last
+    /// dimension.
+    pub(crate) fn solve(self, x: &Tensor, last: i64) -> Result<Solutions> {
+        let rows = x.size()[0];
+        let flat = x.f_view([rows, -1, last])?; // [rows, groups, last]
+        Ok(match self {
+            Builtin::Argmax => {
+                let groups = flat.size()[1];
+                let offsets = Tensor::f_arange_start_step(0, groups * last, last, (Kind::Int64, x.device()))?;
+                Solutions::OneHot(flat.f_argmax(2, false)?.f_add_(&offsets)?)
+            }
+            Builtin::TopK(k) => {
+                let (_, index) = flat.f_topk(k, 2, true, false)?;
+                let y = flat.f_zeros_like()?.f_scatter_value_(2, &index, 1.0)?;
+                Solutions::Dense(y.f_view([rows, -1])?)
+            }
+            Builtin::Ranks => {
+                let order = flat.f_argsort(2, false)?;
+                let ranks = order.f_argsort(2, false)?.f_to_kind(Kind::Float)?.f_add_scalar_(1.0)?;
+                Solutions::Dense(ranks.f_view([rows, -1])?)
+            }
+        })
+    }
+}
+
+impl Solutions {
+    /// The dense `[rows, output_numel]` float32 form.
+    pub(crate) fn dense(&self, output_numel: i64) -> Result<Tensor> {
+        match self {
+            Solutions::Dense(y) => Ok(y.shallow_clone()),
+            Solutions::OneHot(index) => {
+                let rows = index.size()[0];
+                let mut y = Tensor::f_zeros([rows, output_numel], (Kind::Float, index.device()))?;
+                Ok(y.f_scatter_value_(1, index, 1.0)?)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(b: Builtin, x: &[f32], shape: &[i64]) -> Vec<f32> {
+        let last = *shape.last().unwrap();
+        let n: i64 = shape.iter().product();
+        let t = Tensor::from_slice(x).view(crate::shape::batched(x.len() / n as usize, shape).as_slice());
+        let y = b.solve(&t, last).unwrap().dense(n).unwrap();
+        Vec::try_from(y.flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn argmax_topk_and_ranks_along_the_last_dimension() {
+        let x = [0.1f32, 3.0, -1.0, 2.0, 5.0, 4.0];
+        assert_eq!(run(Builtin::Argmax, &x, &[3]), [0., 1., 0., 0., 1., 0.]);
+        assert_eq!(run(Builtin::Argmax, &x, &[2, 3]), [0., 1., 0., 0., 1., 0.]);
+        assert_eq!(run(Builtin::Argmax, &x, &[6]), [0., 0., 0., 0., 1., 0.]);
+        assert_eq!(run(Builtin::TopK(2), &x, &[3]), [1., 1., 0., 0., 1., 1.]);
+        assert_eq!(run(Builtin::Ranks, &x, &[3]), [2., 3., 1., 1., 3., 2.]);
+    }
+
+    #[test]
+    fn checks_k_and_rank() {
+        assert!(Builtin::TopK(0).check(&[4]).is_err());
+        assert_eq!(
+            Builtin::TopK(5).check(&[4]).unwrap_err().message(),
+            "top-k needs 1 <= k <= the last dimension (4), got k = 5"
+        );
+        assert!(Builtin::Argmax.check(&[]).is_err());
+        assert!(Builtin::from_u32(3, 0).is_err());
+        Builtin::TopK(4).check(&[2, 4]).unwrap();
+    }
+}

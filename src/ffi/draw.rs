@@ -1,0 +1,106 @@
+//! `pert_draw`: the two-phase API, for solvers that cannot be called back.
+
+use super::boundary::{arg, check_finite, guard, guard_or, slice, slice_mut};
+use super::op::pert_op;
+use super::status::pert_status;
+use super::tape::pert_tape;
+use crate::shape::{batched, checked_product};
+use crate::two_phase::Draw;
+use tch::Tensor;
+
+/// The perturbed inputs of one call, waiting for their solutions (two-phase API).
+///
+/// Made by `pert_draw_new`, freed by `pert_draw_free`. It keeps what it needs of its op and
+/// stays valid after the op is freed. Threads: the functions taking `const pert_draw *` may
+/// run concurrently on one draw.
+pub struct pert_draw {
+    inner: Draw,
+}
+
+/// Draws the perturbed inputs of one call on `op` (any op: callback, built-in or external),
+/// for `batch` problems theta `[batch, *input_shape]`. Solve the rows of
+/// `pert_draw_inputs` anywhere, in any order or place, then pass their solutions to
+/// `pert_draw_finish`. With the same seed and number of earlier calls on the op, the results
+/// equal those of `pert_forward`. Counts as one forward call of the op.
+///
+/// Rows `b * num_samples .. (b + 1) * num_samples - 1` are problem b's perturbed inputs;
+/// with the clean-input baseline (without antithetic pairs) `batch` more rows follow,
+/// holding theta itself.
+///
+/// @param out  Receives the draw on success; untouched on error.
+/// @return The errors of `pert_forward` for theta; `PERT_STATUS_INVALID_ARGUMENT` for
+///         batch 0 (there is nothing to draw).
+#[no_mangle]
+pub unsafe extern "C" fn pert_draw_new(op: *mut pert_op, theta: *const f32, batch: usize, out: *mut *mut pert_draw) -> pert_status {
+    guard(|| {
+        let op = &unsafe { arg(op, "op") }?.inner;
+        let out = unsafe { super::boundary::arg_mut(out, "out") }?;
+        if batch == 0 {
+            return Err(crate::Error::invalid("batch must be >= 1 for a draw, got 0"));
+        }
+        let d = op.input_numel();
+        let theta = unsafe { slice(theta, checked_product(&[batch, d], "batch * input_numel")?, "theta") }?;
+        check_finite(theta, d, "theta")?;
+        let theta = Tensor::f_from_slice(theta)?.f_reshape(batched(batch, op.input_shape()))?;
+        let inner = op.draw(&theta)?;
+        *out = Box::into_raw(Box::new(pert_draw { inner }));
+        Ok(())
+    })
+}
+
+/// The number of rows of `pert_draw_inputs` (problems to solve); 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_draw_count(draw: *const pert_draw) -> usize {
+    guard_or(0, || unsafe { draw.as_ref() }.map_or(0, |d| d.inner.count()))
+}
+
+/// The perturbed inputs, `pert_draw_count(draw) * input_numel` floats, row-major
+/// `[count, *input_shape]`, owned by the draw and valid until `pert_draw_free`; NULL for
+/// NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_draw_inputs(draw: *const pert_draw) -> *const f32 {
+    guard_or(std::ptr::null(), || unsafe { draw.as_ref() }.map_or(std::ptr::null(), |d| d.inner.inputs().as_ptr()))
+}
+
+/// Completes a draw: y_sigma(theta) and, when `tape` is not NULL, the tape, from the
+/// solutions of every row of `pert_draw_inputs`. May be called more than once.
+///
+/// @param solutions  `pert_draw_count(draw) * output_numel` floats, row i the solution of
+///                   input row i; finite.
+/// @param output     Receives `batch * output_numel` floats.
+/// @param tape       NULL, or receives a new tape on success.
+/// @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in solutions; on error nothing is
+///         written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_draw_finish(
+    draw: *const pert_draw,
+    solutions: *const f32,
+    output: *mut f32,
+    tape: *mut *mut pert_tape,
+) -> pert_status {
+    guard(|| {
+        let draw = &unsafe { arg(draw, "draw") }?.inner;
+        let o = draw.output_numel();
+        let solutions = unsafe { slice(solutions, draw.count() * o, "solutions") }?;
+        let out_len = draw.batch() * o;
+        let output = unsafe { slice_mut(output, out_len, "output") }?;
+        let (y, t) = draw.finish(solutions, !tape.is_null())?;
+        y.f_copy_data(output, out_len)?;
+        if let Some(t) = t {
+            // SAFETY: `tape` is non-NULL when a tape was made; written only on success.
+            unsafe { *tape = Box::into_raw(Box::new(pert_tape { inner: t })) };
+        }
+        Ok(())
+    })
+}
+
+/// Frees a draw, on any thread. NULL is accepted and ignored.
+#[no_mangle]
+pub unsafe extern "C" fn pert_draw_free(draw: *mut pert_draw) {
+    guard_or((), || {
+        if !draw.is_null() {
+            // SAFETY: a non-NULL draw comes from `pert_draw_new` and is freed once.
+            drop(unsafe { Box::from_raw(draw) });
+        }
+    })
+}

@@ -1,0 +1,114 @@
+//! The two-phase API, for solvers that cannot be called back (another process, a cluster
+//! job, a GPU batch solver, a host language that cannot take calls from foreign threads):
+//! draw the perturbed inputs, solve them anywhere, hand the solutions back. The results
+//! equal those of a forward call with the same seed and call count.
+
+use crate::error::{Error, Result};
+use crate::estimator::Baseline;
+use crate::op::{OpSpec, Source};
+use crate::rng::Stream;
+use crate::shape::checked_product;
+use crate::tape::Tape;
+use std::sync::Arc;
+use tch::{Device, Tensor};
+
+/// The perturbed inputs of one call, waiting for their solutions.
+///
+/// Rows `b·N .. (b+1)·N` hold the N perturbed inputs of problem b; with the clean-input
+/// baseline (and no antithetic pairs) `batch` more rows follow, holding θ itself, whose
+/// solutions y*(θ) the baseline needs. A draw keeps what it needs of its op: it stays valid
+/// after the op is dropped.
+pub struct Draw {
+    spec: Arc<OpSpec>,
+    theta: Tensor,
+    call: u64,
+    inputs: Vec<f32>,
+    rows: usize,
+    output_device: Device,
+}
+
+// SAFETY: a draw's tensors and buffers are written only while it is built and are read-only
+// after; libtorch allows concurrent reads of a tensor.
+unsafe impl Sync for Draw {}
+
+impl Draw {
+    pub(crate) fn new(spec: Arc<OpSpec>, theta: Tensor, call: u64) -> Result<Draw> {
+        let batch = theta.size()[0] as usize;
+        let (d, n) = (spec.input_numel, spec.config.num_samples() as usize);
+        let c = &spec.config;
+        let clean = c.baseline() == Baseline::CleanInput && !c.antithetic();
+        let rows = batch * n + if clean { batch } else { 0 };
+        let len = checked_product(&[rows, d], "the drawn inputs (rows * input_numel)")?;
+        let mut inputs = Vec::new();
+        inputs.try_reserve_exact(len).map_err(|_| {
+            Error::new(crate::Status::TorchError, format!("cannot allocate {len} floats for the drawn inputs"))
+        })?;
+        let stream = Stream::new(c.seed(), call);
+        let per = spec.rows_per_chunk();
+        for b in 0..batch {
+            let theta_b = theta.f_narrow(0, b as i64, 1)?;
+            let mut n0 = 0;
+            while n0 < n {
+                let chunk = per.min(n - n0);
+                let (_, x) = spec.chunk(&stream, &theta_b, b, n0, chunk)?;
+                extend_host(&mut inputs, &x)?;
+                n0 += chunk;
+            }
+        }
+        if clean {
+            extend_host(&mut inputs, &theta)?;
+        }
+        let output_device = theta.device();
+        Ok(Draw { spec, theta, call, inputs, rows, output_device })
+    }
+
+    /// The perturbed inputs, `[count, *input_shape]` row-major on the host.
+    pub fn inputs(&self) -> &[f32] {
+        &self.inputs
+    }
+    /// The number of rows of [`Draw::inputs`] (problems to solve).
+    pub fn count(&self) -> usize {
+        self.rows
+    }
+    /// Number of problems of the call.
+    pub fn batch(&self) -> usize {
+        self.theta.size()[0] as usize
+    }
+    /// Elements of one input row.
+    pub fn input_numel(&self) -> usize {
+        self.spec.input_numel
+    }
+    /// Elements of one solution row.
+    pub fn output_numel(&self) -> usize {
+        self.spec.output_numel
+    }
+
+    /// y_σ(θ) `[batch, *output_shape]` from the `solutions` of every row of
+    /// [`Draw::inputs`] (`count × output_numel` host floats, in the same order), and the
+    /// tape when `want_tape`.
+    pub fn finish(&self, solutions: &[f32], want_tape: bool) -> Result<(Tensor, Option<Tape>)> {
+        let expected = self.rows * self.spec.output_numel;
+        if solutions.len() != expected {
+            return Err(Error::invalid(format!(
+                "solutions must hold count * output_numel = {expected} floats, got {}",
+                solutions.len()
+            )));
+        }
+        let estimate = self.spec.run(&self.theta, self.call, want_tape, Source::Provided(solutions))?;
+        let batch = self.batch();
+        if want_tape {
+            let (y, tape) = self.spec.output_and_tape(estimate, batch, self.output_device)?;
+            Ok((y, Some(tape)))
+        } else {
+            Ok((self.spec.output_tensor(&estimate.mean, batch, self.output_device)?, None))
+        }
+    }
+}
+
+fn extend_host(out: &mut Vec<f32>, x: &Tensor) -> Result<()> {
+    let x = x.f_to_device(Device::Cpu)?.f_contiguous()?;
+    let start = out.len();
+    out.resize(start + x.numel(), 0.0);
+    x.f_copy_data(&mut out[start..], x.numel())?;
+    Ok(())
+}
