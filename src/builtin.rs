@@ -22,9 +22,9 @@ pub enum Builtin {
 pub(crate) enum Solutions {
     /// `[rows, output_numel]` float32.
     Dense(Tensor),
-    /// One-hot solutions given by the flat positions of their ones, `[rows, groups]` int64
-    /// (one group per slice along the last dimension).
-    OneHot(Tensor),
+    /// 0/1 solutions given by the flat positions of their ones, `[rows, m]` int64, distinct
+    /// within a row (argmax: one per slice along the last dimension; top-k: k per slice).
+    Indicator(Tensor),
 }
 
 impl Builtin {
@@ -62,14 +62,12 @@ impl Builtin {
         let flat = x.f_view([rows, -1, last])?; // [rows, groups, last]
         Ok(match self {
             Builtin::Argmax => {
-                let groups = flat.size()[1];
-                let offsets = Tensor::f_arange_start_step(0, groups * last, last, (Kind::Int64, x.device()))?;
-                Solutions::OneHot(flat.f_argmax(2, false)?.f_add_(&offsets)?)
+                let index = flat.f_argmax(2, true)?; // [rows, groups, 1]
+                Solutions::Indicator(flat_positions(&index, last)?)
             }
             Builtin::TopK(k) => {
-                let (_, index) = flat.f_topk(k, 2, true, false)?;
-                let y = flat.f_zeros_like()?.f_scatter_value_(2, &index, 1.0)?;
-                Solutions::Dense(y.f_view([rows, -1])?)
+                let (_, index) = flat.f_topk(k, 2, true, false)?; // [rows, groups, k]
+                Solutions::Indicator(flat_positions(&index, last)?)
             }
             Builtin::Ranks => {
                 let order = flat.f_argsort(2, false)?;
@@ -80,12 +78,20 @@ impl Builtin {
     }
 }
 
+/// Positions `[rows, groups, m]` within each slice of length `last` as flat positions
+/// `[rows, groups · m]` within the row.
+fn flat_positions(index: &Tensor, last: i64) -> Result<Tensor> {
+    let groups = index.size()[1];
+    let offsets = Tensor::f_arange_start_step(0, groups * last, last, (Kind::Int64, index.device()))?;
+    Ok(index.f_add(&offsets.f_view([1, groups, 1])?)?.f_flatten(1, 2)?)
+}
+
 impl Solutions {
     /// The dense `[rows, output_numel]` float32 form.
     pub(crate) fn dense(&self, output_numel: i64) -> Result<Tensor> {
         match self {
             Solutions::Dense(y) => Ok(y.shallow_clone()),
-            Solutions::OneHot(index) => {
+            Solutions::Indicator(index) => {
                 let rows = index.size()[0];
                 let mut y = Tensor::f_zeros([rows, output_numel], (Kind::Float, index.device()))?;
                 Ok(y.f_scatter_value_(1, index, 1.0)?)

@@ -155,7 +155,7 @@ impl Accumulator {
             Solutions::Dense(y) => {
                 let _ = self.sum_y.f_get(b)?.f_add_(&y.f_sum_dim_intlist(0, false, Kind::Double)?)?;
             }
-            Solutions::OneHot(index) => {
+            Solutions::Indicator(index) => {
                 let ones = Tensor::f_ones([index.numel() as i64], (Kind::Double, index.device()))?;
                 let _ = self.sum_y.f_get(b)?.f_index_add_(0, &index.f_flatten(0, -1)?, &ones)?;
             }
@@ -168,10 +168,10 @@ impl Accumulator {
                     Solutions::Dense(y) => {
                         let _ = target.f_addmm_(&y.f_tr()?, s)?;
                     }
-                    Solutions::OneHot(index) => {
-                        // Σ_n e_{i_n} s_nᵀ: add each s_n to the row of its winner.
-                        let groups = index.size()[1];
-                        let src = if groups == 1 { s.shallow_clone() } else { s.f_repeat_interleave_self_int(groups, 0, None)? };
+                    Solutions::Indicator(index) => {
+                        // Σ_n Y_n s_nᵀ with 0/1 Y_n: add each s_n to the rows of its ones.
+                        let m = index.size()[1];
+                        let src = if m == 1 { s.shallow_clone() } else { s.f_repeat_interleave_self_int(m, 0, None)? };
                         let _ = target.f_index_add_(0, &index.f_flatten(0, -1)?, &src)?;
                     }
                 }
@@ -186,7 +186,7 @@ impl Accumulator {
         if let Some((objective, sum_wy)) = &mut self.objective {
             let value = match y {
                 Solutions::Dense(y) => x.f_mul(y)?.f_sum(Kind::Double)?,
-                Solutions::OneHot(index) => x.f_gather(1, index, false)?.f_sum(Kind::Double)?,
+                Solutions::Indicator(index) => x.f_gather(1, index, false)?.f_sum(Kind::Double)?,
             };
             let _ = objective.f_get(b)?.f_add_(&value)?;
             if self.perturbation == Perturbation::Multiplicative {

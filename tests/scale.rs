@@ -1,0 +1,202 @@
+//! Performance and scale features: built-in solvers, chunking, the two tape forms and
+//! the two-phase API, checked against the callback path and hand computations.
+
+mod common;
+
+use common::{argmax, identity};
+use perturbations::{Baseline, Builtin, Config, DeviceSpec, Noise, PerturbedOp, Status};
+use tch::{Kind, Tensor};
+
+fn config(noise: Noise, sigma: f64, n: u64, seed: u64) -> Config {
+    let mut c = Config::new();
+    c.set_num_samples(n).unwrap().set_sigma(sigma).unwrap();
+    c.set_noise(noise).set_seed(seed).set_device(DeviceSpec::Cpu);
+    c
+}
+
+fn theta() -> Tensor {
+    Tensor::from_slice(&[-0.6f32, 1.9, -0.2, 1.1, -1.0, -0.6, 1.0, -0.2, 1.8, -1.0]).reshape([2, 5])
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    f64::try_from((a - b).abs().max()).unwrap()
+}
+
+fn topk(k: usize) -> impl Fn(&[f32], usize, &mut [f32]) -> Result<(), String> {
+    move |x, count, y| {
+        let d = x.len() / count;
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let mut idx: Vec<usize> = (0..d).collect();
+            idx.sort_by(|&a, &b| xr[b].partial_cmp(&xr[a]).unwrap());
+            yr.fill(0.0);
+            idx[..k].iter().for_each(|&i| yr[i] = 1.0);
+        }
+        Ok(())
+    }
+}
+
+fn ranks(x: &[f32], count: usize, y: &mut [f32]) -> Result<(), String> {
+    let d = x.len() / count;
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        for i in 0..d {
+            yr[i] = 1.0 + (0..d).filter(|&j| xr[j] < xr[i]).count() as f32;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn builtin_argmax_matches_softmax_and_the_callback_path() {
+    let n = 200_000;
+    let c = config(Noise::Gumbel, 0.5, n, 3);
+    let builtin = PerturbedOp::new_builtin(&c, Builtin::Argmax, &[5]).unwrap();
+    let callback = PerturbedOp::new(&c, &[5], &[5], argmax).unwrap();
+    let (y, tape) = builtin.forward_with_tape(&theta()).unwrap();
+    let (y2, tape2) = callback.forward_with_tape(&theta()).unwrap();
+    let p = (theta() / 0.5).softmax(-1, Kind::Float);
+    assert!(max_abs(&y, &p) < 5.0 * 0.5 / (n as f64).sqrt());
+    // same draws, different reductions (counts vs one-hot products): equal up to rounding
+    assert!(max_abs(&y, &y2) < 1e-6);
+    assert!(max_abs(&tape.jacobian().unwrap(), &tape2.jacobian().unwrap()) < 1e-4);
+    let f1 = tape.objective().unwrap();
+    let f2 = tape2.objective().unwrap();
+    assert!(max_abs(&f1, &f2) < 1e-5);
+}
+
+#[test]
+fn builtin_topk_and_ranks_match_their_callbacks() {
+    let c = config(Noise::Normal, 0.3, 5000, 8);
+    for (builtin, solver) in [
+        (Builtin::TopK(2), Box::new(topk(2)) as Box<dyn Fn(&[f32], usize, &mut [f32]) -> Result<(), String> + Send + Sync>),
+        (Builtin::Ranks, Box::new(ranks)),
+    ] {
+        let a = PerturbedOp::new_builtin(&c, builtin, &[5]).unwrap();
+        let b = PerturbedOp::new(&c, &[5], &[5], solver).unwrap();
+        let (ya, ta) = a.forward_with_tape(&theta()).unwrap();
+        let (yb, tb) = b.forward_with_tape(&theta()).unwrap();
+        assert!(max_abs(&ya, &yb) < 1e-5, "{builtin:?}");
+        let (ja, jb) = (ta.jacobian().unwrap(), tb.jacobian().unwrap());
+        assert!(max_abs(&ja, &jb) < 1e-3 * (1.0 + f64::try_from(jb.abs().max()).unwrap()), "{builtin:?}");
+    }
+    // ranks of 5 entries sum to 15 in every sample, so in the mean too
+    let r = PerturbedOp::new_builtin(&c, Builtin::Ranks, &[5]).unwrap().forward(&theta()).unwrap();
+    let sums = Vec::<f64>::try_from(r.sum_dim_intlist(1, false, Kind::Double)).unwrap();
+    assert!(sums.iter().all(|s| (s - 15.0).abs() < 1e-4), "{sums:?}");
+}
+
+#[test]
+fn builtins_work_along_the_last_dimension_of_any_shape() {
+    let c = config(Noise::Gumbel, 0.5, 50_000, 4);
+    let op = PerturbedOp::new_builtin(&c, Builtin::Argmax, &[2, 5]).unwrap();
+    let y = op.forward(&theta().reshape([1, 2, 5])).unwrap();
+    let p = (theta() / 0.5).softmax(-1, Kind::Float).reshape([1, 2, 5]);
+    assert!(max_abs(&y, &p) < 5.0 * 0.5 / 50_000f64.sqrt());
+    let err = PerturbedOp::new_builtin(&c, Builtin::TopK(6), &[2, 5]).unwrap_err();
+    assert_eq!(err.status(), Status::InvalidArgument);
+}
+
+#[test]
+fn results_do_not_depend_on_the_chunk_size() {
+    let mut small = config(Noise::Normal, 0.4, 3000, 5);
+    small.set_chunk_bytes(1000).unwrap(); // about 10 samples a chunk
+    let large = config(Noise::Normal, 0.4, 3000, 5);
+    for make in [
+        |c: &Config| PerturbedOp::new(c, &[5], &[5], argmax).unwrap(),
+        |c: &Config| PerturbedOp::new_builtin(c, Builtin::Argmax, &[5]).unwrap(),
+    ] {
+        let (y1, t1) = make(&small).forward_with_tape(&theta()).unwrap();
+        let (y2, t2) = make(&large).forward_with_tape(&theta()).unwrap();
+        assert!(max_abs(&y1, &y2) < 1e-6);
+        assert!(max_abs(&t1.jacobian().unwrap(), &t2.jacobian().unwrap()) < 1e-4);
+    }
+}
+
+/// J computed by hand from the two-phase API's perturbed inputs: additive noise, so
+/// z_n = (x_n − θ)/σ, Normal scores s_n = z_n, sample-mean baseline.
+fn hand_jacobian(c: &Config, theta_row: &[f32], solve: fn(&[f32], usize, &mut [f32]) -> Result<(), String>) -> (Vec<f64>, Tensor) {
+    let d = theta_row.len();
+    let n = c.num_samples() as usize;
+    let op = PerturbedOp::new(c, &[d as i64], &[d as i64], solve).unwrap();
+    let draw = op.draw(&Tensor::from_slice(theta_row).reshape([1, d as i64])).unwrap();
+    let x = draw.inputs();
+    let mut y = vec![0f32; x.len()];
+    solve(x, n, &mut y).unwrap();
+    let sigma = c.sigma();
+    let mean: Vec<f64> = (0..d).map(|i| (0..n).map(|k| f64::from(y[k * d + i])).sum::<f64>() / n as f64).collect();
+    let mut j = vec![0f64; d * d];
+    for k in 0..n {
+        for i in 0..d {
+            for l in 0..d {
+                let z = (f64::from(x[k * d + l]) - f64::from(theta_row[l])) / sigma;
+                j[i * d + l] += (f64::from(y[k * d + i]) - mean[i]) * z / ((n as f64 - 1.0) * sigma);
+            }
+        }
+    }
+    let (_, tape) = draw.finish(&y, true).unwrap();
+    (j, tape.unwrap().jacobian().unwrap())
+}
+
+#[test]
+fn both_tape_forms_give_the_estimator_computed_by_hand() {
+    let theta_row = [0.3f32, -0.1, 0.2, 0.0, 0.5, 0.1, -0.3, 0.25];
+    // N = 3: samples (3 x 16 floats) are smaller than sums (8 x 8): the tape keeps samples;
+    // N = 400: it keeps sums.
+    for (n, keeps_samples) in [(3u64, true), (400, false)] {
+        let c = config(Noise::Normal, 0.5, n, 6);
+        let op = PerturbedOp::new(&c, &[8], &[8], argmax).unwrap();
+        let (_, tape) = op.forward_with_tape(&Tensor::from_slice(&theta_row).reshape([1, 8])).unwrap();
+        assert_eq!(tape.keeps_samples(), keeps_samples, "N = {n}");
+        let (want, got) = hand_jacobian(&c, &theta_row, argmax);
+        let got = Vec::<f64>::try_from(got.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            // the perturbed inputs are float32: z carries ~1e-7/σ rounding
+            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "N = {n}: {a} vs {b}");
+        }
+        // VJP and JVP of the samples form agree with its Jacobian
+        let v = Tensor::from_slice(&[1.0f32, -1.0, 0.5, 2.0, 0.0, 0.3, -0.7, 1.5]).reshape([1, 8]);
+        let j = tape.jacobian().unwrap();
+        let jtv = v.unsqueeze(1).matmul(&j).squeeze_dim(1);
+        let jv = j.matmul(&v.unsqueeze(2)).squeeze_dim(2);
+        assert!(max_abs(&tape.vjp(&v).unwrap(), &jtv) < 1e-5);
+        assert!(max_abs(&tape.jvp(&v).unwrap(), &jv) < 1e-5);
+    }
+}
+
+#[test]
+fn two_phase_gives_the_callback_results() {
+    for baseline in [Baseline::SampleMean, Baseline::CleanInput] {
+        let mut c = config(Noise::Gumbel, 0.5, 4000, 9);
+        c.set_baseline(baseline);
+        let callback = PerturbedOp::new(&c, &[5], &[5], argmax).unwrap();
+        let external = PerturbedOp::new_external(&c, &[5], &[5]).unwrap();
+        let (y1, t1) = callback.forward_with_tape(&theta()).unwrap();
+        let draw = external.draw(&theta()).unwrap();
+        drop(external); // a draw outlives its op
+        let extra = if baseline == Baseline::CleanInput { 2 } else { 0 };
+        assert_eq!(draw.count(), 2 * 4000 + extra);
+        let mut solutions = vec![0f32; draw.count() * 5];
+        argmax(draw.inputs(), draw.count(), &mut solutions).unwrap();
+        let (y2, t2) = draw.finish(&solutions, true).unwrap();
+        let t2 = t2.unwrap();
+        assert!(max_abs(&y1, &y2) == 0.0, "{baseline:?}");
+        assert!(max_abs(&t1.jacobian().unwrap(), &t2.jacobian().unwrap()) == 0.0, "{baseline:?}");
+        solutions[7] = f32::NAN;
+        assert_eq!(draw.finish(&solutions, false).unwrap_err().status(), Status::NonFiniteInput);
+        assert!(draw.finish(&solutions[1..], false).unwrap_err().message().contains("solutions must hold"));
+    }
+    let external = PerturbedOp::new_external(&config(Noise::Normal, 0.5, 10, 0), &[5], &[5]).unwrap();
+    let err = external.forward(&theta()).unwrap_err();
+    assert!(err.message().contains("two-phase"), "{}", err.message());
+}
+
+#[test]
+fn tape_limit_is_respected_before_any_work() {
+    let mut c = config(Noise::Normal, 0.5, 100, 0);
+    c.set_max_tape_bytes(10 * 10 * 4 - 1);
+    let op = PerturbedOp::new(&c, &[10], &[10], identity).unwrap();
+    let theta = Tensor::zeros([1, 10], (Kind::Float, tch::Device::Cpu));
+    let err = op.forward_with_tape(&theta).unwrap_err();
+    assert_eq!(err.status(), Status::InvalidArgument);
+    assert!(err.message().contains("above max_tape_bytes 399"), "{}", err.message());
+    let _ = op.forward(&theta).unwrap();
+}
