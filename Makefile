@@ -23,7 +23,7 @@ CARGO := $(CARGO_ENV) cargo
 CFLAGS_STRICT := -std=c11 -Wall -Wextra -Werror -O2
 LINK_PERT := -Iinclude -L$(BUILD_DIR) -lperturbations -Wl,-rpath,$(abspath $(BUILD_DIR)) -lm
 
-.PHONY: all build test demo header tools torch clean cargo-test ctest examples readme-example
+.PHONY: all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -39,6 +39,15 @@ tools:
 	  echo "installing with apt-get:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# Open MPI for the two-phase example that spreads solves over ranks (make test runs it).
+mpi-tools:
+	@if ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null; then \
+	  echo "installing Open MPI with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null) \
+	    || echo "Open MPI could not be installed: the MPI example will be skipped"; \
 	fi
 
 torch: $(TORCH_DEP)
@@ -58,8 +67,18 @@ header: $(TORCH_DEP)
 	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
 
 # --- tests ----------------------------------------------------------------
-test: build cargo-test ctest readme-example
+test: build cargo-test ctest readme-example mpi-example
 	@echo "make test: all suites passed"
+
+# The two-phase API with solves spread over 2 MPI ranks, checked equal to the callback path.
+MPIRUN_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-run-as-root) --oversubscribe
+mpi-example: examples mpi-tools
+	@if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then \
+	  mpicc $(CFLAGS_STRICT) examples/c/mpi_two_phase.c -o target/examples/mpi_two_phase $(LINK_PERT) && \
+	  mpirun $(MPIRUN_FLAGS) -np 2 ./target/examples/mpi_two_phase; \
+	else \
+	  echo "SKIPPED mpi-example: mpicc/mpirun not found"; \
+	fi
 
 # The README's C example must compile as printed and run.
 readme-example: examples
