@@ -23,7 +23,7 @@ CARGO := $(CARGO_ENV) cargo
 CFLAGS_STRICT := -std=c11 -Wall -Wextra -Werror -O2
 LINK_PERT := -Iinclude -L$(BUILD_DIR) -lperturbations -Wl,-rpath,$(abspath $(BUILD_DIR)) -lm
 
-.PHONY: all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -106,6 +106,13 @@ examples: build
 demo: examples
 	./target/examples/seed_walkthrough
 	./target/examples/shortest_path target/examples
+
+# --- benchmark --------------------------------------------------------------
+# This library against the seed's algorithm (bench/seed_algorithm.py), side by side.
+bench: build
+	@mkdir -p target/bench
+	cc -std=c11 -O2 -shared -fPIC bench/bench_solvers.c -Iinclude -o target/bench/libbench_solvers.so
+	"$(if $(LIBTORCH),python3,$(VENV)/bin/python)" bench/bench.py --out target/bench/results.md $(BENCH_FLAGS)
 
 clean:
 	cargo clean

@@ -21,6 +21,7 @@
 
 use crate::builtin::Solutions;
 use crate::error::{Error, Result};
+use crate::fused_argmax::ProblemSums;
 use crate::perturbation::Perturbation;
 use crate::tape::JacobianData;
 use tch::{Device, Kind, Tensor};
@@ -193,6 +194,29 @@ impl Accumulator {
                 let w = self.perturbation.weight(z, self.sigma)?;
                 let wy = w.f_mul(&dense()?)?.f_sum_dim_intlist(0, false, Kind::Double)?;
                 let _ = sum_wy.f_get(b)?.f_add_(&wy)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the sums of all samples of problem `b`, made by the fused argmax kernel.
+    pub fn add_sums(&mut self, b: i64, sums: &ProblemSums) -> Result<()> {
+        let device = self.sum_y.device();
+        let t = |v: &[f64]| -> Result<Tensor> { Ok(Tensor::f_from_slice(v)?.f_to_device(device)?) };
+        let _ = self.sum_y.f_get(b)?.f_add_(&t(&sums.sum_y)?)?;
+        match &mut self.jacobian {
+            Some(JacobianSums::Sums { sum_s, sum_ys }) => {
+                let _ = sum_s.f_get(b)?.f_add_(&t(&sums.sum_s)?)?;
+                let block = t(&sums.sum_ys)?.f_view([self.o, -1])?.f_to_kind(Kind::Float)?;
+                let _ = sum_ys.f_get(b)?.f_add_(&block)?;
+            }
+            Some(JacobianSums::Samples { .. }) => unreachable!("the fused kernel keeps sums only"),
+            None => {}
+        }
+        if let Some((objective, sum_wy)) = &mut self.objective {
+            let _ = objective.f_get(b)?.f_add_scalar_(sums.objective)?;
+            if self.perturbation == Perturbation::Multiplicative {
+                let _ = sum_wy.f_get(b)?.f_add_(&t(&sums.sum_wy)?)?;
             }
         }
         Ok(())

@@ -4,6 +4,7 @@ use crate::builtin::{Builtin, Solutions};
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::estimator::{Accumulator, Baseline, Estimate, TapeForm};
+use crate::fused_argmax::Kernel;
 use crate::rng::Stream;
 use crate::shape::{batched, checked_product, numel};
 use crate::solver::Solver;
@@ -301,6 +302,28 @@ impl OpSpec {
         };
         let square = self.input_shape == self.output_shape;
         let mut acc = Accumulator::new(batch, n, d, o, c.perturbation(), c.sigma(), form, square, self.device)?;
+        if let (Source::Solver(SolverKind::Builtin(Builtin::Argmax)), Device::Cpu, None | Some(TapeForm::Sums)) =
+            (&source, self.device, form)
+        {
+            if d * d <= crate::fused_argmax::MAX_SUMS {
+                let kernel = Kernel {
+                    stream: &stream,
+                    noise: c.noise(),
+                    perturbation: c.perturbation(),
+                    sigma: c.sigma() as f32,
+                    antithetic: c.antithetic(),
+                    jacobian: form.is_some(),
+                    last: *self.input_shape.last().expect("built-ins have rank >= 1") as usize,
+                };
+                let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
+                let mut theta_host = vec![0f32; batch * d];
+                theta.f_contiguous()?.f_view([-1])?.f_copy_data(&mut theta_host, batch * d)?;
+                for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
+                    acc.add_sums(b as i64, &kernel.problem(theta_b, b, n, cores))?;
+                }
+                return acc.finish(n, baseline, clean.as_ref(), theta);
+            }
+        }
         let rows_per_chunk = self.rows_per_chunk();
         for b in 0..batch {
             let theta_b = theta.f_narrow(0, b as i64, 1)?;

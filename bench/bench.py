@@ -1,0 +1,323 @@
+"""`make bench`: this library against the seed's algorithm (seed_algorithm.py), side by
+side on the same machine, each case in a fresh process, printing a table of times, ratios
+and peak extra memory.
+
+    python bench.py [--quick] [--out FILE]
+
+Peak extra memory is the process's peak resident set size during the timed call minus its
+resident size just before (after a warm-up call), so it counts what the call allocates.
+"""
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LIB = os.path.join(ROOT, "target", "release", "libperturbations.so")
+SOLVERS = os.path.join(ROOT, "target", "bench", "libbench_solvers.so")
+
+THETA = [[-0.6, 1.9, -0.2, 1.1, -1.0], [-0.6, 1.0, -0.2, 1.8, -1.0]]
+
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# ---- this library through its C API -------------------------------------------------
+
+class Lib:
+    def __init__(self):
+        self.c = ctypes.CDLL(LIB)
+        c = self.c
+        P = ctypes.c_void_p
+        for name, args in {
+            "pert_config_new": [ctypes.POINTER(P)],
+            "pert_config_set_num_samples": [P, ctypes.c_uint64],
+            "pert_config_set_sigma": [P, ctypes.c_double],
+            "pert_config_set_noise": [P, ctypes.c_uint32],
+            "pert_config_set_seed": [P, ctypes.c_uint64],
+            "pert_config_set_device": [P, ctypes.c_char_p],
+            "pert_config_set_threads": [P, ctypes.c_uint32],
+            "pert_op_new_builtin": [P, ctypes.c_uint32, ctypes.c_int64, P, ctypes.c_size_t, ctypes.POINTER(P)],
+            "pert_op_new": [P, P, ctypes.c_size_t, P, ctypes.c_size_t, P, P, ctypes.POINTER(P)],
+            "pert_forward": [P, P, ctypes.c_size_t, P, ctypes.POINTER(P)],
+            "pert_tape_vjp": [P, P, P],
+        }.items():
+            getattr(c, name).argtypes = args
+            getattr(c, name).restype = ctypes.c_uint32
+        for name in ["pert_config_free", "pert_op_free", "pert_tape_free"]:
+            getattr(c, name).argtypes = [P]
+            getattr(c, name).restype = None
+        c.pert_last_error.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        c.pert_last_error.restype = ctypes.c_size_t
+
+    def ok(self, status):
+        if status != 0:
+            buf = ctypes.create_string_buffer(512)
+            self.c.pert_last_error(buf, 512)
+            raise RuntimeError(buf.value.decode())
+
+    def op(self, n, sigma, noise, seed=0, threads=1, builtin=None, k=0, shape=None, solver=None):
+        c = self.c
+        cfg = ctypes.c_void_p()
+        self.ok(c.pert_config_new(ctypes.byref(cfg)))
+        self.ok(c.pert_config_set_num_samples(cfg, n))
+        self.ok(c.pert_config_set_sigma(cfg, sigma))
+        self.ok(c.pert_config_set_noise(cfg, {"normal": 0, "gumbel": 1}[noise]))
+        self.ok(c.pert_config_set_seed(cfg, seed))
+        self.ok(c.pert_config_set_device(cfg, b"cpu"))
+        self.ok(c.pert_config_set_threads(cfg, threads))
+        dims = (ctypes.c_int64 * len(shape))(*shape)
+        op = ctypes.c_void_p()
+        if builtin is not None:
+            self.ok(c.pert_op_new_builtin(cfg, builtin, k, dims, len(shape), ctypes.byref(op)))
+        else:
+            self.ok(c.pert_op_new(cfg, dims, len(shape), dims, len(shape), solver, None, ctypes.byref(op)))
+        c.pert_config_free(cfg)
+        return op
+
+    def forward_vjp(self, op, theta, batch, numel, grad=None):
+        """Forward with a tape, then the VJP of grad (default: the output itself)."""
+        c = self.c
+        y = (ctypes.c_float * (batch * numel))()
+        tape = ctypes.c_void_p()
+        self.ok(c.pert_forward(op, theta, batch, y, ctypes.byref(tape)))
+        g = (ctypes.c_float * (batch * numel))()
+        self.ok(c.pert_tape_vjp(tape, grad if grad is not None else y, g))
+        c.pert_tape_free(tape)
+        return list(y), list(g)
+
+
+def floats(values):
+    return (ctypes.c_float * len(values))(*values)
+
+
+# ---- the cases ----------------------------------------------------------------------
+
+def case_argmax(impl, n, repeats):
+    theta_flat = [v for row in THETA for v in row]
+    if impl == "ours":
+        lib = Lib()
+        op = lib.op(n, 0.5, "gumbel", builtin=0, shape=[5])
+        theta = floats(theta_flat)
+        run = lambda: lib.forward_vjp(op, theta, 2, 5)
+    else:
+        import torch
+        import seed_algorithm as seed
+        theta = torch.tensor(THETA)
+        def run():
+            y, saved = seed.perturbed_forward(seed.argmax, theta, n, 0.5, "gumbel", "cpu")
+            return seed.perturbed_backward(saved, y, n, 0.5)
+    return measure(run, repeats)
+
+
+def case_callback(impl, n, repeats, threads=1):
+    solvers = ctypes.CDLL(SOLVERS)
+    solvers.bench_edges.restype = ctypes.c_size_t
+    edges = solvers.bench_edges()
+    solvers.bench_costs.restype = ctypes.POINTER(ctypes.c_float)
+    costs = [solvers.bench_costs()[i] for i in range(edges)]
+    fn = ctypes.cast(solvers.bench_shortest_path, ctypes.c_void_p)
+    if impl == "ours":
+        lib = Lib()
+        op = lib.op(n, 0.05, "normal", threads=threads, shape=[edges], solver=fn)
+        theta = floats(costs)
+        run = lambda: lib.forward_vjp(op, theta, 1, edges)
+    else:
+        import torch
+        import seed_algorithm as seed
+        solve = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)(
+            ctypes.cast(fn, ctypes.c_void_p).value)
+        def func(x):  # one vectorized call of the same C solver on all N x B rows
+            x = x.contiguous()
+            y = torch.empty_like(x)
+            if solve(None, x.data_ptr(), x.shape[0], y.data_ptr()) != 0:
+                raise RuntimeError("solver failed")
+            return y
+        theta = torch.tensor([costs])
+        def run():
+            y, saved = seed.perturbed_forward(func, theta, n, 0.05, "normal", "cpu")
+            return seed.perturbed_backward(saved, y, n, 0.05)
+    return measure(run, repeats)
+
+
+def case_topk(impl, n, repeats, b=64, d=1000, k=10):
+    import random
+    rng = random.Random(0)
+    theta_flat = [rng.gauss(0.0, 1.0) for _ in range(b * d)]
+    if impl == "ours":
+        lib = Lib()
+        op = lib.op(n, 0.5, "normal", builtin=1, k=k, shape=[d])
+        theta = floats(theta_flat)
+        run = lambda: lib.forward_vjp(op, theta, b, d)
+    else:
+        import torch
+        import seed_algorithm as seed
+        theta = torch.tensor(theta_flat).reshape(b, d)
+        solve = seed.topk_indicator(k)
+        def run():
+            y, saved = seed.perturbed_forward(solve, theta, n, 0.5, "normal", "cpu")
+            return seed.perturbed_backward(saved, y, n, 0.5)
+    return measure(run, repeats)
+
+
+def case_accuracy(impl, n, seeds):
+    """RMSE of the VJP against the exact softmax VJP, over seeds, and the time per call."""
+    sigma = 0.5
+    g = [1.0, -0.5, 0.25, 0.0, 0.75, -1.0, 0.5, 0.0, 0.25, 0.5]
+    exact = []
+    for b in range(2):
+        e = [math.exp(v / sigma) for v in THETA[b]]
+        p = [v / sum(e) for v in e]
+        gb = g[5 * b:5 * b + 5]
+        dot = sum(pi * gi for pi, gi in zip(p, gb))
+        exact += [pi * (gi - dot) / sigma for pi, gi in zip(p, gb)]
+    theta_flat = [v for row in THETA for v in row]
+    errors, times = [], []
+    if impl == "ours":
+        lib = Lib()
+        theta = floats(theta_flat)
+        grad = floats(g)
+        lib.forward_vjp(lib.op(1000, sigma, "gumbel", builtin=0, shape=[5]), theta, 2, 5, grad)  # warm-up
+        for s in range(seeds):
+            op = lib.op(n, sigma, "gumbel", seed=s, builtin=0, shape=[5])
+            t = time.perf_counter()
+            _, v = lib.forward_vjp(op, theta, 2, 5, grad)
+            times.append(time.perf_counter() - t)
+            errors.append(sum((a - b) ** 2 for a, b in zip(v, exact)))
+    else:
+        import torch
+        import seed_algorithm as seed
+        theta = torch.tensor(THETA)
+        gt = torch.tensor(g).reshape(2, 5)
+        seed.perturbed_forward(seed.argmax, theta, 1000, sigma, "gumbel", "cpu")  # warm-up
+        for s in range(seeds):
+            torch.manual_seed(s)
+            t = time.perf_counter()
+            y, saved = seed.perturbed_forward(seed.argmax, theta, n, sigma, "gumbel", "cpu")
+            v = seed.perturbed_backward(saved, gt, n, sigma).reshape(-1).tolist()
+            times.append(time.perf_counter() - t)
+            errors.append(sum((a - b) ** 2 for a, b in zip(v, exact)))
+    return {"rmse": math.sqrt(sum(errors) / len(errors)), "time": min(times)}
+
+
+def measure(run, repeats):
+    run_small = run  # the first call warms up libtorch's kernels and allocator
+    before = rss_kib()
+    t = time.perf_counter()
+    run_small()
+    first = time.perf_counter() - t
+    peak = peak_kib() - before
+    times = [first]
+    for _ in range(repeats - 1):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return {"time": min(times), "peak_mib": max(peak, 0) / 1024}
+
+
+CASES = {
+    "argmax_1e6": lambda impl, q: case_argmax(impl, 10**6 if not q else 10**5, 3),
+    "argmax_1e7": lambda impl, q: case_argmax(impl, 10**7 if not q else 10**6, 1),
+    "callback_t1": lambda impl, q: case_callback(impl, 10**5 if not q else 10**4, 3, threads=1),
+    "callback_t2": lambda impl, q: case_callback(impl, 10**5 if not q else 10**4, 3, threads=2),
+    "topk_n100": lambda impl, q: case_topk(impl, 100, 3),
+    "topk_n1000": lambda impl, q: case_topk(impl, 1000 if not q else 200, 1),
+    "accuracy": lambda impl, q: case_accuracy(impl, 10**5, 10 if not q else 3),
+}
+
+
+def run_case(name, impl, quick):
+    """Runs one case in a fresh process and returns its JSON result."""
+    cmd = [sys.executable, __file__, "--one", name, impl] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name}/{impl} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine():
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", nargs=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.one:
+        name, impl = a.one
+        sys.path.insert(0, HERE)
+        print(json.dumps(CASES[name](impl, a.quick)))
+        return
+    r = {}
+    for name in CASES:
+        for impl in ("seed", "ours"):
+            if name == "callback_t2" and impl == "seed":
+                continue  # the seed's algorithm has no solver threads
+            r[(name, impl)] = run_case(name, impl, a.quick)
+            print(f"  {name:12s} {impl:5s} {json.dumps(r[(name, impl)])}", file=sys.stderr, flush=True)
+    lines = []
+    w = lines.append
+    w(f"Machine: {machine()}")
+    w("")
+    w("| case | seed's algorithm | perturbations | speed-up | seed peak extra MiB | ours peak extra MiB | memory ratio |")
+    w("|---|---|---|---|---|---|---|")
+    labels = {
+        "argmax_1e6": "argmax, Gumbel, B=2 D=5 N=1e6, forward+VJP",
+        "argmax_1e7": "argmax, Gumbel, B=2 D=5 N=1e7, forward+VJP",
+        "callback_t1": "C shortest-path callback, 13 edges, N=1e5, 1 thread",
+        "topk_n100": "top-10, Normal, B=64 D=1000 N=100, forward+VJP",
+        "topk_n1000": "top-10, Normal, B=64 D=1000 N=1000, forward+VJP",
+    }
+    if a.quick:
+        labels = {k: v + " (quick: smaller N)" for k, v in labels.items()}
+    for name, label in labels.items():
+        s, o = r[(name, "seed")], r[(name, "ours")]
+        w(f"| {label} | {s['time']*1000:.0f} ms | {o['time']*1000:.0f} ms | {s['time']/o['time']:.1f}x | "
+          f"{s['peak_mib']:.0f} | {o['peak_mib']:.0f} | {s['peak_mib']/max(o['peak_mib'], 0.5):.0f}x |")
+    t1, t2 = r[("callback_t1", "ours")]["time"], r[("callback_t2", "ours")]["time"]
+    w("")
+    w(f"C callback, threads 2 vs 1: {t1*1000:.0f} ms -> {t2*1000:.0f} ms ({t1/t2:.2f}x).")
+    s, o = r[("accuracy", "seed")], r[("accuracy", "ours")]
+    equal_time = o["rmse"] * math.sqrt(o["time"] / s["time"])  # error ~ 1/sqrt(N) ~ 1/sqrt(time)
+    w(f"Accuracy per unit of time (argmax VJP vs the exact softmax VJP, N=1e5, RMSE over seeds): "
+      f"seed {s['rmse']:.4f} in {s['time']*1000:.0f} ms; ours {o['rmse']:.4f} in {o['time']*1000:.0f} ms "
+      f"(sample-mean baseline); at equal time ours would be {equal_time:.4f}, "
+      f"{s['rmse']/equal_time:.1f}x smaller than the seed's.")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
