@@ -25,7 +25,10 @@ fn main() {
         .map(|name| format!("-l{name}"))
         .collect();
     if !cuda.is_empty() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,{},--as-needed", cuda.join(","));
+        println!(
+            "cargo:rustc-link-arg=-Wl,--no-as-needed,{},--as-needed",
+            cuda.join(",")
+        );
     }
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libperturbations.so");
 }

@@ -114,17 +114,20 @@ def case_argmax(impl, n, repeats):
     theta_flat = [v for row in THETA for v in row]
     if impl == "ours":
         lib = Lib()
-        op = lib.op(n, 0.5, "gumbel", builtin=0, shape=[5])
         theta = floats(theta_flat)
-        run = lambda: lib.forward_vjp(op, theta, 2, 5)
+        def make(n):
+            op = lib.op(n, 0.5, "gumbel", builtin=0, shape=[5])
+            return lambda: lib.forward_vjp(op, theta, 2, 5)
     else:
         import torch
         import seed_algorithm as seed
         theta = torch.tensor(THETA)
-        def run():
-            y, saved = seed.perturbed_forward(seed.argmax, theta, n, 0.5, "gumbel", "cpu")
-            return seed.perturbed_backward(saved, y, n, 0.5)
-    return measure(run, repeats)
+        def make(n):
+            def run():
+                y, saved = seed.perturbed_forward(seed.argmax, theta, n, 0.5, "gumbel", "cpu")
+                return seed.perturbed_backward(saved, y, n, 0.5)
+            return run
+    return measure(make, n, repeats)
 
 
 def case_callback(impl, n, repeats, threads=1):
@@ -136,9 +139,10 @@ def case_callback(impl, n, repeats, threads=1):
     fn = ctypes.cast(solvers.bench_shortest_path, ctypes.c_void_p)
     if impl == "ours":
         lib = Lib()
-        op = lib.op(n, 0.05, "normal", threads=threads, shape=[edges], solver=fn)
         theta = floats(costs)
-        run = lambda: lib.forward_vjp(op, theta, 1, edges)
+        def make(n):
+            op = lib.op(n, 0.05, "normal", threads=threads, shape=[edges], solver=fn)
+            return lambda: lib.forward_vjp(op, theta, 1, edges)
     else:
         import torch
         import seed_algorithm as seed
@@ -151,10 +155,12 @@ def case_callback(impl, n, repeats, threads=1):
                 raise RuntimeError("solver failed")
             return y
         theta = torch.tensor([costs])
-        def run():
-            y, saved = seed.perturbed_forward(func, theta, n, 0.05, "normal", "cpu")
-            return seed.perturbed_backward(saved, y, n, 0.05)
-    return measure(run, repeats)
+        def make(n):
+            def run():
+                y, saved = seed.perturbed_forward(func, theta, n, 0.05, "normal", "cpu")
+                return seed.perturbed_backward(saved, y, n, 0.05)
+            return run
+    return measure(make, n, repeats)
 
 
 def case_topk(impl, n, repeats, b=64, d=1000, k=10):
@@ -163,18 +169,21 @@ def case_topk(impl, n, repeats, b=64, d=1000, k=10):
     theta_flat = [rng.gauss(0.0, 1.0) for _ in range(b * d)]
     if impl == "ours":
         lib = Lib()
-        op = lib.op(n, 0.5, "normal", builtin=1, k=k, shape=[d])
         theta = floats(theta_flat)
-        run = lambda: lib.forward_vjp(op, theta, b, d)
+        def make(n):
+            op = lib.op(n, 0.5, "normal", builtin=1, k=k, shape=[d])
+            return lambda: lib.forward_vjp(op, theta, b, d)
     else:
         import torch
         import seed_algorithm as seed
         theta = torch.tensor(theta_flat).reshape(b, d)
         solve = seed.topk_indicator(k)
-        def run():
-            y, saved = seed.perturbed_forward(solve, theta, n, 0.5, "normal", "cpu")
-            return seed.perturbed_backward(saved, y, n, 0.5)
-    return measure(run, repeats)
+        def make(n):
+            def run():
+                y, saved = seed.perturbed_forward(solve, theta, n, 0.5, "normal", "cpu")
+                return seed.perturbed_backward(saved, y, n, 0.5)
+            return run
+    return measure(make, n, repeats)
 
 
 def case_accuracy(impl, n, seeds):
@@ -217,18 +226,19 @@ def case_accuracy(impl, n, seeds):
     return {"rmse": math.sqrt(sum(errors) / len(errors)), "time": min(times)}
 
 
-def measure(run, repeats):
-    run_small = run  # the first call warms up libtorch's kernels and allocator
+def measure(make, n, repeats):
+    """Warms up with a small N (libtorch's kernels, thread pools, allocator), then times
+    `repeats` calls at N; the first of them gives the peak extra memory."""
+    make(min(n, 1000))()
+    run = make(n)
     before = rss_kib()
-    t = time.perf_counter()
-    run_small()
-    first = time.perf_counter() - t
-    peak = peak_kib() - before
-    times = [first]
-    for _ in range(repeats - 1):
+    times = []
+    for i in range(repeats):
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
+        if i == 0:
+            peak = peak_kib() - before
     return {"time": min(times), "peak_mib": max(peak, 0) / 1024}
 
 

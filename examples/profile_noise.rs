@@ -18,7 +18,12 @@ fn main() {
         let mut w = [0u32; 32];
         let mut acc = 0u32;
         let t = Instant::now();
-        for g in 0..10_000_000u64 / 32 { s.words32(g, &mut w); for x in w { acc = acc.wrapping_add(x); } }
+        for g in 0..10_000_000u64 / 32 {
+            s.words32(g, &mut w);
+            for x in w {
+                acc = acc.wrapping_add(x);
+            }
+        }
         println!("words 1e7: {:?} {acc}", t.elapsed());
     }
 }

@@ -27,6 +27,9 @@ pub fn fenchel_young_loss(op: &PerturbedOp, theta: &Tensor, y_true: &Tensor) -> 
     let (loss, grad) = op.fenchel_young(&theta.f_detach()?, &y_true.f_detach()?)?;
     let batch = loss.size()[0];
     let delta = theta.f_sub(&theta.f_detach()?)?;
-    let linear = grad.f_mul(&delta)?.f_reshape([batch, -1])?.f_sum_dim_intlist(1, false, tch::Kind::Float)?;
+    let linear = grad
+        .f_mul(&delta)?
+        .f_reshape([batch, -1])?
+        .f_sum_dim_intlist(1, false, tch::Kind::Float)?;
     Ok(loss.f_add(&linear)?)
 }

@@ -43,7 +43,9 @@ impl Builtin {
     /// Checks that the built-in applies to problems of `input_shape`.
     pub fn check(self, input_shape: &[i64]) -> Result<()> {
         let last = *input_shape.last().ok_or_else(|| {
-            Error::invalid("built-in solvers work along the last dimension: input_rank must be >= 1, got 0")
+            Error::invalid(
+                "built-in solvers work along the last dimension: input_rank must be >= 1, got 0",
+            )
         })?;
         if let Builtin::TopK(k) = self {
             if k < 1 || k > last {
@@ -71,7 +73,10 @@ impl Builtin {
             }
             Builtin::Ranks => {
                 let order = flat.f_argsort(2, false)?;
-                let ranks = order.f_argsort(2, false)?.f_to_kind(Kind::Float)?.f_add_scalar_(1.0)?;
+                let ranks = order
+                    .f_argsort(2, false)?
+                    .f_to_kind(Kind::Float)?
+                    .f_add_scalar_(1.0)?;
                 Solutions::Dense(ranks.f_view([rows, -1])?)
             }
         })
@@ -82,8 +87,11 @@ impl Builtin {
 /// `[rows, groups · m]` within the row.
 fn flat_positions(index: &Tensor, last: i64) -> Result<Tensor> {
     let groups = index.size()[1];
-    let offsets = Tensor::f_arange_start_step(0, groups * last, last, (Kind::Int64, index.device()))?;
-    Ok(index.f_add(&offsets.f_view([1, groups, 1])?)?.f_flatten(1, 2)?)
+    let offsets =
+        Tensor::f_arange_start_step(0, groups * last, last, (Kind::Int64, index.device()))?;
+    Ok(index
+        .f_add(&offsets.f_view([1, groups, 1])?)?
+        .f_flatten(1, 2)?)
 }
 
 impl Solutions {
@@ -107,7 +115,8 @@ mod tests {
     fn run(b: Builtin, x: &[f32], shape: &[i64]) -> Vec<f32> {
         let last = *shape.last().unwrap();
         let n: i64 = shape.iter().product();
-        let t = Tensor::from_slice(x).view(crate::shape::batched(x.len() / n as usize, shape).as_slice());
+        let t = Tensor::from_slice(x)
+            .view(crate::shape::batched(x.len() / n as usize, shape).as_slice());
         let y = b.solve(&t, last).unwrap().dense(n).unwrap();
         Vec::try_from(y.flatten(0, -1)).unwrap()
     }

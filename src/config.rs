@@ -74,7 +74,9 @@ impl Config {
     /// Scale of the noise; finite and > 0.
     pub fn set_sigma(&mut self, sigma: f64) -> Result<&mut Config> {
         if !(sigma.is_finite() && sigma > 0.0) {
-            return Err(Error::invalid(format!("sigma must be finite and > 0, got {sigma}")));
+            return Err(Error::invalid(format!(
+                "sigma must be finite and > 0, got {sigma}"
+            )));
         }
         self.sigma = sigma;
         Ok(self)
@@ -265,17 +267,25 @@ mod tests {
     #[test]
     fn incompatible_settings_are_refused_with_a_reason() {
         let mut c = Config::new();
-        c.set_noise(Noise::Gumbel).set_perturbation(Perturbation::Multiplicative);
+        c.set_noise(Noise::Gumbel)
+            .set_perturbation(Perturbation::Multiplicative);
         assert!(c.validate().unwrap_err().message().contains("Normal noise"));
         let mut c = Config::new();
         c.set_noise(Noise::Gumbel).set_antithetic(true);
         assert!(c.validate().unwrap_err().message().contains("antithetic"));
         let mut c = Config::new();
         c.set_antithetic(true).set_num_samples(7).unwrap();
-        assert_eq!(c.validate().unwrap_err().message(), "antithetic pairs need an even num_samples, got 7");
+        assert_eq!(
+            c.validate().unwrap_err().message(),
+            "antithetic pairs need an even num_samples, got 7"
+        );
         let mut c = Config::new();
         c.set_num_samples(1).unwrap();
-        assert!(c.validate().unwrap_err().message().contains("num_samples >= 2"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .message()
+            .contains("num_samples >= 2"));
         c.set_baseline(Baseline::None);
         c.validate().unwrap();
     }
@@ -285,9 +295,17 @@ mod tests {
         let mut c = Config::new();
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             let err = c.set_sigma(bad).unwrap_err();
-            assert!(err.message().starts_with("sigma must be finite and > 0, got"), "{}", err.message());
+            assert!(
+                err.message()
+                    .starts_with("sigma must be finite and > 0, got"),
+                "{}",
+                err.message()
+            );
         }
-        assert_eq!(c.set_sigma(-1.0).unwrap_err().message(), "sigma must be finite and > 0, got -1");
+        assert_eq!(
+            c.set_sigma(-1.0).unwrap_err().message(),
+            "sigma must be finite and > 0, got -1"
+        );
         assert!(c.set_num_samples(0).is_err());
         assert!(c.set_num_samples(u64::MAX).is_err());
         assert_eq!(c, Config::new());

@@ -34,7 +34,10 @@ impl DeviceSpec {
                 if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(bad());
                 }
-                index.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| bad())
+                index
+                    .parse::<usize>()
+                    .map(DeviceSpec::Cuda)
+                    .map_err(|_| bad())
             }
         }
     }
@@ -44,7 +47,11 @@ impl DeviceSpec {
     pub fn resolve(self) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Auto => Ok(if cuda_device_count() > 0 { Device::Cuda(0) } else { Device::Cpu }),
+            DeviceSpec::Auto => Ok(if cuda_device_count() > 0 {
+                Device::Cuda(0)
+            } else {
+                Device::Cpu
+            }),
             DeviceSpec::Cuda(index) => {
                 let count = cuda_device_count();
                 if index < count {
@@ -89,7 +96,11 @@ mod tests {
         for bad in ["", "CPU", "cuda:", "cuda:-1", "cuda:x", "gpu", "cuda:1 "] {
             let err = DeviceSpec::parse(bad).unwrap_err();
             assert_eq!(err.status(), Status::InvalidArgument, "{bad:?}");
-            assert!(err.message().contains(&format!("\"{bad}\"")), "{}", err.message());
+            assert!(
+                err.message().contains(&format!("\"{bad}\"")),
+                "{}",
+                err.message()
+            );
         }
     }
 

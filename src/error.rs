@@ -69,7 +69,10 @@ pub struct Error {
 impl Error {
     /// An error of class `status` with `message`.
     pub fn new(status: Status, message: impl Into<String>) -> Error {
-        Error { status, message: message.into() }
+        Error {
+            status,
+            message: message.into(),
+        }
     }
 
     /// An [`Status::InvalidArgument`] error.

@@ -16,12 +16,11 @@
 //! and no extra solve is made.
 //!
 //! Memory: per problem, either the sums Σ Y_n s_nᵀ (output_numel × input_numel) are
-//! streamed, or, when smaller, the samples Y_n and s_n themselves are kept
-//! (N × (output_numel + input_numel)); [`TapeForm::choose`] picks the smaller.
+//! streamed, or the samples Y_n and s_n themselves are kept (N × (output_numel +
+//! input_numel)); [`TapeForm::choose`] picks one from their sizes and costs.
 
 use crate::builtin::Solutions;
 use crate::error::{Error, Result};
-use crate::fused_argmax::ProblemSums;
 use crate::perturbation::Perturbation;
 use crate::tape::JacobianData;
 use tch::{Device, Kind, Tensor};
@@ -64,12 +63,16 @@ pub enum TapeForm {
 }
 
 impl TapeForm {
-    /// The smaller form for N samples of problems with d inputs and o outputs, and its size
-    /// in floats per problem.
-    pub fn choose(n: usize, d: usize, o: usize) -> (TapeForm, u128) {
+    /// The form for N samples of problems with d inputs and o outputs, and its size in
+    /// floats per problem. Accumulating the sums costs o·d per sample where keeping the
+    /// samples costs o + d, so the samples are kept while they take at most twice the
+    /// memory of the sums; past that the sums win (their size does not grow with N).
+    /// `limit` (floats per problem, 0: none) rules out a form that does not fit.
+    pub fn choose(n: usize, d: usize, o: usize, limit: u128) -> (TapeForm, u128) {
         let sums = o as u128 * d as u128;
         let samples = n as u128 * (o as u128 + d as u128);
-        if samples < sums {
+        let fits = |size: u128| limit == 0 || size <= limit;
+        if samples <= 2 * sums && fits(samples) || !fits(sums) && samples < sums {
             (TapeForm::Samples, samples)
         } else {
             (TapeForm::Sums, sums)
@@ -86,6 +89,99 @@ pub(crate) struct Estimate {
     /// F_σ(θ) = E[⟨perturbed input, Y⟩] `[batch]` and its gradient `[batch, input_numel]`
     /// (float64), when output shape = input shape.
     pub objective: Option<(Tensor, Tensor)>,
+}
+
+/// The sums over the samples of one problem that the estimator needs, made on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ProblemSums {
+    /// Σ Y_n, `[o]`.
+    pub sum_y: Vec<f64>,
+    /// Σ s_n, `[d]` (empty without Jacobian sums).
+    pub sum_s: Vec<f64>,
+    /// Σ Y_n s_nᵀ, `[o, d]` row-major (empty without Jacobian sums).
+    pub sum_ys: Vec<f64>,
+    /// Σ ⟨x_n, Y_n⟩ (output shape = input shape only).
+    pub objective: f64,
+    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n, `[d]` (multiplicative model with output shape = input
+    /// shape only, else empty).
+    pub sum_wy: Vec<f64>,
+}
+
+impl ProblemSums {
+    /// Zero sums for `d` inputs and `o` outputs.
+    pub fn zeros(d: usize, o: usize, jacobian: bool, multiplicative: bool) -> ProblemSums {
+        ProblemSums {
+            sum_y: vec![0.0; o],
+            sum_s: if jacobian { vec![0.0; d] } else { Vec::new() },
+            sum_ys: if jacobian {
+                vec![0.0; o * d]
+            } else {
+                Vec::new()
+            },
+            objective: 0.0,
+            sum_wy: if multiplicative && o == d {
+                vec![0.0; d]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Adds `other`, element by element.
+    pub fn add(&mut self, other: &ProblemSums) {
+        for (a, b) in [
+            (&mut self.sum_y, &other.sum_y),
+            (&mut self.sum_s, &other.sum_s),
+            (&mut self.sum_ys, &other.sum_ys),
+            (&mut self.sum_wy, &other.sum_wy),
+        ] {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+        self.objective += other.objective;
+    }
+
+    /// Adds samples: noise `z`, perturbed inputs `x`, scores `s` (`[rows, d]`; `s` may be
+    /// empty without Jacobian sums) and
+    /// solutions `y` (`[rows, o]`); zero solution entries cost nothing.
+    pub fn add_rows(&mut self, d: usize, z: &[f32], x: &[f32], s: &[f32], y: &[f32], sigma: f32) {
+        let o = self.sum_y.len();
+        let shift = 0.5 * sigma * sigma;
+        let square = d == o;
+        let rows = y.len() / o;
+        for r in 0..rows {
+            let (zr, xr, yr) = (
+                &z[r * d..(r + 1) * d],
+                &x[r * d..(r + 1) * d],
+                &y[r * o..(r + 1) * o],
+            );
+            let sr = if s.is_empty() {
+                &[][..]
+            } else {
+                &s[r * d..(r + 1) * d]
+            };
+            for (i, &yv) in yr.iter().enumerate() {
+                if yv == 0.0 {
+                    continue;
+                }
+                let yv = f64::from(yv);
+                self.sum_y[i] += yv;
+                if !self.sum_ys.is_empty() {
+                    for (a, &sv) in self.sum_ys[i * d..(i + 1) * d].iter_mut().zip(sr) {
+                        *a += yv * f64::from(sv);
+                    }
+                }
+                if square {
+                    self.objective += f64::from(xr[i]) * yv;
+                    if !self.sum_wy.is_empty() {
+                        self.sum_wy[i] += f64::from((sigma * zr[i] - shift).exp()) * yv;
+                    }
+                }
+            }
+            for (a, &sv) in self.sum_s.iter_mut().zip(sr) {
+                *a += f64::from(sv);
+            }
+        }
+    }
 }
 
 enum JacobianSums {
@@ -134,12 +230,23 @@ impl Accumulator {
             }),
         };
         let objective = if square {
-            let wy = if perturbation == Perturbation::Multiplicative { d } else { 0 };
+            let wy = if perturbation == Perturbation::Multiplicative {
+                d
+            } else {
+                0
+            };
             Some((Tensor::f_zeros([b], f64s)?, Tensor::f_zeros([b, wy], f64s)?))
         } else {
             None
         };
-        Ok(Accumulator { o, perturbation, sigma, sum_y: Tensor::f_zeros([b, o], f64s)?, jacobian, objective })
+        Ok(Accumulator {
+            o,
+            perturbation,
+            sigma,
+            sum_y: Tensor::f_zeros([b, o], f64s)?,
+            jacobian,
+            objective,
+        })
     }
 
     /// Whether the scores are needed.
@@ -149,21 +256,37 @@ impl Accumulator {
 
     /// Adds samples `n0 .. n0 + rows` of problem `b`: noise `z` and perturbed inputs `x`
     /// `[rows, d]`, scores `s` (when wanted) and solutions `y`.
-    pub fn add(&mut self, b: i64, n0: i64, z: &Tensor, x: &Tensor, s: Option<&Tensor>, y: &Solutions) -> Result<()> {
+    pub fn add(
+        &mut self,
+        b: i64,
+        n0: i64,
+        z: &Tensor,
+        x: &Tensor,
+        s: Option<&Tensor>,
+        y: &Solutions,
+    ) -> Result<()> {
         let rows = z.size()[0];
         let dense = || y.dense(self.o);
         match y {
             Solutions::Dense(y) => {
-                let _ = self.sum_y.f_get(b)?.f_add_(&y.f_sum_dim_intlist(0, false, Kind::Double)?)?;
+                let _ =
+                    self.sum_y
+                        .f_get(b)?
+                        .f_add_(&y.f_sum_dim_intlist(0, false, Kind::Double)?)?;
             }
             Solutions::Indicator(index) => {
                 let ones = Tensor::f_ones([index.numel() as i64], (Kind::Double, index.device()))?;
-                let _ = self.sum_y.f_get(b)?.f_index_add_(0, &index.f_flatten(0, -1)?, &ones)?;
+                let _ = self
+                    .sum_y
+                    .f_get(b)?
+                    .f_index_add_(0, &index.f_flatten(0, -1)?, &ones)?;
             }
         }
         match (&mut self.jacobian, s) {
             (Some(JacobianSums::Sums { sum_s, sum_ys }), Some(s)) => {
-                let _ = sum_s.f_get(b)?.f_add_(&s.f_sum_dim_intlist(0, false, Kind::Double)?)?;
+                let _ = sum_s
+                    .f_get(b)?
+                    .f_add_(&s.f_sum_dim_intlist(0, false, Kind::Double)?)?;
                 let mut target = sum_ys.f_get(b)?;
                 match y {
                     Solutions::Dense(y) => {
@@ -172,7 +295,11 @@ impl Accumulator {
                     Solutions::Indicator(index) => {
                         // Σ_n Y_n s_nᵀ with 0/1 Y_n: add each s_n to the rows of its ones.
                         let m = index.size()[1];
-                        let src = if m == 1 { s.shallow_clone() } else { s.f_repeat_interleave_self_int(m, 0, None)? };
+                        let src = if m == 1 {
+                            s.shallow_clone()
+                        } else {
+                            s.f_repeat_interleave_self_int(m, 0, None)?
+                        };
                         let _ = target.f_index_add_(0, &index.f_flatten(0, -1)?, &src)?;
                     }
                 }
@@ -192,14 +319,43 @@ impl Accumulator {
             let _ = objective.f_get(b)?.f_add_(&value)?;
             if self.perturbation == Perturbation::Multiplicative {
                 let w = self.perturbation.weight(z, self.sigma)?;
-                let wy = w.f_mul(&dense()?)?.f_sum_dim_intlist(0, false, Kind::Double)?;
+                let wy = w
+                    .f_mul(&dense()?)?
+                    .f_sum_dim_intlist(0, false, Kind::Double)?;
                 let _ = sum_wy.f_get(b)?.f_add_(&wy)?;
             }
         }
         Ok(())
     }
 
-    /// Adds the sums of all samples of problem `b`, made by the fused argmax kernel.
+    /// Copies samples `n0 ..` of problem `b` (solutions `y` `[rows, o]` and scores `s`
+    /// `[rows, d]`) into a tape that keeps samples; nothing for other forms.
+    pub fn add_samples(&mut self, b: i64, n0: i64, y: &[f32], s: &[f32]) -> Result<()> {
+        if let Some(JacobianSums::Samples { y: ys, s: ss }) = &mut self.jacobian {
+            let rows = (y.len() as i64) / self.o;
+            let device = ys.device();
+            let yt = Tensor::f_from_slice(y)?
+                .f_view([rows, self.o])?
+                .f_to_device(device)?;
+            let st = Tensor::f_from_slice(s)?
+                .f_view([rows, -1])?
+                .f_to_device(device)?;
+            ys.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(&yt)?;
+            ss.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(&st)?;
+        }
+        Ok(())
+    }
+
+    /// The tape form, when a Jacobian is wanted.
+    pub fn form(&self) -> Option<TapeForm> {
+        match self.jacobian {
+            None => None,
+            Some(JacobianSums::Sums { .. }) => Some(TapeForm::Sums),
+            Some(JacobianSums::Samples { .. }) => Some(TapeForm::Samples),
+        }
+    }
+
+    /// Adds the sums over all samples of problem `b`, made on the host.
     pub fn add_sums(&mut self, b: i64, sums: &ProblemSums) -> Result<()> {
         let device = self.sum_y.device();
         let t = |v: &[f64]| -> Result<Tensor> { Ok(Tensor::f_from_slice(v)?.f_to_device(device)?) };
@@ -207,11 +363,12 @@ impl Accumulator {
         match &mut self.jacobian {
             Some(JacobianSums::Sums { sum_s, sum_ys }) => {
                 let _ = sum_s.f_get(b)?.f_add_(&t(&sums.sum_s)?)?;
-                let block = t(&sums.sum_ys)?.f_view([self.o, -1])?.f_to_kind(Kind::Float)?;
+                let block = t(&sums.sum_ys)?
+                    .f_view([self.o, -1])?
+                    .f_to_kind(Kind::Float)?;
                 let _ = sum_ys.f_get(b)?.f_add_(&block)?;
             }
-            Some(JacobianSums::Samples { .. }) => unreachable!("the fused kernel keeps sums only"),
-            None => {}
+            Some(JacobianSums::Samples { .. }) | None => {}
         }
         if let Some((objective, sum_wy)) = &mut self.objective {
             let _ = objective.f_get(b)?.f_add_scalar_(sums.objective)?;
@@ -225,44 +382,64 @@ impl Accumulator {
     /// The estimates from `n` samples. `baseline` is the effective one (None under
     /// antithetic pairs); `clean` holds y*(θ) `[batch, o]` for the clean-input baseline;
     /// `theta` `[batch, d]` (on the device) is needed by the multiplicative model.
-    pub fn finish(self, n: usize, baseline: Baseline, clean: Option<&Tensor>, theta: &Tensor) -> Result<Estimate> {
+    pub fn finish(
+        self,
+        n: usize,
+        baseline: Baseline,
+        clean: Option<&Tensor>,
+        theta: &Tensor,
+    ) -> Result<Estimate> {
         let nf = n as f64;
         let mean = self.sum_y.f_div_scalar(nf)?.f_to_kind(Kind::Float)?;
         let (center, scale) = match baseline {
             Baseline::None => (None, 1.0 / (nf * self.sigma)),
             Baseline::SampleMean => (Some(mean.shallow_clone()), 1.0 / ((nf - 1.0) * self.sigma)),
-            Baseline::CleanInput => {
-                (Some(clean.expect("the clean-input baseline needs y*(theta)").shallow_clone()), 1.0 / (nf * self.sigma))
-            }
+            Baseline::CleanInput => (
+                Some(
+                    clean
+                        .expect("the clean-input baseline needs y*(theta)")
+                        .shallow_clone(),
+                ),
+                1.0 / (nf * self.sigma),
+            ),
         };
         let col_scale = match self.perturbation {
             Perturbation::Additive => None,
             Perturbation::Multiplicative => {
                 let zero = theta.f_eq(0.0)?;
-                let inv = theta.f_where_scalarother(&zero.f_logical_not()?, 1.0)?.f_reciprocal()?;
+                let inv = theta
+                    .f_where_scalarother(&zero.f_logical_not()?, 1.0)?
+                    .f_reciprocal()?;
                 Some(inv.f_masked_fill(&zero, 0.0)?.f_to_kind(Kind::Float)?)
             }
         };
         let jacobian = match self.jacobian {
             None => None,
             Some(JacobianSums::Sums { sum_s, sum_ys }) => {
-                // Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ
-                let mut j = sum_ys.f_to_kind(Kind::Double)?;
+                // Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ, in place (the tape's memory)
+                let mut j = sum_ys;
                 if let Some(c) = &center {
-                    j = j.f_sub(&c.f_to_kind(Kind::Double)?.f_unsqueeze(2)?.f_mul(&sum_s.f_unsqueeze(1)?)?)?;
+                    let s = sum_s.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // [b, 1, d]
+                    let _ = j.f_baddbmm_(&c.f_neg()?.f_unsqueeze(2)?, &s)?;
                 }
-                let mut j = j.f_mul_scalar(scale)?;
+                let _ = j.f_mul_scalar_(scale)?;
                 if let Some(cs) = &col_scale {
-                    j = j.f_mul(&cs.f_unsqueeze(1)?)?;
+                    let _ = j.f_mul_(&cs.f_unsqueeze(1)?)?;
                 }
-                Some(JacobianData::Dense(j.f_to_kind(Kind::Float)?))
+                Some(JacobianData::Dense(j))
             }
             Some(JacobianSums::Samples { y, s }) => {
                 let center = match center {
                     Some(c) => c,
                     None => mean.f_zeros_like()?,
                 };
-                Some(JacobianData::Samples { y, s, center, col_scale, scale })
+                Some(JacobianData::Samples {
+                    y,
+                    s,
+                    center,
+                    col_scale,
+                    scale,
+                })
             }
         };
         let objective = match self.objective {
@@ -275,6 +452,10 @@ impl Accumulator {
                 Some((objective.f_div_scalar(nf)?, grad))
             }
         };
-        Ok(Estimate { mean, jacobian, objective })
+        Ok(Estimate {
+            mean,
+            jacobian,
+            objective,
+        })
     }
 }

@@ -16,7 +16,9 @@ pub fn ln(x: f32) -> f32 {
     // ln m = 2 atanh(t), t = (m − 1)/(m + 1), |t| ≤ 0.1716
     let t = (m - 1.0) / (m + 1.0);
     let t2 = t * t;
-    let p = 2.0 + t2 * (0.666_666_7 + t2 * (0.4 + t2 * (0.285_714_3 + t2 * (0.222_222_2 + t2 * 0.181_818_2))));
+    let p = 2.0
+        + t2 * (0.666_666_7
+            + t2 * (0.4 + t2 * (0.285_714_3 + t2 * (0.222_222_2 + t2 * 0.181_818_2))));
     e as f32 * LN2 + t * p
 }
 
@@ -27,8 +29,14 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
     let q = (u * 4.0).round();
     let a = (u - q * 0.25) * std::f32::consts::TAU;
     let a2 = a * a;
-    let s = a * (1.0 + a2 * (-1.666_666_7e-1 + a2 * (8.333_333e-3 + a2 * (-1.984_127e-4 + a2 * 2.755_731_9e-6))));
-    let c = 1.0 + a2 * (-0.5 + a2 * (4.166_666_7e-2 + a2 * (-1.388_888_9e-3 + a2 * (2.480_158_7e-5 - a2 * 2.755_731_9e-7))));
+    let s = a
+        * (1.0
+            + a2 * (-1.666_666_7e-1
+                + a2 * (8.333_333e-3 + a2 * (-1.984_127e-4 + a2 * 2.755_731_9e-6))));
+    let c = 1.0
+        + a2 * (-0.5
+            + a2 * (4.166_666_7e-2
+                + a2 * (-1.388_888_9e-3 + a2 * (2.480_158_7e-5 - a2 * 2.755_731_9e-7))));
     // rotate by q quarter turns, without branches (so that loops vectorize):
     // odd q swaps sin and cos; the signs follow the quadrant
     let q = q as i32;
@@ -36,7 +44,10 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
     let (sin, cos) = (if swap { c } else { s }, if swap { s } else { c });
     let sin_sign = ((q & 2) as u32) << 30; // q = 2, 3: −
     let cos_sign = (((q + 1) & 2) as u32) << 30; // q = 1, 2: −
-    (f32::from_bits(sin.to_bits() ^ sin_sign), f32::from_bits(cos.to_bits() ^ cos_sign))
+    (
+        f32::from_bits(sin.to_bits() ^ sin_sign),
+        f32::from_bits(cos.to_bits() ^ cos_sign),
+    )
 }
 
 /// Whether the CPU has AVX2 and FMA, so that hot loops may run their copies compiled for
@@ -46,8 +57,9 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: once_cell::sync::Lazy<bool> =
-            once_cell::sync::Lazy::new(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"));
+        static HAS: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy::new(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        });
         *HAS
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -74,7 +86,11 @@ mod tests {
             let want = f64::from(x).ln();
             let err = (f64::from(ln(x)) - want).abs();
             // absolute error near x = 1 (where ln → 0), relative elsewhere
-            worst = worst.max(if want.abs() < 0.5 { err / 6e-8 } else { ulps(ln(x), want) });
+            worst = worst.max(if want.abs() < 0.5 {
+                err / 6e-8
+            } else {
+                ulps(ln(x), want)
+            });
             x = f32::from_bits(x.to_bits() + 997);
         }
         assert!(worst < 2.0, "worst error {worst} ulps");
@@ -86,8 +102,16 @@ mod tests {
             let u = i as f32 / 100_000.0;
             let (s, c) = sincos_2pi(u);
             let a = std::f64::consts::TAU * f64::from(u);
-            assert!((f64::from(s) - a.sin()).abs() < 2.5e-7, "sin at {u}: {s} vs {}", a.sin());
-            assert!((f64::from(c) - a.cos()).abs() < 2.5e-7, "cos at {u}: {c} vs {}", a.cos());
+            assert!(
+                (f64::from(s) - a.sin()).abs() < 2.5e-7,
+                "sin at {u}: {s} vs {}",
+                a.sin()
+            );
+            assert!(
+                (f64::from(c) - a.cos()).abs() < 2.5e-7,
+                "cos at {u}: {c} vs {}",
+                a.cos()
+            );
         }
     }
 }

@@ -48,8 +48,17 @@ pub(crate) fn loss_and_grad(
         Sense::Minimize => -1.0,
     };
     let y = y_true.f_to_kind(Kind::Double)?;
-    let dot = theta.f_to_kind(Kind::Double)?.f_mul(&y)?.f_sum_dim_intlist(1, false, Kind::Double)?;
-    let loss = objective.f_sub(&dot)?.f_mul_scalar(sign)?.f_to_kind(Kind::Float)?;
-    let grad = grad_objective.f_sub(&y)?.f_mul_scalar(sign)?.f_to_kind(Kind::Float)?;
+    let dot = theta
+        .f_to_kind(Kind::Double)?
+        .f_mul(&y)?
+        .f_sum_dim_intlist(1, false, Kind::Double)?;
+    let loss = objective
+        .f_sub(&dot)?
+        .f_mul_scalar(sign)?
+        .f_to_kind(Kind::Float)?;
+    let grad = grad_objective
+        .f_sub(&y)?
+        .f_mul_scalar(sign)?
+        .f_to_kind(Kind::Float)?;
     Ok((loss, grad))
 }

@@ -7,6 +7,7 @@
 //! are made on one thread and the blocks are added in their order, so the results do not
 //! depend on the number of threads, bit for bit.
 
+use crate::estimator::ProblemSums;
 use crate::noise::Noise;
 use crate::perturbation::Perturbation;
 use crate::rng::Stream;
@@ -17,40 +18,6 @@ const BLOCK: usize = 1 << 15;
 const TILE: usize = 256;
 /// The largest input_numel² the kernel handles (its per-block sums are that many doubles).
 pub(crate) const MAX_SUMS: usize = 4096;
-
-/// What the kernel computes for one problem: the sums the estimator needs.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ProblemSums {
-    /// Σ Y_n (the counts of winners), `[d]`.
-    pub sum_y: Vec<f64>,
-    /// Σ s_n, `[d]` (empty without a Jacobian).
-    pub sum_s: Vec<f64>,
-    /// Σ Y_n s_nᵀ, `[d, d]` row-major (empty without a Jacobian).
-    pub sum_ys: Vec<f64>,
-    /// Σ ⟨x_n, Y_n⟩.
-    pub objective: f64,
-    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n, `[d]` (multiplicative model only, else empty).
-    pub sum_wy: Vec<f64>,
-}
-
-impl ProblemSums {
-    fn zeros(d: usize, jacobian: bool, multiplicative: bool) -> ProblemSums {
-        ProblemSums {
-            sum_y: vec![0.0; d],
-            sum_s: if jacobian { vec![0.0; d] } else { Vec::new() },
-            sum_ys: if jacobian { vec![0.0; d * d] } else { Vec::new() },
-            objective: 0.0,
-            sum_wy: if multiplicative { vec![0.0; d] } else { Vec::new() },
-        }
-    }
-
-    fn add(&mut self, other: &ProblemSums) {
-        for (a, b) in [(&mut self.sum_y, &other.sum_y), (&mut self.sum_s, &other.sum_s), (&mut self.sum_ys, &other.sum_ys), (&mut self.sum_wy, &other.sum_wy)] {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-        }
-        self.objective += other.objective;
-    }
-}
 
 /// The settings of one run of the kernel.
 #[derive(Debug, Clone, Copy)]
@@ -70,7 +37,7 @@ impl Kernel<'_> {
     pub fn problem(&self, theta: &[f32], b: usize, n: usize, threads: usize) -> ProblemSums {
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
-        let mut total = ProblemSums::zeros(d, self.jacobian, multiplicative);
+        let mut total = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
         let blocks = n.div_ceil(BLOCK);
         let threads = threads.clamp(1, blocks.max(1));
         let mut k = 0;
@@ -80,9 +47,13 @@ impl Kernel<'_> {
                 vec![self.block(theta, b, n, k)]
             } else {
                 std::thread::scope(|scope| {
-                    let handles: Vec<_> =
-                        (k..k + wave).map(|j| scope.spawn(move || self.block(theta, b, n, j))).collect();
-                    handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+                    let handles: Vec<_> = (k..k + wave)
+                        .map(|j| scope.spawn(move || self.block(theta, b, n, j)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                        .collect()
                 })
             };
             for part in &parts {
@@ -113,7 +84,7 @@ impl Kernel<'_> {
     fn block_impl(&self, theta: &[f32], b: usize, n: usize, k: usize) -> ProblemSums {
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
-        let mut sums = ProblemSums::zeros(d, self.jacobian, multiplicative);
+        let mut sums = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
         let (start, end) = (k * BLOCK, ((k + 1) * BLOCK).min(n));
         let mut z = vec![0f32; TILE * d];
         let mut s = vec![0f32; TILE * d];
@@ -123,10 +94,23 @@ impl Kernel<'_> {
         while n0 < end {
             let rows = TILE.min(end - n0);
             let (z, s) = (&mut z[..rows * d], &mut s[..rows * d]);
-            self.draw(b, n, n0, d, z, s);
+            let multiplicative_score = self.perturbation == Perturbation::Multiplicative;
+            self.noise.draw_samples(
+                self.stream,
+                self.antithetic,
+                multiplicative_score,
+                (b, n, n0, d),
+                z,
+                s,
+                1,
+            );
             for (zr, sr) in z.chunks_exact(d).zip(s.chunks_exact(d)) {
                 for ((xv, &zv), &tv) in x.iter_mut().zip(zr).zip(theta) {
-                    *xv = if multiplicative { tv * (self.sigma * zv - shift).exp() } else { tv + self.sigma * zv };
+                    *xv = if multiplicative {
+                        tv * (self.sigma * zv - shift).exp()
+                    } else {
+                        tv + self.sigma * zv
+                    };
                 }
                 for (g, slice) in x.chunks_exact(self.last).enumerate() {
                     let mut best = 0;
@@ -157,30 +141,44 @@ impl Kernel<'_> {
         }
         sums
     }
+}
 
-    /// Noise and scores of samples `n0 .. n0 + rows` of problem `b` (element indices as in
-    /// the general path, so both paths draw the same noise).
-    fn draw(&self, b: usize, n: usize, n0: usize, d: usize, z: &mut [f32], s: &mut [f32]) {
-        if !self.antithetic {
-            self.noise.fill_with_score(self.stream, ((b * n + n0) * d) as u64, z, s);
-            if self.perturbation == Perturbation::Multiplicative {
-                s.copy_from_slice(z);
-            }
-            return;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(
+        stream: &Stream,
+        noise: Noise,
+        perturbation: Perturbation,
+        antithetic: bool,
+    ) -> Kernel<'_> {
+        Kernel {
+            stream,
+            noise,
+            perturbation,
+            sigma: 0.5,
+            antithetic,
+            jacobian: true,
+            last: 5,
         }
-        // sample 2j + 1 is the negation of sample 2j (n0 and n are even)
-        let rows = z.len() / d;
-        let half = rows.div_ceil(2);
-        let first = ((b * n + n0) / 2 * d) as u64;
-        let (mut zh, mut sh) = (vec![0f32; half * d], vec![0f32; half * d]);
-        self.noise.fill_with_score(self.stream, first, &mut zh, &mut sh);
-        for r in 0..rows {
-            let src = &zh[(r / 2) * d..(r / 2 + 1) * d];
-            let sign = if r % 2 == 0 { 1.0 } else { -1.0 };
-            for (i, &v) in src.iter().enumerate() {
-                z[r * d + i] = sign * v;
-                s[r * d + i] = sign * v; // antithetic pairs are Normal: the score is z
-            }
+    }
+
+    #[test]
+    fn sums_do_not_depend_on_the_number_of_threads() {
+        let stream = Stream::new(3, 1);
+        let theta = [0.1f32, -0.2, 0.3, 0.0, 0.25];
+        let n = 3 * BLOCK + 1234; // several blocks, a partial last one
+        for (noise, perturbation, antithetic) in [
+            (Noise::Gumbel, Perturbation::Additive, false),
+            (Noise::Normal, Perturbation::Additive, true),
+            (Noise::Normal, Perturbation::Multiplicative, false),
+        ] {
+            let k = kernel(&stream, noise, perturbation, antithetic);
+            let one = k.problem(&theta, 1, n, 1);
+            assert_eq!(one, k.problem(&theta, 1, n, 2));
+            assert_eq!(one, k.problem(&theta, 1, n, 5));
+            assert_eq!(one.sum_y.iter().sum::<f64>(), n as f64);
         }
     }
 }

@@ -42,7 +42,13 @@ impl Noise {
 
     /// Elements `first .. first + count` of the noise of `stream`, a float32 tensor
     /// `[count]` on the CPU, made on up to `threads` threads.
-    pub fn sample(self, stream: &Stream, first: u64, count: usize, threads: usize) -> Result<Tensor> {
+    pub fn sample(
+        self,
+        stream: &Stream,
+        first: u64,
+        count: usize,
+        threads: usize,
+    ) -> Result<Tensor> {
         let z = Tensor::f_empty([count as i64], (Kind::Float, Device::Cpu))?;
         // SAFETY: `z` is a fresh contiguous float32 CPU tensor of `count` elements, owned here.
         let out = unsafe { std::slice::from_raw_parts_mut(z.data_ptr() as *mut f32, count) };
@@ -81,12 +87,24 @@ impl Noise {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn fill_with_avx2(self, stream: &Stream, first: u64, out: &mut [f32], score: Option<&mut [f32]>) {
+    unsafe fn fill_with_avx2(
+        self,
+        stream: &Stream,
+        first: u64,
+        out: &mut [f32],
+        score: Option<&mut [f32]>,
+    ) {
         self.fill_with_impl(stream, first, out, score)
     }
 
     #[inline(always)]
-    fn fill_with_impl(self, stream: &Stream, first: u64, out: &mut [f32], mut score: Option<&mut [f32]>) {
+    fn fill_with_impl(
+        self,
+        stream: &Stream,
+        first: u64,
+        out: &mut [f32],
+        mut score: Option<&mut [f32]>,
+    ) {
         let mut words = [0u32; 32];
         let mut values = [0f32; 32];
         let mut scores = [0f32; 32];
@@ -128,6 +146,70 @@ impl Noise {
             }
         }
     }
+    /// The noise `z` and scores `s` (∇ν(z), or z itself when `score_is_z`, as the
+    /// multiplicative model wants) of samples `n0 .. n0 + rows` of problem `b` of a call,
+    /// with `n` samples of `d` elements per problem, made on up to `threads` threads.
+    /// Sample k of problem b is elements (b·n + k)·d .. of the stream; with antithetic pairs
+    /// (n0 and n even) sample 2j + 1 is the negation of sample 2j, drawn from elements
+    /// (b·n/2 + j)·d ...
+    #[allow(clippy::too_many_arguments)]
+    pub fn draw_samples(
+        self,
+        stream: &Stream,
+        antithetic: bool,
+        score_is_z: bool,
+        (b, n, n0, d): (usize, usize, usize, usize),
+        z: &mut [f32],
+        s: &mut [f32],
+        threads: usize,
+    ) {
+        let rows = z.len() / d;
+        if antithetic {
+            let half = rows.div_ceil(2);
+            let (mut zh, mut sh) = (vec![0f32; half * d], vec![0f32; half * d]);
+            self.fill_parallel(
+                stream,
+                ((b * n + n0) / 2 * d) as u64,
+                &mut zh,
+                &mut sh,
+                threads,
+            );
+            for (r, (zr, sr)) in z.chunks_exact_mut(d).zip(s.chunks_exact_mut(d)).enumerate() {
+                let src = &zh[(r / 2) * d..(r / 2 + 1) * d];
+                let sign = if r % 2 == 0 { 1.0 } else { -1.0 };
+                for ((zv, sv), &v) in zr.iter_mut().zip(sr.iter_mut()).zip(src) {
+                    *zv = sign * v;
+                    *sv = sign * v; // antithetic pairs are Normal: the score is z
+                }
+            }
+        } else {
+            self.fill_parallel(stream, ((b * n + n0) * d) as u64, z, s, threads);
+            if score_is_z {
+                s.copy_from_slice(z);
+            }
+        }
+    }
+
+    /// [`Noise::fill_with_score`] split over up to `threads` threads (same values).
+    fn fill_parallel(
+        self,
+        stream: &Stream,
+        first: u64,
+        z: &mut [f32],
+        s: &mut [f32],
+        threads: usize,
+    ) {
+        let per = z.len().div_ceil(threads.max(1)).max(1 << 15);
+        if per >= z.len() {
+            return self.fill_with_score(stream, first, z, s);
+        }
+        std::thread::scope(|scope| {
+            for (i, (zp, sp)) in z.chunks_mut(per).zip(s.chunks_mut(per)).enumerate() {
+                scope.spawn(move || self.fill_with_score(stream, first + (i * per) as u64, zp, sp));
+            }
+        });
+    }
+
     /// The score ∇ν(z), elementwise.
     pub fn score(self, z: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -142,7 +224,9 @@ mod tests {
     use super::*;
 
     fn values(noise: Noise, first: u64, n: usize, threads: usize) -> Vec<f64> {
-        let z = noise.sample(&Stream::new(11, 0), first, n, threads).unwrap();
+        let z = noise
+            .sample(&Stream::new(11, 0), first, n, threads)
+            .unwrap();
         Vec::<f64>::try_from(z.to_kind(Kind::Double)).unwrap()
     }
 
@@ -165,9 +249,15 @@ mod tests {
         let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
         let gamma = 0.577_215_664_901_532_9;
         let pi2_6 = std::f64::consts::PI.powi(2) / 6.0;
-        assert!((mean - gamma).abs() < 5.0 * (pi2_6 / n as f64).sqrt(), "{mean}");
+        assert!(
+            (mean - gamma).abs() < 5.0 * (pi2_6 / n as f64).sqrt(),
+            "{mean}"
+        );
         // μ4 = 5.4 σ⁴ for a Gumbel: s.d. of the sample variance ≈ sqrt(4.4/n) σ²
-        assert!((var - pi2_6).abs() < 5.0 * 4.4f64.sqrt() * pi2_6 / (n as f64).sqrt(), "{var}");
+        assert!(
+            (var - pi2_6).abs() < 5.0 * 4.4f64.sqrt() * pi2_6 / (n as f64).sqrt(),
+            "{var}"
+        );
         // E[1 − e^{−Z}] = 0 and Var = 1
         let s = Noise::Gumbel.score(&Tensor::from_slice(&z)).unwrap();
         let score_mean = f64::try_from(s.mean(Kind::Double)).unwrap();
@@ -176,7 +266,10 @@ mod tests {
         let (mut z2, mut s2) = (vec![0f32; 1000], vec![0f32; 1000]);
         Noise::Gumbel.fill_with_score(&Stream::new(11, 0), 0, &mut z2, &mut s2);
         for (zv, sv) in z2.iter().zip(&s2) {
-            assert!((f64::from(*sv) - (1.0 - (-f64::from(*zv)).exp())).abs() < 1e-5, "{zv} {sv}");
+            assert!(
+                (f64::from(*sv) - (1.0 - (-f64::from(*zv)).exp())).abs() < 1e-5,
+                "{zv} {sv}"
+            );
         }
     }
 
@@ -186,7 +279,11 @@ mod tests {
             let whole = values(noise, 3, 101, 1);
             assert_eq!(whole, values(noise, 3, 101, 3));
             let big = values(noise, 5, 200_000, 1);
-            assert_eq!(big, values(noise, 5, 200_000, 2), "{noise:?}: threads change the draws");
+            assert_eq!(
+                big,
+                values(noise, 5, 200_000, 2),
+                "{noise:?}: threads change the draws"
+            );
             for split in [1usize, 2, 7, 50, 100] {
                 let mut parts = values(noise, 3, split, 1);
                 parts.extend(values(noise, 3 + split as u64, 101 - split, 1));

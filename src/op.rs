@@ -3,7 +3,7 @@
 use crate::builtin::{Builtin, Solutions};
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
-use crate::estimator::{Accumulator, Baseline, Estimate, TapeForm};
+use crate::estimator::{Accumulator, Baseline, Estimate, ProblemSums, TapeForm};
 use crate::fused_argmax::Kernel;
 use crate::rng::Stream;
 use crate::shape::{batched, checked_product, numel};
@@ -57,7 +57,9 @@ pub struct PerturbedOp {
 
 impl std::fmt::Debug for PerturbedOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PerturbedOp").field("spec", &self.spec).finish_non_exhaustive()
+        f.debug_struct("PerturbedOp")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,23 +72,46 @@ impl PerturbedOp {
         output_shape: &[i64],
         solver: impl Solver + 'static,
     ) -> Result<PerturbedOp> {
-        PerturbedOp::with_solver(config, input_shape, output_shape, SolverKind::Host(Arc::new(solver)))
+        PerturbedOp::with_solver(
+            config,
+            input_shape,
+            output_shape,
+            SolverKind::Host(Arc::new(solver)),
+        )
     }
 
     /// An op over a built-in solver, working along the last dimension of `input_shape`;
     /// the output has the input's shape.
-    pub fn new_builtin(config: &Config, builtin: Builtin, input_shape: &[i64]) -> Result<PerturbedOp> {
+    pub fn new_builtin(
+        config: &Config,
+        builtin: Builtin,
+        input_shape: &[i64],
+    ) -> Result<PerturbedOp> {
         builtin.check(input_shape)?;
-        PerturbedOp::with_solver(config, input_shape, input_shape, SolverKind::Builtin(builtin))
+        PerturbedOp::with_solver(
+            config,
+            input_shape,
+            input_shape,
+            SolverKind::Builtin(builtin),
+        )
     }
 
     /// An op whose problems are solved elsewhere: only [`PerturbedOp::draw`] and
     /// [`Draw::finish`] work on it.
-    pub fn new_external(config: &Config, input_shape: &[i64], output_shape: &[i64]) -> Result<PerturbedOp> {
+    pub fn new_external(
+        config: &Config,
+        input_shape: &[i64],
+        output_shape: &[i64],
+    ) -> Result<PerturbedOp> {
         PerturbedOp::with_solver(config, input_shape, output_shape, SolverKind::External)
     }
 
-    fn with_solver(config: &Config, input_shape: &[i64], output_shape: &[i64], solver: SolverKind) -> Result<PerturbedOp> {
+    fn with_solver(
+        config: &Config,
+        input_shape: &[i64],
+        output_shape: &[i64],
+        solver: SolverKind,
+    ) -> Result<PerturbedOp> {
         let input_numel = numel(input_shape, "input_shape")?;
         let output_numel = numel(output_shape, "output_shape")?;
         config.validate()?;
@@ -99,7 +124,11 @@ impl PerturbedOp {
             input_numel,
             output_numel,
         };
-        Ok(PerturbedOp { spec: Arc::new(spec), solver, calls: AtomicU64::new(0) })
+        Ok(PerturbedOp {
+            spec: Arc::new(spec),
+            solver,
+            calls: AtomicU64::new(0),
+        })
     }
 
     /// The op's config (a copy made at construction).
@@ -131,7 +160,8 @@ impl PerturbedOp {
     /// has shape `[batch, *output_shape]`, on the device of `theta`.
     pub fn forward(&self, theta: &Tensor) -> Result<Tensor> {
         let (batch, _, estimate) = self.estimate(theta, false)?;
-        self.spec.output_tensor(&estimate.mean, batch, theta.device())
+        self.spec
+            .output_tensor(&estimate.mean, batch, theta.device())
     }
 
     /// As [`PerturbedOp::forward`], and the tape for the backward pass.
@@ -155,12 +185,24 @@ impl PerturbedOp {
         }
         check_host(y_true, "y_true")?;
         let (_, theta_dev, estimate) = self.estimate(theta, false)?;
-        let (objective, grad_objective) = estimate.objective.expect("square ops estimate the objective");
-        let y = y_true.f_to_device(self.spec.device)?.f_reshape(theta_dev.size())?;
-        let (loss, grad) =
-            crate::fenchel_young::loss_and_grad(self.config().sense(), &theta_dev, &y, &objective, &grad_objective)?;
+        let (objective, grad_objective) = estimate
+            .objective
+            .expect("square ops estimate the objective");
+        let y = y_true
+            .f_to_device(self.spec.device)?
+            .f_reshape(theta_dev.size())?;
+        let (loss, grad) = crate::fenchel_young::loss_and_grad(
+            self.config().sense(),
+            &theta_dev,
+            &y,
+            &objective,
+            &grad_objective,
+        )?;
         let device = theta.device();
-        Ok((loss.f_to_device(device)?, grad.f_reshape(theta.size())?.f_to_device(device)?))
+        Ok((
+            loss.f_to_device(device)?,
+            grad.f_reshape(theta.size())?.f_to_device(device)?,
+        ))
     }
 
     /// Draws the perturbed inputs of one call for the two-phase API: solve
@@ -185,7 +227,12 @@ impl PerturbedOp {
         }
         let theta_dev = self.spec.check_theta(theta)?;
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let estimate = self.spec.run(&theta_dev, call, want_jacobian, Source::Solver(&self.solver))?;
+        let estimate = self.spec.run(
+            &theta_dev,
+            call,
+            want_jacobian,
+            Source::Solver(&self.solver),
+        )?;
         Ok((theta_dev.size()[0] as usize, theta_dev, estimate))
     }
 }
@@ -207,7 +254,11 @@ impl OpSpec {
         if size.len() != self.input_shape.len() + 1 || size[1..] != self.input_shape[..] {
             return Err(Error::invalid(format!(
                 "theta must have shape [batch, {}], got {size:?}",
-                self.input_shape.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+                self.input_shape
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         check_host(theta, "theta")?;
@@ -215,29 +266,58 @@ impl OpSpec {
         let n = self.config.num_samples() as usize;
         checked_product(&[batch, n, d], "batch * num_samples * input_numel")?;
         checked_product(&[batch, n, o], "batch * num_samples * output_numel")?;
-        Ok(theta.f_to_device(self.device)?.f_reshape([batch as i64, d as i64])?)
+        Ok(theta
+            .f_to_device(self.device)?
+            .f_reshape([batch as i64, d as i64])?)
     }
 
-    pub(crate) fn output_tensor(&self, mean: &Tensor, batch: usize, device: Device) -> Result<Tensor> {
-        Ok(mean.f_reshape(batched(batch, &self.output_shape))?.f_to_device(device)?)
+    pub(crate) fn output_tensor(
+        &self,
+        mean: &Tensor,
+        batch: usize,
+        device: Device,
+    ) -> Result<Tensor> {
+        Ok(mean
+            .f_reshape(batched(batch, &self.output_shape))?
+            .f_to_device(device)?)
     }
 
-    pub(crate) fn output_and_tape(&self, estimate: Estimate, batch: usize, device: Device) -> Result<(Tensor, Tape)> {
+    pub(crate) fn output_and_tape(
+        &self,
+        estimate: Estimate,
+        batch: usize,
+        device: Device,
+    ) -> Result<(Tensor, Tape)> {
         let output = self.output_tensor(&estimate.mean, batch, device)?;
         let objective = match &estimate.objective {
             Some((f, _)) => Some(f.f_to_kind(Kind::Float)?),
             None => None,
         };
         let jacobian = estimate.jacobian.expect("a Jacobian was requested");
-        Ok((output, Tape::new(jacobian, objective, &self.input_shape, &self.output_shape, batch)))
+        Ok((
+            output,
+            Tape::new(
+                jacobian,
+                objective,
+                &self.input_shape,
+                &self.output_shape,
+                batch,
+            ),
+        ))
     }
 
     /// The tape form for `batch` problems, checked against the config's tape limit.
     fn tape_form(&self, batch: usize) -> Result<TapeForm> {
         let n = self.config.num_samples() as usize;
-        let (form, floats) = TapeForm::choose(n, self.input_numel, self.output_numel);
-        let bytes = floats.saturating_mul(batch as u128).saturating_mul(4);
         let limit = self.config.max_tape_bytes();
+        let per_problem = u128::from(limit) / 4 / (batch.max(1) as u128);
+        let (form, floats) = TapeForm::choose(
+            n,
+            self.input_numel,
+            self.output_numel,
+            if limit == 0 { 0 } else { per_problem.max(1) },
+        );
+        let bytes = floats.saturating_mul(batch as u128).saturating_mul(4);
         if limit > 0 && bytes > u128::from(limit) {
             return Err(Error::invalid(format!(
                 "the tape needs {bytes} bytes (batch {batch}, {} floats per problem), above max_tape_bytes {limit}",
@@ -245,7 +325,9 @@ impl OpSpec {
             )));
         }
         if bytes > i64::MAX as u128 {
-            return Err(Error::invalid(format!("the tape would need {bytes} bytes, more than can be addressed")));
+            return Err(Error::invalid(format!(
+                "the tape would need {bytes} bytes, more than can be addressed"
+            )));
         }
         Ok(form)
     }
@@ -267,16 +349,28 @@ impl OpSpec {
     /// The noise `[rows, d]` of samples `n0 .. n0 + rows` of problem `b` of a call and the
     /// perturbed inputs, on the op's device. With antithetic pairs, sample 2k + 1 is the
     /// negation of sample 2k (n0 and rows are then even).
-    pub(crate) fn chunk(&self, stream: &Stream, theta_b: &Tensor, b: usize, n0: usize, rows: usize) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn chunk(
+        &self,
+        stream: &Stream,
+        theta_b: &Tensor,
+        b: usize,
+        n0: usize,
+        rows: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let c = &self.config;
         let (d, n) = (self.input_numel, c.num_samples() as usize);
         let threads = c.effective_threads();
         let z = if c.antithetic() {
-            let half = c.noise().sample(stream, ((b * n + n0) / 2 * d) as u64, rows / 2 * d, threads)?;
+            let half =
+                c.noise()
+                    .sample(stream, ((b * n + n0) / 2 * d) as u64, rows / 2 * d, threads)?;
             let half = half.f_view([(rows / 2) as i64, d as i64])?;
-            Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?.f_view([rows as i64, d as i64])?
+            Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?
+                .f_view([rows as i64, d as i64])?
         } else {
-            c.noise().sample(stream, ((b * n + n0) * d) as u64, rows * d, threads)?.f_view([rows as i64, d as i64])?
+            c.noise()
+                .sample(stream, ((b * n + n0) * d) as u64, rows * d, threads)?
+                .f_view([rows as i64, d as i64])?
         };
         let z = z.f_to_device(self.device)?;
         let x = c.perturbation().perturb(theta_b, &z, c.sigma())?;
@@ -284,16 +378,36 @@ impl OpSpec {
     }
 
     /// One forward call (number `call` of its op) on `theta` `[batch, d]` (on the device).
-    pub(crate) fn run(&self, theta: &Tensor, call: u64, want_jacobian: bool, source: Source<'_>) -> Result<Estimate> {
+    pub(crate) fn run(
+        &self,
+        theta: &Tensor,
+        call: u64,
+        want_jacobian: bool,
+        source: Source<'_>,
+    ) -> Result<Estimate> {
         let c = &self.config;
         let batch = theta.size()[0] as usize;
-        let (d, o, n) = (self.input_numel, self.output_numel, c.num_samples() as usize);
-        let form = if want_jacobian { Some(self.tape_form(batch)?) } else { None };
+        let (d, o, n) = (
+            self.input_numel,
+            self.output_numel,
+            c.num_samples() as usize,
+        );
+        let form = if want_jacobian {
+            Some(self.tape_form(batch)?)
+        } else {
+            None
+        };
         let stream = Stream::new(c.seed(), call);
-        let baseline = if c.antithetic() { Baseline::None } else { c.baseline() };
+        let baseline = if c.antithetic() {
+            Baseline::None
+        } else {
+            c.baseline()
+        };
         let clean = if want_jacobian && baseline == Baseline::CleanInput {
             let rows = match source {
-                Source::Provided(all) => Solutions::Dense(provided(all, batch * n, batch, o, self.device)?),
+                Source::Provided(all) => {
+                    Solutions::Dense(provided(all, batch * n, batch, o, self.device)?)
+                }
                 Source::Solver(solver) => self.solve(solver, theta)?,
             };
             Some(rows.dense(o as i64)?)
@@ -301,9 +415,22 @@ impl OpSpec {
             None
         };
         let square = self.input_shape == self.output_shape;
-        let mut acc = Accumulator::new(batch, n, d, o, c.perturbation(), c.sigma(), form, square, self.device)?;
-        if let (Source::Solver(SolverKind::Builtin(Builtin::Argmax)), Device::Cpu, None | Some(TapeForm::Sums)) =
-            (&source, self.device, form)
+        let mut acc = Accumulator::new(
+            batch,
+            n,
+            d,
+            o,
+            c.perturbation(),
+            c.sigma(),
+            form,
+            square,
+            self.device,
+        )?;
+        if let (
+            Source::Solver(SolverKind::Builtin(Builtin::Argmax)),
+            Device::Cpu,
+            None | Some(TapeForm::Sums),
+        ) = (&source, self.device, form)
         {
             if d * d <= crate::fused_argmax::MAX_SUMS {
                 let kernel = Kernel {
@@ -317,12 +444,23 @@ impl OpSpec {
                 };
                 let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
                 let mut theta_host = vec![0f32; batch * d];
-                theta.f_contiguous()?.f_view([-1])?.f_copy_data(&mut theta_host, batch * d)?;
+                theta
+                    .f_contiguous()?
+                    .f_view([-1])?
+                    .f_copy_data(&mut theta_host, batch * d)?;
                 for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
                     acc.add_sums(b as i64, &kernel.problem(theta_b, b, n, cores))?;
                 }
                 return acc.finish(n, baseline, clean.as_ref(), theta);
             }
+        }
+        let host = matches!(
+            source,
+            Source::Solver(SolverKind::Host(_)) | Source::Provided(_)
+        );
+        if host && self.device == Device::Cpu {
+            self.run_on_host(theta, &stream, source, &mut acc)?;
+            return acc.finish(n, baseline, clean.as_ref(), theta);
         }
         let rows_per_chunk = self.rows_per_chunk();
         for b in 0..batch {
@@ -333,9 +471,15 @@ impl OpSpec {
                 let (z, x) = self.chunk(&stream, &theta_b, b, n0, rows)?;
                 let y = match source {
                     Source::Solver(solver) => self.solve(solver, &x)?,
-                    Source::Provided(all) => Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?),
+                    Source::Provided(all) => {
+                        Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?)
+                    }
                 };
-                let s = if acc.wants_scores() { Some(c.perturbation().score(c.noise(), &z)?) } else { None };
+                let s = if acc.wants_scores() {
+                    Some(c.perturbation().score(c.noise(), &z)?)
+                } else {
+                    None
+                };
                 acc.add(b as i64, n0 as i64, &z, &x, s.as_ref(), &y)?;
                 n0 += rows;
             }
@@ -343,15 +487,110 @@ impl OpSpec {
         acc.finish(n, baseline, clean.as_ref(), theta)
     }
 
+    /// The chunk loop of a CPU op whose solutions come from the host (a callback or the
+    /// two-phase API), in Rust on host buffers: no libtorch parallel region runs between
+    /// solver calls, where its OpenMP workers would spin on the cores the solver threads need.
+    fn run_on_host(
+        &self,
+        theta: &Tensor,
+        stream: &Stream,
+        source: Source<'_>,
+        acc: &mut Accumulator,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (d, o, n) = (
+            self.input_numel,
+            self.output_numel,
+            c.num_samples() as usize,
+        );
+        let batch = theta.size()[0] as usize;
+        let multiplicative = c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
+        let sums_form = acc.form() == Some(TapeForm::Sums);
+        let scores = acc.form().is_some();
+        let (threads, cores) = (
+            c.effective_threads(),
+            std::thread::available_parallelism().map_or(1, |t| t.get()),
+        );
+        let mut theta_host = vec![0f32; batch * d];
+        theta
+            .f_contiguous()?
+            .f_view([-1])?
+            .f_copy_data(&mut theta_host, batch * d)?;
+        let per = self.rows_per_chunk();
+        let (mut z, mut s, mut x, mut y) = (
+            vec![0f32; per * d],
+            vec![0f32; per * d],
+            vec![0f32; per * d],
+            vec![0f32; per * o],
+        );
+        for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
+            let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
+            let mut n0 = 0;
+            while n0 < n {
+                let rows = per.min(n - n0);
+                let (z, s, x, y) = (
+                    &mut z[..rows * d],
+                    &mut s[..rows * d],
+                    &mut x[..rows * d],
+                    &mut y[..rows * o],
+                );
+                c.noise().draw_samples(
+                    stream,
+                    c.antithetic(),
+                    multiplicative,
+                    (b, n, n0, d),
+                    z,
+                    s,
+                    cores,
+                );
+                c.perturbation()
+                    .perturb_host(theta_b, z, c.sigma() as f32, x);
+                match source {
+                    Source::Solver(SolverKind::Host(solver)) => {
+                        solve_rows(&**solver, x, y, rows, d, o, threads)?
+                    }
+                    Source::Provided(all) => {
+                        let first = b * n + n0;
+                        check_provided(&all[first * o..(first + rows) * o], first, o)?;
+                        y.copy_from_slice(&all[first * o..(first + rows) * o]);
+                    }
+                    Source::Solver(_) => unreachable!("only host solutions take the host path"),
+                }
+                sums.add_rows(
+                    d,
+                    z,
+                    x,
+                    if sums_form { s } else { &[] },
+                    y,
+                    c.sigma() as f32,
+                );
+                if scores && !sums_form {
+                    acc.add_samples(b as i64, n0 as i64, y, s)?;
+                }
+                n0 += rows;
+            }
+            acc.add_sums(b as i64, &sums)?;
+        }
+        Ok(())
+    }
+
     /// Solves the problems `x` `[rows, d]` with the op's own solver.
     fn solve(&self, solver: &SolverKind, x: &Tensor) -> Result<Solutions> {
         match solver {
             SolverKind::Builtin(builtin) => {
                 let x = x.f_view(batched(x.size()[0] as usize, &self.input_shape).as_slice())?;
-                builtin.solve(&x, *self.input_shape.last().expect("built-ins have rank >= 1"))
+                builtin.solve(
+                    &x,
+                    *self.input_shape.last().expect("built-ins have rank >= 1"),
+                )
             }
             SolverKind::Host(host) => {
-                let y = solve_host(&**host, x, self.output_numel, self.config.effective_threads())?;
+                let y = solve_host(
+                    &**host,
+                    x,
+                    self.output_numel,
+                    self.config.effective_threads(),
+                )?;
                 Ok(Solutions::Dense(y.f_to_device(self.device)?))
             }
             SolverKind::External => unreachable!("external ops are refused before solving"),
@@ -362,33 +601,62 @@ impl OpSpec {
 /// Rows `first .. first + rows` of provided solutions `[*, o]`, checked finite, on `device`.
 fn provided(all: &[f32], first: usize, rows: usize, o: usize, device: Device) -> Result<Tensor> {
     let part = &all[first * o..(first + rows) * o];
-    if let Some(i) = part.iter().position(|v| !v.is_finite()) {
-        return Err(Error::new(
+    check_provided(part, first, o)?;
+    Ok(Tensor::f_from_slice(part)?
+        .f_view([rows as i64, o as i64])?
+        .f_to_device(device)?)
+}
+
+/// NON_FINITE_INPUT naming the first non-finite value of provided solution rows that start
+/// at row `first`.
+fn check_provided(part: &[f32], first: usize, o: usize) -> Result<()> {
+    match part.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::new(
             Status::NonFiniteInput,
-            format!("solutions[{}][{}] is {}; solutions must be finite", first + i / o, i % o, part[i]),
-        ));
+            format!(
+                "solutions[{}][{}] is {}; solutions must be finite",
+                first + i / o,
+                i % o,
+                part[i]
+            ),
+        )),
     }
-    Ok(Tensor::f_from_slice(part)?.f_view([rows as i64, o as i64])?.f_to_device(device)?)
 }
 
 /// Checks that a float32 tensor is finite (NON_FINITE_INPUT names the first bad entry as
 /// `what[problem][index]`).
 fn check_host(t: &Tensor, what: &str) -> Result<()> {
     if t.f_kind()? != Kind::Float {
-        return Err(Error::invalid(format!("{what} must be float32, got {:?}", t.f_kind()?)));
+        return Err(Error::invalid(format!(
+            "{what} must be float32, got {:?}",
+            t.f_kind()?
+        )));
     }
     if bool::try_from(t.f_isfinite()?.f_all()?)? {
         return Ok(());
     }
     let flat = t.f_reshape([t.size().first().copied().unwrap_or(1).max(1), -1])?;
     let cols = flat.size()[1].max(1);
-    let bad = flat.f_isfinite()?.f_logical_not()?.f_flatten(0, -1)?.f_to_kind(Kind::Int)?;
+    let bad = flat
+        .f_isfinite()?
+        .f_logical_not()?
+        .f_flatten(0, -1)?
+        .f_to_kind(Kind::Int)?;
     let bad = i64::try_from(bad.f_argmax(0, false)?)?;
     let value = f64::try_from(flat.f_flatten(0, -1)?.f_get(bad)?)?;
-    let value = if value.is_nan() { "NaN".to_string() } else { format!("{value}") };
+    let value = if value.is_nan() {
+        "NaN".to_string()
+    } else {
+        format!("{value}")
+    };
     Err(Error::new(
         Status::NonFiniteInput,
-        format!("{what}[{}][{}] is {value}; {what} must be finite", bad / cols, bad % cols),
+        format!(
+            "{what}[{}][{}] is {value}; {what} must be finite",
+            bad / cols,
+            bad % cols
+        ),
     ))
 }
 
@@ -437,7 +705,9 @@ fn solve_rows(
                 .collect();
             let mut first = Ok(());
             for h in handles {
-                let r = h.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload));
+                let r = h
+                    .join()
+                    .unwrap_or_else(|payload| std::panic::resume_unwind(payload));
                 if first.is_ok() {
                     first = r;
                 }

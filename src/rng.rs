@@ -42,14 +42,22 @@ pub struct Stream {
 impl Stream {
     /// The stream `stream` of generator `seed`.
     pub fn new(seed: u64, stream: u64) -> Stream {
-        Stream { key: [seed as u32, (seed >> 32) as u32], stream }
+        Stream {
+            key: [seed as u32, (seed >> 32) as u32],
+            stream,
+        }
     }
 
     /// The four 32-bit words of block `index` of this stream.
     #[inline]
     pub fn block(&self, index: u64) -> [u32; 4] {
         philox4x32(
-            [index as u32, (index >> 32) as u32, self.stream as u32, (self.stream >> 32) as u32],
+            [
+                index as u32,
+                (index >> 32) as u32,
+                self.stream as u32,
+                (self.stream >> 32) as u32,
+            ],
             self.key,
         )
     }
@@ -103,13 +111,19 @@ mod tests {
     /// Known-answer tests from the Random123 distribution (kat_vectors, philox4x32_10).
     #[test]
     fn matches_random123_known_answers() {
-        assert_eq!(philox4x32([0, 0, 0, 0], [0, 0]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32([0, 0, 0, 0], [0, 0]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
         assert_eq!(
             philox4x32([0xffffffff; 4], [0xffffffff; 2]),
             [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
         );
         assert_eq!(
-            philox4x32([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            philox4x32(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }
@@ -141,7 +155,10 @@ mod tests {
         assert!(unit(0) > 0.0 && unit(u32::MAX) < 1.0);
         // s.d. of the mean: sqrt(1/12 / n); 5 s.d.
         let mean = sum / n as f64;
-        assert!((mean - 0.5).abs() < 5.0 * (1.0 / 12.0 / n as f64).sqrt(), "{mean}");
+        assert!(
+            (mean - 0.5).abs() < 5.0 * (1.0 / 12.0 / n as f64).sqrt(),
+            "{mean}"
+        );
     }
 
     #[test]

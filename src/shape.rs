@@ -8,13 +8,19 @@ pub fn numel(shape: &[i64], what: &str) -> Result<usize> {
     let mut total: i64 = 1;
     for (axis, &dim) in shape.iter().enumerate() {
         if dim < 1 {
-            return Err(Error::invalid(format!("{what}[{axis}] must be >= 1, got {dim}")));
+            return Err(Error::invalid(format!(
+                "{what}[{axis}] must be >= 1, got {dim}"
+            )));
         }
         total = total.checked_mul(dim).ok_or_else(|| {
-            Error::invalid(format!("{what} {shape:?} has more than {} elements", i64::MAX))
+            Error::invalid(format!(
+                "{what} {shape:?} has more than {} elements",
+                i64::MAX
+            ))
         })?;
     }
-    usize::try_from(total).map_err(|_| Error::invalid(format!("{what} {shape:?} does not fit in memory")))
+    usize::try_from(total)
+        .map_err(|_| Error::invalid(format!("{what} {shape:?} does not fit in memory")))
 }
 
 /// `factors` multiplied, or an error naming `what` when the product overflows an i64
@@ -22,16 +28,23 @@ pub fn numel(shape: &[i64], what: &str) -> Result<usize> {
 pub fn checked_product(factors: &[usize], what: &str) -> Result<usize> {
     let mut total: usize = 1;
     for &f in factors {
-        total = total.checked_mul(f).filter(|&t| t <= i64::MAX as usize).ok_or_else(|| {
-            Error::invalid(format!("{what} overflows: the product of {factors:?} is too large"))
-        })?;
+        total = total
+            .checked_mul(f)
+            .filter(|&t| t <= i64::MAX as usize)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "{what} overflows: the product of {factors:?} is too large"
+                ))
+            })?;
     }
     Ok(total)
 }
 
 /// `[batch, *shape]`.
 pub fn batched(batch: usize, shape: &[i64]) -> Vec<i64> {
-    std::iter::once(batch as i64).chain(shape.iter().copied()).collect()
+    std::iter::once(batch as i64)
+        .chain(shape.iter().copied())
+        .collect()
 }
 
 #[cfg(test)]
@@ -42,8 +55,14 @@ mod tests {
     fn numel_checks_dims_and_overflow() {
         assert_eq!(numel(&[], "s").unwrap(), 1);
         assert_eq!(numel(&[2, 3], "s").unwrap(), 6);
-        assert_eq!(numel(&[2, 0], "input_shape").unwrap_err().message(), "input_shape[1] must be >= 1, got 0");
-        assert!(numel(&[i64::MAX, 2], "s").unwrap_err().message().contains("more than"));
+        assert_eq!(
+            numel(&[2, 0], "input_shape").unwrap_err().message(),
+            "input_shape[1] must be >= 1, got 0"
+        );
+        assert!(numel(&[i64::MAX, 2], "s")
+            .unwrap_err()
+            .message()
+            .contains("more than"));
         assert!(checked_product(&[usize::MAX / 2, 3], "x").is_err());
         assert!(checked_product(&[1 << 40, 1 << 30], "x").is_err());
         assert_eq!(checked_product(&[4, 5, 6], "x").unwrap(), 120);

@@ -12,7 +12,13 @@ pub(crate) enum JacobianData {
     Dense(Tensor),
     /// J = scale · (y − center)ᵀ s ⊙ col_scale from the samples: y `[batch, N, o]`,
     /// s `[batch, N, d]`, center `[batch, o]`, col_scale `[batch, d]`.
-    Samples { y: Tensor, s: Tensor, center: Tensor, col_scale: Option<Tensor>, scale: f64 },
+    Samples {
+        y: Tensor,
+        s: Tensor,
+        center: Tensor,
+        col_scale: Option<Tensor>,
+        scale: f64,
+    },
 }
 
 /// The record of one forward call.
@@ -40,7 +46,13 @@ impl Tape {
         output_shape: &[i64],
         batch: usize,
     ) -> Tape {
-        Tape { jacobian, objective, input_shape: input_shape.to_vec(), output_shape: output_shape.to_vec(), batch }
+        Tape {
+            jacobian,
+            objective,
+            input_shape: input_shape.to_vec(),
+            output_shape: output_shape.to_vec(),
+            batch,
+        }
     }
 
     /// Number of problems of the forward call.
@@ -72,7 +84,13 @@ impl Tape {
     pub fn jacobian(&self) -> Result<Tensor> {
         match &self.jacobian {
             JacobianData::Dense(j) => Ok(j.shallow_clone()),
-            JacobianData::Samples { y, s, center, col_scale, scale } => {
+            JacobianData::Samples {
+                y,
+                s,
+                center,
+                col_scale,
+                scale,
+            } => {
                 let yc = y.f_sub(&center.f_unsqueeze(1)?)?;
                 let j = yc.f_transpose(1, 2)?.f_matmul(s)?.f_mul_scalar(*scale)?;
                 Ok(match col_scale {
@@ -101,7 +119,13 @@ impl Tape {
         let g = self.check_tensor(grad_output, &self.output_shape, "grad_output")?; // [b, o]
         let out = match &self.jacobian {
             JacobianData::Dense(j) => g.f_unsqueeze(1)?.f_matmul(j)?,
-            JacobianData::Samples { y, s, center, col_scale, scale } => {
+            JacobianData::Samples {
+                y,
+                s,
+                center,
+                col_scale,
+                scale,
+            } => {
                 // scale · Σ_n s_n ⟨Y_n − c, g⟩
                 let yg = y.f_matmul(&g.f_unsqueeze(2)?)?; // [b, N, 1]
                 let cg = center.f_mul(&g)?.f_sum_dim_intlist(1, true, Kind::Float)?; // [b, 1]
@@ -113,7 +137,9 @@ impl Tape {
                 }
             }
         };
-        Ok(out.f_reshape(batched(self.batch, &self.input_shape))?.f_to_device(grad_output.device())?)
+        Ok(out
+            .f_reshape(batched(self.batch, &self.input_shape))?
+            .f_to_device(grad_output.device())?)
     }
 
     /// The Jacobian-vector product J t for `tangent` of shape `[batch, *input_shape]`;
@@ -122,7 +148,13 @@ impl Tape {
         let t = self.check_tensor(tangent, &self.input_shape, "tangent_input")?; // [b, d]
         let out = match &self.jacobian {
             JacobianData::Dense(j) => j.f_matmul(&t.f_unsqueeze(2)?)?,
-            JacobianData::Samples { y, s, center, col_scale, scale } => {
+            JacobianData::Samples {
+                y,
+                s,
+                center,
+                col_scale,
+                scale,
+            } => {
                 // scale · Σ_n (Y_n − c) ⟨s_n, t ⊙ col_scale⟩
                 let t = match col_scale {
                     Some(cs) => t.f_mul(cs)?,
@@ -130,11 +162,16 @@ impl Tape {
                 };
                 let st = s.f_matmul(&t.f_unsqueeze(2)?)?; // [b, N, 1]
                 let yst = y.f_transpose(1, 2)?.f_matmul(&st)?; // [b, o, 1]
-                let cst = center.f_unsqueeze(2)?.f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
+                let cst =
+                    center
+                        .f_unsqueeze(2)?
+                        .f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
                 yst.f_sub(&cst)?.f_mul_scalar(*scale)?
             }
         };
-        Ok(out.f_reshape(batched(self.batch, &self.output_shape))?.f_to_device(tangent.device())?)
+        Ok(out
+            .f_reshape(batched(self.batch, &self.output_shape))?
+            .f_to_device(tangent.device())?)
     }
 
     /// Checks kind, shape and finiteness of a per-problem tensor and returns it flattened to
@@ -142,14 +179,24 @@ impl Tape {
     fn check_tensor(&self, t: &Tensor, shape: &[i64], what: &str) -> Result<Tensor> {
         let expected = batched(self.batch, shape);
         if t.size() != expected {
-            return Err(Error::invalid(format!("{what} must have shape {expected:?}, got {:?}", t.size())));
+            return Err(Error::invalid(format!(
+                "{what} must have shape {expected:?}, got {:?}",
+                t.size()
+            )));
         }
         if t.f_kind()? != Kind::Float {
-            return Err(Error::invalid(format!("{what} must be float32, got {:?}", t.f_kind()?)));
+            return Err(Error::invalid(format!(
+                "{what} must be float32, got {:?}",
+                t.f_kind()?
+            )));
         }
         if !bool::try_from(t.f_isfinite()?.f_all()?)? {
-            return Err(Error::new(Status::NonFiniteInput, format!("{what} contains NaN or infinite values")));
+            return Err(Error::new(
+                Status::NonFiniteInput,
+                format!("{what} contains NaN or infinite values"),
+            ));
         }
-        Ok(t.f_to_device(self.device())?.f_reshape([self.batch as i64, -1])?)
+        Ok(t.f_to_device(self.device())?
+            .f_reshape([self.batch as i64, -1])?)
     }
 }

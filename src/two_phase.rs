@@ -41,7 +41,10 @@ impl Draw {
         let len = checked_product(&[rows, d], "the drawn inputs (rows * input_numel)")?;
         let mut inputs = Vec::new();
         inputs.try_reserve_exact(len).map_err(|_| {
-            Error::new(crate::Status::TorchError, format!("cannot allocate {len} floats for the drawn inputs"))
+            Error::new(
+                crate::Status::TorchError,
+                format!("cannot allocate {len} floats for the drawn inputs"),
+            )
         })?;
         let stream = Stream::new(c.seed(), call);
         let per = spec.rows_per_chunk();
@@ -59,7 +62,14 @@ impl Draw {
             extend_host(&mut inputs, &theta)?;
         }
         let output_device = theta.device();
-        Ok(Draw { spec, theta, call, inputs, rows, output_device })
+        Ok(Draw {
+            spec,
+            theta,
+            call,
+            inputs,
+            rows,
+            output_device,
+        })
     }
 
     /// The perturbed inputs, `[count, *input_shape]` row-major on the host.
@@ -94,13 +104,24 @@ impl Draw {
                 solutions.len()
             )));
         }
-        let estimate = self.spec.run(&self.theta, self.call, want_tape, Source::Provided(solutions))?;
+        let estimate = self.spec.run(
+            &self.theta,
+            self.call,
+            want_tape,
+            Source::Provided(solutions),
+        )?;
         let batch = self.batch();
         if want_tape {
-            let (y, tape) = self.spec.output_and_tape(estimate, batch, self.output_device)?;
+            let (y, tape) = self
+                .spec
+                .output_and_tape(estimate, batch, self.output_device)?;
             Ok((y, Some(tape)))
         } else {
-            Ok((self.spec.output_tensor(&estimate.mean, batch, self.output_device)?, None))
+            Ok((
+                self.spec
+                    .output_tensor(&estimate.mean, batch, self.output_device)?,
+                None,
+            ))
         }
     }
 }

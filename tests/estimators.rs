@@ -6,7 +6,9 @@ mod common;
 
 use common::{argmax, argmin, identity};
 use perturbations::autograd;
-use perturbations::{Baseline, Config, DeviceSpec, Noise, Perturbation, PerturbedOp, Sense, Status};
+use perturbations::{
+    Baseline, Config, DeviceSpec, Noise, Perturbation, PerturbedOp, Sense, Status,
+};
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 
 const EULER_GAMMA: f64 = 0.577_215_664_901_532_9;
@@ -14,7 +16,9 @@ const EULER_GAMMA: f64 = 0.577_215_664_901_532_9;
 fn config(noise: Noise, sigma: f64, n: u64, seed: u64) -> Config {
     let mut c = Config::new();
     c.set_num_samples(n).unwrap().set_sigma(sigma).unwrap();
-    c.set_noise(noise).set_seed(seed).set_device(DeviceSpec::Cpu);
+    c.set_noise(noise)
+        .set_seed(seed)
+        .set_device(DeviceSpec::Cpu);
     c
 }
 
@@ -39,7 +43,11 @@ fn fenchel_young_gradient_is_y_sigma_minus_y_and_max_gradient_is_argmax() {
     for sense in [Sense::Maximize, Sense::Minimize] {
         let mut c = config(Noise::Gumbel, 0.7, 2000, 5);
         c.set_sense(sense);
-        let solver = if sense == Sense::Maximize { argmax } else { argmin };
+        let solver = if sense == Sense::Maximize {
+            argmax
+        } else {
+            argmin
+        };
         let a = PerturbedOp::new(&c, &[4], &[4], solver).unwrap();
         let b = PerturbedOp::new(&c, &[4], &[4], solver).unwrap();
         let (_, grad) = a.fenchel_young(&theta, &y_true).unwrap();
@@ -76,11 +84,16 @@ fn jvp_and_vjp_are_the_same_jacobian() {
 fn gumbel_objective_is_sigma_logsumexp_plus_sigma_gamma() {
     let n = 100_000;
     for sigma in [0.5, 1.0] {
-        let theta = t(&[-0.6, 1.9, -0.2, 1.1, -1.0, -0.6, 1.0, -0.2, 1.8, -1.0], &[2, 5]);
-        let op = PerturbedOp::new(&config(Noise::Gumbel, sigma, n, 17), &[5], &[5], argmax).unwrap();
+        let theta = t(
+            &[-0.6, 1.9, -0.2, 1.1, -1.0, -0.6, 1.0, -0.2, 1.8, -1.0],
+            &[2, 5],
+        );
+        let op =
+            PerturbedOp::new(&config(Noise::Gumbel, sigma, n, 17), &[5], &[5], argmax).unwrap();
         let (_, tape) = op.forward_with_tape(&theta).unwrap();
         let f = vec_f64(&tape.objective().unwrap());
-        let exact = vec_f64(&((&theta / sigma).logsumexp(&[1], false) * sigma + sigma * EULER_GAMMA));
+        let exact =
+            vec_f64(&((&theta / sigma).logsumexp(&[1], false) * sigma + sigma * EULER_GAMMA));
         // one sample is max_i(θ_i + σG_i), a Gumbel of scale σ: s.d. σπ/√6
         let sd = sigma * std::f64::consts::PI / 6f64.sqrt() / (n as f64).sqrt();
         for (a, b) in f.iter().zip(&exact) {
@@ -99,7 +112,8 @@ fn gumbel_fenchel_young_is_logistic_loss_plus_sigma_gamma() {
     let op = PerturbedOp::new(&config(Noise::Gumbel, sigma, n, 23), &[3], &[3], argmax).unwrap();
     let (loss, _) = op.fenchel_young(&theta, &y_true).unwrap();
     let logistic = theta.cross_entropy_for_logits(&Tensor::from_slice(&labels)); // mean over batch
-    let logistic_rows = -(theta.log_softmax(1, Kind::Float) * &y_true).sum_dim_intlist(1, false, Kind::Float);
+    let logistic_rows =
+        -(theta.log_softmax(1, Kind::Float) * &y_true).sum_dim_intlist(1, false, Kind::Float);
     let got = vec_f64(&loss);
     let want = vec_f64(&(logistic_rows + sigma * EULER_GAMMA));
     let sd = sigma * std::f64::consts::PI / 6f64.sqrt() / (n as f64).sqrt();
@@ -116,7 +130,8 @@ fn multiplicative_identity_gives_theta_and_unit_jacobian() {
     let sigma = 0.5f64;
     let theta_v = [1.0f32, -2.0, 0.5, 0.0];
     let mut c = config(Noise::Normal, sigma, n, 29);
-    c.set_perturbation(Perturbation::Multiplicative).set_baseline(Baseline::None);
+    c.set_perturbation(Perturbation::Multiplicative)
+        .set_baseline(Baseline::None);
     let op = PerturbedOp::new(&c, &[4], &[4], identity).unwrap();
     let (y, tape) = op.forward_with_tape(&t(&theta_v, &[1, 4])).unwrap();
     let y = vec_f64(&y);
@@ -126,7 +141,11 @@ fn multiplicative_identity_gives_theta_and_unit_jacobian() {
     for i in 0..4 {
         let ti = f64::from(theta_v[i]);
         // y_i = θ_i w, w = exp(σZ − σ²/2): s.d. |θ_i| sqrt(e^{σ²} − 1) / √N
-        assert!((y[i] - ti).abs() <= 5.0 * ti.abs() * (e.exp() - 1.0).sqrt() / rn + 1e-9, "y[{i}] = {}", y[i]);
+        assert!(
+            (y[i] - ti).abs() <= 5.0 * ti.abs() * (e.exp() - 1.0).sqrt() / rn + 1e-9,
+            "y[{i}] = {}",
+            y[i]
+        );
         for k in 0..4 {
             let tk = f64::from(theta_v[k]);
             let got = j[i * 4 + k];
@@ -135,7 +154,11 @@ fn multiplicative_identity_gives_theta_and_unit_jacobian() {
                 continue;
             }
             // J_ik = mean(θ_i w_i Z_k) / (σθ_k): s.d. |θ_i/θ_k| sqrt(Var(w_i Z_k)) / (σ√N)
-            let var = if i == k { (1.0 + 4.0 * e) * e.exp() - e } else { e.exp() };
+            let var = if i == k {
+                (1.0 + 4.0 * e) * e.exp() - e
+            } else {
+                e.exp()
+            };
             let sd = (ti / tk).abs() * var.sqrt() / (sigma * rn);
             let want = if i == k { 1.0 } else { 0.0 };
             assert!((got - want).abs() < 5.0 * sd, "J[{i}][{k}] = {got}");
@@ -173,11 +196,20 @@ fn baselines_and_antithetic_pairs_reduce_the_spread_of_the_vjp() {
     let seeds = 400;
     let plain = vjp_spread(Baseline::None, false, seeds);
     for (name, spread) in [
-        ("sample mean", vjp_spread(Baseline::SampleMean, false, seeds)),
-        ("clean input", vjp_spread(Baseline::CleanInput, false, seeds)),
+        (
+            "sample mean",
+            vjp_spread(Baseline::SampleMean, false, seeds),
+        ),
+        (
+            "clean input",
+            vjp_spread(Baseline::CleanInput, false, seeds),
+        ),
         ("antithetic", vjp_spread(Baseline::None, true, seeds)),
     ] {
-        eprintln!("{name}: spread {spread:.4} vs plain {plain:.4} (ratio {:.2})", spread / plain);
+        eprintln!(
+            "{name}: spread {spread:.4} vs plain {plain:.4} (ratio {:.2})",
+            spread / plain
+        );
         assert!(spread < 0.75 * plain, "{name}: {spread} vs plain {plain}");
     }
 }
@@ -188,8 +220,9 @@ fn every_estimator_is_unbiased_on_the_softmax_jacobian() {
     let sigma = 0.5;
     let theta = t(&[0.5, 0.0, -0.5], &[1, 3]);
     let p = vec_f64(&(&theta / sigma).softmax(1, Kind::Double));
-    let exact: Vec<f64> =
-        (0..9).map(|k| ((if k / 3 == k % 3 { p[k / 3] } else { 0.0 }) - p[k / 3] * p[k % 3]) / sigma).collect();
+    let exact: Vec<f64> = (0..9)
+        .map(|k| ((if k / 3 == k % 3 { p[k / 3] } else { 0.0 }) - p[k / 3] * p[k % 3]) / sigma)
+        .collect();
     let seeds = 200u64;
     let n = 200u64;
     for baseline in [Baseline::None, Baseline::SampleMean, Baseline::CleanInput] {
@@ -206,7 +239,12 @@ fn every_estimator_is_unbiased_on_the_softmax_jacobian() {
         // one-hot outputs: an entry's s.d. <= 1/(σ√N) per run, / √seeds for the mean
         let tol = 5.0 / (sigma * ((n * seeds) as f64).sqrt());
         for k in 0..9 {
-            assert!((mean[k] - exact[k]).abs() < tol, "{baseline:?} J[{k}] = {} vs {}", mean[k], exact[k]);
+            assert!(
+                (mean[k] - exact[k]).abs() < tol,
+                "{baseline:?} J[{k}] = {} vs {}",
+                mean[k],
+                exact[k]
+            );
         }
     }
 }
@@ -235,7 +273,10 @@ fn regression_jacobian_is_averaged_not_summed_over_samples() {
         vec_f64(&op.forward_with_tape(&theta).unwrap().1.jacobian().unwrap())[0]
     };
     let (small, large) = (diag(2_000), diag(200_000));
-    assert!((small - large).abs() < 5.0 / 2000f64.sqrt(), "{small} vs {large}");
+    assert!(
+        (small - large).abs() < 5.0 / 2000f64.sqrt(),
+        "{small} vs {large}"
+    );
 }
 
 #[test]
@@ -247,7 +288,10 @@ fn regression_multiplicative_shift_keeps_the_mean() {
     let op = PerturbedOp::new(&c, &[2], &[2], identity).unwrap();
     let y = vec_f64(&op.forward(&t(&[3.0, -1.0], &[1, 2])).unwrap());
     let sd = (0.25f64.exp() - 1.0).sqrt() / (n as f64).sqrt();
-    assert!((y[0] - 3.0).abs() < 5.0 * 3.0 * sd && (y[1] + 1.0).abs() < 5.0 * sd, "{y:?}");
+    assert!(
+        (y[0] - 3.0).abs() < 5.0 * 3.0 * sd && (y[1] + 1.0).abs() < 5.0 * sd,
+        "{y:?}"
+    );
 }
 
 #[test]
@@ -264,7 +308,10 @@ fn regression_minimization_fenchel_young_gradient_has_the_right_sign() {
         theta = theta - grad * 0.1;
     }
     let end = vec_f64(&op.forward(&theta).unwrap())[2];
-    assert!(end > start + 0.5, "weight of the target went {start} -> {end}");
+    assert!(
+        end > start + 0.5,
+        "weight of the target went {start} -> {end}"
+    );
 }
 
 #[test]
@@ -275,17 +322,26 @@ fn regression_one_op_is_safe_to_share_between_threads() {
     let c = config(Noise::Gumbel, 0.5, 500, 6);
     let sequential: Vec<Vec<f64>> = {
         let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
-        (0..16).map(|_| vec_f64(&op.forward(&theta).unwrap())).collect()
+        (0..16)
+            .map(|_| vec_f64(&op.forward(&theta).unwrap()))
+            .collect()
     };
     let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
     let mut concurrent: Vec<Vec<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let (op, theta) = (&op, theta.shallow_clone());
-                s.spawn(move || (0..4).map(|_| vec_f64(&op.forward(&theta).unwrap())).collect::<Vec<_>>())
+                s.spawn(move || {
+                    (0..4)
+                        .map(|_| vec_f64(&op.forward(&theta).unwrap()))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     let key = |v: &Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let mut sequential = sequential;
@@ -298,23 +354,45 @@ fn regression_one_op_is_safe_to_share_between_threads() {
 
 #[test]
 fn objective_and_fenchel_young_need_a_square_op() {
-    let op = PerturbedOp::new(&config(Noise::Normal, 0.5, 10, 0), &[3], &[], |_: &[f32], _: usize, y: &mut [f32]| {
-        y.fill(1.0);
-        Ok(())
-    })
+    let op = PerturbedOp::new(
+        &config(Noise::Normal, 0.5, 10, 0),
+        &[3],
+        &[],
+        |_: &[f32], _: usize, y: &mut [f32]| {
+            y.fill(1.0);
+            Ok(())
+        },
+    )
     .unwrap();
     let theta = t(&[0.0, 1.0, 2.0], &[1, 3]);
     let (_, tape) = op.forward_with_tape(&theta).unwrap();
     let err = tape.objective().unwrap_err();
     assert_eq!(err.status(), Status::InvalidArgument);
-    assert!(err.message().contains("output_shape == input_shape"), "{}", err.message());
+    assert!(
+        err.message().contains("output_shape == input_shape"),
+        "{}",
+        err.message()
+    );
     let err = op.fenchel_young(&theta, &theta).unwrap_err();
-    assert!(err.message().contains("Fenchel-Young loss needs output_shape == input_shape"), "{}", err.message());
-    let square = PerturbedOp::new(&config(Noise::Normal, 0.5, 10, 0), &[3], &[3], identity).unwrap();
+    assert!(
+        err.message()
+            .contains("Fenchel-Young loss needs output_shape == input_shape"),
+        "{}",
+        err.message()
+    );
+    let square =
+        PerturbedOp::new(&config(Noise::Normal, 0.5, 10, 0), &[3], &[3], identity).unwrap();
     let nan = t(&[0.0, f32::NAN, 0.0], &[1, 3]);
-    assert_eq!(square.fenchel_young(&theta, &nan).unwrap_err().status(), Status::NonFiniteInput);
-    let err = square.fenchel_young(&theta, &t(&[0.0, 1.0], &[1, 2])).unwrap_err();
-    assert!(err.message().contains("y_true must have the shape of theta"));
+    assert_eq!(
+        square.fenchel_young(&theta, &nan).unwrap_err().status(),
+        Status::NonFiniteInput
+    );
+    let err = square
+        .fenchel_young(&theta, &t(&[0.0, 1.0], &[1, 2]))
+        .unwrap_err();
+    assert!(err
+        .message()
+        .contains("y_true must have the shape of theta"));
 }
 
 // ---- training through tch autograd ----------------------------------------------------
@@ -348,16 +426,32 @@ fn a_tch_model_learns_through_the_fenchel_young_loss() {
     let op = PerturbedOp::new(&config(Noise::Gumbel, 1.0, 200, 0), &[3], &[3], argmax).unwrap();
     let loss_at = |model: &nn::Linear| {
         let theta = model.forward(&x).detach();
-        f64::try_from(op.fenchel_young(&theta, &y_true).unwrap().0.mean(Kind::Float)).unwrap()
+        f64::try_from(
+            op.fenchel_young(&theta, &y_true)
+                .unwrap()
+                .0
+                .mean(Kind::Float),
+        )
+        .unwrap()
     };
     let start = loss_at(&model);
     for _ in 0..100 {
         let theta = model.forward(&x);
-        let loss = autograd::fenchel_young_loss(&op, &theta, &y_true).unwrap().mean(Kind::Float);
+        let loss = autograd::fenchel_young_loss(&op, &theta, &y_true)
+            .unwrap()
+            .mean(Kind::Float);
         opt.backward_step(&loss);
     }
     let end = loss_at(&model);
-    let accuracy = f64::try_from(model.forward(&x).argmax(1, false).eq_tensor(&labels).to_kind(Kind::Float).mean(Kind::Float)).unwrap();
+    let accuracy = f64::try_from(
+        model
+            .forward(&x)
+            .argmax(1, false)
+            .eq_tensor(&labels)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float),
+    )
+    .unwrap();
     eprintln!("FY loss {start:.3} -> {end:.3}, accuracy {accuracy:.2}");
     // the loss is at least σγ ≈ 0.58 (closed form above); measured 1.60 -> 0.79
     assert!(end < 0.5 * start, "loss {start} -> {end}");

@@ -30,9 +30,16 @@ fn header_is_up_to_date() {
 #[test]
 fn version_macros_match_cargo_toml() {
     use perturbations::ffi::status::{PERT_VERSION_MAJOR, PERT_VERSION_MINOR, PERT_VERSION_PATCH};
-    let v = [env!("CARGO_PKG_VERSION_MAJOR"), env!("CARGO_PKG_VERSION_MINOR"), env!("CARGO_PKG_VERSION_PATCH")];
+    let v = [
+        env!("CARGO_PKG_VERSION_MAJOR"),
+        env!("CARGO_PKG_VERSION_MINOR"),
+        env!("CARGO_PKG_VERSION_PATCH"),
+    ];
     let v: Vec<u32> = v.iter().map(|s| s.parse().unwrap()).collect();
-    assert_eq!(v, [PERT_VERSION_MAJOR, PERT_VERSION_MINOR, PERT_VERSION_PATCH]);
+    assert_eq!(
+        v,
+        [PERT_VERSION_MAJOR, PERT_VERSION_MINOR, PERT_VERSION_PATCH]
+    );
     let runtime = unsafe { std::ffi::CStr::from_ptr(perturbations::ffi::status::pert_version()) };
     assert_eq!(runtime.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
 }

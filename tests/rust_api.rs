@@ -8,8 +8,15 @@ use tch::{Device, Kind, Tensor};
 
 fn config(threads: u32) -> Config {
     let mut c = Config::new();
-    c.set_num_samples(5000).unwrap().set_sigma(0.5).unwrap().set_threads(threads).unwrap();
-    c.set_noise(Noise::Gumbel).set_seed(99).set_device(DeviceSpec::Cpu);
+    c.set_num_samples(5000)
+        .unwrap()
+        .set_sigma(0.5)
+        .unwrap()
+        .set_threads(threads)
+        .unwrap();
+    c.set_noise(Noise::Gumbel)
+        .set_seed(99)
+        .set_device(DeviceSpec::Cpu);
     c
 }
 
@@ -41,24 +48,42 @@ fn forward_and_vjp_match_softmax() {
 #[test]
 fn wrong_shapes_and_kinds_are_invalid_arguments() {
     let op = PerturbedOp::new(&config(1), &[5], &[5], argmax).unwrap();
-    let err = op.forward(&Tensor::zeros([2, 4], (Kind::Float, Device::Cpu))).unwrap_err();
+    let err = op
+        .forward(&Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)))
+        .unwrap_err();
     assert_eq!(err.status(), Status::InvalidArgument);
-    assert_eq!(err.message(), "theta must have shape [batch, 5], got [2, 4]");
-    let err = op.forward(&Tensor::zeros([2, 5], (Kind::Double, Device::Cpu))).unwrap_err();
+    assert_eq!(
+        err.message(),
+        "theta must have shape [batch, 5], got [2, 4]"
+    );
+    let err = op
+        .forward(&Tensor::zeros([2, 5], (Kind::Double, Device::Cpu)))
+        .unwrap_err();
     assert!(err.message().contains("float32"), "{}", err.message());
     let nan = theta();
     let _ = nan.narrow(1, 2, 1).fill_(f64::NAN);
-    assert_eq!(op.forward(&nan).unwrap_err().status(), Status::NonFiniteInput);
+    assert_eq!(
+        op.forward(&nan).unwrap_err().status(),
+        Status::NonFiniteInput
+    );
     let (_, tape) = op.forward_with_tape(&theta()).unwrap();
-    let err = tape.vjp(&Tensor::zeros([3, 5], (Kind::Float, Device::Cpu))).unwrap_err();
-    assert_eq!(err.message(), "grad_output must have shape [2, 5], got [3, 5]");
+    let err = tape
+        .vjp(&Tensor::zeros([3, 5], (Kind::Float, Device::Cpu)))
+        .unwrap_err();
+    assert_eq!(
+        err.message(),
+        "grad_output must have shape [2, 5], got [3, 5]"
+    );
 }
 
 #[test]
 fn solver_errors_carry_their_message() {
-    let op = PerturbedOp::new(&config(1), &[5], &[5], |_: &[f32], _: usize, _: &mut [f32]| {
-        Err("infeasible".to_string())
-    })
+    let op = PerturbedOp::new(
+        &config(1),
+        &[5],
+        &[5],
+        |_: &[f32], _: usize, _: &mut [f32]| Err("infeasible".to_string()),
+    )
     .unwrap();
     let err = op.forward(&theta()).unwrap_err();
     assert_eq!(err.status(), Status::SolverFailed);

@@ -10,7 +10,9 @@ use tch::{Kind, Tensor};
 fn config(noise: Noise, sigma: f64, n: u64, seed: u64) -> Config {
     let mut c = Config::new();
     c.set_num_samples(n).unwrap().set_sigma(sigma).unwrap();
-    c.set_noise(noise).set_seed(seed).set_device(DeviceSpec::Cpu);
+    c.set_noise(noise)
+        .set_seed(seed)
+        .set_device(DeviceSpec::Cpu);
     c
 }
 
@@ -64,10 +66,45 @@ fn builtin_argmax_matches_softmax_and_the_callback_path() {
 }
 
 #[test]
+fn fused_argmax_matches_the_callback_path_for_every_noise_model() {
+    // The CPU built-in argmax runs a fused kernel; the callback path runs libtorch chunks.
+    let theta =
+        Tensor::from_slice(&[0.5f32, 1.0, 0.2, 0.9, 0.1, 0.7, 0.3, 1.1, 0.4, 0.6]).reshape([2, 5]);
+    for (noise, multiplicative, antithetic) in [
+        (Noise::Normal, false, true),
+        (Noise::Normal, true, false),
+        (Noise::Gumbel, false, false),
+    ] {
+        let mut c = config(noise, 0.3, 4000, 12);
+        c.set_antithetic(antithetic);
+        if multiplicative {
+            c.set_perturbation(perturbations::Perturbation::Multiplicative);
+        }
+        let a = PerturbedOp::new_builtin(&c, Builtin::Argmax, &[5]).unwrap();
+        let b = PerturbedOp::new(&c, &[5], &[5], argmax).unwrap();
+        let (ya, ta) = a.forward_with_tape(&theta).unwrap();
+        let (yb, tb) = b.forward_with_tape(&theta).unwrap();
+        assert!(
+            max_abs(&ya, &yb) < 1e-6,
+            "{noise:?} {multiplicative} {antithetic}"
+        );
+        assert!(max_abs(&ta.jacobian().unwrap(), &tb.jacobian().unwrap()) < 1e-4);
+        assert!(max_abs(&ta.objective().unwrap(), &tb.objective().unwrap()) < 1e-4);
+        let (la, ga) = a.fenchel_young(&theta, &theta.zeros_like()).unwrap();
+        let (lb, gb) = b.fenchel_young(&theta, &theta.zeros_like()).unwrap();
+        assert!(max_abs(&la, &lb) < 1e-4 && max_abs(&ga, &gb) < 1e-5);
+    }
+}
+
+#[test]
 fn builtin_topk_and_ranks_match_their_callbacks() {
     let c = config(Noise::Normal, 0.3, 5000, 8);
     for (builtin, solver) in [
-        (Builtin::TopK(2), Box::new(topk(2)) as Box<dyn Fn(&[f32], usize, &mut [f32]) -> Result<(), String> + Send + Sync>),
+        (
+            Builtin::TopK(2),
+            Box::new(topk(2))
+                as Box<dyn Fn(&[f32], usize, &mut [f32]) -> Result<(), String> + Send + Sync>,
+        ),
         (Builtin::Ranks, Box::new(ranks)),
     ] {
         let a = PerturbedOp::new_builtin(&c, builtin, &[5]).unwrap();
@@ -76,10 +113,16 @@ fn builtin_topk_and_ranks_match_their_callbacks() {
         let (yb, tb) = b.forward_with_tape(&theta()).unwrap();
         assert!(max_abs(&ya, &yb) < 1e-5, "{builtin:?}");
         let (ja, jb) = (ta.jacobian().unwrap(), tb.jacobian().unwrap());
-        assert!(max_abs(&ja, &jb) < 1e-3 * (1.0 + f64::try_from(jb.abs().max()).unwrap()), "{builtin:?}");
+        assert!(
+            max_abs(&ja, &jb) < 1e-3 * (1.0 + f64::try_from(jb.abs().max()).unwrap()),
+            "{builtin:?}"
+        );
     }
     // ranks of 5 entries sum to 15 in every sample, so in the mean too
-    let r = PerturbedOp::new_builtin(&c, Builtin::Ranks, &[5]).unwrap().forward(&theta()).unwrap();
+    let r = PerturbedOp::new_builtin(&c, Builtin::Ranks, &[5])
+        .unwrap()
+        .forward(&theta())
+        .unwrap();
     let sums = Vec::<f64>::try_from(r.sum_dim_intlist(1, false, Kind::Double)).unwrap();
     assert!(sums.iter().all(|s| (s - 15.0).abs() < 1e-4), "{sums:?}");
 }
@@ -113,22 +156,31 @@ fn results_do_not_depend_on_the_chunk_size() {
 
 /// J computed by hand from the two-phase API's perturbed inputs: additive noise, so
 /// z_n = (x_n − θ)/σ, Normal scores s_n = z_n, sample-mean baseline.
-fn hand_jacobian(c: &Config, theta_row: &[f32], solve: fn(&[f32], usize, &mut [f32]) -> Result<(), String>) -> (Vec<f64>, Tensor) {
+fn hand_jacobian(
+    c: &Config,
+    theta_row: &[f32],
+    solve: fn(&[f32], usize, &mut [f32]) -> Result<(), String>,
+) -> (Vec<f64>, Tensor) {
     let d = theta_row.len();
     let n = c.num_samples() as usize;
     let op = PerturbedOp::new(c, &[d as i64], &[d as i64], solve).unwrap();
-    let draw = op.draw(&Tensor::from_slice(theta_row).reshape([1, d as i64])).unwrap();
+    let draw = op
+        .draw(&Tensor::from_slice(theta_row).reshape([1, d as i64]))
+        .unwrap();
     let x = draw.inputs();
     let mut y = vec![0f32; x.len()];
     solve(x, n, &mut y).unwrap();
     let sigma = c.sigma();
-    let mean: Vec<f64> = (0..d).map(|i| (0..n).map(|k| f64::from(y[k * d + i])).sum::<f64>() / n as f64).collect();
+    let mean: Vec<f64> = (0..d)
+        .map(|i| (0..n).map(|k| f64::from(y[k * d + i])).sum::<f64>() / n as f64)
+        .collect();
     let mut j = vec![0f64; d * d];
     for k in 0..n {
         for i in 0..d {
             for l in 0..d {
                 let z = (f64::from(x[k * d + l]) - f64::from(theta_row[l])) / sigma;
-                j[i * d + l] += (f64::from(y[k * d + i]) - mean[i]) * z / ((n as f64 - 1.0) * sigma);
+                j[i * d + l] +=
+                    (f64::from(y[k * d + i]) - mean[i]) * z / ((n as f64 - 1.0) * sigma);
             }
         }
     }
@@ -144,13 +196,18 @@ fn both_tape_forms_give_the_estimator_computed_by_hand() {
     for (n, keeps_samples) in [(3u64, true), (400, false)] {
         let c = config(Noise::Normal, 0.5, n, 6);
         let op = PerturbedOp::new(&c, &[8], &[8], argmax).unwrap();
-        let (_, tape) = op.forward_with_tape(&Tensor::from_slice(&theta_row).reshape([1, 8])).unwrap();
+        let (_, tape) = op
+            .forward_with_tape(&Tensor::from_slice(&theta_row).reshape([1, 8]))
+            .unwrap();
         assert_eq!(tape.keeps_samples(), keeps_samples, "N = {n}");
         let (want, got) = hand_jacobian(&c, &theta_row, argmax);
         let got = Vec::<f64>::try_from(got.to_kind(Kind::Double).flatten(0, -1)).unwrap();
         for (a, b) in got.iter().zip(&want) {
             // the perturbed inputs are float32: z carries ~1e-7/σ rounding
-            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "N = {n}: {a} vs {b}");
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "N = {n}: {a} vs {b}"
+            );
         }
         // VJP and JVP of the samples form agree with its Jacobian
         let v = Tensor::from_slice(&[1.0f32, -1.0, 0.5, 2.0, 0.0, 0.3, -0.7, 1.5]).reshape([1, 8]);
@@ -172,19 +229,34 @@ fn two_phase_gives_the_callback_results() {
         let (y1, t1) = callback.forward_with_tape(&theta()).unwrap();
         let draw = external.draw(&theta()).unwrap();
         drop(external); // a draw outlives its op
-        let extra = if baseline == Baseline::CleanInput { 2 } else { 0 };
+        let extra = if baseline == Baseline::CleanInput {
+            2
+        } else {
+            0
+        };
         assert_eq!(draw.count(), 2 * 4000 + extra);
         let mut solutions = vec![0f32; draw.count() * 5];
         argmax(draw.inputs(), draw.count(), &mut solutions).unwrap();
         let (y2, t2) = draw.finish(&solutions, true).unwrap();
         let t2 = t2.unwrap();
         assert!(max_abs(&y1, &y2) == 0.0, "{baseline:?}");
-        assert!(max_abs(&t1.jacobian().unwrap(), &t2.jacobian().unwrap()) == 0.0, "{baseline:?}");
+        assert!(
+            max_abs(&t1.jacobian().unwrap(), &t2.jacobian().unwrap()) == 0.0,
+            "{baseline:?}"
+        );
         solutions[7] = f32::NAN;
-        assert_eq!(draw.finish(&solutions, false).unwrap_err().status(), Status::NonFiniteInput);
-        assert!(draw.finish(&solutions[1..], false).unwrap_err().message().contains("solutions must hold"));
+        assert_eq!(
+            draw.finish(&solutions, false).unwrap_err().status(),
+            Status::NonFiniteInput
+        );
+        assert!(draw
+            .finish(&solutions[1..], false)
+            .unwrap_err()
+            .message()
+            .contains("solutions must hold"));
     }
-    let external = PerturbedOp::new_external(&config(Noise::Normal, 0.5, 10, 0), &[5], &[5]).unwrap();
+    let external =
+        PerturbedOp::new_external(&config(Noise::Normal, 0.5, 10, 0), &[5], &[5]).unwrap();
     let err = external.forward(&theta()).unwrap_err();
     assert!(err.message().contains("two-phase"), "{}", err.message());
 }
@@ -197,6 +269,10 @@ fn tape_limit_is_respected_before_any_work() {
     let theta = Tensor::zeros([1, 10], (Kind::Float, tch::Device::Cpu));
     let err = op.forward_with_tape(&theta).unwrap_err();
     assert_eq!(err.status(), Status::InvalidArgument);
-    assert!(err.message().contains("above max_tape_bytes 399"), "{}", err.message());
+    assert!(
+        err.message().contains("above max_tape_bytes 399"),
+        "{}",
+        err.message()
+    );
     let _ = op.forward(&theta).unwrap();
 }

@@ -106,7 +106,12 @@ pub(crate) fn check_finite(values: &[f32], cols: usize, name: &str) -> Result<()
         None => Ok(()),
         Some(i) => Err(Error::new(
             Status::NonFiniteInput,
-            format!("{name}[{}][{}] is {}; {name} must be finite", i / cols.max(1), i % cols.max(1), values[i]),
+            format!(
+                "{name}[{}][{}] is {}; {name} must be finite",
+                i / cols.max(1),
+                i % cols.max(1),
+                values[i]
+            ),
         )),
     }
 }

@@ -58,7 +58,9 @@ pub struct pert_config {
 pub unsafe extern "C" fn pert_config_new(out: *mut *mut pert_config) -> pert_status {
     guard(|| {
         let out = unsafe { arg_mut(out, "out") }?;
-        *out = Box::into_raw(Box::new(pert_config { inner: Config::new() }));
+        *out = Box::into_raw(Box::new(pert_config {
+            inner: Config::new(),
+        }));
         Ok(())
     })
 }
@@ -82,7 +84,10 @@ fn set(config: *mut pert_config, f: impl FnOnce(&mut Config) -> Result<(), Error
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` when `num_samples` is 0 or above INT64_MAX.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_num_samples(config: *mut pert_config, num_samples: u64) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_num_samples(
+    config: *mut pert_config,
+    num_samples: u64,
+) -> pert_status {
     set(config, |c| c.set_num_samples(num_samples).map(|_| ()))
 }
 
@@ -90,7 +95,10 @@ pub unsafe extern "C" fn pert_config_set_num_samples(config: *mut pert_config, n
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` unless `sigma` is finite and > 0.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_sigma(config: *mut pert_config, sigma: f64) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_sigma(
+    config: *mut pert_config,
+    sigma: f64,
+) -> pert_status {
     set(config, |c| c.set_sigma(sigma).map(|_| ()))
 }
 
@@ -98,7 +106,10 @@ pub unsafe extern "C" fn pert_config_set_sigma(config: *mut pert_config, sigma: 
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_noise(config: *mut pert_config, noise: u32) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_noise(
+    config: *mut pert_config,
+    noise: u32,
+) -> pert_status {
     set(config, |c| {
         c.set_noise(Noise::from_u32(noise)?);
         Ok(())
@@ -124,7 +135,10 @@ pub unsafe extern "C" fn pert_config_set_seed(config: *mut pert_config, seed: u6
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for another string,
 ///         `PERT_STATUS_DEVICE_UNAVAILABLE` for a CUDA device this machine does not have.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_device(config: *mut pert_config, device: *const c_char) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_device(
+    config: *mut pert_config,
+    device: *const c_char,
+) -> pert_status {
     set(config, |c| {
         let text = unsafe { arg(device, "device") }?;
         // SAFETY: the caller passes a NUL-terminated string.
@@ -145,7 +159,10 @@ pub unsafe extern "C" fn pert_config_set_device(config: *mut pert_config, device
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` above 1024.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_threads(config: *mut pert_config, threads: u32) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_threads(
+    config: *mut pert_config,
+    threads: u32,
+) -> pert_status {
     set(config, |c| c.set_threads(threads).map(|_| ()))
 }
 
@@ -154,7 +171,10 @@ pub unsafe extern "C" fn pert_config_set_threads(config: *mut pert_config, threa
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_perturbation(config: *mut pert_config, perturbation: u32) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_perturbation(
+    config: *mut pert_config,
+    perturbation: u32,
+) -> pert_status {
     set(config, |c| {
         c.set_perturbation(Perturbation::from_u32(perturbation)?);
         Ok(())
@@ -168,7 +188,10 @@ pub unsafe extern "C" fn pert_config_set_perturbation(config: *mut pert_config, 
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_baseline(config: *mut pert_config, baseline: u32) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_baseline(
+    config: *mut pert_config,
+    baseline: u32,
+) -> pert_status {
     set(config, |c| {
         c.set_baseline(Baseline::from_u32(baseline)?);
         Ok(())
@@ -179,7 +202,10 @@ pub unsafe extern "C" fn pert_config_set_baseline(config: *mut pert_config, base
 /// sum over pairs of (Y(Z) - Y(-Z)) Z^T / (N sigma). Needs Normal noise and an even
 /// num_samples; `pert_op_new` checks both.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_antithetic(config: *mut pert_config, antithetic: bool) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_antithetic(
+    config: *mut pert_config,
+    antithetic: bool,
+) -> pert_status {
     set(config, |c| {
         c.set_antithetic(antithetic);
         Ok(())
@@ -191,7 +217,10 @@ pub unsafe extern "C" fn pert_config_set_antithetic(config: *mut pert_config, an
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_sense(config: *mut pert_config, sense: u32) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_sense(
+    config: *mut pert_config,
+    sense: u32,
+) -> pert_status {
     set(config, |c| {
         c.set_sense(Sense::from_u32(sense)?);
         Ok(())
@@ -204,7 +233,10 @@ pub unsafe extern "C" fn pert_config_set_sense(config: *mut pert_config, sense: 
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for 0.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_chunk_bytes(config: *mut pert_config, bytes: u64) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_chunk_bytes(
+    config: *mut pert_config,
+    bytes: u64,
+) -> pert_status {
     set(config, |c| c.set_chunk_bytes(bytes).map(|_| ()))
 }
 
@@ -213,7 +245,10 @@ pub unsafe extern "C" fn pert_config_set_chunk_bytes(config: *mut pert_config, b
 /// num_samples * (output_numel + input_numel) floats (the samples). A call whose tape would
 /// be larger fails with `PERT_STATUS_INVALID_ARGUMENT` before any work.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_max_tape_bytes(config: *mut pert_config, bytes: u64) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_max_tape_bytes(
+    config: *mut pert_config,
+    bytes: u64,
+) -> pert_status {
     set(config, |c| {
         c.set_max_tape_bytes(bytes);
         Ok(())

@@ -31,15 +31,28 @@ pub struct pert_draw {
 /// @return The errors of `pert_forward` for theta; `PERT_STATUS_INVALID_ARGUMENT` for
 ///         batch 0 (there is nothing to draw).
 #[no_mangle]
-pub unsafe extern "C" fn pert_draw_new(op: *mut pert_op, theta: *const f32, batch: usize, out: *mut *mut pert_draw) -> pert_status {
+pub unsafe extern "C" fn pert_draw_new(
+    op: *mut pert_op,
+    theta: *const f32,
+    batch: usize,
+    out: *mut *mut pert_draw,
+) -> pert_status {
     guard(|| {
         let op = &unsafe { arg(op, "op") }?.inner;
         let out = unsafe { super::boundary::arg_mut(out, "out") }?;
         if batch == 0 {
-            return Err(crate::Error::invalid("batch must be >= 1 for a draw, got 0"));
+            return Err(crate::Error::invalid(
+                "batch must be >= 1 for a draw, got 0",
+            ));
         }
         let d = op.input_numel();
-        let theta = unsafe { slice(theta, checked_product(&[batch, d], "batch * input_numel")?, "theta") }?;
+        let theta = unsafe {
+            slice(
+                theta,
+                checked_product(&[batch, d], "batch * input_numel")?,
+                "theta",
+            )
+        }?;
         check_finite(theta, d, "theta")?;
         let theta = Tensor::f_from_slice(theta)?.f_reshape(batched(batch, op.input_shape()))?;
         let inner = op.draw(&theta)?;
@@ -51,7 +64,9 @@ pub unsafe extern "C" fn pert_draw_new(op: *mut pert_op, theta: *const f32, batc
 /// The number of rows of `pert_draw_inputs` (problems to solve); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn pert_draw_count(draw: *const pert_draw) -> usize {
-    guard_or(0, || unsafe { draw.as_ref() }.map_or(0, |d| d.inner.count()))
+    guard_or(0, || {
+        unsafe { draw.as_ref() }.map_or(0, |d| d.inner.count())
+    })
 }
 
 /// The perturbed inputs, `pert_draw_count(draw) * input_numel` floats, row-major
@@ -59,7 +74,9 @@ pub unsafe extern "C" fn pert_draw_count(draw: *const pert_draw) -> usize {
 /// NULL.
 #[no_mangle]
 pub unsafe extern "C" fn pert_draw_inputs(draw: *const pert_draw) -> *const f32 {
-    guard_or(std::ptr::null(), || unsafe { draw.as_ref() }.map_or(std::ptr::null(), |d| d.inner.inputs().as_ptr()))
+    guard_or(std::ptr::null(), || {
+        unsafe { draw.as_ref() }.map_or(std::ptr::null(), |d| d.inner.inputs().as_ptr())
+    })
 }
 
 /// Completes a draw: y_sigma(theta) and, when `tape` is not NULL, the tape, from the

@@ -4,8 +4,8 @@ use super::boundary::{arg, arg_mut, check_finite, guard, guard_or, slice, slice_
 use super::config::pert_config;
 use super::status::pert_status;
 use super::tape::pert_tape;
-use crate::error::{Error, Result};
 use crate::builtin::Builtin;
+use crate::error::{Error, Result};
 use crate::op::PerturbedOp;
 use crate::shape::checked_product;
 use crate::solver::Solver;
@@ -24,8 +24,14 @@ use tch::Tensor;
 ///         `PERT_STATUS_SOLVER_FAILED`.
 ///
 /// The callback must not throw C++ exceptions or longjmp through the library.
-pub type pert_solver_fn =
-    Option<unsafe extern "C" fn(user_data: *mut c_void, inputs: *const f32, count: usize, outputs: *mut f32) -> i32>;
+pub type pert_solver_fn = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        inputs: *const f32,
+        count: usize,
+        outputs: *mut f32,
+    ) -> i32,
+>;
 
 /// A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.
 ///
@@ -47,9 +53,15 @@ unsafe impl Send for CallbackSolver {}
 unsafe impl Sync for CallbackSolver {}
 
 impl Solver for CallbackSolver {
-    fn solve(&self, inputs: &[f32], count: usize, outputs: &mut [f32]) -> std::result::Result<(), String> {
+    fn solve(
+        &self,
+        inputs: &[f32],
+        count: usize,
+        outputs: &mut [f32],
+    ) -> std::result::Result<(), String> {
         // SAFETY: the buffers hold `count` rows each, as the callback's contract says.
-        let rc = unsafe { (self.solve)(self.user_data, inputs.as_ptr(), count, outputs.as_mut_ptr()) };
+        let rc =
+            unsafe { (self.solve)(self.user_data, inputs.as_ptr(), count, outputs.as_mut_ptr()) };
         if rc == 0 {
             Ok(())
         } else {
@@ -64,7 +76,9 @@ unsafe fn shape(dims: *const i64, rank: usize, name: &str) -> Result<Vec<i64>> {
         return Ok(Vec::new());
     }
     if rank > 64 {
-        return Err(Error::invalid(format!("{name} rank must be at most 64, got {rank}")));
+        return Err(Error::invalid(format!(
+            "{name} rank must be at most 64, got {rank}"
+        )));
     }
     Ok(unsafe { slice(dims, rank, name) }?.to_vec())
 }
@@ -103,7 +117,8 @@ pub unsafe extern "C" fn pert_op_new(
     guard(|| {
         let config = unsafe { arg(config, "config") }?;
         let out = unsafe { arg_mut(out, "out") }?;
-        let solve = solver.ok_or_else(|| Error::new(crate::Status::NullArgument, "solver is NULL"))?;
+        let solve =
+            solver.ok_or_else(|| Error::new(crate::Status::NullArgument, "solver is NULL"))?;
         let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
         let output_shape = unsafe { shape(output_shape, output_rank, "output_shape") }?;
         let inner = PerturbedOp::new(
@@ -195,14 +210,18 @@ pub unsafe extern "C" fn pert_op_free(op: *mut pert_op) {
 /// The number of floats in one problem's input (the product of `input_shape`); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_input_numel(op: *const pert_op) -> usize {
-    guard_or(0, || unsafe { op.as_ref() }.map_or(0, |op| op.inner.input_numel()))
+    guard_or(0, || {
+        unsafe { op.as_ref() }.map_or(0, |op| op.inner.input_numel())
+    })
 }
 
 /// The number of floats in one problem's output (the product of `output_shape`, 1 for rank
 /// 0); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
-    guard_or(0, || unsafe { op.as_ref() }.map_or(0, |op| op.inner.output_numel()))
+    guard_or(0, || {
+        unsafe { op.as_ref() }.map_or(0, |op| op.inner.output_numel())
+    })
 }
 
 /// The perturbed solution y_sigma(theta) = mean over num_samples of solver(theta + sigma Z),
@@ -242,7 +261,8 @@ pub unsafe extern "C" fn pert_forward(
         let theta = unsafe { slice(theta, theta_len, "theta") }?;
         let output = unsafe { slice_mut(output, output_len, "output") }?;
         check_finite(theta, d, "theta")?;
-        let theta = Tensor::f_from_slice(theta)?.f_reshape(crate::shape::batched(batch, op.input_shape()))?;
+        let theta = Tensor::f_from_slice(theta)?
+            .f_reshape(crate::shape::batched(batch, op.input_shape()))?;
         if tape.is_null() {
             let y = op.forward(&theta)?;
             y.f_copy_data(output, output_len)?;

@@ -86,7 +86,9 @@ pub unsafe extern "C" fn pert_last_error(buf: *mut c_char, buf_len: usize) -> us
 /// The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
 #[no_mangle]
 pub extern "C" fn pert_cuda_device_count() -> i32 {
-    guard_or(0, || i32::try_from(crate::device::cuda_device_count()).unwrap_or(i32::MAX))
+    guard_or(0, || {
+        i32::try_from(crate::device::cuda_device_count()).unwrap_or(i32::MAX)
+    })
 }
 
 #[cfg(test)]
@@ -108,13 +110,24 @@ mod tests {
         ];
         for (c, s) in consts.iter().zip(Status::ALL) {
             assert_eq!(*c, s as u32);
-            let name = unsafe { CStr::from_ptr(pert_status_name(*c)) }.to_str().unwrap();
+            let name = unsafe { CStr::from_ptr(pert_status_name(*c)) }
+                .to_str()
+                .unwrap();
             assert_eq!(name, format!("PERT_STATUS_{}", s.name()));
         }
         let unknown = unsafe { CStr::from_ptr(pert_status_name(8)) };
         assert_eq!(unknown.to_str().unwrap(), "PERT_STATUS_UNKNOWN");
-        assert_eq!(super::super::config::PERT_NOISE_NORMAL, crate::Noise::Normal as u32);
-        assert_eq!(super::super::config::PERT_NOISE_GUMBEL, crate::Noise::Gumbel as u32);
-        assert_eq!(super::super::config::PERT_MAX_THREADS, crate::config::MAX_THREADS);
+        assert_eq!(
+            super::super::config::PERT_NOISE_NORMAL,
+            crate::Noise::Normal as u32
+        );
+        assert_eq!(
+            super::super::config::PERT_NOISE_GUMBEL,
+            crate::Noise::Gumbel as u32
+        );
+        assert_eq!(
+            super::super::config::PERT_MAX_THREADS,
+            crate::config::MAX_THREADS
+        );
     }
 }

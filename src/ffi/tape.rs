@@ -31,7 +31,11 @@ fn sizes(tape: &Tape) -> crate::Result<(usize, usize, usize)> {
 /// @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in grad_output; on error grad_input
 ///         is untouched.
 #[no_mangle]
-pub unsafe extern "C" fn pert_tape_vjp(tape: *const pert_tape, grad_output: *const f32, grad_input: *mut f32) -> pert_status {
+pub unsafe extern "C" fn pert_tape_vjp(
+    tape: *const pert_tape,
+    grad_output: *const f32,
+    grad_input: *mut f32,
+) -> pert_status {
     guard(|| {
         let tape = &unsafe { arg(tape, "tape") }?.inner;
         let (b, d, o) = sizes(tape)?;
@@ -77,7 +81,10 @@ pub unsafe extern "C" fn pert_tape_jvp(
 /// @return `PERT_STATUS_INVALID_ARGUMENT` when the op's output shape differs from its input
 ///         shape (there is no linear objective <theta, y> then).
 #[no_mangle]
-pub unsafe extern "C" fn pert_tape_objective(tape: *const pert_tape, value: *mut f32) -> pert_status {
+pub unsafe extern "C" fn pert_tape_objective(
+    tape: *const pert_tape,
+    value: *mut f32,
+) -> pert_status {
     guard(|| {
         let tape = &unsafe { arg(tape, "tape") }?.inner;
         let out = unsafe { slice_mut(value, tape.batch(), "value") }?;
@@ -91,7 +98,10 @@ pub unsafe extern "C" fn pert_tape_objective(tape: *const pert_tape, value: *mut
 /// @param jacobian  Receives `batch * output_numel * input_numel` floats, row-major
 ///                  `[batch, output_numel, input_numel]`.
 #[no_mangle]
-pub unsafe extern "C" fn pert_tape_jacobian(tape: *const pert_tape, jacobian: *mut f32) -> pert_status {
+pub unsafe extern "C" fn pert_tape_jacobian(
+    tape: *const pert_tape,
+    jacobian: *mut f32,
+) -> pert_status {
     guard(|| {
         let tape = &unsafe { arg(tape, "tape") }?.inner;
         let (b, d, o) = sizes(tape)?;
@@ -105,7 +115,9 @@ pub unsafe extern "C" fn pert_tape_jacobian(tape: *const pert_tape, jacobian: *m
 /// The number of problems of the forward call that made the tape; 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn pert_tape_batch(tape: *const pert_tape) -> usize {
-    guard_or(0, || unsafe { tape.as_ref() }.map_or(0, |t| t.inner.batch()))
+    guard_or(0, || {
+        unsafe { tape.as_ref() }.map_or(0, |t| t.inner.batch())
+    })
 }
 
 /// Frees a tape, on any thread. NULL is accepted and ignored.

@@ -6,7 +6,9 @@ fn one_hot_best(x: &[f32], count: usize, y: &mut [f32], better: impl Fn(f32, f32
     let d = x.len() / count;
     for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
         let best = (0..d).fold(0, |b, i| if better(xr[i], xr[b]) { i } else { b });
-        yr.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
+        yr.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i == best) as u8 as f32);
     }
 }
 
