@@ -10,8 +10,8 @@ use crate::perturbation::Perturbation;
 /// The largest number of solver threads a config accepts (C: `PERT_MAX_THREADS`).
 pub(crate) const MAX_THREADS: u32 = 1024;
 
-/// The default working memory of one chunk of samples: 16 MiB.
-pub const DEFAULT_CHUNK_BYTES: u64 = 16 << 20;
+/// The default working memory of one chunk of samples: 2 MiB.
+pub const DEFAULT_CHUNK_BYTES: u64 = 2 << 20;
 
 /// Settings of a perturbed op. An op copies its config: changing a config later does not
 /// change ops made from it.
@@ -140,8 +140,9 @@ impl Config {
 
     /// The working memory of one chunk of samples (perturbed inputs, noise, scores and
     /// solutions, on the device and their host copies): samples are drawn, solved and
-    /// reduced a chunk at a time, so a forward call's extra memory is this plus the tape,
-    /// whatever num_samples. At least one sample per chunk is always used. Default 16 MiB.
+    /// reduced a chunk at a time (one chunk per solver thread at once), so a forward call's
+    /// extra memory is about threads × this plus the tape, whatever num_samples. At least one
+    /// sample per chunk is always used. Default 2 MiB.
     pub fn set_chunk_bytes(&mut self, bytes: u64) -> Result<&mut Config> {
         if bytes == 0 {
             return Err(Error::invalid("chunk_bytes must be > 0, got 0"));

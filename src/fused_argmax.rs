@@ -7,6 +7,7 @@
 //! are made on one thread and the blocks are added in their order, so the results do not
 //! depend on the number of threads, bit for bit.
 
+use crate::blocks::run_blocks;
 use crate::estimator::ProblemSums;
 use crate::noise::Noise;
 use crate::perturbation::Perturbation;
@@ -39,28 +40,16 @@ impl Kernel<'_> {
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
         let mut total = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
         let blocks = n.div_ceil(BLOCK);
-        let threads = threads.clamp(1, blocks.max(1));
-        let mut k = 0;
-        while k < blocks {
-            let wave = threads.min(blocks - k);
-            let parts: Vec<ProblemSums> = if wave == 1 {
-                vec![self.block(theta, b, n, k)]
-            } else {
-                std::thread::scope(|scope| {
-                    let handles: Vec<_> = (k..k + wave)
-                        .map(|j| scope.spawn(move || self.block(theta, b, n, j)))
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                        .collect()
-                })
-            };
-            for part in &parts {
-                total.add(part);
-            }
-            k += wave;
-        }
+        let mut scratch = vec![(); threads.clamp(1, blocks.max(1))];
+        let _ = run_blocks::<_, _, std::convert::Infallible>(
+            blocks,
+            &mut scratch,
+            |k, _| Ok(self.block(theta, b, n, k)),
+            |_, part| {
+                total.add(&part);
+                Ok(())
+            },
+        );
         total
     }
 

@@ -7,6 +7,7 @@
 //! in [`ffi`].
 
 pub mod autograd;
+mod blocks;
 pub mod builtin;
 pub mod config;
 pub mod device;

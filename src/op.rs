@@ -1,5 +1,6 @@
 //! A perturbed optimizer: a solver, its problem shapes, and a config.
 
+use crate::blocks::run_blocks;
 use crate::builtin::{Builtin, Solutions};
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
@@ -487,68 +488,37 @@ impl OpSpec {
         acc.finish(n, baseline, clean.as_ref(), theta)
     }
 
-    /// The chunk loop of a CPU op whose solutions come from the host (a callback or the
-    /// two-phase API), in Rust on host buffers: no libtorch parallel region runs between
-    /// solver calls, where its OpenMP workers would spin on the cores the solver threads need.
-    fn run_on_host(
-        &self,
-        theta: &Tensor,
-        stream: &Stream,
-        source: Source<'_>,
-        acc: &mut Accumulator,
-    ) -> Result<()> {
+    /// The samples of a CPU op whose solutions come from the host (a callback or the
+    /// two-phase API), in Rust on host buffers: each block of samples is drawn, perturbed,
+    /// solved and summed on one of the solver threads, and the blocks are added in their
+    /// order (so the results do not depend on the number of threads). No libtorch parallel
+    /// region runs between solver calls, where its OpenMP workers would spin on the cores
+    /// the solver threads need.
+    fn run_on_host(&self, theta: &Tensor, stream: &Stream, source: Source<'_>, acc: &mut Accumulator) -> Result<()> {
         let c = &self.config;
-        let (d, o, n) = (
-            self.input_numel,
-            self.output_numel,
-            c.num_samples() as usize,
-        );
+        let (d, o, n) = (self.input_numel, self.output_numel, c.num_samples() as usize);
         let batch = theta.size()[0] as usize;
         let multiplicative = c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
         let sums_form = acc.form() == Some(TapeForm::Sums);
-        let scores = acc.form().is_some();
-        let (threads, cores) = (
-            c.effective_threads(),
-            std::thread::available_parallelism().map_or(1, |t| t.get()),
-        );
-        let mut theta_host = vec![0f32; batch * d];
-        theta
-            .f_contiguous()?
-            .f_view([-1])?
-            .f_copy_data(&mut theta_host, batch * d)?;
+        let keep_samples = acc.form() == Some(TapeForm::Samples);
         let per = self.rows_per_chunk();
-        let (mut z, mut s, mut x, mut y) = (
-            vec![0f32; per * d],
-            vec![0f32; per * d],
-            vec![0f32; per * d],
-            vec![0f32; per * o],
-        );
+        let blocks = n.div_ceil(per);
+        let threads = c.effective_threads().clamp(1, blocks.max(1));
+        let mut theta_host = vec![0f32; batch * d];
+        theta.f_contiguous()?.f_view([-1])?.f_copy_data(&mut theta_host, batch * d)?;
+        // per solver thread: noise, scores, perturbed inputs, solutions
+        let mut scratch: Vec<[Vec<f32>; 4]> =
+            (0..threads).map(|_| [vec![0f32; per * d], vec![0f32; per * d], vec![0f32; per * d], vec![0f32; per * o]]).collect();
         for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
-            let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
-            let mut n0 = 0;
-            while n0 < n {
-                let rows = per.min(n - n0);
-                let (z, s, x, y) = (
-                    &mut z[..rows * d],
-                    &mut s[..rows * d],
-                    &mut x[..rows * d],
-                    &mut y[..rows * o],
-                );
-                c.noise().draw_samples(
-                    stream,
-                    c.antithetic(),
-                    multiplicative,
-                    (b, n, n0, d),
-                    z,
-                    s,
-                    cores,
-                );
-                c.perturbation()
-                    .perturb_host(theta_b, z, c.sigma() as f32, x);
+            let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
+            let work = |k: usize, buffers: &mut [Vec<f32>; 4]| -> Result<(ProblemSums, Option<(Vec<f32>, Vec<f32>)>)> {
+                let (n0, rows) = (k * per, per.min(n - k * per));
+                let [z, s, x, y] = buffers;
+                let (z, s, x, y) = (&mut z[..rows * d], &mut s[..rows * d], &mut x[..rows * d], &mut y[..rows * o]);
+                c.noise().draw_samples(stream, c.antithetic(), multiplicative, (b, n, n0, d), z, s, 1);
+                c.perturbation().perturb_host(theta_b, z, c.sigma() as f32, x);
                 match source {
-                    Source::Solver(SolverKind::Host(solver)) => {
-                        solve_rows(&**solver, x, y, rows, d, o, threads)?
-                    }
+                    Source::Solver(SolverKind::Host(solver)) => solve_rows(&**solver, x, y, rows, d, o, 1)?,
                     Source::Provided(all) => {
                         let first = b * n + n0;
                         check_provided(&all[first * o..(first + rows) * o], first, o)?;
@@ -556,20 +526,18 @@ impl OpSpec {
                     }
                     Source::Solver(_) => unreachable!("only host solutions take the host path"),
                 }
-                sums.add_rows(
-                    d,
-                    z,
-                    x,
-                    if sums_form { s } else { &[] },
-                    y,
-                    c.sigma() as f32,
-                );
-                if scores && !sums_form {
-                    acc.add_samples(b as i64, n0 as i64, y, s)?;
+                let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
+                sums.add_rows(d, z, x, if sums_form { s } else { &[] }, y, c.sigma() as f32);
+                Ok((sums, keep_samples.then(|| (y.to_vec(), s.to_vec()))))
+            };
+            run_blocks(blocks, &mut scratch, work, |k, (sums, samples)| {
+                total.add(&sums);
+                if let Some((y, s)) = samples {
+                    acc.add_samples(b as i64, (k * per) as i64, &y, &s)?;
                 }
-                n0 += rows;
-            }
-            acc.add_sums(b as i64, &sums)?;
+                Ok(())
+            })?;
+            acc.add_sums(b as i64, &total)?;
         }
         Ok(())
     }

@@ -227,9 +227,11 @@ pub unsafe extern "C" fn pert_config_set_sense(
     })
 }
 
-/// Sets the working memory of one chunk of samples, in bytes (default 16 MiB). Samples are
-/// drawn, solved and reduced a chunk at a time, so a forward call's extra memory is about
-/// this plus its tape, whatever num_samples. A chunk holds at least one sample.
+/// Sets the working memory of one chunk of samples, in bytes (default 2 MiB). Samples are
+/// drawn, solved and reduced a chunk at a time (one chunk per solver thread at once), so a
+/// forward call's extra memory is about threads * chunk_bytes plus its tape, whatever
+/// num_samples. A chunk holds at least one sample. The results do not depend on it beyond
+/// float rounding.
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for 0.
 #[no_mangle]
