@@ -321,13 +321,11 @@ pert_status pert_config_set_antithetic(pert_config *config, bool antithetic);
 pert_status pert_config_set_sense(pert_config *config, uint32_t sense);
 
 /*
- Sets the working memory of one chunk of samples, in bytes (default 2 MiB). Samples are
- drawn, solved and reduced a chunk at a time (one chunk per solver thread at once), so a
- forward call's extra memory is about threads * chunk_bytes plus its tape, whatever
- num_samples. A chunk holds at least one sample. The results do not depend on it beyond
- float rounding.
-
- @return `PERT_STATUS_INVALID_ARGUMENT` for 0.
+ Sets the working memory of one chunk of samples, in bytes. Samples are drawn, solved and
+ reduced a chunk at a time (one chunk per solver thread at once), so a forward call's
+ extra memory is about threads * chunk_bytes plus its tape, whatever num_samples. A chunk
+ holds at least one sample. The results do not depend on it beyond float rounding.
+ 0 (the default) leaves it to the library: 2 MiB on the CPU, 64 MiB on CUDA.
  */
 pert_status pert_config_set_chunk_bytes(pert_config *config, uint64_t bytes);
 

@@ -2,7 +2,7 @@
 
 use crate::blocks::run_blocks;
 use crate::builtin::{Builtin, Solutions};
-use crate::config::Config;
+use crate::config::{Config, AUTO_CHUNK_BYTES};
 use crate::error::{Error, Result, Status};
 use crate::estimator::{Accumulator, Baseline, Estimate, ProblemSums, TapeForm};
 use crate::fused_argmax::Kernel;
@@ -339,7 +339,12 @@ impl OpSpec {
         let (d, o) = (self.input_numel as u64, self.output_numel as u64);
         let row_bytes = 4 * (4 * d + 3 * o);
         let n = self.config.num_samples() as usize;
-        let rows = (self.config.chunk_bytes() / row_bytes).clamp(1, n as u64) as usize;
+        let budget = match self.config.chunk_bytes() {
+            0 if self.device == Device::Cpu => AUTO_CHUNK_BYTES.0,
+            0 => AUTO_CHUNK_BYTES.1,
+            bytes => bytes,
+        };
+        let rows = (budget / row_bytes).clamp(1, n as u64) as usize;
         if self.config.antithetic() {
             (rows & !1).max(2)
         } else {
@@ -360,7 +365,7 @@ impl OpSpec {
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.config;
         let (d, n) = (self.input_numel, c.num_samples() as usize);
-        let threads = c.effective_threads();
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()); // noise only
         let z = if c.antithetic() {
             let half =
                 c.noise()

@@ -130,7 +130,7 @@ fn library_never_touches_the_global_torch_rng() {
 #[test]
 fn large_num_samples_are_chunked_with_bounded_buffers() {
     // 2 problems x 400k samples x 5 floats would be 16 MB of inputs at once; the op works
-    // in chunks of at most 8 MiB and still matches the softmax.
+    // in chunks of 2 MiB and still matches the softmax.
     let mut c = config(2);
     c.set_num_samples(400_000).unwrap();
     let op = PerturbedOp::new(&c, &[5], &[5], argmax).unwrap();

@@ -141,7 +141,7 @@ fn builtins_work_along_the_last_dimension_of_any_shape() {
 #[test]
 fn results_do_not_depend_on_the_chunk_size() {
     let mut small = config(Noise::Normal, 0.4, 3000, 5);
-    small.set_chunk_bytes(1000).unwrap(); // about 10 samples a chunk
+    small.set_chunk_bytes(1000); // about 10 samples a chunk
     let large = config(Noise::Normal, 0.4, 3000, 5);
     for make in [
         |c: &Config| PerturbedOp::new(c, &[5], &[5], argmax).unwrap(),
