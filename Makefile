@@ -23,7 +23,7 @@ CARGO := $(CARGO_ENV) cargo
 CFLAGS_STRICT := -std=c11 -Wall -Wextra -Werror -O2
 LINK_PERT := -Iinclude -L$(BUILD_DIR) -lperturbations -Wl,-rpath,$(abspath $(BUILD_DIR)) -lm
 
-.PHONY: bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -113,6 +113,15 @@ bench: build
 	@mkdir -p target/bench
 	cc -std=c11 -O2 -shared -fPIC bench/bench_solvers.c -Iinclude -o target/bench/libbench_solvers.so
 	"$(if $(LIBTORCH),python3,$(VENV)/bin/python)" bench/bench.py --out target/bench/results.md $(BENCH_FLAGS)
+
+# --- install ----------------------------------------------------------------
+PREFIX ?= /usr/local
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+install: build install-files
+
+# Installs what `make build` left (used by the install test without rebuilding).
+install-files:
+	sh packaging/install.sh "$(PREFIX)" "$(abspath .)" "$(VERSION)"
 
 clean:
 	cargo clean

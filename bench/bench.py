@@ -311,8 +311,11 @@ def main():
         labels = {k: v + " (quick: smaller N)" for k, v in labels.items()}
     for name, label in labels.items():
         s, o = r[(name, "seed")], r[(name, "ours")]
+        mib = lambda m: f"{m:.0f}" if m >= 1 else "< 1"
+        ratio = s["peak_mib"] / max(o["peak_mib"], 1.0)
+        ratio = f"{ratio:.0f}x" if o["peak_mib"] >= 1 else f"> {ratio:.0f}x"
         w(f"| {label} | {s['time']*1000:.0f} ms | {o['time']*1000:.0f} ms | {s['time']/o['time']:.1f}x | "
-          f"{s['peak_mib']:.0f} | {o['peak_mib']:.0f} | {s['peak_mib']/max(o['peak_mib'], 0.5):.0f}x |")
+          f"{mib(s['peak_mib'])} | {mib(o['peak_mib'])} | {ratio} |")
     t1, t2 = r[("callback_t1", "ours")]["time"], r[("callback_t2", "ours")]["time"]
     w("")
     w(f"C callback, threads 2 vs 1: {t1*1000:.0f} ms -> {t2*1000:.0f} ms ({t1/t2:.2f}x).")

@@ -1,0 +1,315 @@
+// perturbations.hpp: a header-only C++17 wrapper over the perturbations C API.
+//
+//   pert::Config config;
+//   config.num_samples(10000).sigma(0.5).noise(pert::Noise::Gumbel);
+//   pert::Op op(config, {5}, {5}, [](const float* x, std::size_t count, float* y) { ... });
+//   auto [y, tape] = op.forward_with_tape(theta, batch);
+//   std::vector<float> grad = tape.vjp(grad_y);
+//
+// - Move-only RAII classes own the C handles (std::unique_ptr with the C _free).
+// - Errors throw pert::Error, carrying the status and the library's message.
+// - Any callable is a solver: its exceptions are caught in a noexcept trampoline, the C
+//   call fails, and the original exception is rethrown to the caller of forward().
+// - Buffers are views (pointer + count), std::vector, or std::span under C++20.
+#ifndef PERTURBATIONS_HPP
+#define PERTURBATIONS_HPP
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <initializer_list>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+#if __cplusplus >= 202002L && __has_include(<span>)
+#include <span>
+#endif
+
+#include "perturbations.h"
+
+namespace pert {
+
+/// A library error: the status and the message of pert_last_error.
+class Error : public std::runtime_error {
+ public:
+  Error(pert_status status, const std::string& message) : std::runtime_error(message), status_(status) {}
+  pert_status status() const noexcept { return status_; }
+  const char* status_name() const noexcept { return pert_status_name(status_); }
+
+ private:
+  pert_status status_;
+};
+
+namespace detail {
+inline std::string last_error() {
+  std::string message(pert_last_error(nullptr, 0), '\0');
+  if (!message.empty()) pert_last_error(&message[0], message.size() + 1);
+  return message;
+}
+
+inline void check(pert_status status) {
+  if (status != PERT_STATUS_OK) throw Error(status, std::string(pert_status_name(status)) + ": " + last_error());
+}
+
+template <class T, void (*Free)(T*)>
+struct Deleter {
+  void operator()(T* p) const noexcept { Free(p); }
+};
+}  // namespace detail
+
+/// A read-only view of caller floats, valid for the call it is passed to: pointer and
+/// count. Converts from std::vector, a braced list and, under C++20, std::span; no copies.
+struct View {
+  const float* data;
+  std::size_t size;
+  View(const float* d, std::size_t n) : data(d), size(n) {}
+  View(const std::vector<float>& v) : data(v.data()), size(v.size()) {}  // NOLINT(implicit)
+  // A braced list's array lives until the end of the full expression that passes it, which
+  // outlives the call the view is made for; GCC warns about views kept longer.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winit-list-lifetime"
+#endif
+  View(std::initializer_list<float> v) : data(v.begin()), size(v.size()) {}  // NOLINT(implicit)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#if __cplusplus >= 202002L && __has_include(<span>)
+  View(std::span<const float> s) : data(s.data()), size(s.size()) {}  // NOLINT(implicit)
+#endif
+};
+
+enum class Noise : uint32_t { Normal = PERT_NOISE_NORMAL, Gumbel = PERT_NOISE_GUMBEL };
+enum class Perturbation : uint32_t { Additive = PERT_PERTURBATION_ADDITIVE, Multiplicative = PERT_PERTURBATION_MULTIPLICATIVE };
+enum class Baseline : uint32_t { None = PERT_BASELINE_NONE, SampleMean = PERT_BASELINE_SAMPLE_MEAN, CleanInput = PERT_BASELINE_CLEAN_INPUT };
+enum class Sense : uint32_t { Maximize = PERT_SENSE_MAXIMIZE, Minimize = PERT_SENSE_MINIMIZE };
+enum class Builtin : uint32_t { Argmax = PERT_BUILTIN_ARGMAX, TopK = PERT_BUILTIN_TOPK, Ranks = PERT_BUILTIN_RANKS };
+
+/// The library's version string.
+inline std::string version() { return pert_version(); }
+
+/// Settings for ops, with fluent setters. Copied by each op made from it.
+class Config {
+ public:
+  Config() {
+    pert_config* c = nullptr;
+    detail::check(pert_config_new(&c));
+    handle_.reset(c);
+  }
+  Config& num_samples(std::uint64_t n) { return set(pert_config_set_num_samples(get(), n)); }
+  Config& sigma(double s) { return set(pert_config_set_sigma(get(), s)); }
+  Config& noise(Noise n) { return set(pert_config_set_noise(get(), static_cast<uint32_t>(n))); }
+  Config& seed(std::uint64_t s) { return set(pert_config_set_seed(get(), s)); }
+  Config& device(const std::string& d) { return set(pert_config_set_device(get(), d.c_str())); }
+  Config& threads(std::uint32_t t) { return set(pert_config_set_threads(get(), t)); }
+  Config& perturbation(Perturbation p) { return set(pert_config_set_perturbation(get(), static_cast<uint32_t>(p))); }
+  Config& baseline(Baseline b) { return set(pert_config_set_baseline(get(), static_cast<uint32_t>(b))); }
+  Config& antithetic(bool a) { return set(pert_config_set_antithetic(get(), a)); }
+  Config& sense(Sense s) { return set(pert_config_set_sense(get(), static_cast<uint32_t>(s))); }
+  Config& chunk_bytes(std::uint64_t b) { return set(pert_config_set_chunk_bytes(get(), b)); }
+  Config& max_tape_bytes(std::uint64_t b) { return set(pert_config_set_max_tape_bytes(get(), b)); }
+  pert_config* get() const noexcept { return handle_.get(); }
+
+ private:
+  Config& set(pert_status s) {
+    detail::check(s);
+    return *this;
+  }
+  std::unique_ptr<pert_config, detail::Deleter<pert_config, pert_config_free>> handle_;
+};
+
+/// The record of a forward call: gradients without further solver calls.
+class Tape {
+ public:
+  explicit Tape(pert_tape* t, std::size_t d, std::size_t o) : handle_(t), d_(d), o_(o) {}
+  std::size_t batch() const noexcept { return pert_tape_batch(get()); }
+  /// J^T g per problem; g is [batch, output_numel].
+  std::vector<float> vjp(View grad_output) const {
+    expect(grad_output, o_, "grad_output");
+    std::vector<float> out(batch() * d_);
+    detail::check(pert_tape_vjp(get(), grad_output.data, out.data()));
+    return out;
+  }
+  /// J t per problem; t is [batch, input_numel].
+  std::vector<float> jvp(View tangent) const {
+    expect(tangent, d_, "tangent_input");
+    std::vector<float> out(batch() * o_);
+    detail::check(pert_tape_jvp(get(), tangent.data, out.data()));
+    return out;
+  }
+  /// [batch, output_numel, input_numel].
+  std::vector<float> jacobian() const {
+    std::vector<float> out(batch() * o_ * d_);
+    detail::check(pert_tape_jacobian(get(), out.data()));
+    return out;
+  }
+  /// F_sigma(theta) per problem (output shape = input shape).
+  std::vector<float> objective() const {
+    std::vector<float> out(batch());
+    detail::check(pert_tape_objective(get(), out.data()));
+    return out;
+  }
+  pert_tape* get() const noexcept { return handle_.get(); }
+
+ private:
+  void expect(View v, std::size_t per_problem, const char* name) const {
+    if (v.size != batch() * per_problem)
+      throw Error(PERT_STATUS_INVALID_ARGUMENT, std::string(name) + " must hold " + std::to_string(batch() * per_problem) +
+                                                    " floats, got " + std::to_string(v.size));
+  }
+  std::unique_ptr<pert_tape, detail::Deleter<pert_tape, pert_tape_free>> handle_;
+  std::size_t d_, o_;
+};
+
+/// Output of a forward call with its tape.
+struct Result {
+  std::vector<float> output;
+  Tape tape;
+};
+
+/// A perturbed optimizer.
+class Op {
+ public:
+  /// A solver: any callable (const float* inputs, size_t count, float* outputs); it may
+  /// throw, and the exception reaches the caller of forward() intact.
+  using Solver = std::function<void(const float*, std::size_t, float*)>;
+
+  Op(const Config& config, std::vector<std::int64_t> input_shape, std::vector<std::int64_t> output_shape, Solver solver)
+      : state_(new State{std::move(solver), {}, {}}) {
+    pert_op* op = nullptr;
+    detail::check(pert_op_new(config.get(), input_shape.data(), input_shape.size(), output_shape.data(), output_shape.size(),
+                              &Op::trampoline, state_.get(), &op));
+    handle_.reset(op);
+  }
+
+  /// An op over a built-in solver (k: for top-k).
+  static Op builtin(const Config& config, Builtin which, std::vector<std::int64_t> input_shape, std::int64_t k = 0) {
+    pert_op* op = nullptr;
+    detail::check(pert_op_new_builtin(config.get(), static_cast<uint32_t>(which), k, input_shape.data(), input_shape.size(), &op));
+    return Op(op);
+  }
+
+  /// An op whose problems are solved elsewhere (two-phase API only).
+  static Op external(const Config& config, std::vector<std::int64_t> input_shape, std::vector<std::int64_t> output_shape) {
+    pert_op* op = nullptr;
+    detail::check(pert_op_new_external(config.get(), input_shape.data(), input_shape.size(), output_shape.data(),
+                                       output_shape.size(), &op));
+    return Op(op);
+  }
+
+  std::size_t input_numel() const noexcept { return pert_op_input_numel(get()); }
+  std::size_t output_numel() const noexcept { return pert_op_output_numel(get()); }
+
+  /// y_sigma(theta) for theta [batch, input_numel].
+  std::vector<float> forward(View theta, std::size_t batch) {
+    std::vector<float> out(checked(theta, batch) * output_numel());
+    call([&] { return pert_forward(get(), theta.data, batch, out.data(), nullptr); });
+    return out;
+  }
+
+  /// y_sigma(theta) and the tape.
+  Result forward_with_tape(View theta, std::size_t batch) {
+    std::vector<float> out(checked(theta, batch) * output_numel());
+    pert_tape* tape = nullptr;
+    call([&] { return pert_forward(get(), theta.data, batch, out.data(), &tape); });
+    return Result{std::move(out), Tape(tape, input_numel(), output_numel())};
+  }
+
+  /// The Fenchel-Young loss per problem and its gradient.
+  std::pair<std::vector<float>, std::vector<float>> fenchel_young(View theta, View y_true, std::size_t batch) {
+    std::size_t n = checked(theta, batch);
+    if (y_true.size != theta.size) throw Error(PERT_STATUS_INVALID_ARGUMENT, "y_true must have the size of theta");
+    std::vector<float> loss(n), grad(theta.size);
+    call([&] { return pert_fenchel_young(get(), theta.data, y_true.data, batch, loss.data(), grad.data()); });
+    return {std::move(loss), std::move(grad)};
+  }
+
+  pert_op* get() const noexcept { return handle_.get(); }
+
+ private:
+  struct State {
+    Solver solve;
+    std::mutex mutex;
+    std::exception_ptr error;
+  };
+
+  explicit Op(pert_op* op) : handle_(op) {}
+
+  static int32_t trampoline(void* user_data, const float* inputs, std::size_t count, float* outputs) noexcept {
+    auto* state = static_cast<State*>(user_data);
+    try {
+      state->solve(inputs, count, outputs);
+      return 0;
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (!state->error) state->error = std::current_exception();
+      return 1;
+    }
+  }
+
+  template <class F>
+  void call(F&& f) {
+    pert_status s = f();
+    if (state_ && state_->error) {
+      std::exception_ptr e;
+      std::swap(e, state_->error);
+      std::rethrow_exception(e);
+    }
+    detail::check(s);
+  }
+
+  std::size_t checked(View theta, std::size_t batch) const {
+    if (theta.size != batch * input_numel())
+      throw Error(PERT_STATUS_INVALID_ARGUMENT, "theta must hold batch * input_numel = " + std::to_string(batch * input_numel()) +
+                                                    " floats, got " + std::to_string(theta.size));
+    return batch;
+  }
+
+  std::unique_ptr<State> state_;  // declared before handle_: the op is freed first
+  std::unique_ptr<pert_op, detail::Deleter<pert_op, pert_op_free>> handle_;
+};
+
+/// The two-phase API: draw the perturbed inputs, solve them anywhere, finish.
+class Draw {
+ public:
+  Draw(Op& op, View theta, std::size_t batch) : o_(op.output_numel()), d_(op.input_numel()) {
+    pert_draw* d = nullptr;
+    detail::check(pert_draw_new(op.get(), theta.data, batch, &d));
+    handle_.reset(d);
+    batch_ = batch;
+  }
+  std::size_t count() const noexcept { return pert_draw_count(get()); }
+  /// The perturbed inputs [count, input_numel], owned by the draw.
+  const float* inputs() const noexcept { return pert_draw_inputs(get()); }
+  std::vector<float> finish(View solutions) const {
+    std::vector<float> out(batch_ * o_);
+    expect(solutions);
+    detail::check(pert_draw_finish(get(), solutions.data, out.data(), nullptr));
+    return out;
+  }
+  Result finish_with_tape(View solutions) const {
+    std::vector<float> out(batch_ * o_);
+    expect(solutions);
+    pert_tape* tape = nullptr;
+    detail::check(pert_draw_finish(get(), solutions.data, out.data(), &tape));
+    return Result{std::move(out), Tape(tape, d_, o_)};
+  }
+  pert_draw* get() const noexcept { return handle_.get(); }
+
+ private:
+  void expect(View s) const {
+    if (s.size != count() * o_)
+      throw Error(PERT_STATUS_INVALID_ARGUMENT, "solutions must hold count * output_numel = " + std::to_string(count() * o_) +
+                                                    " floats, got " + std::to_string(s.size));
+  }
+  std::unique_ptr<pert_draw, detail::Deleter<pert_draw, pert_draw_free>> handle_;
+  std::size_t o_, d_, batch_ = 0;
+};
+
+}  // namespace pert
+
+#endif  // PERTURBATIONS_HPP

@@ -1,0 +1,178 @@
+// The C++ wrapper: every class and method, errors as exceptions, a throwing solver whose
+// exception reaches the caller intact, the two-phase API and move-only ownership.
+#include <cmath>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "perturbations.hpp"
+
+int pert_tu_b_forward();  // defined in test_cpp_tu_b.cpp: the header in a second TU
+
+namespace {
+int failures = 0;
+#define EXPECT(cond)                                                    \
+  do {                                                                  \
+    if (!(cond)) {                                                      \
+      std::fprintf(stderr, "  %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                       \
+    }                                                                   \
+  } while (0)
+
+void argmax(const float* x, std::size_t count, float* y) {
+  for (std::size_t r = 0; r < count; r++) {
+    std::size_t best = 0;
+    for (std::size_t i = 1; i < 3; i++)
+      if (x[3 * r + i] > x[3 * r + best]) best = i;
+    for (std::size_t i = 0; i < 3; i++) y[3 * r + i] = i == best ? 1.0f : 0.0f;
+  }
+}
+
+struct SolverError : std::runtime_error {
+  int code;
+  explicit SolverError(int c) : std::runtime_error("infeasible"), code(c) {}
+};
+
+void test_config_errors() {
+  pert::Config c;
+  try {
+    c.sigma(-1.0);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+    EXPECT(std::string(e.what()).find("sigma must be finite and > 0, got -1") != std::string::npos);
+    EXPECT(std::string(e.status_name()) == "PERT_STATUS_INVALID_ARGUMENT");
+  }
+  try {
+    c.device("gpu");
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+  }
+  c.num_samples(100).seed(3).threads(2).device("cpu").noise(pert::Noise::Gumbel).baseline(pert::Baseline::CleanInput)
+      .perturbation(pert::Perturbation::Additive).antithetic(false).sense(pert::Sense::Maximize).chunk_bytes(0).max_tape_bytes(0);
+  EXPECT(c.get() != nullptr);
+  EXPECT(!pert::version().empty());
+}
+
+void test_forward_tape_and_loss() {
+  pert::Config c;
+  c.num_samples(20000).sigma(0.5).noise(pert::Noise::Gumbel).device("cpu");
+  pert::Op op(c, {3}, {3}, argmax);  // a plain function
+  EXPECT(op.input_numel() == 3 && op.output_numel() == 3);
+  std::vector<float> theta = {0.5f, 1.0f, 0.2f, 0.0f, 0.0f, 0.0f};
+  auto result = op.forward_with_tape(theta, 2);
+  double z = std::exp(1.0) + std::exp(2.0) + std::exp(0.4);
+  EXPECT(std::fabs(result.output[1] - std::exp(2.0) / z) < 5 * 0.5 / std::sqrt(20000.0));
+  EXPECT(std::fabs(result.output[3] - 1.0 / 3) < 5 * 0.5 / std::sqrt(20000.0));
+  EXPECT(result.tape.batch() == 2);
+  auto j = result.tape.jacobian();
+  EXPECT(j.size() == 18);
+  auto g = result.tape.vjp({1, 0, 0, 0, 1, 0});
+  auto t = result.tape.jvp({1, 0, 0, 0, 1, 0});
+  EXPECT(g.size() == 6 && t.size() == 6);
+  EXPECT(std::fabs(g[0] - j[0]) < 1e-5 && std::fabs(t[0] - j[0]) < 1e-5);
+  EXPECT(result.tape.objective().size() == 2);
+  try {
+    result.tape.vjp({1, 2});
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+  }
+  auto loss = op.fenchel_young(theta, {0, 1, 0, 1, 0, 0}, 2);
+  EXPECT(loss.first.size() == 2 && loss.second.size() == 6);
+  EXPECT(loss.first[0] > 0.0f);
+  std::vector<float> y = op.forward(theta, 2);
+  EXPECT(y.size() == 6);
+  try {
+    op.forward({1.0f, NAN, 0.0f}, 1);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_NON_FINITE_INPUT);
+  }
+}
+
+void test_throwing_solver_reaches_the_caller_intact() {
+  pert::Config c;
+  c.num_samples(100).device("cpu");
+  int calls = 0;
+  pert::Op op(c, {3}, {3}, [&](const float*, std::size_t, float*) {
+    ++calls;
+    throw SolverError(42);
+  });
+  try {
+    op.forward({0, 1, 2}, 1);
+    EXPECT(false);
+  } catch (const SolverError& e) {
+    EXPECT(e.code == 42);  // the very exception, not a copy into a library error
+  } catch (...) {
+    EXPECT(false);
+  }
+  EXPECT(calls >= 1);
+  // the op keeps working after a throwing call
+  int n = 0;
+  pert::Op ok(c, {3}, {3}, [&](const float* x, std::size_t count, float* y) {
+    ++n;
+    argmax(x, count, y);
+  });
+  EXPECT(ok.forward({0, 1, 2}, 1).size() == 3 && n >= 1);
+}
+
+void test_member_functions_and_functors() {
+  struct Scaled {
+    float factor;
+    void solve(const float* x, std::size_t count, float* y) const {
+      for (std::size_t i = 0; i < count * 3; i++) y[i] = factor * x[i];
+    }
+  } scaled{2.0f};
+  pert::Config c;
+  c.num_samples(1000).sigma(0.01).device("cpu").baseline(pert::Baseline::None);
+  using namespace std::placeholders;
+  pert::Op op(c, {3}, {3}, std::bind(&Scaled::solve, &scaled, _1, _2, _3));
+  auto y = op.forward({1, 2, 3}, 1);
+  EXPECT(std::fabs(y[2] - 6.0f) < 5 * 2 * 0.01 / std::sqrt(1000.0) + 1e-5);
+}
+
+void test_builtin_two_phase_and_moves() {
+  static_assert(!std::is_copy_constructible<pert::Op>::value, "ops are move-only");
+  static_assert(!std::is_copy_constructible<pert::Config>::value, "configs are move-only");
+  static_assert(std::is_move_constructible<pert::Op>::value, "ops move");
+  pert::Config c;
+  c.num_samples(2000).sigma(0.5).noise(pert::Noise::Gumbel).device("cpu");
+  pert::Op builtin = pert::Op::builtin(c, pert::Builtin::TopK, {3}, 2);
+  pert::Op moved = std::move(builtin);
+  auto y = moved.forward({0, 1, 2}, 1);
+  EXPECT(std::fabs(y[0] + y[1] + y[2] - 2.0f) < 1e-4);  // two of three chosen in every sample
+
+  pert::Op callback(c, {3}, {3}, argmax);
+  pert::Op external = pert::Op::external(c, {3}, {3});
+  pert::Draw draw(external, {0.5f, 1.0f, 0.2f}, 1);
+  EXPECT(draw.count() == 2000);
+  std::vector<float> solutions(draw.count() * 3);
+  argmax(draw.inputs(), draw.count(), solutions.data());
+  auto two_phase = draw.finish_with_tape(solutions);
+  auto direct = callback.forward_with_tape({0.5f, 1.0f, 0.2f}, 1);
+  EXPECT(two_phase.output == direct.output);
+  EXPECT(two_phase.tape.jacobian() == direct.tape.jacobian());
+  EXPECT(draw.finish(solutions) == direct.output);
+  try {
+    external.forward({0, 1, 2}, 1);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+  }
+}
+}  // namespace
+
+int main() {
+  test_config_errors();
+  test_forward_tape_and_loss();
+  test_throwing_solver_reaches_the_caller_intact();
+  test_member_functions_and_functors();
+  test_builtin_two_phase_and_moves();
+  EXPECT(pert_tu_b_forward() == 3);
+  std::printf("%d passed, %d failed\n", failures ? 0 : 1, failures ? 1 : 0);
+  return failures ? 1 : 0;
+}
