@@ -21,7 +21,19 @@ endif
 CARGO := $(CARGO_ENV) cargo
 
 CFLAGS_STRICT := -std=c11 -Wall -Wextra -Werror -O2
+CXXFLAGS_STRICT := -std=c++17 -Wall -Wextra -Werror -O2
 LINK_PERT := -Iinclude -L$(BUILD_DIR) -lperturbations -Wl,-rpath,$(abspath $(BUILD_DIR)) -lm
+
+# libtorch's C++ headers and libraries, for the libtorch adapter (bindings/cpp).
+ifdef LIBTORCH
+  TORCH_DIR := $(LIBTORCH)
+  TORCH_ABI := 1
+else
+  TORCH_DIR = $(shell "$(VENV)/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null)
+  TORCH_ABI = $(shell "$(VENV)/bin/python" -c 'import torch; print(int(torch.compiled_with_cxx11_abi()))' 2>/dev/null)
+endif
+TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
+TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
 .PHONY: install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
@@ -91,7 +103,8 @@ cargo-test: build
 	$(CARGO) test --release
 
 ctest: build
-	cmake -S tests/c -B $(CTEST_DIR) -DPERT_ROOT=$(abspath .) -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake -S tests/c -B $(CTEST_DIR) -DPERT_ROOT=$(abspath .) -DCMAKE_BUILD_TYPE=Release \
+	  -DTORCH_DIR="$(TORCH_DIR)" -DTORCH_CXX11_ABI=$(TORCH_ABI) >/dev/null
 	cmake --build $(CTEST_DIR) -j2
 	cd $(CTEST_DIR) && ctest --output-on-failure
 
@@ -102,10 +115,14 @@ examples: build
 	@for e in $(EXAMPLES); do \
 	  cc $(CFLAGS_STRICT) examples/c/$$e.c -o target/examples/$$e $(LINK_PERT) || exit 1; \
 	done
+	c++ $(CXXFLAGS_STRICT) examples/cpp/shortest_path.cpp -Ibindings/cpp -o target/examples/shortest_path_cpp $(LINK_PERT)
+	c++ $(CXXFLAGS_STRICT) $(TORCH_CXX) examples/cpp/train_torch.cpp -Ibindings/cpp -o target/examples/train_torch $(LINK_PERT) $(TORCH_LINK)
 
 demo: examples
 	./target/examples/seed_walkthrough
 	./target/examples/shortest_path target/examples
+	./target/examples/shortest_path_cpp
+	./target/examples/train_torch
 
 # --- benchmark --------------------------------------------------------------
 # This library against the seed's algorithm (bench/seed_algorithm.py), side by side.
