@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -79,8 +79,18 @@ header: $(TORCH_DEP)
 	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
 
 # --- tests ----------------------------------------------------------------
-test: build cargo-test ctest readme-example mpi-example
+test: build cargo-test ctest readme-example mpi-example julia-test
 	@echo "make test: all suites passed"
+
+# The Julia package's tests, where julia is installed (it cannot be installed from the
+# registries this project uses); tests/julia_binding.rs checks the binding statically always.
+julia-test: build
+	@if command -v julia >/dev/null; then \
+	  PERTURBATIONS_LIB="$(abspath $(BUILD_DIR))/libperturbations.so" julia --project=bindings/julia/Perturbations \
+	    -e 'using Pkg; Pkg.instantiate(); Pkg.test()'; \
+	else \
+	  echo "SKIPPED julia-test: julia is not on PATH (tests/julia_binding.rs checked the binding statically)"; \
+	fi
 
 # The two-phase API with solves spread over 2 MPI ranks, checked equal to the callback path.
 MPIRUN_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-run-as-root) --oversubscribe

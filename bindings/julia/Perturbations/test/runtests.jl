@@ -1,0 +1,122 @@
+# Mirrors the C harness: closed forms, errors, a throwing solver, finalizers, rrules.
+using Test
+using Perturbations
+using Zygote
+
+const P = Perturbations
+
+function argmax_solver(x::Matrix{Float32})
+    y = zeros(Float32, size(x))
+    for j in axes(x, 2)
+        y[argmax(view(x, :, j)), j] = 1
+    end
+    return y
+end
+
+softmax(v) = exp.(v) ./ sum(exp.(v))
+
+struct Infeasible <: Exception
+    code::Int
+end
+
+@testset "Perturbations" begin
+    @testset "version and statuses" begin
+        @test P.version() == "0.1.0"
+        @test P.status_name(UInt32(1)) == "PERT_STATUS_NULL_ARGUMENT"
+        @test P.status_name(UInt32(99)) == "PERT_STATUS_UNKNOWN"
+        @test P.cuda_device_count() >= 0
+    end
+
+    @testset "config errors" begin
+        err = try
+            Config(sigma=-1)
+        catch e
+            e
+        end
+        @test err isa PerturbationsError
+        @test err.status == 2
+        @test err.message == "sigma must be finite and > 0, got -1"
+        @test_throws PerturbationsError Config(device="gpu")
+        @test_throws ArgumentError Config(colour=1)
+        @test_throws ArgumentError Op(argmax_solver, Config(threads=2), (3,), (3,))
+    end
+
+    @testset "Gumbel argmax is softmax" begin
+        n = 100_000
+        σ = 0.5
+        op = Op(argmax_solver, Config(num_samples=n, sigma=σ, noise=NOISE_GUMBEL, seed=1, device="cpu"), (5,), (5,))
+        θ = Float32[-0.6 -0.6; 1.9 1.0; -0.2 -0.2; 1.1 1.8; -1.0 -1.0]   # 5 × 2: columns are problems
+        y, tape = forward_with_tape(op, θ)
+        for b in 1:2
+            p = softmax(θ[:, b] ./ σ)
+            @test all(abs.(y[:, b] .- p) .<= 5 .* sqrt.(p .* (1 .- p) ./ n) .+ 1e-6)
+            J = jacobian(tape)[:, :, b]
+            Jexact = ((p .* (1:5 .== (1:5)')) .- p * p') ./ σ
+            @test maximum(abs.(J .- Jexact)) < 5 / (σ * sqrt(n))
+        end
+        g = Float32[1 0; 0 1; 0 0; 0 0; 0 0]
+        @test vjp(tape, g) ≈ hcat(jacobian(tape)[:, :, 1]' * g[:, 1], jacobian(tape)[:, :, 2]' * g[:, 2]) atol = 1e-5
+        @test jvp(tape, g) ≈ hcat(jacobian(tape)[:, :, 1] * g[:, 1], jacobian(tape)[:, :, 2] * g[:, 2]) atol = 1e-5
+        @test length(objective(tape)) == 2
+        @test P.batch(tape) == 2
+    end
+
+    @testset "built-in solver and two-phase API" begin
+        config = Config(num_samples=2000, sigma=0.5, noise=NOISE_GUMBEL, device="cpu")
+        builtin = Op(config, BUILTIN_ARGMAX; input_shape=(3,))
+        callback = Op(argmax_solver, config, (3,), (3,))
+        θ = Float32[0.5, 1.0, 0.2][:, :]
+        @test forward(builtin, θ) ≈ forward(callback, θ) atol = 1e-6
+        twin = Op(config, (3,), (3,); external=true)
+        @test P.input_numel(twin) == 3 && P.output_numel(twin) == 3
+        @test_throws PerturbationsError forward(twin, θ)
+        draw = Draw(twin, θ)
+        y_two, _ = finish(draw, argmax_solver(inputs(draw)))
+        @test y_two == forward(Op(argmax_solver, config, (3,), (3,)), θ)
+    end
+
+    @testset "errors and a throwing solver" begin
+        op = Op(argmax_solver, Config(num_samples=10, device="cpu"), (3,), (3,))
+        @test_throws DimensionMismatch forward(op, zeros(Float32, 4, 1))
+        err = try
+            forward(op, Float32[1, NaN, 0][:, :])
+        catch e
+            e
+        end
+        @test err isa PerturbationsError && err.status == 3
+        bad = Op(x -> throw(Infeasible(7)), Config(num_samples=10, device="cpu"), (3,), (3,))
+        thrown = try
+            forward(bad, zeros(Float32, 3, 1))
+        catch e
+            e
+        end
+        @test thrown isa Infeasible && thrown.code == 7   # the solver's own exception
+        @test size(forward(op, zeros(Float32, 3, 2))) == (3, 2)   # the library keeps working
+    end
+
+    @testset "rrules: Zygote through forward and the Fenchel-Young loss" begin
+        config = Config(num_samples=5000, sigma=0.5, noise=NOISE_GUMBEL, seed=3, device="cpu")
+        op = Op(argmax_solver, config, (3,), (3,))
+        twin = Op(argmax_solver, config, (3,), (3,))
+        θ = Float32[0.3 0.1; -0.2 0.5; 0.9 0.5]
+        g = Float32[1 0; -1 2; 0.5 -0.5]
+        grad = Zygote.gradient(t -> sum(forward(op, t) .* g), θ)[1]
+        _, tape = forward_with_tape(twin, θ)
+        @test grad ≈ vjp(tape, g) atol = 1e-5
+        y = Float32[0 1; 0 0; 1 0]
+        grad_fy = Zygote.gradient(t -> sum(fenchel_young(op, t, y)), θ)[1]
+        @test grad_fy ≈ forward(twin, θ) .- y atol = 1e-5
+    end
+
+    @testset "finalizers free handles" begin
+        for _ in 1:200
+            op = Op(argmax_solver, Config(num_samples=10, device="cpu"), (3,), (3,))
+            forward_with_tape(op, zeros(Float32, 3, 1))
+        end
+        GC.gc(true)
+        c = Config()
+        P.free!(c)
+        P.free!(c)   # twice is harmless
+        @test c.handle == C_NULL
+    end
+end

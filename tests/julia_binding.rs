@@ -1,0 +1,276 @@
+//! Julia cannot be installed here, so the Julia binding is checked statically: every .jl
+//! file under bindings/julia parses without a syntax error (tree-sitter-julia), and every
+//! `@ccall` names a function of include/perturbations.h with the right number of arguments
+//! and Julia types that match the C types; every C function is wrapped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tree_sitter::{Node, Parser};
+
+/// A C prototype: return type and parameter types, normalized ("const" dropped, no spaces).
+#[derive(Debug, Clone, PartialEq)]
+struct Prototype {
+    ret: String,
+    params: Vec<String>,
+}
+
+/// The prototypes of the `pert_*` functions of a C header.
+fn prototypes(header: &str) -> BTreeMap<String, Prototype> {
+    // drop comments and preprocessor lines, then read `ret name(params);` declarations
+    let mut text = String::new();
+    let mut rest = header;
+    while let Some(start) = rest.find("/*") {
+        text.push_str(&rest[..start]);
+        rest = rest[start..].find("*/").map_or("", |end| &rest[start + end + 2..]);
+    }
+    text.push_str(rest);
+    let code: String = text
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace("extern \"C\" {", ";")
+        .replace('}', ";");
+    let mut out = BTreeMap::new();
+    for decl in code.split(';') {
+        let decl = decl.split_whitespace().collect::<Vec<_>>().join(" ");
+        if decl.starts_with("typedef") {
+            continue;
+        }
+        let Some(open) = decl.find('(') else { continue };
+        let head = &decl[..open];
+        let Some(name) = head.split(|c: char| c == ' ' || c == '*').filter(|s| !s.is_empty()).last() else { continue };
+        if !name.starts_with("pert_") {
+            continue;
+        }
+        let ret = normalize(&head[..head.len() - name.len()]);
+        let inner = decl[open + 1..decl.rfind(')').unwrap_or(decl.len())].trim();
+        let params = if inner == "void" || inner.is_empty() {
+            Vec::new()
+        } else {
+            inner
+                .split(',')
+                .map(|p| {
+                    let p = p.trim();
+                    // drop the parameter's name (the last identifier)
+                    let cut = p.rfind(|c: char| c == ' ' || c == '*').map_or(0, |i| i + 1);
+                    normalize(&p[..cut])
+                })
+                .collect()
+        };
+        out.insert(name.to_string(), Prototype { ret, params });
+    }
+    out
+}
+
+fn normalize(c_type: &str) -> String {
+    c_type.replace("const", " ").split_whitespace().collect::<String>()
+}
+
+/// The Julia types accepted for a C type.
+fn julia_types(c_type: &str) -> &'static [&'static str] {
+    match c_type {
+        "pert_status" | "uint32_t" => &["UInt32", "Cuint"],
+        "int32_t" => &["Int32", "Cint"],
+        "size_t" => &["Csize_t", "UInt"],
+        "uint64_t" => &["UInt64", "Culonglong"],
+        "int64_t" => &["Int64", "Clonglong"],
+        "double" => &["Cdouble", "Float64"],
+        "float" => &["Cfloat", "Float32"],
+        "bool" => &["Bool"],
+        "void" => &["Cvoid", "Nothing"],
+        "char*" => &["Cstring", "Ptr{Cchar}", "Ptr{UInt8}"],
+        "float*" => &["Ptr{Float32}", "Ptr{Cfloat}"],
+        "int64_t*" => &["Ptr{Int64}", "Ptr{Clonglong}"],
+        "void*" | "pert_solver_fn" => &["Ptr{Cvoid}"],
+        t if t.starts_with("pert_") && t.ends_with("**") => &["Ref{Ptr{Cvoid}}", "Ptr{Ptr{Cvoid}}"],
+        t if t.starts_with("pert_") && t.ends_with('*') => &["Ptr{Cvoid}"],
+        _ => &[],
+    }
+}
+
+/// One `@ccall lib.name(args::T...)::R` of a Julia file.
+#[derive(Debug)]
+struct CCall {
+    line: usize,
+    name: String,
+    args: Vec<Option<String>>,
+    ret: Option<String>,
+}
+
+fn text<'a>(node: Node, src: &'a str) -> &'a str {
+    &src[node.byte_range()]
+}
+
+fn squash(s: &str) -> String {
+    s.split_whitespace().collect()
+}
+
+fn collect_ccalls(node: Node, src: &str, out: &mut Vec<CCall>) {
+    if node.kind() == "macrocall_expression" && text(node, src).starts_with("@ccall") {
+        if let Some(call) = find_ccall(node, src) {
+            out.push(call);
+        } else {
+            out.push(CCall { line: node.start_position().row + 1, name: String::new(), args: vec![], ret: None });
+        }
+        return;
+    }
+    let mut cursor = node.walk();
+    for child in node.children(&mut cursor) {
+        collect_ccalls(child, src, out);
+    }
+}
+
+/// The `lib.name(args)::R` under an `@ccall` node.
+fn find_ccall(macro_node: Node, src: &str) -> Option<CCall> {
+    let mut stack = vec![macro_node];
+    while let Some(node) = stack.pop() {
+        if node.kind() == "typed_expression" {
+            let call = node.named_child(0)?;
+            if call.kind() == "call_expression" && call.named_child(0).map(|f| f.kind()) == Some("field_expression") {
+                let field = call.named_child(0)?;
+                let name = text(field.named_child(field.named_child_count() - 1)?, src).to_string();
+                let ret = node.named_child(node.named_child_count() - 1).map(|r| squash(text(r, src)));
+                let list = call.named_child(1)?;
+                let mut args = Vec::new();
+                let mut cursor = list.walk();
+                for arg in list.named_children(&mut cursor) {
+                    args.push((arg.kind() == "typed_expression")
+                        .then(|| arg.named_child(arg.named_child_count() - 1).map(|t| squash(text(t, src))))
+                        .flatten());
+                }
+                return Some(CCall { line: macro_node.start_position().row + 1, name, args, ret });
+            }
+        }
+        let mut cursor = node.walk();
+        stack.extend(node.children(&mut cursor));
+    }
+    None
+}
+
+fn first_error(node: Node) -> Option<Node> {
+    if node.is_error() || node.is_missing() {
+        return Some(node);
+    }
+    let mut cursor = node.walk();
+    let children: Vec<_> = node.children(&mut cursor).collect();
+    children.into_iter().find_map(first_error)
+}
+
+/// Problems of one Julia source against the header's prototypes; adds the wrapped names.
+fn check_source(file: &str, src: &str, protos: &BTreeMap<String, Prototype>, wrapped: &mut Vec<String>) -> Vec<String> {
+    let mut parser = Parser::new();
+    parser.set_language(&tree_sitter_julia::LANGUAGE.into()).expect("tree-sitter-julia loads");
+    let tree = parser.parse(src, None).expect("parse");
+    let mut problems = Vec::new();
+    if let Some(bad) = first_error(tree.root_node()) {
+        let p = bad.start_position();
+        problems.push(format!("{file}:{}:{}: syntax error near `{}`", p.row + 1, p.column + 1, text(bad, src).chars().take(40).collect::<String>()));
+        return problems;
+    }
+    let mut calls = Vec::new();
+    collect_ccalls(tree.root_node(), src, &mut calls);
+    for call in calls {
+        let at = format!("{file}:{}", call.line);
+        let Some(proto) = protos.get(&call.name) else {
+            problems.push(format!("{at}: @ccall of `{}`, which is not a function of include/perturbations.h", call.name));
+            continue;
+        };
+        wrapped.push(call.name.clone());
+        if call.args.len() != proto.params.len() {
+            problems.push(format!("{at}: {} takes {} arguments, the @ccall passes {}", call.name, proto.params.len(), call.args.len()));
+            continue;
+        }
+        for (i, (arg, c_type)) in call.args.iter().zip(&proto.params).enumerate() {
+            match arg {
+                None => problems.push(format!("{at}: argument {} of {} has no ::Type annotation", i + 1, call.name)),
+                Some(t) if !julia_types(c_type).contains(&t.as_str()) => problems.push(format!(
+                    "{at}: argument {} of {} is `{t}`, which does not match C `{c_type}` (expected one of {:?})",
+                    i + 1,
+                    call.name,
+                    julia_types(c_type)
+                )),
+                _ => {}
+            }
+        }
+        match &call.ret {
+            Some(r) if julia_types(&proto.ret).contains(&r.as_str()) => {}
+            r => problems.push(format!("{at}: {} returns C `{}`, the @ccall says {:?}", call.name, proto.ret, r)),
+        }
+    }
+    problems
+}
+
+fn julia_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            julia_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "jl") {
+            out.push(path);
+        }
+    }
+}
+
+fn header_prototypes() -> BTreeMap<String, Prototype> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    prototypes(&std::fs::read_to_string(root.join("include/perturbations.h")).unwrap())
+}
+
+#[test]
+fn the_julia_binding_parses_and_matches_the_header() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let protos = header_prototypes();
+    assert!(protos.len() > 30, "header parsed to {} prototypes", protos.len());
+    let mut files = Vec::new();
+    julia_files(&root.join("bindings/julia"), &mut files);
+    assert!(files.len() >= 3, "found {files:?}");
+    let mut wrapped = Vec::new();
+    let mut problems = Vec::new();
+    for f in &files {
+        let src = std::fs::read_to_string(f).unwrap();
+        problems.extend(check_source(&f.strip_prefix(root).unwrap().display().to_string(), &src, &protos, &mut wrapped));
+    }
+    for name in protos.keys() {
+        if !wrapped.contains(name) {
+            problems.push(format!("{name} of include/perturbations.h has no @ccall in the Julia binding"));
+        }
+    }
+    assert!(problems.is_empty(), "Julia binding problems:\n{}", problems.join("\n"));
+    eprintln!("{} files, {} @ccalls checked against {} C functions", files.len(), wrapped.len(), protos.len());
+}
+
+#[test]
+fn header_prototypes_are_read_correctly() {
+    let protos = header_prototypes();
+    assert_eq!(
+        protos["pert_forward"],
+        Prototype { ret: "pert_status".into(), params: vec!["pert_op*".into(), "float*".into(), "size_t".into(), "float*".into(), "pert_tape**".into()] }
+    );
+    assert_eq!(protos["pert_version"], Prototype { ret: "char*".into(), params: vec![] });
+    assert_eq!(protos["pert_op_free"].ret, "void");
+}
+
+/// The checker must catch planted mismatches.
+#[test]
+fn planted_mismatches_are_reported() {
+    let protos = header_prototypes();
+    let check = |src: &str| check_source("planted.jl", src, &protos, &mut Vec::new());
+    let good = "f(t) = @ccall lib.pert_tape_batch(t::Ptr{Cvoid})::Csize_t\n";
+    assert!(check(good).is_empty(), "{:?}", check(good));
+    let cases = [
+        ("f(t) = @ccall lib.pert_tape_batch(t::Ptr{Cvoid}, 1::Cint)::Csize_t\n", "takes 1 arguments"),
+        ("f(t) = @ccall lib.pert_tape_batch(t::Ptr{Float32})::Csize_t\n", "does not match C `pert_tape*`"),
+        ("f(c) = @ccall lib.pert_config_set_seed(c::Ptr{Cvoid}, 1::Int32)::UInt32\n", "does not match C `uint64_t`"),
+        ("f(c) = @ccall lib.pert_config_set_sigma(c::Ptr{Cvoid}, 1.0::Float32)::UInt32\n", "does not match C `double`"),
+        ("f(t) = @ccall lib.pert_tape_batch(t::Ptr{Cvoid})::Int32\n", "returns C `size_t`"),
+        ("f(t) = @ccall lib.pert_tape_batchh(t::Ptr{Cvoid})::Csize_t\n", "not a function"),
+        ("f(t) = @ccall lib.pert_tape_batch(t)::Csize_t\n", "no ::Type annotation"),
+        ("function f(t)\n    x = (1, 2\nend\n", "syntax error"),
+    ];
+    for (src, expected) in cases {
+        let problems = check(src);
+        assert!(problems.iter().any(|p| p.contains(expected)), "{src:?} gave {problems:?}, expected {expected:?}");
+    }
+}
