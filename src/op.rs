@@ -220,6 +220,13 @@ impl PerturbedOp {
         self.spec.require_square(what)
     }
 
+    /// Checks that a call on `batch` problems has sizes that can be expressed
+    /// (batch × num_samples × numel within i64): the C layer calls it before it reads any
+    /// caller buffer.
+    pub fn check_batch(&self, batch: usize) -> Result<()> {
+        self.spec.check_batch(batch)
+    }
+
     fn estimate(&self, theta: &Tensor, want_jacobian: bool) -> Result<(usize, Tensor, Estimate)> {
         if let SolverKind::External = self.solver {
             return Err(Error::invalid(
@@ -262,14 +269,17 @@ impl OpSpec {
                     .join(", ")
             )));
         }
+        let batch = size[0] as usize;
+        self.check_batch(batch)?;
         check_host(theta, "theta")?;
-        let (batch, d, o) = (size[0] as usize, self.input_numel, self.output_numel);
+        Ok(theta.f_to_device(self.device)?.f_reshape([batch as i64, self.input_numel as i64])?)
+    }
+
+    fn check_batch(&self, batch: usize) -> Result<()> {
         let n = self.config.num_samples() as usize;
-        checked_product(&[batch, n, d], "batch * num_samples * input_numel")?;
-        checked_product(&[batch, n, o], "batch * num_samples * output_numel")?;
-        Ok(theta
-            .f_to_device(self.device)?
-            .f_reshape([batch as i64, d as i64])?)
+        checked_product(&[batch, n, self.input_numel], "batch * num_samples * input_numel")?;
+        checked_product(&[batch, n, self.output_numel], "batch * num_samples * output_numel")?;
+        Ok(())
     }
 
     pub(crate) fn output_tensor(

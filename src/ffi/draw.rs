@@ -45,6 +45,7 @@ pub unsafe extern "C" fn pert_draw_new(
                 "batch must be >= 1 for a draw, got 0",
             ));
         }
+        op.check_batch(batch)?;
         let d = op.input_numel();
         let theta = unsafe {
             slice(

@@ -42,6 +42,14 @@ pub struct pert_op {
     pub(crate) inner: PerturbedOp,
 }
 
+impl pert_op {
+    /// Wraps an op of the safe API as a C handle, for Rust hosts that hand ops to C code
+    /// (and for tests of the C boundary with Rust solvers). Free it with `pert_op_free`.
+    pub fn into_raw(op: PerturbedOp) -> *mut pert_op {
+        Box::into_raw(Box::new(pert_op { inner: op }))
+    }
+}
+
 struct CallbackSolver {
     solve: unsafe extern "C" fn(*mut c_void, *const f32, usize, *mut f32) -> i32,
     user_data: *mut c_void,
@@ -255,6 +263,7 @@ pub unsafe extern "C" fn pert_forward(
         if batch == 0 {
             return Ok(());
         }
+        op.check_batch(batch)?;
         let (d, o) = (op.input_numel(), op.output_numel());
         let theta_len = checked_product(&[batch, d], "batch * input_numel")?;
         let output_len = checked_product(&[batch, o], "batch * output_numel")?;
@@ -308,6 +317,7 @@ pub unsafe extern "C" fn pert_fenchel_young(
         if batch == 0 {
             return Ok(());
         }
+        op.check_batch(batch)?;
         let d = op.input_numel();
         let len = checked_product(&[batch, d], "batch * input_numel")?;
         let theta = unsafe { slice(theta, len, "theta") }?;

@@ -1,0 +1,273 @@
+//! Reliability through the C API: panics, concurrency, re-entrancy, resource limits and a
+//! soak. Figures (threads x ops, cycles, RSS growth) are printed with --nocapture.
+
+use perturbations::ffi::config::*;
+use perturbations::ffi::draw::*;
+use perturbations::ffi::op::*;
+use perturbations::ffi::status::*;
+use perturbations::ffi::tape::*;
+use perturbations::ffi::{pert_config, pert_draw, pert_op, pert_tape};
+use perturbations::{Config, DeviceSpec, PerturbedOp};
+use std::ffi::c_void;
+use std::ptr::null_mut;
+
+fn last_error() -> String {
+    let mut buf = vec![0u8; 512];
+    let n = unsafe { pert_last_error(buf.as_mut_ptr().cast(), buf.len()) };
+    String::from_utf8_lossy(&buf[..n.min(511)]).into_owned()
+}
+
+unsafe extern "C" fn identity(_: *mut c_void, x: *const f32, count: usize, y: *mut f32) -> i32 {
+    std::ptr::copy_nonoverlapping(x, y, count * 3);
+    0
+}
+
+unsafe extern "C" fn argmax3(_: *mut c_void, x: *const f32, count: usize, y: *mut f32) -> i32 {
+    let (x, y) = (std::slice::from_raw_parts(x, count * 3), std::slice::from_raw_parts_mut(y, count * 3));
+    for (xr, yr) in x.chunks_exact(3).zip(y.chunks_exact_mut(3)) {
+        let best = (0..3).fold(0, |b, i| if xr[i] > xr[b] { i } else { b });
+        yr.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
+    }
+    0
+}
+
+fn config(n: u64, threads: u32) -> *mut pert_config {
+    let mut c = null_mut();
+    unsafe {
+        assert_eq!(pert_config_new(&mut c), PERT_STATUS_OK);
+        assert_eq!(pert_config_set_num_samples(c, n), PERT_STATUS_OK);
+        assert_eq!(pert_config_set_sigma(c, 0.5), PERT_STATUS_OK);
+        assert_eq!(pert_config_set_device(c, c"cpu".as_ptr()), PERT_STATUS_OK);
+        assert_eq!(pert_config_set_threads(c, threads), PERT_STATUS_OK);
+    }
+    c
+}
+
+fn op(c: *const pert_config, solver: pert_solver_fn, user_data: *mut c_void) -> *mut pert_op {
+    let shape = [3i64];
+    let mut op = null_mut();
+    assert_eq!(unsafe { pert_op_new(c, shape.as_ptr(), 1, shape.as_ptr(), 1, solver, user_data, &mut op) }, PERT_STATUS_OK);
+    op
+}
+
+fn forward(op: *mut pert_op, theta: &[f32]) -> (Vec<f32>, *mut pert_tape) {
+    let mut y = vec![0f32; theta.len()];
+    let mut tape = null_mut();
+    let s = unsafe { pert_forward(op, theta.as_ptr(), theta.len() / 3, y.as_mut_ptr(), &mut tape) };
+    assert_eq!(s, PERT_STATUS_OK, "{}", last_error());
+    (y, tape)
+}
+
+#[test]
+fn a_panic_inside_the_library_is_a_status_and_the_library_keeps_working() {
+    for threads in [1, 2] {
+        let mut cfg = Config::new();
+        cfg.set_num_samples(64).unwrap().set_threads(threads).unwrap().set_device(DeviceSpec::Cpu);
+        let panicking = PerturbedOp::new(&cfg, &[3], &[3], |_: &[f32], _: usize, _: &mut [f32]| -> Result<(), String> {
+            panic!("forced panic for the test")
+        })
+        .unwrap();
+        let raw = pert_op::into_raw(panicking);
+        let theta = [0.1f32, 0.2, 0.3];
+        let mut y = [-7f32; 3];
+        let mut tape = null_mut();
+        let s = unsafe { pert_forward(raw, theta.as_ptr(), 1, y.as_mut_ptr(), &mut tape) };
+        assert_eq!(s, PERT_STATUS_PANIC);
+        assert!(last_error().contains("forced panic for the test"), "{}", last_error());
+        assert!(tape.is_null() && y == [-7.0; 3]);
+        unsafe { pert_op_free(raw) };
+        // other ops keep working, on this thread and others
+        let c = config(100, 1);
+        let good = op(c, Some(identity), null_mut());
+        let (y, tape) = forward(good, &theta);
+        assert!(y.iter().all(|v| v.is_finite()));
+        unsafe {
+            pert_tape_free(tape);
+            pert_op_free(good);
+            pert_config_free(c);
+        }
+    }
+}
+
+/// Sequential reference: the outputs of `calls` forward calls of a fresh op.
+fn reference(c: *const pert_config, theta: &[f32], calls: usize) -> Vec<Vec<f32>> {
+    let o = op(c, Some(argmax3), null_mut());
+    let out = (0..calls)
+        .map(|_| {
+            let (y, t) = forward(o, theta);
+            unsafe { pert_tape_free(t) };
+            y
+        })
+        .collect();
+    unsafe { pert_op_free(o) };
+    out
+}
+
+#[derive(Clone, Copy)]
+struct Send<T>(T);
+unsafe impl<T> std::marker::Send for Send<T> {}
+unsafe impl<T> Sync for Send<T> {}
+
+#[test]
+fn many_threads_with_their_own_ops_sharing_one_config_are_deterministic() {
+    let (threads, ops_per_thread, calls) = (8, 4, 5);
+    let c = Send(config(500, 1) as *const pert_config);
+    let theta = [0.2f32, 0.0, -0.1, 1.0, 0.5, 0.7];
+    let expected = reference(c.0, &theta, calls);
+    let tapes: Vec<Send<*mut pert_tape>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let expected = &expected;
+                s.spawn(move || {
+                    let c = c;
+                    let mut kept = Vec::new();
+                    for _ in 0..ops_per_thread {
+                        let o = op(c.0, Some(argmax3), null_mut());
+                        for e in expected {
+                            let (y, t) = forward(o, &theta);
+                            assert_eq!(&y, e);
+                            kept.push(Send(t));
+                        }
+                        unsafe { pert_op_free(o) }; // tapes outlive their op
+                    }
+                    kept
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    // the tapes, made on 8 threads, are freed on other threads after their ops are gone
+    std::thread::scope(|s| {
+        for chunk in tapes.chunks(tapes.len() / 3) {
+            s.spawn(move || {
+                for t in chunk {
+                    let mut g = vec![0f32; 6];
+                    assert_eq!(unsafe { pert_tape_vjp(t.0, theta.as_ptr(), g.as_mut_ptr()) }, PERT_STATUS_OK);
+                    unsafe { pert_tape_free(t.0) };
+                }
+            });
+        }
+    });
+    unsafe { pert_config_free(c.0 as *mut pert_config) };
+    eprintln!("{threads} threads x {ops_per_thread} ops x {calls} calls on one shared config: all equal to the sequential reference");
+}
+
+#[test]
+fn one_op_used_from_several_threads_in_turn_draws_the_sequential_stream() {
+    let c = config(300, 2);
+    let theta = [0.3f32, 0.1, 0.2];
+    let expected = reference(c, &theta, 12);
+    let shared = Send(op(c, Some(argmax3), null_mut()));
+    let lock = std::sync::Mutex::new(());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..3 {
+                    let _turn = lock.lock().unwrap(); // one call at a time, from any thread
+                    let o = shared;
+                    let (y, t) = forward(o.0, &theta);
+                    unsafe { pert_tape_free(t) };
+                    results.lock().unwrap().push(y);
+                }
+            });
+        }
+    });
+    // whichever thread made call k, it drew stream k
+    assert_eq!(results.into_inner().unwrap(), expected);
+    unsafe {
+        pert_op_free(shared.0);
+        pert_config_free(c);
+    }
+}
+
+/// A solver that calls back into the library: it solves with an inner perturbed op.
+unsafe extern "C" fn reentrant(user_data: *mut c_void, x: *const f32, count: usize, y: *mut f32) -> i32 {
+    let inner = user_data as *mut pert_op;
+    let mut tape: *mut pert_tape = null_mut();
+    let s = pert_forward(inner, x, count, y, &mut tape);
+    pert_tape_free(tape);
+    if s == PERT_STATUS_OK {
+        0
+    } else {
+        1
+    }
+}
+
+#[test]
+fn solvers_may_call_back_into_the_library() {
+    for threads in [1, 2] {
+        let c = config(50, threads);
+        let inner = op(c, Some(argmax3), null_mut());
+        let outer = op(c, Some(reentrant), inner.cast());
+        let theta = [0.3f32, 0.1, 0.2, 0.0, 1.0, 0.5];
+        let (y, tape) = forward(outer, &theta);
+        // a smoothed argmax of a smoothed argmax: rows of probabilities
+        for row in y.chunks(3) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4, "{row:?}");
+        }
+        unsafe {
+            pert_tape_free(tape);
+            pert_op_free(outer);
+            pert_op_free(inner);
+            pert_config_free(c);
+        }
+    }
+}
+
+#[test]
+fn impossible_sizes_are_clear_errors_not_aborts() {
+    // a draw of 2^40 samples would need 2^40 x 3 floats
+    let c = config(1 << 40, 1);
+    let o = op(c, Some(identity), null_mut());
+    let mut draw: *mut pert_draw = null_mut();
+    let s = unsafe { pert_draw_new(o, [0f32; 3].as_ptr(), 1, &mut draw) };
+    assert_eq!(s, PERT_STATUS_TORCH_ERROR, "{}", last_error());
+    assert!(last_error().contains("cannot allocate"), "{}", last_error());
+    assert!(draw.is_null());
+    // batch x input_numel beyond the address space: refused before any buffer is read
+    let s = unsafe { pert_forward(o, [0f32; 3].as_ptr(), usize::MAX / 2, null_mut(), null_mut()) };
+    assert_eq!(s, PERT_STATUS_INVALID_ARGUMENT);
+    // batch x num_samples x input_numel beyond i64: refused before any memory is touched
+    let mut y = [0f32; 3];
+    let s = unsafe { pert_forward(o, [0f32; 3].as_ptr(), 1 << 40, y.as_mut_ptr(), null_mut()) };
+    assert_eq!(s, PERT_STATUS_INVALID_ARGUMENT, "{}", last_error());
+    assert!(last_error().contains("overflows"), "{}", last_error());
+    unsafe {
+        pert_op_free(o);
+        pert_config_free(c);
+    }
+}
+
+fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4
+}
+
+#[test]
+fn soak_forward_vjp_free_cycles_keep_memory_flat() {
+    let cycles = 100_000;
+    let c = config(8, 1);
+    let theta = [0.1f32, 0.2, 0.3];
+    let run = |n: usize| {
+        for _ in 0..n {
+            let o = op(c, Some(argmax3), null_mut());
+            let (_, tape) = forward(o, &theta);
+            let mut g = [0f32; 3];
+            assert_eq!(unsafe { pert_tape_vjp(tape, theta.as_ptr(), g.as_mut_ptr()) }, PERT_STATUS_OK);
+            unsafe {
+                pert_tape_free(tape);
+                pert_op_free(o);
+            }
+        }
+    };
+    run(cycles / 10); // warm-up: allocator pools, libtorch caches
+    let start = rss_kib();
+    run(cycles);
+    let end = rss_kib();
+    unsafe { pert_config_free(c) };
+    eprintln!("soak: {} op + forward + VJP + free cycles, RSS {start} KiB -> {end} KiB", cycles + cycles / 10);
+    // a leak of even 100 bytes a cycle would add ~10 MiB
+    assert!(end < start + 4096, "RSS grew from {start} KiB to {end} KiB");
+}
