@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -140,6 +140,48 @@ bench: build
 	@mkdir -p target/bench
 	cc -std=c11 -O2 -shared -fPIC bench/bench_solvers.c -Iinclude -o target/bench/libbench_solvers.so
 	"$(if $(LIBTORCH),python3,$(VENV)/bin/python)" bench/bench.py --out target/bench/results.md $(BENCH_FLAGS)
+
+# --- deep checks (also run by .ci/run) -----------------------------------------
+# Sanitizers (clang's ASan + UBSan, LeakSanitizer on) over the C and C++ harness, valgrind
+# memcheck over the C harness, and the libFuzzer harness of the C API for FUZZ_SECONDS.
+FUZZ_SECONDS ?= 60
+ASAN_DIR := target/asan
+SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+export ASAN_OPTIONS := allocator_may_return_null=1:detect_leaks=1
+export UBSAN_OPTIONS := halt_on_error=1:print_stacktrace=1
+
+check-deep: sanitizers valgrind fuzz
+	@echo "make check-deep: sanitizers, valgrind and fuzzing passed"
+
+clang-tools:
+	@if ! command -v clang-14 >/dev/null || ! ls /usr/lib/llvm-14/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then \
+	  echo "installing clang-14 and its runtimes with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq clang-14 libclang-rt-14-dev >/dev/null; \
+	fi
+
+sanitizers: build clang-tools
+	CC=clang-14 CXX=clang++-14 cmake -S tests/c -B $(ASAN_DIR) -DPERT_ROOT=$(abspath .) -DCMAKE_BUILD_TYPE=Debug \
+	  -DCMAKE_C_FLAGS="$(SAN_FLAGS)" -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" >/dev/null
+	cmake --build $(ASAN_DIR) -j2
+	cd $(ASAN_DIR) && ctest --output-on-failure -E "install_consumers|library_links"
+
+VALGRIND_TESTS := test_api test_scale test_estimators
+valgrind: ctest
+	@command -v valgrind >/dev/null || (SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get install -y -qq valgrind >/dev/null)
+	@for t in $(VALGRIND_TESTS); do \
+	  echo "valgrind memcheck: $$t"; \
+	  valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite \
+	    --suppressions=tests/valgrind.supp $(CTEST_DIR)/$$t > target/valgrind-$$t.log 2>&1 \
+	    || { cat target/valgrind-$$t.log; exit 1; }; \
+	  tail -1 target/valgrind-$$t.log; \
+	done
+
+fuzz: build clang-tools
+	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_api.c -o target/fuzz_api $(LINK_PERT)
+	rm -rf target/fuzz-corpus && mkdir -p target/fuzz-corpus
+	ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=0 ./target/fuzz_api -max_total_time=$(FUZZ_SECONDS) \
+	  -timeout=30 -rss_limit_mb=6000 -print_final_stats=1 target/fuzz-corpus tests/fuzz/corpus 2>&1 | tail -12
 
 # --- install ----------------------------------------------------------------
 PREFIX ?= /usr/local
