@@ -25,6 +25,7 @@ LIB = os.path.join(ROOT, "target", "release", "libperturbations.so")
 SOLVERS = os.path.join(ROOT, "target", "bench", "libbench_solvers.so")
 
 THETA = [[-0.6, 1.9, -0.2, 1.1, -1.0], [-0.6, 1.0, -0.2, 1.8, -1.0]]
+DEVICE = os.environ.get("PERT_BENCH_DEVICE", "cpu")  # --device sets it for the case processes
 
 
 def rss_kib():
@@ -81,7 +82,7 @@ class Lib:
         self.ok(c.pert_config_set_sigma(cfg, sigma))
         self.ok(c.pert_config_set_noise(cfg, {"normal": 0, "gumbel": 1}[noise]))
         self.ok(c.pert_config_set_seed(cfg, seed))
-        self.ok(c.pert_config_set_device(cfg, b"cpu"))
+        self.ok(c.pert_config_set_device(cfg, DEVICE.encode()))
         self.ok(c.pert_config_set_threads(cfg, threads))
         dims = (ctypes.c_int64 * len(shape))(*shape)
         op = ctypes.c_void_p()
@@ -121,10 +122,10 @@ def case_argmax(impl, n, repeats):
     else:
         import torch
         import seed_algorithm as seed
-        theta = torch.tensor(THETA)
+        theta = torch.tensor(THETA, device=DEVICE)
         def make(n):
             def run():
-                y, saved = seed.perturbed_forward(seed.argmax, theta, n, 0.5, "gumbel", "cpu")
+                y, saved = seed.perturbed_forward(seed.argmax, theta, n, 0.5, "gumbel", DEVICE)
                 return seed.perturbed_backward(saved, y, n, 0.5)
             return run
     return measure(make, n, repeats)
@@ -154,7 +155,7 @@ def case_callback(impl, n, repeats, threads=1):
             if solve(None, x.data_ptr(), x.shape[0], y.data_ptr()) != 0:
                 raise RuntimeError("solver failed")
             return y
-        theta = torch.tensor([costs])
+        theta = torch.tensor([costs])  # the callback gets host memory: the seed's solve runs on the CPU
         def make(n):
             def run():
                 y, saved = seed.perturbed_forward(func, theta, n, 0.05, "normal", "cpu")
@@ -176,11 +177,11 @@ def case_topk(impl, n, repeats, b=64, d=1000, k=10):
     else:
         import torch
         import seed_algorithm as seed
-        theta = torch.tensor(theta_flat).reshape(b, d)
+        theta = torch.tensor(theta_flat, device=DEVICE).reshape(b, d)
         solve = seed.topk_indicator(k)
         def make(n):
             def run():
-                y, saved = seed.perturbed_forward(solve, theta, n, 0.5, "normal", "cpu")
+                y, saved = seed.perturbed_forward(solve, theta, n, 0.5, "normal", DEVICE)
                 return seed.perturbed_backward(saved, y, n, 0.5)
             return run
     return measure(make, n, repeats)
@@ -213,13 +214,13 @@ def case_accuracy(impl, n, seeds):
     else:
         import torch
         import seed_algorithm as seed
-        theta = torch.tensor(THETA)
-        gt = torch.tensor(g).reshape(2, 5)
-        seed.perturbed_forward(seed.argmax, theta, 1000, sigma, "gumbel", "cpu")  # warm-up
+        theta = torch.tensor(THETA, device=DEVICE)
+        gt = torch.tensor(g, device=DEVICE).reshape(2, 5)
+        seed.perturbed_forward(seed.argmax, theta, 1000, sigma, "gumbel", DEVICE)  # warm-up
         for s in range(seeds):
             torch.manual_seed(s)
             t = time.perf_counter()
-            y, saved = seed.perturbed_forward(seed.argmax, theta, n, sigma, "gumbel", "cpu")
+            y, saved = seed.perturbed_forward(seed.argmax, theta, n, sigma, "gumbel", DEVICE)
             v = seed.perturbed_backward(saved, gt, n, sigma).reshape(-1).tolist()
             times.append(time.perf_counter() - t)
             errors.append(sum((a - b) ** 2 for a, b in zip(v, exact)))
@@ -229,6 +230,10 @@ def case_accuracy(impl, n, seeds):
 def measure(make, n, repeats):
     """Warms up with a small N (libtorch's kernels, thread pools, allocator), then times
     `repeats` calls at N; the first of them gives the peak extra memory."""
+    if DEVICE.startswith("cuda"):  # time finished GPU work, not queued kernels
+        import torch
+        unsynced = make
+        make = lambda n: (lambda f: (lambda: (f(), torch.cuda.synchronize())))(unsynced(n))
     make(min(n, 1000))()
     run = make(n)
     before = rss_kib()
@@ -273,7 +278,8 @@ def machine():
     except OSError:
         pass
     import torch
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if DEVICE.startswith("cuda") else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, device {DEVICE}"
 
 
 def main():
@@ -281,7 +287,11 @@ def main():
     ap.add_argument("--one", nargs=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where both sides compute")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
+    os.environ["PERT_BENCH_DEVICE"] = a.device
     if a.one:
         name, impl = a.one
         sys.path.insert(0, HERE)

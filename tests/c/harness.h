@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "perturbations.h"
@@ -72,5 +73,12 @@ static inline int run_tests(const test_case *tests, size_t n) {
 }
 
 #define TEST(name) {#name, name}
+
+/* The device the closed-form tests run on: $PERT_TEST_DEVICE ("cuda" on a GPU machine,
+ * see scripts/gpu-check.sh), else "cpu". */
+static inline const char *test_device(void) {
+  const char *d = getenv("PERT_TEST_DEVICE");
+  return d && *d ? d : "cpu";
+}
 
 #endif

@@ -19,7 +19,7 @@ static pert_config *config(uint32_t noise, double sigma, uint64_t n, uint64_t se
   pert_config_set_sigma(c, sigma);
   pert_config_set_num_samples(c, n);
   pert_config_set_seed(c, seed);
-  pert_config_set_device(c, "cpu");
+  if (pert_config_set_device(c, test_device()) != PERT_STATUS_OK) return NULL;
   return c;
 }
 

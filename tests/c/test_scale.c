@@ -16,7 +16,7 @@ static pert_config *config(uint64_t n) {
   pert_config_set_sigma(c, 0.5);
   pert_config_set_num_samples(c, n);
   pert_config_set_seed(c, 77);
-  pert_config_set_device(c, "cpu");
+  if (pert_config_set_device(c, test_device()) != PERT_STATUS_OK) return NULL;
   return c;
 }
 
