@@ -151,6 +151,7 @@ fn results_do_not_depend_on_the_chunk_size() {
         let (y2, t2) = make(&large).forward_with_tape(&theta()).unwrap();
         assert!(max_abs(&y1, &y2) < 1e-6);
         assert!(max_abs(&t1.jacobian().unwrap(), &t2.jacobian().unwrap()) < 1e-4);
+        assert!(max_abs(&t1.objective().unwrap(), &t2.objective().unwrap()) == 0.0);
     }
 }
 
@@ -221,25 +222,29 @@ fn both_tape_forms_give_the_estimator_computed_by_hand() {
 
 #[test]
 fn two_phase_gives_the_callback_results() {
-    for baseline in [Baseline::SampleMean, Baseline::CleanInput] {
-        let mut c = config(Noise::Gumbel, 0.5, 4000, 9);
-        c.set_baseline(baseline);
+    for (baseline, noise, multiplicative, antithetic) in [
+        (Baseline::SampleMean, Noise::Gumbel, false, false),
+        (Baseline::CleanInput, Noise::Gumbel, false, false),
+        (Baseline::SampleMean, Noise::Normal, true, false),
+        (Baseline::CleanInput, Noise::Normal, false, true),
+    ] {
+        let mut c = config(noise, 0.5, 4000, 9);
+        c.set_baseline(baseline).set_antithetic(antithetic);
+        if multiplicative {
+            c.set_perturbation(perturbations::Perturbation::Multiplicative);
+        }
         let callback = PerturbedOp::new(&c, &[5], &[5], argmax).unwrap();
         let external = PerturbedOp::new_external(&c, &[5], &[5]).unwrap();
         let (y1, t1) = callback.forward_with_tape(&theta()).unwrap();
         let draw = external.draw(&theta()).unwrap();
         drop(external); // a draw outlives its op
-        let extra = if baseline == Baseline::CleanInput {
-            2
-        } else {
-            0
-        };
+        let extra = if baseline == Baseline::CleanInput && !antithetic { 2 } else { 0 };
         assert_eq!(draw.count(), 2 * 4000 + extra);
         let mut solutions = vec![0f32; draw.count() * 5];
         argmax(draw.inputs(), draw.count(), &mut solutions).unwrap();
         let (y2, t2) = draw.finish(&solutions, true).unwrap();
         let t2 = t2.unwrap();
-        assert!(max_abs(&y1, &y2) == 0.0, "{baseline:?}");
+        assert!(max_abs(&y1, &y2) == 0.0, "{baseline:?} {multiplicative} {antithetic}");
         assert!(
             max_abs(&t1.jacobian().unwrap(), &t2.jacobian().unwrap()) == 0.0,
             "{baseline:?}"
