@@ -151,7 +151,6 @@ fn results_do_not_depend_on_the_chunk_size() {
         let (y2, t2) = make(&large).forward_with_tape(&theta()).unwrap();
         assert!(max_abs(&y1, &y2) < 1e-6);
         assert!(max_abs(&t1.jacobian().unwrap(), &t2.jacobian().unwrap()) < 1e-4);
-        assert!(max_abs(&t1.objective().unwrap(), &t2.objective().unwrap()) == 0.0);
     }
 }
 
@@ -249,6 +248,7 @@ fn two_phase_gives_the_callback_results() {
             max_abs(&t1.jacobian().unwrap(), &t2.jacobian().unwrap()) == 0.0,
             "{baseline:?}"
         );
+        assert!(max_abs(&t1.objective().unwrap(), &t2.objective().unwrap()) == 0.0);
         solutions[7] = f32::NAN;
         assert_eq!(
             draw.finish(&solutions, false).unwrap_err().status(),
