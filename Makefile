@@ -180,7 +180,7 @@ valgrind: ctest
 fuzz: build clang-tools
 	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_api.c -o target/fuzz_api $(LINK_PERT)
 	rm -rf target/fuzz-corpus && mkdir -p target/fuzz-corpus
-	ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=0 ./target/fuzz_api -max_total_time=$(FUZZ_SECONDS) \
+	set -o pipefail; ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=0 ./target/fuzz_api -max_total_time=$(FUZZ_SECONDS) \
 	  -timeout=30 -rss_limit_mb=6000 -print_final_stats=1 target/fuzz-corpus tests/fuzz/corpus 2>&1 | tail -12
 
 # --- install ----------------------------------------------------------------

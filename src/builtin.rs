@@ -1,5 +1,7 @@
-//! Built-in solvers that run inside libtorch on the op's device, with no host round trip.
-//! Each works along the last dimension of the input; the output has the input's shape.
+//! Built-in solvers: no callback. On CUDA they run in libtorch on the device, with no host
+//! round trip; on the CPU in Rust, on all cores (the argmax in a fused kernel, see
+//! [`crate::fused_argmax`]). Each works along the last dimension of the input; the output
+//! has the input's shape.
 
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
@@ -83,6 +85,40 @@ impl Builtin {
     }
 }
 
+impl Builtin {
+    /// The solutions of `x` (rows of `d` floats, slices of `last` along each row) into `y`,
+    /// on the host: the CPU path of top-k and ranks (argmax has its own fused kernel).
+    pub(crate) fn solve_host(self, x: &[f32], last: usize, y: &mut [f32]) {
+        let mut order: Vec<usize> = Vec::with_capacity(last);
+        for (xs, ys) in x.chunks_exact(last).zip(y.chunks_exact_mut(last)) {
+            match self {
+                Builtin::Argmax => {
+                    let best = (1..last).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
+                    ys.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
+                }
+                Builtin::TopK(k) => {
+                    let k = k as usize;
+                    order.clear();
+                    order.extend(0..last);
+                    if k < last {
+                        order.select_nth_unstable_by(k - 1, |&a, &b| xs[b].total_cmp(&xs[a]));
+                    }
+                    ys.fill(0.0);
+                    order[..k].iter().for_each(|&i| ys[i] = 1.0);
+                }
+                Builtin::Ranks => {
+                    order.clear();
+                    order.extend(0..last);
+                    order.sort_unstable_by(|&a, &b| xs[a].total_cmp(&xs[b]));
+                    for (rank, &i) in order.iter().enumerate() {
+                        ys[i] = (rank + 1) as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Positions `[rows, groups, m]` within each slice of length `last` as flat positions
 /// `[rows, groups · m]` within the row.
 fn flat_positions(index: &Tensor, last: i64) -> Result<Tensor> {
@@ -129,6 +165,16 @@ mod tests {
         assert_eq!(run(Builtin::Argmax, &x, &[6]), [0., 0., 0., 0., 1., 0.]);
         assert_eq!(run(Builtin::TopK(2), &x, &[3]), [1., 1., 0., 0., 1., 1.]);
         assert_eq!(run(Builtin::Ranks, &x, &[3]), [2., 3., 1., 1., 3., 2.]);
+    }
+
+    #[test]
+    fn host_solutions_equal_the_libtorch_ones() {
+        let x: Vec<f32> = (0..60).map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.0 + i as f32 * 1e-3).collect();
+        for b in [Builtin::Argmax, Builtin::TopK(3), Builtin::Ranks, Builtin::TopK(6)] {
+            let mut y = vec![0f32; 60];
+            b.solve_host(&x, 6, &mut y);
+            assert_eq!(y, run(b, &x, &[6]), "{b:?}");
+        }
     }
 
     #[test]

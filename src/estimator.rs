@@ -184,6 +184,35 @@ impl ProblemSums {
     }
 }
 
+/// The rows of one problem in a CPU tape that keeps samples (see
+/// [`Accumulator::sample_rows`]): contiguous float32 storage owned by the accumulator.
+#[derive(Clone, Copy)]
+pub(crate) struct SampleRows {
+    y: *mut f32,
+    s: *mut f32,
+    y_len: usize,
+    s_len: usize,
+}
+
+// SAFETY: the pointers address the accumulator's tensors, which outlive the forward call's
+// workers; each worker writes only the disjoint rows of its own block (`rows` below).
+unsafe impl Send for SampleRows {}
+unsafe impl Sync for SampleRows {}
+
+impl SampleRows {
+    /// Rows `n0 .. n0 + rows` of the solutions (`o` wide) and scores (`d` wide).
+    ///
+    /// # Safety
+    /// No two live borrows may overlap: callers take disjoint row ranges.
+    pub unsafe fn rows(&self, n0: usize, rows: usize, o: usize, d: usize) -> (&mut [f32], &mut [f32]) {
+        assert!((n0 + rows) * o <= self.y_len && (n0 + rows) * d <= self.s_len);
+        (
+            std::slice::from_raw_parts_mut(self.y.add(n0 * o), rows * o),
+            std::slice::from_raw_parts_mut(self.s.add(n0 * d), rows * d),
+        )
+    }
+}
+
 enum JacobianSums {
     Sums { sum_s: Tensor, sum_ys: Tensor },
     Samples { y: Tensor, s: Tensor },
@@ -328,22 +357,21 @@ impl Accumulator {
         Ok(())
     }
 
-    /// Copies samples `n0 ..` of problem `b` (solutions `y` `[rows, o]` and scores `s`
-    /// `[rows, d]`) into a tape that keeps samples; nothing for other forms.
-    pub fn add_samples(&mut self, b: i64, n0: i64, y: &[f32], s: &[f32]) -> Result<()> {
-        if let Some(JacobianSums::Samples { y: ys, s: ss }) = &mut self.jacobian {
-            let rows = (y.len() as i64) / self.o;
-            let device = ys.device();
-            let yt = Tensor::f_from_slice(y)?
-                .f_view([rows, self.o])?
-                .f_to_device(device)?;
-            let st = Tensor::f_from_slice(s)?
-                .f_view([rows, -1])?
-                .f_to_device(device)?;
-            ys.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(&yt)?;
-            ss.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(&st)?;
+    /// Where a tape that keeps samples stores problem `b`'s solutions `[N, o]` and scores
+    /// `[N, d]` on the CPU, for the host pipeline to write each block's rows in place.
+    pub fn sample_rows(&mut self, b: i64) -> Result<Option<SampleRows>> {
+        match &mut self.jacobian {
+            Some(JacobianSums::Samples { y, s }) if y.device() == Device::Cpu => {
+                let (yb, sb) = (y.f_get(b)?, s.f_get(b)?);
+                Ok(Some(SampleRows {
+                    y: yb.data_ptr() as *mut f32,
+                    s: sb.data_ptr() as *mut f32,
+                    y_len: yb.numel(),
+                    s_len: sb.numel(),
+                }))
+            }
+            _ => Ok(None),
         }
-        Ok(())
     }
 
     /// The tape form, when a Jacobian is wanted.

@@ -472,7 +472,7 @@ impl OpSpec {
         }
         let host = matches!(
             source,
-            Source::Solver(SolverKind::Host(_)) | Source::Provided(_)
+            Source::Solver(SolverKind::Host(_) | SolverKind::Builtin(_)) | Source::Provided(_)
         );
         if host && self.device == Device::Cpu {
             self.run_on_host(theta, &stream, source, &mut acc)?;
@@ -503,8 +503,8 @@ impl OpSpec {
         acc.finish(n, baseline, clean.as_ref(), theta)
     }
 
-    /// The samples of a CPU op whose solutions come from the host (a callback or the
-    /// two-phase API), in Rust on host buffers: each block of samples is drawn, perturbed,
+    /// The samples of a CPU op whose solutions come from the host (a callback, a built-in
+    /// other than the fused argmax, or the two-phase API), in Rust on host buffers: each block of samples is drawn, perturbed,
     /// solved and summed on one of the solver threads, and the blocks are added in their
     /// order (so the results do not depend on the number of threads). No libtorch parallel
     /// region runs between solver calls, where its OpenMP workers would spin on the cores
@@ -518,7 +518,11 @@ impl OpSpec {
         let keep_samples = acc.form() == Some(TapeForm::Samples);
         let per = self.rows_per_chunk();
         let blocks = n.div_ceil(per);
-        let threads = c.effective_threads().clamp(1, blocks.max(1));
+        let builtin = matches!(source, Source::Solver(SolverKind::Builtin(_)));
+        // callbacks get the config's solver threads; built-ins use every core
+        let threads = if builtin { std::thread::available_parallelism().map_or(1, |t| t.get()) } else { c.effective_threads() };
+        let threads = threads.clamp(1, blocks.max(1));
+        let last = self.input_shape.last().map_or(1, |&l| l as usize);
         let mut theta_host = vec![0f32; batch * d];
         theta.f_contiguous()?.f_view([-1])?.f_copy_data(&mut theta_host, batch * d)?;
         // per solver thread: noise, scores, perturbed inputs, solutions
@@ -526,14 +530,22 @@ impl OpSpec {
             (0..threads).map(|_| [vec![0f32; per * d], vec![0f32; per * d], vec![0f32; per * d], vec![0f32; per * o]]).collect();
         for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
             let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
-            let work = |k: usize, buffers: &mut [Vec<f32>; 4]| -> Result<(ProblemSums, Option<(Vec<f32>, Vec<f32>)>)> {
+            // a tape that keeps samples gets each block's solutions and scores in place
+            let in_tape = if keep_samples { acc.sample_rows(b as i64)? } else { None };
+            let work = |k: usize, buffers: &mut [Vec<f32>; 4]| -> Result<ProblemSums> {
                 let (n0, rows) = (k * per, per.min(n - k * per));
                 let [z, s, x, y] = buffers;
-                let (z, s, x, y) = (&mut z[..rows * d], &mut s[..rows * d], &mut x[..rows * d], &mut y[..rows * o]);
+                let (z, x) = (&mut z[..rows * d], &mut x[..rows * d]);
+                // SAFETY: block k owns rows n0 .. n0 + rows, disjoint from every other block's.
+                let (y, s) = match &in_tape {
+                    Some(t) => unsafe { t.rows(n0, rows, o, d) },
+                    None => (&mut y[..rows * o], &mut s[..rows * d]),
+                };
                 c.noise().draw_samples(stream, c.antithetic(), multiplicative, (b, n, n0, d), z, s, 1);
                 c.perturbation().perturb_host(theta_b, z, c.sigma() as f32, x);
                 match source {
                     Source::Solver(SolverKind::Host(solver)) => solve_rows(&**solver, x, y, rows, d, o, 1)?,
+                    Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
                     Source::Provided(all) => {
                         let first = b * n + n0;
                         check_provided(&all[first * o..(first + rows) * o], first, o)?;
@@ -543,13 +555,10 @@ impl OpSpec {
                 }
                 let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
                 sums.add_rows(d, z, x, if sums_form { s } else { &[] }, y, c.sigma() as f32);
-                Ok((sums, keep_samples.then(|| (y.to_vec(), s.to_vec()))))
+                Ok(sums)
             };
-            run_blocks(blocks, &mut scratch, work, |k, (sums, samples)| {
+            run_blocks(blocks, &mut scratch, work, |_, sums| {
                 total.add(&sums);
-                if let Some((y, s)) = samples {
-                    acc.add_samples(b as i64, (k * per) as i64, &y, &s)?;
-                }
                 Ok(())
             })?;
             acc.add_sums(b as i64, &total)?;

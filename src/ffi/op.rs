@@ -148,8 +148,8 @@ pub const PERT_BUILTIN_TOPK: u32 = 1;
 /// 1-based ranks along the last dimension, the smallest entry ranked 1.
 pub const PERT_BUILTIN_RANKS: u32 = 2;
 
-/// Makes a perturbed op over a built-in solver that runs inside libtorch on the op's
-/// device (no callback, no host round trip). The output shape is the input shape; the
+/// Makes a perturbed op over a built-in solver: no callback; on CUDA it runs in libtorch on
+/// the device (no host round trip), on the CPU in the library's own code on all cores. The output shape is the input shape; the
 /// solver works along the last dimension.
 ///
 /// @param builtin      `PERT_BUILTIN_ARGMAX`, `PERT_BUILTIN_TOPK` or `PERT_BUILTIN_RANKS`.
