@@ -106,7 +106,12 @@ mod tests {
     fn the_first_error_in_block_order_wins() {
         for threads in [1, 4] {
             let mut scratch = vec![(); threads];
-            let err = run_blocks(10, &mut scratch, |k, _| if k == 6 || k == 9 { Err(k) } else { Ok(()) }, |_, _| Ok(()));
+            let err = run_blocks(
+                10,
+                &mut scratch,
+                |k, _| if k == 6 || k == 9 { Err(k) } else { Ok(()) },
+                |_, _| Ok(()),
+            );
             assert_eq!(err, Err(6));
         }
     }

@@ -94,7 +94,9 @@ impl Builtin {
             match self {
                 Builtin::Argmax => {
                     let best = (1..last).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
-                    ys.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
+                    ys.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = (i == best) as u8 as f32);
                 }
                 Builtin::TopK(k) => {
                     let k = k as usize;
@@ -169,8 +171,15 @@ mod tests {
 
     #[test]
     fn host_solutions_equal_the_libtorch_ones() {
-        let x: Vec<f32> = (0..60).map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.0 + i as f32 * 1e-3).collect();
-        for b in [Builtin::Argmax, Builtin::TopK(3), Builtin::Ranks, Builtin::TopK(6)] {
+        let x: Vec<f32> = (0..60)
+            .map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.0 + i as f32 * 1e-3)
+            .collect();
+        for b in [
+            Builtin::Argmax,
+            Builtin::TopK(3),
+            Builtin::Ranks,
+            Builtin::TopK(6),
+        ] {
             let mut y = vec![0f32; 60];
             b.solve_host(&x, 6, &mut y);
             assert_eq!(y, run(b, &x, &[6]), "{b:?}");

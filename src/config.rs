@@ -31,6 +31,7 @@ pub struct Config {
     sense: Sense,
     chunk_bytes: u64,
     max_tape_bytes: u64,
+    libtorch_path: bool,
 }
 
 impl Default for Config {
@@ -51,6 +52,7 @@ impl Default for Config {
             sense: Sense::Maximize,
             chunk_bytes: 0,
             max_tape_bytes: 0,
+            libtorch_path: false,
         }
     }
 }
@@ -156,6 +158,20 @@ impl Config {
     pub fn set_max_tape_bytes(&mut self, bytes: u64) -> &mut Config {
         self.max_tape_bytes = bytes;
         self
+    }
+
+    /// Runs CPU ops through the libtorch chunk path that CUDA ops take, instead of the
+    /// host pipelines; for tests of that path on machines without a GPU.
+    #[doc(hidden)]
+    pub fn set_libtorch_path(&mut self, on: bool) -> &mut Config {
+        self.libtorch_path = on;
+        self
+    }
+
+    /// Whether CPU ops take the libtorch chunk path (see `set_libtorch_path`).
+    #[doc(hidden)]
+    pub fn libtorch_path(&self) -> bool {
+        self.libtorch_path
     }
 
     /// Working memory of one chunk, in bytes (0: chosen by the library).

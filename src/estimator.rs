@@ -204,7 +204,13 @@ impl SampleRows {
     ///
     /// # Safety
     /// No two live borrows may overlap: callers take disjoint row ranges.
-    pub unsafe fn rows(&self, n0: usize, rows: usize, o: usize, d: usize) -> (&mut [f32], &mut [f32]) {
+    pub unsafe fn rows(
+        &self,
+        n0: usize,
+        rows: usize,
+        o: usize,
+        d: usize,
+    ) -> (&mut [f32], &mut [f32]) {
         assert!((n0 + rows) * o <= self.y_len && (n0 + rows) * d <= self.s_len);
         (
             std::slice::from_raw_parts_mut(self.y.add(n0 * o), rows * o),
@@ -419,17 +425,16 @@ impl Accumulator {
     ) -> Result<Estimate> {
         let nf = n as f64;
         let mean = self.sum_y.f_div_scalar(nf)?.f_to_kind(Kind::Float)?;
-        let (center, scale) = match baseline {
-            Baseline::None => (None, 1.0 / (nf * self.sigma)),
-            Baseline::SampleMean => (Some(mean.shallow_clone()), 1.0 / ((nf - 1.0) * self.sigma)),
-            Baseline::CleanInput => (
-                Some(
-                    clean
-                        .expect("the clean-input baseline needs y*(theta)")
-                        .shallow_clone(),
-                ),
-                1.0 / (nf * self.sigma),
-            ),
+        // the baseline only enters the Jacobian: forward calls without a tape make no
+        // extra solve, and have no y*(θ)
+        let (center, scale) = match (baseline, clean) {
+            (Baseline::None, _) => (None, 1.0 / (nf * self.sigma)),
+            (Baseline::SampleMean, _) => (Some(mean.shallow_clone()), 1.0 / ((nf - 1.0) * self.sigma)),
+            (Baseline::CleanInput, Some(clean)) => (Some(clean.shallow_clone()), 1.0 / (nf * self.sigma)),
+            (Baseline::CleanInput, None) => {
+                assert!(self.jacobian.is_none(), "the clean-input baseline needs y*(theta) for a Jacobian");
+                (None, 1.0 / (nf * self.sigma))
+            }
         };
         let col_scale = match self.perturbation {
             Perturbation::Additive => None,

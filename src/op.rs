@@ -272,13 +272,21 @@ impl OpSpec {
         let batch = size[0] as usize;
         self.check_batch(batch)?;
         check_host(theta, "theta")?;
-        Ok(theta.f_to_device(self.device)?.f_reshape([batch as i64, self.input_numel as i64])?)
+        Ok(theta
+            .f_to_device(self.device)?
+            .f_reshape([batch as i64, self.input_numel as i64])?)
     }
 
     fn check_batch(&self, batch: usize) -> Result<()> {
         let n = self.config.num_samples() as usize;
-        checked_product(&[batch, n, self.input_numel], "batch * num_samples * input_numel")?;
-        checked_product(&[batch, n, self.output_numel], "batch * num_samples * output_numel")?;
+        checked_product(
+            &[batch, n, self.input_numel],
+            "batch * num_samples * input_numel",
+        )?;
+        checked_product(
+            &[batch, n, self.output_numel],
+            "batch * num_samples * output_numel",
+        )?;
         Ok(())
     }
 
@@ -393,6 +401,26 @@ impl OpSpec {
         Ok((z, x))
     }
 
+    /// Calls `f(b, n0, z, x)` for the chunks of samples of every problem of `theta`
+    /// `[batch, d]` (on the device), in order: noise and perturbed inputs `[rows, d]`.
+    pub(crate) fn for_each_chunk(
+        &self,
+        theta: &Tensor,
+        stream: &Stream,
+        mut f: impl FnMut(usize, usize, Tensor, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let n = self.config.num_samples() as usize;
+        let per = self.rows_per_chunk();
+        for b in 0..theta.size()[0] as usize {
+            let theta_b = theta.f_narrow(0, b as i64, 1)?;
+            for n0 in (0..n).step_by(per) {
+                let (z, x) = self.chunk(stream, &theta_b, b, n0, per.min(n - n0))?;
+                f(b, n0, z, x)?;
+            }
+        }
+        Ok(())
+    }
+
     /// One forward call (number `call` of its op) on `theta` `[batch, d]` (on the device).
     pub(crate) fn run(
         &self,
@@ -446,7 +474,8 @@ impl OpSpec {
             Source::Solver(SolverKind::Builtin(Builtin::Argmax)),
             Device::Cpu,
             None | Some(TapeForm::Sums),
-        ) = (&source, self.device, form)
+            false,
+        ) = (&source, self.device, form, c.libtorch_path())
         {
             if d * d <= crate::fused_argmax::MAX_SUMS {
                 let kernel = Kernel {
@@ -474,32 +503,25 @@ impl OpSpec {
             source,
             Source::Solver(SolverKind::Host(_) | SolverKind::Builtin(_)) | Source::Provided(_)
         );
-        if host && self.device == Device::Cpu {
+        if host && self.device == Device::Cpu && !c.libtorch_path() {
             self.run_on_host(theta, &stream, source, &mut acc)?;
             return acc.finish(n, baseline, clean.as_ref(), theta);
         }
-        let rows_per_chunk = self.rows_per_chunk();
-        for b in 0..batch {
-            let theta_b = theta.f_narrow(0, b as i64, 1)?;
-            let mut n0 = 0;
-            while n0 < n {
-                let rows = rows_per_chunk.min(n - n0);
-                let (z, x) = self.chunk(&stream, &theta_b, b, n0, rows)?;
-                let y = match source {
-                    Source::Solver(solver) => self.solve(solver, &x)?,
-                    Source::Provided(all) => {
-                        Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?)
-                    }
-                };
-                let s = if acc.wants_scores() {
-                    Some(c.perturbation().score(c.noise(), &z)?)
-                } else {
-                    None
-                };
-                acc.add(b as i64, n0 as i64, &z, &x, s.as_ref(), &y)?;
-                n0 += rows;
-            }
-        }
+        self.for_each_chunk(theta, &stream, |b, n0, z, x| {
+            let rows = z.size()[0] as usize;
+            let y = match source {
+                Source::Solver(solver) => self.solve(solver, &x)?,
+                Source::Provided(all) => {
+                    Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?)
+                }
+            };
+            let s = if acc.wants_scores() {
+                Some(c.perturbation().score(c.noise(), &z)?)
+            } else {
+                None
+            };
+            acc.add(b as i64, n0 as i64, &z, &x, s.as_ref(), &y)
+        })?;
         acc.finish(n, baseline, clean.as_ref(), theta)
     }
 
@@ -509,9 +531,19 @@ impl OpSpec {
     /// order (so the results do not depend on the number of threads). No libtorch parallel
     /// region runs between solver calls, where its OpenMP workers would spin on the cores
     /// the solver threads need.
-    fn run_on_host(&self, theta: &Tensor, stream: &Stream, source: Source<'_>, acc: &mut Accumulator) -> Result<()> {
+    fn run_on_host(
+        &self,
+        theta: &Tensor,
+        stream: &Stream,
+        source: Source<'_>,
+        acc: &mut Accumulator,
+    ) -> Result<()> {
         let c = &self.config;
-        let (d, o, n) = (self.input_numel, self.output_numel, c.num_samples() as usize);
+        let (d, o, n) = (
+            self.input_numel,
+            self.output_numel,
+            c.num_samples() as usize,
+        );
         let batch = theta.size()[0] as usize;
         let multiplicative = c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
         let sums_form = acc.form() == Some(TapeForm::Sums);
@@ -520,18 +552,37 @@ impl OpSpec {
         let blocks = n.div_ceil(per);
         let builtin = matches!(source, Source::Solver(SolverKind::Builtin(_)));
         // callbacks get the config's solver threads; built-ins use every core
-        let threads = if builtin { std::thread::available_parallelism().map_or(1, |t| t.get()) } else { c.effective_threads() };
+        let threads = if builtin {
+            std::thread::available_parallelism().map_or(1, |t| t.get())
+        } else {
+            c.effective_threads()
+        };
         let threads = threads.clamp(1, blocks.max(1));
         let last = self.input_shape.last().map_or(1, |&l| l as usize);
         let mut theta_host = vec![0f32; batch * d];
-        theta.f_contiguous()?.f_view([-1])?.f_copy_data(&mut theta_host, batch * d)?;
+        theta
+            .f_contiguous()?
+            .f_view([-1])?
+            .f_copy_data(&mut theta_host, batch * d)?;
         // per solver thread: noise, scores, perturbed inputs, solutions
-        let mut scratch: Vec<[Vec<f32>; 4]> =
-            (0..threads).map(|_| [vec![0f32; per * d], vec![0f32; per * d], vec![0f32; per * d], vec![0f32; per * o]]).collect();
+        let mut scratch: Vec<[Vec<f32>; 4]> = (0..threads)
+            .map(|_| {
+                [
+                    vec![0f32; per * d],
+                    vec![0f32; per * d],
+                    vec![0f32; per * d],
+                    vec![0f32; per * o],
+                ]
+            })
+            .collect();
         for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
             let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
             // a tape that keeps samples gets each block's solutions and scores in place
-            let in_tape = if keep_samples { acc.sample_rows(b as i64)? } else { None };
+            let in_tape = if keep_samples {
+                acc.sample_rows(b as i64)?
+            } else {
+                None
+            };
             let work = |k: usize, buffers: &mut [Vec<f32>; 4]| -> Result<ProblemSums> {
                 let (n0, rows) = (k * per, per.min(n - k * per));
                 let [z, s, x, y] = buffers;
@@ -541,10 +592,21 @@ impl OpSpec {
                     Some(t) => unsafe { t.rows(n0, rows, o, d) },
                     None => (&mut y[..rows * o], &mut s[..rows * d]),
                 };
-                c.noise().draw_samples(stream, c.antithetic(), multiplicative, (b, n, n0, d), z, s, 1);
-                c.perturbation().perturb_host(theta_b, z, c.sigma() as f32, x);
+                c.noise().draw_samples(
+                    stream,
+                    c.antithetic(),
+                    multiplicative,
+                    (b, n, n0, d),
+                    z,
+                    s,
+                    1,
+                );
+                c.perturbation()
+                    .perturb_host(theta_b, z, c.sigma() as f32, x);
                 match source {
-                    Source::Solver(SolverKind::Host(solver)) => solve_rows(&**solver, x, y, rows, d, o, 1)?,
+                    Source::Solver(SolverKind::Host(solver)) => {
+                        solve_rows(&**solver, x, y, rows, d, o, 1)?
+                    }
                     Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
                     Source::Provided(all) => {
                         let first = b * n + n0;
@@ -554,7 +616,14 @@ impl OpSpec {
                     Source::Solver(_) => unreachable!("only host solutions take the host path"),
                 }
                 let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
-                sums.add_rows(d, z, x, if sums_form { s } else { &[] }, y, c.sigma() as f32);
+                sums.add_rows(
+                    d,
+                    z,
+                    x,
+                    if sums_form { s } else { &[] },
+                    y,
+                    c.sigma() as f32,
+                );
                 Ok(sums)
             };
             run_blocks(blocks, &mut scratch, work, |_, sums| {

@@ -47,11 +47,12 @@ impl Draw {
             )
         })?;
         let stream = Stream::new(c.seed(), call);
-        if spec.device == Device::Cpu {
+        if spec.device == Device::Cpu && !c.libtorch_path() {
             // the host pipeline's own draws, so that finish sees exactly these inputs
             inputs.resize(batch * n * d, 0.0);
             let theta_host = host_vec(&theta)?;
-            let multiplicative = c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
+            let multiplicative =
+                c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
             let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
             let per = spec.rows_per_chunk();
             let (mut z, mut s) = (vec![0f32; per * d], vec![0f32; per * d]);
@@ -59,23 +60,22 @@ impl Draw {
                 for n0 in (0..n).step_by(per) {
                     let rows = per.min(n - n0);
                     let (z, s) = (&mut z[..rows * d], &mut s[..rows * d]);
-                    c.noise().draw_samples(&stream, c.antithetic(), multiplicative, (b, n, n0, d), z, s, threads);
+                    c.noise().draw_samples(
+                        &stream,
+                        c.antithetic(),
+                        multiplicative,
+                        (b, n, n0, d),
+                        z,
+                        s,
+                        threads,
+                    );
                     let x = &mut inputs[(b * n + n0) * d..(b * n + n0 + rows) * d];
-                    c.perturbation().perturb_host(theta_b, z, c.sigma() as f32, x);
+                    c.perturbation()
+                        .perturb_host(theta_b, z, c.sigma() as f32, x);
                 }
             }
         } else {
-            let per = spec.rows_per_chunk();
-            for b in 0..batch {
-                let theta_b = theta.f_narrow(0, b as i64, 1)?;
-                let mut n0 = 0;
-                while n0 < n {
-                    let chunk = per.min(n - n0);
-                    let (_, x) = spec.chunk(&stream, &theta_b, b, n0, chunk)?;
-                    extend_host(&mut inputs, &x)?;
-                    n0 += chunk;
-                }
-            }
+            spec.for_each_chunk(&theta, &stream, |_, _, _, x| extend_host(&mut inputs, &x))?;
         }
         if clean {
             extend_host(&mut inputs, &theta)?;

@@ -4,23 +4,12 @@
 
 mod common;
 
-use common::{argmax, argmin, identity};
+use common::{argmax, argmin, config, identity};
 use perturbations::autograd;
-use perturbations::{
-    Baseline, Config, DeviceSpec, Noise, Perturbation, PerturbedOp, Sense, Status,
-};
+use perturbations::{Baseline, Noise, Perturbation, PerturbedOp, Sense, Status};
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 
 const EULER_GAMMA: f64 = 0.577_215_664_901_532_9;
-
-fn config(noise: Noise, sigma: f64, n: u64, seed: u64) -> Config {
-    let mut c = Config::new();
-    c.set_num_samples(n).unwrap().set_sigma(sigma).unwrap();
-    c.set_noise(noise)
-        .set_seed(seed)
-        .set_device(DeviceSpec::Cpu);
-    c
-}
 
 fn t(values: &[f32], shape: &[i64]) -> Tensor {
     Tensor::from_slice(values).reshape(shape)
@@ -211,6 +200,23 @@ fn baselines_and_antithetic_pairs_reduce_the_spread_of_the_vjp() {
             spread / plain
         );
         assert!(spread < 0.75 * plain, "{name}: {spread} vs plain {plain}");
+    }
+}
+
+#[test]
+fn regression_calls_without_a_tape_work_with_every_baseline() {
+    // forward and the Fenchel-Young loss make no tape, hence no clean-input solve
+    let theta = Tensor::from_slice(&[0.2f32, 0.1, -0.3]).reshape([1, 3]);
+    for baseline in [Baseline::None, Baseline::SampleMean, Baseline::CleanInput] {
+        let mut c = config(Noise::Gumbel, 0.5, 100, 1);
+        c.set_baseline(baseline);
+        let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        let _ = op.forward(&theta).unwrap();
+        let _ = op.fenchel_young(&theta, &theta.zeros_like()).unwrap();
+        let draw = op.draw(&theta).unwrap();
+        let mut sol = vec![0f32; draw.count() * 3];
+        argmax(draw.inputs(), draw.count(), &mut sol).unwrap();
+        let _ = draw.finish(&sol, false).unwrap();
     }
 }
 

@@ -21,7 +21,9 @@ fn prototypes(header: &str) -> BTreeMap<String, Prototype> {
     let mut rest = header;
     while let Some(start) = rest.find("/*") {
         text.push_str(&rest[..start]);
-        rest = rest[start..].find("*/").map_or("", |end| &rest[start + end + 2..]);
+        rest = rest[start..]
+            .find("*/")
+            .map_or("", |end| &rest[start + end + 2..]);
     }
     text.push_str(rest);
     let code: String = text
@@ -40,7 +42,13 @@ fn prototypes(header: &str) -> BTreeMap<String, Prototype> {
         }
         let Some(open) = decl.find('(') else { continue };
         let head = &decl[..open];
-        let Some(name) = head.split(|c: char| c == ' ' || c == '*').filter(|s| !s.is_empty()).last() else { continue };
+        let Some(name) = head
+            .split(|c: char| c == ' ' || c == '*')
+            .filter(|s| !s.is_empty())
+            .last()
+        else {
+            continue;
+        };
         if !name.starts_with("pert_") {
             continue;
         }
@@ -65,7 +73,10 @@ fn prototypes(header: &str) -> BTreeMap<String, Prototype> {
 }
 
 fn normalize(c_type: &str) -> String {
-    c_type.replace("const", " ").split_whitespace().collect::<String>()
+    c_type
+        .replace("const", " ")
+        .split_whitespace()
+        .collect::<String>()
 }
 
 /// The Julia types accepted for a C type.
@@ -112,7 +123,12 @@ fn collect_ccalls(node: Node, src: &str, out: &mut Vec<CCall>) {
         if let Some(call) = find_ccall(node, src) {
             out.push(call);
         } else {
-            out.push(CCall { line: node.start_position().row + 1, name: String::new(), args: vec![], ret: None });
+            out.push(CCall {
+                line: node.start_position().row + 1,
+                name: String::new(),
+                args: vec![],
+                ret: None,
+            });
         }
         return;
     }
@@ -128,19 +144,33 @@ fn find_ccall(macro_node: Node, src: &str) -> Option<CCall> {
     while let Some(node) = stack.pop() {
         if node.kind() == "typed_expression" {
             let call = node.named_child(0)?;
-            if call.kind() == "call_expression" && call.named_child(0).map(|f| f.kind()) == Some("field_expression") {
+            if call.kind() == "call_expression"
+                && call.named_child(0).map(|f| f.kind()) == Some("field_expression")
+            {
                 let field = call.named_child(0)?;
                 let name = text(field.named_child(field.named_child_count() - 1)?, src).to_string();
-                let ret = node.named_child(node.named_child_count() - 1).map(|r| squash(text(r, src)));
+                let ret = node
+                    .named_child(node.named_child_count() - 1)
+                    .map(|r| squash(text(r, src)));
                 let list = call.named_child(1)?;
                 let mut args = Vec::new();
                 let mut cursor = list.walk();
                 for arg in list.named_children(&mut cursor) {
-                    args.push((arg.kind() == "typed_expression")
-                        .then(|| arg.named_child(arg.named_child_count() - 1).map(|t| squash(text(t, src))))
-                        .flatten());
+                    args.push(
+                        (arg.kind() == "typed_expression")
+                            .then(|| {
+                                arg.named_child(arg.named_child_count() - 1)
+                                    .map(|t| squash(text(t, src)))
+                            })
+                            .flatten(),
+                    );
                 }
-                return Some(CCall { line: macro_node.start_position().row + 1, name, args, ret });
+                return Some(CCall {
+                    line: macro_node.start_position().row + 1,
+                    name,
+                    args,
+                    ret,
+                });
             }
         }
         let mut cursor = node.walk();
@@ -159,14 +189,26 @@ fn first_error(node: Node) -> Option<Node> {
 }
 
 /// Problems of one Julia source against the header's prototypes; adds the wrapped names.
-fn check_source(file: &str, src: &str, protos: &BTreeMap<String, Prototype>, wrapped: &mut Vec<String>) -> Vec<String> {
+fn check_source(
+    file: &str,
+    src: &str,
+    protos: &BTreeMap<String, Prototype>,
+    wrapped: &mut Vec<String>,
+) -> Vec<String> {
     let mut parser = Parser::new();
-    parser.set_language(&tree_sitter_julia::LANGUAGE.into()).expect("tree-sitter-julia loads");
+    parser
+        .set_language(&tree_sitter_julia::LANGUAGE.into())
+        .expect("tree-sitter-julia loads");
     let tree = parser.parse(src, None).expect("parse");
     let mut problems = Vec::new();
     if let Some(bad) = first_error(tree.root_node()) {
         let p = bad.start_position();
-        problems.push(format!("{file}:{}:{}: syntax error near `{}`", p.row + 1, p.column + 1, text(bad, src).chars().take(40).collect::<String>()));
+        problems.push(format!(
+            "{file}:{}:{}: syntax error near `{}`",
+            p.row + 1,
+            p.column + 1,
+            text(bad, src).chars().take(40).collect::<String>()
+        ));
         return problems;
     }
     let mut calls = Vec::new();
@@ -174,12 +216,20 @@ fn check_source(file: &str, src: &str, protos: &BTreeMap<String, Prototype>, wra
     for call in calls {
         let at = format!("{file}:{}", call.line);
         let Some(proto) = protos.get(&call.name) else {
-            problems.push(format!("{at}: @ccall of `{}`, which is not a function of include/perturbations.h", call.name));
+            problems.push(format!(
+                "{at}: @ccall of `{}`, which is not a function of include/perturbations.h",
+                call.name
+            ));
             continue;
         };
         wrapped.push(call.name.clone());
         if call.args.len() != proto.params.len() {
-            problems.push(format!("{at}: {} takes {} arguments, the @ccall passes {}", call.name, proto.params.len(), call.args.len()));
+            problems.push(format!(
+                "{at}: {} takes {} arguments, the @ccall passes {}",
+                call.name,
+                proto.params.len(),
+                call.args.len()
+            ));
             continue;
         }
         for (i, (arg, c_type)) in call.args.iter().zip(&proto.params).enumerate() {
@@ -196,7 +246,10 @@ fn check_source(file: &str, src: &str, protos: &BTreeMap<String, Prototype>, wra
         }
         match &call.ret {
             Some(r) if julia_types(&proto.ret).contains(&r.as_str()) => {}
-            r => problems.push(format!("{at}: {} returns C `{}`, the @ccall says {:?}", call.name, proto.ret, r)),
+            r => problems.push(format!(
+                "{at}: {} returns C `{}`, the @ccall says {:?}",
+                call.name, proto.ret, r
+            )),
         }
     }
     problems
@@ -222,7 +275,11 @@ fn header_prototypes() -> BTreeMap<String, Prototype> {
 fn the_julia_binding_parses_and_matches_the_header() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let protos = header_prototypes();
-    assert!(protos.len() > 30, "header parsed to {} prototypes", protos.len());
+    assert!(
+        protos.len() > 30,
+        "header parsed to {} prototypes",
+        protos.len()
+    );
     let mut files = Vec::new();
     julia_files(&root.join("bindings/julia"), &mut files);
     assert!(files.len() >= 3, "found {files:?}");
@@ -230,15 +287,31 @@ fn the_julia_binding_parses_and_matches_the_header() {
     let mut problems = Vec::new();
     for f in &files {
         let src = std::fs::read_to_string(f).unwrap();
-        problems.extend(check_source(&f.strip_prefix(root).unwrap().display().to_string(), &src, &protos, &mut wrapped));
+        problems.extend(check_source(
+            &f.strip_prefix(root).unwrap().display().to_string(),
+            &src,
+            &protos,
+            &mut wrapped,
+        ));
     }
     for name in protos.keys() {
         if !wrapped.contains(name) {
-            problems.push(format!("{name} of include/perturbations.h has no @ccall in the Julia binding"));
+            problems.push(format!(
+                "{name} of include/perturbations.h has no @ccall in the Julia binding"
+            ));
         }
     }
-    assert!(problems.is_empty(), "Julia binding problems:\n{}", problems.join("\n"));
-    eprintln!("{} files, {} @ccalls checked against {} C functions", files.len(), wrapped.len(), protos.len());
+    assert!(
+        problems.is_empty(),
+        "Julia binding problems:\n{}",
+        problems.join("\n")
+    );
+    eprintln!(
+        "{} files, {} @ccalls checked against {} C functions",
+        files.len(),
+        wrapped.len(),
+        protos.len()
+    );
 }
 
 #[test]
@@ -246,9 +319,24 @@ fn header_prototypes_are_read_correctly() {
     let protos = header_prototypes();
     assert_eq!(
         protos["pert_forward"],
-        Prototype { ret: "pert_status".into(), params: vec!["pert_op*".into(), "float*".into(), "size_t".into(), "float*".into(), "pert_tape**".into()] }
+        Prototype {
+            ret: "pert_status".into(),
+            params: vec![
+                "pert_op*".into(),
+                "float*".into(),
+                "size_t".into(),
+                "float*".into(),
+                "pert_tape**".into()
+            ]
+        }
     );
-    assert_eq!(protos["pert_version"], Prototype { ret: "char*".into(), params: vec![] });
+    assert_eq!(
+        protos["pert_version"],
+        Prototype {
+            ret: "char*".into(),
+            params: vec![]
+        }
+    );
     assert_eq!(protos["pert_op_free"].ret, "void");
 }
 
@@ -260,17 +348,41 @@ fn planted_mismatches_are_reported() {
     let good = "f(t) = @ccall lib.pert_tape_batch(t::Ptr{Cvoid})::Csize_t\n";
     assert!(check(good).is_empty(), "{:?}", check(good));
     let cases = [
-        ("f(t) = @ccall lib.pert_tape_batch(t::Ptr{Cvoid}, 1::Cint)::Csize_t\n", "takes 1 arguments"),
-        ("f(t) = @ccall lib.pert_tape_batch(t::Ptr{Float32})::Csize_t\n", "does not match C `pert_tape*`"),
-        ("f(c) = @ccall lib.pert_config_set_seed(c::Ptr{Cvoid}, 1::Int32)::UInt32\n", "does not match C `uint64_t`"),
-        ("f(c) = @ccall lib.pert_config_set_sigma(c::Ptr{Cvoid}, 1.0::Float32)::UInt32\n", "does not match C `double`"),
-        ("f(t) = @ccall lib.pert_tape_batch(t::Ptr{Cvoid})::Int32\n", "returns C `size_t`"),
-        ("f(t) = @ccall lib.pert_tape_batchh(t::Ptr{Cvoid})::Csize_t\n", "not a function"),
-        ("f(t) = @ccall lib.pert_tape_batch(t)::Csize_t\n", "no ::Type annotation"),
+        (
+            "f(t) = @ccall lib.pert_tape_batch(t::Ptr{Cvoid}, 1::Cint)::Csize_t\n",
+            "takes 1 arguments",
+        ),
+        (
+            "f(t) = @ccall lib.pert_tape_batch(t::Ptr{Float32})::Csize_t\n",
+            "does not match C `pert_tape*`",
+        ),
+        (
+            "f(c) = @ccall lib.pert_config_set_seed(c::Ptr{Cvoid}, 1::Int32)::UInt32\n",
+            "does not match C `uint64_t`",
+        ),
+        (
+            "f(c) = @ccall lib.pert_config_set_sigma(c::Ptr{Cvoid}, 1.0::Float32)::UInt32\n",
+            "does not match C `double`",
+        ),
+        (
+            "f(t) = @ccall lib.pert_tape_batch(t::Ptr{Cvoid})::Int32\n",
+            "returns C `size_t`",
+        ),
+        (
+            "f(t) = @ccall lib.pert_tape_batchh(t::Ptr{Cvoid})::Csize_t\n",
+            "not a function",
+        ),
+        (
+            "f(t) = @ccall lib.pert_tape_batch(t)::Csize_t\n",
+            "no ::Type annotation",
+        ),
         ("function f(t)\n    x = (1, 2\nend\n", "syntax error"),
     ];
     for (src, expected) in cases {
         let problems = check(src);
-        assert!(problems.iter().any(|p| p.contains(expected)), "{src:?} gave {problems:?}, expected {expected:?}");
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{src:?} gave {problems:?}, expected {expected:?}"
+        );
     }
 }

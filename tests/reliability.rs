@@ -23,10 +23,15 @@ unsafe extern "C" fn identity(_: *mut c_void, x: *const f32, count: usize, y: *m
 }
 
 unsafe extern "C" fn argmax3(_: *mut c_void, x: *const f32, count: usize, y: *mut f32) -> i32 {
-    let (x, y) = (std::slice::from_raw_parts(x, count * 3), std::slice::from_raw_parts_mut(y, count * 3));
+    let (x, y) = (
+        std::slice::from_raw_parts(x, count * 3),
+        std::slice::from_raw_parts_mut(y, count * 3),
+    );
     for (xr, yr) in x.chunks_exact(3).zip(y.chunks_exact_mut(3)) {
         let best = (0..3).fold(0, |b, i| if xr[i] > xr[b] { i } else { b });
-        yr.iter_mut().enumerate().for_each(|(i, v)| *v = (i == best) as u8 as f32);
+        yr.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i == best) as u8 as f32);
     }
     0
 }
@@ -46,14 +51,36 @@ fn config(n: u64, threads: u32) -> *mut pert_config {
 fn op(c: *const pert_config, solver: pert_solver_fn, user_data: *mut c_void) -> *mut pert_op {
     let shape = [3i64];
     let mut op = null_mut();
-    assert_eq!(unsafe { pert_op_new(c, shape.as_ptr(), 1, shape.as_ptr(), 1, solver, user_data, &mut op) }, PERT_STATUS_OK);
+    assert_eq!(
+        unsafe {
+            pert_op_new(
+                c,
+                shape.as_ptr(),
+                1,
+                shape.as_ptr(),
+                1,
+                solver,
+                user_data,
+                &mut op,
+            )
+        },
+        PERT_STATUS_OK
+    );
     op
 }
 
 fn forward(op: *mut pert_op, theta: &[f32]) -> (Vec<f32>, *mut pert_tape) {
     let mut y = vec![0f32; theta.len()];
     let mut tape = null_mut();
-    let s = unsafe { pert_forward(op, theta.as_ptr(), theta.len() / 3, y.as_mut_ptr(), &mut tape) };
+    let s = unsafe {
+        pert_forward(
+            op,
+            theta.as_ptr(),
+            theta.len() / 3,
+            y.as_mut_ptr(),
+            &mut tape,
+        )
+    };
     assert_eq!(s, PERT_STATUS_OK, "{}", last_error());
     (y, tape)
 }
@@ -62,10 +89,19 @@ fn forward(op: *mut pert_op, theta: &[f32]) -> (Vec<f32>, *mut pert_tape) {
 fn a_panic_inside_the_library_is_a_status_and_the_library_keeps_working() {
     for threads in [1, 2] {
         let mut cfg = Config::new();
-        cfg.set_num_samples(64).unwrap().set_threads(threads).unwrap().set_device(DeviceSpec::Cpu);
-        let panicking = PerturbedOp::new(&cfg, &[3], &[3], |_: &[f32], _: usize, _: &mut [f32]| -> Result<(), String> {
-            panic!("forced panic for the test")
-        })
+        cfg.set_num_samples(64)
+            .unwrap()
+            .set_threads(threads)
+            .unwrap()
+            .set_device(DeviceSpec::Cpu);
+        let panicking = PerturbedOp::new(
+            &cfg,
+            &[3],
+            &[3],
+            |_: &[f32], _: usize, _: &mut [f32]| -> Result<(), String> {
+                panic!("forced panic for the test")
+            },
+        )
         .unwrap();
         let raw = pert_op::into_raw(panicking);
         let theta = [0.1f32, 0.2, 0.3];
@@ -73,7 +109,11 @@ fn a_panic_inside_the_library_is_a_status_and_the_library_keeps_working() {
         let mut tape = null_mut();
         let s = unsafe { pert_forward(raw, theta.as_ptr(), 1, y.as_mut_ptr(), &mut tape) };
         assert_eq!(s, PERT_STATUS_PANIC);
-        assert!(last_error().contains("forced panic for the test"), "{}", last_error());
+        assert!(
+            last_error().contains("forced panic for the test"),
+            "{}",
+            last_error()
+        );
         assert!(tape.is_null() && y == [-7.0; 3]);
         unsafe { pert_op_free(raw) };
         // other ops keep working, on this thread and others
@@ -134,7 +174,10 @@ fn many_threads_with_their_own_ops_sharing_one_config_are_deterministic() {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     // the tapes, made on 8 threads, are freed on other threads after their ops are gone
     std::thread::scope(|s| {
@@ -142,7 +185,10 @@ fn many_threads_with_their_own_ops_sharing_one_config_are_deterministic() {
             s.spawn(move || {
                 for t in chunk {
                     let mut g = vec![0f32; 6];
-                    assert_eq!(unsafe { pert_tape_vjp(t.0, theta.as_ptr(), g.as_mut_ptr()) }, PERT_STATUS_OK);
+                    assert_eq!(
+                        unsafe { pert_tape_vjp(t.0, theta.as_ptr(), g.as_mut_ptr()) },
+                        PERT_STATUS_OK
+                    );
                     unsafe { pert_tape_free(t.0) };
                 }
             });
@@ -182,7 +228,12 @@ fn one_op_used_from_several_threads_in_turn_draws_the_sequential_stream() {
 }
 
 /// A solver that calls back into the library: it solves with an inner perturbed op.
-unsafe extern "C" fn reentrant(user_data: *mut c_void, x: *const f32, count: usize, y: *mut f32) -> i32 {
+unsafe extern "C" fn reentrant(
+    user_data: *mut c_void,
+    x: *const f32,
+    count: usize,
+    y: *mut f32,
+) -> i32 {
     let inner = user_data as *mut pert_op;
     let mut tape: *mut pert_tape = null_mut();
     let s = pert_forward(inner, x, count, y, &mut tape);
@@ -226,7 +277,15 @@ fn impossible_sizes_are_clear_errors_not_aborts() {
     assert!(last_error().contains("cannot allocate"), "{}", last_error());
     assert!(draw.is_null());
     // batch x input_numel beyond the address space: refused before any buffer is read
-    let s = unsafe { pert_forward(o, [0f32; 3].as_ptr(), usize::MAX / 2, null_mut(), null_mut()) };
+    let s = unsafe {
+        pert_forward(
+            o,
+            [0f32; 3].as_ptr(),
+            usize::MAX / 2,
+            null_mut(),
+            null_mut(),
+        )
+    };
     assert_eq!(s, PERT_STATUS_INVALID_ARGUMENT);
     // batch x num_samples x input_numel beyond i64: refused before any memory is touched
     let mut y = [0f32; 3];
@@ -255,7 +314,10 @@ fn soak_forward_vjp_free_cycles_keep_memory_flat() {
             let o = op(c, Some(argmax3), null_mut());
             let (_, tape) = forward(o, &theta);
             let mut g = [0f32; 3];
-            assert_eq!(unsafe { pert_tape_vjp(tape, theta.as_ptr(), g.as_mut_ptr()) }, PERT_STATUS_OK);
+            assert_eq!(
+                unsafe { pert_tape_vjp(tape, theta.as_ptr(), g.as_mut_ptr()) },
+                PERT_STATUS_OK
+            );
             unsafe {
                 pert_tape_free(tape);
                 pert_op_free(o);
@@ -267,7 +329,10 @@ fn soak_forward_vjp_free_cycles_keep_memory_flat() {
     run(cycles);
     let end = rss_kib();
     unsafe { pert_config_free(c) };
-    eprintln!("soak: {} op + forward + VJP + free cycles, RSS {start} KiB -> {end} KiB", cycles + cycles / 10);
+    eprintln!(
+        "soak: {} op + forward + VJP + free cycles, RSS {start} KiB -> {end} KiB",
+        cycles + cycles / 10
+    );
     // a leak of even 100 bytes a cycle would add ~10 MiB
     assert!(end < start + 4096, "RSS grew from {start} KiB to {end} KiB");
 }

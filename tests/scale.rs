@@ -3,18 +3,9 @@
 
 mod common;
 
-use common::{argmax, identity};
-use perturbations::{Baseline, Builtin, Config, DeviceSpec, Noise, PerturbedOp, Status};
+use common::{argmax, config, identity};
+use perturbations::{Baseline, Builtin, Config, Noise, PerturbedOp, Status};
 use tch::{Kind, Tensor};
-
-fn config(noise: Noise, sigma: f64, n: u64, seed: u64) -> Config {
-    let mut c = Config::new();
-    c.set_num_samples(n).unwrap().set_sigma(sigma).unwrap();
-    c.set_noise(noise)
-        .set_seed(seed)
-        .set_device(DeviceSpec::Cpu);
-    c
-}
 
 fn theta() -> Tensor {
     Tensor::from_slice(&[-0.6f32, 1.9, -0.2, 1.1, -1.0, -0.6, 1.0, -0.2, 1.8, -1.0]).reshape([2, 5])
@@ -237,13 +228,20 @@ fn two_phase_gives_the_callback_results() {
         let (y1, t1) = callback.forward_with_tape(&theta()).unwrap();
         let draw = external.draw(&theta()).unwrap();
         drop(external); // a draw outlives its op
-        let extra = if baseline == Baseline::CleanInput && !antithetic { 2 } else { 0 };
+        let extra = if baseline == Baseline::CleanInput && !antithetic {
+            2
+        } else {
+            0
+        };
         assert_eq!(draw.count(), 2 * 4000 + extra);
         let mut solutions = vec![0f32; draw.count() * 5];
         argmax(draw.inputs(), draw.count(), &mut solutions).unwrap();
         let (y2, t2) = draw.finish(&solutions, true).unwrap();
         let t2 = t2.unwrap();
-        assert!(max_abs(&y1, &y2) == 0.0, "{baseline:?} {multiplicative} {antithetic}");
+        assert!(
+            max_abs(&y1, &y2) == 0.0,
+            "{baseline:?} {multiplicative} {antithetic}"
+        );
         assert!(
             max_abs(&t1.jacobian().unwrap(), &t2.jacobian().unwrap()) == 0.0,
             "{baseline:?}"
@@ -280,4 +278,54 @@ fn tape_limit_is_respected_before_any_work() {
         err.message()
     );
     let _ = op.forward(&theta).unwrap();
+}
+
+#[test]
+fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
+    // CUDA ops take a libtorch chunk path; on the CPU it can be forced, and must give what
+    // the CPU's host pipelines give (up to float rounding) for every solver kind and model.
+    let theta = Tensor::from_slice(&[0.5f32, 1.0, 0.2, 0.9, 0.1, 0.7, 0.3, 1.1, 0.4, 0.6]).reshape([2, 5]);
+    type Make = fn(&Config) -> PerturbedOp;
+    let makes: [(&str, Make); 5] = [
+        ("callback", |c| PerturbedOp::new(c, &[5], &[5], argmax).unwrap()),
+        ("argmax", |c| PerturbedOp::new_builtin(c, Builtin::Argmax, &[5]).unwrap()),
+        ("top-2", |c| PerturbedOp::new_builtin(c, Builtin::TopK(2), &[5]).unwrap()),
+        ("ranks", |c| PerturbedOp::new_builtin(c, Builtin::Ranks, &[5]).unwrap()),
+        ("small N (samples tape)", |c| PerturbedOp::new(c, &[5], &[5], argmax).unwrap()),
+    ];
+    for (name, make) in makes {
+        for (noise, multiplicative, antithetic, baseline) in [
+            (Noise::Gumbel, false, false, Baseline::SampleMean),
+            (Noise::Normal, true, false, Baseline::CleanInput),
+            (Noise::Normal, false, true, Baseline::None),
+        ] {
+            let n = if name.starts_with("small") { 4 } else { 2000 };
+            let mut host = config(noise, 0.4, n, 21);
+            host.set_antithetic(antithetic).set_baseline(baseline);
+            if multiplicative {
+                host.set_perturbation(perturbations::Perturbation::Multiplicative);
+            }
+            let mut torch = host.clone();
+            torch.set_libtorch_path(true);
+            let (ya, ta) = make(&host).forward_with_tape(&theta).unwrap();
+            let (yb, tb) = make(&torch).forward_with_tape(&theta).unwrap();
+            let what = format!("{name} {noise:?} multiplicative={multiplicative} antithetic={antithetic}");
+            assert_eq!(ta.keeps_samples(), tb.keeps_samples(), "{what}");
+            let scale = 1.0 + f64::try_from(ya.abs().max()).unwrap();
+            assert!(max_abs(&ya, &yb) < 1e-5 * scale, "{what}");
+            let j = ta.jacobian().unwrap();
+            let jscale = 1.0 + f64::try_from(j.abs().max()).unwrap();
+            assert!(max_abs(&j, &tb.jacobian().unwrap()) < 1e-4 * jscale, "{what}");
+            let fscale = 1.0 + f64::try_from(ta.objective().unwrap().abs().max()).unwrap();
+            assert!(max_abs(&ta.objective().unwrap(), &tb.objective().unwrap()) < 1e-4 * fscale, "{what}");
+            // and the two-phase API over the libtorch path
+            let draw = PerturbedOp::new_external(&torch, &[5], &[5]).unwrap().draw(&theta).unwrap();
+            if name == "callback" {
+                let mut sol = vec![0f32; draw.count() * 5];
+                argmax(draw.inputs(), draw.count(), &mut sol).unwrap();
+                let (yd, _) = draw.finish(&sol, false).unwrap();
+                assert!(max_abs(&ya, &yd) < 1e-5 * scale, "two-phase {what}");
+            }
+        }
+    }
 }

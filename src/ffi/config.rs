@@ -233,7 +233,10 @@ pub unsafe extern "C" fn pert_config_set_sense(
 /// holds at least one sample. The results do not depend on it beyond float rounding.
 /// 0 (the default) leaves it to the library: 2 MiB on the CPU, 64 MiB on CUDA.
 #[no_mangle]
-pub unsafe extern "C" fn pert_config_set_chunk_bytes(config: *mut pert_config, bytes: u64) -> pert_status {
+pub unsafe extern "C" fn pert_config_set_chunk_bytes(
+    config: *mut pert_config,
+    bytes: u64,
+) -> pert_status {
     set(config, |c| {
         c.set_chunk_bytes(bytes);
         Ok(())

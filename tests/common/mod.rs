@@ -1,5 +1,17 @@
-//! Solvers shared by the Rust integration tests.
+//! Solvers and settings shared by the Rust integration tests.
 #![allow(dead_code)]
+
+use perturbations::{Config, DeviceSpec, Noise};
+
+/// A CPU config with these settings (and the defaults otherwise).
+pub fn config(noise: Noise, sigma: f64, n: u64, seed: u64) -> Config {
+    let mut c = Config::new();
+    c.set_num_samples(n).unwrap().set_sigma(sigma).unwrap();
+    c.set_noise(noise)
+        .set_seed(seed)
+        .set_device(DeviceSpec::Cpu);
+    c
+}
 
 /// One-hot of the best entry of each row under `better(a, b)`.
 fn one_hot_best(x: &[f32], count: usize, y: &mut [f32], better: impl Fn(f32, f32) -> bool) {
