@@ -65,6 +65,33 @@ impl Noise {
         Ok(z)
     }
 
+    /// Elements `first .. first + count` of the noise of `stream` made by libtorch on
+    /// `device` (how CUDA ops draw: nothing is drawn on the CPU and copied). The random words
+    /// equal the CPU's bit for bit; the transforms are libtorch's, so the values equal
+    /// [`Noise::sample`]'s up to float rounding.
+    pub fn sample_on(self, stream: &Stream, first: u64, count: usize, device: Device) -> Result<Tensor> {
+        let start = first & !3; // whole blocks
+        let blocks = ((first + count as u64 + 3) / 4 - start / 4) as usize;
+        let words = stream.blocks_on(start / 4, blocks, device)?;
+        let u = words
+            .f_bitwise_right_shift_tensor_scalar(9)?
+            .f_to_kind(Kind::Float)?
+            .f_add_scalar_(0.5)?
+            .f_mul_scalar_(1.0 / f64::from(1u32 << 23))?;
+        let z = match self {
+            Noise::Gumbel => u.f_log()?.f_neg_()?.f_log_()?.f_neg_()?,
+            Noise::Normal => {
+                let pairs = u.f_view([-1, 2])?;
+                let r = pairs.f_select(1, 0)?.f_log()?.f_mul_scalar(-2.0)?.f_sqrt_()?;
+                let angle = pairs.f_select(1, 1)?.f_mul_scalar(std::f64::consts::TAU)?;
+                let cos = r.f_mul(&angle.f_cos()?)?;
+                let sin = r.f_mul(&angle.f_sin()?)?;
+                Tensor::f_stack(&[cos, sin], 1)?.f_view([-1])?
+            }
+        };
+        Ok(z.f_narrow(0, (first - start) as i64, count as i64)?)
+    }
+
     /// Writes elements `first .. first + out.len()` of the noise of `stream`.
     pub fn fill(self, stream: &Stream, first: u64, out: &mut [f32]) {
         self.fill_with(stream, first, out, None);
@@ -288,6 +315,20 @@ mod tests {
                 let mut parts = values(noise, 3, split, 1);
                 parts.extend(values(noise, 3 + split as u64, 101 - split, 1));
                 assert_eq!(whole, parts, "{noise:?} split at {split}");
+            }
+        }
+    }
+
+    #[test]
+    fn libtorch_draws_equal_the_cpu_draws_up_to_rounding() {
+        for noise in [Noise::Normal, Noise::Gumbel] {
+            for (first, count) in [(0u64, 64usize), (5, 37), (1000, 1)] {
+                let cpu = values(noise, first, count, 1);
+                let lt = noise.sample_on(&Stream::new(11, 0), first, count, Device::Cpu).unwrap();
+                let lt = Vec::<f64>::try_from(lt.to_kind(Kind::Double)).unwrap();
+                for (a, b) in cpu.iter().zip(&lt) {
+                    assert!((a - b).abs() <= 2e-6 * (1.0 + a.abs()), "{noise:?} {first}: {a} vs {b}");
+                }
             }
         }
     }

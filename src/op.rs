@@ -384,19 +384,21 @@ impl OpSpec {
         let c = &self.config;
         let (d, n) = (self.input_numel, c.num_samples() as usize);
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get()); // noise only
-        let z = if c.antithetic() {
-            let half =
-                c.noise()
-                    .sample(stream, ((b * n + n0) / 2 * d) as u64, rows / 2 * d, threads)?;
-            let half = half.f_view([(rows / 2) as i64, d as i64])?;
-            Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?
-                .f_view([rows as i64, d as i64])?
-        } else {
-            c.noise()
-                .sample(stream, ((b * n + n0) * d) as u64, rows * d, threads)?
-                .f_view([rows as i64, d as i64])?
+        // CPU ops draw with the CPU sampler; CUDA ops (and CPU ops forced onto this path)
+        // draw with libtorch on their device
+        let draw = |first: usize, count: usize| -> Result<Tensor> {
+            if self.device == Device::Cpu && !c.libtorch_path() {
+                c.noise().sample(stream, first as u64, count, threads)
+            } else {
+                c.noise().sample_on(stream, first as u64, count, self.device)
+            }
         };
-        let z = z.f_to_device(self.device)?;
+        let z = if c.antithetic() {
+            let half = draw((b * n + n0) / 2 * d, rows / 2 * d)?.f_view([(rows / 2) as i64, d as i64])?;
+            Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?.f_view([rows as i64, d as i64])?
+        } else {
+            draw((b * n + n0) * d, rows * d)?.f_view([rows as i64, d as i64])?
+        };
         let x = c.perturbation().perturb(theta_b, &z, c.sigma())?;
         Ok((z, x))
     }

@@ -48,6 +48,36 @@ impl Stream {
         }
     }
 
+    /// The blocks `first .. first + count` of this stream computed with libtorch integer
+    /// operations on `device` (so that CUDA ops make their noise on the GPU): the words
+    /// `[count · 4]` as an int64 tensor, equal to [`Stream::block`]'s bit for bit.
+    pub fn blocks_on(&self, first: u64, count: usize, device: tch::Device) -> tch::Result<tch::Tensor> {
+        use tch::{Kind, Tensor};
+        const LOW: i64 = 0xFFFF_FFFF;
+        let index = Tensor::f_arange_start(first as i64, first as i64 + count as i64, (Kind::Int64, device))?;
+        let mut c0 = index.f_bitwise_and(LOW)?;
+        let mut c1 = index.f_bitwise_right_shift_tensor_scalar(32)?;
+        let mut c2 = Tensor::f_full([count as i64], i64::from(self.stream as u32), (Kind::Int64, device))?;
+        let mut c3 = Tensor::f_full([count as i64], i64::from((self.stream >> 32) as u32), (Kind::Int64, device))?;
+        let [mut k0, mut k1] = self.key;
+        for _ in 0..10 {
+            // 32 × 32 → 64-bit products, wrapping in int64 (the low 64 bits are exact)
+            let p0 = c0.f_mul_scalar(i64::from(M0))?;
+            let p1 = c2.f_mul_scalar(i64::from(M1))?;
+            let hi0 = p0.f_bitwise_right_shift_tensor_scalar(32)?.f_bitwise_and(LOW)?;
+            let hi1 = p1.f_bitwise_right_shift_tensor_scalar(32)?.f_bitwise_and(LOW)?;
+            let n0 = hi1.f_bitwise_xor_tensor(&c1)?.f_bitwise_xor(i64::from(k0))?;
+            let n2 = hi0.f_bitwise_xor_tensor(&c3)?.f_bitwise_xor(i64::from(k1))?;
+            c1 = p1.f_bitwise_and(LOW)?;
+            c3 = p0.f_bitwise_and(LOW)?;
+            c0 = n0;
+            c2 = n2;
+            k0 = k0.wrapping_add(W0);
+            k1 = k1.wrapping_add(W1);
+        }
+        Tensor::f_stack(&[c0, c1, c2, c3], 1)?.f_view([count as i64 * 4])
+    }
+
     /// The four 32-bit words of block `index` of this stream.
     #[inline]
     pub fn block(&self, index: u64) -> [u32; 4] {
@@ -159,6 +189,20 @@ mod tests {
             (mean - 0.5).abs() < 5.0 * (1.0 / 12.0 / n as f64).sqrt(),
             "{mean}"
         );
+    }
+
+    #[test]
+    fn libtorch_blocks_equal_the_rust_ones() {
+        let s = Stream::new(0xdead_beef_1234, (7u64 << 32) + 5);
+        let first = (1u64 << 33) - 3; // crosses a 32-bit boundary of the block index
+        let words = s.blocks_on(first, 9, tch::Device::Cpu).unwrap();
+        let words: Vec<i64> = Vec::try_from(words).unwrap();
+        for i in 0..9 {
+            let want = s.block(first + i as u64);
+            for (j, &w) in want.iter().enumerate() {
+                assert_eq!(words[i * 4 + j], i64::from(w), "block {i} word {j}");
+            }
+        }
     }
 
     #[test]
