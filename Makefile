@@ -168,7 +168,8 @@ sanitizers: build clang-tools
 
 VALGRIND_TESTS := test_api test_scale test_estimators
 valgrind: ctest
-	@command -v valgrind >/dev/null || (SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get install -y -qq valgrind >/dev/null)
+	@command -v valgrind >/dev/null || (SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq valgrind >/dev/null)
 	@for t in $(VALGRIND_TESTS); do \
 	  echo "valgrind memcheck: $$t"; \
 	  valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite \

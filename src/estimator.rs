@@ -203,14 +203,15 @@ impl SampleRows {
     /// Rows `n0 .. n0 + rows` of the solutions (`o` wide) and scores (`d` wide).
     ///
     /// # Safety
-    /// No two live borrows may overlap: callers take disjoint row ranges.
-    pub unsafe fn rows(
-        &self,
+    /// No two live borrows may overlap (callers take disjoint row ranges), and they must
+    /// not outlive the accumulator's tensors.
+    pub unsafe fn rows<'a>(
+        self,
         n0: usize,
         rows: usize,
         o: usize,
         d: usize,
-    ) -> (&mut [f32], &mut [f32]) {
+    ) -> (&'a mut [f32], &'a mut [f32]) {
         assert!((n0 + rows) * o <= self.y_len && (n0 + rows) * d <= self.s_len);
         (
             std::slice::from_raw_parts_mut(self.y.add(n0 * o), rows * o),

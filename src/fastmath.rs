@@ -36,7 +36,7 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
     let c = 1.0
         + a2 * (-0.5
             + a2 * (4.166_666_7e-2
-                + a2 * (-1.388_888_9e-3 + a2 * (2.480_158_7e-5 - a2 * 2.755_731_9e-7))));
+                + a2 * (-1.388_888_9e-3 + a2 * (2.480_158_7e-5 - a2 * 2.755_732e-7))));
     // rotate by q quarter turns, without branches (so that loops vectorize):
     // odd q swaps sin and cos; the signs follow the quadrant
     let q = q as i32;

@@ -71,7 +71,7 @@ impl Noise {
     /// [`Noise::sample`]'s up to float rounding.
     pub fn sample_on(self, stream: &Stream, first: u64, count: usize, device: Device) -> Result<Tensor> {
         let start = first & !3; // whole blocks
-        let blocks = ((first + count as u64 + 3) / 4 - start / 4) as usize;
+        let blocks = ((first + count as u64).div_ceil(4) - start / 4) as usize;
         let words = stream.blocks_on(start / 4, blocks, device)?;
         let u = words
             .f_bitwise_right_shift_tensor_scalar(9)?

@@ -6,6 +6,9 @@
 //! Names: C name = Rust name = symbol, prefix `pert_`.
 
 #![allow(non_camel_case_types)]
+// Each exported function's safety contract is its C contract, documented on it (pointers
+// valid for the documented sizes, handles from this library, not used after their _free).
+#![allow(clippy::missing_safety_doc)]
 
 pub mod boundary;
 pub mod config;
