@@ -430,10 +430,17 @@ impl Accumulator {
         // extra solve, and have no y*(θ)
         let (center, scale) = match (baseline, clean) {
             (Baseline::None, _) => (None, 1.0 / (nf * self.sigma)),
-            (Baseline::SampleMean, _) => (Some(mean.shallow_clone()), 1.0 / ((nf - 1.0) * self.sigma)),
-            (Baseline::CleanInput, Some(clean)) => (Some(clean.shallow_clone()), 1.0 / (nf * self.sigma)),
+            (Baseline::SampleMean, _) => {
+                (Some(mean.shallow_clone()), 1.0 / ((nf - 1.0) * self.sigma))
+            }
+            (Baseline::CleanInput, Some(clean)) => {
+                (Some(clean.shallow_clone()), 1.0 / (nf * self.sigma))
+            }
             (Baseline::CleanInput, None) => {
-                assert!(self.jacobian.is_none(), "the clean-input baseline needs y*(theta) for a Jacobian");
+                assert!(
+                    self.jacobian.is_none(),
+                    "the clean-input baseline needs y*(theta) for a Jacobian"
+                );
                 (None, 1.0 / (nf * self.sigma))
             }
         };

@@ -69,7 +69,13 @@ impl Noise {
     /// `device` (how CUDA ops draw: nothing is drawn on the CPU and copied). The random words
     /// equal the CPU's bit for bit; the transforms are libtorch's, so the values equal
     /// [`Noise::sample`]'s up to float rounding.
-    pub fn sample_on(self, stream: &Stream, first: u64, count: usize, device: Device) -> Result<Tensor> {
+    pub fn sample_on(
+        self,
+        stream: &Stream,
+        first: u64,
+        count: usize,
+        device: Device,
+    ) -> Result<Tensor> {
         let start = first & !3; // whole blocks
         let blocks = ((first + count as u64).div_ceil(4) - start / 4) as usize;
         let words = stream.blocks_on(start / 4, blocks, device)?;
@@ -82,7 +88,11 @@ impl Noise {
             Noise::Gumbel => u.f_log()?.f_neg_()?.f_log_()?.f_neg_()?,
             Noise::Normal => {
                 let pairs = u.f_view([-1, 2])?;
-                let r = pairs.f_select(1, 0)?.f_log()?.f_mul_scalar(-2.0)?.f_sqrt_()?;
+                let r = pairs
+                    .f_select(1, 0)?
+                    .f_log()?
+                    .f_mul_scalar(-2.0)?
+                    .f_sqrt_()?;
                 let angle = pairs.f_select(1, 1)?.f_mul_scalar(std::f64::consts::TAU)?;
                 let cos = r.f_mul(&angle.f_cos()?)?;
                 let sin = r.f_mul(&angle.f_sin()?)?;
@@ -324,10 +334,15 @@ mod tests {
         for noise in [Noise::Normal, Noise::Gumbel] {
             for (first, count) in [(0u64, 64usize), (5, 37), (1000, 1)] {
                 let cpu = values(noise, first, count, 1);
-                let lt = noise.sample_on(&Stream::new(11, 0), first, count, Device::Cpu).unwrap();
+                let lt = noise
+                    .sample_on(&Stream::new(11, 0), first, count, Device::Cpu)
+                    .unwrap();
                 let lt = Vec::<f64>::try_from(lt.to_kind(Kind::Double)).unwrap();
                 for (a, b) in cpu.iter().zip(&lt) {
-                    assert!((a - b).abs() <= 2e-6 * (1.0 + a.abs()), "{noise:?} {first}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 2e-6 * (1.0 + a.abs()),
+                        "{noise:?} {first}: {a} vs {b}"
+                    );
                 }
             }
         }

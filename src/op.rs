@@ -384,18 +384,21 @@ impl OpSpec {
         let c = &self.config;
         let (d, n) = (self.input_numel, c.num_samples() as usize);
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get()); // noise only
-        // CPU ops draw with the CPU sampler; CUDA ops (and CPU ops forced onto this path)
-        // draw with libtorch on their device
+                                                                                   // CPU ops draw with the CPU sampler; CUDA ops (and CPU ops forced onto this path)
+                                                                                   // draw with libtorch on their device
         let draw = |first: usize, count: usize| -> Result<Tensor> {
             if self.device == Device::Cpu && !c.libtorch_path() {
                 c.noise().sample(stream, first as u64, count, threads)
             } else {
-                c.noise().sample_on(stream, first as u64, count, self.device)
+                c.noise()
+                    .sample_on(stream, first as u64, count, self.device)
             }
         };
         let z = if c.antithetic() {
-            let half = draw((b * n + n0) / 2 * d, rows / 2 * d)?.f_view([(rows / 2) as i64, d as i64])?;
-            Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?.f_view([rows as i64, d as i64])?
+            let half =
+                draw((b * n + n0) / 2 * d, rows / 2 * d)?.f_view([(rows / 2) as i64, d as i64])?;
+            Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?
+                .f_view([rows as i64, d as i64])?
         } else {
             draw((b * n + n0) * d, rows * d)?.f_view([rows as i64, d as i64])?
         };
@@ -490,12 +493,7 @@ impl OpSpec {
                     last: *self.input_shape.last().expect("built-ins have rank >= 1") as usize,
                 };
                 let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
-                let mut theta_host = vec![0f32; batch * d];
-                theta
-                    .f_contiguous()?
-                    .f_view([-1])?
-                    .f_copy_data(&mut theta_host, batch * d)?;
-                for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
+                for (b, theta_b) in host_floats(theta)?.chunks_exact(d).enumerate() {
                     acc.add_sums(b as i64, &kernel.problem(theta_b, b, n, cores))?;
                 }
                 return acc.finish(n, baseline, clean.as_ref(), theta);
@@ -528,9 +526,10 @@ impl OpSpec {
     }
 
     /// The samples of a CPU op whose solutions come from the host (a callback, a built-in
-    /// other than the fused argmax, or the two-phase API), in Rust on host buffers: each block of samples is drawn, perturbed,
-    /// solved and summed on one of the solver threads, and the blocks are added in their
-    /// order (so the results do not depend on the number of threads). No libtorch parallel
+    /// other than the fused argmax, or the two-phase API), in Rust on host buffers: each
+    /// block of samples is drawn, perturbed, solved and summed on one of the solver
+    /// threads, and the blocks are added in their order (so the results do not depend on
+    /// the number of threads). No libtorch parallel
     /// region runs between solver calls, where its OpenMP workers would spin on the cores
     /// the solver threads need.
     fn run_on_host(
@@ -546,7 +545,6 @@ impl OpSpec {
             self.output_numel,
             c.num_samples() as usize,
         );
-        let batch = theta.size()[0] as usize;
         let multiplicative = c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
         let sums_form = acc.form() == Some(TapeForm::Sums);
         let keep_samples = acc.form() == Some(TapeForm::Samples);
@@ -561,11 +559,7 @@ impl OpSpec {
         };
         let threads = threads.clamp(1, blocks.max(1));
         let last = self.input_shape.last().map_or(1, |&l| l as usize);
-        let mut theta_host = vec![0f32; batch * d];
-        theta
-            .f_contiguous()?
-            .f_view([-1])?
-            .f_copy_data(&mut theta_host, batch * d)?;
+        let theta_host = host_floats(theta)?;
         // per solver thread: noise, scores, perturbed inputs, solutions
         let mut scratch: Vec<[Vec<f32>; 4]> = (0..threads)
             .map(|_| {
@@ -685,6 +679,14 @@ fn check_provided(part: &[f32], first: usize, o: usize) -> Result<()> {
             ),
         )),
     }
+}
+
+/// The values of a float32 tensor, flattened, on the host.
+pub(crate) fn host_floats(t: &Tensor) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; t.numel()];
+    let host = t.f_to_device(Device::Cpu)?.f_contiguous()?;
+    host.f_view([-1])?.f_copy_data(&mut out, t.numel())?;
+    Ok(out)
 }
 
 /// Checks that a float32 tensor is finite (NON_FINITE_INPUT names the first bad entry as

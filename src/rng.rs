@@ -51,23 +51,48 @@ impl Stream {
     /// The blocks `first .. first + count` of this stream computed with libtorch integer
     /// operations on `device` (so that CUDA ops make their noise on the GPU): the words
     /// `[count · 4]` as an int64 tensor, equal to [`Stream::block`]'s bit for bit.
-    pub fn blocks_on(&self, first: u64, count: usize, device: tch::Device) -> tch::Result<tch::Tensor> {
+    pub fn blocks_on(
+        &self,
+        first: u64,
+        count: usize,
+        device: tch::Device,
+    ) -> tch::Result<tch::Tensor> {
         use tch::{Kind, Tensor};
         const LOW: i64 = 0xFFFF_FFFF;
-        let index = Tensor::f_arange_start(first as i64, first as i64 + count as i64, (Kind::Int64, device))?;
+        let index = Tensor::f_arange_start(
+            first as i64,
+            first as i64 + count as i64,
+            (Kind::Int64, device),
+        )?;
         let mut c0 = index.f_bitwise_and(LOW)?;
         let mut c1 = index.f_bitwise_right_shift_tensor_scalar(32)?;
-        let mut c2 = Tensor::f_full([count as i64], i64::from(self.stream as u32), (Kind::Int64, device))?;
-        let mut c3 = Tensor::f_full([count as i64], i64::from((self.stream >> 32) as u32), (Kind::Int64, device))?;
+        let mut c2 = Tensor::f_full(
+            [count as i64],
+            i64::from(self.stream as u32),
+            (Kind::Int64, device),
+        )?;
+        let mut c3 = Tensor::f_full(
+            [count as i64],
+            i64::from((self.stream >> 32) as u32),
+            (Kind::Int64, device),
+        )?;
         let [mut k0, mut k1] = self.key;
         for _ in 0..10 {
             // 32 × 32 → 64-bit products, wrapping in int64 (the low 64 bits are exact)
             let p0 = c0.f_mul_scalar(i64::from(M0))?;
             let p1 = c2.f_mul_scalar(i64::from(M1))?;
-            let hi0 = p0.f_bitwise_right_shift_tensor_scalar(32)?.f_bitwise_and(LOW)?;
-            let hi1 = p1.f_bitwise_right_shift_tensor_scalar(32)?.f_bitwise_and(LOW)?;
-            let n0 = hi1.f_bitwise_xor_tensor(&c1)?.f_bitwise_xor(i64::from(k0))?;
-            let n2 = hi0.f_bitwise_xor_tensor(&c3)?.f_bitwise_xor(i64::from(k1))?;
+            let hi0 = p0
+                .f_bitwise_right_shift_tensor_scalar(32)?
+                .f_bitwise_and(LOW)?;
+            let hi1 = p1
+                .f_bitwise_right_shift_tensor_scalar(32)?
+                .f_bitwise_and(LOW)?;
+            let n0 = hi1
+                .f_bitwise_xor_tensor(&c1)?
+                .f_bitwise_xor(i64::from(k0))?;
+            let n2 = hi0
+                .f_bitwise_xor_tensor(&c3)?
+                .f_bitwise_xor(i64::from(k1))?;
             c1 = p1.f_bitwise_and(LOW)?;
             c3 = p0.f_bitwise_and(LOW)?;
             c0 = n0;

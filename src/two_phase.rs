@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::estimator::Baseline;
-use crate::op::{OpSpec, Source};
+use crate::op::{host_floats, OpSpec, Source};
 use crate::rng::Stream;
 use crate::shape::checked_product;
 use crate::tape::Tape;
@@ -50,7 +50,7 @@ impl Draw {
         if spec.device == Device::Cpu && !c.libtorch_path() {
             // the host pipeline's own draws, so that finish sees exactly these inputs
             inputs.resize(batch * n * d, 0.0);
-            let theta_host = host_vec(&theta)?;
+            let theta_host = host_floats(&theta)?;
             let multiplicative =
                 c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
             let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
@@ -143,12 +143,6 @@ impl Draw {
             ))
         }
     }
-}
-
-fn host_vec(x: &Tensor) -> Result<Vec<f32>> {
-    let mut out = Vec::new();
-    extend_host(&mut out, x)?;
-    Ok(out)
 }
 
 fn extend_host(out: &mut Vec<f32>, x: &Tensor) -> Result<()> {

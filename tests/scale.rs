@@ -284,14 +284,25 @@ fn tape_limit_is_respected_before_any_work() {
 fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
     // CUDA ops take a libtorch chunk path; on the CPU it can be forced, and must give what
     // the CPU's host pipelines give (up to float rounding) for every solver kind and model.
-    let theta = Tensor::from_slice(&[0.5f32, 1.0, 0.2, 0.9, 0.1, 0.7, 0.3, 1.1, 0.4, 0.6]).reshape([2, 5]);
+    let theta =
+        Tensor::from_slice(&[0.5f32, 1.0, 0.2, 0.9, 0.1, 0.7, 0.3, 1.1, 0.4, 0.6]).reshape([2, 5]);
     type Make = fn(&Config) -> PerturbedOp;
     let makes: [(&str, Make); 5] = [
-        ("callback", |c| PerturbedOp::new(c, &[5], &[5], argmax).unwrap()),
-        ("argmax", |c| PerturbedOp::new_builtin(c, Builtin::Argmax, &[5]).unwrap()),
-        ("top-2", |c| PerturbedOp::new_builtin(c, Builtin::TopK(2), &[5]).unwrap()),
-        ("ranks", |c| PerturbedOp::new_builtin(c, Builtin::Ranks, &[5]).unwrap()),
-        ("small N (samples tape)", |c| PerturbedOp::new(c, &[5], &[5], argmax).unwrap()),
+        ("callback", |c| {
+            PerturbedOp::new(c, &[5], &[5], argmax).unwrap()
+        }),
+        ("argmax", |c| {
+            PerturbedOp::new_builtin(c, Builtin::Argmax, &[5]).unwrap()
+        }),
+        ("top-2", |c| {
+            PerturbedOp::new_builtin(c, Builtin::TopK(2), &[5]).unwrap()
+        }),
+        ("ranks", |c| {
+            PerturbedOp::new_builtin(c, Builtin::Ranks, &[5]).unwrap()
+        }),
+        ("small N (samples tape)", |c| {
+            PerturbedOp::new(c, &[5], &[5], argmax).unwrap()
+        }),
     ];
     for (name, make) in makes {
         for (noise, multiplicative, antithetic, baseline) in [
@@ -309,17 +320,27 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
             torch.set_libtorch_path(true);
             let (ya, ta) = make(&host).forward_with_tape(&theta).unwrap();
             let (yb, tb) = make(&torch).forward_with_tape(&theta).unwrap();
-            let what = format!("{name} {noise:?} multiplicative={multiplicative} antithetic={antithetic}");
+            let what =
+                format!("{name} {noise:?} multiplicative={multiplicative} antithetic={antithetic}");
             assert_eq!(ta.keeps_samples(), tb.keeps_samples(), "{what}");
             let scale = 1.0 + f64::try_from(ya.abs().max()).unwrap();
             assert!(max_abs(&ya, &yb) < 1e-5 * scale, "{what}");
             let j = ta.jacobian().unwrap();
             let jscale = 1.0 + f64::try_from(j.abs().max()).unwrap();
-            assert!(max_abs(&j, &tb.jacobian().unwrap()) < 1e-4 * jscale, "{what}");
+            assert!(
+                max_abs(&j, &tb.jacobian().unwrap()) < 1e-4 * jscale,
+                "{what}"
+            );
             let fscale = 1.0 + f64::try_from(ta.objective().unwrap().abs().max()).unwrap();
-            assert!(max_abs(&ta.objective().unwrap(), &tb.objective().unwrap()) < 1e-4 * fscale, "{what}");
+            assert!(
+                max_abs(&ta.objective().unwrap(), &tb.objective().unwrap()) < 1e-4 * fscale,
+                "{what}"
+            );
             // and the two-phase API over the libtorch path
-            let draw = PerturbedOp::new_external(&torch, &[5], &[5]).unwrap().draw(&theta).unwrap();
+            let draw = PerturbedOp::new_external(&torch, &[5], &[5])
+                .unwrap()
+                .draw(&theta)
+                .unwrap();
             if name == "callback" {
                 let mut sol = vec![0f32; draw.count() * 5];
                 argmax(draw.inputs(), draw.count(), &mut sol).unwrap();
