@@ -302,7 +302,14 @@ impl Accumulator {
         y: &Solutions,
     ) -> Result<()> {
         let rows = z.size()[0];
-        let dense = || y.dense(self.o);
+        // the dense solutions, made at most once (samples tape, multiplicative objective)
+        let mut dense_cache: Option<Tensor> = None;
+        let mut dense = || -> Result<Tensor> {
+            if dense_cache.is_none() {
+                dense_cache = Some(y.dense(self.o)?);
+            }
+            Ok(dense_cache.as_ref().expect("just set").shallow_clone())
+        };
         match y {
             Solutions::Dense(y) => {
                 let _ =

@@ -17,6 +17,7 @@ pub mod fastmath;
 pub mod fenchel_young;
 pub mod ffi;
 pub mod fused_argmax;
+mod input;
 pub mod noise;
 pub mod op;
 pub mod perturbation;

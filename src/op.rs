@@ -6,6 +6,7 @@ use crate::config::{Config, AUTO_CHUNK_BYTES};
 use crate::error::{Error, Result, Status};
 use crate::estimator::{Accumulator, Baseline, Estimate, ProblemSums, TapeForm};
 use crate::fused_argmax::Kernel;
+use crate::input::check_floats;
 use crate::rng::Stream;
 use crate::shape::{batched, checked_product, numel};
 use crate::solver::Solver;
@@ -184,7 +185,7 @@ impl PerturbedOp {
                 y_true.size()
             )));
         }
-        check_host(y_true, "y_true")?;
+        check_floats(y_true, "y_true")?;
         let (_, theta_dev, estimate) = self.estimate(theta, false)?;
         let (objective, grad_objective) = estimate
             .objective
@@ -271,7 +272,7 @@ impl OpSpec {
         }
         let batch = size[0] as usize;
         self.check_batch(batch)?;
-        check_host(theta, "theta")?;
+        check_floats(theta, "theta")?;
         Ok(theta
             .f_to_device(self.device)?
             .f_reshape([batch as i64, self.input_numel as i64])?)
@@ -687,42 +688,6 @@ pub(crate) fn host_floats(t: &Tensor) -> Result<Vec<f32>> {
     let host = t.f_to_device(Device::Cpu)?.f_contiguous()?;
     host.f_view([-1])?.f_copy_data(&mut out, t.numel())?;
     Ok(out)
-}
-
-/// Checks that a float32 tensor is finite (NON_FINITE_INPUT names the first bad entry as
-/// `what[problem][index]`).
-fn check_host(t: &Tensor, what: &str) -> Result<()> {
-    if t.f_kind()? != Kind::Float {
-        return Err(Error::invalid(format!(
-            "{what} must be float32, got {:?}",
-            t.f_kind()?
-        )));
-    }
-    if bool::try_from(t.f_isfinite()?.f_all()?)? {
-        return Ok(());
-    }
-    let flat = t.f_reshape([t.size().first().copied().unwrap_or(1).max(1), -1])?;
-    let cols = flat.size()[1].max(1);
-    let bad = flat
-        .f_isfinite()?
-        .f_logical_not()?
-        .f_flatten(0, -1)?
-        .f_to_kind(Kind::Int)?;
-    let bad = i64::try_from(bad.f_argmax(0, false)?)?;
-    let value = f64::try_from(flat.f_flatten(0, -1)?.f_get(bad)?)?;
-    let value = if value.is_nan() {
-        "NaN".to_string()
-    } else {
-        format!("{value}")
-    };
-    Err(Error::new(
-        Status::NonFiniteInput,
-        format!(
-            "{what}[{}][{}] is {value}; {what} must be finite",
-            bad / cols,
-            bad % cols
-        ),
-    ))
 }
 
 /// Calls a host solver on the rows of `x` (copied to the host if needed) and returns the

@@ -1,7 +1,7 @@
 //! What a forward call keeps for the backward pass, so that VJP, JVP, the Jacobian and
 //! the objective need no further solver call.
 
-use crate::error::{Error, Result, Status};
+use crate::error::{Error, Result};
 use crate::shape::batched;
 use tch::{Device, Kind, Tensor};
 
@@ -184,18 +184,7 @@ impl Tape {
                 t.size()
             )));
         }
-        if t.f_kind()? != Kind::Float {
-            return Err(Error::invalid(format!(
-                "{what} must be float32, got {:?}",
-                t.f_kind()?
-            )));
-        }
-        if !bool::try_from(t.f_isfinite()?.f_all()?)? {
-            return Err(Error::new(
-                Status::NonFiniteInput,
-                format!("{what} contains NaN or infinite values"),
-            ));
-        }
+        crate::input::check_floats(t, what)?;
         Ok(t.f_to_device(self.device())?
             .f_reshape([self.batch as i64, -1])?)
     }

@@ -99,23 +99,6 @@ fn null(name: &str) -> Error {
     Error::new(Status::NullArgument, format!("{name} is NULL"))
 }
 
-/// Checks that `values` are finite; NON_FINITE_INPUT names the first bad one and its index
-/// in the `[rows, cols]` layout.
-pub(crate) fn check_finite(values: &[f32], cols: usize, name: &str) -> Result<()> {
-    match values.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(Error::new(
-            Status::NonFiniteInput,
-            format!(
-                "{name}[{}][{}] is {}; {name} must be finite",
-                i / cols.max(1),
-                i % cols.max(1),
-                values[i]
-            ),
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

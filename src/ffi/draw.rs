@@ -1,6 +1,6 @@
 //! `pert_draw`: the two-phase API, for solvers that cannot be called back.
 
-use super::boundary::{arg, check_finite, guard, guard_or, slice, slice_mut};
+use super::boundary::{arg, guard, guard_or, slice, slice_mut};
 use super::op::pert_op;
 use super::status::pert_status;
 use super::tape::pert_tape;
@@ -54,7 +54,6 @@ pub unsafe extern "C" fn pert_draw_new(
                 "theta",
             )
         }?;
-        check_finite(theta, d, "theta")?;
         let theta = Tensor::f_from_slice(theta)?.f_reshape(batched(batch, op.input_shape()))?;
         let inner = op.draw(&theta)?;
         *out = Box::into_raw(Box::new(pert_draw { inner }));

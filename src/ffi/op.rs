@@ -1,6 +1,6 @@
 //! `pert_op`: a solver callback turned into a perturbed optimizer, and its forward call.
 
-use super::boundary::{arg, arg_mut, check_finite, guard, guard_or, slice, slice_mut};
+use super::boundary::{arg, arg_mut, guard, guard_or, slice, slice_mut};
 use super::config::pert_config;
 use super::status::pert_status;
 use super::tape::pert_tape;
@@ -269,7 +269,6 @@ pub unsafe extern "C" fn pert_forward(
         let output_len = checked_product(&[batch, o], "batch * output_numel")?;
         let theta = unsafe { slice(theta, theta_len, "theta") }?;
         let output = unsafe { slice_mut(output, output_len, "output") }?;
-        check_finite(theta, d, "theta")?;
         let theta = Tensor::f_from_slice(theta)?
             .f_reshape(crate::shape::batched(batch, op.input_shape()))?;
         if tape.is_null() {
@@ -323,8 +322,6 @@ pub unsafe extern "C" fn pert_fenchel_young(
         let theta = unsafe { slice(theta, len, "theta") }?;
         let y_true = unsafe { slice(y_true, len, "y_true") }?;
         let loss = unsafe { slice_mut(loss, batch, "loss") }?;
-        check_finite(theta, d, "theta")?;
-        check_finite(y_true, d, "y_true")?;
         let shape = crate::shape::batched(batch, op.input_shape());
         let theta = Tensor::f_from_slice(theta)?.f_reshape(&shape)?;
         let y_true = Tensor::f_from_slice(y_true)?.f_reshape(&shape)?;

@@ -7,19 +7,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "expect.hpp"
 #include "perturbations.hpp"
 
 int pert_tu_b_forward();  // defined in test_cpp_tu_b.cpp: the header in a second TU
 
 namespace {
-int failures = 0;
-#define EXPECT(cond)                                                    \
-  do {                                                                  \
-    if (!(cond)) {                                                      \
-      std::fprintf(stderr, "  %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                       \
-    }                                                                   \
-  } while (0)
 
 void argmax(const float* x, std::size_t count, float* y) {
   for (std::size_t r = 0; r < count; r++) {
@@ -173,6 +166,5 @@ int main() {
   test_member_functions_and_functors();
   test_builtin_two_phase_and_moves();
   EXPECT(pert_tu_b_forward() == 3);
-  std::printf("%d passed, %d failed\n", failures ? 0 : 1, failures ? 1 : 0);
-  return failures ? 1 : 0;
+  return expect_report();
 }

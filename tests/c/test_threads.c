@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "harness.h"
 #include "solvers.h"
@@ -12,11 +13,6 @@ static size_t DIM = D;
 static const int64_t SHAPE[1] = {D};
 static const float THETA[B * D] = {0.1f, 0.0f, -0.1f, 0.05f, 0.2f, 0.15f, 1, 2, 3, 4, 5, 6, -1, 0, 1, 0, -1, 0.5f};
 
-static atomic_int solver_calls;
-static int32_t counting_argmax(void *user_data, const float *x, size_t count, float *y) {
-  atomic_fetch_add(&solver_calls, 1);
-  return solve_argmax(user_data, x, count, y);
-}
 
 static pert_op *make_op(uint32_t threads) {
   pert_config *c = NULL;
@@ -27,7 +23,7 @@ static pert_op *make_op(uint32_t threads) {
   pert_config_set_seed(c, 123);
   pert_config_set_device(c, "cpu");
   pert_config_set_threads(c, threads);
-  pert_op_new(c, SHAPE, 1, SHAPE, 1, counting_argmax, &DIM, &op);
+  pert_op_new(c, SHAPE, 1, SHAPE, 1, solve_argmax, &DIM, &op);
   pert_config_free(c);
   return op;
 }
@@ -50,12 +46,38 @@ static bool results_are_bitwise_equal_for_any_thread_count(void) {
   return true;
 }
 
+/* A solver whose calls wait (up to 10 s) until two calls have been in flight at once:
+ * with threads = 2 the library must run two calls concurrently; with one thread it
+ * would not, and the wait would time out. */
+static atomic_int in_flight, max_in_flight;
+static int32_t waits_for_company(void *user_data, const float *x, size_t count, float *y) {
+  int now = atomic_fetch_add(&in_flight, 1) + 1;
+  struct timespec start, t;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  do {
+    now = atomic_load(&in_flight);
+    if (now > atomic_load(&max_in_flight)) atomic_store(&max_in_flight, now);
+    clock_gettime(CLOCK_MONOTONIC, &t);
+  } while (atomic_load(&max_in_flight) < 2 && t.tv_sec - start.tv_sec < 10); /* once seen, stop waiting */
+  int32_t rc = solve_argmax(user_data, x, count, y);
+  atomic_fetch_sub(&in_flight, 1);
+  return rc;
+}
+
 static bool multithreaded_solver_runs_concurrently_on_slices(void) {
-  atomic_store(&solver_calls, 0);
-  pert_op *op = make_op(2);
+  pert_config *c = NULL;
+  pert_op *op = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_OK(pert_config_set_num_samples(c, 4000));
+  CHECK_OK(pert_config_set_device(c, "cpu"));
+  CHECK_OK(pert_config_set_threads(c, 2));
+  CHECK_OK(pert_config_set_chunk_bytes(c, 4096)); /* many blocks */
+  CHECK_OK(pert_op_new(c, SHAPE, 1, SHAPE, 1, waits_for_company, &DIM, &op));
+  pert_config_free(c);
+  atomic_store(&max_in_flight, 0);
   float y[B * D];
-  CHECK_OK(pert_forward(op, THETA, B, y, NULL));
-  CHECK(atomic_load(&solver_calls) >= 2);
+  CHECK_OK(pert_forward(op, THETA, 1, y, NULL));
+  CHECK(atomic_load(&max_in_flight) == 2);
   pert_op_free(op);
   return true;
 }

@@ -4,16 +4,9 @@
 
 #include <cstdio>
 
+#include "expect.hpp"
 #include "perturbations_torch.hpp"
 
-static int failures = 0;
-#define EXPECT(cond)                                                    \
-  do {                                                                  \
-    if (!(cond)) {                                                      \
-      std::fprintf(stderr, "  %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                       \
-    }                                                                   \
-  } while (0)
 
 static pert::Config config() {
   pert::Config c;
@@ -54,6 +47,5 @@ int main() {
   auto scalar = pert::torch::perturbed(any, theta.detach());
   EXPECT(scalar.sizes() == torch::IntArrayRef({2, 1}));
 
-  std::printf("%d passed, %d failed\n", failures ? 0 : 1, failures ? 1 : 0);
-  return failures ? 1 : 0;
+  return expect_report();
 }
