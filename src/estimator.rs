@@ -105,6 +105,10 @@ pub(crate) struct ProblemSums {
     /// Σ exp(σZ_n − σ²/2) ⊙ Y_n, `[d]` (multiplicative model with output shape = input
     /// shape only, else empty).
     pub sum_wy: Vec<f64>,
+    /// Whether output i was ever non-zero: the rows of `sum_y`, `sum_ys` and `sum_wy` of
+    /// other outputs are zero, and adding these sums skips them (sparse solutions such as
+    /// one-hot or top-k indicators touch few of many outputs).
+    pub touched: Vec<bool>,
 }
 
 impl ProblemSums {
@@ -124,65 +128,194 @@ impl ProblemSums {
             } else {
                 Vec::new()
             },
+            touched: vec![false; o],
         }
     }
 
-    /// Adds `other`, element by element.
+    /// Adds `other`, element by element (its untouched outputs cost nothing).
     pub fn add(&mut self, other: &ProblemSums) {
-        for (a, b) in [
-            (&mut self.sum_y, &other.sum_y),
-            (&mut self.sum_s, &other.sum_s),
-            (&mut self.sum_ys, &other.sum_ys),
-            (&mut self.sum_wy, &other.sum_wy),
-        ] {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        let d = self.sum_s.len();
+        for (i, _) in other.touched.iter().enumerate().filter(|(_, &t)| t) {
+            self.touched[i] = true;
+            self.sum_y[i] += other.sum_y[i];
+            if let (Some(a), Some(b)) = (self.sum_wy.get_mut(i), other.sum_wy.get(i)) {
+                *a += b;
+            }
+            if !self.sum_ys.is_empty() {
+                let row = i * d..(i + 1) * d;
+                for (a, b) in self.sum_ys[row.clone()].iter_mut().zip(&other.sum_ys[row]) {
+                    *a += b;
+                }
+            }
+        }
+        for (a, b) in self.sum_s.iter_mut().zip(&other.sum_s) {
+            *a += b;
         }
         self.objective += other.objective;
     }
 
     /// Adds samples: noise `z`, perturbed inputs `x`, scores `s` (`[rows, d]`; `s` may be
-    /// empty without Jacobian sums) and
-    /// solutions `y` (`[rows, o]`); zero solution entries cost nothing.
+    /// empty without Jacobian sums) and solutions `y` (`[rows, o]`); zero solution entries
+    /// cost nothing. Tiles of [`SUM_TILE`] rows are summed in float32 (vectorized), then
+    /// added into the float64 sums; the result depends on the rows given, never on threads.
     pub fn add_rows(&mut self, d: usize, z: &[f32], x: &[f32], s: &[f32], y: &[f32], sigma: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::fastmath::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.add_rows_avx2(d, z, x, s, y, sigma) };
+        }
+        self.add_rows_impl(d, z, x, s, y, sigma, add_scaled)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn add_rows_avx2(
+        &mut self,
+        d: usize,
+        z: &[f32],
+        x: &[f32],
+        s: &[f32],
+        y: &[f32],
+        sigma: f32,
+    ) {
+        self.add_rows_impl(d, z, x, s, y, sigma, |a, v, b| add_scaled_avx2(a, v, b))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn add_rows_impl(
+        &mut self,
+        d: usize,
+        z: &[f32],
+        x: &[f32],
+        s: &[f32],
+        y: &[f32],
+        sigma: f32,
+        add_scaled: impl Fn(&mut [f32], f32, &[f32]),
+    ) {
         let o = self.sum_y.len();
         let shift = 0.5 * sigma * sigma;
         let square = d == o;
+        let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
         let rows = y.len() / o;
-        for r in 0..rows {
-            let (zr, xr, yr) = (
-                &z[r * d..(r + 1) * d],
-                &x[r * d..(r + 1) * d],
-                &y[r * o..(r + 1) * o],
-            );
-            let sr = if s.is_empty() {
-                &[][..]
-            } else {
-                &s[r * d..(r + 1) * d]
-            };
-            for (i, &yv) in yr.iter().enumerate() {
-                if yv == 0.0 {
-                    continue;
-                }
-                let yv = f64::from(yv);
-                self.sum_y[i] += yv;
-                if !self.sum_ys.is_empty() {
-                    for (a, &sv) in self.sum_ys[i * d..(i + 1) * d].iter_mut().zip(sr) {
-                        *a += yv * f64::from(sv);
+        // float32 sums of one tile; rows of the Jacobian sums padded to whole 8-float
+        // vectors (`dp`), and each row's scores copied into a padded row, so that the
+        // inner loop is whole vectors; only the outputs a tile touched are flushed
+        let dp = d.div_ceil(8) * 8;
+        let mut tile_y = vec![0f32; o];
+        let mut tile_s = vec![0f32; if jacobian { dp } else { 0 }];
+        let mut tile_ys = vec![0f32; if jacobian { o * dp } else { 0 }];
+        let mut tile_wy = vec![0f32; if weighted { d } else { 0 }];
+        let (mut tile_rows, mut tile_mark) = (Vec::new(), vec![false; o]);
+        let mut padded = vec![0f32; dp];
+        for r0 in (0..rows).step_by(SUM_TILE) {
+            let r1 = (r0 + SUM_TILE).min(rows);
+            let mut tile_objective = 0f32;
+            for r in r0..r1 {
+                let yr = &y[r * o..(r + 1) * o];
+                if jacobian {
+                    for (p, &v) in padded.iter_mut().zip(&s[r * d..(r + 1) * d]) {
+                        *p = v;
                     }
+                    add_scaled(&mut tile_s, 1.0, &padded);
                 }
-                if square {
-                    self.objective += f64::from(xr[i]) * yv;
-                    if !self.sum_wy.is_empty() {
-                        self.sum_wy[i] += f64::from((sigma * zr[i] - shift).exp()) * yv;
+                for (i, &yv) in yr.iter().enumerate() {
+                    if yv == 0.0 {
+                        continue;
+                    }
+                    if !tile_mark[i] {
+                        tile_mark[i] = true;
+                        tile_rows.push(i);
+                    }
+                    tile_y[i] += yv;
+                    if jacobian {
+                        add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, &padded);
+                    }
+                    if square {
+                        tile_objective += x[r * d + i] * yv;
+                        if weighted {
+                            tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
+                        }
                     }
                 }
             }
-            for (a, &sv) in self.sum_s.iter_mut().zip(sr) {
-                *a += f64::from(sv);
+            self.objective += f64::from(tile_objective);
+            for &i in &tile_rows {
+                self.touched[i] = true;
+                tile_mark[i] = false;
+                self.sum_y[i] += f64::from(std::mem::take(&mut tile_y[i]));
+                if weighted {
+                    self.sum_wy[i] += f64::from(std::mem::take(&mut tile_wy[i]));
+                }
+                if jacobian {
+                    let (total, tile) = (
+                        &mut self.sum_ys[i * d..(i + 1) * d],
+                        &mut tile_ys[i * dp..(i + 1) * dp],
+                    );
+                    for (a, t) in total.iter_mut().zip(tile.iter_mut()) {
+                        *a += f64::from(std::mem::take(t));
+                    }
+                }
+            }
+            tile_rows.clear();
+            for (a, t) in self.sum_s.iter_mut().zip(tile_s.iter_mut()) {
+                *a += f64::from(std::mem::take(t));
             }
         }
     }
 }
+
+/// a += v · b over whole 8-float vectors (lengths multiples of 8).
+fn add_scaled(a: &mut [f32], v: f32, b: &[f32]) {
+    for (a, b) in a.iter_mut().zip(b) {
+        *a += v * b;
+    }
+}
+
+/// [`add_scaled`] one AVX vector at a time (the compiler vectorizes across vectors, which
+/// leaves the short rows of small problems scalar); a multiply then an add, as there, so
+/// the sums are the same bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn add_scaled_avx2(a: &mut [f32], v: f32, b: &[f32]) {
+    use std::arch::x86_64::*;
+    let v = _mm256_set1_ps(v);
+    for (a, b) in a
+        .as_chunks_mut::<8>()
+        .0
+        .iter_mut()
+        .zip(b.as_chunks::<8>().0)
+    {
+        // SAFETY: a and b are arrays of 8 floats (32 bytes)
+        unsafe {
+            let sum = _mm256_add_ps(
+                _mm256_loadu_ps(a.as_ptr()),
+                _mm256_mul_ps(v, _mm256_loadu_ps(b.as_ptr())),
+            );
+            _mm256_storeu_ps(a.as_mut_ptr(), sum);
+        }
+    }
+}
+
+/// The elements of a contiguous CPU tensor whose kind is `T`, to change in place (the
+/// accumulator's own tensors; anything else is a bug of this crate).
+fn host_slice<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
+    assert!(
+        t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND,
+        "host sums need a contiguous CPU {:?} tensor, got {:?} on {:?}",
+        T::KIND,
+        t.kind(),
+        t.device()
+    );
+    // SAFETY: a contiguous CPU tensor of numel() elements of kind T, borrowed mutably for
+    // the slice's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
+}
+
+/// Rows summed in float32 before they join the float64 sums: short enough that the float32
+/// rounding (at most `SUM_TILE` · 2⁻²⁴ relative) stays far below the Monte-Carlo error of
+/// any estimate, long enough to amortize the float64 additions.
+const SUM_TILE: usize = 64;
 
 /// The rows of one problem in a CPU tape that keeps samples (see
 /// [`Accumulator::sample_rows`]): contiguous float32 storage owned by the accumulator.
@@ -397,25 +530,45 @@ impl Accumulator {
         }
     }
 
-    /// Adds the sums over all samples of problem `b`, made on the host.
+    /// Adds the sums over all samples of problem `b`, made on the host, to this CPU
+    /// accumulator: in place, with no libtorch operation (so none of its parallel regions
+    /// runs while solver threads work), and only over the outputs the sums touched.
     pub fn add_sums(&mut self, b: i64, sums: &ProblemSums) -> Result<()> {
-        let device = self.sum_y.device();
-        let t = |v: &[f64]| -> Result<Tensor> { Ok(Tensor::f_from_slice(v)?.f_to_device(device)?) };
-        let _ = self.sum_y.f_get(b)?.f_add_(&t(&sums.sum_y)?)?;
-        match &mut self.jacobian {
+        let (b, o) = (b as usize, self.o as usize);
+        let d = sums.sum_s.len();
+        let sum_y = &mut host_slice::<f64>(&mut self.sum_y)[b * o..(b + 1) * o];
+        let mut jacobian = match &mut self.jacobian {
             Some(JacobianSums::Sums { sum_s, sum_ys }) => {
-                let _ = sum_s.f_get(b)?.f_add_(&t(&sums.sum_s)?)?;
-                let block = t(&sums.sum_ys)?
-                    .f_view([self.o, -1])?
-                    .f_to_kind(Kind::Float)?;
-                let _ = sum_ys.f_get(b)?.f_add_(&block)?;
+                for (a, v) in host_slice::<f64>(sum_s)[b * d..(b + 1) * d]
+                    .iter_mut()
+                    .zip(&sums.sum_s)
+                {
+                    *a += v;
+                }
+                Some(&mut host_slice::<f32>(sum_ys)[b * o * d..(b + 1) * o * d])
             }
-            Some(JacobianSums::Samples { .. }) | None => {}
-        }
-        if let Some((objective, sum_wy)) = &mut self.objective {
-            let _ = objective.f_get(b)?.f_add_scalar_(sums.objective)?;
-            if self.perturbation == Perturbation::Multiplicative {
-                let _ = sum_wy.f_get(b)?.f_add_(&t(&sums.sum_wy)?)?;
+            Some(JacobianSums::Samples { .. }) | None => None,
+        };
+        let mut weighted = match &mut self.objective {
+            Some((objective, sum_wy)) => {
+                host_slice::<f64>(objective)[b] += sums.objective;
+                let w = sum_wy.size()[1] as usize;
+                Some(&mut host_slice::<f64>(sum_wy)[b * w..(b + 1) * w]).filter(|s| !s.is_empty())
+            }
+            None => None,
+        };
+        for (i, _) in sums.touched.iter().enumerate().filter(|(_, &t)| t) {
+            sum_y[i] += sums.sum_y[i];
+            if let Some(target) = jacobian.as_deref_mut() {
+                for (a, v) in target[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(&sums.sum_ys[i * d..(i + 1) * d])
+                {
+                    *a += *v as f32;
+                }
+            }
+            if let Some(target) = weighted.as_deref_mut() {
+                target[i] += sums.sum_wy[i];
             }
         }
         Ok(())

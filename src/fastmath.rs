@@ -26,7 +26,12 @@ pub fn ln(x: f32) -> f32 {
 #[inline(always)]
 pub fn sincos_2pi(u: f32) -> (f32, f32) {
     // u = q/4 + r with r in [−1/8, 1/8]: 2πu = qπ/2 + a, |a| ≤ π/4
-    let q = (u * 4.0).round();
+    // round u·4 to an integer by adding 1.5 · 2^23 (whose ulp is 1), so that the quadrant
+    // comes from the bits with no float-to-int conversion (which would not vectorize);
+    // a tie goes to even, and |a| = π/4 either way
+    const MAGIC: f32 = 12_582_912.0;
+    let big = u * 4.0 + MAGIC;
+    let q = big - MAGIC;
     let a = (u - q * 0.25) * std::f32::consts::TAU;
     let a2 = a * a;
     let s = a
@@ -39,11 +44,11 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
                 + a2 * (-1.388_888_9e-3 + a2 * (2.480_158_7e-5 - a2 * 2.755_732e-7))));
     // rotate by q quarter turns, without branches (so that loops vectorize):
     // odd q swaps sin and cos; the signs follow the quadrant
-    let q = q as i32;
+    let q = big.to_bits(); // its low bits are those of the integer q
     let swap = q & 1 != 0;
     let (sin, cos) = (if swap { c } else { s }, if swap { s } else { c });
-    let sin_sign = ((q & 2) as u32) << 30; // q = 2, 3: −
-    let cos_sign = (((q + 1) & 2) as u32) << 30; // q = 1, 2: −
+    let sin_sign = (q & 2) << 30; // q = 2, 3: −
+    let cos_sign = (q.wrapping_add(1) & 2) << 30; // q = 1, 2: −
     (
         f32::from_bits(sin.to_bits() ^ sin_sign),
         f32::from_bits(cos.to_bits() ^ cos_sign),

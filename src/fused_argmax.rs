@@ -110,6 +110,7 @@ impl Kernel<'_> {
                     }
                     let p = g * self.last + best;
                     sums.sum_y[p] += 1.0;
+                    sums.touched[p] = true;
                     sums.objective += f64::from(x[p]);
                     if self.jacobian {
                         for (a, &sv) in sums.sum_ys[p * d..(p + 1) * d].iter_mut().zip(sr) {

@@ -119,7 +119,7 @@ impl Noise {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { self.fill_with_avx2(stream, first, out, score) };
         }
-        self.fill_with_impl(stream, first, out, score)
+        self.fill_with_impl(stream, first, out, score, Stream::words32)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -131,7 +131,7 @@ impl Noise {
         out: &mut [f32],
         score: Option<&mut [f32]>,
     ) {
-        self.fill_with_impl(stream, first, out, score)
+        self.fill_with_impl(stream, first, out, score, |s, g, w| s.words32_avx2(g, w))
     }
 
     #[inline(always)]
@@ -141,6 +141,7 @@ impl Noise {
         first: u64,
         out: &mut [f32],
         mut score: Option<&mut [f32]>,
+        words32: impl Fn(&Stream, u64, &mut [u32; 32]),
     ) {
         let mut words = [0u32; 32];
         let mut values = [0f32; 32];
@@ -148,7 +149,7 @@ impl Noise {
         let mut e = first;
         let mut done = 0;
         while done < out.len() {
-            stream.words32(e / 32, &mut words);
+            words32(stream, e / 32, &mut words);
             self.transform(&words, &mut values, &mut scores);
             let offset = (e % 32) as usize;
             let take = (32 - offset).min(out.len() - done);

@@ -16,6 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
+/// About how many blocks the host pipeline cuts a problem's samples into (see
+/// [`OpSpec::rows_per_block`]).
+const HOST_BLOCKS: usize = 32;
+
+/// The fewest samples in a host block (fewer only when a chunk is smaller): enough that
+/// the per-block cost (a solver call, a hand-over between threads) stays small.
+const HOST_BLOCK_MIN_ROWS: usize = 512;
+
 /// What solves an op's perturbed problems.
 #[derive(Clone)]
 pub(crate) enum SolverKind {
@@ -371,6 +379,22 @@ impl OpSpec {
         }
     }
 
+    /// Samples per block of the host pipeline: a chunk ([`Self::rows_per_chunk`]), cut
+    /// down to about 1/[`HOST_BLOCKS`] of a problem's samples (not below
+    /// [`HOST_BLOCK_MIN_ROWS`]) so that solver threads share the work evenly and a
+    /// block's buffers stay in cache. It does not depend on the number of threads, so
+    /// neither do the results.
+    pub(crate) fn rows_per_block(&self) -> usize {
+        let n = self.config.num_samples() as usize;
+        let share = n.div_ceil(HOST_BLOCKS).max(HOST_BLOCK_MIN_ROWS);
+        let rows = self.rows_per_chunk().min(share);
+        if self.config.antithetic() {
+            (rows + (rows & 1)).min(self.rows_per_chunk())
+        } else {
+            rows
+        }
+    }
+
     /// The noise `[rows, d]` of samples `n0 .. n0 + rows` of problem `b` of a call and the
     /// perturbed inputs, on the op's device. With antithetic pairs, sample 2k + 1 is the
     /// negation of sample 2k (n0 and rows are then even).
@@ -549,8 +573,12 @@ impl OpSpec {
         let multiplicative = c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
         let sums_form = acc.form() == Some(TapeForm::Sums);
         let keep_samples = acc.form() == Some(TapeForm::Samples);
-        let per = self.rows_per_chunk();
-        let blocks = n.div_ceil(per);
+        let per = self.rows_per_block();
+        let per_problem = n.div_ceil(per);
+        let theta_host = host_floats(theta)?;
+        let batch = theta_host.len() / d.max(1);
+        // blocks of every problem, problem by problem: threads share out the whole batch
+        let blocks = batch * per_problem;
         let builtin = matches!(source, Source::Solver(SolverKind::Builtin(_)));
         // callbacks get the config's solver threads; built-ins use every core
         let threads = if builtin {
@@ -560,7 +588,6 @@ impl OpSpec {
         };
         let threads = threads.clamp(1, blocks.max(1));
         let last = self.input_shape.last().map_or(1, |&l| l as usize);
-        let theta_host = host_floats(theta)?;
         // per solver thread: noise, scores, perturbed inputs, solutions
         let mut scratch: Vec<[Vec<f32>; 4]> = (0..threads)
             .map(|_| {
@@ -572,64 +599,73 @@ impl OpSpec {
                 ]
             })
             .collect();
-        for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
-            let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
-            // a tape that keeps samples gets each block's solutions and scores in place
-            let in_tape = if keep_samples {
-                acc.sample_rows(b as i64)?
-            } else {
-                None
-            };
-            let work = |k: usize, buffers: &mut [Vec<f32>; 4]| -> Result<ProblemSums> {
-                let (n0, rows) = (k * per, per.min(n - k * per));
-                let [z, s, x, y] = buffers;
-                let (z, x) = (&mut z[..rows * d], &mut x[..rows * d]);
-                // SAFETY: block k owns rows n0 .. n0 + rows, disjoint from every other block's.
-                let (y, s) = match &in_tape {
-                    Some(t) => unsafe { t.rows(n0, rows, o, d) },
-                    None => (&mut y[..rows * o], &mut s[..rows * d]),
-                };
-                c.noise().draw_samples(
-                    stream,
-                    c.antithetic(),
-                    multiplicative,
-                    (b, n, n0, d),
-                    z,
-                    s,
-                    1,
-                );
-                c.perturbation()
-                    .perturb_host(theta_b, z, c.sigma() as f32, x);
-                match source {
-                    Source::Solver(SolverKind::Host(solver)) => {
-                        solve_rows(&**solver, x, y, rows, d, o, 1)?
-                    }
-                    Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
-                    Source::Provided(all) => {
-                        let first = b * n + n0;
-                        check_provided(&all[first * o..(first + rows) * o], first, o)?;
-                        y.copy_from_slice(&all[first * o..(first + rows) * o]);
-                    }
-                    Source::Solver(_) => unreachable!("only host solutions take the host path"),
+        // a tape that keeps samples gets each block's solutions and scores in place
+        let in_tape = (0..batch)
+            .map(|b| {
+                if keep_samples {
+                    acc.sample_rows(b as i64)
+                } else {
+                    Ok(None)
                 }
-                let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
-                sums.add_rows(
-                    d,
-                    z,
-                    x,
-                    if sums_form { s } else { &[] },
-                    y,
-                    c.sigma() as f32,
-                );
-                Ok(sums)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let work = |g: usize, buffers: &mut [Vec<f32>; 4]| -> Result<ProblemSums> {
+            let (b, k) = (g / per_problem, g % per_problem);
+            let theta_b = &theta_host[b * d..(b + 1) * d];
+            let (n0, rows) = (k * per, per.min(n - k * per));
+            let [z, s, x, y] = buffers;
+            let (z, x) = (&mut z[..rows * d], &mut x[..rows * d]);
+            // SAFETY: block (b, k) owns rows n0 .. n0 + rows of problem b, disjoint from
+            // every other block's.
+            let (y, s) = match &in_tape[b] {
+                Some(t) => unsafe { t.rows(n0, rows, o, d) },
+                None => (&mut y[..rows * o], &mut s[..rows * d]),
             };
-            run_blocks(blocks, &mut scratch, work, |_, sums| {
-                total.add(&sums);
-                Ok(())
-            })?;
-            acc.add_sums(b as i64, &total)?;
-        }
-        Ok(())
+            c.noise().draw_samples(
+                stream,
+                c.antithetic(),
+                multiplicative,
+                (b, n, n0, d),
+                z,
+                s,
+                1,
+            );
+            c.perturbation()
+                .perturb_host(theta_b, z, c.sigma() as f32, x);
+            match source {
+                Source::Solver(SolverKind::Host(solver)) => {
+                    solve_rows(&**solver, x, y, rows, d, o, 1)?
+                }
+                Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
+                Source::Provided(all) => {
+                    let first = b * n + n0;
+                    check_provided(&all[first * o..(first + rows) * o], first, o)?;
+                    y.copy_from_slice(&all[first * o..(first + rows) * o]);
+                }
+                Source::Solver(_) => unreachable!("only host solutions take the host path"),
+            }
+            let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
+            sums.add_rows(
+                d,
+                z,
+                x,
+                if sums_form { s } else { &[] },
+                y,
+                c.sigma() as f32,
+            );
+            Ok(sums)
+        };
+        let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
+        run_blocks(blocks, &mut scratch, work, |g, sums| {
+            total.add(&sums);
+            if g % per_problem == per_problem - 1 {
+                // the last block of a problem: its sums go to the accumulator (in place, no
+                // libtorch operation while the solver threads work)
+                acc.add_sums((g / per_problem) as i64, &total)?;
+                total = ProblemSums::zeros(d, o, sums_form, multiplicative);
+            }
+            Ok(())
+        })
     }
 
     /// Solves the problems `x` `[rows, d]` with the op's own solver.

@@ -82,7 +82,7 @@ fn gumbel_objective_is_sigma_logsumexp_plus_sigma_gamma() {
         let (_, tape) = op.forward_with_tape(&theta).unwrap();
         let f = vec_f64(&tape.objective().unwrap());
         let exact =
-            vec_f64(&((&theta / sigma).logsumexp(&[1], false) * sigma + sigma * EULER_GAMMA));
+            vec_f64(&((&theta / sigma).logsumexp([1], false) * sigma + sigma * EULER_GAMMA));
         // one sample is max_i(θ_i + σG_i), a Gumbel of scale σ: s.d. σπ/√6
         let sd = sigma * std::f64::consts::PI / 6f64.sqrt() / (n as f64).sqrt();
         for (a, b) in f.iter().zip(&exact) {
@@ -311,7 +311,7 @@ fn regression_minimization_fenchel_young_gradient_has_the_right_sign() {
     let start = vec_f64(&op.forward(&theta).unwrap())[2];
     for _ in 0..30 {
         let (_, grad) = op.fenchel_young(&theta, &y_true).unwrap();
-        theta = theta - grad * 0.1;
+        theta -= grad * 0.1;
     }
     let end = vec_f64(&op.forward(&theta).unwrap())[2];
     assert!(

@@ -42,11 +42,7 @@ fn prototypes(header: &str) -> BTreeMap<String, Prototype> {
         }
         let Some(open) = decl.find('(') else { continue };
         let head = &decl[..open];
-        let Some(name) = head
-            .split(|c: char| c == ' ' || c == '*')
-            .filter(|s| !s.is_empty())
-            .last()
-        else {
+        let Some(name) = head.split([' ', '*']).rfind(|s| !s.is_empty()) else {
             continue;
         };
         if !name.starts_with("pert_") {
@@ -62,7 +58,7 @@ fn prototypes(header: &str) -> BTreeMap<String, Prototype> {
                 .map(|p| {
                     let p = p.trim();
                     // drop the parameter's name (the last identifier)
-                    let cut = p.rfind(|c: char| c == ' ' || c == '*').map_or(0, |i| i + 1);
+                    let cut = p.rfind([' ', '*']).map_or(0, |i| i + 1);
                     normalize(&p[..cut])
                 })
                 .collect()

@@ -106,6 +106,36 @@ fn results_are_bitwise_equal_for_any_thread_count_and_tape_outlives_op() {
 }
 
 #[test]
+fn threads_share_out_a_batch_and_stay_bitwise_equal_with_a_samples_tape() {
+    // 200 outputs x 200 inputs, 150 samples: the samples (150 x 400 floats a problem) are
+    // smaller than the sums (200 x 200), so the tape keeps them, written in place by the
+    // solver threads; the 5 problems' blocks are spread over the threads.
+    let run = |threads: u32, baseline| {
+        let mut c = config(threads);
+        c.set_num_samples(150).unwrap().set_baseline(baseline);
+        c.set_noise(Noise::Normal)
+            .set_perturbation(perturbations::Perturbation::Multiplicative);
+        let op = PerturbedOp::new(&c, &[200], &[200], argmax).unwrap();
+        let theta = Tensor::linspace(0.5, 2.0, 1000, (Kind::Float, Device::Cpu)).reshape([5, 200]);
+        let (y, tape) = op.forward_with_tape(&theta).unwrap();
+        (y, tape.jacobian().unwrap(), tape.objective().unwrap())
+    };
+    for baseline in [
+        perturbations::Baseline::SampleMean,
+        perturbations::Baseline::None,
+    ] {
+        let (y1, j1, f1) = run(1, baseline);
+        for threads in [2, 3] {
+            let (y, j, f) = run(threads, baseline);
+            assert!(
+                y.equal(&y1) && j.equal(&j1) && f.equal(&f1),
+                "threads = {threads}, {baseline:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn fresh_noise_per_call_and_reproducible_per_seed() {
     let a = PerturbedOp::new(&config(1), &[5], &[5], argmax).unwrap();
     let b = PerturbedOp::new(&config(1), &[5], &[5], argmax).unwrap();
