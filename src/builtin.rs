@@ -99,14 +99,9 @@ impl Builtin {
                         .for_each(|(i, v)| *v = (i == best) as u8 as f32);
                 }
                 Builtin::TopK(k) => {
-                    let k = k as usize;
-                    order.clear();
-                    order.extend(0..last);
-                    if k < last {
-                        order.select_nth_unstable_by(k - 1, |&a, &b| xs[b].total_cmp(&xs[a]));
-                    }
                     ys.fill(0.0);
-                    order[..k].iter().for_each(|&i| ys[i] = 1.0);
+                    top_k(xs, k as usize, &mut order);
+                    order.iter().for_each(|&i| ys[i] = 1.0);
                 }
                 Builtin::Ranks => {
                     order.clear();
@@ -117,6 +112,47 @@ impl Builtin {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The positions of the `k` largest entries of `xs` (1 <= k <= xs.len()) into `out`, in
+/// no particular order; of equal entries the first wins. One pass with a min-heap of the
+/// best k so far: most entries only meet the heap's root, so this costs about one
+/// comparison per entry when k is much smaller than the slice (O(n log k) at worst).
+fn top_k(xs: &[f32], k: usize, out: &mut Vec<usize>) {
+    // a worse than b: smaller, or equal and later
+    let worse = |a: usize, b: usize| match xs[a].total_cmp(&xs[b]) {
+        std::cmp::Ordering::Equal => a > b,
+        order => order == std::cmp::Ordering::Less,
+    };
+    let sift_down = |heap: &mut [usize], mut i: usize| loop {
+        let (l, r) = (2 * i + 1, 2 * i + 2);
+        let mut worst = i;
+        if l < heap.len() && worse(heap[l], heap[worst]) {
+            worst = l;
+        }
+        if r < heap.len() && worse(heap[r], heap[worst]) {
+            worst = r;
+        }
+        if worst == i {
+            return;
+        }
+        heap.swap(i, worst);
+        i = worst;
+    };
+    out.clear();
+    out.extend(0..k);
+    for i in (0..k / 2).rev() {
+        sift_down(out, i);
+    }
+    // a later entry enters only when strictly larger than the root (the worst kept)
+    let mut bar = xs[out[0]];
+    for (i, &v) in xs.iter().enumerate().skip(k) {
+        if v.total_cmp(&bar) == std::cmp::Ordering::Greater {
+            out[0] = i;
+            sift_down(out, 0);
+            bar = xs[out[0]];
         }
     }
 }
@@ -184,6 +220,19 @@ mod tests {
             b.solve_host(&x, 6, &mut y);
             assert_eq!(y, run(b, &x, &[6]), "{b:?}");
         }
+        // longer slices: the heap of the best k against libtorch's topk, and ties
+        let x: Vec<f32> = (0..2000)
+            .map(|i| ((i * 7919) % 1009) as f32 * 0.01)
+            .collect();
+        for k in [1, 2, 10, 99, 100] {
+            let mut y = vec![0f32; 2000];
+            Builtin::TopK(k).solve_host(&x, 100, &mut y);
+            assert_eq!(y, run(Builtin::TopK(k), &x, &[100]), "k = {k}");
+        }
+        let ties = [1.0f32, 2.0, 2.0, 0.0, 2.0];
+        let mut y = [0f32; 5];
+        Builtin::TopK(2).solve_host(&ties, 5, &mut y);
+        assert_eq!(y, [0., 1., 1., 0., 0.], "the first of equal entries wins");
     }
 
     #[test]

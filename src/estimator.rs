@@ -219,7 +219,13 @@ impl ProblemSums {
                     }
                     add_scaled(&mut tile_s, 1.0, &padded);
                 }
-                for (i, &yv) in yr.iter().enumerate() {
+                // runs of 8 zeros (sparse solutions) are skipped with one test
+                let nonzero = yr
+                    .chunks(8)
+                    .enumerate()
+                    .filter(|(_, run)| !all_zero(run))
+                    .flat_map(|(c, run)| run.iter().enumerate().map(move |(j, &v)| (8 * c + j, v)));
+                for (i, yv) in nonzero {
                     if yv == 0.0 {
                         continue;
                     }
@@ -263,6 +269,12 @@ impl ProblemSums {
             }
         }
     }
+}
+
+/// Whether every value is ±0 (a bitwise OR, which vectorizes).
+#[inline(always)]
+fn all_zero(values: &[f32]) -> bool {
+    values.iter().fold(0u32, |acc, v| acc | (v.to_bits() << 1)) == 0
 }
 
 /// a += v · b over whole 8-float vectors (lengths multiples of 8).

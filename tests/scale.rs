@@ -145,12 +145,15 @@ fn results_do_not_depend_on_the_chunk_size() {
     }
 }
 
+/// A solver as a plain function: perturbed inputs, count, solutions.
+type SolveFn = fn(&[f32], usize, &mut [f32]) -> Result<(), String>;
+
 /// J computed by hand from the two-phase API's perturbed inputs: additive noise, so
 /// z_n = (x_n − θ)/σ, Normal scores s_n = z_n, sample-mean baseline.
 fn hand_jacobian(
     c: &Config,
     theta_row: &[f32],
-    solve: fn(&[f32], usize, &mut [f32]) -> Result<(), String>,
+    solve: SolveFn,
 ) -> (Vec<f64>, Tensor) {
     let d = theta_row.len();
     let n = c.num_samples() as usize;
