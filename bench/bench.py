@@ -250,8 +250,8 @@ def measure(make, n, repeats):
 CASES = {
     "argmax_1e6": lambda impl, q: case_argmax(impl, 10**6 if not q else 10**5, 5),
     "argmax_1e7": lambda impl, q: case_argmax(impl, 10**7 if not q else 10**6, 1),
-    "callback_t1": lambda impl, q: case_callback(impl, 10**5 if not q else 10**4, 9, threads=1),
-    "callback_t2": lambda impl, q: case_callback(impl, 10**5 if not q else 10**4, 9, threads=2),
+    "callback_t1": lambda impl, q: case_callback(impl, 10**5 if not q else 10**4, 25, threads=1),
+    "callback_t2": lambda impl, q: case_callback(impl, 10**5 if not q else 10**4, 25, threads=2),
     "topk_n100": lambda impl, q: case_topk(impl, 100, 5),
     "topk_n1000": lambda impl, q: case_topk(impl, 1000 if not q else 200, 1),
     "accuracy": lambda impl, q: case_accuracy(impl, 10**5, 10 if not q else 3),

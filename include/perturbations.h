@@ -169,7 +169,10 @@ typedef uint32_t pert_status;
  @param user_data  The pointer given to `pert_op_new`, passed through untouched.
  @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
                    host memory, valid only during the call.
- @param count      Number of problems in this call (at least 1).
+ @param count      Number of problems in this call (at least 1): a slice of the
+                   perturbed problems (on the CPU a block of one problem's samples, see
+                   `pert_config_set_chunk_bytes`), or of the unperturbed batch (the
+                   clean-input baseline).
  @param outputs    Room for `count * output_numel` floats, row-major
                    `[count, *output_shape]`; every entry must be written, finite.
  @return 0 on success; any other value aborts the forward call with
@@ -322,9 +325,11 @@ pert_status pert_config_set_sense(pert_config *config, uint32_t sense);
 
 /*
  Sets the working memory of one chunk of samples, in bytes. Samples are drawn, solved and
- reduced a chunk at a time (one chunk per solver thread at once), so a forward call's
- extra memory is about threads * chunk_bytes plus its tape, whatever num_samples. A chunk
- holds at least one sample. The results do not depend on it beyond float rounding.
+ reduced at most a chunk at a time (one chunk per solver thread at once), so a forward
+ call's extra memory is about threads * chunk_bytes plus its tape, whatever num_samples.
+ A chunk holds at least one sample. On the CPU the library also cuts each problem's
+ samples into blocks of about num_samples / 32 (at least 512) so that threads share the
+ work evenly. The results do not depend on it beyond float rounding.
  0 (the default) leaves it to the library: 2 MiB on the CPU, 64 MiB on CUDA.
  */
 pert_status pert_config_set_chunk_bytes(pert_config *config, uint64_t bytes);

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 /// Runs `work(k, scratch)` for blocks `k = 0 .. blocks` on `scratch.len()` threads (each
-/// thread owns one scratch; with one, everything runs on the calling thread) and hands the
-/// results to `combine` in block order. The first error in block order stops the run (no
-/// new blocks start). A panic in `work` is resumed on the calling thread.
+/// thread owns one scratch; the calling thread is one of them, so with one everything runs
+/// there) and hands the results to `combine` in block order, on the calling thread. The
+/// first error in block order stops the run (no new blocks start). A panic in `work` is
+/// resumed on the calling thread.
 pub(crate) fn run_blocks<S: Send, R: Send, E: Send>(
     blocks: usize,
     scratch: &mut [S],
@@ -25,8 +26,11 @@ pub(crate) fn run_blocks<S: Send, R: Send, E: Send>(
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let (send, receive) = mpsc::channel::<(usize, Result<R, E>)>();
+    let (own, helpers) = scratch[..threads].split_first_mut().expect("threads >= 2");
     std::thread::scope(|scope| {
-        let handles: Vec<_> = scratch[..threads]
+        // helpers stop taking blocks however this thread leaves the scope (error, panic)
+        let _stop_helpers = StopOnDrop(&stop);
+        let handles: Vec<_> = helpers
             .iter_mut()
             .map(|s| {
                 let (send, next, stop, work) = (send.clone(), &next, &stop, &work);
@@ -49,19 +53,42 @@ pub(crate) fn run_blocks<S: Send, R: Send, E: Send>(
         let mut pending = BTreeMap::new();
         let mut expected = 0;
         let mut outcome = Ok(());
-        for (k, result) in receive.iter() {
-            pending.insert(k, result);
+        // combines the results that are next in block order; false once an error is seen
+        let mut drain = |pending: &mut BTreeMap<usize, Result<R, E>>,
+                         outcome: &mut Result<(), E>| {
             while let Some(result) = pending.remove(&expected) {
-                if outcome.is_ok() {
-                    outcome = result.and_then(|r| combine(expected, r));
-                    if outcome.is_err() {
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                }
+                *outcome = result.and_then(|r| combine(expected, r));
                 expected += 1;
+                if outcome.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                    return false;
+                }
             }
-            if outcome.is_err() {
+            true
+        };
+        // this thread works too, and combines between its own blocks without waiting
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            if k >= blocks || stop.load(Ordering::Relaxed) {
                 break;
+            }
+            let result = work(k, own);
+            if result.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            pending.insert(k, result);
+            pending.extend(receive.try_iter());
+            if !drain(&mut pending, &mut outcome) {
+                break;
+            }
+        }
+        if outcome.is_ok() {
+            // the helpers' last blocks
+            for (k, result) in receive.iter() {
+                pending.insert(k, result);
+                if !drain(&mut pending, &mut outcome) {
+                    break;
+                }
             }
         }
         drop(receive);
@@ -72,6 +99,15 @@ pub(crate) fn run_blocks<S: Send, R: Send, E: Send>(
         }
         outcome
     })
+}
+
+/// Sets the flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

@@ -150,11 +150,7 @@ type SolveFn = fn(&[f32], usize, &mut [f32]) -> Result<(), String>;
 
 /// J computed by hand from the two-phase API's perturbed inputs: additive noise, so
 /// z_n = (x_n − θ)/σ, Normal scores s_n = z_n, sample-mean baseline.
-fn hand_jacobian(
-    c: &Config,
-    theta_row: &[f32],
-    solve: SolveFn,
-) -> (Vec<f64>, Tensor) {
+fn hand_jacobian(c: &Config, theta_row: &[f32], solve: SolveFn) -> (Vec<f64>, Tensor) {
     let d = theta_row.len();
     let n = c.num_samples() as usize;
     let op = PerturbedOp::new(c, &[d as i64], &[d as i64], solve).unwrap();

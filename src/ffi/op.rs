@@ -17,7 +17,10 @@ use tch::Tensor;
 /// @param user_data  The pointer given to `pert_op_new`, passed through untouched.
 /// @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
 ///                   host memory, valid only during the call.
-/// @param count      Number of problems in this call (at least 1).
+/// @param count      Number of problems in this call (at least 1): a slice of the
+///                   perturbed problems (on the CPU a block of one problem's samples, see
+///                   `pert_config_set_chunk_bytes`), or of the unperturbed batch (the
+///                   clean-input baseline).
 /// @param outputs    Room for `count * output_numel` floats, row-major
 ///                   `[count, *output_shape]`; every entry must be written, finite.
 /// @return 0 on success; any other value aborts the forward call with
