@@ -131,13 +131,13 @@ def case_argmax(impl, n, repeats):
     return measure(make, n, repeats)
 
 
-def case_callback(impl, n, repeats, threads=1):
+def case_callback(impl, n, repeats, threads=1, solver="bench_shortest_path"):
     solvers = ctypes.CDLL(SOLVERS)
     solvers.bench_edges.restype = ctypes.c_size_t
     edges = solvers.bench_edges()
     solvers.bench_costs.restype = ctypes.POINTER(ctypes.c_float)
     costs = [solvers.bench_costs()[i] for i in range(edges)]
-    fn = ctypes.cast(solvers.bench_shortest_path, ctypes.c_void_p)
+    fn = ctypes.cast(getattr(solvers, solver), ctypes.c_void_p)
     if impl == "ours":
         lib = Lib()
         theta = floats(costs)
@@ -162,6 +162,19 @@ def case_callback(impl, n, repeats, threads=1):
                 return seed.perturbed_backward(saved, y, n, 0.05)
             return run
     return measure(make, n, repeats)
+
+
+def case_overhead(impl, n, repeats):
+    """The per-row cost of everything but the solver: a nearly free C solver (one-hot of
+    the largest of 13 costs) on N perturbed rows, 1 thread, forward + VJP, minus the time
+    of the solver alone on N rows."""
+    solvers = ctypes.CDLL(SOLVERS)
+    solvers.bench_one_hot_alone.restype = ctypes.c_double
+    solvers.bench_one_hot_alone.argtypes = [ctypes.c_size_t, ctypes.c_int]
+    r = case_callback(impl, n, repeats, threads=1, solver="bench_one_hot")
+    r["alone"] = solvers.bench_one_hot_alone(n, repeats)
+    r["ns_per_row"] = (r["time"] - r["alone"]) / n * 1e9
+    return r
 
 
 def case_topk(impl, n, repeats, b=64, d=1000, k=10):
@@ -252,6 +265,7 @@ CASES = {
     "argmax_1e7": lambda impl, q: case_argmax(impl, 10**7 if not q else 10**6, 1),
     "callback_t1": lambda impl, q: case_callback(impl, 10**5 if not q else 10**4, 25, threads=1),
     "callback_t2": lambda impl, q: case_callback(impl, 10**5 if not q else 10**4, 25, threads=2),
+    "overhead": lambda impl, q: case_overhead(impl, 10**6 if not q else 10**5, 9),
     "topk_n100": lambda impl, q: case_topk(impl, 100, 5),
     "topk_n1000": lambda impl, q: case_topk(impl, 1000 if not q else 200, 1),
     "accuracy": lambda impl, q: case_accuracy(impl, 10**5, 10 if not q else 3),
@@ -329,6 +343,10 @@ def main():
     t1, t2 = r[("callback_t1", "ours")]["time"], r[("callback_t2", "ours")]["time"]
     w("")
     w(f"C callback, threads 2 vs 1: {t1*1000:.0f} ms -> {t2*1000:.0f} ms ({t1/t2:.2f}x).")
+    s, o = r[("overhead", "seed")], r[("overhead", "ours")]
+    w(f"Per-row cost beyond the solver (13-entry one-hot C solver, N={'1e6' if not a.quick else '1e5'}, "
+      f"1 thread, forward+VJP, minus the solver alone): seed {s['ns_per_row']:.0f} ns, "
+      f"ours {o['ns_per_row']:.0f} ns (solver alone {o['alone'] / (10**6 if not a.quick else 10**5) * 1e9:.0f} ns).")
     s, o = r[("accuracy", "seed")], r[("accuracy", "ours")]
     equal_time = o["rmse"] * math.sqrt(o["time"] / s["time"])  # error ~ 1/sqrt(N) ~ 1/sqrt(time)
     w(f"Accuracy per unit of time (argmax VJP vs the exact softmax VJP, N=1e5, RMSE over seeds): "
