@@ -24,6 +24,10 @@ const HOST_BLOCKS: usize = 32;
 /// the per-block cost (a solver call, a hand-over between threads) stays small.
 const HOST_BLOCK_MIN_ROWS: usize = 512;
 
+/// The most bytes of a host block's buffers (noise, scores, perturbed inputs, solutions),
+/// so that a block stays in a core's L2 cache between its steps.
+const HOST_BLOCK_BYTES: u64 = 512 << 10;
+
 /// What solves an op's perturbed problems.
 #[derive(Clone)]
 pub(crate) enum SolverKind {
@@ -381,13 +385,15 @@ impl OpSpec {
 
     /// Samples per block of the host pipeline: a chunk ([`Self::rows_per_chunk`]), cut
     /// down to about 1/[`HOST_BLOCKS`] of a problem's samples (not below
-    /// [`HOST_BLOCK_MIN_ROWS`]) so that solver threads share the work evenly and a
-    /// block's buffers stay in cache. It does not depend on the number of threads, so
-    /// neither do the results.
+    /// [`HOST_BLOCK_MIN_ROWS`]) so that solver threads share the work evenly, and to
+    /// [`HOST_BLOCK_BYTES`] of buffers so that a block stays in cache. It does not depend
+    /// on the number of threads, so neither do the results.
     pub(crate) fn rows_per_block(&self) -> usize {
         let n = self.config.num_samples() as usize;
         let share = n.div_ceil(HOST_BLOCKS).max(HOST_BLOCK_MIN_ROWS);
-        let rows = self.rows_per_chunk().min(share);
+        let (d, o) = (self.input_numel as u64, self.output_numel as u64);
+        let in_cache = (HOST_BLOCK_BYTES / (4 * (3 * d + o))).max(1) as usize;
+        let rows = self.rows_per_chunk().min(share).min(in_cache);
         if self.config.antithetic() {
             (rows + (rows & 1)).min(self.rows_per_chunk())
         } else {

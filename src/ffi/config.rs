@@ -230,9 +230,10 @@ pub unsafe extern "C" fn pert_config_set_sense(
 /// Sets the working memory of one chunk of samples, in bytes. Samples are drawn, solved and
 /// reduced at most a chunk at a time (one chunk per solver thread at once), so a forward
 /// call's extra memory is about threads * chunk_bytes plus its tape, whatever num_samples.
-/// A chunk holds at least one sample. On the CPU the library also cuts each problem's
-/// samples into blocks of about num_samples / 32 (at least 512) so that threads share the
-/// work evenly. The results do not depend on it beyond float rounding.
+/// A chunk holds at least one sample. On the CPU the library cuts each problem's samples
+/// into smaller blocks still: about num_samples / 32 (so that threads share the work
+/// evenly), at least 512 samples, at most 512 KiB of buffers (so that a block stays in
+/// cache). The results do not depend on it beyond float rounding.
 /// 0 (the default) leaves it to the library: 2 MiB on the CPU, 64 MiB on CUDA.
 #[no_mangle]
 pub unsafe extern "C" fn pert_config_set_chunk_bytes(
