@@ -337,9 +337,13 @@ pert_status pert_config_set_chunk_bytes(pert_config *config, uint64_t bytes);
 
 /*
  Sets the largest tape a forward call may make, in bytes (default 0: no limit). A tape
- keeps, per problem, the smaller of output_numel * input_numel floats (the Jacobian) and
- num_samples * (output_numel + input_numel) floats (the samples). A call whose tape would
- be larger fails with `PERT_STATUS_INVALID_ARGUMENT` before any work.
+ keeps, per problem, the Jacobian's sums (output_numel * input_numel floats) or, when
+ num_samples * (output_numel + input_numel) floats would not take more than twice that,
+ the samples. On the CPU a tape of samples keeps only their solutions (the non-zero
+ entries of sparse ones as index-value pairs) and draws their scores again from the
+ call's stream when a gradient is asked, so it usually takes far less than that bound.
+ A call whose tape could be larger than the limit fails with
+ `PERT_STATUS_INVALID_ARGUMENT` before any work.
  */
 pert_status pert_config_set_max_tape_bytes(pert_config *config, uint64_t bytes);
 
@@ -487,8 +491,9 @@ size_t pert_op_output_numel(const pert_op *op);
  @param batch   Number of problems. 0: `PERT_STATUS_OK` and nothing is written.
  @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`.
  @param tape    NULL when no gradient is needed; else receives a new tape on success
-                (free it with `pert_tape_free`). Keeping a tape costs
-                `batch * output_numel * input_numel` doubles.
+                (free it with `pert_tape_free`). A tape holds at most about
+                `2 * batch * output_numel * input_numel` floats, and usually much
+                less (see `pert_config_set_max_tape_bytes`).
  @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in theta), `PERT_STATUS_SOLVER_FAILED`
          (a callback returned non-zero or wrote a non-finite value),
          `PERT_STATUS_INVALID_ARGUMENT` (sizes overflow), `PERT_STATUS_TORCH_ERROR`

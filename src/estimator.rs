@@ -22,6 +22,7 @@
 use crate::builtin::Solutions;
 use crate::error::{Error, Result};
 use crate::perturbation::Perturbation;
+use crate::replay::{Redraw, Replay, SolutionRows};
 use crate::tape::JacobianData;
 use tch::{Device, Kind, Tensor};
 
@@ -329,45 +330,20 @@ fn host_slice<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
 /// any estimate, long enough to amortize the float64 additions.
 const SUM_TILE: usize = 64;
 
-/// The rows of one problem in a CPU tape that keeps samples (see
-/// [`Accumulator::sample_rows`]): contiguous float32 storage owned by the accumulator.
-#[derive(Clone, Copy)]
-pub(crate) struct SampleRows {
-    y: *mut f32,
-    s: *mut f32,
-    y_len: usize,
-    s_len: usize,
-}
-
-// SAFETY: the pointers address the accumulator's tensors, which outlive the forward call's
-// workers; each worker writes only the disjoint rows of its own block (`rows` below).
-unsafe impl Send for SampleRows {}
-unsafe impl Sync for SampleRows {}
-
-impl SampleRows {
-    /// Rows `n0 .. n0 + rows` of the solutions (`o` wide) and scores (`d` wide).
-    ///
-    /// # Safety
-    /// No two live borrows may overlap (callers take disjoint row ranges), and they must
-    /// not outlive the accumulator's tensors.
-    pub unsafe fn rows<'a>(
-        self,
-        n0: usize,
-        rows: usize,
-        o: usize,
-        d: usize,
-    ) -> (&'a mut [f32], &'a mut [f32]) {
-        assert!((n0 + rows) * o <= self.y_len && (n0 + rows) * d <= self.s_len);
-        (
-            std::slice::from_raw_parts_mut(self.y.add(n0 * o), rows * o),
-            std::slice::from_raw_parts_mut(self.s.add(n0 * d), rows * d),
-        )
-    }
-}
-
 enum JacobianSums {
-    Sums { sum_s: Tensor, sum_ys: Tensor },
-    Samples { y: Tensor, s: Tensor },
+    Sums {
+        sum_s: Tensor,
+        sum_ys: Tensor,
+    },
+    Samples {
+        y: Tensor,
+        s: Tensor,
+    },
+    /// The samples' solutions, added block by block in order; scores drawn again later.
+    Replay {
+        rows: SolutionRows,
+        redraw: Redraw,
+    },
 }
 
 /// Running sums of one forward call, on the op's device.
@@ -384,6 +360,8 @@ pub(crate) struct Accumulator {
 impl Accumulator {
     /// Sums for `batch` problems of `n` samples; `form` when a Jacobian is wanted;
     /// `square` when output shape = input shape (the objective is then estimated too).
+    /// With `redraw`, a tape that keeps samples keeps only their solutions (added with
+    /// [`Accumulator::add_solutions`]) and draws the scores again from the stream.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         batch: usize,
@@ -393,9 +371,14 @@ impl Accumulator {
         perturbation: Perturbation,
         sigma: f64,
         form: Option<TapeForm>,
+        redraw: Option<Redraw>,
         square: bool,
         device: Device,
     ) -> Result<Accumulator> {
+        let replay = redraw.map(|redraw| JacobianSums::Replay {
+            rows: SolutionRows::new(o),
+            redraw,
+        });
         let (b, n, d, o) = (batch as i64, n as i64, d as i64, o as i64);
         let f64s = (Kind::Double, device);
         let f32s = (Kind::Float, device);
@@ -405,10 +388,13 @@ impl Accumulator {
                 sum_s: Tensor::f_zeros([b, d], f64s)?,
                 sum_ys: Tensor::f_zeros([b, o, d], f32s)?,
             }),
-            Some(TapeForm::Samples) => Some(JacobianSums::Samples {
-                y: Tensor::f_empty([b, n, o], f32s)?,
-                s: Tensor::f_empty([b, n, d], f32s)?,
-            }),
+            Some(TapeForm::Samples) => match replay {
+                Some(replay) => Some(replay),
+                None => Some(JacobianSums::Samples {
+                    y: Tensor::f_empty([b, n, o], f32s)?,
+                    s: Tensor::f_empty([b, n, d], f32s)?,
+                }),
+            },
         };
         let objective = if square {
             let wy = if perturbation == Perturbation::Multiplicative {
@@ -496,6 +482,9 @@ impl Accumulator {
                 ys.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(&dense()?)?;
                 ss.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(s)?;
             }
+            (Some(JacobianSums::Replay { .. }), Some(_)) => {
+                unreachable!("tapes of solutions only are made by the host pipeline")
+            }
             (Some(_), None) => unreachable!("scores are computed when a Jacobian is wanted"),
             (None, _) => {}
         }
@@ -516,20 +505,15 @@ impl Accumulator {
         Ok(())
     }
 
-    /// Where a tape that keeps samples stores problem `b`'s solutions `[N, o]` and scores
-    /// `[N, d]` on the CPU, for the host pipeline to write each block's rows in place.
-    pub fn sample_rows(&mut self, b: i64) -> Result<Option<SampleRows>> {
-        match &mut self.jacobian {
-            Some(JacobianSums::Samples { y, s }) if y.device() == Device::Cpu => {
-                let (yb, sb) = (y.f_get(b)?, s.f_get(b)?);
-                Ok(Some(SampleRows {
-                    y: yb.data_ptr() as *mut f32,
-                    s: sb.data_ptr() as *mut f32,
-                    y_len: yb.numel(),
-                    s_len: sb.numel(),
-                }))
-            }
-            _ => Ok(None),
+    /// Whether the tape keeps the samples' solutions only (see [`Accumulator::new`]).
+    pub fn keeps_solutions(&self) -> bool {
+        matches!(self.jacobian, Some(JacobianSums::Replay { .. }))
+    }
+
+    /// Appends the solutions of the next samples, in sample order, problem by problem.
+    pub fn add_solutions(&mut self, more: SolutionRows) {
+        if let Some(JacobianSums::Replay { rows, .. }) = &mut self.jacobian {
+            rows.append(more);
         }
     }
 
@@ -538,7 +522,9 @@ impl Accumulator {
         match self.jacobian {
             None => None,
             Some(JacobianSums::Sums { .. }) => Some(TapeForm::Sums),
-            Some(JacobianSums::Samples { .. }) => Some(TapeForm::Samples),
+            Some(JacobianSums::Samples { .. } | JacobianSums::Replay { .. }) => {
+                Some(TapeForm::Samples)
+            }
         }
     }
 
@@ -559,7 +545,7 @@ impl Accumulator {
                 }
                 Some(&mut host_slice::<f32>(sum_ys)[b * o * d..(b + 1) * o * d])
             }
-            Some(JacobianSums::Samples { .. }) | None => None,
+            Some(JacobianSums::Samples { .. } | JacobianSums::Replay { .. }) | None => None,
         };
         let mut weighted = match &mut self.objective {
             Some((objective, sum_wy)) => {
@@ -640,6 +626,23 @@ impl Accumulator {
                     let _ = j.f_mul_(&cs.f_unsqueeze(1)?)?;
                 }
                 Some(JacobianData::Dense(j))
+            }
+            Some(JacobianSums::Replay { rows, redraw }) => {
+                let batch = mean.size()[0] as usize;
+                assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
+                let center = match &center {
+                    Some(c) => crate::op::host_floats(c)?,
+                    None => vec![0f32; mean.numel()],
+                };
+                let col_scale = col_scale.as_ref().map(crate::op::host_floats).transpose()?;
+                Some(JacobianData::Replay(Replay {
+                    rows,
+                    redraw,
+                    batch,
+                    center,
+                    col_scale,
+                    scale,
+                }))
             }
             Some(JacobianSums::Samples { y, s }) => {
                 let center = match center {

@@ -21,6 +21,7 @@ mod input;
 pub mod noise;
 pub mod op;
 pub mod perturbation;
+mod replay;
 pub mod rng;
 pub mod shape;
 pub mod solver;

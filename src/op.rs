@@ -7,6 +7,7 @@ use crate::error::{Error, Result, Status};
 use crate::estimator::{Accumulator, Baseline, Estimate, ProblemSums, TapeForm};
 use crate::fused_argmax::Kernel;
 use crate::input::check_floats;
+use crate::replay::{Redraw, SolutionRows};
 use crate::rng::Stream;
 use crate::shape::{batched, checked_product, numel};
 use crate::solver::Solver;
@@ -495,6 +496,20 @@ impl OpSpec {
             None
         };
         let square = self.input_shape == self.output_shape;
+        let host = matches!(
+            source,
+            Source::Solver(SolverKind::Host(_) | SolverKind::Builtin(_)) | Source::Provided(_)
+        ) && self.device == Device::Cpu
+            && !c.libtorch_path();
+        // the host pipeline's tapes keep the samples' solutions and draw the scores again
+        let redraw = (host && u32::try_from(o).is_ok()).then_some(Redraw {
+            stream,
+            noise: c.noise(),
+            antithetic: c.antithetic(),
+            score_is_z: c.perturbation() == crate::perturbation::Perturbation::Multiplicative,
+            n,
+            d,
+        });
         let mut acc = Accumulator::new(
             batch,
             n,
@@ -503,6 +518,7 @@ impl OpSpec {
             c.perturbation(),
             c.sigma(),
             form,
+            redraw,
             square,
             self.device,
         )?;
@@ -530,11 +546,7 @@ impl OpSpec {
                 return acc.finish(n, baseline, clean.as_ref(), theta);
             }
         }
-        let host = matches!(
-            source,
-            Source::Solver(SolverKind::Host(_) | SolverKind::Builtin(_)) | Source::Provided(_)
-        );
-        if host && self.device == Device::Cpu && !c.libtorch_path() {
+        if host {
             self.run_on_host(theta, &stream, source, &mut acc)?;
             return acc.finish(n, baseline, clean.as_ref(), theta);
         }
@@ -578,7 +590,7 @@ impl OpSpec {
         );
         let multiplicative = c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
         let sums_form = acc.form() == Some(TapeForm::Sums);
-        let keep_samples = acc.form() == Some(TapeForm::Samples);
+        let keep_solutions = acc.keeps_solutions();
         let per = self.rows_per_block();
         let per_problem = n.div_ceil(per);
         let theta_host = host_floats(theta)?;
@@ -605,28 +617,17 @@ impl OpSpec {
                 ]
             })
             .collect();
-        // a tape that keeps samples gets each block's solutions and scores in place
-        let in_tape = (0..batch)
-            .map(|b| {
-                if keep_samples {
-                    acc.sample_rows(b as i64)
-                } else {
-                    Ok(None)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let work = |g: usize, buffers: &mut [Vec<f32>; 4]| -> Result<ProblemSums> {
+        let work = |g: usize, buffers: &mut [Vec<f32>; 4]| -> Result<(ProblemSums, SolutionRows)> {
             let (b, k) = (g / per_problem, g % per_problem);
             let theta_b = &theta_host[b * d..(b + 1) * d];
             let (n0, rows) = (k * per, per.min(n - k * per));
             let [z, s, x, y] = buffers;
-            let (z, x) = (&mut z[..rows * d], &mut x[..rows * d]);
-            // SAFETY: block (b, k) owns rows n0 .. n0 + rows of problem b, disjoint from
-            // every other block's.
-            let (y, s) = match &in_tape[b] {
-                Some(t) => unsafe { t.rows(n0, rows, o, d) },
-                None => (&mut y[..rows * o], &mut s[..rows * d]),
-            };
+            let (z, s, x, y) = (
+                &mut z[..rows * d],
+                &mut s[..rows * d],
+                &mut x[..rows * d],
+                &mut y[..rows * o],
+            );
             c.noise().draw_samples(
                 stream,
                 c.antithetic(),
@@ -659,11 +660,17 @@ impl OpSpec {
                 y,
                 c.sigma() as f32,
             );
-            Ok(sums)
+            // a tape that keeps the samples' solutions gets this block's
+            let mut solutions = SolutionRows::new(if keep_solutions { o } else { 0 });
+            if keep_solutions {
+                solutions.push(y);
+            }
+            Ok((sums, solutions))
         };
         let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
-        run_blocks(blocks, &mut scratch, work, |g, sums| {
+        run_blocks(blocks, &mut scratch, work, |g, (sums, solutions)| {
             total.add(&sums);
+            acc.add_solutions(solutions);
             if g % per_problem == per_problem - 1 {
                 // the last block of a problem: its sums go to the accumulator (in place, no
                 // libtorch operation while the solver threads work)

@@ -2,6 +2,8 @@
 //! the objective need no further solver call.
 
 use crate::error::{Error, Result};
+use crate::op::host_floats;
+use crate::replay::Replay;
 use crate::shape::batched;
 use tch::{Device, Kind, Tensor};
 
@@ -19,6 +21,9 @@ pub(crate) enum JacobianData {
         col_scale: Option<Tensor>,
         scale: f64,
     },
+    /// J from the samples' solutions and their scores drawn again (CPU tapes of the host
+    /// pipeline; see [`crate::replay`]).
+    Replay(Replay),
 }
 
 /// The record of one forward call.
@@ -72,11 +77,31 @@ impl Tape {
         match &self.jacobian {
             JacobianData::Dense(j) => j.device(),
             JacobianData::Samples { y, .. } => y.device(),
+            JacobianData::Replay(_) => Device::Cpu,
         }
     }
-    /// Whether the tape keeps the samples (true) or the Jacobian (false).
+    /// The bytes of memory the tape holds (its tensors and buffers).
+    pub fn bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let jacobian = match &self.jacobian {
+            JacobianData::Dense(j) => tensor(j),
+            JacobianData::Samples {
+                y,
+                s,
+                center,
+                col_scale,
+                ..
+            } => tensor(y) + tensor(s) + tensor(center) + col_scale.as_ref().map_or(0, tensor),
+            JacobianData::Replay(r) => r.bytes(),
+        };
+        jacobian + self.objective.as_ref().map_or(0, tensor)
+    }
+
+    /// Whether the tape keeps the samples (true) or the Jacobian (false). CPU tapes keep
+    /// only the samples' solutions (their non-zero entries) and draw the scores again from
+    /// the forward call's stream when a gradient is asked; CUDA tapes keep both.
     pub fn keeps_samples(&self) -> bool {
-        matches!(self.jacobian, JacobianData::Samples { .. })
+        !matches!(self.jacobian, JacobianData::Dense(_))
     }
 
     /// The Jacobian estimate `[batch, output_numel, input_numel]` (float32); see
@@ -98,6 +123,11 @@ impl Tape {
                     None => j,
                 })
             }
+            JacobianData::Replay(r) => Ok(Tensor::f_from_slice(&r.jacobian())?.f_view([
+                self.batch as i64,
+                -1,
+                r.redraw.d as i64,
+            ])?),
         }
     }
 
@@ -136,6 +166,7 @@ impl Tape {
                     None => out,
                 }
             }
+            JacobianData::Replay(r) => Tensor::f_from_slice(&r.vjp(&host_floats(&g)?))?,
         };
         Ok(out
             .f_reshape(batched(self.batch, &self.input_shape))?
@@ -168,6 +199,7 @@ impl Tape {
                         .f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
                 yst.f_sub(&cst)?.f_mul_scalar(*scale)?
             }
+            JacobianData::Replay(r) => Tensor::f_from_slice(&r.jvp(&host_floats(&t)?))?,
         };
         Ok(out
             .f_reshape(batched(self.batch, &self.output_shape))?

@@ -286,7 +286,7 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
     let theta =
         Tensor::from_slice(&[0.5f32, 1.0, 0.2, 0.9, 0.1, 0.7, 0.3, 1.1, 0.4, 0.6]).reshape([2, 5]);
     type Make = fn(&Config) -> PerturbedOp;
-    let makes: [(&str, Make); 5] = [
+    let makes: [(&str, Make); 6] = [
         ("callback", |c| {
             PerturbedOp::new(c, &[5], &[5], argmax).unwrap()
         }),
@@ -301,6 +301,9 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
         }),
         ("small N (samples tape)", |c| {
             PerturbedOp::new(c, &[5], &[5], argmax).unwrap()
+        }),
+        ("small N ranks (samples tape, whole rows)", |c| {
+            PerturbedOp::new_builtin(c, Builtin::Ranks, &[5]).unwrap()
         }),
     ];
     for (name, make) in makes {
@@ -330,6 +333,16 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
                 max_abs(&j, &tb.jacobian().unwrap()) < 1e-4 * jscale,
                 "{what}"
             );
+            // the products, whichever form the tape has (a CPU tape of samples keeps their
+            // solutions and draws the scores again; the libtorch path keeps both)
+            let g = Tensor::from_slice(&[1.0f32, -0.5, 0.25, 2.0, 0.0, -1.0, 0.5, 0.3, 0.0, 1.5])
+                .reshape([2, 5]);
+            let (va, vb) = (ta.vjp(&g).unwrap(), tb.vjp(&g).unwrap());
+            let vscale = 1.0 + f64::try_from(va.abs().max()).unwrap();
+            assert!(max_abs(&va, &vb) < 1e-4 * vscale, "vjp {what}");
+            let (ja, jb) = (ta.jvp(&g).unwrap(), tb.jvp(&g).unwrap());
+            let jvscale = 1.0 + f64::try_from(ja.abs().max()).unwrap();
+            assert!(max_abs(&ja, &jb) < 1e-4 * jvscale, "jvp {what}");
             let fscale = 1.0 + f64::try_from(ta.objective().unwrap().abs().max()).unwrap();
             assert!(
                 max_abs(&ta.objective().unwrap(), &tb.objective().unwrap()) < 1e-4 * fscale,
@@ -348,4 +361,34 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
             }
         }
     }
+}
+
+#[test]
+fn cpu_tapes_of_samples_keep_only_the_solutions() {
+    // top-10 of 1000, N = 100, 4 problems: the samples would take 4 x 100 x 2000 floats
+    // (3.2 MB); the tape keeps each sample's 10 (index, value) pairs and draws the scores
+    // again, and its products equal those of the libtorch path, which keeps the scores.
+    let c = config(Noise::Normal, 0.5, 100, 3);
+    let theta = Tensor::linspace(-2.0, 2.0, 4000, (Kind::Float, tch::Device::Cpu))
+        .reshape([4, 1000])
+        .sin();
+    let op = PerturbedOp::new_builtin(&c, Builtin::TopK(10), &[1000]).unwrap();
+    let (y, tape) = op.forward_with_tape(&theta).unwrap();
+    assert!(tape.keeps_samples());
+    let samples = 4 * 100 * 2000 * 4;
+    assert!(
+        tape.bytes() * 20 < samples,
+        "the tape holds {} bytes",
+        tape.bytes()
+    );
+    let mut torch = c.clone();
+    torch.set_libtorch_path(true);
+    let op = PerturbedOp::new_builtin(&torch, Builtin::TopK(10), &[1000]).unwrap();
+    let (y2, tape2) = op.forward_with_tape(&theta).unwrap();
+    assert!(tape2.bytes() >= samples);
+    assert!(max_abs(&y, &y2) < 1e-6);
+    let g = (&theta * 3.0).cos();
+    let (a, b) = (tape.vjp(&g).unwrap(), tape2.vjp(&g).unwrap());
+    let scale = 1.0 + f64::try_from(a.abs().max()).unwrap();
+    assert!(max_abs(&a, &b) < 1e-4 * scale, "{}", max_abs(&a, &b));
 }

@@ -247,9 +247,13 @@ pub unsafe extern "C" fn pert_config_set_chunk_bytes(
 }
 
 /// Sets the largest tape a forward call may make, in bytes (default 0: no limit). A tape
-/// keeps, per problem, the smaller of output_numel * input_numel floats (the Jacobian) and
-/// num_samples * (output_numel + input_numel) floats (the samples). A call whose tape would
-/// be larger fails with `PERT_STATUS_INVALID_ARGUMENT` before any work.
+/// keeps, per problem, the Jacobian's sums (output_numel * input_numel floats) or, when
+/// num_samples * (output_numel + input_numel) floats would not take more than twice that,
+/// the samples. On the CPU a tape of samples keeps only their solutions (the non-zero
+/// entries of sparse ones as index-value pairs) and draws their scores again from the
+/// call's stream when a gradient is asked, so it usually takes far less than that bound.
+/// A call whose tape could be larger than the limit fails with
+/// `PERT_STATUS_INVALID_ARGUMENT` before any work.
 #[no_mangle]
 pub unsafe extern "C" fn pert_config_set_max_tape_bytes(
     config: *mut pert_config,

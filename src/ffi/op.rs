@@ -247,8 +247,9 @@ pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
 /// @param batch   Number of problems. 0: `PERT_STATUS_OK` and nothing is written.
 /// @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`.
 /// @param tape    NULL when no gradient is needed; else receives a new tape on success
-///                (free it with `pert_tape_free`). Keeping a tape costs
-///                `batch * output_numel * input_numel` doubles.
+///                (free it with `pert_tape_free`). A tape holds at most about
+///                `2 * batch * output_numel * input_numel` floats, and usually much
+///                less (see `pert_config_set_max_tape_bytes`).
 /// @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in theta), `PERT_STATUS_SOLVER_FAILED`
 ///         (a callback returned non-zero or wrote a non-finite value),
 ///         `PERT_STATUS_INVALID_ARGUMENT` (sizes overflow), `PERT_STATUS_TORCH_ERROR`

@@ -1,0 +1,360 @@
+//! A tape that keeps only the solutions of the samples, and draws their scores again when
+//! a gradient is asked.
+//!
+//! The noise of a forward call is a pure function of its counter-based stream (see
+//! [`crate::noise`]), so the scores s_n need not be stored: they are drawn again, bit for
+//! bit, from the same stream elements. The solutions are stored row by row, a row's
+//! non-zero entries as (index, value) pairs when at most half of them are non-zero (one-hot,
+//! top-k and path indicators: a few entries of many), the whole row otherwise. Such a tape
+//! never takes more memory than the samples themselves, and usually far less.
+//!
+//! The products are computed on the CPU, one problem per block of work on all cores, in
+//! float64, in a fixed order: the results do not depend on the number of threads.
+
+use crate::blocks::run_blocks;
+use crate::noise::Noise;
+use crate::rng::Stream;
+
+/// How to draw the scores of a forward call's samples again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Redraw {
+    pub stream: Stream,
+    pub noise: Noise,
+    pub antithetic: bool,
+    /// The multiplicative model's score is z itself.
+    pub score_is_z: bool,
+    /// Samples per problem.
+    pub n: usize,
+    /// Inputs per problem.
+    pub d: usize,
+}
+
+impl Redraw {
+    /// The noise `z` and scores `s` of samples `n0 .. n0 + z.len() / d` of problem `b`,
+    /// equal to those of the forward call.
+    fn scores(&self, b: usize, n0: usize, z: &mut [f32], s: &mut [f32]) {
+        if self.noise == Noise::Normal && !self.antithetic {
+            // the score of Normal noise is z itself (both models): draw it straight into s
+            let first = ((b * self.n + n0) * self.d) as u64;
+            return self.noise.fill(&self.stream, first, s);
+        }
+        self.noise.draw_samples(
+            &self.stream,
+            self.antithetic,
+            self.score_is_z,
+            (b, self.n, n0, self.d),
+            z,
+            s,
+            1,
+        );
+    }
+}
+
+/// Bit 63 of a row's end: the row is stored whole.
+const DENSE: u64 = 1 << 63;
+
+/// Solutions `[rows, o]`, row by row: a sparse row is its non-zero indices then their
+/// values (as float bits), a dense row its `o` values.
+#[derive(Debug, Default)]
+pub(crate) struct SolutionRows {
+    o: usize,
+    /// Where each row ends in `words`, with [`DENSE`] set for whole rows.
+    ends: Vec<u64>,
+    words: Vec<u32>,
+}
+
+impl SolutionRows {
+    /// No rows of `o` outputs (`o` must fit in 32 bits).
+    pub fn new(o: usize) -> SolutionRows {
+        assert!(
+            u32::try_from(o).is_ok(),
+            "output_numel {o} does not fit in 32 bits"
+        );
+        SolutionRows {
+            o,
+            ends: Vec::new(),
+            words: Vec::new(),
+        }
+    }
+
+    /// Appends the rows of `y` `[rows, o]`.
+    pub fn push(&mut self, y: &[f32]) {
+        for row in y.chunks_exact(self.o) {
+            let nonzero = row.iter().map(|&v| usize::from(v != 0.0)).sum::<usize>();
+            if 2 * nonzero > self.o {
+                self.words.extend(row.iter().map(|v| v.to_bits()));
+                self.ends.push(self.words.len() as u64 | DENSE);
+            } else {
+                // the indices (runs of 8 zeros skipped with one test), then the values
+                let start = self.words.len();
+                for (c, run) in row.chunks(8).enumerate() {
+                    if run.iter().fold(0u32, |a, v| a | (v.to_bits() << 1)) != 0 {
+                        let at = run.iter().enumerate().filter(|(_, &v)| v != 0.0);
+                        self.words.extend(at.map(|(j, _)| (8 * c + j) as u32));
+                    }
+                }
+                for k in start..start + nonzero {
+                    self.words.push(row[self.words[k] as usize].to_bits());
+                }
+                self.ends.push(self.words.len() as u64);
+            }
+        }
+    }
+
+    /// Appends the rows of `other` (same `o`).
+    pub fn append(&mut self, other: SolutionRows) {
+        let base = self.words.len() as u64;
+        self.ends.extend(
+            other
+                .ends
+                .iter()
+                .map(|&e| ((e & !DENSE) + base) | (e & DENSE)),
+        );
+        self.words.extend(other.words);
+    }
+
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Calls `f(i, y_ri)` for the non-zero entries of row `r` (all entries of a dense row).
+    #[inline]
+    fn for_each(&self, r: usize, mut f: impl FnMut(usize, f32)) {
+        let start = if r == 0 { 0 } else { self.ends[r - 1] & !DENSE } as usize;
+        let end = self.ends[r];
+        let words = &self.words[start..(end & !DENSE) as usize];
+        if end & DENSE != 0 {
+            words
+                .iter()
+                .enumerate()
+                .for_each(|(i, &w)| f(i, f32::from_bits(w)));
+        } else {
+            let (index, value) = words.split_at(words.len() / 2);
+            index
+                .iter()
+                .zip(value)
+                .for_each(|(&i, &w)| f(i as usize, f32::from_bits(w)));
+        }
+    }
+
+    /// The bytes held.
+    pub fn bytes(&self) -> usize {
+        self.ends.len() * 8 + self.words.len() * 4
+    }
+}
+
+/// The Jacobian J = scale · Σ_n (Y_n − c) s_nᵀ ⊙ col_scale of every problem of a forward
+/// call, from its solutions and its stream.
+#[derive(Debug)]
+pub(crate) struct Replay {
+    pub rows: SolutionRows,
+    pub redraw: Redraw,
+    pub batch: usize,
+    /// `[batch, o]`.
+    pub center: Vec<f32>,
+    /// `[batch, d]`, the multiplicative model's 1/θ (0 where θ = 0).
+    pub col_scale: Option<Vec<f32>>,
+    pub scale: f64,
+}
+
+/// Samples whose scores are drawn at a time (even, for antithetic pairs).
+const TILE: usize = 64;
+
+impl Replay {
+    fn o(&self) -> usize {
+        self.rows.o
+    }
+
+    /// The bytes held.
+    pub fn bytes(&self) -> usize {
+        self.rows.bytes() + 4 * (self.center.len() + self.col_scale.as_ref().map_or(0, Vec::len))
+    }
+
+    /// Runs `f(b, row, s_row, out_b)` for every sample of every problem, problems spread
+    /// over all cores, and returns the float64 outputs `[batch, width]`.
+    fn per_sample(
+        &self,
+        width: usize,
+        f: impl Fn(usize, usize, &[f32], &mut [f64]) + Sync,
+    ) -> Vec<f64> {
+        let d = self.redraw.d;
+        let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let mut scratch: Vec<[Vec<f32>; 2]> = (0..cores.clamp(1, self.batch.max(1)))
+            .map(|_| [vec![0f32; TILE * d], vec![0f32; TILE * d]])
+            .collect();
+        let mut out = Vec::with_capacity(self.batch * width);
+        let _ = run_blocks::<_, _, std::convert::Infallible>(
+            self.batch,
+            &mut scratch,
+            |b, [z, s]| {
+                let mut acc = vec![0f64; width];
+                #[cfg(target_arch = "x86_64")]
+                if crate::fastmath::has_avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    unsafe { self.problem_avx2(b, z, s, &mut acc, &f) };
+                    return Ok(acc);
+                }
+                self.problem(b, z, s, &mut acc, &f);
+                Ok(acc)
+            },
+            |_, acc| {
+                out.extend(acc);
+                Ok(())
+            },
+        );
+        out
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn problem_avx2<F: Fn(usize, usize, &[f32], &mut [f64])>(
+        &self,
+        b: usize,
+        z: &mut [f32],
+        s: &mut [f32],
+        acc: &mut [f64],
+        f: &F,
+    ) {
+        self.problem(b, z, s, acc, f)
+    }
+
+    /// `f` for every sample of problem `b`, its scores drawn a tile at a time into `z`, `s`.
+    #[inline(always)]
+    fn problem<F: Fn(usize, usize, &[f32], &mut [f64])>(
+        &self,
+        b: usize,
+        z: &mut [f32],
+        s: &mut [f32],
+        acc: &mut [f64],
+        f: &F,
+    ) {
+        let (n, d) = (self.redraw.n, self.redraw.d);
+        for n0 in (0..n).step_by(TILE) {
+            let rows = TILE.min(n - n0);
+            let (z, s) = (&mut z[..rows * d], &mut s[..rows * d]);
+            self.redraw.scores(b, n0, z, s);
+            for (k, sr) in s.chunks_exact(d).enumerate() {
+                f(b, b * n + n0 + k, sr, acc);
+            }
+        }
+    }
+
+    /// The factor of input j of problem b: scale · col_scale.
+    fn column(&self, b: usize, j: usize) -> f64 {
+        let d = self.redraw.d;
+        self.scale
+            * self
+                .col_scale
+                .as_ref()
+                .map_or(1.0, |cs| f64::from(cs[b * d + j]))
+    }
+
+    /// Jᵀg per problem: `g` `[batch, o]` → `[batch, d]`.
+    pub fn vjp(&self, g: &[f32]) -> Vec<f32> {
+        let (o, d) = (self.o(), self.redraw.d);
+        // ⟨c_b, g_b⟩, subtracted from every sample's ⟨Y_n, g_b⟩
+        let cg: Vec<f64> = (0..self.batch)
+            .map(|b| {
+                let range = b * o..(b + 1) * o;
+                self.center[range.clone()]
+                    .iter()
+                    .zip(&g[range])
+                    .map(|(&c, &v)| f64::from(c) * f64::from(v))
+                    .sum()
+            })
+            .collect();
+        let sums = self.per_sample(d, |b, r, sr, acc| {
+            let mut w = -cg[b];
+            self.rows
+                .for_each(r, |i, v| w += f64::from(v) * f64::from(g[b * o + i]));
+            for (a, &sv) in acc.iter_mut().zip(sr) {
+                *a += w * f64::from(sv);
+            }
+        });
+        sums.iter()
+            .enumerate()
+            .map(|(k, &v)| (v * self.column(k / d, k % d)) as f32)
+            .collect()
+    }
+
+    /// J t per problem: `t` `[batch, d]` → `[batch, o]`.
+    pub fn jvp(&self, t: &[f32]) -> Vec<f32> {
+        let (o, d) = (self.o(), self.redraw.d);
+        // t ⊙ scale · col_scale, so that each sample needs ⟨s_n, t'⟩ only
+        let t: Vec<f64> = t
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| f64::from(v) * self.column(k / d, k % d))
+            .collect();
+        // per problem: Σ_n Y_n ⟨s_n, t'⟩ in the first o entries, Σ_n ⟨s_n, t'⟩ in the last
+        let sums = self.per_sample(o + 1, |b, r, sr, acc| {
+            let a: f64 = sr
+                .iter()
+                .zip(&t[b * d..(b + 1) * d])
+                .map(|(&sv, &tv)| f64::from(sv) * tv)
+                .sum();
+            self.rows.for_each(r, |i, v| acc[i] += f64::from(v) * a);
+            acc[o] += a;
+        });
+        sums.chunks_exact(o + 1)
+            .enumerate()
+            .flat_map(|(b, acc)| {
+                (0..o).map(move |i| (acc[i] - f64::from(self.center[b * o + i]) * acc[o]) as f32)
+            })
+            .collect()
+    }
+
+    /// J per problem, `[batch, o, d]`.
+    pub fn jacobian(&self) -> Vec<f32> {
+        let (o, d) = (self.o(), self.redraw.d);
+        // per problem: Σ_n Y_n s_nᵀ in the first o·d entries, Σ_n s_n in the last d
+        let sums = self.per_sample(o * d + d, |_, r, sr, acc| {
+            self.rows.for_each(r, |i, v| {
+                for (a, &sv) in acc[i * d..(i + 1) * d].iter_mut().zip(sr) {
+                    *a += f64::from(v) * f64::from(sv);
+                }
+            });
+            for (a, &sv) in acc[o * d..].iter_mut().zip(sr) {
+                *a += f64::from(sv);
+            }
+        });
+        sums.chunks_exact(o * d + d)
+            .enumerate()
+            .flat_map(|(b, acc)| {
+                (0..o * d).map(move |k| {
+                    let (i, j) = (k / d, k % d);
+                    let c = f64::from(self.center[b * o + i]);
+                    ((acc[k] - c * acc[o * d + j]) * self.column(b, j)) as f32
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_keep_their_values_sparse_or_whole() {
+        let y = [
+            0.0f32, 1.0, 0.0, 0.0, // sparse
+            2.0, -1.0, 3.0, 0.5, // whole
+            0.0, 0.0, 0.0, 0.0, // empty
+        ];
+        let mut a = SolutionRows::new(4);
+        a.push(&y[..4]);
+        let mut b = SolutionRows::new(4);
+        b.push(&y[4..]);
+        a.append(b);
+        assert_eq!(a.len(), 3);
+        let mut back = vec![0f32; 12];
+        for r in 0..3 {
+            a.for_each(r, |i, v| back[r * 4 + i] = v);
+        }
+        assert_eq!(back, y);
+        // 1 sparse entry (2 words) + 4 whole + 0, and 3 ends
+        assert_eq!(a.bytes(), 3 * 8 + 6 * 4);
+    }
+}
