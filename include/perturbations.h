@@ -215,7 +215,7 @@ typedef int32_t (*pert_solver_fn)(void *user_data, const float *inputs, size_t c
 #define PERT_STATUS_DEVICE_UNAVAILABLE 5
 
 /*
- libtorch reported an error (for example, it could not allocate memory).
+ libtorch reported an error, or memory could not be allocated (the message says which).
  */
 #define PERT_STATUS_TORCH_ERROR 6
 

@@ -20,7 +20,7 @@ pub enum Status {
     SolverFailed = 4,
     /// The requested device does not exist on this machine.
     DeviceUnavailable = 5,
-    /// libtorch reported an error.
+    /// libtorch reported an error, or memory could not be allocated.
     TorchError = 6,
     /// A panic was caught at the C boundary.
     Panic = 7,

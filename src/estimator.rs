@@ -375,10 +375,13 @@ impl Accumulator {
         square: bool,
         device: Device,
     ) -> Result<Accumulator> {
-        let replay = redraw.map(|redraw| JacobianSums::Replay {
-            rows: SolutionRows::new(o),
-            redraw,
-        });
+        let replay = match (form, redraw) {
+            (Some(TapeForm::Samples), Some(redraw)) => Some(JacobianSums::Replay {
+                rows: SolutionRows::with_room(o, batch * n)?,
+                redraw,
+            }),
+            _ => None,
+        };
         let (b, n, d, o) = (batch as i64, n as i64, d as i64, o as i64);
         let f64s = (Kind::Double, device);
         let f32s = (Kind::Float, device);
@@ -627,7 +630,8 @@ impl Accumulator {
                 }
                 Some(JacobianData::Dense(j))
             }
-            Some(JacobianSums::Replay { rows, redraw }) => {
+            Some(JacobianSums::Replay { mut rows, redraw }) => {
+                rows.shrink();
                 let batch = mean.size()[0] as usize;
                 assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
                 let center = match &center {

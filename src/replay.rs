@@ -12,6 +12,7 @@
 //! float64, in a fixed order: the results do not depend on the number of threads.
 
 use crate::blocks::run_blocks;
+use crate::error::{Error, Result, Status};
 use crate::noise::Noise;
 use crate::rng::Stream;
 
@@ -75,6 +76,30 @@ impl SolutionRows {
             ends: Vec::new(),
             words: Vec::new(),
         }
+    }
+
+    /// No rows of `o` outputs, with room reserved for `rows` rows of any kind (at most `o`
+    /// words each), so that appending never moves the rows: the memory is only reserved,
+    /// and used as rows arrive. An impossible size fails here, before any work.
+    pub fn with_room(o: usize, rows: usize) -> Result<SolutionRows> {
+        let mut all = SolutionRows::new(o);
+        let words = rows.checked_mul(o);
+        let fail = || {
+            Error::new(
+                Status::TorchError,
+                format!("cannot allocate the tape: {rows} samples of {o} outputs"),
+            )
+        };
+        all.words
+            .try_reserve_exact(words.ok_or_else(fail)?)
+            .map_err(|_| fail())?;
+        all.ends.try_reserve_exact(rows).map_err(|_| fail())?;
+        Ok(all)
+    }
+
+    /// Gives back the reserved memory that the rows did not use.
+    pub fn shrink(&mut self) {
+        self.words.shrink_to_fit();
     }
 
     /// Appends the rows of `y` `[rows, o]`.

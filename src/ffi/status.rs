@@ -20,7 +20,7 @@ pub const PERT_STATUS_NON_FINITE_INPUT: pert_status = 3;
 pub const PERT_STATUS_SOLVER_FAILED: pert_status = 4;
 /// The requested device does not exist on this machine.
 pub const PERT_STATUS_DEVICE_UNAVAILABLE: pert_status = 5;
-/// libtorch reported an error (for example, it could not allocate memory).
+/// libtorch reported an error, or memory could not be allocated (the message says which).
 pub const PERT_STATUS_TORCH_ERROR: pert_status = 6;
 /// An internal panic was caught; the library stays usable.
 pub const PERT_STATUS_PANIC: pert_status = 7;
