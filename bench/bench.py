@@ -241,22 +241,24 @@ def case_accuracy(impl, n, seeds):
 
 
 def measure(make, n, repeats):
-    """Warms up with a small N (libtorch's kernels, thread pools, allocator), then times
-    `repeats` calls at N; the first of them gives the peak extra memory."""
+    """Warms up with a small N (libtorch's kernels, thread pools; a tenth of N at most, so
+    that the warm-up's own peak does not hide the call's), makes one untimed call at N
+    whose peak resident memory above the resident size before it is the peak extra memory,
+    then times `repeats` calls at N (the best is kept: both sides at steady state)."""
     if DEVICE.startswith("cuda"):  # time finished GPU work, not queued kernels
         import torch
         unsynced = make
         make = lambda n: (lambda f: (lambda: (f(), torch.cuda.synchronize())))(unsynced(n))
-    make(min(n, 1000))()
+    make(max(2, min(n // 10, 1000)))()
     run = make(n)
     before = rss_kib()
+    run()
+    peak = peak_kib() - before
     times = []
-    for i in range(repeats):
+    for _ in range(repeats):
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
-        if i == 0:
-            peak = peak_kib() - before
     return {"time": min(times), "peak_mib": max(peak, 0) / 1024}
 
 
