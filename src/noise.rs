@@ -14,7 +14,7 @@
 //! 10⁻⁷.
 
 use crate::error::{Error, Result};
-use crate::fastmath::{has_avx2, ln, sincos_2pi};
+use crate::fastmath::{has_avx2, has_avx512, ln, sincos_2pi};
 use crate::rng::{unit, Stream};
 use tch::{Device, Kind, Tensor};
 
@@ -115,11 +115,28 @@ impl Noise {
 
     fn fill_with(self, stream: &Stream, first: u64, out: &mut [f32], score: Option<&mut [f32]>) {
         #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: the CPU has AVX-512 F/VL/DQ/BW, AVX2 and FMA.
+            return unsafe { self.fill_with_avx512(stream, first, out, score) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { self.fill_with_avx2(stream, first, out, score) };
         }
         self.fill_with_impl(stream, first, out, score, Stream::words32)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+    unsafe fn fill_with_avx512(
+        self,
+        stream: &Stream,
+        first: u64,
+        out: &mut [f32],
+        score: Option<&mut [f32]>,
+    ) {
+        self.fill_with_impl(stream, first, out, score, |s, g, w| s.words32_avx2(g, w))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -326,6 +343,34 @@ mod tests {
                 let mut parts = values(noise, 3, split, 1);
                 parts.extend(values(noise, 3 + split as u64, 101 - split, 1));
                 assert_eq!(whole, parts, "{noise:?} split at {split}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_vector_width_gives_the_same_bits() {
+        let stream = Stream::new(0xabcdef, 9);
+        for noise in [Noise::Normal, Noise::Gumbel] {
+            let n = 10_000;
+            let (mut z0, mut s0) = (vec![0f32; n], vec![0f32; n]);
+            noise.fill_with_impl(&stream, 3, &mut z0, Some(&mut s0), Stream::words32);
+            #[cfg(target_arch = "x86_64")]
+            for (width, present) in [(256, has_avx2()), (512, has_avx512())] {
+                if !present {
+                    continue;
+                }
+                let (mut z, mut s) = (vec![0f32; n], vec![0f32; n]);
+                // SAFETY: the CPU has the features (checked above).
+                unsafe {
+                    if width == 256 {
+                        noise.fill_with_avx2(&stream, 3, &mut z, Some(&mut s));
+                    } else {
+                        noise.fill_with_avx512(&stream, 3, &mut z, Some(&mut s));
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&z), bits(&z0), "{noise:?} {width}-bit values");
+                assert_eq!(bits(&s), bits(&s0), "{noise:?} {width}-bit scores");
             }
         }
     }
