@@ -16,8 +16,10 @@
 //! and no extra solve is made.
 //!
 //! Memory: per problem, either the sums Σ Y_n s_nᵀ (output_numel × input_numel) are
-//! streamed, or the samples Y_n and s_n themselves are kept (N × (output_numel +
-//! input_numel)); [`TapeForm::choose`] picks one from their sizes and costs.
+//! streamed, or the samples are kept (at most N × (output_numel + input_numel) floats);
+//! [`TapeForm::choose`] picks one from their sizes and costs. A CPU tape of samples keeps
+//! only the Y_n, sparse ones as index-value pairs, and draws the s_n again from the call's
+//! stream for each product (module `replay`); a CUDA tape keeps both.
 
 use crate::builtin::Solutions;
 use crate::error::{Error, Result};
@@ -59,7 +61,8 @@ impl Baseline {
 pub enum TapeForm {
     /// Σ Y_n s_nᵀ per problem: output_numel × input_numel floats.
     Sums,
-    /// Y_n and s_n of every sample: N × (output_numel + input_numel) floats per problem.
+    /// The samples: Y_n and s_n of each, N × (output_numel + input_numel) floats per
+    /// problem at most (on the CPU only the Y_n are kept; see module `replay`).
     Samples,
 }
 
@@ -220,16 +223,19 @@ impl ProblemSums {
                     }
                     add_scaled(&mut tile_s, 1.0, &padded);
                 }
-                // runs of 8 zeros (sparse solutions) are skipped with one test
-                let nonzero = yr
-                    .chunks(8)
-                    .enumerate()
-                    .filter(|(_, run)| !all_zero(run))
-                    .flat_map(|(c, run)| run.iter().enumerate().map(move |(j, &v)| (8 * c + j, v)));
+                // the non-zero entries, 8 at a time as a bit mask (a vector compare), so
+                // that sparse solutions cost one test per 8 entries and no branch per entry
+                let nonzero = yr.chunks(8).enumerate().flat_map(|(c, run)| {
+                    let mut mask = nonzero_mask(run);
+                    std::iter::from_fn(move || {
+                        (mask != 0).then(|| {
+                            let j = mask.trailing_zeros() as usize;
+                            mask &= mask - 1;
+                            (8 * c + j, run[j])
+                        })
+                    })
+                });
                 for (i, yv) in nonzero {
-                    if yv == 0.0 {
-                        continue;
-                    }
                     if !tile_mark[i] {
                         tile_mark[i] = true;
                         tile_rows.push(i);
@@ -272,10 +278,13 @@ impl ProblemSums {
     }
 }
 
-/// Whether every value is ±0 (a bitwise OR, which vectorizes).
+/// Bit j set when `values[j]` (j < 8) is not ±0.
 #[inline(always)]
-fn all_zero(values: &[f32]) -> bool {
-    values.iter().fold(0u32, |acc, v| acc | (v.to_bits() << 1)) == 0
+fn nonzero_mask(values: &[f32]) -> u32 {
+    values
+        .iter()
+        .enumerate()
+        .fold(0u32, |mask, (j, v)| mask | (u32::from(*v != 0.0) << j))
 }
 
 /// a += v · b over whole 8-float vectors (lengths multiples of 8).

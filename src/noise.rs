@@ -28,6 +28,12 @@ pub enum Noise {
     Gumbel = 1,
 }
 
+/// The 32 values of `v` from `at`.
+#[inline(always)]
+fn group(v: &mut [f32], at: usize) -> &mut [f32; 32] {
+    (&mut v[at..at + 32]).try_into().expect("32 values")
+}
+
 impl Noise {
     /// The noise with this C number.
     pub fn from_u32(value: u32) -> Result<Noise> {
@@ -167,12 +173,20 @@ impl Noise {
         let mut done = 0;
         while done < out.len() {
             words32(stream, e / 32, &mut words);
-            self.transform(&words, &mut values, &mut scores);
             let offset = (e % 32) as usize;
             let take = (32 - offset).min(out.len() - done);
-            out[done..done + take].copy_from_slice(&values[offset..offset + take]);
-            if let Some(score) = score.as_deref_mut() {
-                score[done..done + take].copy_from_slice(&scores[offset..offset + take]);
+            if take == 32 {
+                // a whole group: straight into the outputs
+                match score.as_deref_mut() {
+                    Some(score) => self.transform(&words, group(out, done), group(score, done)),
+                    None => self.transform(&words, group(out, done), &mut scores),
+                }
+            } else {
+                self.transform(&words, &mut values, &mut scores);
+                out[done..done + take].copy_from_slice(&values[offset..offset + take]);
+                if let Some(score) = score.as_deref_mut() {
+                    score[done..done + take].copy_from_slice(&scores[offset..offset + take]);
+                }
             }
             done += take;
             e += take as u64;

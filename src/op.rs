@@ -795,7 +795,15 @@ fn solve_rows(
         })
     };
     result.map_err(|msg| Error::new(Status::SolverFailed, format!("the solver failed: {msg}")))?;
-    if let Some(i) = y.iter().position(|v| !v.is_finite()) {
+    // one vectorizable pass (all exponent bits set: NaN or infinite), then the position
+    let exponent = 0x7f80_0000u32;
+    let any_non_finite = y
+        .iter()
+        .fold(false, |any, v| any | (v.to_bits() & exponent == exponent));
+    if let Some(i) = any_non_finite
+        .then(|| y.iter().position(|v| !v.is_finite()))
+        .flatten()
+    {
         return Err(Error::new(
             Status::SolverFailed,
             format!(
