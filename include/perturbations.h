@@ -331,8 +331,9 @@ pert_status pert_config_set_sense(pert_config *config, uint32_t sense);
  call's extra memory is about threads * chunk_bytes plus its tape, whatever num_samples.
  A chunk holds at least one sample. On the CPU the library cuts each problem's samples
  into smaller blocks still: about num_samples / 32 (so that threads share the work
- evenly), at least 512 samples, at most 512 KiB of buffers (so that a block stays in
- cache). The results do not depend on it beyond float rounding.
+ evenly), at least 512 samples, and at most 512 KiB of buffers (so that a block stays in
+ cache) unless the Jacobian sums it keeps are larger. The results do not depend on it
+ beyond float rounding.
  0 (the default) leaves it to the library: 2 MiB on the CPU, 64 MiB on CUDA.
  */
 pert_status pert_config_set_chunk_bytes(pert_config *config, uint64_t bytes);

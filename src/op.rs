@@ -387,14 +387,20 @@ impl OpSpec {
     /// Samples per block of the host pipeline: a chunk ([`Self::rows_per_chunk`]), cut
     /// down to about 1/[`HOST_BLOCKS`] of a problem's samples (not below
     /// [`HOST_BLOCK_MIN_ROWS`]) so that solver threads share the work evenly, and to
-    /// [`HOST_BLOCK_BYTES`] of buffers so that a block stays in cache. It does not depend
-    /// on the number of threads, so neither do the results.
-    pub(crate) fn rows_per_block(&self) -> usize {
+    /// [`HOST_BLOCK_BYTES`] of buffers so that a block stays in cache, unless the block
+    /// keeps Jacobian sums (`sums`): their output × input entries are then a per-block cost
+    /// that the block's own work must outweigh. It does not depend on the number of
+    /// threads, so neither do the results.
+    pub(crate) fn rows_per_block(&self, sums: bool) -> usize {
         let n = self.config.num_samples() as usize;
         let share = n.div_ceil(HOST_BLOCKS).max(HOST_BLOCK_MIN_ROWS);
         let (d, o) = (self.input_numel as u64, self.output_numel as u64);
-        let in_cache = (HOST_BLOCK_BYTES / (4 * (3 * d + o))).max(1) as usize;
-        let rows = self.rows_per_chunk().min(share).min(in_cache);
+        let row_floats = 3 * d + o;
+        let mut in_cache = (HOST_BLOCK_BYTES / (4 * row_floats)).max(1);
+        if sums {
+            in_cache = in_cache.max((o * d).div_ceil(row_floats));
+        }
+        let rows = self.rows_per_chunk().min(share).min(in_cache as usize);
         if self.config.antithetic() {
             (rows + (rows & 1)).min(self.rows_per_chunk())
         } else {
@@ -591,7 +597,7 @@ impl OpSpec {
         let multiplicative = c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
         let sums_form = acc.form() == Some(TapeForm::Sums);
         let keep_solutions = acc.keeps_solutions();
-        let per = self.rows_per_block();
+        let per = self.rows_per_block(sums_form);
         let per_problem = n.div_ceil(per);
         let theta_host = host_floats(theta)?;
         let batch = theta_host.len() / d.max(1);
@@ -617,7 +623,8 @@ impl OpSpec {
                 ]
             })
             .collect();
-        let work = |g: usize, buffers: &mut [Vec<f32>; 4]| -> Result<(ProblemSums, SolutionRows)> {
+        type Block = (ProblemSums, Option<SolutionRows>);
+        let work = |g: usize, buffers: &mut [Vec<f32>; 4]| -> Result<Block> {
             let (b, k) = (g / per_problem, g % per_problem);
             let theta_b = &theta_host[b * d..(b + 1) * d];
             let (n0, rows) = (k * per, per.min(n - k * per));
@@ -661,16 +668,19 @@ impl OpSpec {
                 c.sigma() as f32,
             );
             // a tape that keeps the samples' solutions gets this block's
-            let mut solutions = SolutionRows::new(if keep_solutions { o } else { 0 });
-            if keep_solutions {
-                solutions.push(y);
-            }
+            let solutions = keep_solutions.then(|| {
+                let mut rows = SolutionRows::new(o);
+                rows.push(y);
+                rows
+            });
             Ok((sums, solutions))
         };
         let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
         run_blocks(blocks, &mut scratch, work, |g, (sums, solutions)| {
             total.add(&sums);
-            acc.add_solutions(solutions);
+            if let Some(solutions) = solutions {
+                acc.add_solutions(solutions);
+            }
             if g % per_problem == per_problem - 1 {
                 // the last block of a problem: its sums go to the accumulator (in place, no
                 // libtorch operation while the solver threads work)
