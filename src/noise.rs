@@ -217,7 +217,8 @@ impl Noise {
     }
     /// The noise `z` and scores `s` (∇ν(z), or z itself when `score_is_z`, as the
     /// multiplicative model wants) of samples `n0 .. n0 + rows` of problem `b` of a call,
-    /// with `n` samples of `d` elements per problem, made on up to `threads` threads.
+    /// with `n` samples of `d` elements per problem, made on up to `threads` threads. An
+    /// empty `s` asks for the noise alone.
     /// Sample k of problem b is elements (b·n + k)·d .. of the stream; with antithetic pairs
     /// (n0 and n even) sample 2j + 1 is the negation of sample 2j, drawn from elements
     /// (b·n/2 + j)·d ...
@@ -235,31 +236,35 @@ impl Noise {
         let rows = z.len() / d;
         if antithetic {
             let half = rows.div_ceil(2);
-            let (mut zh, mut sh) = (vec![0f32; half * d], vec![0f32; half * d]);
+            let mut zh = vec![0f32; half * d];
             self.fill_parallel(
                 stream,
                 ((b * n + n0) / 2 * d) as u64,
                 &mut zh,
-                &mut sh,
+                &mut [],
                 threads,
             );
-            for (r, (zr, sr)) in z.chunks_exact_mut(d).zip(s.chunks_exact_mut(d)).enumerate() {
+            for (r, zr) in z.chunks_exact_mut(d).enumerate() {
                 let src = &zh[(r / 2) * d..(r / 2 + 1) * d];
                 let sign = if r % 2 == 0 { 1.0 } else { -1.0 };
-                for ((zv, sv), &v) in zr.iter_mut().zip(sr.iter_mut()).zip(src) {
+                for (zv, &v) in zr.iter_mut().zip(src) {
                     *zv = sign * v;
-                    *sv = sign * v; // antithetic pairs are Normal: the score is z
                 }
+            }
+            // antithetic pairs are Normal: the score is z
+            if !s.is_empty() {
+                s.copy_from_slice(z);
             }
         } else {
             self.fill_parallel(stream, ((b * n + n0) * d) as u64, z, s, threads);
-            if score_is_z {
+            if score_is_z && !s.is_empty() {
                 s.copy_from_slice(z);
             }
         }
     }
 
-    /// [`Noise::fill_with_score`] split over up to `threads` threads (same values).
+    /// [`Noise::fill_with_score`] (or [`Noise::fill`] for an empty `s`) split over up to
+    /// `threads` threads (same values).
     fn fill_parallel(
         self,
         stream: &Stream,
@@ -268,13 +273,22 @@ impl Noise {
         s: &mut [f32],
         threads: usize,
     ) {
+        let fill = move |first: u64, zp: &mut [f32], sp: &mut [f32]| {
+            if sp.is_empty() {
+                self.fill(stream, first, zp)
+            } else {
+                self.fill_with_score(stream, first, zp, sp)
+            }
+        };
         let per = z.len().div_ceil(threads.max(1)).max(1 << 15);
         if per >= z.len() {
-            return self.fill_with_score(stream, first, z, s);
+            return fill(first, z, s);
         }
+        let mut scores = s.chunks_mut(per);
         std::thread::scope(|scope| {
-            for (i, (zp, sp)) in z.chunks_mut(per).zip(s.chunks_mut(per)).enumerate() {
-                scope.spawn(move || self.fill_with_score(stream, first + (i * per) as u64, zp, sp));
+            for (i, zp) in z.chunks_mut(per).enumerate() {
+                let sp = scores.next().unwrap_or_default();
+                scope.spawn(move || fill(first + (i * per) as u64, zp, sp));
             }
         });
     }
@@ -357,6 +371,26 @@ mod tests {
                 let mut parts = values(noise, 3, split, 1);
                 parts.extend(values(noise, 3 + split as u64, 101 - split, 1));
                 assert_eq!(whole, parts, "{noise:?} split at {split}");
+            }
+        }
+    }
+
+    #[test]
+    fn noise_alone_equals_the_noise_drawn_with_scores() {
+        let stream = Stream::new(5, 2);
+        let d = 7;
+        for (noise, antithetic) in [(Noise::Gumbel, false), (Noise::Normal, true)] {
+            for (rows, threads) in [(10usize, 1usize), (20_000, 2)] {
+                let (mut z, mut s, mut alone) = (
+                    vec![0f32; rows * d],
+                    vec![0f32; rows * d],
+                    vec![0f32; rows * d],
+                );
+                let at = (1, 40_000, 4, d);
+                noise.draw_samples(&stream, antithetic, false, at, &mut z, &mut s, threads);
+                noise.draw_samples(&stream, antithetic, false, at, &mut alone, &mut [], threads);
+                assert_eq!(z, alone, "{noise:?} rows {rows}");
+                assert!(s.iter().any(|&v| v != 0.0));
             }
         }
     }

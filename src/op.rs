@@ -635,6 +635,8 @@ impl OpSpec {
                 &mut x[..rows * d],
                 &mut y[..rows * o],
             );
+            // scores only for Jacobian sums (a tape of solutions draws them again later)
+            let s: &mut [f32] = if sums_form { s } else { &mut [] };
             c.noise().draw_samples(
                 stream,
                 c.antithetic(),
@@ -659,14 +661,7 @@ impl OpSpec {
                 Source::Solver(_) => unreachable!("only host solutions take the host path"),
             }
             let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
-            sums.add_rows(
-                d,
-                z,
-                x,
-                if sums_form { s } else { &[] },
-                y,
-                c.sigma() as f32,
-            );
+            sums.add_rows(d, z, x, s, y, c.sigma() as f32);
             // a tape that keeps the samples' solutions gets this block's
             let solutions = keep_solutions.then(|| {
                 let mut rows = SolutionRows::new(o);

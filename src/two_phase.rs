@@ -55,18 +55,19 @@ impl Draw {
                 c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
             let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
             let per = spec.rows_per_chunk();
-            let (mut z, mut s) = (vec![0f32; per * d], vec![0f32; per * d]);
+            let mut z = vec![0f32; per * d];
             for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
                 for n0 in (0..n).step_by(per) {
                     let rows = per.min(n - n0);
-                    let (z, s) = (&mut z[..rows * d], &mut s[..rows * d]);
+                    let z = &mut z[..rows * d];
+                    // the noise alone: scores are made when the solutions come back
                     c.noise().draw_samples(
                         &stream,
                         c.antithetic(),
                         multiplicative,
                         (b, n, n0, d),
                         z,
-                        s,
+                        &mut [],
                         threads,
                     );
                     let x = &mut inputs[(b * n + n0) * d..(b * n + n0 + rows) * d];
