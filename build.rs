@@ -7,6 +7,12 @@
 //!   unavailable on a GPU machine.
 //! * A SONAME on the cdylib, so that applications record `libperturbations.so`
 //!   instead of the absolute path of the build tree.
+//! * Only `pert_*` exported from the cdylib: rustc exports every `#[no_mangle]` function
+//!   of every dependency (torch-sys's `tch_*_stream_*`, bzip2's `bz_internal_error`), which
+//!   could collide with other libraries in the host process. A second version script does
+//!   not help (ld merges it with rustc's, whose globals win), so the archives of the
+//!   dependencies are kept out of the dynamic symbol table with `--exclude-libs,ALL`; our
+//!   own crate is linked as object files, so its `pert_*` functions stay exported.
 //!
 //! This script never writes into the source tree.
 use std::path::Path;
@@ -31,4 +37,5 @@ fn main() {
         );
     }
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libperturbations.so");
+    println!("cargo:rustc-cdylib-link-arg=-Wl,--exclude-libs,ALL");
 }
