@@ -14,6 +14,14 @@
  *   one *_free, which accepts NULL. Buffers passed in are borrowed for the call only;
  *   outputs go to caller buffers whose sizes follow from the documented shapes.
  *   An op copies its config; a tape stays valid after its op is freed.
+ * - Overlapping buffers are allowed: an output buffer may be, or overlap, an input
+ *   buffer of the same call (pert_forward(op, buf, batch, buf, &tape) when the shapes
+ *   are equal; pert_tape_vjp(tape, g, g); grad_theta == theta in
+ *   pert_fenchel_young; output over the solutions in pert_draw_finish). Every input
+ *   is read before any output is written, and the results equal those with separate
+ *   buffers. Two outputs of one call must not overlap each other.
+ * - Sizes: a buffer whose size in bytes would exceed PTRDIFF_MAX is refused with
+ *   PERT_STATUS_INVALID_ARGUMENT before it is touched.
  * - Layout: arrays are row-major float32 in host memory: theta [batch, *input_shape],
  *   outputs [batch, *output_shape].
  * - Threads: functions taking a const handle may run concurrently on it; a non-const
@@ -385,7 +393,7 @@ const float *pert_draw_inputs(const pert_draw *draw);
 
  @param solutions  `pert_draw_count(draw) * output_numel` floats, row i the solution of
                    input row i; finite.
- @param output     Receives `batch * output_numel` floats.
+ @param output     Receives `batch * output_numel` floats; may overlap `solutions`.
  @param tape       NULL, or receives a new tape on success.
  @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in solutions; on error nothing is
          written.
@@ -492,7 +500,8 @@ size_t pert_op_output_numel(const pert_op *op);
  @param theta   `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
                 borrowed for the call.
  @param batch   Number of problems. 0: `PERT_STATUS_OK` and nothing is written.
- @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`.
+ @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`; may
+                overlap theta (theta is read first).
  @param tape    NULL when no gradient is needed; else receives a new tape on success
                 (free it with `pert_tape_free`). A tape holds at most about
                 `2 * batch * output_numel * input_numel` floats, and usually much
@@ -522,7 +531,9 @@ pert_status pert_forward(pert_op *op,
  @param theta       `batch * input_numel` floats, finite.
  @param y_true      `batch * input_numel` floats (output shape = input shape), finite.
  @param loss        Receives `batch` floats.
- @param grad_theta  Receives `batch * input_numel` floats; may be NULL.
+ @param grad_theta  Receives `batch * input_numel` floats; may be NULL. `loss` and
+                    `grad_theta` may overlap theta or y_true (both are read first), not
+                    each other.
  @return `PERT_STATUS_INVALID_ARGUMENT` when the op's output shape differs from its input
          shape; `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in theta or y_true; the
          statuses of `pert_forward`. On error nothing is written.
@@ -569,7 +580,8 @@ int32_t pert_cuda_device_count(void);
 
  @param grad_output  `batch * output_numel` floats `[batch, *output_shape]` (the batch of
                      the forward call), finite; borrowed.
- @param grad_input   Receives `batch * input_numel` floats `[batch, *input_shape]`.
+ @param grad_input   Receives `batch * input_numel` floats `[batch, *input_shape]`; may
+                     overlap grad_output (it is read first).
  @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in grad_output; on error grad_input
          is untouched.
  */
@@ -579,7 +591,8 @@ pert_status pert_tape_vjp(const pert_tape *tape, const float *grad_output, float
  The Jacobian-vector product J t, per problem (forward-mode differentiation).
 
  @param tangent_input   `batch * input_numel` floats `[batch, *input_shape]`, finite.
- @param tangent_output  Receives `batch * output_numel` floats `[batch, *output_shape]`.
+ @param tangent_output  Receives `batch * output_numel` floats `[batch, *output_shape]`;
+                        may overlap tangent_input (it is read first).
  @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in tangent_input; on error
          tangent_output is untouched.
  */

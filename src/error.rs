@@ -101,9 +101,61 @@ impl std::error::Error for Error {}
 
 impl From<tch::TchError> for Error {
     fn from(err: tch::TchError) -> Error {
-        Error::new(Status::TorchError, format!("libtorch: {err}"))
+        let text = match &err {
+            tch::TchError::Torch(what) => what.clone(),
+            other => other.to_string(),
+        };
+        Error::new(Status::TorchError, format!("libtorch: {}", first_line(&text)))
     }
+}
+
+/// The most bytes of a libtorch message kept in an error (its first meaningful line).
+const TORCH_MESSAGE_BYTES: usize = 512;
+
+/// The first meaningful line of a libtorch message, which goes on with the C++ call stack
+/// ("Exception raised from ... (most recent call first):", then one line per frame): the
+/// first non-empty line before that part, at most [`TORCH_MESSAGE_BYTES`] bytes (cut at a
+/// character boundary).
+fn first_line(what: &str) -> &str {
+    let head = what.split("Exception raised from").next().unwrap_or("");
+    let line = head
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("(no message)");
+    let mut end = line.len().min(TORCH_MESSAGE_BYTES);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    &line[..end]
 }
 
 /// The result type of the safe API.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtorch_messages_keep_their_first_line_only() {
+        let what = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: \
+                    you tried to allocate 4398046511104 bytes.\n\
+                    Exception raised from computeStorageNbytesContiguous at /pytorch/aten/src/ATen/EmptyTensor.cpp:49 \
+                    (most recent call first):\nframe #0: c10::Error::Error(...) + 0x9c (0x7f in libc10.so)\n"
+            .to_string()
+            + &"frame #1: something + 0x1 (0x7f in libtorch_cpu.so)\n".repeat(100);
+        let err = Error::from(tch::TchError::Torch(what));
+        assert_eq!(err.status(), Status::TorchError);
+        assert_eq!(
+            err.message(),
+            "libtorch: [enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate 4398046511104 bytes."
+        );
+        // a message that starts with the stack, and a huge one line message
+        let err = Error::from(tch::TchError::Torch("\n\nException raised from x".into()));
+        assert_eq!(err.message(), "libtorch: (no message)");
+        let err = Error::from(tch::TchError::Torch("é".repeat(5000)));
+        assert!(err.message().len() < 1024, "{}", err.message().len());
+        assert!(err.message().starts_with("libtorch: éé"));
+    }
+}

@@ -386,7 +386,7 @@ impl Accumulator {
     ) -> Result<Accumulator> {
         let replay = match (form, redraw) {
             (Some(TapeForm::Samples), Some(redraw)) => Some(JacobianSums::Replay {
-                rows: SolutionRows::with_room(o, batch * n)?,
+                rows: SolutionRows::new(o),
                 redraw,
             }),
             _ => None,
@@ -523,9 +523,10 @@ impl Accumulator {
     }
 
     /// Appends the solutions of the next samples, in sample order, problem by problem.
-    pub fn add_solutions(&mut self, more: SolutionRows) {
-        if let Some(JacobianSums::Replay { rows, .. }) = &mut self.jacobian {
-            rows.append(more);
+    pub fn add_solutions(&mut self, more: SolutionRows) -> Result<()> {
+        match &mut self.jacobian {
+            Some(JacobianSums::Replay { rows, .. }) => rows.append(more),
+            _ => Ok(()),
         }
     }
 
@@ -600,9 +601,12 @@ impl Accumulator {
         // extra solve, and have no y*(θ)
         let (center, scale) = match (baseline, clean) {
             (Baseline::None, _) => (None, 1.0 / (nf * self.sigma)),
-            (Baseline::SampleMean, _) => {
-                (Some(mean.shallow_clone()), 1.0 / ((nf - 1.0) * self.sigma))
-            }
+            // the centre may be kept by the tape: its own copy, never the storage of the
+            // output handed to the caller
+            (Baseline::SampleMean, _) => (
+                Some(crate::tape::copy(&mean)?),
+                1.0 / ((nf - 1.0) * self.sigma),
+            ),
             (Baseline::CleanInput, Some(clean)) => {
                 (Some(clean.shallow_clone()), 1.0 / (nf * self.sigma))
             }

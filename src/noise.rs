@@ -55,8 +55,9 @@ impl Noise {
         count: usize,
         threads: usize,
     ) -> Result<Tensor> {
-        let z = Tensor::f_empty([count as i64], (Kind::Float, Device::Cpu))?;
-        // SAFETY: `z` is a fresh contiguous float32 CPU tensor of `count` elements, owned here.
+        let z = Tensor::f_zeros([count as i64], (Kind::Float, Device::Cpu))?;
+        // SAFETY: `z` is a fresh contiguous float32 CPU tensor of `count` initialized
+        // elements, owned here and not aliased.
         let out = unsafe { std::slice::from_raw_parts_mut(z.data_ptr() as *mut f32, count) };
         let per = count.div_ceil(threads.max(1)).max(1 << 15);
         if per >= count {

@@ -9,7 +9,7 @@ use crate::fused_argmax::Kernel;
 use crate::input::check_floats;
 use crate::replay::{Redraw, SolutionRows};
 use crate::rng::Stream;
-use crate::shape::{batched, checked_product, numel};
+use crate::shape::{batched, checked_floats, numel};
 use crate::solver::Solver;
 use crate::tape::Tape;
 use crate::two_phase::Draw;
@@ -293,11 +293,11 @@ impl OpSpec {
 
     fn check_batch(&self, batch: usize) -> Result<()> {
         let n = self.config.num_samples() as usize;
-        checked_product(
+        checked_floats(
             &[batch, n, self.input_numel],
             "batch * num_samples * input_numel",
         )?;
-        checked_product(
+        checked_floats(
             &[batch, n, self.output_numel],
             "batch * num_samples * output_numel",
         )?;
@@ -663,18 +663,20 @@ impl OpSpec {
             let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
             sums.add_rows(d, z, x, s, y, c.sigma() as f32);
             // a tape that keeps the samples' solutions gets this block's
-            let solutions = keep_solutions.then(|| {
+            let solutions = if keep_solutions {
                 let mut rows = SolutionRows::new(o);
-                rows.push(y);
-                rows
-            });
+                rows.push(y)?;
+                Some(rows)
+            } else {
+                None
+            };
             Ok((sums, solutions))
         };
         let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
         run_blocks(blocks, &mut scratch, work, |g, (sums, solutions)| {
             total.add(&sums);
             if let Some(solutions) = solutions {
-                acc.add_solutions(solutions);
+                acc.add_solutions(solutions)?;
             }
             if g % per_problem == per_problem - 1 {
                 // the last block of a problem: its sums go to the accumulator (in place, no
@@ -750,9 +752,10 @@ fn solve_host(solver: &dyn Solver, x: &Tensor, o: usize, threads: usize) -> Resu
     let x = x.f_to_device(Device::Cpu)?.f_contiguous()?;
     let rows = x.size()[0] as usize;
     let d = x.numel() / rows.max(1);
-    let y = Tensor::f_empty([rows as i64, o as i64], (Kind::Float, Device::Cpu))?;
-    // SAFETY: x and y are contiguous float32 CPU tensors of rows·d and rows·o elements that
-    // outlive these slices; y is not aliased.
+    // initialized before it is viewed as a slice (solve_rows then fills it with NaN)
+    let y = Tensor::f_zeros([rows as i64, o as i64], (Kind::Float, Device::Cpu))?;
+    // SAFETY: x and y are contiguous float32 CPU tensors of rows·d and rows·o initialized
+    // elements that outlive these slices; y is fresh, so not aliased.
     let (xs, ys) = unsafe {
         (
             std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * d),

@@ -78,34 +78,14 @@ impl SolutionRows {
         }
     }
 
-    /// No rows of `o` outputs, with room reserved for `rows` rows of any kind (at most `o`
-    /// words each), so that appending never moves the rows: the memory is only reserved,
-    /// and used as rows arrive. An impossible size fails here, before any work.
-    pub fn with_room(o: usize, rows: usize) -> Result<SolutionRows> {
-        let mut all = SolutionRows::new(o);
-        let words = rows.checked_mul(o);
-        let fail = || {
-            Error::new(
-                Status::TorchError,
-                format!("cannot allocate the tape: {rows} samples of {o} outputs"),
-            )
-        };
-        all.words
-            .try_reserve_exact(words.ok_or_else(fail)?)
-            .map_err(|_| fail())?;
-        all.ends.try_reserve_exact(rows).map_err(|_| fail())?;
-        Ok(all)
-    }
-
-    /// Gives back the reserved memory that the rows did not use.
-    pub fn shrink(&mut self) {
-        self.words.shrink_to_fit();
-    }
-
-    /// Appends the rows of `y` `[rows, o]`.
-    pub fn push(&mut self, y: &[f32]) {
+    /// Appends the rows of `y` `[rows, o]`. Memory grows with what the rows take (sparse
+    /// rows take a few words), never by a worst case; TORCH_ERROR when it cannot.
+    pub fn push(&mut self, y: &[f32]) -> Result<()> {
+        let rows = y.len() / self.o.max(1);
+        self.reserve(rows, 0)?;
         for row in y.chunks_exact(self.o) {
             let nonzero = row.iter().map(|&v| usize::from(v != 0.0)).sum::<usize>();
+            self.reserve(0, self.o.min(2 * nonzero))?;
             if 2 * nonzero > self.o {
                 self.words.extend(row.iter().map(|v| v.to_bits()));
                 self.ends.push(self.words.len() as u64 | DENSE);
@@ -124,10 +104,12 @@ impl SolutionRows {
                 self.ends.push(self.words.len() as u64);
             }
         }
+        Ok(())
     }
 
-    /// Appends the rows of `other` (same `o`).
-    pub fn append(&mut self, other: SolutionRows) {
+    /// Appends the rows of `other` (same `o`); TORCH_ERROR when memory runs out.
+    pub fn append(&mut self, other: SolutionRows) -> Result<()> {
+        self.reserve(other.ends.len(), other.words.len())?;
         let base = self.words.len() as u64;
         self.ends.extend(
             other
@@ -136,6 +118,30 @@ impl SolutionRows {
                 .map(|&e| ((e & !DENSE) + base) | (e & DENSE)),
         );
         self.words.extend(other.words);
+        Ok(())
+    }
+
+    /// Room for `rows` more ends and `words` more words, growing geometrically (so that
+    /// appending costs amortized O(1) a word), or TORCH_ERROR.
+    fn reserve(&mut self, rows: usize, words: usize) -> Result<()> {
+        let fail = |what: &str, more: usize, have: usize| {
+            Error::new(
+                Status::TorchError,
+                format!("cannot allocate the tape: {what} for {more} more after {have}"),
+            )
+        };
+        self.ends
+            .try_reserve(rows)
+            .map_err(|_| fail("no memory for row ends", rows, self.ends.len()))?;
+        self.words
+            .try_reserve(words)
+            .map_err(|_| fail("no memory for solution words", words, self.words.len()))
+    }
+
+    /// Gives back the room that growth left unused.
+    pub fn shrink(&mut self) {
+        self.words.shrink_to_fit();
+        self.ends.shrink_to_fit();
     }
 
     /// The number of rows.
@@ -369,10 +375,10 @@ mod tests {
             0.0, 0.0, 0.0, 0.0, // empty
         ];
         let mut a = SolutionRows::new(4);
-        a.push(&y[..4]);
+        a.push(&y[..4]).unwrap();
         let mut b = SolutionRows::new(4);
-        b.push(&y[4..]);
-        a.append(b);
+        b.push(&y[4..]).unwrap();
+        a.append(b).unwrap();
         assert_eq!(a.len(), 3);
         let mut back = vec![0f32; 12];
         for r in 0..3 {

@@ -40,6 +40,20 @@ pub fn checked_product(factors: &[usize], what: &str) -> Result<usize> {
     Ok(total)
 }
 
+/// [`checked_product`] for a number of float32 values, whose size in bytes must also stay
+/// within `isize::MAX` (the most any buffer can span): INVALID_ARGUMENT naming the size.
+pub fn checked_floats(factors: &[usize], what: &str) -> Result<usize> {
+    let floats = checked_product(factors, what)?;
+    if floats > isize::MAX as usize / 4 {
+        return Err(Error::invalid(format!(
+            "{what} = {floats} floats would take {} bytes, more than the {} bytes a buffer can span",
+            floats as u128 * 4,
+            isize::MAX
+        )));
+    }
+    Ok(floats)
+}
+
 /// `[batch, *shape]`.
 pub fn batched(batch: usize, shape: &[i64]) -> Vec<i64> {
     std::iter::once(batch as i64)
@@ -66,5 +80,10 @@ mod tests {
         assert!(checked_product(&[usize::MAX / 2, 3], "x").is_err());
         assert!(checked_product(&[1 << 40, 1 << 30], "x").is_err());
         assert_eq!(checked_product(&[4, 5, 6], "x").unwrap(), 120);
+        // 2^60 x 4 floats is within i64 as a count, not as bytes
+        assert!(checked_product(&[1 << 60, 4], "x").is_ok());
+        let err = checked_floats(&[1 << 60, 1, 4], "batch * num_samples * input_numel");
+        assert!(err.unwrap_err().message().contains("bytes"));
+        assert_eq!(checked_floats(&[4, 5, 6], "x").unwrap(), 120);
     }
 }

@@ -26,6 +26,13 @@ pub(crate) enum JacobianData {
     Replay(Replay),
 }
 
+/// A new tensor with the values of `t`, sharing no storage with it.
+pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
+    let mut out = t.f_empty_like()?;
+    out.f_copy_(t)?;
+    Ok(out)
+}
+
 /// The record of one forward call.
 ///
 /// A tape owns its tensors: it stays valid after its op is dropped.
@@ -39,8 +46,11 @@ pub struct Tape {
     batch: usize,
 }
 
-// SAFETY: a tape's tensors are written only while it is built and are read-only after;
-// libtorch allows concurrent reads of a tensor from several threads.
+// SAFETY: a tape's tensors are written only while it is built and are read-only after:
+// no method hands out a tensor that shares their storage (`jacobian` and `objective` return
+// copies; VJP, JVP and the samples' Jacobian are new tensors), and the forward call's output
+// shares no storage with them (see `Accumulator::finish`). libtorch allows concurrent reads
+// of a tensor from several threads.
 unsafe impl Sync for Tape {}
 
 impl Tape {
@@ -108,7 +118,7 @@ impl Tape {
     /// [`crate::estimator`] for the estimator each setting gives.
     pub fn jacobian(&self) -> Result<Tensor> {
         match &self.jacobian {
-            JacobianData::Dense(j) => Ok(j.shallow_clone()),
+            JacobianData::Dense(j) => copy(j),
             JacobianData::Samples {
                 y,
                 s,
@@ -135,12 +145,13 @@ impl Tape {
     /// (additive) or E[⟨η, y*(η)⟩] (multiplicative), from the forward call's draws.
     /// Only for ops whose output shape equals their input shape.
     pub fn objective(&self) -> Result<Tensor> {
-        self.objective.as_ref().map(Tensor::shallow_clone).ok_or_else(|| {
-            Error::invalid(format!(
+        match &self.objective {
+            Some(f) => copy(f),
+            None => Err(Error::invalid(format!(
                 "the objective <theta, y> needs output_shape == input_shape, got output {:?} and input {:?}",
                 self.output_shape, self.input_shape
-            ))
-        })
+            ))),
+        }
     }
 
     /// The vector-Jacobian product Jᵀg for `grad_output` of shape `[batch, *output_shape]`;

@@ -169,3 +169,38 @@ fn large_num_samples_are_chunked_with_bounded_buffers() {
     let err = f64::try_from((&y - &p).abs().max()).unwrap();
     assert!(err < 5.0 * 0.5 / 400_000f64.sqrt(), "{err}");
 }
+
+fn values(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()
+}
+
+/// No safe call hands out storage of a tape: mutating in place every tensor the API returns
+/// (the output y, the Jacobian, the objective, VJP and JVP results) leaves later results of
+/// the tape unchanged, for every tape form (sums; samples on the libtorch path, whose centre
+/// was the output's storage; solutions redrawn on the host) and baseline.
+#[test]
+fn tensors_returned_by_the_api_share_no_storage_with_the_tape() {
+    use perturbations::Baseline;
+    for (n, libtorch) in [(1000u64, false), (3, true), (3, false)] {
+        for baseline in [Baseline::None, Baseline::SampleMean, Baseline::CleanInput] {
+            let mut c = config(1);
+            c.set_num_samples(n).unwrap();
+            c.set_libtorch_path(libtorch).set_baseline(baseline);
+            let op = PerturbedOp::new(&c, &[5], &[5], argmax).unwrap();
+            let (mut y, tape) = op.forward_with_tape(&theta()).unwrap();
+            let case = format!("N {n}, libtorch {libtorch}, {baseline:?}, {}", tape.keeps_samples());
+            let g = Tensor::from_slice(&[1f32, -2., 0.5, 3., 0., 1., 1., -1., 2., 2.]).reshape([2, 5]);
+            let (vjp, jvp) = (values(&tape.vjp(&g).unwrap()), values(&tape.jvp(&g).unwrap()));
+            let (jac, obj) = (values(&tape.jacobian().unwrap()), values(&tape.objective().unwrap()));
+            let _ = y.f_mul_scalar_(1000.0).unwrap();
+            let _ = tape.jacobian().unwrap().f_mul_scalar_(1000.0).unwrap();
+            let _ = tape.objective().unwrap().f_mul_scalar_(1000.0).unwrap();
+            let _ = tape.vjp(&g).unwrap().f_mul_scalar_(1000.0).unwrap();
+            let _ = tape.jvp(&g).unwrap().f_mul_scalar_(1000.0).unwrap();
+            assert_eq!(values(&tape.vjp(&g).unwrap()), vjp, "{case}");
+            assert_eq!(values(&tape.jvp(&g).unwrap()), jvp, "{case}");
+            assert_eq!(values(&tape.jacobian().unwrap()), jac, "{case}");
+            assert_eq!(values(&tape.objective().unwrap()), obj, "{case}");
+        }
+    }
+}

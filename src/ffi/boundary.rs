@@ -4,6 +4,7 @@
 use super::status::{pert_status, PERT_STATUS_OK};
 use crate::error::{Error, Result, Status};
 use std::cell::RefCell;
+use tch::Tensor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 thread_local! {
@@ -73,26 +74,98 @@ pub(crate) unsafe fn arg_mut<'a, T>(ptr: *mut T, name: &str) -> Result<&'a mut T
     ptr.as_mut().ok_or_else(|| null(name))
 }
 
-/// A borrowed input buffer of `len` elements, or NULL_ARGUMENT naming `name`.
+/// A borrowed input buffer of `len` elements, or NULL_ARGUMENT naming `name`;
+/// INVALID_ARGUMENT when it would span more than `isize::MAX` bytes (checked before the
+/// slice is formed).
 ///
 /// # Safety
-/// A non-NULL `ptr` must point to `len` readable elements.
+/// A non-NULL `ptr` must point to `len` readable elements that nothing writes while the
+/// slice is used. Output buffers of the same call may overlap it: they are written through
+/// [`Output`] only, after the call's last use of its inputs.
 pub(crate) unsafe fn slice<'a, T>(ptr: *const T, len: usize, name: &str) -> Result<&'a [T]> {
     if ptr.is_null() {
         return Err(null(name));
     }
+    check_bytes::<T>(len, name)?;
     Ok(std::slice::from_raw_parts(ptr, len))
 }
 
-/// A borrowed output buffer of `len` elements, or NULL_ARGUMENT naming `name`.
+/// INVALID_ARGUMENT naming the size when `len` elements of `T` take more than `isize::MAX`
+/// bytes (more than any buffer can hold).
+pub(crate) fn check_bytes<T>(len: usize, name: &str) -> Result<()> {
+    let size = std::mem::size_of::<T>();
+    match len.checked_mul(size) {
+        Some(bytes) if bytes <= isize::MAX as usize => Ok(()),
+        _ => Err(Error::invalid(format!(
+            "{name} would hold {len} elements of {size} bytes, more than the {} bytes a buffer can span",
+            isize::MAX
+        ))),
+    }
+}
+
+/// A caller's output buffer of `len` floats, checked (NULL, size in bytes) when a call
+/// starts and written when it ends. No Rust reference to it is ever formed: the values are
+/// staged first ([`Output::stage`], every fallible step), then copied ([`Staged::write`],
+/// infallible), after the call has read all of its inputs. So outputs may overlap the
+/// call's inputs (`output == theta`), and a call that fails writes nothing.
+pub(crate) struct Output {
+    ptr: *mut f32,
+    len: usize,
+}
+
+/// The values of one output, ready to be copied into the caller's buffer.
+pub(crate) struct Staged<'a> {
+    out: &'a Output,
+    values: Tensor,
+}
+
+/// An output buffer of `len` floats, or NULL_ARGUMENT / INVALID_ARGUMENT naming `name`.
 ///
 /// # Safety
-/// A non-NULL `ptr` must point to `len` writable elements.
-pub(crate) unsafe fn slice_mut<'a, T>(ptr: *mut T, len: usize, name: &str) -> Result<&'a mut [T]> {
+/// A non-NULL `ptr` must point to `len` writable floats for the rest of the call.
+pub(crate) unsafe fn output(ptr: *mut f32, len: usize, name: &str) -> Result<Output> {
     if ptr.is_null() {
         return Err(null(name));
     }
-    Ok(std::slice::from_raw_parts_mut(ptr, len))
+    check_bytes::<f32>(len, name)?;
+    Ok(Output { ptr, len })
+}
+
+impl Output {
+    /// `t` (float32, any device, `len` elements) as the contiguous host values to write.
+    pub fn stage(&self, t: &Tensor) -> Result<Staged<'_>> {
+        let values = t
+            .f_to_device(tch::Device::Cpu)?
+            .f_to_kind(tch::Kind::Float)?
+            .f_contiguous()?;
+        if values.numel() != self.len {
+            return Err(Error::new(
+                Status::Panic,
+                format!(
+                    "internal error (please report it): an output of {} floats got {} values",
+                    self.len,
+                    values.numel()
+                ),
+            ));
+        }
+        Ok(Staged { out: self, values })
+    }
+}
+
+impl Staged<'_> {
+    /// Copies the values into the caller's buffer.
+    pub fn write(self) {
+        // SAFETY: `values` is a contiguous float32 CPU tensor of `len` elements (checked in
+        // `stage`); the caller's buffer holds `len` writable floats (the contract of
+        // `output`). `copy` allows any overlap, though a fresh tensor never overlaps it.
+        unsafe {
+            std::ptr::copy(
+                self.values.data_ptr() as *const f32,
+                self.out.ptr,
+                self.out.len,
+            )
+        }
+    }
 }
 
 fn null(name: &str) -> Error {
@@ -111,6 +184,17 @@ mod tests {
         // the boundary keeps working afterwards
         assert_eq!(guard(|| Ok(())), PERT_STATUS_OK);
         assert_eq!(guard_or(5, || -> i32 { panic!("again") }), 5);
+    }
+
+    #[test]
+    fn buffers_beyond_isize_max_bytes_are_refused_before_a_slice_is_formed() {
+        let p = std::ptr::NonNull::<f32>::dangling().as_ptr();
+        let len = (isize::MAX as usize) / 4 + 1;
+        let err = unsafe { slice(p as *const f32, len, "theta") }.unwrap_err();
+        assert_eq!(err.status(), Status::InvalidArgument);
+        assert!(err.message().contains("theta would hold"), "{}", err.message());
+        let err = unsafe { output(p, len, "output") }.err().unwrap();
+        assert_eq!(err.status(), Status::InvalidArgument);
     }
 
     #[test]

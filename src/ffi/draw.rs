@@ -1,6 +1,6 @@
 //! `pert_draw`: the two-phase API, for solvers that cannot be called back.
 
-use super::boundary::{arg, guard, guard_or, slice, slice_mut};
+use super::boundary::{self, arg, guard, guard_or, slice};
 use super::op::pert_op;
 use super::status::pert_status;
 use super::tape::pert_tape;
@@ -84,7 +84,7 @@ pub unsafe extern "C" fn pert_draw_inputs(draw: *const pert_draw) -> *const f32 
 ///
 /// @param solutions  `pert_draw_count(draw) * output_numel` floats, row i the solution of
 ///                   input row i; finite.
-/// @param output     Receives `batch * output_numel` floats.
+/// @param output     Receives `batch * output_numel` floats; may overlap `solutions`.
 /// @param tape       NULL, or receives a new tape on success.
 /// @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in solutions; on error nothing is
 ///         written.
@@ -98,11 +98,13 @@ pub unsafe extern "C" fn pert_draw_finish(
     guard(|| {
         let draw = &unsafe { arg(draw, "draw") }?.inner;
         let o = draw.output_numel();
-        let solutions = unsafe { slice(solutions, draw.count() * o, "solutions") }?;
-        let out_len = draw.batch() * o;
-        let output = unsafe { slice_mut(output, out_len, "output") }?;
-        let (y, t) = draw.finish(solutions, !tape.is_null())?;
-        y.f_copy_data(output, out_len)?;
+        let out_len = checked_product(&[draw.batch(), o], "batch * output_numel")?;
+        let output = unsafe { boundary::output(output, out_len, "output") }?;
+        let rows = checked_product(&[draw.count(), o], "count * output_numel")?;
+        // the solutions are last read here, before anything is written: output may
+        // overlap them
+        let (y, t) = draw.finish(unsafe { slice(solutions, rows, "solutions") }?, !tape.is_null())?;
+        output.stage(&y)?.write();
         if let Some(t) = t {
             // SAFETY: `tape` is non-NULL when a tape was made; written only on success.
             unsafe { *tape = Box::into_raw(Box::new(pert_tape { inner: t })) };

@@ -1,6 +1,6 @@
 //! `pert_op`: a solver callback turned into a perturbed optimizer, and its forward call.
 
-use super::boundary::{arg, arg_mut, guard, guard_or, slice, slice_mut};
+use super::boundary::{self, arg, arg_mut, guard, guard_or, slice};
 use super::config::pert_config;
 use super::status::pert_status;
 use super::tape::pert_tape;
@@ -245,7 +245,8 @@ pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
 /// @param theta   `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
 ///                borrowed for the call.
 /// @param batch   Number of problems. 0: `PERT_STATUS_OK` and nothing is written.
-/// @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`.
+/// @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`; may
+///                overlap theta (theta is read first).
 /// @param tape    NULL when no gradient is needed; else receives a new tape on success
 ///                (free it with `pert_tape_free`). A tape holds at most about
 ///                `2 * batch * output_numel * input_numel` floats, and usually much
@@ -271,16 +272,16 @@ pub unsafe extern "C" fn pert_forward(
         let (d, o) = (op.input_numel(), op.output_numel());
         let theta_len = checked_product(&[batch, d], "batch * input_numel")?;
         let output_len = checked_product(&[batch, o], "batch * output_numel")?;
-        let theta = unsafe { slice(theta, theta_len, "theta") }?;
-        let output = unsafe { slice_mut(output, output_len, "output") }?;
-        let theta = Tensor::f_from_slice(theta)?
+        let output = unsafe { boundary::output(output, output_len, "output") }?;
+        // theta is copied before anything is written: output may overlap it
+        let theta = Tensor::f_from_slice(unsafe { slice(theta, theta_len, "theta") }?)?
             .f_reshape(crate::shape::batched(batch, op.input_shape()))?;
         if tape.is_null() {
             let y = op.forward(&theta)?;
-            y.f_copy_data(output, output_len)?;
+            output.stage(&y)?.write();
         } else {
             let (y, t) = op.forward_with_tape(&theta)?;
-            y.f_copy_data(output, output_len)?;
+            output.stage(&y)?.write();
             // SAFETY: checked non-NULL above; written only on success.
             unsafe { *tape = Box::into_raw(Box::new(pert_tape { inner: t })) };
         }
@@ -301,7 +302,9 @@ pub unsafe extern "C" fn pert_forward(
 /// @param theta       `batch * input_numel` floats, finite.
 /// @param y_true      `batch * input_numel` floats (output shape = input shape), finite.
 /// @param loss        Receives `batch` floats.
-/// @param grad_theta  Receives `batch * input_numel` floats; may be NULL.
+/// @param grad_theta  Receives `batch * input_numel` floats; may be NULL. `loss` and
+///                    `grad_theta` may overlap theta or y_true (both are read first), not
+///                    each other.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` when the op's output shape differs from its input
 ///         shape; `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in theta or y_true; the
 ///         statuses of `pert_forward`. On error nothing is written.
@@ -323,18 +326,24 @@ pub unsafe extern "C" fn pert_fenchel_young(
         op.check_batch(batch)?;
         let d = op.input_numel();
         let len = checked_product(&[batch, d], "batch * input_numel")?;
-        let theta = unsafe { slice(theta, len, "theta") }?;
-        let y_true = unsafe { slice(y_true, len, "y_true") }?;
-        let loss = unsafe { slice_mut(loss, batch, "loss") }?;
+        let loss = unsafe { boundary::output(loss, batch, "loss") }?;
+        let grad_theta = if grad_theta.is_null() {
+            None
+        } else {
+            Some(unsafe { boundary::output(grad_theta, len, "grad_theta") }?)
+        };
+        // the inputs are copied before anything is written: outputs may overlap them
         let shape = crate::shape::batched(batch, op.input_shape());
-        let theta = Tensor::f_from_slice(theta)?.f_reshape(&shape)?;
-        let y_true = Tensor::f_from_slice(y_true)?.f_reshape(&shape)?;
+        let theta = Tensor::f_from_slice(unsafe { slice(theta, len, "theta") }?)?
+            .f_reshape(&shape)?;
+        let y_true = Tensor::f_from_slice(unsafe { slice(y_true, len, "y_true") }?)?
+            .f_reshape(&shape)?;
         let (l, g) = op.fenchel_young(&theta, &y_true)?;
-        l.f_copy_data(loss, batch)?;
-        if !grad_theta.is_null() {
-            // SAFETY: the caller gives `batch * input_numel` writable floats.
-            let grad = unsafe { std::slice::from_raw_parts_mut(grad_theta, len) };
-            g.f_copy_data(grad, len)?;
+        let loss = loss.stage(&l)?;
+        let grad = grad_theta.as_ref().map(|out| out.stage(&g)).transpose()?;
+        loss.write();
+        if let Some(grad) = grad {
+            grad.write();
         }
         Ok(())
     })

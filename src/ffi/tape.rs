@@ -1,6 +1,6 @@
 //! `pert_tape`: what a forward call keeps for its gradient.
 
-use super::boundary::{arg, guard, guard_or, slice, slice_mut};
+use super::boundary::{arg, guard, guard_or, output, slice};
 use super::status::pert_status;
 use crate::shape::{batched, checked_product};
 use crate::tape::Tape;
@@ -19,9 +19,12 @@ pub struct pert_tape {
     pub(crate) inner: Tape,
 }
 
+/// batch, input_numel and output_numel of a tape (their products were checked when the
+/// forward call made it).
 fn sizes(tape: &Tape) -> crate::Result<(usize, usize, usize)> {
     let d = crate::shape::numel(tape.input_shape(), "input_shape")?;
     let o = crate::shape::numel(tape.output_shape(), "output_shape")?;
+    checked_product(&[tape.batch(), d.max(o)], "batch * numel")?;
     Ok((tape.batch(), d, o))
 }
 
@@ -29,7 +32,8 @@ fn sizes(tape: &Tape) -> crate::Result<(usize, usize, usize)> {
 ///
 /// @param grad_output  `batch * output_numel` floats `[batch, *output_shape]` (the batch of
 ///                     the forward call), finite; borrowed.
-/// @param grad_input   Receives `batch * input_numel` floats `[batch, *input_shape]`.
+/// @param grad_input   Receives `batch * input_numel` floats `[batch, *input_shape]`; may
+///                     overlap grad_output (it is read first).
 /// @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in grad_output; on error grad_input
 ///         is untouched.
 #[no_mangle]
@@ -41,10 +45,11 @@ pub unsafe extern "C" fn pert_tape_vjp(
     guard(|| {
         let tape = &unsafe { arg(tape, "tape") }?.inner;
         let (b, d, o) = sizes(tape)?;
-        let g = unsafe { slice(grad_output, b * o, "grad_output") }?;
-        let out = unsafe { slice_mut(grad_input, b * d, "grad_input") }?;
-        let g = Tensor::f_from_slice(g)?.f_reshape(batched(b, tape.output_shape()))?;
-        tape.vjp(&g)?.f_copy_data(out, b * d)?;
+        let out = unsafe { output(grad_input, b * d, "grad_input") }?;
+        // copied before anything is written: grad_input may overlap grad_output
+        let g = Tensor::f_from_slice(unsafe { slice(grad_output, b * o, "grad_output") }?)?
+            .f_reshape(batched(b, tape.output_shape()))?;
+        out.stage(&tape.vjp(&g)?)?.write();
         Ok(())
     })
 }
@@ -52,7 +57,8 @@ pub unsafe extern "C" fn pert_tape_vjp(
 /// The Jacobian-vector product J t, per problem (forward-mode differentiation).
 ///
 /// @param tangent_input   `batch * input_numel` floats `[batch, *input_shape]`, finite.
-/// @param tangent_output  Receives `batch * output_numel` floats `[batch, *output_shape]`.
+/// @param tangent_output  Receives `batch * output_numel` floats `[batch, *output_shape]`;
+///                        may overlap tangent_input (it is read first).
 /// @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in tangent_input; on error
 ///         tangent_output is untouched.
 #[no_mangle]
@@ -64,10 +70,11 @@ pub unsafe extern "C" fn pert_tape_jvp(
     guard(|| {
         let tape = &unsafe { arg(tape, "tape") }?.inner;
         let (b, d, o) = sizes(tape)?;
-        let t = unsafe { slice(tangent_input, b * d, "tangent_input") }?;
-        let out = unsafe { slice_mut(tangent_output, b * o, "tangent_output") }?;
-        let t = Tensor::f_from_slice(t)?.f_reshape(batched(b, tape.input_shape()))?;
-        tape.jvp(&t)?.f_copy_data(out, b * o)?;
+        let out = unsafe { output(tangent_output, b * o, "tangent_output") }?;
+        // copied before anything is written: tangent_output may overlap tangent_input
+        let t = Tensor::f_from_slice(unsafe { slice(tangent_input, b * d, "tangent_input") }?)?
+            .f_reshape(batched(b, tape.input_shape()))?;
+        out.stage(&tape.jvp(&t)?)?.write();
         Ok(())
     })
 }
@@ -87,8 +94,8 @@ pub unsafe extern "C" fn pert_tape_objective(
 ) -> pert_status {
     guard(|| {
         let tape = &unsafe { arg(tape, "tape") }?.inner;
-        let out = unsafe { slice_mut(value, tape.batch(), "value") }?;
-        tape.objective()?.f_copy_data(out, tape.batch())?;
+        let out = unsafe { output(value, tape.batch(), "value") }?;
+        out.stage(&tape.objective()?)?.write();
         Ok(())
     })
 }
@@ -106,8 +113,8 @@ pub unsafe extern "C" fn pert_tape_jacobian(
         let tape = &unsafe { arg(tape, "tape") }?.inner;
         let (b, d, o) = sizes(tape)?;
         let len = checked_product(&[b, o, d], "batch * output_numel * input_numel")?;
-        let out = unsafe { slice_mut(jacobian, len, "jacobian") }?;
-        tape.jacobian()?.f_copy_data(out, len)?;
+        let out = unsafe { output(jacobian, len, "jacobian") }?;
+        out.stage(&tape.jacobian()?)?.write();
         Ok(())
     })
 }

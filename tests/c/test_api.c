@@ -242,29 +242,16 @@ static bool draws_depend_on_seed_and_call_count_only(void) {
   return true;
 }
 
-/* A tape too large for memory (2^20 x 2^20 floats = 4 TiB) is a libtorch allocation
- * error reported as TORCH_ERROR, not a crash; nothing is written. A tape above the
- * config's max_tape_bytes is refused before any work. */
-static bool impossible_allocation_is_a_torch_error(void) {
-  pert_config *c = NULL;
-  CHECK_OK(pert_config_new(&c));
-  CHECK_OK(pert_config_set_device(c, "cpu"));
-  CHECK_OK(pert_config_set_num_samples(c, 1 << 20));
-  const int64_t big[1] = {1 << 20};
-  size_t d = 1 << 20;
+/* A tape above the config's max_tape_bytes is refused before any work, nothing written.
+ * (A tape whose memory runs out during the call is a TORCH_ERROR with nothing written:
+ * tests/reliability.rs checks it under an address-space limit, which sanitizers and
+ * valgrind, running this file, do not allow.) */
+static bool tape_limit_is_checked_before_any_work(void) {
   pert_op *op = NULL;
-  CHECK_OK(pert_op_new(c, big, 1, big, 1, solve_identity, &d, &op));
-  pert_config_free(c);
-  float *theta = calloc(d, sizeof *theta), *out = malloc(d * sizeof *out);
-  CHECK(theta && out);
-  out[0] = -7;
   pert_tape *tape = NULL;
-  CHECK_STATUS(PERT_STATUS_TORCH_ERROR, pert_forward(op, theta, 1, out, &tape));
-  CHECK(last_error_contains("allocate"));
-  CHECK(tape == NULL && out[0] == -7);
-  pert_op_free(op);
-
-  c = NULL;
+  float theta[16] = {0}, out[16];
+  out[0] = -7;
+  pert_config *c = NULL;
   CHECK_OK(pert_config_new(&c));
   CHECK_OK(pert_config_set_device(c, "cpu"));
   CHECK_OK(pert_config_set_max_tape_bytes(c, 1000));
@@ -281,8 +268,6 @@ static bool impossible_allocation_is_a_torch_error(void) {
   CHECK(last_error_contains("above max_tape_bytes 1000"));
   CHECK(tape == NULL && out[0] == -7);
   CHECK_OK(pert_forward(op, theta, 1, out, NULL)); /* no tape: nothing to limit */
-  free(theta);
-  free(out);
   pert_op_free(op);
   return true;
 }
@@ -298,7 +283,7 @@ int main(void) {
       TEST(tape_checks_arguments_and_outlives_op),
       TEST(config_is_copied_by_op),
       TEST(draws_depend_on_seed_and_call_count_only),
-      TEST(impossible_allocation_is_a_torch_error),
+      TEST(tape_limit_is_checked_before_any_work),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

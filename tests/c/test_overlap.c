@@ -1,0 +1,162 @@
+/* Overlapping buffers: every call gives the same results when an output buffer is one of
+ * its input buffers (output == theta, grad_input == grad_output, ...) or overlaps it in
+ * part, as with separate buffers. Each case runs twice on ops made from one config (same
+ * seed, same call count), once with separate buffers and once overlapping. */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "harness.h"
+#include "solvers.h"
+
+enum { B = 3, D = 4 };
+static size_t DD = D;
+static const int64_t SHAPE[1] = {D};
+
+static pert_config *config(uint32_t baseline) {
+  pert_config *c = NULL;
+  if (pert_config_new(&c) != PERT_STATUS_OK) return NULL;
+  pert_config_set_num_samples(c, 64);
+  pert_config_set_sigma(c, 0.7);
+  pert_config_set_seed(c, 11);
+  pert_config_set_baseline(c, baseline);
+  pert_config_set_device(c, test_device());
+  return c;
+}
+
+static pert_op *make(const pert_config *c) {
+  pert_op *op = NULL;
+  pert_op_new(c, SHAPE, 1, SHAPE, 1, solve_argmax, &DD, &op);
+  return op;
+}
+
+static const float THETA[B * D] = {0.1f, 0.5f, -0.2f, 0.3f, 1.0f, 0.0f, 0.2f, 0.9f, -0.4f, -0.1f, 0.0f, 0.2f};
+
+static bool same(const float *a, const float *b, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (a[i] != b[i]) {
+      fprintf(stderr, "  entry %zu: %.9g vs %.9g\n", i, a[i], b[i]);
+      return false;
+    }
+  return true;
+}
+
+/* output == theta, and output one float before theta (a partial overlap), with tapes
+ * whose VJP, JVP and objective are then computed in place too. */
+static bool forward_vjp_jvp_objective_in_place(void) {
+  for (uint32_t baseline = 0; baseline <= 2; baseline++) {
+    pert_config *c = config(baseline);
+    CHECK(c);
+    pert_op *a = make(c), *b = make(c), *s = make(c);
+    pert_config_free(c);
+    CHECK(a && b && s);
+    float y[B * D], buf[B * D + 1];
+    pert_tape *ta = NULL, *tb = NULL, *ts = NULL;
+    CHECK_OK(pert_forward(a, THETA, B, y, &ta));
+    memcpy(buf, THETA, sizeof THETA);
+    CHECK_OK(pert_forward(b, buf, B, buf, &tb));
+    CHECK(same(buf, y, B * D));
+    memcpy(buf + 1, THETA, sizeof THETA); /* theta at buf + 1, output at buf */
+    CHECK_OK(pert_forward(s, buf + 1, B, buf, &ts));
+    pert_tape_free(ts);
+    /* the third op is a separate one with call count 0: same draws */
+    CHECK(same(buf, y, B * D));
+
+    const float g[B * D] = {1, -2, 0.5f, 3, 0, 1, 1, -1, 2, 2, -0.5f, 0};
+    float want[B * D];
+    CHECK_OK(pert_tape_vjp(ta, g, want));
+    memcpy(buf, g, sizeof g);
+    CHECK_OK(pert_tape_vjp(tb, buf, buf));
+    CHECK(same(buf, want, B * D));
+    memcpy(buf + 1, g, sizeof g);
+    CHECK_OK(pert_tape_vjp(tb, buf + 1, buf));
+    CHECK(same(buf, want, B * D));
+
+    CHECK_OK(pert_tape_jvp(ta, g, want));
+    memcpy(buf, g, sizeof g);
+    CHECK_OK(pert_tape_jvp(tb, buf, buf));
+    CHECK(same(buf, want, B * D));
+
+    float jac_a[B * D * D], jac_b[B * D * D];
+    CHECK_OK(pert_tape_jacobian(ta, jac_a));
+    CHECK_OK(pert_tape_jacobian(tb, jac_b));
+    CHECK(same(jac_a, jac_b, B * D * D));
+    float fa[B], fb[B];
+    CHECK_OK(pert_tape_objective(ta, fa));
+    CHECK_OK(pert_tape_objective(tb, fb));
+    CHECK(same(fa, fb, B));
+    pert_tape_free(ta);
+    pert_tape_free(tb);
+    pert_op_free(a);
+    pert_op_free(b);
+    pert_op_free(s);
+  }
+  return true;
+}
+
+/* grad_theta over theta, over y_true, and the loss over the first entries of theta. */
+static bool fenchel_young_in_place(void) {
+  pert_config *c = config(PERT_BASELINE_SAMPLE_MEAN);
+  CHECK(c);
+  pert_op *ops[4];
+  for (int i = 0; i < 4; i++) CHECK((ops[i] = make(c)));
+  pert_config_free(c);
+  const float y_true[B * D] = {0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1};
+  float loss[B], grad[B * D];
+  CHECK_OK(pert_fenchel_young(ops[0], THETA, y_true, B, loss, grad));
+
+  float t[B * D], l[B];
+  memcpy(t, THETA, sizeof t);
+  CHECK_OK(pert_fenchel_young(ops[1], t, y_true, B, l, t)); /* grad over theta */
+  CHECK(same(t, grad, B * D) && same(l, loss, B));
+
+  float yt[B * D];
+  memcpy(yt, y_true, sizeof yt);
+  CHECK_OK(pert_fenchel_young(ops[2], THETA, yt, B, l, yt)); /* grad over y_true */
+  CHECK(same(yt, grad, B * D) && same(l, loss, B));
+
+  memcpy(t, THETA, sizeof t);
+  memcpy(yt, y_true, sizeof yt);
+  CHECK_OK(pert_fenchel_young(ops[3], t, yt, B, t, yt)); /* loss over theta[0..B) */
+  CHECK(same(t, loss, B) && same(yt, grad, B * D));
+  for (int i = 0; i < 4; i++) pert_op_free(ops[i]);
+  return true;
+}
+
+/* Two-phase: the output over the solutions handed back. */
+static bool draw_finish_in_place(void) {
+  pert_config *c = config(PERT_BASELINE_SAMPLE_MEAN);
+  CHECK(c);
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new_external(c, SHAPE, 1, SHAPE, 1, &op));
+  pert_config_free(c);
+  pert_draw *draw = NULL;
+  CHECK_OK(pert_draw_new(op, THETA, B, &draw));
+  size_t rows = pert_draw_count(draw);
+  float *sol = malloc(rows * D * sizeof *sol);
+  CHECK(sol);
+  CHECK(solve_argmax(&DD, pert_draw_inputs(draw), rows, sol) == 0);
+  float y[B * D];
+  pert_tape *ta = NULL, *tb = NULL;
+  CHECK_OK(pert_draw_finish(draw, sol, y, &ta));
+  CHECK_OK(pert_draw_finish(draw, sol, sol, &tb)); /* output over the first rows */
+  CHECK(same(sol, y, B * D));
+  float ja[B * D * D], jb[B * D * D];
+  CHECK_OK(pert_tape_jacobian(ta, ja));
+  CHECK_OK(pert_tape_jacobian(tb, jb));
+  CHECK(same(ja, jb, B * D * D));
+  pert_tape_free(ta);
+  pert_tape_free(tb);
+  free(sol);
+  pert_draw_free(draw);
+  pert_op_free(op);
+  return true;
+}
+
+int main(void) {
+  const test_case tests[] = {
+      TEST(forward_vjp_jvp_objective_in_place),
+      TEST(fenchel_young_in_place),
+      TEST(draw_finish_in_place),
+  };
+  return run_tests(tests, sizeof tests / sizeof tests[0]);
+}
