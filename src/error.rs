@@ -105,7 +105,10 @@ impl From<tch::TchError> for Error {
             tch::TchError::Torch(what) => what.clone(),
             other => other.to_string(),
         };
-        Error::new(Status::TorchError, format!("libtorch: {}", first_line(&text)))
+        Error::new(
+            Status::TorchError,
+            format!("libtorch: {}", first_line(&text)),
+        )
     }
 }
 

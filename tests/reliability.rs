@@ -388,7 +388,8 @@ fn a_solver_failure_on_any_thread_is_always_reported() {
         let status = unsafe { pert_forward(o, theta.as_ptr(), batch, y.as_mut_ptr(), &mut tape) };
         if fail_at < 16 {
             assert_eq!(
-                status, PERT_STATUS_SOLVER_FAILED,
+                status,
+                PERT_STATUS_SOLVER_FAILED,
                 "call {call} failing at solver call {fail_at}: {}",
                 last_error()
             );
@@ -427,7 +428,10 @@ fn run_in_child(name: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "child {name} failed:\n{text}");
-    assert!(text.contains("1 passed"), "child {name} ran no test:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "child {name} ran no test:\n{text}"
+    );
     print!("{text}");
 }
 
@@ -474,7 +478,9 @@ fn tapes_of_samples_fit_under_an_address_space_limit() {
         limit >> 20
     );
     limit_address_space(limit);
-    let (y, tape) = op.forward_with_tape(&theta).expect("forward under the limit");
+    let (y, tape) = op
+        .forward_with_tape(&theta)
+        .expect("forward under the limit");
     assert!(tape.keeps_samples());
     println!("tape {} bytes", tape.bytes());
     assert!(tape.bytes() < 50_000_000, "{}", tape.bytes());
@@ -600,7 +606,12 @@ fn sizes_are_checked_in_bytes_and_messages_are_short() {
     for shift in [59, 60] {
         // theta alone is 2^61 or 2^62 floats: more than isize::MAX bytes
         let s = unsafe { pert_forward(o, theta.as_ptr(), 1 << shift, y.as_mut_ptr(), null_mut()) };
-        assert_eq!(s, PERT_STATUS_INVALID_ARGUMENT, "2^{shift}: {}", last_error());
+        assert_eq!(
+            s,
+            PERT_STATUS_INVALID_ARGUMENT,
+            "2^{shift}: {}",
+            last_error()
+        );
         assert!(last_error().contains("bytes"), "{}", last_error());
         let s = unsafe {
             pert_fenchel_young(
@@ -612,7 +623,12 @@ fn sizes_are_checked_in_bytes_and_messages_are_short() {
                 null_mut(),
             )
         };
-        assert_eq!(s, PERT_STATUS_INVALID_ARGUMENT, "2^{shift}: {}", last_error());
+        assert_eq!(
+            s,
+            PERT_STATUS_INVALID_ARGUMENT,
+            "2^{shift}: {}",
+            last_error()
+        );
     }
     // 2^58: every size fits in isize::MAX bytes, so libtorch is asked for the call's
     // buffers and refuses; its message is one short line, without the C++ stack (the
@@ -625,7 +641,10 @@ fn sizes_are_checked_in_bytes_and_messages_are_short() {
         .unwrap_err();
     let full = unsafe { pert_last_error(null_mut(), 0) };
     assert!(full < 1024, "the message of the C call has {full} bytes");
-    for message in [perturbations::Error::from(err).message().to_string(), last_error()] {
+    for message in [
+        perturbations::Error::from(err).message().to_string(),
+        last_error(),
+    ] {
         assert!(message.len() < 1024, "{} bytes", message.len());
         assert!(message.starts_with("libtorch: "), "{message}");
         assert!(!message.contains("frame #"), "{message}");

@@ -188,10 +188,20 @@ fn tensors_returned_by_the_api_share_no_storage_with_the_tape() {
             c.set_libtorch_path(libtorch).set_baseline(baseline);
             let op = PerturbedOp::new(&c, &[5], &[5], argmax).unwrap();
             let (mut y, tape) = op.forward_with_tape(&theta()).unwrap();
-            let case = format!("N {n}, libtorch {libtorch}, {baseline:?}, {}", tape.keeps_samples());
-            let g = Tensor::from_slice(&[1f32, -2., 0.5, 3., 0., 1., 1., -1., 2., 2.]).reshape([2, 5]);
-            let (vjp, jvp) = (values(&tape.vjp(&g).unwrap()), values(&tape.jvp(&g).unwrap()));
-            let (jac, obj) = (values(&tape.jacobian().unwrap()), values(&tape.objective().unwrap()));
+            let case = format!(
+                "N {n}, libtorch {libtorch}, {baseline:?}, {}",
+                tape.keeps_samples()
+            );
+            let g =
+                Tensor::from_slice(&[1f32, -2., 0.5, 3., 0., 1., 1., -1., 2., 2.]).reshape([2, 5]);
+            let (vjp, jvp) = (
+                values(&tape.vjp(&g).unwrap()),
+                values(&tape.jvp(&g).unwrap()),
+            );
+            let (jac, obj) = (
+                values(&tape.jacobian().unwrap()),
+                values(&tape.objective().unwrap()),
+            );
             let _ = y.f_mul_scalar_(1000.0).unwrap();
             let _ = tape.jacobian().unwrap().f_mul_scalar_(1000.0).unwrap();
             let _ = tape.objective().unwrap().f_mul_scalar_(1000.0).unwrap();

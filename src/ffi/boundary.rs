@@ -4,8 +4,8 @@
 use super::status::{pert_status, PERT_STATUS_OK};
 use crate::error::{Error, Result, Status};
 use std::cell::RefCell;
-use tch::Tensor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use tch::Tensor;
 
 thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
@@ -192,7 +192,11 @@ mod tests {
         let len = (isize::MAX as usize) / 4 + 1;
         let err = unsafe { slice(p as *const f32, len, "theta") }.unwrap_err();
         assert_eq!(err.status(), Status::InvalidArgument);
-        assert!(err.message().contains("theta would hold"), "{}", err.message());
+        assert!(
+            err.message().contains("theta would hold"),
+            "{}",
+            err.message()
+        );
         let err = unsafe { output(p, len, "output") }.err().unwrap();
         assert_eq!(err.status(), Status::InvalidArgument);
     }

@@ -103,7 +103,10 @@ pub unsafe extern "C" fn pert_draw_finish(
         let rows = checked_product(&[draw.count(), o], "count * output_numel")?;
         // the solutions are last read here, before anything is written: output may
         // overlap them
-        let (y, t) = draw.finish(unsafe { slice(solutions, rows, "solutions") }?, !tape.is_null())?;
+        let (y, t) = draw.finish(
+            unsafe { slice(solutions, rows, "solutions") }?,
+            !tape.is_null(),
+        )?;
         output.stage(&y)?.write();
         if let Some(t) = t {
             // SAFETY: `tape` is non-NULL when a tape was made; written only on success.

@@ -334,10 +334,10 @@ pub unsafe extern "C" fn pert_fenchel_young(
         };
         // the inputs are copied before anything is written: outputs may overlap them
         let shape = crate::shape::batched(batch, op.input_shape());
-        let theta = Tensor::f_from_slice(unsafe { slice(theta, len, "theta") }?)?
-            .f_reshape(&shape)?;
-        let y_true = Tensor::f_from_slice(unsafe { slice(y_true, len, "y_true") }?)?
-            .f_reshape(&shape)?;
+        let theta =
+            Tensor::f_from_slice(unsafe { slice(theta, len, "theta") }?)?.f_reshape(&shape)?;
+        let y_true =
+            Tensor::f_from_slice(unsafe { slice(y_true, len, "y_true") }?)?.f_reshape(&shape)?;
         let (l, g) = op.fenchel_young(&theta, &y_true)?;
         let loss = loss.stage(&l)?;
         let grad = grad_theta.as_ref().map(|out| out.stage(&g)).transpose()?;
