@@ -239,6 +239,20 @@ extern "C" {
 #endif // __cplusplus
 
 /*
+ Copies the calling thread's last error message into `buf`.
+
+ The message is that of the most recent call on this thread that returned an error
+ (successful calls leave it unchanged); it is empty before any error.
+
+ @param buf      Where to copy the message; may be NULL when `buf_len` is 0.
+ @param buf_len  Size of `buf` in bytes. At most `buf_len - 1` bytes are copied and the
+                 copy is always NUL-terminated when `buf_len > 0`.
+ @return The full length of the message in bytes, without the NUL: a return value
+         `>= buf_len` means the copy was truncated.
+ */
+size_t pert_last_error(char *buf, size_t buf_len);
+
+/*
  Makes a config with the defaults: num_samples 1000, sigma 0.05, noise
  `PERT_NOISE_NORMAL`, seed 0, device "auto", threads 1.
 
@@ -357,6 +371,11 @@ pert_status pert_config_set_chunk_bytes(pert_config *config, uint64_t bytes);
  `PERT_STATUS_INVALID_ARGUMENT` before any work.
  */
 pert_status pert_config_set_max_tape_bytes(pert_config *config, uint64_t bytes);
+
+/*
+ The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
+ */
+int32_t pert_cuda_device_count(void);
 
 /*
  Draws the perturbed inputs of one call on `op` (any op: callback, built-in or external),
@@ -555,25 +574,6 @@ const char *pert_version(void);
  "PERT_STATUS_UNKNOWN" for a number that is not a status. Never NULL.
  */
 const char *pert_status_name(pert_status status);
-
-/*
- Copies the calling thread's last error message into `buf`.
-
- The message is that of the most recent call on this thread that returned an error
- (successful calls leave it unchanged); it is empty before any error.
-
- @param buf      Where to copy the message; may be NULL when `buf_len` is 0.
- @param buf_len  Size of `buf` in bytes. At most `buf_len - 1` bytes are copied and the
-                 copy is always NUL-terminated when `buf_len > 0`.
- @return The full length of the message in bytes, without the NUL: a return value
-         `>= buf_len` means the copy was truncated.
- */
-size_t pert_last_error(char *buf, size_t buf_len);
-
-/*
- The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
- */
-int32_t pert_cuda_device_count(void);
 
 /*
  The vector-Jacobian product J^T g, per problem: what backpropagation needs.

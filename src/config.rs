@@ -2,10 +2,9 @@
 
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
-use crate::estimator::Baseline;
-use crate::fenchel_young::Sense;
 use crate::noise::Noise;
 use crate::perturbation::Perturbation;
+use crate::settings::{Baseline, Sense};
 
 /// The largest number of solver threads a config accepts (C: `PERT_MAX_THREADS`).
 pub(crate) const MAX_THREADS: u32 = 1024;

@@ -8,31 +8,9 @@
 //! the original code returns, this is the true loss value: L ≥ 0 for a feasible y, up to
 //! Monte-Carlo error, so loss curves mean something.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::settings::Sense;
 use tch::{Kind, Tensor};
-
-/// Whether the solver maximizes or minimizes ⟨θ, y⟩.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Sense {
-    /// y*(θ) = argmax ⟨θ, y⟩ (C: `PERT_SENSE_MAXIMIZE = 0`). The default.
-    #[default]
-    Maximize = 0,
-    /// y*(θ) = argmin ⟨θ, y⟩, e.g. shortest paths over costs (C: `PERT_SENSE_MINIMIZE = 1`).
-    Minimize = 1,
-}
-
-impl Sense {
-    /// The sense with this C number.
-    pub fn from_u32(value: u32) -> Result<Sense> {
-        match value {
-            0 => Ok(Sense::Maximize),
-            1 => Ok(Sense::Minimize),
-            _ => Err(Error::invalid(format!(
-                "sense must be PERT_SENSE_MAXIMIZE (0) or PERT_SENSE_MINIMIZE (1), got {value}"
-            ))),
-        }
-    }
-}
 
 /// The loss `[batch]` and its gradient `[batch, d]` (float32) from θ and targets
 /// `[batch, d]`, F_σ `[batch]` and ∇F_σ `[batch, d]` (float64), all on one device.

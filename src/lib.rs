@@ -6,37 +6,57 @@
 //! knows nothing of C; the C API (`pert_*`, see `include/perturbations.h`) is a thin layer
 //! in [`ffi`].
 
-pub mod autograd;
-mod blocks;
-pub mod builtin;
-pub mod config;
-pub mod device;
+// The layers, from the leaves up (see ARCHITECTURE.md): a module uses only modules
+// declared before it here, never one after (tests/architecture.rs checks it).
+
+// leaves: errors, shapes, the counter-based streams, fast math, plain settings
 pub mod error;
-pub mod estimator;
 pub mod fastmath;
-pub mod fenchel_young;
-pub mod ffi;
-pub mod fused_argmax;
-mod input;
-pub mod noise;
-pub mod op;
-pub mod perturbation;
-mod replay;
 pub mod rng;
+pub mod settings;
 pub mod shape;
 pub mod solver;
+
+// settings with their code, and helpers: devices, noise, perturbations, input checks,
+// tensor and host-buffer helpers
+pub mod device;
+mod input;
+pub mod noise;
+pub mod perturbation;
+mod tensors;
+
+pub mod config;
+
+// kernels: the block scheduler, host sums, built-in solvers, the fused argmax
+mod kernels;
+
+// estimation: the accumulator and the tape forms (sums, samples, replayed solutions)
+pub mod estimate;
+
+// pipelines: the plan of a call, the host pipeline, the libtorch pipeline, solver calls
+mod pipeline;
+
+// the public API
+pub mod fenchel_young;
 pub mod tape;
 pub mod two_phase;
 
-pub use builtin::Builtin;
+pub mod op;
+
+pub mod autograd;
+
+// the C layer
+pub mod ffi;
+
 pub use config::Config;
 pub use device::{cuda_device_count, DeviceSpec};
 pub use error::{Error, Result, Status};
-pub use estimator::Baseline;
-pub use fenchel_young::Sense;
+pub use estimate::TapeForm;
+pub use kernels::builtin::Builtin;
 pub use noise::Noise;
 pub use op::PerturbedOp;
 pub use perturbation::Perturbation;
+pub use settings::{Baseline, Sense};
 pub use solver::Solver;
 pub use tape::Tape;
 pub use two_phase::Draw;

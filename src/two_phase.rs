@@ -4,11 +4,13 @@
 //! equal those of a forward call with the same seed and call count.
 
 use crate::error::{Error, Result};
-use crate::estimator::Baseline;
-use crate::op::{host_floats, OpSpec, Source};
+use crate::pipeline::{OpSpec, Source};
 use crate::rng::Stream;
+use crate::settings::Baseline;
 use crate::shape::checked_product;
+use crate::tape::output_and_tape;
 use crate::tape::Tape;
+use crate::tensors::host_floats;
 use std::sync::Arc;
 use tch::{Device, Tensor};
 
@@ -132,9 +134,7 @@ impl Draw {
         )?;
         let batch = self.batch();
         if want_tape {
-            let (y, tape) = self
-                .spec
-                .output_and_tape(estimate, batch, self.output_device)?;
+            let (y, tape) = output_and_tape(&self.spec, estimate, batch, self.output_device)?;
             Ok((y, Some(tape)))
         } else {
             Ok((

@@ -1,6 +1,7 @@
 //! Reliability through the C API: panics, concurrency, re-entrancy, resource limits and a
 //! soak. Figures (threads x ops, cycles, RSS growth) are printed with --nocapture.
 
+use perturbations::ffi::boundary::pert_last_error;
 use perturbations::ffi::config::*;
 use perturbations::ffi::draw::*;
 use perturbations::ffi::op::*;

@@ -4,6 +4,7 @@
 use super::status::{pert_status, PERT_STATUS_OK};
 use crate::error::{Error, Result, Status};
 use std::cell::RefCell;
+use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use tch::Tensor;
 
@@ -170,6 +171,33 @@ impl Staged<'_> {
 
 fn null(name: &str) -> Error {
     Error::new(Status::NullArgument, format!("{name} is NULL"))
+}
+
+/// Copies the calling thread's last error message into `buf`.
+///
+/// The message is that of the most recent call on this thread that returned an error
+/// (successful calls leave it unchanged); it is empty before any error.
+///
+/// @param buf      Where to copy the message; may be NULL when `buf_len` is 0.
+/// @param buf_len  Size of `buf` in bytes. At most `buf_len - 1` bytes are copied and the
+///                 copy is always NUL-terminated when `buf_len > 0`.
+/// @return The full length of the message in bytes, without the NUL: a return value
+///         `>= buf_len` means the copy was truncated.
+#[no_mangle]
+pub unsafe extern "C" fn pert_last_error(buf: *mut c_char, buf_len: usize) -> usize {
+    guard_or(0, || {
+        with_last_error(|message| {
+            if !buf.is_null() && buf_len > 0 {
+                let n = message.len().min(buf_len - 1);
+                // SAFETY: the caller gives `buf_len` writable bytes at `buf`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(message.as_ptr().cast::<c_char>(), buf, n);
+                    *buf.add(n) = 0;
+                }
+            }
+            message.len()
+        })
+    })
 }
 
 #[cfg(test)]

@@ -5,10 +5,10 @@ use super::status::pert_status;
 use crate::config::Config;
 use crate::device::DeviceSpec;
 use crate::error::Error;
-use crate::estimator::Baseline;
-use crate::fenchel_young::Sense;
 use crate::noise::Noise;
 use crate::perturbation::Perturbation;
+use crate::settings::Baseline;
+use crate::settings::Sense;
 use std::ffi::{c_char, CStr};
 
 /// Normal noise N(0, 1): score z. The default.
@@ -263,5 +263,12 @@ pub unsafe extern "C" fn pert_config_set_max_tape_bytes(
     set(config, |c| {
         c.set_max_tape_bytes(bytes);
         Ok(())
+    })
+}
+/// The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
+#[no_mangle]
+pub extern "C" fn pert_cuda_device_count() -> i32 {
+    guard_or(0, || {
+        i32::try_from(crate::device::cuda_device_count()).unwrap_or(i32::MAX)
     })
 }

@@ -1,6 +1,5 @@
 //! Status codes, error messages, version and device queries.
 
-use super::boundary::{guard_or, with_last_error};
 use crate::error::Status;
 use std::ffi::c_char;
 
@@ -54,41 +53,6 @@ pub extern "C" fn pert_status_name(status: pert_status) -> *const c_char {
         None => "PERT_STATUS_UNKNOWN\0",
     };
     name.as_ptr().cast()
-}
-
-/// Copies the calling thread's last error message into `buf`.
-///
-/// The message is that of the most recent call on this thread that returned an error
-/// (successful calls leave it unchanged); it is empty before any error.
-///
-/// @param buf      Where to copy the message; may be NULL when `buf_len` is 0.
-/// @param buf_len  Size of `buf` in bytes. At most `buf_len - 1` bytes are copied and the
-///                 copy is always NUL-terminated when `buf_len > 0`.
-/// @return The full length of the message in bytes, without the NUL: a return value
-///         `>= buf_len` means the copy was truncated.
-#[no_mangle]
-pub unsafe extern "C" fn pert_last_error(buf: *mut c_char, buf_len: usize) -> usize {
-    guard_or(0, || {
-        with_last_error(|message| {
-            if !buf.is_null() && buf_len > 0 {
-                let n = message.len().min(buf_len - 1);
-                // SAFETY: the caller gives `buf_len` writable bytes at `buf`.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(message.as_ptr().cast::<c_char>(), buf, n);
-                    *buf.add(n) = 0;
-                }
-            }
-            message.len()
-        })
-    })
-}
-
-/// The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
-#[no_mangle]
-pub extern "C" fn pert_cuda_device_count() -> i32 {
-    guard_or(0, || {
-        i32::try_from(crate::device::cuda_device_count()).unwrap_or(i32::MAX)
-    })
 }
 
 #[cfg(test)]

@@ -1,88 +1,16 @@
-//! The Monte-Carlo estimator: what a forward call accumulates over its samples, and the
-//! Jacobian, objective and objective gradient computed from it once all samples are in.
-//!
-//! With Y_n the solutions, s_n the scores (∇ν(Z_n) for the additive model, Z_n for the
-//! multiplicative one) and N samples, the Jacobian estimate per problem is
-//!
-//! | baseline    | J                                               | extra solves |
-//! |-------------|-------------------------------------------------|--------------|
-//! | none        | Σ Y_n s_nᵀ / (Nσ)                               | 0            |
-//! | sample mean | Σ (Y_n − Ȳ) s_nᵀ / ((N−1)σ)                     | 0            |
-//! | clean input | Σ (Y_n − y*(θ)) s_nᵀ / (Nσ)                     | 1 per problem|
-//!
-//! each divided by θ column-wise for the multiplicative model (0 where θ = 0). All are
-//! unbiased since E[s] = 0. With antithetic pairs (Z, −Z) the scores of a pair cancel, so
-//! any constant baseline drops out: J = Σ Y_n s_nᵀ / (Nσ) exactly, whatever the baseline,
-//! and no extra solve is made.
-//!
-//! Memory: per problem, either the sums Σ Y_n s_nᵀ (output_numel × input_numel) are
-//! streamed, or the samples are kept (at most N × (output_numel + input_numel) floats);
-//! [`TapeForm::choose`] picks one from their sizes and costs. A CPU tape of samples keeps
-//! only the Y_n, sparse ones as index-value pairs, and draws the s_n again from the call's
-//! stream for each product (module `replay`); a CUDA tape keeps both.
+//! The running sums of one forward call over its samples, and the estimates made from them
+//! once all samples are in (see [`crate::estimate`] for the estimators).
 
-use crate::builtin::Solutions;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::estimate::form::TapeForm;
+use crate::estimate::jacobian::JacobianData;
+use crate::estimate::replay::{Redraw, Replay, SolutionRows};
+use crate::kernels::builtin::Solutions;
+use crate::kernels::sums::ProblemSums;
 use crate::perturbation::Perturbation;
-use crate::replay::{Redraw, Replay, SolutionRows};
-use crate::tape::JacobianData;
+use crate::settings::Baseline;
+use crate::tensors::{host_floats, host_slice};
 use tch::{Device, Kind, Tensor};
-
-/// The variance-reduction baseline of the gradient estimator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Baseline {
-    /// The plain score-function estimator (C: `PERT_BASELINE_NONE = 0`).
-    None = 0,
-    /// Subtract the mean of the samples; no extra solve, needs N ≥ 2
-    /// (C: `PERT_BASELINE_SAMPLE_MEAN = 1`). The default.
-    #[default]
-    SampleMean = 1,
-    /// Subtract the solution at the clean input y*(θ); one extra solve per problem
-    /// (C: `PERT_BASELINE_CLEAN_INPUT = 2`).
-    CleanInput = 2,
-}
-
-impl Baseline {
-    /// The baseline with this C number.
-    pub fn from_u32(value: u32) -> Result<Baseline> {
-        match value {
-            0 => Ok(Baseline::None),
-            1 => Ok(Baseline::SampleMean),
-            2 => Ok(Baseline::CleanInput),
-            _ => Err(Error::invalid(format!(
-                "baseline must be PERT_BASELINE_NONE (0), PERT_BASELINE_SAMPLE_MEAN (1) or PERT_BASELINE_CLEAN_INPUT (2), got {value}"
-            ))),
-        }
-    }
-}
-
-/// How a tape keeps what the Jacobian needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TapeForm {
-    /// Σ Y_n s_nᵀ per problem: output_numel × input_numel floats.
-    Sums,
-    /// The samples: Y_n and s_n of each, N × (output_numel + input_numel) floats per
-    /// problem at most (on the CPU only the Y_n are kept; see module `replay`).
-    Samples,
-}
-
-impl TapeForm {
-    /// The form for N samples of problems with d inputs and o outputs, and its size in
-    /// floats per problem. Accumulating the sums costs o·d per sample where keeping the
-    /// samples costs o + d, so the samples are kept while they take at most twice the
-    /// memory of the sums; past that the sums win (their size does not grow with N).
-    /// `limit` (floats per problem, 0: none) rules out a form that does not fit.
-    pub fn choose(n: usize, d: usize, o: usize, limit: u128) -> (TapeForm, u128) {
-        let sums = o as u128 * d as u128;
-        let samples = n as u128 * (o as u128 + d as u128);
-        let fits = |size: u128| limit == 0 || size <= limit;
-        if samples <= 2 * sums && fits(samples) || !fits(sums) && samples < sums {
-            (TapeForm::Samples, samples)
-        } else {
-            (TapeForm::Sums, sums)
-        }
-    }
-}
 
 /// What one forward call estimated.
 pub(crate) struct Estimate {
@@ -94,250 +22,6 @@ pub(crate) struct Estimate {
     /// (float64), when output shape = input shape.
     pub objective: Option<(Tensor, Tensor)>,
 }
-
-/// The sums over the samples of one problem that the estimator needs, made on the host.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ProblemSums {
-    /// Σ Y_n, `[o]`.
-    pub sum_y: Vec<f64>,
-    /// Σ s_n, `[d]` (empty without Jacobian sums).
-    pub sum_s: Vec<f64>,
-    /// Σ Y_n s_nᵀ, `[o, d]` row-major (empty without Jacobian sums).
-    pub sum_ys: Vec<f64>,
-    /// Σ ⟨x_n, Y_n⟩ (output shape = input shape only).
-    pub objective: f64,
-    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n, `[d]` (multiplicative model with output shape = input
-    /// shape only, else empty).
-    pub sum_wy: Vec<f64>,
-    /// Whether output i was ever non-zero: the rows of `sum_y`, `sum_ys` and `sum_wy` of
-    /// other outputs are zero, and adding these sums skips them (sparse solutions such as
-    /// one-hot or top-k indicators touch few of many outputs).
-    pub touched: Vec<bool>,
-}
-
-impl ProblemSums {
-    /// Zero sums for `d` inputs and `o` outputs.
-    pub fn zeros(d: usize, o: usize, jacobian: bool, multiplicative: bool) -> ProblemSums {
-        ProblemSums {
-            sum_y: vec![0.0; o],
-            sum_s: if jacobian { vec![0.0; d] } else { Vec::new() },
-            sum_ys: if jacobian {
-                vec![0.0; o * d]
-            } else {
-                Vec::new()
-            },
-            objective: 0.0,
-            sum_wy: if multiplicative && o == d {
-                vec![0.0; d]
-            } else {
-                Vec::new()
-            },
-            touched: vec![false; o],
-        }
-    }
-
-    /// Adds `other`, element by element (its untouched outputs cost nothing).
-    pub fn add(&mut self, other: &ProblemSums) {
-        let d = self.sum_s.len();
-        for (i, _) in other.touched.iter().enumerate().filter(|(_, &t)| t) {
-            self.touched[i] = true;
-            self.sum_y[i] += other.sum_y[i];
-            if let (Some(a), Some(b)) = (self.sum_wy.get_mut(i), other.sum_wy.get(i)) {
-                *a += b;
-            }
-            if !self.sum_ys.is_empty() {
-                let row = i * d..(i + 1) * d;
-                for (a, b) in self.sum_ys[row.clone()].iter_mut().zip(&other.sum_ys[row]) {
-                    *a += b;
-                }
-            }
-        }
-        for (a, b) in self.sum_s.iter_mut().zip(&other.sum_s) {
-            *a += b;
-        }
-        self.objective += other.objective;
-    }
-
-    /// Adds samples: noise `z`, perturbed inputs `x`, scores `s` (`[rows, d]`; `s` may be
-    /// empty without Jacobian sums) and solutions `y` (`[rows, o]`); zero solution entries
-    /// cost nothing. Tiles of [`SUM_TILE`] rows are summed in float32 (vectorized), then
-    /// added into the float64 sums; the result depends on the rows given, never on threads.
-    pub fn add_rows(&mut self, d: usize, z: &[f32], x: &[f32], s: &[f32], y: &[f32], sigma: f32) {
-        #[cfg(target_arch = "x86_64")]
-        if crate::fastmath::has_avx2() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.add_rows_avx2(d, z, x, s, y, sigma) };
-        }
-        self.add_rows_impl(d, z, x, s, y, sigma, add_scaled)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn add_rows_avx2(
-        &mut self,
-        d: usize,
-        z: &[f32],
-        x: &[f32],
-        s: &[f32],
-        y: &[f32],
-        sigma: f32,
-    ) {
-        self.add_rows_impl(d, z, x, s, y, sigma, |a, v, b| add_scaled_avx2(a, v, b))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn add_rows_impl(
-        &mut self,
-        d: usize,
-        z: &[f32],
-        x: &[f32],
-        s: &[f32],
-        y: &[f32],
-        sigma: f32,
-        add_scaled: impl Fn(&mut [f32], f32, &[f32]),
-    ) {
-        let o = self.sum_y.len();
-        let shift = 0.5 * sigma * sigma;
-        let square = d == o;
-        let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
-        let rows = y.len() / o;
-        // float32 sums of one tile; rows of the Jacobian sums padded to whole 8-float
-        // vectors (`dp`), and each row's scores copied into a padded row, so that the
-        // inner loop is whole vectors; only the outputs a tile touched are flushed
-        let dp = d.div_ceil(8) * 8;
-        let mut tile_y = vec![0f32; o];
-        let mut tile_s = vec![0f32; if jacobian { dp } else { 0 }];
-        let mut tile_ys = vec![0f32; if jacobian { o * dp } else { 0 }];
-        let mut tile_wy = vec![0f32; if weighted { d } else { 0 }];
-        let (mut tile_rows, mut tile_mark) = (Vec::new(), vec![false; o]);
-        let mut padded = vec![0f32; dp];
-        for r0 in (0..rows).step_by(SUM_TILE) {
-            let r1 = (r0 + SUM_TILE).min(rows);
-            let mut tile_objective = 0f32;
-            for r in r0..r1 {
-                let yr = &y[r * o..(r + 1) * o];
-                if jacobian {
-                    for (p, &v) in padded.iter_mut().zip(&s[r * d..(r + 1) * d]) {
-                        *p = v;
-                    }
-                    add_scaled(&mut tile_s, 1.0, &padded);
-                }
-                // the non-zero entries, 8 at a time as a bit mask (a vector compare), so
-                // that sparse solutions cost one test per 8 entries and no branch per entry
-                let nonzero = yr.chunks(8).enumerate().flat_map(|(c, run)| {
-                    let mut mask = nonzero_mask(run);
-                    std::iter::from_fn(move || {
-                        (mask != 0).then(|| {
-                            let j = mask.trailing_zeros() as usize;
-                            mask &= mask - 1;
-                            (8 * c + j, run[j])
-                        })
-                    })
-                });
-                for (i, yv) in nonzero {
-                    if !tile_mark[i] {
-                        tile_mark[i] = true;
-                        tile_rows.push(i);
-                    }
-                    tile_y[i] += yv;
-                    if jacobian {
-                        add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, &padded);
-                    }
-                    if square {
-                        tile_objective += x[r * d + i] * yv;
-                        if weighted {
-                            tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
-                        }
-                    }
-                }
-            }
-            self.objective += f64::from(tile_objective);
-            for &i in &tile_rows {
-                self.touched[i] = true;
-                tile_mark[i] = false;
-                self.sum_y[i] += f64::from(std::mem::take(&mut tile_y[i]));
-                if weighted {
-                    self.sum_wy[i] += f64::from(std::mem::take(&mut tile_wy[i]));
-                }
-                if jacobian {
-                    let (total, tile) = (
-                        &mut self.sum_ys[i * d..(i + 1) * d],
-                        &mut tile_ys[i * dp..(i + 1) * dp],
-                    );
-                    for (a, t) in total.iter_mut().zip(tile.iter_mut()) {
-                        *a += f64::from(std::mem::take(t));
-                    }
-                }
-            }
-            tile_rows.clear();
-            for (a, t) in self.sum_s.iter_mut().zip(tile_s.iter_mut()) {
-                *a += f64::from(std::mem::take(t));
-            }
-        }
-    }
-}
-
-/// Bit j set when `values[j]` (j < 8) is not ±0.
-#[inline(always)]
-fn nonzero_mask(values: &[f32]) -> u32 {
-    values
-        .iter()
-        .enumerate()
-        .fold(0u32, |mask, (j, v)| mask | (u32::from(*v != 0.0) << j))
-}
-
-/// a += v · b over whole 8-float vectors (lengths multiples of 8).
-fn add_scaled(a: &mut [f32], v: f32, b: &[f32]) {
-    for (a, b) in a.iter_mut().zip(b) {
-        *a += v * b;
-    }
-}
-
-/// [`add_scaled`] one AVX vector at a time (the compiler vectorizes across vectors, which
-/// leaves the short rows of small problems scalar); a multiply then an add, as there, so
-/// the sums are the same bit for bit.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn add_scaled_avx2(a: &mut [f32], v: f32, b: &[f32]) {
-    use std::arch::x86_64::*;
-    let v = _mm256_set1_ps(v);
-    for (a, b) in a
-        .as_chunks_mut::<8>()
-        .0
-        .iter_mut()
-        .zip(b.as_chunks::<8>().0)
-    {
-        // SAFETY: a and b are arrays of 8 floats (32 bytes)
-        unsafe {
-            let sum = _mm256_add_ps(
-                _mm256_loadu_ps(a.as_ptr()),
-                _mm256_mul_ps(v, _mm256_loadu_ps(b.as_ptr())),
-            );
-            _mm256_storeu_ps(a.as_mut_ptr(), sum);
-        }
-    }
-}
-
-/// The elements of a contiguous CPU tensor whose kind is `T`, to change in place (the
-/// accumulator's own tensors; anything else is a bug of this crate).
-fn host_slice<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
-    assert!(
-        t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND,
-        "host sums need a contiguous CPU {:?} tensor, got {:?} on {:?}",
-        T::KIND,
-        t.kind(),
-        t.device()
-    );
-    // SAFETY: a contiguous CPU tensor of numel() elements of kind T, borrowed mutably for
-    // the slice's lifetime.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
-}
-
-/// Rows summed in float32 before they join the float64 sums: short enough that the float32
-/// rounding (at most `SUM_TILE` · 2⁻²⁴ relative) stays far below the Monte-Carlo error of
-/// any estimate, long enough to amortize the float64 additions.
-const SUM_TILE: usize = 64;
 
 enum JacobianSums {
     Sums {
@@ -604,7 +288,7 @@ impl Accumulator {
             // the centre may be kept by the tape: its own copy, never the storage of the
             // output handed to the caller
             (Baseline::SampleMean, _) => (
-                Some(crate::tape::copy(&mean)?),
+                Some(crate::tensors::copy(&mean)?),
                 1.0 / ((nf - 1.0) * self.sigma),
             ),
             (Baseline::CleanInput, Some(clean)) => {
@@ -648,10 +332,10 @@ impl Accumulator {
                 let batch = mean.size()[0] as usize;
                 assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
                 let center = match &center {
-                    Some(c) => crate::op::host_floats(c)?,
+                    Some(c) => host_floats(c)?,
                     None => vec![0f32; mean.numel()],
                 };
-                let col_scale = col_scale.as_ref().map(crate::op::host_floats).transpose()?;
+                let col_scale = col_scale.as_ref().map(host_floats).transpose()?;
                 Some(JacobianData::Replay(Replay {
                     rows,
                     redraw,

@@ -7,8 +7,8 @@
 //! are made on one thread and the blocks are added in their order, so the results do not
 //! depend on the number of threads, bit for bit.
 
-use crate::blocks::run_blocks;
-use crate::estimator::ProblemSums;
+use crate::kernels::blocks::run_blocks;
+use crate::kernels::sums::ProblemSums;
 use crate::noise::Noise;
 use crate::perturbation::Perturbation;
 use crate::rng::Stream;

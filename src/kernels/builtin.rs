@@ -1,6 +1,6 @@
 //! Built-in solvers: no callback. On CUDA they run in libtorch on the device, with no host
 //! round trip; on the CPU in Rust, on all cores (the argmax in a fused kernel, see
-//! [`crate::fused_argmax`]). Each works along the last dimension of the input; the output
+//! [`crate::kernels::fused_argmax`]). Each works along the last dimension of the input; the output
 //! has the input's shape.
 
 use crate::error::{Error, Result};

@@ -11,8 +11,8 @@
 //! The products are computed on the CPU, one problem per block of work on all cores, in
 //! float64, in a fixed order: the results do not depend on the number of threads.
 
-use crate::blocks::run_blocks;
 use crate::error::{Error, Result, Status};
+use crate::kernels::blocks::run_blocks;
 use crate::noise::Noise;
 use crate::rng::Stream;
 

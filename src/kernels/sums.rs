@@ -1,0 +1,232 @@
+//! The sums over a problem's samples that the estimator needs (Σ Y_n, Σ s_n, Σ Y_n s_nᵀ, the
+//! objective), made on the host from blocks of samples: float32 tiles, vectorized row
+//! updates, only the outputs a block touched. The same sums, bit for bit, on every CPU.
+
+/// The sums over the samples of one problem that the estimator needs, made on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ProblemSums {
+    /// Σ Y_n, `[o]`.
+    pub sum_y: Vec<f64>,
+    /// Σ s_n, `[d]` (empty without Jacobian sums).
+    pub sum_s: Vec<f64>,
+    /// Σ Y_n s_nᵀ, `[o, d]` row-major (empty without Jacobian sums).
+    pub sum_ys: Vec<f64>,
+    /// Σ ⟨x_n, Y_n⟩ (output shape = input shape only).
+    pub objective: f64,
+    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n, `[d]` (multiplicative model with output shape = input
+    /// shape only, else empty).
+    pub sum_wy: Vec<f64>,
+    /// Whether output i was ever non-zero: the rows of `sum_y`, `sum_ys` and `sum_wy` of
+    /// other outputs are zero, and adding these sums skips them (sparse solutions such as
+    /// one-hot or top-k indicators touch few of many outputs).
+    pub touched: Vec<bool>,
+}
+
+impl ProblemSums {
+    /// Zero sums for `d` inputs and `o` outputs.
+    pub fn zeros(d: usize, o: usize, jacobian: bool, multiplicative: bool) -> ProblemSums {
+        ProblemSums {
+            sum_y: vec![0.0; o],
+            sum_s: if jacobian { vec![0.0; d] } else { Vec::new() },
+            sum_ys: if jacobian {
+                vec![0.0; o * d]
+            } else {
+                Vec::new()
+            },
+            objective: 0.0,
+            sum_wy: if multiplicative && o == d {
+                vec![0.0; d]
+            } else {
+                Vec::new()
+            },
+            touched: vec![false; o],
+        }
+    }
+
+    /// Adds `other`, element by element (its untouched outputs cost nothing).
+    pub fn add(&mut self, other: &ProblemSums) {
+        let d = self.sum_s.len();
+        for (i, _) in other.touched.iter().enumerate().filter(|(_, &t)| t) {
+            self.touched[i] = true;
+            self.sum_y[i] += other.sum_y[i];
+            if let (Some(a), Some(b)) = (self.sum_wy.get_mut(i), other.sum_wy.get(i)) {
+                *a += b;
+            }
+            if !self.sum_ys.is_empty() {
+                let row = i * d..(i + 1) * d;
+                for (a, b) in self.sum_ys[row.clone()].iter_mut().zip(&other.sum_ys[row]) {
+                    *a += b;
+                }
+            }
+        }
+        for (a, b) in self.sum_s.iter_mut().zip(&other.sum_s) {
+            *a += b;
+        }
+        self.objective += other.objective;
+    }
+
+    /// Adds samples: noise `z`, perturbed inputs `x`, scores `s` (`[rows, d]`; `s` may be
+    /// empty without Jacobian sums) and solutions `y` (`[rows, o]`); zero solution entries
+    /// cost nothing. Tiles of [`SUM_TILE`] rows are summed in float32 (vectorized), then
+    /// added into the float64 sums; the result depends on the rows given, never on threads.
+    pub fn add_rows(&mut self, d: usize, z: &[f32], x: &[f32], s: &[f32], y: &[f32], sigma: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::fastmath::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.add_rows_avx2(d, z, x, s, y, sigma) };
+        }
+        self.add_rows_impl(d, z, x, s, y, sigma, add_scaled)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn add_rows_avx2(
+        &mut self,
+        d: usize,
+        z: &[f32],
+        x: &[f32],
+        s: &[f32],
+        y: &[f32],
+        sigma: f32,
+    ) {
+        self.add_rows_impl(d, z, x, s, y, sigma, |a, v, b| add_scaled_avx2(a, v, b))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn add_rows_impl(
+        &mut self,
+        d: usize,
+        z: &[f32],
+        x: &[f32],
+        s: &[f32],
+        y: &[f32],
+        sigma: f32,
+        add_scaled: impl Fn(&mut [f32], f32, &[f32]),
+    ) {
+        let o = self.sum_y.len();
+        let shift = 0.5 * sigma * sigma;
+        let square = d == o;
+        let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
+        let rows = y.len() / o;
+        // float32 sums of one tile; rows of the Jacobian sums padded to whole 8-float
+        // vectors (`dp`), and each row's scores copied into a padded row, so that the
+        // inner loop is whole vectors; only the outputs a tile touched are flushed
+        let dp = d.div_ceil(8) * 8;
+        let mut tile_y = vec![0f32; o];
+        let mut tile_s = vec![0f32; if jacobian { dp } else { 0 }];
+        let mut tile_ys = vec![0f32; if jacobian { o * dp } else { 0 }];
+        let mut tile_wy = vec![0f32; if weighted { d } else { 0 }];
+        let (mut tile_rows, mut tile_mark) = (Vec::new(), vec![false; o]);
+        let mut padded = vec![0f32; dp];
+        for r0 in (0..rows).step_by(SUM_TILE) {
+            let r1 = (r0 + SUM_TILE).min(rows);
+            let mut tile_objective = 0f32;
+            for r in r0..r1 {
+                let yr = &y[r * o..(r + 1) * o];
+                if jacobian {
+                    for (p, &v) in padded.iter_mut().zip(&s[r * d..(r + 1) * d]) {
+                        *p = v;
+                    }
+                    add_scaled(&mut tile_s, 1.0, &padded);
+                }
+                // the non-zero entries, 8 at a time as a bit mask (a vector compare), so
+                // that sparse solutions cost one test per 8 entries and no branch per entry
+                let nonzero = yr.chunks(8).enumerate().flat_map(|(c, run)| {
+                    let mut mask = nonzero_mask(run);
+                    std::iter::from_fn(move || {
+                        (mask != 0).then(|| {
+                            let j = mask.trailing_zeros() as usize;
+                            mask &= mask - 1;
+                            (8 * c + j, run[j])
+                        })
+                    })
+                });
+                for (i, yv) in nonzero {
+                    if !tile_mark[i] {
+                        tile_mark[i] = true;
+                        tile_rows.push(i);
+                    }
+                    tile_y[i] += yv;
+                    if jacobian {
+                        add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, &padded);
+                    }
+                    if square {
+                        tile_objective += x[r * d + i] * yv;
+                        if weighted {
+                            tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
+                        }
+                    }
+                }
+            }
+            self.objective += f64::from(tile_objective);
+            for &i in &tile_rows {
+                self.touched[i] = true;
+                tile_mark[i] = false;
+                self.sum_y[i] += f64::from(std::mem::take(&mut tile_y[i]));
+                if weighted {
+                    self.sum_wy[i] += f64::from(std::mem::take(&mut tile_wy[i]));
+                }
+                if jacobian {
+                    let (total, tile) = (
+                        &mut self.sum_ys[i * d..(i + 1) * d],
+                        &mut tile_ys[i * dp..(i + 1) * dp],
+                    );
+                    for (a, t) in total.iter_mut().zip(tile.iter_mut()) {
+                        *a += f64::from(std::mem::take(t));
+                    }
+                }
+            }
+            tile_rows.clear();
+            for (a, t) in self.sum_s.iter_mut().zip(tile_s.iter_mut()) {
+                *a += f64::from(std::mem::take(t));
+            }
+        }
+    }
+}
+
+/// Bit j set when `values[j]` (j < 8) is not ±0.
+#[inline(always)]
+fn nonzero_mask(values: &[f32]) -> u32 {
+    values
+        .iter()
+        .enumerate()
+        .fold(0u32, |mask, (j, v)| mask | (u32::from(*v != 0.0) << j))
+}
+
+/// a += v · b over whole 8-float vectors (lengths multiples of 8).
+fn add_scaled(a: &mut [f32], v: f32, b: &[f32]) {
+    for (a, b) in a.iter_mut().zip(b) {
+        *a += v * b;
+    }
+}
+
+/// [`add_scaled`] one AVX vector at a time (the compiler vectorizes across vectors, which
+/// leaves the short rows of small problems scalar); a multiply then an add, as there, so
+/// the sums are the same bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn add_scaled_avx2(a: &mut [f32], v: f32, b: &[f32]) {
+    use std::arch::x86_64::*;
+    let v = _mm256_set1_ps(v);
+    for (a, b) in a
+        .as_chunks_mut::<8>()
+        .0
+        .iter_mut()
+        .zip(b.as_chunks::<8>().0)
+    {
+        // SAFETY: a and b are arrays of 8 floats (32 bytes)
+        unsafe {
+            let sum = _mm256_add_ps(
+                _mm256_loadu_ps(a.as_ptr()),
+                _mm256_mul_ps(v, _mm256_loadu_ps(b.as_ptr())),
+            );
+            _mm256_storeu_ps(a.as_mut_ptr(), sum);
+        }
+    }
+}
+
+/// Rows summed in float32 before they join the float64 sums: short enough that the float32
+/// rounding (at most `SUM_TILE` · 2⁻²⁴ relative) stays far below the Monte-Carlo error of
+/// any estimate, long enough to amortize the float64 additions.
+const SUM_TILE: usize = 64;

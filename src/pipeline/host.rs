@@ -1,0 +1,130 @@
+//! The host pipeline: CPU ops whose solutions come from the host draw, perturb, solve and
+//! sum blocks of samples in Rust on host buffers, the blocks shared by the solver threads.
+
+use crate::error::Result;
+use crate::estimate::accumulator::Accumulator;
+use crate::estimate::replay::SolutionRows;
+use crate::estimate::TapeForm;
+use crate::kernels::blocks::run_blocks;
+use crate::kernels::sums::ProblemSums;
+use crate::pipeline::plan::OpSpec;
+use crate::pipeline::solve::{check_provided, solve_rows, SolverKind, Source};
+use crate::rng::Stream;
+use crate::tensors::host_floats;
+use tch::Tensor;
+
+impl OpSpec {
+    /// The samples of a CPU op whose solutions come from the host (a callback, a built-in
+    /// other than the fused argmax, or the two-phase API), in Rust on host buffers: each
+    /// block of samples is drawn, perturbed, solved and summed on one of the solver
+    /// threads, and the blocks are added in their order (so the results do not depend on
+    /// the number of threads). No libtorch parallel
+    /// region runs between solver calls, where its OpenMP workers would spin on the cores
+    /// the solver threads need.
+    pub(crate) fn run_on_host(
+        &self,
+        theta: &Tensor,
+        stream: &Stream,
+        source: Source<'_>,
+        acc: &mut Accumulator,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (d, o, n) = (
+            self.input_numel,
+            self.output_numel,
+            c.num_samples() as usize,
+        );
+        let multiplicative = c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
+        let sums_form = acc.form() == Some(TapeForm::Sums);
+        let keep_solutions = acc.keeps_solutions();
+        let per = self.rows_per_block(sums_form);
+        let per_problem = n.div_ceil(per);
+        let theta_host = host_floats(theta)?;
+        let batch = theta_host.len() / d.max(1);
+        // blocks of every problem, problem by problem: threads share out the whole batch
+        let blocks = batch * per_problem;
+        let builtin = matches!(source, Source::Solver(SolverKind::Builtin(_)));
+        // callbacks get the config's solver threads; built-ins use every core
+        let threads = if builtin {
+            std::thread::available_parallelism().map_or(1, |t| t.get())
+        } else {
+            c.effective_threads()
+        };
+        let threads = threads.clamp(1, blocks.max(1));
+        let last = self.input_shape.last().map_or(1, |&l| l as usize);
+        // per solver thread: noise, scores, perturbed inputs, solutions
+        let mut scratch: Vec<[Vec<f32>; 4]> = (0..threads)
+            .map(|_| {
+                [
+                    vec![0f32; per * d],
+                    vec![0f32; per * d],
+                    vec![0f32; per * d],
+                    vec![0f32; per * o],
+                ]
+            })
+            .collect();
+        type Block = (ProblemSums, Option<SolutionRows>);
+        let work = |g: usize, buffers: &mut [Vec<f32>; 4]| -> Result<Block> {
+            let (b, k) = (g / per_problem, g % per_problem);
+            let theta_b = &theta_host[b * d..(b + 1) * d];
+            let (n0, rows) = (k * per, per.min(n - k * per));
+            let [z, s, x, y] = buffers;
+            let (z, s, x, y) = (
+                &mut z[..rows * d],
+                &mut s[..rows * d],
+                &mut x[..rows * d],
+                &mut y[..rows * o],
+            );
+            // scores only for Jacobian sums (a tape of solutions draws them again later)
+            let s: &mut [f32] = if sums_form { s } else { &mut [] };
+            c.noise().draw_samples(
+                stream,
+                c.antithetic(),
+                multiplicative,
+                (b, n, n0, d),
+                z,
+                s,
+                1,
+            );
+            c.perturbation()
+                .perturb_host(theta_b, z, c.sigma() as f32, x);
+            match source {
+                Source::Solver(SolverKind::Host(solver)) => {
+                    solve_rows(&**solver, x, y, rows, d, o, 1)?
+                }
+                Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
+                Source::Provided(all) => {
+                    let first = b * n + n0;
+                    check_provided(&all[first * o..(first + rows) * o], first, o)?;
+                    y.copy_from_slice(&all[first * o..(first + rows) * o]);
+                }
+                Source::Solver(_) => unreachable!("only host solutions take the host path"),
+            }
+            let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
+            sums.add_rows(d, z, x, s, y, c.sigma() as f32);
+            // a tape that keeps the samples' solutions gets this block's
+            let solutions = if keep_solutions {
+                let mut rows = SolutionRows::new(o);
+                rows.push(y)?;
+                Some(rows)
+            } else {
+                None
+            };
+            Ok((sums, solutions))
+        };
+        let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
+        run_blocks(blocks, &mut scratch, work, |g, (sums, solutions)| {
+            total.add(&sums);
+            if let Some(solutions) = solutions {
+                acc.add_solutions(solutions)?;
+            }
+            if g % per_problem == per_problem - 1 {
+                // the last block of a problem: its sums go to the accumulator (in place, no
+                // libtorch operation while the solver threads work)
+                acc.add_sums((g / per_problem) as i64, &total)?;
+                total = ProblemSums::zeros(d, o, sums_form, multiplicative);
+            }
+            Ok(())
+        })
+    }
+}

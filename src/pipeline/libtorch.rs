@@ -1,0 +1,91 @@
+//! The libtorch chunk pipeline: CUDA ops (and CPU ops forced onto it) draw, perturb, solve
+//! and sum chunks of samples as tensors on the op's device.
+
+use crate::error::Result;
+use crate::kernels::builtin::Solutions;
+use crate::pipeline::plan::OpSpec;
+use crate::pipeline::solve::{solve_host, SolverKind};
+use crate::rng::Stream;
+use crate::shape::batched;
+use tch::{Device, Tensor};
+
+impl OpSpec {
+    /// The noise `[rows, d]` of samples `n0 .. n0 + rows` of problem `b` of a call and the
+    /// perturbed inputs, on the op's device. With antithetic pairs, sample 2k + 1 is the
+    /// negation of sample 2k (n0 and rows are then even).
+    pub(crate) fn chunk(
+        &self,
+        stream: &Stream,
+        theta_b: &Tensor,
+        b: usize,
+        n0: usize,
+        rows: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        let (d, n) = (self.input_numel, c.num_samples() as usize);
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()); // noise only
+                                                                                   // CPU ops draw with the CPU sampler; CUDA ops (and CPU ops forced onto this path)
+                                                                                   // draw with libtorch on their device
+        let draw = |first: usize, count: usize| -> Result<Tensor> {
+            if self.device == Device::Cpu && !c.libtorch_path() {
+                c.noise().sample(stream, first as u64, count, threads)
+            } else {
+                c.noise()
+                    .sample_on(stream, first as u64, count, self.device)
+            }
+        };
+        let z = if c.antithetic() {
+            let half =
+                draw((b * n + n0) / 2 * d, rows / 2 * d)?.f_view([(rows / 2) as i64, d as i64])?;
+            Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?
+                .f_view([rows as i64, d as i64])?
+        } else {
+            draw((b * n + n0) * d, rows * d)?.f_view([rows as i64, d as i64])?
+        };
+        let x = c.perturbation().perturb(theta_b, &z, c.sigma())?;
+        Ok((z, x))
+    }
+
+    /// Calls `f(b, n0, z, x)` for the chunks of samples of every problem of `theta`
+    /// `[batch, d]` (on the device), in order: noise and perturbed inputs `[rows, d]`.
+    pub(crate) fn for_each_chunk(
+        &self,
+        theta: &Tensor,
+        stream: &Stream,
+        mut f: impl FnMut(usize, usize, Tensor, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let n = self.config.num_samples() as usize;
+        let per = self.rows_per_chunk();
+        for b in 0..theta.size()[0] as usize {
+            let theta_b = theta.f_narrow(0, b as i64, 1)?;
+            for n0 in (0..n).step_by(per) {
+                let (z, x) = self.chunk(stream, &theta_b, b, n0, per.min(n - n0))?;
+                f(b, n0, z, x)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Solves the problems `x` `[rows, d]` with the op's own solver.
+    pub(crate) fn solve(&self, solver: &SolverKind, x: &Tensor) -> Result<Solutions> {
+        match solver {
+            SolverKind::Builtin(builtin) => {
+                let x = x.f_view(batched(x.size()[0] as usize, &self.input_shape).as_slice())?;
+                builtin.solve(
+                    &x,
+                    *self.input_shape.last().expect("built-ins have rank >= 1"),
+                )
+            }
+            SolverKind::Host(host) => {
+                let y = solve_host(
+                    &**host,
+                    x,
+                    self.output_numel,
+                    self.config.effective_threads(),
+                )?;
+                Ok(Solutions::Dense(y.f_to_device(self.device)?))
+            }
+            SolverKind::External => unreachable!("external ops are refused before solving"),
+        }
+    }
+}

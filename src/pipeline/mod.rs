@@ -1,0 +1,135 @@
+//! The pipelines of a forward call. [`OpSpec::run`] picks one by the op's device and
+//! solver: the fused argmax kernel (CPU built-in argmax), the host pipeline ([`host`]: CPU
+//! callbacks, other built-ins and two-phase solutions) or the libtorch chunk pipeline
+//! ([`libtorch`]: CUDA ops, and CPU ops forced onto it), and returns the [`Estimate`].
+
+pub(crate) mod host;
+pub(crate) mod libtorch;
+pub(crate) mod plan;
+pub(crate) mod solve;
+
+use crate::error::Result;
+use crate::estimate::replay::Redraw;
+use crate::estimate::{Accumulator, Estimate, TapeForm};
+use crate::kernels::builtin::{Builtin, Solutions};
+use crate::kernels::fused_argmax::Kernel;
+use crate::pipeline::solve::provided;
+use crate::rng::Stream;
+use crate::settings::Baseline;
+use crate::tensors::host_floats;
+use tch::{Device, Tensor};
+
+pub(crate) use plan::OpSpec;
+pub(crate) use solve::{SolverKind, Source};
+
+impl OpSpec {
+    /// One forward call (number `call` of its op) on `theta` `[batch, d]` (on the device).
+    pub(crate) fn run(
+        &self,
+        theta: &Tensor,
+        call: u64,
+        want_jacobian: bool,
+        source: Source<'_>,
+    ) -> Result<Estimate> {
+        let c = &self.config;
+        let batch = theta.size()[0] as usize;
+        let (d, o, n) = (
+            self.input_numel,
+            self.output_numel,
+            c.num_samples() as usize,
+        );
+        let form = if want_jacobian {
+            Some(self.tape_form(batch)?)
+        } else {
+            None
+        };
+        let stream = Stream::new(c.seed(), call);
+        let baseline = if c.antithetic() {
+            Baseline::None
+        } else {
+            c.baseline()
+        };
+        let clean = if want_jacobian && baseline == Baseline::CleanInput {
+            let rows = match source {
+                Source::Provided(all) => {
+                    Solutions::Dense(provided(all, batch * n, batch, o, self.device)?)
+                }
+                Source::Solver(solver) => self.solve(solver, theta)?,
+            };
+            Some(rows.dense(o as i64)?)
+        } else {
+            None
+        };
+        let square = self.input_shape == self.output_shape;
+        let host = matches!(
+            source,
+            Source::Solver(SolverKind::Host(_) | SolverKind::Builtin(_)) | Source::Provided(_)
+        ) && self.device == Device::Cpu
+            && !c.libtorch_path();
+        // the host pipeline's tapes keep the samples' solutions and draw the scores again
+        let redraw = (host && u32::try_from(o).is_ok()).then_some(Redraw {
+            stream,
+            noise: c.noise(),
+            antithetic: c.antithetic(),
+            score_is_z: c.perturbation() == crate::perturbation::Perturbation::Multiplicative,
+            n,
+            d,
+        });
+        let mut acc = Accumulator::new(
+            batch,
+            n,
+            d,
+            o,
+            c.perturbation(),
+            c.sigma(),
+            form,
+            redraw,
+            square,
+            self.device,
+        )?;
+        if let (
+            Source::Solver(SolverKind::Builtin(Builtin::Argmax)),
+            Device::Cpu,
+            None | Some(TapeForm::Sums),
+            false,
+        ) = (&source, self.device, form, c.libtorch_path())
+        {
+            if d * d <= crate::kernels::fused_argmax::MAX_SUMS {
+                let kernel = Kernel {
+                    stream: &stream,
+                    noise: c.noise(),
+                    perturbation: c.perturbation(),
+                    sigma: c.sigma() as f32,
+                    antithetic: c.antithetic(),
+                    jacobian: form.is_some(),
+                    last: *self.input_shape.last().expect("built-ins have rank >= 1") as usize,
+                };
+                let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
+                for (b, theta_b) in host_floats(theta)?.chunks_exact(d).enumerate() {
+                    acc.add_sums(b as i64, &kernel.problem(theta_b, b, n, cores))?;
+                }
+                return acc.finish(n, baseline, clean.as_ref(), theta);
+            }
+        }
+        if host {
+            self.run_on_host(theta, &stream, source, &mut acc)?;
+            return acc.finish(n, baseline, clean.as_ref(), theta);
+        }
+        self.for_each_chunk(theta, &stream, |b, n0, z, x| {
+            let rows = z.size()[0] as usize;
+            let y = match source {
+                Source::Solver(solver) => self.solve(solver, &x)?,
+                Source::Provided(all) => {
+                    Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?)
+                }
+            };
+            let s = if acc.wants_scores() {
+                Some(c.perturbation().score(c.noise(), &z)?)
+            } else {
+                None
+            };
+            acc.add(b as i64, n0 as i64, &z, &x, s.as_ref(), &y)
+        })?;
+        acc.finish(n, baseline, clean.as_ref(), theta)
+    }
+}

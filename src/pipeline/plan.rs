@@ -1,0 +1,159 @@
+//! The plan of a forward call: an op's shapes, config and device ([`OpSpec`]), the checks
+//! of a call's sizes, and how its samples are cut into chunks and blocks and kept on the
+//! tape.
+
+use crate::config::{Config, AUTO_CHUNK_BYTES};
+use crate::error::{Error, Result};
+use crate::estimate::TapeForm;
+use crate::input::check_floats;
+use crate::shape::{batched, checked_floats};
+use tch::{Device, Tensor};
+
+/// About how many blocks the host pipeline cuts a problem's samples into (see
+/// [`OpSpec::rows_per_block`]).
+const HOST_BLOCKS: usize = 32;
+
+/// The fewest samples in a host block (fewer only when a chunk is smaller): enough that
+/// the per-block cost (a solver call, a hand-over between threads) stays small.
+const HOST_BLOCK_MIN_ROWS: usize = 512;
+
+/// The most bytes of a host block's buffers (noise, scores, perturbed inputs, solutions),
+/// so that a block stays in a core's L2 cache between its steps.
+const HOST_BLOCK_BYTES: u64 = 512 << 10;
+
+/// The part of an op that its draws keep (shapes, config, device): immutable.
+#[derive(Debug)]
+pub(crate) struct OpSpec {
+    pub config: Config,
+    pub device: Device,
+    pub input_shape: Vec<i64>,
+    pub output_shape: Vec<i64>,
+    pub input_numel: usize,
+    pub output_numel: usize,
+}
+
+impl OpSpec {
+    pub fn require_square(&self, what: &str) -> Result<()> {
+        if self.input_shape == self.output_shape {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "{what} needs output_shape == input_shape (a linear objective <theta, y>), got output {:?} and input {:?}",
+            self.output_shape, self.input_shape
+        )))
+    }
+
+    /// Checks theta's shape, kind and values; returns it as `[batch, d]` on the op's device.
+    pub(crate) fn check_theta(&self, theta: &Tensor) -> Result<Tensor> {
+        let size = theta.size();
+        if size.len() != self.input_shape.len() + 1 || size[1..] != self.input_shape[..] {
+            return Err(Error::invalid(format!(
+                "theta must have shape [batch, {}], got {size:?}",
+                self.input_shape
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let batch = size[0] as usize;
+        self.check_batch(batch)?;
+        check_floats(theta, "theta")?;
+        Ok(theta
+            .f_to_device(self.device)?
+            .f_reshape([batch as i64, self.input_numel as i64])?)
+    }
+
+    pub(crate) fn check_batch(&self, batch: usize) -> Result<()> {
+        let n = self.config.num_samples() as usize;
+        checked_floats(
+            &[batch, n, self.input_numel],
+            "batch * num_samples * input_numel",
+        )?;
+        checked_floats(
+            &[batch, n, self.output_numel],
+            "batch * num_samples * output_numel",
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn output_tensor(
+        &self,
+        mean: &Tensor,
+        batch: usize,
+        device: Device,
+    ) -> Result<Tensor> {
+        Ok(mean
+            .f_reshape(batched(batch, &self.output_shape))?
+            .f_to_device(device)?)
+    }
+
+    /// The tape form for `batch` problems, checked against the config's tape limit.
+    pub(crate) fn tape_form(&self, batch: usize) -> Result<TapeForm> {
+        let n = self.config.num_samples() as usize;
+        let limit = self.config.max_tape_bytes();
+        let per_problem = u128::from(limit) / 4 / (batch.max(1) as u128);
+        let (form, floats) = TapeForm::choose(
+            n,
+            self.input_numel,
+            self.output_numel,
+            if limit == 0 { 0 } else { per_problem.max(1) },
+        );
+        let bytes = floats.saturating_mul(batch as u128).saturating_mul(4);
+        if limit > 0 && bytes > u128::from(limit) {
+            return Err(Error::invalid(format!(
+                "the tape needs {bytes} bytes (batch {batch}, {} floats per problem), above max_tape_bytes {limit}",
+                floats
+            )));
+        }
+        if bytes > i64::MAX as u128 {
+            return Err(Error::invalid(format!(
+                "the tape would need {bytes} bytes, more than can be addressed"
+            )));
+        }
+        Ok(form)
+    }
+
+    /// Samples per chunk: what fits in the config's chunk budget (even under antithetic
+    /// pairs), at least one (two).
+    pub(crate) fn rows_per_chunk(&self) -> usize {
+        let (d, o) = (self.input_numel as u64, self.output_numel as u64);
+        let row_bytes = 4 * (4 * d + 3 * o);
+        let n = self.config.num_samples() as usize;
+        let budget = match self.config.chunk_bytes() {
+            0 if self.device == Device::Cpu => AUTO_CHUNK_BYTES.0,
+            0 => AUTO_CHUNK_BYTES.1,
+            bytes => bytes,
+        };
+        let rows = (budget / row_bytes).clamp(1, n as u64) as usize;
+        if self.config.antithetic() {
+            (rows & !1).max(2)
+        } else {
+            rows
+        }
+    }
+
+    /// Samples per block of the host pipeline: a chunk ([`Self::rows_per_chunk`]), cut
+    /// down to about 1/[`HOST_BLOCKS`] of a problem's samples (not below
+    /// [`HOST_BLOCK_MIN_ROWS`]) so that solver threads share the work evenly, and to
+    /// [`HOST_BLOCK_BYTES`] of buffers so that a block stays in cache, unless the block
+    /// keeps Jacobian sums (`sums`): their output × input entries are then a per-block cost
+    /// that the block's own work must outweigh. It does not depend on the number of
+    /// threads, so neither do the results.
+    pub(crate) fn rows_per_block(&self, sums: bool) -> usize {
+        let n = self.config.num_samples() as usize;
+        let share = n.div_ceil(HOST_BLOCKS).max(HOST_BLOCK_MIN_ROWS);
+        let (d, o) = (self.input_numel as u64, self.output_numel as u64);
+        let row_floats = 3 * d + o;
+        let mut in_cache = (HOST_BLOCK_BYTES / (4 * row_floats)).max(1);
+        if sums {
+            in_cache = in_cache.max((o * d).div_ceil(row_floats));
+        }
+        let rows = self.rows_per_chunk().min(share).min(in_cache as usize);
+        if self.config.antithetic() {
+            (rows + (rows & 1)).min(self.rows_per_chunk())
+        } else {
+            rows
+        }
+    }
+}

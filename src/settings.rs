@@ -1,0 +1,57 @@
+//! The settings that are plain choices (no behaviour of their own): the variance-reduction
+//! baseline and the sense of the optimization. The other settings, with the code that
+//! carries them out, are in [`crate::noise`], [`crate::perturbation`] and
+//! [`crate::device`]; [`crate::config::Config`] holds them all.
+
+use crate::error::{Error, Result};
+
+/// The variance-reduction baseline of the gradient estimator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Baseline {
+    /// The plain score-function estimator (C: `PERT_BASELINE_NONE = 0`).
+    None = 0,
+    /// Subtract the mean of the samples; no extra solve, needs N ≥ 2
+    /// (C: `PERT_BASELINE_SAMPLE_MEAN = 1`). The default.
+    #[default]
+    SampleMean = 1,
+    /// Subtract the solution at the clean input y*(θ); one extra solve per problem
+    /// (C: `PERT_BASELINE_CLEAN_INPUT = 2`).
+    CleanInput = 2,
+}
+
+impl Baseline {
+    /// The baseline with this C number.
+    pub fn from_u32(value: u32) -> Result<Baseline> {
+        match value {
+            0 => Ok(Baseline::None),
+            1 => Ok(Baseline::SampleMean),
+            2 => Ok(Baseline::CleanInput),
+            _ => Err(Error::invalid(format!(
+                "baseline must be PERT_BASELINE_NONE (0), PERT_BASELINE_SAMPLE_MEAN (1) or PERT_BASELINE_CLEAN_INPUT (2), got {value}"
+            ))),
+        }
+    }
+}
+
+/// Whether the solver maximizes or minimizes ⟨θ, y⟩.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sense {
+    /// y*(θ) = argmax ⟨θ, y⟩ (C: `PERT_SENSE_MAXIMIZE = 0`). The default.
+    #[default]
+    Maximize = 0,
+    /// y*(θ) = argmin ⟨θ, y⟩, e.g. shortest paths over costs (C: `PERT_SENSE_MINIMIZE = 1`).
+    Minimize = 1,
+}
+
+impl Sense {
+    /// The sense with this C number.
+    pub fn from_u32(value: u32) -> Result<Sense> {
+        match value {
+            0 => Ok(Sense::Maximize),
+            1 => Ok(Sense::Minimize),
+            _ => Err(Error::invalid(format!(
+                "sense must be PERT_SENSE_MAXIMIZE (0) or PERT_SENSE_MINIMIZE (1), got {value}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Helpers between libtorch tensors and host buffers, shared by the layers above.
+
+use crate::error::Result;
+use tch::{Device, Tensor};
+
+/// The values of a float32 tensor, flattened, on the host.
+pub(crate) fn host_floats(t: &Tensor) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; t.numel()];
+    let host = t.f_to_device(Device::Cpu)?.f_contiguous()?;
+    host.f_view([-1])?.f_copy_data(&mut out, t.numel())?;
+    Ok(out)
+}
+
+/// A new tensor with the values of `t`, sharing no storage with it.
+pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
+    let mut out = t.f_empty_like()?;
+    out.f_copy_(t)?;
+    Ok(out)
+}
+
+/// The elements of a contiguous CPU tensor whose kind is `T`, to change in place (the
+/// accumulator's own tensors; anything else is a bug of this crate).
+pub(crate) fn host_slice<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
+    assert!(
+        t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND,
+        "host sums need a contiguous CPU {:?} tensor, got {:?} on {:?}",
+        T::KIND,
+        t.kind(),
+        t.device()
+    );
+    // SAFETY: a contiguous CPU tensor of numel() elements of kind T, borrowed mutably for
+    // the slice's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
+}
