@@ -179,7 +179,8 @@ impl PerturbedOp {
     /// [`Draw::inputs`] anywhere, then hand the solutions to [`Draw::finish`]. Gives the
     /// results of a forward call with the same seed and call count.
     pub fn draw(&self, theta: &Tensor) -> Result<Draw> {
-        let theta_dev = self.spec.check_theta(theta)?;
+        // the draw keeps theta past this call: its own copy, never the caller's storage
+        let theta_dev = crate::tensors::copy(&self.spec.check_theta(theta)?)?;
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         Draw::new(self.spec.clone(), theta_dev, call)
     }

@@ -656,3 +656,31 @@ fn sizes_are_checked_in_bytes_and_messages_are_short() {
         pert_config_free(c);
     }
 }
+
+/// The products of a tape of samples allocate their buffers fallibly: a Jacobian whose
+/// float64 sums do not fit is a TORCH_ERROR, not an abort of the process.
+#[test]
+fn a_product_that_does_not_fit_is_a_torch_error() {
+    const NAME: &str = "a_product_that_does_not_fit_is_a_torch_error";
+    if std::env::var("PERT_CHILD_TEST").as_deref() != Ok(NAME) {
+        return run_in_child(NAME);
+    }
+    // argmax over d = 8192 with N = 16: a tape of 16 one-hot solutions, whose Jacobian is
+    // 2^26 floats (256 MiB) made from 2^26 float64 sums (512 MiB)
+    let d = 8192i64;
+    let mut c = Config::new();
+    c.set_num_samples(16).unwrap().set_sigma(0.5).unwrap();
+    c.set_device(DeviceSpec::Cpu).set_seed(1);
+    let op = PerturbedOp::new_builtin(&c, perturbations::Builtin::Argmax, &[d]).unwrap();
+    let theta = tch::Tensor::zeros([1, d], (tch::Kind::Float, tch::Device::Cpu));
+    let (_, tape) = op.forward_with_tape(&theta).unwrap();
+    assert!(tape.keeps_samples());
+    let g = tch::Tensor::ones([1, d], (tch::Kind::Float, tch::Device::Cpu));
+    let _ = tape.vjp(&g).unwrap(); // warm-up: the threads of the products
+    limit_address_space(vm_bytes() + (384 << 20));
+    let err = tape.jacobian().unwrap_err();
+    assert_eq!(err.status(), perturbations::Status::TorchError, "{err}");
+    assert!(err.message().contains("cannot allocate"), "{err}");
+    // the small products still work under the limit
+    assert_eq!(tape.vjp(&g).unwrap().size(), [1, d]);
+}

@@ -214,3 +214,32 @@ fn tensors_returned_by_the_api_share_no_storage_with_the_tape() {
         }
     }
 }
+
+/// A draw keeps its own copy of theta: changing the caller's theta between `draw` and
+/// `finish` changes nothing (the draw used to keep the caller's storage, so the objective
+/// and the multiplicative Jacobian followed the caller's changes).
+#[test]
+fn a_draw_keeps_its_own_theta() {
+    use perturbations::Perturbation;
+    let mut c = config(1);
+    c.set_noise(Noise::Normal)
+        .set_perturbation(Perturbation::Multiplicative);
+    c.set_num_samples(200).unwrap();
+    let op = PerturbedOp::new_external(&c, &[5], &[5]).unwrap();
+    let mut th = theta();
+    let draw = op.draw(&th).unwrap();
+    let mut solutions = vec![0f32; draw.count() * 5];
+    argmax(draw.inputs(), draw.count(), &mut solutions).unwrap();
+    let (_, before) = draw.finish(&solutions, true).unwrap();
+    let _ = th.f_mul_scalar_(100.0).unwrap();
+    let (_, after) = draw.finish(&solutions, true).unwrap();
+    let (before, after) = (before.unwrap(), after.unwrap());
+    assert_eq!(
+        values(&before.objective().unwrap()),
+        values(&after.objective().unwrap())
+    );
+    assert_eq!(
+        values(&before.jacobian().unwrap()),
+        values(&after.jacobian().unwrap())
+    );
+}

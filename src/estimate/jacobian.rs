@@ -70,7 +70,7 @@ impl JacobianData {
                 })
             }
             JacobianData::Replay(r) => {
-                Ok(Tensor::f_from_slice(&r.jacobian())?.f_view([batch as i64, -1, d as i64])?)
+                Ok(Tensor::f_from_slice(&r.jacobian()?)?.f_view([batch as i64, -1, d as i64])?)
             }
         }
     }
@@ -97,7 +97,7 @@ impl JacobianData {
                     None => out,
                 }
             }
-            JacobianData::Replay(r) => Tensor::f_from_slice(&r.vjp(&host_floats(g)?))?,
+            JacobianData::Replay(r) => Tensor::f_from_slice(&r.vjp(&host_floats(g)?)?)?,
         })
     }
 
@@ -126,7 +126,7 @@ impl JacobianData {
                         .f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
                 yst.f_sub(&cst)?.f_mul_scalar(*scale)?
             }
-            JacobianData::Replay(r) => Tensor::f_from_slice(&r.jvp(&host_floats(t)?))?,
+            JacobianData::Replay(r) => Tensor::f_from_slice(&r.jvp(&host_floats(t)?)?)?,
         })
     }
 }

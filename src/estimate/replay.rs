@@ -202,39 +202,55 @@ impl Replay {
         self.rows.bytes() + 4 * (self.center.len() + self.col_scale.as_ref().map_or(0, Vec::len))
     }
 
-    /// Runs `f(b, row, s_row, out_b)` for every sample of every problem, problems spread
-    /// over all cores, and returns the float64 outputs `[batch, width]`.
+    /// Runs `f(b, row, s_row, acc_b)` for every sample of every problem into float64 sums
+    /// `acc_b` of `width` entries, then `finish(b, acc_b, out_b)` into the `out_width`
+    /// float32 results of problem b; problems spread over all cores. Returns the results
+    /// `[batch, out_width]`, or TORCH_ERROR when memory runs out (every buffer is allocated
+    /// fallibly, so a product too large for memory is an error, not an abort).
     fn per_sample(
         &self,
         width: usize,
+        out_width: usize,
         f: impl Fn(usize, usize, &[f32], &mut [f64]) + Sync,
-    ) -> Vec<f64> {
+        finish: impl Fn(usize, &[f64], &mut [f32]) + Sync,
+    ) -> Result<Vec<f32>> {
         let d = self.redraw.d;
         let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
-        let mut scratch: Vec<[Vec<f32>; 2]> = (0..cores.clamp(1, self.batch.max(1)))
-            .map(|_| [vec![0f32; TILE * d], vec![0f32; TILE * d]])
-            .collect();
-        let mut out = Vec::with_capacity(self.batch * width);
-        let _ = run_blocks::<_, _, std::convert::Infallible>(
+        let threads = cores.clamp(1, self.batch.max(1));
+        let mut scratch = Vec::new();
+        for _ in 0..threads {
+            scratch.push([zeros::<f32>(TILE * d)?, zeros::<f32>(TILE * d)?]);
+        }
+        let total = self
+            .batch
+            .checked_mul(out_width)
+            .ok_or_else(|| no_memory(usize::MAX))?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(total).map_err(|_| no_memory(total))?;
+        run_blocks::<_, _, Error>(
             self.batch,
             &mut scratch,
             |b, [z, s]| {
-                let mut acc = vec![0f64; width];
+                let mut acc = zeros::<f64>(width)?;
                 #[cfg(target_arch = "x86_64")]
                 if crate::fastmath::has_avx2() {
                     // SAFETY: the CPU has AVX2 and FMA.
                     unsafe { self.problem_avx2(b, z, s, &mut acc, &f) };
-                    return Ok(acc);
+                } else {
+                    self.problem(b, z, s, &mut acc, &f);
                 }
+                #[cfg(not(target_arch = "x86_64"))]
                 self.problem(b, z, s, &mut acc, &f);
-                Ok(acc)
+                let mut row = zeros::<f32>(out_width)?;
+                finish(b, &acc, &mut row);
+                Ok(row)
             },
-            |_, acc| {
-                out.extend(acc);
+            |_, row| {
+                out.extend_from_slice(&row); // within the reserved room
                 Ok(())
             },
-        );
-        out
+        )?;
+        Ok(out)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -282,7 +298,7 @@ impl Replay {
     }
 
     /// Jᵀg per problem: `g` `[batch, o]` → `[batch, d]`.
-    pub fn vjp(&self, g: &[f32]) -> Vec<f32> {
+    pub fn vjp(&self, g: &[f32]) -> Result<Vec<f32>> {
         let (o, d) = (self.o(), self.redraw.d);
         // ⟨c_b, g_b⟩, subtracted from every sample's ⟨Y_n, g_b⟩
         let cg: Vec<f64> = (0..self.batch)
@@ -295,22 +311,27 @@ impl Replay {
                     .sum()
             })
             .collect();
-        let sums = self.per_sample(d, |b, r, sr, acc| {
-            let mut w = -cg[b];
-            self.rows
-                .for_each(r, |i, v| w += f64::from(v) * f64::from(g[b * o + i]));
-            for (a, &sv) in acc.iter_mut().zip(sr) {
-                *a += w * f64::from(sv);
-            }
-        });
-        sums.iter()
-            .enumerate()
-            .map(|(k, &v)| (v * self.column(k / d, k % d)) as f32)
-            .collect()
+        self.per_sample(
+            d,
+            d,
+            |b, r, sr, acc| {
+                let mut w = -cg[b];
+                self.rows
+                    .for_each(r, |i, v| w += f64::from(v) * f64::from(g[b * o + i]));
+                for (a, &sv) in acc.iter_mut().zip(sr) {
+                    *a += w * f64::from(sv);
+                }
+            },
+            |b, acc, out| {
+                for (j, (o, &v)) in out.iter_mut().zip(acc).enumerate() {
+                    *o = (v * self.column(b, j)) as f32;
+                }
+            },
+        )
     }
 
     /// J t per problem: `t` `[batch, d]` → `[batch, o]`.
-    pub fn jvp(&self, t: &[f32]) -> Vec<f32> {
+    pub fn jvp(&self, t: &[f32]) -> Result<Vec<f32>> {
         let (o, d) = (self.o(), self.redraw.d);
         // t ⊙ scale · col_scale, so that each sample needs ⟨s_n, t'⟩ only
         let t: Vec<f64> = t
@@ -319,48 +340,67 @@ impl Replay {
             .map(|(k, &v)| f64::from(v) * self.column(k / d, k % d))
             .collect();
         // per problem: Σ_n Y_n ⟨s_n, t'⟩ in the first o entries, Σ_n ⟨s_n, t'⟩ in the last
-        let sums = self.per_sample(o + 1, |b, r, sr, acc| {
-            let a: f64 = sr
-                .iter()
-                .zip(&t[b * d..(b + 1) * d])
-                .map(|(&sv, &tv)| f64::from(sv) * tv)
-                .sum();
-            self.rows.for_each(r, |i, v| acc[i] += f64::from(v) * a);
-            acc[o] += a;
-        });
-        sums.chunks_exact(o + 1)
-            .enumerate()
-            .flat_map(|(b, acc)| {
-                (0..o).map(move |i| (acc[i] - f64::from(self.center[b * o + i]) * acc[o]) as f32)
-            })
-            .collect()
+        self.per_sample(
+            o + 1,
+            o,
+            |b, r, sr, acc| {
+                let a: f64 = sr
+                    .iter()
+                    .zip(&t[b * d..(b + 1) * d])
+                    .map(|(&sv, &tv)| f64::from(sv) * tv)
+                    .sum();
+                self.rows.for_each(r, |i, v| acc[i] += f64::from(v) * a);
+                acc[o] += a;
+            },
+            |b, acc, out| {
+                for (i, y) in out.iter_mut().enumerate() {
+                    *y = (acc[i] - f64::from(self.center[b * o + i]) * acc[o]) as f32;
+                }
+            },
+        )
     }
 
     /// J per problem, `[batch, o, d]`.
-    pub fn jacobian(&self) -> Vec<f32> {
+    pub fn jacobian(&self) -> Result<Vec<f32>> {
         let (o, d) = (self.o(), self.redraw.d);
         // per problem: Σ_n Y_n s_nᵀ in the first o·d entries, Σ_n s_n in the last d
-        let sums = self.per_sample(o * d + d, |_, r, sr, acc| {
-            self.rows.for_each(r, |i, v| {
-                for (a, &sv) in acc[i * d..(i + 1) * d].iter_mut().zip(sr) {
-                    *a += f64::from(v) * f64::from(sv);
+        self.per_sample(
+            o * d + d,
+            o * d,
+            |_, r, sr, acc| {
+                self.rows.for_each(r, |i, v| {
+                    for (a, &sv) in acc[i * d..(i + 1) * d].iter_mut().zip(sr) {
+                        *a += f64::from(v) * f64::from(sv);
+                    }
+                });
+                for (a, &sv) in acc[o * d..].iter_mut().zip(sr) {
+                    *a += f64::from(sv);
                 }
-            });
-            for (a, &sv) in acc[o * d..].iter_mut().zip(sr) {
-                *a += f64::from(sv);
-            }
-        });
-        sums.chunks_exact(o * d + d)
-            .enumerate()
-            .flat_map(|(b, acc)| {
-                (0..o * d).map(move |k| {
+            },
+            |b, acc, out| {
+                for (k, y) in out.iter_mut().enumerate() {
                     let (i, j) = (k / d, k % d);
                     let c = f64::from(self.center[b * o + i]);
-                    ((acc[k] - c * acc[o * d + j]) * self.column(b, j)) as f32
-                })
-            })
-            .collect()
+                    *y = ((acc[k] - c * acc[o * d + j]) * self.column(b, j)) as f32;
+                }
+            },
+        )
     }
+}
+
+/// `len` zeros, or TORCH_ERROR when memory runs out.
+fn zeros<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| no_memory(len))?;
+    v.resize(len, T::default());
+    Ok(v)
+}
+
+fn no_memory(len: usize) -> Error {
+    Error::new(
+        Status::TorchError,
+        format!("cannot allocate {len} values for a product of the tape"),
+    )
 }
 
 #[cfg(test)]

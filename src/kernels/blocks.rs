@@ -8,16 +8,26 @@
 //! either reaches an error (the first one in block order) or combines every block. A run
 //! that ends with blocks neither combined nor failed is a bug of this module, and panics
 //! rather than report success.
+//!
+//! Memory stays bounded: a block k is started only once it is within [`WINDOW`] blocks per
+//! thread of the next block to combine (helpers wait; the calling thread combines what
+//! they hand over until it is), so results waiting for their turn never pile up behind a
+//! slow block.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Condvar, Mutex};
+
+/// Blocks per thread that may be done ahead of the next block to combine.
+const WINDOW: usize = 4;
 
 /// Runs `work(k, scratch)` for blocks `k = 0 .. blocks` on `scratch.len()` threads (each
 /// thread owns one scratch; the calling thread is one of them, so with one everything runs
 /// there) and hands the results to `combine` in block order, on the calling thread. The
 /// first error in block order is returned (once an error is seen, no new block starts).
-/// A panic in `work` is resumed on the calling thread.
+/// A panic in `work` stops the other threads and is resumed on the calling thread. When a
+/// thread cannot be started, the run goes on with those that could (the results do not
+/// depend on the number of threads).
 pub(crate) fn run_blocks<S: Send, R: Send, E: Send>(
     blocks: usize,
     scratch: &mut [S],
@@ -27,22 +37,69 @@ pub(crate) fn run_blocks<S: Send, R: Send, E: Send>(
     run_blocks_observed(blocks, scratch, work, combine, |_| {})
 }
 
-/// Hands out block numbers: a block is taken only while no failure has been seen, and a
-/// taken block is always done.
-struct Queue<'a> {
+/// What the threads of a run share: the next block to take, the stop flag, and the next
+/// block to combine (for the window).
+struct Shared {
     next: AtomicUsize,
-    stop: &'a AtomicBool,
+    stop: AtomicBool,
     blocks: usize,
+    /// Blocks `0 .. combined` are combined.
+    combined: AtomicUsize,
+    /// Helpers waiting for the window to move.
+    waiting: AtomicUsize,
+    lock: Mutex<()>,
+    moved: Condvar,
+    window: usize,
 }
 
-impl Queue<'_> {
-    /// The next block to do, or None once all are taken or a failure was seen.
+impl Shared {
+    /// The next block to do, or None once all are taken or a failure was seen. A taken
+    /// block is always done: the check for failure comes before the take, in one step.
     fn take(&self) -> Option<usize> {
-        if self.stop.load(Ordering::Acquire) {
+        if self.stop.load(Ordering::SeqCst) {
             return None;
         }
         let k = self.next.fetch_add(1, Ordering::Relaxed);
         (k < self.blocks).then_some(k)
+    }
+
+    /// Waits (helpers only) until block k is within the window, or the run stops (then
+    /// the block is done anyway: the combine may still need it).
+    fn wait_turn(&self, k: usize) {
+        let open = || {
+            k < self.combined.load(Ordering::SeqCst) + self.window
+                || self.stop.load(Ordering::SeqCst)
+        };
+        if open() {
+            return;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        while !open() {
+            guard = self.moved.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(guard);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Wakes the helpers waiting for the window.
+    fn wake(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.moved.notify_all();
+        }
+    }
+
+    /// Blocks `0 .. combined` are combined.
+    fn advance(&self, combined: usize) {
+        self.combined.store(combined, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// No block is taken any more.
+    fn halt(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
     }
 }
 
@@ -63,33 +120,42 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
         }
         return Ok(());
     }
-    let stop = AtomicBool::new(false);
-    let queue = Queue {
+    let shared = Shared {
         next: AtomicUsize::new(0),
-        stop: &stop,
+        stop: AtomicBool::new(false),
         blocks,
+        combined: AtomicUsize::new(0),
+        waiting: AtomicUsize::new(0),
+        lock: Mutex::new(()),
+        moved: Condvar::new(),
+        window: WINDOW * threads,
     };
     let (send, receive) = mpsc::channel::<(usize, Result<R, E>)>();
     let (own, helpers) = scratch[..threads].split_first_mut().expect("threads >= 2");
     std::thread::scope(|scope| {
         // helpers stop taking blocks however this thread leaves the scope (error, panic)
-        let _stop_helpers = StopOnDrop(&stop);
+        let _stop_helpers = HaltOnDrop(&shared);
         let handles: Vec<_> = helpers
             .iter_mut()
-            .map(|s| {
-                let (send, queue, work, taken) = (send.clone(), &queue, &work, &taken);
-                scope.spawn(move || {
-                    while let Some(k) = queue.take() {
+            .filter_map(|s| {
+                let (send, shared, work, taken) = (send.clone(), &shared, &work, &taken);
+                let helper = move || {
+                    // a panic here stops the others too (resumed at the join)
+                    let _halt = HaltOnDrop(shared);
+                    while let Some(k) = shared.take() {
                         taken(k);
+                        shared.wait_turn(k);
                         let result = work(k, s);
                         if result.is_err() {
-                            queue.stop.store(true, Ordering::Release);
+                            shared.halt();
                         }
                         if send.send((k, result)).is_err() {
                             break; // the calling thread has its outcome already
                         }
                     }
-                })
+                };
+                // a thread that cannot start (thread or memory limits) is left out
+                std::thread::Builder::new().spawn_scoped(scope, helper).ok()
             })
             .collect();
         drop(send);
@@ -99,23 +165,41 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
         // combines the results that are next in block order; false once an error is seen
         let mut drain = |pending: &mut BTreeMap<usize, Result<R, E>>,
                          outcome: &mut Result<(), E>| {
+            let before = combined;
             while let Some(result) = pending.remove(&combined) {
                 *outcome = result.and_then(|r| combine(combined, r));
                 combined += 1;
                 if outcome.is_err() {
-                    stop.store(true, Ordering::Release);
+                    shared.halt();
                     return false;
                 }
             }
+            if combined != before {
+                shared.advance(combined);
+            }
             true
         };
-        // this thread works too, and combines between its own blocks without waiting
+        // this thread works too, and combines between its own blocks (or, when its next
+        // block is beyond the window, until it is within)
         let mut failed = false;
-        while let Some(k) = queue.take() {
+        'own: while let Some(k) = shared.take() {
             taken(k);
+            // ahead of the window: combine what the helpers hand over first
+            while k >= shared.combined.load(Ordering::SeqCst) + shared.window
+                && !shared.stop.load(Ordering::SeqCst)
+            {
+                let Ok((j, result)) = receive.recv() else {
+                    break; // every helper has left (one panicked): do the block anyway
+                };
+                pending.insert(j, result);
+                if !drain(&mut pending, &mut outcome) {
+                    failed = true;
+                    break 'own;
+                }
+            }
             let result = work(k, own);
             if result.is_err() {
-                stop.store(true, Ordering::Release);
+                shared.halt();
             }
             pending.insert(k, result);
             pending.extend(receive.try_iter());
@@ -150,12 +234,12 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
     })
 }
 
-/// Sets the flag when dropped.
-struct StopOnDrop<'a>(&'a AtomicBool);
+/// Halts the run when dropped.
+struct HaltOnDrop<'a>(&'a Shared);
 
-impl Drop for StopOnDrop<'_> {
+impl Drop for HaltOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        self.0.halt();
     }
 }
 
@@ -242,6 +326,68 @@ mod tests {
             assert_eq!(outcome, Err(1), "threads {threads}");
             assert_eq!(combined, vec![0], "threads {threads}");
         }
+    }
+
+    /// A slow first block does not let the others pile up: at most the window of blocks
+    /// per thread is done ahead of the combine (without it, all 199 others were).
+    #[test]
+    fn results_ahead_of_the_combine_stay_within_the_window() {
+        let threads = 4;
+        let ahead = AtomicUsize::new(0);
+        let most = AtomicUsize::new(0);
+        let mut scratch = vec![(); threads];
+        run_blocks::<_, _, ()>(
+            200,
+            &mut scratch,
+            |k, _| {
+                if k == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                let now = ahead.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                Ok(())
+            },
+            |_, _| {
+                ahead.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let most = most.load(Ordering::SeqCst);
+        assert!(most <= (WINDOW + 1) * threads, "{most} results waited");
+    }
+
+    /// A panic on any thread stops the others (it used to stop only the calling thread's
+    /// own work, so the helpers ran every remaining block first), and is resumed.
+    #[test]
+    fn a_panic_in_a_block_stops_the_run() {
+        // quiet panics (the default hook prints a backtrace while the others run on)
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        for panicking in [0, 1, 2] {
+            let calls = AtomicUsize::new(0);
+            let mut scratch = vec![(); 4];
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_blocks_observed::<_, _, ()>(
+                    10_000,
+                    &mut scratch,
+                    |k, _| {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        if k == panicking {
+                            panic!("block {k} panics");
+                        }
+                        std::thread::sleep(std::time::Duration::from_micros(50));
+                        Ok(())
+                    },
+                    |_, _| Ok(()),
+                    |_| {},
+                )
+            }));
+            assert!(result.is_err(), "the panic is resumed");
+            let calls = calls.load(Ordering::SeqCst);
+            assert!(calls < 200, "{calls} blocks ran after a panic");
+        }
+        std::panic::set_hook(hook);
     }
 
     /// Thousands of runs on many threads with a failure at a varying block: every run
