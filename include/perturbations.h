@@ -69,8 +69,8 @@
 #define PERT_BASELINE_NONE 0
 
 /*
- Sample-mean baseline: J = sum_n (Y_n - mean Y) s_n^T / ((N - 1) sigma); no extra solve,
- needs num_samples >= 2. The default.
+ Sample-mean baseline: J = sum_n (Y_n - mean Y) s_n^T / ((N - 1) sigma); no extra solve.
+ The default. With num_samples = 1 it is undefined, and the plain estimator is used.
  */
 #define PERT_BASELINE_SAMPLE_MEAN 1
 
@@ -445,8 +445,7 @@ void pert_draw_free(pert_draw *draw);
  @return `PERT_STATUS_NULL_ARGUMENT` (config, solver, out, or a shape with rank > 0),
          `PERT_STATUS_INVALID_ARGUMENT` (a dimension < 1, rank > 64, sizes overflow, or
          settings that do not go together: Gumbel noise with the multiplicative
-         perturbation or antithetic pairs, antithetic pairs with an odd num_samples, the
-         sample-mean baseline with num_samples 1),
+         perturbation or antithetic pairs, antithetic pairs with an odd num_samples),
          `PERT_STATUS_DEVICE_UNAVAILABLE` (the config's CUDA device is missing).
  */
 pert_status pert_op_new(const pert_config *config,

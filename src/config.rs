@@ -200,12 +200,6 @@ impl Config {
                 self.num_samples
             )));
         }
-        if self.baseline == Baseline::SampleMean && !self.antithetic && self.num_samples < 2 {
-            return Err(Error::invalid(format!(
-                "the sample-mean baseline needs num_samples >= 2, got {}",
-                self.num_samples
-            )));
-        }
         Ok(())
     }
 
@@ -295,14 +289,9 @@ mod tests {
             c.validate().unwrap_err().message(),
             "antithetic pairs need an even num_samples, got 7"
         );
+        // N = 1 with the default sample-mean baseline: valid (the plain estimator is used)
         let mut c = Config::new();
         c.set_num_samples(1).unwrap();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .message()
-            .contains("num_samples >= 2"));
-        c.set_baseline(Baseline::None);
         c.validate().unwrap();
     }
 

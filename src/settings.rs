@@ -10,8 +10,9 @@ use crate::error::{Error, Result};
 pub enum Baseline {
     /// The plain score-function estimator (C: `PERT_BASELINE_NONE = 0`).
     None = 0,
-    /// Subtract the mean of the samples; no extra solve, needs N ≥ 2
-    /// (C: `PERT_BASELINE_SAMPLE_MEAN = 1`). The default.
+    /// Subtract the mean of the samples; no extra solve (C: `PERT_BASELINE_SAMPLE_MEAN = 1`).
+    /// The default. Undefined for N = 1, where the plain estimator ([`Baseline::None`]) is
+    /// used instead.
     #[default]
     SampleMean = 1,
     /// Subtract the solution at the clean input y*(θ); one extra solve per problem

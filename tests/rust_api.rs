@@ -243,3 +243,33 @@ fn a_draw_keeps_its_own_theta() {
         values(&after.jacobian().unwrap())
     );
 }
+
+/// N = 1 works with the default settings (sample-mean baseline): the sample mean of one
+/// sample is undefined, so the call uses the plain estimator, bit for bit; the
+/// Fenchel-Young loss works too (the most common setting of decision-focused learning).
+#[test]
+fn one_sample_works_with_the_default_baseline() {
+    use perturbations::{Baseline, Builtin};
+    let mut c = config(1);
+    c.set_num_samples(1).unwrap();
+    assert_eq!(c.baseline(), Baseline::SampleMean);
+    let mut plain = c.clone();
+    plain.set_baseline(Baseline::None);
+    for make in [
+        |c: &perturbations::Config| PerturbedOp::new(c, &[5], &[5], argmax).unwrap(),
+        |c: &perturbations::Config| PerturbedOp::new_builtin(c, Builtin::Argmax, &[5]).unwrap(),
+    ] {
+        let (a, b) = (make(&c), make(&plain));
+        let (ya, ta) = a.forward_with_tape(&theta()).unwrap();
+        let (yb, tb) = b.forward_with_tape(&theta()).unwrap();
+        assert_eq!(values(&ya), values(&yb));
+        let g = theta().cos();
+        let vjp = values(&ta.vjp(&g).unwrap());
+        assert_eq!(vjp, values(&tb.vjp(&g).unwrap()));
+        assert!(vjp.iter().all(|v| v.is_finite()) && vjp.iter().any(|&v| v != 0.0));
+        let y_true = Tensor::from_slice(&[0f32, 1., 0., 0., 0., 0., 0., 0., 1., 0.]).reshape([2, 5]);
+        let (loss, grad) = a.fenchel_young(&theta(), &y_true).unwrap();
+        assert_eq!(loss.size(), [2]);
+        assert!(values(&grad).iter().all(|v| v.is_finite()));
+    }
+}

@@ -7,7 +7,7 @@
 //! | baseline    | J                                               | extra solves |
 //! |-------------|-------------------------------------------------|--------------|
 //! | none        | Σ Y_n s_nᵀ / (Nσ)                               | 0            |
-//! | sample mean | Σ (Y_n − Ȳ) s_nᵀ / ((N−1)σ)                     | 0            |
+//! | sample mean | Σ (Y_n − Ȳ) s_nᵀ / ((N−1)σ); for N = 1 as none   | 0            |
 //! | clean input | Σ (Y_n − y*(θ)) s_nᵀ / (Nσ)                     | 1 per problem|
 //!
 //! each divided by θ column-wise for the multiplicative model (0 where θ = 0). All are

@@ -24,8 +24,8 @@ pub const PERT_PERTURBATION_MULTIPLICATIVE: u32 = 1;
 
 /// Plain estimator: J = sum_n Y_n s_n^T / (N sigma).
 pub const PERT_BASELINE_NONE: u32 = 0;
-/// Sample-mean baseline: J = sum_n (Y_n - mean Y) s_n^T / ((N - 1) sigma); no extra solve,
-/// needs num_samples >= 2. The default.
+/// Sample-mean baseline: J = sum_n (Y_n - mean Y) s_n^T / ((N - 1) sigma); no extra solve.
+/// The default. With num_samples = 1 it is undefined, and the plain estimator is used.
 pub const PERT_BASELINE_SAMPLE_MEAN: u32 = 1;
 /// Clean-input control variate: J = sum_n (Y_n - y*(theta)) s_n^T / (N sigma); one extra
 /// solve per problem (in forward calls that make a tape); stays bounded as sigma -> 0.

@@ -111,8 +111,7 @@ unsafe fn shape(dims: *const i64, rank: usize, name: &str) -> Result<Vec<i64>> {
 /// @return `PERT_STATUS_NULL_ARGUMENT` (config, solver, out, or a shape with rank > 0),
 ///         `PERT_STATUS_INVALID_ARGUMENT` (a dimension < 1, rank > 64, sizes overflow, or
 ///         settings that do not go together: Gumbel noise with the multiplicative
-///         perturbation or antithetic pairs, antithetic pairs with an odd num_samples, the
-///         sample-mean baseline with num_samples 1),
+///         perturbation or antithetic pairs, antithetic pairs with an odd num_samples),
 ///         `PERT_STATUS_DEVICE_UNAVAILABLE` (the config's CUDA device is missing).
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_new(

@@ -44,10 +44,12 @@ impl OpSpec {
             None
         };
         let stream = Stream::new(c.seed(), call);
-        let baseline = if c.antithetic() {
-            Baseline::None
-        } else {
-            c.baseline()
+        // the effective baseline: none under antithetic pairs (a constant one drops out),
+        // and none for the sample mean of a single sample (undefined there)
+        let baseline = match c.baseline() {
+            _ if c.antithetic() => Baseline::None,
+            Baseline::SampleMean if n == 1 => Baseline::None,
+            chosen => chosen,
         };
         let clean = if want_jacobian && baseline == Baseline::CleanInput {
             let rows = match source {
