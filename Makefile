@@ -71,9 +71,11 @@ $(TORCH_STAMP):
 	touch "$@"
 
 # --- build ----------------------------------------------------------------
+MAJOR := $(shell sed -n 's/^version = "\([0-9]*\)\..*/\1/p' Cargo.toml | head -1)
 build: tools $(TORCH_DEP)
 	$(CARGO) build --release
 	@test -f $(BUILD_DIR)/libperturbations.so && test -f $(BUILD_DIR)/libperturbations.a
+	@ln -sf libperturbations.so $(BUILD_DIR)/libperturbations.so.$(MAJOR)  # the SONAME, as installed
 
 header: $(TORCH_DEP)
 	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
@@ -139,6 +141,7 @@ demo: examples
 bench: build
 	@mkdir -p target/bench
 	cc -std=c11 -O2 -shared -fPIC bench/bench_solvers.c -Iinclude -o target/bench/libbench_solvers.so
+	c++ -std=c++17 -O2 $(TORCH_CXX) bench/adapter_bench.cpp -Ibindings/cpp -o target/bench/adapter_bench $(LINK_PERT) $(TORCH_LINK)
 	"$(if $(LIBTORCH),python3,$(VENV)/bin/python)" bench/bench.py --out target/bench/results.md $(BENCH_FLAGS)
 
 # --- deep checks (also run by .ci/run) -----------------------------------------
@@ -190,8 +193,15 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 install: build install-files
 
 # Installs what `make build` left (used by the install test without rebuilding).
+# TORCH_LIB=/path/to/libtorch/lib sets where the installed library looks for libtorch
+# (default: the libtorch it was built against; TORCH_LIB=none: the system's library path).
 install-files:
-	sh packaging/install.sh "$(PREFIX)" "$(abspath .)" "$(VERSION)"
+	@if [ -n "$(TORCH_LIB)" ] && ! command -v patchelf >/dev/null; then \
+	  echo "installing patchelf with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq patchelf >/dev/null; \
+	fi
+	TORCH_LIB="$(TORCH_LIB)" sh packaging/install.sh "$(PREFIX)" "$(abspath .)" "$(VERSION)"
 
 clean:
 	cargo clean

@@ -5,8 +5,10 @@
 //! * libtorch_cuda linked with `-as-needed` switched off: nothing in our code refers
 //!   to its symbols, so the default `--as-needed` would drop it and CUDA would look
 //!   unavailable on a GPU machine.
-//! * A SONAME on the cdylib, so that applications record `libperturbations.so`
-//!   instead of the absolute path of the build tree.
+//! * A SONAME with the major version on the cdylib (`libperturbations.so.0`), so that
+//!   applications record it instead of the absolute path of the build tree, and two major
+//!   versions can be installed side by side (`make build` links `libperturbations.so.0`
+//!   to the build's `libperturbations.so`, as an install does).
 //! * Only `pert_*` exported from the cdylib: rustc exports every `#[no_mangle]` function
 //!   of every dependency (torch-sys's `tch_*_stream_*`, bzip2's `bz_internal_error`), which
 //!   could collide with other libraries in the host process. A second version script does
@@ -36,6 +38,7 @@ fn main() {
             cuda.join(",")
         );
     }
-    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libperturbations.so");
+    let major = std::env::var("CARGO_PKG_VERSION_MAJOR").expect("cargo sets the version");
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libperturbations.so.{major}");
     println!("cargo:rustc-cdylib-link-arg=-Wl,--exclude-libs,ALL");
 }

@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LIB = os.path.join(ROOT, "target", "release", "libperturbations.so")
 SOLVERS = os.path.join(ROOT, "target", "bench", "libbench_solvers.so")
+ADAPTER = os.path.join(ROOT, "target", "bench", "adapter_bench")
 
 THETA = [[-0.6, 1.9, -0.2, 1.1, -1.0], [-0.6, 1.0, -0.2, 1.8, -1.0]]
 DEVICE = os.environ.get("PERT_BENCH_DEVICE", "cpu")  # --device sets it for the case processes
@@ -303,6 +304,7 @@ def main():
     ap.add_argument("--one", nargs=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--only", choices=["training"], help="run only the training-regime table")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where both sides compute")
     a = ap.parse_args()
     global DEVICE
@@ -311,7 +313,34 @@ def main():
     if a.one:
         name, impl = a.one
         sys.path.insert(0, HERE)
+        if name.startswith("training:"):
+            import training
+            point = training.POINTS[int(name.split(":")[1])]
+            result = training.ours(point, Lib, SOLVERS) if impl == "ours" else training.seed(point)
+            print(json.dumps(result))
+            return
         print(json.dumps(CASES[name](impl, a.quick)))
+        return
+    sys.path.insert(0, HERE)
+    import training
+    train = {}
+    for i, point in enumerate(training.POINTS):
+        for impl in ("seed", "ours"):
+            train[(point, impl)] = run_case(f"training:{i}", impl, a.quick)
+            print(f"  training {point} {impl:5s} {json.dumps(train[(point, impl)])}", file=sys.stderr, flush=True)
+    train_lines = [
+        "",
+        "Training regime: many problems, few samples (forward + VJP, Normal noise sigma 0.1, median of "
+        f"{training.CALLS} calls; top-k with k = D/10; the C callback is a one-hot argmax, compared with the "
+        "seed's argmax; the last column draws the perturbed inputs alone, pert_draw_new):",
+        "",
+    ] + training.table(train)
+    if a.only == "training":
+        text = "\n".join([f"Machine: {machine()}"] + train_lines)
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text + "\n")
         return
     r = {}
     for name in CASES:
@@ -355,6 +384,15 @@ def main():
       f"seed {s['rmse']:.4f} in {s['time']*1000:.0f} ms; ours {o['rmse']:.4f} in {o['time']*1000:.0f} ms "
       f"(sample-mean baseline); at equal time ours would be {equal_time:.4f}, "
       f"{s['rmse']/equal_time:.1f}x smaller than the seed's.")
+    adapter = {mode: json.loads(subprocess.run([ADAPTER, mode], capture_output=True, text=True, check=True).stdout)
+               for mode in ("tape", "adapter")}
+    t, a = adapter["tape"], adapter["adapter"]
+    w("")
+    w(f"libtorch C++ adapter (pert::autograd::perturbed, forward + backward) against the tape it keeps "
+      f"(forward_with_tape + vjp), built-in argmax d=2000 batch 64 N=100: {a['time']*1000:.0f} ms vs "
+      f"{t['time']*1000:.0f} ms ({a['time']/t['time']:.2f}x), peak extra memory {a['peak_mib']:.0f} MiB vs "
+      f"{t['peak_mib']:.0f} MiB.")
+    lines += train_lines
     text = "\n".join(lines)
     print(text)
     if a.out:

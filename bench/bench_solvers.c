@@ -47,3 +47,19 @@ double bench_one_hot_alone(size_t count, int repeats) {
   free(y);
   return best;
 }
+
+/* One-hot argmax over d = *(size_t *)user_data entries: the C callback of the
+ * training-regime table. */
+int32_t bench_argmax(void *user_data, const float *x, size_t count, float *y) {
+  size_t d = *(const size_t *)user_data;
+  for (size_t r = 0; r < count; r++) {
+    const float *xr = x + r * d;
+    size_t best = 0;
+    for (size_t i = 1; i < d; i++)
+      if (xr[i] > xr[best]) best = i;
+    float *yr = y + r * d;
+    for (size_t i = 0; i < d; i++) yr[i] = 0.0f;
+    yr[best] = 1.0f;
+  }
+  return 0;
+}

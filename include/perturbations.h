@@ -517,7 +517,9 @@ size_t pert_op_output_numel(const pert_op *op);
  @param op      The op.
  @param theta   `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
                 borrowed for the call.
- @param batch   Number of problems. 0: `PERT_STATUS_OK` and nothing is written.
+ @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written to output
+                (theta and output may then be NULL), and a tape, when asked for, is a
+                valid empty tape whose products succeed and write nothing.
  @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`; may
                 overlap theta (theta is read first).
  @param tape    NULL when no gradient is needed; else receives a new tape on success

@@ -1,19 +1,39 @@
 #!/bin/sh
-# Installs the built library under PREFIX: lib/libperturbations.so.VERSION with the
-# libperturbations.so link (the SONAME), lib/libperturbations.a, include/perturbations.h
-# and perturbations.hpp, a pkg-config file and a CMake package. Run by `make install`.
+# Installs the built library under PREFIX: lib/libperturbations.so.VERSION with the links
+# libperturbations.so.MAJOR (the SONAME: two majors install side by side) and
+# libperturbations.so, lib/libperturbations.a, include/perturbations.h,
+# perturbations.hpp and perturbations_torch.hpp, a pkg-config file and a CMake package.
+# Run by `make install`.
+#
+# libtorch: the installed library looks for it in its RUNPATH, which is the libtorch the
+# library was built against (printed at the end). TORCH_LIB=/path/to/libtorch/lib sets
+# another (with patchelf); an empty RUNPATH (TORCH_LIB=none) leaves it to the system
+# (ldconfig, LD_LIBRARY_PATH).
 set -eu
 PREFIX="$1"; ROOT="$2"; VERSION="$3"
 major=${VERSION%%.*}; rest=${VERSION#*.}; minor=${rest%%.*}
 lib="$PREFIX/lib"
 mkdir -p "$lib/pkgconfig" "$lib/cmake/perturbations" "$PREFIX/include"
-install -m 755 "$ROOT/target/release/libperturbations.so" "$lib/libperturbations.so.$VERSION"
-ln -sf "libperturbations.so.$VERSION" "$lib/libperturbations.so"
+so="$lib/libperturbations.so.$VERSION"
+install -m 755 "$ROOT/target/release/libperturbations.so" "$so"
+ln -sf "libperturbations.so.$VERSION" "$lib/libperturbations.so.$major"
+ln -sf "libperturbations.so.$major" "$lib/libperturbations.so"
+if [ -n "${TORCH_LIB:-}" ]; then
+  command -v patchelf >/dev/null || { echo "TORCH_LIB needs patchelf (apt-get install patchelf)"; exit 1; }
+  if [ "$TORCH_LIB" = none ]; then
+    patchelf --remove-rpath "$so"
+  else
+    [ -f "$TORCH_LIB/libtorch_cpu.so" ] || { echo "TORCH_LIB=$TORCH_LIB holds no libtorch_cpu.so"; exit 1; }
+    patchelf --set-rpath "$TORCH_LIB" "$so"
+  fi
+fi
 install -m 644 "$ROOT/target/release/libperturbations.a" "$lib/libperturbations.a"
 install -m 644 "$ROOT/include/perturbations.h" "$PREFIX/include/perturbations.h"
 install -m 644 "$ROOT/bindings/cpp/perturbations.hpp" "$PREFIX/include/perturbations.hpp"
+install -m 644 "$ROOT/bindings/cpp/perturbations_torch.hpp" "$PREFIX/include/perturbations_torch.hpp"
 subst() { sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@VERSION@|$VERSION|g" -e "s|@VERSION_MAJOR@|$major|g" -e "s|@VERSION_MINOR@|$minor|g" "$1" > "$2"; }
 subst "$ROOT/packaging/perturbations.pc.in" "$lib/pkgconfig/perturbations.pc"
 subst "$ROOT/packaging/perturbationsConfig.cmake.in" "$lib/cmake/perturbations/perturbationsConfig.cmake"
 subst "$ROOT/packaging/perturbationsConfigVersion.cmake.in" "$lib/cmake/perturbations/perturbationsConfigVersion.cmake"
-echo "installed perturbations $VERSION under $PREFIX"
+runpath=$(readelf -d "$so" | sed -n 's/.*R\(UN\)*PATH.*\[\(.*\)\]/\2/p')
+echo "installed perturbations $VERSION under $PREFIX; libtorch is looked for in: ${runpath:-the system's library path (no RUNPATH)}"

@@ -87,8 +87,9 @@ impl Tape {
     /// The Jacobian estimate `[batch, output_numel, input_numel]` (float32), a new tensor;
     /// see [`crate::estimate`] for the estimator each setting gives.
     pub fn jacobian(&self) -> Result<Tensor> {
-        let d = self.input_shape.iter().product::<i64>() as usize;
-        self.jacobian.jacobian(self.batch, d)
+        let d = self.input_shape.iter().product::<i64>();
+        let o = self.output_shape.iter().product::<i64>();
+        self.jacobian.jacobian([self.batch as i64, o, d])
     }
 
     /// The perturbed objective F_σ(θ) of every problem, `[batch]`: E[⟨θ + σZ, y*(θ + σZ)⟩]
@@ -126,6 +127,13 @@ impl Tape {
             .f_to_device(tangent.device())?)
     }
 
+    /// J δ `[batch, output_numel]` for `delta` `[batch, input_numel]`, differentiable with
+    /// respect to δ by libtorch's autograd (its backward is the VJP), from what the tape
+    /// keeps (see `JacobianData::linear`): for [`crate::autograd`].
+    pub(crate) fn linear(&self, delta: &Tensor) -> Result<Tensor> {
+        self.jacobian.linear(delta)
+    }
+
     /// Checks kind, shape and finiteness of a per-problem tensor and returns it flattened to
     /// `[batch, numel]` on the tape's device.
     fn check_tensor(&self, t: &Tensor, shape: &[i64], what: &str) -> Result<Tensor> {
@@ -137,7 +145,8 @@ impl Tape {
             )));
         }
         crate::input::check_floats(t, what)?;
+        // sizes spelt out (no -1): a reshape of 0 problems has no inferable dimension
         Ok(t.f_to_device(self.device())?
-            .f_reshape([self.batch as i64, -1])?)
+            .f_reshape([self.batch as i64, shape.iter().product::<i64>()])?)
     }
 }

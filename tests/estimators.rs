@@ -403,18 +403,88 @@ fn objective_and_fenchel_young_need_a_square_op() {
 
 // ---- training through tch autograd ----------------------------------------------------
 
+/// The gradient through tch autograd is the tape's VJP, for every tape form (sums; the
+/// samples of the libtorch path; a CPU tape of solutions), with no dense Jacobian made for
+/// a tape of samples.
 #[test]
 fn autograd_perturbed_backward_is_the_tape_vjp() {
-    let c = config(Noise::Gumbel, 0.5, 2000, 12);
-    let theta = t(&[0.3, -0.2, 0.9, 0.1, 0.5, 0.5], &[2, 3]).set_requires_grad(true);
-    let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
-    let y = autograd::perturbed(&op, &theta).unwrap();
-    let g = t(&[1.0, -1.0, 0.5, 0.0, 2.0, -0.5], &[2, 3]);
-    (&y * &g).sum(Kind::Float).backward();
-    let twin = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
-    let (y2, tape) = twin.forward_with_tape(&theta.detach()).unwrap();
-    assert!(max_abs(&y.detach(), &y2) == 0.0);
-    assert!(max_abs(&theta.grad(), &tape.vjp(&g).unwrap()) < 1e-6);
+    for (n, libtorch) in [(2000u64, false), (3, false), (3, true)] {
+        let mut c = config(Noise::Gumbel, 0.5, n, 12);
+        c.set_libtorch_path(libtorch);
+        let theta = t(&[0.3, -0.2, 0.9, 0.1, 0.5, 0.5], &[2, 3]).set_requires_grad(true);
+        let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        let y = autograd::perturbed(&op, &theta).unwrap();
+        let g = t(&[1.0, -1.0, 0.5, 0.0, 2.0, -0.5], &[2, 3]);
+        (&y * &g).sum(Kind::Float).backward();
+        let twin = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        let (y2, tape) = twin.forward_with_tape(&theta.detach()).unwrap();
+        assert_eq!(tape.keeps_samples(), n == 3);
+        assert!(max_abs(&y.detach(), &y2) == 0.0);
+        assert!(
+            max_abs(&theta.grad(), &tape.vjp(&g).unwrap()) < 1e-5,
+            "N {n}"
+        );
+    }
+}
+
+/// No tape when no gradient can be asked: under no_grad, or for a theta that does not
+/// require grad, the call makes no tape (seen through the clean-input baseline, whose extra
+/// solve per problem only calls with a tape make).
+#[test]
+fn autograd_makes_no_tape_without_grad() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let rows = Arc::new(AtomicUsize::new(0));
+    let counted = rows.clone();
+    let mut c = config(Noise::Gumbel, 0.5, 10, 1);
+    c.set_baseline(Baseline::CleanInput);
+    let op = PerturbedOp::new(
+        &c,
+        &[3],
+        &[3],
+        move |x: &[f32], count: usize, y: &mut [f32]| {
+            counted.fetch_add(count, Ordering::SeqCst);
+            argmax(x, count, y)
+        },
+    )
+    .unwrap();
+    let theta = t(&[0.3, -0.2, 0.9, 0.1, 0.5, 0.5], &[2, 3]);
+    let with_grad = theta.copy().set_requires_grad(true);
+    let solved = |f: &dyn Fn() -> Tensor| {
+        rows.store(0, Ordering::SeqCst);
+        let y = f();
+        (rows.load(Ordering::SeqCst), y.requires_grad())
+    };
+    assert_eq!(
+        solved(&|| autograd::perturbed(&op, &with_grad).unwrap()),
+        (2 * 10 + 2, true)
+    );
+    assert_eq!(
+        solved(&|| autograd::perturbed(&op, &theta).unwrap()),
+        (2 * 10, false)
+    );
+    assert_eq!(
+        solved(&|| tch::no_grad(|| autograd::perturbed(&op, &with_grad).unwrap())),
+        (2 * 10, false)
+    );
+}
+
+/// The Fenchel-Young loss is differentiable with respect to the target too: −θ for
+/// maximization, +θ for minimization, per problem times the incoming gradient.
+#[test]
+fn autograd_fenchel_young_gradient_of_the_target() {
+    for (sense, sign) in [(Sense::Maximize, -1.0), (Sense::Minimize, 1.0)] {
+        let mut c = config(Noise::Gumbel, 0.5, 100, 3);
+        c.set_sense(sense);
+        let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        let theta = t(&[0.3, -0.2, 0.9, 0.1, 0.5, 0.5], &[2, 3]).set_requires_grad(true);
+        let y_true = t(&[0.0, 0.0, 1.0, 1.0, 0.0, 0.0], &[2, 3]).set_requires_grad(true);
+        let loss = autograd::fenchel_young_loss(&op, &theta, &y_true).unwrap();
+        (&loss * t(&[1.0, 2.0], &[2])).sum(Kind::Float).backward();
+        let want = theta.detach() * t(&[1.0, 1.0, 1.0, 2.0, 2.0, 2.0], &[2, 3]) * sign;
+        assert!(max_abs(&y_true.grad(), &want) < 1e-6, "{sense:?}");
+        assert!(theta.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
 }
 
 #[test]

@@ -267,9 +267,48 @@ fn one_sample_works_with_the_default_baseline() {
         let vjp = values(&ta.vjp(&g).unwrap());
         assert_eq!(vjp, values(&tb.vjp(&g).unwrap()));
         assert!(vjp.iter().all(|v| v.is_finite()) && vjp.iter().any(|&v| v != 0.0));
-        let y_true = Tensor::from_slice(&[0f32, 1., 0., 0., 0., 0., 0., 0., 1., 0.]).reshape([2, 5]);
+        let y_true =
+            Tensor::from_slice(&[0f32, 1., 0., 0., 0., 0., 0., 0., 1., 0.]).reshape([2, 5]);
         let (loss, grad) = a.fenchel_young(&theta(), &y_true).unwrap();
         assert_eq!(loss.size(), [2]);
         assert!(values(&grad).iter().all(|v| v.is_finite()));
+    }
+}
+
+/// Batch 0 through every pipeline: an empty output and an empty tape whose products work.
+#[test]
+fn batch_zero_gives_empty_results_and_tapes_in_every_pipeline() {
+    use perturbations::{Baseline, Builtin};
+    let empty = Tensor::zeros([0, 5], (Kind::Float, Device::Cpu));
+    for (n, libtorch, baseline) in [
+        (100u64, false, Baseline::SampleMean),
+        (3, false, Baseline::SampleMean),
+        (100, true, Baseline::CleanInput),
+        (3, true, Baseline::None),
+    ] {
+        let mut c = config(2);
+        c.set_num_samples(n).unwrap();
+        c.set_libtorch_path(libtorch).set_baseline(baseline);
+        let ops = [
+            PerturbedOp::new(&c, &[5], &[5], |_: &[f32], count: usize, _: &mut [f32]| {
+                assert!(count > 0, "the solver is never called with count 0");
+                Ok(())
+            })
+            .unwrap(),
+            PerturbedOp::new_builtin(&c, Builtin::Argmax, &[5]).unwrap(),
+            PerturbedOp::new_builtin(&c, Builtin::TopK(2), &[5]).unwrap(),
+        ];
+        for op in &ops {
+            let (y, tape) = op.forward_with_tape(&empty).unwrap();
+            assert_eq!(y.size(), [0, 5]);
+            assert_eq!(tape.batch(), 0);
+            assert_eq!(tape.vjp(&empty).unwrap().size(), [0, 5]);
+            assert_eq!(tape.jvp(&empty).unwrap().size(), [0, 5]);
+            assert_eq!(tape.jacobian().unwrap().size(), [0, 5, 5]);
+            assert_eq!(tape.objective().unwrap().size(), [0]);
+            assert_eq!(op.forward(&empty).unwrap().size(), [0, 5]);
+            let (loss, grad) = op.fenchel_young(&empty, &empty).unwrap();
+            assert_eq!((loss.size(), grad.size()), (vec![0], vec![0, 5]));
+        }
     }
 }

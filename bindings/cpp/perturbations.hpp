@@ -10,7 +10,8 @@
 // - Errors throw pert::Error, carrying the status and the library's message.
 // - Any callable is a solver: its exceptions are caught in a noexcept trampoline, the C
 //   call fails, and the original exception is rethrown to the caller of forward().
-// - Buffers are views (pointer + count), std::vector, or std::span under C++20.
+// - Buffers are any contiguous range of float (std::vector, std::array, std::span, a braced
+//   list) or a pointer and count; temporaries are copied, so a View never dangles.
 #ifndef PERTURBATIONS_HPP
 #define PERTURBATIONS_HPP
 
@@ -23,10 +24,17 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
-#if __cplusplus >= 202002L && __has_include(<span>)
+#if __has_include(<version>)
+#include <version>
+#endif
+#if defined(__cpp_lib_span)
 #include <span>
+#endif
+#if defined(__cpp_lib_ranges)
+#include <ranges>
 #endif
 
 #include "perturbations.h"
@@ -61,26 +69,55 @@ struct Deleter {
 };
 }  // namespace detail
 
-/// A read-only view of caller floats, valid for the call it is passed to: pointer and
-/// count. Converts from std::vector, a braced list and, under C++20, std::span; no copies.
+namespace detail {
+/// Whether R is a contiguous range of float: `data()` gives `float*` or `const float*`,
+/// `size()` the count (std::vector, std::array, std::span, ...).
+template <class R, class = void>
+struct is_float_range : std::false_type {};
+template <class R>
+struct is_float_range<R, std::void_t<decltype(std::declval<const R&>().data()), decltype(std::declval<const R&>().size())>>
+    : std::bool_constant<std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(std::declval<const R&>().data())>>, float>> {};
+
+/// Whether a temporary R still refers to floats that outlive it (a view such as std::span).
+template <class R>
+constexpr bool borrows() {
+#if defined(__cpp_lib_ranges)
+  return std::ranges::borrowed_range<R>;
+#else
+  return false;
+#endif
+}
+}  // namespace detail
+
+/// Caller floats passed to a call: pointer and count. From a named container (lvalue) or a
+/// view such as std::span it borrows the floats, which must outlive the View; from a
+/// temporary container or a braced list it keeps its own copy, so that
+/// `View v = {0.1f, 2.0f};` or `View v = std::vector<float>{...};` never dangles.
+/// Converts from any contiguous range of float: std::vector, std::array, std::span
+/// (C++20), a braced list.
 struct View {
   const float* data;
   std::size_t size;
+
   View(const float* d, std::size_t n) : data(d), size(n) {}
-  View(const std::vector<float>& v) : data(v.data()), size(v.size()) {}  // NOLINT(implicit)
-  // A braced list's array lives until the end of the full expression that passes it, which
-  // outlives the call the view is made for; GCC warns about views kept longer.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Winit-list-lifetime"
-#endif
-  View(std::initializer_list<float> v) : data(v.begin()), size(v.size()) {}  // NOLINT(implicit)
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-#if __cplusplus >= 202002L && __has_include(<span>)
-  View(std::span<const float> s) : data(s.data()), size(s.size()) {}  // NOLINT(implicit)
-#endif
+  View(std::initializer_list<float> v) : View(std::vector<float>(v)) {}  // NOLINT(implicit)
+  View(std::vector<float>&& v)                                            // NOLINT(implicit)
+      : data(nullptr), size(v.size()), owned_(std::make_shared<const std::vector<float>>(std::move(v))) {
+    data = owned_->data();
+  }
+  template <class R, class Plain = std::remove_cv_t<std::remove_reference_t<R>>,
+            std::enable_if_t<detail::is_float_range<Plain>::value && !std::is_same_v<Plain, View> &&
+                                 !(std::is_same_v<Plain, std::vector<float>> && !std::is_lvalue_reference_v<R>),
+                             int> = 0>
+  View(R&& range) : data(range.data()), size(range.size()) {  // NOLINT(implicit)
+    if constexpr (!std::is_lvalue_reference_v<R> && !detail::borrows<Plain>()) {
+      owned_ = std::make_shared<const std::vector<float>>(range.data(), range.data() + range.size());
+      data = owned_->data();
+    }
+  }
+
+ private:
+  std::shared_ptr<const std::vector<float>> owned_;  // the copy of a temporary, if any
 };
 
 enum class Noise : uint32_t { Normal = PERT_NOISE_NORMAL, Gumbel = PERT_NOISE_GUMBEL };
@@ -109,7 +146,13 @@ class Config {
   Config& perturbation(Perturbation p) { return set(pert_config_set_perturbation(get(), static_cast<uint32_t>(p))); }
   Config& baseline(Baseline b) { return set(pert_config_set_baseline(get(), static_cast<uint32_t>(b))); }
   Config& antithetic(bool a) { return set(pert_config_set_antithetic(get(), a)); }
-  Config& sense(Sense s) { return set(pert_config_set_sense(get(), static_cast<uint32_t>(s))); }
+  Config& sense(Sense s) {
+    set(pert_config_set_sense(get(), static_cast<uint32_t>(s)));
+    sense_ = s;
+    return *this;
+  }
+  /// The sense set on this config (ops copy it when they are made).
+  Sense sense() const noexcept { return sense_; }
   Config& chunk_bytes(std::uint64_t b) { return set(pert_config_set_chunk_bytes(get(), b)); }
   Config& max_tape_bytes(std::uint64_t b) { return set(pert_config_set_max_tape_bytes(get(), b)); }
   pert_config* get() const noexcept { return handle_.get(); }
@@ -120,6 +163,7 @@ class Config {
     return *this;
   }
   std::unique_ptr<pert_config, detail::Deleter<pert_config, pert_config_free>> handle_;
+  Sense sense_ = Sense::Maximize;
 };
 
 /// The record of a forward call: gradients without further solver calls.
@@ -179,7 +223,8 @@ class Op {
   using Solver = std::function<void(const float*, std::size_t, float*)>;
 
   Op(const Config& config, std::vector<std::int64_t> input_shape, std::vector<std::int64_t> output_shape, Solver solver)
-      : state_(new State{std::move(solver), {}, {}}) {
+      : state_(new State{std::move(solver), {}, {}}), sense_(config.sense()) {
+    if (!state_->solve) throw Error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
     pert_op* op = nullptr;
     detail::check(pert_op_new(config.get(), input_shape.data(), input_shape.size(), output_shape.data(), output_shape.size(),
                               &Op::trampoline, state_.get(), &op));
@@ -190,7 +235,7 @@ class Op {
   static Op builtin(const Config& config, Builtin which, std::vector<std::int64_t> input_shape, std::int64_t k = 0) {
     pert_op* op = nullptr;
     detail::check(pert_op_new_builtin(config.get(), static_cast<uint32_t>(which), k, input_shape.data(), input_shape.size(), &op));
-    return Op(op);
+    return Op(op, config.sense());
   }
 
   /// An op whose problems are solved elsewhere (two-phase API only).
@@ -198,11 +243,25 @@ class Op {
     pert_op* op = nullptr;
     detail::check(pert_op_new_external(config.get(), input_shape.data(), input_shape.size(), output_shape.data(),
                                        output_shape.size(), &op));
-    return Op(op);
+    return Op(op, config.sense());
+  }
+
+  Op(Op&&) noexcept = default;
+  /// Frees the old op before its callback state (the op may still refer to it).
+  Op& operator=(Op&& other) noexcept {
+    if (this != &other) {
+      handle_.reset();
+      state_ = std::move(other.state_);
+      handle_ = std::move(other.handle_);
+      sense_ = other.sense_;
+    }
+    return *this;
   }
 
   std::size_t input_numel() const noexcept { return pert_op_input_numel(get()); }
   std::size_t output_numel() const noexcept { return pert_op_output_numel(get()); }
+  /// The sense of the config the op was made from.
+  Sense sense() const noexcept { return sense_; }
 
   /// y_sigma(theta) for theta [batch, input_numel].
   std::vector<float> forward(View theta, std::size_t batch) {
@@ -228,6 +287,22 @@ class Op {
     return {std::move(loss), std::move(grad)};
   }
 
+  /// The gradient of the Fenchel-Young loss with respect to y_true, for an incoming
+  /// gradient `grad_loss` [batch]: -grad_loss[b] * theta[b] (maximization) or
+  /// +grad_loss[b] * theta[b] (minimization).
+  std::vector<float> fenchel_young_grad_y_true(View theta, View grad_loss, std::size_t batch) const {
+    std::size_t d = input_numel();
+    checked(theta, batch);
+    if (grad_loss.size != batch)
+      throw Error(PERT_STATUS_INVALID_ARGUMENT, "grad_loss must hold batch = " + std::to_string(batch) + " floats, got " +
+                                                    std::to_string(grad_loss.size));
+    float sign = sense_ == Sense::Maximize ? -1.0f : 1.0f;
+    std::vector<float> out(theta.size);
+    for (std::size_t b = 0; b < batch; b++)
+      for (std::size_t i = 0; i < d; i++) out[b * d + i] = sign * grad_loss.data[b] * theta.data[b * d + i];
+    return out;
+  }
+
   pert_op* get() const noexcept { return handle_.get(); }
 
  private:
@@ -237,7 +312,7 @@ class Op {
     std::exception_ptr error;
   };
 
-  explicit Op(pert_op* op) : handle_(op) {}
+  Op(pert_op* op, Sense sense) : handle_(op), sense_(sense) {}
 
   static int32_t trampoline(void* user_data, const float* inputs, std::size_t count, float* outputs) noexcept {
     auto* state = static_cast<State*>(user_data);
@@ -271,12 +346,16 @@ class Op {
 
   std::unique_ptr<State> state_;  // declared before handle_: the op is freed first
   std::unique_ptr<pert_op, detail::Deleter<pert_op, pert_op_free>> handle_;
+  Sense sense_ = Sense::Maximize;
 };
 
 /// The two-phase API: draw the perturbed inputs, solve them anywhere, finish.
 class Draw {
  public:
   Draw(Op& op, View theta, std::size_t batch) : o_(op.output_numel()), d_(op.input_numel()) {
+    if (theta.size != batch * d_)
+      throw Error(PERT_STATUS_INVALID_ARGUMENT, "theta must hold batch * input_numel = " + std::to_string(batch * d_) +
+                                                    " floats, got " + std::to_string(theta.size));
     pert_draw* d = nullptr;
     detail::check(pert_draw_new(op.get(), theta.data, batch, &d));
     handle_.reset(d);

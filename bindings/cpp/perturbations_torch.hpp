@@ -1,73 +1,102 @@
 // perturbations_torch.hpp: perturbed ops inside libtorch C++ models (header-only, C++17).
 //
 //   pert::Op op = pert::Op::builtin(config, pert::Builtin::Argmax, {5});
-//   torch::Tensor y = pert::torch::perturbed(op, theta);            // [batch, 5], differentiable
-//   torch::Tensor loss = pert::torch::fenchel_young(op, theta, y_true).mean();
-//   loss.backward();                                               // theta.grad() is set
+//   torch::Tensor y = pert::autograd::perturbed(op, theta);           // [batch, 5], differentiable
+//   torch::Tensor loss = pert::autograd::fenchel_young(op, theta, y_true).mean();
+//   loss.backward();                                                  // theta.grad() is set
 //
 // Each call runs one forward of the op on a CPU float32 copy of theta (the op's device
-// does the sampling); backward uses what that forward kept, without solver calls. The
-// returned tensors live on theta's device.
+// does the sampling). The autograd graph keeps that forward's tape (shared ownership) and
+// backward calls the tape's VJP: no dense Jacobian is ever made, and no solver is called
+// again. Without grad mode, or when theta does not require grad, no tape is made at all.
+// The returned tensors live on theta's device, in float32.
 #ifndef PERTURBATIONS_TORCH_HPP
 #define PERTURBATIONS_TORCH_HPP
 
 #include <torch/autograd.h>
 
+#include <memory>
 #include <vector>
 
 #include "perturbations.hpp"
 
 namespace pert {
-namespace torch {
+namespace autograd {
 
 namespace detail {
 inline ::torch::Tensor host(const ::torch::Tensor& t) { return t.detach().to(::torch::kCPU, ::torch::kFloat).contiguous(); }
 
-inline ::torch::Tensor from(const std::vector<float>& values, std::vector<int64_t> shape, const ::torch::Tensor& like) {
-  return ::torch::tensor(values, ::torch::kFloat).reshape(shape).to(like.device());
+inline ::torch::Tensor from(std::vector<float> values, std::vector<int64_t> shape, const ::torch::Tensor& like) {
+  auto* kept = new std::vector<float>(std::move(values));
+  auto t = ::torch::from_blob(
+      kept->data(), shape, [kept](void*) { delete kept; }, ::torch::TensorOptions().dtype(::torch::kFloat));
+  return t.to(like.device());
 }
 
-/// y_sigma(theta) with the Jacobian J of the same draws saved for backward: Jᵀg.
+inline View view(const ::torch::Tensor& host_float) {
+  return View(host_float.data_ptr<float>(), static_cast<std::size_t>(host_float.numel()));
+}
+
+/// A tensor that owns a tape: the autograd context keeps it, and the tape is freed with
+/// the graph (a tensor is what a context can keep; its one byte is never read).
+inline ::torch::Tensor keep(Tape tape) {
+  auto* owned = new Tape(std::move(tape));
+  return ::torch::from_blob(
+      owned, {1}, [owned](void*) { delete owned; }, ::torch::TensorOptions().dtype(::torch::kUInt8));
+}
+
+inline const Tape& kept(const ::torch::Tensor& holder) {
+  return *static_cast<const Tape*>(holder.storage().data_ptr().get());
+}
+
+inline std::vector<int64_t> with_batch(int64_t batch, std::vector<int64_t> shape) {
+  shape.insert(shape.begin(), batch);
+  return shape;
+}
+
+/// y_sigma(theta), its tape kept for backward: J^T g from the same draws.
 struct Perturbed : public ::torch::autograd::Function<Perturbed> {
   static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor theta, Op* op,
                                  std::vector<int64_t> output_shape) {
     auto t = host(theta);
     auto batch = static_cast<std::size_t>(t.size(0));
-    auto result = op->forward_with_tape(View(t.data_ptr<float>(), static_cast<std::size_t>(t.numel())), batch);
-    auto d = static_cast<int64_t>(op->input_numel()), o = static_cast<int64_t>(op->output_numel());
-    auto jacobian = from(result.tape.jacobian(), {static_cast<int64_t>(batch), o, d}, theta);
-    ctx->save_for_backward({jacobian});
+    auto result = op->forward_with_tape(view(t), batch);
+    ctx->saved_data["tape"] = keep(std::move(result.tape));
     ctx->saved_data["input_shape"] = theta.sizes().vec();
-    output_shape.insert(output_shape.begin(), static_cast<int64_t>(batch));
-    return from(result.output, output_shape, theta);
+    return from(std::move(result.output), with_batch(static_cast<int64_t>(batch), output_shape), theta);
   }
 
   static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
                                                    ::torch::autograd::variable_list grad) {
-    auto jacobian = ctx->get_saved_variables()[0];
-    auto g = grad[0].reshape({jacobian.size(0), 1, jacobian.size(1)}).to(jacobian.dtype());
+    const Tape& tape = kept(ctx->saved_data["tape"].toTensor());
     auto input_shape = ctx->saved_data["input_shape"].toIntVector();
-    return {::torch::bmm(g, jacobian).reshape(input_shape), ::torch::Tensor(), ::torch::Tensor()};
+    auto g = host(grad[0]);
+    return {from(tape.vjp(view(g)), input_shape, grad[0]), ::torch::Tensor(), ::torch::Tensor()};
   }
 };
 
-/// The Fenchel-Young loss per problem, with its gradient saved for backward.
+/// The Fenchel-Young loss per problem, with its gradients saved for backward: with respect
+/// to theta, y_sigma(theta) - y_true (maximization) or its negation; with respect to
+/// y_true, -theta (maximization) or +theta (minimization).
 struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
   static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor theta, ::torch::Tensor y_true, Op* op) {
     auto t = host(theta), y = host(y_true);
     auto batch = static_cast<std::size_t>(t.size(0));
-    auto n = static_cast<std::size_t>(t.numel());
-    auto result = op->fenchel_young(View(t.data_ptr<float>(), n), View(y.data_ptr<float>(), n), batch);
-    ctx->save_for_backward({from(result.second, theta.sizes().vec(), theta)});
-    return from(result.first, {static_cast<int64_t>(batch)}, theta);
+    auto result = op->fenchel_young(view(t), view(y), batch);
+    ctx->save_for_backward({from(std::move(result.second), theta.sizes().vec(), theta), theta.detach()});
+    ctx->saved_data["sign"] = op->sense() == Sense::Maximize ? -1.0 : 1.0;
+    return from(std::move(result.first), {static_cast<int64_t>(batch)}, theta);
   }
 
   static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
                                                    ::torch::autograd::variable_list grad) {
-    auto g = ctx->get_saved_variables()[0];
-    std::vector<int64_t> shape(static_cast<std::size_t>(g.dim()), 1);
-    shape[0] = g.size(0);
-    return {g * grad[0].reshape(shape), ::torch::Tensor(), ::torch::Tensor()};
+    auto saved = ctx->get_saved_variables();
+    auto g_theta = saved[0], theta = saved[1];
+    std::vector<int64_t> shape(static_cast<std::size_t>(g_theta.dim()), 1);
+    shape[0] = g_theta.size(0);
+    auto per_problem = grad[0].reshape(shape);
+    auto g_y = theta.to(g_theta.dtype()) * per_problem * ctx->saved_data["sign"].toDouble();
+    return {g_theta * per_problem, g_y, ::torch::Tensor()};
   }
 };
 }  // namespace detail
@@ -84,16 +113,23 @@ inline ::torch::Tensor perturbed(Op& op, const ::torch::Tensor& theta, std::vect
       output_shape = {static_cast<int64_t>(op.output_numel())};
     }
   }
+  if (!::torch::GradMode::is_enabled() || !theta.requires_grad()) {
+    // no gradient can be asked: a forward call without a tape
+    auto t = detail::host(theta);
+    auto batch = t.size(0);
+    return detail::from(op.forward(detail::view(t), static_cast<std::size_t>(batch)),
+                        detail::with_batch(batch, output_shape), theta);
+  }
   return detail::Perturbed::apply(theta, &op, output_shape);
 }
 
 /// The Fenchel-Young loss [batch] of theta against y_true (same shape); differentiable
-/// with respect to theta.
+/// with respect to theta and y_true.
 inline ::torch::Tensor fenchel_young(Op& op, const ::torch::Tensor& theta, const ::torch::Tensor& y_true) {
   return detail::FenchelYoung::apply(theta, y_true, &op);
 }
 
-}  // namespace torch
+}  // namespace autograd
 }  // namespace pert
 
 #endif  // PERTURBATIONS_TORCH_HPP

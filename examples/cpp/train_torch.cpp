@@ -24,7 +24,7 @@ int main() {
   for (int step = 0; step <= 100; step++) {
     optimizer.zero_grad();
     auto theta = model->forward(x);
-    auto loss = pert::torch::fenchel_young(op, theta, y_true).mean();
+    auto loss = pert::autograd::fenchel_young(op, theta, y_true).mean();
     loss.backward();
     optimizer.step();
     if (step % 25 == 0) {
@@ -34,7 +34,7 @@ int main() {
   }
   // the perturbed argmax itself is differentiable too
   auto theta = model->forward(x.slice(0, 0, 2)).detach().requires_grad_(true);
-  auto y = pert::torch::perturbed(op, theta);
+  auto y = pert::autograd::perturbed(op, theta);
   y.select(1, 0).sum().backward();
   std::printf("d y[:, 0] / d theta (first problem): %.3f %.3f %.3f\n", theta.grad()[0][0].item<float>(),
               theta.grad()[0][1].item<float>(), theta.grad()[0][2].item<float>());

@@ -51,8 +51,8 @@ impl JacobianData {
         }
     }
 
-    /// The Jacobian `[batch, o, d]` of `batch` problems with `d` inputs, a new tensor.
-    pub fn jacobian(&self, batch: usize, d: usize) -> Result<Tensor> {
+    /// The Jacobian of shape `size` = `[batch, o, d]`, a new tensor.
+    pub fn jacobian(&self, size: [i64; 3]) -> Result<Tensor> {
         match self {
             JacobianData::Dense(j) => crate::tensors::copy(j),
             JacobianData::Samples {
@@ -69,9 +69,7 @@ impl JacobianData {
                     None => j,
                 })
             }
-            JacobianData::Replay(r) => {
-                Ok(Tensor::f_from_slice(&r.jacobian()?)?.f_view([batch as i64, -1, d as i64])?)
-            }
+            JacobianData::Replay(r) => Ok(Tensor::f_from_slice(&r.jacobian()?)?.f_view(size)?),
         }
     }
 
@@ -129,4 +127,62 @@ impl JacobianData {
             JacobianData::Replay(r) => Tensor::f_from_slice(&r.jvp(&host_floats(t)?)?)?,
         })
     }
+
+    /// J δ `[batch, o]` for `delta` `[batch, d]`, as tensor operations that autograd
+    /// differentiates with respect to δ (its backward is Jᵀg): from the dense Jacobian of a
+    /// tape of sums, or from the samples of a tape of samples (a CPU tape of solutions
+    /// makes them dense once: the scores drawn again, the solutions spread out). A dense
+    /// Jacobian that the tape does not hold is never made.
+    pub fn linear(&self, delta: &Tensor) -> Result<Tensor> {
+        let delta = delta.f_to_device(self.device())?;
+        match self {
+            JacobianData::Dense(j) => Ok(j.f_matmul(&delta.f_unsqueeze(2)?)?.f_squeeze_dim(2)?),
+            JacobianData::Samples {
+                y,
+                s,
+                center,
+                col_scale,
+                scale,
+            } => samples_linear(y, s, center, col_scale.as_ref(), *scale, &delta),
+            JacobianData::Replay(r) => {
+                let (b, n, o, d) = (
+                    r.batch as i64,
+                    r.redraw.n as i64,
+                    r.o() as i64,
+                    r.redraw.d as i64,
+                );
+                let (y, s) = r.dense_samples()?;
+                let y = Tensor::f_from_slice(&y)?.f_view([b, n, o])?;
+                let s = Tensor::f_from_slice(&s)?.f_view([b, n, d])?;
+                let center = Tensor::f_from_slice(&r.center)?.f_view([b, o])?;
+                let col_scale = match &r.col_scale {
+                    Some(cs) => Some(Tensor::f_from_slice(cs)?.f_view([b, d])?),
+                    None => None,
+                };
+                samples_linear(&y, &s, &center, col_scale.as_ref(), r.scale, &delta)
+            }
+        }
+    }
+}
+
+/// scale · Σ_n (Y_n − c) ⟨s_n, δ ⊙ col_scale⟩ per problem: `[batch, o]`.
+fn samples_linear(
+    y: &Tensor,
+    s: &Tensor,
+    center: &Tensor,
+    col_scale: Option<&Tensor>,
+    scale: f64,
+    delta: &Tensor,
+) -> Result<Tensor> {
+    let t = match col_scale {
+        Some(cs) => delta.f_mul(cs)?,
+        None => delta.shallow_clone(),
+    };
+    let st = s.f_matmul(&t.f_unsqueeze(2)?)?; // [b, N, 1]
+    let yc = y.f_sub(&center.f_unsqueeze(1)?)?; // [b, N, o]
+    Ok(yc
+        .f_transpose(1, 2)?
+        .f_matmul(&st)?
+        .f_squeeze_dim(2)?
+        .f_mul_scalar(scale)?)
 }

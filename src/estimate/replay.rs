@@ -193,13 +193,38 @@ pub(crate) struct Replay {
 const TILE: usize = 64;
 
 impl Replay {
-    fn o(&self) -> usize {
+    pub(crate) fn o(&self) -> usize {
         self.rows.o
     }
 
     /// The bytes held.
     pub fn bytes(&self) -> usize {
         self.rows.bytes() + 4 * (self.center.len() + self.col_scale.as_ref().map_or(0, Vec::len))
+    }
+
+    /// The samples made dense: the solutions `[batch, N, o]` and the scores
+    /// `[batch, N, d]` (drawn again), or TORCH_ERROR when memory runs out.
+    pub fn dense_samples(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (n, d, o) = (self.redraw.n, self.redraw.d, self.o());
+        let rows = self
+            .batch
+            .checked_mul(n)
+            .ok_or_else(|| no_memory(usize::MAX))?;
+        let mut y = zeros::<f32>(rows.checked_mul(o).ok_or_else(|| no_memory(usize::MAX))?)?;
+        let mut s = zeros::<f32>(rows.checked_mul(d).ok_or_else(|| no_memory(usize::MAX))?)?;
+        let mut z = zeros::<f32>(TILE * d)?;
+        for r in 0..rows {
+            self.rows.for_each(r, |i, v| y[r * o + i] = v);
+        }
+        for b in 0..self.batch {
+            for n0 in (0..n).step_by(TILE) {
+                let count = TILE.min(n - n0);
+                let first = (b * n + n0) * d;
+                self.redraw
+                    .scores(b, n0, &mut z[..count * d], &mut s[first..first + count * d]);
+            }
+        }
+        Ok((y, s))
     }
 
     /// Runs `f(b, row, s_row, acc_b)` for every sample of every problem into float64 sums

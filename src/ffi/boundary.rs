@@ -75,7 +75,8 @@ pub(crate) unsafe fn arg_mut<'a, T>(ptr: *mut T, name: &str) -> Result<&'a mut T
     ptr.as_mut().ok_or_else(|| null(name))
 }
 
-/// A borrowed input buffer of `len` elements, or NULL_ARGUMENT naming `name`;
+/// A borrowed input buffer of `len` elements (NULL is accepted when `len` is 0), or
+/// NULL_ARGUMENT naming `name`;
 /// INVALID_ARGUMENT when it would span more than `isize::MAX` bytes (checked before the
 /// slice is formed).
 ///
@@ -84,6 +85,9 @@ pub(crate) unsafe fn arg_mut<'a, T>(ptr: *mut T, name: &str) -> Result<&'a mut T
 /// slice is used. Output buffers of the same call may overlap it: they are written through
 /// [`Output`] only, after the call's last use of its inputs.
 pub(crate) unsafe fn slice<'a, T>(ptr: *const T, len: usize, name: &str) -> Result<&'a [T]> {
+    if len == 0 {
+        return Ok(&[]); // an empty buffer may be NULL
+    }
     if ptr.is_null() {
         return Err(null(name));
     }
@@ -120,12 +124,13 @@ pub(crate) struct Staged<'a> {
     values: Tensor,
 }
 
-/// An output buffer of `len` floats, or NULL_ARGUMENT / INVALID_ARGUMENT naming `name`.
+/// An output buffer of `len` floats, or NULL_ARGUMENT / INVALID_ARGUMENT naming `name`
+/// (NULL is accepted when `len` is 0).
 ///
 /// # Safety
 /// A non-NULL `ptr` must point to `len` writable floats for the rest of the call.
 pub(crate) unsafe fn output(ptr: *mut f32, len: usize, name: &str) -> Result<Output> {
-    if ptr.is_null() {
+    if ptr.is_null() && len > 0 {
         return Err(null(name));
     }
     check_bytes::<f32>(len, name)?;
@@ -156,6 +161,9 @@ impl Output {
 impl Staged<'_> {
     /// Copies the values into the caller's buffer.
     pub fn write(self) {
+        if self.out.len == 0 {
+            return; // an empty buffer may be NULL
+        }
         // SAFETY: `values` is a contiguous float32 CPU tensor of `len` elements (checked in
         // `stage`); the caller's buffer holds `len` writable floats (the contract of
         // `output`). `copy` allows any overlap, though a fresh tensor never overlaps it.

@@ -243,7 +243,9 @@ pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
 /// @param op      The op.
 /// @param theta   `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
 ///                borrowed for the call.
-/// @param batch   Number of problems. 0: `PERT_STATUS_OK` and nothing is written.
+/// @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written to output
+///                (theta and output may then be NULL), and a tape, when asked for, is a
+///                valid empty tape whose products succeed and write nothing.
 /// @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`; may
 ///                overlap theta (theta is read first).
 /// @param tape    NULL when no gradient is needed; else receives a new tape on success
@@ -264,8 +266,8 @@ pub unsafe extern "C" fn pert_forward(
 ) -> pert_status {
     guard(|| {
         let op = &unsafe { arg(op, "op") }?.inner;
-        if batch == 0 {
-            return Ok(());
+        if batch == 0 && tape.is_null() {
+            return Ok(()); // nothing to compute (batch 0 with a tape gives an empty tape)
         }
         op.check_batch(batch)?;
         let (d, o) = (op.input_numel(), op.output_numel());

@@ -62,8 +62,10 @@ impl Builtin {
     /// Solves the problems `x` `[rows, *input_shape]`, with `last` the size of the last
     /// dimension.
     pub(crate) fn solve(self, x: &Tensor, last: i64) -> Result<Solutions> {
-        let rows = x.size()[0];
-        let flat = x.f_view([rows, -1, last])?; // [rows, groups, last]
+        let size = x.size();
+        let (rows, numel) = (size[0], size[1..].iter().product::<i64>());
+        // sizes spelt out (no -1): a view of 0 rows has no inferable dimension
+        let flat = x.f_view([rows, numel / last, last])?; // [rows, groups, last]
         Ok(match self {
             Builtin::Argmax => {
                 let index = flat.f_argmax(2, true)?; // [rows, groups, 1]
@@ -79,7 +81,7 @@ impl Builtin {
                     .f_argsort(2, false)?
                     .f_to_kind(Kind::Float)?
                     .f_add_scalar_(1.0)?;
-                Solutions::Dense(ranks.f_view([rows, -1])?)
+                Solutions::Dense(ranks.f_view([rows, numel])?)
             }
         })
     }

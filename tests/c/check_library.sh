@@ -1,12 +1,12 @@
 #!/bin/sh
-# The shared library links as promised: SONAME libperturbations.so, a RUNPATH to
+# The shared library links as promised: SONAME libperturbations.so.0 (the major), a RUNPATH to
 # libtorch, and libtorch_cuda really linked (not dropped by --as-needed) when libtorch
 # ships it, so that CUDA works where a GPU exists; and only pert_* symbols exported.
 set -eu
 lib="$1"
 dyn=$(readelf -d "$lib")
 fail() { echo "FAIL: $*"; echo "$dyn"; exit 1; }
-echo "$dyn" | grep -q 'SONAME.*\[libperturbations\.so\]' || fail "no SONAME libperturbations.so"
+echo "$dyn" | grep -q 'SONAME.*\[libperturbations\.so\.0\]' || fail "no SONAME libperturbations.so.0"
 runpath=$(echo "$dyn" | sed -n 's/.*RUNPATH.*\[\(.*\)\]/\1/p')
 [ -n "$runpath" ] || fail "no RUNPATH"
 torch_lib=""

@@ -169,9 +169,19 @@ static bool forward_errors_leave_outputs_untouched(void) {
     CHECK(tape == NULL);
     pert_op_free(bad_op);
   }
-  /* batch 0: OK, nothing written, NULL buffers allowed */
+  /* batch 0: OK, nothing written, NULL buffers allowed; a tape, when asked for, is a
+   * valid empty tape whose products succeed and write nothing */
+  CHECK_OK(pert_forward(op, NULL, 0, NULL, NULL));
   CHECK_OK(pert_forward(op, NULL, 0, NULL, &tape));
-  CHECK(tape == NULL);
+  CHECK(tape != NULL && pert_tape_batch(tape) == 0);
+  CHECK_OK(pert_tape_vjp(tape, NULL, NULL));
+  CHECK_OK(pert_tape_jvp(tape, NULL, NULL));
+  CHECK_OK(pert_tape_jacobian(tape, NULL));
+  CHECK_OK(pert_tape_objective(tape, NULL));
+  float untouched = -7;
+  CHECK_OK(pert_tape_vjp(tape, &untouched, &untouched));
+  CHECK(untouched == -7);
+  pert_tape_free(tape);
   pert_op_free(op);
   return true;
 }

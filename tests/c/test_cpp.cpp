@@ -159,7 +159,114 @@ void test_builtin_two_phase_and_moves() {
 }
 }  // namespace
 
+pert::Config small_config() {
+  pert::Config c;
+  c.num_samples(50).sigma(0.5).device("cpu").seed(2);
+  return c;
+}
+
+// Views kept past the statement that made them own a copy of temporaries (under ASan this
+// was a stack-use-after-scope and a heap-use-after-free); lvalues are borrowed.
+void test_views_never_dangle() {
+  pert::Op op(small_config(), {3}, {3}, argmax);
+  pert::Op twin(small_config(), {3}, {3}, argmax);
+  pert::View braced = {0.1f, 2.0f, 0.3f};
+  pert::View moved = std::vector<float>{0.1f, 2.0f, 0.3f};
+  std::vector<float> named = {0.1f, 2.0f, 0.3f};
+  pert::View borrowed = named;
+  EXPECT(borrowed.data == named.data());
+  auto a = op.forward(braced, 1);
+  auto b = twin.forward(moved, 1);
+  EXPECT(a == b);
+  EXPECT(braced.data[1] == 2.0f && moved.data[2] == 0.3f && borrowed.size == 3);
+  pert::View copy = braced;  // copies share the owned floats
+  EXPECT(copy.data == braced.data);
+}
+
+// Every entry point checks sizes: a draw with theta of the wrong size throws (it read past
+// the buffer), as forward does.
+void test_sizes_are_checked_everywhere() {
+  pert::Op op(small_config(), {3}, {3}, argmax);
+  std::vector<float> two = {0.1f, 0.2f};
+  try {
+    pert::Draw draw(op, two, 1);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+  }
+  try {
+    op.forward(two, 1);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+  }
+}
+
+// An empty std::function is refused when the op is made, not at the first forward.
+void test_empty_solver_is_refused() {
+  pert::Op::Solver none;
+  try {
+    pert::Op op(small_config(), {3}, {3}, none);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_NULL_ARGUMENT);
+  }
+}
+
+// Move assignment frees the old op, then takes the other's op and state.
+void test_move_assignment() {
+  int calls_a = 0, calls_b = 0;
+  pert::Op a(small_config(), {3}, {3}, [&](const float* x, std::size_t n, float* y) {
+    ++calls_a;
+    argmax(x, n, y);
+  });
+  pert::Op b(small_config(), {3}, {3}, [&](const float* x, std::size_t n, float* y) {
+    ++calls_b;
+    argmax(x, n, y);
+  });
+  a = std::move(b);
+  auto y = a.forward({0.1f, 2.0f, 0.3f}, 1);
+  EXPECT(y.size() == 3 && calls_a == 0 && calls_b > 0);
+}
+
+// Batch 0: a valid empty tape whose products succeed and are empty.
+void test_batch_zero_gives_an_empty_tape() {
+  pert::Op op(small_config(), {3}, {3}, argmax);
+  std::vector<float> none;
+  auto result = op.forward_with_tape(none, 0);
+  EXPECT(result.output.empty());
+  EXPECT(result.tape.get() != nullptr && result.tape.batch() == 0);
+  EXPECT(result.tape.vjp(none).empty());
+  EXPECT(result.tape.jvp(none).empty());
+  EXPECT(result.tape.jacobian().empty());
+  EXPECT(result.tape.objective().empty());
+  auto loss = op.fenchel_young(none, none, 0);
+  EXPECT(loss.first.empty() && loss.second.empty());
+}
+
+// The gradient of the Fenchel-Young loss with respect to y_true: -theta (maximization),
+// +theta (minimization), times the incoming gradient.
+void test_fenchel_young_gradient_of_the_target() {
+  std::vector<float> theta = {0.5f, 1.0f, 0.2f, 0.0f, -1.0f, 2.0f};
+  pert::Op max_op(small_config(), {3}, {3}, argmax);
+  auto g = max_op.fenchel_young_grad_y_true(theta, {1.0f, 2.0f}, 2);
+  EXPECT(g[0] == -0.5f && g[1] == -1.0f && g[4] == 2.0f && g[5] == -4.0f);
+  pert::Config c = small_config();
+  c.sense(pert::Sense::Minimize);
+  EXPECT(c.sense() == pert::Sense::Minimize);
+  pert::Op min_op(c, {3}, {3}, argmax);
+  EXPECT(min_op.sense() == pert::Sense::Minimize);
+  g = min_op.fenchel_young_grad_y_true(theta, {1.0f, 2.0f}, 2);
+  EXPECT(g[0] == 0.5f && g[5] == 4.0f);
+}
+
 int main() {
+  test_views_never_dangle();
+  test_sizes_are_checked_everywhere();
+  test_empty_solver_is_refused();
+  test_move_assignment();
+  test_batch_zero_gives_an_empty_tape();
+  test_fenchel_young_gradient_of_the_target();
   test_config_errors();
   test_forward_tape_and_loss();
   test_throwing_solver_reaches_the_caller_intact();

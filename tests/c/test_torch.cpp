@@ -21,7 +21,7 @@ int main() {
 
   pert::Op op = pert::Op::builtin(config(), pert::Builtin::Argmax, {3});
   pert::Op twin = pert::Op::builtin(config(), pert::Builtin::Argmax, {3});
-  auto y = pert::torch::perturbed(op, theta);
+  auto y = pert::autograd::perturbed(op, theta);
   EXPECT(y.sizes() == theta.sizes());
   (y * g).sum().backward();
   auto expected = twin.forward_with_tape(theta_v, 2);
@@ -33,7 +33,7 @@ int main() {
 
   theta.grad().zero_();
   auto y_true = torch::tensor({0.0f, 0.0f, 1.0f, 1.0f, 0.0f, 0.0f}).reshape({2, 3});
-  auto loss = pert::torch::fenchel_young(op, theta, y_true);
+  auto loss = pert::autograd::fenchel_young(op, theta, y_true);
   EXPECT(loss.sizes() == torch::IntArrayRef({2}));
   loss.sum().backward();
   auto fy = twin.fenchel_young(theta_v, {0, 0, 1, 1, 0, 0}, 2);
@@ -44,8 +44,57 @@ int main() {
   pert::Op any(config(), {3}, {}, [](const float* x, std::size_t count, float* out) {
     for (std::size_t r = 0; r < count; r++) out[r] = x[3 * r] > 0 ? 1.0f : -1.0f;
   });
-  auto scalar = pert::torch::perturbed(any, theta.detach());
+  auto scalar = pert::autograd::perturbed(any, theta.detach());
   EXPECT(scalar.sizes() == torch::IntArrayRef({2, 1}));
+
+  // the target's gradient: -theta (maximization), +theta (minimization), times the
+  // incoming gradient per problem
+  for (auto sense : {pert::Sense::Maximize, pert::Sense::Minimize}) {
+    pert::Config c = config();
+    c.sense(sense);
+    pert::Op fy_op = pert::Op::builtin(c, pert::Builtin::Argmax, {3});
+    auto th = theta.detach().clone().requires_grad_(true);
+    auto target = y_true.clone().requires_grad_(true);
+    auto l = pert::autograd::fenchel_young(fy_op, th, target);
+    (l * torch::tensor({1.0f, 2.0f})).sum().backward();
+    float sign = sense == pert::Sense::Maximize ? -1.0f : 1.0f;
+    auto want = th.detach() * torch::tensor({1.0f, 1.0f, 1.0f, 2.0f, 2.0f, 2.0f}).reshape({2, 3}) * sign;
+    EXPECT((target.grad() - want).abs().max().item<float>() < 1e-6);
+  }
+
+  // no tape when no gradient can be asked: the clean-input baseline's extra solve per
+  // problem is made only by calls with a tape
+  {
+    std::size_t rows = 0;
+    pert::Config c = config();
+    c.num_samples(10).baseline(pert::Baseline::CleanInput);
+    pert::Op counted(c, {3}, {3}, [&rows](const float* x, std::size_t count, float* out) {
+      rows += count;
+      for (std::size_t r = 0; r < count; r++)
+        for (int i = 0; i < 3; i++) out[3 * r + i] = (x[3 * r + i] >= x[3 * r] && x[3 * r + i] >= x[3 * r + 1] && x[3 * r + i] >= x[3 * r + 2]) ? 1.0f : 0.0f;
+    });
+    auto needs = theta.detach().clone().requires_grad_(true);
+    rows = 0;
+    auto with_tape = pert::autograd::perturbed(counted, needs);
+    EXPECT(rows == 2 * 10 + 2 && with_tape.requires_grad());
+    rows = 0;
+    {
+      torch::NoGradGuard guard;
+      auto without = pert::autograd::perturbed(counted, needs);
+      EXPECT(!without.requires_grad());
+    }
+    EXPECT(rows == 2 * 10);
+    rows = 0;
+    pert::autograd::perturbed(counted, theta.detach());
+    EXPECT(rows == 2 * 10);
+    // the graph keeps the tape: backward works after the op is gone
+    pert::Op* short_lived = new pert::Op(pert::Op::builtin(config(), pert::Builtin::Argmax, {3}));
+    auto th = theta.detach().clone().requires_grad_(true);
+    auto out = pert::autograd::perturbed(*short_lived, th);
+    delete short_lived;
+    out.sum().backward();
+    EXPECT(th.grad().defined());
+  }
 
   return expect_report();
 }

@@ -7,8 +7,11 @@ PREFIX=$(mktemp -d)
 BUILD=$(mktemp -d)
 trap 'rm -rf "$PREFIX" "$BUILD"' EXIT
 make -s -C "$ROOT" install-files PREFIX="$PREFIX"
+# the full-version file, the SONAME link (major) and the development link
+test -f "$PREFIX/lib/libperturbations.so.0.1.0" && test -L "$PREFIX/lib/libperturbations.so.0"
 test -L "$PREFIX/lib/libperturbations.so"
-readelf -d "$PREFIX/lib/libperturbations.so" | grep -q 'SONAME.*\[libperturbations\.so\]'
+readelf -d "$PREFIX/lib/libperturbations.so" | grep -q 'SONAME.*\[libperturbations\.so\.0\]'
+test -f "$PREFIX/include/perturbations_torch.hpp"
 export PKG_CONFIG_PATH="$PREFIX/lib/pkgconfig"
 cc -std=c11 -Wall -Werror "$ROOT/tests/install/consumer.c" -o "$BUILD/pc_consumer" \
   $(pkg-config --cflags --libs perturbations) -Wl,-rpath,"$PREFIX/lib"
@@ -18,5 +21,35 @@ cmake --build "$BUILD/cmake" >/dev/null
 "$BUILD/cmake/consumer"
 "$BUILD/cmake/consumer_cpp"
 # the consumers record the SONAME, not a build path
-readelf -d "$BUILD/cmake/consumer" | grep -q 'NEEDED.*\[libperturbations\.so\]'
-echo "install consumers: ok (pkg-config and CMake)"
+readelf -d "$BUILD/cmake/consumer" | grep -q 'NEEDED.*\[libperturbations\.so\.0\]'
+readelf -d "$BUILD/pc_consumer" | grep -q 'NEEDED.*\[libperturbations\.so\.0\]'
+
+# where the installed library looks for libtorch: the build's libtorch by default, or
+# TORCH_LIB at install time
+built=$(readelf -d "$ROOT/target/release/libperturbations.so" | sed -n 's/.*RUNPATH.*\[\(.*\)\]/\1/p')
+readelf -d "$PREFIX/lib/libperturbations.so" | grep -q "RUNPATH.*\[$built\]"
+torch_lib=""
+for dir in $(echo "$built" | tr ':' ' '); do [ -f "$dir/libtorch_cpu.so" ] && torch_lib="$dir"; done
+OTHER=$(mktemp -d)
+trap 'rm -rf "$PREFIX" "$BUILD" "$OTHER"' EXIT
+ln -s "$torch_lib" "$OTHER/torchlib"
+make -s -C "$ROOT" install-files PREFIX="$OTHER/prefix" TORCH_LIB="$OTHER/torchlib" >/dev/null
+readelf -d "$OTHER/prefix/lib/libperturbations.so" | grep -q "RUNPATH.*\[$OTHER/torchlib\]"
+cc -std=c11 -Wall -Werror "$ROOT/tests/install/consumer.c" -o "$BUILD/other_consumer" \
+  -I"$OTHER/prefix/include" -L"$OTHER/prefix/lib" -lperturbations -Wl,-rpath,"$OTHER/prefix/lib"
+"$BUILD/other_consumer"
+
+# a libtorch consumer through perturbations::torch (find_package(Torch) needs a usable
+# TorchConfig: a CUDA build of libtorch asks for the CUDA toolkit)
+if [ -n "${TORCH_CMAKE:-}" ]; then
+  if cmake -S "$ROOT/tests/install/torch" -B "$BUILD/torch" -DCMAKE_PREFIX_PATH="$PREFIX;$TORCH_CMAKE" \
+       -DCMAKE_BUILD_RPATH="$PREFIX/lib" >"$BUILD/torch.log" 2>&1; then
+    cmake --build "$BUILD/torch" >/dev/null
+    "$BUILD/torch/consumer_torch"
+  elif grep -q "uses CUDA but I cannot find the CUDA" "$BUILD/torch.log"; then
+    echo "SKIPPED libtorch consumer: this libtorch is a CUDA build whose TorchConfig needs the CUDA toolkit"
+  else
+    cat "$BUILD/torch.log"; exit 1
+  fi
+fi
+echo "install consumers: ok (pkg-config, CMake, SONAME links, TORCH_LIB)"
