@@ -382,3 +382,148 @@ fn planted_mismatches_are_reported() {
         );
     }
 }
+
+/// The binding's source, parsed.
+fn binding_source() -> (String, tree_sitter::Tree) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = std::fs::read_to_string(root.join("bindings/julia/Perturbations/src/Perturbations.jl")).unwrap();
+    let mut parser = Parser::new();
+    parser
+        .set_language(&tree_sitter_julia::LANGUAGE.into())
+        .expect("tree-sitter-julia loads");
+    let tree = parser.parse(&src, None).expect("parse");
+    (src, tree)
+}
+
+/// Nodes of `kind` whose text starts with `prefix`.
+fn nodes<'t>(node: Node<'t>, src: &str, kind: &str, prefix: &str, out: &mut Vec<Node<'t>>) {
+    if node.kind() == kind && text(node, src).starts_with(prefix) {
+        out.push(node);
+    }
+    let mut cursor = node.walk();
+    for child in node.children(&mut cursor) {
+        nodes(child, src, kind, prefix, out);
+    }
+}
+
+/// The name of the function definition enclosing `node`, if any.
+fn enclosing_function<'s>(mut node: Node, src: &'s str) -> Option<&'s str> {
+    while let Some(parent) = node.parent() {
+        if parent.kind() == "function_definition" {
+            let signature = text(parent, src).trim_start_matches("function").trim_start();
+            return signature.split(['(', ' ']).next();
+        }
+        node = parent;
+    }
+    None
+}
+
+/// The library is found at load time, never frozen at precompile time: no `const` is
+/// computed from ENV, `__init__` assigns the global the @ccalls name and checks the
+/// library's major.minor against the package's.
+#[test]
+fn the_julia_library_is_resolved_at_load_time_and_version_checked() {
+    let (src, tree) = binding_source();
+    for line in src.lines() {
+        let code = line.split('#').next().unwrap();
+        assert!(
+            !(code.trim_start().starts_with("const") && code.contains("ENV")),
+            "a const computed from ENV is frozen at precompile time: {line}"
+        );
+    }
+    let mut inits = Vec::new();
+    nodes(tree.root_node(), &src, "function_definition", "function __init__", &mut inits);
+    assert_eq!(inits.len(), 1, "one __init__");
+    let init = text(inits[0], &src);
+    assert!(init.contains("global libperturbations = find_library()"), "{init}");
+    assert!(init.contains("LIBRARY_VERSION") && init.contains("version()"), "{init}");
+    assert!(src.contains("Libdl.dlext"), "the library's extension comes from Libdl.dlext");
+    assert!(
+        !src.contains("\nconst libperturbations"),
+        "the library path is a global assigned at load time"
+    );
+}
+
+/// Every `unsafe_wrap` of memory that a handle owns sits inside `GC.@preserve` (else the
+/// finalizer may free it mid-copy); the trampoline's wraps are of the callback's own
+/// arguments, valid for the call.
+#[test]
+fn julia_pointers_into_handles_are_preserved() {
+    let (src, tree) = binding_source();
+    let mut wraps = Vec::new();
+    nodes(tree.root_node(), &src, "call_expression", "unsafe_wrap", &mut wraps);
+    assert!(wraps.len() >= 3, "found {} unsafe_wrap calls", wraps.len());
+    for wrap in wraps {
+        if enclosing_function(wrap, &src) == Some("trampoline") {
+            continue;
+        }
+        let mut preserved = false;
+        let mut node = wrap;
+        while let Some(parent) = node.parent() {
+            if parent.kind() == "macrocall_expression" && text(parent, &src).starts_with("GC.@preserve") {
+                preserved = true;
+            }
+            node = parent;
+        }
+        assert!(
+            preserved,
+            "line {}: `{}` is not inside GC.@preserve",
+            wrap.start_position().row + 1,
+            text(wrap, &src)
+        );
+    }
+}
+
+/// Handles cannot be copied, can be freed early (close / free!, do-block forms), ops take
+/// a lock per call, the rrules handle zero cotangents and project onto the input's type,
+/// the Fenchel-Young rrule gives y_true's tangent, and forward has an frule.
+#[test]
+fn julia_handles_and_rules_are_complete() {
+    let (src, tree) = binding_source();
+    assert!(src.contains("const Handle = Union{Config, Op, Tape, Draw}"));
+    assert!(src.contains("Base.deepcopy_internal(x::Handle, ::IdDict)"));
+    assert!(src.contains("Base.close(x::Handle) = free!(x)"));
+    assert!(src.contains("export") && src.contains("free!"));
+    assert!(src.contains("function forward_with_tape(f::Function, op::Op"));
+    assert!(src.contains("function Draw(f::Function, op::Op"));
+    let mut calls = Vec::new();
+    nodes(tree.root_node(), &src, "function_definition", "function call(f, op::Op)", &mut calls);
+    assert_eq!(calls.len(), 1);
+    assert!(text(calls[0], &src).contains("lock(op.lock)"));
+    let mut rules = Vec::new();
+    nodes(tree.root_node(), &src, "function_definition", "function ChainRulesCore.rrule", &mut rules);
+    assert_eq!(rules.len(), 2, "rrules of forward and fenchel_young");
+    for rule in &rules {
+        let body = text(*rule, &src);
+        assert!(body.contains("AbstractZero") && body.contains("ProjectTo"), "{body}");
+    }
+    assert!(text(rules[1], &src).contains("project_y("), "y_true's tangent");
+    let mut frules = Vec::new();
+    nodes(tree.root_node(), &src, "function_definition", "function ChainRulesCore.frule", &mut frules);
+    assert_eq!(frules.len(), 1);
+    assert!(text(frules[0], &src).contains("jvp(tape"));
+    assert!(src.contains("set!(c::Config, ::Val{:device}, v::Symbol)"));
+}
+
+/// The examples have their own environment (they use Zygote, which only the package's test
+/// target has).
+#[test]
+fn julia_examples_have_their_own_project() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bindings/julia/examples");
+    let project = std::fs::read_to_string(root.join("Project.toml")).expect("examples/Project.toml");
+    for file in std::fs::read_dir(&root).unwrap() {
+        let path = file.unwrap().path();
+        if path.extension().is_some_and(|e| e == "jl") {
+            let src = std::fs::read_to_string(&path).unwrap();
+            for line in src.lines().filter(|l| l.starts_with("using ")) {
+                for package in line["using ".len()..].split(',').map(str::trim) {
+                    if package == "Random" || package == "LinearAlgebra" {
+                        assert!(project.contains(package), "{package} (stdlib) in examples/Project.toml");
+                    } else {
+                        assert!(project.contains(&format!("{package} = ")), "{}: {package} missing from examples/Project.toml", path.display());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 # Training a linear classifier through a perturbed argmax with Zygote: the Fenchel-Young
 # loss's rrule gives the gradient, a plain gradient step updates the weights.
-#   PERTURBATIONS_LIB=/path/to/libperturbations.so julia --project=../Perturbations train.jl
+#   julia --project=bindings/julia/examples -e 'using Pkg; Pkg.develop(path="bindings/julia/Perturbations"); Pkg.instantiate()'
+#   PERTURBATIONS_LIB=/path/to/libperturbations.so julia --project=bindings/julia/examples bindings/julia/examples/train.jl
 using Perturbations
 using Zygote
 using Random

@@ -7,8 +7,21 @@ of perturbed problems (one column per problem) and returning their `o × count`
 solutions. `forward(op, θ)` gives y_σ(θ) for a `d × batch` matrix θ; `rrule`s make
 `forward` and `fenchel_young` differentiable with Zygote/Flux.
 
-The library is `ENV["PERTURBATIONS_LIB"]` when set, else the build tree's
-`target/release/libperturbations.so`.
+The library is found when the package is loaded (in `__init__`, so a precompiled package
+follows the environment of each session): `ENV["PERTURBATIONS_LIB"]` (a path) when set,
+else the build tree's `target/release/libperturbations.<dlext>` when the package sits in
+its source tree, else `libperturbations` on the system's library path. Its version must
+have the major.minor this package was written for (checked when it loads).
+
+Handles (`Config`, `Op`, `Tape`, `Draw`) own memory of the library that Julia's garbage
+collector does not see (a tape can hold megabytes): free them early with `close(x)` (or
+`free!(x)`), or use the do-block forms `forward_with_tape(op, θ) do y, tape ... end` and
+`Draw(op, θ) do draw ... end`; finalizers free whatever is left. Handles cannot be copied
+(`deepcopy` throws). An `Op` may be used from several tasks: its calls take turns.
+
+Shapes: Julia arrays are column-major, so a `d × batch` matrix has the memory of a C
+`[batch, d]` array; a built-in solver acts along the first Julia dimension of a problem
+(the last C dimension).
 """
 module Perturbations
 
@@ -16,13 +29,26 @@ using ChainRulesCore
 using Libdl
 
 export Config, Op, Tape, Draw, PerturbationsError
-export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, inputs, finish
+export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, inputs, finish, free!
 export NOISE_NORMAL, NOISE_GUMBEL, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
 
-const libperturbations = get(ENV, "PERTURBATIONS_LIB",
-    normpath(joinpath(@__DIR__, "..", "..", "..", "..", "target", "release", "libperturbations.so")))
+# The library's path, resolved at load time by `__init__` (never at precompile time): a
+# global, not a `const`, so that @ccall looks it up when it runs.
+libperturbations = "libperturbations"
+
+"""The major.minor of the library this package was written for."""
+const LIBRARY_VERSION = (0, 1)
+
+"""The library path to use: see the module's documentation."""
+function find_library()
+    from_env = get(ENV, "PERTURBATIONS_LIB", "")
+    isempty(from_env) || return from_env
+    in_tree = normpath(joinpath(@__DIR__, "..", "..", "..", "..", "target", "release", "libperturbations." * Libdl.dlext))
+    isfile(in_tree) && return in_tree
+    return "libperturbations"
+end
 
 const NOISE_NORMAL = UInt32(0)
 const NOISE_GUMBEL = UInt32(1)
@@ -72,14 +98,18 @@ end
 
 Settings for ops; an op copies them when it is made. Unset keywords keep the library's
 defaults (1000 samples, σ 0.05, Normal noise, seed 0, device "auto", 1 thread, ...).
+`device` is a string or a Symbol (`:cpu`, `:cuda`, `Symbol("cuda:1")`); `noise`,
+`perturbation`, `baseline` and `sense` take the constants (`NOISE_GUMBEL`, ...) or Symbols
+(`:gumbel`, `:multiplicative`, `:clean_input`, `:minimize`, ...).
 """
 mutable struct Config
     handle::Ptr{Cvoid}
     threads::UInt32
+    sense::UInt32
     function Config(; kwargs...)
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(@ccall libperturbations.pert_config_new(out::Ref{Ptr{Cvoid}})::UInt32)
-        c = finalizer(free!, new(out[], UInt32(1)))
+        c = finalizer(free!, new(out[], UInt32(1), SENSE_MAXIMIZE))
         for (key, value) in kwargs
             set!(c, Val(key), value)
         end
@@ -100,6 +130,7 @@ set!(c::Config, ::Val{:sigma}, v) = check(@ccall libperturbations.pert_config_se
 set!(c::Config, ::Val{:noise}, v) = check(@ccall libperturbations.pert_config_set_noise(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 set!(c::Config, ::Val{:seed}, v) = check(@ccall libperturbations.pert_config_set_seed(c::Ptr{Cvoid}, UInt64(v)::UInt64)::UInt32)
 set!(c::Config, ::Val{:device}, v::AbstractString) = check(@ccall libperturbations.pert_config_set_device(c::Ptr{Cvoid}, v::Cstring)::UInt32)
+set!(c::Config, ::Val{:device}, v::Symbol) = set!(c, Val(:device), String(v))
 function set!(c::Config, ::Val{:threads}, v)
     check(@ccall libperturbations.pert_config_set_threads(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
     c.threads = UInt32(v)
@@ -107,7 +138,27 @@ end
 set!(c::Config, ::Val{:perturbation}, v) = check(@ccall libperturbations.pert_config_set_perturbation(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 set!(c::Config, ::Val{:baseline}, v) = check(@ccall libperturbations.pert_config_set_baseline(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 set!(c::Config, ::Val{:antithetic}, v) = check(@ccall libperturbations.pert_config_set_antithetic(c::Ptr{Cvoid}, Bool(v)::Bool)::UInt32)
-set!(c::Config, ::Val{:sense}, v) = check(@ccall libperturbations.pert_config_set_sense(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
+function set!(c::Config, ::Val{:sense}, v)
+    check(@ccall libperturbations.pert_config_set_sense(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
+    c.sense = UInt32(v)
+end
+
+# Symbols for the enumerated settings
+const SYMBOLS = Dict(
+    :noise => Dict(:normal => NOISE_NORMAL, :gumbel => NOISE_GUMBEL),
+    :perturbation => Dict(:additive => PERTURBATION_ADDITIVE, :multiplicative => PERTURBATION_MULTIPLICATIVE),
+    :baseline => Dict(:none => BASELINE_NONE, :sample_mean => BASELINE_SAMPLE_MEAN, :clean_input => BASELINE_CLEAN_INPUT),
+    :sense => Dict(:maximize => SENSE_MAXIMIZE, :minimize => SENSE_MINIMIZE),
+)
+function symbol_setting(key::Symbol, v::Symbol)
+    values = SYMBOLS[key]
+    haskey(values, v) || throw(ArgumentError("unknown $key :$v; one of :" * join(sort(collect(keys(values))), ", :")))
+    return values[v]
+end
+set!(c::Config, ::Val{:noise}, v::Symbol) = set!(c, Val(:noise), symbol_setting(:noise, v))
+set!(c::Config, ::Val{:perturbation}, v::Symbol) = set!(c, Val(:perturbation), symbol_setting(:perturbation, v))
+set!(c::Config, ::Val{:baseline}, v::Symbol) = set!(c, Val(:baseline), symbol_setting(:baseline, v))
+set!(c::Config, ::Val{:sense}, v::Symbol) = set!(c, Val(:sense), symbol_setting(:sense, v))
 set!(c::Config, ::Val{:chunk_bytes}, v) = check(@ccall libperturbations.pert_config_set_chunk_bytes(c::Ptr{Cvoid}, UInt64(v)::UInt64)::UInt32)
 set!(c::Config, ::Val{:max_tape_bytes}, v) = check(@ccall libperturbations.pert_config_set_max_tape_bytes(c::Ptr{Cvoid}, UInt64(v)::UInt64)::UInt32)
 set!(::Config, ::Val{K}, _) where {K} = throw(ArgumentError("unknown Config setting $K"))
@@ -177,17 +228,24 @@ end
 
 A perturbed optimizer. `solver(x::Matrix{Float32})` receives `d × count` perturbed
 problems and returns `o × count` solutions; it runs on the calling thread (the config
-must have `threads = 1`). Its exceptions are rethrown by the call that ran it.
+must have `threads = 1`). Its exceptions are rethrown by the call that ran it, with the
+solver's backtrace kept on the exception stack (`current_exceptions()`, shown as
+"caused by"). A built-in solver acts along the first Julia dimension of a problem.
+
+An op may be used from several tasks: its calls take turns (a lock per op; the C op runs
+one call at a time). A solver may call back into other ops.
 """
 mutable struct Op
     handle::Ptr{Cvoid}
     solver::Any
-    error::Any
+    error::Any                 # the running call's solver exception (calls take turns)
+    lock::ReentrantLock
     d::Int
     o::Int
+    sense::UInt32
     function Op(solver, config::Config, input_shape, output_shape)
         config.threads == 1 || throw(ArgumentError("Julia solvers run on one thread: the config must have threads = 1"))
-        op = new(C_NULL, solver, nothing, prod(input_shape; init=1), prod(output_shape; init=1))
+        op = new(C_NULL, solver, nothing, ReentrantLock(), prod(input_shape; init=1), prod(output_shape; init=1), config.sense)
         ins = Int64[reverse(collect(input_shape))...]    # Julia column-major = C row-major reversed
         outs = Int64[reverse(collect(output_shape))...]
         out = Ref{Ptr{Cvoid}}(C_NULL)
@@ -206,7 +264,8 @@ mutable struct Op
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(@ccall libperturbations.pert_op_new_external(config::Ptr{Cvoid}, ins::Ptr{Int64}, length(ins)::Csize_t,
             outs::Ptr{Int64}, length(outs)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
-        return finalizer(free!, new(out[], nothing, nothing, prod(input_shape; init=1), prod(output_shape; init=1)))
+        return finalizer(free!, new(out[], nothing, nothing, ReentrantLock(), prod(input_shape; init=1),
+            prod(output_shape; init=1), config.sense))
     end
     function Op(config::Config, builtin::UInt32; input_shape, k::Integer=0)
         ins = Int64[reverse(collect(input_shape))...]
@@ -214,7 +273,7 @@ mutable struct Op
         check(@ccall libperturbations.pert_op_new_builtin(config::Ptr{Cvoid}, builtin::UInt32, Int64(k)::Int64,
             ins::Ptr{Int64}, length(ins)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
         n = prod(input_shape; init=1)
-        return finalizer(free!, new(out[], nothing, nothing, n, n))
+        return finalizer(free!, new(out[], nothing, nothing, ReentrantLock(), n, n, config.sense))
     end
 end
 
@@ -249,20 +308,38 @@ end
 const TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
 
 function __init__()
+    global libperturbations = find_library()
+    if Libdl.dlopen(libperturbations; throw_error=false) === nothing
+        error("Perturbations: cannot load the library \"$libperturbations\": set ENV[\"PERTURBATIONS_LIB\"] to the path of " *
+              "libperturbations.$(Libdl.dlext) (built by `make build`, or installed by `make install`)")
+    end
+    v = version()
+    major, minor = parse.(Int, split(v, ".")[1:2])
+    (major, minor) == LIBRARY_VERSION || error("Perturbations: the library \"$libperturbations\" is version $v; " *
+        "this package needs $(LIBRARY_VERSION[1]).$(LIBRARY_VERSION[2]).x")
     TRAMPOLINE[] = @cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     return nothing
 end
 
-# Runs a C call on `op`, rethrowing the solver's exception if it raised one.
+# Runs a C call on `op` (calls of one op take turns), rethrowing the solver's exception if
+# it raised one: the original exception, thrown while the captured one (with the solver's
+# backtrace) is being handled, so that the exception stack keeps both.
 function call(f, op::Op)
-    op.error = nothing
-    status = GC.@preserve op f()
-    if op.error !== nothing
-        err, op.error = op.error, nothing
-        throw(err.ex)
+    captured = lock(op.lock) do
+        outer = op.error              # a solver calling back into its own op (same task)
+        op.error = nothing
+        status = GC.@preserve op f()
+        err = op.error
+        op.error = outer
+        err === nothing && check(status)
+        err
     end
-    check(status)
-    return nothing
+    captured === nothing && return nothing
+    try
+        throw(captured)
+    catch
+        throw(captured.ex)
+    end
 end
 
 function batch_of(op::Op, theta::AbstractMatrix)
@@ -296,6 +373,21 @@ function forward_with_tape(op::Op, theta::AbstractMatrix)
 end
 
 """
+    forward_with_tape(f, op, θ)
+
+The do-block form: `forward_with_tape(op, θ) do y, tape ... end` runs `f(y, tape)` and
+frees the tape when it returns (or throws); returns `f`'s value.
+"""
+function forward_with_tape(f::Function, op::Op, theta::AbstractMatrix)
+    y, tape = forward_with_tape(op, theta)
+    try
+        return f(y, tape)
+    finally
+        free!(tape)
+    end
+end
+
+"""
 `fenchel_young(op, θ, y)`: the Fenchel-Young loss per problem (a vector of length batch)
 of θ against targets `y` (both `d × batch`); its gradient comes with the `rrule`.
 """
@@ -316,13 +408,35 @@ end
 
 function ChainRulesCore.rrule(::typeof(forward), op::Op, theta::AbstractMatrix)
     y, tape = forward_with_tape(op, theta)
-    forward_pullback(ȳ) = (NoTangent(), NoTangent(), vjp(tape, unthunk(ȳ)))
+    project = ProjectTo(theta)
+    function forward_pullback(ȳ)
+        g = unthunk(ȳ)
+        g isa AbstractZero && return (NoTangent(), NoTangent(), ZeroTangent())
+        return (NoTangent(), NoTangent(), project(vjp(tape, g)))
+    end
     return y, forward_pullback
+end
+
+function ChainRulesCore.frule((_, _, Δθ), ::typeof(forward), op::Op, theta::AbstractMatrix)
+    y, tape = forward_with_tape(op, theta)
+    Δ = unthunk(Δθ)
+    Δ isa AbstractZero && return y, ZeroTangent()
+    return y, jvp(tape, Δ)
 end
 
 function ChainRulesCore.rrule(::typeof(fenchel_young), op::Op, theta::AbstractMatrix, y_true::AbstractMatrix)
     loss, grad = fenchel_young_with_grad(op, theta, y_true)
-    fenchel_young_pullback(l̄) = (NoTangent(), NoTangent(), grad .* reshape(unthunk(l̄), 1, :), NoTangent())
+    project_theta, project_y = ProjectTo(theta), ProjectTo(y_true)
+    # d loss / d y_true: -θ when maximizing, +θ when minimizing
+    sign = op.sense == SENSE_MAXIMIZE ? -1.0f0 : 1.0f0
+    theta_value = Matrix{Float32}(theta)
+    function fenchel_young_pullback(l̄)
+        g = unthunk(l̄)
+        g isa AbstractZero && return (NoTangent(), NoTangent(), ZeroTangent(), ZeroTangent())
+        per_problem = reshape(g, 1, :)
+        return (NoTangent(), NoTangent(), project_theta(grad .* per_problem),
+                project_y(sign .* theta_value .* per_problem))
+    end
     return loss, fenchel_young_pullback
 end
 
@@ -348,6 +462,21 @@ mutable struct Draw
     end
 end
 
+"""
+    Draw(f, op, θ)
+
+The do-block form: `Draw(op, θ) do draw ... end` runs `f(draw)` and frees the draw (its
+perturbed inputs) when it returns or throws; returns `f`'s value.
+"""
+function Draw(f::Function, op::Op, theta::AbstractMatrix)
+    draw = Draw(op, theta)
+    try
+        return f(draw)
+    finally
+        free!(draw)
+    end
+end
+
 function free!(d::Draw)
     d.handle == C_NULL || @ccall libperturbations.pert_draw_free(d.handle::Ptr{Cvoid})::Cvoid
     d.handle = C_NULL
@@ -358,9 +487,14 @@ Base.unsafe_convert(::Type{Ptr{Cvoid}}, d::Draw) = d.handle
 
 draw_count(d::Draw) = Int(@ccall libperturbations.pert_draw_count(d::Ptr{Cvoid})::Csize_t)
 
+"""`inputs(draw)`: a copy of the perturbed inputs, a `d × count` matrix."""
 function inputs(d::Draw)
-    p = @ccall libperturbations.pert_draw_inputs(d::Ptr{Cvoid})::Ptr{Float32}
-    return copy(unsafe_wrap(Matrix{Float32}, p, (d.d, draw_count(d))))
+    # the draw owns these floats: it must stay alive (not finalized) until they are copied
+    GC.@preserve d begin
+        p = @ccall libperturbations.pert_draw_inputs(d::Ptr{Cvoid})::Ptr{Float32}
+        p == C_NULL && throw(ArgumentError("the draw was freed"))
+        return copy(unsafe_wrap(Matrix{Float32}, p, (d.d, draw_count(d))))
+    end
 end
 
 function finish(d::Draw, solutions::AbstractMatrix)
@@ -371,5 +505,22 @@ function finish(d::Draw, solutions::AbstractMatrix)
     check(@ccall libperturbations.pert_draw_finish(d::Ptr{Cvoid}, s::Ptr{Float32}, out::Ptr{Float32}, tape::Ref{Ptr{Cvoid}})::UInt32)
     return out, Tape(tape[], d.d, d.o, d.batch)
 end
+
+# ---- ownership ---------------------------------------------------------------------
+
+const Handle = Union{Config, Op, Tape, Draw}
+
+"""
+    close(x)
+
+Frees the library memory of a handle (`Config`, `Op`, `Tape`, `Draw`) now, instead of when
+the garbage collector finalizes it; the same as `free!(x)`. Using a freed handle is an
+error (PERT_STATUS_NULL_ARGUMENT); freeing twice is harmless.
+"""
+Base.close(x::Handle) = free!(x)
+
+# A copy would share the C handle (freed twice, or a callback state freed under it).
+Base.deepcopy_internal(x::Handle, ::IdDict) =
+    throw(ArgumentError("a $(nameof(typeof(x))) owns a handle of the library and cannot be copied; make a new one"))
 
 end # module

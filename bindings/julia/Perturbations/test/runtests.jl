@@ -108,6 +108,86 @@ end
         @test grad_fy ≈ forward(twin, θ) .- y atol = 1e-5
     end
 
+    @testset "the library is resolved at load time" begin
+        @test P.libperturbations == P.find_library()
+        withenv("PERTURBATIONS_LIB" => "/elsewhere/libperturbations.so") do
+            @test P.find_library() == "/elsewhere/libperturbations.so"
+        end
+        @test P.LIBRARY_VERSION == Tuple(parse.(Int, split(P.version(), ".")[1:2]))
+    end
+
+    @testset "symbols, batch 0, copies and early frees" begin
+        config = Config(num_samples=100, sigma=0.5, noise=:gumbel, device=:cpu, baseline=:clean_input, sense=:minimize)
+        @test config.sense == SENSE_MINIMIZE
+        @test_throws ArgumentError Config(noise=:cauchy)
+        op = Op(argmax_solver, config, (3,), (3,))
+        y, tape = forward_with_tape(op, zeros(Float32, 3, 0))
+        @test size(y) == (3, 0) && P.batch(tape) == 0
+        @test size(vjp(tape, zeros(Float32, 3, 0))) == (3, 0)
+        @test_throws ArgumentError deepcopy(op)
+        @test_throws ArgumentError deepcopy(tape)
+        @test_throws ArgumentError deepcopy(config)
+        close(tape)
+        @test tape.handle == C_NULL
+        @test_throws PerturbationsError vjp(tape, zeros(Float32, 3, 0))
+        n = forward_with_tape(op, ones(Float32, 3, 2)) do y, tape
+            @test tape.handle != C_NULL
+            size(vjp(tape, y), 2)
+        end
+        @test n == 2
+        copied = Draw(op, ones(Float32, 3, 1)) do draw
+            GC.gc(true)
+            inputs(draw)
+        end
+        @test size(copied, 1) == 3
+    end
+
+    @testset "rules: zero cotangents, projection, the target's tangent, frule" begin
+        config = Config(num_samples=2000, sigma=0.5, noise=NOISE_GUMBEL, seed=5, device="cpu")
+        op = Op(argmax_solver, config, (3,), (3,))
+        θ = [0.3 0.1; -0.2 0.5; 0.9 0.5]                       # Float64
+        y, back = P.ChainRulesCore.rrule(forward, op, θ)
+        @test back(P.ChainRulesCore.ZeroTangent())[3] isa P.ChainRulesCore.AbstractZero
+        @test eltype(back(ones(Float32, 3, 2))[3]) == Float64   # projected onto θ's type
+        _, ẏ = P.ChainRulesCore.frule((nothing, nothing, ones(3, 2)), forward, op, θ)
+        @test size(ẏ) == (3, 2)
+        target = Float32[0 1; 0 0; 1 0]
+        for (sense, sign) in ((:maximize, -1), (:minimize, 1))
+            fy = Op(argmax_solver, Config(num_samples=100, sigma=0.5, device="cpu", sense=sense), (3,), (3,))
+            _, pull = P.ChainRulesCore.rrule(fenchel_young, fy, θ, target)
+            ȳ = pull([1.0, 2.0])[4]
+            @test ȳ ≈ sign .* θ .* [1.0 2.0]
+        end
+    end
+
+    @testset "an op from several tasks; errors stay with their call" begin
+        good = Op(argmax_solver, Config(num_samples=200, device="cpu"), (3,), (3,))
+        flaky = Op(x -> (x[1, 1] > 100 ? throw(Infeasible(1)) : argmax_solver(x)), Config(num_samples=50, device="cpu"), (3,), (3,))
+        results = Vector{Any}(undef, 16)
+        @sync for i in 1:16
+            Threads.@spawn begin
+                θ = i % 2 == 0 ? fill(1000.0f0, 3, 1) : zeros(Float32, 3, 1)
+                results[i] = try
+                    forward(flaky, θ)
+                catch e
+                    e
+                end
+            end
+        end
+        for i in 1:16
+            @test (i % 2 == 0) == (results[i] isa Infeasible)
+        end
+        @test size(forward(good, zeros(Float32, 3, 1))) == (3, 1)
+        # the solver's backtrace stays on the exception stack
+        stack = try
+            forward(flaky, fill(1000.0f0, 3, 1))
+        catch
+            current_exceptions()
+        end
+        @test any(e -> e.exception isa CapturedException, stack)
+        @test stack[end].exception isa Infeasible
+    end
+
     @testset "finalizers free handles" begin
         for _ in 1:200
             op = Op(argmax_solver, Config(num_samples=10, device="cpu"), (3,), (3,))
