@@ -3,7 +3,6 @@
 // Op::forward_with_tape + Tape::vjp ("tape"). Prints {"time": s, "peak_mib": MiB}: the
 // median of 5 calls after a warm-up, and the peak resident memory of one call above the
 // resident size before it. Run once per mode, each in its own process.
-#include <sys/resource.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -16,19 +15,16 @@
 
 #include "perturbations_torch.hpp"
 
-static long rss_kib() {
+static long status_kib(const char* field) {
   std::ifstream f("/proc/self/status");
   std::string line;
   while (std::getline(f, line))
-    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
+    if (line.rfind(field, 0) == 0) return std::stol(line.substr(std::strlen(field)));
   return 0;
 }
 
-static long peak_kib() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return u.ru_maxrss;
-}
+// Resets the peak resident size (VmHWM) to the current one.
+static void reset_peak() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
 int main(int argc, char** argv) {
   bool adapter = argc > 1 && std::strcmp(argv[1], "adapter") == 0;
@@ -51,9 +47,10 @@ int main(int argc, char** argv) {
     return g[0];
   };
   run();  // warm-up
-  long before = rss_kib();
+  reset_peak();
+  long before = status_kib("VmRSS:");
   run();
-  long peak = peak_kib() - before;
+  long peak = status_kib("VmHWM:") - before;
   std::vector<double> times;
   for (int i = 0; i < 5; i++) {
     auto a = std::chrono::steady_clock::now();

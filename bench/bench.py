@@ -386,12 +386,12 @@ def main():
       f"{s['rmse']/equal_time:.1f}x smaller than the seed's.")
     adapter = {mode: json.loads(subprocess.run([ADAPTER, mode], capture_output=True, text=True, check=True).stdout)
                for mode in ("tape", "adapter")}
-    t, a = adapter["tape"], adapter["adapter"]
+    tape_r, adapter_r = adapter["tape"], adapter["adapter"]
     w("")
     w(f"libtorch C++ adapter (pert::autograd::perturbed, forward + backward) against the tape it keeps "
-      f"(forward_with_tape + vjp), built-in argmax d=2000 batch 64 N=100: {a['time']*1000:.0f} ms vs "
-      f"{t['time']*1000:.0f} ms ({a['time']/t['time']:.2f}x), peak extra memory {a['peak_mib']:.0f} MiB vs "
-      f"{t['peak_mib']:.0f} MiB.")
+      f"(forward_with_tape + vjp), built-in argmax d=2000 batch 64 N=100: {adapter_r['time']*1000:.0f} ms vs "
+      f"{tape_r['time']*1000:.0f} ms ({adapter_r['time']/tape_r['time']:.2f}x), peak extra memory "
+      f"{adapter_r['peak_mib']:.1f} MiB vs {tape_r['peak_mib']:.1f} MiB.")
     lines += train_lines
     text = "\n".join(lines)
     print(text)

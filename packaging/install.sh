@@ -7,8 +7,9 @@
 #
 # libtorch: the installed library looks for it in its RUNPATH, which is the libtorch the
 # library was built against (printed at the end). TORCH_LIB=/path/to/libtorch/lib sets
-# another (with patchelf); an empty RUNPATH (TORCH_LIB=none) leaves it to the system
-# (ldconfig, LD_LIBRARY_PATH).
+# another (with patchelf; a relative path is made absolute, a path starting with $ORIGIN
+# stays relative to the installed library); an empty RUNPATH (TORCH_LIB=none) leaves it
+# to the system (ldconfig, LD_LIBRARY_PATH).
 set -eu
 PREFIX="$1"; ROOT="$2"; VERSION="$3"
 major=${VERSION%%.*}; rest=${VERSION#*.}; minor=${rest%%.*}
@@ -20,12 +21,13 @@ ln -sf "libperturbations.so.$VERSION" "$lib/libperturbations.so.$major"
 ln -sf "libperturbations.so.$major" "$lib/libperturbations.so"
 if [ -n "${TORCH_LIB:-}" ]; then
   command -v patchelf >/dev/null || { echo "TORCH_LIB needs patchelf (apt-get install patchelf)"; exit 1; }
-  if [ "$TORCH_LIB" = none ]; then
-    patchelf --remove-rpath "$so"
-  else
-    [ -f "$TORCH_LIB/libtorch_cpu.so" ] || { echo "TORCH_LIB=$TORCH_LIB holds no libtorch_cpu.so"; exit 1; }
-    patchelf --set-rpath "$TORCH_LIB" "$so"
-  fi
+  case "$TORCH_LIB" in
+    none) patchelf --remove-rpath "$so" ;;
+    '$ORIGIN'*) patchelf --set-rpath "$TORCH_LIB" "$so" ;;  # relative to the installed library
+    *)
+      [ -f "$TORCH_LIB/libtorch_cpu.so" ] || { echo "TORCH_LIB=$TORCH_LIB holds no libtorch_cpu.so"; exit 1; }
+      patchelf --set-rpath "$(cd "$TORCH_LIB" && pwd)" "$so" ;;  # absolute, wherever make ran
+  esac
 fi
 install -m 644 "$ROOT/target/release/libperturbations.a" "$lib/libperturbations.a"
 install -m 644 "$ROOT/include/perturbations.h" "$PREFIX/include/perturbations.h"

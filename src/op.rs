@@ -18,7 +18,8 @@ use tch::{Device, Tensor};
 /// y_σ(θ) = E[y*(θ + σZ)] for a black-box solver y*, with its Monte-Carlo gradient.
 ///
 /// `forward` may be called from several threads at once. Each call draws fresh noise: the
-/// draws are a pure function of (seed, number of earlier forward calls on this op).
+/// draws are a pure function of (seed, number of earlier forward calls on this op; a call
+/// on no problem does not count).
 pub struct PerturbedOp {
     spec: Arc<OpSpec>,
     solver: SolverKind,
@@ -204,7 +205,13 @@ impl PerturbedOp {
             ));
         }
         let theta_dev = self.spec.check_theta(theta)?;
-        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        // a call on no problem draws nothing: it does not count (so later draws do not
+        // depend on whether an empty call asked for a tape)
+        let call = if theta_dev.size()[0] == 0 {
+            self.calls.load(Ordering::Relaxed)
+        } else {
+            self.calls.fetch_add(1, Ordering::Relaxed)
+        };
         let estimate = self.spec.run(
             &theta_dev,
             call,

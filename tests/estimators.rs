@@ -408,15 +408,27 @@ fn objective_and_fenchel_young_need_a_square_op() {
 /// a tape of samples.
 #[test]
 fn autograd_perturbed_backward_is_the_tape_vjp() {
-    for (n, libtorch) in [(2000u64, false), (3, false), (3, true)] {
+    // (N, libtorch path, d): sums; samples on libtorch; CPU solutions made into the dense
+    // Jacobian (the smaller); CPU solutions made into dense samples (the smaller)
+    for (n, libtorch, d) in [
+        (2000u64, false, 3),
+        (3, false, 3),
+        (3, true, 3),
+        (3, false, 8),
+    ] {
         let mut c = config(Noise::Gumbel, 0.5, n, 12);
         c.set_libtorch_path(libtorch);
-        let theta = t(&[0.3, -0.2, 0.9, 0.1, 0.5, 0.5], &[2, 3]).set_requires_grad(true);
-        let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        let theta = (Tensor::arange(2 * d, (Kind::Float, Device::Cpu)) * 0.37)
+            .sin()
+            .reshape([2, d])
+            .set_requires_grad(true);
+        let op = PerturbedOp::new(&c, &[d], &[d], argmax).unwrap();
         let y = autograd::perturbed(&op, &theta).unwrap();
-        let g = t(&[1.0, -1.0, 0.5, 0.0, 2.0, -0.5], &[2, 3]);
+        let g = (Tensor::arange(2 * d, (Kind::Float, Device::Cpu)) * 0.91)
+            .cos()
+            .reshape([2, d]);
         (&y * &g).sum(Kind::Float).backward();
-        let twin = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        let twin = PerturbedOp::new(&c, &[d], &[d], argmax).unwrap();
         let (y2, tape) = twin.forward_with_tape(&theta.detach()).unwrap();
         assert_eq!(tape.keeps_samples(), n == 3);
         assert!(max_abs(&y.detach(), &y2) == 0.0);

@@ -386,7 +386,9 @@ fn planted_mismatches_are_reported() {
 /// The binding's source, parsed.
 fn binding_source() -> (String, tree_sitter::Tree) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let src = std::fs::read_to_string(root.join("bindings/julia/Perturbations/src/Perturbations.jl")).unwrap();
+    let src =
+        std::fs::read_to_string(root.join("bindings/julia/Perturbations/src/Perturbations.jl"))
+            .unwrap();
     let mut parser = Parser::new();
     parser
         .set_language(&tree_sitter_julia::LANGUAGE.into())
@@ -410,7 +412,9 @@ fn nodes<'t>(node: Node<'t>, src: &str, kind: &str, prefix: &str, out: &mut Vec<
 fn enclosing_function<'s>(mut node: Node, src: &'s str) -> Option<&'s str> {
     while let Some(parent) = node.parent() {
         if parent.kind() == "function_definition" {
-            let signature = text(parent, src).trim_start_matches("function").trim_start();
+            let signature = text(parent, src)
+                .trim_start_matches("function")
+                .trim_start();
             return signature.split(['(', ' ']).next();
         }
         node = parent;
@@ -432,12 +436,27 @@ fn the_julia_library_is_resolved_at_load_time_and_version_checked() {
         );
     }
     let mut inits = Vec::new();
-    nodes(tree.root_node(), &src, "function_definition", "function __init__", &mut inits);
+    nodes(
+        tree.root_node(),
+        &src,
+        "function_definition",
+        "function __init__",
+        &mut inits,
+    );
     assert_eq!(inits.len(), 1, "one __init__");
     let init = text(inits[0], &src);
-    assert!(init.contains("global libperturbations = find_library()"), "{init}");
-    assert!(init.contains("LIBRARY_VERSION") && init.contains("version()"), "{init}");
-    assert!(src.contains("Libdl.dlext"), "the library's extension comes from Libdl.dlext");
+    assert!(
+        init.contains("global libperturbations = find_library()"),
+        "{init}"
+    );
+    assert!(
+        init.contains("LIBRARY_VERSION") && init.contains("version()"),
+        "{init}"
+    );
+    assert!(
+        src.contains("Libdl.dlext"),
+        "the library's extension comes from Libdl.dlext"
+    );
     assert!(
         !src.contains("\nconst libperturbations"),
         "the library path is a global assigned at load time"
@@ -451,7 +470,13 @@ fn the_julia_library_is_resolved_at_load_time_and_version_checked() {
 fn julia_pointers_into_handles_are_preserved() {
     let (src, tree) = binding_source();
     let mut wraps = Vec::new();
-    nodes(tree.root_node(), &src, "call_expression", "unsafe_wrap", &mut wraps);
+    nodes(
+        tree.root_node(),
+        &src,
+        "call_expression",
+        "unsafe_wrap",
+        &mut wraps,
+    );
     assert!(wraps.len() >= 3, "found {} unsafe_wrap calls", wraps.len());
     for wrap in wraps {
         if enclosing_function(wrap, &src) == Some("trampoline") {
@@ -460,7 +485,9 @@ fn julia_pointers_into_handles_are_preserved() {
         let mut preserved = false;
         let mut node = wrap;
         while let Some(parent) = node.parent() {
-            if parent.kind() == "macrocall_expression" && text(parent, &src).starts_with("GC.@preserve") {
+            if parent.kind() == "macrocall_expression"
+                && text(parent, &src).starts_with("GC.@preserve")
+            {
                 preserved = true;
             }
             node = parent;
@@ -487,19 +514,43 @@ fn julia_handles_and_rules_are_complete() {
     assert!(src.contains("function forward_with_tape(f::Function, op::Op"));
     assert!(src.contains("function Draw(f::Function, op::Op"));
     let mut calls = Vec::new();
-    nodes(tree.root_node(), &src, "function_definition", "function call(f, op::Op)", &mut calls);
+    nodes(
+        tree.root_node(),
+        &src,
+        "function_definition",
+        "function call(f, op::Op)",
+        &mut calls,
+    );
     assert_eq!(calls.len(), 1);
     assert!(text(calls[0], &src).contains("lock(op.lock)"));
     let mut rules = Vec::new();
-    nodes(tree.root_node(), &src, "function_definition", "function ChainRulesCore.rrule", &mut rules);
+    nodes(
+        tree.root_node(),
+        &src,
+        "function_definition",
+        "function ChainRulesCore.rrule",
+        &mut rules,
+    );
     assert_eq!(rules.len(), 2, "rrules of forward and fenchel_young");
     for rule in &rules {
         let body = text(*rule, &src);
-        assert!(body.contains("AbstractZero") && body.contains("ProjectTo"), "{body}");
+        assert!(
+            body.contains("AbstractZero") && body.contains("ProjectTo"),
+            "{body}"
+        );
     }
-    assert!(text(rules[1], &src).contains("project_y("), "y_true's tangent");
+    assert!(
+        text(rules[1], &src).contains("project_y("),
+        "y_true's tangent"
+    );
     let mut frules = Vec::new();
-    nodes(tree.root_node(), &src, "function_definition", "function ChainRulesCore.frule", &mut frules);
+    nodes(
+        tree.root_node(),
+        &src,
+        "function_definition",
+        "function ChainRulesCore.frule",
+        &mut frules,
+    );
     assert_eq!(frules.len(), 1);
     assert!(text(frules[0], &src).contains("jvp(tape"));
     assert!(src.contains("set!(c::Config, ::Val{:device}, v::Symbol)"));
@@ -510,7 +561,8 @@ fn julia_handles_and_rules_are_complete() {
 #[test]
 fn julia_examples_have_their_own_project() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bindings/julia/examples");
-    let project = std::fs::read_to_string(root.join("Project.toml")).expect("examples/Project.toml");
+    let project =
+        std::fs::read_to_string(root.join("Project.toml")).expect("examples/Project.toml");
     for file in std::fs::read_dir(&root).unwrap() {
         let path = file.unwrap().path();
         if path.extension().is_some_and(|e| e == "jl") {
@@ -518,9 +570,16 @@ fn julia_examples_have_their_own_project() {
             for line in src.lines().filter(|l| l.starts_with("using ")) {
                 for package in line["using ".len()..].split(',').map(str::trim) {
                     if package == "Random" || package == "LinearAlgebra" {
-                        assert!(project.contains(package), "{package} (stdlib) in examples/Project.toml");
+                        assert!(
+                            project.contains(package),
+                            "{package} (stdlib) in examples/Project.toml"
+                        );
                     } else {
-                        assert!(project.contains(&format!("{package} = ")), "{}: {package} missing from examples/Project.toml", path.display());
+                        assert!(
+                            project.contains(&format!("{package} = ")),
+                            "{}: {package} missing from examples/Project.toml",
+                            path.display()
+                        );
                     }
                 }
             }

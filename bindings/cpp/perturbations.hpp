@@ -11,7 +11,8 @@
 // - Any callable is a solver: its exceptions are caught in a noexcept trampoline, the C
 //   call fails, and the original exception is rethrown to the caller of forward().
 // - Buffers are any contiguous range of float (std::vector, std::array, std::span, a braced
-//   list) or a pointer and count; temporaries are copied, so a View never dangles.
+//   list) or a pointer and count. A View keeps its own copy of a temporary container or
+//   list; it borrows a named container or a span, which must outlive it (as a std::span).
 #ifndef PERTURBATIONS_HPP
 #define PERTURBATIONS_HPP
 
@@ -107,7 +108,7 @@ struct View {
   }
   template <class R, class Plain = std::remove_cv_t<std::remove_reference_t<R>>,
             std::enable_if_t<detail::is_float_range<Plain>::value && !std::is_same_v<Plain, View> &&
-                                 !(std::is_same_v<Plain, std::vector<float>> && !std::is_lvalue_reference_v<R>),
+                                 !std::is_same_v<R, std::vector<float>>,  // a non-const temporary vector is moved
                              int> = 0>
   View(R&& range) : data(range.data()), size(range.size()) {  // NOLINT(implicit)
     if constexpr (!std::is_lvalue_reference_v<R> && !detail::borrows<Plain>()) {

@@ -37,8 +37,8 @@ inline View view(const ::torch::Tensor& host_float) {
   return View(host_float.data_ptr<float>(), static_cast<std::size_t>(host_float.numel()));
 }
 
-/// A tensor that owns a tape: the autograd context keeps it, and the tape is freed with
-/// the graph (a tensor is what a context can keep; its one byte is never read).
+/// A tensor that owns a tape: the autograd context saves it for backward, and the tape is
+/// freed when the graph releases it (after backward, or with the graph; its byte is never read).
 inline ::torch::Tensor keep(Tape tape) {
   auto* owned = new Tape(std::move(tape));
   return ::torch::from_blob(
@@ -61,14 +61,16 @@ struct Perturbed : public ::torch::autograd::Function<Perturbed> {
     auto t = host(theta);
     auto batch = static_cast<std::size_t>(t.size(0));
     auto result = op->forward_with_tape(view(t), batch);
-    ctx->saved_data["tape"] = keep(std::move(result.tape));
+    // a saved variable: the graph releases it once backward has run
+    ctx->save_for_backward({keep(std::move(result.tape))});
     ctx->saved_data["input_shape"] = theta.sizes().vec();
     return from(std::move(result.output), with_batch(static_cast<int64_t>(batch), output_shape), theta);
   }
 
   static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
                                                    ::torch::autograd::variable_list grad) {
-    const Tape& tape = kept(ctx->saved_data["tape"].toTensor());
+    auto holder = ctx->get_saved_variables()[0];
+    const Tape& tape = kept(holder);
     auto input_shape = ctx->saved_data["input_shape"].toIntVector();
     auto g = host(grad[0]);
     return {from(tape.vjp(view(g)), input_shape, grad[0]), ::torch::Tensor(), ::torch::Tensor()};
@@ -85,6 +87,8 @@ struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
     auto result = op->fenchel_young(view(t), view(y), batch);
     ctx->save_for_backward({from(std::move(result.second), theta.sizes().vec(), theta), theta.detach()});
     ctx->saved_data["sign"] = op->sense() == Sense::Maximize ? -1.0 : 1.0;
+    ctx->saved_data["y_shape"] = y_true.sizes().vec();
+    ctx->saved_data["y_device"] = y_true.device();
     return from(std::move(result.first), {static_cast<int64_t>(batch)}, theta);
   }
 
@@ -95,7 +99,11 @@ struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
     std::vector<int64_t> shape(static_cast<std::size_t>(g_theta.dim()), 1);
     shape[0] = g_theta.size(0);
     auto per_problem = grad[0].reshape(shape);
-    auto g_y = theta.to(g_theta.dtype()) * per_problem * ctx->saved_data["sign"].toDouble();
+    ::torch::Tensor g_y;
+    if (ctx->needs_input_grad(1))
+      g_y = (theta.to(g_theta.dtype()) * per_problem * ctx->saved_data["sign"].toDouble())
+                .reshape(ctx->saved_data["y_shape"].toIntVector())
+                .to(ctx->saved_data["y_device"].toDevice());
     return {g_theta * per_problem, g_y, ::torch::Tensor()};
   }
 };

@@ -130,9 +130,9 @@ impl JacobianData {
 
     /// J δ `[batch, o]` for `delta` `[batch, d]`, as tensor operations that autograd
     /// differentiates with respect to δ (its backward is Jᵀg): from the dense Jacobian of a
-    /// tape of sums, or from the samples of a tape of samples (a CPU tape of solutions
-    /// makes them dense once: the scores drawn again, the solutions spread out). A dense
-    /// Jacobian that the tape does not hold is never made.
+    /// tape of sums, or from the samples of a tape of samples. A CPU tape of solutions
+    /// makes whichever is smaller dense once: the Jacobian, or the samples (the scores
+    /// drawn again, the solutions spread out).
     pub fn linear(&self, delta: &Tensor) -> Result<Tensor> {
         let delta = delta.f_to_device(self.device())?;
         match self {
@@ -151,6 +151,12 @@ impl JacobianData {
                     r.o() as i64,
                     r.redraw.d as i64,
                 );
+                // the smaller of the dense Jacobian and the dense samples (tch has no custom
+                // backward that could stream the tape's products)
+                if o * d <= n * (o + d) {
+                    let j = Tensor::f_from_slice(&r.jacobian()?)?.f_view([b, o, d])?;
+                    return Ok(j.f_matmul(&delta.f_unsqueeze(2)?)?.f_squeeze_dim(2)?);
+                }
                 let (y, s) = r.dense_samples()?;
                 let y = Tensor::f_from_slice(&y)?.f_view([b, n, o])?;
                 let s = Tensor::f_from_slice(&s)?.f_view([b, n, d])?;

@@ -238,7 +238,8 @@ pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
 /// for a batch of problems, and optionally the tape for its gradient.
 ///
 /// Each call draws fresh noise; the draws are a pure function of (seed, number of earlier
-/// forward calls on this op), and the results do not depend on the number of threads.
+/// forward calls on this op; calls with batch 0 do not count), and the results do not
+/// depend on the number of threads.
 ///
 /// @param op      The op.
 /// @param theta   `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;

@@ -181,6 +181,8 @@ void test_views_never_dangle() {
   EXPECT(braced.data[1] == 2.0f && moved.data[2] == 0.3f && borrowed.size == 3);
   pert::View copy = braced;  // copies share the owned floats
   EXPECT(copy.data == braced.data);
+  const std::vector<float> fixed = {0.1f, 2.0f, 0.3f};
+  EXPECT(op.forward(std::move(fixed), 1).size() == 3);  // a const rvalue: copied  // NOLINT
 }
 
 // Every entry point checks sizes: a draw with theta of the wrong size throws (it read past

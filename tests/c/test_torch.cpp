@@ -94,6 +94,14 @@ int main() {
     delete short_lived;
     out.sum().backward();
     EXPECT(th.grad().defined());
+    // the tape is a saved variable: released by backward, so a second backward is refused
+    bool refused = false;
+    try {
+      out.sum().backward();
+    } catch (const std::exception&) {
+      refused = true;
+    }
+    EXPECT(refused);
   }
 
   return expect_report();

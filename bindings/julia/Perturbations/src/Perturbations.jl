@@ -240,12 +240,14 @@ mutable struct Op
     solver::Any
     error::Any                 # the running call's solver exception (calls take turns)
     lock::ReentrantLock
+    busy::Bool                 # a call runs (a solver may not call its own op)
     d::Int
     o::Int
     sense::UInt32
     function Op(solver, config::Config, input_shape, output_shape)
         config.threads == 1 || throw(ArgumentError("Julia solvers run on one thread: the config must have threads = 1"))
-        op = new(C_NULL, solver, nothing, ReentrantLock(), prod(input_shape; init=1), prod(output_shape; init=1), config.sense)
+        op = new(C_NULL, solver, nothing, ReentrantLock(), false, prod(input_shape; init=1), prod(output_shape; init=1),
+            config.sense)
         ins = Int64[reverse(collect(input_shape))...]    # Julia column-major = C row-major reversed
         outs = Int64[reverse(collect(output_shape))...]
         out = Ref{Ptr{Cvoid}}(C_NULL)
@@ -255,7 +257,7 @@ mutable struct Op
                 pointer_from_objref(op)::Ptr{Cvoid}, out::Ref{Ptr{Cvoid}})::UInt32)
         end
         op.handle = out[]
-        return finalizer(free!, op)
+        return finalizer(release!, op)
     end
     function Op(config::Config, input_shape, output_shape; external::Bool)
         external || throw(ArgumentError("give a solver, or external=true for the two-phase API"))
@@ -264,7 +266,7 @@ mutable struct Op
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(@ccall libperturbations.pert_op_new_external(config::Ptr{Cvoid}, ins::Ptr{Int64}, length(ins)::Csize_t,
             outs::Ptr{Int64}, length(outs)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
-        return finalizer(free!, new(out[], nothing, nothing, ReentrantLock(), prod(input_shape; init=1),
+        return finalizer(release!, new(out[], nothing, nothing, ReentrantLock(), false, prod(input_shape; init=1),
             prod(output_shape; init=1), config.sense))
     end
     function Op(config::Config, builtin::UInt32; input_shape, k::Integer=0)
@@ -273,15 +275,19 @@ mutable struct Op
         check(@ccall libperturbations.pert_op_new_builtin(config::Ptr{Cvoid}, builtin::UInt32, Int64(k)::Int64,
             ins::Ptr{Int64}, length(ins)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
         n = prod(input_shape; init=1)
-        return finalizer(free!, new(out[], nothing, nothing, ReentrantLock(), n, n, config.sense))
+        return finalizer(release!, new(out[], nothing, nothing, ReentrantLock(), false, n, n, config.sense))
     end
 end
 
-function free!(op::Op)
+# The finalizer: no lock (finalizers may not wait), and no call can be running.
+function release!(op::Op)
     op.handle == C_NULL || @ccall libperturbations.pert_op_free(op.handle::Ptr{Cvoid})::Cvoid
     op.handle = C_NULL
     return nothing
 end
+
+"""`free!(op)`: frees the op now (waiting for a call of another task to end)."""
+free!(op::Op) = lock(() -> release!(op), op.lock)
 
 Base.unsafe_convert(::Type{Ptr{Cvoid}}, op::Op) = op.handle
 
@@ -326,13 +332,18 @@ end
 # backtrace) is being handled, so that the exception stack keeps both.
 function call(f, op::Op)
     captured = lock(op.lock) do
-        outer = op.error              # a solver calling back into its own op (same task)
+        op.busy && throw(ArgumentError("a solver cannot call its own op (the op runs one call at a time)"))
+        op.busy = true
         op.error = nothing
-        status = GC.@preserve op f()
-        err = op.error
-        op.error = outer
-        err === nothing && check(status)
-        err
+        try
+            status = GC.@preserve op f()
+            err = op.error
+            err === nothing && check(status)
+            err
+        finally
+            op.error = nothing
+            op.busy = false
+        end
     end
     captured === nothing && return nothing
     try
@@ -457,7 +468,9 @@ mutable struct Draw
         batch = batch_of(op, theta)
         th = Matrix{Float32}(theta)
         out = Ref{Ptr{Cvoid}}(C_NULL)
-        check(@ccall libperturbations.pert_draw_new(op::Ptr{Cvoid}, th::Ptr{Float32}, batch::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
+        call(op) do   # a draw counts as one call of the op: it takes its turn
+            @ccall libperturbations.pert_draw_new(op::Ptr{Cvoid}, th::Ptr{Float32}, batch::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32
+        end
         return finalizer(free!, new(out[], op.d, op.o, batch))
     end
 end
