@@ -13,7 +13,15 @@ pub(crate) fn check_floats(t: &Tensor, what: &str) -> Result<()> {
             t.f_kind()?
         )));
     }
-    if bool::try_from(t.f_isfinite()?.f_all()?)? {
+    if t.device() == tch::Device::Cpu && t.is_contiguous() {
+        // on the host, one pass in Rust: libtorch's parallel reductions would leave its
+        // OpenMP workers spinning on the cores the solver threads need
+        // SAFETY: a contiguous CPU float32 tensor holds numel() floats, borrowed for the call.
+        let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) };
+        if all_finite(values) {
+            return Ok(());
+        }
+    } else if bool::try_from(t.f_isfinite()?.f_all()?)? {
         return Ok(());
     }
     let flat = t.f_reshape([t.size().first().copied().unwrap_or(1).max(1), -1])?;
@@ -38,4 +46,13 @@ pub(crate) fn check_floats(t: &Tensor, what: &str) -> Result<()> {
             bad % cols
         ),
     ))
+}
+
+/// Whether every value is finite: one vectorizable pass (all exponent bits set means NaN or
+/// an infinity).
+pub(crate) fn all_finite(values: &[f32]) -> bool {
+    let exponent = 0x7f80_0000u32;
+    !values
+        .iter()
+        .fold(false, |any, v| any | (v.to_bits() & exponent == exponent))
 }

@@ -32,3 +32,18 @@ pub(crate) fn host_slice<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
     // the slice's lifetime.
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
 }
+
+/// A 1-d CPU tensor holding a copy of `values`. Unlike `Tensor::f_from_slice`, which fills
+/// the new tensor with zeros first (a parallel libtorch kernel for large buffers, whose
+/// OpenMP workers then spin on the cores the solver threads need), it only copies.
+pub(crate) fn from_slice<T: tch::kind::Element>(values: &[T]) -> Result<Tensor> {
+    let t = Tensor::f_empty([values.len() as i64], (T::KIND, Device::Cpu))?;
+    if !values.is_empty() {
+        // SAFETY: a fresh contiguous CPU tensor of `values.len()` elements of kind T, not
+        // aliased; the source is a distinct Rust slice.
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), t.data_ptr() as *mut T, values.len())
+        };
+    }
+    Ok(t)
+}

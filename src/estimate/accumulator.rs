@@ -81,8 +81,8 @@ impl Accumulator {
         let jacobian = match form {
             None => None,
             Some(TapeForm::Sums) => Some(JacobianSums::Sums {
-                sum_s: Tensor::f_zeros([b, d], f64s)?,
-                sum_ys: Tensor::f_zeros([b, o, d], f32s)?,
+                sum_s: zeros(&[b, d], f64s)?,
+                sum_ys: zeros(&[b, o, d], f32s)?,
             }),
             Some(TapeForm::Samples) => match replay {
                 Some(replay) => Some(replay),
@@ -98,7 +98,7 @@ impl Accumulator {
             } else {
                 0
             };
-            Some((Tensor::f_zeros([b], f64s)?, Tensor::f_zeros([b, wy], f64s)?))
+            Some((zeros(&[b], f64s)?, zeros(&[b, wy], f64s)?))
         } else {
             None
         };
@@ -106,7 +106,7 @@ impl Accumulator {
             o,
             perturbation,
             sigma,
-            sum_y: Tensor::f_zeros([b, o], f64s)?,
+            sum_y: zeros(&[b, o], f64s)?,
             jacobian,
             objective,
         })
@@ -279,6 +279,9 @@ impl Accumulator {
         clean: Option<&Tensor>,
         theta: &Tensor,
     ) -> Result<Estimate> {
+        if self.sum_y.device() == Device::Cpu {
+            return self.finish_on_host(n, baseline, clean, theta);
+        }
         let nf = n as f64;
         let mean = self.sum_y.f_div_scalar(nf)?.f_to_kind(Kind::Float)?;
         // the baseline only enters the Jacobian: forward calls without a tape make no
@@ -375,4 +378,184 @@ impl Accumulator {
             objective,
         })
     }
+}
+
+/// The most Jacobian entries a CPU call finishes in Rust (beyond, libtorch's parallel
+/// kernels are worth their start-up).
+const HOST_FINISH_ENTRIES: usize = 1 << 20;
+
+impl Accumulator {
+    /// [`Accumulator::finish`] for a CPU accumulator, in Rust on the host buffers: no
+    /// libtorch operation runs (its parallel kernels would leave OpenMP workers spinning
+    /// on the cores, at a cost larger than the work of a small call), except the products
+    /// that make a large dense Jacobian.
+    fn finish_on_host(
+        mut self,
+        n: usize,
+        baseline: Baseline,
+        clean: Option<&Tensor>,
+        theta: &Tensor,
+    ) -> Result<Estimate> {
+        let nf = n as f64;
+        let o = self.o as usize;
+        let sum_y = host_slice::<f64>(&mut self.sum_y).to_vec();
+        let batch = sum_y.len() / o;
+        let mean: Vec<f32> = sum_y.iter().map(|&v| (v / nf) as f32).collect();
+        // the baseline only enters the Jacobian (see `finish`)
+        let (center, scale) = match (baseline, clean) {
+            (Baseline::None, _) => (None, 1.0 / (nf * self.sigma)),
+            (Baseline::SampleMean, _) => (Some(mean.clone()), 1.0 / ((nf - 1.0) * self.sigma)),
+            (Baseline::CleanInput, Some(clean)) => {
+                (Some(host_floats(clean)?), 1.0 / (nf * self.sigma))
+            }
+            (Baseline::CleanInput, None) => {
+                assert!(
+                    self.jacobian.is_none(),
+                    "the clean-input baseline needs y*(theta) for a Jacobian"
+                );
+                (None, 1.0 / (nf * self.sigma))
+            }
+        };
+        // 1/θ, 0 where θ = 0 (multiplicative model)
+        let col_scale = match self.perturbation {
+            Perturbation::Additive => None,
+            Perturbation::Multiplicative => Some(
+                host_floats(theta)?
+                    .iter()
+                    .map(|&t| if t == 0.0 { 0.0 } else { 1.0 / t })
+                    .collect::<Vec<f32>>(),
+            ),
+        };
+        let tensor = |v: &[f32], size: &[i64]| -> Result<Tensor> {
+            Ok(crate::tensors::from_slice(v)?.f_view(size)?)
+        };
+        let (b, o_i) = (batch as i64, o as i64);
+        let jacobian = match self.jacobian.take() {
+            None => None,
+            Some(JacobianSums::Sums {
+                mut sum_s,
+                mut sum_ys,
+            }) => {
+                let d = sum_s.size()[1] as usize;
+                if batch * o * d <= HOST_FINISH_ENTRIES {
+                    // Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ, then scaled, in place
+                    let sums: Vec<f32> = host_slice::<f64>(&mut sum_s)
+                        .iter()
+                        .map(|&v| v as f32)
+                        .collect();
+                    let j = host_slice::<f32>(&mut sum_ys);
+                    for (p, jp) in j.chunks_exact_mut(o * d).enumerate() {
+                        let s_p = &sums[p * d..(p + 1) * d];
+                        for (i, row) in jp.chunks_exact_mut(d).enumerate() {
+                            if let Some(c) = &center {
+                                let c = -c[p * o + i];
+                                for (v, &sv) in row.iter_mut().zip(s_p) {
+                                    *v += c * sv;
+                                }
+                            }
+                            for v in row.iter_mut() {
+                                *v *= scale as f32;
+                            }
+                            if let Some(cs) = &col_scale {
+                                for (v, &c) in row.iter_mut().zip(&cs[p * d..(p + 1) * d]) {
+                                    *v *= c;
+                                }
+                            }
+                        }
+                    }
+                    Some(JacobianData::Dense(sum_ys))
+                } else {
+                    let center = center
+                        .as_deref()
+                        .map(|c| tensor(c, &[b, o_i]))
+                        .transpose()?;
+                    let mut j = sum_ys;
+                    if let Some(c) = &center {
+                        let s = sum_s.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // [b, 1, d]
+                        let _ = j.f_baddbmm_(&c.f_neg()?.f_unsqueeze(2)?, &s)?;
+                    }
+                    let _ = j.f_mul_scalar_(scale)?;
+                    if let Some(cs) = &col_scale {
+                        let _ = j.f_mul_(&tensor(cs, &[b, d as i64])?.f_unsqueeze(1)?)?;
+                    }
+                    Some(JacobianData::Dense(j))
+                }
+            }
+            Some(JacobianSums::Replay { mut rows, redraw }) => {
+                rows.shrink();
+                assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
+                Some(JacobianData::Replay(Replay {
+                    rows,
+                    redraw,
+                    batch,
+                    center: center.unwrap_or_else(|| vec![0f32; mean.len()]),
+                    col_scale,
+                    scale,
+                }))
+            }
+            Some(JacobianSums::Samples { y, s }) => {
+                let center = center.unwrap_or_else(|| vec![0f32; mean.len()]);
+                let d = s.size()[2];
+                Some(JacobianData::Samples {
+                    y,
+                    s,
+                    center: tensor(&center, &[b, o_i])?,
+                    col_scale: col_scale
+                        .as_deref()
+                        .map(|c| tensor(c, &[b, d]))
+                        .transpose()?,
+                    scale,
+                })
+            }
+        };
+        let objective = match self.objective.take() {
+            None => None,
+            Some((mut objective, mut sum_wy)) => {
+                let per = |v: &[f64]| -> Result<Tensor> {
+                    let scaled: Vec<f64> = v.iter().map(|&x| x / nf).collect();
+                    Ok(crate::tensors::from_slice(&scaled)?)
+                };
+                let f = per(host_slice::<f64>(&mut objective))?;
+                let grad = match self.perturbation {
+                    Perturbation::Additive => per(&sum_y)?.f_view([b, o_i])?,
+                    Perturbation::Multiplicative => {
+                        let w = sum_wy.size()[1];
+                        per(host_slice::<f64>(&mut sum_wy))?.f_view([b, w])?
+                    }
+                };
+                Some((f, grad))
+            }
+        };
+        Ok(Estimate {
+            mean: tensor(&mean, &[b, o_i])?,
+            jacobian,
+            objective,
+        })
+    }
+}
+
+/// A zero tensor of `size`: on the CPU filled in Rust (libtorch's fill runs a parallel
+/// kernel for large tensors, whose OpenMP workers then spin on the solver threads' cores).
+fn zeros(size: &[i64], options: (Kind, Device)) -> Result<Tensor> {
+    if options.1 != Device::Cpu {
+        return Ok(Tensor::f_zeros(size, options)?);
+    }
+    let mut t = Tensor::f_empty(size, options)?;
+    match options.0 {
+        Kind::Double => host_slice_uninit_fill::<f64>(&mut t),
+        _ => host_slice_uninit_fill::<f32>(&mut t),
+    }
+    Ok(t)
+}
+
+/// Zeroes a fresh contiguous CPU tensor of kind `T` through a raw pointer (its memory is
+/// uninitialized: no slice is formed over it before it is written).
+fn host_slice_uninit_fill<T: tch::kind::Element>(t: &mut Tensor) {
+    assert!(t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND);
+    if t.numel() == 0 {
+        return; // no memory (the pointer may be NULL)
+    }
+    // SAFETY: a contiguous CPU tensor of numel() elements of kind T, owned here; all-zero
+    // bits are 0.0 for f32 and f64.
+    unsafe { std::ptr::write_bytes(t.data_ptr() as *mut T, 0, t.numel()) };
 }

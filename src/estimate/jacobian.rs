@@ -69,7 +69,9 @@ impl JacobianData {
                     None => j,
                 })
             }
-            JacobianData::Replay(r) => Ok(Tensor::f_from_slice(&r.jacobian()?)?.f_view(size)?),
+            JacobianData::Replay(r) => {
+                Ok(crate::tensors::from_slice(&r.jacobian()?)?.f_view(size)?)
+            }
         }
     }
 
@@ -95,7 +97,7 @@ impl JacobianData {
                     None => out,
                 }
             }
-            JacobianData::Replay(r) => Tensor::f_from_slice(&r.vjp(&host_floats(g)?)?)?,
+            JacobianData::Replay(r) => crate::tensors::from_slice(&r.vjp(&host_floats(g)?)?)?,
         })
     }
 
@@ -124,7 +126,7 @@ impl JacobianData {
                         .f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
                 yst.f_sub(&cst)?.f_mul_scalar(*scale)?
             }
-            JacobianData::Replay(r) => Tensor::f_from_slice(&r.jvp(&host_floats(t)?)?)?,
+            JacobianData::Replay(r) => crate::tensors::from_slice(&r.jvp(&host_floats(t)?)?)?,
         })
     }
 
@@ -154,15 +156,15 @@ impl JacobianData {
                 // the smaller of the dense Jacobian and the dense samples (tch has no custom
                 // backward that could stream the tape's products)
                 if o * d <= n * (o + d) {
-                    let j = Tensor::f_from_slice(&r.jacobian()?)?.f_view([b, o, d])?;
+                    let j = crate::tensors::from_slice(&r.jacobian()?)?.f_view([b, o, d])?;
                     return Ok(j.f_matmul(&delta.f_unsqueeze(2)?)?.f_squeeze_dim(2)?);
                 }
                 let (y, s) = r.dense_samples()?;
-                let y = Tensor::f_from_slice(&y)?.f_view([b, n, o])?;
-                let s = Tensor::f_from_slice(&s)?.f_view([b, n, d])?;
-                let center = Tensor::f_from_slice(&r.center)?.f_view([b, o])?;
+                let y = crate::tensors::from_slice(&y)?.f_view([b, n, o])?;
+                let s = crate::tensors::from_slice(&s)?.f_view([b, n, d])?;
+                let center = crate::tensors::from_slice(&r.center)?.f_view([b, o])?;
                 let col_scale = match &r.col_scale {
-                    Some(cs) => Some(Tensor::f_from_slice(cs)?.f_view([b, d])?),
+                    Some(cs) => Some(crate::tensors::from_slice(cs)?.f_view([b, d])?),
                     None => None,
                 };
                 samples_linear(&y, &s, &center, col_scale.as_ref(), r.scale, &delta)

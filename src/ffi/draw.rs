@@ -6,7 +6,6 @@ use super::status::pert_status;
 use super::tape::pert_tape;
 use crate::shape::{batched, checked_product};
 use crate::two_phase::Draw;
-use tch::Tensor;
 
 /// The perturbed inputs of one call, waiting for their solutions (two-phase API).
 ///
@@ -54,7 +53,8 @@ pub unsafe extern "C" fn pert_draw_new(
                 "theta",
             )
         }?;
-        let theta = Tensor::f_from_slice(theta)?.f_reshape(batched(batch, op.input_shape()))?;
+        let theta =
+            crate::tensors::from_slice(theta)?.f_reshape(batched(batch, op.input_shape()))?;
         let inner = op.draw(&theta)?;
         *out = Box::into_raw(Box::new(pert_draw { inner }));
         Ok(())

@@ -10,7 +10,6 @@ use crate::op::PerturbedOp;
 use crate::shape::checked_product;
 use crate::solver::Solver;
 use std::ffi::c_void;
-use tch::Tensor;
 
 /// A black-box solver: solves `count` perturbed problems at once.
 ///
@@ -276,7 +275,7 @@ pub unsafe extern "C" fn pert_forward(
         let output_len = checked_product(&[batch, o], "batch * output_numel")?;
         let output = unsafe { boundary::output(output, output_len, "output") }?;
         // theta is copied before anything is written: output may overlap it
-        let theta = Tensor::f_from_slice(unsafe { slice(theta, theta_len, "theta") }?)?
+        let theta = crate::tensors::from_slice(unsafe { slice(theta, theta_len, "theta") }?)?
             .f_reshape(crate::shape::batched(batch, op.input_shape()))?;
         if tape.is_null() {
             let y = op.forward(&theta)?;
@@ -336,10 +335,10 @@ pub unsafe extern "C" fn pert_fenchel_young(
         };
         // the inputs are copied before anything is written: outputs may overlap them
         let shape = crate::shape::batched(batch, op.input_shape());
-        let theta =
-            Tensor::f_from_slice(unsafe { slice(theta, len, "theta") }?)?.f_reshape(&shape)?;
-        let y_true =
-            Tensor::f_from_slice(unsafe { slice(y_true, len, "y_true") }?)?.f_reshape(&shape)?;
+        let theta = crate::tensors::from_slice(unsafe { slice(theta, len, "theta") }?)?
+            .f_reshape(&shape)?;
+        let y_true = crate::tensors::from_slice(unsafe { slice(y_true, len, "y_true") }?)?
+            .f_reshape(&shape)?;
         let (l, g) = op.fenchel_young(&theta, &y_true)?;
         let loss = loss.stage(&l)?;
         let grad = grad_theta.as_ref().map(|out| out.stage(&g)).transpose()?;

@@ -4,7 +4,6 @@ use super::boundary::{arg, guard, guard_or, output, slice};
 use super::status::pert_status;
 use crate::shape::{batched, checked_product};
 use crate::tape::Tape;
-use tch::Tensor;
 
 /// The record of one `pert_forward` call, from which gradients are computed without
 /// calling the solver again.
@@ -47,7 +46,7 @@ pub unsafe extern "C" fn pert_tape_vjp(
         let (b, d, o) = sizes(tape)?;
         let out = unsafe { output(grad_input, b * d, "grad_input") }?;
         // copied before anything is written: grad_input may overlap grad_output
-        let g = Tensor::f_from_slice(unsafe { slice(grad_output, b * o, "grad_output") }?)?
+        let g = crate::tensors::from_slice(unsafe { slice(grad_output, b * o, "grad_output") }?)?
             .f_reshape(batched(b, tape.output_shape()))?;
         out.stage(&tape.vjp(&g)?)?.write();
         Ok(())
@@ -72,8 +71,9 @@ pub unsafe extern "C" fn pert_tape_jvp(
         let (b, d, o) = sizes(tape)?;
         let out = unsafe { output(tangent_output, b * o, "tangent_output") }?;
         // copied before anything is written: tangent_output may overlap tangent_input
-        let t = Tensor::f_from_slice(unsafe { slice(tangent_input, b * d, "tangent_input") }?)?
-            .f_reshape(batched(b, tape.input_shape()))?;
+        let t =
+            crate::tensors::from_slice(unsafe { slice(tangent_input, b * d, "tangent_input") }?)?
+                .f_reshape(batched(b, tape.input_shape()))?;
         out.stage(&tape.jvp(&t)?)?.write();
         Ok(())
     })

@@ -38,7 +38,7 @@ pub(crate) fn provided(
 ) -> Result<Tensor> {
     let part = &all[first * o..(first + rows) * o];
     check_provided(part, first, o)?;
-    Ok(Tensor::f_from_slice(part)?
+    Ok(crate::tensors::from_slice(part)?
         .f_view([rows as i64, o as i64])?
         .f_to_device(device)?)
 }
@@ -125,12 +125,8 @@ pub(crate) fn solve_rows(
         })
     };
     result.map_err(|msg| Error::new(Status::SolverFailed, format!("the solver failed: {msg}")))?;
-    // one vectorizable pass (all exponent bits set: NaN or infinite), then the position
-    let exponent = 0x7f80_0000u32;
-    let any_non_finite = y
-        .iter()
-        .fold(false, |any, v| any | (v.to_bits() & exponent == exponent));
-    if let Some(i) = any_non_finite
+    // one vectorizable pass, then the position
+    if let Some(i) = (!crate::input::all_finite(y))
         .then(|| y.iter().position(|v| !v.is_finite()))
         .flatten()
     {
