@@ -156,9 +156,10 @@ impl PerturbedOp {
         }
         check_floats(y_true, "y_true")?;
         let (_, theta_dev, estimate) = self.estimate(theta, false)?;
-        let (objective, grad_objective) = estimate
+        let objective = estimate
             .objective
             .expect("square ops estimate the objective");
+        let (grad_objective, objective) = (objective.grad()?, objective.value);
         let y = y_true
             .f_to_device(self.spec.device)?
             .f_reshape(theta_dev.size())?;

@@ -37,7 +37,7 @@ pub(crate) fn output_and_tape(
 ) -> Result<(Tensor, Tape)> {
     let output = spec.output_tensor(&estimate.mean, batch, device)?;
     let objective = match &estimate.objective {
-        Some((f, _)) => Some(f.f_to_kind(Kind::Float)?),
+        Some(f) => Some(f.value.f_to_kind(Kind::Float)?),
         None => None,
     };
     let jacobian = estimate.jacobian.expect("a Jacobian was requested");

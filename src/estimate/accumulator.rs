@@ -18,9 +18,24 @@ pub(crate) struct Estimate {
     pub mean: Tensor,
     /// What the tape keeps, when asked for.
     pub jacobian: Option<JacobianData>,
-    /// F_σ(θ) = E[⟨perturbed input, Y⟩] `[batch]` and its gradient `[batch, input_numel]`
-    /// (float64), when output shape = input shape.
-    pub objective: Option<(Tensor, Tensor)>,
+    /// F_σ(θ) and what its gradient is made from, when output shape = input shape.
+    pub objective: Option<Objective>,
+}
+
+/// The perturbed objective of a call: F_σ(θ) = E[⟨perturbed input, Y⟩] `[batch]` (float64),
+/// and its gradient on demand (only the Fenchel-Young loss needs it).
+pub(crate) struct Objective {
+    pub value: Tensor,
+    /// Σ Y_n (additive) or Σ exp(σZ_n − σ²/2) ⊙ Y_n (multiplicative), `[batch, d]` float64.
+    sum: Tensor,
+    n: f64,
+}
+
+impl Objective {
+    /// ∇F_σ(θ) `[batch, d]` (float64): the sum over N.
+    pub fn grad(&self) -> Result<Tensor> {
+        Ok(self.sum.f_div_scalar(self.n)?)
+    }
 }
 
 enum JacobianSums {
@@ -364,13 +379,14 @@ impl Accumulator {
         };
         let objective = match self.objective {
             None => None,
-            Some((objective, sum_wy)) => {
-                let grad = match self.perturbation {
-                    Perturbation::Additive => self.sum_y.f_div_scalar(nf)?,
-                    Perturbation::Multiplicative => sum_wy.f_div_scalar(nf)?,
-                };
-                Some((objective.f_div_scalar(nf)?, grad))
-            }
+            Some((objective, sum_wy)) => Some(Objective {
+                value: objective.f_div_scalar(nf)?,
+                sum: match self.perturbation {
+                    Perturbation::Additive => self.sum_y,
+                    Perturbation::Multiplicative => sum_wy,
+                },
+                n: nf,
+            }),
         };
         Ok(Estimate {
             mean,
@@ -398,13 +414,27 @@ impl Accumulator {
     ) -> Result<Estimate> {
         let nf = n as f64;
         let o = self.o as usize;
-        let sum_y = host_slice::<f64>(&mut self.sum_y).to_vec();
-        let batch = sum_y.len() / o;
-        let mean: Vec<f32> = sum_y.iter().map(|&v| (v / nf) as f32).collect();
+        let batch = self.sum_y.numel() / o;
+        let mean_tensor = Tensor::f_empty([batch as i64, o as i64], (Kind::Float, Device::Cpu))?;
+        if batch > 0 {
+            let sum_y = host_slice::<f64>(&mut self.sum_y);
+            let out = mean_tensor.data_ptr() as *mut f32;
+            for (k, &v) in sum_y.iter().enumerate() {
+                // SAFETY: a fresh contiguous CPU float32 tensor of batch·o elements, written
+                // through a raw pointer (in bounds: k < batch·o) before any slice is formed.
+                unsafe { out.add(k).write((v / nf) as f32) };
+            }
+        }
+        let mean: &[f32] = if batch > 0 {
+            // SAFETY: the tensor's batch·o floats, all written above.
+            unsafe { std::slice::from_raw_parts(mean_tensor.data_ptr() as *const f32, batch * o) }
+        } else {
+            &[]
+        };
         // the baseline only enters the Jacobian (see `finish`)
         let (center, scale) = match (baseline, clean) {
             (Baseline::None, _) => (None, 1.0 / (nf * self.sigma)),
-            (Baseline::SampleMean, _) => (Some(mean.clone()), 1.0 / ((nf - 1.0) * self.sigma)),
+            (Baseline::SampleMean, _) => (Some(mean.to_vec()), 1.0 / ((nf - 1.0) * self.sigma)),
             (Baseline::CleanInput, Some(clean)) => {
                 (Some(host_floats(clean)?), 1.0 / (nf * self.sigma))
             }
@@ -510,24 +540,23 @@ impl Accumulator {
         };
         let objective = match self.objective.take() {
             None => None,
-            Some((mut objective, mut sum_wy)) => {
-                let per = |v: &[f64]| -> Result<Tensor> {
-                    let scaled: Vec<f64> = v.iter().map(|&x| x / nf).collect();
-                    Ok(crate::tensors::from_slice(&scaled)?)
-                };
-                let f = per(host_slice::<f64>(&mut objective))?;
-                let grad = match self.perturbation {
-                    Perturbation::Additive => per(&sum_y)?.f_view([b, o_i])?,
-                    Perturbation::Multiplicative => {
-                        let w = sum_wy.size()[1];
-                        per(host_slice::<f64>(&mut sum_wy))?.f_view([b, w])?
-                    }
-                };
-                Some((f, grad))
+            Some((mut objective, sum_wy)) => {
+                let value: Vec<f64> = host_slice::<f64>(&mut objective)
+                    .iter()
+                    .map(|&x| x / nf)
+                    .collect();
+                Some(Objective {
+                    value: crate::tensors::from_slice(&value)?,
+                    sum: match self.perturbation {
+                        Perturbation::Additive => self.sum_y,
+                        Perturbation::Multiplicative => sum_wy,
+                    },
+                    n: nf,
+                })
             }
         };
         Ok(Estimate {
-            mean: tensor(&mean, &[b, o_i])?,
+            mean: mean_tensor,
             jacobian,
             objective,
         })

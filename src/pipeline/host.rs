@@ -7,7 +7,7 @@ use crate::estimate::replay::SolutionRows;
 use crate::estimate::TapeForm;
 use crate::kernels::blocks::run_blocks;
 use crate::kernels::sums::ProblemSums;
-use crate::pipeline::plan::OpSpec;
+use crate::pipeline::plan::{OpSpec, HOST_BLOCKS, HOST_BLOCK_MIN_ROWS};
 use crate::pipeline::solve::{check_provided, solve_rows, SolverKind, Source};
 use crate::rng::Stream;
 use crate::tensors::host_floats;
@@ -41,8 +41,24 @@ impl OpSpec {
         let per_problem = n.div_ceil(per);
         let theta_host = host_floats(theta)?;
         let batch = theta_host.len() / d.max(1);
-        // blocks of every problem, problem by problem: threads share out the whole batch
-        let blocks = batch * per_problem;
+        // a block is `per_problem` blocks of one problem, or, when a problem's samples fit
+        // in one block, several whole problems (up to `per` rows; one per block with
+        // Jacobian sums, whose o·d entries are a per-problem cost), so that a block's work
+        // outweighs its hand-over; the sums of each problem are made the same either way
+        let group = if per_problem == 1 && !sums_form {
+            // about HOST_BLOCK_MIN_ROWS rows, and the batch still cut into about
+            // HOST_BLOCKS blocks (never dependent on the number of threads)
+            (HOST_BLOCK_MIN_ROWS / n.max(1))
+                .min(batch.div_ceil(HOST_BLOCKS))
+                .max(1)
+        } else {
+            1
+        };
+        let blocks = if group > 1 {
+            batch.div_ceil(group)
+        } else {
+            batch * per_problem
+        };
         let builtin = matches!(source, Source::Solver(SolverKind::Builtin(_)));
         // callbacks get the config's solver threads; built-ins use every core
         let threads = if builtin {
@@ -63,64 +79,77 @@ impl OpSpec {
                 ]
             })
             .collect();
-        type Block = (ProblemSums, Option<SolutionRows>);
+        // the sums of each problem of the block (or of the block of one problem), and the
+        // solutions, for a tape that keeps them
+        type Block = (Vec<ProblemSums>, Option<SolutionRows>);
         let work = |g: usize, buffers: &mut [Vec<f32>; 4]| -> Result<Block> {
-            let (b, k) = (g / per_problem, g % per_problem);
-            let theta_b = &theta_host[b * d..(b + 1) * d];
-            let (n0, rows) = (k * per, per.min(n - k * per));
-            let [z, s, x, y] = buffers;
-            let (z, s, x, y) = (
-                &mut z[..rows * d],
-                &mut s[..rows * d],
-                &mut x[..rows * d],
-                &mut y[..rows * o],
-            );
-            // scores only for Jacobian sums (a tape of solutions draws them again later)
-            let s: &mut [f32] = if sums_form { s } else { &mut [] };
-            c.noise().draw_samples(
-                stream,
-                c.antithetic(),
-                multiplicative,
-                (b, n, n0, d),
-                z,
-                s,
-                1,
-            );
-            c.perturbation()
-                .perturb_host(theta_b, z, c.sigma() as f32, x);
-            match source {
-                Source::Solver(SolverKind::Host(solver)) => {
-                    solve_rows(&**solver, x, y, rows, d, o, 1)?
-                }
-                Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
-                Source::Provided(all) => {
-                    let first = b * n + n0;
-                    check_provided(&all[first * o..(first + rows) * o], first, o)?;
-                    y.copy_from_slice(&all[first * o..(first + rows) * o]);
-                }
-                Source::Solver(_) => unreachable!("only host solutions take the host path"),
-            }
-            let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
-            sums.add_rows(d, z, x, s, y, c.sigma() as f32);
-            // a tape that keeps the samples' solutions gets this block's
-            let solutions = if keep_solutions {
-                let mut rows = SolutionRows::new(o);
-                rows.push(y)?;
-                Some(rows)
+            let (first, count, k) = if group > 1 {
+                (g * group, group.min(batch - g * group), 0)
             } else {
-                None
+                (g / per_problem, 1, g % per_problem)
             };
-            Ok((sums, solutions))
+            let mut all = Vec::with_capacity(count);
+            let mut solutions = keep_solutions.then(|| SolutionRows::new(o));
+            for b in first..first + count {
+                let theta_b = &theta_host[b * d..(b + 1) * d];
+                let (n0, rows) = (k * per, per.min(n - k * per));
+                let [z, s, x, y] = &mut *buffers;
+                let (z, s, x, y) = (
+                    &mut z[..rows * d],
+                    &mut s[..rows * d],
+                    &mut x[..rows * d],
+                    &mut y[..rows * o],
+                );
+                // scores only for Jacobian sums (a tape of solutions draws them again later)
+                let s: &mut [f32] = if sums_form { s } else { &mut [] };
+                c.noise().draw_samples(
+                    stream,
+                    c.antithetic(),
+                    multiplicative,
+                    (b, n, n0, d),
+                    z,
+                    s,
+                    1,
+                );
+                c.perturbation()
+                    .perturb_host(theta_b, z, c.sigma() as f32, x);
+                match source {
+                    Source::Solver(SolverKind::Host(solver)) => {
+                        solve_rows(&**solver, x, y, rows, d, o, 1)?
+                    }
+                    Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
+                    Source::Provided(all) => {
+                        let first = b * n + n0;
+                        check_provided(&all[first * o..(first + rows) * o], first, o)?;
+                        y.copy_from_slice(&all[first * o..(first + rows) * o]);
+                    }
+                    Source::Solver(_) => unreachable!("only host solutions take the host path"),
+                }
+                let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
+                sums.add_rows(d, z, x, s, y, c.sigma() as f32);
+                all.push(sums);
+                if let Some(solutions) = &mut solutions {
+                    solutions.push(y)?;
+                }
+            }
+            Ok((all, solutions))
         };
         let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
-        run_blocks(blocks, &mut scratch, work, |g, (sums, solutions)| {
-            total.add(&sums);
+        run_blocks(blocks, &mut scratch, work, |g, (all, solutions)| {
             if let Some(solutions) = solutions {
                 acc.add_solutions(solutions)?;
             }
+            if group > 1 {
+                // whole problems: their sums go to the accumulator (in place, no libtorch
+                // operation while the solver threads work)
+                for (i, sums) in all.iter().enumerate() {
+                    acc.add_sums((g * group + i) as i64, sums)?;
+                }
+                return Ok(());
+            }
+            total.add(&all[0]);
             if g % per_problem == per_problem - 1 {
-                // the last block of a problem: its sums go to the accumulator (in place, no
-                // libtorch operation while the solver threads work)
+                // the last block of a problem
                 acc.add_sums((g / per_problem) as i64, &total)?;
                 total = ProblemSums::zeros(d, o, sums_form, multiplicative);
             }

@@ -11,11 +11,11 @@ use tch::{Device, Tensor};
 
 /// About how many blocks the host pipeline cuts a problem's samples into (see
 /// [`OpSpec::rows_per_block`]).
-const HOST_BLOCKS: usize = 32;
+pub(crate) const HOST_BLOCKS: usize = 32;
 
 /// The fewest samples in a host block (fewer only when a chunk is smaller): enough that
 /// the per-block cost (a solver call, a hand-over between threads) stays small.
-const HOST_BLOCK_MIN_ROWS: usize = 512;
+pub(crate) const HOST_BLOCK_MIN_ROWS: usize = 512;
 
 /// The most bytes of a host block's buffers (noise, scores, perturbed inputs, solutions),
 /// so that a block stays in a core's L2 cache between its steps.
