@@ -92,6 +92,7 @@ impl Builtin {
     /// on the host: the CPU path of top-k and ranks (argmax has its own fused kernel).
     pub(crate) fn solve_host(self, x: &[f32], last: usize, y: &mut [f32]) {
         let mut order: Vec<usize> = Vec::with_capacity(last);
+        let mut values: Vec<f32> = Vec::new();
         for (xs, ys) in x.chunks_exact(last).zip(y.chunks_exact_mut(last)) {
             match self {
                 Builtin::Argmax => {
@@ -102,7 +103,11 @@ impl Builtin {
                 }
                 Builtin::TopK(k) => {
                     ys.fill(0.0);
-                    top_k(xs, k as usize, &mut order);
+                    if (k as usize) * 64 <= last {
+                        top_k(xs, k as usize, &mut order);
+                    } else {
+                        top_k_by_selection(xs, k as usize, &mut order, &mut values);
+                    }
                     order.iter().for_each(|&i| ys[i] = 1.0);
                 }
                 Builtin::Ranks => {
@@ -155,6 +160,28 @@ fn top_k(xs: &[f32], k: usize, out: &mut Vec<usize>) {
             out[0] = i;
             sift_down(out, 0);
             bar = xs[out[0]];
+        }
+    }
+}
+
+/// [`top_k`] for a larger k: the k-th largest value by selection on a copy of the values
+/// (O(n) comparisons of floats), then the positions of the larger values and of the first
+/// equal ones, in increasing order. The same set as [`top_k`].
+fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, values: &mut Vec<f32>) {
+    values.clear();
+    values.extend_from_slice(xs);
+    let (_, &mut kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let above = xs.iter().filter(|v| v.total_cmp(&kth).is_gt()).count();
+    let mut equal = k - above; // the first `equal` entries equal to the k-th are kept
+    out.clear();
+    for (i, v) in xs.iter().enumerate() {
+        match v.total_cmp(&kth) {
+            std::cmp::Ordering::Greater => out.push(i),
+            std::cmp::Ordering::Equal if equal > 0 => {
+                equal -= 1;
+                out.push(i);
+            }
+            _ => {}
         }
     }
 }
@@ -247,5 +274,28 @@ mod tests {
         assert!(Builtin::Argmax.check(&[]).is_err());
         assert!(Builtin::from_u32(3, 0).is_err());
         Builtin::TopK(4).check(&[2, 4]).unwrap();
+    }
+
+    #[test]
+    fn top_k_by_selection_gives_the_heap_s_set() {
+        let mut order = Vec::new();
+        let mut other = Vec::new();
+        let mut values = Vec::new();
+        for n in [1usize, 2, 7, 64, 1000] {
+            for seed in 0..20u32 {
+                // values with many ties
+                let xs: Vec<f32> = (0..n)
+                    .map(|i| {
+                        ((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97) % 13) as f32
+                    })
+                    .collect();
+                for k in [1, n / 3 + 1, n] {
+                    top_k(&xs, k, &mut order);
+                    top_k_by_selection(&xs, k, &mut other, &mut values);
+                    order.sort_unstable();
+                    assert_eq!(order, other, "n {n} k {k} seed {seed}");
+                }
+            }
+        }
     }
 }
