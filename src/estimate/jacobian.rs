@@ -79,6 +79,24 @@ impl JacobianData {
     /// values (shape `[batch, 1, d]` or flat).
     pub fn vjp(&self, g: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            JacobianData::Dense(j) if host_sized(j) => {
+                // Σ_i g_i J_i· per problem, in Rust (see `host_sized`)
+                let size = j.size();
+                let (b, o, d) = (size[0] as usize, size[1] as usize, size[2] as usize);
+                let (j, g) = (host_floats(j)?, host_floats(g)?);
+                let mut out = vec![0f32; b * d];
+                for p in 0..b {
+                    let row = &mut out[p * d..(p + 1) * d];
+                    for i in 0..o {
+                        let gi = g[p * o + i];
+                        for (r, &v) in row.iter_mut().zip(&j[(p * o + i) * d..(p * o + i + 1) * d])
+                        {
+                            *r += gi * v;
+                        }
+                    }
+                }
+                crate::tensors::from_slice(&out)?
+            }
             JacobianData::Dense(j) => g.f_unsqueeze(1)?.f_matmul(j)?,
             JacobianData::Samples {
                 y,
@@ -105,6 +123,23 @@ impl JacobianData {
     /// values.
     pub fn jvp(&self, t: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            JacobianData::Dense(j) if host_sized(j) => {
+                // J_i· t per problem, in Rust (see `host_sized`)
+                let size = j.size();
+                let (b, o, d) = (size[0] as usize, size[1] as usize, size[2] as usize);
+                let (j, t) = (host_floats(j)?, host_floats(t)?);
+                let out: Vec<f32> = (0..b * o)
+                    .map(|r| {
+                        let p = r / o;
+                        j[r * d..(r + 1) * d]
+                            .iter()
+                            .zip(&t[p * d..(p + 1) * d])
+                            .map(|(a, b)| a * b)
+                            .sum()
+                    })
+                    .collect();
+                crate::tensors::from_slice(&out)?
+            }
             JacobianData::Dense(j) => j.f_matmul(&t.f_unsqueeze(2)?)?,
             JacobianData::Samples {
                 y,
@@ -193,4 +228,11 @@ fn samples_linear(
         .f_matmul(&st)?
         .f_squeeze_dim(2)?
         .f_mul_scalar(scale)?)
+}
+
+/// Whether a product with the dense Jacobian `j` is made in Rust: a small one on the CPU,
+/// where libtorch's parallel kernels would cost more than the product (their OpenMP
+/// workers spin on the cores after each).
+fn host_sized(j: &Tensor) -> bool {
+    j.device() == Device::Cpu && j.numel() <= 1 << 18
 }

@@ -34,12 +34,17 @@ pub(crate) struct Kernel<'a> {
 }
 
 impl Kernel<'_> {
+    /// The blocks of work (of [`BLOCK`] samples) of a problem of `n` samples.
+    pub fn blocks(&self, n: usize) -> usize {
+        n.div_ceil(BLOCK)
+    }
+
     /// The sums over samples `0 .. n` of problem `b` (θ = `theta`), on `threads` threads.
     pub fn problem(&self, theta: &[f32], b: usize, n: usize, threads: usize) -> ProblemSums {
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
         let mut total = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
-        let blocks = n.div_ceil(BLOCK);
+        let blocks = self.blocks(n);
         let mut scratch = vec![(); threads.clamp(1, blocks.max(1))];
         let _ = run_blocks::<_, _, std::convert::Infallible>(
             blocks,

@@ -107,8 +107,22 @@ impl OpSpec {
                     last: *self.input_shape.last().expect("built-ins have rank >= 1") as usize,
                 };
                 let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
-                for (b, theta_b) in host_floats(theta)?.chunks_exact(d).enumerate() {
-                    acc.add_sums(b as i64, &kernel.problem(theta_b, b, n, cores))?;
+                let theta_host = host_floats(theta)?;
+                let batch = theta_host.len() / d;
+                if kernel.blocks(n) >= cores || batch == 1 {
+                    // enough blocks within each problem for every core
+                    for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
+                        acc.add_sums(b as i64, &kernel.problem(theta_b, b, n, cores))?;
+                    }
+                } else {
+                    // problems shared by the cores (each made exactly as above, on one)
+                    let mut scratch = vec![(); cores];
+                    crate::kernels::blocks::run_blocks(
+                        batch,
+                        &mut scratch,
+                        |b, _| Ok(kernel.problem(&theta_host[b * d..(b + 1) * d], b, n, 1)),
+                        |b, sums| acc.add_sums(b as i64, &sums),
+                    )?;
                 }
                 return acc.finish(n, baseline, clean.as_ref(), theta);
             }
