@@ -301,24 +301,12 @@ impl Accumulator {
         let mean = self.sum_y.f_div_scalar(nf)?.f_to_kind(Kind::Float)?;
         // the baseline only enters the Jacobian: forward calls without a tape make no
         // extra solve, and have no y*(θ)
-        let (center, scale) = match (baseline, clean) {
-            (Baseline::None, _) => (None, 1.0 / (nf * self.sigma)),
+        let (center, scale) = match self.centre_and_scale(baseline, nf, clean.is_some()) {
             // the centre may be kept by the tape: its own copy, never the storage of the
             // output handed to the caller
-            (Baseline::SampleMean, _) => (
-                Some(crate::tensors::copy(&mean)?),
-                1.0 / ((nf - 1.0) * self.sigma),
-            ),
-            (Baseline::CleanInput, Some(clean)) => {
-                (Some(clean.shallow_clone()), 1.0 / (nf * self.sigma))
-            }
-            (Baseline::CleanInput, None) => {
-                assert!(
-                    self.jacobian.is_none(),
-                    "the clean-input baseline needs y*(theta) for a Jacobian"
-                );
-                (None, 1.0 / (nf * self.sigma))
-            }
+            (Centre::Mean, scale) => (Some(crate::tensors::copy(&mean)?), scale),
+            (Centre::Clean, scale) => (clean.map(Tensor::shallow_clone), scale),
+            (Centre::Zero, scale) => (None, scale),
         };
         let col_scale = match self.perturbation {
             Perturbation::Additive => None,
@@ -396,6 +384,33 @@ impl Accumulator {
     }
 }
 
+/// What the Jacobian estimate subtracts from the solutions (see [`crate::estimate`]).
+enum Centre {
+    Zero,
+    Mean,
+    Clean,
+}
+
+impl Accumulator {
+    /// The centre and the scale of the Jacobian estimate of `n` (`nf`) samples under the
+    /// effective `baseline`; `clean` when y*(θ) was solved (calls with a tape).
+    fn centre_and_scale(&self, baseline: Baseline, nf: f64, clean: bool) -> (Centre, f64) {
+        match baseline {
+            Baseline::None => (Centre::Zero, 1.0 / (nf * self.sigma)),
+            Baseline::SampleMean => (Centre::Mean, 1.0 / ((nf - 1.0) * self.sigma)),
+            Baseline::CleanInput if clean => (Centre::Clean, 1.0 / (nf * self.sigma)),
+            Baseline::CleanInput => {
+                // forward calls without a tape make no extra solve, and have no y*(θ)
+                assert!(
+                    self.jacobian.is_none(),
+                    "the clean-input baseline needs y*(theta) for a Jacobian"
+                );
+                (Centre::Zero, 1.0 / (nf * self.sigma))
+            }
+        }
+    }
+}
+
 /// The most Jacobian entries a CPU call finishes in Rust (beyond, libtorch's parallel
 /// kernels are worth their start-up).
 const HOST_FINISH_ENTRIES: usize = 1 << 20;
@@ -432,19 +447,10 @@ impl Accumulator {
             &[]
         };
         // the baseline only enters the Jacobian (see `finish`)
-        let (center, scale) = match (baseline, clean) {
-            (Baseline::None, _) => (None, 1.0 / (nf * self.sigma)),
-            (Baseline::SampleMean, _) => (Some(mean.to_vec()), 1.0 / ((nf - 1.0) * self.sigma)),
-            (Baseline::CleanInput, Some(clean)) => {
-                (Some(host_floats(clean)?), 1.0 / (nf * self.sigma))
-            }
-            (Baseline::CleanInput, None) => {
-                assert!(
-                    self.jacobian.is_none(),
-                    "the clean-input baseline needs y*(theta) for a Jacobian"
-                );
-                (None, 1.0 / (nf * self.sigma))
-            }
+        let (center, scale) = match self.centre_and_scale(baseline, nf, clean.is_some()) {
+            (Centre::Mean, scale) => (Some(mean.to_vec()), scale),
+            (Centre::Clean, scale) => (clean.map(host_floats).transpose()?, scale),
+            (Centre::Zero, scale) => (None, scale),
         };
         // 1/θ, 0 where θ = 0 (multiplicative model)
         let col_scale = match self.perturbation {
