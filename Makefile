@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -81,7 +81,7 @@ header: $(TORCH_DEP)
 	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
 
 # --- tests ----------------------------------------------------------------
-test: build cargo-test ctest readme-example mpi-example julia-test
+test: build cargo-test cargo-test-debug ctest readme-example mpi-example julia-test
 	@echo "make test: all suites passed"
 
 # The Julia package's tests, where julia is installed (it cannot be installed from the
@@ -113,6 +113,11 @@ readme-example: examples
 
 cargo-test: build
 	$(CARGO) test --release
+
+# The core's tests once more in the debug profile, where Rust checks the preconditions of
+# its unsafe operations (a slice over a NULL pointer, say) that a release build skips.
+cargo-test-debug: build
+	$(CARGO) test --lib --test rust_api --test estimators --test pinned --test scale --test architecture
 
 ctest: build
 	cmake -S tests/c -B $(CTEST_DIR) -DPERT_ROOT=$(abspath .) -DCMAKE_BUILD_TYPE=Release \

@@ -13,6 +13,9 @@ pub(crate) fn check_floats(t: &Tensor, what: &str) -> Result<()> {
             t.f_kind()?
         )));
     }
+    if t.numel() == 0 {
+        return Ok(()); // nothing to check (and libtorch gives no data pointer)
+    }
     if t.device() == tch::Device::Cpu && t.is_contiguous() {
         // on the host, one pass in Rust: libtorch's parallel reductions would leave its
         // OpenMP workers spinning on the cores the solver threads need

@@ -56,6 +56,9 @@ impl Noise {
         threads: usize,
     ) -> Result<Tensor> {
         let z = Tensor::f_zeros([count as i64], (Kind::Float, Device::Cpu))?;
+        if count == 0 {
+            return Ok(z); // empty tensors have no data pointer
+        }
         // SAFETY: `z` is a fresh contiguous float32 CPU tensor of `count` initialized
         // elements, owned here and not aliased.
         let out = unsafe { std::slice::from_raw_parts_mut(z.data_ptr() as *mut f32, count) };

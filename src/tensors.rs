@@ -28,6 +28,9 @@ pub(crate) fn host_slice<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
         t.kind(),
         t.device()
     );
+    if t.numel() == 0 {
+        return &mut []; // libtorch gives empty tensors no data pointer
+    }
     // SAFETY: a contiguous CPU tensor of numel() elements of kind T, borrowed mutably for
     // the slice's lifetime.
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }

@@ -134,8 +134,7 @@ impl JacobianData {
                         j[r * d..(r + 1) * d]
                             .iter()
                             .zip(&t[p * d..(p + 1) * d])
-                            .map(|(a, b)| a * b)
-                            .sum()
+                            .fold(0.0f32, |acc, (a, b)| acc + a * b)
                     })
                     .collect();
                 crate::tensors::from_slice(&out)?
@@ -230,9 +229,12 @@ fn samples_linear(
         .f_mul_scalar(scale)?)
 }
 
-/// Whether a product with the dense Jacobian `j` is made in Rust: a small one on the CPU,
-/// where libtorch's parallel kernels would cost more than the product (their OpenMP
-/// workers spin on the cores after each).
+/// Whether a product with the dense Jacobian `j` `[batch, o, d]` is made in Rust: small
+/// problems on the CPU, where libtorch's parallel kernels would cost more than the product
+/// (their OpenMP workers spin on the cores after each).
 fn host_sized(j: &Tensor) -> bool {
-    j.device() == Device::Cpu && j.numel() <= 1 << 18
+    // by the size of one problem's Jacobian, never the batch's: the same problem's product
+    // must not change with the batch it comes in (the two paths round differently)
+    let size = j.size();
+    j.device() == Device::Cpu && size[1] * size[2] <= 1 << 12
 }

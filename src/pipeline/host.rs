@@ -50,6 +50,7 @@ impl OpSpec {
             // HOST_BLOCKS blocks (never dependent on the number of threads)
             (HOST_BLOCK_MIN_ROWS / n.max(1))
                 .min(batch.div_ceil(HOST_BLOCKS))
+                .min((1 << 16) / o.max(1)) // a block's per-problem sums stay small
                 .max(1)
         } else {
             1

@@ -73,6 +73,9 @@ pub(crate) fn solve_host(
     let d = x.numel() / rows.max(1);
     // initialized before it is viewed as a slice (solve_rows then fills it with NaN)
     let y = Tensor::f_zeros([rows as i64, o as i64], (Kind::Float, Device::Cpu))?;
+    if rows == 0 {
+        return Ok(y); // nothing to solve (and empty tensors have no data pointer)
+    }
     // SAFETY: x and y are contiguous float32 CPU tensors of rows·d and rows·o initialized
     // elements that outlive these slices; y is fresh, so not aliased.
     let (xs, ys) = unsafe {
