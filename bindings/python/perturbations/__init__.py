@@ -16,7 +16,10 @@ status name, and `.message`). Handles own library memory: use `close()` or `with
 """
 
 import ctypes
+import inspect
 import os
+import sys
+import threading
 
 import numpy as np
 
@@ -141,6 +144,13 @@ def _check(code):
         raise Error(code, _last_error())
 
 
+def _unsigned(value, bits, what):
+    v = int(value)
+    if not 0 <= v < 1 << bits:
+        raise ValueError(f"{what} must be in 0 .. 2^{bits} - 1, got {v}")
+    return v
+
+
 def _choice(table, value, what):
     if isinstance(value, str):
         if value not in table:
@@ -156,9 +166,11 @@ class _Handle:
 
     def __init__(self, handle):
         self._h = handle
+        self._lock = threading.Lock()  # one C call at a time; close waits for it
 
     def close(self):
-        h, self._h = self._h, None
+        with self._lock:
+            h, self._h = self._h, None
         if h:
             type(self)._free(h)
 
@@ -170,7 +182,9 @@ class _Handle:
 
     def __del__(self):
         try:
-            self.close()
+            h, self._h = self._h, None  # no call can run: no lock needed
+            if h:
+                type(self)._free(h)
         except Exception:
             pass
 
@@ -206,17 +220,17 @@ class Config(_Handle):
     def set(self, key, value):
         h = self.handle
         if key == "num_samples":
-            _check(_lib.pert_config_set_num_samples(h, int(value)))
+            _check(_lib.pert_config_set_num_samples(h, _unsigned(value, 64, key)))
         elif key == "sigma":
             _check(_lib.pert_config_set_sigma(h, float(value)))
         elif key == "noise":
             _check(_lib.pert_config_set_noise(h, _choice(_NOISE, value, "noise")))
         elif key == "seed":
-            _check(_lib.pert_config_set_seed(h, int(value)))
+            _check(_lib.pert_config_set_seed(h, _unsigned(value, 64, key)))
         elif key == "device":
             _check(_lib.pert_config_set_device(h, str(value).encode()))
         elif key == "threads":
-            _check(_lib.pert_config_set_threads(h, int(value)))
+            _check(_lib.pert_config_set_threads(h, _unsigned(value, 32, key)))
         elif key == "perturbation":
             _check(_lib.pert_config_set_perturbation(h, _choice(_PERTURBATION, value, "perturbation")))
         elif key == "baseline":
@@ -228,9 +242,9 @@ class Config(_Handle):
             _check(_lib.pert_config_set_sense(h, code))
             self.sense = "maximize" if code == 0 else "minimize"
         elif key == "chunk_bytes":
-            _check(_lib.pert_config_set_chunk_bytes(h, int(value)))
+            _check(_lib.pert_config_set_chunk_bytes(h, _unsigned(value, 64, key)))
         elif key == "max_tape_bytes":
-            _check(_lib.pert_config_set_max_tape_bytes(h, int(value)))
+            _check(_lib.pert_config_set_max_tape_bytes(h, _unsigned(value, 64, key)))
         else:
             raise TypeError(f"unknown Config setting {key!r}")
         return self
@@ -240,17 +254,15 @@ class Config(_Handle):
 
 def _as_host(x, what):
     """(float32 C-contiguous numpy array, a function giving the caller's kind back)."""
-    try:
-        import torch
-        if isinstance(x, torch.Tensor):
-            device, dtype = x.device, x.dtype
-            host = x.detach().to("cpu", torch.float32).contiguous().numpy()
-            back = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)  # noqa: E731
-            return host, back
-    except ImportError:
-        pass
-    a = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    return a, (lambda r: r)
+    torch = sys.modules.get("torch")  # a tensor can only come from an imported torch
+    if torch is not None and isinstance(x, torch.Tensor):
+        device = x.device
+        dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+        host = np.require(x.detach().to("cpu", torch.float32).contiguous().numpy(), np.float32, ["C", "A"])
+        back = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)  # noqa: E731
+        return host, back
+    # C-contiguous and aligned float32 (a view at an odd offset is copied)
+    return np.require(np.asarray(x, dtype=np.float32), np.float32, ["C", "A"]), (lambda r: r)
 
 
 def _ptr(a):
@@ -273,7 +285,8 @@ class Tape(_Handle):
         if a.shape != want:
             raise ValueError(f"{what} must have shape {want}, got {a.shape}")
         out = np.empty((self.batch,) + tuple(out_shape), dtype=np.float32)
-        _check(fn(self.handle, _ptr(a), _ptr(out)))
+        with self._lock:
+            _check(fn(self.handle, _ptr(a), _ptr(out)))
         return back(out)
 
     def vjp(self, grad_output):
@@ -288,40 +301,80 @@ class Tape(_Handle):
         """[batch, output_numel, input_numel]."""
         o, d = int(np.prod(self.output_shape)), int(np.prod(self.input_shape))
         out = np.empty((self.batch, o, d), dtype=np.float32)
-        _check(_lib.pert_tape_jacobian(self.handle, _ptr(out)))
+        with self._lock:
+            _check(_lib.pert_tape_jacobian(self.handle, _ptr(out)))
         return self._back(out)
 
     def objective(self):
         """F_sigma(theta) per problem [batch] (output shape = input shape)."""
         out = np.empty((self.batch,), dtype=np.float32)
-        _check(_lib.pert_tape_objective(self.handle, _ptr(out)))
+        with self._lock:
+            _check(_lib.pert_tape_objective(self.handle, _ptr(out)))
         return self._back(out)
+
+
+def _trampoline(solver, input_shape, output_shape, errors):
+    """The C callback of a Python solver: its own copy of the inputs, the solutions copied
+    into the library's buffer, an exception kept in `errors` for the call to re-raise. It
+    holds no reference to the op (which would then only be freed by the cycle collector)."""
+    two = len(inspect.signature(solver).parameters) >= 2 if _has_signature(solver) else False
+
+    def call(_user_data, x, count, y):
+        try:
+            xs = np.ctypeslib.as_array(x, shape=(count,) + input_shape).copy()
+            ys = np.ctypeslib.as_array(y, shape=(count,) + output_shape)
+            if two:
+                out = np.zeros((count,) + output_shape, dtype=np.float32)
+                solver(xs, out)
+            else:
+                out = np.asarray(solver(xs), dtype=np.float32).reshape(ys.shape)
+            ys[...] = out
+            return 0
+        except BaseException as e:  # noqa: BLE001 - re-raised by the call that ran it
+            if not errors:
+                errors.append(e)
+            return 1
+
+    return call
+
+
+def _has_signature(f):
+    try:
+        inspect.signature(f)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 class Op(_Handle):
     """A perturbed optimizer over `solver`: a Python callable receiving the perturbed
-    problems as a float32 numpy array [count, *input_shape] and returning (or writing into
-    its second argument, when it takes two) [count, *output_shape]; or a ctypes C function
-    pointer `int32_t solve(void *user_data, const float *x, size_t count, float *y)`, which
-    runs with the GIL released. A Python solver's exception is re-raised by the call that
-    ran it, with its traceback. With threads > 1 a Python solver is correct (its calls
-    take the GIL, so they run one at a time); use a C solver for parallel speed."""
+    problems as a float32 numpy array [count, *input_shape] (its own copy) and returning
+    [count, *output_shape], or, when it takes two arguments, writing them into the second;
+    or a ctypes C function pointer `int32_t solve(void *user_data, const float *x,
+    size_t count, float *y)` (with its `user_data`, kept alive by the op), which runs with
+    the GIL released. A Python solver's exception is re-raised by the call that ran it,
+    with its traceback. With threads > 1 the solver is called from several threads; a
+    Python solver holds the GIL except where it releases it (numpy, I/O), so it must be
+    thread-safe. Calls of one op take turns (a lock per op); a solver must not call its
+    own op."""
 
     _free = staticmethod(lambda h: _lib.pert_op_free(h))
 
     def __init__(self, config, input_shape, output_shape, solver, user_data=None):
         self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
         self.sense = config.sense
-        self._error = None
+        self._errors = []  # the running call's solver exception (calls take turns)
         ins = (ctypes.c_int64 * max(len(self.input_shape), 1))(*self.input_shape)
         outs = (ctypes.c_int64 * max(len(self.output_shape), 1))(*self.output_shape)
         if isinstance(solver, ctypes._CFuncPtr):
             self._callback = solver
+            self._user_data = user_data  # must stay valid while the op exists
             fn = ctypes.cast(solver, _P)
             data = user_data
         elif callable(solver):
-            self._solver = solver
-            self._callback = _SOLVER(self._trampoline)
+            if user_data is not None:
+                raise TypeError("user_data is for C function pointer solvers")
+            self._callback = _SOLVER(_trampoline(solver, self.input_shape, self.output_shape, self._errors))
             fn = ctypes.cast(self._callback, _P)
             data = None
         else:
@@ -330,18 +383,20 @@ class Op(_Handle):
         _check(_lib.pert_op_new(config.handle, ins, len(self.input_shape), outs, len(self.output_shape),
                                 fn, data, ctypes.byref(h)))
         super().__init__(h)
+        self._owner = threading.local()
 
     @classmethod
     def builtin(cls, config, which, input_shape, k=0):
         """A built-in solver ("argmax", "topk" with k, "ranks") along the last dimension."""
         op = cls.__new__(cls)
         op.input_shape = op.output_shape = tuple(input_shape)
-        op.sense, op._error = config.sense, None
+        op.sense, op._errors = config.sense, []
         ins = (ctypes.c_int64 * len(op.input_shape))(*op.input_shape)
         h = _P()
         _check(_lib.pert_op_new_builtin(config.handle, _choice(_BUILTIN, which, "builtin"), int(k), ins,
                                         len(op.input_shape), ctypes.byref(h)))
         _Handle.__init__(op, h)
+        op._owner = threading.local()
         return op
 
     @classmethod
@@ -349,35 +404,30 @@ class Op(_Handle):
         """An op whose problems are solved elsewhere: only `draw` works on it."""
         op = cls.__new__(cls)
         op.input_shape, op.output_shape = tuple(input_shape), tuple(output_shape)
-        op.sense, op._error = config.sense, None
+        op.sense, op._errors = config.sense, []
         ins = (ctypes.c_int64 * max(len(op.input_shape), 1))(*op.input_shape)
         outs = (ctypes.c_int64 * max(len(op.output_shape), 1))(*op.output_shape)
         h = _P()
         _check(_lib.pert_op_new_external(config.handle, ins, len(op.input_shape), outs, len(op.output_shape),
                                          ctypes.byref(h)))
         _Handle.__init__(op, h)
+        op._owner = threading.local()
         return op
 
-    def _trampoline(self, _user_data, x, count, y):
-        try:
-            xs = np.ctypeslib.as_array(x, shape=(count,) + self.input_shape)
-            ys = np.ctypeslib.as_array(y, shape=(count,) + self.output_shape)
-            result = self._solver(xs)
-            if result is not None:
-                ys[...] = np.asarray(result, dtype=np.float32).reshape(ys.shape)
-            return 0
-        except BaseException as e:  # noqa: BLE001 - re-raised by the call that ran it
-            if self._error is None:
-                self._error = e
-            return 1
-
     def _call(self, fn, *args):
-        self._error = None
-        code = fn(*args)
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-        _check(code)
+        if self._lock.locked() and getattr(self._owner, "value", False):
+            raise RuntimeError("a solver cannot call its own op (the op runs one call at a time)")
+        with self._lock:
+            self._owner.value = True
+            try:
+                self._errors.clear()
+                code = fn(self.handle, *args)
+                if self._errors:
+                    raise self._errors.pop()
+                _check(code)
+            finally:
+                self._errors.clear()
+                self._owner.value = False
 
     def _theta(self, theta):
         a, back = _as_host(theta, "theta")
@@ -389,7 +439,7 @@ class Op(_Handle):
         """y_sigma(theta) for theta [batch, *input_shape]: [batch, *output_shape]."""
         a, back = self._theta(theta)
         out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
-        self._call(_lib.pert_forward, self.handle, _ptr(a), a.shape[0], _ptr(out), None)
+        self._call(_lib.pert_forward, _ptr(a), a.shape[0], _ptr(out), None)
         return back(out)
 
     def forward_with_tape(self, theta):
@@ -397,7 +447,7 @@ class Op(_Handle):
         a, back = self._theta(theta)
         out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
         t = _P()
-        self._call(_lib.pert_forward, self.handle, _ptr(a), a.shape[0], _ptr(out), ctypes.byref(t))
+        self._call(_lib.pert_forward, _ptr(a), a.shape[0], _ptr(out), ctypes.byref(t))
         return back(out), Tape(t, self.input_shape, self.output_shape, a.shape[0], back)
 
     def fenchel_young(self, theta, y_true):
@@ -410,7 +460,7 @@ class Op(_Handle):
             raise ValueError(f"y_true must have the shape of theta {a.shape}, got {y.shape}")
         loss = np.empty((a.shape[0],), dtype=np.float32)
         grad = np.empty(a.shape, dtype=np.float32)
-        self._call(_lib.pert_fenchel_young, self.handle, _ptr(a), _ptr(y), a.shape[0], _ptr(loss), _ptr(grad))
+        self._call(_lib.pert_fenchel_young, _ptr(a), _ptr(y), a.shape[0], _ptr(loss), _ptr(grad))
         return back(loss), back(grad)
 
     def draw(self, theta):
@@ -428,14 +478,15 @@ class Draw(_Handle):
         a, self._back = op._theta(theta)
         self.op, self.batch = op, a.shape[0]
         h = _P()
-        _check(_lib.pert_draw_new(op.handle, _ptr(a), a.shape[0], ctypes.byref(h)))
+        op._call(_lib.pert_draw_new, _ptr(a), a.shape[0], ctypes.byref(h))  # takes its turn
         super().__init__(h)
 
     def inputs(self):
         """A copy of the perturbed inputs, [count, *input_shape]."""
-        count = _lib.pert_draw_count(self.handle)
-        p = _lib.pert_draw_inputs(self.handle)
-        return np.ctypeslib.as_array(p, shape=(count,) + self.op.input_shape).copy()
+        with self._lock:
+            count = _lib.pert_draw_count(self.handle)
+            p = _lib.pert_draw_inputs(self.handle)
+            return np.ctypeslib.as_array(p, shape=(count,) + self.op.input_shape).copy()
 
     def finish(self, solutions):
         """y_sigma(theta) and the Tape, from the solutions of every row of inputs()."""
@@ -445,5 +496,6 @@ class Draw(_Handle):
             raise ValueError(f"solutions must have shape {(count,) + self.op.output_shape}, got {s.shape}")
         out = np.empty((self.batch,) + self.op.output_shape, dtype=np.float32)
         t = _P()
-        _check(_lib.pert_draw_finish(self.handle, _ptr(s), _ptr(out), ctypes.byref(t)))
+        with self._lock:
+            _check(_lib.pert_draw_finish(self.handle, _ptr(s), _ptr(out), ctypes.byref(t)))
         return self._back(out), Tape(t, self.op.input_shape, self.op.output_shape, self.batch, self._back)

@@ -19,14 +19,11 @@ class _Perturbed(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        tape = ctx.tape
-        ctx.tape = None  # the tape goes with the graph's first backward
-        if tape is None:
-            raise RuntimeError("perturbations: backward through this call a second time (its tape was freed)")
-        g = tape.vjp(grad_y.detach())
-        tape.close()
-        return g, None
+        # the tape stays on the context (freed with the graph): its VJP may be asked again
+        # under retain_graph
+        return ctx.tape.vjp(grad_y.detach()), None
 
 
 class _FenchelYoung(torch.autograd.Function):
@@ -38,6 +35,7 @@ class _FenchelYoung(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         grad, theta = ctx.saved_tensors
         per_problem = grad_loss.reshape((-1,) + (1,) * (grad.dim() - 1))

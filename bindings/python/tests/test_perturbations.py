@@ -150,5 +150,40 @@ def test_one_sample_with_the_default_baseline():
     assert np.isfinite(tape.vjp(y)).all()
 
 
-def test_library_path_comes_from_the_environment():
-    assert pt.library_path() == os.environ.get("PERTURBATIONS_LIB", pt.library_path())
+def test_a_library_that_cannot_be_loaded_is_a_clear_import_error():
+    import subprocess
+    import sys
+    env = dict(os.environ, PERTURBATIONS_LIB="/nonexistent/libperturbations.so")
+    out = subprocess.run([sys.executable, "-c", "import perturbations"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "cannot load /nonexistent/libperturbations.so" in out.stderr
+
+
+def test_solvers_get_their_own_inputs_and_may_write_their_outputs():
+    seen = []
+
+    def keeps_and_mutates(x):
+        seen.append(x)
+        y = argmax_solver(x)
+        x -= 10.0  # its own copy: the library's inputs are unchanged
+        return y
+
+    cfg = pt.Config(num_samples=100, sigma=SIGMA, noise="gumbel", seed=7, device="cpu")
+    loss, _ = pt.Op(cfg, (5,), (5,), keeps_and_mutates).fenchel_young(THETA, np.eye(5, dtype=np.float32)[[1, 3]])
+    want, _ = pt.Op(cfg, (5,), (5,), argmax_solver).fenchel_young(THETA, np.eye(5, dtype=np.float32)[[1, 3]])
+    assert np.array_equal(loss, want)
+    assert float(seen[0].sum()) != 0.0  # still readable after the call
+
+    def two(x, y):
+        y[np.arange(x.shape[0]), x.argmax(axis=1)] = 1.0
+
+    assert np.array_equal(pt.Op(cfg, (5,), (5,), two).forward(THETA), pt.Op(cfg, (5,), (5,), argmax_solver).forward(THETA))
+
+
+def test_inputs_of_any_alignment_and_bad_settings():
+    op = pt.Op.builtin(pt.Config(num_samples=100, device="cpu"), "argmax", (5,))
+    odd = np.frombuffer(bytearray(41), np.float32, offset=1).reshape(2, 5)
+    assert op.forward(odd).shape == (2, 5)
+    for key in ("seed", "chunk_bytes", "max_tape_bytes", "threads", "num_samples"):
+        with pytest.raises(ValueError):
+            pt.Config(**{key: -1})

@@ -47,3 +47,13 @@ def test_torch_no_tape_without_grad_and_fenchel_young_gradients():
         assert theta.grad.abs().sum() > 0
 
 
+def test_torch_retained_graphs_and_integer_inputs():
+    import perturbations.torch as ptt
+    op = pt.Op.builtin(pt.Config(num_samples=300, sigma=SIGMA, device="cpu"), "argmax", (5,))
+    theta = torch.tensor(THETA, requires_grad=True)
+    y = ptt.perturbed(op, theta)
+    (g1,) = torch.autograd.grad(y.sum(), theta, retain_graph=True)
+    (g2,) = torch.autograd.grad(y.sum(), theta)
+    assert torch.equal(g1, g2)
+    out = op.forward(torch.tensor([[0, 3, 1, 2, 0]]))
+    assert out.dtype == torch.float32 and float(out.sum()) == pytest.approx(1.0)
