@@ -12,6 +12,8 @@ use crate::settings::Baseline;
 use crate::tensors::{host_floats, host_slice};
 use tch::{Device, Kind, Tensor};
 
+mod host_finish;
+
 /// What one forward call estimated.
 pub(crate) struct Estimate {
     /// y_σ(θ), `[batch, output_numel]` float32 on the op's device.
@@ -320,19 +322,9 @@ impl Accumulator {
         };
         let jacobian = match self.jacobian {
             None => None,
-            Some(JacobianSums::Sums { sum_s, sum_ys }) => {
-                // Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ, in place (the tape's memory)
-                let mut j = sum_ys;
-                if let Some(c) = &center {
-                    let s = sum_s.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // [b, 1, d]
-                    let _ = j.f_baddbmm_(&c.f_neg()?.f_unsqueeze(2)?, &s)?;
-                }
-                let _ = j.f_mul_scalar_(scale)?;
-                if let Some(cs) = &col_scale {
-                    let _ = j.f_mul_(&cs.f_unsqueeze(1)?)?;
-                }
-                Some(JacobianData::Dense(j))
-            }
+            Some(JacobianSums::Sums { sum_s, sum_ys }) => Some(JacobianData::Dense(
+                dense_jacobian(&sum_s, sum_ys, center.as_ref(), scale, col_scale.as_ref())?,
+            )),
             Some(JacobianSums::Replay { mut rows, redraw }) => {
                 rows.shrink();
                 let batch = mean.size()[0] as usize;
@@ -411,162 +403,25 @@ impl Accumulator {
     }
 }
 
-/// The most Jacobian entries a CPU call finishes in Rust (beyond, libtorch's parallel
-/// kernels are worth their start-up).
-const HOST_FINISH_ENTRIES: usize = 1 << 20;
-
-impl Accumulator {
-    /// [`Accumulator::finish`] for a CPU accumulator, in Rust on the host buffers: no
-    /// libtorch operation runs (its parallel kernels would leave OpenMP workers spinning
-    /// on the cores, at a cost larger than the work of a small call), except the products
-    /// that make a large dense Jacobian.
-    fn finish_on_host(
-        mut self,
-        n: usize,
-        baseline: Baseline,
-        clean: Option<&Tensor>,
-        theta: &Tensor,
-    ) -> Result<Estimate> {
-        let nf = n as f64;
-        let o = self.o as usize;
-        let batch = self.sum_y.numel() / o;
-        let mean_tensor = Tensor::f_empty([batch as i64, o as i64], (Kind::Float, Device::Cpu))?;
-        if batch > 0 {
-            let sum_y = host_slice::<f64>(&mut self.sum_y);
-            let out = mean_tensor.data_ptr() as *mut f32;
-            for (k, &v) in sum_y.iter().enumerate() {
-                // SAFETY: a fresh contiguous CPU float32 tensor of batch·o elements, written
-                // through a raw pointer (in bounds: k < batch·o) before any slice is formed.
-                unsafe { out.add(k).write((v / nf) as f32) };
-            }
-        }
-        let mean: &[f32] = if batch > 0 {
-            // SAFETY: the tensor's batch·o floats, all written above.
-            unsafe { std::slice::from_raw_parts(mean_tensor.data_ptr() as *const f32, batch * o) }
-        } else {
-            &[]
-        };
-        // the baseline only enters the Jacobian (see `finish`)
-        let (center, scale) = match self.centre_and_scale(baseline, nf, clean.is_some()) {
-            (Centre::Mean, scale) => (Some(mean.to_vec()), scale),
-            (Centre::Clean, scale) => (clean.map(host_floats).transpose()?, scale),
-            (Centre::Zero, scale) => (None, scale),
-        };
-        // 1/θ, 0 where θ = 0 (multiplicative model)
-        let col_scale = match self.perturbation {
-            Perturbation::Additive => None,
-            Perturbation::Multiplicative => Some(
-                host_floats(theta)?
-                    .iter()
-                    .map(|&t| if t == 0.0 { 0.0 } else { 1.0 / t })
-                    .collect::<Vec<f32>>(),
-            ),
-        };
-        let tensor = |v: &[f32], size: &[i64]| -> Result<Tensor> {
-            Ok(crate::tensors::from_slice(v)?.f_view(size)?)
-        };
-        let (b, o_i) = (batch as i64, o as i64);
-        let jacobian = match self.jacobian.take() {
-            None => None,
-            Some(JacobianSums::Sums {
-                mut sum_s,
-                mut sum_ys,
-            }) => {
-                let d = sum_s.size()[1] as usize;
-                if batch * o * d <= HOST_FINISH_ENTRIES {
-                    // Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ, then scaled, in place
-                    let sums: Vec<f32> = host_slice::<f64>(&mut sum_s)
-                        .iter()
-                        .map(|&v| v as f32)
-                        .collect();
-                    let j = host_slice::<f32>(&mut sum_ys);
-                    for (p, jp) in j.chunks_exact_mut(o * d).enumerate() {
-                        let s_p = &sums[p * d..(p + 1) * d];
-                        for (i, row) in jp.chunks_exact_mut(d).enumerate() {
-                            if let Some(c) = &center {
-                                let c = -c[p * o + i];
-                                for (v, &sv) in row.iter_mut().zip(s_p) {
-                                    *v += c * sv;
-                                }
-                            }
-                            for v in row.iter_mut() {
-                                *v *= scale as f32;
-                            }
-                            if let Some(cs) = &col_scale {
-                                for (v, &c) in row.iter_mut().zip(&cs[p * d..(p + 1) * d]) {
-                                    *v *= c;
-                                }
-                            }
-                        }
-                    }
-                    Some(JacobianData::Dense(sum_ys))
-                } else {
-                    let center = center
-                        .as_deref()
-                        .map(|c| tensor(c, &[b, o_i]))
-                        .transpose()?;
-                    let mut j = sum_ys;
-                    if let Some(c) = &center {
-                        let s = sum_s.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // [b, 1, d]
-                        let _ = j.f_baddbmm_(&c.f_neg()?.f_unsqueeze(2)?, &s)?;
-                    }
-                    let _ = j.f_mul_scalar_(scale)?;
-                    if let Some(cs) = &col_scale {
-                        let _ = j.f_mul_(&tensor(cs, &[b, d as i64])?.f_unsqueeze(1)?)?;
-                    }
-                    Some(JacobianData::Dense(j))
-                }
-            }
-            Some(JacobianSums::Replay { mut rows, redraw }) => {
-                rows.shrink();
-                assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
-                Some(JacobianData::Replay(Replay {
-                    rows,
-                    redraw,
-                    batch,
-                    center: center.unwrap_or_else(|| vec![0f32; mean.len()]),
-                    col_scale,
-                    scale,
-                }))
-            }
-            Some(JacobianSums::Samples { y, s }) => {
-                let center = center.unwrap_or_else(|| vec![0f32; mean.len()]);
-                let d = s.size()[2];
-                Some(JacobianData::Samples {
-                    y,
-                    s,
-                    center: tensor(&center, &[b, o_i])?,
-                    col_scale: col_scale
-                        .as_deref()
-                        .map(|c| tensor(c, &[b, d]))
-                        .transpose()?,
-                    scale,
-                })
-            }
-        };
-        let objective = match self.objective.take() {
-            None => None,
-            Some((mut objective, sum_wy)) => {
-                let value: Vec<f64> = host_slice::<f64>(&mut objective)
-                    .iter()
-                    .map(|&x| x / nf)
-                    .collect();
-                Some(Objective {
-                    value: crate::tensors::from_slice(&value)?,
-                    sum: match self.perturbation {
-                        Perturbation::Additive => self.sum_y,
-                        Perturbation::Multiplicative => sum_wy,
-                    },
-                    n: nf,
-                })
-            }
-        };
-        Ok(Estimate {
-            mean: mean_tensor,
-            jacobian,
-            objective,
-        })
+/// The Jacobian from its sums, with libtorch: Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ,
+/// scaled, times the column scale, in place in `sum_ys` (which becomes the tape's memory).
+fn dense_jacobian(
+    sum_s: &Tensor,
+    sum_ys: Tensor,
+    center: Option<&Tensor>,
+    scale: f64,
+    col_scale: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut j = sum_ys;
+    if let Some(c) = center {
+        let s = sum_s.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // [b, 1, d]
+        let _ = j.f_baddbmm_(&c.f_neg()?.f_unsqueeze(2)?, &s)?;
     }
+    let _ = j.f_mul_scalar_(scale)?;
+    if let Some(cs) = col_scale {
+        let _ = j.f_mul_(&cs.f_unsqueeze(1)?)?;
+    }
+    Ok(j)
 }
 
 /// A zero tensor of `size`: on the CPU filled in Rust (libtorch's fill runs a parallel
