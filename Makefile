@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: python-test cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -85,16 +85,29 @@ test: build cargo-test cargo-test-debug ctest readme-example mpi-example julia-t
 	@echo "make test: all suites passed"
 
 # The Python package (bindings/python), installed into the torch venv with pip as a user
-# would, and its pytest suite run against that installed copy.
-python-test: build
-	@if [ -n "$(LIBTORCH)" ]; then \
-	  echo "SKIPPED python-test: LIBTORCH is set (the Python tests run in the torch venv the Makefile makes)"; \
-	else \
-	  "$(VENV)/bin/pip" install --quiet --disable-pip-version-check numpy pytest && \
-	  "$(VENV)/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall ./bindings/python && \
-	  cd target && PERTURBATIONS_LIB="$(abspath $(BUILD_DIR))/libperturbations.so" \
-	    "$(VENV)/bin/python" -m pytest -q -p no:cacheprovider ../bindings/python/tests; \
-	fi
+# would, its pytest suite run against that installed copy, and its training example.
+# (With LIBTORCH set there is no venv of ours: both are skipped.)
+python-package: build
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check numpy pytest
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall ./bindings/python
+
+ifdef LIBTORCH
+python-test python-example:
+	@echo "SKIPPED $@: LIBTORCH is set (the Python package runs in the torch venv the Makefile makes)"
+else
+python-test: python-package
+	cd target && PERTURBATIONS_LIB="$(abspath $(BUILD_DIR))/libperturbations.so" \
+	  "$(VENV)/bin/python" -m pytest -q -p no:cacheprovider ../bindings/python/tests
+	$(MAKE) --no-print-directory python-example
+
+# Predict-then-optimize from Python: torch.nn.Linear trained through the Fenchel-Young loss
+# of a C shortest-path solver loaded with ctypes (prints the test regret per epoch).
+python-example: python-package
+	@mkdir -p target/examples
+	cc $(CFLAGS_STRICT) -shared -fPIC examples/c/grid_shortest_path.c -o target/examples/libgrid_shortest_path.so
+	PERTURBATIONS_LIB="$(abspath $(BUILD_DIR))/libperturbations.so" "$(VENV)/bin/python" \
+	  examples/python/shortest_path_training.py --solver target/examples/libgrid_shortest_path.so
+endif
 
 # The Julia package's tests, where julia is installed (it cannot be installed from the
 # registries this project uses); tests/julia_binding.rs checks the binding statically always.
