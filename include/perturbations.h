@@ -27,7 +27,8 @@
  * - Threads: functions taking a const handle may run concurrently on it; a non-const
  *   handle may be used from any thread, one call at a time. Different handles are
  *   independent. Solver callbacks run on the calling thread unless the config's
- *   threads > 1 (see pert_op_new).
+ *   threads > 1 (see pert_op_new); those of pert_op_new_ex run on the op's own
+ *   persistent worker threads. pert_config_set_max_threads caps a call's threads.
  * - No exception or panic crosses this API: a solver callback must not throw or
  *   longjmp; internal panics are caught and returned as PERT_STATUS_PANIC.
  */
@@ -179,18 +180,81 @@ typedef uint32_t pert_status;
  @param user_data  The pointer given to `pert_op_new`, passed through untouched.
  @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
                    host memory, valid only during the call.
- @param count      Number of problems in this call (at least 1): a slice of the
-                   perturbed problems (on the CPU a block of one problem's samples, see
-                   `pert_config_set_chunk_bytes`), or of the unperturbed batch (the
-                   clean-input baseline).
+ @param count      Number of problems in this call (at least 1): consecutive perturbed
+                   problems of the call (rows of one or of several problems, see
+                   `pert_solve_info`), or of the unperturbed batch (the clean-input
+                   baseline).
  @param outputs    Room for `count * output_numel` floats, row-major
                    `[count, *output_shape]`; every entry must be written, finite.
  @return 0 on success; any other value aborts the forward call with
-         `PERT_STATUS_SOLVER_FAILED`.
+         `PERT_STATUS_SOLVER_FAILED` (its message names the rows; a message set with
+         `pert_solver_set_error` is added).
 
  The callback must not throw C++ exceptions or longjmp through the library.
  */
 typedef int32_t (*pert_solver_fn)(void *user_data, const float *inputs, size_t count, float *outputs);
+
+/*
+ Where the rows of one `pert_solver_ex` call sit in its forward call.
+ */
+typedef struct pert_solve_info {
+  /*
+   `sizeof(pert_solve_info)` as the library was built: fields are only ever appended,
+   so a solver compiled against an older header reads the fields it knows.
+   */
+  uint32_t struct_size;
+  /*
+   The worker running the call, `0 .. threads - 1`; a worker index always runs on the
+   same OS thread for the op's life.
+   */
+  uint32_t worker;
+  /*
+   1: the rows are the unperturbed theta of problems `first_row .. first_row + count - 1`
+   (the clean-input baseline); 0: perturbed rows.
+   */
+  uint32_t clean;
+  /*
+   Zero.
+   */
+  uint32_t reserved;
+  /*
+   When `clean` is 0: row r of the call is global row `first_row + r` of the forward
+   call, in problem-major order: problem `(first_row + r) / num_samples`, sample
+   `(first_row + r) % num_samples`.
+   */
+  uint64_t first_row;
+  /*
+   N of the op.
+   */
+  uint64_t num_samples;
+  /*
+   Problems in this forward call.
+   */
+  size_t batch;
+} pert_solve_info;
+
+/*
+ A solver that is told which rows it solves (`info`, valid during the call) and runs on
+ the op's persistent workers. Parameters and return as for `pert_solver_fn`.
+ */
+typedef int32_t (*pert_solver_ex)(void *user_data,
+                                  const struct pert_solve_info *info,
+                                  const float *inputs,
+                                  size_t count,
+                                  float *outputs);
+
+/*
+ Builds worker `worker`'s state (a model object, say), on that worker's thread, before
+ its first solve. Non-zero fails the forward call as `PERT_STATUS_SOLVER_FAILED` (with
+ the message set by `pert_solver_set_error`, if any); the next call tries again.
+ */
+typedef int32_t (*pert_worker_init)(void *user_data, uint32_t worker);
+
+/*
+ Frees worker `worker`'s state, on that worker's thread, at `pert_op_free`: once for
+ each worker whose init succeeded (or that solved, without an init).
+ */
+typedef void (*pert_worker_fini)(void *user_data, uint32_t worker);
 
 
 
@@ -259,40 +323,40 @@ size_t pert_last_error(char *buf, size_t buf_len);
  @param out  Receives the new config on success; untouched on error.
  @return `PERT_STATUS_OK`, or `PERT_STATUS_NULL_ARGUMENT` when `out` is NULL.
  */
-pert_status pert_config_new(pert_config **out);
+pert_status pert_config_new(struct pert_config **out);
 
 /*
  Frees a config made by `pert_config_new`. NULL is accepted and ignored.
  */
-void pert_config_free(pert_config *config);
+void pert_config_free(struct pert_config *config);
 
 /*
  Sets the number of perturbed samples N per problem (default 1000).
 
  @return `PERT_STATUS_INVALID_ARGUMENT` when `num_samples` is 0 or above INT64_MAX.
  */
-pert_status pert_config_set_num_samples(pert_config *config, uint64_t num_samples);
+pert_status pert_config_set_num_samples(struct pert_config *config, uint64_t num_samples);
 
 /*
  Sets the noise scale sigma (default 0.05).
 
  @return `PERT_STATUS_INVALID_ARGUMENT` unless `sigma` is finite and > 0.
  */
-pert_status pert_config_set_sigma(pert_config *config, double sigma);
+pert_status pert_config_set_sigma(struct pert_config *config, double sigma);
 
 /*
  Sets the noise distribution: `PERT_NOISE_NORMAL` (default) or `PERT_NOISE_GUMBEL`.
 
  @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
  */
-pert_status pert_config_set_noise(pert_config *config, uint32_t noise);
+pert_status pert_config_set_noise(struct pert_config *config, uint32_t noise);
 
 /*
  Sets the seed of the random stream (default 0). An op's draws are a pure function of
  (seed, number of earlier forward calls on that op); the library never reads or reseeds
  libtorch's global generator.
  */
-pert_status pert_config_set_seed(pert_config *config, uint64_t seed);
+pert_status pert_config_set_seed(struct pert_config *config, uint64_t seed);
 
 /*
  Sets the device that samples, perturbs and reduces: "auto" (default: CUDA device 0 when
@@ -303,7 +367,7 @@ pert_status pert_config_set_seed(pert_config *config, uint64_t seed);
  @return `PERT_STATUS_INVALID_ARGUMENT` for another string,
          `PERT_STATUS_DEVICE_UNAVAILABLE` for a CUDA device this machine does not have.
  */
-pert_status pert_config_set_device(pert_config *config, const char *device);
+pert_status pert_config_set_device(struct pert_config *config, const char *device);
 
 /*
  Sets how many threads call the solver in one forward call (default 1; 0: one per core).
@@ -312,7 +376,22 @@ pert_status pert_config_set_device(pert_config *config, const char *device);
 
  @return `PERT_STATUS_INVALID_ARGUMENT` above 1024.
  */
-pert_status pert_config_set_threads(pert_config *config, uint32_t threads);
+pert_status pert_config_set_threads(struct pert_config *config, uint32_t threads);
+
+/*
+ Caps the threads of every call of an op made from this config: the most threads it
+ runs at once, the calling thread included, for all of its work (noise, built-ins,
+ sums, gradients and tape products, solver callbacks). 0 (the default): no cap (solver
+ callbacks on `threads` threads, the library's own work on up to one thread per core).
+ With 1, every call of the op stays on one core (its CPU time is about its wall time):
+ for callers inside MPI ranks or OpenMP regions. libtorch's own thread pool is not
+ used for an op's work on the CPU host path; CUDA ops and the libtorch path
+ (`pert_config_set_chunk_bytes`) may still run libtorch kernels on its threads.
+
+ @return `PERT_STATUS_INVALID_ARGUMENT` above 1024. An op refuses a config whose
+         non-zero max_threads is below its threads.
+ */
+pert_status pert_config_set_max_threads(struct pert_config *config, uint32_t max_threads);
 
 /*
  Sets how the noise enters the input: `PERT_PERTURBATION_ADDITIVE` (default) or
@@ -320,7 +399,7 @@ pert_status pert_config_set_threads(pert_config *config, uint32_t threads);
 
  @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
  */
-pert_status pert_config_set_perturbation(pert_config *config, uint32_t perturbation);
+pert_status pert_config_set_perturbation(struct pert_config *config, uint32_t perturbation);
 
 /*
  Sets the variance-reduction baseline of the gradient: `PERT_BASELINE_NONE`,
@@ -330,14 +409,14 @@ pert_status pert_config_set_perturbation(pert_config *config, uint32_t perturbat
 
  @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
  */
-pert_status pert_config_set_baseline(pert_config *config, uint32_t baseline);
+pert_status pert_config_set_baseline(struct pert_config *config, uint32_t baseline);
 
 /*
  Draws the samples in antithetic pairs (Z, -Z) (default false): the Jacobian becomes
  sum over pairs of (Y(Z) - Y(-Z)) Z^T / (N sigma). Needs Normal noise and an even
  num_samples; `pert_op_new` checks both.
  */
-pert_status pert_config_set_antithetic(pert_config *config, bool antithetic);
+pert_status pert_config_set_antithetic(struct pert_config *config, bool antithetic);
 
 /*
  Says whether the solver maximizes (`PERT_SENSE_MAXIMIZE`, default) or minimizes
@@ -345,7 +424,7 @@ pert_status pert_config_set_antithetic(pert_config *config, bool antithetic);
 
  @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
  */
-pert_status pert_config_set_sense(pert_config *config, uint32_t sense);
+pert_status pert_config_set_sense(struct pert_config *config, uint32_t sense);
 
 /*
  Sets the working memory of one chunk of samples, in bytes. Samples are drawn, solved and
@@ -358,7 +437,7 @@ pert_status pert_config_set_sense(pert_config *config, uint32_t sense);
  beyond float rounding.
  0 (the default) leaves it to the library: 2 MiB on the CPU, 64 MiB on CUDA.
  */
-pert_status pert_config_set_chunk_bytes(pert_config *config, uint64_t bytes);
+pert_status pert_config_set_chunk_bytes(struct pert_config *config, uint64_t bytes);
 
 /*
  Sets the largest tape a forward call may make, in bytes (default 0: no limit). A tape
@@ -370,7 +449,7 @@ pert_status pert_config_set_chunk_bytes(pert_config *config, uint64_t bytes);
  A call whose tape could be larger than the limit fails with
  `PERT_STATUS_INVALID_ARGUMENT` before any work.
  */
-pert_status pert_config_set_max_tape_bytes(pert_config *config, uint64_t bytes);
+pert_status pert_config_set_max_tape_bytes(struct pert_config *config, uint64_t bytes);
 
 /*
  The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
@@ -392,19 +471,22 @@ int32_t pert_cuda_device_count(void);
  @return The errors of `pert_forward` for theta; `PERT_STATUS_INVALID_ARGUMENT` for
          batch 0 (there is nothing to draw).
  */
-pert_status pert_draw_new(pert_op *op, const float *theta, size_t batch, pert_draw **out);
+pert_status pert_draw_new(struct pert_op *op,
+                          const float *theta,
+                          size_t batch,
+                          struct pert_draw **out);
 
 /*
  The number of rows of `pert_draw_inputs` (problems to solve); 0 for NULL.
  */
-size_t pert_draw_count(const pert_draw *draw);
+size_t pert_draw_count(const struct pert_draw *draw);
 
 /*
  The perturbed inputs, `pert_draw_count(draw) * input_numel` floats, row-major
  `[count, *input_shape]`, owned by the draw and valid until `pert_draw_free`; NULL for
  NULL.
  */
-const float *pert_draw_inputs(const pert_draw *draw);
+const float *pert_draw_inputs(const struct pert_draw *draw);
 
 /*
  Completes a draw: y_sigma(theta) and, when `tape` is not NULL, the tape, from the
@@ -417,15 +499,15 @@ const float *pert_draw_inputs(const pert_draw *draw);
  @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in solutions; on error nothing is
          written.
  */
-pert_status pert_draw_finish(const pert_draw *draw,
+pert_status pert_draw_finish(const struct pert_draw *draw,
                              const float *solutions,
                              float *output,
-                             pert_tape **tape);
+                             struct pert_tape **tape);
 
 /*
  Frees a draw, on any thread. NULL is accepted and ignored.
  */
-void pert_draw_free(pert_draw *draw);
+void pert_draw_free(struct pert_draw *draw);
 
 /*
  Makes a perturbed op over a solver callback.
@@ -448,14 +530,53 @@ void pert_draw_free(pert_draw *draw);
          perturbation or antithetic pairs, antithetic pairs with an odd num_samples),
          `PERT_STATUS_DEVICE_UNAVAILABLE` (the config's CUDA device is missing).
  */
-pert_status pert_op_new(const pert_config *config,
+pert_status pert_op_new(const struct pert_config *config,
                         const int64_t *input_shape,
                         size_t input_rank,
                         const int64_t *output_shape,
                         size_t output_rank,
                         pert_solver_fn solver,
                         void *user_data,
-                        pert_op **out);
+                        struct pert_op **out);
+
+/*
+ Makes a perturbed op over a solver that keeps state per worker thread and learns where
+ its rows sit: for solvers from real codebases (a MILP model object, a graph, a warm
+ start) that are costly to build and not thread-safe.
+
+ The op owns `threads` worker threads (the config's; 0: one per core, within
+ `max_threads`), started here and stopped by `pert_op_free`. Worker w is always the same
+ OS thread; `init(user_data, w)` runs on it before its first solve (once over the op's
+ life, unless it fails: then the call fails and the next call tries again), and
+ `fini(user_data, w)` runs on it at `pert_op_free` for each worker whose init succeeded.
+ Every solve runs on a worker, never on the thread that called `pert_forward` (which
+ waits), and a worker runs one solve at a time: concurrent `pert_forward` calls on one
+ op take turns on its workers (make one op per thread to solve in parallel). Each
+ solver call gets consecutive rows of the call in problem-major order, which may span
+ several problems; together the calls cover every (problem, sample) once (plus the
+ unperturbed rows, flagged `clean`, under the clean-input baseline). Results are the
+ same for any number of threads, bit for bit. A solver or hook must not call
+ `pert_forward` or `pert_op_free` on its own op.
+
+ @param solver     The solver; see `pert_solver_ex`.
+ @param user_data  Passed to every callback untouched; must stay valid while the op
+                   exists (until `pert_op_free` has returned).
+ @param init       May be NULL (no per-worker set-up).
+ @param fini       May be NULL.
+ @return the errors of `pert_op_new`; `PERT_STATUS_INVALID_ARGUMENT` when the config's
+         `max_threads` is below its threads; `PERT_STATUS_TORCH_ERROR` when the worker
+         threads cannot be started.
+ */
+pert_status pert_op_new_ex(const struct pert_config *config,
+                           const int64_t *input_shape,
+                           size_t input_rank,
+                           const int64_t *output_shape,
+                           size_t output_rank,
+                           pert_solver_ex solver,
+                           void *user_data,
+                           pert_worker_init init,
+                           pert_worker_fini fini,
+                           struct pert_op **out);
 
 /*
  Makes a perturbed op over a built-in solver: no callback; on CUDA it runs in libtorch on
@@ -469,12 +590,12 @@ pert_status pert_op_new(const pert_config *config,
  @return `PERT_STATUS_INVALID_ARGUMENT` for an unknown builtin, a bad k, rank 0, and the
          errors of `pert_op_new`.
  */
-pert_status pert_op_new_builtin(const pert_config *config,
+pert_status pert_op_new_builtin(const struct pert_config *config,
                                 uint32_t builtin,
                                 int64_t k,
                                 const int64_t *input_shape,
                                 size_t input_rank,
-                                pert_op **out);
+                                struct pert_op **out);
 
 /*
  Makes a perturbed op whose problems are solved outside the library, through the
@@ -484,28 +605,28 @@ pert_status pert_op_new_builtin(const pert_config *config,
 
  Parameters and errors as for `pert_op_new`, without the solver.
  */
-pert_status pert_op_new_external(const pert_config *config,
+pert_status pert_op_new_external(const struct pert_config *config,
                                  const int64_t *input_shape,
                                  size_t input_rank,
                                  const int64_t *output_shape,
                                  size_t output_rank,
-                                 pert_op **out);
+                                 struct pert_op **out);
 
 /*
  Frees an op. NULL is accepted and ignored. Tapes made by the op stay valid.
  */
-void pert_op_free(pert_op *op);
+void pert_op_free(struct pert_op *op);
 
 /*
  The number of floats in one problem's input (the product of `input_shape`); 0 for NULL.
  */
-size_t pert_op_input_numel(const pert_op *op);
+size_t pert_op_input_numel(const struct pert_op *op);
 
 /*
  The number of floats in one problem's output (the product of `output_shape`, 1 for rank
  0); 0 for NULL.
  */
-size_t pert_op_output_numel(const pert_op *op);
+size_t pert_op_output_numel(const struct pert_op *op);
 
 /*
  The perturbed solution y_sigma(theta) = mean over num_samples of solver(theta + sigma Z),
@@ -532,11 +653,11 @@ size_t pert_op_output_numel(const pert_op *op);
          `PERT_STATUS_INVALID_ARGUMENT` (sizes overflow), `PERT_STATUS_TORCH_ERROR`
          (e.g. out of memory). On error `output` is untouched and `*tape` is not written.
  */
-pert_status pert_forward(pert_op *op,
+pert_status pert_forward(struct pert_op *op,
                          const float *theta,
                          size_t batch,
                          float *output,
-                         pert_tape **tape);
+                         struct pert_tape **tape);
 
 /*
  The Fenchel-Young loss of theta against target solutions y_true, and its gradient,
@@ -559,12 +680,21 @@ pert_status pert_forward(pert_op *op,
          shape; `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in theta or y_true; the
          statuses of `pert_forward`. On error nothing is written.
  */
-pert_status pert_fenchel_young(pert_op *op,
+pert_status pert_fenchel_young(struct pert_op *op,
                                const float *theta,
                                const float *y_true,
                                size_t batch,
                                float *loss,
                                float *grad_theta);
+
+/*
+ Sets the message of the `PERT_STATUS_SOLVER_FAILED` that follows: call it from inside a
+ solver callback or a `pert_worker_init` hook, on the thread that runs it, before
+ returning non-zero. The text is copied (up to 1024 bytes; invalid UTF-8 replaced) and
+ kept per thread until that callback returns; NULL clears it. Outside a callback it has
+ no effect on anything.
+ */
+void pert_solver_set_error(const char *message);
 
 /*
  The library's version, "MAJOR.MINOR.PATCH": a static string, never NULL.
@@ -587,7 +717,9 @@ const char *pert_status_name(pert_status status);
  @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in grad_output; on error grad_input
          is untouched.
  */
-pert_status pert_tape_vjp(const pert_tape *tape, const float *grad_output, float *grad_input);
+pert_status pert_tape_vjp(const struct pert_tape *tape,
+                          const float *grad_output,
+                          float *grad_input);
 
 /*
  The Jacobian-vector product J t, per problem (forward-mode differentiation).
@@ -598,7 +730,9 @@ pert_status pert_tape_vjp(const pert_tape *tape, const float *grad_output, float
  @return `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in tangent_input; on error
          tangent_output is untouched.
  */
-pert_status pert_tape_jvp(const pert_tape *tape, const float *tangent_input, float *tangent_output);
+pert_status pert_tape_jvp(const struct pert_tape *tape,
+                          const float *tangent_input,
+                          float *tangent_output);
 
 /*
  The perturbed objective F_sigma(theta) of every problem, from the forward call's draws:
@@ -610,7 +744,7 @@ pert_status pert_tape_jvp(const pert_tape *tape, const float *tangent_input, flo
  @return `PERT_STATUS_INVALID_ARGUMENT` when the op's output shape differs from its input
          shape (there is no linear objective <theta, y> then).
  */
-pert_status pert_tape_objective(const pert_tape *tape, float *value);
+pert_status pert_tape_objective(const struct pert_tape *tape, float *value);
 
 /*
  The Jacobian estimate J = d y_sigma / d theta of every problem.
@@ -618,17 +752,17 @@ pert_status pert_tape_objective(const pert_tape *tape, float *value);
  @param jacobian  Receives `batch * output_numel * input_numel` floats, row-major
                   `[batch, output_numel, input_numel]`.
  */
-pert_status pert_tape_jacobian(const pert_tape *tape, float *jacobian);
+pert_status pert_tape_jacobian(const struct pert_tape *tape, float *jacobian);
 
 /*
  The number of problems of the forward call that made the tape; 0 for NULL.
  */
-size_t pert_tape_batch(const pert_tape *tape);
+size_t pert_tape_batch(const struct pert_tape *tape);
 
 /*
  Frees a tape, on any thread. NULL is accepted and ignored.
  */
-void pert_tape_free(pert_tape *tape);
+void pert_tape_free(struct pert_tape *tape);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -24,6 +24,7 @@ pub struct Config {
     seed: u64,
     device: DeviceSpec,
     threads: u32,
+    max_threads: u32,
     perturbation: Perturbation,
     baseline: Baseline,
     antithetic: bool,
@@ -45,6 +46,7 @@ impl Default for Config {
             seed: 0,
             device: DeviceSpec::Auto,
             threads: 1,
+            max_threads: 0,
             perturbation: Perturbation::Additive,
             baseline: Baseline::SampleMean,
             antithetic: false,
@@ -113,6 +115,21 @@ impl Config {
             )));
         }
         self.threads = threads;
+        Ok(self)
+    }
+
+    /// The most threads any call of an op made from this config runs at once, the calling
+    /// thread included, for all of its work (noise, built-ins, sums, gradients, solver
+    /// calls); 0 (the default): no cap (solver calls on the solver threads, the library's
+    /// own work on up to one thread per core). An op refuses a cap below its solver
+    /// threads.
+    pub fn set_max_threads(&mut self, max_threads: u32) -> Result<&mut Config> {
+        if max_threads > MAX_THREADS {
+            return Err(Error::invalid(format!(
+                "max_threads must be at most {MAX_THREADS}, got {max_threads}"
+            )));
+        }
+        self.max_threads = max_threads;
         Ok(self)
     }
 
@@ -194,6 +211,12 @@ impl Config {
                 "antithetic pairs need symmetric (Normal) noise, got Gumbel noise",
             ));
         }
+        if self.max_threads != 0 && self.threads > self.max_threads {
+            return Err(Error::invalid(format!(
+                "max_threads {} is below threads {}: a call would run more threads than its cap",
+                self.max_threads, self.threads
+            )));
+        }
         if self.antithetic && self.num_samples % 2 == 1 {
             return Err(Error::invalid(format!(
                 "antithetic pairs need an even num_samples, got {}",
@@ -245,11 +268,27 @@ impl Config {
         self.threads
     }
 
-    /// The number of solver threads a forward call uses.
+    /// The cap on a call's threads (0: none).
+    pub fn max_threads(&self) -> u32 {
+        self.max_threads
+    }
+
+    /// The number of solver threads a forward call uses (threads 0: one per core, within
+    /// the cap).
     pub fn effective_threads(&self) -> usize {
         match self.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => self.library_threads(),
             t => t as usize,
+        }
+    }
+
+    /// The threads of the library's own work in a call (noise, built-ins, sums,
+    /// gradients): one per core, within the cap.
+    pub fn library_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match self.max_threads {
+            0 => cores,
+            cap => cores.min(cap as usize),
         }
     }
 }

@@ -6,9 +6,9 @@ use crate::error::{Error, Result};
 use crate::estimate::Estimate;
 use crate::input::check_floats;
 use crate::kernels::builtin::Builtin;
-use crate::pipeline::{OpSpec, SolverKind, Source};
+use crate::pipeline::{HostSolver, OpSpec, SolverKind, Source};
 use crate::shape::numel;
-use crate::solver::Solver;
+use crate::solver::{Solver, WorkerSolver};
 use crate::tape::{output_and_tape, Tape};
 use crate::two_phase::Draw;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,7 +47,30 @@ impl PerturbedOp {
             config,
             input_shape,
             output_shape,
-            SolverKind::Host(Arc::new(solver)),
+            SolverKind::Host(Arc::new(HostSolver::plain(solver))),
+        )
+    }
+
+    /// An op over a solver with state per worker, run by the op's own persistent worker
+    /// threads (the config's solver threads; 0: one per core within `max_threads`): worker
+    /// w is always the same thread, its `init` runs there before its first solve, its
+    /// `fini` when the op is dropped, and it never runs two solves at once (concurrent
+    /// calls on the op take turns on the workers). Results are the same for any number of
+    /// workers, bit for bit.
+    pub fn with_workers(
+        config: &Config,
+        input_shape: &[i64],
+        output_shape: &[i64],
+        solver: impl WorkerSolver + 'static,
+    ) -> Result<PerturbedOp> {
+        // the settings first: no thread starts for an op that is refused
+        PerturbedOp::with_solver(config, input_shape, output_shape, SolverKind::External)?;
+        let host = HostSolver::with_workers(solver, config.effective_threads())?;
+        PerturbedOp::with_solver(
+            config,
+            input_shape,
+            output_shape,
+            SolverKind::Host(Arc::new(host)),
         )
     }
 

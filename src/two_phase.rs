@@ -55,7 +55,7 @@ impl Draw {
             let theta_host = host_floats(&theta)?;
             let multiplicative =
                 c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
-            let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+            let threads = c.library_threads();
             let per = spec.rows_per_chunk();
             let mut z = vec![0f32; per * d];
             for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {

@@ -71,6 +71,7 @@ fn prototypes(header: &str) -> BTreeMap<String, Prototype> {
 fn normalize(c_type: &str) -> String {
     c_type
         .replace("const", " ")
+        .replace("struct ", " ")
         .split_whitespace()
         .collect::<String>()
 }
@@ -90,7 +91,9 @@ fn julia_types(c_type: &str) -> &'static [&'static str] {
         "char*" => &["Cstring", "Ptr{Cchar}", "Ptr{UInt8}"],
         "float*" => &["Ptr{Float32}", "Ptr{Cfloat}"],
         "int64_t*" => &["Ptr{Int64}", "Ptr{Clonglong}"],
-        "void*" | "pert_solver_fn" => &["Ptr{Cvoid}"],
+        "void*" | "pert_solver_fn" | "pert_solver_ex" | "pert_worker_init" | "pert_worker_fini" => {
+            &["Ptr{Cvoid}"]
+        }
         t if t.starts_with("pert_") && t.ends_with("**") => &["Ref{Ptr{Cvoid}}", "Ptr{Ptr{Cvoid}}"],
         t if t.starts_with("pert_") && t.ends_with('*') => &["Ptr{Cvoid}"],
         _ => &[],
@@ -267,6 +270,14 @@ fn header_prototypes() -> BTreeMap<String, Prototype> {
     prototypes(&std::fs::read_to_string(root.join("include/perturbations.h")).unwrap())
 }
 
+/// C functions the Julia binding does not wrap yet, each with the reason (kept short:
+/// every entry is work left to do).
+const NOT_YET_IN_JULIA: &[(&str, &str)] = &[(
+    "pert_op_new_ex",
+    "its solves run on the op's worker threads, where Julia code may only run once the \
+     calling Julia thread waits in a GC-safe state (open work of the solver-codebases issue)",
+)];
+
 #[test]
 fn the_julia_binding_parses_and_matches_the_header() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -291,7 +302,7 @@ fn the_julia_binding_parses_and_matches_the_header() {
         ));
     }
     for name in protos.keys() {
-        if !wrapped.contains(name) {
+        if !wrapped.contains(name) && !NOT_YET_IN_JULIA.iter().any(|(n, _)| n == name) {
             problems.push(format!(
                 "{name} of include/perturbations.h has no @ccall in the Julia binding"
             ));

@@ -8,6 +8,7 @@
  * example loads with ctypes and passes to the library as a C function pointer, and
  * included by the C++ examples.
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -54,7 +55,7 @@ int32_t grid_shortest_path(void *user_data, const float *costs, size_t count, fl
   for (size_t r = 0; r < count; r++) {
     const float *c = costs + r * GRID_EDGES;
     for (int e = 0; e < GRID_EDGES; e++)
-      if (!(c[e] == c[e] && c[e] > -1e30f && c[e] < 1e30f)) return 1; /* not finite */
+      if (!isfinite(c[e])) return 1;
     grid_solve_one(c, paths + r * GRID_EDGES);
   }
   return 0;

@@ -28,6 +28,8 @@ pub(crate) struct Redraw {
     pub n: usize,
     /// Inputs per problem.
     pub d: usize,
+    /// Threads for the work of a product (the config's cap on a call's threads).
+    pub threads: usize,
 }
 
 impl Redraw {
@@ -240,8 +242,7 @@ impl Replay {
         finish: impl Fn(usize, &[f64], &mut [f32]) + Sync,
     ) -> Result<Vec<f32>> {
         let d = self.redraw.d;
-        let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
-        let threads = cores.clamp(1, self.batch.max(1));
+        let threads = self.redraw.threads.clamp(1, self.batch.max(1));
         let mut scratch = Vec::new();
         for _ in 0..threads {
             scratch.push([zeros::<f32>(TILE * d)?, zeros::<f32>(TILE * d)?]);

@@ -166,6 +166,25 @@ pub unsafe extern "C" fn pert_config_set_threads(
     set(config, |c| c.set_threads(threads).map(|_| ()))
 }
 
+/// Caps the threads of every call of an op made from this config: the most threads it
+/// runs at once, the calling thread included, for all of its work (noise, built-ins,
+/// sums, gradients and tape products, solver callbacks). 0 (the default): no cap (solver
+/// callbacks on `threads` threads, the library's own work on up to one thread per core).
+/// With 1, every call of the op stays on one core (its CPU time is about its wall time):
+/// for callers inside MPI ranks or OpenMP regions. libtorch's own thread pool is not
+/// used for an op's work on the CPU host path; CUDA ops and the libtorch path
+/// (`pert_config_set_chunk_bytes`) may still run libtorch kernels on its threads.
+///
+/// @return `PERT_STATUS_INVALID_ARGUMENT` above 1024. An op refuses a config whose
+///         non-zero max_threads is below its threads.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_max_threads(
+    config: *mut pert_config,
+    max_threads: u32,
+) -> pert_status {
+    set(config, |c| c.set_max_threads(max_threads).map(|_| ()))
+}
+
 /// Sets how the noise enters the input: `PERT_PERTURBATION_ADDITIVE` (default) or
 /// `PERT_PERTURBATION_MULTIPLICATIVE` (Normal noise only; checked by `pert_op_new`).
 ///

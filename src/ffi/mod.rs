@@ -14,6 +14,7 @@ pub mod boundary;
 pub mod config;
 pub mod draw;
 pub mod op;
+pub mod solver;
 pub mod status;
 pub mod tape;
 

@@ -8,32 +8,11 @@ use crate::error::{Error, Result};
 use crate::kernels::builtin::Builtin;
 use crate::op::PerturbedOp;
 use crate::shape::checked_product;
-use crate::solver::Solver;
+pub use super::solver::pert_solver_fn; // its home before `ffi::solver`
+use super::solver::{
+    pert_solver_ex, pert_worker_fini, pert_worker_init, CallbackSolver, ExCallbackSolver,
+};
 use std::ffi::c_void;
-
-/// A black-box solver: solves `count` perturbed problems at once.
-///
-/// @param user_data  The pointer given to `pert_op_new`, passed through untouched.
-/// @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
-///                   host memory, valid only during the call.
-/// @param count      Number of problems in this call (at least 1): a slice of the
-///                   perturbed problems (on the CPU a block of one problem's samples, see
-///                   `pert_config_set_chunk_bytes`), or of the unperturbed batch (the
-///                   clean-input baseline).
-/// @param outputs    Room for `count * output_numel` floats, row-major
-///                   `[count, *output_shape]`; every entry must be written, finite.
-/// @return 0 on success; any other value aborts the forward call with
-///         `PERT_STATUS_SOLVER_FAILED`.
-///
-/// The callback must not throw C++ exceptions or longjmp through the library.
-pub type pert_solver_fn = Option<
-    unsafe extern "C" fn(
-        user_data: *mut c_void,
-        inputs: *const f32,
-        count: usize,
-        outputs: *mut f32,
-    ) -> i32,
->;
 
 /// A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.
 ///
@@ -49,34 +28,6 @@ impl pert_op {
     /// (and for tests of the C boundary with Rust solvers). Free it with `pert_op_free`.
     pub fn into_raw(op: PerturbedOp) -> *mut pert_op {
         Box::into_raw(Box::new(pert_op { inner: op }))
-    }
-}
-
-struct CallbackSolver {
-    solve: unsafe extern "C" fn(*mut c_void, *const f32, usize, *mut f32) -> i32,
-    user_data: *mut c_void,
-}
-
-// SAFETY: the header requires a solver used with threads > 1 to be thread-safe; with one
-// thread the callback runs on the thread that called `pert_forward`.
-unsafe impl Send for CallbackSolver {}
-unsafe impl Sync for CallbackSolver {}
-
-impl Solver for CallbackSolver {
-    fn solve(
-        &self,
-        inputs: &[f32],
-        count: usize,
-        outputs: &mut [f32],
-    ) -> std::result::Result<(), String> {
-        // SAFETY: the buffers hold `count` rows each, as the callback's contract says.
-        let rc =
-            unsafe { (self.solve)(self.user_data, inputs.as_ptr(), count, outputs.as_mut_ptr()) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(format!("the solver callback returned {rc}"))
-        }
     }
 }
 
@@ -135,6 +86,69 @@ pub unsafe extern "C" fn pert_op_new(
             &input_shape,
             &output_shape,
             CallbackSolver { solve, user_data },
+        )?;
+        *out = Box::into_raw(Box::new(pert_op { inner }));
+        Ok(())
+    })
+}
+
+/// Makes a perturbed op over a solver that keeps state per worker thread and learns where
+/// its rows sit: for solvers from real codebases (a MILP model object, a graph, a warm
+/// start) that are costly to build and not thread-safe.
+///
+/// The op owns `threads` worker threads (the config's; 0: one per core, within
+/// `max_threads`), started here and stopped by `pert_op_free`. Worker w is always the same
+/// OS thread; `init(user_data, w)` runs on it before its first solve (once over the op's
+/// life, unless it fails: then the call fails and the next call tries again), and
+/// `fini(user_data, w)` runs on it at `pert_op_free` for each worker whose init succeeded.
+/// Every solve runs on a worker, never on the thread that called `pert_forward` (which
+/// waits), and a worker runs one solve at a time: concurrent `pert_forward` calls on one
+/// op take turns on its workers (make one op per thread to solve in parallel). Each
+/// solver call gets consecutive rows of the call in problem-major order, which may span
+/// several problems; together the calls cover every (problem, sample) once (plus the
+/// unperturbed rows, flagged `clean`, under the clean-input baseline). Results are the
+/// same for any number of threads, bit for bit. A solver or hook must not call
+/// `pert_forward` or `pert_op_free` on its own op.
+///
+/// @param solver     The solver; see `pert_solver_ex`.
+/// @param user_data  Passed to every callback untouched; must stay valid while the op
+///                   exists (until `pert_op_free` has returned).
+/// @param init       May be NULL (no per-worker set-up).
+/// @param fini       May be NULL.
+/// @return the errors of `pert_op_new`; `PERT_STATUS_INVALID_ARGUMENT` when the config's
+///         `max_threads` is below its threads; `PERT_STATUS_TORCH_ERROR` when the worker
+///         threads cannot be started.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn pert_op_new_ex(
+    config: *const pert_config,
+    input_shape: *const i64,
+    input_rank: usize,
+    output_shape: *const i64,
+    output_rank: usize,
+    solver: pert_solver_ex,
+    user_data: *mut c_void,
+    init: pert_worker_init,
+    fini: pert_worker_fini,
+    out: *mut *mut pert_op,
+) -> pert_status {
+    guard(|| {
+        let config = unsafe { arg(config, "config") }?;
+        let out = unsafe { arg_mut(out, "out") }?;
+        let solve =
+            solver.ok_or_else(|| Error::new(crate::Status::NullArgument, "solver is NULL"))?;
+        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
+        let output_shape = unsafe { shape(output_shape, output_rank, "output_shape") }?;
+        let inner = PerturbedOp::with_workers(
+            &config.inner,
+            &input_shape,
+            &output_shape,
+            ExCallbackSolver {
+                solve,
+                init,
+                fini,
+                user_data,
+            },
         )?;
         *out = Box::into_raw(Box::new(pert_op { inner }));
         Ok(())

@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 
+use super::workers::Workers;
+
 /// Blocks per thread that may be done ahead of the next block to combine.
 const WINDOW: usize = 4;
 
@@ -232,6 +234,98 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
         );
         outcome
     })
+}
+
+/// The in-order combine of a run on persistent workers, done by whichever worker hands
+/// over the next block in order.
+struct InOrder<R, E, C> {
+    pending: BTreeMap<usize, Result<R, E>>,
+    combined: usize,
+    outcome: Result<(), E>,
+    combine: C,
+}
+
+/// [`run_blocks`] on an op's persistent workers: `work(k, w, scratch)` runs on worker w
+/// (`0 .. threads`, at most the workers' count, each with `scratch[w]`), and the results
+/// are combined in block order by the worker that hands over the next one, so the calling
+/// thread only waits: at most `threads` threads run at once. The same guarantees as
+/// [`run_blocks`]: the first error in block order, every block combined otherwise, a
+/// panic stops the others and is resumed here, bounded results ahead of the combine.
+pub(crate) fn run_blocks_on<S: Send, R: Send, E: Send>(
+    workers: &Workers,
+    threads: usize,
+    blocks: usize,
+    scratch: &mut [S],
+    work: impl Fn(usize, usize, &mut S) -> Result<R, E> + Sync,
+    combine: impl FnMut(usize, R) -> Result<(), E> + Send,
+) -> Result<(), E> {
+    if blocks == 0 {
+        return Ok(());
+    }
+    let threads = threads
+        .clamp(1, blocks)
+        .min(workers.count())
+        .min(scratch.len());
+    let shared = Shared {
+        next: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        blocks,
+        combined: AtomicUsize::new(0),
+        waiting: AtomicUsize::new(0),
+        lock: Mutex::new(()),
+        moved: Condvar::new(),
+        window: WINDOW * threads,
+    };
+    let order = Mutex::new(InOrder {
+        pending: BTreeMap::new(),
+        combined: 0,
+        outcome: Ok(()),
+        combine,
+    });
+    let scratch: Vec<Mutex<&mut S>> = scratch.iter_mut().take(threads).map(Mutex::new).collect();
+    {
+        let _turn = workers.turn();
+        workers.run_each(threads, &|w| {
+            // a panic here stops the others too (resumed by run_each)
+            let _halt = HaltOnDrop(&shared);
+            let mut s = scratch[w].lock().unwrap_or_else(|e| e.into_inner());
+            while let Some(k) = shared.take() {
+                shared.wait_turn(k);
+                let result = work(k, w, &mut s);
+                if result.is_err() {
+                    shared.halt();
+                }
+                let mut guard = order.lock().unwrap_or_else(|e| e.into_inner());
+                let InOrder {
+                    pending,
+                    combined,
+                    outcome,
+                    combine,
+                } = &mut *guard;
+                pending.insert(k, result);
+                let before = *combined;
+                while outcome.is_ok() {
+                    let Some(result) = pending.remove(combined) else {
+                        break;
+                    };
+                    *outcome = result.and_then(|r| combine(*combined, r));
+                    *combined += 1;
+                }
+                if outcome.is_err() {
+                    shared.halt();
+                } else if *combined != before {
+                    shared.advance(*combined);
+                }
+            }
+        });
+    }
+    let order = order.into_inner().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        order.outcome.is_err() || order.combined == blocks,
+        "a block run ended with {} of {blocks} blocks combined and no error",
+        order.combined
+    );
+    order.outcome
 }
 
 /// Halts the run when dropped.

@@ -5,11 +5,12 @@ use crate::error::Result;
 use crate::estimate::accumulator::Accumulator;
 use crate::estimate::replay::SolutionRows;
 use crate::estimate::TapeForm;
-use crate::kernels::blocks::run_blocks;
+use crate::kernels::blocks::{run_blocks, run_blocks_on};
 use crate::kernels::sums::ProblemSums;
-use crate::pipeline::plan::{OpSpec, HOST_BLOCKS, HOST_BLOCK_MIN_ROWS};
-use crate::pipeline::solve::{check_provided, solve_rows, SolverKind, Source};
+use crate::pipeline::plan::{OpSpec, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS};
+use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
+use crate::solver::SolveInfo;
 use crate::tensors::host_floats;
 use tch::Tensor;
 
@@ -51,6 +52,8 @@ impl OpSpec {
             (HOST_BLOCK_MIN_ROWS / n.max(1))
                 .min(batch.div_ceil(HOST_BLOCKS))
                 .min((1 << 16) / o.max(1)) // a block's per-problem sums stay small
+                // and its buffers (one solver call's rows) within a few cache blocks
+                .min(4 * HOST_BLOCK_BYTES as usize / (4 * (3 * d + o) * n).max(1))
                 .max(1)
         } else {
             1
@@ -61,82 +64,114 @@ impl OpSpec {
             batch * per_problem
         };
         let builtin = matches!(source, Source::Solver(SolverKind::Builtin(_)));
-        // callbacks get the config's solver threads; built-ins use every core
+        let host_solver = match source {
+            Source::Solver(SolverKind::Host(solver)) => Some(&**solver),
+            _ => None,
+        };
+        // callbacks get the config's solver threads; built-ins use every core (up to the
+        // config's cap)
         let threads = if builtin {
-            std::thread::available_parallelism().map_or(1, |t| t.get())
+            c.library_threads()
         } else {
             c.effective_threads()
         };
         let threads = threads.clamp(1, blocks.max(1));
         let last = self.input_shape.last().map_or(1, |&l| l as usize);
+        // a block's rows: `per` samples of one problem, or all samples of `group` problems
+        let block_rows = if group > 1 { group * n } else { per };
         // per solver thread: noise, scores, perturbed inputs, solutions
         let mut scratch: Vec<[Vec<f32>; 4]> = (0..threads)
             .map(|_| {
                 [
-                    vec![0f32; per * d],
-                    vec![0f32; per * d],
-                    vec![0f32; per * d],
-                    vec![0f32; per * o],
+                    vec![0f32; block_rows * d],
+                    vec![0f32; block_rows * d],
+                    vec![0f32; block_rows * d],
+                    vec![0f32; block_rows * o],
                 ]
             })
             .collect();
         // the sums of each problem of the block (or of the block of one problem), and the
         // solutions, for a tape that keeps them
         type Block = (Vec<ProblemSums>, Option<SolutionRows>);
-        let work = |g: usize, buffers: &mut [Vec<f32>; 4]| -> Result<Block> {
+        let work = |g: usize, worker: usize, buffers: &mut [Vec<f32>; 4]| -> Result<Block> {
             let (first, count, k) = if group > 1 {
                 (g * group, group.min(batch - g * group), 0)
             } else {
                 (g / per_problem, 1, g % per_problem)
             };
-            let mut all = Vec::with_capacity(count);
-            let mut solutions = keep_solutions.then(|| SolutionRows::new(o));
-            for b in first..first + count {
-                let theta_b = &theta_host[b * d..(b + 1) * d];
-                let (n0, rows) = (k * per, per.min(n - k * per));
-                let [z, s, x, y] = &mut *buffers;
-                let (z, s, x, y) = (
-                    &mut z[..rows * d],
-                    &mut s[..rows * d],
-                    &mut x[..rows * d],
-                    &mut y[..rows * o],
-                );
-                // scores only for Jacobian sums (a tape of solutions draws them again later)
-                let s: &mut [f32] = if sums_form { s } else { &mut [] };
+            // every problem of the block has `rows` samples here, from sample n0
+            let (n0, rows) = (k * per, per.min(n - k * per));
+            let total_rows = count * rows;
+            let [z, s, x, y] = &mut *buffers;
+            let (z, s, x, y) = (
+                &mut z[..total_rows * d],
+                &mut s[..total_rows * d],
+                &mut x[..total_rows * d],
+                &mut y[..total_rows * o],
+            );
+            // scores only for Jacobian sums (a tape of solutions draws them again later)
+            let s: &mut [f32] = if sums_form { s } else { &mut [] };
+            for i in 0..count {
+                let b = first + i;
+                let part = i * rows * d..(i + 1) * rows * d;
+                let s_i: &mut [f32] = if sums_form { &mut s[part.clone()] } else { &mut [] };
                 c.noise().draw_samples(
                     stream,
                     c.antithetic(),
                     multiplicative,
                     (b, n, n0, d),
-                    z,
-                    s,
+                    &mut z[part.clone()],
+                    s_i,
                     1,
                 );
-                c.perturbation()
-                    .perturb_host(theta_b, z, c.sigma() as f32, x);
-                match source {
-                    Source::Solver(SolverKind::Host(solver)) => {
-                        solve_rows(&**solver, x, y, rows, d, o, 1)?
-                    }
-                    Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
-                    Source::Provided(all) => {
-                        let first = b * n + n0;
-                        check_provided(&all[first * o..(first + rows) * o], first, o)?;
-                        y.copy_from_slice(&all[first * o..(first + rows) * o]);
-                    }
-                    Source::Solver(_) => unreachable!("only host solutions take the host path"),
+                c.perturbation().perturb_host(
+                    &theta_host[b * d..(b + 1) * d],
+                    &z[part.clone()],
+                    c.sigma() as f32,
+                    &mut x[part],
+                );
+            }
+            // the block's rows are consecutive in the call's problem-major order: one
+            // solver call for all of them
+            let first_row = (first * n + n0) as u64;
+            match source {
+                Source::Solver(SolverKind::Host(_)) => {
+                    let solver = host_solver.expect("a host solver");
+                    let at = SolveInfo {
+                        worker,
+                        clean: false,
+                        first_row,
+                        num_samples: n as u64,
+                        batch,
+                    };
+                    y.fill(f32::NAN);
+                    solver.call(&at, x, total_rows, y)?;
+                    check_finite(y, o, &at)?;
                 }
+                Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
+                Source::Provided(all) => {
+                    let first = first_row as usize;
+                    check_provided(&all[first * o..(first + total_rows) * o], first, o)?;
+                    y.copy_from_slice(&all[first * o..(first + total_rows) * o]);
+                }
+                Source::Solver(_) => unreachable!("only host solutions take the host path"),
+            }
+            let mut all = Vec::with_capacity(count);
+            let mut solutions = keep_solutions.then(|| SolutionRows::new(o));
+            for i in 0..count {
+                let (rd, ro) = (i * rows * d..(i + 1) * rows * d, i * rows * o..(i + 1) * rows * o);
+                let s_i: &[f32] = if sums_form { &s[rd.clone()] } else { &[] };
                 let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
-                sums.add_rows(d, z, x, s, y, c.sigma() as f32);
+                sums.add_rows(d, &z[rd.clone()], &x[rd], s_i, &y[ro.clone()], c.sigma() as f32);
                 all.push(sums);
                 if let Some(solutions) = &mut solutions {
-                    solutions.push(y)?;
+                    solutions.push(&y[ro])?;
                 }
             }
             Ok((all, solutions))
         };
         let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
-        run_blocks(blocks, &mut scratch, work, |g, (all, solutions)| {
+        let combine = |g: usize, (all, solutions): Block| -> Result<()> {
             if let Some(solutions) = solutions {
                 acc.add_solutions(solutions)?;
             }
@@ -155,6 +190,20 @@ impl OpSpec {
                 total = ProblemSums::zeros(d, o, sums_form, multiplicative);
             }
             Ok(())
-        })
+        };
+        match host_solver.and_then(HostSolver::workers) {
+            // a solver with workers: every block on them (worker w is always one thread)
+            Some(workers) => run_blocks_on(workers, threads, blocks, &mut scratch, work, combine),
+            // the calling thread works too (it is worker 0)
+            None => {
+                let mut scratch: Vec<(usize, [Vec<f32>; 4])> = scratch.into_iter().enumerate().collect();
+                run_blocks(
+                    blocks,
+                    &mut scratch,
+                    |g, (w, buffers)| work(g, *w, buffers),
+                    combine,
+                )
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@ use crate::pipeline::plan::OpSpec;
 use crate::pipeline::solve::{solve_host, SolverKind};
 use crate::rng::Stream;
 use crate::shape::batched;
+use crate::solver::SolveInfo;
 use tch::{Device, Tensor};
 
 impl OpSpec {
@@ -23,7 +24,7 @@ impl OpSpec {
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.config;
         let (d, n) = (self.input_numel, c.num_samples() as usize);
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()); // noise only
+        let threads = c.library_threads(); // noise only
                                                                                    // CPU ops draw with the CPU sampler; CUDA ops (and CPU ops forced onto this path)
                                                                                    // draw with libtorch on their device
         let draw = |first: usize, count: usize| -> Result<Tensor> {
@@ -66,8 +67,14 @@ impl OpSpec {
         Ok(())
     }
 
-    /// Solves the problems `x` `[rows, d]` with the op's own solver.
-    pub(crate) fn solve(&self, solver: &SolverKind, x: &Tensor) -> Result<Solutions> {
+    /// Solves the problems `x` `[rows, d]` with the op's own solver (`at` says which rows
+    /// of the call they are; its worker is ignored).
+    pub(crate) fn solve(
+        &self,
+        solver: &SolverKind,
+        x: &Tensor,
+        at: SolveInfo,
+    ) -> Result<Solutions> {
         match solver {
             SolverKind::Builtin(builtin) => {
                 let x = x.f_view(batched(x.size()[0] as usize, &self.input_shape).as_slice())?;
@@ -78,10 +85,11 @@ impl OpSpec {
             }
             SolverKind::Host(host) => {
                 let y = solve_host(
-                    &**host,
+                    host,
                     x,
                     self.output_numel,
                     self.config.effective_threads(),
+                    at,
                 )?;
                 Ok(Solutions::Dense(y.f_to_device(self.device)?))
             }

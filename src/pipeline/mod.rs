@@ -16,11 +16,12 @@ use crate::kernels::fused_argmax::Kernel;
 use crate::pipeline::solve::provided;
 use crate::rng::Stream;
 use crate::settings::Baseline;
+use crate::solver::SolveInfo;
 use crate::tensors::host_floats;
 use tch::{Device, Tensor};
 
 pub(crate) use plan::OpSpec;
-pub(crate) use solve::{SolverKind, Source};
+pub(crate) use solve::{HostSolver, SolverKind, Source};
 
 impl OpSpec {
     /// One forward call (number `call` of its op) on `theta` `[batch, d]` (on the device).
@@ -56,7 +57,17 @@ impl OpSpec {
                 Source::Provided(all) => {
                     Solutions::Dense(provided(all, batch * n, batch, o, self.device)?)
                 }
-                Source::Solver(solver) => self.solve(solver, theta)?,
+                Source::Solver(solver) => self.solve(
+                    solver,
+                    theta,
+                    SolveInfo {
+                        worker: 0,
+                        clean: true,
+                        first_row: 0,
+                        num_samples: n as u64,
+                        batch,
+                    },
+                )?,
             };
             Some(rows.dense(o as i64)?)
         } else {
@@ -76,6 +87,7 @@ impl OpSpec {
             score_is_z: c.perturbation() == crate::perturbation::Perturbation::Multiplicative,
             n,
             d,
+            threads: c.library_threads(),
         });
         let mut acc = Accumulator::new(
             batch,
@@ -106,7 +118,7 @@ impl OpSpec {
                     jacobian: form.is_some(),
                     last: *self.input_shape.last().expect("built-ins have rank >= 1") as usize,
                 };
-                let cores = std::thread::available_parallelism().map_or(1, |t| t.get());
+                let cores = c.library_threads();
                 let theta_host = host_floats(theta)?;
                 let batch = theta_host.len() / d;
                 if kernel.blocks(n) >= cores || batch == 1 {
@@ -134,7 +146,17 @@ impl OpSpec {
         self.for_each_chunk(theta, &stream, |b, n0, z, x| {
             let rows = z.size()[0] as usize;
             let y = match source {
-                Source::Solver(solver) => self.solve(solver, &x)?,
+                Source::Solver(solver) => self.solve(
+                    solver,
+                    &x,
+                    SolveInfo {
+                        worker: 0,
+                        clean: false,
+                        first_row: (b * n + n0) as u64,
+                        num_samples: n as u64,
+                        batch,
+                    },
+                )?,
                 Source::Provided(all) => {
                     Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?)
                 }

@@ -19,7 +19,7 @@ pub(crate) const HOST_BLOCK_MIN_ROWS: usize = 512;
 
 /// The most bytes of a host block's buffers (noise, scores, perturbed inputs, solutions),
 /// so that a block stays in a core's L2 cache between its steps.
-const HOST_BLOCK_BYTES: u64 = 512 << 10;
+pub(crate) const HOST_BLOCK_BYTES: u64 = 512 << 10;
 
 /// The part of an op that its draws keep (shapes, config, device): immutable.
 #[derive(Debug)]

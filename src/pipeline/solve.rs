@@ -4,15 +4,17 @@
 
 use crate::error::{Error, Result, Status};
 use crate::kernels::builtin::Builtin;
-use crate::solver::Solver;
+use crate::kernels::workers::Workers;
+use crate::solver::{SolveInfo, Solver, WorkerSolver};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// What solves an op's perturbed problems.
 #[derive(Clone)]
 pub(crate) enum SolverKind {
-    /// A host solver (a C callback or a Rust closure).
-    Host(Arc<dyn Solver>),
+    /// A host solver (a C callback or a Rust closure), with its workers when it has them.
+    Host(Arc<HostSolver>),
     /// A built-in solver running in libtorch on the op's device.
     Builtin(Builtin),
     /// Solved elsewhere, through the two-phase API only.
@@ -60,13 +62,124 @@ pub(crate) fn check_provided(part: &[f32], first: usize, o: usize) -> Result<()>
     }
 }
 
+/// A host solver: a plain [`Solver`] called on the thread that runs its rows, or a
+/// [`WorkerSolver`] with its op's persistent workers (each initialized before its first
+/// solve, finalized when the op is dropped).
+pub(crate) struct HostSolver {
+    solver: Arc<dyn WorkerSolver>,
+    workers: Option<Workers>,
+    /// Per worker: its init succeeded (so its fini is due).
+    ready: Vec<AtomicBool>,
+}
+
+/// A plain solver seen as a worker solver (no state, no workers of its own).
+struct Plain<S>(S);
+
+impl<S: Solver> WorkerSolver for Plain<S> {
+    fn solve(
+        &self,
+        _info: &SolveInfo,
+        inputs: &[f32],
+        count: usize,
+        outputs: &mut [f32],
+    ) -> std::result::Result<(), String> {
+        self.0.solve(inputs, count, outputs)
+    }
+}
+
+impl HostSolver {
+    /// A plain solver: its rows run on the calling thread and on helper threads.
+    pub(crate) fn plain(solver: impl Solver + 'static) -> HostSolver {
+        HostSolver {
+            solver: Arc::new(Plain(solver)),
+            workers: None,
+            ready: Vec::new(),
+        }
+    }
+
+    /// A solver run by `threads` persistent workers of its own.
+    pub(crate) fn with_workers(
+        solver: impl WorkerSolver + 'static,
+        threads: usize,
+    ) -> Result<HostSolver> {
+        let workers = Workers::new(threads.max(1)).map_err(|e| {
+            Error::new(
+                Status::TorchError,
+                format!("cannot start {threads} worker threads: {e}"),
+            )
+        })?;
+        Ok(HostSolver {
+            solver: Arc::new(solver),
+            ready: (0..workers.count()).map(|_| AtomicBool::new(false)).collect(),
+            workers: Some(workers),
+        })
+    }
+
+    /// The persistent workers, for a solver that has them.
+    pub(crate) fn workers(&self) -> Option<&Workers> {
+        self.workers.as_ref()
+    }
+
+    /// One solver call on `count` rows (`info` says which), on the current thread (worker
+    /// `info.worker` when the solver has workers: its init runs first if it has not
+    /// succeeded yet). Errors name the rows.
+    pub(crate) fn call(
+        &self,
+        info: &SolveInfo,
+        inputs: &[f32],
+        count: usize,
+        outputs: &mut [f32],
+    ) -> Result<()> {
+        if let Some(ready) = self.ready.get(info.worker) {
+            if !ready.load(Ordering::Acquire) {
+                self.solver.init(info.worker).map_err(|msg| {
+                    Error::new(
+                        Status::SolverFailed,
+                        format!("the solver's init failed on worker {}: {msg}", info.worker),
+                    )
+                })?;
+                ready.store(true, Ordering::Release);
+            }
+        }
+        self.solver
+            .solve(info, inputs, count, outputs)
+            .map_err(|msg| {
+                Error::new(
+                    Status::SolverFailed,
+                    format!(
+                        "the solver failed on {}: {msg}",
+                        info.describe_rows(count)
+                    ),
+                )
+            })
+    }
+}
+
+impl Drop for HostSolver {
+    fn drop(&mut self) {
+        if let Some(workers) = &self.workers {
+            // each worker's fini on its own thread, for the workers whose init succeeded
+            let (solver, ready) = (&self.solver, &self.ready);
+            let _turn = workers.turn();
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                workers.run_each(workers.count(), &|w| {
+                    if ready[w].load(Ordering::Acquire) {
+                        solver.fini(w);
+                    }
+                })
+            }));
+        }
+    }
+}
+
 /// Calls a host solver on the rows of `x` (copied to the host if needed) and returns the
-/// solutions `[rows, o]` on the CPU.
+/// solutions `[rows, o]` on the CPU; `at` says which rows they are.
 pub(crate) fn solve_host(
-    solver: &dyn Solver,
+    solver: &HostSolver,
     x: &Tensor,
     o: usize,
     threads: usize,
+    at: SolveInfo,
 ) -> Result<Tensor> {
     let x = x.f_to_device(Device::Cpu)?.f_contiguous()?;
     let rows = x.size()[0] as usize;
@@ -84,36 +197,72 @@ pub(crate) fn solve_host(
             std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, rows * o),
         )
     };
-    solve_rows(solver, xs, ys, rows, d, o, threads)?;
+    solve_rows(solver, xs, ys, rows, d, o, threads, at)?;
     Ok(y)
 }
 
 /// Calls the solver on `rows` problems, split into contiguous slices over `threads`
-/// threads, and checks that every output is finite. Outputs are pre-filled with NaN so
-/// that a solver that writes nothing is caught.
+/// threads (the solver's workers when it has them; row r of the whole is row `r` after
+/// `at.first_row`), and checks that every output is finite. Outputs are pre-filled with
+/// NaN so that a solver that writes nothing is caught.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn solve_rows(
-    solver: &dyn Solver,
+    solver: &HostSolver,
     x: &[f32],
     y: &mut [f32],
     rows: usize,
     d: usize,
     o: usize,
     threads: usize,
+    at: SolveInfo,
 ) -> Result<()> {
     if rows == 0 {
         return Ok(()); // the solver is never called with count 0
     }
     y.fill(f32::NAN);
-    let threads = threads.clamp(1, rows.max(1));
+    let threads = match solver.workers() {
+        Some(workers) => threads.min(workers.count()),
+        None => threads,
+    }
+    .clamp(1, rows);
     let per = rows.div_ceil(threads).max(1);
-    let result = if threads == 1 {
-        solver.solve(x, rows, y)
+    let slice_info = |i: usize| SolveInfo {
+        worker: i,
+        first_row: at.first_row + (i * per) as u64,
+        ..at
+    };
+    let result = if let Some(workers) = solver.workers() {
+        // slice i on worker i
+        let slices: Vec<_> = x
+            .chunks(per * d)
+            .zip(y.chunks_mut(per * o))
+            .map(std::sync::Mutex::new)
+            .collect();
+        let results: Vec<_> = (0..slices.len()).map(|_| std::sync::Mutex::new(Ok(()))).collect();
+        let _turn = workers.turn();
+        workers.run_each(slices.len(), &|i| {
+            let mut slice = slices[i].lock().unwrap_or_else(|e| e.into_inner());
+            let (xs, ys) = &mut *slice;
+            let r = solver.call(&slice_info(i), xs, xs.len() / d, ys);
+            *results[i].lock().unwrap_or_else(|e| e.into_inner()) = r;
+        });
+        results
+            .into_iter()
+            .map(|r| r.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .find(|r| r.is_err())
+            .unwrap_or(Ok(()))
+    } else if threads == 1 {
+        solver.call(&slice_info(0), x, rows, y)
     } else {
         std::thread::scope(|scope| {
             let handles: Vec<_> = x
                 .chunks(per * d)
                 .zip(y.chunks_mut(per * o))
-                .map(|(xs, ys)| scope.spawn(move || solver.solve(xs, xs.len() / d, ys)))
+                .enumerate()
+                .map(|(i, (xs, ys))| {
+                    let info = slice_info(i);
+                    scope.spawn(move || solver.call(&info, xs, xs.len() / d, ys))
+                })
                 .collect();
             let mut first = Ok(());
             for h in handles {
@@ -127,7 +276,12 @@ pub(crate) fn solve_rows(
             first
         })
     };
-    result.map_err(|msg| Error::new(Status::SolverFailed, format!("the solver failed: {msg}")))?;
+    result?;
+    check_finite(y, o, &at)
+}
+
+/// SOLVER_FAILED naming the first non-finite output of rows described by `at`.
+pub(crate) fn check_finite(y: &[f32], o: usize, at: &SolveInfo) -> Result<()> {
     // one vectorizable pass, then the position
     if let Some(i) = (!crate::input::all_finite(y))
         .then(|| y.iter().position(|v| !v.is_finite()))
@@ -136,10 +290,10 @@ pub(crate) fn solve_rows(
         return Err(Error::new(
             Status::SolverFailed,
             format!(
-                "the solver wrote {} at output {} of perturbed problem {}; outputs must be finite (was every output written?)",
+                "the solver wrote {} at output {} of {}; outputs must be finite (was every output written?)",
                 y[i],
-                i % o,
-                i / o
+                i % o.max(1),
+                at.describe_row(i / o.max(1))
             ),
         ));
     }

@@ -75,6 +75,7 @@ def _load():
         "pert_config_set_seed": ([_P, ctypes.c_uint64], ctypes.c_uint32),
         "pert_config_set_device": ([_P, ctypes.c_char_p], ctypes.c_uint32),
         "pert_config_set_threads": ([_P, ctypes.c_uint32], ctypes.c_uint32),
+        "pert_config_set_max_threads": ([_P, ctypes.c_uint32], ctypes.c_uint32),
         "pert_config_set_perturbation": ([_P, ctypes.c_uint32], ctypes.c_uint32),
         "pert_config_set_baseline": ([_P, ctypes.c_uint32], ctypes.c_uint32),
         "pert_config_set_antithetic": ([_P, ctypes.c_bool], ctypes.c_uint32),
@@ -203,7 +204,7 @@ class _Handle:
 class Config(_Handle):
     """Settings of ops, every C setting as a keyword (validated by the library):
     num_samples, sigma, noise ("normal" | "gumbel"), seed, device ("cpu", "cuda", "cuda:1",
-    "auto"), threads, perturbation ("additive" | "multiplicative"), baseline ("none" |
+    "auto"), threads, max_threads, perturbation ("additive" | "multiplicative"), baseline ("none" |
     "sample_mean" | "clean_input"), antithetic, sense ("maximize" | "minimize"),
     chunk_bytes, max_tape_bytes. An op copies its config."""
 
@@ -231,6 +232,8 @@ class Config(_Handle):
             _check(_lib.pert_config_set_device(h, str(value).encode()))
         elif key == "threads":
             _check(_lib.pert_config_set_threads(h, _unsigned(value, 32, key)))
+        elif key == "max_threads":
+            _check(_lib.pert_config_set_max_threads(h, _unsigned(value, 32, key)))
         elif key == "perturbation":
             _check(_lib.pert_config_set_perturbation(h, _choice(_PERTURBATION, value, "perturbation")))
         elif key == "baseline":

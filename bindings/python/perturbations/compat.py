@@ -10,20 +10,22 @@ Change the import line and keep the rest of the program:
     loss_fn = perturbations.FenchelYoungLoss(argmax, num_samples=100, sigma=0.1)
 
 What is the same: `func` is vectorized over a leading dimension of torch tensors and called
-once per call on every perturbed input; extra positional arguments are passed through to
-it; batched inputs must have rank >= 2 (`ValueError` otherwise), unbatched ones get a
-dummy batch dimension; a scalar output per input (`func` returning [rows]) is allowed; an
-unknown noise raises `ValueError` when the function is made; each call draws fresh noise
-from a seed taken from torch's default generator, so `torch.manual_seed` makes runs
-repeatable; the same draws serve forward and backward (no solver call in backward).
+once per call on the num_samples * batch perturbed inputs theta + sigma*Z, in theta's
+dtype on theta's device, ordered as the seed orders them ([num_samples, batch]
+flattened), so extra positional arguments tiled the seed's way still line up; batched
+inputs must have rank >= 2 (`ValueError` otherwise), unbatched ones get a dummy batch
+dimension; a scalar output per input (`func` returning [rows]) is allowed; an unknown
+noise raises `ValueError` when the function is made; each call draws fresh noise from a
+seed taken from torch's default generator, so `torch.manual_seed` makes runs repeatable;
+the same draws serve forward and backward (no `func` call in backward), and the backward
+pass is made of torch operations (so it can be differentiated again).
 
-What differs, on purpose: the noise is drawn by the library's own streams (not
-torch.distributions), in problem-major row order ([batch, num_samples] flattened, where
-the seed used [num_samples, batch]: the same for a row-wise `func`); the gradient uses the
-library's default sample-mean baseline (unbiased, lower variance; the plain estimator when
-num_samples is 1); results and gradients are placed on the input's device (the seed's
-`device` argument is accepted and only kept as an attribute); a forward output takes
-`func`'s floating dtype, a gradient the input's.
+What differs, on purpose: the noise comes from the library's own counter-based streams
+(not torch.distributions); the gradient uses the library's default sample-mean baseline
+(unbiased, lower variance; the plain estimator when num_samples is 1); results and
+gradients follow the input's device (the seed's `device` argument is accepted and kept
+as an attribute only); integer inputs are perturbed in float32 (the seed truncated the
+noise to integers); `func` runs without grad mode, as inside the seed's autograd Function.
 
 `FenchelYoungLoss` returns the seed's value, the squared distance ||y_sigma(theta) - y||^2
 per example (or summed, unbatched), with the Fenchel-Young gradient y_sigma(theta) - y
@@ -33,6 +35,7 @@ use `perturbations.torch.fenchel_young`.
 
 import functools
 
+import numpy as np
 import torch
 
 from . import Config, Op
@@ -70,52 +73,41 @@ def _fresh_seed():
 
 
 class _Spec:
-    """The settings of one perturbed function and the output shape `func` gave last time
-    for an input shape (a guess; checked on every call)."""
+    """The settings of one perturbed function."""
 
     def __init__(self, func, num_samples, sigma, noise):
         self.func, self.num_samples, self.sigma, self.noise = func, num_samples, sigma, noise
-        self.output_shapes = {}
 
-    def _draw(self, seed, input_shape, output_shape, theta32):
-        cfg = Config(num_samples=self.num_samples, sigma=self.sigma, noise=self.noise, seed=seed, device="cpu")
-        with cfg:
-            op = Op.external(cfg, input_shape, output_shape)
-        with op:
-            return op.draw(theta32)
+    def noise_rows(self, batch, input_shape):
+        """sigma * Z for `batch` problems: [num_samples, batch, *input_shape] float32 on the
+        CPU, from the library's streams (the perturbed inputs of theta = 0)."""
+        cfg = Config(num_samples=self.num_samples, sigma=self.sigma, noise=self.noise, seed=_fresh_seed(),
+                     device="cpu")
+        with cfg, Op.external(cfg, input_shape, input_shape) as op:
+            with op.draw(np.zeros((batch,) + tuple(input_shape), dtype=np.float32)) as draw:
+                rows = torch.from_numpy(draw.inputs())  # problem-major [batch * N, *D]
+        return rows.view((batch, self.num_samples) + tuple(input_shape)).transpose(0, 1)
 
-    def run(self, theta, args, with_tape):
-        """(y [batch, *output_shape] on theta's device, the tape or None) for theta
-        [batch, *input_shape] (any float tensor)."""
-        input_shape = tuple(theta.shape[1:])
-        host = theta.detach().to("cpu", torch.float32).contiguous().numpy()
-        if theta.shape[0] == 0:
-            out = torch.as_tensor(self.func(theta.detach(), *args))
-            return torch.zeros((0,) + tuple(out.shape[1:]), dtype=_float_dtype(out), device=theta.device), None
-        seed = _fresh_seed()
-        guess = self.output_shapes.get(input_shape, ())
-        draw = self._draw(seed, input_shape, guess, host)
-        try:
-            x = torch.from_numpy(draw.inputs()).to(device=theta.device, dtype=theta.dtype)
-            y = torch.as_tensor(self.func(x, *args))
-            rows = x.shape[0]
-            if y.dim() == 0 or y.shape[0] != rows:
-                raise ValueError(f"func must return one output per input row ({rows} rows), got shape "
-                                 f"{tuple(y.shape)}")
-            output_shape = tuple(y.shape[1:])
-            dtype = _float_dtype(y)
-            if output_shape != guess:
-                draw.close()
-                draw = self._draw(seed, input_shape, output_shape, host)  # the same rows (same seed)
-                self.output_shapes[input_shape] = output_shape
-            solutions = y.detach().to("cpu", torch.float32).contiguous().numpy()
-            mean, tape = draw.finish(solutions)
-            if not with_tape:
-                tape.close()
-                tape = None
-        finally:
-            draw.close()
-        return torch.from_numpy(mean).to(device=theta.device, dtype=dtype), tape
+    def run(self, theta, args):
+        """(y [batch, *output_shape], the noise sigma*Z and the solutions [N, batch, ...])
+        for theta [batch, *input_shape], as the seed computes them: the perturbed inputs
+        theta + sigma*Z in theta's (floating) dtype on its device, `func` called once on
+        the N*batch rows in the seed's order ([N, batch] flattened)."""
+        batch, input_shape, n = theta.shape[0], tuple(theta.shape[1:]), self.num_samples
+        dtype = _float_dtype(theta)
+        theta = theta.detach().to(dtype)
+        if batch == 0:
+            y = torch.as_tensor(self.func(theta, *args))
+            return torch.zeros((0,) + tuple(y.shape[1:]), dtype=_float_dtype(y), device=theta.device), None, None
+        z = self.noise_rows(batch, input_shape).to(device=theta.device, dtype=dtype)
+        x = (theta.unsqueeze(0) + z).reshape((n * batch,) + input_shape)
+        with torch.no_grad():
+            y = torch.as_tensor(self.func(x, *args), device=theta.device)
+        if y.dim() == 0 or y.shape[0] != n * batch:
+            raise ValueError(f"func must return one output per input row ({n * batch} rows), got shape "
+                             f"{tuple(y.shape)}")
+        y = y.to(_float_dtype(y)).reshape((n, batch) + tuple(y.shape[1:]))
+        return y.mean(dim=0), z, y
 
 
 def _float_dtype(t):
@@ -125,15 +117,33 @@ def _float_dtype(t):
 class _PerturbedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, spec, args):
-        y, tape = spec.run(theta, args, with_tape=True)
-        ctx.tape, ctx.theta_dtype = tape, theta.dtype
-        return y
+        mean, z, y = spec.run(theta, args)
+        ctx.spec, ctx.theta_shape, ctx.theta_dtype = spec, theta.shape, _float_dtype(theta)
+        if z is None:
+            ctx.save_for_backward(theta.new_zeros(()), theta.new_zeros(()), theta.new_zeros(()))
+            ctx.empty = True
+        else:
+            ctx.save_for_backward(z, y, mean)
+            ctx.empty = False
+        return mean
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        g = ctx.tape.vjp(dy.detach().to("cpu", torch.float32).contiguous().numpy())
-        return torch.from_numpy(g).to(device=dy.device, dtype=ctx.theta_dtype), None, None
+        if ctx.empty:
+            return torch.zeros(ctx.theta_shape, dtype=ctx.theta_dtype, device=dy.device), None, None
+        z, y, mean = ctx.saved_tensors
+        spec = ctx.spec
+        n, batch = y.shape[0], y.shape[1]
+        score = z / spec.sigma if spec.noise == _NORMAL else 1 - torch.exp(-z / spec.sigma)
+        # the sample-mean baseline (unbiased; the plain estimator for a single sample)
+        if n >= 2:
+            yc, scale = y - mean.unsqueeze(0), 1.0 / (spec.sigma * (n - 1))
+        else:
+            yc, scale = y, 1.0 / spec.sigma
+        yc = yc.reshape(n, batch, -1).to(dy.dtype)
+        score = score.reshape(n, batch, -1).to(dy.dtype)
+        g = torch.einsum("nbd,nb->bd", score, torch.einsum("nbo,bo->nb", yc, dy.reshape(batch, -1)))
+        return (g * scale).reshape(ctx.theta_shape).to(ctx.theta_dtype), None, None
 
 
 def perturbed(func=None, num_samples=1000, sigma=0.05, noise=_NORMAL, batched=True, device=None):
@@ -163,7 +173,7 @@ def perturbed(func=None, num_samples=1000, sigma=0.05, noise=_NORMAL, batched=Tr
             if torch.is_grad_enabled() and theta.requires_grad:
                 y = _PerturbedFunction.apply(theta, spec, args)
             else:
-                y, _ = spec.run(theta, args, with_tape=False)
+                y, _, _ = spec.run(theta, args)
             return y if batched else y[0]
 
         wrapper.num_samples, wrapper.sigma, wrapper.noise, wrapper.device = num_samples, sigma, noise, device
@@ -182,7 +192,7 @@ class _FenchelYoungFunction(torch.autograd.Function):
         if not loss_module._maximize:
             diff = -diff
         if loss_module._batched:
-            loss = torch.sum(torch.reshape(diff, [diff.shape[0], -1]) ** 2, dim=-1)
+            loss = torch.sum((diff ** 2).reshape(diff.shape[0], -1), dim=-1)
         else:
             loss = torch.sum(diff ** 2)
         ctx.save_for_backward(diff)
@@ -190,7 +200,6 @@ class _FenchelYoungFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         (diff,) = ctx.saved_tensors
         if ctx.batched:  # dy is [batch]
@@ -214,5 +223,5 @@ class FenchelYoungLoss(torch.nn.Module):
         self.perturbed = perturbed(func=func, num_samples=num_samples, sigma=sigma, noise=noise, batched=batched,
                                    device=device)
 
-    def forward(self, theta, y_true, *args):
-        return _FenchelYoungFunction.apply(theta, y_true, self, args)
+    def forward(self, input_tensor, y_true, *args):
+        return _FenchelYoungFunction.apply(input_tensor, y_true, self, args)

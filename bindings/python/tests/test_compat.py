@@ -145,3 +145,37 @@ def test_fenchel_young_loss_value_and_gradient_to_theta_only(maximize):
     unbatched = perturbations.FenchelYoungLoss(argmax, num_samples=50, sigma=0.5, batched=False)
     value = unbatched(torch.tensor(ROWS[0], requires_grad=True), torch.eye(5)[1])
     assert value.shape == ()
+
+
+def test_rows_come_in_the_seeds_order_so_tiled_arguments_line_up():
+    n = 2000
+
+    def masked_argmax(x, mask):  # mask tiled the seed's way: [N * batch, 3]
+        return argmax(x - 1e4 * mask)
+
+    pert = perturbations.perturbed(masked_argmax, num_samples=n, sigma=0.5)
+    theta = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).repeat(n, 1)
+    y = pert(theta, mask)
+    assert y[0, 0] > 0.8 and y[1, 0] == 0.0  # the second problem's first entry is masked
+
+
+def test_float64_inputs_are_perturbed_in_float64_and_batch_0_has_a_gradient():
+    n = 100_000
+    pert = perturbations.perturbed(argmax, num_samples=n, sigma=0.01)
+    theta = torch.tensor([[1e6, 1e6 + 0.02]], dtype=torch.float64, requires_grad=True)
+    y = pert(theta)
+    p = 0.5 * (1 + math.erf(0.02 / (0.01 * math.sqrt(2)) / math.sqrt(2)))  # Phi(2/sqrt(2))
+    assert abs(float(y[0, 1].detach()) - p) < 5 * math.sqrt(p * (1 - p) / n)
+    empty = torch.zeros(0, 5, requires_grad=True)
+    pert(empty).sum().backward()
+    assert empty.grad.shape == (0, 5)
+
+
+def test_double_backward_and_the_seeds_keyword_names():
+    pert = perturbations.perturbed(argmax, num_samples=200, sigma=0.5)
+    theta = torch.tensor(ROWS, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.linalg.norm(pert(theta)), theta, create_graph=True)
+    g.pow(2).sum().backward()  # a gradient penalty, as with the seed
+    loss_fn = perturbations.FenchelYoungLoss(argmax, num_samples=50, sigma=0.5)
+    assert loss_fn(input_tensor=torch.tensor(ROWS), y_true=torch.eye(5)[[1, 3]]).shape == (2,)

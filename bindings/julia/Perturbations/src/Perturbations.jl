@@ -93,7 +93,7 @@ end
 # ---- Config ------------------------------------------------------------------------
 
 """
-    Config(; num_samples, sigma, noise, seed, device, threads, perturbation, baseline,
+    Config(; num_samples, sigma, noise, seed, device, threads, max_threads, perturbation, baseline,
              antithetic, sense, chunk_bytes, max_tape_bytes)
 
 Settings for ops; an op copies them when it is made. Unset keywords keep the library's
@@ -135,6 +135,7 @@ function set!(c::Config, ::Val{:threads}, v)
     check(@ccall libperturbations.pert_config_set_threads(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
     c.threads = UInt32(v)
 end
+set!(c::Config, ::Val{:max_threads}, v) = check(@ccall libperturbations.pert_config_set_max_threads(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 set!(c::Config, ::Val{:perturbation}, v) = check(@ccall libperturbations.pert_config_set_perturbation(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 set!(c::Config, ::Val{:baseline}, v) = check(@ccall libperturbations.pert_config_set_baseline(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 set!(c::Config, ::Val{:antithetic}, v) = check(@ccall libperturbations.pert_config_set_antithetic(c::Ptr{Cvoid}, Bool(v)::Bool)::UInt32)
@@ -307,6 +308,9 @@ function trampoline(user_data::Ptr{Cvoid}, inputs::Ptr{Float32}, count::Csize_t,
         return Int32(0)
     catch err
         op.error = CapturedException(err, catch_backtrace())
+        # the C status's message names the rows and carries the exception's own text
+        text = replace(first(sprint(showerror, err), 512), '\0' => ' ')
+        @ccall libperturbations.pert_solver_set_error(text::Cstring)::Cvoid
         return Int32(1)
     end
 end

@@ -1,0 +1,211 @@
+//! Solver callbacks: the plain `pert_solver_fn`, the `pert_solver_ex` form that learns
+//! where its rows sit (`pert_solve_info`) and keeps state per worker (`pert_worker_init`,
+//! `pert_worker_fini`), and `pert_solver_set_error`, a solver's own failure message.
+
+use super::boundary::guard_or;
+use crate::solver::{SolveInfo, Solver, WorkerSolver};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr};
+
+/// A black-box solver: solves `count` perturbed problems at once.
+///
+/// @param user_data  The pointer given to `pert_op_new`, passed through untouched.
+/// @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
+///                   host memory, valid only during the call.
+/// @param count      Number of problems in this call (at least 1): consecutive perturbed
+///                   problems of the call (rows of one or of several problems, see
+///                   `pert_solve_info`), or of the unperturbed batch (the clean-input
+///                   baseline).
+/// @param outputs    Room for `count * output_numel` floats, row-major
+///                   `[count, *output_shape]`; every entry must be written, finite.
+/// @return 0 on success; any other value aborts the forward call with
+///         `PERT_STATUS_SOLVER_FAILED` (its message names the rows; a message set with
+///         `pert_solver_set_error` is added).
+///
+/// The callback must not throw C++ exceptions or longjmp through the library.
+pub type pert_solver_fn = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        inputs: *const f32,
+        count: usize,
+        outputs: *mut f32,
+    ) -> i32,
+>;
+
+/// Where the rows of one `pert_solver_ex` call sit in its forward call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct pert_solve_info {
+    /// `sizeof(pert_solve_info)` as the library was built: fields are only ever appended,
+    /// so a solver compiled against an older header reads the fields it knows.
+    pub struct_size: u32,
+    /// The worker running the call, `0 .. threads - 1`; a worker index always runs on the
+    /// same OS thread for the op's life.
+    pub worker: u32,
+    /// 1: the rows are the unperturbed theta of problems `first_row .. first_row + count - 1`
+    /// (the clean-input baseline); 0: perturbed rows.
+    pub clean: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// When `clean` is 0: row r of the call is global row `first_row + r` of the forward
+    /// call, in problem-major order: problem `(first_row + r) / num_samples`, sample
+    /// `(first_row + r) % num_samples`.
+    pub first_row: u64,
+    /// N of the op.
+    pub num_samples: u64,
+    /// Problems in this forward call.
+    pub batch: usize,
+}
+
+/// A solver that is told which rows it solves (`info`, valid during the call) and runs on
+/// the op's persistent workers. Parameters and return as for `pert_solver_fn`.
+pub type pert_solver_ex = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        info: *const pert_solve_info,
+        inputs: *const f32,
+        count: usize,
+        outputs: *mut f32,
+    ) -> i32,
+>;
+
+/// Builds worker `worker`'s state (a model object, say), on that worker's thread, before
+/// its first solve. Non-zero fails the forward call as `PERT_STATUS_SOLVER_FAILED` (with
+/// the message set by `pert_solver_set_error`, if any); the next call tries again.
+pub type pert_worker_init = Option<unsafe extern "C" fn(user_data: *mut c_void, worker: u32) -> i32>;
+
+/// Frees worker `worker`'s state, on that worker's thread, at `pert_op_free`: once for
+/// each worker whose init succeeded (or that solved, without an init).
+pub type pert_worker_fini = Option<unsafe extern "C" fn(user_data: *mut c_void, worker: u32)>;
+
+/// The longest solver message kept, in bytes.
+const MESSAGE_BYTES: usize = 1024;
+
+thread_local! {
+    static SOLVER_MESSAGE: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Sets the message of the `PERT_STATUS_SOLVER_FAILED` that follows: call it from inside a
+/// solver callback or a `pert_worker_init` hook, on the thread that runs it, before
+/// returning non-zero. The text is copied (up to 1024 bytes; invalid UTF-8 replaced) and
+/// kept per thread until that callback returns; NULL clears it. Outside a callback it has
+/// no effect on anything.
+#[no_mangle]
+pub unsafe extern "C" fn pert_solver_set_error(message: *const c_char) {
+    guard_or((), || {
+        let text = (!message.is_null()).then(|| {
+            // SAFETY: the caller passes a NUL-terminated string, read during the call.
+            let bytes = unsafe { CStr::from_ptr(message) }.to_bytes();
+            let mut end = bytes.len().min(MESSAGE_BYTES);
+            let mut text = String::from_utf8_lossy(&bytes[..end]).into_owned();
+            // cut at a character boundary of the converted text, within the limit
+            while text.len() > MESSAGE_BYTES {
+                end -= 1;
+                text = String::from_utf8_lossy(&bytes[..end]).into_owned();
+            }
+            text
+        });
+        SOLVER_MESSAGE.with(|m| *m.borrow_mut() = text);
+    })
+}
+
+/// Runs a C callback with this thread's solver message cleared, and turns a non-zero
+/// return into the error text: the solver's message, or what it returned.
+fn call_c(what: &str, f: impl FnOnce() -> i32) -> Result<(), String> {
+    SOLVER_MESSAGE.with(|m| m.borrow_mut().take());
+    let rc = f();
+    let message = SOLVER_MESSAGE.with(|m| m.borrow_mut().take());
+    match (rc, message) {
+        (0, _) => Ok(()),
+        (rc, Some(message)) => Err(format!("{message} ({what} returned {rc})")),
+        (rc, None) => Err(format!("{what} returned {rc}")),
+    }
+}
+
+/// A `pert_solver_fn` with its user data.
+pub(crate) struct CallbackSolver {
+    pub solve: unsafe extern "C" fn(*mut c_void, *const f32, usize, *mut f32) -> i32,
+    pub user_data: *mut c_void,
+}
+
+// SAFETY: the header requires a solver used with threads > 1 to be thread-safe; with one
+// thread the callback runs on the thread that called `pert_forward`.
+unsafe impl Send for CallbackSolver {}
+unsafe impl Sync for CallbackSolver {}
+
+impl Solver for CallbackSolver {
+    fn solve(&self, inputs: &[f32], count: usize, outputs: &mut [f32]) -> Result<(), String> {
+        // SAFETY: the buffers hold `count` rows each, as the callback's contract says.
+        call_c("the solver callback", || unsafe {
+            (self.solve)(self.user_data, inputs.as_ptr(), count, outputs.as_mut_ptr())
+        })
+    }
+}
+
+/// A `pert_solver_ex` with its hooks and user data.
+pub(crate) struct ExCallbackSolver {
+    pub solve: unsafe extern "C" fn(
+        *mut c_void,
+        *const pert_solve_info,
+        *const f32,
+        usize,
+        *mut f32,
+    ) -> i32,
+    pub init: pert_worker_init,
+    pub fini: pert_worker_fini,
+    pub user_data: *mut c_void,
+}
+
+// SAFETY: the header says the callbacks run on the op's worker threads (one solve at a
+// time per worker, several workers at once when threads > 1) and must be safe for that;
+// user_data is only passed through.
+unsafe impl Send for ExCallbackSolver {}
+unsafe impl Sync for ExCallbackSolver {}
+
+impl WorkerSolver for ExCallbackSolver {
+    fn init(&self, worker: usize) -> Result<(), String> {
+        match self.init {
+            // SAFETY: a hook of the caller's, called as its contract says.
+            Some(init) => call_c("the worker init hook", || unsafe {
+                init(self.user_data, worker as u32)
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn solve(
+        &self,
+        info: &SolveInfo,
+        inputs: &[f32],
+        count: usize,
+        outputs: &mut [f32],
+    ) -> Result<(), String> {
+        let c_info = pert_solve_info {
+            struct_size: std::mem::size_of::<pert_solve_info>() as u32,
+            worker: info.worker as u32,
+            clean: u32::from(info.clean),
+            reserved: 0,
+            first_row: info.first_row,
+            num_samples: info.num_samples,
+            batch: info.batch,
+        };
+        // SAFETY: the buffers hold `count` rows each and `c_info` outlives the call, as the
+        // callback's contract says.
+        call_c("the solver callback", || unsafe {
+            (self.solve)(
+                self.user_data,
+                &c_info,
+                inputs.as_ptr(),
+                count,
+                outputs.as_mut_ptr(),
+            )
+        })
+    }
+
+    fn fini(&self, worker: usize) {
+        if let Some(fini) = self.fini {
+            // SAFETY: a hook of the caller's, called as its contract says.
+            unsafe { fini(self.user_data, worker as u32) }
+        }
+    }
+}

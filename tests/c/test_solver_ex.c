@@ -1,0 +1,380 @@
+/* Solvers from real codebases (pert_op_new_ex): persistent workers (init once per worker
+ * over several calls, worker w always on one thread, fini at pert_op_free on that thread),
+ * solve info (rows cover every (problem, sample) once, problem-major, spanning problems;
+ * clean rows flagged), solver messages, max_threads (refused below threads; one core with
+ * max_threads = 1), results equal to the plain callback's bit for bit, concurrent calls. */
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#include "harness.h"
+
+#define MAXW 8
+#define D 4
+
+typedef struct {
+  atomic_int inits[MAXW];
+  atomic_int finis[MAXW];
+  pthread_t init_thread[MAXW];
+  pthread_t fini_thread[MAXW];
+  pthread_t solve_thread[MAXW];
+  atomic_int solves[MAXW];
+  atomic_int busy[MAXW];  /* a solve in flight on worker w */
+  atomic_int overlap;     /* a worker ran two solves at once */
+  atomic_int thread_moved; /* a worker's solve ran on another thread */
+  atomic_int bad_info;
+  atomic_int multi_problem_calls;
+  atomic_int clean_calls;
+  atomic_int *cover;      /* per global row: times solved */
+  size_t cover_len;
+  const float *theta;     /* for the clean rows */
+  int fail_init;          /* worker init returns non-zero */
+  long fail_row;          /* the solve covering this global row fails (-1: none) */
+  int spin;               /* busy work per row */
+} state;
+
+static int32_t init_hook(void *user_data, uint32_t worker) {
+  state *s = user_data;
+  if (worker >= MAXW) return 1;
+  if (s->fail_init) {
+    pert_solver_set_error("cannot build the model: licence missing");
+    return 7;
+  }
+  atomic_fetch_add(&s->inits[worker], 1);
+  s->init_thread[worker] = pthread_self();
+  return 0;
+}
+
+static void fini_hook(void *user_data, uint32_t worker) {
+  state *s = user_data;
+  atomic_fetch_add(&s->finis[worker], 1);
+  s->fini_thread[worker] = pthread_self();
+}
+
+/* argmax of each row, plus bookkeeping */
+static int32_t solve_ex(void *user_data, const pert_solve_info *info, const float *x, size_t count, float *y) {
+  state *s = user_data;
+  uint32_t w = info->worker;
+  if (info->struct_size != sizeof(pert_solve_info) || w >= MAXW || count == 0 || info->reserved != 0) {
+    atomic_fetch_add(&s->bad_info, 1);
+    return 1;
+  }
+  if (atomic_fetch_add(&s->busy[w], 1) != 0) atomic_fetch_add(&s->overlap, 1);
+  if (atomic_fetch_add(&s->solves[w], 1) == 0)
+    s->solve_thread[w] = pthread_self();
+  else if (!pthread_equal(s->solve_thread[w], pthread_self()))
+    atomic_fetch_add(&s->thread_moved, 1);
+  if (info->clean) {
+    atomic_fetch_add(&s->clean_calls, 1);
+    for (size_t r = 0; r < count; r++)
+      for (int i = 0; i < D; i++)
+        if (x[r * D + i] != s->theta[(info->first_row + r) * D + i]) atomic_fetch_add(&s->bad_info, 1);
+  } else {
+    uint64_t n = info->num_samples;
+    if ((info->first_row + count - 1) / n != info->first_row / n) atomic_fetch_add(&s->multi_problem_calls, 1);
+    for (size_t r = 0; r < count; r++) {
+      uint64_t g = info->first_row + r;
+      if (g >= s->cover_len) {
+        atomic_fetch_add(&s->bad_info, 1);
+        continue;
+      }
+      atomic_fetch_add(&s->cover[g], 1);
+      if (s->fail_row >= 0 && g == (uint64_t)s->fail_row) {
+        atomic_fetch_sub(&s->busy[w], 1);
+        pert_solver_set_error("infeasible: capacity 3 exceeded");
+        return 42;
+      }
+    }
+  }
+  for (size_t r = 0; r < count; r++) {
+    volatile double acc = 0;
+    for (int k = 0; k < s->spin; k++) acc += k * 1e-9;
+    size_t best = 0;
+    for (size_t i = 1; i < D; i++)
+      if (x[r * D + i] > x[r * D + best]) best = i;
+    for (size_t i = 0; i < D; i++) y[r * D + i] = (float)(i == best);
+  }
+  atomic_fetch_sub(&s->busy[w], 1);
+  return 0;
+}
+
+static int32_t solve_plain(void *user_data, const float *x, size_t count, float *y) {
+  (void)user_data;
+  for (size_t r = 0; r < count; r++) {
+    size_t best = 0;
+    for (size_t i = 1; i < D; i++)
+      if (x[r * D + i] > x[r * D + best]) best = i;
+    for (size_t i = 0; i < D; i++) y[r * D + i] = (float)(i == best);
+  }
+  return 0;
+}
+
+static pert_config *make_config(uint32_t threads, uint64_t n) {
+  pert_config *c = NULL;
+  if (pert_config_new(&c) != PERT_STATUS_OK) return NULL;
+  pert_config_set_num_samples(c, n);
+  pert_config_set_sigma(c, 0.5);
+  pert_config_set_seed(c, 11);
+  pert_config_set_device(c, "cpu");
+  pert_config_set_threads(c, threads);
+  return c;
+}
+
+static void fill_theta(float *theta, size_t batch) {
+  for (size_t i = 0; i < batch * D; i++) theta[i] = (float)((i * 7919) % 13) / 13.0f;
+}
+
+static bool init_once_per_worker_same_thread_and_fini_at_free(void) {
+  enum { B = 64, N = 50, T = 3 };
+  static atomic_int cover[B * N];
+  state s = {.cover = cover, .cover_len = B * N, .fail_row = -1};
+  float theta[B * D], y[B * D];
+  fill_theta(theta, B);
+  pert_config *c = make_config(T, N);
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new_ex(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_ex, &s, init_hook, fini_hook, &op));
+  for (int call = 0; call < 4; call++) {
+    for (size_t g = 0; g < B * N; g++) atomic_store(&cover[g], 0);
+    CHECK_OK(pert_forward(op, theta, B, y, NULL));
+    for (size_t g = 0; g < B * N; g++) CHECK(atomic_load(&cover[g]) == 1); /* every row once */
+  }
+  int used = 0;
+  for (int w = 0; w < MAXW; w++) {
+    CHECK(atomic_load(&s.inits[w]) <= 1);
+    if (w >= T) CHECK(atomic_load(&s.solves[w]) == 0);
+    if (atomic_load(&s.solves[w]) > 0) {
+      used++;
+      CHECK(atomic_load(&s.inits[w]) == 1);
+      CHECK(pthread_equal(s.init_thread[w], s.solve_thread[w]));
+      CHECK(!pthread_equal(s.solve_thread[w], pthread_self())); /* never the calling thread */
+    }
+  }
+  CHECK(used >= 2); /* 64 problems spread over the workers */
+  CHECK(atomic_load(&s.thread_moved) == 0);
+  CHECK(atomic_load(&s.overlap) == 0);
+  CHECK(atomic_load(&s.bad_info) == 0);
+  CHECK(atomic_load(&s.multi_problem_calls) > 0); /* N = 50: a call spans problems */
+  for (int w = 0; w < MAXW; w++) CHECK(atomic_load(&s.finis[w]) == 0);
+  pert_op_free(op);
+  for (int w = 0; w < MAXW; w++) {
+    CHECK(atomic_load(&s.finis[w]) == atomic_load(&s.inits[w]));
+    if (atomic_load(&s.inits[w])) CHECK(pthread_equal(s.fini_thread[w], s.init_thread[w]));
+  }
+  pert_config_free(c);
+  return true;
+}
+
+static bool results_equal_the_plain_callback_for_any_threads(void) {
+  enum { B = 37, N = 30 };
+  float theta[B * D], want[B * D], got[B * D], g[B * D], want_vjp[B * D], got_vjp[B * D];
+  fill_theta(theta, B);
+  for (size_t i = 0; i < B * D; i++) g[i] = (float)(i % 5) - 2.0f;
+  pert_config *c1 = make_config(1, N);
+  pert_op *plain = NULL;
+  pert_tape *tape = NULL;
+  CHECK_OK(pert_op_new(c1, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_plain, NULL, &plain));
+  CHECK_OK(pert_forward(plain, theta, B, want, &tape));
+  CHECK_OK(pert_tape_vjp(tape, g, want_vjp));
+  pert_tape_free(tape);
+  for (uint32_t t = 1; t <= 4; t++) {
+    static atomic_int cover[B * N];
+    state s = {.cover = cover, .cover_len = B * N, .fail_row = -1};
+    pert_config *c = make_config(t, N);
+    pert_op *op = NULL;
+    CHECK_OK(pert_op_new_ex(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_ex, &s, NULL, NULL, &op));
+    CHECK_OK(pert_forward(op, theta, B, got, &tape));
+    CHECK_OK(pert_tape_vjp(tape, g, got_vjp));
+    CHECK(memcmp(got, want, sizeof got) == 0);
+    CHECK(memcmp(got_vjp, want_vjp, sizeof got_vjp) == 0);
+    pert_tape_free(tape);
+    pert_op_free(op);
+    pert_config_free(c);
+  }
+  pert_op_free(plain);
+  pert_config_free(c1);
+  return true;
+}
+
+static bool clean_rows_are_flagged_and_are_theta(void) {
+  enum { B = 9, N = 20 };
+  static atomic_int cover[B * N];
+  float theta[B * D], y[B * D];
+  fill_theta(theta, B);
+  state s = {.cover = cover, .cover_len = B * N, .fail_row = -1, .theta = theta};
+  pert_config *c = make_config(2, N);
+  CHECK_OK(pert_config_set_baseline(c, PERT_BASELINE_CLEAN_INPUT));
+  pert_op *op = NULL;
+  pert_tape *tape = NULL;
+  CHECK_OK(pert_op_new_ex(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_ex, &s, NULL, NULL, &op));
+  CHECK_OK(pert_forward(op, theta, B, y, &tape));
+  CHECK(atomic_load(&s.clean_calls) >= 1);
+  CHECK(atomic_load(&s.bad_info) == 0);
+  for (size_t g = 0; g < B * N; g++) CHECK(atomic_load(&cover[g]) == 1);
+  pert_tape_free(tape);
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
+static bool failures_name_problem_sample_and_the_solvers_message(void) {
+  enum { B = 8, N = 10 };
+  static atomic_int cover[B * N];
+  float theta[B * D], y[B * D], before[B * D];
+  fill_theta(theta, B);
+  for (size_t i = 0; i < B * D; i++) y[i] = before[i] = -3.0f;
+  state s = {.cover = cover, .cover_len = B * N, .fail_row = 5 * N + 3};
+  pert_config *c = make_config(2, N);
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new_ex(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_ex, &s, init_hook, fini_hook, &op));
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_forward(op, theta, B, y, NULL));
+  CHECK(last_error_contains("infeasible: capacity 3 exceeded"));
+  CHECK(last_error_contains("returned 42"));
+  CHECK(last_error_contains("problem 5, sample")); /* the call's rows start in problem 5 or before */
+  CHECK(memcmp(y, before, sizeof y) == 0);         /* nothing written */
+  pert_op_free(op);
+
+  s.fail_row = -1;
+  s.fail_init = 1;
+  CHECK_OK(pert_op_new_ex(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_ex, &s, init_hook, fini_hook, &op));
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_forward(op, theta, B, y, NULL));
+  CHECK(last_error_contains("cannot build the model: licence missing"));
+  CHECK(last_error_contains("worker"));
+  s.fail_init = 0; /* the next call tries the init again */
+  CHECK_OK(pert_forward(op, theta, B, y, NULL));
+  pert_op_free(op);
+  pert_config_free(c);
+
+  /* a plain callback's message too */
+  return true;
+}
+
+static bool max_threads_below_threads_is_refused(void) {
+  pert_config *c = make_config(2, 10);
+  CHECK_OK(pert_config_set_max_threads(c, 1));
+  pert_op *op = NULL;
+  state s = {.fail_row = -1};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT,
+               pert_op_new_ex(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_ex, &s, NULL, NULL, &op));
+  CHECK(last_error_contains("max_threads"));
+  CHECK(op == NULL);
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_new(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_plain, NULL, &op));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_max_threads(c, 5000));
+  CHECK_OK(pert_config_set_max_threads(c, 2));
+  CHECK_OK(pert_op_new_ex(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_ex, &s, NULL, NULL, &op));
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
+static double seconds(clockid_t clock) {
+  struct timespec t;
+  clock_gettime(clock, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* max_threads = 1: a call's CPU time is about its wall time (one core), for a callback
+ * and for a built-in, with a tape and its VJP. */
+static bool max_threads_one_keeps_a_call_on_one_core(void) {
+  enum { B = 256, N = 200 };
+  static atomic_int cover[B * N];
+  static float theta[B * D], y[B * D], g[B * D], out[B * D];
+  fill_theta(theta, B);
+  for (size_t i = 0; i < B * D; i++) g[i] = 1.0f;
+  state s = {.cover = cover, .cover_len = B * N, .fail_row = -1, .spin = 2000};
+  pert_config *c = make_config(1, N);
+  CHECK_OK(pert_config_set_max_threads(c, 1));
+  pert_op *ops[2] = {NULL, NULL};
+  CHECK_OK(pert_op_new_ex(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_ex, &s, NULL, NULL, &ops[0]));
+  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, (int64_t[]){D}, 1, &ops[1]));
+  for (int k = 0; k < 2; k++) {
+    double wall0 = seconds(CLOCK_MONOTONIC), cpu0 = seconds(CLOCK_PROCESS_CPUTIME_ID);
+    for (int rep = 0; rep < 5; rep++) {
+      pert_tape *tape = NULL;
+      CHECK_OK(pert_forward(ops[k], theta, B, y, &tape));
+      CHECK_OK(pert_tape_vjp(tape, g, out));
+      pert_tape_free(tape);
+    }
+    double wall = seconds(CLOCK_MONOTONIC) - wall0, cpu = seconds(CLOCK_PROCESS_CPUTIME_ID) - cpu0;
+    printf("  max_threads 1, %s: cpu %.3f s, wall %.3f s\n", k == 0 ? "callback" : "built-in", cpu, wall);
+    /* a second core would add about the wall time; thread wake-ups cost little */
+    CHECK(cpu <= 1.2 * wall + 0.01);
+  }
+  pert_op_free(ops[0]);
+  pert_op_free(ops[1]);
+  pert_config_free(c);
+  return true;
+}
+
+typedef struct {
+  pert_op *op;
+  const float *theta;
+  float y[16 * D];
+  pert_status status;
+} caller;
+
+static void *call_forward(void *arg) {
+  caller *c = arg;
+  for (int k = 0; k < 20 && c->status == PERT_STATUS_OK; k++) c->status = pert_forward(c->op, c->theta, 16, c->y, NULL);
+  return NULL;
+}
+
+static bool concurrent_calls_take_turns_on_the_workers(void) {
+  enum { B = 16, N = 40 };
+  static atomic_int cover[B * N];
+  float theta[B * D];
+  fill_theta(theta, B);
+  state s = {.cover = cover, .cover_len = B * N, .fail_row = -1};
+  pert_config *c = make_config(2, N);
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new_ex(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, solve_ex, &s, init_hook, fini_hook, &op));
+  caller callers[4];
+  pthread_t threads[4];
+  for (int i = 0; i < 4; i++) {
+    callers[i] = (caller){.op = op, .theta = theta, .status = PERT_STATUS_OK};
+    CHECK(pthread_create(&threads[i], NULL, call_forward, &callers[i]) == 0);
+  }
+  for (int i = 0; i < 4; i++) pthread_join(threads[i], NULL);
+  for (int i = 0; i < 4; i++) CHECK(callers[i].status == PERT_STATUS_OK);
+  CHECK(atomic_load(&s.overlap) == 0);
+  CHECK(atomic_load(&s.thread_moved) == 0);
+  for (int w = 0; w < MAXW; w++) CHECK(atomic_load(&s.inits[w]) <= 1);
+  for (size_t g = 0; g < B * N; g++) CHECK(atomic_load(&cover[g]) == 80); /* 4 threads x 20 calls */
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
+static int32_t plain_fails(void *user_data, const float *x, size_t count, float *y) {
+  (void)user_data, (void)x, (void)count, (void)y;
+  pert_solver_set_error("no path from 0 to 8");
+  return 3;
+}
+
+static bool a_plain_callbacks_message_names_its_rows(void) {
+  float theta[2 * D] = {0}, y[2 * D];
+  pert_config *c = make_config(1, 10);
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, plain_fails, NULL, &op));
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_forward(op, theta, 2, y, NULL));
+  CHECK(last_error_contains("no path from 0 to 8"));
+  CHECK(last_error_contains("problem 0, sample 0"));
+  pert_solver_set_error(NULL); /* harmless outside a callback */
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
+int main(void) {
+  const test_case tests[] = {
+      TEST(max_threads_one_keeps_a_call_on_one_core), /* first: no libtorch pool has run yet */
+      TEST(init_once_per_worker_same_thread_and_fini_at_free),
+      TEST(results_equal_the_plain_callback_for_any_threads),
+      TEST(clean_rows_are_flagged_and_are_theta),
+      TEST(failures_name_problem_sample_and_the_solvers_message),
+      TEST(max_threads_below_threads_is_refused),
+      TEST(concurrent_calls_take_turns_on_the_workers),
+      TEST(a_plain_callbacks_message_names_its_rows),
+  };
+  return run_tests(tests, sizeof tests / sizeof tests[0]);
+}
