@@ -384,9 +384,10 @@ pert_status pert_config_set_threads(struct pert_config *config, uint32_t threads
  sums, gradients and tape products, solver callbacks). 0 (the default): no cap (solver
  callbacks on `threads` threads, the library's own work on up to one thread per core).
  With 1, every call of the op stays on one core (its CPU time is about its wall time):
- for callers inside MPI ranks or OpenMP regions. libtorch's own thread pool is not
- used for an op's work on the CPU host path; CUDA ops and the libtorch path
- (`pert_config_set_chunk_bytes`) may still run libtorch kernels on its threads.
+ for callers inside MPI ranks or OpenMP regions. Not capped yet: libtorch kernels, which
+ run on libtorch's own thread pool: the products of a dense Jacobian above 4096 entries
+ a problem (tapes), its finish above 2^20 entries a call, CUDA ops, and the libtorch
+ path.
 
  @return `PERT_STATUS_INVALID_ARGUMENT` above 1024. An op refuses a config whose
          non-zero max_threads is below its threads.
@@ -555,8 +556,12 @@ pert_status pert_op_new(const struct pert_config *config,
  solver call gets consecutive rows of the call in problem-major order, which may span
  several problems; together the calls cover every (problem, sample) once (plus the
  unperturbed rows, flagged `clean`, under the clean-input baseline). Results are the
- same for any number of threads, bit for bit. A solver or hook must not call
- `pert_forward` or `pert_op_free` on its own op.
+ same for any number of threads, bit for bit. The init hooks of different workers may
+ run at the same time (as may their solves), and the fini hooks all run at once at
+ `pert_op_free`: serialize inside them what is not thread-safe. A solver or hook must
+ not call `pert_forward` or `pert_op_free` on its own op (it would wait for itself),
+ nor on an op whose solver calls back into this one; an op's workers do not survive
+ `fork()`: make ops with workers in the process that uses them.
 
  @param solver     The solver; see `pert_solver_ex`.
  @param user_data  Passed to every callback untouched; must stay valid while the op

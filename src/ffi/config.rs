@@ -171,9 +171,10 @@ pub unsafe extern "C" fn pert_config_set_threads(
 /// sums, gradients and tape products, solver callbacks). 0 (the default): no cap (solver
 /// callbacks on `threads` threads, the library's own work on up to one thread per core).
 /// With 1, every call of the op stays on one core (its CPU time is about its wall time):
-/// for callers inside MPI ranks or OpenMP regions. libtorch's own thread pool is not
-/// used for an op's work on the CPU host path; CUDA ops and the libtorch path
-/// (`pert_config_set_chunk_bytes`) may still run libtorch kernels on its threads.
+/// for callers inside MPI ranks or OpenMP regions. Not capped yet: libtorch kernels, which
+/// run on libtorch's own thread pool: the products of a dense Jacobian above 4096 entries
+/// a problem (tapes), its finish above 2^20 entries a call, CUDA ops, and the libtorch
+/// path.
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` above 1024. An op refuses a config whose
 ///         non-zero max_threads is below its threads.

@@ -107,8 +107,12 @@ pub unsafe extern "C" fn pert_op_new(
 /// solver call gets consecutive rows of the call in problem-major order, which may span
 /// several problems; together the calls cover every (problem, sample) once (plus the
 /// unperturbed rows, flagged `clean`, under the clean-input baseline). Results are the
-/// same for any number of threads, bit for bit. A solver or hook must not call
-/// `pert_forward` or `pert_op_free` on its own op.
+/// same for any number of threads, bit for bit. The init hooks of different workers may
+/// run at the same time (as may their solves), and the fini hooks all run at once at
+/// `pert_op_free`: serialize inside them what is not thread-safe. A solver or hook must
+/// not call `pert_forward` or `pert_op_free` on its own op (it would wait for itself),
+/// nor on an op whose solver calls back into this one; an op's workers do not survive
+/// `fork()`: make ops with workers in the process that uses them.
 ///
 /// @param solver     The solver; see `pert_solver_ex`.
 /// @param user_data  Passed to every callback untouched; must stay valid while the op

@@ -12,6 +12,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// The stack of a worker thread: a solver's recursion gets what a main thread gets.
+const WORKER_STACK_BYTES: usize = 8 << 20;
 type Panic = Box<dyn std::any::Any + Send + 'static>;
 
 /// The op's worker threads.
@@ -61,6 +64,8 @@ impl Workers {
             let (send, receive): (Sender<Job>, Receiver<Job>) = mpsc::channel();
             let handle = std::thread::Builder::new()
                 .name(format!("pert-worker-{w}"))
+                // solvers ran on the caller's thread before (often 8 MiB of stack): as much
+                .stack_size(WORKER_STACK_BYTES)
                 .spawn(move || {
                     // jobs catch their own panics: this loop only ends when the op drops
                     // its sender
