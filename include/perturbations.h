@@ -25,8 +25,9 @@
  * - Layout: arrays are row-major float32 in host memory: theta [batch, *input_shape],
  *   outputs [batch, *output_shape].
  * - Threads: functions taking a const handle may run concurrently on it; a non-const
- *   handle may be used from any thread, one call at a time. Different handles are
- *   independent. Solver callbacks run on the calling thread unless the config's
+ *   handle may be used from any thread, one call at a time, except that pert_forward,
+ *   pert_fenchel_young and pert_draw_new may run concurrently on one op (see pert_op).
+ *   Different handles are independent. Solver callbacks run on the calling thread unless the config's
  *   threads > 1 (see pert_op_new); those of pert_op_new_ex run on the op's own
  *   persistent worker threads. pert_config_set_max_threads caps a call's threads.
  * - No exception or panic crosses this API: a solver callback must not throw or
@@ -149,9 +150,12 @@ typedef struct pert_draw pert_draw;
 /*
  A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.
 
- Made by `pert_op_new`, freed by `pert_op_free`. It holds a copy of its config.
- Threads: `pert_forward` may be called from any thread, one call at a time per op
- (ops are independent of each other).
+ Made by `pert_op_new` (or `_ex`, `_builtin`, `_external`), freed by `pert_op_free`. It
+ holds a copy of its config. Threads: `pert_forward`, `pert_fenchel_young` and
+ `pert_draw_new` may be called on one op from several threads at once (each call draws
+ its own noise; the solver then runs for several calls at once, except an op of
+ `pert_op_new_ex`, whose calls take turns on its workers); `pert_op_free` only once no
+ call runs. Ops are independent of each other.
  */
 typedef struct pert_op pert_op;
 
@@ -245,14 +249,17 @@ typedef int32_t (*pert_solver_ex)(void *user_data,
 
 /*
  Builds worker `worker`'s state (a model object, say), on that worker's thread, before
- its first solve. Non-zero fails the forward call as `PERT_STATUS_SOLVER_FAILED` (with
- the message set by `pert_solver_set_error`, if any); the next call tries again.
+ its first solve; it runs once over the op's life. Non-zero fails the forward call as
+ `PERT_STATUS_SOLVER_FAILED` (with the message set by `pert_solver_set_error`, if any),
+ and every later call of the op too: free it and make a new one. The init hooks of
+ different workers may run at the same time.
  */
 typedef int32_t (*pert_worker_init)(void *user_data, uint32_t worker);
 
 /*
  Frees worker `worker`'s state, on that worker's thread, at `pert_op_free`: once for
- each worker whose init succeeded (or that solved, without an init).
+ each worker whose init ran, whether it succeeded or not (without an init hook: each
+ worker that solved). The fini hooks of all workers run at the same time.
  */
 typedef void (*pert_worker_fini)(void *user_data, uint32_t worker);
 
@@ -384,10 +391,11 @@ pert_status pert_config_set_threads(struct pert_config *config, uint32_t threads
  sums, gradients and tape products, solver callbacks). 0 (the default): no cap (solver
  callbacks on `threads` threads, the library's own work on up to one thread per core).
  With 1, every call of the op stays on one core (its CPU time is about its wall time):
- for callers inside MPI ranks or OpenMP regions. Not capped yet: libtorch kernels, which
- run on libtorch's own thread pool: the products of a dense Jacobian above 4096 entries
- a problem (tapes), its finish above 2^20 entries a call, CUDA ops, and the libtorch
- path.
+ for callers inside MPI ranks or OpenMP regions. The libtorch CPU kernels a call runs
+ (dense Jacobian products, say) stay within the cap too: their OpenMP and MKL thread
+ counts are set for the calling thread only, for the call's duration, and put back
+ after (other threads of the process keep theirs). The cap also holds for a tape's
+ products and a draw's finish.
 
  @return `PERT_STATUS_INVALID_ARGUMENT` above 1024. An op refuses a config whose
          non-zero max_threads is below its threads.
@@ -547,9 +555,9 @@ pert_status pert_op_new(const struct pert_config *config,
 
  The op owns `threads` worker threads (the config's; 0: one per core, within
  `max_threads`), started here and stopped by `pert_op_free`. Worker w is always the same
- OS thread; `init(user_data, w)` runs on it before its first solve (once over the op's
- life, unless it fails: then the call fails and the next call tries again), and
- `fini(user_data, w)` runs on it at `pert_op_free` for each worker whose init succeeded.
+ OS thread; `init(user_data, w)` runs on it once over the op's life, before its first
+ solve (if it fails, that call and every later one fails: make a new op), and
+ `fini(user_data, w)` runs on it at `pert_op_free` for each worker whose init ran.
  Every solve runs on a worker, never on the thread that called `pert_forward` (which
  waits), and a worker runs one solve at a time: concurrent `pert_forward` calls on one
  op take turns on its workers (make one op per thread to solve in parallel). Each
@@ -559,9 +567,11 @@ pert_status pert_op_new(const struct pert_config *config,
  same for any number of threads, bit for bit. The init hooks of different workers may
  run at the same time (as may their solves), and the fini hooks all run at once at
  `pert_op_free`: serialize inside them what is not thread-safe. A solver or hook must
- not call `pert_forward` or `pert_op_free` on its own op (it would wait for itself),
- nor on an op whose solver calls back into this one; an op's workers do not survive
- `fork()`: make ops with workers in the process that uses them.
+ not call `pert_op_free` on its own op, nor `pert_forward` on an op whose solver calls
+ back into this one (each would wait for the other); `pert_forward` on its own op is
+ refused with `PERT_STATUS_INVALID_ARGUMENT`. An op's workers do not survive `fork()`:
+ in a child process its calls fail with `PERT_STATUS_INVALID_ARGUMENT` (make the op
+ there).
 
  @param solver     The solver; see `pert_solver_ex`.
  @param user_data  Passed to every callback untouched; must stay valid while the op
@@ -694,8 +704,8 @@ pert_status pert_fenchel_young(struct pert_op *op,
 
 /*
  Sets the message of the `PERT_STATUS_SOLVER_FAILED` that follows: call it from inside a
- solver callback or a `pert_worker_init` hook, on the thread that runs it, before
- returning non-zero. The text is copied (up to 1024 bytes; invalid UTF-8 replaced) and
+ solver callback or a `pert_worker_init` hook, on the thread that runs it (not from
+ threads of the solver's own), before returning non-zero. The text is copied (up to 1024 bytes; invalid UTF-8 replaced) and
  kept per thread until that callback returns; NULL clears it. Outside a callback it has
  no effect on anything.
  */

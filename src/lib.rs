@@ -18,9 +18,10 @@ pub mod shape;
 pub mod solver;
 
 // settings with their code, and helpers: devices, noise, perturbations, input checks,
-// tensor and host-buffer helpers
+// libtorch's per-thread thread counts, tensor and host-buffer helpers
 pub mod device;
 mod input;
+mod intraop;
 pub mod noise;
 pub mod perturbation;
 mod tensors;

@@ -169,6 +169,7 @@ impl PerturbedOp {
     /// gradient with respect to theta, from one forward call's draws. See
     /// [`crate::fenchel_young`] for the formulas per sense and perturbation.
     pub fn fenchel_young(&self, theta: &Tensor, y_true: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _cap = crate::intraop::cap(self.config().max_threads());
         self.spec.require_square("the Fenchel-Young loss")?;
         if y_true.size() != theta.size() {
             return Err(Error::invalid(format!(
@@ -204,6 +205,7 @@ impl PerturbedOp {
     /// [`Draw::inputs`] anywhere, then hand the solutions to [`Draw::finish`]. Gives the
     /// results of a forward call with the same seed and call count.
     pub fn draw(&self, theta: &Tensor) -> Result<Draw> {
+        let _cap = crate::intraop::cap(self.config().max_threads());
         // the draw keeps theta past this call: its own copy, never the caller's storage
         let theta_dev = crate::tensors::copy(&self.spec.check_theta(theta)?)?;
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
@@ -223,6 +225,7 @@ impl PerturbedOp {
     }
 
     fn estimate(&self, theta: &Tensor, want_jacobian: bool) -> Result<(usize, Tensor, Estimate)> {
+        let _cap = crate::intraop::cap(self.config().max_threads());
         if let SolverKind::External = self.solver {
             return Err(Error::invalid(
                 "this op has no solver (it was made for the two-phase API): use draw and finish",

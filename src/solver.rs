@@ -70,12 +70,13 @@ impl SolveInfo {
 
 /// A solver with state per worker (a model object, a warm start) run by the op's own
 /// persistent worker threads: worker w is always the same thread, `init(w)` runs there
-/// once before its first solve, `fini(w)` there when the op is dropped (only for workers
-/// whose init succeeded), and a worker never runs two solves at once.
+/// once over the op's life, before its first solve, `fini(w)` there when the op is
+/// dropped (for each worker whose init ran, whether it succeeded or not), and a worker
+/// never runs two solves at once.
 pub trait WorkerSolver: Send + Sync {
     /// Builds worker `worker`'s state, on its thread, before its first solve. An error
-    /// fails that forward call with [`crate::Status::SolverFailed`]; the next call on that
-    /// worker tries again.
+    /// fails that forward call with [`crate::Status::SolverFailed`], and every later call
+    /// of the op too (init runs once over the op's life: make a new op).
     fn init(&self, worker: usize) -> Result<(), String> {
         let _ = worker;
         Ok(())

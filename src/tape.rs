@@ -18,6 +18,8 @@ pub struct Tape {
     input_shape: Vec<i64>,
     output_shape: Vec<i64>,
     batch: usize,
+    /// The op's cap on a call's threads, for the products too.
+    max_threads: u32,
 }
 
 // SAFETY: a tape's tensors are written only while it is built and are read-only after:
@@ -47,6 +49,7 @@ pub(crate) fn output_and_tape(
         input_shape: spec.input_shape.clone(),
         output_shape: spec.output_shape.clone(),
         batch,
+        max_threads: spec.config.max_threads(),
     };
     Ok((output, tape))
 }
@@ -87,6 +90,7 @@ impl Tape {
     /// The Jacobian estimate `[batch, output_numel, input_numel]` (float32), a new tensor;
     /// see [`crate::estimate`] for the estimator each setting gives.
     pub fn jacobian(&self) -> Result<Tensor> {
+        let _cap = crate::intraop::cap(self.max_threads);
         let d = self.input_shape.iter().product::<i64>();
         let o = self.output_shape.iter().product::<i64>();
         self.jacobian.jacobian([self.batch as i64, o, d])
@@ -96,6 +100,7 @@ impl Tape {
     /// (additive) or E[⟨η, y*(η)⟩] (multiplicative), from the forward call's draws, a new
     /// tensor. Only for ops whose output shape equals their input shape.
     pub fn objective(&self) -> Result<Tensor> {
+        let _cap = crate::intraop::cap(self.max_threads);
         match &self.objective {
             Some(f) => crate::tensors::copy(f),
             None => Err(Error::invalid(format!(
@@ -108,6 +113,7 @@ impl Tape {
     /// The vector-Jacobian product Jᵀg for `grad_output` of shape `[batch, *output_shape]`;
     /// the result has shape `[batch, *input_shape]`, on the device of `grad_output`.
     pub fn vjp(&self, grad_output: &Tensor) -> Result<Tensor> {
+        let _cap = crate::intraop::cap(self.max_threads);
         let g = self.check_tensor(grad_output, &self.output_shape, "grad_output")?; // [b, o]
         Ok(self
             .jacobian
@@ -119,6 +125,7 @@ impl Tape {
     /// The Jacobian-vector product J t for `tangent` of shape `[batch, *input_shape]`;
     /// the result has shape `[batch, *output_shape]`, on the device of `tangent`.
     pub fn jvp(&self, tangent: &Tensor) -> Result<Tensor> {
+        let _cap = crate::intraop::cap(self.max_threads);
         let t = self.check_tensor(tangent, &self.input_shape, "tangent_input")?; // [b, d]
         Ok(self
             .jacobian
@@ -131,6 +138,7 @@ impl Tape {
     /// respect to δ by libtorch's autograd (its backward is the VJP), from what the tape
     /// keeps (see `JacobianData::linear`): for [`crate::autograd`].
     pub(crate) fn linear(&self, delta: &Tensor) -> Result<Tensor> {
+        let _cap = crate::intraop::cap(self.max_threads);
         self.jacobian.linear(delta)
     }
 

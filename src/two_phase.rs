@@ -119,6 +119,7 @@ impl Draw {
     /// [`Draw::inputs`] (`count × output_numel` host floats, in the same order), and the
     /// tape when `want_tape`.
     pub fn finish(&self, solutions: &[f32], want_tape: bool) -> Result<(Tensor, Option<Tape>)> {
+        let _cap = crate::intraop::cap(self.spec.config.max_threads());
         let expected = self.rows * self.spec.output_numel;
         if solutions.len() != expected {
             return Err(Error::invalid(format!(

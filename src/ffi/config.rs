@@ -171,10 +171,11 @@ pub unsafe extern "C" fn pert_config_set_threads(
 /// sums, gradients and tape products, solver callbacks). 0 (the default): no cap (solver
 /// callbacks on `threads` threads, the library's own work on up to one thread per core).
 /// With 1, every call of the op stays on one core (its CPU time is about its wall time):
-/// for callers inside MPI ranks or OpenMP regions. Not capped yet: libtorch kernels, which
-/// run on libtorch's own thread pool: the products of a dense Jacobian above 4096 entries
-/// a problem (tapes), its finish above 2^20 entries a call, CUDA ops, and the libtorch
-/// path.
+/// for callers inside MPI ranks or OpenMP regions. The libtorch CPU kernels a call runs
+/// (dense Jacobian products, say) stay within the cap too: their OpenMP and MKL thread
+/// counts are set for the calling thread only, for the call's duration, and put back
+/// after (other threads of the process keep theirs). The cap also holds for a tape's
+/// products and a draw's finish.
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` above 1024. An op refuses a config whose
 ///         non-zero max_threads is below its threads.

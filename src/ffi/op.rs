@@ -16,9 +16,12 @@ use std::ffi::c_void;
 
 /// A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.
 ///
-/// Made by `pert_op_new`, freed by `pert_op_free`. It holds a copy of its config.
-/// Threads: `pert_forward` may be called from any thread, one call at a time per op
-/// (ops are independent of each other).
+/// Made by `pert_op_new` (or `_ex`, `_builtin`, `_external`), freed by `pert_op_free`. It
+/// holds a copy of its config. Threads: `pert_forward`, `pert_fenchel_young` and
+/// `pert_draw_new` may be called on one op from several threads at once (each call draws
+/// its own noise; the solver then runs for several calls at once, except an op of
+/// `pert_op_new_ex`, whose calls take turns on its workers); `pert_op_free` only once no
+/// call runs. Ops are independent of each other.
 pub struct pert_op {
     pub(crate) inner: PerturbedOp,
 }
@@ -98,9 +101,9 @@ pub unsafe extern "C" fn pert_op_new(
 ///
 /// The op owns `threads` worker threads (the config's; 0: one per core, within
 /// `max_threads`), started here and stopped by `pert_op_free`. Worker w is always the same
-/// OS thread; `init(user_data, w)` runs on it before its first solve (once over the op's
-/// life, unless it fails: then the call fails and the next call tries again), and
-/// `fini(user_data, w)` runs on it at `pert_op_free` for each worker whose init succeeded.
+/// OS thread; `init(user_data, w)` runs on it once over the op's life, before its first
+/// solve (if it fails, that call and every later one fails: make a new op), and
+/// `fini(user_data, w)` runs on it at `pert_op_free` for each worker whose init ran.
 /// Every solve runs on a worker, never on the thread that called `pert_forward` (which
 /// waits), and a worker runs one solve at a time: concurrent `pert_forward` calls on one
 /// op take turns on its workers (make one op per thread to solve in parallel). Each
@@ -110,9 +113,11 @@ pub unsafe extern "C" fn pert_op_new(
 /// same for any number of threads, bit for bit. The init hooks of different workers may
 /// run at the same time (as may their solves), and the fini hooks all run at once at
 /// `pert_op_free`: serialize inside them what is not thread-safe. A solver or hook must
-/// not call `pert_forward` or `pert_op_free` on its own op (it would wait for itself),
-/// nor on an op whose solver calls back into this one; an op's workers do not survive
-/// `fork()`: make ops with workers in the process that uses them.
+/// not call `pert_op_free` on its own op, nor `pert_forward` on an op whose solver calls
+/// back into this one (each would wait for the other); `pert_forward` on its own op is
+/// refused with `PERT_STATUS_INVALID_ARGUMENT`. An op's workers do not survive `fork()`:
+/// in a child process its calls fail with `PERT_STATUS_INVALID_ARGUMENT` (make the op
+/// there).
 ///
 /// @param solver     The solver; see `pert_solver_ex`.
 /// @param user_data  Passed to every callback untouched; must stay valid while the op

@@ -70,12 +70,15 @@ pub type pert_solver_ex = Option<
 >;
 
 /// Builds worker `worker`'s state (a model object, say), on that worker's thread, before
-/// its first solve. Non-zero fails the forward call as `PERT_STATUS_SOLVER_FAILED` (with
-/// the message set by `pert_solver_set_error`, if any); the next call tries again.
+/// its first solve; it runs once over the op's life. Non-zero fails the forward call as
+/// `PERT_STATUS_SOLVER_FAILED` (with the message set by `pert_solver_set_error`, if any),
+/// and every later call of the op too: free it and make a new one. The init hooks of
+/// different workers may run at the same time.
 pub type pert_worker_init = Option<unsafe extern "C" fn(user_data: *mut c_void, worker: u32) -> i32>;
 
 /// Frees worker `worker`'s state, on that worker's thread, at `pert_op_free`: once for
-/// each worker whose init succeeded (or that solved, without an init).
+/// each worker whose init ran, whether it succeeded or not (without an init hook: each
+/// worker that solved). The fini hooks of all workers run at the same time.
 pub type pert_worker_fini = Option<unsafe extern "C" fn(user_data: *mut c_void, worker: u32)>;
 
 /// The longest solver message kept, in bytes.
@@ -86,8 +89,8 @@ thread_local! {
 }
 
 /// Sets the message of the `PERT_STATUS_SOLVER_FAILED` that follows: call it from inside a
-/// solver callback or a `pert_worker_init` hook, on the thread that runs it, before
-/// returning non-zero. The text is copied (up to 1024 bytes; invalid UTF-8 replaced) and
+/// solver callback or a `pert_worker_init` hook, on the thread that runs it (not from
+/// threads of the solver's own), before returning non-zero. The text is copied (up to 1024 bytes; invalid UTF-8 replaced) and
 /// kept per thread until that callback returns; NULL clears it. Outside a callback it has
 /// no effect on anything.
 #[no_mangle]
@@ -112,9 +115,11 @@ pub unsafe extern "C" fn pert_solver_set_error(message: *const c_char) {
 /// Runs a C callback with this thread's solver message cleared, and turns a non-zero
 /// return into the error text: the solver's message, or what it returned.
 fn call_c(what: &str, f: impl FnOnce() -> i32) -> Result<(), String> {
-    SOLVER_MESSAGE.with(|m| m.borrow_mut().take());
+    // a callback may run inside another callback on this thread (a solver calling another
+    // op): the outer one's message is put back afterwards
+    let outer = SOLVER_MESSAGE.with(|m| m.borrow_mut().take());
     let rc = f();
-    let message = SOLVER_MESSAGE.with(|m| m.borrow_mut().take());
+    let message = SOLVER_MESSAGE.with(|m| std::mem::replace(&mut *m.borrow_mut(), outer));
     match (rc, message) {
         (0, _) => Ok(()),
         (rc, Some(message)) => Err(format!("{message} ({what} returned {rc})")),

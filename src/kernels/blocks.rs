@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 
-use super::workers::Workers;
+use super::workers::{Unavailable, Workers};
 
 /// Blocks per thread that may be done ahead of the next block to combine.
 const WINDOW: usize = 4;
@@ -251,7 +251,7 @@ struct InOrder<R, E, C> {
 /// thread only waits: at most `threads` threads run at once. The same guarantees as
 /// [`run_blocks`]: the first error in block order, every block combined otherwise, a
 /// panic stops the others and is resumed here, bounded results ahead of the combine.
-pub(crate) fn run_blocks_on<S: Send, R: Send, E: Send>(
+pub(crate) fn run_blocks_on<S: Send, R: Send, E: Send + From<Unavailable>>(
     workers: &Workers,
     threads: usize,
     blocks: usize,
@@ -284,7 +284,7 @@ pub(crate) fn run_blocks_on<S: Send, R: Send, E: Send>(
     });
     let scratch: Vec<Mutex<&mut S>> = scratch.iter_mut().take(threads).map(Mutex::new).collect();
     {
-        let _turn = workers.turn();
+        let _turn = workers.turn()?;
         workers.run_each(threads, &|w| {
             // a panic here stops the others too (resumed by run_each)
             let _halt = HaltOnDrop(&shared);

@@ -22,7 +22,55 @@ pub(crate) struct Workers {
     senders: Vec<Sender<Job>>,
     handles: Vec<JoinHandle<()>>,
     turn: Mutex<()>,
+    /// Tells this pool's threads from others (see [`Workers::is_own_thread`]).
+    id: usize,
+    /// The process that started the threads: after `fork()` they do not exist.
+    pid: u32,
 }
+
+/// Why a pool cannot run a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unavailable {
+    /// The caller is one of the pool's own workers (a solver calling its own op): it would
+    /// wait for itself.
+    OwnWorker,
+    /// The process forked after the threads started: they do not exist here.
+    Forked,
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unavailable::OwnWorker => {
+                "a solver or worker hook called its own op, which would wait for itself"
+            }
+            Unavailable::Forked => {
+                "the op's worker threads do not exist in this process (it was forked after the op was made): make the op in the process that uses it"
+            }
+        })
+    }
+}
+
+impl From<Unavailable> for crate::error::Error {
+    fn from(why: Unavailable) -> Self {
+        crate::error::Error::invalid(why.to_string())
+    }
+}
+
+static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+thread_local! {
+    /// The id of the pool this thread works for (0: none).
+    static OWNER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The borrowed closure of one `run_each`, as a raw pointer: no reference to it is alive
+/// in a job except while the job calls it.
+#[derive(Clone, Copy)]
+struct Borrowed(*const (dyn Fn(usize) + Sync));
+
+// SAFETY: the closure is Sync, and `run_each` keeps it alive until every job is done.
+unsafe impl Send for Borrowed {}
 
 impl std::fmt::Debug for Workers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,10 +103,13 @@ impl Workers {
     /// Starts `count` (>= 1) threads named `pert-worker-<w>`; an error names what the
     /// system refused.
     pub(crate) fn new(count: usize) -> std::io::Result<Workers> {
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut workers = Workers {
             senders: Vec::with_capacity(count),
             handles: Vec::with_capacity(count),
             turn: Mutex::new(()),
+            id,
+            pid: std::process::id(),
         };
         for w in 0..count.max(1) {
             let (send, receive): (Sender<Job>, Receiver<Job>) = mpsc::channel();
@@ -67,6 +118,7 @@ impl Workers {
                 // solvers ran on the caller's thread before (often 8 MiB of stack): as much
                 .stack_size(WORKER_STACK_BYTES)
                 .spawn(move || {
+                    OWNER.with(|o| o.set(id));
                     // jobs catch their own panics: this loop only ends when the op drops
                     // its sender
                     for job in receive {
@@ -84,9 +136,16 @@ impl Workers {
         self.senders.len()
     }
 
-    /// One call's turn on the workers: held while the call runs jobs on them.
-    pub(crate) fn turn(&self) -> MutexGuard<'_, ()> {
-        self.turn.lock().unwrap_or_else(|e| e.into_inner())
+    /// One call's turn on the workers, held while the call runs jobs on them; refused to
+    /// one of the pool's own workers (it would wait for itself) and after `fork()`.
+    pub(crate) fn turn(&self) -> Result<MutexGuard<'_, ()>, Unavailable> {
+        if OWNER.with(|o| o.get()) == self.id {
+            return Err(Unavailable::OwnWorker);
+        }
+        if std::process::id() != self.pid {
+            return Err(Unavailable::Forked);
+        }
+        Ok(self.turn.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Runs `f(w)` on workers `w = 0 .. count` (at most [`Workers::count`]) at once and
@@ -101,15 +160,22 @@ impl Workers {
             state: Mutex::new((count, None)),
             done: Condvar::new(),
         });
-        // SAFETY: `f` is only used by the jobs sent below, and this function returns only
-        // once each of them has finished with it: every job ends in `latch.finish` (its
-        // panics are caught), and a job that could not be sent is counted here, so the
-        // wait below ends exactly when no job can still touch `f`.
-        let f: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        // The jobs get `f` as a raw pointer (its lifetime erased). SAFETY of the
+        // dereference below: this function returns only once every job has finished
+        // calling `f`: each job calls `latch.finish` after its call (panics are caught),
+        // a job that could not be sent is counted here, and the wait below ends exactly
+        // when the count reaches zero. No reference to `f` is alive in a job after its
+        // call returns.
+        // SAFETY: only the lifetime is changed (a fat pointer to the same trait object).
+        let f = Borrowed(unsafe {
+            std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync)>(f)
+        });
         for w in 0..count {
             let latch_w = latch.clone();
             let job: Job = Box::new(move || {
-                let outcome = catch_unwind(AssertUnwindSafe(|| f(w)));
+                let f = f;
+                // SAFETY: see above; `f` is alive until `latch_w.finish` is called.
+                let outcome = catch_unwind(AssertUnwindSafe(|| unsafe { (*f.0)(w) }));
                 latch_w.finish(outcome.err());
             });
             if self.senders[w].send(job).is_err() {
@@ -131,6 +197,13 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         self.senders.clear(); // each worker's loop ends after its last job
+        if std::process::id() != self.pid || OWNER.with(|o| o.get()) == self.id {
+            // after fork() the threads do not exist; a worker cannot join itself: the
+            // handles are leaked, never joined or detached (the threads, where they exist,
+            // end on their own when their channel closes)
+            std::mem::forget(std::mem::take(&mut self.handles));
+            return;
+        }
         for handle in self.handles.drain(..) {
             let _ = handle.join();
         }
@@ -147,7 +220,7 @@ mod tests {
         let workers = Workers::new(3).unwrap();
         let ids = Mutex::new(vec![Vec::new(); 3]);
         for _ in 0..5 {
-            let _turn = workers.turn();
+            let _turn = workers.turn().unwrap();
             workers.run_each(3, &|w| {
                 ids.lock().unwrap()[w].push(std::thread::current().id());
             });

@@ -68,8 +68,10 @@ pub(crate) fn check_provided(part: &[f32], first: usize, o: usize) -> Result<()>
 pub(crate) struct HostSolver {
     solver: Arc<dyn WorkerSolver>,
     workers: Option<Workers>,
-    /// Per worker: its init succeeded (so its fini is due).
+    /// Per worker: its init ran (so its fini is due). Only its own thread writes it.
     ready: Vec<AtomicBool>,
+    /// The first failed init's message: every later call fails with it.
+    broken: std::sync::Mutex<Option<String>>,
 }
 
 /// A plain solver seen as a worker solver (no state, no workers of its own).
@@ -94,6 +96,7 @@ impl HostSolver {
             solver: Arc::new(Plain(solver)),
             workers: None,
             ready: Vec::new(),
+            broken: std::sync::Mutex::new(None),
         }
     }
 
@@ -112,6 +115,7 @@ impl HostSolver {
             solver: Arc::new(solver),
             ready: (0..workers.count()).map(|_| AtomicBool::new(false)).collect(),
             workers: Some(workers),
+            broken: std::sync::Mutex::new(None),
         })
     }
 
@@ -121,8 +125,9 @@ impl HostSolver {
     }
 
     /// One solver call on `count` rows (`info` says which), on the current thread (worker
-    /// `info.worker` when the solver has workers: its init runs first if it has not
-    /// succeeded yet). Errors name the rows.
+    /// `info.worker` when the solver has workers: its init runs first, once over the op's
+    /// life; once an init has failed, every call fails with its message). Errors name the
+    /// rows.
     pub(crate) fn call(
         &self,
         info: &SolveInfo,
@@ -131,14 +136,26 @@ impl HostSolver {
         outputs: &mut [f32],
     ) -> Result<()> {
         if let Some(ready) = self.ready.get(info.worker) {
+            let broken = |msg: &str| {
+                Error::new(
+                    Status::SolverFailed,
+                    format!(
+                        "the solver's init failed on a worker ({msg}); the op cannot solve {} (free it and make a new op)",
+                        info.describe_rows(count)
+                    ),
+                )
+            };
+            if let Some(msg) = &*self.broken.lock().unwrap_or_else(|e| e.into_inner()) {
+                return Err(broken(msg));
+            }
             if !ready.load(Ordering::Acquire) {
-                self.solver.init(info.worker).map_err(|msg| {
-                    Error::new(
-                        Status::SolverFailed,
-                        format!("the solver's init failed on worker {}: {msg}", info.worker),
-                    )
-                })?;
-                ready.store(true, Ordering::Release);
+                ready.store(true, Ordering::Release); // it ran: its fini is due, whatever it gives
+                if let Err(msg) = self.solver.init(info.worker) {
+                    let msg = format!("worker {}: {msg}", info.worker);
+                    let mut first = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+                    let msg = first.get_or_insert(msg).clone();
+                    return Err(broken(&msg));
+                }
             }
         }
         self.solver
@@ -158,9 +175,12 @@ impl HostSolver {
 impl Drop for HostSolver {
     fn drop(&mut self) {
         if let Some(workers) = &self.workers {
-            // each worker's fini on its own thread, for the workers whose init succeeded
+            // each worker's fini on its own thread, for the workers whose init ran
             let (solver, ready) = (&self.solver, &self.ready);
-            let _turn = workers.turn();
+            // (none on the op's own worker, nor after fork: the threads cannot run them)
+            let Ok(_turn) = workers.turn() else {
+                return;
+            };
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 workers.run_each(workers.count(), &|w| {
                     if ready[w].load(Ordering::Acquire) {
@@ -239,7 +259,7 @@ pub(crate) fn solve_rows(
             .map(std::sync::Mutex::new)
             .collect();
         let results: Vec<_> = (0..slices.len()).map(|_| std::sync::Mutex::new(Ok(()))).collect();
-        let _turn = workers.turn();
+        let _turn = workers.turn()?;
         workers.run_each(slices.len(), &|i| {
             let mut slice = slices[i].lock().unwrap_or_else(|e| e.into_inner());
             let (xs, ys) = &mut *slice;
