@@ -514,6 +514,29 @@ pert_status pert_draw_finish(const struct pert_draw *draw,
                              struct pert_tape **tape);
 
 /*
+ Completes a draw with the Fenchel-Young loss instead of the output: for a batch solved
+ elsewhere, the loss of theta against targets `y_true` and its gradient with respect to
+ theta, from the solutions of every row of `pert_draw_inputs` (what
+ `pert_fenchel_young` gives for the same seed and call count). May be called more than
+ once, and mixed with `pert_draw_finish`.
+
+ @param solutions   `pert_draw_count(draw) * output_numel` floats, finite.
+ @param y_true      `batch * input_numel` floats (the op's output shape must equal its
+                    input shape), finite.
+ @param loss        Receives `batch` floats.
+ @param grad_theta  NULL, or receives `batch * input_numel` floats. The outputs may
+                    overlap the inputs (all are read first), not each other.
+ @return `PERT_STATUS_INVALID_ARGUMENT` when the output shape differs from the input
+         shape; `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in solutions or y_true. On
+         error nothing is written.
+ */
+pert_status pert_draw_fenchel_young(const struct pert_draw *draw,
+                                    const float *solutions,
+                                    const float *y_true,
+                                    float *loss,
+                                    float *grad_theta);
+
+/*
  Frees a draw, on any thread. NULL is accepted and ignored.
  */
 void pert_draw_free(struct pert_draw *draw);

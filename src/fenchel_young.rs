@@ -8,9 +8,40 @@
 //! the original code returns, this is the true loss value: L ≥ 0 for a feasible y, up to
 //! Monte-Carlo error, so loss curves mean something.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::estimate::Estimate;
 use crate::settings::Sense;
 use tch::{Kind, Tensor};
+
+/// Checks targets `y_true` against theta's shape `[batch, *input_shape]` (and finiteness).
+pub(crate) fn check_targets(theta_size: &[i64], y_true: &Tensor) -> Result<()> {
+    if y_true.size() != theta_size {
+        return Err(Error::invalid(format!(
+            "y_true must have the shape of theta {theta_size:?}, got {:?}",
+            y_true.size()
+        )));
+    }
+    crate::input::check_floats(y_true, "y_true")
+}
+
+/// The loss `[batch]` and its gradient `[batch, d]` from the estimate of a forward call on
+/// `theta` `[batch, d]` (on the op's device) that kept the objective, against targets with
+/// theta's number of elements.
+pub(crate) fn from_estimate(
+    sense: Sense,
+    theta: &Tensor,
+    y_true: &Tensor,
+    estimate: Estimate,
+) -> Result<(Tensor, Tensor)> {
+    let objective = estimate
+        .objective
+        .expect("square ops estimate the objective");
+    let (grad_objective, objective) = (objective.grad()?, objective.value);
+    let y = y_true
+        .f_to_device(theta.device())?
+        .f_reshape(theta.size())?;
+    loss_and_grad(sense, theta, &y, &objective, &grad_objective)
+}
 
 /// The loss `[batch]` and its gradient `[batch, d]` (float32) from θ and targets
 /// `[batch, d]`, F_σ `[batch]` and ∇F_σ `[batch, d]` (float64), all on one device.

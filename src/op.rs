@@ -4,7 +4,6 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::estimate::Estimate;
-use crate::input::check_floats;
 use crate::kernels::builtin::Builtin;
 use crate::pipeline::{HostSolver, OpSpec, SolverKind, Source};
 use crate::shape::numel;
@@ -171,28 +170,13 @@ impl PerturbedOp {
     pub fn fenchel_young(&self, theta: &Tensor, y_true: &Tensor) -> Result<(Tensor, Tensor)> {
         let _cap = crate::intraop::cap(self.config().max_threads());
         self.spec.require_square("the Fenchel-Young loss")?;
-        if y_true.size() != theta.size() {
-            return Err(Error::invalid(format!(
-                "y_true must have the shape of theta {:?}, got {:?}",
-                theta.size(),
-                y_true.size()
-            )));
-        }
-        check_floats(y_true, "y_true")?;
+        crate::fenchel_young::check_targets(&theta.size(), y_true)?;
         let (_, theta_dev, estimate) = self.estimate(theta, false)?;
-        let objective = estimate
-            .objective
-            .expect("square ops estimate the objective");
-        let (grad_objective, objective) = (objective.grad()?, objective.value);
-        let y = y_true
-            .f_to_device(self.spec.device)?
-            .f_reshape(theta_dev.size())?;
-        let (loss, grad) = crate::fenchel_young::loss_and_grad(
+        let (loss, grad) = crate::fenchel_young::from_estimate(
             self.config().sense(),
             &theta_dev,
-            &y,
-            &objective,
-            &grad_objective,
+            y_true,
+            estimate,
         )?;
         let device = theta.device();
         Ok((

@@ -110,6 +110,10 @@ impl Draw {
     pub fn input_numel(&self) -> usize {
         self.spec.input_numel
     }
+    /// The shape of one problem's input.
+    pub fn input_shape(&self) -> &[i64] {
+        &self.spec.input_shape
+    }
     /// Elements of one solution row.
     pub fn output_numel(&self) -> usize {
         self.spec.output_numel
@@ -120,13 +124,7 @@ impl Draw {
     /// tape when `want_tape`.
     pub fn finish(&self, solutions: &[f32], want_tape: bool) -> Result<(Tensor, Option<Tape>)> {
         let _cap = crate::intraop::cap(self.spec.config.max_threads());
-        let expected = self.rows * self.spec.output_numel;
-        if solutions.len() != expected {
-            return Err(Error::invalid(format!(
-                "solutions must hold count * output_numel = {expected} floats, got {}",
-                solutions.len()
-            )));
-        }
+        self.check_solutions(solutions)?;
         let estimate = self.spec.run(
             &self.theta,
             self.call,
@@ -144,6 +142,46 @@ impl Draw {
                 None,
             ))
         }
+    }
+
+    /// The Fenchel-Young loss `[batch]` of the draw's theta against targets `y_true`
+    /// (`[batch, *input_shape]`; the op's output shape must equal its input shape) and its
+    /// gradient with respect to theta, from the `solutions` of every row of
+    /// [`Draw::inputs`]: what [`crate::PerturbedOp::fenchel_young`] gives for the same
+    /// seed and call count.
+    pub fn fenchel_young(&self, solutions: &[f32], y_true: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _cap = crate::intraop::cap(self.spec.config.max_threads());
+        self.spec.require_square("the Fenchel-Young loss")?;
+        let theta_size = crate::shape::batched(self.batch(), &self.spec.input_shape);
+        crate::fenchel_young::check_targets(&theta_size, y_true)?;
+        self.check_solutions(solutions)?;
+        let estimate = self.spec.run(
+            &self.theta,
+            self.call,
+            false,
+            Source::Provided(solutions),
+        )?;
+        let (loss, grad) = crate::fenchel_young::from_estimate(
+            self.spec.config.sense(),
+            &self.theta,
+            y_true,
+            estimate,
+        )?;
+        Ok((
+            loss.f_to_device(self.output_device)?,
+            grad.f_reshape(&theta_size)?.f_to_device(self.output_device)?,
+        ))
+    }
+
+    fn check_solutions(&self, solutions: &[f32]) -> Result<()> {
+        let expected = self.rows * self.spec.output_numel;
+        if solutions.len() != expected {
+            return Err(Error::invalid(format!(
+                "solutions must hold count * output_numel = {expected} floats, got {}",
+                solutions.len()
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -378,6 +378,18 @@ class Draw {
     detail::check(pert_draw_finish(get(), solutions.data, out.data(), &tape));
     return Result{std::move(out), Tape(tape, d_, o_)};
   }
+  /// The Fenchel-Young loss [batch] of the draw's theta against y_true [batch,
+  /// input_numel] and its gradient with respect to theta, from the solutions (what
+  /// Op::fenchel_young gives for the same seed and call count).
+  std::pair<std::vector<float>, std::vector<float>> fenchel_young(View solutions, View y_true) const {
+    expect(solutions);
+    if (y_true.size != batch_ * d_)
+      throw Error(PERT_STATUS_INVALID_ARGUMENT, "y_true must hold batch * input_numel = " + std::to_string(batch_ * d_) +
+                                                    " floats, got " + std::to_string(y_true.size));
+    std::vector<float> loss(batch_), grad(batch_ * d_);
+    detail::check(pert_draw_fenchel_young(get(), solutions.data, y_true.data, loss.data(), grad.data()));
+    return {std::move(loss), std::move(grad)};
+  }
   pert_draw* get() const noexcept { return handle_.get(); }
 
  private:

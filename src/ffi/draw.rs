@@ -116,6 +116,59 @@ pub unsafe extern "C" fn pert_draw_finish(
     })
 }
 
+/// Completes a draw with the Fenchel-Young loss instead of the output: for a batch solved
+/// elsewhere, the loss of theta against targets `y_true` and its gradient with respect to
+/// theta, from the solutions of every row of `pert_draw_inputs` (what
+/// `pert_fenchel_young` gives for the same seed and call count). May be called more than
+/// once, and mixed with `pert_draw_finish`.
+///
+/// @param solutions   `pert_draw_count(draw) * output_numel` floats, finite.
+/// @param y_true      `batch * input_numel` floats (the op's output shape must equal its
+///                    input shape), finite.
+/// @param loss        Receives `batch` floats.
+/// @param grad_theta  NULL, or receives `batch * input_numel` floats. The outputs may
+///                    overlap the inputs (all are read first), not each other.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` when the output shape differs from the input
+///         shape; `PERT_STATUS_NON_FINITE_INPUT` for NaN/Inf in solutions or y_true. On
+///         error nothing is written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_draw_fenchel_young(
+    draw: *const pert_draw,
+    solutions: *const f32,
+    y_true: *const f32,
+    loss: *mut f32,
+    grad_theta: *mut f32,
+) -> pert_status {
+    guard(|| {
+        let draw = &unsafe { arg(draw, "draw") }?.inner;
+        let (batch, d, o) = (draw.batch(), draw.input_numel(), draw.output_numel());
+        if d != o {
+            return Err(crate::Error::invalid(format!(
+                "the Fenchel-Young loss needs output_numel == input_numel (a linear objective <theta, y>), got {o} and {d}"
+            )));
+        }
+        let len = checked_product(&[batch, d], "batch * input_numel")?;
+        let loss = unsafe { boundary::output(loss, batch, "loss") }?;
+        let grad_theta = if grad_theta.is_null() {
+            None
+        } else {
+            Some(unsafe { boundary::output(grad_theta, len, "grad_theta") }?)
+        };
+        let rows = checked_product(&[draw.count(), o], "count * output_numel")?;
+        // every input is read before anything is written: outputs may overlap them
+        let y_true = crate::tensors::from_slice(unsafe { slice(y_true, len, "y_true") }?)?
+            .f_reshape(batched(batch, draw.input_shape()))?;
+        let (l, g) = draw.fenchel_young(unsafe { slice(solutions, rows, "solutions") }?, &y_true)?;
+        let loss = loss.stage(&l)?;
+        let grad = grad_theta.as_ref().map(|out| out.stage(&g)).transpose()?;
+        loss.write();
+        if let Some(grad) = grad {
+            grad.write();
+        }
+        Ok(())
+    })
+}
+
 /// Frees a draw, on any thread. NULL is accepted and ignored.
 #[no_mangle]
 pub unsafe extern "C" fn pert_draw_free(draw: *mut pert_draw) {

@@ -282,6 +282,69 @@ static bool tape_limit_is_checked_before_any_work(void) {
   return true;
 }
 
+/* The two-phase Fenchel-Young loss: a batch solved elsewhere gives what pert_fenchel_young
+ * gives for the same seed and call count, bit for bit, in both senses; outputs may overlap
+ * inputs; errors write nothing. */
+static bool two_phase_fenchel_young_equals_the_callback_one(void) {
+  enum { B = 4 };
+  const float theta[B * 3] = {0.3f, -0.1f, 0.2f, 0.0f, 0.5f, 0.1f, -0.2f, 0.2f, 0.1f, 0.4f, 0.4f, 0.0f};
+  const float y_true[B * 3] = {1, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0};
+  for (uint32_t sense = 0; sense <= 1; sense++) {
+    pert_config *c = NULL;
+    CHECK_OK(pert_config_new(&c));
+    CHECK_OK(pert_config_set_device(c, "cpu"));
+    CHECK_OK(pert_config_set_num_samples(c, 64));
+    CHECK_OK(pert_config_set_sigma(c, 0.3));
+    CHECK_OK(pert_config_set_sense(c, sense));
+    pert_op *op = NULL, *ext = NULL;
+    CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &op));
+    CHECK_OK(pert_op_new_external(c, SHAPE3, 1, SHAPE3, 1, &ext));
+    float want_loss[B], want_grad[B * 3], loss[B], grad[B * 3];
+    CHECK_OK(pert_fenchel_young(op, theta, y_true, B, want_loss, want_grad));
+    pert_draw *draw = NULL;
+    CHECK_OK(pert_draw_new(ext, theta, B, &draw));
+    size_t rows = pert_draw_count(draw);
+    float *solutions = malloc(rows * 3 * sizeof(float));
+    CHECK(solutions != NULL);
+    CHECK(solve_argmax(&D3, pert_draw_inputs(draw), rows, solutions) == 0);
+    CHECK_OK(pert_draw_fenchel_young(draw, solutions, y_true, loss, grad));
+    CHECK(memcmp(loss, want_loss, sizeof loss) == 0);
+    CHECK(memcmp(grad, want_grad, sizeof grad) == 0);
+    /* the gradient over the targets, and NULL for no gradient */
+    float over[B * 3];
+    memcpy(over, y_true, sizeof over);
+    CHECK_OK(pert_draw_fenchel_young(draw, solutions, over, loss, over));
+    CHECK(memcmp(over, want_grad, sizeof over) == 0);
+    CHECK_OK(pert_draw_fenchel_young(draw, solutions, y_true, loss, NULL));
+    CHECK(memcmp(loss, want_loss, sizeof loss) == 0);
+    /* errors: NaN in the solutions or targets, nothing written */
+    float bad[B * 3];
+    memcpy(bad, y_true, sizeof bad);
+    bad[4] = NAN;
+    loss[0] = -9;
+    CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_draw_fenchel_young(draw, solutions, bad, loss, grad));
+    CHECK(loss[0] == -9);
+    solutions[0] = INFINITY;
+    CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_draw_fenchel_young(draw, solutions, y_true, loss, grad));
+    CHECK(loss[0] == -9);
+    CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_draw_fenchel_young(NULL, solutions, y_true, loss, grad));
+    free(solutions);
+    pert_draw_free(draw);
+    pert_op_free(op);
+    pert_op_free(ext);
+    /* an op whose output is not its input's shape has no Fenchel-Young loss */
+    const int64_t one[1] = {1};
+    CHECK_OK(pert_op_new_external(c, SHAPE3, 1, one, 1, &ext));
+    CHECK_OK(pert_draw_new(ext, theta, 1, &draw));
+    float sol[64] = {0}, l1;
+    CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_draw_fenchel_young(draw, sol, y_true, &l1, NULL));
+    pert_draw_free(draw);
+    pert_op_free(ext);
+    pert_config_free(c);
+  }
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(version_matches_header),
@@ -294,6 +357,7 @@ int main(void) {
       TEST(config_is_copied_by_op),
       TEST(draws_depend_on_seed_and_call_count_only),
       TEST(tape_limit_is_checked_before_any_work),
+      TEST(two_phase_fenchel_young_equals_the_callback_one),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

@@ -150,6 +150,15 @@ void test_builtin_two_phase_and_moves() {
   EXPECT(two_phase.output == direct.output);
   EXPECT(two_phase.tape.jacobian() == direct.tape.jacobian());
   EXPECT(draw.finish(solutions) == direct.output);
+  // the two-phase Fenchel-Young loss: what a callback op's gives for the same draws
+  pert::Op fy_callback(c, {3}, {3}, argmax);
+  pert::Op fy_external = pert::Op::external(c, {3}, {3});
+  pert::Draw fy_draw(fy_external, {0.5f, 1.0f, 0.2f}, 1);
+  std::vector<float> fy_solutions(fy_draw.count() * 3);
+  argmax(fy_draw.inputs(), fy_draw.count(), fy_solutions.data());
+  auto two_phase_fy = fy_draw.fenchel_young(fy_solutions, {0, 1, 0});
+  auto direct_fy = fy_callback.fenchel_young({0.5f, 1.0f, 0.2f}, {0, 1, 0}, 1);
+  EXPECT(two_phase_fy == direct_fy);
   try {
     external.forward({0, 1, 2}, 1);
     EXPECT(false);

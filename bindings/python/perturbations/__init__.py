@@ -102,6 +102,7 @@ def _load():
         "pert_draw_inputs": ([_P], _F),
         "pert_draw_finish": ([_P, _F, _F, ctypes.POINTER(_P)], ctypes.c_uint32),
         "pert_draw_free": ([_P], None),
+        "pert_draw_fenchel_young": ([_P, _F, _F, _F, _F], ctypes.c_uint32),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -502,3 +503,20 @@ class Draw(_Handle):
         with self._lock:
             _check(_lib.pert_draw_finish(self.handle, _ptr(s), _ptr(out), ctypes.byref(t)))
         return self._back(out), Tape(t, self.op.input_shape, self.op.output_shape, self.batch, self._back)
+
+    def fenchel_young(self, solutions, y_true):
+        """The Fenchel-Young loss [batch] of the draw's theta against y_true and its
+        gradient with respect to theta, from the solutions of every row of inputs() (what
+        Op.fenchel_young gives for the same seed and call count)."""
+        s, _ = _as_host(solutions, "solutions")
+        y, _ = _as_host(y_true, "y_true")
+        count = _lib.pert_draw_count(self.handle)
+        if s.shape != (count,) + self.op.output_shape:
+            raise ValueError(f"solutions must have shape {(count,) + self.op.output_shape}, got {s.shape}")
+        if y.shape != (self.batch,) + self.op.input_shape:
+            raise ValueError(f"y_true must have shape {(self.batch,) + self.op.input_shape}, got {y.shape}")
+        loss = np.empty((self.batch,), dtype=np.float32)
+        grad = np.empty((self.batch,) + self.op.input_shape, dtype=np.float32)
+        with self._lock:
+            _check(_lib.pert_draw_fenchel_young(self.handle, _ptr(s), _ptr(y), _ptr(loss), _ptr(grad)))
+        return self._back(loss), self._back(grad)

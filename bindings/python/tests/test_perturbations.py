@@ -130,6 +130,11 @@ def test_fenchel_young_and_two_phase():
         y, tape = draw.finish(argmax_solver(draw.inputs()))
     assert np.array_equal(y, pt.Op(cfg, (5,), (5,), argmax_solver).forward(THETA))
     assert tape.vjp(y).shape == (2, 5)
+    # the two-phase Fenchel-Young loss equals the callback op's, same seed and call count
+    with pt.Op.external(cfg, (5,), (5,)).draw(THETA) as draw:
+        two_loss, two_grad = draw.fenchel_young(argmax_solver(draw.inputs()), y_true)
+    fy_loss, fy_grad = pt.Op(cfg, (5,), (5,), argmax_solver).fenchel_young(THETA, y_true)
+    assert np.array_equal(two_loss, fy_loss) and np.array_equal(two_grad, fy_grad)
 
 
 def test_handles_cannot_be_copied_and_close_is_final():

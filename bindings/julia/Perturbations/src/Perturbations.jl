@@ -523,6 +523,26 @@ function finish(d::Draw, solutions::AbstractMatrix)
     return out, Tape(tape[], d.d, d.o, d.batch)
 end
 
+"""
+    fenchel_young(draw, solutions, y_true) -> (loss, grad)
+
+The Fenchel-Young loss per problem (length batch) of the draw's θ against `y_true`
+(`d × batch`) and its gradient with respect to θ (`d × batch`), from the solutions
+(`o × count`, o = d): what `fenchel_young_with_grad(op, θ, y_true)` gives for the same
+seed and call count.
+"""
+function fenchel_young(d::Draw, solutions::AbstractMatrix, y_true::AbstractMatrix)
+    s = Matrix{Float32}(solutions)
+    y = Matrix{Float32}(y_true)
+    size(s) == (d.o, draw_count(d)) || throw(DimensionMismatch("solutions must be $((d.o, draw_count(d))), got $(size(s))"))
+    size(y) == (d.d, d.batch) || throw(DimensionMismatch("y_true must be $((d.d, d.batch)), got $(size(y))"))
+    loss = Vector{Float32}(undef, d.batch)
+    grad = Matrix{Float32}(undef, d.d, d.batch)
+    check(@ccall libperturbations.pert_draw_fenchel_young(d::Ptr{Cvoid}, s::Ptr{Float32}, y::Ptr{Float32},
+        loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32)
+    return loss, grad
+end
+
 # ---- ownership ---------------------------------------------------------------------
 
 const Handle = Union{Config, Op, Tape, Draw}

@@ -73,6 +73,12 @@ end
         draw = Draw(twin, θ)
         y_two, _ = finish(draw, argmax_solver(inputs(draw)))
         @test y_two == forward(Op(argmax_solver, config, (3,), (3,)), θ)
+        # the two-phase Fenchel-Young loss equals a callback op's for the same draws
+        target = Float32[0, 1, 0][:, :]
+        fy_draw = Draw(Op(config, (3,), (3,); external=true), θ)
+        loss_two, grad_two = fenchel_young(fy_draw, argmax_solver(inputs(fy_draw)), target)
+        loss_cb, grad_cb = P.fenchel_young_with_grad(Op(argmax_solver, config, (3,), (3,)), θ, target)
+        @test loss_two == loss_cb && grad_two == grad_cb
     end
 
     @testset "errors and a throwing solver" begin
