@@ -277,7 +277,7 @@ impl Config {
     /// the cap).
     pub fn effective_threads(&self) -> usize {
         match self.threads {
-            0 => self.library_threads(),
+            0 => self.library_threads().min(MAX_THREADS as usize),
             t => t as usize,
         }
     }

@@ -10,6 +10,9 @@
 // - Errors throw pert::Error, carrying the status and the library's message.
 // - Any callable is a solver: its exceptions are caught in a noexcept trampoline, the C
 //   call fails, and the original exception is rethrown to the caller of forward().
+//   A solver may take a `const pert_solve_info&` first (it then runs on the op's own
+//   persistent workers), and Op::with_workers gives each worker an object of its own
+//   (a model built once per worker): see pert_op_new_ex.
 // - Buffers are any contiguous range of float (std::vector, std::array, std::span, a braced
 //   list) or a pointer and count. A View keeps its own copy of a temporary container or
 //   list; it borrows a named container or a span, which must outlive it (as a std::span).
@@ -18,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <array>
 #include <exception>
 #include <functional>
 #include <initializer_list>
@@ -144,6 +148,8 @@ class Config {
   Config& seed(std::uint64_t s) { return set(pert_config_set_seed(get(), s)); }
   Config& device(const std::string& d) { return set(pert_config_set_device(get(), d.c_str())); }
   Config& threads(std::uint32_t t) { return set(pert_config_set_threads(get(), t)); }
+  /// The most threads a call of an op made from this config runs at once (0: no cap).
+  Config& max_threads(std::uint32_t t) { return set(pert_config_set_max_threads(get(), t)); }
   Config& perturbation(Perturbation p) { return set(pert_config_set_perturbation(get(), static_cast<uint32_t>(p))); }
   Config& baseline(Baseline b) { return set(pert_config_set_baseline(get(), static_cast<uint32_t>(b))); }
   Config& antithetic(bool a) { return set(pert_config_set_antithetic(get(), a)); }
@@ -222,14 +228,50 @@ class Op {
   /// A solver: any callable (const float* inputs, size_t count, float* outputs); it may
   /// throw, and the exception reaches the caller of forward() intact.
   using Solver = std::function<void(const float*, std::size_t, float*)>;
+  /// A solver told where its rows sit (see pert_solve_info): it runs on the op's own
+  /// persistent worker threads (pert_op_new_ex).
+  using SolverWithInfo = std::function<void(const pert_solve_info&, const float*, std::size_t, float*)>;
 
   Op(const Config& config, std::vector<std::int64_t> input_shape, std::vector<std::int64_t> output_shape, Solver solver)
-      : state_(new State{std::move(solver), {}, {}}), sense_(config.sense()) {
+      : state_(new State), sense_(config.sense()) {
+    state_->solve = std::move(solver);
     if (!state_->solve) throw Error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
     pert_op* op = nullptr;
     detail::check(pert_op_new(config.get(), input_shape.data(), input_shape.size(), output_shape.data(), output_shape.size(),
                               &Op::trampoline, state_.get(), &op));
     handle_.reset(op);
+  }
+
+  /// An op over a solver that takes the solve info first: it runs on the op's persistent
+  /// workers (worker info.worker is always the same thread), never on the caller's.
+  Op(const Config& config, std::vector<std::int64_t> input_shape, std::vector<std::int64_t> output_shape,
+     SolverWithInfo solver)
+      : state_(new State), sense_(config.sense()) {
+    state_->solve_ex = std::move(solver);
+    if (!state_->solve_ex) throw Error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
+    make_ex(config, input_shape, output_shape, false);
+  }
+
+  /// An op whose workers each own an object made by `make_worker(worker)` (a model, a
+  /// solver instance: built once per worker, on its thread, before its first solve, and
+  /// destroyed there when the op is destroyed), passed to
+  /// `solve(Worker&, const pert_solve_info&, const float* x, size_t count, float* y)`.
+  /// Worker = the type make_worker returns (movable). An exception from make_worker fails
+  /// that call (rethrown to the caller) and every later one: the op must be made again.
+  template <class Make, class Solve>
+  static Op with_workers(const Config& config, std::vector<std::int64_t> input_shape,
+                         std::vector<std::int64_t> output_shape, Make make_worker, Solve solve) {
+    using Worker = std::decay_t<std::invoke_result_t<Make&, std::uint32_t>>;
+    auto slots = std::make_shared<std::array<std::unique_ptr<Worker>, PERT_MAX_THREADS>>();
+    Op op(config.sense());
+    op.state_->init = [slots, make_worker](std::uint32_t w) mutable {
+      (*slots)[w] = std::make_unique<Worker>(make_worker(w));
+    };
+    op.state_->fini = [slots](std::uint32_t w) { (*slots)[w].reset(); };
+    op.state_->solve_ex = [slots, solve](const pert_solve_info& info, const float* x, std::size_t count,
+                                         float* y) mutable { solve(*(*slots)[info.worker], info, x, count, y); };
+    op.make_ex(config, input_shape, output_shape, true);
+    return op;
   }
 
   /// An op over a built-in solver (k: for top-k).
@@ -309,11 +351,71 @@ class Op {
  private:
   struct State {
     Solver solve;
+    SolverWithInfo solve_ex;
+    std::function<void(std::uint32_t)> init, fini;
     std::mutex mutex;
     std::exception_ptr error;
+    void keep(std::exception_ptr e) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!error) error = std::move(e);
+    }
   };
 
   Op(pert_op* op, Sense sense) : handle_(op), sense_(sense) {}
+  explicit Op(Sense sense) : state_(new State), sense_(sense) {}
+
+  void make_ex(const Config& config, std::vector<std::int64_t>& input_shape, std::vector<std::int64_t>& output_shape,
+               bool hooks) {
+    pert_op* op = nullptr;
+    detail::check(pert_op_new_ex(config.get(), input_shape.data(), input_shape.size(), output_shape.data(),
+                                 output_shape.size(), &Op::trampoline_ex, state_.get(), hooks ? &Op::init_trampoline : nullptr,
+                                 hooks ? &Op::fini_trampoline : nullptr, &op));
+    handle_.reset(op);
+  }
+
+  /// The library's message for a failed callback: the exception's what(), if any.
+  static void set_message() noexcept {
+    try {
+      throw;
+    } catch (const std::exception& e) {
+      pert_solver_set_error(e.what());
+    } catch (...) {
+      pert_solver_set_error("a C++ exception that is not a std::exception");
+    }
+  }
+
+  static int32_t trampoline_ex(void* user_data, const pert_solve_info* info, const float* inputs, std::size_t count,
+                               float* outputs) noexcept {
+    auto* state = static_cast<State*>(user_data);
+    try {
+      state->solve_ex(*info, inputs, count, outputs);
+      return 0;
+    } catch (...) {
+      state->keep(std::current_exception());
+      set_message();
+      return 1;
+    }
+  }
+
+  static int32_t init_trampoline(void* user_data, std::uint32_t worker) noexcept {
+    auto* state = static_cast<State*>(user_data);
+    try {
+      state->init(worker);
+      return 0;
+    } catch (...) {
+      state->keep(std::current_exception());
+      set_message();
+      return 1;
+    }
+  }
+
+  static void fini_trampoline(void* user_data, std::uint32_t worker) noexcept {
+    try {
+      static_cast<State*>(user_data)->fini(worker);
+    } catch (...) {
+      // a destructor that throws at pert_op_free: nothing can take it
+    }
+  }
 
   static int32_t trampoline(void* user_data, const float* inputs, std::size_t count, float* outputs) noexcept {
     auto* state = static_cast<State*>(user_data);
@@ -321,8 +423,8 @@ class Op {
       state->solve(inputs, count, outputs);
       return 0;
     } catch (...) {
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (!state->error) state->error = std::current_exception();
+      state->keep(std::current_exception());
+      set_message();
       return 1;
     }
   }
@@ -330,10 +432,13 @@ class Op {
   template <class F>
   void call(F&& f) {
     pert_status s = f();
-    if (state_ && state_->error) {
+    if (state_ && s != PERT_STATUS_OK) {
       std::exception_ptr e;
-      std::swap(e, state_->error);
-      std::rethrow_exception(e);
+      {
+        std::lock_guard<std::mutex> lock(state_->mutex);
+        std::swap(e, state_->error);
+      }
+      if (e) std::rethrow_exception(e);
     }
     detail::check(s);
   }

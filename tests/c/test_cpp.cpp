@@ -1,9 +1,11 @@
 // The C++ wrapper: every class and method, errors as exceptions, a throwing solver whose
 // exception reaches the caller intact, the two-phase API and move-only ownership.
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -271,6 +273,80 @@ void test_fenchel_young_gradient_of_the_target() {
   EXPECT(g[0] == 0.5f && g[5] == 4.0f);
 }
 
+// Solvers from real codebases: a solver taking the solve info, and per-worker objects made
+// once per worker on its thread and destroyed there when the op goes.
+struct Model {
+  static std::atomic<int> made, destroyed;
+  std::thread::id thread = std::this_thread::get_id();
+  std::uint32_t worker;
+  int solves = 0;
+  explicit Model(std::uint32_t w) : worker(w) { ++made; }
+  Model(Model&& other) noexcept : thread(other.thread), worker(other.worker), solves(other.solves) { other.worker = 999; }
+  Model(const Model&) = delete;
+  ~Model() {
+    if (worker != 999) ++destroyed;
+  }
+};
+std::atomic<int> Model::made{0}, Model::destroyed{0};
+
+void test_solvers_with_info_and_worker_objects() {
+  pert::Config c;
+  c.num_samples(40).sigma(0.5).device("cpu").threads(2).seed(7);
+  std::atomic<int> rows{0}, bad{0};
+  pert::Op with_info(c, {3}, {3}, [&](const pert_solve_info& info, const float* x, std::size_t count, float* y) {
+    if (info.num_samples != 40 || info.batch != 5 || info.worker >= 2 || info.clean) ++bad;
+    rows += static_cast<int>(count);
+    argmax(x, count, y);
+  });
+  std::vector<float> theta = {0.1f, 0.5f, 0.2f, 0.3f, 0.1f, 0.0f, 0.2f, 0.2f, 0.9f, 0.4f, 0.4f, 0.1f, 0.0f, 0.0f, 0.0f};
+  pert::Op plain(c, {3}, {3}, argmax);
+  EXPECT(with_info.forward(theta, 5) == plain.forward(theta, 5));  // the same draws, bit for bit
+  EXPECT(rows == 200 && bad == 0);
+
+  std::atomic<int> wrong_thread{0};
+  {
+    pert::Op op = pert::Op::with_workers(
+        c, {3}, {3}, [](std::uint32_t w) { return Model(w); },
+        [&](Model& m, const pert_solve_info& info, const float* x, std::size_t count, float* y) {
+          if (m.worker != info.worker || m.thread != std::this_thread::get_id()) ++wrong_thread;
+          ++m.solves;
+          argmax(x, count, y);
+        });
+    for (int k = 0; k < 3; k++) op.forward(theta, 5);
+    EXPECT(Model::made >= 1 && Model::made <= 2);  // once per worker over three calls
+    EXPECT(Model::destroyed == 0);
+  }
+  EXPECT(Model::destroyed == Model::made);  // destroyed with the op
+  EXPECT(wrong_thread == 0);
+
+  // an exception from the worker factory reaches the caller; the op then fails every call
+  pert::Op broken = pert::Op::with_workers(
+      c, {3}, {3}, [](std::uint32_t) -> Model { throw SolverError(5); },
+      [](Model&, const pert_solve_info&, const float* x, std::size_t count, float* y) { argmax(x, count, y); });
+  try {
+    broken.forward(theta, 5);
+    EXPECT(false);
+  } catch (const SolverError& e) {
+    EXPECT(e.code == 5);
+  }
+  try {
+    broken.forward(theta, 5);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_SOLVER_FAILED);
+    EXPECT(std::string(e.what()).find("infeasible") != std::string::npos);  // what() became the message
+  }
+  // max_threads below threads is refused
+  pert::Config capped;
+  capped.threads(2).max_threads(1);
+  try {
+    pert::Op op(capped, {3}, {3}, [](const pert_solve_info&, const float* x, std::size_t n, float* y) { argmax(x, n, y); });
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+  }
+}
+
 int main() {
   test_views_never_dangle();
   test_sizes_are_checked_everywhere();
@@ -283,6 +359,7 @@ int main() {
   test_throwing_solver_reaches_the_caller_intact();
   test_member_functions_and_functors();
   test_builtin_two_phase_and_moves();
+  test_solvers_with_info_and_worker_objects();
   EXPECT(pert_tu_b_forward() == 3);
   return expect_report();
 }
