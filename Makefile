@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: glpk-tools glpk-example python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: glpk-tools glpk-example predict-then-optimize python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -89,7 +89,7 @@ header: $(TORCH_DEP)
 	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
 
 # --- tests ----------------------------------------------------------------
-test: build cargo-test cargo-test-debug ctest readme-example mpi-example glpk-example julia-test python-test
+test: build cargo-test cargo-test-debug ctest readme-example mpi-example glpk-example predict-then-optimize julia-test python-test
 	@echo "make test: all suites passed"
 
 # The Python package (bindings/python), installed into the torch venv with pip as a user
@@ -143,6 +143,11 @@ glpk-example: examples glpk-tools
 	cc $(CFLAGS_STRICT) examples/c/glpk_knapsack.c -o target/examples/glpk_knapsack $(LINK_PERT) -lglpk
 	./target/examples/glpk_knapsack
 
+# Predict-then-optimize in libtorch C++: the shortest-path benchmark of decision-focused
+# learning (deg 1, 4, 6; N = 1 and 10), test regret per epoch, learning curves as an SVG.
+predict-then-optimize: examples
+	./target/examples/predict_then_optimize target/examples/regret.svg
+
 # The README's C example must compile as printed and run.
 readme-example: examples
 	@mkdir -p target/readme
@@ -173,6 +178,7 @@ examples: build
 	done
 	c++ $(CXXFLAGS_STRICT) examples/cpp/shortest_path.cpp -Ibindings/cpp -o target/examples/shortest_path_cpp $(LINK_PERT)
 	c++ $(CXXFLAGS_STRICT) $(TORCH_CXX) examples/cpp/train_torch.cpp -Ibindings/cpp -o target/examples/train_torch $(LINK_PERT) $(TORCH_LINK)
+	c++ $(CXXFLAGS_STRICT) $(TORCH_CXX) examples/cpp/predict_then_optimize.cpp -Ibindings/cpp -o target/examples/predict_then_optimize $(LINK_PERT) $(TORCH_LINK)
 
 demo: examples
 	./target/examples/seed_walkthrough
