@@ -272,11 +272,7 @@ fn header_prototypes() -> BTreeMap<String, Prototype> {
 
 /// C functions the Julia binding does not wrap yet, each with the reason (kept short:
 /// every entry is work left to do).
-const NOT_YET_IN_JULIA: &[(&str, &str)] = &[(
-    "pert_op_new_ex",
-    "its solves run on the op's worker threads, where Julia code may only run once the \
-     calling Julia thread waits in a GC-safe state (open work of the solver-codebases issue)",
-)];
+const NOT_YET_IN_JULIA: &[(&str, &str)] = &[];
 
 #[test]
 fn the_julia_binding_parses_and_matches_the_header() {
@@ -475,7 +471,7 @@ fn the_julia_library_is_resolved_at_load_time_and_version_checked() {
 }
 
 /// Every `unsafe_wrap` of memory that a handle owns sits inside `GC.@preserve` (else the
-/// finalizer may free it mid-copy); the trampoline's wraps are of the callback's own
+/// finalizer may free it mid-copy); the trampolines' wraps are of the callback's own
 /// arguments, valid for the call.
 #[test]
 fn julia_pointers_into_handles_are_preserved() {
@@ -490,7 +486,10 @@ fn julia_pointers_into_handles_are_preserved() {
     );
     assert!(wraps.len() >= 3, "found {} unsafe_wrap calls", wraps.len());
     for wrap in wraps {
-        if enclosing_function(wrap, &src) == Some("trampoline") {
+        if matches!(
+            enclosing_function(wrap, &src),
+            Some("trampoline" | "trampoline_ex")
+        ) {
             continue;
         }
         let mut preserved = false;
@@ -596,4 +595,63 @@ fn julia_examples_have_their_own_project() {
             }
         }
     }
+}
+
+/// The Julia `SolveInfo` has the fields of C `pert_solve_info`, in order, with the same
+/// types, and the callbacks handed to the library have the C typedefs' signatures.
+#[test]
+fn julia_solve_info_and_callbacks_match_the_header() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let header = std::fs::read_to_string(root.join("include/perturbations.h")).unwrap();
+    let start = header.find("typedef struct pert_solve_info {").expect("the C struct");
+    let body = &header[start..start + header[start..].find("} pert_solve_info;").unwrap()];
+    // the comments out, then `type name;` declarations after the opening brace
+    let mut code = String::new();
+    let mut rest = &body[body.find('{').unwrap() + 1..];
+    while let Some(open) = rest.find("/*") {
+        code.push_str(&rest[..open]);
+        rest = &rest[open + rest[open..].find("*/").unwrap() + 2..];
+    }
+    code.push_str(rest);
+    let c_fields: Vec<(String, String)> = code
+        .split(';')
+        .filter_map(|decl| {
+            let mut words = decl.split_whitespace();
+            Some((words.next()?.to_string(), words.next()?.to_string()))
+        })
+        .map(|(t, n)| (n, t))
+        .collect();
+    let (src, _) = binding_source();
+    let start = src.find("struct SolveInfo\n").expect("the Julia struct");
+    let end = start + src[start..].find("\nend").unwrap();
+    let julia_fields: Vec<(String, String)> = src[start..end]
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.trim().split_once("::"))
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    assert_eq!(c_fields.len(), 7, "C fields: {c_fields:?}");
+    assert_eq!(julia_fields.len(), c_fields.len(), "Julia fields: {julia_fields:?}");
+    for ((cn, ct), (jn, jt)) in c_fields.iter().zip(&julia_fields) {
+        assert_eq!(cn, jn, "field order");
+        assert!(julia_types(ct).contains(&jt.as_str()), "{cn}: C {ct} vs Julia {jt}");
+    }
+    for expected in [
+        "@cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))",
+        "@cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))",
+        "@cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))",
+        "@cfunction(fini_trampoline, Cvoid, (Ptr{Cvoid}, UInt32))",
+    ] {
+        assert!(src.contains(expected), "the binding lacks `{expected}`");
+    }
+    for typedef in [
+        "typedef int32_t (*pert_solver_fn)(void *user_data, const float *inputs, size_t count, float *outputs);",
+        "typedef int32_t (*pert_worker_init)(void *user_data, uint32_t worker);",
+        "typedef void (*pert_worker_fini)(void *user_data, uint32_t worker);",
+    ] {
+        assert!(header.contains(typedef), "the header changed: `{typedef}`");
+    }
+    assert!(squash(&header).contains(&squash(
+        "typedef int32_t (*pert_solver_ex)(void *user_data, const struct pert_solve_info *info, const float *inputs, size_t count, float *outputs);"
+    )));
 }

@@ -28,7 +28,7 @@ module Perturbations
 using ChainRulesCore
 using Libdl
 
-export Config, Op, Tape, Draw, PerturbationsError
+export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
 export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, inputs, finish, free!
 export NOISE_NORMAL, NOISE_GUMBEL, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
@@ -224,6 +224,7 @@ end
 
 """
     Op(solver, config, input_shape, output_shape)
+    Op(solver, config, input_shape, output_shape; info=true, init=nothing, fini=nothing)
     Op(config, builtin; k, input_shape)      # a built-in solver (BUILTIN_ARGMAX, ...)
     Op(config, input_shape, output_shape; external=true)   # solved elsewhere (see Draw)
 
@@ -232,6 +233,18 @@ problems and returns `o × count` solutions; it runs on the calling thread (the 
 must have `threads = 1`). Its exceptions are rethrown by the call that ran it, with the
 solver's backtrace kept on the exception stack (`current_exceptions()`, shown as
 "caused by"). A built-in solver acts along the first Julia dimension of a problem.
+
+With `info=true` the solver is called as `solver(info::SolveInfo, x)` (see
+[`SolveInfo`](@ref): which problems and samples the columns are) on the op's own
+persistent worker threads (the config's `threads`; worker w is always the same thread),
+never on the calling thread: `init(worker)` runs on worker `worker` (0-based) once, before
+its first solve, and `fini(worker)` there when the op is freed (for each worker whose
+init ran). With `threads` > 1 the solver and hooks run on several threads at once and
+must be thread-safe; they must not yield (no I/O waits, `sleep`, `fetch`). This needs
+Julia ≥ 1.9 (threads started outside Julia may call Julia code), and Julia's garbage
+collector is paused while such a call runs (so that no collection waits for the calling
+thread, which waits for the workers): allocations of the solver then only grow the heap
+until the call returns.
 
 An op may be used from several tasks: its calls take turns (a lock per op; the C op runs
 one call at a time). A solver may call back into other ops.
@@ -245,17 +258,33 @@ mutable struct Op
     d::Int
     o::Int
     sense::UInt32
-    function Op(solver, config::Config, input_shape, output_shape)
-        config.threads == 1 || throw(ArgumentError("Julia solvers run on one thread: the config must have threads = 1"))
+    workers::Bool              # made with info=true: solves run on the op's worker threads
+    init::Any
+    fini::Any
+    errlock::Threads.SpinLock  # workers store the first exception under it
+    function Op(solver, config::Config, input_shape, output_shape; info::Bool=false, init=nothing, fini=nothing)
+        (info || init === nothing && fini === nothing) ||
+            throw(ArgumentError("init and fini hooks are for solvers with info (info=true)"))
+        info && VERSION < v"1.9" && throw(ArgumentError("solvers with info run on the op's worker threads, " *
+            "which call Julia code from threads started outside Julia: that needs Julia ≥ 1.9, this is $VERSION"))
+        info || config.threads == 1 ||
+            throw(ArgumentError("Julia solvers run on one thread: the config must have threads = 1 (or use info=true)"))
         op = new(C_NULL, solver, nothing, ReentrantLock(), false, prod(input_shape; init=1), prod(output_shape; init=1),
-            config.sense)
+            config.sense, info, init, fini, Threads.SpinLock())
         ins = Int64[reverse(collect(input_shape))...]    # Julia column-major = C row-major reversed
         outs = Int64[reverse(collect(output_shape))...]
         out = Ref{Ptr{Cvoid}}(C_NULL)
         GC.@preserve ins outs begin
-            check(@ccall libperturbations.pert_op_new(config::Ptr{Cvoid}, ins::Ptr{Int64}, length(ins)::Csize_t,
-                outs::Ptr{Int64}, length(outs)::Csize_t, TRAMPOLINE[]::Ptr{Cvoid},
-                pointer_from_objref(op)::Ptr{Cvoid}, out::Ref{Ptr{Cvoid}})::UInt32)
+            if info
+                check(@ccall libperturbations.pert_op_new_ex(config::Ptr{Cvoid}, ins::Ptr{Int64}, length(ins)::Csize_t,
+                    outs::Ptr{Int64}, length(outs)::Csize_t, TRAMPOLINE_EX[]::Ptr{Cvoid},
+                    pointer_from_objref(op)::Ptr{Cvoid}, (init === nothing ? C_NULL : INIT_TRAMPOLINE[])::Ptr{Cvoid},
+                    (fini === nothing ? C_NULL : FINI_TRAMPOLINE[])::Ptr{Cvoid}, out::Ref{Ptr{Cvoid}})::UInt32)
+            else
+                check(@ccall libperturbations.pert_op_new(config::Ptr{Cvoid}, ins::Ptr{Int64}, length(ins)::Csize_t,
+                    outs::Ptr{Int64}, length(outs)::Csize_t, TRAMPOLINE[]::Ptr{Cvoid},
+                    pointer_from_objref(op)::Ptr{Cvoid}, out::Ref{Ptr{Cvoid}})::UInt32)
+            end
         end
         op.handle = out[]
         return finalizer(release!, op)
@@ -268,7 +297,7 @@ mutable struct Op
         check(@ccall libperturbations.pert_op_new_external(config::Ptr{Cvoid}, ins::Ptr{Int64}, length(ins)::Csize_t,
             outs::Ptr{Int64}, length(outs)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
         return finalizer(release!, new(out[], nothing, nothing, ReentrantLock(), false, prod(input_shape; init=1),
-            prod(output_shape; init=1), config.sense))
+            prod(output_shape; init=1), config.sense, false, nothing, nothing, Threads.SpinLock()))
     end
     function Op(config::Config, builtin::UInt32; input_shape, k::Integer=0)
         ins = Int64[reverse(collect(input_shape))...]
@@ -276,15 +305,38 @@ mutable struct Op
         check(@ccall libperturbations.pert_op_new_builtin(config::Ptr{Cvoid}, builtin::UInt32, Int64(k)::Int64,
             ins::Ptr{Int64}, length(ins)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
         n = prod(input_shape; init=1)
-        return finalizer(release!, new(out[], nothing, nothing, ReentrantLock(), false, n, n, config.sense))
+        return finalizer(release!, new(out[], nothing, nothing, ReentrantLock(), false, n, n, config.sense, false, nothing,
+            nothing, Threads.SpinLock()))
     end
 end
 
-# The finalizer: no lock (finalizers may not wait), and no call can be running.
+# The finalizer: no lock (finalizers may not wait), and no call can be running. The
+# workers of an op with info run their fini hooks (Julia code) while this thread waits in
+# pert_op_free: the collector is paused meanwhile (see `paused_gc`).
 function release!(op::Op)
-    op.handle == C_NULL || @ccall libperturbations.pert_op_free(op.handle::Ptr{Cvoid})::Cvoid
-    op.handle = C_NULL
+    if op.handle != C_NULL
+        handle = op.handle
+        op.handle = C_NULL
+        paused_gc(op.workers && op.fini !== nothing) do
+            @ccall libperturbations.pert_op_free(handle::Ptr{Cvoid})::Cvoid
+        end
+    end
     return nothing
+end
+
+# Runs f() with the garbage collector paused when `pause`: while a call of an op with
+# info waits in C for its workers, they run Julia code (threads adopted by Julia), and a
+# collection that one of them started would wait for this thread forever. No task switch
+# can happen between the pause and the resume (the C call does not yield), so the pause is
+# undone on the thread that made it.
+function paused_gc(f, pause::Bool)
+    pause || return f()
+    was_enabled = GC.enable(false)
+    try
+        return f()
+    finally
+        GC.enable(was_enabled)
+    end
 end
 
 """`free!(op)`: frees the op now (waiting for a call of another task to end)."""
@@ -308,14 +360,92 @@ function trampoline(user_data::Ptr{Cvoid}, inputs::Ptr{Float32}, count::Csize_t,
         return Int32(0)
     catch err
         op.error = CapturedException(err, catch_backtrace())
-        # the C status's message names the rows and carries the exception's own text
-        text = replace(first(sprint(showerror, err), 512), '\0' => ' ')
-        @ccall libperturbations.pert_solver_set_error(text::Cstring)::Cvoid
+        solver_message(err)  # the C status's message names the rows and carries this text
         return Int32(1)
     end
 end
 
 const TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
+const TRAMPOLINE_EX = Ref{Ptr{Cvoid}}(C_NULL)
+const INIT_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
+const FINI_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
+
+"""
+    SolveInfo
+
+Where the columns of one solver call sit in the forward call (C `pert_solve_info`), the
+first argument of a solver of an op made with `info=true`. Numbers are 0-based, as in C:
+`worker` (the worker running the call: always the same thread), `clean` (1: the columns
+are the unperturbed θ of problems `first_row ...`, for the clean-input baseline),
+`first_row` (column r, 1-based, is global row `first_row + r - 1`: problem
+`(first_row + r - 1) ÷ num_samples`, sample `(first_row + r - 1) % num_samples`), `num_samples`, `batch`.
+"""
+struct SolveInfo
+    struct_size::UInt32
+    worker::UInt32
+    clean::UInt32
+    reserved::UInt32
+    first_row::UInt64
+    num_samples::UInt64
+    batch::Csize_t
+end
+
+# Keeps the first exception of the workers of a call.
+function keep_error!(op::Op, err, backtrace)
+    lock(op.errlock)
+    try
+        op.error === nothing && (op.error = CapturedException(err, backtrace))
+    finally
+        unlock(op.errlock)
+    end
+    return nothing
+end
+
+# The solver's exception as the C status's message (on the thread that returns non-zero).
+function solver_message(err)
+    text = replace(first(sprint(showerror, err), 512), '\0' => ' ')
+    @ccall libperturbations.pert_solver_set_error(text::Cstring)::Cvoid
+end
+
+# The C callback of a solver with info, on a worker thread.
+function trampoline_ex(user_data::Ptr{Cvoid}, info::Ptr{SolveInfo}, inputs::Ptr{Float32}, count::Csize_t,
+                       outputs::Ptr{Float32})::Int32
+    op = unsafe_pointer_to_objref(user_data)::Op
+    try
+        task_local_storage(:perturbations_solving, op)
+        x = unsafe_wrap(Matrix{Float32}, inputs, (op.d, Int(count)))
+        y = op.solver(unsafe_load(info), x)
+        size(y) == (op.o, Int(count)) || throw(DimensionMismatch("the solver returned $(size(y)), expected $((op.o, Int(count)))"))
+        unsafe_wrap(Matrix{Float32}, outputs, (op.o, Int(count))) .= y
+        return Int32(0)
+    catch err
+        keep_error!(op, err, catch_backtrace())
+        solver_message(err)
+        return Int32(1)
+    end
+end
+
+function init_trampoline(user_data::Ptr{Cvoid}, worker::UInt32)::Int32
+    op = unsafe_pointer_to_objref(user_data)::Op
+    try
+        op.init(Int(worker))
+        return Int32(0)
+    catch err
+        keep_error!(op, err, catch_backtrace())
+        solver_message(err)
+        return Int32(1)
+    end
+end
+
+function fini_trampoline(user_data::Ptr{Cvoid}, worker::UInt32)::Cvoid
+    op = unsafe_pointer_to_objref(user_data)::Op
+    try
+        op.fini(Int(worker))
+    catch
+        # at pert_op_free there is no caller to give it to
+    end
+    return nothing
+end
 
 function __init__()
     global libperturbations = find_library()
@@ -328,6 +458,9 @@ function __init__()
     (major, minor) == LIBRARY_VERSION || error("Perturbations: the library \"$libperturbations\" is version $v; " *
         "this package needs $(LIBRARY_VERSION[1]).$(LIBRARY_VERSION[2]).x")
     TRAMPOLINE[] = @cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))
+    TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
+    INIT_TRAMPOLINE[] = @cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))
+    FINI_TRAMPOLINE[] = @cfunction(fini_trampoline, Cvoid, (Ptr{Cvoid}, UInt32))
     return nothing
 end
 
@@ -335,12 +468,15 @@ end
 # it raised one: the original exception, thrown while the captured one (with the solver's
 # backtrace) is being handled, so that the exception stack keeps both.
 function call(f, op::Op)
+    # a worker of this op's running call would wait for the lock its caller holds
+    op.workers && op.busy && get(task_local_storage(), :perturbations_solving, nothing) === op &&
+        throw(ArgumentError("a solver cannot call its own op (it would wait for itself)"))
     captured = lock(op.lock) do
         op.busy && throw(ArgumentError("a solver cannot call its own op (the op runs one call at a time)"))
         op.busy = true
         op.error = nothing
         try
-            status = GC.@preserve op f()
+            status = GC.@preserve op paused_gc(f, op.workers)
             err = op.error
             err === nothing && check(status)
             err

@@ -81,6 +81,36 @@ end
         @test loss_two == loss_cb && grad_two == grad_cb
     end
 
+    @testset "solvers with info on the op's persistent workers" begin
+        config = Config(num_samples=50, sigma=0.5, device="cpu", threads=2, seed=3)
+        counts = Threads.SpinLock()
+        inits, finis, rows, bad_info = zeros(Int, 2), zeros(Int, 2), Ref(0), Ref(0)
+        function solve(info::SolveInfo, x)
+            lock(counts)
+            rows[] += size(x, 2)
+            (info.num_samples == 50 && info.batch == 2 && info.worker < 2) || (bad_info[] += 1)
+            unlock(counts)
+            return argmax_solver(x)
+        end
+        op = Op(solve, config, (3,), (3,); info=true,
+            init = w -> (lock(counts); inits[w+1] += 1; unlock(counts)),
+            fini = w -> (lock(counts); finis[w+1] += 1; unlock(counts)))
+        θ = Float32[0.5 0.1; 1.0 0.2; 0.2 0.9]
+        for _ in 1:3
+            forward(op, θ)
+        end
+        @test rows[] == 3 * 2 * 50 && bad_info[] == 0
+        @test all(inits .<= 1) && sum(inits) >= 1      # once per worker over three calls
+        free!(op)
+        @test finis == inits                           # at free, for each worker whose init ran
+        plain = Op(argmax_solver, Config(num_samples=50, sigma=0.5, device="cpu", seed=3), (3,), (3,))
+        twin = Op(solve, config, (3,), (3,); info=true)
+        @test forward(twin, θ) == forward(plain, θ)    # the same draws, bit for bit
+        failing = Op((info, x) -> error("no path"), config, (3,), (3,); info=true)
+        @test_throws ErrorException forward(failing, θ)
+        @test_throws ArgumentError Op(solve, config, (3,), (3,); init = w -> nothing)
+    end
+
     @testset "errors and a throwing solver" begin
         op = Op(argmax_solver, Config(num_samples=10, device="cpu"), (3,), (3,))
         @test_throws DimensionMismatch forward(op, zeros(Float32, 4, 1))
