@@ -655,3 +655,53 @@ fn julia_solve_info_and_callbacks_match_the_header() {
         "typedef int32_t (*pert_solver_ex)(void *user_data, const struct pert_solve_info *info, const float *inputs, size_t count, float *outputs);"
     )));
 }
+
+/// The raw `ccall`s through function pointers looked up at load time (the calls made in a
+/// GC-safe region) have the types of the header's prototypes, like the @ccalls.
+#[test]
+fn julia_gc_safe_calls_match_the_header() {
+    let protos = header_prototypes();
+    let (src, _) = binding_source();
+    let mut checked = 0;
+    let mut rest = src.as_str();
+    while let Some(at) = rest.find("fn = PERT_") {
+        rest = &rest[at + "fn = ".len()..];
+        let constant = &rest[..rest.find("[]").unwrap()];
+        let c_name = constant.to_lowercase();
+        let proto = protos.get(&c_name).unwrap_or_else(|| panic!("{c_name} is not in the header"));
+        assert!(
+            src.contains(&format!("{constant}[] = Libdl.dlsym(handle, :{c_name})")),
+            "{constant} is not looked up as :{c_name}"
+        );
+        let call = &rest[rest.find("ccall(fn, ").unwrap() + "ccall(fn, ".len()..];
+        let ret = &call[..call.find(',').unwrap()];
+        let types_start = call.find('(').unwrap();
+        let mut depth = 0;
+        let mut end = types_start;
+        for (i, ch) in call[types_start..].char_indices() {
+            match ch {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = types_start + i;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let types: Vec<String> = call[types_start + 1..end]
+            .split(',')
+            .map(squash)
+            .filter(|t| !t.is_empty())
+            .collect();
+        assert_eq!(types.len(), proto.params.len(), "{c_name}: {types:?} vs {:?}", proto.params);
+        for (t, c) in types.iter().zip(&proto.params) {
+            assert!(julia_types(c).contains(&t.as_str()), "{c_name}: {t} does not match C {c}");
+        }
+        assert!(julia_types(&proto.ret).contains(&ret), "{c_name} returns C {}, ccall says {ret}", proto.ret);
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "pert_forward, pert_fenchel_young and pert_op_free are called GC-safe");
+}

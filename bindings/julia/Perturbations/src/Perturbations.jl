@@ -240,14 +240,16 @@ persistent worker threads (the config's `threads`; worker w is always the same t
 never on the calling thread: `init(worker)` runs on worker `worker` (0-based) once, before
 its first solve, and `fini(worker)` there when the op is freed (for each worker whose
 init ran). With `threads` > 1 the solver and hooks run on several threads at once and
-must be thread-safe; they must not yield (no I/O waits, `sleep`, `fetch`). This needs
-Julia ≥ 1.9 (threads started outside Julia may call Julia code), and Julia's garbage
-collector is paused while such a call runs (so that no collection waits for the calling
-thread, which waits for the workers): allocations of the solver then only grow the heap
-until the call returns.
+must be thread-safe; they must not yield (no I/O waits, `sleep`, `fetch`, contended
+locks), nor call or free their own op. On a worker `Threads.threadid()` is outside
+`1:nthreads()`: index per-worker data by `info.worker + 1`. This needs Julia ≥ 1.9
+(threads started outside Julia may call Julia code); the calling thread waits for the
+workers in a GC-safe region, so collections the workers start go ahead. An op with a
+`fini` hook that the garbage collector finalizes is freed by a task that finalizer
+schedules (a finalizer must not wait for Julia code on other threads): `free!` it.
 
 An op may be used from several tasks: its calls take turns (a lock per op; the C op runs
-one call at a time). A solver may call back into other ops.
+one call at a time). A plain solver may call back into other ops.
 """
 mutable struct Op
     handle::Ptr{Cvoid}
@@ -310,37 +312,94 @@ mutable struct Op
     end
 end
 
-# The finalizer: no lock (finalizers may not wait), and no call can be running. The
-# workers of an op with info run their fini hooks (Julia code) while this thread waits in
-# pert_op_free: the collector is paused meanwhile (see `paused_gc`).
+# The finalizer: no lock (finalizers may not wait), and no call can be running. Freeing an
+# op with info runs its workers' fini hooks (Julia code on other threads) and waits for
+# them: a finalizer must not wait on other threads' Julia code (it may run while its task
+# holds a lock a hook takes), so such an op is freed by a task scheduled from here.
 function release!(op::Op)
-    if op.handle != C_NULL
-        handle = op.handle
-        op.handle = C_NULL
-        paused_gc(op.workers && op.fini !== nothing) do
-            @ccall libperturbations.pert_op_free(handle::Ptr{Cvoid})::Cvoid
-        end
+    op.handle == C_NULL && return nothing
+    if op.workers && op.fini !== nothing
+        errormonitor(@async free!(op))
+        return nothing
+    end
+    free_now!(op)
+end
+
+function free_now!(op::Op)
+    handle = op.handle
+    handle == C_NULL && return nothing
+    op.handle = C_NULL
+    if op.workers
+        # the workers run Julia code (fini hooks) while this thread waits in C
+        gc_safe_op_free(handle)
+    else
+        @ccall libperturbations.pert_op_free(handle::Ptr{Cvoid})::Cvoid
     end
     return nothing
 end
 
-# Runs f() with the garbage collector paused when `pause`: while a call of an op with
-# info waits in C for its workers, they run Julia code (threads adopted by Julia), and a
-# collection that one of them started would wait for this thread forever. No task switch
-# can happen between the pause and the resume (the C call does not yield), so the pause is
-# undone on the thread that made it.
-function paused_gc(f, pause::Bool)
-    pause || return f()
-    was_enabled = GC.enable(false)
+# ---- calls that wait in C for Julia code on the op's worker threads -----------------------
+# While a call of an op with info waits in C, its workers run Julia code (threads adopted
+# by Julia), and a garbage collection they start must not wait for this thread: these calls
+# enter a GC-safe region around the C call (`jl_gc_safe_enter`), with every argument
+# converted to a raw pointer or number before, so that no Julia code runs inside it. The C
+# functions are looked up once, when the package loads (`PERT_*` below); their types are
+# checked against the header by tests/julia_binding.rs like the @ccalls.
+
+const PERT_FORWARD = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_FENCHEL_YOUNG = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_OP_FREE = Ref{Ptr{Cvoid}}(C_NULL)
+
+function gc_safe_forward(op::Ptr{Cvoid}, theta::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
+                         tape::Ptr{Ptr{Cvoid}})::UInt32
+    fn = PERT_FORWARD[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Ptr{Cvoid}}), op, theta, batch, out, tape)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
+
+function gc_safe_fenchel_young(op::Ptr{Cvoid}, theta::Ptr{Float32}, y_true::Ptr{Float32}, batch::Csize_t,
+                               loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+    fn = PERT_FENCHEL_YOUNG[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Float32}), op, theta,
+        y_true, batch, loss, grad)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
+
+function gc_safe_op_free(op::Ptr{Cvoid})
+    fn = PERT_OP_FREE[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    ccall(fn, Cvoid, (Ptr{Cvoid},), op)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return nothing
+end
+
+# The op whose worker callback runs on this thread (its objectid; 0: none): a solver or
+# hook calling its own op would wait for itself. No reference to the op is kept.
+solving_op() = get(task_local_storage(), :perturbations_solving, UInt(0))::UInt
+
+function in_callback(f, op::Op)
+    task_local_storage(:perturbations_solving, objectid(op))
     try
         return f()
     finally
-        GC.enable(was_enabled)
+        task_local_storage(:perturbations_solving, UInt(0))
     end
 end
 
+function refuse_own_call(op::Op)
+    op.workers && solving_op() == objectid(op) &&
+        throw(ArgumentError("a solver or hook cannot call or free its own op (it would wait for itself)"))
+end
+
 """`free!(op)`: frees the op now (waiting for a call of another task to end)."""
-free!(op::Op) = lock(() -> release!(op), op.lock)
+function free!(op::Op)
+    refuse_own_call(op)
+    lock(() -> free_now!(op), op.lock)
+end
 
 Base.unsafe_convert(::Type{Ptr{Cvoid}}, op::Op) = op.handle
 
@@ -412,11 +471,12 @@ function trampoline_ex(user_data::Ptr{Cvoid}, info::Ptr{SolveInfo}, inputs::Ptr{
                        outputs::Ptr{Float32})::Int32
     op = unsafe_pointer_to_objref(user_data)::Op
     try
-        task_local_storage(:perturbations_solving, op)
-        x = unsafe_wrap(Matrix{Float32}, inputs, (op.d, Int(count)))
-        y = op.solver(unsafe_load(info), x)
-        size(y) == (op.o, Int(count)) || throw(DimensionMismatch("the solver returned $(size(y)), expected $((op.o, Int(count)))"))
-        unsafe_wrap(Matrix{Float32}, outputs, (op.o, Int(count))) .= y
+        in_callback(op) do
+            x = unsafe_wrap(Matrix{Float32}, inputs, (op.d, Int(count)))
+            y = op.solver(unsafe_load(info), x)
+            size(y) == (op.o, Int(count)) || throw(DimensionMismatch("the solver returned $(size(y)), expected $((op.o, Int(count)))"))
+            unsafe_wrap(Matrix{Float32}, outputs, (op.o, Int(count))) .= y
+        end
         return Int32(0)
     catch err
         keep_error!(op, err, catch_backtrace())
@@ -428,7 +488,7 @@ end
 function init_trampoline(user_data::Ptr{Cvoid}, worker::UInt32)::Int32
     op = unsafe_pointer_to_objref(user_data)::Op
     try
-        op.init(Int(worker))
+        in_callback(() -> op.init(Int(worker)), op)
         return Int32(0)
     catch err
         keep_error!(op, err, catch_backtrace())
@@ -440,7 +500,7 @@ end
 function fini_trampoline(user_data::Ptr{Cvoid}, worker::UInt32)::Cvoid
     op = unsafe_pointer_to_objref(user_data)::Op
     try
-        op.fini(Int(worker))
+        in_callback(() -> op.fini(Int(worker)), op)
     catch
         # at pert_op_free there is no caller to give it to
     end
@@ -457,6 +517,10 @@ function __init__()
     major, minor = parse.(Int, split(v, ".")[1:2])
     (major, minor) == LIBRARY_VERSION || error("Perturbations: the library \"$libperturbations\" is version $v; " *
         "this package needs $(LIBRARY_VERSION[1]).$(LIBRARY_VERSION[2]).x")
+    handle = Libdl.dlopen(libperturbations)
+    PERT_FORWARD[] = Libdl.dlsym(handle, :pert_forward)
+    PERT_FENCHEL_YOUNG[] = Libdl.dlsym(handle, :pert_fenchel_young)
+    PERT_OP_FREE[] = Libdl.dlsym(handle, :pert_op_free)
     TRAMPOLINE[] = @cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     INIT_TRAMPOLINE[] = @cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))
@@ -469,14 +533,13 @@ end
 # backtrace) is being handled, so that the exception stack keeps both.
 function call(f, op::Op)
     # a worker of this op's running call would wait for the lock its caller holds
-    op.workers && op.busy && get(task_local_storage(), :perturbations_solving, nothing) === op &&
-        throw(ArgumentError("a solver cannot call its own op (it would wait for itself)"))
+    refuse_own_call(op)
     captured = lock(op.lock) do
         op.busy && throw(ArgumentError("a solver cannot call its own op (the op runs one call at a time)"))
         op.busy = true
         op.error = nothing
         try
-            status = GC.@preserve op paused_gc(f, op.workers)
+            status = GC.@preserve op f()
             err = op.error
             err === nothing && check(status)
             err
@@ -504,6 +567,8 @@ function forward(op::Op, theta::AbstractMatrix)
     th = Matrix{Float32}(theta)
     out = Matrix{Float32}(undef, op.o, batch)
     call(op) do
+        op.workers && return GC.@preserve th out gc_safe_forward(op.handle, pointer(th), Csize_t(batch), pointer(out),
+            Ptr{Ptr{Cvoid}}(C_NULL))
         @ccall libperturbations.pert_forward(op::Ptr{Cvoid}, th::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
             C_NULL::Ptr{Ptr{Cvoid}})::UInt32
     end
@@ -517,6 +582,8 @@ function forward_with_tape(op::Op, theta::AbstractMatrix)
     out = Matrix{Float32}(undef, op.o, batch)
     tape = Ref{Ptr{Cvoid}}(C_NULL)
     call(op) do
+        op.workers && return GC.@preserve th out tape gc_safe_forward(op.handle, pointer(th), Csize_t(batch),
+            pointer(out), Base.unsafe_convert(Ptr{Ptr{Cvoid}}, tape))
         @ccall libperturbations.pert_forward(op::Ptr{Cvoid}, th::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
             tape::Ref{Ptr{Cvoid}})::UInt32
     end
@@ -551,6 +618,8 @@ function fenchel_young_with_grad(op::Op, theta::AbstractMatrix, y_true::Abstract
     loss = Vector{Float32}(undef, batch)
     grad = Matrix{Float32}(undef, op.d, batch)
     call(op) do
+        op.workers && return GC.@preserve th yt loss grad gc_safe_fenchel_young(op.handle, pointer(th), pointer(yt),
+            Csize_t(batch), pointer(loss), pointer(grad))
         @ccall libperturbations.pert_fenchel_young(op::Ptr{Cvoid}, th::Ptr{Float32}, yt::Ptr{Float32}, batch::Csize_t,
             loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
     end
@@ -660,14 +729,14 @@ function finish(d::Draw, solutions::AbstractMatrix)
 end
 
 """
-    fenchel_young(draw, solutions, y_true) -> (loss, grad)
+    fenchel_young_with_grad(draw, solutions, y_true) -> (loss, grad)
 
 The Fenchel-Young loss per problem (length batch) of the draw's θ against `y_true`
 (`d × batch`) and its gradient with respect to θ (`d × batch`), from the solutions
 (`o × count`, o = d): what `fenchel_young_with_grad(op, θ, y_true)` gives for the same
-seed and call count.
+seed and call count (the gradient comes with the loss, as for an op).
 """
-function fenchel_young(d::Draw, solutions::AbstractMatrix, y_true::AbstractMatrix)
+function fenchel_young_with_grad(d::Draw, solutions::AbstractMatrix, y_true::AbstractMatrix)
     s = Matrix{Float32}(solutions)
     y = Matrix{Float32}(y_true)
     size(s) == (d.o, draw_count(d)) || throw(DimensionMismatch("solutions must be $((d.o, draw_count(d))), got $(size(s))"))

@@ -76,7 +76,7 @@ end
         # the two-phase Fenchel-Young loss equals a callback op's for the same draws
         target = Float32[0, 1, 0][:, :]
         fy_draw = Draw(Op(config, (3,), (3,); external=true), θ)
-        loss_two, grad_two = fenchel_young(fy_draw, argmax_solver(inputs(fy_draw)), target)
+        loss_two, grad_two = P.fenchel_young_with_grad(fy_draw, argmax_solver(inputs(fy_draw)), target)
         loss_cb, grad_cb = P.fenchel_young_with_grad(Op(argmax_solver, config, (3,), (3,)), θ, target)
         @test loss_two == loss_cb && grad_two == grad_cb
     end
@@ -109,6 +109,21 @@ end
         failing = Op((info, x) -> error("no path"), config, (3,), (3,); info=true)
         @test_throws ErrorException forward(failing, θ)
         @test_throws ArgumentError Op(solve, config, (3,), (3,); init = w -> nothing)
+        # a hook or solver calling its own op is refused (it would wait for itself)
+        selfish = Ref{Any}(nothing)
+        selfish[] = Op((info, x) -> (forward(selfish[], x); argmax_solver(x)), config, (3,), (3,); info=true)
+        @test_throws ArgumentError forward(selfish[], θ)
+        # an op with info left to the garbage collector runs its fini hooks (from a task)
+        collected = Threads.Atomic{Int}(0)
+        let op = Op(solve, config, (3,), (3,); info=true, init = w -> nothing, fini = w -> Threads.atomic_add!(collected, 1))
+            forward(op, θ)
+        end
+        for _ in 1:50
+            GC.gc(); yield()
+            collected[] > 0 && break
+            sleep(0.05)
+        end
+        @test collected[] >= 1
     end
 
     @testset "errors and a throwing solver" begin
