@@ -12,7 +12,9 @@
 //   call fails, and the original exception is rethrown to the caller of forward().
 //   A solver may take a `const pert_solve_info&` first (it then runs on the op's own
 //   persistent workers), and Op::with_workers gives each worker an object of its own
-//   (a model built once per worker): see pert_op_new_ex.
+//   (a model built once per worker): see pert_op_new_ex. Calls of one pert::Op with a
+//   solver callable take turns (so that an exception reaches the call that raised it);
+//   use one Op per thread to solve in parallel.
 // - Buffers are any contiguous range of float (std::vector, std::array, std::span, a braced
 //   list) or a pointer and count. A View keeps its own copy of a temporary container or
 //   list; it borrows a named container or a span, which must outlive it (as a std::span).
@@ -243,7 +245,8 @@ class Op {
   }
 
   /// An op over a solver that takes the solve info first: it runs on the op's persistent
-  /// workers (worker info.worker is always the same thread), never on the caller's.
+  /// workers (worker info.worker is always the same thread), never on the caller's; with
+  /// threads > 1 on several at once (it must then be thread-safe).
   Op(const Config& config, std::vector<std::int64_t> input_shape, std::vector<std::int64_t> output_shape,
      SolverWithInfo solver)
       : state_(new State), sense_(config.sense()) {
@@ -256,8 +259,12 @@ class Op {
   /// solver instance: built once per worker, on its thread, before its first solve, and
   /// destroyed there when the op is destroyed), passed to
   /// `solve(Worker&, const pert_solve_info&, const float* x, size_t count, float* y)`.
-  /// Worker = the type make_worker returns (movable). An exception from make_worker fails
-  /// that call (rethrown to the caller) and every later one: the op must be made again.
+  /// Worker = the type make_worker returns (movable); make_worker and solve are copied
+  /// into the op and called from several worker threads at once: they must be
+  /// thread-safe (their own state included). An exception from make_worker fails that
+  /// call (rethrown to the caller) and every later one: the op must be made again. (An op
+  /// destroyed in a fork()ed child, where its workers do not exist, destroys the worker
+  /// objects on the destroying thread.)
   template <class Make, class Solve>
   static Op with_workers(const Config& config, std::vector<std::int64_t> input_shape,
                          std::vector<std::int64_t> output_shape, Make make_worker, Solve solve) {
@@ -273,6 +280,9 @@ class Op {
     op.make_ex(config, input_shape, output_shape, true);
     return op;
   }
+
+  /// A null solver is refused at compile time.
+  Op(const Config&, std::vector<std::int64_t>, std::vector<std::int64_t>, std::nullptr_t) = delete;
 
   /// An op over a built-in solver (k: for top-k).
   static Op builtin(const Config& config, Builtin which, std::vector<std::int64_t> input_shape, std::int64_t k = 0) {
@@ -353,6 +363,7 @@ class Op {
     Solver solve;
     SolverWithInfo solve_ex;
     std::function<void(std::uint32_t)> init, fini;
+    std::mutex calls;  // calls of the op take turns: a stored exception is the running call's
     std::mutex mutex;
     std::exception_ptr error;
     void keep(std::exception_ptr e) {
@@ -413,7 +424,7 @@ class Op {
     try {
       static_cast<State*>(user_data)->fini(worker);
     } catch (...) {
-      // a destructor that throws at pert_op_free: nothing can take it
+      // (a worker object's destructor is noexcept: a throw there terminates, as anywhere)
     }
   }
 
@@ -431,6 +442,8 @@ class Op {
 
   template <class F>
   void call(F&& f) {
+    std::unique_lock<std::mutex> turn;
+    if (state_) turn = std::unique_lock<std::mutex>(state_->calls);
     pert_status s = f();
     if (state_ && s != PERT_STATUS_OK) {
       std::exception_ptr e;

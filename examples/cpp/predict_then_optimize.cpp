@@ -15,6 +15,7 @@
 // written: the learning curves as an SVG (argv[1], default "regret.svg").
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -80,7 +81,7 @@ void write_svg(const std::string& path, const std::vector<Curve>& curves, int ep
   double top = 0;
   for (auto& c : curves)
     for (double r : c.regret) top = std::max(top, r);
-  top = std::ceil(top * 10) / 10;
+  top = std::max(std::ceil(top * 10) / 10, 0.1);  // a scale even when every regret is 0
   auto px = [&](double e) { return L + (W - L - R) * e / epochs; };
   auto py = [&](double r) { return H - B - (H - T - B) * r / top; };
   std::fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%g\" height=\"%g\" font-family=\"sans-serif\" "
@@ -94,6 +95,8 @@ void write_svg(const std::string& path, const std::vector<Curve>& curves, int ep
   for (int k = 0; k <= 5; k++)
     std::fprintf(f, "<text x=\"%g\" y=\"%g\" text-anchor=\"end\">%.2f</text>\n", L - 6, py(top * k / 5) + 4, top * k / 5);
   std::fprintf(f, "<text x=\"%g\" y=\"%g\" text-anchor=\"middle\">epoch</text>\n", (L + W - R) / 2, H - 12);
+  std::fprintf(f, "<text x=\"16\" y=\"%g\" text-anchor=\"middle\" transform=\"rotate(-90 16 %g)\">normalized regret</text>\n",
+               (T + H - B) / 2, (T + H - B) / 2);
   const char* colours[3] = {"#1b9e77", "#d95f02", "#7570b3"};
   for (size_t i = 0; i < curves.size(); i++) {
     const auto& c = curves[i];
