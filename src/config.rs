@@ -285,12 +285,19 @@ impl Config {
     /// The threads of the library's own work in a call (noise, built-ins, sums,
     /// gradients): one per core, within the cap.
     pub fn library_threads(&self) -> usize {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = cores();
         match self.max_threads {
             0 => cores,
             cap => cores.min(cap as usize),
         }
     }
+}
+
+/// The cores this process may use, asked once: `available_parallelism` reads the cgroup
+/// files of the process each time (tens of microseconds, a large part of a small call).
+pub(crate) fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 #[cfg(test)]

@@ -132,108 +132,159 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
         moved: Condvar::new(),
         window: WINDOW * threads,
     };
-    let (send, receive) = mpsc::channel::<(usize, Result<R, E>)>();
     let (own, helpers) = scratch[..threads].split_first_mut().expect("threads >= 2");
-    std::thread::scope(|scope| {
-        // helpers stop taking blocks however this thread leaves the scope (error, panic)
-        let _stop_helpers = HaltOnDrop(&shared);
-        let handles: Vec<_> = helpers
-            .iter_mut()
-            .filter_map(|s| {
-                let (send, shared, work, taken) = (send.clone(), &shared, &work, &taken);
-                let helper = move || {
-                    // a panic here stops the others too (resumed at the join)
-                    let _halt = HaltOnDrop(shared);
-                    while let Some(k) = shared.take() {
-                        taken(k);
-                        shared.wait_turn(k);
-                        let result = work(k, s);
-                        if result.is_err() {
-                            shared.halt();
-                        }
-                        if send.send((k, result)).is_err() {
-                            break; // the calling thread has its outcome already
-                        }
-                    }
-                };
+    let panicked = Mutex::new(None);
+    // the helpers: the process's shared threads when they are free (no thread start-up
+    // per call), else threads of this call's own
+    let pool = super::workers::shared().filter(|pool| pool.count() >= helpers.len());
+    let outcome = match pool.and_then(|pool| pool.try_turn().map(|turn| (pool, turn))) {
+        Some((pool, _turn)) => pool.scope(|scope| {
+            drive(
+                &|job| scope.spawn(job),
+                &shared,
+                own,
+                helpers,
+                &work,
+                &mut combine,
+                &taken,
+                &panicked,
+            )
+        }),
+        None => std::thread::scope(|scope| {
+            drive(
                 // a thread that cannot start (thread or memory limits) is left out
-                std::thread::Builder::new().spawn_scoped(scope, helper).ok()
-            })
-            .collect();
-        drop(send);
-        let mut pending = BTreeMap::new();
-        let mut combined = 0;
-        let mut outcome = Ok(());
-        // combines the results that are next in block order; false once an error is seen
-        let mut drain = |pending: &mut BTreeMap<usize, Result<R, E>>,
-                         outcome: &mut Result<(), E>| {
-            let before = combined;
-            while let Some(result) = pending.remove(&combined) {
-                *outcome = result.and_then(|r| combine(combined, r));
-                combined += 1;
-                if outcome.is_err() {
-                    shared.halt();
-                    return false;
+                &|job| std::thread::Builder::new().spawn_scoped(scope, job).is_ok(),
+                &shared,
+                own,
+                helpers,
+                &work,
+                &mut combine,
+                &taken,
+                &panicked,
+            )
+        }),
+    };
+    // a helper's panic, once every helper has ended
+    if let Some(payload) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        std::panic::resume_unwind(payload);
+    }
+    outcome
+}
+
+type Panic = Box<dyn std::any::Any + Send + 'static>;
+
+/// The body of a run with helpers: starts one helper per scratch of `helpers` with `spawn`
+/// (false: it could not start, and is left out), works and combines on this thread, and
+/// returns once every started helper has handed over every block it took (the caller's
+/// scope then waits for the helpers to end). A helper's panic is kept in `panicked`.
+#[allow(clippy::too_many_arguments)]
+fn drive<'env, S: Send, R: Send, E: Send>(
+    spawn: &dyn Fn(Box<dyn FnOnce() + Send + 'env>) -> bool,
+    shared: &'env Shared,
+    own: &mut S,
+    helpers: &'env mut [S],
+    work: &'env (dyn Fn(usize, &mut S) -> Result<R, E> + Sync),
+    combine: &mut dyn FnMut(usize, R) -> Result<(), E>,
+    taken: &'env (dyn Fn(usize) + Sync),
+    panicked: &'env Mutex<Option<Panic>>,
+) -> Result<(), E> {
+    let blocks = shared.blocks;
+    let (send, receive) = mpsc::channel::<(usize, Result<R, E>)>();
+    // helpers stop taking blocks however this thread leaves (error, panic)
+    let _stop_helpers = HaltOnDrop(shared);
+    for s in helpers.iter_mut() {
+        let send = send.clone();
+        let helper = move || {
+            let run = || {
+                // a panic here stops the others too (resumed by the caller)
+                let _halt = HaltOnDrop(shared);
+                while let Some(k) = shared.take() {
+                    taken(k);
+                    shared.wait_turn(k);
+                    let result = work(k, s);
+                    if result.is_err() {
+                        shared.halt();
+                    }
+                    if send.send((k, result)).is_err() {
+                        break; // the calling thread has its outcome already
+                    }
                 }
+            };
+            if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                let mut first = panicked.lock().unwrap_or_else(|e| e.into_inner());
+                first.get_or_insert(payload);
             }
-            if combined != before {
-                shared.advance(combined);
-            }
-            true
         };
-        // this thread works too, and combines between its own blocks (or, when its next
-        // block is beyond the window, until it is within)
-        let mut failed = false;
-        'own: while let Some(k) = shared.take() {
-            taken(k);
-            // ahead of the window: combine what the helpers hand over first
-            while k >= shared.combined.load(Ordering::SeqCst) + shared.window
-                && !shared.stop.load(Ordering::SeqCst)
-            {
-                let Ok((j, result)) = receive.recv() else {
-                    break; // every helper has left (one panicked): do the block anyway
-                };
-                pending.insert(j, result);
-                if !drain(&mut pending, &mut outcome) {
-                    failed = true;
-                    break 'own;
-                }
-            }
-            let result = work(k, own);
-            if result.is_err() {
+        spawn(Box::new(helper));
+    }
+    drop(send);
+    let mut pending = BTreeMap::new();
+    let mut combined = 0;
+    let mut outcome = Ok(());
+    // combines the results that are next in block order; false once an error is seen
+    let mut drain = |pending: &mut BTreeMap<usize, Result<R, E>>, outcome: &mut Result<(), E>| {
+        let before = combined;
+        while let Some(result) = pending.remove(&combined) {
+            *outcome = result.and_then(|r| combine(combined, r));
+            combined += 1;
+            if outcome.is_err() {
                 shared.halt();
+                return false;
             }
-            pending.insert(k, result);
-            pending.extend(receive.try_iter());
+        }
+        if combined != before {
+            shared.advance(combined);
+        }
+        true
+    };
+    // this thread works too, and combines between its own blocks (or, when its next
+    // block is beyond the window, until it is within)
+    let mut failed = false;
+    'own: while let Some(k) = shared.take() {
+        taken(k);
+        // ahead of the window: combine what the helpers hand over first
+        while k >= shared.combined.load(Ordering::SeqCst) + shared.window
+            && !shared.stop.load(Ordering::SeqCst)
+        {
+            let Ok((j, result)) = receive.recv() else {
+                break; // every helper has left (one panicked): do the block anyway
+            };
+            pending.insert(j, result);
             if !drain(&mut pending, &mut outcome) {
                 failed = true;
+                break 'own;
+            }
+        }
+        let result = work(k, own);
+        if result.is_err() {
+            shared.halt();
+        }
+        pending.insert(k, result);
+        pending.extend(receive.try_iter());
+        if !drain(&mut pending, &mut outcome) {
+            failed = true;
+            break;
+        }
+    }
+    if !failed {
+        // the helpers' last blocks: the channel ends when every helper has left, and
+        // each has handed over every block it took
+        for (k, result) in receive.iter() {
+            pending.insert(k, result);
+            if !drain(&mut pending, &mut outcome) {
                 break;
             }
         }
-        if !failed {
-            // the helpers' last blocks: the channel ends when every helper has left, and
-            // each has handed over every block it took
-            for (k, result) in receive.iter() {
-                pending.insert(k, result);
-                if !drain(&mut pending, &mut outcome) {
-                    break;
-                }
-            }
-        }
-        drop(receive);
-        for h in handles {
-            if let Err(payload) = h.join() {
-                std::panic::resume_unwind(payload);
-            }
-        }
-        // taken blocks form a prefix and all were handed over: either an error was
-        // combined, or every block was
-        assert!(
-            outcome.is_err() || combined == blocks,
-            "a block run ended with {combined} of {blocks} blocks combined and no error"
-        );
-        outcome
-    })
+    }
+    drop(receive);
+    // taken blocks form a prefix and all were handed over: either an error was combined,
+    // or every block was (unless a helper panicked: the caller resumes that panic)
+    let helper_panicked = panicked.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+    assert!(
+        helper_panicked || outcome.is_err() || combined == blocks,
+        "a block run ended with {combined} of {blocks} blocks combined and no error"
+    );
+    outcome
 }
 
 /// The in-order combine of a run on persistent workers, done by whichever worker hands

@@ -194,6 +194,98 @@ impl Workers {
     }
 }
 
+/// Jobs lent to a pool's workers within [`Workers::scope`]: each `spawn` sends one job
+/// to the next worker; the scope waits for every job sent before it returns.
+pub(crate) struct Scope<'scope, 'env: 'scope> {
+    workers: &'scope Workers,
+    latch: Arc<Latch>,
+    next: std::cell::Cell<usize>,
+    _scope: std::marker::PhantomData<&'scope mut &'scope ()>,
+    _env: std::marker::PhantomData<&'env mut &'env ()>,
+}
+
+impl<'scope> Scope<'scope, '_> {
+    /// Sends `job` to the next worker; false (the job dropped, not run) when every worker
+    /// has one already or the worker is gone.
+    pub(crate) fn spawn(&self, job: impl FnOnce() + Send + 'scope) -> bool {
+        let w = self.next.get();
+        if w >= self.workers.count() {
+            return false;
+        }
+        self.next.set(w + 1);
+        self.latch.state.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        let job: Box<dyn FnOnce() + Send + 'scope> = Box::new(job);
+        // SAFETY: only the lifetime is changed; `Workers::scope` returns only once this
+        // job has run to its end (its `finish` is the last thing it does) or has been
+        // counted as not run, so nothing it borrows for 'scope is used after the scope.
+        let job: Job = unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + 'scope>, Job>(job) };
+        let latch = self.latch.clone();
+        let sent = self.workers.senders[w].send(Box::new(move || {
+            let outcome = catch_unwind(AssertUnwindSafe(job));
+            latch.finish(outcome.err());
+        }));
+        if sent.is_err() {
+            // the worker is gone: the job was dropped unrun
+            self.latch.finish(None);
+            return false;
+        }
+        true
+    }
+}
+
+impl Workers {
+    /// Runs `f` with a [`Scope`] whose jobs run on this pool's workers, and returns once
+    /// every job sent has ended (also when `f` panics). A job's panic is resumed here,
+    /// after `f`'s own. The caller holds [`Workers::try_turn`]'s guard.
+    pub(crate) fn scope<'env, T>(&self, f: impl for<'scope> FnOnce(&'scope Scope<'scope, 'env>) -> T) -> T {
+        let scope = Scope {
+            workers: self,
+            latch: Arc::new(Latch {
+                state: Mutex::new((0, None)),
+                done: Condvar::new(),
+            }),
+            next: std::cell::Cell::new(0),
+            _scope: std::marker::PhantomData,
+            _env: std::marker::PhantomData,
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| f(&scope)));
+        let mut state = scope.latch.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.0 > 0 {
+            state = scope.latch.done.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        let job_panic = state.1.take();
+        drop(state);
+        match result {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(_) if job_panic.is_some() => std::panic::resume_unwind(job_panic.expect("a panic")),
+            Ok(value) => value,
+        }
+    }
+
+    /// The pool's turn when it can be had at once: None while another call holds it, on
+    /// one of its own workers, and after `fork()`.
+    pub(crate) fn try_turn(&self) -> Option<MutexGuard<'_, ()>> {
+        if OWNER.with(|o| o.get()) == self.id || std::process::id() != self.pid {
+            return None;
+        }
+        self.turn.try_lock().ok()
+    }
+}
+
+/// The process's shared helper threads (one per core but one), started on first use: a
+/// call borrows them for the library's own work and for plain solver callbacks when they
+/// are free ([`Workers::try_turn`]), and starts threads of its own otherwise, so it never
+/// waits for another call.
+pub(crate) fn shared() -> Option<&'static Workers> {
+    static SHARED: std::sync::OnceLock<Option<Workers>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| match crate::config::cores().saturating_sub(1) {
+            0 => None,
+            helpers => Workers::new(helpers).ok(),
+        })
+        .as_ref()
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         self.senders.clear(); // each worker's loop ends after its last job
@@ -232,6 +324,34 @@ mod tests {
             assert_ne!(ids[w][0], std::thread::current().id());
         }
         assert_ne!(ids[0][0], ids[1][0]);
+    }
+
+    #[test]
+    fn a_scope_waits_for_its_jobs_and_resumes_their_panics() {
+        let workers = Workers::new(2).unwrap();
+        let turn = workers.try_turn().expect("a free pool");
+        assert!(workers.try_turn().is_none(), "one call at a time");
+        let mut counts = [0u32; 3];
+        let (first, rest) = counts.split_first_mut().unwrap();
+        workers.scope(|scope| {
+            for c in rest.iter_mut() {
+                assert!(scope.spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    *c += 1;
+                }));
+            }
+            assert!(!scope.spawn(|| {}), "one job per worker");
+            *first += 1;
+        });
+        assert_eq!(counts, [1, 1, 1]); // every job ended before the scope returned
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            workers.scope(|scope| {
+                scope.spawn(|| panic!("a job fails"));
+            })
+        }));
+        assert!(outcome.is_err());
+        drop(turn);
+        assert!(workers.try_turn().is_some());
     }
 
     #[test]
