@@ -27,9 +27,12 @@
  * - Threads: functions taking a const handle may run concurrently on it; a non-const
  *   handle may be used from any thread, one call at a time, except that pert_forward,
  *   pert_fenchel_young and pert_draw_new may run concurrently on one op (see pert_op).
- *   Different handles are independent. Solver callbacks run on the calling thread unless the config's
- *   threads > 1 (see pert_op_new); those of pert_op_new_ex run on the op's own
- *   persistent worker threads. pert_config_set_max_threads caps a call's threads.
+ *   Different handles are independent. Solver callbacks run on the calling thread
+ *   unless the config's threads > 1 (then also on helper threads the library keeps
+ *   between calls, or starts for the call when they are busy; see pert_op_new); those
+ *   of pert_op_new_ex run on the op's own persistent worker threads. Helper and worker
+ *   threads run each call's work under the calling thread's floating-point settings.
+ *   pert_config_set_max_threads caps a call's threads.
  * - No exception or panic crosses this API: a solver callback must not throw or
  *   longjmp; internal panics are caught and returned as PERT_STATUS_PANIC.
  */
@@ -379,7 +382,10 @@ pert_status pert_config_set_device(struct pert_config *config, const char *devic
 /*
  Sets how many threads call the solver in one forward call (default 1; 0: one per core).
  With more than one, the solver is called concurrently on disjoint slices of the
- perturbed problems and must be thread-safe. Results do not depend on this number.
+ perturbed problems and must be thread-safe: on the calling thread and on helper threads
+ that the library keeps between calls (shared by all ops; threads of the call's own when
+ they are busy), so thread-local state of a solver may outlive a call. Results do not
+ depend on this number.
 
  @return `PERT_STATUS_INVALID_ARGUMENT` above 1024.
  */

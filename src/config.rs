@@ -296,8 +296,16 @@ impl Config {
 /// The cores this process may use, asked once: `available_parallelism` reads the cgroup
 /// files of the process each time (tens of microseconds, a large part of a small call).
 pub(crate) fn cores() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    // an atomic, not a lock: a child forked while another thread asks must not wait
+    static CORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    match CORES.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            CORES.store(cores, std::sync::atomic::Ordering::Relaxed);
+            cores
+        }
+        cores => cores,
+    }
 }
 
 #[cfg(test)]

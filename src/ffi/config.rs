@@ -155,7 +155,10 @@ pub unsafe extern "C" fn pert_config_set_device(
 
 /// Sets how many threads call the solver in one forward call (default 1; 0: one per core).
 /// With more than one, the solver is called concurrently on disjoint slices of the
-/// perturbed problems and must be thread-safe. Results do not depend on this number.
+/// perturbed problems and must be thread-safe: on the calling thread and on helper threads
+/// that the library keeps between calls (shared by all ops; threads of the call's own when
+/// they are busy), so thread-local state of a solver may outlive a call. Results do not
+/// depend on this number.
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` above 1024.
 #[no_mangle]

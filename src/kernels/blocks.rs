@@ -137,23 +137,34 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
     // the helpers: the process's shared threads when they are free (no thread start-up
     // per call), else threads of this call's own
     let pool = super::workers::shared().filter(|pool| pool.count() >= helpers.len());
-    let outcome = match pool.and_then(|pool| pool.try_turn().map(|turn| (pool, turn))) {
-        Some((pool, _turn)) => pool.scope(|scope| {
+    let attempt = pool.map(|pool| {
+        pool.try_scope(|scope| {
             drive(
                 &|job| scope.spawn(job),
                 &shared,
-                own,
-                helpers,
+                &mut *own,
+                &mut *helpers,
                 &work,
                 &mut combine,
                 &taken,
                 &panicked,
             )
-        }),
-        None => std::thread::scope(|scope| {
+        })
+    });
+    let outcome = match attempt {
+        Some(Ok(outcome)) => outcome,
+        // the pool is busy (or absent): threads of this call's own
+        unrun => {
+            drop(unrun); // the body that did not run, and what it borrowed
+            std::thread::scope(|scope| {
             drive(
                 // a thread that cannot start (thread or memory limits) is left out
-                &|job| std::thread::Builder::new().spawn_scoped(scope, job).is_ok(),
+                &|job| {
+                    std::thread::Builder::new()
+                        .stack_size(super::workers::WORKER_STACK_BYTES)
+                        .spawn_scoped(scope, job)
+                        .is_ok()
+                },
                 &shared,
                 own,
                 helpers,
@@ -162,7 +173,8 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
                 &taken,
                 &panicked,
             )
-        }),
+            })
+        }
     };
     // a helper's panic, once every helper has ended
     if let Some(payload) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {

@@ -1,10 +1,14 @@
-//! Persistent worker threads owned by an op: worker w is always the same OS thread, for
-//! solvers that keep state per thread (a model object built once, a warm start).
+//! Persistent worker threads: an op's own (for solvers that keep state per thread: worker w
+//! is always the same OS thread), and the process's shared helpers that block runs borrow
+//! when they are free ([`shared`]).
 //!
-//! [`Workers::run_each`] runs a borrowed closure on workers `0 .. count` at once and
-//! returns only once every one of them has finished with it (a panic included), which is
-//! what makes lending it non-`'static` data sound. Calls take turns on the workers
-//! ([`Workers::turn`]), so a worker never runs two jobs at once.
+//! [`Workers::run_each`] runs a borrowed closure on workers `0 .. count` at once, and
+//! [`Workers::try_scope`] lends jobs to them while the calling thread works too; both
+//! return only once every job has ended (a panic included, or dropped unrun), which is
+//! what makes lending non-`'static` data sound. Calls take turns on a pool
+//! ([`Workers::turn`], [`Workers::try_scope`]), so a worker never runs two calls' jobs at
+//! once. A job runs under the calling thread's floating-point settings (rounding, flush to
+//! zero), as a thread started for the call would, and the worker's own are put back after.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -14,7 +18,64 @@ use std::thread::JoinHandle;
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// The stack of a worker thread: a solver's recursion gets what a main thread gets.
-const WORKER_STACK_BYTES: usize = 8 << 20;
+pub(crate) const WORKER_STACK_BYTES: usize = 8 << 20;
+
+/// The calling thread's floating-point control word (SSE/AVX rounding and denormal modes).
+fn fp_state() -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut csr: u32 = 0;
+        // SAFETY: stores MXCSR into a local.
+        unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags)) };
+        csr
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        0
+    }
+}
+
+fn set_fp_state(csr: u32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: loads a control word read from a thread of this process by `fp_state`.
+    unsafe {
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly, preserves_flags))
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = csr;
+}
+
+/// A job lent to a worker: when it is dropped, run or not, its borrowed closure is dropped
+/// first, then its latch counts it (with its panic): so the lender can return.
+struct Lent {
+    job: Option<Box<dyn FnOnce() + Send + 'static>>,
+    latch: Arc<Latch>,
+    panic: Option<Panic>,
+    fp: u32,
+}
+
+impl Lent {
+    fn run(mut self) {
+        if let Some(job) = self.job.take() {
+            let own = fp_state();
+            set_fp_state(self.fp);
+            self.panic = catch_unwind(AssertUnwindSafe(job)).err();
+            set_fp_state(own);
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        drop(self.job.take());
+        self.latch.finish(self.panic.take());
+    }
+}
+
+/// A job for a worker thread, from a lent one.
+fn job_of(lent: Lent) -> Job {
+    Box::new(move || lent.run())
+}
 type Panic = Box<dyn std::any::Any + Send + 'static>;
 
 /// The op's worker threads.
@@ -103,6 +164,11 @@ impl Workers {
     /// Starts `count` (>= 1) threads named `pert-worker-<w>`; an error names what the
     /// system refused.
     pub(crate) fn new(count: usize) -> std::io::Result<Workers> {
+        Workers::named(count, "pert-worker")
+    }
+
+    /// [`Workers::new`] with threads named `<name>-<w>`.
+    fn named(count: usize, name: &str) -> std::io::Result<Workers> {
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut workers = Workers {
             senders: Vec::with_capacity(count),
@@ -114,7 +180,7 @@ impl Workers {
         for w in 0..count.max(1) {
             let (send, receive): (Sender<Job>, Receiver<Job>) = mpsc::channel();
             let handle = std::thread::Builder::new()
-                .name(format!("pert-worker-{w}"))
+                .name(format!("{name}-{w}"))
                 // solvers ran on the caller's thread before (often 8 MiB of stack): as much
                 .stack_size(WORKER_STACK_BYTES)
                 .spawn(move || {
@@ -170,18 +236,20 @@ impl Workers {
         let f = Borrowed(unsafe {
             std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync)>(f)
         });
+        let fp = fp_state();
         for w in 0..count {
-            let latch_w = latch.clone();
-            let job: Job = Box::new(move || {
-                let f = f;
-                // SAFETY: see above; `f` is alive until `latch_w.finish` is called.
-                let outcome = catch_unwind(AssertUnwindSafe(|| unsafe { (*f.0)(w) }));
-                latch_w.finish(outcome.err());
-            });
-            if self.senders[w].send(job).is_err() {
-                // the worker is gone (cannot happen while the op lives): nothing ran
-                latch.finish(None);
-            }
+            let lent = Lent {
+                job: Some(Box::new(move || {
+                    let f = f;
+                    // SAFETY: see above; `f` is alive until the latch counts this job.
+                    unsafe { (*f.0)(w) }
+                })),
+                latch: latch.clone(),
+                panic: None,
+                fp,
+            };
+            // a job that cannot be sent is dropped here, unrun, and counted
+            let _ = self.senders[w].send(job_of(lent));
         }
         let mut state = latch.state.lock().unwrap_or_else(|e| e.into_inner());
         while state.0 > 0 {
@@ -199,6 +267,7 @@ impl Workers {
 pub(crate) struct Scope<'scope, 'env: 'scope> {
     workers: &'scope Workers,
     latch: Arc<Latch>,
+    fp: u32,
     next: std::cell::Cell<usize>,
     _scope: std::marker::PhantomData<&'scope mut &'scope ()>,
     _env: std::marker::PhantomData<&'env mut &'env ()>,
@@ -215,35 +284,42 @@ impl<'scope> Scope<'scope, '_> {
         self.next.set(w + 1);
         self.latch.state.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
         let job: Box<dyn FnOnce() + Send + 'scope> = Box::new(job);
-        // SAFETY: only the lifetime is changed; `Workers::scope` returns only once this
-        // job has run to its end (its `finish` is the last thing it does) or has been
-        // counted as not run, so nothing it borrows for 'scope is used after the scope.
-        let job: Job = unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + 'scope>, Job>(job) };
-        let latch = self.latch.clone();
-        let sent = self.workers.senders[w].send(Box::new(move || {
-            let outcome = catch_unwind(AssertUnwindSafe(job));
-            latch.finish(outcome.err());
-        }));
-        if sent.is_err() {
-            // the worker is gone: the job was dropped unrun
-            self.latch.finish(None);
-            return false;
-        }
-        true
+        // SAFETY: only the lifetime is changed; the scope returns only once the latch has
+        // counted this job, which happens when the job is dropped, run or not, after its
+        // closure (with everything it borrows for 'scope) has been dropped (`Lent`).
+        let job = unsafe {
+            std::mem::transmute::<Box<dyn FnOnce() + Send + 'scope>, Box<dyn FnOnce() + Send + 'static>>(job)
+        };
+        let lent = Lent {
+            job: Some(job),
+            latch: self.latch.clone(),
+            panic: None,
+            fp: self.fp,
+        };
+        // a job that cannot be sent (the worker is gone) is dropped here, unrun, and counted
+        self.workers.senders[w].send(job_of(lent)).is_ok()
     }
 }
 
 impl Workers {
-    /// Runs `f` with a [`Scope`] whose jobs run on this pool's workers, and returns once
-    /// every job sent has ended (also when `f` panics). A job's panic is resumed here,
-    /// after `f`'s own. The caller holds [`Workers::try_turn`]'s guard.
-    pub(crate) fn scope<'env, T>(&self, f: impl for<'scope> FnOnce(&'scope Scope<'scope, 'env>) -> T) -> T {
+    /// Runs `f` with a [`Scope`] whose jobs run on this pool's workers, when the pool can
+    /// be had at once (see [`Workers::try_turn`]; else `f` comes back unrun), and returns
+    /// once every job sent has ended (also when `f` panics). A job's panic is resumed here
+    /// (`f`'s own first).
+    pub(crate) fn try_scope<'env, T, F>(&self, f: F) -> Result<T, F>
+    where
+        F: for<'scope> FnOnce(&'scope Scope<'scope, 'env>) -> T,
+    {
+        let Some(_turn) = self.try_turn() else {
+            return Err(f);
+        };
         let scope = Scope {
             workers: self,
             latch: Arc::new(Latch {
                 state: Mutex::new((0, None)),
                 done: Condvar::new(),
             }),
+            fp: fp_state(),
             next: std::cell::Cell::new(0),
             _scope: std::marker::PhantomData,
             _env: std::marker::PhantomData,
@@ -258,32 +334,45 @@ impl Workers {
         match result {
             Err(panic) => std::panic::resume_unwind(panic),
             Ok(_) if job_panic.is_some() => std::panic::resume_unwind(job_panic.expect("a panic")),
-            Ok(value) => value,
+            Ok(value) => Ok(value),
         }
     }
 
     /// The pool's turn when it can be had at once: None while another call holds it, on
     /// one of its own workers, and after `fork()`.
-    pub(crate) fn try_turn(&self) -> Option<MutexGuard<'_, ()>> {
+    fn try_turn(&self) -> Option<MutexGuard<'_, ()>> {
         if OWNER.with(|o| o.get()) == self.id || std::process::id() != self.pid {
             return None;
         }
-        self.turn.try_lock().ok()
+        match self.turn.try_lock() {
+            Ok(guard) => Some(guard),
+            // a call that panicked left it poisoned: the pool itself is fine
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 }
 
-/// The process's shared helper threads (one per core but one), started on first use: a
-/// call borrows them for the library's own work and for plain solver callbacks when they
-/// are free ([`Workers::try_turn`]), and starts threads of its own otherwise, so it never
-/// waits for another call.
+/// The process's shared helper threads (one per core but one, named `pert-helper-<i>`),
+/// started on first use: a call borrows them for the library's own work and for plain
+/// solver callbacks when they are free ([`Workers::try_scope`]), and starts threads of its
+/// own otherwise, so it never waits for another call. The first caller starts them;
+/// callers meanwhile (and a child forked meanwhile) go without.
 pub(crate) fn shared() -> Option<&'static Workers> {
     static SHARED: std::sync::OnceLock<Option<Workers>> = std::sync::OnceLock::new();
-    SHARED
-        .get_or_init(|| match crate::config::cores().saturating_sub(1) {
-            0 => None,
-            helpers => Workers::new(helpers).ok(),
-        })
-        .as_ref()
+    static CLAIMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Some(pool) = SHARED.get() {
+        return pool.as_ref();
+    }
+    if CLAIMED.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return None; // another thread is starting them
+    }
+    let pool = match crate::config::cores().saturating_sub(1) {
+        0 => None,
+        helpers => Workers::named(helpers, "pert-helper").ok(),
+    };
+    let _ = SHARED.set(pool);
+    SHARED.get().and_then(Option::as_ref)
 }
 
 impl Drop for Workers {
@@ -329,11 +418,9 @@ mod tests {
     #[test]
     fn a_scope_waits_for_its_jobs_and_resumes_their_panics() {
         let workers = Workers::new(2).unwrap();
-        let turn = workers.try_turn().expect("a free pool");
-        assert!(workers.try_turn().is_none(), "one call at a time");
         let mut counts = [0u32; 3];
         let (first, rest) = counts.split_first_mut().unwrap();
-        workers.scope(|scope| {
+        let done = workers.try_scope(|scope| {
             for c in rest.iter_mut() {
                 assert!(scope.spawn(move || {
                     std::thread::sleep(std::time::Duration::from_millis(10));
@@ -341,17 +428,37 @@ mod tests {
                 }));
             }
             assert!(!scope.spawn(|| {}), "one job per worker");
+            // one call at a time: a second scope comes back unrun
+            assert!(workers.try_scope(|_| ()).is_err());
             *first += 1;
         });
+        assert!(done.is_ok());
         assert_eq!(counts, [1, 1, 1]); // every job ended before the scope returned
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            workers.scope(|scope| {
+            let _ = workers.try_scope(|scope| {
                 scope.spawn(|| panic!("a job fails"));
-            })
+            });
         }));
         assert!(outcome.is_err());
-        drop(turn);
-        assert!(workers.try_turn().is_some());
+        assert!(workers.try_scope(|_| ()).is_ok(), "the pool is free again (not poisoned)");
+    }
+
+    #[test]
+    fn jobs_run_under_the_callers_floating_point_settings() {
+        let workers = Workers::new(1).unwrap();
+        let own = fp_state();
+        let flush = own | 0x8040; // flush to zero, denormals are zero
+        set_fp_state(flush);
+        let seen = Mutex::new(0u32);
+        let _ = workers.try_scope(|scope| {
+            scope.spawn(|| *seen.lock().unwrap() = fp_state());
+        });
+        set_fp_state(own);
+        assert_eq!(*seen.lock().unwrap(), flush);
+        // the worker's own settings came back after the job
+        let _turn = workers.turn().unwrap();
+        workers.run_each(1, &|_| *seen.lock().unwrap() = fp_state());
+        assert_eq!(*seen.lock().unwrap(), own);
     }
 
     #[test]
