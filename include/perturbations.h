@@ -369,9 +369,13 @@ pert_status pert_config_set_noise(struct pert_config *config, uint32_t noise);
 pert_status pert_config_set_seed(struct pert_config *config, uint64_t seed);
 
 /*
- Sets the device that samples, perturbs and reduces: "auto" (default: CUDA device 0 when
- a GPU is present, else the CPU), "cpu", "cuda" (device 0) or "cuda:N". Solver callbacks
- always receive host memory, whatever the device.
+ Sets the device that samples, perturbs and reduces: "auto" (the default), "cpu",
+ "cuda" (device 0) or "cuda:N". Under "auto", ops of built-in solvers run on CUDA device
+ 0 when a GPU is present, else on the CPU, and ops whose solutions come from the host
+ (callbacks of pert_op_new and pert_op_new_ex, external ops for the two-phase API) run on
+ the CPU on every machine: their solvers take host memory anyway, the CPU pipeline then
+ avoids a copy to the GPU and back per chunk, and their results for a seed are the same
+ on a machine with a GPU as without. Solver callbacks always receive host memory.
 
  @param device  A NUL-terminated string, borrowed for the call.
  @return `PERT_STATUS_INVALID_ARGUMENT` for another string,

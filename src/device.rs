@@ -7,7 +7,8 @@ use tch::Device;
 /// The device an op computes on, as the user asked for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
-    /// CUDA device 0 when a GPU is present, else the CPU.
+    /// Built-in solvers: CUDA device 0 when a GPU is present, else the CPU. Host solvers
+    /// (callbacks, two-phase): the CPU (see [`DeviceSpec::resolve_for`]).
     #[default]
     Auto,
     /// The CPU.
@@ -42,16 +43,21 @@ impl DeviceSpec {
         }
     }
 
-    /// The libtorch device this spec names on this machine.
+    /// The libtorch device this spec names on this machine for a built-in solver.
     /// A CUDA device that does not exist gives [`Status::DeviceUnavailable`].
     pub fn resolve(self) -> Result<Device> {
+        self.resolve_for(false)
+    }
+
+    /// The device of an op: `host_solver` when its solutions come from the host (a
+    /// callback, a solver with workers, the two-phase API). `"auto"` puts such ops on the
+    /// CPU whatever the machine has: their rows would otherwise go to the host and back
+    /// for every chunk, without the host pipeline, and their results would depend on
+    /// whether the machine has a GPU. Built-ins go to CUDA device 0 when there is one.
+    pub fn resolve_for(self, host_solver: bool) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Auto => Ok(if cuda_device_count() > 0 {
-                Device::Cuda(0)
-            } else {
-                Device::Cpu
-            }),
+            DeviceSpec::Auto => Ok(auto_device(host_solver, cuda_device_count())),
             DeviceSpec::Cuda(index) => {
                 let count = cuda_device_count();
                 if index < count {
@@ -74,6 +80,15 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Cpu => f.write_str("cpu"),
             DeviceSpec::Cuda(index) => write!(f, "cuda:{index}"),
         }
+    }
+}
+
+/// Where `"auto"` puts an op, given the CUDA devices present.
+fn auto_device(host_solver: bool, cuda_devices: usize) -> Device {
+    if host_solver || cuda_devices == 0 {
+        Device::Cpu
+    } else {
+        Device::Cuda(0)
     }
 }
 
@@ -102,6 +117,17 @@ mod tests {
                 err.message()
             );
         }
+    }
+
+    #[test]
+    fn auto_keeps_host_solvers_on_the_cpu_and_builtins_on_the_gpu() {
+        // a machine with two GPUs and one without
+        assert_eq!(auto_device(true, 2), Device::Cpu);
+        assert_eq!(auto_device(false, 2), Device::Cuda(0));
+        assert_eq!(auto_device(true, 0), Device::Cpu);
+        assert_eq!(auto_device(false, 0), Device::Cpu);
+        // here: a host solver under "auto" is on the CPU whatever the machine has
+        assert_eq!(DeviceSpec::Auto.resolve_for(true).unwrap(), Device::Cpu);
     }
 
     #[test]

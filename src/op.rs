@@ -108,7 +108,8 @@ impl PerturbedOp {
         let input_numel = numel(input_shape, "input_shape")?;
         let output_numel = numel(output_shape, "output_shape")?;
         config.validate()?;
-        let device = config.device().resolve()?;
+        let host_solver = !matches!(solver, SolverKind::Builtin(_));
+        let device = config.device().resolve_for(host_solver)?;
         let spec = OpSpec {
             config: config.clone(),
             device,

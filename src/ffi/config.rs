@@ -127,9 +127,13 @@ pub unsafe extern "C" fn pert_config_set_seed(config: *mut pert_config, seed: u6
     })
 }
 
-/// Sets the device that samples, perturbs and reduces: "auto" (default: CUDA device 0 when
-/// a GPU is present, else the CPU), "cpu", "cuda" (device 0) or "cuda:N". Solver callbacks
-/// always receive host memory, whatever the device.
+/// Sets the device that samples, perturbs and reduces: "auto" (the default), "cpu",
+/// "cuda" (device 0) or "cuda:N". Under "auto", ops of built-in solvers run on CUDA device
+/// 0 when a GPU is present, else on the CPU, and ops whose solutions come from the host
+/// (callbacks of pert_op_new and pert_op_new_ex, external ops for the two-phase API) run on
+/// the CPU on every machine: their solvers take host memory anyway, the CPU pipeline then
+/// avoids a copy to the GPU and back per chunk, and their results for a seed are the same
+/// on a machine with a GPU as without. Solver callbacks always receive host memory.
 ///
 /// @param device  A NUL-terminated string, borrowed for the call.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for another string,
