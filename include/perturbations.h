@@ -266,6 +266,22 @@ typedef int32_t (*pert_worker_init)(void *user_data, uint32_t worker);
  */
 typedef void (*pert_worker_fini)(void *user_data, uint32_t worker);
 
+/*
+ A solver that works where the op's data lives: for a CUDA op, `inputs` and `outputs`
+ are CUDA device pointers on the op's device and `stream` is the `cudaStream_t` to work
+ on (NULL: the default stream, which the library's own work uses); for a CPU op they are
+ host pointers and `stream` is NULL. The library never copies the rows to the host. Work
+ the solver queues on `stream` may still run when it returns: the library's next steps
+ are ordered after it on that stream. `info->worker` is 0. Otherwise as
+ `pert_solver_fn`: every output written, finite; non-zero fails the call.
+ */
+typedef int32_t (*pert_device_solver_fn)(void *user_data,
+                                         const struct pert_solve_info *info,
+                                         const float *inputs,
+                                         size_t count,
+                                         float *outputs,
+                                         void *stream);
+
 
 
 /*
@@ -625,6 +641,27 @@ pert_status pert_op_new_ex(const struct pert_config *config,
                            pert_worker_init init,
                            pert_worker_fini fini,
                            struct pert_op **out);
+
+/*
+ Makes a perturbed op over a solver that works on the op's device memory (see
+ `pert_device_solver_fn`): for solvers written in CUDA or libtorch C++, which take the
+ perturbed rows where they were drawn and leave the solutions there, with no copy to the
+ host. Chunks of samples (see `pert_config_set_chunk_bytes`) are drawn, solved and summed
+ on the op's device; under "auto" such an op runs on CUDA device 0 when a GPU is present.
+ On a CPU op the same pipeline passes host memory (a CPU build of the solver, or a test
+ of it). The solver is called from the thread that calls `pert_forward`, one chunk at a
+ time.
+
+ Parameters and errors as for `pert_op_new`.
+ */
+pert_status pert_op_new_device(const struct pert_config *config,
+                               const int64_t *input_shape,
+                               size_t input_rank,
+                               const int64_t *output_shape,
+                               size_t output_rank,
+                               pert_device_solver_fn solver,
+                               void *user_data,
+                               struct pert_op **out);
 
 /*
  Makes a perturbed op over a built-in solver: no callback; on CUDA it runs in libtorch on

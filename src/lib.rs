@@ -58,6 +58,6 @@ pub use noise::Noise;
 pub use op::PerturbedOp;
 pub use perturbation::Perturbation;
 pub use settings::{Baseline, Sense};
-pub use solver::{SolveInfo, Solver, WorkerSolver};
+pub use solver::{DeviceSolver, SolveInfo, Solver, WorkerSolver};
 pub use tape::Tape;
 pub use two_phase::Draw;

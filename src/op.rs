@@ -7,7 +7,7 @@ use crate::estimate::Estimate;
 use crate::kernels::builtin::Builtin;
 use crate::pipeline::{HostSolver, OpSpec, SolverKind, Source};
 use crate::shape::numel;
-use crate::solver::{Solver, WorkerSolver};
+use crate::solver::{DeviceSolver, Solver, WorkerSolver};
 use crate::tape::{output_and_tape, Tape};
 use crate::two_phase::Draw;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +73,24 @@ impl PerturbedOp {
         )
     }
 
+    /// An op over a solver that works on the op's device memory (see [`DeviceSolver`]):
+    /// the perturbed rows are drawn, solved and summed on the device, never copied to the
+    /// host. On a CPU op the solver gets host memory through the same pipeline. Under
+    /// `"auto"` such an op goes to the GPU when there is one.
+    pub fn new_device(
+        config: &Config,
+        input_shape: &[i64],
+        output_shape: &[i64],
+        solver: impl DeviceSolver + 'static,
+    ) -> Result<PerturbedOp> {
+        PerturbedOp::with_solver(
+            config,
+            input_shape,
+            output_shape,
+            SolverKind::Device(Arc::new(solver)),
+        )
+    }
+
     /// An op over a built-in solver, working along the last dimension of `input_shape`;
     /// the output has the input's shape.
     pub fn new_builtin(
@@ -108,7 +126,7 @@ impl PerturbedOp {
         let input_numel = numel(input_shape, "input_shape")?;
         let output_numel = numel(output_shape, "output_shape")?;
         config.validate()?;
-        let host_solver = !matches!(solver, SolverKind::Builtin(_));
+        let host_solver = !matches!(solver, SolverKind::Builtin(_) | SolverKind::Device(_));
         let device = config.device().resolve_for(host_solver)?;
         let spec = OpSpec {
             config: config.clone(),

@@ -96,3 +96,27 @@ pub trait WorkerSolver: Send + Sync {
         let _ = worker;
     }
 }
+
+/// A solver that works where the op's data lives (CUDA device memory for a CUDA op, host
+/// memory for a CPU op): it gets the perturbed rows and writes the solutions in place, on
+/// the stream the library uses, so no row is copied to the host. Written in CUDA or
+/// libtorch C++, typically.
+pub trait DeviceSolver: Send + Sync {
+    /// Solves `count` rows: `inputs` holds `count × input_numel` floats and `outputs` has
+    /// room for `count × output_numel`, both row-major on the op's device; `stream` is the
+    /// CUDA stream to work on (null: the default stream; always null for a CPU op). Work
+    /// queued on that stream may still run after the call returns: the library orders its
+    /// own work after it on the same stream.
+    ///
+    /// # Safety
+    /// The pointers are valid for the documented sizes during the call (and, on CUDA, for
+    /// work queued on `stream` during the call).
+    unsafe fn solve(
+        &self,
+        info: &SolveInfo,
+        inputs: *const f32,
+        count: usize,
+        outputs: *mut f32,
+        stream: *mut std::ffi::c_void,
+    ) -> Result<(), String>;
+}

@@ -91,9 +91,8 @@ fn julia_types(c_type: &str) -> &'static [&'static str] {
         "char*" => &["Cstring", "Ptr{Cchar}", "Ptr{UInt8}"],
         "float*" => &["Ptr{Float32}", "Ptr{Cfloat}"],
         "int64_t*" => &["Ptr{Int64}", "Ptr{Clonglong}"],
-        "void*" | "pert_solver_fn" | "pert_solver_ex" | "pert_worker_init" | "pert_worker_fini" => {
-            &["Ptr{Cvoid}"]
-        }
+        "void*" | "pert_solver_fn" | "pert_solver_ex" | "pert_worker_init" | "pert_worker_fini"
+        | "pert_device_solver_fn" => &["Ptr{Cvoid}"],
         t if t.starts_with("pert_") && t.ends_with("**") => &["Ref{Ptr{Cvoid}}", "Ptr{Ptr{Cvoid}}"],
         t if t.starts_with("pert_") && t.ends_with('*') => &["Ptr{Cvoid}"],
         _ => &[],
@@ -641,6 +640,7 @@ fn julia_solve_info_and_callbacks_match_the_header() {
         "@cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))",
         "@cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))",
         "@cfunction(fini_trampoline, Cvoid, (Ptr{Cvoid}, UInt32))",
+        "@cfunction(device_trampoline, Int32,\n        (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Cvoid}))",
     ] {
         assert!(src.contains(expected), "the binding lacks `{expected}`");
     }

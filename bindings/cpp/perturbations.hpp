@@ -281,6 +281,24 @@ class Op {
     return op;
   }
 
+  /// A solver that works where the op's data lives (pert_op_new_device): x and y are CUDA
+  /// device pointers for a CUDA op (host pointers for a CPU op), `stream` the cudaStream_t
+  /// to work on (nullptr: the default stream); called on the calling thread.
+  using DeviceSolver = std::function<void(const pert_solve_info&, const float*, std::size_t, float*, void*)>;
+
+  /// An op over a device solver: the rows never go to the host.
+  static Op device(const Config& config, std::vector<std::int64_t> input_shape, std::vector<std::int64_t> output_shape,
+                   DeviceSolver solver) {
+    Op op(config.sense());
+    op.state_->solve_device = std::move(solver);
+    if (!op.state_->solve_device) throw Error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
+    pert_op* handle = nullptr;
+    detail::check(pert_op_new_device(config.get(), input_shape.data(), input_shape.size(), output_shape.data(),
+                                     output_shape.size(), &Op::trampoline_device, op.state_.get(), &handle));
+    op.handle_.reset(handle);
+    return op;
+  }
+
   /// A null solver is refused at compile time.
   Op(const Config&, std::vector<std::int64_t>, std::vector<std::int64_t>, std::nullptr_t) = delete;
 
@@ -362,6 +380,7 @@ class Op {
   struct State {
     Solver solve;
     SolverWithInfo solve_ex;
+    DeviceSolver solve_device;
     std::function<void(std::uint32_t)> init, fini;
     std::mutex calls;  // calls of the op take turns: a stored exception is the running call's
     std::mutex mutex;
@@ -400,6 +419,19 @@ class Op {
     auto* state = static_cast<State*>(user_data);
     try {
       state->solve_ex(*info, inputs, count, outputs);
+      return 0;
+    } catch (...) {
+      state->keep(std::current_exception());
+      set_message();
+      return 1;
+    }
+  }
+
+  static int32_t trampoline_device(void* user_data, const pert_solve_info* info, const float* inputs, std::size_t count,
+                                   float* outputs, void* stream) noexcept {
+    auto* state = static_cast<State*>(user_data);
+    try {
+      state->solve_device(*info, inputs, count, outputs, stream);
       return 0;
     } catch (...) {
       state->keep(std::current_exception());

@@ -10,7 +10,8 @@ use crate::op::PerturbedOp;
 use crate::shape::checked_product;
 pub use super::solver::pert_solver_fn; // its home before `ffi::solver`
 use super::solver::{
-    pert_solver_ex, pert_worker_fini, pert_worker_init, CallbackSolver, ExCallbackSolver,
+    pert_device_solver_fn, pert_solver_ex, pert_worker_fini, pert_worker_init, CallbackSolver,
+    DeviceCallbackSolver, ExCallbackSolver,
 };
 use std::ffi::c_void;
 
@@ -158,6 +159,45 @@ pub unsafe extern "C" fn pert_op_new_ex(
                 fini,
                 user_data,
             },
+        )?;
+        *out = Box::into_raw(Box::new(pert_op { inner }));
+        Ok(())
+    })
+}
+
+/// Makes a perturbed op over a solver that works on the op's device memory (see
+/// `pert_device_solver_fn`): for solvers written in CUDA or libtorch C++, which take the
+/// perturbed rows where they were drawn and leave the solutions there, with no copy to the
+/// host. Chunks of samples (see `pert_config_set_chunk_bytes`) are drawn, solved and summed
+/// on the op's device; under "auto" such an op runs on CUDA device 0 when a GPU is present.
+/// On a CPU op the same pipeline passes host memory (a CPU build of the solver, or a test
+/// of it). The solver is called from the thread that calls `pert_forward`, one chunk at a
+/// time.
+///
+/// Parameters and errors as for `pert_op_new`.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_new_device(
+    config: *const pert_config,
+    input_shape: *const i64,
+    input_rank: usize,
+    output_shape: *const i64,
+    output_rank: usize,
+    solver: pert_device_solver_fn,
+    user_data: *mut c_void,
+    out: *mut *mut pert_op,
+) -> pert_status {
+    guard(|| {
+        let config = unsafe { arg(config, "config") }?;
+        let out = unsafe { arg_mut(out, "out") }?;
+        let solve =
+            solver.ok_or_else(|| Error::new(crate::Status::NullArgument, "solver is NULL"))?;
+        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
+        let output_shape = unsafe { shape(output_shape, output_rank, "output_shape") }?;
+        let inner = PerturbedOp::new_device(
+            &config.inner,
+            &input_shape,
+            &output_shape,
+            DeviceCallbackSolver { solve, user_data },
         )?;
         *out = Box::into_raw(Box::new(pert_op { inner }));
         Ok(())

@@ -1,9 +1,10 @@
 //! Solver callbacks: the plain `pert_solver_fn`, the `pert_solver_ex` form that learns
 //! where its rows sit (`pert_solve_info`) and keeps state per worker (`pert_worker_init`,
-//! `pert_worker_fini`), and `pert_solver_set_error`, a solver's own failure message.
+//! `pert_worker_fini`), the `pert_device_solver_fn` form that works on device memory, and
+//! `pert_solver_set_error`, a solver's own failure message.
 
 use super::boundary::guard_or;
-use crate::solver::{SolveInfo, Solver, WorkerSolver};
+use crate::solver::{DeviceSolver, SolveInfo, Solver, WorkerSolver};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
 
@@ -185,15 +186,7 @@ impl WorkerSolver for ExCallbackSolver {
         count: usize,
         outputs: &mut [f32],
     ) -> Result<(), String> {
-        let c_info = pert_solve_info {
-            struct_size: std::mem::size_of::<pert_solve_info>() as u32,
-            worker: info.worker as u32,
-            clean: u32::from(info.clean),
-            reserved: 0,
-            first_row: info.first_row,
-            num_samples: info.num_samples,
-            batch: info.batch,
-        };
+        let c_info = c_info(info);
         // SAFETY: the buffers hold `count` rows each and `c_info` outlives the call, as the
         // callback's contract says.
         call_c("the solver callback", || unsafe {
@@ -212,5 +205,71 @@ impl WorkerSolver for ExCallbackSolver {
             // SAFETY: a hook of the caller's, called as its contract says.
             unsafe { fini(self.user_data, worker as u32) }
         }
+    }
+}
+
+/// A solver that works where the op's data lives: for a CUDA op, `inputs` and `outputs`
+/// are CUDA device pointers on the op's device and `stream` is the `cudaStream_t` to work
+/// on (NULL: the default stream, which the library's own work uses); for a CPU op they are
+/// host pointers and `stream` is NULL. The library never copies the rows to the host. Work
+/// the solver queues on `stream` may still run when it returns: the library's next steps
+/// are ordered after it on that stream. `info->worker` is 0. Otherwise as
+/// `pert_solver_fn`: every output written, finite; non-zero fails the call.
+pub type pert_device_solver_fn = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        info: *const pert_solve_info,
+        inputs: *const f32,
+        count: usize,
+        outputs: *mut f32,
+        stream: *mut c_void,
+    ) -> i32,
+>;
+
+/// A `pert_device_solver_fn` with its user data.
+pub(crate) struct DeviceCallbackSolver {
+    pub solve: unsafe extern "C" fn(
+        *mut c_void,
+        *const pert_solve_info,
+        *const f32,
+        usize,
+        *mut f32,
+        *mut c_void,
+    ) -> i32,
+    pub user_data: *mut c_void,
+}
+
+// SAFETY: as `CallbackSolver`: the header says when the callback runs; user_data is only
+// passed through.
+unsafe impl Send for DeviceCallbackSolver {}
+unsafe impl Sync for DeviceCallbackSolver {}
+
+impl DeviceSolver for DeviceCallbackSolver {
+    unsafe fn solve(
+        &self,
+        info: &SolveInfo,
+        inputs: *const f32,
+        count: usize,
+        outputs: *mut f32,
+        stream: *mut c_void,
+    ) -> Result<(), String> {
+        let c_info = c_info(info);
+        // SAFETY: the caller guarantees the pointers (see `DeviceSolver::solve`); `c_info`
+        // outlives the call.
+        call_c("the solver callback", || unsafe {
+            (self.solve)(self.user_data, &c_info, inputs, count, outputs, stream)
+        })
+    }
+}
+
+fn c_info(info: &SolveInfo) -> pert_solve_info {
+    pert_solve_info {
+        struct_size: std::mem::size_of::<pert_solve_info>() as u32,
+        worker: info.worker as u32,
+        clean: u32::from(info.clean),
+        reserved: 0,
+        first_row: info.first_row,
+        num_samples: info.num_samples,
+        batch: info.batch,
     }
 }

@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::kernels::builtin::Solutions;
 use crate::pipeline::plan::OpSpec;
-use crate::pipeline::solve::{solve_host, SolverKind};
+use crate::pipeline::solve::{solve_host, solve_on_device, SolverKind};
 use crate::rng::Stream;
 use crate::shape::batched;
 use crate::solver::SolveInfo;
@@ -93,6 +93,12 @@ impl OpSpec {
                 )?;
                 Ok(Solutions::Dense(y.f_to_device(self.device)?))
             }
+            SolverKind::Device(device) => Ok(Solutions::Dense(solve_on_device(
+                &**device,
+                &x.f_view([x.size()[0], self.input_numel as i64])?,
+                self.output_numel,
+                at,
+            )?)),
             SolverKind::External => unreachable!("external ops are refused before solving"),
         }
     }

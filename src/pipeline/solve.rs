@@ -5,7 +5,7 @@
 use crate::error::{Error, Result, Status};
 use crate::kernels::builtin::Builtin;
 use crate::kernels::workers::Workers;
-use crate::solver::{SolveInfo, Solver, WorkerSolver};
+use crate::solver::{DeviceSolver, SolveInfo, Solver, WorkerSolver};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
@@ -17,6 +17,8 @@ pub(crate) enum SolverKind {
     Host(Arc<HostSolver>),
     /// A built-in solver running in libtorch on the op's device.
     Builtin(Builtin),
+    /// A solver working on the op's device memory (the libtorch chunk pipeline).
+    Device(Arc<dyn DeviceSolver>),
     /// Solved elsewhere, through the two-phase API only.
     External,
 }
@@ -318,4 +320,45 @@ pub(crate) fn check_finite(y: &[f32], o: usize, at: &SolveInfo) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Calls a device solver on the rows of `x` `[rows, d]` (on the op's device) and returns
+/// the solutions `[rows, o]` there, checked finite; `at` says which rows they are.
+pub(crate) fn solve_on_device(
+    solver: &dyn DeviceSolver,
+    x: &Tensor,
+    o: usize,
+    at: SolveInfo,
+) -> Result<Tensor> {
+    let x = x.f_contiguous()?;
+    let rows = x.size()[0] as usize;
+    // NaN first: a solver that writes nothing is caught by the check below
+    let y = Tensor::f_full([rows as i64, o as i64], f64::NAN, (Kind::Float, x.device()))?;
+    if rows == 0 {
+        return Ok(y); // the solver is never called with count 0
+    }
+    // SAFETY: x and y are contiguous float32 tensors of rows·d and rows·o elements on the
+    // op's device that outlive the call; the library's libtorch work runs on the default
+    // stream (null), where it is ordered after what the solver queued.
+    unsafe {
+        solver.solve(
+            &at,
+            x.data_ptr() as *const f32,
+            rows,
+            y.data_ptr() as *mut f32,
+            std::ptr::null_mut(),
+        )
+    }
+    .map_err(|msg| {
+        Error::new(
+            Status::SolverFailed,
+            format!("the solver failed on {}: {msg}", at.describe_rows(rows)),
+        )
+    })?;
+    let finite = y.f_isfinite()?.f_all()?.int64_value(&[]) != 0;
+    if !finite {
+        let host = crate::tensors::host_floats(&y.f_to_device(Device::Cpu)?)?;
+        check_finite(&host, o, &at)?;
+    }
+    Ok(y)
 }

@@ -336,6 +336,26 @@ void test_solvers_with_info_and_worker_objects() {
     EXPECT(e.status() == PERT_STATUS_SOLVER_FAILED);
     EXPECT(std::string(e.what()).find("infeasible") != std::string::npos);  // what() became the message
   }
+  // a device solver on a CPU op: host pointers, no stream; its exception reaches the caller
+  pert::Config gumbel;
+  gumbel.num_samples(20000).sigma(0.5).noise(pert::Noise::Gumbel).device("cpu");
+  bool stream_null = true;
+  pert::Op on_device = pert::Op::device(gumbel, {3}, {3},
+                                        [&](const pert_solve_info&, const float* x, std::size_t n, float* y, void* stream) {
+                                          stream_null = stream_null && stream == nullptr;
+                                          argmax(x, n, y);
+                                        });
+  auto p = on_device.forward({0.5f, 1.0f, 0.2f}, 1);
+  double z = std::exp(1.0) + std::exp(2.0) + std::exp(0.4);
+  EXPECT(stream_null && std::fabs(p[1] - std::exp(2.0) / z) < 5 * 0.5 / std::sqrt(20000.0));
+  pert::Op failing_device = pert::Op::device(gumbel, {3}, {3}, [](const pert_solve_info&, const float*, std::size_t, float*,
+                                                                  void*) { throw SolverError(9); });
+  try {
+    failing_device.forward({0.5f, 1.0f, 0.2f}, 1);
+    EXPECT(false);
+  } catch (const SolverError& e) {
+    EXPECT(e.code == 9);
+  }
   // max_threads below threads is refused
   pert::Config capped;
   capped.threads(2).max_threads(1);

@@ -440,6 +440,82 @@ static bool a_plain_callbacks_message_names_its_rows(void) {
   return true;
 }
 
+/* Device solvers (pert_op_new_device) on a CPU op: host pointers, NULL stream, the rows
+ * drawn and summed by the chunk pipeline; the perturbed argmax is softmax(theta/sigma)
+ * under Gumbel noise, and the VJP is the softmax Jacobian's, within 5 s.d. */
+typedef struct {
+  atomic_int calls, bad;
+  long fail_at; /* a call whose rows start at this global row fails (-1: none) */
+  int write_nan;
+} device_state;
+
+static int32_t device_argmax(void *user_data, const pert_solve_info *info, const float *x, size_t count, float *y,
+                             void *stream) {
+  device_state *s = user_data;
+  atomic_fetch_add(&s->calls, 1);
+  if (stream != NULL || info->worker != 0 || info->struct_size != sizeof(pert_solve_info)) atomic_fetch_add(&s->bad, 1);
+  if (s->fail_at >= 0 && info->first_row <= (uint64_t)s->fail_at && (uint64_t)s->fail_at < info->first_row + count) {
+    pert_solver_set_error("the device ran out of memory");
+    return 2;
+  }
+  for (size_t r = 0; r < count; r++) {
+    size_t best = 0;
+    for (size_t i = 1; i < D; i++)
+      if (x[r * D + i] > x[r * D + best]) best = i;
+    for (size_t i = 0; i < D; i++) y[r * D + i] = s->write_nan && r == 0 && i == 0 ? NAN : (float)(i == best);
+  }
+  return 0;
+}
+
+static bool device_solvers_work_on_a_cpu_op(void) {
+  enum { B = 2, N = 20000 };
+  const double sigma = 0.5;
+  float theta[B * D] = {0.1f, 0.9f, -0.3f, 0.4f, 0.0f, 0.2f, 0.5f, -0.1f}, y[B * D], g[B * D], out[B * D];
+  device_state s = {.fail_at = -1};
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_OK(pert_config_set_num_samples(c, N));
+  CHECK_OK(pert_config_set_sigma(c, sigma));
+  CHECK_OK(pert_config_set_noise(c, PERT_NOISE_GUMBEL));
+  CHECK_OK(pert_config_set_device(c, "cpu"));
+  CHECK_OK(pert_config_set_seed(c, 5));
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new_device(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, device_argmax, &s, &op));
+  pert_tape *tape = NULL;
+  CHECK_OK(pert_forward(op, theta, B, y, &tape));
+  for (int i = 0; i < B * D; i++) g[i] = (float)(i % 3) - 1.0f;
+  CHECK_OK(pert_tape_vjp(tape, g, out));
+  CHECK(atomic_load(&s.calls) >= 2 && atomic_load(&s.bad) == 0);
+  for (int b = 0; b < B; b++) {
+    double p[D], z = 0, gp = 0;
+    for (int i = 0; i < D; i++) z += exp(theta[b * D + i] / sigma);
+    for (int i = 0; i < D; i++) p[i] = exp(theta[b * D + i] / sigma) / z;
+    for (int i = 0; i < D; i++) gp += g[b * D + i] * p[i];
+    for (int i = 0; i < D; i++) {
+      CHECK_NEAR(y[b * D + i], p[i], 5 * sqrt(p[i] * (1 - p[i]) / N));
+      /* (J^T g)_i = p_i (g_i - <g, p>) / sigma; an entry's s.d. <= max|g| / (sigma sqrt(N)) */
+      CHECK_NEAR(out[b * D + i], p[i] * (g[b * D + i] - gp) / sigma, 5 * 1.0 / (sigma * sqrt(N)));
+    }
+  }
+  pert_tape_free(tape);
+  /* failures: the solver's message with the rows; a NaN output; nothing written */
+  float before[B * D];
+  memcpy(before, y, sizeof y);
+  s.fail_at = N + 3; /* in problem 1 */
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_forward(op, theta, B, y, NULL));
+  CHECK(last_error_contains("the device ran out of memory") && last_error_contains("problem 1, sample"));
+  s.fail_at = -1;
+  s.write_nan = 1;
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_forward(op, theta, B, y, NULL));
+  CHECK(last_error_contains("NaN") && last_error_contains("problem 0, sample 0"));
+  CHECK(memcmp(before, y, sizeof y) == 0);
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT,
+               pert_op_new_device(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, NULL, &s, &op));
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(max_threads_one_keeps_a_call_on_one_core), /* first: no libtorch pool has run yet */
@@ -452,6 +528,7 @@ int main(void) {
       TEST(a_plain_callbacks_message_names_its_rows),
       TEST(a_solver_calling_its_own_op_is_refused_not_a_hang),
       TEST(an_op_used_after_fork_fails_in_the_child),
+      TEST(device_solvers_work_on_a_cpu_op),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

@@ -234,6 +234,12 @@ must have `threads = 1`). Its exceptions are rethrown by the call that ran it, w
 solver's backtrace kept on the exception stack (`current_exceptions()`, shown as
 "caused by"). A built-in solver acts along the first Julia dimension of a problem.
 
+With `device=true` the solver works where the op's data lives (see C
+`pert_op_new_device`): it is called on the calling thread as `solver(info, x::Ptr{Float32},
+count, y::Ptr{Float32}, stream::Ptr{Cvoid})` with raw pointers to `d × count` inputs and
+`o × count` outputs (CUDA device memory for a CUDA op: wrap them with CUDA.jl; host memory
+for a CPU op) and the CUDA stream (C_NULL: the default one).
+
 With `info=true` the solver is called as `solver(info::SolveInfo, x)` (see
 [`SolveInfo`](@ref): which problems and samples the columns are) on the op's own
 persistent worker threads (the config's `threads`; worker w is always the same thread),
@@ -264,12 +270,14 @@ mutable struct Op
     init::Any
     fini::Any
     errlock::Threads.SpinLock  # workers store the first exception under it
-    function Op(solver, config::Config, input_shape, output_shape; info::Bool=false, init=nothing, fini=nothing)
+    function Op(solver, config::Config, input_shape, output_shape; info::Bool=false, init=nothing, fini=nothing,
+                device::Bool=false)
         (info || init === nothing && fini === nothing) ||
             throw(ArgumentError("init and fini hooks are for solvers with info (info=true)"))
+        device && info && throw(ArgumentError("a solver is either a device solver or one with info"))
         info && VERSION < v"1.9" && throw(ArgumentError("solvers with info run on the op's worker threads, " *
             "which call Julia code from threads started outside Julia: that needs Julia ≥ 1.9, this is $VERSION"))
-        info || config.threads == 1 ||
+        info || device || config.threads == 1 ||
             throw(ArgumentError("Julia solvers run on one thread: the config must have threads = 1 (or use info=true)"))
         op = new(C_NULL, solver, nothing, ReentrantLock(), false, prod(input_shape; init=1), prod(output_shape; init=1),
             config.sense, info, init, fini, Threads.SpinLock())
@@ -277,7 +285,12 @@ mutable struct Op
         outs = Int64[reverse(collect(output_shape))...]
         out = Ref{Ptr{Cvoid}}(C_NULL)
         GC.@preserve ins outs begin
-            if info
+            if device
+                # called on the calling thread, with the rows where the op's data lives
+                check(@ccall libperturbations.pert_op_new_device(config::Ptr{Cvoid}, ins::Ptr{Int64},
+                    length(ins)::Csize_t, outs::Ptr{Int64}, length(outs)::Csize_t, DEVICE_TRAMPOLINE[]::Ptr{Cvoid},
+                    pointer_from_objref(op)::Ptr{Cvoid}, out::Ref{Ptr{Cvoid}})::UInt32)
+            elseif info
                 check(@ccall libperturbations.pert_op_new_ex(config::Ptr{Cvoid}, ins::Ptr{Int64}, length(ins)::Csize_t,
                     outs::Ptr{Int64}, length(outs)::Csize_t, TRAMPOLINE_EX[]::Ptr{Cvoid},
                     pointer_from_objref(op)::Ptr{Cvoid}, (init === nothing ? C_NULL : INIT_TRAMPOLINE[])::Ptr{Cvoid},
@@ -428,6 +441,7 @@ const TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
 const TRAMPOLINE_EX = Ref{Ptr{Cvoid}}(C_NULL)
 const INIT_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
 const FINI_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
+const DEVICE_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
 
 """
     SolveInfo
@@ -485,6 +499,21 @@ function trampoline_ex(user_data::Ptr{Cvoid}, info::Ptr{SolveInfo}, inputs::Ptr{
     end
 end
 
+# The C callback of a device solver, on the calling thread: raw pointers where the op's data
+# lives (CUDA device memory for a CUDA op: wrap them with CUDA.jl), and the stream.
+function device_trampoline(user_data::Ptr{Cvoid}, info::Ptr{SolveInfo}, inputs::Ptr{Float32}, count::Csize_t,
+                           outputs::Ptr{Float32}, stream::Ptr{Cvoid})::Int32
+    op = unsafe_pointer_to_objref(user_data)::Op
+    try
+        op.solver(unsafe_load(info), inputs, Int(count), outputs, stream)
+        return Int32(0)
+    catch err
+        op.error = CapturedException(err, catch_backtrace())
+        solver_message(err)
+        return Int32(1)
+    end
+end
+
 function init_trampoline(user_data::Ptr{Cvoid}, worker::UInt32)::Int32
     op = unsafe_pointer_to_objref(user_data)::Op
     try
@@ -525,6 +554,8 @@ function __init__()
     TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     INIT_TRAMPOLINE[] = @cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))
     FINI_TRAMPOLINE[] = @cfunction(fini_trampoline, Cvoid, (Ptr{Cvoid}, UInt32))
+    DEVICE_TRAMPOLINE[] = @cfunction(device_trampoline, Int32,
+        (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Cvoid}))
     return nothing
 end
 

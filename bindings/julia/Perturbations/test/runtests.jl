@@ -126,6 +126,19 @@ end
         @test collected[] >= 1
     end
 
+    @testset "a device solver on a CPU op" begin
+        config = Config(num_samples=20_000, sigma=0.5, noise=NOISE_GUMBEL, device="cpu", seed=2)
+        function on_device(info::SolveInfo, x::Ptr{Float32}, count::Int, y::Ptr{Float32}, stream::Ptr{Cvoid})
+            @assert stream == C_NULL  # a CPU op: host memory, no stream
+            unsafe_wrap(Matrix{Float32}, y, (3, count)) .= argmax_solver(unsafe_wrap(Matrix{Float32}, x, (3, count)))
+            return nothing
+        end
+        op = Op(on_device, config, (3,), (3,); device=true)
+        θ = Float32[0.5 1.0 0.2]'
+        p = exp.(θ ./ 0.5) ./ sum(exp.(θ ./ 0.5))
+        @test all(abs.(forward(op, θ) .- p) .<= 5 .* sqrt.(p .* (1 .- p) ./ 20_000))
+    end
+
     @testset "errors and a throwing solver" begin
         op = Op(argmax_solver, Config(num_samples=10, device="cpu"), (3,), (3,))
         @test_throws DimensionMismatch forward(op, zeros(Float32, 4, 1))
