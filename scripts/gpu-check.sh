@@ -15,7 +15,7 @@ if [ "${gpus}" = 0 ]; then
 fi
 python3 -c 'import torch; print("GPU:", torch.cuda.get_device_name(0))'
 status=0
-for t in test_oracles test_estimators test_scale; do
+for t in test_oracles test_estimators test_scale test_device_torch; do
   echo "-- $t on cuda"
   PERT_TEST_DEVICE=cuda "target/ctest/$t" || status=1
 done
