@@ -30,7 +30,8 @@
  *   Different handles are independent. Solver callbacks run on the calling thread
  *   unless the config's threads > 1 (then also on helper threads the library keeps
  *   between calls, or starts for the call when they are busy; see pert_op_new); those
- *   of pert_op_new_ex run on the op's own persistent worker threads. Helper and worker
+ *   of pert_op_new_ex run on the op's own persistent worker threads, those of
+ *   pert_op_new_device on the calling thread. Helper and worker
  *   threads run each call's work under the calling thread's floating-point settings.
  *   pert_config_set_max_threads caps a call's threads.
  * - No exception or panic crosses this API: a solver callback must not throw or
@@ -153,7 +154,7 @@ typedef struct pert_draw pert_draw;
 /*
  A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.
 
- Made by `pert_op_new` (or `_ex`, `_builtin`, `_external`), freed by `pert_op_free`. It
+ Made by `pert_op_new` (or `_ex`, `_device`, `_builtin`, `_external`), freed by `pert_op_free`. It
  holds a copy of its config. Threads: `pert_forward`, `pert_fenchel_young` and
  `pert_draw_new` may be called on one op from several threads at once (each call draws
  its own noise; the solver then runs for several calls at once, except an op of
@@ -168,8 +169,9 @@ typedef struct pert_op pert_op;
 
  Made by `pert_forward`, freed by `pert_tape_free`. It owns its data: it stays valid
  after its op is freed, and may be freed on any thread. It keeps the Jacobian's sums or
- the samples (see `pert_config_set_max_tape_bytes`); a CPU tape of samples keeps only
- their solutions and draws their scores again, on all cores, for each product.
+ the samples (see `pert_config_set_max_tape_bytes`); a CPU tape of samples (but those of
+ device solvers) keeps only their solutions and draws their scores again, on all cores,
+ for each product.
  Threads: the functions taking `const pert_tape *` may be called concurrently on the
  same tape.
  */
@@ -238,6 +240,11 @@ typedef struct pert_solve_info {
    Problems in this forward call.
    */
   size_t batch;
+  /*
+   Where `inputs` and `outputs` are: -1 for host memory, N for CUDA device N (only
+   for device solvers of CUDA ops, see `pert_device_solver_fn`).
+   */
+  int32_t device;
 } pert_solve_info;
 
 /*
@@ -268,12 +275,16 @@ typedef void (*pert_worker_fini)(void *user_data, uint32_t worker);
 
 /*
  A solver that works where the op's data lives: for a CUDA op, `inputs` and `outputs`
- are CUDA device pointers on the op's device and `stream` is the `cudaStream_t` to work
- on (NULL: the default stream, which the library's own work uses); for a CPU op they are
- host pointers and `stream` is NULL. The library never copies the rows to the host. Work
- the solver queues on `stream` may still run when it returns: the library's next steps
- are ordered after it on that stream. `info->worker` is 0. Otherwise as
- `pert_solver_fn`: every output written, finite; non-zero fails the call.
+ are CUDA device pointers on the op's device (`info->device`), which is the current
+ device during the call; for a CPU op they are host pointers (`info->device` is -1).
+ `stream` is NULL (the legacy default stream): the library synchronizes the op's device
+ before the call (the inputs are written) and after it (the solver's work is done), so
+ the solver may queue its work on any stream of that device, or on none. The library
+ never copies the rows to the host (except to name a non-finite output in an error).
+ `info->worker` is 0; the solver runs on the thread that called `pert_forward` (on
+ several threads at once when several calls run on the op). Otherwise as
+ `pert_solver_fn`: every output written, finite; non-zero fails the call. A CUDA fault
+ in the solver's work makes the call fail, and CUDA keeps such errors for the process.
  */
 typedef int32_t (*pert_device_solver_fn)(void *user_data,
                                          const struct pert_solve_info *info,
@@ -386,12 +397,15 @@ pert_status pert_config_set_seed(struct pert_config *config, uint64_t seed);
 
 /*
  Sets the device that samples, perturbs and reduces: "auto" (the default), "cpu",
- "cuda" (device 0) or "cuda:N". Under "auto", ops of built-in solvers run on CUDA device
- 0 when a GPU is present, else on the CPU, and ops whose solutions come from the host
- (callbacks of pert_op_new and pert_op_new_ex, external ops for the two-phase API) run on
- the CPU on every machine: their solvers take host memory anyway, the CPU pipeline then
- avoids a copy to the GPU and back per chunk, and their results for a seed are the same
- on a machine with a GPU as without. Solver callbacks always receive host memory.
+ "cuda" (device 0) or "cuda:N". Under "auto", ops of built-in solvers and of device
+ solvers (`pert_op_new_device`) run on CUDA device 0 when a GPU is present, else on the
+ CPU (their results then differ in the last bits between the two), and ops whose
+ solutions come from the host (callbacks of pert_op_new and pert_op_new_ex, external ops
+ for the two-phase API) run on the CPU on every machine: their solvers take host memory
+ anyway, the CPU pipeline then avoids a copy to the GPU and back per chunk, and their
+ results for a seed are the same on a machine with a GPU as without. Callbacks of
+ pert_op_new and pert_op_new_ex always receive host memory; device solvers receive the
+ op's.
 
  @param device  A NUL-terminated string, borrowed for the call.
  @return `PERT_STATUS_INVALID_ARGUMENT` for another string,
@@ -478,13 +492,14 @@ pert_status pert_config_set_chunk_bytes(struct pert_config *config, uint64_t byt
  Sets the largest tape a forward call may make, in bytes (default 0: no limit). A tape
  keeps, per problem, the Jacobian's sums (output_numel * input_numel floats) or, when
  num_samples * (output_numel + input_numel) floats would not take more than twice that,
- the samples. On the CPU a tape of samples keeps only their solutions (the non-zero
+ the samples. On the CPU (ops of device solvers aside) a tape of samples keeps only their solutions (the non-zero
  entries of sparse ones as index-value pairs) and draws their scores again from the
  call's stream when a gradient is asked, so it usually takes far less than that bound.
  A call whose tape could be larger than the limit fails with
  `PERT_STATUS_INVALID_ARGUMENT` before any work.
  */
-pert_status pert_config_set_max_tape_bytes(struct pert_config *config, uint64_t bytes);
+pert_status pert_config_set_max_tape_bytes(struct pert_config *config,
+                                           uint64_t bytes);
 
 /*
  The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
@@ -649,8 +664,10 @@ pert_status pert_op_new_ex(const struct pert_config *config,
  host. Chunks of samples (see `pert_config_set_chunk_bytes`) are drawn, solved and summed
  on the op's device; under "auto" such an op runs on CUDA device 0 when a GPU is present.
  On a CPU op the same pipeline passes host memory (a CPU build of the solver, or a test
- of it). The solver is called from the thread that calls `pert_forward`, one chunk at a
- time.
+ of it); draws for the two-phase API on such an op come from that pipeline too. The
+ solver is called from the thread that calls `pert_forward`, one chunk at a time per
+ call (concurrent calls on the op call it concurrently); the config's `threads` does not
+ apply.
 
  Parameters and errors as for `pert_op_new`.
  */

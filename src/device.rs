@@ -7,8 +7,8 @@ use tch::Device;
 /// The device an op computes on, as the user asked for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
-    /// Built-in solvers: CUDA device 0 when a GPU is present, else the CPU. Host solvers
-    /// (callbacks, two-phase): the CPU (see [`DeviceSpec::resolve_for`]).
+    /// Built-in and device solvers: CUDA device 0 when a GPU is present, else the CPU.
+    /// Host solvers (callbacks, two-phase): the CPU (see [`DeviceSpec::resolve_for`]).
     #[default]
     Auto,
     /// The CPU.
@@ -43,7 +43,8 @@ impl DeviceSpec {
         }
     }
 
-    /// The libtorch device this spec names on this machine for a built-in solver.
+    /// The libtorch device this spec names on this machine for a built-in or device solver
+    /// (and whether it exists, for `set_device`).
     /// A CUDA device that does not exist gives [`Status::DeviceUnavailable`].
     pub fn resolve(self) -> Result<Device> {
         self.resolve_for(false)
@@ -81,6 +82,62 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Cuda(index) => write!(f, "cuda:{index}"),
         }
     }
+}
+
+type CudaGetDevice = unsafe extern "C" fn(*mut std::ffi::c_int) -> std::ffi::c_int;
+type CudaSetDevice = unsafe extern "C" fn(std::ffi::c_int) -> std::ffi::c_int;
+
+/// `cudaGetDevice` and `cudaSetDevice` of the CUDA runtime libtorch loaded, if any.
+fn cuda_runtime() -> Option<(CudaGetDevice, CudaSetDevice)> {
+    static FOUND: once_cell::sync::OnceCell<Option<(CudaGetDevice, CudaSetDevice)>> =
+        once_cell::sync::OnceCell::new();
+    *FOUND.get_or_init(|| {
+        ["libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"]
+            .iter()
+            .find_map(|name| {
+                let name = std::ffi::CString::new(*name).ok()?;
+                // SAFETY: looks up symbols of an already loaded library (RTLD_NOLOAD); they
+                // have the CUDA runtime's documented signatures.
+                unsafe {
+                    let lib = libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+                    if lib.is_null() {
+                        return None;
+                    }
+                    let get = libc::dlsym(lib, c"cudaGetDevice".as_ptr());
+                    let set = libc::dlsym(lib, c"cudaSetDevice".as_ptr());
+                    (!get.is_null() && !set.is_null()).then(|| {
+                        (
+                            std::mem::transmute::<*mut libc::c_void, CudaGetDevice>(get),
+                            std::mem::transmute::<*mut libc::c_void, CudaSetDevice>(set),
+                        )
+                    })
+                }
+            })
+    })
+}
+
+/// Runs `f` with CUDA device `index` current on this thread (when `index` is given and the
+/// CUDA runtime is loaded), and the previous current device back after.
+pub(crate) fn with_current_cuda_device<R>(index: Option<usize>, f: impl FnOnce() -> R) -> R {
+    let (Some(index), Some((get, set))) = (index, cuda_runtime()) else {
+        return f();
+    };
+    let mut previous: std::ffi::c_int = 0;
+    // SAFETY: CUDA runtime calls on this thread's current device.
+    let switched = unsafe { get(&mut previous) } == 0
+        && previous as usize != index
+        && unsafe { set(index as std::ffi::c_int) } == 0;
+    struct Restore(Option<(CudaSetDevice, std::ffi::c_int)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some((set, previous)) = self.0 {
+                // SAFETY: as above.
+                unsafe { set(previous) };
+            }
+        }
+    }
+    let _restore = Restore(switched.then_some((set, previous)));
+    f()
 }
 
 /// Where `"auto"` puts an op, given the CUDA devices present.

@@ -135,6 +135,7 @@ impl PerturbedOp {
             output_shape: output_shape.to_vec(),
             input_numel,
             output_numel,
+            chunked: matches!(solver, SolverKind::Device(_)),
         };
         Ok(PerturbedOp {
             spec: Arc::new(spec),

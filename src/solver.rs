@@ -39,6 +39,9 @@ pub struct SolveInfo {
     pub num_samples: u64,
     /// Problems in the forward call.
     pub batch: usize,
+    /// Where the rows are: None for host memory, `Some(i)` for CUDA device i (device
+    /// solvers of CUDA ops only).
+    pub cuda_device: Option<usize>,
 }
 
 impl SolveInfo {

@@ -49,7 +49,7 @@ impl Draw {
             )
         })?;
         let stream = Stream::new(c.seed(), call);
-        if spec.device == Device::Cpu && !c.libtorch_path() {
+        if spec.host_pipeline() {
             // the host pipeline's own draws, so that finish sees exactly these inputs
             inputs.resize(batch * n * d, 0.0);
             let theta_host = host_floats(&theta)?;

@@ -629,7 +629,7 @@ fn julia_solve_info_and_callbacks_match_the_header() {
         .filter_map(|l| l.trim().split_once("::"))
         .map(|(n, t)| (n.to_string(), t.to_string()))
         .collect();
-    assert_eq!(c_fields.len(), 7, "C fields: {c_fields:?}");
+    assert_eq!(c_fields.len(), 8, "C fields: {c_fields:?}");
     assert_eq!(julia_fields.len(), c_fields.len(), "Julia fields: {julia_fields:?}");
     for ((cn, ct), (jn, jt)) in c_fields.iter().zip(&julia_fields) {
         assert_eq!(cn, jn, "field order");

@@ -128,12 +128,15 @@ pub unsafe extern "C" fn pert_config_set_seed(config: *mut pert_config, seed: u6
 }
 
 /// Sets the device that samples, perturbs and reduces: "auto" (the default), "cpu",
-/// "cuda" (device 0) or "cuda:N". Under "auto", ops of built-in solvers run on CUDA device
-/// 0 when a GPU is present, else on the CPU, and ops whose solutions come from the host
-/// (callbacks of pert_op_new and pert_op_new_ex, external ops for the two-phase API) run on
-/// the CPU on every machine: their solvers take host memory anyway, the CPU pipeline then
-/// avoids a copy to the GPU and back per chunk, and their results for a seed are the same
-/// on a machine with a GPU as without. Solver callbacks always receive host memory.
+/// "cuda" (device 0) or "cuda:N". Under "auto", ops of built-in solvers and of device
+/// solvers (`pert_op_new_device`) run on CUDA device 0 when a GPU is present, else on the
+/// CPU (their results then differ in the last bits between the two), and ops whose
+/// solutions come from the host (callbacks of pert_op_new and pert_op_new_ex, external ops
+/// for the two-phase API) run on the CPU on every machine: their solvers take host memory
+/// anyway, the CPU pipeline then avoids a copy to the GPU and back per chunk, and their
+/// results for a seed are the same on a machine with a GPU as without. Callbacks of
+/// pert_op_new and pert_op_new_ex always receive host memory; device solvers receive the
+/// op's.
 ///
 /// @param device  A NUL-terminated string, borrowed for the call.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for another string,
@@ -278,7 +281,7 @@ pub unsafe extern "C" fn pert_config_set_chunk_bytes(
 /// Sets the largest tape a forward call may make, in bytes (default 0: no limit). A tape
 /// keeps, per problem, the Jacobian's sums (output_numel * input_numel floats) or, when
 /// num_samples * (output_numel + input_numel) floats would not take more than twice that,
-/// the samples. On the CPU a tape of samples keeps only their solutions (the non-zero
+/// the samples. On the CPU (ops of device solvers aside) a tape of samples keeps only their solutions (the non-zero
 /// entries of sparse ones as index-value pairs) and draws their scores again from the
 /// call's stream when a gradient is asked, so it usually takes far less than that bound.
 /// A call whose tape could be larger than the limit fails with

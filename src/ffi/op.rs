@@ -17,7 +17,7 @@ use std::ffi::c_void;
 
 /// A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.
 ///
-/// Made by `pert_op_new` (or `_ex`, `_builtin`, `_external`), freed by `pert_op_free`. It
+/// Made by `pert_op_new` (or `_ex`, `_device`, `_builtin`, `_external`), freed by `pert_op_free`. It
 /// holds a copy of its config. Threads: `pert_forward`, `pert_fenchel_young` and
 /// `pert_draw_new` may be called on one op from several threads at once (each call draws
 /// its own noise; the solver then runs for several calls at once, except an op of
@@ -171,8 +171,10 @@ pub unsafe extern "C" fn pert_op_new_ex(
 /// host. Chunks of samples (see `pert_config_set_chunk_bytes`) are drawn, solved and summed
 /// on the op's device; under "auto" such an op runs on CUDA device 0 when a GPU is present.
 /// On a CPU op the same pipeline passes host memory (a CPU build of the solver, or a test
-/// of it). The solver is called from the thread that calls `pert_forward`, one chunk at a
-/// time.
+/// of it); draws for the two-phase API on such an op come from that pipeline too. The
+/// solver is called from the thread that calls `pert_forward`, one chunk at a time per
+/// call (concurrent calls on the op call it concurrently); the config's `threads` does not
+/// apply.
 ///
 /// Parameters and errors as for `pert_op_new`.
 #[no_mangle]

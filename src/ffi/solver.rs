@@ -56,6 +56,9 @@ pub struct pert_solve_info {
     pub num_samples: u64,
     /// Problems in this forward call.
     pub batch: usize,
+    /// Where `inputs` and `outputs` are: -1 for host memory, N for CUDA device N (only
+    /// for device solvers of CUDA ops, see `pert_device_solver_fn`).
+    pub device: i32,
 }
 
 /// A solver that is told which rows it solves (`info`, valid during the call) and runs on
@@ -209,12 +212,16 @@ impl WorkerSolver for ExCallbackSolver {
 }
 
 /// A solver that works where the op's data lives: for a CUDA op, `inputs` and `outputs`
-/// are CUDA device pointers on the op's device and `stream` is the `cudaStream_t` to work
-/// on (NULL: the default stream, which the library's own work uses); for a CPU op they are
-/// host pointers and `stream` is NULL. The library never copies the rows to the host. Work
-/// the solver queues on `stream` may still run when it returns: the library's next steps
-/// are ordered after it on that stream. `info->worker` is 0. Otherwise as
-/// `pert_solver_fn`: every output written, finite; non-zero fails the call.
+/// are CUDA device pointers on the op's device (`info->device`), which is the current
+/// device during the call; for a CPU op they are host pointers (`info->device` is -1).
+/// `stream` is NULL (the legacy default stream): the library synchronizes the op's device
+/// before the call (the inputs are written) and after it (the solver's work is done), so
+/// the solver may queue its work on any stream of that device, or on none. The library
+/// never copies the rows to the host (except to name a non-finite output in an error).
+/// `info->worker` is 0; the solver runs on the thread that called `pert_forward` (on
+/// several threads at once when several calls run on the op). Otherwise as
+/// `pert_solver_fn`: every output written, finite; non-zero fails the call. A CUDA fault
+/// in the solver's work makes the call fail, and CUDA keeps such errors for the process.
 pub type pert_device_solver_fn = Option<
     unsafe extern "C" fn(
         user_data: *mut c_void,
@@ -271,5 +278,6 @@ fn c_info(info: &SolveInfo) -> pert_solve_info {
         first_row: info.first_row,
         num_samples: info.num_samples,
         batch: info.batch,
+        device: info.cuda_device.map_or(-1, |i| i as i32),
     }
 }

@@ -143,6 +143,7 @@ impl OpSpec {
                         first_row,
                         num_samples: n as u64,
                         batch,
+                        cuda_device: None,
                     };
                     y.fill(f32::NAN);
                     solver.call(&at, x, total_rows, y)?;

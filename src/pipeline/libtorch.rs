@@ -89,7 +89,10 @@ impl OpSpec {
                     x,
                     self.output_numel,
                     self.config.effective_threads(),
-                    at,
+                    SolveInfo {
+                        cuda_device: None, // host solvers get host memory
+                        ..at
+                    },
                 )?;
                 Ok(Solutions::Dense(y.f_to_device(self.device)?))
             }

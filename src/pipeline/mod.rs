@@ -1,7 +1,8 @@
 //! The pipelines of a forward call. [`OpSpec::run`] picks one by the op's device and
 //! solver: the fused argmax kernel (CPU built-in argmax), the host pipeline ([`host`]: CPU
 //! callbacks, other built-ins and two-phase solutions) or the libtorch chunk pipeline
-//! ([`libtorch`]: CUDA ops, and CPU ops forced onto it), and returns the [`Estimate`].
+//! ([`libtorch`]: CUDA ops, ops of device solvers, and CPU ops forced onto it), and returns
+//! the [`Estimate`].
 
 pub(crate) mod host;
 pub(crate) mod libtorch;
@@ -66,6 +67,10 @@ impl OpSpec {
                         first_row: 0,
                         num_samples: n as u64,
                         batch,
+                        cuda_device: match self.device {
+                            Device::Cuda(i) => Some(i),
+                            _ => None,
+                        },
                     },
                 )?,
             };
@@ -77,8 +82,7 @@ impl OpSpec {
         let host = matches!(
             source,
             Source::Solver(SolverKind::Host(_) | SolverKind::Builtin(_)) | Source::Provided(_)
-        ) && self.device == Device::Cpu
-            && !c.libtorch_path();
+        ) && self.host_pipeline();
         // the host pipeline's tapes keep the samples' solutions and draw the scores again
         let redraw = (host && u32::try_from(o).is_ok()).then_some(Redraw {
             stream,
@@ -155,6 +159,10 @@ impl OpSpec {
                         first_row: (b * n + n0) as u64,
                         num_samples: n as u64,
                         batch,
+                        cuda_device: match self.device {
+                            Device::Cuda(i) => Some(i),
+                            _ => None,
+                        },
                     },
                 )?,
                 Source::Provided(all) => {

@@ -30,6 +30,16 @@ pub(crate) struct OpSpec {
     pub output_shape: Vec<i64>,
     pub input_numel: usize,
     pub output_numel: usize,
+    /// Every call takes the libtorch chunk pipeline, on the CPU too (ops of device
+    /// solvers), draws for the two-phase API included.
+    pub chunked: bool,
+}
+
+impl OpSpec {
+    /// Whether a CPU call of this op takes the host pipeline (else the chunk pipeline).
+    pub(crate) fn host_pipeline(&self) -> bool {
+        self.device == Device::Cpu && !self.config.libtorch_path() && !self.chunked
+    }
 }
 
 impl OpSpec {

@@ -337,10 +337,29 @@ pub(crate) fn solve_on_device(
     if rows == 0 {
         return Ok(y); // the solver is never called with count 0
     }
+    let failed = |msg: String| {
+        Error::new(
+            Status::SolverFailed,
+            format!("the solver failed on {}: {msg}", at.describe_rows(rows)),
+        )
+    };
+    let cuda = match x.device() {
+        Device::Cuda(i) => Some(i),
+        _ => None,
+    };
+    // On CUDA the device is synchronized before the call (x and the NaN fill are written,
+    // whatever stream libtorch queued them on) and after it (the solver's work is done,
+    // whatever stream it used), and the op's device is current during the call.
+    let synchronize = |i: usize| {
+        std::panic::catch_unwind(|| tch::Cuda::synchronize(i as i64))
+            .map_err(|_| failed("a CUDA error surfaced when the device was synchronized".into()))
+    };
+    if let Some(i) = cuda {
+        synchronize(i)?;
+    }
     // SAFETY: x and y are contiguous float32 tensors of rows·d and rows·o elements on the
-    // op's device that outlive the call; the library's libtorch work runs on the default
-    // stream (null), where it is ordered after what the solver queued.
-    unsafe {
+    // op's device that outlive the call and the synchronization after it.
+    crate::device::with_current_cuda_device(cuda, || unsafe {
         solver.solve(
             &at,
             x.data_ptr() as *const f32,
@@ -348,13 +367,11 @@ pub(crate) fn solve_on_device(
             y.data_ptr() as *mut f32,
             std::ptr::null_mut(),
         )
+    })
+    .map_err(failed)?;
+    if let Some(i) = cuda {
+        synchronize(i)?;
     }
-    .map_err(|msg| {
-        Error::new(
-            Status::SolverFailed,
-            format!("the solver failed on {}: {msg}", at.describe_rows(rows)),
-        )
-    })?;
     let finite = y.f_isfinite()?.f_all()?.int64_value(&[]) != 0;
     if !finite {
         let host = crate::tensors::host_floats(&y.f_to_device(Device::Cpu)?)?;

@@ -28,7 +28,9 @@ int32_t torch_argmax(void* user_data, const pert_solve_info* info, const float* 
   auto* s = static_cast<Solver*>(user_data);
   s->calls++;
   // the library works on the default stream: it passes NULL (on the CPU always NULL)
-  s->streams_ok = s->streams_ok && stream == nullptr && info->worker == 0;
+  int expected_device = s->device.is_cuda() ? s->device.index() : -1;
+  if (s->device.is_cuda() && expected_device < 0) expected_device = 0;
+  s->streams_ok = s->streams_ok && stream == nullptr && info->worker == 0 && info->device == expected_device;
   try {
     auto options = torch::TensorOptions().dtype(torch::kFloat).device(s->device);
     auto xs = torch::from_blob(const_cast<float*>(x), {static_cast<int64_t>(count), kD}, options);

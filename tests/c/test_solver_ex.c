@@ -453,7 +453,8 @@ static int32_t device_argmax(void *user_data, const pert_solve_info *info, const
                              void *stream) {
   device_state *s = user_data;
   atomic_fetch_add(&s->calls, 1);
-  if (stream != NULL || info->worker != 0 || info->struct_size != sizeof(pert_solve_info)) atomic_fetch_add(&s->bad, 1);
+  if (stream != NULL || info->worker != 0 || info->struct_size != sizeof(pert_solve_info) || info->device != -1)
+    atomic_fetch_add(&s->bad, 1);
   if (s->fail_at >= 0 && info->first_row <= (uint64_t)s->fail_at && (uint64_t)s->fail_at < info->first_row + count) {
     pert_solver_set_error("the device ran out of memory");
     return 2;

@@ -237,8 +237,11 @@ solver's backtrace kept on the exception stack (`current_exceptions()`, shown as
 With `device=true` the solver works where the op's data lives (see C
 `pert_op_new_device`): it is called on the calling thread as `solver(info, x::Ptr{Float32},
 count, y::Ptr{Float32}, stream::Ptr{Cvoid})` with raw pointers to `d × count` inputs and
-`o × count` outputs (CUDA device memory for a CUDA op: wrap them with CUDA.jl; host memory
-for a CPU op) and the CUDA stream (C_NULL: the default one).
+`o × count` outputs (CUDA device memory of device `info.device` for a CUDA op, e.g.
+`unsafe_wrap(CuArray, CuPtr{Float32}(UInt(x)), (d, count))` with CUDA.jl; host memory for a
+CPU op, `info.device == -1`) and `stream == C_NULL`. The library synchronizes the device
+before and after the call, so CUDA.jl's task-local stream is fine: queue the work there
+(or synchronize) before returning.
 
 With `info=true` the solver is called as `solver(info::SolveInfo, x)` (see
 [`SolveInfo`](@ref): which problems and samples the columns are) on the op's own
@@ -451,7 +454,8 @@ first argument of a solver of an op made with `info=true`. Numbers are 0-based, 
 `worker` (the worker running the call: always the same thread), `clean` (1: the columns
 are the unperturbed θ of problems `first_row ...`, for the clean-input baseline),
 `first_row` (column r, 1-based, is global row `first_row + r - 1`: problem
-`(first_row + r - 1) ÷ num_samples`, sample `(first_row + r - 1) % num_samples`), `num_samples`, `batch`.
+`(first_row + r - 1) ÷ num_samples`, sample `(first_row + r - 1) % num_samples`), `num_samples`, `batch`,
+`device` (-1: host memory; N: CUDA device N, for device solvers of CUDA ops).
 """
 struct SolveInfo
     struct_size::UInt32
@@ -461,6 +465,7 @@ struct SolveInfo
     first_row::UInt64
     num_samples::UInt64
     batch::Csize_t
+    device::Int32
 end
 
 # Keeps the first exception of the workers of a call.
