@@ -513,6 +513,26 @@ static bool device_solvers_work_on_a_cpu_op(void) {
   CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT,
                pert_op_new_device(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, NULL, &s, &op));
   pert_op_free(op);
+  /* a draw on a device-solver op gives what its forward gives (same seed and call count) */
+  s.write_nan = 0;
+  pert_op *twin = NULL, *drawn = NULL;
+  CHECK_OK(pert_op_new_device(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, device_argmax, &s, &twin));
+  CHECK_OK(pert_op_new_device(c, (int64_t[]){D}, 1, (int64_t[]){D}, 1, device_argmax, &s, &drawn));
+  float direct[B * D], two_phase[B * D];
+  CHECK_OK(pert_forward(twin, theta, B, direct, NULL));
+  pert_draw *draw = NULL;
+  CHECK_OK(pert_draw_new(drawn, theta, B, &draw));
+  size_t rows = pert_draw_count(draw);
+  float *solutions = malloc(rows * D * sizeof(float));
+  CHECK(solutions != NULL);
+  pert_solve_info info = {.struct_size = sizeof info, .num_samples = N, .batch = B, .device = -1};
+  CHECK(device_argmax(&s, &info, pert_draw_inputs(draw), rows, solutions, NULL) == 0);
+  CHECK_OK(pert_draw_finish(draw, solutions, two_phase, NULL));
+  CHECK(memcmp(direct, two_phase, sizeof direct) == 0);
+  free(solutions);
+  pert_draw_free(draw);
+  pert_op_free(twin);
+  pert_op_free(drawn);
   pert_config_free(c);
   return true;
 }
