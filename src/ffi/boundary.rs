@@ -158,6 +158,42 @@ impl Output {
     }
 }
 
+/// The outputs of a Fenchel-Young call: the loss (`batch` floats) and, when its pointer is
+/// not NULL, the gradient (`grad_len` floats), checked when the call starts.
+///
+/// # Safety
+/// As [`output`] for each pointer.
+pub(crate) unsafe fn loss_and_grad_outputs(
+    loss: *mut f32,
+    batch: usize,
+    grad: *mut f32,
+    grad_len: usize,
+) -> Result<(Output, Option<Output>)> {
+    let loss = unsafe { output(loss, batch, "loss") }?;
+    let grad = if grad.is_null() {
+        None
+    } else {
+        Some(unsafe { output(grad, grad_len, "grad_theta") }?)
+    };
+    Ok((loss, grad))
+}
+
+/// Stages both outputs of a Fenchel-Young call, then writes them (nothing is written when
+/// staging fails).
+pub(crate) fn write_loss_and_grad(
+    (loss, grad): &(Output, Option<Output>),
+    l: &Tensor,
+    g: &Tensor,
+) -> Result<()> {
+    let loss = loss.stage(l)?;
+    let grad = grad.as_ref().map(|out| out.stage(g)).transpose()?;
+    loss.write();
+    if let Some(grad) = grad {
+        grad.write();
+    }
+    Ok(())
+}
+
 impl Staged<'_> {
     /// Copies the values into the caller's buffer.
     pub fn write(self) {

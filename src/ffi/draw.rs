@@ -148,24 +148,13 @@ pub unsafe extern "C" fn pert_draw_fenchel_young(
             )));
         }
         let len = checked_product(&[batch, d], "batch * input_numel")?;
-        let loss = unsafe { boundary::output(loss, batch, "loss") }?;
-        let grad_theta = if grad_theta.is_null() {
-            None
-        } else {
-            Some(unsafe { boundary::output(grad_theta, len, "grad_theta") }?)
-        };
+        let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, grad_theta, len) }?;
         let rows = checked_product(&[draw.count(), o], "count * output_numel")?;
         // every input is read before anything is written: outputs may overlap them
         let y_true = crate::tensors::from_slice(unsafe { slice(y_true, len, "y_true") }?)?
             .f_reshape(batched(batch, draw.input_shape()))?;
         let (l, g) = draw.fenchel_young(unsafe { slice(solutions, rows, "solutions") }?, &y_true)?;
-        let loss = loss.stage(&l)?;
-        let grad = grad_theta.as_ref().map(|out| out.stage(&g)).transpose()?;
-        loss.write();
-        if let Some(grad) = grad {
-            grad.write();
-        }
-        Ok(())
+        boundary::write_loss_and_grad(&outputs, &l, &g)
     })
 }
 

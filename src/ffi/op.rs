@@ -48,6 +48,61 @@ unsafe fn shape(dims: *const i64, rank: usize, name: &str) -> Result<Vec<i64>> {
     Ok(unsafe { slice(dims, rank, name) }?.to_vec())
 }
 
+/// The arguments every op constructor takes, checked: the config, the two shapes, and
+/// where the op goes.
+struct OpArgs<'a> {
+    config: &'a pert_config,
+    input_shape: Vec<i64>,
+    output_shape: Vec<i64>,
+    out: &'a mut *mut pert_op,
+}
+
+/// Checks and reads the arguments of an op constructor (`output_shape` None: the output
+/// shape is the input shape, as for built-ins).
+unsafe fn op_args<'a, T>(
+    config: *const pert_config,
+    input_shape: (*const i64, usize),
+    output_shape: Option<(*const i64, usize)>,
+    out: *mut *mut pert_op,
+    solver: impl FnOnce() -> Result<T>,
+) -> Result<(OpArgs<'a>, T)> {
+    // in this order: config, out, the solver, the shapes
+    let config = unsafe { arg(config, "config") }?;
+    let out = unsafe { arg_mut(out, "out") }?;
+    let solver = solver()?;
+    let input = unsafe { shape(input_shape.0, input_shape.1, "input_shape") }?;
+    let output = match output_shape {
+        Some((dims, rank)) => unsafe { shape(dims, rank, "output_shape") }?,
+        None => input.clone(),
+    };
+    Ok((
+        OpArgs {
+            config,
+            input_shape: input,
+            output_shape: output,
+            out,
+        },
+        solver,
+    ))
+}
+
+/// NULL_ARGUMENT for a NULL solver.
+fn solver_or_null<F>(solver: Option<F>) -> Result<F> {
+    solver.ok_or_else(|| Error::new(crate::Status::NullArgument, "solver is NULL"))
+}
+
+impl OpArgs<'_> {
+    /// Makes the op with `make(config, input_shape, output_shape)` and hands it out.
+    fn make(
+        self,
+        make: impl FnOnce(&crate::Config, &[i64], &[i64]) -> Result<PerturbedOp>,
+    ) -> Result<()> {
+        let inner = make(&self.config.inner, &self.input_shape, &self.output_shape)?;
+        *self.out = Box::into_raw(Box::new(pert_op { inner }));
+        Ok(())
+    }
+}
+
 /// Makes a perturbed op over a solver callback.
 ///
 /// @param config        Settings, copied: the config may be freed afterwards.
@@ -79,20 +134,16 @@ pub unsafe extern "C" fn pert_op_new(
     out: *mut *mut pert_op,
 ) -> pert_status {
     guard(|| {
-        let config = unsafe { arg(config, "config") }?;
-        let out = unsafe { arg_mut(out, "out") }?;
-        let solve =
-            solver.ok_or_else(|| Error::new(crate::Status::NullArgument, "solver is NULL"))?;
-        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
-        let output_shape = unsafe { shape(output_shape, output_rank, "output_shape") }?;
-        let inner = PerturbedOp::new(
-            &config.inner,
-            &input_shape,
-            &output_shape,
-            CallbackSolver { solve, user_data },
-        )?;
-        *out = Box::into_raw(Box::new(pert_op { inner }));
-        Ok(())
+        let (args, solve) = unsafe {
+            op_args(
+                config,
+                (input_shape, input_rank),
+                Some((output_shape, output_rank)),
+                out,
+                || solver_or_null(solver),
+            )
+        }?;
+        args.make(|c, i, o| PerturbedOp::new(c, i, o, CallbackSolver { solve, user_data }))
     })
 }
 
@@ -143,25 +194,22 @@ pub unsafe extern "C" fn pert_op_new_ex(
     out: *mut *mut pert_op,
 ) -> pert_status {
     guard(|| {
-        let config = unsafe { arg(config, "config") }?;
-        let out = unsafe { arg_mut(out, "out") }?;
-        let solve =
-            solver.ok_or_else(|| Error::new(crate::Status::NullArgument, "solver is NULL"))?;
-        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
-        let output_shape = unsafe { shape(output_shape, output_rank, "output_shape") }?;
-        let inner = PerturbedOp::with_workers(
-            &config.inner,
-            &input_shape,
-            &output_shape,
-            ExCallbackSolver {
-                solve,
-                init,
-                fini,
-                user_data,
-            },
-        )?;
-        *out = Box::into_raw(Box::new(pert_op { inner }));
-        Ok(())
+        let (args, solve) = unsafe {
+            op_args(
+                config,
+                (input_shape, input_rank),
+                Some((output_shape, output_rank)),
+                out,
+                || solver_or_null(solver),
+            )
+        }?;
+        let solver = ExCallbackSolver {
+            solve,
+            init,
+            fini,
+            user_data,
+        };
+        args.make(|c, i, o| PerturbedOp::with_workers(c, i, o, solver))
     })
 }
 
@@ -189,20 +237,18 @@ pub unsafe extern "C" fn pert_op_new_device(
     out: *mut *mut pert_op,
 ) -> pert_status {
     guard(|| {
-        let config = unsafe { arg(config, "config") }?;
-        let out = unsafe { arg_mut(out, "out") }?;
-        let solve =
-            solver.ok_or_else(|| Error::new(crate::Status::NullArgument, "solver is NULL"))?;
-        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
-        let output_shape = unsafe { shape(output_shape, output_rank, "output_shape") }?;
-        let inner = PerturbedOp::new_device(
-            &config.inner,
-            &input_shape,
-            &output_shape,
-            DeviceCallbackSolver { solve, user_data },
-        )?;
-        *out = Box::into_raw(Box::new(pert_op { inner }));
-        Ok(())
+        let (args, solve) = unsafe {
+            op_args(
+                config,
+                (input_shape, input_rank),
+                Some((output_shape, output_rank)),
+                out,
+                || solver_or_null(solver),
+            )
+        }?;
+        args.make(|c, i, o| {
+            PerturbedOp::new_device(c, i, o, DeviceCallbackSolver { solve, user_data })
+        })
     })
 }
 
@@ -234,13 +280,12 @@ pub unsafe extern "C" fn pert_op_new_builtin(
     out: *mut *mut pert_op,
 ) -> pert_status {
     guard(|| {
-        let config = unsafe { arg(config, "config") }?;
-        let out = unsafe { arg_mut(out, "out") }?;
-        let builtin = Builtin::from_u32(builtin, k)?;
-        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
-        let inner = PerturbedOp::new_builtin(&config.inner, builtin, &input_shape)?;
-        *out = Box::into_raw(Box::new(pert_op { inner }));
-        Ok(())
+        let (args, builtin) = unsafe {
+            op_args(config, (input_shape, input_rank), None, out, || {
+                Builtin::from_u32(builtin, k)
+            })
+        }?;
+        args.make(|c, i, _| PerturbedOp::new_builtin(c, builtin, i))
     })
 }
 
@@ -260,13 +305,16 @@ pub unsafe extern "C" fn pert_op_new_external(
     out: *mut *mut pert_op,
 ) -> pert_status {
     guard(|| {
-        let config = unsafe { arg(config, "config") }?;
-        let out = unsafe { arg_mut(out, "out") }?;
-        let input_shape = unsafe { shape(input_shape, input_rank, "input_shape") }?;
-        let output_shape = unsafe { shape(output_shape, output_rank, "output_shape") }?;
-        let inner = PerturbedOp::new_external(&config.inner, &input_shape, &output_shape)?;
-        *out = Box::into_raw(Box::new(pert_op { inner }));
-        Ok(())
+        let (args, ()) = unsafe {
+            op_args(
+                config,
+                (input_shape, input_rank),
+                Some((output_shape, output_rank)),
+                out,
+                || Ok(()),
+            )
+        }?;
+        args.make(PerturbedOp::new_external)
     })
 }
 
@@ -392,12 +440,7 @@ pub unsafe extern "C" fn pert_fenchel_young(
         op.check_batch(batch)?;
         let d = op.input_numel();
         let len = checked_product(&[batch, d], "batch * input_numel")?;
-        let loss = unsafe { boundary::output(loss, batch, "loss") }?;
-        let grad_theta = if grad_theta.is_null() {
-            None
-        } else {
-            Some(unsafe { boundary::output(grad_theta, len, "grad_theta") }?)
-        };
+        let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, grad_theta, len) }?;
         // the inputs are copied before anything is written: outputs may overlap them
         let shape = crate::shape::batched(batch, op.input_shape());
         let theta = crate::tensors::from_slice(unsafe { slice(theta, len, "theta") }?)?
@@ -405,12 +448,6 @@ pub unsafe extern "C" fn pert_fenchel_young(
         let y_true = crate::tensors::from_slice(unsafe { slice(y_true, len, "y_true") }?)?
             .f_reshape(&shape)?;
         let (l, g) = op.fenchel_young(&theta, &y_true)?;
-        let loss = loss.stage(&l)?;
-        let grad = grad_theta.as_ref().map(|out| out.stage(&g)).transpose()?;
-        loss.write();
-        if let Some(grad) = grad {
-            grad.write();
-        }
-        Ok(())
+        boundary::write_loss_and_grad(&outputs, &l, &g)
     })
 }

@@ -55,6 +55,20 @@ struct Shared {
 }
 
 impl Shared {
+    /// A run of `blocks` blocks on `threads` threads: nothing taken or combined yet.
+    fn new(blocks: usize, threads: usize) -> Shared {
+        Shared {
+            next: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            blocks,
+            combined: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            moved: Condvar::new(),
+            window: WINDOW * threads,
+        }
+    }
+
     /// The next block to do, or None once all are taken or a failure was seen. A taken
     /// block is always done: the check for failure comes before the take, in one step.
     fn take(&self) -> Option<usize> {
@@ -122,16 +136,7 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
         }
         return Ok(());
     }
-    let shared = Shared {
-        next: AtomicUsize::new(0),
-        stop: AtomicBool::new(false),
-        blocks,
-        combined: AtomicUsize::new(0),
-        waiting: AtomicUsize::new(0),
-        lock: Mutex::new(()),
-        moved: Condvar::new(),
-        window: WINDOW * threads,
-    };
+    let shared = Shared::new(blocks, threads);
     let (own, helpers) = scratch[..threads].split_first_mut().expect("threads >= 2");
     let panicked = Mutex::new(None);
     // the helpers: the process's shared threads when they are free (no thread start-up
@@ -329,16 +334,7 @@ pub(crate) fn run_blocks_on<S: Send, R: Send, E: Send + From<Unavailable>>(
         .clamp(1, blocks)
         .min(workers.count())
         .min(scratch.len());
-    let shared = Shared {
-        next: AtomicUsize::new(0),
-        stop: AtomicBool::new(false),
-        blocks,
-        combined: AtomicUsize::new(0),
-        waiting: AtomicUsize::new(0),
-        lock: Mutex::new(()),
-        moved: Condvar::new(),
-        window: WINDOW * threads,
-    };
+    let shared = Shared::new(blocks, threads);
     let order = Mutex::new(InOrder {
         pending: BTreeMap::new(),
         combined: 0,

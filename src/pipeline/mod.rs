@@ -25,6 +25,22 @@ pub(crate) use plan::OpSpec;
 pub(crate) use solve::{HostSolver, SolverKind, Source};
 
 impl OpSpec {
+    /// Where rows of a call on `batch` problems sit, for a solver call on the calling
+    /// thread (worker 0), on the op's device.
+    fn rows_at(&self, clean: bool, first_row: u64, batch: usize) -> SolveInfo {
+        SolveInfo {
+            worker: 0,
+            clean,
+            first_row,
+            num_samples: self.config.num_samples(),
+            batch,
+            cuda_device: match self.device {
+                Device::Cuda(i) => Some(i),
+                _ => None,
+            },
+        }
+    }
+
     /// One forward call (number `call` of its op) on `theta` `[batch, d]` (on the device).
     pub(crate) fn run(
         &self,
@@ -58,21 +74,7 @@ impl OpSpec {
                 Source::Provided(all) => {
                     Solutions::Dense(provided(all, batch * n, batch, o, self.device)?)
                 }
-                Source::Solver(solver) => self.solve(
-                    solver,
-                    theta,
-                    SolveInfo {
-                        worker: 0,
-                        clean: true,
-                        first_row: 0,
-                        num_samples: n as u64,
-                        batch,
-                        cuda_device: match self.device {
-                            Device::Cuda(i) => Some(i),
-                            _ => None,
-                        },
-                    },
-                )?,
+                Source::Solver(solver) => self.solve(solver, theta, self.rows_at(true, 0, batch))?,
             };
             Some(rows.dense(o as i64)?)
         } else {
@@ -150,21 +152,9 @@ impl OpSpec {
         self.for_each_chunk(theta, &stream, |b, n0, z, x| {
             let rows = z.size()[0] as usize;
             let y = match source {
-                Source::Solver(solver) => self.solve(
-                    solver,
-                    &x,
-                    SolveInfo {
-                        worker: 0,
-                        clean: false,
-                        first_row: (b * n + n0) as u64,
-                        num_samples: n as u64,
-                        batch,
-                        cuda_device: match self.device {
-                            Device::Cuda(i) => Some(i),
-                            _ => None,
-                        },
-                    },
-                )?,
+                Source::Solver(solver) => {
+                    self.solve(solver, &x, self.rows_at(false, (b * n + n0) as u64, batch))?
+                }
                 Source::Provided(all) => {
                     Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?)
                 }
