@@ -170,8 +170,8 @@ typedef struct pert_op pert_op;
  Made by `pert_forward`, freed by `pert_tape_free`. It owns its data: it stays valid
  after its op is freed, and may be freed on any thread. It keeps the Jacobian's sums or
  the samples (see `pert_config_set_max_tape_bytes`); a CPU tape of samples (but those of
- device solvers) keeps only their solutions and draws their scores again, on all cores,
- for each product.
+ device solvers) keeps their solutions, and their scores while those take at most 64 MiB
+ (larger ones are drawn again, on all cores, for each product).
  Threads: the functions taking `const pert_tape *` may be called concurrently on the
  same tape.
  */
@@ -492,14 +492,15 @@ pert_status pert_config_set_chunk_bytes(struct pert_config *config, uint64_t byt
  Sets the largest tape a forward call may make, in bytes (default 0: no limit). A tape
  keeps, per problem, the Jacobian's sums (output_numel * input_numel floats) or, when
  num_samples * (output_numel + input_numel) floats would not take more than twice that,
- the samples. On the CPU (ops of device solvers aside) a tape of samples keeps only their solutions (the non-zero
- entries of sparse ones as index-value pairs) and draws their scores again from the
- call's stream when a gradient is asked, so it usually takes far less than that bound.
+ the samples. On the CPU (ops of device solvers aside) a tape of samples keeps their
+ solutions (the non-zero entries of sparse ones as index-value pairs), and their scores
+ (num_samples * input_numel floats a problem) only while those take at most 64 MiB in
+ all: larger ones are drawn again from the call's stream when a gradient is asked, bit
+ for bit the same, so such a tape takes far less than that bound.
  A call whose tape could be larger than the limit fails with
  `PERT_STATUS_INVALID_ARGUMENT` before any work.
  */
-pert_status pert_config_set_max_tape_bytes(struct pert_config *config,
-                                           uint64_t bytes);
+pert_status pert_config_set_max_tape_bytes(struct pert_config *config, uint64_t bytes);
 
 /*
  The number of CUDA devices libtorch sees: 0 on a machine without a GPU.

@@ -92,27 +92,32 @@ fn cuda_runtime() -> Option<(CudaGetDevice, CudaSetDevice)> {
     static FOUND: once_cell::sync::OnceCell<Option<(CudaGetDevice, CudaSetDevice)>> =
         once_cell::sync::OnceCell::new();
     *FOUND.get_or_init(|| {
-        ["libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"]
-            .iter()
-            .find_map(|name| {
-                let name = std::ffi::CString::new(*name).ok()?;
-                // SAFETY: looks up symbols of an already loaded library (RTLD_NOLOAD); they
-                // have the CUDA runtime's documented signatures.
-                unsafe {
-                    let lib = libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
-                    if lib.is_null() {
-                        return None;
-                    }
-                    let get = libc::dlsym(lib, c"cudaGetDevice".as_ptr());
-                    let set = libc::dlsym(lib, c"cudaSetDevice".as_ptr());
-                    (!get.is_null() && !set.is_null()).then(|| {
-                        (
-                            std::mem::transmute::<*mut libc::c_void, CudaGetDevice>(get),
-                            std::mem::transmute::<*mut libc::c_void, CudaSetDevice>(set),
-                        )
-                    })
+        [
+            "libcudart.so.13",
+            "libcudart.so.12",
+            "libcudart.so.11.0",
+            "libcudart.so",
+        ]
+        .iter()
+        .find_map(|name| {
+            let name = std::ffi::CString::new(*name).ok()?;
+            // SAFETY: looks up symbols of an already loaded library (RTLD_NOLOAD); they
+            // have the CUDA runtime's documented signatures.
+            unsafe {
+                let lib = libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+                if lib.is_null() {
+                    return None;
                 }
-            })
+                let get = libc::dlsym(lib, c"cudaGetDevice".as_ptr());
+                let set = libc::dlsym(lib, c"cudaSetDevice".as_ptr());
+                (!get.is_null() && !set.is_null()).then(|| {
+                    (
+                        std::mem::transmute::<*mut libc::c_void, CudaGetDevice>(get),
+                        std::mem::transmute::<*mut libc::c_void, CudaSetDevice>(set),
+                    )
+                })
+            }
+        })
     })
 }
 

@@ -81,8 +81,9 @@ impl Tape {
     }
 
     /// Whether the tape keeps the samples (true) or the Jacobian (false). CPU tapes keep
-    /// only the samples' solutions (their non-zero entries) and draw the scores again from
-    /// the forward call's stream when a gradient is asked; CUDA tapes keep both.
+    /// the samples' solutions (their non-zero entries), and their scores up to 64 MiB
+    /// (larger ones are drawn again from the forward call's stream when a gradient is
+    /// asked); CUDA tapes keep both.
     pub fn keeps_samples(&self) -> bool {
         !matches!(self.jacobian, JacobianData::Dense(_))
     }

@@ -5,9 +5,21 @@ use tch::{Device, Tensor};
 
 /// The values of a float32 tensor, flattened, on the host.
 pub(crate) fn host_floats(t: &Tensor) -> Result<Vec<f32>> {
-    let mut out = vec![0f32; t.numel()];
-    let host = t.f_to_device(Device::Cpu)?.f_contiguous()?;
-    host.f_view([-1])?.f_copy_data(&mut out, t.numel())?;
+    let host = t
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(tch::Kind::Float)?
+        .f_contiguous()?;
+    let n = host.numel();
+    let mut out = Vec::with_capacity(n);
+    if n > 0 {
+        // SAFETY: a contiguous CPU float32 tensor of n elements (a fresh or the caller's
+        // tensor, not written while this copies), into the Vec's room for n floats, which
+        // are then all initialized.
+        unsafe {
+            std::ptr::copy_nonoverlapping(host.data_ptr() as *const f32, out.as_mut_ptr(), n);
+            out.set_len(n);
+        }
+    }
     Ok(out)
 }
 

@@ -155,12 +155,9 @@ impl Draw {
         let theta_size = crate::shape::batched(self.batch(), &self.spec.input_shape);
         crate::fenchel_young::check_targets(&theta_size, y_true)?;
         self.check_solutions(solutions)?;
-        let estimate = self.spec.run(
-            &self.theta,
-            self.call,
-            false,
-            Source::Provided(solutions),
-        )?;
+        let estimate = self
+            .spec
+            .run(&self.theta, self.call, false, Source::Provided(solutions))?;
         let (loss, grad) = crate::fenchel_young::from_estimate(
             self.spec.config.sense(),
             &self.theta,
@@ -169,7 +166,8 @@ impl Draw {
         )?;
         Ok((
             loss.f_to_device(self.output_device)?,
-            grad.f_reshape(&theta_size)?.f_to_device(self.output_device)?,
+            grad.f_reshape(&theta_size)?
+                .f_to_device(self.output_device)?,
         ))
     }
 

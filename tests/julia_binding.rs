@@ -91,7 +91,11 @@ fn julia_types(c_type: &str) -> &'static [&'static str] {
         "char*" => &["Cstring", "Ptr{Cchar}", "Ptr{UInt8}"],
         "float*" => &["Ptr{Float32}", "Ptr{Cfloat}"],
         "int64_t*" => &["Ptr{Int64}", "Ptr{Clonglong}"],
-        "void*" | "pert_solver_fn" | "pert_solver_ex" | "pert_worker_init" | "pert_worker_fini"
+        "void*"
+        | "pert_solver_fn"
+        | "pert_solver_ex"
+        | "pert_worker_init"
+        | "pert_worker_fini"
         | "pert_device_solver_fn" => &["Ptr{Cvoid}"],
         t if t.starts_with("pert_") && t.ends_with("**") => &["Ref{Ptr{Cvoid}}", "Ptr{Ptr{Cvoid}}"],
         t if t.starts_with("pert_") && t.ends_with('*') => &["Ptr{Cvoid}"],
@@ -602,7 +606,9 @@ fn julia_examples_have_their_own_project() {
 fn julia_solve_info_and_callbacks_match_the_header() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let header = std::fs::read_to_string(root.join("include/perturbations.h")).unwrap();
-    let start = header.find("typedef struct pert_solve_info {").expect("the C struct");
+    let start = header
+        .find("typedef struct pert_solve_info {")
+        .expect("the C struct");
     let body = &header[start..start + header[start..].find("} pert_solve_info;").unwrap()];
     // the comments out, then `type name;` declarations after the opening brace
     let mut code = String::new();
@@ -630,10 +636,17 @@ fn julia_solve_info_and_callbacks_match_the_header() {
         .map(|(n, t)| (n.to_string(), t.to_string()))
         .collect();
     assert_eq!(c_fields.len(), 8, "C fields: {c_fields:?}");
-    assert_eq!(julia_fields.len(), c_fields.len(), "Julia fields: {julia_fields:?}");
+    assert_eq!(
+        julia_fields.len(),
+        c_fields.len(),
+        "Julia fields: {julia_fields:?}"
+    );
     for ((cn, ct), (jn, jt)) in c_fields.iter().zip(&julia_fields) {
         assert_eq!(cn, jn, "field order");
-        assert!(julia_types(ct).contains(&jt.as_str()), "{cn}: C {ct} vs Julia {jt}");
+        assert!(
+            julia_types(ct).contains(&jt.as_str()),
+            "{cn}: C {ct} vs Julia {jt}"
+        );
     }
     for expected in [
         "@cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))",
@@ -668,7 +681,9 @@ fn julia_gc_safe_calls_match_the_header() {
         rest = &rest[at + "fn = ".len()..];
         let constant = &rest[..rest.find("[]").unwrap()];
         let c_name = constant.to_lowercase();
-        let proto = protos.get(&c_name).unwrap_or_else(|| panic!("{c_name} is not in the header"));
+        let proto = protos
+            .get(&c_name)
+            .unwrap_or_else(|| panic!("{c_name} is not in the header"));
         assert!(
             src.contains(&format!("{constant}[] = Libdl.dlsym(handle, :{c_name})")),
             "{constant} is not looked up as :{c_name}"
@@ -696,12 +711,27 @@ fn julia_gc_safe_calls_match_the_header() {
             .map(squash)
             .filter(|t| !t.is_empty())
             .collect();
-        assert_eq!(types.len(), proto.params.len(), "{c_name}: {types:?} vs {:?}", proto.params);
+        assert_eq!(
+            types.len(),
+            proto.params.len(),
+            "{c_name}: {types:?} vs {:?}",
+            proto.params
+        );
         for (t, c) in types.iter().zip(&proto.params) {
-            assert!(julia_types(c).contains(&t.as_str()), "{c_name}: {t} does not match C {c}");
+            assert!(
+                julia_types(c).contains(&t.as_str()),
+                "{c_name}: {t} does not match C {c}"
+            );
         }
-        assert!(julia_types(&proto.ret).contains(&ret), "{c_name} returns C {}, ccall says {ret}", proto.ret);
+        assert!(
+            julia_types(&proto.ret).contains(&ret),
+            "{c_name} returns C {}, ccall says {ret}",
+            proto.ret
+        );
         checked += 1;
     }
-    assert_eq!(checked, 3, "pert_forward, pert_fenchel_young and pert_op_free are called GC-safe");
+    assert_eq!(
+        checked, 3,
+        "pert_forward, pert_fenchel_young and pert_op_free are called GC-safe"
+    );
 }

@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::estimate::form::TapeForm;
 use crate::estimate::jacobian::JacobianData;
-use crate::estimate::replay::{Redraw, Replay, SolutionRows};
+use crate::estimate::replay::{Redraw, Replay, SolutionRows, KEEP_SCORES_BYTES};
 use crate::kernels::builtin::Solutions;
 use crate::kernels::sums::ProblemSums;
 use crate::perturbation::Perturbation;
@@ -49,10 +49,12 @@ enum JacobianSums {
         y: Tensor,
         s: Tensor,
     },
-    /// The samples' solutions, added block by block in order; scores drawn again later.
+    /// The samples' solutions, added block by block in order, and their scores `[b, N, d]`
+    /// when small enough to keep (written by the pipeline; else drawn again later).
     Replay {
         rows: SolutionRows,
         redraw: Redraw,
+        scores: Option<Vec<f32>>,
     },
 }
 
@@ -70,8 +72,9 @@ pub(crate) struct Accumulator {
 impl Accumulator {
     /// Sums for `batch` problems of `n` samples; `form` when a Jacobian is wanted;
     /// `square` when output shape = input shape (the objective is then estimated too).
-    /// With `redraw`, a tape that keeps samples keeps only their solutions (added with
-    /// [`Accumulator::add_solutions`]) and draws the scores again from the stream.
+    /// With `redraw`, a tape that keeps samples keeps their solutions (added with
+    /// [`Accumulator::add_solutions`]), and their scores up to [`KEEP_SCORES_BYTES`] (filled
+    /// by the pipeline, see [`Accumulator::take_scores`]; else drawn again from the stream).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         batch: usize,
@@ -89,6 +92,7 @@ impl Accumulator {
             (Some(TapeForm::Samples), Some(redraw)) => Some(JacobianSums::Replay {
                 rows: SolutionRows::new(o),
                 redraw,
+                scores: kept_scores(batch, n, d),
             }),
             _ => None,
         };
@@ -223,6 +227,40 @@ impl Accumulator {
         matches!(self.jacobian, Some(JacobianSums::Replay { .. }))
     }
 
+    /// The buffer for the scores `[batch, N, d]` of a tape that keeps them, taken out so
+    /// that the pipeline can fill it (every value) while the accumulator takes sums; give
+    /// it back with [`Accumulator::put_scores`].
+    pub fn take_scores(&mut self) -> Option<Vec<f32>> {
+        match &mut self.jacobian {
+            Some(JacobianSums::Replay { scores, .. }) => scores.take(),
+            _ => None,
+        }
+    }
+
+    /// Gives back the scores taken with [`Accumulator::take_scores`], all written.
+    pub fn put_scores(&mut self, kept: Vec<f32>) {
+        if let Some(JacobianSums::Replay { scores, .. }) = &mut self.jacobian {
+            *scores = Some(kept);
+        }
+    }
+
+    /// The call's float64 sums Σ Y_n `[batch, o]`, and Σ ⟨x_n, Y_n⟩ `[batch]` and
+    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, w]` when the objective is estimated, taken out of
+    /// this CPU accumulator so that blocks of whole problems add their samples straight
+    /// into their problems' entries; give them back with [`Accumulator::put_host_sums`].
+    pub fn take_host_sums(&mut self) -> HostSums {
+        HostSums {
+            sum_y: std::mem::replace(&mut self.sum_y, Tensor::new()),
+            objective: self.objective.take(),
+        }
+    }
+
+    /// Gives back the sums taken with [`Accumulator::take_host_sums`].
+    pub fn put_host_sums(&mut self, sums: HostSums) {
+        self.sum_y = sums.sum_y;
+        self.objective = sums.objective;
+    }
+
     /// Appends the solutions of the next samples, in sample order, problem by problem.
     pub fn add_solutions(&mut self, more: SolutionRows) -> Result<()> {
         match &mut self.jacobian {
@@ -325,18 +363,20 @@ impl Accumulator {
             Some(JacobianSums::Sums { sum_s, sum_ys }) => Some(JacobianData::Dense(
                 dense_jacobian(&sum_s, sum_ys, center.as_ref(), scale, col_scale.as_ref())?,
             )),
-            Some(JacobianSums::Replay { mut rows, redraw }) => {
+            Some(JacobianSums::Replay {
+                mut rows,
+                redraw,
+                scores,
+            }) => {
                 rows.shrink();
                 let batch = mean.size()[0] as usize;
                 assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
-                let center = match &center {
-                    Some(c) => host_floats(c)?,
-                    None => vec![0f32; mean.numel()],
-                };
+                let center = center.as_ref().map(host_floats).transpose()?;
                 let col_scale = col_scale.as_ref().map(host_floats).transpose()?;
                 Some(JacobianData::Replay(Replay {
                     rows,
                     redraw,
+                    scores,
                     batch,
                     center,
                     col_scale,
@@ -376,6 +416,29 @@ impl Accumulator {
     }
 }
 
+/// The host sums of a CPU accumulator (see [`Accumulator::take_host_sums`]).
+pub(crate) struct HostSums {
+    sum_y: Tensor,
+    objective: Option<(Tensor, Tensor)>,
+}
+
+impl HostSums {
+    /// The entries of Σ Y_n `[batch · o]`, Σ ⟨x_n, Y_n⟩ (`[batch]`, or None) and
+    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n (`[batch · w]`, w = d for the multiplicative objective,
+    /// else 0).
+    pub fn slices(&mut self) -> (&mut [f64], Option<&mut [f64]>, &mut [f64]) {
+        let sum_y = host_slice::<f64>(&mut self.sum_y);
+        match &mut self.objective {
+            Some((objective, sum_wy)) => (
+                sum_y,
+                Some(host_slice::<f64>(objective)),
+                host_slice::<f64>(sum_wy),
+            ),
+            None => (sum_y, None, &mut []),
+        }
+    }
+}
+
 /// What the Jacobian estimate subtracts from the solutions (see [`crate::estimate`]).
 enum Centre {
     Zero,
@@ -401,6 +464,19 @@ impl Accumulator {
             }
         }
     }
+}
+
+/// A buffer for the scores `[batch, n, d]` of a tape of solutions, when they take at most
+/// [`KEEP_SCORES_BYTES`] and memory allows (else None: they are drawn again).
+fn kept_scores(batch: usize, n: usize, d: usize) -> Option<Vec<f32>> {
+    let len = batch.checked_mul(n)?.checked_mul(d)?;
+    if len == 0 || len.checked_mul(4)? > KEEP_SCORES_BYTES {
+        return None;
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).ok()?;
+    v.resize(len, 0f32);
+    Some(v)
 }
 
 /// The Jacobian from its sums, with libtorch: Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ,

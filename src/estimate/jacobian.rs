@@ -196,7 +196,10 @@ impl JacobianData {
                 let (y, s) = r.dense_samples()?;
                 let y = crate::tensors::from_slice(&y)?.f_view([b, n, o])?;
                 let s = crate::tensors::from_slice(&s)?.f_view([b, n, d])?;
-                let center = crate::tensors::from_slice(&r.center)?.f_view([b, o])?;
+                let center = match &r.center {
+                    Some(c) => crate::tensors::from_slice(c)?.f_view([b, o])?,
+                    None => Tensor::f_zeros([b, o], (Kind::Float, Device::Cpu))?,
+                };
                 let col_scale = match &r.col_scale {
                     Some(cs) => Some(crate::tensors::from_slice(cs)?.f_view([b, d])?),
                     None => None,

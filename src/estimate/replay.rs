@@ -1,9 +1,11 @@
-//! A tape that keeps only the solutions of the samples, and draws their scores again when
-//! a gradient is asked.
+//! A tape that keeps the solutions of the samples, and their scores while they are small
+//! ([`KEEP_SCORES_BYTES`]); larger scores are drawn again when a gradient is asked.
 //!
 //! The noise of a forward call is a pure function of its counter-based stream (see
-//! [`crate::noise`]), so the scores s_n need not be stored: they are drawn again, bit for
-//! bit, from the same stream elements. The solutions are stored row by row, a row's
+//! [`crate::noise`]), so the scores s_n need not be stored: they can be drawn again, bit
+//! for bit, from the same stream elements. Drawing them costs as much as the forward
+//! call's noise, reading them back far less, so a tape keeps them up to
+//! [`KEEP_SCORES_BYTES`] (the products are the same bit for bit either way). The solutions are stored row by row, a row's
 //! non-zero entries as (index, value) pairs when at most half of them are non-zero (one-hot,
 //! top-k and path indicators: a few entries of many), the whole row otherwise. Such a tape
 //! never takes more memory than the samples themselves, and usually far less.
@@ -15,6 +17,9 @@ use crate::error::{Error, Result, Status};
 use crate::kernels::blocks::run_blocks;
 use crate::noise::Noise;
 use crate::rng::Stream;
+
+/// The most bytes of scores a tape keeps (beyond, they are drawn again for each product).
+pub(crate) const KEEP_SCORES_BYTES: usize = 64 << 20;
 
 /// How to draw the scores of a forward call's samples again.
 #[derive(Debug, Clone, Copy)]
@@ -183,9 +188,11 @@ impl SolutionRows {
 pub(crate) struct Replay {
     pub rows: SolutionRows,
     pub redraw: Redraw,
+    /// The scores `[batch, N, d]`, when kept (else drawn again).
+    pub scores: Option<Vec<f32>>,
     pub batch: usize,
-    /// `[batch, o]`.
-    pub center: Vec<f32>,
+    /// `[batch, o]`, None for a zero centre (no baseline).
+    pub center: Option<Vec<f32>>,
     /// `[batch, d]`, the multiplicative model's 1/θ (0 where θ = 0).
     pub col_scale: Option<Vec<f32>>,
     pub scale: f64,
@@ -201,7 +208,33 @@ impl Replay {
 
     /// The bytes held.
     pub fn bytes(&self) -> usize {
-        self.rows.bytes() + 4 * (self.center.len() + self.col_scale.as_ref().map_or(0, Vec::len))
+        self.rows.bytes()
+            + 4 * (self.center.as_ref().map_or(0, Vec::len)
+                + self.col_scale.as_ref().map_or(0, Vec::len)
+                + self.scores.as_ref().map_or(0, Vec::len))
+    }
+
+    /// The scores of samples `n0 .. n0 + z.len() / d` of problem `b`: the kept ones, or
+    /// drawn again into `s` (with `z` as scratch).
+    fn scores_of<'a>(
+        &'a self,
+        b: usize,
+        (n0, rows): (usize, usize),
+        z: &mut [f32],
+        s: &'a mut [f32],
+    ) -> &'a [f32] {
+        let d = self.redraw.d;
+        match &self.scores {
+            Some(kept) => {
+                let first = (b * self.redraw.n + n0) * d;
+                &kept[first..first + rows * d]
+            }
+            None => {
+                let (z, s) = (&mut z[..rows * d], &mut s[..rows * d]);
+                self.redraw.scores(b, n0, z, s);
+                s
+            }
+        }
     }
 
     /// The samples made dense: the solutions `[batch, N, o]` and the scores
@@ -222,8 +255,17 @@ impl Replay {
             for n0 in (0..n).step_by(TILE) {
                 let count = TILE.min(n - n0);
                 let first = (b * n + n0) * d;
-                self.redraw
-                    .scores(b, n0, &mut z[..count * d], &mut s[first..first + count * d]);
+                match &self.scores {
+                    Some(kept) => {
+                        s[first..first + count * d].copy_from_slice(&kept[first..first + count * d])
+                    }
+                    None => self.redraw.scores(
+                        b,
+                        n0,
+                        &mut z[..count * d],
+                        &mut s[first..first + count * d],
+                    ),
+                }
             }
         }
         Ok((y, s))
@@ -243,9 +285,11 @@ impl Replay {
     ) -> Result<Vec<f32>> {
         let d = self.redraw.d;
         let threads = self.redraw.threads.clamp(1, self.batch.max(1));
+        // room to draw a tile's scores again (none when they are kept)
+        let tile = if self.scores.is_some() { 0 } else { TILE * d };
         let mut scratch = Vec::new();
         for _ in 0..threads {
-            scratch.push([zeros::<f32>(TILE * d)?, zeros::<f32>(TILE * d)?]);
+            scratch.push([zeros::<f32>(tile)?, zeros::<f32>(tile)?]);
         }
         let total = self
             .batch
@@ -305,12 +349,16 @@ impl Replay {
         let (n, d) = (self.redraw.n, self.redraw.d);
         for n0 in (0..n).step_by(TILE) {
             let rows = TILE.min(n - n0);
-            let (z, s) = (&mut z[..rows * d], &mut s[..rows * d]);
-            self.redraw.scores(b, n0, z, s);
+            let s = self.scores_of(b, (n0, rows), z, s);
             for (k, sr) in s.chunks_exact(d).enumerate() {
                 f(b, b * n + n0 + k, sr, acc);
             }
         }
+    }
+
+    /// Entry k of the centre `[batch, o]`.
+    fn centre(&self, k: usize) -> f64 {
+        self.center.as_ref().map_or(0.0, |c| f64::from(c[k]))
     }
 
     /// The factor of input j of problem b: scale · col_scale.
@@ -330,11 +378,13 @@ impl Replay {
         let cg: Vec<f64> = (0..self.batch)
             .map(|b| {
                 let range = b * o..(b + 1) * o;
-                self.center[range.clone()]
-                    .iter()
-                    .zip(&g[range])
-                    .map(|(&c, &v)| f64::from(c) * f64::from(v))
-                    .sum()
+                self.center.as_ref().map_or(0.0, |center| {
+                    center[range.clone()]
+                        .iter()
+                        .zip(&g[range])
+                        .map(|(&c, &v)| f64::from(c) * f64::from(v))
+                        .sum()
+                })
             })
             .collect();
         self.per_sample(
@@ -380,7 +430,7 @@ impl Replay {
             },
             |b, acc, out| {
                 for (i, y) in out.iter_mut().enumerate() {
-                    *y = (acc[i] - f64::from(self.center[b * o + i]) * acc[o]) as f32;
+                    *y = (acc[i] - self.centre(b * o + i) * acc[o]) as f32;
                 }
             },
         )
@@ -406,7 +456,7 @@ impl Replay {
             |b, acc, out| {
                 for (k, y) in out.iter_mut().enumerate() {
                     let (i, j) = (k / d, k % d);
-                    let c = f64::from(self.center[b * o + i]);
+                    let c = self.centre(b * o + i);
                     *y = ((acc[k] - c * acc[o * d + j]) * self.column(b, j)) as f32;
                 }
             },

@@ -281,9 +281,11 @@ pub unsafe extern "C" fn pert_config_set_chunk_bytes(
 /// Sets the largest tape a forward call may make, in bytes (default 0: no limit). A tape
 /// keeps, per problem, the Jacobian's sums (output_numel * input_numel floats) or, when
 /// num_samples * (output_numel + input_numel) floats would not take more than twice that,
-/// the samples. On the CPU (ops of device solvers aside) a tape of samples keeps only their solutions (the non-zero
-/// entries of sparse ones as index-value pairs) and draws their scores again from the
-/// call's stream when a gradient is asked, so it usually takes far less than that bound.
+/// the samples. On the CPU (ops of device solvers aside) a tape of samples keeps their
+/// solutions (the non-zero entries of sparse ones as index-value pairs), and their scores
+/// (num_samples * input_numel floats a problem) only while those take at most 64 MiB in
+/// all: larger ones are drawn again from the call's stream when a gradient is asked, bit
+/// for bit the same, so such a tape takes far less than that bound.
 /// A call whose tape could be larger than the limit fails with
 /// `PERT_STATUS_INVALID_ARGUMENT` before any work.
 #[no_mangle]

@@ -153,7 +153,8 @@ pub unsafe extern "C" fn pert_draw_fenchel_young(
         // every input is read before anything is written: outputs may overlap them
         let y_true = crate::tensors::from_slice(unsafe { slice(y_true, len, "y_true") }?)?
             .f_reshape(batched(batch, draw.input_shape()))?;
-        let (l, g) = draw.fenchel_young(unsafe { slice(solutions, rows, "solutions") }?, &y_true)?;
+        let (l, g) =
+            draw.fenchel_young(unsafe { slice(solutions, rows, "solutions") }?, &y_true)?;
         boundary::write_loss_and_grad(&outputs, &l, &g)
     })
 }

@@ -2,17 +2,17 @@
 
 use super::boundary::{self, arg, arg_mut, guard, guard_or, slice};
 use super::config::pert_config;
+pub use super::solver::pert_solver_fn; // its home before `ffi::solver`
+use super::solver::{
+    pert_device_solver_fn, pert_solver_ex, pert_worker_fini, pert_worker_init, CallbackSolver,
+    DeviceCallbackSolver, ExCallbackSolver,
+};
 use super::status::pert_status;
 use super::tape::pert_tape;
 use crate::error::{Error, Result};
 use crate::kernels::builtin::Builtin;
 use crate::op::PerturbedOp;
 use crate::shape::checked_product;
-pub use super::solver::pert_solver_fn; // its home before `ffi::solver`
-use super::solver::{
-    pert_device_solver_fn, pert_solver_ex, pert_worker_fini, pert_worker_init, CallbackSolver,
-    DeviceCallbackSolver, ExCallbackSolver,
-};
 use std::ffi::c_void;
 
 /// A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.

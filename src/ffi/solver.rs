@@ -78,7 +78,8 @@ pub type pert_solver_ex = Option<
 /// `PERT_STATUS_SOLVER_FAILED` (with the message set by `pert_solver_set_error`, if any),
 /// and every later call of the op too: free it and make a new one. The init hooks of
 /// different workers may run at the same time.
-pub type pert_worker_init = Option<unsafe extern "C" fn(user_data: *mut c_void, worker: u32) -> i32>;
+pub type pert_worker_init =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, worker: u32) -> i32>;
 
 /// Frees worker `worker`'s state, on that worker's thread, at `pert_op_free`: once for
 /// each worker whose init ran, whether it succeeded or not (without an init hook: each

@@ -162,22 +162,22 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
         unrun => {
             drop(unrun); // the body that did not run, and what it borrowed
             std::thread::scope(|scope| {
-            drive(
-                // a thread that cannot start (thread or memory limits) is left out
-                &|job| {
-                    std::thread::Builder::new()
-                        .stack_size(super::workers::WORKER_STACK_BYTES)
-                        .spawn_scoped(scope, job)
-                        .is_ok()
-                },
-                &shared,
-                own,
-                helpers,
-                &work,
-                &mut combine,
-                &taken,
-                &panicked,
-            )
+                drive(
+                    // a thread that cannot start (thread or memory limits) is left out
+                    &|job| {
+                        std::thread::Builder::new()
+                            .stack_size(super::workers::WORKER_STACK_BYTES)
+                            .spawn_scoped(scope, job)
+                            .is_ok()
+                    },
+                    &shared,
+                    own,
+                    helpers,
+                    &work,
+                    &mut combine,
+                    &taken,
+                    &panicked,
+                )
             })
         }
     };

@@ -70,37 +70,109 @@ impl ProblemSums {
     /// cost nothing. Tiles of [`SUM_TILE`] rows are summed in float32 (vectorized), then
     /// added into the float64 sums; the result depends on the rows given, never on threads.
     pub fn add_rows(&mut self, d: usize, z: &[f32], x: &[f32], s: &[f32], y: &[f32], sigma: f32) {
+        let mut scratch = SumScratch::default();
+        let sums = SumsMut {
+            sum_y: &mut self.sum_y,
+            sum_s: &mut self.sum_s,
+            sum_ys: &mut self.sum_ys,
+            objective: &mut self.objective,
+            sum_wy: &mut self.sum_wy,
+            touched: &mut self.touched,
+        };
+        sums.add_rows(&mut scratch, d, (z, x, s, y), sigma);
+    }
+}
+
+/// Float64 sums that rows of samples are added into: a [`ProblemSums`], or a problem's own
+/// entries of a call's sums (whole problems: no per-problem copy to add later).
+pub(crate) struct SumsMut<'a> {
+    /// Σ Y_n, `[o]`.
+    pub sum_y: &'a mut [f64],
+    /// Σ s_n, `[d]` (empty without Jacobian sums).
+    pub sum_s: &'a mut [f64],
+    /// Σ Y_n s_nᵀ, `[o, d]` (empty without Jacobian sums).
+    pub sum_ys: &'a mut [f64],
+    /// Σ ⟨x_n, Y_n⟩ (made when d = o).
+    pub objective: &'a mut f64,
+    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n, `[d]` (empty but for the multiplicative objective).
+    pub sum_wy: &'a mut [f64],
+    /// Marks of the outputs ever non-zero, `[o]` (empty: not kept).
+    pub touched: &'a mut [bool],
+}
+
+/// The float32 tiles of [`SumsMut::add_rows`], kept between calls on one thread (all zero
+/// between calls) so that adding a few rows allocates nothing.
+#[derive(Debug, Default)]
+pub(crate) struct SumScratch {
+    tile_y: Vec<f32>,
+    tile_s: Vec<f32>,
+    tile_ys: Vec<f32>,
+    tile_wy: Vec<f32>,
+    tile_rows: Vec<usize>,
+    tile_mark: Vec<bool>,
+    padded: Vec<f32>,
+}
+
+impl SumScratch {
+    /// Zero tiles for `o` outputs and `d` inputs (`dp` padded).
+    fn fit(&mut self, o: usize, d: usize, jacobian: bool, weighted: bool) {
+        let dp = d.div_ceil(8) * 8;
+        let grow = |v: &mut Vec<f32>, len: usize| {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        };
+        grow(&mut self.tile_y, o);
+        grow(&mut self.tile_s, if jacobian { dp } else { 0 });
+        grow(&mut self.tile_ys, if jacobian { o * dp } else { 0 });
+        grow(&mut self.tile_wy, if weighted { d } else { 0 });
+        if self.tile_mark.len() < o {
+            self.tile_mark.resize(o, false);
+        }
+        // the padding after d stays zero (rows are copied into the first d)
+        if self.padded.len() != dp {
+            self.padded.clear();
+            self.padded.resize(dp, 0.0);
+        }
+    }
+}
+
+impl SumsMut<'_> {
+    /// Adds samples (noise, perturbed inputs, scores, solutions): see
+    /// [`ProblemSums::add_rows`].
+    pub fn add_rows(
+        self,
+        scratch: &mut SumScratch,
+        d: usize,
+        rows: (&[f32], &[f32], &[f32], &[f32]),
+        sigma: f32,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if crate::fastmath::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.add_rows_avx2(d, z, x, s, y, sigma) };
+            return unsafe { self.add_rows_avx2(scratch, d, rows, sigma) };
         }
-        self.add_rows_impl(d, z, x, s, y, sigma, add_scaled)
+        self.add_rows_impl(scratch, d, rows, sigma, add_scaled)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn add_rows_avx2(
-        &mut self,
+        self,
+        scratch: &mut SumScratch,
         d: usize,
-        z: &[f32],
-        x: &[f32],
-        s: &[f32],
-        y: &[f32],
+        rows: (&[f32], &[f32], &[f32], &[f32]),
         sigma: f32,
     ) {
-        self.add_rows_impl(d, z, x, s, y, sigma, |a, v, b| add_scaled_avx2(a, v, b))
+        self.add_rows_impl(scratch, d, rows, sigma, |a, v, b| add_scaled_avx2(a, v, b))
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn add_rows_impl(
-        &mut self,
+        self,
+        scratch: &mut SumScratch,
         d: usize,
-        z: &[f32],
-        x: &[f32],
-        s: &[f32],
-        y: &[f32],
+        (z, x, s, y): (&[f32], &[f32], &[f32], &[f32]),
         sigma: f32,
         add_scaled: impl Fn(&mut [f32], f32, &[f32]),
     ) {
@@ -113,12 +185,16 @@ impl ProblemSums {
         // vectors (`dp`), and each row's scores copied into a padded row, so that the
         // inner loop is whole vectors; only the outputs a tile touched are flushed
         let dp = d.div_ceil(8) * 8;
-        let mut tile_y = vec![0f32; o];
-        let mut tile_s = vec![0f32; if jacobian { dp } else { 0 }];
-        let mut tile_ys = vec![0f32; if jacobian { o * dp } else { 0 }];
-        let mut tile_wy = vec![0f32; if weighted { d } else { 0 }];
-        let (mut tile_rows, mut tile_mark) = (Vec::new(), vec![false; o]);
-        let mut padded = vec![0f32; dp];
+        scratch.fit(o, d, jacobian, weighted);
+        let SumScratch {
+            tile_y,
+            tile_s,
+            tile_ys,
+            tile_wy,
+            tile_rows,
+            tile_mark,
+            padded,
+        } = scratch;
         for r0 in (0..rows).step_by(SUM_TILE) {
             let r1 = (r0 + SUM_TILE).min(rows);
             let mut tile_objective = 0f32;
@@ -128,7 +204,7 @@ impl ProblemSums {
                     for (p, &v) in padded.iter_mut().zip(&s[r * d..(r + 1) * d]) {
                         *p = v;
                     }
-                    add_scaled(&mut tile_s, 1.0, &padded);
+                    add_scaled(&mut tile_s[..dp], 1.0, padded);
                 }
                 // the non-zero entries, 8 at a time as a bit mask (a vector compare), so
                 // that sparse solutions cost one test per 8 entries and no branch per entry
@@ -149,7 +225,7 @@ impl ProblemSums {
                     }
                     tile_y[i] += yv;
                     if jacobian {
-                        add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, &padded);
+                        add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, padded);
                     }
                     if square {
                         tile_objective += x[r * d + i] * yv;
@@ -159,9 +235,11 @@ impl ProblemSums {
                     }
                 }
             }
-            self.objective += f64::from(tile_objective);
-            for &i in &tile_rows {
-                self.touched[i] = true;
+            *self.objective += f64::from(tile_objective);
+            for &i in tile_rows.iter() {
+                if let Some(t) = self.touched.get_mut(i) {
+                    *t = true;
+                }
                 tile_mark[i] = false;
                 self.sum_y[i] += f64::from(std::mem::take(&mut tile_y[i]));
                 if weighted {

@@ -26,7 +26,9 @@ fn fp_state() -> u32 {
     {
         let mut csr: u32 = 0;
         // SAFETY: stores MXCSR into a local.
-        unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags)) };
+        unsafe {
+            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags))
+        };
         csr
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -234,7 +236,9 @@ impl Workers {
         // call returns.
         // SAFETY: only the lifetime is changed (a fat pointer to the same trait object).
         let f = Borrowed(unsafe {
-            std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync)>(f)
+            std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync)>(
+                f,
+            )
         });
         let fp = fp_state();
         for w in 0..count {
@@ -288,7 +292,10 @@ impl<'scope> Scope<'scope, '_> {
         // counted this job, which happens when the job is dropped, run or not, after its
         // closure (with everything it borrows for 'scope) has been dropped (`Lent`).
         let job = unsafe {
-            std::mem::transmute::<Box<dyn FnOnce() + Send + 'scope>, Box<dyn FnOnce() + Send + 'static>>(job)
+            std::mem::transmute::<
+                Box<dyn FnOnce() + Send + 'scope>,
+                Box<dyn FnOnce() + Send + 'static>,
+            >(job)
         };
         let lent = Lent {
             job: Some(job),
@@ -327,7 +334,11 @@ impl Workers {
         let result = catch_unwind(AssertUnwindSafe(|| f(&scope)));
         let mut state = scope.latch.state.lock().unwrap_or_else(|e| e.into_inner());
         while state.0 > 0 {
-            state = scope.latch.done.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = scope
+                .latch
+                .done
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
         }
         let job_panic = state.1.take();
         drop(state);
@@ -440,7 +451,10 @@ mod tests {
             });
         }));
         assert!(outcome.is_err());
-        assert!(workers.try_scope(|_| ()).is_ok(), "the pool is free again (not poisoned)");
+        assert!(
+            workers.try_scope(|_| ()).is_ok(),
+            "the pool is free again (not poisoned)"
+        );
     }
 
     #[test]
@@ -476,7 +490,7 @@ mod tests {
         }));
         assert!(outcome.is_err());
         assert_eq!(done.load(Ordering::SeqCst), 3); // the others finished first
-        // the workers still run
+                                                    // the workers still run
         workers.run_each(4, &|_| {
             done.fetch_add(1, Ordering::SeqCst);
         });

@@ -6,12 +6,13 @@ use crate::estimate::accumulator::Accumulator;
 use crate::estimate::replay::SolutionRows;
 use crate::estimate::TapeForm;
 use crate::kernels::blocks::{run_blocks, run_blocks_on};
-use crate::kernels::sums::ProblemSums;
+use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
 use crate::pipeline::plan::{OpSpec, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS};
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
 use crate::solver::SolveInfo;
 use crate::tensors::host_floats;
+use std::sync::Mutex;
 use tch::Tensor;
 
 impl OpSpec {
@@ -79,51 +80,107 @@ impl OpSpec {
         let last = self.input_shape.last().map_or(1, |&l| l as usize);
         // a block's rows: `per` samples of one problem, or all samples of `group` problems
         let block_rows = if group > 1 { group * n } else { per };
-        // per solver thread: noise, scores, perturbed inputs, solutions
-        let mut scratch: Vec<[Vec<f32>; 4]> = (0..threads)
-            .map(|_| {
-                [
-                    vec![0f32; block_rows * d],
-                    vec![0f32; block_rows * d],
-                    vec![0f32; block_rows * d],
-                    vec![0f32; block_rows * o],
-                ]
+        // per solver thread: noise (unless drawn into the tape's kept scores), scores
+        // (Jacobian sums only), perturbed inputs, solutions, and the tiles of the sums
+        let mut kept = acc.take_scores();
+        // Normal noise is its own score (both models): drawn straight into the kept scores
+        let direct = kept.is_some() && c.noise() == crate::noise::Noise::Normal && !c.antithetic();
+        let mut scratch: Vec<Scratch> = (0..threads)
+            .map(|_| Scratch {
+                z: vec![0f32; if direct { 0 } else { block_rows * d }],
+                s: vec![0f32; if sums_form { block_rows * d } else { 0 }],
+                x: vec![0f32; block_rows * d],
+                y: vec![0f32; block_rows * o],
+                sums: SumScratch::default(),
             })
             .collect();
-        // the sums of each problem of the block (or of the block of one problem), and the
-        // solutions, for a tape that keeps them
-        type Block = (Vec<ProblemSums>, Option<SolutionRows>);
-        let work = |g: usize, worker: usize, buffers: &mut [Vec<f32>; 4]| -> Result<Block> {
+        // the first problem, the number of problems, and the index among its problem's
+        // blocks of block g; every problem of the block has `rows` samples there, from
+        // sample n0
+        let block_at = |g: usize| {
             let (first, count, k) = if group > 1 {
                 (g * group, group.min(batch - g * group), 0)
             } else {
                 (g / per_problem, 1, g % per_problem)
             };
-            // every problem of the block has `rows` samples here, from sample n0
             let (n0, rows) = (k * per, per.min(n - k * per));
+            (first, count, n0, rows)
+        };
+        // the tape's kept scores, each block's rows (consecutive in the call's
+        // problem-major order) written by that block
+        let kept_slots = match kept.as_deref_mut() {
+            Some(all) => slots(
+                all,
+                (0..blocks).map(|g| {
+                    let (_, count, _, rows) = block_at(g);
+                    count * rows * d
+                }),
+            ),
+            None => Vec::new(),
+        };
+        // blocks of whole problems add their samples straight into their problems' sums
+        let whole = per_problem == 1 && !sums_form;
+        let mut host_sums = whole.then(|| acc.take_host_sums());
+        let (mut sum_slots, mut objective_slots, mut weighted_slots) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let weighted = match host_sums.as_mut() {
+            Some(host_sums) => {
+                let (sum_y, objective, sum_wy) = host_sums.slices();
+                let w = sum_wy.len() / batch.max(1);
+                let count = |g: usize| block_at(g).1;
+                sum_slots = slots(sum_y, (0..blocks).map(|g| count(g) * o));
+                if let Some(objective) = objective {
+                    objective_slots = slots(objective, (0..blocks).map(count));
+                }
+                weighted_slots = slots(sum_wy, (0..blocks).map(|g| count(g) * w));
+                w
+            }
+            None => 0,
+        };
+        // the sums of each problem of the block (or of the block of one problem; none for
+        // blocks of whole problems), and the solutions, for a tape that keeps them
+        type Block = (Vec<ProblemSums>, Option<SolutionRows>);
+        let work = |g: usize, worker: usize, buffers: &mut Scratch| -> Result<Block> {
+            let (first, count, n0, rows) = block_at(g);
             let total_rows = count * rows;
-            let [z, s, x, y] = &mut *buffers;
-            let (z, s, x, y) = (
-                &mut z[..total_rows * d],
-                &mut s[..total_rows * d],
-                &mut x[..total_rows * d],
-                &mut y[..total_rows * o],
-            );
-            // scores only for Jacobian sums (a tape of solutions draws them again later)
-            let s: &mut [f32] = if sums_form { s } else { &mut [] };
+            let Scratch {
+                z,
+                s,
+                x,
+                y,
+                sums: sum_scratch,
+            } = buffers;
+            let (x, y) = (&mut x[..total_rows * d], &mut y[..total_rows * o]);
+            // noise and scores: the scores for Jacobian sums, or into the tape's kept
+            // scores (a tape of solutions that keeps none draws them again later)
+            // the noise drawn into the kept scores, or into the scratch (the kept scores, if
+            // any, then made from it)
+            let (z, mut kept) = match take(&kept_slots, g) {
+                Some(kept) if direct => (kept, None),
+                kept => (&mut z[..total_rows * d], kept),
+            };
             for i in 0..count {
                 let b = first + i;
                 let part = i * rows * d..(i + 1) * rows * d;
-                let s_i: &mut [f32] = if sums_form { &mut s[part.clone()] } else { &mut [] };
-                c.noise().draw_samples(
-                    stream,
-                    c.antithetic(),
-                    multiplicative,
-                    (b, n, n0, d),
-                    &mut z[part.clone()],
-                    s_i,
-                    1,
-                );
+                if direct {
+                    c.noise()
+                        .fill(stream, ((b * n + n0) * d) as u64, &mut z[part.clone()]);
+                } else {
+                    let s_i: &mut [f32] = match kept.as_deref_mut() {
+                        Some(kept) => &mut kept[part.clone()],
+                        None if sums_form => &mut s[part.clone()],
+                        None => &mut [],
+                    };
+                    c.noise().draw_samples(
+                        stream,
+                        c.antithetic(),
+                        multiplicative,
+                        (b, n, n0, d),
+                        &mut z[part.clone()],
+                        s_i,
+                        1,
+                    );
+                }
                 c.perturbation().perturb_host(
                     &theta_host[b * d..(b + 1) * d],
                     &z[part.clone()],
@@ -131,6 +188,7 @@ impl OpSpec {
                     &mut x[part],
                 );
             }
+            let z: &[f32] = z;
             // the block's rows are consecutive in the call's problem-major order: one
             // solver call for all of them
             let first_row = (first * n + n0) as u64;
@@ -157,14 +215,42 @@ impl OpSpec {
                 }
                 Source::Solver(_) => unreachable!("only host solutions take the host path"),
             }
-            let mut all = Vec::with_capacity(count);
+            let mut all = Vec::with_capacity(if whole { 0 } else { count });
             let mut solutions = keep_solutions.then(|| SolutionRows::new(o));
+            let (mut sum_y, mut objective, mut sum_wy) = (
+                take(&sum_slots, g),
+                take(&objective_slots, g),
+                take(&weighted_slots, g),
+            );
             for i in 0..count {
-                let (rd, ro) = (i * rows * d..(i + 1) * rows * d, i * rows * o..(i + 1) * rows * o);
-                let s_i: &[f32] = if sums_form { &s[rd.clone()] } else { &[] };
-                let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
-                sums.add_rows(d, &z[rd.clone()], &x[rd], s_i, &y[ro.clone()], c.sigma() as f32);
-                all.push(sums);
+                let (rd, ro) = (
+                    i * rows * d..(i + 1) * rows * d,
+                    i * rows * o..(i + 1) * rows * o,
+                );
+                let rows_i = (&z[rd.clone()], &x[rd.clone()], &[][..], &y[ro.clone()]);
+                match sum_y.as_deref_mut() {
+                    // whole problems: into the call's sums of problem `first + i`
+                    Some(sum_y) => {
+                        let mut unused = 0.0;
+                        SumsMut {
+                            sum_y: &mut sum_y[i * o..(i + 1) * o],
+                            sum_s: &mut [],
+                            sum_ys: &mut [],
+                            objective: objective.as_deref_mut().map_or(&mut unused, |v| &mut v[i]),
+                            sum_wy: sum_wy
+                                .as_deref_mut()
+                                .map_or(&mut [][..], |v| &mut v[i * weighted..(i + 1) * weighted]),
+                            touched: &mut [],
+                        }
+                        .add_rows(sum_scratch, d, rows_i, c.sigma() as f32);
+                    }
+                    None => {
+                        let s_i: &[f32] = if sums_form { &s[rd] } else { &[] };
+                        let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
+                        sums.add_rows(d, rows_i.0, rows_i.1, s_i, rows_i.3, c.sigma() as f32);
+                        all.push(sums);
+                    }
+                }
                 if let Some(solutions) = &mut solutions {
                     solutions.push(&y[ro])?;
                 }
@@ -176,13 +262,8 @@ impl OpSpec {
             if let Some(solutions) = solutions {
                 acc.add_solutions(solutions)?;
             }
-            if group > 1 {
-                // whole problems: their sums go to the accumulator (in place, no libtorch
-                // operation while the solver threads work)
-                for (i, sums) in all.iter().enumerate() {
-                    acc.add_sums((g * group + i) as i64, sums)?;
-                }
-                return Ok(());
+            if whole {
+                return Ok(()); // the sums are in place already
             }
             total.add(&all[0]);
             if g % per_problem == per_problem - 1 {
@@ -194,17 +275,57 @@ impl OpSpec {
         };
         match host_solver.and_then(HostSolver::workers) {
             // a solver with workers: every block on them (worker w is always one thread)
-            Some(workers) => run_blocks_on(workers, threads, blocks, &mut scratch, work, combine),
+            Some(workers) => run_blocks_on(workers, threads, blocks, &mut scratch, work, combine)?,
             // the calling thread works too (it is worker 0)
             None => {
-                let mut scratch: Vec<(usize, [Vec<f32>; 4])> = scratch.into_iter().enumerate().collect();
+                let mut scratch: Vec<(usize, Scratch)> = scratch.into_iter().enumerate().collect();
                 run_blocks(
                     blocks,
                     &mut scratch,
                     |g, (w, buffers)| work(g, *w, buffers),
                     combine,
-                )
+                )?
             }
         }
+        // every block ran (else the call failed above): all the kept scores and the
+        // sums of whole problems are written
+        drop((kept_slots, sum_slots, objective_slots, weighted_slots));
+        if let Some(kept) = kept {
+            acc.put_scores(kept);
+        }
+        if let Some(host_sums) = host_sums {
+            acc.put_host_sums(host_sums);
+        }
+        Ok(())
     }
+}
+
+/// The buffers of one solver thread of the host pipeline.
+struct Scratch {
+    z: Vec<f32>,
+    s: Vec<f32>,
+    x: Vec<f32>,
+    y: Vec<f32>,
+    sums: SumScratch,
+}
+
+/// `all` cut into consecutive parts of the given lengths (one per block), each to be taken
+/// once by its block (see [`take`]).
+fn slots<T>(mut all: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<Mutex<Option<&mut [T]>>> {
+    lens.map(|len| {
+        let (mine, rest) = std::mem::take(&mut all).split_at_mut(len);
+        all = rest;
+        Mutex::new(Some(mine))
+    })
+    .collect()
+}
+
+/// Block g's part of `slots` (None when there are none).
+fn take<'a, T>(slots: &[Mutex<Option<&'a mut [T]>>], g: usize) -> Option<&'a mut [T]> {
+    slots.get(g).map(|slot| {
+        slot.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("each block takes its part once")
+    })
 }

@@ -25,8 +25,8 @@ impl OpSpec {
         let c = &self.config;
         let (d, n) = (self.input_numel, c.num_samples() as usize);
         let threads = c.library_threads(); // noise only
-                                                                                   // CPU ops draw with the CPU sampler; CUDA ops (and CPU ops forced onto this path)
-                                                                                   // draw with libtorch on their device
+                                           // CPU ops draw with the CPU sampler; CUDA ops (and CPU ops forced onto this path)
+                                           // draw with libtorch on their device
         let draw = |first: usize, count: usize| -> Result<Tensor> {
             if self.device == Device::Cpu && !c.libtorch_path() {
                 c.noise().sample(stream, first as u64, count, threads)

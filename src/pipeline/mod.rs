@@ -74,7 +74,9 @@ impl OpSpec {
                 Source::Provided(all) => {
                     Solutions::Dense(provided(all, batch * n, batch, o, self.device)?)
                 }
-                Source::Solver(solver) => self.solve(solver, theta, self.rows_at(true, 0, batch))?,
+                Source::Solver(solver) => {
+                    self.solve(solver, theta, self.rows_at(true, 0, batch))?
+                }
             };
             Some(rows.dense(o as i64)?)
         } else {
@@ -85,7 +87,8 @@ impl OpSpec {
             source,
             Source::Solver(SolverKind::Host(_) | SolverKind::Builtin(_)) | Source::Provided(_)
         ) && self.host_pipeline();
-        // the host pipeline's tapes keep the samples' solutions and draw the scores again
+        // the host pipeline's tapes keep the samples' solutions, and the scores up to a
+        // size (else drawn again)
         let redraw = (host && u32::try_from(o).is_ok()).then_some(Redraw {
             stream,
             noise: c.noise(),

@@ -115,7 +115,9 @@ impl HostSolver {
         })?;
         Ok(HostSolver {
             solver: Arc::new(solver),
-            ready: (0..workers.count()).map(|_| AtomicBool::new(false)).collect(),
+            ready: (0..workers.count())
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             workers: Some(workers),
             broken: std::sync::Mutex::new(None),
         })
@@ -165,10 +167,7 @@ impl HostSolver {
             .map_err(|msg| {
                 Error::new(
                     Status::SolverFailed,
-                    format!(
-                        "the solver failed on {}: {msg}",
-                        info.describe_rows(count)
-                    ),
+                    format!("the solver failed on {}: {msg}", info.describe_rows(count)),
                 )
             })
     }
@@ -260,7 +259,9 @@ pub(crate) fn solve_rows(
             .zip(y.chunks_mut(per * o))
             .map(std::sync::Mutex::new)
             .collect();
-        let results: Vec<_> = (0..slices.len()).map(|_| std::sync::Mutex::new(Ok(()))).collect();
+        let results: Vec<_> = (0..slices.len())
+            .map(|_| std::sync::Mutex::new(Ok(())))
+            .collect();
         let _turn = workers.turn()?;
         workers.run_each(slices.len(), &|i| {
             let mut slice = slices[i].lock().unwrap_or_else(|e| e.into_inner());

@@ -112,14 +112,19 @@ impl Accumulator {
                     Some(JacobianData::Dense(j))
                 }
             }
-            Some(JacobianSums::Replay { mut rows, redraw }) => {
+            Some(JacobianSums::Replay {
+                mut rows,
+                redraw,
+                scores,
+            }) => {
                 rows.shrink();
                 assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
                 Some(JacobianData::Replay(Replay {
                     rows,
                     redraw,
+                    scores,
                     batch,
-                    center: center.unwrap_or_else(|| vec![0f32; mean.len()]),
+                    center,
                     col_scale,
                     scale,
                 }))
