@@ -14,7 +14,7 @@
 //! float64, in a fixed order: the results do not depend on the number of threads.
 
 use crate::error::{Error, Result, Status};
-use crate::kernels::blocks::run_blocks;
+use crate::kernels::blocks::{run_blocks, slots, take};
 use crate::noise::Noise;
 use crate::rng::Stream;
 
@@ -114,6 +114,31 @@ impl SolutionRows {
         Ok(())
     }
 
+    /// Appends 0/1 rows given by the positions of their ones (`per_row` increasing
+    /// positions a row): the rows [`SolutionRows::push`] makes of them written out.
+    pub fn push_ones(&mut self, ones: &[u32], per_row: usize) -> Result<()> {
+        let rows = ones.len() / per_row.max(1);
+        let dense = 2 * per_row > self.o;
+        let per_words = if dense { self.o } else { 2 * per_row };
+        self.reserve(rows, rows.saturating_mul(per_words))?;
+        let one = 1f32.to_bits();
+        for row in ones.chunks_exact(per_row.max(1)).take(rows) {
+            if dense {
+                let start = self.words.len();
+                self.words.resize(start + self.o, 0);
+                for &i in row {
+                    self.words[start + i as usize] = one;
+                }
+                self.ends.push(self.words.len() as u64 | DENSE);
+            } else {
+                self.words.extend_from_slice(row);
+                self.words.extend(std::iter::repeat_n(one, per_row));
+                self.ends.push(self.words.len() as u64);
+            }
+        }
+        Ok(())
+    }
+
     /// Appends the rows of `other` (same `o`); TORCH_ERROR when memory runs out.
     pub fn append(&mut self, other: SolutionRows) -> Result<()> {
         self.reserve(other.ends.len(), other.words.len())?;
@@ -201,6 +226,9 @@ pub(crate) struct Replay {
 /// Samples whose scores are drawn at a time (even, for antithetic pairs).
 const TILE: usize = 64;
 
+/// The fewest entries of the sums (samples × width) a thread of a product is started for.
+const PRODUCT_WORK: usize = 1 << 16;
+
 impl Replay {
     pub(crate) fn o(&self) -> usize {
         self.rows.o
@@ -283,43 +311,53 @@ impl Replay {
         f: impl Fn(usize, usize, &[f32], &mut [f64]) + Sync,
         finish: impl Fn(usize, &[f64], &mut [f32]) + Sync,
     ) -> Result<Vec<f32>> {
-        let d = self.redraw.d;
-        let threads = self.redraw.threads.clamp(1, self.batch.max(1));
-        // room to draw a tile's scores again (none when they are kept)
+        let (n, d) = (self.redraw.n, self.redraw.d);
+        // a thread for at least PRODUCT_WORK entries of the sums (a smaller share costs
+        // less than handing it over), and for at most one problem
+        let work = self.batch.saturating_mul(n).saturating_mul(width.max(d));
+        let threads = self
+            .redraw
+            .threads
+            .min(work / PRODUCT_WORK)
+            .clamp(1, self.batch.max(1));
+        // room to draw a tile's scores again (none when they are kept), and the sums of
+        // one problem
         let tile = if self.scores.is_some() { 0 } else { TILE * d };
         let mut scratch = Vec::new();
         for _ in 0..threads {
-            scratch.push([zeros::<f32>(tile)?, zeros::<f32>(tile)?]);
+            scratch.push((
+                zeros::<f32>(tile)?,
+                zeros::<f32>(tile)?,
+                zeros::<f64>(width)?,
+            ));
         }
         let total = self
             .batch
             .checked_mul(out_width)
             .ok_or_else(|| no_memory(usize::MAX))?;
-        let mut out = Vec::new();
-        out.try_reserve_exact(total).map_err(|_| no_memory(total))?;
+        let mut out = zeros::<f32>(total)?;
+        // each problem writes its own results
+        let rows = slots(&mut out, (0..self.batch).map(|_| out_width));
         run_blocks::<_, _, Error>(
             self.batch,
             &mut scratch,
-            |b, [z, s]| {
-                let mut acc = zeros::<f64>(width)?;
+            |b, (z, s, acc)| {
+                acc.fill(0.0);
                 #[cfg(target_arch = "x86_64")]
                 if crate::fastmath::has_avx2() {
                     // SAFETY: the CPU has AVX2 and FMA.
-                    unsafe { self.problem_avx2(b, z, s, &mut acc, &f) };
+                    unsafe { self.problem_avx2(b, z, s, acc, &f) };
                 } else {
-                    self.problem(b, z, s, &mut acc, &f);
+                    self.problem(b, z, s, acc, &f);
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                self.problem(b, z, s, &mut acc, &f);
-                let mut row = zeros::<f32>(out_width)?;
-                finish(b, &acc, &mut row);
-                Ok(row)
-            },
-            |_, row| {
-                out.extend_from_slice(&row); // within the reserved room
+                self.problem(b, z, s, acc, &f);
+                finish(b, acc, take(&rows, b).expect("a row per problem"));
                 Ok(())
             },
+            |_, ()| Ok(()),
         )?;
+        drop(rows);
         Ok(out)
     }
 
@@ -398,9 +436,16 @@ impl Replay {
                     *a += w * f64::from(sv);
                 }
             },
-            |b, acc, out| {
-                for (j, (o, &v)) in out.iter_mut().zip(acc).enumerate() {
-                    *o = (v * self.column(b, j)) as f32;
+            |b, acc, out| match &self.col_scale {
+                None => {
+                    for (o, &v) in out.iter_mut().zip(acc) {
+                        *o = (v * self.scale) as f32;
+                    }
+                }
+                Some(cs) => {
+                    for ((o, &v), &c) in out.iter_mut().zip(acc).zip(&cs[b * d..(b + 1) * d]) {
+                        *o = (v * (self.scale * f64::from(c))) as f32;
+                    }
                 }
             },
         )
@@ -482,6 +527,40 @@ fn no_memory(len: usize) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_of_ones_equal_the_rows_written_out() {
+        for (o, per_row) in [(6usize, 1usize), (6, 2), (6, 4), (1, 1)] {
+            let ones: Vec<u32> = (0..3)
+                .flat_map(|r| (0..per_row).map(move |j| ((r + j * 2) % o) as u32))
+                .collect::<Vec<_>>()
+                .chunks(per_row)
+                .flat_map(|c| {
+                    let mut c = c.to_vec();
+                    c.sort_unstable();
+                    c.dedup();
+                    c
+                })
+                .collect();
+            if ones.len() != 3 * per_row {
+                continue; // a row with repeated positions is not a 0/1 row
+            }
+            let mut dense = vec![0f32; 3 * o];
+            for (r, row) in ones.chunks(per_row).enumerate() {
+                for &i in row {
+                    dense[r * o + i as usize] = 1.0;
+                }
+            }
+            let (mut a, mut b) = (SolutionRows::new(o), SolutionRows::new(o));
+            a.push(&dense).unwrap();
+            b.push_ones(&ones, per_row).unwrap();
+            assert_eq!(
+                (a.ends, a.words),
+                (b.ends, b.words),
+                "o {o} per row {per_row}"
+            );
+        }
+    }
 
     #[test]
     fn rows_keep_their_values_sparse_or_whole() {

@@ -396,6 +396,30 @@ impl Drop for HaltOnDrop<'_> {
     }
 }
 
+/// `all` cut into consecutive parts of the given lengths (one per block), each to be taken
+/// once by its block (see [`take`]).
+pub(crate) fn slots<T>(
+    mut all: &mut [T],
+    lens: impl Iterator<Item = usize>,
+) -> Vec<Mutex<Option<&mut [T]>>> {
+    lens.map(|len| {
+        let (mine, rest) = std::mem::take(&mut all).split_at_mut(len);
+        all = rest;
+        Mutex::new(Some(mine))
+    })
+    .collect()
+}
+
+/// Block g's part of `slots` (None when there are none).
+pub(crate) fn take<'a, T>(slots: &[Mutex<Option<&'a mut [T]>>], g: usize) -> Option<&'a mut [T]> {
+    slots.get(g).map(|slot| {
+        slot.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("each block takes its part once")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,18 +88,61 @@ impl Builtin {
 }
 
 impl Builtin {
+    /// The ones of each slice's solution for 0/1 built-ins (argmax: 1, top-k: k), or None
+    /// (ranks).
+    pub(crate) fn ones_per_slice(self) -> Option<usize> {
+        match self {
+            Builtin::Argmax => Some(1),
+            Builtin::TopK(k) => Some(k as usize),
+            Builtin::Ranks => None,
+        }
+    }
+
+    /// The 0/1 solutions of argmax and top-k as the positions of their ones: for each row
+    /// of `x` (rows of `d` floats, slices of `last`), its [`Builtin::ones_per_slice`] ones
+    /// per slice, positions within the row in increasing order, into `ones` (cleared
+    /// first). The solutions of [`Builtin::solve_host`], without writing their zeros.
+    pub(crate) fn ones_host(self, x: &[f32], d: usize, last: usize, ones: &mut Vec<u32>) {
+        let mut order: Vec<usize> = Vec::new();
+        let mut values: Vec<u32> = Vec::new();
+        ones.clear();
+        let slices = d / last;
+        for (s, xs) in x.chunks_exact(last).enumerate() {
+            let at = (s % slices) * last; // the slice's first position within its row
+            match self {
+                Builtin::Argmax => ones.push((at + first_max(xs)) as u32),
+                Builtin::TopK(1) => ones.push((at + first_max(xs)) as u32),
+                Builtin::TopK(k) => {
+                    if (k as usize) * 64 <= last {
+                        top_k(xs, k as usize, &mut order);
+                        order.sort_unstable();
+                    } else {
+                        top_k_by_selection(xs, k as usize, &mut order, &mut values);
+                    }
+                    ones.extend(order.iter().map(|&i| (at + i) as u32));
+                }
+                Builtin::Ranks => unreachable!("ranks are not 0/1"),
+            }
+        }
+    }
+
     /// The solutions of `x` (rows of `d` floats, slices of `last` along each row) into `y`,
     /// on the host: the CPU path of top-k and ranks (argmax has its own fused kernel).
     pub(crate) fn solve_host(self, x: &[f32], last: usize, y: &mut [f32]) {
         let mut order: Vec<usize> = Vec::with_capacity(last);
-        let mut values: Vec<f32> = Vec::new();
+        let mut values: Vec<u32> = Vec::new();
+        let mut keys: Vec<u64> = Vec::new();
+        let mut spare: Vec<u64> = Vec::new();
         for (xs, ys) in x.chunks_exact(last).zip(y.chunks_exact_mut(last)) {
             match self {
                 Builtin::Argmax => {
-                    let best = (1..last).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
-                    ys.iter_mut()
-                        .enumerate()
-                        .for_each(|(i, v)| *v = (i == best) as u8 as f32);
+                    let best = first_max(xs);
+                    ys.fill(0.0);
+                    ys[best] = 1.0;
+                }
+                Builtin::TopK(1) => {
+                    ys.fill(0.0);
+                    ys[first_max(xs)] = 1.0; // the first of equal largest entries, as top_k
                 }
                 Builtin::TopK(k) => {
                     ys.fill(0.0);
@@ -110,17 +153,107 @@ impl Builtin {
                     }
                     order.iter().for_each(|&i| ys[i] = 1.0);
                 }
-                Builtin::Ranks => {
+                Builtin::Ranks if u32::try_from(last).is_err() => {
                     order.clear();
                     order.extend(0..last);
-                    order.sort_unstable_by(|&a, &b| xs[a].total_cmp(&xs[b]));
+                    order.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
                     for (rank, &i) in order.iter().enumerate() {
                         ys[i] = (rank + 1) as f32;
+                    }
+                }
+                Builtin::Ranks => {
+                    // (value as an ordered integer, position) in one word: a plain integer
+                    // sort, ties in the order of their positions
+                    keys.clear();
+                    keys.extend(
+                        xs.iter()
+                            .enumerate()
+                            .map(|(i, &v)| (u64::from(ordered(v)) << 32) | i as u64),
+                    );
+                    if last >= RADIX_MIN {
+                        radix_sort_high(&mut keys, &mut spare);
+                    } else {
+                        keys.sort_unstable();
+                    }
+                    for (rank, &key) in keys.iter().enumerate() {
+                        ys[key as u32 as usize] = (rank + 1) as f32;
                     }
                 }
             }
         }
     }
+}
+
+/// The shortest rows that ranks sort by radix (shorter ones by comparisons).
+const RADIX_MIN: usize = 256;
+
+/// Sorts `keys` by their upper 32 bits, stably (a least-significant-digit radix sort, a
+/// byte a pass; passes where every key has the same byte are skipped), with `spare` as
+/// room. Keys whose lower 32 bits increase with their position come out as
+/// `sort_unstable` leaves them.
+fn radix_sort_high(keys: &mut [u64], spare: &mut Vec<u64>) {
+    let n = keys.len();
+    spare.clear();
+    spare.resize(n, 0);
+    let mut counts = [[0usize; 256]; 4];
+    for &k in keys.iter() {
+        for (p, count) in counts.iter_mut().enumerate() {
+            count[(k >> (32 + 8 * p)) as usize & 255] += 1;
+        }
+    }
+    let (mut from, mut to) = (&mut keys[..], &mut spare[..]);
+    let mut in_spare = false;
+    for (p, count) in counts.iter().enumerate() {
+        if count.contains(&n) {
+            continue; // one byte value for all: nothing moves
+        }
+        let mut at = [0usize; 256];
+        let mut sum = 0;
+        for (a, &c) in at.iter_mut().zip(count) {
+            *a = sum;
+            sum += c;
+        }
+        for &k in from.iter() {
+            let b = (k >> (32 + 8 * p)) as usize & 255;
+            to[at[b]] = k;
+            at[b] += 1;
+        }
+        std::mem::swap(&mut from, &mut to);
+        in_spare = !in_spare;
+    }
+    if in_spare {
+        keys.copy_from_slice(spare);
+    }
+}
+
+/// `v` as an integer in the order of `f32::total_cmp` (−NaN < −∞ < … < −0 < +0 < … < +∞ <
+/// NaN).
+#[inline(always)]
+fn ordered(v: f32) -> u32 {
+    let bits = v.to_bits();
+    // negative: every bit flipped; else the sign bit set
+    bits ^ (((bits as i32) >> 31) as u32 | 1 << 31)
+}
+
+/// The position of the first largest entry of `xs` (not empty), NaN entries skipped (0 when
+/// the first is NaN): the same as a scan that keeps the first strictly larger entry, found
+/// with a vectorizable maximum in 16 lanes and a search for its first occurrence.
+fn first_max(xs: &[f32]) -> usize {
+    if xs[0].is_nan() {
+        return 0; // nothing compares larger than a NaN in the scan
+    }
+    let mut lanes = [xs[0]; 16];
+    let (chunks, tail) = xs.as_chunks::<16>();
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut max = tail.iter().fold(xs[0], |m, &v| if v > m { v } else { m });
+    for &m in &lanes {
+        max = if m > max { m } else { max };
+    }
+    xs.iter().position(|&v| v == max).unwrap_or(0)
 }
 
 /// The positions of the `k` largest entries of `xs` (1 <= k <= xs.len()) into `out`, in
@@ -164,24 +297,21 @@ fn top_k(xs: &[f32], k: usize, out: &mut Vec<usize>) {
     }
 }
 
-/// [`top_k`] for a larger k: the k-th largest value by selection on a copy of the values
-/// (O(n) comparisons of floats), then the positions of the larger values and of the first
-/// equal ones, in increasing order. The same set as [`top_k`].
-fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, values: &mut Vec<f32>) {
-    values.clear();
-    values.extend_from_slice(xs);
-    let (_, &mut kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let above = xs.iter().filter(|v| v.total_cmp(&kth).is_gt()).count();
+/// [`top_k`] for a larger k: the k-th largest value by selection on the values as ordered
+/// integers (O(n) integer comparisons), then the positions of the larger values and of the
+/// first equal ones, in increasing order. The same set as [`top_k`].
+fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, keys: &mut Vec<u32>) {
+    keys.clear();
+    keys.extend(xs.iter().map(|&v| ordered(v)));
+    let (_, &mut kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    let above = xs.iter().filter(|&&v| ordered(v) > kth).count();
     let mut equal = k - above; // the first `equal` entries equal to the k-th are kept
     out.clear();
-    for (i, v) in xs.iter().enumerate() {
-        match v.total_cmp(&kth) {
-            std::cmp::Ordering::Greater => out.push(i),
-            std::cmp::Ordering::Equal if equal > 0 => {
-                equal -= 1;
-                out.push(i);
-            }
-            _ => {}
+    for (i, &v) in xs.iter().enumerate() {
+        let key = ordered(v);
+        if key > kth || key == kth && equal > 0 {
+            equal -= usize::from(key == kth);
+            out.push(i);
         }
     }
 }
@@ -232,6 +362,103 @@ mod tests {
         assert_eq!(run(Builtin::Argmax, &x, &[6]), [0., 0., 0., 0., 1., 0.]);
         assert_eq!(run(Builtin::TopK(2), &x, &[3]), [1., 1., 0., 0., 1., 1.]);
         assert_eq!(run(Builtin::Ranks, &x, &[3]), [2., 3., 1., 1., 3., 2.]);
+    }
+
+    #[test]
+    fn ordered_integers_follow_total_cmp_and_ties_rank_by_position() {
+        let v = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -f32::MIN_POSITIVE,
+            -0.0,
+            0.0,
+            1e-40,
+            2.0,
+            f32::INFINITY,
+        ];
+        for a in v {
+            for b in v {
+                assert_eq!(ordered(a).cmp(&ordered(b)), a.total_cmp(&b), "{a} {b}");
+            }
+        }
+        let mut y = [0f32; 5];
+        Builtin::Ranks.solve_host(&[2.0, -1.0, 2.0, 0.5, -1.0], 5, &mut y);
+        assert_eq!(y, [4.0, 1.0, 5.0, 3.0, 2.0]);
+    }
+
+    #[test]
+    fn ones_are_the_positions_of_the_dense_solutions() {
+        let x: Vec<f32> = (0..600)
+            .map(|i| ((i * 7919) % 37) as f32 * 0.25 - 3.0)
+            .collect();
+        for (b, last) in [
+            (Builtin::Argmax, 10),
+            (Builtin::Argmax, 300),
+            (Builtin::TopK(3), 10),
+            (Builtin::TopK(2), 100),
+            (Builtin::TopK(150), 300),
+        ] {
+            let mut y = vec![0f32; 600];
+            b.solve_host(&x, last, &mut y);
+            let mut ones = Vec::new();
+            b.ones_host(&x, 300, last, &mut ones);
+            let want: Vec<u32> = (0..600u32)
+                .filter(|&i| y[i as usize] == 1.0)
+                .map(|i| i % 300)
+                .collect();
+            assert_eq!(ones, want, "{b:?} {last}");
+            assert!(y.iter().all(|&v| v == 0.0 || v == 1.0));
+        }
+    }
+
+    #[test]
+    fn radix_ranks_equal_the_comparison_sort() {
+        for len in [64usize, 100, 1000, 4097] {
+            let xs: Vec<f32> = (0..len)
+                .map(|i| match i % 7 {
+                    0 => -(((i * 7919) % 101) as f32) * 1e3,
+                    1 => 0.0,
+                    2 => -0.0,
+                    _ => ((i * 104_729) % 997) as f32 * 1e-3 - 0.4,
+                })
+                .collect();
+            let mut keys: Vec<u64> = xs
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (u64::from(ordered(v)) << 32) | i as u64)
+                .collect();
+            let mut want = keys.clone();
+            want.sort_unstable();
+            radix_sort_high(&mut keys, &mut Vec::new());
+            assert_eq!(keys, want, "{len}");
+        }
+    }
+
+    #[test]
+    fn first_max_equals_the_scan_for_first_strictly_larger() {
+        let scan = |xs: &[f32]| (1..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
+        let mut cases: Vec<Vec<f32>> = vec![
+            vec![1.0],
+            vec![-0.0, 0.0, -0.0],
+            vec![0.0, -0.0, 0.0],
+            vec![f32::NAN, 2.0, 3.0],
+            vec![1.0, f32::NAN, 3.0, f32::NAN],
+            vec![f32::NEG_INFINITY, f32::NEG_INFINITY],
+            vec![1.0, f32::INFINITY, 2.0, f32::INFINITY],
+        ];
+        // ties in every position relative to the 16 lanes and the tail
+        for len in [15usize, 16, 17, 31, 33, 40, 1000] {
+            for at in [0, len / 3, len - 1] {
+                let mut v: Vec<f32> = (0..len).map(|i| ((i * 7919) % 13) as f32).collect();
+                v[at] = 20.0;
+                cases.push(v.clone());
+                v[len - 1 - at / 2] = 20.0;
+                cases.push(v);
+            }
+        }
+        for xs in &cases {
+            assert_eq!(first_max(xs), scan(xs), "{xs:?}");
+        }
     }
 
     #[test]

@@ -65,21 +65,16 @@ impl ProblemSums {
         self.objective += other.objective;
     }
 
-    /// Adds samples: noise `z`, perturbed inputs `x`, scores `s` (`[rows, d]`; `s` may be
-    /// empty without Jacobian sums) and solutions `y` (`[rows, o]`); zero solution entries
-    /// cost nothing. Tiles of [`SUM_TILE`] rows are summed in float32 (vectorized), then
-    /// added into the float64 sums; the result depends on the rows given, never on threads.
-    pub fn add_rows(&mut self, d: usize, z: &[f32], x: &[f32], s: &[f32], y: &[f32], sigma: f32) {
-        let mut scratch = SumScratch::default();
-        let sums = SumsMut {
+    /// These sums to add rows into.
+    pub fn view(&mut self) -> SumsMut<'_> {
+        SumsMut {
             sum_y: &mut self.sum_y,
             sum_s: &mut self.sum_s,
             sum_ys: &mut self.sum_ys,
             objective: &mut self.objective,
             sum_wy: &mut self.sum_wy,
             touched: &mut self.touched,
-        };
-        sums.add_rows(&mut scratch, d, (z, x, s, y), sigma);
+        }
     }
 }
 
@@ -138,8 +133,10 @@ impl SumScratch {
 }
 
 impl SumsMut<'_> {
-    /// Adds samples (noise, perturbed inputs, scores, solutions): see
-    /// [`ProblemSums::add_rows`].
+    /// Adds samples: noise `z`, perturbed inputs `x`, scores `s` (`[rows, d]`; `s` may be
+    /// empty without Jacobian sums) and solutions `y` (`[rows, o]`); zero solution entries
+    /// cost nothing. Tiles of [`SUM_TILE`] rows are summed in float32 (vectorized), then
+    /// added into the float64 sums; the result depends on the rows given, never on threads.
     pub fn add_rows(
         self,
         scratch: &mut SumScratch,
@@ -198,8 +195,21 @@ impl SumsMut<'_> {
         for r0 in (0..rows).step_by(SUM_TILE) {
             let r1 = (r0 + SUM_TILE).min(rows);
             let mut tile_objective = 0f32;
+            // whether a dense row came: every output's tile sum is flushed then
+            let mut tile_all = false;
             for r in r0..r1 {
                 let yr = &y[r * o..(r + 1) * o];
+                if !jacobian && !weighted && 2 * yr.iter().filter(|v| **v != 0.0).count() > o {
+                    // mostly non-zero (ranks, dense callbacks): whole vectors, no marks
+                    for (t, &v) in tile_y[..o].iter_mut().zip(yr) {
+                        *t += v;
+                    }
+                    if square {
+                        tile_objective += dot(&x[r * d..(r + 1) * d], yr);
+                    }
+                    tile_all = true;
+                    continue;
+                }
                 if jacobian {
                     for (p, &v) in padded.iter_mut().zip(&s[r * d..(r + 1) * d]) {
                         *p = v;
@@ -236,6 +246,21 @@ impl SumsMut<'_> {
                 }
             }
             *self.objective += f64::from(tile_objective);
+            if tile_all {
+                // (no Jacobian or weighted sums here)
+                for &i in tile_rows.iter() {
+                    tile_mark[i] = false;
+                }
+                tile_rows.clear();
+                for (i, (a, t)) in self.sum_y.iter_mut().zip(tile_y.iter_mut()).enumerate() {
+                    if *t != 0.0 {
+                        if let Some(mark) = self.touched.get_mut(i) {
+                            *mark = true;
+                        }
+                    }
+                    *a += f64::from(std::mem::take(t));
+                }
+            }
             for &i in tile_rows.iter() {
                 if let Some(t) = self.touched.get_mut(i) {
                     *t = true;
@@ -261,6 +286,74 @@ impl SumsMut<'_> {
             }
         }
     }
+}
+
+impl SumsMut<'_> {
+    /// Adds 0/1 solutions given by the positions of their ones (`per_row` increasing
+    /// positions a row, `ones`), with their perturbed inputs `x` `[rows, d]`: the sums
+    /// [`SumsMut::add_rows`] makes of the same solutions written out, bit for bit, without
+    /// reading their zeros. Only for sums without Jacobian or weighted entries.
+    pub fn add_ones(
+        self,
+        scratch: &mut SumScratch,
+        d: usize,
+        x: &[f32],
+        ones: &[u32],
+        per_row: usize,
+    ) {
+        assert!(self.sum_ys.is_empty() && self.sum_wy.is_empty());
+        let o = self.sum_y.len();
+        let square = d == o;
+        let rows = ones.len() / per_row.max(1);
+        scratch.fit(o, d, false, false);
+        let SumScratch {
+            tile_y,
+            tile_rows,
+            tile_mark,
+            ..
+        } = scratch;
+        for r0 in (0..rows).step_by(SUM_TILE) {
+            let r1 = (r0 + SUM_TILE).min(rows);
+            let mut tile_objective = 0f32;
+            for r in r0..r1 {
+                for &i in &ones[r * per_row..(r + 1) * per_row] {
+                    let i = i as usize;
+                    if !tile_mark[i] {
+                        tile_mark[i] = true;
+                        tile_rows.push(i);
+                    }
+                    tile_y[i] += 1.0;
+                    if square {
+                        tile_objective += x[r * d + i] * 1.0;
+                    }
+                }
+            }
+            *self.objective += f64::from(tile_objective);
+            for &i in tile_rows.iter() {
+                if let Some(t) = self.touched.get_mut(i) {
+                    *t = true;
+                }
+                tile_mark[i] = false;
+                self.sum_y[i] += f64::from(std::mem::take(&mut tile_y[i]));
+            }
+            tile_rows.clear();
+        }
+    }
+}
+
+/// ⟨a, b⟩ in float32, in 8 lanes (vectorized).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, at) = a.as_chunks::<8>();
+    let (bc, bt) = b.as_chunks::<8>();
+    for (a, b) in ac.iter().zip(bc) {
+        for j in 0..8 {
+            lanes[j] += a[j] * b[j];
+        }
+    }
+    let tail: f32 = at.iter().zip(bt).map(|(a, b)| a * b).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Bit j set when `values[j]` (j < 8) is not ±0.

@@ -17,6 +17,32 @@ use std::thread::JoinHandle;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// How long a shared helper keeps looking for its next job after one ends before it
+/// sleeps: calls that come in quick succession (a forward call and its VJP, the
+/// mini-batches of a training loop) then find it awake instead of paying its wake-up
+/// (tens of microseconds, more than the work of a small call). It yields its core to any
+/// other thread that wants it while it looks.
+const HELPER_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The next job of a worker: looked for during `spin` (yielding the core between looks),
+/// then waited for; None once the pool is dropped.
+fn next_job(receive: &Receiver<Job>, spin: std::time::Duration) -> Option<Job> {
+    if !spin.is_zero() {
+        let start = std::time::Instant::now();
+        loop {
+            match receive.try_recv() {
+                Ok(job) => return Some(job),
+                Err(mpsc::TryRecvError::Disconnected) => return None,
+                Err(mpsc::TryRecvError::Empty) if start.elapsed() < spin => {
+                    std::thread::yield_now()
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+            }
+        }
+    }
+    receive.recv().ok()
+}
+
 /// The stack of a worker thread: a solver's recursion gets what a main thread gets.
 pub(crate) const WORKER_STACK_BYTES: usize = 8 << 20;
 
@@ -166,11 +192,11 @@ impl Workers {
     /// Starts `count` (>= 1) threads named `pert-worker-<w>`; an error names what the
     /// system refused.
     pub(crate) fn new(count: usize) -> std::io::Result<Workers> {
-        Workers::named(count, "pert-worker")
+        Workers::named(count, "pert-worker", std::time::Duration::ZERO)
     }
 
     /// [`Workers::new`] with threads named `<name>-<w>`.
-    fn named(count: usize, name: &str) -> std::io::Result<Workers> {
+    fn named(count: usize, name: &str, spin: std::time::Duration) -> std::io::Result<Workers> {
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut workers = Workers {
             senders: Vec::with_capacity(count),
@@ -189,7 +215,7 @@ impl Workers {
                     OWNER.with(|o| o.set(id));
                     // jobs catch their own panics: this loop only ends when the op drops
                     // its sender
-                    for job in receive {
+                    while let Some(job) = next_job(&receive, spin) {
                         job();
                     }
                 })?; // the threads started so far end when `workers` is dropped
@@ -380,7 +406,7 @@ pub(crate) fn shared() -> Option<&'static Workers> {
     }
     let pool = match crate::config::cores().saturating_sub(1) {
         0 => None,
-        helpers => Workers::named(helpers, "pert-helper").ok(),
+        helpers => Workers::named(helpers, "pert-helper", HELPER_SPIN).ok(),
     };
     let _ = SHARED.set(pool);
     SHARED.get().and_then(Option::as_ref)

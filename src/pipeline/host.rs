@@ -5,14 +5,15 @@ use crate::error::Result;
 use crate::estimate::accumulator::Accumulator;
 use crate::estimate::replay::SolutionRows;
 use crate::estimate::TapeForm;
-use crate::kernels::blocks::{run_blocks, run_blocks_on};
+use crate::kernels::blocks::{run_blocks, run_blocks_on, slots, take};
 use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
-use crate::pipeline::plan::{OpSpec, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS};
+use crate::pipeline::plan::{
+    OpSpec, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS, HOST_THREAD_VALUES,
+};
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
 use crate::solver::SolveInfo;
 use crate::tensors::host_floats;
-use std::sync::Mutex;
 use tch::Tensor;
 
 impl OpSpec {
@@ -70,9 +71,11 @@ impl OpSpec {
             _ => None,
         };
         // callbacks get the config's solver threads; built-ins use every core (up to the
-        // config's cap)
+        // config's cap), a core for at least HOST_THREAD_VALUES perturbed values (a smaller
+        // share costs less than handing it over)
         let threads = if builtin {
-            c.library_threads()
+            let values = batch.saturating_mul(n).saturating_mul(d);
+            c.library_threads().min(values / HOST_THREAD_VALUES)
         } else {
             c.effective_threads()
         };
@@ -80,6 +83,14 @@ impl OpSpec {
         let last = self.input_shape.last().map_or(1, |&l| l as usize);
         // a block's rows: `per` samples of one problem, or all samples of `group` problems
         let block_rows = if group > 1 { group * n } else { per };
+        // argmax and top-k give the positions of their ones (this many a row), which the
+        // sums and the tape take as they are, when there are no Jacobian or weighted sums
+        let ones_per_row = match source {
+            Source::Solver(SolverKind::Builtin(b)) if !sums_form && !multiplicative => {
+                b.ones_per_slice().map(|m| m * (d / last.max(1)))
+            }
+            _ => None,
+        };
         // per solver thread: noise (unless drawn into the tape's kept scores), scores
         // (Jacobian sums only), perturbed inputs, solutions, and the tiles of the sums
         let mut kept = acc.take_scores();
@@ -90,7 +101,15 @@ impl OpSpec {
                 z: vec![0f32; if direct { 0 } else { block_rows * d }],
                 s: vec![0f32; if sums_form { block_rows * d } else { 0 }],
                 x: vec![0f32; block_rows * d],
-                y: vec![0f32; block_rows * o],
+                y: vec![
+                    0f32;
+                    if ones_per_row.is_some() {
+                        0
+                    } else {
+                        block_rows * o
+                    }
+                ],
+                ones: Vec::new(),
                 sums: SumScratch::default(),
             })
             .collect();
@@ -148,9 +167,16 @@ impl OpSpec {
                 s,
                 x,
                 y,
+                ones,
                 sums: sum_scratch,
             } = buffers;
-            let (x, y) = (&mut x[..total_rows * d], &mut y[..total_rows * o]);
+            // (no dense solutions for 0/1 built-ins)
+            let y_len = if ones_per_row.is_some() {
+                0
+            } else {
+                total_rows * o
+            };
+            let (x, y) = (&mut x[..total_rows * d], &mut y[..y_len]);
             // noise and scores: the scores for Jacobian sums, or into the tape's kept
             // scores (a tape of solutions that keeps none draws them again later)
             // the noise drawn into the kept scores, or into the scratch (the kept scores, if
@@ -207,7 +233,10 @@ impl OpSpec {
                     solver.call(&at, x, total_rows, y)?;
                     check_finite(y, o, &at)?;
                 }
-                Source::Solver(SolverKind::Builtin(builtin)) => builtin.solve_host(x, last, y),
+                Source::Solver(SolverKind::Builtin(builtin)) => match ones_per_row {
+                    Some(_) => builtin.ones_host(x, d, last, ones),
+                    None => builtin.solve_host(x, last, y),
+                },
                 Source::Provided(all) => {
                     let first = first_row as usize;
                     check_provided(&all[first * o..(first + total_rows) * o], first, o)?;
@@ -227,32 +256,46 @@ impl OpSpec {
                     i * rows * d..(i + 1) * rows * d,
                     i * rows * o..(i + 1) * rows * o,
                 );
-                let rows_i = (&z[rd.clone()], &x[rd.clone()], &[][..], &y[ro.clone()]);
-                match sum_y.as_deref_mut() {
+                let y_i: &[f32] = if y.is_empty() { &[] } else { &y[ro.clone()] };
+                let rows_i: (&[f32], &[f32], &[f32], &[f32]) =
+                    (&z[rd.clone()], &x[rd.clone()], &[], y_i);
+                // the positions of the ones of problem i's rows (0/1 built-ins)
+                let ones_i = ones_per_row.map(|m| (&ones[i * rows * m..(i + 1) * rows * m], m));
+                let mut unused = 0.0;
+                let mut problem_sums = ProblemSums::zeros(0, 0, false, false);
+                let sums = match sum_y.as_deref_mut() {
                     // whole problems: into the call's sums of problem `first + i`
-                    Some(sum_y) => {
-                        let mut unused = 0.0;
-                        SumsMut {
-                            sum_y: &mut sum_y[i * o..(i + 1) * o],
-                            sum_s: &mut [],
-                            sum_ys: &mut [],
-                            objective: objective.as_deref_mut().map_or(&mut unused, |v| &mut v[i]),
-                            sum_wy: sum_wy
-                                .as_deref_mut()
-                                .map_or(&mut [][..], |v| &mut v[i * weighted..(i + 1) * weighted]),
-                            touched: &mut [],
-                        }
-                        .add_rows(sum_scratch, d, rows_i, c.sigma() as f32);
+                    Some(sum_y) => SumsMut {
+                        sum_y: &mut sum_y[i * o..(i + 1) * o],
+                        sum_s: &mut [],
+                        sum_ys: &mut [],
+                        objective: objective.as_deref_mut().map_or(&mut unused, |v| &mut v[i]),
+                        sum_wy: sum_wy
+                            .as_deref_mut()
+                            .map_or(&mut [][..], |v| &mut v[i * weighted..(i + 1) * weighted]),
+                        touched: &mut [],
+                    },
+                    None => {
+                        problem_sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
+                        problem_sums.view()
                     }
+                };
+                match ones_i {
+                    Some((ones_i, m)) => sums.add_ones(sum_scratch, d, rows_i.1, ones_i, m),
                     None => {
                         let s_i: &[f32] = if sums_form { &s[rd] } else { &[] };
-                        let mut sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
-                        sums.add_rows(d, rows_i.0, rows_i.1, s_i, rows_i.3, c.sigma() as f32);
-                        all.push(sums);
+                        let rows_i = (rows_i.0, rows_i.1, s_i, rows_i.3);
+                        sums.add_rows(sum_scratch, d, rows_i, c.sigma() as f32);
                     }
                 }
+                if sum_y.is_none() {
+                    all.push(problem_sums);
+                }
                 if let Some(solutions) = &mut solutions {
-                    solutions.push(&y[ro])?;
+                    match ones_i {
+                        Some((ones_i, m)) => solutions.push_ones(ones_i, m)?,
+                        None => solutions.push(y_i)?,
+                    }
                 }
             }
             Ok((all, solutions))
@@ -306,26 +349,7 @@ struct Scratch {
     s: Vec<f32>,
     x: Vec<f32>,
     y: Vec<f32>,
+    /// The positions of the ones of 0/1 built-in solutions.
+    ones: Vec<u32>,
     sums: SumScratch,
-}
-
-/// `all` cut into consecutive parts of the given lengths (one per block), each to be taken
-/// once by its block (see [`take`]).
-fn slots<T>(mut all: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<Mutex<Option<&mut [T]>>> {
-    lens.map(|len| {
-        let (mine, rest) = std::mem::take(&mut all).split_at_mut(len);
-        all = rest;
-        Mutex::new(Some(mine))
-    })
-    .collect()
-}
-
-/// Block g's part of `slots` (None when there are none).
-fn take<'a, T>(slots: &[Mutex<Option<&'a mut [T]>>], g: usize) -> Option<&'a mut [T]> {
-    slots.get(g).map(|slot| {
-        slot.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .expect("each block takes its part once")
-    })
 }

@@ -17,6 +17,11 @@ pub(crate) const HOST_BLOCKS: usize = 32;
 /// the per-block cost (a solver call, a hand-over between threads) stays small.
 pub(crate) const HOST_BLOCK_MIN_ROWS: usize = 512;
 
+/// The fewest perturbed values (samples × inputs) of a call for which the host pipeline of
+/// a built-in solver starts another thread: a smaller share of the work costs less than
+/// handing it to a thread (callbacks, whose work is unknown, get the config's threads).
+pub(crate) const HOST_THREAD_VALUES: usize = 16 << 10;
+
 /// The most bytes of a host block's buffers (noise, scores, perturbed inputs, solutions),
 /// so that a block stays in a core's L2 cache between its steps.
 pub(crate) const HOST_BLOCK_BYTES: u64 = 512 << 10;
