@@ -49,16 +49,24 @@ double bench_one_hot_alone(size_t count, int repeats) {
 }
 
 /* One-hot argmax over d = *(size_t *)user_data entries: the C callback of the
- * training-regime table. */
+ * training-regime table, written as a C programmer would for speed: the largest value in
+ * one pass over eight independent lanes (which the compiler can vectorize), then its first
+ * position. */
 int32_t bench_argmax(void *user_data, const float *x, size_t count, float *y) {
   size_t d = *(const size_t *)user_data;
   for (size_t r = 0; r < count; r++) {
     const float *xr = x + r * d;
+    float lane[8], top = xr[0];
+    for (int j = 0; j < 8; j++) lane[j] = xr[0];
+    size_t i = 0;
+    for (; i + 8 <= d; i += 8)
+      for (int j = 0; j < 8; j++) lane[j] = xr[i + j] > lane[j] ? xr[i + j] : lane[j];
+    for (; i < d; i++) top = xr[i] > top ? xr[i] : top;
+    for (int j = 0; j < 8; j++) top = lane[j] > top ? lane[j] : top;
     size_t best = 0;
-    for (size_t i = 1; i < d; i++)
-      if (xr[i] > xr[best]) best = i;
+    while (xr[best] != top) best++;
     float *yr = y + r * d;
-    for (size_t i = 0; i < d; i++) yr[i] = 0.0f;
+    memset(yr, 0, d * sizeof(float));
     yr[best] = 1.0f;
   }
   return 0;

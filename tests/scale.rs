@@ -409,3 +409,79 @@ fn cpu_tapes_of_samples_keep_the_scores_only_while_small() {
     let scale = 1.0 + f64::try_from(a.abs().max()).unwrap();
     assert!(max_abs(&a, &b) < 1e-4 * scale, "{}", max_abs(&a, &b));
 }
+
+/// A callback on one solver thread, with a core to spare and enough work, runs in two
+/// stages: the noise of the next block drawn on a helper while the calling thread solves.
+/// The callback still runs on the calling thread only (the contract of threads = 1), the
+/// results equal those of two solver threads and of max_threads 1 (one stage) bit for bit,
+/// and a failure in any block is an error with nothing returned.
+#[test]
+fn a_one_thread_callback_in_two_stages_stays_on_the_calling_thread() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    // 64 problems x 1000 inputs x 4 samples: 256 000 perturbed values, in several blocks
+    let theta = Tensor::linspace(-3.0, 3.0, 64_000, (Kind::Float, tch::Device::Cpu))
+        .reshape([64, 1000])
+        .cos();
+    let g = (&theta * 1.7).sin();
+    let run = |threads: u32, max_threads: u32| {
+        let mut c = config(Noise::Normal, 0.5, 4, 11);
+        c.set_threads(threads).unwrap();
+        c.set_max_threads(max_threads).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let op = PerturbedOp::new(&c, &[1000], &[1000], move |x: &[f32], n, y: &mut [f32]| {
+            record.lock().unwrap().push(std::thread::current().id());
+            argmax(x, n, y)
+        })
+        .unwrap();
+        let (y, tape) = op.forward_with_tape(&theta).unwrap();
+        let v = tape.vjp(&g).unwrap();
+        let threads_seen = seen.lock().unwrap().clone();
+        (y, v, threads_seen)
+    };
+    let (y1, v1, seen) = run(1, 0);
+    assert!(seen.len() > 1, "one solver call for the whole call");
+    let me = std::thread::current().id();
+    assert!(
+        seen.iter().all(|&t| t == me),
+        "a callback of threads = 1 ran off the calling thread"
+    );
+    for (threads, max_threads) in [(2, 0), (1, 1)] {
+        let (y, v, _) = run(threads, max_threads);
+        assert_eq!(
+            max_abs(&y, &y1),
+            0.0,
+            "threads {threads}, max_threads {max_threads}"
+        );
+        assert_eq!(
+            max_abs(&v, &v1),
+            0.0,
+            "threads {threads}, max_threads {max_threads}"
+        );
+    }
+    // a failure in the first, a middle and the last block
+    let calls = seen.len();
+    for fail_at in [0, calls / 2, calls - 1] {
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        let op = PerturbedOp::new(
+            &config(Noise::Normal, 0.5, 4, 11),
+            &[1000],
+            &[1000],
+            move |x: &[f32], n, y: &mut [f32]| {
+                if counter.fetch_add(1, SeqCst) == fail_at {
+                    return Err("no solution".into());
+                }
+                argmax(x, n, y)
+            },
+        )
+        .unwrap();
+        let err = op
+            .forward_with_tape(&theta)
+            .err()
+            .expect("the failure is reported");
+        assert_eq!(err.status(), Status::SolverFailed, "{err}");
+        assert!(err.to_string().contains("no solution"), "{err}");
+    }
+}

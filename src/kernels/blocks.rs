@@ -396,6 +396,138 @@ impl Drop for HaltOnDrop<'_> {
     }
 }
 
+/// Runs blocks `0 .. blocks` in two stages: `prepare(k, buffer)` on one helper thread,
+/// `finish(k, buffer, prepared)` on the calling thread in block order, the helper one
+/// block ahead (two buffers pass between the threads). The same results as
+/// `prepare` then `finish` for each block in turn on one thread; for work whose second
+/// stage must stay on the calling thread (a solver that is not thread-safe) while the first
+/// runs on another core. The first error of `finish` is returned (no later block is
+/// finished, the helper stops); a panic of either stage is resumed here once the helper
+/// has ended. Without a free shared helper a thread of the call's own prepares.
+pub(crate) fn run_pipelined<S: Send, P: Send, E>(
+    blocks: usize,
+    buffers: &mut [S; 2],
+    prepare: impl Fn(usize, &mut S) -> P + Sync,
+    mut finish: impl FnMut(usize, &mut S, P) -> Result<(), E>,
+) -> Result<(), E> {
+    let panicked: Mutex<Option<Panic>> = Mutex::new(None);
+    let pool = super::workers::shared();
+    let attempt = pool.map(|pool| {
+        pool.try_scope(|scope| {
+            pipeline(
+                &|job| scope.spawn(job),
+                blocks,
+                &mut *buffers,
+                &prepare,
+                &mut finish,
+                &panicked,
+            )
+        })
+    });
+    let outcome = match attempt {
+        Some(Ok(outcome)) => outcome,
+        // the pool is busy (or absent): a thread of this call's own
+        unrun => {
+            drop(unrun); // the body that did not run, and what it borrowed
+            std::thread::scope(|scope| {
+                pipeline(
+                    &|job| {
+                        std::thread::Builder::new()
+                            .stack_size(super::workers::WORKER_STACK_BYTES)
+                            .spawn_scoped(scope, job)
+                            .is_ok()
+                    },
+                    blocks,
+                    buffers,
+                    &prepare,
+                    &mut finish,
+                    &panicked,
+                )
+            })
+        }
+    };
+    if let Some(payload) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        std::panic::resume_unwind(payload);
+    }
+    outcome
+}
+
+/// The next message of `receive`, looked for during [`PIPELINE_SPIN`] before waiting
+/// (the two stages hand blocks over faster than a thread wakes up); None once every sender
+/// is gone.
+fn spin_recv<T>(receive: &mpsc::Receiver<T>) -> Option<T> {
+    let start = std::time::Instant::now();
+    loop {
+        match receive.try_recv() {
+            Ok(message) => return Some(message),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if start.elapsed() < PIPELINE_SPIN => {
+                std::hint::spin_loop()
+            }
+            Err(mpsc::TryRecvError::Empty) => return receive.recv().ok(),
+        }
+    }
+}
+
+/// How long a stage of [`run_pipelined`] looks for its next block before it sleeps.
+const PIPELINE_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// The body of [`run_pipelined`]: starts the helper with `spawn` (false: it could not
+/// start, and this thread prepares too) and finishes the blocks here.
+fn pipeline<'env, S: Send, P: Send, E>(
+    spawn: &dyn Fn(Box<dyn FnOnce() + Send + 'env>) -> bool,
+    blocks: usize,
+    buffers: &'env mut [S; 2],
+    prepare: &'env (dyn Fn(usize, &mut S) -> P + Sync),
+    finish: &mut dyn FnMut(usize, &mut S, P) -> Result<(), E>,
+    panicked: &'env Mutex<Option<Panic>>,
+) -> Result<(), E> {
+    let (to_helper, for_helper) = mpsc::channel::<(usize, &'env mut S)>();
+    let (to_caller, for_caller) = mpsc::channel::<(usize, &'env mut S, P)>();
+    let helper = move || {
+        let run = || {
+            // ends when the caller drops its sender (done, or failed)
+            while let Some((k, buffer)) = spin_recv(&for_helper) {
+                let prepared = prepare(k, buffer);
+                if to_caller.send((k, buffer, prepared)).is_err() {
+                    break;
+                }
+            }
+        };
+        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+            let mut first = panicked.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert(payload);
+        }
+    };
+    let [first, second] = buffers;
+    if !spawn(Box::new(helper)) {
+        // no helper: both stages here, block by block
+        for k in 0..blocks {
+            let prepared = prepare(k, first);
+            finish(k, first, prepared)?;
+        }
+        return Ok(());
+    }
+    let _ = to_helper.send((0, first));
+    if blocks > 1 {
+        let _ = to_helper.send((1, second));
+    }
+    for k in 0..blocks {
+        // the helper hands the blocks over in order; none: it panicked (resumed by the
+        // caller once it has ended)
+        let Some((j, buffer, prepared)) = spin_recv(&for_caller) else {
+            return Ok(());
+        };
+        debug_assert_eq!(j, k);
+        // an error returns, dropping the sender: the helper prepares no more
+        finish(k, buffer, prepared)?;
+        if k + 2 < blocks {
+            let _ = to_helper.send((k + 2, buffer));
+        }
+    }
+    Ok(())
+}
+
 /// `all` cut into consecutive parts of the given lengths (one per block), each to be taken
 /// once by its block (see [`take`]).
 pub(crate) fn slots<T>(

@@ -5,10 +5,10 @@ use crate::error::Result;
 use crate::estimate::accumulator::Accumulator;
 use crate::estimate::replay::SolutionRows;
 use crate::estimate::TapeForm;
-use crate::kernels::blocks::{run_blocks, run_blocks_on, slots, take};
+use crate::kernels::blocks::{run_blocks, run_blocks_on, run_pipelined, slots, take};
 use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
 use crate::pipeline::plan::{
-    OpSpec, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS, HOST_THREAD_VALUES,
+    OpSpec, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS, HOST_THREAD_VALUES, PIPELINE_BLOCKS,
 };
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
@@ -48,11 +48,35 @@ impl OpSpec {
         // in one block, several whole problems (up to `per` rows; one per block with
         // Jacobian sums, whose o·d entries are a per-problem cost), so that a block's work
         // outweighs its hand-over; the sums of each problem are made the same either way
+        let host_solver = match source {
+            Source::Solver(SolverKind::Host(solver)) => Some(&**solver),
+            _ => None,
+        };
+        // a callback on one thread (the calling thread: see pert_config_set_threads), with
+        // another core for the library and enough work, runs in two stages: the noise of
+        // the next block drawn on a helper while this thread solves (in fewer, larger
+        // blocks, each worth a hand-over between the two)
+        let values = batch.saturating_mul(n).saturating_mul(d);
+        let pipelined = host_solver.is_some_and(|h| h.workers().is_none())
+            && c.effective_threads() == 1
+            && c.library_threads() >= 2
+            && values >= 2 * HOST_THREAD_VALUES;
         let group = if per_problem == 1 && !sums_form {
             // about HOST_BLOCK_MIN_ROWS rows, and the batch still cut into about
-            // HOST_BLOCKS blocks (never dependent on the number of threads)
+            // HOST_BLOCKS blocks (PIPELINE_BLOCKS for two stages; a problem's sums do not
+            // depend on the blocks it is grouped in)
+            let cut = if pipelined {
+                PIPELINE_BLOCKS
+            } else {
+                HOST_BLOCKS
+            };
             (HOST_BLOCK_MIN_ROWS / n.max(1))
-                .min(batch.div_ceil(HOST_BLOCKS))
+                .max(if pipelined {
+                    HOST_THREAD_VALUES / (n * d).max(1)
+                } else {
+                    0
+                })
+                .min(batch.div_ceil(cut))
                 .min((1 << 16) / o.max(1)) // a block's per-problem sums stay small
                 // and its buffers (one solver call's rows) within a few cache blocks
                 .min(4 * HOST_BLOCK_BYTES as usize / (4 * (3 * d + o) * n).max(1))
@@ -66,20 +90,17 @@ impl OpSpec {
             batch * per_problem
         };
         let builtin = matches!(source, Source::Solver(SolverKind::Builtin(_)));
-        let host_solver = match source {
-            Source::Solver(SolverKind::Host(solver)) => Some(&**solver),
-            _ => None,
-        };
         // callbacks get the config's solver threads; built-ins use every core (up to the
         // config's cap), a core for at least HOST_THREAD_VALUES perturbed values (a smaller
         // share costs less than handing it over)
         let threads = if builtin {
-            let values = batch.saturating_mul(n).saturating_mul(d);
             c.library_threads().min(values / HOST_THREAD_VALUES)
         } else {
             c.effective_threads()
         };
         let threads = threads.clamp(1, blocks.max(1));
+        let pipelined = pipelined && blocks >= 2;
+        let buffer_sets = if pipelined { 2 } else { threads };
         let last = self.input_shape.last().map_or(1, |&l| l as usize);
         // a block's rows: `per` samples of one problem, or all samples of `group` problems
         let block_rows = if group > 1 { group * n } else { per };
@@ -96,7 +117,7 @@ impl OpSpec {
         let mut kept = acc.take_scores();
         // Normal noise is its own score (both models): drawn straight into the kept scores
         let direct = kept.is_some() && c.noise() == crate::noise::Noise::Normal && !c.antithetic();
-        let mut scratch: Vec<Scratch> = (0..threads)
+        let mut scratch: Vec<Scratch> = (0..buffer_sets)
             .map(|_| Scratch {
                 z: vec![0f32; if direct { 0 } else { block_rows * d }],
                 s: vec![0f32; if sums_form { block_rows * d } else { 0 }],
@@ -159,31 +180,21 @@ impl OpSpec {
         // the sums of each problem of the block (or of the block of one problem; none for
         // blocks of whole problems), and the solutions, for a tape that keeps them
         type Block = (Vec<ProblemSums>, Option<SolutionRows>);
-        let work = |g: usize, worker: usize, buffers: &mut Scratch| -> Result<Block> {
+        // the first stage of a block: its noise (and scores) drawn, its inputs perturbed;
+        // returns the block's kept scores when its noise was drawn straight into them
+        let prepare = |g: usize, buffers: &mut Scratch| {
             let (first, count, n0, rows) = block_at(g);
             let total_rows = count * rows;
-            let Scratch {
-                z,
-                s,
-                x,
-                y,
-                ones,
-                sums: sum_scratch,
-            } = buffers;
-            // (no dense solutions for 0/1 built-ins)
-            let y_len = if ones_per_row.is_some() {
-                0
-            } else {
-                total_rows * o
-            };
-            let (x, y) = (&mut x[..total_rows * d], &mut y[..y_len]);
-            // noise and scores: the scores for Jacobian sums, or into the tape's kept
-            // scores (a tape of solutions that keeps none draws them again later)
-            // the noise drawn into the kept scores, or into the scratch (the kept scores, if
-            // any, then made from it)
-            let (z, mut kept) = match take(&kept_slots, g) {
-                Some(kept) if direct => (kept, None),
-                kept => (&mut z[..total_rows * d], kept),
+            let Scratch { z, s, x, .. } = buffers;
+            let x = &mut x[..total_rows * d];
+            // the noise drawn into the kept scores, or into the scratch (the kept scores,
+            // if any, then made from it; the scores for Jacobian sums into `s`; a tape of
+            // solutions that keeps none draws them again later)
+            let slot = take(&kept_slots, g);
+            let (mut drawn, mut kept) = if direct { (slot, None) } else { (None, slot) };
+            let z: &mut [f32] = match drawn.as_deref_mut() {
+                Some(kept) => kept,
+                None => &mut z[..total_rows * d],
             };
             for i in 0..count {
                 let b = first + i;
@@ -214,7 +225,36 @@ impl OpSpec {
                     &mut x[part],
                 );
             }
-            let z: &[f32] = z;
+            drawn
+        };
+        // the second stage: the block solved (by `worker`), its sums and solutions taken
+        let finish = |g: usize,
+                      worker: usize,
+                      buffers: &mut Scratch,
+                      drawn: Option<&mut [f32]>|
+         -> Result<Block> {
+            let (first, count, n0, rows) = block_at(g);
+            let total_rows = count * rows;
+            let Scratch {
+                z,
+                s,
+                x,
+                y,
+                ones,
+                sums: sum_scratch,
+            } = buffers;
+            // (no dense solutions for 0/1 built-ins)
+            let y_len = if ones_per_row.is_some() {
+                0
+            } else {
+                total_rows * o
+            };
+            let (x, y) = (&mut x[..total_rows * d], &mut y[..y_len]);
+            // the block's noise, where it was drawn
+            let z: &[f32] = match drawn {
+                Some(kept) => kept,
+                None => &z[..total_rows * d],
+            };
             // the block's rows are consecutive in the call's problem-major order: one
             // solver call for all of them
             let first_row = (first * n + n0) as u64;
@@ -316,9 +356,22 @@ impl OpSpec {
             }
             Ok(())
         };
+        let work = |g: usize, worker: usize, buffers: &mut Scratch| -> Result<Block> {
+            let drawn = prepare(g, buffers);
+            finish(g, worker, buffers, drawn)
+        };
         match host_solver.and_then(HostSolver::workers) {
             // a solver with workers: every block on them (worker w is always one thread)
             Some(workers) => run_blocks_on(workers, threads, blocks, &mut scratch, work, combine)?,
+            // a callback on the calling thread alone, with a core to spare: the noise of
+            // the next block is drawn on a helper while this thread solves
+            None if pipelined => {
+                let mut combine = combine;
+                let [a, b]: [Scratch; 2] = scratch.try_into().ok().expect("two buffers");
+                run_pipelined(blocks, &mut [a, b], &prepare, |g, buffers, drawn| {
+                    combine(g, finish(g, 0, buffers, drawn)?)
+                })?
+            }
             // the calling thread works too (it is worker 0)
             None => {
                 let mut scratch: Vec<(usize, Scratch)> = scratch.into_iter().enumerate().collect();
