@@ -477,10 +477,9 @@ fn a_one_thread_callback_in_two_stages_stays_on_the_calling_thread() {
             },
         )
         .unwrap();
-        let err = op
-            .forward_with_tape(&theta)
-            .err()
-            .expect("the failure is reported");
+        let Err(err) = op.forward_with_tape(&theta) else {
+            panic!("a failure at solver call {fail_at} was not reported");
+        };
         assert_eq!(err.status(), Status::SolverFailed, "{err}");
         assert!(err.to_string().contains("no solution"), "{err}");
     }

@@ -368,7 +368,7 @@ impl OpSpec {
             None if pipelined => {
                 let mut combine = combine;
                 let [a, b]: [Scratch; 2] = scratch.try_into().ok().expect("two buffers");
-                run_pipelined(blocks, &mut [a, b], &prepare, |g, buffers, drawn| {
+                run_pipelined(blocks, &mut [a, b], prepare, |g, buffers, drawn| {
                     combine(g, finish(g, 0, buffers, drawn)?)
                 })?
             }
