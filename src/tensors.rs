@@ -23,6 +23,40 @@ pub(crate) fn host_floats(t: &Tensor) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// The values of a float32 tensor, flattened, on the host: borrowed from `t` itself when it
+/// is a contiguous CPU float32 tensor (no copy), else copied (see [`host_floats`]).
+pub(crate) enum HostFloats {
+    /// A contiguous CPU float32 tensor, kept alive while its values are borrowed.
+    Tensor(Tensor),
+    Copied(Vec<f32>),
+}
+
+impl HostFloats {
+    /// The values of `t`.
+    pub fn of(t: &Tensor) -> Result<HostFloats> {
+        if t.device() == Device::Cpu && t.kind() == tch::Kind::Float && t.is_contiguous() {
+            return Ok(HostFloats::Tensor(t.shallow_clone()));
+        }
+        Ok(HostFloats::Copied(host_floats(t)?))
+    }
+}
+
+impl std::ops::Deref for HostFloats {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            HostFloats::Tensor(t) if t.numel() > 0 => {
+                // SAFETY: a contiguous CPU float32 tensor of numel() elements, held by
+                // `self` for the slice's lifetime; the crate reads it only (it is the
+                // caller's input or the crate's own copy of it).
+                unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) }
+            }
+            HostFloats::Tensor(_) => &[], // empty tensors have no data pointer
+            HostFloats::Copied(v) => v,
+        }
+    }
+}
+
 /// A new tensor with the values of `t`, sharing no storage with it.
 pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
     let mut out = t.f_empty_like()?;

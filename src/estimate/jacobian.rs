@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::estimate::replay::Replay;
-use crate::tensors::host_floats;
+use crate::tensors::{host_floats, HostFloats};
 use tch::{Device, Kind, Tensor};
 
 /// What the Jacobian is computed from (see [`crate::estimate`]).
@@ -115,7 +115,7 @@ impl JacobianData {
                     None => out,
                 }
             }
-            JacobianData::Replay(r) => crate::tensors::from_slice(&r.vjp(&host_floats(g)?)?)?,
+            JacobianData::Replay(r) => crate::tensors::from_slice(&r.vjp(&HostFloats::of(g)?)?)?,
         })
     }
 
@@ -160,7 +160,7 @@ impl JacobianData {
                         .f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
                 yst.f_sub(&cst)?.f_mul_scalar(*scale)?
             }
-            JacobianData::Replay(r) => crate::tensors::from_slice(&r.jvp(&host_floats(t)?)?)?,
+            JacobianData::Replay(r) => crate::tensors::from_slice(&r.jvp(&HostFloats::of(t)?)?)?,
         })
     }
 

@@ -13,7 +13,7 @@ use crate::pipeline::plan::{
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
 use crate::solver::SolveInfo;
-use crate::tensors::host_floats;
+use crate::tensors::HostFloats;
 use tch::Tensor;
 
 impl OpSpec {
@@ -42,7 +42,8 @@ impl OpSpec {
         let keep_solutions = acc.keeps_solutions();
         let per = self.rows_per_block(sums_form);
         let per_problem = n.div_ceil(per);
-        let theta_host = host_floats(theta)?;
+        let theta_values = HostFloats::of(theta)?;
+        let theta_host: &[f32] = &theta_values;
         let batch = theta_host.len() / d.max(1);
         // a block is `per_problem` blocks of one problem, or, when a problem's samples fit
         // in one block, several whole problems (up to `per` rows; one per block with
@@ -58,6 +59,8 @@ impl OpSpec {
         // blocks, each worth a hand-over between the two)
         let values = batch.saturating_mul(n).saturating_mul(d);
         let pipelined = host_solver.is_some_and(|h| h.workers().is_none())
+            && per_problem == 1
+            && !sums_form
             && c.effective_threads() == 1
             && c.library_threads() >= 2
             && values >= 2 * HOST_THREAD_VALUES;

@@ -31,11 +31,16 @@ impl Accumulator {
         let mean_tensor = Tensor::f_empty([batch as i64, o as i64], (Kind::Float, Device::Cpu))?;
         if batch > 0 {
             let sum_y = host_slice::<f64>(&mut self.sum_y);
-            let out = mean_tensor.data_ptr() as *mut f32;
-            for (k, &v) in sum_y.iter().enumerate() {
-                // SAFETY: a fresh contiguous CPU float32 tensor of batch·o elements, written
-                // through a raw pointer (in bounds: k < batch·o) before any slice is formed.
-                unsafe { out.add(k).write((v / nf) as f32) };
+            // SAFETY: a fresh contiguous CPU float32 tensor of batch·o elements, not aliased,
+            // as uninitialized floats (written below before any `&[f32]` is formed)
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(
+                    mean_tensor.data_ptr() as *mut std::mem::MaybeUninit<f32>,
+                    batch * o,
+                )
+            };
+            for (m, &v) in out.iter_mut().zip(sum_y.iter()) {
+                m.write((v / nf) as f32);
             }
         }
         let mean: &[f32] = if batch > 0 {
