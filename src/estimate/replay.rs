@@ -417,9 +417,12 @@ impl Replay {
             .map(|b| {
                 let range = b * o..(b + 1) * o;
                 self.center.as_ref().map_or(0.0, |center| {
+                    // the non-zero entries in order (a one-hot or top-k mean has few): the
+                    // sum of all the products, without a dependent addition per zero
                     center[range.clone()]
                         .iter()
                         .zip(&g[range])
+                        .filter(|(&c, _)| c != 0.0)
                         .map(|(&c, &v)| f64::from(c) * f64::from(v))
                         .sum()
                 })

@@ -103,6 +103,22 @@ impl Builtin {
     /// per slice, positions within the row in increasing order, into `ones` (cleared
     /// first). The solutions of [`Builtin::solve_host`], without writing their zeros.
     pub(crate) fn ones_host(self, x: &[f32], d: usize, last: usize, ones: &mut Vec<u32>) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::fastmath::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.ones_host_avx2(x, d, last, ones) };
+        }
+        self.ones_host_impl(x, d, last, ones)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn ones_host_avx2(self, x: &[f32], d: usize, last: usize, ones: &mut Vec<u32>) {
+        self.ones_host_impl(x, d, last, ones)
+    }
+
+    #[inline(always)]
+    fn ones_host_impl(self, x: &[f32], d: usize, last: usize, ones: &mut Vec<u32>) {
         let mut order: Vec<usize> = Vec::new();
         let mut values: Vec<u32> = Vec::new();
         ones.clear();
@@ -238,6 +254,7 @@ fn ordered(v: f32) -> u32 {
 /// The position of the first largest entry of `xs` (not empty), NaN entries skipped (0 when
 /// the first is NaN): the same as a scan that keeps the first strictly larger entry, found
 /// with a vectorizable maximum in 16 lanes and a search for its first occurrence.
+#[inline(always)]
 fn first_max(xs: &[f32]) -> usize {
     if xs[0].is_nan() {
         return 0; // nothing compares larger than a NaN in the scan
@@ -300,20 +317,27 @@ fn top_k(xs: &[f32], k: usize, out: &mut Vec<usize>) {
 /// [`top_k`] for a larger k: the k-th largest value by selection on the values as ordered
 /// integers (O(n) integer comparisons), then the positions of the larger values and of the
 /// first equal ones, in increasing order. The same set as [`top_k`].
+#[inline(always)]
 fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, keys: &mut Vec<u32>) {
     keys.clear();
     keys.extend(xs.iter().map(|&v| ordered(v)));
     let (_, &mut kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
     let above = xs.iter().filter(|&&v| ordered(v) > kth).count();
     let mut equal = k - above; // the first `equal` entries equal to the k-th are kept
+                               // exactly k positions, written without a branch: each entry's position is stored at
+                               // the end, which moves on only when the entry is kept
     out.clear();
+    out.resize(k + 1, 0);
+    let mut kept = 0;
     for (i, &v) in xs.iter().enumerate() {
         let key = ordered(v);
-        if key > kth || key == kth && equal > 0 {
-            equal -= usize::from(key == kth);
-            out.push(i);
-        }
+        let tie = usize::from(key == kth) & usize::from(equal > 0);
+        let keep = usize::from(key > kth) | tie;
+        out[kept.min(k)] = i;
+        kept += keep;
+        equal -= tie;
     }
+    out.truncate(k);
 }
 
 /// Positions `[rows, groups, m]` within each slice of length `last` as flat positions

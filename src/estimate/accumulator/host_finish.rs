@@ -39,8 +39,17 @@ impl Accumulator {
                     batch * o,
                 )
             };
-            for (m, &v) in out.iter_mut().zip(sum_y.iter()) {
-                m.write((v / nf) as f32);
+            if n.is_power_of_two() {
+                // 1/n is exact, and so is the product: the quotient, bit for bit, without
+                // a division per entry
+                let inv = 1.0 / nf;
+                for (m, &v) in out.iter_mut().zip(sum_y.iter()) {
+                    m.write((v * inv) as f32);
+                }
+            } else {
+                for (m, &v) in out.iter_mut().zip(sum_y.iter()) {
+                    m.write((v / nf) as f32);
+                }
             }
         }
         let mean: &[f32] = if batch > 0 {
