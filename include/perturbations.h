@@ -170,7 +170,7 @@ typedef struct pert_op pert_op;
  Made by `pert_forward`, freed by `pert_tape_free`. It owns its data: it stays valid
  after its op is freed, and may be freed on any thread. It keeps the Jacobian's sums or
  the samples (see `pert_config_set_max_tape_bytes`); a CPU tape of samples (but those of
- device solvers) keeps their solutions, and their scores while those take at most 64 MiB
+ device solvers) keeps their solutions, and their scores while those take at most 16 MiB
  (larger ones are drawn again, on all cores, for each product).
  Threads: the functions taking `const pert_tape *` may be called concurrently on the
  same tape.
@@ -494,9 +494,10 @@ pert_status pert_config_set_chunk_bytes(struct pert_config *config, uint64_t byt
  num_samples * (output_numel + input_numel) floats would not take more than twice that,
  the samples. On the CPU (ops of device solvers aside) a tape of samples keeps their
  solutions (the non-zero entries of sparse ones as index-value pairs), and their scores
- (num_samples * input_numel floats a problem) only while those take at most 64 MiB in
- all: larger ones are drawn again from the call's stream when a gradient is asked, bit
- for bit the same, so such a tape takes far less than that bound.
+ (num_samples * input_numel floats a problem) only while those take at most 16 MiB in
+ all and the tape stays within this limit whatever its solutions take: other scores are
+ drawn again from the call's stream when a gradient is asked, bit for bit the same (such
+ a tape usually takes far less than the bound).
  A call whose tape could be larger than the limit fails with
  `PERT_STATUS_INVALID_ARGUMENT` before any work.
  */

@@ -81,7 +81,7 @@ impl Tape {
     }
 
     /// Whether the tape keeps the samples (true) or the Jacobian (false). CPU tapes keep
-    /// the samples' solutions (their non-zero entries), and their scores up to 64 MiB
+    /// the samples' solutions (their non-zero entries), and their scores up to 16 MiB
     /// (larger ones are drawn again from the forward call's stream when a gradient is
     /// asked); CUDA tapes keep both.
     pub fn keeps_samples(&self) -> bool {

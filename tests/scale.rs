@@ -366,7 +366,7 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
 #[test]
 fn cpu_tapes_of_samples_keep_the_scores_only_while_small() {
     // top-10 of 1000, N = 100: with 4 problems the tape keeps the scores (4 x 100 x 1000
-    // floats, 1.6 MB); with 200 problems they would take 80 MB, above the 64 MiB a tape
+    // floats, 1.6 MB); with 200 problems they would take 80 MB, above the 16 MiB a tape
     // keeps, so it keeps each sample's 10 (index, value) pairs and draws the scores again.
     // Problem b's draws are the same in both calls (the first of a fresh op each), so the
     // products of the first 4 problems are equal bit for bit; and they equal those of the
@@ -483,4 +483,63 @@ fn a_one_thread_callback_in_two_stages_stays_on_the_calling_thread() {
         assert_eq!(err.status(), Status::SolverFailed, "{err}");
         assert!(err.to_string().contains("no solution"), "{err}");
     }
+}
+
+/// The Fenchel-Young loss and gradient of a built-in top-k equal, bit for bit, those of the
+/// same draws solved outside and handed back through the two-phase API, for sparse rows
+/// (k = 3 of 8) and rows with more ones than zeros (k = 5 of 8), which the sums take as
+/// whole vectors either way.
+#[test]
+fn builtin_top_k_and_its_two_phase_draws_give_the_same_loss_bits() {
+    let theta = Tensor::linspace(-2.0, 2.0, 32, (Kind::Float, tch::Device::Cpu))
+        .reshape([4, 8])
+        .sin();
+    let y_true = Tensor::zeros([4, 8], (Kind::Float, tch::Device::Cpu));
+    let bits = |t: &Tensor| -> Vec<u32> {
+        Vec::<f32>::try_from(t.flatten(0, -1))
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    for k in [3usize, 5] {
+        let c = config(Noise::Normal, 1.0, 1000, 7);
+        let op = PerturbedOp::new_builtin(&c, Builtin::TopK(k as i64), &[8]).unwrap();
+        let (l1, g1) = op.fenchel_young(&theta, &y_true).unwrap();
+        let op = PerturbedOp::new_builtin(&c, Builtin::TopK(k as i64), &[8]).unwrap();
+        let draw = op.draw(&theta).unwrap();
+        let mut sol = vec![0f32; draw.count() * 8];
+        for (xr, yr) in draw.inputs().chunks_exact(8).zip(sol.chunks_exact_mut(8)) {
+            let mut order: Vec<usize> = (0..8).collect();
+            order.sort_by(|&a, &b| xr[b].total_cmp(&xr[a]).then(a.cmp(&b)));
+            for &i in &order[..k] {
+                yr[i] = 1.0;
+            }
+        }
+        let (l2, g2) = draw.fenchel_young(&sol, &y_true).unwrap();
+        assert_eq!(bits(&g1), bits(&g2), "top-{k}: gradient");
+        assert_eq!(bits(&l1), bits(&l2), "top-{k}: loss");
+    }
+}
+
+/// A tape that keeps its samples' scores stays within max_tape_bytes, dense solutions
+/// included (ranks: every entry non-zero); scores that would not fit are drawn again.
+#[test]
+fn kept_scores_stay_within_the_tape_limit() {
+    let mut c = config(Noise::Normal, 1.0, 8, 1);
+    let limit = 100u64 * 8 * 16 * 4; // batch · N · (o + d) floats
+    c.set_max_tape_bytes(limit);
+    let op = PerturbedOp::new_builtin(&c, Builtin::Ranks, &[8]).unwrap();
+    let theta = Tensor::linspace(-1.0, 1.0, 800, (Kind::Float, tch::Device::Cpu)).reshape([100, 8]);
+    let (_, tape) = op.forward_with_tape(&theta).unwrap();
+    assert!(tape.bytes() as u64 <= limit, "{} bytes", tape.bytes());
+    // without the limit the scores are kept
+    let op =
+        PerturbedOp::new_builtin(&config(Noise::Normal, 1.0, 8, 1), Builtin::Ranks, &[8]).unwrap();
+    let (_, kept) = op.forward_with_tape(&theta).unwrap();
+    assert!(
+        kept.bytes() >= 100 * 8 * 8 * 4 + tape.bytes() / 2,
+        "{}",
+        kept.bytes()
+    );
 }

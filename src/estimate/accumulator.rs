@@ -92,7 +92,7 @@ impl Accumulator {
             (Some(TapeForm::Samples), Some(redraw)) => Some(JacobianSums::Replay {
                 rows: SolutionRows::new(o),
                 redraw,
-                scores: kept_scores(batch, n, d),
+                scores: kept_scores(batch, n, (d, o), redraw.max_tape_bytes),
             }),
             _ => None,
         };
@@ -467,11 +467,28 @@ impl Accumulator {
 }
 
 /// A buffer for the scores `[batch, n, d]` of a tape of solutions, when they take at most
-/// [`KEEP_SCORES_BYTES`] and memory allows (else None: they are drawn again).
-fn kept_scores(batch: usize, n: usize, d: usize) -> Option<Vec<f32>> {
+/// [`KEEP_SCORES_BYTES`], the tape still fits in `max_tape_bytes` (0: no limit) whatever
+/// its solutions take (dense rows of `o` values and their ends, the centre), and memory
+/// allows; else None (they are drawn again).
+fn kept_scores(
+    batch: usize,
+    n: usize,
+    (d, o): (usize, usize),
+    max_tape_bytes: u64,
+) -> Option<Vec<f32>> {
     let len = batch.checked_mul(n)?.checked_mul(d)?;
     if len == 0 || len.checked_mul(4)? > KEEP_SCORES_BYTES {
         return None;
+    }
+    if max_tape_bytes > 0 {
+        // scores, dense rows with their 8-byte ends, centre and column scale, objective
+        let rows = batch.checked_mul(n)?;
+        let floats = len
+            .checked_add(rows.checked_mul(o.checked_add(2)?)?)?
+            .checked_add(batch.checked_mul(o.checked_add(d)?.checked_add(2)?)?)?;
+        if floats.checked_mul(4)? as u64 > max_tape_bytes {
+            return None;
+        }
     }
     let mut v = Vec::new();
     v.try_reserve_exact(len).ok()?;

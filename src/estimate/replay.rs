@@ -19,7 +19,7 @@ use crate::noise::Noise;
 use crate::rng::Stream;
 
 /// The most bytes of scores a tape keeps (beyond, they are drawn again for each product).
-pub(crate) const KEEP_SCORES_BYTES: usize = 64 << 20;
+pub(crate) const KEEP_SCORES_BYTES: usize = 16 << 20;
 
 /// How to draw the scores of a forward call's samples again.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +35,8 @@ pub(crate) struct Redraw {
     pub d: usize,
     /// Threads for the work of a product (the config's cap on a call's threads).
     pub threads: usize,
+    /// The config's limit on a tape's bytes (0: none), within which kept scores must fit.
+    pub max_tape_bytes: u64,
 }
 
 impl Redraw {

@@ -283,9 +283,10 @@ pub unsafe extern "C" fn pert_config_set_chunk_bytes(
 /// num_samples * (output_numel + input_numel) floats would not take more than twice that,
 /// the samples. On the CPU (ops of device solvers aside) a tape of samples keeps their
 /// solutions (the non-zero entries of sparse ones as index-value pairs), and their scores
-/// (num_samples * input_numel floats a problem) only while those take at most 64 MiB in
-/// all: larger ones are drawn again from the call's stream when a gradient is asked, bit
-/// for bit the same, so such a tape takes far less than that bound.
+/// (num_samples * input_numel floats a problem) only while those take at most 16 MiB in
+/// all and the tape stays within this limit whatever its solutions take: other scores are
+/// drawn again from the call's stream when a gradient is asked, bit for bit the same (such
+/// a tape usually takes far less than the bound).
 /// A call whose tape could be larger than the limit fails with
 /// `PERT_STATUS_INVALID_ARGUMENT` before any work.
 #[no_mangle]

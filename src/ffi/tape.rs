@@ -11,7 +11,7 @@ use crate::tape::Tape;
 /// Made by `pert_forward`, freed by `pert_tape_free`. It owns its data: it stays valid
 /// after its op is freed, and may be freed on any thread. It keeps the Jacobian's sums or
 /// the samples (see `pert_config_set_max_tape_bytes`); a CPU tape of samples (but those of
-/// device solvers) keeps their solutions, and their scores while those take at most 64 MiB
+/// device solvers) keeps their solutions, and their scores while those take at most 16 MiB
 /// (larger ones are drawn again, on all cores, for each product).
 /// Threads: the functions taking `const pert_tape *` may be called concurrently on the
 /// same tape.

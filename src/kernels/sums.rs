@@ -292,7 +292,8 @@ impl SumsMut<'_> {
     /// Adds 0/1 solutions given by the positions of their ones (`per_row` increasing
     /// positions a row, `ones`), with their perturbed inputs `x` `[rows, d]`: the sums
     /// [`SumsMut::add_rows`] makes of the same solutions written out, bit for bit, without
-    /// reading their zeros. Only for sums without Jacobian or weighted entries.
+    /// reading their zeros. Only for sums without Jacobian or weighted entries, and rows
+    /// with at most as many ones as zeros (`add_rows` sums denser rows as whole vectors).
     pub fn add_ones(
         self,
         scratch: &mut SumScratch,
@@ -302,6 +303,7 @@ impl SumsMut<'_> {
         per_row: usize,
     ) {
         assert!(self.sum_ys.is_empty() && self.sum_wy.is_empty());
+        assert!(2 * per_row <= self.sum_y.len(), "rows of ones are sparse");
         let o = self.sum_y.len();
         let square = d == o;
         let rows = ones.len() / per_row.max(1);

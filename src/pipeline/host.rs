@@ -13,7 +13,7 @@ use crate::pipeline::plan::{
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
 use crate::solver::SolveInfo;
-use crate::tensors::HostFloats;
+use crate::tensors::host_floats;
 use tch::Tensor;
 
 impl OpSpec {
@@ -42,8 +42,9 @@ impl OpSpec {
         let keep_solutions = acc.keeps_solutions();
         let per = self.rows_per_block(sums_form);
         let per_problem = n.div_ceil(per);
-        let theta_values = HostFloats::of(theta)?;
-        let theta_host: &[f32] = &theta_values;
+        // a copy (batch · d floats, against batch · N · d of work): the solvers run while
+        // it is read, and a Rust solver could reach the caller's tensor
+        let theta_host: &[f32] = &host_floats(theta)?;
         let batch = theta_host.len() / d.max(1);
         // a block is `per_problem` blocks of one problem, or, when a problem's samples fit
         // in one block, several whole problems (up to `per` rows; one per block with
@@ -109,10 +110,13 @@ impl OpSpec {
         let block_rows = if group > 1 { group * n } else { per };
         // argmax and top-k give the positions of their ones (this many a row), which the
         // sums and the tape take as they are, when there are no Jacobian or weighted sums
+        // (rows with more ones than zeros take the dense path of the sums, as the same
+        // solutions handed in through the two-phase API would)
         let ones_per_row = match source {
-            Source::Solver(SolverKind::Builtin(b)) if !sums_form && !multiplicative => {
-                b.ones_per_slice().map(|m| m * (d / last.max(1)))
-            }
+            Source::Solver(SolverKind::Builtin(b)) if !sums_form && !multiplicative => b
+                .ones_per_slice()
+                .map(|m| m * (d / last.max(1)))
+                .filter(|&m| 2 * m <= o),
             _ => None,
         };
         // per solver thread: noise (unless drawn into the tape's kept scores), scores

@@ -97,6 +97,7 @@ impl OpSpec {
             n,
             d,
             threads: c.library_threads(),
+            max_tape_bytes: c.max_tape_bytes(),
         });
         let mut acc = Accumulator::new(
             batch,
