@@ -1,7 +1,7 @@
 """The training-regime table of `make bench`: many problems, few samples (batch 32 to 1024,
 D 10 to 1000, N 1 to 1000), forward + VJP, Normal noise sigma 0.1, the median of 31 calls
-after warm-up, this library (built-in argmax, top-k, ranks; a C argmax callback on 1 and 2
-threads) against the seed's algorithm (seed_algorithm.py, with torch's argmax, top-k and
+after 20 calls of warm-up, this library (built-in argmax, top-k, ranks; a C argmax
+callback on 1 and 2 threads) against the seed's algorithm (seed_algorithm.py, with torch's argmax, top-k and
 ranks) and against drawing the perturbed inputs alone (pert_draw_new). Each point runs in
 a fresh process per side."""
 
@@ -28,8 +28,13 @@ def k_of(d):
     return max(1, d // 10)
 
 
+WARMUP = 20
+
+
 def median_time(run, calls=CALLS):
-    for _ in range(3):
+    # a training loop makes thousands of calls: the steady state after warm-up (the
+    # allocator's first calls map fresh pages), the same for both sides
+    for _ in range(WARMUP):
         run()
     times = []
     for _ in range(calls):
