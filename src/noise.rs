@@ -182,11 +182,13 @@ impl Noise {
             if take == 32 {
                 // a whole group: straight into the outputs
                 match score.as_deref_mut() {
-                    Some(score) => self.transform(&words, group(out, done), group(score, done)),
-                    None => self.transform(&words, group(out, done), &mut scores),
+                    Some(score) => {
+                        self.transform(&words, group(out, done), Some(group(score, done)))
+                    }
+                    None => self.transform(&words, group(out, done), None),
                 }
             } else {
-                self.transform(&words, &mut values, &mut scores);
+                self.transform(&words, &mut values, Some(&mut scores));
                 out[done..done + take].copy_from_slice(&values[offset..offset + take]);
                 if let Some(score) = score.as_deref_mut() {
                     score[done..done + take].copy_from_slice(&scores[offset..offset + take]);
@@ -197,17 +199,25 @@ impl Noise {
         }
     }
 
-    /// Noise values and their scores from 32 words (Normal: 16 Box-Muller pairs).
+    /// Noise values, and their scores when asked for, from 32 words (Normal: 16 Box-Muller
+    /// pairs).
     #[inline(always)]
-    fn transform(self, words: &[u32; 32], out: &mut [f32; 32], score: &mut [f32; 32]) {
+    fn transform(self, words: &[u32; 32], out: &mut [f32; 32], score: Option<&mut [f32; 32]>) {
         match self {
-            Noise::Gumbel => {
-                for ((o, s), &w) in out.iter_mut().zip(score.iter_mut()).zip(words) {
-                    let e = -ln(unit(w)); // Exp(1), = e^{−z}
-                    *o = -ln(e);
-                    *s = 1.0 - e;
+            Noise::Gumbel => match score {
+                Some(score) => {
+                    for ((o, s), &w) in out.iter_mut().zip(score.iter_mut()).zip(words) {
+                        let e = -ln(unit(w)); // Exp(1), = e^{−z}
+                        *o = -ln(e);
+                        *s = 1.0 - e;
+                    }
                 }
-            }
+                None => {
+                    for (o, &w) in out.iter_mut().zip(words) {
+                        *o = -ln(-ln(unit(w)));
+                    }
+                }
+            },
             Noise::Normal => {
                 for (o, w) in out.chunks_exact_mut(2).zip(words.chunks_exact(2)) {
                     let r = (-2.0 * ln(unit(w[0]))).sqrt();
@@ -215,7 +225,9 @@ impl Noise {
                     o[0] = r * cos;
                     o[1] = r * sin;
                 }
-                score.copy_from_slice(out);
+                if let Some(score) = score {
+                    score.copy_from_slice(out);
+                }
             }
         }
     }
