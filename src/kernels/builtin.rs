@@ -323,9 +323,10 @@ fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, keys: &mut Vec
     keys.extend(xs.iter().map(|&v| ordered(v)));
     let (_, &mut kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
     let above = xs.iter().filter(|&&v| ordered(v) > kth).count();
-    let mut equal = k - above; // the first `equal` entries equal to the k-th are kept
-                               // exactly k positions, written without a branch: each entry's position is stored at
-                               // the end, which moves on only when the entry is kept
+    // the first `equal` entries equal to the k-th are kept
+    let mut equal = k - above;
+    // exactly k positions, written without a branch: each entry's position is stored at
+    // the end, which moves on only when the entry is kept
     out.clear();
     out.resize(k + 1, 0);
     let mut kept = 0;
