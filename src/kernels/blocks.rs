@@ -23,6 +23,41 @@ use super::workers::{Unavailable, Workers};
 /// Blocks per thread that may be done ahead of the next block to combine.
 const WINDOW: usize = 4;
 
+/// `$body` with `$spawn` bound to a way to start helper jobs (`&dyn Fn(Box<dyn FnOnce() +
+/// Send>) -> bool`, false when one could not start): the process's shared helper threads
+/// when at least `$count` are free (no thread start-up per call), else threads of this
+/// call's own (one that cannot start, for thread or memory limits, is left out). Returns
+/// the body's value once every job started has ended. A macro, not a function: the body
+/// borrows the caller's data for the scope's lifetime, which a closure argument could not
+/// name.
+macro_rules! with_helpers {
+    ($count:expr, |$spawn:ident| $body:expr) => {{
+        let pool = super::workers::shared().filter(|pool| pool.count() >= $count);
+        let attempt = pool.map(|pool| {
+            pool.try_scope(|scope| {
+                let $spawn = &|job| scope.spawn(job);
+                $body
+            })
+        });
+        match attempt {
+            Some(Ok(outcome)) => outcome,
+            // the pool is busy (or absent)
+            unrun => {
+                drop(unrun); // the body that did not run, and what it borrowed
+                std::thread::scope(|scope| {
+                    let $spawn = &|job| {
+                        std::thread::Builder::new()
+                            .stack_size(super::workers::WORKER_STACK_BYTES)
+                            .spawn_scoped(scope, job)
+                            .is_ok()
+                    };
+                    $body
+                })
+            }
+        }
+    }};
+}
+
 /// Runs `work(k, scratch)` for blocks `k = 0 .. blocks` on `scratch.len()` threads (each
 /// thread owns one scratch; the calling thread is one of them, so with one everything runs
 /// there) and hands the results to `combine` in block order, on the calling thread. The
@@ -141,46 +176,17 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
     let panicked = Mutex::new(None);
     // the helpers: the process's shared threads when they are free (no thread start-up
     // per call), else threads of this call's own
-    let pool = super::workers::shared().filter(|pool| pool.count() >= helpers.len());
-    let attempt = pool.map(|pool| {
-        pool.try_scope(|scope| {
-            drive(
-                &|job| scope.spawn(job),
-                &shared,
-                &mut *own,
-                &mut *helpers,
-                &work,
-                &mut combine,
-                &taken,
-                &panicked,
-            )
-        })
-    });
-    let outcome = match attempt {
-        Some(Ok(outcome)) => outcome,
-        // the pool is busy (or absent): threads of this call's own
-        unrun => {
-            drop(unrun); // the body that did not run, and what it borrowed
-            std::thread::scope(|scope| {
-                drive(
-                    // a thread that cannot start (thread or memory limits) is left out
-                    &|job| {
-                        std::thread::Builder::new()
-                            .stack_size(super::workers::WORKER_STACK_BYTES)
-                            .spawn_scoped(scope, job)
-                            .is_ok()
-                    },
-                    &shared,
-                    own,
-                    helpers,
-                    &work,
-                    &mut combine,
-                    &taken,
-                    &panicked,
-                )
-            })
-        }
-    };
+    let count = helpers.len();
+    let outcome = with_helpers!(count, |spawn| drive(
+        spawn,
+        &shared,
+        &mut *own,
+        &mut *helpers,
+        &work,
+        &mut combine,
+        &taken,
+        &panicked,
+    ));
     // a helper's panic, once every helper has ended
     if let Some(payload) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
         std::panic::resume_unwind(payload);
@@ -411,41 +417,14 @@ pub(crate) fn run_pipelined<S: Send, P: Send, E>(
     mut finish: impl FnMut(usize, &mut S, P) -> Result<(), E>,
 ) -> Result<(), E> {
     let panicked: Mutex<Option<Panic>> = Mutex::new(None);
-    let pool = super::workers::shared();
-    let attempt = pool.map(|pool| {
-        pool.try_scope(|scope| {
-            pipeline(
-                &|job| scope.spawn(job),
-                blocks,
-                &mut *buffers,
-                &prepare,
-                &mut finish,
-                &panicked,
-            )
-        })
-    });
-    let outcome = match attempt {
-        Some(Ok(outcome)) => outcome,
-        // the pool is busy (or absent): a thread of this call's own
-        unrun => {
-            drop(unrun); // the body that did not run, and what it borrowed
-            std::thread::scope(|scope| {
-                pipeline(
-                    &|job| {
-                        std::thread::Builder::new()
-                            .stack_size(super::workers::WORKER_STACK_BYTES)
-                            .spawn_scoped(scope, job)
-                            .is_ok()
-                    },
-                    blocks,
-                    buffers,
-                    &prepare,
-                    &mut finish,
-                    &panicked,
-                )
-            })
-        }
-    };
+    let outcome = with_helpers!(1, |spawn| pipeline(
+        spawn,
+        blocks,
+        &mut *buffers,
+        &prepare,
+        &mut finish,
+        &panicked,
+    ));
     if let Some(payload) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
         std::panic::resume_unwind(payload);
     }

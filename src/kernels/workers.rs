@@ -444,10 +444,10 @@ mod tests {
             });
         }
         let ids = ids.into_inner().unwrap();
-        for w in 0..3 {
-            assert_eq!(ids[w].len(), 5);
-            assert!(ids[w].iter().all(|id| *id == ids[w][0]));
-            assert_ne!(ids[w][0], std::thread::current().id());
+        for worker in &ids {
+            assert_eq!(worker.len(), 5);
+            assert!(worker.iter().all(|id| *id == worker[0]));
+            assert_ne!(worker[0], std::thread::current().id());
         }
         assert_ne!(ids[0][0], ids[1][0]);
     }
