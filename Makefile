@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: glpk-tools glpk-example predict-then-optimize python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -185,6 +185,24 @@ demo: examples
 	./target/examples/shortest_path target/examples
 	./target/examples/shortest_path_cpp
 	./target/examples/train_torch
+
+# --- GPU check ----------------------------------------------------------------
+# The files scripts/gpu-check.sh needs on a GPU machine (which has no cargo): the library,
+# the C harness, the Rust test binaries that run there, the benchmark's solvers and the
+# noise-rate program. Carry target/release/libperturbations.so, target/ctest,
+# target/gpu-tests, target/bench and target/release/examples/noise_rate.
+GPU_RUST_TESTS := perturbations estimators reliability rust_api scale pinned
+gpu-files: build
+	cmake -S tests/c -B $(CTEST_DIR) -DPERT_ROOT=$(abspath .) -DCMAKE_BUILD_TYPE=Release \
+	  -DTORCH_DIR="$(TORCH_DIR)" -DTORCH_CXX11_ABI=$(TORCH_ABI) >/dev/null
+	cmake --build $(CTEST_DIR) -j2
+	@mkdir -p target/bench
+	cc -std=c11 -O2 -shared -fPIC bench/bench_solvers.c -Iinclude -o target/bench/libbench_solvers.so
+	$(CARGO) build --release --example noise_rate
+	rm -rf target/gpu-tests && mkdir -p target/gpu-tests
+	$(CARGO) test --release --no-run --message-format=json 2>/dev/null | "$(if $(LIBTORCH),python3,$(VENV)/bin/python)" -c \
+	  'import json, shutil, sys; want = set(sys.argv[1:]); [shutil.copy(m["executable"], "target/gpu-tests/" + m["target"]["name"]) for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] and m["target"]["name"] in want]' $(GPU_RUST_TESTS)
+	@ls target/gpu-tests
 
 # --- benchmark --------------------------------------------------------------
 # This library against the seed's algorithm (bench/seed_algorithm.py), side by side.

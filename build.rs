@@ -2,9 +2,9 @@
 //!
 //! * RUNPATH to the libtorch folder, so that our cdylib, tests and examples find
 //!   libtorch without LD_LIBRARY_PATH.
-//! * libtorch_cuda linked with `-as-needed` switched off: nothing in our code refers
-//!   to its symbols, so the default `--as-needed` would drop it and CUDA would look
-//!   unavailable on a GPU machine.
+//! * libtorch_cuda NOT linked: torch-sys asks for it, and the default `--as-needed` drops
+//!   it (nothing refers to its symbols). The library loads it at run time when CUDA is
+//!   needed (src/cuda_libraries.rs), so that CPU-only processes do not map it.
 //! * A SONAME with the major version on the cdylib (`libperturbations.so.0`), so that
 //!   applications record it instead of the absolute path of the build tree, and two major
 //!   versions can be installed side by side (`make build` links `libperturbations.so.0`
@@ -17,27 +17,12 @@
 //!   own crate is linked as object files, so its `pert_*` functions stay exported.
 //!
 //! This script never writes into the source tree.
-use std::path::Path;
-
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("torch-sys did not report the libtorch lib folder (DEP_TCH_LIBTORCH_LIB)");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
-    // The `-as-needed` link modifier is unstable, so pass the libraries as raw linker
-    // arguments, which rustc places after its own libraries.
-    let cuda: Vec<String> = ["torch_cuda", "c10_cuda"]
-        .iter()
-        .filter(|name| Path::new(&lib).join(format!("lib{name}.so")).exists())
-        .map(|name| format!("-l{name}"))
-        .collect();
-    if !cuda.is_empty() {
-        println!(
-            "cargo:rustc-link-arg=-Wl,--no-as-needed,{},--as-needed",
-            cuda.join(",")
-        );
-    }
     let major = std::env::var("CARGO_PKG_VERSION_MAJOR").expect("cargo sets the version");
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libperturbations.so.{major}");
     println!("cargo:rustc-cdylib-link-arg=-Wl,--exclude-libs,ALL");

@@ -37,8 +37,11 @@ pub struct Config {
 impl Default for Config {
     /// The seed's defaults: 1000 samples, sigma 0.05, Normal noise, seed 0, device auto,
     /// one solver thread; additive perturbation, sample-mean baseline, no antithetic
-    /// pairs, maximization.
+    /// pairs, maximization. On a machine with a CUDA driver, the first config loads
+    /// libtorch's CUDA libraries (for "auto"; see `cuda_libraries`), before anything asks
+    /// libtorch about CUDA.
     fn default() -> Config {
+        crate::cuda_libraries::load();
         Config {
             num_samples: 1000,
             sigma: 0.05,

@@ -1,5 +1,6 @@
 //! Where the sampling, perturbation and reductions run.
 
+use crate::cuda_libraries::{self, Loaded};
 use crate::error::{Error, Result, Status};
 use std::fmt;
 use tch::Device;
@@ -58,6 +59,8 @@ impl DeviceSpec {
     pub fn resolve_for(self, host_solver: bool) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
+            // host solvers never need CUDA: counting would load libtorch_cuda
+            DeviceSpec::Auto if host_solver => Ok(Device::Cpu),
             DeviceSpec::Auto => Ok(auto_device(host_solver, cuda_device_count())),
             DeviceSpec::Cuda(index) => {
                 let count = cuda_device_count();
@@ -66,7 +69,10 @@ impl DeviceSpec {
                 } else {
                     Err(Error::new(
                         Status::DeviceUnavailable,
-                        format!("device \"{self}\" requested, but this machine has {count} CUDA device(s)"),
+                        format!(
+                            "device \"{self}\" requested, but this machine has {count} CUDA device(s){}",
+                            why_no_cuda(count)
+                        ),
                     ))
                 }
             }
@@ -155,9 +161,38 @@ fn auto_device(host_solver: bool, cuda_devices: usize) -> Device {
 }
 
 /// The number of CUDA devices libtorch sees (0 without a GPU or without CUDA libraries).
+/// On a machine with a CUDA driver this loads libtorch's CUDA libraries first (see
+/// `cuda_libraries`): Rust programs that ask tch about CUDA before making any
+/// [`crate::Config`] should call this first, or link libtorch_cuda themselves.
 pub fn cuda_device_count() -> usize {
     static COUNT: once_cell::sync::OnceCell<usize> = once_cell::sync::OnceCell::new();
-    *COUNT.get_or_init(|| usize::try_from(tch::Cuda::device_count()).unwrap_or(0))
+    *COUNT.get_or_init(|| {
+        if matches!(cuda_libraries::load(), Loaded::NoDriver) {
+            return 0; // no driver: libtorch would find no device either
+        }
+        usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+    })
+}
+
+/// Why libtorch sees fewer CUDA devices than the driver (appended to DEVICE_UNAVAILABLE
+/// messages), or "".
+fn why_no_cuda(count: usize) -> String {
+    match cuda_libraries::load() {
+        Loaded::NoDriver => " (no CUDA driver: libcuda.so.1 cannot be loaded)".into(),
+        Loaded::Failed(why) => format!(" (libtorch's CUDA libraries: {why})"),
+        Loaded::Yes => {
+            let driver = cuda_libraries::driver_device_count();
+            if driver > count {
+                format!(
+                    " while the CUDA driver has {driver}: libtorch was asked about CUDA in this \
+                     process before libtorch_cuda was loaded (call pert_cuda_device_count() or \
+                     make a config before any other libtorch CUDA query, or link libtorch_cuda)"
+                )
+            } else {
+                String::new()
+            }
+        }
+    }
 }
 
 #[cfg(test)]

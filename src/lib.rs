@@ -18,7 +18,8 @@ pub mod shape;
 pub mod solver;
 
 // settings with their code, and helpers: devices, noise, perturbations, input checks,
-// libtorch's per-thread thread counts, tensor and host-buffer helpers
+// libtorch's CUDA libraries loaded on demand, libtorch's per-thread thread counts, tensor and host-buffer helpers
+mod cuda_libraries;
 pub mod device;
 mod input;
 mod intraop;

@@ -3,6 +3,24 @@
 use crate::error::Result;
 use tch::{Device, Tensor};
 
+/// Whether `bytes` more can be held by this machine at all: at most its RAM and swap
+/// (read once). Large host buffers are checked with this before they are reserved, so that
+/// an impossible size is an error even where the system overcommits memory (it would grant
+/// the allocation and kill the process when the buffer is written).
+pub(crate) fn fits_in_memory(bytes: u128) -> bool {
+    static TOTAL: once_cell::sync::OnceCell<u128> = once_cell::sync::OnceCell::new();
+    let total = *TOTAL.get_or_init(|| {
+        // SAFETY: sysinfo fills the zeroed struct it is given.
+        let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+        if unsafe { libc::sysinfo(&mut info) } != 0 {
+            return u128::MAX; // unknown: the allocator decides
+        }
+        let unit = u128::from(info.mem_unit.max(1));
+        (u128::from(info.totalram) + u128::from(info.totalswap)) * unit
+    });
+    bytes <= total
+}
+
 /// The values of a float32 tensor, flattened, on the host.
 pub(crate) fn host_floats(t: &Tensor) -> Result<Vec<f32>> {
     let host = t

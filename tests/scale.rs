@@ -12,7 +12,8 @@ fn theta() -> Tensor {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    f64::try_from((a - b).abs().max()).unwrap()
+    let cpu = tch::Device::Cpu;
+    f64::try_from((a.to_device(cpu) - b.to_device(cpu)).abs().max()).unwrap()
 }
 
 fn topk(k: usize) -> impl Fn(&[f32], usize, &mut [f32]) -> Result<(), String> {
@@ -283,6 +284,27 @@ fn tape_limit_is_respected_before_any_work() {
 fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
     // CUDA ops take a libtorch chunk path; on the CPU it can be forced, and must give what
     // the CPU's host pipelines give (up to float rounding) for every solver kind and model.
+    libtorch_path_matches_the_host_paths(tch::Device::Cpu, |c| {
+        c.set_libtorch_path(true);
+    });
+}
+
+#[test]
+fn cuda_ops_match_the_cpu_host_paths_on_a_gpu() {
+    // The same on a GPU (scripts/gpu-check.sh runs the test binaries on one): CUDA ops of
+    // every solver kind and model equal the CPU's host pipelines up to float rounding.
+    if perturbations::cuda_device_count() == 0 {
+        eprintln!("no CUDA device: checked on a GPU by scripts/gpu-check.sh");
+        return;
+    }
+    libtorch_path_matches_the_host_paths(tch::Device::Cuda(0), |c| {
+        c.set_device(perturbations::DeviceSpec::Cuda(0));
+    });
+}
+
+/// The checks of the two tests above, with `set` making the config of the libtorch side,
+/// whose inputs and cotangents are on `device`.
+fn libtorch_path_matches_the_host_paths(device: tch::Device, set: impl Fn(&mut Config)) {
     let theta =
         Tensor::from_slice(&[0.5f32, 1.0, 0.2, 0.9, 0.1, 0.7, 0.3, 1.1, 0.4, 0.6]).reshape([2, 5]);
     type Make = fn(&Config) -> PerturbedOp;
@@ -307,10 +329,13 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
         }),
     ];
     for (name, make) in makes {
-        for (noise, multiplicative, antithetic, baseline) in [
-            (Noise::Gumbel, false, false, Baseline::SampleMean),
-            (Noise::Normal, true, false, Baseline::CleanInput),
-            (Noise::Normal, false, true, Baseline::None),
+        for (noise, multiplicative, antithetic, baseline, rep) in [
+            (Noise::Gumbel, false, false, Baseline::SampleMean, 0),
+            (Noise::Gumbel, false, false, Baseline::SampleMean, 1),
+            (Noise::Normal, true, false, Baseline::CleanInput, 0),
+            (Noise::Normal, true, false, Baseline::CleanInput, 1),
+            (Noise::Normal, false, true, Baseline::None, 0),
+            (Noise::Normal, false, true, Baseline::None, 1),
         ] {
             let n = if name.starts_with("small") { 4 } else { 2000 };
             let mut host = config(noise, 0.4, n, 21);
@@ -319,11 +344,18 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
                 host.set_perturbation(perturbations::Perturbation::Multiplicative);
             }
             let mut torch = host.clone();
-            torch.set_libtorch_path(true);
+            set(&mut torch);
+            // chunks of several whole problems (the automatic size), and of parts of one
+            // (about 100 samples)
+            let chunk = if n > 4 { [0, 100 * 4 * 35] } else { [0, 0] }[rep];
+            torch.set_chunk_bytes(chunk);
             let (ya, ta) = make(&host).forward_with_tape(&theta).unwrap();
-            let (yb, tb) = make(&torch).forward_with_tape(&theta).unwrap();
-            let what =
-                format!("{name} {noise:?} multiplicative={multiplicative} antithetic={antithetic}");
+            let (yb, tb) = make(&torch)
+                .forward_with_tape(&theta.to_device(device))
+                .unwrap();
+            let what = format!(
+                "{name} {noise:?} multiplicative={multiplicative} antithetic={antithetic} chunk={chunk}"
+            );
             assert_eq!(ta.keeps_samples(), tb.keeps_samples(), "{what}");
             let scale = 1.0 + f64::try_from(ya.abs().max()).unwrap();
             assert!(max_abs(&ya, &yb) < 1e-5 * scale, "{what}");
@@ -337,10 +369,11 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
             // solutions and draws the scores again; the libtorch path keeps both)
             let g = Tensor::from_slice(&[1.0f32, -0.5, 0.25, 2.0, 0.0, -1.0, 0.5, 0.3, 0.0, 1.5])
                 .reshape([2, 5]);
-            let (va, vb) = (ta.vjp(&g).unwrap(), tb.vjp(&g).unwrap());
+            let gd = g.to_device(device);
+            let (va, vb) = (ta.vjp(&g).unwrap(), tb.vjp(&gd).unwrap());
             let vscale = 1.0 + f64::try_from(va.abs().max()).unwrap();
             assert!(max_abs(&va, &vb) < 1e-4 * vscale, "vjp {what}");
-            let (ja, jb) = (ta.jvp(&g).unwrap(), tb.jvp(&g).unwrap());
+            let (ja, jb) = (ta.jvp(&g).unwrap(), tb.jvp(&gd).unwrap());
             let jvscale = 1.0 + f64::try_from(ja.abs().max()).unwrap();
             assert!(max_abs(&ja, &jb) < 1e-4 * jvscale, "jvp {what}");
             let fscale = 1.0 + f64::try_from(ta.objective().unwrap().abs().max()).unwrap();
@@ -351,7 +384,7 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
             // and the two-phase API over the libtorch path
             let draw = PerturbedOp::new_external(&torch, &[5], &[5])
                 .unwrap()
-                .draw(&theta)
+                .draw(&theta.to_device(device))
                 .unwrap();
             if name == "callback" {
                 let mut sol = vec![0f32; draw.count() * 5];

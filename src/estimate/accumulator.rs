@@ -138,66 +138,97 @@ impl Accumulator {
         self.jacobian.is_some()
     }
 
-    /// Adds samples `n0 .. n0 + rows` of problem `b`: noise `z` and perturbed inputs `x`
-    /// `[rows, d]`, scores `s` (when wanted) and solutions `y`.
+    /// Adds samples `n0 .. n0 + rows` of problems `b .. b + nb` (several problems only with
+    /// all their samples): noise `z` and perturbed inputs `x` `[nb · rows, d]`, problem by
+    /// problem, scores `s` (when wanted) and solutions `y`.
+    #[allow(clippy::too_many_arguments)]
     pub fn add(
         &mut self,
         b: i64,
+        nb: i64,
         n0: i64,
         z: &Tensor,
         x: &Tensor,
         s: Option<&Tensor>,
         y: &Solutions,
     ) -> Result<()> {
-        let rows = z.size()[0];
+        let rows = z.size()[0] / nb; // per problem
+        let o = self.o;
         // the dense solutions, made at most once (samples tape, multiplicative objective)
         let mut dense_cache: Option<Tensor> = None;
         let mut dense = || -> Result<Tensor> {
             if dense_cache.is_none() {
-                dense_cache = Some(y.dense(self.o)?);
+                dense_cache = Some(y.dense(o)?);
             }
             Ok(dense_cache.as_ref().expect("just set").shallow_clone())
         };
+        // [nb · rows, w] as [nb, rows, w]
+        let per_problem = |t: &Tensor| -> Result<Tensor> {
+            let w = t.size()[1];
+            Ok(t.f_view([nb, rows, w])?)
+        };
+        // the flat positions, in a [batch, w] tensor, of entries `index` [nb · rows, m]
+        // (columns of their row's problem)
+        let flat_in_problems = |index: &Tensor, w: i64| -> Result<Tensor> {
+            let first = Tensor::f_arange_start(b, b + nb, (Kind::Int64, index.device()))?
+                .f_mul_scalar(w)?
+                .f_repeat_interleave_self_int(rows, 0, None)?
+                .f_unsqueeze(1)?;
+            Ok(index.f_add(&first)?.f_flatten(0, -1)?)
+        };
         match y {
             Solutions::Dense(y) => {
-                let _ =
-                    self.sum_y
-                        .f_get(b)?
-                        .f_add_(&y.f_sum_dim_intlist(0, false, Kind::Double)?)?;
+                let _ = self
+                    .sum_y
+                    .f_narrow(0, b, nb)?
+                    .f_add_(&per_problem(y)?.f_sum_dim_intlist(1, false, Kind::Double)?)?;
             }
             Solutions::Indicator(index) => {
                 let ones = Tensor::f_ones([index.numel() as i64], (Kind::Double, index.device()))?;
-                let _ = self
-                    .sum_y
-                    .f_get(b)?
-                    .f_index_add_(0, &index.f_flatten(0, -1)?, &ones)?;
+                let _ = self.sum_y.f_view([-1])?.f_index_add_(
+                    0,
+                    &flat_in_problems(index, o)?,
+                    &ones,
+                )?;
             }
         }
         match (&mut self.jacobian, s) {
             (Some(JacobianSums::Sums { sum_s, sum_ys }), Some(s)) => {
                 let _ = sum_s
-                    .f_get(b)?
-                    .f_add_(&s.f_sum_dim_intlist(0, false, Kind::Double)?)?;
-                let mut target = sum_ys.f_get(b)?;
+                    .f_narrow(0, b, nb)?
+                    .f_add_(&per_problem(s)?.f_sum_dim_intlist(1, false, Kind::Double)?)?;
                 match y {
                     Solutions::Dense(y) => {
-                        let _ = target.f_addmm_(&y.f_tr()?, s)?;
+                        // Σ_n Y_n s_nᵀ per problem: [nb, o, rows] × [nb, rows, d]
+                        let _ = sum_ys
+                            .f_narrow(0, b, nb)?
+                            .f_baddbmm_(&per_problem(y)?.f_transpose(1, 2)?, &per_problem(s)?)?;
                     }
                     Solutions::Indicator(index) => {
-                        // Σ_n Y_n s_nᵀ with 0/1 Y_n: add each s_n to the rows of its ones.
+                        // Σ_n Y_n s_nᵀ with 0/1 Y_n: add each s_n to the rows of its ones
+                        // (rows of the [batch · o, d] view).
                         let m = index.size()[1];
                         let src = if m == 1 {
                             s.shallow_clone()
                         } else {
                             s.f_repeat_interleave_self_int(m, 0, None)?
                         };
-                        let _ = target.f_index_add_(0, &index.f_flatten(0, -1)?, &src)?;
+                        let d = s.size()[1];
+                        let _ = sum_ys.f_view([-1, d])?.f_index_add_(
+                            0,
+                            &flat_in_problems(index, o)?,
+                            &src,
+                        )?;
                     }
                 }
             }
             (Some(JacobianSums::Samples { y: ys, s: ss }), Some(s)) => {
-                ys.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(&dense()?)?;
-                ss.f_get(b)?.f_narrow(0, n0, rows)?.f_copy_(s)?;
+                ys.f_narrow(0, b, nb)?
+                    .f_narrow(1, n0, rows)?
+                    .f_copy_(&per_problem(&dense()?)?)?;
+                ss.f_narrow(0, b, nb)?
+                    .f_narrow(1, n0, rows)?
+                    .f_copy_(&per_problem(s)?)?;
             }
             (Some(JacobianSums::Replay { .. }), Some(_)) => {
                 unreachable!("tapes of solutions only are made by the host pipeline")
@@ -206,17 +237,19 @@ impl Accumulator {
             (None, _) => {}
         }
         if let Some((objective, sum_wy)) = &mut self.objective {
-            let value = match y {
-                Solutions::Dense(y) => x.f_mul(y)?.f_sum(Kind::Double)?,
-                Solutions::Indicator(index) => x.f_gather(1, index, false)?.f_sum(Kind::Double)?,
+            let products = match y {
+                Solutions::Dense(y) => x.f_mul(y)?,
+                Solutions::Indicator(index) => x.f_gather(1, index, false)?,
             };
-            let _ = objective.f_get(b)?.f_add_(&value)?;
+            let value = products
+                .f_view([nb, -1])?
+                .f_sum_dim_intlist(1, false, Kind::Double)?;
+            let _ = objective.f_narrow(0, b, nb)?.f_add_(&value)?;
             if self.perturbation == Perturbation::Multiplicative {
                 let w = self.perturbation.weight(z, self.sigma)?;
-                let wy = w
-                    .f_mul(&dense()?)?
-                    .f_sum_dim_intlist(0, false, Kind::Double)?;
-                let _ = sum_wy.f_get(b)?.f_add_(&wy)?;
+                let wy =
+                    per_problem(&w.f_mul(&dense()?)?)?.f_sum_dim_intlist(1, false, Kind::Double)?;
+                let _ = sum_wy.f_narrow(0, b, nb)?.f_add_(&wy)?;
             }
         }
         Ok(())

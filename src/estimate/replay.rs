@@ -164,6 +164,18 @@ impl SolutionRows {
                 format!("cannot allocate the tape: {what} for {more} more after {have}"),
             )
         };
+        let bytes =
+            |len: usize, more: usize, size: usize| (len as u128 + more as u128) * size as u128;
+        if !crate::tensors::fits_in_memory(
+            bytes(self.ends.len(), rows, std::mem::size_of::<u64>())
+                + bytes(self.words.len(), words, std::mem::size_of::<u32>()),
+        ) {
+            return Err(fail(
+                "more than this machine's memory",
+                rows,
+                self.ends.len(),
+            ));
+        }
         self.ends
             .try_reserve(rows)
             .map_err(|_| fail("no memory for row ends", rows, self.ends.len()))?;
@@ -517,6 +529,9 @@ impl Replay {
 /// `len` zeros, or TORCH_ERROR when memory runs out.
 fn zeros<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
+    if !crate::tensors::fits_in_memory(len as u128 * std::mem::size_of::<T>() as u128) {
+        return Err(no_memory(len));
+    }
     v.try_reserve_exact(len).map_err(|_| no_memory(len))?;
     v.resize(len, T::default());
     Ok(v)

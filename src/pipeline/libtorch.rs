@@ -4,29 +4,32 @@
 use crate::error::Result;
 use crate::kernels::builtin::Solutions;
 use crate::pipeline::plan::OpSpec;
-use crate::pipeline::solve::{solve_host, solve_on_device, SolverKind};
+use crate::pipeline::solve::{solve_host, solve_on_device, to_op_device, SolverKind};
 use crate::rng::Stream;
 use crate::shape::batched;
 use crate::solver::SolveInfo;
 use tch::{Device, Tensor};
 
 impl OpSpec {
-    /// The noise `[rows, d]` of samples `n0 .. n0 + rows` of problem `b` of a call and the
-    /// perturbed inputs, on the op's device. With antithetic pairs, sample 2k + 1 is the
-    /// negation of sample 2k (n0 and rows are then even).
+    /// The noise `[nb · rows, d]` of samples `n0 .. n0 + rows` of problems `b .. b + nb` of
+    /// a call and the perturbed inputs, on the op's device (`theta_rows` `[nb, d]`: those
+    /// problems; several problems only with all their samples, n0 = 0). With antithetic
+    /// pairs, sample 2k + 1 is the negation of sample 2k (n0 and rows are then even).
     pub(crate) fn chunk(
         &self,
         stream: &Stream,
-        theta_b: &Tensor,
-        b: usize,
+        theta_rows: &Tensor,
+        (b, nb): (usize, usize),
         n0: usize,
         rows: usize,
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.config;
         let (d, n) = (self.input_numel, c.num_samples() as usize);
+        debug_assert!(nb == 1 || (n0 == 0 && rows == n));
         let threads = c.library_threads(); // noise only
                                            // CPU ops draw with the CPU sampler; CUDA ops (and CPU ops forced onto this path)
-                                           // draw with libtorch on their device
+                                           // draw with libtorch on their device. The samples of consecutive problems are
+                                           // consecutive in the stream, so several whole problems are one draw.
         let draw = |first: usize, count: usize| -> Result<Tensor> {
             if self.device == Device::Cpu && !c.libtorch_path() {
                 c.noise().sample(stream, first as u64, count, threads)
@@ -35,33 +38,55 @@ impl OpSpec {
                     .sample_on(stream, first as u64, count, self.device)
             }
         };
+        let total = nb * rows;
         let z = if c.antithetic() {
-            let half =
-                draw((b * n + n0) / 2 * d, rows / 2 * d)?.f_view([(rows / 2) as i64, d as i64])?;
+            let half = draw((b * n + n0) / 2 * d, total / 2 * d)?
+                .f_view([(total / 2) as i64, d as i64])?;
             Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?
-                .f_view([rows as i64, d as i64])?
+                .f_view([total as i64, d as i64])?
         } else {
-            draw((b * n + n0) * d, rows * d)?.f_view([rows as i64, d as i64])?
+            draw((b * n + n0) * d, total * d)?.f_view([total as i64, d as i64])?
         };
-        let x = c.perturbation().perturb(theta_b, &z, c.sigma())?;
+        let x = c
+            .perturbation()
+            .perturb(
+                &theta_rows.f_unsqueeze(1)?,
+                &z.f_view([nb as i64, rows as i64, d as i64])?,
+                c.sigma(),
+            )?
+            .f_view([total as i64, d as i64])?;
         Ok((z, x))
     }
 
-    /// Calls `f(b, n0, z, x)` for the chunks of samples of every problem of `theta`
-    /// `[batch, d]` (on the device), in order: noise and perturbed inputs `[rows, d]`.
+    /// Calls `f(b, nb, n0, z, x)` for the chunks of samples of the problems of `theta`
+    /// `[batch, d]` (on the device), in order: samples `n0 ..` of problems `b .. b + nb`,
+    /// noise and perturbed inputs `[nb · rows, d]` (problem by problem). A chunk holds
+    /// several problems when their samples fit in it (one draw and one solve for many
+    /// small problems), else part of one problem.
     pub(crate) fn for_each_chunk(
         &self,
         theta: &Tensor,
         stream: &Stream,
-        mut f: impl FnMut(usize, usize, Tensor, Tensor) -> Result<()>,
+        mut f: impl FnMut(usize, usize, usize, Tensor, Tensor) -> Result<()>,
     ) -> Result<()> {
         let n = self.config.num_samples() as usize;
+        let batch = theta.size()[0] as usize;
         let per = self.rows_per_chunk();
-        for b in 0..theta.size()[0] as usize {
+        if per >= n {
+            let problems = (self.chunk_rows() / n).clamp(1, batch.max(1));
+            for b in (0..batch).step_by(problems) {
+                let nb = problems.min(batch - b);
+                let theta_rows = theta.f_narrow(0, b as i64, nb as i64)?;
+                let (z, x) = self.chunk(stream, &theta_rows, (b, nb), 0, n)?;
+                f(b, nb, 0, z, x)?;
+            }
+            return Ok(());
+        }
+        for b in 0..batch {
             let theta_b = theta.f_narrow(0, b as i64, 1)?;
             for n0 in (0..n).step_by(per) {
-                let (z, x) = self.chunk(stream, &theta_b, b, n0, per.min(n - n0))?;
-                f(b, n0, z, x)?;
+                let (z, x) = self.chunk(stream, &theta_b, (b, 1), n0, per.min(n - n0))?;
+                f(b, 1, n0, z, x)?;
             }
         }
         Ok(())
@@ -94,7 +119,7 @@ impl OpSpec {
                         ..at
                     },
                 )?;
-                Ok(Solutions::Dense(y.f_to_device(self.device)?))
+                Ok(Solutions::Dense(to_op_device(y, self.device)?))
             }
             SolverKind::Device(device) => Ok(Solutions::Dense(solve_on_device(
                 &**device,

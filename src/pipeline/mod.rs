@@ -153,8 +153,8 @@ impl OpSpec {
             self.run_on_host(theta, &stream, source, &mut acc)?;
             return acc.finish(n, baseline, clean.as_ref(), theta);
         }
-        self.for_each_chunk(theta, &stream, |b, n0, z, x| {
-            let rows = z.size()[0] as usize;
+        self.for_each_chunk(theta, &stream, |b, nb, n0, z, x| {
+            let rows = z.size()[0] as usize; // of all nb problems
             let y = match source {
                 Source::Solver(solver) => {
                     self.solve(solver, &x, self.rows_at(false, (b * n + n0) as u64, batch))?
@@ -168,7 +168,7 @@ impl OpSpec {
             } else {
                 None
             };
-            acc.add(b as i64, n0 as i64, &z, &x, s.as_ref(), &y)
+            acc.add(b as i64, nb as i64, n0 as i64, &z, &x, s.as_ref(), &y)
         })?;
         acc.finish(n, baseline, clean.as_ref(), theta)
     }

@@ -134,18 +134,24 @@ impl OpSpec {
         Ok(form)
     }
 
-    /// Samples per chunk: what fits in the config's chunk budget (even under antithetic
-    /// pairs), at least one (two).
-    pub(crate) fn rows_per_chunk(&self) -> usize {
+    /// The rows (samples, of one or several problems) whose buffers fit in a chunk's
+    /// budget: the chunk size set, or the automatic one of the op's device.
+    pub(crate) fn chunk_rows(&self) -> usize {
         let (d, o) = (self.input_numel as u64, self.output_numel as u64);
         let row_bytes = 4 * (4 * d + 3 * o);
-        let n = self.config.num_samples() as usize;
         let budget = match self.config.chunk_bytes() {
             0 if self.device == Device::Cpu => AUTO_CHUNK_BYTES.0,
             0 => AUTO_CHUNK_BYTES.1,
             bytes => bytes,
         };
-        let rows = (budget / row_bytes).clamp(1, n as u64) as usize;
+        usize::try_from((budget / row_bytes).max(1)).unwrap_or(usize::MAX)
+    }
+
+    /// Samples per chunk: what fits in the config's chunk budget (even under antithetic
+    /// pairs), at least one (two).
+    pub(crate) fn rows_per_chunk(&self) -> usize {
+        let n = self.config.num_samples() as usize;
+        let rows = self.chunk_rows().clamp(1, n);
         if self.config.antithetic() {
             (rows & !1).max(2)
         } else {

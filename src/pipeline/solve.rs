@@ -193,8 +193,18 @@ impl Drop for HostSolver {
     }
 }
 
+/// Solutions made on the host by [`solve_host`], moved to `device`: from pinned memory the
+/// copy does not block (libtorch keeps the pinned block until the copy is done).
+pub(crate) fn to_op_device(y: Tensor, device: Device) -> Result<Tensor> {
+    Ok(match device {
+        Device::Cpu => y,
+        _ => y.f_to_device_(device, Kind::Float, true, false)?,
+    })
+}
+
 /// Calls a host solver on the rows of `x` (copied to the host if needed) and returns the
-/// solutions `[rows, o]` on the CPU; `at` says which rows they are.
+/// solutions `[rows, o]` on the CPU (in pinned memory when `x` is on a GPU); `at` says
+/// which rows they are.
 pub(crate) fn solve_host(
     solver: &HostSolver,
     x: &Tensor,
@@ -202,11 +212,31 @@ pub(crate) fn solve_host(
     threads: usize,
     at: SolveInfo,
 ) -> Result<Tensor> {
-    let x = x.f_to_device(Device::Cpu)?.f_contiguous()?;
+    // rows of a CUDA op are staged through pinned host memory (libtorch's caching host
+    // allocator keeps the blocks for the next chunk): faster copies both ways, and the
+    // solutions go back to the device without blocking (see `to_op_device`)
+    let device = x.device();
+    let staged = |t: Tensor| -> Result<Tensor> {
+        Ok(match device {
+            Device::Cpu => t,
+            _ => t.f_internal_pin_memory(device)?, // (pin_memory warns when given a device)
+        })
+    };
+    let x = match device {
+        Device::Cpu => x.f_contiguous()?,
+        _ => {
+            let mut host = staged(Tensor::f_empty(x.size(), (Kind::Float, Device::Cpu))?)?;
+            host.f_copy_(x)?; // device to pinned host: waits for the copy
+            host
+        }
+    };
     let rows = x.size()[0] as usize;
     let d = x.numel() / rows.max(1);
     // initialized before it is viewed as a slice (solve_rows then fills it with NaN)
-    let y = Tensor::f_zeros([rows as i64, o as i64], (Kind::Float, Device::Cpu))?;
+    let y = staged(Tensor::f_zeros(
+        [rows as i64, o as i64],
+        (Kind::Float, Device::Cpu),
+    )?)?;
     if rows == 0 {
         return Ok(y); // nothing to solve (and empty tensors have no data pointer)
     }

@@ -1,0 +1,124 @@
+/* libtorch_cuda is loaded on demand (issue 15): a process on a machine without a CUDA
+ * driver never maps it, whatever it runs; on a machine with one, the first config loads
+ * it and CUDA ops work. scripts/gpu-check.sh runs this on a GPU with
+ * PERT_EXPECT_CUDA_DEVICES set to the number of devices torch sees. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+
+#include "harness.h"
+
+static bool cuda_mapped(void) {
+  FILE *maps = fopen("/proc/self/maps", "r");
+  if (maps == NULL) return false;
+  char line[4096];
+  bool found = false;
+  while (fgets(line, sizeof line, maps))
+    if (strstr(line, "/libtorch_cuda.so")) found = true;
+  fclose(maps);
+  return found;
+}
+
+static bool driver_present(void) {
+  static int present = -1;
+  if (present < 0) present = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL) != NULL;
+  return present == 1;
+}
+
+static int32_t argmax_cb(void *user, const float *x, size_t count, float *y) {
+  (void)user;
+  for (size_t r = 0; r < count; r++) {
+    size_t best = 0;
+    for (size_t i = 1; i < 4; i++)
+      if (x[r * 4 + i] > x[r * 4 + best]) best = i;
+    for (size_t i = 0; i < 4; i++) y[r * 4 + i] = i == best;
+  }
+  return 0;
+}
+
+/* Rows of one-hot means sum to 1. */
+static bool rows_sum_to_one(const float *y, size_t rows) {
+  for (size_t r = 0; r < rows; r++) {
+    double s = 0;
+    for (size_t i = 0; i < 4; i++) s += y[r * 4 + i];
+    CHECK_NEAR(s, 1.0, 1e-5);
+  }
+  return true;
+}
+
+/* Everything a CPU program does: configs, a callback op and a built-in op under "auto"
+ * and "cpu", forward with a tape and its VJP. */
+static bool cpu_work_runs(void) {
+  const char *devices[] = {"auto", "cpu"};
+  for (size_t k = 0; k < 2; k++) {
+    pert_config *c = NULL;
+    CHECK_OK(pert_config_new(&c));
+    CHECK_OK(pert_config_set_num_samples(c, 64));
+    CHECK_OK(pert_config_set_device(c, devices[k]));
+    int64_t d = 4;
+    pert_op *cb = NULL, *builtin = NULL;
+    CHECK_OK(pert_op_new(c, &d, 1, &d, 1, argmax_cb, NULL, &cb));
+    /* a built-in op under "auto" goes to the GPU where there is one */
+    CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, &d, 1, &builtin));
+    float x[8] = {0.1f, 0.4f, 0.3f, 0.2f, 1.0f, 0.0f, 0.5f, 0.9f}, y[8], g[8];
+    pert_op *ops[2] = {cb, builtin};
+    for (size_t i = 0; i < 2; i++) {
+      pert_tape *tape = NULL;
+      CHECK_OK(pert_forward(ops[i], x, 2, y, &tape));
+      CHECK(rows_sum_to_one(y, 2));
+      CHECK_OK(pert_tape_vjp(tape, y, g));
+      pert_tape_free(tape);
+    }
+    pert_op_free(cb);
+    pert_op_free(builtin);
+    pert_config_free(c);
+  }
+  return true;
+}
+
+static bool no_driver_maps_no_cuda(void) {
+  if (driver_present()) {
+    printf("     (this machine has a CUDA driver: checked by gpu_machines_load_cuda)\n");
+    return true;
+  }
+  CHECK(!cuda_mapped());
+  CHECK(cpu_work_runs());
+  CHECK(pert_cuda_device_count() == 0);
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_STATUS(PERT_STATUS_DEVICE_UNAVAILABLE, pert_config_set_device(c, "cuda"));
+  CHECK(last_error_contains("no CUDA driver"));
+  pert_config_free(c);
+  CHECK(!cuda_mapped());
+  return true;
+}
+
+static bool gpu_machines_load_cuda(void) {
+  if (!driver_present()) {
+    printf("     (no CUDA driver here: checked by scripts/gpu-check.sh on a GPU)\n");
+    return true;
+  }
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK(cuda_mapped());
+  const char *expect = getenv("PERT_EXPECT_CUDA_DEVICES");
+  if (expect && *expect) CHECK(pert_cuda_device_count() == atoi(expect));
+  CHECK(cpu_work_runs());
+  if (pert_cuda_device_count() > 0) {
+    CHECK_OK(pert_config_set_device(c, "cuda"));
+    CHECK_OK(pert_config_set_num_samples(c, 1000));
+    int64_t d = 4;
+    pert_op *op = NULL;
+    CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, &d, 1, &op));
+    float x[8] = {0.1f, 0.4f, 0.3f, 0.2f, 1.0f, 0.0f, 0.5f, 0.9f}, y[8];
+    CHECK_OK(pert_forward(op, x, 2, y, NULL));
+    CHECK(rows_sum_to_one(y, 2));
+    pert_op_free(op);
+  }
+  pert_config_free(c);
+  return true;
+}
+
+int main(void) {
+  test_case tests[] = {TEST(no_driver_maps_no_cuda), TEST(gpu_machines_load_cuda)};
+  return run_tests(tests, sizeof tests / sizeof tests[0]);
+}
