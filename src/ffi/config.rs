@@ -135,8 +135,10 @@ pub unsafe extern "C" fn pert_config_set_seed(config: *mut pert_config, seed: u6
 /// for the two-phase API) run on the CPU on every machine: their solvers take host memory
 /// anyway, the CPU pipeline then avoids a copy to the GPU and back per chunk, and their
 /// results for a seed are the same on a machine with a GPU as without. Callbacks of
-/// pert_op_new and pert_op_new_ex always receive host memory; device solvers receive the
-/// op's.
+/// pert_op_new and pert_op_new_ex always receive host memory (on a CUDA op their rows are
+/// staged through pinned host memory); device solvers receive the op's. Small calls of
+/// built-in solvers are faster on the CPU than on a GPU (kernel launches dominate; see the
+/// README's GPU table): set "cpu" for them.
 ///
 /// @param device  A NUL-terminated string, borrowed for the call.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for another string,
@@ -300,6 +302,13 @@ pub unsafe extern "C" fn pert_config_set_max_tape_bytes(
     })
 }
 /// The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
+///
+/// The library does not link libtorch_cuda: on a machine with a CUDA driver it loads it
+/// (from the folder of the libtorch in use) the first time a config is made, this function
+/// is called or a CUDA device is asked for; a process on a machine without a driver never
+/// maps it. libtorch decides once per process whether CUDA exists, so an application that
+/// queries libtorch about CUDA itself before any of these calls (without linking
+/// libtorch_cuda) sees no device here, and `"cuda"` then fails with a message saying so.
 #[no_mangle]
 pub extern "C" fn pert_cuda_device_count() -> i32 {
     guard_or(0, || {
