@@ -142,8 +142,9 @@ def main():
     w("")
 
     # ---- built-in argmax, N = 1e6 .. 1e8, and top-k B=64 D=1000 -----------------------
-    w("| case | seed's algorithm on the GPU | ours (CUDA op) | speed-up | seed peak GPU MiB | ours peak GPU MiB |")
-    w("|---|---|---|---|---|---|")
+    w("| case | seed's algorithm on the GPU | ours (CUDA op) | speed-up | seed peak GPU MiB | ours peak GPU MiB | "
+      "ours on this machine's CPU |")
+    w("|---|---|---|---|---|---|---|")
     theta_flat = [v for row in bench.THETA for v in row]
     theta_c = bench.floats(theta_flat)
     theta_t = torch.tensor(bench.THETA, device=DEV)
@@ -153,6 +154,9 @@ def main():
         big = n >= 10**8  # one call (after the smaller sizes have warmed up both sides)
         t_o, p_o = best_and_peak(ours.forward_vjp(op, theta_c, 2, 5), 0 if big else 3, warm=not big)
         ours.lib.c.pert_op_free(op)
+        op = ours.op("cpu", n, 0.5, "gumbel", [5], builtin=0)
+        t_cpu, _ = best_and_peak(ours.forward_vjp(op, theta_c, 2, 5), 0 if big else 3, warm=not big)
+        ours.lib.c.pert_op_free(op)
         try:
             t_s, p_s = best_and_peak(seed_run(seed.argmax, theta_t, n, 0.5, "gumbel"), 0 if big else 3, warm=not big)
             seed_cells = f"{ms(t_s)} | {ms(t_o)} | {t_s / t_o:.1f}x | {mib(p_s)}"
@@ -161,7 +165,7 @@ def main():
             seed_cells = f"out of memory | {ms(t_o)} | - | -"
         if DEV == "cuda":
             torch.cuda.empty_cache()
-        w(f"| argmax, Gumbel, B=2 D=5 N={n:.0e}, forward+VJP | {seed_cells} | {mib(p_o)} |")
+        w(f"| argmax, Gumbel, B=2 D=5 N={n:.0e}, forward+VJP | {seed_cells} | {mib(p_o)} | {ms(t_cpu)} |")
         log(lines[-1])
     import random
     rng = random.Random(0)
@@ -172,11 +176,14 @@ def main():
         op = ours.op(DEV, n, 0.5, "normal", [d], builtin=1, k=k)
         t_o, p_o = best_and_peak(ours.forward_vjp(op, tk_c, b, d), 3)
         ours.lib.c.pert_op_free(op)
+        op = ours.op("cpu", n, 0.5, "normal", [d], builtin=1, k=k)
+        t_cpu, _ = best_and_peak(ours.forward_vjp(op, tk_c, b, d), 3)
+        ours.lib.c.pert_op_free(op)
         t_s, p_s = best_and_peak(seed_run(seed.topk_indicator(k), tk_t, n, 0.5, "normal"), 3)
         if DEV == "cuda":
             torch.cuda.empty_cache()
         w(f"| top-10, Normal, B=64 D=1000 N={n}, forward+VJP | {ms(t_s)} | {ms(t_o)} | {t_s / t_o:.1f}x | "
-          f"{mib(p_s)} | {mib(p_o)} |")
+          f"{mib(p_s)} | {mib(p_o)} | {ms(t_cpu)} |")
         log(lines[-1])
 
     # ---- a host callback on a CUDA op --------------------------------------------------
@@ -204,18 +211,19 @@ def main():
     w(f"Noise on the GPU ({rate['values']:.0e} values): Normal {rate['normal_per_s'] / 1e9:.2f} G/s, Gumbel "
       f"{rate['gumbel_per_s'] / 1e9:.2f} G/s; Normal float32 written at {rate['normal_bytes_per_s'] / 1e9:.0f} GB/s, "
       f"{100 * rate['normal_fraction_of_copy']:.1f}% of the card's measured copy bandwidth "
-      f"({rate['copy_bytes_per_s'] / 1e9:.0f} GB/s read + written).")
+      f"({rate['copy_bytes_per_s'] / 1e9:.0f} GB/s read + written); fused kernel: {rate['fused_kernel']}; "
+      f"the libtorch operations it replaces: Normal {rate['libtorch_ops_normal_per_s'] / 1e9:.2f} G/s.")
     log(lines[-1])
 
     # ---- the training regime -----------------------------------------------------------
     w("")
     w("Training regime on the GPU (forward + VJP, Normal sigma 0.1, median of up to "
       f"{training.CALLS} calls after 5 of warm-up; seed and ours both on cuda; "
-      "the C callback is a one-hot argmax on a CUDA op):")
+      "the C callback is a one-hot argmax on a CUDA op; \"CPU\": ours on this machine's CPU, device \"cpu\"; \"auto\": small calls on the CPU, large ones on the GPU):")
     w("")
-    w("| batch | D | N | seed argmax | ours argmax | seed top-k | ours top-k | seed ranks | ours ranks | "
-      "C callback on a CUDA op |")
-    w("|---|---|---|---|---|---|---|---|---|---|")
+    w("| batch | D | N | seed argmax | ours argmax | CPU argmax | \"auto\" argmax | seed top-k | ours top-k | CPU top-k | "
+      "seed ranks | ours ranks | CPU ranks | C callback on a CUDA op |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     argmax_fn = ctypes.cast(solvers.bench_argmax, ctypes.c_void_p)
 
     def ranks(x):
@@ -231,6 +239,13 @@ def main():
             op = ours.op(DEV, n, training.SIGMA, "normal", [d], builtin=builtin, k=kk)
             cell[name] = median_time(ours.forward_vjp(op, th_c, b, d))
             ours.lib.c.pert_op_free(op)
+            op = ours.op("cpu", n, training.SIGMA, "normal", [d], builtin=builtin, k=kk)
+            cell["cpu_" + name] = median_time(ours.forward_vjp(op, th_c, b, d))
+            ours.lib.c.pert_op_free(op)
+            if name == "argmax":
+                op = ours.op("auto", n, training.SIGMA, "normal", [d], builtin=builtin, k=kk)
+                cell["auto_" + name] = median_time(ours.forward_vjp(op, th_c, b, d))
+                ours.lib.c.pert_op_free(op)
             cell["seed_" + name] = median_time(seed_run(solve, th_t, n, training.SIGMA, "normal"))
         width = ctypes.c_size_t(d)
         dims = (ctypes.c_int64 * 1)(d)
@@ -246,8 +261,10 @@ def main():
         cell["callback"] = median_time(ours.forward_vjp(o, th_c, b, d))
         c.pert_op_free(o)
         r = lambda kind: f"{ms(cell[kind])} ({cell['seed_' + kind] / cell[kind]:.1f}x)"
-        w(f"| {b} | {d} | {n} | {ms(cell['seed_argmax'])} | {r('argmax')} | {ms(cell['seed_topk'])} | {r('topk')} | "
-          f"{ms(cell['seed_ranks'])} | {r('ranks')} | {ms(cell['callback'])} |")
+        w(f"| {b} | {d} | {n} | {ms(cell['seed_argmax'])} | {r('argmax')} | {ms(cell['cpu_argmax'])} | "
+          f"{ms(cell['auto_argmax'])} | "
+          f"{ms(cell['seed_topk'])} | {r('topk')} | {ms(cell['cpu_topk'])} | "
+          f"{ms(cell['seed_ranks'])} | {r('ranks')} | {ms(cell['cpu_ranks'])} | {ms(cell['callback'])} |")
         log(lines[-1])
 
     text = "\n".join(lines)

@@ -6,7 +6,9 @@
 //! of that device use (`Noise::sample_on` on CUDA, `Noise::sample` on all cores on the
 //! CPU), the bytes of float32 noise written per second, and the device's copy bandwidth
 //! (a float32 tensor copied into another: bytes read + written per second) as the
-//! reference. Each rate is the best of 5 timed runs after one warm-up.
+//! reference. Each rate is the best of 5 timed runs after one warm-up. On CUDA it also
+//! gives the rate of the libtorch operations the fused kernel replaces, and whether the
+//! kernel ran (or why not).
 use perturbations::rng::Stream;
 use perturbations::Noise;
 use std::time::Instant;
@@ -61,6 +63,22 @@ fn main() {
     };
     let normal = rate(Noise::Normal);
     let gumbel = rate(Noise::Gumbel);
+    // on CUDA: the libtorch operations the fused kernel replaces, and whether it ran
+    let (ops_normal, kernel) = match device {
+        Device::Cuda(i) => {
+            let t = best_seconds(device, || {
+                let _z = Noise::Normal
+                    .sample_on_libtorch(&stream, 0, count, device)
+                    .expect("noise");
+            });
+            (
+                count as f64 / t,
+                Noise::fused_cuda_kernel(i).map_or_else(|e| e, |()| "yes".into()),
+            )
+        }
+        Device::Cpu => (f64::NAN, "cpu".into()),
+        _ => unreachable!(),
+    };
     let src = Tensor::ones([count as i64], (Kind::Float, device));
     let mut dst = Tensor::zeros([count as i64], (Kind::Float, device));
     let copy = best_seconds(device, || {
@@ -70,8 +88,10 @@ fn main() {
     println!(
         "{{\"device\": \"{device:?}\", \"values\": {count}, \"normal_per_s\": {normal:.4e}, \
          \"gumbel_per_s\": {gumbel:.4e}, \"normal_bytes_per_s\": {:.4e}, \
-         \"copy_bytes_per_s\": {copy_bytes_per_s:.4e}, \"normal_fraction_of_copy\": {:.4}}}",
+         \"copy_bytes_per_s\": {copy_bytes_per_s:.4e}, \"normal_fraction_of_copy\": {:.4}, \
+         \"libtorch_ops_normal_per_s\": {ops_normal:.4e}, \"fused_kernel\": {:?}}}",
         normal * 4.0,
-        normal * 4.0 / copy_bytes_per_s
+        normal * 4.0 / copy_bytes_per_s,
+        kernel
     );
 }

@@ -405,9 +405,10 @@ pert_status pert_config_set_seed(struct pert_config *config, uint64_t seed);
  anyway, the CPU pipeline then avoids a copy to the GPU and back per chunk, and their
  results for a seed are the same on a machine with a GPU as without. Callbacks of
  pert_op_new and pert_op_new_ex always receive host memory (on a CUDA op their rows are
- staged through pinned host memory); device solvers receive the op's. Small calls of
- built-in solvers are faster on the CPU than on a GPU (kernel launches dominate; see the
- README's GPU table): set "cpu" for them.
+ staged through pinned host memory); device solvers receive the op's. A built-in op that
+ "auto" put on a GPU runs its small calls (under 32 768 perturbed values, batch ×
+ num_samples × input elements, per CPU core) on the CPU, where they are faster; such a
+ call gives bit for bit what a "cpu" op gives.
 
  @param device  A NUL-terminated string, borrowed for the call.
  @return `PERT_STATUS_INVALID_ARGUMENT` for another string,

@@ -34,7 +34,7 @@ check cuda_loading 120 env PERT_EXPECT_CUDA_DEVICES="$gpus" target/ctest/test_cu
 for t in test_oracles test_estimators test_scale test_device_torch; do
   check "$t on cuda" 180 env PERT_TEST_DEVICE=cuda "target/ctest/$t"
 done
-[ -x target/gpu-tests/scale ] && check "rust: CUDA ops equal the CPU" 180 target/gpu-tests/scale cuda_ops_match -q
+[ -x target/gpu-tests/scale ] && check "rust: CUDA ops and the noise kernel equal the CPU" 180 target/gpu-tests/scale on_a_gpu --nocapture
 if [ -f target/bench/libbench_solvers.so ]; then
   check "GPU table" 360 env PYTHONUNBUFFERED=1 python3 bench/gpu.py --out "${OUT:-target/bench}/gpu_table.md"
 fi

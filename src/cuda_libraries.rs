@@ -121,7 +121,7 @@ fn open_global(path: &str) -> Loaded {
 }
 
 /// The folder of the loaded libtorch_cpu.so.
-fn torch_lib_folder() -> Option<std::path::PathBuf> {
+pub(crate) fn torch_lib_folder() -> Option<std::path::PathBuf> {
     unsafe extern "C" fn visit(
         info: *mut libc::dl_phdr_info,
         _size: libc::size_t,

@@ -18,8 +18,9 @@ pub mod shape;
 pub mod solver;
 
 // settings with their code, and helpers: devices, noise, perturbations, input checks,
-// libtorch's CUDA libraries loaded on demand, libtorch's per-thread thread counts, tensor and host-buffer helpers
+// libtorch's CUDA libraries loaded on demand, the fused noise kernel of CUDA ops, libtorch's per-thread thread counts, tensor and host-buffer helpers
 mod cuda_libraries;
+mod cuda_noise;
 pub mod device;
 mod input;
 mod intraop;

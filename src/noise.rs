@@ -75,11 +75,37 @@ impl Noise {
         Ok(z)
     }
 
-    /// Elements `first .. first + count` of the noise of `stream` made by libtorch on
-    /// `device` (how CUDA ops draw: nothing is drawn on the CPU and copied). The random words
-    /// equal the CPU's bit for bit; the transforms are libtorch's, so the values equal
+    /// Elements `first .. first + count` of the noise of `stream` made on `device` (how CUDA
+    /// ops draw: nothing is drawn on the CPU and copied): on a CUDA device by one fused
+    /// kernel compiled at run time (see `cuda_noise`), else, or when that kernel
+    /// is unavailable, as [`Noise::sample_on_libtorch`]. The random words equal the CPU's
+    /// bit for bit; the transforms are the device's, so the values equal
     /// [`Noise::sample`]'s up to float rounding.
     pub fn sample_on(
+        self,
+        stream: &Stream,
+        first: u64,
+        count: usize,
+        device: Device,
+    ) -> Result<Tensor> {
+        if let Some(z) =
+            crate::cuda_noise::sample(self == Noise::Gumbel, stream, first, count, device)
+        {
+            return z;
+        }
+        self.sample_on_libtorch(stream, first, count, device)
+    }
+
+    /// Whether [`Noise::sample_on`] uses the fused kernel on CUDA device `index`, or why not
+    /// (for the GPU check and benchmarks).
+    #[doc(hidden)]
+    pub fn fused_cuda_kernel(index: usize) -> std::result::Result<(), String> {
+        crate::cuda_noise::status(index)
+    }
+
+    /// As [`Noise::sample_on`], with libtorch operations alone (about 130 of them: the
+    /// Philox rounds in int64 arithmetic, then the transform), on any device.
+    pub fn sample_on_libtorch(
         self,
         stream: &Stream,
         first: u64,

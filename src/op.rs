@@ -21,6 +21,9 @@ use tch::{Device, Tensor};
 /// on no problem does not count).
 pub struct PerturbedOp {
     spec: Arc<OpSpec>,
+    /// Under `"auto"`, a built-in op put on a GPU also runs on the CPU: small calls go
+    /// there (see [`crate::device::small_for_the_gpu`]).
+    cpu_twin: Option<Arc<OpSpec>>,
     solver: SolverKind,
     calls: AtomicU64,
 }
@@ -137,8 +140,18 @@ impl PerturbedOp {
             output_numel,
             chunked: matches!(solver, SolverKind::Device(_)),
         };
+        let twin = config.device() == crate::DeviceSpec::Auto
+            && device != Device::Cpu
+            && matches!(solver, SolverKind::Builtin(_));
+        let cpu_twin = twin.then(|| {
+            Arc::new(OpSpec {
+                device: Device::Cpu,
+                ..spec.clone()
+            })
+        });
         Ok(PerturbedOp {
             spec: Arc::new(spec),
+            cpu_twin,
             solver,
             calls: AtomicU64::new(0),
         })
@@ -148,7 +161,8 @@ impl PerturbedOp {
     pub fn config(&self) -> &Config {
         &self.spec.config
     }
-    /// The device the op computes on.
+    /// The device the op computes on (under `"auto"`, a built-in op on a GPU runs its
+    /// small calls on the CPU: see [`crate::DeviceSpec::Auto`]).
     pub fn device(&self) -> Device {
         self.spec.device
     }
@@ -177,10 +191,28 @@ impl PerturbedOp {
             .output_tensor(&estimate.mean, batch, theta.device())
     }
 
-    /// As [`PerturbedOp::forward`], and the tape for the backward pass.
+    /// As [`PerturbedOp::forward`], and the tape for the backward pass (on the device the
+    /// call ran on; its products take and give tensors on any device).
     pub fn forward_with_tape(&self, theta: &Tensor) -> Result<(Tensor, Tape)> {
         let (batch, _, estimate) = self.estimate(theta, true)?;
         output_and_tape(&self.spec, estimate, batch, theta.device())
+    }
+
+    /// The spec a call on `theta` runs with: the CPU twin for a small call, else the op's.
+    fn spec_for(&self, theta: &Tensor) -> &Arc<OpSpec> {
+        match &self.cpu_twin {
+            Some(cpu) => {
+                let c = &self.spec.config;
+                let batch = theta.size().first().map_or(0, |&b| b.max(0) as u128);
+                let values = batch * u128::from(c.num_samples()) * self.spec.input_numel as u128;
+                if crate::device::small_for_the_gpu(values, c.library_threads()) {
+                    cpu
+                } else {
+                    &self.spec
+                }
+            }
+            None => &self.spec,
+        }
     }
 
     /// The Fenchel-Young loss `[batch]` of `theta` against targets `y_true` (both
@@ -235,7 +267,8 @@ impl PerturbedOp {
                 "this op has no solver (it was made for the two-phase API): use draw and finish",
             ));
         }
-        let theta_dev = self.spec.check_theta(theta)?;
+        let spec = self.spec_for(theta);
+        let theta_dev = spec.check_theta(theta)?;
         // a call on no problem draws nothing: it does not count (so later draws do not
         // depend on whether an empty call asked for a tape)
         let call = if theta_dev.size()[0] == 0 {
@@ -243,7 +276,7 @@ impl PerturbedOp {
         } else {
             self.calls.fetch_add(1, Ordering::Relaxed)
         };
-        let estimate = self.spec.run(
+        let estimate = spec.run(
             &theta_dev,
             call,
             want_jacobian,

@@ -103,6 +103,16 @@ impl Stream {
         Tensor::f_stack(&[c0, c1, c2, c3], 1)?.f_view([count as i64 * 4])
     }
 
+    /// The key (the seed's two halves).
+    pub(crate) fn key(&self) -> [u32; 2] {
+        self.key
+    }
+
+    /// The stream id (the upper half of every counter).
+    pub(crate) fn id(&self) -> u64 {
+        self.stream
+    }
+
     /// The four 32-bit words of block `index` of this stream.
     #[inline]
     pub fn block(&self, index: u64) -> [u32; 4] {

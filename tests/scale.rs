@@ -302,6 +302,78 @@ fn cuda_ops_match_the_cpu_host_paths_on_a_gpu() {
     });
 }
 
+#[test]
+fn the_cuda_noise_kernel_equals_the_cpu_noise_on_a_gpu() {
+    // The fused CUDA noise kernel (and the libtorch operations it replaces) against the CPU
+    // sampler: the same Philox words, so equal values up to the float rounding of the
+    // transforms (|Normal| < 5.8, Gumbel < 16.7: a few ulps of a value below 17), at
+    // offsets that start and end inside a block of four words and across 2^32 words.
+    if perturbations::cuda_device_count() == 0 {
+        eprintln!("no CUDA device: checked on a GPU by scripts/gpu-check.sh");
+        return;
+    }
+    Noise::fused_cuda_kernel(0).expect("the fused noise kernel runs on this GPU");
+    let cuda = tch::Device::Cuda(0);
+    for (seed, id) in [(0u64, 0u64), (11, 3), (u64::MAX, 1 << 40)] {
+        let stream = perturbations::rng::Stream::new(seed, id);
+        for noise in [Noise::Normal, Noise::Gumbel] {
+            for (first, count) in [(0u64, 1usize), (1, 6), (3, 1001), ((1 << 32) - 5, 100_003)] {
+                let cpu = noise.sample(&stream, first, count, 2).unwrap();
+                let kernel = noise.sample_on(&stream, first, count, cuda).unwrap();
+                let ops = noise
+                    .sample_on_libtorch(&stream, first, count, cuda)
+                    .unwrap();
+                assert_eq!(kernel.size(), [count as i64]);
+                let what = format!("{noise:?} seed {seed} stream {id} first {first} count {count}");
+                let tol = 4e-6 * 17.0;
+                assert!(max_abs(&cpu, &kernel) < tol, "kernel vs CPU: {what}");
+                assert!(max_abs(&ops, &kernel) < tol, "kernel vs libtorch: {what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn auto_runs_small_builtin_calls_on_the_cpu_on_a_gpu() {
+    // Under "auto" a built-in op goes to the GPU, but a call of fewer than 32 768 perturbed
+    // values per core runs on the CPU (faster there): bit for bit what a "cpu" op gives,
+    // tape included. A large call gives what a "cuda" op gives.
+    if perturbations::cuda_device_count() == 0 {
+        eprintln!("no CUDA device: checked on a GPU by scripts/gpu-check.sh");
+        return;
+    }
+    let mut auto = config(Noise::Normal, 0.5, 100, 5);
+    auto.set_device(perturbations::DeviceSpec::Auto);
+    let mut cpu = auto.clone();
+    cpu.set_device(perturbations::DeviceSpec::Cpu);
+    let mut cuda = auto.clone();
+    cuda.set_device(perturbations::DeviceSpec::Cuda(0));
+    let make = |c: &Config| PerturbedOp::new_builtin(c, Builtin::TopK(3), &[1000]).unwrap();
+    let (op_auto, op_cpu, op_cuda) = (make(&auto), make(&cpu), make(&cuda));
+    assert_eq!(op_auto.device(), tch::Device::Cuda(0));
+    // 2 problems x 100 samples x 1000: 200 000 values, small on any machine of 7+ cores
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let small = Tensor::linspace(-1.0, 1.0, 2000, (Kind::Float, tch::Device::Cpu))
+        .reshape([2, 1000])
+        .sin();
+    let g = (&small * 5.0).cos();
+    let (ya, ta) = op_auto.forward_with_tape(&small).unwrap();
+    let (yc, tc) = op_cpu.forward_with_tape(&small).unwrap();
+    if cores >= 7 {
+        assert_eq!(max_abs(&ya, &yc), 0.0);
+        assert_eq!(max_abs(&ta.vjp(&g).unwrap(), &tc.vjp(&g).unwrap()), 0.0);
+        assert_eq!(ta.jacobian().unwrap().device(), tch::Device::Cpu);
+    }
+    // 512 problems: 51.2 million values, large on any machine of fewer than 1562 cores
+    let large = Tensor::linspace(-1.0, 1.0, 512_000, (Kind::Float, tch::Device::Cpu))
+        .reshape([512, 1000])
+        .sin();
+    let ya = op_auto.forward(&large).unwrap(); // its second call
+    let _ = op_cuda.forward(&small).unwrap(); // so that the large call is the second here too
+    let yg = op_cuda.forward(&large).unwrap();
+    assert!(max_abs(&ya, &yg) < 1e-6, "{}", max_abs(&ya, &yg));
+}
+
 /// The checks of the two tests above, with `set` making the config of the libtorch side,
 /// whose inputs and cotangents are on `device`.
 fn libtorch_path_matches_the_host_paths(device: tch::Device, set: impl Fn(&mut Config)) {

@@ -32,7 +32,7 @@ pub(crate) const HOST_THREAD_VALUES: usize = 16 << 10;
 pub(crate) const HOST_BLOCK_BYTES: u64 = 512 << 10;
 
 /// The part of an op that its draws keep (shapes, config, device): immutable.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct OpSpec {
     pub config: Config,
     pub device: Device,

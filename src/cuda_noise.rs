@@ -1,0 +1,501 @@
+//! The noise of CUDA ops in one fused kernel: each GPU thread computes Philox4x32-10 blocks
+//! and turns their words into Normal (Box-Muller pairs) or Gumbel values, exactly as
+//! `Noise::sample_on_libtorch` (crate::noise) does with about 130 libtorch operations.
+//!
+//! The kernel is compiled at run time with NVRTC (shipped with libtorch's CUDA build) for
+//! the device's compute capability, once per process and device, and launched through the
+//! CUDA driver API in the device's primary context (the one libtorch uses). The device is
+//! synchronized before the launch (the output block may have been freed by libtorch work
+//! on another stream) and after it (libtorch reads the output on its own stream).
+//!
+//! Anything missing (no NVRTC, a driver without the functions, a compile failure) makes
+//! [`sample`] answer `None` and the caller uses the libtorch operations: slower, the same
+//! values.
+
+use crate::error::{Error, Result, Status};
+use crate::rng::Stream;
+use once_cell::sync::OnceCell;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::sync::Mutex;
+use tch::{Device, Kind, Tensor};
+
+/// The kernel's source. Words and transforms follow crate::rng and Noise::sample_on_libtorch.
+pub(crate) const SOURCE: &str = r#"
+__device__ __forceinline__ float pert_unit(unsigned int w) {
+  return ((float)(w >> 9) + 0.5f) * (1.0f / 8388608.0f);
+}
+
+extern "C" __global__ void pert_noise(float *__restrict__ out, unsigned long long first,
+                                      unsigned long long count, unsigned int k0,
+                                      unsigned int k1, unsigned int s0, unsigned int s1,
+                                      int gumbel) {
+  const unsigned long long start = first >> 2;
+  const unsigned long long blocks = ((first + count + 3) >> 2) - start;
+  const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+  for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+       i < blocks; i += step) {
+    const unsigned long long index = start + i;
+    unsigned int c0 = (unsigned int)index, c1 = (unsigned int)(index >> 32), c2 = s0, c3 = s1;
+    unsigned int a = k0, b = k1;
+#pragma unroll
+    for (int r = 0; r < 10; r++) {
+      const unsigned int hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+      const unsigned int hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+      c0 = hi1 ^ c1 ^ a;
+      c1 = lo1;
+      c2 = hi0 ^ c3 ^ b;
+      c3 = lo0;
+      a += 0x9E3779B9u;
+      b += 0xBB67AE85u;
+    }
+    const float u[4] = {pert_unit(c0), pert_unit(c1), pert_unit(c2), pert_unit(c3)};
+    float v[4];
+    if (gumbel) {
+#pragma unroll
+      for (int j = 0; j < 4; j++) v[j] = -logf(-logf(u[j]));
+    } else {
+#pragma unroll
+      for (int p = 0; p < 2; p++) {
+        const float radius = sqrtf(logf(u[2 * p]) * -2.0f);
+        const float angle = u[2 * p + 1] * 6.2831853071795864f;
+        v[2 * p] = radius * cosf(angle);
+        v[2 * p + 1] = radius * sinf(angle);
+      }
+    }
+    const unsigned long long e0 = index * 4;
+    if (e0 >= first && e0 + 4 <= first + count) {
+#pragma unroll
+      for (int j = 0; j < 4; j++) out[e0 - first + j] = v[j];
+    } else {
+      for (int j = 0; j < 4; j++) {
+        const unsigned long long e = e0 + j;
+        if (e >= first && e < first + count) out[e - first] = v[j];
+      }
+    }
+  }
+}
+"#;
+
+type CuResult = c_int;
+type CuDevice = c_int;
+type CuContext = *mut c_void;
+type CuModule = *mut c_void;
+type CuFunction = *mut c_void;
+type NvrtcProgram = *mut c_void;
+
+/// The driver and NVRTC functions the kernel needs.
+struct Api {
+    cu_init: unsafe extern "C" fn(c_uint) -> CuResult,
+    cu_device_get: unsafe extern "C" fn(*mut CuDevice, c_int) -> CuResult,
+    cu_device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, CuDevice) -> CuResult,
+    cu_primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, CuDevice) -> CuResult,
+    cu_ctx_push: unsafe extern "C" fn(CuContext) -> CuResult,
+    cu_ctx_pop: unsafe extern "C" fn(*mut CuContext) -> CuResult,
+    cu_ctx_synchronize: unsafe extern "C" fn() -> CuResult,
+    cu_module_load_data: unsafe extern "C" fn(*mut CuModule, *const c_void) -> CuResult,
+    cu_module_get_function:
+        unsafe extern "C" fn(*mut CuFunction, CuModule, *const c_char) -> CuResult,
+    #[allow(clippy::type_complexity)]
+    cu_launch_kernel: unsafe extern "C" fn(
+        CuFunction,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        *mut c_void,
+        *mut *mut c_void,
+        *mut *mut c_void,
+    ) -> CuResult,
+    nvrtc: &'static Nvrtc,
+}
+
+/// NVRTC's functions (also used alone, to compile the source on machines without a GPU).
+pub(crate) struct Nvrtc {
+    create: unsafe extern "C" fn(
+        *mut NvrtcProgram,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int,
+    compile: unsafe extern "C" fn(NvrtcProgram, c_int, *const *const c_char) -> c_int,
+    ptx_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int,
+    ptx: unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int,
+    log_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int,
+    log: unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int,
+    destroy: unsafe extern "C" fn(*mut NvrtcProgram) -> c_int,
+}
+
+/// `dlsym(lib, name)` as a function pointer of type `F`, or None.
+///
+/// # Safety
+/// `F` must be the C signature of the symbol `name`.
+unsafe fn symbol<F: Copy>(lib: *mut c_void, name: &CStr) -> Option<F> {
+    let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+    // SAFETY: F is a function pointer type (the caller's contract), the size of a pointer.
+    (!p.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+}
+
+/// A handle to NVRTC: already loaded, beside libtorch (the pip wheels' nvidia folder, or
+/// through libcaffe2_nvrtc.so, which links it in standalone libtorch), or on the system.
+fn nvrtc_handle() -> Option<*mut c_void> {
+    let open = |path: &str, flags: c_int| -> Option<*mut c_void> {
+        let c = CString::new(path).ok()?;
+        // SAFETY: dlopen of a library by path or name; handles are never closed.
+        let h = unsafe { libc::dlopen(c.as_ptr(), flags) };
+        (!h.is_null()).then_some(h)
+    };
+    let names = ["libnvrtc.so.13", "libnvrtc.so.12"];
+    if let Some(h) = names
+        .iter()
+        .find_map(|n| open(n, libc::RTLD_NOW | libc::RTLD_NOLOAD))
+    {
+        return Some(h);
+    }
+    if let Some(folder) = crate::cuda_libraries::torch_lib_folder() {
+        let wheel = folder.join("../../nvidia");
+        for sub in ["cu13/lib/libnvrtc.so.13", "cuda_nvrtc/lib/libnvrtc.so.12"] {
+            let path = wheel.join(sub);
+            if let Some(h) = open(&path.to_string_lossy(), libc::RTLD_NOW | libc::RTLD_LOCAL) {
+                // NVRTC opens its builtins library by name when it compiles, and that folder
+                // is on no search path: load it first, so that the name finds it
+                if let Some(Ok(entries)) = path.parent().map(std::fs::read_dir) {
+                    for entry in entries.flatten() {
+                        let name = entry.file_name().to_string_lossy().into_owned();
+                        if name.starts_with("libnvrtc-builtins.so.") {
+                            open(
+                                &entry.path().to_string_lossy(),
+                                libc::RTLD_NOW | libc::RTLD_LOCAL,
+                            );
+                        }
+                    }
+                }
+                return Some(h);
+            }
+        }
+        // dlsym on this handle searches its dependencies, NVRTC among them
+        if let Some(h) = open(
+            &folder.join("libcaffe2_nvrtc.so").to_string_lossy(),
+            libc::RTLD_NOW | libc::RTLD_LOCAL,
+        ) {
+            return Some(h);
+        }
+    }
+    names
+        .iter()
+        .find_map(|n| open(n, libc::RTLD_NOW | libc::RTLD_LOCAL))
+}
+
+/// NVRTC's functions, loaded once (None when it cannot be found).
+pub(crate) fn nvrtc() -> Option<&'static Nvrtc> {
+    static NVRTC: OnceCell<Option<Nvrtc>> = OnceCell::new();
+    NVRTC
+        .get_or_init(|| {
+            let h = nvrtc_handle()?;
+            // SAFETY: NVRTC's documented C signatures.
+            unsafe {
+                Some(Nvrtc {
+                    create: symbol(h, c"nvrtcCreateProgram")?,
+                    compile: symbol(h, c"nvrtcCompileProgram")?,
+                    ptx_size: symbol(h, c"nvrtcGetPTXSize")?,
+                    ptx: symbol(h, c"nvrtcGetPTX")?,
+                    log_size: symbol(h, c"nvrtcGetProgramLogSize")?,
+                    log: symbol(h, c"nvrtcGetProgramLog")?,
+                    destroy: symbol(h, c"nvrtcDestroyProgram")?,
+                })
+            }
+        })
+        .as_ref()
+}
+
+impl Nvrtc {
+    /// PTX of [`SOURCE`] for compute capability `major.minor`, or the compiler's log.
+    pub(crate) fn compile(
+        &self,
+        major: c_int,
+        minor: c_int,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let source = CString::new(SOURCE).expect("no NUL in the source");
+        let arch =
+            CString::new(format!("--gpu-architecture=compute_{major}{minor}")).expect("no NUL");
+        let options = [arch.as_ptr()];
+        let mut program: NvrtcProgram = std::ptr::null_mut();
+        // SAFETY: NVRTC calls with valid NUL-terminated strings and out-pointers; the
+        // program is destroyed on every path after its creation.
+        unsafe {
+            let code = (self.create)(
+                &mut program,
+                source.as_ptr(),
+                c"pert_noise.cu".as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            );
+            if code != 0 {
+                return Err(format!("nvrtcCreateProgram failed ({code})"));
+            }
+            let compiled = (self.compile)(program, options.len() as c_int, options.as_ptr());
+            let result = if compiled != 0 {
+                let mut size = 0usize;
+                (self.log_size)(program, &mut size);
+                let mut log = vec![0u8; size.max(1)];
+                (self.log)(program, log.as_mut_ptr().cast());
+                Err(format!(
+                    "nvrtcCompileProgram failed ({compiled}): {}",
+                    String::from_utf8_lossy(&log).trim_end_matches('\0')
+                ))
+            } else {
+                let mut size = 0usize;
+                (self.ptx_size)(program, &mut size);
+                let mut ptx = vec![0u8; size.max(1)];
+                if (self.ptx)(program, ptx.as_mut_ptr().cast()) == 0 {
+                    Ok(ptx) // NUL-terminated, as cuModuleLoadData wants
+                } else {
+                    Err("nvrtcGetPTX failed".into())
+                }
+            };
+            (self.destroy)(&mut program);
+            result
+        }
+    }
+}
+
+/// The driver API and NVRTC, loaded once (None when either is missing).
+fn api() -> Option<&'static Api> {
+    static API: OnceCell<Option<Api>> = OnceCell::new();
+    API.get_or_init(|| {
+        if !crate::cuda_libraries::driver_present() {
+            return None;
+        }
+        // SAFETY: the driver is loaded (driver_present); RTLD_NOLOAD finds it. The
+        // functions have the CUDA driver API's documented C signatures (the _v2 names are
+        // the current ABI of the context functions).
+        unsafe {
+            let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            if lib.is_null() {
+                return None;
+            }
+            Some(Api {
+                cu_init: symbol(lib, c"cuInit")?,
+                cu_device_get: symbol(lib, c"cuDeviceGet")?,
+                cu_device_get_attribute: symbol(lib, c"cuDeviceGetAttribute")?,
+                cu_primary_ctx_retain: symbol(lib, c"cuDevicePrimaryCtxRetain")?,
+                cu_ctx_push: symbol(lib, c"cuCtxPushCurrent_v2")?,
+                cu_ctx_pop: symbol(lib, c"cuCtxPopCurrent_v2")?,
+                cu_ctx_synchronize: symbol(lib, c"cuCtxSynchronize")?,
+                cu_module_load_data: symbol(lib, c"cuModuleLoadData")?,
+                cu_module_get_function: symbol(lib, c"cuModuleGetFunction")?,
+                cu_launch_kernel: symbol(lib, c"cuLaunchKernel")?,
+                nvrtc: nvrtc()?,
+            })
+        }
+    })
+    .as_ref()
+}
+
+/// The kernel on one device: its primary context and function.
+#[derive(Clone, Copy)]
+struct Loaded {
+    context: CuContext,
+    function: CuFunction,
+}
+
+// SAFETY: a CUDA context and function handle may be used from any thread.
+unsafe impl Send for Loaded {}
+
+/// The kernel for device `index`, compiled and loaded once (or why it is unavailable; the
+/// first failure is remembered).
+fn kernel(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
+    static KERNELS: OnceCell<Mutex<HashMap<usize, std::result::Result<Loaded, String>>>> =
+        OnceCell::new();
+    let kernels = KERNELS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut kernels = kernels.lock().unwrap_or_else(|p| p.into_inner());
+    kernels
+        .entry(index)
+        .or_insert_with(|| load(api, index))
+        .clone()
+}
+
+fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
+    let check = |what: &str, code: CuResult| {
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(format!("{what} returned CUDA error {code}"))
+        }
+    };
+    // SAFETY: driver API calls with valid out-pointers; the context is the device's primary
+    // context (retained, never released: it lives as long as the process), made current
+    // only around the module calls and popped on every path.
+    unsafe {
+        check("cuInit", (api.cu_init)(0))?;
+        let mut device: CuDevice = 0;
+        check(
+            "cuDeviceGet",
+            (api.cu_device_get)(&mut device, index as c_int),
+        )?;
+        let (mut major, mut minor) = (0, 0);
+        // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
+        check(
+            "cuDeviceGetAttribute",
+            (api.cu_device_get_attribute)(&mut major, 75, device),
+        )?;
+        check(
+            "cuDeviceGetAttribute",
+            (api.cu_device_get_attribute)(&mut minor, 76, device),
+        )?;
+        let ptx = api.nvrtc.compile(major, minor)?;
+        let mut context: CuContext = std::ptr::null_mut();
+        check(
+            "cuDevicePrimaryCtxRetain",
+            (api.cu_primary_ctx_retain)(&mut context, device),
+        )?;
+        check("cuCtxPushCurrent", (api.cu_ctx_push)(context))?;
+        let mut module: CuModule = std::ptr::null_mut();
+        let mut function: CuFunction = std::ptr::null_mut();
+        let loaded = check(
+            "cuModuleLoadData",
+            (api.cu_module_load_data)(&mut module, ptx.as_ptr().cast()),
+        )
+        .and_then(|()| {
+            check(
+                "cuModuleGetFunction",
+                (api.cu_module_get_function)(&mut function, module, c"pert_noise".as_ptr()),
+            )
+        });
+        let mut popped: CuContext = std::ptr::null_mut();
+        (api.cu_ctx_pop)(&mut popped);
+        loaded.map(|()| Loaded { context, function })
+    }
+}
+
+/// Whether the kernel runs on CUDA device `index`, or why not.
+pub(crate) fn status(index: usize) -> std::result::Result<(), String> {
+    let api = api().ok_or("no CUDA driver API or no NVRTC found")?;
+    kernel(api, index).map(|_| ())
+}
+
+/// Elements `first .. first + count` of the noise of `stream` on CUDA device `device`
+/// (Gumbel when `gumbel`, else Normal), made by the fused kernel; None when the kernel is
+/// unavailable (the caller then uses libtorch operations).
+pub(crate) fn sample(
+    gumbel: bool,
+    stream: &Stream,
+    first: u64,
+    count: usize,
+    device: Device,
+) -> Option<Result<Tensor>> {
+    let Device::Cuda(index) = device else {
+        return None;
+    };
+    let api = api()?;
+    let loaded = kernel(api, index).ok()?;
+    Some(launch(api, loaded, gumbel, stream, first, count, device))
+}
+
+fn launch(
+    api: &Api,
+    loaded: Loaded,
+    gumbel: bool,
+    stream: &Stream,
+    first: u64,
+    count: usize,
+    device: Device,
+) -> Result<Tensor> {
+    let out = Tensor::f_empty([count as i64], (Kind::Float, device))?;
+    if count == 0 {
+        return Ok(out);
+    }
+    let fail = |what: &str, code: CuResult| {
+        Error::new(
+            Status::TorchError,
+            format!("the CUDA noise kernel failed: {what} returned CUDA error {code}"),
+        )
+    };
+    let blocks = (first + count as u64).div_ceil(4) - first / 4;
+    const THREADS: u64 = 256;
+    let grid = blocks.div_ceil(THREADS).clamp(1, 1 << 16) as c_uint;
+    let (key, id) = (stream.key(), stream.id());
+    let mut out_ptr = out.data_ptr() as u64;
+    let (mut first_arg, mut count_arg) = (first, count as u64);
+    let (mut k0, mut k1) = (key[0], key[1]);
+    let (mut s0, mut s1) = (id as u32, (id >> 32) as u32);
+    let mut gumbel: c_int = gumbel.into();
+    let mut params: [*mut c_void; 8] = [
+        (&mut out_ptr as *mut u64).cast(),
+        (&mut first_arg as *mut u64).cast(),
+        (&mut count_arg as *mut u64).cast(),
+        (&mut k0 as *mut u32).cast(),
+        (&mut k1 as *mut u32).cast(),
+        (&mut s0 as *mut u32).cast(),
+        (&mut s1 as *mut u32).cast(),
+        (&mut gumbel as *mut c_int).cast(),
+    ];
+    // SAFETY: the context is the device's primary context (libtorch's), pushed on this
+    // thread for the calls and popped after; `out` is a fresh float32 device tensor of
+    // `count` elements on that device, alive until the synchronization after the kernel,
+    // which writes exactly its elements; the parameters match the kernel's signature and
+    // outlive the launch call (which copies them).
+    unsafe {
+        let code = (api.cu_ctx_push)(loaded.context);
+        if code != 0 {
+            return Err(fail("cuCtxPushCurrent", code));
+        }
+        let result = (|| {
+            let code = (api.cu_ctx_synchronize)();
+            if code != 0 {
+                return Err(fail("cuCtxSynchronize", code));
+            }
+            let code = (api.cu_launch_kernel)(
+                loaded.function,
+                grid,
+                1,
+                1,
+                THREADS as c_uint,
+                1,
+                1,
+                0,
+                std::ptr::null_mut(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            );
+            if code != 0 {
+                return Err(fail("cuLaunchKernel", code));
+            }
+            let code = (api.cu_ctx_synchronize)();
+            if code != 0 {
+                return Err(fail("cuCtxSynchronize", code));
+            }
+            Ok(())
+        })();
+        let mut popped: CuContext = std::ptr::null_mut();
+        (api.cu_ctx_pop)(&mut popped);
+        result?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_compiles_where_nvrtc_is_found() {
+        // NVRTC needs no GPU: the pip wheel of torch ships it, so the source is checked
+        // here; the kernel's values are checked on a GPU (tests/scale.rs, gpu-check.sh)
+        let Some(nvrtc) = nvrtc() else {
+            eprintln!("no NVRTC beside this libtorch: the source is not compiled");
+            return;
+        };
+        for (major, minor) in [(8, 0), (9, 0)] {
+            let ptx = nvrtc.compile(major, minor).unwrap();
+            let text = String::from_utf8_lossy(&ptx);
+            assert!(text.contains(".entry pert_noise"), "{text}");
+        }
+    }
+}
