@@ -407,8 +407,9 @@ pert_status pert_config_set_seed(struct pert_config *config, uint64_t seed);
  pert_op_new and pert_op_new_ex always receive host memory (on a CUDA op their rows are
  staged through pinned host memory); device solvers receive the op's. A built-in op that
  "auto" put on a GPU runs its small calls (under 32 768 perturbed values, batch ×
- num_samples × input elements, per CPU core) on the CPU, where they are faster; such a
- call gives bit for bit what a "cpu" op gives.
+ num_samples × input elements, per core the op may use) on the CPU, where they are
+ faster or as fast; such a call (and a two-phase draw of that size) gives bit for bit
+ what a "cpu" op gives.
 
  @param device  A NUL-terminated string, borrowed for the call.
  @return `PERT_STATUS_INVALID_ARGUMENT` for another string,
@@ -510,9 +511,9 @@ pert_status pert_config_set_max_tape_bytes(struct pert_config *config, uint64_t 
  The number of CUDA devices libtorch sees: 0 on a machine without a GPU.
 
  The library does not link libtorch_cuda: on a machine with a CUDA driver it loads it
- (from the folder of the libtorch in use) the first time a config is made, this function
- is called or a CUDA device is asked for; a process on a machine without a driver never
- maps it. libtorch decides once per process whether CUDA exists, so an application that
+ (from the folder of the libtorch in use) the first time a config is made (whatever its
+ device), this function is called or a CUDA device is asked for; a process on a machine
+ without a driver never maps it. libtorch decides once per process whether CUDA exists, so an application that
  queries libtorch about CUDA itself before any of these calls (without linking
  libtorch_cuda) sees no device here, and `"cuda"` then fails with a message saying so.
  */

@@ -36,29 +36,59 @@ pub(crate) fn load() -> &'static Loaded {
         }
         match torch_lib_folder() {
             None => Loaded::Failed("libtorch_cpu.so is not loaded from a folder".into()),
-            Some(folder) => {
-                let path = folder.join("libtorch_cuda.so");
-                if !path.exists() {
-                    return Loaded::Failed(format!(
-                        "this libtorch has no CUDA support ({} does not exist)",
-                        path.display()
-                    ));
-                }
-                open_global(&path.to_string_lossy())
-            }
+            Some(folder) => match library_in(&folder, "libtorch_cuda.so") {
+                None => Loaded::Failed(format!(
+                    "this libtorch has no CUDA support (no libtorch_cuda.so in {})",
+                    folder.display()
+                )),
+                Some(path) => open_global(&path.to_string_lossy()),
+            },
         }
     })
 }
 
-/// Whether a CUDA driver is installed (`libcuda.so.1` can be loaded). The handle is kept:
-/// libtorch loads the same library when it initializes CUDA.
+/// Whether this machine has a CUDA driver: `libcuda.so.1` can be loaded (the handle is
+/// kept: libtorch loads the same library), the NVIDIA kernel driver is there (its library
+/// may be reachable only from the CUDA libraries' own search paths), or the application
+/// already loaded libtorch_cuda.
 pub(crate) fn driver_present() -> bool {
     static PRESENT: OnceCell<bool> = OnceCell::new();
     *PRESENT.get_or_init(|| {
-        // SAFETY: dlopen of a system library by name; the handle is never closed.
-        !unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) }
-            .is_null()
+        // SAFETY: dlopen of system libraries by name; handles are never closed (NOLOAD
+        // takes a reference only to a library already loaded, which stays loaded anyway).
+        let loadable = unsafe {
+            !libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL).is_null()
+                || !libc::dlopen(
+                    c"libtorch_cuda.so".as_ptr(),
+                    libc::RTLD_LAZY | libc::RTLD_NOLOAD,
+                )
+                .is_null()
+        };
+        loadable
+            || ["/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg"]
+                .iter()
+                .any(|p| std::path::Path::new(p).exists())
     })
+}
+
+/// `cudaGetDeviceCount` of the CUDA runtime libtorch_cuda brought (None when it is not
+/// loaded): the count, or the runtime's error code.
+pub(crate) fn runtime_device_count() -> Option<Result<usize, i32>> {
+    type Count = unsafe extern "C" fn(*mut i32) -> i32;
+    // SAFETY: libtorch_cuda is loaded RTLD_GLOBAL, so the runtime's functions are found by
+    // name; cudaGetDeviceCount has this signature in every CUDA version.
+    unsafe {
+        let f = libc::dlsym(libc::RTLD_DEFAULT, c"cudaGetDeviceCount".as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let f = std::mem::transmute::<*mut libc::c_void, Count>(f);
+        let mut n = 0i32;
+        Some(match f(&mut n) {
+            0 => Ok(n.max(0) as usize),
+            code => Err(code),
+        })
+    }
 }
 
 /// The CUDA devices the driver reports (0 without a driver or when it fails to start).
@@ -120,7 +150,25 @@ fn open_global(path: &str) -> Loaded {
     }
 }
 
-/// The folder of the loaded libtorch_cpu.so.
+/// The library `name` in `folder`, or one whose name is `name` and a version
+/// (`libtorch_cuda.so.2.11`, as some packages install it).
+fn library_in(folder: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    let plain = folder.join(name);
+    if plain.exists() {
+        return Some(plain);
+    }
+    let versioned = format!("{name}.");
+    std::fs::read_dir(folder)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with(&versioned))
+        })
+}
+
+/// The folder of the loaded libtorch_cpu.so (or libtorch_cpu.so.VERSION).
 pub(crate) fn torch_lib_folder() -> Option<std::path::PathBuf> {
     unsafe extern "C" fn visit(
         info: *mut libc::dl_phdr_info,
@@ -135,7 +183,11 @@ pub(crate) fn torch_lib_folder() -> Option<std::path::PathBuf> {
         }
         let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
         let path = std::path::Path::new(name.as_ref());
-        if path.file_name().is_some_and(|f| f == "libtorch_cpu.so") {
+        let libtorch_cpu = |f: &std::ffi::OsStr| {
+            let f = f.to_string_lossy();
+            f == "libtorch_cpu.so" || f.starts_with("libtorch_cpu.so.")
+        };
+        if path.file_name().is_some_and(libtorch_cpu) {
             if let Some(folder) = path.parent() {
                 let folder = std::fs::canonicalize(folder).unwrap_or_else(|_| folder.into());
                 unsafe { *(found as *mut Option<std::path::PathBuf>) = Some(folder) };

@@ -136,6 +136,7 @@ pub(crate) struct Nvrtc {
 /// # Safety
 /// `F` must be the C signature of the symbol `name`.
 unsafe fn symbol<F: Copy>(lib: *mut c_void, name: &CStr) -> Option<F> {
+    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut c_void>()) };
     let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
     // SAFETY: F is a function pointer type (the caller's contract), the size of a pointer.
     (!p.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
@@ -242,18 +243,22 @@ impl Nvrtc {
             let compiled = (self.compile)(program, options.len() as c_int, options.as_ptr());
             let result = if compiled != 0 {
                 let mut size = 0usize;
-                (self.log_size)(program, &mut size);
-                let mut log = vec![0u8; size.max(1)];
-                (self.log)(program, log.as_mut_ptr().cast());
+                let mut log = Vec::new();
+                if (self.log_size)(program, &mut size) == 0 && size > 0 {
+                    log = vec![0u8; size];
+                    if (self.log)(program, log.as_mut_ptr().cast()) != 0 {
+                        log.clear();
+                    }
+                }
                 Err(format!(
                     "nvrtcCompileProgram failed ({compiled}): {}",
                     String::from_utf8_lossy(&log).trim_end_matches('\0')
                 ))
             } else {
                 let mut size = 0usize;
-                (self.ptx_size)(program, &mut size);
-                let mut ptx = vec![0u8; size.max(1)];
-                if (self.ptx)(program, ptx.as_mut_ptr().cast()) == 0 {
+                let sized = (self.ptx_size)(program, &mut size) == 0 && size > 0;
+                let mut ptx = vec![0u8; size];
+                if sized && (self.ptx)(program, ptx.as_mut_ptr().cast()) == 0 {
                     Ok(ptx) // NUL-terminated, as cuModuleLoadData wants
                 } else {
                     Err("nvrtcGetPTX failed".into())
@@ -272,11 +277,15 @@ fn api() -> Option<&'static Api> {
         if !crate::cuda_libraries::driver_present() {
             return None;
         }
-        // SAFETY: the driver is loaded (driver_present); RTLD_NOLOAD finds it. The
-        // functions have the CUDA driver API's documented C signatures (the _v2 names are
-        // the current ABI of the context functions).
+        // SAFETY: the driver as libtorch loaded it (RTLD_NOLOAD finds it wherever it came
+        // from; else by name). The functions have the CUDA driver API's documented C
+        // signatures (the _v2 names are the current ABI of the context functions).
         unsafe {
-            let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            let mut lib =
+                libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            if lib.is_null() {
+                lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+            }
             if lib.is_null() {
                 return None;
             }

@@ -9,8 +9,8 @@ use tch::Device;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     /// Built-in and device solvers: CUDA device 0 when a GPU is present, else the CPU;
-    /// small calls of built-in ops (under 32 768 perturbed values per CPU core) then run on
-    /// the CPU, where they are faster. Host solvers (callbacks, two-phase): the CPU (see
+    /// small calls of built-in ops (under 32 768 perturbed values per core the op may use)
+    /// then run on the CPU, where they are faster or as fast. Host solvers (callbacks, two-phase): the CPU (see
     /// [`DeviceSpec::resolve_for`]).
     #[default]
     Auto,
@@ -100,6 +100,19 @@ fn cuda_runtime() -> Option<(CudaGetDevice, CudaSetDevice)> {
     static FOUND: once_cell::sync::OnceCell<Option<(CudaGetDevice, CudaSetDevice)>> =
         once_cell::sync::OnceCell::new();
     *FOUND.get_or_init(|| {
+        // libtorch_cuda is loaded RTLD_GLOBAL (cuda_libraries), so its CUDA runtime is in the
+        // global scope whatever its file is called (standalone libtorch hashes the name)
+        // SAFETY: lookups of the CUDA runtime's functions, with their documented signatures.
+        unsafe {
+            let get = libc::dlsym(libc::RTLD_DEFAULT, c"cudaGetDevice".as_ptr());
+            let set = libc::dlsym(libc::RTLD_DEFAULT, c"cudaSetDevice".as_ptr());
+            if !get.is_null() && !set.is_null() {
+                return Some((
+                    std::mem::transmute::<*mut libc::c_void, CudaGetDevice>(get),
+                    std::mem::transmute::<*mut libc::c_void, CudaSetDevice>(set),
+                ));
+            }
+        }
         [
             "libcudart.so.13",
             "libcudart.so.12",
@@ -132,7 +145,11 @@ fn cuda_runtime() -> Option<(CudaGetDevice, CudaSetDevice)> {
 /// Runs `f` with CUDA device `index` current on this thread (when `index` is given and the
 /// CUDA runtime is loaded), and the previous current device back after.
 pub(crate) fn with_current_cuda_device<R>(index: Option<usize>, f: impl FnOnce() -> R) -> R {
-    let (Some(index), Some((get, set))) = (index, cuda_runtime()) else {
+    // (looked up only for a CUDA op, whose CUDA libraries are loaded)
+    let Some(index) = index else {
+        return f();
+    };
+    let Some((get, set)) = cuda_runtime() else {
         return f();
     };
     let mut previous: std::ffi::c_int = 0;
@@ -153,11 +170,13 @@ pub(crate) fn with_current_cuda_device<R>(index: Option<usize>, f: impl FnOnce()
     f()
 }
 
-/// Perturbed values per CPU core below which a call of a built-in op is faster on the CPU
-/// than on a GPU: measured on an H100 machine with 16 cores (README, "On a GPU"), the CPU
-/// won up to 320 000 values (32 problems × 10 × 1000 samples: 0.33 ms against 0.48 ms) and
-/// the GPU from 1 024 000 on (1.02 ms against 3.06 ms); 32 768 a core puts that machine's
-/// limit at 524 288 values, and a machine with fewer cores sends less to its CPU.
+/// Perturbed values per core (that the op may use) below which a call of a built-in op is
+/// as fast or faster on the CPU than on a GPU: measured on an H100 machine with 16 cores
+/// (README, "On a GPU"), the CPU won up to 320 000 values (argmax of 32 problems × 10 ×
+/// 1000 samples: 0.31 ms against 0.73 ms; top-k and ranks of 64 × 1000 × 1-2 were within
+/// 10-30% either way) and the GPU from 1 024 000 on (1024 × 100 × 10: 0.95 ms against
+/// 2.82 ms); 32 768 a core puts that machine's limit at 524 288 values, and a machine with
+/// fewer cores sends less to its CPU.
 const AUTO_CPU_VALUES_PER_CORE: u128 = 32_768;
 
 /// Whether a call of `values` perturbed values (batch × N × input_numel) of a built-in op
@@ -197,14 +216,22 @@ fn why_no_cuda(count: usize) -> String {
         Loaded::Failed(why) => format!(" (libtorch's CUDA libraries: {why})"),
         Loaded::Yes => {
             let driver = cuda_libraries::driver_device_count();
-            if driver > count {
-                format!(
-                    " while the CUDA driver has {driver}: libtorch was asked about CUDA in this \
-                     process before libtorch_cuda was loaded (call pert_cuda_device_count() or \
-                     make a config before any other libtorch CUDA query, or link libtorch_cuda)"
-                )
-            } else {
-                String::new()
+            if driver <= count {
+                return String::new();
+            }
+            match cuda_libraries::runtime_device_count() {
+                Some(Ok(runtime)) if runtime > count => format!(
+                    " while the CUDA runtime has {runtime}: libtorch was asked about CUDA in \
+                     this process before libtorch_cuda was loaded (call \
+                     pert_cuda_device_count() or make a config before any other libtorch CUDA \
+                     query, or link libtorch_cuda)"
+                ),
+                Some(Err(code)) => format!(
+                    " while the CUDA driver has {driver}: the CUDA runtime of this libtorch \
+                     cannot use them (cudaGetDeviceCount error {code}; is the driver older \
+                     than this libtorch's CUDA?)"
+                ),
+                _ => format!(" while the CUDA driver has {driver}"),
             }
         }
     }

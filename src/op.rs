@@ -243,9 +243,11 @@ impl PerturbedOp {
     pub fn draw(&self, theta: &Tensor) -> Result<Draw> {
         let _cap = crate::intraop::cap(self.config().max_threads());
         // the draw keeps theta past this call: its own copy, never the caller's storage
-        let theta_dev = crate::tensors::copy(&self.spec.check_theta(theta)?)?;
+        // on the spec a forward call of theta would use, so that finish gives its results
+        let spec = self.spec_for(theta);
+        let theta_dev = crate::tensors::copy(&spec.check_theta(theta)?)?;
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        Draw::new(self.spec.clone(), theta_dev, call)
+        Draw::new(spec.clone(), theta_dev, call)
     }
 
     /// An error unless output shape = input shape, naming `what` needs it.

@@ -290,6 +290,40 @@ fn the_libtorch_path_of_cuda_ops_matches_the_cpu_host_paths() {
 }
 
 #[test]
+fn the_libtorch_path_sums_the_ones_of_wide_outputs_as_the_host_paths() {
+    // Above 64 outputs the libtorch path adds the positions of the ones (not dense rows)
+    // into the sums, across several problems per chunk or parts of one.
+    let theta = Tensor::linspace(-1.0, 1.0, 300, (Kind::Float, tch::Device::Cpu))
+        .reshape([3, 100])
+        .sin();
+    let g = (&theta * 7.0).cos();
+    for builtin in [Builtin::Argmax, Builtin::TopK(3)] {
+        for (chunk, baseline) in [
+            (0, Baseline::SampleMean),
+            (40 * 4 * 700, Baseline::CleanInput),
+        ] {
+            let mut host = config(Noise::Normal, 0.3, 200, 9);
+            host.set_baseline(baseline);
+            let mut torch = host.clone();
+            torch.set_libtorch_path(true).set_chunk_bytes(chunk);
+            let op = |c: &Config| PerturbedOp::new_builtin(c, builtin, &[100]).unwrap();
+            let (ya, ta) = op(&host).forward_with_tape(&theta).unwrap();
+            let (yb, tb) = op(&torch).forward_with_tape(&theta).unwrap();
+            let what = format!("{builtin:?} chunk {chunk}");
+            assert!(max_abs(&ya, &yb) < 1e-5, "{what}");
+            let (va, vb) = (ta.vjp(&g).unwrap(), tb.vjp(&g).unwrap());
+            let scale = 1.0 + f64::try_from(va.abs().max()).unwrap();
+            assert!(max_abs(&va, &vb) < 1e-4 * scale, "vjp {what}");
+            let (fa, fb) = (ta.objective().unwrap(), tb.objective().unwrap());
+            assert!(
+                max_abs(&fa, &fb) < 1e-4 * (1.0 + f64::try_from(fa.abs().max()).unwrap()),
+                "{what}"
+            );
+        }
+    }
+}
+
+#[test]
 fn cuda_ops_match_the_cpu_host_paths_on_a_gpu() {
     // The same on a GPU (scripts/gpu-check.sh runs the test binaries on one): CUDA ops of
     // every solver kind and model equal the CPU's host pipelines up to float rounding.
@@ -363,6 +397,12 @@ fn auto_runs_small_builtin_calls_on_the_cpu_on_a_gpu() {
         assert_eq!(max_abs(&ya, &yc), 0.0);
         assert_eq!(max_abs(&ta.vjp(&g).unwrap(), &tc.vjp(&g).unwrap()), 0.0);
         assert_eq!(ta.jacobian().unwrap().device(), tch::Device::Cpu);
+        // a two-phase draw of that size too (fresh ops: the same call count)
+        let (da, dc) = (
+            make(&auto).draw(&small).unwrap(),
+            make(&cpu).draw(&small).unwrap(),
+        );
+        assert_eq!(da.inputs(), dc.inputs());
     }
     // 512 problems: 51.2 million values, large on any machine of fewer than 1562 cores
     let large = Tensor::linspace(-1.0, 1.0, 512_000, (Kind::Float, tch::Device::Cpu))

@@ -58,6 +58,9 @@ enum JacobianSums {
     },
 }
 
+/// Outputs per problem up to which [`Accumulator::add`] sums 0/1 solutions as dense rows.
+const DENSE_BELOW_OUTPUTS: i64 = 64;
+
 /// Running sums of one forward call, on the op's device.
 pub(crate) struct Accumulator {
     o: i64,
@@ -154,6 +157,15 @@ impl Accumulator {
     ) -> Result<()> {
         let rows = z.size()[0] / nb; // per problem
         let o = self.o;
+        // few outputs: the positions of the ones would all land on a few entries of the
+        // sums (atomic adds that serialize on a GPU); dense rows are summed by reductions
+        let small = match y {
+            Solutions::Indicator(_) if o <= DENSE_BELOW_OUTPUTS => {
+                Some(Solutions::Dense(y.dense(o)?))
+            }
+            _ => None,
+        };
+        let y = small.as_ref().unwrap_or(y);
         // the dense solutions, made at most once (samples tape, multiplicative objective)
         let mut dense_cache: Option<Tensor> = None;
         let mut dense = || -> Result<Tensor> {
