@@ -120,7 +120,7 @@ impl Builtin {
     #[inline(always)]
     fn ones_host_impl(self, x: &[f32], d: usize, last: usize, ones: &mut Vec<u32>) {
         let mut order: Vec<usize> = Vec::new();
-        let mut values: Vec<u32> = Vec::new();
+        let mut values: Vec<u64> = Vec::new();
         ones.clear();
         let slices = d / last;
         for (s, xs) in x.chunks_exact(last).enumerate() {
@@ -129,7 +129,7 @@ impl Builtin {
                 Builtin::Argmax => ones.push((at + first_max(xs)) as u32),
                 Builtin::TopK(1) => ones.push((at + first_max(xs)) as u32),
                 Builtin::TopK(k) => {
-                    if (k as usize) * 64 <= last {
+                    if (k as usize) * 64 <= last || u32::try_from(last).is_err() {
                         top_k(xs, k as usize, &mut order);
                         order.sort_unstable();
                     } else {
@@ -146,7 +146,7 @@ impl Builtin {
     /// on the host: the CPU path of top-k and ranks (argmax has its own fused kernel).
     pub(crate) fn solve_host(self, x: &[f32], last: usize, y: &mut [f32]) {
         let mut order: Vec<usize> = Vec::with_capacity(last);
-        let mut values: Vec<u32> = Vec::new();
+        let mut values: Vec<u64> = Vec::new();
         let mut keys: Vec<u64> = Vec::new();
         let mut spare: Vec<u64> = Vec::new();
         for (xs, ys) in x.chunks_exact(last).zip(y.chunks_exact_mut(last)) {
@@ -162,7 +162,7 @@ impl Builtin {
                 }
                 Builtin::TopK(k) => {
                     ys.fill(0.0);
-                    if (k as usize) * 64 <= last {
+                    if (k as usize) * 64 <= last || u32::try_from(last).is_err() {
                         top_k(xs, k as usize, &mut order);
                     } else {
                         top_k_by_selection(xs, k as usize, &mut order, &mut values);
@@ -314,31 +314,27 @@ fn top_k(xs: &[f32], k: usize, out: &mut Vec<usize>) {
     }
 }
 
-/// [`top_k`] for a larger k: the k-th largest value by selection on the values as ordered
-/// integers (O(n) integer comparisons), then the positions of the larger values and of the
-/// first equal ones, in increasing order. The same set as [`top_k`].
+/// [`top_k`] for a larger k (rows of at most 2^32 entries): one selection (O(n) integer
+/// comparisons) on the values as ordered integers, each with its position, then the k
+/// positions in increasing order. The same set as [`top_k`].
 #[inline(always)]
-fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, keys: &mut Vec<u32>) {
+fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, keys: &mut Vec<u64>) {
+    // (ordered value, reversed position): distinct keys whose k largest are the k largest
+    // entries, the first of equal ones first; one selection finds them, positions included
     keys.clear();
-    keys.extend(xs.iter().map(|&v| ordered(v)));
-    let (_, &mut kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-    let above = xs.iter().filter(|&&v| ordered(v) > kth).count();
-    // the first `equal` entries equal to the k-th are kept
-    let mut equal = k - above;
-    // exactly k positions, written without a branch: each entry's position is stored at
-    // the end, which moves on only when the entry is kept
+    keys.extend(
+        xs.iter()
+            .enumerate()
+            .map(|(i, &v)| (u64::from(ordered(v)) << 32) | u64::from(u32::MAX - i as u32)),
+    );
+    keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
     out.clear();
-    out.resize(k + 1, 0);
-    let mut kept = 0;
-    for (i, &v) in xs.iter().enumerate() {
-        let key = ordered(v);
-        let tie = usize::from(key == kth) & usize::from(equal > 0);
-        let keep = usize::from(key > kth) | tie;
-        out[kept.min(k)] = i;
-        kept += keep;
-        equal -= tie;
-    }
-    out.truncate(k);
+    out.extend(
+        keys[..k]
+            .iter()
+            .map(|&key| (u32::MAX - key as u32) as usize),
+    );
+    out.sort_unstable();
 }
 
 /// Positions `[rows, groups, m]` within each slice of length `last` as flat positions
