@@ -42,15 +42,14 @@ impl Draw {
         let rows = batch * n + if clean { batch } else { 0 };
         let len = checked_product(&[rows, d], "the drawn inputs (rows * input_numel)")?;
         let mut inputs = Vec::new();
-        let fits = crate::tensors::fits_in_memory(4 * len as u128);
-        fits.then_some(())
-            .and_then(|_| inputs.try_reserve_exact(len).ok())
-            .ok_or_else(|| {
-                Error::new(
-                    crate::Status::TorchError,
-                    format!("cannot allocate {len} floats for the drawn inputs"),
-                )
-            })?;
+        if !crate::tensors::fits_in_memory(4 * len as u128)
+            || inputs.try_reserve_exact(len).is_err()
+        {
+            return Err(Error::new(
+                crate::Status::TorchError,
+                format!("cannot allocate {len} floats for the drawn inputs"),
+            ));
+        }
         let stream = Stream::new(c.seed(), call);
         if spec.host_pipeline() {
             // the host pipeline's own draws, so that finish sees exactly these inputs
