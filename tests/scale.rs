@@ -11,6 +11,16 @@ fn theta() -> Tensor {
     Tensor::from_slice(&[-0.6f32, 1.9, -0.2, 1.1, -1.0, -0.6, 1.0, -0.2, 1.8, -1.0]).reshape([2, 5])
 }
 
+/// Whether this machine has a CUDA device (the GPU tests say so and pass where it has none:
+/// scripts/gpu-check.sh runs them on one).
+fn on_a_gpu() -> bool {
+    let gpu = perturbations::cuda_device_count() > 0;
+    if !gpu {
+        eprintln!("no CUDA device: checked on a GPU by scripts/gpu-check.sh");
+    }
+    gpu
+}
+
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     let cpu = tch::Device::Cpu;
     f64::try_from((a.to_device(cpu) - b.to_device(cpu)).abs().max()).unwrap()
@@ -327,8 +337,7 @@ fn the_libtorch_path_sums_the_ones_of_wide_outputs_as_the_host_paths() {
 fn cuda_ops_match_the_cpu_host_paths_on_a_gpu() {
     // The same on a GPU (scripts/gpu-check.sh runs the test binaries on one): CUDA ops of
     // every solver kind and model equal the CPU's host pipelines up to float rounding.
-    if perturbations::cuda_device_count() == 0 {
-        eprintln!("no CUDA device: checked on a GPU by scripts/gpu-check.sh");
+    if !on_a_gpu() {
         return;
     }
     libtorch_path_matches_the_host_paths(tch::Device::Cuda(0), |c| {
@@ -342,8 +351,7 @@ fn the_cuda_noise_kernel_equals_the_cpu_noise_on_a_gpu() {
     // sampler: the same Philox words, so equal values up to the float rounding of the
     // transforms (|Normal| < 5.8, Gumbel < 16.7: a few ulps of a value below 17), at
     // offsets that start and end inside a block of four words and across 2^32 words.
-    if perturbations::cuda_device_count() == 0 {
-        eprintln!("no CUDA device: checked on a GPU by scripts/gpu-check.sh");
+    if !on_a_gpu() {
         return;
     }
     Noise::fused_cuda_kernel(0).expect("the fused noise kernel runs on this GPU");
@@ -372,8 +380,7 @@ fn auto_runs_small_builtin_calls_on_the_cpu_on_a_gpu() {
     // Under "auto" a built-in op goes to the GPU, but a call of fewer than 32 768 perturbed
     // values per core runs on the CPU (faster there): bit for bit what a "cpu" op gives,
     // tape included. A large call gives what a "cuda" op gives.
-    if perturbations::cuda_device_count() == 0 {
-        eprintln!("no CUDA device: checked on a GPU by scripts/gpu-check.sh");
+    if !on_a_gpu() {
         return;
     }
     let mut auto = config(Noise::Normal, 0.5, 100, 5);

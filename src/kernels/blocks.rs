@@ -435,17 +435,7 @@ pub(crate) fn run_pipelined<S: Send, P: Send, E>(
 /// (the two stages hand blocks over faster than a thread wakes up); None once every sender
 /// is gone.
 fn spin_recv<T>(receive: &mpsc::Receiver<T>) -> Option<T> {
-    let start = std::time::Instant::now();
-    loop {
-        match receive.try_recv() {
-            Ok(message) => return Some(message),
-            Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) if start.elapsed() < PIPELINE_SPIN => {
-                std::hint::spin_loop()
-            }
-            Err(mpsc::TryRecvError::Empty) => return receive.recv().ok(),
-        }
-    }
+    super::workers::recv_after_spin(receive, PIPELINE_SPIN, std::hint::spin_loop)
 }
 
 /// How long a stage of [`run_pipelined`] looks for its next block before it sleeps.

@@ -24,23 +24,22 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// other thread that wants it while it looks.
 const HELPER_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 
-/// The next job of a worker: looked for during `spin` (yielding the core between looks),
-/// then waited for; None once the pool is dropped.
-fn next_job(receive: &Receiver<Job>, spin: std::time::Duration) -> Option<Job> {
-    if !spin.is_zero() {
-        let start = std::time::Instant::now();
-        loop {
-            match receive.try_recv() {
-                Ok(job) => return Some(job),
-                Err(mpsc::TryRecvError::Disconnected) => return None,
-                Err(mpsc::TryRecvError::Empty) if start.elapsed() < spin => {
-                    std::thread::yield_now()
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
-            }
+/// The next message of `receive`: looked for during `spin` (calling `pause` between
+/// looks: a yield or a spin hint), then waited for; None once every sender is gone.
+pub(crate) fn recv_after_spin<T>(
+    receive: &Receiver<T>,
+    spin: std::time::Duration,
+    pause: fn(),
+) -> Option<T> {
+    let start = std::time::Instant::now();
+    loop {
+        match receive.try_recv() {
+            Ok(message) => return Some(message),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if start.elapsed() < spin => pause(),
+            Err(mpsc::TryRecvError::Empty) => return receive.recv().ok(),
         }
     }
-    receive.recv().ok()
 }
 
 /// The stack of a worker thread: a solver's recursion gets what a main thread gets.
@@ -215,7 +214,7 @@ impl Workers {
                     OWNER.with(|o| o.set(id));
                     // jobs catch their own panics: this loop only ends when the op drops
                     // its sender
-                    while let Some(job) = next_job(&receive, spin) {
+                    while let Some(job) = recv_after_spin(&receive, spin, std::thread::yield_now) {
                         job();
                     }
                 })?; // the threads started so far end when `workers` is dropped
