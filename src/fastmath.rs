@@ -16,10 +16,21 @@ pub fn ln(x: f32) -> f32 {
     // ln m = 2 atanh(t), t = (m − 1)/(m + 1), |t| ≤ 0.1716
     let t = (m - 1.0) / (m + 1.0);
     let t2 = t * t;
-    let p = 2.0
-        + t2 * (0.666_666_7
-            + t2 * (0.4 + t2 * (0.285_714_3 + t2 * (0.222_222_2 + t2 * 0.181_818_2))));
-    e as f32 * LN2 + t * p
+    let p = horner(
+        t2,
+        &[2.0, 0.666_666_7, 0.4, 0.285_714_3, 0.222_222_2, 0.181_818_2],
+    );
+    t.mul_add(p, e as f32 * LN2)
+}
+
+/// c[0] + x·(c[1] + x·(c[2] + …)), each step one fused multiply-add (the same bits on every
+/// CPU: a fused multiply-add is rounded once, in hardware or in software).
+#[inline(always)]
+fn horner<const N: usize>(x: f32, c: &[f32; N]) -> f32 {
+    c.iter()
+        .rev()
+        .skip(1)
+        .fold(c[N - 1], |acc, &k| acc.mul_add(x, k))
 }
 
 /// (sin 2πu, cos 2πu) for u in [0, 1].
@@ -34,14 +45,27 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
     let q = big - MAGIC;
     let a = (u - q * 0.25) * std::f32::consts::TAU;
     let a2 = a * a;
-    let s = a
-        * (1.0
-            + a2 * (-1.666_666_7e-1
-                + a2 * (8.333_333e-3 + a2 * (-1.984_127e-4 + a2 * 2.755_731_9e-6))));
-    let c = 1.0
-        + a2 * (-0.5
-            + a2 * (4.166_666_7e-2
-                + a2 * (-1.388_888_9e-3 + a2 * (2.480_158_7e-5 - a2 * 2.755_732e-7))));
+    let s = a * horner(
+        a2,
+        &[
+            1.0,
+            -1.666_666_7e-1,
+            8.333_333e-3,
+            -1.984_127e-4,
+            2.755_731_9e-6,
+        ],
+    );
+    let c = horner(
+        a2,
+        &[
+            1.0,
+            -0.5,
+            4.166_666_7e-2,
+            -1.388_888_9e-3,
+            2.480_158_7e-5,
+            -2.755_732e-7,
+        ],
+    );
     // rotate by q quarter turns, without branches (so that loops vectorize):
     // odd q swaps sin and cos; the signs follow the quadrant
     let q = big.to_bits(); // its low bits are those of the integer q

@@ -8,14 +8,14 @@
 //! Element e of a call's noise is a pure function of (stream, e): it comes from word e of
 //! the stream (Gumbel) or words 2⌊e/2⌋ and 2⌊e/2⌋+1 (Normal, a Box-Muller pair). So the
 //! draws do not depend on chunking or on the number of threads, bit for bit. Words are
-//! made 32 at a time by [`crate::rng`] and turned into noise with the vectorizable
-//! [`crate::fastmath`] functions, on all cores. The uniforms have 23 bits, so
+//! made 64 at a time (sixteen blocks abreast) by [`crate::rng`] and turned into noise with
+//! the vectorizable [`crate::fastmath`] functions, on all cores. The uniforms have 23 bits, so
 //! |Normal| < 5.8 and Gumbel ∈ (−2.9, 16.7): the truncated tails have probability below
 //! 10⁻⁷.
 
 use crate::error::{Error, Result};
 use crate::fastmath::{has_avx2, has_avx512, ln, sincos_2pi};
-use crate::rng::{unit, Stream};
+use crate::rng::{unit, Stream, Words64, LANES64};
 use tch::{Device, Kind, Tensor};
 
 /// The distribution of the i.i.d. noise coordinates.
@@ -28,10 +28,86 @@ pub enum Noise {
     Gumbel = 1,
 }
 
-/// The 32 values of `v` from `at`.
+/// The 64 values of `v` from `at`.
 #[inline(always)]
-fn group(v: &mut [f32], at: usize) -> &mut [f32; 32] {
-    (&mut v[at..at + 32]).try_into().expect("32 values")
+fn group(v: &mut [f32], at: usize) -> &mut [f32; 64] {
+    (&mut v[at..at + 64]).try_into().expect("64 values")
+}
+
+/// Sixteen blocks' values by word and block (`[j][i]`: from word j of block i).
+type Values64 = [[f32; LANES64]; 4];
+
+/// Values by word and block into stream order (`out[4i + j] = v[j][i]`).
+#[inline(always)]
+fn interleave(v: &Values64, out: &mut [f32; 64]) {
+    for (i, o) in out.chunks_exact_mut(4).enumerate() {
+        o.copy_from_slice(&[v[0][i], v[1][i], v[2][i], v[3][i]]);
+    }
+}
+
+/// [`interleave`] with AVX-512 shuffles (the compiler's own is element by element).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn interleave_avx512(v: &Values64, out: &mut [f32; 64]) {
+    use std::arch::x86_64::*;
+    // SAFETY: unaligned loads of exactly 64 bytes of arrays
+    let [a, b, c, d] = v.map(|row| unsafe { _mm512_loadu_ps(row.as_ptr()) });
+    // 4 × 4 transposes within each 128-bit lane: r_k holds blocks k, k + 4, k + 8, k + 12
+    let (ab_lo, ab_hi) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    let (cd_lo, cd_hi) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    let pd = _mm512_castps_pd;
+    let ps = _mm512_castpd_ps;
+    let r0 = ps(_mm512_unpacklo_pd(pd(ab_lo), pd(cd_lo)));
+    let r1 = ps(_mm512_unpackhi_pd(pd(ab_lo), pd(cd_lo)));
+    let r2 = ps(_mm512_unpacklo_pd(pd(ab_hi), pd(cd_hi)));
+    let r3 = ps(_mm512_unpackhi_pd(pd(ab_hi), pd(cd_hi)));
+    // then the 128-bit lanes in block order: out vector m = lane m of r0, r1, r2, r3
+    let r01_lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(r0, r1); // r0.0 r0.1 r1.0 r1.1
+    let r23_lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(r2, r3);
+    let r01_hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(r0, r1); // r0.2 r0.3 r1.2 r1.3
+    let r23_hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(r2, r3);
+    let rows = [
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(r01_lo, r23_lo),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(r01_lo, r23_lo),
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(r01_hi, r23_hi),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(r01_hi, r23_hi),
+    ];
+    for (chunk, row) in out.chunks_exact_mut(16).zip(rows) {
+        // SAFETY: chunk is 16 floats = 64 bytes
+        unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), row) };
+    }
+}
+
+/// [`interleave`] with AVX shuffles, eight blocks at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn interleave_avx2(v: &Values64, out: &mut [f32; 64]) {
+    use std::arch::x86_64::*;
+    for half in 0..2 {
+        // SAFETY: unaligned loads of exactly 32 bytes of arrays
+        let [a, b, c, d] = v.map(|row| unsafe { _mm256_loadu_ps(row[8 * half..].as_ptr()) });
+        let (ab_lo, ab_hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let (cd_lo, cd_hi) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+        let pd = _mm256_castps_pd;
+        let ps = _mm256_castpd_ps;
+        // r_k: blocks k and k + 4 of the half
+        let r0 = ps(_mm256_unpacklo_pd(pd(ab_lo), pd(cd_lo)));
+        let r1 = ps(_mm256_unpackhi_pd(pd(ab_lo), pd(cd_lo)));
+        let r2 = ps(_mm256_unpacklo_pd(pd(ab_hi), pd(cd_hi)));
+        let r3 = ps(_mm256_unpackhi_pd(pd(ab_hi), pd(cd_hi)));
+        let rows = [
+            _mm256_permute2f128_ps::<0x20>(r0, r1),
+            _mm256_permute2f128_ps::<0x20>(r2, r3),
+            _mm256_permute2f128_ps::<0x31>(r0, r1),
+            _mm256_permute2f128_ps::<0x31>(r2, r3),
+        ];
+        for (k, row) in rows.into_iter().enumerate() {
+            // SAFETY: 8 floats = 32 bytes within the 64
+            unsafe { _mm256_storeu_ps(out[32 * half + 8 * k..].as_mut_ptr(), row) };
+        }
+    }
 }
 
 impl Noise {
@@ -160,7 +236,7 @@ impl Noise {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { self.fill_with_avx2(stream, first, out, score) };
         }
-        self.fill_with_impl(stream, first, out, score, Stream::words32)
+        self.fill_with_impl(stream, first, out, score, Stream::words64, interleave)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -172,7 +248,10 @@ impl Noise {
         out: &mut [f32],
         score: Option<&mut [f32]>,
     ) {
-        self.fill_with_impl(stream, first, out, score, |s, g, w| s.words32_avx2(g, w))
+        let words = |s: &Stream, g, w: &mut Words64| s.words64_avx512(g, w);
+        self.fill_with_impl(stream, first, out, score, words, |v, o| {
+            interleave_avx512(v, o)
+        })
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -184,7 +263,10 @@ impl Noise {
         out: &mut [f32],
         score: Option<&mut [f32]>,
     ) {
-        self.fill_with_impl(stream, first, out, score, |s, g, w| s.words32_avx2(g, w))
+        let words = |s: &Stream, g, w: &mut Words64| s.words64_avx2(g, w);
+        self.fill_with_impl(stream, first, out, score, words, |v, o| {
+            interleave_avx2(v, o)
+        })
     }
 
     #[inline(always)]
@@ -194,27 +276,31 @@ impl Noise {
         first: u64,
         out: &mut [f32],
         mut score: Option<&mut [f32]>,
-        words32: impl Fn(&Stream, u64, &mut [u32; 32]),
+        words64: impl Fn(&Stream, u64, &mut Words64),
+        interleave: impl Fn(&Values64, &mut [f32; 64]),
     ) {
-        let mut words = [0u32; 32];
-        let mut values = [0f32; 32];
-        let mut scores = [0f32; 32];
+        let mut words: Words64 = [[0; LANES64]; 4];
+        let mut values = [0f32; 64];
+        let mut scores = [0f32; 64];
         let mut e = first;
         let mut done = 0;
         while done < out.len() {
-            words32(stream, e / 32, &mut words);
-            let offset = (e % 32) as usize;
-            let take = (32 - offset).min(out.len() - done);
-            if take == 32 {
+            words64(stream, e / 64, &mut words);
+            let offset = (e % 64) as usize;
+            let take = (64 - offset).min(out.len() - done);
+            if take == 64 {
                 // a whole group: straight into the outputs
                 match score.as_deref_mut() {
-                    Some(score) => {
-                        self.transform(&words, group(out, done), Some(group(score, done)))
-                    }
-                    None => self.transform(&words, group(out, done), None),
+                    Some(score) => self.transform(
+                        &words,
+                        group(out, done),
+                        Some(group(score, done)),
+                        &interleave,
+                    ),
+                    None => self.transform(&words, group(out, done), None, &interleave),
                 }
             } else {
-                self.transform(&words, &mut values, Some(&mut scores));
+                self.transform(&words, &mut values, Some(&mut scores), &interleave);
                 out[done..done + take].copy_from_slice(&values[offset..offset + take]);
                 if let Some(score) = score.as_deref_mut() {
                     score[done..done + take].copy_from_slice(&scores[offset..offset + take]);
@@ -225,37 +311,48 @@ impl Noise {
         }
     }
 
-    /// Noise values, and their scores when asked for, from 32 words (Normal: 16 Box-Muller
-    /// pairs).
+    /// Noise values, and their scores when asked for, from the 64 words of sixteen blocks
+    /// (value 4i + j from word j of block i; Normal: Box-Muller on words 0 and 1, and on
+    /// words 2 and 3, of each block), computed lane by lane over the blocks.
     #[inline(always)]
-    fn transform(self, words: &[u32; 32], out: &mut [f32; 32], score: Option<&mut [f32; 32]>) {
+    fn transform(
+        self,
+        words: &Words64,
+        out: &mut [f32; 64],
+        score: Option<&mut [f32; 64]>,
+        interleave: impl Fn(&Values64, &mut [f32; 64]),
+    ) {
+        let mut v = [[0f32; LANES64]; 4];
         match self {
-            Noise::Gumbel => match score {
-                Some(score) => {
-                    for ((o, s), &w) in out.iter_mut().zip(score.iter_mut()).zip(words) {
+            Noise::Gumbel => {
+                let mut sv = [[0f32; LANES64]; 4];
+                for ((vj, sj), wj) in v.iter_mut().zip(sv.iter_mut()).zip(words) {
+                    for ((o, s), &w) in vj.iter_mut().zip(sj.iter_mut()).zip(wj) {
                         let e = -ln(unit(w)); // Exp(1), = e^{−z}
                         *o = -ln(e);
                         *s = 1.0 - e;
                     }
                 }
-                None => {
-                    for (o, &w) in out.iter_mut().zip(words) {
-                        *o = -ln(-ln(unit(w)));
+                if let Some(score) = score {
+                    interleave(&sv, score);
+                }
+            }
+            Noise::Normal => {
+                let [v0, v1, v2, v3] = &mut v;
+                for (pair, (cos, sin)) in [(0, (v0, v1)), (2, (v2, v3))] {
+                    for i in 0..LANES64 {
+                        let r = (-2.0 * ln(unit(words[pair][i]))).sqrt();
+                        let (s, c) = sincos_2pi(unit(words[pair + 1][i]));
+                        cos[i] = r * c;
+                        sin[i] = r * s;
                     }
                 }
-            },
-            Noise::Normal => {
-                for (o, w) in out.chunks_exact_mut(2).zip(words.chunks_exact(2)) {
-                    let r = (-2.0 * ln(unit(w[0]))).sqrt();
-                    let (sin, cos) = sincos_2pi(unit(w[1]));
-                    o[0] = r * cos;
-                    o[1] = r * sin;
-                }
                 if let Some(score) = score {
-                    score.copy_from_slice(out);
+                    interleave(&v, score);
                 }
             }
         }
+        interleave(&v, out);
     }
     /// The noise `z` and scores `s` (∇ν(z), or z itself when `score_is_z`, as the
     /// multiplicative model wants) of samples `n0 .. n0 + rows` of problem `b` of a call,
@@ -443,7 +540,14 @@ mod tests {
         for noise in [Noise::Normal, Noise::Gumbel] {
             let n = 10_000;
             let (mut z0, mut s0) = (vec![0f32; n], vec![0f32; n]);
-            noise.fill_with_impl(&stream, 3, &mut z0, Some(&mut s0), Stream::words32);
+            noise.fill_with_impl(
+                &stream,
+                3,
+                &mut z0,
+                Some(&mut s0),
+                Stream::words64,
+                interleave,
+            );
             #[cfg(target_arch = "x86_64")]
             for (width, present) in [(256, has_avx2()), (512, has_avx512())] {
                 if !present {

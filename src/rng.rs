@@ -127,23 +127,19 @@ impl Stream {
         )
     }
 
-    /// Words `32·group .. 32·group + 32` of this stream (blocks 8·group .. 8·group + 8),
-    /// computed eight blocks abreast so that the compiler vectorizes the rounds.
+    /// Blocks `16·group .. 16·group + 16` of this stream, word by word: `out[j][i]` is
+    /// word j of block 16·group + i (words 64·group .. 64·group + 64 of the stream, in
+    /// four lanes-of-blocks arrays), computed sixteen blocks abreast so that the compiler
+    /// vectorizes the rounds.
     #[inline(always)]
-    pub fn words32(&self, group: u64, out: &mut [u32; 32]) {
-        const LANES: usize = 8;
-        let mut c0 = [0u32; LANES];
-        let mut c1 = [0u32; LANES];
-        let mut c2 = [self.stream as u32; LANES];
-        let mut c3 = [(self.stream >> 32) as u32; LANES];
-        for (i, (a, b)) in c0.iter_mut().zip(c1.iter_mut()).enumerate() {
-            let index = group * LANES as u64 + i as u64;
-            *a = index as u32;
-            *b = (index >> 32) as u32;
-        }
+    pub(crate) fn words64(&self, group: u64, out: &mut Words64) {
+        let [c0, c1, c2, c3] = out;
+        (*c0, *c1) = counters(group * LANES64 as u64);
+        c2.fill(self.stream as u32);
+        c3.fill((self.stream >> 32) as u32);
         let [mut k0, mut k1] = self.key;
         for _ in 0..10 {
-            for i in 0..LANES {
+            for i in 0..LANES64 {
                 let p0 = u64::from(M0) * u64::from(c0[i]);
                 let p1 = u64::from(M1) * u64::from(c2[i]);
                 let n0 = (p1 >> 32) as u32 ^ c1[i] ^ k0;
@@ -156,69 +152,114 @@ impl Stream {
             k0 = k0.wrapping_add(W0);
             k1 = k1.wrapping_add(W1);
         }
-        for i in 0..LANES {
-            out[4 * i..4 * i + 4].copy_from_slice(&[c0[i], c1[i], c2[i], c3[i]]);
-        }
     }
 }
 
+/// The lower and upper halves of the block indices `first .. first + L`.
+#[inline(always)]
+fn counters<const L: usize>(first: u64) -> ([u32; L], [u32; L]) {
+    let (mut lo, mut hi) = ([0u32; L], [0u32; L]);
+    for (i, (l, h)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
+        let index = first.wrapping_add(i as u64);
+        (*l, *h) = (index as u32, (index >> 32) as u32);
+    }
+    (lo, hi)
+}
+
+/// Blocks per [`Stream::words64`] group.
+pub(crate) const LANES64: usize = 16;
+
+/// Sixteen Philox blocks, word by word: `[j][i]` is word j of block i.
+pub(crate) type Words64 = [[u32; LANES64]; 4];
+
 impl Stream {
-    /// [`Stream::words32`] with AVX2 integer vectors, written out with intrinsics (the
-    /// compiler does not vectorize the 32 × 32 → 64-bit products by itself): the same
-    /// words, bit for bit.
+    /// [`Stream::words64`] with AVX2 integer vectors (two halves of eight blocks), written
+    /// out with intrinsics (the compiler does not vectorize the 32 × 32 → 64-bit products
+    /// by itself): the same words, bit for bit.
     ///
     /// # Safety
     /// Outside code compiled for AVX2, callers must check that the CPU has it
     /// ([`crate::fastmath::has_avx2`]).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    pub fn words32_avx2(&self, group: u64, out: &mut [u32; 32]) {
+    #[inline]
+    pub(crate) fn words64_avx2(&self, group: u64, out: &mut Words64) {
         use std::arch::x86_64::*;
         // (high 32 bits, low 32 bits) of the products a · m, lane by lane
         #[target_feature(enable = "avx2")]
+        #[inline]
         fn mul_hi_lo(a: __m256i, m: __m256i) -> (__m256i, __m256i) {
             let lo = _mm256_mullo_epi32(a, m);
             let even = _mm256_srli_epi64::<32>(_mm256_mul_epu32(a, m));
             let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
             (_mm256_blend_epi32::<0b1010_1010>(even, odd), lo)
         }
-        let first = group * 8;
-        let lanes =
-            |f: fn(u64) -> u32| -> [u32; 8] { std::array::from_fn(|i| f(first + i as u64)) };
-        // SAFETY (loads and stores): unaligned accesses of exactly 32 bytes of arrays
-        let load = |a: [u32; 8]| unsafe { _mm256_loadu_si256(a.as_ptr().cast()) };
-        let mut c0 = load(lanes(|i| i as u32));
-        let mut c1 = load(lanes(|i| (i >> 32) as u32));
-        let mut c2 = _mm256_set1_epi32(self.stream as u32 as i32);
-        let mut c3 = _mm256_set1_epi32((self.stream >> 32) as u32 as i32);
-        let (m0, m1) = (_mm256_set1_epi32(M0 as i32), _mm256_set1_epi32(M1 as i32));
+        for half in 0..2 {
+            let (lo, hi) = counters::<8>(group * LANES64 as u64 + 8 * half as u64);
+            // SAFETY: unaligned loads of exactly 32 bytes of arrays
+            let mut c0 = unsafe { _mm256_loadu_si256(lo.as_ptr().cast()) };
+            let mut c1 = unsafe { _mm256_loadu_si256(hi.as_ptr().cast()) };
+            let mut c2 = _mm256_set1_epi32(self.stream as u32 as i32);
+            let mut c3 = _mm256_set1_epi32((self.stream >> 32) as u32 as i32);
+            let (m0, m1) = (_mm256_set1_epi32(M0 as i32), _mm256_set1_epi32(M1 as i32));
+            let [mut k0, mut k1] = self.key;
+            for _ in 0..10 {
+                let (hi0, lo0) = mul_hi_lo(c0, m0);
+                let (hi1, lo1) = mul_hi_lo(c2, m1);
+                c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(k0 as i32));
+                c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k1 as i32));
+                c1 = lo1;
+                c3 = lo0;
+                k0 = k0.wrapping_add(W0);
+                k1 = k1.wrapping_add(W1);
+            }
+            for (word, c) in out.iter_mut().zip([c0, c1, c2, c3]) {
+                // SAFETY: 8 u32 = 32 bytes of the array
+                unsafe { _mm256_storeu_si256(word[8 * half..].as_mut_ptr().cast(), c) };
+            }
+        }
+    }
+
+    /// [`Stream::words64`] with AVX-512 integer vectors (sixteen blocks in one): the same
+    /// words, bit for bit.
+    ///
+    /// # Safety
+    /// Outside code compiled for AVX-512 F, callers must check that the CPU has it
+    /// ([`crate::fastmath::has_avx512`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) fn words64_avx512(&self, group: u64, out: &mut Words64) {
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn mul_hi_lo(a: __m512i, m: __m512i) -> (__m512i, __m512i) {
+            let lo = _mm512_mullo_epi32(a, m);
+            let even = _mm512_srli_epi64::<32>(_mm512_mul_epu32(a, m));
+            let odd = _mm512_mul_epu32(_mm512_srli_epi64::<32>(a), m);
+            (_mm512_mask_blend_epi32(0xAAAA, even, odd), lo)
+        }
+        let (lo, hi) = counters::<LANES64>(group * LANES64 as u64);
+        // SAFETY: unaligned loads of exactly 64 bytes of arrays
+        let mut c0 = unsafe { _mm512_loadu_si512(lo.as_ptr().cast()) };
+        let mut c1 = unsafe { _mm512_loadu_si512(hi.as_ptr().cast()) };
+        let mut c2 = _mm512_set1_epi32(self.stream as u32 as i32);
+        let mut c3 = _mm512_set1_epi32((self.stream >> 32) as u32 as i32);
+        let (m0, m1) = (_mm512_set1_epi32(M0 as i32), _mm512_set1_epi32(M1 as i32));
         let [mut k0, mut k1] = self.key;
         for _ in 0..10 {
             let (hi0, lo0) = mul_hi_lo(c0, m0);
             let (hi1, lo1) = mul_hi_lo(c2, m1);
-            c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(k0 as i32));
-            c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k1 as i32));
+            c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(k0 as i32));
+            c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(k1 as i32));
             c1 = lo1;
             c3 = lo0;
             k0 = k0.wrapping_add(W0);
             k1 = k1.wrapping_add(W1);
         }
-        // transpose to block order: out[4i + j] = c_j[i]
-        let (a_lo, a_hi) = (_mm256_unpacklo_epi32(c0, c1), _mm256_unpackhi_epi32(c0, c1));
-        let (b_lo, b_hi) = (_mm256_unpacklo_epi32(c2, c3), _mm256_unpackhi_epi32(c2, c3));
-        let b04 = _mm256_unpacklo_epi64(a_lo, b_lo); // blocks 0 | 4
-        let b15 = _mm256_unpackhi_epi64(a_lo, b_lo); // blocks 1 | 5
-        let b26 = _mm256_unpacklo_epi64(a_hi, b_hi); // blocks 2 | 6
-        let b37 = _mm256_unpackhi_epi64(a_hi, b_hi); // blocks 3 | 7
-        let rows = [
-            _mm256_permute2x128_si256::<0x20>(b04, b15),
-            _mm256_permute2x128_si256::<0x20>(b26, b37),
-            _mm256_permute2x128_si256::<0x31>(b04, b15),
-            _mm256_permute2x128_si256::<0x31>(b26, b37),
-        ];
-        for (chunk, row) in out.chunks_exact_mut(8).zip(rows) {
-            // SAFETY: chunk is 8 u32 = 32 bytes
-            unsafe { _mm256_storeu_si256(chunk.as_mut_ptr().cast(), row) };
+        for (word, c) in out.iter_mut().zip([c0, c1, c2, c3]) {
+            // SAFETY: 16 u32 = 64 bytes of the array
+            unsafe { _mm512_storeu_si512(word.as_mut_ptr().cast(), c) };
         }
     }
 }
@@ -255,41 +296,49 @@ mod tests {
     }
 
     #[test]
-    fn avx2_words_equal_the_portable_ones() {
+    fn vector_words_equal_the_portable_ones() {
         #[cfg(target_arch = "x86_64")]
-        if crate::fastmath::has_avx2() {
-            for (seed, stream) in [(0u64, 0u64), (0x1234_5678_9abc, 77), (u64::MAX, u64::MAX)] {
-                let s = Stream::new(seed, stream);
-                // groups around a 32-bit boundary of the block index
-                for group in [0u64, 1, 5, (1 << 29) - 1, 1 << 29, u64::MAX / 8] {
-                    let (mut a, mut b) = ([0u32; 32], [0u32; 32]);
-                    s.words32(group, &mut a);
+        for (seed, stream) in [(0u64, 0u64), (0x1234_5678_9abc, 77), (u64::MAX, u64::MAX)] {
+            let s = Stream::new(seed, stream);
+            // groups around a 32-bit boundary of the block index
+            for group in [0u64, 1, 5, (1 << 28) - 1, 1 << 28, u64::MAX / 16] {
+                let mut a = [[0u32; LANES64]; 4];
+                s.words64(group, &mut a);
+                if crate::fastmath::has_avx2() {
+                    let mut b = [[1u32; LANES64]; 4];
                     // SAFETY: the CPU has AVX2.
-                    unsafe { s.words32_avx2(group, &mut b) };
-                    assert_eq!(a, b, "seed {seed} stream {stream} group {group}");
+                    unsafe { s.words64_avx2(group, &mut b) };
+                    assert_eq!(a, b, "AVX2: seed {seed} stream {stream} group {group}");
+                }
+                if crate::fastmath::has_avx512() {
+                    let mut b = [[1u32; LANES64]; 4];
+                    // SAFETY: the CPU has AVX-512 F.
+                    unsafe { s.words64_avx512(group, &mut b) };
+                    assert_eq!(a, b, "AVX-512: seed {seed} stream {stream} group {group}");
                 }
             }
         }
     }
 
     #[test]
-    fn eight_abreast_equals_one_by_one() {
+    fn sixteen_abreast_equals_one_by_one() {
         let s = Stream::new(0x1234_5678_9abc, 77);
-        let mut words = [0u32; 32];
-        s.words32(5, &mut words);
-        for i in 0..8 {
-            assert_eq!(words[4 * i..4 * i + 4], s.block(40 + i as u64));
+        let mut words = [[0u32; LANES64]; 4];
+        s.words64(5, &mut words);
+        let blocks = (0..LANES64).map(|i| words.map(|word| word[i]));
+        for (i, block) in blocks.enumerate() {
+            assert_eq!(block, s.block(80 + i as u64));
         }
     }
 
     #[test]
     fn uniforms_are_open_interval_and_roughly_uniform() {
         let s = Stream::new(7, 3);
-        let mut words = [0u32; 32];
+        let mut words = [[0u32; LANES64]; 4];
         let (mut sum, mut n) = (0f64, 0usize);
-        for g in 0..10_000 {
-            s.words32(g, &mut words);
-            for &w in &words {
+        for g in 0..5_000 {
+            s.words64(g, &mut words);
+            for &w in words.as_flattened() {
                 let u = unit(w);
                 assert!(u > 0.0 && u < 1.0);
                 sum += f64::from(u);

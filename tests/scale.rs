@@ -566,25 +566,33 @@ fn cpu_tapes_of_samples_keep_the_scores_only_while_small() {
 /// stages: the noise of the next block drawn on a helper while the calling thread solves.
 /// The callback still runs on the calling thread only (the contract of threads = 1), the
 /// results equal those of two solver threads and of max_threads 1 (one stage) bit for bit,
-/// and a failure in any block is an error with nothing returned.
+/// and a failure in any block is an error with nothing returned. Both tape forms: 64
+/// problems x 1000 inputs x 4 samples (256 000 perturbed values, blocks of whole problems,
+/// a tape of samples), and 8 problems x 10 inputs x 4000 samples (320 000 values, a tape of
+/// Jacobian sums, each problem in several blocks).
 #[test]
 fn a_one_thread_callback_in_two_stages_stays_on_the_calling_thread() {
+    for (batch, d, n) in [(64i64, 1000i64, 4u64), (8, 10, 4000)] {
+        one_thread_callback_in_two_stages(batch, d, n);
+    }
+}
+
+fn one_thread_callback_in_two_stages(batch: i64, d: i64, n: u64) {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::{Arc, Mutex};
-    // 64 problems x 1000 inputs x 4 samples: 256 000 perturbed values, in several blocks
-    let theta = Tensor::linspace(-3.0, 3.0, 64_000, (Kind::Float, tch::Device::Cpu))
-        .reshape([64, 1000])
+    let theta = Tensor::linspace(-3.0, 3.0, batch * d, (Kind::Float, tch::Device::Cpu))
+        .reshape([batch, d])
         .cos();
     let g = (&theta * 1.7).sin();
     let run = |threads: u32, max_threads: u32| {
-        let mut c = config(Noise::Normal, 0.5, 4, 11);
+        let mut c = config(Noise::Normal, 0.5, n, 11);
         c.set_threads(threads).unwrap();
         c.set_max_threads(max_threads).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = seen.clone();
-        let op = PerturbedOp::new(&c, &[1000], &[1000], move |x: &[f32], n, y: &mut [f32]| {
+        let op = PerturbedOp::new(&c, &[d], &[d], move |x: &[f32], rows, y: &mut [f32]| {
             record.lock().unwrap().push(std::thread::current().id());
-            argmax(x, n, y)
+            argmax(x, rows, y)
         })
         .unwrap();
         let (y, tape) = op.forward_with_tape(&theta).unwrap();
@@ -593,7 +601,10 @@ fn a_one_thread_callback_in_two_stages_stays_on_the_calling_thread() {
         (y, v, threads_seen)
     };
     let (y1, v1, seen) = run(1, 0);
-    assert!(seen.len() > 1, "one solver call for the whole call");
+    assert!(
+        seen.len() > 1,
+        "one solver call for the whole call ({batch}x{d}x{n})"
+    );
     let me = std::thread::current().id();
     assert!(
         seen.iter().all(|&t| t == me),
@@ -604,12 +615,12 @@ fn a_one_thread_callback_in_two_stages_stays_on_the_calling_thread() {
         assert_eq!(
             max_abs(&y, &y1),
             0.0,
-            "threads {threads}, max_threads {max_threads}"
+            "{batch}x{d}x{n}: threads {threads}, max_threads {max_threads}"
         );
         assert_eq!(
             max_abs(&v, &v1),
             0.0,
-            "threads {threads}, max_threads {max_threads}"
+            "{batch}x{d}x{n}: threads {threads}, max_threads {max_threads}"
         );
     }
     // a failure in the first, a middle and the last block
@@ -618,14 +629,14 @@ fn a_one_thread_callback_in_two_stages_stays_on_the_calling_thread() {
         let count = Arc::new(AtomicUsize::new(0));
         let counter = count.clone();
         let op = PerturbedOp::new(
-            &config(Noise::Normal, 0.5, 4, 11),
-            &[1000],
-            &[1000],
-            move |x: &[f32], n, y: &mut [f32]| {
+            &config(Noise::Normal, 0.5, n, 11),
+            &[d],
+            &[d],
+            move |x: &[f32], rows, y: &mut [f32]| {
                 if counter.fetch_add(1, SeqCst) == fail_at {
                     return Err("no solution".into());
                 }
-                argmax(x, n, y)
+                argmax(x, rows, y)
             },
         )
         .unwrap();

@@ -149,7 +149,7 @@ impl SumsMut<'_> {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { self.add_rows_avx2(scratch, d, rows, sigma) };
         }
-        self.add_rows_impl(scratch, d, rows, sigma, add_scaled)
+        self.add_rows_impl(scratch, d, rows, sigma, add_scaled, copy_padded)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -161,7 +161,14 @@ impl SumsMut<'_> {
         rows: (&[f32], &[f32], &[f32], &[f32]),
         sigma: f32,
     ) {
-        self.add_rows_impl(scratch, d, rows, sigma, |a, v, b| add_scaled_avx2(a, v, b))
+        self.add_rows_impl(
+            scratch,
+            d,
+            rows,
+            sigma,
+            |a, v, b| add_scaled_avx2(a, v, b),
+            |p, row| copy_padded_avx2(p, row),
+        )
     }
 
     #[inline(always)]
@@ -172,6 +179,7 @@ impl SumsMut<'_> {
         (z, x, s, y): (&[f32], &[f32], &[f32], &[f32]),
         sigma: f32,
         add_scaled: impl Fn(&mut [f32], f32, &[f32]),
+        copy_padded: impl Fn(&mut [f32], &[f32]),
     ) {
         let o = self.sum_y.len();
         let shift = 0.5 * sigma * sigma;
@@ -211,9 +219,7 @@ impl SumsMut<'_> {
                     continue;
                 }
                 if jacobian {
-                    for (p, &v) in padded.iter_mut().zip(&s[r * d..(r + 1) * d]) {
-                        *p = v;
-                    }
+                    copy_padded(padded, &s[r * d..(r + 1) * d]);
                     add_scaled(&mut tile_s[..dp], 1.0, padded);
                 }
                 // the non-zero entries, 8 at a time as a bit mask (a vector compare), so
@@ -365,6 +371,38 @@ fn nonzero_mask(values: &[f32]) -> u32 {
         .iter()
         .enumerate()
         .fold(0u32, |mask, (j, v)| mask | (u32::from(*v != 0.0) << j))
+}
+
+/// `row` into the first `row.len()` floats of `padded` (the rest stays as it is: zero).
+fn copy_padded(padded: &mut [f32], row: &[f32]) {
+    padded[..row.len()].copy_from_slice(row);
+}
+
+/// [`copy_padded`] in whole 8-float vectors (the padding of the last one written as the
+/// zeros it holds), so that the vector loads of the padded row that follow get their data
+/// from the stores at once (a vector load of several narrower stores waits for them to
+/// reach the cache).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn copy_padded_avx2(padded: &mut [f32], row: &[f32]) {
+    use std::arch::x86_64::*;
+    let (chunks, tail) = row.as_chunks::<8>();
+    let (out, rest) = padded.as_chunks_mut::<8>();
+    assert!(rest.is_empty() && out.len() >= row.len().div_ceil(8));
+    for (o, c) in out.iter_mut().zip(chunks) {
+        // SAFETY: arrays of 8 floats (32 bytes)
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_loadu_ps(c.as_ptr())) };
+    }
+    if !tail.is_empty() {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail.len() as i32), lanes);
+        // SAFETY: the masked load reads only the lanes below tail.len(), which are `tail`
+        // (the others neither read nor fault); the store writes one array of 8 floats
+        unsafe {
+            let v = _mm256_maskload_ps(tail.as_ptr(), mask);
+            _mm256_storeu_ps(out[chunks.len()].as_mut_ptr(), v);
+        }
+    }
 }
 
 /// a += v · b over whole 8-float vectors (lengths multiples of 8).

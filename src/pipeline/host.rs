@@ -60,8 +60,6 @@ impl OpSpec {
         // blocks, each worth a hand-over between the two)
         let values = batch.saturating_mul(n).saturating_mul(d);
         let pipelined = host_solver.is_some_and(|h| h.workers().is_none())
-            && per_problem == 1
-            && !sums_form
             && c.effective_threads() == 1
             && c.library_threads() >= 2
             && values >= 2 * HOST_THREAD_VALUES;
