@@ -120,9 +120,19 @@ impl Builtin {
     #[inline(always)]
     fn ones_host_impl(self, x: &[f32], d: usize, last: usize, ones: &mut Vec<u32>) {
         let mut order: Vec<usize> = Vec::new();
-        let mut values: Vec<u64> = Vec::new();
+        let (mut keys, mut work): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
         ones.clear();
         let slices = d / last;
+        // per slice of a row: the bar of the same slice of the row before (the rows of a
+        // problem's samples are alike)
+        let mut bars = vec![
+            0u32;
+            if matches!(self, Builtin::TopK(_)) {
+                slices
+            } else {
+                0
+            }
+        ];
         for (s, xs) in x.chunks_exact(last).enumerate() {
             let at = (s % slices) * last; // the slice's first position within its row
             match self {
@@ -132,10 +142,11 @@ impl Builtin {
                     if (k as usize) * 64 <= last || u32::try_from(last).is_err() {
                         top_k(xs, k as usize, &mut order);
                         order.sort_unstable();
+                        ones.extend(order.iter().map(|&i| (at + i) as u32));
                     } else {
-                        top_k_by_selection(xs, k as usize, &mut order, &mut values);
+                        let bar = &mut bars[s % slices];
+                        top_k_above(xs, k as usize, bar, at as u32, ones, &mut keys, &mut work);
                     }
-                    ones.extend(order.iter().map(|&i| (at + i) as u32));
                 }
                 Builtin::Ranks => unreachable!("ranks are not 0/1"),
             }
@@ -336,6 +347,92 @@ fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, keys: &mut Vec
     );
     out.sort_unstable();
 }
+
+/// [`top_k`] for a larger k (slices of at most 2^32 entries): the positions of the k
+/// largest entries of `xs`, plus `at`, appended to `out` in increasing order; the same set
+/// as [`top_k`]. The k largest are selected among the entries whose ordered value is at
+/// least `bar` when k of them are (one pass: the rows of a problem's samples are alike,
+/// so the bar of the row before usually leaves about 1.5 k + 8), else among all; `bar`
+/// is then set to the value of the (1.5 k + 8)-th largest, for the next row.
+#[inline(always)]
+fn top_k_above(
+    xs: &[f32],
+    k: usize,
+    bar: &mut u32,
+    at: u32,
+    out: &mut Vec<u32>,
+    keys: &mut Vec<u64>,
+    work: &mut Vec<u64>,
+) {
+    // (ordered value, reversed position): distinct keys whose k largest are the k largest
+    // entries, the first of equal ones first
+    let key = |i: usize, o: u32| (u64::from(o) << 32) | u64::from(u32::MAX - i as u32);
+    keys.clear();
+    keys.resize(xs.len(), 0);
+    // the keys at or above the bar, in order of position (written always, kept when
+    // above: no branch per entry)
+    let mut count = 0;
+    for (i, &v) in xs.iter().enumerate() {
+        let o = ordered(v);
+        keys[count] = key(i, o); // count <= i < xs.len()
+        count += usize::from(o >= *bar);
+    }
+    let above = count >= k;
+    if !above {
+        // too few above the bar: all of them
+        for (i, (slot, &v)) in keys.iter_mut().zip(xs).enumerate() {
+            *slot = key(i, ordered(v));
+        }
+        count = xs.len();
+    }
+    let candidates = &keys[..count];
+    // the next bar: the value of the (k + m)-th largest when there is one; else the same
+    // bar (k were above it), or the lowest value (every entry passes)
+    let m = k / 2 + 8;
+    if count <= RANK_BY_COUNTING {
+        // few candidates: each one's rank counted (no branches, as comparisons of
+        // vectors); the k of rank below k, in order of position
+        let mut ranks = [0u32; RANK_BY_COUNTING];
+        for (rank, &key) in ranks.iter_mut().zip(candidates) {
+            *rank = candidates.iter().map(|&other| u32::from(other > key)).sum();
+        }
+        let ranks = &ranks[..count];
+        out.extend(
+            candidates
+                .iter()
+                .zip(ranks)
+                .filter(|&(_, &rank)| (rank as usize) < k)
+                .map(|(&key, _)| at + (u32::MAX - key as u32)),
+        );
+        if count >= k + m {
+            let at_rank = ranks.iter().position(|&r| r as usize == k + m - 1);
+            *bar = (candidates[at_rank.expect("distinct keys have every rank")] >> 32) as u32;
+        } else if !above {
+            *bar = 0;
+        }
+        return;
+    }
+    work.clear();
+    work.extend_from_slice(candidates);
+    work.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    let kth = work[k - 1];
+    if count >= k + m {
+        let rest = &mut work[k..];
+        rest.select_nth_unstable_by(m - 1, |a, b| b.cmp(a));
+        *bar = (rest[m - 1] >> 32) as u32;
+    } else if !above {
+        *bar = 0;
+    }
+    out.extend(
+        candidates
+            .iter()
+            .filter(|&&key| key >= kth)
+            .map(|&key| at + (u32::MAX - key as u32)),
+    );
+}
+
+/// The most candidates [`top_k_above`] ranks by counting (beyond: by selection).
+const RANK_BY_COUNTING: usize = 64;
 
 /// Positions `[rows, groups, m]` within each slice of length `last` as flat positions
 /// `[rows, groups · m]` within the row.
@@ -542,6 +639,19 @@ mod tests {
                     top_k_by_selection(&xs, k, &mut other, &mut values);
                     order.sort_unstable();
                     assert_eq!(order, other, "n {n} k {k} seed {seed}");
+                    // with any bar: too high (all entries then), too low, about right
+                    for start in [0, ordered(2.0), ordered(9.0), ordered(13.0), u32::MAX] {
+                        let mut bar = start;
+                        for _ in 0..3 {
+                            let mut above = vec![7u32];
+                            let (mut keys, mut work) = (Vec::new(), Vec::new());
+                            top_k_above(&xs, k, &mut bar, 5, &mut above, &mut keys, &mut work);
+                            let want: Vec<u32> = std::iter::once(7)
+                                .chain(order.iter().map(|&i| 5 + i as u32))
+                                .collect();
+                            assert_eq!(above, want, "n {n} k {k} seed {seed} bar {start}");
+                        }
+                    }
                 }
             }
         }
