@@ -156,6 +156,22 @@ impl Builtin {
     /// The solutions of `x` (rows of `d` floats, slices of `last` along each row) into `y`,
     /// on the host: the CPU path of top-k and ranks (argmax has its own fused kernel).
     pub(crate) fn solve_host(self, x: &[f32], last: usize, y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::fastmath::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.solve_host_avx2(x, last, y) };
+        }
+        self.solve_host_impl(x, last, y)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn solve_host_avx2(self, x: &[f32], last: usize, y: &mut [f32]) {
+        self.solve_host_impl(x, last, y)
+    }
+
+    #[inline(always)]
+    fn solve_host_impl(self, x: &[f32], last: usize, y: &mut [f32]) {
         let mut order: Vec<usize> = Vec::with_capacity(last);
         let mut values: Vec<u64> = Vec::new();
         let mut keys: Vec<u64> = Vec::new();
@@ -197,6 +213,15 @@ impl Builtin {
                             .enumerate()
                             .map(|(i, &v)| (u64::from(ordered(v)) << 32) | i as u64),
                     );
+                    if last <= RANKS_BY_COUNTING {
+                        // short rows: each entry's rank counted (no branches, as
+                        // comparisons of vectors)
+                        for (y, &key) in ys.iter_mut().zip(&keys) {
+                            let below: u32 = keys.iter().map(|&other| u32::from(other < key)).sum();
+                            *y = (below + 1) as f32;
+                        }
+                        continue;
+                    }
                     if last >= RADIX_MIN {
                         radix_sort_high(&mut keys, &mut spare);
                     } else {
@@ -434,6 +459,10 @@ fn top_k_above(
 /// The most candidates [`top_k_above`] ranks by counting (beyond: by selection).
 const RANK_BY_COUNTING: usize = 64;
 
+/// The longest rows ranks ranks by counting (beyond: by sorting; counting costs a
+/// comparison per pair of entries, without branches).
+const RANKS_BY_COUNTING: usize = 16;
+
 /// Positions `[rows, groups, m]` within each slice of length `last` as flat positions
 /// `[rows, groups · m]` within the row.
 fn flat_positions(index: &Tensor, last: i64) -> Result<Tensor> {
@@ -607,6 +636,24 @@ mod tests {
         let mut y = [0f32; 5];
         Builtin::TopK(2).solve_host(&ties, 5, &mut y);
         assert_eq!(y, [0., 1., 1., 0., 0.], "the first of equal entries wins");
+        Builtin::Ranks.solve_host(&ties, 5, &mut y);
+        assert_eq!(y, [2., 3., 4., 1., 5.], "equal entries ranked by position");
+        // ranks counted (short rows) and sorted (longer) agree, ties and -0 included
+        let x: Vec<f32> = (0..130 * 64)
+            .map(|i| [0.0, -0.0, 1.5, -2.0, f32::INFINITY][i * 7 % 5] * ((i % 3) as f32))
+            .collect();
+        for last in [1, 2, 10, 16, 17, 64, 130] {
+            let mut y = vec![0f32; x.len() / last * last];
+            let x = &x[..y.len()];
+            Builtin::Ranks.solve_host(x, last, &mut y);
+            for (xs, ys) in x.chunks(last).zip(y.chunks(last)) {
+                let mut order: Vec<usize> = (0..last).collect();
+                order.sort_by(|&a, &b| xs[a].total_cmp(&xs[b])); // stable: ties by position
+                for (rank, &i) in order.iter().enumerate() {
+                    assert_eq!(ys[i], (rank + 1) as f32, "last {last}");
+                }
+            }
+        }
     }
 
     #[test]
