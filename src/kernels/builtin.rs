@@ -213,7 +213,7 @@ impl Builtin {
                             .enumerate()
                             .map(|(i, &v)| (u64::from(ordered(v)) << 32) | i as u64),
                     );
-                    if last <= RANKS_BY_COUNTING {
+                    if last <= RANKS_COUNTED_UP_TO {
                         // short rows: each entry's rank counted (no branches, as
                         // comparisons of vectors)
                         for (y, &key) in ys.iter_mut().zip(&keys) {
@@ -377,8 +377,10 @@ fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, keys: &mut Vec
 /// largest entries of `xs`, plus `at`, appended to `out` in increasing order; the same set
 /// as [`top_k`]. The k largest are selected among the entries whose ordered value is at
 /// least `bar` when k of them are (one pass: the rows of a problem's samples are alike,
-/// so the bar of the row before usually leaves about 1.5 k + 8), else among all; `bar`
-/// is then set to the value of the (1.5 k + 8)-th largest, for the next row.
+/// so the bar of the row before usually leaves about k + m, m = ⌊k/2⌋ + 8), else among
+/// all; `bar` is then set, for the next row, to the value of the (k + m)-th largest when
+/// there were k + m candidates (else it stays, or becomes the lowest value when fewer
+/// than k reached it).
 #[inline(always)]
 fn top_k_above(
     xs: &[f32],
@@ -414,10 +416,10 @@ fn top_k_above(
     // the next bar: the value of the (k + m)-th largest when there is one; else the same
     // bar (k were above it), or the lowest value (every entry passes)
     let m = k / 2 + 8;
-    if count <= RANK_BY_COUNTING {
+    if count <= TOP_K_RANKED_BY_COUNTING {
         // few candidates: each one's rank counted (no branches, as comparisons of
         // vectors); the k of rank below k, in order of position
-        let mut ranks = [0u32; RANK_BY_COUNTING];
+        let mut ranks = [0u32; TOP_K_RANKED_BY_COUNTING];
         for (rank, &key) in ranks.iter_mut().zip(candidates) {
             *rank = candidates.iter().map(|&other| u32::from(other > key)).sum();
         }
@@ -457,11 +459,11 @@ fn top_k_above(
 }
 
 /// The most candidates [`top_k_above`] ranks by counting (beyond: by selection).
-const RANK_BY_COUNTING: usize = 64;
+const TOP_K_RANKED_BY_COUNTING: usize = 64;
 
-/// The longest rows ranks ranks by counting (beyond: by sorting; counting costs a
-/// comparison per pair of entries, without branches).
-const RANKS_BY_COUNTING: usize = 16;
+/// The longest rows the ranks built-in ranks by counting (beyond: by sorting; counting
+/// costs a comparison per pair of entries, without branches).
+const RANKS_COUNTED_UP_TO: usize = 16;
 
 /// Positions `[rows, groups, m]` within each slice of length `last` as flat positions
 /// `[rows, groups · m]` within the row.

@@ -388,7 +388,11 @@ fn copy_padded_avx2(padded: &mut [f32], row: &[f32]) {
     use std::arch::x86_64::*;
     let (chunks, tail) = row.as_chunks::<8>();
     let (out, rest) = padded.as_chunks_mut::<8>();
-    assert!(rest.is_empty() && out.len() >= row.len().div_ceil(8));
+    debug_assert!(rest.is_empty());
+    assert!(
+        out.len() >= row.len().div_ceil(8),
+        "a padded row holds the row"
+    );
     for (o, c) in out.iter_mut().zip(chunks) {
         // SAFETY: arrays of 8 floats (32 bytes)
         unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_loadu_ps(c.as_ptr())) };

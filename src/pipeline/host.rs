@@ -56,8 +56,10 @@ impl OpSpec {
         };
         // a callback on one thread (the calling thread: see pert_config_set_threads), with
         // another core for the library and enough work, runs in two stages: the noise of
-        // the next block drawn on a helper while this thread solves (in fewer, larger
-        // blocks, each worth a hand-over between the two)
+        // the next block drawn on a helper while this thread solves (blocks of whole
+        // problems are then fewer and larger, each worth a hand-over between the two;
+        // blocks of part of a problem, or of one problem with Jacobian sums, stay as
+        // they are: the sums are the same either way)
         let values = batch.saturating_mul(n).saturating_mul(d);
         let pipelined = host_solver.is_some_and(|h| h.workers().is_none())
             && c.effective_threads() == 1

@@ -18,8 +18,9 @@ pub(crate) const HOST_BLOCKS: usize = 32;
 pub(crate) const HOST_BLOCK_MIN_ROWS: usize = 512;
 
 /// About how many blocks the host pipeline cuts a call into when it runs in two stages
-/// (noise on a helper, a callback on the calling thread): fewer, larger blocks than
-/// [`HOST_BLOCKS`], each worth the hand-over between the two threads.
+/// (noise on a helper, a callback on the calling thread) with blocks of whole problems:
+/// fewer, larger blocks than [`HOST_BLOCKS`], each worth the hand-over between the two
+/// threads.
 pub(crate) const PIPELINE_BLOCKS: usize = 16;
 
 /// The fewest perturbed values (samples × inputs) of a call for which the host pipeline of
