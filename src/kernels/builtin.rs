@@ -289,9 +289,19 @@ fn ordered(v: f32) -> u32 {
 
 /// The position of the first largest entry of `xs` (not empty), NaN entries skipped (0 when
 /// the first is NaN): the same as a scan that keeps the first strictly larger entry, found
-/// with a vectorizable maximum in 16 lanes and a search for its first occurrence.
+/// with a vectorized maximum and a vectorized search for its first occurrence.
 #[inline(always)]
 fn first_max(xs: &[f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if xs.len() >= 32 && crate::fastmath::has_avx2() {
+        // SAFETY: the CPU has AVX2; `xs` holds at least 32 floats.
+        return unsafe { first_max_avx2(xs) };
+    }
+    first_max_portable(xs)
+}
+
+#[inline(always)]
+fn first_max_portable(xs: &[f32]) -> usize {
     if xs[0].is_nan() {
         return 0; // nothing compares larger than a NaN in the scan
     }
@@ -307,6 +317,59 @@ fn first_max(xs: &[f32]) -> usize {
         max = if m > max { m } else { max };
     }
     xs.iter().position(|&v| v == max).unwrap_or(0)
+}
+
+/// [`first_max_portable`] in AVX2: the maximum in four independent vectors of eight lanes
+/// (`max_ps(v, m)` is `v > m ? v : m`, so a NaN `v` leaves `m`, as the scan does), then the
+/// first entry equal to it, sixteen entries a step.
+///
+/// # Safety
+/// The CPU has AVX2 and `xs.len() >= 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn first_max_avx2(xs: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    if xs[0].is_nan() {
+        return 0;
+    }
+    let n = xs.len();
+    let p = xs.as_ptr();
+    let first = _mm256_set1_ps(xs[0]);
+    let mut m = [first; 4];
+    let mut i = 0;
+    // SAFETY (loads): every load reads 8 floats at i + 8j with i + 32 <= n.
+    while i + 32 <= n {
+        for (j, mj) in m.iter_mut().enumerate() {
+            *mj = _mm256_max_ps(unsafe { _mm256_loadu_ps(p.add(i + 8 * j)) }, *mj);
+        }
+        i += 32;
+    }
+    let mut lanes = [0f32; 32];
+    for (j, mj) in m.iter().enumerate() {
+        // SAFETY: 8 floats into lanes[8j..8j + 8].
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * j), *mj) };
+    }
+    let mut max = xs[i..]
+        .iter()
+        .fold(xs[0], |m, &v| if v > m { v } else { m });
+    for &l in &lanes {
+        max = if l > max { l } else { max };
+    }
+    // the first entry equal to max (there is one: max is an entry of xs)
+    let want = _mm256_set1_ps(max);
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: 16 floats at i with i + 16 <= n.
+        let (a, b) = unsafe { (_mm256_loadu_ps(p.add(i)), _mm256_loadu_ps(p.add(i + 8))) };
+        let lo = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(a, want)) as u32;
+        let hi = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(b, want)) as u32;
+        let mask = lo | hi << 8;
+        if mask != 0 {
+            return i + mask.trailing_zeros() as usize;
+        }
+        i += 16;
+    }
+    i + xs[i..].iter().position(|&v| v == max).unwrap_or(0)
 }
 
 /// The positions of the `k` largest entries of `xs` (1 <= k <= xs.len()) into `out`, in
@@ -605,8 +668,22 @@ mod tests {
                 cases.push(v);
             }
         }
+        // NaN entries and -0 / +0 ties in the vector part and in the tails of both passes
+        for len in [32usize, 33, 47, 64, 100] {
+            let mut v: Vec<f32> = (0..len).map(|i| -(((i * 31) % 17) as f32)).collect();
+            v[len / 2] = f32::NAN;
+            v[len - 1] = f32::NAN;
+            cases.push(v.clone());
+            v[5] = -0.0;
+            v[len - 2] = 0.0;
+            v[0] = -1.0;
+            cases.push(v.clone());
+            v[len - 3] = 5.0;
+            cases.push(v);
+        }
         for xs in &cases {
             assert_eq!(first_max(xs), scan(xs), "{xs:?}");
+            assert_eq!(first_max_portable(xs), scan(xs), "{xs:?}");
         }
     }
 
