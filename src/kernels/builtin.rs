@@ -120,7 +120,7 @@ impl Builtin {
     #[inline(always)]
     fn ones_host_impl(self, x: &[f32], d: usize, last: usize, ones: &mut Vec<u32>) {
         let mut order: Vec<usize> = Vec::new();
-        let (mut keys, mut work): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
+        let mut above = AboveScratch::default();
         ones.clear();
         let slices = d / last;
         // per slice of a row: the bar of the same slice of the row before (the rows of a
@@ -145,7 +145,7 @@ impl Builtin {
                         ones.extend(order.iter().map(|&i| (at + i) as u32));
                     } else {
                         let bar = &mut bars[s % slices];
-                        top_k_above(xs, k as usize, bar, at as u32, ones, &mut keys, &mut work);
+                        top_k_above(xs, k as usize, bar, at as u32, ones, &mut above);
                     }
                 }
                 Builtin::Ranks => unreachable!("ranks are not 0/1"),
@@ -436,6 +436,122 @@ fn top_k_by_selection(xs: &[f32], k: usize, out: &mut Vec<usize>, keys: &mut Vec
     out.sort_unstable();
 }
 
+/// The buffers of [`top_k_above`], kept from row to row.
+#[derive(Default)]
+pub(crate) struct AboveScratch {
+    /// The candidates' positions, in increasing order.
+    pos: Vec<u32>,
+    /// The candidates' values as integers in the order of `f32::total_cmp`, signed.
+    key: Vec<i32>,
+    /// (ordered value, reversed position) keys for a selection among many candidates.
+    work: Vec<u64>,
+}
+
+/// [`ordered`] as a signed integer (the same order under signed comparison, which vectors
+/// have for 32-bit lanes).
+#[inline(always)]
+fn signed_ordered(o: u32) -> i32 {
+    (o ^ 1 << 31) as i32
+}
+
+/// The positions and signed ordered values of the entries of `xs` whose ordered value is
+/// at least `bar`, in order of position, into the first entries of `pos` and `key` (each at
+/// least as long as `xs`); returns how many.
+#[inline(always)]
+fn gather_above(xs: &[f32], bar: u32, pos: &mut [u32], key: &mut [i32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::fastmath::has_avx2() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { gather_above_avx2(xs, bar, pos, key) };
+    }
+    gather_above_from(xs, 0, 0, bar, pos, key)
+}
+
+/// [`gather_above`] from entry `start` on, `count` gathered before it.
+#[inline(always)]
+fn gather_above_from(
+    xs: &[f32],
+    start: usize,
+    mut count: usize,
+    bar: u32,
+    pos: &mut [u32],
+    key: &mut [i32],
+) -> usize {
+    // written always, kept when above: no branch per entry
+    for (i, &v) in xs.iter().enumerate().skip(start) {
+        let o = ordered(v);
+        pos[count] = i as u32; // count <= i < xs.len()
+        key[count] = signed_ordered(o);
+        count += usize::from(o >= bar);
+    }
+    count
+}
+
+/// For each mask of 8 lanes, the lanes whose bit is set, first to last (then zeros): the
+/// permutation that packs the kept lanes of a vector to its front.
+#[cfg(target_arch = "x86_64")]
+static PACK: [[u32; 8]; 256] = {
+    let mut table = [[0u32; 8]; 256];
+    let mut mask = 0;
+    while mask < 256 {
+        let (mut kept, mut lane) = (0, 0);
+        while lane < 8 {
+            if mask >> lane & 1 == 1 {
+                table[mask][kept] = lane as u32;
+                kept += 1;
+            }
+            lane += 1;
+        }
+        mask += 1;
+    }
+    table
+};
+
+/// [`gather_above`] eight entries a step: their signed ordered values compared with the
+/// bar's, the kept lanes (and their positions) packed to the front by a permutation from
+/// [`PACK`] and stored whole at `count` (lanes past the kept ones are overwritten later or
+/// lie beyond the count).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_above_avx2(xs: &[f32], bar: u32, pos: &mut [u32], key: &mut [i32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = xs.len();
+    assert!(pos.len() >= n && key.len() >= n);
+    let low31 = _mm256_set1_epi32(i32::MAX);
+    let bar_key = _mm256_set1_epi32(signed_ordered(bar));
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut count = 0;
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: 8 floats at i, i + 8 <= n.
+        let bits = unsafe { _mm256_loadu_si256(xs.as_ptr().add(i) as *const __m256i) };
+        // negative: all but the sign bit flipped (signed_ordered ∘ ordered)
+        let k = _mm256_xor_si256(bits, _mm256_and_si256(_mm256_srai_epi32::<31>(bits), low31));
+        let below = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bar_key, k)));
+        let kept = !below as usize & 0xff;
+        // SAFETY: an entry of the 256-entry table.
+        let perm = unsafe { _mm256_loadu_si256(PACK[kept].as_ptr() as *const __m256i) };
+        let at = _mm256_add_epi32(_mm256_set1_epi32(i as i32), lanes);
+        // SAFETY: 8 values at count <= i, and count + 8 <= i + 8 <= n <= both lengths.
+        unsafe {
+            _mm256_storeu_si256(
+                key.as_mut_ptr().add(count) as *mut __m256i,
+                _mm256_permutevar8x32_epi32(k, perm),
+            );
+            _mm256_storeu_si256(
+                pos.as_mut_ptr().add(count) as *mut __m256i,
+                _mm256_permutevar8x32_epi32(at, perm),
+            );
+        }
+        count += kept.count_ones() as usize;
+        i += 8;
+    }
+    gather_above_from(xs, i, count, bar, pos, key)
+}
+
 /// [`top_k`] for a larger k (slices of at most 2^32 entries): the positions of the k
 /// largest entries of `xs`, plus `at`, appended to `out` in increasing order; the same set
 /// as [`top_k`]. The k largest are selected among the entries whose ordered value is at
@@ -451,59 +567,74 @@ fn top_k_above(
     bar: &mut u32,
     at: u32,
     out: &mut Vec<u32>,
-    keys: &mut Vec<u64>,
-    work: &mut Vec<u64>,
+    scratch: &mut AboveScratch,
 ) {
-    // (ordered value, reversed position): distinct keys whose k largest are the k largest
-    // entries, the first of equal ones first
-    let key = |i: usize, o: u32| (u64::from(o) << 32) | u64::from(u32::MAX - i as u32);
-    keys.clear();
-    keys.resize(xs.len(), 0);
-    // the keys at or above the bar, in order of position (written always, kept when
-    // above: no branch per entry)
-    let mut count = 0;
-    for (i, &v) in xs.iter().enumerate() {
-        let o = ordered(v);
-        keys[count] = key(i, o); // count <= i < xs.len()
-        count += usize::from(o >= *bar);
+    let AboveScratch { pos, key, work } = scratch;
+    if pos.len() < xs.len() {
+        pos.resize(xs.len(), 0);
+        key.resize(xs.len(), 0);
     }
+    // the entries at or above the bar, in order of position
+    let mut count = gather_above(xs, *bar, pos, key);
     let above = count >= k;
     if !above {
         // too few above the bar: all of them
-        for (i, (slot, &v)) in keys.iter_mut().zip(xs).enumerate() {
-            *slot = key(i, ordered(v));
+        for (i, ((p, c), &v)) in pos.iter_mut().zip(key.iter_mut()).zip(xs).enumerate() {
+            (*p, *c) = (i as u32, signed_ordered(ordered(v)));
         }
         count = xs.len();
     }
-    let candidates = &keys[..count];
+    let (pos, key) = (&pos[..count], &key[..count]);
     // the next bar: the value of the (k + m)-th largest when there is one; else the same
     // bar (k were above it), or the lowest value (every entry passes)
     let m = k / 2 + 8;
+    let bar_of = |key: i32| (key as u32) ^ 1 << 31;
     if count <= TOP_K_RANKED_BY_COUNTING {
-        // few candidates: each one's rank counted (no branches, as comparisons of
-        // vectors); the k of rank below k, in order of position
+        // few candidates: each one's rank counted, the candidates ranked above it (larger,
+        // or equal and earlier), eight at a time as comparisons of vectors (no branches);
+        // the k of rank below k, in order of position
+        let mut keys = [i32::MIN; TOP_K_RANKED_BY_COUNTING];
+        keys[..count].copy_from_slice(key);
         let mut ranks = [0u32; TOP_K_RANKED_BY_COUNTING];
-        for (rank, &key) in ranks.iter_mut().zip(candidates) {
-            *rank = candidates.iter().map(|&other| u32::from(other > key)).sum();
+        // the candidates' indices, as 32-bit lanes too
+        let index: [i32; TOP_K_RANKED_BY_COUNTING] = std::array::from_fn(|i| i as i32);
+        let groups = count.div_ceil(8);
+        for (j, &kj) in key.iter().enumerate() {
+            let j = j as i32;
+            for ((r8, k8), i8) in ranks
+                .chunks_exact_mut(8)
+                .zip(keys.chunks_exact(8))
+                .zip(index.chunks_exact(8))
+                .take(groups)
+            {
+                for t in 0..8 {
+                    r8[t] += u32::from(kj > k8[t]) | u32::from((kj == k8[t]) & (j < i8[t]));
+                }
+            }
         }
         let ranks = &ranks[..count];
-        out.extend(
-            candidates
-                .iter()
-                .zip(ranks)
-                .filter(|&(_, &rank)| (rank as usize) < k)
-                .map(|(&key, _)| at + (u32::MAX - key as u32)),
-        );
+        // written always, kept when of rank below k (no branch per candidate)
+        let start = out.len();
+        out.resize(start + count, 0);
+        let mut kept = 0;
+        for (&p, &rank) in pos.iter().zip(ranks) {
+            out[start + kept] = at + p; // kept <= the candidate's index < count
+            kept += usize::from((rank as usize) < k);
+        }
+        out.truncate(start + kept);
         if count >= k + m {
             let at_rank = ranks.iter().position(|&r| r as usize == k + m - 1);
-            *bar = (candidates[at_rank.expect("distinct keys have every rank")] >> 32) as u32;
+            *bar = bar_of(key[at_rank.expect("distinct keys have every rank")]);
         } else if !above {
             *bar = 0;
         }
         return;
     }
+    // (ordered value, reversed position): distinct keys whose k largest are the k largest
+    // entries, the first of equal ones first
+    let long = |p: u32, c: i32| (u64::from(bar_of(c)) << 32) | u64::from(u32::MAX - p);
     work.clear();
-    work.extend_from_slice(candidates);
+    work.extend(pos.iter().zip(key).map(|(&p, &c)| long(p, c)));
     work.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
     let kth = work[k - 1];
     if count >= k + m {
@@ -514,10 +645,10 @@ fn top_k_above(
         *bar = 0;
     }
     out.extend(
-        candidates
-            .iter()
-            .filter(|&&key| key >= kth)
-            .map(|&key| at + (u32::MAX - key as u32)),
+        pos.iter()
+            .zip(key)
+            .filter(|&(&p, &c)| long(p, c) >= kth)
+            .map(|(&p, _)| at + p),
     );
 }
 
@@ -748,11 +879,56 @@ mod tests {
     }
 
     #[test]
+    fn gathered_above_the_bar_as_the_scalar_pass() {
+        // special values and ties, rows of every length around the vector width
+        let special = [
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e-40,
+        ];
+        for n in [0usize, 1, 7, 8, 9, 16, 23, 100, 1000] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| match i % 11 {
+                    3 => special[i % special.len()],
+                    _ => ((i as u32).wrapping_mul(2654435761) % 29) as f32 - 14.0,
+                })
+                .collect();
+            for bar in [
+                0,
+                ordered(-3.0),
+                ordered(-0.0),
+                ordered(0.0),
+                ordered(5.0),
+                u32::MAX,
+            ] {
+                let (mut pos, mut key) = (vec![0u32; n], vec![0i32; n]);
+                let (mut want_pos, mut want_key) = (vec![0u32; n], vec![0i32; n]);
+                let count = gather_above(&xs, bar, &mut pos, &mut key);
+                let want = gather_above_from(&xs, 0, 0, bar, &mut want_pos, &mut want_key);
+                assert_eq!(count, want, "n {n} bar {bar}");
+                assert_eq!(pos[..count], want_pos[..want], "n {n} bar {bar}");
+                assert_eq!(key[..count], want_key[..want], "n {n} bar {bar}");
+                // and what the scalar pass keeps is what the bar asks for
+                let kept: Vec<u32> = (0..n as u32)
+                    .filter(|&i| ordered(xs[i as usize]) >= bar)
+                    .collect();
+                assert_eq!(pos[..count], kept[..], "n {n} bar {bar}");
+            }
+        }
+    }
+
+    #[test]
     fn top_k_by_selection_gives_the_heap_s_set() {
         let mut order = Vec::new();
         let mut other = Vec::new();
         let mut values = Vec::new();
-        for n in [1usize, 2, 7, 64, 1000] {
+        // kept from call to call, as the rows of a block keep it (longer and shorter rows)
+        let mut scratch = AboveScratch::default();
+        for n in [1usize, 2, 7, 64, 1000, 9, 65, 40] {
             for seed in 0..20u32 {
                 // values with many ties
                 let xs: Vec<f32> = (0..n)
@@ -770,8 +946,7 @@ mod tests {
                         let mut bar = start;
                         for _ in 0..3 {
                             let mut above = vec![7u32];
-                            let (mut keys, mut work) = (Vec::new(), Vec::new());
-                            top_k_above(&xs, k, &mut bar, 5, &mut above, &mut keys, &mut work);
+                            top_k_above(&xs, k, &mut bar, 5, &mut above, &mut scratch);
                             let want: Vec<u32> = std::iter::once(7)
                                 .chain(order.iter().map(|&i| 5 + i as u32))
                                 .collect();
