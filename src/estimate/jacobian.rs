@@ -70,7 +70,7 @@ impl JacobianData {
                 })
             }
             JacobianData::Replay(r) => {
-                Ok(crate::tensors::from_slice(&r.jacobian()?)?.f_view(size)?)
+                Ok(r.jacobian()?.f_view(size)?)
             }
         }
     }
@@ -115,7 +115,7 @@ impl JacobianData {
                     None => out,
                 }
             }
-            JacobianData::Replay(r) => crate::tensors::from_slice(&r.vjp(&HostFloats::of(g)?)?)?,
+            JacobianData::Replay(r) => r.vjp(&HostFloats::of(g)?)?,
         })
     }
 
@@ -160,7 +160,7 @@ impl JacobianData {
                         .f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
                 yst.f_sub(&cst)?.f_mul_scalar(*scale)?
             }
-            JacobianData::Replay(r) => crate::tensors::from_slice(&r.jvp(&HostFloats::of(t)?)?)?,
+            JacobianData::Replay(r) => r.jvp(&HostFloats::of(t)?)?,
         })
     }
 
@@ -190,7 +190,7 @@ impl JacobianData {
                 // the smaller of the dense Jacobian and the dense samples (tch has no custom
                 // backward that could stream the tape's products)
                 if o * d <= n * (o + d) {
-                    let j = crate::tensors::from_slice(&r.jacobian()?)?.f_view([b, o, d])?;
+                    let j = r.jacobian()?.f_view([b, o, d])?;
                     return Ok(j.f_matmul(&delta.f_unsqueeze(2)?)?.f_squeeze_dim(2)?);
                 }
                 let (y, s) = r.dense_samples()?;

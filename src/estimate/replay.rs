@@ -17,6 +17,7 @@ use crate::error::{Error, Result, Status};
 use crate::kernels::blocks::{run_blocks, slots, take};
 use crate::noise::Noise;
 use crate::rng::Stream;
+use tch::Tensor;
 
 /// The most bytes of scores a tape keeps (beyond, they are drawn again for each product).
 pub(crate) const KEEP_SCORES_BYTES: usize = 16 << 20;
@@ -316,7 +317,7 @@ impl Replay {
     /// Runs `f(b, row, s_row, acc_b)` for every sample of every problem into float64 sums
     /// `acc_b` of `width` entries, then `finish(b, acc_b, out_b)` into the `out_width`
     /// float32 results of problem b; problems spread over all cores. Returns the results
-    /// `[batch, out_width]`, or TORCH_ERROR when memory runs out (every buffer is allocated
+    /// `[batch, out_width]` (a flat CPU float32 tensor), or TORCH_ERROR when memory runs out (every buffer is allocated
     /// fallibly, so a product too large for memory is an error, not an abort).
     fn per_sample(
         &self,
@@ -324,7 +325,7 @@ impl Replay {
         out_width: usize,
         f: impl Fn(usize, usize, &[f32], &mut [f64]) + Sync,
         finish: impl Fn(usize, &[f64], &mut [f32]) + Sync,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Tensor> {
         let (n, d) = (self.redraw.n, self.redraw.d);
         // a thread for at least PRODUCT_WORK entries of the sums (a smaller share costs
         // less than handing it over), and for at most one problem
@@ -349,9 +350,11 @@ impl Replay {
             .batch
             .checked_mul(out_width)
             .ok_or_else(|| no_memory(usize::MAX))?;
-        let mut out = zeros::<f32>(total)?;
+        // the results straight into the tensor handed back (no copy of them)
+        let mut out_tensor = zeroed_floats(total)?;
+        let out = crate::tensors::host_slice::<f32>(&mut out_tensor);
         // each problem writes its own results
-        let rows = slots(&mut out, (0..self.batch).map(|_| out_width));
+        let rows = slots(out, (0..self.batch).map(|_| out_width));
         run_blocks::<_, _, Error>(
             self.batch,
             &mut scratch,
@@ -372,7 +375,7 @@ impl Replay {
             |_, ()| Ok(()),
         )?;
         drop(rows);
-        Ok(out)
+        Ok(out_tensor)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -424,7 +427,7 @@ impl Replay {
     }
 
     /// Jᵀg per problem: `g` `[batch, o]` → `[batch, d]`.
-    pub fn vjp(&self, g: &[f32]) -> Result<Vec<f32>> {
+    pub fn vjp(&self, g: &[f32]) -> Result<Tensor> {
         let (o, d) = (self.o(), self.redraw.d);
         // ⟨c_b, g_b⟩, subtracted from every sample's ⟨Y_n, g_b⟩
         let cg: Vec<f64> = (0..self.batch)
@@ -469,7 +472,7 @@ impl Replay {
     }
 
     /// J t per problem: `t` `[batch, d]` → `[batch, o]`.
-    pub fn jvp(&self, t: &[f32]) -> Result<Vec<f32>> {
+    pub fn jvp(&self, t: &[f32]) -> Result<Tensor> {
         let (o, d) = (self.o(), self.redraw.d);
         // t ⊙ scale · col_scale, so that each sample needs ⟨s_n, t'⟩ only
         let t: Vec<f64> = t
@@ -499,7 +502,7 @@ impl Replay {
     }
 
     /// J per problem, `[batch, o, d]`.
-    pub fn jacobian(&self) -> Result<Vec<f32>> {
+    pub fn jacobian(&self) -> Result<Tensor> {
         let (o, d) = (self.o(), self.redraw.d);
         // per problem: Σ_n Y_n s_nᵀ in the first o·d entries, Σ_n s_n in the last d
         self.per_sample(
@@ -535,6 +538,22 @@ fn zeros<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
     v.try_reserve_exact(len).map_err(|_| no_memory(len))?;
     v.resize(len, T::default());
     Ok(v)
+}
+
+/// A flat CPU float32 tensor of `len` zeros, made and zeroed without a libtorch kernel (a
+/// large fill would start its OpenMP workers), or TORCH_ERROR when memory runs out.
+fn zeroed_floats(len: usize) -> Result<Tensor> {
+    if !crate::tensors::fits_in_memory(len as u128 * 4) {
+        return Err(no_memory(len));
+    }
+    let t = Tensor::f_empty([len as i64], (tch::Kind::Float, tch::Device::Cpu))
+        .map_err(|_| no_memory(len))?;
+    if len > 0 {
+        // SAFETY: a fresh contiguous CPU float32 tensor of `len` elements, not aliased;
+        // all-zero bytes are the float 0.0.
+        unsafe { std::ptr::write_bytes(t.data_ptr() as *mut f32, 0, len) };
+    }
+    Ok(t)
 }
 
 fn no_memory(len: usize) -> Error {
