@@ -121,6 +121,15 @@ impl Shared {
             k < self.combined.load(Ordering::SeqCst) + self.window
                 || self.stop.load(Ordering::SeqCst)
         };
+        // looked for during PIPELINE_SPIN first: the calling thread usually moves the
+        // window within microseconds, and a sleeping thread can take far longer to wake
+        let start = std::time::Instant::now();
+        while !open() {
+            if start.elapsed() >= PIPELINE_SPIN {
+                break;
+            }
+            std::hint::spin_loop();
+        }
         if open() {
             return;
         }
@@ -269,7 +278,7 @@ fn drive<'env, S: Send, R: Send, E: Send>(
         while k >= shared.combined.load(Ordering::SeqCst) + shared.window
             && !shared.stop.load(Ordering::SeqCst)
         {
-            let Ok((j, result)) = receive.recv() else {
+            let Some((j, result)) = wait_recv(&receive) else {
                 break; // every helper has left (one panicked): do the block anyway
             };
             pending.insert(j, result);
@@ -292,7 +301,7 @@ fn drive<'env, S: Send, R: Send, E: Send>(
     if !failed {
         // the helpers' last blocks: the channel ends when every helper has left, and
         // each has handed over every block it took
-        for (k, result) in receive.iter() {
+        while let Some((k, result)) = wait_recv(&receive) {
             pending.insert(k, result);
             if !drain(&mut pending, &mut outcome) {
                 break;
@@ -429,6 +438,14 @@ pub(crate) fn run_pipelined<S: Send, P: Send, E>(
         std::panic::resume_unwind(payload);
     }
     outcome
+}
+
+/// The next block a helper hands over to the calling thread, looked for during
+/// [`PIPELINE_SPIN`] before waiting: a thread that sleeps for it may take far longer to
+/// wake up than the helper takes to finish (on a virtual machine, its core may have to
+/// be woken too); None once every helper has left.
+fn wait_recv<T>(receive: &mpsc::Receiver<T>) -> Option<T> {
+    super::workers::recv_after_spin(receive, PIPELINE_SPIN, std::hint::spin_loop)
 }
 
 /// The next message of `receive`, looked for during [`PIPELINE_SPIN`] before waiting
