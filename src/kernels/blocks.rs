@@ -128,7 +128,7 @@ impl Shared {
             if start.elapsed() >= PIPELINE_SPIN {
                 break;
             }
-            std::hint::spin_loop();
+            std::thread::yield_now(); // the core to any thread that wants it (oversubscribed)
         }
         if open() {
             return;
@@ -445,7 +445,7 @@ pub(crate) fn run_pipelined<S: Send, P: Send, E>(
 /// wake up than the helper takes to finish (on a virtual machine, its core may have to
 /// be woken too); None once every helper has left.
 fn wait_recv<T>(receive: &mpsc::Receiver<T>) -> Option<T> {
-    super::workers::recv_after_spin(receive, PIPELINE_SPIN, std::hint::spin_loop)
+    super::workers::recv_after_spin(receive, PIPELINE_SPIN, std::thread::yield_now)
 }
 
 /// The next message of `receive`, looked for during [`PIPELINE_SPIN`] before waiting
