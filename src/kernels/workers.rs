@@ -17,12 +17,16 @@ use std::thread::JoinHandle;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-/// How long a shared helper keeps looking for its next job after one ends before it
-/// sleeps: calls that come in quick succession (a forward call and its VJP, the
+/// How long a shared helper, or an op's worker, keeps looking for its next job after one
+/// ends before it sleeps: calls that come in quick succession (a forward call and its VJP, the
 /// mini-batches of a training loop) then find it awake instead of paying its wake-up
 /// (tens of microseconds, more than the work of a small call). It yields its core to any
 /// other thread that wants it while it looks.
 const HELPER_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// How long the thread that lent jobs to workers looks for their end (yielding its core)
+/// before it sleeps.
+const WAIT_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// The next message of `receive`: looked for during `spin` (calling `pause` between
 /// looks: a yield or a spin hint), then waited for; None once every sender is gone.
@@ -188,10 +192,10 @@ impl Latch {
 }
 
 impl Workers {
-    /// Starts `count` (>= 1) threads named `pert-worker-<w>`; an error names what the
-    /// system refused.
+    /// Starts `count` (>= 1) threads named `pert-worker-<w>` (each looks for its next job
+    /// during [`HELPER_SPIN`] after one); an error names what the system refused.
     pub(crate) fn new(count: usize) -> std::io::Result<Workers> {
-        Workers::named(count, "pert-worker", std::time::Duration::ZERO)
+        Workers::named(count, "pert-worker", HELPER_SPIN)
     }
 
     /// [`Workers::new`] with threads named `<name>-<w>`.
@@ -280,9 +284,18 @@ impl Workers {
             // a job that cannot be sent is dropped here, unrun, and counted
             let _ = self.senders[w].send(job_of(lent));
         }
+        // looked for (yielding the core) during WAIT_SPIN before sleeping: jobs of a small
+        // call end within microseconds, and a sleeping thread can take far longer to wake
+        let start = std::time::Instant::now();
         let mut state = latch.state.lock().unwrap_or_else(|e| e.into_inner());
         while state.0 > 0 {
-            state = latch.done.wait(state).unwrap_or_else(|e| e.into_inner());
+            if start.elapsed() < WAIT_SPIN {
+                drop(state);
+                std::thread::yield_now();
+                state = latch.state.lock().unwrap_or_else(|e| e.into_inner());
+            } else {
+                state = latch.done.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
         }
         if let Some(panic) = state.1.take() {
             drop(state);
