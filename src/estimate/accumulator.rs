@@ -273,8 +273,10 @@ impl Accumulator {
     }
 
     /// The buffer for the scores `[batch, N, d]` of a tape that keeps them, taken out so
-    /// that the pipeline can fill it (every value) while the accumulator takes sums; give
-    /// it back with [`Accumulator::put_scores`].
+    /// that the pipeline can fill it while the accumulator takes sums: empty, with room
+    /// for every score (not zeroed: the pipeline writes each value once); give it back,
+    /// all written, with [`Accumulator::put_scores`] (a tape whose scores are not all
+    /// there draws them again).
     pub fn take_scores(&mut self) -> Option<Vec<f32>> {
         match &mut self.jacobian {
             Some(JacobianSums::Replay { scores, .. }) => scores.take(),
@@ -418,6 +420,8 @@ impl Accumulator {
                 assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
                 let center = center.as_ref().map(host_floats).transpose()?;
                 let col_scale = col_scale.as_ref().map(host_floats).transpose()?;
+                // scores that are not all there are drawn again
+                let scores = scores.filter(|s| s.len() == batch * n * redraw.d);
                 Some(JacobianData::Replay(Replay {
                     rows,
                     redraw,
@@ -511,7 +515,7 @@ impl Accumulator {
     }
 }
 
-/// A buffer for the scores `[batch, n, d]` of a tape of solutions, when they take at most
+/// Room (an empty buffer) for the scores `[batch, n, d]` of a tape of solutions, when they take at most
 /// [`KEEP_SCORES_BYTES`], the tape still fits in `max_tape_bytes` (0: no limit) whatever
 /// its solutions take (dense rows of `o` values and their ends, the centre), and memory
 /// allows; else None (they are drawn again).
@@ -537,7 +541,6 @@ fn kept_scores(
     }
     let mut v = Vec::new();
     v.try_reserve_exact(len).ok()?;
-    v.resize(len, 0f32);
     Some(v)
 }
 

@@ -69,9 +69,7 @@ impl JacobianData {
                     None => j,
                 })
             }
-            JacobianData::Replay(r) => {
-                Ok(r.jacobian()?.f_view(size)?)
-            }
+            JacobianData::Replay(r) => Ok(r.jacobian()?.f_view(size)?),
         }
     }
 

@@ -119,15 +119,17 @@ impl OpSpec {
                 .filter(|&m| 2 * m <= o),
             _ => None,
         };
-        // per solver thread: noise (unless drawn into the tape's kept scores), scores
-        // (Jacobian sums only), perturbed inputs, solutions, and the tiles of the sums
+        // the room for the tape's kept scores (not zeroed: each block writes its own)
         let mut kept = acc.take_scores();
-        // Normal noise is its own score (both models): drawn straight into the kept scores
+        // Normal noise is its own score (both models): the kept scores are the noise
         let direct = kept.is_some() && c.noise() == crate::noise::Noise::Normal && !c.antithetic();
+        // per solver thread: noise, scores (Jacobian sums, or kept scores other than the
+        // noise), perturbed inputs, solutions, and the tiles of the sums
+        let scores_drawn = sums_form || (kept.is_some() && !direct);
         let mut scratch: Vec<Scratch> = (0..buffer_sets)
             .map(|_| Scratch {
-                z: vec![0f32; if direct { 0 } else { block_rows * d }],
-                s: vec![0f32; if sums_form { block_rows * d } else { 0 }],
+                z: vec![0f32; block_rows * d],
+                s: vec![0f32; if scores_drawn { block_rows * d } else { 0 }],
                 x: vec![0f32; block_rows * d],
                 y: vec![
                     0f32;
@@ -154,15 +156,24 @@ impl OpSpec {
             (first, count, n0, rows)
         };
         // the tape's kept scores, each block's rows (consecutive in the call's
-        // problem-major order) written by that block
-        let kept_slots = match kept.as_deref_mut() {
-            Some(all) => slots(
-                all,
-                (0..blocks).map(|g| {
-                    let (_, count, _, rows) = block_at(g);
-                    count * rows * d
-                }),
-            ),
+        // problem-major order) written by that block, once
+        let all_scores = batch * n * d;
+        let kept_slots = match kept.as_mut() {
+            Some(all) => {
+                let lens: Vec<usize> = (0..blocks)
+                    .map(|g| {
+                        let (_, count, _, rows) = block_at(g);
+                        count * rows * d
+                    })
+                    .collect();
+                // the blocks' parts cover the scores exactly (they are all written below
+                // before the length is set)
+                assert_eq!(lens.iter().sum::<usize>(), all_scores);
+                slots(
+                    &mut all.spare_capacity_mut()[..all_scores],
+                    lens.into_iter(),
+                )
+            }
             None => Vec::new(),
         };
         // blocks of whole problems add their samples straight into their problems' sums
@@ -187,22 +198,16 @@ impl OpSpec {
         // the sums of each problem of the block (or of the block of one problem; none for
         // blocks of whole problems), and the solutions, for a tape that keeps them
         type Block = (Vec<ProblemSums>, Option<SolutionRows>);
-        // the first stage of a block: its noise (and scores) drawn, its inputs perturbed;
-        // returns the block's kept scores when its noise was drawn straight into them
+        // the first stage of a block: its noise (and scores) drawn, its inputs perturbed,
+        // its part of the tape's kept scores written
         let prepare = |g: usize, buffers: &mut Scratch| {
             let (first, count, n0, rows) = block_at(g);
             let total_rows = count * rows;
             let Scratch { z, s, x, .. } = buffers;
-            let x = &mut x[..total_rows * d];
-            // the noise drawn into the kept scores, or into the scratch (the kept scores,
-            // if any, then made from it; the scores for Jacobian sums into `s`; a tape of
+            let (z, x) = (&mut z[..total_rows * d], &mut x[..total_rows * d]);
+            // the noise, and the scores for Jacobian sums or the tape into `s` (a tape of
             // solutions that keeps none draws them again later)
-            let slot = take(&kept_slots, g);
-            let (mut drawn, mut kept) = if direct { (slot, None) } else { (None, slot) };
-            let z: &mut [f32] = match drawn.as_deref_mut() {
-                Some(kept) => kept,
-                None => &mut z[..total_rows * d],
-            };
+            let kept = take(&kept_slots, g);
             for i in 0..count {
                 let b = first + i;
                 let part = i * rows * d..(i + 1) * rows * d;
@@ -210,10 +215,10 @@ impl OpSpec {
                     c.noise()
                         .fill(stream, ((b * n + n0) * d) as u64, &mut z[part.clone()]);
                 } else {
-                    let s_i: &mut [f32] = match kept.as_deref_mut() {
-                        Some(kept) => &mut kept[part.clone()],
-                        None if sums_form => &mut s[part.clone()],
-                        None => &mut [],
+                    let s_i: &mut [f32] = if scores_drawn {
+                        &mut s[part.clone()]
+                    } else {
+                        &mut []
                     };
                     c.noise().draw_samples(
                         stream,
@@ -232,14 +237,18 @@ impl OpSpec {
                     &mut x[part],
                 );
             }
-            drawn
+            // the block's kept scores: its noise (Normal) or the scores drawn, while they
+            // are in cache
+            if let Some(kept) = kept {
+                let scores: &[f32] = if direct { z } else { &s[..total_rows * d] };
+                assert_eq!(kept.len(), scores.len());
+                for (k, &v) in kept.iter_mut().zip(scores) {
+                    k.write(v);
+                }
+            }
         };
         // the second stage: the block solved (by `worker`), its sums and solutions taken
-        let finish = |g: usize,
-                      worker: usize,
-                      buffers: &mut Scratch,
-                      drawn: Option<&mut [f32]>|
-         -> Result<Block> {
+        let finish = |g: usize, worker: usize, buffers: &mut Scratch| -> Result<Block> {
             let (first, count, n0, rows) = block_at(g);
             let total_rows = count * rows;
             let Scratch {
@@ -257,11 +266,7 @@ impl OpSpec {
                 total_rows * o
             };
             let (x, y) = (&mut x[..total_rows * d], &mut y[..y_len]);
-            // the block's noise, where it was drawn
-            let z: &[f32] = match drawn {
-                Some(kept) => kept,
-                None => &z[..total_rows * d],
-            };
+            let z: &[f32] = &z[..total_rows * d];
             // the block's rows are consecutive in the call's problem-major order: one
             // solver call for all of them
             let first_row = (first * n + n0) as u64;
@@ -364,8 +369,8 @@ impl OpSpec {
             Ok(())
         };
         let work = |g: usize, worker: usize, buffers: &mut Scratch| -> Result<Block> {
-            let drawn = prepare(g, buffers);
-            finish(g, worker, buffers, drawn)
+            prepare(g, buffers);
+            finish(g, worker, buffers)
         };
         match host_solver.and_then(HostSolver::workers) {
             // a solver with workers: every block on them (worker w is always one thread)
@@ -375,8 +380,8 @@ impl OpSpec {
             None if pipelined => {
                 let mut combine = combine;
                 let [a, b]: [Scratch; 2] = scratch.try_into().ok().expect("two buffers");
-                run_pipelined(blocks, &mut [a, b], prepare, |g, buffers, drawn| {
-                    combine(g, finish(g, 0, buffers, drawn)?)
+                run_pipelined(blocks, &mut [a, b], prepare, |g, buffers, ()| {
+                    combine(g, finish(g, 0, buffers)?)
                 })?
             }
             // the calling thread works too (it is worker 0)
@@ -393,7 +398,12 @@ impl OpSpec {
         // every block ran (else the call failed above): all the kept scores and the
         // sums of whole problems are written
         drop((kept_slots, sum_slots, objective_slots, weighted_slots));
-        if let Some(kept) = kept {
+        if let Some(mut kept) = kept {
+            // SAFETY: the room holds `all_scores` floats (reserved by the accumulator for
+            // batch · N · d), and every block ran (else the call failed above, dropping the
+            // room unread), each writing every float of its part; the parts cover
+            // 0 .. all_scores (asserted where they were cut).
+            unsafe { kept.set_len(all_scores) };
             acc.put_scores(kept);
         }
         if let Some(host_sums) = host_sums {

@@ -133,6 +133,9 @@ impl Accumulator {
             }) => {
                 rows.shrink();
                 assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
+                // scores that are not all there (none were drawn into the room) are drawn
+                // again
+                let scores = scores.filter(|s| s.len() == batch * n * redraw.d);
                 Some(JacobianData::Replay(Replay {
                     rows,
                     redraw,
