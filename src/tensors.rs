@@ -114,3 +114,67 @@ pub(crate) fn from_slice<T: tch::kind::Element>(values: &[T]) -> Result<Tensor> 
     }
     Ok(t)
 }
+
+/// `f` on a 1-d CPU tensor that views `values` in place (no copy), for an input that a call
+/// only reads: `f` must not keep the view (or a shallow copy of it) past its return and
+/// must not write through it. A result of `f` that shares the view's memory is copied
+/// before the view ends, so what is returned never refers to `values`.
+pub(crate) fn with_view<T: tch::kind::Element>(
+    values: &[T],
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if values.is_empty() {
+        return f(&from_slice(values)?); // an empty slice has no usable pointer
+    }
+    // SAFETY: `values.len()` elements of T, contiguous and readable while `values` is
+    // borrowed, which outlasts the view: it is dropped at the end of this function, and
+    // `f` keeps no copy of it (its contract).
+    let view = unsafe {
+        Tensor::from_blob(
+            values.as_ptr() as *const u8,
+            &[values.len() as i64],
+            &[1],
+            T::KIND,
+            Device::Cpu,
+        )
+    };
+    let out = f(&view)?;
+    let (start, end) = (
+        values.as_ptr() as usize,
+        values.as_ptr() as usize + std::mem::size_of_val(values),
+    );
+    let at = out.data_ptr() as usize;
+    if out.numel() > 0 && out.device() == Device::Cpu && (start..end).contains(&at) {
+        return copy(&out); // shares the viewed memory: made independent of it
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_never_outlives_its_call() {
+        let values = vec![1.0f32, 2.0, 3.0, 4.0];
+        let range = values.as_ptr() as usize..values.as_ptr() as usize + 16;
+        // a result made from the view is its own tensor
+        let doubled = with_view(&values, |v| Ok(v.f_mul_scalar(2.0)?)).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(&doubled).unwrap(),
+            [2.0, 4.0, 6.0, 8.0]
+        );
+        // results that share the view (itself, a part of it) are copied
+        for part in [0i64, 2] {
+            let same = with_view(&values, |v| Ok(v.f_narrow(0, part, 4 - part)?)).unwrap();
+            assert!(!range.contains(&(same.data_ptr() as usize)), "part {part}");
+            assert_eq!(
+                Vec::<f32>::try_from(&same).unwrap(),
+                values[part as usize..].to_vec()
+            );
+        }
+        // an empty input
+        let empty = with_view::<f32>(&[], |v| Ok(v.shallow_clone())).unwrap();
+        assert_eq!(empty.numel(), 0);
+    }
+}

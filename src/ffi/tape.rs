@@ -46,10 +46,13 @@ pub unsafe extern "C" fn pert_tape_vjp(
         let tape = &unsafe { arg(tape, "tape") }?.inner;
         let (b, d, o) = sizes(tape)?;
         let out = unsafe { output(grad_input, b * d, "grad_input") }?;
-        // copied before anything is written: grad_input may overlap grad_output
-        let g = crate::tensors::from_slice(unsafe { slice(grad_output, b * o, "grad_output") }?)?
-            .f_reshape(batched(b, tape.output_shape()))?;
-        out.stage(&tape.vjp(&g)?)?.write();
+        // viewed in place and read before anything is written (grad_input may overlap
+        // grad_output): the product is a new tensor
+        let g = unsafe { slice(grad_output, b * o, "grad_output") }?;
+        let product = crate::tensors::with_view(g, |g| {
+            tape.vjp(&g.f_reshape(batched(b, tape.output_shape()))?)
+        })?;
+        out.stage(&product)?.write();
         Ok(())
     })
 }
@@ -71,11 +74,13 @@ pub unsafe extern "C" fn pert_tape_jvp(
         let tape = &unsafe { arg(tape, "tape") }?.inner;
         let (b, d, o) = sizes(tape)?;
         let out = unsafe { output(tangent_output, b * o, "tangent_output") }?;
-        // copied before anything is written: tangent_output may overlap tangent_input
-        let t =
-            crate::tensors::from_slice(unsafe { slice(tangent_input, b * d, "tangent_input") }?)?
-                .f_reshape(batched(b, tape.input_shape()))?;
-        out.stage(&tape.jvp(&t)?)?.write();
+        // viewed in place and read before anything is written (tangent_output may overlap
+        // tangent_input): the product is a new tensor
+        let t = unsafe { slice(tangent_input, b * d, "tangent_input") }?;
+        let product = crate::tensors::with_view(t, |t| {
+            tape.jvp(&t.f_reshape(batched(b, tape.input_shape()))?)
+        })?;
+        out.stage(&product)?.write();
         Ok(())
     })
 }
