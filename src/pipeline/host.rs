@@ -13,7 +13,7 @@ use crate::pipeline::plan::{
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
 use crate::solver::SolveInfo;
-use crate::tensors::host_floats;
+use crate::tensors::{host_floats, HostFloats};
 use tch::Tensor;
 
 impl OpSpec {
@@ -42,9 +42,15 @@ impl OpSpec {
         let keep_solutions = acc.keeps_solutions();
         let per = self.rows_per_block(sums_form);
         let per_problem = n.div_ceil(per);
-        // a copy (batch · d floats, against batch · N · d of work): the solvers run while
-        // it is read, and a Rust solver could reach the caller's tensor
-        let theta_host: &[f32] = &host_floats(theta)?;
+        // a copy (batch · d floats, against batch · N · d of work) when the caller's
+        // solver runs while it is read (a Rust solver could reach the caller's tensor);
+        // read in place for the built-ins and provided solutions (no code of the
+        // caller's runs during the call)
+        let theta_host = match source {
+            Source::Solver(SolverKind::Host(_)) => HostFloats::Copied(host_floats(theta)?),
+            _ => HostFloats::of(theta)?,
+        };
+        let theta_host: &[f32] = &theta_host;
         let batch = theta_host.len() / d.max(1);
         // a block is `per_problem` blocks of one problem, or, when a problem's samples fit
         // in one block, several whole problems (up to `per` rows; one per block with

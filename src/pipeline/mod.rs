@@ -18,7 +18,7 @@ use crate::pipeline::solve::provided;
 use crate::rng::Stream;
 use crate::settings::Baseline;
 use crate::solver::SolveInfo;
-use crate::tensors::host_floats;
+use crate::tensors::HostFloats;
 use tch::{Device, Tensor};
 
 pub(crate) use plan::OpSpec;
@@ -129,7 +129,9 @@ impl OpSpec {
                     last: *self.input_shape.last().expect("built-ins have rank >= 1") as usize,
                 };
                 let cores = c.library_threads();
-                let theta_host = host_floats(theta)?;
+                // read in place: no code of the caller's runs during the call
+                let theta_values = HostFloats::of(theta)?;
+                let theta_host: &[f32] = &theta_values;
                 let batch = theta_host.len() / d;
                 if kernel.blocks(n) >= cores || batch == 1 {
                     // enough blocks within each problem for every core
