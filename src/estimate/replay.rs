@@ -17,6 +17,7 @@ use crate::error::{Error, Result, Status};
 use crate::kernels::blocks::{run_blocks, slots, take};
 use crate::noise::Noise;
 use crate::rng::Stream;
+use std::mem::MaybeUninit;
 use tch::Tensor;
 
 /// The most bytes of scores a tape keeps (beyond, they are drawn again for each product).
@@ -324,7 +325,7 @@ impl Replay {
         width: usize,
         out_width: usize,
         f: impl Fn(usize, usize, &[f32], &mut [f64]) + Sync,
-        finish: impl Fn(usize, &[f64], &mut [f32]) + Sync,
+        finish: impl Fn(usize, &[f64], &mut [MaybeUninit<f32>]) + Sync,
     ) -> Result<Tensor> {
         let (n, d) = (self.redraw.n, self.redraw.d);
         // a thread for at least PRODUCT_WORK entries of the sums (a smaller share costs
@@ -351,8 +352,20 @@ impl Replay {
             .checked_mul(out_width)
             .ok_or_else(|| no_memory(usize::MAX))?;
         // the results straight into the tensor handed back (no copy of them)
-        let mut out_tensor = zeroed_floats(total)?;
-        let out = crate::tensors::host_slice::<f32>(&mut out_tensor);
+        let out_tensor = uninit_floats(total)?;
+        let out: &mut [MaybeUninit<f32>] = if total == 0 {
+            &mut []
+        } else {
+            // SAFETY: a fresh contiguous CPU float32 tensor of `total` elements, not aliased
+            // while this slice lives, as uninitialized floats (each problem's `finish`
+            // writes all of its row; on an error the tensor is dropped unread)
+            unsafe {
+                std::slice::from_raw_parts_mut(
+                    out_tensor.data_ptr() as *mut MaybeUninit<f32>,
+                    total,
+                )
+            }
+        };
         // each problem writes its own results
         let rows = slots(out, (0..self.batch).map(|_| out_width));
         run_blocks::<_, _, Error>(
@@ -459,12 +472,12 @@ impl Replay {
             |b, acc, out| match &self.col_scale {
                 None => {
                     for (o, &v) in out.iter_mut().zip(acc) {
-                        *o = (v * self.scale) as f32;
+                        o.write((v * self.scale) as f32);
                     }
                 }
                 Some(cs) => {
                     for ((o, &v), &c) in out.iter_mut().zip(acc).zip(&cs[b * d..(b + 1) * d]) {
-                        *o = (v * (self.scale * f64::from(c))) as f32;
+                        o.write((v * (self.scale * f64::from(c))) as f32);
                     }
                 }
             },
@@ -495,7 +508,7 @@ impl Replay {
             },
             |b, acc, out| {
                 for (i, y) in out.iter_mut().enumerate() {
-                    *y = (acc[i] - self.centre(b * o + i) * acc[o]) as f32;
+                    y.write((acc[i] - self.centre(b * o + i) * acc[o]) as f32);
                 }
             },
         )
@@ -522,7 +535,7 @@ impl Replay {
                 for (k, y) in out.iter_mut().enumerate() {
                     let (i, j) = (k / d, k % d);
                     let c = self.centre(b * o + i);
-                    *y = ((acc[k] - c * acc[o * d + j]) * self.column(b, j)) as f32;
+                    y.write(((acc[k] - c * acc[o * d + j]) * self.column(b, j)) as f32);
                 }
             },
         )
@@ -540,20 +553,13 @@ fn zeros<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
     Ok(v)
 }
 
-/// A flat CPU float32 tensor of `len` zeros, made and zeroed without a libtorch kernel (a
-/// large fill would start its OpenMP workers), or TORCH_ERROR when memory runs out.
-fn zeroed_floats(len: usize) -> Result<Tensor> {
+/// A flat CPU float32 tensor of `len` values, not initialized (to be written in full), or
+/// TORCH_ERROR when memory runs out.
+fn uninit_floats(len: usize) -> Result<Tensor> {
     if !crate::tensors::fits_in_memory(len as u128 * 4) {
         return Err(no_memory(len));
     }
-    let t = Tensor::f_empty([len as i64], (tch::Kind::Float, tch::Device::Cpu))
-        .map_err(|_| no_memory(len))?;
-    if len > 0 {
-        // SAFETY: a fresh contiguous CPU float32 tensor of `len` elements, not aliased;
-        // all-zero bytes are the float 0.0.
-        unsafe { std::ptr::write_bytes(t.data_ptr() as *mut f32, 0, len) };
-    }
-    Ok(t)
+    Tensor::f_empty([len as i64], (tch::Kind::Float, tch::Device::Cpu)).map_err(|_| no_memory(len))
 }
 
 fn no_memory(len: usize) -> Error {
