@@ -71,14 +71,25 @@ impl OpSpec {
             && c.effective_threads() == 1
             && c.library_threads() >= 2
             && values >= 2 * HOST_THREAD_VALUES;
+        let builtin = matches!(source, Source::Solver(SolverKind::Builtin(_)));
+        // callbacks get the config's solver threads; built-ins use every core (up to the
+        // config's cap), a core for at least HOST_THREAD_VALUES perturbed values (a smaller
+        // share costs less than handing it over)
+        let threads = if builtin {
+            c.library_threads().min(values / HOST_THREAD_VALUES)
+        } else {
+            c.effective_threads()
+        }
+        .max(1);
         let group = if per_problem == 1 && !sums_form {
             // about HOST_BLOCK_MIN_ROWS rows, and the batch still cut into about
-            // HOST_BLOCKS blocks (PIPELINE_BLOCKS for two stages; a problem's sums do not
-            // depend on the blocks it is grouped in)
+            // BLOCKS_PER_THREAD blocks a thread, at most HOST_BLOCKS (PIPELINE_BLOCKS for
+            // two stages): each block a hand-over between threads (a problem's sums do
+            // not depend on the blocks it is grouped in)
             let cut = if pipelined {
                 PIPELINE_BLOCKS
             } else {
-                HOST_BLOCKS
+                (BLOCKS_PER_THREAD * threads).min(HOST_BLOCKS)
             };
             (HOST_BLOCK_MIN_ROWS / n.max(1))
                 .max(if pipelined {
@@ -98,15 +109,6 @@ impl OpSpec {
             batch.div_ceil(group)
         } else {
             batch * per_problem
-        };
-        let builtin = matches!(source, Source::Solver(SolverKind::Builtin(_)));
-        // callbacks get the config's solver threads; built-ins use every core (up to the
-        // config's cap), a core for at least HOST_THREAD_VALUES perturbed values (a smaller
-        // share costs less than handing it over)
-        let threads = if builtin {
-            c.library_threads().min(values / HOST_THREAD_VALUES)
-        } else {
-            c.effective_threads()
         };
         let threads = threads.clamp(1, blocks.max(1));
         let pipelined = pipelined && blocks >= 2;
@@ -418,6 +420,10 @@ impl OpSpec {
         Ok(())
     }
 }
+
+/// About how many blocks of whole problems each thread of a call takes (enough for the
+/// threads to end together; fewer blocks, fewer hand-overs).
+const BLOCKS_PER_THREAD: usize = 4;
 
 /// The buffers of one solver thread of the host pipeline.
 struct Scratch {
