@@ -92,10 +92,32 @@ impl SolutionRows {
     /// Appends the rows of `y` `[rows, o]`. Memory grows with what the rows take (sparse
     /// rows take a few words), never by a worst case; TORCH_ERROR when it cannot.
     pub fn push(&mut self, y: &[f32]) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::fastmath::has_avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.push_avx2(y) };
+        }
+        self.push_impl(y)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn push_avx2(&mut self, y: &[f32]) -> Result<()> {
+        self.push_impl(y)
+    }
+
+    #[inline(always)]
+    fn push_impl(&mut self, y: &[f32]) -> Result<()> {
         let rows = y.len() / self.o.max(1);
         self.reserve(rows, 0)?;
+        // bit j set when entry j of the 8 is not ±0 (a vector compare)
+        let mask = |run: &[f32]| {
+            run.iter()
+                .enumerate()
+                .fold(0u32, |m, (j, &v)| m | (u32::from(v != 0.0) << j))
+        };
         for row in y.chunks_exact(self.o) {
-            let nonzero = row.iter().map(|&v| usize::from(v != 0.0)).sum::<usize>();
+            let nonzero = row.iter().map(|&v| u32::from(v != 0.0)).sum::<u32>() as usize;
             self.reserve(0, self.o.min(2 * nonzero))?;
             if 2 * nonzero > self.o {
                 self.words.extend(row.iter().map(|v| v.to_bits()));
@@ -103,10 +125,13 @@ impl SolutionRows {
             } else {
                 // the indices (runs of 8 zeros skipped with one test), then the values
                 let start = self.words.len();
-                for (c, run) in row.chunks(8).enumerate() {
-                    if run.iter().fold(0u32, |a, v| a | (v.to_bits() << 1)) != 0 {
-                        let at = run.iter().enumerate().filter(|(_, &v)| v != 0.0);
-                        self.words.extend(at.map(|(j, _)| (8 * c + j) as u32));
+                let (runs, tail) = row.as_chunks::<8>();
+                let runs = runs.iter().map(|r| &r[..]).chain(std::iter::once(tail));
+                for (c, run) in runs.enumerate() {
+                    let mut m = mask(run);
+                    while m != 0 {
+                        self.words.push(8 * c as u32 + m.trailing_zeros());
+                        m &= m - 1;
                     }
                 }
                 for k in start..start + nonzero {
@@ -627,5 +652,32 @@ mod tests {
         assert_eq!(back, y);
         // 1 sparse entry (2 words) + 4 whole + 0, and 3 ends
         assert_eq!(a.bytes(), 3 * 8 + 6 * 4);
+    }
+
+    #[test]
+    fn sparse_rows_find_every_non_zero_in_runs_and_tail() {
+        // rows over several 8-entry runs and a tail, with -0.0 (a zero) and NaN (not one)
+        for o in [1usize, 7, 8, 9, 17, 40, 1003] {
+            let mut y = vec![0f32; 3 * o];
+            for (r, at) in [(0, 0), (0, o - 1), (1, o / 2), (2, o - 1)] {
+                y[r * o + at] = 1.0 + at as f32;
+            }
+            y[o / 3] = -0.0;
+            if o > 2 {
+                y[2 * o + 1] = f32::NAN;
+            }
+            let mut rows = SolutionRows::new(o);
+            rows.push(&y).unwrap();
+            let mut back = vec![0f32; 3 * o];
+            for r in 0..3 {
+                rows.for_each(r, |i, v| back[r * o + i] = v);
+            }
+            for (i, (&a, &b)) in back.iter().zip(&y).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits() || (a == 0.0 && b == 0.0),
+                    "o {o} at {i}"
+                );
+            }
+        }
     }
 }
