@@ -343,8 +343,9 @@ impl Replay {
     /// Runs `f(b, row, s_row, acc_b)` for every sample of every problem into float64 sums
     /// `acc_b` of `width` entries, then `finish(b, acc_b, out_b)` into the `out_width`
     /// float32 results of problem b; problems spread over all cores. Returns the results
-    /// `[batch, out_width]` (a flat CPU float32 tensor), or TORCH_ERROR when memory runs out (every buffer is allocated
-    /// fallibly, so a product too large for memory is an error, not an abort).
+    /// `[batch, out_width]` (a flat CPU float32 tensor), or TORCH_ERROR when memory runs
+    /// out (every buffer is allocated fallibly, so a product too large for memory is an
+    /// error, not an abort).
     fn per_sample(
         &self,
         width: usize,
