@@ -53,6 +53,22 @@ impl PerturbedOp {
         )
     }
 
+    /// [`PerturbedOp::new`] for the C layer, which always passes theta in a tensor of its
+    /// own (a copy of the caller's buffer): calls read it in place while the callback runs.
+    pub(crate) fn new_with_private_theta(
+        config: &Config,
+        input_shape: &[i64],
+        output_shape: &[i64],
+        solver: impl Solver + 'static,
+    ) -> Result<PerturbedOp> {
+        PerturbedOp::with_solver(
+            config,
+            input_shape,
+            output_shape,
+            SolverKind::Host(Arc::new(HostSolver::plain(solver).with_private_theta())),
+        )
+    }
+
     /// An op over a solver with state per worker, run by the op's own persistent worker
     /// threads (the config's solver threads; 0: one per core within `max_threads`): worker
     /// w is always the same thread, its `init` runs there before its first solve, its

@@ -143,7 +143,10 @@ pub unsafe extern "C" fn pert_op_new(
                 || solver_or_null(solver),
             )
         }?;
-        args.make(|c, i, o| PerturbedOp::new(c, i, o, CallbackSolver { solve, user_data }))
+        // the C layer copies theta into a tensor of its own for every call
+        args.make(|c, i, o| {
+            PerturbedOp::new_with_private_theta(c, i, o, CallbackSolver { solve, user_data })
+        })
     })
 }
 

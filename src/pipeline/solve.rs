@@ -74,6 +74,9 @@ pub(crate) struct HostSolver {
     ready: Vec<AtomicBool>,
     /// The first failed init's message: every later call fails with it.
     broken: std::sync::Mutex<Option<String>>,
+    /// The op's theta is always a tensor of the library's own, which the solver cannot
+    /// reach (a C callback: the C layer copies theta), so a call may read it in place.
+    private_theta: bool,
 }
 
 /// A plain solver seen as a worker solver (no state, no workers of its own).
@@ -99,7 +102,20 @@ impl HostSolver {
             workers: None,
             ready: Vec::new(),
             broken: std::sync::Mutex::new(None),
+            private_theta: false,
         }
+    }
+
+    /// This solver, for an op whose theta is always the library's own copy (see
+    /// `private_theta`).
+    pub(crate) fn with_private_theta(mut self) -> HostSolver {
+        self.private_theta = true;
+        self
+    }
+
+    /// Whether a call may read theta in place while this solver runs.
+    pub(crate) fn theta_is_private(&self) -> bool {
+        self.private_theta
     }
 
     /// A solver run by `threads` persistent workers of its own.
@@ -120,6 +136,7 @@ impl HostSolver {
                 .collect(),
             workers: Some(workers),
             broken: std::sync::Mutex::new(None),
+            private_theta: false,
         })
     }
 
