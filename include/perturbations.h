@@ -31,7 +31,10 @@
  *   unless the config's threads > 1 (then also on helper threads the library keeps
  *   between calls, or starts for the call when they are busy; see pert_op_new); those
  *   of pert_op_new_ex run on the op's own persistent worker threads, those of
- *   pert_op_new_device on the calling thread. Helper and worker
+ *   pert_op_new_device on the calling thread. The library's shared helper threads
+ *   (at most one per core) look for their next job for up to 200 microseconds after
+ *   one, yielding their core, before they sleep; a calling thread waits for helpers the
+ *   same way for up to 100 microseconds. Helper and worker
  *   threads run each call's work under the calling thread's floating-point settings.
  *   pert_config_set_max_threads caps a call's threads.
  * - No exception or panic crosses this API: a solver callback must not throw or

@@ -128,16 +128,17 @@ pub(crate) fn with_view<T: tch::kind::Element>(
     }
     // SAFETY: `values.len()` elements of T, contiguous and readable while `values` is
     // borrowed, which outlasts the view: it is dropped at the end of this function, and
-    // `f` keeps no copy of it (its contract).
+    // `f` keeps no copy of it (its contract; no autograd graph records it either).
     let view = unsafe {
-        Tensor::from_blob(
+        Tensor::f_from_blob(
             values.as_ptr() as *const u8,
             &[values.len() as i64],
             &[1],
             T::KIND,
             Device::Cpu,
         )
-    };
+    }?;
+    let _no_graph = tch::no_grad_guard();
     let out = f(&view)?;
     let (start, end) = (
         values.as_ptr() as usize,

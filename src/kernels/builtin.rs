@@ -186,7 +186,9 @@ impl Builtin {
                 }
                 Builtin::TopK(1) => {
                     ys.fill(0.0);
-                    ys[first_max(xs)] = 1.0; // the first of equal largest entries, as top_k
+                    // the first of equal largest entries (as top_k, except that −0 and +0
+                    // are equal here, and a NaN never wins: argmax's rule)
+                    ys[first_max(xs)] = 1.0;
                 }
                 Builtin::TopK(k) => {
                     ys.fill(0.0);

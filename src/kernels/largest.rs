@@ -1,6 +1,7 @@
-//! The largest entries of a row of floats, on the host: the first maximum (argmax) and the
-//! positions of the k largest (top-k), in the order of `f32::total_cmp` with ties to the
-//! first; the kernels of the 0/1 built-ins (see [`super::builtin`]).
+//! The largest entries of a row of floats, on the host: the first maximum (argmax: IEEE
+//! comparisons, NaN entries skipped, −0 equal to +0) and the positions of the k largest
+//! (top-k: in the order of `f32::total_cmp`), ties to the first; the kernels of the 0/1
+//! built-ins (see [`super::builtin`]).
 
 /// `v` as an integer in the order of `f32::total_cmp` (−NaN < −∞ < … < −0 < +0 < … < +∞ <
 /// NaN).

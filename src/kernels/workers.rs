@@ -17,8 +17,8 @@ use std::thread::JoinHandle;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-/// How long a shared helper, or an op's worker, keeps looking for its next job after one
-/// ends before it sleeps: calls that come in quick succession (a forward call and its VJP, the
+/// How long a shared helper keeps looking for its next job after one ends before it
+/// sleeps: calls that come in quick succession (a forward call and its VJP, the
 /// mini-batches of a training loop) then find it awake instead of paying its wake-up
 /// (tens of microseconds, more than the work of a small call). It yields its core to any
 /// other thread that wants it while it looks.
@@ -192,10 +192,11 @@ impl Latch {
 }
 
 impl Workers {
-    /// Starts `count` (>= 1) threads named `pert-worker-<w>` (each looks for its next job
-    /// during [`HELPER_SPIN`] after one); an error names what the system refused.
+    /// Starts `count` (>= 1) threads named `pert-worker-<w>` (they sleep as soon as a job
+    /// ends: an op has a pool of its own, and many ops could spin at once); an error
+    /// names what the system refused.
     pub(crate) fn new(count: usize) -> std::io::Result<Workers> {
-        Workers::named(count, "pert-worker", HELPER_SPIN)
+        Workers::named(count, "pert-worker", std::time::Duration::ZERO)
     }
 
     /// [`Workers::new`] with threads named `<name>-<w>`.
