@@ -132,11 +132,13 @@ impl OpSpec {
         };
         // the room for the tape's kept scores (not zeroed: each block writes its own)
         let mut kept = acc.take_scores();
-        // Normal noise is its own score (both models): the kept scores are the noise
-        let direct = kept.is_some() && c.noise() == crate::noise::Noise::Normal && !c.antithetic();
-        // per solver thread: noise, scores (Jacobian sums, or kept scores other than the
-        // noise), perturbed inputs, solutions, and the tiles of the sums
-        let scores_drawn = sums_form || (kept.is_some() && !direct);
+        // Normal noise is its own score (both models, antithetic pairs too): the kept
+        // scores and the scores of the Jacobian sums are then the noise itself
+        let scores_are_noise = c.noise() == crate::noise::Noise::Normal;
+        let direct = kept.is_some() && scores_are_noise && !c.antithetic();
+        // per solver thread: noise, scores (for Jacobian sums or kept scores, when they are
+        // not the noise), perturbed inputs, solutions, and the tiles of the sums
+        let scores_drawn = (sums_form || kept.is_some()) && !scores_are_noise;
         let mut scratch: Vec<Scratch> = (0..buffer_sets)
             .map(|_| Scratch {
                 z: vec![0f32; block_rows * d],
@@ -251,7 +253,11 @@ impl OpSpec {
             // the block's kept scores: its noise (Normal) or the scores drawn, while they
             // are in cache
             if let Some(kept) = kept {
-                let scores: &[f32] = if direct { z } else { &s[..total_rows * d] };
+                let scores: &[f32] = if scores_are_noise {
+                    z
+                } else {
+                    &s[..total_rows * d]
+                };
                 assert_eq!(kept.len(), scores.len());
                 for (k, &v) in kept.iter_mut().zip(scores) {
                     k.write(v);
@@ -346,7 +352,11 @@ impl OpSpec {
                 match ones_i {
                     Some((ones_i, m)) => sums.add_ones(sum_scratch, d, rows_i.1, ones_i, m),
                     None => {
-                        let s_i: &[f32] = if sums_form { &s[rd] } else { &[] };
+                        let s_i: &[f32] = match (sums_form, scores_are_noise) {
+                            (false, _) => &[],
+                            (true, true) => &z[rd],
+                            (true, false) => &s[rd],
+                        };
                         let rows_i = (rows_i.0, rows_i.1, s_i, rows_i.3);
                         sums.add_rows(sum_scratch, d, rows_i, c.sigma() as f32);
                     }
