@@ -86,25 +86,25 @@ impl OpSpec {
         .max(1);
         let group = if per_problem == 1 && !sums_form {
             // about HOST_BLOCK_MIN_ROWS rows, and the batch still cut into about
-            // BLOCKS_PER_THREAD blocks a thread, at most HOST_BLOCKS (PIPELINE_BLOCKS for
-            // two stages): each block a hand-over between threads (a problem's sums do
-            // not depend on the blocks it is grouped in)
-            let cut = if pipelined {
-                PIPELINE_BLOCKS
+            // HOST_BLOCKS blocks (PIPELINE_BLOCKS for two stages), but none of fewer than
+            // BLOCK_VALUES perturbed values while there are two blocks a thread: each block
+            // a hand-over between threads (a problem's sums do not depend on the blocks it
+            // is grouped in)
+            let values_of = |floor: usize| floor / (n * d).max(1);
+            if pipelined {
+                (HOST_BLOCK_MIN_ROWS / n.max(1))
+                    .max(values_of(HOST_THREAD_VALUES))
+                    .min(batch.div_ceil(PIPELINE_BLOCKS))
             } else {
-                (BLOCKS_PER_THREAD * threads).min(HOST_BLOCKS)
-            };
-            (HOST_BLOCK_MIN_ROWS / n.max(1))
-                .max(if pipelined {
-                    HOST_THREAD_VALUES / (n * d).max(1)
-                } else {
-                    0
-                })
-                .min(batch.div_ceil(cut))
-                .min((1 << 16) / o.max(1)) // a block's per-problem sums stay small
-                // and its buffers (one solver call's rows) within a few cache blocks
-                .min(4 * HOST_BLOCK_BYTES as usize / (4 * (3 * d + o) * n).max(1))
-                .max(1)
+                (HOST_BLOCK_MIN_ROWS / n.max(1))
+                    .min(batch.div_ceil(HOST_BLOCKS))
+                    .max(values_of(BLOCK_VALUES))
+                    .min(batch.div_ceil(2 * threads)) // still two blocks a thread
+            }
+            .min((1 << 16) / o.max(1)) // a block's per-problem sums stay small
+            // and its buffers (one solver call's rows) within a few cache blocks
+            .min(4 * HOST_BLOCK_BYTES as usize / (4 * (3 * d + o) * n).max(1))
+            .max(1)
         } else {
             1
         };
@@ -434,9 +434,10 @@ impl OpSpec {
     }
 }
 
-/// About how many blocks of whole problems each thread of a call takes (enough for the
-/// threads to end together; fewer blocks, fewer hand-overs).
-const BLOCKS_PER_THREAD: usize = 4;
+/// The fewest perturbed values (problems × samples × inputs) in a block of whole problems
+/// (fewer only when the call is smaller): a smaller block costs more in its hand-over
+/// between threads than it gains in balance.
+const BLOCK_VALUES: usize = 4 << 10;
 
 /// The buffers of one solver thread of the host pipeline.
 struct Scratch {
