@@ -45,28 +45,19 @@ impl PerturbedOp {
         output_shape: &[i64],
         solver: impl Solver + 'static,
     ) -> Result<PerturbedOp> {
-        PerturbedOp::with_solver(
-            config,
-            input_shape,
-            output_shape,
-            SolverKind::Host(Arc::new(HostSolver::plain(solver))),
-        )
+        let host = HostSolver::plain(solver);
+        PerturbedOp::with_solver(config, input_shape, output_shape, host.into())
     }
 
     /// [`PerturbedOp::new`] for the C layer, which always passes theta in a tensor of its
     /// own (a copy of the caller's buffer): calls read it in place while the callback runs.
     pub(crate) fn new_with_private_theta(
         config: &Config,
-        input_shape: &[i64],
-        output_shape: &[i64],
+        shapes: (&[i64], &[i64]),
         solver: impl Solver + 'static,
     ) -> Result<PerturbedOp> {
-        PerturbedOp::with_solver(
-            config,
-            input_shape,
-            output_shape,
-            SolverKind::Host(Arc::new(HostSolver::plain(solver).with_private_theta())),
-        )
+        let host = HostSolver::plain(solver).with_private_theta();
+        PerturbedOp::with_solver(config, shapes.0, shapes.1, host.into())
     }
 
     /// An op over a solver with state per worker, run by the op's own persistent worker
@@ -84,12 +75,7 @@ impl PerturbedOp {
         // the settings first: no thread starts for an op that is refused
         PerturbedOp::with_solver(config, input_shape, output_shape, SolverKind::External)?;
         let host = HostSolver::with_workers(solver, config.effective_threads())?;
-        PerturbedOp::with_solver(
-            config,
-            input_shape,
-            output_shape,
-            SolverKind::Host(Arc::new(host)),
-        )
+        PerturbedOp::with_solver(config, input_shape, output_shape, host.into())
     }
 
     /// An op over a solver that works on the op's device memory (see [`DeviceSolver`]):

@@ -145,7 +145,7 @@ pub unsafe extern "C" fn pert_op_new(
         }?;
         // the C layer copies theta into a tensor of its own for every call
         args.make(|c, i, o| {
-            PerturbedOp::new_with_private_theta(c, i, o, CallbackSolver { solve, user_data })
+            PerturbedOp::new_with_private_theta(c, (i, o), CallbackSolver { solve, user_data })
         })
     })
 }

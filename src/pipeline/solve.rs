@@ -79,6 +79,12 @@ pub(crate) struct HostSolver {
     private_theta: bool,
 }
 
+impl From<HostSolver> for SolverKind {
+    fn from(host: HostSolver) -> SolverKind {
+        SolverKind::Host(Arc::new(host))
+    }
+}
+
 /// A plain solver seen as a worker solver (no state, no workers of its own).
 struct Plain<S>(S);
 
