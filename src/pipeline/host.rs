@@ -135,7 +135,6 @@ impl OpSpec {
         // Normal noise is its own score (both models, antithetic pairs too): the kept
         // scores and the scores of the Jacobian sums are then the noise itself
         let scores_are_noise = c.noise() == crate::noise::Noise::Normal;
-        let direct = kept.is_some() && scores_are_noise && !c.antithetic();
         // per solver thread: noise, scores (for Jacobian sums or kept scores, when they are
         // not the noise), perturbed inputs, solutions, and the tiles of the sums
         let scores_drawn = (sums_form || kept.is_some()) && !scores_are_noise;
@@ -224,25 +223,20 @@ impl OpSpec {
             for i in 0..count {
                 let b = first + i;
                 let part = i * rows * d..(i + 1) * rows * d;
-                if direct {
-                    c.noise()
-                        .fill(stream, ((b * n + n0) * d) as u64, &mut z[part.clone()]);
+                let s_i: &mut [f32] = if scores_drawn {
+                    &mut s[part.clone()]
                 } else {
-                    let s_i: &mut [f32] = if scores_drawn {
-                        &mut s[part.clone()]
-                    } else {
-                        &mut []
-                    };
-                    c.noise().draw_samples(
-                        stream,
-                        c.antithetic(),
-                        multiplicative,
-                        (b, n, n0, d),
-                        &mut z[part.clone()],
-                        s_i,
-                        1,
-                    );
-                }
+                    &mut []
+                };
+                c.noise().draw_samples(
+                    stream,
+                    c.antithetic(),
+                    multiplicative,
+                    (b, n, n0, d),
+                    &mut z[part.clone()],
+                    s_i,
+                    1,
+                );
                 c.perturbation().perturb_host(
                     &theta_host[b * d..(b + 1) * d],
                     &z[part.clone()],
