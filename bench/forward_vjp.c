@@ -6,7 +6,8 @@
  *      -Wl,-rpath,$PWD/target/release -o target/bench/forward_vjp
  *   target/bench/forward_vjp BATCH D N KIND CALLS [THREADS]
  *
- * KIND: 0 argmax, 1 top-k (k = D/10, at least 1), 2 ranks, 3 the C argmax callback.
+ * KIND: 0 argmax, 1 top-k (k = D/10, at least 1), 2 ranks, 3 the C argmax callback (a plain
+ * scan), 4 the C argmax callback of the training table (bench_argmax: eight lanes).
  * THREADS: the op's solver threads (pert_config_set_threads; default 1). Normal noise,
  * sigma 0.1, device "cpu". Prints the median and 90th percentile of forward+tape+VJP, and
  * the best forward+tape and VJP. */
@@ -24,6 +25,27 @@ static int32_t argmax_cb(void *user, const float *x, size_t count, float *y) {
     size_t best = 0;
     for (size_t i = 1; i < d; i++)
       if (xr[i] > xr[best]) best = i;
+    memset(y + r * d, 0, d * sizeof(float));
+    y[r * d + best] = 1.0f;
+  }
+  return 0;
+}
+
+/* bench_argmax of bench/bench_solvers.c: the largest value over eight independent lanes
+ * (which the compiler vectorizes), then its first position. */
+static int32_t argmax_lanes_cb(void *user, const float *x, size_t count, float *y) {
+  size_t d = *(const size_t *)user;
+  for (size_t r = 0; r < count; r++) {
+    const float *xr = x + r * d;
+    float lane[8], top = xr[0];
+    for (int j = 0; j < 8; j++) lane[j] = xr[0];
+    size_t i = 0;
+    for (; i + 8 <= d; i += 8)
+      for (int j = 0; j < 8; j++) lane[j] = xr[i + j] > lane[j] ? xr[i + j] : lane[j];
+    for (; i < d; i++) top = xr[i] > top ? xr[i] : top;
+    for (int j = 0; j < 8; j++) top = lane[j] > top ? lane[j] : top;
+    size_t best = 0;
+    while (xr[best] != top) best++;
     memset(y + r * d, 0, d * sizeof(float));
     y[r * d + best] = 1.0f;
   }
@@ -60,8 +82,8 @@ int main(int argc, char **argv) {
   uint64_t n = (uint64_t)atoll(argv[3]);
   int kind = atoi(argv[4]), calls = atoi(argv[5]);
   uint32_t threads = argc > 6 ? (uint32_t)atoi(argv[6]) : 1;
-  if (b == 0 || d == 0 || calls < 1 || kind < 0 || kind > 3) {
-    fprintf(stderr, "BATCH, D and CALLS must be positive, KIND 0 to 3\n");
+  if (b == 0 || d == 0 || calls < 1 || kind < 0 || kind > 4) {
+    fprintf(stderr, "BATCH, D and CALLS must be positive, KIND 0 to 4\n");
     return 2;
   }
   pert_config *c;
@@ -72,8 +94,8 @@ int main(int argc, char **argv) {
   check(pert_config_set_threads(c, threads));
   int64_t dims[1] = {(int64_t)d};
   pert_op *op;
-  if (kind == 3)
-    check(pert_op_new(c, dims, 1, dims, 1, argmax_cb, &d, &op));
+  if (kind >= 3)
+    check(pert_op_new(c, dims, 1, dims, 1, kind == 3 ? argmax_cb : argmax_lanes_cb, &d, &op));
   else
     check(pert_op_new_builtin(c, (uint32_t)kind, d / 10 ? (int64_t)(d / 10) : 1, dims, 1, &op));
   pert_config_free(c);

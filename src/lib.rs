@@ -13,6 +13,7 @@
 pub mod error;
 pub mod fastmath;
 pub mod rng;
+mod room;
 pub mod settings;
 pub mod shape;
 pub mod solver;

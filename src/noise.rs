@@ -16,6 +16,8 @@
 use crate::error::{Error, Result};
 use crate::fastmath::{has_avx2, has_avx512, ln, sincos_2pi};
 use crate::rng::{unit, Stream, Words64, LANES64};
+use crate::room::{as_room, written};
+use std::mem::MaybeUninit;
 use tch::{Device, Kind, Tensor};
 
 /// The distribution of the i.i.d. noise coordinates.
@@ -28,20 +30,23 @@ pub enum Noise {
     Gumbel = 1,
 }
 
-/// The 64 values of `v` from `at`.
+/// The room for 64 values of `v` from `at`.
 #[inline(always)]
-fn group(v: &mut [f32], at: usize) -> &mut [f32; 64] {
+fn group(v: &mut [MaybeUninit<f32>], at: usize) -> &mut [MaybeUninit<f32>; 64] {
     (&mut v[at..at + 64]).try_into().expect("64 values")
 }
 
 /// Sixteen blocks' values by word and block (`[j][i]`: from word j of block i).
 type Values64 = [[f32; LANES64]; 4];
 
-/// Values by word and block into stream order (`out[4i + j] = v[j][i]`).
+/// Values by word and block into stream order (`out[4i + j] = v[j][i]`), every one of the
+/// 64 written.
 #[inline(always)]
-fn interleave(v: &Values64, out: &mut [f32; 64]) {
+fn interleave(v: &Values64, out: &mut [MaybeUninit<f32>; 64]) {
     for (i, o) in out.chunks_exact_mut(4).enumerate() {
-        o.copy_from_slice(&[v[0][i], v[1][i], v[2][i], v[3][i]]);
+        for (j, slot) in o.iter_mut().enumerate() {
+            slot.write(v[j][i]);
+        }
     }
 }
 
@@ -49,7 +54,7 @@ fn interleave(v: &Values64, out: &mut [f32; 64]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn interleave_avx512(v: &Values64, out: &mut [f32; 64]) {
+fn interleave_avx512(v: &Values64, out: &mut [MaybeUninit<f32>; 64]) {
     use std::arch::x86_64::*;
     // SAFETY: unaligned loads of exactly 64 bytes of arrays
     let [a, b, c, d] = v.map(|row| unsafe { _mm512_loadu_ps(row.as_ptr()) });
@@ -74,8 +79,8 @@ fn interleave_avx512(v: &Values64, out: &mut [f32; 64]) {
         _mm512_shuffle_f32x4::<0b11_01_11_01>(r01_hi, r23_hi),
     ];
     for (chunk, row) in out.chunks_exact_mut(16).zip(rows) {
-        // SAFETY: chunk is 16 floats = 64 bytes
-        unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), row) };
+        // SAFETY: chunk is room for 16 floats = 64 bytes
+        unsafe { _mm512_storeu_ps(chunk.as_mut_ptr().cast(), row) };
     }
 }
 
@@ -83,7 +88,7 @@ fn interleave_avx512(v: &Values64, out: &mut [f32; 64]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-fn interleave_avx2(v: &Values64, out: &mut [f32; 64]) {
+fn interleave_avx2(v: &Values64, out: &mut [MaybeUninit<f32>; 64]) {
     use std::arch::x86_64::*;
     for half in 0..2 {
         // SAFETY: unaligned loads of exactly 32 bytes of arrays
@@ -104,8 +109,8 @@ fn interleave_avx2(v: &Values64, out: &mut [f32; 64]) {
             _mm256_permute2f128_ps::<0x31>(r2, r3),
         ];
         for (k, row) in rows.into_iter().enumerate() {
-            // SAFETY: 8 floats = 32 bytes within the 64
-            unsafe { _mm256_storeu_ps(out[32 * half + 8 * k..].as_mut_ptr(), row) };
+            // SAFETY: room for 8 floats = 32 bytes within the 64
+            unsafe { _mm256_storeu_ps(out[32 * half + 8 * k..].as_mut_ptr().cast(), row) };
         }
     }
 }
@@ -216,16 +221,27 @@ impl Noise {
 
     /// Writes elements `first .. first + out.len()` of the noise of `stream`.
     pub fn fill(self, stream: &Stream, first: u64, out: &mut [f32]) {
-        self.fill_with(stream, first, out, None);
+        // SAFETY: the samplers write only floats
+        self.fill_with(stream, first, unsafe { as_room(out) }, None);
     }
 
     /// As [`Noise::fill`], and the scores ∇ν(z) into `score` (same length). The Gumbel
     /// score 1 − e^{−z} comes free from the sampler: e^{−z} = −log u.
     pub fn fill_with_score(self, stream: &Stream, first: u64, out: &mut [f32], score: &mut [f32]) {
+        // SAFETY: the samplers write only floats
+        let (out, score) = unsafe { (as_room(out), as_room(score)) };
         self.fill_with(stream, first, out, Some(score));
     }
 
-    fn fill_with(self, stream: &Stream, first: u64, out: &mut [f32], score: Option<&mut [f32]>) {
+    /// Writes every element of `out` (elements `first ..` of the noise, and their scores
+    /// into `score` when given, same length).
+    fn fill_with(
+        self,
+        stream: &Stream,
+        first: u64,
+        out: &mut [MaybeUninit<f32>],
+        score: Option<&mut [MaybeUninit<f32>]>,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: the CPU has AVX-512 F/VL/DQ/BW, AVX2 and FMA.
@@ -245,8 +261,8 @@ impl Noise {
         self,
         stream: &Stream,
         first: u64,
-        out: &mut [f32],
-        score: Option<&mut [f32]>,
+        out: &mut [MaybeUninit<f32>],
+        score: Option<&mut [MaybeUninit<f32>]>,
     ) {
         let words = |s: &Stream, g, w: &mut Words64| s.words64_avx512(g, w);
         self.fill_with_impl(stream, first, out, score, words, |v, o| {
@@ -260,8 +276,8 @@ impl Noise {
         self,
         stream: &Stream,
         first: u64,
-        out: &mut [f32],
-        score: Option<&mut [f32]>,
+        out: &mut [MaybeUninit<f32>],
+        score: Option<&mut [MaybeUninit<f32>]>,
     ) {
         let words = |s: &Stream, g, w: &mut Words64| s.words64_avx2(g, w);
         self.fill_with_impl(stream, first, out, score, words, |v, o| {
@@ -274,14 +290,14 @@ impl Noise {
         self,
         stream: &Stream,
         first: u64,
-        out: &mut [f32],
-        mut score: Option<&mut [f32]>,
+        out: &mut [MaybeUninit<f32>],
+        mut score: Option<&mut [MaybeUninit<f32>]>,
         words64: impl Fn(&Stream, u64, &mut Words64),
-        interleave: impl Fn(&Values64, &mut [f32; 64]),
+        interleave: impl Fn(&Values64, &mut [MaybeUninit<f32>; 64]),
     ) {
         let mut words: Words64 = [[0; LANES64]; 4];
-        let mut values = [0f32; 64];
-        let mut scores = [0f32; 64];
+        let mut values = [MaybeUninit::<f32>::uninit(); 64];
+        let mut scores = [MaybeUninit::<f32>::uninit(); 64];
         let mut e = first;
         let mut done = 0;
         while done < out.len() {
@@ -318,9 +334,9 @@ impl Noise {
     fn transform(
         self,
         words: &Words64,
-        out: &mut [f32; 64],
-        score: Option<&mut [f32; 64]>,
-        interleave: impl Fn(&Values64, &mut [f32; 64]),
+        out: &mut [MaybeUninit<f32>; 64],
+        score: Option<&mut [MaybeUninit<f32>; 64]>,
+        interleave: impl Fn(&Values64, &mut [MaybeUninit<f32>; 64]),
     ) {
         let mut v = [[0f32; LANES64]; 4];
         match self {
@@ -367,11 +383,29 @@ impl Noise {
         stream: &Stream,
         antithetic: bool,
         score_is_z: bool,
-        (b, n, n0, d): (usize, usize, usize, usize),
+        at: (usize, usize, usize, usize),
         z: &mut [f32],
         s: &mut [f32],
         threads: usize,
     ) {
+        // SAFETY: the samplers write only floats
+        let z = unsafe { as_room(z) };
+        self.draw_samples_into(stream, antithetic, score_is_z, at, z, s, threads);
+    }
+
+    /// As [`Noise::draw_samples`], into room not yet initialized (the tape's kept scores,
+    /// written once): every element of `z` is written, and returned as floats.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn draw_samples_into<'z>(
+        self,
+        stream: &Stream,
+        antithetic: bool,
+        score_is_z: bool,
+        (b, n, n0, d): (usize, usize, usize, usize),
+        z: &'z mut [MaybeUninit<f32>],
+        s: &mut [f32],
+        threads: usize,
+    ) -> &'z mut [f32] {
         let rows = z.len() / d;
         if antithetic {
             let half = rows.div_ceil(2);
@@ -379,45 +413,51 @@ impl Noise {
             self.fill_parallel(
                 stream,
                 ((b * n + n0) / 2 * d) as u64,
-                &mut zh,
+                // SAFETY: the samplers write only floats
+                unsafe { as_room(&mut zh) },
                 &mut [],
                 threads,
             );
+            assert_eq!(z.len(), rows * d, "whole samples");
             for (r, zr) in z.chunks_exact_mut(d).enumerate() {
                 let src = &zh[(r / 2) * d..(r / 2 + 1) * d];
                 let sign = if r % 2 == 0 { 1.0 } else { -1.0 };
                 for (zv, &v) in zr.iter_mut().zip(src) {
-                    *zv = sign * v;
+                    zv.write(sign * v);
                 }
             }
+            // SAFETY: every element was written above (z is whole rows of d)
+            let z = unsafe { written(z) };
             // antithetic pairs are Normal: the score is z
             if !s.is_empty() {
                 s.copy_from_slice(z);
             }
+            z
         } else {
             self.fill_parallel(stream, ((b * n + n0) * d) as u64, z, s, threads);
+            // SAFETY: fill_parallel writes every element of z
+            let z = unsafe { written(z) };
             if score_is_z && !s.is_empty() {
                 s.copy_from_slice(z);
             }
+            z
         }
     }
 
     /// [`Noise::fill_with_score`] (or [`Noise::fill`] for an empty `s`) split over up to
-    /// `threads` threads (same values).
+    /// `threads` threads (same values): every element of `z` written.
     fn fill_parallel(
         self,
         stream: &Stream,
         first: u64,
-        z: &mut [f32],
+        z: &mut [MaybeUninit<f32>],
         s: &mut [f32],
         threads: usize,
     ) {
-        let fill = move |first: u64, zp: &mut [f32], sp: &mut [f32]| {
-            if sp.is_empty() {
-                self.fill(stream, first, zp)
-            } else {
-                self.fill_with_score(stream, first, zp, sp)
-            }
+        let fill = move |first: u64, zp: &mut [MaybeUninit<f32>], sp: &mut [f32]| {
+            // SAFETY: the samplers write only floats
+            let sp = (!sp.is_empty()).then(|| unsafe { as_room(sp) });
+            self.fill_with(stream, first, zp, sp)
         };
         let per = z.len().div_ceil(threads.max(1)).max(1 << 15);
         if per >= z.len() {
@@ -540,11 +580,12 @@ mod tests {
         for noise in [Noise::Normal, Noise::Gumbel] {
             let n = 10_000;
             let (mut z0, mut s0) = (vec![0f32; n], vec![0f32; n]);
+            // SAFETY (as_room): the samplers write only floats
             noise.fill_with_impl(
                 &stream,
                 3,
-                &mut z0,
-                Some(&mut s0),
+                unsafe { as_room(&mut z0) },
+                Some(unsafe { as_room(&mut s0) }),
                 Stream::words64,
                 interleave,
             );
@@ -554,12 +595,14 @@ mod tests {
                     continue;
                 }
                 let (mut z, mut s) = (vec![0f32; n], vec![0f32; n]);
-                // SAFETY: the CPU has the features (checked above).
+                // SAFETY: the CPU has the features (checked above); the samplers write
+                // only floats (as_room).
                 unsafe {
+                    let (z, s) = (as_room(&mut z), Some(as_room(&mut s)));
                     if width == 256 {
-                        noise.fill_with_avx2(&stream, 3, &mut z, Some(&mut s));
+                        noise.fill_with_avx2(&stream, 3, z, s);
                     } else {
-                        noise.fill_with_avx512(&stream, 3, &mut z, Some(&mut s));
+                        noise.fill_with_avx512(&stream, 3, z, s);
                     }
                 }
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -15,6 +15,7 @@
 
 use crate::error::{Error, Result, Status};
 use crate::kernels::blocks::{run_blocks, slots, take};
+use crate::kernels::nonzero::RowsNonZero;
 use crate::noise::Noise;
 use crate::rng::Stream;
 use std::mem::MaybeUninit;
@@ -90,54 +91,43 @@ impl SolutionRows {
     }
 
     /// Appends the rows of `y` `[rows, o]`. Memory grows with what the rows take (sparse
-    /// rows take a few words), never by a worst case; TORCH_ERROR when it cannot.
+    /// rows take a few words), never by a worst case; TORCH_ERROR when it cannot. (The
+    /// host pipeline scans its rows once for this and for the sums: see
+    /// [`SolutionRows::push_scanned`].)
+    #[cfg(test)]
     pub fn push(&mut self, y: &[f32]) -> Result<()> {
-        #[cfg(target_arch = "x86_64")]
-        if crate::fastmath::has_avx2() {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { self.push_avx2(y) };
+        let mut scan = crate::kernels::nonzero::NonZeros::default();
+        if self.o > 0 {
+            scan.scan(y, self.o, self.o / 2);
         }
-        self.push_impl(y)
+        self.push_scanned(y, scan.rows(0..y.len() / self.o.max(1)))
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn push_avx2(&mut self, y: &[f32]) -> Result<()> {
-        self.push_impl(y)
-    }
-
-    #[inline(always)]
-    fn push_impl(&mut self, y: &[f32]) -> Result<()> {
+    /// [`SolutionRows::push`] of rows whose non-zero entries a scan has listed (`nonzero`,
+    /// one entry per row of `y`; a row with more non-zero entries than zeros is stored
+    /// whole, listed or not).
+    pub fn push_scanned(&mut self, y: &[f32], nonzero: RowsNonZero<'_>) -> Result<()> {
         let rows = y.len() / self.o.max(1);
-        self.reserve(rows, 0)?;
-        // bit j set when entry j of the 8 is not ±0 (a vector compare)
-        let mask = |run: &[f32]| {
-            run.iter()
-                .enumerate()
-                .fold(0u32, |m, (j, &v)| m | (u32::from(v != 0.0) << j))
-        };
-        for row in y.chunks_exact(self.o) {
-            let nonzero = row.iter().map(|&v| u32::from(v != 0.0)).sum::<u32>() as usize;
-            self.reserve(0, self.o.min(2 * nonzero))?;
-            if 2 * nonzero > self.o {
-                self.words.extend(row.iter().map(|v| v.to_bits()));
-                self.ends.push(self.words.len() as u64 | DENSE);
-            } else {
-                // the indices (runs of 8 zeros skipped with one test), then the values
-                let start = self.words.len();
-                let (runs, tail) = row.as_chunks::<8>();
-                let runs = runs.iter().map(|r| &r[..]).chain(std::iter::once(tail));
-                for (c, run) in runs.enumerate() {
-                    let mut m = mask(run);
-                    while m != 0 {
-                        self.words.push(8 * c as u32 + m.trailing_zeros());
-                        m &= m - 1;
-                    }
+        assert_eq!(nonzero.len(), rows, "a scan of these rows");
+        let o = self.o;
+        let listed = |r: usize| nonzero.row(r).filter(|p| 2 * p.len() <= o);
+        let words: usize = (0..rows)
+            .map(|r| listed(r).map_or(self.o, |p| 2 * p.len()))
+            .sum();
+        self.reserve(rows, words)?;
+        for (r, row) in y.chunks_exact(self.o.max(1)).take(rows).enumerate() {
+            match listed(r) {
+                None => {
+                    self.words.extend(row.iter().map(|v| v.to_bits()));
+                    self.ends.push(self.words.len() as u64 | DENSE);
                 }
-                for k in start..start + nonzero {
-                    self.words.push(row[self.words[k] as usize].to_bits());
+                // the indices, then the values
+                Some(positions) => {
+                    self.words.extend_from_slice(positions);
+                    self.words
+                        .extend(positions.iter().map(|&i| row[i as usize].to_bits()));
+                    self.ends.push(self.words.len() as u64);
                 }
-                self.ends.push(self.words.len() as u64);
             }
         }
         Ok(())

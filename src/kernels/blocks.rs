@@ -411,21 +411,26 @@ impl Drop for HaltOnDrop<'_> {
     }
 }
 
-/// Runs blocks `0 .. blocks` in two stages: `prepare(k, buffer)` on one helper thread,
-/// `finish(k, buffer, prepared)` on the calling thread in block order, the helper one
-/// block ahead (two buffers pass between the threads). The same results as
+/// Runs blocks `0 .. blocks` in two stages: `prepare(k, buffer, idle)` on one helper
+/// thread, `finish(k, buffer, prepared)` on the calling thread in block order, the helper
+/// one block ahead (two buffers pass between the threads). The same results as
 /// `prepare` then `finish` for each block in turn on one thread; for work whose second
 /// stage must stay on the calling thread (a solver that is not thread-safe) while the first
-/// runs on another core. The first error of `finish` is returned (no later block is
-/// finished, the helper stops); a panic of either stage is resumed here once the helper
-/// has ended. Without a free shared helper a thread of the call's own prepares.
+/// runs on another core. `idle()` tells `prepare` whether the calling thread is waiting
+/// for a block at that moment, so that work which either stage may do goes where there is
+/// time for it (it must not change the results). The first error of `finish` is returned
+/// (no later block is finished, the helper stops); a panic of either stage is resumed here
+/// once the helper has ended. Without a free shared helper a thread of the call's own
+/// prepares.
 pub(crate) fn run_pipelined<S: Send, P: Send, E>(
     blocks: usize,
     buffers: &mut [S; 2],
-    prepare: impl Fn(usize, &mut S) -> P + Sync,
+    prepare: impl Fn(usize, &mut S, &dyn Fn() -> bool) -> P + Sync,
     mut finish: impl FnMut(usize, &mut S, P) -> Result<(), E>,
 ) -> Result<(), E> {
     let panicked: Mutex<Option<Panic>> = Mutex::new(None);
+    // whether the calling thread waits for the helper's next block (a hint: relaxed)
+    let waiting = AtomicBool::new(false);
     let outcome = with_helpers!(1, |spawn| pipeline(
         spawn,
         blocks,
@@ -433,6 +438,7 @@ pub(crate) fn run_pipelined<S: Send, P: Send, E>(
         &prepare,
         &mut finish,
         &panicked,
+        &waiting,
     ));
     if let Some(payload) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
         std::panic::resume_unwind(payload);
@@ -458,23 +464,29 @@ fn spin_recv<T>(receive: &mpsc::Receiver<T>) -> Option<T> {
 /// How long a stage of [`run_pipelined`] looks for its next block before it sleeps.
 const PIPELINE_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
 
+/// The first stage of [`run_pipelined`]: `prepare(k, buffer, idle)`.
+type Prepare<'a, S, P> = dyn Fn(usize, &mut S, &dyn Fn() -> bool) -> P + Sync + 'a;
+
 /// The body of [`run_pipelined`]: starts the helper with `spawn` (false: it could not
-/// start, and this thread prepares too) and finishes the blocks here.
+/// start, and this thread prepares too) and finishes the blocks here, `waiting` set while
+/// this thread waits for the helper.
 fn pipeline<'env, S: Send, P: Send, E>(
     spawn: &dyn Fn(Box<dyn FnOnce() + Send + 'env>) -> bool,
     blocks: usize,
     buffers: &'env mut [S; 2],
-    prepare: &'env (dyn Fn(usize, &mut S) -> P + Sync),
+    prepare: &'env Prepare<'env, S, P>,
     finish: &mut dyn FnMut(usize, &mut S, P) -> Result<(), E>,
     panicked: &'env Mutex<Option<Panic>>,
+    waiting: &'env AtomicBool,
 ) -> Result<(), E> {
     let (to_helper, for_helper) = mpsc::channel::<(usize, &'env mut S)>();
     let (to_caller, for_caller) = mpsc::channel::<(usize, &'env mut S, P)>();
+    let idle = move || waiting.load(Ordering::Relaxed);
     let helper = move || {
         let run = || {
             // ends when the caller drops its sender (done, or failed)
             while let Some((k, buffer)) = spin_recv(&for_helper) {
-                let prepared = prepare(k, buffer);
+                let prepared = prepare(k, buffer, &idle);
                 if to_caller.send((k, buffer, prepared)).is_err() {
                     break;
                 }
@@ -489,7 +501,7 @@ fn pipeline<'env, S: Send, P: Send, E>(
     if !spawn(Box::new(helper)) {
         // no helper: both stages here, block by block
         for k in 0..blocks {
-            let prepared = prepare(k, first);
+            let prepared = prepare(k, first, &|| false);
             finish(k, first, prepared)?;
         }
         return Ok(());
@@ -501,7 +513,16 @@ fn pipeline<'env, S: Send, P: Send, E>(
     for k in 0..blocks {
         // the helper hands the blocks over in order; none: it panicked (resumed by the
         // caller once it has ended)
-        let Some((j, buffer, prepared)) = spin_recv(&for_caller) else {
+        let next = match for_caller.try_recv() {
+            Ok(next) => Some(next),
+            Err(_) => {
+                waiting.store(true, Ordering::Relaxed);
+                let next = spin_recv(&for_caller);
+                waiting.store(false, Ordering::Relaxed);
+                next
+            }
+        };
+        let Some((j, buffer, prepared)) = next else {
             return Ok(());
         };
         debug_assert_eq!(j, k);

@@ -215,7 +215,7 @@ fn gather_above_from(
 /// For each mask of 8 lanes, the lanes whose bit is set, first to last (then zeros): the
 /// permutation that packs the kept lanes of a vector to its front.
 #[cfg(target_arch = "x86_64")]
-static PACK: [[u32; 8]; 256] = {
+pub(super) static PACK: [[u32; 8]; 256] = {
     let mut table = [[0u32; 8]; 256];
     let mut mask = 0;
     while mask < 256 {

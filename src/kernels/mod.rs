@@ -8,5 +8,6 @@ pub(crate) mod blocks;
 pub mod builtin;
 pub(crate) mod fused_argmax;
 pub(crate) mod largest;
+pub(crate) mod nonzero;
 pub(crate) mod sums;
 pub(crate) mod workers;

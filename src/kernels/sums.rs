@@ -2,6 +2,8 @@
 //! objective), made on the host from blocks of samples: float32 tiles, vectorized row
 //! updates, only the outputs a block touched. The same sums, bit for bit, on every CPU.
 
+use super::nonzero::RowsNonZero;
+
 /// The sums over the samples of one problem that the estimator needs, made on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ProblemSums {
@@ -134,22 +136,27 @@ impl SumScratch {
 
 impl SumsMut<'_> {
     /// Adds samples: noise `z`, perturbed inputs `x`, scores `s` (`[rows, d]`; `s` may be
-    /// empty without Jacobian sums) and solutions `y` (`[rows, o]`); zero solution entries
-    /// cost nothing. Tiles of [`SUM_TILE`] rows are summed in float32 (vectorized), then
-    /// added into the float64 sums; the result depends on the rows given, never on threads.
+    /// empty without Jacobian sums) and solutions `y` (`[rows, o]`), whose non-zero
+    /// entries `nonzero` lists when given (a scan of these rows; rows with more non-zero
+    /// entries than zeros are summed as whole vectors unless Jacobian or weighted sums
+    /// need their entries one by one), else found here row by row; zero solution
+    /// entries cost nothing. Tiles of [`SUM_TILE`] rows are
+    /// summed in float32 (vectorized), then added into the float64 sums; the result
+    /// depends on the rows given, never on threads.
     pub fn add_rows(
         self,
         scratch: &mut SumScratch,
         d: usize,
         rows: (&[f32], &[f32], &[f32], &[f32]),
+        nonzero: Option<RowsNonZero<'_>>,
         sigma: f32,
     ) {
         #[cfg(target_arch = "x86_64")]
         if crate::fastmath::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.add_rows_avx2(scratch, d, rows, sigma) };
+            return unsafe { self.add_rows_avx2(scratch, d, rows, nonzero, sigma) };
         }
-        self.add_rows_impl(scratch, d, rows, sigma, add_scaled, copy_padded)
+        self.add_rows_impl(scratch, d, rows, nonzero, sigma, add_scaled, copy_padded)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -159,12 +166,14 @@ impl SumsMut<'_> {
         scratch: &mut SumScratch,
         d: usize,
         rows: (&[f32], &[f32], &[f32], &[f32]),
+        nonzero: Option<RowsNonZero<'_>>,
         sigma: f32,
     ) {
         self.add_rows_impl(
             scratch,
             d,
             rows,
+            nonzero,
             sigma,
             |a, v, b| add_scaled_avx2(a, v, b),
             |p, row| copy_padded_avx2(p, row),
@@ -172,11 +181,13 @@ impl SumsMut<'_> {
     }
 
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn add_rows_impl(
         self,
         scratch: &mut SumScratch,
         d: usize,
         (z, x, s, y): (&[f32], &[f32], &[f32], &[f32]),
+        nonzero: Option<RowsNonZero<'_>>,
         sigma: f32,
         add_scaled: impl Fn(&mut [f32], f32, &[f32]),
         copy_padded: impl Fn(&mut [f32], &[f32]),
@@ -186,6 +197,12 @@ impl SumsMut<'_> {
         let square = d == o;
         let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
         let rows = y.len() / o;
+        if let Some(nonzero) = nonzero {
+            assert_eq!(nonzero.len(), rows, "a scan of these rows");
+        }
+        // rows with more non-zero entries are summed whole, unless the sums need them one
+        // by one
+        let most = if jacobian || weighted { o } else { o / 2 };
         // float32 sums of one tile; rows of the Jacobian sums padded to whole 8-float
         // vectors (`dp`), and each row's scores copied into a padded row, so that the
         // inner loop is whole vectors; only the outputs a tile touched are flushed
@@ -207,7 +224,17 @@ impl SumsMut<'_> {
             let mut tile_all = false;
             for r in r0..r1 {
                 let yr = &y[r * o..(r + 1) * o];
-                if !jacobian && !weighted && 2 * yr.iter().filter(|v| **v != 0.0).count() > o {
+                // the row's non-zero entries as listed by the scan, or found here (None:
+                // the row is summed whole)
+                let listed = match nonzero.map(|nonzero| nonzero.row(r)) {
+                    Some(Some(listed)) if listed.len() <= most => Some(Some(listed)),
+                    Some(Some(_)) => None,
+                    Some(None) if most < o => None,
+                    // not scanned, or dense where the sums need its entries one by one
+                    _ if most < o && 2 * yr.iter().filter(|v| **v != 0.0).count() > o => None,
+                    _ => Some(None),
+                };
+                let Some(listed) = listed else {
                     // mostly non-zero (ranks, dense callbacks): whole vectors, no marks
                     for (t, &v) in tile_y[..o].iter_mut().zip(yr) {
                         *t += v;
@@ -217,24 +244,13 @@ impl SumsMut<'_> {
                     }
                     tile_all = true;
                     continue;
-                }
+                };
                 if jacobian {
                     copy_padded(padded, &s[r * d..(r + 1) * d]);
                     add_scaled(&mut tile_s[..dp], 1.0, padded);
                 }
-                // the non-zero entries, 8 at a time as a bit mask (a vector compare), so
-                // that sparse solutions cost one test per 8 entries and no branch per entry
-                let nonzero = yr.chunks(8).enumerate().flat_map(|(c, run)| {
-                    let mut mask = nonzero_mask(run);
-                    std::iter::from_fn(move || {
-                        (mask != 0).then(|| {
-                            let j = mask.trailing_zeros() as usize;
-                            mask &= mask - 1;
-                            (8 * c + j, run[j])
-                        })
-                    })
-                });
-                for (i, yv) in nonzero {
+                // a non-zero entry
+                let mut add = |i: usize, yv: f32| {
                     if !tile_mark[i] {
                         tile_mark[i] = true;
                         tile_rows.push(i);
@@ -247,6 +263,25 @@ impl SumsMut<'_> {
                         tile_objective += x[r * d + i] * yv;
                         if weighted {
                             tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
+                        }
+                    }
+                };
+                match listed {
+                    Some(listed) => {
+                        for &i in listed {
+                            add(i as usize, yr[i as usize]);
+                        }
+                    }
+                    // 8 at a time as a bit mask (a vector compare), so that sparse
+                    // solutions cost one test per 8 entries and no branch per entry
+                    None => {
+                        for (c, run) in yr.chunks(8).enumerate() {
+                            let mut mask = nonzero_mask(run);
+                            while mask != 0 {
+                                let j = mask.trailing_zeros() as usize;
+                                mask &= mask - 1;
+                                add(8 * c + j, run[j]);
+                            }
                         }
                     }
                 }

@@ -6,14 +6,17 @@ use crate::estimate::accumulator::Accumulator;
 use crate::estimate::replay::SolutionRows;
 use crate::estimate::TapeForm;
 use crate::kernels::blocks::{run_blocks, run_blocks_on, run_pipelined, slots, take};
+use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
 use crate::pipeline::plan::{
     OpSpec, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS, HOST_THREAD_VALUES, PIPELINE_BLOCKS,
 };
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
+use crate::room::{as_room, written};
 use crate::solver::SolveInfo;
 use crate::tensors::{host_floats, HostFloats};
+use std::mem::MaybeUninit;
 use tch::Tensor;
 
 impl OpSpec {
@@ -152,6 +155,7 @@ impl OpSpec {
                     }
                 ],
                 ones: Vec::new(),
+                nonzero: NonZeros::default(),
                 sums: SumScratch::default(),
             })
             .collect();
@@ -210,16 +214,44 @@ impl OpSpec {
         // the sums of each problem of the block (or of the block of one problem; none for
         // blocks of whole problems), and the solutions, for a tape that keeps them
         type Block = (Vec<ProblemSums>, Option<SolutionRows>);
-        // the first stage of a block: its noise (and scores) drawn, its inputs perturbed,
-        // its part of the tape's kept scores written
-        let prepare = |g: usize, buffers: &mut Scratch| {
+        // the inputs of block g's problems perturbed by its noise `z` into `x`
+        let perturb = |g: usize, z: &[f32], x: &mut [f32]| {
+            let (first, count, _, rows) = block_at(g);
+            let (z, x) = (&z[..count * rows * d], &mut x[..count * rows * d]);
+            for (i, (z_i, x_i)) in z.chunks(rows * d).zip(x.chunks_mut(rows * d)).enumerate() {
+                let b = first + i;
+                c.perturbation().perturb_host(
+                    &theta_host[b * d..(b + 1) * d],
+                    z_i,
+                    c.sigma() as f32,
+                    x_i,
+                );
+            }
+        };
+        // the first stage of a block: its noise (and scores) drawn, its part of the tape's
+        // kept scores written, its inputs perturbed unless `later()` (in two stages: the
+        // calling thread waits for the block, and perturbs it itself); returns that part
+        // of the kept scores when the noise itself was drawn into it (Normal noise: the
+        // scores are the noise), the block's noise for the second stage, and whether the
+        // inputs are perturbed
+        let prepare = |g: usize,
+                       buffers: &mut Scratch,
+                       later: &dyn Fn() -> bool|
+         -> (Option<&mut [f32]>, bool) {
             let (first, count, n0, rows) = block_at(g);
             let total_rows = count * rows;
             let Scratch { z, s, x, .. } = buffers;
-            let (z, x) = (&mut z[..total_rows * d], &mut x[..total_rows * d]);
+            let mut kept = take(&kept_slots, g);
+            // the room for the noise: the block's part of the kept scores when they are
+            // the noise (drawn there once, no copy), else the block's buffer
+            let mut room: &mut [MaybeUninit<f32>] = match kept.as_deref_mut() {
+                Some(kept) if scores_are_noise => kept,
+                // SAFETY: draw_samples_into writes only floats
+                _ => unsafe { as_room(&mut z[..total_rows * d]) },
+            };
+            assert_eq!(room.len(), total_rows * d);
             // the noise, and the scores for Jacobian sums or the tape into `s` (a tape of
             // solutions that keeps none draws them again later)
-            let kept = take(&kept_slots, g);
             for i in 0..count {
                 let b = first + i;
                 let part = i * rows * d..(i + 1) * rows * d;
@@ -228,38 +260,45 @@ impl OpSpec {
                 } else {
                     &mut []
                 };
-                c.noise().draw_samples(
+                let (mine, rest) = std::mem::take(&mut room).split_at_mut(rows * d);
+                room = rest;
+                c.noise().draw_samples_into(
                     stream,
                     c.antithetic(),
                     multiplicative,
                     (b, n, n0, d),
-                    &mut z[part.clone()],
+                    mine,
                     s_i,
                     1,
                 );
-                c.perturbation().perturb_host(
-                    &theta_host[b * d..(b + 1) * d],
-                    &z[part.clone()],
-                    c.sigma() as f32,
-                    &mut x[part],
-                );
             }
-            // the block's kept scores: its noise (Normal) or the scores drawn, while they
-            // are in cache
-            if let Some(kept) = kept {
-                let scores: &[f32] = if scores_are_noise {
-                    z
-                } else {
-                    &s[..total_rows * d]
-                };
-                assert_eq!(kept.len(), scores.len());
-                for (k, &v) in kept.iter_mut().zip(scores) {
-                    k.write(v);
+            let noise = match kept {
+                // SAFETY: every float of the part was written above (draw_samples_into
+                // writes all of each problem's room; the rooms cover the part, asserted)
+                Some(kept) if scores_are_noise => Some(unsafe { written(kept) }),
+                // the block's kept scores: those drawn, while they are in cache
+                Some(kept) => {
+                    let scores = &s[..total_rows * d];
+                    assert_eq!(kept.len(), scores.len());
+                    for (k, &v) in kept.iter_mut().zip(scores) {
+                        k.write(v);
+                    }
+                    None
                 }
+                None => None,
+            };
+            let perturbed = !later();
+            if perturbed {
+                perturb(g, noise.as_deref().unwrap_or(&z[..]), x);
             }
+            (noise, perturbed)
         };
         // the second stage: the block solved (by `worker`), its sums and solutions taken
-        let finish = |g: usize, worker: usize, buffers: &mut Scratch| -> Result<Block> {
+        let finish = |g: usize,
+                      worker: usize,
+                      buffers: &mut Scratch,
+                      (noise, perturbed): (Option<&mut [f32]>, bool)|
+         -> Result<Block> {
             let (first, count, n0, rows) = block_at(g);
             let total_rows = count * rows;
             let Scratch {
@@ -268,6 +307,7 @@ impl OpSpec {
                 x,
                 y,
                 ones,
+                nonzero,
                 sums: sum_scratch,
             } = buffers;
             // (no dense solutions for 0/1 built-ins)
@@ -277,24 +317,31 @@ impl OpSpec {
                 total_rows * o
             };
             let (x, y) = (&mut x[..total_rows * d], &mut y[..y_len]);
-            let z: &[f32] = &z[..total_rows * d];
+            // the block's noise: in the tape's kept scores, or in the buffer
+            let z: &[f32] = match noise {
+                Some(kept) => kept,
+                None => &z[..total_rows * d],
+            };
+            if !perturbed {
+                perturb(g, z, x);
+            }
             // the block's rows are consecutive in the call's problem-major order: one
             // solver call for all of them
             let first_row = (first * n + n0) as u64;
+            let at = SolveInfo {
+                worker,
+                clean: false,
+                first_row,
+                num_samples: n as u64,
+                batch,
+                cuda_device: None,
+            };
             match source {
                 Source::Solver(SolverKind::Host(_)) => {
                     let solver = host_solver.expect("a host solver");
-                    let at = SolveInfo {
-                        worker,
-                        clean: false,
-                        first_row,
-                        num_samples: n as u64,
-                        batch,
-                        cuda_device: None,
-                    };
                     y.fill(f32::NAN);
                     solver.call(&at, x, total_rows, y)?;
-                    check_finite(y, o, &at)?;
+                    // checked finite by the scan below
                 }
                 Source::Solver(SolverKind::Builtin(builtin)) => match ones_per_row {
                     Some(_) => builtin.ones_host(x, d, last, ones),
@@ -306,6 +353,24 @@ impl OpSpec {
                     y.copy_from_slice(&all[first * o..(first + total_rows) * o]);
                 }
                 Source::Solver(_) => unreachable!("only host solutions take the host path"),
+            }
+            // every entry checked finite (the error says where); for a tape that keeps
+            // the solutions, with their non-zero entries found once for it and the sums
+            // (every entry's, with Jacobian or weighted sums), else the sums find them
+            // (a callback's solutions; the built-ins' and provided ones are finite)
+            let scanned = !y.is_empty() && keep_solutions;
+            let called = matches!(source, Source::Solver(SolverKind::Host(_)));
+            if scanned {
+                let most = if sums_form || multiplicative {
+                    o
+                } else {
+                    o / 2
+                };
+                if !nonzero.scan(y, o, most) {
+                    check_finite(y, o, &at)?;
+                }
+            } else if called && !y.is_empty() {
+                check_finite(y, o, &at)?;
             }
             let mut all = Vec::with_capacity(if whole { 0 } else { count });
             let mut solutions = keep_solutions.then(|| SolutionRows::new(o));
@@ -352,7 +417,8 @@ impl OpSpec {
                             (true, false) => &s[rd],
                         };
                         let rows_i = (rows_i.0, rows_i.1, s_i, rows_i.3);
-                        sums.add_rows(sum_scratch, d, rows_i, c.sigma() as f32);
+                        let nonzero_i = scanned.then(|| nonzero.rows(i * rows..(i + 1) * rows));
+                        sums.add_rows(sum_scratch, d, rows_i, nonzero_i, c.sigma() as f32);
                     }
                 }
                 if sum_y.is_none() {
@@ -361,7 +427,9 @@ impl OpSpec {
                 if let Some(solutions) = &mut solutions {
                     match ones_i {
                         Some((ones_i, m)) => solutions.push_ones(ones_i, m)?,
-                        None => solutions.push(y_i)?,
+                        None => {
+                            solutions.push_scanned(y_i, nonzero.rows(i * rows..(i + 1) * rows))?
+                        }
                     }
                 }
             }
@@ -384,8 +452,8 @@ impl OpSpec {
             Ok(())
         };
         let work = |g: usize, worker: usize, buffers: &mut Scratch| -> Result<Block> {
-            prepare(g, buffers);
-            finish(g, worker, buffers)
+            let prepared = prepare(g, buffers, &|| false);
+            finish(g, worker, buffers, prepared)
         };
         match host_solver.and_then(HostSolver::workers) {
             // a solver with workers: every block on them (worker w is always one thread)
@@ -395,8 +463,8 @@ impl OpSpec {
             None if pipelined => {
                 let mut combine = combine;
                 let [a, b]: [Scratch; 2] = scratch.try_into().ok().expect("two buffers");
-                run_pipelined(blocks, &mut [a, b], prepare, |g, buffers, ()| {
-                    combine(g, finish(g, 0, buffers)?)
+                run_pipelined(blocks, &mut [a, b], prepare, |g, buffers, prepared| {
+                    combine(g, finish(g, 0, buffers, prepared)?)
                 })?
             }
             // the calling thread works too (it is worker 0)
@@ -441,5 +509,7 @@ struct Scratch {
     y: Vec<f32>,
     /// The positions of the ones of 0/1 built-in solutions.
     ones: Vec<u32>,
+    /// The non-zero entries of the block's solutions (when they are dense rows).
+    nonzero: NonZeros,
     sums: SumScratch,
 }
