@@ -111,6 +111,33 @@ impl<'a> RowsNonZero<'a> {
     }
 }
 
+/// The positions of the non-zero entries of `row` (not ±0; NaN is non-zero), in increasing
+/// order: `out` holds them (it is resized to hold any row).
+pub(crate) fn nonzeros<'a>(row: &[f32], out: &'a mut Vec<u32>) -> &'a [u32] {
+    if out.len() < row.len() {
+        out.resize(row.len(), 0);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::fastmath::has_avx2() {
+        // SAFETY: the CPU has AVX2; `out` is at least as long as `row`.
+        let count = unsafe { nonzeros_avx2(row, out) };
+        return &out[..count];
+    }
+    let count = row_nonzeros_from(row, 0, 0, out);
+    &out[..count]
+}
+
+/// [`nonzeros`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2, and `out.len() >= row.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn nonzeros_avx2(row: &[f32], out: &mut [u32]) -> usize {
+    // SAFETY: the caller's promises; no bound on the count
+    unsafe { row_nonzeros_avx2(row, row.len(), out) }.expect("at most every entry")
+}
+
 /// The positions of the non-zero entries of `row` from entry `start` on, in increasing
 /// order, into `out` from `count` (the number listed before `start`; `out` at least as long
 /// as `row`), and how many in all: written always, kept when non-zero (no branch per
@@ -229,6 +256,8 @@ mod tests {
                 let count = row_nonzeros_from(&row, 0, 0, &mut out);
                 assert_eq!(&out[..count], &want[..]);
                 // the vector search (where the CPU has it) through a scan of the one row
+                let mut positions = Vec::new();
+                assert_eq!(nonzeros(&row, &mut positions), &want[..]);
                 if n == 0 {
                     continue;
                 }
