@@ -35,7 +35,9 @@
  *   (at most one per core) look for their next job for up to 200 microseconds after
  *   one, yielding their core, before they sleep; a calling thread waits for helpers the
  *   same way for up to 100 microseconds. Helper and worker
- *   threads run each call's work under the calling thread's floating-point settings.
+ *   threads run each call's work under the calling thread's floating-point settings,
+ *   and the library's own arithmetic always does: a callback that changes them (e.g.
+ *   flushes denormals) has them restored when it returns.
  *   pert_config_set_max_threads caps a call's threads.
  * - No exception or panic crosses this API: a solver callback must not throw or
  *   longjmp; internal panics are caught and returned as PERT_STATUS_PANIC.

@@ -90,10 +90,8 @@ impl SolutionRows {
         }
     }
 
-    /// Appends the rows of `y` `[rows, o]`. Memory grows with what the rows take (sparse
-    /// rows take a few words), never by a worst case; TORCH_ERROR when it cannot. (The
-    /// host pipeline scans its rows once for this and for the sums: see
-    /// [`SolutionRows::push_scanned`].)
+    /// Appends the rows of `y` `[rows, o]` (tests; the host pipeline scans its rows once
+    /// for the tape and the sums: see [`SolutionRows::push_scanned`]).
     #[cfg(test)]
     pub fn push(&mut self, y: &[f32]) -> Result<()> {
         let mut scan = crate::kernels::nonzero::NonZeros::default();
@@ -103,9 +101,11 @@ impl SolutionRows {
         self.push_scanned(y, scan.rows(0..y.len() / self.o.max(1)))
     }
 
-    /// [`SolutionRows::push`] of rows whose non-zero entries a scan has listed (`nonzero`,
-    /// one entry per row of `y`; a row with more non-zero entries than zeros is stored
-    /// whole, listed or not).
+    /// Appends the rows of `y` `[rows, o]`, whose non-zero entries a scan has listed
+    /// (`nonzero`, one entry per row of `y`): a row with more non-zero entries than zeros
+    /// is stored whole, listed or not, another as its listed positions and their values.
+    /// Memory grows with what the rows take (sparse rows take a few words), never by a
+    /// worst case; TORCH_ERROR when it cannot.
     pub fn push_scanned(&mut self, y: &[f32], nonzero: RowsNonZero<'_>) -> Result<()> {
         let rows = y.len() / self.o.max(1);
         assert_eq!(nonzero.len(), rows, "a scan of these rows");
@@ -134,7 +134,8 @@ impl SolutionRows {
     }
 
     /// Appends 0/1 rows given by the positions of their ones (`per_row` increasing
-    /// positions a row): the rows [`SolutionRows::push`] makes of them written out.
+    /// positions a row): the rows [`SolutionRows::push_scanned`] makes of them written
+    /// out.
     pub fn push_ones(&mut self, ones: &[u32], per_row: usize) -> Result<()> {
         let rows = ones.len() / per_row.max(1);
         let dense = 2 * per_row > self.o;

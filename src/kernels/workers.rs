@@ -49,6 +49,16 @@ pub(crate) fn recv_after_spin<T>(
 /// The stack of a worker thread: a solver's recursion gets what a main thread gets.
 pub(crate) const WORKER_STACK_BYTES: usize = 8 << 20;
 
+/// `f`, then the calling thread's floating-point control word restored to what it was
+/// before (a solver callback that changes it leaves the library's arithmetic under the
+/// call's settings, whichever thread does it).
+pub(crate) fn restoring_fp_state<R>(f: impl FnOnce() -> R) -> R {
+    let own = fp_state();
+    let result = f();
+    set_fp_state(own);
+    result
+}
+
 /// The calling thread's floating-point control word (SSE/AVX rounding and denormal modes).
 fn fp_state() -> u32 {
     #[cfg(target_arch = "x86_64")]

@@ -8,6 +8,7 @@ use crate::estimate::TapeForm;
 use crate::kernels::blocks::{run_blocks, run_blocks_on, run_pipelined, slots, take};
 use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
+use crate::kernels::workers::restoring_fp_state;
 use crate::pipeline::plan::{
     OpSpec, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS, HOST_THREAD_VALUES, PIPELINE_BLOCKS,
 };
@@ -287,7 +288,7 @@ impl OpSpec {
                 }
                 None => None,
             };
-            let perturbed = !later();
+            let perturbed = !(later() || caller_perturbs());
             if perturbed {
                 perturb(g, noise.as_deref().unwrap_or(&z[..]), x);
             }
@@ -340,8 +341,11 @@ impl OpSpec {
                 Source::Solver(SolverKind::Host(_)) => {
                     let solver = host_solver.expect("a host solver");
                     y.fill(f32::NAN);
-                    solver.call(&at, x, total_rows, y)?;
-                    // checked finite by the scan below
+                    // the library's arithmetic stays under the call's floating-point
+                    // settings whatever the callback does to them, so that which thread
+                    // perturbs or sums a block never changes a bit
+                    restoring_fp_state(|| solver.call(&at, x, total_rows, y))?;
+                    // checked finite below (by the scan, or check_finite)
                 }
                 Source::Solver(SolverKind::Builtin(builtin)) => match ones_per_row {
                     Some(_) => builtin.ones_host(x, d, last, ones),
@@ -356,12 +360,13 @@ impl OpSpec {
             }
             // every entry checked finite (the error says where); for a tape that keeps
             // the solutions, with their non-zero entries found once for it and the sums
-            // (every entry's, with Jacobian or weighted sums), else the sums find them
+            // (the scan lists rows of up to o/2 of them, or every row when Jacobian or
+            // weighted sums need each entry), else the sums find them
             // (a callback's solutions; the built-ins' and provided ones are finite)
             let scanned = !y.is_empty() && keep_solutions;
             let called = matches!(source, Source::Solver(SolverKind::Host(_)));
             if scanned {
-                let most = if sums_form || multiplicative {
+                let most = if sums_form || (multiplicative && o == d) {
                     o
                 } else {
                     o / 2
@@ -501,6 +506,15 @@ impl OpSpec {
 /// between threads than it gains in balance.
 const BLOCK_VALUES: usize = 4 << 10;
 
+/// Whether the calling thread of a two-stage run perturbs every block itself (tests: the
+/// path it takes when it waits for the helper, whose choice is otherwise timing's).
+fn caller_perturbs() -> bool {
+    #[cfg(test)]
+    return tests::CALLER_PERTURBS.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
+
 /// The buffers of one solver thread of the host pipeline.
 struct Scratch {
     z: Vec<f32>,
@@ -509,7 +523,68 @@ struct Scratch {
     y: Vec<f32>,
     /// The positions of the ones of 0/1 built-in solutions.
     ones: Vec<u32>,
-    /// The non-zero entries of the block's solutions (when they are dense rows).
+    /// The non-zero entries of the block's solutions given as whole rows, for a tape that
+    /// keeps them.
     nonzero: NonZeros,
     sums: SumScratch,
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::op::PerturbedOp;
+    use crate::perturbation::Perturbation;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tch::{Kind, Tensor};
+
+    /// See [`super::caller_perturbs`].
+    pub(super) static CALLER_PERTURBS: AtomicBool = AtomicBool::new(false);
+
+    /// A one-thread callback in two stages gives the same bits whether the helper or the
+    /// calling thread perturbs the blocks (the calling thread does when it waits for the
+    /// helper), with a tape of samples (the noise drawn into the tape's kept scores) and a
+    /// tape of Jacobian sums, both perturbation models.
+    #[test]
+    fn the_thread_that_perturbs_a_block_changes_no_bit() {
+        for (batch, d, n) in [(64i64, 1000i64, 4u64), (8, 10, 4000)] {
+            for model in [Perturbation::Additive, Perturbation::Multiplicative] {
+                let theta = Tensor::linspace(-3.0, 3.0, batch * d, (Kind::Float, tch::Device::Cpu))
+                    .reshape([batch, d])
+                    .cos();
+                let g = (&theta * 1.7).sin();
+                let run = |caller: bool| {
+                    CALLER_PERTURBS.store(caller, Ordering::Relaxed);
+                    let mut c = Config::new();
+                    c.set_num_samples(n).unwrap().set_sigma(0.5).unwrap();
+                    c.set_perturbation(model).set_seed(5);
+                    c.set_threads(1).unwrap();
+                    let op = PerturbedOp::new(&c, &[d], &[d], |x: &[f32], rows, y: &mut [f32]| {
+                        let d = x.len() / rows;
+                        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+                            let best = (0..d).fold(0, |b, i| if xr[i] > xr[b] { i } else { b });
+                            yr.iter_mut()
+                                .enumerate()
+                                .for_each(|(i, v)| *v = f32::from(i == best));
+                        }
+                        Ok::<(), String>(())
+                    })
+                    .unwrap();
+                    let (y, tape) = op.forward_with_tape(&theta).unwrap();
+                    let v = tape.vjp(&g).unwrap();
+                    CALLER_PERTURBS.store(false, Ordering::Relaxed);
+                    (y, v)
+                };
+                let ((y0, v0), (y1, v1)) = (run(false), run(true));
+                let bits = |t: &Tensor| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap();
+                let same = |a: &Tensor, b: &Tensor| {
+                    bits(a)
+                        .iter()
+                        .zip(bits(b))
+                        .all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                assert!(same(&y0, &y1), "{batch}x{d}x{n} {model:?}: the mean");
+                assert!(same(&v0, &v1), "{batch}x{d}x{n} {model:?}: the VJP");
+            }
+        }
+    }
 }
