@@ -108,6 +108,8 @@ pub(crate) struct SumScratch {
     tile_rows: Vec<usize>,
     tile_mark: Vec<bool>,
     padded: Vec<f32>,
+    /// The positions of the non-zero entries of the row being added (not scanned before).
+    found: Vec<u32>,
 }
 
 impl SumScratch {
@@ -216,6 +218,7 @@ impl SumsMut<'_> {
             tile_rows,
             tile_mark,
             padded,
+            found,
         } = scratch;
         for r0 in (0..rows).step_by(SUM_TILE) {
             let r1 = (r0 + SUM_TILE).min(rows);
@@ -227,12 +230,24 @@ impl SumsMut<'_> {
                 // the row's non-zero entries as listed by the scan, or found here (None:
                 // the row is summed whole)
                 let listed = match nonzero.map(|nonzero| nonzero.row(r)) {
-                    Some(Some(listed)) if listed.len() <= most => Some(Some(listed)),
+                    Some(Some(listed)) if listed.len() <= most => Some(listed),
                     Some(Some(_)) => None,
                     Some(None) if most < o => None,
                     // not scanned, or dense where the sums need its entries one by one
                     _ if most < o && 2 * yr.iter().filter(|v| **v != 0.0).count() > o => None,
-                    _ => Some(None),
+                    _ => {
+                        // 8 at a time as a bit mask (a vector compare), so that sparse
+                        // solutions cost one test per 8 entries and no branch per entry
+                        found.clear();
+                        for (c, run) in yr.chunks(8).enumerate() {
+                            let mut mask = nonzero_mask(run);
+                            while mask != 0 {
+                                found.push(8 * c as u32 + mask.trailing_zeros());
+                                mask &= mask - 1;
+                            }
+                        }
+                        Some(&found[..])
+                    }
                 };
                 let Some(listed) = listed else {
                     // mostly non-zero (ranks, dense callbacks): whole vectors, no marks
@@ -249,8 +264,9 @@ impl SumsMut<'_> {
                     copy_padded(padded, &s[r * d..(r + 1) * d]);
                     add_scaled(&mut tile_s[..dp], 1.0, padded);
                 }
-                // a non-zero entry
-                let mut add = |i: usize, yv: f32| {
+                // the non-zero entries alone
+                for &i in listed {
+                    let (i, yv) = (i as usize, yr[i as usize]);
                     if !tile_mark[i] {
                         tile_mark[i] = true;
                         tile_rows.push(i);
@@ -263,25 +279,6 @@ impl SumsMut<'_> {
                         tile_objective += x[r * d + i] * yv;
                         if weighted {
                             tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
-                        }
-                    }
-                };
-                match listed {
-                    Some(listed) => {
-                        for &i in listed {
-                            add(i as usize, yr[i as usize]);
-                        }
-                    }
-                    // 8 at a time as a bit mask (a vector compare), so that sparse
-                    // solutions cost one test per 8 entries and no branch per entry
-                    None => {
-                        for (c, run) in yr.chunks(8).enumerate() {
-                            let mut mask = nonzero_mask(run);
-                            while mask != 0 {
-                                let j = mask.trailing_zeros() as usize;
-                                mask &= mask - 1;
-                                add(8 * c + j, run[j]);
-                            }
                         }
                     }
                 }
