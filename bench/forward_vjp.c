@@ -2,8 +2,9 @@
  * C one-hot argmax callback, the median of many calls on one op (the "Before -> after"
  * numbers of README's training-regime section).
  *
- *   cc -std=c11 -O2 bench/forward_vjp.c -Iinclude -Ltarget/release -lperturbations \
- *      -Wl,-rpath,$PWD/target/release -o target/bench/forward_vjp
+ *   cc -std=c11 -O2 bench/forward_vjp.c bench/bench_solvers.c -Iinclude \
+ *      -Ltarget/release -lperturbations -Wl,-rpath,$PWD/target/release \
+ *      -o target/bench/forward_vjp
  *   target/bench/forward_vjp BATCH D N KIND CALLS [THREADS]
  *
  * KIND: 0 argmax, 1 top-k (k = D/10, at least 1), 2 ranks, 3 the C argmax callback (a plain
@@ -31,26 +32,8 @@ static int32_t argmax_cb(void *user, const float *x, size_t count, float *y) {
   return 0;
 }
 
-/* bench_argmax of bench/bench_solvers.c: the largest value over eight independent lanes
- * (which the compiler vectorizes), then its first position. */
-static int32_t argmax_lanes_cb(void *user, const float *x, size_t count, float *y) {
-  size_t d = *(const size_t *)user;
-  for (size_t r = 0; r < count; r++) {
-    const float *xr = x + r * d;
-    float lane[8], top = xr[0];
-    for (int j = 0; j < 8; j++) lane[j] = xr[0];
-    size_t i = 0;
-    for (; i + 8 <= d; i += 8)
-      for (int j = 0; j < 8; j++) lane[j] = xr[i + j] > lane[j] ? xr[i + j] : lane[j];
-    for (; i < d; i++) top = xr[i] > top ? xr[i] : top;
-    for (int j = 0; j < 8; j++) top = lane[j] > top ? lane[j] : top;
-    size_t best = 0;
-    while (xr[best] != top) best++;
-    memset(y + r * d, 0, d * sizeof(float));
-    y[r * d + best] = 1.0f;
-  }
-  return 0;
-}
+/* The argmax callback of the training table (bench/bench_solvers.c, linked in). */
+int32_t bench_argmax(void *user_data, const float *x, size_t count, float *y);
 
 static double now(void) {
   struct timespec t;
@@ -95,7 +78,7 @@ int main(int argc, char **argv) {
   int64_t dims[1] = {(int64_t)d};
   pert_op *op;
   if (kind >= 3)
-    check(pert_op_new(c, dims, 1, dims, 1, kind == 3 ? argmax_cb : argmax_lanes_cb, &d, &op));
+    check(pert_op_new(c, dims, 1, dims, 1, kind == 3 ? argmax_cb : bench_argmax, &d, &op));
   else
     check(pert_op_new_builtin(c, (uint32_t)kind, d / 10 ? (int64_t)(d / 10) : 1, dims, 1, &op));
   pert_config_free(c);
