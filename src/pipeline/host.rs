@@ -358,11 +358,11 @@ impl OpSpec {
                 }
                 Source::Solver(_) => unreachable!("only host solutions take the host path"),
             }
-            // every entry checked finite (the error says where); for a tape that keeps
-            // the solutions, with their non-zero entries found once for it and the sums
-            // (the scan lists rows of up to o/2 of them, or every row when Jacobian or
-            // weighted sums need each entry), else the sums find them
-            // (a callback's solutions; the built-ins' and provided ones are finite)
+            // a callback's solutions checked finite (the error says where; the built-ins'
+            // and the provided ones are finite); for a tape that keeps the solutions, with
+            // their non-zero entries found once for it and the sums (the scan lists rows
+            // of up to o/2 of them, or every row when Jacobian or weighted sums need each
+            // entry), else the sums find them
             let scanned = !y.is_empty() && keep_solutions;
             let called = matches!(source, Source::Solver(SolverKind::Host(_)));
             if scanned {
