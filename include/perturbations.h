@@ -36,8 +36,10 @@
  *   one, yielding their core, before they sleep; a calling thread waits for helpers the
  *   same way for up to 100 microseconds. Helper and worker
  *   threads run each call's work under the calling thread's floating-point settings,
- *   and the library's own arithmetic always does: a callback that changes them (e.g.
- *   flushes denormals) has them restored when it returns.
+ *   and the library's own arithmetic always does: after every call of user code
+ *   (solvers of every kind, worker init and fini hooks) the thread's settings are put
+ *   back, so a callback that changes them (flushes denormals, say) changes neither the
+ *   results nor the caller's thread.
  *   pert_config_set_max_threads caps a call's threads.
  * - No exception or panic crosses this API: a solver callback must not throw or
  *   longjmp; internal panics are caught and returned as PERT_STATUS_PANIC.
@@ -107,18 +109,24 @@
 #define PERT_MAX_THREADS 1024
 
 /*
- One-hot of the largest entry along the last dimension. Its statistics are accumulated
- as counts of winners (no one-hot products).
+ One-hot of the largest entry along the last dimension: the first of equal largest
+ entries (IEEE comparison: -0 equals +0). Its statistics are accumulated as counts of
+ winners (no one-hot products).
  */
 #define PERT_BUILTIN_ARGMAX 0
 
 /*
- Indicator (1.0 / 0.0) of the k largest entries along the last dimension.
+ Indicator (1.0 / 0.0) of the k largest entries along the last dimension, in the total
+ order of floats (-0 below +0), equal entries taken first to last; with k = 1, the
+ argmax's rule. Perturbed samples and the unperturbed theta of the clean-input baseline,
+ on the CPU and on CUDA, follow the same rule.
  */
 #define PERT_BUILTIN_TOPK 1
 
 /*
- 1-based ranks along the last dimension, the smallest entry ranked 1.
+ 1-based ranks along the last dimension, the smallest entry ranked 1, in the total order
+ of floats (-0 below +0), equal entries ranked in the order of their positions
+ (everywhere, as top-k).
  */
 #define PERT_BUILTIN_RANKS 2
 
@@ -440,11 +448,13 @@ pert_status pert_config_set_threads(struct pert_config *config, uint32_t threads
  sums, gradients and tape products, solver callbacks). 0 (the default): no cap (solver
  callbacks on `threads` threads, the library's own work on up to one thread per core).
  With 1, every call of the op stays on one core (its CPU time is about its wall time):
- for callers inside MPI ranks or OpenMP regions. The libtorch CPU kernels a call runs
- (dense Jacobian products, say) stay within the cap too: their OpenMP and MKL thread
- counts are set for the calling thread only, for the call's duration, and put back
- after (other threads of the process keep theirs). The cap also holds for a tape's
- products and a draw's finish.
+ for callers inside MPI ranks or OpenMP regions. The OpenMP and MKL thread counts of
+ the calling thread (which libtorch's CPU kernels and the callbacks on that thread see)
+ become the smaller of the cap and their value before the call (a cap never raises
+ them), for the call's duration, and their values before the call are put back after
+ (other threads of the process keep theirs). The cap also holds for a tape's products
+ and a draw's finish. Results do not depend on the cap, bit for bit: the library's own
+ libtorch reductions and products on the CPU run on one thread.
 
  @return `PERT_STATUS_INVALID_ARGUMENT` above 1024. An op refuses a config whose
          non-zero max_threads is below its threads.
@@ -528,8 +538,10 @@ int32_t pert_cuda_device_count(void);
  Draws the perturbed inputs of one call on `op` (any op: callback, built-in or external),
  for `batch` problems theta `[batch, *input_shape]`. Solve the rows of
  `pert_draw_inputs` anywhere, in any order or place, then pass their solutions to
- `pert_draw_finish`. With the same seed and number of earlier calls on the op, the results
- equal those of `pert_forward`. Counts as one forward call of the op.
+ `pert_draw_finish`. With the same seed and number of earlier calls on the op, and the
+ solutions the op's solver would give (a built-in's by its documented tie rule), the
+ results equal those of `pert_forward` bit for bit: y, the loss, and every product of
+ the tape. Counts as one forward call of the op.
 
  Rows `b * num_samples .. (b + 1) * num_samples - 1` are problem b's perturbed inputs;
  with the clean-input baseline (without antithetic pairs) `batch` more rows follow,
@@ -653,7 +665,8 @@ pert_status pert_op_new(const struct pert_config *config,
  back into this one (each would wait for the other); `pert_forward` on its own op is
  refused with `PERT_STATUS_INVALID_ARGUMENT`. An op's workers do not survive `fork()`:
  in a child process its calls fail with `PERT_STATUS_INVALID_ARGUMENT` (make the op
- there).
+ there), and `pert_op_free` there returns at once, whatever other threads of the parent
+ were doing at the fork (no fini runs in the child; the parent's op is unaffected).
 
  @param solver     The solver; see `pert_solver_ex`.
  @param user_data  Passed to every callback untouched; must stay valid while the op

@@ -12,7 +12,7 @@
 //! before anything this library asks libtorch about CUDA, and a process that asked before
 //! (without libtorch_cuda loaded) gets a message saying so instead of a silent CPU.
 
-use once_cell::sync::OnceCell;
+use once_cell::race::OnceBox;
 use std::ffi::{CStr, CString};
 
 /// What loading found.
@@ -29,12 +29,14 @@ pub(crate) enum Loaded {
 /// Loads libtorch_cuda if this machine has a CUDA driver (once per process; later calls
 /// return the first answer).
 pub(crate) fn load() -> &'static Loaded {
-    static LOADED: OnceCell<Loaded> = OnceCell::new();
+    // no lock: threads that race each load (dlopen counts references), the first answer
+    // is kept; a process forked while another thread loads never waits for it
+    static LOADED: OnceBox<Loaded> = OnceBox::new();
     LOADED.get_or_init(|| {
         if !driver_present() {
-            return Loaded::NoDriver;
+            return Box::new(Loaded::NoDriver);
         }
-        match torch_lib_folder() {
+        Box::new(match torch_lib_folder() {
             None => Loaded::Failed("libtorch_cpu.so is not loaded from a folder".into()),
             Some(folder) => match library_in(&folder, "libtorch_cuda.so") {
                 None => Loaded::Failed(format!(
@@ -43,7 +45,7 @@ pub(crate) fn load() -> &'static Loaded {
                 )),
                 Some(path) => open_global(&path.to_string_lossy()),
             },
-        }
+        })
     })
 }
 
@@ -52,7 +54,7 @@ pub(crate) fn load() -> &'static Loaded {
 /// may be reachable only from the CUDA libraries' own search paths), or the application
 /// already loaded libtorch_cuda.
 pub(crate) fn driver_present() -> bool {
-    static PRESENT: OnceCell<bool> = OnceCell::new();
+    static PRESENT: OnceBox<bool> = OnceBox::new(); // (no lock, as in `load`)
     *PRESENT.get_or_init(|| {
         // SAFETY: dlopen of system libraries by name; handles are never closed (NOLOAD
         // takes a reference only to a library already loaded, which stays loaded anyway).
@@ -64,10 +66,12 @@ pub(crate) fn driver_present() -> bool {
                 )
                 .is_null()
         };
-        loadable
-            || ["/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg"]
-                .iter()
-                .any(|p| std::path::Path::new(p).exists())
+        Box::new(
+            loadable
+                || ["/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg"]
+                    .iter()
+                    .any(|p| std::path::Path::new(p).exists()),
+        )
     })
 }
 

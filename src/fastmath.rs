@@ -88,10 +88,9 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy::new(|| {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        });
-        *HAS
+        // (std caches the CPU's features in atomics: no lock, so a process forked while
+        // another thread asks never waits)
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -105,14 +104,11 @@ pub fn has_avx2() -> bool {
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy::new(|| {
-            has_avx2()
-                && std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("avx512dq")
-                && std::is_x86_feature_detected!("avx512bw")
-        });
-        *HAS
+        has_avx2()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512bw")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

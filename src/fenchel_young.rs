@@ -56,6 +56,7 @@ pub(crate) fn loss_and_grad(
         Sense::Maximize => 1.0,
         Sense::Minimize => -1.0,
     };
+    let _serial = crate::intraop::serial_on(theta.device()); // (same bits for any threads)
     let y = y_true.f_to_kind(Kind::Double)?;
     let dot = theta
         .f_to_kind(Kind::Double)?

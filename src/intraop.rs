@@ -13,7 +13,7 @@
 //! so this works whether the library was linked or `dlopen`ed with local symbols. Where
 //! they are not found (a libtorch without OpenMP or MKL), there is nothing to cap.
 
-use once_cell::sync::Lazy;
+use once_cell::race::OnceBox;
 use std::cell::Cell;
 use std::ffi::{c_int, CStr};
 
@@ -22,32 +22,41 @@ type GetFn = unsafe extern "C" fn() -> c_int;
 type SetLocalFn = unsafe extern "C" fn(c_int) -> c_int;
 
 struct Controls {
-    omp_set: Option<(SetFn, GetFn)>,
-    mkl_set_local: Option<SetLocalFn>,
+    omp: Option<(SetFn, GetFn)>,
+    /// MKL's local setter and, where exported, its count.
+    mkl: Option<(SetLocalFn, Option<GetFn>)>,
 }
 
-static CONTROLS: Lazy<Controls> = Lazy::new(|| {
-    // SAFETY: looking up symbols of libraries this process has loaded; a found symbol has
-    // the C signature of its documented function.
-    unsafe {
-        let omp_set = ["libgomp.so.1", "libiomp5.so", "libomp.so.5", "libomp.so"]
-            .iter()
-            .find_map(|lib| {
-                let set = symbol(lib, c"omp_set_num_threads")?;
-                let get = symbol(lib, c"omp_get_max_threads")?;
-                Some((
-                    std::mem::transmute::<*mut libc::c_void, SetFn>(set),
-                    std::mem::transmute::<*mut libc::c_void, GetFn>(get),
-                ))
+/// The controls, looked up on first use without a lock (threads that race each look them
+/// up, the first one kept): a process forked while another thread looks them up never
+/// waits for it.
+fn controls() -> &'static Controls {
+    static CONTROLS: OnceBox<Controls> = OnceBox::new();
+    CONTROLS.get_or_init(|| {
+        // SAFETY: looking up symbols of libraries this process has loaded; a found symbol
+        // has the C signature of its documented function.
+        Box::new(unsafe {
+            let omp = ["libgomp.so.1", "libiomp5.so", "libomp.so.5", "libomp.so"]
+                .iter()
+                .find_map(|lib| {
+                    let set = symbol(lib, c"omp_set_num_threads")?;
+                    let get = symbol(lib, c"omp_get_max_threads")?;
+                    Some((
+                        std::mem::transmute::<*mut libc::c_void, SetFn>(set),
+                        std::mem::transmute::<*mut libc::c_void, GetFn>(get),
+                    ))
+                });
+            let mkl = symbol("libtorch_cpu.so", c"MKL_Set_Num_Threads_Local").map(|set| {
+                let get = symbol("libtorch_cpu.so", c"MKL_Get_Max_Threads");
+                (
+                    std::mem::transmute::<*mut libc::c_void, SetLocalFn>(set),
+                    get.map(|get| std::mem::transmute::<*mut libc::c_void, GetFn>(get)),
+                )
             });
-        let mkl_set_local = symbol("libtorch_cpu.so", c"MKL_Set_Num_Threads_Local")
-            .map(|f| std::mem::transmute::<*mut libc::c_void, SetLocalFn>(f));
-        Controls {
-            omp_set,
-            mkl_set_local,
-        }
-    }
-});
+            Controls { omp, mkl }
+        })
+    })
+}
 
 /// `name` in the loaded library `lib` (its file name or SONAME), if both exist.
 ///
@@ -81,7 +90,9 @@ pub(crate) struct Cap {
     previous_cap: u32,
 }
 
-/// Caps the libtorch work of the current thread at `max_threads` threads (see the module).
+/// Caps the libtorch work of the current thread at `max_threads` threads (see the module):
+/// each count becomes the smaller of the cap and the thread's count before the call (a
+/// cap never raises one), and the thread's own counts come back when the guard drops.
 pub(crate) fn cap(max_threads: u32) -> Cap {
     let previous_cap = current();
     let mut guard = Cap {
@@ -94,33 +105,46 @@ pub(crate) fn cap(max_threads: u32) -> Cap {
         return guard;
     }
     CAPPED.with(|c| c.set(max_threads));
-    let controls = &*CONTROLS;
-    // libtorch sets this thread's counts on its first parallel region: let it do so
-    // first, so that it does not undo the cap
-    let _ = tch::get_num_threads();
+    let controls = controls();
     let n = max_threads.min(c_int::MAX as u32) as c_int;
-    if let Some((set, get)) = controls.omp_set {
-        // SAFETY: OpenMP API calls on the current thread.
-        unsafe {
-            guard.previous_omp = Some(get());
-            set(n);
-        }
+    // the caller's own counts, read before libtorch's per-thread set-up (on this thread's
+    // first parallel region) can overwrite them
+    // SAFETY: OpenMP and MKL API calls on the current thread.
+    let own_omp = controls.omp.map(|(_, get)| unsafe { get() });
+    let own_mkl = controls
+        .mkl
+        .map(|(_, get)| get.map_or(c_int::MAX, |get| unsafe { get() }));
+    // libtorch's set-up runs now, so that it cannot undo the cap later in the call
+    let _ = tch::get_num_threads();
+    if let (Some((set, _)), Some(own)) = (controls.omp, own_omp) {
+        guard.previous_omp = Some(own);
+        // SAFETY: as above.
+        unsafe { set(n.min(own.max(1))) };
     }
-    if let Some(set_local) = controls.mkl_set_local {
-        // SAFETY: MKL API call on the current thread; it returns the previous local count.
-        guard.previous_mkl = Some(unsafe { set_local(n) });
+    if let (Some((set_local, _)), Some(own)) = (controls.mkl, own_mkl) {
+        // SAFETY: as above; it returns the previous local count (0: the process-wide one).
+        guard.previous_mkl = Some(unsafe { set_local(n.min(own.max(1))) });
     }
     guard
 }
 
+/// One thread for the library's own libtorch work on `device` when it is the CPU (None
+/// elsewhere: a GPU's kernels do not depend on the host's thread counts). libtorch's CPU
+/// reductions and matrix products split their work by the thread count, and rounding
+/// follows the split: run on one thread, the library's products are the same bits under
+/// every `max_threads` and OpenMP setting. Never held while user code runs.
+pub(crate) fn serial_on(device: tch::Device) -> Option<Cap> {
+    (device == tch::Device::Cpu).then(|| cap(1))
+}
+
 impl Drop for Cap {
     fn drop(&mut self) {
-        let controls = &*CONTROLS;
-        if let (Some(previous), Some((set, _))) = (self.previous_omp, controls.omp_set) {
+        let controls = controls();
+        if let (Some(previous), Some((set, _))) = (self.previous_omp, controls.omp) {
             // SAFETY: as in `cap`.
             unsafe { set(previous.max(1)) };
         }
-        if let (Some(previous), Some(set_local)) = (self.previous_mkl, controls.mkl_set_local) {
+        if let (Some(previous), Some((set_local, _))) = (self.previous_mkl, controls.mkl) {
             // SAFETY: as in `cap`; 0 puts back the process-wide count.
             unsafe { set_local(previous.max(0)) };
         }
@@ -138,7 +162,7 @@ mod tests {
         {
             let _cap = cap(1);
             assert_eq!(current(), 1);
-            if CONTROLS.omp_set.is_some() {
+            if controls().omp.is_some() {
                 assert_eq!(tch::get_num_threads(), 1);
             }
             // another thread keeps libtorch's count
@@ -152,5 +176,28 @@ mod tests {
         }
         assert_eq!(current(), 0);
         assert_eq!(tch::get_num_threads(), before);
+    }
+
+    /// A thread's own OpenMP count, set before its first capped call, is capped (never
+    /// raised) during the call and the same after it.
+    #[test]
+    fn a_cap_keeps_and_never_raises_the_threads_own_count() {
+        let Some((set, get)) = controls().omp else {
+            return; // no OpenMP in this libtorch: nothing is capped
+        };
+        for (own, max_threads, during) in [(3, 64, 3), (3, 2, 2), (1, 8, 1)] {
+            let seen = std::thread::spawn(move || {
+                // SAFETY: OpenMP API calls on this thread.
+                unsafe { set(own) };
+                let during = {
+                    let _cap = cap(max_threads);
+                    unsafe { get() }
+                };
+                (during, unsafe { get() })
+            })
+            .join()
+            .unwrap();
+            assert_eq!(seen, (during, own), "own {own}, cap {max_threads}");
+        }
     }
 }

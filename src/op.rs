@@ -141,6 +141,7 @@ impl PerturbedOp {
             input_numel,
             output_numel,
             chunked: matches!(solver, SolverKind::Device(_)),
+            builtin_argmax: matches!(solver, SolverKind::Builtin(Builtin::Argmax)),
         };
         let twin = config.device() == crate::DeviceSpec::Auto
             && device != Device::Cpu

@@ -8,15 +8,17 @@ use tch::{Device, Tensor};
 /// an impossible size is an error even where the system overcommits memory (it would grant
 /// the allocation and kill the process when the buffer is written).
 pub(crate) fn fits_in_memory(bytes: u128) -> bool {
-    static TOTAL: once_cell::sync::OnceCell<u128> = once_cell::sync::OnceCell::new();
+    // (no lock: threads that race each read it; a forked child never waits)
+    static TOTAL: once_cell::race::OnceBox<u128> = once_cell::race::OnceBox::new();
     let total = *TOTAL.get_or_init(|| {
         // SAFETY: sysinfo fills the zeroed struct it is given.
         let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
-        if unsafe { libc::sysinfo(&mut info) } != 0 {
-            return u128::MAX; // unknown: the allocator decides
-        }
-        let unit = u128::from(info.mem_unit.max(1));
-        (u128::from(info.totalram) + u128::from(info.totalswap)) * unit
+        Box::new(if unsafe { libc::sysinfo(&mut info) } != 0 {
+            u128::MAX // unknown: the allocator decides
+        } else {
+            let unit = u128::from(info.mem_unit.max(1));
+            (u128::from(info.totalram) + u128::from(info.totalswap)) * unit
+        })
     });
     bytes <= total
 }

@@ -14,7 +14,12 @@
 //   persistent workers), and Op::with_workers gives each worker an object of its own
 //   (a model built once per worker): see pert_op_new_ex. Calls of one pert::Op with a
 //   solver callable take turns (so that an exception reaches the call that raised it);
-//   use one Op per thread to solve in parallel.
+//   use one Op per thread to solve in parallel. A solver may call its own op: such a call
+//   does not wait for its turn, and gets the C library's answer (a solver on the op's own
+//   workers is refused with pert::Error, PERT_STATUS_INVALID_ARGUMENT).
+// - Destroying an Op waits for the calls already running on it (from other threads); it
+//   must not be destroyed from inside its own solver, and a thread must not start a call
+//   on an Op that another thread is destroying (as for any C++ object).
 // - Buffers are any contiguous range of float (std::vector, std::array, std::span, a braced
 //   list) or a pointer and count. A View keeps its own copy of a temporary container or
 //   list; it borrows a named container or a span, which must outlive it (as a std::span).
@@ -23,7 +28,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <array>
+#include <condition_variable>
+#include <cstdio>
 #include <exception>
 #include <functional>
 #include <initializer_list>
@@ -236,6 +244,7 @@ class Op {
 
   Op(const Config& config, std::vector<std::int64_t> input_shape, std::vector<std::int64_t> output_shape, Solver solver)
       : state_(new State), sense_(config.sense()) {
+    state_->callbacks = true;
     state_->solve = std::move(solver);
     if (!state_->solve) throw Error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
     pert_op* op = nullptr;
@@ -250,6 +259,7 @@ class Op {
   Op(const Config& config, std::vector<std::int64_t> input_shape, std::vector<std::int64_t> output_shape,
      SolverWithInfo solver)
       : state_(new State), sense_(config.sense()) {
+    state_->callbacks = true;
     state_->solve_ex = std::move(solver);
     if (!state_->solve_ex) throw Error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
     make_ex(config, input_shape, output_shape, false);
@@ -262,9 +272,13 @@ class Op {
   /// Worker = the type make_worker returns (movable); make_worker and solve are copied
   /// into the op and called from several worker threads at once: they must be
   /// thread-safe (their own state included). An exception from make_worker fails that
-  /// call (rethrown to the caller) and every later one: the op must be made again. (An op
-  /// destroyed in a fork()ed child, where its workers do not exist, destroys the worker
-  /// objects on the destroying thread.)
+  /// call (rethrown to the caller) and every later one: the op must be made again. The
+  /// worker objects are destroyed on their threads when the op is closed or destroyed; an
+  /// exception from a Worker destructor declared noexcept(false) is rethrown by close()
+  /// (the destructor of Op, which cannot throw, writes it to stderr instead); a destructor
+  /// that is noexcept, as destructors are by default, terminates the process if it throws,
+  /// as anywhere in C++. (In a fork()ed child, where the workers do not exist, the worker
+  /// objects are left undestroyed.)
   template <class Make, class Solve>
   static Op with_workers(const Config& config, std::vector<std::int64_t> input_shape,
                          std::vector<std::int64_t> output_shape, Make make_worker, Solve solve) {
@@ -274,7 +288,9 @@ class Op {
     op.state_->init = [slots, make_worker](std::uint32_t w) mutable {
       (*slots)[w] = std::make_unique<Worker>(make_worker(w));
     };
-    op.state_->fini = [slots](std::uint32_t w) { (*slots)[w].reset(); };
+    // (deleted outside unique_ptr::reset, which is noexcept: a destructor declared
+    // noexcept(false) that throws reaches the fini trampoline, which keeps it for close())
+    op.state_->fini = [slots](std::uint32_t w) { delete (*slots)[w].release(); };
     op.state_->solve_ex = [slots, solve](const pert_solve_info& info, const float* x, std::size_t count,
                                          float* y) mutable { solve(*(*slots)[info.worker], info, x, count, y); };
     op.make_ex(config, input_shape, output_shape, true);
@@ -318,15 +334,26 @@ class Op {
   }
 
   Op(Op&&) noexcept = default;
-  /// Frees the old op before its callback state (the op may still refer to it).
+  /// Frees the old op (once its running calls have ended) before its callback state (the
+  /// op may still refer to it).
   Op& operator=(Op&& other) noexcept {
     if (this != &other) {
-      handle_.reset();
+      release(true);
       state_ = std::move(other.state_);
       handle_ = std::move(other.handle_);
       sense_ = other.sense_;
     }
     return *this;
+  }
+  /// Waits for the calls running on the op (on other threads), then frees it.
+  ~Op() { release(true); }
+
+  /// Waits for the calls running on the op, frees it now (its workers' objects destroyed
+  /// on their threads), and rethrows the first exception a worker's fini or Worker
+  /// destructor threw. The op is empty afterwards (as if moved from).
+  void close() {
+    std::exception_ptr error = release(false);
+    if (error) std::rethrow_exception(error);
   }
 
   std::size_t input_numel() const noexcept { return pert_op_input_numel(get()); }
@@ -382,17 +409,80 @@ class Op {
     SolverWithInfo solve_ex;
     DeviceSolver solve_device;
     std::function<void(std::uint32_t)> init, fini;
+    bool callbacks = false;  // the op calls code of the user's (else its calls run freely)
     std::mutex calls;  // calls of the op take turns: a stored exception is the running call's
     std::mutex mutex;
     std::exception_ptr error;
+    std::mutex life;  // running calls, which destroying the op waits for
+    std::condition_variable idle;
+    std::size_t running = 0;
     void keep(std::exception_ptr e) {
       std::lock_guard<std::mutex> lock(mutex);
       if (!error) error = std::move(e);
     }
   };
 
-  Op(pert_op* op, Sense sense) : handle_(op), sense_(sense) {}
-  explicit Op(Sense sense) : state_(new State), sense_(sense) {}
+  /// The states whose call or callback the current thread is inside (a solver calling its
+  /// own op must not wait for the op's turn, which its caller holds).
+  static std::vector<const State*>& inside() {
+    thread_local std::vector<const State*> states;
+    return states;
+  }
+  static bool is_inside(const State* state) {
+    const auto& states = inside();
+    return std::find(states.begin(), states.end(), state) != states.end();
+  }
+  /// Marks the current thread as inside a call or callback of `state` while it lives.
+  struct Inside {
+    explicit Inside(const State* state) { inside().push_back(state); }
+    ~Inside() { inside().pop_back(); }
+    Inside(const Inside&) = delete;
+    Inside& operator=(const Inside&) = delete;
+  };
+  /// Counts a call as running while it lives.
+  struct Running {
+    explicit Running(State* s) : state(s) {
+      std::lock_guard<std::mutex> lock(state->life);
+      state->running++;
+    }
+    ~Running() {
+      std::lock_guard<std::mutex> lock(state->life);
+      if (--state->running == 0) state->idle.notify_all();
+    }
+    Running(const Running&) = delete;
+    Running& operator=(const Running&) = delete;
+    State* state;
+  };
+
+  /// Waits for the running calls, frees the op, then its state; returns the exception a
+  /// fini kept (when `report`, it is written to stderr instead).
+  std::exception_ptr release(bool report) noexcept {
+    std::exception_ptr error;
+    if (state_) {
+      std::unique_lock<std::mutex> lock(state_->life);
+      state_->idle.wait(lock, [this] { return state_->running == 0; });
+    }
+    handle_.reset();
+    if (state_) {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      std::swap(error, state_->error);
+    }
+    state_.reset();
+    if (error && report) {
+      try {
+        std::rethrow_exception(error);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "pert::Op: a worker's fini threw while the op was destroyed: %s\n", e.what());
+      } catch (...) {
+        std::fprintf(stderr, "pert::Op: a worker's fini threw while the op was destroyed\n");
+      }
+      error = nullptr;
+    }
+    return error;
+  }
+
+  Op(pert_op* op, Sense sense) : state_(new State), handle_(op), sense_(sense) {}
+  explicit Op(Sense sense) : state_(new State), sense_(sense) { state_->callbacks = true; }
 
   void make_ex(const Config& config, std::vector<std::int64_t>& input_shape, std::vector<std::int64_t>& output_shape,
                bool hooks) {
@@ -418,6 +508,7 @@ class Op {
                                float* outputs) noexcept {
     auto* state = static_cast<State*>(user_data);
     try {
+      Inside inside(state);
       state->solve_ex(*info, inputs, count, outputs);
       return 0;
     } catch (...) {
@@ -431,6 +522,7 @@ class Op {
                                    float* outputs, void* stream) noexcept {
     auto* state = static_cast<State*>(user_data);
     try {
+      Inside inside(state);
       state->solve_device(*info, inputs, count, outputs, stream);
       return 0;
     } catch (...) {
@@ -443,6 +535,7 @@ class Op {
   static int32_t init_trampoline(void* user_data, std::uint32_t worker) noexcept {
     auto* state = static_cast<State*>(user_data);
     try {
+      Inside inside(state);
       state->init(worker);
       return 0;
     } catch (...) {
@@ -453,16 +546,19 @@ class Op {
   }
 
   static void fini_trampoline(void* user_data, std::uint32_t worker) noexcept {
+    auto* state = static_cast<State*>(user_data);
     try {
-      static_cast<State*>(user_data)->fini(worker);
+      Inside inside(state);
+      state->fini(worker);
     } catch (...) {
-      // (a worker object's destructor is noexcept: a throw there terminates, as anywhere)
+      state->keep(std::current_exception());  // for close(), or stderr from ~Op
     }
   }
 
   static int32_t trampoline(void* user_data, const float* inputs, std::size_t count, float* outputs) noexcept {
     auto* state = static_cast<State*>(user_data);
     try {
+      Inside inside(state);
       state->solve(inputs, count, outputs);
       return 0;
     } catch (...) {
@@ -474,10 +570,19 @@ class Op {
 
   template <class F>
   void call(F&& f) {
+    if (!state_) throw Error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
+    if (is_inside(state_.get())) {
+      // a solver of this op calling it: its caller holds the turn (and the C library
+      // refuses the call where it would wait for itself)
+      detail::check(f());
+      return;
+    }
+    Running running(state_.get());  // (declared first: ends last, after the turn)
     std::unique_lock<std::mutex> turn;
-    if (state_) turn = std::unique_lock<std::mutex>(state_->calls);
+    if (state_->callbacks) turn = std::unique_lock<std::mutex>(state_->calls);
+    Inside inside(state_.get());
     pert_status s = f();
-    if (state_ && s != PERT_STATUS_OK) {
+    if (s != PERT_STATUS_OK) {
       std::exception_ptr e;
       {
         std::lock_guard<std::mutex> lock(state_->mutex);
@@ -489,6 +594,7 @@ class Op {
   }
 
   std::size_t checked(View theta, std::size_t batch) const {
+    if (!handle_) throw Error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
     if (theta.size != batch * input_numel())
       throw Error(PERT_STATUS_INVALID_ARGUMENT, "theta must hold batch * input_numel = " + std::to_string(batch * input_numel()) +
                                                     " floats, got " + std::to_string(theta.size));

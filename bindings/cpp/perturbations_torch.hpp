@@ -14,8 +14,11 @@
 #define PERTURBATIONS_TORCH_HPP
 
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/types.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "perturbations.hpp"
@@ -54,6 +57,28 @@ inline std::vector<int64_t> with_batch(int64_t batch, std::vector<int64_t> shape
   return shape;
 }
 
+/// The gradients of a backward that has no derivative of its own: as they are, when no
+/// graph is being made of the backward; under create_graph, as outputs of a node that
+/// fails with a clear error when a second derivative (double backward, a gradient
+/// penalty) is taken through them, instead of a silently wrong one (as PyTorch's
+/// once_differentiable). The node also takes the function's `inputs`, so that it lies on
+/// every path from the gradients back to them.
+inline ::torch::autograd::variable_list once_differentiable(::torch::autograd::variable_list grads,
+                                                            const ::torch::autograd::variable_list& inputs,
+                                                            const char* function) {
+  if (!::torch::GradMode::is_enabled()) return grads;
+  auto count = grads.size();
+  ::torch::autograd::variable_list args = std::move(grads);
+  args.insert(args.end(), inputs.begin(), inputs.end());
+  auto error = std::make_shared<::torch::autograd::DelayedError>(
+      std::string("pert::autograd::") + function +
+          " is differentiable once: a second derivative (double backward, a gradient penalty) through it is not computed",
+      static_cast<int64_t>(args.size()));
+  auto out = error->apply(std::move(args));
+  out.resize(count);
+  return out;
+}
+
 /// y_sigma(theta), its tape kept for backward: J^T g from the same draws.
 struct Perturbed : public ::torch::autograd::Function<Perturbed> {
   static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor theta, Op* op,
@@ -62,18 +87,20 @@ struct Perturbed : public ::torch::autograd::Function<Perturbed> {
     auto batch = static_cast<std::size_t>(t.size(0));
     auto result = op->forward_with_tape(view(t), batch);
     // a saved variable: the graph releases it once backward has run
-    ctx->save_for_backward({keep(std::move(result.tape))});
+    ctx->save_for_backward({keep(std::move(result.tape)), theta});
     ctx->saved_data["input_shape"] = theta.sizes().vec();
     return from(std::move(result.output), with_batch(static_cast<int64_t>(batch), output_shape), theta);
   }
 
   static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
                                                    ::torch::autograd::variable_list grad) {
-    auto holder = ctx->get_saved_variables()[0];
+    auto saved = ctx->get_saved_variables();
+    auto holder = saved[0];
     const Tape& tape = kept(holder);
     auto input_shape = ctx->saved_data["input_shape"].toIntVector();
     auto g = host(grad[0]);
-    return {from(tape.vjp(view(g)), input_shape, grad[0]), ::torch::Tensor(), ::torch::Tensor()};
+    return once_differentiable({from(tape.vjp(view(g)), input_shape, grad[0]), ::torch::Tensor(), ::torch::Tensor()},
+                               {saved[1]}, "perturbed");
   }
 };
 
@@ -85,7 +112,7 @@ struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
     auto t = host(theta), y = host(y_true);
     auto batch = static_cast<std::size_t>(t.size(0));
     auto result = op->fenchel_young(view(t), view(y), batch);
-    ctx->save_for_backward({from(std::move(result.second), theta.sizes().vec(), theta), theta.detach()});
+    ctx->save_for_backward({from(std::move(result.second), theta.sizes().vec(), theta), theta, y_true});
     ctx->saved_data["sign"] = op->sense() == Sense::Maximize ? -1.0 : 1.0;
     ctx->saved_data["y_shape"] = y_true.sizes().vec();
     ctx->saved_data["y_device"] = y_true.device();
@@ -95,7 +122,7 @@ struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
   static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
                                                    ::torch::autograd::variable_list grad) {
     auto saved = ctx->get_saved_variables();
-    auto g_theta = saved[0], theta = saved[1];
+    auto g_theta = saved[0], theta = saved[1].detach();
     std::vector<int64_t> shape(static_cast<std::size_t>(g_theta.dim()), 1);
     shape[0] = g_theta.size(0);
     auto per_problem = grad[0].reshape(shape);
@@ -104,12 +131,12 @@ struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
       g_y = (theta.to(g_theta.dtype()) * per_problem * ctx->saved_data["sign"].toDouble())
                 .reshape(ctx->saved_data["y_shape"].toIntVector())
                 .to(ctx->saved_data["y_device"].toDevice());
-    return {g_theta * per_problem, g_y, ::torch::Tensor()};
+    return once_differentiable({g_theta * per_problem, g_y, ::torch::Tensor()}, {saved[1], saved[2]}, "fenchel_young");
   }
 };
 }  // namespace detail
 
-/// y_sigma(theta) for theta [batch, *input_shape]; differentiable. The result has shape
+/// y_sigma(theta) for theta [batch, *input_shape]; differentiable once. The result has shape
 /// [batch, *output_shape] (default: theta's shape when the op's output and input have the
 /// same size, else [batch, output_numel]).
 inline ::torch::Tensor perturbed(Op& op, const ::torch::Tensor& theta, std::vector<int64_t> output_shape = {}) {
@@ -132,7 +159,8 @@ inline ::torch::Tensor perturbed(Op& op, const ::torch::Tensor& theta, std::vect
 }
 
 /// The Fenchel-Young loss [batch] of theta against y_true (same shape); differentiable
-/// with respect to theta and y_true.
+/// once with respect to theta and y_true (a second derivative through it fails with an
+/// error, as through perturbed).
 inline ::torch::Tensor fenchel_young(Op& op, const ::torch::Tensor& theta, const ::torch::Tensor& y_true) {
   return detail::FenchelYoung::apply(theta, y_true, &op);
 }

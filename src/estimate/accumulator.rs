@@ -155,6 +155,7 @@ impl Accumulator {
         s: Option<&Tensor>,
         y: &Solutions,
     ) -> Result<()> {
+        let _serial = crate::intraop::serial_on(self.sum_y.device()); // (same bits for any threads)
         let rows = z.size()[0] / nb; // per problem
         let o = self.o;
         // few outputs: the positions of the ones would all land on a few entries of the
@@ -553,6 +554,7 @@ fn dense_jacobian(
     scale: f64,
     col_scale: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let _serial = crate::intraop::serial_on(sum_ys.device()); // (same bits for any threads)
     let mut j = sum_ys;
     if let Some(c) = center {
         let s = sum_s.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // [b, 1, d]

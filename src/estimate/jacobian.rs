@@ -126,13 +126,16 @@ impl JacobianData {
                 let size = j.size();
                 let (b, o, d) = (size[0] as usize, size[1] as usize, size[2] as usize);
                 let (j, t) = (host_floats(j)?, host_floats(t)?);
+                let lanes = o * d > SEQUENTIAL_UP_TO;
                 let out: Vec<f32> = (0..b * o)
                     .map(|r| {
                         let p = r / o;
-                        j[r * d..(r + 1) * d]
-                            .iter()
-                            .zip(&t[p * d..(p + 1) * d])
-                            .fold(0.0f32, |acc, (a, b)| acc + a * b)
+                        let (row, t) = (&j[r * d..(r + 1) * d], &t[p * d..(p + 1) * d]);
+                        if lanes {
+                            dot_in_lanes(row, t)
+                        } else {
+                            row.iter().zip(t).fold(0.0f32, |acc, (a, b)| acc + a * b)
+                        }
                     })
                     .collect();
                 crate::tensors::from_slice(&out)?
@@ -230,12 +233,35 @@ fn samples_linear(
         .f_mul_scalar(scale)?)
 }
 
-/// Whether a product with the dense Jacobian `j` `[batch, o, d]` is made in Rust: small
-/// problems on the CPU, where libtorch's parallel kernels would cost more than the product
-/// (their OpenMP workers spin on the cores after each).
+/// Whether a product with the dense Jacobian `j` is made in Rust: always on the CPU, where
+/// libtorch's matrix products round by how they split the work among their threads (the
+/// products must be the same bits under every thread setting), and its parallel kernels
+/// would cost more than small products (their OpenMP workers spin on the cores after each).
 fn host_sized(j: &Tensor) -> bool {
-    // by the size of one problem's Jacobian, never the batch's: the same problem's product
-    // must not change with the batch it comes in (the two paths round differently)
-    let size = j.size();
-    j.device() == Device::Cpu && size[1] * size[2] <= 1 << 12
+    j.device() == Device::Cpu
+}
+
+/// The largest Jacobian of one problem (o · d entries) whose JVP rows are summed in order,
+/// one product after the other; larger ones are summed in eight lanes (see
+/// [`dot_in_lanes`]). Decided by one problem's size, never the batch's: the same problem's
+/// product does not change with the batch it comes in.
+const SEQUENTIAL_UP_TO: usize = 1 << 12;
+
+/// ⟨a, b⟩ summed in eight interleaved lanes (entry i into lane i mod 8), the lanes then
+/// added in order, and the tail last: a fixed order (the same bits on every machine and
+/// thread count) that vectorizes, for long rows.
+fn dot_in_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, a_tail) = a.as_chunks::<8>();
+    let (b8, b_tail) = b.as_chunks::<8>();
+    for (x, y) in a8.iter().zip(b8) {
+        for ((lane, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane += x * y;
+        }
+    }
+    let mut sum = lanes.iter().fold(0f32, |acc, &l| acc + l);
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        sum += x * y;
+    }
+    sum
 }

@@ -185,11 +185,13 @@ pub unsafe extern "C" fn pert_config_set_threads(
 /// sums, gradients and tape products, solver callbacks). 0 (the default): no cap (solver
 /// callbacks on `threads` threads, the library's own work on up to one thread per core).
 /// With 1, every call of the op stays on one core (its CPU time is about its wall time):
-/// for callers inside MPI ranks or OpenMP regions. The libtorch CPU kernels a call runs
-/// (dense Jacobian products, say) stay within the cap too: their OpenMP and MKL thread
-/// counts are set for the calling thread only, for the call's duration, and put back
-/// after (other threads of the process keep theirs). The cap also holds for a tape's
-/// products and a draw's finish.
+/// for callers inside MPI ranks or OpenMP regions. The OpenMP and MKL thread counts of
+/// the calling thread (which libtorch's CPU kernels and the callbacks on that thread see)
+/// become the smaller of the cap and their value before the call (a cap never raises
+/// them), for the call's duration, and their values before the call are put back after
+/// (other threads of the process keep theirs). The cap also holds for a tape's products
+/// and a draw's finish. Results do not depend on the cap, bit for bit: the library's own
+/// libtorch reductions and products on the CPU run on one thread.
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` above 1024. An op refuses a config whose
 ///         non-zero max_threads is below its threads.

@@ -19,8 +19,10 @@ pub struct pert_draw {
 /// Draws the perturbed inputs of one call on `op` (any op: callback, built-in or external),
 /// for `batch` problems theta `[batch, *input_shape]`. Solve the rows of
 /// `pert_draw_inputs` anywhere, in any order or place, then pass their solutions to
-/// `pert_draw_finish`. With the same seed and number of earlier calls on the op, the results
-/// equal those of `pert_forward`. Counts as one forward call of the op.
+/// `pert_draw_finish`. With the same seed and number of earlier calls on the op, and the
+/// solutions the op's solver would give (a built-in's by its documented tie rule), the
+/// results equal those of `pert_forward` bit for bit: y, the loss, and every product of
+/// the tape. Counts as one forward call of the op.
 ///
 /// Rows `b * num_samples .. (b + 1) * num_samples - 1` are problem b's perturbed inputs;
 /// with the clean-input baseline (without antithetic pairs) `batch` more rows follow,

@@ -172,7 +172,8 @@ pub unsafe extern "C" fn pert_op_new(
 /// back into this one (each would wait for the other); `pert_forward` on its own op is
 /// refused with `PERT_STATUS_INVALID_ARGUMENT`. An op's workers do not survive `fork()`:
 /// in a child process its calls fail with `PERT_STATUS_INVALID_ARGUMENT` (make the op
-/// there).
+/// there), and `pert_op_free` there returns at once, whatever other threads of the parent
+/// were doing at the fork (no fini runs in the child; the parent's op is unaffected).
 ///
 /// @param solver     The solver; see `pert_solver_ex`.
 /// @param user_data  Passed to every callback untouched; must stay valid while the op
@@ -255,12 +256,18 @@ pub unsafe extern "C" fn pert_op_new_device(
     })
 }
 
-/// One-hot of the largest entry along the last dimension. Its statistics are accumulated
-/// as counts of winners (no one-hot products).
+/// One-hot of the largest entry along the last dimension: the first of equal largest
+/// entries (IEEE comparison: -0 equals +0). Its statistics are accumulated as counts of
+/// winners (no one-hot products).
 pub const PERT_BUILTIN_ARGMAX: u32 = 0;
-/// Indicator (1.0 / 0.0) of the k largest entries along the last dimension.
+/// Indicator (1.0 / 0.0) of the k largest entries along the last dimension, in the total
+/// order of floats (-0 below +0), equal entries taken first to last; with k = 1, the
+/// argmax's rule. Perturbed samples and the unperturbed theta of the clean-input baseline,
+/// on the CPU and on CUDA, follow the same rule.
 pub const PERT_BUILTIN_TOPK: u32 = 1;
-/// 1-based ranks along the last dimension, the smallest entry ranked 1.
+/// 1-based ranks along the last dimension, the smallest entry ranked 1, in the total order
+/// of floats (-0 below +0), equal entries ranked in the order of their positions
+/// (everywhere, as top-k).
 pub const PERT_BUILTIN_RANKS: u32 = 2;
 
 /// Makes a perturbed op over a built-in solver: no callback; on CUDA it runs in libtorch on

@@ -67,17 +67,21 @@ impl Builtin {
         let (rows, numel) = (size[0], size[1..].iter().product::<i64>());
         // sizes spelt out (no -1): a view of 0 rows has no inferable dimension
         let flat = x.f_view([rows, numel / last, last])?; // [rows, groups, last]
+                                                          // the host kernels' tie rules (see `largest`), whatever libtorch's kernels do with
+                                                          // ties: argmax (and top-1) the first largest entry by IEEE comparison (libtorch's
+                                                          // argmax documents the first); top-k and ranks by unique integer keys in the order
+                                                          // of `f32::total_cmp`, ties to the first position
         Ok(match self {
-            Builtin::Argmax => {
+            Builtin::Argmax | Builtin::TopK(1) => {
                 let index = flat.f_argmax(2, true)?; // [rows, groups, 1]
                 Solutions::Indicator(flat_positions(&index, last)?)
             }
             Builtin::TopK(k) => {
-                let (_, index) = flat.f_topk(k, 2, true, false)?; // [rows, groups, k]
-                Solutions::Indicator(flat_positions(&index, last)?)
+                let (_, index) = tie_keys(&flat, last, true)?.f_topk(k, 2, true, false)?;
+                Solutions::Indicator(flat_positions(&index, last)?) // [rows, groups, k]
             }
             Builtin::Ranks => {
-                let order = flat.f_argsort(2, false)?;
+                let order = tie_keys(&flat, last, false)?.f_argsort(2, false)?;
                 let ranks = order
                     .f_argsort(2, false)?
                     .f_to_kind(Kind::Float)?
@@ -86,6 +90,33 @@ impl Builtin {
             }
         })
     }
+}
+
+/// Unique int64 keys of the float32 entries `flat` `[rows, groups, last]` in the order of
+/// `f32::total_cmp`, equal entries told apart by their position: the earlier position has
+/// the larger key when `first_largest` (top-k: ties to the first), the smaller otherwise
+/// (ranks: ties ranked in the order of their positions). Key = total-order value · 2³² +
+/// position term, which fits in an int64.
+fn tie_keys(flat: &Tensor, last: i64, first_largest: bool) -> Result<Tensor> {
+    if u32::try_from(last).is_err() {
+        return Err(Error::invalid(format!(
+            "built-in top-k and ranks take a last dimension below 2^32 on this path, got {last}"
+        )));
+    }
+    // the bits as int32; negative floats get their lower 31 bits flipped, which puts every
+    // float in the total order as a signed integer
+    let bits = flat.f_contiguous()?.f_view_dtype(Kind::Int)?;
+    let flip = bits
+        .f_bitwise_right_shift_tensor_scalar(31)?
+        .f_bitwise_and(0x7fff_ffffi64)?;
+    let value = bits.f_bitwise_xor_tensor(&flip)?.f_to_kind(Kind::Int64)?;
+    let position = Tensor::f_arange(last, (Kind::Int64, flat.device()))?;
+    let position = if first_largest {
+        position.f_neg()?.f_add_scalar((1i64 << 32) - 1)?
+    } else {
+        position
+    };
+    Ok(value.f_mul_scalar(1i64 << 32)?.f_add(&position)?)
 }
 
 impl Builtin {
@@ -321,6 +352,34 @@ mod tests {
             .view(crate::shape::batched(x.len() / n as usize, shape).as_slice());
         let y = b.solve(&t, last).unwrap().dense(n).unwrap();
         Vec::try_from(y.flatten(0, -1)).unwrap()
+    }
+
+    /// The tensor kernels (CUDA ops, clean inputs) break ties as the host kernels do
+    /// (perturbed samples on the CPU): rows of few distinct values, −0 and +0 among them.
+    #[test]
+    fn tensor_and_host_kernels_break_ties_alike() {
+        let values = [0.0f32, -0.0, 1.0, -1.0, 0.5, f32::MIN_POSITIVE / 4.0];
+        let mut state = 7u32;
+        for (last, rows) in [(18usize, 40usize), (130, 6), (5, 100)] {
+            let mut x: Vec<f32> = (0..rows * last)
+                .map(|_| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    values[(state >> 24) as usize % values.len()]
+                })
+                .collect();
+            x.extend(std::iter::repeat_n(0.0f32, last)); // all equal: topk(zeros, k)
+            let ks = [1, 2, (last / 2) as i64, last as i64];
+            let builtins = ks
+                .iter()
+                .map(|&k| Builtin::TopK(k))
+                .chain([Builtin::Argmax, Builtin::Ranks]);
+            for b in builtins {
+                let tensor = run(b, &x, &[last as i64]);
+                let mut host = vec![0f32; x.len()];
+                b.solve_host(&x, last, &mut host);
+                assert_eq!(tensor, host, "{b:?}, last {last}");
+            }
+        }
     }
 
     #[test]

@@ -39,8 +39,18 @@ impl Kernel<'_> {
         n.div_ceil(BLOCK)
     }
 
-    /// The sums over samples `0 .. n` of problem `b` (θ = `theta`), on `threads` threads.
-    pub fn problem(&self, theta: &[f32], b: usize, n: usize, threads: usize) -> ProblemSums {
+    /// The sums over samples `0 .. n` of problem `b` (θ = `theta`), on `threads` threads;
+    /// with `solutions` (the problem's `n` rows of `d` finite floats, handed back through
+    /// the two-phase API) those rows are the samples' solutions instead of their argmax:
+    /// one-hot rows give the sums of the argmax, bit for bit.
+    pub fn problem(
+        &self,
+        theta: &[f32],
+        b: usize,
+        n: usize,
+        threads: usize,
+        solutions: Option<&[f32]>,
+    ) -> ProblemSums {
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
         let mut total = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
@@ -49,7 +59,7 @@ impl Kernel<'_> {
         let _ = run_blocks::<_, _, std::convert::Infallible>(
             blocks,
             &mut scratch,
-            |k, _| Ok(self.block(theta, b, n, k)),
+            |k, _| Ok(self.block(theta, b, n, k, solutions)),
             |_, part| {
                 total.add(&part);
                 Ok(())
@@ -58,24 +68,45 @@ impl Kernel<'_> {
         total
     }
 
-    /// The sums of block `k` of problem `b`.
-    fn block(&self, theta: &[f32], b: usize, n: usize, k: usize) -> ProblemSums {
+    /// The sums of block `k` of problem `b` (`solutions`: see [`Kernel::problem`]).
+    fn block(
+        &self,
+        theta: &[f32],
+        b: usize,
+        n: usize,
+        k: usize,
+        solutions: Option<&[f32]>,
+    ) -> ProblemSums {
         #[cfg(target_arch = "x86_64")]
         if crate::fastmath::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.block_avx2(theta, b, n, k) };
+            return unsafe { self.block_avx2(theta, b, n, k, solutions) };
         }
-        self.block_impl(theta, b, n, k)
+        self.block_impl(theta, b, n, k, solutions)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn block_avx2(&self, theta: &[f32], b: usize, n: usize, k: usize) -> ProblemSums {
-        self.block_impl(theta, b, n, k)
+    unsafe fn block_avx2(
+        &self,
+        theta: &[f32],
+        b: usize,
+        n: usize,
+        k: usize,
+        solutions: Option<&[f32]>,
+    ) -> ProblemSums {
+        self.block_impl(theta, b, n, k, solutions)
     }
 
     #[inline(always)]
-    fn block_impl(&self, theta: &[f32], b: usize, n: usize, k: usize) -> ProblemSums {
+    fn block_impl(
+        &self,
+        theta: &[f32],
+        b: usize,
+        n: usize,
+        k: usize,
+        solutions: Option<&[f32]>,
+    ) -> ProblemSums {
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
         let mut sums = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
@@ -98,7 +129,7 @@ impl Kernel<'_> {
                 s,
                 1,
             );
-            for (zr, sr) in z.chunks_exact(d).zip(s.chunks_exact(d)) {
+            for (j, (zr, sr)) in z.chunks_exact(d).zip(s.chunks_exact(d)).enumerate() {
                 for ((xv, &zv), &tv) in x.iter_mut().zip(zr).zip(theta) {
                     *xv = if multiplicative {
                         tv * (self.sigma * zv - shift).exp()
@@ -106,24 +137,35 @@ impl Kernel<'_> {
                         tv + self.sigma * zv
                     };
                 }
-                for (g, slice) in x.chunks_exact(self.last).enumerate() {
-                    let mut best = 0;
-                    for (i, &v) in slice.iter().enumerate().skip(1) {
-                        if v > slice[best] {
-                            best = i;
-                        }
-                    }
-                    let p = g * self.last + best;
-                    sums.sum_y[p] += 1.0;
+                // adds solution entry p (of value y) of this sample
+                let mut add = |p: usize, y: f32| {
+                    let y = f64::from(y);
+                    sums.sum_y[p] += y;
                     sums.touched[p] = true;
-                    sums.objective += f64::from(x[p]);
+                    sums.objective += f64::from(x[p]) * y;
                     if self.jacobian {
                         for (a, &sv) in sums.sum_ys[p * d..(p + 1) * d].iter_mut().zip(sr) {
-                            *a += f64::from(sv);
+                            *a += f64::from(sv) * y;
                         }
                     }
                     if multiplicative {
-                        sums.sum_wy[p] += f64::from((self.sigma * zr[p] - shift).exp());
+                        sums.sum_wy[p] += f64::from((self.sigma * zr[p] - shift).exp()) * y;
+                    }
+                };
+                if let Some(all) = solutions {
+                    let row = &all[(n0 + j) * d..(n0 + j + 1) * d];
+                    for (p, &y) in row.iter().enumerate().filter(|(_, &y)| y != 0.0) {
+                        add(p, y);
+                    }
+                } else {
+                    for (g, slice) in x.chunks_exact(self.last).enumerate() {
+                        let mut best = 0;
+                        for (i, &v) in slice.iter().enumerate().skip(1) {
+                            if v > slice[best] {
+                                best = i;
+                            }
+                        }
+                        add(g * self.last + best, 1.0);
                     }
                 }
                 if self.jacobian {
@@ -170,9 +212,9 @@ mod tests {
             (Noise::Normal, Perturbation::Multiplicative, false),
         ] {
             let k = kernel(&stream, noise, perturbation, antithetic);
-            let one = k.problem(&theta, 1, n, 1);
-            assert_eq!(one, k.problem(&theta, 1, n, 2));
-            assert_eq!(one, k.problem(&theta, 1, n, 5));
+            let one = k.problem(&theta, 1, n, 1, None);
+            assert_eq!(one, k.problem(&theta, 1, n, 2, None));
+            assert_eq!(one, k.problem(&theta, 1, n, 5, None));
             assert_eq!(one.sum_y.iter().sum::<f64>(), n as f64);
         }
     }

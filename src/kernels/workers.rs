@@ -437,11 +437,18 @@ pub(crate) fn shared() -> Option<&'static Workers> {
 
 impl Drop for Workers {
     fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // forked: the threads do not exist here, and a lock inside a channel may have
+            // been held by a thread of the parent at fork time (dropping a sender takes
+            // its waker's lock): nothing of the channels or threads is touched, only leaked
+            std::mem::forget(std::mem::take(&mut self.senders));
+            std::mem::forget(std::mem::take(&mut self.handles));
+            return;
+        }
         self.senders.clear(); // each worker's loop ends after its last job
-        if std::process::id() != self.pid || OWNER.with(|o| o.get()) == self.id {
-            // after fork() the threads do not exist; a worker cannot join itself: the
-            // handles are leaked, never joined or detached (the threads, where they exist,
-            // end on their own when their channel closes)
+        if OWNER.with(|o| o.get()) == self.id {
+            // a worker cannot join itself: the handles are leaked, never joined or
+            // detached (the threads end on their own when their channel closes)
             std::mem::forget(std::mem::take(&mut self.handles));
             return;
         }

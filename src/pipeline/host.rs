@@ -8,7 +8,6 @@ use crate::estimate::TapeForm;
 use crate::kernels::blocks::{run_blocks, run_blocks_on, run_pipelined, slots, take};
 use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
-use crate::kernels::workers::restoring_fp_state;
 use crate::pipeline::plan::{
     OpSpec, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS, HOST_THREAD_VALUES, PIPELINE_BLOCKS,
 };
@@ -341,10 +340,10 @@ impl OpSpec {
                 Source::Solver(SolverKind::Host(_)) => {
                     let solver = host_solver.expect("a host solver");
                     y.fill(f32::NAN);
-                    // the library's arithmetic stays under the call's floating-point
-                    // settings whatever the callback does to them, so that which thread
-                    // perturbs or sums a block never changes a bit
-                    restoring_fp_state(|| solver.call(&at, x, total_rows, y))?;
+                    // (the call puts back the thread's floating-point settings, whatever
+                    // the callback did to them: which thread perturbs or sums a block
+                    // never changes a bit)
+                    solver.call(&at, x, total_rows, y)?;
                     // checked finite below (by the scan, or check_finite)
                 }
                 Source::Solver(SolverKind::Builtin(builtin)) => match ones_per_row {

@@ -111,14 +111,26 @@ impl OpSpec {
             square,
             self.device,
         )?;
-        if let (
-            Source::Solver(SolverKind::Builtin(Builtin::Argmax)),
-            Device::Cpu,
-            None | Some(TapeForm::Sums),
-            false,
-        ) = (&source, self.device, form, c.libtorch_path())
+        // the fused argmax, for the op's own calls and for the solutions of its draws
+        let fused = match source {
+            Source::Solver(SolverKind::Builtin(Builtin::Argmax)) => Some(None),
+            Source::Provided(all) if self.builtin_argmax => Some(Some(all)),
+            _ => None,
+        };
+        if let (Some(provided), Device::Cpu, None | Some(TapeForm::Sums), false) =
+            (fused, self.device, form, c.libtorch_path())
         {
             if d * d <= crate::kernels::fused_argmax::MAX_SUMS {
+                // the rows of problem b, checked finite
+                let rows_of = |b: usize| -> Result<Option<&[f32]>> {
+                    provided
+                        .map(|all| {
+                            let part = &all[b * n * d..(b + 1) * n * d];
+                            crate::pipeline::solve::check_provided(part, b * n, d)?;
+                            Ok(part)
+                        })
+                        .transpose()
+                };
                 let kernel = Kernel {
                     stream: &stream,
                     noise: c.noise(),
@@ -136,7 +148,8 @@ impl OpSpec {
                 if kernel.blocks(n) >= cores || batch == 1 {
                     // enough blocks within each problem for every core
                     for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
-                        acc.add_sums(b as i64, &kernel.problem(theta_b, b, n, cores))?;
+                        let sums = kernel.problem(theta_b, b, n, cores, rows_of(b)?);
+                        acc.add_sums(b as i64, &sums)?;
                     }
                 } else {
                     // problems shared by the cores (each made exactly as above, on one)
@@ -144,7 +157,10 @@ impl OpSpec {
                     crate::kernels::blocks::run_blocks(
                         batch,
                         &mut scratch,
-                        |b, _| Ok(kernel.problem(&theta_host[b * d..(b + 1) * d], b, n, 1)),
+                        |b, _| {
+                            let theta_b = &theta_host[b * d..(b + 1) * d];
+                            Ok(kernel.problem(theta_b, b, n, 1, rows_of(b)?))
+                        },
                         |b, sums| acc.add_sums(b as i64, &sums),
                     )?;
                 }

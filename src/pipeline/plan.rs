@@ -44,6 +44,10 @@ pub(crate) struct OpSpec {
     /// Every call takes the libtorch chunk pipeline, on the CPU too (ops of device
     /// solvers), draws for the two-phase API included.
     pub chunked: bool,
+    /// The op's solver is the built-in argmax: its CPU calls of small problems run the
+    /// fused kernel, and so do the two-phase solutions handed back to it (the same sums,
+    /// bit for bit, as its forward calls).
+    pub builtin_argmax: bool,
 }
 
 impl OpSpec {

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result, Status};
 use crate::kernels::builtin::Builtin;
-use crate::kernels::workers::Workers;
+use crate::kernels::workers::{restoring_fp_state, Workers};
 use crate::solver::{DeviceSolver, SolveInfo, Solver, WorkerSolver};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -162,6 +162,20 @@ impl HostSolver {
         count: usize,
         outputs: &mut [f32],
     ) -> Result<()> {
+        self.init_and_solve(info, inputs, count, outputs)
+    }
+
+    /// [`HostSolver::call`]. User code may change the thread's floating-point state (flush
+    /// to zero, rounding): after each call of it (the init, the solve) the state is put
+    /// back, so that the solve, the library's arithmetic after it and the caller's thread
+    /// run under the call's own.
+    fn init_and_solve(
+        &self,
+        info: &SolveInfo,
+        inputs: &[f32],
+        count: usize,
+        outputs: &mut [f32],
+    ) -> Result<()> {
         if let Some(ready) = self.ready.get(info.worker) {
             let broken = |msg: &str| {
                 Error::new(
@@ -177,7 +191,7 @@ impl HostSolver {
             }
             if !ready.load(Ordering::Acquire) {
                 ready.store(true, Ordering::Release); // it ran: its fini is due, whatever it gives
-                if let Err(msg) = self.solver.init(info.worker) {
+                if let Err(msg) = restoring_fp_state(|| self.solver.init(info.worker)) {
                     let msg = format!("worker {}: {msg}", info.worker);
                     let mut first = self.broken.lock().unwrap_or_else(|e| e.into_inner());
                     let msg = first.get_or_insert(msg).clone();
@@ -185,14 +199,12 @@ impl HostSolver {
                 }
             }
         }
-        self.solver
-            .solve(info, inputs, count, outputs)
-            .map_err(|msg| {
-                Error::new(
-                    Status::SolverFailed,
-                    format!("the solver failed on {}: {msg}", info.describe_rows(count)),
-                )
-            })
+        restoring_fp_state(|| self.solver.solve(info, inputs, count, outputs)).map_err(|msg| {
+            Error::new(
+                Status::SolverFailed,
+                format!("the solver failed on {}: {msg}", info.describe_rows(count)),
+            )
+        })
     }
 }
 
@@ -208,7 +220,7 @@ impl Drop for HostSolver {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 workers.run_each(workers.count(), &|w| {
                     if ready[w].load(Ordering::Acquire) {
-                        solver.fini(w);
+                        restoring_fp_state(|| solver.fini(w));
                     }
                 })
             }));
@@ -413,14 +425,16 @@ pub(crate) fn solve_on_device(
     }
     // SAFETY: x and y are contiguous float32 tensors of rows·d and rows·o elements on the
     // op's device that outlive the call and the synchronization after it.
-    crate::device::with_current_cuda_device(cuda, || unsafe {
-        solver.solve(
-            &at,
-            x.data_ptr() as *const f32,
-            rows,
-            y.data_ptr() as *mut f32,
-            std::ptr::null_mut(),
-        )
+    crate::device::with_current_cuda_device(cuda, || {
+        restoring_fp_state(|| unsafe {
+            solver.solve(
+                &at,
+                x.data_ptr() as *const f32,
+                rows,
+                y.data_ptr() as *mut f32,
+                std::ptr::null_mut(),
+            )
+        })
     })
     .map_err(failed)?;
     if let Some(i) = cuda {

@@ -1,6 +1,7 @@
 // The C++ wrapper: every class and method, errors as exceptions, a throwing solver whose
 // exception reaches the caller intact, the two-phase API and move-only ownership.
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <stdexcept>
@@ -367,7 +368,112 @@ void test_solvers_with_info_and_worker_objects() {
   }
 }
 
+// A solver that calls its own op neither hangs nor takes the op's lock twice: a plain
+// solver's call goes through (the C library runs it), a solver on the op's own workers gets
+// pert::Error (it would wait for itself), which reaches the outer caller.
+void test_a_solver_calling_its_own_op() {
+  std::vector<float> theta = {0.1f, 0.5f, 0.2f, 0.3f, 0.1f, 0.0f};
+  pert::Config c;
+  c.num_samples(8).device("cpu").seed(2);
+  pert::Op* self = nullptr;
+  int nested = 0;
+  pert::Op plain(c, {3}, {3}, [&](const float* x, std::size_t count, float* y) {
+    if (nested++ == 0) {
+      auto inner = self->forward({0.3f, 0.2f, 0.1f}, 1);  // on the same thread, inside the call
+      EXPECT(inner.size() == 3);
+    }
+    argmax(x, count, y);
+  });
+  self = &plain;
+  EXPECT(plain.forward(theta, 2).size() == 6);
+  EXPECT(nested >= 2);
+
+  pert::Config two;
+  two.num_samples(8).device("cpu").threads(2).seed(2);
+  pert::Op* own = nullptr;
+  pert::Op on_workers(two, {3}, {3}, [&](const pert_solve_info&, const float* x, std::size_t count, float* y) {
+    own->forward({0.3f, 0.2f, 0.1f}, 1);  // refused: it would wait for its own workers
+    argmax(x, count, y);
+  });
+  own = &on_workers;
+  try {
+    on_workers.forward(theta, 2);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+  }
+}
+
+// A Worker destructor that throws (declared noexcept(false)) does not terminate the
+// process: close() rethrows it, the destructor of Op reports it on stderr.
+struct ThrowingWorker {
+  bool armed = false;
+  ThrowingWorker() = default;
+  ThrowingWorker(ThrowingWorker&& other) noexcept : armed(other.armed) { other.armed = false; }
+  ~ThrowingWorker() noexcept(false) {
+    if (armed) throw std::runtime_error("cannot close the model");
+  }
+};
+
+void test_a_throwing_worker_destructor_is_reported() {
+  std::vector<float> theta = {0.1f, 0.5f, 0.2f};
+  pert::Config c;
+  c.num_samples(4).device("cpu");
+  auto make = [](std::uint32_t) {
+    ThrowingWorker w;
+    w.armed = true;
+    return w;
+  };
+  auto solve = [](ThrowingWorker&, const pert_solve_info&, const float* x, std::size_t count, float* y) {
+    argmax(x, count, y);
+  };
+  pert::Op closed = pert::Op::with_workers(c, {3}, {3}, make, solve);
+  closed.forward(theta, 1);
+  try {
+    closed.close();
+    EXPECT(false);
+  } catch (const std::runtime_error& e) {
+    EXPECT(std::string(e.what()) == "cannot close the model");
+  }
+  try {
+    closed.forward(theta, 1);  // an empty op
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_NULL_ARGUMENT);
+  }
+  {
+    pert::Op destroyed = pert::Op::with_workers(c, {3}, {3}, make, solve);
+    destroyed.forward(theta, 1);
+  }  // reported on stderr, the process goes on
+}
+
+// Destroying an Op waits for a call running on another thread.
+void test_destroying_an_op_waits_for_running_calls() {
+  pert::Config c;
+  c.num_samples(4).device("cpu");
+  std::atomic<int> started{0}, solved{0};
+  std::atomic<bool> finished{false};
+  auto* op = new pert::Op(c, {3}, {3}, [&](const float* x, std::size_t count, float* y) {
+    started = 1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    argmax(x, count, y);
+    solved = 1;
+  });
+  std::thread caller([&] {
+    op->forward({0.1f, 0.5f, 0.2f}, 1);
+    finished = true;
+  });
+  while (!started) std::this_thread::yield();
+  delete op;            // waits for the call (ASan sees any use after free)
+  EXPECT(solved == 1);  // the call had ended
+  caller.join();
+  EXPECT(finished);
+}
+
 int main() {
+  test_a_solver_calling_its_own_op();
+  test_a_throwing_worker_destructor_is_reported();
+  test_destroying_an_op_waits_for_running_calls();
   test_views_never_dangle();
   test_sizes_are_checked_everywhere();
   test_empty_solver_is_refused();

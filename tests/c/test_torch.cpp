@@ -104,5 +104,26 @@ int main() {
     EXPECT(refused);
   }
 
+  // a second derivative through either function fails loudly (a gradient penalty would
+  // otherwise silently lack the Hessian term), while create_graph itself still works
+  for (int which = 0; which < 2; which++) {
+    auto th = theta.detach().clone().requires_grad_(true);
+    auto out = which == 0 ? pert::autograd::fenchel_young(op, th, y_true).sum()
+                          : (pert::autograd::perturbed(op, th) * g).sum();
+    auto grads = torch::autograd::grad({out}, {th}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+    EXPECT(grads[0].requires_grad());
+    bool refused = false;
+    try {
+      torch::autograd::grad({grads[0].pow(2).sum()}, {th});
+    } catch (const c10::Error& e) {
+      refused = std::string(e.what()).find("differentiable once") != std::string::npos;
+    }
+    EXPECT(refused);
+    // without create_graph the gradient is plain (no graph of the backward is made)
+    auto th2 = theta.detach().clone().requires_grad_(true);
+    auto plain = torch::autograd::grad({pert::autograd::fenchel_young(op, th2, y_true).sum()}, {th2});
+    EXPECT(!plain[0].requires_grad());
+  }
+
   return expect_report();
 }

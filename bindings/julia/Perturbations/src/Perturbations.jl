@@ -253,7 +253,15 @@ must be thread-safe; they must not yield (no I/O waits, `sleep`, `fetch`, conten
 locks), nor call or free their own op. On a worker `Threads.threadid()` is outside
 `1:nthreads()`: index per-worker data by `info.worker + 1`. This needs Julia ≥ 1.9
 (threads started outside Julia may call Julia code); the calling thread waits for the
-workers in a GC-safe region, so collections the workers start go ahead. An op with a
+workers in a GC-safe region, so collections the workers start go ahead. Julia adopts each
+worker thread the first time it runs a solver or hook, and may keep the adopted thread's
+slot after the op is freed and its threads end: make ops with info once and reuse them
+(not one per iteration of a loop); a warning is printed once a process has adopted over
+256 worker threads.
+
+A plain solver (and a device solver) runs on the calling thread inside the C call; it may
+yield (I/O, `sleep`): the calling task stays on its OS thread for the call (other tasks
+may run on that thread meanwhile). An op with a
 `fini` hook that the garbage collector finalizes is freed by a task that finalizer
 schedules (a finalizer must not wait for Julia code on other threads): `free!` it.
 
@@ -294,6 +302,7 @@ mutable struct Op
                     length(ins)::Csize_t, outs::Ptr{Int64}, length(outs)::Csize_t, DEVICE_TRAMPOLINE[]::Ptr{Cvoid},
                     pointer_from_objref(op)::Ptr{Cvoid}, out::Ref{Ptr{Cvoid}})::UInt32)
             elseif info
+                count_adopted(config.threads)
                 check(@ccall libperturbations.pert_op_new_ex(config::Ptr{Cvoid}, ins::Ptr{Int64}, length(ins)::Csize_t,
                     outs::Ptr{Int64}, length(outs)::Csize_t, TRAMPOLINE_EX[]::Ptr{Cvoid},
                     pointer_from_objref(op)::Ptr{Cvoid}, (init === nothing ? C_NULL : INIT_TRAMPOLINE[])::Ptr{Cvoid},
@@ -326,6 +335,20 @@ mutable struct Op
         return finalizer(release!, new(out[], nothing, nothing, ReentrantLock(), false, n, n, config.sense, false, nothing,
             nothing, Threads.SpinLock()))
     end
+end
+
+# Worker threads of ops with info made so far (Julia adopts each one that runs a callback).
+const ADOPTION_WARNING = 256
+const WORKER_THREADS_MADE = Threads.Atomic{Int}(0)
+
+function count_adopted(threads::Integer)
+    # (threads = 0: one per core)
+    n = threads == 0 ? Sys.CPU_THREADS : Int(threads)
+    before = Threads.atomic_add!(WORKER_THREADS_MADE, n)
+    before <= ADOPTION_WARNING < before + n &&
+        @warn "Perturbations: ops with info have started $(before + n) worker threads in this process; Julia adopts " *
+              "each and may not reuse their slots after the ops are freed: make such ops once and reuse them"
+    return nothing
 end
 
 # The finalizer: no lock (finalizers may not wait), and no call can be running. Freeing an
@@ -468,6 +491,15 @@ struct SolveInfo
     device::Int32
 end
 
+# The solve info at `info`, checked: a library whose struct is smaller than this package's
+# (an older one) would be read past its end.
+function load_info(info::Ptr{SolveInfo})
+    size = unsafe_load(Ptr{UInt32}(info))
+    size >= sizeof(SolveInfo) || throw(ErrorException("the library's pert_solve_info has $size bytes, " *
+        "this package reads $(sizeof(SolveInfo)): use the library this package was made for"))
+    return unsafe_load(info)
+end
+
 # Keeps the first exception of the workers of a call.
 function keep_error!(op::Op, err, backtrace)
     lock(op.errlock)
@@ -492,7 +524,7 @@ function trampoline_ex(user_data::Ptr{Cvoid}, info::Ptr{SolveInfo}, inputs::Ptr{
     try
         in_callback(op) do
             x = unsafe_wrap(Matrix{Float32}, inputs, (op.d, Int(count)))
-            y = op.solver(unsafe_load(info), x)
+            y = op.solver(load_info(info), x)
             size(y) == (op.o, Int(count)) || throw(DimensionMismatch("the solver returned $(size(y)), expected $((op.o, Int(count)))"))
             unsafe_wrap(Matrix{Float32}, outputs, (op.o, Int(count))) .= y
         end
@@ -510,7 +542,7 @@ function device_trampoline(user_data::Ptr{Cvoid}, info::Ptr{SolveInfo}, inputs::
                            outputs::Ptr{Float32}, stream::Ptr{Cvoid})::Int32
     op = unsafe_pointer_to_objref(user_data)::Op
     try
-        op.solver(unsafe_load(info), inputs, Int(count), outputs, stream)
+        op.solver(load_info(info), inputs, Int(count), outputs, stream)
         return Int32(0)
     catch err
         op.error = CapturedException(err, catch_backtrace())
@@ -575,7 +607,7 @@ function call(f, op::Op)
         op.busy = true
         op.error = nothing
         try
-            status = GC.@preserve op f()
+            status = GC.@preserve op on_this_thread(f)
             err = op.error
             err === nothing && check(status)
             err
@@ -589,6 +621,22 @@ function call(f, op::Op)
         throw(captured)
     catch
         throw(captured.ex)
+    end
+end
+
+# Runs `f` (a C call) with the current task kept on its OS thread: a plain or device solver
+# runs inside the C call on this task, and if it yields (I/O, `sleep`, a contended lock)
+# the scheduler must resume it on the same thread, where the library's frames and
+# per-thread state are (a migrated task would continue them on another OS thread). Other
+# tasks may run on the thread meanwhile.
+function on_this_thread(f)
+    task = current_task()
+    sticky = task.sticky
+    task.sticky = true
+    try
+        return f()
+    finally
+        task.sticky = sticky
     end
 end
 

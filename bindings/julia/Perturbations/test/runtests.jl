@@ -252,6 +252,40 @@ end
         @test stack[end].exception isa Infeasible
     end
 
+    @testset "a plain solver that yields resumes on its thread" begin
+        # I/O and sleep inside the solver yield the task; the library's frames are on this
+        # OS thread, so the task must come back to it
+        threads_seen = Int[]
+        function yielding(x)
+            push!(threads_seen, Threads.threadid())
+            sleep(0.001)
+            push!(threads_seen, Threads.threadid())
+            return argmax_solver(x)
+        end
+        op = Op(yielding, Config(num_samples=20, sigma=0.5, device="cpu", seed=1), (3,), (3,))
+        other = Threads.@spawn (for _ in 1:200; yield(); end)   # something else to run meanwhile
+        t = Threads.@spawn forward(op, Float32[0.5 0.1; 1.0 0.2; 0.2 0.9])
+        @test size(fetch(t)) == (3, 2)
+        wait(other)
+        @test !isempty(threads_seen) && all(==(threads_seen[1]), threads_seen)
+        # the caller's own stickiness is put back after a call
+        sticky_before = current_task().sticky
+        forward(op, Float32[0.5; 1.0; 0.2;;])
+        @test current_task().sticky == sticky_before
+    end
+
+    @testset "solve info: the struct size is checked" begin
+        bytes = zeros(UInt8, sizeof(SolveInfo))
+        bytes[1:4] .= reinterpret(UInt8, [UInt32(sizeof(SolveInfo) - 8)])   # an older, smaller struct
+        GC.@preserve bytes begin
+            @test_throws ErrorException P.load_info(Ptr{SolveInfo}(pointer(bytes)))
+        end
+        bytes[1:4] .= reinterpret(UInt8, [UInt32(sizeof(SolveInfo))])
+        GC.@preserve bytes begin
+            @test P.load_info(Ptr{SolveInfo}(pointer(bytes))).struct_size == sizeof(SolveInfo)
+        end
+    end
+
     @testset "finalizers free handles" begin
         for _ in 1:200
             op = Op(argmax_solver, Config(num_samples=10, device="cpu"), (3,), (3,))
