@@ -61,20 +61,40 @@ static void *call_until_stopped(void *arg) {
   return NULL;
 }
 
-/* Children forked at random moments of other threads' calls (an op with workers, a plain
- * op with helper threads, a built-in) free every op and exit: none hangs. */
+static int32_t init_ok(void *user_data, uint32_t worker) {
+  (void)user_data, (void)worker;
+  return 0;
+}
+static void fini_noop(void *user_data, uint32_t worker) { (void)user_data, (void)worker; }
+static int32_t device_argmax_fork(void *user_data, const pert_solve_info *info, const float *x, size_t count, float *y,
+                                  void *stream) {
+  (void)info, (void)stream;
+  return solve_argmax(user_data, x, count, y);
+}
+
+#define OPS 6
+
+/* Children forked at random moments of other threads' calls (ops with workers and hooks,
+ * a plain op on helper threads, built-in top-k and argmax, a device solver) free every op
+ * and exit: none hangs. $PERT_FORK_SWEEP sets the number of forks (150; the fork sweep of
+ * `make check-deep` runs thousands). */
 static bool freeing_ops_in_a_child_forked_during_calls_never_hangs(void) {
   pert_config *c = config(64, 2, 0);
   CHECK(c != NULL);
-  caller callers[3] = {{0}, {0}, {0}};
-  CHECK_OK(pert_op_new_ex(c, (int64_t[]){FD}, 1, (int64_t[]){FD}, 1, solve_ex_argmax, &fd_size, NULL, NULL,
-                          &callers[0].op));
-  CHECK_OK(pert_op_new(c, (int64_t[]){FD}, 1, (int64_t[]){FD}, 1, solve_argmax, &fd_size, &callers[1].op));
-  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_TOPK, 2, (int64_t[]){FD}, 1, &callers[2].op));
-  pthread_t threads[3];
-  for (int i = 0; i < 3; i++) CHECK(pthread_create(&threads[i], NULL, call_until_stopped, &callers[i]) == 0);
+  caller callers[OPS] = {{0}};
+  int64_t shape[] = {FD};
+  CHECK_OK(pert_op_new_ex(c, shape, 1, shape, 1, solve_ex_argmax, &fd_size, NULL, NULL, &callers[0].op));
+  CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &fd_size, &callers[1].op));
+  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_TOPK, 2, shape, 1, &callers[2].op));
+  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, shape, 1, &callers[3].op));
+  CHECK_OK(pert_op_new_ex(c, shape, 1, shape, 1, solve_ex_argmax, &fd_size, init_ok, fini_noop, &callers[4].op));
+  CHECK_OK(pert_op_new_device(c, shape, 1, shape, 1, device_argmax_fork, &fd_size, &callers[5].op));
+  pthread_t threads[OPS];
+  for (int i = 0; i < OPS; i++) CHECK(pthread_create(&threads[i], NULL, call_until_stopped, &callers[i]) == 0);
+  const char *sweep = getenv("PERT_FORK_SWEEP");
+  int forks = sweep && atoi(sweep) > 0 ? atoi(sweep) : 150;
   int hung = 0, failed = 0;
-  for (int k = 0; k < 150; k++) {
+  for (int k = 0; k < forks; k++) {
     usleep((useconds_t)(k * 37 % 400));
     pid_t child = fork();
     if (child < 0) {
@@ -83,7 +103,7 @@ static bool freeing_ops_in_a_child_forked_during_calls_never_hangs(void) {
     }
     if (child == 0) {
       alarm(20); /* a hang ends as SIGALRM */
-      for (int i = 0; i < 3; i++) pert_op_free(callers[i].op);
+      for (int i = 0; i < OPS; i++) pert_op_free(callers[i].op);
       _exit(0);
     }
     int status = 0;
@@ -91,11 +111,11 @@ static bool freeing_ops_in_a_child_forked_during_calls_never_hangs(void) {
     else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM) hung++;
     else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failed++;
   }
-  for (int i = 0; i < 3; i++) atomic_store(&callers[i].stop, 1);
-  for (int i = 0; i < 3; i++) pthread_join(threads[i], NULL);
-  if (hung || failed) fprintf(stderr, "  %d children hung, %d failed\n", hung, failed);
+  for (int i = 0; i < OPS; i++) atomic_store(&callers[i].stop, 1);
+  for (int i = 0; i < OPS; i++) pthread_join(threads[i], NULL);
+  if (hung || failed || forks > 150) fprintf(stderr, "  %d forks: %d children hung, %d failed\n", forks, hung, failed);
   CHECK(hung == 0 && failed == 0);
-  for (int i = 0; i < 3; i++) pert_op_free(callers[i].op);
+  for (int i = 0; i < OPS; i++) pert_op_free(callers[i].op);
   pert_config_free(c);
   return true;
 }
@@ -301,37 +321,6 @@ static bool products_of_large_jacobians_do_not_depend_on_threads(void) {
 }
 
 /* ---- one tie rule ---------------------------------------------------------------------- */
-
-/* The documented rule of the built-ins: top-k the k largest in the order of total_cmp
- * (-0 < +0), ties to the first position; ranks 1-based, ties in the order of positions. */
-static uint32_t total_order(float v) {
-  uint32_t bits;
-  memcpy(&bits, &v, sizeof bits);
-  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
-}
-
-typedef struct {
-  size_t d;
-  int64_t k; /* 0: ranks */
-} rule;
-
-static int32_t solve_by_rule(void *user_data, const float *x, size_t count, float *y) {
-  const rule *r = user_data;
-  size_t d = r->d;
-  for (size_t row = 0; row < count; row++) {
-    const float *xs = x + row * d;
-    float *ys = y + row * d;
-    for (size_t i = 0; i < d; i++) {
-      size_t above = 0; /* entries ahead of i in the order */
-      for (size_t j = 0; j < d; j++) {
-        uint32_t a = total_order(xs[j]), b = total_order(xs[i]);
-        if (r->k > 0 ? (a > b || (a == b && j < i)) : (a < b || (a == b && j < i))) above++;
-      }
-      ys[i] = r->k > 0 ? (above < (size_t)r->k ? 1.0f : 0.0f) : (float)(above + 1);
-    }
-  }
-  return 0;
-}
 
 #define TD 18
 
