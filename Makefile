@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: nightly sweeps fault gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -221,8 +221,34 @@ SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 export ASAN_OPTIONS := allocator_may_return_null=1:detect_leaks=1
 export UBSAN_OPTIONS := halt_on_error=1:print_stacktrace=1
 
-check-deep: sanitizers valgrind fuzz
-	@echo "make check-deep: sanitizers, valgrind and fuzzing passed"
+check-deep: sanitizers valgrind fuzz sweeps fault
+	@echo "make check-deep: sanitizers, valgrind, fuzzing, the sweeps and fault injection passed"
+
+# The nightly toolchain of the deep checks (stable stays the default), with Miri.
+nightly:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@rustup +nightly component list --installed | grep -q '^miri' || rustup +nightly component add miri rust-src
+
+# The long sweeps: bit equality over random shapes, op kinds and thread settings, and
+# forks at random moments of other threads' calls (every child frees every op and exits).
+SWEEP_CASES ?= 3000
+FORK_SWEEP ?= 2000
+sweeps: ctest
+	$(CTEST_DIR)/sweep_bits $(SWEEP_CASES) 1
+	$(CTEST_DIR)/sweep_bits $(SWEEP_CASES) 2
+	PERT_FORK_SWEEP=$(FORK_SWEEP) $(CTEST_DIR)/test_trust
+
+# Fault injection: the library built with nightly and --cfg pert_fault_injection (a failed
+# allocation panics, and the C boundary returns an error, instead of aborting); every
+# allocation of small calls failed in turn, threads that cannot start, a solver failing
+# at every call (tests/fault/fault_inject.c).
+FAULT_DIR := target/fault
+fault: tools nightly $(TORCH_DEP)
+	RUSTFLAGS="--cfg pert_fault_injection" $(CARGO_ENV) cargo +nightly build --release --lib --target-dir $(FAULT_DIR)
+	@ln -sf libperturbations.so $(FAULT_DIR)/release/libperturbations.so.$(MAJOR)
+	cc -std=c11 -O1 -g -Wall -Wextra -Werror -Iinclude tests/fault/fault_inject.c -o $(FAULT_DIR)/fault_inject \
+	  -L$(FAULT_DIR)/release -lperturbations -Wl,-rpath,$(abspath $(FAULT_DIR)/release) -lm -lpthread -ldl
+	$(FAULT_DIR)/fault_inject 2> target/fault-inject.log || { tail -40 target/fault-inject.log; exit 1; }
 
 clang-tools:
 	@if ! command -v clang-14 >/dev/null || ! ls /usr/lib/llvm-14/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then \

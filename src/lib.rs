@@ -6,6 +6,11 @@
 //! knows nothing of C; the C API (`pert_*`, see `include/perturbations.h`) is a thin layer
 //! in [`ffi`].
 
+// The fault-injection build of `make check-deep` (nightly, `--cfg pert_fault_injection`):
+// a failed allocation panics (caught at the C boundary) instead of aborting, so that the
+// harness can fail every allocation of a call in turn (tests/fault).
+#![cfg_attr(pert_fault_injection, feature(alloc_error_hook))]
+
 // The layers, from the leaves up (see ARCHITECTURE.md): a module uses only modules
 // declared before it here, never one after (tests/architecture.rs checks it).
 

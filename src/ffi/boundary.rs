@@ -31,13 +31,38 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
+        .or_else(|| {
+            payload
+                .downcast_ref::<crate::kernels::workers::WorkerGone>()
+                .map(|_| crate::kernels::workers::WorkerGone::MESSAGE.to_string())
+        })
         .unwrap_or_else(|| "unknown payload".to_string());
-    format!("internal panic (please report it): {what}")
+    if out_of_memory(&what) {
+        format!("out of memory: {what}")
+    } else {
+        format!("internal panic (please report it): {what}")
+    }
+}
+
+/// Whether a panic's text is an allocation that failed (a Rust allocation in the
+/// fault-injection build, or libtorch's `bad_alloc` met by an infallible tch method).
+fn out_of_memory(what: &str) -> bool {
+    [
+        "memory allocation of",
+        "bad_alloc",
+        "not enough memory",
+        "can't allocate memory",
+    ]
+    .iter()
+    .any(|m| what.contains(m))
 }
 
 /// Runs a fallible body: OK on success; otherwise the error's status, with its message as
-/// this thread's last error. A panic becomes `PERT_STATUS_PANIC`.
+/// this thread's last error. A panic becomes `PERT_STATUS_PANIC` (`PERT_STATUS_TORCH_ERROR`
+/// when it is an allocation that failed).
 pub(crate) fn guard(f: impl FnOnce() -> Result<()>) -> pert_status {
+    #[cfg(pert_fault_injection)]
+    panic_on_failed_allocations();
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => PERT_STATUS_OK,
         Ok(Err(err)) => {
@@ -45,10 +70,33 @@ pub(crate) fn guard(f: impl FnOnce() -> Result<()>) -> pert_status {
             err.status() as pert_status
         }
         Err(payload) => {
-            set_last_error(&panic_message(&*payload));
-            Status::Panic as pert_status
+            let message = panic_message(&*payload);
+            set_last_error(&message);
+            panic_status(&message) as pert_status
         }
     }
+}
+
+/// The status of a caught panic's message: out of memory is `PERT_STATUS_TORCH_ERROR`, as
+/// libtorch's own; anything else is a bug of the library, `PERT_STATUS_PANIC`.
+fn panic_status(message: &str) -> Status {
+    if message.starts_with("out of memory") {
+        Status::TorchError
+    } else {
+        Status::Panic
+    }
+}
+
+/// In the fault-injection build: a failed allocation panics (the boundary turns it into
+/// an error status) instead of aborting the process.
+#[cfg(pert_fault_injection)]
+fn panic_on_failed_allocations() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        std::alloc::set_alloc_error_hook(|layout| {
+            panic!("memory allocation of {} bytes failed", layout.size())
+        })
+    });
 }
 
 /// Runs an infallible body, giving `fallback` if it panics.

@@ -109,10 +109,13 @@ pub unsafe extern "C" fn pert_draw_finish(
             unsafe { slice(solutions, rows, "solutions") }?,
             !tape.is_null(),
         )?;
-        output.stage(&y)?.write();
+        // everything that can fail (allocations included) before anything is written
+        let staged = output.stage(&y)?;
+        let t = t.map(|t| Box::new(pert_tape { inner: t }));
+        staged.write();
         if let Some(t) = t {
             // SAFETY: `tape` is non-NULL when a tape was made; written only on success.
-            unsafe { *tape = Box::into_raw(Box::new(pert_tape { inner: t })) };
+            unsafe { *tape = Box::into_raw(t) };
         }
         Ok(())
     })

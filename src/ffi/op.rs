@@ -405,9 +405,12 @@ pub unsafe extern "C" fn pert_forward(
             output.stage(&y)?.write();
         } else {
             let (y, t) = op.forward_with_tape(&theta)?;
-            output.stage(&y)?.write();
+            // everything that can fail (allocations included) before anything is written
+            let staged = output.stage(&y)?;
+            let t = Box::new(pert_tape { inner: t });
+            staged.write();
             // SAFETY: checked non-NULL above; written only on success.
-            unsafe { *tape = Box::into_raw(Box::new(pert_tape { inner: t })) };
+            unsafe { *tape = Box::into_raw(t) };
         }
         Ok(())
     })

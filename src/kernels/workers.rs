@@ -15,7 +15,9 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
+/// What a worker receives: a lent job (sent as it is, with no box around it: sending
+/// allocates nothing more than the channel's own blocks).
+type Job = Lent;
 
 /// How long a shared helper keeps looking for its next job after one ends before it
 /// sleeps: calls that come in quick succession (a forward call and its VJP, the
@@ -108,15 +110,37 @@ impl Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        drop(self.job.take());
-        self.latch.finish(self.panic.take());
+        // a job dropped unrun after it was sent (its worker is gone): the lender must not
+        // take the work for done (see `WorkerGone`)
+        let unrun = self.job.take().is_some();
+        let panic = self
+            .panic
+            .take()
+            .or_else(|| unrun.then(|| Box::new(WorkerGone) as Panic));
+        self.latch.finish(panic);
     }
 }
 
-/// A job for a worker thread, from a lent one.
-fn job_of(lent: Lent) -> Job {
-    Box::new(move || lent.run())
+impl Lent {
+    /// This job, dropped unrun and counted as ended without a panic: for a job that was
+    /// never handed to a worker (its lender knows and does the work another way).
+    fn withdraw(mut self) {
+        drop(self.job.take());
+    }
 }
+
+/// The panic of a call whose job a worker thread could not run (the thread has ended):
+/// a zero-sized payload, boxed without allocating, so that it can be made while memory
+/// is short. The C boundary names it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkerGone;
+
+impl WorkerGone {
+    /// What it means, for messages.
+    pub(crate) const MESSAGE: &'static str =
+        "a worker thread could not run its part of the call (the thread has ended)";
+}
+
 type Panic = Box<dyn std::any::Any + Send + 'static>;
 
 /// The op's worker threads.
@@ -228,9 +252,18 @@ impl Workers {
                 .spawn(move || {
                     OWNER.with(|o| o.set(id));
                     // jobs catch their own panics: this loop only ends when the op drops
-                    // its sender
-                    while let Some(job) = recv_after_spin(&receive, spin, std::thread::yield_now) {
-                        job();
+                    // its sender. Waiting may allocate (the channel's per-thread context
+                    // on the first wait): if memory is short then, the worker waits again
+                    // rather than end
+                    loop {
+                        let next = catch_unwind(AssertUnwindSafe(|| {
+                            recv_after_spin(&receive, spin, std::thread::yield_now)
+                        }));
+                        match next {
+                            Ok(Some(job)) => job.run(),
+                            Ok(None) => break,
+                            Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                        }
                     }
                 })?; // the threads started so far end when `workers` is dropped
             workers.senders.push(send);
@@ -265,15 +298,15 @@ impl Workers {
             return;
         }
         let latch = Arc::new(Latch {
-            state: Mutex::new((count, None)),
+            state: Mutex::new((0, None)),
             done: Condvar::new(),
         });
         // The jobs get `f` as a raw pointer (its lifetime erased). SAFETY of the
-        // dereference below: this function returns only once every job has finished
-        // calling `f`: each job calls `latch.finish` after its call (panics are caught),
-        // a job that could not be sent is counted here, and the wait below ends exactly
-        // when the count reaches zero. No reference to `f` is alive in a job after its
-        // call returns.
+        // dereference below: this function returns, or unwinds, only once every job sent
+        // has finished calling `f` (`Waiter` waits for the latch also while unwinding): a
+        // job is counted before it is sent and counts itself down when it is dropped, run
+        // or not, after its call (its panics are caught). No reference to `f` is alive in
+        // a job after its call returns.
         // SAFETY: only the lifetime is changed (a fat pointer to the same trait object).
         let f = Borrowed(unsafe {
             std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync)>(
@@ -281,37 +314,67 @@ impl Workers {
             )
         });
         let fp = fp_state();
+        let waiter = Waiter(&latch);
         for w in 0..count {
+            // boxed before it is counted: a failed allocation leaves nothing to wait for
+            let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+                let f = f;
+                // SAFETY: see above; `f` is alive until the latch counts this job.
+                unsafe { (*f.0)(w) }
+            });
+            latch.state.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
             let lent = Lent {
-                job: Some(Box::new(move || {
-                    let f = f;
-                    // SAFETY: see above; `f` is alive until the latch counts this job.
-                    unsafe { (*f.0)(w) }
-                })),
+                job: Some(job),
                 latch: latch.clone(),
                 panic: None,
                 fp,
             };
-            // a job that cannot be sent is dropped here, unrun, and counted
-            let _ = self.senders[w].send(job_of(lent));
+            // a job that cannot be sent (its worker is gone) comes back: dropped unrun, it
+            // records that its part was not done
+            if let Err(mpsc::SendError(lent)) = self.senders[w].send(lent) {
+                drop(lent);
+            }
         }
-        // looked for (yielding the core) during WAIT_SPIN before sleeping: jobs of a small
-        // call end within microseconds, and a sleeping thread can take far longer to wake
+        let panic = waiter.wait();
+        if let Some(panic) = panic {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Waits for every job counted on a latch: when [`Waiter::wait`] is called, and when it is
+/// dropped without (a panic between two sends), so that borrowed data outlives the jobs.
+struct Waiter<'a>(&'a Latch);
+
+impl Waiter<'_> {
+    /// Waits (looking for the end, yielding the core, during [`WAIT_SPIN`] before it
+    /// sleeps: jobs of a small call end within microseconds, and a sleeping thread can
+    /// take far longer to wake) and returns the first panic of the jobs.
+    fn wait(self) -> Option<Panic> {
+        let panic = self.wait_all();
+        std::mem::forget(self);
+        panic
+    }
+
+    fn wait_all(&self) -> Option<Panic> {
         let start = std::time::Instant::now();
-        let mut state = latch.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
         while state.0 > 0 {
             if start.elapsed() < WAIT_SPIN {
                 drop(state);
                 std::thread::yield_now();
-                state = latch.state.lock().unwrap_or_else(|e| e.into_inner());
+                state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
             } else {
-                state = latch.done.wait(state).unwrap_or_else(|e| e.into_inner());
+                state = self.0.done.wait(state).unwrap_or_else(|e| e.into_inner());
             }
         }
-        if let Some(panic) = state.1.take() {
-            drop(state);
-            std::panic::resume_unwind(panic);
-        }
+        state.1.take()
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let _ = self.wait_all();
     }
 }
 
@@ -335,7 +398,7 @@ impl<'scope> Scope<'scope, '_> {
             return false;
         }
         self.next.set(w + 1);
-        self.latch.state.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        // boxed before it is counted: a failed allocation leaves nothing to wait for
         let job: Box<dyn FnOnce() + Send + 'scope> = Box::new(job);
         // SAFETY: only the lifetime is changed; the scope returns only once the latch has
         // counted this job, which happens when the job is dropped, run or not, after its
@@ -346,14 +409,22 @@ impl<'scope> Scope<'scope, '_> {
                 Box<dyn FnOnce() + Send + 'static>,
             >(job)
         };
+        self.latch.state.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
         let lent = Lent {
             job: Some(job),
             latch: self.latch.clone(),
             panic: None,
             fp: self.fp,
         };
-        // a job that cannot be sent (the worker is gone) is dropped here, unrun, and counted
-        self.workers.senders[w].send(job_of(lent)).is_ok()
+        // a job that cannot be sent (the worker is gone) comes back: withdrawn (counted,
+        // unrun, no panic), and the caller does its work with the threads it has
+        match self.workers.senders[w].send(lent) {
+            Ok(()) => true,
+            Err(mpsc::SendError(lent)) => {
+                lent.withdraw();
+                false
+            }
+        }
     }
 }
 
@@ -529,6 +600,34 @@ mod tests {
         let _turn = workers.turn().unwrap();
         workers.run_each(1, &|_| *seen.lock().unwrap() = fp_state());
         assert_eq!(*seen.lock().unwrap(), own);
+    }
+
+    /// A worker that is gone: run_each fails loudly (its part was not done), while a scope
+    /// is told at once and goes on without it.
+    #[test]
+    fn a_job_its_worker_cannot_run_is_never_taken_for_done() {
+        let mut workers = Workers::new(2).unwrap();
+        let (gone, receiver) = mpsc::channel();
+        drop(receiver);
+        let _running = std::mem::replace(&mut workers.senders[1], gone);
+        let ran = AtomicUsize::new(0);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let _turn = workers.turn().unwrap();
+            workers.run_each(2, &|_| {
+                ran.fetch_add(1, Ordering::SeqCst);
+            });
+        }));
+        let panic = outcome.expect_err("worker 1 could not run its job");
+        assert!(panic.downcast_ref::<WorkerGone>().is_some());
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "worker 0 ran its part");
+        let sent = workers.try_scope(|scope| {
+            let first = scope.spawn(|| {
+                ran.fetch_add(1, Ordering::SeqCst);
+            });
+            (first, scope.spawn(|| {}))
+        });
+        assert_eq!(sent.ok(), Some((true, false)));
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
     }
 
     #[test]

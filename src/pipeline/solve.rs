@@ -342,21 +342,38 @@ pub(crate) fn solve_rows(
     } else if threads == 1 {
         solver.call(&slice_info(0), x, rows, y)
     } else {
+        // each slice in a slot that its thread takes; a slice whose thread cannot start
+        // (thread or memory limits) is solved here instead (its rows and info are the
+        // same wherever it runs)
+        let slots: Vec<_> = x
+            .chunks(per * d)
+            .zip(y.chunks_mut(per * o))
+            .map(|slice| std::sync::Mutex::new(Some(slice)))
+            .collect();
+        let solve_slot = |i: usize| -> Result<()> {
+            let taken = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+            match taken {
+                Some((xs, ys)) => solver.call(&slice_info(i), xs, xs.len() / d, ys),
+                None => Ok(()),
+            }
+        };
         std::thread::scope(|scope| {
-            let handles: Vec<_> = x
-                .chunks(per * d)
-                .zip(y.chunks_mut(per * o))
-                .enumerate()
-                .map(|(i, (xs, ys))| {
-                    let info = slice_info(i);
-                    scope.spawn(move || solver.call(&info, xs, xs.len() / d, ys))
+            let handles: Vec<_> = (0..slots.len())
+                .map(|i| {
+                    std::thread::Builder::new()
+                        .stack_size(crate::kernels::workers::WORKER_STACK_BYTES)
+                        .spawn_scoped(scope, move || solve_slot(i))
+                        .ok()
                 })
                 .collect();
             let mut first = Ok(());
-            for h in handles {
-                let r = h
-                    .join()
-                    .unwrap_or_else(|payload| std::panic::resume_unwind(payload));
+            for (i, handle) in handles.into_iter().enumerate() {
+                let r = match handle {
+                    Some(h) => h
+                        .join()
+                        .unwrap_or_else(|payload| std::panic::resume_unwind(payload)),
+                    None => solve_slot(i),
+                };
                 if first.is_ok() {
                     first = r;
                 }
