@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: nightly sweeps fault gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -221,13 +221,16 @@ SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 export ASAN_OPTIONS := allocator_may_return_null=1:detect_leaks=1
 export UBSAN_OPTIONS := halt_on_error=1:print_stacktrace=1
 
-check-deep: sanitizers valgrind fuzz sweeps fault
-	@echo "make check-deep: sanitizers, valgrind, fuzzing, the sweeps and fault injection passed"
+check-deep: sanitizers valgrind fuzz sweeps fault miri tsan
+	@echo "make check-deep: sanitizers, valgrind, fuzzing, the sweeps, fault injection, Miri and ThreadSanitizer passed"
 
-# The nightly toolchain of the deep checks (stable stays the default), with Miri.
+# The nightly toolchain of the deep checks (stable stays the default), pinned (the checks
+# use unstable options), with Miri and the standard library's sources (-Zbuild-std).
+NIGHTLY := nightly-2026-05-20
 nightly:
-	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
-	@rustup +nightly component list --installed | grep -q '^miri' || rustup +nightly component add miri rust-src
+	@rustup toolchain list | grep -q '^$(NIGHTLY)' || rustup toolchain install $(NIGHTLY) --profile minimal
+	@rustup +$(NIGHTLY) component list --installed | grep -q '^miri' || rustup +$(NIGHTLY) component add miri
+	@rustup +$(NIGHTLY) component list --installed | grep -q '^rust-src' || rustup +$(NIGHTLY) component add rust-src
 
 # The long sweeps: bit equality over random shapes, op kinds and thread settings, and
 # forks at random moments of other threads' calls (every child frees every op and exits).
@@ -244,11 +247,43 @@ sweeps: ctest
 # at every call (tests/fault/fault_inject.c).
 FAULT_DIR := target/fault
 fault: tools nightly $(TORCH_DEP)
-	RUSTFLAGS="--cfg pert_fault_injection" $(CARGO_ENV) cargo +nightly build --release --lib --target-dir $(FAULT_DIR)
+	RUSTFLAGS="--cfg pert_fault_injection" $(CARGO_ENV) cargo +$(NIGHTLY) build --release --lib --target-dir $(FAULT_DIR)
 	@ln -sf libperturbations.so $(FAULT_DIR)/release/libperturbations.so.$(MAJOR)
 	cc -std=c11 -O1 -g -Wall -Wextra -Werror -Iinclude tests/fault/fault_inject.c -o $(FAULT_DIR)/fault_inject \
 	  -L$(FAULT_DIR)/release -lperturbations -Wl,-rpath,$(abspath $(FAULT_DIR)/release) -lm -lpthread -ldl
 	$(FAULT_DIR)/fault_inject 2> target/fault-inject.log || { tail -40 target/fault-inject.log; exit 1; }
+
+# Miri over the pure-Rust kernels (the block scheduler, the worker threads, the non-zero
+# scan, the selection of the largest entries, the rows kept in unzeroed room), with their
+# AVX2 paths compiled in and taken, under several scheduling seeds. (The floating-point
+# state test is skipped: Miri runs no inline assembly.)
+MIRI_TESTS := kernels::nonzero kernels::largest kernels::blocks kernels::workers estimate::replay::tests::rows
+MIRI_SEEDS ?= 0..3
+miri: nightly $(TORCH_DEP)
+	RUSTFLAGS="-Ctarget-feature=+avx2,+fma" MIRIFLAGS="-Zmiri-many-seeds=$(MIRI_SEEDS)" \
+	  $(CARGO_ENV) cargo +$(NIGHTLY) miri test --lib --target-dir target/miri -- $(MIRI_TESTS) \
+	  --skip floating_point
+
+# ThreadSanitizer: the library, its dependencies and std built with -Zsanitizer=thread
+# (nightly, -Zbuild-std), running the C stress programs (compiled with clang's TSan) and
+# the Rust concurrency tests. libtorch and its OpenMP runtime are not instrumented; only
+# libgomp's known false positives are suppressed (tests/tsan.supp).
+RUST_TARGET := x86_64-unknown-linux-gnu
+TSAN_DIR := target/tsan
+TSAN_LIB := $(TSAN_DIR)/$(RUST_TARGET)/release
+TSAN_CARGO := RUSTFLAGS="-Zsanitizer=thread" $(CARGO_ENV) cargo +$(NIGHTLY)
+TSAN_RUN := TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$(abspath tests/tsan.supp)"
+tsan: tools nightly clang-tools $(TORCH_DEP)
+	$(TSAN_CARGO) build -Zbuild-std --target $(RUST_TARGET) --release --lib --target-dir $(TSAN_DIR)
+	@ln -sf libperturbations.so $(TSAN_LIB)/libperturbations.so.$(MAJOR)
+	clang-14 -fsanitize=thread -g -O1 -std=c11 tests/c/test_threads.c -o $(TSAN_DIR)/test_threads -Iinclude \
+	  -L$(TSAN_LIB) -lperturbations -Wl,-rpath,$(abspath $(TSAN_LIB)) -lm -lpthread
+	clang-14 -fsanitize=thread -g -O1 -std=c11 tests/c/sweep_bits.c -o $(TSAN_DIR)/sweep_bits -Iinclude \
+	  -L$(TSAN_LIB) -lperturbations -Wl,-rpath,$(abspath $(TSAN_LIB)) -lm -lpthread
+	$(TSAN_RUN) $(TSAN_DIR)/test_threads
+	$(TSAN_RUN) $(TSAN_DIR)/sweep_bits 150 3
+	$(TSAN_RUN) $(TSAN_CARGO) test -Zbuild-std --target $(RUST_TARGET) --release --lib --target-dir $(TSAN_DIR) \
+	  -- kernels::workers kernels::blocks intraop
 
 clang-tools:
 	@if ! command -v clang-14 >/dev/null || ! ls /usr/lib/llvm-14/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then \
@@ -275,11 +310,32 @@ valgrind: ctest
 	  tail -1 target/valgrind-$$t.log; \
 	done
 
+# The library's own code is instrumented for the fuzzer (sanitizer coverage on the Rust
+# crate, built apart in $(FUZZ_LIB_DIR)), so that libFuzzer sees its edges, not only the
+# harness's. The corpus kept in tests/fuzz/corpus is read first; new inputs go to
+# target/fuzz-corpus. The report gives the library edges the corpus covers: the total
+# coverage less the harness's own (the same corpus against the uninstrumented library).
+FUZZ_LIB_DIR := target/fuzz-lib
+SANCOV := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=3 \
+  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+  -Cllvm-args=-sanitizer-coverage-trace-compares
+FUZZ_ENV := ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=0
 fuzz: build clang-tools
-	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_api.c -o target/fuzz_api $(LINK_PERT)
+	$(CARGO) rustc --release --lib --target-dir $(FUZZ_LIB_DIR) -- $(SANCOV)
+	@ln -sf libperturbations.so $(FUZZ_LIB_DIR)/release/libperturbations.so.$(MAJOR)
+	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_api.c -o target/fuzz_api -Iinclude \
+	  -L$(FUZZ_LIB_DIR)/release -lperturbations -Wl,-rpath,$(abspath $(FUZZ_LIB_DIR)/release) -Wl,--export-dynamic -lm
+	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_api.c -o target/fuzz_api_harness_only $(LINK_PERT)
 	rm -rf target/fuzz-corpus && mkdir -p target/fuzz-corpus
-	set -o pipefail; ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=0 ./target/fuzz_api -max_total_time=$(FUZZ_SECONDS) \
+	set -o pipefail; $(FUZZ_ENV) ./target/fuzz_api -max_total_time=$(FUZZ_SECONDS) \
 	  -timeout=30 -rss_limit_mb=6000 -print_final_stats=1 target/fuzz-corpus tests/fuzz/corpus 2>&1 | tail -12
+	@cov() { $(FUZZ_ENV) "$$@" 2>&1 | sed -n 's/.*INITED cov: \([0-9]*\).*/\1/p'; }; \
+	total=$$(cov ./target/fuzz_api -runs=0 target/fuzz-corpus tests/fuzz/corpus); \
+	harness=$$(cov ./target/fuzz_api_harness_only -runs=0 target/fuzz-corpus tests/fuzz/corpus); \
+	counters=$$($(FUZZ_ENV) ./target/fuzz_api -runs=0 tests/fuzz/corpus 2>&1 | sed -n 's/.*inline 8-bit counters): \([0-9]*\) .*/\1/p'); \
+	test -n "$$total" && test -n "$$harness" && test -n "$$counters" || { echo "fuzz: no coverage report"; exit 1; }; \
+	test $$((total - harness)) -gt 0 || { echo "fuzz: the library's edges are not seen"; exit 1; }; \
+	echo "fuzz: the corpus covers $$((total - harness)) edges of the library's $$counters instrumented ones (the harness alone: $$harness)"
 
 # --- install ----------------------------------------------------------------
 PREFIX ?= /usr/local

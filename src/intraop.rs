@@ -14,7 +14,6 @@
 //! they are not found (a libtorch without OpenMP or MKL), there is nothing to cap.
 
 use once_cell::race::OnceBox;
-use std::cell::Cell;
 use std::ffi::{c_int, CStr};
 
 type SetFn = unsafe extern "C" fn(c_int);
@@ -36,16 +35,22 @@ fn controls() -> &'static Controls {
         // SAFETY: looking up symbols of libraries this process has loaded; a found symbol
         // has the C signature of its documented function.
         Box::new(unsafe {
-            let omp = ["libgomp.so.1", "libiomp5.so", "libomp.so.5", "libomp.so"]
-                .iter()
-                .find_map(|lib| {
-                    let set = symbol(lib, c"omp_set_num_threads")?;
-                    let get = symbol(lib, c"omp_get_max_threads")?;
-                    Some((
-                        std::mem::transmute::<*mut libc::c_void, SetFn>(set),
-                        std::mem::transmute::<*mut libc::c_void, GetFn>(get),
-                    ))
-                });
+            // by SONAME, else any loaded OpenMP runtime by its file name (wheels rename
+            // theirs, e.g. libgomp-<hash>.so.1)
+            let mut names: Vec<String> =
+                ["libgomp.so.1", "libiomp5.so", "libomp.so.5", "libomp.so"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+            names.extend(loaded_libraries(&["libgomp", "libiomp", "libomp"]));
+            let omp = names.iter().find_map(|lib| {
+                let set = symbol(lib, c"omp_set_num_threads")?;
+                let get = symbol(lib, c"omp_get_max_threads")?;
+                Some((
+                    std::mem::transmute::<*mut libc::c_void, SetFn>(set),
+                    std::mem::transmute::<*mut libc::c_void, GetFn>(get),
+                ))
+            });
             let mkl = symbol("libtorch_cpu.so", c"MKL_Set_Num_Threads_Local").map(|set| {
                 let get = symbol("libtorch_cpu.so", c"MKL_Get_Max_Threads");
                 (
@@ -56,6 +61,34 @@ fn controls() -> &'static Controls {
             Controls { omp, mkl }
         })
     })
+}
+
+/// The paths of the loaded libraries whose file name starts with one of `prefixes`.
+fn loaded_libraries(prefixes: &[&str]) -> Vec<String> {
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info (its name a NUL-terminated string or
+        // NULL) and the `data` given below, a `&mut Vec<String>`.
+        unsafe {
+            let name = (*info).dlpi_name;
+            if !name.is_null() {
+                let paths = &mut *(data as *mut Vec<String>);
+                paths.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+            }
+        }
+        0
+    }
+    let mut paths: Vec<String> = Vec::new();
+    // SAFETY: the callback only reads the info it is given and appends to `paths`.
+    unsafe { libc::dl_iterate_phdr(Some(visit), &mut paths as *mut Vec<String> as *mut _) };
+    paths.retain(|path| {
+        let file = path.rsplit('/').next().unwrap_or("");
+        prefixes.iter().any(|p| file.starts_with(p))
+    });
+    paths
 }
 
 /// `name` in the loaded library `lib` (its file name or SONAME), if both exist.
@@ -72,60 +105,103 @@ unsafe fn symbol(lib: &str, name: &CStr) -> Option<*mut libc::c_void> {
     (!f.is_null()).then_some(f)
 }
 
+/// This thread's caps in force and its own counts from before the first of them.
+#[derive(Default)]
+struct Caps {
+    /// The live guards' caps (0: none), by guard id: guards may end in any order (a Julia
+    /// task that yields inside a solver lets another task's call start and end on the
+    /// same thread).
+    live: Vec<(u64, u32)>,
+    /// The thread's own OpenMP count, read before the first live guard.
+    own_omp: Option<c_int>,
+    /// The thread's own MKL count, read before the first live guard.
+    own_mkl: Option<c_int>,
+    /// MKL's local setting before the library set one (0: the process-wide count).
+    mkl_local: Option<c_int>,
+    next_id: u64,
+}
+
 thread_local! {
-    /// The cap in force on this thread (0: none).
-    static CAPPED: Cell<u32> = const { Cell::new(0) };
+    static CAPS: std::cell::RefCell<Caps> = std::cell::RefCell::new(Caps::default());
+}
+
+impl Caps {
+    /// The tightest live cap (0: none).
+    fn effective(&self) -> u32 {
+        self.live
+            .iter()
+            .map(|&(_, c)| c)
+            .filter(|&c| c != 0)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Sets this thread's counts to the smaller of the tightest live cap and its own
+    /// counts (its own where no cap is live), or back to its own once no guard is live.
+    fn apply(&mut self) {
+        let controls = controls();
+        let cap = self.effective().min(c_int::MAX as u32) as c_int;
+        if let (Some((set, _)), Some(own)) = (controls.omp, self.own_omp) {
+            let n = if cap == 0 { own } else { cap.min(own) };
+            // SAFETY: OpenMP API call on the current thread.
+            unsafe { set(n.max(1)) };
+        }
+        if let (Some((set_local, _)), Some(own)) = (controls.mkl, self.own_mkl) {
+            if cap != 0 {
+                // SAFETY: MKL API call on the current thread; it returns the previous
+                // local count.
+                let previous = unsafe { set_local(cap.min(own).max(1)) };
+                self.mkl_local.get_or_insert(previous);
+            } else if let Some(previous) = self.mkl_local.take() {
+                // SAFETY: as above; 0 puts back the process-wide count.
+                unsafe { set_local(previous.max(0)) };
+            }
+        }
+        if self.live.is_empty() {
+            self.own_omp = None;
+            self.own_mkl = None;
+        }
+    }
 }
 
 /// The cap on this thread's libtorch work while a [`Cap`] lives (0: none).
-pub(crate) fn current() -> u32 {
-    CAPPED.with(Cell::get)
+#[cfg(test)]
+fn current() -> u32 {
+    CAPS.with(|c| c.borrow().effective())
 }
 
 /// libtorch's threads on this thread capped at `max_threads` (0: no cap) until dropped.
 #[must_use = "the cap ends when the guard is dropped"]
 pub(crate) struct Cap {
-    previous_omp: Option<c_int>,
-    previous_mkl: Option<c_int>,
-    previous_cap: u32,
+    id: u64,
 }
 
-/// Caps the libtorch work of the current thread at `max_threads` threads (see the module):
-/// each count becomes the smaller of the cap and the thread's count before the call (a
-/// cap never raises one), and the thread's own counts come back when the guard drops.
+/// Caps the libtorch work of the current thread at `max_threads` threads (0: no cap) until
+/// the guard drops (see the module): each count becomes the smaller of the tightest live
+/// cap and the thread's own count from before (a cap never raises one). With or without a
+/// cap, the thread's own counts are what they were before once the last guard is gone,
+/// even though libtorch's per-thread set-up (at the call's first parallel kernel) would
+/// overwrite its OpenMP count. Guards may be dropped in any order.
 pub(crate) fn cap(max_threads: u32) -> Cap {
-    let previous_cap = current();
-    let mut guard = Cap {
-        previous_omp: None,
-        previous_mkl: None,
-        previous_cap,
-    };
-    // an enclosing cap that is tighter stays
-    if max_threads == 0 || (previous_cap != 0 && previous_cap <= max_threads) {
-        return guard;
-    }
-    CAPPED.with(|c| c.set(max_threads));
-    let controls = controls();
-    let n = max_threads.min(c_int::MAX as u32) as c_int;
-    // the caller's own counts, read before libtorch's per-thread set-up (on this thread's
-    // first parallel region) can overwrite them
-    // SAFETY: OpenMP and MKL API calls on the current thread.
-    let own_omp = controls.omp.map(|(_, get)| unsafe { get() });
-    let own_mkl = controls
-        .mkl
-        .map(|(_, get)| get.map_or(c_int::MAX, |get| unsafe { get() }));
-    // libtorch's set-up runs now, so that it cannot undo the cap later in the call
-    let _ = tch::get_num_threads();
-    if let (Some((set, _)), Some(own)) = (controls.omp, own_omp) {
-        guard.previous_omp = Some(own);
-        // SAFETY: as above.
-        unsafe { set(n.min(own.max(1))) };
-    }
-    if let (Some((set_local, _)), Some(own)) = (controls.mkl, own_mkl) {
-        // SAFETY: as above; it returns the previous local count (0: the process-wide one).
-        guard.previous_mkl = Some(unsafe { set_local(n.min(own.max(1))) });
-    }
-    guard
+    CAPS.with(|caps| {
+        let mut caps = caps.borrow_mut();
+        if caps.live.is_empty() {
+            let controls = controls();
+            // the thread's own counts, read before libtorch's per-thread set-up can
+            // overwrite them; the set-up runs now, so that it cannot undo what follows
+            // SAFETY: OpenMP and MKL API calls on the current thread.
+            caps.own_omp = controls.omp.map(|(_, get)| unsafe { get() });
+            caps.own_mkl = controls
+                .mkl
+                .map(|(_, get)| get.map_or(c_int::MAX, |get| unsafe { get() }));
+            let _ = tch::get_num_threads();
+        }
+        let id = caps.next_id;
+        caps.next_id += 1;
+        caps.live.push((id, max_threads));
+        caps.apply();
+        Cap { id }
+    })
 }
 
 /// One thread for the library's own libtorch work on `device` when it is the CPU (None
@@ -139,16 +215,11 @@ pub(crate) fn serial_on(device: tch::Device) -> Option<Cap> {
 
 impl Drop for Cap {
     fn drop(&mut self) {
-        let controls = controls();
-        if let (Some(previous), Some((set, _))) = (self.previous_omp, controls.omp) {
-            // SAFETY: as in `cap`.
-            unsafe { set(previous.max(1)) };
-        }
-        if let (Some(previous), Some((set_local, _))) = (self.previous_mkl, controls.mkl) {
-            // SAFETY: as in `cap`; 0 puts back the process-wide count.
-            unsafe { set_local(previous.max(0)) };
-        }
-        CAPPED.with(|c| c.set(self.previous_cap));
+        CAPS.with(|caps| {
+            let mut caps = caps.borrow_mut();
+            caps.live.retain(|&(id, _)| id != self.id);
+            caps.apply();
+        })
     }
 }
 
@@ -185,7 +256,7 @@ mod tests {
         let Some((set, get)) = controls().omp else {
             return; // no OpenMP in this libtorch: nothing is capped
         };
-        for (own, max_threads, during) in [(3, 64, 3), (3, 2, 2), (1, 8, 1)] {
+        for (own, max_threads, during) in [(3, 64, 3), (3, 2, 2), (1, 8, 1), (3, 0, 3)] {
             let seen = std::thread::spawn(move || {
                 // SAFETY: OpenMP API calls on this thread.
                 unsafe { set(own) };
@@ -199,5 +270,32 @@ mod tests {
             .unwrap();
             assert_eq!(seen, (during, own), "own {own}, cap {max_threads}");
         }
+    }
+
+    /// Guards that end out of order (calls of two tasks interleaved on one thread) leave
+    /// the tightest live cap in force, and the thread's own count once none is live.
+    #[test]
+    fn caps_may_end_in_any_order() {
+        let omp = controls().omp;
+        std::thread::spawn(move || {
+            // SAFETY: OpenMP API calls on this thread.
+            let get = || omp.map(|(_, get)| unsafe { get() });
+            if let Some((set, _)) = omp {
+                unsafe { set(5) };
+            }
+            let outer = cap(4);
+            let inner = cap(2);
+            assert_eq!((current(), get()), (2, omp.map(|_| 2)));
+            drop(outer); // the first one ends first
+            assert_eq!((current(), get()), (2, omp.map(|_| 2)));
+            let third = cap(3);
+            assert_eq!(current(), 2);
+            drop(inner);
+            assert_eq!((current(), get()), (3, omp.map(|_| 3)));
+            drop(third);
+            assert_eq!((current(), get()), (0, omp.map(|_| 5)));
+        })
+        .join()
+        .unwrap();
     }
 }

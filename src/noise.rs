@@ -147,10 +147,9 @@ impl Noise {
         if per >= count {
             self.fill(stream, first, out);
         } else {
-            std::thread::scope(|scope| {
-                for (i, part) in out.chunks_mut(per).enumerate() {
-                    scope.spawn(move || self.fill(stream, first + (i * per) as u64, part));
-                }
+            let parts: Vec<_> = out.chunks_mut(per).enumerate().collect();
+            on_threads(parts, threads, |(i, part)| {
+                self.fill(stream, first + (i * per) as u64, part)
             });
         }
         Ok(z)
@@ -464,11 +463,13 @@ impl Noise {
             return fill(first, z, s);
         }
         let mut scores = s.chunks_mut(per);
-        std::thread::scope(|scope| {
-            for (i, zp) in z.chunks_mut(per).enumerate() {
-                let sp = scores.next().unwrap_or_default();
-                scope.spawn(move || fill(first + (i * per) as u64, zp, sp));
-            }
+        let parts: Vec<_> = z
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(i, zp)| (i, zp, scores.next().unwrap_or_default()))
+            .collect();
+        on_threads(parts, threads, |(i, zp, sp)| {
+            fill(first + (i * per) as u64, zp, sp)
         });
     }
 
@@ -479,6 +480,31 @@ impl Noise {
             Noise::Gumbel => z.f_neg()?.f_exp_()?.f_neg_()?.f_add_scalar_(1.0)?,
         })
     }
+}
+
+/// Runs `work` on every item of `parts`, on up to `threads` threads, the calling thread
+/// one of them: the parts are taken from a shared queue, so a thread that cannot start
+/// (thread or memory limits) leaves its parts to the others. (Each part's values depend
+/// only on the part, not on the thread that fills it.)
+fn on_threads<T: Send>(parts: Vec<T>, threads: usize, work: impl Fn(T) + Sync) {
+    let threads = threads.clamp(1, parts.len().max(1));
+    let queue = std::sync::Mutex::new(parts.into_iter());
+    let run = || loop {
+        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+        match next {
+            Some(part) => work(part),
+            None => break,
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            let started = std::thread::Builder::new().spawn_scoped(scope, run);
+            if started.is_err() {
+                break;
+            }
+        }
+        run();
+    });
 }
 
 #[cfg(test)]

@@ -277,8 +277,9 @@ class Op {
   /// exception from a Worker destructor declared noexcept(false) is rethrown by close()
   /// (the destructor of Op, which cannot throw, writes it to stderr instead); a destructor
   /// that is noexcept, as destructors are by default, terminates the process if it throws,
-  /// as anywhere in C++. (In a fork()ed child, where the workers do not exist, the worker
-  /// objects are left undestroyed.)
+  /// as anywhere in C++. (In a fork()ed child, where the workers do not exist, destroying
+  /// the op destroys the worker objects on the destroying thread, where a destructor that
+  /// throws terminates the process.)
   template <class Make, class Solve>
   static Op with_workers(const Config& config, std::vector<std::int64_t> input_shape,
                          std::vector<std::int64_t> output_shape, Make make_worker, Solve solve) {
@@ -370,10 +371,13 @@ class Op {
 
   /// y_sigma(theta) and the tape.
   Result forward_with_tape(View theta, std::size_t batch) {
-    std::vector<float> out(checked(theta, batch) * output_numel());
+    // (everything read of the op before the call: a destructor on another thread waits
+    // for the call only)
+    std::size_t d = input_numel(), o = output_numel();
+    std::vector<float> out(checked(theta, batch) * o);
     pert_tape* tape = nullptr;
     call([&] { return pert_forward(get(), theta.data, batch, out.data(), &tape); });
-    return Result{std::move(out), Tape(tape, input_numel(), output_numel())};
+    return Result{std::move(out), Tape(tape, d, o)};
   }
 
   /// The Fenchel-Young loss per problem and its gradient.
@@ -573,8 +577,11 @@ class Op {
     if (!state_) throw Error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
     if (is_inside(state_.get())) {
       // a solver of this op calling it: its caller holds the turn (and the C library
-      // refuses the call where it would wait for itself)
-      detail::check(f());
+      // refuses the call where it would wait for itself); an exception its own solver
+      // raised is rethrown here, not left for the outer call
+      pert_status s = f();
+      if (s != PERT_STATUS_OK) rethrow_kept();
+      detail::check(s);
       return;
     }
     Running running(state_.get());  // (declared first: ends last, after the turn)
@@ -582,15 +589,18 @@ class Op {
     if (state_->callbacks) turn = std::unique_lock<std::mutex>(state_->calls);
     Inside inside(state_.get());
     pert_status s = f();
-    if (s != PERT_STATUS_OK) {
-      std::exception_ptr e;
-      {
-        std::lock_guard<std::mutex> lock(state_->mutex);
-        std::swap(e, state_->error);
-      }
-      if (e) std::rethrow_exception(e);
-    }
+    if (s != PERT_STATUS_OK) rethrow_kept();
     detail::check(s);
+  }
+
+  /// Rethrows (and forgets) the exception a callback of the op kept, if any.
+  void rethrow_kept() {
+    std::exception_ptr e;
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      std::swap(e, state_->error);
+    }
+    if (e) std::rethrow_exception(e);
   }
 
   std::size_t checked(View theta, std::size_t batch) const {

@@ -87,20 +87,22 @@ struct Perturbed : public ::torch::autograd::Function<Perturbed> {
     auto batch = static_cast<std::size_t>(t.size(0));
     auto result = op->forward_with_tape(view(t), batch);
     // a saved variable: the graph releases it once backward has run
-    ctx->save_for_backward({keep(std::move(result.tape)), theta});
+    ctx->save_for_backward({keep(std::move(result.tape))});
+    // for once_differentiable only (not a saved variable: no version check, so theta may
+    // change in place before backward, as before)
+    ctx->saved_data["theta"] = theta;
     ctx->saved_data["input_shape"] = theta.sizes().vec();
     return from(std::move(result.output), with_batch(static_cast<int64_t>(batch), output_shape), theta);
   }
 
   static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
                                                    ::torch::autograd::variable_list grad) {
-    auto saved = ctx->get_saved_variables();
-    auto holder = saved[0];
+    auto holder = ctx->get_saved_variables()[0];
     const Tape& tape = kept(holder);
     auto input_shape = ctx->saved_data["input_shape"].toIntVector();
     auto g = host(grad[0]);
     return once_differentiable({from(tape.vjp(view(g)), input_shape, grad[0]), ::torch::Tensor(), ::torch::Tensor()},
-                               {saved[1]}, "perturbed");
+                               {ctx->saved_data["theta"].toTensor()}, "perturbed");
   }
 };
 
@@ -112,7 +114,9 @@ struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
     auto t = host(theta), y = host(y_true);
     auto batch = static_cast<std::size_t>(t.size(0));
     auto result = op->fenchel_young(view(t), view(y), batch);
-    ctx->save_for_backward({from(std::move(result.second), theta.sizes().vec(), theta), theta, y_true});
+    ctx->save_for_backward({from(std::move(result.second), theta.sizes().vec(), theta), theta.detach()});
+    ctx->saved_data["theta"] = theta;  // (for once_differentiable only, as in Perturbed)
+    ctx->saved_data["y_true"] = y_true;
     ctx->saved_data["sign"] = op->sense() == Sense::Maximize ? -1.0 : 1.0;
     ctx->saved_data["y_shape"] = y_true.sizes().vec();
     ctx->saved_data["y_device"] = y_true.device();
@@ -122,7 +126,7 @@ struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
   static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
                                                    ::torch::autograd::variable_list grad) {
     auto saved = ctx->get_saved_variables();
-    auto g_theta = saved[0], theta = saved[1].detach();
+    auto g_theta = saved[0], theta = saved[1];
     std::vector<int64_t> shape(static_cast<std::size_t>(g_theta.dim()), 1);
     shape[0] = g_theta.size(0);
     auto per_problem = grad[0].reshape(shape);
@@ -131,7 +135,9 @@ struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
       g_y = (theta.to(g_theta.dtype()) * per_problem * ctx->saved_data["sign"].toDouble())
                 .reshape(ctx->saved_data["y_shape"].toIntVector())
                 .to(ctx->saved_data["y_device"].toDevice());
-    return once_differentiable({g_theta * per_problem, g_y, ::torch::Tensor()}, {saved[1], saved[2]}, "fenchel_young");
+    return once_differentiable({g_theta * per_problem, g_y, ::torch::Tensor()},
+                               {ctx->saved_data["theta"].toTensor(), ctx->saved_data["y_true"].toTensor()},
+                               "fenchel_young");
   }
 };
 }  // namespace detail

@@ -20,6 +20,18 @@ const TILE: usize = 256;
 /// The largest input_numel² the kernel handles (its per-block sums are that many doubles).
 pub(crate) const MAX_SUMS: usize = 4096;
 
+/// One problem of a call: θ, its index `b` in the batch, its `n` samples, and the
+/// solutions handed back through the two-phase API (its `n` rows of `d` finite floats),
+/// which then stand for the samples' argmax: one-hot rows give the argmax's sums, bit for
+/// bit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Problem<'a> {
+    pub theta: &'a [f32],
+    pub b: usize,
+    pub n: usize,
+    pub solutions: Option<&'a [f32]>,
+}
+
 /// The settings of one run of the kernel.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Kernel<'a> {
@@ -39,18 +51,9 @@ impl Kernel<'_> {
         n.div_ceil(BLOCK)
     }
 
-    /// The sums over samples `0 .. n` of problem `b` (θ = `theta`), on `threads` threads;
-    /// with `solutions` (the problem's `n` rows of `d` finite floats, handed back through
-    /// the two-phase API) those rows are the samples' solutions instead of their argmax:
-    /// one-hot rows give the sums of the argmax, bit for bit.
-    pub fn problem(
-        &self,
-        theta: &[f32],
-        b: usize,
-        n: usize,
-        threads: usize,
-        solutions: Option<&[f32]>,
-    ) -> ProblemSums {
+    /// The sums over the samples of problem `p`, on `threads` threads.
+    pub fn problem(&self, p: Problem<'_>, threads: usize) -> ProblemSums {
+        let (theta, n) = (p.theta, p.n);
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
         let mut total = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
@@ -59,7 +62,7 @@ impl Kernel<'_> {
         let _ = run_blocks::<_, _, std::convert::Infallible>(
             blocks,
             &mut scratch,
-            |k, _| Ok(self.block(theta, b, n, k, solutions)),
+            |k, _| Ok(self.block(p, k)),
             |_, part| {
                 total.add(&part);
                 Ok(())
@@ -68,45 +71,30 @@ impl Kernel<'_> {
         total
     }
 
-    /// The sums of block `k` of problem `b` (`solutions`: see [`Kernel::problem`]).
-    fn block(
-        &self,
-        theta: &[f32],
-        b: usize,
-        n: usize,
-        k: usize,
-        solutions: Option<&[f32]>,
-    ) -> ProblemSums {
+    /// The sums of block `k` of problem `p`.
+    fn block(&self, p: Problem<'_>, k: usize) -> ProblemSums {
         #[cfg(target_arch = "x86_64")]
         if crate::fastmath::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.block_avx2(theta, b, n, k, solutions) };
+            return unsafe { self.block_avx2(p, k) };
         }
-        self.block_impl(theta, b, n, k, solutions)
+        self.block_impl(p, k)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn block_avx2(
-        &self,
-        theta: &[f32],
-        b: usize,
-        n: usize,
-        k: usize,
-        solutions: Option<&[f32]>,
-    ) -> ProblemSums {
-        self.block_impl(theta, b, n, k, solutions)
+    unsafe fn block_avx2(&self, p: Problem<'_>, k: usize) -> ProblemSums {
+        self.block_impl(p, k)
     }
 
     #[inline(always)]
-    fn block_impl(
-        &self,
-        theta: &[f32],
-        b: usize,
-        n: usize,
-        k: usize,
-        solutions: Option<&[f32]>,
-    ) -> ProblemSums {
+    fn block_impl(&self, p: Problem<'_>, k: usize) -> ProblemSums {
+        let Problem {
+            theta,
+            b,
+            n,
+            solutions,
+        } = p;
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
         let mut sums = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
@@ -212,9 +200,15 @@ mod tests {
             (Noise::Normal, Perturbation::Multiplicative, false),
         ] {
             let k = kernel(&stream, noise, perturbation, antithetic);
-            let one = k.problem(&theta, 1, n, 1, None);
-            assert_eq!(one, k.problem(&theta, 1, n, 2, None));
-            assert_eq!(one, k.problem(&theta, 1, n, 5, None));
+            let p = Problem {
+                theta: &theta,
+                b: 1,
+                n,
+                solutions: None,
+            };
+            let one = k.problem(p, 1);
+            assert_eq!(one, k.problem(p, 2));
+            assert_eq!(one, k.problem(p, 5));
             assert_eq!(one.sum_y.iter().sum::<f64>(), n as f64);
         }
     }

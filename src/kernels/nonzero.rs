@@ -232,6 +232,17 @@ mod tests {
             .collect()
     }
 
+    /// `make miri` compiles the kernels with AVX2 and FMA: their vector paths are the ones
+    /// Miri runs.
+    #[test]
+    #[cfg(miri)]
+    fn the_avx2_paths_run_under_miri() {
+        assert_eq!(
+            crate::fastmath::has_avx2(),
+            cfg!(all(target_feature = "avx2", target_feature = "fma"))
+        );
+    }
+
     #[test]
     fn every_length_and_pattern_gives_the_plain_positions() {
         let specials = [
@@ -243,7 +254,9 @@ mod tests {
             -2.5,
             f32::MIN_POSITIVE,
         ];
-        for n in 0..80usize {
+        // (under Miri, every third length: `make miri` runs it on several schedules)
+        let step = if cfg!(miri) { 3 } else { 1 };
+        for n in (0..80usize).step_by(step) {
             for seed in 0..12u64 {
                 // sparse to dense rows with special values
                 let row: Vec<f32> = (0..n as u64)

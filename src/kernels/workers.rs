@@ -63,7 +63,7 @@ pub(crate) fn restoring_fp_state<R>(f: impl FnOnce() -> R) -> R {
 
 /// The calling thread's floating-point control word (SSE/AVX rounding and denormal modes).
 fn fp_state() -> u32 {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
         let mut csr: u32 = 0;
         // SAFETY: stores MXCSR into a local.
@@ -72,19 +72,19 @@ fn fp_state() -> u32 {
         };
         csr
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(any(not(target_arch = "x86_64"), miri))]
     {
-        0
+        0 // (Miri runs no inline assembly: the state is not kept there)
     }
 }
 
 fn set_fp_state(csr: u32) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     // SAFETY: loads a control word read from a thread of this process by `fp_state`.
     unsafe {
         std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly, preserves_flags))
     };
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(any(not(target_arch = "x86_64"), miri))]
     let _ = csr;
 }
 

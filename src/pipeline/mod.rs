@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::estimate::replay::Redraw;
 use crate::estimate::{Accumulator, Estimate, TapeForm};
 use crate::kernels::builtin::{Builtin, Solutions};
-use crate::kernels::fused_argmax::Kernel;
+use crate::kernels::fused_argmax::{Kernel, Problem};
 use crate::pipeline::solve::provided;
 use crate::rng::Stream;
 use crate::settings::Baseline;
@@ -147,8 +147,17 @@ impl OpSpec {
                 let batch = theta_host.len() / d;
                 if kernel.blocks(n) >= cores || batch == 1 {
                     // enough blocks within each problem for every core
-                    for (b, theta_b) in theta_host.chunks_exact(d).enumerate() {
-                        let sums = kernel.problem(theta_b, b, n, cores, rows_of(b)?);
+                    for (b, theta) in theta_host.chunks_exact(d).enumerate() {
+                        let solutions = rows_of(b)?;
+                        let sums = kernel.problem(
+                            Problem {
+                                theta,
+                                b,
+                                n,
+                                solutions,
+                            },
+                            cores,
+                        );
                         acc.add_sums(b as i64, &sums)?;
                     }
                 } else {
@@ -158,8 +167,17 @@ impl OpSpec {
                         batch,
                         &mut scratch,
                         |b, _| {
-                            let theta_b = &theta_host[b * d..(b + 1) * d];
-                            Ok(kernel.problem(theta_b, b, n, 1, rows_of(b)?))
+                            let theta = &theta_host[b * d..(b + 1) * d];
+                            let solutions = rows_of(b)?;
+                            Ok(kernel.problem(
+                                Problem {
+                                    theta,
+                                    b,
+                                    n,
+                                    solutions,
+                                },
+                                1,
+                            ))
                         },
                         |b, sums| acc.add_sums(b as i64, &sums),
                     )?;

@@ -1,8 +1,9 @@
 /* The bit-equality sweep (issue 26): random shapes and settings, ops of every kind (plain
  * and worker callbacks, built-in argmax, top-k and ranks, device solvers on the CPU), each
- * under threads 1..8 and max_threads 0..8, through pert_forward with separate buffers and
- * with the output over theta, and through the two-phase API: y, VJP, JVP, Jacobian and
- * objective must equal those of threads = 1, max_threads = 0 bit for bit.
+ * case under three random settings of threads (1..8) and max_threads (0, or threads..8),
+ * each through one of pert_forward with separate buffers, pert_forward with the output
+ * over theta, and the two-phase API: y, VJP, JVP, Jacobian and objective must equal those
+ * of threads = 1, max_threads = 0 bit for bit.
  *
  * usage: sweep_bits [cases] [seed]   (default 40 cases, seed 1) */
 #include <inttypes.h>

@@ -388,6 +388,33 @@ void test_a_solver_calling_its_own_op() {
   EXPECT(plain.forward(theta, 2).size() == 6);
   EXPECT(nested >= 2);
 
+  // the nested call's own solver throws: the nested call rethrows it (the outer solver
+  // catches it), and nothing is left for the outer call or close()
+  int calls = 0;
+  pert::Op* again = nullptr;
+  pert::Op catching(c, {3}, {3}, [&](const float* x, std::size_t count, float* y) {
+    if (calls++ == 0) {
+      try {
+        again->forward({0.3f, 0.2f, 0.1f}, 1);
+        EXPECT(false);
+      } catch (const SolverError& e) {
+        EXPECT(e.code == 4);
+      }
+    } else if (calls == 2) {
+      throw SolverError(4);  // the nested call's solver
+    }
+    argmax(x, count, y);
+  });
+  again = &catching;
+  EXPECT(catching.forward(theta, 2).size() == 6);
+  bool closed = true;
+  try {
+    catching.close();
+  } catch (...) {
+    closed = false;
+  }
+  EXPECT(closed);
+
   pert::Config two;
   two.num_samples(8).device("cpu").threads(2).seed(2);
   pert::Op* own = nullptr;

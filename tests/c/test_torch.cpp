@@ -121,8 +121,29 @@ int main() {
     EXPECT(refused);
     // without create_graph the gradient is plain (no graph of the backward is made)
     auto th2 = theta.detach().clone().requires_grad_(true);
-    auto plain = torch::autograd::grad({pert::autograd::fenchel_young(op, th2, y_true).sum()}, {th2});
+    auto out2 = which == 0 ? pert::autograd::fenchel_young(op, th2, y_true).sum()
+                           : (pert::autograd::perturbed(op, th2) * g).sum();
+    auto plain = torch::autograd::grad({out2}, {th2});
     EXPECT(!plain[0].requires_grad());
+    // what backward does not read may change in place between forward and backward:
+    // theta of perturbed (the tape holds what backward needs), the target of the loss
+    // (whose gradient with respect to the target is made from theta, which must not)
+    auto th3 = theta.detach().clone().requires_grad_(true);
+    auto target = y_true.clone();
+    auto out3 = which == 0 ? pert::autograd::fenchel_young(op, th3, target).sum()
+                           : (pert::autograd::perturbed(op, th3) * g).sum();
+    {
+      torch::NoGradGuard no_grad;
+      if (which == 1) th3.add_(1.0);
+      target.zero_();
+    }
+    bool backward_ok = true;
+    try {
+      out3.backward();
+    } catch (const c10::Error&) {
+      backward_ok = false;
+    }
+    EXPECT(backward_ok && th3.grad().defined());
   }
 
   return expect_report();
