@@ -265,7 +265,8 @@ miri: nightly $(TORCH_DEP)
 	  --skip floating_point
 
 # ThreadSanitizer: the library, its dependencies and std built with -Zsanitizer=thread
-# (nightly, -Zbuild-std), running the C stress programs (compiled with clang's TSan) and
+# (nightly, -Zbuild-std), running the C stress programs (instrumented by clang and linked
+# with the nightly's own TSan runtime, which matches the library's instrumentation) and
 # the Rust concurrency tests. libtorch and its OpenMP runtime are not instrumented; only
 # libgomp's known false positives are suppressed (tests/tsan.supp).
 RUST_TARGET := x86_64-unknown-linux-gnu
@@ -273,13 +274,16 @@ TSAN_DIR := target/tsan
 TSAN_LIB := $(TSAN_DIR)/$(RUST_TARGET)/release
 TSAN_CARGO := RUSTFLAGS="-Zsanitizer=thread" $(CARGO_ENV) cargo +$(NIGHTLY)
 TSAN_RUN := TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$(abspath tests/tsan.supp)"
+TSAN_PROGRAMS := test_threads sweep_bits
 tsan: tools nightly clang-tools $(TORCH_DEP)
 	$(TSAN_CARGO) build -Zbuild-std --target $(RUST_TARGET) --release --lib --target-dir $(TSAN_DIR)
 	@ln -sf libperturbations.so $(TSAN_LIB)/libperturbations.so.$(MAJOR)
-	clang-14 -fsanitize=thread -g -O1 -std=c11 tests/c/test_threads.c -o $(TSAN_DIR)/test_threads -Iinclude \
-	  -L$(TSAN_LIB) -lperturbations -Wl,-rpath,$(abspath $(TSAN_LIB)) -lm -lpthread
-	clang-14 -fsanitize=thread -g -O1 -std=c11 tests/c/sweep_bits.c -o $(TSAN_DIR)/sweep_bits -Iinclude \
-	  -L$(TSAN_LIB) -lperturbations -Wl,-rpath,$(abspath $(TSAN_LIB)) -lm -lpthread
+	@runtime="$$(rustc +$(NIGHTLY) --print sysroot)/lib/rustlib/$(RUST_TARGET)/lib/librustc-nightly_rt.tsan.a"; \
+	for t in $(TSAN_PROGRAMS); do \
+	  clang-14 -fsanitize=thread -g -O1 -std=gnu11 -c tests/c/$$t.c -o $(TSAN_DIR)/$$t.o -Iinclude && \
+	  clang-14 $(TSAN_DIR)/$$t.o -o $(TSAN_DIR)/$$t -Wl,--whole-archive "$$runtime" -Wl,--no-whole-archive \
+	    -L$(TSAN_LIB) -lperturbations -Wl,-rpath,$(abspath $(TSAN_LIB)) -lm -lpthread -ldl -lstdc++ -rdynamic || exit 1; \
+	done
 	$(TSAN_RUN) $(TSAN_DIR)/test_threads
 	$(TSAN_RUN) $(TSAN_DIR)/sweep_bits 150 3
 	$(TSAN_RUN) $(TSAN_CARGO) test -Zbuild-std --target $(RUST_TARGET) --release --lib --target-dir $(TSAN_DIR) \
