@@ -336,7 +336,8 @@ fuzz: build clang-tools
 	@cov() { $(FUZZ_ENV) "$$@" 2>&1 | sed -n 's/.*INITED cov: \([0-9]*\).*/\1/p'; }; \
 	total=$$(cov ./target/fuzz_api -runs=0 target/fuzz-corpus tests/fuzz/corpus); \
 	harness=$$(cov ./target/fuzz_api_harness_only -runs=0 target/fuzz-corpus tests/fuzz/corpus); \
-	counters=$$($(FUZZ_ENV) ./target/fuzz_api -runs=0 tests/fuzz/corpus 2>&1 | sed -n 's/.*inline 8-bit counters): \([0-9]*\) .*/\1/p'); \
+	counters=$$($(FUZZ_ENV) ./target/fuzz_api -runs=0 tests/fuzz/corpus 2>&1 | grep -m1 'inline 8-bit counters' \
+	  | sed 's/.*counters)://' | grep -o '[0-9]* \[' | tr -d ' [' | sort -n | tail -1); \
 	test -n "$$total" && test -n "$$harness" && test -n "$$counters" || { echo "fuzz: no coverage report"; exit 1; }; \
 	test $$((total - harness)) -gt 0 || { echo "fuzz: the library's edges are not seen"; exit 1; }; \
 	echo "fuzz: the corpus covers $$((total - harness)) edges of the library's $$counters instrumented ones (the harness alone: $$harness)"

@@ -315,6 +315,32 @@ static bool threads_that_cannot_start(void) {
     CHECK(memcmp(out, reference, sizeof out) == 0);
     pert_op_free(op);
   }
+  /* a draw large enough to fill its noise on several threads (built-in argmax, the
+   * library's threads) */
+  {
+    pert_config *c = NULL;
+    CHECK_OK(pert_config_new(&c));
+    CHECK_OK(pert_config_set_num_samples(c, 20000));
+    CHECK_OK(pert_config_set_device(c, "cpu"));
+    int64_t shape[] = {8};
+    float big_theta[2 * 8] = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f, 0.6f, 0.7f, 0.8f, 1, 0, 0, 0, 0, 0, 0, 0};
+    pert_draw *draws[2] = {NULL, NULL};
+    for (int failing = 0; failing < 2; failing++) {
+      pert_op *big = NULL;
+      CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, shape, 1, &big));
+      atomic_store(&fail_threads, failing);
+      pert_status st = pert_draw_new(big, big_theta, 2, &draws[failing]);
+      atomic_store(&fail_threads, 0);
+      CHECK_OK(st);
+      pert_op_free(big);
+    }
+    size_t rows = pert_draw_count(draws[0]);
+    CHECK(rows == pert_draw_count(draws[1]));
+    CHECK(memcmp(pert_draw_inputs(draws[0]), pert_draw_inputs(draws[1]), rows * 8 * sizeof(float)) == 0);
+    pert_draw_free(draws[0]);
+    pert_draw_free(draws[1]);
+    pert_config_free(c);
+  }
   pert_op *op = (pert_op *)&op; /* a value that must stay */
   pert_config *c = NULL;
   CHECK_OK(pert_config_new(&c));
