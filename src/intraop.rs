@@ -114,7 +114,7 @@ struct Caps {
     live: Vec<(u64, u32)>,
     /// The thread's own OpenMP count, read before the first live guard.
     own_omp: Option<c_int>,
-    /// The thread's own MKL count, read before the first live guard.
+    /// The thread's own MKL count, read before the library first set one.
     own_mkl: Option<c_int>,
     /// MKL's local setting before the library set one (0: the process-wide count).
     mkl_local: Option<c_int>,
@@ -123,7 +123,13 @@ struct Caps {
 
 thread_local! {
     static CAPS: std::cell::RefCell<Caps> = std::cell::RefCell::new(Caps::default());
+    /// libtorch's per-thread set-up has run on this thread (under a guard, which put the
+    /// thread's own OpenMP count back after it): later calls cannot have it overwritten.
+    static SET_UP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
+
+/// A guard that changes nothing (a call without a cap on a thread already set up).
+const INERT: u64 = u64::MAX;
 
 impl Caps {
     /// The tightest live cap (0: none).
@@ -146,8 +152,14 @@ impl Caps {
             // SAFETY: OpenMP API call on the current thread.
             unsafe { set(n.max(1)) };
         }
-        if let (Some((set_local, _)), Some(own)) = (controls.mkl, self.own_mkl) {
+        if let Some((set_local, get)) = controls.mkl {
             if cap != 0 {
+                // the thread's own count, read before the library first sets one (MKL's
+                // query is slow: only calls with a cap pay it)
+                // SAFETY: MKL API call on the current thread.
+                let own = *self
+                    .own_mkl
+                    .get_or_insert_with(|| get.map_or(c_int::MAX, |get| unsafe { get() }));
                 // SAFETY: MKL API call on the current thread; it returns the previous
                 // local count.
                 let previous = unsafe { set_local(cap.min(own).max(1)) };
@@ -183,6 +195,9 @@ pub(crate) struct Cap {
 /// even though libtorch's per-thread set-up (at the call's first parallel kernel) would
 /// overwrite its OpenMP count. Guards may be dropped in any order.
 pub(crate) fn cap(max_threads: u32) -> Cap {
+    if max_threads == 0 && SET_UP.with(std::cell::Cell::get) {
+        return Cap { id: INERT }; // nothing to cap, nothing libtorch could overwrite
+    }
     CAPS.with(|caps| {
         let mut caps = caps.borrow_mut();
         if caps.live.is_empty() {
@@ -191,10 +206,8 @@ pub(crate) fn cap(max_threads: u32) -> Cap {
             // overwrite them; the set-up runs now, so that it cannot undo what follows
             // SAFETY: OpenMP and MKL API calls on the current thread.
             caps.own_omp = controls.omp.map(|(_, get)| unsafe { get() });
-            caps.own_mkl = controls
-                .mkl
-                .map(|(_, get)| get.map_or(c_int::MAX, |get| unsafe { get() }));
             let _ = tch::get_num_threads();
+            SET_UP.with(|s| s.set(true));
         }
         let id = caps.next_id;
         caps.next_id += 1;
@@ -215,6 +228,9 @@ pub(crate) fn serial_on(device: tch::Device) -> Option<Cap> {
 
 impl Drop for Cap {
     fn drop(&mut self) {
+        if self.id == INERT {
+            return;
+        }
         CAPS.with(|caps| {
             let mut caps = caps.borrow_mut();
             caps.live.retain(|&(id, _)| id != self.id);

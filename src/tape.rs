@@ -92,7 +92,6 @@ impl Tape {
     /// see [`crate::estimate`] for the estimator each setting gives.
     pub fn jacobian(&self) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
-        let _serial = crate::intraop::serial_on(self.device());
         let d = self.input_shape.iter().product::<i64>();
         let o = self.output_shape.iter().product::<i64>();
         self.jacobian.jacobian([self.batch as i64, o, d])
@@ -103,7 +102,6 @@ impl Tape {
     /// tensor. Only for ops whose output shape equals their input shape.
     pub fn objective(&self) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
-        let _serial = crate::intraop::serial_on(self.device());
         match &self.objective {
             Some(f) => crate::tensors::copy(f),
             None => Err(Error::invalid(format!(
@@ -117,7 +115,6 @@ impl Tape {
     /// the result has shape `[batch, *input_shape]`, on the device of `grad_output`.
     pub fn vjp(&self, grad_output: &Tensor) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
-        let _serial = crate::intraop::serial_on(self.device());
         let g = self.check_tensor(grad_output, &self.output_shape, "grad_output")?; // [b, o]
         Ok(self
             .jacobian
@@ -130,7 +127,6 @@ impl Tape {
     /// the result has shape `[batch, *output_shape]`, on the device of `tangent`.
     pub fn jvp(&self, tangent: &Tensor) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
-        let _serial = crate::intraop::serial_on(self.device());
         let t = self.check_tensor(tangent, &self.input_shape, "tangent_input")?; // [b, d]
         Ok(self
             .jacobian
@@ -144,7 +140,6 @@ impl Tape {
     /// keeps (see `JacobianData::linear`): for [`crate::autograd`].
     pub(crate) fn linear(&self, delta: &Tensor) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
-        let _serial = crate::intraop::serial_on(self.device());
         self.jacobian.linear(delta)
     }
 

@@ -62,6 +62,7 @@ impl JacobianData {
                 col_scale,
                 scale,
             } => {
+                let _serial = crate::intraop::serial_on(y.device()); // (same bits, any threads)
                 let yc = y.f_sub(&center.f_unsqueeze(1)?)?;
                 let j = yc.f_transpose(1, 2)?.f_matmul(s)?.f_mul_scalar(*scale)?;
                 Ok(match col_scale {
@@ -104,6 +105,7 @@ impl JacobianData {
                 scale,
             } => {
                 // scale · Σ_n s_n ⟨Y_n − c, g⟩
+                let _serial = crate::intraop::serial_on(y.device()); // (same bits, any threads)
                 let yg = y.f_matmul(&g.f_unsqueeze(2)?)?; // [b, N, 1]
                 let cg = center.f_mul(g)?.f_sum_dim_intlist(1, true, Kind::Float)?; // [b, 1]
                 let weights = yg.f_squeeze_dim(2)?.f_sub(&cg)?; // [b, N]
@@ -149,6 +151,7 @@ impl JacobianData {
                 scale,
             } => {
                 // scale · Σ_n (Y_n − c) ⟨s_n, t ⊙ col_scale⟩
+                let _serial = crate::intraop::serial_on(y.device()); // (same bits, any threads)
                 let t = match col_scale {
                     Some(cs) => t.f_mul(cs)?,
                     None => t.shallow_clone(),
@@ -171,6 +174,7 @@ impl JacobianData {
     /// makes whichever is smaller dense once: the Jacobian, or the samples (the scores
     /// drawn again, the solutions spread out).
     pub fn linear(&self, delta: &Tensor) -> Result<Tensor> {
+        let _serial = crate::intraop::serial_on(self.device()); // (same bits, any threads)
         let delta = delta.f_to_device(self.device())?;
         match self {
             JacobianData::Dense(j) => Ok(j.f_matmul(&delta.f_unsqueeze(2)?)?.f_squeeze_dim(2)?),
