@@ -122,7 +122,7 @@ endif
 julia-test: build
 	@if command -v julia >/dev/null; then \
 	  PERTURBATIONS_LIB="$(abspath $(BUILD_DIR))/libperturbations.so" julia --project=bindings/julia/Perturbations \
-	    -e 'using Pkg; Pkg.instantiate(); Pkg.test()'; \
+	    -e 'using Pkg; Pkg.instantiate(); Pkg.test(julia_args=["--threads=2"])'; \
 	else \
 	  echo "SKIPPED julia-test: julia is not on PATH (tests/julia_binding.rs checked the binding statically)"; \
 	fi

@@ -7,7 +7,9 @@
 //! For the perturbed op L is J δ made from what the call's tape keeps (the Jacobian of a
 //! tape of sums, or the samples of a tape of samples; never a dense Jacobian the tape does
 //! not hold), so the graph holds what the tape holds. When no gradient can be asked (grad
-//! mode off, or θ does not require grad) no tape is made at all.
+//! mode off, or θ does not require grad) no tape is made at all. The backward pass is
+//! libtorch's own (its matrix products under the thread counts in force when it runs):
+//! for gradients that are the same bits under every thread setting, use the tape's VJP.
 
 use crate::error::Result;
 use crate::op::PerturbedOp;

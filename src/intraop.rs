@@ -35,15 +35,17 @@ fn controls() -> &'static Controls {
         // SAFETY: looking up symbols of libraries this process has loaded; a found symbol
         // has the C signature of its documented function.
         Box::new(unsafe {
-            // by SONAME, else any loaded OpenMP runtime by its file name (wheels rename
-            // theirs, e.g. libgomp-<hash>.so.1)
-            let mut names: Vec<String> =
-                ["libgomp.so.1", "libiomp5.so", "libomp.so.5", "libomp.so"]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-            names.extend(loaded_libraries(&["libgomp", "libiomp", "libomp"]));
-            let omp = names.iter().find_map(|lib| {
+            // the runtime libtorch itself links (a lookup in libtorch_cpu's handle searches
+            // its dependencies, whatever the runtime's file is called), else by SONAME
+            let omp = [
+                "libtorch_cpu.so",
+                "libgomp.so.1",
+                "libiomp5.so",
+                "libomp.so.5",
+                "libomp.so",
+            ]
+            .iter()
+            .find_map(|lib| {
                 let set = symbol(lib, c"omp_set_num_threads")?;
                 let get = symbol(lib, c"omp_get_max_threads")?;
                 Some((
@@ -61,34 +63,6 @@ fn controls() -> &'static Controls {
             Controls { omp, mkl }
         })
     })
-}
-
-/// The paths of the loaded libraries whose file name starts with one of `prefixes`.
-fn loaded_libraries(prefixes: &[&str]) -> Vec<String> {
-    unsafe extern "C" fn visit(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut libc::c_void,
-    ) -> c_int {
-        // SAFETY: dl_iterate_phdr passes a valid info (its name a NUL-terminated string or
-        // NULL) and the `data` given below, a `&mut Vec<String>`.
-        unsafe {
-            let name = (*info).dlpi_name;
-            if !name.is_null() {
-                let paths = &mut *(data as *mut Vec<String>);
-                paths.push(CStr::from_ptr(name).to_string_lossy().into_owned());
-            }
-        }
-        0
-    }
-    let mut paths: Vec<String> = Vec::new();
-    // SAFETY: the callback only reads the info it is given and appends to `paths`.
-    unsafe { libc::dl_iterate_phdr(Some(visit), &mut paths as *mut Vec<String> as *mut _) };
-    paths.retain(|path| {
-        let file = path.rsplit('/').next().unwrap_or("");
-        prefixes.iter().any(|p| file.starts_with(p))
-    });
-    paths
 }
 
 /// `name` in the loaded library `lib` (its file name or SONAME), if both exist.
@@ -154,8 +128,8 @@ impl Caps {
         }
         if let Some((set_local, get)) = controls.mkl {
             if cap != 0 {
-                // the thread's own count, read before the library first sets one (MKL's
-                // query is slow: only calls with a cap pay it)
+                // the thread's own count, read before the library first sets one (only
+                // calls with a cap, serial_on's included, read it)
                 // SAFETY: MKL API call on the current thread.
                 let own = *self
                     .own_mkl
@@ -186,6 +160,8 @@ fn current() -> u32 {
 #[must_use = "the cap ends when the guard is dropped"]
 pub(crate) struct Cap {
     id: u64,
+    /// A guard belongs to its thread's caps (not `Send`).
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 /// Caps the libtorch work of the current thread at `max_threads` threads (0: no cap) until
@@ -196,24 +172,43 @@ pub(crate) struct Cap {
 /// overwrite its OpenMP count. Guards may be dropped in any order.
 pub(crate) fn cap(max_threads: u32) -> Cap {
     if max_threads == 0 && SET_UP.with(std::cell::Cell::get) {
-        return Cap { id: INERT }; // nothing to cap, nothing libtorch could overwrite
+        // nothing to cap, nothing libtorch could overwrite
+        return Cap {
+            id: INERT,
+            _thread: std::marker::PhantomData,
+        };
     }
     CAPS.with(|caps| {
         let mut caps = caps.borrow_mut();
+        let set_up = SET_UP.with(std::cell::Cell::get);
         if caps.live.is_empty() {
             let controls = controls();
             // the thread's own counts, read before libtorch's per-thread set-up can
             // overwrite them; the set-up runs now, so that it cannot undo what follows
             // SAFETY: OpenMP and MKL API calls on the current thread.
             caps.own_omp = controls.omp.map(|(_, get)| unsafe { get() });
-            let _ = tch::get_num_threads();
-            SET_UP.with(|s| s.set(true));
+            if !set_up {
+                // (the set-up may set MKL's local count too: the thread's own goes back)
+                // SAFETY: MKL API calls on the current thread (0: the process-wide count).
+                let own_local = controls.mkl.map(|(set_local, _)| unsafe { set_local(0) });
+                let _ = tch::get_num_threads();
+                if let (Some((set_local, _)), Some(own)) = (controls.mkl, own_local) {
+                    // SAFETY: as above.
+                    unsafe { set_local(own.max(0)) };
+                }
+            }
         }
         let id = caps.next_id;
         caps.next_id += 1;
         caps.live.push((id, max_threads));
         caps.apply();
-        Cap { id }
+        if !set_up {
+            SET_UP.with(|s| s.set(true)); // (only once the thread's counts are its own again)
+        }
+        Cap {
+            id,
+            _thread: std::marker::PhantomData,
+        }
     })
 }
 

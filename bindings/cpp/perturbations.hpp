@@ -16,10 +16,12 @@
 //   solver callable take turns (so that an exception reaches the call that raised it);
 //   use one Op per thread to solve in parallel. A solver may call its own op: such a call
 //   does not wait for its turn, and gets the C library's answer (a solver on the op's own
-//   workers is refused with pert::Error, PERT_STATUS_INVALID_ARGUMENT).
+//   workers is refused with pert::Error, PERT_STATUS_INVALID_ARGUMENT). With threads > 1
+//   a nested call that fails may report an exception another slice of the outer call
+//   raised (both are that call's failures).
 // - Destroying an Op waits for the calls already running on it (from other threads); it
 //   must not be destroyed from inside its own solver, and a thread must not start a call
-//   on an Op that another thread is destroying (as for any C++ object).
+//   on an Op that another thread is destroying or moving (as for any C++ object).
 // - Buffers are any contiguous range of float (std::vector, std::array, std::span, a braced
 //   list) or a pointer and count. A View keeps its own copy of a temporary container or
 //   list; it borrows a named container or a span, which must outlive it (as a std::span).
@@ -408,6 +410,8 @@ class Op {
   pert_op* get() const noexcept { return handle_.get(); }
 
  private:
+  friend class Draw;
+
   struct State {
     Solver solve;
     SolverWithInfo solve_ex;
@@ -624,7 +628,8 @@ class Draw {
       throw Error(PERT_STATUS_INVALID_ARGUMENT, "theta must hold batch * input_numel = " + std::to_string(batch * d_) +
                                                     " floats, got " + std::to_string(theta.size));
     pert_draw* d = nullptr;
-    detail::check(pert_draw_new(op.get(), theta.data, batch, &d));
+    // counted as a running call of the op: destroying or closing it waits for the draw
+    op.call([&] { return pert_draw_new(op.get(), theta.data, batch, &d); });
     handle_.reset(d);
     batch_ = batch;
   }

@@ -249,7 +249,10 @@ static bool max_threads_caps_the_callers_openmp_count_and_puts_it_back(void) {
     printf("  (this libtorch has no OpenMP: nothing to cap)\n");
     return true;
   }
-  omp_case cases[] = {{64, 3, 3, 3, false}, {2, 3, 2, 3, false}, {8, 1, 1, 1, false}};
+  /* an own count unlike libtorch's default (without a cap too: libtorch's per-thread
+   * set-up, at the call's first parallel kernel, must not overwrite it) */
+  int own = 2 * (int)sysconf(_SC_NPROCESSORS_ONLN) + 1;
+  omp_case cases[] = {{64, 3, 3, 3, false}, {2, 3, 2, 3, false}, {8, 1, 1, 1, false}, {0, own, own, own, false}};
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     omp_case k = cases[i];
     pthread_t t;
