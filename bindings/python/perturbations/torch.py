@@ -1,59 +1,289 @@
-"""PyTorch autograd over perturbed ops: `perturbed(op, theta)` and
-`fenchel_young(op, theta, y_true)` are differentiable. Each call runs one forward of the op
-on a CPU float32 copy of theta; the graph keeps that call's tape and backward calls its VJP
-(no dense Jacobian, no further solver call). Without grad mode, or when theta does not
-require grad, no tape is made. Results come back on theta's device and dtype."""
+"""PyTorch over perturbed ops: autograd, the modules `Perturbed` and `FenchelYoungLoss`,
+and the torch.func transforms.
+
+    import perturbations as pt, perturbations.torch as ptt
+    op = pt.Op.builtin(pt.Config(num_samples=1000, sigma=0.5, device="cpu"), "argmax", 5)
+    y = ptt.Perturbed(op)(theta)                          # differentiable in theta
+    loss = ptt.FenchelYoungLoss(op)(theta, y_true)        # reduction="mean" | "sum" | "none"
+
+Each call runs one forward of the op on a CPU float32 copy of theta; the graph keeps that
+call's tape, and backward (or forward-mode AD) takes products with it: no dense
+Jacobian, no further solver call. The tape is freed after backward unless
+`retain_graph=True`. Without grad mode, or when theta needs no gradient, no tape is made.
+Results come back on theta's device and dtype; theta may have any number of leading
+batch dimensions.
+
+Gradients: an upstream gradient (or a forward-mode tangent) holding NaN or an infinity,
+as after a GradScaler overflow, gives NaN in the problems it touches, with no exception.
+`torch.func.grad`, `vjp`, `jvp`, `jacrev`, `jacfwd` and `vmap` work (the op is applied
+once to the whole vmapped batch); the derivative of a gradient (double backward,
+hessian) raises a clear error: the tape holds a Jacobian estimate, not its derivative.
+"""
+
+import math
+import weakref
 
 import torch
 
-from . import Op
+from .errors import InvalidArgumentError
+from .op import Op
 
-__all__ = ["perturbed", "fenchel_young"]
+__all__ = ["perturbed", "fenchel_young", "Perturbed", "FenchelYoungLoss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _wrapped(t):
+    try:
+        return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def _dual(t):
+    try:
+        return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+    except RuntimeError:  # pragma: no cover
+        return False
+
+
+def _needs_graph(*ts):
+    return any((torch.is_grad_enabled() and t.requires_grad) or _dual(t) or _wrapped(t) for t in ts)
+
+
+def _check_op(op):
+    if not isinstance(op, Op):
+        raise TypeError(f"op must be a perturbations.Op, got {type(op).__name__}")
+
+
+def _keep_tape(ctx, tape, theta):
+    """The tape rides on a tensor saved for backward (and forward), so that it is released
+    with the graph's buffers (after backward without retain_graph); the context itself
+    holds only a weak reference (torch.func may hand the saved tensor back wrapped)."""
+    key = torch.empty(0)
+    key._pert_tape = tape
+    ctx.save_for_backward(key, theta)
+    ctx.save_for_forward(key, theta)
+    ctx.tape = weakref.ref(tape)
+
+
+def _tape(ctx):
+    """(the tape, theta) of the call; torch's own error once the graph's buffers are freed."""
+    _, theta = ctx.saved_tensors
+    tape = ctx.tape()
+    if tape is None:  # pragma: no cover - the saved tensor keeps it while the graph can use it
+        raise RuntimeError("perturbations: the tape of this call was already freed")
+    return tape, theta
+
+
+def _product(tape, which, v):
+    """tape.vjp / tape.jvp of a plain tensor v of shape [*lead, *batch_shape, *inner]: the
+    leading dimensions (several cotangents per problem, as jacrev asks) one product each;
+    problems whose v holds NaN or an infinity get NaN."""
+    inner, outer = ((tape.output_shape, tape.input_shape) if which == "vjp"
+                    else (tape.input_shape, tape.output_shape))
+    per = tape.batch_shape + tuple(inner)
+    k = len(per)
+    if v.dim() < k or tuple(v.shape[v.dim() - k:]) != per:
+        raise InvalidArgumentError(2, f"perturbations: a {which} product needs [..., {', '.join(map(str, per))}],"
+                                      f" got {list(v.shape)}")
+    lead = tuple(v.shape[:v.dim() - k])
+    rows = v.reshape((math.prod(lead), tape.batch, math.prod(inner)))
+    finite = torch.isfinite(rows).all(dim=2)
+    clean = torch.where(finite.unsqueeze(2), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    fn = tape.vjp if which == "vjp" else tape.jvp
+    out = torch.stack([fn(r.reshape((tape.batch,) + tuple(inner))) for r in clean.unbind(0)])
+    out = out.reshape((rows.shape[0], tape.batch, -1)).to(device=v.device, dtype=v.dtype)
+    if not bool(finite.all()):
+        out = torch.where(finite.unsqueeze(2), out, torch.full((), math.nan, dtype=out.dtype, device=out.device))
+    return out.reshape(lead + tape.batch_shape + tuple(outer))
+
+
+def _no_second_derivative():
+    return RuntimeError("perturbations: the derivative of a gradient in theta (double backward, hessian, "
+                        "jacfwd of jacrev) is not available: the tape holds the op's Jacobian estimate, not "
+                        "its derivative in theta")
+
+
+_OTHER = {"vjp": "jvp", "jvp": "vjp"}
+
+
+class _TapeProduct(torch.autograd.Function):
+    """(v, theta) -> the tape's VJP or JVP of v. Linear in v (its derivative in v is the
+    other product); it depends on theta through the tape, whose derivative the library
+    does not have: asking for it raises instead of giving zero."""
+
+    @staticmethod
+    def forward(v, theta, tape, which):
+        return _product(tape, which, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.theta, ctx.tape, ctx.which = inputs[1], inputs[2], inputs[3]
+
+    @staticmethod
+    def backward(ctx, u):
+        if ctx.needs_input_grad[1]:
+            raise _no_second_derivative()
+        g = _TapeProduct.apply(u, ctx.theta, ctx.tape, _OTHER[ctx.which]) if ctx.needs_input_grad[0] else None
+        return g, None, None, None
+
+    @staticmethod
+    def jvp(ctx, v_t, theta_t, _tape, _which):
+        if theta_t is not None:
+            raise _no_second_derivative()
+        return _TapeProduct.apply(v_t, ctx.theta, ctx.tape, ctx.which)
+
+    @staticmethod
+    def vmap(info, in_dims, v, theta, tape, which):
+        # theta only carries the dependence on it (it is not read): passed on as it is
+        v = v.movedim(in_dims[0], 0) if in_dims[0] is not None else v.expand((info.batch_size,) + tuple(v.shape))
+        return _TapeProduct.apply(v, theta, tape, which), 0
 
 
 class _Perturbed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, theta, op):
-        y, tape = op.forward_with_tape(theta.detach())
-        ctx.tape = tape
-        return y
+    def forward(theta, op):
+        return op.forward_with_tape(theta)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        # the tape stays on the context (freed with the graph): its VJP may be asked again
-        # under retain_graph
-        return ctx.tape.vjp(grad_y.detach()), None
+    def setup_context(ctx, inputs, output):
+        _keep_tape(ctx, output[1], inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad_y, _):
+        tape, theta = _tape(ctx)
+        return _TapeProduct.apply(grad_y, theta, tape, "vjp"), None
+
+    @staticmethod
+    def jvp(ctx, theta_t, _):
+        tape, theta = _tape(ctx)
+        return _TapeProduct.apply(theta_t, theta, tape, "jvp"), None
+
+    @staticmethod
+    def vmap(info, in_dims, theta, op):
+        # the vmapped dimension becomes one more batch dimension of one call
+        return _Perturbed.apply(theta.movedim(in_dims[0], 0), op), (0, None)
+
+
+def perturbed(op: Op, theta: torch.Tensor) -> torch.Tensor:
+    """y_sigma(theta) for theta [*batch, *input_shape], differentiable (backward: the VJP
+    of this call's tape; forward mode: its JVP)."""
+    _check_op(op)
+    if not isinstance(theta, torch.Tensor):
+        theta = torch.as_tensor(theta)
+    if not _needs_graph(theta):
+        return op.forward(theta)
+    return _Perturbed.apply(theta, op)[0]
 
 
 class _FenchelYoung(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, theta, y_true, op):
-        loss, grad = op.fenchel_young(theta.detach(), y_true.detach())
-        ctx.save_for_backward(grad, theta.detach())
-        ctx.sign = -1.0 if op.sense == "maximize" else 1.0
-        return loss
+    def forward(theta, y_true, op):
+        loss, grad = op.fenchel_young(theta, y_true)
+        return loss, grad
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def setup_context(ctx, inputs, output):
+        theta, y_true, op = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1], theta)
+        ctx.save_for_forward(output[1], theta)
+        ctx.sign = -1.0 if op.sense == "maximize" else 1.0
+        ctx.inner = len(op.input_shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
         grad, theta = ctx.saved_tensors
-        per_problem = grad_loss.reshape((-1,) + (1,) * (grad.dim() - 1))
-        g_y = None
-        if ctx.needs_input_grad[1]:
-            g_y = ctx.sign * theta * per_problem
-        return grad * per_problem, g_y, None
+        per = grad_loss.reshape(grad_loss.shape + (1,) * ctx.inner)
+        g_theta = grad * per if ctx.needs_input_grad[0] else None
+        g_y = ctx.sign * theta * per if ctx.needs_input_grad[1] else None
+        return g_theta, g_y, None
+
+    @staticmethod
+    def jvp(ctx, theta_t, y_t, _):
+        grad, theta = ctx.saved_tensors
+        dims = tuple(range(-ctx.inner, 0))
+        t = torch.zeros(grad.shape[:grad.dim() - ctx.inner], dtype=grad.dtype, device=grad.device)
+        if theta_t is not None:
+            t = t + (grad * theta_t).sum(dim=dims) if dims else t + grad * theta_t
+        if y_t is not None:
+            t = t + ctx.sign * ((theta * y_t).sum(dim=dims) if dims else theta * y_t)
+        return t, None
+
+    @staticmethod
+    def vmap(info, in_dims, theta, y_true, op):
+        def front(t, d):
+            return t.movedim(d, 0) if d is not None else t.expand((info.batch_size,) + tuple(t.shape))
+        return _FenchelYoung.apply(front(theta, in_dims[0]), front(y_true, in_dims[1]), op), (0, 0)
 
 
-def perturbed(op: Op, theta: torch.Tensor) -> torch.Tensor:
-    """y_sigma(theta) for theta [batch, *input_shape], differentiable (backward: the VJP
-    of this call's tape)."""
-    if not (torch.is_grad_enabled() and theta.requires_grad):
-        return op.forward(theta)
-    return _Perturbed.apply(theta, op)
+def _reduce(loss, reduction):
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
 
 
-def fenchel_young(op: Op, theta: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
-    """The Fenchel-Young loss [batch] of theta against y_true, differentiable with respect
-    to theta and to y_true (-theta when maximizing, +theta when minimizing)."""
-    return _FenchelYoung.apply(theta, y_true, op)
+def fenchel_young(op: Op, theta: torch.Tensor, y_true, reduction: str = "none") -> torch.Tensor:
+    """The Fenchel-Young loss of theta [*batch, *input_shape] against y_true (any
+    array-like that broadcasts to theta's shape), per problem [*batch] (reduction "none",
+    the default here), or its "mean" or "sum". Differentiable with respect to theta
+    (y_sigma(theta) - y_true when maximizing, the negation when minimizing) and y_true
+    (-theta when maximizing, +theta when minimizing)."""
+    _check_op(op)
+    if reduction not in _REDUCTIONS:
+        raise InvalidArgumentError(2, f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, "
+                                      f"got {reduction!r}")
+    if not isinstance(theta, torch.Tensor):
+        theta = torch.as_tensor(theta)
+    dtype = theta.dtype if theta.dtype.is_floating_point else torch.float32
+    y = torch.as_tensor(y_true, device=theta.device)
+    y = y.to(dtype)
+    try:
+        y = y.expand(theta.shape)
+    except RuntimeError:
+        raise InvalidArgumentError(2, f"y_true of shape {list(y.shape)} does not broadcast to theta's shape "
+                                      f"{list(theta.shape)}") from None
+    if _needs_graph(theta, y):
+        loss = _FenchelYoung.apply(theta, y, op)[0]
+    else:
+        loss = op.fenchel_young(theta, y)[0]
+    return _reduce(loss, reduction)
+
+
+class Perturbed(torch.nn.Module):
+    """The perturbed optimizer as a module: `forward(theta)` returns y_sigma(theta),
+    differentiable. `copy.deepcopy` (EMA, AveragedModel) gives a module over a new op with
+    the same settings and solver."""
+
+    def __init__(self, op: Op):
+        super().__init__()
+        _check_op(op)
+        self.op = op
+
+    def forward(self, theta):
+        return perturbed(self.op, theta)
+
+    def extra_repr(self):
+        return repr(self.op)
+
+
+class FenchelYoungLoss(torch.nn.Module):
+    """The Fenchel-Young loss as a module: `forward(theta, y_true)` returns the loss,
+    reduced over the problems by `reduction` ("mean", the default, "sum" or "none")."""
+
+    def __init__(self, op: Op, reduction: str = "mean"):
+        super().__init__()
+        _check_op(op)
+        if reduction not in _REDUCTIONS:
+            raise InvalidArgumentError(2, f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, "
+                                          f"got {reduction!r}")
+        self.op, self.reduction = op, reduction
+
+    def forward(self, theta, y_true):
+        return fenchel_young(self.op, theta, y_true, reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"{self.op!r}, reduction={self.reduction!r}"

@@ -1,0 +1,74 @@
+"""Arrays in and out: numpy arrays, array-likes or torch tensors in; results of the same
+kind (numpy, or a tensor on the input's device), in the input's floating dtype (float32
+for integer and boolean inputs)."""
+
+import math
+import sys
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+
+def _functorch_wrapped(torch, x):
+    try:
+        return torch._C._functorch.is_functorch_wrapped_tensor(x)
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def as_host(x, what):
+    """(a float32, C-contiguous, aligned numpy array of x's values, back), where back(r)
+    turns a float32 result into the caller's kind: a tensor on x's device and dtype, or a
+    numpy array of x's floating dtype."""
+    torch = sys.modules.get("torch")  # a tensor can only come from an imported torch
+    if torch is not None and isinstance(x, torch.Tensor):
+        if _functorch_wrapped(torch, x):
+            raise InvalidArgumentError(2, f"{what} is a tensor of a torch.func transform (vmap, grad, jvp): "
+                                          "the Op's own methods take plain tensors; use "
+                                          "perturbations.torch.perturbed / fenchel_young (or the modules "
+                                          "Perturbed / FenchelYoungLoss), which support the transforms")
+        device = x.device
+        dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+        host = np.require(x.detach().to("cpu", torch.float32).contiguous().numpy(), np.float32, ["C", "A"])
+
+        def back(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+
+        return host, back
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiub":
+        raise InvalidArgumentError(2, f"{what} must hold numbers, got an array of {a.dtype}")
+    dtype = a.dtype if a.dtype.kind == "f" else np.dtype(np.float32)
+    host = np.require(a, np.float32, ["C", "A"])  # a view at an odd offset is copied
+    if dtype == np.float32:
+        return host, (lambda r: r)
+    return host, (lambda r: r.astype(dtype))
+
+
+def split_batch(a, inner, what):
+    """(batch_shape, a viewed as [batch, *inner]) for a of shape [*batch_shape, *inner]."""
+    k = len(inner)
+    if a.ndim < k or tuple(a.shape[a.ndim - k:]) != tuple(inner):
+        want = ", ".join(["*batch"] + [str(s) for s in inner])
+        raise InvalidArgumentError(2, f"{what} must have shape [{want}], got {list(a.shape)}")
+    batch_shape = tuple(a.shape[:a.ndim - k])
+    return batch_shape, a.reshape((math.prod(batch_shape),) + tuple(inner))
+
+
+def shape_of(shape, what):
+    """A shape given as an int or a sequence of ints, as a tuple."""
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        out = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(2, f"{what} must be an int or a sequence of ints, got {shape!r}") from None
+    if any(s != t for s, t in zip(out, shape)):
+        raise InvalidArgumentError(2, f"{what} must hold ints, got {shape!r}")
+    return out
+
+
+def ptr(a):
+    import ctypes
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if a.size else None

@@ -1,0 +1,588 @@
+"""`Op` (a perturbed optimizer over a solver), its `Tape` and the two-phase `Draw`."""
+
+import ctypes
+import inspect
+import math
+import os
+import sys
+import threading
+import weakref
+
+import numpy as np
+
+from . import _native
+from ._arrays import as_host, ptr, shape_of, split_batch
+from ._native import P, lib
+from .config import Config, choice
+from .errors import InvalidArgumentError, SolverFailedError, _check
+
+__all__ = ["Op", "Tape", "Draw"]
+
+BUILTIN = {"argmax": 0, "topk": 1, "ranks": 2}
+_M64 = (1 << 64) - 1
+
+
+class _Handle:
+    """A library handle, freed by close(), `with`, or garbage collection. Its lock (one
+    call at a time; close waits for it) is made again in a forked child, where a lock held
+    by a thread of the parent would never be released."""
+
+    _free = None
+
+    def __init__(self, handle):
+        self._h = handle
+        self._pid = os.getpid()
+        self._lock_ = threading.Lock()
+
+    @property
+    def _lock(self):
+        if self._pid != os.getpid():
+            self._lock_, self._pid = threading.Lock(), os.getpid()
+        return self._lock_
+
+    def close(self):
+        """Frees the library's memory now; later calls raise InvalidArgumentError."""
+        with self._lock:
+            h, self._h = self._h, None
+        if h:
+            type(self)._free(h)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            h, self._h = self._h, None  # no call can run: no lock needed
+            if h:
+                type(self)._free(h)
+        except Exception:  # noqa: BLE001 - nothing can be raised from __del__
+            pass
+
+    def __copy__(self):
+        raise TypeError(f"a {type(self).__name__} owns a library handle and cannot be copied")
+
+    def __deepcopy__(self, memo):
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"a {type(self).__name__} cannot be pickled: it owns memory of the library (and an Op "
+                        f"its solver). Make it in the process that uses it (in a spawned worker, say), or use "
+                        f"the fork start method, under which each worker re-keys an Op it inherits")
+
+    @property
+    def handle(self):
+        if not self._h:
+            raise InvalidArgumentError(2, f"the {type(self).__name__} was closed")
+        return self._h
+
+
+# ---- tapes ------------------------------------------------------------------------------
+
+class Tape(_Handle):
+    """What a forward call keeps for its gradients: products with its Jacobian estimate,
+    with no further solver call. `batch_shape` is the forward call's batch dimensions."""
+
+    _free = staticmethod(lambda h: lib.pert_tape_free(h))
+
+    def __init__(self, handle, input_shape, output_shape, batch_shape, back):
+        super().__init__(handle)
+        self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
+        self.batch_shape = tuple(batch_shape)
+        self.batch = math.prod(self.batch_shape)
+        self._back = back
+
+    def _run(self, fn, arg, in_shape, out_shape, what):
+        a, back = as_host(arg, what)
+        flat = (self.batch,) + tuple(in_shape)
+        if a.shape not in (self.batch_shape + tuple(in_shape), flat):
+            raise InvalidArgumentError(2, f"{what} must have shape {list(self.batch_shape + tuple(in_shape))}, "
+                                          f"got {list(a.shape)}")
+        out = np.empty((self.batch,) + tuple(out_shape), dtype=np.float32)
+        with self._lock:
+            _check(fn(self.handle, ptr(a), ptr(out)))
+        return back(out.reshape(a.shape[:len(a.shape) - len(in_shape)] + tuple(out_shape)))
+
+    def vjp(self, grad_output):
+        """Jᵀg per problem: grad_output [*batch_shape, *output_shape] -> [*batch_shape, *input_shape]."""
+        return self._run(lib.pert_tape_vjp, grad_output, self.output_shape, self.input_shape, "grad_output")
+
+    def jvp(self, tangent):
+        """J t per problem: tangent [*batch_shape, *input_shape] -> [*batch_shape, *output_shape]."""
+        return self._run(lib.pert_tape_jvp, tangent, self.input_shape, self.output_shape, "tangent")
+
+    def jacobian(self):
+        """The Jacobian estimates, [*batch_shape, output_numel, input_numel]."""
+        o, d = math.prod(self.output_shape), math.prod(self.input_shape)
+        out = np.empty((self.batch, o, d), dtype=np.float32)
+        with self._lock:
+            _check(lib.pert_tape_jacobian(self.handle, ptr(out)))
+        return self._back(out.reshape(self.batch_shape + (o, d)))
+
+    def objective(self):
+        """F_sigma(theta) per problem, [*batch_shape] (output shape = input shape)."""
+        out = np.empty((self.batch,), dtype=np.float32)
+        with self._lock:
+            _check(lib.pert_tape_objective(self.handle, ptr(out)))
+        return self._back(out.reshape(self.batch_shape))
+
+
+# ---- Python solvers ----------------------------------------------------------------------
+
+def _required_positionals(f, but=()):
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in sig.parameters.values()
+               if p.kind in kinds and p.default is p.empty and p.name not in but)
+
+
+def _takes_info(f):
+    try:
+        p = inspect.signature(f).parameters.get("info")
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+class SolveInfo:
+    """Where the rows of one solver call sit (for per-worker solvers that take `info=`):
+    `worker`, `clean` (True: the rows are the unperturbed theta of problems `first_row ..`,
+    for the clean-input baseline), `first_row` (else: row r is row first_row + r of the
+    call, problem (first_row + r) // num_samples), `num_samples`, `batch`."""
+
+    __slots__ = ("worker", "clean", "first_row", "num_samples", "batch")
+
+    def __init__(self, worker, clean, first_row, num_samples, batch):
+        self.worker, self.clean, self.first_row = worker, clean, first_row
+        self.num_samples, self.batch = num_samples, batch
+
+    def __repr__(self):
+        return (f"SolveInfo(worker={self.worker}, clean={self.clean}, first_row={self.first_row}, "
+                f"num_samples={self.num_samples}, batch={self.batch})")
+
+
+class _PySolver:
+    """A Python solver and how it is called: solver(x) -> solutions, or solver(x, out)
+    writing them (asked for with writes_out=True, or when it has a second required
+    positional parameter); with info=SolveInfo when it takes `info` (per-worker solvers)."""
+
+    def __init__(self, solver, writes_out, input_shape, output_shape, info_ok=False):
+        if not callable(solver):
+            raise TypeError("a solver must be callable (or a ctypes C function pointer)")
+        self.solver = solver
+        self.info = info_ok and _takes_info(solver)
+        self.two = bool(writes_out) if writes_out is not None else \
+            _required_positionals(solver, ("info",) if self.info else ()) >= 2
+        self.input_shape, self.output_shape = input_shape, output_shape
+        self.output_numel = math.prod(output_shape)
+
+    def solve(self, x, count, y, info=None):
+        """Solves `count` rows at x into y (the library's buffers); raises on any defect."""
+        xs = np.ctypeslib.as_array(x, shape=(count * math.prod(self.input_shape),)).reshape(
+            (count,) + self.input_shape).copy()  # the solver's own copy
+        ys = np.ctypeslib.as_array(y, shape=(count * self.output_numel,)).reshape((count,) + self.output_shape)
+        kw = {"info": info} if self.info else {}
+        want = (count,) + self.output_shape
+        if self.two:
+            out = np.full(want, np.nan, dtype=np.float32)
+            returned = self.solver(xs, out, **kw)
+            missing = int(np.isnan(out).sum())
+            if missing:
+                if missing == out.size and returned is not None:
+                    raise SolverFailedError(4, "the solver is called as solver(x, out) (it has a second "
+                                               "required parameter, or writes_out=True) but returned its "
+                                               "solutions instead of writing them into out: write out[...] = "
+                                               "..., or make the Op with writes_out=False")
+                raise SolverFailedError(4, f"the solver left {missing} of the {out.size} entries of out "
+                                           f"{list(want)} unwritten (or wrote NaN)")
+            ys[...] = out
+            return
+        r = self.solver(xs, **kw)
+        if r is None:
+            raise SolverFailedError(4, f"the solver returned None: it must return the solutions, shape "
+                                       f"{list(want)} (or take a second parameter `out` to write them into)")
+        try:
+            r = np.asarray(r, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise SolverFailedError(4, f"the solver's result is not an array of numbers: {e}") from None
+        if r.shape != want and r.shape != (count * self.output_numel,):
+            raise SolverFailedError(4, f"the solver returned shape {list(r.shape)}; it must return one solution "
+                                       f"per row of its input, shape {list(want)} (or those "
+                                       f"{count * self.output_numel} values flat)")
+        ys[...] = r.reshape(want)
+
+
+def _keep_error(errors, e):
+    if not errors:
+        errors.append(e)
+
+
+def _solver_callback(py, errors):
+    """The C callback (pert_solver_fn) of a Python solver: an exception is kept in `errors`
+    for the call to raise. It holds no reference to the op."""
+
+    def call(_user_data, x, count, y):
+        try:
+            py.solve(x, count, y)
+            return 0
+        except BaseException as e:  # noqa: BLE001 - re-raised by the call that ran it
+            _keep_error(errors, e)
+            return 1
+
+    return _native.SOLVER(call)
+
+
+class _Workers:
+    """The callbacks of a per-worker Python solver (pert_op_new_ex): make_solver(w) runs on
+    worker w's own thread before its first solve, and its solver is used only there."""
+
+    def __init__(self, make_solver, writes_out, input_shape, output_shape, errors):
+        self.make_solver, self.writes_out = make_solver, writes_out
+        self.shapes = (input_shape, output_shape)
+        self.solvers = {}
+
+        def init(_u, w):
+            try:
+                self.solvers[w] = _PySolver(make_solver(w), writes_out, *self.shapes, info_ok=True)
+                return 0
+            except BaseException as e:  # noqa: BLE001
+                _keep_error(errors, e)
+                return 1
+
+        def fini(_u, w):
+            self.solvers.pop(w, None)
+
+        def solve(_u, info, x, count, y):
+            try:
+                i = info.contents
+                py = self.solvers[i.worker]
+                at = SolveInfo(i.worker, bool(i.clean), i.first_row, i.num_samples, i.batch) if py.info else None
+                py.solve(x, count, y, at)
+                return 0
+            except BaseException as e:  # noqa: BLE001
+                _keep_error(errors, e)
+                return 1
+
+        self.c_init, self.c_fini, self.c_solve = _native.WORKER_INIT(init), _native.WORKER_FINI(fini), \
+            _native.SOLVER_EX(solve)
+
+
+# ops with worker threads, closed before the interpreter finalizes (their fini hooks need it)
+_WORKER_OPS = weakref.WeakSet()
+
+
+def _close_worker_ops():
+    for op in list(_WORKER_OPS):
+        op.close()
+
+
+import atexit  # noqa: E402
+
+atexit.register(_close_worker_ops)
+
+
+# ---- ops ----------------------------------------------------------------------------------
+
+def _mix(seed, key):
+    """A 64-bit seed from (seed, key): SplitMix64's finalizer over both."""
+    def fin(z):
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
+        return z ^ (z >> 31)
+
+    return fin((seed + fin((key + 0x9E3779B97F4A7C15) & _M64)) & _M64)
+
+
+def _child_key():
+    """The key of this (forked) process: a DataLoader worker's seed (which torch derives
+    from the parent's generator and the worker's index: repeatable under
+    torch.manual_seed), else the process id."""
+    data = sys.modules.get("torch.utils.data")
+    if data is not None:
+        info = data.get_worker_info()
+        if info is not None:
+            return int(info.seed) & _M64
+    return os.getpid()
+
+
+def _dims(shape):
+    return (ctypes.c_int64 * max(len(shape), 1))(*shape)
+
+
+class Op(_Handle):
+    """A perturbed optimizer y_sigma(theta) = E[solver(theta + sigma Z)] and its gradients.
+
+    `solver` is a Python callable or a ctypes C function pointer
+    `int32_t solve(void *user_data, const float *x, size_t count, float *y)` (with its
+    `user_data`, kept alive by the op; it runs with the GIL released). A Python solver gets
+    the perturbed problems as a float32 numpy array [count, *input_shape] (its own copy)
+    and returns the solutions [count, *output_shape] (or those values flat), or, called as
+    solver(x, out), writes them into out: that form is used when `writes_out=True`, or when
+    the solver has a second *required* positional parameter (a defaulted one, as in
+    `def argmax(x, axis=-1)`, does not count). A result of another shape, an entry left
+    unwritten, or None raises `SolverFailedError`; a solver's own exception is re-raised
+    by the call that ran it, with its traceback.
+
+    Shapes are ints or tuples of ints. theta has shape [*batch, *input_shape] (any number
+    of leading batch dimensions, none included); results keep those dimensions.
+    With threads > 1 the solver is called from several threads at once: it must be
+    thread-safe (or use `Op.with_workers`). Calls of one op take turns; a solver must not
+    call its own op. In a forked child process (a DataLoader worker, say) an op made in the
+    parent re-keys itself at its first call: its seed becomes a mix of its seed and the
+    worker's torch seed (repeatable under torch.manual_seed; the process id outside
+    DataLoader workers), its call count restarts at 0, so processes never share noise.
+    `copy.deepcopy` gives a new op with the same settings and solver (its call count at
+    0); pickling raises TypeError.
+    """
+
+    _free = staticmethod(lambda h: lib.pert_op_free(h))
+
+    def __init__(self, config, input_shape, output_shape, solver, user_data=None, *, writes_out=None):
+        if isinstance(solver, ctypes._CFuncPtr):
+            recipe = ("c", solver, user_data)
+        else:
+            if user_data is not None:
+                raise TypeError("user_data is for C function pointer solvers")
+            if not callable(solver):
+                raise TypeError("solver must be a Python callable or a ctypes C function pointer")
+            recipe = ("python", solver, writes_out)
+        self._start(config, shape_of(input_shape, "input_shape"), shape_of(output_shape, "output_shape"), recipe)
+
+    @classmethod
+    def builtin(cls, config, which, input_shape, k=0):
+        """A built-in solver along the last dimension: "argmax", "topk" (with k) or "ranks".
+        The output shape is the input shape."""
+        shape = shape_of(input_shape, "input_shape")
+        code, _ = choice(BUILTIN, which, "builtin")
+        op = cls.__new__(cls)
+        op._start(config, shape, shape, ("builtin", code, int(k)))
+        return op
+
+    @classmethod
+    def external(cls, config, input_shape, output_shape):
+        """An op whose problems are solved elsewhere: only `draw` works on it."""
+        op = cls.__new__(cls)
+        op._start(config, shape_of(input_shape, "input_shape"), shape_of(output_shape, "output_shape"),
+                  ("external",))
+        return op
+
+    @classmethod
+    def with_workers(cls, config, input_shape, output_shape, make_solver, *, writes_out=None):
+        """An op whose `threads` workers (the config's; 0: one per core) each have a solver
+        of their own: `make_solver(worker)` runs on worker `worker`'s thread before its
+        first solve and returns the solver used only on that thread (one Gurobi model per
+        worker, say). Solvers are called as for `Op`; one that takes a parameter `info`
+        gets a `SolveInfo` (its worker, where its rows sit in the call). Every solve runs
+        on a worker; results are the same for any number of workers, bit for bit."""
+        if not callable(make_solver):
+            raise TypeError("make_solver must be callable: make_solver(worker) -> solver")
+        op = cls.__new__(cls)
+        op._start(config, shape_of(input_shape, "input_shape"), shape_of(output_shape, "output_shape"),
+                  ("workers", make_solver, writes_out))
+        return op
+
+    def _start(self, config, input_shape, output_shape, recipe):
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a perturbations.Config, got {type(config).__name__}")
+        self.input_shape, self.output_shape = input_shape, output_shape
+        self._recipe = recipe
+        self._settings = config.settings()
+        self.sense = self._settings["sense"]
+        self._errors = []  # the running call's solver exception (calls take turns)
+        self._owner = threading.local()
+        self._keyed_pid = os.getpid()
+        super().__init__(self._make(config))
+
+    def _make(self, config):
+        """A new C op of this op's recipe from `config`."""
+        kind, h = self._recipe[0], P()
+        ins, outs = _dims(self.input_shape), _dims(self.output_shape)
+        ri, ro = len(self.input_shape), len(self.output_shape)
+        if kind == "builtin":
+            _check(lib.pert_op_new_builtin(config.handle, self._recipe[1], self._recipe[2], ins, ri,
+                                           ctypes.byref(h)))
+        elif kind == "external":
+            _check(lib.pert_op_new_external(config.handle, ins, ri, outs, ro, ctypes.byref(h)))
+        elif kind == "workers":
+            w = _Workers(self._recipe[1], self._recipe[2], self.input_shape, self.output_shape, self._errors)
+            self._callbacks = w
+            _check(lib.pert_op_new_ex(config.handle, ins, ri, outs, ro, ctypes.cast(w.c_solve, P), None,
+                                      ctypes.cast(w.c_init, P), ctypes.cast(w.c_fini, P), ctypes.byref(h)))
+            _WORKER_OPS.add(self)
+        else:
+            if kind == "c":
+                self._callbacks = self._recipe[1]
+                fn, data = ctypes.cast(self._recipe[1], P), self._recipe[2]
+            else:
+                py = _PySolver(self._recipe[1], self._recipe[2], self.input_shape, self.output_shape)
+                self._callbacks = _solver_callback(py, self._errors)
+                fn, data = ctypes.cast(self._callbacks, P), None
+            _check(lib.pert_op_new(config.handle, ins, ri, outs, ro, fn, data, ctypes.byref(h)))
+        return h
+
+    def config(self):
+        """A Config with this op's settings (a copy)."""
+        return Config(**self._settings)
+
+    def __repr__(self):
+        kind = {"c": "C solver", "python": "Python solver", "builtin": "built-in", "external": "external",
+                "workers": "per-worker solvers"}[self._recipe[0]]
+        return f"<perturbations.Op {kind} {list(self.input_shape)} -> {list(self.output_shape)}>"
+
+    def __copy__(self):
+        return self.__deepcopy__({})
+
+    def __deepcopy__(self, memo):
+        """A new op with the same settings and solver (the same Python callable or C
+        function, not a copy of it), its call count at 0."""
+        op = type(self).__new__(type(self))
+        with Config(**self._settings) as cfg:
+            op._start(cfg, self.input_shape, self.output_shape, self._recipe)
+        memo[id(self)] = op
+        return op
+
+    def _rekey_if_forked(self):
+        """In a forked child, a fresh C op keyed for this process (see the class docs)."""
+        if self._keyed_pid == os.getpid():
+            return
+        with _FORK_LOCK:
+            if self._keyed_pid == os.getpid():
+                return
+            settings = dict(self._settings, seed=_mix(self._settings["seed"], _child_key()))
+            with Config(**settings) as cfg:
+                # the parent's C op is left alone: it is the parent's memory, and one of its
+                # threads may have been using it at the fork
+                self._h = self._make(cfg)
+            self._lock_, self._owner, self._errors[:] = threading.Lock(), threading.local(), []
+            self._pid = self._keyed_pid = os.getpid()
+
+    def _call(self, fn, *args):
+        self._rekey_if_forked()
+        if getattr(self._owner, "value", False):
+            raise RuntimeError("a solver cannot call its own op (the op runs one call at a time)")
+        with self._lock:
+            self._owner.value = True
+            try:
+                self._errors.clear()
+                code = fn(self.handle, *args)
+                if self._errors:
+                    raise self._errors.pop()
+                _check(code)
+            finally:
+                self._errors.clear()
+                self._owner.value = False
+
+    def _theta(self, theta):
+        a, back = as_host(theta, "theta")
+        batch_shape, flat = split_batch(a, self.input_shape, "theta")
+        return batch_shape, np.ascontiguousarray(flat), back
+
+    def forward(self, theta):
+        """y_sigma(theta) for theta [*batch, *input_shape]: [*batch, *output_shape]."""
+        batch_shape, a, back = self._theta(theta)
+        out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
+        self._call(lib.pert_forward, ptr(a), a.shape[0], ptr(out), None)
+        return back(out.reshape(batch_shape + self.output_shape))
+
+    def forward_with_tape(self, theta):
+        """y_sigma(theta) and the Tape of the call."""
+        batch_shape, a, back = self._theta(theta)
+        out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
+        t = P()
+        self._call(lib.pert_forward, ptr(a), a.shape[0], ptr(out), ctypes.byref(t))
+        return back(out.reshape(batch_shape + self.output_shape)), \
+            Tape(t, self.input_shape, self.output_shape, batch_shape, back)
+
+    def _targets(self, y_true, full_shape):
+        y, _ = as_host(y_true, "y_true")
+        try:
+            return np.ascontiguousarray(np.broadcast_to(y, full_shape))
+        except ValueError:
+            raise InvalidArgumentError(2, f"y_true of shape {list(y.shape)} does not broadcast to theta's shape "
+                                          f"{list(full_shape)}") from None
+
+    def fenchel_young(self, theta, y_true):
+        """The Fenchel-Young loss [*batch] of theta against y_true (any array that
+        broadcasts to theta's shape), and its gradient with respect to theta
+        (y_sigma(theta) - y_true when maximizing, the negation when minimizing), from one
+        call's draws."""
+        batch_shape, a, back = self._theta(theta)
+        y = self._targets(y_true, batch_shape + self.input_shape).reshape(a.shape)
+        loss = np.empty((a.shape[0],), dtype=np.float32)
+        grad = np.empty(a.shape, dtype=np.float32)
+        self._call(lib.pert_fenchel_young, ptr(a), ptr(y), a.shape[0], ptr(loss), ptr(grad))
+        return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
+
+    def draw(self, theta):
+        """The two-phase API: a Draw of the perturbed inputs of one call."""
+        return Draw(self, theta)
+
+
+_FORK_LOCK = threading.Lock()
+
+
+def _after_fork_in_child():
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Draw(_Handle):
+    """The perturbed inputs of one call (`inputs()`, [count, *input_shape]); solve them
+    anywhere and `finish(solutions)` gives y_sigma(theta) and a tape."""
+
+    _free = staticmethod(lambda h: lib.pert_draw_free(h))
+
+    def __init__(self, op, theta):
+        self.batch_shape, a, self._back = op._theta(theta)
+        self.op, self.batch = op, a.shape[0]
+        h = P()
+        op._call(lib.pert_draw_new, ptr(a), a.shape[0], ctypes.byref(h))  # takes its turn
+        super().__init__(h)
+
+    def inputs(self):
+        """A copy of the perturbed inputs, [count, *input_shape]."""
+        with self._lock:
+            count = lib.pert_draw_count(self.handle)
+            p = lib.pert_draw_inputs(self.handle)
+            n = count * math.prod(self.op.input_shape)
+            return np.ctypeslib.as_array(p, shape=(n,)).reshape((count,) + self.op.input_shape).copy()
+
+    def _solutions(self, solutions):
+        s, _ = as_host(solutions, "solutions")
+        count = lib.pert_draw_count(self.handle)
+        if s.shape != (count,) + self.op.output_shape:
+            raise InvalidArgumentError(2, f"solutions must have shape {[count, *self.op.output_shape]}, "
+                                          f"got {list(s.shape)}")
+        return s
+
+    def finish(self, solutions):
+        """y_sigma(theta) and the Tape, from the solutions of every row of inputs()."""
+        with self._lock:
+            s = self._solutions(solutions)
+            out = np.empty((self.batch,) + self.op.output_shape, dtype=np.float32)
+            t = P()
+            _check(lib.pert_draw_finish(self.handle, ptr(s), ptr(out), ctypes.byref(t)))
+        return self._back(out.reshape(self.batch_shape + self.op.output_shape)), \
+            Tape(t, self.op.input_shape, self.op.output_shape, self.batch_shape, self._back)
+
+    def fenchel_young(self, solutions, y_true):
+        """The Fenchel-Young loss [*batch] of the draw's theta against y_true (broadcast to
+        theta's shape) and its gradient with respect to theta, from the solutions of every
+        row of inputs() (what Op.fenchel_young gives for the same seed and call count)."""
+        full = (self.batch,) + self.op.input_shape
+        y = self.op._targets(y_true, self.batch_shape + self.op.input_shape).reshape(full)
+        with self._lock:
+            s = self._solutions(solutions)
+            loss = np.empty((self.batch,), dtype=np.float32)
+            grad = np.empty(full, dtype=np.float32)
+            _check(lib.pert_draw_fenchel_young(self.handle, ptr(s), ptr(y), ptr(loss), ptr(grad)))
+        return self._back(loss.reshape(self.batch_shape)), \
+            self._back(grad.reshape(self.batch_shape + self.op.input_shape))

@@ -1,0 +1,185 @@
+"""perturbations.torch as a PyTorch user calls it (issue 28): forward-mode AD and the
+torch.func transforms, non-finite upstream gradients, the tape freed after backward, the
+modules and their reductions, deepcopy (EMA), DataLoader workers."""
+
+import copy
+import gc
+import math
+import weakref
+
+import numpy as np
+import pytest
+
+import perturbations as pt
+from conftest import SIGMA, THETA, argmax_rows
+
+torch = pytest.importorskip("torch")
+import perturbations.torch as ptt  # noqa: E402
+
+N = 2000
+
+
+def cfg(**kw):
+    return pt.Config(**{"num_samples": N, "sigma": SIGMA, "noise": "gumbel", "seed": 21, "device": "cpu", **kw})
+
+
+def twin_tape(theta, **kw):
+    """The tape of the same call made by a fresh op of the same settings."""
+    return pt.Op.builtin(cfg(**kw), "argmax", 5).forward_with_tape(theta)
+
+
+def test_forward_mode_ad_carries_the_tangent_through_the_tape_jvp():
+    import torch.autograd.forward_ad as fwAD
+    theta = torch.tensor(THETA)
+    t = torch.tensor([[1.0, 0.0, -1.0, 0.5, 0.0], [0.0, 2.0, 0.0, 0.0, -1.0]])
+    _, tape = twin_tape(theta)
+    want = tape.jvp(t)
+    assert want.abs().sum() > 0
+    with fwAD.dual_level():
+        y = ptt.perturbed(pt.Op.builtin(cfg(), "argmax", 5), fwAD.make_dual(theta, t))
+        tangent = fwAD.unpack_dual(y).tangent
+    assert tangent is not None and torch.allclose(tangent, want, atol=1e-6)
+    y2, jvp = torch.func.jvp(lambda th: ptt.perturbed(pt.Op.builtin(cfg(), "argmax", 5), th), (theta,), (t,))
+    assert torch.allclose(jvp, want, atol=1e-6)
+    # a Fenchel-Young loss's tangent: <grad, t> per problem
+    op = pt.Op.builtin(cfg(), "argmax", 5)
+    y_true = torch.eye(5)[[1, 3]]
+    _, grad = pt.Op.builtin(cfg(), "argmax", 5).fenchel_young(theta, y_true)
+    _, lt = torch.func.jvp(lambda th: ptt.fenchel_young(op, th, y_true), (theta,), (t,))
+    assert torch.allclose(lt, (grad * t).sum(dim=1), atol=1e-5)
+
+
+def test_torch_func_grad_vmap_jacrev_and_a_clear_error_for_second_derivatives():
+    theta = torch.tensor(THETA)
+    g = torch.tensor([[1.0, -1.0, 0.5, 0.0, 2.0], [0.0, 1.0, 0.0, -0.5, 0.0]])
+    _, tape = twin_tape(theta)
+    op = pt.Op.builtin(cfg(), "argmax", 5)
+    grad = torch.func.grad(lambda th: (ptt.perturbed(op, th) * g).sum())(theta)
+    assert torch.allclose(grad, tape.vjp(g), atol=1e-6)
+    # vmap: one call over the vmapped batch, as the batched call
+    grid = torch.stack([theta, theta.flip(0)])
+    y = torch.func.vmap(lambda th: ptt.perturbed(pt.Op.builtin(cfg(), "argmax", 5), th))(grid)
+    assert torch.equal(y, pt.Op.builtin(cfg(), "argmax", 5).forward(grid))
+    # jacrev: one VJP per output entry, the tape's Jacobian
+    jac = torch.func.jacrev(lambda th: ptt.perturbed(pt.Op.builtin(cfg(), "argmax", 5), th))(theta)
+    dense = tape.jacobian()  # [2, 5, 5]
+    for b in range(2):
+        assert torch.allclose(jac[b, :, b, :], dense[b], atol=1e-6)
+        assert jac[b, :, 1 - b, :].abs().max() == 0
+    # vmap of grad: per-example gradients
+    per = torch.func.vmap(torch.func.grad(
+        lambda th: ptt.perturbed(pt.Op.builtin(cfg(), "argmax", 5), th)[:, 1].sum()))(grid)
+    _, grid_tape = pt.Op.builtin(cfg(), "argmax", 5).forward_with_tape(grid)
+    assert torch.allclose(per, grid_tape.vjp(torch.tensor([0.0, 1, 0, 0, 0]).expand(2, 2, 5)), atol=1e-6)
+    with pytest.raises(RuntimeError, match="derivative of a gradient"):
+        torch.func.hessian(lambda th: ptt.perturbed(op, th)[0, 1])(theta)
+    th = theta.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(ptt.perturbed(op, th)[0, 1], th, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative of a gradient"):
+        gr.sum().backward()
+    with pytest.raises(pt.InvalidArgumentError, match="torch.func"):
+        torch.func.vmap(op.forward)(grid)
+
+
+def test_a_non_finite_upstream_gradient_comes_out_non_finite_without_an_exception():
+    op = pt.Op.builtin(cfg(), "argmax", 5)
+    theta = torch.tensor(THETA, requires_grad=True)
+    y = ptt.perturbed(op, theta)
+    g = torch.zeros(2, 5)
+    g[0, 1] = math.inf  # a GradScaler overflow in problem 0
+    g[1, 3] = 1.0
+    y.backward(g)
+    assert torch.isnan(theta.grad[0]).all()
+    _, tape = twin_tape(THETA)
+    assert torch.allclose(theta.grad[1], torch.from_numpy(tape.vjp(np.eye(5, dtype=np.float32)[[3, 3]]))[1])
+    # the Fenchel-Young loss as well (its backward is torch arithmetic)
+    theta.grad = None
+    loss = ptt.fenchel_young(op, theta, torch.eye(5)[[1, 3]], reduction="sum")
+    loss.backward(torch.tensor(math.nan))
+    assert torch.isnan(theta.grad).all()
+
+
+def test_the_tape_is_freed_after_backward_unless_the_graph_is_retained():
+    op = pt.Op.builtin(cfg(), "argmax", 5)
+    theta = torch.tensor(THETA, requires_grad=True)
+    y = ptt.perturbed(op, theta)
+    tape = y.grad_fn.tape
+    y.sum().backward()
+    gc.collect()
+    assert tape() is None and y.requires_grad  # y kept, its tape gone
+    y = ptt.perturbed(op, theta)
+    tape = y.grad_fn.tape
+    (g1,) = torch.autograd.grad(y.sum(), theta, retain_graph=True)
+    gc.collect()
+    assert tape() is not None
+    (g2,) = torch.autograd.grad(y.sum(), theta)
+    gc.collect()
+    assert tape() is None and torch.equal(g1, g2)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.sum().backward()
+
+
+def test_the_modules_and_their_reductions():
+    op = pt.Op.builtin(cfg(), "argmax", 5)
+    theta = torch.tensor(THETA, requires_grad=True)
+    y_true = torch.eye(5)[[1, 3]]
+    per = pt.Op.builtin(cfg(), "argmax", 5).fenchel_young(THETA, y_true.numpy())[0]
+    for reduction, want in (("mean", per.mean()), ("sum", per.sum()), ("none", per)):
+        fy = ptt.FenchelYoungLoss(pt.Op.builtin(cfg(), "argmax", 5), reduction=reduction)
+        got = fy(theta, y_true)
+        assert np.allclose(got.detach().numpy(), want, atol=1e-6)
+        loss = ptt.fenchel_young(pt.Op.builtin(cfg(), "argmax", 5), theta, y_true, reduction=reduction)
+        assert np.allclose(loss.detach().numpy(), want, atol=1e-6)
+    assert ptt.FenchelYoungLoss(op).reduction == "mean"
+    with pytest.raises(ValueError):
+        ptt.FenchelYoungLoss(op, reduction="average")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), ptt.Perturbed(pt.Op.builtin(cfg(), "argmax", 5)))
+    out = model(torch.ones(4, 3))
+    assert out.shape == (4, 5) and out.requires_grad
+    out.sum().backward()
+    assert model[0].weight.grad is not None
+    # a target given as a plain list broadcasts over the batch
+    assert ptt.FenchelYoungLoss(op, reduction="none")(theta, [0, 1, 0, 0, 0]).shape == (2,)
+    assert "reduction='mean'" in repr(ptt.FenchelYoungLoss(op))
+
+
+def test_deepcopy_of_a_model_holding_an_op_and_averaged_models():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), ptt.Perturbed(pt.Op.builtin(cfg(), "argmax", 5)))
+    clone = copy.deepcopy(model)
+    assert clone[1].op is not model[1].op
+    x = torch.ones(2, 3)
+    assert torch.equal(clone(x), model(x))  # the same settings, each at its first call
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    ema.update_parameters(model)
+    assert ema(x).shape == (2, 5)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        torch.save(model, "/dev/null")
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """Each item is a perturbed solution drawn by an op made in the parent process."""
+
+    def __init__(self, op):
+        self.op = op
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.op.forward(THETA[:1]))[0]
+
+
+def _worker_draws(seed):
+    op = pt.Op(pt.Config(num_samples=3, sigma=5.0, seed=7, device="cpu"), 5, 5, argmax_rows)
+    loader = torch.utils.data.DataLoader(_Noisy(op), batch_size=1, num_workers=2,
+                                         multiprocessing_context="fork")
+    torch.manual_seed(seed)
+    return torch.cat(list(loader))
+
+
+def test_dataloader_workers_draw_their_own_repeatable_noise():
+    draws = _worker_draws(0)
+    # items 0, 2 come from worker 0 and 1, 3 from worker 1, each at its first and second call
+    assert not torch.equal(draws[0], draws[1]), "both workers drew the same noise"
+    assert torch.equal(draws, _worker_draws(0))  # repeatable for a seed
+    assert not torch.equal(draws, _worker_draws(1))
