@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -93,27 +93,50 @@ test: build cargo-test cargo-test-debug ctest readme-example mpi-example glpk-ex
 	@echo "make test: all suites passed"
 
 # The Python package (bindings/python), installed into the torch venv with pip as a user
-# would, its pytest suite run against that installed copy, and its training example.
-# (With LIBTORCH set there is no venv of ours: both are skipped.)
+# would (pip compiles the library with cargo against that venv's torch and bundles it), its
+# pytest suite run against that installed copy with no variable set, a fresh venv's install
+# and a wheel, and its training example.
+# (With LIBTORCH set there is no venv of ours: all are skipped.)
+PY_FRESH := target/python-fresh
+
+ifdef LIBTORCH
+python-package python-test python-example python-install-check:
+	@echo "SKIPPED $@: LIBTORCH is set (the Python package runs in the torch venv the Makefile makes)"
+else
 python-package: build
 	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check numpy pytest
 	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall ./bindings/python
 
-ifdef LIBTORCH
-python-test python-example:
-	@echo "SKIPPED $@: LIBTORCH is set (the Python package runs in the torch venv the Makefile makes)"
-else
 python-test: python-package
-	cd target && PERTURBATIONS_LIB="$(abspath $(BUILD_DIR))/libperturbations.so" \
-	  "$(VENV)/bin/python" -m pytest -q -p no:cacheprovider ../bindings/python/tests
+	cd target && env -u PERTURBATIONS_LIB "$(VENV)/bin/python" -m pytest -q -p no:cacheprovider ../bindings/python/tests
+	$(MAKE) --no-print-directory python-install-check
 	$(MAKE) --no-print-directory python-example
+
+# `pip install ./bindings/python` in a fresh venv (torch reached through a .pth file, as
+# a second install of torch would take minutes), then `import perturbations` with no
+# variable set from another folder; `pip wheel` bundles the library; the source tree
+# stays as git has it.
+python-install-check: python-package
+	rm -rf $(PY_FRESH) && mkdir -p $(PY_FRESH)/wheels
+	python3 -m venv $(PY_FRESH)/venv
+	"$(VENV)/bin/python" -c 'import site; print(site.getsitepackages()[0])' \
+	  > "$$($(PY_FRESH)/venv/bin/python -c 'import site; print(site.getsitepackages()[0])')/torch-venv.pth"
+	before="$$(git status --porcelain --ignored=no)"; \
+	$(PY_FRESH)/venv/bin/pip install --quiet --disable-pip-version-check ./bindings/python && \
+	"$(VENV)/bin/pip" wheel --quiet --disable-pip-version-check --no-deps -w $(PY_FRESH)/wheels ./bindings/python && \
+	after="$$(git status --porcelain --ignored=no)" && \
+	if [ "$$before" != "$$after" ]; then echo "pip changed the source tree:"; echo "$$after"; exit 1; fi
+	cd /tmp && env -u PERTURBATIONS_LIB "$(abspath $(PY_FRESH))/venv/bin/python" -c \
+	  'import perturbations as pt, os; p = pt.library_path(); assert "site-packages" in p and os.path.isfile(p), p; print("fresh venv:", p)'
+	"$(VENV)/bin/python" -c 'import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
+	  assert "perturbations/libperturbations.so" in names, names; print("wheel:", sys.argv[1])' $(PY_FRESH)/wheels/perturbations-*.whl
 
 # Predict-then-optimize from Python: torch.nn.Linear trained through the Fenchel-Young loss
 # of a C shortest-path solver loaded with ctypes (prints the test regret per epoch).
 python-example: python-package
 	@mkdir -p target/examples
 	cc $(CFLAGS_STRICT) -shared -fPIC examples/c/grid_shortest_path.c -o target/examples/libgrid_shortest_path.so
-	PERTURBATIONS_LIB="$(abspath $(BUILD_DIR))/libperturbations.so" "$(VENV)/bin/python" \
+	env -u PERTURBATIONS_LIB "$(VENV)/bin/python" \
 	  examples/python/shortest_path_training.py --solver target/examples/libgrid_shortest_path.so
 endif
 

@@ -1,7 +1,9 @@
 //! Link settings that tch's build script applies only to tch's own targets.
 //!
 //! * RUNPATH to the libtorch folder, so that our cdylib, tests and examples find
-//!   libtorch without LD_LIBRARY_PATH.
+//!   libtorch without LD_LIBRARY_PATH; `PERTURBATIONS_RPATH`, when set, replaces it (the
+//!   Python package's build sets `$ORIGIN/../torch/lib`: the bundled library finds the
+//!   libtorch of the torch installed beside it, wherever the environment is).
 //! * libtorch_cuda NOT linked: torch-sys asks for it, and the default `--as-needed` drops
 //!   it (nothing refers to its symbols). The library loads it at run time when CUDA is
 //!   needed (src/cuda_libraries.rs), so that CPU-only processes do not map it.
@@ -21,7 +23,12 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("torch-sys did not report the libtorch lib folder (DEP_TCH_LIBTORCH_LIB)");
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    println!("cargo:rerun-if-env-changed=PERTURBATIONS_RPATH");
+    let rpath = match std::env::var("PERTURBATIONS_RPATH") {
+        Ok(chosen) if !chosen.is_empty() => chosen,
+        _ => lib,
+    };
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{rpath}");
     println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
     let major = std::env::var("CARGO_PKG_VERSION_MAJOR").expect("cargo sets the version");
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libperturbations.so.{major}");

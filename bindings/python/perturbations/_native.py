@@ -10,6 +10,7 @@ PREFIX=$VIRTUAL_ENV` puts it); and last the dynamic loader's own search
 
 import ctypes
 import importlib.metadata
+import importlib.util
 import os
 import sys
 
@@ -60,7 +61,9 @@ def library_path():
 
 def _check_torch(path):
     """A bundled library was built against one torch: refuse another before loading it
-    (its libtorch would not match the symbols the library needs)."""
+    (its libtorch would not match the symbols the library needs), then load that torch's
+    libtorch, wherever it is installed (its RUNPATH, $ORIGIN/../torch/lib, covers a torch
+    in the same folder only), without importing torch."""
     if path != _bundled():
         return
     try:
@@ -78,6 +81,12 @@ def _check_torch(path):
                           f"has torch {have}; install torch=={built.split('+')[0]}, or rebuild the package "
                           f"against this torch (pip install --force-reinstall --no-cache-dir perturbations, "
                           f"which needs a torch version the library supports)")
+    spec = importlib.util.find_spec("torch")
+    if spec is not None and spec.origin:
+        folder = os.path.join(os.path.dirname(spec.origin), "lib")
+        for name in ("libc10.so", "libtorch_cpu.so"):
+            if os.path.isfile(os.path.join(folder, name)):
+                ctypes.CDLL(os.path.join(folder, name))
 
 
 _SIG = {
