@@ -348,6 +348,11 @@ typedef int32_t (*pert_device_solver_fn)(void *user_data,
  */
 #define PERT_STATUS_PANIC 7
 
+/*
+ The call was interrupted by `pert_op_interrupt` before it finished; nothing was written.
+ */
+#define PERT_STATUS_INTERRUPTED 8
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -751,6 +756,18 @@ pert_status pert_op_new_external(const struct pert_config *config,
 void pert_op_free(struct pert_op *op);
 
 /*
+ Interrupts the calls running on `op`, from any thread: each `pert_forward` and
+ `pert_fenchel_young` call running on it now returns `PERT_STATUS_INTERRUPTED` at its
+ next block of samples (within about one block's time, or when the solver call that
+ runs returns: solver calls are not cut short), having written nothing: no output, no
+ tape. Calls that start afterwards are not affected; to stop a call that may not have
+ started yet, call again while it runs. Safe in a signal handler (one atomic increment:
+ no lock, no allocation, no error message) and while the op's calls run. NULL is
+ ignored. Draws (`pert_draw_new`, `pert_draw_finish`) are not interrupted.
+ */
+void pert_op_interrupt(const struct pert_op *op);
+
+/*
  The number of floats in one problem's input (the product of `input_shape`); 0 for NULL.
  */
 size_t pert_op_input_numel(const struct pert_op *op);
@@ -784,7 +801,8 @@ size_t pert_op_output_numel(const struct pert_op *op);
  @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in theta), `PERT_STATUS_SOLVER_FAILED`
          (a callback returned non-zero or wrote a non-finite value),
          `PERT_STATUS_INVALID_ARGUMENT` (sizes overflow), `PERT_STATUS_TORCH_ERROR`
-         (e.g. out of memory). On error `output` is untouched and `*tape` is not written.
+         (e.g. out of memory), `PERT_STATUS_INTERRUPTED` (`pert_op_interrupt` while it
+         ran). On error `output` is untouched and `*tape` is not written.
  */
 pert_status pert_forward(struct pert_op *op,
                          const float *theta,

@@ -24,11 +24,13 @@ pub enum Status {
     TorchError = 6,
     /// A panic was caught at the C boundary.
     Panic = 7,
+    /// The call was interrupted (`PerturbedOp::interrupt`) before it finished.
+    Interrupted = 8,
 }
 
 impl Status {
     /// Every status, in numeric order.
-    pub const ALL: [Status; 8] = [
+    pub const ALL: [Status; 9] = [
         Status::Ok,
         Status::NullArgument,
         Status::InvalidArgument,
@@ -37,6 +39,7 @@ impl Status {
         Status::DeviceUnavailable,
         Status::TorchError,
         Status::Panic,
+        Status::Interrupted,
     ];
 
     /// The status with this number, if there is one.
@@ -55,6 +58,7 @@ impl Status {
             Status::DeviceUnavailable => "DEVICE_UNAVAILABLE",
             Status::TorchError => "TORCH_ERROR",
             Status::Panic => "PANIC",
+            Status::Interrupted => "INTERRUPTED",
         }
     }
 }

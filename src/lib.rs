@@ -14,9 +14,10 @@
 // The layers, from the leaves up (see ARCHITECTURE.md): a module uses only modules
 // declared before it here, never one after (tests/architecture.rs checks it).
 
-// leaves: errors, shapes, the counter-based streams, fast math, plain settings
+// leaves: errors, interrupts, shapes, the counter-based streams, fast math, plain settings
 pub mod error;
 pub mod fastmath;
+pub mod interrupt;
 pub mod rng;
 mod room;
 pub mod settings;

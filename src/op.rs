@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::estimate::Estimate;
+use crate::interrupt::Interrupter;
 use crate::kernels::builtin::Builtin;
 use crate::pipeline::{HostSolver, OpSpec, SolverKind, Source};
 use crate::shape::numel;
@@ -26,6 +27,7 @@ pub struct PerturbedOp {
     cpu_twin: Option<Arc<OpSpec>>,
     solver: SolverKind,
     calls: AtomicU64,
+    interrupts: Interrupter,
 }
 
 impl std::fmt::Debug for PerturbedOp {
@@ -157,7 +159,16 @@ impl PerturbedOp {
             cpu_twin,
             solver,
             calls: AtomicU64::new(0),
+            interrupts: Interrupter::default(),
         })
+    }
+
+    /// Stops the forward and Fenchel-Young calls running on this op now, from any thread:
+    /// each fails with [`crate::Status::Interrupted`] at its next block of samples (or
+    /// when its running solver call returns), having written nothing. Calls that start
+    /// afterwards are not affected.
+    pub fn interrupt(&self) {
+        self.interrupts.interrupt();
     }
 
     /// The op's config (a copy made at construction).
@@ -266,6 +277,7 @@ impl PerturbedOp {
     }
 
     fn estimate(&self, theta: &Tensor, want_jacobian: bool) -> Result<(usize, Tensor, Estimate)> {
+        let stop = self.interrupts.stop();
         let _cap = crate::intraop::cap(self.config().max_threads());
         if let SolverKind::External = self.solver {
             return Err(Error::invalid(
@@ -286,6 +298,7 @@ impl PerturbedOp {
             call,
             want_jacobian,
             Source::Solver(&self.solver),
+            stop,
         )?;
         Ok((theta_dev.size()[0] as usize, theta_dev, estimate))
     }

@@ -4,6 +4,7 @@
 //! equal those of a forward call with the same seed and call count.
 
 use crate::error::{Error, Result};
+use crate::interrupt::Stop;
 use crate::pipeline::{OpSpec, Source};
 use crate::rng::Stream;
 use crate::settings::Baseline;
@@ -134,6 +135,7 @@ impl Draw {
             self.call,
             want_tape,
             Source::Provided(solutions),
+            Stop::NEVER,
         )?;
         let batch = self.batch();
         if want_tape {
@@ -161,7 +163,13 @@ impl Draw {
         self.check_solutions(solutions)?;
         let estimate = self
             .spec
-            .run(&self.theta, self.call, false, Source::Provided(solutions))?;
+            .run(
+                &self.theta,
+                self.call,
+                false,
+                Source::Provided(solutions),
+                Stop::NEVER,
+            )?;
         let (loss, grad) = crate::fenchel_young::from_estimate(
             self.spec.config.sense(),
             &self.theta,

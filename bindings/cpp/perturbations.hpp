@@ -361,6 +361,10 @@ class Op {
 
   std::size_t input_numel() const noexcept { return pert_op_input_numel(get()); }
   std::size_t output_numel() const noexcept { return pert_op_output_numel(get()); }
+  /// Stops the calls running on this op now, from any thread (pert_op_interrupt): each
+  /// throws pert::Error with PERT_STATUS_INTERRUPTED at its next block of samples, having
+  /// written nothing. Calls that start afterwards are not affected.
+  void interrupt() const noexcept { pert_op_interrupt(get()); }
   /// The sense of the config the op was made from.
   Sense sense() const noexcept { return sense_; }
 

@@ -339,6 +339,23 @@ pub unsafe extern "C" fn pert_op_free(op: *mut pert_op) {
     })
 }
 
+/// Interrupts the calls running on `op`, from any thread: each `pert_forward` and
+/// `pert_fenchel_young` call running on it now returns `PERT_STATUS_INTERRUPTED` at its
+/// next block of samples (within about one block's time, or when the solver call that
+/// runs returns: solver calls are not cut short), having written nothing: no output, no
+/// tape. Calls that start afterwards are not affected; to stop a call that may not have
+/// started yet, call again while it runs. Safe in a signal handler (one atomic increment:
+/// no lock, no allocation, no error message) and while the op's calls run. NULL is
+/// ignored. Draws (`pert_draw_new`, `pert_draw_finish`) are not interrupted.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_interrupt(op: *const pert_op) {
+    // SAFETY: a non-NULL op is a live handle (the caller's contract, as everywhere); only
+    // an atomic of it is touched, which no panic can come from
+    if let Some(op) = unsafe { op.as_ref() } {
+        op.inner.interrupt();
+    }
+}
+
 /// The number of floats in one problem's input (the product of `input_shape`); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_input_numel(op: *const pert_op) -> usize {
@@ -378,7 +395,8 @@ pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
 /// @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in theta), `PERT_STATUS_SOLVER_FAILED`
 ///         (a callback returned non-zero or wrote a non-finite value),
 ///         `PERT_STATUS_INVALID_ARGUMENT` (sizes overflow), `PERT_STATUS_TORCH_ERROR`
-///         (e.g. out of memory). On error `output` is untouched and `*tape` is not written.
+///         (e.g. out of memory), `PERT_STATUS_INTERRUPTED` (`pert_op_interrupt` while it
+///         ran). On error `output` is untouched and `*tape` is not written.
 #[no_mangle]
 pub unsafe extern "C" fn pert_forward(
     op: *mut pert_op,

@@ -23,6 +23,8 @@ pub const PERT_STATUS_DEVICE_UNAVAILABLE: pert_status = 5;
 pub const PERT_STATUS_TORCH_ERROR: pert_status = 6;
 /// An internal panic was caught; the library stays usable.
 pub const PERT_STATUS_PANIC: pert_status = 7;
+/// The call was interrupted by `pert_op_interrupt` before it finished; nothing was written.
+pub const PERT_STATUS_INTERRUPTED: pert_status = 8;
 
 /// Major version of this header; equal to `pert_version()`'s first number.
 pub const PERT_VERSION_MAJOR: u32 = 0;
@@ -50,6 +52,7 @@ pub extern "C" fn pert_status_name(status: pert_status) -> *const c_char {
         Some(Status::DeviceUnavailable) => "PERT_STATUS_DEVICE_UNAVAILABLE\0",
         Some(Status::TorchError) => "PERT_STATUS_TORCH_ERROR\0",
         Some(Status::Panic) => "PERT_STATUS_PANIC\0",
+        Some(Status::Interrupted) => "PERT_STATUS_INTERRUPTED\0",
         None => "PERT_STATUS_UNKNOWN\0",
     };
     name.as_ptr().cast()
@@ -71,6 +74,7 @@ mod tests {
             PERT_STATUS_DEVICE_UNAVAILABLE,
             PERT_STATUS_TORCH_ERROR,
             PERT_STATUS_PANIC,
+            PERT_STATUS_INTERRUPTED,
         ];
         for (c, s) in consts.iter().zip(Status::ALL) {
             assert_eq!(*c, s as u32);
@@ -79,7 +83,7 @@ mod tests {
                 .unwrap();
             assert_eq!(name, format!("PERT_STATUS_{}", s.name()));
         }
-        let unknown = unsafe { CStr::from_ptr(pert_status_name(8)) };
+        let unknown = unsafe { CStr::from_ptr(pert_status_name(9)) };
         assert_eq!(unknown.to_str().unwrap(), "PERT_STATUS_UNKNOWN");
         assert_eq!(
             super::super::config::PERT_NOISE_NORMAL,

@@ -7,6 +7,8 @@
 //! are made on one thread and the blocks are added in their order, so the results do not
 //! depend on the number of threads, bit for bit.
 
+use crate::error::Result;
+use crate::interrupt::Stop;
 use crate::kernels::blocks::run_blocks;
 use crate::kernels::sums::ProblemSums;
 use crate::noise::Noise;
@@ -43,6 +45,8 @@ pub(crate) struct Kernel<'a> {
     pub jacobian: bool,
     /// Length of the last dimension (argmax is taken within each slice of this length).
     pub last: usize,
+    /// Checked before each block: an interrupted call stops there.
+    pub stop: Stop<'a>,
 }
 
 impl Kernel<'_> {
@@ -51,24 +55,28 @@ impl Kernel<'_> {
         n.div_ceil(BLOCK)
     }
 
-    /// The sums over the samples of problem `p`, on `threads` threads.
-    pub fn problem(&self, p: Problem<'_>, threads: usize) -> ProblemSums {
+    /// The sums over the samples of problem `p`, on `threads` threads; `Err` when the
+    /// call is interrupted.
+    pub fn problem(&self, p: Problem<'_>, threads: usize) -> Result<ProblemSums> {
         let (theta, n) = (p.theta, p.n);
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
         let mut total = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
         let blocks = self.blocks(n);
         let mut scratch = vec![(); threads.clamp(1, blocks.max(1))];
-        let _ = run_blocks::<_, _, std::convert::Infallible>(
+        run_blocks::<_, _, crate::error::Error>(
             blocks,
             &mut scratch,
-            |k, _| Ok(self.block(p, k)),
+            |k, _| {
+                self.stop.check()?;
+                Ok(self.block(p, k))
+            },
             |_, part| {
                 total.add(&part);
                 Ok(())
             },
-        );
-        total
+        )?;
+        Ok(total)
     }
 
     /// The sums of block `k` of problem `p`.
@@ -186,6 +194,7 @@ mod tests {
             antithetic,
             jacobian: true,
             last: 5,
+            stop: Stop::NEVER,
         }
     }
 
@@ -206,9 +215,9 @@ mod tests {
                 n,
                 solutions: None,
             };
-            let one = k.problem(p, 1);
-            assert_eq!(one, k.problem(p, 2));
-            assert_eq!(one, k.problem(p, 5));
+            let one = k.problem(p, 1).unwrap();
+            assert_eq!(one, k.problem(p, 2).unwrap());
+            assert_eq!(one, k.problem(p, 5).unwrap());
             assert_eq!(one.sum_y.iter().sum::<f64>(), n as f64);
         }
     }

@@ -5,6 +5,7 @@ use crate::error::Result;
 use crate::estimate::accumulator::Accumulator;
 use crate::estimate::replay::SolutionRows;
 use crate::estimate::TapeForm;
+use crate::interrupt::Stop;
 use crate::kernels::blocks::{run_blocks, run_blocks_on, run_pipelined, slots, take};
 use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
@@ -32,6 +33,7 @@ impl OpSpec {
         theta: &Tensor,
         stream: &Stream,
         source: Source<'_>,
+        stop: Stop<'_>,
         acc: &mut Accumulator,
     ) -> Result<()> {
         let c = &self.config;
@@ -299,6 +301,7 @@ impl OpSpec {
                       buffers: &mut Scratch,
                       (noise, perturbed): (Option<&mut [f32]>, bool)|
          -> Result<Block> {
+            stop.check()?;
             let (first, count, n0, rows) = block_at(g);
             let total_rows = count * rows;
             let Scratch {

@@ -12,6 +12,7 @@ pub(crate) mod solve;
 use crate::error::Result;
 use crate::estimate::replay::Redraw;
 use crate::estimate::{Accumulator, Estimate, TapeForm};
+use crate::interrupt::Stop;
 use crate::kernels::builtin::{Builtin, Solutions};
 use crate::kernels::fused_argmax::{Kernel, Problem};
 use crate::pipeline::solve::provided;
@@ -48,6 +49,7 @@ impl OpSpec {
         call: u64,
         want_jacobian: bool,
         source: Source<'_>,
+        stop: Stop<'_>,
     ) -> Result<Estimate> {
         let c = &self.config;
         let batch = theta.size()[0] as usize;
@@ -75,6 +77,7 @@ impl OpSpec {
                     Solutions::Dense(provided(all, batch * n, batch, o, self.device)?)
                 }
                 Source::Solver(solver) => {
+                    stop.check()?;
                     self.solve(solver, theta, self.rows_at(true, 0, batch))?
                 }
             };
@@ -139,6 +142,7 @@ impl OpSpec {
                     antithetic: c.antithetic(),
                     jacobian: form.is_some(),
                     last: *self.input_shape.last().expect("built-ins have rank >= 1") as usize,
+                    stop,
                 };
                 let cores = c.library_threads();
                 // read in place: no code of the caller's runs during the call
@@ -157,7 +161,7 @@ impl OpSpec {
                                 solutions,
                             },
                             cores,
-                        );
+                        )?;
                         acc.add_sums(b as i64, &sums)?;
                     }
                 } else {
@@ -169,7 +173,7 @@ impl OpSpec {
                         |b, _| {
                             let theta = &theta_host[b * d..(b + 1) * d];
                             let solutions = rows_of(b)?;
-                            Ok(kernel.problem(
+                            kernel.problem(
                                 Problem {
                                     theta,
                                     b,
@@ -177,7 +181,7 @@ impl OpSpec {
                                     solutions,
                                 },
                                 1,
-                            ))
+                            )
                         },
                         |b, sums| acc.add_sums(b as i64, &sums),
                     )?;
@@ -186,10 +190,11 @@ impl OpSpec {
             }
         }
         if host {
-            self.run_on_host(theta, &stream, source, &mut acc)?;
+            self.run_on_host(theta, &stream, source, stop, &mut acc)?;
             return acc.finish(n, baseline, clean.as_ref(), theta);
         }
         self.for_each_chunk(theta, &stream, |b, nb, n0, z, x| {
+            stop.check()?;
             let rows = z.size()[0] as usize; // of all nb problems
             let y = match source {
                 Source::Solver(solver) => {

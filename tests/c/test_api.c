@@ -36,7 +36,8 @@ static bool status_names_cover_every_code(void) {
   CHECK(strcmp(pert_status_name(PERT_STATUS_DEVICE_UNAVAILABLE), "PERT_STATUS_DEVICE_UNAVAILABLE") == 0);
   CHECK(strcmp(pert_status_name(PERT_STATUS_TORCH_ERROR), "PERT_STATUS_TORCH_ERROR") == 0);
   CHECK(strcmp(pert_status_name(PERT_STATUS_PANIC), "PERT_STATUS_PANIC") == 0);
-  CHECK(strcmp(pert_status_name(8), "PERT_STATUS_UNKNOWN") == 0);
+  CHECK(strcmp(pert_status_name(PERT_STATUS_INTERRUPTED), "PERT_STATUS_INTERRUPTED") == 0);
+  CHECK(strcmp(pert_status_name(9), "PERT_STATUS_UNKNOWN") == 0);
   CHECK(strcmp(pert_status_name(UINT32_MAX), "PERT_STATUS_UNKNOWN") == 0);
   return true;
 }

@@ -131,6 +131,29 @@ void test_member_functions_and_functors() {
   EXPECT(std::fabs(y[2] - 6.0f) < 5 * 2 * 0.01 / std::sqrt(1000.0) + 1e-5);
 }
 
+void test_interrupt_from_another_thread() {
+  pert::Config c;
+  c.num_samples(std::uint64_t(1) << 31).device("cpu");
+  pert::Op op = pert::Op::builtin(c, pert::Builtin::Argmax, {64});
+  std::atomic<bool> done{false};
+  std::thread stopper([&] {
+    while (!done.load()) {  // until the call has ended: it may not have started yet
+      op.interrupt();
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  });
+  pert_status status = PERT_STATUS_OK;
+  try {
+    op.forward(std::vector<float>(64, 0.0f), 1);
+  } catch (const pert::Error& e) {
+    status = e.status();
+  }
+  done.store(true);
+  stopper.join();
+  EXPECT(status == PERT_STATUS_INTERRUPTED);
+  EXPECT(op.forward({}, 0).empty());  // the op still works
+}
+
 void test_builtin_two_phase_and_moves() {
   static_assert(!std::is_copy_constructible<pert::Op>::value, "ops are move-only");
   static_assert(!std::is_copy_constructible<pert::Config>::value, "configs are move-only");
@@ -498,6 +521,7 @@ void test_destroying_an_op_waits_for_running_calls() {
 }
 
 int main() {
+  test_interrupt_from_another_thread();
   test_a_solver_calling_its_own_op();
   test_a_throwing_worker_destructor_is_reported();
   test_destroying_an_op_waits_for_running_calls();

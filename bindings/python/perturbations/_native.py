@@ -115,6 +115,7 @@ _SIG = {
                             ctypes.c_uint32),
     "pert_op_new_external": ([P, P, ctypes.c_size_t, P, ctypes.c_size_t, ctypes.POINTER(P)], ctypes.c_uint32),
     "pert_op_free": ([P], None),
+    "pert_op_interrupt": ([P], None),
     "pert_op_input_numel": ([P], ctypes.c_size_t),
     "pert_op_output_numel": ([P], ctypes.c_size_t),
     "pert_forward": ([P, F, ctypes.c_size_t, F, ctypes.POINTER(P)], ctypes.c_uint32),

@@ -88,8 +88,8 @@ class PanicError(Error, RuntimeError):
 
 
 class InterruptedCallError(Error, RuntimeError):
-    """The call was interrupted by `Op.interrupt()` (PERT_STATUS_INTERRUPTED); a Ctrl-C
-    during a call raises `KeyboardInterrupt` itself."""
+    """The call was interrupted by `Op.interrupt()` from another thread
+    (PERT_STATUS_INTERRUPTED); a Ctrl-C during a call raises `KeyboardInterrupt` itself."""
     code = 8
 
 

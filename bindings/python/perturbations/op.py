@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -396,6 +397,7 @@ class Op(_Handle):
         self._errors = []  # the running call's solver exception (calls take turns)
         self._owner = threading.local()
         self._keyed_pid = os.getpid()
+        self._seconds_per_row = None
         super().__init__(self._make(config))
 
     def _make(self, config):
@@ -461,7 +463,14 @@ class Op(_Handle):
             self._lock_, self._owner, self._errors[:] = threading.Lock(), threading.local(), []
             self._pid = self._keyed_pid = os.getpid()
 
-    def _call(self, fn, *args):
+    def _call(self, fn, *args, work=0):
+        """Runs fn(handle, *args) as this op's turn; `work` is the call's perturbed
+        problems (batch x num_samples), for the choice below. Raises the solver's exception
+        or the library's error. A call expected to take long (from this op's earlier
+        calls; a C solver's first call; every call of per-worker solvers) runs on a helper
+        thread while this one waits, so that Ctrl-C interrupts it (pert_op_interrupt)
+        within about a block of samples and raises KeyboardInterrupt; Python solvers run
+        on this thread, where Ctrl-C reaches them directly."""
         self._rekey_if_forked()
         if getattr(self._owner, "value", False):
             raise RuntimeError("a solver cannot call its own op (the op runs one call at a time)")
@@ -469,13 +478,42 @@ class Op(_Handle):
             self._owner.value = True
             try:
                 self._errors.clear()
-                code = fn(self.handle, *args)
+                h = self.handle
+                start = time.perf_counter()
+                if self._long(work):
+                    code = _run_interruptibly(h, fn, args)
+                else:
+                    code = fn(h, *args)
+                if work:
+                    self._seconds_per_row = (time.perf_counter() - start) / work
                 if self._errors:
                     raise self._errors.pop()
                 _check(code)
             finally:
                 self._errors.clear()
                 self._owner.value = False
+
+    def _long(self, work):
+        kind = self._recipe[0]
+        if kind == "python" or not work:
+            return False
+        if kind == "workers":
+            return True
+        rate = self._seconds_per_row
+        if rate is None:  # a first call: a C solver's speed is unknown
+            rate = 3e-9 * math.prod(self.input_shape) if kind == "builtin" else 1.0
+        return rate * work > _LONG_CALL_SECONDS
+
+    def interrupt(self):
+        """Stops the calls running on this op now, from any thread: each raises
+        `InterruptedCallError` at its next block of samples, having written nothing
+        (Ctrl-C does this for the calling thread's own call, raising KeyboardInterrupt)."""
+        h = self._h
+        if h:
+            lib.pert_op_interrupt(h)
+
+    def _work(self, a):
+        return a.shape[0] * self._settings["num_samples"]
 
     def _theta(self, theta):
         a, back = as_host(theta, "theta")
@@ -486,7 +524,7 @@ class Op(_Handle):
         """y_sigma(theta) for theta [*batch, *input_shape]: [*batch, *output_shape]."""
         batch_shape, a, back = self._theta(theta)
         out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
-        self._call(lib.pert_forward, ptr(a), a.shape[0], ptr(out), None)
+        self._call(lib.pert_forward, ptr(a), a.shape[0], ptr(out), None, work=self._work(a))
         return back(out.reshape(batch_shape + self.output_shape))
 
     def forward_with_tape(self, theta):
@@ -494,7 +532,7 @@ class Op(_Handle):
         batch_shape, a, back = self._theta(theta)
         out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
         t = P()
-        self._call(lib.pert_forward, ptr(a), a.shape[0], ptr(out), ctypes.byref(t))
+        self._call(lib.pert_forward, ptr(a), a.shape[0], ptr(out), ctypes.byref(t), work=self._work(a))
         return back(out.reshape(batch_shape + self.output_shape)), \
             Tape(t, self.input_shape, self.output_shape, batch_shape, back)
 
@@ -515,7 +553,7 @@ class Op(_Handle):
         y = self._targets(y_true, batch_shape + self.input_shape).reshape(a.shape)
         loss = np.empty((a.shape[0],), dtype=np.float32)
         grad = np.empty(a.shape, dtype=np.float32)
-        self._call(lib.pert_fenchel_young, ptr(a), ptr(y), a.shape[0], ptr(loss), ptr(grad))
+        self._call(lib.pert_fenchel_young, ptr(a), ptr(y), a.shape[0], ptr(loss), ptr(grad), work=self._work(a))
         return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
 
     def draw(self, theta):
@@ -524,6 +562,40 @@ class Op(_Handle):
 
 
 _FORK_LOCK = threading.Lock()
+_LONG_CALL_SECONDS = 0.02
+
+
+def _run_interruptibly(h, fn, args):
+    """fn(h, *args) on a helper thread; a KeyboardInterrupt of this thread while it runs
+    interrupts the op's calls (again every 5 ms, until this one has ended: it may not have
+    started yet) and is raised once the call has ended."""
+    box = {}
+    done = threading.Event()
+
+    def run():
+        try:
+            box["code"] = fn(h, *args)
+        except BaseException as e:  # noqa: BLE001 - raised on the calling thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="perturbations-call", daemon=True).start()
+    interrupt = None
+    while not done.is_set():
+        try:
+            if interrupt is None:
+                done.wait()
+            else:
+                lib.pert_op_interrupt(h)
+                done.wait(0.005)
+        except KeyboardInterrupt as e:
+            interrupt = interrupt or e
+    if interrupt is not None:
+        raise interrupt
+    if "error" in box:
+        raise box["error"]
+    return box["code"]
 
 
 def _after_fork_in_child():

@@ -29,7 +29,7 @@ using ChainRulesCore
 using Libdl
 
 export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
-export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, inputs, finish, free!
+export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, inputs, finish, free!, interrupt!
 export NOISE_NORMAL, NOISE_GUMBEL, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
@@ -441,6 +441,20 @@ function free!(op::Op)
 end
 
 Base.unsafe_convert(::Type{Ptr{Cvoid}}, op::Op) = op.handle
+
+"""
+    interrupt!(op::Op)
+
+Stops the calls running on `op` now, from any task or thread: each throws a
+`PerturbationsError` with status `PERT_STATUS_INTERRUPTED` (8) at its next block of
+samples (a solver call that runs is not cut short), having written nothing. Calls that
+start afterwards are not affected. A freed op is ignored.
+"""
+function interrupt!(op::Op)
+    h = op.handle
+    h == C_NULL || @ccall libperturbations.pert_op_interrupt(h::Ptr{Cvoid})::Cvoid
+    return nothing
+end
 
 """Elements of one problem's input and output, as the library reports them."""
 input_numel(op::Op) = Int(@ccall libperturbations.pert_op_input_numel(op::Ptr{Cvoid})::Csize_t)
