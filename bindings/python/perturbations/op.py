@@ -2,6 +2,7 @@
 
 import ctypes
 import inspect
+import itertools
 import math
 import os
 import sys
@@ -273,6 +274,11 @@ class _Workers:
             _native.SOLVER_EX(solve)
 
 
+# every live op by its id (torch custom ops take ops by id)
+BY_ID = weakref.WeakValueDictionary()
+_IDS = itertools.count(1)
+_ID_LOCK = threading.Lock()
+
 # ops with worker threads, closed before the interpreter finalizes (their fini hooks need it)
 _WORKER_OPS = weakref.WeakSet()
 
@@ -399,6 +405,9 @@ class Op(_Handle):
         self._keyed_pid = os.getpid()
         self._seconds_per_row = None
         super().__init__(self._make(config))
+        with _ID_LOCK:  # the op's id for torch custom ops (perturbations.torch under torch.compile)
+            self.id = next(_IDS)
+            BY_ID[self.id] = self
 
     def _make(self, config):
         """A new C op of this op's recipe from `config`."""

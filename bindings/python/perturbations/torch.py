@@ -18,6 +18,10 @@ as after a GradScaler overflow, gives NaN in the problems it touches, with no ex
 `torch.func.grad`, `vjp`, `jvp`, `jacrev`, `jacfwd` and `vmap` work (the op is applied
 once to the whole vmapped batch); the derivative of a gradient (double backward,
 hessian) raises a clear error: the tape holds a Jacobian estimate, not its derivative.
+`torch.compile(fullgraph=True)` traces models using these functions and modules without
+a graph break, for built-ins and every kind of solver: under compilation they call the
+custom ops `perturbations::forward`, `perturbations::perturbed` (with
+`perturbations::tape_vjp` for backward) and `perturbations::fenchel_young`.
 """
 
 import math
@@ -25,6 +29,7 @@ import weakref
 
 import torch
 
+from . import _compile
 from .errors import InvalidArgumentError
 from .op import Op
 
@@ -172,6 +177,10 @@ def perturbed(op: Op, theta: torch.Tensor) -> torch.Tensor:
     _check_op(op)
     if not isinstance(theta, torch.Tensor):
         theta = torch.as_tensor(theta)
+    if torch.compiler.is_compiling():
+        if torch.is_grad_enabled() and theta.requires_grad:
+            return _compile.perturbed(theta, op.id)[0]
+        return _compile.forward(theta, op.id)
     if not _needs_graph(theta):
         return op.forward(theta)
     return _Perturbed.apply(theta, op)[0]
@@ -246,7 +255,9 @@ def fenchel_young(op: Op, theta: torch.Tensor, y_true, reduction: str = "none") 
     except RuntimeError:
         raise InvalidArgumentError(2, f"y_true of shape {list(y.shape)} does not broadcast to theta's shape "
                                       f"{list(theta.shape)}") from None
-    if _needs_graph(theta, y):
+    if torch.compiler.is_compiling():
+        loss = _compile.fenchel_young(theta, y, op.id)[0]
+    elif _needs_graph(theta, y):
         loss = _FenchelYoung.apply(theta, y, op)[0]
     else:
         loss = op.fenchel_young(theta, y)[0]

@@ -1,0 +1,108 @@
+"""torch.compile(fullgraph=True) of models using perturbations.torch (issue 28): no graph
+break and no warning, for built-ins, C function pointer solvers and Python solvers; the
+compiled model gives the eager model's values and gradients (same seeds); tapes are freed
+after backward and kept under retain_graph."""
+
+import ctypes
+import gc
+import shutil
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+
+import perturbations as pt
+from conftest import argmax_rows
+
+torch = pytest.importorskip("torch")
+import perturbations.torch as ptt  # noqa: E402
+from perturbations import _compile  # noqa: E402
+
+
+def cfg(**kw):
+    return pt.Config(**{"num_samples": 200, "sigma": 0.5, "seed": 4, "device": "cpu", **kw})
+
+
+class Model(torch.nn.Module):
+    def __init__(self, make_op):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 5)
+        self.pert = ptt.Perturbed(make_op())
+        self.loss = ptt.FenchelYoungLoss(make_op(), reduction="sum")
+
+    def forward(self, x, y):
+        theta = self.lin(x)
+        return (self.pert(theta) * torch.arange(5.0)).sum() + self.loss(theta, y)
+
+
+@pytest.fixture(scope="module")
+def c_argmax(tmp_path_factory):
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    d = tmp_path_factory.mktemp("c")
+    (d / "a.c").write_text(
+        "#include <stddef.h>\n#include <stdint.h>\n"
+        "int32_t argmax5(void *u, const float *x, size_t n, float *y) {\n"
+        "  (void)u; for (size_t r = 0; r < n; r++) { size_t b = 0;\n"
+        "    for (size_t i = 1; i < 5; i++) if (x[5*r+i] > x[5*r+b]) b = i;\n"
+        "    for (size_t i = 0; i < 5; i++) y[5*r+i] = i == b ? 1.0f : 0.0f; }\n  return 0; }\n")
+    so = d / "liba.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", str(d / "a.c"), "-o", str(so)], check=True)
+    return ctypes.CDLL(str(so)).argmax5
+
+
+def makers(c_argmax):
+    return {
+        "builtin": lambda: pt.Op.builtin(cfg(), "argmax", 5),
+        "c": lambda: pt.Op(cfg(), 5, 5, c_argmax),
+        "python": lambda: pt.Op(cfg(), 5, 5, argmax_rows),
+    }
+
+
+def pair(make):
+    torch.manual_seed(0)
+    eager = Model(make)
+    torch.manual_seed(0)
+    return eager, Model(make)
+
+
+@pytest.mark.parametrize("kind", ["builtin", "c", "python"])
+def test_fullgraph_compile_matches_eager(kind, c_argmax):
+    make = makers(c_argmax)[kind]
+    x, y = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.eye(5)[[0, 1, 2, 3]]
+    explained = torch._dynamo.explain(Model(make))(x, y)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager, model = pair(make)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # the second step reuses the compiled graph (its op at call 1)
+            want, got = eager(x, y), compiled(x, y)
+            want.backward()
+            got.backward()
+            assert torch.allclose(want, got, atol=1e-5)
+            assert torch.allclose(eager.lin.weight.grad, model.lin.weight.grad, atol=1e-5)
+    gc.collect()
+    assert not _compile._TAPES  # every tape freed after its backward
+
+
+def test_inductor_and_retained_graphs():
+    eager, model = pair(lambda: pt.Op.builtin(cfg(), "argmax", 5))
+    compiled = torch.compile(model, fullgraph=True)  # inductor: C++ kernels around the custom ops
+    x, y = torch.randn(4, 3, generator=torch.Generator().manual_seed(2)), torch.eye(5)[[4, 1, 2, 3]]
+    want, got = eager(x, y), compiled(x, y)
+    assert torch.allclose(want, got, atol=1e-5)
+    want.backward(retain_graph=True)
+    got.backward(retain_graph=True)
+    assert _compile._TAPES  # kept for a second backward
+    want.backward()
+    got.backward()
+    assert torch.allclose(eager.lin.weight.grad, model.lin.weight.grad, atol=1e-5)
+    del got
+    gc.collect()
+    assert not _compile._TAPES
+    with torch.no_grad():  # no tape at all without grad
+        assert compiled(x, y).shape == ()
+    assert not _compile._TAPES
