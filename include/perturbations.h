@@ -613,6 +613,20 @@ pert_status pert_draw_fenchel_young(const struct pert_draw *draw,
                                     float *grad_theta);
 
 /*
+ `pert_draw_fenchel_young`, and the lower bound of each problem's loss for exact
+ solutions and feasible targets (see `pert_fenchel_young_with_bound`): a loss below it
+ means the solutions are not optimal for the op's sense, or y_true is infeasible.
+
+ @param bound  NULL, or receives `batch` floats (not overlapping the other outputs).
+ */
+pert_status pert_draw_fenchel_young_with_bound(const struct pert_draw *draw,
+                                               const float *solutions,
+                                               const float *y_true,
+                                               float *loss,
+                                               float *grad_theta,
+                                               float *bound);
+
+/*
  Frees a draw, on any thread. NULL is accepted and ignored.
  */
 void pert_draw_free(struct pert_draw *draw);
@@ -837,6 +851,30 @@ pert_status pert_fenchel_young(struct pert_op *op,
                                size_t batch,
                                float *loss,
                                float *grad_theta);
+
+/*
+ `pert_fenchel_young`, and a check of its inputs: the lower bound of each problem's loss
+ that the call's own draws give for an exact solver and a feasible target,
+ sign * <mean perturbed input - theta, y_true> (sign 1 maximizing, -1 minimizing; the
+ mean perturbed input is theta + sigma * mean Z for the additive perturbation). Each
+ sample's solution does at least as well as y_true on its own perturbed input, so the
+ estimated loss is never below this bound, for every draw. A loss below it, beyond
+ float rounding (about 1e-5 of the magnitudes of the loss and of <theta, y_true>),
+ means that the sense is wrong (a minimizing solver with `PERT_SENSE_MAXIMIZE` gives the
+ reverse inequality), the solver is not exact, or y_true is not a feasible solution.
+ Keeping the bound costs one sum of the perturbed inputs per problem.
+
+ @param bound  NULL (then as `pert_fenchel_young`), or receives `batch` floats; must not
+               overlap the other outputs (it may overlap the inputs).
+ @return the statuses of `pert_fenchel_young`. On error nothing is written.
+ */
+pert_status pert_fenchel_young_with_bound(struct pert_op *op,
+                                          const float *theta,
+                                          const float *y_true,
+                                          size_t batch,
+                                          float *loss,
+                                          float *grad_theta,
+                                          float *bound);
 
 /*
  Sets the message of the `PERT_STATUS_SOLVER_FAILED` that follows: call it from inside a

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::estimate::Estimate;
 use crate::interrupt::Interrupter;
 use crate::kernels::builtin::Builtin;
-use crate::pipeline::{HostSolver, OpSpec, SolverKind, Source};
+use crate::pipeline::{HostSolver, OpSpec, SolverKind, Source, Wants};
 use crate::shape::numel;
 use crate::solver::{DeviceSolver, Solver, WorkerSolver};
 use crate::tape::{output_and_tape, Tape};
@@ -200,7 +200,7 @@ impl PerturbedOp {
     /// y_σ(θ) for `theta` of shape `[batch, *input_shape]` (float32, any device); the result
     /// has shape `[batch, *output_shape]`, on the device of `theta`.
     pub fn forward(&self, theta: &Tensor) -> Result<Tensor> {
-        let (batch, _, estimate) = self.estimate(theta, false)?;
+        let (batch, _, estimate) = self.estimate(theta, Wants::default())?;
         self.spec
             .output_tensor(&estimate.mean, batch, theta.device())
     }
@@ -208,7 +208,11 @@ impl PerturbedOp {
     /// As [`PerturbedOp::forward`], and the tape for the backward pass (on the device the
     /// call ran on; its products take and give tensors on any device).
     pub fn forward_with_tape(&self, theta: &Tensor) -> Result<(Tensor, Tape)> {
-        let (batch, _, estimate) = self.estimate(theta, true)?;
+        let wants = Wants {
+            jacobian: true,
+            input_sums: false,
+        };
+        let (batch, _, estimate) = self.estimate(theta, wants)?;
         output_and_tape(&self.spec, estimate, batch, theta.device())
     }
 
@@ -234,11 +238,39 @@ impl PerturbedOp {
     /// gradient with respect to theta, from one forward call's draws. See
     /// [`crate::fenchel_young`] for the formulas per sense and perturbation.
     pub fn fenchel_young(&self, theta: &Tensor, y_true: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (loss, grad, _) = self.fenchel_young_call(theta, y_true, false)?;
+        Ok((loss, grad))
+    }
+
+    /// [`PerturbedOp::fenchel_young`], and the lower bound `[batch]` of each problem's loss
+    /// that the call's own draws give for an exact solver and a feasible target:
+    /// sign·⟨x̄ − θ, y_true⟩, x̄ the call's mean perturbed input (sign −1 when minimizing).
+    /// A loss below it, beyond rounding, means the sense is wrong, the solver is not
+    /// exact, or the target is infeasible (see [`crate::fenchel_young`]).
+    pub fn fenchel_young_with_bound(
+        &self,
+        theta: &Tensor,
+        y_true: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (loss, grad, bound) = self.fenchel_young_call(theta, y_true, true)?;
+        Ok((loss, grad, bound.expect("the call kept its input sums")))
+    }
+
+    fn fenchel_young_call(
+        &self,
+        theta: &Tensor,
+        y_true: &Tensor,
+        input_sums: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let _cap = crate::intraop::cap(self.config().max_threads());
         self.spec.require_square("the Fenchel-Young loss")?;
         crate::fenchel_young::check_targets(&theta.size(), y_true)?;
-        let (_, theta_dev, estimate) = self.estimate(theta, false)?;
-        let (loss, grad) = crate::fenchel_young::from_estimate(
+        let wants = Wants {
+            jacobian: false,
+            input_sums,
+        };
+        let (_, theta_dev, estimate) = self.estimate(theta, wants)?;
+        let (loss, grad, bound) = crate::fenchel_young::from_estimate(
             self.config().sense(),
             &theta_dev,
             y_true,
@@ -248,6 +280,7 @@ impl PerturbedOp {
         Ok((
             loss.f_to_device(device)?,
             grad.f_reshape(theta.size())?.f_to_device(device)?,
+            bound.map(|b| b.f_to_device(device)).transpose()?,
         ))
     }
 
@@ -276,7 +309,7 @@ impl PerturbedOp {
         self.spec.check_batch(batch)
     }
 
-    fn estimate(&self, theta: &Tensor, want_jacobian: bool) -> Result<(usize, Tensor, Estimate)> {
+    fn estimate(&self, theta: &Tensor, wants: Wants) -> Result<(usize, Tensor, Estimate)> {
         let stop = self.interrupts.stop();
         let _cap = crate::intraop::cap(self.config().max_threads());
         if let SolverKind::External = self.solver {
@@ -293,13 +326,7 @@ impl PerturbedOp {
         } else {
             self.calls.fetch_add(1, Ordering::Relaxed)
         };
-        let estimate = spec.run(
-            &theta_dev,
-            call,
-            want_jacobian,
-            Source::Solver(&self.solver),
-            stop,
-        )?;
+        let estimate = spec.run(&theta_dev, call, wants, Source::Solver(&self.solver), stop)?;
         Ok((theta_dev.size()[0] as usize, theta_dev, estimate))
     }
 }

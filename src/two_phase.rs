@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::interrupt::Stop;
+use crate::pipeline::Wants;
 use crate::pipeline::{OpSpec, Source};
 use crate::rng::Stream;
 use crate::settings::Baseline;
@@ -130,10 +131,14 @@ impl Draw {
     pub fn finish(&self, solutions: &[f32], want_tape: bool) -> Result<(Tensor, Option<Tape>)> {
         let _cap = crate::intraop::cap(self.spec.config.max_threads());
         self.check_solutions(solutions)?;
+        let wants = Wants {
+            jacobian: want_tape,
+            input_sums: false,
+        };
         let estimate = self.spec.run(
             &self.theta,
             self.call,
-            want_tape,
+            wants,
             Source::Provided(solutions),
             Stop::NEVER,
         )?;
@@ -156,21 +161,44 @@ impl Draw {
     /// [`Draw::inputs`]: what [`crate::PerturbedOp::fenchel_young`] gives for the same
     /// seed and call count.
     pub fn fenchel_young(&self, solutions: &[f32], y_true: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (loss, grad, _) = self.fenchel_young_call(solutions, y_true, false)?;
+        Ok((loss, grad))
+    }
+
+    /// [`Draw::fenchel_young`], and the lower bound `[batch]` of each problem's loss for
+    /// exact solutions and feasible targets (see
+    /// [`crate::PerturbedOp::fenchel_young_with_bound`]).
+    pub fn fenchel_young_with_bound(
+        &self,
+        solutions: &[f32],
+        y_true: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (loss, grad, bound) = self.fenchel_young_call(solutions, y_true, true)?;
+        Ok((loss, grad, bound.expect("the call kept its input sums")))
+    }
+
+    fn fenchel_young_call(
+        &self,
+        solutions: &[f32],
+        y_true: &Tensor,
+        input_sums: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let _cap = crate::intraop::cap(self.spec.config.max_threads());
         self.spec.require_square("the Fenchel-Young loss")?;
         let theta_size = crate::shape::batched(self.batch(), &self.spec.input_shape);
         crate::fenchel_young::check_targets(&theta_size, y_true)?;
         self.check_solutions(solutions)?;
-        let estimate = self
-            .spec
-            .run(
-                &self.theta,
-                self.call,
-                false,
-                Source::Provided(solutions),
-                Stop::NEVER,
-            )?;
-        let (loss, grad) = crate::fenchel_young::from_estimate(
+        let estimate = self.spec.run(
+            &self.theta,
+            self.call,
+            Wants {
+                jacobian: false,
+                input_sums,
+            },
+            Source::Provided(solutions),
+            Stop::NEVER,
+        )?;
+        let (loss, grad, bound) = crate::fenchel_young::from_estimate(
             self.spec.config.sense(),
             &self.theta,
             y_true,
@@ -180,6 +208,9 @@ impl Draw {
             loss.f_to_device(self.output_device)?,
             grad.f_reshape(&theta_size)?
                 .f_to_device(self.output_device)?,
+            bound
+                .map(|b| b.f_to_device(self.output_device))
+                .transpose()?,
         ))
     }
 

@@ -13,6 +13,7 @@ use crate::tensors::{host_floats, host_slice};
 use tch::{Device, Kind, Tensor};
 
 mod host_finish;
+mod host_sums;
 
 /// What one forward call estimated.
 pub(crate) struct Estimate {
@@ -30,6 +31,8 @@ pub(crate) struct Objective {
     pub value: Tensor,
     /// Σ Y_n (additive) or Σ exp(σZ_n − σ²/2) ⊙ Y_n (multiplicative), `[batch, d]` float64.
     sum: Tensor,
+    /// Σ x_n, the perturbed inputs, `[batch, d]` float64, when asked for.
+    sum_x: Option<Tensor>,
     n: f64,
 }
 
@@ -37,6 +40,14 @@ impl Objective {
     /// ∇F_σ(θ) `[batch, d]` (float64): the sum over N.
     pub fn grad(&self) -> Result<Tensor> {
         Ok(self.sum.f_div_scalar(self.n)?)
+    }
+
+    /// The mean perturbed input `[batch, d]` (float64), when the call kept its sum.
+    pub fn input_mean(&self) -> Result<Option<Tensor>> {
+        Ok(match &self.sum_x {
+            Some(sum_x) => Some(sum_x.f_div_scalar(self.n)?),
+            None => None,
+        })
     }
 }
 
@@ -68,14 +79,15 @@ pub(crate) struct Accumulator {
     sigma: f64,
     sum_y: Tensor,
     jacobian: Option<JacobianSums>,
-    /// Σ ⟨x_n, Y_n⟩ `[batch]` and Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, d]` (multiplicative).
-    objective: Option<(Tensor, Tensor)>,
+    /// Σ ⟨x_n, Y_n⟩ `[batch]`, Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, d]` (multiplicative, else
+    /// `[batch, 0]`) and Σ x_n `[batch, d]` (when asked for, else `[batch, 0]`).
+    objective: Option<(Tensor, Tensor, Tensor)>,
 }
 
 impl Accumulator {
     /// Sums for `batch` problems of `n` samples; `form` when a Jacobian is wanted;
-    /// `square` when output shape = input shape (the objective is then estimated too).
-    /// With `redraw`, a tape that keeps samples keeps their solutions (added with
+    /// `square` when output shape = input shape (the objective is then estimated too,
+    /// and with `input_sums` the sum of the perturbed inputs). With `redraw`, a tape that keeps samples keeps their solutions (added with
     /// [`Accumulator::add_solutions`]), and their scores up to [`KEEP_SCORES_BYTES`] (filled
     /// by the pipeline, see [`Accumulator::take_scores`]; else drawn again from the stream).
     #[allow(clippy::too_many_arguments)]
@@ -88,7 +100,7 @@ impl Accumulator {
         sigma: f64,
         form: Option<TapeForm>,
         redraw: Option<Redraw>,
-        square: bool,
+        (square, input_sums): (bool, bool),
         device: Device,
     ) -> Result<Accumulator> {
         let replay = match (form, redraw) {
@@ -122,7 +134,12 @@ impl Accumulator {
             } else {
                 0
             };
-            Some((zeros(&[b], f64s)?, zeros(&[b, wy], f64s)?))
+            let xw = if input_sums { d } else { 0 };
+            Some((
+                zeros(&[b], f64s)?,
+                zeros(&[b, wy], f64s)?,
+                zeros(&[b, xw], f64s)?,
+            ))
         } else {
             None
         };
@@ -249,7 +266,11 @@ impl Accumulator {
             (Some(_), None) => unreachable!("scores are computed when a Jacobian is wanted"),
             (None, _) => {}
         }
-        if let Some((objective, sum_wy)) = &mut self.objective {
+        if let Some((objective, sum_wy, sum_x)) = &mut self.objective {
+            if sum_x.size()[1] > 0 {
+                let xs = per_problem(x)?.f_sum_dim_intlist(1, false, Kind::Double)?;
+                let _ = sum_x.f_narrow(0, b, nb)?.f_add_(&xs)?;
+            }
             let products = match y {
                 Solutions::Dense(y) => x.f_mul(y)?,
                 Solutions::Indicator(index) => x.f_gather(1, index, false)?,
@@ -266,6 +287,11 @@ impl Accumulator {
             }
         }
         Ok(())
+    }
+
+    /// Whether the call keeps Σ x_n (see [`Accumulator::new`]).
+    pub fn keeps_input_sums(&self) -> bool {
+        matches!(&self.objective, Some((_, _, sum_x)) if sum_x.size()[1] > 0)
     }
 
     /// Whether the tape keeps the samples' solutions only (see [`Accumulator::new`]).
@@ -290,23 +316,6 @@ impl Accumulator {
         if let Some(JacobianSums::Replay { scores, .. }) = &mut self.jacobian {
             *scores = Some(kept);
         }
-    }
-
-    /// The call's float64 sums Σ Y_n `[batch, o]`, and Σ ⟨x_n, Y_n⟩ `[batch]` and
-    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, w]` when the objective is estimated, taken out of
-    /// this CPU accumulator so that blocks of whole problems add their samples straight
-    /// into their problems' entries; give them back with [`Accumulator::put_host_sums`].
-    pub fn take_host_sums(&mut self) -> HostSums {
-        HostSums {
-            sum_y: std::mem::replace(&mut self.sum_y, Tensor::new()),
-            objective: self.objective.take(),
-        }
-    }
-
-    /// Gives back the sums taken with [`Accumulator::take_host_sums`].
-    pub fn put_host_sums(&mut self, sums: HostSums) {
-        self.sum_y = sums.sum_y;
-        self.objective = sums.objective;
     }
 
     /// Appends the solutions of the next samples, in sample order, problem by problem.
@@ -348,8 +357,13 @@ impl Accumulator {
             Some(JacobianSums::Samples { .. } | JacobianSums::Replay { .. }) | None => None,
         };
         let mut weighted = match &mut self.objective {
-            Some((objective, sum_wy)) => {
+            Some((objective, sum_wy, sum_x)) => {
                 host_slice::<f64>(objective)[b] += sums.objective;
+                let xw = sum_x.size()[1] as usize;
+                let target = &mut host_slice::<f64>(sum_x)[b * xw..(b + 1) * xw];
+                for (a, v) in target.iter_mut().zip(&sums.sum_x) {
+                    *a += v;
+                }
                 let w = sum_wy.size()[1] as usize;
                 Some(&mut host_slice::<f64>(sum_wy)[b * w..(b + 1) * w]).filter(|s| !s.is_empty())
             }
@@ -449,12 +463,13 @@ impl Accumulator {
         };
         let objective = match self.objective {
             None => None,
-            Some((objective, sum_wy)) => Some(Objective {
+            Some((objective, sum_wy, sum_x)) => Some(Objective {
                 value: objective.f_div_scalar(nf)?,
                 sum: match self.perturbation {
                     Perturbation::Additive => self.sum_y,
                     Perturbation::Multiplicative => sum_wy,
                 },
+                sum_x: (sum_x.size()[1] > 0).then_some(sum_x),
                 n: nf,
             }),
         };
@@ -463,29 +478,6 @@ impl Accumulator {
             jacobian,
             objective,
         })
-    }
-}
-
-/// The host sums of a CPU accumulator (see [`Accumulator::take_host_sums`]).
-pub(crate) struct HostSums {
-    sum_y: Tensor,
-    objective: Option<(Tensor, Tensor)>,
-}
-
-impl HostSums {
-    /// The entries of Σ Y_n `[batch · o]`, Σ ⟨x_n, Y_n⟩ (`[batch]`, or None) and
-    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n (`[batch · w]`, w = d for the multiplicative objective,
-    /// else 0).
-    pub fn slices(&mut self) -> (&mut [f64], Option<&mut [f64]>, &mut [f64]) {
-        let sum_y = host_slice::<f64>(&mut self.sum_y);
-        match &mut self.objective {
-            Some((objective, sum_wy)) => (
-                sum_y,
-                Some(host_slice::<f64>(objective)),
-                host_slice::<f64>(sum_wy),
-            ),
-            None => (sum_y, None, &mut []),
-        }
     }
 }
 

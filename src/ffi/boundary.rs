@@ -226,20 +226,36 @@ pub(crate) unsafe fn loss_and_grad_outputs(
     Ok((loss, grad))
 }
 
-/// Stages both outputs of a Fenchel-Young call, then writes them (nothing is written when
-/// staging fails).
+/// Stages the outputs of a Fenchel-Young call (the loss, the gradient and the bound when
+/// asked for), then writes them (nothing is written when staging fails).
 pub(crate) fn write_loss_and_grad(
     (loss, grad): &(Output, Option<Output>),
     l: &Tensor,
     g: &Tensor,
+    bound: Option<(&Output, &Tensor)>,
 ) -> Result<()> {
     let loss = loss.stage(l)?;
     let grad = grad.as_ref().map(|out| out.stage(g)).transpose()?;
+    let bound = bound.map(|(out, b)| out.stage(b)).transpose()?;
     loss.write();
     if let Some(grad) = grad {
         grad.write();
     }
+    if let Some(bound) = bound {
+        bound.write();
+    }
     Ok(())
+}
+
+/// The optional `bound` output of a Fenchel-Young call: `batch` floats, or None for NULL.
+///
+/// # Safety
+/// A non-NULL `bound` must point to `batch` writable floats for the rest of the call.
+pub(crate) unsafe fn bound_output(bound: *mut f32, batch: usize) -> Result<Option<Output>> {
+    if bound.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(unsafe { output(bound, batch, "bound") }?))
 }
 
 impl Staged<'_> {

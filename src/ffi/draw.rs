@@ -144,6 +144,33 @@ pub unsafe extern "C" fn pert_draw_fenchel_young(
     loss: *mut f32,
     grad_theta: *mut f32,
 ) -> pert_status {
+    // SAFETY: the caller's contract, as documented; no bound is asked for
+    unsafe {
+        pert_draw_fenchel_young_with_bound(
+            draw,
+            solutions,
+            y_true,
+            loss,
+            grad_theta,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
+/// `pert_draw_fenchel_young`, and the lower bound of each problem's loss for exact
+/// solutions and feasible targets (see `pert_fenchel_young_with_bound`): a loss below it
+/// means the solutions are not optimal for the op's sense, or y_true is infeasible.
+///
+/// @param bound  NULL, or receives `batch` floats (not overlapping the other outputs).
+#[no_mangle]
+pub unsafe extern "C" fn pert_draw_fenchel_young_with_bound(
+    draw: *const pert_draw,
+    solutions: *const f32,
+    y_true: *const f32,
+    loss: *mut f32,
+    grad_theta: *mut f32,
+    bound: *mut f32,
+) -> pert_status {
     guard(|| {
         let draw = &unsafe { arg(draw, "draw") }?.inner;
         let (batch, d, o) = (draw.batch(), draw.input_numel(), draw.output_numel());
@@ -154,13 +181,22 @@ pub unsafe extern "C" fn pert_draw_fenchel_young(
         }
         let len = checked_product(&[batch, d], "batch * input_numel")?;
         let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, grad_theta, len) }?;
+        let bound = unsafe { boundary::bound_output(bound, batch) }?;
         let rows = checked_product(&[draw.count(), o], "count * output_numel")?;
         // every input is read before anything is written: outputs may overlap them
         let y_true = crate::tensors::from_slice(unsafe { slice(y_true, len, "y_true") }?)?
             .f_reshape(batched(batch, draw.input_shape()))?;
-        let (l, g) =
-            draw.fenchel_young(unsafe { slice(solutions, rows, "solutions") }?, &y_true)?;
-        boundary::write_loss_and_grad(&outputs, &l, &g)
+        let solutions = unsafe { slice(solutions, rows, "solutions") }?;
+        match &bound {
+            Some(out) => {
+                let (l, g, b) = draw.fenchel_young_with_bound(solutions, &y_true)?;
+                boundary::write_loss_and_grad(&outputs, &l, &g, Some((out, &b)))
+            }
+            None => {
+                let (l, g) = draw.fenchel_young(solutions, &y_true)?;
+                boundary::write_loss_and_grad(&outputs, &l, &g, None)
+            }
+        }
     })
 }
 

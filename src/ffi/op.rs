@@ -462,6 +462,44 @@ pub unsafe extern "C" fn pert_fenchel_young(
     loss: *mut f32,
     grad_theta: *mut f32,
 ) -> pert_status {
+    // SAFETY: the caller's contract, as documented; no bound is asked for
+    unsafe {
+        pert_fenchel_young_with_bound(
+            op,
+            theta,
+            y_true,
+            batch,
+            loss,
+            grad_theta,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
+/// `pert_fenchel_young`, and a check of its inputs: the lower bound of each problem's loss
+/// that the call's own draws give for an exact solver and a feasible target,
+/// sign * <mean perturbed input - theta, y_true> (sign 1 maximizing, -1 minimizing; the
+/// mean perturbed input is theta + sigma * mean Z for the additive perturbation). Each
+/// sample's solution does at least as well as y_true on its own perturbed input, so the
+/// estimated loss is never below this bound, for every draw. A loss below it, beyond
+/// float rounding (about 1e-5 of the magnitudes of the loss and of <theta, y_true>),
+/// means that the sense is wrong (a minimizing solver with `PERT_SENSE_MAXIMIZE` gives the
+/// reverse inequality), the solver is not exact, or y_true is not a feasible solution.
+/// Keeping the bound costs one sum of the perturbed inputs per problem.
+///
+/// @param bound  NULL (then as `pert_fenchel_young`), or receives `batch` floats; must not
+///               overlap the other outputs (it may overlap the inputs).
+/// @return the statuses of `pert_fenchel_young`. On error nothing is written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_fenchel_young_with_bound(
+    op: *mut pert_op,
+    theta: *const f32,
+    y_true: *const f32,
+    batch: usize,
+    loss: *mut f32,
+    grad_theta: *mut f32,
+    bound: *mut f32,
+) -> pert_status {
     guard(|| {
         let op = &unsafe { arg(op, "op") }?.inner;
         op.require_square("the Fenchel-Young loss")?;
@@ -472,13 +510,22 @@ pub unsafe extern "C" fn pert_fenchel_young(
         let d = op.input_numel();
         let len = checked_product(&[batch, d], "batch * input_numel")?;
         let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, grad_theta, len) }?;
+        let bound = unsafe { boundary::bound_output(bound, batch) }?;
         // the inputs are copied before anything is written: outputs may overlap them
         let shape = crate::shape::batched(batch, op.input_shape());
         let theta = crate::tensors::from_slice(unsafe { slice(theta, len, "theta") }?)?
             .f_reshape(&shape)?;
         let y_true = crate::tensors::from_slice(unsafe { slice(y_true, len, "y_true") }?)?
             .f_reshape(&shape)?;
-        let (l, g) = op.fenchel_young(&theta, &y_true)?;
-        boundary::write_loss_and_grad(&outputs, &l, &g)
+        match &bound {
+            Some(out) => {
+                let (l, g, b) = op.fenchel_young_with_bound(&theta, &y_true)?;
+                boundary::write_loss_and_grad(&outputs, &l, &g, Some((out, &b)))
+            }
+            None => {
+                let (l, g) = op.fenchel_young(&theta, &y_true)?;
+                boundary::write_loss_and_grad(&outputs, &l, &g, None)
+            }
+        }
     })
 }

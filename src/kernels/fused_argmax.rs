@@ -47,6 +47,8 @@ pub(crate) struct Kernel<'a> {
     pub last: usize,
     /// Checked before each block: an interrupted call stops there.
     pub stop: Stop<'a>,
+    /// Whether Σ x_n is kept (the Fenchel-Young loss's bound).
+    pub input_sums: bool,
 }
 
 impl Kernel<'_> {
@@ -61,7 +63,8 @@ impl Kernel<'_> {
         let (theta, n) = (p.theta, p.n);
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
-        let mut total = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
+        let mut total = ProblemSums::zeros(d, d, self.jacobian, multiplicative)
+            .with_input_sums(d, self.input_sums);
         let blocks = self.blocks(n);
         let mut scratch = vec![(); threads.clamp(1, blocks.max(1))];
         run_blocks::<_, _, crate::error::Error>(
@@ -105,7 +108,8 @@ impl Kernel<'_> {
         } = p;
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
-        let mut sums = ProblemSums::zeros(d, d, self.jacobian, multiplicative);
+        let mut sums = ProblemSums::zeros(d, d, self.jacobian, multiplicative)
+            .with_input_sums(d, self.input_sums);
         let (start, end) = (k * BLOCK, ((k + 1) * BLOCK).min(n));
         let mut z = vec![0f32; TILE * d];
         let mut s = vec![0f32; TILE * d];
@@ -132,6 +136,9 @@ impl Kernel<'_> {
                     } else {
                         tv + self.sigma * zv
                     };
+                }
+                for (a, &v) in sums.sum_x.iter_mut().zip(&x) {
+                    *a += f64::from(v);
                 }
                 // adds solution entry p (of value y) of this sample
                 let mut add = |p: usize, y: f32| {
@@ -195,6 +202,7 @@ mod tests {
             jacobian: true,
             last: 5,
             stop: Stop::NEVER,
+            input_sums: false,
         }
     }
 

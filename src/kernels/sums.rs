@@ -22,6 +22,9 @@ pub(crate) struct ProblemSums {
     /// other outputs are zero, and adding these sums skips them (sparse solutions such as
     /// one-hot or top-k indicators touch few of many outputs).
     pub touched: Vec<bool>,
+    /// Σ x_n, the perturbed inputs, `[d]` (for the Fenchel-Young loss's bound, see
+    /// [`crate::fenchel_young`]; else empty).
+    pub sum_x: Vec<f64>,
 }
 
 impl ProblemSums {
@@ -42,7 +45,16 @@ impl ProblemSums {
                 Vec::new()
             },
             touched: vec![false; o],
+            sum_x: Vec::new(),
         }
+    }
+
+    /// These sums with Σ x_n over `d` inputs as well, when `wanted`.
+    pub fn with_input_sums(mut self, d: usize, wanted: bool) -> ProblemSums {
+        if wanted {
+            self.sum_x = vec![0.0; d];
+        }
+        self
     }
 
     /// Adds `other`, element by element (its untouched outputs cost nothing).
@@ -64,6 +76,9 @@ impl ProblemSums {
         for (a, b) in self.sum_s.iter_mut().zip(&other.sum_s) {
             *a += b;
         }
+        for (a, b) in self.sum_x.iter_mut().zip(&other.sum_x) {
+            *a += b;
+        }
         self.objective += other.objective;
     }
 
@@ -76,6 +91,7 @@ impl ProblemSums {
             objective: &mut self.objective,
             sum_wy: &mut self.sum_wy,
             touched: &mut self.touched,
+            sum_x: &mut self.sum_x,
         }
     }
 }
@@ -95,6 +111,22 @@ pub(crate) struct SumsMut<'a> {
     pub sum_wy: &'a mut [f64],
     /// Marks of the outputs ever non-zero, `[o]` (empty: not kept).
     pub touched: &'a mut [bool],
+    /// Σ x_n, `[d]` (empty: not kept).
+    pub sum_x: &'a mut [f64],
+}
+
+impl SumsMut<'_> {
+    /// Adds the perturbed inputs `x` (rows of `d`) to Σ x_n, when it is kept.
+    pub fn add_inputs(&mut self, d: usize, x: &[f32]) {
+        if self.sum_x.is_empty() {
+            return;
+        }
+        for row in x.chunks_exact(d) {
+            for (a, &v) in self.sum_x.iter_mut().zip(row) {
+                *a += f64::from(v);
+            }
+        }
+    }
 }
 
 /// The float32 tiles of [`SumsMut::add_rows`], kept between calls on one thread (all zero

@@ -197,21 +197,24 @@ impl OpSpec {
         // blocks of whole problems add their samples straight into their problems' sums
         let whole = per_problem == 1 && !sums_form;
         let mut host_sums = whole.then(|| acc.take_host_sums());
-        let (mut sum_slots, mut objective_slots, mut weighted_slots) =
-            (Vec::new(), Vec::new(), Vec::new());
-        let weighted = match host_sums.as_mut() {
+        let (mut sum_slots, mut objective_slots, mut weighted_slots, mut input_slots) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let input_sums = acc.keeps_input_sums();
+        let (weighted, inputs) = match host_sums.as_mut() {
             Some(host_sums) => {
-                let (sum_y, objective, sum_wy) = host_sums.slices();
+                let (sum_y, objective, sum_wy, sum_x) = host_sums.slices();
                 let w = sum_wy.len() / batch.max(1);
+                let xw = sum_x.len() / batch.max(1);
                 let count = |g: usize| block_at(g).1;
                 sum_slots = slots(sum_y, (0..blocks).map(|g| count(g) * o));
                 if let Some(objective) = objective {
                     objective_slots = slots(objective, (0..blocks).map(count));
                 }
                 weighted_slots = slots(sum_wy, (0..blocks).map(|g| count(g) * w));
-                w
+                input_slots = slots(sum_x, (0..blocks).map(|g| count(g) * xw));
+                (w, xw)
             }
-            None => 0,
+            None => (0, 0),
         };
         // the sums of each problem of the block (or of the block of one problem; none for
         // blocks of whole problems), and the solutions, for a tape that keeps them
@@ -381,10 +384,11 @@ impl OpSpec {
             }
             let mut all = Vec::with_capacity(if whole { 0 } else { count });
             let mut solutions = keep_solutions.then(|| SolutionRows::new(o));
-            let (mut sum_y, mut objective, mut sum_wy) = (
+            let (mut sum_y, mut objective, mut sum_wy, mut sum_x) = (
                 take(&sum_slots, g),
                 take(&objective_slots, g),
                 take(&weighted_slots, g),
+                take(&input_slots, g),
             );
             for i in 0..count {
                 let (rd, ro) = (
@@ -398,7 +402,7 @@ impl OpSpec {
                 let ones_i = ones_per_row.map(|m| (&ones[i * rows * m..(i + 1) * rows * m], m));
                 let mut unused = 0.0;
                 let mut problem_sums = ProblemSums::zeros(0, 0, false, false);
-                let sums = match sum_y.as_deref_mut() {
+                let mut sums = match sum_y.as_deref_mut() {
                     // whole problems: into the call's sums of problem `first + i`
                     Some(sum_y) => SumsMut {
                         sum_y: &mut sum_y[i * o..(i + 1) * o],
@@ -409,12 +413,17 @@ impl OpSpec {
                             .as_deref_mut()
                             .map_or(&mut [][..], |v| &mut v[i * weighted..(i + 1) * weighted]),
                         touched: &mut [],
+                        sum_x: sum_x
+                            .as_deref_mut()
+                            .map_or(&mut [][..], |v| &mut v[i * inputs..(i + 1) * inputs]),
                     },
                     None => {
-                        problem_sums = ProblemSums::zeros(d, o, sums_form, multiplicative);
+                        problem_sums = ProblemSums::zeros(d, o, sums_form, multiplicative)
+                            .with_input_sums(d, input_sums);
                         problem_sums.view()
                     }
                 };
+                sums.add_inputs(d, rows_i.1);
                 match ones_i {
                     Some((ones_i, m)) => sums.add_ones(sum_scratch, d, rows_i.1, ones_i, m),
                     None => {
@@ -442,7 +451,9 @@ impl OpSpec {
             }
             Ok((all, solutions))
         };
-        let mut total = ProblemSums::zeros(d, o, sums_form, multiplicative);
+        let zero_sums =
+            || ProblemSums::zeros(d, o, sums_form, multiplicative).with_input_sums(d, input_sums);
+        let mut total = zero_sums();
         let combine = |g: usize, (all, solutions): Block| -> Result<()> {
             if let Some(solutions) = solutions {
                 acc.add_solutions(solutions)?;
@@ -454,7 +465,7 @@ impl OpSpec {
             if g % per_problem == per_problem - 1 {
                 // the last block of a problem
                 acc.add_sums((g / per_problem) as i64, &total)?;
-                total = ProblemSums::zeros(d, o, sums_form, multiplicative);
+                total = zero_sums();
             }
             Ok(())
         };
@@ -487,7 +498,13 @@ impl OpSpec {
         }
         // every block ran (else the call failed above): all the kept scores and the
         // sums of whole problems are written
-        drop((kept_slots, sum_slots, objective_slots, weighted_slots));
+        drop((
+            kept_slots,
+            sum_slots,
+            objective_slots,
+            weighted_slots,
+            input_slots,
+        ));
         if let Some(mut kept) = kept {
             // SAFETY: the room holds `all_scores` floats (reserved by the accumulator for
             // batch · N · d), and every block ran (else the call failed above, dropping the

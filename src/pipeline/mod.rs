@@ -23,6 +23,15 @@ use crate::tensors::HostFloats;
 use tch::{Device, Tensor};
 
 pub(crate) use plan::OpSpec;
+
+/// What a forward call computes besides y_σ(θ) (and F_σ(θ) for square ops).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Wants {
+    /// The Jacobian, for a tape.
+    pub jacobian: bool,
+    /// Σ x_n, the perturbed inputs (the Fenchel-Young loss's bound).
+    pub input_sums: bool,
+}
 pub(crate) use solve::{HostSolver, SolverKind, Source};
 
 impl OpSpec {
@@ -47,10 +56,11 @@ impl OpSpec {
         &self,
         theta: &Tensor,
         call: u64,
-        want_jacobian: bool,
+        wants: Wants,
         source: Source<'_>,
         stop: Stop<'_>,
     ) -> Result<Estimate> {
+        let want_jacobian = wants.jacobian;
         let c = &self.config;
         let batch = theta.size()[0] as usize;
         let (d, o, n) = (
@@ -111,7 +121,7 @@ impl OpSpec {
             c.sigma(),
             form,
             redraw,
-            square,
+            (square, square && wants.input_sums),
             self.device,
         )?;
         // the fused argmax, for the op's own calls and for the solutions of its draws
@@ -143,6 +153,7 @@ impl OpSpec {
                     jacobian: form.is_some(),
                     last: *self.input_shape.last().expect("built-ins have rank >= 1") as usize,
                     stop,
+                    input_sums: acc.keeps_input_sums(),
                 };
                 let cores = c.library_threads();
                 // read in place: no code of the caller's runs during the call

@@ -346,8 +346,80 @@ static bool two_phase_fenchel_young_equals_the_callback_one(void) {
   return true;
 }
 
+/* argmin of each row of 3: the solver of a minimizing problem */
+static int32_t solve_argmin3(void *user_data, const float *x, size_t count, float *y) {
+  (void)user_data;
+  for (size_t r = 0; r < count; r++) {
+    size_t best = 0;
+    for (size_t i = 1; i < 3; i++)
+      if (x[3 * r + i] < x[3 * r + best]) best = i;
+    for (size_t i = 0; i < 3; i++) y[3 * r + i] = i == best ? 1.0f : 0.0f;
+  }
+  return 0;
+}
+
+/* pert_fenchel_young_with_bound: the loss of an exact solver is never below the bound, a
+ * solver of the other sense falls below it; with the bound the loss and gradient are
+ * those of pert_fenchel_young; NULL bound; the two-phase form; nothing written on error. */
+static bool the_fenchel_young_bound_catches_a_wrong_sense(void) {
+  enum { B = 4 };
+  const float theta[B * 3] = {0.3f, -0.1f, 0.2f, 0.0f, 0.5f, 0.1f, -0.2f, 0.2f, 0.1f, 0.4f, 0.4f, 0.0f};
+  const float y_true[B * 3] = {0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1};
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_OK(pert_config_set_device(c, "cpu"));
+  CHECK_OK(pert_config_set_num_samples(c, 200));
+  CHECK_OK(pert_config_set_sigma(c, 0.3));
+  pert_op *right = NULL, *wrong = NULL, *twin = NULL, *ext = NULL;
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &right));
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &twin));
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmin3, NULL, &wrong));
+  CHECK_OK(pert_op_new_external(c, SHAPE3, 1, SHAPE3, 1, &ext));
+  float loss[B], grad[B * 3], bound[B], want_loss[B], want_grad[B * 3];
+  CHECK_OK(pert_fenchel_young_with_bound(right, theta, y_true, B, loss, grad, bound));
+  CHECK_OK(pert_fenchel_young(twin, theta, y_true, B, want_loss, want_grad));
+  CHECK(memcmp(loss, want_loss, sizeof loss) == 0 && memcmp(grad, want_grad, sizeof grad) == 0);
+  for (int b = 0; b < B; b++) CHECK(loss[b] >= bound[b] - 1e-5f);
+  CHECK_OK(pert_fenchel_young_with_bound(wrong, theta, y_true, B, loss, NULL, bound));
+  int below = 0;
+  for (int b = 0; b < B; b++) below += loss[b] < bound[b] - 0.01f;
+  CHECK(below >= 3);
+  /* the draw's form, on the same noise (the external op's call 0 is the ops' call 0) */
+  pert_draw *draw = NULL;
+  CHECK_OK(pert_draw_new(ext, theta, B, &draw));
+  size_t rows = pert_draw_count(draw);
+  float *solutions = malloc(rows * 3 * sizeof(float));
+  CHECK(solutions != NULL);
+  CHECK(solve_argmax(&D3, pert_draw_inputs(draw), rows, solutions) == 0);
+  float draw_loss[B], draw_bound[B];
+  CHECK_OK(pert_draw_fenchel_young_with_bound(draw, solutions, y_true, draw_loss, NULL, draw_bound));
+  CHECK(memcmp(draw_loss, want_loss, sizeof draw_loss) == 0);
+  for (int b = 0; b < B; b++) CHECK(draw_loss[b] >= draw_bound[b] - 1e-5f);
+  /* errors: nothing written, the bound included */
+  float bad[B * 3];
+  memcpy(bad, y_true, sizeof bad);
+  bad[2] = NAN;
+  bound[0] = -9;
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_fenchel_young_with_bound(right, theta, bad, B, loss, grad, bound));
+  CHECK(bound[0] == -9);
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT,
+               pert_draw_fenchel_young_with_bound(draw, solutions, bad, loss, grad, bound));
+  CHECK(bound[0] == -9);
+  /* NULL: as without the bound */
+  CHECK_OK(pert_fenchel_young_with_bound(right, theta, y_true, B, loss, NULL, NULL));
+  free(solutions);
+  pert_draw_free(draw);
+  pert_op_free(right);
+  pert_op_free(twin);
+  pert_op_free(wrong);
+  pert_op_free(ext);
+  pert_config_free(c);
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
+      TEST(the_fenchel_young_bound_catches_a_wrong_sense),
       TEST(version_matches_header),
       TEST(status_names_cover_every_code),
       TEST(last_error_copies_truncates_and_terminates),

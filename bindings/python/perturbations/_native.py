@@ -120,6 +120,7 @@ _SIG = {
     "pert_op_output_numel": ([P], ctypes.c_size_t),
     "pert_forward": ([P, F, ctypes.c_size_t, F, ctypes.POINTER(P)], ctypes.c_uint32),
     "pert_fenchel_young": ([P, F, F, ctypes.c_size_t, F, F], ctypes.c_uint32),
+    "pert_fenchel_young_with_bound": ([P, F, F, ctypes.c_size_t, F, F, F], ctypes.c_uint32),
     "pert_tape_vjp": ([P, F, F], ctypes.c_uint32),
     "pert_tape_jvp": ([P, F, F], ctypes.c_uint32),
     "pert_tape_jacobian": ([P, F], ctypes.c_uint32),
@@ -132,6 +133,7 @@ _SIG = {
     "pert_draw_finish": ([P, F, F, ctypes.POINTER(P)], ctypes.c_uint32),
     "pert_draw_free": ([P], None),
     "pert_draw_fenchel_young": ([P, F, F, F, F], ctypes.c_uint32),
+    "pert_draw_fenchel_young_with_bound": ([P, F, F, F, F, F], ctypes.c_uint32),
     "pert_solver_set_error": ([ctypes.c_char_p], None),
 }
 

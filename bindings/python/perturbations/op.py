@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 
 import numpy as np
@@ -16,7 +17,7 @@ from . import _native
 from ._arrays import as_host, ptr, shape_of, split_batch
 from ._native import P, lib
 from .config import Config, choice
-from .errors import InvalidArgumentError, SolverFailedError, _check
+from .errors import InvalidArgumentError, SenseWarning, SolverFailedError, _check
 
 __all__ = ["Op", "Tape", "Draw"]
 
@@ -224,6 +225,31 @@ def _keep_error(errors, e):
         errors.append(e)
 
 
+def _unraisable(hook):
+    """sys.unraisablehook: an exception raised in one of our callbacks before its `try`
+    (a KeyboardInterrupt delivered at the callback's first instruction), which ctypes
+    would print and drop, is kept for the call to raise; others go to `hook`."""
+
+    def keep(unraisable):
+        errors = getattr(unraisable.object, "_pert_errors", None)
+        if errors is not None and unraisable.exc_value is not None:
+            _keep_error(errors, unraisable.exc_value)
+        else:
+            hook(unraisable)
+
+    return keep
+
+
+sys.unraisablehook = _unraisable(sys.unraisablehook)
+
+
+def _callback(kind, f, errors):
+    """A ctypes callback of `f`, whose exceptions raised before its own `try` are kept in
+    `errors` too (see _unraisable)."""
+    f._pert_errors = errors
+    return kind(f)
+
+
 def _solver_callback(py, errors):
     """The C callback (pert_solver_fn) of a Python solver: an exception is kept in `errors`
     for the call to raise. It holds no reference to the op."""
@@ -236,7 +262,7 @@ def _solver_callback(py, errors):
             _keep_error(errors, e)
             return 1
 
-    return _native.SOLVER(call)
+    return _callback(_native.SOLVER, call, errors)
 
 
 class _Workers:
@@ -270,8 +296,9 @@ class _Workers:
                 _keep_error(errors, e)
                 return 1
 
-        self.c_init, self.c_fini, self.c_solve = _native.WORKER_INIT(init), _native.WORKER_FINI(fini), \
-            _native.SOLVER_EX(solve)
+        self.c_init = _callback(_native.WORKER_INIT, init, errors)
+        self.c_fini = _callback(_native.WORKER_FINI, fini, [])
+        self.c_solve = _callback(_native.SOLVER_EX, solve, errors)
 
 
 # every live op by its id (torch custom ops take ops by id)
@@ -562,7 +589,10 @@ class Op(_Handle):
         y = self._targets(y_true, batch_shape + self.input_shape).reshape(a.shape)
         loss = np.empty((a.shape[0],), dtype=np.float32)
         grad = np.empty(a.shape, dtype=np.float32)
-        self._call(lib.pert_fenchel_young, ptr(a), ptr(y), a.shape[0], ptr(loss), ptr(grad), work=self._work(a))
+        bound = np.empty((a.shape[0],), dtype=np.float32)
+        self._call(lib.pert_fenchel_young_with_bound, ptr(a), ptr(y), a.shape[0], ptr(loss), ptr(grad), ptr(bound),
+                   work=self._work(a))
+        _check_sense(loss, bound, a, y, self.sense, "solver")
         return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
 
     def draw(self, theta):
@@ -572,6 +602,25 @@ class Op(_Handle):
 
 _FORK_LOCK = threading.Lock()
 _LONG_CALL_SECONDS = 0.02
+
+
+def _check_sense(loss, bound, theta, y, sense, what):
+    """Warns (SenseWarning) when a problem's Fenchel-Young loss is below the bound its own
+    draws give for exact solutions and a feasible target, beyond float rounding."""
+    if not loss.size:
+        return
+    dot = np.einsum("bd,bd->b", theta.astype(np.float64), y.astype(np.float64))
+    tol = 1e-4 * (np.abs(loss) + np.abs(bound) + np.abs(dot)) + 1e-5
+    below = np.flatnonzero(loss.astype(np.float64) < bound.astype(np.float64) - tol)
+    if below.size:
+        b = int(below[0])
+        other = "minimize" if sense == "maximize" else "maximize"
+        warnings.warn(
+            f"perturbations: the Fenchel-Young loss of {below.size} of {loss.size} problems is below the lower bound "
+            f"that the call's own draws give for exact {what} and a feasible target (problem {b}: loss "
+            f"{float(loss[b]):.6g} < bound {float(bound[b]):.6g}). The op's sense is {sense!r}: if the solver "
+            f"{other}s, make the Config with sense={other!r}; else the {what} are not optimal, or y_true is not a "
+            f"feasible solution.", SenseWarning, stacklevel=3)
 
 
 def _run_interruptibly(h, fn, args):
@@ -624,6 +673,7 @@ class Draw(_Handle):
     def __init__(self, op, theta):
         self.batch_shape, a, self._back = op._theta(theta)
         self.op, self.batch = op, a.shape[0]
+        self._theta_flat = a
         h = P()
         op._call(lib.pert_draw_new, ptr(a), a.shape[0], ctypes.byref(h))  # takes its turn
         super().__init__(h)
@@ -664,6 +714,10 @@ class Draw(_Handle):
             s = self._solutions(solutions)
             loss = np.empty((self.batch,), dtype=np.float32)
             grad = np.empty(full, dtype=np.float32)
-            _check(lib.pert_draw_fenchel_young(self.handle, ptr(s), ptr(y), ptr(loss), ptr(grad)))
+            bound = np.empty((self.batch,), dtype=np.float32)
+            _check(lib.pert_draw_fenchel_young_with_bound(self.handle, ptr(s), ptr(y), ptr(loss), ptr(grad),
+                                                          ptr(bound)))
+        theta = np.ascontiguousarray(self._theta_flat)
+        _check_sense(loss, bound, theta, y, self.op.sense, "solutions")
         return self._back(loss.reshape(self.batch_shape)), \
             self._back(grad.reshape(self.batch_shape + self.op.input_shape))

@@ -163,7 +163,7 @@ impl Accumulator {
         };
         let objective = match self.objective.take() {
             None => None,
-            Some((mut objective, sum_wy)) => {
+            Some((mut objective, sum_wy, sum_x)) => {
                 let value: Vec<f64> = host_slice::<f64>(&mut objective)
                     .iter()
                     .map(|&x| x / nf)
@@ -174,6 +174,7 @@ impl Accumulator {
                         Perturbation::Additive => self.sum_y,
                         Perturbation::Multiplicative => sum_wy,
                     },
+                    sum_x: (sum_x.size()[1] > 0).then_some(sum_x),
                     n: nf,
                 })
             }

@@ -29,7 +29,7 @@ using ChainRulesCore
 using Libdl
 
 export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
-export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, inputs, finish, free!, interrupt!
+export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
 export NOISE_NORMAL, NOISE_GUMBEL, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
@@ -386,7 +386,7 @@ end
 # checked against the header by tests/julia_binding.rs like the @ccalls.
 
 const PERT_FORWARD = Ref{Ptr{Cvoid}}(C_NULL)
-const PERT_FENCHEL_YOUNG = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_FENCHEL_YOUNG_WITH_BOUND = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_OP_FREE = Ref{Ptr{Cvoid}}(C_NULL)
 
 function gc_safe_forward(op::Ptr{Cvoid}, theta::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
@@ -399,11 +399,11 @@ function gc_safe_forward(op::Ptr{Cvoid}, theta::Ptr{Float32}, batch::Csize_t, ou
 end
 
 function gc_safe_fenchel_young(op::Ptr{Cvoid}, theta::Ptr{Float32}, y_true::Ptr{Float32}, batch::Csize_t,
-                               loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
-    fn = PERT_FENCHEL_YOUNG[]
+                               loss::Ptr{Float32}, grad::Ptr{Float32}, bound::Ptr{Float32})::UInt32
+    fn = PERT_FENCHEL_YOUNG_WITH_BOUND[]  # the bound may be C_NULL
     state = ccall(:jl_gc_safe_enter, Int8, ())
-    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Float32}), op, theta,
-        y_true, batch, loss, grad)
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Float32},
+        Ptr{Float32}), op, theta, y_true, batch, loss, grad, bound)
     ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
     return status
 end
@@ -599,7 +599,7 @@ function __init__()
         "this package needs $(LIBRARY_VERSION[1]).$(LIBRARY_VERSION[2]).x")
     handle = Libdl.dlopen(libperturbations)
     PERT_FORWARD[] = Libdl.dlsym(handle, :pert_forward)
-    PERT_FENCHEL_YOUNG[] = Libdl.dlsym(handle, :pert_fenchel_young)
+    PERT_FENCHEL_YOUNG_WITH_BOUND[] = Libdl.dlsym(handle, :pert_fenchel_young_with_bound)
     PERT_OP_FREE[] = Libdl.dlsym(handle, :pert_op_free)
     TRAMPOLINE[] = @cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
@@ -717,11 +717,36 @@ function fenchel_young_with_grad(op::Op, theta::AbstractMatrix, y_true::Abstract
     grad = Matrix{Float32}(undef, op.d, batch)
     call(op) do
         op.workers && return GC.@preserve th yt loss grad gc_safe_fenchel_young(op.handle, pointer(th), pointer(yt),
-            Csize_t(batch), pointer(loss), pointer(grad))
+            Csize_t(batch), pointer(loss), pointer(grad), Ptr{Float32}(C_NULL))
         @ccall libperturbations.pert_fenchel_young(op::Ptr{Cvoid}, th::Ptr{Float32}, yt::Ptr{Float32}, batch::Csize_t,
             loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
     end
     return loss, grad
+end
+
+"""
+    fenchel_young_with_bound(op, θ, y_true) -> (loss, grad, bound)
+
+The loss and its gradient as `fenchel_young_with_grad`, and the lower bound of each
+problem's loss (length batch) that the call's own draws give for an exact solver and a
+feasible target: sign ⋅ ⟨mean perturbed input − θ, y_true⟩ (see
+`pert_fenchel_young_with_bound`). A loss below it, beyond rounding, means the sense is
+wrong, the solver is not exact, or `y_true` is not feasible.
+"""
+function fenchel_young_with_bound(op::Op, theta::AbstractMatrix, y_true::AbstractMatrix)
+    batch = batch_of(op, theta)
+    size(y_true) == size(theta) || throw(DimensionMismatch("y_true must be $(size(theta)), got $(size(y_true))"))
+    th, yt = Matrix{Float32}(theta), Matrix{Float32}(y_true)
+    loss = Vector{Float32}(undef, batch)
+    grad = Matrix{Float32}(undef, op.d, batch)
+    bound = Vector{Float32}(undef, batch)
+    call(op) do
+        op.workers && return GC.@preserve th yt loss grad bound gc_safe_fenchel_young(op.handle, pointer(th),
+            pointer(yt), Csize_t(batch), pointer(loss), pointer(grad), pointer(bound))
+        @ccall libperturbations.pert_fenchel_young_with_bound(op::Ptr{Cvoid}, th::Ptr{Float32}, yt::Ptr{Float32},
+            batch::Csize_t, loss::Ptr{Float32}, grad::Ptr{Float32}, bound::Ptr{Float32})::UInt32
+    end
+    return loss, grad, bound
 end
 
 function ChainRulesCore.rrule(::typeof(forward), op::Op, theta::AbstractMatrix)
@@ -844,6 +869,25 @@ function fenchel_young_with_grad(d::Draw, solutions::AbstractMatrix, y_true::Abs
     check(@ccall libperturbations.pert_draw_fenchel_young(d::Ptr{Cvoid}, s::Ptr{Float32}, y::Ptr{Float32},
         loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32)
     return loss, grad
+end
+
+"""
+    fenchel_young_with_bound(draw, solutions, y_true) -> (loss, grad, bound)
+
+`fenchel_young_with_grad(draw, solutions, y_true)` and the lower bound of each problem's
+loss for optimal solutions and feasible targets (see `fenchel_young_with_bound(op, ...)`).
+"""
+function fenchel_young_with_bound(d::Draw, solutions::AbstractMatrix, y_true::AbstractMatrix)
+    s = Matrix{Float32}(solutions)
+    y = Matrix{Float32}(y_true)
+    size(s) == (d.o, draw_count(d)) || throw(DimensionMismatch("solutions must be $((d.o, draw_count(d))), got $(size(s))"))
+    size(y) == (d.d, d.batch) || throw(DimensionMismatch("y_true must be $((d.d, d.batch)), got $(size(y))"))
+    loss = Vector{Float32}(undef, d.batch)
+    grad = Matrix{Float32}(undef, d.d, d.batch)
+    bound = Vector{Float32}(undef, d.batch)
+    check(@ccall libperturbations.pert_draw_fenchel_young_with_bound(d::Ptr{Cvoid}, s::Ptr{Float32},
+        y::Ptr{Float32}, loss::Ptr{Float32}, grad::Ptr{Float32}, bound::Ptr{Float32})::UInt32)
+    return loss, grad, bound
 end
 
 # ---- ownership ---------------------------------------------------------------------

@@ -61,6 +61,22 @@ end
         @test P.batch(tape) == 2
     end
 
+    @testset "the Fenchel-Young bound catches a wrong sense; interrupt!" begin
+        θ = Float32[-0.6 -0.6; 1.9 1.0; -0.2 -0.2; 1.1 1.8; -1.0 -1.0]
+        target = Float32[0 0; 1 0; 0 0; 0 1; 0 0]
+        right = Op(argmax_solver, Config(num_samples=500, sigma=0.5, seed=2, device="cpu"), (5,), (5,))
+        loss, grad, bound = fenchel_young_with_bound(right, θ, target)
+        @test all(loss .>= bound .- 1f-4)
+        @test grad ≈ P.fenchel_young_with_grad(Op(argmax_solver, Config(num_samples=500, sigma=0.5, seed=2,
+            device="cpu"), (5,), (5,)), θ, target)[2]
+        argmin_solver(x) = argmax_solver(-x)
+        wrong = Op(argmin_solver, Config(num_samples=500, sigma=0.5, seed=2, device="cpu"), (5,), (5,))
+        loss, _, bound = fenchel_young_with_bound(wrong, θ, target)
+        @test all(loss .< bound .- 0.1f0)
+        interrupt!(right)   # no call runs: nothing happens, later calls are not affected
+        @test size(forward(right, θ)) == (5, 2)
+    end
+
     @testset "built-in solver and two-phase API" begin
         config = Config(num_samples=2000, sigma=0.5, noise=NOISE_GUMBEL, device="cpu")
         builtin = Op(config, BUILTIN_ARGMAX; input_shape=(3,))
