@@ -271,7 +271,7 @@ impl PerturbedOp {
         };
         let (_, theta_dev, estimate) = self.estimate(theta, wants)?;
         let (loss, grad, bound) = crate::fenchel_young::from_estimate(
-            self.config().sense(),
+            (self.config().sense(), self.config().sigma()),
             &theta_dev,
             y_true,
             estimate,

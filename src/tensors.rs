@@ -46,6 +46,25 @@ pub(crate) fn host_floats(t: &Tensor) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// The values of a float64 tensor, flattened, on the host (a copy).
+pub(crate) fn host_doubles(t: &Tensor) -> Result<Vec<f64>> {
+    let host = t
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(tch::Kind::Double)?
+        .f_contiguous()?;
+    let n = host.numel();
+    let mut out = Vec::with_capacity(n);
+    if n > 0 {
+        // SAFETY: a contiguous CPU float64 tensor of n elements, into the Vec's room for n
+        // doubles, which are then all initialized.
+        unsafe {
+            std::ptr::copy_nonoverlapping(host.data_ptr() as *const f64, out.as_mut_ptr(), n);
+            out.set_len(n);
+        }
+    }
+    Ok(out)
+}
+
 /// The values of a float32 tensor, flattened, on the host: borrowed from `t` itself when it
 /// is a contiguous CPU float32 tensor (no copy), else copied (see [`host_floats`]).
 pub(crate) enum HostFloats {

@@ -199,7 +199,7 @@ impl Draw {
             Stop::NEVER,
         )?;
         let (loss, grad, bound) = crate::fenchel_young::from_estimate(
-            self.spec.config.sense(),
+            (self.spec.config.sense(), self.spec.config.sigma()),
             &self.theta,
             y_true,
             estimate,

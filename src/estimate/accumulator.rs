@@ -14,6 +14,9 @@ use tch::{Device, Kind, Tensor};
 
 mod host_finish;
 mod host_sums;
+mod objective;
+
+pub(crate) use objective::Objective;
 
 /// What one forward call estimated.
 pub(crate) struct Estimate {
@@ -23,32 +26,6 @@ pub(crate) struct Estimate {
     pub jacobian: Option<JacobianData>,
     /// F_σ(θ) and what its gradient is made from, when output shape = input shape.
     pub objective: Option<Objective>,
-}
-
-/// The perturbed objective of a call: F_σ(θ) = E[⟨perturbed input, Y⟩] `[batch]` (float64),
-/// and its gradient on demand (only the Fenchel-Young loss needs it).
-pub(crate) struct Objective {
-    pub value: Tensor,
-    /// Σ Y_n (additive) or Σ exp(σZ_n − σ²/2) ⊙ Y_n (multiplicative), `[batch, d]` float64.
-    sum: Tensor,
-    /// Σ x_n, the perturbed inputs, `[batch, d]` float64, when asked for.
-    sum_x: Option<Tensor>,
-    n: f64,
-}
-
-impl Objective {
-    /// ∇F_σ(θ) `[batch, d]` (float64): the sum over N.
-    pub fn grad(&self) -> Result<Tensor> {
-        Ok(self.sum.f_div_scalar(self.n)?)
-    }
-
-    /// The mean perturbed input `[batch, d]` (float64), when the call kept its sum.
-    pub fn input_mean(&self) -> Result<Option<Tensor>> {
-        Ok(match &self.sum_x {
-            Some(sum_x) => Some(sum_x.f_div_scalar(self.n)?),
-            None => None,
-        })
-    }
 }
 
 enum JacobianSums {

@@ -26,6 +26,6 @@ pub(crate) mod form;
 pub(crate) mod jacobian;
 pub(crate) mod replay;
 
-pub(crate) use accumulator::{Accumulator, Estimate};
+pub(crate) use accumulator::{Accumulator, Estimate, Objective};
 pub use form::TapeForm;
 pub(crate) use jacobian::JacobianData;

@@ -481,11 +481,12 @@ pub unsafe extern "C" fn pert_fenchel_young(
 /// sign * <mean perturbed input - theta, y_true> (sign 1 maximizing, -1 minimizing; the
 /// mean perturbed input is theta + sigma * mean Z for the additive perturbation). Each
 /// sample's solution does at least as well as y_true on its own perturbed input, so the
-/// estimated loss is never below this bound, for every draw. A loss below it, beyond
-/// float rounding (about 1e-5 of the magnitudes of the loss and of <theta, y_true>),
-/// means that the sense is wrong (a minimizing solver with `PERT_SENSE_MAXIMIZE` gives the
-/// reverse inequality), the solver is not exact, or y_true is not a feasible solution.
-/// Keeping the bound costs one sum of the perturbed inputs per problem.
+/// estimated loss is never below this bound, for every draw. The bound written is lowered by
+/// an allowance for the rounding of the loss, 1e-4 * (|F_sigma(theta)| + |<theta, y_true>| +
+/// sigma * sum |y_true|), so that a loss below it means that the sense is wrong (a
+/// minimizing solver with `PERT_SENSE_MAXIMIZE` gives the reverse inequality), the solver
+/// is not exact, or y_true is not a feasible solution. Keeping the bound costs one sum of
+/// the perturbed inputs per problem.
 ///
 /// @param bound  NULL (then as `pert_fenchel_young`), or receives `batch` floats; must not
 ///               overlap the other outputs (it may overlap the inputs).

@@ -30,7 +30,13 @@ def as_host(x, what):
                                           "Perturbed / FenchelYoungLoss), which support the transforms")
         device = x.device
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-        host = np.require(x.detach().to("cpu", torch.float32).contiguous().numpy(), np.float32, ["C", "A"])
+        x = x.detach()
+        if dtype == torch.float32 and device.type == "cpu":
+            # the common case: the tensor's own memory (or a contiguous copy), no conversion back
+            host = (x if x.is_contiguous() else x.contiguous()).numpy()
+            if host.ctypes.data % 4 == 0:
+                return host, torch.from_numpy
+        host = np.require(x.to("cpu", torch.float32).contiguous().numpy(), np.float32, ["C", "A"])
 
         def back(a):
             return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
@@ -70,5 +76,6 @@ def shape_of(shape, what):
 
 
 def ptr(a):
-    import ctypes
-    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if a.size else None
+    """The address of a's data (the library's float pointers are declared void pointers,
+    which take addresses as ints: no ctypes object per argument), or None when empty."""
+    return a.ctypes.data if a.size else None

@@ -592,7 +592,7 @@ class Op(_Handle):
         bound = np.empty((a.shape[0],), dtype=np.float32)
         self._call(lib.pert_fenchel_young_with_bound, ptr(a), ptr(y), a.shape[0], ptr(loss), ptr(grad), ptr(bound),
                    work=self._work(a))
-        _check_sense(loss, bound, a, y, self.sense, "solver")
+        _check_sense(loss, bound, self.sense, True)
         return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
 
     def draw(self, theta):
@@ -604,23 +604,25 @@ _FORK_LOCK = threading.Lock()
 _LONG_CALL_SECONDS = 0.02
 
 
-def _check_sense(loss, bound, theta, y, sense, what):
+def _check_sense(loss, bound, sense, solved_by_op):
     """Warns (SenseWarning) when a problem's Fenchel-Young loss is below the bound its own
-    draws give for exact solutions and a feasible target, beyond float rounding."""
-    if not loss.size:
+    draws give for exact solutions and a feasible target (the library's bound allows for
+    rounding already). The message stays the same from call to call, so that Python's
+    warning filters show it once per place; the instance carries `problems`, `loss` and
+    `bound`."""
+    below = loss < bound
+    if not below.any():
         return
-    dot = np.einsum("bd,bd->b", theta.astype(np.float64), y.astype(np.float64))
-    tol = 1e-4 * (np.abs(loss) + np.abs(bound) + np.abs(dot)) + 1e-5
-    below = np.flatnonzero(loss.astype(np.float64) < bound.astype(np.float64) - tol)
-    if below.size:
-        b = int(below[0])
-        other = "minimize" if sense == "maximize" else "maximize"
-        warnings.warn(
-            f"perturbations: the Fenchel-Young loss of {below.size} of {loss.size} problems is below the lower bound "
-            f"that the call's own draws give for exact {what} and a feasible target (problem {b}: loss "
-            f"{float(loss[b]):.6g} < bound {float(bound[b]):.6g}). The op's sense is {sense!r}: if the solver "
-            f"{other}s, make the Config with sense={other!r}; else the {what} are not optimal, or y_true is not a "
-            f"feasible solution.", SenseWarning, stacklevel=3)
+    other = "minimize" if sense == "maximize" else "maximize"
+    exact = "an exact solver" if solved_by_op else "optimal solutions"
+    cause = "the solver is not exact" if solved_by_op else "the solutions are not optimal"
+    warning = SenseWarning(
+        f"perturbations: a Fenchel-Young loss is below the lower bound that its call's own draws give for "
+        f"{exact} and a feasible target. The op's sense is {sense!r}: if the problems are to be {other}d, make "
+        f"the Config with sense={other!r}; else {cause}, or y_true is not a feasible solution.")
+    warning.problems = np.flatnonzero(below)
+    warning.loss, warning.bound = loss[below], bound[below]
+    warnings.warn(warning, stacklevel=3)
 
 
 def _run_interruptibly(h, fn, args):
@@ -673,7 +675,6 @@ class Draw(_Handle):
     def __init__(self, op, theta):
         self.batch_shape, a, self._back = op._theta(theta)
         self.op, self.batch = op, a.shape[0]
-        self._theta_flat = a
         h = P()
         op._call(lib.pert_draw_new, ptr(a), a.shape[0], ctypes.byref(h))  # takes its turn
         super().__init__(h)
@@ -717,7 +718,6 @@ class Draw(_Handle):
             bound = np.empty((self.batch,), dtype=np.float32)
             _check(lib.pert_draw_fenchel_young_with_bound(self.handle, ptr(s), ptr(y), ptr(loss), ptr(grad),
                                                           ptr(bound)))
-        theta = np.ascontiguousarray(self._theta_flat)
-        _check_sense(loss, bound, theta, y, self.op.sense, "solutions")
+        _check_sense(loss, bound, self.op.sense, False)
         return self._back(loss.reshape(self.batch_shape)), \
             self._back(grad.reshape(self.batch_shape + self.op.input_shape))

@@ -52,10 +52,6 @@ def _dual(t):
         return False
 
 
-def _needs_graph(*ts):
-    return any((torch.is_grad_enabled() and t.requires_grad) or _dual(t) or _wrapped(t) for t in ts)
-
-
 def _check_op(op):
     if not isinstance(op, Op):
         raise TypeError(f"op must be a perturbations.Op, got {type(op).__name__}")
@@ -93,10 +89,12 @@ def _product(tape, which, v):
         raise InvalidArgumentError(2, f"perturbations: a {which} product needs [..., {', '.join(map(str, per))}],"
                                       f" got {list(v.shape)}")
     lead = tuple(v.shape[:v.dim() - k])
+    fn = tape.vjp if which == "vjp" else tape.jvp
+    if not lead and bool(torch.isfinite(v).all()):
+        return fn(v)  # one cotangent per problem, all finite: the product as it is
     rows = v.reshape((math.prod(lead), tape.batch, math.prod(inner)))
     finite = torch.isfinite(rows).all(dim=2)
     clean = torch.where(finite.unsqueeze(2), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-    fn = tape.vjp if which == "vjp" else tape.jvp
     out = torch.stack([fn(r.reshape((tape.batch,) + tuple(inner))) for r in clean.unbind(0)])
     out = out.reshape((rows.shape[0], tape.batch, -1)).to(device=v.device, dtype=v.dtype)
     if not bool(finite.all()):
@@ -146,6 +144,30 @@ class _TapeProduct(torch.autograd.Function):
         return _TapeProduct.apply(v, theta, tape, which), 0
 
 
+def _vjp(ctx, grad_y):
+    """The backward of both forms: without create_graph the product itself (no graph to
+    make); with it, a _TapeProduct node, whose own derivative in theta is refused."""
+    tape, theta = _tape(ctx)
+    if not torch.is_grad_enabled():
+        return _product(tape, "vjp", grad_y)
+    return _TapeProduct.apply(grad_y, theta, tape, "vjp")
+
+
+class _PlainPerturbed(torch.autograd.Function):
+    """The eager autograd form (no torch.func transform, no dual tensor): the classic
+    signature, which torch applies without binding arguments per call."""
+
+    @staticmethod
+    def forward(ctx, theta, op):
+        y, tape = op.forward_with_tape(theta.detach())
+        _keep_tape(ctx, tape, theta)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _vjp(ctx, grad_y), None
+
+
 class _Perturbed(torch.autograd.Function):
     @staticmethod
     def forward(theta, op):
@@ -157,8 +179,7 @@ class _Perturbed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _):
-        tape, theta = _tape(ctx)
-        return _TapeProduct.apply(grad_y, theta, tape, "vjp"), None
+        return _vjp(ctx, grad_y), None
 
     @staticmethod
     def jvp(ctx, theta_t, _):
@@ -181,9 +202,35 @@ def perturbed(op: Op, theta: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and theta.requires_grad:
             return _compile.perturbed(theta, op.id)[0]
         return _compile.forward(theta, op.id)
-    if not _needs_graph(theta):
-        return op.forward(theta)
-    return _Perturbed.apply(theta, op)[0]
+    if _wrapped(theta) or _dual(theta):
+        return _Perturbed.apply(theta, op)[0]
+    if torch.is_grad_enabled() and theta.requires_grad:
+        return _PlainPerturbed.apply(theta, op)
+    return op.forward(theta)
+
+
+def _fy_backward(ctx, grad_loss):
+    grad, theta = ctx.saved_tensors
+    per = grad_loss.reshape(grad_loss.shape + (1,) * ctx.inner)
+    g_theta = grad * per if ctx.needs_input_grad[0] else None
+    g_y = ctx.sign * theta * per if ctx.needs_input_grad[1] else None
+    return g_theta, g_y, None
+
+
+class _PlainFenchelYoung(torch.autograd.Function):
+    """The eager autograd form of the loss (see _PlainPerturbed)."""
+
+    @staticmethod
+    def forward(ctx, theta, y_true, op):
+        loss, grad = op.fenchel_young(theta.detach(), y_true.detach())
+        ctx.save_for_backward(grad, theta)
+        ctx.sign = -1.0 if op.sense == "maximize" else 1.0
+        ctx.inner = len(op.input_shape)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _fy_backward(ctx, grad_loss)
 
 
 class _FenchelYoung(torch.autograd.Function):
@@ -203,11 +250,7 @@ class _FenchelYoung(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _):
-        grad, theta = ctx.saved_tensors
-        per = grad_loss.reshape(grad_loss.shape + (1,) * ctx.inner)
-        g_theta = grad * per if ctx.needs_input_grad[0] else None
-        g_y = ctx.sign * theta * per if ctx.needs_input_grad[1] else None
-        return g_theta, g_y, None
+        return _fy_backward(ctx, grad_loss)
 
     @staticmethod
     def jvp(ctx, theta_t, y_t, _):
@@ -257,8 +300,10 @@ def fenchel_young(op: Op, theta: torch.Tensor, y_true, reduction: str = "none") 
                                       f"{list(theta.shape)}") from None
     if torch.compiler.is_compiling():
         loss = _compile.fenchel_young(theta, y, op.id)[0]
-    elif _needs_graph(theta, y):
+    elif _wrapped(theta) or _wrapped(y) or _dual(theta) or _dual(y):
         loss = _FenchelYoung.apply(theta, y, op)[0]
+    elif torch.is_grad_enabled() and (theta.requires_grad or y.requires_grad):
+        loss = _PlainFenchelYoung.apply(theta, y, op)
     else:
         loss = op.fenchel_young(theta, y)[0]
     return _reduce(loss, reduction)

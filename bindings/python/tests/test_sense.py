@@ -33,13 +33,15 @@ def test_a_minimizing_solver_with_the_default_sense_warns():
     with pytest.warns(pt.SenseWarning, match="sense='minimize'") as record:
         loss, _ = op.fenchel_young(theta, y)
     assert issubclass(record[0].category, RuntimeWarning)
-    assert "is below the lower bound" in str(record[0].message)
+    warning = record[0].message
+    assert "is below the lower bound" in str(warning) and len(warning.problems) >= 16
+    assert (warning.loss < warning.bound).all() and (warning.loss < -1).any()
     # the reverse: a maximizing solver declared as minimizing
     with pytest.warns(pt.SenseWarning, match="sense='maximize'"):
         pt.Op(cfg(sense="minimize"), 40, 40, argmax_rows).fenchel_young(theta, y)
     # two-phase solutions of the wrong sense
     with pt.Op.external(cfg(), 40, 40).draw(theta) as draw:
-        with pytest.warns(pt.SenseWarning, match="solutions"):
+        with pytest.warns(pt.SenseWarning, match="solutions are not optimal"):
             draw.fenchel_young(argmin_rows(draw.inputs()), y)
 
 
