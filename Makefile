@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -234,6 +234,16 @@ bench: build
 	cc -std=c11 -O2 -shared -fPIC bench/bench_solvers.c -Iinclude -o target/bench/libbench_solvers.so
 	c++ -std=c++17 -O2 $(TORCH_CXX) bench/adapter_bench.cpp -Ibindings/cpp -o target/bench/adapter_bench $(LINK_PERT) $(TORCH_LINK)
 	"$(if $(LIBTORCH),python3,$(VENV)/bin/python)" bench/bench.py --out target/bench/results.md $(BENCH_FLAGS)
+	$(MAKE) --no-print-directory bench-python
+
+# Python against C for one training step (bench/python_vs_c.py): the installed package
+# against the same calls from C (bench/loss_step.c).
+bench-python: python-package
+	@mkdir -p target/bench
+	cc -std=c11 -O2 bench/loss_step.c examples/c/grid_shortest_path.c -o target/bench/loss_step $(LINK_PERT)
+	cc -std=c11 -O2 -shared -fPIC examples/c/grid_shortest_path.c -o target/bench/libgrid_shortest_path.so -lm
+	cd target && env -u PERTURBATIONS_LIB "$(VENV)/bin/python" ../bench/python_vs_c.py bench/loss_step bench/libgrid_shortest_path.so \
+	  | tee bench/python_vs_c.md
 
 # --- deep checks (also run by .ci/run) -----------------------------------------
 # Sanitizers (clang's ASan + UBSan, LeakSanitizer on) over the C and C++ harness, valgrind

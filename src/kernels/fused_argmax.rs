@@ -111,8 +111,10 @@ impl Kernel<'_> {
         let mut sums = ProblemSums::zeros(d, d, self.jacobian, multiplicative)
             .with_input_sums(d, self.input_sums);
         let (start, end) = (k * BLOCK, ((k + 1) * BLOCK).min(n));
-        let mut z = vec![0f32; TILE * d];
-        let mut s = vec![0f32; TILE * d];
+        // tiles of at most the block's rows (a problem of few samples zeroes no more)
+        let tile = TILE.min(end - start);
+        let mut z = vec![0f32; tile * d];
+        let mut s = vec![0f32; tile * d];
         let mut x = vec![0f32; d];
         let shift = 0.5 * self.sigma * self.sigma;
         let mut n0 = start;
