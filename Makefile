@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -100,7 +100,7 @@ test: build cargo-test cargo-test-debug ctest readme-example mpi-example glpk-ex
 PY_FRESH := target/python-fresh
 
 ifdef LIBTORCH
-python-package python-test python-example python-install-check:
+python-package python-test python-example python-install-check readme-python bench-python:
 	@echo "SKIPPED $@: LIBTORCH is set (the Python package runs in the torch venv the Makefile makes)"
 else
 python-package: build
@@ -110,7 +110,20 @@ python-package: build
 python-test: python-package
 	cd target && env -u PERTURBATIONS_LIB "$(VENV)/bin/python" -m pytest -q -p no:cacheprovider ../bindings/python/tests
 	$(MAKE) --no-print-directory python-install-check
+	$(MAKE) --no-print-directory readme-python
 	$(MAKE) --no-print-directory python-example
+
+# The README's Python walkthrough (the python block that starts `# walkthrough:`), run as
+# printed from another folder; its test regret must have fallen well below the untrained
+# model's (0.49).
+readme-python: python-package
+	@mkdir -p target/readme
+	awk '/^```python$$/{on=1; buf=""; next} on && /^```$$/{if (buf ~ /^# walkthrough:/) {printf "%s", buf; exit} on=0; next} on {buf = buf $$0 "\n"}' \
+	  README.md > target/readme/walkthrough.py
+	@test -s target/readme/walkthrough.py || { echo "no walkthrough block in README.md"; exit 1; }
+	cd /tmp && env -u PERTURBATIONS_LIB "$(VENV)/bin/python" "$(abspath target/readme/walkthrough.py)" | tee "$(abspath target/readme/walkthrough.out)"
+	@"$(VENV)/bin/python" -c 'import sys; r = float(open(sys.argv[1]).read().split(":")[-1]); \
+	  assert r < 0.2, f"walkthrough regret {r} (untrained 0.49)"; print("walkthrough regret", r, "< 0.2")' target/readme/walkthrough.out
 
 # `pip install ./bindings/python` in a fresh venv (torch reached through a .pth file, as
 # a second install of torch would take minutes), then `import perturbations` with no
@@ -130,6 +143,15 @@ python-install-check: python-package
 	  'import perturbations as pt, os; p = pt.library_path(); assert "site-packages" in p and os.path.isfile(p), p; print("fresh venv:", p)'
 	"$(VENV)/bin/python" -c 'import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
 	  assert "perturbations/libperturbations.so" in names, names; print("wheel:", sys.argv[1])' $(PY_FRESH)/wheels/perturbations-*.whl
+
+# Python against C for one training step (bench/python_vs_c.py): the installed package
+# against the same calls from C (bench/loss_step.c).
+bench-python: python-package
+	@mkdir -p target/bench
+	cc -std=c11 -O2 bench/loss_step.c examples/c/grid_shortest_path.c -o target/bench/loss_step $(LINK_PERT)
+	cc -std=c11 -O2 -shared -fPIC examples/c/grid_shortest_path.c -o target/bench/libgrid_shortest_path.so -lm
+	cd target && env -u PERTURBATIONS_LIB "$(VENV)/bin/python" ../bench/python_vs_c.py bench/loss_step bench/libgrid_shortest_path.so \
+	  | tee bench/python_vs_c.md
 
 # Predict-then-optimize from Python: torch.nn.Linear trained through the Fenchel-Young loss
 # of a C shortest-path solver loaded with ctypes (prints the test regret per epoch).
@@ -235,15 +257,6 @@ bench: build
 	c++ -std=c++17 -O2 $(TORCH_CXX) bench/adapter_bench.cpp -Ibindings/cpp -o target/bench/adapter_bench $(LINK_PERT) $(TORCH_LINK)
 	"$(if $(LIBTORCH),python3,$(VENV)/bin/python)" bench/bench.py --out target/bench/results.md $(BENCH_FLAGS)
 	$(MAKE) --no-print-directory bench-python
-
-# Python against C for one training step (bench/python_vs_c.py): the installed package
-# against the same calls from C (bench/loss_step.c).
-bench-python: python-package
-	@mkdir -p target/bench
-	cc -std=c11 -O2 bench/loss_step.c examples/c/grid_shortest_path.c -o target/bench/loss_step $(LINK_PERT)
-	cc -std=c11 -O2 -shared -fPIC examples/c/grid_shortest_path.c -o target/bench/libgrid_shortest_path.so -lm
-	cd target && env -u PERTURBATIONS_LIB "$(VENV)/bin/python" ../bench/python_vs_c.py bench/loss_step bench/libgrid_shortest_path.so \
-	  | tee bench/python_vs_c.md
 
 # --- deep checks (also run by .ci/run) -----------------------------------------
 # Sanitizers (clang's ASan + UBSan, LeakSanitizer on) over the C and C++ harness, valgrind
