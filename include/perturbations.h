@@ -56,15 +56,6 @@
 #include <stdint.h>
 
 /*
- The loss `[batch]` and its gradient `[batch, d]` from the estimate of a forward call on
- `theta` `[batch, d]` (on the op's device) that kept the objective, against targets with
- theta's number of elements.
- The relative allowance for rounding taken off the bound: F_σ is summed in float32 tiles
- of samples (a relative error up to about 1.5e-5 of the terms' size), the loss is float32.
- */
-#define BOUND_ROUNDING 1e-4
-
-/*
  Normal noise N(0, 1): score z. The default.
  */
 #define PERT_NOISE_NORMAL 0

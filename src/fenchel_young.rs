@@ -15,7 +15,7 @@
 //! for every draw, not only in expectation. A loss below this bound, beyond rounding, means
 //! the sense is wrong (a wrong sense gives the reverse inequality), the solver is not exact,
 //! or the target is infeasible. The bound handed out is lowered by an allowance for the
-//! rounding of the loss itself, [`BOUND_ROUNDING`] × (|F_σ(θ)| + |⟨θ, y⟩| + σ‖y‖₁): a loss
+//! rounding of the loss itself, 10⁻⁴ × (|F_σ(θ)| + |⟨θ, y⟩| + σ‖y‖₁): a loss
 //! below it is a finding, not float noise.
 
 use crate::error::{Error, Result};
@@ -35,15 +35,16 @@ pub(crate) fn check_targets(theta_size: &[i64], y_true: &Tensor) -> Result<()> {
     crate::input::check_floats(y_true, "y_true")
 }
 
-/// The loss `[batch]` and its gradient `[batch, d]` from the estimate of a forward call on
-/// `theta` `[batch, d]` (on the op's device) that kept the objective, against targets with
-/// theta's number of elements.
 /// The relative allowance for rounding taken off the bound: F_σ is summed in float32 tiles
 /// of samples (a relative error up to about 1.5e-5 of the terms' size), the loss is float32.
-pub const BOUND_ROUNDING: f64 = 1e-4;
+/// (The C API documents its value; tests/fenchel_young_bound.rs uses it.)
+pub(crate) const BOUND_ROUNDING: f64 = 1e-4;
 
-/// With the call's mean perturbed input (a call that kept Σ x_n), also the bound `[batch]`
-/// (see the module's documentation) for noise scale `sigma`.
+/// The loss `[batch]` and its gradient `[batch, d]` from the estimate of a forward call on
+/// `theta` `[batch, d]` (on the op's device) that kept the objective, against targets with
+/// theta's number of elements; with the call's mean perturbed input (a call that kept
+/// Σ x_n), also the bound `[batch]` (see the module's documentation) for noise scale
+/// `sigma`.
 pub(crate) fn from_estimate(
     (sense, sigma): (Sense, f64),
     theta: &Tensor,

@@ -9,7 +9,6 @@
 mod common;
 
 use common::{argmax, argmin, config};
-use perturbations::fenchel_young::BOUND_ROUNDING;
 use perturbations::{Builtin, Config, Noise, Perturbation, PerturbedOp, Sense};
 use tch::{Device, Kind, Tensor};
 
@@ -30,6 +29,9 @@ fn targets(batch: i64, d: i64) -> Tensor {
 fn values(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
 }
+
+/// The rounding allowance the library takes off the bound (its documented 1e-4).
+const BOUND_ROUNDING: f64 = 1e-4;
 
 /// The bound by its formula, from the perturbed inputs of a draw of `op` at call 0.
 fn bound_from_draw(op: &PerturbedOp, theta: &Tensor, y: &Tensor) -> Vec<f64> {

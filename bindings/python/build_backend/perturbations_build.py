@@ -71,7 +71,9 @@ def _target_torch():
         raise RuntimeError(f"perturbations: building the library needs torch "
                            f"{TORCH_SERIES[0]}.{TORCH_SERIES[1]} installed in the environment "
                            f"({sys.executable}): pip install torch=={TORCH_SERIES[0]}.{TORCH_SERIES[1]}.0 "
-                           f"first.\n{out.stderr.strip()}")
+                           f"first. (pip install / pip wheel find the environment they install into; "
+                           f"`python -m build` and uv build in a separate one: use "
+                           f"`python -m build --no-isolation` there.)\n{out.stderr.strip()}")
     version, folder = out.stdout.split("\n")[:2]
     have = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
     if have != TORCH_SERIES:
@@ -91,7 +93,8 @@ def _cargo():
 
 def _build_library(crate, torch_version, torch_dir):
     """Compiles the library; returns the path of libperturbations.so."""
-    key = hashlib.sha256(f"{torch_dir}\n{torch_version}\n{crate}".encode()).hexdigest()[:16]
+    # one folder per torch (cargo rebuilds what changed in any checkout or sdist there)
+    key = hashlib.sha256(f"{torch_dir}\n{torch_version}".encode()).hexdigest()[:16]
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     target = os.environ.get("PERTURBATIONS_CARGO_TARGET_DIR") or os.path.join(cache, "perturbations",
                                                                                "pip-build", key)
@@ -121,12 +124,11 @@ def _package_files():
             yield f"perturbations/{name}", os.path.join(pkg, name)
 
 
-def _metadata(torch_version=None):
+def _metadata():
     name, version, summary, requires_python = _project()
     lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", f"Summary: {summary}",
-             "License: Apache-2.0", f"Requires-Python: {requires_python}", "Requires-Dist: numpy"]
-    if torch_version:
-        lines.append(f"Requires-Dist: torch=={TORCH_SERIES[0]}.{TORCH_SERIES[1]}.*")
+             "License: Apache-2.0", f"Requires-Python: {requires_python}", "Requires-Dist: numpy",
+             f"Requires-Dist: torch=={TORCH_SERIES[0]}.{TORCH_SERIES[1]}.*"]
     lines += ["Provides-Extra: test", "Requires-Dist: pytest; extra == \"test\"",
               "Description-Content-Type: text/markdown", ""]
     readme = os.path.join(PROJECT, "README.md")
@@ -155,11 +157,11 @@ def get_requires_for_build_sdist(config_settings=None):
 def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
     """The metadata alone (no compilation): it names the torch the wheel will need."""
     name, version, _, _ = _project()
-    torch_version, _ = _target_torch()
+    _target_torch()  # the same clear error as build_wheel's, before any work
     dist_info = os.path.join(metadata_directory, f"{name}-{version}.dist-info")
     os.makedirs(dist_info, exist_ok=True)
     with open(os.path.join(dist_info, "METADATA"), "w", encoding="utf-8") as f:
-        f.write(_metadata(torch_version))
+        f.write(_metadata())
     with open(os.path.join(dist_info, "WHEEL"), "w", encoding="utf-8") as f:
         f.write(f"Wheel-Version: 1.0\nGenerator: perturbations_build\nRoot-Is-Purelib: false\nTag: {_tag()}\n")
     return os.path.basename(dist_info)
@@ -176,7 +178,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
                   f'"""Written by the build: the torch the bundled library was built against."""\n'
                   f'TORCH_VERSION = "{torch_version}"\n'.encode()))
     files.append(("perturbations/libperturbations.so", open(so, "rb").read()))
-    files.append((f"{dist_info}/METADATA", _metadata(torch_version).encode()))
+    files.append((f"{dist_info}/METADATA", _metadata().encode()))
     files.append((f"{dist_info}/WHEEL", f"Wheel-Version: 1.0\nGenerator: perturbations_build\n"
                                         f"Root-Is-Purelib: false\nTag: {tag}\n".encode()))
     files.append((f"{dist_info}/top_level.txt", b"perturbations\n"))

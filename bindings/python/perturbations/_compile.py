@@ -1,7 +1,8 @@
 """The ops of perturbations.torch as torch custom ops (torch.library), with fake
 implementations, so that torch.compile(fullgraph=True) traces models that use them
 without a graph break: `perturbations::forward`, `perturbations::perturbed` (y and the key
-of its tape), `perturbations::tape_vjp` and `perturbations::fenchel_young`.
+of its tape), `perturbations::tape_vjp` and `perturbations::fenchel_young`. Each call site of a traced
+graph passes its own number, so that two calls on the same input stay two draws.
 
 An Op is passed by an integer id (custom ops take tensors and plain values); the tape of
 a call stays in a table under the key tensor the call returns, and leaves it when that
@@ -18,6 +19,25 @@ import torch
 from .op import BY_ID
 
 _TAPES = {}
+# each call draws fresh noise: two calls on the same inputs are not one. Each call site of
+# a traced graph gets its own number (`site`, unused by the call), so that no pass merges
+# two of them (common subexpression elimination looks at the arguments only)
+_DRAWS = (torch.Tag.nondeterministic_seeded,)
+
+
+class _Sites:
+    """Call-site numbers (an attribute that torch.compile's tracing can read and bump)."""
+
+    last = 0
+
+
+SITES = _Sites()
+
+
+def site():
+    """A new call-site number."""
+    SITES.last += 1
+    return SITES.last
 _IDS = itertools.count(1)
 _LOCK = threading.Lock()
 
@@ -35,13 +55,13 @@ def _batch(op, theta):
     return tuple(theta.shape[:theta.dim() - k])
 
 
-@torch.library.custom_op("perturbations::forward", mutates_args=())
-def forward(theta: torch.Tensor, op: int) -> torch.Tensor:
+@torch.library.custom_op("perturbations::forward", mutates_args=(), tags=_DRAWS)
+def forward(theta: torch.Tensor, op: int, site: int) -> torch.Tensor:
     return _op(op).forward(theta)
 
 
 @forward.register_fake
-def _(theta, op):
+def _(theta, op, site):
     o = _op(op)
     return theta.new_empty(_batch(o, theta) + o.output_shape)
 
@@ -55,14 +75,14 @@ def _keep(tape):
     return key
 
 
-@torch.library.custom_op("perturbations::perturbed", mutates_args=())
-def perturbed(theta: torch.Tensor, op: int) -> Tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("perturbations::perturbed", mutates_args=(), tags=_DRAWS)
+def perturbed(theta: torch.Tensor, op: int, site: int) -> Tuple[torch.Tensor, torch.Tensor]:
     y, tape = _op(op).forward_with_tape(theta)
     return y, _keep(tape)
 
 
 @perturbed.register_fake
-def _(theta, op):
+def _(theta, op, site):
     o = _op(op)
     return theta.new_empty(_batch(o, theta) + o.output_shape), torch.empty((), dtype=torch.int64)
 
@@ -88,24 +108,25 @@ def _perturbed_setup(ctx, inputs, output):
 
 def _perturbed_backward(ctx, grad_y, _grad_key):
     key, theta = ctx.saved_tensors
-    return tape_vjp(grad_y, key, theta), None
+    return tape_vjp(grad_y, key, theta), None, None
 
 
 perturbed.register_autograd(_perturbed_backward, setup_context=_perturbed_setup)
 
 
-@torch.library.custom_op("perturbations::fenchel_young", mutates_args=())
-def fenchel_young(theta: torch.Tensor, y_true: torch.Tensor, op: int) -> Tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("perturbations::fenchel_young", mutates_args=(), tags=_DRAWS)
+def fenchel_young(theta: torch.Tensor, y_true: torch.Tensor, op: int, site: int) -> Tuple[torch.Tensor,
+                                                                                      torch.Tensor]:
     return _op(op).fenchel_young(theta, y_true)
 
 
 @fenchel_young.register_fake
-def _(theta, y_true, op):
+def _(theta, y_true, op, site):
     return theta.new_empty(_batch(_op(op), theta)), torch.empty_like(theta)
 
 
 def _fy_setup(ctx, inputs, output):
-    theta, _, op = inputs
+    theta, _, op, _ = inputs
     ctx.save_for_backward(output[1], theta)
     ctx.sign = -1.0 if _op(op).sense == "maximize" else 1.0
     ctx.inner = len(_op(op).input_shape)
@@ -114,7 +135,7 @@ def _fy_setup(ctx, inputs, output):
 def _fy_backward(ctx, grad_loss, _grad_grad):
     grad, theta = ctx.saved_tensors
     per = grad_loss.reshape(tuple(grad_loss.shape) + (1,) * ctx.inner)
-    return grad * per, ctx.sign * theta * per, None
+    return grad * per, ctx.sign * theta * per, None, None
 
 
 fenchel_young.register_autograd(_fy_backward, setup_context=_fy_setup)

@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import sys
+import _thread
 import threading
 import time
 import warnings
@@ -17,7 +18,7 @@ from . import _native
 from ._arrays import as_host, ptr, shape_of, split_batch
 from ._native import P, lib
 from .config import Config, choice
-from .errors import InvalidArgumentError, SenseWarning, SolverFailedError, _check
+from .errors import Error, InvalidArgumentError, SenseWarning, SolverFailedError, _check, _last_error
 
 __all__ = ["Op", "Tape", "Draw"]
 
@@ -431,6 +432,7 @@ class Op(_Handle):
         self._owner = threading.local()
         self._keyed_pid = os.getpid()
         self._seconds_per_row = None
+        self._interrupt_lock = threading.Lock()
         super().__init__(self._make(config))
         with _ID_LOCK:  # the op's id for torch custom ops (perturbations.torch under torch.compile)
             self.id = next(_IDS)
@@ -497,56 +499,78 @@ class Op(_Handle):
                 # threads may have been using it at the fork
                 self._h = self._make(cfg)
             self._lock_, self._owner, self._errors[:] = threading.Lock(), threading.local(), []
+            self._interrupt_lock = threading.Lock()
             self._pid = self._keyed_pid = os.getpid()
 
     def _call(self, fn, *args, work=0):
-        """Runs fn(handle, *args) as this op's turn; `work` is the call's perturbed
-        problems (batch x num_samples), for the choice below. Raises the solver's exception
-        or the library's error. A call expected to take long (from this op's earlier
-        calls; a C solver's first call; every call of per-worker solvers) runs on a helper
-        thread while this one waits, so that Ctrl-C interrupts it (pert_op_interrupt)
-        within about a block of samples and raises KeyboardInterrupt; Python solvers run
-        on this thread, where Ctrl-C reaches them directly."""
+        """Runs fn(handle, *args) as this op's turn (numpy arrays in args are passed as
+        their addresses, and kept alive until the call has ended); `work` is the call's
+        perturbed problems (batch x num_samples), for the choice below. Raises the
+        solver's exception or the library's error. A call of a built-in expected to take
+        long (from this op's earlier calls and its size) and every call of per-worker
+        solvers runs on a helper thread while this one waits, so that Ctrl-C interrupts it
+        (pert_op_interrupt) within about a block of samples and raises KeyboardInterrupt:
+        no code of the caller's runs on that thread (per-worker solvers run on their
+        workers anyway). Callbacks run on this thread, as the C API says: Ctrl-C reaches a
+        Python solver directly; a C solver's call ends before it is seen."""
         self._rekey_if_forked()
         if getattr(self._owner, "value", False):
             raise RuntimeError("a solver cannot call its own op (the op runs one call at a time)")
-        with self._lock:
+        raw = tuple(ptr(x) if isinstance(x, np.ndarray) else x for x in args)
+        lock = self._lock
+        lock.acquire()
+        handed_over = False  # the turn (the lock) passed to the helper thread of a long call
+        try:
             self._owner.value = True
-            try:
+            self._errors.clear()
+            h = self.handle
+            start = time.perf_counter()
+            if self._long(work):
+                handed_over = True
+                code, message = _run_interruptibly(self, h, fn, raw, args, lock)
+            else:
+                code = fn(h, *raw)
+                message = _last_error() if code else None
+            if self._errors:
+                raise self._errors.pop()
+            if code:
+                raise Error(code, message)
+            if work:  # the pace of a call that ran to its end
+                self._seconds_per_row = (time.perf_counter() - start) / work
+        finally:
+            self._owner.value = False
+            if not handed_over:
                 self._errors.clear()
-                h = self.handle
-                start = time.perf_counter()
-                if self._long(work):
-                    code = _run_interruptibly(h, fn, args)
-                else:
-                    code = fn(h, *args)
-                if work:
-                    self._seconds_per_row = (time.perf_counter() - start) / work
-                if self._errors:
-                    raise self._errors.pop()
-                _check(code)
-            finally:
-                self._errors.clear()
-                self._owner.value = False
+                lock.release()
 
     def _long(self, work):
         kind = self._recipe[0]
-        if kind == "python" or not work:
-            return False
         if kind == "workers":
-            return True
-        rate = self._seconds_per_row
-        if rate is None:  # a first call: a C solver's speed is unknown
-            rate = 3e-9 * math.prod(self.input_shape) if kind == "builtin" else 1.0
+            return bool(work)
+        if kind != "builtin" or not work:
+            return False
+        rate = self._seconds_per_row or 3e-9 * math.prod(self.input_shape)
         return rate * work > _LONG_CALL_SECONDS
 
     def interrupt(self):
         """Stops the calls running on this op now, from any thread: each raises
         `InterruptedCallError` at its next block of samples, having written nothing
         (Ctrl-C does this for the calling thread's own call, raising KeyboardInterrupt)."""
-        h = self._h
+        with self._interrupt_lock:  # close() frees the handle under it
+            h = self._h
+            if h:
+                lib.pert_op_interrupt(h)
+
+    def close(self):
+        """Frees the library's memory now (after the running call); later calls raise
+        InvalidArgumentError. A solver cannot close its own op (RuntimeError)."""
+        if getattr(self._owner, "value", False):
+            raise RuntimeError("a solver cannot close its own op while the op runs its call")
+        with self._lock:
+            with self._interrupt_lock:
+                h, self._h = self._h, None
         if h:
-            lib.pert_op_interrupt(h)
+            type(self)._free(h)
 
     def _work(self, a):
         return a.shape[0] * self._settings["num_samples"]
@@ -560,7 +584,7 @@ class Op(_Handle):
         """y_sigma(theta) for theta [*batch, *input_shape]: [*batch, *output_shape]."""
         batch_shape, a, back = self._theta(theta)
         out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
-        self._call(lib.pert_forward, ptr(a), a.shape[0], ptr(out), None, work=self._work(a))
+        self._call(lib.pert_forward, a, a.shape[0], out, None, work=self._work(a))
         return back(out.reshape(batch_shape + self.output_shape))
 
     def forward_with_tape(self, theta):
@@ -568,7 +592,7 @@ class Op(_Handle):
         batch_shape, a, back = self._theta(theta)
         out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
         t = P()
-        self._call(lib.pert_forward, ptr(a), a.shape[0], ptr(out), ctypes.byref(t), work=self._work(a))
+        self._call(lib.pert_forward, a, a.shape[0], out, ctypes.byref(t), work=self._work(a))
         return back(out.reshape(batch_shape + self.output_shape)), \
             Tape(t, self.input_shape, self.output_shape, batch_shape, back)
 
@@ -590,7 +614,7 @@ class Op(_Handle):
         loss = np.empty((a.shape[0],), dtype=np.float32)
         grad = np.empty(a.shape, dtype=np.float32)
         bound = np.empty((a.shape[0],), dtype=np.float32)
-        self._call(lib.pert_fenchel_young_with_bound, ptr(a), ptr(y), a.shape[0], ptr(loss), ptr(grad), ptr(bound),
+        self._call(lib.pert_fenchel_young_with_bound, a, y, a.shape[0], loss, grad, bound,
                    work=self._work(a))
         _check_sense(loss, bound, self.sense, True)
         return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
@@ -625,37 +649,52 @@ def _check_sense(loss, bound, sense, solved_by_op):
     warnings.warn(warning, stacklevel=3)
 
 
-def _run_interruptibly(h, fn, args):
-    """fn(h, *args) on a helper thread; a KeyboardInterrupt of this thread while it runs
-    interrupts the op's calls (again every 5 ms, until this one has ended: it may not have
-    started yet) and is raised once the call has ended."""
+def _run_interruptibly(op, h, fn, raw, keep, lock):
+    """(status, message) of fn(h, *raw) run on a helper thread (the message read there:
+    it is that thread's). The helper owns the op's turn from here: it releases `lock`
+    when the call has ended, and `keep` (the caller's buffers) lives until then, so that
+    whatever leaves this function early leaves nothing in use behind. This thread waits
+    for the call; the first exception raised here meanwhile (a KeyboardInterrupt of
+    Ctrl-C, or what another signal handler raises) interrupts the op's calls, again every
+    5 ms until this one has ended (it may not have started yet), and is raised after."""
     box = {}
-    done = threading.Event()
+    done = threading.Lock()  # held while the call runs: released by the helper at its end
+    done.acquire()
+    began = threading.Event()
 
     def run():
+        began.set()
         try:
-            box["code"] = fn(h, *args)
+            code = fn(h, *raw)
+            box["result"] = (code, _last_error() if code else None)
         except BaseException as e:  # noqa: BLE001 - raised on the calling thread
             box["error"] = e
         finally:
-            done.set()
+            box["finished"] = keep is not None  # (keep referenced until the call has ended)
+            done.release()
+            lock.release()
 
-    threading.Thread(target=run, name="perturbations-call", daemon=True).start()
-    interrupt = None
-    while not done.is_set():
+    try:
+        _thread.start_new_thread(run, ())
+    except BaseException:
+        if not began.wait(1.0):  # no helper: the turn is this thread's to give back
+            lock.release()
+        raise
+    pending = None
+    while "finished" not in box:
         try:
-            if interrupt is None:
-                done.wait()
-            else:
-                lib.pert_op_interrupt(h)
-                done.wait(0.005)
-        except KeyboardInterrupt as e:
-            interrupt = interrupt or e
-    if interrupt is not None:
-        raise interrupt
+            if pending is not None:
+                op.interrupt()
+            if done.acquire(timeout=-1 if pending is None else 0.005):
+                done.release()
+        except BaseException as e:  # noqa: BLE001 - kept until the call has ended
+            if pending is None:
+                pending = e
+    if pending is not None:
+        raise pending
     if "error" in box:
         raise box["error"]
-    return box["code"]
+    return box["result"]
 
 
 def _after_fork_in_child():
@@ -676,7 +715,7 @@ class Draw(_Handle):
         self.batch_shape, a, self._back = op._theta(theta)
         self.op, self.batch = op, a.shape[0]
         h = P()
-        op._call(lib.pert_draw_new, ptr(a), a.shape[0], ctypes.byref(h))  # takes its turn
+        op._call(lib.pert_draw_new, a, a.shape[0], ctypes.byref(h))  # takes its turn
         super().__init__(h)
 
     def inputs(self):

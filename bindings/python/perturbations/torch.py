@@ -200,8 +200,8 @@ def perturbed(op: Op, theta: torch.Tensor) -> torch.Tensor:
         theta = torch.as_tensor(theta)
     if torch.compiler.is_compiling():
         if torch.is_grad_enabled() and theta.requires_grad:
-            return _compile.perturbed(theta, op.id)[0]
-        return _compile.forward(theta, op.id)
+            return _compile.perturbed(theta, op.id, _compile.site())[0]
+        return _compile.forward(theta, op.id, _compile.site())
     if _wrapped(theta) or _dual(theta):
         return _Perturbed.apply(theta, op)[0]
     if torch.is_grad_enabled() and theta.requires_grad:
@@ -209,8 +209,41 @@ def perturbed(op: Op, theta: torch.Tensor) -> torch.Tensor:
     return op.forward(theta)
 
 
+class _Frozen(torch.autograd.Function):
+    """(grad, theta) -> grad: the Fenchel-Young gradient y_sigma(theta) - y_true as a
+    function of theta, whose derivative (the Jacobian of y_sigma, which the loss's call
+    keeps no tape of) is refused instead of taken as zero."""
+
+    @staticmethod
+    def forward(grad, theta):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, u):
+        if ctx.needs_input_grad[1]:
+            raise _no_second_derivative()
+        return u, None
+
+    @staticmethod
+    def jvp(ctx, grad_t, theta_t):
+        if theta_t is not None:
+            raise _no_second_derivative()
+        return grad_t
+
+    @staticmethod
+    def vmap(info, in_dims, grad, theta):
+        g = grad.movedim(in_dims[0], 0) if in_dims[0] is not None else grad.expand((info.batch_size,) + grad.shape)
+        return _Frozen.apply(g, theta), 0
+
+
 def _fy_backward(ctx, grad_loss):
     grad, theta = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph (or a torch.func transform): see _Frozen
+        grad = _Frozen.apply(grad, theta)
     per = grad_loss.reshape(grad_loss.shape + (1,) * ctx.inner)
     g_theta = grad * per if ctx.needs_input_grad[0] else None
     g_y = ctx.sign * theta * per if ctx.needs_input_grad[1] else None
@@ -299,7 +332,7 @@ def fenchel_young(op: Op, theta: torch.Tensor, y_true, reduction: str = "none") 
         raise InvalidArgumentError(2, f"y_true of shape {list(y.shape)} does not broadcast to theta's shape "
                                       f"{list(theta.shape)}") from None
     if torch.compiler.is_compiling():
-        loss = _compile.fenchel_young(theta, y, op.id)[0]
+        loss = _compile.fenchel_young(theta, y, op.id, _compile.site())[0]
     elif _wrapped(theta) or _wrapped(y) or _dual(theta) or _dual(y):
         loss = _FenchelYoung.apply(theta, y, op)[0]
     elif torch.is_grad_enabled() and (theta.requires_grad or y.requires_grad):

@@ -106,3 +106,18 @@ def test_inductor_and_retained_graphs():
     with torch.no_grad():  # no tape at all without grad
         assert compiled(x, y).shape == ()
     assert not _compile._TAPES
+
+
+def test_two_calls_on_one_input_stay_two_draws_when_compiled():
+    op = pt.Op.builtin(pt.Config(num_samples=10, sigma=1.0, device="cpu", seed=0), "argmax", 5)
+    module = ptt.Perturbed(op)
+
+    def twice(t):
+        return module(t) - module(t)
+
+    theta = torch.zeros(2, 5, requires_grad=True)
+    assert twice(theta).abs().sum() > 0  # eager: two draws
+    compiled = torch.compile(twice, backend="aot_eager", fullgraph=True)
+    assert compiled(theta).abs().sum() > 0  # not merged into one call
+    with torch.no_grad():
+        assert compiled(theta).abs().sum() > 0

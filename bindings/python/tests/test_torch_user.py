@@ -79,6 +79,20 @@ def test_torch_func_grad_vmap_jacrev_and_a_clear_error_for_second_derivatives():
         gr.sum().backward()
     with pytest.raises(pt.InvalidArgumentError, match="torch.func"):
         torch.func.vmap(op.forward)(grid)
+    # the loss's second derivative in theta is refused too (its gradient's Jacobian)
+    y_true = torch.eye(5)[[1, 3]]
+    with pytest.raises(RuntimeError, match="derivative of a gradient"):
+        torch.func.hessian(lambda t: ptt.fenchel_young(op, t, y_true, reduction="sum"))(theta)
+    th = theta.clone().requires_grad_(True)
+    (gl,) = torch.autograd.grad(ptt.fenchel_young(op, th, y_true, reduction="sum"), th, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative of a gradient"):
+        gl.sum().backward()
+    # its derivative in y_true (minus theta) is exact and allowed
+    yt = y_true.clone().requires_grad_(True)
+    th = theta.clone().requires_grad_(True)
+    (gy,) = torch.autograd.grad(ptt.fenchel_young(op, th, yt, reduction="sum"), yt, create_graph=True)
+    gy.sum().backward()
+    assert torch.equal(th.grad, -torch.ones(2, 5))
 
 
 def test_a_non_finite_upstream_gradient_comes_out_non_finite_without_an_exception():
