@@ -26,43 +26,34 @@ pub(crate) fn fits_in_memory(bytes: u128) -> bool {
     bytes <= total
 }
 
-/// The values of a float32 tensor, flattened, on the host.
-pub(crate) fn host_floats(t: &Tensor) -> Result<Vec<f32>> {
+/// The values of a tensor as `T` (converted to its kind), flattened, on the host (a copy).
+fn host_values<T: tch::kind::Element>(t: &Tensor) -> Result<Vec<T>> {
     let host = t
         .f_to_device(Device::Cpu)?
-        .f_to_kind(tch::Kind::Float)?
+        .f_to_kind(T::KIND)?
         .f_contiguous()?;
     let n = host.numel();
     let mut out = Vec::with_capacity(n);
     if n > 0 {
-        // SAFETY: a contiguous CPU float32 tensor of n elements (a fresh or the caller's
-        // tensor, not written while this copies), into the Vec's room for n floats, which
+        // SAFETY: a contiguous CPU tensor of n elements of kind T (a fresh or the caller's
+        // tensor, not written while this copies), into the Vec's room for n values, which
         // are then all initialized.
         unsafe {
-            std::ptr::copy_nonoverlapping(host.data_ptr() as *const f32, out.as_mut_ptr(), n);
+            std::ptr::copy_nonoverlapping(host.data_ptr() as *const T, out.as_mut_ptr(), n);
             out.set_len(n);
         }
     }
     Ok(out)
 }
 
+/// The values of a float32 tensor, flattened, on the host.
+pub(crate) fn host_floats(t: &Tensor) -> Result<Vec<f32>> {
+    host_values(t)
+}
+
 /// The values of a float64 tensor, flattened, on the host (a copy).
 pub(crate) fn host_doubles(t: &Tensor) -> Result<Vec<f64>> {
-    let host = t
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(tch::Kind::Double)?
-        .f_contiguous()?;
-    let n = host.numel();
-    let mut out = Vec::with_capacity(n);
-    if n > 0 {
-        // SAFETY: a contiguous CPU float64 tensor of n elements, into the Vec's room for n
-        // doubles, which are then all initialized.
-        unsafe {
-            std::ptr::copy_nonoverlapping(host.data_ptr() as *const f64, out.as_mut_ptr(), n);
-            out.set_len(n);
-        }
-    }
-    Ok(out)
+    host_values(t)
 }
 
 /// The values of a float32 tensor, flattened, on the host: borrowed from `t` itself when it

@@ -5,11 +5,8 @@ after backward and kept under retain_graph."""
 
 import ctypes
 import gc
-import shutil
-import subprocess
 import warnings
 
-import numpy as np
 import pytest
 
 import perturbations as pt
@@ -38,19 +35,8 @@ class Model(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def c_argmax(tmp_path_factory):
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    d = tmp_path_factory.mktemp("c")
-    (d / "a.c").write_text(
-        "#include <stddef.h>\n#include <stdint.h>\n"
-        "int32_t argmax5(void *u, const float *x, size_t n, float *y) {\n"
-        "  (void)u; for (size_t r = 0; r < n; r++) { size_t b = 0;\n"
-        "    for (size_t i = 1; i < 5; i++) if (x[5*r+i] > x[5*r+b]) b = i;\n"
-        "    for (size_t i = 0; i < 5; i++) y[5*r+i] = i == b ? 1.0f : 0.0f; }\n  return 0; }\n")
-    so = d / "liba.so"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", str(d / "a.c"), "-o", str(so)], check=True)
-    return ctypes.CDLL(str(so)).argmax5
+    from conftest import c_argmax as build
+    return ctypes.CDLL(build(tmp_path_factory.mktemp("c"), 5)).argmax5
 
 
 def makers(c_argmax):

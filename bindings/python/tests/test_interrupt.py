@@ -53,20 +53,8 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def c_solver(tmp_path_factory):
-    import shutil
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    d = tmp_path_factory.mktemp("c")
-    (d / "a.c").write_text(
-        "#include <stddef.h>\n#include <stdint.h>\n"
-        "int32_t argmax64(void *u, const float *x, size_t n, float *y) {\n"
-        "  (void)u; for (size_t r = 0; r < n; r++) { size_t b = 0;\n"
-        "    for (size_t i = 1; i < 64; i++) if (x[64*r+i] > x[64*r+b]) b = i;\n"
-        "    for (size_t i = 0; i < 64; i++) y[64*r+i] = i == b ? 1.0f : 0.0f; }\n  return 0; }\n")
-    so = d / "liba.so"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", str(d / "a.c"), "-o", str(so)], check=True)
-    return str(so)
+    from conftest import c_argmax
+    return c_argmax(tmp_path_factory.mktemp("c"), 64)
 
 
 @pytest.mark.parametrize("kind", ["builtin", "workers", "python"])
@@ -105,23 +93,19 @@ def test_op_interrupt_from_another_thread_raises_interrupted_call_error():
 
 def test_a_c_solver_runs_on_the_calling_thread(c_solver, tmp_path):
     import ctypes
-    import shutil
     import threading
 
     import numpy as np
 
     import perturbations as pt
-    cc = shutil.which("cc")
-    src = tmp_path / "tid.c"
-    src.write_text(
+    from conftest import compile_c
+    so = compile_c(tmp_path, (
         "#define _GNU_SOURCE\n#include <stddef.h>\n#include <stdint.h>\n#include <unistd.h>\n"
         "#include <sys/syscall.h>\nlong last_tid;\n"
         "int32_t zero(void *u, const float *x, size_t n, float *y) {\n"
         "  (void)u; (void)x; last_tid = (long)syscall(SYS_gettid);\n"
-        "  for (size_t i = 0; i < n; i++) y[i] = 0.0f;\n  return 0; }\n")
-    so = tmp_path / "libtid.so"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
+        "  for (size_t i = 0; i < n; i++) y[i] = 0.0f;\n  return 0; }\n"), name="libtid.so")
+    lib = ctypes.CDLL(so)
     op = pt.Op(pt.Config(num_samples=2 ** 20, device="cpu"), 1, 1, lib.zero)  # a first call, and long
     op.forward(np.zeros((1, 1), np.float32))
     assert ctypes.c_long.in_dll(lib, "last_tid").value == threading.get_native_id()

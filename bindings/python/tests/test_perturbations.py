@@ -4,8 +4,6 @@ estimator (MATH.md)."""
 
 import math
 import os
-import shutil
-import subprocess
 import traceback
 
 import numpy as np
@@ -92,21 +90,9 @@ def test_a_python_solver_is_correct_with_several_threads():
 
 @pytest.fixture(scope="module")
 def c_argmax(tmp_path_factory):
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    d = tmp_path_factory.mktemp("c")
-    src = d / "argmax.c"
-    src.write_text(
-        "#include <stddef.h>\n#include <stdint.h>\n"
-        "int32_t argmax4(void *u, const float *x, size_t n, float *y) {\n"
-        "  (void)u; for (size_t r = 0; r < n; r++) { size_t b = 0;\n"
-        "    for (size_t i = 1; i < 4; i++) if (x[4*r+i] > x[4*r+b]) b = i;\n"
-        "    for (size_t i = 0; i < 4; i++) y[4*r+i] = i == b ? 1.0f : 0.0f; }\n  return 0; }\n")
-    so = d / "libargmax.so"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
     import ctypes
-    return ctypes.CDLL(str(so)).argmax4
+    from conftest import c_argmax as build
+    return ctypes.CDLL(build(tmp_path_factory.mktemp("c"), 4)).argmax4
 
 
 def test_a_c_function_pointer_solver_equals_the_python_one(c_argmax):

@@ -3,11 +3,8 @@ the README's permutation finds the paths of a solver in PyEPO's order."""
 
 import ctypes
 import os
-import shutil
-import subprocess
 
 import numpy as np
-import pytest
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 TO_C = [9 * i + j for i in range(5) for j in range(4)] + [9 * i + 4 + j for i in range(4) for j in range(5)]
@@ -33,13 +30,9 @@ def pyepo_order_shortest_path(costs):
 
 
 def test_the_permutation_maps_pyepo_edges_to_the_c_solver(tmp_path):
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    so = tmp_path / "libgrid.so"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", os.path.join(ROOT, "examples/c/grid_shortest_path.c"), "-o",
-                    str(so), "-lm"], check=True)
-    grid = ctypes.CDLL(str(so)).grid_shortest_path
+    from conftest import compile_c
+    source = open(os.path.join(ROOT, "examples/c/grid_shortest_path.c")).read()
+    grid = ctypes.CDLL(compile_c(tmp_path, source, name="libgrid.so")).grid_shortest_path
     grid.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     rng = np.random.default_rng(0)
     c = rng.uniform(0.1, 2.0, (200, 40)).astype(np.float32)

@@ -5,7 +5,6 @@ modules and their reductions, deepcopy (EMA), DataLoader workers."""
 import copy
 import gc
 import math
-import weakref
 
 import numpy as np
 import pytest
