@@ -30,7 +30,7 @@ import weakref
 import torch
 
 from . import _compile
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NonFiniteInputError
 from .op import Op
 
 __all__ = ["perturbed", "fenchel_young", "Perturbed", "FenchelYoungLoss"]
@@ -90,8 +90,11 @@ def _product(tape, which, v):
                                       f" got {list(v.shape)}")
     lead = tuple(v.shape[:v.dim() - k])
     fn = tape.vjp if which == "vjp" else tape.jvp
-    if not lead and bool(torch.isfinite(v).all()):
-        return fn(v)  # one cotangent per problem, all finite: the product as it is
+    if not lead:
+        try:
+            return fn(v)  # one cotangent per problem: the product as it is
+        except NonFiniteInputError:
+            pass  # (the library checks finiteness) some problems' cotangents are not finite
     rows = v.reshape((math.prod(lead), tape.batch, math.prod(inner)))
     finite = torch.isfinite(rows).all(dim=2)
     clean = torch.where(finite.unsqueeze(2), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
