@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include "perturbations.h"
+#include "bench_util.h"
 
 static int32_t argmax_cb(void *user, const float *x, size_t count, float *y) {
   size_t d = *(const size_t *)user;
@@ -34,27 +34,6 @@ static int32_t argmax_cb(void *user, const float *x, size_t count, float *y) {
 
 /* The argmax callback of the training table (bench/bench_solvers.c, linked in). */
 int32_t bench_argmax(void *user_data, const float *x, size_t count, float *y);
-
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int by_value(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-static int check(pert_status s) {
-  if (s != PERT_STATUS_OK) {
-    char message[512];
-    pert_last_error(message, sizeof message);
-    fprintf(stderr, "error: %s\n", message);
-    exit(1);
-  }
-  return 0;
-}
 
 int main(int argc, char **argv) {
   if (argc < 6) {

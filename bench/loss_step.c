@@ -11,31 +11,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include "perturbations.h"
+#include "bench_util.h"
 
 int32_t grid_shortest_path(void *user_data, const float *costs, size_t count, float *paths);
 
 enum { D = 40 };
-
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int by_value(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-static void check(pert_status s) {
-  if (s != PERT_STATUS_OK) {
-    char message[512];
-    pert_last_error(message, sizeof message);
-    fprintf(stderr, "error: %s\n", message);
-    exit(1);
-  }
-}
 
 int main(int argc, char **argv) {
   if (argc != 6) {
