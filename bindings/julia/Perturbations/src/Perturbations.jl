@@ -851,6 +851,15 @@ function finish(d::Draw, solutions::AbstractMatrix)
     return out, Tape(tape[], d.d, d.o, d.batch)
 end
 
+# The checked inputs (Float32 copies) and the output buffers of a draw's Fenchel-Young call.
+function draw_loss_buffers(d::Draw, solutions::AbstractMatrix, y_true::AbstractMatrix)
+    s = Matrix{Float32}(solutions)
+    y = Matrix{Float32}(y_true)
+    size(s) == (d.o, draw_count(d)) || throw(DimensionMismatch("solutions must be $((d.o, draw_count(d))), got $(size(s))"))
+    size(y) == (d.d, d.batch) || throw(DimensionMismatch("y_true must be $((d.d, d.batch)), got $(size(y))"))
+    return s, y, Vector{Float32}(undef, d.batch), Matrix{Float32}(undef, d.d, d.batch)
+end
+
 """
     fenchel_young_with_grad(draw, solutions, y_true) -> (loss, grad)
 
@@ -860,12 +869,7 @@ The Fenchel-Young loss per problem (length batch) of the draw's θ against `y_tr
 seed and call count (the gradient comes with the loss, as for an op).
 """
 function fenchel_young_with_grad(d::Draw, solutions::AbstractMatrix, y_true::AbstractMatrix)
-    s = Matrix{Float32}(solutions)
-    y = Matrix{Float32}(y_true)
-    size(s) == (d.o, draw_count(d)) || throw(DimensionMismatch("solutions must be $((d.o, draw_count(d))), got $(size(s))"))
-    size(y) == (d.d, d.batch) || throw(DimensionMismatch("y_true must be $((d.d, d.batch)), got $(size(y))"))
-    loss = Vector{Float32}(undef, d.batch)
-    grad = Matrix{Float32}(undef, d.d, d.batch)
+    s, y, loss, grad = draw_loss_buffers(d, solutions, y_true)
     check(@ccall libperturbations.pert_draw_fenchel_young(d::Ptr{Cvoid}, s::Ptr{Float32}, y::Ptr{Float32},
         loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32)
     return loss, grad
@@ -878,12 +882,7 @@ end
 loss for optimal solutions and feasible targets (see `fenchel_young_with_bound(op, ...)`).
 """
 function fenchel_young_with_bound(d::Draw, solutions::AbstractMatrix, y_true::AbstractMatrix)
-    s = Matrix{Float32}(solutions)
-    y = Matrix{Float32}(y_true)
-    size(s) == (d.o, draw_count(d)) || throw(DimensionMismatch("solutions must be $((d.o, draw_count(d))), got $(size(s))"))
-    size(y) == (d.d, d.batch) || throw(DimensionMismatch("y_true must be $((d.d, d.batch)), got $(size(y))"))
-    loss = Vector{Float32}(undef, d.batch)
-    grad = Matrix{Float32}(undef, d.d, d.batch)
+    s, y, loss, grad = draw_loss_buffers(d, solutions, y_true)
     bound = Vector{Float32}(undef, d.batch)
     check(@ccall libperturbations.pert_draw_fenchel_young_with_bound(d::Ptr{Cvoid}, s::Ptr{Float32},
         y::Ptr{Float32}, loss::Ptr{Float32}, grad::Ptr{Float32}, bound::Ptr{Float32})::UInt32)
