@@ -35,6 +35,14 @@ pub(crate) fn check_targets(theta_size: &[i64], y_true: &Tensor) -> Result<()> {
     crate::input::check_floats(y_true, "y_true")
 }
 
+/// +1 when maximizing, −1 when minimizing: the loss is sign·(F_σ(θ) − ⟨θ, y⟩).
+fn sign(sense: Sense) -> f64 {
+    match sense {
+        Sense::Maximize => 1.0,
+        Sense::Minimize => -1.0,
+    }
+}
+
 /// The relative allowance for rounding taken off the bound: F_σ is summed in float32 tiles
 /// of samples (a relative error up to about 1.5e-5 of the terms' size), the loss is float32.
 /// (The C API documents its value; tests/fenchel_young_bound.rs uses it.)
@@ -77,10 +85,7 @@ fn on_host(
     y_true: &Tensor,
     objective: &Objective,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    let sign = match sense {
-        Sense::Maximize => 1.0,
-        Sense::Minimize => -1.0,
-    };
+    let sign = sign(sense);
     let (theta_values, y_values) = (HostFloats::of(theta)?, HostFloats::of(y_true)?);
     let host = objective.on_host()?;
     let (value, grad_objective, input_mean) = (host.value, host.grad, host.input_mean);
@@ -131,10 +136,7 @@ fn bound(
     input_mean: &Tensor,
     objective: &Tensor,
 ) -> Result<Tensor> {
-    let sign = match sense {
-        Sense::Maximize => 1.0,
-        Sense::Minimize => -1.0,
-    };
+    let sign = sign(sense);
     let _serial = crate::intraop::serial_on(theta.device()); // (same bits for any threads)
     let (theta, y) = (
         theta.f_to_kind(Kind::Double)?,
@@ -162,10 +164,7 @@ pub(crate) fn loss_and_grad(
     objective: &Tensor,
     grad_objective: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let sign = match sense {
-        Sense::Maximize => 1.0,
-        Sense::Minimize => -1.0,
-    };
+    let sign = sign(sense);
     let _serial = crate::intraop::serial_on(theta.device()); // (same bits for any threads)
     let y = y_true.f_to_kind(Kind::Double)?;
     let dot = theta

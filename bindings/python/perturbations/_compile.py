@@ -133,9 +133,9 @@ def _fy_setup(ctx, inputs, output):
 
 
 def _fy_backward(ctx, grad_loss, _grad_grad):
-    grad, theta = ctx.saved_tensors
-    per = grad_loss.reshape(tuple(grad_loss.shape) + (1,) * ctx.inner)
-    return grad * per, ctx.sign * theta * per, None, None
+    from .torch import _fy_backward as eager  # the same formulas (and refusals) as in eager mode
+    g_theta, g_y, _ = eager(ctx, grad_loss)
+    return g_theta, g_y, None, None
 
 
 fenchel_young.register_autograd(_fy_backward, setup_context=_fy_setup)

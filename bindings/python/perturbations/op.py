@@ -251,13 +251,39 @@ def _callback(kind, f, errors):
     return kind(f)
 
 
+# the ops (by the id of their error list) whose solver code runs on this thread: a solver
+# calling or closing its own op, on whatever thread the library runs it, is refused
+_SOLVING = threading.local()
+
+
+class _Solving:
+    """Marks this thread as running a solver of the op whose error list is `errors`."""
+
+    def __init__(self, errors):
+        self.key = id(errors)
+
+    def __enter__(self):
+        keys = getattr(_SOLVING, "keys", None)
+        if keys is None:
+            keys = _SOLVING.keys = []
+        keys.append(self.key)
+
+    def __exit__(self, *exc):
+        _SOLVING.keys.pop()
+
+
+def _solving(errors):
+    return id(errors) in getattr(_SOLVING, "keys", ())
+
+
 def _solver_callback(py, errors):
     """The C callback (pert_solver_fn) of a Python solver: an exception is kept in `errors`
     for the call to raise. It holds no reference to the op."""
 
     def call(_user_data, x, count, y):
         try:
-            py.solve(x, count, y)
+            with _Solving(errors):
+                py.solve(x, count, y)
             return 0
         except BaseException as e:  # noqa: BLE001 - re-raised by the call that ran it
             _keep_error(errors, e)
@@ -277,7 +303,8 @@ class _Workers:
 
         def init(_u, w):
             try:
-                self.solvers[w] = _PySolver(make_solver(w), writes_out, *self.shapes, info_ok=True)
+                with _Solving(errors):
+                    self.solvers[w] = _PySolver(make_solver(w), writes_out, *self.shapes, info_ok=True)
                 return 0
             except BaseException as e:  # noqa: BLE001
                 _keep_error(errors, e)
@@ -291,7 +318,8 @@ class _Workers:
                 i = info.contents
                 py = self.solvers[i.worker]
                 at = SolveInfo(i.worker, bool(i.clean), i.first_row, i.num_samples, i.batch) if py.info else None
-                py.solve(x, count, y, at)
+                with _Solving(errors):
+                    py.solve(x, count, y, at)
                 return 0
             except BaseException as e:  # noqa: BLE001
                 _keep_error(errors, e)
@@ -514,32 +542,36 @@ class Op(_Handle):
         workers anyway). Callbacks run on this thread, as the C API says: Ctrl-C reaches a
         Python solver directly; a C solver's call ends before it is seen."""
         self._rekey_if_forked()
-        if getattr(self._owner, "value", False):
+        if getattr(self._owner, "value", False) or _solving(self._errors):
             raise RuntimeError("a solver cannot call its own op (the op runs one call at a time)")
         raw = tuple(ptr(x) if isinstance(x, np.ndarray) else x for x in args)
         lock = self._lock
+        began = threading.Event()  # set by the helper thread of a long call: the turn is its
+        long_call = False
         lock.acquire()
-        handed_over = False  # the turn (the lock) passed to the helper thread of a long call
         try:
             self._owner.value = True
             self._errors.clear()
             h = self.handle
             start = time.perf_counter()
-            if self._long(work):
-                handed_over = True
-                code, message = _run_interruptibly(self, h, fn, raw, args, lock)
+            long_call = self._long(work)
+            if long_call:
+                code, message, errors = _run_interruptibly(self, h, fn, raw, args, lock, began)
             else:
                 code = fn(h, *raw)
                 message = _last_error() if code else None
-            if self._errors:
-                raise self._errors.pop()
+                errors = self._errors
+            if errors:
+                raise errors[0]
             if code:
                 raise Error(code, message)
             if work:  # the pace of a call that ran to its end
                 self._seconds_per_row = (time.perf_counter() - start) / work
         finally:
             self._owner.value = False
-            if not handed_over:
+            # the helper of a long call gives the turn back itself, once it has begun (it
+            # may still be starting: an exception can come at any point here)
+            if not (long_call and began.wait(1.0)):
                 self._errors.clear()
                 lock.release()
 
@@ -564,7 +596,7 @@ class Op(_Handle):
     def close(self):
         """Frees the library's memory now (after the running call); later calls raise
         InvalidArgumentError. A solver cannot close its own op (RuntimeError)."""
-        if getattr(self._owner, "value", False):
+        if getattr(self._owner, "value", False) or _solving(self._errors):
             raise RuntimeError("a solver cannot close its own op while the op runs its call")
         with self._lock:
             with self._interrupt_lock:
@@ -649,37 +681,33 @@ def _check_sense(loss, bound, sense, solved_by_op):
     warnings.warn(warning, stacklevel=3)
 
 
-def _run_interruptibly(op, h, fn, raw, keep, lock):
-    """(status, message) of fn(h, *raw) run on a helper thread (the message read there:
-    it is that thread's). The helper owns the op's turn from here: it releases `lock`
-    when the call has ended, and `keep` (the caller's buffers) lives until then, so that
-    whatever leaves this function early leaves nothing in use behind. This thread waits
-    for the call; the first exception raised here meanwhile (a KeyboardInterrupt of
-    Ctrl-C, or what another signal handler raises) interrupts the op's calls, again every
-    5 ms until this one has ended (it may not have started yet), and is raised after."""
+def _run_interruptibly(op, h, fn, raw, keep, lock, began):
+    """(status, message, solver exceptions) of fn(h, *raw) run on a helper thread, all
+    read there, before the turn is given back. The helper owns the op's turn from when it
+    sets `began`: it releases `lock` when the call has ended, and `keep` (the caller's
+    buffers) and `op` (whose handle the call uses) live until then, so that whatever
+    leaves this function early leaves nothing in use behind. This thread waits for the
+    call; the first exception raised here meanwhile (a KeyboardInterrupt of Ctrl-C, or
+    what another signal handler raises) interrupts the op's calls, again every 5 ms until
+    this one has ended (it may not have started yet), and is raised after."""
     box = {}
     done = threading.Lock()  # held while the call runs: released by the helper at its end
     done.acquire()
-    began = threading.Event()
 
     def run():
         began.set()
         try:
             code = fn(h, *raw)
-            box["result"] = (code, _last_error() if code else None)
+            box["result"] = (code, _last_error() if code else None, list(op._errors))
         except BaseException as e:  # noqa: BLE001 - raised on the calling thread
             box["error"] = e
         finally:
+            op._errors.clear()
             box["finished"] = keep is not None  # (keep referenced until the call has ended)
             done.release()
             lock.release()
 
-    try:
-        _thread.start_new_thread(run, ())
-    except BaseException:
-        if not began.wait(1.0):  # no helper: the turn is this thread's to give back
-            lock.release()
-        raise
+    _thread.start_new_thread(run, ())
     pending = None
     while "finished" not in box:
         try:

@@ -95,7 +95,8 @@ def _product(tape, which, v):
             return fn(v)  # one cotangent per problem: the product as it is
         except NonFiniteInputError:
             pass  # (the library checks finiteness) some problems' cotangents are not finite
-    rows = v.reshape((math.prod(lead), tape.batch, math.prod(inner)))
+    # (the library takes float32: a finite float64 above its range is not finite either)
+    rows = v.reshape((math.prod(lead), tape.batch, math.prod(inner))).to(torch.float32)
     finite = torch.isfinite(rows).all(dim=2)
     clean = torch.where(finite.unsqueeze(2), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     out = torch.stack([fn(r.reshape((tape.batch,) + tuple(inner))) for r in clean.unbind(0)])

@@ -105,6 +105,12 @@ def test_a_non_finite_upstream_gradient_comes_out_non_finite_without_an_exceptio
     assert torch.isnan(theta.grad[0]).all()
     _, tape = twin_tape(THETA)
     assert torch.allclose(theta.grad[1], torch.from_numpy(tape.vjp(np.eye(5, dtype=np.float32)[[3, 3]]))[1])
+    # a finite float64 cotangent beyond float32's range is not finite for the float32 tape
+    th64 = torch.tensor(THETA, dtype=torch.float64, requires_grad=True)
+    g64 = torch.zeros(2, 5, dtype=torch.float64)
+    g64[0, 0] = 1e39
+    ptt.perturbed(op, th64).backward(g64)
+    assert torch.isnan(th64.grad[0]).all() and torch.isfinite(th64.grad[1]).all()
     # the Fenchel-Young loss as well (its backward is torch arithmetic)
     theta.grad = None
     loss = ptt.fenchel_young(op, theta, torch.eye(5)[[1, 3]], reduction="sum")
