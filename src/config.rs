@@ -9,10 +9,7 @@ use crate::settings::{Baseline, Sense};
 /// The largest number of solver threads a config accepts (C: `PERT_MAX_THREADS`).
 pub(crate) const MAX_THREADS: u32 = 1024;
 
-/// The working memory of one chunk of samples when the config leaves it to the library:
-/// 2 MiB on the CPU (cache-sized chunks are the fastest there), 64 MiB on CUDA (fewer,
-/// larger kernel launches).
-pub const AUTO_CHUNK_BYTES: (u64, u64) = (2 << 20, 64 << 20);
+pub use crate::tuning::AUTO_CHUNK_BYTES;
 
 /// Settings of a perturbed op. An op copies its config: changing a config later does not
 /// change ops made from it.

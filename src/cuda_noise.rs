@@ -427,8 +427,9 @@ fn launch(
         )
     };
     let blocks = (first + count as u64).div_ceil(4) - first / 4;
-    const THREADS: u64 = 256;
-    let grid = blocks.div_ceil(THREADS).clamp(1, 1 << 16) as c_uint;
+    let grid = blocks
+        .div_ceil(crate::tuning::CUDA_NOISE_THREADS)
+        .clamp(1, 1 << 16) as c_uint;
     let (key, id) = (stream.key(), stream.id());
     let mut out_ptr = out.data_ptr() as u64;
     let (mut first_arg, mut count_arg) = (first, count as u64);
@@ -465,7 +466,7 @@ fn launch(
                 grid,
                 1,
                 1,
-                THREADS as c_uint,
+                crate::tuning::CUDA_NOISE_THREADS as c_uint,
                 1,
                 1,
                 0,

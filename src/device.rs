@@ -2,6 +2,7 @@
 
 use crate::cuda_libraries::{self, Loaded};
 use crate::error::{Error, Result, Status};
+use crate::tuning::AUTO_CPU_VALUES_PER_CORE;
 use std::fmt;
 use tch::Device;
 
@@ -169,15 +170,6 @@ pub(crate) fn with_current_cuda_device<R>(index: Option<usize>, f: impl FnOnce()
     let _restore = Restore(switched.then_some((set, previous)));
     f()
 }
-
-/// Perturbed values per core (that the op may use) below which a call of a built-in op is
-/// as fast or faster on the CPU than on a GPU: measured on an H100 machine with 16 cores
-/// (README, "On a GPU"), the CPU won up to 320 000 values (argmax of 32 problems × 10 ×
-/// 1000 samples: 0.31 ms against 0.73 ms; top-k and ranks of 64 × 1000 × 1-2 were within
-/// 10-30% either way) and the GPU from 1 024 000 on (1024 × 100 × 10: 0.95 ms against
-/// 2.82 ms); 32 768 a core puts that machine's limit at 524 288 values, and a machine with
-/// fewer cores sends less to its CPU.
-const AUTO_CPU_VALUES_PER_CORE: u128 = 32_768;
 
 /// Whether a call of `values` perturbed values (batch × N × input_numel) of a built-in op
 /// that `"auto"` put on a GPU runs on the CPU instead, with `cores` cores for the library.

@@ -17,8 +17,7 @@ pub(crate) fn check_floats(t: &Tensor, what: &str) -> Result<()> {
         return Ok(()); // nothing to check (and libtorch gives no data pointer)
     }
     if t.device() == tch::Device::Cpu && t.is_contiguous() {
-        // on the host, one pass in Rust: libtorch's parallel reductions would leave its
-        // OpenMP workers spinning on the cores the solver threads need
+        // on the host, one pass in Rust (the OpenMP rule: crate::tuning)
         // SAFETY: a contiguous CPU float32 tensor holds numel() floats, borrowed for the call.
         let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) };
         if all_finite(values) {

@@ -14,15 +14,17 @@
 // The layers, from the leaves up (see ARCHITECTURE.md): a module uses only modules
 // declared before it here, never one after (tests/architecture.rs checks it).
 
-// leaves: errors, interrupts, shapes, the counter-based streams, fast math, plain settings
+// leaves: errors, interrupts, shapes, the counter-based streams, fast math, plain settings,
+// the tuning constants
 pub mod error;
 pub mod fastmath;
 pub mod interrupt;
 pub mod rng;
-mod room;
 pub mod settings;
 pub mod shape;
 pub mod solver;
+mod tuning;
+mod uninit;
 
 // settings with their code, and helpers: devices, noise, perturbations, input checks,
 // libtorch's CUDA libraries loaded on demand, the fused noise kernel of CUDA ops, libtorch's per-thread thread counts, tensor and host-buffer helpers

@@ -16,7 +16,7 @@
 use crate::error::{Error, Result};
 use crate::fastmath::{has_avx2, has_avx512, ln, sincos_2pi};
 use crate::rng::{unit, Stream, Words64, LANES64};
-use crate::room::{as_room, written};
+use crate::uninit::{as_uninit, written};
 use std::mem::MaybeUninit;
 use tch::{Device, Kind, Tensor};
 
@@ -221,14 +221,14 @@ impl Noise {
     /// Writes elements `first .. first + out.len()` of the noise of `stream`.
     pub fn fill(self, stream: &Stream, first: u64, out: &mut [f32]) {
         // SAFETY: the samplers write only floats
-        self.fill_with(stream, first, unsafe { as_room(out) }, None);
+        self.fill_with(stream, first, unsafe { as_uninit(out) }, None);
     }
 
     /// As [`Noise::fill`], and the scores ∇ν(z) into `score` (same length). The Gumbel
     /// score 1 − e^{−z} comes free from the sampler: e^{−z} = −log u.
     pub fn fill_with_score(self, stream: &Stream, first: u64, out: &mut [f32], score: &mut [f32]) {
         // SAFETY: the samplers write only floats
-        let (out, score) = unsafe { (as_room(out), as_room(score)) };
+        let (out, score) = unsafe { (as_uninit(out), as_uninit(score)) };
         self.fill_with(stream, first, out, Some(score));
     }
 
@@ -388,7 +388,7 @@ impl Noise {
         threads: usize,
     ) {
         // SAFETY: the samplers write only floats
-        let z = unsafe { as_room(z) };
+        let z = unsafe { as_uninit(z) };
         self.draw_samples_into(stream, antithetic, score_is_z, at, z, s, threads);
     }
 
@@ -413,7 +413,7 @@ impl Noise {
                 stream,
                 ((b * n + n0) / 2 * d) as u64,
                 // SAFETY: the samplers write only floats
-                unsafe { as_room(&mut zh) },
+                unsafe { as_uninit(&mut zh) },
                 &mut [],
                 threads,
             );
@@ -455,7 +455,7 @@ impl Noise {
     ) {
         let fill = move |first: u64, zp: &mut [MaybeUninit<f32>], sp: &mut [f32]| {
             // SAFETY: the samplers write only floats
-            let sp = (!sp.is_empty()).then(|| unsafe { as_room(sp) });
+            let sp = (!sp.is_empty()).then(|| unsafe { as_uninit(sp) });
             self.fill_with(stream, first, zp, sp)
         };
         let per = z.len().div_ceil(threads.max(1)).max(1 << 15);
@@ -606,12 +606,12 @@ mod tests {
         for noise in [Noise::Normal, Noise::Gumbel] {
             let n = 10_000;
             let (mut z0, mut s0) = (vec![0f32; n], vec![0f32; n]);
-            // SAFETY (as_room): the samplers write only floats
+            // SAFETY (as_uninit): the samplers write only floats
             noise.fill_with_impl(
                 &stream,
                 3,
-                unsafe { as_room(&mut z0) },
-                Some(unsafe { as_room(&mut s0) }),
+                unsafe { as_uninit(&mut z0) },
+                Some(unsafe { as_uninit(&mut s0) }),
                 Stream::words64,
                 interleave,
             );
@@ -622,9 +622,9 @@ mod tests {
                 }
                 let (mut z, mut s) = (vec![0f32; n], vec![0f32; n]);
                 // SAFETY: the CPU has the features (checked above); the samplers write
-                // only floats (as_room).
+                // only floats (as_uninit).
                 unsafe {
-                    let (z, s) = (as_room(&mut z), Some(as_room(&mut s)));
+                    let (z, s) = (as_uninit(&mut z), Some(as_uninit(&mut s)));
                     if width == 256 {
                         noise.fill_with_avx2(&stream, 3, z, s);
                     } else {

@@ -116,8 +116,8 @@ pub(crate) fn host_slice<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
 }
 
 /// A 1-d CPU tensor holding a copy of `values`. Unlike `Tensor::f_from_slice`, which fills
-/// the new tensor with zeros first (a parallel libtorch kernel for large buffers, whose
-/// OpenMP workers then spin on the cores the solver threads need), it only copies.
+/// the new tensor with zeros first (a parallel libtorch kernel for large buffers: the
+/// OpenMP rule of [`crate::tuning`]), it only copies.
 pub(crate) fn from_slice<T: tch::kind::Element>(values: &[T]) -> Result<Tensor> {
     let t = Tensor::f_empty([values.len() as i64], (T::KIND, Device::Cpu))?;
     if !values.is_empty() {

@@ -4,18 +4,20 @@
 use crate::error::Result;
 use crate::estimate::form::TapeForm;
 use crate::estimate::jacobian::JacobianData;
-use crate::estimate::replay::{Redraw, Replay, SolutionRows, KEEP_SCORES_BYTES};
+use crate::estimate::replay::{Redraw, Replay, SolutionRows};
 use crate::kernels::builtin::Solutions;
 use crate::kernels::sums::ProblemSums;
 use crate::perturbation::Perturbation;
 use crate::settings::Baseline;
 use crate::tensors::{host_floats, host_slice};
+use crate::tuning::{DENSE_BELOW_OUTPUTS, KEEP_SCORES_BYTES};
 use tch::{Device, Kind, Tensor};
 
 mod host_finish;
 mod host_sums;
 mod objective;
 
+pub(crate) use host_sums::HostSlices;
 pub(crate) use objective::Objective;
 
 /// What one forward call estimated.
@@ -45,9 +47,6 @@ enum JacobianSums {
         scores: Option<Vec<f32>>,
     },
 }
-
-/// Outputs per problem up to which [`Accumulator::add`] sums 0/1 solutions as dense rows.
-const DENSE_BELOW_OUTPUTS: i64 = 64;
 
 /// Running sums of one forward call, on the op's device.
 pub(crate) struct Accumulator {
@@ -315,8 +314,8 @@ impl Accumulator {
     }
 
     /// Adds the sums over all samples of problem `b`, made on the host, to this CPU
-    /// accumulator: in place, with no libtorch operation (so none of its parallel regions
-    /// runs while solver threads work), and only over the outputs the sums touched.
+    /// accumulator: in place, with no libtorch operation (the OpenMP rule of
+    /// [`crate::tuning`]), and only over the outputs the sums touched.
     pub fn add_sums(&mut self, b: i64, sums: &ProblemSums) -> Result<()> {
         let (b, o) = (b as usize, self.o as usize);
         let d = sums.sum_s.len();
@@ -536,8 +535,8 @@ fn dense_jacobian(
     Ok(j)
 }
 
-/// A zero tensor of `size`: on the CPU filled in Rust (libtorch's fill runs a parallel
-/// kernel for large tensors, whose OpenMP workers then spin on the solver threads' cores).
+/// A zero tensor of `size`: on the CPU filled in Rust (libtorch's fill is a parallel kernel
+/// for large tensors; the OpenMP rule of [`crate::tuning`]).
 fn zeros(size: &[i64], options: (Kind, Device)) -> Result<Tensor> {
     if options.1 != Device::Cpu {
         return Ok(Tensor::f_zeros(size, options)?);

@@ -4,6 +4,7 @@
 use crate::error::Result;
 use crate::estimate::replay::Replay;
 use crate::tensors::{host_floats, HostFloats};
+use crate::tuning::SEQUENTIAL_UP_TO;
 use tch::{Device, Kind, Tensor};
 
 /// What the Jacobian is computed from (see [`crate::estimate`]).
@@ -239,17 +240,11 @@ fn samples_linear(
 
 /// Whether a product with the dense Jacobian `j` is made in Rust: always on the CPU, where
 /// libtorch's matrix products round by how they split the work among their threads (the
-/// products must be the same bits under every thread setting), and its parallel kernels
-/// would cost more than small products (their OpenMP workers spin on the cores after each).
+/// products must be the same bits under every thread setting), and for the OpenMP rule of
+/// [`crate::tuning`].
 fn host_sized(j: &Tensor) -> bool {
     j.device() == Device::Cpu
 }
-
-/// The largest Jacobian of one problem (o · d entries) whose JVP rows are summed in order,
-/// one product after the other; larger ones are summed in eight lanes (see
-/// [`dot_in_lanes`]). Decided by one problem's size, never the batch's: the same problem's
-/// product does not change with the batch it comes in.
-const SEQUENTIAL_UP_TO: usize = 1 << 12;
 
 /// ⟨a, b⟩ summed in eight interleaved lanes (entry i into lane i mod 8), the lanes then
 /// added in order, and the tail last: a fixed order (the same bits on every machine and

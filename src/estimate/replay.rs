@@ -18,11 +18,9 @@ use crate::kernels::blocks::{run_blocks, slots, take};
 use crate::kernels::nonzero::{nonzeros, RowsNonZero};
 use crate::noise::Noise;
 use crate::rng::Stream;
+use crate::tuning::{PRODUCT_WORK, REPLAY_TILE};
 use std::mem::MaybeUninit;
 use tch::Tensor;
-
-/// The most bytes of scores a tape keeps (beyond, they are drawn again for each product).
-pub(crate) const KEEP_SCORES_BYTES: usize = 16 << 20;
 
 /// How to draw the scores of a forward call's samples again.
 #[derive(Debug, Clone, Copy)]
@@ -255,12 +253,6 @@ pub(crate) struct Replay {
     pub scale: f64,
 }
 
-/// Samples whose scores are drawn at a time (even, for antithetic pairs).
-const TILE: usize = 64;
-
-/// The fewest entries of the sums (samples × width) a thread of a product is started for.
-const PRODUCT_WORK: usize = 1 << 16;
-
 impl Replay {
     pub(crate) fn o(&self) -> usize {
         self.rows.o
@@ -307,13 +299,13 @@ impl Replay {
             .ok_or_else(|| no_memory(usize::MAX))?;
         let mut y = zeros::<f32>(rows.checked_mul(o).ok_or_else(|| no_memory(usize::MAX))?)?;
         let mut s = zeros::<f32>(rows.checked_mul(d).ok_or_else(|| no_memory(usize::MAX))?)?;
-        let mut z = zeros::<f32>(TILE * d)?;
+        let mut z = zeros::<f32>(REPLAY_TILE * d)?;
         for r in 0..rows {
             self.rows.for_each(r, |i, v| y[r * o + i] = v);
         }
         for b in 0..self.batch {
-            for n0 in (0..n).step_by(TILE) {
-                let count = TILE.min(n - n0);
+            for n0 in (0..n).step_by(REPLAY_TILE) {
+                let count = REPLAY_TILE.min(n - n0);
                 let first = (b * n + n0) * d;
                 match &self.scores {
                     Some(kept) => {
@@ -355,7 +347,11 @@ impl Replay {
             .clamp(1, self.batch.max(1));
         // room to draw a tile's scores again (none when they are kept), and the sums of
         // one problem
-        let tile = if self.scores.is_some() { 0 } else { TILE * d };
+        let tile = if self.scores.is_some() {
+            0
+        } else {
+            REPLAY_TILE * d
+        };
         let mut scratch = Vec::new();
         for _ in 0..threads {
             scratch.push((
@@ -432,8 +428,8 @@ impl Replay {
         f: &F,
     ) {
         let (n, d) = (self.redraw.n, self.redraw.d);
-        for n0 in (0..n).step_by(TILE) {
-            let rows = TILE.min(n - n0);
+        for n0 in (0..n).step_by(REPLAY_TILE) {
+            let rows = REPLAY_TILE.min(n - n0);
             let s = self.scores_of(b, (n0, rows), z, s);
             for (k, sr) in s.chunks_exact(d).enumerate() {
                 f(b, b * n + n0 + k, sr, acc);

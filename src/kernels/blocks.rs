@@ -9,19 +9,17 @@
 //! that ends with blocks neither combined nor failed is a bug of this module, and panics
 //! rather than report success.
 //!
-//! Memory stays bounded: a block k is started only once it is within [`WINDOW`] blocks per
+//! Memory stays bounded: a block k is started only once it is within [`BLOCK_WINDOW`] blocks per
 //! thread of the next block to combine (helpers wait; the calling thread combines what
 //! they hand over until it is), so results waiting for their turn never pile up behind a
 //! slow block.
 
+use crate::tuning::{BLOCK_WINDOW, TWO_STAGE_SPIN};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 
 use super::workers::{Unavailable, Workers};
-
-/// Blocks per thread that may be done ahead of the next block to combine.
-const WINDOW: usize = 4;
 
 /// `$body` with `$spawn` bound to a way to start helper jobs (`&dyn Fn(Box<dyn FnOnce() +
 /// Send>) -> bool`, false when one could not start): the process's shared helper threads
@@ -47,7 +45,7 @@ macro_rules! with_helpers {
                 std::thread::scope(|scope| {
                     let $spawn = &|job| {
                         std::thread::Builder::new()
-                            .stack_size(super::workers::WORKER_STACK_BYTES)
+                            .stack_size(crate::tuning::WORKER_STACK_BYTES)
                             .spawn_scoped(scope, job)
                             .is_ok()
                     };
@@ -100,7 +98,7 @@ impl Shared {
             waiting: AtomicUsize::new(0),
             lock: Mutex::new(()),
             moved: Condvar::new(),
-            window: WINDOW * threads,
+            window: BLOCK_WINDOW * threads,
         }
     }
 
@@ -121,11 +119,11 @@ impl Shared {
             k < self.combined.load(Ordering::SeqCst) + self.window
                 || self.stop.load(Ordering::SeqCst)
         };
-        // looked for during PIPELINE_SPIN first: the calling thread usually moves the
+        // looked for during TWO_STAGE_SPIN first: the calling thread usually moves the
         // window within microseconds, and a sleeping thread can take far longer to wake
         let start = std::time::Instant::now();
         while !open() {
-            if start.elapsed() >= PIPELINE_SPIN {
+            if start.elapsed() >= TWO_STAGE_SPIN {
                 break;
             }
             std::thread::yield_now(); // the core to any thread that wants it (oversubscribed)
@@ -412,31 +410,31 @@ impl Drop for HaltOnDrop<'_> {
 }
 
 /// Runs blocks `0 .. blocks` in two stages: `prepare(k, buffer, idle)` on one helper
-/// thread, `finish(k, buffer, prepared)` on the calling thread in block order, the helper
+/// thread, `complete(k, buffer, prepared)` on the calling thread in block order, the helper
 /// one block ahead (two buffers pass between the threads). The same results as
-/// `prepare` then `finish` for each block in turn on one thread; for work whose second
+/// `prepare` then `complete` for each block in turn on one thread; for work whose second
 /// stage must stay on the calling thread (a solver that is not thread-safe) while the first
 /// runs on another core. `idle()` tells `prepare` whether the calling thread is waiting
 /// for a block at that moment, so that work which either stage may do goes where there is
-/// time for it (it must not change the results). The first error of `finish` is returned
-/// (no later block is finished, the helper stops); a panic of either stage is resumed here
+/// time for it (it must not change the results). The first error of `complete` is returned
+/// (no later block is completed, the helper stops); a panic of either stage is resumed here
 /// once the helper has ended. Without a free shared helper a thread of the call's own
 /// prepares.
-pub(crate) fn run_pipelined<S: Send, P: Send, E>(
+pub(crate) fn run_two_stages<S: Send, P: Send, E>(
     blocks: usize,
     buffers: &mut [S; 2],
     prepare: impl Fn(usize, &mut S, &dyn Fn() -> bool) -> P + Sync,
-    mut finish: impl FnMut(usize, &mut S, P) -> Result<(), E>,
+    mut complete: impl FnMut(usize, &mut S, P) -> Result<(), E>,
 ) -> Result<(), E> {
     let panicked: Mutex<Option<Panic>> = Mutex::new(None);
     // whether the calling thread waits for the helper's next block (a hint: relaxed)
     let waiting = AtomicBool::new(false);
-    let outcome = with_helpers!(1, |spawn| pipeline(
+    let outcome = with_helpers!(1, |spawn| two_stages(
         spawn,
         blocks,
         &mut *buffers,
         &prepare,
-        &mut finish,
+        &mut complete,
         &panicked,
         &waiting,
     ));
@@ -447,35 +445,32 @@ pub(crate) fn run_pipelined<S: Send, P: Send, E>(
 }
 
 /// The next block a helper hands over to the calling thread, looked for during
-/// [`PIPELINE_SPIN`] before waiting: a thread that sleeps for it may take far longer to
-/// wake up than the helper takes to finish (on a virtual machine, its core may have to
+/// [`TWO_STAGE_SPIN`] before waiting: a thread that sleeps for it may take far longer to
+/// wake up than the helper takes to prepare (on a virtual machine, its core may have to
 /// be woken too); None once every helper has left.
 fn wait_recv<T>(receive: &mpsc::Receiver<T>) -> Option<T> {
-    super::workers::recv_after_spin(receive, PIPELINE_SPIN, std::thread::yield_now)
+    super::workers::recv_after_spin(receive, TWO_STAGE_SPIN, std::thread::yield_now)
 }
 
-/// The next message of `receive`, looked for during [`PIPELINE_SPIN`] before waiting
+/// The next message of `receive`, looked for during [`TWO_STAGE_SPIN`] before waiting
 /// (the two stages hand blocks over faster than a thread wakes up); None once every sender
 /// is gone.
 fn spin_recv<T>(receive: &mpsc::Receiver<T>) -> Option<T> {
-    super::workers::recv_after_spin(receive, PIPELINE_SPIN, std::hint::spin_loop)
+    super::workers::recv_after_spin(receive, TWO_STAGE_SPIN, std::hint::spin_loop)
 }
 
-/// How long a stage of [`run_pipelined`] looks for its next block before it sleeps.
-const PIPELINE_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
-
-/// The first stage of [`run_pipelined`]: `prepare(k, buffer, idle)`.
+/// The first stage of [`run_two_stages`]: `prepare(k, buffer, idle)`.
 type Prepare<'a, S, P> = dyn Fn(usize, &mut S, &dyn Fn() -> bool) -> P + Sync + 'a;
 
-/// The body of [`run_pipelined`]: starts the helper with `spawn` (false: it could not
-/// start, and this thread prepares too) and finishes the blocks here, `waiting` set while
+/// The body of [`run_two_stages`]: starts the helper with `spawn` (false: it could not
+/// start, and this thread prepares too) and completes the blocks here, `waiting` set while
 /// this thread waits for the helper.
-fn pipeline<'env, S: Send, P: Send, E>(
+fn two_stages<'env, S: Send, P: Send, E>(
     spawn: &dyn Fn(Box<dyn FnOnce() + Send + 'env>) -> bool,
     blocks: usize,
     buffers: &'env mut [S; 2],
     prepare: &'env Prepare<'env, S, P>,
-    finish: &mut dyn FnMut(usize, &mut S, P) -> Result<(), E>,
+    complete: &mut dyn FnMut(usize, &mut S, P) -> Result<(), E>,
     panicked: &'env Mutex<Option<Panic>>,
     waiting: &'env AtomicBool,
 ) -> Result<(), E> {
@@ -502,7 +497,7 @@ fn pipeline<'env, S: Send, P: Send, E>(
         // no helper: both stages here, block by block
         for k in 0..blocks {
             let prepared = prepare(k, first, &|| false);
-            finish(k, first, prepared)?;
+            complete(k, first, prepared)?;
         }
         return Ok(());
     }
@@ -527,7 +522,7 @@ fn pipeline<'env, S: Send, P: Send, E>(
         };
         debug_assert_eq!(j, k);
         // an error returns, dropping the sender: the helper prepares no more
-        finish(k, buffer, prepared)?;
+        complete(k, buffer, prepared)?;
         if k + 2 < blocks {
             let _ = to_helper.send((k + 2, buffer));
         }
@@ -537,10 +532,7 @@ fn pipeline<'env, S: Send, P: Send, E>(
 
 /// `all` cut into consecutive parts of the given lengths (one per block), each to be taken
 /// once by its block (see [`take`]).
-pub(crate) fn slots<T>(
-    mut all: &mut [T],
-    lens: impl Iterator<Item = usize>,
-) -> Vec<Mutex<Option<&mut [T]>>> {
+pub(crate) fn slots<T>(mut all: &mut [T], lens: impl Iterator<Item = usize>) -> Slots<'_, T> {
     lens.map(|len| {
         let (mine, rest) = std::mem::take(&mut all).split_at_mut(len);
         all = rest;
@@ -548,6 +540,9 @@ pub(crate) fn slots<T>(
     })
     .collect()
 }
+
+/// A run's parts of one buffer, a part per block (see [`slots`]).
+pub(crate) type Slots<'a, T> = Vec<Mutex<Option<&'a mut [T]>>>;
 
 /// Block g's part of `slots` (None when there are none).
 pub(crate) fn take<'a, T>(slots: &[Mutex<Option<&'a mut [T]>>], g: usize) -> Option<&'a mut [T]> {
@@ -670,7 +665,10 @@ mod tests {
         )
         .unwrap();
         let most = most.load(Ordering::SeqCst);
-        assert!(most <= (WINDOW + 1) * threads, "{most} results waited");
+        assert!(
+            most <= (BLOCK_WINDOW + 1) * threads,
+            "{most} results waited"
+        );
     }
 
     /// A panic on any thread stops the others (it used to stop only the calling thread's

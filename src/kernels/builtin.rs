@@ -5,6 +5,7 @@
 
 use super::largest::{first_max, ordered, top_k, top_k_above, top_k_by_selection, AboveScratch};
 use crate::error::{Error, Result};
+use crate::tuning::{RADIX_MIN, RANKS_COUNTED_UP_TO};
 use tch::{Kind, Tensor};
 
 /// A built-in solver.
@@ -270,9 +271,6 @@ impl Builtin {
     }
 }
 
-/// The shortest rows that ranks sort by radix (shorter ones by comparisons).
-const RADIX_MIN: usize = 256;
-
 /// Sorts `keys` by their upper 32 bits, stably (a least-significant-digit radix sort, a
 /// byte a pass; passes where every key has the same byte are skipped), with `spare` as
 /// room. Keys whose lower 32 bits increase with their position come out as
@@ -311,10 +309,6 @@ fn radix_sort_high(keys: &mut [u64], spare: &mut Vec<u64>) {
         keys.copy_from_slice(spare);
     }
 }
-
-/// The longest rows the ranks built-in ranks by counting (beyond: by sorting; counting
-/// costs a comparison per pair of entries, without branches).
-const RANKS_COUNTED_UP_TO: usize = 16;
 
 /// Positions `[rows, groups, m]` within each slice of length `last` as flat positions
 /// `[rows, groups · m]` within the row.

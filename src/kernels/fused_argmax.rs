@@ -3,7 +3,7 @@
 //! libtorch calls over chunk-sized tensors. Used when the op runs on the CPU and the tape
 //! keeps sums (or no tape is needed) of a small problem (input_numel² ≤ [`MAX_SUMS`]).
 //!
-//! The samples of a problem are cut into fixed blocks of [`BLOCK`] rows; each block's sums
+//! The samples of a problem are cut into fixed blocks of [`FUSED_BLOCK`] rows; each block's sums
 //! are made on one thread and the blocks are added in their order, so the results do not
 //! depend on the number of threads, bit for bit.
 
@@ -14,13 +14,7 @@ use crate::kernels::sums::ProblemSums;
 use crate::noise::Noise;
 use crate::perturbation::Perturbation;
 use crate::rng::Stream;
-
-/// Samples per block (the unit of work of a thread).
-const BLOCK: usize = 1 << 15;
-/// Rows drawn at a time within a block (kept in cache).
-const TILE: usize = 256;
-/// The largest input_numel² the kernel handles (its per-block sums are that many doubles).
-pub(crate) const MAX_SUMS: usize = 4096;
+use crate::tuning::{FUSED_BLOCK, FUSED_TILE};
 
 /// One problem of a call: θ, its index `b` in the batch, its `n` samples, and the
 /// solutions handed back through the two-phase API (its `n` rows of `d` finite floats),
@@ -52,9 +46,9 @@ pub(crate) struct Kernel<'a> {
 }
 
 impl Kernel<'_> {
-    /// The blocks of work (of [`BLOCK`] samples) of a problem of `n` samples.
+    /// The blocks of work (of [`FUSED_BLOCK`] samples) of a problem of `n` samples.
     pub fn blocks(&self, n: usize) -> usize {
-        n.div_ceil(BLOCK)
+        n.div_ceil(FUSED_BLOCK)
     }
 
     /// The sums over the samples of problem `p`, on `threads` threads; `Err` when the
@@ -110,16 +104,16 @@ impl Kernel<'_> {
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
         let mut sums = ProblemSums::zeros(d, d, self.jacobian, multiplicative)
             .with_input_sums(d, self.input_sums);
-        let (start, end) = (k * BLOCK, ((k + 1) * BLOCK).min(n));
+        let (start, end) = (k * FUSED_BLOCK, ((k + 1) * FUSED_BLOCK).min(n));
         // tiles of at most the block's rows (a problem of few samples zeroes no more)
-        let tile = TILE.min(end - start);
+        let tile = FUSED_TILE.min(end - start);
         let mut z = vec![0f32; tile * d];
         let mut s = vec![0f32; tile * d];
         let mut x = vec![0f32; d];
         let shift = 0.5 * self.sigma * self.sigma;
         let mut n0 = start;
         while n0 < end {
-            let rows = TILE.min(end - n0);
+            let rows = FUSED_TILE.min(end - n0);
             let (z, s) = (&mut z[..rows * d], &mut s[..rows * d]);
             let multiplicative_score = self.perturbation == Perturbation::Multiplicative;
             self.noise.draw_samples(
@@ -212,7 +206,7 @@ mod tests {
     fn sums_do_not_depend_on_the_number_of_threads() {
         let stream = Stream::new(3, 1);
         let theta = [0.1f32, -0.2, 0.3, 0.0, 0.25];
-        let n = 3 * BLOCK + 1234; // several blocks, a partial last one
+        let n = 3 * FUSED_BLOCK + 1234; // several blocks, a partial last one
         for (noise, perturbation, antithetic) in [
             (Noise::Gumbel, Perturbation::Additive, false),
             (Noise::Normal, Perturbation::Additive, true),

@@ -3,6 +3,8 @@
 //! (top-k: in the order of `f32::total_cmp`), ties to the first; the kernels of the 0/1
 //! built-ins (see [`super::builtin`]).
 
+use crate::tuning::TOP_K_RANKED_BY_COUNTING;
+
 /// `v` as an integer in the order of `f32::total_cmp` (−NaN < −∞ < … < −0 < +0 < … < +∞ <
 /// NaN).
 #[inline(always)]
@@ -376,9 +378,6 @@ pub(super) fn top_k_above(
             .map(|(&p, _)| at + p),
     );
 }
-
-/// The most candidates [`top_k_above`] ranks by counting (beyond: by selection).
-const TOP_K_RANKED_BY_COUNTING: usize = 64;
 
 #[cfg(test)]
 mod tests {

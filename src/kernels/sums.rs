@@ -3,6 +3,7 @@
 //! updates, only the outputs a block touched. The same sums, bit for bit, on every CPU.
 
 use super::nonzero::RowsNonZero;
+use crate::tuning::SUM_TILE;
 
 /// The sums over the samples of one problem that the estimator needs, made on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -504,8 +505,3 @@ fn add_scaled_avx2(a: &mut [f32], v: f32, b: &[f32]) {
         }
     }
 }
-
-/// Rows summed in float32 before they join the float64 sums: short enough that the float32
-/// rounding (at most `SUM_TILE` · 2⁻²⁴ relative) stays far below the Monte-Carlo error of
-/// any estimate, long enough to amortize the float64 additions.
-const SUM_TILE: usize = 64;

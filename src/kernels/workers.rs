@@ -10,6 +10,7 @@
 //! once. A job runs under the calling thread's floating-point settings (rounding, flush to
 //! zero), as a thread started for the call would, and the worker's own are put back after.
 
+use crate::tuning::{HELPER_SPIN, WAIT_SPIN, WORKER_STACK_BYTES};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,17 +19,6 @@ use std::thread::JoinHandle;
 /// What a worker receives: a lent job (sent as it is, with no box around it: sending
 /// allocates nothing more than the channel's own blocks).
 type Job = Lent;
-
-/// How long a shared helper keeps looking for its next job after one ends before it
-/// sleeps: calls that come in quick succession (a forward call and its VJP, the
-/// mini-batches of a training loop) then find it awake instead of paying its wake-up
-/// (tens of microseconds, more than the work of a small call). It yields its core to any
-/// other thread that wants it while it looks.
-const HELPER_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
-
-/// How long the thread that lent jobs to workers looks for their end (yielding its core)
-/// before it sleeps.
-const WAIT_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// The next message of `receive`: looked for during `spin` (calling `pause` between
 /// looks: a yield or a spin hint), then waited for; None once every sender is gone.
@@ -47,9 +37,6 @@ pub(crate) fn recv_after_spin<T>(
         }
     }
 }
-
-/// The stack of a worker thread: a solver's recursion gets what a main thread gets.
-pub(crate) const WORKER_STACK_BYTES: usize = 8 << 20;
 
 /// `f`, then the calling thread's floating-point control word restored to what it was
 /// before (a solver callback that changes it leaves the library's arithmetic under the

@@ -133,7 +133,7 @@ impl OpSpec {
         if let (Some(provided), Device::Cpu, None | Some(TapeForm::Sums), false) =
             (fused, self.device, form, c.libtorch_path())
         {
-            if d * d <= crate::kernels::fused_argmax::MAX_SUMS {
+            if d * d <= crate::tuning::FUSED_MAX_SUMS {
                 // the rows of problem b, checked finite
                 let rows_of = |b: usize| -> Result<Option<&[f32]>> {
                     provided

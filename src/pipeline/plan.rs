@@ -2,35 +2,13 @@
 //! of a call's sizes, and how its samples are cut into chunks and blocks and kept on the
 //! tape.
 
-use crate::config::{Config, AUTO_CHUNK_BYTES};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::estimate::TapeForm;
 use crate::input::check_floats;
 use crate::shape::{batched, checked_floats};
+use crate::tuning::{AUTO_CHUNK_BYTES, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS};
 use tch::{Device, Tensor};
-
-/// About how many blocks the host pipeline cuts a problem's samples into (see
-/// [`OpSpec::rows_per_block`]).
-pub(crate) const HOST_BLOCKS: usize = 32;
-
-/// The fewest samples in a host block (fewer only when a chunk is smaller): enough that
-/// the per-block cost (a solver call, a hand-over between threads) stays small.
-pub(crate) const HOST_BLOCK_MIN_ROWS: usize = 512;
-
-/// About how many blocks the host pipeline cuts a call into when it runs in two stages
-/// (noise on a helper, a callback on the calling thread) with blocks of whole problems:
-/// fewer, larger blocks than [`HOST_BLOCKS`], each worth the hand-over between the two
-/// threads.
-pub(crate) const PIPELINE_BLOCKS: usize = 16;
-
-/// The fewest perturbed values (samples × inputs) of a call for which the host pipeline of
-/// a built-in solver starts another thread: a smaller share of the work costs less than
-/// handing it to a thread (callbacks, whose work is unknown, get the config's threads).
-pub(crate) const HOST_THREAD_VALUES: usize = 16 << 10;
-
-/// The most bytes of a host block's buffers (noise, scores, perturbed inputs, solutions),
-/// so that a block stays in a core's L2 cache between its steps.
-pub(crate) const HOST_BLOCK_BYTES: u64 = 512 << 10;
 
 /// The part of an op that its draws keep (shapes, config, device): immutable.
 #[derive(Debug, Clone)]

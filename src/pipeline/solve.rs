@@ -361,7 +361,7 @@ pub(crate) fn solve_rows(
             let handles: Vec<_> = (0..slots.len())
                 .map(|i| {
                     std::thread::Builder::new()
-                        .stack_size(crate::kernels::workers::WORKER_STACK_BYTES)
+                        .stack_size(crate::tuning::WORKER_STACK_BYTES)
                         .spawn_scoped(scope, move || solve_slot(i))
                         .ok()
                 })

@@ -7,16 +7,12 @@ use crate::estimate::replay::Replay;
 use crate::perturbation::Perturbation;
 use crate::settings::Baseline;
 use crate::tensors::{host_floats, host_slice};
+use crate::tuning::HOST_FINISH_ENTRIES;
 use tch::{Device, Kind, Tensor};
-
-/// The most Jacobian entries a CPU call finishes in Rust (beyond, libtorch's parallel
-/// kernels are worth their start-up).
-const HOST_FINISH_ENTRIES: usize = 1 << 20;
 
 impl Accumulator {
     /// [`Accumulator::finish`] for a CPU accumulator, in Rust on the host buffers: no
-    /// libtorch operation runs (its parallel kernels would leave OpenMP workers spinning
-    /// on the cores, at a cost larger than the work of a small call), except the products
+    /// libtorch operation runs (the OpenMP rule of [`crate::tuning`]), except the products
     /// that make a large dense Jacobian.
     pub(super) fn finish_on_host(
         mut self,

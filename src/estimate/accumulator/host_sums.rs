@@ -32,7 +32,7 @@ pub(crate) struct HostSums {
 
 /// The entries of a CPU accumulator's host sums: Σ Y_n, Σ ⟨x_n, Y_n⟩, Σ exp(σZ_n − σ²/2) ⊙ Y_n
 /// and Σ x_n (see [`HostSums::slices`]).
-type HostSlices<'a> = (
+pub(crate) type HostSlices<'a> = (
     &'a mut [f64],
     Option<&'a mut [f64]>,
     &'a mut [f64],
