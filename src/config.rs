@@ -4,7 +4,7 @@ use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 use crate::noise::Noise;
 use crate::perturbation::Perturbation;
-use crate::settings::{Baseline, Sense};
+use crate::settings::{Baseline, Path, Sense};
 
 /// The largest number of solver threads a config accepts (C: `PERT_MAX_THREADS`).
 pub(crate) const MAX_THREADS: u32 = 1024;
@@ -28,7 +28,7 @@ pub struct Config {
     sense: Sense,
     chunk_bytes: u64,
     max_tape_bytes: u64,
-    libtorch_path: bool,
+    path: Option<Path>,
 }
 
 impl Default for Config {
@@ -53,7 +53,7 @@ impl Default for Config {
             sense: Sense::Maximize,
             chunk_bytes: 0,
             max_tape_bytes: 0,
-            libtorch_path: false,
+            path: None,
         }
     }
 }
@@ -177,17 +177,27 @@ impl Config {
     }
 
     /// Runs CPU ops through the libtorch chunk path that CUDA ops take, instead of the
-    /// host pipelines; for tests of that path on machines without a GPU.
+    /// host pipelines; for tests of that path on machines without a GPU (the same as
+    /// `set_path(Some(Path::Cuda))`).
     #[doc(hidden)]
     pub fn set_libtorch_path(&mut self, on: bool) -> &mut Config {
-        self.libtorch_path = on;
+        self.path = on.then_some(Path::Cuda);
         self
     }
 
-    /// Whether CPU ops take the libtorch chunk path (see `set_libtorch_path`).
+    /// Forces the path of every forward call (None, the default: chosen per call; see
+    /// `OpSpec::path`). A call that cannot take the forced path fails with
+    /// INVALID_ARGUMENT. For tests that compare the paths.
     #[doc(hidden)]
-    pub fn libtorch_path(&self) -> bool {
-        self.libtorch_path
+    pub fn set_path(&mut self, path: Option<Path>) -> &mut Config {
+        self.path = path;
+        self
+    }
+
+    /// The forced path, if any (see `set_path`).
+    #[doc(hidden)]
+    pub fn path(&self) -> Option<Path> {
+        self.path
     }
 
     /// Working memory of one chunk, in bytes (0: chosen by the library).

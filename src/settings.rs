@@ -56,3 +56,21 @@ impl Sense {
         }
     }
 }
+
+/// The path a forward call takes (chosen by `OpSpec::path`, in src/pipeline/path.rs).
+/// Hidden: tests force one with `Config::set_path` to compare the paths on the same
+/// cases, whatever the size thresholds would choose.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// The fused CPU argmax kernel: blocks of samples drawn, perturbed, solved and summed
+    /// in one pass (the built-in argmax, or solutions handed back to its op's draws).
+    FusedArgmax,
+    /// The host pipeline: blocks of samples on host buffers, solved by the op's solver.
+    Host,
+    /// The libtorch chunk pipeline with the CPU sampler (CPU ops of device solvers).
+    Chunks,
+    /// The libtorch chunk pipeline with libtorch's sampler on the op's device: CUDA ops,
+    /// and CPU ops forced onto it (the CUDA path's arithmetic, on a machine without GPU).
+    Cuda,
+}

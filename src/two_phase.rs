@@ -8,7 +8,7 @@ use crate::interrupt::Stop;
 use crate::pipeline::Wants;
 use crate::pipeline::{OpSpec, Source};
 use crate::rng::Stream;
-use crate::settings::Baseline;
+use crate::settings::{Baseline, Path};
 use crate::shape::checked_product;
 use crate::tape::output_and_tape;
 use crate::tape::Tape;
@@ -53,8 +53,10 @@ impl Draw {
             ));
         }
         let stream = Stream::new(c.seed(), call);
-        if spec.host_pipeline() {
-            // the host pipeline's own draws, so that finish sees exactly these inputs
+        // the draws of the path that the solutions will take (the host paths draw on the
+        // host), so that the call sees exactly these inputs
+        let path = spec.path(&Source::Provided(&[]), None)?;
+        if matches!(path, Path::Host | Path::FusedArgmax) {
             inputs.resize(batch * n * d, 0.0);
             let theta_host = host_floats(&theta)?;
             let multiplicative =
@@ -82,7 +84,7 @@ impl Draw {
                 }
             }
         } else {
-            spec.for_each_chunk(&theta, &stream, |_, _, _, _, x| {
+            spec.for_each_chunk(&theta, &stream, path, |_, _, _, _, x| {
                 extend_host(&mut inputs, &x)
             })?;
         }

@@ -1,7 +1,7 @@
 //! A fused CPU kernel for the built-in argmax: draws, perturbs, solves and reduces each
 //! sample in one pass over cache-sized blocks, on all cores, instead of a chain of
 //! libtorch calls over chunk-sized tensors. Used when the op runs on the CPU and the tape
-//! keeps sums (or no tape is needed) of a small problem (input_numel² ≤ [`MAX_SUMS`]).
+//! keeps sums (or no tape is needed) of a small problem (see `OpSpec::path`).
 //!
 //! The samples of a problem are cut into fixed blocks of [`FUSED_BLOCK`] rows; each block's sums
 //! are made on one thread and the blocks are added in their order, so the results do not
@@ -28,9 +28,10 @@ pub(crate) struct Problem<'a> {
     pub solutions: Option<&'a [f32]>,
 }
 
-/// The settings of one run of the kernel.
+/// The fused argmax kernel, configured for one call: its stream, noise, perturbation and
+/// what it sums.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Kernel<'a> {
+pub(crate) struct FusedArgmax<'a> {
     pub stream: &'a Stream,
     pub noise: Noise,
     pub perturbation: Perturbation,
@@ -45,7 +46,7 @@ pub(crate) struct Kernel<'a> {
     pub input_sums: bool,
 }
 
-impl Kernel<'_> {
+impl FusedArgmax<'_> {
     /// The blocks of work (of [`FUSED_BLOCK`] samples) of a problem of `n` samples.
     pub fn blocks(&self, n: usize) -> usize {
         n.div_ceil(FUSED_BLOCK)
@@ -188,8 +189,8 @@ mod tests {
         noise: Noise,
         perturbation: Perturbation,
         antithetic: bool,
-    ) -> Kernel<'_> {
-        Kernel {
+    ) -> FusedArgmax<'_> {
+        FusedArgmax {
             stream,
             noise,
             perturbation,

@@ -2,13 +2,14 @@
 //! and sum chunks of samples as tensors on the op's device.
 
 use crate::error::Result;
+use crate::estimate::Accumulator;
+use crate::interrupt::Stop;
 use crate::kernels::builtin::Solutions;
 use crate::pipeline::plan::OpSpec;
-use crate::pipeline::solve::{solve_host, solve_on_device, to_op_device, SolverKind};
+use crate::pipeline::solve::{provided, Source};
 use crate::rng::Stream;
-use crate::shape::batched;
-use crate::solver::SolveInfo;
-use tch::{Device, Tensor};
+use crate::settings::Path;
+use tch::Tensor;
 
 impl OpSpec {
     /// The noise `[nb · rows, d]` of samples `n0 .. n0 + rows` of problems `b .. b + nb` of
@@ -22,16 +23,17 @@ impl OpSpec {
         (b, nb): (usize, usize),
         n0: usize,
         rows: usize,
+        path: Path,
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.config;
         let (d, n) = (self.input_numel, c.num_samples() as usize);
         debug_assert!(nb == 1 || (n0 == 0 && rows == n));
         let threads = c.library_threads(); // noise only
-                                           // CPU ops draw with the CPU sampler; CUDA ops (and CPU ops forced onto this path)
-                                           // draw with libtorch on their device. The samples of consecutive problems are
-                                           // consecutive in the stream, so several whole problems are one draw.
+                                           // Path::Chunks draws with the CPU sampler; Path::Cuda with libtorch on the op's
+                                           // device. The samples of consecutive problems are consecutive in the stream, so
+                                           // several whole problems are one draw.
         let draw = |first: usize, count: usize| -> Result<Tensor> {
-            if self.device == Device::Cpu && !c.libtorch_path() {
+            if path == Path::Chunks {
                 c.noise().sample(stream, first as u64, count, threads)
             } else {
                 c.noise()
@@ -67,6 +69,7 @@ impl OpSpec {
         &self,
         theta: &Tensor,
         stream: &Stream,
+        path: Path,
         mut f: impl FnMut(usize, usize, usize, Tensor, Tensor) -> Result<()>,
     ) -> Result<()> {
         let n = self.config.num_samples() as usize;
@@ -77,7 +80,7 @@ impl OpSpec {
             for b in (0..batch).step_by(problems) {
                 let nb = problems.min(batch - b);
                 let theta_rows = theta.f_narrow(0, b as i64, nb as i64)?;
-                let (z, x) = self.chunk(stream, &theta_rows, (b, nb), 0, n)?;
+                let (z, x) = self.chunk(stream, &theta_rows, (b, nb), 0, n, path)?;
                 f(b, nb, 0, z, x)?;
             }
             return Ok(());
@@ -85,49 +88,46 @@ impl OpSpec {
         for b in 0..batch {
             let theta_b = theta.f_narrow(0, b as i64, 1)?;
             for n0 in (0..n).step_by(per) {
-                let (z, x) = self.chunk(stream, &theta_b, (b, 1), n0, per.min(n - n0))?;
+                let (z, x) = self.chunk(stream, &theta_b, (b, 1), n0, per.min(n - n0), path)?;
                 f(b, 1, n0, z, x)?;
             }
         }
         Ok(())
     }
+}
 
-    /// Solves the problems `x` `[rows, d]` with the op's own solver (`at` says which rows
-    /// of the call they are; its worker is ignored).
-    pub(crate) fn solve(
+impl OpSpec {
+    /// The samples of a call on the libtorch chunk pipeline (`path`: [`Path::Chunks`] or
+    /// [`Path::Cuda`]), summed into `acc` chunk by chunk.
+    pub(crate) fn run_chunks(
         &self,
-        solver: &SolverKind,
-        x: &Tensor,
-        at: SolveInfo,
-    ) -> Result<Solutions> {
-        match solver {
-            SolverKind::Builtin(builtin) => {
-                let x = x.f_view(batched(x.size()[0] as usize, &self.input_shape).as_slice())?;
-                builtin.solve(
-                    &x,
-                    *self.input_shape.last().expect("built-ins have rank >= 1"),
-                )
-            }
-            SolverKind::Host(host) => {
-                let y = solve_host(
-                    host,
-                    x,
-                    self.output_numel,
-                    self.config.effective_threads(),
-                    SolveInfo {
-                        cuda_device: None, // host solvers get host memory
-                        ..at
-                    },
-                )?;
-                Ok(Solutions::Dense(to_op_device(y, self.device)?))
-            }
-            SolverKind::Device(device) => Ok(Solutions::Dense(solve_on_device(
-                &**device,
-                &x.f_view([x.size()[0], self.input_numel as i64])?,
-                self.output_numel,
-                at,
-            )?)),
-            SolverKind::External => unreachable!("external ops are refused before solving"),
-        }
+        theta: &Tensor,
+        stream: &Stream,
+        source: Source<'_>,
+        stop: Stop<'_>,
+        path: Path,
+        acc: &mut Accumulator,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (o, n) = (self.output_numel, c.num_samples() as usize);
+        let batch = theta.size()[0] as usize;
+        self.for_each_chunk(theta, stream, path, |b, nb, n0, z, x| {
+            stop.check()?;
+            let rows = z.size()[0] as usize; // of all nb problems
+            let y = match source {
+                Source::Solver(solver) => {
+                    self.solve(solver, &x, self.rows_at(false, (b * n + n0) as u64, batch))?
+                }
+                Source::Provided(all) => {
+                    Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?)
+                }
+            };
+            let s = if acc.wants_scores() {
+                Some(c.perturbation().score(c.noise(), &z)?)
+            } else {
+                None
+            };
+            acc.add(b as i64, nb as i64, n0 as i64, &z, &x, s.as_ref(), &y)
+        })
     }
 }

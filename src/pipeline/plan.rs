@@ -29,13 +29,6 @@ pub(crate) struct OpSpec {
 }
 
 impl OpSpec {
-    /// Whether a CPU call of this op takes the host pipeline (else the chunk pipeline).
-    pub(crate) fn host_pipeline(&self) -> bool {
-        self.device == Device::Cpu && !self.config.libtorch_path() && !self.chunked
-    }
-}
-
-impl OpSpec {
     pub fn require_square(&self, what: &str) -> Result<()> {
         if self.input_shape == self.output_shape {
             return Ok(());

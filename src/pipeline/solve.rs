@@ -3,8 +3,10 @@
 //! two-phase API.
 
 use crate::error::{Error, Result, Status};
-use crate::kernels::builtin::Builtin;
+use crate::kernels::builtin::{Builtin, Solutions};
 use crate::kernels::workers::{restoring_fp_state, Workers};
+use crate::pipeline::plan::OpSpec;
+use crate::shape::batched;
 use crate::solver::{DeviceSolver, SolveInfo, Solver, WorkerSolver};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,12 +26,70 @@ pub(crate) enum SolverKind {
 }
 
 /// Where a forward call's solutions come from.
+#[derive(Clone, Copy)]
 pub(crate) enum Source<'a> {
     /// The op's own solver.
     Solver(&'a SolverKind),
     /// Solutions handed back after a [`Draw`]: `[rows, output_numel]` host floats, rows in
     /// the order of the draw's inputs.
     Provided(&'a [f32]),
+}
+
+impl OpSpec {
+    /// Where rows of a call on `batch` problems sit, for a solver call on the calling
+    /// thread (worker 0), on the op's device.
+    pub(crate) fn rows_at(&self, clean: bool, first_row: u64, batch: usize) -> SolveInfo {
+        SolveInfo {
+            worker: 0,
+            clean,
+            first_row,
+            num_samples: self.config.num_samples(),
+            batch,
+            cuda_device: match self.device {
+                Device::Cuda(i) => Some(i),
+                _ => None,
+            },
+        }
+    }
+
+    /// Solves the problems `x` `[rows, d]` with the op's own solver (`at` says which rows
+    /// of the call they are; its worker is ignored).
+    pub(crate) fn solve(
+        &self,
+        solver: &SolverKind,
+        x: &Tensor,
+        at: SolveInfo,
+    ) -> Result<Solutions> {
+        match solver {
+            SolverKind::Builtin(builtin) => {
+                let x = x.f_view(batched(x.size()[0] as usize, &self.input_shape).as_slice())?;
+                builtin.solve(
+                    &x,
+                    *self.input_shape.last().expect("built-ins have rank >= 1"),
+                )
+            }
+            SolverKind::Host(host) => {
+                let y = solve_host(
+                    host,
+                    x,
+                    self.output_numel,
+                    self.config.effective_threads(),
+                    SolveInfo {
+                        cuda_device: None, // host solvers get host memory
+                        ..at
+                    },
+                )?;
+                Ok(Solutions::Dense(to_op_device(y, self.device)?))
+            }
+            SolverKind::Device(device) => Ok(Solutions::Dense(solve_on_device(
+                &**device,
+                &x.f_view([x.size()[0], self.input_numel as i64])?,
+                self.output_numel,
+                at,
+            )?)),
+            SolverKind::External => unreachable!("external ops are refused before solving"),
+        }
+    }
 }
 
 /// Rows `first .. first + rows` of provided solutions `[*, o]`, checked finite, on `device`.

@@ -1,0 +1,86 @@
+//! The fused argmax path ([`crate::settings::Path::FusedArgmax`]): per problem, blocks of
+//! samples drawn, perturbed, solved and summed in one pass by the fused kernel
+//! (kernels/fused_argmax), or whole problems shared among the cores when a problem has
+//! fewer blocks than there are cores (each made exactly as it would be alone).
+
+use crate::error::Result;
+use crate::estimate::Accumulator;
+use crate::interrupt::Stop;
+use crate::kernels::blocks::run_blocks;
+use crate::kernels::fused_argmax::{FusedArgmax, Problem};
+use crate::pipeline::plan::OpSpec;
+use crate::pipeline::solve::{check_provided, Source};
+use crate::rng::Stream;
+use crate::tensors::HostFloats;
+use tch::Tensor;
+
+impl OpSpec {
+    /// The samples of a call of the built-in argmax (or of solutions `source` handed back
+    /// to its draws) on the CPU, summed into `acc` by the fused kernel.
+    pub(crate) fn run_fused(
+        &self,
+        theta: &Tensor,
+        stream: &Stream,
+        source: Source<'_>,
+        stop: Stop<'_>,
+        acc: &mut Accumulator,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (d, n) = (self.input_numel, c.num_samples() as usize);
+        let provided = match source {
+            Source::Provided(all) => Some(all),
+            Source::Solver(_) => None,
+        };
+        // the rows of problem b, checked finite
+        let rows_of = |b: usize| -> Result<Option<&[f32]>> {
+            provided
+                .map(|all| {
+                    let part = &all[b * n * d..(b + 1) * n * d];
+                    check_provided(part, b * n, d)?;
+                    Ok(part)
+                })
+                .transpose()
+        };
+        let kernel = FusedArgmax {
+            stream,
+            noise: c.noise(),
+            perturbation: c.perturbation(),
+            sigma: c.sigma() as f32,
+            antithetic: c.antithetic(),
+            jacobian: acc.form().is_some(),
+            last: *self.input_shape.last().expect("built-ins have rank >= 1") as usize,
+            stop,
+            input_sums: acc.keeps_input_sums(),
+        };
+        let cores = c.library_threads();
+        // read in place: no code of the caller's runs during the call
+        let theta_values = HostFloats::of(theta)?;
+        let theta_host: &[f32] = &theta_values;
+        let batch = theta_host.len() / d;
+        let problem = |b: usize| -> Result<Problem<'_>> {
+            Ok(Problem {
+                theta: &theta_host[b * d..(b + 1) * d],
+                b,
+                n,
+                solutions: rows_of(b)?,
+            })
+        };
+        if kernel.blocks(n) >= cores || batch == 1 {
+            // enough blocks within each problem for every core
+            for b in 0..batch {
+                let sums = kernel.problem(problem(b)?, cores)?;
+                acc.add_sums(b as i64, &sums)?;
+            }
+            Ok(())
+        } else {
+            // problems shared by the cores (each made exactly as above, on one)
+            let mut scratch = vec![(); cores];
+            run_blocks(
+                batch,
+                &mut scratch,
+                |b, _| kernel.problem(problem(b)?, 1),
+                |b, sums| acc.add_sums(b as i64, &sums),
+            )
+        }
+    }
+}
