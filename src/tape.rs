@@ -2,7 +2,7 @@
 //! the objective need no further solver call.
 
 use crate::error::{Error, Result};
-use crate::estimate::{Estimate, JacobianData};
+use crate::estimate::{Estimate, Kept};
 use crate::pipeline::OpSpec;
 use crate::shape::batched;
 use tch::{Device, Kind, Tensor};
@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 /// A tape owns its tensors: it stays valid after its op is dropped.
 #[derive(Debug)]
 pub struct Tape {
-    jacobian: JacobianData,
+    kept: Kept,
     /// F_σ(θ) `[batch]` (float32), when output shape = input shape.
     objective: Option<Tensor>,
     input_shape: Vec<i64>,
@@ -42,9 +42,9 @@ pub(crate) fn output_and_tape(
         Some(f) => Some(f.value.f_to_kind(Kind::Float)?),
         None => None,
     };
-    let jacobian = estimate.jacobian.expect("a Jacobian was requested");
+    let kept = estimate.kept.expect("a Jacobian was requested");
     let tape = Tape {
-        jacobian,
+        kept,
         objective,
         input_shape: spec.input_shape.clone(),
         output_shape: spec.output_shape.clone(),
@@ -69,7 +69,7 @@ impl Tape {
     }
     /// The device the tape's statistics live on.
     pub fn device(&self) -> Device {
-        self.jacobian.device()
+        self.kept.device()
     }
     /// The bytes of memory the tape holds (its tensors and buffers).
     pub fn bytes(&self) -> usize {
@@ -77,7 +77,7 @@ impl Tape {
             .objective
             .as_ref()
             .map_or(0, |t| t.numel() * t.kind().elt_size_in_bytes());
-        self.jacobian.bytes() + objective
+        self.kept.bytes() + objective
     }
 
     /// Whether the tape keeps the samples (true) or the Jacobian (false). CPU tapes keep
@@ -85,7 +85,7 @@ impl Tape {
     /// (larger ones are drawn again from the forward call's stream when a gradient is
     /// asked); CUDA tapes keep both.
     pub fn keeps_samples(&self) -> bool {
-        !matches!(self.jacobian, JacobianData::Dense(_))
+        !matches!(self.kept, Kept::Sums(_))
     }
 
     /// The Jacobian estimate `[batch, output_numel, input_numel]` (float32), a new tensor;
@@ -94,7 +94,7 @@ impl Tape {
         let _cap = crate::intraop::cap(self.max_threads);
         let d = self.input_shape.iter().product::<i64>();
         let o = self.output_shape.iter().product::<i64>();
-        self.jacobian.jacobian([self.batch as i64, o, d])
+        self.kept.jacobian([self.batch as i64, o, d])
     }
 
     /// The perturbed objective F_σ(θ) of every problem, `[batch]`: E[⟨θ + σZ, y*(θ + σZ)⟩]
@@ -117,7 +117,7 @@ impl Tape {
         let _cap = crate::intraop::cap(self.max_threads);
         let g = self.check_tensor(grad_output, &self.output_shape, "grad_output")?; // [b, o]
         Ok(self
-            .jacobian
+            .kept
             .vjp(&g)?
             .f_reshape(batched(self.batch, &self.input_shape))?
             .f_to_device(grad_output.device())?)
@@ -129,7 +129,7 @@ impl Tape {
         let _cap = crate::intraop::cap(self.max_threads);
         let t = self.check_tensor(tangent, &self.input_shape, "tangent_input")?; // [b, d]
         Ok(self
-            .jacobian
+            .kept
             .jvp(&t)?
             .f_reshape(batched(self.batch, &self.output_shape))?
             .f_to_device(tangent.device())?)
@@ -137,10 +137,10 @@ impl Tape {
 
     /// J δ `[batch, output_numel]` for `delta` `[batch, input_numel]`, differentiable with
     /// respect to δ by libtorch's autograd (its backward is the VJP), from what the tape
-    /// keeps (see `JacobianData::linear`): for [`crate::autograd`].
+    /// keeps (see `Kept::linear`): for [`crate::autograd`].
     pub(crate) fn linear(&self, delta: &Tensor) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
-        self.jacobian.linear(delta)
+        self.kept.linear(delta)
     }
 
     /// Checks kind, shape and finiteness of a per-problem tensor and returns it flattened to

@@ -1,23 +1,26 @@
 //! The running sums of one forward call over its samples, and the estimates made from them
 //! once all samples are in (see [`crate::estimate`] for the estimators).
+//!
+//! Two halves: [`tensor`] adds chunks of samples as libtorch tensors (the chunk pipeline:
+//! CUDA ops, CPU ops of device solvers) and finishes on the op's device; [`host`] takes
+//! the sums that the CPU's host paths made in Rust and finishes in Rust (the OpenMP rule
+//! of [`crate::tuning`]). [`Accumulator::finish`] is the one place that turns sums into
+//! the estimate: the mean, the centering of the Jacobian, what the tape keeps, and the
+//! objective.
 
 use crate::error::Result;
-use crate::estimate::form::TapeForm;
-use crate::estimate::jacobian::JacobianData;
+use crate::estimate::centering::Centering;
+use crate::estimate::kept::{kept_scores, Kept, TapeForm};
 use crate::estimate::replay::{Redraw, Replay, SolutionRows};
-use crate::kernels::builtin::Solutions;
-use crate::kernels::sums::ProblemSums;
 use crate::perturbation::Perturbation;
 use crate::settings::Baseline;
-use crate::tensors::{host_floats, host_slice};
-use crate::tuning::{DENSE_BELOW_OUTPUTS, KEEP_SCORES_BYTES};
 use tch::{Device, Kind, Tensor};
 
-mod host_finish;
-mod host_sums;
+mod host;
 mod objective;
+mod tensor;
 
-pub(crate) use host_sums::HostSlices;
+pub(crate) use host::HostSlices;
 pub(crate) use objective::Objective;
 
 /// What one forward call estimated.
@@ -25,27 +28,18 @@ pub(crate) struct Estimate {
     /// y_σ(θ), `[batch, output_numel]` float32 on the op's device.
     pub mean: Tensor,
     /// What the tape keeps, when asked for.
-    pub jacobian: Option<JacobianData>,
+    pub kept: Option<Kept>,
     /// F_σ(θ) and what its gradient is made from, when output shape = input shape.
     pub objective: Option<Objective>,
 }
 
-enum JacobianSums {
-    Sums {
-        sum_s: Tensor,
-        sum_ys: Tensor,
-    },
-    Samples {
-        y: Tensor,
-        s: Tensor,
-    },
-    /// The samples' solutions, added block by block in order, and their scores `[b, N, d]`
-    /// when small enough to keep (written by the pipeline; else drawn again later).
-    Replay {
-        rows: SolutionRows,
-        redraw: Redraw,
-        scores: Option<Vec<f32>>,
-    },
+/// The sums of the objective, float64 on the op's device: Σ ⟨x_n, Y_n⟩ `[batch]`,
+/// Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, d]` (multiplicative, else `[batch, 0]`) and Σ x_n
+/// `[batch, d]` (when asked for, else `[batch, 0]`).
+pub(crate) struct ObjectiveSums {
+    pub value: Tensor,
+    pub weighted: Tensor,
+    pub inputs: Tensor,
 }
 
 /// Running sums of one forward call, on the op's device.
@@ -53,19 +47,22 @@ pub(crate) struct Accumulator {
     o: i64,
     perturbation: Perturbation,
     sigma: f64,
+    /// Σ Y_n `[batch, o]`, float64.
     sum_y: Tensor,
-    jacobian: Option<JacobianSums>,
-    /// Σ ⟨x_n, Y_n⟩ `[batch]`, Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, d]` (multiplicative, else
-    /// `[batch, 0]`) and Σ x_n `[batch, d]` (when asked for, else `[batch, 0]`).
-    objective: Option<(Tensor, Tensor, Tensor)>,
+    /// Σ s_n `[batch, d]`, float64, for a tape of sums (its centering).
+    sum_s: Option<Tensor>,
+    /// What the tape keeps, while it is filled.
+    kept: Option<Kept>,
+    objective: Option<ObjectiveSums>,
 }
 
 impl Accumulator {
     /// Sums for `batch` problems of `n` samples; `form` when a Jacobian is wanted;
     /// `square` when output shape = input shape (the objective is then estimated too,
-    /// and with `input_sums` the sum of the perturbed inputs). With `redraw`, a tape that keeps samples keeps their solutions (added with
-    /// [`Accumulator::add_solutions`]), and their scores up to [`KEEP_SCORES_BYTES`] (filled
-    /// by the pipeline, see [`Accumulator::take_scores`]; else drawn again from the stream).
+    /// and with `input_sums` the sum of the perturbed inputs). With `redraw`, a tape of
+    /// samples keeps their solutions (added with [`Accumulator::add_solutions`]), and
+    /// their scores when [`kept_scores`] allows (filled by the pipeline, see
+    /// [`Accumulator::take_scores`]; else drawn again from the stream).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         batch: usize,
@@ -79,200 +76,72 @@ impl Accumulator {
         (square, input_sums): (bool, bool),
         device: Device,
     ) -> Result<Accumulator> {
-        let replay = match (form, redraw) {
-            (Some(TapeForm::Samples), Some(redraw)) => Some(JacobianSums::Replay {
+        let (b, ni, di, oi) = (batch as i64, n as i64, d as i64, o as i64);
+        let f64s = (Kind::Double, device);
+        let f32s = (Kind::Float, device);
+        let kept = match (form, redraw) {
+            (None, _) => None,
+            (Some(TapeForm::Sums), _) => Some(Kept::Sums(zeros(&[b, oi, di], f32s)?)),
+            (Some(TapeForm::Samples), Some(redraw)) => Some(Kept::Solutions(Replay {
                 rows: SolutionRows::new(o),
                 redraw,
                 scores: kept_scores(batch, n, (d, o), redraw.max_tape_bytes),
+                batch,
+                centering: Centering::none(),
+            })),
+            (Some(TapeForm::Samples), None) => Some(Kept::Samples {
+                y: Tensor::f_empty([b, ni, oi], f32s)?,
+                s: Tensor::f_empty([b, ni, di], f32s)?,
+                centering: Centering::none(),
             }),
+        };
+        let sum_s = match form {
+            Some(TapeForm::Sums) => Some(zeros(&[b, di], f64s)?),
             _ => None,
         };
-        let (b, n, d, o) = (batch as i64, n as i64, d as i64, o as i64);
-        let f64s = (Kind::Double, device);
-        let f32s = (Kind::Float, device);
-        let jacobian = match form {
-            None => None,
-            Some(TapeForm::Sums) => Some(JacobianSums::Sums {
-                sum_s: zeros(&[b, d], f64s)?,
-                sum_ys: zeros(&[b, o, d], f32s)?,
-            }),
-            Some(TapeForm::Samples) => match replay {
-                Some(replay) => Some(replay),
-                None => Some(JacobianSums::Samples {
-                    y: Tensor::f_empty([b, n, o], f32s)?,
-                    s: Tensor::f_empty([b, n, d], f32s)?,
-                }),
-            },
-        };
         let objective = if square {
-            let wy = if perturbation == Perturbation::Multiplicative {
-                d
+            let w = if perturbation == Perturbation::Multiplicative {
+                di
             } else {
                 0
             };
-            let xw = if input_sums { d } else { 0 };
-            Some((
-                zeros(&[b], f64s)?,
-                zeros(&[b, wy], f64s)?,
-                zeros(&[b, xw], f64s)?,
-            ))
+            Some(ObjectiveSums {
+                value: zeros(&[b], f64s)?,
+                weighted: zeros(&[b, w], f64s)?,
+                inputs: zeros(&[b, if input_sums { di } else { 0 }], f64s)?,
+            })
         } else {
             None
         };
         Ok(Accumulator {
-            o,
+            o: oi,
             perturbation,
             sigma,
-            sum_y: zeros(&[b, o], f64s)?,
-            jacobian,
+            sum_y: zeros(&[b, oi], f64s)?,
+            sum_s,
+            kept,
             objective,
         })
     }
 
     /// Whether the scores are needed.
     pub fn wants_scores(&self) -> bool {
-        self.jacobian.is_some()
+        self.kept.is_some()
     }
 
-    /// Adds samples `n0 .. n0 + rows` of problems `b .. b + nb` (several problems only with
-    /// all their samples): noise `z` and perturbed inputs `x` `[nb · rows, d]`, problem by
-    /// problem, scores `s` (when wanted) and solutions `y`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn add(
-        &mut self,
-        b: i64,
-        nb: i64,
-        n0: i64,
-        z: &Tensor,
-        x: &Tensor,
-        s: Option<&Tensor>,
-        y: &Solutions,
-    ) -> Result<()> {
-        let _serial = crate::intraop::serial_on(self.sum_y.device()); // (same bits for any threads)
-        let rows = z.size()[0] / nb; // per problem
-        let o = self.o;
-        // few outputs: the positions of the ones would all land on a few entries of the
-        // sums (atomic adds that serialize on a GPU); dense rows are summed by reductions
-        let small = match y {
-            Solutions::Indicator(_) if o <= DENSE_BELOW_OUTPUTS => {
-                Some(Solutions::Dense(y.dense(o)?))
-            }
-            _ => None,
-        };
-        let y = small.as_ref().unwrap_or(y);
-        // the dense solutions, made at most once (samples tape, multiplicative objective)
-        let mut dense_cache: Option<Tensor> = None;
-        let mut dense = || -> Result<Tensor> {
-            if dense_cache.is_none() {
-                dense_cache = Some(y.dense(o)?);
-            }
-            Ok(dense_cache.as_ref().expect("just set").shallow_clone())
-        };
-        // [nb · rows, w] as [nb, rows, w]
-        let per_problem = |t: &Tensor| -> Result<Tensor> {
-            let w = t.size()[1];
-            Ok(t.f_view([nb, rows, w])?)
-        };
-        // the flat positions, in a [batch, w] tensor, of entries `index` [nb · rows, m]
-        // (columns of their row's problem)
-        let flat_in_problems = |index: &Tensor, w: i64| -> Result<Tensor> {
-            let first = Tensor::f_arange_start(b, b + nb, (Kind::Int64, index.device()))?
-                .f_mul_scalar(w)?
-                .f_repeat_interleave_self_int(rows, 0, None)?
-                .f_unsqueeze(1)?;
-            Ok(index.f_add(&first)?.f_flatten(0, -1)?)
-        };
-        match y {
-            Solutions::Dense(y) => {
-                let _ = self
-                    .sum_y
-                    .f_narrow(0, b, nb)?
-                    .f_add_(&per_problem(y)?.f_sum_dim_intlist(1, false, Kind::Double)?)?;
-            }
-            Solutions::Indicator(index) => {
-                let ones = Tensor::f_ones([index.numel() as i64], (Kind::Double, index.device()))?;
-                let _ = self.sum_y.f_view([-1])?.f_index_add_(
-                    0,
-                    &flat_in_problems(index, o)?,
-                    &ones,
-                )?;
-            }
-        }
-        match (&mut self.jacobian, s) {
-            (Some(JacobianSums::Sums { sum_s, sum_ys }), Some(s)) => {
-                let _ = sum_s
-                    .f_narrow(0, b, nb)?
-                    .f_add_(&per_problem(s)?.f_sum_dim_intlist(1, false, Kind::Double)?)?;
-                match y {
-                    Solutions::Dense(y) => {
-                        // Σ_n Y_n s_nᵀ per problem: [nb, o, rows] × [nb, rows, d]
-                        let _ = sum_ys
-                            .f_narrow(0, b, nb)?
-                            .f_baddbmm_(&per_problem(y)?.f_transpose(1, 2)?, &per_problem(s)?)?;
-                    }
-                    Solutions::Indicator(index) => {
-                        // Σ_n Y_n s_nᵀ with 0/1 Y_n: add each s_n to the rows of its ones
-                        // (rows of the [batch · o, d] view).
-                        let m = index.size()[1];
-                        let src = if m == 1 {
-                            s.shallow_clone()
-                        } else {
-                            s.f_repeat_interleave_self_int(m, 0, None)?
-                        };
-                        let d = s.size()[1];
-                        let _ = sum_ys.f_view([-1, d])?.f_index_add_(
-                            0,
-                            &flat_in_problems(index, o)?,
-                            &src,
-                        )?;
-                    }
-                }
-            }
-            (Some(JacobianSums::Samples { y: ys, s: ss }), Some(s)) => {
-                ys.f_narrow(0, b, nb)?
-                    .f_narrow(1, n0, rows)?
-                    .f_copy_(&per_problem(&dense()?)?)?;
-                ss.f_narrow(0, b, nb)?
-                    .f_narrow(1, n0, rows)?
-                    .f_copy_(&per_problem(s)?)?;
-            }
-            (Some(JacobianSums::Replay { .. }), Some(_)) => {
-                unreachable!("tapes of solutions only are made by the host pipeline")
-            }
-            (Some(_), None) => unreachable!("scores are computed when a Jacobian is wanted"),
-            (None, _) => {}
-        }
-        if let Some((objective, sum_wy, sum_x)) = &mut self.objective {
-            if sum_x.size()[1] > 0 {
-                let xs = per_problem(x)?.f_sum_dim_intlist(1, false, Kind::Double)?;
-                let _ = sum_x.f_narrow(0, b, nb)?.f_add_(&xs)?;
-            }
-            let products = match y {
-                Solutions::Dense(y) => x.f_mul(y)?,
-                Solutions::Indicator(index) => x.f_gather(1, index, false)?,
-            };
-            let value = products
-                .f_view([nb, -1])?
-                .f_sum_dim_intlist(1, false, Kind::Double)?;
-            let _ = objective.f_narrow(0, b, nb)?.f_add_(&value)?;
-            if self.perturbation == Perturbation::Multiplicative {
-                let w = self.perturbation.weight(z, self.sigma)?;
-                let wy =
-                    per_problem(&w.f_mul(&dense()?)?)?.f_sum_dim_intlist(1, false, Kind::Double)?;
-                let _ = sum_wy.f_narrow(0, b, nb)?.f_add_(&wy)?;
-            }
-        }
-        Ok(())
+    /// The tape form, when a Jacobian is wanted.
+    pub fn form(&self) -> Option<TapeForm> {
+        self.kept.as_ref().map(Kept::form)
     }
 
     /// Whether the call keeps Σ x_n (see [`Accumulator::new`]).
     pub fn keeps_input_sums(&self) -> bool {
-        matches!(&self.objective, Some((_, _, sum_x)) if sum_x.size()[1] > 0)
+        matches!(&self.objective, Some(sums) if sums.inputs.size()[1] > 0)
     }
 
-    /// Whether the tape keeps the samples' solutions only (see [`Accumulator::new`]).
+    /// Whether the tape keeps the samples' solutions (see [`Accumulator::new`]).
     pub fn keeps_solutions(&self) -> bool {
-        matches!(self.jacobian, Some(JacobianSums::Replay { .. }))
+        matches!(self.kept, Some(Kept::Solutions(_)))
     }
 
     /// The buffer for the scores `[batch, N, d]` of a tape that keeps them, taken out so
@@ -281,258 +150,203 @@ impl Accumulator {
     /// all written, with [`Accumulator::put_scores`] (a tape whose scores are not all
     /// there draws them again).
     pub fn take_scores(&mut self) -> Option<Vec<f32>> {
-        match &mut self.jacobian {
-            Some(JacobianSums::Replay { scores, .. }) => scores.take(),
+        match &mut self.kept {
+            Some(Kept::Solutions(replay)) => replay.scores.take(),
             _ => None,
         }
     }
 
     /// Gives back the scores taken with [`Accumulator::take_scores`], all written.
     pub fn put_scores(&mut self, kept: Vec<f32>) {
-        if let Some(JacobianSums::Replay { scores, .. }) = &mut self.jacobian {
-            *scores = Some(kept);
+        if let Some(Kept::Solutions(replay)) = &mut self.kept {
+            replay.scores = Some(kept);
         }
     }
 
     /// Appends the solutions of the next samples, in sample order, problem by problem.
     pub fn add_solutions(&mut self, more: SolutionRows) -> Result<()> {
-        match &mut self.jacobian {
-            Some(JacobianSums::Replay { rows, .. }) => rows.append(more),
+        match &mut self.kept {
+            Some(Kept::Solutions(replay)) => replay.rows.append(more),
             _ => Ok(()),
         }
     }
 
-    /// The tape form, when a Jacobian is wanted.
-    pub fn form(&self) -> Option<TapeForm> {
-        match self.jacobian {
-            None => None,
-            Some(JacobianSums::Sums { .. }) => Some(TapeForm::Sums),
-            Some(JacobianSums::Samples { .. } | JacobianSums::Replay { .. }) => {
-                Some(TapeForm::Samples)
-            }
-        }
-    }
-
-    /// Adds the sums over all samples of problem `b`, made on the host, to this CPU
-    /// accumulator: in place, with no libtorch operation (the OpenMP rule of
-    /// [`crate::tuning`]), and only over the outputs the sums touched.
-    pub fn add_sums(&mut self, b: i64, sums: &ProblemSums) -> Result<()> {
-        let (b, o) = (b as usize, self.o as usize);
-        let d = sums.sum_s.len();
-        let sum_y = &mut host_slice::<f64>(&mut self.sum_y)[b * o..(b + 1) * o];
-        let mut jacobian = match &mut self.jacobian {
-            Some(JacobianSums::Sums { sum_s, sum_ys }) => {
-                for (a, v) in host_slice::<f64>(sum_s)[b * d..(b + 1) * d]
-                    .iter_mut()
-                    .zip(&sums.sum_s)
-                {
-                    *a += v;
-                }
-                Some(&mut host_slice::<f32>(sum_ys)[b * o * d..(b + 1) * o * d])
-            }
-            Some(JacobianSums::Samples { .. } | JacobianSums::Replay { .. }) | None => None,
-        };
-        let mut weighted = match &mut self.objective {
-            Some((objective, sum_wy, sum_x)) => {
-                host_slice::<f64>(objective)[b] += sums.objective;
-                let xw = sum_x.size()[1] as usize;
-                let target = &mut host_slice::<f64>(sum_x)[b * xw..(b + 1) * xw];
-                for (a, v) in target.iter_mut().zip(&sums.sum_x) {
-                    *a += v;
-                }
-                let w = sum_wy.size()[1] as usize;
-                Some(&mut host_slice::<f64>(sum_wy)[b * w..(b + 1) * w]).filter(|s| !s.is_empty())
-            }
-            None => None,
-        };
-        for (i, _) in sums.touched.iter().enumerate().filter(|(_, &t)| t) {
-            sum_y[i] += sums.sum_y[i];
-            if let Some(target) = jacobian.as_deref_mut() {
-                for (a, v) in target[i * d..(i + 1) * d]
-                    .iter_mut()
-                    .zip(&sums.sum_ys[i * d..(i + 1) * d])
-                {
-                    *a += *v as f32;
-                }
-            }
-            if let Some(target) = weighted.as_deref_mut() {
-                target[i] += sums.sum_wy[i];
-            }
-        }
-        Ok(())
-    }
-
     /// The estimates from `n` samples. `baseline` is the effective one (None under
     /// antithetic pairs); `clean` holds y*(θ) `[batch, o]` for the clean-input baseline;
-    /// `theta` `[batch, d]` (on the device) is needed by the multiplicative model.
+    /// `theta` `[batch, d]` (on the device) is needed by the multiplicative model. On the
+    /// CPU in Rust, on other devices with libtorch.
     pub fn finish(
-        self,
+        mut self,
         n: usize,
         baseline: Baseline,
         clean: Option<&Tensor>,
         theta: &Tensor,
     ) -> Result<Estimate> {
-        if self.sum_y.device() == Device::Cpu {
-            return self.finish_on_host(n, baseline, clean, theta);
-        }
         let nf = n as f64;
-        let mean = self.sum_y.f_div_scalar(nf)?.f_to_kind(Kind::Float)?;
+        let on_host = self.sum_y.device() == Device::Cpu;
+        let mean = if on_host {
+            self.host_mean(n)?
+        } else {
+            self.tensor_mean(nf)?
+        };
         // the baseline only enters the Jacobian: forward calls without a tape make no
         // extra solve, and have no y*(θ)
-        let (center, scale) = match self.centre_and_scale(baseline, nf, clean.is_some()) {
-            // the centre may be kept by the tape: its own copy, never the storage of the
-            // output handed to the caller
-            (Centre::Mean, scale) => (Some(crate::tensors::copy(&mean)?), scale),
-            (Centre::Clean, scale) => (clean.map(Tensor::shallow_clone), scale),
-            (Centre::Zero, scale) => (None, scale),
+        let (center, scale) = self.center_and_scale(baseline, nf, clean.is_some());
+        let centering = if on_host {
+            Centerings::Host(host::centering(
+                center,
+                scale,
+                &mean,
+                clean,
+                self.col_scale_of(theta),
+            )?)
+        } else {
+            Centerings::Device(tensor::centering(
+                center,
+                scale,
+                &mean,
+                clean,
+                self.col_scale_of(theta),
+            )?)
         };
-        let col_scale = match self.perturbation {
-            Perturbation::Additive => None,
-            Perturbation::Multiplicative => {
-                let zero = theta.f_eq(0.0)?;
-                let inv = theta
-                    .f_where_scalarother(&zero.f_logical_not()?, 1.0)?
-                    .f_reciprocal()?;
-                Some(inv.f_masked_fill(&zero, 0.0)?.f_to_kind(Kind::Float)?)
-            }
-        };
-        let jacobian = match self.jacobian {
+        let batch = mean.size()[0];
+        let (o, d) = (self.o, theta.size()[1]);
+        let kept = match self.kept.take() {
             None => None,
-            Some(JacobianSums::Sums { sum_s, sum_ys }) => Some(JacobianData::Dense(
-                dense_jacobian(&sum_s, sum_ys, center.as_ref(), scale, col_scale.as_ref())?,
-            )),
-            Some(JacobianSums::Replay {
-                mut rows,
-                redraw,
-                scores,
-            }) => {
-                rows.shrink();
-                let batch = mean.size()[0] as usize;
-                assert_eq!(rows.len(), batch * n, "every sample's solution is kept");
-                let center = center.as_ref().map(host_floats).transpose()?;
-                let col_scale = col_scale.as_ref().map(host_floats).transpose()?;
-                // scores that are not all there are drawn again
-                let scores = scores.filter(|s| s.len() == batch * n * redraw.d);
-                Some(JacobianData::Replay(Replay {
-                    rows,
-                    redraw,
-                    scores,
-                    batch,
-                    center,
-                    col_scale,
-                    scale,
-                }))
+            Some(Kept::Sums(sum_ys)) => {
+                let sum_s = self.sum_s.take().expect("a tape of sums has Σ s_n");
+                Some(Kept::Sums(centering.jacobian_of_sums(
+                    &sum_s,
+                    sum_ys,
+                    [batch, o, d],
+                )?))
             }
-            Some(JacobianSums::Samples { y, s }) => {
-                let center = match center {
-                    Some(c) => c,
-                    None => mean.f_zeros_like()?,
-                };
-                Some(JacobianData::Samples {
-                    y,
-                    s,
-                    center,
-                    col_scale,
-                    scale,
-                })
-            }
-        };
-        let objective = match self.objective {
-            None => None,
-            Some((objective, sum_wy, sum_x)) => Some(Objective {
-                value: objective.f_div_scalar(nf)?,
-                sum: match self.perturbation {
-                    Perturbation::Additive => self.sum_y,
-                    Perturbation::Multiplicative => sum_wy,
-                },
-                sum_x: (sum_x.size()[1] > 0).then_some(sum_x),
-                n: nf,
+            Some(Kept::Samples { y, s, .. }) => Some(Kept::Samples {
+                y,
+                s,
+                centering: centering.on_device([batch, o, d], &mean)?,
             }),
+            Some(Kept::Solutions(mut replay)) => {
+                replay.rows.shrink();
+                assert_eq!(
+                    replay.rows.len(),
+                    batch as usize * n,
+                    "every sample's solution is kept"
+                );
+                // scores that are not all there (none were drawn into the room) are drawn
+                // again
+                let all = batch as usize * n * replay.redraw.d;
+                replay.scores = replay.scores.filter(|s| s.len() == all);
+                replay.centering = centering.on_host()?;
+                Some(Kept::Solutions(replay))
+            }
         };
+        let objective = self.objective(nf, on_host)?;
         Ok(Estimate {
             mean,
-            jacobian,
+            kept,
             objective,
         })
+    }
+
+    /// The column scale of the Jacobian: none for the additive model, 1/θ (0 where θ = 0)
+    /// for the multiplicative one.
+    fn col_scale_of<'t>(&self, theta: &'t Tensor) -> Option<&'t Tensor> {
+        (self.perturbation == Perturbation::Multiplicative).then_some(theta)
+    }
+
+    /// The center and the scale of the Jacobian estimate of `n` (`nf`) samples under the
+    /// effective `baseline`; `clean` when y*(θ) was solved (calls with a tape).
+    fn center_and_scale(&self, baseline: Baseline, nf: f64, clean: bool) -> (Center, f64) {
+        match baseline {
+            Baseline::None => (Center::Zero, 1.0 / (nf * self.sigma)),
+            Baseline::SampleMean => (Center::Mean, 1.0 / ((nf - 1.0) * self.sigma)),
+            Baseline::CleanInput if clean => (Center::Clean, 1.0 / (nf * self.sigma)),
+            Baseline::CleanInput => {
+                // forward calls without a tape make no extra solve, and have no y*(θ)
+                assert!(
+                    self.kept.is_none(),
+                    "the clean-input baseline needs y*(theta) for a Jacobian"
+                );
+                (Center::Zero, 1.0 / (nf * self.sigma))
+            }
+        }
+    }
+
+    /// F_σ(θ) and what its gradient is made from, when the objective is estimated.
+    fn objective(&mut self, nf: f64, on_host: bool) -> Result<Option<Objective>> {
+        let Some(sums) = self.objective.take() else {
+            return Ok(None);
+        };
+        let value = if on_host {
+            host::mean_of(sums.value, nf)?
+        } else {
+            sums.value.f_div_scalar(nf)?
+        };
+        Ok(Some(Objective {
+            value,
+            sum: match self.perturbation {
+                Perturbation::Additive => std::mem::replace(&mut self.sum_y, Tensor::new()),
+                Perturbation::Multiplicative => sums.weighted,
+            },
+            sum_x: (sums.inputs.size()[1] > 0).then_some(sums.inputs),
+            n: nf,
+        }))
     }
 }
 
 /// What the Jacobian estimate subtracts from the solutions (see [`crate::estimate`]).
-enum Centre {
+#[derive(Debug, Clone, Copy)]
+enum Center {
     Zero,
     Mean,
     Clean,
 }
 
-impl Accumulator {
-    /// The centre and the scale of the Jacobian estimate of `n` (`nf`) samples under the
-    /// effective `baseline`; `clean` when y*(θ) was solved (calls with a tape).
-    fn centre_and_scale(&self, baseline: Baseline, nf: f64, clean: bool) -> (Centre, f64) {
-        match baseline {
-            Baseline::None => (Centre::Zero, 1.0 / (nf * self.sigma)),
-            Baseline::SampleMean => (Centre::Mean, 1.0 / ((nf - 1.0) * self.sigma)),
-            Baseline::CleanInput if clean => (Centre::Clean, 1.0 / (nf * self.sigma)),
-            Baseline::CleanInput => {
-                // forward calls without a tape make no extra solve, and have no y*(θ)
-                assert!(
-                    self.jacobian.is_none(),
-                    "the clean-input baseline needs y*(theta) for a Jacobian"
-                );
-                (Centre::Zero, 1.0 / (nf * self.sigma))
+/// A call's centering, made where its sums are: on the host (Rust) or on the device
+/// (libtorch).
+enum Centerings {
+    Host(Centering<Vec<f32>>),
+    Device(Centering<Tensor>),
+}
+
+impl Centerings {
+    /// J from the Jacobian sums Σ s_n `[b, d]` and Σ Y_n s_nᵀ `[b, o, d]` (`size`):
+    /// scale · (Σ Y_n s_nᵀ − c (Σ s_n)ᵀ) ⊙ col_scale, in place in `sum_ys` (which becomes
+    /// the tape's memory). On the host in Rust up to HOST_FINISH_ENTRIES, else with
+    /// libtorch.
+    fn jacobian_of_sums(&self, sum_s: &Tensor, sum_ys: Tensor, size: [i64; 3]) -> Result<Tensor> {
+        match self {
+            Centerings::Host(c) if host::finishes_in_rust(size) => {
+                host::jacobian_of_sums(sum_s, sum_ys, c)
             }
+            Centerings::Host(c) => {
+                tensor::jacobian_of_sums(sum_s, sum_ys, &host::to_tensors(c, size)?)
+            }
+            Centerings::Device(c) => tensor::jacobian_of_sums(sum_s, sum_ys, c),
         }
     }
-}
 
-/// Room (an empty buffer) for the scores `[batch, n, d]` of a tape of solutions, when they take at most
-/// [`KEEP_SCORES_BYTES`], the tape still fits in `max_tape_bytes` (0: no limit) whatever
-/// its solutions take (dense rows of `o` values and their ends, the centre), and memory
-/// allows; else None (they are drawn again).
-fn kept_scores(
-    batch: usize,
-    n: usize,
-    (d, o): (usize, usize),
-    max_tape_bytes: u64,
-) -> Option<Vec<f32>> {
-    let len = batch.checked_mul(n)?.checked_mul(d)?;
-    if len == 0 || len.checked_mul(4)? > KEEP_SCORES_BYTES {
-        return None;
+    /// The centering as tensors on the op's device, with a center always there (zeros
+    /// like `mean` when there is none).
+    fn on_device(self, size: [i64; 3], mean: &Tensor) -> Result<Centering<Tensor>> {
+        let mut c = match self {
+            Centerings::Host(c) => host::to_tensors(&c, size)?,
+            Centerings::Device(c) => c,
+        };
+        if c.center.is_none() {
+            c.center = Some(mean.f_zeros_like()?);
+        }
+        Ok(c)
     }
-    if max_tape_bytes > 0 {
-        // scores, dense rows with their 8-byte ends, centre and column scale, objective
-        let rows = batch.checked_mul(n)?;
-        let floats = len
-            .checked_add(rows.checked_mul(o.checked_add(2)?)?)?
-            .checked_add(batch.checked_mul(o.checked_add(d)?.checked_add(2)?)?)?;
-        if floats.checked_mul(4)? as u64 > max_tape_bytes {
-            return None;
+
+    /// The centering as host vectors (tapes of solutions, made on the host only).
+    fn on_host(self) -> Result<Centering<Vec<f32>>> {
+        match self {
+            Centerings::Host(c) => Ok(c),
+            Centerings::Device(_) => unreachable!("tapes of solutions are made on the host"),
         }
     }
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).ok()?;
-    Some(v)
-}
-
-/// The Jacobian from its sums, with libtorch: Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ,
-/// scaled, times the column scale, in place in `sum_ys` (which becomes the tape's memory).
-fn dense_jacobian(
-    sum_s: &Tensor,
-    sum_ys: Tensor,
-    center: Option<&Tensor>,
-    scale: f64,
-    col_scale: Option<&Tensor>,
-) -> Result<Tensor> {
-    let _serial = crate::intraop::serial_on(sum_ys.device()); // (same bits for any threads)
-    let mut j = sum_ys;
-    if let Some(c) = center {
-        let s = sum_s.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // [b, 1, d]
-        let _ = j.f_baddbmm_(&c.f_neg()?.f_unsqueeze(2)?, &s)?;
-    }
-    let _ = j.f_mul_scalar_(scale)?;
-    if let Some(cs) = col_scale {
-        let _ = j.f_mul_(&cs.f_unsqueeze(1)?)?;
-    }
-    Ok(j)
 }
 
 /// A zero tensor of `size`: on the CPU filled in Rust (libtorch's fill is a parallel kernel

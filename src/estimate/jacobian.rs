@@ -1,38 +1,20 @@
-//! What a tape keeps of the Jacobian, and the products computed from it: the Jacobian
-//! itself, VJP and JVP, per problem.
+//! The products computed from what a tape keeps ([`Kept`]): the Jacobian itself, VJP and
+//! JVP, per problem.
 
 use crate::error::Result;
-use crate::estimate::replay::Replay;
+use crate::estimate::centering::Centering;
+use crate::estimate::kept::Kept;
 use crate::tensors::{host_floats, HostFloats};
 use crate::tuning::SEQUENTIAL_UP_TO;
 use tch::{Device, Kind, Tensor};
 
-/// What the Jacobian is computed from (see [`crate::estimate`]).
-#[derive(Debug)]
-pub(crate) enum JacobianData {
-    /// J itself, `[batch, o, d]` float32.
-    Dense(Tensor),
-    /// J = scale · (y − center)ᵀ s ⊙ col_scale from the samples: y `[batch, N, o]`,
-    /// s `[batch, N, d]`, center `[batch, o]`, col_scale `[batch, d]`.
-    Samples {
-        y: Tensor,
-        s: Tensor,
-        center: Tensor,
-        col_scale: Option<Tensor>,
-        scale: f64,
-    },
-    /// J from the samples' solutions and their scores drawn again (CPU tapes of the host
-    /// pipeline; see [`crate::estimate::replay`]).
-    Replay(Replay),
-}
-
-impl JacobianData {
+impl Kept {
     /// The device the data lives on.
     pub fn device(&self) -> Device {
         match self {
-            JacobianData::Dense(j) => j.device(),
-            JacobianData::Samples { y, .. } => y.device(),
-            JacobianData::Replay(_) => Device::Cpu,
+            Kept::Sums(j) => j.device(),
+            Kept::Samples { y, .. } => y.device(),
+            Kept::Solutions(_) => Device::Cpu,
         }
     }
 
@@ -40,46 +22,42 @@ impl JacobianData {
     pub fn bytes(&self) -> usize {
         let tensor = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         match self {
-            JacobianData::Dense(j) => tensor(j),
-            JacobianData::Samples {
-                y,
-                s,
-                center,
-                col_scale,
-                ..
-            } => tensor(y) + tensor(s) + tensor(center) + col_scale.as_ref().map_or(0, tensor),
-            JacobianData::Replay(r) => r.bytes(),
+            Kept::Sums(j) => tensor(j),
+            Kept::Samples { y, s, centering } => {
+                tensor(y)
+                    + tensor(s)
+                    + centering.center.as_ref().map_or(0, tensor)
+                    + centering.col_scale.as_ref().map_or(0, tensor)
+            }
+            Kept::Solutions(r) => r.bytes(),
         }
     }
 
     /// The Jacobian of shape `size` = `[batch, o, d]`, a new tensor.
     pub fn jacobian(&self, size: [i64; 3]) -> Result<Tensor> {
         match self {
-            JacobianData::Dense(j) => crate::tensors::copy(j),
-            JacobianData::Samples {
-                y,
-                s,
-                center,
-                col_scale,
-                scale,
-            } => {
+            Kept::Sums(j) => crate::tensors::copy(j),
+            Kept::Samples { y, s, centering } => {
                 let _serial = crate::intraop::serial_on(y.device()); // (same bits, any threads)
-                let yc = y.f_sub(&center.f_unsqueeze(1)?)?;
-                let j = yc.f_transpose(1, 2)?.f_matmul(s)?.f_mul_scalar(*scale)?;
-                Ok(match col_scale {
+                let yc = y.f_sub(&center_of(centering, y)?.f_unsqueeze(1)?)?;
+                let j = yc
+                    .f_transpose(1, 2)?
+                    .f_matmul(s)?
+                    .f_mul_scalar(centering.scale)?;
+                Ok(match &centering.col_scale {
                     Some(cs) => j.f_mul(&cs.f_unsqueeze(1)?)?,
                     None => j,
                 })
             }
-            JacobianData::Replay(r) => Ok(r.jacobian()?.f_view(size)?),
+            Kept::Solutions(r) => Ok(r.jacobian()?.f_view(size)?),
         }
     }
 
-    /// Jᵀg for `g` `[batch, o]` on [`JacobianData::device`]: a new tensor of `batch · d`
-    /// values (shape `[batch, 1, d]` or flat).
+    /// Jᵀg for `g` `[batch, o]` on [`Kept::device`]: a new tensor of `batch · d` values
+    /// (shape `[batch, 1, d]` or flat).
     pub fn vjp(&self, g: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            JacobianData::Dense(j) if host_sized(j) => {
+            Kept::Sums(j) if host_sized(j) => {
                 // Σ_i g_i J_i· per problem, in Rust (see `host_sized`)
                 let size = j.size();
                 let (b, o, d) = (size[0] as usize, size[1] as usize, size[2] as usize);
@@ -97,34 +75,33 @@ impl JacobianData {
                 }
                 crate::tensors::from_slice(&out)?
             }
-            JacobianData::Dense(j) => g.f_unsqueeze(1)?.f_matmul(j)?,
-            JacobianData::Samples {
-                y,
-                s,
-                center,
-                col_scale,
-                scale,
-            } => {
+            Kept::Sums(j) => g.f_unsqueeze(1)?.f_matmul(j)?,
+            Kept::Samples { y, s, centering } => {
                 // scale · Σ_n s_n ⟨Y_n − c, g⟩
                 let _serial = crate::intraop::serial_on(y.device()); // (same bits, any threads)
                 let yg = y.f_matmul(&g.f_unsqueeze(2)?)?; // [b, N, 1]
-                let cg = center.f_mul(g)?.f_sum_dim_intlist(1, true, Kind::Float)?; // [b, 1]
+                let cg =
+                    center_of(centering, y)?
+                        .f_mul(g)?
+                        .f_sum_dim_intlist(1, true, Kind::Float)?; // [b, 1]
                 let weights = yg.f_squeeze_dim(2)?.f_sub(&cg)?; // [b, N]
-                let out = weights.f_unsqueeze(1)?.f_matmul(s)?.f_mul_scalar(*scale)?; // [b, 1, d]
-                match col_scale {
+                let out = weights
+                    .f_unsqueeze(1)?
+                    .f_matmul(s)?
+                    .f_mul_scalar(centering.scale)?; // [b, 1, d]
+                match &centering.col_scale {
                     Some(cs) => out.f_mul(&cs.f_unsqueeze(1)?)?,
                     None => out,
                 }
             }
-            JacobianData::Replay(r) => r.vjp(&HostFloats::of(g)?)?,
+            Kept::Solutions(r) => r.vjp(&HostFloats::of(g)?)?,
         })
     }
 
-    /// J t for `t` `[batch, d]` on [`JacobianData::device`]: a new tensor of `batch · o`
-    /// values.
+    /// J t for `t` `[batch, d]` on [`Kept::device`]: a new tensor of `batch · o` values.
     pub fn jvp(&self, t: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            JacobianData::Dense(j) if host_sized(j) => {
+            Kept::Sums(j) if host_sized(j) => {
                 // J_i· t per problem, in Rust (see `host_sized`)
                 let size = j.size();
                 let (b, o, d) = (size[0] as usize, size[1] as usize, size[2] as usize);
@@ -143,29 +120,22 @@ impl JacobianData {
                     .collect();
                 crate::tensors::from_slice(&out)?
             }
-            JacobianData::Dense(j) => j.f_matmul(&t.f_unsqueeze(2)?)?,
-            JacobianData::Samples {
-                y,
-                s,
-                center,
-                col_scale,
-                scale,
-            } => {
+            Kept::Sums(j) => j.f_matmul(&t.f_unsqueeze(2)?)?,
+            Kept::Samples { y, s, centering } => {
                 // scale · Σ_n (Y_n − c) ⟨s_n, t ⊙ col_scale⟩
                 let _serial = crate::intraop::serial_on(y.device()); // (same bits, any threads)
-                let t = match col_scale {
+                let t = match &centering.col_scale {
                     Some(cs) => t.f_mul(cs)?,
                     None => t.shallow_clone(),
                 };
                 let st = s.f_matmul(&t.f_unsqueeze(2)?)?; // [b, N, 1]
                 let yst = y.f_transpose(1, 2)?.f_matmul(&st)?; // [b, o, 1]
-                let cst =
-                    center
-                        .f_unsqueeze(2)?
-                        .f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
-                yst.f_sub(&cst)?.f_mul_scalar(*scale)?
+                let cst = center_of(centering, y)?
+                    .f_unsqueeze(2)?
+                    .f_mul(&st.f_sum_dim_intlist(1, true, Kind::Float)?)?;
+                yst.f_sub(&cst)?.f_mul_scalar(centering.scale)?
             }
-            JacobianData::Replay(r) => r.jvp(&HostFloats::of(t)?)?,
+            Kept::Solutions(r) => r.jvp(&HostFloats::of(t)?)?,
         })
     }
 
@@ -178,15 +148,16 @@ impl JacobianData {
         let _serial = crate::intraop::serial_on(self.device()); // (same bits, any threads)
         let delta = delta.f_to_device(self.device())?;
         match self {
-            JacobianData::Dense(j) => Ok(j.f_matmul(&delta.f_unsqueeze(2)?)?.f_squeeze_dim(2)?),
-            JacobianData::Samples {
+            Kept::Sums(j) => Ok(j.f_matmul(&delta.f_unsqueeze(2)?)?.f_squeeze_dim(2)?),
+            Kept::Samples { y, s, centering } => samples_linear(
                 y,
                 s,
-                center,
-                col_scale,
-                scale,
-            } => samples_linear(y, s, center, col_scale.as_ref(), *scale, &delta),
-            JacobianData::Replay(r) => {
+                &center_of(centering, y)?,
+                centering.col_scale.as_ref(),
+                centering.scale,
+                &delta,
+            ),
+            Kept::Solutions(r) => {
                 let (b, n, o, d) = (
                     r.batch as i64,
                     r.redraw.n as i64,
@@ -202,18 +173,33 @@ impl JacobianData {
                 let (y, s) = r.dense_samples()?;
                 let y = crate::tensors::from_slice(&y)?.f_view([b, n, o])?;
                 let s = crate::tensors::from_slice(&s)?.f_view([b, n, d])?;
-                let center = match &r.center {
+                let center = match &r.centering.center {
                     Some(c) => crate::tensors::from_slice(c)?.f_view([b, o])?,
                     None => Tensor::f_zeros([b, o], (Kind::Float, Device::Cpu))?,
                 };
-                let col_scale = match &r.col_scale {
+                let col_scale = match &r.centering.col_scale {
                     Some(cs) => Some(crate::tensors::from_slice(cs)?.f_view([b, d])?),
                     None => None,
                 };
-                samples_linear(&y, &s, &center, col_scale.as_ref(), r.scale, &delta)
+                samples_linear(
+                    &y,
+                    &s,
+                    &center,
+                    col_scale.as_ref(),
+                    r.centering.scale,
+                    &delta,
+                )
             }
         }
     }
+}
+
+/// The center `[batch, o]` of samples `y` `[batch, N, o]`: zeros when there is none.
+fn center_of(centering: &Centering<Tensor>, y: &Tensor) -> Result<Tensor> {
+    Ok(match &centering.center {
+        Some(c) => c.shallow_clone(),
+        None => y.f_select(1, 0)?.f_zeros_like()?,
+    })
 }
 
 /// scale · Σ_n (Y_n − c) ⟨s_n, δ ⊙ col_scale⟩ per problem: `[batch, o]`.

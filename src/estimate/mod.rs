@@ -15,17 +15,24 @@
 //! any constant baseline drops out: J = Σ Y_n s_nᵀ / (Nσ) exactly, whatever the baseline,
 //! and no extra solve is made.
 //!
-//! Memory: per problem, either the sums Σ Y_n s_nᵀ (output_numel × input_numel) are
-//! streamed, or the samples are kept (at most N × (output_numel + input_numel) floats);
-//! [`TapeForm::choose`] picks one from their sizes and costs. A CPU tape of samples keeps
-//! only the Y_n, sparse ones as index-value pairs, and draws the s_n again from the call's
-//! stream for each product (module [`replay`]); a CUDA tape keeps both.
+//! What a tape keeps is a [`kept::Kept`], and the whole policy that chooses it is in
+//! [`kept`]: per problem, either the sums Σ Y_n s_nᵀ (output_numel × input_numel) are
+//! streamed, or the samples are kept (at most N × (output_numel + input_numel) floats),
+//! [`TapeForm::choose`] picking one from their sizes and costs. A tape of samples made by
+//! the CPU's host paths keeps the Y_n (sparse ones as index-value pairs) and the s_n up to
+//! a size, drawing larger s_n again from the call's stream for each product (module
+//! [`replay`]); elsewhere (CUDA, the chunk pipeline) it keeps both as tensors.
+//!
+//! The [`accumulator`] adds the samples and finishes: the mean, the centering of the
+//! Jacobian (center and scale), what the tape keeps, and the objective. [`jacobian`]
+//! makes the products from what the tape keeps.
 
 pub(crate) mod accumulator;
-pub(crate) mod form;
+pub(crate) mod centering;
 pub(crate) mod jacobian;
+pub(crate) mod kept;
 pub(crate) mod replay;
 
 pub(crate) use accumulator::{Accumulator, Estimate, Objective};
-pub use form::TapeForm;
-pub(crate) use jacobian::JacobianData;
+pub(crate) use kept::Kept;
+pub use kept::TapeForm;

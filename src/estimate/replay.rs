@@ -14,6 +14,7 @@
 //! float64, in a fixed order: the results do not depend on the number of threads.
 
 use crate::error::{Error, Result, Status};
+use crate::estimate::centering::Centering;
 use crate::kernels::blocks::{run_blocks, slots, take};
 use crate::kernels::nonzero::{nonzeros, RowsNonZero};
 use crate::noise::Noise;
@@ -246,11 +247,8 @@ pub(crate) struct Replay {
     /// The scores `[batch, N, d]`, when kept (else drawn again).
     pub scores: Option<Vec<f32>>,
     pub batch: usize,
-    /// `[batch, o]`, None for a zero centre (no baseline).
-    pub center: Option<Vec<f32>>,
-    /// `[batch, d]`, the multiplicative model's 1/θ (0 where θ = 0).
-    pub col_scale: Option<Vec<f32>>,
-    pub scale: f64,
+    /// Set by the accumulator's finish.
+    pub centering: Centering<Vec<f32>>,
 }
 
 impl Replay {
@@ -261,8 +259,8 @@ impl Replay {
     /// The bytes held.
     pub fn bytes(&self) -> usize {
         self.rows.bytes()
-            + 4 * (self.center.as_ref().map_or(0, Vec::len)
-                + self.col_scale.as_ref().map_or(0, Vec::len)
+            + 4 * (self.centering.center.as_ref().map_or(0, Vec::len)
+                + self.centering.col_scale.as_ref().map_or(0, Vec::len)
                 + self.scores.as_ref().map_or(0, Vec::len))
     }
 
@@ -324,7 +322,7 @@ impl Replay {
     }
 
     /// Runs `f(b, row, s_row, acc_b)` for every sample of every problem into float64 sums
-    /// `acc_b` of `width` entries, then `finish(b, acc_b, out_b)` into the `out_width`
+    /// `acc_b` of `width` entries, then `write_out(b, acc_b, out_b)` into the `out_width`
     /// float32 results of problem b; problems spread over all cores. Returns the results
     /// `[batch, out_width]` (a flat CPU float32 tensor), or TORCH_ERROR when memory runs
     /// out (every buffer is allocated fallibly, so a product too large for memory is an
@@ -334,7 +332,7 @@ impl Replay {
         width: usize,
         out_width: usize,
         f: impl Fn(usize, usize, &[f32], &mut [f64]) + Sync,
-        finish: impl Fn(usize, &[f64], &mut [MaybeUninit<f32>]) + Sync,
+        write_out: impl Fn(usize, &[f64], &mut [MaybeUninit<f32>]) + Sync,
     ) -> Result<Tensor> {
         let (n, d) = (self.redraw.n, self.redraw.d);
         // a thread for at least PRODUCT_WORK entries of the sums (a smaller share costs
@@ -370,7 +368,7 @@ impl Replay {
             &mut []
         } else {
             // SAFETY: a fresh contiguous CPU float32 tensor of `total` elements, not aliased
-            // while this slice lives, as uninitialized floats (each problem's `finish`
+            // while this slice lives, as uninitialized floats (each problem's `write_out`
             // writes all of its row; on an error the tensor is dropped unread)
             unsafe {
                 std::slice::from_raw_parts_mut(
@@ -395,7 +393,7 @@ impl Replay {
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 self.problem(b, z, s, acc, &f);
-                finish(b, acc, take(&rows, b).expect("a row per problem"));
+                write_out(b, acc, take(&rows, b).expect("a row per problem"));
                 Ok(())
             },
             |_, ()| Ok(()),
@@ -437,16 +435,20 @@ impl Replay {
         }
     }
 
-    /// Entry k of the centre `[batch, o]`.
-    fn centre(&self, k: usize) -> f64 {
-        self.center.as_ref().map_or(0.0, |c| f64::from(c[k]))
+    /// Entry k of the center `[batch, o]`.
+    fn center(&self, k: usize) -> f64 {
+        self.centering
+            .center
+            .as_ref()
+            .map_or(0.0, |c| f64::from(c[k]))
     }
 
     /// The factor of input j of problem b: scale · col_scale.
     fn column(&self, b: usize, j: usize) -> f64 {
         let d = self.redraw.d;
-        self.scale
+        self.centering.scale
             * self
+                .centering
                 .col_scale
                 .as_ref()
                 .map_or(1.0, |cs| f64::from(cs[b * d + j]))
@@ -460,7 +462,7 @@ impl Replay {
         let cg: Vec<f64> = (0..self.batch)
             .map(|b| {
                 let range = b * o..(b + 1) * o;
-                self.center.as_ref().map_or(0.0, |center| {
+                self.centering.center.as_ref().map_or(0.0, |center| {
                     // the non-zero entries in order (a one-hot or top-k mean has few,
                     // found 8 to 32 at a time): the sum of all the products, without a
                     // dependent addition per zero
@@ -483,15 +485,15 @@ impl Replay {
                     *a += w * f64::from(sv);
                 }
             },
-            |b, acc, out| match &self.col_scale {
+            |b, acc, out| match &self.centering.col_scale {
                 None => {
                     for (o, &v) in out.iter_mut().zip(acc) {
-                        o.write((v * self.scale) as f32);
+                        o.write((v * self.centering.scale) as f32);
                     }
                 }
                 Some(cs) => {
                     for ((o, &v), &c) in out.iter_mut().zip(acc).zip(&cs[b * d..(b + 1) * d]) {
-                        o.write((v * (self.scale * f64::from(c))) as f32);
+                        o.write((v * (self.centering.scale * f64::from(c))) as f32);
                     }
                 }
             },
@@ -522,7 +524,7 @@ impl Replay {
             },
             |b, acc, out| {
                 for (i, y) in out.iter_mut().enumerate() {
-                    y.write((acc[i] - self.centre(b * o + i) * acc[o]) as f32);
+                    y.write((acc[i] - self.center(b * o + i) * acc[o]) as f32);
                 }
             },
         )
@@ -548,7 +550,7 @@ impl Replay {
             |b, acc, out| {
                 for (k, y) in out.iter_mut().enumerate() {
                     let (i, j) = (k / d, k % d);
-                    let c = self.centre(b * o + i);
+                    let c = self.center(b * o + i);
                     y.write(((acc[k] - c * acc[o * d + j]) * self.column(b, j)) as f32);
                 }
             },

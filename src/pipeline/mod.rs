@@ -11,6 +11,7 @@ pub(crate) mod plan;
 pub(crate) mod solve;
 
 use crate::error::Result;
+use crate::estimate::kept::keeps_solutions;
 use crate::estimate::replay::Redraw;
 use crate::estimate::{Accumulator, Estimate, TapeForm};
 use crate::interrupt::Stop;
@@ -116,10 +117,10 @@ impl OpSpec {
             c.num_samples() as usize,
         );
         let square = self.input_shape == self.output_shape;
-        // the host paths' tapes keep the samples' solutions, and the scores up to a size
-        // (else drawn again)
+        // the host paths' tapes of samples keep the samples' solutions, and draw their
+        // scores again when they are not kept (the policy: estimate/kept)
         let host = matches!(path, Path::Host | Path::FusedArgmax);
-        let redraw = (host && u32::try_from(o).is_ok()).then_some(Redraw {
+        let redraw = keeps_solutions(host, o).then_some(Redraw {
             stream: *stream,
             noise: c.noise(),
             antithetic: c.antithetic(),

@@ -84,30 +84,16 @@ impl OpSpec {
             .f_to_device(device)?)
     }
 
-    /// The tape form for `batch` problems, checked against the config's tape limit.
+    /// The tape form for `batch` problems, checked against the config's tape limit (the
+    /// policy: [`crate::estimate::kept`]).
     pub(crate) fn tape_form(&self, batch: usize) -> Result<TapeForm> {
-        let n = self.config.num_samples() as usize;
-        let limit = self.config.max_tape_bytes();
-        let per_problem = u128::from(limit) / 4 / (batch.max(1) as u128);
-        let (form, floats) = TapeForm::choose(
-            n,
+        crate::estimate::kept::tape_form(
+            self.config.num_samples() as usize,
             self.input_numel,
             self.output_numel,
-            if limit == 0 { 0 } else { per_problem.max(1) },
-        );
-        let bytes = floats.saturating_mul(batch as u128).saturating_mul(4);
-        if limit > 0 && bytes > u128::from(limit) {
-            return Err(Error::invalid(format!(
-                "the tape needs {bytes} bytes (batch {batch}, {} floats per problem), above max_tape_bytes {limit}",
-                floats
-            )));
-        }
-        if bytes > i64::MAX as u128 {
-            return Err(Error::invalid(format!(
-                "the tape would need {bytes} bytes, more than can be addressed"
-            )));
-        }
-        Ok(form)
+            batch,
+            self.config.max_tape_bytes(),
+        )
     }
 
     /// The rows (samples, of one or several problems) whose buffers fit in a chunk's

@@ -17,7 +17,8 @@ use tch::{Device, Kind, Tensor};
 pub(crate) enum SolverKind {
     /// A host solver (a C callback or a Rust closure), with its workers when it has them.
     Host(Arc<HostSolver>),
-    /// A built-in solver running in libtorch on the op's device.
+    /// A built-in solver: in Rust on host buffers on the CPU's host paths (the fused
+    /// argmax, or kernels/builtin's host kernels), with libtorch on the chunk pipeline.
     Builtin(Builtin),
     /// A solver working on the op's device memory (the libtorch chunk pipeline).
     Device(Arc<dyn DeviceSolver>),

@@ -1,0 +1,245 @@
+//! The host half of the accumulator: the sums that the CPU's host paths made in Rust,
+//! added in place (no libtorch operation: the OpenMP rule of [`crate::tuning`]), and the
+//! finish in Rust, but for the products that make a large dense Jacobian.
+
+use super::{Accumulator, Center, ObjectiveSums};
+use crate::error::Result;
+use crate::estimate::centering::Centering;
+use crate::estimate::kept::Kept;
+use crate::kernels::sums::ProblemSums;
+use crate::tensors::{host_floats, host_slice, HostFloats};
+use crate::tuning::HOST_FINISH_ENTRIES;
+use std::mem::MaybeUninit;
+use tch::{Device, Kind, Tensor};
+
+impl Accumulator {
+    /// Adds the sums over all samples of problem `b`, made on the host, to this CPU
+    /// accumulator: in place, and only over the outputs the sums touched.
+    pub fn add_sums(&mut self, b: i64, sums: &ProblemSums) -> Result<()> {
+        let (b, o) = (b as usize, self.o as usize);
+        let d = sums.sum_s.len();
+        let sum_y = &mut host_slice::<f64>(&mut self.sum_y)[b * o..(b + 1) * o];
+        let mut jacobian = match (&mut self.kept, &mut self.sum_s) {
+            (Some(Kept::Sums(sum_ys)), Some(sum_s)) => {
+                for (a, v) in host_slice::<f64>(sum_s)[b * d..(b + 1) * d]
+                    .iter_mut()
+                    .zip(&sums.sum_s)
+                {
+                    *a += v;
+                }
+                Some(&mut host_slice::<f32>(sum_ys)[b * o * d..(b + 1) * o * d])
+            }
+            _ => None,
+        };
+        let mut weighted = match &mut self.objective {
+            Some(ObjectiveSums {
+                value,
+                weighted,
+                inputs,
+            }) => {
+                host_slice::<f64>(value)[b] += sums.objective;
+                let xw = inputs.size()[1] as usize;
+                let target = &mut host_slice::<f64>(inputs)[b * xw..(b + 1) * xw];
+                for (a, v) in target.iter_mut().zip(&sums.sum_x) {
+                    *a += v;
+                }
+                let w = weighted.size()[1] as usize;
+                Some(&mut host_slice::<f64>(weighted)[b * w..(b + 1) * w]).filter(|s| !s.is_empty())
+            }
+            None => None,
+        };
+        for (i, _) in sums.touched.iter().enumerate().filter(|(_, &t)| t) {
+            sum_y[i] += sums.sum_y[i];
+            if let Some(target) = jacobian.as_deref_mut() {
+                for (a, v) in target[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(&sums.sum_ys[i * d..(i + 1) * d])
+                {
+                    *a += *v as f32;
+                }
+            }
+            if let Some(target) = weighted.as_deref_mut() {
+                target[i] += sums.sum_wy[i];
+            }
+        }
+        Ok(())
+    }
+
+    /// The call's float64 sums Σ Y_n `[batch, o]`, and Σ ⟨x_n, Y_n⟩ `[batch]` and
+    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, w]` when the objective is estimated, taken out of
+    /// this CPU accumulator so that blocks of whole problems add their samples straight
+    /// into their problems' entries; give them back with [`Accumulator::put_host_sums`].
+    pub fn take_host_sums(&mut self) -> HostSums {
+        HostSums {
+            sum_y: std::mem::replace(&mut self.sum_y, Tensor::new()),
+            objective: self.objective.take(),
+        }
+    }
+
+    /// Gives back the sums taken with [`Accumulator::take_host_sums`].
+    pub fn put_host_sums(&mut self, sums: HostSums) {
+        self.sum_y = sums.sum_y;
+        self.objective = sums.objective;
+    }
+
+    /// y_σ(θ) `[batch, o]` float32: Σ Y_n / n, in Rust.
+    pub(super) fn host_mean(&mut self, n: usize) -> Result<Tensor> {
+        let (nf, o) = (n as f64, self.o as usize);
+        let batch = self.sum_y.numel() / o.max(1);
+        let mean = Tensor::f_empty([batch as i64, o as i64], (Kind::Float, Device::Cpu))?;
+        if batch * o == 0 {
+            return Ok(mean);
+        }
+        let sum_y = host_slice::<f64>(&mut self.sum_y);
+        // SAFETY: a fresh contiguous CPU float32 tensor of batch·o elements, not aliased, as
+        // uninitialized floats (each written below)
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(mean.data_ptr() as *mut MaybeUninit<f32>, batch * o)
+        };
+        if n.is_power_of_two() {
+            // 1/n is exact, and so is the product: the quotient, bit for bit, without a
+            // division per entry
+            let inv = 1.0 / nf;
+            for (m, &v) in out.iter_mut().zip(sum_y.iter()) {
+                m.write((v * inv) as f32);
+            }
+        } else {
+            for (m, &v) in out.iter_mut().zip(sum_y.iter()) {
+                m.write((v / nf) as f32);
+            }
+        }
+        Ok(mean)
+    }
+}
+
+/// The host sums of a CPU accumulator (see [`Accumulator::take_host_sums`]).
+pub(crate) struct HostSums {
+    sum_y: Tensor,
+    objective: Option<ObjectiveSums>,
+}
+
+/// The entries of a CPU accumulator's host sums: Σ Y_n, Σ ⟨x_n, Y_n⟩, Σ exp(σZ_n − σ²/2) ⊙ Y_n
+/// and Σ x_n (see [`HostSums::slices`]).
+pub(crate) type HostSlices<'a> = (
+    &'a mut [f64],
+    Option<&'a mut [f64]>,
+    &'a mut [f64],
+    &'a mut [f64],
+);
+
+impl HostSums {
+    /// The entries of Σ Y_n `[batch · o]`, Σ ⟨x_n, Y_n⟩ (`[batch]`, or None),
+    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n (`[batch · w]`, w = d for the multiplicative objective,
+    /// else 0) and Σ x_n (`[batch · d]` when kept, else empty).
+    pub fn slices(&mut self) -> HostSlices<'_> {
+        let sum_y = host_slice::<f64>(&mut self.sum_y);
+        match &mut self.objective {
+            Some(sums) => (
+                sum_y,
+                Some(host_slice::<f64>(&mut sums.value)),
+                host_slice::<f64>(&mut sums.weighted),
+                host_slice::<f64>(&mut sums.inputs),
+            ),
+            None => (sum_y, None, &mut [], &mut []),
+        }
+    }
+}
+
+/// The centering on the host: `center` of the `mean` or of `clean`, and the column scale
+/// 1/θ (0 where θ = 0) of `theta`, when the model has one.
+pub(super) fn centering(
+    center: Center,
+    scale: f64,
+    mean: &Tensor,
+    clean: Option<&Tensor>,
+    theta: Option<&Tensor>,
+) -> Result<Centering<Vec<f32>>> {
+    let center = match center {
+        Center::Mean => Some(HostFloats::of(mean)?.to_vec()),
+        Center::Clean => clean.map(host_floats).transpose()?,
+        Center::Zero => None,
+    };
+    let col_scale = match theta {
+        None => None,
+        Some(theta) => Some(
+            host_floats(theta)?
+                .iter()
+                .map(|&t| if t == 0.0 { 0.0 } else { 1.0 / t })
+                .collect(),
+        ),
+    };
+    Ok(Centering {
+        center,
+        col_scale,
+        scale,
+    })
+}
+
+/// Whether a CPU call finishes a Jacobian of `size` `[batch, o, d]` in Rust (beyond
+/// HOST_FINISH_ENTRIES entries, libtorch's parallel products are worth their start-up).
+pub(super) fn finishes_in_rust(size: [i64; 3]) -> bool {
+    size.iter().product::<i64>() as usize <= HOST_FINISH_ENTRIES
+}
+
+/// J from the Jacobian sums in Rust: Σ (Y_n − c) s_nᵀ = Σ Y_n s_nᵀ − c (Σ s_n)ᵀ, then
+/// scaled and times the column scale, in place in `sum_ys`.
+pub(super) fn jacobian_of_sums(
+    sum_s: &Tensor,
+    mut sum_ys: Tensor,
+    centering: &Centering<Vec<f32>>,
+) -> Result<Tensor> {
+    let size = sum_ys.size();
+    let (o, d) = (size[1] as usize, size[2] as usize);
+    let sums: Vec<f32> = crate::tensors::host_doubles(sum_s)?
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let scale = centering.scale as f32;
+    let j = host_slice::<f32>(&mut sum_ys);
+    for (p, jp) in j.chunks_exact_mut(o * d).enumerate() {
+        let s_p = &sums[p * d..(p + 1) * d];
+        for (i, row) in jp.chunks_exact_mut(d).enumerate() {
+            if let Some(c) = &centering.center {
+                let c = -c[p * o + i];
+                for (v, &sv) in row.iter_mut().zip(s_p) {
+                    *v += c * sv;
+                }
+            }
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+            if let Some(cs) = &centering.col_scale {
+                for (v, &c) in row.iter_mut().zip(&cs[p * d..(p + 1) * d]) {
+                    *v *= c;
+                }
+            }
+        }
+    }
+    Ok(sum_ys)
+}
+
+/// A host centering as tensors (`size` `[batch, o, d]`), for libtorch's products.
+pub(super) fn to_tensors(c: &Centering<Vec<f32>>, size: [i64; 3]) -> Result<Centering<Tensor>> {
+    let [b, o, d] = size;
+    let tensor = |v: &[f32], shape: [i64; 2]| -> Result<Tensor> {
+        Ok(crate::tensors::from_slice(v)?.f_view(shape)?)
+    };
+    Ok(Centering {
+        center: c.center.as_deref().map(|v| tensor(v, [b, o])).transpose()?,
+        col_scale: c
+            .col_scale
+            .as_deref()
+            .map(|v| tensor(v, [b, d]))
+            .transpose()?,
+        scale: c.scale,
+    })
+}
+
+/// `sums` / n, in Rust, as a new float64 tensor.
+pub(super) fn mean_of(mut sums: Tensor, nf: f64) -> Result<Tensor> {
+    let value: Vec<f64> = host_slice::<f64>(&mut sums)
+        .iter()
+        .map(|&x| x / nf)
+        .collect();
+    crate::tensors::from_slice(&value)
+}
