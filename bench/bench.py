@@ -21,7 +21,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-LIB = os.path.join(ROOT, "target", "release", "libperturbations.so")
+# PERT_BENCH_LIB: another build of the library to time (an A/B comparison of two builds)
+LIB = os.environ.get("PERT_BENCH_LIB") or os.path.join(ROOT, "target", "release", "libperturbations.so")
 SOLVERS = os.path.join(ROOT, "target", "bench", "libbench_solvers.so")
 ADAPTER = os.path.join(ROOT, "target", "bench", "adapter_bench")
 

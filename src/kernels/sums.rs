@@ -218,7 +218,7 @@ impl SumsMut<'_> {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn add_rows_impl(
-        self,
+        mut self,
         scratch: &mut SumScratch,
         d: usize,
         (z, x, s, y): (&[f32], &[f32], &[f32], &[f32]),
@@ -243,46 +243,25 @@ impl SumsMut<'_> {
         // inner loop is whole vectors; only the outputs a tile touched are flushed
         let dp = d.div_ceil(8) * 8;
         scratch.fit(o, d, jacobian, weighted);
-        let SumScratch {
-            tile_y,
-            tile_s,
-            tile_ys,
-            tile_wy,
-            tile_rows,
-            tile_mark,
-            padded,
-            found,
-        } = scratch;
         for r0 in (0..rows).step_by(SUM_TILE) {
             let r1 = (r0 + SUM_TILE).min(rows);
             let mut tile_objective = 0f32;
             // whether a dense row came: every output's tile sum is flushed then
             let mut tile_all = false;
+            let SumScratch {
+                tile_y,
+                tile_s,
+                tile_ys,
+                tile_wy,
+                tile_rows,
+                tile_mark,
+                padded,
+                found,
+            } = &mut *scratch;
             for r in r0..r1 {
                 let yr = &y[r * o..(r + 1) * o];
-                // the row's non-zero entries as listed by the scan, or found here (None:
-                // the row is summed whole)
-                let listed = match nonzero.map(|nonzero| nonzero.row(r)) {
-                    Some(Some(listed)) if listed.len() <= most => Some(listed),
-                    Some(Some(_)) => None,
-                    Some(None) if most < o => None,
-                    // not scanned, or dense where the sums need its entries one by one
-                    _ if most < o && 2 * yr.iter().filter(|v| **v != 0.0).count() > o => None,
-                    _ => {
-                        // 8 at a time as a bit mask (a vector compare), so that sparse
-                        // solutions cost one test per 8 entries and no branch per entry
-                        found.clear();
-                        for (c, run) in yr.chunks(8).enumerate() {
-                            let mut mask = nonzero_mask(run);
-                            while mask != 0 {
-                                found.push(8 * c as u32 + mask.trailing_zeros());
-                                mask &= mask - 1;
-                            }
-                        }
-                        Some(&found[..])
-                    }
-                };
-                let Some(listed) = listed else {
+                let scanned = nonzero.map(|nonzero| nonzero.row(r));
+                let Some(listed) = listed_entries(yr, scanned, most, found) else {
                     // mostly non-zero (ranks, dense callbacks): whole vectors, no marks
                     for (t, &v) in tile_y[..o].iter_mut().zip(yr) {
                         *t += v;
@@ -317,44 +296,95 @@ impl SumsMut<'_> {
                 }
             }
             *self.objective += f64::from(tile_objective);
-            if tile_all {
-                // (no Jacobian or weighted sums here)
-                for &i in tile_rows.iter() {
-                    tile_mark[i] = false;
-                }
-                tile_rows.clear();
-                for (i, (a, t)) in self.sum_y.iter_mut().zip(tile_y.iter_mut()).enumerate() {
-                    if *t != 0.0 {
-                        if let Some(mark) = self.touched.get_mut(i) {
-                            *mark = true;
-                        }
+            self.flush_tile(scratch, d, tile_all);
+        }
+    }
+
+    /// Adds a tile's float32 sums into the float64 sums, and zeroes them: every output's
+    /// when a dense row came (`all`), else only those the tile touched.
+    #[inline(always)]
+    fn flush_tile(&mut self, scratch: &mut SumScratch, d: usize, all: bool) {
+        let dp = d.div_ceil(8) * 8;
+        let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
+        let SumScratch {
+            tile_y,
+            tile_s,
+            tile_ys,
+            tile_wy,
+            tile_rows,
+            tile_mark,
+            ..
+        } = scratch;
+        if all {
+            // (no Jacobian or weighted sums here)
+            for &i in tile_rows.iter() {
+                tile_mark[i] = false;
+            }
+            tile_rows.clear();
+            for (i, (a, t)) in self.sum_y.iter_mut().zip(tile_y.iter_mut()).enumerate() {
+                if *t != 0.0 {
+                    if let Some(mark) = self.touched.get_mut(i) {
+                        *mark = true;
                     }
+                }
+                *a += f64::from(std::mem::take(t));
+            }
+        }
+        for &i in tile_rows.iter() {
+            if let Some(t) = self.touched.get_mut(i) {
+                *t = true;
+            }
+            tile_mark[i] = false;
+            self.sum_y[i] += f64::from(std::mem::take(&mut tile_y[i]));
+            if weighted {
+                self.sum_wy[i] += f64::from(std::mem::take(&mut tile_wy[i]));
+            }
+            if jacobian {
+                let (total, tile) = (
+                    &mut self.sum_ys[i * d..(i + 1) * d],
+                    &mut tile_ys[i * dp..(i + 1) * dp],
+                );
+                for (a, t) in total.iter_mut().zip(tile.iter_mut()) {
                     *a += f64::from(std::mem::take(t));
                 }
             }
-            for &i in tile_rows.iter() {
-                if let Some(t) = self.touched.get_mut(i) {
-                    *t = true;
-                }
-                tile_mark[i] = false;
-                self.sum_y[i] += f64::from(std::mem::take(&mut tile_y[i]));
-                if weighted {
-                    self.sum_wy[i] += f64::from(std::mem::take(&mut tile_wy[i]));
-                }
-                if jacobian {
-                    let (total, tile) = (
-                        &mut self.sum_ys[i * d..(i + 1) * d],
-                        &mut tile_ys[i * dp..(i + 1) * dp],
-                    );
-                    for (a, t) in total.iter_mut().zip(tile.iter_mut()) {
-                        *a += f64::from(std::mem::take(t));
-                    }
+        }
+        tile_rows.clear();
+        for (a, t) in self.sum_s.iter_mut().zip(tile_s.iter_mut()) {
+            *a += f64::from(std::mem::take(t));
+        }
+    }
+}
+
+/// The non-zero entries of solution row `yr` that the sums add one by one: as listed by
+/// the scan (`scanned`: Some(Some) a sparse row, Some(None) a dense one), or found here
+/// into `found`; None when the row is summed whole (more than `most` non-zero entries).
+#[inline(always)]
+fn listed_entries<'r>(
+    yr: &[f32],
+    scanned: Option<Option<&'r [u32]>>,
+    most: usize,
+    found: &'r mut Vec<u32>,
+) -> Option<&'r [u32]> {
+    let o = yr.len();
+    match scanned {
+        Some(Some(listed)) if listed.len() <= most => Some(listed),
+        Some(Some(_)) => None,
+        Some(None) if most < o => None,
+        // not scanned, or dense where the sums need its entries one by one
+        _ if most < o && 2 * yr.iter().filter(|v| **v != 0.0).count() > o => None,
+        _ => {
+            // 8 at a time as a bit mask (a vector compare), so that sparse solutions cost
+            // one test per 8 entries and no branch per entry
+            found.clear();
+            for (c, run) in yr.chunks(8).enumerate() {
+                let mut mask = nonzero_mask(run);
+                while mask != 0 {
+                    found.push(8 * c as u32 + mask.trailing_zeros());
+                    mask &= mask - 1;
                 }
             }
-            tile_rows.clear();
-            for (a, t) in self.sum_s.iter_mut().zip(tile_s.iter_mut()) {
-                *a += f64::from(std::mem::take(t));
-            }
+            Some(&found[..])
         }
     }
 }
