@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: lint nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
 
 all: build
 
@@ -85,11 +85,20 @@ build: tools $(TORCH_DEP)
 	@test -f $(BUILD_DIR)/libperturbations.so && test -f $(BUILD_DIR)/libperturbations.a
 	@ln -sf libperturbations.so $(BUILD_DIR)/libperturbations.so.$(MAJOR)  # the SONAME, as installed
 
+# The code gates (make test, so CI): formatting, clippy with every warning an error (no
+# library function over 100 lines: clippy.toml, src/lib.rs), and the docs of every item,
+# private ones included, with broken links as errors.
+lint: tools $(TORCH_DEP)
+	@for c in clippy rustfmt; do cargo $$c --version >/dev/null 2>&1 || rustup component add $$c; done
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --release --no-deps --document-private-items
+
 header: $(TORCH_DEP)
 	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
 
 # --- tests ----------------------------------------------------------------
-test: build cargo-test cargo-test-debug ctest readme-example mpi-example glpk-example predict-then-optimize julia-test python-test
+test: build lint cargo-test cargo-test-debug ctest readme-example mpi-example glpk-example predict-then-optimize julia-test python-test
 	@echo "make test: all suites passed"
 
 # The Python package (bindings/python), installed into the torch venv with pip as a user

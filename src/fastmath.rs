@@ -25,7 +25,7 @@ pub fn ln(x: f32) -> f32 {
     t.mul_add(p, e as f32 * LN2)
 }
 
-/// c[0] + x·(c[1] + x·(c[2] + …)), each step one fused multiply-add (the same bits on every
+/// c\[0\] + x·(c\[1\] + x·(c\[2\] + …)), each step one fused multiply-add (the same bits on every
 /// CPU: a fused multiply-add is rounded once, in hardware or in software).
 #[inline(always)]
 fn horner<const N: usize>(x: f32, c: &[f32; N]) -> f32 {

@@ -1,5 +1,5 @@
 //! Interrupting the calls that run on an op: [`Interrupter::interrupt`] moves the op's
-//! interrupt generation on; each call keeps a [`Stop`] made from the generation at its
+//! interrupt generation on; each call keeps a `Stop` made from the generation at its
 //! start and checks it between blocks of samples, failing with
 //! [`Status::Interrupted`] once the generation has moved. Calls that start after an
 //! interrupt are not affected. Interrupting is one atomic increment: safe from any

@@ -10,6 +10,9 @@
 // a failed allocation panics (caught at the C boundary) instead of aborting, so that the
 // harness can fail every allocation of a call in turn (tests/fault).
 #![cfg_attr(pert_fault_injection, feature(alloc_error_hook))]
+// No function of the library over 100 lines (clippy.toml), test code aside: `make lint`
+// (run by `make test`) denies every clippy warning.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 // The layers, from the leaves up (see ARCHITECTURE.md): a module uses only modules
 // declared before it here, never one after (tests/architecture.rs checks it).

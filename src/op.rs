@@ -1,5 +1,5 @@
 //! A perturbed optimizer: a solver, its problem shapes, and a config; the public entry
-//! points of a forward call (the work is in [`crate::pipeline`]).
+//! points of a forward call (the work is in `crate::pipeline`).
 
 use crate::config::Config;
 use crate::error::{Error, Result};

@@ -1,5 +1,5 @@
 //! How noise enters the input: additively, θ + σZ, or multiplicatively,
-//! θ ⊙ exp(σZ − σ²/2), which keeps the sign of each entry and has E[η] = θ.
+//! θ ⊙ exp(σZ − σ²/2), which keeps the sign of each entry and has E\[η\] = θ.
 
 use crate::error::{Error, Result};
 use crate::noise::Noise;

@@ -11,20 +11,20 @@
 //! | clean input | Σ (Y_n − y*(θ)) s_nᵀ / (Nσ)                     | 1 per problem|
 //!
 //! each divided by θ column-wise for the multiplicative model (0 where θ = 0). All are
-//! unbiased since E[s] = 0. With antithetic pairs (Z, −Z) the scores of a pair cancel, so
+//! unbiased since E\[s\] = 0. With antithetic pairs (Z, −Z) the scores of a pair cancel, so
 //! any constant baseline drops out: J = Σ Y_n s_nᵀ / (Nσ) exactly, whatever the baseline,
 //! and no extra solve is made.
 //!
-//! What a tape keeps is a [`kept::Kept`], and the whole policy that chooses it is in
-//! [`kept`]: per problem, either the sums Σ Y_n s_nᵀ (output_numel × input_numel) are
+//! What a tape keeps is a `kept::Kept`, and the whole policy that chooses it is in
+//! `kept`: per problem, either the sums Σ Y_n s_nᵀ (output_numel × input_numel) are
 //! streamed, or the samples are kept (at most N × (output_numel + input_numel) floats),
 //! [`TapeForm::choose`] picking one from their sizes and costs. A tape of samples made by
 //! the CPU's host paths keeps the Y_n (sparse ones as index-value pairs) and the s_n up to
 //! a size, drawing larger s_n again from the call's stream for each product (module
-//! [`replay`]); elsewhere (CUDA, the chunk pipeline) it keeps both as tensors.
+//! `replay`); elsewhere (CUDA, the chunk pipeline) it keeps both as tensors.
 //!
-//! The [`accumulator`] adds the samples and finishes: the mean, the centering of the
-//! Jacobian (center and scale), what the tape keeps, and the objective. [`jacobian`]
+//! The `accumulator` adds the samples and finishes: the mean, the centering of the
+//! Jacobian (center and scale), what the tape keeps, and the objective. `jacobian`
 //! makes the products from what the tape keeps.
 
 pub(crate) mod accumulator;

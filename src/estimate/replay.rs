@@ -1,11 +1,11 @@
 //! A tape that keeps the solutions of the samples, and their scores while they are small
-//! ([`KEEP_SCORES_BYTES`]); larger scores are drawn again when a gradient is asked.
+//! ([`crate::tuning::KEEP_SCORES_BYTES`]); larger scores are drawn again when a gradient is asked.
 //!
 //! The noise of a forward call is a pure function of its counter-based stream (see
 //! [`crate::noise`]), so the scores s_n need not be stored: they can be drawn again, bit
 //! for bit, from the same stream elements. Drawing them costs as much as the forward
 //! call's noise, reading them back far less, so a tape keeps them up to
-//! [`KEEP_SCORES_BYTES`] (the products are the same bit for bit either way). The solutions are stored row by row, a row's
+//! `KEEP_SCORES_BYTES` (the products are the same bit for bit either way). The solutions are stored row by row, a row's
 //! non-zero entries as (index, value) pairs when at most half of them are non-zero (one-hot,
 //! top-k and path indicators: a few entries of many), the whole row otherwise. Such a tape
 //! never takes more memory than the samples themselves, and usually far less.

@@ -1,6 +1,6 @@
 //! The C API: a thin layer over the safe Rust API that checks pointers, converts buffers,
 //! catches panics and maps errors to `pert_status` codes. Every exported function's body
-//! runs inside [`boundary::guard`] (or [`boundary::guard_or`] where it cannot fail), so
+//! runs inside `boundary::guard` (or `boundary::guard_or` where it cannot fail), so
 //! nothing unwinds into C.
 //!
 //! Names: C name = Rust name = symbol, prefix `pert_`.

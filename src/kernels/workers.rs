@@ -135,7 +135,7 @@ pub(crate) struct Workers {
     senders: Vec<Sender<Job>>,
     handles: Vec<JoinHandle<()>>,
     turn: Mutex<()>,
-    /// Tells this pool's threads from others (see [`Workers::is_own_thread`]).
+    /// Tells this pool's threads from others (`OWNER` holds the id of the pool a worker thread belongs to).
     id: usize,
     /// The process that started the threads: after `fork()` they do not exist.
     pid: u32,
@@ -365,7 +365,7 @@ impl Drop for Waiter<'_> {
     }
 }
 
-/// Jobs lent to a pool's workers within [`Workers::scope`]: each `spawn` sends one job
+/// Jobs lent to a pool's workers within [`Workers::try_scope`]: each `spawn` sends one job
 /// to the next worker; the scope waits for every job sent before it returns.
 pub(crate) struct Scope<'scope, 'env: 'scope> {
     workers: &'scope Workers,

@@ -31,7 +31,7 @@ pub(crate) enum SolverKind {
 pub(crate) enum Source<'a> {
     /// The op's own solver.
     Solver(&'a SolverKind),
-    /// Solutions handed back after a [`Draw`]: `[rows, output_numel]` host floats, rows in
+    /// Solutions handed back after a [`crate::Draw`]: `[rows, output_numel]` host floats, rows in
     /// the order of the draw's inputs.
     Provided(&'a [f32]),
 }

@@ -57,7 +57,7 @@ type BlockSums = (Option<ProblemSums>, Option<SolutionRows>);
 /// One call of the host pipeline: its geometry, what it reads, and each block's slots in
 /// the call's outputs. Its stages are methods: [`HostRun::prepare`] (noise drawn, scores
 /// kept, inputs perturbed), [`HostRun::solve`] (solutions and sums) and
-/// [`HostRun::combine`] (blocks added in their order, so threads never change a bit).
+/// `Combine::block` (blocks added in their order, so threads never change a bit).
 pub(crate) struct HostRun<'a> {
     pub plan: BlockPlan,
     pub d: usize,
