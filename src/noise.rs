@@ -369,80 +369,6 @@ impl Noise {
         }
         interleave(&v, out);
     }
-    /// The noise `z` and scores `s` (∇ν(z), or z itself when `score_is_z`, as the
-    /// multiplicative model wants) of samples `n0 .. n0 + rows` of problem `b` of a call,
-    /// with `n` samples of `d` elements per problem, made on up to `threads` threads. An
-    /// empty `s` asks for the noise alone.
-    /// Sample k of problem b is elements (b·n + k)·d .. of the stream; with antithetic pairs
-    /// (n0 and n even) sample 2j + 1 is the negation of sample 2j, drawn from elements
-    /// (b·n/2 + j)·d ...
-    #[allow(clippy::too_many_arguments)]
-    pub fn draw_samples(
-        self,
-        stream: &Stream,
-        antithetic: bool,
-        score_is_z: bool,
-        at: (usize, usize, usize, usize),
-        z: &mut [f32],
-        s: &mut [f32],
-        threads: usize,
-    ) {
-        // SAFETY: the samplers write only floats
-        let z = unsafe { as_uninit(z) };
-        self.draw_samples_into(stream, antithetic, score_is_z, at, z, s, threads);
-    }
-
-    /// As [`Noise::draw_samples`], into room not yet initialized (the tape's kept scores,
-    /// written once): every element of `z` is written, and returned as floats.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn draw_samples_into<'z>(
-        self,
-        stream: &Stream,
-        antithetic: bool,
-        score_is_z: bool,
-        (b, n, n0, d): (usize, usize, usize, usize),
-        z: &'z mut [MaybeUninit<f32>],
-        s: &mut [f32],
-        threads: usize,
-    ) -> &'z mut [f32] {
-        let rows = z.len() / d;
-        if antithetic {
-            let half = rows.div_ceil(2);
-            let mut zh = vec![0f32; half * d];
-            self.fill_parallel(
-                stream,
-                ((b * n + n0) / 2 * d) as u64,
-                // SAFETY: the samplers write only floats
-                unsafe { as_uninit(&mut zh) },
-                &mut [],
-                threads,
-            );
-            assert_eq!(z.len(), rows * d, "whole samples");
-            for (r, zr) in z.chunks_exact_mut(d).enumerate() {
-                let src = &zh[(r / 2) * d..(r / 2 + 1) * d];
-                let sign = if r % 2 == 0 { 1.0 } else { -1.0 };
-                for (zv, &v) in zr.iter_mut().zip(src) {
-                    zv.write(sign * v);
-                }
-            }
-            // SAFETY: every element was written above (z is whole rows of d)
-            let z = unsafe { written(z) };
-            // antithetic pairs are Normal: the score is z
-            if !s.is_empty() {
-                s.copy_from_slice(z);
-            }
-            z
-        } else {
-            self.fill_parallel(stream, ((b * n + n0) * d) as u64, z, s, threads);
-            // SAFETY: fill_parallel writes every element of z
-            let z = unsafe { written(z) };
-            if score_is_z && !s.is_empty() {
-                s.copy_from_slice(z);
-            }
-            z
-        }
-    }
-
     /// [`Noise::fill_with_score`] (or [`Noise::fill`] for an empty `s`) split over up to
     /// `threads` threads (same values): every element of `z` written.
     fn fill_parallel(
@@ -505,6 +431,106 @@ fn on_threads<T: Send>(parts: Vec<T>, threads: usize, work: impl Fn(T) + Sync) {
         }
         run();
     });
+}
+
+/// Where samples start in a call's noise stream: sample `sample` of problem `problem`, in
+/// a call of `samples` samples of `width` values per problem. Sample k of problem b is
+/// values (b·n + k)·d .. of the stream; with antithetic pairs (k and n even) sample 2j + 1
+/// is the negation of sample 2j, drawn from values (b·n/2 + j)·d ... The one description
+/// of a sample's place, for the host paths, the chunk pipeline, replayed scores and draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NoiseAt {
+    pub problem: usize,
+    pub sample: usize,
+    pub samples: usize,
+    pub width: usize,
+}
+
+impl NoiseAt {
+    /// The sample's row among all the call's samples (problem-major): b·n + k.
+    pub fn row(self) -> usize {
+        self.problem * self.samples + self.sample
+    }
+
+    /// The index of the sample's first value in the stream: (b·n + k)·d.
+    pub fn first_value(self) -> u64 {
+        (self.row() * self.width) as u64
+    }
+
+    /// Under antithetic pairs (k even): the index of the first value of the pair's drawn
+    /// half, (b·n + k)/2·d.
+    pub fn first_pair_value(self) -> u64 {
+        (self.row() / 2 * self.width) as u64
+    }
+}
+
+/// How a call draws its samples' noise: the noise, the call's stream, antithetic pairs,
+/// and whether the score is z itself (the multiplicative model) rather than ∇ν(z).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sampler<'a> {
+    pub noise: Noise,
+    pub stream: &'a Stream,
+    pub antithetic: bool,
+    pub score_is_z: bool,
+}
+
+impl Sampler<'_> {
+    /// The noise `z` and scores `s` (∇ν(z), or z itself when `score_is_z`) of the samples
+    /// from `at` (`z.len() / width` of them, of one problem), made on up to `threads`
+    /// threads. An empty `s` asks for the noise alone.
+    pub fn draw(&self, at: NoiseAt, z: &mut [f32], s: &mut [f32], threads: usize) {
+        // SAFETY: the samplers write only floats
+        let z = unsafe { as_uninit(z) };
+        self.draw_into(at, z, s, threads);
+    }
+
+    /// As [`Sampler::draw`], into room not yet initialized (the tape's kept scores,
+    /// written once): every element of `z` is written, and returned as floats.
+    pub fn draw_into<'z>(
+        &self,
+        at: NoiseAt,
+        z: &'z mut [MaybeUninit<f32>],
+        s: &mut [f32],
+        threads: usize,
+    ) -> &'z mut [f32] {
+        let (noise, stream, d) = (self.noise, self.stream, at.width);
+        let rows = z.len() / d;
+        if self.antithetic {
+            let half = rows.div_ceil(2);
+            let mut zh = vec![0f32; half * d];
+            noise.fill_parallel(
+                stream,
+                at.first_pair_value(),
+                // SAFETY: the samplers write only floats
+                unsafe { as_uninit(&mut zh) },
+                &mut [],
+                threads,
+            );
+            assert_eq!(z.len(), rows * d, "whole samples");
+            for (r, zr) in z.chunks_exact_mut(d).enumerate() {
+                let src = &zh[(r / 2) * d..(r / 2 + 1) * d];
+                let sign = if r % 2 == 0 { 1.0 } else { -1.0 };
+                for (zv, &v) in zr.iter_mut().zip(src) {
+                    zv.write(sign * v);
+                }
+            }
+            // SAFETY: every element was written above (z is whole rows of d)
+            let z = unsafe { written(z) };
+            // antithetic pairs are Normal: the score is z
+            if !s.is_empty() {
+                s.copy_from_slice(z);
+            }
+            z
+        } else {
+            noise.fill_parallel(stream, at.first_value(), z, s, threads);
+            // SAFETY: fill_parallel writes every element of z
+            let z = unsafe { written(z) };
+            if self.score_is_z && !s.is_empty() {
+                s.copy_from_slice(z);
+            }
+            z
+        }
+    }
 }
 
 #[cfg(test)]
@@ -591,9 +617,20 @@ mod tests {
                     vec![0f32; rows * d],
                     vec![0f32; rows * d],
                 );
-                let at = (1, 40_000, 4, d);
-                noise.draw_samples(&stream, antithetic, false, at, &mut z, &mut s, threads);
-                noise.draw_samples(&stream, antithetic, false, at, &mut alone, &mut [], threads);
+                let at = NoiseAt {
+                    problem: 1,
+                    sample: 4,
+                    samples: 40_000,
+                    width: d,
+                };
+                let sampler = Sampler {
+                    noise,
+                    stream: &stream,
+                    antithetic,
+                    score_is_z: false,
+                };
+                sampler.draw(at, &mut z, &mut s, threads);
+                sampler.draw(at, &mut alone, &mut [], threads);
                 assert_eq!(z, alone, "{noise:?} rows {rows}");
                 assert!(s.iter().any(|&v| v != 0.0));
             }

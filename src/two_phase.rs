@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::interrupt::Stop;
+use crate::noise::{NoiseAt, Sampler};
 use crate::pipeline::Wants;
 use crate::pipeline::{OpSpec, Source};
 use crate::rng::Stream;
@@ -59,8 +60,12 @@ impl Draw {
         if matches!(path, Path::Host | Path::FusedArgmax) {
             inputs.resize(batch * n * d, 0.0);
             let theta_host = host_floats(&theta)?;
-            let multiplicative =
-                c.perturbation() == crate::perturbation::Perturbation::Multiplicative;
+            let sampler = Sampler {
+                noise: c.noise(),
+                stream: &stream,
+                antithetic: c.antithetic(),
+                score_is_z: c.perturbation() == crate::perturbation::Perturbation::Multiplicative,
+            };
             let threads = c.library_threads();
             let per = spec.rows_per_chunk();
             let mut z = vec![0f32; per * d];
@@ -69,16 +74,14 @@ impl Draw {
                     let rows = per.min(n - n0);
                     let z = &mut z[..rows * d];
                     // the noise alone: scores are made when the solutions come back
-                    c.noise().draw_samples(
-                        &stream,
-                        c.antithetic(),
-                        multiplicative,
-                        (b, n, n0, d),
-                        z,
-                        &mut [],
-                        threads,
-                    );
-                    let x = &mut inputs[(b * n + n0) * d..(b * n + n0 + rows) * d];
+                    let at = NoiseAt {
+                        problem: b,
+                        sample: n0,
+                        samples: n,
+                        width: d,
+                    };
+                    sampler.draw(at, z, &mut [], threads);
+                    let x = &mut inputs[at.row() * d..(at.row() + rows) * d];
                     c.perturbation()
                         .perturb_host(theta_b, z, c.sigma() as f32, x);
                 }

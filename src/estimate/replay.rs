@@ -17,7 +17,7 @@ use crate::error::{Error, Result, Status};
 use crate::estimate::centering::Centering;
 use crate::kernels::blocks::{run_blocks, slots, take};
 use crate::kernels::nonzero::{nonzeros, RowsNonZero};
-use crate::noise::Noise;
+use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::rng::Stream;
 use crate::tuning::{PRODUCT_WORK, REPLAY_TILE};
 use std::mem::MaybeUninit;
@@ -45,20 +45,23 @@ impl Redraw {
     /// The noise `z` and scores `s` of samples `n0 .. n0 + z.len() / d` of problem `b`,
     /// equal to those of the forward call.
     fn scores(&self, b: usize, n0: usize, z: &mut [f32], s: &mut [f32]) {
+        let at = NoiseAt {
+            problem: b,
+            sample: n0,
+            samples: self.n,
+            width: self.d,
+        };
         if self.noise == Noise::Normal && !self.antithetic {
             // the score of Normal noise is z itself (both models): draw it straight into s
-            let first = ((b * self.n + n0) * self.d) as u64;
-            return self.noise.fill(&self.stream, first, s);
+            return self.noise.fill(&self.stream, at.first_value(), s);
         }
-        self.noise.draw_samples(
-            &self.stream,
-            self.antithetic,
-            self.score_is_z,
-            (b, self.n, n0, self.d),
-            z,
-            s,
-            1,
-        );
+        let sampler = Sampler {
+            noise: self.noise,
+            stream: &self.stream,
+            antithetic: self.antithetic,
+            score_is_z: self.score_is_z,
+        };
+        sampler.draw(at, z, s, 1);
     }
 }
 

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::interrupt::Stop;
 use crate::kernels::blocks::run_blocks;
 use crate::kernels::sums::ProblemSums;
-use crate::noise::Noise;
+use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::perturbation::Perturbation;
 use crate::rng::Stream;
 use crate::tuning::{FUSED_BLOCK, FUSED_TILE};
@@ -116,16 +116,19 @@ impl FusedArgmax<'_> {
         while n0 < end {
             let rows = FUSED_TILE.min(end - n0);
             let (z, s) = (&mut z[..rows * d], &mut s[..rows * d]);
-            let multiplicative_score = self.perturbation == Perturbation::Multiplicative;
-            self.noise.draw_samples(
-                self.stream,
-                self.antithetic,
-                multiplicative_score,
-                (b, n, n0, d),
-                z,
-                s,
-                1,
-            );
+            let sampler = Sampler {
+                noise: self.noise,
+                stream: self.stream,
+                antithetic: self.antithetic,
+                score_is_z: multiplicative,
+            };
+            let at = NoiseAt {
+                problem: b,
+                sample: n0,
+                samples: n,
+                width: d,
+            };
+            sampler.draw(at, z, s, 1);
             for (j, (zr, sr)) in z.chunks_exact(d).zip(s.chunks_exact(d)).enumerate() {
                 for ((xv, &zv), &tv) in x.iter_mut().zip(zr).zip(theta) {
                     *xv = if multiplicative {

@@ -5,6 +5,7 @@ use crate::error::Result;
 use crate::estimate::Accumulator;
 use crate::interrupt::Stop;
 use crate::kernels::builtin::Solutions;
+use crate::noise::NoiseAt;
 use crate::pipeline::plan::OpSpec;
 use crate::pipeline::solve::{provided, Source};
 use crate::rng::Stream;
@@ -32,22 +33,27 @@ impl OpSpec {
                                            // Path::Chunks draws with the CPU sampler; Path::Cuda with libtorch on the op's
                                            // device. The samples of consecutive problems are consecutive in the stream, so
                                            // several whole problems are one draw.
-        let draw = |first: usize, count: usize| -> Result<Tensor> {
+        let draw = |first: u64, count: usize| -> Result<Tensor> {
             if path == Path::Chunks {
-                c.noise().sample(stream, first as u64, count, threads)
+                c.noise().sample(stream, first, count, threads)
             } else {
-                c.noise()
-                    .sample_on(stream, first as u64, count, self.device)
+                c.noise().sample_on(stream, first, count, self.device)
             }
         };
         let total = nb * rows;
+        let at = NoiseAt {
+            problem: b,
+            sample: n0,
+            samples: n,
+            width: d,
+        };
         let z = if c.antithetic() {
-            let half = draw((b * n + n0) / 2 * d, total / 2 * d)?
+            let half = draw(at.first_pair_value(), total / 2 * d)?
                 .f_view([(total / 2) as i64, d as i64])?;
             Tensor::f_stack(&[half.shallow_clone(), half.f_neg()?], 1)?
                 .f_view([total as i64, d as i64])?
         } else {
-            draw((b * n + n0) * d, total * d)?.f_view([total as i64, d as i64])?
+            draw(at.first_value(), total * d)?.f_view([total as i64, d as i64])?
         };
         let x = c
             .perturbation()

@@ -10,7 +10,7 @@ use crate::interrupt::Stop;
 use crate::kernels::blocks::{run_blocks, run_blocks_on, run_two_stages, slots, take, Slots};
 use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
-use crate::noise::Noise;
+use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::perturbation::Perturbation;
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
@@ -104,6 +104,16 @@ impl<'a> HostRun<'a> {
             }
             self.weighted = slots(weighted, (0..plan.blocks).map(|g| count(g) * w));
             self.inputs = slots(inputs, (0..plan.blocks).map(|g| count(g) * xw));
+        }
+    }
+
+    /// How the call draws its noise.
+    fn sampler(&self) -> Sampler<'a> {
+        Sampler {
+            noise: self.config.noise(),
+            stream: self.stream,
+            antithetic: self.config.antithetic(),
+            score_is_z: self.multiplicative(),
         }
     }
 
@@ -212,15 +222,13 @@ impl<'a> HostRun<'a> {
             let s_i: &mut [f32] = if scores_drawn { &mut s[part] } else { &mut [] };
             let (mine, rest) = std::mem::take(&mut room).split_at_mut(block.rows * d);
             room = rest;
-            self.config.noise().draw_samples_into(
-                self.stream,
-                self.config.antithetic(),
-                self.multiplicative(),
-                (block.first + i, self.plan.n, block.n0, d),
-                mine,
-                s_i,
-                1,
-            );
+            let at = NoiseAt {
+                problem: block.first + i,
+                sample: block.n0,
+                samples: self.plan.n,
+                width: d,
+            };
+            self.sampler().draw_into(at, mine, s_i, 1);
         }
         let noise = match kept {
             // SAFETY: every float of the part was written above (the draw writes all of
