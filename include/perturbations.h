@@ -306,8 +306,6 @@ typedef int32_t (*pert_device_solver_fn)(void *user_data,
                                          float *outputs,
                                          void *stream);
 
-
-
 /*
  Success.
  */

@@ -3,63 +3,74 @@
 
 use std::fmt;
 
-/// The class of an error. The numbers are the C API's `pert_status` values and are
-/// stable: a number is never reused for another meaning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum Status {
+/// The statuses, one list: each variant's number, its name (the C constant without its
+/// `PERT_STATUS_` prefix) and its doc. `Status`, `Status::ALL`, `Status::name` and
+/// `Status::c_name` (`pert_status_name`) are made from it; the C constants of
+/// `ffi/status.rs` are spelled out for the header generator and checked against it.
+macro_rules! statuses {
+    ($($(#[doc = $doc:literal])* $variant:ident = $number:literal, $name:literal;)*) => {
+        /// The class of an error. The numbers are the C API's `pert_status` values and are
+        /// stable: a number is never reused for another meaning.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u32)]
+        pub enum Status {
+            $($(#[doc = $doc])* $variant = $number,)*
+        }
+
+        impl Status {
+            /// Every status, in numeric order.
+            pub const ALL: [Status; [$($number),*].len()] = [$(Status::$variant),*];
+
+            /// A static, upper-case name, the C constant without its `PERT_STATUS_` prefix.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Status::$variant => $name,)*
+                }
+            }
+
+            /// The C constant's name, such as `PERT_STATUS_NULL_ARGUMENT`.
+            pub fn c_name(self) -> &'static std::ffi::CStr {
+                match self {
+                    $(Status::$variant => {
+                        const NAME: &std::ffi::CStr = match std::ffi::CStr::from_bytes_with_nul(
+                            concat!("PERT_STATUS_", $name, "\0").as_bytes(),
+                        ) {
+                            Ok(name) => name,
+                            Err(_) => panic!("a status name holds no NUL"),
+                        };
+                        NAME
+                    })*
+                }
+            }
+        }
+    };
+}
+
+statuses! {
     /// Success.
-    Ok = 0,
+    Ok = 0, "OK";
     /// A required pointer was NULL.
-    NullArgument = 1,
+    NullArgument = 1, "NULL_ARGUMENT";
     /// An argument was out of its documented range, or sizes did not fit.
-    InvalidArgument = 2,
+    InvalidArgument = 2, "INVALID_ARGUMENT";
     /// An input (theta, a gradient, a target) held NaN or an infinity.
-    NonFiniteInput = 3,
+    NonFiniteInput = 3, "NON_FINITE_INPUT";
     /// The solver returned non-zero or wrote non-finite values.
-    SolverFailed = 4,
+    SolverFailed = 4, "SOLVER_FAILED";
     /// The requested device does not exist on this machine.
-    DeviceUnavailable = 5,
+    DeviceUnavailable = 5, "DEVICE_UNAVAILABLE";
     /// libtorch reported an error, or memory could not be allocated.
-    TorchError = 6,
+    TorchError = 6, "TORCH_ERROR";
     /// A panic was caught at the C boundary.
-    Panic = 7,
+    Panic = 7, "PANIC";
     /// The call was interrupted (`PerturbedOp::interrupt`) before it finished.
-    Interrupted = 8,
+    Interrupted = 8, "INTERRUPTED";
 }
 
 impl Status {
-    /// Every status, in numeric order.
-    pub const ALL: [Status; 9] = [
-        Status::Ok,
-        Status::NullArgument,
-        Status::InvalidArgument,
-        Status::NonFiniteInput,
-        Status::SolverFailed,
-        Status::DeviceUnavailable,
-        Status::TorchError,
-        Status::Panic,
-        Status::Interrupted,
-    ];
-
     /// The status with this number, if there is one.
     pub fn from_u32(value: u32) -> Option<Status> {
         Status::ALL.get(value as usize).copied()
-    }
-
-    /// A static, upper-case name, the C constant without its `PERT_STATUS_` prefix.
-    pub fn name(self) -> &'static str {
-        match self {
-            Status::Ok => "OK",
-            Status::NullArgument => "NULL_ARGUMENT",
-            Status::InvalidArgument => "INVALID_ARGUMENT",
-            Status::NonFiniteInput => "NON_FINITE_INPUT",
-            Status::SolverFailed => "SOLVER_FAILED",
-            Status::DeviceUnavailable => "DEVICE_UNAVAILABLE",
-            Status::TorchError => "TORCH_ERROR",
-            Status::Panic => "PANIC",
-            Status::Interrupted => "INTERRUPTED",
-        }
     }
 }
 

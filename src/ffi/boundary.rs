@@ -277,7 +277,7 @@ impl Staged<'_> {
     }
 }
 
-fn null(name: &str) -> Error {
+pub(crate) fn null(name: &str) -> Error {
     Error::new(Status::NullArgument, format!("{name} is NULL"))
 }
 

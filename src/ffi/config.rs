@@ -1,6 +1,7 @@
 //! `pert_config`: the settings an op copies when it is made.
 
 use super::boundary::{arg, arg_mut, guard, guard_or};
+use super::handle::{handle, Handle};
 use super::status::pert_status;
 use crate::config::Config;
 use crate::device::DeviceSpec;
@@ -49,6 +50,8 @@ pub struct pert_config {
     pub(crate) inner: Config,
 }
 
+handle!(pert_config, Config);
+
 /// Makes a config with the defaults: num_samples 1000, sigma 0.05, noise
 /// `PERT_NOISE_NORMAL`, seed 0, device "auto", threads 1.
 ///
@@ -58,9 +61,7 @@ pub struct pert_config {
 pub unsafe extern "C" fn pert_config_new(out: *mut *mut pert_config) -> pert_status {
     guard(|| {
         let out = unsafe { arg_mut(out, "out") }?;
-        *out = Box::into_raw(Box::new(pert_config {
-            inner: Config::new(),
-        }));
+        *out = pert_config::into_raw(Config::new());
         Ok(())
     })
 }
@@ -69,15 +70,13 @@ pub unsafe extern "C" fn pert_config_new(out: *mut *mut pert_config) -> pert_sta
 #[no_mangle]
 pub unsafe extern "C" fn pert_config_free(config: *mut pert_config) {
     guard_or((), || {
-        if !config.is_null() {
-            // SAFETY: a non-NULL config comes from `pert_config_new` and is freed once.
-            drop(unsafe { Box::from_raw(config) });
-        }
+        // SAFETY: a non-NULL config comes from `pert_config_new` and is freed once.
+        unsafe { pert_config::free(config) }
     })
 }
 
 fn set(config: *mut pert_config, f: impl FnOnce(&mut Config) -> Result<(), Error>) -> pert_status {
-    guard(|| f(&mut unsafe { arg_mut(config, "config") }?.inner))
+    guard(|| f(unsafe { pert_config::borrow_mut(config, "config") }?))
 }
 
 /// Sets the number of perturbed samples N per problem (default 1000).

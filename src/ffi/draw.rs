@@ -1,6 +1,7 @@
 //! `pert_draw`: the two-phase API, for solvers that cannot be called back.
 
-use super::boundary::{self, arg, guard, guard_or, slice};
+use super::boundary::{self, guard, guard_or, slice};
+use super::handle::{handle, Handle};
 use super::op::pert_op;
 use super::status::pert_status;
 use super::tape::pert_tape;
@@ -15,6 +16,8 @@ use crate::two_phase::Draw;
 pub struct pert_draw {
     inner: Draw,
 }
+
+handle!(pert_draw, Draw);
 
 /// Draws the perturbed inputs of one call on `op` (any op: callback, built-in or external),
 /// for `batch` problems theta `[batch, *input_shape]`. Solve the rows of
@@ -39,7 +42,7 @@ pub unsafe extern "C" fn pert_draw_new(
     out: *mut *mut pert_draw,
 ) -> pert_status {
     guard(|| {
-        let op = &unsafe { arg(op, "op") }?.inner;
+        let op = unsafe { pert_op::borrow(op, "op") }?;
         let out = unsafe { super::boundary::arg_mut(out, "out") }?;
         if batch == 0 {
             return Err(crate::Error::invalid(
@@ -58,7 +61,7 @@ pub unsafe extern "C" fn pert_draw_new(
         let theta =
             crate::tensors::from_slice(theta)?.f_reshape(batched(batch, op.input_shape()))?;
         let inner = op.draw(&theta)?;
-        *out = Box::into_raw(Box::new(pert_draw { inner }));
+        *out = pert_draw::into_raw(inner);
         Ok(())
     })
 }
@@ -66,9 +69,7 @@ pub unsafe extern "C" fn pert_draw_new(
 /// The number of rows of `pert_draw_inputs` (problems to solve); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn pert_draw_count(draw: *const pert_draw) -> usize {
-    guard_or(0, || {
-        unsafe { draw.as_ref() }.map_or(0, |d| d.inner.count())
-    })
+    guard_or(0, || unsafe { pert_draw::get(draw) }.map_or(0, Draw::count))
 }
 
 /// The perturbed inputs, `pert_draw_count(draw) * input_numel` floats, row-major
@@ -77,7 +78,7 @@ pub unsafe extern "C" fn pert_draw_count(draw: *const pert_draw) -> usize {
 #[no_mangle]
 pub unsafe extern "C" fn pert_draw_inputs(draw: *const pert_draw) -> *const f32 {
     guard_or(std::ptr::null(), || {
-        unsafe { draw.as_ref() }.map_or(std::ptr::null(), |d| d.inner.inputs().as_ptr())
+        unsafe { pert_draw::get(draw) }.map_or(std::ptr::null(), |d| d.inputs().as_ptr())
     })
 }
 
@@ -98,7 +99,7 @@ pub unsafe extern "C" fn pert_draw_finish(
     tape: *mut *mut pert_tape,
 ) -> pert_status {
     guard(|| {
-        let draw = &unsafe { arg(draw, "draw") }?.inner;
+        let draw = unsafe { pert_draw::borrow(draw, "draw") }?;
         let o = draw.output_numel();
         let out_len = checked_product(&[draw.batch(), o], "batch * output_numel")?;
         let output = unsafe { boundary::output(output, out_len, "output") }?;
@@ -111,11 +112,11 @@ pub unsafe extern "C" fn pert_draw_finish(
         )?;
         // everything that can fail (allocations included) before anything is written
         let staged = output.stage(&y)?;
-        let t = t.map(|t| Box::new(pert_tape { inner: t }));
+        let t = t.map(pert_tape::boxed);
         staged.write();
         if let Some(t) = t {
             // SAFETY: `tape` is non-NULL when a tape was made; written only on success.
-            unsafe { *tape = Box::into_raw(t) };
+            unsafe { *tape = t.into_raw() };
         }
         Ok(())
     })
@@ -172,7 +173,7 @@ pub unsafe extern "C" fn pert_draw_fenchel_young_with_bound(
     bound: *mut f32,
 ) -> pert_status {
     guard(|| {
-        let draw = &unsafe { arg(draw, "draw") }?.inner;
+        let draw = unsafe { pert_draw::borrow(draw, "draw") }?;
         let (batch, d, o) = (draw.batch(), draw.input_numel(), draw.output_numel());
         if d != o {
             return Err(crate::Error::invalid(format!(
@@ -204,9 +205,7 @@ pub unsafe extern "C" fn pert_draw_fenchel_young_with_bound(
 #[no_mangle]
 pub unsafe extern "C" fn pert_draw_free(draw: *mut pert_draw) {
     guard_or((), || {
-        if !draw.is_null() {
-            // SAFETY: a non-NULL draw comes from `pert_draw_new` and is freed once.
-            drop(unsafe { Box::from_raw(draw) });
-        }
+        // SAFETY: a non-NULL draw comes from `pert_draw_new` and is freed once.
+        unsafe { pert_draw::free(draw) }
     })
 }

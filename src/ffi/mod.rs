@@ -13,6 +13,7 @@
 pub mod boundary;
 pub mod config;
 pub mod draw;
+mod handle;
 pub mod op;
 pub mod solver;
 pub mod status;

@@ -1,7 +1,8 @@
 //! `pert_op`: a solver callback turned into a perturbed optimizer, and its forward call.
 
-use super::boundary::{self, arg, arg_mut, guard, guard_or, slice};
+use super::boundary::{self, arg_mut, guard, guard_or, slice};
 use super::config::pert_config;
+use super::handle::{handle, Handle};
 pub use super::solver::pert_solver_fn; // its home before `ffi::solver`
 use super::solver::{
     pert_device_solver_fn, pert_solver_ex, pert_worker_fini, pert_worker_init, CallbackSolver,
@@ -27,11 +28,13 @@ pub struct pert_op {
     pub(crate) inner: PerturbedOp,
 }
 
+handle!(pert_op, PerturbedOp);
+
 impl pert_op {
     /// Wraps an op of the safe API as a C handle, for Rust hosts that hand ops to C code
     /// (and for tests of the C boundary with Rust solvers). Free it with `pert_op_free`.
     pub fn into_raw(op: PerturbedOp) -> *mut pert_op {
-        Box::into_raw(Box::new(pert_op { inner: op }))
+        <pert_op as Handle>::into_raw(op)
     }
 }
 
@@ -51,7 +54,7 @@ unsafe fn shape(dims: *const i64, rank: usize, name: &str) -> Result<Vec<i64>> {
 /// The arguments every op constructor takes, checked: the config, the two shapes, and
 /// where the op goes.
 struct OpArgs<'a> {
-    config: &'a pert_config,
+    config: &'a crate::Config,
     input_shape: Vec<i64>,
     output_shape: Vec<i64>,
     out: &'a mut *mut pert_op,
@@ -67,7 +70,7 @@ unsafe fn op_args<'a, T>(
     solver: impl FnOnce() -> Result<T>,
 ) -> Result<(OpArgs<'a>, T)> {
     // in this order: config, out, the solver, the shapes
-    let config = unsafe { arg(config, "config") }?;
+    let config = unsafe { pert_config::borrow(config, "config") }?;
     let out = unsafe { arg_mut(out, "out") }?;
     let solver = solver()?;
     let input = unsafe { shape(input_shape.0, input_shape.1, "input_shape") }?;
@@ -97,8 +100,8 @@ impl OpArgs<'_> {
         self,
         make: impl FnOnce(&crate::Config, &[i64], &[i64]) -> Result<PerturbedOp>,
     ) -> Result<()> {
-        let inner = make(&self.config.inner, &self.input_shape, &self.output_shape)?;
-        *self.out = Box::into_raw(Box::new(pert_op { inner }));
+        let inner = make(self.config, &self.input_shape, &self.output_shape)?;
+        *self.out = <pert_op as Handle>::into_raw(inner);
         Ok(())
     }
 }
@@ -332,10 +335,8 @@ pub unsafe extern "C" fn pert_op_new_external(
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_free(op: *mut pert_op) {
     guard_or((), || {
-        if !op.is_null() {
-            // SAFETY: a non-NULL op comes from `pert_op_new` and is freed once.
-            drop(unsafe { Box::from_raw(op) });
-        }
+        // SAFETY: a non-NULL op comes from `pert_op_new` and is freed once.
+        unsafe { pert_op::free(op) }
     })
 }
 
@@ -351,8 +352,8 @@ pub unsafe extern "C" fn pert_op_free(op: *mut pert_op) {
 pub unsafe extern "C" fn pert_op_interrupt(op: *const pert_op) {
     // SAFETY: a non-NULL op is a live handle (the caller's contract, as everywhere); only
     // an atomic of it is touched, which no panic can come from
-    if let Some(op) = unsafe { op.as_ref() } {
-        op.inner.interrupt();
+    if let Some(op) = unsafe { pert_op::get(op) } {
+        op.interrupt();
     }
 }
 
@@ -360,7 +361,7 @@ pub unsafe extern "C" fn pert_op_interrupt(op: *const pert_op) {
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_input_numel(op: *const pert_op) -> usize {
     guard_or(0, || {
-        unsafe { op.as_ref() }.map_or(0, |op| op.inner.input_numel())
+        unsafe { pert_op::get(op) }.map_or(0, PerturbedOp::input_numel)
     })
 }
 
@@ -369,7 +370,7 @@ pub unsafe extern "C" fn pert_op_input_numel(op: *const pert_op) -> usize {
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
     guard_or(0, || {
-        unsafe { op.as_ref() }.map_or(0, |op| op.inner.output_numel())
+        unsafe { pert_op::get(op) }.map_or(0, PerturbedOp::output_numel)
     })
 }
 
@@ -406,7 +407,7 @@ pub unsafe extern "C" fn pert_forward(
     tape: *mut *mut pert_tape,
 ) -> pert_status {
     guard(|| {
-        let op = &unsafe { arg(op, "op") }?.inner;
+        let op = unsafe { pert_op::borrow(op, "op") }?;
         if batch == 0 && tape.is_null() {
             return Ok(()); // nothing to compute (batch 0 with a tape gives an empty tape)
         }
@@ -425,10 +426,10 @@ pub unsafe extern "C" fn pert_forward(
             let (y, t) = op.forward_with_tape(&theta)?;
             // everything that can fail (allocations included) before anything is written
             let staged = output.stage(&y)?;
-            let t = Box::new(pert_tape { inner: t });
+            let t = pert_tape::boxed(t);
             staged.write();
             // SAFETY: checked non-NULL above; written only on success.
-            unsafe { *tape = Box::into_raw(t) };
+            unsafe { *tape = t.into_raw() };
         }
         Ok(())
     })
@@ -502,7 +503,7 @@ pub unsafe extern "C" fn pert_fenchel_young_with_bound(
     bound: *mut f32,
 ) -> pert_status {
     guard(|| {
-        let op = &unsafe { arg(op, "op") }?.inner;
+        let op = unsafe { pert_op::borrow(op, "op") }?;
         op.require_square("the Fenchel-Young loss")?;
         if batch == 0 {
             return Ok(());

@@ -3,6 +3,9 @@
 use crate::error::Status;
 use std::ffi::c_char;
 
+// The constants below are spelled out for the header generator; `crate::error::Status` is
+// the one list of statuses (numbers and names), and the test below checks them against it.
+
 /// The result of every fallible function: `PERT_STATUS_OK` (0) or an error class.
 /// The numbers are stable and never reused.
 pub type pert_status = u32;
@@ -43,19 +46,10 @@ pub extern "C" fn pert_version() -> *const c_char {
 /// "PERT_STATUS_UNKNOWN" for a number that is not a status. Never NULL.
 #[no_mangle]
 pub extern "C" fn pert_status_name(status: pert_status) -> *const c_char {
-    let name: &'static str = match Status::from_u32(status) {
-        Some(Status::Ok) => "PERT_STATUS_OK\0",
-        Some(Status::NullArgument) => "PERT_STATUS_NULL_ARGUMENT\0",
-        Some(Status::InvalidArgument) => "PERT_STATUS_INVALID_ARGUMENT\0",
-        Some(Status::NonFiniteInput) => "PERT_STATUS_NON_FINITE_INPUT\0",
-        Some(Status::SolverFailed) => "PERT_STATUS_SOLVER_FAILED\0",
-        Some(Status::DeviceUnavailable) => "PERT_STATUS_DEVICE_UNAVAILABLE\0",
-        Some(Status::TorchError) => "PERT_STATUS_TORCH_ERROR\0",
-        Some(Status::Panic) => "PERT_STATUS_PANIC\0",
-        Some(Status::Interrupted) => "PERT_STATUS_INTERRUPTED\0",
-        None => "PERT_STATUS_UNKNOWN\0",
-    };
-    name.as_ptr().cast()
+    match Status::from_u32(status) {
+        Some(status) => status.c_name().as_ptr(),
+        None => c"PERT_STATUS_UNKNOWN".as_ptr(),
+    }
 }
 
 #[cfg(test)]

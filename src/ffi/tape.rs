@@ -1,6 +1,7 @@
 //! `pert_tape`: what a forward call keeps for its gradient.
 
-use super::boundary::{arg, guard, guard_or, output, slice};
+use super::boundary::{guard, guard_or, output, slice};
+use super::handle::{handle, Handle};
 use super::status::pert_status;
 use crate::shape::{batched, checked_product};
 use crate::tape::Tape;
@@ -18,6 +19,8 @@ use crate::tape::Tape;
 pub struct pert_tape {
     pub(crate) inner: Tape,
 }
+
+handle!(pert_tape, Tape);
 
 /// batch, input_numel and output_numel of a tape (their products were checked when the
 /// forward call made it).
@@ -43,7 +46,7 @@ pub unsafe extern "C" fn pert_tape_vjp(
     grad_input: *mut f32,
 ) -> pert_status {
     guard(|| {
-        let tape = &unsafe { arg(tape, "tape") }?.inner;
+        let tape = unsafe { pert_tape::borrow(tape, "tape") }?;
         let (b, d, o) = sizes(tape)?;
         let out = unsafe { output(grad_input, b * d, "grad_input") }?;
         // viewed in place and read before anything is written (grad_input may overlap
@@ -71,7 +74,7 @@ pub unsafe extern "C" fn pert_tape_jvp(
     tangent_output: *mut f32,
 ) -> pert_status {
     guard(|| {
-        let tape = &unsafe { arg(tape, "tape") }?.inner;
+        let tape = unsafe { pert_tape::borrow(tape, "tape") }?;
         let (b, d, o) = sizes(tape)?;
         let out = unsafe { output(tangent_output, b * o, "tangent_output") }?;
         // viewed in place and read before anything is written (tangent_output may overlap
@@ -99,7 +102,7 @@ pub unsafe extern "C" fn pert_tape_objective(
     value: *mut f32,
 ) -> pert_status {
     guard(|| {
-        let tape = &unsafe { arg(tape, "tape") }?.inner;
+        let tape = unsafe { pert_tape::borrow(tape, "tape") }?;
         let out = unsafe { output(value, tape.batch(), "value") }?;
         out.stage(&tape.objective()?)?.write();
         Ok(())
@@ -116,7 +119,7 @@ pub unsafe extern "C" fn pert_tape_jacobian(
     jacobian: *mut f32,
 ) -> pert_status {
     guard(|| {
-        let tape = &unsafe { arg(tape, "tape") }?.inner;
+        let tape = unsafe { pert_tape::borrow(tape, "tape") }?;
         let (b, d, o) = sizes(tape)?;
         let len = checked_product(&[b, o, d], "batch * output_numel * input_numel")?;
         let out = unsafe { output(jacobian, len, "jacobian") }?;
@@ -128,18 +131,14 @@ pub unsafe extern "C" fn pert_tape_jacobian(
 /// The number of problems of the forward call that made the tape; 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn pert_tape_batch(tape: *const pert_tape) -> usize {
-    guard_or(0, || {
-        unsafe { tape.as_ref() }.map_or(0, |t| t.inner.batch())
-    })
+    guard_or(0, || unsafe { pert_tape::get(tape) }.map_or(0, Tape::batch))
 }
 
 /// Frees a tape, on any thread. NULL is accepted and ignored.
 #[no_mangle]
 pub unsafe extern "C" fn pert_tape_free(tape: *mut pert_tape) {
     guard_or((), || {
-        if !tape.is_null() {
-            // SAFETY: a non-NULL tape comes from `pert_forward` and is freed once.
-            drop(unsafe { Box::from_raw(tape) });
-        }
+        // SAFETY: a non-NULL tape comes from `pert_forward` and is freed once.
+        unsafe { pert_tape::free(tape) }
     })
 }
