@@ -4,7 +4,7 @@ use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 use crate::noise::Noise;
 use crate::perturbation::Perturbation;
-use crate::settings::{Baseline, Path, Sense};
+use crate::settings::{Baseline, Path, Sense, TapeForm};
 
 /// The largest number of solver threads a config accepts (C: `PERT_MAX_THREADS`).
 pub(crate) const MAX_THREADS: u32 = 1024;
@@ -29,6 +29,7 @@ pub struct Config {
     chunk_bytes: u64,
     max_tape_bytes: u64,
     path: Option<Path>,
+    tape_form: Option<TapeForm>,
 }
 
 impl Default for Config {
@@ -54,6 +55,7 @@ impl Default for Config {
             chunk_bytes: 0,
             max_tape_bytes: 0,
             path: None,
+            tape_form: None,
         }
     }
 }
@@ -192,6 +194,21 @@ impl Config {
     pub fn set_path(&mut self, path: Option<Path>) -> &mut Config {
         self.path = path;
         self
+    }
+
+    /// Forces the form of every tape (None, the default: chosen by sizes, see
+    /// `TapeForm::choose`); `max_tape_bytes` still applies. For tests that compare the
+    /// forms.
+    #[doc(hidden)]
+    pub fn set_tape_form(&mut self, form: Option<TapeForm>) -> &mut Config {
+        self.tape_form = form;
+        self
+    }
+
+    /// The forced tape form, if any (see `set_tape_form`).
+    #[doc(hidden)]
+    pub fn tape_form(&self) -> Option<TapeForm> {
+        self.tape_form
     }
 
     /// The forced path, if any (see `set_path`).

@@ -57,6 +57,18 @@ impl Sense {
     }
 }
 
+/// How a tape keeps what the Jacobian needs: the form, chosen by sizes (`TapeForm::choose`,
+/// in src/estimate/kept.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapeForm {
+    /// Σ Y_n s_nᵀ per problem: output_numel × input_numel floats.
+    Sums,
+    /// The samples, N × (output_numel + input_numel) floats per problem at most: on the
+    /// CPU's host paths their solutions (sparse rows) and their scores up to a size (else
+    /// drawn again), elsewhere Y_n and s_n as tensors.
+    Samples,
+}
+
 /// The path a forward call takes (chosen by `OpSpec::path`, in src/pipeline/path.rs).
 /// Hidden: tests force one with `Config::set_path` to compare the paths on the same
 /// cases, whatever the size thresholds would choose.

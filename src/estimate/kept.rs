@@ -7,19 +7,9 @@
 use crate::error::{Error, Result};
 use crate::estimate::centering::Centering;
 use crate::estimate::replay::Replay;
+pub use crate::settings::TapeForm;
 use crate::tuning::KEEP_SCORES_BYTES;
 use tch::Tensor;
-
-/// How a tape keeps what the Jacobian needs: the form, chosen by sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TapeForm {
-    /// Σ Y_n s_nᵀ per problem: output_numel × input_numel floats.
-    Sums,
-    /// The samples, N × (output_numel + input_numel) floats per problem at most: on the
-    /// CPU's host paths their solutions (sparse rows) and their scores up to a size (else
-    /// drawn again), elsewhere Y_n and s_n as tensors.
-    Samples,
-}
 
 impl TapeForm {
     /// The form for N samples of problems with d inputs and o outputs, and its size in
@@ -41,16 +31,23 @@ impl TapeForm {
 
 /// The form of a call's tape for `batch` problems of N samples, d inputs and o outputs,
 /// checked against the config's `max_tape_bytes` (0: no limit): INVALID_ARGUMENT when
-/// the tape would not fit, or could not be addressed.
+/// the tape would not fit, or could not be addressed. A form `forced` by the config
+/// (hidden: for tests of every form) replaces the choice.
 pub(crate) fn tape_form(
     n: usize,
     d: usize,
     o: usize,
     batch: usize,
-    limit: u64,
+    (limit, forced): (u64, Option<TapeForm>),
 ) -> Result<TapeForm> {
     let per_problem = u128::from(limit) / 4 / (batch.max(1) as u128);
-    let (form, floats) = TapeForm::choose(n, d, o, if limit == 0 { 0 } else { per_problem.max(1) });
+    let (chosen, floats) =
+        TapeForm::choose(n, d, o, if limit == 0 { 0 } else { per_problem.max(1) });
+    let (form, floats) = match forced {
+        Some(TapeForm::Sums) => (TapeForm::Sums, o as u128 * d as u128),
+        Some(TapeForm::Samples) => (TapeForm::Samples, n as u128 * (o as u128 + d as u128)),
+        None => (chosen, floats),
+    };
     let bytes = floats.saturating_mul(batch as u128).saturating_mul(4);
     if limit > 0 && bytes > u128::from(limit) {
         return Err(Error::invalid(format!(

@@ -92,7 +92,7 @@ impl OpSpec {
             self.input_numel,
             self.output_numel,
             batch,
-            self.config.max_tape_bytes(),
+            (self.config.max_tape_bytes(), self.config.tape_form()),
         )
     }
 
