@@ -20,11 +20,11 @@
 // leaves: errors, interrupts, shapes, the counter-based streams, fast math, plain settings,
 // the tuning constants
 pub mod error;
-pub mod fastmath;
-pub mod interrupt;
+mod fastmath;
+mod interrupt;
 pub mod rng;
 pub mod settings;
-pub mod shape;
+mod shape;
 pub mod solver;
 mod tuning;
 mod uninit;

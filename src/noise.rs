@@ -9,7 +9,7 @@
 //! the stream (Gumbel) or words 2⌊e/2⌋ and 2⌊e/2⌋+1 (Normal, a Box-Muller pair). So the
 //! draws do not depend on chunking or on the number of threads, bit for bit. Words are
 //! made 64 at a time (sixteen blocks abreast) by [`crate::rng`] and turned into noise with
-//! the vectorizable [`crate::fastmath`] functions, on all cores. The uniforms have 23 bits, so
+//! the vectorizable `fastmath` functions, on all cores. The uniforms have 23 bits, so
 //! |Normal| < 5.8 and Gumbel ∈ (−2.9, 16.7): the truncated tails have probability below
 //! 10⁻⁷.
 
