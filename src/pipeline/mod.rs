@@ -11,7 +11,7 @@ pub(crate) mod plan;
 pub(crate) mod solve;
 
 use crate::error::Result;
-use crate::estimate::kept::keeps_solutions;
+use crate::estimate::kept::{keeps_solutions, tape_form};
 use crate::estimate::replay::Redraw;
 use crate::estimate::{Accumulator, Estimate, TapeForm};
 use crate::interrupt::Stop;
@@ -43,8 +43,16 @@ impl OpSpec {
         stop: Stop<'_>,
     ) -> Result<Estimate> {
         let batch = theta.size()[0] as usize;
+        let c = &self.config;
+        // the tape's form, checked against the config's limit (the policy: estimate/kept)
         let form = if wants.jacobian {
-            Some(self.tape_form(batch)?)
+            Some(tape_form(
+                c.num_samples() as usize,
+                self.input_numel,
+                self.output_numel,
+                batch,
+                (c.max_tape_bytes(), c.tape_form()),
+            )?)
         } else {
             None
         };

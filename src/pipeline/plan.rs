@@ -1,10 +1,8 @@
 //! The plan of a forward call: an op's shapes, config and device ([`OpSpec`]), the checks
-//! of a call's sizes, and how its samples are cut into chunks and blocks and kept on the
-//! tape.
+//! of a call's sizes, and how its samples are cut into chunks and blocks.
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::estimate::TapeForm;
 use crate::input::check_floats;
 use crate::shape::{batched, checked_floats};
 use crate::tuning::{AUTO_CHUNK_BYTES, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS};
@@ -82,18 +80,6 @@ impl OpSpec {
         Ok(mean
             .f_reshape(batched(batch, &self.output_shape))?
             .f_to_device(device)?)
-    }
-
-    /// The tape form for `batch` problems, checked against the config's tape limit (the
-    /// policy: [`crate::estimate::kept`]).
-    pub(crate) fn tape_form(&self, batch: usize) -> Result<TapeForm> {
-        crate::estimate::kept::tape_form(
-            self.config.num_samples() as usize,
-            self.input_numel,
-            self.output_numel,
-            batch,
-            (self.config.max_tape_bytes(), self.config.tape_form()),
-        )
     }
 
     /// The rows (samples, of one or several problems) whose buffers fit in a chunk's
