@@ -97,6 +97,10 @@ pub(crate) const RADIX_MIN: usize = 256;
 /// costs a comparison per pair of entries, without branches).
 pub(crate) const RANKS_COUNTED_UP_TO: usize = 16;
 
+/// The longest rows whose argmax is a plain scan (one pass); longer rows take a vectorized
+/// maximum, then a search for its first occurrence (two passes, each faster).
+pub(crate) const SCANNED_UP_TO: usize = 16;
+
 /// The most candidates top-k ranks by counting (beyond: by selection).
 pub(crate) const TOP_K_RANKED_BY_COUNTING: usize = 64;
 

@@ -10,6 +10,7 @@
 use crate::error::Result;
 use crate::interrupt::Stop;
 use crate::kernels::blocks::run_blocks;
+use crate::kernels::largest::first_max;
 use crate::kernels::sums::ProblemSums;
 use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::perturbation::Perturbation;
@@ -110,7 +111,7 @@ impl FusedArgmax<'_> {
         let tile = FUSED_TILE.min(end - start);
         let mut z = vec![0f32; tile * d];
         let mut s = vec![0f32; tile * d];
-        let mut x = vec![0f32; d];
+        let mut x = vec![0f32; tile * d];
         let shift = 0.5 * self.sigma * self.sigma;
         let mut n0 = start;
         while n0 < end {
@@ -129,15 +130,15 @@ impl FusedArgmax<'_> {
                 width: d,
             };
             sampler.draw(at, z, s, 1);
-            for (j, (zr, sr)) in z.chunks_exact(d).zip(s.chunks_exact(d)).enumerate() {
-                for ((xv, &zv), &tv) in x.iter_mut().zip(zr).zip(theta) {
-                    *xv = if multiplicative {
-                        tv * (self.sigma * zv - shift).exp()
-                    } else {
-                        tv + self.sigma * zv
-                    };
-                }
-                for (a, &v) in sums.sum_x.iter_mut().zip(&x) {
+            // the tile's inputs perturbed (the perturbation's own host kernel)
+            let x = &mut x[..rows * d];
+            self.perturbation.perturb_host(theta, z, self.sigma, x);
+            let rows_of = z
+                .chunks_exact(d)
+                .zip(s.chunks_exact(d))
+                .zip(x.chunks_exact(d));
+            for (j, ((zr, sr), x)) in rows_of.enumerate() {
+                for (a, &v) in sums.sum_x.iter_mut().zip(x) {
                     *a += f64::from(v);
                 }
                 // adds solution entry p (of value y) of this sample
@@ -161,14 +162,9 @@ impl FusedArgmax<'_> {
                         add(p, y);
                     }
                 } else {
+                    // the argmax of each slice (the built-ins' own kernel)
                     for (g, slice) in x.chunks_exact(self.last).enumerate() {
-                        let mut best = 0;
-                        for (i, &v) in slice.iter().enumerate().skip(1) {
-                            if v > slice[best] {
-                                best = i;
-                            }
-                        }
-                        add(g * self.last + best, 1.0);
+                        add(g * self.last + first_max(slice), 1.0);
                     }
                 }
                 if self.jacobian {

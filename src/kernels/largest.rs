@@ -3,7 +3,7 @@
 //! (top-k: in the order of `f32::total_cmp`), ties to the first; the kernels of the 0/1
 //! built-ins (see [`super::builtin`]).
 
-use crate::tuning::TOP_K_RANKED_BY_COUNTING;
+use crate::tuning::{SCANNED_UP_TO, TOP_K_RANKED_BY_COUNTING};
 
 /// `v` as an integer in the order of `f32::total_cmp` (−NaN < −∞ < … < −0 < +0 < … < +∞ <
 /// NaN).
@@ -19,6 +19,16 @@ pub(super) fn ordered(v: f32) -> u32 {
 /// with a vectorized maximum and a vectorized search for its first occurrence.
 #[inline(always)]
 pub(super) fn first_max(xs: &[f32]) -> usize {
+    if xs.len() <= SCANNED_UP_TO {
+        // short rows: one pass, the scan itself
+        let mut best = 0;
+        for (i, &v) in xs.iter().enumerate().skip(1) {
+            if v > xs[best] {
+                best = i;
+            }
+        }
+        return best;
+    }
     #[cfg(target_arch = "x86_64")]
     if xs.len() >= 32 && crate::fastmath::has_avx2() {
         // SAFETY: the CPU has AVX2; `xs` holds at least 32 floats.

@@ -104,7 +104,7 @@ impl Drop for Lent {
             .panic
             .take()
             .or_else(|| unrun.then(|| Box::new(WorkerGone) as Panic));
-        self.latch.finish(panic);
+        self.latch.count_down(panic);
     }
 }
 
@@ -200,7 +200,8 @@ struct Latch {
 }
 
 impl Latch {
-    fn finish(&self, panic: Option<Panic>) {
+    /// One job ended (with its panic, if any).
+    fn count_down(&self, panic: Option<Panic>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.0 -= 1;
         if state.1.is_none() {
