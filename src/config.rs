@@ -180,10 +180,14 @@ impl Config {
 
     /// Runs CPU ops through the libtorch chunk path that CUDA ops take, instead of the
     /// host pipelines; for tests of that path on machines without a GPU (the same as
-    /// `set_path(Some(Path::Cuda))`).
+    /// `set_path(Some(Path::Cuda))`; off undoes only that).
     #[doc(hidden)]
     pub fn set_libtorch_path(&mut self, on: bool) -> &mut Config {
-        self.path = on.then_some(Path::Cuda);
+        if on {
+            self.path = Some(Path::Cuda);
+        } else if self.path == Some(Path::Cuda) {
+            self.path = None;
+        }
         self
     }
 

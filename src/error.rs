@@ -20,6 +20,18 @@ macro_rules! statuses {
         impl Status {
             /// Every status, in numeric order.
             pub const ALL: [Status; [$($number),*].len()] = [$(Status::$variant),*];
+        }
+
+        // the numbers are 0, 1, 2, ... in the list's order (`from_u32` indexes `ALL`)
+        const _: () = {
+            let mut i = 0;
+            while i < Status::ALL.len() {
+                assert!(Status::ALL[i] as usize == i, "statuses are numbered in order");
+                i += 1;
+            }
+        };
+
+        impl Status {
 
             /// A static, upper-case name, the C constant without its `PERT_STATUS_` prefix.
             pub fn name(self) -> &'static str {

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::estimate::{Estimate, Kept};
 use crate::pipeline::OpSpec;
+use crate::settings::Path;
 use crate::shape::batched;
 use tch::{Device, Kind, Tensor};
 
@@ -20,6 +21,8 @@ pub struct Tape {
     batch: usize,
     /// The op's cap on a call's threads, for the products too.
     max_threads: u32,
+    /// The path the forward call took.
+    path: Option<Path>,
 }
 
 // SAFETY: a tape's tensors are written only while it is built and are read-only after:
@@ -50,6 +53,7 @@ pub(crate) fn output_and_tape(
         output_shape: spec.output_shape.clone(),
         batch,
         max_threads: spec.config.max_threads(),
+        path: estimate.path,
     };
     Ok((output, tape))
 }
@@ -80,10 +84,17 @@ impl Tape {
         self.kept.bytes() + objective
     }
 
-    /// Whether the tape keeps the samples (true) or the Jacobian (false). CPU tapes keep
-    /// the samples' solutions (their non-zero entries), and their scores up to 16 MiB
-    /// (larger ones are drawn again from the forward call's stream when a gradient is
-    /// asked); CUDA tapes keep both.
+    /// The path the forward call took (see `OpSpec::path`); for tests that force one.
+    #[doc(hidden)]
+    pub fn path(&self) -> Option<Path> {
+        self.path
+    }
+
+    /// Whether the tape keeps the samples (true) or the Jacobian (false). Tapes of the
+    /// CPU's host paths keep the samples' solutions (their non-zero entries), and their
+    /// scores up to 16 MiB (larger ones are drawn again from the forward call's stream
+    /// when a gradient is asked); tapes of the chunk pipeline (CUDA ops, CPU ops of device
+    /// solvers) keep both as tensors.
     pub fn keeps_samples(&self) -> bool {
         !matches!(self.kept, Kept::Sums(_))
     }

@@ -8,10 +8,11 @@
 //! on the CPU only where its work outweighs that cost (the thresholds below say where), and
 //! then under the call's `max_threads` (module `intraop`).
 //!
-//! **Bits.** The constants marked *(bits)* cut a problem's sums into pieces whose order of
-//! addition is fixed by them: changing one changes the last bits of results (and
-//! `tests/pinned.rs` fails). The others choose threads, buffers or paths whose results are
-//! the same bit for bit.
+//! **Bits.** The constants marked *(bits)* change the last bits of results when changed
+//! (and `tests/pinned.rs` fails): they cut a problem's sums into pieces whose order of
+//! addition they fix, or choose between two computations that round differently (paths,
+//! libtorch or Rust, CPU or GPU). The others choose threads or buffers, and results stay the
+//! same bit for bit.
 
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ pub(crate) const WHOLE_BLOCK_MIN_VALUES: usize = 4 << 10;
 
 /// The working memory of one chunk of samples when the config leaves it to the library:
 /// 2 MiB on the CPU (cache-sized chunks are the fastest there), 64 MiB on CUDA (fewer,
-/// larger kernel launches).
+/// larger kernel launches). It also caps the host blocks of large problems. *(bits)*
 pub const AUTO_CHUNK_BYTES: (u64, u64) = (2 << 20, 64 << 20);
 
 /// Rows summed in float32 before they join the float64 sums: the float32 rounding (at most
@@ -85,7 +86,8 @@ pub(crate) const FUSED_BLOCK: usize = 1 << 15;
 pub(crate) const FUSED_TILE: usize = 256;
 
 /// The largest input_numel² the fused kernel handles: its per-block sums are that many
-/// doubles (beyond, the host pipeline's sparse sums are cheaper).
+/// doubles (beyond, the host pipeline's sparse sums are cheaper). *(bits: it chooses the
+/// path)*
 pub(crate) const FUSED_MAX_SUMS: usize = 4096;
 
 // ---- the built-in solvers (kernels/builtin, kernels/largest) ------------------------
@@ -109,10 +111,11 @@ pub(crate) const TOP_K_RANKED_BY_COUNTING: usize = 64;
 /// Outputs per problem up to which the libtorch accumulator sums 0/1 solutions as dense
 /// rows: with few outputs the positions of the ones would all land on a few entries
 /// (atomic adds that serialize on a GPU), where dense rows are summed by reductions.
+/// *(bits)*
 pub(crate) const DENSE_BELOW_OUTPUTS: i64 = 64;
 
 /// The most Jacobian entries a CPU call finishes in Rust; beyond, libtorch's parallel
-/// products are worth their start-up (see the OpenMP rule above).
+/// products are worth their start-up (see the OpenMP rule above). *(bits)*
 pub(crate) const HOST_FINISH_ENTRIES: usize = 1 << 20;
 
 /// The most bytes of scores a CPU tape of samples keeps; beyond, they are drawn again for
@@ -139,7 +142,7 @@ pub(crate) const SEQUENTIAL_UP_TO: usize = 1 << 12;
 /// (README, "On a GPU"), the CPU won up to 320 000 values (argmax of 32 problems × 10 ×
 /// 1000 samples: 0.31 ms against 0.73 ms) and the GPU from 1 024 000 on (1024 × 100 × 10:
 /// 0.95 ms against 2.82 ms); 32 768 a core puts that machine's limit at 524 288 values,
-/// and a machine with fewer cores sends less to its CPU.
+/// and a machine with fewer cores sends less to its CPU. *(bits: CPU or GPU)*
 pub(crate) const AUTO_CPU_VALUES_PER_CORE: u128 = 32_768;
 
 /// Threads per block of the CUDA noise kernel: a multiple of the warp size that keeps the

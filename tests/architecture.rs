@@ -29,23 +29,15 @@ fn layer_order() -> Vec<String> {
 /// each name with the module it comes from, so that a use of `crate::Config` counts as a
 /// use of `config`.
 fn reexports() -> BTreeMap<String, Vec<String>> {
-    let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
+    let lib = library_code(&std::fs::read_to_string(src().join("lib.rs")).unwrap());
     let mut map = BTreeMap::new();
-    for line in lib.lines() {
-        let Some(path) = line.trim().strip_prefix("pub use ") else {
+    for statement in lib.split(';') {
+        let Some(rest) = statement.trim().strip_prefix("pub use ") else {
             continue;
         };
-        let path = path.trim_end_matches(';');
-        let (module, names) = match path.split_once("::{") {
-            Some((module, names)) => (module, names.trim_end_matches('}').to_string()),
-            None => {
-                let (module, name) = path.rsplit_once("::").unwrap();
-                (module, name.to_string())
-            }
-        };
-        let module: Vec<String> = module.split("::").map(str::to_string).collect();
-        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            map.insert(name.to_string(), module.clone());
+        for mut path in path_tree(rest) {
+            let name = path.pop().unwrap();
+            map.insert(name, path);
         }
     }
     map
@@ -75,42 +67,120 @@ fn files() -> Vec<(Vec<String>, PathBuf)> {
     out
 }
 
-/// The module paths that the code of `file` (module `module`) refers to.
-fn uses(module: &[String], file: &Path) -> BTreeSet<Vec<String>> {
-    let text = std::fs::read_to_string(file).unwrap();
-    let code = text.split("\n#[cfg(test)]").next().unwrap();
-    let mut found = BTreeSet::new();
-    for line in code.lines() {
-        let line = line.trim_start();
-        if line.starts_with("//") {
-            continue;
-        }
-        let line = line.split("//").next().unwrap();
-        for (start, _) in line
-            .match_indices("crate::")
-            .chain(line.match_indices("super::"))
-        {
-            if line[..start].ends_with("pub(") {
-                continue; // pub(crate)
-            }
-            let path: Vec<String> = line[start..]
-                .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
-                .next()
-                .unwrap()
-                .split("::")
-                .map(str::to_string)
-                .collect();
-            let mut resolved = match path[0].as_str() {
-                "crate" => Vec::new(),
-                _ => {
-                    // super:: from a file module is its parent folder's module
-                    let mut m = module.to_vec();
-                    m.pop();
-                    m
+/// The library code of a file: its text up to its tests module (`#[cfg(test)]` then
+/// `mod`, last in a file by convention; other `#[cfg(test)]` items are code too), with
+/// comments removed (a `//` inside a string literal is kept).
+fn library_code(text: &str) -> String {
+    let code = text.split("\n#[cfg(test)]\nmod ").next().unwrap();
+    code.lines()
+        .map(|line| {
+            let mut in_string = false;
+            let bytes = line.as_bytes();
+            for i in 0..bytes.len() {
+                match bytes[i] {
+                    b'"' if i == 0 || bytes[i - 1] != b'\\' => in_string = !in_string,
+                    b'/' if !in_string && bytes.get(i + 1) == Some(&b'/') => return &line[..i],
+                    _ => {}
                 }
-            };
-            resolved.extend(path[1..].iter().filter(|s| !s.is_empty()).cloned());
-            found.insert(resolved);
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The paths of a path tree starting at `text` (after `crate::` or `super::`): `a::b`,
+/// `a::{b, c::{d, e}}` (over lines too), each as its segments.
+fn path_tree(text: &str) -> Vec<Vec<String>> {
+    fn tree(chars: &[char], at: &mut usize) -> Vec<Vec<String>> {
+        let mut prefix = Vec::new();
+        loop {
+            while *at < chars.len() && chars[*at].is_whitespace() {
+                *at += 1;
+            }
+            if chars.get(*at) == Some(&'{') {
+                *at += 1;
+                let mut all = Vec::new();
+                loop {
+                    // (an empty element: a trailing comma before `}`)
+                    for mut sub in tree(chars, at).into_iter().filter(|p| !p.is_empty()) {
+                        let mut path = prefix.clone();
+                        path.append(&mut sub);
+                        all.push(path);
+                    }
+                    while *at < chars.len() && chars[*at].is_whitespace() {
+                        *at += 1;
+                    }
+                    match chars.get(*at) {
+                        Some(',') => *at += 1,
+                        Some('}') => {
+                            *at += 1;
+                            return all;
+                        }
+                        _ => return all,
+                    }
+                }
+            }
+            let start = *at;
+            while *at < chars.len() && (chars[*at].is_alphanumeric() || chars[*at] == '_') {
+                *at += 1;
+            }
+            if *at == start {
+                return vec![prefix];
+            }
+            prefix.push(chars[start..*at].iter().collect());
+            if chars[*at..].starts_with(&[':', ':']) {
+                *at += 2;
+            } else {
+                return vec![prefix];
+            }
+        }
+    }
+    let chars: Vec<char> = text.chars().collect();
+    tree(&chars, &mut 0)
+}
+
+/// The module paths that the code of `file` (module `module`) refers to, through
+/// `crate::` and any number of `super::`.
+fn uses(module: &[String], file: &Path) -> BTreeSet<Vec<String>> {
+    uses_in(module, &std::fs::read_to_string(file).unwrap())
+}
+
+/// The module paths that the code `text` of module `module` refers to.
+fn uses_in(module: &[String], text: &str) -> BTreeSet<Vec<String>> {
+    let code = library_code(text);
+    let mut found = BTreeSet::new();
+    let mut starts: Vec<(usize, &str)> = code.match_indices("crate::").collect();
+    starts.extend(
+        code.match_indices("super::")
+            .filter(|(i, _)| !code[..*i].ends_with("super::")),
+    );
+    for (start, _) in starts {
+        if code[..start].ends_with("pub(") || code[..start].ends_with("pub(in ") {
+            continue; // pub(crate), pub(super)
+        }
+        let before = code[..start].chars().last();
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$') {
+            continue; // `$crate::` in a macro, or part of a longer name
+        }
+        let (mut resolved, rest) = if code[start..].starts_with("crate::") {
+            (Vec::new(), &code[start + "crate::".len()..])
+        } else {
+            // each super:: goes one module up (from a file `a/b.rs` to `a`, from `a/mod.rs`
+            // to the crate root)
+            let mut m = module.to_vec();
+            let mut rest = &code[start..];
+            while let Some(r) = rest.strip_prefix("super::") {
+                m.pop();
+                rest = r;
+            }
+            (m, rest)
+        };
+        let base = std::mem::take(&mut resolved);
+        for path in path_tree(rest) {
+            let mut full = base.clone();
+            full.extend(path.into_iter().filter(|s| !s.is_empty() && s != "self"));
+            found.insert(full);
         }
     }
     found
@@ -194,8 +264,50 @@ fn modules_use_only_the_layers_below_them_and_no_cycle() {
 fn no_file_is_over_600_lines_of_code() {
     for (_, file) in files() {
         let text = std::fs::read_to_string(&file).unwrap();
-        let code = text.split("\n#[cfg(test)]").next().unwrap();
+        let code = text.split("\n#[cfg(test)]\nmod ").next().unwrap();
         let lines = code.lines().count();
         assert!(lines <= 600, "{} has {lines} lines", file.display());
     }
+}
+
+/// The parser sees every form a use takes: braces (nested, over lines), `super::super::`,
+/// paths in code, a test-only item before the tests module; and skips comments,
+/// `pub(crate)` and the tests module.
+#[test]
+fn the_use_parser_sees_every_form() {
+    let module = |m: &str| m.split("::").map(str::to_string).collect::<Vec<_>>();
+    let text = "use crate::{tape::Tape, a::{b, c::D}};\n\
+                use crate::{\n    noise::Noise,\n    rng::{self, Stream},\n};\n\
+                fn f(_: &super::super::pipeline::OpSpec) {}\n\
+                pub(crate) fn g() -> crate::Config { todo!() } // crate::not_this\n\
+                const URL: &str = \"http://x\"; fn h() { crate::op::run() }\n\
+                #[cfg(test)]\nfn only_for_tests() { crate::intraop::cap(0); }\n\
+                fn after() { crate::tensors::copy(); }\n\
+                #[cfg(test)]\nmod tests { use crate::ffi::x; }\n";
+    let found = uses_in(&module("estimate::kept"), text);
+    let expect = [
+        "tape::Tape",
+        "a::b",
+        "a::c::D",
+        "noise::Noise",
+        "rng",
+        "rng::Stream",
+        "pipeline::OpSpec",
+        "Config",
+        "op::run",
+        "intraop::cap",
+        "tensors::copy",
+    ];
+    for e in expect {
+        assert!(found.contains(&module(e)), "{e} not found in {found:?}");
+    }
+    assert!(
+        !found.iter().any(|p| p.contains(&"not_this".to_string())),
+        "{found:?}"
+    );
+    assert!(
+        !found.iter().any(|p| p.first().is_some_and(|s| s == "ffi")),
+        "{found:?}"
+    );
+    assert_eq!(found.len(), expect.len(), "{found:?}");
 }

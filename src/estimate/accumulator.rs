@@ -13,7 +13,7 @@ use crate::estimate::centering::Centering;
 use crate::estimate::kept::{kept_scores, Kept, TapeForm};
 use crate::estimate::replay::{Redraw, Replay, SolutionRows};
 use crate::perturbation::Perturbation;
-use crate::settings::Baseline;
+use crate::settings::{Baseline, Path};
 use tch::{Device, Kind, Tensor};
 
 mod host;
@@ -31,6 +31,8 @@ pub(crate) struct Estimate {
     pub kept: Option<Kept>,
     /// F_σ(θ) and what its gradient is made from, when output shape = input shape.
     pub objective: Option<Objective>,
+    /// The path the call took (set by `OpSpec::run`; kept by the tape, for tests).
+    pub path: Option<Path>,
 }
 
 /// The sums of the objective, float64 on the op's device: Σ ⟨x_n, Y_n⟩ `[batch]`,
@@ -246,6 +248,7 @@ impl Accumulator {
             mean,
             kept,
             objective,
+            path: None,
         })
     }
 

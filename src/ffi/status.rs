@@ -70,6 +70,7 @@ mod tests {
             PERT_STATUS_PANIC,
             PERT_STATUS_INTERRUPTED,
         ];
+        assert_eq!(consts.len(), Status::ALL.len(), "a C constant per status");
         for (c, s) in consts.iter().zip(Status::ALL) {
             assert_eq!(*c, s as u32);
             let name = unsafe { CStr::from_ptr(pert_status_name(*c)) }

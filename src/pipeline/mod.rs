@@ -73,7 +73,9 @@ impl OpSpec {
             }
         }
         let n = self.config.num_samples() as usize;
-        acc.finish(n, baseline, clean.as_ref(), theta)
+        let mut estimate = acc.finish(n, baseline, clean.as_ref(), theta)?;
+        estimate.path = Some(path);
+        Ok(estimate)
     }
 
     /// The baseline in effect: none under antithetic pairs (a constant one drops out), and

@@ -43,7 +43,7 @@ impl OpSpec {
         let Some(forced) = self.config.path() else {
             return Ok(if !cpu {
                 Path::Cuda
-            } else if fused && d * d <= FUSED_MAX_SUMS {
+            } else if fused && d.checked_mul(d).is_some_and(|dd| dd <= FUSED_MAX_SUMS) {
                 Path::FusedArgmax
             } else if host_solutions {
                 Path::Host
