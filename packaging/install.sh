@@ -33,9 +33,19 @@ install -m 644 "$ROOT/target/release/libperturbations.a" "$lib/libperturbations.
 install -m 644 "$ROOT/include/perturbations.h" "$PREFIX/include/perturbations.h"
 install -m 644 "$ROOT/bindings/cpp/perturbations.hpp" "$PREFIX/include/perturbations.hpp"
 install -m 644 "$ROOT/bindings/cpp/perturbations_torch.hpp" "$PREFIX/include/perturbations_torch.hpp"
-subst() { sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@VERSION@|$VERSION|g" -e "s|@VERSION_MAJOR@|$major|g" -e "s|@VERSION_MINOR@|$minor|g" "$1" > "$2"; }
+runpath=$(readelf -d "$so" | sed -n 's/.*R\(UN\)*PATH.*\[\(.*\)\]/\2/p')
+# libtorch for a static link (pkg-config --static, perturbations-static.pc): the directory
+# of the RUNPATH that holds libtorch_cpu.so, with an rpath to it; none: the system's
+torch_link=""
+for dir in $(echo "$runpath" | tr ':' ' '); do
+  case "$dir" in
+    '$ORIGIN'*) dir="$lib${dir#\$ORIGIN}" ;;
+  esac
+  if [ -f "$dir/libtorch_cpu.so" ]; then torch_link="-L$dir -Wl,-rpath,$dir"; fi
+done
+subst() { sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@VERSION@|$VERSION|g" -e "s|@VERSION_MAJOR@|$major|g" -e "s|@VERSION_MINOR@|$minor|g" -e "s|@TORCH_LINK@|$torch_link|g" "$1" > "$2"; }
 subst "$ROOT/packaging/perturbations.pc.in" "$lib/pkgconfig/perturbations.pc"
+subst "$ROOT/packaging/perturbations-static.pc.in" "$lib/pkgconfig/perturbations-static.pc"
 subst "$ROOT/packaging/perturbationsConfig.cmake.in" "$lib/cmake/perturbations/perturbationsConfig.cmake"
 subst "$ROOT/packaging/perturbationsConfigVersion.cmake.in" "$lib/cmake/perturbations/perturbationsConfigVersion.cmake"
-runpath=$(readelf -d "$so" | sed -n 's/.*R\(UN\)*PATH.*\[\(.*\)\]/\2/p')
 echo "installed perturbations $VERSION under $PREFIX; libtorch is looked for in: ${runpath:-the system's library path (no RUNPATH)}"

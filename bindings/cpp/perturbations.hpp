@@ -70,6 +70,11 @@ class Error : public std::runtime_error {
 };
 
 namespace detail {
+/// An Error whose message starts with the status name, as every error of this wrapper's.
+inline Error error(pert_status status, const std::string& message) {
+  return Error(status, std::string(pert_status_name(status)) + ": " + message);
+}
+
 inline std::string last_error() {
   std::string message(pert_last_error(nullptr, 0), '\0');
   if (!message.empty()) pert_last_error(&message[0], message.size() + 1);
@@ -77,7 +82,7 @@ inline std::string last_error() {
 }
 
 inline void check(pert_status status) {
-  if (status != PERT_STATUS_OK) throw Error(status, std::string(pert_status_name(status)) + ": " + last_error());
+  if (status != PERT_STATUS_OK) throw error(status, last_error());
 }
 
 template <class T, void (*Free)(T*)>
@@ -221,7 +226,7 @@ class Tape {
  private:
   void expect(View v, std::size_t per_problem, const char* name) const {
     if (v.size != batch() * per_problem)
-      throw Error(PERT_STATUS_INVALID_ARGUMENT, std::string(name) + " must hold " + std::to_string(batch() * per_problem) +
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, std::string(name) + " must hold " + std::to_string(batch() * per_problem) +
                                                     " floats, got " + std::to_string(v.size));
   }
   std::unique_ptr<pert_tape, detail::Deleter<pert_tape, pert_tape_free>> handle_;
@@ -248,7 +253,7 @@ class Op {
       : state_(new State), sense_(config.sense()) {
     state_->callbacks = true;
     state_->solve = std::move(solver);
-    if (!state_->solve) throw Error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
+    if (!state_->solve) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
     pert_op* op = nullptr;
     detail::check(pert_op_new(config.get(), input_shape.data(), input_shape.size(), output_shape.data(), output_shape.size(),
                               &Op::trampoline, state_.get(), &op));
@@ -263,7 +268,7 @@ class Op {
       : state_(new State), sense_(config.sense()) {
     state_->callbacks = true;
     state_->solve_ex = std::move(solver);
-    if (!state_->solve_ex) throw Error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
+    if (!state_->solve_ex) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
     make_ex(config, input_shape, output_shape, false);
   }
 
@@ -310,7 +315,7 @@ class Op {
                    DeviceSolver solver) {
     Op op(config.sense());
     op.state_->solve_device = std::move(solver);
-    if (!op.state_->solve_device) throw Error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
+    if (!op.state_->solve_device) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "solver is an empty std::function");
     pert_op* handle = nullptr;
     detail::check(pert_op_new_device(config.get(), input_shape.data(), input_shape.size(), output_shape.data(),
                                      output_shape.size(), &Op::trampoline_device, op.state_.get(), &handle));
@@ -389,7 +394,7 @@ class Op {
   /// The Fenchel-Young loss per problem and its gradient.
   std::pair<std::vector<float>, std::vector<float>> fenchel_young(View theta, View y_true, std::size_t batch) {
     std::size_t n = checked(theta, batch);
-    if (y_true.size != theta.size) throw Error(PERT_STATUS_INVALID_ARGUMENT, "y_true must have the size of theta");
+    if (y_true.size != theta.size) throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "y_true must have the size of theta");
     std::vector<float> loss(n), grad(theta.size);
     call([&] { return pert_fenchel_young(get(), theta.data, y_true.data, batch, loss.data(), grad.data()); });
     return {std::move(loss), std::move(grad)};
@@ -402,7 +407,7 @@ class Op {
     std::size_t d = input_numel();
     checked(theta, batch);
     if (grad_loss.size != batch)
-      throw Error(PERT_STATUS_INVALID_ARGUMENT, "grad_loss must hold batch = " + std::to_string(batch) + " floats, got " +
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "grad_loss must hold batch = " + std::to_string(batch) + " floats, got " +
                                                     std::to_string(grad_loss.size));
     float sign = sense_ == Sense::Maximize ? -1.0f : 1.0f;
     std::vector<float> out(theta.size);
@@ -582,7 +587,7 @@ class Op {
 
   template <class F>
   void call(F&& f) {
-    if (!state_) throw Error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
+    if (!state_) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
     if (is_inside(state_.get())) {
       // a solver of this op calling it: its caller holds the turn (and the C library
       // refuses the call where it would wait for itself); an exception its own solver
@@ -612,9 +617,9 @@ class Op {
   }
 
   std::size_t checked(View theta, std::size_t batch) const {
-    if (!handle_) throw Error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
+    if (!handle_) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
     if (theta.size != batch * input_numel())
-      throw Error(PERT_STATUS_INVALID_ARGUMENT, "theta must hold batch * input_numel = " + std::to_string(batch * input_numel()) +
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "theta must hold batch * input_numel = " + std::to_string(batch * input_numel()) +
                                                     " floats, got " + std::to_string(theta.size));
     return batch;
   }
@@ -629,7 +634,7 @@ class Draw {
  public:
   Draw(Op& op, View theta, std::size_t batch) : o_(op.output_numel()), d_(op.input_numel()) {
     if (theta.size != batch * d_)
-      throw Error(PERT_STATUS_INVALID_ARGUMENT, "theta must hold batch * input_numel = " + std::to_string(batch * d_) +
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "theta must hold batch * input_numel = " + std::to_string(batch * d_) +
                                                     " floats, got " + std::to_string(theta.size));
     pert_draw* d = nullptr;
     // counted as a running call of the op: destroying or closing it waits for the draw
@@ -659,7 +664,7 @@ class Draw {
   std::pair<std::vector<float>, std::vector<float>> fenchel_young(View solutions, View y_true) const {
     expect(solutions);
     if (y_true.size != batch_ * d_)
-      throw Error(PERT_STATUS_INVALID_ARGUMENT, "y_true must hold batch * input_numel = " + std::to_string(batch_ * d_) +
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "y_true must hold batch * input_numel = " + std::to_string(batch_ * d_) +
                                                     " floats, got " + std::to_string(y_true.size));
     std::vector<float> loss(batch_), grad(batch_ * d_);
     detail::check(pert_draw_fenchel_young(get(), solutions.data, y_true.data, loss.data(), grad.data()));
@@ -670,7 +675,7 @@ class Draw {
  private:
   void expect(View s) const {
     if (s.size != count() * o_)
-      throw Error(PERT_STATUS_INVALID_ARGUMENT, "solutions must hold count * output_numel = " + std::to_string(count() * o_) +
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "solutions must hold count * output_numel = " + std::to_string(count() * o_) +
                                                     " floats, got " + std::to_string(s.size));
   }
   std::unique_ptr<pert_draw, detail::Deleter<pert_draw, pert_draw_free>> handle_;

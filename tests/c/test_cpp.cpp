@@ -236,6 +236,8 @@ void test_sizes_are_checked_everywhere() {
     EXPECT(false);
   } catch (const pert::Error& e) {
     EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+    // the wrapper's own checks name the status as the library's errors do
+    EXPECT(std::string(e.what()).rfind("PERT_STATUS_INVALID_ARGUMENT: theta must hold", 0) == 0);
   }
 }
 

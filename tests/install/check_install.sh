@@ -16,6 +16,13 @@ export PKG_CONFIG_PATH="$PREFIX/lib/pkgconfig"
 cc -std=c11 -Wall -Werror "$ROOT/tests/install/consumer.c" -o "$BUILD/pc_consumer" \
   $(pkg-config --cflags --libs perturbations) -Wl,-rpath,"$PREFIX/lib"
 "$BUILD/pc_consumer"
+# the static library, libtorch shared: its link line from pkg-config (perturbations-static,
+# and the complete Libs.private of perturbations)
+pkg-config --static --libs perturbations | grep -q -- '-ltorch_cpu -lc10 -lstdc++'
+cc -std=c11 -Wall -Werror "$ROOT/tests/install/consumer.c" -o "$BUILD/static_consumer" \
+  $(pkg-config --cflags --libs perturbations-static)
+! readelf -d "$BUILD/static_consumer" | grep -q 'NEEDED.*libperturbations'
+"$BUILD/static_consumer"
 cmake -S "$ROOT/tests/install" -B "$BUILD/cmake" -DCMAKE_PREFIX_PATH="$PREFIX" -DCMAKE_BUILD_RPATH="$PREFIX/lib" >/dev/null
 cmake --build "$BUILD/cmake" >/dev/null
 "$BUILD/cmake/consumer"
