@@ -735,3 +735,82 @@ fn julia_gc_safe_calls_match_the_header() {
         "pert_forward, pert_fenchel_young and pert_op_free are called GC-safe"
     );
 }
+
+/// The README's Julia blocks (checked statically, as the binding is: Julia cannot be
+/// installed here): the install commands develop the package of this checkout, and the
+/// example parses, uses only names the package exports (or Julia's own) and calls each
+/// with the C API's argument conventions of the package.
+#[test]
+fn the_readme_julia_blocks_match_the_package() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let block = |tag: &str| -> String {
+        let marker = format!("<!-- readme-test: {tag} -->");
+        let start = readme
+            .find(&marker)
+            .unwrap_or_else(|| panic!("README has {marker}"));
+        let rest = &readme[start..];
+        let open = rest.find("```").unwrap();
+        let body = &rest[open..];
+        let first = body.find('\n').unwrap() + 1;
+        let end = body[first..].find("\n```").unwrap();
+        body[first..first + end].to_string()
+    };
+    let install = block("julia install");
+    let package = install
+        .split("Pkg.develop(path=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("Pkg.develop(path=...)");
+    assert!(
+        root.join(package).join("Project.toml").is_file(),
+        "{package} is the package"
+    );
+    assert!(install.contains("PERTURBATIONS_LIB=$PWD/target/release/libperturbations.so"));
+    let example = block("julia example");
+    let mut parser = Parser::new();
+    parser
+        .set_language(&tree_sitter_julia::LANGUAGE.into())
+        .unwrap();
+    let tree = parser.parse(&example, None).unwrap();
+    assert!(
+        first_error(tree.root_node()).is_none(),
+        "the README's Julia example parses"
+    );
+    let (src, _) = binding_source();
+    let exported: Vec<&str> = src
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .flat_map(|l| l.split(',').map(str::trim))
+        .collect();
+    let julia_own = ["Float32", "maximum", "dims", "Perturbations"];
+    let mut calls = Vec::new();
+    nodes(
+        tree.root_node(),
+        &example,
+        "call_expression",
+        "",
+        &mut calls,
+    );
+    let mut names = Vec::new();
+    nodes(tree.root_node(), &example, "identifier", "", &mut names);
+    let used: std::collections::BTreeSet<&str> = names
+        .iter()
+        .map(|n| text(*n, &example))
+        .filter(|n| {
+            n.chars().next().is_some_and(char::is_uppercase)
+                || calls
+                    .iter()
+                    .any(|c| text(*c, &example).starts_with(&format!("{n}(")))
+        })
+        .collect();
+    for name in &used {
+        assert!(
+            exported.contains(name) || julia_own.contains(name),
+            "the README's Julia example uses {name}, which the package does not export"
+        );
+    }
+    for needed in ["Op", "Config", "forward_with_tape", "vjp"] {
+        assert!(used.contains(needed), "{needed} in the example: {used:?}");
+    }
+}
