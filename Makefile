@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: lint readme-rust nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples readme-example mpi-example
+.PHONY: lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
 
 all: build
 
@@ -98,7 +98,7 @@ header: $(TORCH_DEP)
 	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
 
 # --- tests ----------------------------------------------------------------
-test: build lint cargo-test readme-rust cargo-test-debug ctest readme-example mpi-example glpk-example predict-then-optimize julia-test python-test
+test: build lint cargo-test cargo-test-debug ctest readme-blocks mpi-example glpk-example predict-then-optimize julia-test python-test
 	@echo "make test: all suites passed"
 
 # The Python package (bindings/python), installed into the torch venv with pip as a user
@@ -202,30 +202,19 @@ glpk-example: examples glpk-tools
 predict-then-optimize: examples
 	./target/examples/predict_then_optimize target/examples/regret.svg
 
-# The README's C example must compile as printed and run.
-readme-example: examples
-	@mkdir -p target/readme
-	awk '/^```c$$/{on=1; next} /^```$$/{if (on) exit} on' README.md > target/readme/app.c
-	cc $(CFLAGS_STRICT) target/readme/app.c -o target/readme/app $(LINK_PERT)
-	./target/readme/app
-
-# The README's Rust section as a project of its own in a temporary directory outside the
-# repository: its Cargo.toml (the path dependency pointed at this checkout, the one edit),
-# build.rs and src/main.rs, built and run by the printed command (with LIBTORCH set, the
-# user's libtorch instead). Its target folder stays under target/ so that later runs are
-# quick.
-readme-rust: build
-	@d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && mkdir -p "$$d/src" && \
-	python3 scripts/readme_blocks.py extract rust Cargo.toml | sed 's|/path/to/perturbations|$(abspath .)|' > "$$d/Cargo.toml" && \
-	python3 scripts/readme_blocks.py extract rust build.rs > "$$d/build.rs" && \
-	python3 scripts/readme_blocks.py extract rust src/main.rs > "$$d/src/main.rs" && \
-	run=$$(python3 scripts/readme_blocks.py extract rust run) && \
-	if [ -n "$(LIBTORCH)" ]; then run="LIBTORCH=$(LIBTORCH) cargo run --release"; \
-	else run=$$(echo "$$run" | sed 's|\$$HOME/.cache/perturbations/venv|$(VENV)|'); fi && \
-	echo "README Rust section, outside the repository: $$run" && \
-	(cd "$$d" && CARGO_TARGET_DIR=$(abspath target/readme-rust) sh -c "$$run") > target/readme-rust.log 2>&1 || \
-	  { tail -30 target/readme-rust.log; exit 1; }; \
-	tail -3 target/readme-rust.log; grep -q '^y sums to 1.000' target/readme-rust.log
+# Every README block tagged `<!-- readme-test: GROUP NAME -->` (scripts/readme_blocks.py):
+# each group's files written and its commands run as printed, in a new directory outside
+# the repository, pointed at this checkout. The Rust project keeps its target folder under
+# target/ so that later runs are quick. Groups that use the Makefile's venv are skipped
+# when LIBTORCH is set.
+readme-blocks: examples
+	@export README_VENV="$(VENV)"; \
+	python3 scripts/readme_blocks.py run c --expect 'y_sigma(theta)' && \
+	python3 scripts/readme_blocks.py run cpp --expect 'd y_0 / d theta' && \
+	if [ -n "$(LIBTORCH)" ]; then echo "SKIPPED README groups rust, cpp-torch: LIBTORCH is set (they use the venv)"; else \
+	  python3 scripts/readme_blocks.py run cpp-torch --expect 'accuracy' && \
+	  CARGO_TARGET_DIR="$(abspath target/readme-rust)" python3 scripts/readme_blocks.py run rust --expect 'y sums to 1.000'; \
+	fi
 
 cargo-test: build
 	$(CARGO) test --release
