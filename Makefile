@@ -126,6 +126,7 @@ python-test: python-package
 # printed from another folder; its test regret must have fallen well below the untrained
 # model's (0.49).
 readme-python: python-package
+	README_PYTHON="$(VENV)/bin/python" python3 scripts/readme_blocks.py run python --expect 'grad'
 	@mkdir -p target/readme
 	awk '/^```python$$/{on=1; buf=""; next} on && /^```$$/{if (buf ~ /^# walkthrough:/) {printf "%s", buf; exit} on=0; next} on {buf = buf $$0 "\n"}' \
 	  README.md > target/readme/walkthrough.py
@@ -202,15 +203,22 @@ glpk-example: examples glpk-tools
 predict-then-optimize: examples
 	./target/examples/predict_then_optimize target/examples/regret.svg
 
-# Every README block tagged `<!-- readme-test: GROUP NAME -->` (scripts/readme_blocks.py):
-# each group's files written and its commands run as printed, in a new directory outside
-# the repository, pointed at this checkout. The Rust project keeps its target folder under
-# target/ so that later runs are quick. Groups that use the Makefile's venv are skipped
-# when LIBTORCH is set.
+# Every README block is tagged `<!-- readme-test: GROUP NAME -->` (scripts/readme_blocks.py
+# check fails on an untagged block or a group not run here): each group's files written
+# and its commands run as printed, in a new directory outside the repository, pointed at
+# this checkout (julia: tests/julia_binding.rs, statically; python and walkthrough: make
+# readme-python, after the package is installed; excerpt: checked against its file, which
+# make glpk-example compiles and runs; commands: make -n, as make test is the caller). The
+# Rust project keeps its target folder under target/ so that later runs are quick. Groups
+# that use the Makefile's venv are skipped when LIBTORCH is set.
+README_GROUPS := commands c cpp cpp-torch rust solver install julia python walkthrough
 readme-blocks: examples
+	python3 scripts/readme_blocks.py check $(README_GROUPS)
 	@export README_VENV="$(VENV)"; \
 	python3 scripts/readme_blocks.py run c --expect 'y_sigma(theta)' && \
 	python3 scripts/readme_blocks.py run cpp --expect 'd y_0 / d theta' && \
+	python3 scripts/readme_blocks.py run solver --expect 'y = [' && \
+	python3 scripts/readme_blocks.py run install --with c,cpp --home --expect 'd y_0 / d theta' && \
 	if [ -n "$(LIBTORCH)" ]; then echo "SKIPPED README groups rust, cpp-torch: LIBTORCH is set (they use the venv)"; else \
 	  python3 scripts/readme_blocks.py run cpp-torch --expect 'accuracy' && \
 	  CARGO_TARGET_DIR="$(abspath target/readme-rust)" python3 scripts/readme_blocks.py run rust --expect 'y sums to 1.000'; \

@@ -4,12 +4,19 @@ before each: `<!-- readme-test: GROUP NAME -->`.
 
     readme_blocks.py extract GROUP NAME   print that block's text
     readme_blocks.py list                 every fenced block: its line, language and tag
-    readme_blocks.py run GROUP [--expect TEXT]
+    readme_blocks.py check GROUP...       every block is tagged, its group is one of GROUP
+        (those make test runs), every `excerpt FILE` block is an excerpt of FILE (its
+        lines, but for those with "...", appear there in the same order), and the
+        `commands` block's make targets exist (make -n)
+    readme_blocks.py run GROUP [--with G1,G2] [--home] [--expect TEXT]
         the group's blocks, in a new directory outside the repository: a block whose NAME
         is a file name (app.c, src/main.rs) is written there, an `sh` block is run there
-        (sh -e), in the README's order; the output must contain TEXT. Two substitutions
-        make the printed commands point here: /path/to/perturbations becomes this
-        checkout, and $HOME/.cache/perturbations/venv the Makefile's venv ($README_VENV).
+        (sh -e; one named `checkout` runs in the checkout), in the README's order; the
+        output must contain TEXT. --with writes the file blocks of other groups first;
+        --home gives the commands a new, empty $HOME (so $HOME/.local is a temporary
+        prefix). Two substitutions make the printed commands point here:
+        /path/to/perturbations becomes this checkout, and $HOME/.cache/perturbations/venv
+        the Makefile's venv ($README_VENV).
 """
 import os
 import re
@@ -53,39 +60,117 @@ def substitute(text):
     return text
 
 
-def run(group, expect):
+def group_blocks(group):
+    return [(line, lang, tag, text) for line, lang, tag, text in blocks()
+            if tag and tag.split(" ", 1)[0] == group]
+
+
+def write(d, lang, name, text):
+    path = os.path.join(d, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(substitute(text) if lang == "toml" else text)
+
+
+def run(group, expect, with_groups=(), new_home=False):
     """Runs `group` in a fresh directory outside the repository (see the module's doc)."""
-    chosen = [(line, lang, tag, text) for line, lang, tag, text in blocks()
-              if tag and tag.split(" ", 1)[0] == group]
+    chosen = group_blocks(group)
     if not chosen:
         sys.exit(f"README.md has no blocks tagged '{group} ...'")
     output = []
-    with tempfile.TemporaryDirectory(prefix=f"readme-{group}-") as d:
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix=f"readme-{group}-") as d, \
+            tempfile.TemporaryDirectory(prefix="readme-home-") as home:
+        if new_home:
+            # a new home for the commands, with the real one's toolchains and cache
+            real = os.path.expanduser("~")
+            env.setdefault("RUSTUP_HOME", os.path.join(real, ".rustup"))
+            env.setdefault("CARGO_HOME", os.path.join(real, ".cargo"))
+            env.setdefault("PERT_CACHE", os.path.join(real, ".cache", "perturbations"))
+            env["HOME"] = home
+        for other in with_groups:
+            for _, lang, tag, text in group_blocks(other):
+                if lang != "sh":
+                    write(d, lang, tag.split(" ", 1)[1], text)
         for line, lang, tag, text in chosen:
             name = tag.split(" ", 1)[1]
             if lang == "sh":
-                print(f"README.md:{line} ({tag}), in {d}:\n{substitute(text)}", flush=True)
-                done = subprocess.run(["sh", "-e", "-c", substitute(text)], cwd=d,
+                where = ROOT if name == "checkout" else d
+                print(f"README.md:{line} ({tag}), in {where}:\n{substitute(text)}", flush=True)
+                done = subprocess.run(["sh", "-e", "-c", substitute(text)], cwd=where, env=env,
                                       capture_output=True, text=True)
                 output.append((done.stdout, done.stderr))
                 if done.returncode != 0:
                     sys.exit(f"README.md:{line} ({tag}) failed ({done.returncode}):\n"
                              + (done.stdout + done.stderr)[-4000:])
             else:
-                path = os.path.join(d, name)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(substitute(text) if lang in ("toml",) else text)
+                write(d, lang, name, text)
+                if lang == "python":
+                    # a Python block is a script: run by the venv's python, the package
+                    # found as installed (no PERTURBATIONS_LIB)
+                    python = os.environ.get("README_PYTHON", sys.executable)
+                    penv = {k: v for k, v in env.items() if k != "PERTURBATIONS_LIB"}
+                    print(f"README.md:{line} ({tag}): {python} {name}", flush=True)
+                    done = subprocess.run([python, name], cwd=d, env=penv,
+                                          capture_output=True, text=True)
+                    output.append((done.stdout, done.stderr))
+                    if done.returncode != 0:
+                        sys.exit(f"README.md:{line} ({tag}) failed ({done.returncode}):\n"
+                                 + (done.stdout + done.stderr)[-4000:])
     printed = "".join(o for o, _ in output)
     print("\n".join(printed.strip().split("\n")[-3:]))
     if expect and expect not in printed + "".join(e for _, e in output):
         sys.exit(f"README group '{group}': the output lacks '{expect}'")
 
 
+def check(groups):
+    """See the module's doc: fails naming each block that is untested or out of date."""
+    problems = []
+    for line, lang, tag, text in blocks():
+        if tag is None:
+            problems.append(f"README.md:{line}: a ```{lang} block with no readme-test tag")
+            continue
+        group, name = (tag.split(" ", 1) + [""])[:2]
+        if group not in groups:
+            problems.append(f"README.md:{line}: group '{group}' is not run by make test")
+        if group == "commands":
+            # the README's two commands: make test is the caller itself, so each is
+            # checked to be a target whose recipe resolves (make -n), not run again
+            for command in text.split("\n"):
+                words = command.split("#")[0].split()
+                if words[:1] == ["make"]:
+                    done = subprocess.run(["make", "-n"] + words[1:], cwd=ROOT,
+                                          capture_output=True, text=True)
+                    if done.returncode != 0:
+                        problems.append(f"README.md:{line}: '{' '.join(words)}' is not a "
+                                        f"target: {done.stderr.strip()[-300:]}")
+        if group == "excerpt":
+            source = open(os.path.join(ROOT, name), encoding="utf-8").read().split("\n")
+            at = 0
+            for wanted in text.rstrip("\n").split("\n"):
+                if "..." in wanted or not wanted.strip():
+                    continue
+                while at < len(source) and source[at].rstrip() != wanted.rstrip():
+                    at += 1
+                if at == len(source):
+                    problems.append(f"README.md:{line}: '{wanted.strip()}' is not in {name} "
+                                    "(in this order)")
+                    break
+                at += 1
+    if problems:
+        sys.exit("\n".join(problems))
+    print(f"README.md: {len(blocks())} blocks, each tagged and run or checked")
+
+
 def main():
+    if len(sys.argv) >= 3 and sys.argv[1] == "check":
+        check(sys.argv[2:] + ["excerpt"])
+        return
     if len(sys.argv) >= 3 and sys.argv[1] == "run":
-        expect = sys.argv[sys.argv.index("--expect") + 1] if "--expect" in sys.argv else None
-        run(sys.argv[2], expect)
+        args = sys.argv[3:]
+        expect = args[args.index("--expect") + 1] if "--expect" in args else None
+        groups = args[args.index("--with") + 1].split(",") if "--with" in args else []
+        run(sys.argv[2], expect, groups, "--home" in args)
         return
     if len(sys.argv) >= 2 and sys.argv[1] == "list":
         for line, lang, tag, _ in blocks():
