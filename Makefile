@@ -122,9 +122,10 @@ python-test: python-package
 	$(MAKE) --no-print-directory readme-python
 	$(MAKE) --no-print-directory python-example
 
-# The README's Python walkthrough (the python block that starts `# walkthrough:`), run as
-# printed from another folder; its test regret must have fallen well below the untrained
-# model's (0.49).
+# The README's Python blocks: the `python` group's scripts (scripts/readme_blocks.py run,
+# outside the repository, against the installed package), and the walkthrough (the block
+# that starts `# walkthrough:`), run as printed from another folder; its test regret must
+# have fallen well below the untrained model's (0.49).
 readme-python: python-package
 	README_PYTHON="$(VENV)/bin/python" python3 scripts/readme_blocks.py run python --expect 'grad'
 	@mkdir -p target/readme
@@ -215,7 +216,7 @@ README_GROUPS := commands c cpp cpp-torch rust solver install julia python walkt
 readme-blocks: examples
 	python3 scripts/readme_blocks.py check $(README_GROUPS)
 	@export README_VENV="$(VENV)"; \
-	python3 scripts/readme_blocks.py run c --expect 'y_sigma(theta)' && \
+	python3 scripts/readme_blocks.py run c --expect '(softmax(theta/0.5) = [0.234 0.637 0.129])' && \
 	python3 scripts/readme_blocks.py run cpp --expect 'd y_0 / d theta' && \
 	python3 scripts/readme_blocks.py run solver --expect 'y = [' && \
 	python3 scripts/readme_blocks.py run install --with c,cpp --home --expect 'd y_0 / d theta' && \
@@ -415,7 +416,8 @@ fuzz: build clang-tools
 # --- install ----------------------------------------------------------------
 PREFIX ?= /usr/local
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-install: build install-files
+install: build
+	@$(MAKE) --no-print-directory install-files
 
 # Installs what `make build` left (used by the install test without rebuilding).
 # TORCH_LIB=/path/to/libtorch/lib sets where the installed library looks for libtorch

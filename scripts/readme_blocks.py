@@ -81,6 +81,8 @@ def run(group, expect, with_groups=(), new_home=False):
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix=f"readme-{group}-") as d, \
             tempfile.TemporaryDirectory(prefix="readme-home-") as home:
+        # the programs must find their libraries by themselves (RUNPATH), as printed
+        env.pop("LD_LIBRARY_PATH", None)
         if new_home:
             # a new home for the commands, with the real one's toolchains and cache
             real = os.path.expanduser("~")
@@ -123,10 +125,20 @@ def run(group, expect, with_groups=(), new_home=False):
         sys.exit(f"README group '{group}': the output lacks '{expect}'")
 
 
+# The languages a block may have: `sh` blocks run, the others are files (or, for julia,
+# checked statically); any other tag (bash, console, ...) would never run, so it is refused.
+LANGUAGES = {"sh", "c", "cpp", "rust", "toml", "python", "cmake", "julia"}
+
+
 def check(groups):
     """See the module's doc: fails naming each block that is untested or out of date."""
     problems = []
+    runs = {}
     for line, lang, tag, text in blocks():
+        if lang not in LANGUAGES:
+            problems.append(f"README.md:{line}: a ```{lang} block: use one of {sorted(LANGUAGES)}")
+        if tag and lang in ("sh", "python"):
+            runs[tag.split(" ", 1)[0]] = True
         if tag is None:
             problems.append(f"README.md:{line}: a ```{lang} block with no readme-test tag")
             continue
@@ -157,6 +169,11 @@ def check(groups):
                                     "(in this order)")
                     break
                 at += 1
+    # a group of files that nothing runs would pass without testing them
+    for line, lang, tag, _ in blocks():
+        group = tag.split(" ", 1)[0] if tag else None
+        if group in groups and group not in ("julia", "excerpt", "commands") and not runs.get(group):
+            problems.append(f"README.md:{line}: group '{group}' has no sh or python block to run it")
     if problems:
         sys.exit("\n".join(problems))
     print(f"README.md: {len(blocks())} blocks, each tagged and run or checked")

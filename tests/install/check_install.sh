@@ -21,7 +21,9 @@ cc -std=c11 -Wall -Werror "$ROOT/tests/install/consumer.c" -o "$BUILD/pc_consume
 pkg-config --static --libs perturbations | grep -q -- '-ltorch_cpu -lc10 -lstdc++'
 cc -std=c11 -Wall -Werror "$ROOT/tests/install/consumer.c" -o "$BUILD/static_consumer" \
   $(pkg-config --cflags --libs perturbations-static)
-! readelf -d "$BUILD/static_consumer" | grep -q 'NEEDED.*libperturbations'
+if readelf -d "$BUILD/static_consumer" | grep -q 'NEEDED.*libperturbations'; then
+  echo "static_consumer needs libperturbations.so: the static link line took the shared library"; exit 1
+fi
 "$BUILD/static_consumer"
 cmake -S "$ROOT/tests/install" -B "$BUILD/cmake" -DCMAKE_PREFIX_PATH="$PREFIX" -DCMAKE_BUILD_RPATH="$PREFIX/lib" >/dev/null
 cmake --build "$BUILD/cmake" >/dev/null
