@@ -371,7 +371,11 @@ sanitizers: build clang-tools
 	CC=clang-14 CXX=clang++-14 cmake -S tests/c -B $(ASAN_DIR) -DPERT_ROOT=$(abspath .) -DCMAKE_BUILD_TYPE=Debug \
 	  -DCMAKE_C_FLAGS="$(SAN_FLAGS)" -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" >/dev/null
 	cmake --build $(ASAN_DIR) -j2
-	cd $(ASAN_DIR) && ctest --output-on-failure -E "install_consumers|library_links"
+	cd $(ASAN_DIR) && ctest --output-on-failure -E "install_consumers|library_links|trust"
+# The fork test with no allocation stacks: clang-14's ASan does not lock its stack depot
+# around fork(), so a child forked while another thread records an allocation's stack can
+# wait forever on that lock (seen: a child spinning in StackDepot's lock inside free()).
+	cd $(ASAN_DIR) && ASAN_OPTIONS="$$ASAN_OPTIONS:malloc_context_size=0" ctest --output-on-failure -R "^trust$$"
 
 VALGRIND_TESTS := test_api test_scale test_estimators
 valgrind: ctest
