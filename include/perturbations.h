@@ -791,6 +791,30 @@ size_t pert_op_input_numel(const struct pert_op *op);
 size_t pert_op_output_numel(const struct pert_op *op);
 
 /*
+ The op's solver on each of `batch` problems, with no noise: y*(x) (a plain batched
+ solve, for methods that need the exact solution, such as SPO+ or a clean evaluation).
+ It runs as a forward call's solves do: on the op's solver threads, its persistent
+ workers (`pert_op_new_ex`, with `pert_solve_info.clean` set and `first_row` counting
+ the problems), its device, or the built-in solver; the results do not depend on the
+ number of threads. It draws no noise: later forward calls draw what they would have.
+
+ @param op      The op (not one of `pert_op_new_external`, which has no solver).
+ @param x       `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
+                borrowed for the call.
+ @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written (x and
+                output may then be NULL).
+ @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`; may
+                overlap x (x is read first).
+ @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in x), `PERT_STATUS_SOLVER_FAILED` (the
+         solver returned non-zero or wrote a non-finite value), `PERT_STATUS_INVALID_ARGUMENT`
+         (sizes overflow, an op without a solver, or a solver on the op's own workers
+         calling it),
+         `PERT_STATUS_TORCH_ERROR`, `PERT_STATUS_INTERRUPTED`. On error `output` is
+         untouched.
+ */
+pert_status pert_op_solve(struct pert_op *op, const float *x, size_t batch, float *output);
+
+/*
  The perturbed solution y_sigma(theta) = mean over num_samples of solver(theta + sigma Z),
  for a batch of problems, and optionally the tape for its gradient.
 

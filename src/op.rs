@@ -216,6 +216,35 @@ impl PerturbedOp {
         output_and_tape(&self.spec, estimate, batch, theta.device())
     }
 
+    /// y*(x): the op's solver on each problem of `x` (`[batch, *input_shape]`, float32, any
+    /// device), with no noise, by the op's threads, workers and device as in a forward call
+    /// (`SolveInfo::clean` is set); the result has shape `[batch, *output_shape]`, on the
+    /// device of `x`. It draws no noise, so later forward calls draw what they would have.
+    pub fn solve(&self, x: &Tensor) -> Result<Tensor> {
+        let stop = self.interrupts.stop();
+        let _cap = crate::intraop::cap(self.config().max_threads());
+        if let SolverKind::External = self.solver {
+            return Err(Error::invalid(
+                "this op has no solver (it was made for the two-phase API): solve its draws' inputs yourself",
+            ));
+        }
+        let x_dev = self.spec.check_input(x, "x", 1)?;
+        let batch = x_dev.size()[0] as usize;
+        if batch == 0 {
+            let empty = Tensor::f_zeros(
+                [0, self.spec.output_numel as i64],
+                (tch::Kind::Float, x.device()),
+            )?;
+            return self.spec.output_tensor(&empty, 0, x.device());
+        }
+        stop.check()?;
+        let y = self
+            .spec
+            .solve(&self.solver, &x_dev, self.spec.rows_at(true, 0, batch))?
+            .dense(self.spec.output_numel as i64)?;
+        self.spec.output_tensor(&y, batch, x.device())
+    }
+
     /// The spec a call on `theta` runs with: the CPU twin for a small call, else the op's.
     fn spec_for(&self, theta: &Tensor) -> &Arc<OpSpec> {
         match &self.cpu_twin {

@@ -731,8 +731,8 @@ fn julia_gc_safe_calls_match_the_header() {
         checked += 1;
     }
     assert_eq!(
-        checked, 3,
-        "pert_forward, pert_fenchel_young and pert_op_free are called GC-safe"
+        checked, 4,
+        "pert_forward, pert_fenchel_young, pert_op_solve and pert_op_free are called GC-safe"
     );
 }
 

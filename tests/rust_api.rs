@@ -312,3 +312,40 @@ fn batch_zero_gives_empty_results_and_tapes_in_every_pipeline() {
         }
     }
 }
+
+/// `PerturbedOp::solve` is the solver with no noise, by the op's threads, on every kind of
+/// op, and draws no noise (a later forward call equals a fresh op's first).
+#[test]
+fn solve_is_the_plain_solver_and_draws_no_noise() {
+    let x = Tensor::from_slice(&[0.5f32, 1.0, 0.2, 3.0, -1.0, 2.0]).reshape([2, 3]);
+    let want = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 1.0, 0.0, 0.0]).reshape([2, 3]);
+    for threads in [1, 2] {
+        let mut c = common::config(Noise::Gumbel, 0.5, 200, 3);
+        c.set_threads(threads).unwrap();
+        let callback = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        let builtin = PerturbedOp::new_builtin(&c, perturbations::Builtin::Argmax, &[3]).unwrap();
+        for op in [&callback, &builtin] {
+            assert!(op.solve(&x).unwrap().equal(&want), "threads {threads}");
+        }
+        let fresh = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        assert!(callback
+            .forward(&x)
+            .unwrap()
+            .equal(&fresh.forward(&x).unwrap()));
+    }
+    let c = common::config(Noise::Gumbel, 0.5, 200, 3);
+    let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+    let err = op
+        .solve(&Tensor::from_slice(&[f32::NAN, 0.0, 0.0]).reshape([1, 3]))
+        .unwrap_err();
+    assert_eq!(err.status(), Status::NonFiniteInput);
+    let err = op
+        .solve(&Tensor::zeros([2, 4], (tch::Kind::Float, tch::Device::Cpu)))
+        .unwrap_err();
+    assert!(err.message().contains("x must have shape"), "{err}");
+    let external = PerturbedOp::new_external(&c, &[3], &[3]).unwrap();
+    assert_eq!(
+        external.solve(&x).unwrap_err().status(),
+        Status::InvalidArgument
+    );
+}

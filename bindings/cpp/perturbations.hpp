@@ -380,6 +380,14 @@ class Op {
     return out;
   }
 
+  /// y*(x), the op's solver on each of `batch` problems of x [batch, input_numel] with no
+  /// noise (pert_op_solve: its threads and workers, as a forward call's solves).
+  std::vector<float> solve(View x, std::size_t batch) {
+    std::vector<float> out(checked(x, batch, "x") * output_numel());
+    call([&] { return pert_op_solve(get(), x.data, batch, out.data()); });
+    return out;
+  }
+
   /// y_sigma(theta) and the tape.
   Result forward_with_tape(View theta, std::size_t batch) {
     // (everything read of the op before the call: a destructor on another thread waits
@@ -616,11 +624,12 @@ class Op {
     if (e) std::rethrow_exception(e);
   }
 
-  std::size_t checked(View theta, std::size_t batch) const {
+  std::size_t checked(View theta, std::size_t batch, const char* name = "theta") const {
     if (!handle_) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
     if (theta.size != batch * input_numel())
-      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "theta must hold batch * input_numel = " + std::to_string(batch * input_numel()) +
-                                                    " floats, got " + std::to_string(theta.size));
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, std::string(name) + " must hold batch * input_numel = " +
+                                                        std::to_string(batch * input_numel()) + " floats, got " +
+                                                        std::to_string(theta.size));
     return batch;
   }
 

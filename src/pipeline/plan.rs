@@ -39,10 +39,16 @@ impl OpSpec {
 
     /// Checks theta's shape, kind and values; returns it as `[batch, d]` on the op's device.
     pub(crate) fn check_theta(&self, theta: &Tensor) -> Result<Tensor> {
-        let size = theta.size();
+        self.check_input(theta, "theta", self.config.num_samples() as usize)
+    }
+
+    /// Checks the shape, kind and values of `x` (named `name` in errors), an input of
+    /// `samples` rows per problem; returns it as `[batch, d]` on the op's device.
+    pub(crate) fn check_input(&self, x: &Tensor, name: &str, samples: usize) -> Result<Tensor> {
+        let size = x.size();
         if size.len() != self.input_shape.len() + 1 || size[1..] != self.input_shape[..] {
             return Err(Error::invalid(format!(
-                "theta must have shape [batch, {}], got {size:?}",
+                "{name} must have shape [batch, {}], got {size:?}",
                 self.input_shape
                     .iter()
                     .map(i64::to_string)
@@ -51,15 +57,18 @@ impl OpSpec {
             )));
         }
         let batch = size[0] as usize;
-        self.check_batch(batch)?;
-        check_floats(theta, "theta")?;
-        Ok(theta
-            .f_to_device(self.device)?
+        self.check_rows(batch, samples)?;
+        check_floats(x, name)?;
+        Ok(x.f_to_device(self.device)?
             .f_reshape([batch as i64, self.input_numel as i64])?)
     }
 
     pub(crate) fn check_batch(&self, batch: usize) -> Result<()> {
-        let n = self.config.num_samples() as usize;
+        self.check_rows(batch, self.config.num_samples() as usize)
+    }
+
+    /// Checks that `batch` problems of `n` rows each have sizes that can be expressed.
+    pub(crate) fn check_rows(&self, batch: usize, n: usize) -> Result<()> {
         checked_floats(
             &[batch, n, self.input_numel],
             "batch * num_samples * input_numel",

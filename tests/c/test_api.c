@@ -417,6 +417,73 @@ static bool the_fenchel_young_bound_catches_a_wrong_sense(void) {
   return true;
 }
 
+/* pert_op_solve: y*(x) by the op's solver (callback on 1 or 2 threads, workers with
+ * info->clean, built-in), no noise (later draws unchanged), every error writes nothing. */
+static int32_t solve_ex_checking_clean(void *user_data, const pert_solve_info *info, const float *x, size_t count,
+                                       float *y) {
+  if (!info->clean) return 5; /* a plain solve is clean: no perturbed rows */
+  return solve_argmax(user_data, x, count, y);
+}
+
+static bool op_solve_is_the_plain_solver(void) {
+  const float x[6] = {0.5f, 1.0f, 0.2f, 3.0f, -1.0f, 2.0f};
+  const float want[6] = {0, 1, 0, 1, 0, 0};
+  float y[6];
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_num_samples(c, 50);
+  pert_config_set_device(c, "cpu");
+  for (uint32_t threads = 1; threads <= 2; threads++) {
+    CHECK_OK(pert_config_set_threads(c, threads));
+    pert_op *ops[3] = {NULL, NULL, NULL};
+    CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &ops[0]));
+    CHECK_OK(pert_op_new_ex(c, SHAPE3, 1, SHAPE3, 1, solve_ex_checking_clean, &D3, NULL, NULL, &ops[1]));
+    CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, SHAPE3, 1, &ops[2]));
+    for (int k = 0; k < 3; k++) {
+      memset(y, 0xff, sizeof y);
+      CHECK_OK(pert_op_solve(ops[k], x, 2, y));
+      CHECK(memcmp(y, want, sizeof y) == 0);
+    }
+    /* no noise drawn: a forward call after a solve equals one on a fresh op */
+    pert_op *fresh = NULL;
+    CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &fresh));
+    float a[6], b[6];
+    CHECK_OK(pert_forward(ops[0], x, 2, a, NULL));
+    CHECK_OK(pert_forward(fresh, x, 2, b, NULL));
+    CHECK(memcmp(a, b, sizeof a) == 0);
+    /* output over x */
+    float inout[6];
+    memcpy(inout, x, sizeof inout);
+    CHECK_OK(pert_op_solve(ops[0], inout, 2, inout));
+    CHECK(memcmp(inout, want, sizeof inout) == 0);
+    pert_op_free(fresh);
+    for (int k = 0; k < 3; k++) pert_op_free(ops[k]);
+  }
+  /* errors: nothing written */
+  pert_op *op = make_op(solve_argmax, &D3);
+  float out[6] = {-7, -7, -7, -7, -7, -7};
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_solve(NULL, x, 2, out));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_solve(op, NULL, 2, out));
+  CHECK(last_error_contains("x is NULL"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_solve(op, x, 2, NULL));
+  const float bad[6] = {1, 2, 3, 4, NAN, 6};
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_op_solve(op, bad, 2, out));
+  CHECK(last_error_contains("x[1][1] is NaN"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_solve(op, x, SIZE_MAX / 2, out));
+  pert_op *failing = make_op(solve_fail, &D3);
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(failing, x, 2, out));
+  pert_op *external = NULL;
+  CHECK_OK(pert_op_new_external(c, SHAPE3, 1, SHAPE3, 1, &external));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_solve(external, x, 2, out));
+  for (int i = 0; i < 6; i++) CHECK(out[i] == -7);
+  CHECK_OK(pert_op_solve(op, NULL, 0, NULL)); /* batch 0 */
+  pert_op_free(external);
+  pert_op_free(failing);
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(the_fenchel_young_bound_catches_a_wrong_sense),
@@ -431,6 +498,7 @@ int main(void) {
       TEST(draws_depend_on_seed_and_call_count_only),
       TEST(tape_limit_is_checked_before_any_work),
       TEST(two_phase_fenchel_young_equals_the_callback_one),
+      TEST(op_solve_is_the_plain_solver),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

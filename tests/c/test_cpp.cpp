@@ -522,7 +522,23 @@ void test_destroying_an_op_waits_for_running_calls() {
   EXPECT(finished);
 }
 
+// Op::solve (pert_op_solve): y*(x) with no noise; a wrong size names x and its status.
+void test_plain_solve() {
+  pert::Config config;
+  config.num_samples(50).device("cpu");
+  pert::Op op(config, {3}, {3}, argmax);
+  std::vector<float> y = op.solve({0.5f, 1.0f, 0.2f, 3.0f, -1.0f, 2.0f}, 2);
+  EXPECT((y == std::vector<float>{0, 1, 0, 1, 0, 0}));
+  try {
+    op.solve({0.5f, 1.0f}, 1);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(std::string(e.what()).rfind("PERT_STATUS_INVALID_ARGUMENT: x must hold", 0) == 0);
+  }
+}
+
 int main() {
+  test_plain_solve();
   test_interrupt_from_another_thread();
   test_a_solver_calling_its_own_op();
   test_a_throwing_worker_destructor_is_reported();

@@ -128,7 +128,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
         break;
       }
-      case 12: /* forward, maybe with a tape, maybe with NULL buffers or a huge batch */
+      case 12: /* forward (or a plain solve), maybe with a tape, maybe with NULL buffers or a huge batch */
         if (op) {
           size_t d = pert_op_input_numel(op);
           batch = take(&in, 1) % (MAX_BATCH + 1);
@@ -136,6 +136,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
           size_t claimed = take(&in, 1) % 16 == 0 ? SIZE_MAX / (d + 1) : batch; /* near overflow: refused before any read */
           pert_tape_free(tape);
           tape = NULL;
+          if (take(&in, 1) % 8 == 0) { /* the plain solve, with the same arguments */
+            pert_op_solve(op, take(&in, 1) % 16 ? theta : NULL, claimed, take(&in, 1) % 16 ? out : NULL);
+            break;
+          }
           pert_forward(op, take(&in, 1) % 16 ? theta : NULL, claimed, take(&in, 1) % 16 ? out : NULL,
                        take(&in, 1) & 1 ? &tape : NULL);
           if (tape && pert_tape_batch(tape) != batch) abort();

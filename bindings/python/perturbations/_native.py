@@ -119,6 +119,7 @@ _SIG = {
     "pert_op_input_numel": ([P], ctypes.c_size_t),
     "pert_op_output_numel": ([P], ctypes.c_size_t),
     "pert_forward": ([P, P, ctypes.c_size_t, P, ctypes.POINTER(P)], ctypes.c_uint32),
+    "pert_op_solve": ([P, P, ctypes.c_size_t, P], ctypes.c_uint32),
     "pert_fenchel_young": ([P, P, P, ctypes.c_size_t, P, P], ctypes.c_uint32),
     "pert_fenchel_young_with_bound": ([P, P, P, ctypes.c_size_t, P, P, P], ctypes.c_uint32),
     "pert_tape_vjp": ([P, P, P], ctypes.c_uint32),

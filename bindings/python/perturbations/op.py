@@ -619,6 +619,17 @@ class Op(_Handle):
         self._call(lib.pert_forward, a, a.shape[0], out, None, work=self._work(a))
         return back(out.reshape(batch_shape + self.output_shape))
 
+    def solve(self, x):
+        """y*(x): the op's solver on each problem of x [*batch, *input_shape], with no
+        noise (its threads and workers, as a forward call's solves): [*batch,
+        *output_shape], the same kind of array as x. Draws no noise."""
+        a, back = as_host(x, "x")
+        batch_shape, flat = split_batch(a, self.input_shape, "x")
+        flat = np.ascontiguousarray(flat)
+        out = np.empty((flat.shape[0],) + self.output_shape, dtype=np.float32)
+        self._call(lib.pert_op_solve, flat, flat.shape[0], out, work=flat.shape[0])
+        return back(out.reshape(batch_shape + self.output_shape))
+
     def forward_with_tape(self, theta):
         """y_sigma(theta) and the Tape of the call."""
         batch_shape, a, back = self._theta(theta)

@@ -120,3 +120,25 @@ def test_per_worker_solvers_run_only_on_their_worker_and_see_where_their_rows_ar
 
     with pytest.raises(LookupError, match="no licence"):
         pt.Op.with_workers(cfg(threads=2), 5, 5, failing).forward(THETA)
+
+
+def test_op_solve_is_the_plain_solver_on_every_kind_of_op():
+    """Op.solve(x) (pert_op_solve): y*(x) with no noise, the same kind of array back, for
+    a Python solver on 1 and 2 threads and the built-in; it draws no noise."""
+    import torch
+
+    want = argmax_rows(THETA)
+    for threads in (1, 2):
+        for op in (pt.Op(cfg(threads=threads), 5, 5, argmax_rows), pt.Op.builtin(cfg(threads=threads), "argmax", 5)):
+            np.testing.assert_array_equal(op.solve(THETA), want)
+            t = op.solve(torch.tensor(THETA))
+            assert isinstance(t, torch.Tensor)
+            np.testing.assert_array_equal(t.numpy(), want)
+            assert op.solve(THETA[0]).shape == (5,)  # unbatched
+    op = pt.Op(cfg(), 5, 5, argmax_rows)
+    op.solve(THETA)
+    np.testing.assert_array_equal(op.forward(THETA), reference())  # no noise was drawn
+    with pytest.raises(ValueError, match="x"):
+        op.solve(np.full((2, 5), np.nan, dtype=np.float32))
+    with pytest.raises(ValueError):
+        op.solve(np.zeros((2, 4), dtype=np.float32))

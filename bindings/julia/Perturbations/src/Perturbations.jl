@@ -29,7 +29,7 @@ using ChainRulesCore
 using Libdl
 
 export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
-export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
+export forward, forward_with_tape, solve, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
 export NOISE_NORMAL, NOISE_GUMBEL, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
@@ -387,6 +387,7 @@ end
 
 const PERT_FORWARD = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_FENCHEL_YOUNG_WITH_BOUND = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_OP_SOLVE = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_OP_FREE = Ref{Ptr{Cvoid}}(C_NULL)
 
 function gc_safe_forward(op::Ptr{Cvoid}, theta::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
@@ -394,6 +395,14 @@ function gc_safe_forward(op::Ptr{Cvoid}, theta::Ptr{Float32}, batch::Csize_t, ou
     fn = PERT_FORWARD[]
     state = ccall(:jl_gc_safe_enter, Int8, ())
     status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Ptr{Cvoid}}), op, theta, batch, out, tape)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
+
+function gc_safe_solve(op::Ptr{Cvoid}, x::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32})::UInt32
+    fn = PERT_OP_SOLVE[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}), op, x, batch, out)
     ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
     return status
 end
@@ -600,6 +609,7 @@ function __init__()
     handle = Libdl.dlopen(libperturbations)
     PERT_FORWARD[] = Libdl.dlsym(handle, :pert_forward)
     PERT_FENCHEL_YOUNG_WITH_BOUND[] = Libdl.dlsym(handle, :pert_fenchel_young_with_bound)
+    PERT_OP_SOLVE[] = Libdl.dlsym(handle, :pert_op_solve)
     PERT_OP_FREE[] = Libdl.dlsym(handle, :pert_op_free)
     TRAMPOLINE[] = @cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
@@ -669,6 +679,20 @@ function forward(op::Op, theta::AbstractMatrix)
             Ptr{Ptr{Cvoid}}(C_NULL))
         @ccall libperturbations.pert_forward(op::Ptr{Cvoid}, th::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
             C_NULL::Ptr{Ptr{Cvoid}})::UInt32
+    end
+    return out
+end
+
+"""`solve(op, x)`: y*(x), the op's solver on each column of `x` (`d × batch`) with no
+noise, an `o × batch` matrix (`pert_op_solve`)."""
+function solve(op::Op, x::AbstractMatrix)
+    batch = batch_of(op, x)
+    xs = Matrix{Float32}(x)
+    out = Matrix{Float32}(undef, op.o, batch)
+    call(op) do
+        op.workers && return GC.@preserve xs out gc_safe_solve(op.handle, pointer(xs), Csize_t(batch), pointer(out))
+        @ccall libperturbations.pert_op_solve(op::Ptr{Cvoid}, xs::Ptr{Float32}, batch::Csize_t,
+            out::Ptr{Float32})::UInt32
     end
     return out
 end
