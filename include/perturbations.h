@@ -231,8 +231,8 @@ typedef struct pert_solve_info {
    */
   uint32_t worker;
   /*
-   1: the rows are the unperturbed theta of problems `first_row .. first_row + count - 1`
-   (the clean-input baseline); 0: perturbed rows.
+   1: the rows are unperturbed problems `first_row .. first_row + count - 1` (the
+   clean-input baseline's theta, or the x of `pert_op_solve`); 0: perturbed rows.
    */
   uint32_t clean;
   /*
@@ -250,7 +250,7 @@ typedef struct pert_solve_info {
    */
   uint64_t num_samples;
   /*
-   Problems in this forward call.
+   Problems in this call (forward, Fenchel-Young, draw or `pert_op_solve`).
    */
   size_t batch;
   /*
@@ -768,8 +768,9 @@ pert_status pert_op_new_external(const struct pert_config *config,
 void pert_op_free(struct pert_op *op);
 
 /*
- Interrupts the calls running on `op`, from any thread: each `pert_forward` and
- `pert_fenchel_young` call running on it now returns `PERT_STATUS_INTERRUPTED` at its
+ Interrupts the calls running on `op`, from any thread: each `pert_forward`,
+ `pert_fenchel_young` and `pert_op_solve` call running on it now returns
+ `PERT_STATUS_INTERRUPTED` at its
  next block of samples (within about one block's time, or when the solver call that
  runs returns: solver calls are not cut short), having written nothing: no output, no
  tape. Calls that start afterwards are not affected; to stop a call that may not have
@@ -797,6 +798,10 @@ size_t pert_op_output_numel(const struct pert_op *op);
  workers (`pert_op_new_ex`, with `pert_solve_info.clean` set and `first_row` counting
  the problems), its device, or the built-in solver; the results do not depend on the
  number of threads. It draws no noise: later forward calls draw what they would have.
+
+ The batch is solved at once (spread over the solver threads or workers, not cut into
+ chunks); `pert_op_interrupt` during it makes it return `PERT_STATUS_INTERRUPTED`,
+ having written nothing, once the solver calls running return.
 
  @param op      The op (not one of `pert_op_new_external`, which has no solver).
  @param x       `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;

@@ -220,6 +220,8 @@ impl PerturbedOp {
     /// device), with no noise, by the op's threads, workers and device as in a forward call
     /// (`SolveInfo::clean` is set); the result has shape `[batch, *output_shape]`, on the
     /// device of `x`. It draws no noise, so later forward calls draw what they would have.
+    /// The whole batch is one solve (over the solver threads or workers; not cut into
+    /// chunks): an interrupt during it fails the call when the solver calls return.
     pub fn solve(&self, x: &Tensor) -> Result<Tensor> {
         let stop = self.interrupts.stop();
         let _cap = crate::intraop::cap(self.config().max_threads());
@@ -229,6 +231,12 @@ impl PerturbedOp {
             ));
         }
         let x_dev = self.spec.check_input(x, "x", 1)?;
+        // a copy when the caller's solver runs while it is read (a Rust solver could
+        // reach the caller's tensor; a C callback's op passes a copy of its own)
+        let x_dev = match &self.solver {
+            SolverKind::Host(h) if !h.theta_is_private() => crate::tensors::copy(&x_dev)?,
+            _ => x_dev,
+        };
         let batch = x_dev.size()[0] as usize;
         if batch == 0 {
             let empty = Tensor::f_zeros(
@@ -242,6 +250,8 @@ impl PerturbedOp {
             .spec
             .solve(&self.solver, &x_dev, self.spec.rows_at(true, 0, batch))?
             .dense(self.spec.output_numel as i64)?;
+        // solver calls are not cut short: an interrupt while they ran fails the call here
+        stop.check()?;
         self.spec.output_tensor(&y, batch, x.device())
     }
 

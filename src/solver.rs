@@ -29,7 +29,7 @@ pub struct SolveInfo {
     /// same thread for the same worker over the op's life).
     pub worker: usize,
     /// The rows are the unperturbed inputs of problems `first_row ..` (the clean-input
-    /// baseline).
+    /// baseline's theta, or the x of [`crate::PerturbedOp::solve`]).
     pub clean: bool,
     /// When not `clean`: row r of the call is the call's global row `first_row + r`, in
     /// problem-major order: problem `(first_row + r) / num_samples`, sample
@@ -37,7 +37,7 @@ pub struct SolveInfo {
     pub first_row: u64,
     /// The op's number of samples N.
     pub num_samples: u64,
-    /// Problems in the forward call.
+    /// Problems in the call (forward, Fenchel-Young, draw or plain solve).
     pub batch: usize,
     /// Where the rows are: None for host memory, `Some(i)` for CUDA device i (device
     /// solvers of CUDA ops only).

@@ -340,8 +340,9 @@ pub unsafe extern "C" fn pert_op_free(op: *mut pert_op) {
     })
 }
 
-/// Interrupts the calls running on `op`, from any thread: each `pert_forward` and
-/// `pert_fenchel_young` call running on it now returns `PERT_STATUS_INTERRUPTED` at its
+/// Interrupts the calls running on `op`, from any thread: each `pert_forward`,
+/// `pert_fenchel_young` and `pert_op_solve` call running on it now returns
+/// `PERT_STATUS_INTERRUPTED` at its
 /// next block of samples (within about one block's time, or when the solver call that
 /// runs returns: solver calls are not cut short), having written nothing: no output, no
 /// tape. Calls that start afterwards are not affected; to stop a call that may not have
@@ -380,6 +381,10 @@ pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
 /// workers (`pert_op_new_ex`, with `pert_solve_info.clean` set and `first_row` counting
 /// the problems), its device, or the built-in solver; the results do not depend on the
 /// number of threads. It draws no noise: later forward calls draw what they would have.
+///
+/// The batch is solved at once (spread over the solver threads or workers, not cut into
+/// chunks); `pert_op_interrupt` during it makes it return `PERT_STATUS_INTERRUPTED`,
+/// having written nothing, once the solver calls running return.
 ///
 /// @param op      The op (not one of `pert_op_new_external`, which has no solver).
 /// @param x       `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;

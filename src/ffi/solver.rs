@@ -43,8 +43,8 @@ pub struct pert_solve_info {
     /// The worker running the call, `0 .. threads - 1`; a worker index always runs on the
     /// same OS thread for the op's life.
     pub worker: u32,
-    /// 1: the rows are the unperturbed theta of problems `first_row .. first_row + count - 1`
-    /// (the clean-input baseline); 0: perturbed rows.
+    /// 1: the rows are unperturbed problems `first_row .. first_row + count - 1` (the
+    /// clean-input baseline's theta, or the x of `pert_op_solve`); 0: perturbed rows.
     pub clean: u32,
     /// Zero.
     pub reserved: u32,
@@ -54,7 +54,7 @@ pub struct pert_solve_info {
     pub first_row: u64,
     /// N of the op.
     pub num_samples: u64,
-    /// Problems in this forward call.
+    /// Problems in this call (forward, Fenchel-Young, draw or `pert_op_solve`).
     pub batch: usize,
     /// Where `inputs` and `outputs` are: -1 for host memory, N for CUDA device N (only
     /// for device solvers of CUDA ops, see `pert_device_solver_fn`).

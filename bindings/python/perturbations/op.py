@@ -530,7 +530,7 @@ class Op(_Handle):
             self._interrupt_lock = threading.Lock()
             self._pid = self._keyed_pid = os.getpid()
 
-    def _call(self, fn, *args, work=0):
+    def _call(self, fn, *args, work=0, pace=True):
         """Runs fn(handle, *args) as this op's turn (numpy arrays in args are passed as
         their addresses, and kept alive until the call has ended); `work` is the call's
         perturbed problems (batch x num_samples), for the choice below. Raises the
@@ -565,7 +565,7 @@ class Op(_Handle):
                 raise errors[0]
             if code:
                 raise Error(code, message)
-            if work:  # the pace of a call that ran to its end
+            if work and pace:  # the pace of a perturbed call that ran to its end
                 self._seconds_per_row = (time.perf_counter() - start) / work
         finally:
             self._owner.value = False
@@ -627,7 +627,7 @@ class Op(_Handle):
         batch_shape, flat = split_batch(a, self.input_shape, "x")
         flat = np.ascontiguousarray(flat)
         out = np.empty((flat.shape[0],) + self.output_shape, dtype=np.float32)
-        self._call(lib.pert_op_solve, flat, flat.shape[0], out, work=flat.shape[0])
+        self._call(lib.pert_op_solve, flat, flat.shape[0], out, work=flat.shape[0], pace=False)
         return back(out.reshape(batch_shape + self.output_shape))
 
     def forward_with_tape(self, theta):

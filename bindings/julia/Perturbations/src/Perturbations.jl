@@ -29,7 +29,7 @@ using ChainRulesCore
 using Libdl
 
 export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
-export forward, forward_with_tape, solve, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
+export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
 export NOISE_NORMAL, NOISE_GUMBEL, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
@@ -683,8 +683,9 @@ function forward(op::Op, theta::AbstractMatrix)
     return out
 end
 
-"""`solve(op, x)`: y*(x), the op's solver on each column of `x` (`d × batch`) with no
-noise, an `o × batch` matrix (`pert_op_solve`)."""
+"""`Perturbations.solve(op, x)`: y*(x), the op's solver on each column of `x` (`d × batch`)
+with no noise, an `o × batch` matrix (`pert_op_solve`). Not exported: `solve` is
+CommonSolve's (SciML) name, so call it qualified."""
 function solve(op::Op, x::AbstractMatrix)
     batch = batch_of(op, x)
     xs = Matrix{Float32}(x)
