@@ -194,22 +194,11 @@ impl Accumulator {
         // the baseline only enters the Jacobian: forward calls without a tape make no
         // extra solve, and have no y*(θ)
         let (center, scale) = self.center_and_scale(baseline, nf, clean.is_some());
+        let col_scale = self.col_scale_of(theta);
         let centering = if on_host {
-            Centerings::Host(host::centering(
-                center,
-                scale,
-                &mean,
-                clean,
-                self.col_scale_of(theta),
-            )?)
+            Centerings::Host(host::centering(center, scale, &mean, clean, col_scale)?)
         } else {
-            Centerings::Device(tensor::centering(
-                center,
-                scale,
-                &mean,
-                clean,
-                self.col_scale_of(theta),
-            )?)
+            Centerings::Device(tensor::centering(center, scale, &mean, clean, col_scale)?)
         };
         let batch = mean.size()[0];
         let (o, d) = (self.o, theta.size()[1]);

@@ -375,6 +375,28 @@ pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
     })
 }
 
+/// The `batch` problems at `input` (named `name`), copied into a tensor
+/// `[batch, *input_shape]`, and the checked output buffer of `batch * output_numel`
+/// floats: sizes in bytes and NULLs checked in the order of the calls' arguments.
+///
+/// # Safety
+/// `input` and `output` must be valid for those sizes, as the calls' contracts say.
+unsafe fn inputs_and_output(
+    op: &PerturbedOp,
+    input: *const f32,
+    batch: usize,
+    output: *mut f32,
+    name: &str,
+) -> Result<(tch::Tensor, boundary::Output)> {
+    let (d, o) = (op.input_numel(), op.output_numel());
+    let input_len = checked_product(&[batch, d], "batch * input_numel")?;
+    let output_len = checked_product(&[batch, o], "batch * output_numel")?;
+    let output = unsafe { boundary::output(output, output_len, "output") }?;
+    let input = crate::tensors::from_slice(unsafe { slice(input, input_len, name) }?)?
+        .f_reshape(crate::shape::batched(batch, op.input_shape()))?;
+    Ok((input, output))
+}
+
 /// The op's solver on each of `batch` problems, with no noise: y*(x) (a plain batched
 /// solve, for methods that need the exact solution, such as SPO+ or a clean evaluation).
 /// It runs as a forward call's solves do: on the op's solver threads, its persistent
@@ -411,13 +433,8 @@ pub unsafe extern "C" fn pert_op_solve(
         if batch == 0 {
             return Ok(());
         }
-        let (d, o) = (op.input_numel(), op.output_numel());
-        let x_len = checked_product(&[batch, d], "batch * input_numel")?;
-        let output_len = checked_product(&[batch, o], "batch * output_numel")?;
-        let output = unsafe { boundary::output(output, output_len, "output") }?;
         // x is copied before anything is written: output may overlap it
-        let x = crate::tensors::from_slice(unsafe { slice(x, x_len, "x") }?)?
-            .f_reshape(crate::shape::batched(batch, op.input_shape()))?;
+        let (x, output) = unsafe { inputs_and_output(op, x, batch, output, "x") }?;
         let y = op.solve(&x)?;
         output.stage(&y)?.write();
         Ok(())
@@ -462,13 +479,8 @@ pub unsafe extern "C" fn pert_forward(
             return Ok(()); // nothing to compute (batch 0 with a tape gives an empty tape)
         }
         op.check_batch(batch)?;
-        let (d, o) = (op.input_numel(), op.output_numel());
-        let theta_len = checked_product(&[batch, d], "batch * input_numel")?;
-        let output_len = checked_product(&[batch, o], "batch * output_numel")?;
-        let output = unsafe { boundary::output(output, output_len, "output") }?;
         // theta is copied before anything is written: output may overlap it
-        let theta = crate::tensors::from_slice(unsafe { slice(theta, theta_len, "theta") }?)?
-            .f_reshape(crate::shape::batched(batch, op.input_shape()))?;
+        let (theta, output) = unsafe { inputs_and_output(op, theta, batch, output, "theta") }?;
         if tape.is_null() {
             let y = op.forward(&theta)?;
             output.stage(&y)?.write();
