@@ -460,7 +460,7 @@ class Op(_Handle):
         self._owner = threading.local()
         self._keyed_pid = os.getpid()
         self._seconds_per_row = None
-        self._interrupt_lock = threading.Lock()
+        self._interrupt_lock = threading.RLock()  # (a signal handler may interrupt during close)
         super().__init__(self._make(config))
         with _ID_LOCK:  # the op's id for torch custom ops (perturbations.torch under torch.compile)
             self.id = next(_IDS)
@@ -527,7 +527,7 @@ class Op(_Handle):
                 # threads may have been using it at the fork
                 self._h = self._make(cfg)
             self._lock_, self._owner, self._errors[:] = threading.Lock(), threading.local(), []
-            self._interrupt_lock = threading.Lock()
+            self._interrupt_lock = threading.RLock()
             self._pid = self._keyed_pid = os.getpid()
 
     def _call(self, fn, *args, work=0, pace=True):
