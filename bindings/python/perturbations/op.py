@@ -546,7 +546,10 @@ class Op(_Handle):
             raise RuntimeError("a solver cannot call its own op (the op runs one call at a time)")
         raw = tuple(ptr(x) if isinstance(x, np.ndarray) else x for x in args)
         lock = self._lock
-        began = threading.Event()  # set by the helper thread of a long call: the turn is its
+        # who gives the turn back after a long call: whichever of this thread (when it leaves
+        # before the helper began) and the helper (when it begins) takes `claim` first; the
+        # other leaves the turn alone, with no wait and no timing to get wrong
+        claim = threading.Lock()
         long_call = False
         lock.acquire()
         try:
@@ -556,7 +559,7 @@ class Op(_Handle):
             start = time.perf_counter()
             long_call = self._long(work)
             if long_call:
-                code, message, errors = _run_interruptibly(self, h, fn, raw, args, lock, began)
+                code, message, errors = _run_interruptibly(self, h, fn, raw, args, lock, claim)
             else:
                 code = fn(h, *raw)
                 message = _last_error() if code else None
@@ -569,9 +572,10 @@ class Op(_Handle):
                 self._seconds_per_row = (time.perf_counter() - start) / work
         finally:
             self._owner.value = False
-            # the helper of a long call gives the turn back itself, once it has begun (it
-            # may still be starting: an exception can come at any point here)
-            if not (long_call and began.wait(1.0)):
+            # the helper of a long call gives the turn back itself if it began (it may still
+            # be starting: an exception can come at any point here); if it had not, it never
+            # will, and the turn is this thread's to give back
+            if not long_call or claim.acquire(False):
                 self._errors.clear()
                 lock.release()
 
@@ -692,10 +696,11 @@ def _check_sense(loss, bound, sense, solved_by_op):
     warnings.warn(warning, stacklevel=3)
 
 
-def _run_interruptibly(op, h, fn, raw, keep, lock, began):
+def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
     """(status, message, solver exceptions) of fn(h, *raw) run on a helper thread, all
     read there, before the turn is given back. The helper owns the op's turn from when it
-    sets `began`: it releases `lock` when the call has ended, and `keep` (the caller's
+    takes `claim` (if the caller, leaving early, took it first, the helper runs nothing:
+    the caller gave the turn back): it releases `lock` when the call has ended, and `keep` (the caller's
     buffers) and `op` (whose handle the call uses) live until then, so that whatever
     leaves this function early leaves nothing in use behind. This thread waits for the
     call; the first exception raised here meanwhile (a KeyboardInterrupt of Ctrl-C, or
@@ -706,7 +711,8 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, began):
     done.acquire()
 
     def run():
-        began.set()
+        if not claim.acquire(False):
+            return  # the caller left before this thread began, and gave the turn back
         try:
             code = fn(h, *raw)
             box["result"] = (code, _last_error() if code else None, list(op._errors))

@@ -233,3 +233,48 @@ def test_a_helper_that_cannot_start_gives_the_turn_back(monkeypatch):
     assert op._lock.acquire(timeout=5)  # the turn was given back
     op._lock.release()
     op.close()
+
+
+def _late_start(delay, ran):
+    """A start_new_thread whose thread begins `delay` seconds late, after which Ctrl-C
+    reaches the calling thread (as a signal would, right after the thread was asked for)."""
+    import threading
+    import time
+
+    def start(fn, args):
+        def late():
+            time.sleep(delay)
+            ran.append(True)
+            fn(*args)
+        threading.Thread(target=late, daemon=True).start()
+        raise KeyboardInterrupt
+    return start
+
+
+@pytest.mark.parametrize("delay", [0.0, 1.5])
+def test_ctrl_c_as_the_helper_starts_gives_the_turn_back_once(monkeypatch, delay):
+    import time
+
+    import numpy as np
+
+    import perturbations as pt
+    from perturbations import op as op_module
+    op = pt.Op.builtin(pt.Config(num_samples=4, device="cpu"), "argmax", 8)
+    monkeypatch.setattr(op, "_long", lambda work: True)  # every call on a helper thread
+    ran = []
+    monkeypatch.setattr(op_module._thread, "start_new_thread", _late_start(delay, ran))
+    with pytest.raises(KeyboardInterrupt):
+        op.forward(np.zeros((1, 8), np.float32))
+    # the turn comes back (from the caller if the helper had not begun, else from the helper
+    # once its call has ended), and it is taken here
+    assert op._lock.acquire(timeout=10)
+    deadline = time.monotonic() + 10
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # a helper that begins late must neither run nor give back a turn it never had
+    assert op._lock.locked(), "the turn was given back twice"
+    op._lock.release()
+    monkeypatch.undo()
+    y = op.forward(np.zeros((1, 8), np.float32))
+    assert y.shape == (1, 8) and abs(float(y.sum()) - 1.0) < 1e-5
+    op.close()
