@@ -630,6 +630,130 @@ pert_status pert_draw_fenchel_young_with_bound(const struct pert_draw *draw,
 void pert_draw_free(struct pert_draw *draw);
 
 /*
+ The SPO+ loss of predicted costs against true costs, solutions and objectives, and its
+ gradient with respect to the predicted costs (Elmachtoub & Grigas 2022), per problem.
+ One solve per problem, at q = 2 * pred_cost - true_cost, by the op's solver in its sense
+ (its threads, workers and device, as `pert_op_solve`); signs as PyEPO's `SPOPlus`:
+
+ - `PERT_SENSE_MINIMIZE`: loss = -<q, y*(q)> + 2 <pred_cost, true_sol> - true_obj,
+   grad = 2 (true_sol - y*(q));
+ - `PERT_SENSE_MAXIMIZE`: loss = <q, y*(q)> - 2 <pred_cost, true_sol> + true_obj,
+   grad = 2 (y*(q) - true_sol).
+
+ For an exact solver, true_sol optimal for true_cost and true_obj = <true_cost, true_sol>,
+ the loss is >= 0, and 0 when pred_cost = true_cost. Dot products are summed in double
+ precision: the results do not depend on the number of threads. The op's output shape
+ must equal its input shape.
+
+ @param pred_cost  `batch * input_numel` floats, finite.
+ @param true_cost  `batch * input_numel` floats, finite.
+ @param true_sol   `batch * input_numel` floats, finite.
+ @param true_obj   `batch` floats, finite.
+ @param batch      Number of problems. 0: `PERT_STATUS_OK`, nothing is written.
+ @param loss       Receives `batch` floats.
+ @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
+                   may overlap the inputs (all are read first), not each other.
+ @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
+         overflow, an op without a solver), `PERT_STATUS_NULL_ARGUMENT`,
+         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
+         nothing is written.
+ */
+pert_status pert_spo_plus(struct pert_op *op,
+                          const float *pred_cost,
+                          const float *true_cost,
+                          const float *true_sol,
+                          const float *true_obj,
+                          size_t batch,
+                          float *loss,
+                          float *grad);
+
+/*
+ The backward pass of the differentiable black box (DBB, Vlastelica et al. 2020), whose
+ forward pass is `pert_op_solve` (y = y*(theta)): the gradient with respect to theta of a
+ loss whose gradient with respect to y is `grad_output`. One solve per problem, at
+ theta' = theta + s * lambda * grad_output; the result is s * (y*(theta') - y) / lambda,
+ with s = +1 for `PERT_SENSE_MINIMIZE` and -1 for `PERT_SENSE_MAXIMIZE` (PyEPO's
+ `blackboxOpt`), computed in float32 as written. The op's output shape must equal its
+ input shape.
+
+ @param theta        `batch * input_numel` floats, finite: the forward's input.
+ @param y            `batch * input_numel` floats, finite: the forward's solutions.
+ @param grad_output  `batch * input_numel` floats, finite.
+ @param batch        Number of problems. 0: `PERT_STATUS_OK`, nothing is written.
+ @param lambda       The interpolation step, finite and > 0 (PyEPO recommends 10 to 20,
+                     in the units of theta).
+ @param grad_theta   Receives `batch * input_numel` floats; may overlap the inputs.
+ @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
+         lambda, sizes overflow), `PERT_STATUS_NULL_ARGUMENT`,
+         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
+         nothing is written.
+ */
+pert_status pert_blackbox_vjp(struct pert_op *op,
+                              const float *theta,
+                              const float *y,
+                              const float *grad_output,
+                              size_t batch,
+                              double lambda,
+                              float *grad_theta);
+
+/*
+ The backward pass of the negative identity (NID, Sahoo et al. 2023), whose forward pass
+ is `pert_op_solve`: the gradient with respect to theta of a loss whose gradient with
+ respect to y*(theta) is `grad_output`: -grad_output for `PERT_SENSE_MINIMIZE`,
+ grad_output for `PERT_SENSE_MAXIMIZE` (PyEPO's `negativeIdentity`). No solve. The op's
+ output shape must equal its input shape.
+
+ @param grad_output  `batch * input_numel` floats, finite.
+ @param batch        Number of problems. 0: `PERT_STATUS_OK`, nothing is written.
+ @param grad_theta   Receives `batch * input_numel` floats; may overlap grad_output.
+ @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
+         overflow), `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT`,
+         `PERT_STATUS_TORCH_ERROR`. On error nothing is written.
+ */
+pert_status pert_negative_identity_vjp(struct pert_op *op,
+                                       const float *grad_output,
+                                       size_t batch,
+                                       float *grad_theta);
+
+/*
+ The perturbation-gradient loss (PG, Huang & Gupta 2024) of predicted costs along the
+ true costs, and its gradient with respect to the predicted costs (the solutions held
+ fixed), per problem; signs as PyEPO's `perturbationGradient`, s = +1 for
+ `PERT_SENSE_MINIMIZE`, -1 for `PERT_SENSE_MAXIMIZE`:
+
+ - two-sided: w+ = y*(pred + sigma true), w- = y*(pred - sigma true);
+   loss = s (<pred + sigma true, w+> - <pred - sigma true, w->) / (2 sigma),
+   grad = s (w+ - w-) / (2 sigma);
+ - one-sided: w = y*(pred), w- = y*(pred - sigma true);
+   loss = s (<pred, w> - <pred - sigma true, w->) / sigma, grad = s (w - w-) / sigma.
+
+ The loss approximates the true cost of the predicted decision, <true, y*(pred)>. Two
+ solves per problem, made as one `pert_op_solve` of 2 * batch problems. The op's output
+ shape must equal its input shape.
+
+ @param pred_cost  `batch * input_numel` floats, finite.
+ @param true_cost  `batch * input_numel` floats, finite.
+ @param batch      Number of problems. 0: `PERT_STATUS_OK`, nothing is written.
+ @param sigma      The finite-difference width, finite and > 0.
+ @param two_sided  Non-zero: central differences; 0: backward differences.
+ @param loss       Receives `batch` floats.
+ @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
+                   may overlap the inputs, not each other.
+ @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
+         sigma, sizes overflow), `PERT_STATUS_NULL_ARGUMENT`,
+         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
+         nothing is written.
+ */
+pert_status pert_perturbation_gradient(struct pert_op *op,
+                                       const float *pred_cost,
+                                       const float *true_cost,
+                                       size_t batch,
+                                       double sigma,
+                                       int32_t two_sided,
+                                       float *loss,
+                                       float *grad);
+
+/*
  Makes a perturbed op over a solver callback.
 
  @param config        Settings, copied: the config may be freed afterwards.

@@ -58,6 +58,9 @@ pub mod two_phase;
 
 pub mod op;
 
+// decision-focused learning over the op's exact solver (SPO+, DBB, NID, PG)
+pub mod methods;
+
 pub mod autograd;
 
 // the C layer

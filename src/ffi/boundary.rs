@@ -206,7 +206,7 @@ impl Output {
     }
 }
 
-/// The outputs of a Fenchel-Young call: the loss (`batch` floats) and, when its pointer is
+/// The outputs of a loss call (Fenchel-Young, SPO+, PG): the loss (`batch` floats) and, when its pointer is
 /// not NULL, the gradient (`grad_len` floats), checked when the call starts.
 ///
 /// # Safety
@@ -214,14 +214,13 @@ impl Output {
 pub(crate) unsafe fn loss_and_grad_outputs(
     loss: *mut f32,
     batch: usize,
-    grad: *mut f32,
-    grad_len: usize,
+    (grad, grad_len, grad_name): (*mut f32, usize, &str),
 ) -> Result<(Output, Option<Output>)> {
     let loss = unsafe { output(loss, batch, "loss") }?;
     let grad = if grad.is_null() {
         None
     } else {
-        Some(unsafe { output(grad, grad_len, "grad_theta") }?)
+        Some(unsafe { output(grad, grad_len, grad_name) }?)
     };
     Ok((loss, grad))
 }

@@ -181,7 +181,9 @@ pub unsafe extern "C" fn pert_draw_fenchel_young_with_bound(
             )));
         }
         let len = checked_product(&[batch, d], "batch * input_numel")?;
-        let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, grad_theta, len) }?;
+        let outputs = unsafe {
+            boundary::loss_and_grad_outputs(loss, batch, (grad_theta, len, "grad_theta"))
+        }?;
         let bound = unsafe { boundary::bound_output(bound, batch) }?;
         let rows = checked_product(&[draw.count(), o], "count * output_numel")?;
         // every input is read before anything is written: outputs may overlap them

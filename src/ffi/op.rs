@@ -573,7 +573,9 @@ pub unsafe extern "C" fn pert_fenchel_young_with_bound(
         op.check_batch(batch)?;
         let d = op.input_numel();
         let len = checked_product(&[batch, d], "batch * input_numel")?;
-        let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, grad_theta, len) }?;
+        let outputs = unsafe {
+            boundary::loss_and_grad_outputs(loss, batch, (grad_theta, len, "grad_theta"))
+        }?;
         let bound = unsafe { boundary::bound_output(bound, batch) }?;
         // the inputs are copied before anything is written: outputs may overlap them
         let shape = crate::shape::batched(batch, op.input_shape());

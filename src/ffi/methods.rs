@@ -1,0 +1,221 @@
+//! Decision-focused learning methods over an op's exact solver (SPO+, DBB, NID, PG): the C
+//! entry points of `crate::methods`. Each checks its op and sizes, copies its inputs into
+//! tensors of its own, and writes its outputs only once everything has succeeded.
+
+use super::boundary::{self, guard, slice};
+use super::handle::Handle;
+use super::op::pert_op;
+use super::status::pert_status;
+use crate::error::Result;
+use crate::op::PerturbedOp;
+use crate::shape::{batched, checked_product};
+use tch::Tensor;
+
+/// `batch` rows of the op's input shape at `ptr`, copied (NULL_ARGUMENT naming `name`).
+///
+/// # Safety
+/// `ptr` must point to `batch * input_numel` readable floats.
+unsafe fn rows(op: &PerturbedOp, ptr: *const f32, batch: usize, name: &str) -> Result<Tensor> {
+    let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+    let values = unsafe { slice(ptr, len, name) }?;
+    Ok(crate::tensors::from_slice(values)?.f_reshape(batched(batch, op.input_shape()))?)
+}
+
+/// The op of a call of `method`, which needs a linear objective (output shape = input
+/// shape), checked before any buffer is read.
+///
+/// # Safety
+/// `op` must be NULL or an op of this library.
+unsafe fn method_op<'a>(op: *mut pert_op, method: &str) -> Result<&'a PerturbedOp> {
+    let op = unsafe { pert_op::borrow(op, "op") }?;
+    op.require_square(method)?;
+    Ok(op)
+}
+
+/// The SPO+ loss of predicted costs against true costs, solutions and objectives, and its
+/// gradient with respect to the predicted costs (Elmachtoub & Grigas 2022), per problem.
+/// One solve per problem, at q = 2 * pred_cost - true_cost, by the op's solver in its sense
+/// (its threads, workers and device, as `pert_op_solve`); signs as PyEPO's `SPOPlus`:
+///
+/// - `PERT_SENSE_MINIMIZE`: loss = -<q, y*(q)> + 2 <pred_cost, true_sol> - true_obj,
+///   grad = 2 (true_sol - y*(q));
+/// - `PERT_SENSE_MAXIMIZE`: loss = <q, y*(q)> - 2 <pred_cost, true_sol> + true_obj,
+///   grad = 2 (y*(q) - true_sol).
+///
+/// For an exact solver, true_sol optimal for true_cost and true_obj = <true_cost, true_sol>,
+/// the loss is >= 0, and 0 when pred_cost = true_cost. Dot products are summed in double
+/// precision: the results do not depend on the number of threads. The op's output shape
+/// must equal its input shape.
+///
+/// @param pred_cost  `batch * input_numel` floats, finite.
+/// @param true_cost  `batch * input_numel` floats, finite.
+/// @param true_sol   `batch * input_numel` floats, finite.
+/// @param true_obj   `batch` floats, finite.
+/// @param batch      Number of problems. 0: `PERT_STATUS_OK`, nothing is written.
+/// @param loss       Receives `batch` floats.
+/// @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
+///                   may overlap the inputs (all are read first), not each other.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
+///         overflow, an op without a solver), `PERT_STATUS_NULL_ARGUMENT`,
+///         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
+///         nothing is written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_spo_plus(
+    op: *mut pert_op,
+    pred_cost: *const f32,
+    true_cost: *const f32,
+    true_sol: *const f32,
+    true_obj: *const f32,
+    batch: usize,
+    loss: *mut f32,
+    grad: *mut f32,
+) -> pert_status {
+    guard(|| {
+        let op = unsafe { method_op(op, "SPO+") }?;
+        if batch == 0 {
+            return Ok(());
+        }
+        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+        let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
+        let pred = unsafe { rows(op, pred_cost, batch, "pred_cost") }?;
+        let cost = unsafe { rows(op, true_cost, batch, "true_cost") }?;
+        let sol = unsafe { rows(op, true_sol, batch, "true_sol") }?;
+        let obj = crate::tensors::from_slice(unsafe { slice(true_obj, batch, "true_obj") }?)?;
+        let (l, g) = op.spo_plus(&pred, &cost, &sol, &obj)?;
+        boundary::write_loss_and_grad(&outputs, &l, &g, None)
+    })
+}
+
+/// The backward pass of the differentiable black box (DBB, Vlastelica et al. 2020), whose
+/// forward pass is `pert_op_solve` (y = y*(theta)): the gradient with respect to theta of a
+/// loss whose gradient with respect to y is `grad_output`. One solve per problem, at
+/// theta' = theta + s * lambda * grad_output; the result is s * (y*(theta') - y) / lambda,
+/// with s = +1 for `PERT_SENSE_MINIMIZE` and -1 for `PERT_SENSE_MAXIMIZE` (PyEPO's
+/// `blackboxOpt`), computed in float32 as written. The op's output shape must equal its
+/// input shape.
+///
+/// @param theta        `batch * input_numel` floats, finite: the forward's input.
+/// @param y            `batch * input_numel` floats, finite: the forward's solutions.
+/// @param grad_output  `batch * input_numel` floats, finite.
+/// @param batch        Number of problems. 0: `PERT_STATUS_OK`, nothing is written.
+/// @param lambda       The interpolation step, finite and > 0 (PyEPO recommends 10 to 20,
+///                     in the units of theta).
+/// @param grad_theta   Receives `batch * input_numel` floats; may overlap the inputs.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
+///         lambda, sizes overflow), `PERT_STATUS_NULL_ARGUMENT`,
+///         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
+///         nothing is written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_blackbox_vjp(
+    op: *mut pert_op,
+    theta: *const f32,
+    y: *const f32,
+    grad_output: *const f32,
+    batch: usize,
+    lambda: f64,
+    grad_theta: *mut f32,
+) -> pert_status {
+    guard(|| {
+        let op = unsafe { method_op(op, "the black-box gradient (DBB)") }?;
+        crate::methods::check_step(lambda, "lambda")?;
+        if batch == 0 {
+            return Ok(());
+        }
+        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+        let out = unsafe { boundary::output(grad_theta, len, "grad_theta") }?;
+        let theta = unsafe { rows(op, theta, batch, "theta") }?;
+        let y = unsafe { rows(op, y, batch, "y") }?;
+        let g = unsafe { rows(op, grad_output, batch, "grad_output") }?;
+        let grad = op.blackbox_vjp(&theta, &y, &g, lambda)?;
+        out.stage(&grad)?.write();
+        Ok(())
+    })
+}
+
+/// The backward pass of the negative identity (NID, Sahoo et al. 2023), whose forward pass
+/// is `pert_op_solve`: the gradient with respect to theta of a loss whose gradient with
+/// respect to y*(theta) is `grad_output`: -grad_output for `PERT_SENSE_MINIMIZE`,
+/// grad_output for `PERT_SENSE_MAXIMIZE` (PyEPO's `negativeIdentity`). No solve. The op's
+/// output shape must equal its input shape.
+///
+/// @param grad_output  `batch * input_numel` floats, finite.
+/// @param batch        Number of problems. 0: `PERT_STATUS_OK`, nothing is written.
+/// @param grad_theta   Receives `batch * input_numel` floats; may overlap grad_output.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
+///         overflow), `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT`,
+///         `PERT_STATUS_TORCH_ERROR`. On error nothing is written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_negative_identity_vjp(
+    op: *mut pert_op,
+    grad_output: *const f32,
+    batch: usize,
+    grad_theta: *mut f32,
+) -> pert_status {
+    guard(|| {
+        let op = unsafe { method_op(op, "the negative identity (NID)") }?;
+        if batch == 0 {
+            return Ok(());
+        }
+        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+        let out = unsafe { boundary::output(grad_theta, len, "grad_theta") }?;
+        let g = unsafe { rows(op, grad_output, batch, "grad_output") }?;
+        let grad = op.negative_identity_vjp(&g)?;
+        out.stage(&grad)?.write();
+        Ok(())
+    })
+}
+
+/// The perturbation-gradient loss (PG, Huang & Gupta 2024) of predicted costs along the
+/// true costs, and its gradient with respect to the predicted costs (the solutions held
+/// fixed), per problem; signs as PyEPO's `perturbationGradient`, s = +1 for
+/// `PERT_SENSE_MINIMIZE`, -1 for `PERT_SENSE_MAXIMIZE`:
+///
+/// - two-sided: w+ = y*(pred + sigma true), w- = y*(pred - sigma true);
+///   loss = s (<pred + sigma true, w+> - <pred - sigma true, w->) / (2 sigma),
+///   grad = s (w+ - w-) / (2 sigma);
+/// - one-sided: w = y*(pred), w- = y*(pred - sigma true);
+///   loss = s (<pred, w> - <pred - sigma true, w->) / sigma, grad = s (w - w-) / sigma.
+///
+/// The loss approximates the true cost of the predicted decision, <true, y*(pred)>. Two
+/// solves per problem, made as one `pert_op_solve` of 2 * batch problems. The op's output
+/// shape must equal its input shape.
+///
+/// @param pred_cost  `batch * input_numel` floats, finite.
+/// @param true_cost  `batch * input_numel` floats, finite.
+/// @param batch      Number of problems. 0: `PERT_STATUS_OK`, nothing is written.
+/// @param sigma      The finite-difference width, finite and > 0.
+/// @param two_sided  Non-zero: central differences; 0: backward differences.
+/// @param loss       Receives `batch` floats.
+/// @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
+///                   may overlap the inputs, not each other.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
+///         sigma, sizes overflow), `PERT_STATUS_NULL_ARGUMENT`,
+///         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
+///         nothing is written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_perturbation_gradient(
+    op: *mut pert_op,
+    pred_cost: *const f32,
+    true_cost: *const f32,
+    batch: usize,
+    sigma: f64,
+    two_sided: i32,
+    loss: *mut f32,
+    grad: *mut f32,
+) -> pert_status {
+    guard(|| {
+        let op = unsafe { method_op(op, "the perturbation gradient (PG)") }?;
+        crate::methods::check_step(sigma, "sigma")?;
+        if batch == 0 {
+            return Ok(());
+        }
+        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+        // two solves per problem: 2 * batch rows must be expressible too
+        checked_product(&[2, len], "2 * batch * input_numel")?;
+        let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
+        let pred = unsafe { rows(op, pred_cost, batch, "pred_cost") }?;
+        let cost = unsafe { rows(op, true_cost, batch, "true_cost") }?;
+        let (l, g) = op.perturbation_gradient(&pred, &cost, sigma, two_sided != 0)?;
+        boundary::write_loss_and_grad(&outputs, &l, &g, None)
+    })
+}
