@@ -1,0 +1,228 @@
+/* The decision-focused methods over an op's exact solver (pert_spo_plus,
+ * pert_blackbox_vjp, pert_negative_identity_vjp, pert_perturbation_gradient): hand-computed
+ * values per sense, the same bits for 1 and 2 threads and for workers, overlapping
+ * buffers, and every error writing nothing. */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "harness.h"
+#include "solvers.h"
+
+static size_t D3 = 3;
+static const int64_t SHAPE3[1] = {3};
+
+/* One-hot argmin over d = *(size_t *)user_data entries (the first of equal ones). */
+static int32_t solve_argmin(void *user_data, const float *x, size_t count, float *y) {
+  size_t d = *(const size_t *)user_data;
+  for (size_t r = 0; r < count; r++) {
+    size_t best = 0;
+    for (size_t i = 1; i < d; i++)
+      if (x[r * d + i] < x[r * d + best]) best = i;
+    for (size_t i = 0; i < d; i++) y[r * d + i] = i == best ? 1.0f : 0.0f;
+  }
+  return 0;
+}
+
+static int32_t argmin_ex(void *user_data, const pert_solve_info *info, const float *x, size_t count, float *y) {
+  if (!info->clean) return 5; /* the methods' solves are plain solves */
+  return solve_argmin(user_data, x, count, y);
+}
+
+static int32_t solve_fail(void *user_data, const float *x, size_t count, float *y) {
+  (void)user_data, (void)x, (void)count, (void)y;
+  return 17;
+}
+
+static pert_op *op_of(uint32_t sense, uint32_t threads, int workers) {
+  pert_config *c = NULL;
+  pert_op *op = NULL;
+  if (pert_config_new(&c) != PERT_STATUS_OK) return NULL;
+  pert_config_set_device(c, "cpu");
+  pert_config_set_sense(c, sense);
+  pert_config_set_threads(c, threads);
+  if (workers)
+    pert_op_new_ex(c, SHAPE3, 1, SHAPE3, 1, argmin_ex, &D3, NULL, NULL, &op);
+  else
+    pert_op_new(c, SHAPE3, 1, SHAPE3, 1, sense == PERT_SENSE_MINIMIZE ? solve_argmin : solve_argmax, &D3, &op);
+  pert_config_free(c);
+  return op;
+}
+
+static bool spo_plus_by_hand(void) {
+  pert_op *min = op_of(PERT_SENSE_MINIMIZE, 1, 0), *max = op_of(PERT_SENSE_MAXIMIZE, 1, 0);
+  CHECK(min && max);
+  /* problem 0: q = 2 pred - c = (5, 0, 1), y*(q) = e1: loss = -0 + 2*3 - 1 = 5, grad 2(e0 - e1);
+   * problem 1: pred = c: loss 0, grad 0 */
+  const float pred[6] = {3, 1, 2, 0.5f, -1, 2}, cost[6] = {1, 2, 3, 0.5f, -1, 2};
+  const float sol[6] = {1, 0, 0, 0, 1, 0}, obj[2] = {1, -1};
+  float loss[2], grad[6];
+  CHECK_OK(pert_spo_plus(min, pred, cost, sol, obj, 2, loss, grad));
+  CHECK(loss[0] == 5.0f && loss[1] == 0.0f);
+  const float want[6] = {2, -2, 0, 0, 0, 0};
+  CHECK(memcmp(grad, want, sizeof grad) == 0);
+  /* maximizing the negated costs: the same loss, the gradient 2(y*(q) - sol) */
+  float npred[6], ncost[6], nobj[2] = {-1, 1};
+  for (int i = 0; i < 6; i++) npred[i] = -pred[i], ncost[i] = -cost[i];
+  CHECK_OK(pert_spo_plus(max, npred, ncost, sol, nobj, 2, loss, grad));
+  CHECK(loss[0] == 5.0f && loss[1] == 0.0f);
+  for (int i = 0; i < 6; i++) CHECK(grad[i] == -want[i]);
+  /* no gradient asked for; outputs over the inputs */
+  CHECK_OK(pert_spo_plus(min, pred, cost, sol, obj, 2, loss, NULL));
+  CHECK(loss[0] == 5.0f);
+  float inout[6];
+  memcpy(inout, pred, sizeof inout);
+  float obj_inout[2] = {1, -1};
+  CHECK_OK(pert_spo_plus(min, inout, cost, sol, obj_inout, 2, obj_inout, inout));
+  CHECK(obj_inout[0] == 5.0f && obj_inout[1] == 0.0f && memcmp(inout, want, sizeof inout) == 0);
+  pert_op_free(min);
+  pert_op_free(max);
+  return true;
+}
+
+static bool blackbox_and_negative_identity_by_hand(void) {
+  pert_op *min = op_of(PERT_SENSE_MINIMIZE, 1, 0), *max = op_of(PERT_SENSE_MAXIMIZE, 1, 0);
+  const float theta[3] = {1, 2, 3}, g[3] = {1, 0, 0};
+  float y[3], grad[3];
+  CHECK_OK(pert_op_solve(min, theta, 1, y));
+  CHECK(y[0] == 1 && y[1] == 0 && y[2] == 0);
+  /* theta + 1.5 g = (2.5, 2, 3): y* = e1; grad = (e1 - e0) / 1.5 */
+  CHECK_OK(pert_blackbox_vjp(min, theta, y, g, 1, 1.5, grad));
+  CHECK(grad[0] == -1.0f / 1.5f && grad[1] == 1.0f / 1.5f && grad[2] == 0.0f);
+  /* a small step moves nothing */
+  CHECK_OK(pert_blackbox_vjp(min, theta, y, g, 1, 0.5, grad));
+  CHECK(grad[0] == 0 && grad[1] == 0 && grad[2] == 0);
+  /* maximizing: theta - 1.5 g; y*(theta) = e2, theta' = (1, 2, 3) - 1.5 (0, 0, 1) = (1, 2, 1.5): e1;
+   * grad = -(e1 - e2) / 1.5 */
+  const float g2[3] = {0, 0, 1};
+  CHECK_OK(pert_op_solve(max, theta, 1, y));
+  CHECK(y[2] == 1);
+  CHECK_OK(pert_blackbox_vjp(max, theta, y, g2, 1, 1.5, grad));
+  CHECK(grad[0] == 0 && grad[1] == -1.0f / 1.5f && grad[2] == 1.0f / 1.5f);
+  /* NID: -g minimizing, g maximizing; in place */
+  float inout[3] = {1, -2, 3};
+  CHECK_OK(pert_negative_identity_vjp(min, inout, 1, inout));
+  CHECK(inout[0] == -1 && inout[1] == 2 && inout[2] == -3);
+  CHECK_OK(pert_negative_identity_vjp(max, inout, 1, grad));
+  CHECK(memcmp(grad, inout, sizeof grad) == 0);
+  pert_op_free(min);
+  pert_op_free(max);
+  return true;
+}
+
+static bool perturbation_gradient_by_hand(void) {
+  pert_op *min = op_of(PERT_SENSE_MINIMIZE, 1, 0), *max = op_of(PERT_SENSE_MAXIMIZE, 1, 0);
+  const float pred[3] = {1, 2, 3}, cost[3] = {3, 1, 2};
+  float loss, grad[3];
+  /* pred + c = (4, 3, 5): e1; pred - c = (-2, 1, 1): e0; loss (3 - (-2)) / 2, grad (e1 - e0) / 2 */
+  CHECK_OK(pert_perturbation_gradient(min, pred, cost, 1, 1.0, 1, &loss, grad));
+  CHECK(loss == 2.5f && grad[0] == -0.5f && grad[1] == 0.5f && grad[2] == 0);
+  /* one-sided: y*(pred) = e0 = y*(pred - c): loss 1 - (-2) = 3 = <c, y*(pred)>, grad 0 */
+  CHECK_OK(pert_perturbation_gradient(min, pred, cost, 1, 1.0, 0, &loss, grad));
+  CHECK(loss == 3.0f && grad[0] == 0 && grad[1] == 0 && grad[2] == 0);
+  /* maximizing: pred + c: e2 (5); pred - c = (-2, 1, 1): e1 (first of the equal); loss
+   * -(5 - 1) / 2 = -2, grad -(e2 - e1) / 2 */
+  CHECK_OK(pert_perturbation_gradient(max, pred, cost, 1, 1.0, 1, &loss, grad));
+  CHECK(loss == -2.0f && grad[0] == 0 && grad[1] == 0.5f && grad[2] == -0.5f);
+  pert_op_free(min);
+  pert_op_free(max);
+  return true;
+}
+
+/* The same bits on 1 and 2 threads and on an op's workers, over a batch of 61 problems. */
+static bool same_bits_for_any_threads(void) {
+  enum { B = 61, N = B * 3 };
+  float pred[N], cost[N], sol[N], obj[B], g[N];
+  uint64_t s = 12345;
+  for (int i = 0; i < N; i++) {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    pred[i] = (float)((s >> 40) % 1000) / 250.0f - 2.0f;
+    cost[i] = (float)((s >> 20) % 1000) / 250.0f - 2.0f;
+    g[i] = (float)((s >> 10) % 1000) / 500.0f - 1.0f;
+  }
+  CHECK(solve_argmin(&D3, cost, B, sol) == 0);
+  for (int b = 0; b < B; b++)
+    obj[b] = cost[3 * b] * sol[3 * b] + cost[3 * b + 1] * sol[3 * b + 1] + cost[3 * b + 2] * sol[3 * b + 2];
+  float out[3][2 * B + 3 * N];
+  for (int k = 0; k < 3; k++) {
+    pert_op *op = op_of(PERT_SENSE_MINIMIZE, k == 0 ? 1 : 2, k == 2);
+    CHECK(op != NULL);
+    float *o = out[k], y[N];
+    CHECK_OK(pert_spo_plus(op, pred, cost, sol, obj, B, o, o + B));
+    CHECK_OK(pert_op_solve(op, pred, B, y));
+    CHECK_OK(pert_blackbox_vjp(op, pred, y, g, B, 10.0, o + B + N));
+    CHECK_OK(pert_perturbation_gradient(op, pred, cost, B, 0.5, 1, o + B + 2 * N, o + 2 * B + 2 * N));
+    pert_op_free(op);
+  }
+  CHECK(memcmp(out[0], out[1], sizeof out[0]) == 0);
+  CHECK(memcmp(out[0], out[2], sizeof out[0]) == 0);
+  return true;
+}
+
+static bool errors_write_nothing(void) {
+  pert_op *op = op_of(PERT_SENSE_MINIMIZE, 1, 0);
+  const float x[6] = {1, 2, 3, 4, 5, 6}, bad[6] = {1, 2, 3, 4, NAN, 6}, obj[2] = {1, 4};
+  float loss[2] = {-7, -7}, grad[6] = {-7, -7, -7, -7, -7, -7};
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_spo_plus(NULL, x, x, x, obj, 2, loss, grad));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_spo_plus(op, x, NULL, x, obj, 2, loss, grad));
+  CHECK(last_error_contains("true_cost is NULL"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_spo_plus(op, x, x, x, NULL, 2, loss, grad));
+  CHECK(last_error_contains("true_obj is NULL"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_spo_plus(op, x, x, x, obj, 2, NULL, grad));
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_spo_plus(op, x, x, bad, obj, 2, loss, grad));
+  CHECK(last_error_contains("true_sol[1][1] is NaN"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_spo_plus(op, x, x, x, obj, SIZE_MAX / 2, loss, grad));
+  const double bad_steps[5] = {0.0, -1.0, NAN, INFINITY, 1e-50};
+  for (int i = 0; i < 5; i++) {
+    CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_blackbox_vjp(op, x, x, x, 2, bad_steps[i], grad));
+    CHECK(last_error_contains("lambda must be finite and > 0"));
+    CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT,
+                 pert_perturbation_gradient(op, x, x, 2, bad_steps[i], 1, loss, grad));
+    CHECK(last_error_contains("sigma must be finite and > 0"));
+  }
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_blackbox_vjp(op, x, x, bad, 2, 1.0, grad));
+  CHECK(last_error_contains("grad_output[1][1] is NaN"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_negative_identity_vjp(op, x, 2, NULL));
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_perturbation_gradient(op, bad, x, 2, 1.0, 0, loss, grad));
+  pert_op *failing = NULL;
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_fail, &D3, &failing));
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_spo_plus(failing, x, x, x, obj, 2, loss, grad));
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_blackbox_vjp(failing, x, x, x, 2, 1.0, grad));
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_perturbation_gradient(failing, x, x, 2, 1.0, 1, loss, grad));
+  /* solutions not of the cost's shape: no linear objective */
+  pert_op *scalar = NULL;
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, NULL, 0, solve_or, &D3, &scalar));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_spo_plus(scalar, x, x, x, obj, 2, loss, grad));
+  CHECK(last_error_contains("SPO+ needs output_shape == input_shape"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_negative_identity_vjp(scalar, x, 2, grad));
+  /* an op without a solver */
+  pert_op *external = NULL;
+  CHECK_OK(pert_op_new_external(c, SHAPE3, 1, SHAPE3, 1, &external));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_spo_plus(external, x, x, x, obj, 2, loss, grad));
+  CHECK(loss[0] == -7 && loss[1] == -7);
+  for (int i = 0; i < 6; i++) CHECK(grad[i] == -7);
+  /* batch 0: nothing read or written */
+  CHECK_OK(pert_spo_plus(op, NULL, NULL, NULL, NULL, 0, NULL, NULL));
+  CHECK_OK(pert_blackbox_vjp(op, NULL, NULL, NULL, 0, 1.0, NULL));
+  CHECK_OK(pert_negative_identity_vjp(op, NULL, 0, NULL));
+  CHECK_OK(pert_perturbation_gradient(op, NULL, NULL, 0, 1.0, 1, NULL, NULL));
+  pert_op_free(external);
+  pert_op_free(scalar);
+  pert_op_free(failing);
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
+int main(void) {
+  const test_case tests[] = {
+      TEST(spo_plus_by_hand),
+      TEST(blackbox_and_negative_identity_by_hand),
+      TEST(perturbation_gradient_by_hand),
+      TEST(same_bits_for_any_threads),
+      TEST(errors_write_nothing),
+  };
+  return run_tests(tests, sizeof tests / sizeof tests[0]);
+}
