@@ -408,6 +408,62 @@ class Op {
     return {std::move(loss), std::move(grad)};
   }
 
+  /// The SPO+ loss per problem [batch] of predicted costs against true costs, their
+  /// optimal solutions and objectives (true_obj: batch floats), and its gradient with
+  /// respect to the predicted costs (pert_spo_plus; PyEPO's signs per sense). The op's
+  /// output shape must equal its input shape.
+  std::pair<std::vector<float>, std::vector<float>> spo_plus(View pred_cost, View true_cost, View true_sol,
+                                                             View true_obj, std::size_t batch) {
+    std::size_t n = checked(pred_cost, batch, "pred_cost");
+    checked(true_cost, batch, "true_cost");
+    checked(true_sol, batch, "true_sol");
+    if (true_obj.size != batch)
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "true_obj must hold batch = " + std::to_string(batch) +
+                                                            " floats, got " + std::to_string(true_obj.size));
+    std::vector<float> loss(n), grad(pred_cost.size);
+    call([&] {
+      return pert_spo_plus(get(), pred_cost.data, true_cost.data, true_sol.data, true_obj.data, batch, loss.data(),
+                           grad.data());
+    });
+    return {std::move(loss), std::move(grad)};
+  }
+
+  /// DBB's backward (pert_blackbox_vjp): the gradient with respect to theta from y =
+  /// solve(theta) and the gradient with respect to y, by one solve per problem at
+  /// theta + s * lambda * grad_output (s = +1 minimizing, -1 maximizing).
+  std::vector<float> blackbox_vjp(View theta, View y, View grad_output, std::size_t batch, double lambda) {
+    checked(theta, batch);
+    checked(y, batch, "y");
+    checked(grad_output, batch, "grad_output");
+    std::vector<float> out(theta.size);
+    call([&] { return pert_blackbox_vjp(get(), theta.data, y.data, grad_output.data, batch, lambda, out.data()); });
+    return out;
+  }
+
+  /// NID's backward (pert_negative_identity_vjp): -grad_output minimizing, grad_output
+  /// maximizing.
+  std::vector<float> negative_identity_vjp(View grad_output, std::size_t batch) {
+    checked(grad_output, batch, "grad_output");
+    std::vector<float> out(grad_output.size);
+    call([&] { return pert_negative_identity_vjp(get(), grad_output.data, batch, out.data()); });
+    return out;
+  }
+
+  /// The perturbation-gradient loss per problem and its gradient with respect to the
+  /// predicted costs (pert_perturbation_gradient; central differences when two_sided).
+  std::pair<std::vector<float>, std::vector<float>> perturbation_gradient(View pred_cost, View true_cost,
+                                                                          std::size_t batch, double sigma,
+                                                                          bool two_sided = true) {
+    std::size_t n = checked(pred_cost, batch, "pred_cost");
+    checked(true_cost, batch, "true_cost");
+    std::vector<float> loss(n), grad(pred_cost.size);
+    call([&] {
+      return pert_perturbation_gradient(get(), pred_cost.data, true_cost.data, batch, sigma, two_sided ? 1 : 0,
+                                        loss.data(), grad.data());
+    });
+    return {std::move(loss), std::move(grad)};
+  }
+
   /// The gradient of the Fenchel-Young loss with respect to y_true, for an incoming
   /// gradient `grad_loss` [batch]: -grad_loss[b] * theta[b] (maximization) or
   /// +grad_loss[b] * theta[b] (minimization).

@@ -17,6 +17,8 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/types.h>
 
+#include <cmath>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -140,6 +142,81 @@ struct FenchelYoung : public ::torch::autograd::Function<FenchelYoung> {
                                "fenchel_young");
   }
 };
+
+/// A loss per problem whose gradient with respect to its first input (the predicted
+/// costs) the library gives with the loss: SPO+ and the perturbation gradient.
+inline ::torch::autograd::variable_list loss_backward(::torch::autograd::AutogradContext* ctx,
+                                                      ::torch::autograd::variable_list grad, std::size_t inputs,
+                                                      const char* function) {
+  auto g_pred = ctx->get_saved_variables()[0];
+  std::vector<int64_t> shape(static_cast<std::size_t>(g_pred.dim()), 1);
+  shape[0] = g_pred.size(0);
+  ::torch::autograd::variable_list out(inputs);
+  out[0] = g_pred * grad[0].to(g_pred.device()).reshape(shape);
+  return once_differentiable(std::move(out), {ctx->saved_data["pred_cost"].toTensor()}, function);
+}
+
+/// The SPO+ loss per problem (pert_spo_plus), its gradient saved for backward.
+struct SpoPlus : public ::torch::autograd::Function<SpoPlus> {
+  static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor pred_cost,
+                                 ::torch::Tensor true_cost, ::torch::Tensor true_sol, ::torch::Tensor true_obj, Op* op) {
+    auto p = host(pred_cost), c = host(true_cost), w = host(true_sol), z = host(true_obj);
+    auto batch = static_cast<std::size_t>(p.size(0));
+    auto result = op->spo_plus(view(p), view(c), view(w), view(z), batch);
+    ctx->save_for_backward({from(std::move(result.second), pred_cost.sizes().vec(), pred_cost)});
+    ctx->saved_data["pred_cost"] = pred_cost;  // (for once_differentiable only)
+    return from(std::move(result.first), {static_cast<int64_t>(batch)}, pred_cost);
+  }
+  static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
+                                                   ::torch::autograd::variable_list grad) {
+    return loss_backward(ctx, std::move(grad), 5, "spo_plus");
+  }
+};
+
+/// The perturbation-gradient loss per problem (pert_perturbation_gradient).
+struct PerturbationGradient : public ::torch::autograd::Function<PerturbationGradient> {
+  static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor pred_cost,
+                                 ::torch::Tensor true_cost, Op* op, double sigma, bool two_sided) {
+    auto p = host(pred_cost), c = host(true_cost);
+    auto batch = static_cast<std::size_t>(p.size(0));
+    auto result = op->perturbation_gradient(view(p), view(c), batch, sigma, two_sided);
+    ctx->save_for_backward({from(std::move(result.second), pred_cost.sizes().vec(), pred_cost)});
+    ctx->saved_data["pred_cost"] = pred_cost;
+    return from(std::move(result.first), {static_cast<int64_t>(batch)}, pred_cost);
+  }
+  static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
+                                                   ::torch::autograd::variable_list grad) {
+    return loss_backward(ctx, std::move(grad), 5, "perturbation_gradient");
+  }
+};
+
+/// y*(theta) forward; backward by DBB (lambda > 0) or NID (lambda = 0).
+struct SolveLayer : public ::torch::autograd::Function<SolveLayer> {
+  static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor theta, Op* op, double lambda) {
+    auto t = host(theta);
+    auto batch = static_cast<std::size_t>(t.size(0));
+    auto y = from(op->solve(view(t), batch), theta.sizes().vec(), t);
+    ctx->saved_data["theta"] = theta;
+    ctx->saved_data["theta_host"] = t;
+    ctx->saved_data["y_host"] = y;
+    ctx->saved_data["op"] = static_cast<int64_t>(reinterpret_cast<std::intptr_t>(op));
+    ctx->saved_data["lambda"] = lambda;
+    return y.to(theta.device());
+  }
+  static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
+                                                   ::torch::autograd::variable_list grad) {
+    auto* op = reinterpret_cast<Op*>(static_cast<std::intptr_t>(ctx->saved_data["op"].toInt()));
+    auto t = ctx->saved_data["theta_host"].toTensor(), y = ctx->saved_data["y_host"].toTensor();
+    auto g = host(grad[0]);
+    auto batch = static_cast<std::size_t>(t.size(0));
+    double lambda = ctx->saved_data["lambda"].toDouble();
+    auto values = lambda > 0 ? op->blackbox_vjp(view(t), view(y), view(g), batch, lambda)
+                             : op->negative_identity_vjp(view(g), batch);
+    auto theta = ctx->saved_data["theta"].toTensor();
+    return once_differentiable({from(std::move(values), theta.sizes().vec(), grad[0]), ::torch::Tensor(), ::torch::Tensor()},
+                               {theta}, lambda > 0 ? "blackbox" : "negative_identity");
+  }
+};
 }  // namespace detail
 
 /// y_sigma(theta) for theta [batch, *input_shape]; differentiable once. The result has shape
@@ -169,6 +246,40 @@ inline ::torch::Tensor perturbed(Op& op, const ::torch::Tensor& theta, std::vect
 /// error, as through perturbed).
 inline ::torch::Tensor fenchel_young(Op& op, const ::torch::Tensor& theta, const ::torch::Tensor& y_true) {
   return detail::FenchelYoung::apply(theta, y_true, &op);
+}
+
+
+/// The SPO+ loss [batch] of pred_cost [batch, *input_shape] against true_cost and true_sol
+/// (the same shape) and true_obj ([batch] or [batch, 1]); differentiable once in pred_cost
+/// (pert_spo_plus: one solve per problem at 2 pred_cost - true_cost). The op's output
+/// shape must equal its input shape.
+inline ::torch::Tensor spo_plus(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost,
+                                const ::torch::Tensor& true_sol, const ::torch::Tensor& true_obj) {
+  return detail::SpoPlus::apply(pred_cost, true_cost, true_sol, true_obj, &op);
+}
+
+/// y*(theta), the op's solver with no noise, differentiable once by the differentiable black
+/// box (DBB): backward solves at theta + s * lambda * grad (s = +1 minimizing, -1
+/// maximizing) and returns s * (y*(theta') - y*(theta)) / lambda (pert_blackbox_vjp).
+/// `op` must outlive the graph (backward calls it).
+inline ::torch::Tensor blackbox(Op& op, const ::torch::Tensor& theta, double lambda) {
+  if (!(lambda > 0) || !std::isfinite(lambda))
+    throw pert::detail::error(PERT_STATUS_INVALID_ARGUMENT, "lambda must be finite and > 0, got " + std::to_string(lambda));
+  return detail::SolveLayer::apply(theta, &op, lambda);
+}
+
+/// y*(theta), differentiable once by the negative identity (NID): backward returns -grad
+/// minimizing, grad maximizing (pert_negative_identity_vjp). `op` must outlive the graph.
+inline ::torch::Tensor negative_identity(Op& op, const ::torch::Tensor& theta) {
+  return detail::SolveLayer::apply(theta, &op, 0.0);
+}
+
+/// The perturbation-gradient loss [batch] of pred_cost along true_cost (same shape);
+/// differentiable once in pred_cost (pert_perturbation_gradient; central differences when
+/// two_sided).
+inline ::torch::Tensor perturbation_gradient(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost,
+                                             double sigma, bool two_sided = true) {
+  return detail::PerturbationGradient::apply(pred_cost, true_cost, &op, sigma, two_sided);
 }
 
 }  // namespace autograd

@@ -146,5 +146,79 @@ int main() {
     EXPECT(backward_ok && th3.grad().defined());
   }
 
+  // the decision-focused methods over the exact solver: the adapter's values and gradients
+  // are the wrapper's (pert::Op), which are the C library's
+  {
+    pert::Config c = config();
+    c.sense(pert::Sense::Minimize);
+    auto argmin = [](const float* x, std::size_t count, float* out) {
+      for (std::size_t r = 0; r < count; r++) {
+        int best = 0;
+        for (int i = 1; i < 3; i++)
+          if (x[3 * r + i] < x[3 * r + best]) best = i;
+        for (int i = 0; i < 3; i++) out[3 * r + i] = i == best ? 1.0f : 0.0f;
+      }
+    };
+    pert::Op min_op(c, {3}, {3}, argmin);
+    // SPO+: problem 0 by hand (q = 2 pred - c = (5, 0, 1): loss 5, grad 2 (e0 - e1)); problem 1 at the truth
+    auto pred = torch::tensor({3.0f, 1.0f, 2.0f, 0.5f, -1.0f, 2.0f}).reshape({2, 3}).requires_grad_(true);
+    auto cost = torch::tensor({1.0f, 2.0f, 3.0f, 0.5f, -1.0f, 2.0f}).reshape({2, 3});
+    auto sol = torch::tensor({1.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f}).reshape({2, 3});
+    auto obj = torch::tensor({1.0f, -1.0f}).reshape({2, 1});
+    auto spo = pert::autograd::spo_plus(min_op, pred, cost, sol, obj);
+    EXPECT(spo.sizes() == torch::IntArrayRef({2}));
+    EXPECT(spo[0].item<float>() == 5.0f && spo[1].item<float>() == 0.0f);
+    (spo * torch::tensor({1.0f, 3.0f})).sum().backward();
+    auto want = torch::tensor({2.0f, -2.0f, 0.0f, 0.0f, 0.0f, 0.0f}).reshape({2, 3});
+    EXPECT(pred.grad().equal(want));
+    auto plain = min_op.spo_plus(std::vector<float>{3, 1, 2, 0.5f, -1, 2}, std::vector<float>{1, 2, 3, 0.5f, -1, 2},
+                                 std::vector<float>{1, 0, 0, 0, 1, 0}, std::vector<float>{1, -1}, 2);
+    EXPECT(plain.first[0] == 5.0f && plain.second[0] == 2.0f && plain.second[1] == -2.0f);
+
+    // DBB: y*(1, 2, 3) = e0; backward at theta + 1.5 g = (2.5, 2, 3): e1; grad (e1 - e0) / 1.5
+    auto th = torch::tensor({1.0f, 2.0f, 3.0f}).reshape({1, 3}).requires_grad_(true);
+    auto y_dbb = pert::autograd::blackbox(min_op, th, 1.5);
+    EXPECT(y_dbb.equal(torch::tensor({1.0f, 0.0f, 0.0f}).reshape({1, 3})));
+    (y_dbb * torch::tensor({1.0f, 0.0f, 0.0f}).reshape({1, 3})).sum().backward();
+    EXPECT(th.grad().equal(torch::tensor({-1.0f / 1.5f, 1.0f / 1.5f, 0.0f}).reshape({1, 3})));
+    auto dbb = min_op.blackbox_vjp(std::vector<float>{1, 2, 3}, std::vector<float>{1, 0, 0},
+                                   std::vector<float>{1, 0, 0}, 1, 1.5);
+    EXPECT(dbb[0] == -1.0f / 1.5f && dbb[1] == 1.0f / 1.5f);
+    bool refused = false;
+    try {
+      pert::autograd::blackbox(min_op, th, 0.0);
+    } catch (const pert::Error& e) {
+      refused = e.status() == PERT_STATUS_INVALID_ARGUMENT;
+    }
+    EXPECT(refused);
+
+    // NID: -g minimizing
+    auto th2 = torch::tensor({1.0f, 2.0f, 3.0f}).reshape({1, 3}).requires_grad_(true);
+    auto g2 = torch::tensor({0.5f, -1.0f, 2.0f}).reshape({1, 3});
+    (pert::autograd::negative_identity(min_op, th2) * g2).sum().backward();
+    EXPECT(th2.grad().equal(-g2));
+
+    // PG by hand: (pred +- c) = (4, 3, 5) -> e1, (-2, 1, 1) -> e0; loss (3 + 2) / 2, grad (e1 - e0) / 2
+    auto p3 = torch::tensor({1.0f, 2.0f, 3.0f}).reshape({1, 3}).requires_grad_(true);
+    auto pg = pert::autograd::perturbation_gradient(min_op, p3, torch::tensor({3.0f, 1.0f, 2.0f}).reshape({1, 3}), 1.0);
+    EXPECT(pg.item<float>() == 2.5f);
+    pg.sum().backward();
+    EXPECT(p3.grad().equal(torch::tensor({-0.5f, 0.5f, 0.0f}).reshape({1, 3})));
+    auto one_sided = min_op.perturbation_gradient(std::vector<float>{1, 2, 3}, std::vector<float>{3, 1, 2}, 1, 1.0, false);
+    EXPECT(one_sided.first[0] == 3.0f);
+
+    // a second derivative through a method's gradient fails loudly
+    auto th4 = pred.detach().clone().requires_grad_(true);
+    auto l4 = pert::autograd::spo_plus(min_op, th4, cost, sol, obj).sum();
+    auto g4 = torch::autograd::grad({l4}, {th4}, {}, true, true);
+    bool loud = false;
+    try {
+      torch::autograd::grad({g4[0].pow(2).sum()}, {th4});
+    } catch (const c10::Error& e) {
+      loud = std::string(e.what()).find("differentiable once") != std::string::npos;
+    }
+    EXPECT(loud);
+  }
+
   return expect_report();
 }
