@@ -113,11 +113,11 @@ python-package python-test python-example python-install-check readme-python ben
 	@echo "SKIPPED $@: LIBTORCH is set (the Python package runs in the torch venv the Makefile makes)"
 else
 python-package: build
-	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check numpy pytest
+	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check numpy pytest pyepo==2.2.7
 	"$(VENV)/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall ./bindings/python
 
 python-test: python-package
-	cd target && env -u PERTURBATIONS_LIB "$(VENV)/bin/python" -m pytest -q -p no:cacheprovider ../bindings/python/tests
+	cd target && env -u PERTURBATIONS_LIB PERT_REQUIRE_PYEPO=1 "$(VENV)/bin/python" -m pytest -q -p no:cacheprovider ../bindings/python/tests
 	$(MAKE) --no-print-directory python-install-check
 	$(MAKE) --no-print-directory readme-python
 	$(MAKE) --no-print-directory python-example

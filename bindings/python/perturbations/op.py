@@ -634,6 +634,76 @@ class Op(_Handle):
         self._call(lib.pert_op_solve, flat, flat.shape[0], out, work=flat.shape[0], pace=False)
         return back(out.reshape(batch_shape + self.output_shape))
 
+    # ---- decision-focused methods over the exact solver (pert_spo_plus, ...) ----------
+    # Each takes arrays of shape [*batch, *input_shape] (the others broadcast to the
+    # first's shape) and gives results per problem, the same kind of array as the first.
+
+    def _method_args(self, first, what, *others):
+        batch_shape, a, back = self._theta(first) if what == "theta" else self._named(first, what)
+        full = batch_shape + self.input_shape
+        rest = [self._broadcast(x, full, name).reshape(a.shape) for x, name in others]
+        return batch_shape, a, back, rest
+
+    def _named(self, x, what):
+        a, back = as_host(x, what)
+        batch_shape, flat = split_batch(a, self.input_shape, what)
+        return batch_shape, np.ascontiguousarray(flat), back
+
+    @staticmethod
+    def _broadcast(x, full_shape, what):
+        y, _ = as_host(x, what)
+        try:
+            return np.ascontiguousarray(np.broadcast_to(y, full_shape))
+        except ValueError:
+            raise InvalidArgumentError(2, f"{what} of shape {list(y.shape)} does not broadcast to the shape "
+                                          f"{list(full_shape)}") from None
+
+    def spo_plus(self, pred_cost, true_cost, true_sol, true_obj):
+        """The SPO+ loss [*batch] of pred_cost against true_cost, its optimal solutions
+        true_sol and objectives true_obj ([*batch] or [*batch, 1], as PyEPO keeps them), and
+        its gradient with respect to pred_cost: one solve per problem at 2 pred_cost -
+        true_cost (pert_spo_plus; PyEPO's SPOPlus signs per sense)."""
+        batch_shape, a, back, (c, w) = self._method_args(pred_cost, "pred_cost", (true_cost, "true_cost"),
+                                                         (true_sol, "true_sol"))
+        z, _ = as_host(true_obj, "true_obj")
+        if z.shape not in (batch_shape, batch_shape + (1,)):
+            raise InvalidArgumentError(2, f"true_obj must have shape {list(batch_shape)} or "
+                                          f"{list(batch_shape + (1,))} (one objective per problem), got "
+                                          f"{list(z.shape)}")
+        z = np.ascontiguousarray(z.reshape(a.shape[0]))
+        loss = np.empty((a.shape[0],), dtype=np.float32)
+        grad = np.empty(a.shape, dtype=np.float32)
+        self._call(lib.pert_spo_plus, a, c, w, z, a.shape[0], loss, grad, work=a.shape[0], pace=False)
+        return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
+
+    def blackbox_vjp(self, theta, y, grad_output, lambd):
+        """DBB's gradient with respect to theta from y = solve(theta) and the gradient
+        with respect to y: s (y*(theta + s lambd grad_output) - y) / lambd, s = +1
+        minimizing, -1 maximizing (pert_blackbox_vjp; PyEPO's blackboxOpt)."""
+        batch_shape, a, back, (ys, g) = self._method_args(theta, "theta", (y, "y"), (grad_output, "grad_output"))
+        out = np.empty(a.shape, dtype=np.float32)
+        self._call(lib.pert_blackbox_vjp, a, ys, g, a.shape[0], float(lambd), out, work=a.shape[0], pace=False)
+        return back(out.reshape(batch_shape + self.input_shape))
+
+    def negative_identity_vjp(self, grad_output):
+        """NID's gradient with respect to theta: -grad_output minimizing, grad_output
+        maximizing (pert_negative_identity_vjp; PyEPO's negativeIdentity)."""
+        batch_shape, g, back, _ = self._method_args(grad_output, "grad_output")
+        out = np.empty(g.shape, dtype=np.float32)
+        self._call(lib.pert_negative_identity_vjp, g, g.shape[0], out)
+        return back(out.reshape(batch_shape + self.input_shape))
+
+    def perturbation_gradient(self, pred_cost, true_cost, sigma, two_sided=True):
+        """The perturbation-gradient loss [*batch] of pred_cost along true_cost and its
+        gradient with respect to pred_cost (pert_perturbation_gradient; PyEPO's
+        perturbationGradient; central differences when two_sided)."""
+        batch_shape, a, back, (c,) = self._method_args(pred_cost, "pred_cost", (true_cost, "true_cost"))
+        loss = np.empty((a.shape[0],), dtype=np.float32)
+        grad = np.empty(a.shape, dtype=np.float32)
+        self._call(lib.pert_perturbation_gradient, a, c, a.shape[0], float(sigma), 1 if two_sided else 0, loss,
+                   grad, work=2 * a.shape[0], pace=False)
+        return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
+
     def forward_with_tape(self, theta):
         """y_sigma(theta) and the Tape of the call."""
         batch_shape, a, back = self._theta(theta)

@@ -1,0 +1,231 @@
+"""Decision-focused learning over an op's exact solver, as torch autograd functions and
+modules (re-exported by perturbations.torch): SPO+, the differentiable black box (DBB),
+the negative identity (NID) and the perturbation gradient (PG), with PyEPO's signs per
+sense (pyepo.func 2.2: SPOPlus, blackboxOpt, negativeIdentity, perturbationGradient).
+
+Each call hands CPU float32 copies of its tensors to the library, which runs the op's
+solver on every problem of the batch (its threads and workers; no noise), and returns
+results on the first argument's device and dtype. The losses come per problem and are
+reduced by `reduction`; DBB and NID return the solutions y*(theta).
+
+Gradients: SPO+ and PG give their gradient with the loss (no solve in backward); DBB
+solves once more per problem in backward; NID does not. The losses of SPO+ and PG are
+piecewise linear in the predicted costs, so their second derivative is 0 where it exists;
+DBB and NID are differentiable once (a second derivative through them raises).
+"""
+
+import math
+
+import torch
+
+from .errors import InvalidArgumentError
+from .op import Op
+
+__all__ = ["spo_plus", "blackbox", "negative_identity", "perturbation_gradient",
+           "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_op(op):
+    if not isinstance(op, Op):
+        raise TypeError(f"op must be a perturbations.Op, got {type(op).__name__}")
+
+
+def _check_reduction(reduction):
+    if reduction not in _REDUCTIONS:
+        raise InvalidArgumentError(2, f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, "
+                                      f"got {reduction!r}")
+
+
+def _check_step(value, name):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(2, f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise InvalidArgumentError(2, f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+def _reduce(loss, reduction):
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _tensor(x):
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+
+def _needs_grad(t):
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+class _LossWithGrad(torch.autograd.Function):
+    """A loss per problem whose gradient in the predicted costs comes with it; `run(op,
+    pred, *rest)` gives (loss, grad)."""
+
+    @staticmethod
+    def forward(ctx, pred, run, op, *rest):
+        loss, grad = run(op, pred.detach(), *rest)
+        ctx.save_for_backward(grad)
+        ctx.inner = len(op.input_shape)
+        ctx.count = len(rest)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        per = grad_loss.reshape(grad_loss.shape + (1,) * ctx.inner)
+        return (grad * per, None, None) + (None,) * ctx.count
+
+
+def _loss(run, op, pred, *rest):
+    pred = _tensor(pred)
+    rest = tuple(r.detach() if isinstance(r, torch.Tensor) else r for r in rest)
+    if _needs_grad(pred):
+        return _LossWithGrad.apply(pred, run, op, *rest)
+    return run(op, pred, *rest)[0]
+
+
+def spo_plus(op: Op, pred_cost, true_cost, true_sol, true_obj, reduction: str = "mean") -> torch.Tensor:
+    """The SPO+ loss (Elmachtoub & Grigas 2022) of pred_cost [*batch, *input_shape] against
+    true_cost and true_sol (broadcast to pred_cost's shape) and true_obj ([*batch] or
+    [*batch, 1]), reduced by `reduction` ("mean", "sum" or "none": per problem). One solve
+    per problem, at 2 pred_cost - true_cost; the gradient in pred_cost is 2 (true_sol -
+    y*(2 pred_cost - true_cost)) minimizing, 2 (y*(2 pred_cost - true_cost) - true_sol)
+    maximizing. The op's output shape must equal its input shape."""
+    _check_op(op)
+    _check_reduction(reduction)
+    loss = _loss(lambda o, p, c, w, z: o.spo_plus(p, c, w, z), op, pred_cost, true_cost, true_sol, true_obj)
+    return _reduce(loss, reduction)
+
+
+def perturbation_gradient(op: Op, pred_cost, true_cost, sigma, two_sided: bool = True,
+                          reduction: str = "mean") -> torch.Tensor:
+    """The perturbation-gradient loss (PG, Huang & Gupta 2024) of pred_cost along true_cost
+    (broadcast to pred_cost's shape), a finite difference of width sigma of the optimal value
+    that approximates the true cost of the predicted decision; central (two_sided) or
+    backward differences; reduced by `reduction`. Two solves per problem; the gradient in
+    pred_cost is s (w+ - w-) / (2 sigma) (two-sided) or s (w - w-) / sigma, s = +1
+    minimizing, -1 maximizing."""
+    _check_op(op)
+    _check_reduction(reduction)
+    sigma = _check_step(sigma, "sigma")
+    two_sided = bool(two_sided)
+    loss = _loss(lambda o, p, c: o.perturbation_gradient(p, c, sigma, two_sided), op, pred_cost, true_cost)
+    return _reduce(loss, reduction)
+
+
+class _Solve(torch.autograd.Function):
+    """y*(theta) forward; backward by DBB (lambd > 0) or NID (lambd None)."""
+
+    @staticmethod
+    def forward(ctx, theta, op, lambd):
+        t = theta.detach()
+        y = op.solve(t)
+        ctx.op, ctx.lambd = op, lambd
+        ctx.save_for_backward(t, y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        theta, y = ctx.saved_tensors
+        if ctx.lambd is None:
+            return ctx.op.negative_identity_vjp(grad_y), None, None
+        return ctx.op.blackbox_vjp(theta, y, grad_y, ctx.lambd), None, None
+
+
+def _solve_layer(op, theta, lambd):
+    theta = _tensor(theta)
+    if _needs_grad(theta):
+        return _Solve.apply(theta, op, lambd)
+    return op.solve(theta)
+
+
+def blackbox(op: Op, theta, lambd) -> torch.Tensor:
+    """y*(theta), the op's solver on each problem of theta [*batch, *input_shape] with no
+    noise, differentiable by the differentiable black box (DBB, Vlastelica et al. 2020):
+    backward solves once per problem at theta + s lambd g and returns
+    s (y*(theta + s lambd g) - y*(theta)) / lambd, s = +1 minimizing, -1 maximizing
+    (PyEPO's blackboxOpt). lambd > 0 (PyEPO recommends 10 to 20, in the units of theta)."""
+    _check_op(op)
+    return _solve_layer(op, theta, _check_step(lambd, "lambd"))
+
+
+def negative_identity(op: Op, theta) -> torch.Tensor:
+    """y*(theta), differentiable by the negative identity (NID, Sahoo et al. 2023): backward
+    returns -g minimizing, g maximizing (PyEPO's negativeIdentity); no solve in backward."""
+    _check_op(op)
+    return _solve_layer(op, theta, None)
+
+
+class SPOPlusLoss(torch.nn.Module):
+    """SPO+ as a module: `forward(pred_cost, true_cost, true_sol, true_obj)` returns the
+    loss reduced by `reduction` (see `spo_plus`)."""
+
+    def __init__(self, op: Op, reduction: str = "mean"):
+        super().__init__()
+        _check_op(op)
+        _check_reduction(reduction)
+        self.op, self.reduction = op, reduction
+
+    def forward(self, pred_cost, true_cost, true_sol, true_obj):
+        return spo_plus(self.op, pred_cost, true_cost, true_sol, true_obj, reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"{self.op!r}, reduction={self.reduction!r}"
+
+
+class PerturbationGradientLoss(torch.nn.Module):
+    """PG as a module: `forward(pred_cost, true_cost)` returns the loss reduced by
+    `reduction` (see `perturbation_gradient`; sigma defaults to PyEPO's 0.1)."""
+
+    def __init__(self, op: Op, sigma: float = 0.1, two_sided: bool = True, reduction: str = "mean"):
+        super().__init__()
+        _check_op(op)
+        _check_reduction(reduction)
+        self.op, self.sigma, self.two_sided = op, _check_step(sigma, "sigma"), bool(two_sided)
+        self.reduction = reduction
+
+    def forward(self, pred_cost, true_cost):
+        return perturbation_gradient(self.op, pred_cost, true_cost, self.sigma, self.two_sided,
+                                     reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"{self.op!r}, sigma={self.sigma}, two_sided={self.two_sided}, reduction={self.reduction!r}"
+
+
+class BlackBox(torch.nn.Module):
+    """DBB as a module: `forward(theta)` returns y*(theta) (see `blackbox`; lambd defaults
+    to PyEPO's 10)."""
+
+    def __init__(self, op: Op, lambd: float = 10.0):
+        super().__init__()
+        _check_op(op)
+        self.op, self.lambd = op, _check_step(lambd, "lambd")
+
+    def forward(self, theta):
+        return blackbox(self.op, theta, self.lambd)
+
+    def extra_repr(self):
+        return f"{self.op!r}, lambd={self.lambd}"
+
+
+class NegativeIdentity(torch.nn.Module):
+    """NID as a module: `forward(theta)` returns y*(theta) (see `negative_identity`)."""
+
+    def __init__(self, op: Op):
+        super().__init__()
+        _check_op(op)
+        self.op = op
+
+    def forward(self, theta):
+        return negative_identity(self.op, theta)
+
+    def extra_repr(self):
+        return repr(self.op)

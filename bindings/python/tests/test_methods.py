@@ -1,0 +1,230 @@
+"""The decision-focused methods over the exact solver (issue 30): SPO+, DBB, NID and PG
+equal PyEPO's (pyepo.func 2.2) on the same inputs for both senses, with the same solver
+written as a PyEPO optModel; modules, reductions, batch dimensions, dtypes, threads and
+workers, and errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+import perturbations as pt
+
+torch = pytest.importorskip("torch")
+import perturbations.torch as ptt  # noqa: E402
+
+D, B = 6, 12
+
+
+def _pyepo():
+    if os.environ.get("PERT_REQUIRE_PYEPO"):
+        import pyepo  # make test installs it: a missing PyEPO fails there
+    return pytest.importorskip("pyepo")
+
+
+def one_hot_best(x, sense):
+    x = np.asarray(x, dtype=np.float32)
+    best = x.argmin(-1) if sense == "minimize" else x.argmax(-1)
+    y = np.zeros_like(x)
+    np.put_along_axis(y, best[..., None], 1.0, axis=-1)
+    return y
+
+
+def make_op(sense, threads=1, workers=False):
+    cfg = pt.Config(sense=sense, threads=threads, device="cpu")
+    if workers:
+        return pt.Op.with_workers(cfg, D, D, lambda worker: (lambda x: one_hot_best(x, sense)))
+    return pt.Op(cfg, D, D, lambda x: one_hot_best(x, sense))
+
+
+def pyepo_model(sense):
+    from pyepo import EPO
+    from pyepo.model.opt import optModel
+
+    class Best(optModel):
+        """The same exact solver as a PyEPO model."""
+
+        def __init__(self):
+            self.modelSense = EPO.MINIMIZE if sense == "minimize" else EPO.MAXIMIZE
+            super().__init__()
+
+        def _getModel(self):
+            return None, list(range(D))
+
+        def setObj(self, c):
+            self.c = np.asarray(c, dtype=np.float32)
+
+        def solve(self):
+            w = one_hot_best(self.c, sense).astype(np.float64)
+            return w, float(np.dot(self.c.astype(np.float64), w))
+
+        @property
+        def num_cost(self):
+            return D
+
+    return Best()
+
+
+def data(seed, sense):
+    rng = np.random.default_rng(seed)
+    pred = torch.tensor(rng.normal(size=(B, D)), dtype=torch.float32)
+    cost = torch.tensor(rng.normal(size=(B, D)), dtype=torch.float32)
+    sol = torch.tensor(one_hot_best(cost.numpy(), sense))
+    obj = (cost.double() * sol.double()).sum(1, keepdim=True).float()
+    return pred, cost, sol, obj
+
+
+@pytest.mark.parametrize("sense", ["minimize", "maximize"])
+def test_spo_plus_equals_pyepo(sense):
+    _pyepo()
+    import pyepo.func
+    pred, cost, sol, obj = data(1, sense)
+    theirs_pred = pred.clone().requires_grad_(True)
+    theirs = pyepo.func.SPOPlus(pyepo_model(sense), processes=1, reduction="none")(theirs_pred, cost, sol, obj)
+    (theirs * torch.arange(1.0, B + 1)).sum().backward()
+    ours_pred = pred.clone().requires_grad_(True)
+    ours = ptt.spo_plus(make_op(sense), ours_pred, cost, sol, obj, reduction="none")
+    (ours * torch.arange(1.0, B + 1)).sum().backward()
+    assert torch.allclose(ours, theirs.float(), atol=1e-5)
+    assert torch.equal(ours_pred.grad, theirs_pred.grad.float())
+    assert (ours >= -1e-5).all() and (ours > 0.1).any()
+    # 0 at the truth
+    assert ptt.spo_plus(make_op(sense), cost, cost, sol, obj, reduction="none").abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("sense", ["minimize", "maximize"])
+def test_blackbox_and_negative_identity_equal_pyepo(sense):
+    _pyepo()
+    import pyepo.func
+    pred, _, _, _ = data(2, sense)
+    g = torch.tensor(np.random.default_rng(3).normal(size=(B, D)), dtype=torch.float32)
+    for lambd in (0.3, 10.0):
+        t1 = pred.clone().requires_grad_(True)
+        y1 = pyepo.func.blackboxOpt(pyepo_model(sense), lambd=lambd, processes=1)(t1)
+        (y1 * g).sum().backward()
+        t2 = pred.clone().requires_grad_(True)
+        y2 = ptt.blackbox(make_op(sense), t2, lambd)
+        (y2 * g).sum().backward()
+        assert torch.equal(y2, y1.float())
+        # PyEPO divides by lambd + 1e-7 in float32: the same up to that
+        assert torch.allclose(t2.grad, t1.grad.float(), rtol=1e-6, atol=1e-7)
+        assert lambd < 1 or t2.grad.abs().sum() > 0
+    t1 = pred.clone().requires_grad_(True)
+    (pyepo.func.negativeIdentity(pyepo_model(sense), processes=1)(t1) * g).sum().backward()
+    t2 = pred.clone().requires_grad_(True)
+    (ptt.NegativeIdentity(make_op(sense))(t2) * g).sum().backward()
+    assert torch.equal(t2.grad, t1.grad.float())
+
+
+@pytest.mark.parametrize("sense", ["minimize", "maximize"])
+@pytest.mark.parametrize("two_sided", [True, False])
+def test_perturbation_gradient_equals_pyepo(sense, two_sided):
+    _pyepo()
+    import pyepo.func
+    pred, cost, _, _ = data(4, sense)
+    for sigma in (0.1, 1.0):
+        t1 = pred.clone().requires_grad_(True)
+        theirs = pyepo.func.perturbationGradient(pyepo_model(sense), sigma=sigma, two_sides=two_sided,
+                                                 processes=1, reduction="none")(t1, cost)
+        theirs.sum().backward()
+        t2 = pred.clone().requires_grad_(True)
+        ours = ptt.perturbation_gradient(make_op(sense), t2, cost, sigma, two_sided=two_sided, reduction="none")
+        ours.sum().backward()
+        # PyEPO divides by (2) sigma + 1e-7 and sums in float32
+        assert torch.allclose(ours, theirs.float(), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(t2.grad, t1.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_methods_give_the_same_bits_on_threads_and_workers():
+    for sense in ("minimize", "maximize"):
+        pred, cost, sol, obj = data(5, sense)
+        g = torch.tensor(np.random.default_rng(6).normal(size=(B, D)), dtype=torch.float32)
+        results = []
+        for op in (make_op(sense), make_op(sense, threads=2), make_op(sense, threads=2, workers=True)):
+            p = pred.clone().requires_grad_(True)
+            ptt.spo_plus(op, p, cost, sol, obj).backward()
+            q = pred.clone().requires_grad_(True)
+            (ptt.blackbox(op, q, 10.0) * g).sum().backward()
+            r = pred.clone().requires_grad_(True)
+            ptt.perturbation_gradient(op, r, cost, 0.5).backward()
+            results.append([p.grad, q.grad, r.grad])
+            op.close()
+        for other in results[1:]:
+            for a, b in zip(other, results[0]):
+                assert torch.equal(a, b)
+
+
+def test_modules_reductions_batch_dimensions_and_dtypes():
+    sense = "minimize"
+    op = make_op(sense)
+    pred, cost, sol, obj = data(7, sense)
+    per = ptt.spo_plus(op, pred, cost, sol, obj, reduction="none")
+    assert per.shape == (B,)
+    assert torch.allclose(ptt.SPOPlusLoss(op)(pred, cost, sol, obj), per.mean())
+    assert torch.allclose(ptt.SPOPlusLoss(op, reduction="sum")(pred, cost, sol, obj), per.sum())
+    # true_obj [batch] as well as PyEPO's [batch, 1]; leading batch dimensions; float64 in and out
+    assert torch.equal(ptt.spo_plus(op, pred, cost, sol, obj.reshape(-1), reduction="none"), per)
+    p64 = pred.double().reshape(3, 4, D).requires_grad_(True)
+    l64 = ptt.spo_plus(op, p64, cost.reshape(3, 4, D), sol.reshape(3, 4, D), obj.reshape(3, 4), reduction="none")
+    assert l64.dtype == torch.float64 and l64.shape == (3, 4)
+    l64.sum().backward()
+    assert p64.grad.shape == (3, 4, D) and p64.grad.dtype == torch.float64
+    pg = ptt.PerturbationGradientLoss(op, sigma=0.5, reduction="none")(pred, cost)
+    assert torch.equal(pg, ptt.perturbation_gradient(op, pred, cost, 0.5, reduction="none"))
+    y = ptt.BlackBox(op, lambd=5.0)(pred)
+    assert torch.equal(y, torch.tensor(one_hot_best(pred.numpy(), sense)))
+    assert "lambd=5.0" in repr(ptt.BlackBox(op, lambd=5.0))
+    # no gradient asked: no autograd node
+    assert not ptt.spo_plus(op, pred, cost, sol, obj).requires_grad
+    with torch.no_grad():
+        assert not ptt.blackbox(op, pred.clone().requires_grad_(True), 1.0).requires_grad
+    # the numpy level
+    loss, grad = op.spo_plus(pred.numpy(), cost.numpy(), sol.numpy(), obj.numpy())
+    assert isinstance(loss, np.ndarray) and np.array_equal(loss, per.numpy())
+
+
+def test_blackbox_is_differentiable_once():
+    op = make_op("minimize")
+    t = data(8, "minimize")[0].clone().requires_grad_(True)
+    y = ptt.blackbox(op, t, 10.0)
+    # a loss whose gradient in y depends on theta: its second derivative would go through
+    # DBB's backward, which has no derivative of its own
+    (g,) = torch.autograd.grad((y * t).sum(), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
+def test_methods_refuse_bad_arguments():
+    op = make_op("minimize")
+    pred, cost, sol, obj = data(9, "minimize")
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(pt.InvalidArgumentError, match="lambd must be finite and > 0"):
+            ptt.blackbox(op, pred, bad)
+        with pytest.raises(pt.InvalidArgumentError, match="sigma must be finite and > 0"):
+            ptt.perturbation_gradient(op, pred, cost, bad)
+        with pytest.raises(pt.InvalidArgumentError, match="lambda must be finite and > 0"):
+            op.blackbox_vjp(pred, pred, pred, bad)
+    with pytest.raises(ValueError, match="reduction"):
+        ptt.spo_plus(op, pred, cost, sol, obj, reduction="avg")
+    with pytest.raises(ValueError, match="true_obj must have shape"):
+        ptt.spo_plus(op, pred, cost, sol, obj.reshape(2, -1))
+    with pytest.raises(ValueError, match="true_cost of shape"):
+        ptt.spo_plus(op, pred, cost[:, :3], sol, obj)
+    with pytest.raises(ValueError, match="pred_cost must have shape"):
+        ptt.spo_plus(op, pred[:, :3], cost, sol, obj)
+    bad_sol = sol.clone()
+    bad_sol[2, 1] = float("nan")
+    with pytest.raises(pt.NonFiniteInputError, match=r"true_sol\[2\]\[1\]"):
+        ptt.spo_plus(op, pred, cost, bad_sol, obj)
+    with pytest.raises(TypeError, match="perturbations.Op"):
+        ptt.SPOPlusLoss("not an op")
+    # solutions not of the cost's shape: no linear objective
+    scalar = pt.Op(pt.Config(device="cpu"), D, (), lambda x: x.sum(-1))
+    with pytest.raises(pt.InvalidArgumentError, match="needs output_shape == input_shape"):
+        ptt.spo_plus(scalar, pred, cost, sol, obj)
+
+    def failing(x):
+        raise KeyError("no path")
+
+    with pytest.raises(KeyError, match="no path"):
+        ptt.spo_plus(pt.Op(pt.Config(device="cpu"), D, D, failing), pred, cost, sol, obj)
