@@ -544,14 +544,31 @@ fn julia_handles_and_rules_are_complete() {
         "function ChainRulesCore.rrule",
         &mut rules,
     );
-    assert_eq!(rules.len(), 2, "rrules of forward and fenchel_young");
+    assert_eq!(
+        rules.len(),
+        6,
+        "rrules of forward, fenchel_young, spo_plus, perturbation_gradient, blackbox and negative_identity"
+    );
     for rule in &rules {
         let body = text(*rule, &src);
+        // the losses' rules share loss_pullback, which handles the zero tangent
         assert!(
-            body.contains("AbstractZero") && body.contains("ProjectTo"),
+            (body.contains("AbstractZero") || body.contains("loss_pullback("))
+                && body.contains("ProjectTo"),
             "{body}"
         );
     }
+    let mut helper = Vec::new();
+    nodes(
+        tree.root_node(),
+        &src,
+        "function_definition",
+        "function loss_pullback(",
+        &mut helper,
+    );
+    assert_eq!(helper.len(), 1);
+    assert!(text(helper[0], &src).contains("AbstractZero"));
+    assert!(text(helper[0], &src).contains("@not_implemented"));
     assert!(
         text(rules[1], &src).contains("project_y("),
         "y_true's tangent"
@@ -731,8 +748,9 @@ fn julia_gc_safe_calls_match_the_header() {
         checked += 1;
     }
     assert_eq!(
-        checked, 4,
-        "pert_forward, pert_fenchel_young, pert_op_solve and pert_op_free are called GC-safe"
+        checked, 7,
+        "pert_forward, pert_fenchel_young, pert_op_solve, pert_op_free and the methods that solve \
+         (pert_spo_plus, pert_blackbox_vjp, pert_perturbation_gradient) are called GC-safe"
     );
 }
 

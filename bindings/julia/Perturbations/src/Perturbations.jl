@@ -30,6 +30,8 @@ using Libdl
 
 export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
 export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
+export spo_plus, spo_plus_with_grad, perturbation_gradient, perturbation_gradient_with_grad, blackbox, blackbox_vjp
+export negative_identity, negative_identity_vjp
 export NOISE_NORMAL, NOISE_GUMBEL, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
@@ -389,6 +391,9 @@ const PERT_FORWARD = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_FENCHEL_YOUNG_WITH_BOUND = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_OP_SOLVE = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_OP_FREE = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_SPO_PLUS = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_BLACKBOX_VJP = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_PERTURBATION_GRADIENT = Ref{Ptr{Cvoid}}(C_NULL)
 
 function gc_safe_forward(op::Ptr{Cvoid}, theta::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
                          tape::Ptr{Ptr{Cvoid}})::UInt32
@@ -413,6 +418,37 @@ function gc_safe_fenchel_young(op::Ptr{Cvoid}, theta::Ptr{Float32}, y_true::Ptr{
     state = ccall(:jl_gc_safe_enter, Int8, ())
     status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Float32},
         Ptr{Float32}), op, theta, y_true, batch, loss, grad, bound)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
+
+function gc_safe_spo_plus(op::Ptr{Cvoid}, pred::Ptr{Float32}, cost::Ptr{Float32}, sol::Ptr{Float32},
+                          obj::Ptr{Float32}, batch::Csize_t, loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+    fn = PERT_SPO_PLUS[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Ptr{Float32}, Ptr{Float32}, Ptr{Float32}, Csize_t,
+        Ptr{Float32}, Ptr{Float32}), op, pred, cost, sol, obj, batch, loss, grad)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
+
+function gc_safe_blackbox_vjp(op::Ptr{Cvoid}, theta::Ptr{Float32}, y::Ptr{Float32}, g::Ptr{Float32},
+                              batch::Csize_t, lambda::Cdouble, out::Ptr{Float32})::UInt32
+    fn = PERT_BLACKBOX_VJP[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Ptr{Float32}, Ptr{Float32}, Csize_t, Cdouble,
+        Ptr{Float32}), op, theta, y, g, batch, lambda, out)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
+
+function gc_safe_perturbation_gradient(op::Ptr{Cvoid}, pred::Ptr{Float32}, cost::Ptr{Float32}, batch::Csize_t,
+                                       sigma::Cdouble, two_sided::Int32, loss::Ptr{Float32},
+                                       grad::Ptr{Float32})::UInt32
+    fn = PERT_PERTURBATION_GRADIENT[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Ptr{Float32}, Csize_t, Cdouble, Int32, Ptr{Float32},
+        Ptr{Float32}), op, pred, cost, batch, sigma, two_sided, loss, grad)
     ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
     return status
 end
@@ -611,6 +647,9 @@ function __init__()
     PERT_FENCHEL_YOUNG_WITH_BOUND[] = Libdl.dlsym(handle, :pert_fenchel_young_with_bound)
     PERT_OP_SOLVE[] = Libdl.dlsym(handle, :pert_op_solve)
     PERT_OP_FREE[] = Libdl.dlsym(handle, :pert_op_free)
+    PERT_SPO_PLUS[] = Libdl.dlsym(handle, :pert_spo_plus)
+    PERT_BLACKBOX_VJP[] = Libdl.dlsym(handle, :pert_blackbox_vjp)
+    PERT_PERTURBATION_GRADIENT[] = Libdl.dlsym(handle, :pert_perturbation_gradient)
     TRAMPOLINE[] = @cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     INIT_TRAMPOLINE[] = @cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))
@@ -806,6 +845,163 @@ function ChainRulesCore.rrule(::typeof(fenchel_young), op::Op, theta::AbstractMa
                 project_y(sign .* theta_value .* per_problem))
     end
     return loss, fenchel_young_pullback
+end
+
+# ---- decision-focused methods over the exact solver ----------------------------------
+# SPO+, the differentiable black box (DBB), the negative identity (NID) and the
+# perturbation gradient (PG), with PyEPO's signs per sense; each needs an op whose output
+# size equals its input size (a linear objective). Matrices are `d × batch`, one column per
+# problem; results come per problem.
+
+function same_size(first::AbstractMatrix, x::AbstractMatrix, name)
+    size(x) == size(first) || throw(DimensionMismatch("$name must be $(size(first)), got $(size(x))"))
+    return Matrix{Float32}(x)
+end
+
+"""
+    spo_plus(op, ĉ, c, w, z)
+
+The SPO+ loss per problem (a vector of length batch) of predicted costs `ĉ` against true
+costs `c`, their optimal solutions `w` (all `d × batch`) and objectives `z` (length batch):
+one solve per problem at `2ĉ - c` (`pert_spo_plus`). Minimizing: `-⟨q, y*(q)⟩ + 2⟨ĉ, w⟩ - z`
+with gradient `2(w - y*(q))`; maximizing: the negation of the loss's terms and
+`2(y*(q) - w)`. Its gradient in `ĉ` comes with the `rrule` (the other arguments have none).
+"""
+spo_plus(op::Op, pred::AbstractMatrix, cost::AbstractMatrix, sol::AbstractMatrix, obj::AbstractVector) =
+    spo_plus_with_grad(op, pred, cost, sol, obj)[1]
+
+"""`spo_plus_with_grad(op, ĉ, c, w, z)`: the SPO+ loss per problem and its gradient in `ĉ` (`d × batch`)."""
+function spo_plus_with_grad(op::Op, pred::AbstractMatrix, cost::AbstractMatrix, sol::AbstractMatrix,
+                            obj::AbstractVector)
+    batch = batch_of(op, pred)
+    p, c, w = Matrix{Float32}(pred), same_size(pred, cost, "true_cost"), same_size(pred, sol, "true_sol")
+    length(obj) == batch || throw(DimensionMismatch("true_obj must have length $batch, got $(length(obj))"))
+    z = Vector{Float32}(obj)
+    loss = Vector{Float32}(undef, batch)
+    grad = Matrix{Float32}(undef, op.d, batch)
+    call(op) do
+        op.workers && return GC.@preserve p c w z loss grad gc_safe_spo_plus(op.handle, pointer(p), pointer(c),
+            pointer(w), pointer(z), Csize_t(batch), pointer(loss), pointer(grad))
+        @ccall libperturbations.pert_spo_plus(op::Ptr{Cvoid}, p::Ptr{Float32}, c::Ptr{Float32}, w::Ptr{Float32},
+            z::Ptr{Float32}, batch::Csize_t, loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+    end
+    return loss, grad
+end
+
+"""
+    perturbation_gradient(op, ĉ, c, σ; two_sided=true)
+
+The perturbation-gradient loss per problem of predicted costs `ĉ` along true costs `c`
+(both `d × batch`), a finite difference of width `σ` of the optimal value that approximates
+the true cost of the predicted decision (`pert_perturbation_gradient`): two solves per
+problem. Its gradient in `ĉ` comes with the `rrule`.
+"""
+perturbation_gradient(op::Op, pred::AbstractMatrix, cost::AbstractMatrix, sigma::Real; two_sided::Bool=true) =
+    perturbation_gradient_with_grad(op, pred, cost, sigma; two_sided)[1]
+
+"""`perturbation_gradient_with_grad(op, ĉ, c, σ; two_sided=true)`: the PG loss per problem and its gradient in `ĉ`."""
+function perturbation_gradient_with_grad(op::Op, pred::AbstractMatrix, cost::AbstractMatrix, sigma::Real;
+                                         two_sided::Bool=true)
+    batch = batch_of(op, pred)
+    p, c = Matrix{Float32}(pred), same_size(pred, cost, "true_cost")
+    s, two = Cdouble(sigma), Int32(two_sided)
+    loss = Vector{Float32}(undef, batch)
+    grad = Matrix{Float32}(undef, op.d, batch)
+    call(op) do
+        op.workers && return GC.@preserve p c loss grad gc_safe_perturbation_gradient(op.handle, pointer(p),
+            pointer(c), Csize_t(batch), s, two, pointer(loss), pointer(grad))
+        @ccall libperturbations.pert_perturbation_gradient(op::Ptr{Cvoid}, p::Ptr{Float32}, c::Ptr{Float32},
+            batch::Csize_t, s::Cdouble, two::Int32, loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+    end
+    return loss, grad
+end
+
+"""
+    blackbox_vjp(op, θ, y, ȳ, λ)
+
+The differentiable black box's gradient in `θ` (`pert_blackbox_vjp`): from `y =
+Perturbations.solve(op, θ)` and the gradient `ȳ` in `y` (all `d × batch`), one solve per
+problem at `θ + sλȳ`, giving `s(y*(θ + sλȳ) - y) / λ` (s = +1 minimizing, -1 maximizing).
+"""
+function blackbox_vjp(op::Op, theta::AbstractMatrix, y::AbstractMatrix, ybar::AbstractMatrix, lambda::Real)
+    batch = batch_of(op, theta)
+    th, ys, g = Matrix{Float32}(theta), same_size(theta, y, "y"), same_size(theta, ybar, "grad_output")
+    l = Cdouble(lambda)
+    out = Matrix{Float32}(undef, op.d, batch)
+    call(op) do
+        op.workers && return GC.@preserve th ys g out gc_safe_blackbox_vjp(op.handle, pointer(th), pointer(ys),
+            pointer(g), Csize_t(batch), l, pointer(out))
+        @ccall libperturbations.pert_blackbox_vjp(op::Ptr{Cvoid}, th::Ptr{Float32}, ys::Ptr{Float32},
+            g::Ptr{Float32}, batch::Csize_t, l::Cdouble, out::Ptr{Float32})::UInt32
+    end
+    return out
+end
+
+"""`negative_identity_vjp(op, ȳ)`: the negative identity's gradient, `-ȳ` minimizing, `ȳ` maximizing (`pert_negative_identity_vjp`)."""
+function negative_identity_vjp(op::Op, ybar::AbstractMatrix)
+    batch = batch_of(op, ybar)
+    g = Matrix{Float32}(ybar)
+    out = Matrix{Float32}(undef, op.d, batch)
+    call(op) do  # no solve: no worker runs
+        @ccall libperturbations.pert_negative_identity_vjp(op::Ptr{Cvoid}, g::Ptr{Float32}, batch::Csize_t,
+            out::Ptr{Float32})::UInt32
+    end
+    return out
+end
+
+"""`blackbox(op, θ, λ)`: y*(θ) (`Perturbations.solve`), differentiable by DBB through its `rrule` ([`blackbox_vjp`](@ref))."""
+function blackbox(op::Op, theta::AbstractMatrix, lambda::Real)
+    (isfinite(lambda) && lambda > 0) || throw(ArgumentError("λ must be finite and > 0, got $lambda"))
+    return solve(op, theta)
+end
+
+"""`negative_identity(op, θ)`: y*(θ) (`Perturbations.solve`), differentiable by NID through its `rrule`."""
+negative_identity(op::Op, theta::AbstractMatrix) = solve(op, theta)
+
+# the losses' rules: the gradient in the predicted costs comes with the loss
+function loss_pullback(grad, project, others::Int)
+    function pullback(l̄)
+        g = unthunk(l̄)
+        rest = ntuple(_ -> @not_implemented("the losses are differentiated in the predicted costs only"), others)
+        g isa AbstractZero && return (NoTangent(), NoTangent(), ZeroTangent(), rest...)
+        return (NoTangent(), NoTangent(), project(grad .* reshape(g, 1, :)), rest...)
+    end
+    return pullback
+end
+
+function ChainRulesCore.rrule(::typeof(spo_plus), op::Op, pred::AbstractMatrix, cost::AbstractMatrix,
+                              sol::AbstractMatrix, obj::AbstractVector)
+    loss, grad = spo_plus_with_grad(op, pred, cost, sol, obj)
+    return loss, loss_pullback(grad, ProjectTo(pred), 3)
+end
+
+function ChainRulesCore.rrule(::typeof(perturbation_gradient), op::Op, pred::AbstractMatrix, cost::AbstractMatrix,
+                              sigma::Real; two_sided::Bool=true)
+    loss, grad = perturbation_gradient_with_grad(op, pred, cost, sigma; two_sided)
+    return loss, loss_pullback(grad, ProjectTo(pred), 2)
+end
+
+function ChainRulesCore.rrule(::typeof(blackbox), op::Op, theta::AbstractMatrix, lambda::Real)
+    y = blackbox(op, theta, lambda)
+    project = ProjectTo(theta)
+    theta_value = Matrix{Float32}(theta)
+    function blackbox_pullback(ȳ)
+        g = unthunk(ȳ)
+        g isa AbstractZero && return (NoTangent(), NoTangent(), ZeroTangent(), NoTangent())
+        return (NoTangent(), NoTangent(), project(blackbox_vjp(op, theta_value, y, g, lambda)), NoTangent())
+    end
+    return y, blackbox_pullback
+end
+
+function ChainRulesCore.rrule(::typeof(negative_identity), op::Op, theta::AbstractMatrix)
+    y = negative_identity(op, theta)
+    project = ProjectTo(theta)
+    function negative_identity_pullback(ȳ)
+        g = unthunk(ȳ)
+        g isa AbstractZero && return (NoTangent(), NoTangent(), ZeroTangent())
+        return (NoTangent(), NoTangent(), project(negative_identity_vjp(op, g)))
+    end
+    return y, negative_identity_pullback
 end
 
 # ---- two-phase API -----------------------------------------------------------------

@@ -77,6 +77,31 @@ end
         @test size(forward(right, θ)) == (5, 2)
     end
 
+    @testset "decision-focused methods (the C harness's hand-computed values)" begin
+        argmin_solver(x) = argmax_solver(-x)
+        op = Op(argmin_solver, Config(sense=SENSE_MINIMIZE, device="cpu"), (3,), (3,))
+        # SPO+: problem 1 has q = 2ĉ - c = (5, 0, 1): loss 5, grad 2(e1 - e2); problem 2 is at the truth
+        ĉ = Float32[3 0.5; 1 -1; 2 2]
+        c = Float32[1 0.5; 2 -1; 3 2]
+        w = Float32[1 0; 0 1; 0 0]
+        loss, grad = spo_plus_with_grad(op, ĉ, c, w, Float32[1, -1])
+        @test loss == Float32[5, 0]
+        @test grad == Float32[2 0; -2 0; 0 0]
+        @test Zygote.gradient(p -> sum(spo_plus(op, p, c, w, Float32[1, -1])), ĉ)[1] == grad
+        # DBB: y*(1, 2, 3) = e1; backward at θ + 1.5 ȳ = (2.5, 2, 3): e2
+        θ = reshape(Float32[1, 2, 3], 3, 1)
+        ȳ = reshape(Float32[1, 0, 0], 3, 1)
+        @test blackbox(op, θ, 1.5) == reshape(Float32[1, 0, 0], 3, 1)
+        @test Zygote.gradient(t -> sum(blackbox(op, t, 1.5) .* ȳ), θ)[1] == reshape(Float32[-1 / 1.5f0, 1 / 1.5f0, 0], 3, 1)
+        @test Zygote.gradient(t -> sum(negative_identity(op, t) .* ȳ), θ)[1] == -ȳ
+        @test_throws ArgumentError blackbox(op, θ, 0)
+        # PG: (ĉ ± c) = (4, 3, 5) -> e2, (-2, 1, 1) -> e1: loss 2.5, grad (e2 - e1) / 2
+        pg, pg_grad = perturbation_gradient_with_grad(op, θ, reshape(Float32[3, 1, 2], 3, 1), 1.0)
+        @test pg == Float32[2.5] && pg_grad == reshape(Float32[-0.5, 0.5, 0], 3, 1)
+        @test perturbation_gradient(op, θ, reshape(Float32[3, 1, 2], 3, 1), 1.0; two_sided=false) == Float32[3]
+        @test_throws PerturbationsError perturbation_gradient(op, θ, θ, -1.0)
+    end
+
     @testset "built-in solver and two-phase API" begin
         config = Config(num_samples=2000, sigma=0.5, noise=NOISE_GUMBEL, device="cpu")
         builtin = Op(config, BUILTIN_ARGMAX; input_shape=(3,))
