@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
+.PHONY: bench-methods lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
 
 all: build
 
@@ -281,7 +281,15 @@ bench: build
 	cc -std=c11 -O2 -shared -fPIC bench/bench_solvers.c -Iinclude -o target/bench/libbench_solvers.so
 	c++ -std=c++17 -O2 $(TORCH_CXX) bench/adapter_bench.cpp -Ibindings/cpp -o target/bench/adapter_bench $(LINK_PERT) $(TORCH_LINK)
 	"$(if $(LIBTORCH),python3,$(VENV)/bin/python)" bench/bench.py --out target/bench/results.md $(BENCH_FLAGS)
+	$(MAKE) --no-print-directory bench-methods
 	$(MAKE) --no-print-directory bench-python
+
+# The decision-focused methods against the solver calls they make (bench/methods.c).
+bench-methods: build
+	@mkdir -p target/bench
+	cc -std=c11 -O2 bench/methods.c examples/c/grid_shortest_path.c -o target/bench/methods $(LINK_PERT)
+	./target/bench/methods 32 4000 | tee target/bench/methods.md
+	./target/bench/methods 256 1000 | tee -a target/bench/methods.md
 
 # --- deep checks (also run by .ci/run) -----------------------------------------
 # Sanitizers (clang's ASan + UBSan, LeakSanitizer on) over the C and C++ harness, valgrind

@@ -630,6 +630,34 @@ pert_status pert_draw_fenchel_young_with_bound(const struct pert_draw *draw,
 void pert_draw_free(struct pert_draw *draw);
 
 /*
+ The op's solver on each of `batch` problems, with no noise: y*(x) (a plain batched
+ solve, for methods that need the exact solution, such as SPO+ or a clean evaluation).
+ It runs as a forward call's solves do: on the op's solver threads, its persistent
+ workers (`pert_op_new_ex`, with `pert_solve_info.clean` set and `first_row` counting
+ the problems), its device, or the built-in solver; the results do not depend on the
+ number of threads. It draws no noise: later forward calls draw what they would have.
+
+ The batch is solved at once (spread over the solver threads or workers, not cut into
+ chunks); `pert_op_interrupt` during it makes it return `PERT_STATUS_INTERRUPTED`,
+ having written nothing, once the solver calls running return.
+
+ @param op      The op (not one of `pert_op_new_external`, which has no solver).
+ @param x       `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
+                borrowed for the call.
+ @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written (x and
+                output may then be NULL).
+ @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`; may
+                overlap x (x is read first).
+ @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in x), `PERT_STATUS_SOLVER_FAILED` (the
+         solver returned non-zero or wrote a non-finite value), `PERT_STATUS_INVALID_ARGUMENT`
+         (sizes overflow, an op without a solver, or a solver on the op's own workers
+         calling it),
+         `PERT_STATUS_TORCH_ERROR`, `PERT_STATUS_INTERRUPTED`. On error `output` is
+         untouched.
+ */
+pert_status pert_op_solve(struct pert_op *op, const float *x, size_t batch, float *output);
+
+/*
  The SPO+ loss of predicted costs against true costs, solutions and objectives, and its
  gradient with respect to the predicted costs (Elmachtoub & Grigas 2022), per problem.
  One solve per problem, at q = 2 * pred_cost - true_cost, by the op's solver in its sense
@@ -914,34 +942,6 @@ size_t pert_op_input_numel(const struct pert_op *op);
  0); 0 for NULL.
  */
 size_t pert_op_output_numel(const struct pert_op *op);
-
-/*
- The op's solver on each of `batch` problems, with no noise: y*(x) (a plain batched
- solve, for methods that need the exact solution, such as SPO+ or a clean evaluation).
- It runs as a forward call's solves do: on the op's solver threads, its persistent
- workers (`pert_op_new_ex`, with `pert_solve_info.clean` set and `first_row` counting
- the problems), its device, or the built-in solver; the results do not depend on the
- number of threads. It draws no noise: later forward calls draw what they would have.
-
- The batch is solved at once (spread over the solver threads or workers, not cut into
- chunks); `pert_op_interrupt` during it makes it return `PERT_STATUS_INTERRUPTED`,
- having written nothing, once the solver calls running return.
-
- @param op      The op (not one of `pert_op_new_external`, which has no solver).
- @param x       `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
-                borrowed for the call.
- @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written (x and
-                output may then be NULL).
- @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`; may
-                overlap x (x is read first).
- @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in x), `PERT_STATUS_SOLVER_FAILED` (the
-         solver returned non-zero or wrote a non-finite value), `PERT_STATUS_INVALID_ARGUMENT`
-         (sizes overflow, an op without a solver, or a solver on the op's own workers
-         calling it),
-         `PERT_STATUS_TORCH_ERROR`, `PERT_STATUS_INTERRUPTED`. On error `output` is
-         untouched.
- */
-pert_status pert_op_solve(struct pert_op *op, const float *x, size_t batch, float *output);
 
 /*
  The perturbed solution y_sigma(theta) = mean over num_samples of solver(theta + sigma Z),

@@ -255,6 +255,33 @@ impl PerturbedOp {
         self.spec.output_tensor(&y, batch, x.device())
     }
 
+    /// y*(x) for the `rows` problems of host rows `x` (`rows × input_numel`, finite), as
+    /// [`PerturbedOp::solve`] gives it: a host solver is called on the slices themselves
+    /// (no tensor is made), others through [`PerturbedOp::solve`]. For the methods of
+    /// `crate::methods`, whose inputs are host rows of their own.
+    pub(crate) fn solve_host_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let SolverKind::Host(host) = &self.solver else {
+            let x = crate::tensors::from_slice(x)?
+                .f_reshape(crate::shape::batched(rows, &self.spec.input_shape))?;
+            return crate::tensors::host_floats(&self.solve(&x)?);
+        };
+        let stop = self.interrupts.stop();
+        let _cap = crate::intraop::cap(self.config().max_threads());
+        let (d, o) = (self.spec.input_numel, self.spec.output_numel);
+        let len = crate::shape::checked_product(&[rows, o], "rows * output_numel")?;
+        stop.check()?;
+        let mut y = vec![0.0f32; len];
+        let at = crate::solver::SolveInfo {
+            cuda_device: None, // host solvers get host memory
+            ..self.spec.rows_at(true, 0, rows)
+        };
+        let threads = self.config().effective_threads();
+        crate::pipeline::solve_rows(host, x, &mut y, rows, d, o, threads, at)?;
+        // solver calls are not cut short: an interrupt while they ran fails the call here
+        stop.check()?;
+        Ok(y)
+    }
+
     /// The spec a call on `theta` runs with: the CPU twin for a small call, else the op's.
     fn spec_for(&self, theta: &Tensor) -> &Arc<OpSpec> {
         match &self.cpu_twin {

@@ -169,7 +169,13 @@ pub(crate) struct Output {
 /// The values of one output, ready to be copied into the caller's buffer.
 pub(crate) struct Staged<'a> {
     out: &'a Output,
-    values: Tensor,
+    values: Values,
+}
+
+/// The values of a staged output: a contiguous float32 CPU tensor, or host floats.
+enum Values {
+    Tensor(Tensor),
+    Host(Vec<f32>),
 }
 
 /// An output buffer of `len` floats, or NULL_ARGUMENT / INVALID_ARGUMENT naming `name`
@@ -202,7 +208,28 @@ impl Output {
                 ),
             ));
         }
-        Ok(Staged { out: self, values })
+        Ok(Staged {
+            out: self,
+            values: Values::Tensor(values),
+        })
+    }
+
+    /// Host values (`len` of them) to write.
+    pub fn stage_host(&self, values: Vec<f32>) -> Result<Staged<'_>> {
+        if values.len() != self.len {
+            return Err(Error::new(
+                Status::Panic,
+                format!(
+                    "internal error (please report it): an output of {} floats got {} values",
+                    self.len,
+                    values.len()
+                ),
+            ));
+        }
+        Ok(Staged {
+            out: self,
+            values: Values::Host(values),
+        })
     }
 }
 
@@ -263,16 +290,15 @@ impl Staged<'_> {
         if self.out.len == 0 {
             return; // an empty buffer may be NULL
         }
-        // SAFETY: `values` is a contiguous float32 CPU tensor of `len` elements (checked in
-        // `stage`); the caller's buffer holds `len` writable floats (the contract of
-        // `output`). `copy` allows any overlap, though a fresh tensor never overlaps it.
-        unsafe {
-            std::ptr::copy(
-                self.values.data_ptr() as *const f32,
-                self.out.ptr,
-                self.out.len,
-            )
-        }
+        let from = match &self.values {
+            Values::Tensor(t) => t.data_ptr() as *const f32,
+            Values::Host(v) => v.as_ptr(),
+        };
+        // SAFETY: `values` holds `len` floats, contiguous (a float32 CPU tensor or a Vec;
+        // checked in `stage` / `stage_host`); the caller's buffer holds `len` writable
+        // floats (the contract of `output`). `copy` allows any overlap, though values of
+        // the library's own never overlap it.
+        unsafe { std::ptr::copy(from, self.out.ptr, self.out.len) }
     }
 }
 

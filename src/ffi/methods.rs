@@ -1,24 +1,65 @@
-//! Decision-focused learning methods over an op's exact solver (SPO+, DBB, NID, PG): the C
-//! entry points of `crate::methods`. Each checks its op and sizes, copies its inputs into
-//! tensors of its own, and writes its outputs only once everything has succeeded.
+//! The plain batched solve (`pert_op_solve`) and the decision-focused learning methods over
+//! it (SPO+, DBB, NID, PG): the C entry points of `PerturbedOp::solve` and
+//! `crate::methods`. Each checks its op, sizes and inputs, runs on the caller's buffers as
+//! host rows (borrowed for the call; no tensor is made for a host solver), and writes its
+//! outputs only once everything has succeeded.
 
 use super::boundary::{self, guard, slice};
 use super::handle::Handle;
 use super::op::pert_op;
 use super::status::pert_status;
 use crate::error::Result;
+use crate::methods::Rows;
 use crate::op::PerturbedOp;
-use crate::shape::{batched, checked_product};
-use tch::Tensor;
+use crate::shape::checked_product;
 
-/// `batch` rows of the op's input shape at `ptr`, copied (NULL_ARGUMENT naming `name`).
+/// `batch` rows of the op's input shape at `ptr`, borrowed and checked finite
+/// (NULL_ARGUMENT, NON_FINITE_INPUT naming `name`).
 ///
 /// # Safety
-/// `ptr` must point to `batch * input_numel` readable floats.
-unsafe fn rows(op: &PerturbedOp, ptr: *const f32, batch: usize, name: &str) -> Result<Tensor> {
+/// `ptr` must point to `batch * input_numel` readable floats that nothing writes during the
+/// call (as every input of the C API).
+unsafe fn rows<'a>(
+    op: &PerturbedOp,
+    ptr: *const f32,
+    batch: usize,
+    name: &str,
+) -> Result<&'a [f32]> {
     let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
     let values = unsafe { slice(ptr, len, name) }?;
-    Ok(crate::tensors::from_slice(values)?.f_reshape(batched(batch, op.input_shape()))?)
+    Rows {
+        batch,
+        d: op.input_numel(),
+    }
+    .check_finite(values, name)?;
+    Ok(values)
+}
+
+/// The host rows of a call on `batch` problems of `op`.
+fn shape(op: &PerturbedOp, batch: usize) -> Rows {
+    Rows {
+        batch,
+        d: op.input_numel(),
+    }
+}
+
+/// Writes a loss and its gradient (when asked for), staged together.
+fn write(
+    outputs: &(boundary::Output, Option<boundary::Output>),
+    loss: Vec<f32>,
+    grad: Vec<f32>,
+) -> Result<()> {
+    let loss = outputs.0.stage_host(loss)?;
+    let grad = outputs
+        .1
+        .as_ref()
+        .map(|out| out.stage_host(grad))
+        .transpose()?;
+    loss.write();
+    if let Some(grad) = grad {
+        grad.write();
+    }
+    Ok(())
 }
 
 /// The op of a call of `method`, which needs a linear objective (output shape = input
@@ -30,6 +71,59 @@ unsafe fn method_op<'a>(op: *mut pert_op, method: &str) -> Result<&'a PerturbedO
     let op = unsafe { pert_op::borrow(op, "op") }?;
     op.require_square(method)?;
     Ok(op)
+}
+
+/// The op's solver on each of `batch` problems, with no noise: y*(x) (a plain batched
+/// solve, for methods that need the exact solution, such as SPO+ or a clean evaluation).
+/// It runs as a forward call's solves do: on the op's solver threads, its persistent
+/// workers (`pert_op_new_ex`, with `pert_solve_info.clean` set and `first_row` counting
+/// the problems), its device, or the built-in solver; the results do not depend on the
+/// number of threads. It draws no noise: later forward calls draw what they would have.
+///
+/// The batch is solved at once (spread over the solver threads or workers, not cut into
+/// chunks); `pert_op_interrupt` during it makes it return `PERT_STATUS_INTERRUPTED`,
+/// having written nothing, once the solver calls running return.
+///
+/// @param op      The op (not one of `pert_op_new_external`, which has no solver).
+/// @param x       `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
+///                borrowed for the call.
+/// @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written (x and
+///                output may then be NULL).
+/// @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`; may
+///                overlap x (x is read first).
+/// @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in x), `PERT_STATUS_SOLVER_FAILED` (the
+///         solver returned non-zero or wrote a non-finite value), `PERT_STATUS_INVALID_ARGUMENT`
+///         (sizes overflow, an op without a solver, or a solver on the op's own workers
+///         calling it),
+///         `PERT_STATUS_TORCH_ERROR`, `PERT_STATUS_INTERRUPTED`. On error `output` is
+///         untouched.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_solve(
+    op: *mut pert_op,
+    x: *const f32,
+    batch: usize,
+    output: *mut f32,
+) -> pert_status {
+    guard(|| {
+        let op = unsafe { pert_op::borrow(op, "op") }?;
+        if batch == 0 {
+            return Ok(());
+        }
+        // the solutions are the library's own until they are written: output may overlap x
+        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+        let out_len = checked_product(&[batch, op.output_numel()], "batch * output_numel")?;
+        let output = unsafe { boundary::output(output, out_len, "output") }?;
+        let x = unsafe { slice(x, len, "x") }?;
+        Rows {
+            batch,
+            d: op.input_numel(),
+        }
+        .check_finite(x, "x")?;
+        // a host solver runs on the rows in place (no tensor is made)
+        let y = op.solve_host_rows(x, batch)?;
+        output.stage_host(y)?.write();
+        Ok(())
+    })
 }
 
 /// The SPO+ loss of predicted costs against true costs, solutions and objectives, and its
@@ -80,9 +174,10 @@ pub unsafe extern "C" fn pert_spo_plus(
         let pred = unsafe { rows(op, pred_cost, batch, "pred_cost") }?;
         let cost = unsafe { rows(op, true_cost, batch, "true_cost") }?;
         let sol = unsafe { rows(op, true_sol, batch, "true_sol") }?;
-        let obj = crate::tensors::from_slice(unsafe { slice(true_obj, batch, "true_obj") }?)?;
-        let (l, g) = op.spo_plus(&pred, &cost, &sol, &obj)?;
-        boundary::write_loss_and_grad(&outputs, &l, &g, None)
+        let obj = unsafe { slice(true_obj, batch, "true_obj") }?;
+        Rows { batch, d: 1 }.check_finite(obj, "true_obj")?;
+        let (l, g) = op.spo_plus_rows(shape(op, batch), pred, cost, sol, obj)?;
+        write(&outputs, l, g)
     })
 }
 
@@ -126,8 +221,8 @@ pub unsafe extern "C" fn pert_blackbox_vjp(
         let theta = unsafe { rows(op, theta, batch, "theta") }?;
         let y = unsafe { rows(op, y, batch, "y") }?;
         let g = unsafe { rows(op, grad_output, batch, "grad_output") }?;
-        let grad = op.blackbox_vjp(&theta, &y, &g, lambda)?;
-        out.stage(&grad)?.write();
+        let grad = op.blackbox_vjp_rows(shape(op, batch), theta, y, g, lambda)?;
+        out.stage_host(grad)?.write();
         Ok(())
     })
 }
@@ -159,8 +254,8 @@ pub unsafe extern "C" fn pert_negative_identity_vjp(
         let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
         let out = unsafe { boundary::output(grad_theta, len, "grad_theta") }?;
         let g = unsafe { rows(op, grad_output, batch, "grad_output") }?;
-        let grad = op.negative_identity_vjp(&g)?;
-        out.stage(&grad)?.write();
+        let grad = op.negative_identity_vjp_rows(g)?;
+        out.stage_host(grad)?.write();
         Ok(())
     })
 }
@@ -215,7 +310,8 @@ pub unsafe extern "C" fn pert_perturbation_gradient(
         let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
         let pred = unsafe { rows(op, pred_cost, batch, "pred_cost") }?;
         let cost = unsafe { rows(op, true_cost, batch, "true_cost") }?;
-        let (l, g) = op.perturbation_gradient(&pred, &cost, sigma, two_sided != 0)?;
-        boundary::write_loss_and_grad(&outputs, &l, &g, None)
+        let (l, g) =
+            op.perturbation_gradient_rows(shape(op, batch), pred, cost, sigma, two_sided != 0)?;
+        write(&outputs, l, g)
     })
 }

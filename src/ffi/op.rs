@@ -397,50 +397,6 @@ unsafe fn inputs_and_output(
     Ok((input, output))
 }
 
-/// The op's solver on each of `batch` problems, with no noise: y*(x) (a plain batched
-/// solve, for methods that need the exact solution, such as SPO+ or a clean evaluation).
-/// It runs as a forward call's solves do: on the op's solver threads, its persistent
-/// workers (`pert_op_new_ex`, with `pert_solve_info.clean` set and `first_row` counting
-/// the problems), its device, or the built-in solver; the results do not depend on the
-/// number of threads. It draws no noise: later forward calls draw what they would have.
-///
-/// The batch is solved at once (spread over the solver threads or workers, not cut into
-/// chunks); `pert_op_interrupt` during it makes it return `PERT_STATUS_INTERRUPTED`,
-/// having written nothing, once the solver calls running return.
-///
-/// @param op      The op (not one of `pert_op_new_external`, which has no solver).
-/// @param x       `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
-///                borrowed for the call.
-/// @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written (x and
-///                output may then be NULL).
-/// @param output  Receives `batch * output_numel` floats, `[batch, *output_shape]`; may
-///                overlap x (x is read first).
-/// @return `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in x), `PERT_STATUS_SOLVER_FAILED` (the
-///         solver returned non-zero or wrote a non-finite value), `PERT_STATUS_INVALID_ARGUMENT`
-///         (sizes overflow, an op without a solver, or a solver on the op's own workers
-///         calling it),
-///         `PERT_STATUS_TORCH_ERROR`, `PERT_STATUS_INTERRUPTED`. On error `output` is
-///         untouched.
-#[no_mangle]
-pub unsafe extern "C" fn pert_op_solve(
-    op: *mut pert_op,
-    x: *const f32,
-    batch: usize,
-    output: *mut f32,
-) -> pert_status {
-    guard(|| {
-        let op = unsafe { pert_op::borrow(op, "op") }?;
-        if batch == 0 {
-            return Ok(());
-        }
-        // x is copied before anything is written: output may overlap it
-        let (x, output) = unsafe { inputs_and_output(op, x, batch, output, "x") }?;
-        let y = op.solve(&x)?;
-        output.stage(&y)?.write();
-        Ok(())
-    })
-}
-
 /// The perturbed solution y_sigma(theta) = mean over num_samples of solver(theta + sigma Z),
 /// for a batch of problems, and optionally the tape for its gradient.
 ///

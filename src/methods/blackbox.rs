@@ -4,7 +4,7 @@
 //! ICLR 2023). Both return y*(θ) forward ([`PerturbedOp::solve`]); these are their
 //! backward passes.
 
-use super::{pyepo_sign, step, Problems};
+use super::{derived, pyepo_sign, step, Call, Rows};
 use crate::error::Result;
 use crate::op::PerturbedOp;
 use tch::Tensor;
@@ -24,20 +24,34 @@ impl PerturbedOp {
         grad_output: &Tensor,
         lambda: f64,
     ) -> Result<Tensor> {
+        step(lambda, "lambda")?;
+        let (call, theta) = Call::of(self, "the black-box gradient (DBB)", theta, "theta")?;
+        let y = call.rows(y, "y")?;
+        let g = call.rows(grad_output, "grad_output")?;
+        call.like_first(&self.blackbox_vjp_rows(call.rows, &theta, &y, &g, lambda)?)
+    }
+
+    /// [`PerturbedOp::blackbox_vjp`] on host rows (finite, checked by the caller; they
+    /// must not change during the call: `y` is read after the solve).
+    pub(crate) fn blackbox_vjp_rows(
+        &self,
+        rows: Rows,
+        theta: &[f32],
+        y: &[f32],
+        g: &[f32],
+        lambda: f64,
+    ) -> Result<Vec<f32>> {
         let lambda = step(lambda, "lambda")?;
-        let (p, theta) = Problems::of(self, "the black-box gradient (DBB)", theta, "theta")?;
-        let y = p.rows(y, "y")?;
-        let g = p.rows(grad_output, "grad_output")?;
+        self.require_square("the black-box gradient (DBB)")?;
         let sign = pyepo_sign(self.config().sense());
         let step = sign * lambda;
-        let shifted: Vec<f32> = theta.iter().zip(&g).map(|(&t, &g)| t + step * g).collect();
-        let w = p.solve(self, &shifted)?;
-        let grad: Vec<f32> = w
-            .iter()
-            .zip(&y)
+        let shifted = derived(theta, g, |t, g| t + step * g);
+        rows.check_derived(&shifted, "theta + lambda * grad_output")?;
+        let w = self.solve_host_rows(&shifted, rows.batch)?;
+        Ok(w.iter()
+            .zip(y)
             .map(|(&w, &y)| (w - y) * sign / lambda)
-            .collect();
-        p.like_first(&grad)
+            .collect())
     }
 
     /// NID's gradient with respect to θ of a loss whose gradient with respect to the
@@ -45,14 +59,19 @@ impl PerturbedOp {
     /// minimizing, g when maximizing (PyEPO's `negativeIdentity`; no solve). The op's
     /// output shape must equal its input shape; the result is on `grad_output`'s device.
     pub fn negative_identity_vjp(&self, grad_output: &Tensor) -> Result<Tensor> {
-        let (p, g) = Problems::of(
+        let (call, g) = Call::of(
             self,
             "the negative identity (NID)",
             grad_output,
             "grad_output",
         )?;
+        call.like_first(&self.negative_identity_vjp_rows(&g)?)
+    }
+
+    /// [`PerturbedOp::negative_identity_vjp`] on host values.
+    pub(crate) fn negative_identity_vjp_rows(&self, g: &[f32]) -> Result<Vec<f32>> {
+        self.require_square("the negative identity (NID)")?;
         let sign = -pyepo_sign(self.config().sense());
-        let grad: Vec<f32> = g.iter().map(|&g| sign * g).collect();
-        p.like_first(&grad)
+        Ok(g.iter().map(|&g| sign * g).collect())
     }
 }

@@ -1,7 +1,7 @@
 //! The perturbation gradient (PG: Huang & Gupta, "Decision-Focused Learning with
 //! Directional Gradients", NeurIPS 2024).
 
-use super::{dot, pyepo_sign, step, Problems};
+use super::{derived, dot, pyepo_sign, step, Call, Rows};
 use crate::error::Result;
 use crate::op::PerturbedOp;
 use tch::Tensor;
@@ -28,41 +28,53 @@ impl PerturbedOp {
         sigma: f64,
         two_sided: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let sigma = step(sigma, "sigma")?;
-        let (p, pred) = Problems::of(
+        step(sigma, "sigma")?;
+        let (call, pred) = Call::of(
             self,
             "the perturbation gradient (PG)",
             pred_cost,
             "pred_cost",
         )?;
-        let cost = p.rows(true_cost, "true_cost")?;
+        let cost = call.rows(true_cost, "true_cost")?;
+        let (loss, grad) =
+            self.perturbation_gradient_rows(call.rows, &pred, &cost, sigma, two_sided)?;
+        Ok((call.per_problem(&loss)?, call.like_first(&grad)?))
+    }
+
+    /// [`PerturbedOp::perturbation_gradient`] on host rows (finite, checked by the
+    /// caller), all read before the solve.
+    pub(crate) fn perturbation_gradient_rows(
+        &self,
+        rows: Rows,
+        pred: &[f32],
+        cost: &[f32],
+        sigma: f64,
+        two_sided: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let sigma = step(sigma, "sigma")?;
+        self.require_square("the perturbation gradient (PG)")?;
         let up = if two_sided { sigma } else { 0.0 };
-        let plus: Vec<f32> = pred
-            .iter()
-            .zip(&cost)
-            .map(|(&c_hat, &c)| c_hat + up * c)
-            .collect();
-        let minus: Vec<f32> = pred
-            .iter()
-            .zip(&cost)
-            .map(|(&c_hat, &c)| c_hat - sigma * c)
-            .collect();
-        let w = p.solve(self, &[plus.as_slice(), minus.as_slice()].concat())?;
-        let (w_plus, w_minus) = w.split_at(p.batch * p.d);
+        // one solve of [ĉ + up·c; ĉ − σc]
+        let mut x = derived(pred, cost, |c_hat, c| c_hat + up * c);
+        x.extend(derived(pred, cost, |c_hat, c| c_hat - sigma * c));
+        rows.check_derived(&x, "pred_cost +- sigma * true_cost")?;
+        let w = self.solve_host_rows(&x, 2 * rows.batch)?;
+        let (plus, minus) = x.split_at(pred.len());
+        let (w_plus, w_minus) = w.split_at(pred.len());
         let sign = pyepo_sign(self.config().sense());
         let width = if two_sided { 2.0 * sigma } else { sigma };
-        let loss: Vec<f32> = (0..p.batch)
+        let loss = (0..rows.batch)
             .map(|i| {
-                let diff = dot(p.row(&plus, i), p.row(w_plus, i))
-                    - dot(p.row(&minus, i), p.row(w_minus, i));
+                let diff = dot(rows.row(plus, i), rows.row(w_plus, i))
+                    - dot(rows.row(minus, i), rows.row(w_minus, i));
                 (f64::from(sign) * diff / f64::from(width)) as f32
             })
             .collect();
-        let grad: Vec<f32> = w_plus
+        let grad = w_plus
             .iter()
             .zip(w_minus)
             .map(|(&a, &b)| sign * (a - b) / width)
             .collect();
-        Ok((p.per_problem(&loss)?, p.like_first(&grad)?))
+        Ok((loss, grad))
     }
 }

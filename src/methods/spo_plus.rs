@@ -1,6 +1,6 @@
 //! SPO+ (Elmachtoub & Grigas, "Smart 'Predict, then Optimize'", Management Science 2022).
 
-use super::{dot, pyepo_sign, Problems};
+use super::{derived, dot, host, pyepo_sign, Call, Rows};
 use crate::error::{Error, Result};
 use crate::op::PerturbedOp;
 use tch::Tensor;
@@ -25,39 +25,50 @@ impl PerturbedOp {
         true_sol: &Tensor,
         true_obj: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (p, pred) = Problems::of(self, "SPO+", pred_cost, "pred_cost")?;
-        let cost = p.rows(true_cost, "true_cost")?;
-        let sol = p.rows(true_sol, "true_sol")?;
+        let (call, pred) = Call::of(self, "SPO+", pred_cost, "pred_cost")?;
+        let cost = call.rows(true_cost, "true_cost")?;
+        let sol = call.rows(true_sol, "true_sol")?;
         let obj_size = true_obj.size();
-        let b = p.batch as i64;
+        let b = call.rows.batch as i64;
         if obj_size != [b] && obj_size != [b, 1] {
             return Err(Error::invalid(format!(
                 "true_obj must have shape [{b}] or [{b}, 1] (one objective per problem), got {obj_size:?}"
             )));
         }
-        let obj = p.host(true_obj, "true_obj")?;
-        let q: Vec<f32> = pred
-            .iter()
-            .zip(&cost)
-            .map(|(&c_hat, &c)| 2.0 * c_hat - c)
-            .collect();
-        let wq = p.solve(self, &q)?;
+        let obj = host(true_obj, "true_obj")?;
+        let (loss, grad) = self.spo_plus_rows(call.rows, &pred, &cost, &sol, &obj)?;
+        Ok((call.per_problem(&loss)?, call.like_first(&grad)?))
+    }
+
+    /// [`PerturbedOp::spo_plus`] on host rows (finite, checked by the caller): the loss per
+    /// problem and the gradient. The inputs must not change during the call (the C API's
+    /// buffers are borrowed for it): `true_sol` is read after the solve.
+    pub(crate) fn spo_plus_rows(
+        &self,
+        rows: Rows,
+        pred: &[f32],
+        cost: &[f32],
+        sol: &[f32],
+        obj: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.require_square("SPO+")?;
+        let q = derived(pred, cost, |c_hat, c| 2.0 * c_hat - c);
+        rows.check_derived(&q, "2 * pred_cost - true_cost")?;
+        let wq = self.solve_host_rows(&q, rows.batch)?;
         let sign = pyepo_sign(self.config().sense());
-        let loss: Vec<f32> = obj
-            .iter()
-            .enumerate()
-            .map(|(i, &z)| {
-                let value = -dot(p.row(&q, i), p.row(&wq, i))
-                    + 2.0 * dot(p.row(&pred, i), p.row(&sol, i))
-                    - f64::from(z);
+        let loss = (0..rows.batch)
+            .map(|i| {
+                let value = -dot(rows.row(&q, i), rows.row(&wq, i))
+                    + 2.0 * dot(rows.row(pred, i), rows.row(sol, i))
+                    - f64::from(obj[i]);
                 (f64::from(sign) * value) as f32
             })
             .collect();
-        let grad: Vec<f32> = sol
+        let grad = sol
             .iter()
             .zip(&wq)
             .map(|(&w, &w_q)| sign * 2.0 * (w - w_q))
             .collect();
-        Ok((p.per_problem(&loss)?, p.like_first(&grad)?))
+        Ok((loss, grad))
     }
 }

@@ -21,7 +21,7 @@ use crate::settings::{Baseline, Path};
 use tch::Tensor;
 
 pub(crate) use plan::OpSpec;
-pub(crate) use solve::{HostSolver, SolverKind, Source};
+pub(crate) use solve::{solve_rows, HostSolver, SolverKind, Source};
 
 /// What a forward call computes besides y_σ(θ) (and F_σ(θ) for square ops).
 #[derive(Debug, Clone, Copy, Default)]
