@@ -348,6 +348,30 @@ fn methods_refuse_bad_arguments() {
     assert!(e.message().contains("grad_output[2][3]"), "{e}");
     let e = invalid(op.spo_plus(&pred.to_kind(tch::Kind::Double), &c, &w, &z));
     assert!(e.message().contains("float32"), "{e}");
+    // finite inputs whose solve input overflows float32
+    let huge = Tensor::full(
+        [B as i64, D as i64],
+        3e38,
+        (tch::Kind::Float, tch::Device::Cpu),
+    );
+    let e = invalid(op.spo_plus(&huge, &c, &w, &z));
+    assert_eq!(e.status(), Status::NonFiniteInput);
+    assert!(
+        e.message()
+            .contains("2 * pred_cost - true_cost is inf at [0][0]"),
+        "{e}"
+    );
+    let e = invalid(op.blackbox_vjp(&huge, &pred, &huge, 10.0));
+    assert!(
+        e.message().contains("theta + lambda * grad_output is inf"),
+        "{e}"
+    );
+    let e = invalid(op.perturbation_gradient(&huge, &huge, 1.0, true));
+    assert!(
+        e.message()
+            .contains("pred_cost +- sigma * true_cost is inf"),
+        "{e}"
+    );
     // a solver whose solutions are not the cost's shape has no linear objective
     let cfg = config(Sense::Minimize, 1);
     let ranks = PerturbedOp::new(

@@ -43,47 +43,42 @@ impl Rows {
 
     /// NON_FINITE_INPUT naming the first non-finite value of `values` (`name[problem][index]`).
     pub(crate) fn check_finite(self, values: &[f32], name: &str) -> Result<()> {
-        if crate::input::all_finite(values) {
-            return Ok(());
-        }
-        let i = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
-        let d = self.d.max(1);
-        Err(Error::new(
-            Status::NonFiniteInput,
-            format!(
-                "{name}[{}][{}] is {}; {name} must be finite",
-                i / d,
-                i % d,
-                show(values[i])
-            ),
-        ))
+        self.first_non_finite(values).map_or(Ok(()), |(p, j, v)| {
+            Err(Error::new(
+                Status::NonFiniteInput,
+                format!("{name}[{p}][{j}] is {v}; {name} must be finite"),
+            ))
+        })
     }
 
     /// The input of a solve made from the call's inputs (2ĉ − c, θ + sλg, ĉ ± σc), checked:
     /// finite inputs can still overflow float32.
     fn check_derived(self, values: &[f32], what: &str) -> Result<()> {
-        if crate::input::all_finite(values) {
-            return Ok(());
-        }
-        let i = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
-        let d = self.d.max(1);
-        Err(Error::new(
-            Status::NonFiniteInput,
-            format!(
-                "{what} is {} at [{}][{}] (it overflows float32): the costs are too large",
-                show(values[i]),
-                i / d,
-                i % d
-            ),
-        ))
+        self.first_non_finite(values).map_or(Ok(()), |(p, j, v)| {
+            Err(Error::new(
+                Status::NonFiniteInput,
+                format!(
+                    "{what} is {v} at [{p}][{j}] (it overflows float32): the costs are too large"
+                ),
+            ))
+        })
     }
-}
 
-fn show(v: f32) -> String {
-    if v.is_nan() {
-        "NaN".to_string()
-    } else {
-        v.to_string()
+    /// (problem, index, value as text) of the first non-finite value, if any (one
+    /// vectorized pass when all are finite).
+    fn first_non_finite(self, values: &[f32]) -> Option<(usize, usize, String)> {
+        if crate::input::all_finite(values) {
+            return None;
+        }
+        let i = values.iter().position(|v| !v.is_finite())?;
+        let d = self.d.max(1);
+        let v = values[i];
+        let text = if v.is_nan() {
+            "NaN".to_string()
+        } else {
+            v.to_string()
+        };
+        Some((i / d, i % d, text))
     }
 }
 
