@@ -5,7 +5,7 @@
  *   SPO+    pert_spo_plus                                    vs the solver on BATCH rows
  *   DBB     pert_op_solve + pert_blackbox_vjp (a training step) vs the solver on BATCH rows, twice
  *   NID     pert_op_solve + pert_negative_identity_vjp        vs the solver on BATCH rows
- *   PG      pert_perturbation_gradient (two-sided)            vs the solver on 2 BATCH rows
+ *   PG      pert_perturbation_gradient (two-sided)            vs the solver on BATCH rows, twice
  * and prints a Markdown table with the ratio (the library's share beyond the solves).
  *
  *   target/bench/methods [BATCH [CALLS]] */
@@ -21,14 +21,13 @@ enum { D = 40 };
 
 static size_t batch;
 static pert_op *op;
-static float *pred, *cost, *sol, *obj, *g, *y, *out, *loss, *rows2, *paths2;
+static float *pred, *cost, *sol, *obj, *g, *y, *out, *loss;
 
 static void solve_alone(void) { grid_shortest_path(NULL, pred, batch, y); }
 static void solve_twice(void) {
   grid_shortest_path(NULL, pred, batch, y);
   grid_shortest_path(NULL, cost, batch, out);
 }
-static void solve_double_batch(void) { grid_shortest_path(NULL, rows2, 2 * batch, paths2); }
 static void spo(void) { check(pert_spo_plus(op, pred, cost, sol, obj, batch, loss, out)); }
 static void dbb(void) {
   check(pert_op_solve(op, pred, batch, y));
@@ -69,8 +68,7 @@ int main(int argc, char **argv) {
   pred = malloc(n * sizeof(float)), cost = malloc(n * sizeof(float)), sol = malloc(n * sizeof(float));
   g = malloc(n * sizeof(float)), y = malloc(n * sizeof(float)), out = malloc(n * sizeof(float));
   obj = malloc(batch * sizeof(float)), loss = malloc(batch * sizeof(float));
-  rows2 = malloc(2 * n * sizeof(float)), paths2 = malloc(2 * n * sizeof(float));
-  if (!pred || !cost || !sol || !g || !y || !out || !obj || !loss || !rows2 || !paths2) return 1;
+  if (!pred || !cost || !sol || !g || !y || !out || !obj || !loss) return 1;
   for (size_t i = 0; i < n; i++) {
     pred[i] = 0.5f + (float)((i * 7919) % 1000) / 1000.0f;
     cost[i] = 0.5f + (float)((i * 104729) % 1000) / 1000.0f;
@@ -82,8 +80,6 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < D; i++) z += (double)cost[b * D + i] * sol[b * D + i];
     obj[b] = (float)z;
   }
-  memcpy(rows2, pred, n * sizeof(float));
-  memcpy(rows2 + n, cost, n * sizeof(float));
   struct {
     const char *name;
     void (*method)(void);
@@ -93,7 +89,7 @@ int main(int argc, char **argv) {
       {"SPO+", spo, solve_alone, "1 x batch"},
       {"DBB (solve + backward)", dbb, solve_twice, "2 x batch"},
       {"NID (solve + backward)", nid, solve_alone, "1 x batch"},
-      {"PG (two-sided)", pg, solve_double_batch, "2 x batch, one call"},
+      {"PG (two-sided)", pg, solve_twice, "2 x batch"},
   };
   printf("Methods per batch of %zu shortest paths (D = %d, one thread), medians of %d calls:\n\n", batch, D, calls);
   printf("| method | library | solver calls alone | solves | library / solves |\n|---|---|---|---|---|\n");

@@ -669,9 +669,11 @@ pert_status pert_op_solve(struct pert_op *op, const float *x, size_t batch, floa
    grad = 2 (y*(q) - true_sol).
 
  For an exact solver, true_sol optimal for true_cost and true_obj = <true_cost, true_sol>,
- the loss is >= 0, and 0 when pred_cost = true_cost. Dot products are summed in double
- precision: the results do not depend on the number of threads. The op's output shape
- must equal its input shape.
+ the loss is >= 0 (up to the float32 rounding of q), and 0 when pred_cost = true_cost.
+ Dot products are summed in double precision in a fixed order: the results do not depend
+ on the number of threads. The op's output shape must equal its input shape. The inputs
+ are borrowed for the call (true_sol is read after the solve: nothing may write them
+ meanwhile).
 
  @param pred_cost  `batch * input_numel` floats, finite.
  @param true_cost  `batch * input_numel` floats, finite.
@@ -682,9 +684,10 @@ pert_status pert_op_solve(struct pert_op *op, const float *x, size_t batch, floa
  @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
                    may overlap the inputs (all are read first), not each other.
  @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
-         overflow, an op without a solver), `PERT_STATUS_NULL_ARGUMENT`,
-         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
-         nothing is written.
+         overflow, an op without a solver, a loss or gradient beyond float32's range),
+         `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in an input,
+         or 2 * pred_cost - true_cost overflowing float32), and the statuses of
+         `pert_op_solve`. On error nothing is written.
  */
 pert_status pert_spo_plus(struct pert_op *op,
                           const float *pred_cost,
@@ -702,7 +705,7 @@ pert_status pert_spo_plus(struct pert_op *op,
  theta' = theta + s * lambda * grad_output; the result is s * (y*(theta') - y) / lambda,
  with s = +1 for `PERT_SENSE_MINIMIZE` and -1 for `PERT_SENSE_MAXIMIZE` (PyEPO's
  `blackboxOpt`), computed in float32 as written. The op's output shape must equal its
- input shape.
+ input shape. The inputs are borrowed for the call (y is read after the solve).
 
  @param theta        `batch * input_numel` floats, finite: the forward's input.
  @param y            `batch * input_numel` floats, finite: the forward's solutions.
@@ -712,7 +715,8 @@ pert_status pert_spo_plus(struct pert_op *op,
                      in the units of theta).
  @param grad_theta   Receives `batch * input_numel` floats; may overlap the inputs.
  @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
-         lambda, sizes overflow), `PERT_STATUS_NULL_ARGUMENT`,
+         lambda, sizes overflow, a gradient beyond float32's range: lambda too small),
+         `PERT_STATUS_NULL_ARGUMENT`,
          `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
          nothing is written.
  */
@@ -755,9 +759,11 @@ pert_status pert_negative_identity_vjp(struct pert_op *op,
  - one-sided: w = y*(pred), w- = y*(pred - sigma true);
    loss = s (<pred, w> - <pred - sigma true, w->) / sigma, grad = s (w - w-) / sigma.
 
- The loss approximates the true cost of the predicted decision, <true, y*(pred)>. Two
- solves per problem, made as one `pert_op_solve` of 2 * batch problems. The op's output
- shape must equal its input shape.
+ As sigma -> 0 the loss tends to s <true, y*(pred)>: the true cost of the predicted
+ decision when minimizing, its negation when maximizing. Two solves per problem, made as
+ two solves of the batch (each as `pert_op_solve`). PyEPO divides by sigma + 1e-8 (or
+ 2 sigma + 1e-8); this divides by sigma (or 2 sigma). The op's output shape must equal
+ its input shape.
 
  @param pred_cost  `batch * input_numel` floats, finite.
  @param true_cost  `batch * input_numel` floats, finite.
@@ -768,7 +774,8 @@ pert_status pert_negative_identity_vjp(struct pert_op *op,
  @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
                    may overlap the inputs, not each other.
  @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
-         sigma, sizes overflow), `PERT_STATUS_NULL_ARGUMENT`,
+         sigma, sizes overflow, a loss or gradient beyond float32's range),
+         `PERT_STATUS_NULL_ARGUMENT`,
          `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
          nothing is written.
  */

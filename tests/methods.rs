@@ -368,10 +368,24 @@ fn methods_refuse_bad_arguments() {
     );
     let e = invalid(op.perturbation_gradient(&huge, &huge, 1.0, true));
     assert!(
-        e.message()
-            .contains("pred_cost +- sigma * true_cost is inf"),
+        e.message().contains("pred_cost + sigma * true_cost is inf"),
         "{e}"
     );
+    // finite inputs whose result overflows float32: refused, not returned as inf
+    let theta = Tensor::from_slice(&[5e-40f32, 1e-39, 1.0]).reshape([1, 3]);
+    let g = Tensor::from_slice(&[0.0f32, -1.0, 0.0]).reshape([1, 3]);
+    let op3 = PerturbedOp::new(&config(Sense::Minimize, 1), &[3], &[3], argmin).unwrap();
+    let y = op3.solve(&theta).unwrap();
+    let e = invalid(op3.blackbox_vjp(&theta, &y, &g, 1e-39));
+    assert_eq!(e.status(), Status::InvalidArgument);
+    assert!(e.message().contains("the black-box gradient is"), "{e}");
+    let e = invalid(op3.perturbation_gradient(&theta, &g, 1e-39, true));
+    assert!(e.message().contains("the PG gradient is"), "{e}");
+    let pred3 = Tensor::from_slice(&[-1.6e38f32, 1.6e38, 0.0]).reshape([1, 3]);
+    let cost3 = Tensor::from_slice(&[0.0f32, 0.0, -1e38]).reshape([1, 3]);
+    let sol3 = Tensor::from_slice(&[0.0f32, 0.0, 1.0]).reshape([1, 3]);
+    let e = invalid(op3.spo_plus(&pred3, &cost3, &sol3, &Tensor::from_slice(&[-1e38f32])));
+    assert!(e.message().contains("the SPO+ loss is inf"), "{e}");
     // a solver whose solutions are not the cost's shape has no linear objective
     let cfg = config(Sense::Minimize, 1);
     let ranks = PerturbedOp::new(
@@ -423,4 +437,50 @@ fn methods_refuse_bad_arguments() {
             .size(),
         [0]
     );
+}
+
+/// A solver on workers learns each row's problem from `first_row` and `batch`: every method
+/// names only the call's problems (PG makes two solves of the batch, not one of twice as many).
+struct Checking(Sense, usize);
+
+impl WorkerSolver for Checking {
+    fn solve(
+        &self,
+        info: &SolveInfo,
+        x: &[f32],
+        count: usize,
+        y: &mut [f32],
+    ) -> Result<(), String> {
+        if !info.clean || info.batch != self.1 || info.first_row as usize + count > self.1 {
+            return Err(format!(
+                "rows {} + {count} of a batch of {} (clean {})",
+                info.first_row, info.batch, info.clean
+            ));
+        }
+        exact(self.0)(x, count, y)
+    }
+}
+
+#[test]
+fn worker_solvers_see_the_calls_problems() {
+    for threads in [1, 2] {
+        let op = PerturbedOp::with_workers(
+            &config(Sense::Minimize, threads),
+            &[D as i64],
+            &[D as i64],
+            Checking(Sense::Minimize, B),
+        )
+        .unwrap();
+        let (c, w, z) = truth(Sense::Minimize, 71);
+        let pred = values(72);
+        let (loss, _) = op.spo_plus(&pred, &c, &w, &z).unwrap();
+        assert_eq!(loss.size(), [B as i64]);
+        let y = op.solve(&pred).unwrap();
+        let g = op.blackbox_vjp(&pred, &y, &values(73), 10.0).unwrap();
+        assert_eq!(g.size(), [B as i64, D as i64]);
+        for two_sided in [true, false] {
+            let (loss, _) = op.perturbation_gradient(&pred, &c, 0.5, two_sided).unwrap();
+            assert_eq!(loss.size(), [B as i64]);
+        }
+    }
 }

@@ -195,18 +195,21 @@ struct SolveLayer : public ::torch::autograd::Function<SolveLayer> {
   static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor theta, Op* op, double lambda) {
     auto t = host(theta);
     auto batch = static_cast<std::size_t>(t.size(0));
-    auto y = from(op->solve(view(t), batch), theta.sizes().vec(), t);
-    ctx->saved_data["theta"] = theta;
-    ctx->saved_data["theta_host"] = t;
-    ctx->saved_data["y_host"] = y;
+    auto y = from(op->solve(view(t), batch), theta.sizes().vec(), t).to(theta.device());
+    // theta's host copy and the output, as saved variables (an output kept in saved_data
+    // would hold its own node: a reference cycle, never freed); the graph releases them
+    // after backward, and an in-place change of the output before backward is caught
+    ctx->save_for_backward({t, y});
+    ctx->saved_data["theta"] = theta;  // (for once_differentiable only, as in Perturbed)
     ctx->saved_data["op"] = static_cast<int64_t>(reinterpret_cast<std::intptr_t>(op));
     ctx->saved_data["lambda"] = lambda;
-    return y.to(theta.device());
+    return y;
   }
   static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
                                                    ::torch::autograd::variable_list grad) {
     auto* op = reinterpret_cast<Op*>(static_cast<std::intptr_t>(ctx->saved_data["op"].toInt()));
-    auto t = ctx->saved_data["theta_host"].toTensor(), y = ctx->saved_data["y_host"].toTensor();
+    auto saved = ctx->get_saved_variables();
+    auto t = saved[0], y = host(saved[1]);
     auto g = host(grad[0]);
     auto batch = static_cast<std::size_t>(t.size(0));
     double lambda = ctx->saved_data["lambda"].toDouble();

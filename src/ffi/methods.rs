@@ -137,9 +137,11 @@ pub unsafe extern "C" fn pert_op_solve(
 ///   grad = 2 (y*(q) - true_sol).
 ///
 /// For an exact solver, true_sol optimal for true_cost and true_obj = <true_cost, true_sol>,
-/// the loss is >= 0, and 0 when pred_cost = true_cost. Dot products are summed in double
-/// precision: the results do not depend on the number of threads. The op's output shape
-/// must equal its input shape.
+/// the loss is >= 0 (up to the float32 rounding of q), and 0 when pred_cost = true_cost.
+/// Dot products are summed in double precision in a fixed order: the results do not depend
+/// on the number of threads. The op's output shape must equal its input shape. The inputs
+/// are borrowed for the call (true_sol is read after the solve: nothing may write them
+/// meanwhile).
 ///
 /// @param pred_cost  `batch * input_numel` floats, finite.
 /// @param true_cost  `batch * input_numel` floats, finite.
@@ -150,9 +152,10 @@ pub unsafe extern "C" fn pert_op_solve(
 /// @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
 ///                   may overlap the inputs (all are read first), not each other.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
-///         overflow, an op without a solver), `PERT_STATUS_NULL_ARGUMENT`,
-///         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
-///         nothing is written.
+///         overflow, an op without a solver, a loss or gradient beyond float32's range),
+///         `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in an input,
+///         or 2 * pred_cost - true_cost overflowing float32), and the statuses of
+///         `pert_op_solve`. On error nothing is written.
 #[no_mangle]
 pub unsafe extern "C" fn pert_spo_plus(
     op: *mut pert_op,
@@ -187,7 +190,7 @@ pub unsafe extern "C" fn pert_spo_plus(
 /// theta' = theta + s * lambda * grad_output; the result is s * (y*(theta') - y) / lambda,
 /// with s = +1 for `PERT_SENSE_MINIMIZE` and -1 for `PERT_SENSE_MAXIMIZE` (PyEPO's
 /// `blackboxOpt`), computed in float32 as written. The op's output shape must equal its
-/// input shape.
+/// input shape. The inputs are borrowed for the call (y is read after the solve).
 ///
 /// @param theta        `batch * input_numel` floats, finite: the forward's input.
 /// @param y            `batch * input_numel` floats, finite: the forward's solutions.
@@ -197,7 +200,8 @@ pub unsafe extern "C" fn pert_spo_plus(
 ///                     in the units of theta).
 /// @param grad_theta   Receives `batch * input_numel` floats; may overlap the inputs.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
-///         lambda, sizes overflow), `PERT_STATUS_NULL_ARGUMENT`,
+///         lambda, sizes overflow, a gradient beyond float32's range: lambda too small),
+///         `PERT_STATUS_NULL_ARGUMENT`,
 ///         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
 ///         nothing is written.
 #[no_mangle]
@@ -271,9 +275,11 @@ pub unsafe extern "C" fn pert_negative_identity_vjp(
 /// - one-sided: w = y*(pred), w- = y*(pred - sigma true);
 ///   loss = s (<pred, w> - <pred - sigma true, w->) / sigma, grad = s (w - w-) / sigma.
 ///
-/// The loss approximates the true cost of the predicted decision, <true, y*(pred)>. Two
-/// solves per problem, made as one `pert_op_solve` of 2 * batch problems. The op's output
-/// shape must equal its input shape.
+/// As sigma -> 0 the loss tends to s <true, y*(pred)>: the true cost of the predicted
+/// decision when minimizing, its negation when maximizing. Two solves per problem, made as
+/// two solves of the batch (each as `pert_op_solve`). PyEPO divides by sigma + 1e-8 (or
+/// 2 sigma + 1e-8); this divides by sigma (or 2 sigma). The op's output shape must equal
+/// its input shape.
 ///
 /// @param pred_cost  `batch * input_numel` floats, finite.
 /// @param true_cost  `batch * input_numel` floats, finite.
@@ -284,7 +290,8 @@ pub unsafe extern "C" fn pert_negative_identity_vjp(
 /// @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
 ///                   may overlap the inputs, not each other.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
-///         sigma, sizes overflow), `PERT_STATUS_NULL_ARGUMENT`,
+///         sigma, sizes overflow, a loss or gradient beyond float32's range),
+///         `PERT_STATUS_NULL_ARGUMENT`,
 ///         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
 ///         nothing is written.
 #[no_mangle]
@@ -305,8 +312,6 @@ pub unsafe extern "C" fn pert_perturbation_gradient(
             return Ok(());
         }
         let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
-        // two solves per problem: 2 * batch rows must be expressible too
-        checked_product(&[2, len], "2 * batch * input_numel")?;
         let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
         let pred = unsafe { rows(op, pred_cost, batch, "pred_cost") }?;
         let cost = unsafe { rows(op, true_cost, batch, "true_cost") }?;

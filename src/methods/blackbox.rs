@@ -15,8 +15,9 @@ impl PerturbedOp {
     /// solve per problem at θ' = θ + s·λ·g, as PyEPO's `blackboxOpt` (s = +1 minimizing,
     /// −1 maximizing): s·(y*(θ') − y) / λ, computed in float32 as written
     /// (θ' = θ + (s·λ)·g; (y*(θ') − y) · s / λ). λ (`lambda`) must be finite and > 0;
-    /// PyEPO recommends 10 to 20 (in the units of θ). The op's output shape must equal its
-    /// input shape; the result is on `theta`'s device.
+    /// PyEPO recommends 10 to 20 (in the units of θ); a gradient beyond float32's range (a
+    /// tiny λ) is refused. The op's output shape must equal its input shape; the result is
+    /// on `theta`'s device.
     pub fn blackbox_vjp(
         &self,
         theta: &Tensor,
@@ -48,10 +49,13 @@ impl PerturbedOp {
         let shifted = derived(theta, g, |t, g| t + step * g);
         rows.check_derived(&shifted, "theta + lambda * grad_output")?;
         let w = self.solve_host_rows(&shifted, rows.batch)?;
-        Ok(w.iter()
+        let grad: Vec<f32> = w
+            .iter()
             .zip(y)
             .map(|(&w, &y)| (w - y) * sign / lambda)
-            .collect())
+            .collect();
+        rows.check_result(&grad, "the black-box gradient")?;
+        Ok(grad)
     }
 
     /// NID's gradient with respect to θ of a loss whose gradient with respect to the

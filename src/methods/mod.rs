@@ -64,6 +64,17 @@ impl Rows {
         })
     }
 
+    /// A result (a loss per problem when `per_problem`, else a gradient) checked: finite
+    /// inputs can give a result beyond float32's range (costs near its limit, a tiny λ or
+    /// σ), which is refused (INVALID_ARGUMENT naming `what`) rather than returned as inf.
+    fn check_result(self, values: &[f32], what: &str) -> Result<()> {
+        self.first_non_finite(values).map_or(Ok(()), |(p, j, v)| {
+            Err(Error::invalid(format!(
+                "{what} is {v} at [{p}][{j}] (it overflows float32): the inputs are too large, or the step too small"
+            )))
+        })
+    }
+
     /// (problem, index, value as text) of the first non-finite value, if any (one
     /// vectorized pass when all are finite).
     fn first_non_finite(self, values: &[f32]) -> Option<(usize, usize, String)> {

@@ -18,8 +18,10 @@ impl PerturbedOp {
     /// - one-sided (backward): w = w*(ĉ), w₋ = w*(ĉ − σc); loss
     ///   s·(⟨ĉ, w⟩ − ⟨ĉ − σc, w₋⟩) / σ, gradient s·(w − w₋) / σ.
     ///
-    /// Two solves per problem, made as one solve of 2·batch problems. σ (`sigma`) must be
-    /// finite and > 0 (PyEPO divides by σ + 1e-7; this divides by σ). The op's output shape
+    /// The loss tends to s·⟨c, w*(ĉ)⟩ as σ → 0 (the true cost of the predicted decision
+    /// when minimizing, its negation when maximizing). Two solves per problem, made as two
+    /// solves of the batch. σ (`sigma`) must be finite and > 0 (PyEPO divides by σ + 1e-8,
+    /// or 2σ + 1e-8; this divides by σ or 2σ); a result beyond float32's range is refused. The op's output shape
     /// must equal its input shape; inputs float32 and finite.
     pub fn perturbation_gradient(
         &self,
@@ -54,27 +56,31 @@ impl PerturbedOp {
         let sigma = step(sigma, "sigma")?;
         self.require_square("the perturbation gradient (PG)")?;
         let up = if two_sided { sigma } else { 0.0 };
-        // one solve of [ĉ + up·c; ĉ − σc]
-        let mut x = derived(pred, cost, |c_hat, c| c_hat + up * c);
-        x.extend(derived(pred, cost, |c_hat, c| c_hat - sigma * c));
-        rows.check_derived(&x, "pred_cost +- sigma * true_cost")?;
-        let w = self.solve_host_rows(&x, 2 * rows.batch)?;
-        let (plus, minus) = x.split_at(pred.len());
-        let (w_plus, w_minus) = w.split_at(pred.len());
+        // two solves of `batch` problems each (a solver learns each row's problem from
+        // `first_row`: one solve of 2·batch rows would name problems that do not exist)
+        let plus = derived(pred, cost, |c_hat, c| c_hat + up * c);
+        let minus = derived(pred, cost, |c_hat, c| c_hat - sigma * c);
+        rows.check_derived(&plus, "pred_cost + sigma * true_cost")?;
+        rows.check_derived(&minus, "pred_cost - sigma * true_cost")?;
+        let w_plus = self.solve_host_rows(&plus, rows.batch)?;
+        let w_minus = self.solve_host_rows(&minus, rows.batch)?;
+        let (plus, minus, w_plus, w_minus) = (&plus[..], &minus[..], &w_plus[..], &w_minus[..]);
         let sign = pyepo_sign(self.config().sense());
         let width = if two_sided { 2.0 * sigma } else { sigma };
-        let loss = (0..rows.batch)
+        let loss: Vec<f32> = (0..rows.batch)
             .map(|i| {
                 let diff = dot(rows.row(plus, i), rows.row(w_plus, i))
                     - dot(rows.row(minus, i), rows.row(w_minus, i));
                 (f64::from(sign) * diff / f64::from(width)) as f32
             })
             .collect();
-        let grad = w_plus
+        let grad: Vec<f32> = w_plus
             .iter()
             .zip(w_minus)
             .map(|(&a, &b)| sign * (a - b) / width)
             .collect();
+        Rows { d: 1, ..rows }.check_result(&loss, "the PG loss")?;
+        rows.check_result(&grad, "the PG gradient")?;
         Ok((loss, grad))
     }
 }

@@ -16,8 +16,10 @@ impl PerturbedOp {
     /// - minimize: loss = −⟨q, w*(q)⟩ + 2⟨ĉ, w⟩ − z, gradient 2(w − w*(q));
     /// - maximize: loss = ⟨q, w*(q)⟩ − 2⟨ĉ, w⟩ + z, gradient 2(w*(q) − w).
     ///
-    /// For an exact solver and consistent (c, w, z) the loss is ≥ 0, and 0 at ĉ = c. The
-    /// op's output shape must equal its input shape; all inputs float32 and finite.
+    /// For an exact solver and consistent (c, w, z) the loss is ≥ 0 (up to the float32
+    /// rounding of 2ĉ − c), and 0 at ĉ = c. A loss or gradient beyond float32's range is
+    /// refused (INVALID_ARGUMENT). The op's output shape must equal its input shape; all
+    /// inputs float32 and finite.
     pub fn spo_plus(
         &self,
         pred_cost: &Tensor,
@@ -56,7 +58,7 @@ impl PerturbedOp {
         rows.check_derived(&q, "2 * pred_cost - true_cost")?;
         let wq = self.solve_host_rows(&q, rows.batch)?;
         let sign = pyepo_sign(self.config().sense());
-        let loss = (0..rows.batch)
+        let loss: Vec<f32> = (0..rows.batch)
             .map(|i| {
                 let value = -dot(rows.row(&q, i), rows.row(&wq, i))
                     + 2.0 * dot(rows.row(pred, i), rows.row(sol, i))
@@ -64,11 +66,13 @@ impl PerturbedOp {
                 (f64::from(sign) * value) as f32
             })
             .collect();
-        let grad = sol
+        let grad: Vec<f32> = sol
             .iter()
             .zip(&wq)
             .map(|(&w, &w_q)| sign * 2.0 * (w - w_q))
             .collect();
+        Rows { d: 1, ..rows }.check_result(&loss, "the SPO+ loss")?;
+        rows.check_result(&grad, "the SPO+ gradient")?;
         Ok((loss, grad))
     }
 }

@@ -207,6 +207,34 @@ int main() {
     auto one_sided = min_op.perturbation_gradient(std::vector<float>{1, 2, 3}, std::vector<float>{3, 1, 2}, 1, 1.0, false);
     EXPECT(one_sided.first[0] == 3.0f);
 
+    // the solve layers keep no cycle: once the graph is gone, its node is freed
+    {
+      std::weak_ptr<torch::autograd::Node> node;
+      {
+        auto th5 = pred.detach().clone().requires_grad_(true);
+        auto y5 = pert::autograd::blackbox(min_op, th5, 10.0);
+        node = y5.grad_fn();
+        EXPECT(!node.expired());
+        (y5 * cost).sum().backward();
+      }
+      EXPECT(node.expired());
+      // an in-place change of the output before backward is caught (the output is a saved variable)
+      auto th6 = pred.detach().clone().requires_grad_(true);
+      auto y6 = pert::autograd::negative_identity(min_op, th6);
+      auto l6 = (y6 * cost).sum();
+      {
+        torch::NoGradGuard no_grad;
+        y6.add_(1.0);
+      }
+      bool caught = false;
+      try {
+        l6.backward();
+      } catch (const c10::Error&) {
+        caught = true;
+      }
+      EXPECT(caught);
+    }
+
     // a second derivative through a method's gradient fails loudly
     auto th4 = pred.detach().clone().requires_grad_(true);
     auto l4 = pert::autograd::spo_plus(min_op, th4, cost, sol, obj).sum();

@@ -108,7 +108,8 @@ def perturbation_gradient(op: Op, pred_cost, true_cost, sigma, two_sided: bool =
                           reduction: str = "mean") -> torch.Tensor:
     """The perturbation-gradient loss (PG, Huang & Gupta 2024) of pred_cost along true_cost
     (broadcast to pred_cost's shape), a finite difference of width sigma of the optimal value
-    that approximates the true cost of the predicted decision; central (two_sided) or
+    that approximates s <true_cost, y*(pred_cost)> (the true cost of the predicted decision
+    when minimizing, its negation when maximizing); central (two_sided) or
     backward differences; reduced by `reduction`. Two solves per problem; the gradient in
     pred_cost is s (w+ - w-) / (2 sigma) (two-sided) or s (w - w-) / sigma, s = +1
     minimizing, -1 maximizing."""

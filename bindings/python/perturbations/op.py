@@ -576,8 +576,10 @@ class Op(_Handle):
             # be starting: an exception can come at any point here); if it had not, it never
             # will, and the turn is this thread's to give back
             if not long_call or claim.acquire(False):
-                self._errors.clear()
-                lock.release()
+                try:
+                    self._errors.clear()
+                finally:
+                    lock.release()
 
     def _long(self, work):
         kind = self._recipe[0]
