@@ -56,6 +56,11 @@
 #include <stdint.h>
 
 /*
+ At most this many terms (keeps every counter of a call within the stream's 2⁶⁴ blocks).
+ */
+#define SUM_OF_GAMMA_MAX_TERMS 1000
+
+/*
  Normal noise N(0, 1): score z. The default.
  */
 #define PERT_NOISE_NORMAL 0
@@ -64,6 +69,15 @@
  Gumbel noise: score 1 - exp(-z).
  */
 #define PERT_NOISE_GUMBEL 1
+
+/*
+ Sum-of-Gamma noise (Niepert et al. 2021, the noise of I-MLE): (sum over i = 1..s of
+ Gamma(1/kappa, kappa/i) - log s) / kappa, by default kappa 5 and s = 10 terms (PyEPO's);
+ see `pert_config_set_sum_of_gamma`. It has no closed-form density, so no score: ops with
+ it give no tape (their Jacobian estimate needs one); it serves the Fenchel-Young loss,
+ forward calls without a tape, draws and I-MLE.
+ */
+#define PERT_NOISE_SUM_OF_GAMMA 2
 
 /*
  Additive perturbation theta + sigma Z. The default.
@@ -398,11 +412,26 @@ pert_status pert_config_set_num_samples(struct pert_config *config, uint64_t num
 pert_status pert_config_set_sigma(struct pert_config *config, double sigma);
 
 /*
- Sets the noise distribution: `PERT_NOISE_NORMAL` (default) or `PERT_NOISE_GUMBEL`.
+ Sets the noise distribution: `PERT_NOISE_NORMAL` (default), `PERT_NOISE_GUMBEL` or
+ `PERT_NOISE_SUM_OF_GAMMA` (with kappa 5 and 10 terms; `pert_config_set_sum_of_gamma`
+ sets others).
 
  @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
  */
 pert_status pert_config_set_noise(struct pert_config *config, uint32_t noise);
+
+/*
+ Sets Sum-of-Gamma noise (`PERT_NOISE_SUM_OF_GAMMA`) with its parameters: each noise
+ value is (sum over i = 1..terms of Gamma(1/kappa, kappa/i) - log terms) / kappa, whose
+ mean is (H_terms - log terms) / kappa and variance (sum over i of 1/i^2) / kappa; the sum
+ of kappa such values tends to a standard Gumbel as terms grows. sigma plays the role of
+ I-MLE's temperature tau.
+
+ @param kappa  Finite and > 0 (PyEPO's default 5).
+ @param terms  1 to 1000 (PyEPO's default 10).
+ @return `PERT_STATUS_INVALID_ARGUMENT` for a bad kappa or terms (the config unchanged).
+ */
+pert_status pert_config_set_sum_of_gamma(struct pert_config *config, double kappa, uint32_t terms);
 
 /*
  Sets the seed of the random stream (default 0). An op's draws are a pure function of

@@ -232,15 +232,17 @@ impl Config {
 
     /// Checks the settings that only make sense together; called when an op is made.
     pub fn validate(&self) -> Result<()> {
-        if self.noise == Noise::Gumbel && self.perturbation == Perturbation::Multiplicative {
-            return Err(Error::invalid(
-                "the multiplicative perturbation needs Normal noise, got Gumbel noise",
-            ));
+        if self.noise != Noise::Normal && self.perturbation == Perturbation::Multiplicative {
+            return Err(Error::invalid(format!(
+                "the multiplicative perturbation needs Normal noise, got {} noise",
+                self.noise.name()
+            )));
         }
         if self.antithetic && self.noise != Noise::Normal {
-            return Err(Error::invalid(
-                "antithetic pairs need symmetric (Normal) noise, got Gumbel noise",
-            ));
+            return Err(Error::invalid(format!(
+                "antithetic pairs need symmetric (Normal) noise, got {} noise",
+                self.noise.name()
+            )));
         }
         if self.max_threads != 0 && self.threads > self.max_threads {
             return Err(Error::invalid(format!(

@@ -142,7 +142,7 @@ struct View {
   std::shared_ptr<const std::vector<float>> owned_;  // the copy of a temporary, if any
 };
 
-enum class Noise : uint32_t { Normal = PERT_NOISE_NORMAL, Gumbel = PERT_NOISE_GUMBEL };
+enum class Noise : uint32_t { Normal = PERT_NOISE_NORMAL, Gumbel = PERT_NOISE_GUMBEL, SumOfGamma = PERT_NOISE_SUM_OF_GAMMA };
 enum class Perturbation : uint32_t { Additive = PERT_PERTURBATION_ADDITIVE, Multiplicative = PERT_PERTURBATION_MULTIPLICATIVE };
 enum class Baseline : uint32_t { None = PERT_BASELINE_NONE, SampleMean = PERT_BASELINE_SAMPLE_MEAN, CleanInput = PERT_BASELINE_CLEAN_INPUT };
 enum class Sense : uint32_t { Maximize = PERT_SENSE_MAXIMIZE, Minimize = PERT_SENSE_MINIMIZE };
@@ -162,6 +162,8 @@ class Config {
   Config& num_samples(std::uint64_t n) { return set(pert_config_set_num_samples(get(), n)); }
   Config& sigma(double s) { return set(pert_config_set_sigma(get(), s)); }
   Config& noise(Noise n) { return set(pert_config_set_noise(get(), static_cast<uint32_t>(n))); }
+  /// Sum-of-Gamma noise with kappa and `terms` terms (pert_config_set_sum_of_gamma).
+  Config& sum_of_gamma(double kappa, std::uint32_t terms) { return set(pert_config_set_sum_of_gamma(get(), kappa, terms)); }
   Config& seed(std::uint64_t s) { return set(pert_config_set_seed(get(), s)); }
   Config& device(const std::string& d) { return set(pert_config_set_device(get(), d.c_str())); }
   Config& threads(std::uint32_t t) { return set(pert_config_set_threads(get(), t)); }

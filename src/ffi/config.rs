@@ -16,6 +16,12 @@ use std::ffi::{c_char, CStr};
 pub const PERT_NOISE_NORMAL: u32 = 0;
 /// Gumbel noise: score 1 - exp(-z).
 pub const PERT_NOISE_GUMBEL: u32 = 1;
+/// Sum-of-Gamma noise (Niepert et al. 2021, the noise of I-MLE): (sum over i = 1..s of
+/// Gamma(1/kappa, kappa/i) - log s) / kappa, by default kappa 5 and s = 10 terms (PyEPO's);
+/// see `pert_config_set_sum_of_gamma`. It has no closed-form density, so no score: ops with
+/// it give no tape (their Jacobian estimate needs one); it serves the Fenchel-Young loss,
+/// forward calls without a tape, draws and I-MLE.
+pub const PERT_NOISE_SUM_OF_GAMMA: u32 = 2;
 
 /// Additive perturbation theta + sigma Z. The default.
 pub const PERT_PERTURBATION_ADDITIVE: u32 = 0;
@@ -101,7 +107,9 @@ pub unsafe extern "C" fn pert_config_set_sigma(
     set(config, |c| c.set_sigma(sigma).map(|_| ()))
 }
 
-/// Sets the noise distribution: `PERT_NOISE_NORMAL` (default) or `PERT_NOISE_GUMBEL`.
+/// Sets the noise distribution: `PERT_NOISE_NORMAL` (default), `PERT_NOISE_GUMBEL` or
+/// `PERT_NOISE_SUM_OF_GAMMA` (with kappa 5 and 10 terms; `pert_config_set_sum_of_gamma`
+/// sets others).
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
 #[no_mangle]
@@ -111,6 +119,27 @@ pub unsafe extern "C" fn pert_config_set_noise(
 ) -> pert_status {
     set(config, |c| {
         c.set_noise(Noise::from_u32(noise)?);
+        Ok(())
+    })
+}
+
+/// Sets Sum-of-Gamma noise (`PERT_NOISE_SUM_OF_GAMMA`) with its parameters: each noise
+/// value is (sum over i = 1..terms of Gamma(1/kappa, kappa/i) - log terms) / kappa, whose
+/// mean is (H_terms - log terms) / kappa and variance (sum over i of 1/i^2) / kappa; the sum
+/// of kappa such values tends to a standard Gumbel as terms grows. sigma plays the role of
+/// I-MLE's temperature tau.
+///
+/// @param kappa  Finite and > 0 (PyEPO's default 5).
+/// @param terms  1 to 1000 (PyEPO's default 10).
+/// @return `PERT_STATUS_INVALID_ARGUMENT` for a bad kappa or terms (the config unchanged).
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_sum_of_gamma(
+    config: *mut pert_config,
+    kappa: f64,
+    terms: u32,
+) -> pert_status {
+    set(config, |c| {
+        c.set_noise(Noise::sum_of_gamma(kappa, terms)?);
         Ok(())
     })
 }

@@ -82,11 +82,15 @@ mod tests {
         assert_eq!(unknown.to_str().unwrap(), "PERT_STATUS_UNKNOWN");
         assert_eq!(
             super::super::config::PERT_NOISE_NORMAL,
-            crate::Noise::Normal as u32
+            crate::Noise::Normal.code()
         );
         assert_eq!(
             super::super::config::PERT_NOISE_GUMBEL,
-            crate::Noise::Gumbel as u32
+            crate::Noise::Gumbel.code()
+        );
+        assert_eq!(
+            super::super::config::PERT_NOISE_SUM_OF_GAMMA,
+            crate::Noise::from_u32(2).unwrap().code()
         );
         assert_eq!(
             super::super::config::PERT_MAX_THREADS,

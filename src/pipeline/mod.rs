@@ -45,6 +45,9 @@ impl OpSpec {
         let batch = theta.size()[0] as usize;
         let c = &self.config;
         // the tape's form, checked against the config's limit (the policy: estimate/kept)
+        if wants.jacobian && !c.noise().has_score() {
+            return Err(crate::noise::no_score());
+        }
         let form = if wants.jacobian {
             Some(tape_form(
                 c.num_samples() as usize,

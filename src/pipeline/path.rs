@@ -38,7 +38,11 @@ impl OpSpec {
             Source::Provided(_) => self.builtin_argmax,
             Source::Solver(_) => false,
         };
-        let fused = host_solutions && argmax && form != Some(TapeForm::Samples);
+        // (the fused kernel draws Normal and Gumbel noise only)
+        let fused = host_solutions
+            && argmax
+            && form != Some(TapeForm::Samples)
+            && self.config.noise().has_score();
         let d = self.input_numel;
         let Some(forced) = self.config.path() else {
             return Ok(if !cpu {

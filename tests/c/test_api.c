@@ -74,8 +74,8 @@ static bool config_rejects_bad_values(void) {
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_num_samples(c, 0));
   CHECK(last_error_contains("got 0"));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_num_samples(c, UINT64_MAX));
-  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_noise(c, 2));
-  CHECK(last_error_contains("got 2"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_noise(c, 3));
+  CHECK(last_error_contains("got 3"));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_threads(c, PERT_MAX_THREADS + 1));
   CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_device(c, NULL));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_device(c, "gpu"));

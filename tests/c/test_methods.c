@@ -216,6 +216,42 @@ static bool errors_write_nothing(void) {
   return true;
 }
 
+/* Sum-of-Gamma noise: forward calls and the Fenchel-Young loss run, a tape is refused,
+ * bad parameters are refused with the config unchanged. */
+static bool sum_of_gamma_noise(void) {
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  pert_config_set_num_samples(c, 200);
+  pert_config_set_sigma(c, 0.5);
+  CHECK_OK(pert_config_set_noise(c, PERT_NOISE_SUM_OF_GAMMA));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sum_of_gamma(c, 0.0, 10));
+  CHECK(last_error_contains("kappa must be finite and > 0"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sum_of_gamma(c, 5.0, 0));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sum_of_gamma(c, NAN, 10));
+  CHECK_OK(pert_config_set_sum_of_gamma(c, 3.0, 20));
+  pert_op *op = NULL, *builtin = NULL;
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &op));
+  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, SHAPE3, 1, &builtin));
+  const float theta[3] = {0.2f, 0.1f, 0.4f}, y_true[3] = {0, 0, 1};
+  float y[3], y2[3], loss, grad[3];
+  CHECK_OK(pert_forward(op, theta, 1, y, NULL));
+  CHECK_OK(pert_forward(builtin, theta, 1, y2, NULL));
+  CHECK(memcmp(y, y2, sizeof y) == 0); /* the same draws and tie rule */
+  CHECK_NEAR(y[0] + y[1] + y[2], 1.0, 1e-5);
+  CHECK(y[2] > y[0] && y[0] > y[1]);
+  pert_tape *tape = NULL;
+  float kept[3] = {-7, -7, -7};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_forward(op, theta, 1, kept, &tape));
+  CHECK(last_error_contains("no closed-form density") && tape == NULL && kept[0] == -7);
+  CHECK_OK(pert_fenchel_young(op, theta, y_true, 1, &loss, grad));
+  CHECK(loss >= 0.0f && grad[2] < 0.0f);
+  pert_op_free(builtin);
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(spo_plus_by_hand),
@@ -223,6 +259,7 @@ int main(void) {
       TEST(perturbation_gradient_by_hand),
       TEST(same_bits_for_any_threads),
       TEST(errors_write_nothing),
+      TEST(sum_of_gamma_noise),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

@@ -99,6 +99,7 @@ _SIG = {
     "pert_config_set_num_samples": ([P, ctypes.c_uint64], ctypes.c_uint32),
     "pert_config_set_sigma": ([P, ctypes.c_double], ctypes.c_uint32),
     "pert_config_set_noise": ([P, ctypes.c_uint32], ctypes.c_uint32),
+    "pert_config_set_sum_of_gamma": ([P, ctypes.c_double, ctypes.c_uint32], ctypes.c_uint32),
     "pert_config_set_seed": ([P, ctypes.c_uint64], ctypes.c_uint32),
     "pert_config_set_device": ([P, ctypes.c_char_p], ctypes.c_uint32),
     "pert_config_set_threads": ([P, ctypes.c_uint32], ctypes.c_uint32),

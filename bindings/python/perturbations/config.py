@@ -8,7 +8,7 @@ from .errors import InvalidArgumentError, _check
 
 __all__ = ["Config"]
 
-NOISE = {"normal": 0, "gumbel": 1}
+NOISE = {"normal": 0, "gumbel": 1, "sum_of_gamma": 2}
 PERTURBATION = {"additive": 0, "multiplicative": 1}
 BASELINE = {"none": 0, "sample_mean": 1, "clean_input": 2}
 SENSE = {"maximize": 0, "minimize": 1}
@@ -17,8 +17,11 @@ SENSE = {"maximize": 0, "minimize": 1}
 DEFAULTS = {
     "num_samples": 1000, "sigma": 0.05, "noise": "normal", "seed": 0, "device": "auto", "threads": 1,
     "max_threads": 0, "perturbation": "additive", "baseline": "sample_mean", "antithetic": False,
-    "sense": "maximize", "chunk_bytes": 0, "max_tape_bytes": 0,
+    "sense": "maximize", "chunk_bytes": 0, "max_tape_bytes": 0, "sog_kappa": 5.0, "sog_terms": 10,
 }
+
+# the parameters of Sum-of-Gamma noise, set with it (pert_config_set_sum_of_gamma)
+_SOG = ("sog_kappa", "sog_terms")
 
 
 def unsigned(value, bits, what):
@@ -76,15 +79,31 @@ def _set(h, key, value):
     return name
 
 
+def _sog(values):
+    """(kappa, terms) of Sum-of-Gamma noise from the settings, as the C call takes them."""
+    try:
+        kappa = float(values["sog_kappa"])
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(2, f"sog_kappa must be a number, got {values['sog_kappa']!r}") from None
+    return kappa, unsigned(values["sog_terms"], 32, "sog_terms")
+
+
+def _scratch():
+    h = P()
+    _check(lib.pert_config_new(ctypes.byref(h)))
+    return h
+
+
 class Config:
     """Settings of ops, every C setting as a keyword (validated by the library), and as an
     attribute to read or set:
 
-    num_samples (1000), sigma (0.05), noise ("normal" | "gumbel"), seed (0), device
+    num_samples (1000), sigma (0.05), noise ("normal" | "gumbel" | "sum_of_gamma"), seed (0), device
     ("auto", "cpu", "cuda", "cuda:1"), threads (1; 0: one per core), max_threads (0: no
     cap), perturbation ("additive" | "multiplicative"), baseline ("sample_mean" | "none" |
     "clean_input"), antithetic (False), sense ("maximize" | "minimize"), chunk_bytes (0:
-    the library's), max_tape_bytes (0: no limit).
+    the library's), max_tape_bytes (0: no limit), sog_kappa (5.0) and sog_terms (10): the
+    parameters of Sum-of-Gamma noise (I-MLE's; no tape: see PERT_NOISE_SUM_OF_GAMMA).
 
     A bad value raises `InvalidArgumentError` (a `ValueError`), an unknown name `TypeError`.
     An op copies its config: changing a config later does not change its ops. Configs
@@ -104,7 +123,21 @@ class Config:
         with self._lock:
             if not self._h:
                 raise InvalidArgumentError(2, "the Config was closed")
-            self._values[key] = _set(self._h, key, value)
+            if key in _SOG:
+                values = dict(self._values, **{key: value})
+                kappa, terms = _sog(values)
+                # checked by the library (on this config when its noise is Sum-of-Gamma)
+                target = self._h if values["noise"] == "sum_of_gamma" else _scratch()
+                try:
+                    _check(lib.pert_config_set_sum_of_gamma(target, kappa, terms))
+                finally:
+                    if target is not self._h:
+                        lib.pert_config_free(target)
+                self._values[key] = kappa if key == "sog_kappa" else terms
+            else:
+                self._values[key] = _set(self._h, key, value)
+                if key == "noise" and self._values["noise"] == "sum_of_gamma":
+                    _check(lib.pert_config_set_sum_of_gamma(self._h, *_sog(self._values)))
         return self
 
     def settings(self):

@@ -228,3 +228,24 @@ def test_methods_refuse_bad_arguments():
 
     with pytest.raises(KeyError, match="no path"):
         ptt.spo_plus(pt.Op(pt.Config(device="cpu"), D, D, failing), pred, cost, sol, obj)
+
+
+def test_sum_of_gamma_noise_from_python():
+    cfg = pt.Config(noise="sum_of_gamma", sog_kappa=3.0, sog_terms=20, num_samples=200, sigma=0.5, device="cpu")
+    assert (cfg.noise, cfg.sog_kappa, cfg.sog_terms) == ("sum_of_gamma", 3.0, 20)
+    assert "sog_kappa=3.0" in repr(cfg)
+    op = pt.Op.builtin(cfg, "argmax", 3)
+    theta = torch.tensor([[0.2, 0.1, 0.4]])
+    y = ptt.perturbed(op, theta)
+    assert abs(float(y.sum()) - 1.0) < 1e-5
+    # the same draws as a callback op with the same settings (a copy of the config)
+    twin = pt.Op(pt.Config(**cfg.settings()), 3, 3, lambda x: one_hot_best(x, "maximize"))
+    assert torch.equal(twin.forward(theta), y)
+    loss = ptt.fenchel_young(op, theta.clone().requires_grad_(True), torch.tensor([[0.0, 0.0, 1.0]]))
+    assert loss.shape == (1,)
+    with pytest.raises(pt.InvalidArgumentError, match="no closed-form density"):
+        ptt.perturbed(op, theta.clone().requires_grad_(True))
+    with pytest.raises(pt.InvalidArgumentError, match="kappa must be finite and > 0"):
+        pt.Config(noise="sum_of_gamma", sog_kappa=0)
+    with pytest.raises(pt.InvalidArgumentError, match="number of terms"):
+        pt.Config(sog_terms=0)  # checked even before the noise is chosen

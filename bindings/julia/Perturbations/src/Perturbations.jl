@@ -32,7 +32,7 @@ export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
 export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
 export spo_plus, spo_plus_with_grad, perturbation_gradient, perturbation_gradient_with_grad, blackbox, blackbox_vjp
 export negative_identity, negative_identity_vjp
-export NOISE_NORMAL, NOISE_GUMBEL, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
+export NOISE_NORMAL, NOISE_GUMBEL, NOISE_SUM_OF_GAMMA, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
 
@@ -54,6 +54,7 @@ end
 
 const NOISE_NORMAL = UInt32(0)
 const NOISE_GUMBEL = UInt32(1)
+const NOISE_SUM_OF_GAMMA = UInt32(2)
 const PERTURBATION_ADDITIVE = UInt32(0)
 const PERTURBATION_MULTIPLICATIVE = UInt32(1)
 const BASELINE_NONE = UInt32(0)
@@ -130,6 +131,10 @@ Base.unsafe_convert(::Type{Ptr{Cvoid}}, c::Config) = c.handle
 set!(c::Config, ::Val{:num_samples}, v) = check(@ccall libperturbations.pert_config_set_num_samples(c::Ptr{Cvoid}, UInt64(v)::UInt64)::UInt32)
 set!(c::Config, ::Val{:sigma}, v) = check(@ccall libperturbations.pert_config_set_sigma(c::Ptr{Cvoid}, Float64(v)::Cdouble)::UInt32)
 set!(c::Config, ::Val{:noise}, v) = check(@ccall libperturbations.pert_config_set_noise(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
+# `sum_of_gamma = (κ, terms)`: Sum-of-Gamma noise with those parameters
+set!(c::Config, ::Val{:sum_of_gamma}, v::Tuple{Real,Integer}) =
+    check(@ccall libperturbations.pert_config_set_sum_of_gamma(c::Ptr{Cvoid}, Cdouble(v[1])::Cdouble,
+        UInt32(v[2])::UInt32)::UInt32)
 set!(c::Config, ::Val{:seed}, v) = check(@ccall libperturbations.pert_config_set_seed(c::Ptr{Cvoid}, UInt64(v)::UInt64)::UInt32)
 set!(c::Config, ::Val{:device}, v::AbstractString) = check(@ccall libperturbations.pert_config_set_device(c::Ptr{Cvoid}, v::Cstring)::UInt32)
 set!(c::Config, ::Val{:device}, v::Symbol) = set!(c, Val(:device), String(v))
@@ -148,7 +153,7 @@ end
 
 # Symbols for the enumerated settings
 const SYMBOLS = Dict(
-    :noise => Dict(:normal => NOISE_NORMAL, :gumbel => NOISE_GUMBEL),
+    :noise => Dict(:normal => NOISE_NORMAL, :gumbel => NOISE_GUMBEL, :sum_of_gamma => NOISE_SUM_OF_GAMMA),
     :perturbation => Dict(:additive => PERTURBATION_ADDITIVE, :multiplicative => PERTURBATION_MULTIPLICATIVE),
     :baseline => Dict(:none => BASELINE_NONE, :sample_mean => BASELINE_SAMPLE_MEAN, :clean_input => BASELINE_CLEAN_INPUT),
     :sense => Dict(:maximize => SENSE_MAXIMIZE, :minimize => SENSE_MINIMIZE),
