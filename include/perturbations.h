@@ -179,6 +179,14 @@ typedef struct pert_config pert_config;
 typedef struct pert_draw pert_draw;
 
 /*
+ The record of an I-MLE forward call (`pert_imle_forward`): its perturbed inputs and their
+ solutions, 2 * batch * num_samples * input_numel floats, for the backward passes
+ `pert_imle_vjp` and `pert_aimle_vjp` with the same op. Freed by `pert_imle_free`.
+ Threads: the functions taking `const pert_imle *` may run concurrently on one record.
+ */
+typedef struct pert_imle pert_imle;
+
+/*
  A perturbed optimizer: y_sigma(theta) = E[solver(theta + sigma Z)] and its gradient.
 
  Made by `pert_op_new` (or `_ex`, `_device`, `_builtin`, `_external`), freed by `pert_op_free`. It
@@ -209,6 +217,28 @@ typedef struct pert_tape pert_tape;
  The numbers are stable and never reused.
  */
 typedef uint32_t pert_status;
+
+/*
+ The state of AI-MLE's adaptive step (PyEPO's `adaptiveImplicitMLE`): the step is
+ lambda = alpha * |theta| / |grad_output| (norms over the whole batch); after each
+ backward pass, grad_norm_avg = 0.9 grad_norm_avg + 0.1 (the fraction of gradient entries
+ above 1e-8 in magnitude), and alpha += step while grad_norm_avg < 1, else alpha -= step
+ (not below 0). Start from `pert_aimle_state_default()`; keep one per layer.
+ */
+typedef struct pert_aimle_state {
+  /*
+   The step's magnitude relative to |theta| / |grad_output|; default 1.
+   */
+  double alpha;
+  /*
+   The moving average of the fraction of non-zero gradient entries; default 1.
+   */
+  double grad_norm_avg;
+  /*
+   How much alpha moves per backward pass; default 0.001.
+   */
+  double step;
+} pert_aimle_state;
 
 /*
  A black-box solver: solves `count` perturbed problems at once.
@@ -657,6 +687,87 @@ pert_status pert_draw_fenchel_young_with_bound(const struct pert_draw *draw,
  Frees a draw, on any thread. NULL is accepted and ignored.
  */
 void pert_draw_free(struct pert_draw *draw);
+
+/*
+ The default AI-MLE state: alpha 1, grad_norm_avg 1, step 0.001.
+ */
+struct pert_aimle_state pert_aimle_state_default(void);
+
+/*
+ I-MLE's forward pass (Niepert et al. 2021; PyEPO's `implicitMLE`): y_sigma(theta), the
+ mean over the op's num_samples of y*(theta + sigma Z) with the op's noise (Sum-of-Gamma
+ noise, `PERT_NOISE_SUM_OF_GAMMA`, is the paper's; any noise works, as no score is
+ needed), from one call's draws (the same as `pert_forward`'s), and the record of that
+ call's perturbed inputs and solutions for the backward pass. The solver sees the rows as
+ a forward call's (problem and sample in `pert_solve_info`). The op's output shape must
+ equal its input shape.
+
+ @param theta   `batch * input_numel` floats, finite.
+ @param batch   Number of problems, >= 1.
+ @param output  Receives `batch * input_numel` floats; may overlap theta.
+ @param record  Receives the record on success (free it with `pert_imle_free`); untouched
+                on error.
+ @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, batch 0,
+         sizes overflow), `PERT_STATUS_NULL_ARGUMENT`, and the statuses of
+         `pert_forward`. On error nothing is written.
+ */
+pert_status pert_imle_forward(struct pert_op *op,
+                              const float *theta,
+                              size_t batch,
+                              float *output,
+                              struct pert_imle **record);
+
+/*
+ I-MLE's backward pass: the gradient with respect to theta of a loss whose gradient with
+ respect to the forward's output is `grad_output` (`record`'s batch * input_numel floats).
+ With x_k the forward's perturbed inputs and s = +1 for `PERT_SENSE_MINIMIZE`, -1 for
+ `PERT_SENSE_MAXIMIZE` (PyEPO's `implicitMLE`):
+
+ - one-sided: s * mean_k (y*(x_k + s lambda g) - y*(x_k)) / lambda (the target
+   distribution theta - lambda g when maximizing): one solve per sample;
+ - two-sided: mean_k (y*(x_k + lambda g) - y*(x_k - lambda g)) / (2 lambda): two.
+
+ @param op         The op whose `pert_imle_forward` made `record` (another op is refused).
+ @param lambda     The step, finite and > 0.
+ @param two_sided  Non-zero for central differences.
+ @param grad_theta Receives `batch * input_numel` floats; may overlap grad_output.
+ @return `PERT_STATUS_INVALID_ARGUMENT` (a bad lambda, a record of another op, a gradient
+         beyond float32's range), `PERT_STATUS_NULL_ARGUMENT`,
+         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
+         nothing is written.
+ */
+pert_status pert_imle_vjp(struct pert_op *op,
+                          const struct pert_imle *record,
+                          const float *grad_output,
+                          double lambda,
+                          int32_t two_sided,
+                          float *grad_theta);
+
+/*
+ AI-MLE's backward pass (Minervini et al. 2023; PyEPO's `adaptiveImplicitMLE`):
+ `pert_imle_vjp` with lambda = state->alpha * |theta| / |grad_output| (no solve and a
+ zero gradient when that is 0), then `state` updated (see `pert_aimle_state`). `state` is
+ read and written only on success; one state must not be used by two calls at once.
+
+ @return the statuses of `pert_imle_vjp`; `PERT_STATUS_INVALID_ARGUMENT` for a state
+         holding a negative or non-finite value. On error nothing is written.
+ */
+pert_status pert_aimle_vjp(struct pert_op *op,
+                           const struct pert_imle *record,
+                           const float *grad_output,
+                           int32_t two_sided,
+                           struct pert_aimle_state *state,
+                           float *grad_theta);
+
+/*
+ The number of problems of an I-MLE record (0 for NULL).
+ */
+size_t pert_imle_batch(const struct pert_imle *record);
+
+/*
+ Frees an I-MLE record, on any thread. NULL is accepted and ignored.
+ */
+void pert_imle_free(struct pert_imle *record);
 
 /*
  The op's solver on each of `batch` problems, with no noise: y*(x) (a plain batched

@@ -257,29 +257,66 @@ impl PerturbedOp {
 
     /// y*(x) for the `rows` problems of host rows `x` (`rows × input_numel`, finite), as
     /// [`PerturbedOp::solve`] gives it: a host solver is called on the slices themselves
-    /// (no tensor is made), others through [`PerturbedOp::solve`]. For the methods of
+    /// (no tensor is made), others through the op's solve. For the methods of
     /// `crate::methods`, whose inputs are host rows of their own.
     pub(crate) fn solve_host_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let SolverKind::Host(host) = &self.solver else {
-            let x = crate::tensors::from_slice(x)?
-                .f_reshape(crate::shape::batched(rows, &self.spec.input_shape))?;
-            return crate::tensors::host_floats(&self.solve(&x)?);
-        };
+        self.solve_rows_at(x, rows, self.spec.rows_at(true, 0, rows))
+    }
+
+    /// y*(x) for the perturbed samples of `batch` problems (`batch × num_samples` rows of
+    /// host values in problem-major order, as a draw's inputs): the solver is told which
+    /// problem and sample each row is (`SolveInfo::clean` not set), as in a forward call.
+    pub(crate) fn solve_host_samples(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let rows = batch * self.config().num_samples() as usize;
+        self.solve_rows_at(x, rows, self.spec.rows_at(false, 0, batch))
+    }
+
+    fn solve_rows_at(
+        &self,
+        x: &[f32],
+        rows: usize,
+        at: crate::solver::SolveInfo,
+    ) -> Result<Vec<f32>> {
+        if let SolverKind::External = self.solver {
+            return Err(Error::invalid(
+                "this op has no solver (it was made for the two-phase API): solve its draws' inputs yourself",
+            ));
+        }
         let stop = self.interrupts.stop();
         let _cap = crate::intraop::cap(self.config().max_threads());
         let (d, o) = (self.spec.input_numel, self.spec.output_numel);
         let len = crate::shape::checked_product(&[rows, o], "rows * output_numel")?;
         stop.check()?;
-        let mut y = vec![0.0f32; len];
-        let at = crate::solver::SolveInfo {
-            cuda_device: None, // host solvers get host memory
-            ..self.spec.rows_at(true, 0, rows)
+        let y = match &self.solver {
+            SolverKind::Host(host) => {
+                let mut y = vec![0.0f32; len];
+                let at = crate::solver::SolveInfo {
+                    cuda_device: None, // host solvers get host memory
+                    ..at
+                };
+                let threads = self.config().effective_threads();
+                crate::pipeline::solve_rows(host, x, &mut y, rows, d, o, threads, at)?;
+                y
+            }
+            solver => {
+                if rows == 0 {
+                    return Ok(Vec::new());
+                }
+                let x = crate::tensors::from_slice(x)?
+                    .f_view([rows as i64, d as i64])?
+                    .f_to_device(self.spec.device)?;
+                let y = self.spec.solve(solver, &x, at)?.dense(o as i64)?;
+                crate::tensors::host_floats(&y)?
+            }
         };
-        let threads = self.config().effective_threads();
-        crate::pipeline::solve_rows(host, x, &mut y, rows, d, o, threads, at)?;
         // solver calls are not cut short: an interrupt while they ran fails the call here
         stop.check()?;
         Ok(y)
+    }
+
+    /// The op's spec (its identity for records of its calls, such as I-MLE's).
+    pub(crate) fn spec(&self) -> &Arc<OpSpec> {
+        &self.spec
     }
 
     /// The spec a call on `theta` runs with: the CPU twin for a small call, else the op's.

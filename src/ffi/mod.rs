@@ -14,6 +14,7 @@ pub mod boundary;
 pub mod config;
 pub mod draw;
 mod handle;
+pub mod imle;
 pub mod methods;
 pub mod op;
 pub mod solver;

@@ -8,6 +8,8 @@
 //! | DBB ([`PerturbedOp::blackbox_vjp`]) | y*(θ) | (y*(θ + λg) − y*(θ)) / λ, mirrored when maximizing | 1 per problem in backward |
 //! | NID ([`PerturbedOp::negative_identity_vjp`]) | y*(θ) | −g minimizing, g maximizing | none in backward |
 //! | PG ([`PerturbedOp::perturbation_gradient`]) | the finite-difference loss | (w₊ − w₋) / (2σ) or (w − w₋) / σ, signed | 2 per problem |
+//! | I-MLE ([`PerturbedOp::imle_forward`], [`PerturbedOp::imle_vjp`]) | y_σ(θ) | s·mean(y*(x_k + sλg) − y*(x_k)) / λ over the forward's samples x_k | N per problem, and N (2N two-sided) in backward |
+//! | AI-MLE ([`PerturbedOp::aimle_vjp`]) | y_σ(θ) | I-MLE's with λ = α‖θ‖/‖g‖, α adapted | as I-MLE |
 //!
 //! The signs follow PyEPO 2.2 (`pyepo.func`: `SPOPlus`, `blackboxOpt`, `negativeIdentity`,
 //! `perturbationGradient`), where `sign` is +1 for minimize and −1 for maximize. Every
@@ -18,8 +20,11 @@
 //! index order: the results are the same bit for bit for any number of threads.
 
 mod blackbox;
+mod imle;
 mod perturbation_gradient;
 mod spo_plus;
+
+pub use imle::{AimleState, ImleRecord};
 
 use crate::error::{Error, Result, Status};
 use crate::op::PerturbedOp;

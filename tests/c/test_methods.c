@@ -252,6 +252,77 @@ static bool sum_of_gamma_noise(void) {
   return true;
 }
 
+/* I-MLE and AI-MLE: the forward equals pert_forward on the same draws; the one-sided
+ * gradient is its formula on the draws' solutions (recomputed here from a twin op's
+ * draw); the AI-MLE state moves; errors write nothing. */
+static bool imle_by_its_formula(void) {
+  enum { B = 2, N = 16 };
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  pert_config_set_num_samples(c, N);
+  pert_config_set_sigma(c, 0.5);
+  pert_config_set_seed(c, 5);
+  CHECK_OK(pert_config_set_noise(c, PERT_NOISE_SUM_OF_GAMMA));
+  pert_op *op = NULL, *twin = NULL;
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &op));
+  CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &twin));
+  const float theta[6] = {0.2f, 0.1f, 0.4f, 0.0f, 0.3f, -0.1f}, g[6] = {1, -1, 0.5f, 0, 2, -0.5f};
+  float y[6], y_twin[6], grad[6];
+  pert_imle *record = NULL;
+  CHECK_OK(pert_imle_forward(op, theta, B, y, &record));
+  CHECK(record != NULL && pert_imle_batch(record) == B);
+  /* the twin's draw: the same inputs (its first call, as the op's) */
+  pert_draw *draw = NULL;
+  CHECK_OK(pert_draw_new(twin, theta, B, &draw));
+  const float *x = pert_draw_inputs(draw);
+  float ys[B * N * 3], moved[B * N * 3], ym[B * N * 3];
+  CHECK(solve_argmax(&D3, x, B * N, ys) == 0);
+  for (int r = 0; r < B * N; r++)
+    for (int j = 0; j < 3; j++) moved[r * 3 + j] = x[r * 3 + j] + (-1.0f * 2.0f) * g[(r / N) * 3 + j];
+  CHECK(solve_argmax(&D3, moved, B * N, ym) == 0);
+  for (int b = 0; b < B; b++)
+    for (int j = 0; j < 3; j++) {
+      double mean = 0, diff = 0;
+      for (int k = 0; k < N; k++) {
+        mean += ys[(b * N + k) * 3 + j];
+        diff += ym[(b * N + k) * 3 + j] - ys[(b * N + k) * 3 + j];
+      }
+      y_twin[b * 3 + j] = (float)(mean / N);
+      grad[b * 3 + j] = (float)(-diff / N / 2.0);
+    }
+  for (int i = 0; i < 6; i++) CHECK_NEAR(y[i], y_twin[i], 1e-6);
+  float got[6];
+  CHECK_OK(pert_imle_vjp(op, record, g, 2.0, 0, got));
+  for (int i = 0; i < 6; i++) CHECK_NEAR(got[i], grad[i], 1e-6);
+  /* AI-MLE: the state moves by its step */
+  pert_aimle_state state = pert_aimle_state_default();
+  CHECK(state.alpha == 1.0 && state.grad_norm_avg == 1.0 && state.step == 1e-3);
+  CHECK_OK(pert_aimle_vjp(op, record, g, 1, &state, got));
+  CHECK(state.grad_norm_avg < 1.0 && state.alpha == 1.0 + 1e-3);
+  /* errors write nothing */
+  float keep[6] = {-7, -7, -7, -7, -7, -7};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_imle_vjp(twin, record, g, 2.0, 0, keep));
+  CHECK(last_error_contains("comes from another op"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_imle_vjp(op, record, g, 0.0, 0, keep));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_imle_vjp(op, NULL, g, 1.0, 0, keep));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_aimle_vjp(op, record, g, 0, NULL, keep));
+  pert_aimle_state bad = {-1.0, 1.0, 1e-3};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_aimle_vjp(op, record, g, 0, &bad, keep));
+  CHECK(bad.alpha == -1.0);
+  for (int i = 0; i < 6; i++) CHECK(keep[i] == -7);
+  pert_imle *none = NULL;
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_imle_forward(op, theta, 0, y, &none));
+  CHECK(none == NULL && pert_imle_batch(NULL) == 0);
+  pert_imle_free(NULL);
+  pert_draw_free(draw);
+  pert_imle_free(record);
+  pert_op_free(twin);
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(spo_plus_by_hand),
@@ -260,6 +331,7 @@ int main(void) {
       TEST(same_bits_for_any_threads),
       TEST(errors_write_nothing),
       TEST(sum_of_gamma_noise),
+      TEST(imle_by_its_formula),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }
