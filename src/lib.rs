@@ -18,7 +18,7 @@
 // declared before it here, never one after (tests/architecture.rs checks it).
 
 // leaves: errors, interrupts, shapes, the counter-based streams, fast math, plain settings,
-// the tuning constants
+// Sum-of-Gamma variates, the tuning constants
 pub mod error;
 mod fastmath;
 mod interrupt;
@@ -26,6 +26,7 @@ pub mod rng;
 pub mod settings;
 mod shape;
 pub mod solver;
+mod sum_of_gamma;
 mod tuning;
 mod uninit;
 
