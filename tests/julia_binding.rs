@@ -97,6 +97,9 @@ fn julia_types(c_type: &str) -> &'static [&'static str] {
         | "pert_worker_init"
         | "pert_worker_fini"
         | "pert_device_solver_fn" => &["Ptr{Cvoid}"],
+        // the one struct passed by value or by pointer: the binding's isbits mirror of it
+        "pert_aimle_state" => &["AimleState"],
+        "pert_aimle_state*" => &["Ref{AimleState}", "Ptr{AimleState}"],
         t if t.starts_with("pert_") && t.ends_with("**") => &["Ref{Ptr{Cvoid}}", "Ptr{Ptr{Cvoid}}"],
         t if t.starts_with("pert_") && t.ends_with('*') => &["Ptr{Cvoid}"],
         _ => &[],
@@ -520,7 +523,7 @@ fn julia_pointers_into_handles_are_preserved() {
 #[test]
 fn julia_handles_and_rules_are_complete() {
     let (src, tree) = binding_source();
-    assert!(src.contains("const Handle = Union{Config, Op, Tape, Draw}"));
+    assert!(src.contains("const Handle = Union{Config, Op, Tape, Draw, ImleRecord}"));
     assert!(src.contains("Base.deepcopy_internal(x::Handle, ::IdDict)"));
     assert!(src.contains("Base.close(x::Handle) = free!(x)"));
     assert!(src.contains("export") && src.contains("free!"));
@@ -546,8 +549,8 @@ fn julia_handles_and_rules_are_complete() {
     );
     assert_eq!(
         rules.len(),
-        6,
-        "rrules of forward, fenchel_young, spo_plus, perturbation_gradient, blackbox and negative_identity"
+        8,
+        "rrules of forward, fenchel_young, spo_plus, perturbation_gradient, blackbox, negative_identity, imle and aimle"
     );
     for rule in &rules {
         let body = text(*rule, &src);
@@ -748,9 +751,10 @@ fn julia_gc_safe_calls_match_the_header() {
         checked += 1;
     }
     assert_eq!(
-        checked, 7,
+        checked, 10,
         "pert_forward, pert_fenchel_young, pert_op_solve, pert_op_free and the methods that solve \
-         (pert_spo_plus, pert_blackbox_vjp, pert_perturbation_gradient) are called GC-safe"
+         (pert_spo_plus, pert_blackbox_vjp, pert_perturbation_gradient, pert_imle_forward, \
+         pert_imle_vjp, pert_aimle_vjp) are called GC-safe"
     );
 }
 

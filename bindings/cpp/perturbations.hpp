@@ -192,6 +192,17 @@ class Config {
   Sense sense_ = Sense::Maximize;
 };
 
+/// The record of an I-MLE forward call (pert_imle): owned, movable.
+class Imle {
+ public:
+  explicit Imle(pert_imle* record) noexcept : record_(record) {}
+  std::size_t batch() const noexcept { return pert_imle_batch(record_.get()); }
+  const pert_imle* get() const noexcept { return record_.get(); }
+
+ private:
+  std::unique_ptr<pert_imle, detail::Deleter<pert_imle, pert_imle_free>> record_;
+};
+
 /// The record of a forward call: gradients without further solver calls.
 class Tape {
  public:
@@ -464,6 +475,33 @@ class Op {
                                         loss.data(), grad.data());
     });
     return {std::move(loss), std::move(grad)};
+  }
+
+  /// I-MLE's forward (pert_imle_forward): y_sigma(theta) and the record of its perturbed
+  /// inputs and solutions, for imle_vjp / aimle_vjp on this op.
+  std::pair<std::vector<float>, Imle> imle_forward(View theta, std::size_t batch) {
+    std::vector<float> out(checked(theta, batch) * input_numel());
+    pert_imle* record = nullptr;
+    call([&] { return pert_imle_forward(get(), theta.data, batch, out.data(), &record); });
+    return {std::move(out), Imle(record)};
+  }
+
+  /// I-MLE's backward (pert_imle_vjp): the gradient with respect to theta.
+  std::vector<float> imle_vjp(const Imle& record, View grad_output, double lambda, bool two_sided = false) {
+    std::size_t batch = record.batch();
+    checked(grad_output, batch, "grad_output");
+    std::vector<float> out(grad_output.size);
+    call([&] { return pert_imle_vjp(get(), record.get(), grad_output.data, lambda, two_sided ? 1 : 0, out.data()); });
+    return out;
+  }
+
+  /// AI-MLE's backward (pert_aimle_vjp): I-MLE's with the adaptive step; `state` is updated.
+  std::vector<float> aimle_vjp(const Imle& record, View grad_output, pert_aimle_state& state, bool two_sided = false) {
+    std::size_t batch = record.batch();
+    checked(grad_output, batch, "grad_output");
+    std::vector<float> out(grad_output.size);
+    call([&] { return pert_aimle_vjp(get(), record.get(), grad_output.data, two_sided ? 1 : 0, &state, out.data()); });
+    return out;
   }
 
   /// The gradient of the Fenchel-Young loss with respect to y_true, for an incoming

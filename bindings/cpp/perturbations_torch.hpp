@@ -220,6 +220,42 @@ struct SolveLayer : public ::torch::autograd::Function<SolveLayer> {
                                {theta}, lambda > 0 ? "blackbox" : "negative_identity");
   }
 };
+
+/// y_sigma(theta) by I-MLE's forward, its record kept for backward (I-MLE with lambda > 0,
+/// else AI-MLE with the state at `state`).
+struct ImleLayer : public ::torch::autograd::Function<ImleLayer> {
+  static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor theta, Op* op, double lambda,
+                                 bool two_sided, pert_aimle_state* state) {
+    auto t = host(theta);
+    auto batch = static_cast<std::size_t>(t.size(0));
+    auto result = op->imle_forward(view(t), batch);
+    auto* record = new Imle(std::move(result.second));
+    // the record rides on a saved variable (freed with the graph, as a tape)
+    ctx->save_for_backward({::torch::from_blob(
+        record, {1}, [record](void*) { delete record; }, ::torch::TensorOptions().dtype(::torch::kUInt8))});
+    ctx->saved_data["theta"] = theta;  // (for once_differentiable only)
+    ctx->saved_data["op"] = static_cast<int64_t>(reinterpret_cast<std::intptr_t>(op));
+    ctx->saved_data["state"] = static_cast<int64_t>(reinterpret_cast<std::intptr_t>(state));
+    ctx->saved_data["lambda"] = lambda;
+    ctx->saved_data["two_sided"] = two_sided;
+    return from(std::move(result.first), theta.sizes().vec(), theta);
+  }
+  static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
+                                                   ::torch::autograd::variable_list grad) {
+    auto holder = ctx->get_saved_variables()[0];
+    const Imle& record = *static_cast<const Imle*>(holder.storage().data_ptr().get());
+    auto* op = reinterpret_cast<Op*>(static_cast<std::intptr_t>(ctx->saved_data["op"].toInt()));
+    auto* state = reinterpret_cast<pert_aimle_state*>(static_cast<std::intptr_t>(ctx->saved_data["state"].toInt()));
+    bool two_sided = ctx->saved_data["two_sided"].toBool();
+    auto g = host(grad[0]);
+    auto values = state ? op->aimle_vjp(record, view(g), *state, two_sided)
+                        : op->imle_vjp(record, view(g), ctx->saved_data["lambda"].toDouble(), two_sided);
+    auto theta = ctx->saved_data["theta"].toTensor();
+    return once_differentiable({from(std::move(values), theta.sizes().vec(), grad[0]), ::torch::Tensor(),
+                                ::torch::Tensor(), ::torch::Tensor(), ::torch::Tensor()},
+                               {theta}, state ? "aimle" : "imle");
+  }
+};
 }  // namespace detail
 
 /// y_sigma(theta) for theta [batch, *input_shape]; differentiable once. The result has shape
@@ -283,6 +319,24 @@ inline ::torch::Tensor negative_identity(Op& op, const ::torch::Tensor& theta) {
 inline ::torch::Tensor perturbation_gradient(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost,
                                              double sigma, bool two_sided = true) {
   return detail::PerturbationGradient::apply(pred_cost, true_cost, &op, sigma, two_sided);
+}
+
+
+/// y_sigma(theta) (the op's noise; Sum-of-Gamma is I-MLE's), differentiable once by I-MLE
+/// (pert_imle_vjp: the forward's perturbed inputs moved by s * lambda * grad, s = +1
+/// minimizing, -1 maximizing; central differences when two_sided). `op` must outlive the
+/// graph (backward calls it).
+inline ::torch::Tensor imle(Op& op, const ::torch::Tensor& theta, double lambda, bool two_sided = false) {
+  if (!(lambda > 0) || !std::isfinite(lambda))
+    throw pert::detail::error(PERT_STATUS_INVALID_ARGUMENT, "lambda must be finite and > 0, got " + std::to_string(lambda));
+  return detail::ImleLayer::apply(theta, &op, lambda, two_sided, static_cast<pert_aimle_state*>(nullptr));
+}
+
+/// As imle, with AI-MLE's adaptive step (pert_aimle_vjp): `state` (start from
+/// pert_aimle_state_default(), one per layer) is updated by each backward pass and must
+/// outlive the graph, as `op`.
+inline ::torch::Tensor aimle(Op& op, const ::torch::Tensor& theta, pert_aimle_state& state, bool two_sided = false) {
+  return detail::ImleLayer::apply(theta, &op, 0.0, two_sided, &state);
 }
 
 }  // namespace autograd

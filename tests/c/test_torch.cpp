@@ -235,6 +235,30 @@ int main() {
       EXPECT(caught);
     }
 
+    // I-MLE and AI-MLE: the adapter's gradient is the wrapper's from a twin op's record
+    {
+      pert::Config ic = config();
+      ic.num_samples(16).noise(pert::Noise::SumOfGamma).sense(pert::Sense::Minimize);
+      pert::Op a(ic, {3}, {3}, argmin), b(ic, {3}, {3}, argmin);
+      auto th7 = pred.detach().clone().requires_grad_(true);
+      auto y7 = pert::autograd::imle(a, th7, 2.0);
+      (y7 * cost).sum().backward();
+      auto p7 = pred.detach().contiguous();
+      std::vector<float> pv(p7.data_ptr<float>(), p7.data_ptr<float>() + 6);
+      auto c7 = cost.contiguous();
+      std::vector<float> cv(c7.data_ptr<float>(), c7.data_ptr<float>() + 6);
+      auto twin = b.imle_forward(pv, 2);
+      auto want = b.imle_vjp(twin.second, cv, 2.0);
+      for (int i = 0; i < 6; i++) {
+        EXPECT(std::abs(y7.view(-1)[i].item<float>() - twin.first[i]) < 1e-6);
+        EXPECT(std::abs(th7.grad().view(-1)[i].item<float>() - want[i]) < 1e-6);
+      }
+      pert_aimle_state state = pert_aimle_state_default();
+      auto th8 = pred.detach().clone().requires_grad_(true);
+      (pert::autograd::aimle(a, th8, state) * cost).sum().backward();
+      EXPECT(th8.grad().defined() && state.alpha != 1.0);
+    }
+
     // a second derivative through a method's gradient fails loudly
     auto th4 = pred.detach().clone().requires_grad_(true);
     auto l4 = pert::autograd::spo_plus(min_op, th4, cost, sol, obj).sum();

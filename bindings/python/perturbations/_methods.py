@@ -1,7 +1,10 @@
-"""Decision-focused learning over an op's exact solver, as torch autograd functions and
-modules (re-exported by perturbations.torch): SPO+, the differentiable black box (DBB),
-the negative identity (NID) and the perturbation gradient (PG), with PyEPO's signs per
-sense (pyepo.func 2.2: SPOPlus, blackboxOpt, negativeIdentity, perturbationGradient).
+"""Decision-focused learning over an op's solver, as torch autograd functions and modules
+(re-exported by perturbations.torch): SPO+, the differentiable black box (DBB), the
+negative identity (NID), the perturbation gradient (PG), I-MLE and AI-MLE, with PyEPO's
+signs per sense (pyepo.func 2.2: SPOPlus, blackboxOpt, negativeIdentity,
+perturbationGradient, implicitMLE, adaptiveImplicitMLE). I-MLE and AI-MLE perturb with the
+op's noise (Sum-of-Gamma, `noise="sum_of_gamma"`, is the papers') and keep the forward's
+perturbed inputs and solutions (2 batch num_samples input_numel floats) for backward.
 
 Each call hands CPU float32 copies of its tensors to the library, which runs the op's
 solver on every problem of the batch (its threads and workers; no noise), and returns
@@ -19,10 +22,10 @@ import math
 import torch
 
 from .errors import InvalidArgumentError
-from .op import Op
+from .op import AimleState, Op
 
-__all__ = ["spo_plus", "blackbox", "negative_identity", "perturbation_gradient",
-           "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss"]
+__all__ = ["spo_plus", "blackbox", "negative_identity", "perturbation_gradient", "imle", "aimle",
+           "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss", "IMLE", "AIMLE"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -165,6 +168,58 @@ def negative_identity(op: Op, theta) -> torch.Tensor:
     return _solve_layer(op, theta, None)
 
 
+class _Imle(torch.autograd.Function):
+    """I-MLE's forward (the record kept on the context), backward by I-MLE (lambd) or AI-MLE
+    (state)."""
+
+    @staticmethod
+    def forward(ctx, theta, op, lambd, two_sided, state):
+        y, record = op.imle_forward(theta.detach())
+        ctx.op, ctx.record, ctx.lambd, ctx.two_sided, ctx.state = op, record, lambd, two_sided, state
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        op, record = ctx.op, ctx.record
+        if ctx.state is None:
+            grad = op.imle_vjp(record, grad_y, ctx.lambd, ctx.two_sided)
+        else:
+            grad = op.aimle_vjp(record, grad_y, ctx.state, ctx.two_sided)
+        return grad, None, None, None, None
+
+
+def _imle_layer(op, theta, lambd, two_sided, state):
+    theta = _tensor(theta)
+    if _needs_grad(theta):
+        return _Imle.apply(theta, op, lambd, bool(two_sided), state)
+    return op.forward(theta)
+
+
+def imle(op: Op, theta, lambd, two_sided: bool = False) -> torch.Tensor:
+    """y_sigma(theta), the mean over the op's samples of y*(theta + sigma Z) (its noise:
+    Sum-of-Gamma, `noise="sum_of_gamma"`, is I-MLE's), differentiable by I-MLE (Niepert et
+    al. 2021; PyEPO's implicitMLE): backward solves the forward's perturbed inputs moved by
+    s lambd g (s = +1 minimizing, -1 maximizing: the target distribution theta - lambd g
+    when maximizing) and returns s mean(y*(x + s lambd g) - y*(x)) / lambd, or the central
+    difference when two_sided. lambd > 0."""
+    _check_op(op)
+    return _imle_layer(op, theta, _check_step(lambd, "lambd"), two_sided, None)
+
+
+def aimle(op: Op, theta, two_sided: bool = False, state: AimleState = None) -> torch.Tensor:
+    """As `imle`, with AI-MLE's adaptive step (Minervini et al. 2023; PyEPO's
+    adaptiveImplicitMLE): lambda = state.alpha |theta| / |g|, and `state` (an AimleState,
+    updated by each backward pass) adapts alpha. Pass the same state at every step (the
+    module AIMLE keeps one); None starts from a fresh one each call (no adaptation)."""
+    _check_op(op)
+    if state is None:
+        state = AimleState()
+    elif not isinstance(state, AimleState):
+        raise TypeError(f"state must be a perturbations.AimleState, got {type(state).__name__}")
+    return _imle_layer(op, theta, None, two_sided, state)
+
+
 class SPOPlusLoss(torch.nn.Module):
     """SPO+ as a module: `forward(pred_cost, true_cost, true_sol, true_obj)` returns the
     loss reduced by `reduction` (see `spo_plus`)."""
@@ -230,3 +285,35 @@ class NegativeIdentity(torch.nn.Module):
 
     def extra_repr(self):
         return repr(self.op)
+
+
+class IMLE(torch.nn.Module):
+    """I-MLE as a module: `forward(theta)` returns y_sigma(theta) (see `imle`; lambd defaults
+    to PyEPO's 10)."""
+
+    def __init__(self, op: Op, lambd: float = 10.0, two_sided: bool = False):
+        super().__init__()
+        _check_op(op)
+        self.op, self.lambd, self.two_sided = op, _check_step(lambd, "lambd"), bool(two_sided)
+
+    def forward(self, theta):
+        return imle(self.op, theta, self.lambd, self.two_sided)
+
+    def extra_repr(self):
+        return f"{self.op!r}, lambd={self.lambd}, two_sided={self.two_sided}"
+
+
+class AIMLE(torch.nn.Module):
+    """AI-MLE as a module: `forward(theta)` returns y_sigma(theta) (see `aimle`); the module
+    keeps its AimleState (`self.state`) across steps."""
+
+    def __init__(self, op: Op, two_sided: bool = False):
+        super().__init__()
+        _check_op(op)
+        self.op, self.two_sided, self.state = op, bool(two_sided), AimleState()
+
+    def forward(self, theta):
+        return aimle(self.op, theta, self.two_sided, self.state)
+
+    def extra_repr(self):
+        return f"{self.op!r}, two_sided={self.two_sided}, {self.state!r}"

@@ -706,6 +706,54 @@ class Op(_Handle):
                    grad, work=2 * a.shape[0], pace=False)
         return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
 
+    # ---- I-MLE and AI-MLE (pert_imle_forward, pert_imle_vjp, pert_aimle_vjp) ----------
+
+    def imle_forward(self, theta):
+        """I-MLE's forward: y_sigma(theta) [*batch, *input_shape] (the mean over the op's
+        samples of y*(theta + sigma Z), from one call's draws, with any of the op's noises,
+        Sum-of-Gamma included), and the `ImleRecord` of its perturbed inputs and solutions
+        for `imle_vjp` / `aimle_vjp` on this op."""
+        batch_shape, a, back = self._theta(theta)
+        if a.shape[0] == 0:
+            raise InvalidArgumentError(2, "theta must hold at least one problem for I-MLE")
+        out = np.empty(a.shape, dtype=np.float32)
+        h = P()
+        self._call(lib.pert_imle_forward, a, a.shape[0], out, ctypes.byref(h), work=self._work(a))
+        return back(out.reshape(batch_shape + self.input_shape)), ImleRecord(h, self, batch_shape)
+
+    def _record_grad(self, record, grad_output):
+        if not isinstance(record, ImleRecord):
+            raise TypeError(f"record must be an ImleRecord (from imle_forward), got {type(record).__name__}")
+        full = record.batch_shape + self.input_shape
+        g, back = as_host(grad_output, "grad_output")
+        if tuple(g.shape) != full:
+            raise InvalidArgumentError(2, f"grad_output must have shape {list(full)}, got {list(g.shape)}")
+        return np.ascontiguousarray(g.reshape((-1,) + self.input_shape)), back
+
+    def imle_vjp(self, record, grad_output, lambd, two_sided=False):
+        """I-MLE's gradient with respect to theta from the forward's record and the
+        gradient with respect to y_sigma(theta): s mean_k (y*(x_k + s lambd g) - y*(x_k)) /
+        lambd (s = +1 minimizing, -1 maximizing), or the central difference when
+        two_sided (pert_imle_vjp; PyEPO's implicitMLE)."""
+        g, back = self._record_grad(record, grad_output)
+        out = np.empty(g.shape, dtype=np.float32)
+        with record._lock:
+            self._call(lib.pert_imle_vjp, record.handle, g, float(lambd), 1 if two_sided else 0, out,
+                       work=g.shape[0] * record.samples, pace=False)
+        return back(out.reshape(record.batch_shape + self.input_shape))
+
+    def aimle_vjp(self, record, grad_output, state, two_sided=False):
+        """AI-MLE's gradient: `imle_vjp` with lambda = state.alpha |theta| / |g|, then
+        `state` (an `AimleState`) updated (pert_aimle_vjp; PyEPO's adaptiveImplicitMLE)."""
+        if not isinstance(state, AimleState):
+            raise TypeError(f"state must be a perturbations.AimleState, got {type(state).__name__}")
+        g, back = self._record_grad(record, grad_output)
+        out = np.empty(g.shape, dtype=np.float32)
+        with record._lock:
+            self._call(lib.pert_aimle_vjp, record.handle, g, 1 if two_sided else 0, ctypes.addressof(state), out,
+                       work=g.shape[0] * record.samples, pace=False)
+        return back(out.reshape(record.batch_shape + self.input_shape))
+
     def forward_with_tape(self, theta):
         """y_sigma(theta) and the Tape of the call."""
         batch_shape, a, back = self._theta(theta)
@@ -820,6 +868,31 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class ImleRecord(_Handle):
+    """The record of an I-MLE forward call (`Op.imle_forward`): its perturbed inputs and
+    their solutions, for `Op.imle_vjp` and `Op.aimle_vjp` on the same op."""
+
+    _free = staticmethod(lambda h: lib.pert_imle_free(h))
+
+    def __init__(self, h, op, batch_shape):
+        super().__init__(h)
+        self.batch_shape = batch_shape
+        self.samples = op._settings["num_samples"]
+
+
+class AimleState(ctypes.Structure):
+    """The state of AI-MLE's adaptive step (pert_aimle_state): alpha (1), grad_norm_avg (1)
+    and step (0.001); `Op.aimle_vjp` updates it. Keep one per layer."""
+
+    _fields_ = [("alpha", ctypes.c_double), ("grad_norm_avg", ctypes.c_double), ("step", ctypes.c_double)]
+
+    def __init__(self, alpha=1.0, grad_norm_avg=1.0, step=1e-3):
+        super().__init__(float(alpha), float(grad_norm_avg), float(step))
+
+    def __repr__(self):
+        return f"AimleState(alpha={self.alpha!r}, grad_norm_avg={self.grad_norm_avg!r}, step={self.step!r})"
 
 
 class Draw(_Handle):

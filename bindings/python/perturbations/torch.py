@@ -1,8 +1,8 @@
 """PyTorch over perturbed ops: autograd, the modules `Perturbed` and `FenchelYoungLoss`,
 and the torch.func transforms; and the decision-focused methods over the exact solver
-(`spo_plus`, `blackbox`, `negative_identity`, `perturbation_gradient` and their modules
-`SPOPlusLoss`, `BlackBox`, `NegativeIdentity`, `PerturbationGradientLoss`: see
-perturbations._methods).
+(`spo_plus`, `blackbox`, `negative_identity`, `perturbation_gradient`, `imle`, `aimle` and
+their modules `SPOPlusLoss`, `BlackBox`, `NegativeIdentity`, `PerturbationGradientLoss`,
+`IMLE`, `AIMLE`: see perturbations._methods).
 
     import perturbations as pt, perturbations.torch as ptt
     op = pt.Op.builtin(pt.Config(num_samples=1000, sigma=0.5, device="cpu"), "argmax", 5)
@@ -36,12 +36,12 @@ from . import _compile
 from .errors import InvalidArgumentError, NonFiniteInputError
 from .op import Op
 
-from ._methods import (BlackBox, NegativeIdentity, PerturbationGradientLoss, SPOPlusLoss,  # noqa: E402,F401
-                       blackbox, negative_identity, perturbation_gradient, spo_plus)
+from ._methods import (AIMLE, IMLE, BlackBox, NegativeIdentity, PerturbationGradientLoss,  # noqa: E402,F401
+                       SPOPlusLoss, aimle, blackbox, imle, negative_identity, perturbation_gradient, spo_plus)
 
 __all__ = ["perturbed", "fenchel_young", "Perturbed", "FenchelYoungLoss",
-           "spo_plus", "blackbox", "negative_identity", "perturbation_gradient",
-           "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss"]
+           "spo_plus", "blackbox", "negative_identity", "perturbation_gradient", "imle", "aimle",
+           "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss", "IMLE", "AIMLE"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 

@@ -249,3 +249,54 @@ def test_sum_of_gamma_noise_from_python():
         pt.Config(noise="sum_of_gamma", sog_kappa=0)
     with pytest.raises(pt.InvalidArgumentError, match="number of terms"):
         pt.Config(sog_terms=0)  # checked even before the noise is chosen
+
+
+@pytest.mark.parametrize("sense", ["minimize", "maximize"])
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_imle_gradient_is_its_formula_on_the_forwards_draws(sense, two_sided):
+    n = 12
+    cfg = dict(sense=sense, num_samples=n, sigma=0.5, noise="sum_of_gamma", seed=3, device="cpu")
+    op = pt.Op(pt.Config(**cfg), D, D, lambda x: one_hot_best(x, sense))
+    twin = pt.Op(pt.Config(**cfg), D, D, lambda x: one_hot_best(x, sense))
+    theta = torch.tensor(np.random.default_rng(1).normal(size=(3, D)), dtype=torch.float32)
+    g = torch.tensor(np.random.default_rng(2).normal(size=(3, D)), dtype=torch.float32)
+    x = twin.draw(theta.numpy()).inputs()[:3 * n].reshape(3, n, D)  # the forward's perturbed inputs
+    y = one_hot_best(x, sense)
+    lambd, s = 2.0, (1.0 if sense == "minimize" else -1.0)
+    gn = g.numpy()[:, None, :]
+    if two_sided:
+        want = (one_hot_best(x + lambd * gn, sense) - one_hot_best(x - lambd * gn, sense)).mean(1) / (2 * lambd)
+    else:
+        want = s * (one_hot_best(x + s * lambd * gn, sense) - y).mean(1) / lambd
+    t = theta.clone().requires_grad_(True)
+    out = ptt.imle(op, t, lambd, two_sided=two_sided)
+    assert torch.allclose(out, torch.tensor(y.mean(1)), atol=1e-6)
+    (out * g).sum().backward()
+    assert np.allclose(t.grad.numpy(), want, atol=1e-6)
+
+
+def test_aimle_module_keeps_and_adapts_its_state():
+    op = pt.Op(pt.Config(num_samples=8, sigma=0.5, noise="gumbel", device="cpu"), D, D,
+               lambda x: one_hot_best(x, "maximize"))
+    layer = ptt.AIMLE(op)
+    assert (layer.state.alpha, layer.state.grad_norm_avg, layer.state.step) == (1.0, 1.0, 1e-3)
+    theta = torch.tensor(np.random.default_rng(4).normal(size=(5, D)), dtype=torch.float32, requires_grad=True)
+    for _ in range(3):
+        (layer(theta) * torch.arange(D, dtype=torch.float32)).sum().backward()
+    assert layer.state.grad_norm_avg < 1.0 and abs(layer.state.alpha - 1.003) < 1e-12
+    assert "AimleState(alpha=" in repr(layer)
+    # the module I-MLE, its reductions of errors
+    assert ptt.IMLE(op, lambd=3.0)(theta).shape == theta.shape
+    with pytest.raises(pt.InvalidArgumentError, match="lambd must be finite and > 0"):
+        ptt.imle(op, theta, 0.0)
+    with pytest.raises(TypeError, match="AimleState"):
+        ptt.aimle(op, theta, state={"alpha": 1})
+    other = pt.Op(pt.Config(num_samples=8, device="cpu"), D, D, lambda x: one_hot_best(x, "maximize"))
+    _, record = op.imle_forward(theta.detach())
+    with pytest.raises(pt.InvalidArgumentError, match="another op"):
+        other.imle_vjp(record, torch.ones(5, D), 1.0)
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        op.imle_vjp(record, torch.ones(4, D), 1.0)
+    # no gradient asked: a plain forward call
+    with torch.no_grad():
+        assert not ptt.imle(op, theta, 1.0).requires_grad

@@ -31,7 +31,7 @@ using Libdl
 export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
 export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
 export spo_plus, spo_plus_with_grad, perturbation_gradient, perturbation_gradient_with_grad, blackbox, blackbox_vjp
-export negative_identity, negative_identity_vjp
+export negative_identity, negative_identity_vjp, imle, aimle, imle_forward, imle_vjp, aimle_vjp, ImleRecord, AimleState
 export NOISE_NORMAL, NOISE_GUMBEL, NOISE_SUM_OF_GAMMA, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
@@ -174,6 +174,45 @@ set!(::Config, ::Val{K}, _) where {K} = throw(ArgumentError("unknown Config sett
 # ---- Tape --------------------------------------------------------------------------
 
 """What a forward call keeps for its gradients; valid after its op is freed."""
+"""
+    AimleState(alpha=1.0, grad_norm_avg=1.0, step=1e-3)
+
+The state of AI-MLE's adaptive step (`pert_aimle_state`): λ = α‖θ‖/‖ḡ‖, α moved by
+`step` after each backward pass. A `Ref` of it is passed to [`aimle_vjp`](@ref) and
+[`aimle`](@ref), which update it.
+"""
+struct AimleState
+    alpha::Cdouble
+    grad_norm_avg::Cdouble
+    step::Cdouble
+end
+"""`AimleState()`: the library's defaults (`pert_aimle_state_default`: α 1, average 1, step 0.001)."""
+AimleState() = @ccall libperturbations.pert_aimle_state_default()::AimleState
+
+"""
+The record of an I-MLE forward call ([`imle_forward`](@ref)): its perturbed inputs and
+solutions, for [`imle_vjp`](@ref) and [`aimle_vjp`](@ref) with the same op.
+"""
+mutable struct ImleRecord
+    handle::Ptr{Cvoid}
+    d::Int
+    batch::Int
+    function ImleRecord(handle::Ptr{Cvoid}, d, batch)
+        return finalizer(free!, new(handle, d, batch))
+    end
+end
+
+function free!(r::ImleRecord)
+    r.handle == C_NULL || @ccall libperturbations.pert_imle_free(r.handle::Ptr{Cvoid})::Cvoid
+    r.handle = C_NULL
+    return nothing
+end
+
+Base.unsafe_convert(::Type{Ptr{Cvoid}}, r::ImleRecord) = r.handle
+
+"""`batch(record)`: the number of problems of the I-MLE forward call that made the record."""
+batch(r::ImleRecord) = Int(@ccall libperturbations.pert_imle_batch(r::Ptr{Cvoid})::Csize_t)
+
 mutable struct Tape
     handle::Ptr{Cvoid}
     d::Int
@@ -399,6 +438,9 @@ const PERT_OP_FREE = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_SPO_PLUS = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_BLACKBOX_VJP = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_PERTURBATION_GRADIENT = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_IMLE_FORWARD = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_IMLE_VJP = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_AIMLE_VJP = Ref{Ptr{Cvoid}}(C_NULL)
 
 function gc_safe_forward(op::Ptr{Cvoid}, theta::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
                          tape::Ptr{Ptr{Cvoid}})::UInt32
@@ -454,6 +496,36 @@ function gc_safe_perturbation_gradient(op::Ptr{Cvoid}, pred::Ptr{Float32}, cost:
     state = ccall(:jl_gc_safe_enter, Int8, ())
     status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Ptr{Float32}, Csize_t, Cdouble, Int32, Ptr{Float32},
         Ptr{Float32}), op, pred, cost, batch, sigma, two_sided, loss, grad)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
+
+function gc_safe_imle_forward(op::Ptr{Cvoid}, theta::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
+                              record::Ptr{Ptr{Cvoid}})::UInt32
+    fn = PERT_IMLE_FORWARD[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Ptr{Cvoid}}), op, theta, batch,
+        out, record)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
+
+function gc_safe_imle_vjp(op::Ptr{Cvoid}, record::Ptr{Cvoid}, g::Ptr{Float32}, lambda::Cdouble, two::Int32,
+                          out::Ptr{Float32})::UInt32
+    fn = PERT_IMLE_VJP[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Float32}, Cdouble, Int32, Ptr{Float32}), op, record, g,
+        lambda, two, out)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
+
+function gc_safe_aimle_vjp(op::Ptr{Cvoid}, record::Ptr{Cvoid}, g::Ptr{Float32}, two::Int32, st::Ptr{AimleState},
+                           out::Ptr{Float32})::UInt32
+    fn = PERT_AIMLE_VJP[]
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Float32}, Int32, Ptr{AimleState}, Ptr{Float32}), op,
+        record, g, two, st, out)
     ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
     return status
 end
@@ -655,6 +727,9 @@ function __init__()
     PERT_SPO_PLUS[] = Libdl.dlsym(handle, :pert_spo_plus)
     PERT_BLACKBOX_VJP[] = Libdl.dlsym(handle, :pert_blackbox_vjp)
     PERT_PERTURBATION_GRADIENT[] = Libdl.dlsym(handle, :pert_perturbation_gradient)
+    PERT_IMLE_FORWARD[] = Libdl.dlsym(handle, :pert_imle_forward)
+    PERT_IMLE_VJP[] = Libdl.dlsym(handle, :pert_imle_vjp)
+    PERT_AIMLE_VJP[] = Libdl.dlsym(handle, :pert_aimle_vjp)
     TRAMPOLINE[] = @cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     INIT_TRAMPOLINE[] = @cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))
@@ -1009,6 +1084,88 @@ function ChainRulesCore.rrule(::typeof(negative_identity), op::Op, theta::Abstra
     return y, negative_identity_pullback
 end
 
+# ---- I-MLE and AI-MLE ----------------------------------------------------------------
+
+"""`imle_forward(op, θ)`: y_σ(θ) (`d × batch`, the op's noise; Sum-of-Gamma is I-MLE's) and the [`ImleRecord`](@ref) of its perturbed inputs and solutions (`pert_imle_forward`)."""
+function imle_forward(op::Op, theta::AbstractMatrix)
+    batch = batch_of(op, theta)
+    op.d == op.o || throw(DimensionMismatch("I-MLE needs an op whose output size equals its input size"))
+    th = Matrix{Float32}(theta)
+    out = Matrix{Float32}(undef, op.d, batch)
+    record = Ref{Ptr{Cvoid}}(C_NULL)
+    call(op) do
+        op.workers && return GC.@preserve th out record gc_safe_imle_forward(op.handle, pointer(th), Csize_t(batch),
+            pointer(out), Base.unsafe_convert(Ptr{Ptr{Cvoid}}, record))
+        @ccall libperturbations.pert_imle_forward(op::Ptr{Cvoid}, th::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
+            record::Ref{Ptr{Cvoid}})::UInt32
+    end
+    return out, ImleRecord(record[], op.d, batch)
+end
+
+function record_grad(r::ImleRecord, ybar::AbstractMatrix)
+    r.handle == C_NULL && throw(ArgumentError("the I-MLE record was freed"))
+    size(ybar) == (r.d, r.batch) || throw(DimensionMismatch("grad_output must be $((r.d, r.batch)), got $(size(ybar))"))
+    return Matrix{Float32}(ybar)
+end
+
+"""`imle_vjp(op, record, ȳ, λ; two_sided=false)`: I-MLE's gradient in θ (`pert_imle_vjp`): s·mean(y*(x + sλȳ) − y*(x))/λ over the forward's perturbed inputs x (s = +1 minimizing, −1 maximizing), or the central difference."""
+function imle_vjp(op::Op, r::ImleRecord, ybar::AbstractMatrix, lambda::Real; two_sided::Bool=false)
+    g = record_grad(r, ybar)
+    out = Matrix{Float32}(undef, r.d, r.batch)
+    l, two = Cdouble(lambda), Int32(two_sided)
+    call(op) do
+        op.workers && return GC.@preserve r g out gc_safe_imle_vjp(op.handle, r.handle, pointer(g), l, two,
+            pointer(out))
+        @ccall libperturbations.pert_imle_vjp(op::Ptr{Cvoid}, r::Ptr{Cvoid}, g::Ptr{Float32}, l::Cdouble, two::Int32,
+            out::Ptr{Float32})::UInt32
+    end
+    return out
+end
+
+"""`aimle_vjp(op, record, ȳ, state::Ref{AimleState}; two_sided=false)`: AI-MLE's gradient (`pert_aimle_vjp`), λ = α‖θ‖/‖ȳ‖; `state[]` is updated."""
+function aimle_vjp(op::Op, r::ImleRecord, ybar::AbstractMatrix, state::Ref{AimleState}; two_sided::Bool=false)
+    g = record_grad(r, ybar)
+    out = Matrix{Float32}(undef, r.d, r.batch)
+    two = Int32(two_sided)
+    call(op) do
+        op.workers && return GC.@preserve r g out state gc_safe_aimle_vjp(op.handle, r.handle, pointer(g), two,
+            Base.unsafe_convert(Ptr{AimleState}, state), pointer(out))
+        @ccall libperturbations.pert_aimle_vjp(op::Ptr{Cvoid}, r::Ptr{Cvoid}, g::Ptr{Float32}, two::Int32,
+            state::Ref{AimleState}, out::Ptr{Float32})::UInt32
+    end
+    return out
+end
+
+"""`imle(op, θ, λ; two_sided=false)`: y_σ(θ), differentiable by I-MLE through its `rrule` ([`imle_vjp`](@ref))."""
+imle(op::Op, theta::AbstractMatrix, lambda::Real; two_sided::Bool=false) = forward(op, theta)
+
+"""`aimle(op, θ, state::Ref{AimleState}; two_sided=false)`: y_σ(θ), differentiable by AI-MLE through its `rrule`; `state[]` adapts."""
+aimle(op::Op, theta::AbstractMatrix, state::Ref{AimleState}; two_sided::Bool=false) = forward(op, theta)
+
+function ChainRulesCore.rrule(::typeof(imle), op::Op, theta::AbstractMatrix, lambda::Real; two_sided::Bool=false)
+    (isfinite(lambda) && lambda > 0) || throw(ArgumentError("λ must be finite and > 0, got $lambda"))
+    y, record = imle_forward(op, theta)
+    project = ProjectTo(theta)
+    function imle_pullback(ȳ)
+        g = unthunk(ȳ)
+        g isa AbstractZero && return (NoTangent(), NoTangent(), ZeroTangent(), NoTangent())
+        return (NoTangent(), NoTangent(), project(imle_vjp(op, record, g, lambda; two_sided)), NoTangent())
+    end
+    return y, imle_pullback
+end
+
+function ChainRulesCore.rrule(::typeof(aimle), op::Op, theta::AbstractMatrix, state::Ref{AimleState};
+                              two_sided::Bool=false)
+    y, record = imle_forward(op, theta)
+    project = ProjectTo(theta)
+    function aimle_pullback(ȳ)
+        g = unthunk(ȳ)
+        g isa AbstractZero && return (NoTangent(), NoTangent(), ZeroTangent(), NoTangent())
+        return (NoTangent(), NoTangent(), project(aimle_vjp(op, record, g, state; two_sided)), NoTangent())
+    end
+    return y, aimle_pullback
+end
+
 # ---- two-phase API -----------------------------------------------------------------
 
 """
@@ -1117,12 +1274,12 @@ end
 
 # ---- ownership ---------------------------------------------------------------------
 
-const Handle = Union{Config, Op, Tape, Draw}
+const Handle = Union{Config, Op, Tape, Draw, ImleRecord}
 
 """
     close(x)
 
-Frees the library memory of a handle (`Config`, `Op`, `Tape`, `Draw`) now, instead of when
+Frees the library memory of a handle (`Config`, `Op`, `Tape`, `Draw`, `ImleRecord`) now, instead of when
 the garbage collector finalizes it; the same as `free!(x)`. Using a freed handle is an
 error (PERT_STATUS_NULL_ARGUMENT); freeing twice is harmless.
 """

@@ -100,6 +100,16 @@ end
         @test pg == Float32[2.5] && pg_grad == reshape(Float32[-0.5, 0.5, 0], 3, 1)
         @test perturbation_gradient(op, θ, reshape(Float32[3, 1, 2], 3, 1), 1.0; two_sided=false) == Float32[3]
         @test_throws PerturbationsError perturbation_gradient(op, θ, θ, -1.0)
+        # I-MLE: forward is the perturbed mean; its gradient is imle_vjp's on the same record
+        sog = Op(argmin_solver, Config(sense=SENSE_MINIMIZE, noise=:sum_of_gamma, num_samples=16, device="cpu"), (3,), (3,))
+        y, record = imle_forward(sog, θ)
+        @test sum(y) ≈ 1 && P.batch(record) == 1
+        @test size(imle_vjp(sog, record, ȳ, 2.0)) == (3, 1)
+        state = Ref(AimleState())
+        @test state[].alpha == 1.0
+        aimle_vjp(sog, record, ȳ, state)
+        @test state[].alpha != 1.0
+        @test size(Zygote.gradient(t -> sum(imle(sog, t, 2.0) .* ȳ), θ)[1]) == (3, 1)
     end
 
     @testset "built-in solver and two-phase API" begin
