@@ -35,6 +35,39 @@ fn horner<const N: usize>(x: f32, c: &[f32; N]) -> f32 {
         .fold(c[N - 1], |acc, &k| acc.mul_add(x, k))
 }
 
+/// e^x for x ≤ 0 (0 below −87, where e^x leaves float32's normal range): e^r · 2^n with
+/// n = ⌊x·log₂e⌋, r = x − n·ln 2 in [0, ln 2) (ln 2 in two parts, each product a fused
+/// multiply-add), and e^r by its Taylor polynomial of degree 9 (error below 10⁻⁸).
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 to 16 bits: n·LN2_HI is exact
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x0 = x.max(-87.0);
+    let n = (x0 * std::f32::consts::LOG2_E).floor();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x0));
+    let p = horner(
+        r,
+        &[
+            1.0,
+            1.0,
+            0.5,
+            0.166_666_67,
+            0.041_666_668,
+            0.008_333_334,
+            0.001_388_888_9,
+            0.000_198_412_7,
+            0.000_024_801_587,
+            0.000_002_755_732,
+        ],
+    );
+    let scaled = f32::from_bits(((n as i32 + 127) as u32) << 23) * p;
+    if x < -87.0 {
+        0.0
+    } else {
+        scaled
+    }
+}
+
 /// (sin 2πu, cos 2πu) for u in [0, 1].
 #[inline(always)]
 pub fn sincos_2pi(u: f32) -> (f32, f32) {
@@ -124,6 +157,20 @@ mod tests {
         let w = want as f32;
         let ulp = (f32::from_bits(w.abs().to_bits() + 1) - w.abs()) as f64;
         (f64::from(got) - want).abs() / ulp.max(f64::from(f32::MIN_POSITIVE))
+    }
+
+    #[test]
+    fn exp_is_accurate_below_zero() {
+        let mut worst = 0.0f64;
+        for k in 0..=200_000 {
+            let x = -87.0 * f64::from(k) / 200_000.0;
+            let got = f64::from(exp_nonpositive(x as f32));
+            let want = (f64::from(x as f32)).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "{worst}");
+        assert_eq!(exp_nonpositive(-100.0), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 
     #[test]

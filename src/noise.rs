@@ -295,10 +295,7 @@ impl Noise {
                 score.is_none(),
                 "Sum-of-Gamma noise has no score (callers refuse tapes)"
             );
-            for (e, o) in (first..).zip(out.iter_mut()) {
-                o.write(sog.value(stream, e));
-            }
-            return;
+            return sog.fill(stream, first, out);
         }
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {

@@ -4,7 +4,8 @@
 // Fenchel-Young loss (N = 1, 10), the perturbed optimizer (DPO, N = 10) under the
 // decision's true cost <c, y_sigma(c^)>, SPO+, the differentiable black box (DBB, lambda
 // 10) and the negative identity (NID) under the decision's true cost <c, y*(c^)>, and the
-// perturbation gradient (PG, two-sided, sigma 1).
+// perturbation gradient (PG, two-sided, sigma 1), and I-MLE (lambda 10) and AI-MLE with
+// Sum-of-Gamma noise (kappa 5, 10 terms, N = 10) under <c, y_sigma(c^)>.
 //
 // Data: a 5x5 grid (40 edges that move right or down, top-left to bottom-right), features
 // x ~ N(0, I_5), costs c_j = [(1/3.5^deg) ((B x)_j / sqrt(5) + 3)^deg + 1] * eps_j with
@@ -90,24 +91,35 @@ torch::Tensor decision_cost(const torch::Tensor& y, const torch::Tensor& c) { re
 struct Method {
   std::string name;
   int num_samples;
+  pert::Noise noise;
   std::function<torch::Tensor(pert::Op&, const torch::Tensor& c_hat, const torch::Tensor& c, const torch::Tensor& w,
                               const torch::Tensor& z)>
       loss;
 };
 
+// AI-MLE's adaptive state, kept across the steps of one training (reset for each)
+pert_aimle_state& aimle_state() {
+  static pert_aimle_state state = pert_aimle_state_default();
+  return state;
+}
+
 std::vector<Method> methods() {
   using T = const torch::Tensor&;
   return {
-      {"fy-n1", 1, [](pert::Op& op, T c_hat, T, T w, T) { return pert::autograd::fenchel_young(op, c_hat, w); }},
-      {"fy-n10", 10, [](pert::Op& op, T c_hat, T, T w, T) { return pert::autograd::fenchel_young(op, c_hat, w); }},
-      {"dpo-n10", 10,
+      {"fy-n1", 1, pert::Noise::Normal, [](pert::Op& op, T c_hat, T, T w, T) { return pert::autograd::fenchel_young(op, c_hat, w); }},
+      {"fy-n10", 10, pert::Noise::Normal, [](pert::Op& op, T c_hat, T, T w, T) { return pert::autograd::fenchel_young(op, c_hat, w); }},
+      {"dpo-n10", 10, pert::Noise::Normal,
        [](pert::Op& op, T c_hat, T c, T, T) { return decision_cost(pert::autograd::perturbed(op, c_hat), c); }},
-      {"spo+", 1, [](pert::Op& op, T c_hat, T c, T w, T z) { return pert::autograd::spo_plus(op, c_hat, c, w, z); }},
-      {"dbb", 1,
+      {"spo+", 1, pert::Noise::Normal, [](pert::Op& op, T c_hat, T c, T w, T z) { return pert::autograd::spo_plus(op, c_hat, c, w, z); }},
+      {"dbb", 1, pert::Noise::Normal,
        [](pert::Op& op, T c_hat, T c, T, T) { return decision_cost(pert::autograd::blackbox(op, c_hat, 10.0), c); }},
-      {"nid", 1,
+      {"nid", 1, pert::Noise::Normal,
        [](pert::Op& op, T c_hat, T c, T, T) { return decision_cost(pert::autograd::negative_identity(op, c_hat), c); }},
-      {"pg", 1, [](pert::Op& op, T c_hat, T c, T, T) { return pert::autograd::perturbation_gradient(op, c_hat, c, 1.0); }},
+      {"pg", 1, pert::Noise::Normal, [](pert::Op& op, T c_hat, T c, T, T) { return pert::autograd::perturbation_gradient(op, c_hat, c, 1.0); }},
+      {"imle", 10, pert::Noise::SumOfGamma,
+       [](pert::Op& op, T c_hat, T c, T, T) { return decision_cost(pert::autograd::imle(op, c_hat, 10.0), c); }},
+      {"aimle", 10, pert::Noise::SumOfGamma,
+       [](pert::Op& op, T c_hat, T c, T, T) { return decision_cost(pert::autograd::aimle(op, c_hat, aimle_state()), c); }},
   };
 }
 
@@ -134,13 +146,13 @@ void write_svg(const std::string& path, const std::vector<Curve>& curves, int ep
   std::fprintf(f, "<text x=\"%g\" y=\"%g\" text-anchor=\"middle\">epoch</text>\n", (L + W - R) / 2, H - 12);
   std::fprintf(f, "<text x=\"16\" y=\"%g\" text-anchor=\"middle\" transform=\"rotate(-90 16 %g)\">normalized regret</text>\n",
                (T + H - B) / 2, (T + H - B) / 2);
-  const char* colours[7] = {"#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"};
+  const char* colours[9] = {"#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666", "#1f78b4"};
   std::vector<std::string> names;
   for (const auto& c : curves)
     if (std::find(names.begin(), names.end(), c.method) == names.end()) names.push_back(c.method);
   for (const auto& c : curves) {
     auto k = static_cast<size_t>(std::find(names.begin(), names.end(), c.method) - names.begin());
-    const char* colour = colours[k % 7];
+    const char* colour = colours[k % 9];
     const char* dash = c.deg == 1 ? "" : c.deg == 4 ? " stroke-dasharray=\"6,4\"" : " stroke-dasharray=\"2,3\"";
     std::fprintf(f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s points=\"", colour, dash);
     for (size_t e = 0; e < c.regret.size(); e++) std::fprintf(f, "%g,%g ", px(double(e)), py(c.regret[e]));
@@ -148,7 +160,7 @@ void write_svg(const std::string& path, const std::vector<Curve>& curves, int ep
   }
   for (size_t k = 0; k < names.size(); k++)
     std::fprintf(f, "<text x=\"%g\" y=\"%g\" fill=\"%s\">%s</text>\n", W - R + 8, T + 16 + 18 * double(k),
-                 colours[k % 7], names[k].c_str());
+                 colours[k % 9], names[k].c_str());
   std::fprintf(f, "</svg>\n");
   std::fclose(f);
 }
@@ -171,7 +183,8 @@ int main(int argc, char** argv) {
       torch::nn::Linear model(kFeatures, kEdges);
       torch::optim::Adam adam(model->parameters(), torch::optim::AdamOptions(0.01));
       pert::Config config;
-      config.num_samples(method.num_samples).sigma(1.0).noise(pert::Noise::Normal).sense(pert::Sense::Minimize)
+      aimle_state() = pert_aimle_state_default();
+      config.num_samples(method.num_samples).sigma(1.0).noise(method.noise).sense(pert::Sense::Minimize)
           .device("cpu").threads(2);
       pert::Op op(config, {kEdges}, {kEdges}, [](const pert_solve_info&, const float* costs, std::size_t count, float* paths) {
         if (grid_shortest_path(nullptr, costs, count, paths) != 0) throw std::runtime_error("non-finite cost");

@@ -9,6 +9,8 @@ the library as a C function pointer (it runs with the GIL released):
     dbb            the differentiable black box (lambda 10) under the decision's true cost <c, y*(c^)>
     nid            the negative identity under the same loss
     pg             the perturbation-gradient loss (two-sided, sigma 1)
+    imle, aimle    I-MLE (lambda 10) and AI-MLE (adaptive lambda) with Sum-of-Gamma noise (kappa 5,
+                   10 terms, sigma 1, N = 10) under the decision's true cost <c, y_sigma(c^)>
 
 The data: a 5x5 grid (40 edges, moves right or down, top-left to bottom-right), features
 x ~ N(0, I_5), costs c_j = [(1/3.5^deg) ((B x)_j / sqrt(5) + 3)^deg + 1] * eps_j with B a
@@ -86,7 +88,13 @@ METHODS = {
     "dbb": (1, lambda op, c_hat, c, w, z: decision_cost(ptt.blackbox(op, c_hat, 10.0), c)),
     "nid": (1, lambda op, c_hat, c, w, z: decision_cost(ptt.negative_identity(op, c_hat), c)),
     "pg": (1, lambda op, c_hat, c, w, z: ptt.perturbation_gradient(op, c_hat, c, 1.0, reduction="none")),
+    "imle": (10, lambda op, c_hat, c, w, z: decision_cost(ptt.imle(op, c_hat, 10.0), c)),
+    "aimle": (10, lambda op, c_hat, c, w, z: decision_cost(ptt.aimle(op, c_hat, state=AIMLE_STATE), c)),
 }
+# AI-MLE's adaptive state, kept across the steps of a training (reset for each)
+AIMLE_STATE = pt.AimleState()
+# I-MLE's noise: Sum-of-Gamma (kappa 5, 10 terms: PyEPO's defaults); the others Normal
+NOISE = {"imle": "sum_of_gamma", "aimle": "sum_of_gamma"}
 
 
 def train(solver, deg, method, epochs, seed=0, batch_size=32, lr=0.01, log=print):
@@ -103,7 +111,9 @@ def train(solver, deg, method, epochs, seed=0, batch_size=32, lr=0.01, log=print
     model = torch.nn.Linear(FEATURES, EDGES)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     # the default settings (sample-mean baseline) work with N = 1 too
-    cfg = pt.Config(num_samples=num_samples, sigma=1.0, noise="normal", sense="minimize", seed=seed, device="cpu")
+    cfg = pt.Config(num_samples=num_samples, sigma=1.0, noise=NOISE.get(method, "normal"), sense="minimize",
+                    seed=seed, device="cpu")
+    AIMLE_STATE.__init__()
     curve = [regret(solver, model, x_test, c_test, w_test)]
     log(f"deg {deg} {method:>7}  epoch  0  test regret {curve[0]:.4f}")
     total = 0.0

@@ -77,6 +77,14 @@ impl OpSpec {
             &[batch, n, self.output_numel],
             "batch * num_samples * output_numel",
         )?;
+        let values = batch as u128 * n as u128 * self.input_numel as u128;
+        if let crate::noise::Noise::SumOfGamma(_) = self.config.noise() {
+            if values > u128::from(crate::sum_of_gamma::SUM_OF_GAMMA_MAX_VALUES) {
+                return Err(crate::Error::invalid(format!(
+                    "a call with Sum-of-Gamma noise draws at most 2^40 values, got batch * num_samples * input_numel = {values}"
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -299,7 +299,10 @@ static bool imle_by_its_formula(void) {
   pert_aimle_state state = pert_aimle_state_default();
   CHECK(state.alpha == 1.0 && state.grad_norm_avg == 1.0 && state.step == 1e-3);
   CHECK_OK(pert_aimle_vjp(op, record, g, 1, &state, got));
-  CHECK(state.grad_norm_avg < 1.0 && state.alpha == 1.0 + 1e-3);
+  int nonzero = 0;
+  for (int i = 0; i < 6; i++) nonzero += fabsf(got[i]) > 1e-8f;
+  CHECK_NEAR(state.grad_norm_avg, 0.9 + 0.1 * nonzero / 6.0, 1e-12);
+  CHECK(state.alpha == (state.grad_norm_avg < 1.0 ? 1.0 + 1e-3 : 1.0 - 1e-3));
   /* errors write nothing */
   float keep[6] = {-7, -7, -7, -7, -7, -7};
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_imle_vjp(twin, record, g, 2.0, 0, keep));
