@@ -56,11 +56,6 @@
 #include <stdint.h>
 
 /*
- At most this many terms (keeps every counter of a call within the stream's 2⁶⁴ blocks).
- */
-#define SUM_OF_GAMMA_MAX_TERMS 1000
-
-/*
  Normal noise N(0, 1): score z. The default.
  */
 #define PERT_NOISE_NORMAL 0
@@ -78,6 +73,21 @@
  forward calls without a tape, draws and I-MLE.
  */
 #define PERT_NOISE_SUM_OF_GAMMA 2
+
+/*
+ The most terms of Sum-of-Gamma noise (`pert_config_set_sum_of_gamma`).
+ */
+#define PERT_SUM_OF_GAMMA_MAX_TERMS 1000
+
+/*
+ The smallest kappa of Sum-of-Gamma noise.
+ */
+#define PERT_SUM_OF_GAMMA_MIN_KAPPA 1e-3
+
+/*
+ The largest kappa of Sum-of-Gamma noise (its variates are made in float32).
+ */
+#define PERT_SUM_OF_GAMMA_MAX_KAPPA 1e3
 
 /*
  Additive perturbation theta + sigma Z. The default.
@@ -443,8 +453,8 @@ pert_status pert_config_set_sigma(struct pert_config *config, double sigma);
 
 /*
  Sets the noise distribution: `PERT_NOISE_NORMAL` (default), `PERT_NOISE_GUMBEL` or
- `PERT_NOISE_SUM_OF_GAMMA` (with kappa 5 and 10 terms; `pert_config_set_sum_of_gamma`
- sets others).
+ `PERT_NOISE_SUM_OF_GAMMA` (with kappa 5 and 10 terms, or the parameters the config
+ already has when its noise is Sum-of-Gamma; `pert_config_set_sum_of_gamma` sets them).
 
  @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
  */
@@ -457,8 +467,9 @@ pert_status pert_config_set_noise(struct pert_config *config, uint32_t noise);
  of kappa such values tends to a standard Gumbel as terms grows. sigma plays the role of
  I-MLE's temperature tau.
 
- @param kappa  Finite and > 0 (PyEPO's default 5).
- @param terms  1 to 1000 (PyEPO's default 10).
+ @param kappa  `PERT_SUM_OF_GAMMA_MIN_KAPPA` (0.001) to `PERT_SUM_OF_GAMMA_MAX_KAPPA` (1000);
+               PyEPO's default 5. The variates are made in float32.
+ @param terms  1 to `PERT_SUM_OF_GAMMA_MAX_TERMS` (1000); PyEPO's default 10.
  @return `PERT_STATUS_INVALID_ARGUMENT` for a bad kappa or terms (the config unchanged).
  */
 pert_status pert_config_set_sum_of_gamma(struct pert_config *config, double kappa, uint32_t terms);

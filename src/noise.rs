@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::fastmath::{has_avx2, has_avx512, ln, sincos_2pi};
 use crate::rng::{unit, Stream, Words64, LANES64};
 pub(crate) use crate::sum_of_gamma::no_score;
-pub use crate::sum_of_gamma::{SumOfGamma, SUM_OF_GAMMA_MAX_TERMS};
+pub use crate::sum_of_gamma::SumOfGamma;
 use crate::uninit::{as_uninit, written};
 use std::mem::MaybeUninit;
 use tch::{Device, Kind, Tensor};
@@ -149,8 +149,7 @@ impl Noise {
         }
     }
 
-    /// Sum-of-Gamma noise with κ = `kappa` (finite, > 0) and `terms` terms (1 to
-    /// [`SUM_OF_GAMMA_MAX_TERMS`]).
+    /// Sum-of-Gamma noise with κ = `kappa` (0.001 to 1000) and `terms` terms (1 to 1000).
     pub fn sum_of_gamma(kappa: f64, terms: u32) -> Result<Noise> {
         Ok(Noise::SumOfGamma(SumOfGamma::new(kappa, terms)?))
     }

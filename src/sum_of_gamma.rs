@@ -32,18 +32,26 @@ pub struct SumOfGamma {
     terms: u32,
 }
 
-/// At most this many terms (keeps every counter of a call within the stream's 2⁶⁴ blocks).
-pub const SUM_OF_GAMMA_MAX_TERMS: u32 = 1000;
+/// At most this many terms (keeps every counter of a call within the stream's 2⁶⁴ blocks;
+/// C: `PERT_SUM_OF_GAMMA_MAX_TERMS`).
+pub(crate) const SUM_OF_GAMMA_MAX_TERMS: u32 = 1000;
+
+/// κ from `KAPPA_RANGE.0` to `KAPPA_RANGE.1`: the variates are made in float32, where
+/// κ, 1/κ and the shape's constants must stay well inside the range (beyond about 100 the
+/// smallest Gamma values are rounded to 0 more and more often; C: `PERT_SUM_OF_GAMMA_MIN_KAPPA`,
+/// `PERT_SUM_OF_GAMMA_MAX_KAPPA`).
+pub(crate) const KAPPA_RANGE: (f64, f64) = (1e-3, 1e3);
 
 /// The attempts of the rejection method per Gamma variate.
 const GAMMA_ATTEMPTS: u64 = 16;
 
 impl SumOfGamma {
-    /// The parameters, checked: κ finite and > 0, 1 to [`SUM_OF_GAMMA_MAX_TERMS`] terms.
+    /// The parameters, checked: κ in [`KAPPA_RANGE`], 1 to [`SUM_OF_GAMMA_MAX_TERMS`] terms.
     pub(crate) fn new(kappa: f64, terms: u32) -> Result<SumOfGamma> {
-        if !(kappa.is_finite() && kappa > 0.0) {
+        if !(KAPPA_RANGE.0..=KAPPA_RANGE.1).contains(&kappa) {
             return Err(Error::invalid(format!(
-                "the Sum-of-Gamma kappa must be finite and > 0, got {kappa}"
+                "the Sum-of-Gamma kappa must be from {} to {}, got {kappa}",
+                KAPPA_RANGE.0, KAPPA_RANGE.1
             )));
         }
         if !(1..=SUM_OF_GAMMA_MAX_TERMS).contains(&terms) {
@@ -274,7 +282,7 @@ mod tests {
     fn gamma_has_its_moments_and_fill_equals_value() {
         let stream = Stream::new(17, 2);
         let n = 200_000u64;
-        for kappa in [5.0f64, 1.0, 0.4] {
+        for kappa in [5.0f64, 1.0, 0.4, 1e-3] {
             let alpha = 1.0 / kappa;
             let k = Consts::of(SumOfGamma::new(kappa, 1).unwrap());
             let g: Vec<f64> = (0..n)
@@ -342,6 +350,9 @@ mod tests {
             );
         }
         assert!(Noise::sum_of_gamma(0.0, 10).is_err());
+        assert!(Noise::sum_of_gamma(1e-40, 10).is_err());
+        assert!(Noise::sum_of_gamma(1e300, 10).is_err());
+        assert!(Noise::sum_of_gamma(1e-3, 10).is_ok() && Noise::sum_of_gamma(1e3, 10).is_ok());
         assert!(Noise::sum_of_gamma(f64::NAN, 10).is_err());
         assert!(Noise::sum_of_gamma(5.0, 0).is_err());
         assert!(Noise::sum_of_gamma(5.0, SUM_OF_GAMMA_MAX_TERMS + 1).is_err());

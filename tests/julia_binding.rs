@@ -850,3 +850,49 @@ fn the_readme_julia_blocks_match_the_package() {
         );
     }
 }
+
+/// A docstring documents the expression after it: one directly followed by another string
+/// (a docstring left behind when code moved) makes Julia try to document a string, which
+/// fails when the package loads ("cannot document the following expression").
+#[test]
+fn julia_docstrings_document_code() {
+    let mut files = Vec::new();
+    julia_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("bindings/julia"),
+        &mut files,
+    );
+    let mut orphans = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut in_doc = false;
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim();
+            let ends_doc = if in_doc {
+                t.ends_with("\"\"\"")
+            } else if t.starts_with("\"\"\"") && !line.starts_with(' ') {
+                // a top-level docstring: one line, or the first of several
+                if t.len() >= 6 && t.ends_with("\"\"\"") {
+                    true
+                } else {
+                    in_doc = true;
+                    false
+                }
+            } else {
+                false
+            };
+            if ends_doc {
+                in_doc = false;
+                if let Some(next) = lines.get(i + 1) {
+                    if next.trim_start().starts_with('"') {
+                        orphans.push(format!("{}:{}", file.display(), i + 2));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        orphans.is_empty(),
+        "a docstring followed by a string: {orphans:?}"
+    );
+}

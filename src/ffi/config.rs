@@ -22,6 +22,12 @@ pub const PERT_NOISE_GUMBEL: u32 = 1;
 /// it give no tape (their Jacobian estimate needs one); it serves the Fenchel-Young loss,
 /// forward calls without a tape, draws and I-MLE.
 pub const PERT_NOISE_SUM_OF_GAMMA: u32 = 2;
+/// The most terms of Sum-of-Gamma noise (`pert_config_set_sum_of_gamma`).
+pub const PERT_SUM_OF_GAMMA_MAX_TERMS: u32 = 1000;
+/// The smallest kappa of Sum-of-Gamma noise.
+pub const PERT_SUM_OF_GAMMA_MIN_KAPPA: f64 = 1e-3;
+/// The largest kappa of Sum-of-Gamma noise (its variates are made in float32).
+pub const PERT_SUM_OF_GAMMA_MAX_KAPPA: f64 = 1e3;
 
 /// Additive perturbation theta + sigma Z. The default.
 pub const PERT_PERTURBATION_ADDITIVE: u32 = 0;
@@ -108,8 +114,8 @@ pub unsafe extern "C" fn pert_config_set_sigma(
 }
 
 /// Sets the noise distribution: `PERT_NOISE_NORMAL` (default), `PERT_NOISE_GUMBEL` or
-/// `PERT_NOISE_SUM_OF_GAMMA` (with kappa 5 and 10 terms; `pert_config_set_sum_of_gamma`
-/// sets others).
+/// `PERT_NOISE_SUM_OF_GAMMA` (with kappa 5 and 10 terms, or the parameters the config
+/// already has when its noise is Sum-of-Gamma; `pert_config_set_sum_of_gamma` sets them).
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
 #[no_mangle]
@@ -118,7 +124,14 @@ pub unsafe extern "C" fn pert_config_set_noise(
     noise: u32,
 ) -> pert_status {
     set(config, |c| {
-        c.set_noise(Noise::from_u32(noise)?);
+        let noise = Noise::from_u32(noise)?;
+        // Sum-of-Gamma again keeps the parameters set before (in any order of the calls)
+        if !matches!(
+            (noise, c.noise()),
+            (Noise::SumOfGamma(_), Noise::SumOfGamma(_))
+        ) {
+            c.set_noise(noise);
+        }
         Ok(())
     })
 }
@@ -129,8 +142,9 @@ pub unsafe extern "C" fn pert_config_set_noise(
 /// of kappa such values tends to a standard Gumbel as terms grows. sigma plays the role of
 /// I-MLE's temperature tau.
 ///
-/// @param kappa  Finite and > 0 (PyEPO's default 5).
-/// @param terms  1 to 1000 (PyEPO's default 10).
+/// @param kappa  `PERT_SUM_OF_GAMMA_MIN_KAPPA` (0.001) to `PERT_SUM_OF_GAMMA_MAX_KAPPA` (1000);
+///               PyEPO's default 5. The variates are made in float32.
+/// @param terms  1 to `PERT_SUM_OF_GAMMA_MAX_TERMS` (1000); PyEPO's default 10.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for a bad kappa or terms (the config unchanged).
 #[no_mangle]
 pub unsafe extern "C" fn pert_config_set_sum_of_gamma(

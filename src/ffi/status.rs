@@ -93,6 +93,17 @@ mod tests {
             crate::Noise::from_u32(2).unwrap().code()
         );
         assert_eq!(
+            super::super::config::PERT_SUM_OF_GAMMA_MAX_TERMS,
+            crate::sum_of_gamma::SUM_OF_GAMMA_MAX_TERMS
+        );
+        assert_eq!(
+            (
+                super::super::config::PERT_SUM_OF_GAMMA_MIN_KAPPA,
+                super::super::config::PERT_SUM_OF_GAMMA_MAX_KAPPA
+            ),
+            crate::sum_of_gamma::KAPPA_RANGE
+        );
+        assert_eq!(
             super::super::config::PERT_MAX_THREADS,
             crate::config::MAX_THREADS
         );

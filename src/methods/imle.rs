@@ -147,7 +147,8 @@ impl PerturbedOp {
     }
 
     /// AI-MLE's gradient: I-MLE's with λ = α‖θ‖/‖g‖ (norms over the whole batch; no solve
-    /// and a zero gradient when g or α is 0), then α updated in `state` (see [`AimleState`]).
+    /// and a zero gradient when g or α is 0), then α updated in `state` (see [`AimleState`];
+    /// on error `state` is unchanged).
     pub fn aimle_vjp(
         &self,
         record: &ImleRecord,
@@ -156,8 +157,13 @@ impl PerturbedOp {
         state: &mut AimleState,
     ) -> Result<Tensor> {
         let g = self.record_grad(record, grad_output)?;
-        let grad = self.aimle_vjp_rows(record, &g, two_sided, state)?;
-        like_record(record, &grad)
+        let mut next = *state;
+        let grad = like_record(
+            record,
+            &self.aimle_vjp_rows(record, &g, two_sided, &mut next)?,
+        )?;
+        *state = next; // only once everything has succeeded
+        Ok(grad)
     }
 
     fn record_grad(&self, record: &ImleRecord, grad_output: &Tensor) -> Result<Vec<f32>> {

@@ -226,10 +226,14 @@ static bool sum_of_gamma_noise(void) {
   pert_config_set_sigma(c, 0.5);
   CHECK_OK(pert_config_set_noise(c, PERT_NOISE_SUM_OF_GAMMA));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sum_of_gamma(c, 0.0, 10));
-  CHECK(last_error_contains("kappa must be finite and > 0"));
+  CHECK(last_error_contains("kappa must be from 0.001 to 1000"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sum_of_gamma(c, 1e-40, 10));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sum_of_gamma(c, 5e38, 10));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sum_of_gamma(c, 5.0, 0));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sum_of_gamma(c, NAN, 10));
   CHECK_OK(pert_config_set_sum_of_gamma(c, 3.0, 20));
+  /* choosing Sum-of-Gamma again keeps the parameters: the draws of (3, 20), not (5, 10) */
+  CHECK_OK(pert_config_set_noise(c, PERT_NOISE_SUM_OF_GAMMA));
   pert_op *op = NULL, *builtin = NULL;
   CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &op));
   CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, SHAPE3, 1, &builtin));
@@ -240,6 +244,26 @@ static bool sum_of_gamma_noise(void) {
   CHECK(memcmp(y, y2, sizeof y) == 0); /* the same draws and tie rule */
   CHECK_NEAR(y[0] + y[1] + y[2], 1.0, 1e-5);
   CHECK(y[2] > y[0] && y[0] > y[1]);
+  {
+    /* the parameters were kept: the draws equal those of a config given (3, 20) alone */
+    pert_config *c2 = NULL;
+    pert_op *op2 = NULL;
+    CHECK_OK(pert_config_new(&c2));
+    pert_config_set_device(c2, "cpu");
+    pert_config_set_num_samples(c2, 200);
+    pert_config_set_sigma(c2, 0.5);
+    CHECK_OK(pert_config_set_sum_of_gamma(c2, 3.0, 20));
+    CHECK_OK(pert_op_new(c2, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &op2));
+    float y3[3];
+    CHECK_OK(pert_forward(op2, theta, 1, y3, NULL));
+    pert_op *fresh = NULL;
+    CHECK_OK(pert_op_new(c, SHAPE3, 1, SHAPE3, 1, solve_argmax, &D3, &fresh));
+    CHECK_OK(pert_forward(fresh, theta, 1, y2, NULL));
+    CHECK(memcmp(y2, y3, sizeof y3) == 0);
+    pert_op_free(fresh);
+    pert_op_free(op2);
+    pert_config_free(c2);
+  }
   pert_tape *tape = NULL;
   float kept[3] = {-7, -7, -7};
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_forward(op, theta, 1, kept, &tape));

@@ -884,7 +884,8 @@ class ImleRecord(_Handle):
 
 class AimleState(ctypes.Structure):
     """The state of AI-MLE's adaptive step (pert_aimle_state): alpha (1), grad_norm_avg (1)
-    and step (0.001); `Op.aimle_vjp` updates it. Keep one per layer."""
+    and step (0.001); `Op.aimle_vjp` updates it (only when it succeeds). Keep one per layer;
+    two calls must not update one state at once (from two threads)."""
 
     _fields_ = [("alpha", ctypes.c_double), ("grad_norm_avg", ctypes.c_double), ("step", ctypes.c_double)]
 

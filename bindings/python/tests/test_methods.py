@@ -245,7 +245,7 @@ def test_sum_of_gamma_noise_from_python():
     assert loss.shape == (1,)
     with pytest.raises(pt.InvalidArgumentError, match="no closed-form density"):
         ptt.perturbed(op, theta.clone().requires_grad_(True))
-    with pytest.raises(pt.InvalidArgumentError, match="kappa must be finite and > 0"):
+    with pytest.raises(pt.InvalidArgumentError, match="kappa must be from 0.001 to 1000"):
         pt.Config(noise="sum_of_gamma", sog_kappa=0)
     with pytest.raises(pt.InvalidArgumentError, match="number of terms"):
         pt.Config(sog_terms=0)  # checked even before the noise is chosen

@@ -132,9 +132,13 @@ set!(c::Config, ::Val{:num_samples}, v) = check(@ccall libperturbations.pert_con
 set!(c::Config, ::Val{:sigma}, v) = check(@ccall libperturbations.pert_config_set_sigma(c::Ptr{Cvoid}, Float64(v)::Cdouble)::UInt32)
 set!(c::Config, ::Val{:noise}, v) = check(@ccall libperturbations.pert_config_set_noise(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 # `sum_of_gamma = (κ, terms)`: Sum-of-Gamma noise with those parameters
-set!(c::Config, ::Val{:sum_of_gamma}, v::Tuple{Real,Integer}) =
-    check(@ccall libperturbations.pert_config_set_sum_of_gamma(c::Ptr{Cvoid}, Cdouble(v[1])::Cdouble,
-        UInt32(v[2])::UInt32)::UInt32)
+function set!(c::Config, ::Val{:sum_of_gamma}, v::Tuple{Real,Real})
+    kappa, terms = v
+    (isinteger(terms) && 1 <= terms <= typemax(UInt32)) ||
+        throw(ArgumentError("the Sum-of-Gamma number of terms must be a whole number >= 1, got $terms"))
+    check(@ccall libperturbations.pert_config_set_sum_of_gamma(c::Ptr{Cvoid}, Cdouble(kappa)::Cdouble,
+        UInt32(terms)::UInt32)::UInt32)
+end
 set!(c::Config, ::Val{:seed}, v) = check(@ccall libperturbations.pert_config_set_seed(c::Ptr{Cvoid}, UInt64(v)::UInt64)::UInt32)
 set!(c::Config, ::Val{:device}, v::AbstractString) = check(@ccall libperturbations.pert_config_set_device(c::Ptr{Cvoid}, v::Cstring)::UInt32)
 set!(c::Config, ::Val{:device}, v::Symbol) = set!(c, Val(:device), String(v))
@@ -173,7 +177,6 @@ set!(::Config, ::Val{K}, _) where {K} = throw(ArgumentError("unknown Config sett
 
 # ---- Tape --------------------------------------------------------------------------
 
-"""What a forward call keeps for its gradients; valid after its op is freed."""
 """
     AimleState(alpha=1.0, grad_norm_avg=1.0, step=1e-3)
 
@@ -213,6 +216,7 @@ Base.unsafe_convert(::Type{Ptr{Cvoid}}, r::ImleRecord) = r.handle
 """`batch(record)`: the number of problems of the I-MLE forward call that made the record."""
 batch(r::ImleRecord) = Int(@ccall libperturbations.pert_imle_batch(r::Ptr{Cvoid})::Csize_t)
 
+"""What a forward call keeps for its gradients; valid after its op is freed."""
 mutable struct Tape
     handle::Ptr{Cvoid}
     d::Int
