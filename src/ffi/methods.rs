@@ -25,7 +25,7 @@ unsafe fn rows<'a>(
     batch: usize,
     name: &str,
 ) -> Result<&'a [f32]> {
-    let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+    let len = input_len(op, batch)?;
     let values = unsafe { slice(ptr, len, name) }?;
     Rows {
         batch,
@@ -33,6 +33,23 @@ unsafe fn rows<'a>(
     }
     .check_finite(values, name)?;
     Ok(values)
+}
+
+/// `batch * input_numel`, or INVALID_ARGUMENT when it overflows.
+fn input_len(op: &PerturbedOp, batch: usize) -> Result<usize> {
+    checked_product(&[batch, op.input_numel()], "batch * input_numel")
+}
+
+/// The `grad_theta` output of a call on `batch` problems (`batch * input_numel` floats).
+///
+/// # Safety
+/// A non-NULL `ptr` must point to that many writable floats for the call.
+unsafe fn grad_theta_output(
+    op: &PerturbedOp,
+    ptr: *mut f32,
+    batch: usize,
+) -> Result<boundary::Output> {
+    unsafe { boundary::output(ptr, input_len(op, batch)?, "grad_theta") }
 }
 
 /// The host rows of a call on `batch` problems of `op`.
@@ -110,15 +127,9 @@ pub unsafe extern "C" fn pert_op_solve(
             return Ok(());
         }
         // the solutions are the library's own until they are written: output may overlap x
-        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
         let out_len = checked_product(&[batch, op.output_numel()], "batch * output_numel")?;
         let output = unsafe { boundary::output(output, out_len, "output") }?;
-        let x = unsafe { slice(x, len, "x") }?;
-        Rows {
-            batch,
-            d: op.input_numel(),
-        }
-        .check_finite(x, "x")?;
+        let x = unsafe { rows(op, x, batch, "x") }?;
         // a host solver runs on the rows in place (no tensor is made)
         let y = op.solve_host_rows(x, batch)?;
         output.stage_host(y)?.write();
@@ -172,7 +183,7 @@ pub unsafe extern "C" fn pert_spo_plus(
         if batch == 0 {
             return Ok(());
         }
-        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+        let len = input_len(op, batch)?;
         let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
         let pred = unsafe { rows(op, pred_cost, batch, "pred_cost") }?;
         let cost = unsafe { rows(op, true_cost, batch, "true_cost") }?;
@@ -220,8 +231,7 @@ pub unsafe extern "C" fn pert_blackbox_vjp(
         if batch == 0 {
             return Ok(());
         }
-        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
-        let out = unsafe { boundary::output(grad_theta, len, "grad_theta") }?;
+        let out = unsafe { grad_theta_output(op, grad_theta, batch) }?;
         let theta = unsafe { rows(op, theta, batch, "theta") }?;
         let y = unsafe { rows(op, y, batch, "y") }?;
         let g = unsafe { rows(op, grad_output, batch, "grad_output") }?;
@@ -255,8 +265,7 @@ pub unsafe extern "C" fn pert_negative_identity_vjp(
         if batch == 0 {
             return Ok(());
         }
-        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
-        let out = unsafe { boundary::output(grad_theta, len, "grad_theta") }?;
+        let out = unsafe { grad_theta_output(op, grad_theta, batch) }?;
         let g = unsafe { rows(op, grad_output, batch, "grad_output") }?;
         let grad = op.negative_identity_vjp_rows(g)?;
         out.stage_host(grad)?.write();
@@ -311,7 +320,7 @@ pub unsafe extern "C" fn pert_perturbation_gradient(
         if batch == 0 {
             return Ok(());
         }
-        let len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+        let len = input_len(op, batch)?;
         let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
         let pred = unsafe { rows(op, pred_cost, batch, "pred_cost") }?;
         let cost = unsafe { rows(op, true_cost, batch, "true_cost") }?;

@@ -272,19 +272,23 @@ class BlackBox(torch.nn.Module):
         return f"{self.op!r}, lambd={self.lambd}"
 
 
-class NegativeIdentity(torch.nn.Module):
-    """NID as a module: `forward(theta)` returns y*(theta) (see `negative_identity`)."""
+class _OpModule(torch.nn.Module):
+    """A module over one op and nothing else (Perturbed, NegativeIdentity)."""
 
     def __init__(self, op: Op):
         super().__init__()
         _check_op(op)
         self.op = op
 
-    def forward(self, theta):
-        return negative_identity(self.op, theta)
-
     def extra_repr(self):
         return repr(self.op)
+
+
+class NegativeIdentity(_OpModule):
+    """NID as a module: `forward(theta)` returns y*(theta) (see `negative_identity`)."""
+
+    def forward(self, theta):
+        return negative_identity(self.op, theta)
 
 
 class IMLE(torch.nn.Module):

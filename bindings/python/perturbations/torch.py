@@ -38,12 +38,11 @@ from .op import Op
 
 from ._methods import (AIMLE, IMLE, BlackBox, NegativeIdentity, PerturbationGradientLoss,  # noqa: E402,F401
                        SPOPlusLoss, aimle, blackbox, imle, negative_identity, perturbation_gradient, spo_plus)
+from ._methods import _check_op, _check_reduction, _OpModule, _reduce  # noqa: E402
 
 __all__ = ["perturbed", "fenchel_young", "Perturbed", "FenchelYoungLoss",
            "spo_plus", "blackbox", "negative_identity", "perturbation_gradient", "imle", "aimle",
            "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss", "IMLE", "AIMLE"]
-
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def _wrapped(t):
@@ -58,11 +57,6 @@ def _dual(t):
         return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
     except RuntimeError:  # pragma: no cover
         return False
-
-
-def _check_op(op):
-    if not isinstance(op, Op):
-        raise TypeError(f"op must be a perturbations.Op, got {type(op).__name__}")
 
 
 def _keep_tape(ctx, tape, theta):
@@ -315,14 +309,6 @@ class _FenchelYoung(torch.autograd.Function):
         return _FenchelYoung.apply(front(theta, in_dims[0]), front(y_true, in_dims[1]), op), (0, 0)
 
 
-def _reduce(loss, reduction):
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
 def fenchel_young(op: Op, theta: torch.Tensor, y_true, reduction: str = "none") -> torch.Tensor:
     """The Fenchel-Young loss of theta [*batch, *input_shape] against y_true (any
     array-like that broadcasts to theta's shape), per problem [*batch] (reduction "none",
@@ -330,9 +316,7 @@ def fenchel_young(op: Op, theta: torch.Tensor, y_true, reduction: str = "none") 
     (y_sigma(theta) - y_true when maximizing, the negation when minimizing) and y_true
     (-theta when maximizing, +theta when minimizing)."""
     _check_op(op)
-    if reduction not in _REDUCTIONS:
-        raise InvalidArgumentError(2, f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, "
-                                      f"got {reduction!r}")
+    _check_reduction(reduction)
     if not isinstance(theta, torch.Tensor):
         theta = torch.as_tensor(theta)
     dtype = theta.dtype if theta.dtype.is_floating_point else torch.float32
@@ -354,21 +338,13 @@ def fenchel_young(op: Op, theta: torch.Tensor, y_true, reduction: str = "none") 
     return _reduce(loss, reduction)
 
 
-class Perturbed(torch.nn.Module):
+class Perturbed(_OpModule):
     """The perturbed optimizer as a module: `forward(theta)` returns y_sigma(theta),
     differentiable. `copy.deepcopy` (EMA, AveragedModel) gives a module over a new op with
     the same settings and solver."""
 
-    def __init__(self, op: Op):
-        super().__init__()
-        _check_op(op)
-        self.op = op
-
     def forward(self, theta):
         return perturbed(self.op, theta)
-
-    def extra_repr(self):
-        return repr(self.op)
 
 
 class FenchelYoungLoss(torch.nn.Module):
@@ -378,9 +354,7 @@ class FenchelYoungLoss(torch.nn.Module):
     def __init__(self, op: Op, reduction: str = "mean"):
         super().__init__()
         _check_op(op)
-        if reduction not in _REDUCTIONS:
-            raise InvalidArgumentError(2, f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, "
-                                          f"got {reduction!r}")
+        _check_reduction(reduction)
         self.op, self.reduction = op, reduction
 
     def forward(self, theta, y_true):
