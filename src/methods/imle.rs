@@ -289,8 +289,9 @@ fn shifted(inputs: &[f32], g: &[f32], rows: Rows, n: usize, shift: f32) -> Vec<f
 /// order.
 fn sample_means(values: &[f32], rows: Rows, n: usize, f: impl Fn(f32) -> f64) -> Vec<f32> {
     let mut out = vec![0.0f32; rows.batch * rows.d];
+    let mut sums = vec![0.0f64; rows.d];
     for b in 0..rows.batch {
-        let mut sums = vec![0.0f64; rows.d];
+        sums.fill(0.0);
         for k in 0..n {
             let row = &values[(b * n + k) * rows.d..(b * n + k + 1) * rows.d];
             for (s, &v) in sums.iter_mut().zip(row) {
