@@ -289,7 +289,8 @@ impl PerturbedOp {
         stop.check()?;
         let y = match &self.solver {
             SolverKind::Host(host) => {
-                let mut y = vec![0.0f32; len];
+                let mut y = crate::tensors::host_room(len, "the solutions")?;
+                y.resize(len, 0.0);
                 let at = crate::solver::SolveInfo {
                     cuda_device: None, // host solvers get host memory
                     ..at

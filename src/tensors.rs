@@ -26,6 +26,21 @@ pub(crate) fn fits_in_memory(bytes: u128) -> bool {
     bytes <= total
 }
 
+/// An empty host buffer with room for `n` values of `T`, or TORCH_ERROR naming `what` when
+/// the machine cannot hold them (checked before reserving: see [`fits_in_memory`]) or the
+/// reservation fails: a large buffer never aborts the process.
+pub(crate) fn host_room<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    let bytes = n as u128 * std::mem::size_of::<T>() as u128;
+    let mut out = Vec::new();
+    if !fits_in_memory(bytes) || out.try_reserve_exact(n).is_err() {
+        return Err(crate::error::Error::new(
+            crate::error::Status::TorchError,
+            format!("cannot allocate {bytes} bytes for {what}"),
+        ));
+    }
+    Ok(out)
+}
+
 /// The values of a tensor as `T` (converted to its kind), flattened, on the host (a copy).
 fn host_values<T: tch::kind::Element>(t: &Tensor) -> Result<Vec<T>> {
     let host = t
@@ -33,7 +48,7 @@ fn host_values<T: tch::kind::Element>(t: &Tensor) -> Result<Vec<T>> {
         .f_to_kind(T::KIND)?
         .f_contiguous()?;
     let n = host.numel();
-    let mut out = Vec::with_capacity(n);
+    let mut out = host_room(n, "a tensor's values on the host")?;
     if n > 0 {
         // SAFETY: a contiguous CPU tensor of n elements of kind T (a fresh or the caller's
         // tensor, not written while this copies), into the Vec's room for n values, which

@@ -44,15 +44,7 @@ impl Draw {
         let clean = c.baseline() == Baseline::CleanInput && !c.antithetic();
         let rows = batch * n + if clean { batch } else { 0 };
         let len = checked_product(&[rows, d], "the drawn inputs (rows * input_numel)")?;
-        let mut inputs = Vec::new();
-        if !crate::tensors::fits_in_memory(4 * len as u128)
-            || inputs.try_reserve_exact(len).is_err()
-        {
-            return Err(Error::new(
-                crate::Status::TorchError,
-                format!("cannot allocate {len} floats for the drawn inputs"),
-            ));
-        }
+        let mut inputs = crate::tensors::host_room(len, "the drawn inputs")?;
         let stream = Stream::new(c.seed(), call);
         // the draws of the path that the solutions will take (the host paths draw on the
         // host), so that the call sees exactly these inputs
@@ -108,6 +100,10 @@ impl Draw {
     /// The perturbed inputs, `[count, *input_shape]` row-major on the host.
     pub fn inputs(&self) -> &[f32] {
         &self.inputs
+    }
+    /// The drawn inputs, given up (no copy).
+    pub(crate) fn into_inputs(self) -> Vec<f32> {
+        self.inputs
     }
     /// The number of rows of [`Draw::inputs`] (problems to solve).
     pub fn count(&self) -> usize {

@@ -32,6 +32,11 @@ namespace detail {
 inline ::torch::Tensor host(const ::torch::Tensor& t) { return t.detach().to(::torch::kCPU, ::torch::kFloat).contiguous(); }
 
 inline ::torch::Tensor from(std::vector<float> values, std::vector<int64_t> shape, const ::torch::Tensor& like) {
+  int64_t count = 1;
+  for (int64_t s : shape) count *= s;
+  if (count != static_cast<int64_t>(values.size()))
+    throw pert::detail::error(PERT_STATUS_PANIC, "internal error (please report it): " + std::to_string(values.size()) +
+                                                     " values for a tensor of " + std::to_string(count));
   auto* kept = new std::vector<float>(std::move(values));
   auto t = ::torch::from_blob(
       kept->data(), shape, [kept](void*) { delete kept; }, ::torch::TensorOptions().dtype(::torch::kFloat));
@@ -301,7 +306,14 @@ inline ::torch::Tensor spo_plus(Op& op, const ::torch::Tensor& pred_cost, const 
 /// box (DBB): backward solves at theta + s * lambda * grad (s = +1 minimizing, -1
 /// maximizing) and returns s * (y*(theta') - y*(theta)) / lambda (pert_blackbox_vjp).
 /// `op` must outlive the graph (backward calls it).
+inline void require_square(const Op& op, const char* method) {
+  if (op.output_numel() != op.input_numel())
+    throw pert::detail::error(PERT_STATUS_INVALID_ARGUMENT, std::string(method) +
+                                                                " needs output_shape == input_shape (a linear objective <theta, y>)");
+}
+
 inline ::torch::Tensor blackbox(Op& op, const ::torch::Tensor& theta, double lambda) {
+  require_square(op, "the black-box gradient (DBB)");
   if (!(lambda > 0) || !std::isfinite(lambda))
     throw pert::detail::error(PERT_STATUS_INVALID_ARGUMENT, "lambda must be finite and > 0, got " + std::to_string(lambda));
   return detail::SolveLayer::apply(theta, &op, lambda);
@@ -310,6 +322,7 @@ inline ::torch::Tensor blackbox(Op& op, const ::torch::Tensor& theta, double lam
 /// y*(theta), differentiable once by the negative identity (NID): backward returns -grad
 /// minimizing, grad maximizing (pert_negative_identity_vjp). `op` must outlive the graph.
 inline ::torch::Tensor negative_identity(Op& op, const ::torch::Tensor& theta) {
+  require_square(op, "the negative identity (NID)");
   return detail::SolveLayer::apply(theta, &op, 0.0);
 }
 

@@ -4,7 +4,7 @@
 //! ICLR 2023). Both return y*(θ) forward ([`PerturbedOp::solve`]); these are their
 //! backward passes.
 
-use super::{derived, pyepo_sign, step, Call, Rows};
+use super::{derived, filled, pyepo_sign, step, Call, Rows};
 use crate::error::Result;
 use crate::op::PerturbedOp;
 use tch::Tensor;
@@ -46,14 +46,10 @@ impl PerturbedOp {
         self.require_square("the black-box gradient (DBB)")?;
         let sign = pyepo_sign(self.config().sense());
         let step = sign * lambda;
-        let shifted = derived(theta, g, |t, g| t + step * g);
+        let shifted = derived(theta, g, |t, g| t + step * g)?;
         rows.check_derived(&shifted, "theta + lambda * grad_output")?;
         let w = self.solve_host_rows(&shifted, rows.batch)?;
-        let grad: Vec<f32> = w
-            .iter()
-            .zip(y)
-            .map(|(&w, &y)| (w - y) * sign / lambda)
-            .collect();
+        let grad = derived(&w, y, |w, y| (w - y) * sign / lambda)?;
         rows.check_result(&grad, "the black-box gradient")?;
         Ok(grad)
     }
@@ -76,6 +72,6 @@ impl PerturbedOp {
     pub(crate) fn negative_identity_vjp_rows(&self, g: &[f32]) -> Result<Vec<f32>> {
         self.require_square("the negative identity (NID)")?;
         let sign = -pyepo_sign(self.config().sense());
-        Ok(g.iter().map(|&g| sign * g).collect())
+        filled(g.len(), g.iter().map(|&g| sign * g))
     }
 }

@@ -107,10 +107,11 @@ impl PerturbedOp {
     ) -> Result<(Vec<f32>, ImleRecord)> {
         self.require_square("I-MLE")?;
         let n = self.config().num_samples() as usize;
-        let draw = self.draw(tensor)?;
-        let inputs = draw.inputs()[..rows.batch * n * rows.d].to_vec();
+        // the draw's own buffer (its rows of θ under the clean-input baseline dropped)
+        let mut inputs = self.draw(tensor)?.into_inputs();
+        inputs.truncate(rows.batch * n * rows.d);
         let solutions = self.solve_host_samples(&inputs, rows.batch)?;
-        let mean = sample_means(&solutions, rows, n, f64::from);
+        let mean = sample_means(&solutions, rows, n, f64::from)?;
         let record = ImleRecord {
             spec: self.spec().clone(),
             rows,
@@ -221,7 +222,13 @@ impl PerturbedOp {
         } else {
             0.0
         };
-        let grad = if lambda > 0.0 && lambda.is_finite() {
+        if !lambda.is_finite() {
+            return Err(Error::invalid(format!(
+                "the AI-MLE step alpha * |theta| / |grad_output| overflows float32 (alpha {}, |grad_output| {g_norm})",
+                state.alpha
+            )));
+        }
+        let grad = if lambda > 0.0 {
             self.imle_gradient(record, g, lambda, two_sided, "the AI-MLE gradient")?
         } else {
             vec![0.0; g.len()] // no step: the solutions do not move
@@ -248,25 +255,23 @@ impl PerturbedOp {
     ) -> Result<Vec<f32>> {
         let (rows, n) = (record.rows, record.samples);
         let moved = |shift: f32| -> Result<Vec<f32>> {
-            let x = shifted(&record.inputs, g, rows, n, shift);
+            let x = shifted(&record.inputs, g, rows, n, shift)?;
             rows.check_derived(&x, "the perturbed inputs moved by lambda * grad_output")?;
             self.solve_host_samples(&x, rows.batch)
         };
         let sign = pyepo_sign(self.config().sense());
         let grad = if two_sided {
-            let (up, down) = (moved(lambda)?, moved(-lambda)?);
-            let diff: Vec<f32> = up.iter().zip(&down).map(|(a, b)| a - b).collect();
-            sample_means(&diff, rows, n, |v| f64::from(v) / (2.0 * f64::from(lambda)))
+            let (mut diff, down) = (moved(lambda)?, moved(-lambda)?);
+            diff.iter_mut().zip(&down).for_each(|(a, b)| *a -= b);
+            sample_means(&diff, rows, n, |v| f64::from(v) / (2.0 * f64::from(lambda)))?
         } else {
-            let y = moved(sign * lambda)?;
-            let diff: Vec<f32> = y
-                .iter()
+            let mut diff = moved(sign * lambda)?;
+            diff.iter_mut()
                 .zip(&record.solutions)
-                .map(|(a, b)| a - b)
-                .collect();
+                .for_each(|(a, b)| *a -= b);
             sample_means(&diff, rows, n, |v| {
                 f64::from(sign) * f64::from(v) / f64::from(lambda)
-            })
+            })?
         };
         rows.check_result(&grad, what)?;
         Ok(grad)
@@ -274,21 +279,22 @@ impl PerturbedOp {
 }
 
 /// The inputs of every sample of problem b moved by `shift · g_b`.
-fn shifted(inputs: &[f32], g: &[f32], rows: Rows, n: usize, shift: f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(inputs.len());
+fn shifted(inputs: &[f32], g: &[f32], rows: Rows, n: usize, shift: f32) -> Result<Vec<f32>> {
+    let mut out = crate::tensors::host_room(inputs.len(), "the moved perturbed inputs")?;
     for (b, samples) in inputs.chunks(n * rows.d).enumerate().take(rows.batch) {
         let g_b = &g[b * rows.d..(b + 1) * rows.d];
         for x in samples.chunks(rows.d) {
             out.extend(x.iter().zip(g_b).map(|(&x, &g)| x + shift * g));
         }
     }
-    out
+    Ok(out)
 }
 
 /// Per problem, the mean over its `n` sample rows of `f(value)`, summed in f64 in sample
 /// order.
-fn sample_means(values: &[f32], rows: Rows, n: usize, f: impl Fn(f32) -> f64) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows.batch * rows.d];
+fn sample_means(values: &[f32], rows: Rows, n: usize, f: impl Fn(f32) -> f64) -> Result<Vec<f32>> {
+    let mut out = crate::tensors::host_room(rows.batch * rows.d, "the sample means")?;
+    out.resize(rows.batch * rows.d, 0.0);
     let mut sums = vec![0.0f64; rows.d];
     for b in 0..rows.batch {
         sums.fill(0.0);
@@ -302,7 +308,7 @@ fn sample_means(values: &[f32], rows: Rows, n: usize, f: impl Fn(f32) -> f64) ->
             *o = (s / n as f64) as f32;
         }
     }
-    out
+    Ok(out)
 }
 
 /// Values of a record's problems as a tensor of its θ's shape and device.

@@ -58,8 +58,8 @@ impl PerturbedOp {
         let up = if two_sided { sigma } else { 0.0 };
         // two solves of `batch` problems each (a solver learns each row's problem from
         // `first_row`: one solve of 2·batch rows would name problems that do not exist)
-        let plus = derived(pred, cost, |c_hat, c| c_hat + up * c);
-        let minus = derived(pred, cost, |c_hat, c| c_hat - sigma * c);
+        let plus = derived(pred, cost, |c_hat, c| c_hat + up * c)?;
+        let minus = derived(pred, cost, |c_hat, c| c_hat - sigma * c)?;
         rows.check_derived(&plus, "pred_cost + sigma * true_cost")?;
         rows.check_derived(&minus, "pred_cost - sigma * true_cost")?;
         let w_plus = self.solve_host_rows(&plus, rows.batch)?;
@@ -74,11 +74,7 @@ impl PerturbedOp {
                 (f64::from(sign) * diff / f64::from(width)) as f32
             })
             .collect();
-        let grad: Vec<f32> = w_plus
-            .iter()
-            .zip(w_minus)
-            .map(|(&a, &b)| sign * (a - b) / width)
-            .collect();
+        let grad = derived(w_plus, w_minus, |a, b| sign * (a - b) / width)?;
         Rows { d: 1, ..rows }.check_result(&loss, "the PG loss")?;
         rows.check_result(&grad, "the PG gradient")?;
         Ok((loss, grad))

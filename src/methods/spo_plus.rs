@@ -54,7 +54,7 @@ impl PerturbedOp {
         obj: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         self.require_square("SPO+")?;
-        let q = derived(pred, cost, |c_hat, c| 2.0 * c_hat - c);
+        let q = derived(pred, cost, |c_hat, c| 2.0 * c_hat - c)?;
         rows.check_derived(&q, "2 * pred_cost - true_cost")?;
         let wq = self.solve_host_rows(&q, rows.batch)?;
         let sign = pyepo_sign(self.config().sense());
@@ -66,11 +66,7 @@ impl PerturbedOp {
                 (f64::from(sign) * value) as f32
             })
             .collect();
-        let grad: Vec<f32> = sol
-            .iter()
-            .zip(&wq)
-            .map(|(&w, &w_q)| sign * 2.0 * (w - w_q))
-            .collect();
+        let grad = derived(sol, &wq, |w, w_q| sign * 2.0 * (w - w_q))?;
         Rows { d: 1, ..rows }.check_result(&loss, "the SPO+ loss")?;
         rows.check_result(&grad, "the SPO+ gradient")?;
         Ok((loss, grad))

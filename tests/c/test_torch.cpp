@@ -259,6 +259,20 @@ int main() {
       EXPECT(th8.grad().defined() && state.alpha != 1.0);
     }
 
+    // the solve layers need a linear objective: a non-square op is refused in forward
+    {
+      pert::Op narrow(c, {3}, {1}, [](const float*, std::size_t count, float* out) {
+        for (std::size_t r = 0; r < count; r++) out[r] = 0.0f;
+      });
+      bool refused = false;
+      try {
+        pert::autograd::negative_identity(narrow, pred.detach());
+      } catch (const pert::Error& e) {
+        refused = e.status() == PERT_STATUS_INVALID_ARGUMENT;
+      }
+      EXPECT(refused);
+    }
+
     // a second derivative through a method's gradient fails loudly
     auto th4 = pred.detach().clone().requires_grad_(true);
     auto l4 = pert::autograd::spo_plus(min_op, th4, cost, sol, obj).sum();
