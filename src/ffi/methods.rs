@@ -185,11 +185,11 @@ pub unsafe extern "C" fn pert_spo_plus(
         }
         let len = input_len(op, batch)?;
         let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
-        let pred = unsafe { rows(op, pred_cost, batch, "pred_cost") }?;
-        let cost = unsafe { rows(op, true_cost, batch, "true_cost") }?;
-        let sol = unsafe { rows(op, true_sol, batch, "true_sol") }?;
+        // (checked finite by spo_plus_rows)
+        let pred = unsafe { slice(pred_cost, len, "pred_cost") }?;
+        let cost = unsafe { slice(true_cost, len, "true_cost") }?;
+        let sol = unsafe { slice(true_sol, len, "true_sol") }?;
         let obj = unsafe { slice(true_obj, batch, "true_obj") }?;
-        Rows { batch, d: 1 }.check_finite(obj, "true_obj")?;
         let (l, g) = op.spo_plus_rows(shape(op, batch), pred, cost, sol, obj)?;
         write(&outputs, l, g)
     })

@@ -170,6 +170,17 @@ static bool errors_write_nothing(void) {
   CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_spo_plus(op, x, x, x, obj, 2, NULL, grad));
   CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_spo_plus(op, x, x, bad, obj, 2, loss, grad));
   CHECK(last_error_contains("true_sol[1][1] is NaN"));
+  /* each input named, whichever makes 2 * pred_cost - true_cost non-finite (inf - inf too) */
+  const float inf[6] = {1, INFINITY, 3, 4, 5, 6}, minus_inf[6] = {1, 2, 3, -INFINITY, 5, 6};
+  const float bad_obj[2] = {1, INFINITY};
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_spo_plus(op, bad, x, x, obj, 2, loss, grad));
+  CHECK(last_error_contains("pred_cost[1][1] is NaN"));
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_spo_plus(op, x, minus_inf, x, obj, 2, loss, grad));
+  CHECK(last_error_contains("true_cost[1][0] is -inf"));
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_spo_plus(op, inf, inf, x, obj, 2, loss, grad));
+  CHECK(last_error_contains("pred_cost[0][1] is inf"));
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_spo_plus(op, x, x, x, bad_obj, 2, loss, grad));
+  CHECK(last_error_contains("true_obj[1][0] is inf"));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_spo_plus(op, x, x, x, obj, SIZE_MAX / 2, loss, grad));
   const double bad_steps[5] = {0.0, -1.0, NAN, INFINITY, 1e-50};
   for (int i = 0; i < 5; i++) {
