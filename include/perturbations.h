@@ -209,6 +209,26 @@ typedef struct pert_imle pert_imle;
 typedef struct pert_op pert_op;
 
 /*
+ A pool of distinct solutions of one output shape, for ops whose solver is expensive
+ (see `pert_op_set_pool`) and for the pool-based losses.
+
+ Made by `pert_pool_new`, freed by `pert_pool_free`. The pool is reference-counted: an
+ op given it by `pert_op_set_pool` holds its own reference, so the handle may be freed
+ while ops use it (the pool lives until the last of them lets it go).
+
+ Memory: at most `capacity` solutions of `output_numel` floats, plus a key of each.
+ Eviction: first in, first out. A solution the pool holds already (every entry equal,
+ -0 and +0 alike) is not added again and keeps its place; when additions take the pool
+ beyond its capacity, its oldest solutions leave first.
+
+ Threads: every function may be called from several threads at once, on one pool, and
+ while ops that use it run. Each call of an op reads the pool as it was when the call
+ began, and adds its solutions whole once it has succeeded, so results depend only on
+ the order of the calls, never on threads.
+ */
+typedef struct pert_pool pert_pool;
+
+/*
  The record of one `pert_forward` call, from which gradients are computed without
  calling the solver again.
 
@@ -551,6 +571,25 @@ pert_status pert_config_set_perturbation(struct pert_config *config, uint32_t pe
  @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
  */
 pert_status pert_config_set_baseline(struct pert_config *config, uint32_t baseline);
+
+/*
+ Sets the share of a pooled op's perturbed samples that its solver solves, in (0, 1]
+ (default 1: all). Each sample is solved with this probability, decided by the op's
+ own random stream (the same for any number of threads); the others are answered from
+ the op's solution pool (see `pert_op_set_pool`). Without a pool every sample is
+ solved.
+
+ @return `PERT_STATUS_INVALID_ARGUMENT` for 0, a ratio above 1, NaN.
+ */
+pert_status pert_config_set_solve_ratio(struct pert_config *config, double ratio);
+
+/*
+ Declares that the solver callback optimizes a linear objective <x, y> over a fixed
+ feasible set, in the config's sense (default false): the condition for an op to take
+ a solution pool (`pert_op_set_pool`), which answers samples by their best <x, y>.
+ Built-in solvers are linear whatever this says.
+ */
+pert_status pert_config_set_linear_objective(struct pert_config *config, bool linear);
 
 /*
  Draws the samples in antithetic pairs (Z, -Z) (default false): the Jacobian becomes
@@ -1185,6 +1224,80 @@ pert_status pert_fenchel_young_with_bound(struct pert_op *op,
                                           float *loss,
                                           float *grad_theta,
                                           float *bound);
+
+/*
+ Makes an empty pool for solutions of `output_shape` holding at most `capacity` of them.
+
+ @param output_shape  `output_rank` dimensions, each >= 1 (may be NULL when
+                      `output_rank` is 0: one scalar per solution). An op given the pool
+                      must have this output shape.
+ @param capacity      The most solutions the pool holds, >= 1.
+ @param out           Receives the new pool on success; untouched on error.
+ @return `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_INVALID_ARGUMENT` (a dimension < 1,
+         a rank above 64, capacity 0, capacity * output_numel * 4 bytes overflowing).
+ */
+pert_status pert_pool_new(const int64_t *output_shape,
+                          size_t output_rank,
+                          size_t capacity,
+                          struct pert_pool **out);
+
+/*
+ Adds `count` solutions (`count * output_numel` floats, row-major, finite): those the
+ pool does not hold, each once, join as its newest members in the order given; then
+ its oldest members leave until it is within its capacity. All or nothing: on error
+ the pool is unchanged. `count` 0 does nothing.
+
+ @return `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT` (naming the first
+         bad entry), `PERT_STATUS_INVALID_ARGUMENT` (sizes overflow),
+         `PERT_STATUS_TORCH_ERROR` (out of memory).
+ */
+pert_status pert_pool_add(struct pert_pool *pool, const float *solutions, size_t count);
+
+/*
+ The number of solutions the pool holds now; 0 for NULL.
+ */
+size_t pert_pool_size(const struct pert_pool *pool);
+
+/*
+ Frees the handle. NULL is accepted and ignored. Ops given the pool keep it.
+ */
+void pert_pool_free(struct pert_pool *pool);
+
+/*
+ Gives `op` a solution pool (NULL: takes its pool away). Its `pert_forward`,
+ `pert_forward_with_tape` and `pert_fenchel_young` calls then answer each perturbed
+ sample from the pool with probability 1 - solve_ratio (`pert_config_set_solve_ratio`,
+ decided by the op's own random stream: the same for any number of threads): by the
+ pool's solution y of best <x, y> for the sample's input x in the op's sense
+ (maximizing for the built-ins; the oldest of equals). The other samples are solved.
+ Every row the solver solves (samples, clean-input rows, `pert_op_solve` and the
+ methods' solves) is added to the pool once its call has succeeded, in the call's row
+ order. While the pool is empty every sample is solved.
+
+ What the estimate then is: the mean over the samples of those answers. It is y_sigma's
+ estimate itself wherever the pool holds each answered sample's optimum y*(x) (then bit
+ for bit the result of solving them, for a solver whose tie rule is the pool's), and
+ otherwise biased towards the pool's solutions (an answer is never better than the
+ optimum). The Jacobian is estimated from the same answers.
+
+ The objective must be linear: the op's output shape equal to its input shape and to
+ the pool's output shape, and its solver a built-in or declared linear
+ (`pert_config_set_linear_objective`). Calls running keep the pool they began with.
+
+ @return `PERT_STATUS_NULL_ARGUMENT` (op), `PERT_STATUS_INVALID_ARGUMENT` (shapes differ,
+         a solver not declared linear, an op of `pert_op_new_external`).
+ */
+pert_status pert_op_set_pool(struct pert_op *op, const struct pert_pool *pool);
+
+/*
+ The number of rows `op`'s solver has solved so far, over all its calls and threads:
+ perturbed samples (not those answered from a pool), clean-input rows, and the rows of
+ `pert_op_solve` and of the methods.
+
+ @param rows  Receives the count.
+ @return `PERT_STATUS_NULL_ARGUMENT` when `op` or `rows` is NULL.
+ */
+pert_status pert_op_solver_calls(const struct pert_op *op, uint64_t *rows);
 
 /*
  Sets the message of the `PERT_STATUS_SOLVER_FAILED` that follows: call it from inside a

@@ -30,6 +30,8 @@ pub struct Config {
     max_tape_bytes: u64,
     path: Option<Path>,
     tape_form: Option<TapeForm>,
+    solve_ratio: f64,
+    linear_objective: bool,
 }
 
 impl Default for Config {
@@ -56,6 +58,8 @@ impl Default for Config {
             max_tape_bytes: 0,
             path: None,
             tape_form: None,
+            solve_ratio: 1.0,
+            linear_objective: false,
         }
     }
 }
@@ -158,6 +162,41 @@ impl Config {
     pub fn set_sense(&mut self, sense: Sense) -> &mut Config {
         self.sense = sense;
         self
+    }
+
+    /// The share of an op's perturbed samples that go to its solver when the op has a
+    /// solution pool, in (0, 1] (default 1: every sample is solved). Each sample is solved
+    /// with this probability, decided by the op's own random stream (so the same for any
+    /// number of threads); the others are answered by the pool's best member for their
+    /// linear objective ⟨x, y⟩ (see [`crate::pool`]). Without a pool every sample is
+    /// solved. 0, values above 1 and NaN are refused.
+    pub fn set_solve_ratio(&mut self, ratio: f64) -> Result<&mut Config> {
+        if !(ratio > 0.0 && ratio <= 1.0) {
+            return Err(Error::invalid(format!(
+                "solve_ratio must be in (0, 1], got {ratio}"
+            )));
+        }
+        self.solve_ratio = ratio;
+        Ok(self)
+    }
+
+    /// Declares that the op's solver, a callback, optimizes a linear objective ⟨x, y⟩ over
+    /// a fixed feasible set (in the config's sense): the condition for answering its
+    /// samples from a solution pool. Built-in solvers are linear whatever this says.
+    /// Default false.
+    pub fn set_linear_objective(&mut self, linear: bool) -> &mut Config {
+        self.linear_objective = linear;
+        self
+    }
+
+    /// The share of pooled ops' samples that are solved (see `set_solve_ratio`).
+    pub fn solve_ratio(&self) -> f64 {
+        self.solve_ratio
+    }
+
+    /// Whether the solver is declared linear (see `set_linear_objective`).
+    pub fn linear_objective(&self) -> bool {
+        self.linear_objective
     }
 
     /// The working memory of one chunk of samples (perturbed inputs, noise, scores and

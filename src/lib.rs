@@ -30,6 +30,9 @@ mod sum_of_gamma;
 mod tuning;
 mod uninit;
 
+// dot products in a fixed order (on fast math's AVX check)
+mod dot;
+
 // settings with their code, and helpers: devices, noise, perturbations, input checks,
 // libtorch's CUDA libraries loaded on demand, the fused noise kernel of CUDA ops, libtorch's per-thread thread counts, tensor and host-buffer helpers
 mod cuda_libraries;
@@ -42,6 +45,9 @@ pub mod perturbation;
 mod tensors;
 
 pub mod config;
+
+// the solution pool (distinct solutions for expensive solvers)
+pub mod pool;
 
 // kernels: the block scheduler, host sums, built-in solvers, the fused argmax
 mod kernels;
@@ -75,6 +81,7 @@ pub use methods::{AimleState, ImleRecord};
 pub use noise::Noise;
 pub use op::PerturbedOp;
 pub use perturbation::Perturbation;
+pub use pool::Pool;
 pub use settings::{Baseline, Sense, TapeForm};
 pub use solver::{DeviceSolver, SolveInfo, Solver, WorkerSolver};
 pub use tape::Tape;

@@ -6,7 +6,8 @@ use crate::error::{Error, Result};
 use crate::estimate::Estimate;
 use crate::interrupt::Interrupter;
 use crate::kernels::builtin::Builtin;
-use crate::pipeline::{HostSolver, OpSpec, SolverKind, Source, Wants};
+use crate::pipeline::{CallCache, HostSolver, OpSpec, SolverKind, Source, Wants};
+use crate::pool::Pool;
 use crate::shape::numel;
 use crate::solver::{DeviceSolver, Solver, WorkerSolver};
 use crate::tape::{output_and_tape, Tape};
@@ -28,6 +29,8 @@ pub struct PerturbedOp {
     solver: SolverKind,
     calls: AtomicU64,
     interrupts: Interrupter,
+    /// The solution pool its samples may be answered from, and that its solves add to.
+    pool: std::sync::Mutex<Option<Arc<Pool>>>,
 }
 
 impl std::fmt::Debug for PerturbedOp {
@@ -144,6 +147,7 @@ impl PerturbedOp {
             output_numel,
             chunked: matches!(solver, SolverKind::Device(_)),
             builtin_argmax: matches!(solver, SolverKind::Builtin(Builtin::Argmax)),
+            solver_rows: Arc::default(),
         };
         let twin = config.device() == crate::DeviceSpec::Auto
             && device != Device::Cpu
@@ -160,7 +164,75 @@ impl PerturbedOp {
             solver,
             calls: AtomicU64::new(0),
             interrupts: Interrupter::default(),
+            pool: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Gives the op a solution pool (None: takes it away). Its forward and Fenchel-Young
+    /// calls then answer each perturbed sample from the pool with probability
+    /// 1 − solve_ratio (see [`Config::set_solve_ratio`]): the pool member y of best
+    /// ⟨x, y⟩ for the sample's input x in the op's sense (maximizing for the built-ins),
+    /// which is y*(x) itself whenever
+    /// the pool holds it; the other samples are solved. Every row its solver solves
+    /// (samples, clean-input rows, [`PerturbedOp::solve`] and the methods' solves) is
+    /// added to the pool, once the call has succeeded, in the call's row order. The
+    /// estimate is then the mean over samples of those answers: exact where the pool holds
+    /// each answered sample's optimum, biased towards the pool's members where it does
+    /// not (a sample's answer is never better than its optimum).
+    ///
+    /// The pool's output shape must be the op's, and the objective linear: output shape
+    /// = input shape, a built-in solver, or a callback declared linear
+    /// ([`Config::set_linear_objective`]). An op made for the two-phase API is refused.
+    /// Calls already running keep the pool they started with.
+    pub fn set_pool(&self, pool: Option<Arc<Pool>>) -> Result<()> {
+        if let Some(pool) = &pool {
+            if pool.output_shape() != self.output_shape() {
+                return Err(Error::invalid(format!(
+                    "the pool's output shape {:?} is not the op's {:?}",
+                    pool.output_shape(),
+                    self.output_shape()
+                )));
+            }
+            self.require_square("a solution pool")?;
+            match &self.solver {
+                SolverKind::External => {
+                    return Err(Error::invalid(
+                        "an op made for the two-phase API solves nothing: a pool cannot answer for it",
+                    ))
+                }
+                SolverKind::Builtin(_) => {}
+                _ if self.config().linear_objective() => {}
+                _ => {
+                    return Err(Error::invalid(
+                        "a solution pool answers a sample with its best member for <x, y>: declare the solver's objective linear first (pert_config_set_linear_objective / Config::set_linear_objective)",
+                    ))
+                }
+            }
+        }
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = pool;
+        Ok(())
+    }
+
+    /// The op's solution pool, if it has one.
+    pub fn pool(&self) -> Option<Arc<Pool>> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The number of rows the op's solver has solved so far (all calls, all threads):
+    /// perturbed samples (those answered from a pool aside), clean-input rows, and the
+    /// rows of [`PerturbedOp::solve`] and of the methods.
+    pub fn solver_rows(&self) -> u64 {
+        self.spec
+            .solver_rows
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Adds a plain solve's solutions to the op's pool, if it has one.
+    fn grow_pool(&self, y: &[f32]) -> Result<()> {
+        match self.pool() {
+            Some(pool) => pool.add_rows(y),
+            None => Ok(()),
+        }
     }
 
     /// Stops the forward and Fenchel-Young calls running on this op now, from any thread:
@@ -252,6 +324,9 @@ impl PerturbedOp {
             .dense(self.spec.output_numel as i64)?;
         // solver calls are not cut short: an interrupt while they ran fails the call here
         stop.check()?;
+        if self.pool().is_some() {
+            self.grow_pool(&crate::tensors::host_floats(&y)?)?;
+        }
         self.spec.output_tensor(&y, batch, x.device())
     }
 
@@ -297,6 +372,7 @@ impl PerturbedOp {
                 };
                 let threads = self.config().effective_threads();
                 crate::pipeline::solve_rows(host, x, &mut y, rows, d, o, threads, at)?;
+                self.spec.count_solved(rows);
                 y
             }
             solver => {
@@ -312,6 +388,7 @@ impl PerturbedOp {
         };
         // solver calls are not cut short: an interrupt while they ran fails the call here
         stop.check()?;
+        self.grow_pool(&y)?;
         Ok(y)
     }
 
@@ -430,7 +507,20 @@ impl PerturbedOp {
         } else {
             self.calls.fetch_add(1, Ordering::Relaxed)
         };
-        let estimate = spec.run(&theta_dev, call, wants, Source::Solver(&self.solver), stop)?;
+        let cache = self.pool().map(|pool| {
+            let c = self.config();
+            // (the built-ins maximize, whatever the config's sense says)
+            let sense = match self.solver {
+                SolverKind::Builtin(_) => crate::settings::Sense::Maximize,
+                _ => c.sense(),
+            };
+            CallCache::new(pool, (c.seed(), call), c.solve_ratio(), sense)
+        });
+        let source = (Source::Solver(&self.solver), cache.as_ref());
+        let estimate = spec.run(&theta_dev, call, wants, source, stop)?;
+        if let Some(cache) = cache {
+            cache.commit()?;
+        }
         Ok((theta_dev.size()[0] as usize, theta_dev, estimate))
     }
 }

@@ -48,7 +48,7 @@ impl Draw {
         let stream = Stream::new(c.seed(), call);
         // the draws of the path that the solutions will take (the host paths draw on the
         // host), so that the call sees exactly these inputs
-        let path = spec.path(&Source::Provided(&[]), None)?;
+        let path = spec.path(&Source::Provided(&[]), None, false)?;
         if matches!(path, Path::Host | Path::FusedArgmax) {
             inputs.resize(batch * n * d, 0.0);
             let theta_host = host_floats(&theta)?;
@@ -140,7 +140,7 @@ impl Draw {
             &self.theta,
             self.call,
             wants,
-            Source::Provided(solutions),
+            (Source::Provided(solutions), None),
             Stop::NEVER,
         )?;
         let batch = self.batch();
@@ -196,7 +196,7 @@ impl Draw {
                 jacobian: false,
                 input_sums,
             },
-            Source::Provided(solutions),
+            (Source::Provided(solutions), None),
             Stop::NEVER,
         )?;
         let (loss, grad, bound) = crate::fenchel_young::from_estimate(

@@ -91,6 +91,7 @@ fn julia_types(c_type: &str) -> &'static [&'static str] {
         "char*" => &["Cstring", "Ptr{Cchar}", "Ptr{UInt8}"],
         "float*" => &["Ptr{Float32}", "Ptr{Cfloat}"],
         "int64_t*" => &["Ptr{Int64}", "Ptr{Clonglong}"],
+        "uint64_t*" => &["Ref{UInt64}", "Ptr{UInt64}"],
         "void*"
         | "pert_solver_fn"
         | "pert_solver_ex"
@@ -523,7 +524,7 @@ fn julia_pointers_into_handles_are_preserved() {
 #[test]
 fn julia_handles_and_rules_are_complete() {
     let (src, tree) = binding_source();
-    assert!(src.contains("const Handle = Union{Config, Op, Tape, Draw, ImleRecord}"));
+    assert!(src.contains("const Handle = Union{Config, Op, Tape, Draw, ImleRecord, Pool}"));
     assert!(src.contains("Base.deepcopy_internal(x::Handle, ::IdDict)"));
     assert!(src.contains("Base.close(x::Handle) = free!(x)"));
     assert!(src.contains("export") && src.contains("free!"));

@@ -277,6 +277,36 @@ pub unsafe extern "C" fn pert_config_set_baseline(
     })
 }
 
+/// Sets the share of a pooled op's perturbed samples that its solver solves, in (0, 1]
+/// (default 1: all). Each sample is solved with this probability, decided by the op's
+/// own random stream (the same for any number of threads); the others are answered from
+/// the op's solution pool (see `pert_op_set_pool`). Without a pool every sample is
+/// solved.
+///
+/// @return `PERT_STATUS_INVALID_ARGUMENT` for 0, a ratio above 1, NaN.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_solve_ratio(
+    config: *mut pert_config,
+    ratio: f64,
+) -> pert_status {
+    set(config, |c| c.set_solve_ratio(ratio).map(|_| ()))
+}
+
+/// Declares that the solver callback optimizes a linear objective <x, y> over a fixed
+/// feasible set, in the config's sense (default false): the condition for an op to take
+/// a solution pool (`pert_op_set_pool`), which answers samples by their best <x, y>.
+/// Built-in solvers are linear whatever this says.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_linear_objective(
+    config: *mut pert_config,
+    linear: bool,
+) -> pert_status {
+    set(config, |c| {
+        c.set_linear_objective(linear);
+        Ok(())
+    })
+}
+
 /// Draws the samples in antithetic pairs (Z, -Z) (default false): the Jacobian becomes
 /// sum over pairs of (Y(Z) - Y(-Z)) Z^T / (N sigma). Needs Normal noise and an even
 /// num_samples; `pert_op_new` checks both.

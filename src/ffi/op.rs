@@ -39,7 +39,7 @@ impl pert_op {
 }
 
 /// Reads a C shape (`rank` dimensions at `dims`, which may be NULL when `rank` is 0).
-unsafe fn shape(dims: *const i64, rank: usize, name: &str) -> Result<Vec<i64>> {
+pub(crate) unsafe fn shape(dims: *const i64, rank: usize, name: &str) -> Result<Vec<i64>> {
     if rank == 0 {
         return Ok(Vec::new());
     }

@@ -6,6 +6,7 @@ use crate::estimate::Accumulator;
 use crate::interrupt::Stop;
 use crate::kernels::builtin::Solutions;
 use crate::noise::NoiseAt;
+use crate::pipeline::cache::CallCache;
 use crate::pipeline::plan::OpSpec;
 use crate::pipeline::solve::{provided, Source};
 use crate::rng::Stream;
@@ -109,7 +110,7 @@ impl OpSpec {
         &self,
         theta: &Tensor,
         stream: &Stream,
-        source: Source<'_>,
+        (source, cache): (Source<'_>, Option<&CallCache>),
         stop: Stop<'_>,
         path: Path,
         acc: &mut Accumulator,
@@ -122,7 +123,11 @@ impl OpSpec {
             let rows = z.size()[0] as usize; // of all nb problems
             let y = match source {
                 Source::Solver(solver) => {
-                    self.solve(solver, &x, self.rows_at(false, (b * n + n0) as u64, batch))?
+                    let at = self.rows_at(false, (b * n + n0) as u64, batch);
+                    match cache {
+                        Some(cache) => self.solve_cached(solver, &x, at, cache)?,
+                        None => self.solve(solver, &x, at)?,
+                    }
                 }
                 Source::Provided(all) => {
                     Solutions::Dense(provided(all, b * n + n0, rows, o, self.device)?)

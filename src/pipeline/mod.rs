@@ -3,6 +3,7 @@
 //! ([`fused`]), the host pipeline ([`host`]) or the libtorch chunk pipeline ([`libtorch`]),
 //! then finishes the accumulator into the [`Estimate`].
 
+pub(crate) mod cache;
 pub(crate) mod fused;
 pub(crate) mod host;
 pub(crate) mod libtorch;
@@ -20,6 +21,7 @@ use crate::rng::Stream;
 use crate::settings::{Baseline, Path};
 use tch::Tensor;
 
+pub(crate) use cache::CallCache;
 pub(crate) use plan::OpSpec;
 pub(crate) use solve::{solve_rows, HostSolver, SolverKind, Source};
 
@@ -33,13 +35,15 @@ pub(crate) struct Wants {
 }
 
 impl OpSpec {
-    /// One forward call (number `call` of its op) on `theta` `[batch, d]` (on the device).
+    /// One forward call (number `call` of its op) on `theta` `[batch, d]` (on the device);
+    /// with `cache`, its samples are solved or answered from the op's pool as the cache
+    /// decides (the cache then holds the rows solved, for the pool).
     pub(crate) fn run(
         &self,
         theta: &Tensor,
         call: u64,
         wants: Wants,
-        source: Source<'_>,
+        (source, cache): (Source<'_>, Option<&CallCache>),
         stop: Stop<'_>,
     ) -> Result<Estimate> {
         let batch = theta.size()[0] as usize;
@@ -59,20 +63,25 @@ impl OpSpec {
         } else {
             None
         };
-        let path = self.path(&source, form)?;
+        let path = self.path(&source, form, cache.is_some())?;
         let stream = Stream::new(self.config.seed(), call);
         let baseline = self.effective_baseline();
         let clean = if wants.jacobian && baseline == Baseline::CleanInput {
-            Some(self.clean_solutions(theta, source, stop)?)
+            Some(self.clean_solutions(theta, source, stop, cache)?)
         } else {
             None
         };
         let mut acc = self.accumulator(batch, form, path, wants, &stream)?;
         match path {
-            Path::FusedArgmax => self.run_fused(theta, &stream, source, stop, &mut acc)?,
-            Path::Host => self.run_on_host(theta, &stream, source, stop, &mut acc)?,
+            Path::FusedArgmax => {
+                self.run_fused(theta, &stream, source, stop, &mut acc)?;
+                if let Source::Solver(_) = source {
+                    self.count_solved(batch * c.num_samples() as usize);
+                }
+            }
+            Path::Host => self.run_on_host(theta, &stream, (source, cache), stop, &mut acc)?,
             Path::Chunks | Path::Cuda => {
-                self.run_chunks(theta, &stream, source, stop, path, &mut acc)?
+                self.run_chunks(theta, &stream, (source, cache), stop, path, &mut acc)?
             }
         }
         let n = self.config.num_samples() as usize;
@@ -99,6 +108,7 @@ impl OpSpec {
         theta: &Tensor,
         source: Source<'_>,
         stop: Stop<'_>,
+        cache: Option<&CallCache>,
     ) -> Result<Tensor> {
         let batch = theta.size()[0] as usize;
         let (o, n) = (self.output_numel, self.config.num_samples() as usize);
@@ -108,7 +118,13 @@ impl OpSpec {
             }
             Source::Solver(solver) => {
                 stop.check()?;
-                self.solve(solver, theta, self.rows_at(true, 0, batch))?
+                let y = self
+                    .solve(solver, theta, self.rows_at(true, 0, batch))?
+                    .dense(o as i64)?;
+                if let Some(cache) = cache {
+                    cache.keep((true, 0), &crate::tensors::host_floats(&y)?);
+                }
+                Solutions::Dense(y)
             }
         };
         rows.dense(o as i64)

@@ -19,13 +19,19 @@ impl OpSpec {
     /// - **CPU ops of device solvers** (`chunked`) take [`Path::Chunks`].
     /// - **The built-in argmax** (its own solves, or solutions handed back to its draws)
     ///   takes [`Path::FusedArgmax`] without a tape of samples, when input_numel² ≤
-    ///   [`FUSED_MAX_SUMS`] (beyond, the host pipeline's sparse sums cost less).
+    ///   [`FUSED_MAX_SUMS`] (beyond, the host pipeline's sparse sums cost less), and
+    ///   when it has no solution pool (`pooled`: its samples are answered apart).
     /// - **Other host solutions** (callbacks, Rust closures, other built-ins, two-phase
     ///   solutions) take [`Path::Host`].
     ///
     /// A path forced by the config (`Config::set_path`, for tests) replaces the choice
     /// when the call can take it, and fails with INVALID_ARGUMENT when it cannot.
-    pub(crate) fn path(&self, source: &Source<'_>, form: Option<TapeForm>) -> Result<Path> {
+    pub(crate) fn path(
+        &self,
+        source: &Source<'_>,
+        form: Option<TapeForm>,
+        pooled: bool,
+    ) -> Result<Path> {
         let cpu = self.device == Device::Cpu;
         let on_host = cpu && !self.chunked;
         let host_solutions = on_host
@@ -40,6 +46,7 @@ impl OpSpec {
         };
         // (the fused kernel draws Normal and Gumbel noise only)
         let fused = host_solutions
+            && !pooled
             && argmax
             && form != Some(TapeForm::Samples)
             && self.config.noise().has_score();

@@ -6,6 +6,8 @@ use crate::error::{Error, Result};
 use crate::input::check_floats;
 use crate::shape::{batched, checked_floats};
 use crate::tuning::{AUTO_CHUNK_BYTES, HOST_BLOCKS, HOST_BLOCK_BYTES, HOST_BLOCK_MIN_ROWS};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tch::{Device, Tensor};
 
 /// The part of an op that its draws keep (shapes, config, device): immutable.
@@ -24,9 +26,17 @@ pub(crate) struct OpSpec {
     /// fused kernel, and so do the two-phase solutions handed back to it (the same sums,
     /// bit for bit, as its forward calls).
     pub builtin_argmax: bool,
+    /// Rows solved by the op's solver so far (its CPU twin's too): perturbed samples,
+    /// clean-input rows and plain solves.
+    pub solver_rows: Arc<AtomicU64>,
 }
 
 impl OpSpec {
+    /// Counts `rows` rows solved by the op's solver.
+    pub(crate) fn count_solved(&self, rows: usize) {
+        self.solver_rows.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
     pub fn require_square(&self, what: &str) -> Result<()> {
         if self.input_shape == self.output_shape {
             return Ok(());

@@ -5,6 +5,7 @@
 use crate::error::{Error, Result, Status};
 use crate::kernels::builtin::{Builtin, Solutions};
 use crate::kernels::workers::{restoring_fp_state, Workers};
+use crate::pipeline::cache::CallCache;
 use crate::pipeline::plan::OpSpec;
 use crate::shape::batched;
 use crate::solver::{DeviceSolver, SolveInfo, Solver, WorkerSolver};
@@ -61,6 +62,42 @@ impl OpSpec {
         x: &Tensor,
         at: SolveInfo,
     ) -> Result<Solutions> {
+        let solutions = self.solve_uncounted(solver, x, at)?;
+        self.count_solved(x.size()[0] as usize);
+        Ok(solutions)
+    }
+
+    /// The rows `x` `[rows, d]` (on the op's device, as copied to the host when needed) of
+    /// a call of `cache`'s, solved or answered from the pool as [`CallCache::solutions`]
+    /// decides; the solutions on the op's device.
+    pub(crate) fn solve_cached(
+        &self,
+        solver: &SolverKind,
+        x: &Tensor,
+        at: SolveInfo,
+        cache: &CallCache,
+    ) -> Result<Solutions> {
+        let (d, o) = (self.input_numel, self.output_numel);
+        let rows = x.size()[0] as usize;
+        let xs = crate::tensors::host_floats(x)?;
+        let mut y = crate::tensors::host_room(rows * o, "the solutions")?;
+        y.resize(rows * o, 0.0);
+        cache.solutions(&at, (&xs, d), rows, &mut y, |info, xs, count, ys| {
+            let part = crate::tensors::from_slice(xs)?
+                .f_view([count as i64, d as i64])?
+                .f_to_device(self.device)?;
+            let solved = self.solve(solver, &part, *info)?.dense(o as i64)?;
+            ys.copy_from_slice(&crate::tensors::host_floats(&solved)?);
+            Ok(())
+        })?;
+        Ok(Solutions::Dense(
+            crate::tensors::from_slice(&y)?
+                .f_view([rows as i64, o as i64])?
+                .f_to_device(self.device)?,
+        ))
+    }
+
+    fn solve_uncounted(&self, solver: &SolverKind, x: &Tensor, at: SolveInfo) -> Result<Solutions> {
         match solver {
             SolverKind::Builtin(builtin) => {
                 let x = x.f_view(batched(x.size()[0] as usize, &self.input_shape).as_slice())?;

@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::estimate::accumulator::Accumulator;
 use crate::estimate::TapeForm;
 use crate::interrupt::Stop;
+use crate::pipeline::cache::CallCache;
 use crate::pipeline::plan::OpSpec;
 use crate::pipeline::solve::{SolverKind, Source};
 use crate::rng::Stream;
@@ -28,7 +29,7 @@ impl OpSpec {
         &self,
         theta: &Tensor,
         stream: &Stream,
-        source: Source<'_>,
+        (source, cache): (Source<'_>, Option<&CallCache>),
         stop: Stop<'_>,
         acc: &mut Accumulator,
     ) -> Result<()> {
@@ -74,6 +75,8 @@ impl OpSpec {
             theta: &theta_host,
             stream,
             source,
+            cache,
+            spec: self,
             stop,
             keeps,
             last: self.input_shape.last().map_or(1, |&l| l as usize),

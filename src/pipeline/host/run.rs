@@ -12,6 +12,8 @@ use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
 use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::perturbation::Perturbation;
+use crate::pipeline::cache::{solve_rows, CallCache};
+use crate::pipeline::plan::OpSpec;
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
 use crate::solver::SolveInfo;
@@ -67,6 +69,9 @@ pub(crate) struct HostRun<'a> {
     pub theta: &'a [f32],
     pub stream: &'a Stream,
     pub source: Source<'a>,
+    /// The call's use of the op's pool, and the op's plan (which counts the rows solved).
+    pub cache: Option<&'a CallCache>,
+    pub spec: &'a OpSpec,
     pub stop: Stop<'a>,
     pub keeps: Keeps,
     /// The length of the inputs' last dimension (a built-in's slices).
@@ -147,7 +152,7 @@ impl<'a> HostRun<'a> {
     fn ones_per_row(&self) -> Option<usize> {
         match self.source {
             Source::Solver(SolverKind::Builtin(b))
-                if !self.keeps.jacobian_sums && !self.multiplicative() =>
+                if !self.keeps.jacobian_sums && !self.multiplicative() && self.cache.is_none() =>
             {
                 b.ones_per_slice()
                     .map(|m| m * (self.d / self.last.max(1)))
@@ -346,11 +351,22 @@ impl<'a> HostRun<'a> {
                 // (the call puts back the thread's floating-point settings, whatever the
                 // callback did to them: which thread perturbs or sums a block never
                 // changes a bit); checked finite by the caller
-                solver.call(at, x, block.len(), y)?;
+                let solve =
+                    |at: &SolveInfo, x: &[f32], count, y: &mut [f32]| solver.call(at, x, count, y);
+                solve_rows((self.cache, self.spec), at, (x, self.d), y, solve)?;
             }
             Source::Solver(SolverKind::Builtin(builtin)) => match self.ones_per_row() {
-                Some(_) => builtin.ones_host(x, self.d, self.last, ones),
-                None => builtin.solve_host(x, self.last, y),
+                Some(_) => {
+                    builtin.ones_host(x, self.d, self.last, ones);
+                    self.spec.count_solved(block.len());
+                }
+                None => {
+                    let solve = |_: &SolveInfo, x: &[f32], _, y: &mut [f32]| {
+                        builtin.solve_host(x, self.last, y);
+                        Ok(())
+                    };
+                    solve_rows((self.cache, self.spec), at, (x, self.d), y, solve)?
+                }
             },
             Source::Provided(all) => {
                 let first = at.first_row as usize;

@@ -32,6 +32,7 @@ export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
 export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
 export spo_plus, spo_plus_with_grad, perturbation_gradient, perturbation_gradient_with_grad, blackbox, blackbox_vjp
 export negative_identity, negative_identity_vjp, imle, aimle, imle_forward, imle_vjp, aimle_vjp, ImleRecord, AimleState
+export Pool, add!, set_pool!, solver_calls
 export NOISE_NORMAL, NOISE_GUMBEL, NOISE_SUM_OF_GAMMA, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
@@ -97,7 +98,7 @@ end
 
 """
     Config(; num_samples, sigma, noise, seed, device, threads, max_threads, perturbation, baseline,
-             antithetic, sense, chunk_bytes, max_tape_bytes)
+             antithetic, sense, chunk_bytes, max_tape_bytes, solve_ratio, linear_objective)
 
 Settings for ops; an op copies them when it is made. Unset keywords keep the library's
 defaults (1000 samples, σ 0.05, Normal noise, seed 0, device "auto", 1 thread, ...).
@@ -172,6 +173,8 @@ set!(c::Config, ::Val{:perturbation}, v::Symbol) = set!(c, Val(:perturbation), s
 set!(c::Config, ::Val{:baseline}, v::Symbol) = set!(c, Val(:baseline), symbol_setting(:baseline, v))
 set!(c::Config, ::Val{:sense}, v::Symbol) = set!(c, Val(:sense), symbol_setting(:sense, v))
 set!(c::Config, ::Val{:chunk_bytes}, v) = check(@ccall libperturbations.pert_config_set_chunk_bytes(c::Ptr{Cvoid}, UInt64(v)::UInt64)::UInt32)
+set!(c::Config, ::Val{:solve_ratio}, v) = check(@ccall libperturbations.pert_config_set_solve_ratio(c::Ptr{Cvoid}, Float64(v)::Cdouble)::UInt32)
+set!(c::Config, ::Val{:linear_objective}, v) = check(@ccall libperturbations.pert_config_set_linear_objective(c::Ptr{Cvoid}, Bool(v)::Bool)::UInt32)
 set!(c::Config, ::Val{:max_tape_bytes}, v) = check(@ccall libperturbations.pert_config_set_max_tape_bytes(c::Ptr{Cvoid}, UInt64(v)::UInt64)::UInt32)
 set!(::Config, ::Val{K}, _) where {K} = throw(ArgumentError("unknown Config setting $K"))
 
@@ -1276,14 +1279,95 @@ function fenchel_young_with_bound(d::Draw, solutions::AbstractMatrix, y_true::Ab
     return loss, grad, bound
 end
 
+# ---- solution pools ----------------------------------------------------------------
+
+"""
+    Pool(output_shape, capacity)
+
+A pool of at most `capacity` distinct solutions of `output_shape` (`pert_pool_new`), for
+ops whose solver is expensive ([`set_pool!`](@ref)). Memory is bounded by the capacity;
+first in, first out: a solution the pool holds already is not added again, and when
+additions take it beyond its capacity its oldest solutions leave first. Pools may be
+shared by ops and tasks; an op given a pool keeps it alive, so the `Pool` may be freed
+while ops use it.
+"""
+mutable struct Pool
+    handle::Ptr{Cvoid}
+    o::Int
+    function Pool(output_shape, capacity::Integer)
+        capacity >= 1 || throw(ArgumentError("a pool's capacity must be >= 1, got $capacity"))
+        outs = Int64[reverse(collect(output_shape))...]    # Julia column-major = C row-major reversed
+        out = Ref{Ptr{Cvoid}}(C_NULL)
+        GC.@preserve outs check(@ccall libperturbations.pert_pool_new(outs::Ptr{Int64}, length(outs)::Csize_t,
+            Csize_t(capacity)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
+        return finalizer(free!, new(out[], prod(output_shape; init=1)))
+    end
+end
+
+function free!(p::Pool)
+    p.handle == C_NULL || @ccall libperturbations.pert_pool_free(p.handle::Ptr{Cvoid})::Cvoid
+    p.handle = C_NULL
+    return nothing
+end
+
+Base.unsafe_convert(::Type{Ptr{Cvoid}}, p::Pool) = p.handle
+
+"""`length(pool)`: the number of solutions the pool holds now (`pert_pool_size`)."""
+Base.length(p::Pool) = Int(@ccall libperturbations.pert_pool_size(p::Ptr{Cvoid})::Csize_t)
+
+"""
+    add!(pool, solutions)
+
+Adds the columns of `solutions` (`o × count`, or any array of `o · count` values whose
+columns are solutions; finite) to the pool (`pert_pool_add`): those it does not hold, each
+once, join as its newest members in order; then its oldest leave down to its capacity.
+All or nothing.
+"""
+function add!(p::Pool, solutions::AbstractArray{<:Real})
+    ys = Array{Float32}(solutions)
+    length(ys) % p.o == 0 ||
+        throw(DimensionMismatch("solutions must be whole columns of $(p.o) values, got $(length(ys)) values"))
+    GC.@preserve ys check(@ccall libperturbations.pert_pool_add(p::Ptr{Cvoid}, ys::Ptr{Float32},
+        Csize_t(length(ys) ÷ p.o)::Csize_t)::UInt32)
+    return p
+end
+
+"""
+    set_pool!(op, pool)
+    set_pool!(op, nothing)
+
+Gives `op` a solution pool, or takes it away (`pert_op_set_pool`). Its forward and
+Fenchel-Young calls then answer each perturbed sample from the pool with probability
+1 − `solve_ratio` (a `Config` setting, default 1): the pool's solution y of best ⟨x, y⟩ for
+the sample x in the op's sense, exact whenever the pool holds x's optimum; the others are
+solved, and every solve adds its solution to the pool. The objective must be linear: a
+built-in, or a solver declared with `Config(linear_objective=true)`.
+"""
+function set_pool!(op::Op, pool::Union{Pool,Nothing})
+    refuse_own_call(op)
+    lock(op.lock) do
+        handle = pool === nothing ? C_NULL : pool.handle
+        pool === nothing || handle != C_NULL || throw(ArgumentError("the pool was freed"))
+        check(@ccall libperturbations.pert_op_set_pool(op::Ptr{Cvoid}, handle::Ptr{Cvoid})::UInt32)
+    end
+    return op
+end
+
+"""`solver_calls(op)`: the rows the op's solver has solved so far (`pert_op_solver_calls`)."""
+function solver_calls(op::Op)
+    rows = Ref{UInt64}(0)
+    check(@ccall libperturbations.pert_op_solver_calls(op::Ptr{Cvoid}, rows::Ref{UInt64})::UInt32)
+    return rows[]
+end
+
 # ---- ownership ---------------------------------------------------------------------
 
-const Handle = Union{Config, Op, Tape, Draw, ImleRecord}
+const Handle = Union{Config, Op, Tape, Draw, ImleRecord, Pool}
 
 """
     close(x)
 
-Frees the library memory of a handle (`Config`, `Op`, `Tape`, `Draw`, `ImleRecord`) now, instead of when
+Frees the library memory of a handle (`Config`, `Op`, `Tape`, `Draw`, `ImleRecord`, `Pool`) now, instead of when
 the garbage collector finalizes it; the same as `free!(x)`. Using a freed handle is an
 error (PERT_STATUS_NULL_ARGUMENT); freeing twice is harmless.
 """

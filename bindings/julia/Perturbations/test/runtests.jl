@@ -325,6 +325,33 @@ end
         @test current_task().sticky == sticky_before
     end
 
+    @testset "solution pools: a full pool answers as the solver, growth, counts, errors" begin
+        eye = Float32[1 0 0; 0 1 0; 0 0 1]
+        full(ratio) = Op(argmax_solver, Config(num_samples=400, sigma=0.7, seed=5, device="cpu",
+            solve_ratio=ratio, linear_objective=true), (3,), (3,))
+        solved, cached = full(1.0), full(0.3)
+        p1, p2 = add!(Pool((3,), 100), eye), add!(Pool((3,), 100), eye)
+        @test length(p1) == 3
+        set_pool!(solved, p1); set_pool!(cached, p2)
+        θ = Float32[0.5 1.2; 1.0 -0.3; 0.2 0.4]
+        @test forward(solved, θ) == forward(cached, θ)          # bit for bit
+        @test solver_calls(solved) == 800 && solver_calls(cached) < 400
+        grow = full(0.5)
+        pool = Pool((3,), 2)
+        set_pool!(grow, pool)
+        forward(grow, θ)
+        @test solver_calls(grow) == 800 && length(pool) == 2   # capacity bounds it
+        close(pool)                                             # the op keeps its own
+        forward(grow, θ)
+        set_pool!(grow, nothing)
+        @test_throws ArgumentError set_pool!(grow, pool)        # a freed pool
+        @test_throws PerturbationsError Config(solve_ratio=0)
+        @test_throws PerturbationsError set_pool!(Op(argmax_solver, Config(device="cpu"), (3,), (3,)), p1)
+        @test_throws PerturbationsError set_pool!(solved, Pool((4,), 3))
+        @test_throws PerturbationsError add!(p1, Float32[NaN, 0, 1])
+        @test_throws DimensionMismatch add!(p1, Float32[1, 0])
+        @test length(p1) == 3
+    end
     @testset "solve info: the struct size is checked" begin
         bytes = zeros(UInt8, sizeof(SolveInfo))
         bytes[1:4] .= reinterpret(UInt8, [UInt32(sizeof(SolveInfo) - 8)])   # an older, smaller struct

@@ -1,0 +1,140 @@
+//! The solution pool's handle (`pert_pool`) and the op calls that use it.
+
+use super::boundary::{arg_mut, guard, guard_or, slice};
+use super::handle::{handle, Handle};
+use super::op::{pert_op, shape};
+use super::status::pert_status;
+use crate::pool::Pool;
+use crate::shape::checked_product;
+use std::sync::Arc;
+
+/// A pool of distinct solutions of one output shape, for ops whose solver is expensive
+/// (see `pert_op_set_pool`) and for the pool-based losses.
+///
+/// Made by `pert_pool_new`, freed by `pert_pool_free`. The pool is reference-counted: an
+/// op given it by `pert_op_set_pool` holds its own reference, so the handle may be freed
+/// while ops use it (the pool lives until the last of them lets it go).
+///
+/// Memory: at most `capacity` solutions of `output_numel` floats, plus a key of each.
+/// Eviction: first in, first out. A solution the pool holds already (every entry equal,
+/// -0 and +0 alike) is not added again and keeps its place; when additions take the pool
+/// beyond its capacity, its oldest solutions leave first.
+///
+/// Threads: every function may be called from several threads at once, on one pool, and
+/// while ops that use it run. Each call of an op reads the pool as it was when the call
+/// began, and adds its solutions whole once it has succeeded, so results depend only on
+/// the order of the calls, never on threads.
+pub struct pert_pool {
+    pub(crate) inner: Arc<Pool>,
+}
+
+handle!(pert_pool, Arc<Pool>);
+
+/// Makes an empty pool for solutions of `output_shape` holding at most `capacity` of them.
+///
+/// @param output_shape  `output_rank` dimensions, each >= 1 (may be NULL when
+///                      `output_rank` is 0: one scalar per solution). An op given the pool
+///                      must have this output shape.
+/// @param capacity      The most solutions the pool holds, >= 1.
+/// @param out           Receives the new pool on success; untouched on error.
+/// @return `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_INVALID_ARGUMENT` (a dimension < 1,
+///         a rank above 64, capacity 0, capacity * output_numel * 4 bytes overflowing).
+#[no_mangle]
+pub unsafe extern "C" fn pert_pool_new(
+    output_shape: *const i64,
+    output_rank: usize,
+    capacity: usize,
+    out: *mut *mut pert_pool,
+) -> pert_status {
+    guard(|| {
+        let out = unsafe { arg_mut(out, "out") }?;
+        let dims = unsafe { shape(output_shape, output_rank, "output_shape") }?;
+        let pool = pert_pool::boxed(Arc::new(Pool::new(&dims, capacity)?));
+        *out = pool.into_raw();
+        Ok(())
+    })
+}
+
+/// Adds `count` solutions (`count * output_numel` floats, row-major, finite): those the
+/// pool does not hold, each once, join as its newest members in the order given; then
+/// its oldest members leave until it is within its capacity. All or nothing: on error
+/// the pool is unchanged. `count` 0 does nothing.
+///
+/// @return `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT` (naming the first
+///         bad entry), `PERT_STATUS_INVALID_ARGUMENT` (sizes overflow),
+///         `PERT_STATUS_TORCH_ERROR` (out of memory).
+#[no_mangle]
+pub unsafe extern "C" fn pert_pool_add(
+    pool: *mut pert_pool,
+    solutions: *const f32,
+    count: usize,
+) -> pert_status {
+    guard(|| {
+        let pool = unsafe { pert_pool::borrow(pool, "pool") }?;
+        let len = checked_product(&[count, pool.output_numel()], "count * output_numel")?;
+        let rows = unsafe { slice(solutions, len, "solutions") }?;
+        pool.add_rows(rows)
+    })
+}
+
+/// The number of solutions the pool holds now; 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_pool_size(pool: *const pert_pool) -> usize {
+    guard_or(0, || unsafe { pert_pool::get(pool) }.map_or(0, |p| p.len()))
+}
+
+/// Frees the handle. NULL is accepted and ignored. Ops given the pool keep it.
+#[no_mangle]
+pub unsafe extern "C" fn pert_pool_free(pool: *mut pert_pool) {
+    guard_or((), || {
+        // SAFETY: a non-NULL pool comes from `pert_pool_new` and is freed once.
+        unsafe { pert_pool::free(pool) }
+    })
+}
+
+/// Gives `op` a solution pool (NULL: takes its pool away). Its `pert_forward`,
+/// `pert_forward_with_tape` and `pert_fenchel_young` calls then answer each perturbed
+/// sample from the pool with probability 1 - solve_ratio (`pert_config_set_solve_ratio`,
+/// decided by the op's own random stream: the same for any number of threads): by the
+/// pool's solution y of best <x, y> for the sample's input x in the op's sense
+/// (maximizing for the built-ins; the oldest of equals). The other samples are solved.
+/// Every row the solver solves (samples, clean-input rows, `pert_op_solve` and the
+/// methods' solves) is added to the pool once its call has succeeded, in the call's row
+/// order. While the pool is empty every sample is solved.
+///
+/// What the estimate then is: the mean over the samples of those answers. It is y_sigma's
+/// estimate itself wherever the pool holds each answered sample's optimum y*(x) (then bit
+/// for bit the result of solving them, for a solver whose tie rule is the pool's), and
+/// otherwise biased towards the pool's solutions (an answer is never better than the
+/// optimum). The Jacobian is estimated from the same answers.
+///
+/// The objective must be linear: the op's output shape equal to its input shape and to
+/// the pool's output shape, and its solver a built-in or declared linear
+/// (`pert_config_set_linear_objective`). Calls running keep the pool they began with.
+///
+/// @return `PERT_STATUS_NULL_ARGUMENT` (op), `PERT_STATUS_INVALID_ARGUMENT` (shapes differ,
+///         a solver not declared linear, an op of `pert_op_new_external`).
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_set_pool(op: *mut pert_op, pool: *const pert_pool) -> pert_status {
+    guard(|| {
+        let op = unsafe { pert_op::borrow(op, "op") }?;
+        let pool = unsafe { pert_pool::get(pool) }.cloned();
+        op.set_pool(pool)
+    })
+}
+
+/// The number of rows `op`'s solver has solved so far, over all its calls and threads:
+/// perturbed samples (not those answered from a pool), clean-input rows, and the rows of
+/// `pert_op_solve` and of the methods.
+///
+/// @param rows  Receives the count.
+/// @return `PERT_STATUS_NULL_ARGUMENT` when `op` or `rows` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_solver_calls(op: *const pert_op, rows: *mut u64) -> pert_status {
+    guard(|| {
+        let op = unsafe { pert_op::borrow(op, "op") }?;
+        let rows = unsafe { arg_mut(rows, "rows") }?;
+        *rows = op.solver_rows();
+        Ok(())
+    })
+}

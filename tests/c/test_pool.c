@@ -1,0 +1,216 @@
+/* Solution pools (pert_pool_*, pert_op_set_pool, pert_config_set_solve_ratio,
+ * pert_op_solver_calls): distinct members first in first out, a full pool answering as the
+ * solver would (bit for bit), the share of rows solved, growth from the solves, the same
+ * bits for any number of threads, a pool shared by ops on several threads, the handle freed
+ * while an op uses it, and every bad argument refused with nothing changed. */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "harness.h"
+#include "solvers.h"
+
+enum { D = 6, B = 3, N = 400 };
+static size_t DIM = D;
+static const int64_t SHAPE[1] = {D};
+static const float THETA[B * D] = {0.3f, -0.2f, 1.1f, 0.4f, -0.9f, 0.0f, 1.2f, 0.1f, -0.3f,
+                                   0.8f, 0.5f,  -1.0f, -0.4f, 0.6f, 0.2f, 0.9f, -0.1f, 0.3f};
+
+static pert_op *op_of(double ratio, uint32_t threads, int linear) {
+  pert_config *c = NULL;
+  pert_op *op = NULL;
+  if (pert_config_new(&c) != PERT_STATUS_OK) return NULL;
+  pert_config_set_device(c, "cpu");
+  pert_config_set_num_samples(c, N);
+  pert_config_set_sigma(c, 0.7);
+  pert_config_set_seed(c, 5);
+  pert_config_set_threads(c, threads);
+  pert_config_set_solve_ratio(c, ratio);
+  pert_config_set_linear_objective(c, linear);
+  pert_op_new(c, SHAPE, 1, SHAPE, 1, solve_argmax, &DIM, &op);
+  pert_config_free(c);
+  return op;
+}
+
+static pert_pool *pool_of_one_hots(size_t capacity) {
+  pert_pool *pool = NULL;
+  if (pert_pool_new(SHAPE, 1, capacity, &pool) != PERT_STATUS_OK) return NULL;
+  float rows[D * D] = {0};
+  for (int i = 0; i < D; i++) rows[i * D + i] = 1.0f;
+  if (pert_pool_add(pool, rows, D) != PERT_STATUS_OK) return NULL;
+  return pool;
+}
+
+static bool members_first_in_first_out(void) {
+  pert_pool *pool = NULL;
+  const int64_t two[1] = {2}, zero[2] = {2, 0};
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_pool_new(two, 1, 3, NULL));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_pool_new(zero, 2, 3, &pool));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_pool_new(two, 1, 0, &pool));
+  CHECK(last_error_contains("capacity must be >= 1") && pool == NULL);
+  CHECK_OK(pert_pool_new(two, 1, 3, &pool));
+  CHECK(pert_pool_size(pool) == 0 && pert_pool_size(NULL) == 0);
+  const float first[8] = {1, 0, 0, 1, 1, 0, -0.0f, 1}; /* [1,0] twice, [0,1] = [-0,1] */
+  CHECK_OK(pert_pool_add(pool, first, 4));
+  CHECK(pert_pool_size(pool) == 2);
+  const float bad[4] = {5, 6, NAN, 1};
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_pool_add(pool, bad, 2));
+  CHECK(last_error_contains("solutions[1][0] is NaN") && pert_pool_size(pool) == 2);
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_pool_add(pool, NULL, 1));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_pool_add(NULL, first, 1));
+  CHECK_OK(pert_pool_add(pool, NULL, 0));
+  const float more[6] = {2, 2, 3, 3, 4, 4};
+  CHECK_OK(pert_pool_add(pool, more, 3)); /* five distinct, capacity 3: the last three stay */
+  CHECK(pert_pool_size(pool) == 3);
+  pert_pool_free(pool);
+  pert_pool_free(NULL);
+  return true;
+}
+
+/* With a pool of every solution, answering 70% of the samples gives the results of solving
+ * all of them, bit for bit (the callback's tie rule, the first of equals, is the pool's:
+ * the oldest), tapes included; the rows solved are counted. */
+static bool full_pool_answers_as_the_solver(void) {
+  pert_op *solved = op_of(1.0, 1, 1), *cached = op_of(0.3, 1, 1);
+  pert_pool *p1 = pool_of_one_hots(100), *p2 = pool_of_one_hots(100);
+  CHECK(solved && cached && p1 && p2);
+  CHECK_OK(pert_op_set_pool(solved, p1));
+  CHECK_OK(pert_op_set_pool(cached, p2));
+  float y1[B * D], y2[B * D], g[B * D], v1[B * D], v2[B * D];
+  for (int i = 0; i < B * D; i++) g[i] = (float)(i % 5) - 2.0f;
+  pert_tape *t1 = NULL, *t2 = NULL;
+  CHECK_OK(pert_forward(solved, THETA, B, y1, &t1));
+  CHECK_OK(pert_forward(cached, THETA, B, y2, &t2));
+  CHECK(memcmp(y1, y2, sizeof y1) == 0);
+  CHECK_OK(pert_tape_vjp(t1, g, v1));
+  CHECK_OK(pert_tape_vjp(t2, g, v2));
+  CHECK(memcmp(v1, v2, sizeof v1) == 0);
+  uint64_t rows1 = 0, rows2 = 0;
+  CHECK_OK(pert_op_solver_calls(solved, &rows1));
+  CHECK_OK(pert_op_solver_calls(cached, &rows2));
+  CHECK(rows1 == (uint64_t)B * N);
+  /* rows solved ~ Binomial(B N, 0.3): within 5 standard deviations */
+  double mean = 0.3 * B * N, sd = sqrt(B * N * 0.3 * 0.7);
+  CHECK(fabs((double)rows2 - mean) < 5 * sd);
+  CHECK(pert_pool_size(p2) == D); /* nothing new */
+  pert_tape_free(t1), pert_tape_free(t2);
+  pert_pool_free(p1), pert_pool_free(p2);
+  pert_op_free(solved), pert_op_free(cached);
+  return true;
+}
+
+/* An empty pool grows from the solves, the same for 1 and 2 threads; the handle may be
+ * freed while the op uses the pool; pert_op_solve adds to it too. */
+static bool empty_pool_grows_the_same_for_any_threads(void) {
+  float y[2][B * D];
+  uint64_t rows[2];
+  for (int t = 0; t < 2; t++) {
+    pert_op *op = op_of(0.5, (uint32_t)t + 1, 1);
+    pert_pool *pool = NULL;
+    CHECK(op);
+    CHECK_OK(pert_pool_new(SHAPE, 1, 4, &pool));
+    CHECK_OK(pert_op_set_pool(op, pool));
+    float first[B * D];
+    CHECK_OK(pert_forward(op, THETA, B, first, NULL));
+    CHECK_OK(pert_op_solver_calls(op, &rows[t]));
+    CHECK(rows[t] == (uint64_t)B * N); /* nothing to answer from at first */
+    CHECK(pert_pool_size(pool) == 4);
+    pert_pool_free(pool); /* the op keeps it */
+    CHECK_OK(pert_forward(op, THETA, B, y[t], NULL));
+    CHECK_OK(pert_op_solver_calls(op, &rows[t]));
+    CHECK(rows[t] < (uint64_t)2 * B * N);
+    pert_pool *plain = NULL;
+    CHECK_OK(pert_pool_new(SHAPE, 1, 10, &plain));
+    CHECK_OK(pert_op_set_pool(op, plain));
+    float sol[B * D];
+    CHECK_OK(pert_op_solve(op, THETA, B, sol));
+    CHECK(pert_pool_size(plain) == 3); /* three problems, three argmaxes */
+    CHECK_OK(pert_op_set_pool(op, NULL));
+    CHECK_OK(pert_op_solve(op, THETA, B, sol));
+    CHECK(pert_pool_size(plain) == 3);
+    pert_pool_free(plain);
+    pert_op_free(op);
+  }
+  CHECK(memcmp(y[0], y[1], sizeof y[0]) == 0 && rows[0] == rows[1]);
+  return true;
+}
+
+typedef struct {
+  pert_op *op;
+  pert_status status;
+} job;
+
+static void *forward_job(void *arg) {
+  job *j = arg;
+  float y[B * D];
+  for (int k = 0; k < 5 && j->status == PERT_STATUS_OK; k++) j->status = pert_forward(j->op, THETA, B, y, NULL);
+  return NULL;
+}
+
+/* One pool shared by ops that run on several threads at once, and added to meanwhile. */
+static bool pool_shared_by_threads(void) {
+  enum { T = 4 };
+  pert_pool *pool = NULL;
+  CHECK_OK(pert_pool_new(SHAPE, 1, 5, &pool));
+  job jobs[T];
+  pthread_t th[T];
+  for (int t = 0; t < T; t++) {
+    jobs[t].op = op_of(0.3, 1, 1);
+    jobs[t].status = PERT_STATUS_OK;
+    CHECK(jobs[t].op);
+    CHECK_OK(pert_op_set_pool(jobs[t].op, pool));
+  }
+  for (int t = 0; t < T; t++) CHECK(pthread_create(&th[t], NULL, forward_job, &jobs[t]) == 0);
+  float rows[D * D] = {0};
+  for (int i = 0; i < D; i++) rows[i * D + (D - 1 - i)] = 1.0f;
+  for (int k = 0; k < 20; k++) CHECK_OK(pert_pool_add(pool, rows + (k % D) * D, 1));
+  for (int t = 0; t < T; t++) pthread_join(th[t], NULL);
+  for (int t = 0; t < T; t++) {
+    CHECK_OK(jobs[t].status);
+    pert_op_free(jobs[t].op);
+  }
+  CHECK(pert_pool_size(pool) == 5);
+  pert_pool_free(pool);
+  return true;
+}
+
+static bool bad_arguments_are_refused(void) {
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  const double bad[4] = {0.0, -0.1, 1.5, NAN};
+  for (int i = 0; i < 4; i++) {
+    CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_solve_ratio(c, bad[i]));
+    CHECK(last_error_contains("solve_ratio must be in (0, 1]"));
+  }
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_solve_ratio(NULL, 0.5));
+  pert_config_free(c);
+  pert_op *plain = op_of(0.5, 1, 0), *op = op_of(0.5, 1, 1);
+  pert_pool *pool = pool_of_one_hots(10), *wrong = NULL;
+  const int64_t seven[1] = {7};
+  CHECK(plain && op && pool);
+  CHECK_OK(pert_pool_new(seven, 1, 10, &wrong));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_set_pool(plain, pool));
+  CHECK(last_error_contains("declare the solver's objective linear"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_set_pool(op, wrong));
+  CHECK(last_error_contains("output shape"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_set_pool(NULL, pool));
+  uint64_t rows = 7;
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_solver_calls(op, NULL));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_solver_calls(NULL, &rows));
+  CHECK(rows == 7);
+  pert_pool_free(pool), pert_pool_free(wrong);
+  pert_op_free(plain), pert_op_free(op);
+  return true;
+}
+
+int main(void) {
+  const test_case tests[] = {
+      TEST(members_first_in_first_out),
+      TEST(full_pool_answers_as_the_solver),
+      TEST(empty_pool_grows_the_same_for_any_threads),
+      TEST(pool_shared_by_threads),
+      TEST(bad_arguments_are_refused),
+  };
+  return run_tests(tests, sizeof tests / sizeof tests[0]);
+}

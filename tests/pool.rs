@@ -1,0 +1,219 @@
+//! Solution pools (issue 31): caching perturbed samples, growth, counts, determinism.
+
+mod common;
+
+use common::argmax;
+use perturbations::{Builtin, Config, DeviceSpec, Noise, PerturbedOp, Pool, Status};
+use std::sync::Arc;
+use tch::Tensor;
+
+const D: usize = 6;
+
+fn config(threads: u32, ratio: f64) -> Config {
+    let mut c = Config::new();
+    c.set_num_samples(400)
+        .unwrap()
+        .set_sigma(0.7)
+        .unwrap()
+        .set_threads(threads)
+        .unwrap()
+        .set_solve_ratio(ratio)
+        .unwrap();
+    c.set_noise(Noise::Normal)
+        .set_seed(17)
+        .set_device(DeviceSpec::Cpu)
+        .set_linear_objective(true);
+    c
+}
+
+fn theta() -> Tensor {
+    Tensor::from_slice(&[
+        0.3f32, -0.2, 1.1, 0.4, -0.9, 0.0, 1.2, 0.1, -0.3, 0.8, 0.5, -1.0, -0.4, 0.6, 0.2, 0.9,
+        -0.1, 0.3,
+    ])
+    .reshape([3, D as i64])
+}
+
+/// Every one-hot vector of length D, in index order.
+fn one_hots() -> Vec<f32> {
+    let mut rows = vec![0.0f32; D * D];
+    for i in 0..D {
+        rows[i * D + i] = 1.0;
+    }
+    rows
+}
+
+/// Every 0/1 vector of length D with two ones, in lexicographic order of the positions.
+fn pairs() -> Vec<f32> {
+    let mut rows = Vec::new();
+    for i in 0..D {
+        for j in i + 1..D {
+            let mut row = vec![0.0f32; D];
+            row[i] = 1.0;
+            row[j] = 1.0;
+            rows.extend(row);
+        }
+    }
+    rows
+}
+
+fn pool_of(rows: &[f32]) -> Arc<Pool> {
+    let pool = Arc::new(Pool::new(&[D as i64], 1000).unwrap());
+    pool.add_rows(rows).unwrap();
+    pool
+}
+
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    let (a, b) = (
+        Vec::<f32>::try_from(a.flatten(0, -1)).unwrap(),
+        Vec::<f32>::try_from(b.flatten(0, -1)).unwrap(),
+    );
+    a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// With a pool holding every solution, answering 70% of the samples from it gives the
+/// results of solving them all, bit for bit: for a callback and for the built-ins whose
+/// tie rule (the first of equals) is the pool's (the oldest of equals, here in index
+/// order), and the rows solved are counted.
+#[test]
+fn a_full_pool_answers_as_the_solver_would() {
+    type Make = Box<dyn Fn(&Config) -> PerturbedOp>;
+    let cases: Vec<(&str, Make, Vec<f32>)> = vec![
+        (
+            "callback argmax",
+            Box::new(|c: &Config| PerturbedOp::new(c, &[D as i64], &[D as i64], argmax).unwrap()),
+            one_hots(),
+        ),
+        (
+            "callback argmax, libtorch chunks",
+            Box::new(|c: &Config| {
+                let mut c = c.clone();
+                c.set_libtorch_path(true);
+                PerturbedOp::new(&c, &[D as i64], &[D as i64], argmax).unwrap()
+            }),
+            one_hots(),
+        ),
+        (
+            "built-in argmax",
+            Box::new(|c: &Config| {
+                PerturbedOp::new_builtin(c, Builtin::Argmax, &[D as i64]).unwrap()
+            }),
+            one_hots(),
+        ),
+        (
+            "built-in top-2",
+            Box::new(|c: &Config| {
+                PerturbedOp::new_builtin(c, Builtin::TopK(2), &[D as i64]).unwrap()
+            }),
+            pairs(),
+        ),
+    ];
+    for (name, make, all) in cases {
+        let solved = make(&config(1, 1.0));
+        solved.set_pool(Some(pool_of(&all))).unwrap();
+        let cached = make(&config(1, 0.3));
+        cached.set_pool(Some(pool_of(&all))).unwrap();
+        let (y1, t1) = solved.forward_with_tape(&theta()).unwrap();
+        let (y2, t2) = cached.forward_with_tape(&theta()).unwrap();
+        assert!(same_bits(&y1, &y2), "{name}: forward");
+        let g = Tensor::ones([3, D as i64], (tch::Kind::Float, tch::Device::Cpu));
+        assert!(
+            same_bits(&t1.vjp(&g).unwrap(), &t2.vjp(&g).unwrap()),
+            "{name}: vjp"
+        );
+        let rows = 3 * 400;
+        assert_eq!(solved.solver_rows(), rows, "{name}");
+        assert!(
+            cached.solver_rows() < rows / 2,
+            "{name}: {}",
+            cached.solver_rows()
+        );
+        assert_eq!(
+            solved.pool().unwrap().len(),
+            all.len() / D,
+            "{name}: nothing new"
+        );
+    }
+}
+
+/// With solve_ratio 0.3 the rows solved are within 5 standard deviations of 0.3 N batch,
+/// and the decisions are the same for any number of threads.
+#[test]
+fn the_solve_ratio_is_the_share_of_rows_solved() {
+    let (n, batch, ratio) = (400u64, 3u64, 0.3);
+    let mut results = Vec::new();
+    for threads in [1, 2, 3] {
+        let op =
+            PerturbedOp::new(&config(threads, ratio), &[D as i64], &[D as i64], argmax).unwrap();
+        op.set_pool(Some(pool_of(&one_hots()))).unwrap();
+        let y = op.forward(&theta()).unwrap();
+        let rows = op.solver_rows();
+        let total = (n * batch) as f64;
+        let sd = (total * ratio * (1.0 - ratio)).sqrt();
+        assert!(
+            (rows as f64 - ratio * total).abs() < 5.0 * sd,
+            "{rows} of {total}"
+        );
+        results.push((y, rows));
+    }
+    for (y, rows) in &results[1..] {
+        assert!(same_bits(y, &results[0].0));
+        assert_eq!(*rows, results[0].1);
+    }
+}
+
+/// An empty pool grows from the solves (every sample solved while it is empty), in the
+/// same order for any number of threads; plain solves add to it too.
+#[test]
+fn an_empty_pool_grows_from_the_solves() {
+    let mut members = Vec::new();
+    for threads in [1, 2] {
+        let op = PerturbedOp::new(&config(threads, 0.5), &[D as i64], &[D as i64], argmax).unwrap();
+        let pool = Arc::new(Pool::new(&[D as i64], 4).unwrap());
+        op.set_pool(Some(pool.clone())).unwrap();
+        let _ = op.forward(&theta()).unwrap();
+        assert_eq!(op.solver_rows(), 3 * 400, "an empty pool answers nothing");
+        assert_eq!(pool.len(), 4, "capacity bounds the pool");
+        let second = op.solver_rows();
+        let _ = op.forward(&theta()).unwrap();
+        assert!(
+            op.solver_rows() - second < 3 * 400,
+            "the second call answers some"
+        );
+        members.push(Vec::<f32>::try_from(pool.solutions().unwrap().flatten(0, -1)).unwrap());
+        let solve = Arc::new(Pool::new(&[D as i64], 10).unwrap());
+        op.set_pool(Some(solve.clone())).unwrap();
+        let _ = op.solve(&theta()).unwrap();
+        assert_eq!(solve.len(), 3); // the three problems' argmaxes: 2, 0 and 3
+        let all = Vec::<f32>::try_from(solve.solutions().unwrap().flatten(0, -1)).unwrap();
+        assert_eq!(all.iter().position(|&v| v == 1.0), Some(2));
+    }
+    assert_eq!(members[0], members[1]);
+}
+
+#[test]
+fn bad_pools_and_ratios_are_refused() {
+    let mut c = Config::new();
+    for bad in [0.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
+        let e = c.set_solve_ratio(bad).unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument);
+        assert!(e.message().contains("solve_ratio must be in (0, 1]"), "{e}");
+    }
+    let mut plain = config(1, 0.5);
+    plain.set_linear_objective(false);
+    let op = PerturbedOp::new(&plain, &[D as i64], &[D as i64], argmax).unwrap();
+    let e = op.set_pool(Some(pool_of(&one_hots()))).unwrap_err();
+    assert!(
+        e.message()
+            .contains("declare the solver's objective linear"),
+        "{e}"
+    );
+    let op = PerturbedOp::new(&config(1, 0.5), &[D as i64], &[D as i64], argmax).unwrap();
+    let wrong = Arc::new(Pool::new(&[D as i64 + 1], 3).unwrap());
+    let e = op.set_pool(Some(wrong)).unwrap_err();
+    assert!(e.message().contains("output shape"), "{e}");
+    let two_phase = PerturbedOp::new_external(&config(1, 0.5), &[D as i64], &[D as i64]).unwrap();
+    assert!(two_phase.set_pool(Some(pool_of(&one_hots()))).is_err());
+    op.set_pool(None).unwrap();
+    assert!(op.pool().is_none());
+}
