@@ -1300,6 +1300,98 @@ pert_status pert_op_set_pool(struct pert_op *op, const struct pert_pool *pool);
 pert_status pert_op_solver_calls(const struct pert_op *op, uint64_t *rows);
 
 /*
+ The noise-contrastive estimation loss (NCE, Mulamba et al. 2021) of predicted costs
+ against true solutions w*, over the op's solution pool P (`pert_op_set_pool`), and its
+ gradient with respect to the predicted costs, per problem, as PyEPO's `NCE` (s = +1 for
+ `PERT_SENSE_MINIMIZE`, -1 for `PERT_SENSE_MAXIMIZE`; maximize for the built-ins):
+ loss = mean over w in P of s (<pred_cost, w*> - <pred_cost, w>),
+ grad = s (w* - mean over w in P of w).
+
+ Each call first solves the batch at pred_cost with probability solve_ratio
+ (`pert_config_set_solve_ratio`, decided by the op's own stream: the same for the same
+ sequence of calls), as `pert_op_solve` does, which adds the solutions to the pool; then
+ every problem is scored against the pool as it is. Scores are dot products summed in
+ double precision in a fixed order: the results do not depend on the number of threads.
+ The pool must hold a solution by then (seed it with the training set's true
+ solutions, `pert_pool_add`).
+
+ @param pred_cost  `batch * input_numel` floats, finite.
+ @param true_sol   `batch * input_numel` floats, finite.
+ @param batch      Number of problems. 0: nothing is written (the pool is still checked).
+ @param loss       Receives `batch` floats.
+ @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
+                   may overlap the inputs, not each other.
+ @return `PERT_STATUS_INVALID_ARGUMENT` (no pool, an empty pool, output shape differs
+         from input shape, sizes overflow, a result beyond float32's range),
+         `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of
+         `pert_op_solve`. On error nothing is written.
+ */
+pert_status pert_nce(struct pert_op *op,
+                     const float *pred_cost,
+                     const float *true_sol,
+                     size_t batch,
+                     float *loss,
+                     float *grad);
+
+/*
+ The contrastive MAP loss (CMAP, Mulamba et al. 2021), as `pert_nce` but with the
+ largest margin instead of the mean, as PyEPO's `CMAP`:
+ loss = max over w in P of s (<pred_cost, w*> - <pred_cost, w>),
+ grad = s (w* - w_max), w_max the first member of the pool that attains the maximum.
+ Parameters and statuses as `pert_nce`.
+ */
+pert_status pert_cmap(struct pert_op *op,
+                      const float *pred_cost,
+                      const float *true_sol,
+                      size_t batch,
+                      float *loss,
+                      float *grad);
+
+/*
+ The pointwise learning-to-rank loss (Mandi et al. 2022) of predicted costs against true
+ costs c over the op's pool P, as PyEPO's `pointwiseLTR` (no sense):
+ loss = mean over w in P of <c - pred_cost, w>^2,
+ grad = -2 mean over w in P of <c - pred_cost, w> w.
+ The refresh, the pool and the statuses as `pert_nce`; `true_cost` replaces `true_sol`.
+ */
+pert_status pert_ltr_pointwise(struct pert_op *op,
+                               const float *pred_cost,
+                               const float *true_cost,
+                               size_t batch,
+                               float *loss,
+                               float *grad);
+
+/*
+ The pairwise learning-to-rank loss (Mandi et al. 2022) of predicted costs against true
+ costs c over the op's pool P, as PyEPO's `pairwiseLTR`: with w_b the best member of P
+ for c in the op's sense (the first of equals),
+ loss = sum over w in P of relu(s (<pred_cost, w_b> - <pred_cost, w>)) / max(|P| - 1, 1),
+ grad = s sum over the positive terms of (w_b - w), divided alike.
+ The refresh, the pool and the statuses as `pert_nce`; `true_cost` replaces `true_sol`.
+ */
+pert_status pert_ltr_pairwise(struct pert_op *op,
+                              const float *pred_cost,
+                              const float *true_cost,
+                              size_t batch,
+                              float *loss,
+                              float *grad);
+
+/*
+ The listwise learning-to-rank loss (Mandi et al. 2022) of predicted costs against true
+ costs c over the op's pool P, as PyEPO's `listwiseLTR`: the cross-entropy
+ loss = -sum over w in P of p_w log q_w, with p = max(softmax(-s <c, w>), 1e-8) (not
+ renormalized) and q = softmax(-s <pred_cost, w>) over P;
+ grad = s sum over w of (p_w - q_w sum(p)) w.
+ The refresh, the pool and the statuses as `pert_nce`; `true_cost` replaces `true_sol`.
+ */
+pert_status pert_ltr_listwise(struct pert_op *op,
+                              const float *pred_cost,
+                              const float *true_cost,
+                              size_t batch,
+                              float *loss,
+                              float *grad);
+
+/*
  Sets the message of the `PERT_STATUS_SOLVER_FAILED` that follows: call it from inside a
  solver callback or a `pert_worker_init` hook, on the thread that runs it (not from
  threads of the solver's own), before returning non-zero. The text is copied (up to 1024 bytes; invalid UTF-8 replaced) and

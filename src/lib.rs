@@ -77,7 +77,7 @@ pub use config::Config;
 pub use device::{cuda_device_count, DeviceSpec};
 pub use error::{Error, Result, Status};
 pub use kernels::builtin::Builtin;
-pub use methods::{AimleState, ImleRecord};
+pub use methods::{AimleState, ImleRecord, PoolLoss};
 pub use noise::Noise;
 pub use op::PerturbedOp;
 pub use perturbation::Perturbation;

@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tch::{Device, Tensor};
 
+/// XORed into the seed for the stream that decides whether a pool-based loss solves its
+/// batch (apart from the noise's and the samples' decisions).
+const REFRESH_KEY: u64 = 0x706f_6f6c_7265_6672; // "poolrefr"
+
 /// y_σ(θ) = E[y*(θ + σZ)] for a black-box solver y*, with its Monte-Carlo gradient.
 ///
 /// `forward` may be called from several threads at once. Each call draws fresh noise: the
@@ -31,6 +35,8 @@ pub struct PerturbedOp {
     interrupts: Interrupter,
     /// The solution pool its samples may be answered from, and that its solves add to.
     pool: std::sync::Mutex<Option<Arc<Pool>>>,
+    /// Calls of the pool-based losses so far (each decides whether it solves its batch).
+    refreshes: AtomicU64,
 }
 
 impl std::fmt::Debug for PerturbedOp {
@@ -165,6 +171,7 @@ impl PerturbedOp {
             calls: AtomicU64::new(0),
             interrupts: Interrupter::default(),
             pool: std::sync::Mutex::new(None),
+            refreshes: AtomicU64::new(0),
         })
     }
 
@@ -225,6 +232,26 @@ impl PerturbedOp {
         self.spec
             .solver_rows
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The sense of the objective ⟨x, y⟩ the solver optimizes: the config's, or maximize
+    /// for the built-ins (whatever the config says).
+    pub(crate) fn objective_sense(&self) -> crate::settings::Sense {
+        match self.solver {
+            SolverKind::Builtin(_) => crate::settings::Sense::Maximize,
+            _ => self.config().sense(),
+        }
+    }
+
+    /// Whether this call of a pool-based loss solves its batch first: with probability
+    /// solve_ratio, from the op's stream of refreshes (seed ^ its key, the number of
+    /// earlier such calls).
+    pub(crate) fn pool_refresh(&self) -> bool {
+        let k = self.refreshes.fetch_add(1, Ordering::Relaxed);
+        let c = self.config();
+        let stream = crate::rng::Stream::new(c.seed() ^ REFRESH_KEY, 0);
+        let threshold = (c.solve_ratio() * 4_294_967_296.0).ceil() as u64;
+        u64::from(stream.block(k)[0]) < threshold
     }
 
     /// Adds a plain solve's solutions to the op's pool, if it has one.
@@ -509,12 +536,12 @@ impl PerturbedOp {
         };
         let cache = self.pool().map(|pool| {
             let c = self.config();
-            // (the built-ins maximize, whatever the config's sense says)
-            let sense = match self.solver {
-                SolverKind::Builtin(_) => crate::settings::Sense::Maximize,
-                _ => c.sense(),
-            };
-            CallCache::new(pool, (c.seed(), call), c.solve_ratio(), sense)
+            CallCache::new(
+                pool,
+                (c.seed(), call),
+                c.solve_ratio(),
+                self.objective_sense(),
+            )
         });
         let source = (Source::Solver(&self.solver), cache.as_ref());
         let estimate = spec.run(&theta_dev, call, wants, source, stop)?;

@@ -550,8 +550,8 @@ fn julia_handles_and_rules_are_complete() {
     );
     assert_eq!(
         rules.len(),
-        8,
-        "rrules of forward, fenchel_young, spo_plus, perturbation_gradient, blackbox, negative_identity, imle and aimle"
+        13,
+        "rrules of forward, fenchel_young, spo_plus, perturbation_gradient, blackbox, negative_identity, imle, aimle, nce, cmap and the three LTR losses"
     );
     for rule in &rules {
         let body = text(*rule, &src);
@@ -750,6 +750,37 @@ fn julia_gc_safe_calls_match_the_header() {
             proto.ret
         );
         checked += 1;
+    }
+    // the pool-based losses' one caller, checked against each of their five prototypes
+    let generic = &src[src.find("fn = which[]").expect("gc_safe_pool_loss")..];
+    let call = &generic[generic.find("ccall(fn, ").unwrap() + "ccall(fn, ".len()..];
+    let types_start = call.find('(').unwrap();
+    let types: Vec<String> = call
+        [types_start + 1..types_start + call[types_start..].find(')').unwrap()]
+        .split(',')
+        .map(squash)
+        .filter(|t| !t.is_empty())
+        .collect();
+    for c_name in [
+        "pert_nce",
+        "pert_cmap",
+        "pert_ltr_pointwise",
+        "pert_ltr_pairwise",
+        "pert_ltr_listwise",
+    ] {
+        let proto = &protos[c_name];
+        let constant = c_name.to_uppercase();
+        assert!(
+            src.contains(&format!("{constant}[] = Libdl.dlsym(handle, :{c_name})")),
+            "{constant} is not looked up as :{c_name}"
+        );
+        assert_eq!(types.len(), proto.params.len(), "{c_name}: {types:?}");
+        for (t, c) in types.iter().zip(&proto.params) {
+            assert!(
+                julia_types(c).contains(&t.as_str()),
+                "{c_name}: {t} does not match C {c}"
+            );
+        }
     }
     assert_eq!(
         checked, 10,

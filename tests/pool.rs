@@ -217,3 +217,118 @@ fn bad_pools_and_ratios_are_refused() {
     op.set_pool(None).unwrap();
     assert!(op.pool().is_none());
 }
+
+/// One-hot argmin over 3 entries (the first of equals).
+fn argmin3(x: &[f32], count: usize, y: &mut [f32]) -> Result<(), String> {
+    for r in 0..count {
+        let row = &x[3 * r..3 * r + 3];
+        let mut best = 0;
+        for i in 1..3 {
+            if row[i] < row[best] {
+                best = i;
+            }
+        }
+        for i in 0..3 {
+            y[3 * r + i] = if i == best { 1.0 } else { 0.0 };
+        }
+    }
+    Ok(())
+}
+
+/// The pool-based losses against their closed forms on a pool of the three one-hot
+/// vectors (worked by hand: pred (1, 2, 4), c (3, 1, 2), w* = e1), minimizing and
+/// maximizing.
+#[test]
+fn pool_losses_match_their_closed_forms() {
+    use perturbations::{PoolLoss, Sense};
+    let t = |v: &[f32]| Tensor::from_slice(v).reshape([1, 3]);
+    let (pred, cost, sol) = (
+        t(&[1.0, 2.0, 4.0]),
+        t(&[3.0, 1.0, 2.0]),
+        t(&[0.0, 1.0, 0.0]),
+    );
+    let mut c = config(1, 1.0);
+    c.set_sense(Sense::Minimize);
+    let op = PerturbedOp::new(&c, &[3], &[3], argmin3).unwrap();
+    let e = op.pool_loss(PoolLoss::Nce, &pred, &sol).unwrap_err();
+    assert!(e.message().contains("needs the op's solution pool"), "{e}");
+    let pool = Arc::new(Pool::new(&[3], 10).unwrap());
+    op.set_pool(Some(pool.clone())).unwrap();
+    pool.add_rows(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+        .unwrap();
+    let check = |op: &PerturbedOp, loss: PoolLoss, target: &Tensor, want: f64, grad: [f64; 3]| {
+        let (l, g) = op.pool_loss(loss, &pred, target).unwrap();
+        let l = f64::try_from(l.get(0)).unwrap();
+        assert!((l - want).abs() < 1e-6, "{loss:?}: loss {l}, want {want}");
+        let g = Vec::<f32>::try_from(g.flatten(0, -1)).unwrap();
+        for k in 0..3 {
+            assert!(
+                (f64::from(g[k]) - grad[k]).abs() < 1e-6,
+                "{loss:?}: grad {g:?}, want {grad:?}"
+            );
+        }
+    };
+    let third = 1.0 / 3.0;
+    check(
+        &op,
+        PoolLoss::Nce,
+        &sol,
+        -third,
+        [-third, 2.0 * third, -third],
+    );
+    check(&op, PoolLoss::Cmap, &sol, 1.0, [-1.0, 1.0, 0.0]);
+    check(
+        &op,
+        PoolLoss::LtrPointwise,
+        &cost,
+        3.0,
+        [-4.0 * third, 2.0 * third, 4.0 * third],
+    );
+    check(&op, PoolLoss::LtrPairwise, &cost, 0.5, [-0.5, 0.5, 0.0]);
+    // listwise: p = softmax(-c), q = softmax(-pred)
+    let softmax = |v: [f64; 3]| {
+        let z: f64 = v.iter().map(|x| x.exp()).sum();
+        v.map(|x| x.exp() / z)
+    };
+    let (p, q) = (softmax([-3.0, -1.0, -2.0]), softmax([-1.0, -2.0, -4.0]));
+    let want = -(0..3).map(|j| p[j] * q[j].ln()).sum::<f64>();
+    check(
+        &op,
+        PoolLoss::LtrListwise,
+        &cost,
+        want,
+        [p[0] - q[0], p[1] - q[1], p[2] - q[2]],
+    );
+    assert_eq!(
+        pool.len(),
+        3,
+        "the refreshes (argmin of pred: e0) added nothing new"
+    );
+    // maximizing: the margins change sign (argmax solver: e2 joins nothing new either)
+    let mut c = config(1, 1.0);
+    c.set_sense(Sense::Maximize);
+    let max = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+    max.set_pool(Some(pool.clone())).unwrap();
+    check(
+        &max,
+        PoolLoss::Nce,
+        &sol,
+        third,
+        [third, -2.0 * third, third],
+    );
+    check(&max, PoolLoss::Cmap, &sol, 2.0, [0.0, -1.0, 1.0]);
+    // pairwise maximizing: w_b = argmax c = e0; diffs -(1 - (1, 2, 4)) = (0, 1, 3)
+    check(&max, PoolLoss::LtrPairwise, &cost, 2.0, [-1.0, 0.5, 0.5]);
+    let empty = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+    empty
+        .set_pool(Some(Arc::new(Pool::new(&[3], 10).unwrap())))
+        .unwrap();
+    let mut rare = config(1, 1e-9);
+    rare.set_sense(Sense::Maximize);
+    let rare_op = PerturbedOp::new(&rare, &[3], &[3], argmax).unwrap();
+    rare_op
+        .set_pool(Some(Arc::new(Pool::new(&[3], 10).unwrap())))
+        .unwrap();
+    let e = rare_op.pool_loss(PoolLoss::Nce, &pred, &sol).unwrap_err();
+    assert!(e.message().contains("pool is empty"), "{e}");
+}

@@ -36,7 +36,7 @@ unsafe fn rows<'a>(
 }
 
 /// `batch * input_numel`, or INVALID_ARGUMENT when it overflows.
-fn input_len(op: &PerturbedOp, batch: usize) -> Result<usize> {
+pub(super) fn input_len(op: &PerturbedOp, batch: usize) -> Result<usize> {
     checked_product(&[batch, op.input_numel()], "batch * input_numel")
 }
 
@@ -53,7 +53,7 @@ unsafe fn grad_theta_output(
 }
 
 /// The host rows of a call on `batch` problems of `op`.
-fn shape(op: &PerturbedOp, batch: usize) -> Rows {
+pub(super) fn shape(op: &PerturbedOp, batch: usize) -> Rows {
     Rows {
         batch,
         d: op.input_numel(),
@@ -61,7 +61,7 @@ fn shape(op: &PerturbedOp, batch: usize) -> Rows {
 }
 
 /// Writes a loss and its gradient (when asked for), staged together.
-fn write(
+pub(super) fn write(
     outputs: &(boundary::Output, Option<boundary::Output>),
     loss: Vec<f32>,
     grad: Vec<f32>,
@@ -84,7 +84,7 @@ fn write(
 ///
 /// # Safety
 /// `op` must be NULL or an op of this library.
-unsafe fn method_op<'a>(op: *mut pert_op, method: &str) -> Result<&'a PerturbedOp> {
+pub(super) unsafe fn method_op<'a>(op: *mut pert_op, method: &str) -> Result<&'a PerturbedOp> {
     let op = unsafe { pert_op::borrow(op, "op") }?;
     op.require_square(method)?;
     Ok(op)

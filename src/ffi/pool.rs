@@ -1,11 +1,13 @@
 //! The solution pool's handle (`pert_pool`) and the op calls that use it.
 
-use super::boundary::{arg_mut, guard, guard_or, slice};
+use super::boundary::{self, arg_mut, guard, guard_or, slice};
 use super::handle::{handle, Handle};
+use super::methods::{input_len, method_op, shape as rows_of, write};
 use super::op::{pert_op, shape};
 use super::status::pert_status;
 use crate::pool::Pool;
 use crate::shape::checked_product;
+use crate::PoolLoss;
 use std::sync::Arc;
 
 /// A pool of distinct solutions of one output shape, for ops whose solver is expensive
@@ -137,4 +139,174 @@ pub unsafe extern "C" fn pert_op_solver_calls(op: *const pert_op, rows: *mut u64
         *rows = op.solver_rows();
         Ok(())
     })
+}
+
+/// One pool-based loss through the C API: checks, the loss, the outputs written.
+unsafe fn pool_loss(
+    loss_kind: PoolLoss,
+    op: *mut pert_op,
+    (pred_cost, target): (*const f32, *const f32),
+    batch: usize,
+    (loss, grad): (*mut f32, *mut f32),
+) -> pert_status {
+    guard(|| {
+        let op = unsafe { method_op(op, loss_kind.name()) }?;
+        let len = input_len(op, batch)?;
+        let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
+        let pred = unsafe { slice(pred_cost, len, "pred_cost") }?;
+        let target = unsafe { slice(target, len, loss_kind.target_name()) }?;
+        if batch == 0 {
+            op.pool_loss_rows(loss_kind, rows_of(op, 0), &[], &[])?; // (the pool checked)
+            return Ok(());
+        }
+        let (l, g) = op.pool_loss_rows(loss_kind, rows_of(op, batch), pred, target)?;
+        write(&outputs, l, g)
+    })
+}
+
+/// The noise-contrastive estimation loss (NCE, Mulamba et al. 2021) of predicted costs
+/// against true solutions w*, over the op's solution pool P (`pert_op_set_pool`), and its
+/// gradient with respect to the predicted costs, per problem, as PyEPO's `NCE` (s = +1 for
+/// `PERT_SENSE_MINIMIZE`, -1 for `PERT_SENSE_MAXIMIZE`; maximize for the built-ins):
+/// loss = mean over w in P of s (<pred_cost, w*> - <pred_cost, w>),
+/// grad = s (w* - mean over w in P of w).
+///
+/// Each call first solves the batch at pred_cost with probability solve_ratio
+/// (`pert_config_set_solve_ratio`, decided by the op's own stream: the same for the same
+/// sequence of calls), as `pert_op_solve` does, which adds the solutions to the pool; then
+/// every problem is scored against the pool as it is. Scores are dot products summed in
+/// double precision in a fixed order: the results do not depend on the number of threads.
+/// The pool must hold a solution by then (seed it with the training set's true
+/// solutions, `pert_pool_add`).
+///
+/// @param pred_cost  `batch * input_numel` floats, finite.
+/// @param true_sol   `batch * input_numel` floats, finite.
+/// @param batch      Number of problems. 0: nothing is written (the pool is still checked).
+/// @param loss       Receives `batch` floats.
+/// @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
+///                   may overlap the inputs, not each other.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` (no pool, an empty pool, output shape differs
+///         from input shape, sizes overflow, a result beyond float32's range),
+///         `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of
+///         `pert_op_solve`. On error nothing is written.
+#[no_mangle]
+pub unsafe extern "C" fn pert_nce(
+    op: *mut pert_op,
+    pred_cost: *const f32,
+    true_sol: *const f32,
+    batch: usize,
+    loss: *mut f32,
+    grad: *mut f32,
+) -> pert_status {
+    unsafe {
+        pool_loss(
+            PoolLoss::Nce,
+            op,
+            (pred_cost, true_sol),
+            batch,
+            (loss, grad),
+        )
+    }
+}
+
+/// The contrastive MAP loss (CMAP, Mulamba et al. 2021), as `pert_nce` but with the
+/// largest margin instead of the mean, as PyEPO's `CMAP`:
+/// loss = max over w in P of s (<pred_cost, w*> - <pred_cost, w>),
+/// grad = s (w* - w_max), w_max the first member of the pool that attains the maximum.
+/// Parameters and statuses as `pert_nce`.
+#[no_mangle]
+pub unsafe extern "C" fn pert_cmap(
+    op: *mut pert_op,
+    pred_cost: *const f32,
+    true_sol: *const f32,
+    batch: usize,
+    loss: *mut f32,
+    grad: *mut f32,
+) -> pert_status {
+    unsafe {
+        pool_loss(
+            PoolLoss::Cmap,
+            op,
+            (pred_cost, true_sol),
+            batch,
+            (loss, grad),
+        )
+    }
+}
+
+/// The pointwise learning-to-rank loss (Mandi et al. 2022) of predicted costs against true
+/// costs c over the op's pool P, as PyEPO's `pointwiseLTR` (no sense):
+/// loss = mean over w in P of <c - pred_cost, w>^2,
+/// grad = -2 mean over w in P of <c - pred_cost, w> w.
+/// The refresh, the pool and the statuses as `pert_nce`; `true_cost` replaces `true_sol`.
+#[no_mangle]
+pub unsafe extern "C" fn pert_ltr_pointwise(
+    op: *mut pert_op,
+    pred_cost: *const f32,
+    true_cost: *const f32,
+    batch: usize,
+    loss: *mut f32,
+    grad: *mut f32,
+) -> pert_status {
+    unsafe {
+        pool_loss(
+            PoolLoss::LtrPointwise,
+            op,
+            (pred_cost, true_cost),
+            batch,
+            (loss, grad),
+        )
+    }
+}
+
+/// The pairwise learning-to-rank loss (Mandi et al. 2022) of predicted costs against true
+/// costs c over the op's pool P, as PyEPO's `pairwiseLTR`: with w_b the best member of P
+/// for c in the op's sense (the first of equals),
+/// loss = sum over w in P of relu(s (<pred_cost, w_b> - <pred_cost, w>)) / max(|P| - 1, 1),
+/// grad = s sum over the positive terms of (w_b - w), divided alike.
+/// The refresh, the pool and the statuses as `pert_nce`; `true_cost` replaces `true_sol`.
+#[no_mangle]
+pub unsafe extern "C" fn pert_ltr_pairwise(
+    op: *mut pert_op,
+    pred_cost: *const f32,
+    true_cost: *const f32,
+    batch: usize,
+    loss: *mut f32,
+    grad: *mut f32,
+) -> pert_status {
+    unsafe {
+        pool_loss(
+            PoolLoss::LtrPairwise,
+            op,
+            (pred_cost, true_cost),
+            batch,
+            (loss, grad),
+        )
+    }
+}
+
+/// The listwise learning-to-rank loss (Mandi et al. 2022) of predicted costs against true
+/// costs c over the op's pool P, as PyEPO's `listwiseLTR`: the cross-entropy
+/// loss = -sum over w in P of p_w log q_w, with p = max(softmax(-s <c, w>), 1e-8) (not
+/// renormalized) and q = softmax(-s <pred_cost, w>) over P;
+/// grad = s sum over w of (p_w - q_w sum(p)) w.
+/// The refresh, the pool and the statuses as `pert_nce`; `true_cost` replaces `true_sol`.
+#[no_mangle]
+pub unsafe extern "C" fn pert_ltr_listwise(
+    op: *mut pert_op,
+    pred_cost: *const f32,
+    true_cost: *const f32,
+    batch: usize,
+    loss: *mut f32,
+    grad: *mut f32,
+) -> pert_status {
+    unsafe {
+        pool_loss(
+            PoolLoss::LtrListwise,
+            op,
+            (pred_cost, true_cost),
+            batch,
+            (loss, grad),
+        )
+    }
 }

@@ -22,9 +22,11 @@
 mod blackbox;
 mod imle;
 mod perturbation_gradient;
+mod pool_losses;
 mod spo_plus;
 
 pub use imle::{AimleState, ImleRecord};
+pub use pool_losses::PoolLoss;
 
 use crate::dot::{dot, dot2};
 use crate::error::{Error, Result, Status};

@@ -175,6 +175,84 @@ static bool pool_shared_by_threads(void) {
   return true;
 }
 
+/* One-hot argmin over 3 entries (the first of equals). */
+static int32_t argmin3(void *user_data, const float *x, size_t count, float *y) {
+  (void)user_data;
+  for (size_t r = 0; r < count; r++) {
+    size_t best = 0;
+    for (size_t i = 1; i < 3; i++)
+      if (x[r * 3 + i] < x[r * 3 + best]) best = i;
+    for (size_t i = 0; i < 3; i++) y[r * 3 + i] = i == best ? 1.0f : 0.0f;
+  }
+  return 0;
+}
+
+/* The pool-based losses against hand-worked values: pool e0, e1, e2; problem 0: pred (1, 2,
+ * 4), c (3, 1, 2), w* = e1; problem 1: pred = c = (3, 1, 2), minimizing. */
+static bool pool_losses_by_hand(void) {
+  pert_config *c = NULL;
+  pert_op *op = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  pert_config_set_sense(c, PERT_SENSE_MINIMIZE);
+  pert_config_set_linear_objective(c, 1);
+  const int64_t three[1] = {3};
+  CHECK_OK(pert_op_new(c, three, 1, three, 1, argmin3, NULL, &op));
+  pert_config_free(c);
+  const float pred[6] = {1, 2, 4, 3, 1, 2}, cost[6] = {3, 1, 2, 3, 1, 2}, sol[6] = {0, 1, 0, 0, 1, 0};
+  float loss[2] = {-7, -7}, grad[6];
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_nce(op, pred, sol, 2, loss, grad));
+  CHECK(last_error_contains("needs the op's solution pool") && loss[0] == -7);
+  pert_pool *pool = NULL;
+  CHECK_OK(pert_pool_new(three, 1, 10, &pool));
+  CHECK_OK(pert_op_set_pool(op, pool));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_cmap(op, pred, sol, 0, loss, grad));
+  CHECK(last_error_contains("pool is empty"));
+  const float eye[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+  CHECK_OK(pert_pool_add(pool, eye, 3));
+  const double third = 1.0 / 3.0, tol = 1e-6;
+  CHECK_OK(pert_nce(op, pred, sol, 2, loss, grad));
+  CHECK_NEAR(loss[0], -third, tol);
+  CHECK_NEAR(grad[0], -third, tol);
+  CHECK_NEAR(grad[1], 2 * third, tol);
+  CHECK_NEAR(grad[2], -third, tol);
+  CHECK_NEAR(loss[1], -1.0, tol); /* margins 1-3, 1-1, 1-2: mean -1 */
+  CHECK_OK(pert_cmap(op, pred, sol, 2, loss, NULL));
+  CHECK_NEAR(loss[0], 1.0, tol);
+  CHECK_NEAR(loss[1], 0.0, tol);
+  CHECK_OK(pert_ltr_pointwise(op, pred, cost, 2, loss, grad));
+  CHECK_NEAR(loss[0], 3.0, tol);
+  CHECK_NEAR(grad[0], -4 * third, tol);
+  CHECK_NEAR(grad[1], 2 * third, tol);
+  CHECK_NEAR(grad[2], 4 * third, tol);
+  CHECK_NEAR(loss[1], 0.0, tol);
+  CHECK_OK(pert_ltr_pairwise(op, pred, cost, 2, loss, grad));
+  CHECK_NEAR(loss[0], 0.5, tol);
+  CHECK_NEAR(grad[0], -0.5, tol);
+  CHECK_NEAR(grad[1], 0.5, tol);
+  CHECK_NEAR(grad[2], 0.0, tol);
+  CHECK_NEAR(loss[1], 0.0, tol); /* the best for c is also the best for pred */
+  CHECK_OK(pert_ltr_listwise(op, pred, cost, 2, loss, grad));
+  double p[3] = {exp(-3.0), exp(-1.0), exp(-2.0)}, q[3] = {exp(-1.0), exp(-2.0), exp(-4.0)};
+  double zp = p[0] + p[1] + p[2], zq = q[0] + q[1] + q[2], want = 0;
+  for (int j = 0; j < 3; j++) want -= p[j] / zp * log(q[j] / zq);
+  CHECK_NEAR(loss[0], want, tol);
+  for (int j = 0; j < 3; j++) CHECK_NEAR(grad[j], p[j] / zp - q[j] / zq, tol);
+  /* bad inputs write nothing */
+  const float bad[6] = {1, 2, NAN, 3, 1, 2};
+  float keep[2] = {-7, -7};
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_ltr_listwise(op, bad, cost, 2, keep, grad));
+  CHECK(last_error_contains("pred_cost[0][2] is NaN") && keep[0] == -7 && keep[1] == -7);
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_nce(op, pred, bad, 2, keep, grad));
+  CHECK(last_error_contains("true_sol[0][2]"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_nce(op, pred, sol, 2, NULL, grad));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_nce(NULL, pred, sol, 2, keep, grad));
+  CHECK(pert_pool_size(pool) == 3); /* the refreshes (argmin of pred: e0, e1) added nothing */
+  pert_pool_free(pool);
+  pert_op_free(op);
+  return true;
+}
+
 static bool bad_arguments_are_refused(void) {
   pert_config *c = NULL;
   CHECK_OK(pert_config_new(&c));
@@ -210,6 +288,7 @@ int main(void) {
       TEST(full_pool_answers_as_the_solver),
       TEST(empty_pool_grows_the_same_for_any_threads),
       TEST(pool_shared_by_threads),
+      TEST(pool_losses_by_hand),
       TEST(bad_arguments_are_refused),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);

@@ -24,9 +24,9 @@ from .config import Config
 from .errors import (DeviceUnavailableError, Error, InterruptedCallError, InvalidArgumentError,
                      NonFiniteInputError, NullArgumentError, PanicError, SenseWarning, SolverFailedError,
                      TorchError)
-from .op import AimleState, Draw, ImleRecord, Op, SolveInfo, Tape
+from .op import AimleState, Draw, ImleRecord, Op, Pool, SolveInfo, Tape
 
-__all__ = ["Config", "Op", "Tape", "Draw", "SolveInfo", "ImleRecord", "AimleState", "Error", "NullArgumentError", "InvalidArgumentError",
+__all__ = ["Config", "Op", "Tape", "Draw", "SolveInfo", "ImleRecord", "AimleState", "Pool", "Error", "NullArgumentError", "InvalidArgumentError",
            "NonFiniteInputError", "SolverFailedError", "DeviceUnavailableError", "TorchError", "PanicError",
            "InterruptedCallError", "SenseWarning", "library_path", "version"]
 __version__ = "0.1.0"

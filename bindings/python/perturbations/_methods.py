@@ -25,7 +25,9 @@ from .errors import InvalidArgumentError
 from .op import AimleState, Op
 
 __all__ = ["spo_plus", "blackbox", "negative_identity", "perturbation_gradient", "imle", "aimle",
-           "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss", "IMLE", "AIMLE"]
+           "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss", "IMLE", "AIMLE",
+           "nce", "cmap", "ltr_pointwise", "ltr_pairwise", "ltr_listwise",
+           "NCELoss", "CMAPLoss", "LTRPointwiseLoss", "LTRPairwiseLoss", "LTRListwiseLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -321,3 +323,97 @@ class AIMLE(torch.nn.Module):
 
     def extra_repr(self):
         return f"{self.op!r}, two_sided={self.two_sided}, {self.state!r}"
+
+
+# ---- losses over the op's solution pool (Op.set_pool; PyEPO's NCE, CMAP and LTR) ----------
+
+def _pool_loss(method, op, pred_cost, target, reduction):
+    _check_op(op)
+    _check_reduction(reduction)
+    loss = _loss(lambda o, p, t: getattr(o, method)(p, t), op, pred_cost, target)
+    return _reduce(loss, reduction)
+
+
+def nce(op: Op, pred_cost, true_sol, reduction: str = "mean") -> torch.Tensor:
+    """The noise-contrastive estimation loss (Mulamba et al. 2021; PyEPO's NCE) of pred_cost
+    [*batch, *input_shape] against the true solutions over the op's solution pool (seed it
+    with the training set's true solutions: `perturbations.Pool`, `Op.set_pool`): mean over
+    w in the pool of s (<pred_cost, true_sol> - <pred_cost, w>), s = +1 minimizing, -1
+    maximizing; reduced by `reduction`. With probability solve_ratio (the op's config) the
+    batch is solved first, which adds its solutions to the pool."""
+    return _pool_loss("nce", op, pred_cost, true_sol, reduction)
+
+
+def cmap(op: Op, pred_cost, true_sol, reduction: str = "mean") -> torch.Tensor:
+    """The contrastive MAP loss (PyEPO's CMAP): as `nce` with the largest margin over the
+    pool instead of the mean."""
+    return _pool_loss("cmap", op, pred_cost, true_sol, reduction)
+
+
+def ltr_pointwise(op: Op, pred_cost, true_cost, reduction: str = "mean") -> torch.Tensor:
+    """The pointwise learning-to-rank loss (Mandi et al. 2022; PyEPO's pointwiseLTR) over
+    the op's pool: mean over w of <true_cost - pred_cost, w>^2; as `nce` otherwise."""
+    return _pool_loss("ltr_pointwise", op, pred_cost, true_cost, reduction)
+
+
+def ltr_pairwise(op: Op, pred_cost, true_cost, reduction: str = "mean") -> torch.Tensor:
+    """The pairwise learning-to-rank loss (PyEPO's pairwiseLTR) over the op's pool: hinges
+    relu(s (<pred_cost, w_b> - <pred_cost, w>)) of the pool's best solution w_b for
+    true_cost over every w, divided by the pool's size - 1."""
+    return _pool_loss("ltr_pairwise", op, pred_cost, true_cost, reduction)
+
+
+def ltr_listwise(op: Op, pred_cost, true_cost, reduction: str = "mean") -> torch.Tensor:
+    """The listwise learning-to-rank loss (PyEPO's listwiseLTR) over the op's pool: the
+    cross-entropy of softmax(-s <pred_cost, w>) against max(softmax(-s <true_cost, w>),
+    1e-8) over the pool's w."""
+    return _pool_loss("ltr_listwise", op, pred_cost, true_cost, reduction)
+
+
+class _PoolLossModule(torch.nn.Module):
+    """A pool-based loss as a module: `forward(pred_cost, target)` (true_sol for NCE and
+    CMAP, true_cost for LTR) returns the loss reduced by `reduction`."""
+
+    _fn = None
+
+    def __init__(self, op: Op, reduction: str = "mean"):
+        super().__init__()
+        _check_op(op)
+        _check_reduction(reduction)
+        self.op, self.reduction = op, reduction
+
+    def forward(self, pred_cost, target):
+        return type(self)._fn(self.op, pred_cost, target, reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"{self.op!r}, reduction={self.reduction!r}"
+
+
+class NCELoss(_PoolLossModule):
+    """NCE as a module: `forward(pred_cost, true_sol)` (see `nce`)."""
+
+    _fn = staticmethod(nce)
+
+
+class CMAPLoss(_PoolLossModule):
+    """CMAP as a module: `forward(pred_cost, true_sol)` (see `cmap`)."""
+
+    _fn = staticmethod(cmap)
+
+
+class LTRPointwiseLoss(_PoolLossModule):
+    """Pointwise LTR as a module: `forward(pred_cost, true_cost)` (see `ltr_pointwise`)."""
+
+    _fn = staticmethod(ltr_pointwise)
+
+
+class LTRPairwiseLoss(_PoolLossModule):
+    """Pairwise LTR as a module: `forward(pred_cost, true_cost)` (see `ltr_pairwise`)."""
+
+    _fn = staticmethod(ltr_pairwise)
+
+
+class LTRListwiseLoss(_PoolLossModule):
+    """Listwise LTR as a module: `forward(pred_cost, true_cost)` (see `ltr_listwise`)."""
+
+    _fn = staticmethod(ltr_listwise)

@@ -18,6 +18,7 @@ DEFAULTS = {
     "num_samples": 1000, "sigma": 0.05, "noise": "normal", "seed": 0, "device": "auto", "threads": 1,
     "max_threads": 0, "perturbation": "additive", "baseline": "sample_mean", "antithetic": False,
     "sense": "maximize", "chunk_bytes": 0, "max_tape_bytes": 0, "sog_kappa": 5.0, "sog_terms": 10,
+    "solve_ratio": 1.0, "linear_objective": False,
 }
 
 # the parameters of Sum-of-Gamma noise, set with it (pert_config_set_sum_of_gamma)
@@ -67,9 +68,16 @@ def _set(h, key, value):
         v = str(value)
         _check(lib.pert_config_set_device(h, v.encode()))
         return v
-    if key == "antithetic":
+    if key in ("antithetic", "linear_objective"):
         v = bool(value)
-        _check(lib.pert_config_set_antithetic(h, v))
+        _check(getattr(lib, f"pert_config_set_{key}")(h, v))
+        return v
+    if key == "solve_ratio":
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(2, f"solve_ratio must be a number, got {value!r}") from None
+        _check(lib.pert_config_set_solve_ratio(h, v))
         return v
     table = {"noise": NOISE, "perturbation": PERTURBATION, "baseline": BASELINE, "sense": SENSE}.get(key)
     if table is None:
@@ -103,7 +111,10 @@ class Config:
     cap), perturbation ("additive" | "multiplicative"), baseline ("sample_mean" | "none" |
     "clean_input"), antithetic (False), sense ("maximize" | "minimize"), chunk_bytes (0:
     the library's), max_tape_bytes (0: no limit), sog_kappa (5.0) and sog_terms (10): the
-    parameters of Sum-of-Gamma noise (I-MLE's; no tape: see PERT_NOISE_SUM_OF_GAMMA).
+    parameters of Sum-of-Gamma noise (I-MLE's; no tape: see PERT_NOISE_SUM_OF_GAMMA),
+    solve_ratio (1.0: the share of a pooled op's samples that are solved, see `Op.set_pool`)
+    and linear_objective (False: declares a solver's objective linear, <x, y>, which a pool
+    needs).
 
     A bad value raises `InvalidArgumentError` (a `ValueError`), an unknown name `TypeError`.
     An op copies its config: changing a config later does not change its ops. Configs

@@ -20,7 +20,7 @@ from ._native import P, lib
 from .config import Config, choice
 from .errors import Error, InvalidArgumentError, SenseWarning, SolverFailedError, _check, _last_error
 
-__all__ = ["Op", "Tape", "Draw"]
+__all__ = ["Op", "Tape", "Draw", "Pool"]
 
 BUILTIN = {"argmax": 0, "topk": 1, "ranks": 2}
 _M64 = (1 << 64) - 1
@@ -81,6 +81,52 @@ class _Handle:
         if not self._h:
             raise InvalidArgumentError(2, f"the {type(self).__name__} was closed")
         return self._h
+
+
+# ---- solution pools ---------------------------------------------------------------------
+
+class Pool(_Handle):
+    """A pool of at most `capacity` distinct solutions of `output_shape` (pert_pool_new), for
+    ops whose solver is expensive (`Op.set_pool`) and for the pool-based losses
+    (`perturbations.torch.nce`, `cmap`, `ltr_pointwise`, `ltr_pairwise`, `ltr_listwise`).
+
+    Memory is bounded by the capacity. First in, first out: a solution the pool holds
+    already (every entry equal, -0 and +0 alike) is not added again and keeps its place;
+    when additions take the pool beyond its capacity, its oldest solutions leave first. A
+    pool may be shared by ops and threads; an op given it keeps it alive, so the pool may be
+    closed while ops use it."""
+
+    _free = staticmethod(lambda h: lib.pert_pool_free(h))
+
+    def __init__(self, output_shape, capacity):
+        from .config import unsigned
+        shape = shape_of(output_shape, "output_shape")
+        capacity = unsigned(capacity, 64, "capacity")
+        dims = (ctypes.c_int64 * max(len(shape), 1))(*shape)
+        h = P()
+        _check(lib.pert_pool_new(dims, len(shape), capacity, ctypes.byref(h)))
+        super().__init__(h)
+        self.output_shape, self.capacity = shape, capacity
+        self._numel = math.prod(shape)
+
+    def add(self, solutions):
+        """Adds solutions [count, *output_shape] (numpy or torch; finite): those the pool does
+        not hold, each once, join as its newest members in order, then its oldest leave down
+        to its capacity. All or nothing. Returns the pool."""
+        a, _ = as_host(solutions, "solutions")
+        _, flat = split_batch(a, self.output_shape, "solutions")
+        flat = np.ascontiguousarray(flat)
+        with self._lock:
+            _check(lib.pert_pool_add(self.handle, ptr(flat), flat.shape[0]))
+        return self
+
+    def __len__(self):
+        with self._lock:
+            return int(lib.pert_pool_size(self.handle))
+
+    def __repr__(self):
+        size = len(self) if self._h else "closed"
+        return f"Pool(output_shape={list(self.output_shape)}, capacity={self.capacity}, size={size})"
 
 
 # ---- tapes ------------------------------------------------------------------------------
@@ -677,6 +723,72 @@ class Op(_Handle):
         grad = np.empty(a.shape, dtype=np.float32)
         self._call(lib.pert_spo_plus, a, c, w, z, a.shape[0], loss, grad, work=a.shape[0], pace=False)
         return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
+
+    # ---- solution pools (pert_op_set_pool, pert_nce, ...) ------------------------------
+
+    def set_pool(self, pool):
+        """Gives the op a solution pool (None: takes it away; pert_op_set_pool). Its forward
+        and Fenchel-Young calls then answer each perturbed sample from the pool with
+        probability 1 - solve_ratio (a Config setting; decided by the op's own stream, so
+        the same for any number of threads): the pool's solution y of best <x, y> for the
+        sample x in the op's sense, exact whenever the pool holds x's optimum; the others are
+        solved, and every solve adds its solution to the pool. The objective must be linear:
+        a built-in, or a solver declared with Config(linear_objective=True)."""
+        if pool is not None and not isinstance(pool, Pool):
+            raise TypeError(f"pool must be a perturbations.Pool or None, got {type(pool).__name__}")
+        if pool is None:
+            self._call(lib.pert_op_set_pool, None)
+        else:
+            with pool._lock:
+                self._call(lib.pert_op_set_pool, pool.handle)
+        self._pool = pool
+
+    @property
+    def pool(self):
+        """The op's solution pool (`set_pool`), or None."""
+        return getattr(self, "_pool", None)
+
+    @property
+    def solver_calls(self):
+        """The rows the op's solver has solved so far (pert_op_solver_calls): perturbed
+        samples not answered from a pool, clean-input rows, and plain solves."""
+        rows = ctypes.c_uint64(0)
+        _check(lib.pert_op_solver_calls(self.handle, ctypes.byref(rows)))
+        return rows.value
+
+    def _pool_loss(self, fn, pred_cost, target, target_name):
+        batch_shape, a, back, (t,) = self._method_args(pred_cost, "pred_cost", (target, target_name))
+        loss = np.empty((a.shape[0],), dtype=np.float32)
+        grad = np.empty(a.shape, dtype=np.float32)
+        self._call(fn, a, t, a.shape[0], loss, grad, work=a.shape[0], pace=False)
+        return back(loss.reshape(batch_shape)), back(grad.reshape(batch_shape + self.input_shape))
+
+    def nce(self, pred_cost, true_sol):
+        """The NCE loss [*batch] of pred_cost against the true solutions over the op's pool,
+        and its gradient with respect to pred_cost (pert_nce; PyEPO's NCE): mean over w in
+        the pool of s (<pred_cost, true_sol> - <pred_cost, w>), s = +1 minimizing, -1
+        maximizing. With probability solve_ratio the batch is solved first (adding to the
+        pool)."""
+        return self._pool_loss(lib.pert_nce, pred_cost, true_sol, "true_sol")
+
+    def cmap(self, pred_cost, true_sol):
+        """The CMAP loss (pert_cmap; PyEPO's CMAP): as `nce` with the largest margin."""
+        return self._pool_loss(lib.pert_cmap, pred_cost, true_sol, "true_sol")
+
+    def ltr_pointwise(self, pred_cost, true_cost):
+        """The pointwise learning-to-rank loss (pert_ltr_pointwise; PyEPO's pointwiseLTR):
+        mean over w in the pool of <true_cost - pred_cost, w>^2."""
+        return self._pool_loss(lib.pert_ltr_pointwise, pred_cost, true_cost, "true_cost")
+
+    def ltr_pairwise(self, pred_cost, true_cost):
+        """The pairwise learning-to-rank loss (pert_ltr_pairwise; PyEPO's pairwiseLTR):
+        hinges of the pool's best solution for true_cost over the others, in pred_cost."""
+        return self._pool_loss(lib.pert_ltr_pairwise, pred_cost, true_cost, "true_cost")
+
+    def ltr_listwise(self, pred_cost, true_cost):
+        """The listwise learning-to-rank loss (pert_ltr_listwise; PyEPO's listwiseLTR): the
+        cross-entropy of the pool's softmax rankings by pred_cost against true_cost's."""
+        return self._pool_loss(lib.pert_ltr_listwise, pred_cost, true_cost, "true_cost")
 
     def blackbox_vjp(self, theta, y, grad_output, lambd):
         """DBB's gradient with respect to theta from y = solve(theta) and the gradient

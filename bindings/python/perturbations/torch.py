@@ -2,7 +2,9 @@
 and the torch.func transforms; and the decision-focused methods over the exact solver
 (`spo_plus`, `blackbox`, `negative_identity`, `perturbation_gradient`, `imle`, `aimle` and
 their modules `SPOPlusLoss`, `BlackBox`, `NegativeIdentity`, `PerturbationGradientLoss`,
-`IMLE`, `AIMLE`: see perturbations._methods).
+`IMLE`, `AIMLE`), and the losses over a solution pool (`nce`, `cmap`, `ltr_pointwise`,
+`ltr_pairwise`, `ltr_listwise`; modules `NCELoss`, `CMAPLoss`, `LTRPointwiseLoss`,
+`LTRPairwiseLoss`, `LTRListwiseLoss`): see perturbations._methods.
 
     import perturbations as pt, perturbations.torch as ptt
     op = pt.Op.builtin(pt.Config(num_samples=1000, sigma=0.5, device="cpu"), "argmax", 5)
@@ -38,11 +40,15 @@ from .op import Op
 
 from ._methods import (AIMLE, IMLE, BlackBox, NegativeIdentity, PerturbationGradientLoss,  # noqa: E402,F401
                        SPOPlusLoss, aimle, blackbox, imle, negative_identity, perturbation_gradient, spo_plus)
+from ._methods import (CMAPLoss, LTRListwiseLoss, LTRPairwiseLoss, LTRPointwiseLoss, NCELoss,  # noqa: E402,F401
+                       cmap, ltr_listwise, ltr_pairwise, ltr_pointwise, nce)
 from ._methods import _check_op, _check_reduction, _OpModule, _reduce  # noqa: E402
 
 __all__ = ["perturbed", "fenchel_young", "Perturbed", "FenchelYoungLoss",
            "spo_plus", "blackbox", "negative_identity", "perturbation_gradient", "imle", "aimle",
-           "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss", "IMLE", "AIMLE"]
+           "SPOPlusLoss", "BlackBox", "NegativeIdentity", "PerturbationGradientLoss", "IMLE", "AIMLE",
+           "nce", "cmap", "ltr_pointwise", "ltr_pairwise", "ltr_listwise",
+           "NCELoss", "CMAPLoss", "LTRPointwiseLoss", "LTRPairwiseLoss", "LTRListwiseLoss"]
 
 
 def _wrapped(t):

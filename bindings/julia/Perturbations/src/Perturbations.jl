@@ -32,7 +32,7 @@ export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
 export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
 export spo_plus, spo_plus_with_grad, perturbation_gradient, perturbation_gradient_with_grad, blackbox, blackbox_vjp
 export negative_identity, negative_identity_vjp, imle, aimle, imle_forward, imle_vjp, aimle_vjp, ImleRecord, AimleState
-export Pool, add!, set_pool!, solver_calls
+export Pool, add!, set_pool!, solver_calls, nce, cmap, ltr_pointwise, ltr_pairwise, ltr_listwise, pool_loss_with_grad
 export NOISE_NORMAL, NOISE_GUMBEL, NOISE_SUM_OF_GAMMA, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
@@ -448,6 +448,22 @@ const PERT_PERTURBATION_GRADIENT = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_IMLE_FORWARD = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_IMLE_VJP = Ref{Ptr{Cvoid}}(C_NULL)
 const PERT_AIMLE_VJP = Ref{Ptr{Cvoid}}(C_NULL)
+# the five pool-based losses share one prototype, and one GC-safe caller (`gc_safe_pool_loss`)
+const PERT_NCE = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_CMAP = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_LTR_POINTWISE = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_LTR_PAIRWISE = Ref{Ptr{Cvoid}}(C_NULL)
+const PERT_LTR_LISTWISE = Ref{Ptr{Cvoid}}(C_NULL)
+
+function gc_safe_pool_loss(which::Ref{Ptr{Cvoid}}, op::Ptr{Cvoid}, pred::Ptr{Float32}, target::Ptr{Float32},
+                           batch::Csize_t, loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+    fn = which[]  # one of the PERT_NCE ... PERT_LTR_LISTWISE above
+    state = ccall(:jl_gc_safe_enter, Int8, ())
+    status = ccall(fn, UInt32, (Ptr{Cvoid}, Ptr{Float32}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Float32}),
+        op, pred, target, batch, loss, grad)
+    ccall(:jl_gc_safe_leave, Cvoid, (Int8,), state)
+    return status
+end
 
 function gc_safe_forward(op::Ptr{Cvoid}, theta::Ptr{Float32}, batch::Csize_t, out::Ptr{Float32},
                          tape::Ptr{Ptr{Cvoid}})::UInt32
@@ -737,6 +753,11 @@ function __init__()
     PERT_IMLE_FORWARD[] = Libdl.dlsym(handle, :pert_imle_forward)
     PERT_IMLE_VJP[] = Libdl.dlsym(handle, :pert_imle_vjp)
     PERT_AIMLE_VJP[] = Libdl.dlsym(handle, :pert_aimle_vjp)
+    PERT_NCE[] = Libdl.dlsym(handle, :pert_nce)
+    PERT_CMAP[] = Libdl.dlsym(handle, :pert_cmap)
+    PERT_LTR_POINTWISE[] = Libdl.dlsym(handle, :pert_ltr_pointwise)
+    PERT_LTR_PAIRWISE[] = Libdl.dlsym(handle, :pert_ltr_pairwise)
+    PERT_LTR_LISTWISE[] = Libdl.dlsym(handle, :pert_ltr_listwise)
     TRAMPOLINE[] = @cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     INIT_TRAMPOLINE[] = @cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))
@@ -1358,6 +1379,86 @@ function solver_calls(op::Op)
     rows = Ref{UInt64}(0)
     check(@ccall libperturbations.pert_op_solver_calls(op::Ptr{Cvoid}, rows::Ref{UInt64})::UInt32)
     return rows[]
+end
+
+# ---- losses over the op's solution pool ---------------------------------------------------
+
+# The @ccall of each pool-based loss (all of one prototype).
+pool_loss_ccall(::Val{:nce}, op, p, t, batch, loss, grad) = @ccall libperturbations.pert_nce(op::Ptr{Cvoid},
+    p::Ptr{Float32}, t::Ptr{Float32}, batch::Csize_t, loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+pool_loss_ccall(::Val{:cmap}, op, p, t, batch, loss, grad) = @ccall libperturbations.pert_cmap(op::Ptr{Cvoid},
+    p::Ptr{Float32}, t::Ptr{Float32}, batch::Csize_t, loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+pool_loss_ccall(::Val{:ltr_pointwise}, op, p, t, batch, loss, grad) = @ccall libperturbations.pert_ltr_pointwise(
+    op::Ptr{Cvoid}, p::Ptr{Float32}, t::Ptr{Float32}, batch::Csize_t, loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+pool_loss_ccall(::Val{:ltr_pairwise}, op, p, t, batch, loss, grad) = @ccall libperturbations.pert_ltr_pairwise(
+    op::Ptr{Cvoid}, p::Ptr{Float32}, t::Ptr{Float32}, batch::Csize_t, loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+pool_loss_ccall(::Val{:ltr_listwise}, op, p, t, batch, loss, grad) = @ccall libperturbations.pert_ltr_listwise(
+    op::Ptr{Cvoid}, p::Ptr{Float32}, t::Ptr{Float32}, batch::Csize_t, loss::Ptr{Float32}, grad::Ptr{Float32})::UInt32
+
+const POOL_LOSS_POINTERS = Dict(:nce => PERT_NCE, :cmap => PERT_CMAP, :ltr_pointwise => PERT_LTR_POINTWISE,
+    :ltr_pairwise => PERT_LTR_PAIRWISE, :ltr_listwise => PERT_LTR_LISTWISE)
+
+"""
+    pool_loss_with_grad(op, kind, ĉ, target)
+
+The pool-based loss `kind` (`:nce`, `:cmap`, `:ltr_pointwise`, `:ltr_pairwise`,
+`:ltr_listwise`) per problem of predicted costs `ĉ` against `target` (the true solutions
+for NCE and CMAP, the true costs for the LTR losses; both `d × batch`) over the op's
+solution pool ([`set_pool!`](@ref)), and its gradient in `ĉ`: `pert_nce`, `pert_cmap`,
+`pert_ltr_pointwise`, `pert_ltr_pairwise`, `pert_ltr_listwise` (PyEPO's NCE, CMAP, ptLTR,
+prLTR, lsLTR). With probability `solve_ratio` the batch is solved first, which adds to the pool.
+"""
+function pool_loss_with_grad(op::Op, kind::Symbol, pred::AbstractMatrix, target::AbstractMatrix)
+    haskey(POOL_LOSS_POINTERS, kind) ||
+        throw(ArgumentError("unknown pool loss :$kind; one of :" * join(sort(collect(keys(POOL_LOSS_POINTERS))), ", :")))
+    batch = batch_of(op, pred)
+    p = Matrix{Float32}(pred)
+    t = same_size(pred, target, kind in (:nce, :cmap) ? "true_sol" : "true_cost")
+    loss = Vector{Float32}(undef, batch)
+    grad = Matrix{Float32}(undef, op.d, batch)
+    call(op) do
+        op.workers && return GC.@preserve p t loss grad gc_safe_pool_loss(POOL_LOSS_POINTERS[kind], op.handle,
+            pointer(p), pointer(t), Csize_t(batch), pointer(loss), pointer(grad))
+        GC.@preserve p t loss grad pool_loss_ccall(Val(kind), op.handle, pointer(p), pointer(t), Csize_t(batch),
+            pointer(loss), pointer(grad))
+    end
+    return loss, grad
+end
+
+"""`nce(op, ĉ, w)`: the NCE loss per problem over the op's pool (see [`pool_loss_with_grad`](@ref)); differentiable in `ĉ`."""
+nce(op::Op, pred::AbstractMatrix, sol::AbstractMatrix) = pool_loss_with_grad(op, :nce, pred, sol)[1]
+"""`cmap(op, ĉ, w)`: the CMAP loss per problem over the op's pool; differentiable in `ĉ`."""
+cmap(op::Op, pred::AbstractMatrix, sol::AbstractMatrix) = pool_loss_with_grad(op, :cmap, pred, sol)[1]
+"""`ltr_pointwise(op, ĉ, c)`: the pointwise learning-to-rank loss per problem over the op's pool."""
+ltr_pointwise(op::Op, pred::AbstractMatrix, cost::AbstractMatrix) = pool_loss_with_grad(op, :ltr_pointwise, pred, cost)[1]
+"""`ltr_pairwise(op, ĉ, c)`: the pairwise learning-to-rank loss per problem over the op's pool."""
+ltr_pairwise(op::Op, pred::AbstractMatrix, cost::AbstractMatrix) = pool_loss_with_grad(op, :ltr_pairwise, pred, cost)[1]
+"""`ltr_listwise(op, ĉ, c)`: the listwise learning-to-rank loss per problem over the op's pool."""
+ltr_listwise(op::Op, pred::AbstractMatrix, cost::AbstractMatrix) = pool_loss_with_grad(op, :ltr_listwise, pred, cost)[1]
+
+function ChainRulesCore.rrule(::typeof(nce), op::Op, pred::AbstractMatrix, sol::AbstractMatrix)
+    loss, grad = pool_loss_with_grad(op, :nce, pred, sol)
+    return loss, loss_pullback(grad, ProjectTo(pred), 1)
+end
+
+function ChainRulesCore.rrule(::typeof(cmap), op::Op, pred::AbstractMatrix, sol::AbstractMatrix)
+    loss, grad = pool_loss_with_grad(op, :cmap, pred, sol)
+    return loss, loss_pullback(grad, ProjectTo(pred), 1)
+end
+
+function ChainRulesCore.rrule(::typeof(ltr_pointwise), op::Op, pred::AbstractMatrix, cost::AbstractMatrix)
+    loss, grad = pool_loss_with_grad(op, :ltr_pointwise, pred, cost)
+    return loss, loss_pullback(grad, ProjectTo(pred), 1)
+end
+
+function ChainRulesCore.rrule(::typeof(ltr_pairwise), op::Op, pred::AbstractMatrix, cost::AbstractMatrix)
+    loss, grad = pool_loss_with_grad(op, :ltr_pairwise, pred, cost)
+    return loss, loss_pullback(grad, ProjectTo(pred), 1)
+end
+
+function ChainRulesCore.rrule(::typeof(ltr_listwise), op::Op, pred::AbstractMatrix, cost::AbstractMatrix)
+    loss, grad = pool_loss_with_grad(op, :ltr_listwise, pred, cost)
+    return loss, loss_pullback(grad, ProjectTo(pred), 1)
 end
 
 # ---- ownership ---------------------------------------------------------------------

@@ -351,6 +351,13 @@ end
         @test_throws PerturbationsError add!(p1, Float32[NaN, 0, 1])
         @test_throws DimensionMismatch add!(p1, Float32[1, 0])
         @test length(p1) == 3
+        # the pool losses: NCE by hand (pool e1, e2, e3; ĉ = θ's first column; w* = e2)
+        w = Float32[0 0; 1 1; 0 0]
+        @test nce(solved, θ, w)[1] ≈ -(1.0 - (0.5 + 1.0 + 0.2) / 3) atol = 1e-6   # maximizing: s = -1
+        g = Zygote.gradient(p -> sum(ltr_pointwise(solved, p, θ .+ 1)), θ)[1]
+        @test size(g) == size(θ) && all(isfinite, g)
+        @test_throws ArgumentError pool_loss_with_grad(solved, :spo, θ, w)
+        @test_throws PerturbationsError cmap(Op(argmax_solver, Config(device="cpu"), (3,), (3,)), θ, w)
     end
     @testset "solve info: the struct size is checked" begin
         bytes = zeros(UInt8, sizeof(SolveInfo))

@@ -1,0 +1,156 @@
+"""Solution pools (issue 31): `perturbations.Pool`, `Op.set_pool`, solve_ratio, and the
+pool-based losses NCE, CMAP and pointwise, pairwise and listwise LTR, equal to PyEPO's
+(pyepo.func 2.2) on the same inputs and pool for both senses, with the same solver
+written as a PyEPO optModel; modules, reductions, errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+import perturbations as pt
+
+torch = pytest.importorskip("torch")
+import perturbations.torch as ptt  # noqa: E402
+
+D, B, K = 6, 8, 2
+
+
+def _pyepo():
+    if os.environ.get("PERT_REQUIRE_PYEPO"):
+        import pyepo  # make test installs it: a missing PyEPO fails there
+    return pytest.importorskip("pyepo")
+
+
+def best_two(x, sense):
+    """The 0/1 indicator of the K best entries (smallest minimizing, largest maximizing)."""
+    x = np.asarray(x, dtype=np.float32)
+    order = np.argsort(x if sense == "minimize" else -x, axis=-1, kind="stable")[..., :K]
+    y = np.zeros_like(x)
+    np.put_along_axis(y, order, 1.0, axis=-1)
+    return y
+
+
+def make_op(sense, ratio=1.0, **settings):
+    cfg = pt.Config(sense=sense, device="cpu", solve_ratio=ratio, linear_objective=True, **settings)
+    return pt.Op(cfg, D, D, lambda x: best_two(x, sense))
+
+
+def pyepo_model(sense):
+    from pyepo import EPO
+    from pyepo.model.opt import optModel
+
+    class Best(optModel):
+        """The same exact solver as a PyEPO model."""
+
+        def __init__(self):
+            self.modelSense = EPO.MINIMIZE if sense == "minimize" else EPO.MAXIMIZE
+            super().__init__()
+
+        def _getModel(self):
+            return None, list(range(D))
+
+        def setObj(self, c):
+            self.c = np.asarray(c, dtype=np.float32)
+
+        def solve(self):
+            w = best_two(self.c, sense).astype(np.float64)
+            return w, float(np.dot(self.c.astype(np.float64), w))
+
+        @property
+        def num_cost(self):
+            return D
+
+    return Best()
+
+
+LOSSES = [("nce", "NCE", "sol"), ("cmap", "CMAP", "sol"), ("ltr_pointwise", "ptLTR", "cost"),
+          ("ltr_pairwise", "prLTR", "cost"), ("ltr_listwise", "lsLTR", "cost")]
+
+
+@pytest.mark.parametrize("sense", ["minimize", "maximize"])
+@pytest.mark.parametrize("ours_name, theirs_name, target", LOSSES)
+def test_pool_losses_equal_pyepo(sense, ours_name, theirs_name, target):
+    _pyepo()
+    import pyepo.data.dataset
+    import pyepo.func
+    rng = np.random.default_rng(3)
+    train = pyepo.data.dataset.optDataset(pyepo_model(sense), np.zeros((5, 1)), rng.normal(size=(5, D)))
+    pred = torch.tensor(rng.normal(size=(B, D)), dtype=torch.float32)
+    cost = torch.tensor(rng.normal(size=(B, D)), dtype=torch.float32)
+    sol = torch.tensor(best_two(cost.numpy(), sense))
+    tgt = sol if target == "sol" else cost
+    theirs_loss = getattr(pyepo.func, theirs_name)(pyepo_model(sense), processes=1, solve_ratio=1.0,
+                                                   reduction="none", dataset=train)
+    op = make_op(sense)
+    pool = pt.Pool(D, 100).add(train.sols)
+    op.set_pool(pool)
+    weights = torch.arange(1.0, B + 1)
+    for step in range(2):  # the second call scores against the pool the first one grew
+        theirs_pred = (pred + step).clone().requires_grad_(True)
+        theirs = theirs_loss(theirs_pred, tgt)
+        (theirs * weights).sum().backward()
+        ours_pred = (pred + step).clone().requires_grad_(True)
+        ours = getattr(ptt, ours_name)(op, ours_pred, tgt, reduction="none")
+        (ours * weights).sum().backward()
+        assert len(pool) == theirs_loss.solpool.shape[0]
+        assert torch.allclose(ours, theirs.float(), rtol=1e-5, atol=1e-5), (ours, theirs)
+        assert torch.allclose(ours_pred.grad, theirs_pred.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_modules_reductions_and_batch_dimensions():
+    op = make_op("minimize")
+    op.set_pool(pt.Pool(D, 50).add(np.eye(D, dtype=np.float32)))
+    rng = np.random.default_rng(0)
+    pred = torch.tensor(rng.normal(size=(2, 3, D)), dtype=torch.float32)
+    cost = torch.tensor(rng.normal(size=(2, 3, D)), dtype=torch.float32)
+    for module, target in [(ptt.NCELoss, best_two(cost.numpy(), "minimize")), (ptt.CMAPLoss, None),
+                           (ptt.LTRPointwiseLoss, cost), (ptt.LTRPairwiseLoss, cost), (ptt.LTRListwiseLoss, cost)]:
+        target = torch.tensor(best_two(cost.numpy(), "minimize")) if target is None else torch.as_tensor(target)
+        none = module(op, reduction="none")(pred, target)
+        assert none.shape == (2, 3)
+        assert torch.allclose(module(op)(pred, target), none.mean())
+        assert torch.allclose(module(op, reduction="sum")(pred, target), none.sum())
+    assert "reduction='mean'" in repr(ptt.NCELoss(op))
+
+
+def test_pool_object_and_solve_ratio():
+    pool = pt.Pool((2, 3), 4)
+    assert len(pool) == 0 and pool.output_shape == (2, 3) and pool.capacity == 4
+    pool.add(np.ones((1, 2, 3), dtype=np.float32))
+    pool.add(torch.zeros(2, 2, 3))
+    assert len(pool) == 2
+    with pytest.raises(pt.NonFiniteInputError, match="solutions"):
+        pool.add(np.full((1, 2, 3), np.nan, dtype=np.float32))
+    with pytest.raises(pt.InvalidArgumentError):
+        pool.add(np.ones((1, 3), dtype=np.float32))
+    assert len(pool) == 2
+    with pytest.raises(pt.InvalidArgumentError, match="capacity"):
+        pt.Pool(3, 0)
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(pt.InvalidArgumentError, match="solve_ratio"):
+            pt.Config(solve_ratio=bad)
+    # a full pool answers 70% of the samples as the solver would, bit for bit
+    theta = np.random.default_rng(1).normal(size=(4, D)).astype(np.float32)
+    every = np.array([best_two(np.eye(D)[i] + np.eye(D)[j], "maximize") for i in range(D) for j in range(i + 1, D)])
+    ops = []
+    for ratio in (1.0, 0.3):
+        op = make_op("maximize", ratio, num_samples=300, sigma=0.5, seed=4)
+        op.set_pool(pt.Pool(D, 100).add(every))
+        ops.append((op, op.forward(theta)))
+    assert np.array_equal(ops[0][1], ops[1][1])
+    assert ops[0][0].solver_calls == 4 * 300 and ops[1][0].solver_calls < 4 * 300 / 2
+    assert ops[0][0].pool is not None
+    # refusals: a solver not declared linear; a pool of another shape; no pool for a loss
+    plain = pt.Op(pt.Config(device="cpu"), D, D, lambda x: best_two(x, "maximize"))
+    with pytest.raises(pt.InvalidArgumentError, match="linear"):
+        plain.set_pool(pt.Pool(D, 3))
+    with pytest.raises(pt.InvalidArgumentError, match="output shape"):
+        make_op("maximize").set_pool(pt.Pool(D + 1, 3))
+    with pytest.raises(pt.InvalidArgumentError, match="solution pool"):
+        ptt.nce(make_op("maximize"), torch.zeros(1, D), torch.zeros(1, D))
+    with pytest.raises(TypeError):
+        make_op("maximize").set_pool("pool")
+    op = ops[0][0]
+    op.set_pool(None)
+    assert op.pool is None
