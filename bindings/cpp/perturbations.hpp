@@ -181,6 +181,10 @@ class Config {
   Sense sense() const noexcept { return sense_; }
   Config& chunk_bytes(std::uint64_t b) { return set(pert_config_set_chunk_bytes(get(), b)); }
   Config& max_tape_bytes(std::uint64_t b) { return set(pert_config_set_max_tape_bytes(get(), b)); }
+  /// The share of a pooled op's samples that are solved, in (0, 1] (pert_config_set_solve_ratio).
+  Config& solve_ratio(double r) { return set(pert_config_set_solve_ratio(get(), r)); }
+  /// Declares the solver's objective linear, <x, y>, which a pool needs (pert_config_set_linear_objective).
+  Config& linear_objective(bool l) { return set(pert_config_set_linear_objective(get(), l)); }
   pert_config* get() const noexcept { return handle_.get(); }
 
  private:
@@ -190,6 +194,39 @@ class Config {
   }
   std::unique_ptr<pert_config, detail::Deleter<pert_config, pert_config_free>> handle_;
   Sense sense_ = Sense::Maximize;
+};
+
+/// A pool of at most `capacity` distinct solutions of `output_shape` (pert_pool_new): first
+/// in, first out; shared by the ops given it (Op::set_pool), which keep it alive, so a
+/// Pool may be destroyed while ops use it. Movable; every member may be called from
+/// several threads at once.
+class Pool {
+ public:
+  Pool(std::vector<std::int64_t> output_shape, std::size_t capacity) {
+    pert_pool* p = nullptr;
+    detail::check(pert_pool_new(output_shape.data(), output_shape.size(), capacity, &p));
+    handle_.reset(p);
+    numel_ = 1;
+    for (auto n : output_shape) numel_ *= static_cast<std::size_t>(n);
+  }
+  /// Adds `count` solutions (count * output_numel floats, finite): those not held, each
+  /// once, join as the newest; then the oldest leave down to the capacity (pert_pool_add).
+  Pool& add(View solutions, std::size_t count) {
+    if (!handle_) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "the pool was moved from");
+    if (solutions.size != count * numel_)
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "solutions must hold count * output_numel = " +
+                                                            std::to_string(count * numel_) + " floats, got " +
+                                                            std::to_string(solutions.size));
+    detail::check(pert_pool_add(get(), solutions.data, count));
+    return *this;
+  }
+  /// The number of solutions held now (pert_pool_size).
+  std::size_t size() const noexcept { return pert_pool_size(get()); }
+  pert_pool* get() const noexcept { return handle_.get(); }
+
+ private:
+  std::unique_ptr<pert_pool, detail::Deleter<pert_pool, pert_pool_free>> handle_;
+  std::size_t numel_ = 1;
 };
 
 /// The record of an I-MLE forward call (pert_imle): owned, movable.
@@ -439,6 +476,44 @@ class Op {
                            grad.data());
     });
     return {std::move(loss), std::move(grad)};
+  }
+
+  /// Gives the op a solution pool (pert_op_set_pool): each perturbed sample is then
+  /// answered from it with probability 1 - solve_ratio (its best <x, y> in the op's sense),
+  /// and every solve adds to it. The objective must be linear (a built-in, or
+  /// Config::linear_objective).
+  void set_pool(const Pool& pool) {
+    if (!handle_) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
+    if (!pool.get()) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "the pool was moved from");
+    detail::check(pert_op_set_pool(get(), pool.get()));
+  }
+  /// Takes the op's pool away.
+  void clear_pool() { detail::check(pert_op_set_pool(get(), nullptr)); }
+  /// The rows the op's solver has solved so far (pert_op_solver_calls).
+  std::uint64_t solver_calls() const {
+    std::uint64_t rows = 0;
+    detail::check(pert_op_solver_calls(get(), &rows));
+    return rows;
+  }
+
+  /// The losses over the op's pool, per problem, with their gradients with respect to
+  /// pred_cost (PyEPO's NCE, CMAP, ptLTR, prLTR, lsLTR): `target` is the true solutions for
+  /// nce and cmap, the true costs for the LTR losses. Each first solves the batch with
+  /// probability solve_ratio (adding to the pool).
+  std::pair<std::vector<float>, std::vector<float>> nce(View pred_cost, View true_sol, std::size_t batch) {
+    return pool_loss(pert_nce, pred_cost, true_sol, batch, "true_sol");
+  }
+  std::pair<std::vector<float>, std::vector<float>> cmap(View pred_cost, View true_sol, std::size_t batch) {
+    return pool_loss(pert_cmap, pred_cost, true_sol, batch, "true_sol");
+  }
+  std::pair<std::vector<float>, std::vector<float>> ltr_pointwise(View pred_cost, View true_cost, std::size_t batch) {
+    return pool_loss(pert_ltr_pointwise, pred_cost, true_cost, batch, "true_cost");
+  }
+  std::pair<std::vector<float>, std::vector<float>> ltr_pairwise(View pred_cost, View true_cost, std::size_t batch) {
+    return pool_loss(pert_ltr_pairwise, pred_cost, true_cost, batch, "true_cost");
+  }
+  std::pair<std::vector<float>, std::vector<float>> ltr_listwise(View pred_cost, View true_cost, std::size_t batch) {
+    return pool_loss(pert_ltr_listwise, pred_cost, true_cost, batch, "true_cost");
   }
 
   /// DBB's backward (pert_blackbox_vjp): the gradient with respect to theta from y =
@@ -718,6 +793,16 @@ class Op {
       std::swap(e, state_->error);
     }
     if (e) std::rethrow_exception(e);
+  }
+
+  using PoolLossFn = pert_status (*)(pert_op*, const float*, const float*, std::size_t, float*, float*);
+  std::pair<std::vector<float>, std::vector<float>> pool_loss(PoolLossFn fn, View pred_cost, View target,
+                                                              std::size_t batch, const char* target_name) {
+    std::size_t n = checked(pred_cost, batch, "pred_cost");
+    checked(target, batch, target_name);
+    std::vector<float> loss(n), grad(pred_cost.size);
+    call([&] { return fn(get(), pred_cost.data, target.data, batch, loss.data(), grad.data()); });
+    return {std::move(loss), std::move(grad)};
   }
 
   std::size_t checked(View theta, std::size_t batch, const char* name = "theta") const {

@@ -195,6 +195,30 @@ struct PerturbationGradient : public ::torch::autograd::Function<PerturbationGra
   }
 };
 
+/// A loss over the op's pool (nce, cmap, ltr_*), its gradient saved for backward.
+struct PoolLossLayer : public ::torch::autograd::Function<PoolLossLayer> {
+  static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor pred_cost,
+                                 ::torch::Tensor target, Op* op, int64_t kind) {
+    auto p = host(pred_cost), t = host(target);
+    auto batch = static_cast<std::size_t>(p.size(0));
+    std::pair<std::vector<float>, std::vector<float>> result;
+    switch (kind) {
+      case 0: result = op->nce(view(p), view(t), batch); break;
+      case 1: result = op->cmap(view(p), view(t), batch); break;
+      case 2: result = op->ltr_pointwise(view(p), view(t), batch); break;
+      case 3: result = op->ltr_pairwise(view(p), view(t), batch); break;
+      default: result = op->ltr_listwise(view(p), view(t), batch); break;
+    }
+    ctx->save_for_backward({from(std::move(result.second), pred_cost.sizes().vec(), pred_cost)});
+    ctx->saved_data["pred_cost"] = pred_cost;
+    return from(std::move(result.first), {static_cast<int64_t>(batch)}, pred_cost);
+  }
+  static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
+                                                   ::torch::autograd::variable_list grad) {
+    return loss_backward(ctx, std::move(grad), 4, "a pool loss");
+  }
+};
+
 /// y*(theta) forward; backward by DBB (lambda > 0) or NID (lambda = 0).
 struct SolveLayer : public ::torch::autograd::Function<SolveLayer> {
   static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor theta, Op* op, double lambda) {
@@ -300,6 +324,26 @@ inline ::torch::Tensor fenchel_young(Op& op, const ::torch::Tensor& theta, const
 inline ::torch::Tensor spo_plus(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost,
                                 const ::torch::Tensor& true_sol, const ::torch::Tensor& true_obj) {
   return detail::SpoPlus::apply(pred_cost, true_cost, true_sol, true_obj, &op);
+}
+
+/// The losses [batch] over the op's solution pool of pred_cost [batch, *input_shape]
+/// against the true solutions (nce, cmap) or the true costs (ltr_*), the same shape;
+/// differentiable once in pred_cost (pert_nce, pert_cmap, pert_ltr_pointwise,
+/// pert_ltr_pairwise, pert_ltr_listwise: PyEPO's NCE, CMAP, ptLTR, prLTR, lsLTR).
+inline ::torch::Tensor nce(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_sol) {
+  return detail::PoolLossLayer::apply(pred_cost, true_sol, &op, 0);
+}
+inline ::torch::Tensor cmap(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_sol) {
+  return detail::PoolLossLayer::apply(pred_cost, true_sol, &op, 1);
+}
+inline ::torch::Tensor ltr_pointwise(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost) {
+  return detail::PoolLossLayer::apply(pred_cost, true_cost, &op, 2);
+}
+inline ::torch::Tensor ltr_pairwise(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost) {
+  return detail::PoolLossLayer::apply(pred_cost, true_cost, &op, 3);
+}
+inline ::torch::Tensor ltr_listwise(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost) {
+  return detail::PoolLossLayer::apply(pred_cost, true_cost, &op, 4);
 }
 
 /// y*(theta), the op's solver with no noise, differentiable once by the differentiable black

@@ -537,7 +537,44 @@ void test_plain_solve() {
   }
 }
 
+// Solution pools: Pool, Op::set_pool, solver_calls and the pool losses (NCE by hand).
+void test_pools() {
+  pert::Config c;
+  c.device("cpu").num_samples(200).sigma(0.5).seed(3).solve_ratio(0.3).linear_objective(true);
+  pert::Op op(c, {3}, {3}, argmax);
+  pert::Pool pool({3}, 10);
+  pool.add(std::vector<float>{1, 0, 0, 0, 1, 0, 0, 0, 1}, 3);
+  EXPECT(pool.size() == 3);
+  op.set_pool(pool);
+  auto y = op.forward({0.5f, 1.0f, 0.2f}, 1);
+  EXPECT(y.size() == 3 && op.solver_calls() < 200);
+  // NCE maximizing: pred (0.5, 1, 0.2), w* = e1: -(1 - (0.5 + 1 + 0.2) / 3)
+  auto nce = op.nce({0.5f, 1.0f, 0.2f}, {0, 1, 0}, 1);
+  EXPECT(std::fabs(nce.first[0] + (1.0f - 1.7f / 3)) < 1e-6f);
+  try {
+    pool.add({1, 0}, 1);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+  }
+  try {
+    pert::Op plain(pert::Config().device("cpu"), {3}, {3}, argmax);
+    plain.set_pool(pool);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(std::string(e.what()).find("linear") != std::string::npos);
+  }
+  op.clear_pool();
+  try {
+    op.cmap({0.5f, 1.0f, 0.2f}, {0, 1, 0}, 1);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(std::string(e.what()).find("solution pool") != std::string::npos);
+  }
+}
+
 int main() {
+  test_pools();
   test_plain_solve();
   test_interrupt_from_another_thread();
   test_a_solver_calling_its_own_op();

@@ -192,6 +192,25 @@ int main() {
     }
     EXPECT(refused);
 
+    // the pool losses through autograd: pointwise LTR by hand (pool e0, e1, e2; pred (1, 2, 4),
+    // c (3, 1, 2): loss 3, grad -2/3 (2, -1, -2))
+    {
+      pert::Config pc = config();
+      pc.sense(pert::Sense::Minimize).linear_objective(true);
+      pert::Op pooled(pc, {3}, {3}, argmin);
+      pert::Pool pool({3}, 10);
+      pool.add(std::vector<float>{1, 0, 0, 0, 1, 0, 0, 0, 1}, 3);
+      pooled.set_pool(pool);
+      auto p = torch::tensor({1.0f, 2.0f, 4.0f}).reshape({1, 3}).requires_grad_(true);
+      auto l = pert::autograd::ltr_pointwise(pooled, p, torch::tensor({3.0f, 1.0f, 2.0f}).reshape({1, 3}));
+      EXPECT(std::fabs(l[0].item<float>() - 3.0f) < 1e-6f);
+      l.sum().backward();
+      auto want = torch::tensor({-4.0f / 3, 2.0f / 3, 4.0f / 3}).reshape({1, 3});
+      EXPECT(p.grad().allclose(want, 1e-6, 1e-6));
+      auto n = pert::autograd::nce(pooled, p.detach(), torch::tensor({0.0f, 1.0f, 0.0f}).reshape({1, 3}));
+      EXPECT(std::fabs(n[0].item<float>() + 1.0f / 3) < 1e-6f);
+    }
+
     // NID: -g minimizing
     auto th2 = torch::tensor({1.0f, 2.0f, 3.0f}).reshape({1, 3}).requires_grad_(true);
     auto g2 = torch::tensor({0.5f, -1.0f, 2.0f}).reshape({1, 3});
