@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+import _pyepo_model
 import perturbations as pt
 
 torch = pytest.importorskip("torch")
@@ -38,31 +39,7 @@ def make_op(sense, threads=1, workers=False):
 
 
 def pyepo_model(sense):
-    from pyepo import EPO
-    from pyepo.model.opt import optModel
-
-    class Best(optModel):
-        """The same exact solver as a PyEPO model."""
-
-        def __init__(self):
-            self.modelSense = EPO.MINIMIZE if sense == "minimize" else EPO.MAXIMIZE
-            super().__init__()
-
-        def _getModel(self):
-            return None, list(range(D))
-
-        def setObj(self, c):
-            self.c = np.asarray(c, dtype=np.float32)
-
-        def solve(self):
-            w = one_hot_best(self.c, sense).astype(np.float64)
-            return w, float(np.dot(self.c.astype(np.float64), w))
-
-        @property
-        def num_cost(self):
-            return D
-
-    return Best()
+    return _pyepo_model.pyepo_model(sense, one_hot_best, D)
 
 
 def data(seed, sense):

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+import _pyepo_model
 import perturbations as pt
 
 torch = pytest.importorskip("torch")
@@ -37,31 +38,7 @@ def make_op(sense, ratio=1.0, **settings):
 
 
 def pyepo_model(sense):
-    from pyepo import EPO
-    from pyepo.model.opt import optModel
-
-    class Best(optModel):
-        """The same exact solver as a PyEPO model."""
-
-        def __init__(self):
-            self.modelSense = EPO.MINIMIZE if sense == "minimize" else EPO.MAXIMIZE
-            super().__init__()
-
-        def _getModel(self):
-            return None, list(range(D))
-
-        def setObj(self, c):
-            self.c = np.asarray(c, dtype=np.float32)
-
-        def solve(self):
-            w = best_two(self.c, sense).astype(np.float64)
-            return w, float(np.dot(self.c.astype(np.float64), w))
-
-        @property
-        def num_cost(self):
-            return D
-
-    return Best()
+    return _pyepo_model.pyepo_model(sense, best_two, D)
 
 
 LOSSES = [("nce", "NCE", "sol"), ("cmap", "CMAP", "sol"), ("ltr_pointwise", "ptLTR", "cost"),
