@@ -180,9 +180,10 @@ impl PerturbedOp {
     /// 1 − solve_ratio (see [`Config::set_solve_ratio`]): the pool member y of best
     /// ⟨x, y⟩ for the sample's input x in the op's sense (maximizing for the built-ins),
     /// which is y*(x) itself whenever
-    /// the pool holds it; the other samples are solved. Every row its solver solves
-    /// (samples, clean-input rows, [`PerturbedOp::solve`] and the methods' solves) is
-    /// added to the pool, once the call has succeeded, in the call's row order. The
+    /// the pool holds it; the other samples are solved. Every row its solver solves is
+    /// added to the pool in the call's row order: a forward or Fenchel-Young call's once
+    /// the call has succeeded, those of [`PerturbedOp::solve`], the methods and the pool
+    /// losses' refreshes once their solves have succeeded. The
     /// estimate is then the mean over samples of those answers: exact where the pool holds
     /// each answered sample's optimum, biased towards the pool's members where it does
     /// not (a sample's answer is never better than its optimum).
@@ -362,7 +363,9 @@ impl PerturbedOp {
     /// (no tensor is made), others through the op's solve. For the methods of
     /// `crate::methods`, whose inputs are host rows of their own.
     pub(crate) fn solve_host_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        self.solve_rows_at(x, rows, self.spec.rows_at(true, 0, rows))
+        let y = self.solve_rows_at(x, rows, self.spec.rows_at(true, 0, rows))?;
+        self.grow_pool(&y)?;
+        Ok(y)
     }
 
     /// y*(x) for the perturbed samples of `batch` problems (`batch × num_samples` rows of
@@ -370,10 +373,13 @@ impl PerturbedOp {
     /// problem and sample each row is (`SolveInfo::clean` not set), as in a forward call.
     pub(crate) fn solve_host_samples(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
         let rows = batch * self.config().num_samples() as usize;
-        self.solve_rows_at(x, rows, self.spec.rows_at(false, 0, batch))
+        let y = self.solve_rows_at(x, rows, self.spec.rows_at(false, 0, batch))?;
+        self.grow_pool(&y)?;
+        Ok(y)
     }
 
-    fn solve_rows_at(
+    /// y*(x) for `rows` host rows that `at` describes (the pool, if any, not grown).
+    pub(crate) fn solve_rows_at(
         &self,
         x: &[f32],
         rows: usize,
@@ -415,7 +421,6 @@ impl PerturbedOp {
         };
         // solver calls are not cut short: an interrupt while they ran fails the call here
         stop.check()?;
-        self.grow_pool(&y)?;
         Ok(y)
     }
 

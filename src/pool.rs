@@ -107,10 +107,13 @@ impl Pool {
     }
 
     /// Adds the solutions `rows` (`count · output_numel` floats, finite): those the pool
-    /// does not hold, each once, join as its newest members in the order given; then its
-    /// oldest members leave until it is within its capacity (when more than `capacity`
-    /// are new, the last `capacity` of them stay). All or nothing: on error the pool is
-    /// unchanged.
+    /// does not hold when the call begins, each once, join as its newest members in the
+    /// order given; then its oldest members leave until it is within its capacity (when
+    /// more than `capacity` are new, the last `capacity` of them stay). A row the pool
+    /// held counts as held even when its member leaves in the same call (capacity 2,
+    /// members [a, b], adding [c, a] gives [b, c]). All or nothing: on error the pool is
+    /// unchanged. When nothing is new the pool is not touched; else it is changed in place,
+    /// or on a copy while calls that began before still read it.
     pub fn add_rows(&self, rows: &[f32]) -> Result<()> {
         if !rows.len().is_multiple_of(self.numel) {
             return Err(Error::invalid(format!(
@@ -131,10 +134,17 @@ impl Pool {
             ));
         }
         let mut guard = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        let mut next = (**guard).clone();
-        next.add(rows, self.capacity)?;
-        *guard = Arc::new(next);
-        Ok(())
+        let fresh = guard.fresh(rows)?;
+        if fresh.is_empty() {
+            return Ok(()); // (nothing changes, nothing is copied)
+        }
+        // in place, unless a call still reads this version: then on a copy (no snapshot is
+        // taken meanwhile: that needs the lock)
+        if Arc::get_mut(&mut guard).is_none() {
+            *guard = Arc::new(guard.try_clone()?);
+        }
+        let members = Arc::get_mut(&mut guard).expect("the only reference, under the lock");
+        members.append(fresh, self.capacity)
     }
 
     /// Adds the solutions of a tensor `[count, *output_shape]` (float32, finite).
@@ -193,16 +203,33 @@ impl Members {
         best.map(|(i, _)| self.member(i))
     }
 
-    /// Adds `rows` (whole, finite rows) as [`Pool::add_rows`] says.
-    fn add(&mut self, rows: &[f32], capacity: usize) -> Result<()> {
+    /// Whether the members include `row` (every entry equal, -0 and +0 alike).
+    pub(crate) fn holds(&self, row: &[f32]) -> bool {
+        self.keys.contains(&key(row))
+    }
+
+    /// A copy, or TORCH_ERROR when there is no memory for it.
+    fn try_clone(&self) -> Result<Members> {
+        let mut values = Vec::new();
+        values
+            .try_reserve_exact(self.values.len())
+            .map_err(|_| room(self.values.len()))?;
+        values.extend_from_slice(&self.values);
+        let mut keys = HashSet::new();
+        keys.try_reserve(self.keys.len())
+            .map_err(|_| room(self.values.len()))?;
+        keys.extend(self.keys.iter().cloned());
+        Ok(Members {
+            numel: self.numel,
+            values,
+            keys,
+        })
+    }
+
+    /// The rows of `rows` (whole, finite rows) that the members do not hold, each once, in
+    /// order.
+    fn fresh(&self, rows: &[f32]) -> Result<Vec<f32>> {
         let numel = self.numel;
-        let room = |floats: usize| {
-            Error::new(
-                Status::TorchError,
-                format!("cannot allocate {} bytes for the pool", 4 * floats),
-            )
-        };
-        // the solutions not held, each once, in order
         let mut fresh: Vec<f32> = Vec::new();
         let mut seen = HashSet::new();
         for row in rows.chunks_exact(numel) {
@@ -215,25 +242,42 @@ impl Members {
                 .map_err(|_| room(fresh.len() + numel))?;
             fresh.extend_from_slice(row);
         }
+        Ok(fresh)
+    }
+
+    /// Appends `fresh` (rows not held, distinct), then lets the oldest leave down to
+    /// `capacity`. The room is reserved first: on error nothing has changed.
+    fn append(&mut self, fresh: Vec<f32>, capacity: usize) -> Result<()> {
+        let numel = self.numel;
         let new = fresh.len() / numel;
-        // then the oldest leave, down to the capacity
-        let total = self.len() + new;
-        let leaving = total.saturating_sub(capacity);
+        let leaving = (self.len() + new).saturating_sub(capacity);
         let old_leaving = leaving.min(self.len());
+        let fresh_leaving = leaving - old_leaving;
+        let staying = new - fresh_leaving;
+        self.values
+            .try_reserve(staying * numel)
+            .map_err(|_| room(self.values.len() + staying * numel))?;
+        self.keys
+            .try_reserve(staying)
+            .map_err(|_| room(self.values.len() + staying * numel))?;
         for i in 0..old_leaving {
             self.keys.remove(&key(self.member(i)));
         }
         self.values.drain(..old_leaving * numel);
-        let fresh_leaving = leaving - old_leaving;
-        self.values
-            .try_reserve((new - fresh_leaving) * numel)
-            .map_err(|_| room(self.values.len() + fresh.len()))?;
         self.values
             .extend_from_slice(&fresh[fresh_leaving * numel..]);
         self.keys
             .extend(fresh.chunks_exact(numel).skip(fresh_leaving).map(key));
         Ok(())
     }
+}
+
+/// TORCH_ERROR: no memory for a pool of `floats` floats.
+fn room(floats: usize) -> Error {
+    Error::new(
+        Status::TorchError,
+        format!("cannot allocate {} bytes for the pool", 4 * floats),
+    )
 }
 
 #[cfg(test)]
@@ -254,6 +298,34 @@ mod tests {
         pool.add_rows(&[4.0, 4.0]).unwrap();
         assert_eq!(m.len(), 3);
         assert_eq!(pool.snapshot().member(0), &[2.0, 2.0]);
+    }
+
+    #[test]
+    fn a_held_row_counts_as_held_even_when_it_leaves_and_nothing_new_copies_nothing() {
+        let pool = Pool::new(&[1], 2).unwrap();
+        pool.add_rows(&[1.0, 2.0]).unwrap();
+        let before = pool.snapshot();
+        pool.add_rows(&[2.0, 1.0, -0.0 + 1.0]).unwrap();
+        assert!(
+            Arc::ptr_eq(&before, &pool.snapshot()),
+            "nothing new: the same version"
+        );
+        pool.add_rows(&[3.0, 1.0]).unwrap();
+        assert_eq!(pool.snapshot().values, [2.0, 3.0]);
+        assert_eq!(
+            before.values,
+            [1.0, 2.0],
+            "a call's snapshot keeps its version"
+        );
+        drop(before);
+        let unshared = Arc::as_ptr(&pool.snapshot());
+        pool.add_rows(&[4.0]).unwrap();
+        assert_eq!(
+            Arc::as_ptr(&pool.snapshot()),
+            unshared,
+            "changed in place when no call reads it"
+        );
+        assert_eq!(pool.snapshot().values, [3.0, 4.0]);
     }
 
     #[test]

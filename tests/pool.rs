@@ -332,3 +332,30 @@ fn pool_losses_match_their_closed_forms() {
     let e = rare_op.pool_loss(PoolLoss::Nce, &pred, &sol).unwrap_err();
     assert!(e.message().contains("pool is empty"), "{e}");
 }
+
+/// A pooled callback op gives, bit for bit, what the same op gives without a pool when
+/// the pool holds every solution (the same host path, dense rows either way); a plain
+/// callback gets a block's solved rows gathered into one call, not a call per run.
+#[test]
+fn pooled_equals_unpooled_and_plain_callbacks_get_gathered_rows() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = {
+        let calls = calls.clone();
+        move |x: &[f32], count: usize, y: &mut [f32]| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            argmax(x, count, y)
+        }
+    };
+    let plain = PerturbedOp::new(&config(2, 1.0), &[D as i64], &[D as i64], argmax).unwrap();
+    let pooled = PerturbedOp::new(&config(2, 0.3), &[D as i64], &[D as i64], counted).unwrap();
+    pooled.set_pool(Some(pool_of(&one_hots()))).unwrap();
+    let (y1, t1) = plain.forward_with_tape(&theta()).unwrap();
+    let (y2, t2) = pooled.forward_with_tape(&theta()).unwrap();
+    assert!(same_bits(&y1, &y2));
+    let g = Tensor::ones([3, D as i64], (tch::Kind::Float, tch::Device::Cpu));
+    assert!(same_bits(&t1.vjp(&g).unwrap(), &t2.vjp(&g).unwrap()));
+    let solved = pooled.solver_rows() as usize;
+    let made = calls.load(Ordering::Relaxed);
+    assert!(made * 3 < solved, "{made} solver calls for {solved} rows");
+}

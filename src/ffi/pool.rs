@@ -100,9 +100,14 @@ pub unsafe extern "C" fn pert_pool_free(pool: *mut pert_pool) {
 /// decided by the op's own random stream: the same for any number of threads): by the
 /// pool's solution y of best <x, y> for the sample's input x in the op's sense
 /// (maximizing for the built-ins; the oldest of equals). The other samples are solved.
-/// Every row the solver solves (samples, clean-input rows, `pert_op_solve` and the
-/// methods' solves) is added to the pool once its call has succeeded, in the call's row
-/// order. While the pool is empty every sample is solved.
+/// Every row the solver solves is added to the pool, in the call's row order: a forward or
+/// Fenchel-Young call's samples and clean-input rows once the call has succeeded (only
+/// those the pool did not hold when it began are kept meanwhile: its extra memory is that
+/// of its new solutions); the rows of `pert_op_solve`, of the methods and of the pool
+/// losses' refreshes once their solves have succeeded. While the pool is empty every
+/// sample is solved. A solver told where its rows sit (`pert_op_new_ex`,
+/// `pert_op_new_device`) gets each run of consecutive solved rows as a call of its own; a
+/// plain callback gets a block's solved rows gathered into one call.
 ///
 /// What the estimate then is: the mean over the samples of those answers. It is y_sigma's
 /// estimate itself wherever the pool holds each answered sample's optimum y*(x) (then bit
@@ -117,7 +122,7 @@ pub unsafe extern "C" fn pert_pool_free(pool: *mut pert_pool) {
 /// @return `PERT_STATUS_NULL_ARGUMENT` (op), `PERT_STATUS_INVALID_ARGUMENT` (shapes differ,
 ///         a solver not declared linear, an op of `pert_op_new_external`).
 #[no_mangle]
-pub unsafe extern "C" fn pert_op_set_pool(op: *mut pert_op, pool: *const pert_pool) -> pert_status {
+pub unsafe extern "C" fn pert_op_set_pool(op: *mut pert_op, pool: *mut pert_pool) -> pert_status {
     guard(|| {
         let op = unsafe { pert_op::borrow(op, "op") }?;
         let pool = unsafe { pert_pool::get(pool) }.cloned();

@@ -100,7 +100,9 @@ impl PerturbedOp {
         rows.check_finite(pred, "pred_cost")?;
         rows.check_finite(target, loss.target_name())?;
         if rows.batch > 0 && self.pool_refresh() {
-            self.solve_host_rows(pred, rows.batch)?; // (added to the pool)
+            // (to the pool this call scores against, whatever set_pool does meanwhile)
+            let at = self.spec().rows_at(true, 0, rows.batch);
+            pool.add_rows(&self.solve_rows_at(pred, rows.batch, at)?)?;
         }
         let members = pool.snapshot();
         if members.len() == 0 {

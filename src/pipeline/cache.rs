@@ -23,9 +23,14 @@ use std::sync::{Arc, Mutex};
 /// noise's stream).
 pub(crate) const DECISION_KEY: u64 = 0x706f_6f6c_6465_6369; // "pooldeci"
 
-/// Where a group of solved rows sits in the call: the clean-input baseline's rows first,
-/// then the samples, each by its first row.
-type RowsKey = (bool, u64);
+/// Where a group of solved rows sits in the call: the clean-input baseline's rows first
+/// (0), then the samples (1), each by its first row.
+pub(crate) type RowsKey = (u8, u64);
+
+/// The [`RowsKey`] of rows where `at` says.
+pub(crate) fn rows_key(at: &SolveInfo) -> RowsKey {
+    (u8::from(!at.clean), at.first_row)
+}
 
 /// A forward call's use of its op's pool.
 pub(crate) struct CallCache {
@@ -69,62 +74,93 @@ impl CallCache {
     }
 
     /// The solutions `y` of the call's sample rows `x` (`count` rows of `d` floats, where
-    /// `at` says): each run of consecutive rows that go to the solver is solved by
-    /// `solve(info, x, count, y)` with its own info; the others are the pool's best
-    /// members. The solved rows are kept for the pool. Returns the rows solved.
+    /// `at` says): the rows that go to the solver are solved by `solve(info, x, count, y)`,
+    /// the others are the pool's best members. A solver that is told where its rows sit
+    /// (`exact_info`: a solver with info, a device solver) gets each run of consecutive
+    /// rows as a call of its own; any other gets all of them gathered into one call. The
+    /// solved rows are kept for the pool. Returns the rows solved.
     pub(crate) fn solutions(
         &self,
         at: &SolveInfo,
-        (x, d): (&[f32], usize),
+        (x, d, exact_info): (&[f32], usize, bool),
         count: usize,
         y: &mut [f32],
         mut solve: impl FnMut(&SolveInfo, &[f32], usize, &mut [f32]) -> Result<()>,
     ) -> Result<usize> {
         let o = self.o;
-        let mut solved = 0;
-        let mut r = 0;
-        while r < count {
-            let first = at.first_row + r as u64;
-            if at.clean || self.solves(first) {
-                let mut end = r + 1;
-                while end < count && (at.clean || self.solves(at.first_row + end as u64)) {
-                    end += 1;
+        let solved: Vec<usize> = (0..count)
+            .filter(|&r| at.clean || self.solves(at.first_row + r as u64))
+            .collect();
+        for r in (0..count).filter(|r| solved.binary_search(r).is_err()) {
+            let best = self
+                .members
+                .best(&x[r * d..(r + 1) * d], self.sense)
+                .expect("a non-empty pool has a best member");
+            y[r * o..(r + 1) * o].copy_from_slice(best);
+        }
+        if solved.len() == count || exact_info {
+            // runs of consecutive rows, each told where it sits
+            let mut i = 0;
+            while i < solved.len() {
+                let mut j = i + 1;
+                while j < solved.len() && solved[j] == solved[j - 1] + 1 {
+                    j += 1;
                 }
+                let (first, end) = (solved[i], solved[j - 1] + 1);
                 let info = SolveInfo {
-                    first_row: first,
+                    first_row: at.first_row + first as u64,
                     ..*at
                 };
-                let ys = &mut y[r * o..end * o];
-                solve(&info, &x[r * d..end * d], end - r, ys)?;
-                self.keep((at.clean, first), ys);
-                solved += end - r;
-                r = end;
-            } else {
-                let best = self
-                    .members
-                    .best(&x[r * d..(r + 1) * d], self.sense)
-                    .expect("a non-empty pool has a best member");
-                y[r * o..(r + 1) * o].copy_from_slice(best);
-                r += 1;
+                let ys = &mut y[first * o..end * o];
+                solve(&info, &x[first * d..end * d], end - first, ys)?;
+                self.keep(rows_key(&info), ys)?;
+                i = j;
             }
+        } else if !solved.is_empty() {
+            // gathered into one call (the info's first row is the first solved row's)
+            let mut xs = crate::tensors::host_room(solved.len() * d, "the rows to solve")?;
+            for &r in &solved {
+                xs.extend_from_slice(&x[r * d..(r + 1) * d]);
+            }
+            let mut ys = crate::tensors::host_room(solved.len() * o, "their solutions")?;
+            ys.resize(solved.len() * o, f32::NAN);
+            let info = SolveInfo {
+                first_row: at.first_row + solved[0] as u64,
+                ..*at
+            };
+            solve(&info, &xs, solved.len(), &mut ys)?;
+            for (k, &r) in solved.iter().enumerate() {
+                y[r * o..(r + 1) * o].copy_from_slice(&ys[k * o..(k + 1) * o]);
+            }
+            self.keep(rows_key(&info), &ys)?;
         }
-        Ok(solved)
+        Ok(solved.len())
     }
 
-    /// Keeps the distinct rows of solutions `y` made by the solver at `key`, for the pool.
-    pub(crate) fn keep(&self, key: RowsKey, y: &[f32]) {
+    /// Keeps the rows of solutions `y` made by the solver at `key` that the pool did not
+    /// hold when the call began, each once, for the pool.
+    pub(crate) fn keep(&self, key: RowsKey, y: &[f32]) -> Result<()> {
         let mut seen = HashSet::new();
         let mut distinct = Vec::new();
         for row in y.chunks_exact(self.o.max(1)) {
             let bits: Vec<u32> = row.iter().map(|&v| (v + 0.0).to_bits()).collect();
-            if seen.insert(bits) {
+            if !self.members.holds(row) && seen.insert(bits) {
+                distinct.try_reserve(row.len()).map_err(|_| {
+                    crate::error::Error::new(
+                        crate::error::Status::TorchError,
+                        "cannot allocate the solutions a call adds to its pool",
+                    )
+                })?;
                 distinct.extend_from_slice(row);
             }
         }
-        self.solved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, distinct);
+        if !distinct.is_empty() {
+            self.solved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, distinct);
+        }
+        Ok(())
     }
 
     /// Adds the call's solved rows to the pool, in the call's row order (after the call
@@ -136,26 +172,34 @@ impl CallCache {
             solved,
             ..
         } = self;
-        drop(members); // (the pool need not copy its members for a snapshot no one reads)
+        drop(members); // (so that the pool changes in place when no other call reads it)
         let solved = solved.into_inner().unwrap_or_else(|e| e.into_inner());
-        let rows: Vec<f32> = solved.into_values().flatten().collect();
+        let total: usize = solved.values().map(Vec::len).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let mut rows = crate::tensors::host_room(total, "the solutions a call adds to its pool")?;
+        for part in solved.into_values() {
+            rows.extend_from_slice(&part);
+        }
         pool.add_rows(&rows)
     }
 }
 
-/// Rows `x` (`(x, d)`: rows of d floats, where `at` says) solved into `y` by
-/// `solve(info, x, count, y)`, or, for a call with a pool, some of them answered from it
-/// ([`CallCache::solutions`]); the rows solved counted on `spec`.
+/// Rows `x` (`(x, d, exact_info)`: rows of d floats, where `at` says, for a solver told
+/// where they sit or not) solved into `y` by `solve(info, x, count, y)`, or, for a call
+/// with a pool, some of them answered from it ([`CallCache::solutions`]); the rows solved
+/// counted on `spec`.
 pub(crate) fn solve_rows(
     (cache, spec): (Option<&CallCache>, &OpSpec),
     at: &SolveInfo,
-    (x, d): (&[f32], usize),
+    (x, d, exact_info): (&[f32], usize, bool),
     y: &mut [f32],
     mut solve: impl FnMut(&SolveInfo, &[f32], usize, &mut [f32]) -> Result<()>,
 ) -> Result<()> {
     let count = x.len() / d.max(1);
     let solved = match cache {
-        Some(cache) => cache.solutions(at, (x, d), count, y, solve)?,
+        Some(cache) => cache.solutions(at, (x, d, exact_info), count, y, solve)?,
         None => {
             solve(at, x, count, y)?;
             count

@@ -82,14 +82,25 @@ impl OpSpec {
         let xs = crate::tensors::host_floats(x)?;
         let mut y = crate::tensors::host_room(rows * o, "the solutions")?;
         y.resize(rows * o, 0.0);
-        cache.solutions(&at, (&xs, d), rows, &mut y, |info, xs, count, ys| {
-            let part = crate::tensors::from_slice(xs)?
-                .f_view([count as i64, d as i64])?
-                .f_to_device(self.device)?;
-            let solved = self.solve(solver, &part, *info)?.dense(o as i64)?;
-            ys.copy_from_slice(&crate::tensors::host_floats(&solved)?);
-            Ok(())
-        })?;
+        let exact_info = match solver {
+            SolverKind::Host(host) => host.workers().is_some(),
+            SolverKind::Device(_) => true,
+            _ => false,
+        };
+        cache.solutions(
+            &at,
+            (&xs, d, exact_info),
+            rows,
+            &mut y,
+            |info, xs, count, ys| {
+                let part = crate::tensors::from_slice(xs)?
+                    .f_view([count as i64, d as i64])?
+                    .f_to_device(self.device)?;
+                let solved = self.solve(solver, &part, *info)?.dense(o as i64)?;
+                ys.copy_from_slice(&crate::tensors::host_floats(&solved)?);
+                Ok(())
+            },
+        )?;
         Ok(Solutions::Dense(
             crate::tensors::from_slice(&y)?
                 .f_view([rows as i64, o as i64])?

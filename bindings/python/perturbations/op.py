@@ -572,6 +572,9 @@ class Op(_Handle):
                 # the parent's C op is left alone: it is the parent's memory, and one of its
                 # threads may have been using it at the fork
                 self._h = self._make(cfg)
+            pool = getattr(self, "_pool", None)
+            if pool is not None:  # (the child's copy of the pool: its additions stay in the child)
+                _check(lib.pert_op_set_pool(self._h, pool.handle))
             self._lock_, self._owner, self._errors[:] = threading.Lock(), threading.local(), []
             self._interrupt_lock = threading.RLock()
             self._pid = self._keyed_pid = os.getpid()
@@ -736,11 +739,14 @@ class Op(_Handle):
         a built-in, or a solver declared with Config(linear_objective=True)."""
         if pool is not None and not isinstance(pool, Pool):
             raise TypeError(f"pool must be a perturbations.Pool or None, got {type(pool).__name__}")
-        if pool is None:
-            self._call(lib.pert_op_set_pool, None)
-        else:
-            with pool._lock:
-                self._call(lib.pert_op_set_pool, pool.handle)
+
+        def set_it(h):
+            if pool is None:
+                return lib.pert_op_set_pool(h, None)
+            with pool._lock:  # (after the op's turn: the order every thread takes them in)
+                return lib.pert_op_set_pool(h, pool.handle)
+
+        self._call(set_it)
         self._pool = pool
 
     @property
@@ -752,8 +758,10 @@ class Op(_Handle):
     def solver_calls(self):
         """The rows the op's solver has solved so far (pert_op_solver_calls): perturbed
         samples not answered from a pool, clean-input rows, and plain solves."""
+        self._rekey_if_forked()
         rows = ctypes.c_uint64(0)
-        _check(lib.pert_op_solver_calls(self.handle, ctypes.byref(rows)))
+        with self._interrupt_lock:  # close() frees the handle under it
+            _check(lib.pert_op_solver_calls(self.handle, ctypes.byref(rows)))
         return rows.value
 
     def _pool_loss(self, fn, pred_cost, target, target_name):

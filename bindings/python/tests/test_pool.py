@@ -131,3 +131,27 @@ def test_pool_object_and_solve_ratio():
     op = ops[0][0]
     op.set_pool(None)
     assert op.pool is None
+
+
+_FORKED = {}
+
+
+def _child_calls():
+    op = _FORKED["op"]  # (inherited by the forked child: an Op cannot be pickled)
+    op.forward(np.zeros((2, D), dtype=np.float32))
+    return op.solver_calls
+
+
+def test_a_forked_child_keeps_the_pool():
+    import multiprocessing as mp
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork here")
+    op = pt.Op.builtin(pt.Config(solve_ratio=0.1, num_samples=400, device="cpu"), "argmax", D)
+    op.set_pool(pt.Pool(D, 10).add(np.eye(D, dtype=np.float32)))
+    _FORKED["op"] = op
+    try:
+        with mp.get_context("fork").Pool(1) as workers:
+            rows = workers.apply(_child_calls)
+    finally:
+        _FORKED.clear()
+    assert rows < 2 * 400 / 2, rows  # about 10% solved, not all

@@ -69,7 +69,7 @@ pub(crate) struct HostRun<'a> {
     pub theta: &'a [f32],
     pub stream: &'a Stream,
     pub source: Source<'a>,
-    /// The call's use of the op's pool, and the op's plan (which counts the rows solved).
+    /// The call's use of the op's pool; the op's plan (it counts the rows solved).
     pub cache: Option<&'a CallCache>,
     pub spec: &'a OpSpec,
     pub stop: Stop<'a>,
@@ -350,10 +350,10 @@ impl<'a> HostRun<'a> {
                 y.fill(f32::NAN);
                 // (the call puts back the thread's floating-point settings, whatever the
                 // callback did to them: which thread perturbs or sums a block never
-                // changes a bit); checked finite by the caller
-                let solve =
-                    |at: &SolveInfo, x: &[f32], count, y: &mut [f32]| solver.call(at, x, count, y);
-                solve_rows((self.cache, self.spec), at, (x, self.d), y, solve)?;
+                // changes a bit); checked finite by the caller. With info: told its rows.
+                let solve = |at: &SolveInfo, x: &[f32], n, y: &mut [f32]| solver.call(at, x, n, y);
+                let rows = (&*x, self.d, solver.workers().is_some());
+                solve_rows((self.cache, self.spec), at, rows, y, solve)?;
             }
             Source::Solver(SolverKind::Builtin(builtin)) => match self.ones_per_row() {
                 Some(_) => {
@@ -365,7 +365,7 @@ impl<'a> HostRun<'a> {
                         builtin.solve_host(x, self.last, y);
                         Ok(())
                     };
-                    solve_rows((self.cache, self.spec), at, (x, self.d), y, solve)?
+                    solve_rows((self.cache, self.spec), at, (x, self.d, false), y, solve)?
                 }
             },
             Source::Provided(all) => {

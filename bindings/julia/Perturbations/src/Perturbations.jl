@@ -1315,26 +1315,39 @@ while ops use it.
 mutable struct Pool
     handle::Ptr{Cvoid}
     o::Int
+    lock::ReentrantLock        # close/free! waits for a call that uses the handle
     function Pool(output_shape, capacity::Integer)
         capacity >= 1 || throw(ArgumentError("a pool's capacity must be >= 1, got $capacity"))
         outs = Int64[reverse(collect(output_shape))...]    # Julia column-major = C row-major reversed
         out = Ref{Ptr{Cvoid}}(C_NULL)
         GC.@preserve outs check(@ccall libperturbations.pert_pool_new(outs::Ptr{Int64}, length(outs)::Csize_t,
             Csize_t(capacity)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
-        return finalizer(free!, new(out[], prod(output_shape; init=1)))
+        return finalizer(release!, new(out[], prod(output_shape; init=1), ReentrantLock()))
     end
 end
 
-function free!(p::Pool)
+# The finalizer: no lock (finalizers may not wait), and no call can be running.
+function release!(p::Pool)
     p.handle == C_NULL || @ccall libperturbations.pert_pool_free(p.handle::Ptr{Cvoid})::Cvoid
     p.handle = C_NULL
     return nothing
 end
 
+"""`free!(pool)`: frees the pool's handle now (ops given the pool keep it)."""
+free!(p::Pool) = lock(() -> release!(p), p.lock)
+
+# The pool's handle for a call made under its lock.
+function pool_handle(p::Pool)
+    p.handle == C_NULL && throw(ArgumentError("the pool was freed"))
+    return p.handle
+end
+
 Base.unsafe_convert(::Type{Ptr{Cvoid}}, p::Pool) = p.handle
 
 """`length(pool)`: the number of solutions the pool holds now (`pert_pool_size`)."""
-Base.length(p::Pool) = Int(@ccall libperturbations.pert_pool_size(p::Ptr{Cvoid})::Csize_t)
+Base.length(p::Pool) = lock(p.lock) do
+    Int(@ccall libperturbations.pert_pool_size(pool_handle(p)::Ptr{Cvoid})::Csize_t)
+end
 
 """
     add!(pool, solutions)
@@ -1348,8 +1361,10 @@ function add!(p::Pool, solutions::AbstractArray{<:Real})
     ys = Array{Float32}(solutions)
     length(ys) % p.o == 0 ||
         throw(DimensionMismatch("solutions must be whole columns of $(p.o) values, got $(length(ys)) values"))
-    GC.@preserve ys check(@ccall libperturbations.pert_pool_add(p::Ptr{Cvoid}, ys::Ptr{Float32},
-        Csize_t(length(ys) ÷ p.o)::Csize_t)::UInt32)
+    lock(p.lock) do
+        GC.@preserve ys check(@ccall libperturbations.pert_pool_add(pool_handle(p)::Ptr{Cvoid}, ys::Ptr{Float32},
+            Csize_t(length(ys) ÷ p.o)::Csize_t)::UInt32)
+    end
     return p
 end
 
@@ -1366,10 +1381,14 @@ built-in, or a solver declared with `Config(linear_objective=true)`.
 """
 function set_pool!(op::Op, pool::Union{Pool,Nothing})
     refuse_own_call(op)
-    lock(op.lock) do
-        handle = pool === nothing ? C_NULL : pool.handle
-        pool === nothing || handle != C_NULL || throw(ArgumentError("the pool was freed"))
-        check(@ccall libperturbations.pert_op_set_pool(op::Ptr{Cvoid}, handle::Ptr{Cvoid})::UInt32)
+    lock(op.lock) do   # the op's lock, then the pool's: the order every task takes them in
+        if pool === nothing
+            check(@ccall libperturbations.pert_op_set_pool(op::Ptr{Cvoid}, C_NULL::Ptr{Cvoid})::UInt32)
+        else
+            lock(pool.lock) do
+                check(@ccall libperturbations.pert_op_set_pool(op::Ptr{Cvoid}, pool_handle(pool)::Ptr{Cvoid})::UInt32)
+            end
+        end
     end
     return op
 end
