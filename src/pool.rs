@@ -45,6 +45,13 @@ fn key(row: &[f32]) -> Box<[u32]> {
     row.iter().map(|&v| (v + 0.0).to_bits()).collect()
 }
 
+/// [`key`] into `bits` (a buffer with room for the row: no allocation), for lookups.
+fn key_into<'b>(row: &[f32], bits: &'b mut Vec<u32>) -> &'b [u32] {
+    bits.clear();
+    bits.extend(row.iter().map(|&v| (v + 0.0).to_bits()));
+    bits
+}
+
 impl Pool {
     /// An empty pool for solutions of `output_shape` (every dimension > 0; empty: one
     /// value) holding at most `capacity` (≥ 1) of them.
@@ -204,8 +211,9 @@ impl Members {
     }
 
     /// Whether the members include `row` (every entry equal, -0 and +0 alike).
-    pub(crate) fn holds(&self, row: &[f32]) -> bool {
-        self.keys.contains(&key(row))
+    /// `bits` is a buffer for the lookup (no allocation once it has room for a row).
+    pub(crate) fn holds(&self, row: &[f32], bits: &mut Vec<u32>) -> bool {
+        self.keys.contains(key_into(row, bits))
     }
 
     /// A copy, or TORCH_ERROR when there is no memory for it.
@@ -260,14 +268,22 @@ impl Members {
         self.keys
             .try_reserve(staying)
             .map_err(|_| room(self.values.len() + staying * numel))?;
+        // every allocation before the first change (the new keys, a lookup buffer)
+        let mut new_keys = Vec::new();
+        new_keys
+            .try_reserve_exact(staying)
+            .map_err(|_| room(staying * numel))?;
+        new_keys.extend(fresh.chunks_exact(numel).skip(fresh_leaving).map(key));
+        let mut bits = Vec::new();
+        bits.try_reserve_exact(numel).map_err(|_| room(numel))?;
         for i in 0..old_leaving {
-            self.keys.remove(&key(self.member(i)));
+            let k = key_into(&self.values[i * numel..(i + 1) * numel], &mut bits);
+            self.keys.remove(k);
         }
         self.values.drain(..old_leaving * numel);
         self.values
             .extend_from_slice(&fresh[fresh_leaving * numel..]);
-        self.keys
-            .extend(fresh.chunks_exact(numel).skip(fresh_leaving).map(key));
+        self.keys.extend(new_keys);
         Ok(())
     }
 }

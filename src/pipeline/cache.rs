@@ -142,9 +142,13 @@ impl CallCache {
     pub(crate) fn keep(&self, key: RowsKey, y: &[f32]) -> Result<()> {
         let mut seen = HashSet::new();
         let mut distinct = Vec::new();
+        let mut lookup = Vec::with_capacity(self.o);
         for row in y.chunks_exact(self.o.max(1)) {
+            if self.members.holds(row, &mut lookup) {
+                continue;
+            }
             let bits: Vec<u32> = row.iter().map(|&v| (v + 0.0).to_bits()).collect();
-            if !self.members.holds(row) && seen.insert(bits) {
+            if seen.insert(bits) {
                 distinct.try_reserve(row.len()).map_err(|_| {
                     crate::error::Error::new(
                         crate::error::Status::TorchError,
