@@ -60,6 +60,8 @@ static bool members_first_in_first_out(void) {
   CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_pool_add(pool, NULL, 1));
   CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_pool_add(NULL, first, 1));
   CHECK_OK(pert_pool_add(pool, NULL, 0));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_pool_add(pool, first, SIZE_MAX / 2 + 1));
+  CHECK(last_error_contains("count * output_numel") && pert_pool_size(pool) == 2);
   const float more[6] = {2, 2, 3, 3, 4, 4};
   CHECK_OK(pert_pool_add(pool, more, 3)); /* five distinct, capacity 3: the last three stay */
   CHECK(pert_pool_size(pool) == 3);
