@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::estimate::Estimate;
 use crate::interrupt::Interrupter;
 use crate::kernels::builtin::Builtin;
-use crate::pipeline::{CallCache, HostSolver, OpSpec, SolverKind, Source, Wants};
+use crate::pipeline::{Additions, CallCache, HostSolver, OpSpec, SolverKind, Source, Wants};
 use crate::pool::Pool;
 use crate::shape::numel;
 use crate::solver::{DeviceSolver, Solver, WorkerSolver};
@@ -300,20 +300,40 @@ impl PerturbedOp {
     /// y_σ(θ) for `theta` of shape `[batch, *input_shape]` (float32, any device); the result
     /// has shape `[batch, *output_shape]`, on the device of `theta`.
     pub fn forward(&self, theta: &Tensor) -> Result<Tensor> {
-        let (batch, _, estimate) = self.estimate(theta, Wants::default())?;
-        self.spec
-            .output_tensor(&estimate.mean, batch, theta.device())
+        let (y, additions) = self.forward_deferred(theta)?;
+        additions.commit()?;
+        Ok(y)
+    }
+
+    /// [`PerturbedOp::forward`], its pool's additions left to commit.
+    pub(crate) fn forward_deferred(&self, theta: &Tensor) -> Result<(Tensor, Additions)> {
+        let (batch, _, estimate, additions) = self.estimate(theta, Wants::default())?;
+        let y = self
+            .spec
+            .output_tensor(&estimate.mean, batch, theta.device())?;
+        Ok((y, additions))
     }
 
     /// As [`PerturbedOp::forward`], and the tape for the backward pass (on the device the
     /// call ran on; its products take and give tensors on any device).
     pub fn forward_with_tape(&self, theta: &Tensor) -> Result<(Tensor, Tape)> {
+        let (y, tape, additions) = self.forward_with_tape_deferred(theta)?;
+        additions.commit()?;
+        Ok((y, tape))
+    }
+
+    /// [`PerturbedOp::forward_with_tape`], its pool's additions left to commit.
+    pub(crate) fn forward_with_tape_deferred(
+        &self,
+        theta: &Tensor,
+    ) -> Result<(Tensor, Tape, Additions)> {
         let wants = Wants {
             jacobian: true,
             input_sums: false,
         };
-        let (batch, _, estimate) = self.estimate(theta, wants)?;
-        output_and_tape(&self.spec, estimate, batch, theta.device())
+        let (batch, _, estimate, additions) = self.estimate(theta, wants)?;
+        let (y, tape) = output_and_tape(&self.spec, estimate, batch, theta.device())?;
+        Ok((y, tape, additions))
     }
 
     /// y*(x): the op's solver on each problem of `x` (`[batch, *input_shape]`, float32, any
@@ -451,7 +471,8 @@ impl PerturbedOp {
     /// gradient with respect to theta, from one forward call's draws. See
     /// [`crate::fenchel_young`] for the formulas per sense and perturbation.
     pub fn fenchel_young(&self, theta: &Tensor, y_true: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (loss, grad, _) = self.fenchel_young_call(theta, y_true, false)?;
+        let (loss, grad, _, additions) = self.fenchel_young_call(theta, y_true, false)?;
+        additions.commit()?;
         Ok((loss, grad))
     }
 
@@ -465,16 +486,19 @@ impl PerturbedOp {
         theta: &Tensor,
         y_true: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (loss, grad, bound) = self.fenchel_young_call(theta, y_true, true)?;
+        let (loss, grad, bound, additions) = self.fenchel_young_call(theta, y_true, true)?;
+        additions.commit()?;
         Ok((loss, grad, bound.expect("the call kept its input sums")))
     }
 
-    fn fenchel_young_call(
+    /// The Fenchel-Young loss, gradient and (with `input_sums`) bound, the pool's additions
+    /// left to commit.
+    pub(crate) fn fenchel_young_call(
         &self,
         theta: &Tensor,
         y_true: &Tensor,
         input_sums: bool,
-    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Tensor, Option<Tensor>, Additions)> {
         let _cap = crate::intraop::cap(self.config().max_threads());
         self.spec.require_square("the Fenchel-Young loss")?;
         crate::fenchel_young::check_targets(&theta.size(), y_true)?;
@@ -482,7 +506,7 @@ impl PerturbedOp {
             jacobian: false,
             input_sums,
         };
-        let (_, theta_dev, estimate) = self.estimate(theta, wants)?;
+        let (_, theta_dev, estimate, additions) = self.estimate(theta, wants)?;
         let (loss, grad, bound) = crate::fenchel_young::from_estimate(
             (self.config().sense(), self.config().sigma()),
             &theta_dev,
@@ -494,6 +518,7 @@ impl PerturbedOp {
             loss.f_to_device(device)?,
             grad.f_reshape(theta.size())?.f_to_device(device)?,
             bound.map(|b| b.f_to_device(device)).transpose()?,
+            additions,
         ))
     }
 
@@ -522,7 +547,13 @@ impl PerturbedOp {
         self.spec.check_batch(batch)
     }
 
-    fn estimate(&self, theta: &Tensor, wants: Wants) -> Result<(usize, Tensor, Estimate)> {
+    /// One forward call's estimate, and the solutions it adds to the op's pool (to commit
+    /// once everything else of the call has succeeded).
+    fn estimate(
+        &self,
+        theta: &Tensor,
+        wants: Wants,
+    ) -> Result<(usize, Tensor, Estimate, Additions)> {
         let stop = self.interrupts.stop();
         let _cap = crate::intraop::cap(self.config().max_threads());
         if let SolverKind::External = self.solver {
@@ -550,9 +581,11 @@ impl PerturbedOp {
         });
         let source = (Source::Solver(&self.solver), cache.as_ref());
         let estimate = spec.run(&theta_dev, call, wants, source, stop)?;
-        if let Some(cache) = cache {
-            cache.commit()?;
-        }
-        Ok((theta_dev.size()[0] as usize, theta_dev, estimate))
+        Ok((
+            theta_dev.size()[0] as usize,
+            theta_dev,
+            estimate,
+            Additions(cache),
+        ))
     }
 }

@@ -40,9 +40,13 @@ pub(crate) struct Members {
     keys: HashSet<Box<[u32]>>,
 }
 
-/// A solution's entries as bits, -0 counted as +0.
-fn key(row: &[f32]) -> Box<[u32]> {
-    row.iter().map(|&v| (v + 0.0).to_bits()).collect()
+/// A solution's entries as bits, -0 counted as +0 (TORCH_ERROR when there is no memory).
+fn key(row: &[f32]) -> Result<Box<[u32]>> {
+    let mut bits = Vec::new();
+    bits.try_reserve_exact(row.len())
+        .map_err(|_| room(row.len()))?;
+    bits.extend(row.iter().map(|&v| (v + 0.0).to_bits()));
+    Ok(bits.into_boxed_slice())
 }
 
 /// [`key`] into `bits` (a buffer with room for the row: no allocation), for lookups.
@@ -226,7 +230,12 @@ impl Members {
         let mut keys = HashSet::new();
         keys.try_reserve(self.keys.len())
             .map_err(|_| room(self.values.len()))?;
-        keys.extend(self.keys.iter().cloned());
+        for k in &self.keys {
+            let mut copy = Vec::new();
+            copy.try_reserve_exact(k.len()).map_err(|_| room(k.len()))?;
+            copy.extend_from_slice(k);
+            keys.insert(copy.into_boxed_slice());
+        }
         Ok(Members {
             numel: self.numel,
             values,
@@ -240,8 +249,10 @@ impl Members {
         let numel = self.numel;
         let mut fresh: Vec<f32> = Vec::new();
         let mut seen = HashSet::new();
+        seen.try_reserve(rows.len() / numel)
+            .map_err(|_| room(rows.len()))?;
         for row in rows.chunks_exact(numel) {
-            let k = key(row);
+            let k = key(row)?;
             if self.keys.contains(&k) || !seen.insert(k) {
                 continue;
             }
@@ -273,7 +284,9 @@ impl Members {
         new_keys
             .try_reserve_exact(staying)
             .map_err(|_| room(staying * numel))?;
-        new_keys.extend(fresh.chunks_exact(numel).skip(fresh_leaving).map(key));
+        for row in fresh.chunks_exact(numel).skip(fresh_leaving) {
+            new_keys.push(key(row)?);
+        }
         let mut bits = Vec::new();
         bits.try_reserve_exact(numel).map_err(|_| room(numel))?;
         for i in 0..old_leaving {

@@ -253,16 +253,19 @@ pub(crate) unsafe fn loss_and_grad_outputs(
 }
 
 /// Stages the outputs of a Fenchel-Young call (the loss, the gradient and the bound when
-/// asked for), then writes them (nothing is written when staging fails).
+/// asked for), runs `before_writing` (the pool's additions), then writes them (nothing is
+/// written when staging or `before_writing` fails).
 pub(crate) fn write_loss_and_grad(
     (loss, grad): &(Output, Option<Output>),
     l: &Tensor,
     g: &Tensor,
     bound: Option<(&Output, &Tensor)>,
+    before_writing: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let loss = loss.stage(l)?;
     let grad = grad.as_ref().map(|out| out.stage(g)).transpose()?;
     let bound = bound.map(|(out, b)| out.stage(b)).transpose()?;
+    before_writing()?;
     loss.write();
     if let Some(grad) = grad {
         grad.write();

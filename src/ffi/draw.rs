@@ -193,11 +193,11 @@ pub unsafe extern "C" fn pert_draw_fenchel_young_with_bound(
         match &bound {
             Some(out) => {
                 let (l, g, b) = draw.fenchel_young_with_bound(solutions, &y_true)?;
-                boundary::write_loss_and_grad(&outputs, &l, &g, Some((out, &b)))
+                boundary::write_loss_and_grad(&outputs, &l, &g, Some((out, &b)), || Ok(()))
             }
             None => {
                 let (l, g) = draw.fenchel_young(solutions, &y_true)?;
-                boundary::write_loss_and_grad(&outputs, &l, &g, None)
+                boundary::write_loss_and_grad(&outputs, &l, &g, None, || Ok(()))
             }
         }
     })

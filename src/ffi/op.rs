@@ -437,14 +437,18 @@ pub unsafe extern "C" fn pert_forward(
         op.check_batch(batch)?;
         // theta is copied before anything is written: output may overlap it
         let (theta, output) = unsafe { inputs_and_output(op, theta, batch, output, "theta") }?;
+        // everything that can fail (allocations, the pool's additions) before anything is
+        // written
         if tape.is_null() {
-            let y = op.forward(&theta)?;
-            output.stage(&y)?.write();
+            let (y, additions) = op.forward_deferred(&theta)?;
+            let staged = output.stage(&y)?;
+            additions.commit()?;
+            staged.write();
         } else {
-            let (y, t) = op.forward_with_tape(&theta)?;
-            // everything that can fail (allocations included) before anything is written
+            let (y, t, additions) = op.forward_with_tape_deferred(&theta)?;
             let staged = output.stage(&y)?;
             let t = pert_tape::boxed(t);
+            additions.commit()?;
             staged.write();
             // SAFETY: checked non-NULL above; written only on success.
             unsafe { *tape = t.into_raw() };
@@ -539,15 +543,9 @@ pub unsafe extern "C" fn pert_fenchel_young_with_bound(
             .f_reshape(&shape)?;
         let y_true = crate::tensors::from_slice(unsafe { slice(y_true, len, "y_true") }?)?
             .f_reshape(&shape)?;
-        match &bound {
-            Some(out) => {
-                let (l, g, b) = op.fenchel_young_with_bound(&theta, &y_true)?;
-                boundary::write_loss_and_grad(&outputs, &l, &g, Some((out, &b)))
-            }
-            None => {
-                let (l, g) = op.fenchel_young(&theta, &y_true)?;
-                boundary::write_loss_and_grad(&outputs, &l, &g, None)
-            }
-        }
+        let (l, g, b, additions) = op.fenchel_young_call(&theta, &y_true, bound.is_some())?;
+        let bound = bound.as_ref().zip(b.as_ref());
+        // (the pool's additions once every output is staged, before any is written)
+        boundary::write_loss_and_grad(&outputs, &l, &g, bound, || additions.commit())
     })
 }

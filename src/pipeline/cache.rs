@@ -11,12 +11,13 @@
 //! succeeded, in the call's row order.
 
 use crate::error::Result;
+use crate::error::{Error, Status};
 use crate::pipeline::plan::OpSpec;
 use crate::pool::{Members, Pool};
 use crate::rng::Stream;
 use crate::settings::Sense;
 use crate::solver::SolveInfo;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 /// XORed into the seed for the stream of solve-or-answer decisions (so that it is not the
@@ -42,8 +43,8 @@ pub(crate) struct CallCache {
     decisions: Stream,
     sense: Sense,
     o: usize,
-    /// The distinct solutions each solver call made, by where its rows sit in the call.
-    solved: Mutex<BTreeMap<RowsKey, Vec<f32>>>,
+    /// The distinct solutions each solver call made, with where its rows sit in the call.
+    solved: Mutex<Vec<(RowsKey, Vec<f32>)>>,
 }
 
 impl CallCache {
@@ -63,7 +64,7 @@ impl CallCache {
             decisions: Stream::new(seed ^ DECISION_KEY, call),
             sense,
             o,
-            solved: Mutex::new(BTreeMap::new()),
+            solved: Mutex::new(Vec::new()),
         }
     }
 
@@ -88,9 +89,9 @@ impl CallCache {
         mut solve: impl FnMut(&SolveInfo, &[f32], usize, &mut [f32]) -> Result<()>,
     ) -> Result<usize> {
         let o = self.o;
-        let solved: Vec<usize> = (0..count)
-            .filter(|&r| at.clean || self.solves(at.first_row + r as u64))
-            .collect();
+        let mut solved = Vec::new();
+        solved.try_reserve_exact(count).map_err(|_| no_room())?;
+        solved.extend((0..count).filter(|&r| at.clean || self.solves(at.first_row + r as u64)));
         for r in (0..count).filter(|r| solved.binary_search(r).is_err()) {
             let best = self
                 .members
@@ -140,29 +141,29 @@ impl CallCache {
     /// Keeps the rows of solutions `y` made by the solver at `key` that the pool did not
     /// hold when the call began, each once, for the pool.
     pub(crate) fn keep(&self, key: RowsKey, y: &[f32]) -> Result<()> {
+        // (every allocation fallible: out of memory is an error of the call, not an abort)
+        let o = self.o.max(1);
         let mut seen = HashSet::new();
+        seen.try_reserve(y.len() / o).map_err(|_| no_room())?;
+        let mut lookup = Vec::new();
+        lookup.try_reserve_exact(o).map_err(|_| no_room())?;
         let mut distinct = Vec::new();
-        let mut lookup = Vec::with_capacity(self.o);
-        for row in y.chunks_exact(self.o.max(1)) {
+        for row in y.chunks_exact(o) {
             if self.members.holds(row, &mut lookup) {
                 continue;
             }
-            let bits: Vec<u32> = row.iter().map(|&v| (v + 0.0).to_bits()).collect();
+            let mut bits = Vec::new();
+            bits.try_reserve_exact(o).map_err(|_| no_room())?;
+            bits.extend(row.iter().map(|&v| (v + 0.0).to_bits()));
             if seen.insert(bits) {
-                distinct.try_reserve(row.len()).map_err(|_| {
-                    crate::error::Error::new(
-                        crate::error::Status::TorchError,
-                        "cannot allocate the solutions a call adds to its pool",
-                    )
-                })?;
+                distinct.try_reserve(o).map_err(|_| no_room())?;
                 distinct.extend_from_slice(row);
             }
         }
         if !distinct.is_empty() {
-            self.solved
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key, distinct);
+            let mut solved = self.solved.lock().unwrap_or_else(|e| e.into_inner());
+            solved.try_reserve(1).map_err(|_| no_room())?;
+            solved.push((key, distinct));
         }
         Ok(())
     }
@@ -177,14 +178,15 @@ impl CallCache {
             ..
         } = self;
         drop(members); // (so that the pool changes in place when no other call reads it)
-        let solved = solved.into_inner().unwrap_or_else(|e| e.into_inner());
-        let total: usize = solved.values().map(Vec::len).sum();
+        let mut solved = solved.into_inner().unwrap_or_else(|e| e.into_inner());
+        solved.sort_unstable_by_key(|(key, _)| *key); // (distinct keys; no allocation)
+        let total: usize = solved.iter().map(|(_, rows)| rows.len()).sum();
         if total == 0 {
             return Ok(());
         }
         let mut rows = crate::tensors::host_room(total, "the solutions a call adds to its pool")?;
-        for part in solved.into_values() {
-            rows.extend_from_slice(&part);
+        for (_, part) in &solved {
+            rows.extend_from_slice(part);
         }
         pool.add_rows(&rows)
     }
@@ -211,4 +213,25 @@ pub(crate) fn solve_rows(
     };
     spec.count_solved(solved);
     Ok(())
+}
+
+/// The solutions a forward or Fenchel-Young call adds to its op's pool: committed once
+/// everything else of the call has succeeded (its outputs made, in the C layer staged), so
+/// that a call that fails leaves the pool as it was.
+#[must_use]
+pub(crate) struct Additions(pub(crate) Option<CallCache>);
+
+impl Additions {
+    /// Adds them (all or nothing).
+    pub(crate) fn commit(self) -> Result<()> {
+        self.0.map_or(Ok(()), CallCache::commit)
+    }
+}
+
+/// TORCH_ERROR: no memory for the solutions a call keeps for its pool.
+fn no_room() -> Error {
+    Error::new(
+        Status::TorchError,
+        "cannot allocate the solutions a call adds to its pool",
+    )
 }

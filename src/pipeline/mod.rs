@@ -21,7 +21,7 @@ use crate::rng::Stream;
 use crate::settings::{Baseline, Path};
 use tch::Tensor;
 
-pub(crate) use cache::CallCache;
+pub(crate) use cache::{Additions, CallCache};
 pub(crate) use plan::OpSpec;
 pub(crate) use solve::{solve_rows, HostSolver, SolverKind, Source};
 

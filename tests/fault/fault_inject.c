@@ -130,9 +130,13 @@ static int32_t device_argmax(void *user_data, const pert_solve_info *info, const
   return argmax_failing(user_data, x, count, y);
 }
 
+static double solve_ratio = 1.0; /* of the ops made (a pool answers the others' samples) */
+
 static pert_op *make(enum kind kind, uint32_t threads) {
   pert_config *c = NULL;
   if (pert_config_new(&c) != PERT_STATUS_OK) return NULL;
+  pert_config_set_solve_ratio(c, solve_ratio);
+  pert_config_set_linear_objective(c, 1);
   pert_config_set_num_samples(c, 40);
   pert_config_set_sigma(c, 0.5);
   pert_config_set_seed(c, 9);
@@ -389,6 +393,88 @@ static bool a_solver_failing_at_every_call(void) {
   return true;
 }
 
+/* A pool of three of the five one-hot vectors, room for `capacity`. */
+static pert_pool *three_one_hots(size_t capacity) {
+  pert_pool *pool = NULL;
+  int64_t shape[] = {D};
+  if (pert_pool_new(shape, 1, capacity, &pool) != PERT_STATUS_OK) return NULL;
+  float rows[3 * D] = {0};
+  for (int i = 0; i < 3; i++) rows[i * D + i] = 1;
+  if (pert_pool_add(pool, rows, 3) != PERT_STATUS_OK) return NULL;
+  return pool;
+}
+
+/* A forward call (and its VJP) of a pooled op at solve_ratio 0.5, every allocation failed
+ * in turn, for each kind of solver: an error with nothing written and the pool as it was
+ * (a failed call adds nothing), or OK with the numbers and the pool of a call that
+ * succeeds; the op works afterwards. Then pert_pool_add alike: all or nothing. */
+static bool pooled_calls_fail_cleanly(void) {
+  solve_ratio = 0.5;
+  const enum kind kinds[] = {PLAIN, WORKERS, ARGMAX, DEVICE_CPU};
+  for (size_t n = 0; n < sizeof kinds / sizeof *kinds; n++) {
+    enum kind kind = kinds[n];
+    float reference[OUT], out[OUT];
+    pert_op *op = make(kind, 1);
+    pert_pool *pool = three_one_hots(4);
+    CHECK(op && pool);
+    CHECK_OK(pert_op_set_pool(op, pool));
+    atomic_store(&allocations, 0);
+    atomic_store(&counting, 1);
+    CHECK_OK(call(op, 0, reference));
+    atomic_store(&counting, 0);
+    size_t grown = pert_pool_size(pool);
+    pert_op_free(op), pert_pool_free(pool);
+    long total = atomic_load(&allocations), live_before = atomic_load(&live);
+    for (long k = 1; k <= total; k++) {
+      op = make(kind, 1), pool = three_one_hots(4);
+      CHECK(op && pool);
+      CHECK_OK(pert_op_set_pool(op, pool));
+      atomic_store(&countdown, k);
+      pert_status st = call(op, 0, out);
+      atomic_store(&countdown, 0);
+      if (st == PERT_STATUS_OK) {
+        CHECK(memcmp(out, reference, sizeof out) == 0 && pert_pool_size(pool) == grown);
+      } else {
+        if (st == PERT_STATUS_PANIC || !untouched(out) || (stage == 0 && pert_pool_size(pool) != 3)) {
+          fprintf(stderr, "  pooled %s: allocation %ld failed: %s at stage %d, pool %zu\n", names[kind], k,
+                  pert_status_name(st), stage, pert_pool_size(pool));
+          return false;
+        }
+      }
+      CHECK_OK(call(op, 0, out)); /* usable */
+      pert_op_free(op), pert_pool_free(pool);
+    }
+    long leaked = atomic_load(&live) - live_before;
+    printf("  pooled %-7s: %ld allocations failed in turn, %ld allocations still live after\n", names[kind], total,
+           leaked);
+    CHECK(leaked < 16);
+  }
+  solve_ratio = 1.0;
+  const float fresh[2 * D] = {0, 0, 0, 1, 0, 0, 0, 0, 0, 1};
+  atomic_store(&allocations, 0);
+  atomic_store(&counting, 1);
+  pert_pool *pool = three_one_hots(8);
+  CHECK(pool != NULL);
+  atomic_store(&allocations, 0);
+  CHECK_OK(pert_pool_add(pool, fresh, 2));
+  atomic_store(&counting, 0);
+  pert_pool_free(pool);
+  long total = atomic_load(&allocations);
+  for (long k = 1; k <= total; k++) {
+    pool = three_one_hots(8);
+    CHECK(pool != NULL);
+    atomic_store(&countdown, k);
+    pert_status st = pert_pool_add(pool, fresh, 2);
+    atomic_store(&countdown, 0);
+    CHECK(st == PERT_STATUS_OK ? pert_pool_size(pool) == 5 : st != PERT_STATUS_PANIC && pert_pool_size(pool) == 3);
+    CHECK_OK(pert_pool_add(pool, fresh, 2));
+    CHECK(pert_pool_size(pool) == 5);
+    pert_pool_free(pool);
+  }
+  printf("  pool add: %ld allocations failed in turn\n", total);
+  return true;
+}
+
 int main(void) {
   /* (a backtrace per injected panic would fill the symbolizer's caches: leaks to the count) */
   if (!getenv("FAULT_FROM_KIND")) setenv("RUST_BACKTRACE", "0", 1);
@@ -396,6 +482,9 @@ int main(void) {
       TEST(allocation_failures),
       TEST(threads_that_cannot_start),
       TEST(a_solver_failing_at_every_call),
+      TEST(pooled_calls_fail_cleanly),
   };
+  /* $FAULT_POOL_ONLY: the pooled calls alone (to debug them) */
+  if (getenv("FAULT_POOL_ONLY")) return run_tests(tests + 3, 1);
   return run_tests(tests, sizeof tests / sizeof *tests);
 }
