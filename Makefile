@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: bench-methods lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
+.PHONY: bench-methods bench-pool lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
 
 all: build
 
@@ -282,7 +282,15 @@ bench: build
 	c++ -std=c++17 -O2 $(TORCH_CXX) bench/adapter_bench.cpp -Ibindings/cpp -o target/bench/adapter_bench $(LINK_PERT) $(TORCH_LINK)
 	"$(if $(LIBTORCH),python3,$(VENV)/bin/python)" bench/bench.py --out target/bench/results.md $(BENCH_FLAGS)
 	$(MAKE) --no-print-directory bench-methods
+	$(MAKE) --no-print-directory bench-pool
 	$(MAKE) --no-print-directory bench-python
+
+# Training with an expensive solver (GLPK) and a solution pool, solve_ratio 1 / 0.3 / 0.1
+# (bench/pool_knapsack.c; the README's "Expensive solvers" table).
+bench-pool: build glpk-tools
+	@mkdir -p target/bench
+	cc $(CFLAGS_STRICT) bench/pool_knapsack.c -o target/bench/pool_knapsack $(LINK_PERT) -lglpk
+	./target/bench/pool_knapsack 10 | tee target/bench/pool.md
 
 # The decision-focused methods against the solver calls they make (bench/methods.c).
 bench-methods: build
