@@ -10,81 +10,15 @@
  *
  *   target/bench/pool_knapsack [EPOCHS] */
 #define _POSIX_C_SOURCE 200809L
-#include <glpk.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#include "perturbations.h"
+#include "../examples/c/glpk_knapsack.h"
+#include "bench_util.h"
 
-enum { ITEMS = 24, CAPACITY = 60, P = 5, TRAIN = 200, TEST = 100, BATCH = 20 };
-static const int WEIGHT[ITEMS] = {7, 3, 9, 4, 6, 8, 2, 5, 10, 3, 7, 6, 4, 9, 5, 8, 2, 6, 3, 7, 5, 4, 8, 6};
-
-static glp_prob *models[PERT_MAX_THREADS];
-
-static int32_t build_model(void *user_data, uint32_t worker) {
-  (void)user_data;
-  glp_term_out(GLP_OFF);
-  glp_prob *lp = glp_create_prob();
-  glp_set_obj_dir(lp, GLP_MAX);
-  glp_add_rows(lp, 1);
-  glp_set_row_bnds(lp, 1, GLP_UP, 0.0, CAPACITY);
-  glp_add_cols(lp, ITEMS);
-  int index[ITEMS + 1];
-  double weight[ITEMS + 1];
-  for (int j = 1; j <= ITEMS; j++) {
-    glp_set_col_kind(lp, j, GLP_BV);
-    index[j] = j;
-    weight[j] = WEIGHT[j - 1];
-  }
-  glp_set_mat_row(lp, 1, ITEMS, index, weight);
-  models[worker] = lp;
-  return 0;
-}
-
-static void free_model(void *user_data, uint32_t worker) {
-  (void)user_data;
-  glp_delete_prob(models[worker]);
-  models[worker] = NULL;
-  glp_free_env();
-}
-
-static int32_t solve_glpk(void *user_data, const pert_solve_info *info, const float *theta, size_t count, float *x) {
-  (void)user_data;
-  glp_prob *lp = models[info->worker];
-  glp_iocp parm;
-  glp_init_iocp(&parm);
-  parm.presolve = GLP_ON;
-  parm.msg_lev = GLP_MSG_OFF;
-  for (size_t r = 0; r < count; r++) {
-    for (int j = 1; j <= ITEMS; j++) glp_set_obj_coef(lp, j, theta[r * ITEMS + j - 1]);
-    if (glp_intopt(lp, &parm) != 0 || glp_mip_status(lp) != GLP_OPT) {
-      pert_solver_set_error("GLPK: no optimal solution");
-      return 1;
-    }
-    for (int j = 1; j <= ITEMS; j++) x[r * ITEMS + j - 1] = glp_mip_col_val(lp, j) > 0.5 ? 1.0f : 0.0f;
-  }
-  return 0;
-}
-
-/* The exact knapsack by dynamic programming (labels and test decisions). */
-static void solve_dp(const float *v, float *x) {
-  static double best[ITEMS + 1][CAPACITY + 1];
-  for (int c = 0; c <= CAPACITY; c++) best[0][c] = 0;
-  for (int j = 1; j <= ITEMS; j++)
-    for (int c = 0; c <= CAPACITY; c++) {
-      double skip = best[j - 1][c];
-      double take = c >= WEIGHT[j - 1] ? best[j - 1][c - WEIGHT[j - 1]] + v[j - 1] : -INFINITY;
-      best[j][c] = take > skip ? take : skip;
-    }
-  for (int j = ITEMS, c = CAPACITY; j >= 1; j--) {
-    int taken = best[j][c] != best[j - 1][c];
-    x[j - 1] = (float)taken;
-    if (taken) c -= WEIGHT[j - 1];
-  }
-}
+enum { P = 5, TRAIN = 200, TEST = 100, BATCH = 20 };
 
 static double value(const float *c, const float *x) {
   double s = 0;
@@ -98,21 +32,6 @@ static double uniform(void) {
   return ((double)(rng_state >> 11) + 0.5) / 9007199254740992.0;
 }
 static double normal(void) { return sqrt(-2 * log(uniform())) * cos(6.283185307179586 * uniform()); }
-
-static void check(pert_status status, const char *what) {
-  if (status != PERT_STATUS_OK) {
-    char message[512];
-    pert_last_error(message, sizeof message);
-    fprintf(stderr, "%s: %s: %s\n", what, pert_status_name(status), message);
-    exit(1);
-  }
-}
-
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 /* Data: PyEPO's knapsack generator in spirit: values ((B x)/sqrt(P) + 3)^4 / 3.5^4 + 0.5,
  * with multiplicative noise in [0.75, 1.25]. */
@@ -130,7 +49,7 @@ static void make_data(void) {
       double v = pow(s / sqrt((double)P) + 3.0, 4) / pow(3.5, 4) + 0.5;
       cost[i][j] = (float)(v * (0.75 + 0.5 * uniform()));
     }
-    solve_dp(cost[i], sol[i]);
+    solve_dp(NULL, cost[i], 1, sol[i]);
   }
 }
 
@@ -144,7 +63,7 @@ static double regret(float w[ITEMS][P], const float *bias) {
       for (int k = 0; k < P; k++) s += w[j][k] * feat[i][k];
       pred[j] = (float)s;
     }
-    solve_dp(pred, x);
+    solve_dp(NULL, pred, 1, x);
     double opt = value(cost[i], sol[i]);
     lost += opt - value(cost[i], x);
     best += opt;
@@ -165,28 +84,29 @@ int main(int argc, char **argv) {
   printf("|---|---|---|---|---|---|\n");
   for (int r = 0; r < 3; r++) {
     pert_config *c = NULL;
-    check(pert_config_new(&c), "config");
+    check(pert_config_new(&c));
     pert_config_set_num_samples(c, 10);
     pert_config_set_sigma(c, 1.0);
     pert_config_set_seed(c, 7);
     pert_config_set_device(c, "cpu");
     pert_config_set_threads(c, 1);
-    check(pert_config_set_solve_ratio(c, ratios[r]), "solve_ratio");
+    check(pert_config_set_solve_ratio(c, ratios[r]));
     pert_config_set_linear_objective(c, 1);
+    knapsack models = {.capacity = CAPACITY};
     pert_op *op = NULL;
-    check(pert_op_new_ex(c, shape, 1, shape, 1, solve_glpk, NULL, build_model, free_model, &op), "op");
+    check(pert_op_new_ex(c, shape, 1, shape, 1, solve_glpk, &models, build_model, free_model, &op));
     pert_config_free(c);
     pert_pool *pool = NULL;
-    check(pert_pool_new(shape, 1, 100000, &pool), "pool");
-    check(pert_pool_add(pool, &sol[0][0], TRAIN), "seed the pool");
-    check(pert_op_set_pool(op, pool), "set_pool");
+    check(pert_pool_new(shape, 1, 100000, &pool));
+    check(pert_pool_add(pool, &sol[0][0], TRAIN));
+    check(pert_op_set_pool(op, pool));
     static float w[ITEMS][P], bias[ITEMS], mw[ITEMS][P], vw[ITEMS][P], mb[ITEMS], vb[ITEMS];
     memset(w, 0, sizeof w), memset(bias, 0, sizeof bias), memset(mw, 0, sizeof mw);
     memset(vw, 0, sizeof vw), memset(mb, 0, sizeof mb), memset(vb, 0, sizeof vb);
     double seconds = 0, first_regret = 0;
     int step = 0;
     uint64_t solved_before = 0, solved_after = 0;
-    check(pert_op_solver_calls(op, &solved_before), "solver calls");
+    check(pert_op_solver_calls(op, &solved_before));
     for (int e = 0; e < epochs; e++) {
       double t0 = now();
       for (int s = 0; s < TRAIN; s += BATCH) {
@@ -197,7 +117,7 @@ int main(int argc, char **argv) {
             for (int k = 0; k < P; k++) v += w[j][k] * feat[s + i][k];
             theta[i][j] = (float)v;
           }
-        check(pert_fenchel_young(op, &theta[0][0], &sol[s][0], BATCH, loss, &grad[0][0]), "Fenchel-Young");
+        check(pert_fenchel_young(op, &theta[0][0], &sol[s][0], BATCH, loss, &grad[0][0]));
         step++;
         const double lr = 0.05, b1 = 0.9, b2 = 0.999, c1 = 1 - pow(b1, step), c2 = 1 - pow(b2, step);
         for (int j = 0; j < ITEMS; j++) {
@@ -218,7 +138,7 @@ int main(int argc, char **argv) {
       seconds += now() - t0;
       if (e == 0) first_regret = regret(w, bias);
     }
-    check(pert_op_solver_calls(op, &solved_after), "solver calls");
+    check(pert_op_solver_calls(op, &solved_after));
     printf("| %.1f | %.3f | %.0f | %zu | %.4f | %.4f |\n", ratios[r], seconds / epochs,
            (double)(solved_after - solved_before) / epochs, pert_pool_size(pool), first_regret, regret(w, bias));
     fflush(stdout);
