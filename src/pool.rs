@@ -214,12 +214,6 @@ impl Members {
         best.map(|(i, _)| self.member(i))
     }
 
-    /// Whether the members include `row` (every entry equal, -0 and +0 alike).
-    /// `bits` is a buffer for the lookup (no allocation once it has room for a row).
-    pub(crate) fn holds(&self, row: &[f32], bits: &mut Vec<u32>) -> bool {
-        self.keys.contains(key_into(row, bits))
-    }
-
     /// A copy, or TORCH_ERROR when there is no memory for it.
     fn try_clone(&self) -> Result<Members> {
         let mut values = Vec::new();
@@ -243,9 +237,9 @@ impl Members {
         })
     }
 
-    /// The rows of `rows` (whole, finite rows) that the members do not hold, each once, in
-    /// order.
-    fn fresh(&self, rows: &[f32]) -> Result<Vec<f32>> {
+    /// The rows of `rows` (whole rows) that the members do not hold, each once, in order
+    /// (TORCH_ERROR when there is no memory for them).
+    pub(crate) fn fresh(&self, rows: &[f32]) -> Result<Vec<f32>> {
         let numel = self.numel;
         let mut fresh: Vec<f32> = Vec::new();
         let mut seen = HashSet::new();

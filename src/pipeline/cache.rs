@@ -17,7 +17,6 @@ use crate::pool::{Members, Pool};
 use crate::rng::Stream;
 use crate::settings::Sense;
 use crate::solver::SolveInfo;
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 /// XORed into the seed for the stream of solve-or-answer decisions (so that it is not the
@@ -141,25 +140,7 @@ impl CallCache {
     /// Keeps the rows of solutions `y` made by the solver at `key` that the pool did not
     /// hold when the call began, each once, for the pool.
     pub(crate) fn keep(&self, key: RowsKey, y: &[f32]) -> Result<()> {
-        // (every allocation fallible: out of memory is an error of the call, not an abort)
-        let o = self.o.max(1);
-        let mut seen = HashSet::new();
-        seen.try_reserve(y.len() / o).map_err(|_| no_room())?;
-        let mut lookup = Vec::new();
-        lookup.try_reserve_exact(o).map_err(|_| no_room())?;
-        let mut distinct = Vec::new();
-        for row in y.chunks_exact(o) {
-            if self.members.holds(row, &mut lookup) {
-                continue;
-            }
-            let mut bits = Vec::new();
-            bits.try_reserve_exact(o).map_err(|_| no_room())?;
-            bits.extend(row.iter().map(|&v| (v + 0.0).to_bits()));
-            if seen.insert(bits) {
-                distinct.try_reserve(o).map_err(|_| no_room())?;
-                distinct.extend_from_slice(row);
-            }
-        }
+        let distinct = self.members.fresh(y)?;
         if !distinct.is_empty() {
             let mut solved = self.solved.lock().unwrap_or_else(|e| e.into_inner());
             solved.try_reserve(1).map_err(|_| no_room())?;
