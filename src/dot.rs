@@ -7,6 +7,7 @@
 /// entry). With AVX2 the same loop runs compiled for it, with the same bits (Rust never
 /// fuses a multiply and an add).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     if crate::fastmath::has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -18,6 +19,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
 /// (⟨a, b⟩, ⟨c, e⟩), each as [`dot`] gives it, in one loop (the two chains of additions
 /// overlap).
 pub(crate) fn dot2(a: &[f32], b: &[f32], c: &[f32], e: &[f32]) -> (f64, f64) {
+    debug_assert!(a.len() == b.len() && c.len() == e.len());
     #[cfg(target_arch = "x86_64")]
     if crate::fastmath::has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA.

@@ -180,10 +180,11 @@ impl PerturbedOp {
     /// 1 − solve_ratio (see [`Config::set_solve_ratio`]): the pool member y of best
     /// ⟨x, y⟩ for the sample's input x in the op's sense (maximizing for the built-ins),
     /// which is y*(x) itself whenever
-    /// the pool holds it; the other samples are solved. Every row its solver solves is
-    /// added to the pool in the call's row order: a forward or Fenchel-Young call's once
-    /// the call has succeeded, those of [`PerturbedOp::solve`], the methods and the pool
-    /// losses' refreshes once their solves have succeeded. The
+    /// the pool holds it; the other samples are solved. The solver's solutions join the
+    /// pool in the call's row order: a forward or Fenchel-Young call's once the call has
+    /// succeeded (those new to the pool when it began; kept meanwhile), those of
+    /// [`PerturbedOp::solve`], the methods and the pool losses' refreshes as each solve
+    /// succeeds. The
     /// estimate is then the mean over samples of those answers: exact where the pool holds
     /// each answered sample's optimum, biased towards the pool's members where it does
     /// not (a sample's answer is never better than its optimum).
@@ -524,7 +525,8 @@ impl PerturbedOp {
 
     /// Draws the perturbed inputs of one call for the two-phase API: solve
     /// [`Draw::inputs`] anywhere, then hand the solutions to [`Draw::finish`]. Gives the
-    /// results of a forward call with the same seed and call count.
+    /// results of a forward call with the same seed and call count (of an op without a
+    /// pool: a draw's inputs are all the caller's to solve, none answered from a pool).
     pub fn draw(&self, theta: &Tensor) -> Result<Draw> {
         let _cap = crate::intraop::cap(self.config().max_threads());
         // the draw keeps theta past this call: its own copy, never the caller's storage

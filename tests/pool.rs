@@ -319,10 +319,6 @@ fn pool_losses_match_their_closed_forms() {
     check(&max, PoolLoss::Cmap, &sol, 2.0, [0.0, -1.0, 1.0]);
     // pairwise maximizing: w_b = argmax c = e0; diffs -(1 - (1, 2, 4)) = (0, 1, 3)
     check(&max, PoolLoss::LtrPairwise, &cost, 2.0, [-1.0, 0.5, 0.5]);
-    let empty = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
-    empty
-        .set_pool(Some(Arc::new(Pool::new(&[3], 10).unwrap())))
-        .unwrap();
     let mut rare = config(1, 1e-9);
     rare.set_sense(Sense::Maximize);
     let rare_op = PerturbedOp::new(&rare, &[3], &[3], argmax).unwrap();

@@ -17,7 +17,9 @@ use std::sync::Arc;
 /// op given it by `pert_op_set_pool` holds its own reference, so the handle may be freed
 /// while ops use it (the pool lives until the last of them lets it go).
 ///
-/// Memory: at most `capacity` solutions of `output_numel` floats, plus a key of each.
+/// Memory: at most `capacity` solutions of `output_numel` floats, plus a key of as many
+/// 32-bit words for each; an addition while calls that began before it still read the
+/// pool makes a copy of it for them.
 /// Eviction: first in, first out. A solution the pool holds already (every entry equal,
 /// -0 and +0 alike) is not added again and keeps its place; when additions take the pool
 /// beyond its capacity, its oldest solutions leave first.
@@ -100,18 +102,23 @@ pub unsafe extern "C" fn pert_pool_free(pool: *mut pert_pool) {
 /// decided by the op's own random stream: the same for any number of threads): by the
 /// pool's solution y of best <x, y> for the sample's input x in the op's sense
 /// (maximizing for the built-ins; the oldest of equals). The other samples are solved.
-/// Every row the solver solves is added to the pool, in the call's row order: a forward or
-/// Fenchel-Young call's samples and clean-input rows once the call has succeeded (only
-/// those the pool did not hold when it began are kept meanwhile: its extra memory is that
-/// of its new solutions); the rows of `pert_op_solve`, of the methods and of the pool
-/// losses' refreshes once their solves have succeeded. While the pool is empty every
-/// sample is solved. A solver told where its rows sit (`pert_op_new_ex`,
+/// The solver's solutions join the pool in the call's row order: a forward or
+/// Fenchel-Young call's (samples and clean-input rows) once the call has succeeded and
+/// only those the pool did not hold when the call began (one evicted meanwhile by another
+/// call is not added again); meanwhile the call keeps them, so its extra memory is that of
+/// its new distinct solutions, up to the rows solved × output_numel floats when nearly
+/// every sample has a solution of its own (rankings, say). The solutions of
+/// `pert_op_solve`, of the methods and of the pool losses' refreshes join as each of their
+/// solves succeeds (a call that fails later may have added some). While the pool is
+/// empty every sample is solved. A solver told where its rows sit (`pert_op_new_ex`,
 /// `pert_op_new_device`) gets each run of consecutive solved rows as a call of its own; a
 /// plain callback gets a block's solved rows gathered into one call.
 ///
 /// What the estimate then is: the mean over the samples of those answers. It is y_sigma's
 /// estimate itself wherever the pool holds each answered sample's optimum y*(x) (then bit
-/// for bit the result of solving them, for a solver whose tie rule is the pool's), and
+/// for bit the result of solving them with the same op, for a solver whose tie rule is the
+/// pool's; a pool moves the built-in argmax off its fused kernel, whose results differ by
+/// rounding), and
 /// otherwise biased towards the pool's solutions (an answer is never better than the
 /// optimum). The Jacobian is estimated from the same answers.
 ///

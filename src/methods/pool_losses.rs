@@ -18,7 +18,7 @@
 //! pool in its order: the same bits for any number of threads.
 
 use super::{Call, Rows};
-use crate::dot::dot;
+use crate::dot::{dot, dot2};
 use crate::error::{Error, Result};
 use crate::op::PerturbedOp;
 use crate::pool::Members;
@@ -117,17 +117,33 @@ impl PerturbedOp {
         };
         let mut losses = crate::tensors::host_room(rows.batch, "the loss")?;
         let mut grad = crate::tensors::host_room(pred.len(), "the gradient")?;
-        let mut g = vec![0.0f64; rows.d];
+        let mut g = crate::tensors::host_room(rows.d, "a gradient row")?;
+        g.resize(rows.d, 0.0f64);
+        // NCE's gradient holds the pool's mean member, the same for every problem
+        let mut mean = Vec::new();
+        if loss == PoolLoss::Nce {
+            mean = crate::tensors::host_room(rows.d, "the pool's mean")?;
+            mean.resize(rows.d, 0.0f64);
+            for j in 0..members.len() {
+                add_scaled(&mut mean, 1.0 / members.len() as f64, members.member(j));
+            }
+        }
+        // the listwise loss's scores per member
+        let scores = if loss == PoolLoss::LtrListwise {
+            2 * members.len()
+        } else {
+            0
+        };
+        let mut scratch = crate::tensors::host_room(scores, "the pool's scores")?;
         for i in 0..rows.batch {
             let (p, t) = (rows.row(pred, i), rows.row(target, i));
             g.fill(0.0);
             let value = match loss {
-                PoolLoss::Nce | PoolLoss::Cmap => {
-                    contrastive(loss == PoolLoss::Nce, &members, (p, t), s, &mut g)
-                }
+                PoolLoss::Nce => nce(&members, (p, t), s, &mean, &mut g),
+                PoolLoss::Cmap => cmap(&members, (p, t), s, &mut g),
                 PoolLoss::LtrPointwise => pointwise(&members, (p, t), &mut g),
                 PoolLoss::LtrPairwise => pairwise(&members, (p, t), s, &mut g),
-                PoolLoss::LtrListwise => listwise(&members, (p, t), s, &mut g),
+                PoolLoss::LtrListwise => listwise(&members, (p, t), s, (&mut scratch, &mut g)),
             };
             losses.push(value as f32);
             grad.extend(g.iter().map(|&v| v as f32));
@@ -145,21 +161,24 @@ fn add_scaled(g: &mut [f64], a: f64, w: &[f32]) {
     }
 }
 
-/// NCE (`mean`) or CMAP of ĉ (`p`) with true solution w* (`w`).
-fn contrastive(mean: bool, pool: &Members, (p, w): (&[f32], &[f32]), s: f64, g: &mut [f64]) -> f64 {
+/// NCE of ĉ (`p`) with true solution w* (`w`); `mean` is the pool's mean member.
+fn nce(pool: &Members, (p, w): (&[f32], &[f32]), s: f64, mean: &[f64], g: &mut [f64]) -> f64 {
     let own = dot(p, w);
-    let n = pool.len();
-    if mean {
-        let mut total = 0.0;
-        for j in 0..n {
-            total += s * (own - dot(p, pool.member(j)));
-            add_scaled(g, -s / n as f64, pool.member(j));
-        }
-        add_scaled(g, s, w);
-        return total / n as f64;
+    let total: f64 = (0..pool.len())
+        .map(|j| s * (own - dot(p, pool.member(j))))
+        .sum();
+    add_scaled(g, s, w);
+    for (g, &m) in g.iter_mut().zip(mean) {
+        *g -= s * m;
     }
+    total / pool.len() as f64
+}
+
+/// CMAP of ĉ (`p`) with true solution w* (`w`).
+fn cmap(pool: &Members, (p, w): (&[f32], &[f32]), s: f64, g: &mut [f64]) -> f64 {
+    let own = dot(p, w);
     let mut best = (0, f64::NEG_INFINITY);
-    for j in 0..n {
+    for j in 0..pool.len() {
         let margin = s * (own - dot(p, pool.member(j)));
         if margin > best.1 {
             best = (j, margin);
@@ -176,7 +195,8 @@ fn pointwise(pool: &Members, (p, c): (&[f32], &[f32]), g: &mut [f64]) -> f64 {
     let mut total = 0.0;
     for j in 0..pool.len() {
         let w = pool.member(j);
-        let e = dot(c, w) - dot(p, w);
+        let (cw, pw) = dot2(c, w, p, w);
+        let e = cw - pw;
         total += e * e;
         add_scaled(g, -2.0 * e / n, w);
     }
@@ -195,35 +215,55 @@ fn pairwise(pool: &Members, (p, c): (&[f32], &[f32]), s: f64, g: &mut [f64]) -> 
     }
     let best = dot(p, pool.member(b.0));
     let scale = 1.0 / (pool.len().max(2) - 1) as f64;
-    let mut total = 0.0;
+    let (mut total, mut positive) = (0.0, 0);
     for j in 0..pool.len() {
         let diff = s * (best - dot(p, pool.member(j)));
         if diff > 0.0 {
             total += diff;
-            add_scaled(g, s * scale, pool.member(b.0));
+            positive += 1;
             add_scaled(g, -s * scale, pool.member(j));
         }
     }
+    add_scaled(g, s * scale * f64::from(positive), pool.member(b.0));
     total * scale
 }
 
-/// Listwise LTR of ĉ (`p`) against c (`c`).
-fn listwise(pool: &Members, (p, c): (&[f32], &[f32]), s: f64, g: &mut [f64]) -> f64 {
+/// Listwise LTR of ĉ (`p`) against c (`c`); `scratch` has room for 2·|P| scores.
+fn listwise(
+    pool: &Members,
+    (p, c): (&[f32], &[f32]),
+    s: f64,
+    (scratch, g): (&mut Vec<f64>, &mut [f64]),
+) -> f64 {
     let n = pool.len();
-    let t: Vec<f64> = (0..n).map(|j| -s * dot(c, pool.member(j))).collect();
-    let u: Vec<f64> = (0..n).map(|j| -s * dot(p, pool.member(j))).collect();
-    let log_norm = |v: &[f64]| {
-        let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+    scratch.clear();
+    for j in 0..n {
+        let (cw, pw) = dot2(c, pool.member(j), p, pool.member(j));
+        scratch.extend([-s * cw, -s * pw]); // (t_j, u_j)
+    }
+    let log_norm = |k: usize| {
+        let m = scratch
+            .iter()
+            .skip(k)
+            .step_by(2)
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        m + scratch
+            .iter()
+            .skip(k)
+            .step_by(2)
+            .map(|x| (x - m).exp())
+            .sum::<f64>()
+            .ln()
     };
-    let (lt, lu) = (log_norm(&t), log_norm(&u));
-    let target: Vec<f64> = t.iter().map(|x| (x - lt).exp().max(1e-8)).collect();
-    let mass: f64 = target.iter().sum();
+    let (lt, lu) = (log_norm(0), log_norm(1));
+    let target = |j: usize| (scratch[2 * j] - lt).exp().max(1e-8);
+    let mass: f64 = (0..n).map(target).sum();
     let mut total = 0.0;
     for j in 0..n {
-        let log_q = u[j] - lu;
-        total -= target[j] * log_q;
-        add_scaled(g, s * (target[j] - log_q.exp() * mass), pool.member(j));
+        let log_q = scratch[2 * j + 1] - lu;
+        total -= target(j) * log_q;
+        add_scaled(g, s * (target(j) - log_q.exp() * mass), pool.member(j));
     }
     total
 }

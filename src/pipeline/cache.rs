@@ -128,7 +128,16 @@ impl CallCache {
                 first_row: at.first_row + solved[0] as u64,
                 ..*at
             };
-            solve(&info, &xs, solved.len(), &mut ys)?;
+            solve(&info, &xs, solved.len(), &mut ys).map_err(|e| {
+                Error::new(
+                    e.status(),
+                    format!(
+                        "{} (the {} rows of this block that went to the solver, gathered into one call: their row numbers are not consecutive)",
+                        e.message(),
+                        solved.len()
+                    ),
+                )
+            })?;
             for (k, &r) in solved.iter().enumerate() {
                 y[r * o..(r + 1) * o].copy_from_slice(&ys[k * o..(k + 1) * o]);
             }
@@ -177,7 +186,7 @@ impl CallCache {
 /// where they sit or not) solved into `y` by `solve(info, x, count, y)`, or, for a call
 /// with a pool, some of them answered from it ([`CallCache::solutions`]); the rows solved
 /// counted on `spec`.
-pub(crate) fn solve_rows(
+pub(crate) fn solve_or_answer(
     (cache, spec): (Option<&CallCache>, &OpSpec),
     at: &SolveInfo,
     (x, d, exact_info): (&[f32], usize, bool),

@@ -150,7 +150,9 @@ static void *forward_job(void *arg) {
   return NULL;
 }
 
-/* One pool shared by ops that run on several threads at once, and added to meanwhile. */
+/* One pool shared by ops that run on several threads at once, and added to meanwhile: every
+ * call succeeds and the pool stays within its capacity (a stress test for races, which
+ * `make tsan` and valgrind look at). */
 static bool pool_shared_by_threads(void) {
   enum { T = 4 };
   pert_pool *pool = NULL;

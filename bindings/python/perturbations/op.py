@@ -107,7 +107,6 @@ class Pool(_Handle):
         _check(lib.pert_pool_new(dims, len(shape), capacity, ctypes.byref(h)))
         super().__init__(h)
         self.output_shape, self.capacity = shape, capacity
-        self._numel = math.prod(shape)
 
     def add(self, solutions):
         """Adds solutions [count, *output_shape] (numpy or torch; finite): those the pool does
@@ -574,7 +573,12 @@ class Op(_Handle):
                 self._h = self._make(cfg)
             pool = getattr(self, "_pool", None)
             if pool is not None:  # (the child's copy of the pool: its additions stay in the child)
-                _check(lib.pert_op_set_pool(self._h, pool.handle))
+                if pool._h:
+                    _check(lib.pert_op_set_pool(self._h, pool._h))
+                else:  # closed in the parent: the child's op cannot reach it
+                    self._pool = None
+                    warnings.warn("perturbations: this op's Pool was closed before the fork: in the child the "
+                                  "op has no pool (every sample is solved)", RuntimeWarning, stacklevel=3)
             self._lock_, self._owner, self._errors[:] = threading.Lock(), threading.local(), []
             self._interrupt_lock = threading.RLock()
             self._pid = self._keyed_pid = os.getpid()

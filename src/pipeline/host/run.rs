@@ -12,7 +12,7 @@ use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
 use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::perturbation::Perturbation;
-use crate::pipeline::cache::{solve_rows, CallCache};
+use crate::pipeline::cache::{solve_or_answer, CallCache};
 use crate::pipeline::plan::OpSpec;
 use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
 use crate::rng::Stream;
@@ -353,7 +353,7 @@ impl<'a> HostRun<'a> {
                 // changes a bit); checked finite by the caller. With info: told its rows.
                 let solve = |at: &SolveInfo, x: &[f32], n, y: &mut [f32]| solver.call(at, x, n, y);
                 let rows = (&*x, self.d, solver.workers().is_some());
-                solve_rows((self.cache, self.spec), at, rows, y, solve)?;
+                solve_or_answer((self.cache, self.spec), at, rows, y, solve)?;
             }
             Source::Solver(SolverKind::Builtin(builtin)) => match self.ones_per_row() {
                 Some(_) => {
@@ -365,7 +365,7 @@ impl<'a> HostRun<'a> {
                         builtin.solve_host(x, self.last, y);
                         Ok(())
                     };
-                    solve_rows((self.cache, self.spec), at, (x, self.d, false), y, solve)?
+                    solve_or_answer((self.cache, self.spec), at, (x, self.d, false), y, solve)?
                 }
             },
             Source::Provided(all) => {

@@ -1342,8 +1342,6 @@ function pool_handle(p::Pool)
     return p.handle
 end
 
-Base.unsafe_convert(::Type{Ptr{Cvoid}}, p::Pool) = p.handle
-
 """`length(pool)`: the number of solutions the pool holds now (`pert_pool_size`)."""
 Base.length(p::Pool) = lock(p.lock) do
     Int(@ccall libperturbations.pert_pool_size(pool_handle(p)::Ptr{Cvoid})::Csize_t)
@@ -1396,7 +1394,9 @@ end
 """`solver_calls(op)`: the rows the op's solver has solved so far (`pert_op_solver_calls`)."""
 function solver_calls(op::Op)
     rows = Ref{UInt64}(0)
-    check(@ccall libperturbations.pert_op_solver_calls(op::Ptr{Cvoid}, rows::Ref{UInt64})::UInt32)
+    lock(op.lock) do   # (free! frees the handle under it)
+        check(@ccall libperturbations.pert_op_solver_calls(op::Ptr{Cvoid}, rows::Ref{UInt64})::UInt32)
+    end
     return rows[]
 end
 
