@@ -56,6 +56,16 @@
 #include <stdint.h>
 
 /*
+ The default of [`Config::set_remote_timeout`], in seconds.
+ */
+#define DEFAULT_REMOTE_TIMEOUT 600.0
+
+/*
+ The largest remote timeout accepted, in seconds (about 11.6 days).
+ */
+#define MAX_REMOTE_TIMEOUT 1e6
+
+/*
  Normal noise N(0, 1): score z. The default.
  */
 #define PERT_NOISE_NORMAL 0
@@ -383,6 +393,11 @@ typedef int32_t (*pert_device_solver_fn)(void *user_data,
                                          void *stream);
 
 /*
+ A function that `pert_op_free` calls with its pointer (see `pert_op_on_free`).
+ */
+typedef void (*pert_free_hook)(void *data);
+
+/*
  Success.
  */
 #define PERT_STATUS_OK 0
@@ -444,6 +459,17 @@ extern "C" {
          `>= buf_len` means the copy was truncated.
  */
 size_t pert_last_error(char *buf, size_t buf_len);
+
+/*
+ Records `message` as this thread's last error (what `pert_last_error` gives next) and
+ returns `status`: for code built on this library, such as the MPI component
+ (bindings/mpi), whose own functions follow its error conventions.
+
+ @param status   Returned unchanged.
+ @param message  A NUL-terminated string, copied (invalid UTF-8 replaced); NULL records
+                 the name of `status`.
+ */
+pert_status pert_set_last_error(pert_status status, const char *message);
 
 /*
  Makes a config with the defaults: num_samples 1000, sigma 0.05, noise
@@ -592,6 +618,43 @@ pert_status pert_config_set_solve_ratio(struct pert_config *config, double ratio
  Built-in solvers are linear whatever this says.
  */
 pert_status pert_config_set_linear_objective(struct pert_config *config, bool linear);
+
+/*
+ Sets how long a call waits for a part of its solves that runs elsewhere before it fails,
+ in seconds (default 600): for an op of the MPI component (bindings/mpi), the longest a
+ rank may take to answer one block of rows, counted from when the rank could start on
+ it. A rank that is dead or stuck then fails the call on root with
+ `PERT_STATUS_SOLVER_FAILED` naming the rank, instead of a hang. Ops that solve in this
+ process do not use it.
+
+ @return `PERT_STATUS_INVALID_ARGUMENT` unless 0 < seconds <= 1e6 (NaN included).
+ */
+pert_status pert_config_set_remote_timeout(struct pert_config *config, double seconds);
+
+/*
+ Makes a copy of a config, with every setting: to change some settings for another op
+ without touching the original.
+
+ @param out  Receives the copy on success; untouched on error. Free it with
+             `pert_config_free`.
+ @return `PERT_STATUS_NULL_ARGUMENT` when `config` or `out` is NULL.
+ */
+pert_status pert_config_clone(const struct pert_config *config, struct pert_config **out);
+
+/*
+ Describes every setting of a config as text: one `name=value` line each, ended by a
+ newline, the names those of the setters (`num_samples=1000`, `sigma=0.05`, ...), in a
+ fixed order, floats in their shortest exact form. Two configs hold the same settings
+ exactly when their texts are equal, line for line (the text of a value may change
+ between versions of the library). Copied into `buf` as `pert_last_error` copies.
+
+ @param buf      Where to copy the text; may be NULL when `buf_len` is 0.
+ @param buf_len  Size of `buf` in bytes; the copy is cut to `buf_len - 1` bytes and
+                 NUL-terminated when `buf_len > 0`.
+ @return The full length of the text in bytes, without the NUL (a return value
+         `>= buf_len` means the copy was cut); 0 for a NULL config.
+ */
+size_t pert_config_describe(const struct pert_config *config, char *buf, size_t buf_len);
 
 /*
  Draws the samples in antithetic pairs (Z, -Z) (default false): the Jacobian becomes
@@ -1117,6 +1180,19 @@ pert_status pert_op_new_external(const struct pert_config *config,
  Frees an op. NULL is accepted and ignored. Tapes made by the op stay valid.
  */
 void pert_op_free(struct pert_op *op);
+
+/*
+ Registers `hook(data)` to run once when the op is freed: inside `pert_op_free`, on the
+ thread that calls it, after the op's workers have stopped and their fini hooks have run
+ (no callback of the op runs after it). For code built on the op that keeps state of its
+ own: the `user_data` of its callbacks, a service to end (the MPI component). A forked
+ child's `pert_op_free` runs it too, in the child. A hook set before is replaced (and
+ does not run); a NULL hook removes it. The hook must not call back into this op.
+
+ @param data  Passed to the hook untouched.
+ @return `PERT_STATUS_NULL_ARGUMENT` when `op` is NULL.
+ */
+pert_status pert_op_on_free(struct pert_op *op, pert_free_hook hook, void *data);
 
 /*
  Interrupts the calls running on `op`, from any thread: each `pert_forward`,

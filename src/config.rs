@@ -11,6 +11,11 @@ pub(crate) const MAX_THREADS: u32 = 1024;
 
 pub use crate::tuning::AUTO_CHUNK_BYTES;
 
+/// The default of [`Config::set_remote_timeout`], in seconds.
+pub const DEFAULT_REMOTE_TIMEOUT: f64 = 600.0;
+/// The largest remote timeout accepted, in seconds (about 11.6 days).
+pub const MAX_REMOTE_TIMEOUT: f64 = 1e6;
+
 /// Settings of a perturbed op. An op copies its config: changing a config later does not
 /// change ops made from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +37,7 @@ pub struct Config {
     tape_form: Option<TapeForm>,
     solve_ratio: f64,
     linear_objective: bool,
+    remote_timeout: f64,
 }
 
 impl Default for Config {
@@ -60,6 +66,7 @@ impl Default for Config {
             tape_form: None,
             solve_ratio: 1.0,
             linear_objective: false,
+            remote_timeout: DEFAULT_REMOTE_TIMEOUT,
         }
     }
 }
@@ -187,6 +194,52 @@ impl Config {
     pub fn set_linear_objective(&mut self, linear: bool) -> &mut Config {
         self.linear_objective = linear;
         self
+    }
+
+    /// How long a call waits for a part of its solves that runs elsewhere (a rank of the MPI
+    /// component, bindings/mpi) before it fails, in seconds: for each block of rows handed
+    /// out, from when it could start. In (0, 1e6]; default 600. Ops that solve in this
+    /// process do not use it.
+    pub fn set_remote_timeout(&mut self, seconds: f64) -> Result<&mut Config> {
+        if !(seconds > 0.0 && seconds <= MAX_REMOTE_TIMEOUT) {
+            return Err(Error::invalid(format!(
+                "remote_timeout must be in (0, {MAX_REMOTE_TIMEOUT}] seconds, got {seconds}"
+            )));
+        }
+        self.remote_timeout = seconds;
+        Ok(self)
+    }
+
+    /// The remote timeout in seconds (see `set_remote_timeout`).
+    pub fn remote_timeout(&self) -> f64 {
+        self.remote_timeout
+    }
+
+    /// Every setting, one `name=value` line each (names as the setters', in a fixed
+    /// order; floats in their shortest exact form), so that two configs hold the same
+    /// settings exactly when their descriptions are equal, line for line.
+    pub fn describe(&self) -> String {
+        let lines: [(&str, String); 18] = [
+            ("num_samples", self.num_samples.to_string()),
+            ("sigma", format!("{:?}", self.sigma)),
+            ("noise", format!("{:?}", self.noise)),
+            ("seed", self.seed.to_string()),
+            ("device", format!("{:?}", self.device)),
+            ("threads", self.threads.to_string()),
+            ("max_threads", self.max_threads.to_string()),
+            ("perturbation", format!("{:?}", self.perturbation)),
+            ("baseline", format!("{:?}", self.baseline)),
+            ("antithetic", self.antithetic.to_string()),
+            ("sense", format!("{:?}", self.sense)),
+            ("chunk_bytes", self.chunk_bytes.to_string()),
+            ("max_tape_bytes", self.max_tape_bytes.to_string()),
+            ("solve_ratio", format!("{:?}", self.solve_ratio)),
+            ("linear_objective", self.linear_objective.to_string()),
+            ("remote_timeout", format!("{:?}", self.remote_timeout)),
+            ("path", format!("{:?}", self.path)),
+            ("tape_form", format!("{:?}", self.tape_form)),
+        ];
+        lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
     }
 
     /// The share of pooled ops' samples that are solved (see `set_solve_ratio`).

@@ -97,6 +97,7 @@ fn julia_types(c_type: &str) -> &'static [&'static str] {
         | "pert_solver_ex"
         | "pert_worker_init"
         | "pert_worker_fini"
+        | "pert_free_hook"
         | "pert_device_solver_fn" => &["Ptr{Cvoid}"],
         // the one struct passed by value or by pointer: the binding's isbits mirror of it
         "pert_aimle_state" => &["AimleState"],

@@ -321,18 +321,56 @@ pub(crate) fn null(name: &str) -> Error {
 ///         `>= buf_len` means the copy was truncated.
 #[no_mangle]
 pub unsafe extern "C" fn pert_last_error(buf: *mut c_char, buf_len: usize) -> usize {
+    // SAFETY: the caller's promise, passed on
     guard_or(0, || {
-        with_last_error(|message| {
-            if !buf.is_null() && buf_len > 0 {
-                let n = message.len().min(buf_len - 1);
-                // SAFETY: the caller gives `buf_len` writable bytes at `buf`.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(message.as_ptr().cast::<c_char>(), buf, n);
-                    *buf.add(n) = 0;
-                }
-            }
-            message.len()
-        })
+        with_last_error(|message| unsafe { copy_text(message, buf, buf_len) })
+    })
+}
+
+/// Copies `text` into the C buffer `buf` of `buf_len` bytes as a NUL-terminated string, cut
+/// to `buf_len - 1` bytes (nothing when `buf` is NULL or `buf_len` is 0), and returns its
+/// full length in bytes.
+///
+/// # Safety
+/// A non-NULL `buf` has `buf_len` writable bytes.
+pub(crate) unsafe fn copy_text(text: &str, buf: *mut c_char, buf_len: usize) -> usize {
+    if !buf.is_null() && buf_len > 0 {
+        let n = text.len().min(buf_len - 1);
+        // SAFETY: the caller gives `buf_len` writable bytes at `buf`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr().cast::<c_char>(), buf, n);
+            *buf.add(n) = 0;
+        }
+    }
+    text.len()
+}
+
+/// Records `message` as this thread's last error (what `pert_last_error` gives next) and
+/// returns `status`: for code built on this library, such as the MPI component
+/// (bindings/mpi), whose own functions follow its error conventions.
+///
+/// @param status   Returned unchanged.
+/// @param message  A NUL-terminated string, copied (invalid UTF-8 replaced); NULL records
+///                 the name of `status`.
+#[no_mangle]
+pub unsafe extern "C" fn pert_set_last_error(
+    status: pert_status,
+    message: *const c_char,
+) -> pert_status {
+    guard_or(status, || {
+        let text = if message.is_null() {
+            // SAFETY: pert_status_name gives a static NUL-terminated string
+            unsafe { std::ffi::CStr::from_ptr(super::status::pert_status_name(status)) }
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            // SAFETY: the caller passes a NUL-terminated string, read during the call
+            unsafe { std::ffi::CStr::from_ptr(message) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        set_last_error(&text);
+        status
     })
 }
 

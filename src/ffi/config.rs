@@ -307,6 +307,65 @@ pub unsafe extern "C" fn pert_config_set_linear_objective(
     })
 }
 
+/// Sets how long a call waits for a part of its solves that runs elsewhere before it fails,
+/// in seconds (default 600): for an op of the MPI component (bindings/mpi), the longest a
+/// rank may take to answer one block of rows, counted from when the rank could start on
+/// it. A rank that is dead or stuck then fails the call on root with
+/// `PERT_STATUS_SOLVER_FAILED` naming the rank, instead of a hang. Ops that solve in this
+/// process do not use it.
+///
+/// @return `PERT_STATUS_INVALID_ARGUMENT` unless 0 < seconds <= 1e6 (NaN included).
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_set_remote_timeout(
+    config: *mut pert_config,
+    seconds: f64,
+) -> pert_status {
+    set(config, |c| c.set_remote_timeout(seconds).map(|_| ()))
+}
+
+/// Makes a copy of a config, with every setting: to change some settings for another op
+/// without touching the original.
+///
+/// @param out  Receives the copy on success; untouched on error. Free it with
+///             `pert_config_free`.
+/// @return `PERT_STATUS_NULL_ARGUMENT` when `config` or `out` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_clone(
+    config: *const pert_config,
+    out: *mut *mut pert_config,
+) -> pert_status {
+    guard(|| {
+        let copy = unsafe { pert_config::borrow(config, "config") }?.clone();
+        let out = unsafe { arg_mut(out, "out") }?;
+        *out = pert_config::into_raw(copy);
+        Ok(())
+    })
+}
+
+/// Describes every setting of a config as text: one `name=value` line each, ended by a
+/// newline, the names those of the setters (`num_samples=1000`, `sigma=0.05`, ...), in a
+/// fixed order, floats in their shortest exact form. Two configs hold the same settings
+/// exactly when their texts are equal, line for line (the text of a value may change
+/// between versions of the library). Copied into `buf` as `pert_last_error` copies.
+///
+/// @param buf      Where to copy the text; may be NULL when `buf_len` is 0.
+/// @param buf_len  Size of `buf` in bytes; the copy is cut to `buf_len - 1` bytes and
+///                 NUL-terminated when `buf_len > 0`.
+/// @return The full length of the text in bytes, without the NUL (a return value
+///         `>= buf_len` means the copy was cut); 0 for a NULL config.
+#[no_mangle]
+pub unsafe extern "C" fn pert_config_describe(
+    config: *const pert_config,
+    buf: *mut c_char,
+    buf_len: usize,
+) -> usize {
+    guard_or(0, || match unsafe { pert_config::get(config) } {
+        // SAFETY: the caller gives `buf_len` writable bytes at a non-NULL `buf`
+        Some(c) => unsafe { super::boundary::copy_text(&c.describe(), buf, buf_len) },
+        None => 0,
+    })
+}
+
 /// Draws the samples in antithetic pairs (Z, -Z) (default false): the Jacobian becomes
 /// sum over pairs of (Y(Z) - Y(-Z)) Z^T / (N sigma). Needs Normal noise and an even
 /// num_samples; `pert_op_new` checks both.

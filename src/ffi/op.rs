@@ -2,7 +2,7 @@
 
 use super::boundary::{self, arg_mut, guard, guard_or, slice};
 use super::config::pert_config;
-use super::handle::{handle, Handle};
+use super::handle::Handle;
 pub use super::solver::pert_solver_fn; // its home before `ffi::solver`
 use super::solver::{
     pert_device_solver_fn, pert_solver_ex, pert_worker_fini, pert_worker_init, CallbackSolver,
@@ -26,9 +26,47 @@ use std::ffi::c_void;
 /// call runs. Ops are independent of each other.
 pub struct pert_op {
     pub(crate) inner: PerturbedOp,
+    /// The hook of `pert_op_on_free`: dropped after `inner` (fields drop in order), so it
+    /// runs once the op's workers have stopped and their fini hooks have run.
+    on_free: FreeHook,
 }
 
-handle!(pert_op, PerturbedOp);
+impl Handle for pert_op {
+    type Inner = PerturbedOp;
+    fn wrap(inner: PerturbedOp) -> Self {
+        pert_op {
+            inner,
+            on_free: FreeHook::default(),
+        }
+    }
+    fn inner(&self) -> &PerturbedOp {
+        &self.inner
+    }
+    fn inner_mut(&mut self) -> &mut PerturbedOp {
+        &mut self.inner
+    }
+}
+
+/// A C function and its pointer, called once when dropped (see `pert_op_on_free`).
+#[derive(Default)]
+struct FreeHook(std::sync::Mutex<Option<(unsafe extern "C" fn(*mut c_void), SendPtr)>>);
+
+/// The hook's pointer: the C caller's, passed back untouched on whatever thread frees the
+/// op (the contract of `pert_op_on_free`).
+struct SendPtr(*mut c_void);
+// SAFETY: the library never dereferences it; the caller promises it may be used from the
+// thread that frees the op
+unsafe impl Send for SendPtr {}
+
+impl Drop for FreeHook {
+    fn drop(&mut self) {
+        let hook = self.0.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((hook, data)) = hook {
+            // SAFETY: the caller's function, with the pointer it gave (pert_op_on_free)
+            unsafe { hook(data.0) };
+        }
+    }
+}
 
 impl pert_op {
     /// Wraps an op of the safe API as a C handle, for Rust hosts that hand ops to C code
@@ -337,6 +375,34 @@ pub unsafe extern "C" fn pert_op_free(op: *mut pert_op) {
     guard_or((), || {
         // SAFETY: a non-NULL op comes from `pert_op_new` and is freed once.
         unsafe { pert_op::free(op) }
+    })
+}
+
+/// A function that `pert_op_free` calls with its pointer (see `pert_op_on_free`).
+pub type pert_free_hook = Option<unsafe extern "C" fn(data: *mut c_void)>;
+
+/// Registers `hook(data)` to run once when the op is freed: inside `pert_op_free`, on the
+/// thread that calls it, after the op's workers have stopped and their fini hooks have run
+/// (no callback of the op runs after it). For code built on the op that keeps state of its
+/// own: the `user_data` of its callbacks, a service to end (the MPI component). A forked
+/// child's `pert_op_free` runs it too, in the child. A hook set before is replaced (and
+/// does not run); a NULL hook removes it. The hook must not call back into this op.
+///
+/// @param data  Passed to the hook untouched.
+/// @return `PERT_STATUS_NULL_ARGUMENT` when `op` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_on_free(
+    op: *mut pert_op,
+    hook: pert_free_hook,
+    data: *mut c_void,
+) -> pert_status {
+    guard(|| {
+        // SAFETY: a non-NULL op is a live handle; only its hook's mutex is touched, so
+        // calls running on the op from other threads are not disturbed
+        let op = unsafe { op.as_ref() }.ok_or_else(|| super::boundary::null("op"))?;
+        let mut slot = op.on_free.0.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = hook.map(|h| (h, SendPtr(data)));
+        Ok(())
     })
 }
 

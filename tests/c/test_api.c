@@ -484,6 +484,71 @@ static bool op_solve_is_the_plain_solver(void) {
   return true;
 }
 
+static int freed_count = 0;
+static void count_free(void *data) {
+  freed_count += *(int *)data;
+}
+
+/* pert_config_clone, pert_config_describe, pert_config_set_remote_timeout: the copy has
+ * every setting, the description tells configs apart, bad values are refused. */
+static bool config_clone_and_describe(void) {
+  pert_config *c = NULL, *copy = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_OK(pert_config_set_num_samples(c, 123));
+  CHECK_OK(pert_config_set_sigma(c, 0.1));
+  CHECK_OK(pert_config_set_remote_timeout(c, 2.5));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_remote_timeout(c, 0));
+  CHECK(last_error_contains("remote_timeout"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_remote_timeout(c, NAN));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_remote_timeout(c, 2e6));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_remote_timeout(NULL, 1));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_clone(NULL, &copy));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_clone(c, NULL));
+  CHECK(copy == NULL);
+  CHECK_OK(pert_config_clone(c, &copy));
+  char a[2048], b[2048];
+  size_t n = pert_config_describe(c, a, sizeof a);
+  CHECK(n > 0 && n < sizeof a && strlen(a) == n && a[n - 1] == '\n');
+  CHECK(strstr(a, "num_samples=123\n") && strstr(a, "sigma=0.1\n") && strstr(a, "remote_timeout=2.5\n"));
+  CHECK(pert_config_describe(copy, b, sizeof b) == n && strcmp(a, b) == 0);
+  CHECK_OK(pert_config_set_seed(copy, 7)); /* the copy is its own */
+  CHECK(pert_config_describe(copy, b, sizeof b) == n && strcmp(a, b) != 0);
+  CHECK(pert_config_describe(c, a, sizeof a) == n && strstr(a, "seed=0\n"));
+  char small[8];
+  memset(small, 'x', sizeof small);
+  CHECK(pert_config_describe(c, small, sizeof small) == n && small[7] == 0 && strlen(small) == 7);
+  CHECK(pert_config_describe(c, NULL, 0) == n);
+  CHECK(pert_config_describe(NULL, a, sizeof a) == 0);
+  pert_config_free(copy);
+  pert_config_free(c);
+  return true;
+}
+
+/* pert_op_on_free runs its hook once, at pert_op_free, after the op's workers' fini hooks;
+ * a second registration replaces the first; pert_set_last_error sets the message. */
+static bool op_free_hook_runs_once(void) {
+  int one = 1, ten = 10;
+  freed_count = 0;
+  pert_op *op = make_op(solve_argmax, &D3);
+  CHECK(op != NULL);
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_op_on_free(NULL, count_free, &one));
+  CHECK_OK(pert_op_on_free(op, count_free, &one));
+  CHECK_OK(pert_op_on_free(op, count_free, &ten)); /* replaces: only this one runs */
+  CHECK(freed_count == 0);
+  pert_op_free(op);
+  CHECK(freed_count == 10);
+  op = make_op(solve_argmax, &D3);
+  CHECK_OK(pert_op_on_free(op, count_free, &one));
+  CHECK_OK(pert_op_on_free(op, NULL, NULL)); /* removed */
+  pert_op_free(op);
+  CHECK(freed_count == 10);
+  CHECK(pert_set_last_error(PERT_STATUS_SOLVER_FAILED, "rank 2: the solver failed") == PERT_STATUS_SOLVER_FAILED);
+  CHECK(last_error_contains("rank 2: the solver failed"));
+  CHECK(pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, NULL) == PERT_STATUS_INVALID_ARGUMENT);
+  CHECK(last_error_contains("PERT_STATUS_INVALID_ARGUMENT"));
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(the_fenchel_young_bound_catches_a_wrong_sense),
@@ -499,6 +564,8 @@ int main(void) {
       TEST(tape_limit_is_checked_before_any_work),
       TEST(two_phase_fenchel_young_equals_the_callback_one),
       TEST(op_solve_is_the_plain_solver),
+      TEST(config_clone_and_describe),
+      TEST(op_free_hook_runs_once),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

@@ -98,7 +98,8 @@ end
 
 """
     Config(; num_samples, sigma, noise, seed, device, threads, max_threads, perturbation, baseline,
-             antithetic, sense, chunk_bytes, max_tape_bytes, solve_ratio, linear_objective)
+             antithetic, sense, chunk_bytes, max_tape_bytes, solve_ratio, linear_objective,
+             remote_timeout)
 
 Settings for ops; an op copies them when it is made. Unset keywords keep the library's
 defaults (1000 samples, σ 0.05, Normal noise, seed 0, device "auto", 1 thread, ...).
@@ -110,6 +111,8 @@ mutable struct Config
     handle::Ptr{Cvoid}
     threads::UInt32
     sense::UInt32
+    # a config around a handle the library made (`copy`), which it then owns
+    Config(handle::Ptr{Cvoid}, threads::UInt32, sense::UInt32) = finalizer(free!, new(handle, threads, sense))
     function Config(; kwargs...)
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(@ccall libperturbations.pert_config_new(out::Ref{Ptr{Cvoid}})::UInt32)
@@ -176,7 +179,31 @@ set!(c::Config, ::Val{:chunk_bytes}, v) = check(@ccall libperturbations.pert_con
 set!(c::Config, ::Val{:solve_ratio}, v) = check(@ccall libperturbations.pert_config_set_solve_ratio(c::Ptr{Cvoid}, Float64(v)::Cdouble)::UInt32)
 set!(c::Config, ::Val{:linear_objective}, v) = check(@ccall libperturbations.pert_config_set_linear_objective(c::Ptr{Cvoid}, Bool(v)::Bool)::UInt32)
 set!(c::Config, ::Val{:max_tape_bytes}, v) = check(@ccall libperturbations.pert_config_set_max_tape_bytes(c::Ptr{Cvoid}, UInt64(v)::UInt64)::UInt32)
+set!(c::Config, ::Val{:remote_timeout}, v) = check(@ccall libperturbations.pert_config_set_remote_timeout(c::Ptr{Cvoid}, Float64(v)::Cdouble)::UInt32)
 set!(::Config, ::Val{K}, _) where {K} = throw(ArgumentError("unknown Config setting $K"))
+
+"""`copy(c::Config)`: a new config with every setting of `c` (`pert_config_clone`)."""
+function Base.copy(c::Config)
+    out = Ref{Ptr{Cvoid}}(C_NULL)
+    check(@ccall libperturbations.pert_config_clone(c::Ptr{Cvoid}, out::Ref{Ptr{Cvoid}})::UInt32)
+    return Config(out[], c.threads, c.sense)
+end
+
+"""`describe(c::Config)`: every setting as `name=value` lines (`pert_config_describe`); two
+configs hold the same settings exactly when their descriptions are equal."""
+function describe(c::Config)
+    n = @ccall libperturbations.pert_config_describe(c::Ptr{Cvoid}, C_NULL::Ptr{UInt8}, 0::Csize_t)::Csize_t
+    buf = Vector{UInt8}(undef, n + 1)
+    @ccall libperturbations.pert_config_describe(c::Ptr{Cvoid}, buf::Ptr{UInt8}, (n + 1)::Csize_t)::Csize_t
+    return String(buf[1:n])
+end
+Base.show(io::IO, ::MIME"text/plain", c::Config) = print(io, "Config:\n", describe(c))
+
+"""`set_last_error(status, message)`: records `message` as this thread's last error of the
+library (`pert_set_last_error`) and returns `status`: for Julia code that calls C
+components built on the library and reports their errors the library's way."""
+set_last_error(status::UInt32, message::AbstractString) =
+    @ccall libperturbations.pert_set_last_error(status::UInt32, message::Cstring)::UInt32
 
 # ---- Tape --------------------------------------------------------------------------
 
@@ -598,6 +625,20 @@ start afterwards are not affected. A freed op is ignored.
 function interrupt!(op::Op)
     h = op.handle
     h == C_NULL || @ccall libperturbations.pert_op_interrupt(h::Ptr{Cvoid})::Cvoid
+    return nothing
+end
+
+"""
+`on_free!(op, hook, data)`: C function `hook` (a `Ptr{Cvoid}`, e.g. from `@cfunction`,
+taking one `Ptr{Cvoid}`) runs with `data` once when the op's handle is freed, after its
+workers stopped (`pert_op_on_free`): for C code that keeps state with an op. The hook runs
+on the thread that frees the op, possibly a finalizer's: it must not call Julia.
+"""
+function on_free!(op::Op, hook::Ptr{Cvoid}, data::Ptr{Cvoid})
+    lock(op.lock) do   # (free! frees the handle under it)
+        op.handle == C_NULL && throw(ArgumentError("the op was freed"))
+        check(@ccall libperturbations.pert_op_on_free(op::Ptr{Cvoid}, hook::Ptr{Cvoid}, data::Ptr{Cvoid})::UInt32)
+    end
     return nothing
 end
 
