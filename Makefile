@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: bench-methods bench-pool lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
+.PHONY: mpi bench-mpi bench-methods bench-pool lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
 
 all: build
 
@@ -183,14 +183,39 @@ julia-test: build
 	  echo "SKIPPED julia-test: julia is not on PATH (tests/julia_binding.rs checked the binding statically)"; \
 	fi
 
-# The two-phase API with solves spread over 2 MPI ranks, checked equal to the callback path.
+# The MPI component (bindings/mpi): libperturbations_mpi.so, compiled with this machine's
+# mpicc (MPI implementations are not ABI-compatible: build it with the MPI you run).
+MPICC ?= mpicc
+MPI_LIB := $(BUILD_DIR)/libperturbations_mpi.so
 MPIRUN_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-run-as-root) --oversubscribe
-mpi-example: examples mpi-tools
-	@if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then \
-	  mpicc $(CFLAGS_STRICT) examples/c/mpi_two_phase.c -o target/examples/mpi_two_phase $(LINK_PERT) && \
-	  mpirun $(MPIRUN_FLAGS) -np 2 ./target/examples/mpi_two_phase; \
+HAVE_MPI = command -v $(MPICC) >/dev/null && command -v mpirun >/dev/null
+LINK_MPI := -Ibindings/mpi $(LINK_PERT) -lperturbations_mpi
+mpi: build mpi-tools
+	@if $(HAVE_MPI); then \
+	  $(MPICC) $(CFLAGS_STRICT) -fPIC -shared -Wl,-soname,libperturbations_mpi.so.$(MAJOR) -Iinclude \
+	    bindings/mpi/perturbations_mpi.c -o $(MPI_LIB) -L$(BUILD_DIR) -lperturbations \
+	    -Wl,-rpath,$(abspath $(BUILD_DIR)) -lpthread && \
+	  ln -sf libperturbations_mpi.so $(BUILD_DIR)/libperturbations_mpi.so.$(MAJOR); \
 	else \
-	  echo "SKIPPED mpi-example: mpicc/mpirun not found"; \
+	  echo "SKIPPED mpi: $(MPICC)/mpirun not found"; \
+	fi
+
+# The MPI component's tests over 3 ranks (tests/mpi/test_mpi.c: equality with one process,
+# a remote failure, a stuck rank's timeout, settings that differ), then the examples: the
+# two-phase API over 2 ranks, and the GLPK knapsack training over 3 ranks, also with a
+# failing rank (each run under a time limit, so that a hang fails instead of waiting).
+mpi-example: examples mpi glpk-tools
+	@if $(HAVE_MPI); then \
+	  mkdir -p target/mpi && \
+	  $(MPICC) $(CFLAGS_STRICT) tests/mpi/test_mpi.c -o target/mpi/test_mpi $(LINK_MPI) && \
+	  timeout 300 mpirun $(MPIRUN_FLAGS) -np 3 ./target/mpi/test_mpi && \
+	  $(MPICC) $(CFLAGS_STRICT) examples/c/mpi_two_phase.c -o target/examples/mpi_two_phase $(LINK_PERT) && \
+	  timeout 300 mpirun $(MPIRUN_FLAGS) -np 2 ./target/examples/mpi_two_phase && \
+	  $(MPICC) $(CFLAGS_STRICT) examples/c/mpi_knapsack.c -o target/mpi/mpi_knapsack $(LINK_MPI) -lglpk && \
+	  timeout 300 mpirun $(MPIRUN_FLAGS) -np 3 ./target/mpi/mpi_knapsack 3 && \
+	  timeout 300 mpirun $(MPIRUN_FLAGS) -np 3 ./target/mpi/mpi_knapsack --fail-on-rank 2; \
+	else \
+	  echo "SKIPPED mpi-example: $(MPICC)/mpirun not found"; \
 	fi
 
 # A MILP from GLPK made differentiable with per-worker models (pert_op_new_ex): checked

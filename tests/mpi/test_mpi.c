@@ -1,0 +1,256 @@
+/* The MPI component over 3 ranks (mpirun -np 3): settings that differ are refused on every
+ * rank; an op spread over the ranks equals the same op in one process, bit for bit
+ * (forward, tape, Fenchel-Young, plain solves, the clean-input baseline), and its solver
+ * is told the global rows; a solver failure on a rank fails root's call naming the rank;
+ * a stuck rank fails root's call within the timeout, and later calls go on. */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "perturbations_mpi.h"
+
+#define D 6
+#define N 16
+#define POISON (-777.0f) /* x[1] of a row that fails on rank 2 */
+#define SLEEPY (-555.0f) /* x[1] of a row that takes 3 s on rank 1 */
+
+static int my_rank = 0;
+static size_t rows_solved = 0; /* by this rank's solver */
+static const int64_t SHAPE[1] = {D};
+
+#define CHECK(cond)                                                                         \
+  do {                                                                                      \
+    if (!(cond)) {                                                                          \
+      fprintf(stderr, "rank %d: %s:%d: CHECK(%s) failed\n", my_rank, __FILE__, __LINE__, #cond); \
+      return false;                                                                         \
+    }                                                                                       \
+  } while (0)
+
+#define CHECK_STATUS(expected, call)                                                              \
+  do {                                                                                            \
+    pert_status got_ = (call);                                                                    \
+    if (got_ != (expected)) {                                                                     \
+      char msg_[4096];                                                                            \
+      pert_last_error(msg_, sizeof msg_);                                                         \
+      fprintf(stderr, "rank %d: %s:%d: %s gave %s, expected %s (%s)\n", my_rank, __FILE__, __LINE__, \
+              #call, pert_status_name(got_), pert_status_name(expected), msg_);                   \
+      return false;                                                                               \
+    }                                                                                             \
+  } while (0)
+
+static bool error_has(const char *needle) {
+  char msg[4096];
+  pert_last_error(msg, sizeof msg);
+  if (strstr(msg, needle)) return true;
+  fprintf(stderr, "rank %d: the message \"%s\" lacks \"%s\"\n", my_rank, msg, needle);
+  return false;
+}
+
+/* Problem p has x[0] = 1000 + 10 p: the solver checks that its rows are the global ones
+ * (perturbed rows move by sigma 0.5, far less than 5). The solution is the one-hot argmax
+ * of x[1..]. */
+static int32_t solve(void *user_data, const pert_solve_info *info, const float *x, size_t count, float *y) {
+  (void)user_data;
+  for (size_t r = 0; r < count; r++) {
+    const float *row = x + r * D;
+    uint64_t global = info->first_row + r;
+    uint64_t problem = info->clean ? global : global / info->num_samples;
+    if (fabsf(row[0] - (1000.0f + 10.0f * (float)problem)) > 5.0f || problem >= info->batch ||
+        info->num_samples != N || info->struct_size != sizeof(pert_solve_info)) {
+      char msg[160];
+      snprintf(msg, sizeof msg, "rank %d: row %zu is not problem %llu", my_rank, r, (unsigned long long)problem);
+      pert_solver_set_error(msg);
+      return 1;
+    }
+    if (row[1] == POISON && my_rank == 2) {
+      pert_solver_set_error("poisoned on rank 2");
+      return 1;
+    }
+    if (row[1] == SLEEPY && my_rank == 1 && r == 0) {
+      struct timespec t = {3, 0};
+      nanosleep(&t, NULL);
+    }
+    size_t best = 1;
+    for (size_t i = 2; i < D; i++)
+      if (row[i] > row[best]) best = i;
+    for (size_t i = 0; i < D; i++) y[r * D + i] = i == best ? 1.0f : 0.0f;
+  }
+  __atomic_add_fetch(&rows_solved, count, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
+static int inits = 0, finis = 0;
+static int32_t init(void *user_data, uint32_t worker) {
+  (void)user_data, (void)worker;
+  __atomic_add_fetch(&inits, 1, __ATOMIC_SEQ_CST);
+  return 0;
+}
+static void fini(void *user_data, uint32_t worker) {
+  (void)user_data, (void)worker;
+  __atomic_add_fetch(&finis, 1, __ATOMIC_SEQ_CST);
+}
+
+static pert_config *make_config(uint32_t baseline) {
+  pert_config *c = NULL;
+  pert_config_new(&c);
+  pert_config_set_num_samples(c, N);
+  pert_config_set_sigma(c, 0.5);
+  pert_config_set_seed(c, 11);
+  pert_config_set_threads(c, 2);
+  pert_config_set_device(c, "cpu");
+  pert_config_set_baseline(c, baseline);
+  pert_config_set_remote_timeout(c, 1.0);
+  return c;
+}
+
+static void problems(float *theta, size_t batch, float marker) {
+  for (size_t p = 0; p < batch; p++) {
+    theta[p * D] = 1000.0f + 10.0f * (float)p;
+    theta[p * D + 1] = marker;
+    for (size_t i = 2; i < D; i++) theta[p * D + i] = (float)((p * 7 + i * 3) % 5) * 0.3f;
+  }
+}
+
+/* Every rank: constructions whose settings differ fail on every rank, naming the rank. */
+static bool differing_settings_are_refused(int size) {
+  pert_config *c = make_config(PERT_BASELINE_SAMPLE_MEAN);
+  pert_op *op = NULL;
+  if (my_rank == 2) pert_config_set_num_samples(c, 17);
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT,
+               pert_mpi_op_new(c, SHAPE, 1, SHAPE, 1, MPI_COMM_WORLD, 0, solve, NULL, NULL, NULL, &op));
+  CHECK(op == NULL && error_has("rank 2") && error_has("num_samples=17") && error_has("num_samples=16"));
+  pert_config_free(c);
+
+  c = make_config(PERT_BASELINE_SAMPLE_MEAN);
+  pert_config_set_threads(c, (uint32_t)(1 + my_rank)); /* threads are each rank's own */
+  const int64_t other[2] = {2, D / 2};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_mpi_op_new(c, my_rank == 1 ? other : SHAPE, my_rank == 1 ? 2 : 1,
+                                                             SHAPE, 1, MPI_COMM_WORLD, 0, solve, NULL, NULL, NULL, &op));
+  CHECK(op == NULL && error_has("rank 1's settings differ") && error_has("input_shape=2,3,"));
+
+  /* a rank's own argument error reaches every rank */
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_mpi_op_new(c, SHAPE, 1, SHAPE, 1, MPI_COMM_WORLD, 0, solve, NULL, NULL,
+                                                          NULL, my_rank == size - 1 ? NULL : &op));
+  CHECK(op == NULL && error_has("out is NULL"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT,
+               pert_mpi_op_new(c, SHAPE, 1, SHAPE, 1, MPI_COMM_WORLD, size, solve, NULL, NULL, NULL, &op));
+  CHECK(error_has("root 3 is not a rank"));
+  pert_config_free(c);
+  return true;
+}
+
+/* Root: one call of each kind on the spread op and on the same op in one process. */
+static bool equal_to_one_process(pert_op *spread, pert_op *single, size_t batch) {
+  float theta[64 * D], y1[64 * D], y2[64 * D], g[64 * D], gin1[64 * D], gin2[64 * D];
+  problems(theta, batch, 0.0f);
+  for (size_t i = 0; i < batch * D; i++) g[i] = (float)((i * 5) % 7) - 3.0f;
+  pert_tape *t1 = NULL, *t2 = NULL;
+  CHECK_STATUS(PERT_STATUS_OK, pert_forward(spread, theta, batch, y1, &t1));
+  CHECK_STATUS(PERT_STATUS_OK, pert_forward(single, theta, batch, y2, &t2));
+  CHECK(memcmp(y1, y2, batch * D * sizeof(float)) == 0);
+  CHECK_STATUS(PERT_STATUS_OK, pert_tape_vjp(t1, g, gin1));
+  CHECK_STATUS(PERT_STATUS_OK, pert_tape_vjp(t2, g, gin2));
+  CHECK(memcmp(gin1, gin2, batch * D * sizeof(float)) == 0);
+  pert_tape_free(t1);
+  pert_tape_free(t2);
+  float loss1[64], loss2[64];
+  CHECK_STATUS(PERT_STATUS_OK, pert_fenchel_young(spread, theta, y2, batch, loss1, gin1));
+  CHECK_STATUS(PERT_STATUS_OK, pert_fenchel_young(single, theta, y2, batch, loss2, gin2));
+  CHECK(memcmp(loss1, loss2, batch * sizeof(float)) == 0 && memcmp(gin1, gin2, batch * D * sizeof(float)) == 0);
+  CHECK_STATUS(PERT_STATUS_OK, pert_op_solve(spread, theta, batch, y1));
+  CHECK_STATUS(PERT_STATUS_OK, pert_op_solve(single, theta, batch, y2));
+  CHECK(memcmp(y1, y2, batch * D * sizeof(float)) == 0);
+  return true;
+}
+
+static double seconds(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Root: the spread op against one process, a remote failure, a stuck rank. */
+static bool root_checks(pert_op *spread, uint32_t baseline) {
+  pert_config *c = make_config(baseline);
+  pert_op *single = NULL;
+  CHECK_STATUS(PERT_STATUS_OK, pert_op_new_ex(c, SHAPE, 1, SHAPE, 1, solve, NULL, NULL, NULL, &single));
+  pert_config_free(c);
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_mpi_serve(spread));
+  CHECK(error_has("not a serving rank's handle"));
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_mpi_serve(NULL));
+  size_t sizes[] = {1, 2, 7, 40};
+  for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+    if (!equal_to_one_process(spread, single, sizes[i])) return false;
+  if (baseline != PERT_BASELINE_SAMPLE_MEAN) {
+    pert_op_free(single);
+    return true;
+  }
+
+  /* a solver failure on rank 2: the call fails naming it, nothing is written */
+  float theta[60 * D], y[60 * D];
+  problems(theta, 60, POISON);
+  for (size_t i = 0; i < 60 * D; i++) y[i] = -9.0f;
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(spread, theta, 60, y));
+  CHECK(error_has("rank 2 failed") && error_has("poisoned on rank 2"));
+  for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
+  if (!equal_to_one_process(spread, single, 7)) return false;
+
+  /* rank 1 stuck for 3 s, the timeout 1 s: the call fails naming it, within about 1 s */
+  problems(theta, 60, SLEEPY);
+  double start = seconds();
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(spread, theta, 60, y));
+  double took = seconds() - start;
+  CHECK(error_has("rank 1 did not answer") && error_has("remote_timeout"));
+  CHECK(took < 2.5);
+  for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
+  /* later calls go on without it, then with it once it has answered */
+  if (!equal_to_one_process(spread, single, 40)) return false;
+  struct timespec t = {3, 0};
+  nanosleep(&t, NULL);
+  if (!equal_to_one_process(spread, single, 40)) return false;
+  printf("a stuck rank failed the call after %.2f s (remote_timeout 1 s)\n", took);
+  pert_op_free(single);
+  return true;
+}
+
+static bool run(int size, uint32_t baseline) {
+  pert_config *c = make_config(baseline);
+  pert_op *op = NULL;
+  CHECK_STATUS(PERT_STATUS_OK, pert_mpi_op_new(c, SHAPE, 1, SHAPE, 1, MPI_COMM_WORLD, 0, solve, NULL, init, fini, &op));
+  pert_config_free(c);
+  (void)size;
+  bool ok = true;
+  if (my_rank == 0) {
+    ok = root_checks(op, baseline);
+    pert_op_free(op); /* ends the service */
+  } else {
+    CHECK_STATUS(PERT_STATUS_OK, pert_mpi_serve(op));
+    CHECK(inits > 0 && finis == 0 && rows_solved > 0); /* this rank took part */
+    printf("rank %d solved %zu rows\n", my_rank, rows_solved);
+    pert_op_free(op);
+    CHECK(finis == inits);
+  }
+  return ok;
+}
+
+int main(int argc, char **argv) {
+  int provided = 0, size = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
+  MPI_Comm_rank(MPI_COMM_WORLD, &my_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  bool ok = size == 3;
+  if (!ok) fprintf(stderr, "run with mpirun -np 3\n");
+  ok = ok && differing_settings_are_refused(size);
+  ok = ok && run(size, PERT_BASELINE_SAMPLE_MEAN);
+  inits = finis = 0, rows_solved = 0;
+  ok = ok && run(size, PERT_BASELINE_CLEAN_INPUT);
+  int failures = !ok, total = 0;
+  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  if (my_rank == 0) printf("MPI component over %d ranks: %s\n", size, total ? "FAILED" : "all checks passed");
+  MPI_Finalize();
+  return total != 0;
+}
