@@ -308,6 +308,7 @@ bench: build
 	"$(if $(LIBTORCH),python3,$(VENV)/bin/python)" bench/bench.py --out target/bench/results.md $(BENCH_FLAGS)
 	$(MAKE) --no-print-directory bench-methods
 	$(MAKE) --no-print-directory bench-pool
+	$(MAKE) --no-print-directory bench-mpi
 	$(MAKE) --no-print-directory bench-python
 
 # Training with an expensive solver (GLPK) and a solution pool, solve_ratio 1 / 0.3 / 0.1
@@ -316,6 +317,13 @@ bench-pool: build glpk-tools
 	@mkdir -p target/bench
 	cc $(CFLAGS_STRICT) bench/pool_knapsack.c -o target/bench/pool_knapsack $(LINK_PERT) -lglpk
 	./target/bench/pool_knapsack 10 | tee target/bench/pool.md
+
+# The MPI component's distribution efficiency: a solver sleeping 2 ms per row, np = 1, 2, 4
+# and 8 (bench/mpi_scale.c; the README's "On a cluster" table).
+bench-mpi: mpi
+	@mkdir -p target/bench
+	$(MPICC) -std=c11 -O2 bench/mpi_scale.c -o target/bench/mpi_scale $(LINK_MPI)
+	sh bench/mpi_scale.sh target/bench/mpi_scale $(MPIRUN_FLAGS) | tee target/bench/mpi.md
 
 # The decision-focused methods against the solver calls they make (bench/methods.c).
 bench-methods: build

@@ -356,9 +356,11 @@ static int spread(ctx *c, const pert_solve_info *info, const float *in, float *o
       int late = 0; /* a rank still owing answers of a failed call gets no work until it answers */
       for (int i = 0; i < p->inflight; i++) late |= p->queue[i].call != c->calls;
       while (r != c->rank && !late && p->inflight < DEPTH) {
-        size_t start = 0;
+        size_t start = 0, rows = 0;
         pthread_mutex_lock(&c->lock);
-        size_t rows = take(c, c->threads[r], &start);
+        /* a second block waits in a rank's queue only while many rows are left: at the end
+         * of the call, the last blocks go to the ranks that are free */
+        if (p->inflight == 0 || c->job.count - c->job.cursor > 4 * c->all_threads) rows = take(c, c->threads[r], &start);
         pthread_mutex_unlock(&c->lock);
         if (rows == 0) break;
         if (send_block(c, r, info, in, start, rows, msg, len)) return 1;
