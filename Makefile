@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: mpi bench-mpi bench-methods bench-pool lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
+.PHONY: mpi mpi-lib bench-mpi bench-methods bench-pool lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
 
 all: build
 
@@ -190,14 +190,19 @@ MPI_LIB := $(BUILD_DIR)/libperturbations_mpi.so
 MPIRUN_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-run-as-root) --oversubscribe
 HAVE_MPI = command -v $(MPICC) >/dev/null && command -v mpirun >/dev/null
 LINK_MPI := -Ibindings/mpi $(LINK_PERT) -lperturbations_mpi
-mpi: build mpi-tools
+mpi: mpi-tools
+	@$(MAKE) --no-print-directory mpi-lib
+
+# (without installing MPI: `make install` builds the component where an MPI is at hand)
+mpi-lib: build
 	@if $(HAVE_MPI); then \
+	  echo "$(MPICC): building $(MPI_LIB)"; \
 	  $(MPICC) $(CFLAGS_STRICT) -fPIC -shared -Wl,-soname,libperturbations_mpi.so.$(MAJOR) -Iinclude \
 	    bindings/mpi/perturbations_mpi.c -o $(MPI_LIB) -L$(BUILD_DIR) -lperturbations \
-	    -Wl,-rpath,$(abspath $(BUILD_DIR)) -lpthread && \
+	    -Wl,-rpath,'$$ORIGIN' -lpthread && \
 	  ln -sf libperturbations_mpi.so $(BUILD_DIR)/libperturbations_mpi.so.$(MAJOR); \
 	else \
-	  echo "SKIPPED mpi: $(MPICC)/mpirun not found"; \
+	  echo "SKIPPED the MPI component: $(MPICC)/mpirun not found"; \
 	fi
 
 # The MPI component's tests over 3 ranks (tests/mpi/test_mpi.c: equality with one process,
@@ -258,7 +263,7 @@ cargo-test: build
 cargo-test-debug: build
 	$(CARGO) test --lib --test rust_api --test estimators --test pinned --test scale --test architecture
 
-ctest: build
+ctest: build mpi
 	cmake -S tests/c -B $(CTEST_DIR) -DPERT_ROOT=$(abspath .) -DCMAKE_BUILD_TYPE=Release \
 	  -DTORCH_DIR="$(TORCH_DIR)" -DTORCH_CXX11_ABI=$(TORCH_ABI) >/dev/null
 	cmake --build $(CTEST_DIR) -j2
@@ -470,6 +475,7 @@ fuzz: build clang-tools
 PREFIX ?= /usr/local
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 install: build
+	@$(MAKE) --no-print-directory mpi-lib
 	@$(MAKE) --no-print-directory install-files
 
 # Installs what `make build` left (used by the install test without rebuilding).

@@ -2,7 +2,9 @@
 # Installs the built library under PREFIX: lib/libperturbations.so.VERSION with the links
 # libperturbations.so.MAJOR (the SONAME: two majors install side by side) and
 # libperturbations.so, lib/libperturbations.a, include/perturbations.h,
-# perturbations.hpp and perturbations_torch.hpp, a pkg-config file and a CMake package.
+# perturbations.hpp and perturbations_torch.hpp, a pkg-config file and a CMake package; and
+# the MPI component (libperturbations_mpi.so.VERSION and its links, perturbations_mpi.h,
+# perturbations-mpi.pc) when `make mpi` built it.
 # Run by `make install`.
 #
 # libtorch: the installed library looks for it in its RUNPATH, which is the libtorch the
@@ -33,6 +35,14 @@ install -m 644 "$ROOT/target/release/libperturbations.a" "$lib/libperturbations.
 install -m 644 "$ROOT/include/perturbations.h" "$PREFIX/include/perturbations.h"
 install -m 644 "$ROOT/bindings/cpp/perturbations.hpp" "$PREFIX/include/perturbations.hpp"
 install -m 644 "$ROOT/bindings/cpp/perturbations_torch.hpp" "$PREFIX/include/perturbations_torch.hpp"
+# the MPI component, where `make mpi` built it (with the MPI of that machine)
+mpi_so="$ROOT/target/release/libperturbations_mpi.so"
+if [ -f "$mpi_so" ]; then
+  install -m 755 "$mpi_so" "$lib/libperturbations_mpi.so.$VERSION"
+  ln -sf "libperturbations_mpi.so.$VERSION" "$lib/libperturbations_mpi.so.$major"
+  ln -sf "libperturbations_mpi.so.$major" "$lib/libperturbations_mpi.so"
+  install -m 644 "$ROOT/bindings/mpi/perturbations_mpi.h" "$PREFIX/include/perturbations_mpi.h"
+fi
 runpath=$(readelf -d "$so" | sed -n 's/.*R\(UN\)*PATH.*\[\(.*\)\]/\2/p')
 # libtorch for a static link (pkg-config --static, perturbations-static.pc): the directory
 # of the RUNPATH that holds libtorch_cpu.so, with an rpath to it; none: the system's
@@ -48,4 +58,8 @@ subst "$ROOT/packaging/perturbations.pc.in" "$lib/pkgconfig/perturbations.pc"
 subst "$ROOT/packaging/perturbations-static.pc.in" "$lib/pkgconfig/perturbations-static.pc"
 subst "$ROOT/packaging/perturbationsConfig.cmake.in" "$lib/cmake/perturbations/perturbationsConfig.cmake"
 subst "$ROOT/packaging/perturbationsConfigVersion.cmake.in" "$lib/cmake/perturbations/perturbationsConfigVersion.cmake"
+if [ -f "$mpi_so" ]; then
+  subst "$ROOT/packaging/perturbations-mpi.pc.in" "$lib/pkgconfig/perturbations-mpi.pc"
+  echo "installed the MPI component (libperturbations_mpi, perturbations_mpi.h, perturbations-mpi.pc, CMake COMPONENTS mpi)"
+fi
 echo "installed perturbations $VERSION under $PREFIX; libtorch is looked for in: ${runpath:-the system's library path (no RUNPATH)}"

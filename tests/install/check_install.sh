@@ -61,4 +61,19 @@ if [ -n "${TORCH_CMAKE:-}" ]; then
     cat "$BUILD/torch.log"; exit 1
   fi
 fi
+# the MPI component, where the build has it: pkg-config with mpicc, and CMake's COMPONENTS mpi
+if [ -f "$ROOT/target/release/libperturbations_mpi.so" ]; then
+  test -L "$PREFIX/lib/libperturbations_mpi.so" && test -f "$PREFIX/include/perturbations_mpi.h"
+  readelf -d "$PREFIX/lib/libperturbations_mpi.so" | grep -q 'SONAME.*\[libperturbations_mpi\.so\.0\]'
+  run_mpi="mpirun $( [ "$(id -u)" = 0 ] && echo --allow-run-as-root ) --oversubscribe -np 2"
+  mpicc -std=c11 -Wall -Werror "$ROOT/tests/install/mpi/consumer_mpi.c" -o "$BUILD/pc_consumer_mpi" \
+    $(pkg-config --cflags --libs perturbations-mpi) -Wl,-rpath,"$PREFIX/lib"
+  timeout 120 $run_mpi "$BUILD/pc_consumer_mpi"
+  cmake -S "$ROOT/tests/install/mpi" -B "$BUILD/cmake-mpi" -DCMAKE_PREFIX_PATH="$PREFIX" \
+    -DCMAKE_BUILD_RPATH="$PREFIX/lib" >/dev/null
+  cmake --build "$BUILD/cmake-mpi" >/dev/null
+  timeout 120 $run_mpi "$BUILD/cmake-mpi/consumer_mpi"
+else
+  echo "SKIPPED the installed MPI component: this build has none (make mpi)"
+fi
 echo "install consumers: ok (pkg-config, CMake, SONAME links, TORCH_LIB)"
