@@ -35,7 +35,7 @@ endif
 TORCH_CXX = -D_GLIBCXX_USE_CXX11_ABI=$(TORCH_ABI) -isystem $(TORCH_DIR)/include -isystem $(TORCH_DIR)/include/torch/csrc/api/include
 TORCH_LINK = -L$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$(TORCH_DIR)/lib
 
-.PHONY: mpi mpi-lib bench-mpi bench-methods bench-pool lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
+.PHONY: mpi mpi-lib mpi-python bench-mpi bench-methods bench-pool lint readme-blocks nightly sweeps fault miri tsan gpu-files glpk-tools glpk-example predict-then-optimize python-package python-test python-example python-install-check readme-python bench-python cargo-test-debug check-deep clang-tools sanitizers valgrind fuzz julia-test install install-files bench all build test demo header tools mpi-tools torch clean cargo-test ctest examples mpi-example
 
 all: build
 
@@ -98,7 +98,7 @@ header: $(TORCH_DEP)
 	PERT_UPDATE_HEADER=1 $(CARGO) test --release --test header
 
 # --- tests ----------------------------------------------------------------
-test: build lint cargo-test cargo-test-debug ctest readme-blocks mpi-example glpk-example predict-then-optimize julia-test python-test
+test: build lint cargo-test cargo-test-debug ctest readme-blocks mpi-example glpk-example predict-then-optimize julia-test python-test mpi-python
 	@echo "make test: all suites passed"
 
 # The Python package (bindings/python), installed into the torch venv with pip as a user
@@ -223,6 +223,24 @@ mpi-example: examples mpi glpk-tools
 	  echo "SKIPPED mpi-example: $(MPICC)/mpirun not found"; \
 	fi
 
+# perturbations.mpi (mpi4py) over 3 ranks: its tests (tests/mpi/test_mpi_python.py) and the
+# training example (examples/python/mpi_training.py), run from outside the checkout with the
+# installed package and the component built here.
+ifdef LIBTORCH
+mpi-python:
+	@echo "SKIPPED $@: LIBTORCH is set (the Python package runs in the torch venv the Makefile makes)"
+else
+mpi-python: python-package mpi
+	@if $(HAVE_MPI); then \
+	  "$(VENV)/bin/pip" install --quiet --disable-pip-version-check mpi4py && \
+	  cd /tmp && export PERTURBATIONS_MPI_LIB="$(abspath $(MPI_LIB))" && \
+	  timeout 300 mpirun $(MPIRUN_FLAGS) -np 3 "$(VENV)/bin/python" "$(abspath tests/mpi/test_mpi_python.py)" && \
+	  timeout 300 mpirun $(MPIRUN_FLAGS) -np 3 "$(VENV)/bin/python" "$(abspath examples/python/mpi_training.py)"; \
+	else \
+	  echo "SKIPPED mpi-python: $(MPICC)/mpirun not found"; \
+	fi
+endif
+
 # A MILP from GLPK made differentiable with per-worker models (pert_op_new_ex): checked
 # against a plain solver, its throughput on 1 and 2 workers printed.
 glpk-example: examples glpk-tools
@@ -242,14 +260,18 @@ predict-then-optimize: examples
 # make glpk-example compiles and runs; commands: make -n, as make test is the caller). The
 # Rust project keeps its target folder under target/ so that later runs are quick. Groups
 # that use the Makefile's venv are skipped when LIBTORCH is set.
-README_GROUPS := commands c cpp cpp-torch rust solver install julia python walkthrough
-readme-blocks: examples
+README_GROUPS := commands c cpp cpp-torch rust solver install julia python walkthrough mpi
+readme-blocks: examples mpi
 	python3 scripts/readme_blocks.py check $(README_GROUPS)
 	@export README_VENV="$(VENV)"; \
 	python3 scripts/readme_blocks.py run c --expect '(softmax(theta/0.5) = [0.234 0.637 0.129])' && \
 	python3 scripts/readme_blocks.py run cpp --expect 'd y_0 / d theta' && \
 	python3 scripts/readme_blocks.py run solver --expect 'y = [' && \
 	python3 scripts/readme_blocks.py run install --with c,cpp --home --expect 'd y_0 / d theta' && \
+	if $(HAVE_MPI) && [ -f $(MPI_LIB) ]; then \
+	  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 \
+	    python3 scripts/readme_blocks.py run mpi --expect 'y = ['; \
+	else echo "SKIPPED README group mpi: no MPI"; fi && \
 	if [ -n "$(LIBTORCH)" ]; then echo "SKIPPED README groups rust, cpp-torch: LIBTORCH is set (they use the venv)"; else \
 	  python3 scripts/readme_blocks.py run cpp-torch --expect 'accuracy' && \
 	  CARGO_TARGET_DIR="$(abspath target/readme-rust)" python3 scripts/readme_blocks.py run rust --expect 'y sums to 1.000'; \

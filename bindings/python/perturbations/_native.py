@@ -112,6 +112,7 @@ _SIG = {
     "pert_config_set_max_tape_bytes": ([P, ctypes.c_uint64], ctypes.c_uint32),
     "pert_config_set_solve_ratio": ([P, ctypes.c_double], ctypes.c_uint32),
     "pert_config_set_linear_objective": ([P, ctypes.c_bool], ctypes.c_uint32),
+    "pert_config_set_remote_timeout": ([P, ctypes.c_double], ctypes.c_uint32),
     "pert_pool_new": ([P, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(P)], ctypes.c_uint32),
     "pert_pool_add": ([P, P, ctypes.c_size_t], ctypes.c_uint32),
     "pert_pool_size": ([P], ctypes.c_size_t),

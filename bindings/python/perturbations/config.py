@@ -18,7 +18,7 @@ DEFAULTS = {
     "num_samples": 1000, "sigma": 0.05, "noise": "normal", "seed": 0, "device": "auto", "threads": 1,
     "max_threads": 0, "perturbation": "additive", "baseline": "sample_mean", "antithetic": False,
     "sense": "maximize", "chunk_bytes": 0, "max_tape_bytes": 0, "sog_kappa": 5.0, "sog_terms": 10,
-    "solve_ratio": 1.0, "linear_objective": False,
+    "solve_ratio": 1.0, "linear_objective": False, "remote_timeout": 600.0,
 }
 
 # the parameters of Sum-of-Gamma noise, set with it (pert_config_set_sum_of_gamma)
@@ -72,12 +72,12 @@ def _set(h, key, value):
         v = bool(value)
         _check(getattr(lib, f"pert_config_set_{key}")(h, v))
         return v
-    if key == "solve_ratio":
+    if key in ("solve_ratio", "remote_timeout"):
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise InvalidArgumentError(2, f"solve_ratio must be a number, got {value!r}") from None
-        _check(lib.pert_config_set_solve_ratio(h, v))
+            raise InvalidArgumentError(2, f"{key} must be a number, got {value!r}") from None
+        _check(getattr(lib, f"pert_config_set_{key}")(h, v))
         return v
     table = {"noise": NOISE, "perturbation": PERTURBATION, "baseline": BASELINE, "sense": SENSE}.get(key)
     if table is None:
@@ -113,8 +113,9 @@ class Config:
     the library's), max_tape_bytes (0: no limit), sog_kappa (5.0) and sog_terms (10): the
     parameters of Sum-of-Gamma noise (I-MLE's; no tape: see PERT_NOISE_SUM_OF_GAMMA),
     solve_ratio (1.0: the share of a pooled op's samples that are solved, see `Op.set_pool`)
-    and linear_objective (False: declares a solver's objective linear, <x, y>, which a pool
-    needs).
+    linear_objective (False: declares a solver's objective linear, <x, y>, which a pool
+    needs) and remote_timeout (600.0 seconds: how long an op of `perturbations.mpi` waits
+    for a rank's answer to a block).
 
     A bad value raises `InvalidArgumentError` (a `ValueError`), an unknown name `TypeError`.
     An op copies its config: changing a config later does not change its ops. Configs

@@ -368,6 +368,8 @@ class _Workers:
                 return 0
             except BaseException as e:  # noqa: BLE001
                 _keep_error(errors, e)
+                # the text for the library's message (which the MPI component sends to root)
+                lib.pert_solver_set_error(f"{type(e).__name__}: {e}".encode("utf-8", "replace"))
                 return 1
 
         self.c_init = _callback(_native.WORKER_INIT, init, errors)
@@ -521,11 +523,17 @@ class Op(_Handle):
                                            ctypes.byref(h)))
         elif kind == "external":
             _check(lib.pert_op_new_external(config.handle, ins, ri, outs, ro, ctypes.byref(h)))
-        elif kind == "workers":
+        elif kind in ("workers", "mpi"):
             w = _Workers(self._recipe[1], self._recipe[2], self.input_shape, self.output_shape, self._errors)
             self._callbacks = w
-            _check(lib.pert_op_new_ex(config.handle, ins, ri, outs, ro, ctypes.cast(w.c_solve, P), None,
-                                      ctypes.cast(w.c_init, P), ctypes.cast(w.c_fini, P), ctypes.byref(h)))
+            fns = (ctypes.cast(w.c_solve, P), None, ctypes.cast(w.c_init, P), ctypes.cast(w.c_fini, P))
+            if kind == "mpi":  # collective: every rank of the communicator makes its op
+                from .mpi import component
+                comm, root = self._recipe[3], self._recipe[4]
+                _check(component().pert_mpi_op_new_f(config.handle, ins, ri, outs, ro, comm, root, *fns,
+                                                     ctypes.byref(h)))
+            else:
+                _check(lib.pert_op_new_ex(config.handle, ins, ri, outs, ro, *fns, ctypes.byref(h)))
             _WORKER_OPS.add(self)
         else:
             if kind == "c":
@@ -544,7 +552,7 @@ class Op(_Handle):
 
     def __repr__(self):
         kind = {"c": "C solver", "python": "Python solver", "builtin": "built-in", "external": "external",
-                "workers": "per-worker solvers"}[self._recipe[0]]
+                "workers": "per-worker solvers", "mpi": "solves spread over MPI ranks"}[self._recipe[0]]
         return f"<perturbations.Op {kind} {list(self.input_shape)} -> {list(self.output_shape)}>"
 
     def __copy__(self):
@@ -553,6 +561,8 @@ class Op(_Handle):
     def __deepcopy__(self, memo):
         """A new op with the same settings and solver (the same Python callable or C
         function, not a copy of it), its call count at 0."""
+        if self._recipe[0] == "mpi":
+            raise TypeError("an op of perturbations.mpi cannot be copied: every rank makes it together")
         op = type(self).__new__(type(self))
         with Config(**self._settings) as cfg:
             op._start(cfg, self.input_shape, self.output_shape, self._recipe)
@@ -563,6 +573,8 @@ class Op(_Handle):
         """In a forked child, a fresh C op keyed for this process (see the class docs)."""
         if self._keyed_pid == os.getpid():
             return
+        if self._recipe[0] == "mpi":
+            raise RuntimeError("an op of perturbations.mpi does not work in a forked child: it is not a rank")
         with _FORK_LOCK:
             if self._keyed_pid == os.getpid():
                 return

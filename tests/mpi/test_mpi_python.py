@@ -1,0 +1,83 @@
+"""perturbations.mpi over 3 ranks (mpirun -np 3 python tests/mpi/test_mpi_python.py): one
+library in the process; the spread op equals Op.with_workers in one process (forward and
+its gradient through perturbations.torch); the solver is told global rows; a Python
+solver's exception on rank 2 fails root's call naming the rank and the exception."""
+
+import sys
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import perturbations as pt
+import perturbations.mpi
+import perturbations.torch as ptt
+
+comm = MPI.COMM_WORLD
+D, N = 5, 8
+
+
+def make_solver(worker):
+    def solve(x, info):
+        rows = info.first_row + np.arange(len(x))
+        problems = rows if info.clean else rows // info.num_samples
+        assert np.all(np.abs(x[:, 0] - (100 + 10 * problems)) < 5), "not the global rows"
+        if comm.rank == 2 and np.any(x[:, 1] == -777):
+            raise ValueError("poisoned on rank 2")
+        y = np.zeros_like(x)
+        y[np.arange(len(x)), 1 + np.argmax(x[:, 1:], axis=1)] = 1
+        return y
+    return solve
+
+
+def problems(batch, marker=0.0):
+    theta = np.random.default_rng(1).normal(size=(batch, D)).astype(np.float32)
+    theta[:, 0] = 100 + 10 * np.arange(batch)
+    theta[:, 1] = marker if marker else theta[:, 1]
+    return theta
+
+
+def root_checks(op):
+    cfg = pt.Config(num_samples=N, sigma=0.5, seed=5, device="cpu", threads=2)
+    alone = pt.Op.with_workers(cfg, D, D, make_solver)
+    for batch in (1, 7, 30):
+        theta = torch.tensor(problems(batch), requires_grad=True)
+        y1 = ptt.perturbed(op, theta)
+        g1, = torch.autograd.grad(y1[:, 2].sum(), theta)
+        y2 = ptt.perturbed(alone, theta)
+        g2, = torch.autograd.grad(y2[:, 2].sum(), theta)
+        assert torch.equal(y1, y2) and torch.equal(g1, g2), batch
+        assert np.array_equal(op.solve(problems(batch)), alone.solve(problems(batch)))
+    try:
+        op.solve(problems(40, -777.0))
+        raise AssertionError("rank 2's exception did not fail the call")
+    except pt.SolverFailedError as e:
+        assert "rank 2 failed" in str(e) and "ValueError: poisoned on rank 2" in str(e), str(e)
+    alone.close()
+
+
+def main():
+    cfg = pt.Config(num_samples=N, sigma=0.5, seed=5, device="cpu", threads=1 + comm.rank % 2)
+    op = perturbations.mpi.op(cfg, D, D, make_solver, comm, root=0)
+    maps = open("/proc/self/maps").read()
+    copies = {line.split()[-1] for line in maps.splitlines() if "libperturbations" in line}
+    assert len(copies) == 2, copies  # the component and one libperturbations: the package's
+    ok = True
+    if comm.rank == 0:
+        try:
+            root_checks(op)
+        except AssertionError as e:
+            print("FAILED:", e, file=sys.stderr)
+            ok = False
+        op.close()
+    else:
+        perturbations.mpi.serve(op)
+        op.close()
+    ok = comm.allreduce(int(not ok)) == 0
+    if comm.rank == 0:
+        print(f"perturbations.mpi over {comm.size} ranks:", "all checks passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
