@@ -13,6 +13,7 @@
 pub mod boundary;
 pub mod config;
 pub mod draw;
+pub mod free_hook;
 mod handle;
 pub mod imle;
 pub mod methods;

@@ -2,6 +2,8 @@
 
 use super::boundary::{self, arg_mut, guard, guard_or, slice};
 use super::config::pert_config;
+pub use super::free_hook::pert_free_hook;
+use super::free_hook::FreeHook;
 use super::handle::Handle;
 pub use super::solver::pert_solver_fn; // its home before `ffi::solver`
 use super::solver::{
@@ -44,27 +46,6 @@ impl Handle for pert_op {
     }
     fn inner_mut(&mut self) -> &mut PerturbedOp {
         &mut self.inner
-    }
-}
-
-/// A C function and its pointer, called once when dropped (see `pert_op_on_free`).
-#[derive(Default)]
-struct FreeHook(std::sync::Mutex<Option<(unsafe extern "C" fn(*mut c_void), SendPtr)>>);
-
-/// The hook's pointer: the C caller's, passed back untouched on whatever thread frees the
-/// op (the contract of `pert_op_on_free`).
-struct SendPtr(*mut c_void);
-// SAFETY: the library never dereferences it; the caller promises it may be used from the
-// thread that frees the op
-unsafe impl Send for SendPtr {}
-
-impl Drop for FreeHook {
-    fn drop(&mut self) {
-        let hook = self.0.get_mut().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some((hook, data)) = hook {
-            // SAFETY: the caller's function, with the pointer it gave (pert_op_on_free)
-            unsafe { hook(data.0) };
-        }
     }
 }
 
@@ -378,9 +359,6 @@ pub unsafe extern "C" fn pert_op_free(op: *mut pert_op) {
     })
 }
 
-/// A function that `pert_op_free` calls with its pointer (see `pert_op_on_free`).
-pub type pert_free_hook = Option<unsafe extern "C" fn(data: *mut c_void)>;
-
 /// Registers `hook(data)` to run once when the op is freed: inside `pert_op_free`, on the
 /// thread that calls it, after the op's workers have stopped and their fini hooks have run
 /// (no callback of the op runs after it). For code built on the op that keeps state of its
@@ -400,12 +378,10 @@ pub unsafe extern "C" fn pert_op_on_free(
         // SAFETY: a non-NULL op is a live handle; only its hook's mutex is touched, so
         // calls running on the op from other threads are not disturbed
         let op = unsafe { op.as_ref() }.ok_or_else(|| super::boundary::null("op"))?;
-        let mut slot = op.on_free.0.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = hook.map(|h| (h, SendPtr(data)));
+        op.on_free.set(hook, data);
         Ok(())
     })
 }
-
 /// Interrupts the calls running on `op`, from any thread: each `pert_forward`,
 /// `pert_fenchel_young` and `pert_op_solve` call running on it now returns
 /// `PERT_STATUS_INTERRUPTED` at its
