@@ -58,7 +58,7 @@
 /*
  The default of [`Config::set_remote_timeout`], in seconds.
  */
-#define DEFAULT_REMOTE_TIMEOUT 600.0
+#define DEFAULT_REMOTE_TIMEOUT 60.0
 
 /*
  The largest remote timeout accepted, in seconds (about 11.6 days).
@@ -621,11 +621,12 @@ pert_status pert_config_set_linear_objective(struct pert_config *config, bool li
 
 /*
  Sets how long a call waits for a part of its solves that runs elsewhere before it fails,
- in seconds (default 600): for an op of the MPI component (bindings/mpi), the longest a
- rank may take to answer one block of rows, counted from when the rank could start on
- it. A rank that is dead or stuck then fails the call on root with
- `PERT_STATUS_SOLVER_FAILED` naming the rank, instead of a hang. Ops that solve in this
- process do not use it.
+ in seconds per row of a worker (default 60): for an op of the MPI component
+ (bindings/mpi), the longest one solve may take on a rank; a block of r rows handed to a
+ rank of t workers may take this times ceil(r / t) seconds, counted from when the rank
+ could start on it (blocks hold at most 32 rows per worker). A rank that is dead or stuck
+ then fails the call on root with `PERT_STATUS_SOLVER_FAILED` naming the rank, instead of
+ a hang. Ops that solve in this process do not use it.
 
  @return `PERT_STATUS_INVALID_ARGUMENT` unless 0 < seconds <= 1e6 (NaN included).
  */
@@ -1487,6 +1488,13 @@ pert_status pert_ltr_listwise(struct pert_op *op,
  no effect on anything.
  */
 void pert_solver_set_error(const char *message);
+
+/*
+ The number of threads that call `op`'s solver callback in a call: its config's threads,
+ with 0 taken as one per core the process may use (within max_threads); for an op of
+ `pert_op_new_ex`, its number of workers. 0 for NULL.
+ */
+size_t pert_op_solver_threads(const struct pert_op *op);
 
 /*
  The library's version, "MAJOR.MINOR.PATCH": a static string, never NULL.

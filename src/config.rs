@@ -12,7 +12,7 @@ pub(crate) const MAX_THREADS: u32 = 1024;
 pub use crate::tuning::AUTO_CHUNK_BYTES;
 
 /// The default of [`Config::set_remote_timeout`], in seconds.
-pub const DEFAULT_REMOTE_TIMEOUT: f64 = 600.0;
+pub const DEFAULT_REMOTE_TIMEOUT: f64 = 60.0;
 /// The largest remote timeout accepted, in seconds (about 11.6 days).
 pub const MAX_REMOTE_TIMEOUT: f64 = 1e6;
 
@@ -197,9 +197,10 @@ impl Config {
     }
 
     /// How long a call waits for a part of its solves that runs elsewhere (a rank of the MPI
-    /// component, bindings/mpi) before it fails, in seconds: for each block of rows handed
-    /// out, from when it could start. In (0, 1e6]; default 600. Ops that solve in this
-    /// process do not use it.
+    /// component, bindings/mpi) before it fails, in seconds per row of a worker: a block of
+    /// r rows handed to a rank of t workers may take this times ceil(r / t), from when the
+    /// rank could start on it. In (0, 1e6]; default 60. Ops that solve in this process do
+    /// not use it.
     pub fn set_remote_timeout(&mut self, seconds: f64) -> Result<&mut Config> {
         if !(seconds > 0.0 && seconds <= MAX_REMOTE_TIMEOUT) {
             return Err(Error::invalid(format!(

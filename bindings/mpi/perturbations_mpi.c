@@ -6,8 +6,10 @@
  * second op, the one the user gets, has one worker whose solver is `dispatch`: it cuts
  * each solver call into blocks, sends blocks to the other ranks (at most DEPTH in flight
  * per rank) and polls for their answers, while a driver thread takes blocks for root's
- * local op from the same cursor. All of root's MPI calls run on the dispatching worker or
- * on the thread that makes or frees the op, never two at once.
+ * local op from the same cursor. Serving ranks poll too (never a blocking MPI call that
+ * could wait for ever), and answer with non-blocking sends. A process-wide lock makes the
+ * component's MPI calls one at a time (several ops, several serving threads), so
+ * MPI_THREAD_SERIALIZED is enough.
  *
  * Messages, on the library's duplicate communicator:
  *   root -> rank  TAG_WORK    header + count * d floats
@@ -18,7 +20,6 @@
 #define _POSIX_C_SOURCE 200809L
 #include "perturbations_mpi.h"
 
-#include <errno.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -29,10 +30,12 @@
 #include <unistd.h>
 
 enum { TAG_WORK = 1, TAG_RESULT = 2, TAG_CANCEL = 3, TAG_STOP = 4 };
-enum { DEPTH = 2 };                  /* blocks in flight per rank: one solving, one waiting */
-enum { MESSAGE_BYTES = 2048 };       /* the longest error message carried */
+enum { DEPTH = 2 };                   /* blocks in flight per rank: one solving, one waiting */
+enum { MESSAGE_BYTES = 2048 };        /* the longest error message carried */
+enum { ROWS_PER_WORKER = 32 };        /* the most rows of one block per worker of its rank */
 #define MAX_MESSAGE_BYTES (64u << 20) /* the largest block message, in bytes */
 enum { RESULT_OK = 0, RESULT_FAILED = 1, RESULT_SKIPPED = 2 };
+static const double STOP_GRACE = 1.0; /* seconds a stopping rank waits for its last answer */
 
 /* The header of a block and of its answer (plain uint64 words: MPI_BYTE on the wire). */
 typedef struct {
@@ -41,8 +44,8 @@ typedef struct {
 
 /* A block sent to a rank, waiting for its answer. */
 typedef struct {
-  uint64_t call, seq, start, count; /* start: the block's first row in the solver call */
-  double since;                     /* when the rank could start on it */
+  uint64_t call, start, count; /* start: the block's first row in the solver call */
+  double since;                /* when the rank could start on it */
 } flight;
 
 /* What root knows of one other rank. */
@@ -83,9 +86,9 @@ typedef struct ctx {
   double timeout;
   pert_op *local;
   int serving;
-  /* root only */
   size_t *threads; /* each rank's workers */
-  size_t all_threads, cap_rows;
+  size_t all_threads, row_cap; /* row_cap: the most rows a message may carry */
+  /* root only */
   peer *peers;
   uint64_t calls;
   char *recv;
@@ -99,6 +102,15 @@ typedef struct ctx {
 } ctx;
 
 /* ---- small helpers ------------------------------------------------------------------ */
+
+/* Every MPI call of the component holds this lock: one at a time in the process. */
+static pthread_mutex_t mpi_lock = PTHREAD_MUTEX_INITIALIZER;
+#define LOCKED(rc, call)             \
+  do {                               \
+    pthread_mutex_lock(&mpi_lock);   \
+    (rc) = (call);                   \
+    pthread_mutex_unlock(&mpi_lock); \
+  } while (0)
 
 static double now(void) {
   struct timespec t;
@@ -119,11 +131,6 @@ static void format(char *buf, size_t len, const char *fmt, ...) {
   va_end(args);
 }
 
-/* The library's last error on this thread. */
-static void last_error(char *buf, size_t len) {
-  pert_last_error(buf, len);
-}
-
 /* "MPI_Send failed: <MPI's text>" into buf; 1 when rc is an error. */
 static int mpi_failed(int rc, const char *what, char *buf, size_t len) {
   if (rc == MPI_SUCCESS) return 0;
@@ -140,6 +147,52 @@ static void *grow(char **buf, size_t *have, size_t want) {
   if (!bigger) return NULL;
   *buf = bigger, *have = want;
   return bigger;
+}
+
+static int mpi_usable(void) {
+  int finalized = 1, initialized = 0;
+  MPI_Finalized(&finalized);
+  MPI_Initialized(&initialized);
+  return initialized && !finalized;
+}
+
+/* 1 when a message of `tag` from `source` is waiting (its status in *st); rc the MPI code. */
+static int waiting(MPI_Comm comm, int source, int tag, MPI_Status *st, int *rc) {
+  int flag = 0;
+  LOCKED(*rc, MPI_Iprobe(source, tag, comm, &flag, st));
+  return *rc == MPI_SUCCESS && flag;
+}
+
+/* Receives and drops the message whose status is `st` (as bytes, into a small buffer:
+ * a longer one is cut, which MPI reports and which still takes it off the queue). */
+static void drop(MPI_Comm comm, const MPI_Status *st) {
+  char sink[64];
+  int rc;
+  LOCKED(rc, MPI_Recv(sink, (int)sizeof sink, MPI_BYTE, st->MPI_SOURCE, st->MPI_TAG, comm, MPI_STATUS_IGNORE));
+  (void)rc;
+}
+
+/* "problem 3, sample 7" (or "unperturbed problem 3") for row `row` of a solver call. */
+static void describe_row(const pert_solve_info *info, size_t row, char *buf, size_t len) {
+  unsigned long long global = (unsigned long long)(info->first_row + row), n = info->num_samples ? info->num_samples : 1;
+  if (info->clean)
+    format(buf, len, "unperturbed problem %llu", global);
+  else
+    format(buf, len, "problem %llu, sample %llu", global / n, global % n);
+}
+
+/* The failure of `count` rows from row `start` of the call on rank `rank`, with `why` (the
+ * library's own naming of the rows, local to the block, taken off). */
+static void block_failed(const ctx *c, int rank, size_t start, size_t count, const char *why, int n, char *msg,
+                         size_t len) {
+  const char *prefix = "the solver failed on ";
+  const char *colon = n > 0 ? memchr(why, ':', (size_t)n) : NULL;
+  if (n > (int)strlen(prefix) && strncmp(why, prefix, strlen(prefix)) == 0 && colon && colon + 2 <= why + n)
+    n -= (int)(colon + 2 - why), why = colon + 2;
+  char first[64], last[64];
+  describe_row(c->job.info, start, first, sizeof first);
+  describe_row(c->job.info, start + count - 1, last, sizeof last);
+  format(msg, len, "rank %d%s failed on %s to %s: %.*s", rank, rank == c->root ? " (root)" : "", first, last, n, why);
 }
 
 /* The registry of serving ranks' contexts, to find a handle's in pert_mpi_serve. */
@@ -199,17 +252,21 @@ static int solve_rows(ctx *c, const header *h, const float *in, size_t count, fl
   pert_status s = pert_op_solve(c->local, in, count, out);
   c->in_block = 0;
   if (s == PERT_STATUS_OK) return 0;
-  last_error(msg, len);
+  pert_last_error(msg, len);
   return 1;
 }
 
 /* ---- root: the driver thread, which solves blocks on root's own workers ------------- */
 
-/* Guided block sizes: about (rows left) / (2 * all threads) per thread, for `threads`. */
+/* Guided block sizes for a rank of `threads` workers: about (rows left) / (2 * all threads)
+ * per worker, at most ROWS_PER_WORKER per worker (so that the timeout, which is per row
+ * of a worker, stays short) and what one message carries. */
 static size_t block_rows(const ctx *c, size_t left, size_t threads) {
   size_t per = left / (2 * c->all_threads);
-  size_t rows = (per ? per : 1) * threads;
-  if (rows > c->cap_rows) rows = c->cap_rows;
+  if (per < 1) per = 1;
+  if (per > ROWS_PER_WORKER) per = ROWS_PER_WORKER;
+  size_t rows = per * threads;
+  if (rows > c->row_cap) rows = c->row_cap;
   return rows < left ? rows : left;
 }
 
@@ -235,8 +292,9 @@ static void *drive(void *arg) {
       pthread_mutex_unlock(&c->lock);
       const pert_solve_info *info = j->info;
       header h = {0, 0, info->first_row + start, rows, info->clean, info->num_samples, info->batch, 0};
-      char msg[MESSAGE_BYTES];
-      int failed = solve_rows(c, &h, j->in + start * c->d, rows, j->out + start * c->o, msg, sizeof msg);
+      char why[MESSAGE_BYTES], msg[MESSAGE_BYTES];
+      int failed = solve_rows(c, &h, j->in + start * c->d, rows, j->out + start * c->o, why, sizeof why);
+      if (failed) block_failed(c, c->rank, start, rows, why, (int)strlen(why), msg, sizeof msg);
       pthread_mutex_lock(&c->lock);
       if (failed) {
         j->driver_failed = 1, j->abort = 1;
@@ -257,8 +315,8 @@ static void *drive(void *arg) {
 static int send_block(ctx *c, int r, const pert_solve_info *info, const float *in, size_t start, size_t rows,
                       char *msg, size_t len) {
   peer *p = &c->peers[r];
-  int slot = p->next_slot;
-  int rc = MPI_Wait(&p->request[slot], MPI_STATUS_IGNORE); /* the slot's last send (long done) */
+  int slot = p->next_slot, rc;
+  LOCKED(rc, MPI_Wait(&p->request[slot], MPI_STATUS_IGNORE)); /* the slot's last send: answered, so done */
   if (mpi_failed(rc, "MPI_Wait", msg, len)) return 1;
   size_t bytes = sizeof(header) + rows * c->d * sizeof(float);
   if (!grow(&p->send[slot], &p->send_bytes[slot], bytes)) {
@@ -268,62 +326,46 @@ static int send_block(ctx *c, int r, const pert_solve_info *info, const float *i
   header h = {c->calls, start, info->first_row + start, rows, info->clean, info->num_samples, info->batch, 0};
   memcpy(p->send[slot], &h, sizeof h);
   memcpy(p->send[slot] + sizeof h, in + start * c->d, rows * c->d * sizeof(float));
-  rc = MPI_Isend(p->send[slot], (int)bytes, MPI_BYTE, r, TAG_WORK, c->comm, &p->request[slot]);
+  LOCKED(rc, MPI_Isend(p->send[slot], (int)bytes, MPI_BYTE, r, TAG_WORK, c->comm, &p->request[slot]));
   if (mpi_failed(rc, "MPI_Isend", msg, len)) return 1;
-  flight f = {c->calls, start, start, rows, now()}; /* (a queued block's clock restarts when it starts) */
+  flight f = {c->calls, start, rows, now()}; /* (a queued block's clock restarts when it starts) */
   p->queue[p->inflight++] = f;
   p->next_slot = (slot + 1) % DEPTH;
   return 0;
 }
 
-/* "problem 3, sample 7" (or "unperturbed problem 3") for row `row` of a solver call. */
-static void describe_row(const pert_solve_info *info, size_t row, char *buf, size_t len) {
-  unsigned long long global = (unsigned long long)(info->first_row + row), n = info->num_samples ? info->num_samples : 1;
-  if (info->clean)
-    format(buf, len, "unperturbed problem %llu", global);
-  else
-    format(buf, len, "problem %llu, sample %llu", global / n, global % n);
-}
-
-/* Receives one answer if one has come: 1 when one was handled, 0 when none, -1 on an MPI
- * error (msg). A failed block of the current call sets *failed and its message. */
+/* Receives one answer if one has come: 1 when one was handled, 0 when none, -1 on an error
+ * of MPI or of the answer (msg). A failed block of the current call sets *failed and msg. */
 static int receive_answer(ctx *c, float *out, int *outstanding, int *failed, char *msg, size_t len) {
-  int flag = 0;
   MPI_Status st;
-  int rc = MPI_Iprobe(MPI_ANY_SOURCE, TAG_RESULT, c->comm, &flag, &st);
-  if (mpi_failed(rc, "MPI_Iprobe", msg, len)) return -1;
-  if (!flag) return 0;
-  int bytes = 0;
+  int rc, bytes = 0;
+  if (!waiting(c->comm, MPI_ANY_SOURCE, TAG_RESULT, &st, &rc)) return mpi_failed(rc, "MPI_Iprobe", msg, len) ? -1 : 0;
   MPI_Get_count(&st, MPI_BYTE, &bytes);
   if (bytes < (int)sizeof(header) || !grow(&c->recv, &c->recv_bytes, (size_t)bytes)) {
-    format(msg, len, "an answer of %d bytes from rank %d cannot be received", bytes, st.MPI_SOURCE);
+    drop(c->comm, &st);
+    format(msg, len, "an answer of %d bytes from rank %d could not be received", bytes, st.MPI_SOURCE);
     return -1;
   }
-  rc = MPI_Recv(c->recv, bytes, MPI_BYTE, st.MPI_SOURCE, TAG_RESULT, c->comm, MPI_STATUS_IGNORE);
+  LOCKED(rc, MPI_Recv(c->recv, bytes, MPI_BYTE, st.MPI_SOURCE, TAG_RESULT, c->comm, MPI_STATUS_IGNORE));
   if (mpi_failed(rc, "MPI_Recv", msg, len)) return -1;
   header h;
   memcpy(&h, c->recv, sizeof h);
   peer *p = &c->peers[st.MPI_SOURCE];
-  if (p->inflight == 0 || p->queue[0].call != h.call || p->queue[0].seq != h.seq) {
+  if (p->inflight == 0 || p->queue[0].call != h.call || p->queue[0].start != h.seq) {
     format(msg, len, "rank %d answered a block it was not given", st.MPI_SOURCE);
     return -1;
   }
   flight f = p->queue[0];
   memmove(p->queue, p->queue + 1, (size_t)(p->inflight - 1) * sizeof(flight));
   p->inflight--;
-  if (p->inflight > 0 && p->queue[0].since < now()) p->queue[0].since = now(); /* it starts now */
-  if (h.call != c->calls) return 1; /* a late answer of a failed call: dropped */
+  if (p->inflight > 0) p->queue[0].since = now(); /* the next block starts now */
+  if (h.call != c->calls) return 1;               /* a late answer of a failed call: dropped */
   (*outstanding)--;
   if (h.status == RESULT_OK && (size_t)bytes == sizeof h + f.count * c->o * sizeof(float)) {
     memcpy(out + f.start * c->o, c->recv + sizeof h, f.count * c->o * sizeof(float));
   } else if (!*failed) {
-    const pert_solve_info *info = c->job.info;
-    int n = bytes - (int)sizeof h;
-    char first[64], last[64];
-    describe_row(info, f.start, first, sizeof first);
-    describe_row(info, f.start + f.count - 1, last, sizeof last);
     if (h.status == RESULT_FAILED)
-      format(msg, len, "rank %d failed on %s to %s: %.*s", st.MPI_SOURCE, first, last, n, c->recv + sizeof h);
+      block_failed(c, st.MPI_SOURCE, f.start, f.count, c->recv + sizeof h, bytes - (int)sizeof h, msg, len);
     else
       format(msg, len, "rank %d answered a block with %d bytes instead of %zu", st.MPI_SOURCE, bytes,
              sizeof h + f.count * c->o * sizeof(float));
@@ -336,21 +378,40 @@ static int receive_answer(ctx *c, float *out, int *outstanding, int *failed, cha
 static void cancel_call(ctx *c) {
   for (int r = 0; r < c->size; r++) {
     peer *p = &c->peers[r];
-    int holds = 0;
+    int holds = 0, rc;
     for (int i = 0; i < p->inflight; i++) holds |= p->queue[i].call == c->calls;
-    if (r != c->rank && holds) {
-      uint64_t id = c->calls;
-      MPI_Send(&id, (int)sizeof id, MPI_BYTE, r, TAG_CANCEL, c->comm); /* 8 bytes: eager */
+    uint64_t id = c->calls;
+    if (r != c->rank && holds) LOCKED(rc, MPI_Send(&id, (int)sizeof id, MPI_BYTE, r, TAG_CANCEL, c->comm));
+    (void)rc; /* (8 bytes: sent eagerly; a rank that never reads it is dropped anyway) */
+  }
+}
+
+/* A rank whose head block is of this call and overdue: the longest a block may take is
+ * the timeout per row of a worker of its rank. */
+static int overdue(const ctx *c, char *msg, size_t len) {
+  double t = now();
+  for (int r = 0; r < c->size; r++) {
+    const peer *p = &c->peers[r];
+    if (r == c->rank || p->inflight == 0 || p->queue[0].call != c->calls) continue;
+    size_t per_worker = (p->queue[0].count + c->threads[r] - 1) / c->threads[r];
+    double limit = c->timeout * (double)per_worker;
+    if (t - p->queue[0].since > limit) {
+      format(msg, len,
+             "rank %d did not answer a block of %llu rows within %g s (remote_timeout %g s per row of a worker): "
+             "it is dead or stuck; later calls go on without it until it answers",
+             r, (unsigned long long)p->queue[0].count, limit, c->timeout);
+      return 1;
     }
   }
+  return 0;
 }
 
 /* Hands out blocks to the other ranks and collects their answers until the call's rows
  * are all handed out and answered (0), or a rank fails or times out (1, msg). */
 static int spread(ctx *c, const pert_solve_info *info, const float *in, float *out, char *msg, size_t len) {
   int outstanding = 0, failed = 0;
-  unsigned polls = 0;
-  for (;;) {
+  job *j = &c->job;
+  for (unsigned polls = 0;; pause_briefly(++polls)) {
     for (int r = 0; r < c->size && !failed; r++) {
       peer *p = &c->peers[r];
       int late = 0; /* a rank still owing answers of a failed call gets no work until it answers */
@@ -360,7 +421,7 @@ static int spread(ctx *c, const pert_solve_info *info, const float *in, float *o
         pthread_mutex_lock(&c->lock);
         /* a second block waits in a rank's queue only while many rows are left: at the end
          * of the call, the last blocks go to the ranks that are free */
-        if (p->inflight == 0 || c->job.count - c->job.cursor > 4 * c->all_threads) rows = take(c, c->threads[r], &start);
+        if (p->inflight == 0 || j->count - j->cursor > 4 * c->all_threads) rows = take(c, c->threads[r], &start);
         pthread_mutex_unlock(&c->lock);
         if (rows == 0) break;
         if (send_block(c, r, info, in, start, rows, msg, len)) return 1;
@@ -369,27 +430,20 @@ static int spread(ctx *c, const pert_solve_info *info, const float *in, float *o
     }
     if (failed) break;
     pthread_mutex_lock(&c->lock);
-    int exhausted = c->job.cursor >= c->job.count || c->job.abort;
+    int exhausted = j->cursor >= j->count, driver_failed = j->driver_failed;
+    if (driver_failed) memcpy(msg, j->driver_message, len < sizeof j->driver_message ? len : sizeof j->driver_message);
     pthread_mutex_unlock(&c->lock);
+    if (driver_failed) { /* root's own solver failed: the call fails now, with its message */
+      failed = 1;
+      break;
+    }
     if (outstanding == 0 && exhausted) return 0;
     int got = receive_answer(c, out, &outstanding, &failed, msg, len);
     if (got < 0) return 1;
-    if (got) {
+    if (got)
       polls = 0;
-      continue;
-    }
-    double t = now();
-    for (int r = 0; r < c->size && !failed; r++) {
-      flight *head = c->peers[r].inflight ? &c->peers[r].queue[0] : NULL;
-      if (r != c->rank && head && head->call == c->calls && t - head->since > c->timeout) {
-        format(msg, len,
-               "rank %d did not answer a block of %llu rows within %g s (remote_timeout): it is dead or stuck; "
-               "later calls go on without it until it answers",
-               r, (unsigned long long)head->count, c->timeout);
-        failed = 1;
-      }
-    }
-    pause_briefly(++polls);
+    else if (overdue(c, msg, len))
+      failed = 1;
   }
   cancel_call(c);
   return 1;
@@ -409,16 +463,9 @@ static int32_t dispatch(void *user_data, const pert_solve_info *info, const floa
   int failed = spread(c, info, in, out, msg, sizeof msg);
 
   pthread_mutex_lock(&c->lock);
-  if (failed) j->abort = 1;
-  pthread_mutex_unlock(&c->lock);
-  if (failed) pert_op_interrupt(c->local); /* root's block in progress stops early */
-  pthread_mutex_lock(&c->lock);
+  if (failed) j->abort = 1; /* the driver takes no further block (the one it solves, it ends) */
   while (!j->driver_done) pthread_cond_wait(&c->wake, &c->lock);
   j->active = 0;
-  if (!failed && j->driver_failed) {
-    format(msg, sizeof msg, "rank %d (root) failed: %s", c->rank, j->driver_message);
-    failed = 1;
-  }
   pthread_mutex_unlock(&c->lock);
   if (failed) pert_solver_set_error(msg);
   return failed;
@@ -433,19 +480,14 @@ static void free_ctx(ctx *c) {
   free(c->peers);
   free(c->threads);
   free(c->recv);
+  pthread_mutex_destroy(&c->lock);
+  pthread_cond_destroy(&c->wake);
   free(c);
 }
 
-static int mpi_usable(void) {
-  int finalized = 1, initialized = 0;
-  MPI_Finalized(&finalized);
-  MPI_Initialized(&initialized);
-  return initialized && !finalized;
-}
-
 /* Root's op is freed: the driver stops, root's local op is freed, every rank is told to
- * stop, late answers are drained for up to the timeout (so that no rank waits on a send),
- * and the communicator is freed. */
+ * stop, answers still due are taken (and dropped) and root's sends completed for up to
+ * the grace time, and the communicator is freed. */
 static void root_freed(void *data) {
   ctx *c = data;
   if (getpid() != c->pid) return; /* a forked child: not a rank; the parent keeps all */
@@ -457,130 +499,145 @@ static void root_freed(void *data) {
   pert_op_free(c->local);
   if (mpi_usable()) {
     char msg[MESSAGE_BYTES];
+    int rc;
     for (int r = 0; r < c->size; r++)
-      if (r != c->rank) MPI_Send(NULL, 0, MPI_BYTE, r, TAG_STOP, c->comm);
-    double until = now() + (c->timeout < 5 ? c->timeout : 5);
+      if (r != c->rank) LOCKED(rc, MPI_Send(NULL, 0, MPI_BYTE, r, TAG_STOP, c->comm));
+    double until = now() + (c->timeout < 5 ? c->timeout : 5) + STOP_GRACE;
     c->calls++; /* every answer still due is late */
     for (unsigned polls = 0;; pause_briefly(++polls)) {
-      int due = 0, outstanding = 0, failed = 0;
-      for (int r = 0; r < c->size; r++) due += c->peers[r].inflight;
-      if (due == 0 || now() > until || receive_answer(c, NULL, &outstanding, &failed, msg, sizeof msg) < 0) break;
-    }
-    for (int r = 0; r < c->size; r++)
-      for (int s = 0; s < DEPTH; s++) {
-        int done = 0;
-        MPI_Test(&c->peers[r].request[s], &done, MPI_STATUS_IGNORE);
-        if (!done) { /* a rank that never took its block: leave the buffer to MPI */
-          MPI_Request_free(&c->peers[r].request[s]);
-          c->peers[r].send[s] = NULL;
+      int busy = 0, outstanding = 0, failed = 0;
+      for (int r = 0; r < c->size; r++) {
+        busy |= c->peers[r].inflight > 0;
+        for (int s = 0; s < DEPTH; s++) {
+          int done = 1;
+          LOCKED(rc, MPI_Test(&c->peers[r].request[s], &done, MPI_STATUS_IGNORE));
+          busy |= !done;
         }
       }
-    MPI_Comm_free(&c->comm);
+      if (!busy || now() > until || receive_answer(c, NULL, &outstanding, &failed, msg, sizeof msg) < 0) break;
+    }
+    for (int r = 0; r < c->size; r++)
+      for (int s = 0; s < DEPTH; s++)
+        if (c->peers[r].request[s] != MPI_REQUEST_NULL) { /* never taken: left to MPI, buffer and all */
+          LOCKED(rc, MPI_Request_free(&c->peers[r].request[s]));
+          c->peers[r].send[s] = NULL;
+        }
+    LOCKED(rc, MPI_Comm_free(&c->comm));
+    (void)rc; /* (freeing: errors have nowhere to go) */
   }
-  pthread_mutex_destroy(&c->lock);
-  pthread_cond_destroy(&c->wake);
   free_ctx(c);
 }
 
 /* A serving rank's handle is freed (after its workers' fini hooks). */
 static void rank_freed(void *data) {
   ctx *c = data;
+  if (getpid() != c->pid) return; /* a forked child: the parent's lock may be held; it keeps all */
   unregister(c);
-  if (getpid() != c->pid) return;
-  if (mpi_usable()) MPI_Comm_free(&c->comm);
+  int rc = MPI_SUCCESS;
+  if (mpi_usable()) LOCKED(rc, MPI_Comm_free(&c->comm));
+  (void)rc;
   free_ctx(c);
 }
 
 /* ---- serving ranks ------------------------------------------------------------------ */
 
-/* Answers one block: the solutions, or the failure's message. */
-static int answer(ctx *c, header h, const float *in, char **buf, size_t *have, char *msg, size_t len) {
-  size_t data = h.count * c->o * sizeof(float);
+/* Solves one block and starts the answer's send (the solutions, or the failure's message). */
+static int answer(ctx *c, header h, const float *in, char **buf, size_t *have, MPI_Request *sending, char *msg,
+                  size_t len) {
+  size_t data = h.count * c->o * sizeof(float), bytes = sizeof h;
   if (!grow(buf, have, sizeof h + (data > MESSAGE_BYTES ? data : MESSAGE_BYTES))) {
-    h.status = RESULT_FAILED;
-    memcpy(*buf, &h, sizeof h); /* (serve made room for a header and a message first) */
-    int n = snprintf(*buf + sizeof h, MESSAGE_BYTES, "out of memory for %zu bytes of solutions", data);
-    return mpi_failed(MPI_Send(*buf, (int)sizeof h + n, MPI_BYTE, c->root, TAG_RESULT, c->comm), "MPI_Send", msg,
-                      len);
-  }
-  size_t bytes = sizeof h;
-  if (h.status == RESULT_OK) {
+    h.status = RESULT_FAILED; /* (serve made room for a header and a message first) */
+    bytes += (size_t)snprintf(*buf + sizeof h, MESSAGE_BYTES, "out of memory for %zu bytes of solutions", data);
+  } else if (h.status == RESULT_OK) {
     char text[MESSAGE_BYTES];
     if (solve_rows(c, &h, in, (size_t)h.count, (float *)(void *)(*buf + sizeof h), text, sizeof text)) {
       h.status = RESULT_FAILED;
-      /* root names the rows: the library's own naming of them (local to the block) goes */
-      const char *why = text, *prefix = "the solver failed on ";
-      if (strncmp(text, prefix, strlen(prefix)) == 0 && strstr(text, ": ")) why = strstr(text, ": ") + 2;
-      size_t n = strlen(why);
-      memmove(*buf + sizeof h, why, n);
+      size_t n = strlen(text);
+      memcpy(*buf + sizeof h, text, n);
       bytes += n;
     } else {
       bytes += data;
     }
   }
   memcpy(*buf, &h, sizeof h);
-  return mpi_failed(MPI_Send(*buf, (int)bytes, MPI_BYTE, c->root, TAG_RESULT, c->comm), "MPI_Send", msg, len);
+  int rc;
+  LOCKED(rc, MPI_Isend(*buf, (int)bytes, MPI_BYTE, c->root, TAG_RESULT, c->comm, sending));
+  return mpi_failed(rc, "MPI_Isend", msg, len);
 }
 
-/* 1 when a message with `tag` from root is waiting. */
-static int waiting(ctx *c, int tag, MPI_Status *st, int *rc) {
-  int flag = 0;
-  *rc = MPI_Iprobe(c->root, tag, c->comm, &flag, st);
-  return *rc == MPI_SUCCESS && flag;
+/* Receives the block whose status is `st` into *work: 0, or 1 with msg. */
+static int receive_block(ctx *c, const MPI_Status *st, char **work, size_t *have, header *h, char *msg, size_t len) {
+  int bytes = 0, rc;
+  MPI_Get_count(st, MPI_BYTE, &bytes);
+  if (bytes < (int)sizeof(header) || !grow(work, have, (size_t)bytes)) {
+    drop(c->comm, st);
+    format(msg, len, "a block of %d bytes from root could not be received", bytes);
+    return 1;
+  }
+  LOCKED(rc, MPI_Recv(*work, bytes, MPI_BYTE, c->root, TAG_WORK, c->comm, MPI_STATUS_IGNORE));
+  if (mpi_failed(rc, "MPI_Recv", msg, len)) return 1;
+  memcpy(h, *work, sizeof *h);
+  if ((size_t)bytes != sizeof *h + h->count * c->d * sizeof(float)) {
+    format(msg, len, "a block of %d bytes from root does not hold its %llu rows", bytes, (unsigned long long)h->count);
+    return 1;
+  }
+  return 0;
+}
+
+/* The end of the service: blocks still queued are taken and dropped (so that root's sends
+ * complete), and the last answer gets the grace time to leave; 1 when it has not (its
+ * request is then left to MPI, and its buffer must stay). */
+static int wind_down(ctx *c, MPI_Request *sending) {
+  MPI_Status st;
+  int rc, done = 0;
+  double until = now() + STOP_GRACE;
+  for (unsigned polls = 0; now() < until; pause_briefly(++polls)) {
+    while (waiting(c->comm, c->root, TAG_WORK, &st, &rc) || waiting(c->comm, c->root, TAG_CANCEL, &st, &rc))
+      drop(c->comm, &st);
+    LOCKED(rc, MPI_Test(sending, &done, MPI_STATUS_IGNORE));
+    if (done || rc != MPI_SUCCESS) break;
+  }
+  if (*sending == MPI_REQUEST_NULL) return 0;
+  LOCKED(rc, MPI_Request_free(sending));
+  return 1;
 }
 
 static pert_status serve(ctx *c) {
-  char msg[MESSAGE_BYTES], *work = NULL, *reply = NULL;
+  char msg[MESSAGE_BYTES] = "", *work = NULL, *reply = NULL;
   size_t work_bytes = 0, reply_bytes = 0;
   uint64_t cancelled = 0;
-  int rc = MPI_SUCCESS;
-  pert_status status = PERT_STATUS_OK;
+  MPI_Request sending = MPI_REQUEST_NULL; /* the last answer, on its way */
+  int failed = 0, rc;
   if (!grow(&reply, &reply_bytes, sizeof(header) + MESSAGE_BYTES))
     return pert_set_last_error(PERT_STATUS_TORCH_ERROR, "out of memory for the answers' buffer");
-  for (;;) {
+  for (unsigned polls = 0; !failed; pause_briefly(++polls)) {
     MPI_Status st;
-    rc = MPI_Probe(c->root, MPI_ANY_TAG, c->comm, &st);
-    if (mpi_failed(rc, "MPI_Probe", msg, sizeof msg)) break;
-    if (waiting(c, TAG_STOP, &st, &rc)) {
-      MPI_Recv(NULL, 0, MPI_BYTE, c->root, TAG_STOP, c->comm, MPI_STATUS_IGNORE);
+    if (waiting(c->comm, c->root, TAG_STOP, &st, &rc)) {
+      LOCKED(rc, MPI_Recv(NULL, 0, MPI_BYTE, c->root, TAG_STOP, c->comm, MPI_STATUS_IGNORE));
       break;
     }
-    while (waiting(c, TAG_CANCEL, &st, &rc)) {
+    while (waiting(c->comm, c->root, TAG_CANCEL, &st, &rc)) {
       uint64_t id = 0;
-      rc = MPI_Recv(&id, (int)sizeof id, MPI_BYTE, c->root, TAG_CANCEL, c->comm, MPI_STATUS_IGNORE);
-      if (rc != MPI_SUCCESS) break;
-      if (id > cancelled) cancelled = id;
+      LOCKED(rc, MPI_Recv(&id, (int)sizeof id, MPI_BYTE, c->root, TAG_CANCEL, c->comm, MPI_STATUS_IGNORE));
+      if (rc == MPI_SUCCESS && id > cancelled) cancelled = id;
     }
-    if (mpi_failed(rc, "MPI_Iprobe", msg, sizeof msg)) break;
-    if (!waiting(c, TAG_WORK, &st, &rc)) {
-      if (mpi_failed(rc, "MPI_Iprobe", msg, sizeof msg)) break;
+    if ((failed = mpi_failed(rc, "MPI_Iprobe", msg, sizeof msg))) break;
+    int sent = 1; /* the reply buffer is free once the last answer has left */
+    LOCKED(rc, MPI_Test(&sending, &sent, MPI_STATUS_IGNORE));
+    if ((failed = mpi_failed(rc, "MPI_Test", msg, sizeof msg))) break;
+    if (!sent || !waiting(c->comm, c->root, TAG_WORK, &st, &rc)) {
+      failed = mpi_failed(rc, "MPI_Iprobe", msg, sizeof msg);
       continue;
     }
-    int bytes = 0;
-    MPI_Get_count(&st, MPI_BYTE, &bytes);
-    if (bytes < (int)sizeof(header) || !grow(&work, &work_bytes, (size_t)bytes)) {
-      format(msg, sizeof msg, "a block of %d bytes from root cannot be received", bytes);
-      rc = MPI_ERR_OTHER;
-      break;
-    }
-    rc = MPI_Recv(work, bytes, MPI_BYTE, c->root, TAG_WORK, c->comm, MPI_STATUS_IGNORE);
-    if (mpi_failed(rc, "MPI_Recv", msg, sizeof msg)) break;
     header h;
-    memcpy(&h, work, sizeof h);
-    if ((size_t)bytes != sizeof h + h.count * c->d * sizeof(float)) {
-      format(msg, sizeof msg, "a block of %d bytes from root does not hold its %llu rows", bytes,
-             (unsigned long long)h.count);
-      rc = MPI_ERR_OTHER;
-      break;
-    }
+    if ((failed = receive_block(c, &st, &work, &work_bytes, &h, msg, sizeof msg))) break;
     h.status = h.call <= cancelled ? RESULT_SKIPPED : RESULT_OK;
-    rc = answer(c, h, (const float *)(void *)(work + sizeof h), &reply, &reply_bytes, msg, sizeof msg);
-    if (rc) break;
+    failed = answer(c, h, (const float *)(void *)(work + sizeof h), &reply, &reply_bytes, &sending, msg, sizeof msg);
+    polls = 0;
   }
-  if (rc != MPI_SUCCESS) status = pert_set_last_error(PERT_STATUS_SOLVER_FAILED, msg);
+  if (!wind_down(c, &sending)) free(reply);
   free(work);
-  free(reply);
-  return status;
+  return failed ? pert_set_last_error(PERT_STATUS_SOLVER_FAILED, msg) : PERT_STATUS_OK;
 }
 
 pert_status pert_mpi_serve(pert_op *op) {
@@ -595,11 +652,8 @@ pert_status pert_mpi_serve(pert_op *op) {
   c->serving = 1;
   pthread_mutex_unlock(&registry_lock);
   if (busy) return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "pert_mpi_serve already runs on this op");
-  if (!mpi_usable()) {
-    c->serving = 0;
-    return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "MPI is not initialized, or already finalized");
-  }
-  pert_status s = serve(c);
+  pert_status s = mpi_usable() ? serve(c)
+                               : pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "MPI is not initialized, or finalized");
   pthread_mutex_lock(&registry_lock);
   c->serving = 0;
   pthread_mutex_unlock(&registry_lock);
@@ -617,128 +671,105 @@ static int own_setting(const char *line) {
   return 0;
 }
 
-/* This rank's part of the handshake: "ok <threads>\n<settings>" or "error <status>\n<message>". */
-static char *rank_report(const pert_config *config, const int64_t *in_shape, size_t in_rank, const int64_t *out_shape,
-                         size_t out_rank, pert_status status, const char *message, size_t *threads) {
-  size_t cap = 8192;
-  char *text = malloc(cap);
-  if (!text) return NULL;
-  if (status != PERT_STATUS_OK) {
-    snprintf(text, cap, "error %u\n%s", status, message);
-    return text;
-  }
-  size_t n = pert_config_describe(config, NULL, 0);
-  char *all = malloc(n + 1);
-  if (!all) {
-    free(text);
+/* The settings and shapes ranks must agree on, one per line (NULL: out of memory). */
+static char *agreed_settings(const pert_config *config, const int64_t *in_shape, size_t in_rank,
+                             const int64_t *out_shape, size_t out_rank) {
+  size_t n = pert_config_describe(config, NULL, 0), cap = n + 64 + 24 * (in_rank + out_rank), at = 0;
+  char *all = malloc(n + 1), *text = malloc(cap);
+  if (!all || !text) {
+    free(all), free(text);
     return NULL;
   }
   pert_config_describe(config, all, n + 1);
-  size_t at = (size_t)snprintf(text, cap, "ok %zu\ninput_shape=", *threads);
-  for (size_t i = 0; i < in_rank && at < cap; i++) at += (size_t)snprintf(text + at, cap - at, "%lld,", (long long)in_shape[i]);
-  if (at < cap) at += (size_t)snprintf(text + at, cap - at, "\noutput_shape=");
-  for (size_t i = 0; i < out_rank && at < cap; i++)
-    at += (size_t)snprintf(text + at, cap - at, "%lld,", (long long)out_shape[i]);
-  if (at < cap) at += (size_t)snprintf(text + at, cap - at, "\n");
+  at += (size_t)snprintf(text + at, cap - at, "input_shape=");
+  for (size_t i = 0; i < in_rank; i++) at += (size_t)snprintf(text + at, cap - at, "%lld,", (long long)in_shape[i]);
+  at += (size_t)snprintf(text + at, cap - at, "\noutput_shape=");
+  for (size_t i = 0; i < out_rank; i++) at += (size_t)snprintf(text + at, cap - at, "%lld,", (long long)out_shape[i]);
+  at += (size_t)snprintf(text + at, cap - at, "\n");
   char *rest = NULL;
-  for (char *line = strtok_r(all, "\n", &rest); line && at < cap; line = strtok_r(NULL, "\n", &rest))
-    if (!own_setting(line)) at += (size_t)snprintf(text + at, cap - at, "%s\n", line);
+  for (char *line = strtok_r(all, "\n", &rest); line; line = strtok_r(NULL, "\n", &rest))
+    if (!own_setting(line) && at < cap) at += (size_t)snprintf(text + at, cap - at, "%s\n", line);
   free(all);
   return text;
 }
 
-/* Root's verdict on the reports: OK, or the first rank's error or differing setting. */
-static pert_status verdict(char **reports, int size, int root, size_t *threads, char *msg, size_t len) {
-  for (int r = 0; r < size; r++) {
-    unsigned status = 0;
-    if (sscanf(reports[r], "error %u", &status) == 1) {
-      format(msg, len, "rank %d: %s", r, strchr(reports[r], '\n') + 1);
-      return status;
+/* The first line where `theirs` differs from `mine`, into msg. */
+static void first_difference(const char *mine, const char *theirs, int r, int root, char *msg, size_t len) {
+  const char *a = mine, *b = theirs;
+  while (*a || *b) {
+    size_t la = strcspn(a, "\n"), lb = strcspn(b, "\n");
+    if (la != lb || strncmp(a, b, la) != 0) {
+      format(msg, len, "rank %d's settings differ from root's: %.*s (root %d: %.*s)", r, (int)lb, b, root, (int)la, a);
+      return;
     }
+    a += la + (a[la] == '\n'), b += lb + (b[lb] == '\n');
   }
-  const char *mine = strchr(reports[root], '\n') + 1;
-  for (int r = 0; r < size; r++) {
-    sscanf(reports[r], "ok %zu", &threads[r]);
-    if (threads[r] == 0) threads[r] = 1;
-    const char *theirs = strchr(reports[r], '\n') + 1;
-    if (strcmp(mine, theirs) == 0) continue;
-    const char *a = mine, *b = theirs; /* the first line that differs */
-    while (*a && *b) {
-      size_t la = strcspn(a, "\n"), lb = strcspn(b, "\n");
-      if (la != lb || strncmp(a, b, la) != 0) {
-        format(msg, len, "rank %d's settings differ from root's: %.*s (root %d: %.*s)", r, (int)lb, b, root, (int)la, a);
-        return PERT_STATUS_INVALID_ARGUMENT;
-      }
-      a += la + (a[la] == '\n'), b += lb + (b[lb] == '\n');
-    }
-    format(msg, len, "rank %d's settings differ from root's", r);
-    return PERT_STATUS_INVALID_ARGUMENT;
-  }
-  return PERT_STATUS_OK;
+  format(msg, len, "rank %d's settings differ from root's", r);
 }
 
-/* Gathers every rank's report on root, which decides; every rank learns the verdict. */
-static pert_status handshake(ctx *c, const char *report, size_t *threads, char *msg, size_t len) {
-  int mine = (int)strlen(report) + 1, *sizes = NULL, *offsets = NULL;
-  char *all = NULL, **reports = NULL;
-  int rc = MPI_SUCCESS;
-  if (c->rank == c->root) {
-    sizes = calloc((size_t)c->size, sizeof *sizes), offsets = calloc((size_t)c->size, sizeof *offsets);
-    reports = calloc((size_t)c->size, sizeof *reports);
+/* The lowest rank whose `failed` is set, or -1 (collective). */
+static int first_failing(MPI_Comm comm, int failed, int rank, int size) {
+  int mine = failed ? rank : size, lowest = size, rc;
+  LOCKED(rc, MPI_Allreduce(&mine, &lowest, 1, MPI_INT, MPI_MIN, comm));
+  return rc != MPI_SUCCESS ? 0 : lowest < size ? lowest : -1;
+}
+
+/* Collective: every rank's local status (the first failing rank's reaches all), then root
+ * compares the settings; every rank learns the verdict, and each rank's threads. */
+static pert_status handshake(ctx *c, pert_status status, const char *settings, char *msg, size_t len) {
+  int rc, bad = first_failing(c->comm, status != PERT_STATUS_OK, c->rank, c->size);
+  long long verdict[2] = {status, 0}; /* status, message length */
+  if (bad >= 0) {                      /* that rank tells everyone why */
+    verdict[1] = (long long)strlen(msg) + 1;
+    LOCKED(rc, MPI_Bcast(verdict, 2, MPI_LONG_LONG, bad, c->comm));
+    if (rc == MPI_SUCCESS) LOCKED(rc, MPI_Bcast(msg, (int)verdict[1], MPI_CHAR, bad, c->comm));
+    if (rc != MPI_SUCCESS) return PERT_STATUS_SOLVER_FAILED;
+    char why[MESSAGE_BYTES];
+    format(why, sizeof why, "rank %d: %s", bad, msg);
+    format(msg, len, "%s", why);
+    return (pert_status)verdict[0];
   }
-  rc = MPI_Gather(&mine, 1, MPI_INT, sizes, 1, MPI_INT, c->root, c->comm);
-  int total = 0;
-  if (rc == MPI_SUCCESS && c->rank == c->root && sizes && offsets && reports) {
+  /* every rank is ready: root gathers the settings (its buffers were made in local_part) */
+  int mine = (int)strlen(settings) + 1, *sizes = (int *)(void *)c->recv, total = 0;
+  LOCKED(rc, MPI_Gather(&mine, 1, MPI_INT, sizes, 1, MPI_INT, c->root, c->comm));
+  int *offsets = sizes + c->size;
+  if (c->rank == c->root)
     for (int r = 0; r < c->size; r++) offsets[r] = total, total += sizes[r];
-    all = malloc((size_t)total);
+  char *all = c->rank == c->root ? malloc((size_t)(total > 0 ? total : 1)) : NULL;
+  int no_room = c->rank == c->root && !all;
+  LOCKED(rc, MPI_Bcast(&no_room, 1, MPI_INT, c->root, c->comm));
+  if (no_room) {
+    format(msg, len, "rank %d (root): out of memory for the ranks' settings", c->root);
+    return PERT_STATUS_TORCH_ERROR;
   }
-  if (rc == MPI_SUCCESS) rc = MPI_Gatherv(report, mine, MPI_CHAR, all, sizes, offsets, MPI_CHAR, c->root, c->comm);
-  long long decided[2] = {PERT_STATUS_OK, 0}; /* status, message length */
+  LOCKED(rc, MPI_Gatherv(settings, mine, MPI_CHAR, all, sizes, offsets, MPI_CHAR, c->root, c->comm));
   if (c->rank == c->root) {
-    if (rc != MPI_SUCCESS) mpi_failed(rc, "MPI_Gatherv", msg, len), decided[0] = PERT_STATUS_SOLVER_FAILED;
-    else if (!all) format(msg, len, "out of memory for the ranks' settings"), decided[0] = PERT_STATUS_TORCH_ERROR;
-    else {
-      for (int r = 0; r < c->size; r++) reports[r] = all + offsets[r];
-      decided[0] = verdict(reports, c->size, c->root, threads, msg, len);
-    }
-    decided[1] = decided[0] == PERT_STATUS_OK ? 0 : (long long)strlen(msg) + 1;
+    verdict[0] = PERT_STATUS_OK;
+    for (int r = 0; r < c->size && verdict[0] == PERT_STATUS_OK; r++)
+      if (strcmp(all + offsets[r], settings) != 0) {
+        first_difference(settings, all + offsets[r], r, c->root, msg, len);
+        verdict[0] = PERT_STATUS_INVALID_ARGUMENT;
+      }
+    verdict[1] = verdict[0] == PERT_STATUS_OK ? 0 : (long long)strlen(msg) + 1;
   }
-  free(all), free(sizes), free(offsets), free(reports);
-  int brc = MPI_Bcast(decided, 2, MPI_LONG_LONG, c->root, c->comm);
-  if (brc == MPI_SUCCESS && decided[1] > 0) brc = MPI_Bcast(msg, (int)decided[1], MPI_CHAR, c->root, c->comm);
-  if (brc == MPI_SUCCESS) brc = MPI_Bcast(threads, c->size * (int)sizeof *threads, MPI_BYTE, c->root, c->comm);
-  if (mpi_failed(brc, "MPI_Bcast", msg, len)) return PERT_STATUS_SOLVER_FAILED;
-  return (pert_status)decided[0];
+  free(all);
+  LOCKED(rc, MPI_Bcast(verdict, 2, MPI_LONG_LONG, c->root, c->comm));
+  if (rc == MPI_SUCCESS && verdict[1] > 0) LOCKED(rc, MPI_Bcast(msg, (int)verdict[1], MPI_CHAR, c->root, c->comm));
+  if (rc == MPI_SUCCESS && verdict[0] == PERT_STATUS_OK) {
+    unsigned long long threads = c->threads[c->rank], *each = (unsigned long long *)(void *)c->recv;
+    LOCKED(rc, MPI_Allgather(&threads, 1, MPI_UNSIGNED_LONG_LONG, each, 1, MPI_UNSIGNED_LONG_LONG, c->comm));
+    for (int r = 0; r < c->size && rc == MPI_SUCCESS; r++) c->threads[r] = each[r] ? (size_t)each[r] : 1;
+  }
+  if (mpi_failed(rc, "the ranks' handshake", msg, len)) return PERT_STATUS_SOLVER_FAILED;
+  return (pert_status)verdict[0];
 }
 
-/* The rank's workers: its config's threads (0: one per core, within max_threads). */
-static size_t rank_threads(const pert_config *config) {
-  size_t n = pert_config_describe(config, NULL, 0);
-  char *text = malloc(n + 1);
-  unsigned long threads = 1, cap = 0;
-  if (!text) return 1;
-  pert_config_describe(config, text, n + 1);
-  const char *t = strstr(text, "\nthreads="), *m = strstr(text, "\nmax_threads=");
-  if (t) threads = strtoul(t + 9, NULL, 10);
-  if (m) cap = strtoul(m + 13, NULL, 10);
-  free(text);
-  if (threads == 0) {
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    threads = cores > 0 ? (unsigned long)cores : 1;
-    if (cap && threads > cap) threads = cap;
-  }
-  return threads;
-}
-
-/* Root's part once the ranks agree: the op the user gets, and the driver thread. */
-static pert_status make_root(ctx *c, const pert_config *config, const int64_t *in_shape, size_t in_rank,
-                             const int64_t *out_shape, size_t out_rank, pert_op **op) {
-  pert_config *one = NULL;
-  pert_status s = pert_config_clone(config, &one);
-  if (s == PERT_STATUS_OK) s = pert_config_set_threads(one, 1);
-  if (s == PERT_STATUS_OK) s = pert_op_new_ex(one, in_shape, in_rank, out_shape, out_rank, dispatch, c, NULL, NULL, op);
-  pert_config_free(one);
-  return s;
+/* Reads the timeout from the config's description. */
+static double config_timeout(const pert_config *config) {
+  char text[4096];
+  pert_config_describe(config, text, sizeof text);
+  const char *t = strstr(text, "\nremote_timeout=");
+  return t ? strtod(t + 16, NULL) : 60.0;
 }
 
 static size_t numel(const int64_t *shape, size_t rank) {
@@ -747,19 +778,28 @@ static size_t numel(const int64_t *shape, size_t rank) {
   return n;
 }
 
-/* Reads the timeout from the config's description. */
-static double config_timeout(const pert_config *config) {
-  char text[4096];
-  pert_config_describe(config, text, sizeof text);
-  const char *t = strstr(text, "\nremote_timeout=");
-  return t ? strtod(t + 16, NULL) : 600.0;
+/* Root's op: the one the user gets (one worker, `dispatch`), and the driver thread. */
+static pert_status make_root(ctx *c, const pert_config *config, const int64_t *in_shape, size_t in_rank,
+                             const int64_t *out_shape, size_t out_rank, pert_op **op) {
+  pert_config *one = NULL;
+  pert_status s = pert_config_clone(config, &one);
+  if (s == PERT_STATUS_OK) s = pert_config_set_threads(one, 1);
+  if (s == PERT_STATUS_OK) s = pert_op_new_ex(one, in_shape, in_rank, out_shape, out_rank, dispatch, c, NULL, NULL, op);
+  pert_config_free(one);
+  if (s == PERT_STATUS_OK) {
+    c->driver_started = pthread_create(&c->driver, NULL, drive, c) == 0;
+    if (!c->driver_started) s = pert_set_last_error(PERT_STATUS_TORCH_ERROR, "cannot start the driver thread");
+  }
+  return s;
 }
 
-/* This rank's own checks and its local op: a status and its message. */
+/* This rank's own checks, its local op, its buffers (and root's op): a status, msg. */
 static pert_status local_part(ctx *c, const pert_config *config, const int64_t *in_shape, size_t in_rank,
-                              const int64_t *out_shape, size_t out_rank, pert_op **out, char *msg, size_t len) {
-  int level = MPI_THREAD_SINGLE;
-  MPI_Query_thread(&level);
+                              const int64_t *out_shape, size_t out_rank, pert_op **out, pert_op **root_op,
+                              char *msg, size_t len) {
+  int level = MPI_THREAD_SINGLE, rc;
+  LOCKED(rc, MPI_Query_thread(&level));
+  (void)rc;
   pert_status s = PERT_STATUS_OK;
   if (!out) s = pert_set_last_error(PERT_STATUS_NULL_ARGUMENT, "out is NULL");
   else if (!config) s = pert_set_last_error(PERT_STATUS_NULL_ARGUMENT, "config is NULL");
@@ -776,15 +816,25 @@ static pert_status local_part(ctx *c, const pert_config *config, const int64_t *
     size_t row = (c->d > c->o ? c->d : c->o) * sizeof(float);
     if (row > MAX_MESSAGE_BYTES - sizeof(header))
       s = pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "a row takes more than 64 MiB: too large for one block");
-    c->cap_rows = (MAX_MESSAGE_BYTES - sizeof(header)) / (row ? row : 1);
+    c->row_cap = (MAX_MESSAGE_BYTES - sizeof(header)) / (row ? row : 1);
     c->timeout = config_timeout(config);
   }
-  if (s != PERT_STATUS_OK) last_error(msg, len);
+  if (s == PERT_STATUS_OK) { /* (recv: also the handshake's scratch of 2 ints and a size_t a rank) */
+    c->threads = calloc((size_t)c->size, sizeof *c->threads);
+    c->peers = calloc((size_t)c->size, sizeof *c->peers);
+    if (!c->threads || !c->peers || !grow(&c->recv, &c->recv_bytes, (size_t)c->size * 16 + 64))
+      s = pert_set_last_error(PERT_STATUS_TORCH_ERROR, "out of memory for the MPI component's state");
+    else
+      c->threads[c->rank] = pert_op_solver_threads(c->local);
+  }
+  if (s == PERT_STATUS_OK && c->rank == c->root)
+    s = make_root(c, config, in_shape, in_rank, out_shape, out_rank, root_op);
+  if (s != PERT_STATUS_OK) pert_last_error(msg, len);
   return s;
 }
 
 static void undo(ctx *c, pert_op *root_op) {
-  if (root_op) pert_op_free(root_op); /* its hook is not set yet */
+  pert_op_free(root_op); /* (its hook is not set yet) */
   if (c->driver_started) {
     pthread_mutex_lock(&c->lock);
     c->quit = 1;
@@ -793,68 +843,70 @@ static void undo(ctx *c, pert_op *root_op) {
     pthread_join(c->driver, NULL);
   }
   pert_op_free(c->local);
-  if (c->comm != MPI_COMM_NULL) MPI_Comm_free(&c->comm);
-  pthread_mutex_destroy(&c->lock);
-  pthread_cond_destroy(&c->wake);
+  int rc = MPI_SUCCESS;
+  if (c->comm != MPI_COMM_NULL) LOCKED(rc, MPI_Comm_free(&c->comm));
+  (void)rc;
   free_ctx(c);
+}
+
+/* Checks that need no communication, the same on every rank of a valid `comm`. */
+static pert_status comm_checks(MPI_Comm comm, int root, int *rank, int *size) {
+  char msg[256];
+  int inter = 0;
+  int rc;
+  if (!mpi_usable()) return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "MPI is not initialized, or finalized");
+  if (comm == MPI_COMM_NULL) return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "comm is MPI_COMM_NULL");
+  LOCKED(rc, MPI_Comm_test_inter(comm, &inter));
+  if (inter) return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "comm is an intercommunicator");
+  LOCKED(rc, MPI_Comm_size(comm, size));
+  LOCKED(rc, MPI_Comm_rank(comm, rank));
+  (void)rc;
+  if (root < 0 || root >= *size) {
+    format(msg, sizeof msg, "root %d is not a rank of comm (size %d)", root, *size);
+    return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, msg);
+  }
+  return PERT_STATUS_OK;
 }
 
 pert_status pert_mpi_op_new(const pert_config *config, const int64_t *input_shape, size_t input_rank,
                             const int64_t *output_shape, size_t output_rank, MPI_Comm comm, int root,
                             pert_solver_ex solver, void *user_data, pert_worker_init init, pert_worker_fini fini,
                             pert_op **out) {
-  if (!mpi_usable()) return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "MPI is not initialized, or finalized");
-  int size = 0, rank = 0;
-  if (comm == MPI_COMM_NULL) return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "comm is MPI_COMM_NULL");
-  MPI_Comm_size(comm, &size);
-  MPI_Comm_rank(comm, &rank);
-  char msg[MESSAGE_BYTES] = "";
-  if (root < 0 || root >= size) {
-    format(msg, sizeof msg, "root %d is not a rank of comm (size %d)", root, size);
-    return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, msg);
-  }
+  int size = 0, rank = 0, rc;
+  pert_status s = comm_checks(comm, root, &rank, &size);
+  if (s != PERT_STATUS_OK) return s;
   ctx *c = calloc(1, sizeof *c);
   if (!c) return pert_set_last_error(PERT_STATUS_TORCH_ERROR, "out of memory for the MPI component's state");
   c->solver = solver, c->user_data = user_data, c->init = init, c->fini = fini;
   c->rank = rank, c->size = size, c->root = root, c->pid = getpid(), c->comm = MPI_COMM_NULL;
   pthread_mutex_init(&c->lock, NULL);
   pthread_cond_init(&c->wake, NULL);
-  int rc = MPI_Comm_dup(comm, &c->comm);
-  if (rc == MPI_SUCCESS) rc = MPI_Comm_set_errhandler(c->comm, MPI_ERRORS_RETURN);
-  if (mpi_failed(rc, "MPI_Comm_dup", msg, sizeof msg)) {
-    if (c->comm != MPI_COMM_NULL) MPI_Comm_free(&c->comm);
-    c->comm = MPI_COMM_NULL;
+  char msg[MESSAGE_BYTES] = "";
+  LOCKED(rc, MPI_Comm_dup(comm, &c->comm));
+  if (rc == MPI_SUCCESS) LOCKED(rc, MPI_Comm_set_errhandler(c->comm, MPI_ERRORS_RETURN));
+  int roots[2] = {-root, root}, agreed[2] = {0, 0}; /* every rank names the same root */
+  if (rc == MPI_SUCCESS) LOCKED(rc, MPI_Allreduce(roots, agreed, 2, MPI_INT, MPI_MAX, c->comm));
+  if (mpi_failed(rc, "MPI_Comm_dup", msg, sizeof msg) || -agreed[0] != agreed[1]) {
+    if (rc == MPI_SUCCESS) format(msg, sizeof msg, "the ranks name different roots (%d to %d)", -agreed[0], agreed[1]);
     undo(c, NULL);
-    return pert_set_last_error(PERT_STATUS_SOLVER_FAILED, msg);
+    return pert_set_last_error(rc == MPI_SUCCESS ? PERT_STATUS_INVALID_ARGUMENT : PERT_STATUS_SOLVER_FAILED, msg);
   }
-  pert_status s = local_part(c, config, input_shape, input_rank, output_shape, output_rank, out, msg, sizeof msg);
-  size_t mine = s == PERT_STATUS_OK ? rank_threads(config) : 1;
   pert_op *root_op = NULL;
-  c->threads = calloc((size_t)size, sizeof *c->threads);
-  c->peers = calloc((size_t)size, sizeof *c->peers);
-  if (s == PERT_STATUS_OK && (!c->threads || !c->peers))
-    s = PERT_STATUS_TORCH_ERROR, format(msg, sizeof msg, "out of memory for the MPI component's state");
-  if (s == PERT_STATUS_OK && rank == root) {
-    s = make_root(c, config, input_shape, input_rank, output_shape, output_rank, &root_op);
-    if (s == PERT_STATUS_OK) {
-      c->driver_started = pthread_create(&c->driver, NULL, drive, c) == 0;
-      if (!c->driver_started) s = PERT_STATUS_TORCH_ERROR, format(msg, sizeof msg, "cannot start the driver thread");
-    } else {
-      last_error(msg, sizeof msg);
-    }
-  }
-  char *report = rank_report(config, input_shape, input_rank, output_shape, output_rank, s, msg, &mine);
-  size_t fallback[1] = {1};
-  size_t *threads = c->threads ? c->threads : fallback; /* (a rank out of memory still takes part) */
-  pert_status agreed = handshake(c, report ? report : "error 6\nout of memory for the settings' report", threads, msg, sizeof msg);
-  free(report);
-  if (agreed != PERT_STATUS_OK || !c->threads) {
+  s = local_part(c, config, input_shape, input_rank, output_shape, output_rank, out, &root_op, msg, sizeof msg);
+  char *settings = s == PERT_STATUS_OK ? agreed_settings(config, input_shape, input_rank, output_shape, output_rank)
+                                       : NULL;
+  if (s == PERT_STATUS_OK && !settings)
+    s = PERT_STATUS_TORCH_ERROR, format(msg, sizeof msg, "out of memory for the settings");
+  s = handshake(c, s, settings ? settings : "", msg, sizeof msg);
+  free(settings);
+  if (s != PERT_STATUS_OK) {
     undo(c, root_op);
-    return pert_set_last_error(agreed != PERT_STATUS_OK ? agreed : PERT_STATUS_TORCH_ERROR, msg);
+    return pert_set_last_error(s, msg);
   }
-  for (int r = 0; r < size; r++) c->all_threads += c->threads[r];
-  for (int r = 0; r < size; r++)
+  for (int r = 0; r < size; r++) {
+    c->all_threads += c->threads[r];
     for (int k = 0; k < DEPTH; k++) c->peers[r].request[k] = MPI_REQUEST_NULL;
+  }
   if (rank == root) {
     pert_op_on_free(root_op, root_freed, c);
     *out = root_op;

@@ -14,8 +14,10 @@
  * libperturbations.
  *
  * Threads: MPI must be initialized with MPI_Init_thread and at least
- * MPI_THREAD_SERIALIZED on root (the op's own worker thread makes its MPI calls; no two
- * at once). The other ranks make MPI calls only from the thread that runs pert_mpi_serve.
+ * MPI_THREAD_SERIALIZED on root (the op's own worker thread makes its MPI calls). The
+ * component makes its MPI calls one at a time in the process (several ops, several threads
+ * in pert_mpi_serve), so SERIALIZED is enough for it; a program that calls MPI itself
+ * while an op's call runs on another thread needs MPI_THREAD_MULTIPLE.
  * The library communicates on its own duplicate of the communicator, with MPI_ERRORS_RETURN:
  * MPI errors become statuses, never an abort.
  *
@@ -59,12 +61,21 @@ extern "C" {
  `num_samples` are those of root's call (global problem and sample indices); `worker` is
  the rank's own worker index.
 
- Failures: a solver failure on any rank fails root's call with PERT_STATUS_SOLVER_FAILED,
- whose message names the rank and gives its message. A rank that does not answer a block
- within the config's remote_timeout (pert_config_set_remote_timeout; default 600 s,
- counted from when the rank could start on the block) fails the call the same way,
- naming the rank; later calls go on without it until it answers (its late answers are
- dropped). No call hangs on a dead or stuck rank, and a failed call writes nothing.
+ Failures: a solver failure on any rank (root's own included) fails root's call with
+ PERT_STATUS_SOLVER_FAILED, whose message names the rank, the rows and the solver's
+ message. A rank that does not answer a block in time fails the call the same way, naming
+ the rank: the config's remote_timeout (pert_config_set_remote_timeout; default 60 s) is
+ per row of a worker, so a block of r rows on a rank of t workers has remote_timeout *
+ ceil(r / t) seconds from when the rank could start on it (blocks hold at most 32 rows
+ per worker). Later calls go on without that rank until it answers (its late answers are
+ dropped). No call hangs on a dead or stuck rank, and a failed call writes nothing. (A
+ process that dies usually ends the whole job: that is MPI's doing.)
+
+ Interrupts: pert_op_interrupt on root's op takes effect once the solves of the chunk
+ being spread have returned (a solver call is never cut short).
+
+ Order: free every op of the component (root's first, which ends the service) before
+ MPI_Finalize; a serving rank's pert_mpi_serve returns once root's op is freed.
 
  @param comm   An intracommunicator; the library works on a duplicate of it (MPI_Comm_dup,
                collective).

@@ -308,11 +308,12 @@ pub unsafe extern "C" fn pert_config_set_linear_objective(
 }
 
 /// Sets how long a call waits for a part of its solves that runs elsewhere before it fails,
-/// in seconds (default 600): for an op of the MPI component (bindings/mpi), the longest a
-/// rank may take to answer one block of rows, counted from when the rank could start on
-/// it. A rank that is dead or stuck then fails the call on root with
-/// `PERT_STATUS_SOLVER_FAILED` naming the rank, instead of a hang. Ops that solve in this
-/// process do not use it.
+/// in seconds per row of a worker (default 60): for an op of the MPI component
+/// (bindings/mpi), the longest one solve may take on a rank; a block of r rows handed to a
+/// rank of t workers may take this times ceil(r / t) seconds, counted from when the rank
+/// could start on it (blocks hold at most 32 rows per worker). A rank that is dead or stuck
+/// then fails the call on root with `PERT_STATUS_SOLVER_FAILED` naming the rank, instead of
+/// a hang. Ops that solve in this process do not use it.
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` unless 0 < seconds <= 1e6 (NaN included).
 #[no_mangle]

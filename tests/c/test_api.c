@@ -542,6 +542,10 @@ static bool op_free_hook_runs_once(void) {
   CHECK_OK(pert_op_on_free(op, NULL, NULL)); /* removed */
   pert_op_free(op);
   CHECK(freed_count == 10);
+  CHECK(pert_op_solver_threads(NULL) == 0);
+  op = make_op(solve_argmax, &D3); /* threads 1 */
+  CHECK(pert_op_solver_threads(op) == 1);
+  pert_op_free(op);
   CHECK(pert_set_last_error(PERT_STATUS_SOLVER_FAILED, "rank 2: the solver failed") == PERT_STATUS_SOLVER_FAILED);
   CHECK(last_error_contains("rank 2: the solver failed"));
   CHECK(pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, NULL) == PERT_STATUS_INVALID_ARGUMENT);

@@ -17,6 +17,8 @@
 #define N 16
 #define POISON (-777.0f) /* x[1] of a row that fails on rank 2 */
 #define SLEEPY (-555.0f) /* x[1] of a row that takes 3 s on rank 1 */
+#define ROOT_FAILS (-888.0f) /* x[1] of a row that fails on root and takes 3 s on rank 1 */
+#define WIDE 4096           /* the output of the op whose answers are too large to go eagerly */
 
 static int my_rank = 0;
 static size_t rows_solved = 0; /* by this rank's solver */
@@ -70,7 +72,11 @@ static int32_t solve(void *user_data, const pert_solve_info *info, const float *
       pert_solver_set_error("poisoned on rank 2");
       return 1;
     }
-    if (row[1] == SLEEPY && my_rank == 1 && r == 0) {
+    if (row[1] == ROOT_FAILS && my_rank == 0) {
+      pert_solver_set_error("failed on root");
+      return 1;
+    }
+    if ((row[1] == SLEEPY || row[1] == ROOT_FAILS) && my_rank == 1 && r == 0) {
       struct timespec t = {3, 0};
       nanosleep(&t, NULL);
     }
@@ -103,7 +109,7 @@ static pert_config *make_config(uint32_t baseline) {
   pert_config_set_threads(c, 2);
   pert_config_set_device(c, "cpu");
   pert_config_set_baseline(c, baseline);
-  pert_config_set_remote_timeout(c, 1.0);
+  pert_config_set_remote_timeout(c, 0.2); /* per row of a worker: blocks of 5 rows a worker here */
   return c;
 }
 
@@ -199,7 +205,19 @@ static bool root_checks(pert_op *spread, uint32_t baseline) {
   for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
   if (!equal_to_one_process(spread, single, 7)) return false;
 
-  /* rank 1 stuck for 3 s, the timeout 1 s: the call fails naming it, within about 1 s */
+  /* root's own failure while rank 1 is slow: the call fails at once, naming root */
+  problems(theta, 60, ROOT_FAILS);
+  double begin = seconds();
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(spread, theta, 60, y));
+  CHECK(seconds() - begin < 0.9 && error_has("rank 0 (root) failed on unperturbed problem") &&
+        error_has("failed on root"));
+  for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
+  struct timespec rest = {3, 500000000};
+  nanosleep(&rest, NULL); /* rank 1 answers late, and is back */
+  if (!equal_to_one_process(spread, single, 40)) return false;
+
+  /* rank 1 stuck for 3 s on a block of 5 rows a worker (timeout 0.2 s a row: 1 s): the
+   * call fails naming it, within about 1 s */
   problems(theta, 60, SLEEPY);
   double start = seconds();
   CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(spread, theta, 60, y));
@@ -212,8 +230,44 @@ static bool root_checks(pert_op *spread, uint32_t baseline) {
   struct timespec t = {3, 0};
   nanosleep(&t, NULL);
   if (!equal_to_one_process(spread, single, 40)) return false;
-  printf("a stuck rank failed the call after %.2f s (remote_timeout 1 s)\n", took);
+  printf("a stuck rank failed the call after %.2f s (remote_timeout 0.2 s per row of a worker)\n", took);
   pert_op_free(single);
+  return true;
+}
+
+/* A wide output (answers above MPI's eager size): root frees the op while rank 1 is still
+ * busy with a block; every rank's service still ends (no hang). */
+static int32_t solve_wide(void *user_data, const pert_solve_info *info, const float *x, size_t count, float *y) {
+  (void)user_data, (void)info;
+  for (size_t r = 0; r < count; r++) {
+    if (x[r * D + 1] == SLEEPY && my_rank == 1 && r == 0) {
+      struct timespec t = {2, 0};
+      nanosleep(&t, NULL);
+    }
+    memset(y + r * WIDE, 0, WIDE * sizeof(float));
+    y[r * WIDE + (size_t)(r % WIDE)] = 1.0f;
+  }
+  return 0;
+}
+
+static bool free_while_busy(void) {
+  pert_config *c = make_config(PERT_BASELINE_SAMPLE_MEAN);
+  const int64_t wide[1] = {WIDE};
+  pert_op *op = NULL;
+  CHECK_STATUS(PERT_STATUS_OK, pert_mpi_op_new(c, SHAPE, 1, wide, 1, MPI_COMM_WORLD, 0, solve_wide, NULL, NULL, NULL, &op));
+  pert_config_free(c);
+  if (my_rank == 0) {
+    static float theta[60 * D], y[60 * WIDE];
+    problems(theta, 60, 0.0f);
+    CHECK_STATUS(PERT_STATUS_OK, pert_op_solve(op, theta, 60, y));
+    problems(theta, 60, SLEEPY);
+    CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(op, theta, 60, y));
+    CHECK(error_has("rank 1 did not answer"));
+    pert_op_free(op); /* at once: rank 1 is still in its 2 s solve */
+  } else {
+    CHECK_STATUS(PERT_STATUS_OK, pert_mpi_serve(op));
+    pert_op_free(op);
+  }
   return true;
 }
 
@@ -245,6 +299,7 @@ int main(int argc, char **argv) {
   bool ok = size == 3;
   if (!ok) fprintf(stderr, "run with mpirun -np 3\n");
   ok = ok && differing_settings_are_refused(size);
+  ok = ok && free_while_busy();
   ok = ok && run(size, PERT_BASELINE_SAMPLE_MEAN);
   inits = finis = 0, rows_solved = 0;
   ok = ok && run(size, PERT_BASELINE_CLEAN_INPUT);

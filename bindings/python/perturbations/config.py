@@ -18,7 +18,7 @@ DEFAULTS = {
     "num_samples": 1000, "sigma": 0.05, "noise": "normal", "seed": 0, "device": "auto", "threads": 1,
     "max_threads": 0, "perturbation": "additive", "baseline": "sample_mean", "antithetic": False,
     "sense": "maximize", "chunk_bytes": 0, "max_tape_bytes": 0, "sog_kappa": 5.0, "sog_terms": 10,
-    "solve_ratio": 1.0, "linear_objective": False, "remote_timeout": 600.0,
+    "solve_ratio": 1.0, "linear_objective": False, "remote_timeout": 60.0,
 }
 
 # the parameters of Sum-of-Gamma noise, set with it (pert_config_set_sum_of_gamma)
@@ -114,8 +114,8 @@ class Config:
     parameters of Sum-of-Gamma noise (I-MLE's; no tape: see PERT_NOISE_SUM_OF_GAMMA),
     solve_ratio (1.0: the share of a pooled op's samples that are solved, see `Op.set_pool`)
     linear_objective (False: declares a solver's objective linear, <x, y>, which a pool
-    needs) and remote_timeout (600.0 seconds: how long an op of `perturbations.mpi` waits
-    for a rank's answer to a block).
+    needs) and remote_timeout (60.0 seconds: the longest one solve may take on a rank of
+    an op of `perturbations.mpi` before the call fails).
 
     A bad value raises `InvalidArgumentError` (a `ValueError`), an unknown name `TypeError`.
     An op copies its config: changing a config later does not change its ops. Configs

@@ -642,6 +642,9 @@ function on_free!(op::Op, hook::Ptr{Cvoid}, data::Ptr{Cvoid})
     return nothing
 end
 
+"""`solver_threads(op)`: the threads that call the op's solver (its workers; `pert_op_solver_threads`)."""
+solver_threads(op::Op) = Int(@ccall libperturbations.pert_op_solver_threads(op::Ptr{Cvoid})::Csize_t)
+
 """Elements of one problem's input and output, as the library reports them."""
 input_numel(op::Op) = Int(@ccall libperturbations.pert_op_input_numel(op::Ptr{Cvoid})::Csize_t)
 output_numel(op::Op) = Int(@ccall libperturbations.pert_op_output_numel(op::Ptr{Cvoid})::Csize_t)
