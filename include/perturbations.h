@@ -1045,6 +1045,13 @@ pert_status pert_perturbation_gradient(struct pert_op *op,
                                        float *grad);
 
 /*
+ The number of threads that call `op`'s solver callback in a call: its config's threads,
+ with 0 taken as one per core the process may use (within max_threads); for an op of
+ `pert_op_new_ex`, its number of workers. 0 for NULL.
+ */
+size_t pert_op_solver_threads(const struct pert_op *op);
+
+/*
  Makes a perturbed op over a solver callback.
 
  @param config        Settings, copied: the config may be freed afterwards.
@@ -1488,13 +1495,6 @@ pert_status pert_ltr_listwise(struct pert_op *op,
  no effect on anything.
  */
 void pert_solver_set_error(const char *message);
-
-/*
- The number of threads that call `op`'s solver callback in a call: its config's threads,
- with 0 taken as one per core the process may use (within max_threads); for an op of
- `pert_op_new_ex`, its number of workers. 0 for NULL.
- */
-size_t pert_op_solver_threads(const struct pert_op *op);
 
 /*
  The library's version, "MAJOR.MINOR.PATCH": a static string, never NULL.

@@ -4,7 +4,7 @@
 //! host rows (borrowed for the call; no tensor is made for a host solver), and writes its
 //! outputs only once everything has succeeded.
 
-use super::boundary::{self, guard, slice};
+use super::boundary::{self, guard, guard_or, slice};
 use super::handle::Handle;
 use super::op::pert_op;
 use super::status::pert_status;
@@ -327,5 +327,16 @@ pub unsafe extern "C" fn pert_perturbation_gradient(
         let (l, g) =
             op.perturbation_gradient_rows(shape(op, batch), pred, cost, sigma, two_sided != 0)?;
         write(&outputs, l, g)
+    })
+}
+
+/// The number of threads that call `op`'s solver callback in a call: its config's threads,
+/// with 0 taken as one per core the process may use (within max_threads); for an op of
+/// `pert_op_new_ex`, its number of workers. 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_solver_threads(op: *const pert_op) -> usize {
+    guard_or(0, || {
+        // SAFETY: a non-NULL op is a live handle (the caller's contract)
+        unsafe { pert_op::get(op) }.map_or(0, |op| op.config().effective_threads())
     })
 }

@@ -282,15 +282,3 @@ fn c_info(info: &SolveInfo) -> pert_solve_info {
         device: info.cuda_device.map_or(-1, |i| i as i32),
     }
 }
-
-/// The number of threads that call `op`'s solver callback in a call: its config's threads,
-/// with 0 taken as one per core the process may use (within max_threads); for an op of
-/// `pert_op_new_ex`, its number of workers. 0 for NULL.
-#[no_mangle]
-pub unsafe extern "C" fn pert_op_solver_threads(op: *const super::op::pert_op) -> usize {
-    use super::handle::Handle;
-    guard_or(0, || {
-        // SAFETY: a non-NULL op is a live handle (the caller's contract)
-        unsafe { super::op::pert_op::get(op) }.map_or(0, |op| op.config().effective_threads())
-    })
-}
