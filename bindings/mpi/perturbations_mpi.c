@@ -15,7 +15,10 @@
  *   root -> rank  TAG_WORK    header + count * d floats
  *                 TAG_CANCEL  one uint64: blocks of calls up to this id need no answer
  *                 TAG_STOP    nothing: the op was freed
- *   rank -> root  TAG_RESULT  header + count * o floats, or a message when status != 0
+ *   rank -> root  TAG_RESULT  header + count * o floats, or a message when status != 0;
+ *                             status RESULT_STOPPED: the rank's service has ended
+ * A rank that has seen TAG_STOP sends no answer any more (root would not take it), only
+ * RESULT_STOPPED; root waits for those (within a bound) before it frees its buffers.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "perturbations_mpi.h"
@@ -34,7 +37,7 @@ enum { DEPTH = 2 };                   /* blocks in flight per rank: one solving,
 enum { MESSAGE_BYTES = 2048 };        /* the longest error message carried */
 enum { ROWS_PER_WORKER = 32 };        /* the most rows of one block per worker of its rank */
 #define MAX_MESSAGE_BYTES (64u << 20) /* the largest block message, in bytes */
-enum { RESULT_OK = 0, RESULT_FAILED = 1, RESULT_SKIPPED = 2 };
+enum { RESULT_OK = 0, RESULT_FAILED = 1, RESULT_SKIPPED = 2, RESULT_STOPPED = 3 };
 static const double STOP_GRACE = 1.0; /* seconds a stopping rank waits for its last answer */
 
 /* The header of a block and of its answer (plain uint64 words: MPI_BYTE on the wire). */
@@ -56,6 +59,9 @@ typedef struct {
   size_t send_bytes[DEPTH];
   MPI_Request request[DEPTH];
   int next_slot;
+  uint64_t cancel_id; /* the CANCEL message on its way, with its request */
+  MPI_Request cancel;
+  int stopped; /* the rank said RESULT_STOPPED */
 } peer;
 
 /* The rows of one solver call of root's op, shared by the dispatcher and the driver. */
@@ -135,8 +141,9 @@ static void format(char *buf, size_t len, const char *fmt, ...) {
 static int mpi_failed(int rc, const char *what, char *buf, size_t len) {
   if (rc == MPI_SUCCESS) return 0;
   char text[MPI_MAX_ERROR_STRING];
-  int n = 0;
-  if (MPI_Error_string(rc, text, &n) != MPI_SUCCESS) snprintf(text, sizeof text, "MPI error %d", rc);
+  int n = 0, got;
+  LOCKED(got, MPI_Error_string(rc, text, &n));
+  if (got != MPI_SUCCESS) snprintf(text, sizeof text, "MPI error %d", rc);
   format(buf, len, "%s failed: %s", what, text);
   return 1;
 }
@@ -163,13 +170,32 @@ static int waiting(MPI_Comm comm, int source, int tag, MPI_Status *st, int *rc) 
   return *rc == MPI_SUCCESS && flag;
 }
 
-/* Receives and drops the message whose status is `st` (as bytes, into a small buffer:
- * a longer one is cut, which MPI reports and which still takes it off the queue). */
-static void drop(MPI_Comm comm, const MPI_Status *st) {
-  char sink[64];
-  int rc;
-  LOCKED(rc, MPI_Recv(sink, (int)sizeof sink, MPI_BYTE, st->MPI_SOURCE, st->MPI_TAG, comm, MPI_STATUS_IGNORE));
-  (void)rc;
+/* Receives the message whose status is `st` into `h` cut to a header (a longer one is cut,
+ * which MPI reports and which still takes it off the queue): 1 when a header came. */
+static int drop(MPI_Comm comm, const MPI_Status *st, header *h) {
+  int rc, bytes = 0;
+  LOCKED(rc, MPI_Get_count(st, MPI_BYTE, &bytes));
+  memset(h, 0, sizeof *h);
+  LOCKED(rc, MPI_Recv(h, (int)sizeof *h, MPI_BYTE, st->MPI_SOURCE, st->MPI_TAG, comm, MPI_STATUS_IGNORE));
+  (void)rc; /* (a cut message is an error to MPI, and expected here) */
+  return bytes >= (int)sizeof *h;
+}
+
+/* The byte count of the message whose status is `st`. */
+static int byte_count(const MPI_Status *st) {
+  int rc, bytes = 0;
+  LOCKED(rc, MPI_Get_count(st, MPI_BYTE, &bytes));
+  return rc == MPI_SUCCESS ? bytes : -1;
+}
+
+/* Waits for a non-blocking operation, the MPI lock held only while it is tested (so that
+ * a collective waiting for other ranks never stops this process's other MPI users). */
+static int finish(MPI_Request *request) {
+  int done = 0, rc = MPI_SUCCESS;
+  for (unsigned polls = 0;; pause_briefly(++polls)) {
+    LOCKED(rc, MPI_Test(request, &done, MPI_STATUS_IGNORE));
+    if (rc != MPI_SUCCESS || done) return rc;
+  }
 }
 
 /* "problem 3, sample 7" (or "unperturbed problem 3") for row `row` of a solver call. */
@@ -335,22 +361,29 @@ static int send_block(ctx *c, int r, const pert_solve_info *info, const float *i
 }
 
 /* Receives one answer if one has come: 1 when one was handled, 0 when none, -1 on an error
- * of MPI or of the answer (msg). A failed block of the current call sets *failed and msg. */
+ * of MPI or of the protocol (msg). A failed block of the current call sets *failed and msg. */
 static int receive_answer(ctx *c, float *out, int *outstanding, int *failed, char *msg, size_t len) {
   MPI_Status st;
-  int rc, bytes = 0;
-  if (!waiting(c->comm, MPI_ANY_SOURCE, TAG_RESULT, &st, &rc)) return mpi_failed(rc, "MPI_Iprobe", msg, len) ? -1 : 0;
-  MPI_Get_count(&st, MPI_BYTE, &bytes);
-  if (bytes < (int)sizeof(header) || !grow(&c->recv, &c->recv_bytes, (size_t)bytes)) {
-    drop(c->comm, &st);
-    format(msg, len, "an answer of %d bytes from rank %d could not be received", bytes, st.MPI_SOURCE);
-    return -1;
-  }
-  LOCKED(rc, MPI_Recv(c->recv, bytes, MPI_BYTE, st.MPI_SOURCE, TAG_RESULT, c->comm, MPI_STATUS_IGNORE));
-  if (mpi_failed(rc, "MPI_Recv", msg, len)) return -1;
   header h;
-  memcpy(&h, c->recv, sizeof h);
+  int rc, bytes, whole = 1;
+  if (!waiting(c->comm, MPI_ANY_SOURCE, TAG_RESULT, &st, &rc)) return mpi_failed(rc, "MPI_Iprobe", msg, len) ? -1 : 0;
+  bytes = byte_count(&st);
+  if (bytes < (int)sizeof h || !grow(&c->recv, &c->recv_bytes, (size_t)bytes)) {
+    whole = 0; /* too short, or no room: its header is all that is taken */
+    if (!drop(c->comm, &st, &h)) {
+      format(msg, len, "rank %d sent an answer of %d bytes, shorter than a header", st.MPI_SOURCE, bytes);
+      return -1;
+    }
+  } else {
+    LOCKED(rc, MPI_Recv(c->recv, bytes, MPI_BYTE, st.MPI_SOURCE, TAG_RESULT, c->comm, MPI_STATUS_IGNORE));
+    if (mpi_failed(rc, "MPI_Recv", msg, len)) return -1;
+    memcpy(&h, c->recv, sizeof h);
+  }
   peer *p = &c->peers[st.MPI_SOURCE];
+  if (h.status == RESULT_STOPPED) {
+    p->stopped = 1;
+    return 1;
+  }
   if (p->inflight == 0 || p->queue[0].call != h.call || p->queue[0].start != h.seq) {
     format(msg, len, "rank %d answered a block it was not given", st.MPI_SOURCE);
     return -1;
@@ -361,28 +394,31 @@ static int receive_answer(ctx *c, float *out, int *outstanding, int *failed, cha
   if (p->inflight > 0) p->queue[0].since = now(); /* the next block starts now */
   if (h.call != c->calls) return 1;               /* a late answer of a failed call: dropped */
   (*outstanding)--;
-  if (h.status == RESULT_OK && (size_t)bytes == sizeof h + f.count * c->o * sizeof(float)) {
+  if (whole && h.status == RESULT_OK && (size_t)bytes == sizeof h + f.count * c->o * sizeof(float)) {
     memcpy(out + f.start * c->o, c->recv + sizeof h, f.count * c->o * sizeof(float));
   } else if (!*failed) {
-    if (h.status == RESULT_FAILED)
+    if (whole && h.status == RESULT_FAILED)
       block_failed(c, st.MPI_SOURCE, f.start, f.count, c->recv + sizeof h, bytes - (int)sizeof h, msg, len);
     else
-      format(msg, len, "rank %d answered a block with %d bytes instead of %zu", st.MPI_SOURCE, bytes,
-             sizeof h + f.count * c->o * sizeof(float));
+      format(msg, len, "rank %d's answer of %d bytes to a block of %llu rows could not be taken (%s)", st.MPI_SOURCE,
+             bytes, (unsigned long long)f.count, whole ? "a wrong size" : "out of memory");
     *failed = 1;
   }
   return 1;
 }
 
-/* Ranks holding blocks of the failed call are told to skip those they have not begun. */
+/* Ranks holding blocks of the failed call are told to skip those they have not begun (a
+ * non-blocking send from the peer's own buffer; while one is on its way, none is added). */
 static void cancel_call(ctx *c) {
   for (int r = 0; r < c->size; r++) {
     peer *p = &c->peers[r];
-    int holds = 0, rc;
+    int holds = 0, rc, done = 1;
     for (int i = 0; i < p->inflight; i++) holds |= p->queue[i].call == c->calls;
-    uint64_t id = c->calls;
-    if (r != c->rank && holds) LOCKED(rc, MPI_Send(&id, (int)sizeof id, MPI_BYTE, r, TAG_CANCEL, c->comm));
-    (void)rc; /* (8 bytes: sent eagerly; a rank that never reads it is dropped anyway) */
+    if (r == c->rank || !holds) continue;
+    LOCKED(rc, MPI_Test(&p->cancel, &done, MPI_STATUS_IGNORE));
+    if (rc != MPI_SUCCESS || !done) continue;
+    p->cancel_id = c->calls;
+    LOCKED(rc, MPI_Isend(&p->cancel_id, (int)sizeof p->cancel_id, MPI_BYTE, r, TAG_CANCEL, c->comm, &p->cancel));
   }
 }
 
@@ -424,7 +460,10 @@ static int spread(ctx *c, const pert_solve_info *info, const float *in, float *o
         if (p->inflight == 0 || j->count - j->cursor > 4 * c->all_threads) rows = take(c, c->threads[r], &start);
         pthread_mutex_unlock(&c->lock);
         if (rows == 0) break;
-        if (send_block(c, r, info, in, start, rows, msg, len)) return 1;
+        if (send_block(c, r, info, in, start, rows, msg, len)) {
+          failed = 1;
+          break;
+        }
         outstanding++, polls = 0;
       }
     }
@@ -439,7 +478,10 @@ static int spread(ctx *c, const pert_solve_info *info, const float *in, float *o
     }
     if (outstanding == 0 && exhausted) return 0;
     int got = receive_answer(c, out, &outstanding, &failed, msg, len);
-    if (got < 0) return 1;
+    if (got < 0) {
+      failed = 1;
+      break;
+    }
     if (got)
       polls = 0;
     else if (overdue(c, msg, len))
@@ -466,6 +508,10 @@ static int32_t dispatch(void *user_data, const pert_solve_info *info, const floa
   if (failed) j->abort = 1; /* the driver takes no further block (the one it solves, it ends) */
   while (!j->driver_done) pthread_cond_wait(&c->wake, &c->lock);
   j->active = 0;
+  if (!failed && j->driver_failed) { /* root's last block failed after the others had answered */
+    memcpy(msg, j->driver_message, sizeof msg);
+    failed = 1;
+  }
   pthread_mutex_unlock(&c->lock);
   if (failed) pert_solver_set_error(msg);
   return failed;
@@ -486,8 +532,9 @@ static void free_ctx(ctx *c) {
 }
 
 /* Root's op is freed: the driver stops, root's local op is freed, every rank is told to
- * stop, answers still due are taken (and dropped) and root's sends completed for up to
- * the grace time, and the communicator is freed. */
+ * stop; root takes (and drops) the answers still coming until every rank has said it
+ * stopped, or for a bounded time, then frees the communicator. Sends never taken (by a
+ * rank that is stuck) are left to MPI, with their buffers. */
 static void root_freed(void *data) {
   ctx *c = data;
   if (getpid() != c->pid) return; /* a forked child: not a rank; the parent keeps all */
@@ -497,34 +544,38 @@ static void root_freed(void *data) {
   pthread_mutex_unlock(&c->lock);
   if (c->driver_started) pthread_join(c->driver, NULL);
   pert_op_free(c->local);
+  int rc, leak = 0;
   if (mpi_usable()) {
     char msg[MESSAGE_BYTES];
-    int rc;
     for (int r = 0; r < c->size; r++)
-      if (r != c->rank) LOCKED(rc, MPI_Send(NULL, 0, MPI_BYTE, r, TAG_STOP, c->comm));
+      if (r != c->rank) {
+        MPI_Request stop;
+        LOCKED(rc, MPI_Isend(NULL, 0, MPI_BYTE, r, TAG_STOP, c->comm, &stop));
+        if (rc == MPI_SUCCESS) LOCKED(rc, MPI_Request_free(&stop)); /* (no buffer: nothing to keep) */
+      }
     double until = now() + (c->timeout < 5 ? c->timeout : 5) + STOP_GRACE;
     c->calls++; /* every answer still due is late */
     for (unsigned polls = 0;; pause_briefly(++polls)) {
-      int busy = 0, outstanding = 0, failed = 0;
-      for (int r = 0; r < c->size; r++) {
-        busy |= c->peers[r].inflight > 0;
-        for (int s = 0; s < DEPTH; s++) {
-          int done = 1;
-          LOCKED(rc, MPI_Test(&c->peers[r].request[s], &done, MPI_STATUS_IGNORE));
-          busy |= !done;
-        }
-      }
-      if (!busy || now() > until || receive_answer(c, NULL, &outstanding, &failed, msg, sizeof msg) < 0) break;
+      int running = 0, outstanding = 0, failed = 0;
+      for (int r = 0; r < c->size; r++) running |= r != c->rank && !c->peers[r].stopped;
+      if (!running || now() > until || receive_answer(c, NULL, &outstanding, &failed, msg, sizeof msg) < 0) break;
     }
-    for (int r = 0; r < c->size; r++)
-      for (int s = 0; s < DEPTH; s++)
-        if (c->peers[r].request[s] != MPI_REQUEST_NULL) { /* never taken: left to MPI, buffer and all */
-          LOCKED(rc, MPI_Request_free(&c->peers[r].request[s]));
-          c->peers[r].send[s] = NULL;
-        }
+    for (int r = 0; r < c->size; r++) {
+      peer *p = &c->peers[r];
+      for (int s = 0; s <= DEPTH; s++) {
+        MPI_Request *request = s < DEPTH ? &p->request[s] : &p->cancel;
+        int done = 1;
+        LOCKED(rc, MPI_Test(request, &done, MPI_STATUS_IGNORE));
+        if (done) continue;
+        LOCKED(rc, MPI_Request_free(request)); /* never taken: left to MPI, buffer and all */
+        if (s < DEPTH) p->send[s] = NULL;
+        else leak = 1; /* (the CANCEL's buffer is in the peers' array) */
+      }
+    }
     LOCKED(rc, MPI_Comm_free(&c->comm));
     (void)rc; /* (freeing: errors have nowhere to go) */
   }
+  if (leak) c->peers = NULL, c->size = 0;
   free_ctx(c);
 }
 
@@ -541,69 +592,96 @@ static void rank_freed(void *data) {
 
 /* ---- serving ranks ------------------------------------------------------------------ */
 
-/* Solves one block and starts the answer's send (the solutions, or the failure's message). */
-static int answer(ctx *c, header h, const float *in, char **buf, size_t *have, MPI_Request *sending, char *msg,
-                  size_t len) {
-  size_t data = h.count * c->o * sizeof(float), bytes = sizeof h;
-  if (!grow(buf, have, sizeof h + (data > MESSAGE_BYTES ? data : MESSAGE_BYTES))) {
-    h.status = RESULT_FAILED; /* (serve made room for a header and a message first) */
-    bytes += (size_t)snprintf(*buf + sizeof h, MESSAGE_BYTES, "out of memory for %zu bytes of solutions", data);
-  } else if (h.status == RESULT_OK) {
-    char text[MESSAGE_BYTES];
-    if (solve_rows(c, &h, in, (size_t)h.count, (float *)(void *)(*buf + sizeof h), text, sizeof text)) {
-      h.status = RESULT_FAILED;
-      size_t n = strlen(text);
-      memcpy(*buf + sizeof h, text, n);
-      bytes += n;
-    } else {
-      bytes += data;
-    }
-  }
-  memcpy(*buf, &h, sizeof h);
+/* 1 when root has said stop (the message stays queued for serve to take). */
+static int stopping(ctx *c) {
+  MPI_Status st;
   int rc;
-  LOCKED(rc, MPI_Isend(*buf, (int)bytes, MPI_BYTE, c->root, TAG_RESULT, c->comm, sending));
+  return waiting(c->comm, c->root, TAG_STOP, &st, &rc);
+}
+
+/* Starts the answer's send: the header `h` and `extra` bytes after it in *buf. Once root
+ * has said stop, no answer goes (root takes none any more). */
+static int send_answer(ctx *c, header h, char *buf, size_t extra, MPI_Request *sending, char *msg, size_t len) {
+  if (stopping(c)) return 0;
+  memcpy(buf, &h, sizeof h);
+  int rc;
+  LOCKED(rc, MPI_Isend(buf, (int)(sizeof h + extra), MPI_BYTE, c->root, TAG_RESULT, c->comm, sending));
   return mpi_failed(rc, "MPI_Isend", msg, len);
 }
 
-/* Receives the block whose status is `st` into *work: 0, or 1 with msg. */
-static int receive_block(ctx *c, const MPI_Status *st, char **work, size_t *have, header *h, char *msg, size_t len) {
-  int bytes = 0, rc;
-  MPI_Get_count(st, MPI_BYTE, &bytes);
+/* The failure `text` of block `h` as its answer (serve keeps room for a header and a
+ * message in *buf). */
+static int answer_failure(ctx *c, header h, const char *text, char *buf, MPI_Request *sending, char *msg,
+                          size_t len) {
+  size_t n = strlen(text) < MESSAGE_BYTES ? strlen(text) : MESSAGE_BYTES;
+  memcpy(buf + sizeof h, text, n);
+  h.status = RESULT_FAILED;
+  return send_answer(c, h, buf, n, sending, msg, len);
+}
+
+/* Solves one block and starts its answer's send (the solutions, or the failure's text). */
+static int answer(ctx *c, header h, const float *in, char **buf, size_t *have, MPI_Request *sending, char *msg,
+                  size_t len) {
+  size_t data = h.count * c->o * sizeof(float);
+  if (h.status == RESULT_SKIPPED) return send_answer(c, h, *buf, 0, sending, msg, len);
+  if (!grow(buf, have, sizeof h + (data > MESSAGE_BYTES ? data : MESSAGE_BYTES))) {
+    char text[128];
+    format(text, sizeof text, "out of memory for %zu bytes of solutions", data);
+    return answer_failure(c, h, text, *buf, sending, msg, len);
+  }
+  char text[MESSAGE_BYTES];
+  if (solve_rows(c, &h, in, (size_t)h.count, (float *)(void *)(*buf + sizeof h), text, sizeof text))
+    return answer_failure(c, h, text, *buf, sending, msg, len);
+  return send_answer(c, h, *buf, data, sending, msg, len);
+}
+
+/* Takes the block whose status is `st`: 1 with it in *work and *h, 0 when it could not be
+ * taken whole (then *h is its header, and *why says why), -1 on an MPI error (msg). */
+static int receive_block(ctx *c, const MPI_Status *st, char **work, size_t *have, header *h, char *why, char *msg,
+                         size_t len) {
+  int bytes = byte_count(st), rc;
   if (bytes < (int)sizeof(header) || !grow(work, have, (size_t)bytes)) {
-    drop(c->comm, st);
-    format(msg, len, "a block of %d bytes from root could not be received", bytes);
-    return 1;
+    format(why, MESSAGE_BYTES, "rank %d had no room for a block of %d bytes", c->rank, bytes);
+    return drop(c->comm, st, h) ? 0 : -1;
   }
   LOCKED(rc, MPI_Recv(*work, bytes, MPI_BYTE, c->root, TAG_WORK, c->comm, MPI_STATUS_IGNORE));
-  if (mpi_failed(rc, "MPI_Recv", msg, len)) return 1;
+  if (mpi_failed(rc, "MPI_Recv", msg, len)) return -1;
   memcpy(h, *work, sizeof *h);
   if ((size_t)bytes != sizeof *h + h->count * c->d * sizeof(float)) {
-    format(msg, len, "a block of %d bytes from root does not hold its %llu rows", bytes, (unsigned long long)h->count);
-    return 1;
+    format(why, MESSAGE_BYTES, "a block of %d bytes does not hold its %llu rows", bytes, (unsigned long long)h->count);
+    return 0;
   }
-  return 0;
+  return 1;
 }
 
 /* The end of the service: blocks still queued are taken and dropped (so that root's sends
- * complete), and the last answer gets the grace time to leave; 1 when it has not (its
- * request is then left to MPI, and its buffer must stay). */
+ * complete), root is told the service has ended, and the last sends get the grace time to
+ * leave (root takes them while it waits for that word); 1 when they have not (their
+ * requests are then left to MPI, and the reply buffer must stay). */
 static int wind_down(ctx *c, MPI_Request *sending) {
+  static const header stopped = {UINT64_MAX, 0, 0, 0, 0, 0, 0, RESULT_STOPPED}; /* (outlives any send) */
   MPI_Status st;
+  header dropped;
+  MPI_Request requests[2] = {*sending, MPI_REQUEST_NULL};
   int rc, done = 0;
+  while (waiting(c->comm, c->root, TAG_WORK, &st, &rc) || waiting(c->comm, c->root, TAG_CANCEL, &st, &rc))
+    drop(c->comm, &st, &dropped);
+  LOCKED(rc, MPI_Isend(&stopped, (int)sizeof stopped, MPI_BYTE, c->root, TAG_RESULT, c->comm, &requests[1]));
   double until = now() + STOP_GRACE;
-  for (unsigned polls = 0; now() < until; pause_briefly(++polls)) {
-    while (waiting(c->comm, c->root, TAG_WORK, &st, &rc) || waiting(c->comm, c->root, TAG_CANCEL, &st, &rc))
-      drop(c->comm, &st);
-    LOCKED(rc, MPI_Test(sending, &done, MPI_STATUS_IGNORE));
-    if (done || rc != MPI_SUCCESS) break;
+  for (unsigned polls = 0; !done && now() < until; pause_briefly(++polls)) {
+    while (waiting(c->comm, c->root, TAG_WORK, &st, &rc)) drop(c->comm, &st, &dropped);
+    LOCKED(rc, MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE));
+    if (rc != MPI_SUCCESS) break;
   }
-  if (*sending == MPI_REQUEST_NULL) return 0;
-  LOCKED(rc, MPI_Request_free(sending));
+  *sending = MPI_REQUEST_NULL;
+  if (done) return 0;
+  for (int i = 0; i < 2; i++)
+    if (requests[i] != MPI_REQUEST_NULL) LOCKED(rc, MPI_Request_free(&requests[i]));
   return 1;
 }
 
 static pert_status serve(ctx *c) {
-  char msg[MESSAGE_BYTES] = "", *work = NULL, *reply = NULL;
+  char msg[MESSAGE_BYTES] = "", why[MESSAGE_BYTES], *work = NULL, *reply = NULL;
   size_t work_bytes = 0, reply_bytes = 0;
   uint64_t cancelled = 0;
   MPI_Request sending = MPI_REQUEST_NULL; /* the last answer, on its way */
@@ -612,7 +690,7 @@ static pert_status serve(ctx *c) {
     return pert_set_last_error(PERT_STATUS_TORCH_ERROR, "out of memory for the answers' buffer");
   for (unsigned polls = 0; !failed; pause_briefly(++polls)) {
     MPI_Status st;
-    if (waiting(c->comm, c->root, TAG_STOP, &st, &rc)) {
+    if (stopping(c)) {
       LOCKED(rc, MPI_Recv(NULL, 0, MPI_BYTE, c->root, TAG_STOP, c->comm, MPI_STATUS_IGNORE));
       break;
     }
@@ -630,9 +708,14 @@ static pert_status serve(ctx *c) {
       continue;
     }
     header h;
-    if ((failed = receive_block(c, &st, &work, &work_bytes, &h, msg, sizeof msg))) break;
-    h.status = h.call <= cancelled ? RESULT_SKIPPED : RESULT_OK;
-    failed = answer(c, h, (const float *)(void *)(work + sizeof h), &reply, &reply_bytes, &sending, msg, sizeof msg);
+    int got = receive_block(c, &st, &work, &work_bytes, &h, why, msg, sizeof msg);
+    if ((failed = got < 0)) break;
+    if (got == 0) {
+      failed = answer_failure(c, h, why, reply, &sending, msg, sizeof msg);
+    } else {
+      h.status = h.call <= cancelled ? RESULT_SKIPPED : RESULT_OK;
+      failed = answer(c, h, (const float *)(void *)(work + sizeof h), &reply, &reply_bytes, &sending, msg, sizeof msg);
+    }
     polls = 0;
   }
   if (!wind_down(c, &sending)) free(reply);
@@ -707,57 +790,76 @@ static void first_difference(const char *mine, const char *theirs, int r, int ro
   format(msg, len, "rank %d's settings differ from root's", r);
 }
 
-/* The lowest rank whose `failed` is set, or -1 (collective). */
+/* The lowest rank whose `failed` is set, or -1; -2 when MPI failed (collective). */
 static int first_failing(MPI_Comm comm, int failed, int rank, int size) {
   int mine = failed ? rank : size, lowest = size, rc;
-  LOCKED(rc, MPI_Allreduce(&mine, &lowest, 1, MPI_INT, MPI_MIN, comm));
-  return rc != MPI_SUCCESS ? 0 : lowest < size ? lowest : -1;
+  MPI_Request request;
+  LOCKED(rc, MPI_Iallreduce(&mine, &lowest, 1, MPI_INT, MPI_MIN, comm, &request));
+  if (rc == MPI_SUCCESS) rc = finish(&request);
+  return rc != MPI_SUCCESS ? -2 : lowest < size ? lowest : -1;
+}
+
+/* A collective started by `start` (with its request), then waited for as `finish` does. */
+#define COLLECTIVE(rc, start)                 \
+  do {                                        \
+    MPI_Request request_;                     \
+    LOCKED(rc, start);                        \
+    if ((rc) == MPI_SUCCESS) (rc) = finish(&request_); \
+  } while (0)
+
+/* Root compares every rank's settings with its own: the verdict, msg. */
+static pert_status compare_settings(const ctx *c, const char *all, const int *offsets, const char *settings,
+                                    char *msg, size_t len) {
+  for (int r = 0; r < c->size; r++)
+    if (strcmp(all + offsets[r], settings) != 0) {
+      first_difference(settings, all + offsets[r], r, c->root, msg, len);
+      return PERT_STATUS_INVALID_ARGUMENT;
+    }
+  return PERT_STATUS_OK;
 }
 
 /* Collective: every rank's local status (the first failing rank's reaches all), then root
- * compares the settings; every rank learns the verdict, and each rank's threads. */
+ * compares the settings; every rank learns the verdict, and each rank's threads. Every
+ * collective is non-blocking, waited for without holding the MPI lock. */
 static pert_status handshake(ctx *c, pert_status status, const char *settings, char *msg, size_t len) {
   int rc, bad = first_failing(c->comm, status != PERT_STATUS_OK, c->rank, c->size);
-  long long verdict[2] = {status, 0}; /* status, message length */
-  if (bad >= 0) {                      /* that rank tells everyone why */
-    verdict[1] = (long long)strlen(msg) + 1;
-    LOCKED(rc, MPI_Bcast(verdict, 2, MPI_LONG_LONG, bad, c->comm));
-    if (rc == MPI_SUCCESS) LOCKED(rc, MPI_Bcast(msg, (int)verdict[1], MPI_CHAR, bad, c->comm));
-    if (rc != MPI_SUCCESS) return PERT_STATUS_SOLVER_FAILED;
+  long long verdict[2] = {status, (long long)strlen(msg) + 1}; /* status, message length */
+  if (bad == -2) {
+    format(msg, len, "MPI failed in the ranks' handshake");
+    return PERT_STATUS_SOLVER_FAILED;
+  }
+  if (bad >= 0) { /* that rank tells everyone why */
+    COLLECTIVE(rc, MPI_Ibcast(verdict, 2, MPI_LONG_LONG, bad, c->comm, &request_));
+    if (rc == MPI_SUCCESS) COLLECTIVE(rc, MPI_Ibcast(msg, (int)verdict[1], MPI_CHAR, bad, c->comm, &request_));
+    if (mpi_failed(rc, "the ranks' handshake", msg, len)) return PERT_STATUS_SOLVER_FAILED;
     char why[MESSAGE_BYTES];
     format(why, sizeof why, "rank %d: %s", bad, msg);
     format(msg, len, "%s", why);
     return (pert_status)verdict[0];
   }
-  /* every rank is ready: root gathers the settings (its buffers were made in local_part) */
-  int mine = (int)strlen(settings) + 1, *sizes = (int *)(void *)c->recv, total = 0;
-  LOCKED(rc, MPI_Gather(&mine, 1, MPI_INT, sizes, 1, MPI_INT, c->root, c->comm));
-  int *offsets = sizes + c->size;
+  /* every rank is ready: root gathers the settings (scratch room from local_part) */
+  int mine = (int)strlen(settings) + 1, *sizes = (int *)(void *)c->recv, *offsets = sizes + c->size, total = 0;
+  COLLECTIVE(rc, MPI_Igather(&mine, 1, MPI_INT, sizes, 1, MPI_INT, c->root, c->comm, &request_));
   if (c->rank == c->root)
     for (int r = 0; r < c->size; r++) offsets[r] = total, total += sizes[r];
   char *all = c->rank == c->root ? malloc((size_t)(total > 0 ? total : 1)) : NULL;
   int no_room = c->rank == c->root && !all;
-  LOCKED(rc, MPI_Bcast(&no_room, 1, MPI_INT, c->root, c->comm));
-  if (no_room) {
-    format(msg, len, "rank %d (root): out of memory for the ranks' settings", c->root);
-    return PERT_STATUS_TORCH_ERROR;
-  }
-  LOCKED(rc, MPI_Gatherv(settings, mine, MPI_CHAR, all, sizes, offsets, MPI_CHAR, c->root, c->comm));
-  if (c->rank == c->root) {
-    verdict[0] = PERT_STATUS_OK;
-    for (int r = 0; r < c->size && verdict[0] == PERT_STATUS_OK; r++)
-      if (strcmp(all + offsets[r], settings) != 0) {
-        first_difference(settings, all + offsets[r], r, c->root, msg, len);
-        verdict[0] = PERT_STATUS_INVALID_ARGUMENT;
-      }
-    verdict[1] = verdict[0] == PERT_STATUS_OK ? 0 : (long long)strlen(msg) + 1;
-  }
+  if (rc == MPI_SUCCESS) COLLECTIVE(rc, MPI_Ibcast(&no_room, 1, MPI_INT, c->root, c->comm, &request_));
+  if (rc == MPI_SUCCESS && !no_room)
+    COLLECTIVE(rc, MPI_Igatherv(settings, mine, MPI_CHAR, all, sizes, offsets, MPI_CHAR, c->root, c->comm, &request_));
+  verdict[0] = PERT_STATUS_OK;
+  if (c->rank == c->root && rc == MPI_SUCCESS && !no_room)
+    verdict[0] = compare_settings(c, all, offsets, settings, msg, len);
+  if (no_room) verdict[0] = PERT_STATUS_TORCH_ERROR, format(msg, len, "rank %d (root): out of memory", c->root);
+  verdict[1] = verdict[0] == PERT_STATUS_OK ? 0 : (long long)strlen(msg) + 1;
   free(all);
-  LOCKED(rc, MPI_Bcast(verdict, 2, MPI_LONG_LONG, c->root, c->comm));
-  if (rc == MPI_SUCCESS && verdict[1] > 0) LOCKED(rc, MPI_Bcast(msg, (int)verdict[1], MPI_CHAR, c->root, c->comm));
+  if (rc == MPI_SUCCESS) COLLECTIVE(rc, MPI_Ibcast(verdict, 2, MPI_LONG_LONG, c->root, c->comm, &request_));
+  if (rc == MPI_SUCCESS && verdict[1] > 0)
+    COLLECTIVE(rc, MPI_Ibcast(msg, (int)verdict[1], MPI_CHAR, c->root, c->comm, &request_));
   if (rc == MPI_SUCCESS && verdict[0] == PERT_STATUS_OK) {
     unsigned long long threads = c->threads[c->rank], *each = (unsigned long long *)(void *)c->recv;
-    LOCKED(rc, MPI_Allgather(&threads, 1, MPI_UNSIGNED_LONG_LONG, each, 1, MPI_UNSIGNED_LONG_LONG, c->comm));
+    COLLECTIVE(rc, MPI_Iallgather(&threads, 1, MPI_UNSIGNED_LONG_LONG, each, 1, MPI_UNSIGNED_LONG_LONG, c->comm,
+                                  &request_));
     for (int r = 0; r < c->size && rc == MPI_SUCCESS; r++) c->threads[r] = each[r] ? (size_t)each[r] : 1;
   }
   if (mpi_failed(rc, "the ranks' handshake", msg, len)) return PERT_STATUS_SOLVER_FAILED;
@@ -801,12 +903,15 @@ static pert_status local_part(ctx *c, const pert_config *config, const int64_t *
   LOCKED(rc, MPI_Query_thread(&level));
   (void)rc;
   pert_status s = PERT_STATUS_OK;
-  if (!out) s = pert_set_last_error(PERT_STATUS_NULL_ARGUMENT, "out is NULL");
+  char text[128];
+  format(text, sizeof text, "root %d is not a rank of comm (size %d)", c->root, c->size);
+  if (c->root < 0 || c->root >= c->size) s = pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, text);
+  else if (!out) s = pert_set_last_error(PERT_STATUS_NULL_ARGUMENT, "out is NULL");
   else if (!config) s = pert_set_last_error(PERT_STATUS_NULL_ARGUMENT, "config is NULL");
   else if (!c->solver) s = pert_set_last_error(PERT_STATUS_NULL_ARGUMENT, "solver is NULL");
-  else if (c->rank == c->root && level < MPI_THREAD_SERIALIZED)
+  else if (level < MPI_THREAD_SERIALIZED)
     s = pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT,
-                            "root's MPI thread level is below MPI_THREAD_SERIALIZED: initialize MPI with "
+                            "the MPI thread level is below MPI_THREAD_SERIALIZED: initialize MPI with "
                             "MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided)");
   else
     s = pert_op_new_ex(config, in_shape, in_rank, out_shape, out_rank, solve_block, c, init_worker, fini_worker,
@@ -825,7 +930,7 @@ static pert_status local_part(ctx *c, const pert_config *config, const int64_t *
     if (!c->threads || !c->peers || !grow(&c->recv, &c->recv_bytes, (size_t)c->size * 16 + 64))
       s = pert_set_last_error(PERT_STATUS_TORCH_ERROR, "out of memory for the MPI component's state");
     else
-      c->threads[c->rank] = pert_op_solver_threads(c->local);
+      for (int r = 0; r < c->size; r++) c->threads[r] = r == c->rank ? pert_op_solver_threads(c->local) : 1;
   }
   if (s == PERT_STATUS_OK && c->rank == c->root)
     s = make_root(c, config, in_shape, in_rank, out_shape, out_rank, root_op);
@@ -850,8 +955,7 @@ static void undo(ctx *c, pert_op *root_op) {
 }
 
 /* Checks that need no communication, the same on every rank of a valid `comm`. */
-static pert_status comm_checks(MPI_Comm comm, int root, int *rank, int *size) {
-  char msg[256];
+static pert_status comm_checks(MPI_Comm comm, int *rank, int *size) {
   int inter = 0;
   int rc;
   if (!mpi_usable()) return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "MPI is not initialized, or finalized");
@@ -861,10 +965,6 @@ static pert_status comm_checks(MPI_Comm comm, int root, int *rank, int *size) {
   LOCKED(rc, MPI_Comm_size(comm, size));
   LOCKED(rc, MPI_Comm_rank(comm, rank));
   (void)rc;
-  if (root < 0 || root >= *size) {
-    format(msg, sizeof msg, "root %d is not a rank of comm (size %d)", root, *size);
-    return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, msg);
-  }
   return PERT_STATUS_OK;
 }
 
@@ -873,7 +973,7 @@ pert_status pert_mpi_op_new(const pert_config *config, const int64_t *input_shap
                             pert_solver_ex solver, void *user_data, pert_worker_init init, pert_worker_fini fini,
                             pert_op **out) {
   int size = 0, rank = 0, rc;
-  pert_status s = comm_checks(comm, root, &rank, &size);
+  pert_status s = comm_checks(comm, &rank, &size);
   if (s != PERT_STATUS_OK) return s;
   ctx *c = calloc(1, sizeof *c);
   if (!c) return pert_set_last_error(PERT_STATUS_TORCH_ERROR, "out of memory for the MPI component's state");
@@ -882,10 +982,10 @@ pert_status pert_mpi_op_new(const pert_config *config, const int64_t *input_shap
   pthread_mutex_init(&c->lock, NULL);
   pthread_cond_init(&c->wake, NULL);
   char msg[MESSAGE_BYTES] = "";
-  LOCKED(rc, MPI_Comm_dup(comm, &c->comm));
+  COLLECTIVE(rc, MPI_Comm_idup(comm, &c->comm, &request_));
   if (rc == MPI_SUCCESS) LOCKED(rc, MPI_Comm_set_errhandler(c->comm, MPI_ERRORS_RETURN));
   int roots[2] = {-root, root}, agreed[2] = {0, 0}; /* every rank names the same root */
-  if (rc == MPI_SUCCESS) LOCKED(rc, MPI_Allreduce(roots, agreed, 2, MPI_INT, MPI_MAX, c->comm));
+  if (rc == MPI_SUCCESS) COLLECTIVE(rc, MPI_Iallreduce(roots, agreed, 2, MPI_INT, MPI_MAX, c->comm, &request_));
   if (mpi_failed(rc, "MPI_Comm_dup", msg, sizeof msg) || -agreed[0] != agreed[1]) {
     if (rc == MPI_SUCCESS) format(msg, sizeof msg, "the ranks name different roots (%d to %d)", -agreed[0], agreed[1]);
     undo(c, NULL);
@@ -906,6 +1006,7 @@ pert_status pert_mpi_op_new(const pert_config *config, const int64_t *input_shap
   for (int r = 0; r < size; r++) {
     c->all_threads += c->threads[r];
     for (int k = 0; k < DEPTH; k++) c->peers[r].request[k] = MPI_REQUEST_NULL;
+    c->peers[r].cancel = MPI_REQUEST_NULL;
   }
   if (rank == root) {
     pert_op_on_free(root_op, root_freed, c);

@@ -18,6 +18,8 @@
 #define POISON (-777.0f) /* x[1] of a row that fails on rank 2 */
 #define SLEEPY (-555.0f) /* x[1] of a row that takes 3 s on rank 1 */
 #define ROOT_FAILS (-888.0f) /* x[1] of a row that fails on root and takes 3 s on rank 1 */
+#define SLOWISH (-444.0f)    /* x[1] of a row that takes 0.5 s on rank 1: within the timeout */
+#define LATE_ROOT (-333.0f)  /* x[1] of a row that fails on root after 0.5 s */
 #define WIDE 4096           /* the output of the op whose answers are too large to go eagerly */
 
 static int my_rank = 0;
@@ -71,6 +73,16 @@ static int32_t solve(void *user_data, const pert_solve_info *info, const float *
     if (row[1] == POISON && my_rank == 2) {
       pert_solver_set_error("poisoned on rank 2");
       return 1;
+    }
+    if (row[1] == LATE_ROOT && my_rank == 0 && r == 0) {
+      struct timespec t = {0, 500000000};
+      nanosleep(&t, NULL);
+      pert_solver_set_error("failed late on root");
+      return 1;
+    }
+    if (row[1] == SLOWISH && my_rank == 1 && r == 0) {
+      struct timespec t = {0, 500000000};
+      nanosleep(&t, NULL);
     }
     if (row[1] == ROOT_FAILS && my_rank == 0) {
       pert_solver_set_error("failed on root");
@@ -144,7 +156,14 @@ static bool differing_settings_are_refused(int size) {
   CHECK(op == NULL && error_has("out is NULL"));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT,
                pert_mpi_op_new(c, SHAPE, 1, SHAPE, 1, MPI_COMM_WORLD, size, solve, NULL, NULL, NULL, &op));
-  CHECK(error_has("root 3 is not a rank"));
+  CHECK(error_has("root 3 is not a rank") || error_has("different roots"));
+  /* ranks that name different roots: refused on every rank, none waits */
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_mpi_op_new(c, SHAPE, 1, SHAPE, 1, MPI_COMM_WORLD, my_rank == 1 ? 1 : 0,
+                                                             solve, NULL, NULL, NULL, &op));
+  CHECK(op == NULL && error_has("different roots (0 to 1)"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_mpi_op_new(c, SHAPE, 1, SHAPE, 1, MPI_COMM_WORLD, my_rank == 2 ? 5 : 0,
+                                                             solve, NULL, NULL, NULL, &op));
+  CHECK(op == NULL && error_has("different roots (0 to 5)"));
   pert_config_free(c);
   return true;
 }
@@ -205,6 +224,20 @@ static bool root_checks(pert_op *spread, uint32_t baseline) {
   for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
   if (!equal_to_one_process(spread, single, 7)) return false;
 
+  /* rank 1 slow but within its limit (0.5 s of 1 s): the call succeeds */
+  problems(theta, 60, SLOWISH);
+  float want[60 * D];
+  CHECK_STATUS(PERT_STATUS_OK, pert_op_solve(spread, theta, 60, y));
+  CHECK_STATUS(PERT_STATUS_OK, pert_op_solve(single, theta, 60, want));
+  CHECK(memcmp(y, want, sizeof want) == 0);
+  for (size_t i = 0; i < 60 * D; i++) y[i] = -9.0f;
+
+  /* root's own failure once the other ranks have answered: named as root's */
+  problems(theta, 60, LATE_ROOT);
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(spread, theta, 60, y));
+  CHECK(error_has("rank 0 (root) failed") && error_has("failed late on root"));
+  for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
+
   /* root's own failure while rank 1 is slow: the call fails at once, naming root */
   problems(theta, 60, ROOT_FAILS);
   double begin = seconds();
@@ -223,7 +256,7 @@ static bool root_checks(pert_op *spread, uint32_t baseline) {
   CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(spread, theta, 60, y));
   double took = seconds() - start;
   CHECK(error_has("rank 1 did not answer") && error_has("remote_timeout"));
-  CHECK(took < 2.5);
+  CHECK(took > 0.95 && took < 2.5); /* the limit: 5 rows a worker x 0.2 s */
   for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
   /* later calls go on without it, then with it once it has answered */
   if (!equal_to_one_process(spread, single, 40)) return false;
@@ -273,6 +306,7 @@ static bool free_while_busy(void) {
 
 static bool run(int size, uint32_t baseline) {
   pert_config *c = make_config(baseline);
+  pert_config_set_threads(c, (uint32_t)(1 + (my_rank + 1) % 3)); /* 2, 3, 1 workers: each rank's own */
   pert_op *op = NULL;
   CHECK_STATUS(PERT_STATUS_OK, pert_mpi_op_new(c, SHAPE, 1, SHAPE, 1, MPI_COMM_WORLD, 0, solve, NULL, init, fini, &op));
   pert_config_free(c);
