@@ -55,6 +55,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct pert_solve_info;
+
 /*
  The default of [`Config::set_remote_timeout`], in seconds.
  */
@@ -303,6 +305,11 @@ typedef struct pert_aimle_state {
 typedef int32_t (*pert_solver_fn)(void *user_data, const float *inputs, size_t count, float *outputs);
 
 /*
+ See `pert_solve_info.pool_best`.
+ */
+typedef int32_t (*pert_pool_best_fn)(const struct pert_solve_info *info, const float *x, float *out);
+
+/*
  Where the rows of one `pert_solver_ex` call sit in its forward call.
  */
 typedef struct pert_solve_info {
@@ -344,6 +351,21 @@ typedef struct pert_solve_info {
    for device solvers of CUDA ops, see `pert_device_solver_fn`).
    */
   int32_t device;
+  /*
+   Warm starts: `pool_best(info, x, out)` writes into `out` the solution of the op's
+   pool (`pert_op_set_pool`) of best <x, y> in the op's sense for an input row `x`
+   (`input_numel` floats, which the pool's linear objective makes `output_numel`), the
+   pool as this call sees it, and returns 1; 0 (nothing written) when the pool is
+   empty. A MILP solver can start from it (an incumbent). Set for the solver calls of
+   the perturbed samples of an op with a pool (forward and Fenchel-Young calls), NULL
+   for others (read it only when `struct_size` covers it). Valid during the solver
+   call only, from any thread.
+   */
+  pert_pool_best_fn pool_best;
+  /*
+   The library's, for `pool_best`.
+   */
+  const void *pool;
 } pert_solve_info;
 
 /*

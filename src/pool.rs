@@ -185,6 +185,11 @@ impl Pool {
 }
 
 impl Members {
+    /// The floats of one member.
+    pub(crate) fn numel(&self) -> usize {
+        self.numel
+    }
+
     /// The number of members.
     pub(crate) fn len(&self) -> usize {
         self.values.len() / self.numel.max(1)

@@ -22,8 +22,54 @@ where
     }
 }
 
+/// What a solver may ask of the op's solution pool: the member of best ⟨x, y⟩ for an
+/// input row (made by the pipeline from the pool as a call sees it).
+pub trait PoolSearch: Send + Sync {
+    /// The member of best ⟨x, y⟩ in the op's sense (the oldest of equals), None when the
+    /// pool is empty or `x` is not of its size.
+    fn best(&self, x: &[f32]) -> Option<&[f32]>;
+    /// The floats of one solution (and of an input row, as the objective is linear).
+    fn numel(&self) -> usize;
+}
+
+/// The op's solution pool as one call sees it (the snapshot the call began with), for
+/// warm starts: see [`SolveInfo::pool_best`].
+#[derive(Clone)]
+pub struct PoolView(std::sync::Arc<dyn PoolSearch>);
+
+impl PoolView {
+    /// The view of `search`.
+    pub fn new(search: std::sync::Arc<dyn PoolSearch>) -> PoolView {
+        PoolView(search)
+    }
+
+    /// See [`PoolSearch::best`].
+    pub fn best(&self, x: &[f32]) -> Option<&[f32]> {
+        self.0.best(x)
+    }
+
+    /// See [`PoolSearch::numel`].
+    pub fn numel(&self) -> usize {
+        self.0.numel()
+    }
+}
+
+impl std::fmt::Debug for PoolView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PoolView")
+    }
+}
+
+impl PartialEq for PoolView {
+    fn eq(&self, other: &PoolView) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for PoolView {}
+
 /// Where the rows of one solver call sit in its forward call (C: `pert_solve_info`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SolveInfo {
     /// The worker running the call, `0 .. threads` (for a [`WorkerSolver`] always the
     /// same thread for the same worker over the op's life).
@@ -42,9 +88,18 @@ pub struct SolveInfo {
     /// Where the rows are: None for host memory, `Some(i)` for CUDA device i (device
     /// solvers of CUDA ops only).
     pub cuda_device: Option<usize>,
+    /// For warm starts: the op's pool as the call sees it, when the op has one (the sample
+    /// rows of a pooled op's calls); see [`SolveInfo::pool_best`].
+    pub pool: Option<PoolView>,
 }
 
 impl SolveInfo {
+    /// For warm starts: the pool's solution of best ⟨x, y⟩ for input row `x` (in the op's
+    /// sense), None when the call has no pool, the pool is empty, or `x` is not of its size.
+    pub fn pool_best(&self, x: &[f32]) -> Option<&[f32]> {
+        self.pool.as_ref().and_then(|p| p.best(x))
+    }
+
     /// "problem 3, sample 7" for row r of the call (or "unperturbed problem 3").
     pub fn describe_row(&self, r: usize) -> String {
         let global = self.first_row + r as u64;

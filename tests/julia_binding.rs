@@ -98,6 +98,7 @@ fn julia_types(c_type: &str) -> &'static [&'static str] {
         | "pert_worker_init"
         | "pert_worker_fini"
         | "pert_free_hook"
+        | "pert_pool_best_fn"
         | "pert_device_solver_fn" => &["Ptr{Cvoid}"],
         // the one struct passed by value or by pointer: the binding's isbits mirror of it
         "pert_aimle_state" => &["AimleState"],
@@ -643,10 +644,13 @@ fn julia_solve_info_and_callbacks_match_the_header() {
     let c_fields: Vec<(String, String)> = code
         .split(';')
         .filter_map(|decl| {
-            let mut words = decl.split_whitespace();
-            Some((words.next()?.to_string(), words.next()?.to_string()))
+            // `type name` or `const type *name`: the name last, its stars to the type
+            let words: Vec<&str> = decl.split_whitespace().collect();
+            let (last, ty) = words.split_last()?;
+            let stars = last.chars().take_while(|&c| c == '*').count();
+            let name = last.trim_start_matches('*').to_string();
+            Some((name, normalize(&(ty.join(" ") + &"*".repeat(stars)))))
         })
-        .map(|(t, n)| (n, t))
         .collect();
     let (src, _) = binding_source();
     let start = src.find("struct SolveInfo\n").expect("the Julia struct");
@@ -657,7 +661,7 @@ fn julia_solve_info_and_callbacks_match_the_header() {
         .filter_map(|l| l.trim().split_once("::"))
         .map(|(n, t)| (n.to_string(), t.to_string()))
         .collect();
-    assert_eq!(c_fields.len(), 8, "C fields: {c_fields:?}");
+    assert_eq!(c_fields.len(), 10, "C fields: {c_fields:?}");
     assert_eq!(
         julia_fields.len(),
         c_fields.len(),

@@ -4,7 +4,7 @@
 //! `pert_solver_set_error`, a solver's own failure message.
 
 use super::boundary::guard_or;
-use crate::solver::{DeviceSolver, SolveInfo, Solver, WorkerSolver};
+use crate::solver::{DeviceSolver, PoolView, SolveInfo, Solver, WorkerSolver};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
 
@@ -35,7 +35,7 @@ pub type pert_solver_fn = Option<
 
 /// Where the rows of one `pert_solver_ex` call sit in its forward call.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct pert_solve_info {
     /// `sizeof(pert_solve_info)` as the library was built: fields are only ever appended,
     /// so a solver compiled against an older header reads the fields it knows.
@@ -59,6 +59,47 @@ pub struct pert_solve_info {
     /// Where `inputs` and `outputs` are: -1 for host memory, N for CUDA device N (only
     /// for device solvers of CUDA ops, see `pert_device_solver_fn`).
     pub device: i32,
+    /// Warm starts: `pool_best(info, x, out)` writes into `out` the solution of the op's
+    /// pool (`pert_op_set_pool`) of best <x, y> in the op's sense for an input row `x`
+    /// (`input_numel` floats, which the pool's linear objective makes `output_numel`), the
+    /// pool as this call sees it, and returns 1; 0 (nothing written) when the pool is
+    /// empty. A MILP solver can start from it (an incumbent). Set for the solver calls of
+    /// the perturbed samples of an op with a pool (forward and Fenchel-Young calls), NULL
+    /// for others (read it only when `struct_size` covers it). Valid during the solver
+    /// call only, from any thread.
+    pub pool_best: pert_pool_best_fn,
+    /// The library's, for `pool_best`.
+    pub pool: *const c_void,
+}
+
+/// See `pert_solve_info.pool_best`.
+pub type pert_pool_best_fn =
+    Option<unsafe extern "C" fn(info: *const pert_solve_info, x: *const f32, out: *mut f32) -> i32>;
+
+/// `pert_solve_info.pool_best`: the pool view that `info.pool` points to, searched for `x`.
+unsafe extern "C" fn pool_best(info: *const pert_solve_info, x: *const f32, out: *mut f32) -> i32 {
+    guard_or(0, || {
+        // SAFETY: `info` is the struct the library passed to the solver, during its call:
+        // its `pool` points to the call's PoolView (see `c_info`); x and out hold a row
+        let Some(info) = (unsafe { info.as_ref() }) else {
+            return 0;
+        };
+        let Some(view) = (unsafe { info.pool.cast::<PoolView>().as_ref() }) else {
+            return 0;
+        };
+        if x.is_null() || out.is_null() {
+            return 0;
+        }
+        let n = view.numel();
+        let x = unsafe { std::slice::from_raw_parts(x, n) };
+        match view.best(x) {
+            Some(best) => {
+                unsafe { std::ptr::copy_nonoverlapping(best.as_ptr(), out, n) };
+                1
+            }
+            None => 0,
+        }
+    })
 }
 
 /// A solver that is told which rows it solves (`info`, valid during the call) and runs on
@@ -280,5 +321,10 @@ fn c_info(info: &SolveInfo) -> pert_solve_info {
         num_samples: info.num_samples,
         batch: info.batch,
         device: info.cuda_device.map_or(-1, |i| i as i32),
+        pool_best: info.pool.as_ref().map(|_| pool_best as _),
+        pool: info
+            .pool
+            .as_ref()
+            .map_or(std::ptr::null(), |view| (view as *const PoolView).cast()),
     }
 }

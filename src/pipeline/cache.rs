@@ -44,6 +44,23 @@ pub(crate) struct CallCache {
     o: usize,
     /// The distinct solutions each solver call made, with where its rows sit in the call.
     solved: Mutex<Vec<(RowsKey, Vec<f32>)>>,
+    /// The snapshot for the solver's warm starts.
+    view: crate::solver::PoolView,
+}
+
+/// The call's snapshot of the pool in the op's sense, searched for warm starts.
+struct Snapshot(Arc<Members>, Sense);
+
+impl crate::solver::PoolSearch for Snapshot {
+    fn best(&self, x: &[f32]) -> Option<&[f32]> {
+        (x.len() == self.0.numel())
+            .then(|| self.0.best(x, self.1))
+            .flatten()
+    }
+
+    fn numel(&self) -> usize {
+        self.0.numel()
+    }
 }
 
 impl CallCache {
@@ -56,7 +73,9 @@ impl CallCache {
     ) -> CallCache {
         let members = pool.snapshot();
         let o = pool.output_numel();
+        let view = crate::solver::PoolView::new(Arc::new(Snapshot(members.clone(), sense)));
         CallCache {
+            view,
             pool,
             members,
             threshold: (ratio * 4_294_967_296.0).ceil() as u64,
@@ -65,6 +84,11 @@ impl CallCache {
             o,
             solved: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The pool as this call sees it, for the solver's warm starts.
+    fn view(&self) -> crate::solver::PoolView {
+        self.view.clone()
     }
 
     /// Whether sample row `row` of the call goes to the solver (always, while the
@@ -109,7 +133,8 @@ impl CallCache {
                 let (first, end) = (solved[i], solved[j - 1] + 1);
                 let info = SolveInfo {
                     first_row: at.first_row + first as u64,
-                    ..*at
+                    pool: Some(self.view()),
+                    ..at.clone()
                 };
                 let ys = &mut y[first * o..end * o];
                 solve(&info, &x[first * d..end * d], end - first, ys)?;
@@ -126,7 +151,8 @@ impl CallCache {
             ys.resize(solved.len() * o, f32::NAN);
             let info = SolveInfo {
                 first_row: at.first_row + solved[0] as u64,
-                ..*at
+                pool: Some(self.view()),
+                ..at.clone()
             };
             solve(&info, &xs, solved.len(), &mut ys).map_err(|e| {
                 Error::new(

@@ -51,6 +51,7 @@ impl OpSpec {
                 Device::Cuda(i) => Some(i),
                 _ => None,
             },
+            pool: None,
         }
     }
 
@@ -96,7 +97,7 @@ impl OpSpec {
                 let part = crate::tensors::from_slice(xs)?
                     .f_view([count as i64, d as i64])?
                     .f_to_device(self.device)?;
-                let solved = self.solve(solver, &part, *info)?.dense(o as i64)?;
+                let solved = self.solve(solver, &part, info.clone())?.dense(o as i64)?;
                 ys.copy_from_slice(&crate::tensors::host_floats(&solved)?);
                 Ok(())
             },
@@ -424,7 +425,7 @@ pub(crate) fn solve_rows(
     let slice_info = |i: usize| SolveInfo {
         worker: i,
         first_row: at.first_row + (i * per) as u64,
-        ..at
+        ..at.clone()
     };
     let result = if let Some(workers) = solver.workers() {
         // slice i on worker i

@@ -286,6 +286,66 @@ static bool bad_arguments_are_refused(void) {
   return true;
 }
 
+/* Warm starts: a pooled op's solver gets `pool_best`, which gives the member of best <x, y>
+ * of the pool as the call began (checked against the members by hand, row by row); an op
+ * without a pool gets NULL. */
+static const float MEMBERS[3 * D] = {1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0};
+static int warm_rows = 0, warm_wrong = 0, warm_null = 0;
+
+static int32_t solve_warm(void *user_data, const pert_solve_info *info, const float *x, size_t count, float *y) {
+  (void)user_data;
+  int has = info->struct_size >= sizeof(pert_solve_info) && info->pool_best != NULL;
+  for (size_t r = 0; r < count; r++) {
+    const float *row = x + r * D;
+    if (has) {
+      size_t want = 0;
+      double best = -INFINITY;
+      for (size_t m = 0; m < 3; m++) {
+        double score = 0;
+        for (size_t i = 0; i < D; i++) score += (double)row[i] * MEMBERS[m * D + i];
+        if (score > best) best = score, want = m;
+      }
+      float out[D];
+      int got = info->pool_best(info, row, out);
+      __atomic_add_fetch(&warm_wrong, got != 1 || memcmp(out, MEMBERS + want * D, sizeof out) != 0, __ATOMIC_SEQ_CST);
+      __atomic_add_fetch(&warm_rows, 1, __ATOMIC_SEQ_CST);
+    } else {
+      __atomic_add_fetch(&warm_null, 1, __ATOMIC_SEQ_CST);
+    }
+  }
+  return solve_argmax(&DIM, x, count, y);
+}
+
+static bool warm_starts_get_the_pools_best(void) {
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  pert_config_set_num_samples(c, 50);
+  pert_config_set_sigma(c, 0.7);
+  pert_config_set_threads(c, 2);
+  pert_config_set_linear_objective(c, 1);
+  pert_op *pooled = NULL, *plain = NULL;
+  CHECK_OK(pert_op_new_ex(c, SHAPE, 1, SHAPE, 1, solve_warm, NULL, NULL, NULL, &pooled));
+  CHECK_OK(pert_op_new_ex(c, SHAPE, 1, SHAPE, 1, solve_warm, NULL, NULL, NULL, &plain));
+  pert_config_free(c);
+  pert_pool *pool = NULL;
+  CHECK_OK(pert_pool_new(SHAPE, 1, 100, &pool));
+  CHECK_OK(pert_pool_add(pool, MEMBERS, 3));
+  CHECK_OK(pert_op_set_pool(pooled, pool));
+  float y[B * D];
+  warm_rows = warm_wrong = warm_null = 0;
+  CHECK_OK(pert_forward(pooled, THETA, B, y, NULL)); /* the pool as it began: the 3 members */
+  CHECK(warm_rows == B * 50 && warm_wrong == 0 && warm_null == 0);
+  CHECK_OK(pert_forward(plain, THETA, B, y, NULL));
+  CHECK(warm_null == B * 50);
+  CHECK_OK(pert_op_solve(pooled, THETA, B, y)); /* a plain solve: no pool offered */
+  CHECK(warm_null == B * 50 + B && warm_rows == B * 50);
+  pert_pool_free(pool);
+  pert_op_free(pooled);
+  pert_op_free(plain);
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(members_first_in_first_out),
@@ -294,6 +354,7 @@ int main(void) {
       TEST(pool_shared_by_threads),
       TEST(pool_losses_by_hand),
       TEST(bad_arguments_are_refused),
+      TEST(warm_starts_get_the_pools_best),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

@@ -26,7 +26,13 @@ class SolveInfo(ctypes.Structure):
     """`pert_solve_info`: where the rows of one solver call sit in its forward call."""
     _fields_ = [("struct_size", ctypes.c_uint32), ("worker", ctypes.c_uint32), ("clean", ctypes.c_uint32),
                 ("reserved", ctypes.c_uint32), ("first_row", ctypes.c_uint64), ("num_samples", ctypes.c_uint64),
-                ("batch", ctypes.c_size_t), ("device", ctypes.c_int32)]
+                ("batch", ctypes.c_size_t), ("device", ctypes.c_int32), ("pool_best", ctypes.c_void_p),
+                ("pool", ctypes.c_void_p)]
+
+
+# pert_pool_best_fn: the pool's best solution for an input row, during a solver call
+POOL_BEST = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.POINTER(SolveInfo), ctypes.POINTER(ctypes.c_float),
+                             ctypes.POINTER(ctypes.c_float))
 
 
 SOLVER_EX = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(SolveInfo), F, ctypes.c_size_t, F)

@@ -202,13 +202,28 @@ class SolveInfo:
     """Where the rows of one solver call sit (for per-worker solvers that take `info=`):
     `worker`, `clean` (True: the rows are the unperturbed theta of problems `first_row ..`,
     for the clean-input baseline), `first_row` (else: row r is row first_row + r of the
-    call, problem (first_row + r) // num_samples), `num_samples`, `batch`."""
+    call, problem (first_row + r) // num_samples), `num_samples`, `batch`; and for warm
+    starts `pool_best(x)` (during the solver call only)."""
 
-    __slots__ = ("worker", "clean", "first_row", "num_samples", "batch")
+    __slots__ = ("worker", "clean", "first_row", "num_samples", "batch", "_c")
 
-    def __init__(self, worker, clean, first_row, num_samples, batch):
+    def __init__(self, worker, clean, first_row, num_samples, batch, _c=None):
         self.worker, self.clean, self.first_row = worker, clean, first_row
         self.num_samples, self.batch = num_samples, batch
+        self._c = _c  # the C struct of the running call, when it offers its pool
+
+    def pool_best(self, x):
+        """For warm starts: the op's pool's solution of best <x, y> in the op's sense for
+        input row `x` (a float32 array of the pool's size), or None when the call has no
+        pool or the pool is empty. Only during the solver call that got this info."""
+        if self._c is None:
+            return None
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        out = np.empty_like(x)
+        fn = _native.POOL_BEST(self._c.contents.pool_best)
+        f32 = ctypes.POINTER(ctypes.c_float)
+        got = fn(self._c, x.ctypes.data_as(f32), out.ctypes.data_as(f32))
+        return out if got == 1 else None
 
     def __repr__(self):
         return (f"SolveInfo(worker={self.worker}, clean={self.clean}, first_row={self.first_row}, "
@@ -362,7 +377,8 @@ class _Workers:
             try:
                 i = info.contents
                 py = self.solvers[i.worker]
-                at = SolveInfo(i.worker, bool(i.clean), i.first_row, i.num_samples, i.batch) if py.info else None
+                at = (SolveInfo(i.worker, bool(i.clean), i.first_row, i.num_samples, i.batch,
+                                info if i.pool_best else None) if py.info else None)
                 with _Solving(errors):
                     py.solve(x, count, y, at)
                 return 0

@@ -288,10 +288,7 @@ impl<'a> HostRun<'a> {
         };
         let (x, y) = (&mut x[..block.len() * d], &mut y[..y_len]);
         // the block's noise: in the tape's kept scores, or in the buffer
-        let z: &[f32] = match noise {
-            Some(kept) => kept,
-            None => &z[..block.len() * d],
-        };
+        let z: &[f32] = noise.map_or_else(|| &z[..block.len() * d], |kept| &*kept);
         if !perturbed {
             self.perturb(block, z, x);
         }
@@ -302,6 +299,7 @@ impl<'a> HostRun<'a> {
             num_samples: self.plan.n as u64,
             batch: self.plan.batch,
             cuda_device: None,
+            pool: None,
         };
         self.solutions(&at, block, x, y, ones)?;
         // a callback's solutions checked finite (the error says where; the built-ins' and

@@ -681,7 +681,8 @@ first argument of a solver of an op made with `info=true`. Numbers are 0-based, 
 are the unperturbed θ of problems `first_row ...`, for the clean-input baseline),
 `first_row` (column r, 1-based, is global row `first_row + r - 1`: problem
 `(first_row + r - 1) ÷ num_samples`, sample `(first_row + r - 1) % num_samples`), `num_samples`, `batch`,
-`device` (-1: host memory; N: CUDA device N, for device solvers of CUDA ops).
+`device` (-1: host memory; N: CUDA device N, for device solvers of CUDA ops), and for
+warm starts `pool_best` and `pool` (see [`pool_best`](@ref)).
 """
 struct SolveInfo
     struct_size::UInt32
@@ -692,6 +693,21 @@ struct SolveInfo
     num_samples::UInt64
     batch::Csize_t
     device::Int32
+    pool_best::Ptr{Cvoid}
+    pool::Ptr{Cvoid}
+end
+
+"""
+`pool_best(info, x)`: for warm starts, inside a solver given `info` (a pooled op's call):
+the op's pool's solution of best ⟨x, y⟩ for input row `x` in the op's sense, or `nothing`
+when the call has no pool or the pool is empty (`pert_solve_info.pool_best`).
+"""
+function pool_best(info::SolveInfo, x::AbstractVector{Float32})
+    info.pool_best == C_NULL && return nothing
+    xs = Vector{Float32}(x)
+    out = similar(xs)
+    got = ccall(info.pool_best, Int32, (Ref{SolveInfo}, Ptr{Float32}, Ptr{Float32}), info, xs, out)
+    return got == 1 ? out : nothing
 end
 
 # The solve info at `info`, checked: a library whose struct is smaller than this package's
