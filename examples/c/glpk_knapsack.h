@@ -21,7 +21,26 @@ static const int WEIGHT[ITEMS] = {7, 3, 9, 4, 6, 8, 2, 5, 10, 3, 7, 6, 4, 9, 5, 
 typedef struct {
   glp_prob *models[PERT_MAX_THREADS];
   double capacity; /* the knapsack's capacity (a negative one makes GLPK fail: see main) */
+  int warm_start;  /* 1: each MILP starts from the op's pool's best solution (a pooled op) */
+  int no_presolve; /* 1: GLPK's settings of a warm start, without the start (to compare) */
 } knapsack;
+
+/* A warm start for GLPK: the pool's best solution, offered as a heuristic solution (an
+ * incumbent) the first time the branch-and-bound asks for one. */
+typedef struct {
+  float start[ITEMS];
+  int offered;
+} incumbent;
+
+static void offer_start(glp_tree *tree, void *data) {
+  incumbent *w = data;
+  if (glp_ios_reason(tree) == GLP_IHEUR && !w->offered) {
+    double x[ITEMS + 1];
+    for (int j = 1; j <= ITEMS; j++) x[j] = w->start[j - 1];
+    glp_ios_heur_sol(tree, x); /* (GLPK keeps it only if it is feasible and better) */
+    w->offered = 1;
+  }
+}
 
 static int32_t build_model(void *user_data, uint32_t worker) {
   knapsack *k = user_data;
@@ -57,8 +76,25 @@ static int32_t solve_glpk(void *user_data, const pert_solve_info *info, const fl
   glp_init_iocp(&parm);
   parm.presolve = GLP_ON;
   parm.msg_lev = GLP_MSG_OFF;
+  /* warm starts need the pool (pert_solve_info.pool_best) and GLPK's own columns: no
+     presolver (which would renumber them), the LP relaxation solved first instead */
+  int warm = k->warm_start && info->struct_size >= sizeof *info && info->pool_best != NULL;
+  int lp_first = warm || k->no_presolve;
+  incumbent w;
+  glp_smcp lp_parm;
+  glp_init_smcp(&lp_parm);
+  lp_parm.msg_lev = GLP_MSG_OFF;
+  if (lp_first) parm.presolve = GLP_OFF;
+  if (warm) parm.cb_func = offer_start, parm.cb_info = &w;
   for (size_t r = 0; r < count; r++) {
     for (int j = 1; j <= ITEMS; j++) glp_set_obj_coef(lp, j, theta[r * ITEMS + j - 1]);
+    if (warm) w.offered = !info->pool_best(info, theta + r * ITEMS, w.start); /* (an empty pool: none) */
+    if (lp_first) {
+      if (glp_simplex(lp, &lp_parm) != 0) {
+        pert_solver_set_error("GLPK: the LP relaxation failed");
+        return 1;
+      }
+    }
     int rc = glp_intopt(lp, &parm);
     int status = glp_mip_status(lp);
     if (rc != 0 || status != GLP_OPT) {

@@ -155,3 +155,36 @@ def test_a_forked_child_keeps_the_pool():
     finally:
         _FORKED.clear()
     assert rows < 2 * 400 / 2, rows  # about 10% solved, not all
+
+
+def test_warm_starts_get_the_pools_best():
+    """A per-worker solver of a pooled op gets `info.pool_best(x)`: the pool's member of
+    best <x, y> (the pool as the call began), checked by hand; without a pool, None."""
+    members = np.array([[1, 0, 1, 0, 0, 0], [0, 1, 0, 0, 1, 1], [0, 0, 0, 1, 0, 0]], dtype=np.float32)
+    seen = {"rows": 0, "wrong": 0, "none": 0}
+
+    def make_solver(worker):
+        def solve(x, info):
+            for row in x:
+                got = info.pool_best(row)
+                if got is None:
+                    seen["none"] += 1
+                else:
+                    want = members[int(np.argmax(members.astype(np.float64) @ row.astype(np.float64)))]
+                    seen["rows"] += 1
+                    seen["wrong"] += int(not np.array_equal(got, want))
+            y = np.zeros_like(x)
+            y[np.arange(len(x)), np.argmax(x, axis=1)] = 1
+            return y
+        return solve
+
+    cfg = pt.Config(num_samples=20, sigma=0.7, device="cpu", threads=2, linear_objective=True)
+    theta = np.random.default_rng(3).normal(size=(3, 6)).astype(np.float32)
+    with pt.Op.with_workers(cfg, 6, 6, make_solver) as op, pt.Pool(6, 100) as pool:
+        pool.add(members)
+        op.set_pool(pool)
+        op.forward(theta)
+        assert seen == {"rows": 60, "wrong": 0, "none": 0}
+    with pt.Op.with_workers(cfg, 6, 6, make_solver) as plain:
+        plain.forward(theta)
+        assert seen["none"] == 60
