@@ -48,8 +48,22 @@ static void check(pert_status status, const char *what) {
   }
 }
 
+enum { BATCH = 16 };
+
+/* Perturbed MILP solves per second of forward calls on `op` (N = 100), over at least
+ * half a second and two calls. */
+static double solves_per_second(pert_op *op, const float *theta, float *y) {
+  int calls = 0;
+  double start = now(), elapsed = 0;
+  while (elapsed < 0.5 || calls < 2) {
+    check(pert_forward(op, theta, BATCH, y, NULL), "forward");
+    calls++;
+    elapsed = now() - start;
+  }
+  return calls * BATCH * 100.0 / elapsed;
+}
+
 int main(void) {
-  enum { BATCH = 16 };
   const int64_t shape[1] = {ITEMS};
   static float theta[BATCH * ITEMS], with_glpk[BATCH * ITEMS], with_dp[BATCH * ITEMS];
   for (int i = 0; i < BATCH * ITEMS; i++) theta[i] = 1.0f + 0.25f * (float)((i * 37) % 11); /* item values */
@@ -99,15 +113,8 @@ int main(void) {
     pert_op *op = NULL;
     check(pert_op_new_ex(c, shape, 1, shape, 1, solve_glpk, &k, build_model, free_model, &op), "pert_op_new_ex");
     check(pert_forward(op, theta, BATCH, with_glpk, NULL), "warm-up"); /* builds the models */
-    int calls = 0;
-    double start = now(), elapsed = 0;
-    while (elapsed < 0.5 || calls < 2) {
-      check(pert_forward(op, theta, BATCH, with_glpk, NULL), "forward");
-      calls++;
-      elapsed = now() - start;
-    }
-    printf("%u worker thread%s: %.0f perturbed MILP solves per second (%d calls of %d solves)\n", t,
-           t == 1 ? "" : "s", calls * BATCH * 100.0 / elapsed, calls, BATCH * 100);
+    printf("%u worker thread%s: %.0f perturbed MILP solves per second\n", t, t == 1 ? "" : "s",
+           solves_per_second(op, theta, with_glpk));
     pert_op_free(op);
     pert_config_free(c);
   }
@@ -127,14 +134,7 @@ int main(void) {
     check(pert_op_set_pool(op, pool), "pert_op_set_pool");
     check(pert_forward(op, theta, BATCH, with_glpk, NULL), "warm-up"); /* models built, pool filled */
     k.warm_start = warm, k.no_presolve = 1;
-    int calls = 0;
-    double start = now(), elapsed = 0;
-    while (elapsed < 0.5 || calls < 2) {
-      check(pert_forward(op, theta, BATCH, with_glpk, NULL), "forward");
-      calls++;
-      elapsed = now() - start;
-    }
-    rate[warm] = calls * BATCH * 100.0 / elapsed;
+    rate[warm] = solves_per_second(op, theta, with_glpk);
     pert_pool_free(pool);
     pert_op_free(op);
     pert_config_free(c);
