@@ -307,7 +307,10 @@ typedef int32_t (*pert_solver_fn)(void *user_data, const float *inputs, size_t c
 /*
  See `pert_solve_info.pool_best`.
  */
-typedef int32_t (*pert_pool_best_fn)(const struct pert_solve_info *info, const float *x, float *out);
+typedef int32_t (*pert_pool_best_fn)(const struct pert_solve_info *info,
+                                     const float *x,
+                                     size_t n,
+                                     float *out);
 
 /*
  Where the rows of one `pert_solver_ex` call sit in its forward call.
@@ -352,14 +355,15 @@ typedef struct pert_solve_info {
    */
   int32_t device;
   /*
-   Warm starts: `pool_best(info, x, out)` writes into `out` the solution of the op's
-   pool (`pert_op_set_pool`) of best <x, y> in the op's sense for an input row `x`
-   (`input_numel` floats, which the pool's linear objective makes `output_numel`), the
-   pool as this call sees it, and returns 1; 0 (nothing written) when the pool is
-   empty. A MILP solver can start from it (an incumbent). Set for the solver calls of
-   the perturbed samples of an op with a pool (forward and Fenchel-Young calls), NULL
-   for others (read it only when `struct_size` covers it). Valid during the solver
-   call only, from any thread.
+   Warm starts: `pool_best(info, x, n, out)` writes into `out` the solution of the
+   op's pool (`pert_op_set_pool`) of best <x, y> in the op's sense for an input row `x`,
+   the pool as this call sees it, and returns 1. `x` and `out` are host memory of `n`
+   floats each, `n` the input's numel (which the pool's linear objective makes the
+   output's); another `n`, or an empty pool, returns 0 and writes nothing. A MILP solver
+   can start from it (an incumbent). Set for the solver calls of the perturbed samples
+   of an op with a pool (forward and Fenchel-Young calls; not for a device solver's
+   rows on a GPU), NULL for others (read it only when `struct_size` covers it). Valid
+   during the solver call only (the `info` of that call), from any thread.
    */
   pert_pool_best_fn pool_best;
   /*
@@ -666,8 +670,8 @@ pert_status pert_config_clone(const struct pert_config *config, struct pert_conf
 
 /*
  Describes every setting of a config as text: one `name=value` line each, ended by a
- newline, the names those of the setters (`num_samples=1000`, `sigma=0.05`, ...), in a
- fixed order, floats in their shortest exact form. Two configs hold the same settings
+ newline, the names those of the setters (`num_samples=1000`, `sigma=0.05`, ...; `path`
+ and `tape_form` are the library's own test settings), in a fixed order, floats in their shortest exact form. Two configs hold the same settings
  exactly when their texts are equal, line for line (the text of a value may change
  between versions of the library). Copied into `buf` as `pert_last_error` copies.
 
@@ -675,9 +679,12 @@ pert_status pert_config_clone(const struct pert_config *config, struct pert_conf
  @param buf_len  Size of `buf` in bytes; the copy is cut to `buf_len - 1` bytes and
                  NUL-terminated when `buf_len > 0`.
  @return The full length of the text in bytes, without the NUL (a return value
-         `>= buf_len` means the copy was cut); 0 for a NULL config.
+         `>= buf_len` means the copy was cut); 0 for a NULL config (`buf` then gets
+         the empty string).
  */
-size_t pert_config_describe(const struct pert_config *config, char *buf, size_t buf_len);
+size_t pert_config_describe(const struct pert_config *config,
+                            char *buf,
+                            size_t buf_len);
 
 /*
  Draws the samples in antithetic pairs (Z, -Z) (default false): the Jacobian becomes
@@ -1216,7 +1223,8 @@ void pert_op_free(struct pert_op *op);
  thread that calls it, after the op's workers have stopped and their fini hooks have run
  (no callback of the op runs after it). For code built on the op that keeps state of its
  own: the `user_data` of its callbacks, a service to end (the MPI component). A forked
- child's `pert_op_free` runs it too, in the child. A hook set before is replaced (and
+ child's `pert_op_free` runs it too, in the child, where no worker or fini hook runs
+ (the workers did not survive the fork). A hook set before is replaced (and
  does not run); a NULL hook removes it. The hook must not call back into this op.
 
  @param data  Passed to the hook untouched.

@@ -70,6 +70,7 @@ impl Eq for PoolView {}
 
 /// Where the rows of one solver call sit in its forward call (C: `pert_solve_info`).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SolveInfo {
     /// The worker running the call, `0 .. threads` (for a [`WorkerSolver`] always the
     /// same thread for the same worker over the op's life).

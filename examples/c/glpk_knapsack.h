@@ -88,7 +88,7 @@ static int32_t solve_glpk(void *user_data, const pert_solve_info *info, const fl
   if (warm) parm.cb_func = offer_start, parm.cb_info = &w;
   for (size_t r = 0; r < count; r++) {
     for (int j = 1; j <= ITEMS; j++) glp_set_obj_coef(lp, j, theta[r * ITEMS + j - 1]);
-    if (warm) w.offered = !info->pool_best(info, theta + r * ITEMS, w.start); /* (an empty pool: none) */
+    if (warm) w.offered = !info->pool_best(info, theta + r * ITEMS, ITEMS, w.start); /* (an empty pool: none) */
     if (lp_first) {
       if (glp_simplex(lp, &lp_parm) != 0) {
         pert_solver_set_error("GLPK: the LP relaxation failed");

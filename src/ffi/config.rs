@@ -344,8 +344,8 @@ pub unsafe extern "C" fn pert_config_clone(
 }
 
 /// Describes every setting of a config as text: one `name=value` line each, ended by a
-/// newline, the names those of the setters (`num_samples=1000`, `sigma=0.05`, ...), in a
-/// fixed order, floats in their shortest exact form. Two configs hold the same settings
+/// newline, the names those of the setters (`num_samples=1000`, `sigma=0.05`, ...; `path`
+/// and `tape_form` are the library's own test settings), in a fixed order, floats in their shortest exact form. Two configs hold the same settings
 /// exactly when their texts are equal, line for line (the text of a value may change
 /// between versions of the library). Copied into `buf` as `pert_last_error` copies.
 ///
@@ -353,7 +353,8 @@ pub unsafe extern "C" fn pert_config_clone(
 /// @param buf_len  Size of `buf` in bytes; the copy is cut to `buf_len - 1` bytes and
 ///                 NUL-terminated when `buf_len > 0`.
 /// @return The full length of the text in bytes, without the NUL (a return value
-///         `>= buf_len` means the copy was cut); 0 for a NULL config.
+///         `>= buf_len` means the copy was cut); 0 for a NULL config (`buf` then gets
+///         the empty string).
 #[no_mangle]
 pub unsafe extern "C" fn pert_config_describe(
     config: *const pert_config,
@@ -363,7 +364,7 @@ pub unsafe extern "C" fn pert_config_describe(
     guard_or(0, || match unsafe { pert_config::get(config) } {
         // SAFETY: the caller gives `buf_len` writable bytes at a non-NULL `buf`
         Some(c) => unsafe { super::boundary::copy_text(&c.describe(), buf, buf_len) },
-        None => 0,
+        None => unsafe { super::boundary::copy_text("", buf, buf_len) },
     })
 }
 

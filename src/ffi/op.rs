@@ -363,7 +363,8 @@ pub unsafe extern "C" fn pert_op_free(op: *mut pert_op) {
 /// thread that calls it, after the op's workers have stopped and their fini hooks have run
 /// (no callback of the op runs after it). For code built on the op that keeps state of its
 /// own: the `user_data` of its callbacks, a service to end (the MPI component). A forked
-/// child's `pert_op_free` runs it too, in the child. A hook set before is replaced (and
+/// child's `pert_op_free` runs it too, in the child, where no worker or fini hook runs
+/// (the workers did not survive the fork). A hook set before is replaced (and
 /// does not run); a NULL hook removes it. The hook must not call back into this op.
 ///
 /// @param data  Passed to the hook untouched.

@@ -59,25 +59,37 @@ pub struct pert_solve_info {
     /// Where `inputs` and `outputs` are: -1 for host memory, N for CUDA device N (only
     /// for device solvers of CUDA ops, see `pert_device_solver_fn`).
     pub device: i32,
-    /// Warm starts: `pool_best(info, x, out)` writes into `out` the solution of the op's
-    /// pool (`pert_op_set_pool`) of best <x, y> in the op's sense for an input row `x`
-    /// (`input_numel` floats, which the pool's linear objective makes `output_numel`), the
-    /// pool as this call sees it, and returns 1; 0 (nothing written) when the pool is
-    /// empty. A MILP solver can start from it (an incumbent). Set for the solver calls of
-    /// the perturbed samples of an op with a pool (forward and Fenchel-Young calls), NULL
-    /// for others (read it only when `struct_size` covers it). Valid during the solver
-    /// call only, from any thread.
+    /// Warm starts: `pool_best(info, x, n, out)` writes into `out` the solution of the
+    /// op's pool (`pert_op_set_pool`) of best <x, y> in the op's sense for an input row `x`,
+    /// the pool as this call sees it, and returns 1. `x` and `out` are host memory of `n`
+    /// floats each, `n` the input's numel (which the pool's linear objective makes the
+    /// output's); another `n`, or an empty pool, returns 0 and writes nothing. A MILP solver
+    /// can start from it (an incumbent). Set for the solver calls of the perturbed samples
+    /// of an op with a pool (forward and Fenchel-Young calls; not for a device solver's
+    /// rows on a GPU), NULL for others (read it only when `struct_size` covers it). Valid
+    /// during the solver call only (the `info` of that call), from any thread.
     pub pool_best: pert_pool_best_fn,
     /// The library's, for `pool_best`.
     pub pool: *const c_void,
 }
 
 /// See `pert_solve_info.pool_best`.
-pub type pert_pool_best_fn =
-    Option<unsafe extern "C" fn(info: *const pert_solve_info, x: *const f32, out: *mut f32) -> i32>;
+pub type pert_pool_best_fn = Option<
+    unsafe extern "C" fn(
+        info: *const pert_solve_info,
+        x: *const f32,
+        n: usize,
+        out: *mut f32,
+    ) -> i32,
+>;
 
 /// `pert_solve_info.pool_best`: the pool view that `info.pool` points to, searched for `x`.
-unsafe extern "C" fn pool_best(info: *const pert_solve_info, x: *const f32, out: *mut f32) -> i32 {
+unsafe extern "C" fn pool_best(
+    info: *const pert_solve_info,
+    x: *const f32,
+    n: usize,
+    out: *mut f32,
+) -> i32 {
     guard_or(0, || {
         // SAFETY: `info` is the struct the library passed to the solver, during its call:
         // its `pool` points to the call's PoolView (see `c_info`); x and out hold a row
@@ -87,17 +99,16 @@ unsafe extern "C" fn pool_best(info: *const pert_solve_info, x: *const f32, out:
         let Some(view) = (unsafe { info.pool.cast::<PoolView>().as_ref() }) else {
             return 0;
         };
-        if x.is_null() || out.is_null() {
+        if x.is_null() || out.is_null() || n != view.numel() {
             return 0;
         }
-        let n = view.numel();
         let x = unsafe { std::slice::from_raw_parts(x, n) };
         match view.best(x) {
-            Some(best) => {
+            Some(best) if best.len() == n => {
                 unsafe { std::ptr::copy_nonoverlapping(best.as_ptr(), out, n) };
                 1
             }
-            None => 0,
+            _ => 0,
         }
     })
 }

@@ -86,9 +86,10 @@ impl CallCache {
         }
     }
 
-    /// The pool as this call sees it, for the solver's warm starts.
-    fn view(&self) -> crate::solver::PoolView {
-        self.view.clone()
+    /// The pool as this call sees it, for the warm starts of a solver of rows in host
+    /// memory (a device solver's rows on a GPU are not: it gets none).
+    fn view_for(&self, at: &SolveInfo) -> Option<crate::solver::PoolView> {
+        at.cuda_device.is_none().then(|| self.view.clone())
     }
 
     /// Whether sample row `row` of the call goes to the solver (always, while the
@@ -133,7 +134,7 @@ impl CallCache {
                 let (first, end) = (solved[i], solved[j - 1] + 1);
                 let info = SolveInfo {
                     first_row: at.first_row + first as u64,
-                    pool: Some(self.view()),
+                    pool: self.view_for(at),
                     ..at.clone()
                 };
                 let ys = &mut y[first * o..end * o];
@@ -151,7 +152,7 @@ impl CallCache {
             ys.resize(solved.len() * o, f32::NAN);
             let info = SolveInfo {
                 first_row: at.first_row + solved[0] as u64,
-                pool: Some(self.view()),
+                pool: self.view_for(at),
                 ..at.clone()
             };
             solve(&info, &xs, solved.len(), &mut ys).map_err(|e| {
@@ -191,9 +192,12 @@ impl CallCache {
             pool,
             members,
             solved,
+            view,
             ..
         } = self;
-        drop(members); // (so that the pool changes in place when no other call reads it)
+        // the call's own references to its snapshot go first, so that the pool changes in
+        // place when no other call reads it (else the addition copies it)
+        drop((members, view));
         let mut solved = solved.into_inner().unwrap_or_else(|e| e.into_inner());
         solved.sort_unstable_by_key(|(key, _)| *key); // (distinct keys; no allocation)
         let total: usize = solved.iter().map(|(_, rows)| rows.len()).sum();

@@ -484,9 +484,21 @@ static bool op_solve_is_the_plain_solver(void) {
   return true;
 }
 
-static int freed_count = 0;
+static int freed_count = 0, finis_done = 0, finis_at_hook = -1;
 static void count_free(void *data) {
   freed_count += *(int *)data;
+}
+static int32_t argmax_ex(void *data, const pert_solve_info *info, const float *x, size_t count, float *y) {
+  (void)info;
+  return solve_argmax(data, x, count, y);
+}
+static void count_fini(void *data, uint32_t worker) {
+  (void)data, (void)worker;
+  __atomic_add_fetch(&finis_done, 1, __ATOMIC_SEQ_CST);
+}
+static void note_finis(void *data) {
+  (void)data;
+  finis_at_hook = __atomic_load_n(&finis_done, __ATOMIC_SEQ_CST);
 }
 
 /* pert_config_clone, pert_config_describe, pert_config_set_remote_timeout: the copy has
@@ -518,7 +530,7 @@ static bool config_clone_and_describe(void) {
   memset(small, 'x', sizeof small);
   CHECK(pert_config_describe(c, small, sizeof small) == n && small[7] == 0 && strlen(small) == 7);
   CHECK(pert_config_describe(c, NULL, 0) == n);
-  CHECK(pert_config_describe(NULL, a, sizeof a) == 0);
+  CHECK(pert_config_describe(NULL, a, sizeof a) == 0 && a[0] == 0);
   pert_config_free(copy);
   pert_config_free(c);
   return true;
@@ -542,6 +554,21 @@ static bool op_free_hook_runs_once(void) {
   CHECK_OK(pert_op_on_free(op, NULL, NULL)); /* removed */
   pert_op_free(op);
   CHECK(freed_count == 10);
+  /* an op with workers: the hook runs once their fini hooks have all run */
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_threads(c, 2);
+  pert_config_set_num_samples(c, 100);
+  pert_config_set_device(c, "cpu");
+  CHECK_OK(pert_op_new_ex(c, SHAPE3, 1, SHAPE3, 1, argmax_ex, &D3, NULL, count_fini, &op));
+  pert_config_free(c);
+  const float theta[3] = {0.1f, 0.5f, 0.2f};
+  float y[3];
+  CHECK_OK(pert_forward(op, theta, 1, y, NULL)); /* the workers solve */
+  CHECK(pert_op_solver_threads(op) == 2);
+  CHECK_OK(pert_op_on_free(op, note_finis, NULL));
+  pert_op_free(op);
+  CHECK(finis_done >= 1 && finis_at_hook == finis_done); /* (each worker that solved) */
   CHECK(pert_op_solver_threads(NULL) == 0);
   op = make_op(solve_argmax, &D3); /* threads 1 */
   CHECK(pert_op_solver_threads(op) == 1);

@@ -306,7 +306,8 @@ static int32_t solve_warm(void *user_data, const pert_solve_info *info, const fl
         if (score > best) best = score, want = m;
       }
       float out[D];
-      int got = info->pool_best(info, row, out);
+      int got = info->pool_best(info, row, D, out);
+      __atomic_add_fetch(&warm_wrong, info->pool_best(info, row, D - 1, out) != 0, __ATOMIC_SEQ_CST); /* wrong n */
       __atomic_add_fetch(&warm_wrong, got != 1 || memcmp(out, MEMBERS + want * D, sizeof out) != 0, __ATOMIC_SEQ_CST);
       __atomic_add_fetch(&warm_rows, 1, __ATOMIC_SEQ_CST);
     } else {

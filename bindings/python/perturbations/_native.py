@@ -32,7 +32,7 @@ class SolveInfo(ctypes.Structure):
 
 # pert_pool_best_fn: the pool's best solution for an input row, during a solver call
 POOL_BEST = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.POINTER(SolveInfo), ctypes.POINTER(ctypes.c_float),
-                             ctypes.POINTER(ctypes.c_float))
+                             ctypes.c_size_t, ctypes.POINTER(ctypes.c_float))
 
 
 SOLVER_EX = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(SolveInfo), F, ctypes.c_size_t, F)

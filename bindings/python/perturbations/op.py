@@ -214,15 +214,16 @@ class SolveInfo:
 
     def pool_best(self, x):
         """For warm starts: the op's pool's solution of best <x, y> in the op's sense for
-        input row `x` (a float32 array of the pool's size), or None when the call has no
-        pool or the pool is empty. Only during the solver call that got this info."""
+        input row `x` (one row: the input's size), or None when the call has no pool, the
+        pool is empty or `x` is not one row. Only during the solver call that got this
+        info (afterwards: None)."""
         if self._c is None:
             return None
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         out = np.empty_like(x)
         fn = _native.POOL_BEST(self._c.contents.pool_best)
         f32 = ctypes.POINTER(ctypes.c_float)
-        got = fn(self._c, x.ctypes.data_as(f32), out.ctypes.data_as(f32))
+        got = fn(self._c, x.ctypes.data_as(f32), x.size, out.ctypes.data_as(f32))
         return out if got == 1 else None
 
     def __repr__(self):
@@ -377,10 +378,16 @@ class _Workers:
             try:
                 i = info.contents
                 py = self.solvers[i.worker]
-                at = (SolveInfo(i.worker, bool(i.clean), i.first_row, i.num_samples, i.batch,
-                                info if i.pool_best else None) if py.info else None)
-                with _Solving(errors):
-                    py.solve(x, count, y, at)
+                # (pool_best only where the library's struct has it, and only during the call)
+                warm = info if i.struct_size >= ctypes.sizeof(_native.SolveInfo) and i.pool_best else None
+                at = (SolveInfo(i.worker, bool(i.clean), i.first_row, i.num_samples, i.batch, warm)
+                      if py.info else None)
+                try:
+                    with _Solving(errors):
+                        py.solve(x, count, y, at)
+                finally:
+                    if at is not None:
+                        at._c = None
                 return 0
             except BaseException as e:  # noqa: BLE001
                 _keep_error(errors, e)

@@ -162,9 +162,12 @@ def test_warm_starts_get_the_pools_best():
     best <x, y> (the pool as the call began), checked by hand; without a pool, None."""
     members = np.array([[1, 0, 1, 0, 0, 0], [0, 1, 0, 0, 1, 1], [0, 0, 0, 1, 0, 0]], dtype=np.float32)
     seen = {"rows": 0, "wrong": 0, "none": 0}
+    kept = []
 
     def make_solver(worker):
         def solve(x, info):
+            kept.append(info)
+            assert info.pool_best(x[0, :3]) is None  # not one row: nothing read or written
             for row in x:
                 got = info.pool_best(row)
                 if got is None:
@@ -185,6 +188,7 @@ def test_warm_starts_get_the_pools_best():
         op.set_pool(pool)
         op.forward(theta)
         assert seen == {"rows": 60, "wrong": 0, "none": 0}
+        assert all(info.pool_best(theta[0]) is None for info in kept)  # after its call: none
     with pt.Op.with_workers(cfg, 6, 6, make_solver) as plain:
         plain.forward(theta)
         assert seen["none"] == 60

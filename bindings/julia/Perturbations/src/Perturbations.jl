@@ -32,7 +32,7 @@ export Config, Op, Tape, Draw, PerturbationsError, SolveInfo
 export forward, forward_with_tape, vjp, jvp, jacobian, objective, fenchel_young, fenchel_young_with_bound, inputs, finish, free!, interrupt!
 export spo_plus, spo_plus_with_grad, perturbation_gradient, perturbation_gradient_with_grad, blackbox, blackbox_vjp
 export negative_identity, negative_identity_vjp, imle, aimle, imle_forward, imle_vjp, aimle_vjp, ImleRecord, AimleState
-export Pool, add!, set_pool!, solver_calls, nce, cmap, ltr_pointwise, ltr_pairwise, ltr_listwise, pool_loss_with_grad
+export Pool, add!, set_pool!, solver_calls, pool_best, nce, cmap, ltr_pointwise, ltr_pairwise, ltr_listwise, pool_loss_with_grad
 export NOISE_NORMAL, NOISE_GUMBEL, NOISE_SUM_OF_GAMMA, PERTURBATION_ADDITIVE, PERTURBATION_MULTIPLICATIVE
 export BASELINE_NONE, BASELINE_SAMPLE_MEAN, BASELINE_CLEAN_INPUT, SENSE_MAXIMIZE, SENSE_MINIMIZE
 export BUILTIN_ARGMAX, BUILTIN_TOPK, BUILTIN_RANKS
@@ -699,14 +699,18 @@ end
 
 """
 `pool_best(info, x)`: for warm starts, inside a solver given `info` (a pooled op's call):
-the op's pool's solution of best ⟨x, y⟩ for input row `x` in the op's sense, or `nothing`
-when the call has no pool or the pool is empty (`pert_solve_info.pool_best`).
+the op's pool's solution of best ⟨x, y⟩ for input row `x` (one column: the input's size)
+in the op's sense, or `nothing` when the call has no pool, the pool is empty or `x` is
+not one row (`pert_solve_info.pool_best`). Only during the solver call that got `info`:
+`info` points into the library's state of that call, which is gone afterwards (a call
+then is undefined behaviour).
 """
-function pool_best(info::SolveInfo, x::AbstractVector{Float32})
+function pool_best(info::SolveInfo, x::AbstractVector{<:Real})
     info.pool_best == C_NULL && return nothing
     xs = Vector{Float32}(x)
     out = similar(xs)
-    got = ccall(info.pool_best, Int32, (Ref{SolveInfo}, Ptr{Float32}, Ptr{Float32}), info, xs, out)
+    got = ccall(info.pool_best, Int32, (Ref{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}), info, xs,
+                length(xs), out)
     return got == 1 ? out : nothing
 end
 
