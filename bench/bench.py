@@ -332,8 +332,8 @@ def main():
     train_lines = [
         "",
         "Training regime: many problems, few samples (forward + VJP, Normal noise sigma 0.1, median of "
-        f"{training.CALLS} calls after {training.WARMUP} of warm-up; top-k with k = D/10; the C callback is a "
-        "one-hot argmax, compared with the "
+        f"{training.CALLS} calls after {training.WARMUP} of warm-up; top-k with k = D/10; the C callbacks are a "
+        "one-hot argmax, hand-vectorized (bench_argmax) and a plain loop (bench_argmax_plain), compared with the "
         "seed's argmax; the last column draws the perturbed inputs alone, pert_draw_new):",
         "",
     ] + training.table(train)

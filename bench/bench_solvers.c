@@ -71,3 +71,18 @@ int32_t bench_argmax(void *user_data, const float *x, size_t count, float *y) {
   }
   return 0;
 }
+
+/* The same one-hot argmax written the plain way most callbacks are: one loop that keeps
+ * the first largest entry, then one that writes the row (the training table's "plain"
+ * columns). */
+int32_t bench_argmax_plain(void *user_data, const float *x, size_t count, float *y) {
+  size_t d = *(const size_t *)user_data;
+  for (size_t r = 0; r < count; r++) {
+    const float *xr = x + r * d;
+    size_t best = 0;
+    for (size_t i = 1; i < d; i++)
+      if (xr[i] > xr[best]) best = i;
+    for (size_t i = 0; i < d; i++) y[r * d + i] = (i == best) ? 1.0f : 0.0f;
+  }
+  return 0;
+}

@@ -5,11 +5,12 @@
  *   cc -std=c11 -O2 bench/forward_vjp.c bench/bench_solvers.c -Iinclude \
  *      -Ltarget/release -lperturbations -Wl,-rpath,$PWD/target/release \
  *      -o target/bench/forward_vjp
- *   target/bench/forward_vjp BATCH D N KIND CALLS [THREADS]
+ *   target/bench/forward_vjp BATCH D N KIND CALLS [THREADS [MAX_THREADS]]
  *
  * KIND: 0 argmax, 1 top-k (k = D/10, at least 1), 2 ranks, 3 the C argmax callback (a plain
  * scan), 4 the C argmax callback of the training table (bench_argmax: eight lanes).
- * THREADS: the op's solver threads (pert_config_set_threads; default 1). Normal noise,
+ * THREADS: the op's solver threads (pert_config_set_threads; default 1); MAX_THREADS:
+ * pert_config_set_max_threads (default 0, one per core). Normal noise,
  * sigma 0.1, device "cpu". Prints the median and 90th percentile of forward+tape+VJP, and
  * the best forward+tape and VJP. */
 #define _POSIX_C_SOURCE 200809L
@@ -37,13 +38,14 @@ int32_t bench_argmax(void *user_data, const float *x, size_t count, float *y);
 
 int main(int argc, char **argv) {
   if (argc < 6) {
-    fprintf(stderr, "usage: %s BATCH D N KIND CALLS [THREADS]\n", argv[0]);
+    fprintf(stderr, "usage: %s BATCH D N KIND CALLS [THREADS [MAX_THREADS]]\n", argv[0]);
     return 2;
   }
   size_t b = (size_t)atol(argv[1]), d = (size_t)atol(argv[2]);
   uint64_t n = (uint64_t)atoll(argv[3]);
   int kind = atoi(argv[4]), calls = atoi(argv[5]);
   uint32_t threads = argc > 6 ? (uint32_t)atoi(argv[6]) : 1;
+  uint32_t max_threads = argc > 7 ? (uint32_t)atoi(argv[7]) : 0;
   if (b == 0 || d == 0 || calls < 1 || kind < 0 || kind > 4) {
     fprintf(stderr, "BATCH, D and CALLS must be positive, KIND 0 to 4\n");
     return 2;
@@ -54,6 +56,7 @@ int main(int argc, char **argv) {
   check(pert_config_set_sigma(c, 0.1));
   check(pert_config_set_device(c, "cpu"));
   check(pert_config_set_threads(c, threads));
+  check(pert_config_set_max_threads(c, max_threads));
   int64_t dims[1] = {(int64_t)d};
   pert_op *op;
   if (kind >= 3)

@@ -2,7 +2,7 @@
 D 10 to 1000, N 1 to 1000), forward + VJP, Normal noise sigma 0.1, the median of 31 calls
 after 20 calls of warm-up, this library (built-in argmax, top-k, ranks; a C argmax
 callback on 1 and 2 threads) against the seed's algorithm (seed_algorithm.py, with torch's argmax, top-k and
-ranks) and against drawing the perturbed inputs alone (pert_draw_new). Each point runs in
+ranks; the C callbacks hand-vectorized and plain) and against drawing the perturbed inputs alone (pert_draw_new). Each point runs in
 a fresh process per side."""
 
 import ctypes
@@ -60,6 +60,7 @@ def ours(point, lib_class, solvers_path):
     g = (ctypes.c_float * (b * d))()
     solvers = ctypes.CDLL(solvers_path)
     argmax_fn = ctypes.cast(solvers.bench_argmax, ctypes.c_void_p)
+    plain_fn = ctypes.cast(solvers.bench_argmax_plain, ctypes.c_void_p)
     width = ctypes.c_size_t(d)
     c.pert_draw_new.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
     c.pert_draw_new.restype = ctypes.c_uint32
@@ -68,7 +69,7 @@ def ours(point, lib_class, solvers_path):
     c.pert_op_new.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
                               ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
 
-    def op(builtin=None, k=0, threads=1):
+    def op(builtin=None, k=0, threads=1, solver=argmax_fn):
         cfg = ctypes.c_void_p()
         lib.ok(c.pert_config_new(ctypes.byref(cfg)))
         lib.ok(c.pert_config_set_num_samples(cfg, n))
@@ -78,7 +79,7 @@ def ours(point, lib_class, solvers_path):
         dims = (ctypes.c_int64 * 1)(d)
         o = ctypes.c_void_p()
         if builtin is None:
-            lib.ok(c.pert_op_new(cfg, dims, 1, dims, 1, argmax_fn, ctypes.byref(width), ctypes.byref(o)))
+            lib.ok(c.pert_op_new(cfg, dims, 1, dims, 1, solver, ctypes.byref(width), ctypes.byref(o)))
         else:
             lib.ok(c.pert_op_new_builtin(cfg, builtin, k, dims, 1, ctypes.byref(o)))
         c.pert_config_free(cfg)
@@ -105,6 +106,8 @@ def ours(point, lib_class, solvers_path):
     out["ranks"] = median_time(forward_vjp(op(builtin=2)))
     out["callback_t1"] = median_time(forward_vjp(op(threads=1)))
     out["callback_t2"] = median_time(forward_vjp(op(threads=2)))
+    out["plain_t1"] = median_time(forward_vjp(op(threads=1, solver=plain_fn)))
+    out["plain_t2"] = median_time(forward_vjp(op(threads=2, solver=plain_fn)))
     out["noise"] = median_time(draw_alone(op(builtin=0)))
     return out
 
@@ -138,8 +141,9 @@ def table(results):
 
     lines = [
         "| batch | D | N | seed argmax | ours argmax | seed top-k | ours top-k | seed ranks | ours ranks "
-        "| C callback 1 thread | C callback 2 threads | perturbed inputs alone |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| C callback 1 thread | C callback 2 threads | plain C callback 1 thread | plain C callback 2 threads "
+        "| perturbed inputs alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in POINTS:
         s, o = results[(p, "seed")], results[(p, "ours")]
@@ -147,7 +151,8 @@ def table(results):
         lines.append(
             f"| {p[0]} | {p[1]} | {p[2]} | {ms(s['argmax'])} ms | {ratio('argmax', 'argmax')} | "
             f"{ms(s['topk'])} ms | {ratio('topk', 'topk')} | {ms(s['ranks'])} ms | {ratio('ranks', 'ranks')} | "
-            f"{ratio('argmax', 'callback_t1')} | {ratio('argmax', 'callback_t2')} | {ms(o['noise'])} ms |")
+            f"{ratio('argmax', 'callback_t1')} | {ratio('argmax', 'callback_t2')} | "
+            f"{ratio('argmax', 'plain_t1')} | {ratio('argmax', 'plain_t2')} | {ms(o['noise'])} ms |")
     return lines
 
 

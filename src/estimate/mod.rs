@@ -32,6 +32,7 @@ pub(crate) mod centering;
 pub(crate) mod jacobian;
 pub(crate) mod kept;
 pub(crate) mod replay;
+pub(crate) mod solution_rows;
 
 pub(crate) use accumulator::{Accumulator, Estimate, Objective};
 pub(crate) use kept::Kept;

@@ -16,7 +16,8 @@
 use crate::error::{Error, Result, Status};
 use crate::estimate::centering::Centering;
 use crate::kernels::blocks::{run_blocks, slots, take};
-use crate::kernels::nonzero::{nonzeros, RowsNonZero};
+use crate::kernels::nonzero::nonzeros;
+pub(crate) use crate::estimate::solution_rows::SolutionRows;
 use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::rng::Stream;
 use crate::tuning::{PRODUCT_WORK, REPLAY_TILE};
@@ -65,181 +66,6 @@ impl Redraw {
     }
 }
 
-/// Bit 63 of a row's end: the row is stored whole.
-const DENSE: u64 = 1 << 63;
-
-/// Solutions `[rows, o]`, row by row: a sparse row is its non-zero indices then their
-/// values (as float bits), a dense row its `o` values.
-#[derive(Debug, Default)]
-pub(crate) struct SolutionRows {
-    o: usize,
-    /// Where each row ends in `words`, with [`DENSE`] set for whole rows.
-    ends: Vec<u64>,
-    words: Vec<u32>,
-}
-
-impl SolutionRows {
-    /// No rows of `o` outputs (`o` must fit in 32 bits).
-    pub fn new(o: usize) -> SolutionRows {
-        assert!(
-            u32::try_from(o).is_ok(),
-            "output_numel {o} does not fit in 32 bits"
-        );
-        SolutionRows {
-            o,
-            ends: Vec::new(),
-            words: Vec::new(),
-        }
-    }
-
-    /// Appends the rows of `y` `[rows, o]` (tests; the host pipeline scans its rows once
-    /// for the tape and the sums: see [`SolutionRows::push_scanned`]).
-    #[cfg(test)]
-    pub fn push(&mut self, y: &[f32]) -> Result<()> {
-        let mut scan = crate::kernels::nonzero::NonZeros::default();
-        if self.o > 0 {
-            scan.scan(y, self.o, self.o / 2);
-        }
-        self.push_scanned(y, scan.rows(0..y.len() / self.o.max(1)))
-    }
-
-    /// Appends the rows of `y` `[rows, o]`, whose non-zero entries a scan has listed
-    /// (`nonzero`, one entry per row of `y`): a row with more non-zero entries than zeros
-    /// is stored whole, listed or not, another as its listed positions and their values.
-    /// Memory grows with what the rows take (sparse rows take a few words), never by a
-    /// worst case; TORCH_ERROR when it cannot.
-    pub fn push_scanned(&mut self, y: &[f32], nonzero: RowsNonZero<'_>) -> Result<()> {
-        let rows = y.len() / self.o.max(1);
-        assert_eq!(nonzero.len(), rows, "a scan of these rows");
-        let o = self.o;
-        let listed = |r: usize| nonzero.row(r).filter(|p| 2 * p.len() <= o);
-        let words: usize = (0..rows)
-            .map(|r| listed(r).map_or(self.o, |p| 2 * p.len()))
-            .sum();
-        self.reserve(rows, words)?;
-        for (r, row) in y.chunks_exact(self.o.max(1)).take(rows).enumerate() {
-            match listed(r) {
-                None => {
-                    self.words.extend(row.iter().map(|v| v.to_bits()));
-                    self.ends.push(self.words.len() as u64 | DENSE);
-                }
-                // the indices, then the values
-                Some(positions) => {
-                    self.words.extend_from_slice(positions);
-                    self.words
-                        .extend(positions.iter().map(|&i| row[i as usize].to_bits()));
-                    self.ends.push(self.words.len() as u64);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Appends 0/1 rows given by the positions of their ones (`per_row` increasing
-    /// positions a row): the rows [`SolutionRows::push_scanned`] makes of them written
-    /// out.
-    pub fn push_ones(&mut self, ones: &[u32], per_row: usize) -> Result<()> {
-        let rows = ones.len() / per_row.max(1);
-        let dense = 2 * per_row > self.o;
-        let per_words = if dense { self.o } else { 2 * per_row };
-        self.reserve(rows, rows.saturating_mul(per_words))?;
-        let one = 1f32.to_bits();
-        for row in ones.chunks_exact(per_row.max(1)).take(rows) {
-            if dense {
-                let start = self.words.len();
-                self.words.resize(start + self.o, 0);
-                for &i in row {
-                    self.words[start + i as usize] = one;
-                }
-                self.ends.push(self.words.len() as u64 | DENSE);
-            } else {
-                self.words.extend_from_slice(row);
-                self.words.extend(std::iter::repeat_n(one, per_row));
-                self.ends.push(self.words.len() as u64);
-            }
-        }
-        Ok(())
-    }
-
-    /// Appends the rows of `other` (same `o`); TORCH_ERROR when memory runs out.
-    pub fn append(&mut self, other: SolutionRows) -> Result<()> {
-        self.reserve(other.ends.len(), other.words.len())?;
-        let base = self.words.len() as u64;
-        self.ends.extend(
-            other
-                .ends
-                .iter()
-                .map(|&e| ((e & !DENSE) + base) | (e & DENSE)),
-        );
-        self.words.extend(other.words);
-        Ok(())
-    }
-
-    /// Room for `rows` more ends and `words` more words, growing geometrically (so that
-    /// appending costs amortized O(1) a word), or TORCH_ERROR.
-    fn reserve(&mut self, rows: usize, words: usize) -> Result<()> {
-        let fail = |what: &str, more: usize, have: usize| {
-            Error::new(
-                Status::TorchError,
-                format!("cannot allocate the tape: {what} for {more} more after {have}"),
-            )
-        };
-        let bytes =
-            |len: usize, more: usize, size: usize| (len as u128 + more as u128) * size as u128;
-        if !crate::tensors::fits_in_memory(
-            bytes(self.ends.len(), rows, std::mem::size_of::<u64>())
-                + bytes(self.words.len(), words, std::mem::size_of::<u32>()),
-        ) {
-            return Err(fail(
-                "more than this machine's memory",
-                rows,
-                self.ends.len(),
-            ));
-        }
-        self.ends
-            .try_reserve(rows)
-            .map_err(|_| fail("no memory for row ends", rows, self.ends.len()))?;
-        self.words
-            .try_reserve(words)
-            .map_err(|_| fail("no memory for solution words", words, self.words.len()))
-    }
-
-    /// Gives back the room that growth left unused.
-    pub fn shrink(&mut self) {
-        self.words.shrink_to_fit();
-        self.ends.shrink_to_fit();
-    }
-
-    /// The number of rows.
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    /// Calls `f(i, y_ri)` for the non-zero entries of row `r` (all entries of a dense row).
-    #[inline]
-    fn for_each(&self, r: usize, mut f: impl FnMut(usize, f32)) {
-        let start = if r == 0 { 0 } else { self.ends[r - 1] & !DENSE } as usize;
-        let end = self.ends[r];
-        let words = &self.words[start..(end & !DENSE) as usize];
-        if end & DENSE != 0 {
-            words
-                .iter()
-                .enumerate()
-                .for_each(|(i, &w)| f(i, f32::from_bits(w)));
-        } else {
-            let (index, value) = words.split_at(words.len() / 2);
-            index
-                .iter()
-                .zip(value)
-                .for_each(|(&i, &w)| f(i as usize, f32::from_bits(w)));
-        }
-    }
-
-    /// The bytes held.
-    pub fn bytes(&self) -> usize {
-        self.ends.len() * 8 + self.words.len() * 4
-    }
-}
 
 /// The Jacobian J = scale · Σ_n (Y_n − c) s_nᵀ ⊙ col_scale of every problem of a forward
 /// call, from its solutions and its stream.
@@ -387,16 +213,16 @@ impl Replay {
             &mut scratch,
             |b, (z, s, acc)| {
                 acc.fill(0.0);
+                let out = take(&rows, b).expect("a row per problem");
                 #[cfg(target_arch = "x86_64")]
                 if crate::fastmath::has_avx2() {
                     // SAFETY: the CPU has AVX2 and FMA.
-                    unsafe { self.problem_avx2(b, z, s, acc, &f) };
+                    unsafe { self.problem_avx2(b, (z, s, acc), (&f, &write_out), out) };
                 } else {
-                    self.problem(b, z, s, acc, &f);
+                    self.problem(b, (z, s, acc), (&f, &write_out), out);
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                self.problem(b, z, s, acc, &f);
-                write_out(b, acc, take(&rows, b).expect("a row per problem"));
+                self.problem(b, (z, s, acc), (&f, &write_out), out);
                 Ok(())
             },
             |_, ()| Ok(()),
@@ -407,27 +233,32 @@ impl Replay {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn problem_avx2<F: Fn(usize, usize, &[f32], &mut [f64])>(
+    unsafe fn problem_avx2<F, W>(
         &self,
         b: usize,
-        z: &mut [f32],
-        s: &mut [f32],
-        acc: &mut [f64],
-        f: &F,
-    ) {
-        self.problem(b, z, s, acc, f)
+        room: (&mut [f32], &mut [f32], &mut [f64]),
+        fw: (&F, &W),
+        out: &mut [MaybeUninit<f32>],
+    ) where
+        F: Fn(usize, usize, &[f32], &mut [f64]),
+        W: Fn(usize, &[f64], &mut [MaybeUninit<f32>]),
+    {
+        self.problem(b, room, fw, out)
     }
 
-    /// `f` for every sample of problem `b`, its scores drawn a tile at a time into `z`, `s`.
+    /// `f` for every sample of problem `b` (its scores drawn a tile at a time into the
+    /// room's `z`, `s` when they are not kept) into its sums `acc`, then `write_out`.
     #[inline(always)]
-    fn problem<F: Fn(usize, usize, &[f32], &mut [f64])>(
+    fn problem<F, W>(
         &self,
         b: usize,
-        z: &mut [f32],
-        s: &mut [f32],
-        acc: &mut [f64],
-        f: &F,
-    ) {
+        (z, s, acc): (&mut [f32], &mut [f32], &mut [f64]),
+        (f, write_out): (&F, &W),
+        out: &mut [MaybeUninit<f32>],
+    ) where
+        F: Fn(usize, usize, &[f32], &mut [f64]),
+        W: Fn(usize, &[f64], &mut [MaybeUninit<f32>]),
+    {
         let (n, d) = (self.redraw.n, self.redraw.d);
         for n0 in (0..n).step_by(REPLAY_TILE) {
             let rows = REPLAY_TILE.min(n - n0);
@@ -436,6 +267,7 @@ impl Replay {
                 f(b, b * n + n0 + k, sr, acc);
             }
         }
+        write_out(b, acc, out);
     }
 
     /// Entry k of the center `[batch, o]`.
@@ -477,29 +309,38 @@ impl Replay {
                 })
             })
             .collect();
+        // ⟨Y_n, g_b⟩ − ⟨c_b, g_b⟩ of row r of problem b
+        let weight = |b: usize, r: usize| {
+            let mut w = -cg[b];
+            self.rows
+                .for_each(r, |i, v| w += f64::from(v) * f64::from(g[b * o + i]));
+            w
+        };
+        let scale = self.centering.scale;
+        let col = |b: usize| self.centering.col_scale.as_ref().map(|cs| &cs[b * d..(b + 1) * d]);
+        if let (1, Some(kept)) = (self.redraw.n, &self.scores) {
+            // one sample a problem, its scores kept: w·s written straight out, with the
+            // operations of the sums below (0 + w·s, then the scale: the same bits)
+            return self.per_sample(
+                0,
+                d,
+                |_, _, _, _| {},
+                |b, _, out| {
+                    let (w, s) = (weight(b, b), &kept[b * d..(b + 1) * d]);
+                    write_scaled(out, s.iter().map(|&sv| 0.0 + w * f64::from(sv)), scale, col(b));
+                },
+            );
+        }
         self.per_sample(
             d,
             d,
             |b, r, sr, acc| {
-                let mut w = -cg[b];
-                self.rows
-                    .for_each(r, |i, v| w += f64::from(v) * f64::from(g[b * o + i]));
+                let w = weight(b, r);
                 for (a, &sv) in acc.iter_mut().zip(sr) {
                     *a += w * f64::from(sv);
                 }
             },
-            |b, acc, out| match &self.centering.col_scale {
-                None => {
-                    for (o, &v) in out.iter_mut().zip(acc) {
-                        o.write((v * self.centering.scale) as f32);
-                    }
-                }
-                Some(cs) => {
-                    for ((o, &v), &c) in out.iter_mut().zip(acc).zip(&cs[b * d..(b + 1) * d]) {
-                        o.write((v * (self.centering.scale * f64::from(c))) as f32);
-                    }
-                }
-            },
+            |b, acc, out| write_scaled(out, acc.iter().copied(), scale, col(b)),
         )
     }
 
@@ -561,6 +402,28 @@ impl Replay {
     }
 }
 
+/// `out` = `values` · scale (· the column scale `col`, when there is one), as float32.
+#[inline]
+fn write_scaled(
+    out: &mut [MaybeUninit<f32>],
+    values: impl Iterator<Item = f64>,
+    scale: f64,
+    col: Option<&[f32]>,
+) {
+    match col {
+        None => {
+            for (o, v) in out.iter_mut().zip(values) {
+                o.write((v * scale) as f32);
+            }
+        }
+        Some(cs) => {
+            for ((o, v), &c) in out.iter_mut().zip(values).zip(cs) {
+                o.write((v * (scale * f64::from(c))) as f32);
+            }
+        }
+    }
+}
+
 /// `len` zeros, or TORCH_ERROR when memory runs out.
 fn zeros<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
@@ -592,86 +455,73 @@ fn no_memory(len: usize) -> Error {
 mod tests {
     use super::*;
 
+    /// The VJP of one sample a problem from kept scores (written straight out) has the
+    /// bits of the general product over the same scores drawn again: with and without a
+    /// center and a column scale, gradients with zeros and negative zeros.
     #[test]
-    fn rows_of_ones_equal_the_rows_written_out() {
-        for (o, per_row) in [(6usize, 1usize), (6, 2), (6, 4), (1, 1)] {
-            let ones: Vec<u32> = (0..3)
-                .flat_map(|r| (0..per_row).map(move |j| ((r + j * 2) % o) as u32))
-                .collect::<Vec<_>>()
-                .chunks(per_row)
-                .flat_map(|c| {
-                    let mut c = c.to_vec();
-                    c.sort_unstable();
-                    c.dedup();
-                    c
-                })
-                .collect();
-            if ones.len() != 3 * per_row {
-                continue; // a row with repeated positions is not a 0/1 row
-            }
-            let mut dense = vec![0f32; 3 * o];
-            for (r, row) in ones.chunks(per_row).enumerate() {
-                for &i in row {
-                    dense[r * o + i as usize] = 1.0;
-                }
-            }
-            let (mut a, mut b) = (SolutionRows::new(o), SolutionRows::new(o));
-            a.push(&dense).unwrap();
-            b.push_ones(&ones, per_row).unwrap();
-            assert_eq!(
-                (a.ends, a.words),
-                (b.ends, b.words),
-                "o {o} per row {per_row}"
-            );
+    fn one_sample_products_from_kept_scores_equal_those_drawn_again() {
+        let (batch, d) = (5usize, 37usize);
+        let redraw = Redraw {
+            stream: Stream::new(11, 3),
+            noise: Noise::Normal,
+            antithetic: false,
+            score_is_z: false,
+            n: 1,
+            d,
+            threads: 2,
+            max_tape_bytes: 0,
+        };
+        let y: Vec<f32> = (0..batch * d)
+            .map(|k| match k {
+                _ if k % 7 == 0 => 1.0,
+                _ if k % 11 == 0 && k / d != 2 => -0.5,
+                _ => 0.0,
+            })
+            .collect();
+        let mut kept = vec![0f32; batch * d];
+        let mut z = vec![0f32; d];
+        for b in 0..batch {
+            redraw.scores(b, 0, &mut z, &mut kept[b * d..(b + 1) * d]);
         }
-    }
-
-    #[test]
-    fn rows_keep_their_values_sparse_or_whole() {
-        let y = [
-            0.0f32, 1.0, 0.0, 0.0, // sparse
-            2.0, -1.0, 3.0, 0.5, // whole
-            0.0, 0.0, 0.0, 0.0, // empty
-        ];
-        let mut a = SolutionRows::new(4);
-        a.push(&y[..4]).unwrap();
-        let mut b = SolutionRows::new(4);
-        b.push(&y[4..]).unwrap();
-        a.append(b).unwrap();
-        assert_eq!(a.len(), 3);
-        let mut back = vec![0f32; 12];
-        for r in 0..3 {
-            a.for_each(r, |i, v| back[r * 4 + i] = v);
-        }
-        assert_eq!(back, y);
-        // 1 sparse entry (2 words) + 4 whole + 0, and 3 ends
-        assert_eq!(a.bytes(), 3 * 8 + 6 * 4);
-    }
-
-    #[test]
-    fn sparse_rows_find_every_non_zero_in_runs_and_tail() {
-        // rows over several 8-entry runs and a tail, with -0.0 (a zero) and NaN (not one)
-        for o in [1usize, 7, 8, 9, 17, 40, 1003] {
-            let mut y = vec![0f32; 3 * o];
-            for (r, at) in [(0, 0), (0, o - 1), (1, o / 2), (2, o - 1)] {
-                y[r * o + at] = 1.0 + at as f32;
-            }
-            y[o / 3] = -0.0;
-            if o > 2 {
-                y[2 * o + 1] = f32::NAN;
-            }
-            let mut rows = SolutionRows::new(o);
-            rows.push(&y).unwrap();
-            let mut back = vec![0f32; 3 * o];
-            for r in 0..3 {
-                rows.for_each(r, |i, v| back[r * o + i] = v);
-            }
-            for (i, (&a, &b)) in back.iter().zip(&y).enumerate() {
-                assert!(
-                    a.to_bits() == b.to_bits() || (a == 0.0 && b == 0.0),
-                    "o {o} at {i}"
-                );
-            }
+        let g: Vec<f32> = (0..batch * d)
+            .map(|k| match k % 5 {
+                // problem 2: ⟨Y, g⟩ = −0 (without a center, w·s is a signed zero)
+                _ if k / d == 2 => -0.0,
+                0 => 0.0,
+                1 => -0.0,
+                _ => (k as f32 * 0.37).sin(),
+            })
+            .collect();
+        let center: Vec<f32> = (0..batch * d).map(|k| (k % 3) as f32 * 0.25).collect();
+        let cols: Vec<f32> = (0..batch * d).map(|k| 1.0 / (1.0 + k as f32)).collect();
+        for (center, col_scale) in [
+            (None, None),
+            (Some(center.clone()), None),
+            (None, Some(cols.clone())),
+            (Some(center), Some(cols)),
+        ] {
+            let replay = |scores: Option<Vec<f32>>| Replay {
+                rows: SolutionRows::new(d),
+                redraw,
+                scores,
+                batch,
+                centering: Centering {
+                    center: center.clone(),
+                    col_scale: col_scale.clone(),
+                    scale: 1.0 / 0.3,
+                },
+            };
+            let (mut fast, mut drawn) = (replay(Some(kept.clone())), replay(None));
+            fast.rows.push(&y).unwrap();
+            drawn.rows.push(&y).unwrap();
+            let bits = |t: Tensor| {
+                Vec::<f32>::try_from(t)
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(fast.vjp(&g).unwrap()), bits(drawn.vjp(&g).unwrap()));
         }
     }
 }
