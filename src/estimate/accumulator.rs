@@ -56,6 +56,10 @@ pub(crate) struct Accumulator {
     /// What the tape keeps, while it is filled.
     kept: Option<Kept>,
     objective: Option<ObjectiveSums>,
+    /// Σ Y_n and the objective's sums are not written yet (CPU: zeroed at their first use,
+    /// or by the blocks of whole problems they are handed to, see
+    /// [`Accumulator::take_host_sums`]).
+    unzeroed: bool,
 }
 
 impl Accumulator {
@@ -101,6 +105,16 @@ impl Accumulator {
             Some(TapeForm::Sums) => Some(zeros(&[b, di], f64s)?),
             _ => None,
         };
+        // the sums of every call: on the CPU left unwritten until their first use (blocks
+        // of whole problems zero their own, in cache), elsewhere zeros
+        let on_host = device == Device::Cpu;
+        let sums = |size: &[i64]| -> Result<Tensor> {
+            if on_host {
+                Ok(Tensor::f_empty(size, f64s)?)
+            } else {
+                zeros(size, f64s)
+            }
+        };
         let objective = if square {
             let w = if perturbation == Perturbation::Multiplicative {
                 di
@@ -108,9 +122,9 @@ impl Accumulator {
                 0
             };
             Some(ObjectiveSums {
-                value: zeros(&[b], f64s)?,
-                weighted: zeros(&[b, w], f64s)?,
-                inputs: zeros(&[b, if input_sums { di } else { 0 }], f64s)?,
+                value: sums(&[b])?,
+                weighted: sums(&[b, w])?,
+                inputs: sums(&[b, if input_sums { di } else { 0 }])?,
             })
         } else {
             None
@@ -119,11 +133,25 @@ impl Accumulator {
             o: oi,
             perturbation,
             sigma,
-            sum_y: zeros(&[b, oi], f64s)?,
+            sum_y: sums(&[b, oi])?,
             sum_s,
             kept,
             objective,
+            unzeroed: on_host,
         })
+    }
+
+    /// Zeroes Σ Y_n and the objective's sums, unless they are written already: the first
+    /// thing every use of them does (but blocks of whole problems, which zero their own).
+    fn zero_sums(&mut self) {
+        if std::mem::take(&mut self.unzeroed) {
+            host_slice_uninit_fill::<f64>(&mut self.sum_y);
+            if let Some(sums) = &mut self.objective {
+                for t in [&mut sums.value, &mut sums.weighted, &mut sums.inputs] {
+                    host_slice_uninit_fill::<f64>(t);
+                }
+            }
+        }
     }
 
     /// Whether the scores are needed.
@@ -185,6 +213,7 @@ impl Accumulator {
         theta: &Tensor,
     ) -> Result<Estimate> {
         let nf = n as f64;
+        self.zero_sums(); // (a call with no samples written)
         let on_host = self.sum_y.device() == Device::Cpu;
         let mean = if on_host {
             self.host_mean(n)?

@@ -16,6 +16,7 @@ impl Accumulator {
     /// Adds the sums over all samples of problem `b`, made on the host, to this CPU
     /// accumulator: in place, and only over the outputs the sums touched.
     pub fn add_sums(&mut self, b: i64, sums: &ProblemSums) -> Result<()> {
+        self.zero_sums();
         let (b, o) = (b as usize, self.o as usize);
         let d = sums.sum_s.len();
         let sum_y = &mut host_slice::<f64>(&mut self.sum_y)[b * o..(b + 1) * o];
@@ -69,10 +70,14 @@ impl Accumulator {
     /// Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, w]` when the objective is estimated, taken out of
     /// this CPU accumulator so that blocks of whole problems add their samples straight
     /// into their problems' entries; give them back with [`Accumulator::put_host_sums`].
+    /// They are not written yet when [`HostSums::unzeroed`] says so: then each block
+    /// zeroes its problems' entries before it adds to them (every problem's, or the call
+    /// fails).
     pub fn take_host_sums(&mut self) -> HostSums {
         HostSums {
             sum_y: std::mem::replace(&mut self.sum_y, Tensor::new()),
             objective: self.objective.take(),
+            unzeroed: std::mem::take(&mut self.unzeroed),
         }
     }
 
@@ -116,6 +121,8 @@ impl Accumulator {
 pub(crate) struct HostSums {
     sum_y: Tensor,
     objective: Option<ObjectiveSums>,
+    /// Not written yet: the blocks that take them zero their problems' entries.
+    pub unzeroed: bool,
 }
 
 /// The entries of a CPU accumulator's host sums: Σ Y_n, Σ ⟨x_n, Y_n⟩, Σ exp(σZ_n − σ²/2) ⊙ Y_n

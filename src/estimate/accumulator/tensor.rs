@@ -59,6 +59,7 @@ impl Accumulator {
         s: Option<&Tensor>,
         y: &Solutions,
     ) -> Result<()> {
+        self.zero_sums();
         let _serial = crate::intraop::serial_on(self.sum_y.device()); // (same bits for any threads)
         let at = Rows {
             b,

@@ -9,6 +9,7 @@
 
 pub(crate) mod geometry;
 pub(crate) mod run;
+mod whole;
 
 use crate::error::Result;
 use crate::estimate::accumulator::Accumulator;
@@ -79,6 +80,7 @@ impl OpSpec {
             spec: self,
             stop,
             keeps,
+            zero_sums: host_sums.as_ref().is_some_and(|sums| sums.unzeroed),
             last: self.input_shape.last().map_or(1, |&l| l as usize),
             kept: Vec::new(),
             sum_y: Vec::new(),

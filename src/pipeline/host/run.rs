@@ -2,6 +2,7 @@
 //! by the solver threads (see [`HostRun`]).
 
 use super::geometry::{Block, BlockPlan};
+use super::whole::WholeSums;
 use crate::config::Config;
 use crate::error::Result;
 use crate::estimate::accumulator::{Accumulator, HostSlices};
@@ -9,7 +10,7 @@ use crate::estimate::replay::SolutionRows;
 use crate::interrupt::Stop;
 use crate::kernels::blocks::{run_blocks, run_blocks_on, run_two_stages, slots, take, Slots};
 use crate::kernels::nonzero::NonZeros;
-use crate::kernels::sums::{ProblemSums, SumScratch, SumsMut};
+use crate::kernels::sums::{ProblemSums, SumScratch};
 use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::perturbation::Perturbation;
 use crate::pipeline::cache::{solve_or_answer, CallCache};
@@ -74,6 +75,9 @@ pub(crate) struct HostRun<'a> {
     pub spec: &'a OpSpec,
     pub stop: Stop<'a>,
     pub keeps: Keeps,
+    /// The call's sums (blocks of whole problems) are handed over unwritten: each block
+    /// zeroes its own.
+    pub zero_sums: bool,
     /// The length of the inputs' last dimension (a built-in's slices).
     pub last: usize,
     /// Each block's part of the tape's kept scores (written by the block), and of the
@@ -398,6 +402,9 @@ impl<'a> HostRun<'a> {
             weighted: take(&self.weighted, g),
             inputs: take(&self.inputs, g),
         };
+        if self.zero_sums {
+            whole.zero();
+        }
         let mut problem = None;
         for i in 0..block.count {
             let (rd, ro) = (
@@ -463,41 +470,6 @@ struct BlockRows<'s> {
     ones: &'s [u32],
     /// The non-zero entries of the solutions, when they were scanned for the tape.
     nonzero: Option<&'s NonZeros>,
-}
-
-/// A block's slots of the call's sums (blocks of whole problems; none otherwise).
-struct WholeSums<'a> {
-    /// The block's problems.
-    count: usize,
-    sum_y: Option<&'a mut [f64]>,
-    objective: Option<&'a mut [f64]>,
-    weighted: Option<&'a mut [f64]>,
-    inputs: Option<&'a mut [f64]>,
-}
-
-impl WholeSums<'_> {
-    /// The call's sums of the block's problem `i`, when the block holds whole problems
-    /// (`unused` stands for the objective when it is not estimated).
-    fn problem<'s>(&'s mut self, i: usize, unused: &'s mut f64) -> Option<SumsMut<'s>> {
-        let count = self.count;
-        let part = |v: Option<&'s mut [f64]>| match v {
-            Some(v) => {
-                let w = v.len() / count;
-                &mut v[i * w..(i + 1) * w]
-            }
-            None => &mut [][..],
-        };
-        let sum_y = part(Some(self.sum_y.as_deref_mut()?));
-        Some(SumsMut {
-            sum_y,
-            sum_s: &mut [],
-            sum_ys: &mut [],
-            objective: self.objective.as_deref_mut().map_or(unused, |v| &mut v[i]),
-            sum_wy: part(self.weighted.as_deref_mut()),
-            touched: &mut [],
-            sum_x: part(self.inputs.as_deref_mut()),
-        })
-    }
 }
 
 impl HostRun<'_> {
