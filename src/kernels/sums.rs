@@ -211,7 +211,7 @@ impl SumsMut<'_> {
             nonzero,
             sigma,
             |a, v, b| add_scaled_avx2(a, v, b),
-            |p, row| copy_padded_avx2(p, row),
+            |p, rest, d| copy_padded_avx2(p, rest, d),
         )
     }
 
@@ -225,7 +225,7 @@ impl SumsMut<'_> {
         nonzero: Option<RowsNonZero<'_>>,
         sigma: f32,
         add_scaled: impl Fn(&mut [f32], f32, &[f32]),
-        copy_padded: impl Fn(&mut [f32], &[f32]),
+        copy_padded: impl Fn(&mut [f32], &[f32], usize),
     ) {
         let o = self.sum_y.len();
         let shift = 0.5 * sigma * sigma;
@@ -273,7 +273,7 @@ impl SumsMut<'_> {
                     continue;
                 };
                 if jacobian {
-                    copy_padded(padded, &s[r * d..(r + 1) * d]);
+                    copy_padded(padded, &s[r * d..], d);
                     add_scaled(&mut tile_s[..dp], 1.0, padded);
                 }
                 // the non-zero entries alone
@@ -469,8 +469,8 @@ fn nonzero_mask(values: &[f32]) -> u32 {
 }
 
 /// `row` into the first `row.len()` floats of `padded` (the rest stays as it is: zero).
-fn copy_padded(padded: &mut [f32], row: &[f32]) {
-    padded[..row.len()].copy_from_slice(row);
+fn copy_padded(padded: &mut [f32], rest: &[f32], d: usize) {
+    padded[..d].copy_from_slice(&rest[..d]);
 }
 
 /// [`copy_padded`] in whole 8-float vectors (the padding of the last one written as the
@@ -479,8 +479,9 @@ fn copy_padded(padded: &mut [f32], row: &[f32]) {
 /// reach the cache).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn copy_padded_avx2(padded: &mut [f32], row: &[f32]) {
+fn copy_padded_avx2(padded: &mut [f32], rest: &[f32], d: usize) {
     use std::arch::x86_64::*;
+    let row = &rest[..d];
     let (chunks, tail) = row.as_chunks::<8>();
     let (out, rest) = padded.as_chunks_mut::<8>();
     debug_assert!(rest.is_empty());
@@ -494,13 +495,23 @@ fn copy_padded_avx2(padded: &mut [f32], row: &[f32]) {
     }
     if !tail.is_empty() {
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail.len() as i32), lanes);
-        // SAFETY: the masked load reads only the lanes below tail.len(), which are `tail`
-        // (the others neither read nor fault); the store writes one array of 8 floats
-        unsafe {
-            let v = _mm256_maskload_ps(tail.as_ptr(), mask);
-            _mm256_storeu_ps(out[chunks.len()].as_mut_ptr(), v);
-        }
+        let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(tail.len() as i32), lanes));
+        let at = row.len() - tail.len();
+        let v = match rest.get(at..at + 8) {
+            // the tail and the floats that follow it (the next row's) as one plain vector
+            // load, the lanes past the row cleared (a masked load stalls on some CPUs)
+            // SAFETY: a slice of 8 floats
+            Some(eight) => unsafe { _mm256_and_ps(_mm256_loadu_ps(eight.as_ptr()), keep) },
+            // the last row of its slice: through a zero-padded copy
+            None => {
+                let mut last = [0f32; 8];
+                last[..tail.len()].copy_from_slice(tail);
+                // SAFETY: an array of 8 floats (32 bytes)
+                unsafe { _mm256_loadu_ps(last.as_ptr()) }
+            }
+        };
+        // SAFETY: one array of 8 floats
+        unsafe { _mm256_storeu_ps(out[chunks.len()].as_mut_ptr(), v) };
     }
 }
 
@@ -532,6 +543,43 @@ fn add_scaled_avx2(a: &mut [f32], v: f32, b: &[f32]) {
                 _mm256_mul_ps(v, _mm256_loadu_ps(b.as_ptr())),
             );
             _mm256_storeu_ps(a.as_mut_ptr(), sum);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A row copied into its padded vectors holds the row, then zeros up to the next
+    /// multiple of 8, whatever follows it (NaN and infinities of the next row included),
+    /// for a row followed by others and for the last row of its slice.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn padded_rows_hold_the_row_then_zeros_whatever_follows() {
+        if !crate::fastmath::has_avx2() {
+            return;
+        }
+        for d in 1..=20usize {
+            let dp = d.div_ceil(8) * 8;
+            let rows = 3;
+            let s: Vec<f32> = (0..rows * d)
+                .map(|k| match k % d {
+                    0 => f32::NAN,
+                    1 => f32::INFINITY,
+                    j => j as f32 - 7.5,
+                })
+                .collect();
+            for r in 0..rows {
+                let mut padded = vec![f32::NAN; dp];
+                // SAFETY: this CPU has AVX2
+                unsafe { super::copy_padded_avx2(&mut padded, &s[r * d..], d) };
+                let want: Vec<u32> = s[r * d..(r + 1) * d]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .chain(std::iter::repeat_n(0, dp - d))
+                    .collect();
+                let got: Vec<u32> = padded.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "d {d}, row {r}");
+            }
         }
     }
 }
