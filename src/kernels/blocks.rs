@@ -55,6 +55,7 @@ macro_rules! with_helpers {
         }
     }};
 }
+pub(super) use with_helpers;
 
 /// Runs `work(k, scratch)` for blocks `k = 0 .. blocks` on `scratch.len()` threads (each
 /// thread owns one scratch; the calling thread is one of them, so with one everything runs
@@ -201,7 +202,7 @@ fn run_blocks_observed<S: Send, R: Send, E: Send>(
     outcome
 }
 
-type Panic = Box<dyn std::any::Any + Send + 'static>;
+pub(super) type Panic = Box<dyn std::any::Any + Send + 'static>;
 
 /// The body of a run with helpers: starts one helper per scratch of `helpers` with `spawn`
 /// (false: it could not start, and is left out), works and combines on this thread, and
@@ -409,125 +410,12 @@ impl Drop for HaltOnDrop<'_> {
     }
 }
 
-/// Runs blocks `0 .. blocks` in two stages: `prepare(k, buffer, idle)` on one helper
-/// thread, `complete(k, buffer, prepared)` on the calling thread in block order, the helper
-/// one block ahead (two buffers pass between the threads). The same results as
-/// `prepare` then `complete` for each block in turn on one thread; for work whose second
-/// stage must stay on the calling thread (a solver that is not thread-safe) while the first
-/// runs on another core. `idle()` tells `prepare` whether the calling thread is waiting
-/// for a block at that moment, so that work which either stage may do goes where there is
-/// time for it (it must not change the results). The first error of `complete` is returned
-/// (no later block is completed, the helper stops); a panic of either stage is resumed here
-/// once the helper has ended. Without a free shared helper a thread of the call's own
-/// prepares.
-pub(crate) fn run_two_stages<S: Send, P: Send, E>(
-    blocks: usize,
-    buffers: &mut [S; 2],
-    prepare: impl Fn(usize, &mut S, &dyn Fn() -> bool) -> P + Sync,
-    mut complete: impl FnMut(usize, &mut S, P) -> Result<(), E>,
-) -> Result<(), E> {
-    let panicked: Mutex<Option<Panic>> = Mutex::new(None);
-    // whether the calling thread waits for the helper's next block (a hint: relaxed)
-    let waiting = AtomicBool::new(false);
-    let outcome = with_helpers!(1, |spawn| two_stages(
-        spawn,
-        blocks,
-        &mut *buffers,
-        &prepare,
-        &mut complete,
-        &panicked,
-        &waiting,
-    ));
-    if let Some(payload) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        std::panic::resume_unwind(payload);
-    }
-    outcome
-}
-
 /// The next block a helper hands over to the calling thread, looked for during
 /// [`TWO_STAGE_SPIN`] before waiting: a thread that sleeps for it may take far longer to
 /// wake up than the helper takes to prepare (on a virtual machine, its core may have to
 /// be woken too); None once every helper has left.
 fn wait_recv<T>(receive: &mpsc::Receiver<T>) -> Option<T> {
     super::workers::recv_after_spin(receive, TWO_STAGE_SPIN, std::thread::yield_now)
-}
-
-/// The next message of `receive`, looked for during [`TWO_STAGE_SPIN`] before waiting
-/// (the two stages hand blocks over faster than a thread wakes up); None once every sender
-/// is gone.
-fn spin_recv<T>(receive: &mpsc::Receiver<T>) -> Option<T> {
-    super::workers::recv_after_spin(receive, TWO_STAGE_SPIN, std::hint::spin_loop)
-}
-
-/// The first stage of [`run_two_stages`]: `prepare(k, buffer, idle)`.
-type Prepare<'a, S, P> = dyn Fn(usize, &mut S, &dyn Fn() -> bool) -> P + Sync + 'a;
-
-/// The body of [`run_two_stages`]: starts the helper with `spawn` (false: it could not
-/// start, and this thread prepares too) and completes the blocks here, `waiting` set while
-/// this thread waits for the helper.
-fn two_stages<'env, S: Send, P: Send, E>(
-    spawn: &dyn Fn(Box<dyn FnOnce() + Send + 'env>) -> bool,
-    blocks: usize,
-    buffers: &'env mut [S; 2],
-    prepare: &'env Prepare<'env, S, P>,
-    complete: &mut dyn FnMut(usize, &mut S, P) -> Result<(), E>,
-    panicked: &'env Mutex<Option<Panic>>,
-    waiting: &'env AtomicBool,
-) -> Result<(), E> {
-    let (to_helper, for_helper) = mpsc::channel::<(usize, &'env mut S)>();
-    let (to_caller, for_caller) = mpsc::channel::<(usize, &'env mut S, P)>();
-    let idle = move || waiting.load(Ordering::Relaxed);
-    let helper = move || {
-        let run = || {
-            // ends when the caller drops its sender (done, or failed)
-            while let Some((k, buffer)) = spin_recv(&for_helper) {
-                let prepared = prepare(k, buffer, &idle);
-                if to_caller.send((k, buffer, prepared)).is_err() {
-                    break;
-                }
-            }
-        };
-        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-            let mut first = panicked.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert(payload);
-        }
-    };
-    let [first, second] = buffers;
-    if !spawn(Box::new(helper)) {
-        // no helper: both stages here, block by block
-        for k in 0..blocks {
-            let prepared = prepare(k, first, &|| false);
-            complete(k, first, prepared)?;
-        }
-        return Ok(());
-    }
-    let _ = to_helper.send((0, first));
-    if blocks > 1 {
-        let _ = to_helper.send((1, second));
-    }
-    for k in 0..blocks {
-        // the helper hands the blocks over in order; none: it panicked (resumed by the
-        // caller once it has ended)
-        let next = match for_caller.try_recv() {
-            Ok(next) => Some(next),
-            Err(_) => {
-                waiting.store(true, Ordering::Relaxed);
-                let next = spin_recv(&for_caller);
-                waiting.store(false, Ordering::Relaxed);
-                next
-            }
-        };
-        let Some((j, buffer, prepared)) = next else {
-            return Ok(());
-        };
-        debug_assert_eq!(j, k);
-        // an error returns, dropping the sender: the helper prepares no more
-        complete(k, buffer, prepared)?;
-        if k + 2 < blocks {
-            let _ = to_helper.send((k + 2, buffer));
-        }
-    }
-    Ok(())
 }
 
 /// `all` cut into consecutive parts of the given lengths (one per block), each to be taken

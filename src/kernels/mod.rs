@@ -10,4 +10,5 @@ pub(crate) mod fused_argmax;
 pub(crate) mod largest;
 pub(crate) mod nonzero;
 pub(crate) mod sums;
+pub(crate) mod two_stages;
 pub(crate) mod workers;

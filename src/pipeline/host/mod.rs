@@ -7,6 +7,7 @@
 //! [`geometry`] cuts a call into blocks ([`geometry::BlockPlan`]); [`run`] runs them
 //! ([`run::HostRun`]: prepare, solve, combine).
 
+mod combine;
 pub(crate) mod geometry;
 pub(crate) mod run;
 mod whole;

@@ -1,6 +1,7 @@
 //! A host run: the blocks of one call drawn, perturbed, solved and summed on host buffers
 //! by the solver threads (see [`HostRun`]).
 
+use super::combine::{BlockSums, Combine};
 use super::geometry::{Block, BlockPlan};
 use super::whole::WholeSums;
 use crate::config::Config;
@@ -8,7 +9,8 @@ use crate::error::Result;
 use crate::estimate::accumulator::{Accumulator, HostSlices};
 use crate::estimate::replay::SolutionRows;
 use crate::interrupt::Stop;
-use crate::kernels::blocks::{run_blocks, run_blocks_on, run_two_stages, slots, take, Slots};
+use crate::kernels::blocks::{run_blocks, run_blocks_on, slots, take, Slots};
+use crate::kernels::two_stages::run_two_stages;
 use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch};
 use crate::noise::{Noise, NoiseAt, Sampler};
@@ -52,10 +54,10 @@ pub(crate) struct Scratch {
 /// block's inputs are perturbed already.
 type Prepared<'s> = (Option<&'s mut [f32]>, bool);
 
-/// What a block gives the in-order combine: the sums of its problem (none for blocks of
-/// whole problems, which add into the call's sums in place), and the solutions, for a tape
-/// that keeps them.
-type BlockSums = (Option<ProblemSums>, Option<SolutionRows>);
+/// What the second stage hands to the sums: the block's noise when it is in the tape's
+/// kept scores, and whether its solutions were scanned for their non-zero entries.
+type Solved<'s> = (Option<&'s mut [f32]>, bool);
+
 
 /// One call of the host pipeline: its geometry, what it reads, and each block's slots in
 /// the call's outputs. Its stages are methods: [`HostRun::prepare`] (noise drawn, scores
@@ -261,39 +263,43 @@ impl<'a> HostRun<'a> {
         (noise, perturbed)
     }
 
-    /// The second stage of block `g` (on worker `worker`): its inputs perturbed if they
-    /// are not yet, its solutions made (or taken from the provided ones) and checked, and
-    /// its sums and solutions taken.
+    /// The second stage of block `g` (on worker `worker`) and its sums: see
+    /// [`HostRun::solve_rows`] and [`HostRun::sum_rows`].
     pub fn solve(
         &self,
         g: usize,
         worker: usize,
         buffers: &mut Scratch,
-        (noise, perturbed): Prepared<'_>,
+        prepared: Prepared<'_>,
     ) -> Result<BlockSums> {
+        let solved = self.solve_rows(g, worker, buffers, prepared)?;
+        self.sum_rows(g, buffers, solved)
+    }
+
+    /// The second stage of block `g` (on worker `worker`): its inputs perturbed if they
+    /// are not yet, its solutions made (or taken from the provided ones) and checked.
+    pub fn solve_rows<'p>(
+        &self,
+        g: usize,
+        worker: usize,
+        buffers: &mut Scratch,
+        (noise, perturbed): Prepared<'p>,
+    ) -> Result<Solved<'p>> {
         self.stop.check()?;
         let block = self.plan.block(g);
         let (d, o) = (self.d, self.o);
-        let ones_per_row = self.ones_per_row();
         let Scratch {
             z,
-            s,
             x,
             y,
             ones,
             nonzero,
-            sums,
+            ..
         } = buffers;
-        // (no dense solutions for 0/1 built-ins)
-        let y_len = if ones_per_row.is_some() {
-            0
-        } else {
-            block.len() * o
-        };
-        let (x, y) = (&mut x[..block.len() * d], &mut y[..y_len]);
-        // the block's noise: in the tape's kept scores, or in the buffer
-        let z: &[f32] = noise.map_or_else(|| &z[..block.len() * d], |kept| &*kept);
+        let (x, y) = (&mut x[..block.len() * d], &mut y[..self.y_len(block)]);
         if !perturbed {
+            // the block's noise: in the tape's kept scores, or in the buffer
+            let z: &[f32] = noise.as_deref().unwrap_or(&z[..block.len() * d]);
             self.perturb(block, z, x);
         }
         let at = SolveInfo {
@@ -325,15 +331,46 @@ impl<'a> HostRun<'a> {
         } else if called && !y.is_empty() {
             check_finite(y, o, &at)?;
         }
-        let rows = BlockRows {
+        Ok((noise, scanned))
+    }
+
+    /// The last stage of block `g`, once solved: its sums and solutions taken.
+    pub fn sum_rows(
+        &self,
+        g: usize,
+        buffers: &mut Scratch,
+        (noise, scanned): Solved<'_>,
+    ) -> Result<BlockSums> {
+        let block = self.plan.block(g);
+        let d = self.d;
+        let Scratch {
             z,
             s,
             x,
             y,
             ones,
+            nonzero,
+            sums,
+        } = buffers;
+        let rows = BlockRows {
+            z: noise.as_deref().unwrap_or(&z[..block.len() * d]),
+            s,
+            x: &x[..block.len() * d],
+            y: &y[..self.y_len(block)],
+            ones,
             nonzero: scanned.then_some(&*nonzero),
         };
         self.sum(g, block, &rows, sums)
+    }
+
+    /// The floats of `block`'s dense solutions (none for 0/1 built-ins, which list the
+    /// positions of their ones).
+    fn y_len(&self, block: Block) -> usize {
+        if self.ones_per_row().is_some() {
+            0
+        } else {
+            block.len() * self.o
+        }
     }
 
     /// The solutions of the block's perturbed inputs `x` into `y` (or, for 0/1 built-ins,
@@ -513,7 +550,8 @@ impl HostRun<'_> {
                     plan.blocks,
                     &mut [a, b],
                     |g, buffers, later| self.prepare(g, buffers, later),
-                    |g, buffers, prepared| combine.block(g, self.solve(g, 0, buffers, prepared)?),
+                    |g, buffers, prepared| self.solve_rows(g, 0, buffers, prepared),
+                    |g, buffers, solved| combine.block(g, self.sum_rows(g, buffers, solved)?),
                 )
             }
             // the calling thread works too (it is worker 0)
@@ -527,36 +565,6 @@ impl HostRun<'_> {
                 )
             }
         }
-    }
-}
-
-/// The in-order combine of a host run's blocks into the call's accumulator.
-struct Combine<'c> {
-    acc: &'c mut Accumulator,
-    plan: BlockPlan,
-    /// The sums of the current problem so far (blocks of part of a problem).
-    total: Option<ProblemSums>,
-    zero: ProblemSums,
-}
-
-impl Combine<'_> {
-    /// Adds block `g`: its solutions to the tape, its sums to its problem's (added to the
-    /// accumulator with the problem's last block).
-    fn block(&mut self, g: usize, (sums, solutions): BlockSums) -> Result<()> {
-        if let Some(solutions) = solutions {
-            self.acc.add_solutions(solutions)?;
-        }
-        if self.plan.whole {
-            return Ok(()); // the sums are in place already
-        }
-        let sums = sums.expect("a block of part of a problem has its sums");
-        let total = self.total.get_or_insert_with(|| self.zero.clone());
-        total.add(&sums);
-        if let Some(problem) = self.plan.ends_problem(g) {
-            let total = self.total.take().expect("just added");
-            self.acc.add_sums(problem as i64, &total)?;
-        }
-        Ok(())
     }
 }
 
