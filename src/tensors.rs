@@ -114,6 +114,25 @@ pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
 
 /// The elements of a contiguous CPU tensor whose kind is `T`, to change in place (the
 /// accumulator's own tensors; anything else is a bug of this crate).
+pub(crate) fn host_slice_uninit<T: tch::kind::Element>(
+    t: &mut Tensor,
+) -> &mut [std::mem::MaybeUninit<T>] {
+    assert!(
+        t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND,
+        "host sums need a contiguous CPU {:?} tensor, got {:?} on {:?}",
+        T::KIND,
+        t.kind(),
+        t.device()
+    );
+    if t.numel() == 0 {
+        return &mut []; // libtorch gives empty tensors no data pointer
+    }
+    // SAFETY: a contiguous CPU tensor of numel() elements of kind T (written or not: seen
+    // as maybe-uninitialized values), borrowed mutably for the slice's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast(), t.numel()) }
+}
+
+/// The elements of a contiguous CPU tensor of kind `T`, every one written, as a slice.
 pub(crate) fn host_slice<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
     assert!(
         t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND,

@@ -9,8 +9,8 @@ use std::mem::MaybeUninit;
 /// # Safety
 /// Only initialized values may be written through the result (never
 /// `MaybeUninit::uninit()`), so that `v` stays initialized for its owner.
-pub(crate) unsafe fn as_uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: MaybeUninit<f32> has the layout of f32; the same memory, borrowed as `v` was
+pub(crate) unsafe fn as_uninit<T: Copy>(v: &mut [T]) -> &mut [MaybeUninit<T>] {
+    // SAFETY: MaybeUninit<T> has the layout of T; the same memory, borrowed as `v` was
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
 }
 
@@ -18,7 +18,7 @@ pub(crate) unsafe fn as_uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
 ///
 /// # Safety
 /// Every element of `v` must be initialized.
-pub(crate) unsafe fn written(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    // SAFETY: the caller's promise; MaybeUninit<f32> has the layout of f32
+pub(crate) unsafe fn written<T: Copy>(v: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: the caller's promise; MaybeUninit<T> has the layout of T
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
 }

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::estimate::centering::Centering;
 use crate::estimate::kept::Kept;
 use crate::kernels::sums::ProblemSums;
-use crate::tensors::{host_floats, host_slice, HostFloats};
+use crate::tensors::{host_floats, host_slice, host_slice_uninit, HostFloats};
 use crate::tuning::HOST_FINISH_ENTRIES;
 use std::mem::MaybeUninit;
 use tch::{Device, Kind, Tensor};
@@ -126,26 +126,27 @@ pub(crate) struct HostSums {
 }
 
 /// The entries of a CPU accumulator's host sums: Σ Y_n, Σ ⟨x_n, Y_n⟩, Σ exp(σZ_n − σ²/2) ⊙ Y_n
-/// and Σ x_n (see [`HostSums::slices`]).
+/// and Σ x_n (see [`HostSums::slices`]), written or not ([`HostSums::unzeroed`]).
 pub(crate) type HostSlices<'a> = (
-    &'a mut [f64],
-    Option<&'a mut [f64]>,
-    &'a mut [f64],
-    &'a mut [f64],
+    &'a mut [MaybeUninit<f64>],
+    Option<&'a mut [MaybeUninit<f64>]>,
+    &'a mut [MaybeUninit<f64>],
+    &'a mut [MaybeUninit<f64>],
 );
 
 impl HostSums {
     /// The entries of Σ Y_n `[batch · o]`, Σ ⟨x_n, Y_n⟩ (`[batch]`, or None),
     /// Σ exp(σZ_n − σ²/2) ⊙ Y_n (`[batch · w]`, w = d for the multiplicative objective,
-    /// else 0) and Σ x_n (`[batch · d]` when kept, else empty).
+    /// else 0) and Σ x_n (`[batch · d]` when kept, else empty): zeros, or not written yet
+    /// when [`HostSums::unzeroed`] says so (then the taker writes every one).
     pub fn slices(&mut self) -> HostSlices<'_> {
-        let sum_y = host_slice::<f64>(&mut self.sum_y);
+        let sum_y = host_slice_uninit::<f64>(&mut self.sum_y);
         match &mut self.objective {
             Some(sums) => (
                 sum_y,
-                Some(host_slice::<f64>(&mut sums.value)),
-                host_slice::<f64>(&mut sums.weighted),
-                host_slice::<f64>(&mut sums.inputs),
+                Some(host_slice_uninit::<f64>(&mut sums.value)),
+                host_slice_uninit::<f64>(&mut sums.weighted),
+                host_slice_uninit::<f64>(&mut sums.inputs),
             ),
             None => (sum_y, None, &mut [], &mut []),
         }

@@ -86,10 +86,10 @@ pub(crate) struct HostRun<'a> {
     /// call's sums Σ Y_n, Σ ⟨x_n, Y_n⟩, Σ exp(σZ_n − σ²/2) ⊙ Y_n and Σ x_n (blocks of
     /// whole problems).
     pub kept: Slots<'a, MaybeUninit<f32>>,
-    pub sum_y: Slots<'a, f64>,
-    pub objective: Slots<'a, f64>,
-    pub weighted: Slots<'a, f64>,
-    pub inputs: Slots<'a, f64>,
+    pub sum_y: Slots<'a, MaybeUninit<f64>>,
+    pub objective: Slots<'a, MaybeUninit<f64>>,
+    pub weighted: Slots<'a, MaybeUninit<f64>>,
+    pub inputs: Slots<'a, MaybeUninit<f64>>,
 }
 
 impl<'a> HostRun<'a> {
@@ -109,6 +109,8 @@ impl<'a> HostRun<'a> {
             let batch = plan.batch.max(1);
             let (w, xw) = (weighted.len() / batch, inputs.len() / batch);
             let count = |g: usize| block(g).count;
+            // the blocks' parts cover the sums exactly (each block writes all of its own)
+            assert_eq!((0..plan.blocks).map(count).sum::<usize>(), plan.batch);
             self.sum_y = slots(sum_y, (0..plan.blocks).map(|g| count(g) * o));
             if let Some(objective) = objective {
                 self.objective = slots(objective, (0..plan.blocks).map(count));
@@ -432,16 +434,8 @@ impl<'a> HostRun<'a> {
         let (jacobian_sums, multiplicative) = (self.keeps.jacobian_sums, self.multiplicative());
         let ones_per_row = self.ones_per_row();
         let mut solutions = self.keeps.solutions.then(|| SolutionRows::new(o));
-        let mut whole = WholeSums {
-            count: block.count,
-            sum_y: take(&self.sum_y, g),
-            objective: take(&self.objective, g),
-            weighted: take(&self.weighted, g),
-            inputs: take(&self.inputs, g),
-        };
-        if self.zero_sums {
-            whole.zero();
-        }
+        let slots = [&self.sum_y, &self.objective, &self.weighted, &self.inputs];
+        let mut whole = WholeSums::new(block.count, slots.map(|s| take(s, g)), self.zero_sums);
         let mut problem = None;
         for i in 0..block.count {
             let (rd, ro) = (

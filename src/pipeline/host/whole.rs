@@ -1,31 +1,43 @@
 //! A block's part of a host run's sums when it holds whole problems ([`WholeSums`]).
 
 use crate::kernels::sums::SumsMut;
+use crate::uninit::written;
+use std::mem::MaybeUninit;
 
 /// A block's slots of the call's sums (blocks of whole problems; none otherwise).
 pub(super) struct WholeSums<'a> {
     /// The block's problems.
-    pub count: usize,
-    pub sum_y: Option<&'a mut [f64]>,
-    pub objective: Option<&'a mut [f64]>,
-    pub weighted: Option<&'a mut [f64]>,
-    pub inputs: Option<&'a mut [f64]>,
+    count: usize,
+    sum_y: Option<&'a mut [f64]>,
+    objective: Option<&'a mut [f64]>,
+    weighted: Option<&'a mut [f64]>,
+    inputs: Option<&'a mut [f64]>,
 }
 
-impl WholeSums<'_> {
-    /// Zeroes the block's entries of the call's sums (sums handed over unwritten: see
-    /// `Accumulator::take_host_sums`), in cache, before the block adds to them.
-    pub fn zero(&mut self) {
-        for v in [
-            &mut self.sum_y,
-            &mut self.objective,
-            &mut self.weighted,
-            &mut self.inputs,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            v.fill(0.0);
+/// A block's slot of one of the call's sums (Σ Y_n, Σ ⟨x_n, Y_n⟩, weighted, Σ x_n).
+pub(super) type Slot<'a> = Option<&'a mut [MaybeUninit<f64>]>;
+
+impl<'a> WholeSums<'a> {
+    /// The block's slots of the call's sums, for its `count` problems: zeroed here when
+    /// the sums were handed over `unwritten` (see `Accumulator::take_host_sums`), in
+    /// cache, before the block adds to them.
+    pub fn new(count: usize, [sum_y, objective, weighted, inputs]: [Slot<'a>; 4], unwritten: bool) -> Self {
+        let ready = |v: Slot<'a>| {
+            v.map(|v| {
+                if unwritten {
+                    v.fill(MaybeUninit::new(0.0));
+                }
+                // SAFETY: every entry is written: zeroed just above, or by the accumulator
+                // (sums not handed over unwritten are its zeros)
+                unsafe { written(v) }
+            })
+        };
+        WholeSums {
+            count,
+            sum_y: ready(sum_y),
+            objective: ready(objective),
+            weighted: ready(weighted),
+            inputs: ready(inputs),
         }
     }
 
