@@ -15,9 +15,9 @@
 
 use crate::error::{Error, Result, Status};
 use crate::estimate::centering::Centering;
+pub(crate) use crate::estimate::solution_rows::SolutionRows;
 use crate::kernels::blocks::{run_blocks, slots, take};
 use crate::kernels::nonzero::nonzeros;
-pub(crate) use crate::estimate::solution_rows::SolutionRows;
 use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::rng::Stream;
 use crate::tuning::{PRODUCT_WORK, REPLAY_TILE};
@@ -65,7 +65,6 @@ impl Redraw {
         sampler.draw(at, z, s, 1);
     }
 }
-
 
 /// The Jacobian J = scale · Σ_n (Y_n − c) s_nᵀ ⊙ col_scale of every problem of a forward
 /// call, from its solutions and its stream.
@@ -317,7 +316,12 @@ impl Replay {
             w
         };
         let scale = self.centering.scale;
-        let col = |b: usize| self.centering.col_scale.as_ref().map(|cs| &cs[b * d..(b + 1) * d]);
+        let col = |b: usize| {
+            self.centering
+                .col_scale
+                .as_ref()
+                .map(|cs| &cs[b * d..(b + 1) * d])
+        };
         if let (1, Some(kept)) = (self.redraw.n, &self.scores) {
             // one sample a problem, its scores kept: w·s written straight out, with the
             // operations of the sums below (0 + w·s, then the scale: the same bits)
@@ -327,7 +331,12 @@ impl Replay {
                 |_, _, _, _| {},
                 |b, _, out| {
                     let (w, s) = (weight(b, b), &kept[b * d..(b + 1) * d]);
-                    write_scaled(out, s.iter().map(|&sv| 0.0 + w * f64::from(sv)), scale, col(b));
+                    write_scaled(
+                        out,
+                        s.iter().map(|&sv| 0.0 + w * f64::from(sv)),
+                        scale,
+                        col(b),
+                    );
                 },
             );
         }

@@ -67,8 +67,7 @@ pub(crate) fn run_two_stages<S: Send, P: Send, Q: Send, E: Send>(
             // (a run that ends with blocks not finished and no error is a bug of this
             // module: the callers read what the finishes wrote)
             assert_eq!(
-                finished,
-                blocks,
+                finished, blocks,
                 "a two-stage run ended with blocks not finished and no error"
             );
             Ok(())

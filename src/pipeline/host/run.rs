@@ -10,9 +10,9 @@ use crate::estimate::accumulator::{Accumulator, HostSlices};
 use crate::estimate::replay::SolutionRows;
 use crate::interrupt::Stop;
 use crate::kernels::blocks::{run_blocks, run_blocks_on, slots, take, Slots};
-use crate::kernels::two_stages::run_two_stages;
 use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch};
+use crate::kernels::two_stages::run_two_stages;
 use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::perturbation::Perturbation;
 use crate::pipeline::cache::{solve_or_answer, CallCache};
@@ -57,7 +57,6 @@ type Prepared<'s> = (Option<&'s mut [f32]>, bool);
 /// What the second stage hands to the sums: the block's noise when it is in the tape's
 /// kept scores, and whether its solutions were scanned for their non-zero entries.
 type Solved<'s> = (Option<&'s mut [f32]>, bool);
-
 
 /// One call of the host pipeline: its geometry, what it reads, and each block's slots in
 /// the call's outputs. Its stages are methods: [`HostRun::prepare`] (noise drawn, scores

@@ -21,7 +21,11 @@ impl<'a> WholeSums<'a> {
     /// The block's slots of the call's sums, for its `count` problems: zeroed here when
     /// the sums were handed over `unwritten` (see `Accumulator::take_host_sums`), in
     /// cache, before the block adds to them.
-    pub fn new(count: usize, [sum_y, objective, weighted, inputs]: [Slot<'a>; 4], unwritten: bool) -> Self {
+    pub fn new(
+        count: usize,
+        [sum_y, objective, weighted, inputs]: [Slot<'a>; 4],
+        unwritten: bool,
+    ) -> Self {
         let ready = |v: Slot<'a>| {
             v.map(|v| {
                 if unwritten {
