@@ -286,13 +286,18 @@ def run_case(name, impl, quick):
 
 
 def machine():
+    """The CPU model and its widest vector instructions (the two CPU kinds this project is
+    measured on differ there), the cores, torch and the device."""
     cpu = platform.processor() or "cpu"
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            info = f.read()
+        model = [line for line in info.splitlines() if line.startswith("model name")]
+        if model:
+            cpu = model[0].split(":", 1)[1].strip()
+        flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                          if line.startswith("flags")), []))
+        cpu += ", AVX-512" if "avx512f" in flags else ", AVX2" if "avx2" in flags else ""
     except OSError:
         pass
     import torch
