@@ -7,8 +7,9 @@
  *      -o target/bench/forward_vjp
  *   target/bench/forward_vjp BATCH D N KIND CALLS [THREADS [MAX_THREADS]]
  *
- * KIND: 0 argmax, 1 top-k (k = D/10, at least 1), 2 ranks, 3 the C argmax callback (a plain
- * scan), 4 the C argmax callback of the training table (bench_argmax: eight lanes).
+ * KIND: 0 argmax, 1 top-k (k = D/10, at least 1), 2 ranks, 3 the plain C argmax callback of
+ * the training table (bench_argmax_plain), 4 its hand-vectorized one (bench_argmax: eight
+ * lanes).
  * THREADS: the op's solver threads (pert_config_set_threads; default 1); MAX_THREADS:
  * pert_config_set_max_threads (default 0, one per core). Normal noise,
  * sigma 0.1, device "cpu". Prints the median and 90th percentile of forward+tape+VJP, and
@@ -20,21 +21,9 @@
 #include <time.h>
 #include "bench_util.h"
 
-static int32_t argmax_cb(void *user, const float *x, size_t count, float *y) {
-  size_t d = *(const size_t *)user;
-  for (size_t r = 0; r < count; r++) {
-    const float *xr = x + r * d;
-    size_t best = 0;
-    for (size_t i = 1; i < d; i++)
-      if (xr[i] > xr[best]) best = i;
-    memset(y + r * d, 0, d * sizeof(float));
-    y[r * d + best] = 1.0f;
-  }
-  return 0;
-}
-
-/* The argmax callback of the training table (bench/bench_solvers.c, linked in). */
+/* The argmax callbacks of the training table (bench/bench_solvers.c, linked in). */
 int32_t bench_argmax(void *user_data, const float *x, size_t count, float *y);
+int32_t bench_argmax_plain(void *user_data, const float *x, size_t count, float *y);
 
 int main(int argc, char **argv) {
   if (argc < 6) {
@@ -60,7 +49,7 @@ int main(int argc, char **argv) {
   int64_t dims[1] = {(int64_t)d};
   pert_op *op;
   if (kind >= 3)
-    check(pert_op_new(c, dims, 1, dims, 1, kind == 3 ? argmax_cb : bench_argmax, &d, &op));
+    check(pert_op_new(c, dims, 1, dims, 1, kind == 3 ? bench_argmax_plain : bench_argmax, &d, &op));
   else
     check(pert_op_new_builtin(c, (uint32_t)kind, d / 10 ? (int64_t)(d / 10) : 1, dims, 1, &op));
   pert_config_free(c);

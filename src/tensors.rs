@@ -134,19 +134,10 @@ pub(crate) fn host_slice_uninit<T: tch::kind::Element>(
 
 /// The elements of a contiguous CPU tensor of kind `T`, every one written, as a slice.
 pub(crate) fn host_slice<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
-    assert!(
-        t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND,
-        "host sums need a contiguous CPU {:?} tensor, got {:?} on {:?}",
-        T::KIND,
-        t.kind(),
-        t.device()
-    );
-    if t.numel() == 0 {
-        return &mut []; // libtorch gives empty tensors no data pointer
-    }
-    // SAFETY: a contiguous CPU tensor of numel() elements of kind T, borrowed mutably for
-    // the slice's lifetime.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
+    // SAFETY: the tensors this is called on are written (libtorch's fills and copies, the
+    // library's kernels, the accumulator's sums once zeroed); the sums handed over
+    // unwritten are seen through `host_slice_uninit` alone
+    unsafe { crate::uninit::written(host_slice_uninit(t)) }
 }
 
 /// A 1-d CPU tensor holding a copy of `values`. Unlike `Tensor::f_from_slice`, which fills

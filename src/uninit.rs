@@ -9,7 +9,7 @@ use std::mem::MaybeUninit;
 /// # Safety
 /// Only initialized values may be written through the result (never
 /// `MaybeUninit::uninit()`), so that `v` stays initialized for its owner.
-pub(crate) unsafe fn as_uninit<T: Copy>(v: &mut [T]) -> &mut [MaybeUninit<T>] {
+pub(crate) unsafe fn as_uninit<T>(v: &mut [T]) -> &mut [MaybeUninit<T>] {
     // SAFETY: MaybeUninit<T> has the layout of T; the same memory, borrowed as `v` was
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
 }
@@ -18,7 +18,7 @@ pub(crate) unsafe fn as_uninit<T: Copy>(v: &mut [T]) -> &mut [MaybeUninit<T>] {
 ///
 /// # Safety
 /// Every element of `v` must be initialized.
-pub(crate) unsafe fn written<T: Copy>(v: &mut [MaybeUninit<T>]) -> &mut [T] {
+pub(crate) unsafe fn written<T>(v: &mut [MaybeUninit<T>]) -> &mut [T] {
     // SAFETY: the caller's promise; MaybeUninit<T> has the layout of T
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
 }
