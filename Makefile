@@ -404,7 +404,7 @@ fault: tools nightly $(TORCH_DEP)
 # scan, the selection of the largest entries, the rows kept in unzeroed room), with their
 # AVX2 paths compiled in and taken, under several scheduling seeds. (The floating-point
 # state test is skipped: Miri runs no inline assembly.)
-MIRI_TESTS := kernels::nonzero kernels::largest kernels::blocks kernels::workers estimate::replay::tests::rows
+MIRI_TESTS := kernels::nonzero kernels::largest kernels::blocks kernels::two_stages kernels::workers kernels::sums estimate::solution_rows
 MIRI_SEEDS ?= 0..3
 miri: nightly $(TORCH_DEP)
 	RUSTFLAGS="-Ctarget-feature=+avx2,+fma" MIRIFLAGS="-Zmiri-many-seeds=$(MIRI_SEEDS)" \
