@@ -33,7 +33,9 @@ pub trait PoolSearch: Send + Sync {
 }
 
 /// The op's solution pool as one call sees it (the snapshot the call began with), for
-/// warm starts: see [`SolveInfo::pool_best`].
+/// warm starts: see [`SolveInfo::pool_best`]. (A trait object: the solver layer knows no
+/// pool.) Keep it no longer than the solver call: while a clone lives, each addition to
+/// the pool copies it instead of adding in place.
 #[derive(Clone)]
 pub struct PoolView(std::sync::Arc<dyn PoolSearch>);
 

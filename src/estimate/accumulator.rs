@@ -384,14 +384,11 @@ fn zeros(size: &[i64], options: (Kind, Device)) -> Result<Tensor> {
     Ok(t)
 }
 
-/// Zeroes a fresh contiguous CPU tensor of kind `T` through a raw pointer (its memory is
-/// uninitialized: no slice is formed over it before it is written).
+/// Zeroes a fresh contiguous CPU tensor of kind `T` (its memory seen as uninitialized
+/// until written).
 fn host_slice_uninit_fill<T: tch::kind::Element>(t: &mut Tensor) {
-    assert!(t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND);
-    if t.numel() == 0 {
-        return; // no memory (the pointer may be NULL)
-    }
-    // SAFETY: a contiguous CPU tensor of numel() elements of kind T, owned here; all-zero
-    // bits are 0.0 for f32 and f64.
-    unsafe { std::ptr::write_bytes(t.data_ptr() as *mut T, 0, t.numel()) };
+    let v = crate::tensors::host_slice_uninit::<T>(t);
+    // SAFETY: the tensor's own memory, `v.len()` elements of T; all-zero bits are 0.0 for
+    // f32 and f64
+    unsafe { std::ptr::write_bytes(v.as_mut_ptr(), 0, v.len()) };
 }

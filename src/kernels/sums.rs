@@ -494,31 +494,35 @@ fn copy_padded_avx2(padded: &mut [f32], rest: &[f32], d: usize) {
         unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_loadu_ps(c.as_ptr())) };
     }
     if !tail.is_empty() {
-        let v = tail_over_next(rest, d - tail.len(), tail.len()).unwrap_or_else(|| {
-            // the last row of its slice: a masked load
-            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail.len() as i32), lanes);
-            // SAFETY: the masked load reads only the lanes below tail.len(), which are
-            // `tail` (the others neither read nor fault)
-            unsafe { _mm256_maskload_ps(tail.as_ptr(), mask) }
-        });
+        let (v, _) = tail_vector(rest, d - tail.len(), tail.len());
         // SAFETY: one array of 8 floats
         unsafe { _mm256_storeu_ps(out[chunks.len()].as_mut_ptr(), v) };
     }
 }
 
-/// The `len` (< 8) floats of `rest` from `at` in a vector whose other lanes are zero: one
-/// plain load over the floats that follow them (the next row's), cleared in the register
-/// (a masked load stalls on some CPUs); None when fewer than 8 floats are left from `at`.
+/// The `len` (< 8) floats of `rest` from `at` in a vector whose other lanes are zero, and
+/// whether it took one plain load over the floats that follow them (the next row's),
+/// cleared in the register (a masked load stalls on some CPUs): when 8 floats are left
+/// from `at`, else (the last row of its slice) a masked load.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn tail_over_next(rest: &[f32], at: usize, len: usize) -> Option<std::arch::x86_64::__m256> {
+fn tail_vector(rest: &[f32], at: usize, len: usize) -> (std::arch::x86_64::__m256, bool) {
     use std::arch::x86_64::*;
-    let eight = rest.get(at..at + 8)?;
     let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), lanes));
-    // SAFETY: a slice of 8 floats
-    Some(unsafe { _mm256_and_ps(_mm256_loadu_ps(eight.as_ptr()), keep) })
+    let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), lanes);
+    match rest.get(at..at + 8) {
+        // SAFETY: a slice of 8 floats
+        Some(eight) => (
+            unsafe { _mm256_and_ps(_mm256_loadu_ps(eight.as_ptr()), _mm256_castsi256_ps(keep)) },
+            true,
+        ),
+        // SAFETY: the masked load reads only the lanes below `len`, which are in `rest`
+        // (the others neither read nor fault)
+        None => (
+            unsafe { _mm256_maskload_ps(rest[at..at + len].as_ptr(), keep) },
+            false,
+        ),
+    }
 }
 
 /// a += v · b over whole 8-float vectors (lengths multiples of 8).
@@ -590,15 +594,13 @@ mod tests {
                 let (tail, at) = (d % 8, r * d + d - d % 8);
                 if tail > 0 {
                     // SAFETY: this CPU has AVX2
-                    let v = unsafe { super::tail_over_next(&s, at, tail) };
-                    assert_eq!(v.is_some(), at + 8 <= s.len(), "d {d}, row {r}");
-                    if let Some(v) = v {
-                        let mut lanes = [0f32; 8];
-                        // SAFETY: an array of 8 floats; this CPU has AVX2
-                        unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-                        let bits: Vec<u32> = lanes.iter().map(|v| v.to_bits()).collect();
-                        assert_eq!(bits, want[d - tail..d - tail + 8], "d {d}, row {r}");
-                    }
+                    let (v, plain) = unsafe { super::tail_vector(&s, at, tail) };
+                    assert_eq!(plain, at + 8 <= s.len(), "d {d}, row {r}");
+                    let mut lanes = [0f32; 8];
+                    // SAFETY: an array of 8 floats; this CPU has AVX2
+                    unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+                    let bits: Vec<u32> = lanes.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(bits, want[d - tail..d - tail + 8], "d {d}, row {r}");
                 }
             }
         }

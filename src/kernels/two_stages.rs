@@ -203,12 +203,12 @@ where
         // the helper finishes every block from the first time it is ahead (this block
         // was ready, and it waits for work): it wrote the block's noise and inputs, which
         // the sums read, so they cost it less than this thread (and it never holds up a
-        // solver that keeps it ahead); before, this thread finishes (once the helper's
-        // finishes are done). In block order either way, so the same results.
-        on_helper |= was_ready && stages.helper_idle.load(Ordering::Relaxed);
-        let earlier_done = stages.finished.load(Ordering::Acquire) == k;
+        // solver that keeps it ahead); before, this thread finishes each block (so every
+        // earlier one is finished when the helper takes over). In block order either way,
+        // so the same results.
+        on_helper |= helper_finishes() || was_ready && stages.helper_idle.load(Ordering::Relaxed);
         let next = (k + 2 < blocks).then_some(k + 2);
-        let job = if !on_helper && earlier_done {
+        let job = if !on_helper {
             finish(k, &mut *buffer, solved).map_err(|e| (k, e))?;
             (None, buffer, next)
         } else {
@@ -221,9 +221,23 @@ where
     Ok(())
 }
 
+/// Whether the helper finishes every block from the first (tests: the path that timing
+/// otherwise chooses), for runs from this thread.
+fn helper_finishes() -> bool {
+    #[cfg(test)]
+    return tests::HELPER_FINISHES.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// See [`super::helper_finishes`].
+        pub(super) static HELPER_FINISHES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     /// A two-stage run with a slow middle stage, a slow helper, or both by turns (so that
     /// the finishes land on either thread): every block is prepared, solved and finished
@@ -233,7 +247,15 @@ mod tests {
     fn two_stages_finish_every_block_once_in_order_on_either_thread() {
         use std::time::Duration;
         let pause = |us: u64| std::thread::sleep(Duration::from_micros(us));
-        for (slow_solve, slow_prepare) in [(true, false), (false, true), (true, true)] {
+        let caller = std::thread::current().id();
+        for (slow_solve, slow_prepare, forced) in [
+            (true, false, false),
+            (false, true, false),
+            (true, true, false),
+            (false, true, true),
+        ] {
+            HELPER_FINISHES.with(|f| f.set(forced));
+            let on_caller = std::sync::atomic::AtomicUsize::new(0);
             let events = Mutex::new(Vec::new());
             let mut buffers = [usize::MAX, usize::MAX];
             let blocks = 40;
@@ -262,10 +284,18 @@ mod tests {
                     assert_eq!((*buffer, q), (k, k * 100));
                     *buffer = usize::MAX;
                     events.lock().unwrap().push(('f', k));
+                    if std::thread::current().id() == caller {
+                        on_caller.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(())
                 },
             );
+            HELPER_FINISHES.with(|f| f.set(false));
             assert_eq!(result, Ok(()));
+            if forced {
+                // (the helper finished them all: the path a helper ahead takes)
+                assert_eq!(on_caller.into_inner(), 0);
+            }
             assert_eq!(solved, (0..blocks).collect::<Vec<_>>());
             let events = events.into_inner().unwrap();
             let finished: Vec<usize> = events.iter().filter(|e| e.0 == 'f').map(|e| e.1).collect();
@@ -287,7 +317,8 @@ mod tests {
             (Some(0), None, 0),
             (Some(9), None, 9),
         ] {
-            for slow_solve in [false, true] {
+            for (slow_solve, forced) in [(false, false), (true, false), (false, true)] {
+                HELPER_FINISHES.with(|f| f.set(forced));
                 let finished = Mutex::new(Vec::new());
                 let result = run_two_stages(
                     10,
@@ -312,7 +343,12 @@ mod tests {
                         }
                     },
                 );
-                assert_eq!(result, Err(want), "{finish_fails:?} {solve_fails:?}");
+                HELPER_FINISHES.with(|f| f.set(false));
+                assert_eq!(
+                    result,
+                    Err(want),
+                    "{finish_fails:?} {solve_fails:?} {forced}"
+                );
                 let finished = finished.into_inner().unwrap();
                 assert!(finished.iter().all(|&k| k <= want), "{finished:?}");
                 assert_eq!(finished, (0..finished.len()).collect::<Vec<_>>());

@@ -88,6 +88,15 @@ impl OpSpec {
             SolverKind::Device(_) => true,
             _ => false,
         };
+        // the rows are on the device for a device solver only (the others get them in
+        // host memory, and so warm starts too)
+        let at = match solver {
+            SolverKind::Device(_) => at,
+            _ => SolveInfo {
+                cuda_device: None,
+                ..at
+            },
+        };
         cache.solutions(
             &at,
             (&xs, d, exact_info),

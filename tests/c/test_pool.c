@@ -305,9 +305,13 @@ static int32_t solve_warm(void *user_data, const pert_solve_info *info, const fl
         for (size_t i = 0; i < D; i++) score += (double)row[i] * MEMBERS[m * D + i];
         if (score > best) best = score, want = m;
       }
-      float out[D];
+      float out[D], untouched[D];
+      /* a wrong n, or NULL x or out: 0, and nothing written */
+      for (size_t i = 0; i < D; i++) out[i] = untouched[i] = -7.5f;
+      int refused = info->pool_best(info, row, D - 1, out) != 0 || info->pool_best(info, NULL, D, out) != 0 ||
+                    info->pool_best(info, row, D, NULL) != 0 || memcmp(out, untouched, sizeof out) != 0;
       int got = info->pool_best(info, row, D, out);
-      __atomic_add_fetch(&warm_wrong, info->pool_best(info, row, D - 1, out) != 0, __ATOMIC_SEQ_CST); /* wrong n */
+      __atomic_add_fetch(&warm_wrong, refused, __ATOMIC_SEQ_CST);
       __atomic_add_fetch(&warm_wrong, got != 1 || memcmp(out, MEMBERS + want * D, sizeof out) != 0, __ATOMIC_SEQ_CST);
       __atomic_add_fetch(&warm_rows, 1, __ATOMIC_SEQ_CST);
     } else {

@@ -110,6 +110,9 @@ impl<'a> HostRun<'a> {
             let count = |g: usize| block(g).count;
             // the blocks' parts cover the sums exactly (each block writes all of its own)
             assert_eq!((0..plan.blocks).map(count).sum::<usize>(), plan.batch);
+            let per_problem = [(sum_y.len(), o), (weighted.len(), w), (inputs.len(), xw)];
+            assert!(per_problem.iter().all(|&(len, w)| len == plan.batch * w));
+            assert!(objective.as_ref().is_none_or(|v| v.len() == plan.batch));
             self.sum_y = slots(sum_y, (0..plan.blocks).map(|g| count(g) * o));
             if let Some(objective) = objective {
                 self.objective = slots(objective, (0..plan.blocks).map(count));
