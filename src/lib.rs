@@ -17,10 +17,11 @@
 // The layers, from the leaves up (see ARCHITECTURE.md): a module uses only modules
 // declared before it here, never one after (tests/architecture.rs checks it).
 
-// leaves: errors, interrupts, shapes, the counter-based streams, fast math, plain settings,
-// Sum-of-Gamma variates, the tuning constants
+// leaves: errors, interrupts, shapes, the counter-based streams, fast math, locks a forked
+// child can take, plain settings, Sum-of-Gamma variates, the tuning constants
 pub mod error;
 mod fastmath;
+mod fork_safe;
 mod interrupt;
 pub mod rng;
 pub mod settings;

@@ -34,7 +34,8 @@ pub struct PerturbedOp {
     calls: AtomicU64,
     interrupts: Interrupter,
     /// The solution pool its samples may be answered from, and that its solves add to.
-    pool: std::sync::Mutex<Option<Arc<Pool>>>,
+    /// (Never locked at a fork: a child can set and read it.)
+    pool: crate::fork_safe::ForkSafeMutex<Option<Arc<Pool>>>,
     /// Calls of the pool-based losses so far (each decides whether it solves its batch).
     refreshes: AtomicU64,
 }
@@ -170,7 +171,7 @@ impl PerturbedOp {
             solver,
             calls: AtomicU64::new(0),
             interrupts: Interrupter::default(),
-            pool: std::sync::Mutex::new(None),
+            pool: crate::fork_safe::ForkSafeMutex::new(None)?,
             refreshes: AtomicU64::new(0),
         })
     }
@@ -218,13 +219,14 @@ impl PerturbedOp {
                 }
             }
         }
-        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = pool;
+        let old = self.pool.with(|slot| std::mem::replace(slot, pool));
+        drop(old); // (outside the lock: the last reference frees the pool)
         Ok(())
     }
 
     /// The op's solution pool, if it has one.
     pub fn pool(&self) -> Option<Arc<Pool>> {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.pool.with(|slot| slot.clone())
     }
 
     /// The number of rows the op's solver has solved so far (all calls, all threads):

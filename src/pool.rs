@@ -13,12 +13,15 @@
 //! ops, threads and the caller; every reader works on a snapshot taken at the start of
 //! its call, so a call's answers never depend on what other threads
 //! add while it runs, and additions are made whole, in the order given.
+//! **Fork**: the pool's lock is never held at a `fork()` (the library waits for it), so a child
+//! forked while other threads use the pool finds it whole and can use it.
 
 use crate::dot::dot;
 use crate::error::{Error, Result, Status};
+use crate::fork_safe::ForkSafeMutex;
 use crate::settings::Sense;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tch::Tensor;
 
 /// A pool of distinct solutions of one output shape, with a bounded capacity.
@@ -27,7 +30,7 @@ pub struct Pool {
     output_shape: Vec<i64>,
     numel: usize,
     capacity: usize,
-    members: Mutex<Arc<Members>>,
+    members: ForkSafeMutex<Arc<Members>>,
 }
 
 /// The members of a pool at one moment (a snapshot: immutable once shared).
@@ -77,10 +80,10 @@ impl Pool {
             output_shape: output_shape.to_vec(),
             numel,
             capacity,
-            members: Mutex::new(Arc::new(Members {
+            members: ForkSafeMutex::new(Arc::new(Members {
                 numel,
                 ..Members::default()
-            })),
+            }))?,
         })
     }
 
@@ -111,10 +114,7 @@ impl Pool {
 
     /// The members now, as a snapshot that later additions do not change.
     pub(crate) fn snapshot(&self) -> Arc<Members> {
-        self.members
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.members.with(|members| members.clone())
     }
 
     /// Adds the solutions `rows` (`count · output_numel` floats, finite): those the pool
@@ -144,18 +144,21 @@ impl Pool {
                 ),
             ));
         }
-        let mut guard = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = guard.fresh(rows)?;
-        if fresh.is_empty() {
-            return Ok(()); // (nothing changes, nothing is copied)
-        }
-        // in place, unless a call still reads this version: then on a copy (no snapshot is
-        // taken meanwhile: that needs the lock)
-        if Arc::get_mut(&mut guard).is_none() {
-            *guard = Arc::new(guard.try_clone()?);
-        }
-        let members = Arc::get_mut(&mut guard).expect("the only reference, under the lock");
-        members.append(fresh, self.capacity)
+        // (under a lock that is never held at a fork: a child forked meanwhile finds the
+        // pool whole and unlocked)
+        self.members.with(|current| {
+            let fresh = current.fresh(rows)?;
+            if fresh.is_empty() {
+                return Ok(()); // (nothing changes, nothing is copied)
+            }
+            // in place, unless a call still reads this version: then on a copy (no snapshot
+            // is taken meanwhile: that needs the lock)
+            if Arc::get_mut(current).is_none() {
+                *current = Arc::new(current.try_clone()?);
+            }
+            let members = Arc::get_mut(current).expect("the only reference, under the lock");
+            members.append(fresh, self.capacity)
+        })
     }
 
     /// Adds the solutions of a tensor `[count, *output_shape]` (float32, finite).

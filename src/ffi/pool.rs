@@ -28,6 +28,12 @@ use std::sync::Arc;
 /// while ops that use it run. Each call of an op reads the pool as it was when the call
 /// began, and adds its solutions whole once it has succeeded, so results depend only on
 /// the order of the calls, never on threads.
+///
+/// `fork()`: a child process may use a pool it inherits (read it, add to it, give it to
+/// ops it makes), whatever other threads of the parent were doing with it at the fork: a
+/// fork waits until no thread is inside the pool's short critical sections (its handlers
+/// are registered by the first `pert_pool_new`). The child's pool is a copy: additions on
+/// either side are not seen on the other.
 pub struct pert_pool {
     pub(crate) inner: Arc<Pool>,
 }

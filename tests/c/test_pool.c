@@ -2,11 +2,17 @@
  * pert_op_solver_calls): distinct members first in first out, a full pool answering as the
  * solver would (bit for bit), the share of rows solved, growth from the solves, the same
  * bits for any number of threads, a pool shared by ops on several threads, the handle freed
- * while an op uses it, and every bad argument refused with nothing changed. */
+ * while an op uses it, a child forked while other threads change the pool, and every bad
+ * argument refused with nothing changed. */
+#define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "harness.h"
 #include "solvers.h"
@@ -351,6 +357,122 @@ static bool warm_starts_get_the_pools_best(void) {
   return true;
 }
 
+/* ---- fork ---------------------------------------------------------------------------- */
+
+enum { WIDE = 512, WIDE_CAPACITY = 1500, WIDE_BATCH = 64 };
+static const int64_t WIDE_SHAPE[1] = {WIDE};
+
+typedef struct {
+  pert_pool *pool;
+  pert_op *op;
+  atomic_int stop;
+} pool_user;
+
+/* Adds batches of rows the pool never held (a copy of the members when a reader holds the
+ * old version, in place otherwise: the pool's lock is held most of the time). */
+static void *add_until_stopped(void *arg) {
+  pool_user *u = arg;
+  float *rows = malloc(sizeof(float) * WIDE * WIDE_BATCH);
+  if (rows == NULL) return NULL;
+  for (uint32_t k = 1; !atomic_load(&u->stop); k++) {
+    for (int r = 0; r < WIDE_BATCH; r++) {
+      for (int j = 0; j < WIDE; j++) rows[r * WIDE + j] = (float)((r + j) % 7);
+      rows[r * WIDE] = (float)k, rows[r * WIDE + 1] = (float)r; /* (k, r): a new row */
+    }
+    pert_pool_add(u->pool, rows, WIDE_BATCH);
+  }
+  free(rows);
+  return NULL;
+}
+
+/* Calls a pooled op (a snapshot of the members, additions from its solves) and sets its
+ * pool again (the op's pool slot), over and over. */
+static void *call_until_stopped(void *arg) {
+  pool_user *u = arg;
+  float *theta = calloc(2 * WIDE, sizeof(float)), *y = malloc(sizeof(float) * 2 * WIDE);
+  if (theta == NULL || y == NULL) return free(theta), free(y), NULL;
+  theta[3] = 1.0f;
+  while (!atomic_load(&u->stop)) {
+    pert_forward(u->op, theta, 2, y, NULL);
+    pert_op_set_pool(u->op, u->pool);
+  }
+  free(theta);
+  free(y);
+  return NULL;
+}
+
+/* In a child: the inherited pool is read and grown, and serves a new op. */
+static int child_uses_the_pool(pert_pool *pool) {
+  size_t before = pert_pool_size(pool);
+  float *row = calloc(WIDE, sizeof(float)), *y = malloc(sizeof(float) * WIDE);
+  if (row == NULL || y == NULL || before == 0) return 2;
+  row[0] = -1.0f; /* no thread of the parent adds a negative entry */
+  if (pert_pool_add(pool, row, 1) != PERT_STATUS_OK || pert_pool_size(pool) != (before < WIDE_CAPACITY ? before + 1 : before))
+    return 3;
+  pert_config *c = NULL;
+  pert_op *op = NULL;
+  if (pert_config_new(&c) != PERT_STATUS_OK) return 4;
+  pert_config_set_device(c, "cpu");
+  pert_config_set_num_samples(c, 8);
+  pert_config_set_solve_ratio(c, 0.5);
+  if (pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, WIDE_SHAPE, 1, &op) != PERT_STATUS_OK) return 5;
+  pert_config_free(c);
+  if (pert_op_set_pool(op, pool) != PERT_STATUS_OK || pert_forward(op, row, 1, y, NULL) != PERT_STATUS_OK) return 6;
+  pert_op_free(op);
+  free(row);
+  free(y);
+  return 0;
+}
+
+/* Children forked while other threads add to a pool, read it through an op and set it on
+ * the op: each child reads the pool, adds to it and uses it in an op of its own; none hangs
+ * on a lock that a thread of the parent held at the fork, none fails. */
+static bool a_child_forked_while_threads_use_a_pool_can_use_it(void) {
+  pert_pool *pool = NULL;
+  CHECK_OK(pert_pool_new(WIDE_SHAPE, 1, WIDE_CAPACITY, &pool));
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  pert_config_set_num_samples(c, 16);
+  pert_config_set_solve_ratio(c, 0.5);
+  pool_user u = {pool, NULL, 0};
+  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, WIDE_SHAPE, 1, &u.op));
+  pert_config_free(c);
+  CHECK_OK(pert_op_set_pool(u.op, pool));
+  pthread_t adder, caller;
+  CHECK(pthread_create(&adder, NULL, add_until_stopped, &u) == 0);
+  CHECK(pthread_create(&caller, NULL, call_until_stopped, &u) == 0);
+  while (pert_pool_size(pool) < 8) usleep(100);
+  int hung = 0, failed = 0, forks = 100;
+  for (int k = 0; k < forks; k++) {
+    usleep((useconds_t)(k * 37 % 300));
+    pid_t child = fork();
+    if (child < 0) {
+      failed++;
+      break;
+    }
+    if (child == 0) {
+      alarm(20); /* a hang ends as SIGALRM */
+      _exit(child_uses_the_pool(pool));
+    }
+    int status = 0;
+    if (waitpid(child, &status, 0) != child) failed++;
+    else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM) hung++;
+    else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      if (failed++ == 0) fprintf(stderr, "  a child exited with %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    }
+    if (hung || failed) break; /* (one is enough: a hung child takes 20 s) */
+  }
+  atomic_store(&u.stop, 1);
+  pthread_join(adder, NULL);
+  pthread_join(caller, NULL);
+  if (hung || failed) fprintf(stderr, "  %d forks: %d children hung, %d failed\n", forks, hung, failed);
+  CHECK(hung == 0 && failed == 0);
+  pert_op_free(u.op);
+  pert_pool_free(pool);
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(members_first_in_first_out),
@@ -360,6 +482,7 @@ int main(void) {
       TEST(pool_losses_by_hand),
       TEST(bad_arguments_are_refused),
       TEST(warm_starts_get_the_pools_best),
+      TEST(a_child_forked_while_threads_use_a_pool_can_use_it),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

@@ -4,6 +4,7 @@ pool-based losses NCE, CMAP and pointwise, pairwise and listwise LTR, equal to P
 written as a PyEPO optModel; modules, reductions, errors."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -155,6 +156,60 @@ def test_a_forked_child_keeps_the_pool():
     finally:
         _FORKED.clear()
     assert rows < 2 * 400 / 2, rows  # about 10% solved, not all
+
+
+def test_a_child_forked_while_a_thread_adds_to_the_pool_can_use_it():
+    """A child forked (os.fork, as a DataLoader does) while another thread adds to the pool
+    through the library (the GIL released) reads, grows and uses the pool: no lock of the
+    parent's threads is held in the child."""
+    import signal
+    import threading
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    wide = 512
+    pool = pt.Pool(wide, 1500)
+    op = pt.Op.builtin(pt.Config(solve_ratio=0.5, num_samples=16, device="cpu"), "argmax", wide)
+    op.set_pool(pool)
+    stop = threading.Event()
+
+    def add_until_stopped():
+        k = 0
+        rows = np.tile((np.arange(wide) % 7).astype(np.float32), (64, 1))
+        rows[:, 1] = np.arange(64)
+        while not stop.is_set():
+            k += 1
+            rows[:, 0] = k  # (k, r): new rows every time
+            pool.add(rows)
+
+    adder = threading.Thread(target=add_until_stopped)
+    adder.start()
+    failed = []
+    try:
+        while len(pool) < 8:
+            time.sleep(0.001)
+        for k in range(30):
+            time.sleep((k * 37 % 300) * 1e-6)
+            pid = os.fork()
+            if pid == 0:  # the child: nothing of pytest's may run here
+                code = 1
+                try:
+                    signal.alarm(10)  # a hang ends as SIGALRM
+                    before = len(pool)
+                    row = np.zeros((1, wide), dtype=np.float32)
+                    row[0, 0] = -1  # (no row of the adder)
+                    pool.add(row)
+                    code = 0 if len(pool) == min(before + 1, 1500) else 2
+                    op.forward(np.zeros((2, wide), dtype=np.float32))  # (its solves add to the pool)
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                failed.append(status)
+                break
+    finally:
+        stop.set()
+        adder.join()
+    assert not failed, f"children ended with wait statuses {failed} (SIGALRM {signal.SIGALRM}: hung)"
 
 
 def test_warm_starts_get_the_pools_best():
