@@ -623,7 +623,8 @@ fn julia_examples_have_their_own_project() {
     }
 }
 
-/// The Julia `SolveInfo` has the fields of C `pert_solve_info`, in order, with the same
+/// The Julia `CSolveInfo` (inside the `SolveInfo` a solver gets) has the fields of C
+/// `pert_solve_info`, in order, with the same
 /// types, and the callbacks handed to the library have the C typedefs' signatures.
 #[test]
 fn julia_solve_info_and_callbacks_match_the_header() {
@@ -653,7 +654,7 @@ fn julia_solve_info_and_callbacks_match_the_header() {
         })
         .collect();
     let (src, _) = binding_source();
-    let start = src.find("struct SolveInfo\n").expect("the Julia struct");
+    let start = src.find("struct CSolveInfo\n").expect("the Julia struct");
     let end = start + src[start..].find("\nend").unwrap();
     let julia_fields: Vec<(String, String)> = src[start..end]
         .lines()
@@ -676,10 +677,10 @@ fn julia_solve_info_and_callbacks_match_the_header() {
     }
     for expected in [
         "@cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))",
-        "@cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))",
+        "@cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{CSolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))",
         "@cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))",
         "@cfunction(fini_trampoline, Cvoid, (Ptr{Cvoid}, UInt32))",
-        "@cfunction(device_trampoline, Int32,\n        (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Cvoid}))",
+        "@cfunction(device_trampoline, Int32,\n        (Ptr{Cvoid}, Ptr{CSolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Cvoid}))",
     ] {
         assert!(src.contains(expected), "the binding lacks `{expected}`");
     }

@@ -672,19 +672,8 @@ const INIT_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
 const FINI_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
 const DEVICE_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
 
-"""
-    SolveInfo
-
-Where the columns of one solver call sit in the forward call (C `pert_solve_info`), the
-first argument of a solver of an op made with `info=true`. Numbers are 0-based, as in C:
-`worker` (the worker running the call: always the same thread), `clean` (1: the columns
-are the unperturbed θ of problems `first_row ...`, for the clean-input baseline),
-`first_row` (column r, 1-based, is global row `first_row + r - 1`: problem
-`(first_row + r - 1) ÷ num_samples`, sample `(first_row + r - 1) % num_samples`), `num_samples`, `batch`,
-`device` (-1: host memory; N: CUDA device N, for device solvers of CUDA ops), and for
-warm starts `pool_best` and `pool` (see [`pool_best`](@ref)).
-"""
-struct SolveInfo
+# The C `pert_solve_info`, field for field (what the library passes to a solver with info).
+struct CSolveInfo
     struct_size::UInt32
     worker::UInt32
     clean::UInt32
@@ -697,30 +686,92 @@ struct SolveInfo
     pool::Ptr{Cvoid}
 end
 
+# The solver call an info belongs to: `pool_best` reads the library's state of that call,
+# which is gone once the call has returned. The trampoline clears `running` (under the lock,
+# so after any `pool_best` still reading) as the solver returns. A spin lock: solvers on the
+# op's workers must not yield.
+mutable struct SolverCall
+    running::Bool
+    lock::Threads.SpinLock
+end
+
+# The call of infos that offer no pool (`pool_best` gives `nothing` without looking).
+const NO_POOL_CALL = SolverCall(false, Threads.SpinLock())
+
+"""
+    SolveInfo
+
+Where the columns of one solver call sit in the forward call (C `pert_solve_info`), the
+first argument of a solver of an op made with `info=true`. Its properties are the C
+struct's, numbers 0-based as in C: `worker` (the worker running the call: always the same
+thread), `clean` (1: the columns are the unperturbed θ of problems `first_row ...`, for
+the clean-input baseline), `first_row` (column r, 1-based, is global row
+`first_row + r - 1`: problem `(first_row + r - 1) ÷ num_samples`, sample
+`(first_row + r - 1) % num_samples`), `num_samples`, `batch`, `device` (-1: host memory;
+N: CUDA device N, for device solvers of CUDA ops), and for warm starts `pool_best` and
+`pool` (see [`pool_best`](@ref)).
+"""
+struct SolveInfo
+    c::CSolveInfo
+    call::SolverCall
+end
+
+Base.getproperty(info::SolveInfo, name::Symbol) =
+    name === :c || name === :call ? getfield(info, name) : getfield(getfield(info, :c), name)
+Base.propertynames(::SolveInfo, private::Bool=false) =
+    private ? (fieldnames(CSolveInfo)..., :c, :call) : fieldnames(CSolveInfo)
+
+function Base.show(io::IO, info::SolveInfo)
+    print(io, "SolveInfo(worker=", Int(info.worker), ", clean=", Int(info.clean), ", first_row=",
+          Int(info.first_row), ", num_samples=", Int(info.num_samples), ", batch=", Int(info.batch),
+          ", device=", Int(info.device), ")")
+end
+
 """
 `pool_best(info, x)`: for warm starts, inside a solver given `info` (a pooled op's call):
 the op's pool's solution of best ⟨x, y⟩ for input row `x` (one column: the input's size)
 in the op's sense, or `nothing` when the call has no pool, the pool is empty or `x` is
 not one row (`pert_solve_info.pool_best`). Only during the solver call that got `info`:
-`info` points into the library's state of that call, which is gone afterwards (a call
-then is undefined behaviour).
+an `info` kept past its call gives `nothing` (the library's state of that call is gone).
 """
 function pool_best(info::SolveInfo, x::AbstractVector{<:Real})
-    info.pool_best == C_NULL && return nothing
+    c, call = getfield(info, :c), getfield(info, :call)
+    c.pool_best == C_NULL && return nothing
     xs = Vector{Float32}(x)
     out = similar(xs)
-    got = ccall(info.pool_best, Int32, (Ref{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}), info, xs,
-                length(xs), out)
+    lock(call.lock)
+    got = try
+        # (`running` is cleared under this lock as the call returns: the state is alive here)
+        call.running ? ccall(c.pool_best, Int32, (Ref{CSolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}), c, xs,
+                             length(xs), out) : Int32(0)
+    finally
+        unlock(call.lock)
+    end
     return got == 1 ? out : nothing
 end
 
 # The solve info at `info`, checked: a library whose struct is smaller than this package's
 # (an older one) would be read past its end.
-function load_info(info::Ptr{SolveInfo})
+function load_info(info::Ptr{CSolveInfo})
     size = unsafe_load(Ptr{UInt32}(info))
-    size >= sizeof(SolveInfo) || throw(ErrorException("the library's pert_solve_info has $size bytes, " *
-        "this package reads $(sizeof(SolveInfo)): use the library this package was made for"))
+    size >= sizeof(CSolveInfo) || throw(ErrorException("the library's pert_solve_info has $size bytes, " *
+        "this package reads $(sizeof(CSolveInfo)): use the library this package was made for"))
     return unsafe_load(info)
+end
+
+# Runs `f(info::SolveInfo)` for the solver call at `info`; an info that offers the pool
+# stops offering it when `f` returns (or throws), also to copies kept past the call.
+function with_info(f, info::Ptr{CSolveInfo})
+    c = load_info(info)
+    c.pool_best == C_NULL && return f(SolveInfo(c, NO_POOL_CALL))
+    call = SolverCall(true, Threads.SpinLock())
+    try
+        return f(SolveInfo(c, call))
+    finally
+        lock(call.lock)
+        call.running = false
+        unlock(call.lock)
+    end
 end
 
 # Keeps the first exception of the workers of a call.
@@ -741,13 +792,13 @@ function solver_message(err)
 end
 
 # The C callback of a solver with info, on a worker thread.
-function trampoline_ex(user_data::Ptr{Cvoid}, info::Ptr{SolveInfo}, inputs::Ptr{Float32}, count::Csize_t,
+function trampoline_ex(user_data::Ptr{Cvoid}, info::Ptr{CSolveInfo}, inputs::Ptr{Float32}, count::Csize_t,
                        outputs::Ptr{Float32})::Int32
     op = unsafe_pointer_to_objref(user_data)::Op
     try
         in_callback(op) do
             x = unsafe_wrap(Matrix{Float32}, inputs, (op.d, Int(count)))
-            y = op.solver(load_info(info), x)
+            y = with_info(i -> op.solver(i, x), info)
             size(y) == (op.o, Int(count)) || throw(DimensionMismatch("the solver returned $(size(y)), expected $((op.o, Int(count)))"))
             unsafe_wrap(Matrix{Float32}, outputs, (op.o, Int(count))) .= y
         end
@@ -761,11 +812,11 @@ end
 
 # The C callback of a device solver, on the calling thread: raw pointers where the op's data
 # lives (CUDA device memory for a CUDA op: wrap them with CUDA.jl), and the stream.
-function device_trampoline(user_data::Ptr{Cvoid}, info::Ptr{SolveInfo}, inputs::Ptr{Float32}, count::Csize_t,
+function device_trampoline(user_data::Ptr{Cvoid}, info::Ptr{CSolveInfo}, inputs::Ptr{Float32}, count::Csize_t,
                            outputs::Ptr{Float32}, stream::Ptr{Cvoid})::Int32
     op = unsafe_pointer_to_objref(user_data)::Op
     try
-        op.solver(load_info(info), inputs, Int(count), outputs, stream)
+        with_info(i -> op.solver(i, inputs, Int(count), outputs, stream), info)
         return Int32(0)
     catch err
         op.error = CapturedException(err, catch_backtrace())
@@ -823,11 +874,11 @@ function __init__()
     PERT_LTR_PAIRWISE[] = Libdl.dlsym(handle, :pert_ltr_pairwise)
     PERT_LTR_LISTWISE[] = Libdl.dlsym(handle, :pert_ltr_listwise)
     TRAMPOLINE[] = @cfunction(trampoline, Int32, (Ptr{Cvoid}, Ptr{Float32}, Csize_t, Ptr{Float32}))
-    TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
+    TRAMPOLINE_EX[] = @cfunction(trampoline_ex, Int32, (Ptr{Cvoid}, Ptr{CSolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}))
     INIT_TRAMPOLINE[] = @cfunction(init_trampoline, Int32, (Ptr{Cvoid}, UInt32))
     FINI_TRAMPOLINE[] = @cfunction(fini_trampoline, Cvoid, (Ptr{Cvoid}, UInt32))
     DEVICE_TRAMPOLINE[] = @cfunction(device_trampoline, Int32,
-        (Ptr{Cvoid}, Ptr{SolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Cvoid}))
+        (Ptr{Cvoid}, Ptr{CSolveInfo}, Ptr{Float32}, Csize_t, Ptr{Float32}, Ptr{Cvoid}))
     return nothing
 end
 

@@ -360,15 +360,42 @@ end
         @test_throws PerturbationsError cmap(Op(argmax_solver, Config(device="cpu"), (3,), (3,)), θ, w)
     end
     @testset "solve info: the struct size is checked" begin
-        bytes = zeros(UInt8, sizeof(SolveInfo))
-        bytes[1:4] .= reinterpret(UInt8, [UInt32(sizeof(SolveInfo) - 8)])   # an older, smaller struct
+        bytes = zeros(UInt8, sizeof(P.CSolveInfo))
+        bytes[1:4] .= reinterpret(UInt8, [UInt32(sizeof(P.CSolveInfo) - 8)])   # an older, smaller struct
         GC.@preserve bytes begin
-            @test_throws ErrorException P.load_info(Ptr{SolveInfo}(pointer(bytes)))
+            @test_throws ErrorException P.load_info(Ptr{P.CSolveInfo}(pointer(bytes)))
         end
-        bytes[1:4] .= reinterpret(UInt8, [UInt32(sizeof(SolveInfo))])
+        bytes[1:4] .= reinterpret(UInt8, [UInt32(sizeof(P.CSolveInfo))])
         GC.@preserve bytes begin
-            @test P.load_info(Ptr{SolveInfo}(pointer(bytes))).struct_size == sizeof(SolveInfo)
+            @test P.load_info(Ptr{P.CSolveInfo}(pointer(bytes))).struct_size == sizeof(P.CSolveInfo)
         end
+    end
+
+    @testset "warm starts: pool_best during the call, nothing after" begin
+        members = Float32[1 0 0; 0 1 0; 0 0 1]          # one member per column
+        config = Config(num_samples=20, sigma=0.5, seed=4, device="cpu", threads=1, solve_ratio=1.0,
+                        linear_objective=true)
+        kept, wrong, rows = Ref{Any}(nothing), Ref(0), Ref(0)
+        function solve(info::SolveInfo, x)
+            kept[] = info
+            for r in 1:size(x, 2)
+                best = pool_best(info, x[:, r])
+                rows[] += 1
+                (best !== nothing && best == members[:, argmax(x[:, r])]) || (wrong[] += 1)
+            end
+            @assert pool_best(info, x[1:2, 1]) === nothing      # not one row
+            return argmax_solver(x)
+        end
+        op = Op(solve, config, (3,), (3,); info=true)
+        set_pool!(op, add!(Pool((3,), 10), members))
+        forward(op, Float32[0.5 1.2; 1.0 -0.3; 0.2 0.4])
+        @test rows[] == 40 && wrong[] == 0
+        @test kept[] isa SolveInfo && kept[].num_samples == 20 && kept[].pool != C_NULL
+        @test pool_best(kept[], Float32[1, 0, 0]) === nothing  # kept past its call: nothing
+        plain = Op(solve, Config(num_samples=5, device="cpu", threads=1), (3,), (3,); info=true)
+        wrong[] = 0
+        forward(plain, Float32[1, 0, 0][:, :])
+        @test wrong[] == 5 && kept[].pool_best == C_NULL       # no pool: nothing offered
     end
 
     @testset "finalizers free handles" begin
