@@ -1365,9 +1365,11 @@ pert_status pert_pool_new(const int64_t *output_shape,
 
 /*
  Adds `count` solutions (`count * output_numel` floats, row-major, finite): those the
- pool does not hold, each once, join as its newest members in the order given; then
- its oldest members leave until it is within its capacity. All or nothing: on error
- the pool is unchanged. `count` 0 does nothing.
+ pool does not hold join as its newest members, each once, in the order of their last
+ occurrence in `solutions`; then its oldest members leave until it is within its
+ capacity (when more than `capacity` are new, the `capacity` that occur last stay). All
+ or nothing: on error the pool is unchanged. `count` 0 does nothing. Memory: the new
+ members, and a table of at most `capacity` rows during the call.
 
  @return `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT` (naming the first
          bad entry), `PERT_STATUS_INVALID_ARGUMENT` (sizes overflow),
@@ -1392,12 +1394,12 @@ void pert_pool_free(struct pert_pool *pool);
  decided by the op's own random stream: the same for any number of threads): by the
  pool's solution y of best <x, y> for the sample's input x in the op's sense
  (maximizing for the built-ins; the oldest of equals). The other samples are solved.
- The solver's solutions join the pool in the call's row order: a forward or
- Fenchel-Young call's (samples and clean-input rows) once the call has succeeded and
- only those the pool did not hold when the call began (one evicted meanwhile by another
- call is not added again); meanwhile the call keeps them, so its extra memory is that of
- its new distinct solutions, up to the rows solved × output_numel floats when nearly
- every sample has a solution of its own (rankings, say). The solutions of
+ The solver's solutions join the pool as `pert_pool_add` of them in the call's row order
+ would add them: a forward or Fenchel-Young call's (samples and clean-input rows) once
+ the call has succeeded and only those the pool did not hold when the call began (one
+ evicted meanwhile by another call is not added again). Meanwhile the call keeps the
+ `capacity` distinct ones that occur last (the others could not stay): its extra memory
+ is at most capacity × output_numel floats, however many samples it solves. The solutions of
  `pert_op_solve`, of the methods and of the pool losses' refreshes join as each of their
  solves succeeds (a call that fails later may have added some). While the pool is
  empty every sample is solved. A solver told where its rows sit (`pert_op_new_ex`,

@@ -47,8 +47,9 @@ mod tensors;
 
 pub mod config;
 
-// the solution pool (distinct solutions for expensive solvers)
+// the solution pool (distinct solutions for expensive solvers), and what a call adds to it
 pub mod pool;
+mod recent;
 
 // kernels: the block scheduler, host sums, built-in solvers, the fused argmax
 mod kernels;

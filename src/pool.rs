@@ -7,8 +7,9 @@
 //!
 //! **Memory** is bounded by the capacity: at most `capacity` members of `numel` floats.
 //! **Eviction**: first in, first out. A solution already in the pool is not added again
-//! (solutions are equal when every entry is, -0 and +0 alike) and keeps its place; when
-//! additions take the pool beyond its capacity, its oldest members leave first.
+//! (solutions are equal when every entry is, -0 and +0 alike) and keeps its place; new
+//! solutions join in the order of their last occurrence; when additions take the pool
+//! beyond its capacity, its oldest members leave first.
 //! **Sharing**: the pool is shared by reference counting ([`std::sync::Arc`]) between
 //! ops, threads and the caller; every reader works on a snapshot taken at the start of
 //! its call, so a call's answers never depend on what other threads
@@ -20,7 +21,7 @@ use crate::dot::dot;
 use crate::error::{Error, Result, Status};
 use crate::fork_safe::ForkSafeMutex;
 use crate::settings::Sense;
-use std::collections::HashSet;
+use hashbrown::HashTable;
 use std::sync::Arc;
 use tch::Tensor;
 
@@ -34,29 +35,42 @@ pub struct Pool {
 }
 
 /// The members of a pool at one moment (a snapshot: immutable once shared).
-#[derive(Debug, Clone, Default)]
+///
+/// The members sit in `capacity` slots used as a ring: slots are appended until the pool
+/// first fills (the oldest member in slot 0), then each new member takes the oldest one's
+/// slot. Equal solutions are found through a table of slots by the solutions' hash, so no
+/// copy of a member is kept besides its floats.
+#[derive(Debug, Default)]
 pub(crate) struct Members {
     numel: usize,
-    /// `len · numel` floats, oldest member first.
+    capacity: usize,
+    /// `len · numel` floats: the members' slots.
     values: Vec<f32>,
-    /// Each member's entries as bits (-0 as +0), to find equal solutions.
-    keys: HashSet<Box<[u32]>>,
+    /// The slot of the oldest member (0 until the pool first fills).
+    head: usize,
+    /// Every member's slot, by [`row_hash`] of its floats.
+    index: HashTable<usize>,
 }
 
-/// A solution's entries as bits, -0 counted as +0 (TORCH_ERROR when there is no memory).
-fn key(row: &[f32]) -> Result<Box<[u32]>> {
-    let mut bits = Vec::new();
-    bits.try_reserve_exact(row.len())
-        .map_err(|_| room(row.len()))?;
-    bits.extend(row.iter().map(|&v| (v + 0.0).to_bits()));
-    Ok(bits.into_boxed_slice())
+/// A hash of a solution's entries as bits (-0 counted as +0): equal solutions
+/// ([`same_row`]) have equal hashes.
+pub(crate) fn row_hash(row: &[f32]) -> u64 {
+    let mut h = 0x9e37_79b9_7f4a_7c15_u64 ^ row.len() as u64;
+    for &v in row {
+        h = (h.rotate_left(5) ^ u64::from((v + 0.0).to_bits())).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    // (the table uses the top bits: mix them with the bottom ones)
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
 }
 
-/// [`key`] into `bits` (a buffer with room for the row: no allocation), for lookups.
-fn key_into<'b>(row: &[f32], bits: &'b mut Vec<u32>) -> &'b [u32] {
-    bits.clear();
-    bits.extend(row.iter().map(|&v| (v + 0.0).to_bits()));
-    bits
+/// Whether two solutions are equal: every entry, -0 and +0 alike.
+pub(crate) fn same_row(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| (x + 0.0).to_bits() == (y + 0.0).to_bits())
 }
 
 impl Pool {
@@ -82,6 +96,7 @@ impl Pool {
             capacity,
             members: ForkSafeMutex::new(Arc::new(Members {
                 numel,
+                capacity,
                 ..Members::default()
             }))?,
         })
@@ -118,13 +133,14 @@ impl Pool {
     }
 
     /// Adds the solutions `rows` (`count · output_numel` floats, finite): those the pool
-    /// does not hold when the call begins, each once, join as its newest members in the
-    /// order given; then its oldest members leave until it is within its capacity (when
-    /// more than `capacity` are new, the last `capacity` of them stay). A row the pool
-    /// held counts as held even when its member leaves in the same call (capacity 2,
-    /// members [a, b], adding [c, a] gives [b, c]). All or nothing: on error the pool is
-    /// unchanged. When nothing is new the pool is not touched; else it is changed in place,
-    /// or on a copy while calls that began before still read it.
+    /// does not hold when the call begins join as its newest members, each once, in the
+    /// order of their last occurrence in `rows`; then its oldest members leave until it is
+    /// within its capacity (when more than `capacity` are new, the `capacity` that occur
+    /// last stay). A row the pool held counts as held even when its member leaves in the
+    /// same call (capacity 2, members [a, b], adding [c, a] gives [b, c]). All or nothing:
+    /// on error the pool is unchanged. When nothing is new the pool is not touched; else
+    /// it is changed in place, or on a copy while calls that began before still read it.
+    /// Memory: the new members, and a table of at most `capacity` of them.
     pub fn add_rows(&self, rows: &[f32]) -> Result<()> {
         if !rows.len().is_multiple_of(self.numel) {
             return Err(Error::invalid(format!(
@@ -157,7 +173,7 @@ impl Pool {
                 *current = Arc::new(current.try_clone()?);
             }
             let members = Arc::get_mut(current).expect("the only reference, under the lock");
-            members.append(fresh, self.capacity)
+            members.append(rows, &fresh)
         })
     }
 
@@ -183,7 +199,11 @@ impl Pool {
         let members = self.snapshot();
         let mut shape = vec![members.len() as i64];
         shape.extend_from_slice(&self.output_shape);
-        Ok(crate::tensors::from_slice(&members.values)?.f_reshape(&shape)?)
+        let mut rows = crate::tensors::host_room(members.values.len(), "the pool's solutions")?;
+        for i in 0..members.len() {
+            rows.extend_from_slice(members.member(i));
+        }
+        Ok(crate::tensors::from_slice(&rows)?.f_reshape(&shape)?)
     }
 }
 
@@ -198,9 +218,23 @@ impl Members {
         self.values.len() / self.numel.max(1)
     }
 
-    /// Member `i`.
+    /// The floats in slot `s`.
+    fn slot(&self, s: usize) -> &[f32] {
+        &self.values[s * self.numel..(s + 1) * self.numel]
+    }
+
+    /// Member `i` (0: the oldest).
     pub(crate) fn member(&self, i: usize) -> &[f32] {
-        &self.values[i * self.numel..(i + 1) * self.numel]
+        let len = self.len();
+        let s = self.head + i;
+        self.slot(if s >= len { s - len } else { s })
+    }
+
+    /// Whether the pool holds `row` (whose [`row_hash`] is `hash`).
+    pub(crate) fn holds(&self, row: &[f32], hash: u64) -> bool {
+        self.index
+            .find(hash, |&s| same_row(self.slot(s), row))
+            .is_some()
     }
 
     /// The best member for the linear objective ⟨x, y⟩ in `sense` (the first of equals:
@@ -229,76 +263,98 @@ impl Members {
             .try_reserve_exact(self.values.len())
             .map_err(|_| room(self.values.len()))?;
         values.extend_from_slice(&self.values);
-        let mut keys = HashSet::new();
-        keys.try_reserve(self.keys.len())
+        let numel = self.numel;
+        let hash_of = |&s: &usize| row_hash(&values[s * numel..(s + 1) * numel]);
+        let mut index = HashTable::new();
+        index
+            .try_reserve(self.len(), hash_of)
             .map_err(|_| room(self.values.len()))?;
-        for k in &self.keys {
-            let mut copy = Vec::new();
-            copy.try_reserve_exact(k.len()).map_err(|_| room(k.len()))?;
-            copy.extend_from_slice(k);
-            keys.insert(copy.into_boxed_slice());
+        for s in 0..self.len() {
+            index.insert_unique(hash_of(&s), s, hash_of);
         }
         Ok(Members {
-            numel: self.numel,
+            numel,
+            capacity: self.capacity,
             values,
-            keys,
+            head: self.head,
+            index,
         })
     }
 
-    /// The rows of `rows` (whole rows) that the members do not hold, each once, in order
-    /// (TORCH_ERROR when there is no memory for them).
-    pub(crate) fn fresh(&self, rows: &[f32]) -> Result<Vec<f32>> {
+    /// The rows of `rows` (whole rows) that the members do not hold, each once, in the
+    /// order of their last occurrence, and at most `capacity` of them (those that occur
+    /// last): their row numbers, ascending (TORCH_ERROR when there is no memory for them).
+    fn fresh(&self, rows: &[f32]) -> Result<Vec<usize>> {
         let numel = self.numel;
-        let mut fresh: Vec<f32> = Vec::new();
-        let mut seen = HashSet::new();
-        seen.try_reserve(rows.len() / numel)
-            .map_err(|_| room(rows.len()))?;
-        for row in rows.chunks_exact(numel) {
-            let k = key(row)?;
-            if self.keys.contains(&k) || !seen.insert(k) {
+        let row = |r: usize| &rows[r * numel..(r + 1) * numel];
+        let most = (rows.len() / numel).min(self.capacity);
+        let mut picked = Vec::new();
+        picked.try_reserve_exact(most).map_err(|_| room(most))?;
+        let mut seen = HashTable::new();
+        seen.try_reserve(most, |&r: &usize| row_hash(row(r)))
+            .map_err(|_| room(most))?;
+        for r in (0..rows.len() / numel).rev() {
+            if picked.len() == most {
+                break;
+            }
+            let (y, hash) = (row(r), row_hash(row(r)));
+            if self.holds(y, hash) {
                 continue;
             }
-            fresh
-                .try_reserve(numel)
-                .map_err(|_| room(fresh.len() + numel))?;
-            fresh.extend_from_slice(row);
+            if let hashbrown::hash_table::Entry::Vacant(slot) =
+                seen.entry(hash, |&q| same_row(row(q), y), |&q| row_hash(row(q)))
+            {
+                slot.insert(r); // (room reserved: no allocation)
+                picked.push(r);
+            }
         }
-        Ok(fresh)
+        picked.reverse();
+        Ok(picked)
     }
 
-    /// Appends `fresh` (rows not held, distinct), then lets the oldest leave down to
-    /// `capacity`. The room is reserved first: on error nothing has changed.
-    fn append(&mut self, fresh: Vec<f32>, capacity: usize) -> Result<()> {
+    /// Appends the rows `picked` of `rows` (rows not held, distinct, at most `capacity`),
+    /// each new member taking the oldest one's slot once the pool is full. The room is
+    /// reserved first: on error nothing has changed.
+    fn append(&mut self, rows: &[f32], picked: &[usize]) -> Result<()> {
         let numel = self.numel;
-        let new = fresh.len() / numel;
-        let leaving = (self.len() + new).saturating_sub(capacity);
-        let old_leaving = leaving.min(self.len());
-        let fresh_leaving = leaving - old_leaving;
-        let staying = new - fresh_leaving;
-        self.values
-            .try_reserve(staying * numel)
-            .map_err(|_| room(self.values.len() + staying * numel))?;
-        self.keys
-            .try_reserve(staying)
-            .map_err(|_| room(self.values.len() + staying * numel))?;
-        // every allocation before the first change (the new keys, a lookup buffer)
-        let mut new_keys = Vec::new();
-        new_keys
-            .try_reserve_exact(staying)
-            .map_err(|_| room(staying * numel))?;
-        for row in fresh.chunks_exact(numel).skip(fresh_leaving) {
-            new_keys.push(key(row)?);
+        let len = self.len();
+        let grow = (len + picked.len()).min(self.capacity) - len;
+        if self.values.capacity() < (len + grow) * numel {
+            // (doubling, never beyond the capacity)
+            let slots = (len + grow).max((2 * len).min(self.capacity));
+            self.values
+                .try_reserve_exact(slots * numel - self.values.len())
+                .map_err(|_| room(slots * numel))?;
         }
-        let mut bits = Vec::new();
-        bits.try_reserve_exact(numel).map_err(|_| room(numel))?;
-        for i in 0..old_leaving {
-            let k = key_into(&self.values[i * numel..(i + 1) * numel], &mut bits);
-            self.keys.remove(k);
+        {
+            let values = &self.values;
+            // inserts use up this room; removals never take it back: no allocation below
+            self.index
+                .try_reserve(picked.len(), |&s| {
+                    row_hash(&values[s * numel..(s + 1) * numel])
+                })
+                .map_err(|_| room(self.values.len() + picked.len() * numel))?;
         }
-        self.values.drain(..old_leaving * numel);
-        self.values
-            .extend_from_slice(&fresh[fresh_leaving * numel..]);
-        self.keys.extend(new_keys);
+        for &r in picked {
+            let y = &rows[r * numel..(r + 1) * numel];
+            let s = if self.len() < self.capacity {
+                self.values.extend_from_slice(y);
+                self.len() - 1
+            } else {
+                let s = self.head;
+                let old = row_hash(self.slot(s));
+                if let Ok(entry) = self.index.find_entry(old, |&q| q == s) {
+                    entry.remove();
+                }
+                self.values[s * numel..(s + 1) * numel].copy_from_slice(y);
+                self.head = (s + 1) % self.capacity;
+                s
+            };
+            let values = &self.values;
+            self.index.insert_unique(row_hash(y), s, |&q| {
+                row_hash(&values[q * numel..(q + 1) * numel])
+            });
+        }
         Ok(())
     }
 }
@@ -315,20 +371,44 @@ fn room(floats: usize) -> Error {
 mod tests {
     use super::*;
 
+    /// The members, oldest first.
+    fn rows(m: &Members) -> Vec<f32> {
+        (0..m.len()).flat_map(|i| m.member(i).to_vec()).collect()
+    }
+
     #[test]
     fn distinct_members_first_in_first_out() {
         let pool = Pool::new(&[2], 3).unwrap();
         pool.add_rows(&[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, -0.0, 1.0])
             .unwrap();
-        assert_eq!(pool.len(), 2); // [1, 0] twice, [0, 1] and [-0, 1] equal
+        // [1, 0] twice, [0, 1] and [-0, 1] equal: by their last occurrences
+        assert_eq!(rows(&pool.snapshot()), [1.0, 0.0, -0.0, 1.0]);
         pool.add_rows(&[2.0, 2.0, 3.0, 3.0]).unwrap();
         assert_eq!(pool.len(), 3);
         let m = pool.snapshot();
-        assert_eq!(m.values, &[0.0, 1.0, 2.0, 2.0, 3.0, 3.0]); // [1, 0] left first
-                                                               // an old snapshot does not change
+        assert_eq!(rows(&m), [-0.0, 1.0, 2.0, 2.0, 3.0, 3.0]); // [1, 0] left first
         pool.add_rows(&[4.0, 4.0]).unwrap();
-        assert_eq!(m.len(), 3);
-        assert_eq!(pool.snapshot().member(0), &[2.0, 2.0]);
+        assert_eq!(
+            rows(&m),
+            [-0.0, 1.0, 2.0, 2.0, 3.0, 3.0],
+            "an old snapshot does not change"
+        );
+        assert_eq!(rows(&pool.snapshot()), [2.0, 2.0, 3.0, 3.0, 4.0, 4.0]);
+        // more new rows than the capacity: the capacity that occur last, the ring wraps
+        pool.add_rows(&[5.0, 5.0, 6.0, 6.0, 5.0, 5.0, 7.0, 7.0, 8.0, 8.0])
+            .unwrap();
+        assert_eq!(rows(&pool.snapshot()), [5.0, 5.0, 7.0, 7.0, 8.0, 8.0]);
+        pool.add_rows(&[9.0, 9.0, 7.0, 7.0]).unwrap();
+        assert_eq!(rows(&pool.snapshot()), [7.0, 7.0, 8.0, 8.0, 9.0, 9.0]);
+        let m = pool.snapshot();
+        for (i, r) in [[7.0, 7.0], [8.0, 8.0], [9.0, 9.0]].iter().enumerate() {
+            assert!(m.holds(r, row_hash(r)), "member {i} found by its hash");
+        }
+        assert!(
+            !m.holds(&[5.0, 5.0], row_hash(&[5.0, 5.0])),
+            "a member that left"
+        );
+        assert_eq!(m.index.len(), 3);
     }
 
     #[test]
@@ -342,9 +422,9 @@ mod tests {
             "nothing new: the same version"
         );
         pool.add_rows(&[3.0, 1.0]).unwrap();
-        assert_eq!(pool.snapshot().values, [2.0, 3.0]);
+        assert_eq!(rows(&pool.snapshot()), [2.0, 3.0]);
         assert_eq!(
-            before.values,
+            rows(&before),
             [1.0, 2.0],
             "a call's snapshot keeps its version"
         );
@@ -356,15 +436,21 @@ mod tests {
             unshared,
             "changed in place when no call reads it"
         );
-        assert_eq!(pool.snapshot().values, [3.0, 4.0]);
+        assert_eq!(rows(&pool.snapshot()), [3.0, 4.0]);
+        let copy = pool.snapshot().try_clone().unwrap();
+        assert_eq!(rows(&copy), [3.0, 4.0]);
+        assert!(copy.holds(&[3.0], row_hash(&[3.0])) && copy.holds(&[4.0], row_hash(&[4.0])));
     }
 
     #[test]
     fn best_member_by_sense_and_ties_to_the_oldest() {
-        let pool = Pool::new(&[3], 10).unwrap();
-        pool.add_rows(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+        let pool = Pool::new(&[3], 3).unwrap();
+        pool.add_rows(&[9.0, 9.0, 9.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
             .unwrap();
+        // the ring wraps: the oldest member sits in slot 1
+        pool.add_rows(&[0.0, 0.0, 1.0]).unwrap();
         let m = pool.snapshot();
+        assert_eq!(m.head, 1);
         assert_eq!(
             m.best(&[3.0, 1.0, 2.0], Sense::Minimize),
             Some(&[0.0, 1.0, 0.0][..])

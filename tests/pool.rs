@@ -191,6 +191,70 @@ fn an_empty_pool_grows_from_the_solves() {
     assert_eq!(members[0], members[1]);
 }
 
+/// Tags each solution with its row of the call modulo 700 (so rows 0..500 and 700..1200
+/// repeat tags): a solver told where its rows sit.
+struct Tagger;
+
+impl perturbations::solver::WorkerSolver for Tagger {
+    fn solve(
+        &self,
+        info: &perturbations::solver::SolveInfo,
+        _inputs: &[f32],
+        count: usize,
+        outputs: &mut [f32],
+    ) -> Result<(), String> {
+        for k in 0..count {
+            outputs[k * D..(k + 1) * D].fill(0.0);
+            outputs[k * D] = ((info.first_row + k as u64) % 700) as f32;
+        }
+        Ok(())
+    }
+}
+
+/// A call adds what `add_rows` of all its solved rows in row order would: the distinct
+/// solutions the pool did not hold, in the order of their last occurrences, the
+/// `capacity` that occur last, for any number of workers (the call keeps no more than
+/// that many while it runs).
+#[test]
+fn a_call_adds_its_last_distinct_solutions() {
+    // 1200 rows, tag t last at row t + 700 for t < 500, else at row t: by last occurrence
+    // the tags run 500..699, then 0..499
+    let tagged = |t: f32| {
+        let mut row = [0.0f32; D];
+        row[0] = t;
+        row
+    };
+    let mut by_hand = Pool::new(&[D as i64], 5).unwrap();
+    let mut added = Vec::new();
+    for r in 0..1200u64 {
+        added.extend(tagged((r % 700) as f32));
+    }
+    by_hand.add_rows(&tagged(497.0)).unwrap();
+    by_hand.add_rows(&added).unwrap();
+    let want = Vec::<f32>::try_from(by_hand.solutions().unwrap().flatten(0, -1)).unwrap();
+    let tags: Vec<f32> = want.chunks(D).map(|r| r[0]).collect();
+    assert_eq!(tags, [494.0, 495.0, 496.0, 498.0, 499.0]); // 497 held: not added again
+    for threads in [1, 2, 3] {
+        let op = PerturbedOp::with_workers(&config(threads, 1.0), &[D as i64], &[D as i64], Tagger)
+            .unwrap();
+        let pool = Arc::new(Pool::new(&[D as i64], 5).unwrap());
+        pool.add_rows(&tagged(497.0)).unwrap();
+        op.set_pool(Some(pool.clone())).unwrap();
+        let _ = op.forward(&theta()).unwrap();
+        let got = Vec::<f32>::try_from(pool.solutions().unwrap().flatten(0, -1)).unwrap();
+        assert_eq!(got, want, "{threads} workers");
+    }
+    by_hand = Pool::new(&[D as i64], 1000).unwrap();
+    by_hand.add_rows(&added).unwrap();
+    let tags: Vec<f32> = Vec::<f32>::try_from(by_hand.solutions().unwrap().flatten(0, -1))
+        .unwrap()
+        .chunks(D)
+        .map(|r| r[0])
+        .collect();
+    let order: Vec<f32> = (500..700).chain(0..500).map(|t| t as f32).collect();
+    assert_eq!(tags, order, "by last occurrence");
+}
+
 #[test]
 fn bad_pools_and_ratios_are_refused() {
     let mut c = Config::new();

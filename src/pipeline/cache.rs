@@ -6,14 +6,16 @@
 //! solver when word 0 of block r of the decision stream (seed ^ [`DECISION_KEY`], c) is
 //! below solve_ratio · 2³², a pure function of (seed, call, row): the same for any number
 //! of threads, blocks or chunks. The others are answered by the best member of the pool's
-//! snapshot taken when the call began, so answers never depend on other threads; every row
-//! solved (and the clean-input baseline's rows) is added to the pool when the call has
-//! succeeded, in the call's row order.
+//! snapshot taken when the call began, so answers never depend on other threads; the rows
+//! solved (and the clean-input baseline's rows) are added to the pool when the call has
+//! succeeded, as `add_rows` of them in the call's row order would add them (kept
+//! meanwhile within the pool's capacity: [`Recent`]).
 
 use crate::error::Result;
 use crate::error::{Error, Status};
 use crate::pipeline::plan::OpSpec;
-use crate::pool::{Members, Pool};
+use crate::pool::{row_hash, Members, Pool};
+use crate::recent::{Place, Recent};
 use crate::rng::Stream;
 use crate::settings::Sense;
 use crate::solver::SolveInfo;
@@ -23,13 +25,9 @@ use std::sync::{Arc, Mutex};
 /// noise's stream).
 pub(crate) const DECISION_KEY: u64 = 0x706f_6f6c_6465_6369; // "pooldeci"
 
-/// Where a group of solved rows sits in the call: the clean-input baseline's rows first
-/// (0), then the samples (1), each by its first row.
-pub(crate) type RowsKey = (u8, u64);
-
-/// The [`RowsKey`] of rows where `at` says.
-pub(crate) fn rows_key(at: &SolveInfo) -> RowsKey {
-    (u8::from(!at.clean), at.first_row)
+/// The place in the call of the row `r` rows after where `at` says.
+fn place(at: &SolveInfo, r: usize) -> Place {
+    (u8::from(!at.clean), at.first_row + r as u64)
 }
 
 /// A forward call's use of its op's pool.
@@ -42,8 +40,9 @@ pub(crate) struct CallCache {
     decisions: Stream,
     sense: Sense,
     o: usize,
-    /// The distinct solutions each solver call made, with where its rows sit in the call.
-    solved: Mutex<Vec<(RowsKey, Vec<f32>)>>,
+    /// The solutions the call adds to the pool: the distinct rows solved that the pool
+    /// did not hold, the `capacity` that occur last (bounded memory).
+    solved: Mutex<Recent>,
     /// The snapshot for the solver's warm starts.
     view: crate::solver::PoolView,
 }
@@ -72,7 +71,7 @@ impl CallCache {
         sense: Sense,
     ) -> CallCache {
         let members = pool.snapshot();
-        let o = pool.output_numel();
+        let (o, capacity) = (pool.output_numel(), pool.capacity());
         let view = crate::solver::PoolView::new(Arc::new(Snapshot(members.clone(), sense)));
         CallCache {
             view,
@@ -82,7 +81,7 @@ impl CallCache {
             decisions: Stream::new(seed ^ DECISION_KEY, call),
             sense,
             o,
-            solved: Mutex::new(Vec::new()),
+            solved: Mutex::new(Recent::new(o, capacity)),
         }
     }
 
@@ -139,7 +138,7 @@ impl CallCache {
                 };
                 let ys = &mut y[first * o..end * o];
                 solve(&info, &x[first * d..end * d], end - first, ys)?;
-                self.keep(rows_key(&info), ys)?;
+                self.keep(ys, |k| place(&info, k))?;
                 i = j;
             }
         } else if !solved.is_empty() {
@@ -168,19 +167,31 @@ impl CallCache {
             for (k, &r) in solved.iter().enumerate() {
                 y[r * o..(r + 1) * o].copy_from_slice(&ys[k * o..(k + 1) * o]);
             }
-            self.keep(rows_key(&info), &ys)?;
+            self.keep(&ys, |k| place(at, solved[k]))?;
         }
         Ok(solved.len())
     }
 
-    /// Keeps the rows of solutions `y` made by the solver at `key` that the pool did not
-    /// hold when the call began, each once, for the pool.
-    pub(crate) fn keep(&self, key: RowsKey, y: &[f32]) -> Result<()> {
-        let distinct = self.members.fresh(y)?;
-        if !distinct.is_empty() {
-            let mut solved = self.solved.lock().unwrap_or_else(|e| e.into_inner());
-            solved.try_reserve(1).map_err(|_| no_room())?;
-            solved.push((key, distinct));
+    /// Keeps the rows of solutions `y` made by the solver (row k at `place(k)` in the call)
+    /// that the pool did not hold when the call began, for the pool.
+    pub(crate) fn keep(&self, y: &[f32], place: impl Fn(usize) -> Place) -> Result<()> {
+        let o = self.o;
+        // the rows the pool holds are found here, in parallel; the rest under the lock
+        let mut fresh = Vec::new();
+        fresh
+            .try_reserve_exact(y.len() / o)
+            .map_err(|_| no_room())?;
+        fresh.extend((0..y.len() / o).filter_map(|k| {
+            let row = &y[k * o..(k + 1) * o];
+            let hash = row_hash(row);
+            (!self.members.holds(row, hash)).then_some((k, hash))
+        }));
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut solved = self.solved.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, hash) in fresh {
+            solved.offer(place(k), &y[k * o..(k + 1) * o], hash)?;
         }
         Ok(())
     }
@@ -198,15 +209,12 @@ impl CallCache {
         // the call's own references to its snapshot go first, so that the pool changes in
         // place when no other call reads it (else the addition copies it)
         drop((members, view));
-        let mut solved = solved.into_inner().unwrap_or_else(|e| e.into_inner());
-        solved.sort_unstable_by_key(|(key, _)| *key); // (distinct keys; no allocation)
-        let total: usize = solved.iter().map(|(_, rows)| rows.len()).sum();
-        if total == 0 {
+        let rows = solved
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .into_rows()?;
+        if rows.is_empty() {
             return Ok(());
-        }
-        let mut rows = crate::tensors::host_room(total, "the solutions a call adds to its pool")?;
-        for (_, part) in &solved {
-            rows.extend_from_slice(part);
         }
         pool.add_rows(&rows)
     }

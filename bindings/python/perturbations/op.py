@@ -110,8 +110,9 @@ class Pool(_Handle):
 
     def add(self, solutions):
         """Adds solutions [count, *output_shape] (numpy or torch; finite): those the pool does
-        not hold, each once, join as its newest members in order, then its oldest leave down
-        to its capacity. All or nothing. Returns the pool."""
+        not hold join as its newest members, each once, in the order of their last
+        occurrence, then its oldest leave down to its capacity. All or nothing. Returns the
+        pool."""
         a, _ = as_host(solutions, "solutions")
         _, flat = split_batch(a, self.output_shape, "solutions")
         flat = np.ascontiguousarray(flat)

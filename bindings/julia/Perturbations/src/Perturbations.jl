@@ -1466,8 +1466,9 @@ end
     add!(pool, solutions)
 
 Adds the columns of `solutions` (`o × count`, or any array of `o · count` values whose
-columns are solutions; finite) to the pool (`pert_pool_add`): those it does not hold, each
-once, join as its newest members in order; then its oldest leave down to its capacity.
+columns are solutions; finite) to the pool (`pert_pool_add`): those it does not hold join
+as its newest members, each once, in the order of their last occurrence; then its oldest
+leave down to its capacity.
 All or nothing.
 """
 function add!(p::Pool, solutions::AbstractArray{<:Real})
