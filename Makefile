@@ -401,10 +401,11 @@ fault: tools nightly $(TORCH_DEP)
 	$(FAULT_DIR)/fault_inject 2> target/fault-inject.log || { tail -40 target/fault-inject.log; exit 1; }
 
 # Miri over the pure-Rust kernels (the block scheduler, the worker threads, the non-zero
-# scan, the selection of the largest entries, the rows kept in unzeroed room), with their
+# scan, the selection of the largest entries, the rows kept in unzeroed room, the solution
+# pool's ring and table, the rows a call keeps for its pool, the fork gate), with their
 # AVX2 paths compiled in and taken, under several scheduling seeds. (The floating-point
 # state test is skipped: Miri runs no inline assembly.)
-MIRI_TESTS := kernels::nonzero kernels::largest kernels::blocks kernels::two_stages kernels::workers kernels::sums estimate::solution_rows
+MIRI_TESTS := kernels::nonzero kernels::largest kernels::blocks kernels::two_stages kernels::workers kernels::sums estimate::solution_rows pool::tests recent fork_safe
 MIRI_SEEDS ?= 0..3
 miri: nightly $(TORCH_DEP)
 	RUSTFLAGS="-Ctarget-feature=+avx2,+fma" MIRIFLAGS="-Zmiri-many-seeds=$(MIRI_SEEDS)" \

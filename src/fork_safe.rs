@@ -8,12 +8,16 @@
 //! is inside, and open it again after, in the parent and in the child. So no such lock is
 //! held at a fork, and the data behind it is whole (no change was half made) in the child.
 //!
-//! Code inside the gate must be short, and must neither call user code nor wait for
-//! anything a forking thread may hold (it allocates at most: the allocator's own fork
-//! handlers run after ours). A fork waits for the threads inside; threads that come to the
-//! gate during a fork wait for it to end.
+//! Code inside the gate must neither call user code nor wait for anything a forking thread
+//! may hold (it allocates at most: the allocator's own fork handlers run after ours). A
+//! fork waits for the threads inside; threads that come to the gate during a fork wait for
+//! it to end, except the forking thread itself (other fork handlers may use a pool). The
+//! handlers are registered when the library is loaded (so that, in a program linked with
+//! it, the program's own handlers run before ours at a fork and after ours in the child),
+//! else at the first use.
 
 use crate::error::{Error, Result};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Mutex, MutexGuard};
 
@@ -26,26 +30,67 @@ static REGISTERED: AtomicBool = AtomicBool::new(false);
 /// The process whose thread registers them (0: none).
 static REGISTERING: AtomicU32 = AtomicU32::new(0);
 
-/// Before a fork, on the forking thread: closes the gate and waits until no thread is inside.
+thread_local! {
+    /// This thread's fork under way (it passes the gate), and its own entries inside (a
+    /// fork from a signal handler that interrupted it there does not wait for itself).
+    static HERE: Cell<(bool, usize)> = const { Cell::new((false, 0)) };
+}
+
+/// Waits a little: yields first, then sleeps (a fork may wait for a long addition).
+fn pause(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 64 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
+/// Before a fork, on the forking thread: closes the gate and waits until no other thread
+/// is inside.
 extern "C" fn before_fork() {
     FORKING.fetch_add(1, SeqCst);
-    while INSIDE.load(SeqCst) != 0 {
-        std::thread::yield_now();
+    let own = HERE.with(|h| {
+        let (_, own) = h.get();
+        h.set((true, own));
+        own
+    });
+    let mut spins = 0;
+    while INSIDE.load(SeqCst) > own {
+        pause(&mut spins);
     }
 }
 
 /// After a fork, in the parent: opens the gate (when no other fork is under way).
 extern "C" fn after_fork_in_parent() {
+    HERE.with(|h| h.set((false, h.get().1)));
     FORKING.fetch_sub(1, SeqCst);
 }
 
-/// After a fork, in the child: its only thread is the forking one, so nobody is inside and
-/// no other fork is under way (the parent's other forking threads do not exist here).
+/// After a fork, in the child: its only thread is the forking one, so nobody else is
+/// inside and no other fork is under way (the parent's other threads do not exist here).
 extern "C" fn after_fork_in_child() {
-    INSIDE.store(0, SeqCst);
+    let own = HERE.with(|h| {
+        let (_, own) = h.get();
+        h.set((false, own));
+        own
+    });
+    INSIDE.store(own, SeqCst);
     FORKING.store(0, SeqCst);
     REGISTERED.store(true, SeqCst); // (the handlers ran: they are registered)
 }
+
+/// Registers the handlers when the library is loaded (the lazy path of [`register`]
+/// remains for builds whose loader runs no constructor of ours).
+#[cfg(all(target_os = "linux", not(miri)))]
+#[used]
+#[link_section = ".init_array"]
+static REGISTER_AT_LOAD: extern "C" fn() = {
+    extern "C" fn at_load() {
+        let _ = register();
+    }
+    at_load
+};
 
 /// Registers the fork handlers once per process (a thread of this process registering them
 /// is waited for; one of a parent that forked meanwhile does not exist here and is not).
@@ -95,16 +140,19 @@ fn register() -> Result<()> {
 struct Inside;
 
 impl Inside {
-    /// Waits while a fork is under way, then enters.
+    /// Waits while a fork is under way (unless this thread is forking), then enters.
     fn enter() -> Inside {
+        let mut spins = 0;
         loop {
             INSIDE.fetch_add(1, SeqCst);
-            if FORKING.load(SeqCst) == 0 {
-                return Inside; // (a fork that begins now waits for this thread to leave)
+            HERE.with(|h| h.set((h.get().0, h.get().1 + 1)));
+            let inside = Inside; // (leaves on drop, also when this thread waits)
+            if FORKING.load(SeqCst) == 0 || HERE.with(|h| h.get().0) {
+                return inside; // (a fork that begins now waits for this thread to leave)
             }
-            INSIDE.fetch_sub(1, SeqCst);
+            drop(inside);
             while FORKING.load(SeqCst) != 0 {
-                std::thread::yield_now();
+                pause(&mut spins);
             }
         }
     }
@@ -112,6 +160,7 @@ impl Inside {
 
 impl Drop for Inside {
     fn drop(&mut self) {
+        HERE.with(|h| h.set((h.get().0, h.get().1 - 1)));
         INSIDE.fetch_sub(1, SeqCst);
     }
 }
@@ -147,7 +196,31 @@ mod tests {
         assert_eq!(m.with(|v| *v + 1), 2);
         m.with(|v| *v = 5);
         assert_eq!(m.with(|v| *v), 5);
-        assert_eq!(FORKING.load(SeqCst), 0);
-        assert!(REGISTERED.load(SeqCst));
+        assert!(cfg!(miri) || REGISTERED.load(SeqCst));
+    }
+
+    /// The forking thread passes the closed gate (another fork handler may use a pool),
+    /// and does not wait for its own entry (a fork from a signal handler that interrupted
+    /// it inside); other threads wait until the fork has ended.
+    #[test]
+    fn the_forking_thread_passes_the_gate_others_wait() {
+        let m = std::sync::Arc::new(ForkSafeMutex::new(0).unwrap());
+        let outer = Inside::enter(); // (as if a signal handler forked from inside)
+        before_fork();
+        assert_eq!(m.with(|v| *v + 1), 1, "the forking thread passes");
+        let other = {
+            let m = m.clone();
+            std::thread::spawn(move || m.with(|v| *v += 1))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            m.with(|v| *v),
+            0,
+            "the other thread waits while the fork is under way"
+        );
+        after_fork_in_parent();
+        other.join().unwrap();
+        assert_eq!(m.with(|v| *v), 1);
+        drop(outer);
     }
 }

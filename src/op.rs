@@ -182,9 +182,9 @@ impl PerturbedOp {
     /// ⟨x, y⟩ for the sample's input x in the op's sense (maximizing for the built-ins),
     /// which is y*(x) itself whenever
     /// the pool holds it; the other samples are solved. The solver's solutions join the
-    /// pool as [`Pool::add_rows`] of them in the call's row order would add them: a forward
-    /// or Fenchel-Young call's once the call has succeeded (those new to the pool when it
-    /// began; meanwhile the call keeps at most the pool's capacity of them), those of
+    /// pool: a forward or Fenchel-Young call's once the call has succeeded (those new to
+    /// the pool when it began, the capacity that occur last in row order, added by
+    /// [`Pool::add_rows`]' rule; meanwhile the call keeps at most the capacity), those of
     /// [`PerturbedOp::solve`], the methods and the pool losses' refreshes as each solve
     /// succeeds. The
     /// estimate is then the mean over samples of those answers: exact where the pool holds

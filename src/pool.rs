@@ -283,8 +283,9 @@ impl Members {
 
     /// The rows of `rows` (whole rows) that the members do not hold, each once, in the
     /// order of their last occurrence, and at most `capacity` of them (those that occur
-    /// last): their row numbers, ascending (TORCH_ERROR when there is no memory for them).
-    fn fresh(&self, rows: &[f32]) -> Result<Vec<usize>> {
+    /// last): their row numbers, ascending, with their [`row_hash`] (TORCH_ERROR when
+    /// there is no memory for them).
+    pub(crate) fn fresh(&self, rows: &[f32]) -> Result<Vec<(usize, u64)>> {
         let numel = self.numel;
         let row = |r: usize| &rows[r * numel..(r + 1) * numel];
         let most = (rows.len() / numel).min(self.capacity);
@@ -305,17 +306,18 @@ impl Members {
                 seen.entry(hash, |&q| same_row(row(q), y), |&q| row_hash(row(q)))
             {
                 slot.insert(r); // (room reserved: no allocation)
-                picked.push(r);
+                picked.push((r, hash));
             }
         }
         picked.reverse();
         Ok(picked)
     }
 
-    /// Appends the rows `picked` of `rows` (rows not held, distinct, at most `capacity`),
+    /// Appends the rows `picked` of `rows` (rows not held, distinct, at most `capacity`,
+    /// with their hashes),
     /// each new member taking the oldest one's slot once the pool is full. The room is
     /// reserved first: on error nothing has changed.
-    fn append(&mut self, rows: &[f32], picked: &[usize]) -> Result<()> {
+    fn append(&mut self, rows: &[f32], picked: &[(usize, u64)]) -> Result<()> {
         let numel = self.numel;
         let len = self.len();
         let grow = (len + picked.len()).min(self.capacity) - len;
@@ -335,7 +337,7 @@ impl Members {
                 })
                 .map_err(|_| room(self.values.len() + picked.len() * numel))?;
         }
-        for &r in picked {
+        for &(r, hash) in picked {
             let y = &rows[r * numel..(r + 1) * numel];
             let s = if self.len() < self.capacity {
                 self.values.extend_from_slice(y);
@@ -351,9 +353,8 @@ impl Members {
                 s
             };
             let values = &self.values;
-            self.index.insert_unique(row_hash(y), s, |&q| {
-                row_hash(&values[q * numel..(q + 1) * numel])
-            });
+            self.index
+                .insert_unique(hash, s, |&q| row_hash(&values[q * numel..(q + 1) * numel]));
         }
         Ok(())
     }

@@ -30,10 +30,14 @@ use std::sync::Arc;
 /// the order of the calls, never on threads.
 ///
 /// `fork()`: a child process may use a pool it inherits (read it, add to it, give it to
-/// ops it makes), whatever other threads of the parent were doing with it at the fork: a
-/// fork waits until no thread is inside the pool's short critical sections (its handlers
-/// are registered by the first `pert_pool_new`). The child's pool is a copy: additions on
-/// either side are not seen on the other.
+/// ops it makes), whatever other threads of the parent were doing with it at the fork: the
+/// library's fork handlers (`pthread_atfork`, registered when the library is loaded) make
+/// a fork wait until no other thread is inside a pool's critical sections (which run no
+/// user code), and threads that reach one during a fork wait for it to end. The child's
+/// pool is a copy: additions on either side are not seen on the other. (`_Fork()` and a
+/// raw `clone` run no fork handlers: a child made so must not use the pool. A program's
+/// own fork handler must not wait for a lock that another thread holds while it calls
+/// into a pool, if the program registered that handler before it loaded this library.)
 pub struct pert_pool {
     pub(crate) inner: Arc<Pool>,
 }
@@ -110,12 +114,15 @@ pub unsafe extern "C" fn pert_pool_free(pool: *mut pert_pool) {
 /// decided by the op's own random stream: the same for any number of threads): by the
 /// pool's solution y of best <x, y> for the sample's input x in the op's sense
 /// (maximizing for the built-ins; the oldest of equals). The other samples are solved.
-/// The solver's solutions join the pool as `pert_pool_add` of them in the call's row order
-/// would add them: a forward or Fenchel-Young call's (samples and clean-input rows) once
-/// the call has succeeded and only those the pool did not hold when the call began (one
-/// evicted meanwhile by another call is not added again). Meanwhile the call keeps the
-/// `capacity` distinct ones that occur last (the others could not stay): its extra memory
-/// is at most capacity × output_numel floats, however many samples it solves. The solutions of
+/// The solver's solutions join the pool: a forward or Fenchel-Young call's (samples and
+/// clean-input rows) once the call has succeeded. The call keeps those the pool did not
+/// hold when it began, each once, the `capacity` that occur last in the call's row order
+/// (by their last occurrences: the others could not stay), and adds them in that order by
+/// `pert_pool_add`'s rule (one evicted or added meanwhile by another call is not added
+/// again): with no other addition during the call, the pool ends as `pert_pool_add` of
+/// all its solutions in row order would leave it. Its extra memory is at most capacity + 1
+/// rows of output_numel floats and a few words per row, however many samples it solves.
+/// The solutions of
 /// `pert_op_solve`, of the methods and of the pool losses' refreshes join as each of their
 /// solves succeeds (a call that fails later may have added some). While the pool is
 /// empty every sample is solved. A solver told where its rows sit (`pert_op_new_ex`,

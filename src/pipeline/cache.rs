@@ -8,13 +8,13 @@
 //! of threads, blocks or chunks. The others are answered by the best member of the pool's
 //! snapshot taken when the call began, so answers never depend on other threads; the rows
 //! solved (and the clean-input baseline's rows) are added to the pool when the call has
-//! succeeded, as `add_rows` of them in the call's row order would add them (kept
-//! meanwhile within the pool's capacity: [`Recent`]).
+//! succeeded: those new to the pool as the call began, the `capacity` that occur last in
+//! the call's row order, kept meanwhile within the pool's capacity ([`Recent`]).
 
 use crate::error::Result;
 use crate::error::{Error, Status};
 use crate::pipeline::plan::OpSpec;
-use crate::pool::{row_hash, Members, Pool};
+use crate::pool::{Members, Pool};
 use crate::recent::{Place, Recent};
 use crate::rng::Stream;
 use crate::settings::Sense;
@@ -176,16 +176,9 @@ impl CallCache {
     /// that the pool did not hold when the call began, for the pool.
     pub(crate) fn keep(&self, y: &[f32], place: impl Fn(usize) -> Place) -> Result<()> {
         let o = self.o;
-        // the rows the pool holds are found here, in parallel; the rest under the lock
-        let mut fresh = Vec::new();
-        fresh
-            .try_reserve_exact(y.len() / o)
-            .map_err(|_| no_room())?;
-        fresh.extend((0..y.len() / o).filter_map(|k| {
-            let row = &y[k * o..(k + 1) * o];
-            let hash = row_hash(row);
-            (!self.members.holds(row, hash)).then_some((k, hash))
-        }));
+        // here, in parallel: the rows the pool holds left out, and of each solution only its
+        // last occurrence, among the `capacity` last (an earlier one can never stay)
+        let fresh = self.members.fresh(y)?;
         if fresh.is_empty() {
             return Ok(());
         }

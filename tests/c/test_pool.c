@@ -441,9 +441,13 @@ static bool a_child_forked_while_threads_use_a_pool_can_use_it(void) {
   CHECK_OK(pert_op_set_pool(u.op, pool));
   pthread_t adder, caller;
   CHECK(pthread_create(&adder, NULL, add_until_stopped, &u) == 0);
-  CHECK(pthread_create(&caller, NULL, call_until_stopped, &u) == 0);
-  while (pert_pool_size(pool) < 8) usleep(100);
-  int hung = 0, failed = 0, forks = 100;
+  if (pthread_create(&caller, NULL, call_until_stopped, &u) != 0) {
+    atomic_store(&u.stop, 1);
+    pthread_join(adder, NULL);
+    CHECK(!"pthread_create");
+  }
+  for (int wait = 0; wait < 100000 && pert_pool_size(pool) < 8; wait++) usleep(100);
+  int hung = 0, failed = pert_pool_size(pool) < 8, forks = 100; /* (the adder added nothing) */
   for (int k = 0; k < forks; k++) {
     usleep((useconds_t)(k * 37 % 300));
     pid_t child = fork();

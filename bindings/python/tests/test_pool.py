@@ -185,14 +185,18 @@ def test_a_child_forked_while_a_thread_adds_to_the_pool_can_use_it():
     adder.start()
     failed = []
     try:
-        while len(pool) < 8:
+        for _ in range(10000):
+            if len(pool) >= 8:
+                break
             time.sleep(0.001)
+        assert len(pool) >= 8, "the adder thread added nothing"
         for k in range(30):
             time.sleep((k * 37 % 300) * 1e-6)
             pid = os.fork()
             if pid == 0:  # the child: nothing of pytest's may run here
                 code = 1
                 try:
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # (a Python handler would not run in C)
                     signal.alarm(10)  # a hang ends as SIGALRM
                     before = len(pool)
                     row = np.zeros((1, wide), dtype=np.float32)
