@@ -435,7 +435,7 @@ tsan: tools nightly clang-tools $(TORCH_DEP)
 	$(TSAN_RUN) $(TSAN_DIR)/test_threads
 	$(TSAN_RUN) $(TSAN_DIR)/sweep_bits 150 3
 	$(TSAN_RUN) $(TSAN_CARGO) test -Zbuild-std --target $(RUST_TARGET) --release --lib --target-dir $(TSAN_DIR) \
-	  -- kernels::workers kernels::blocks intraop
+	  -- kernels::workers kernels::blocks intraop fork_safe pool::tests
 
 clang-tools:
 	@if ! command -v clang-14 >/dev/null || ! ls /usr/lib/llvm-14/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then \

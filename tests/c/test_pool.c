@@ -428,6 +428,19 @@ static int child_uses_the_pool(pert_pool *pool) {
  * the op: each child reads the pool, adds to it and uses it in an op of its own; none hangs
  * on a lock that a thread of the parent held at the fork, none fails. */
 static bool a_child_forked_while_threads_use_a_pool_can_use_it(void) {
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define PERT_UNDER_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(PERT_UNDER_ASAN)
+  /* clang-14's ASan allocator takes no lock around fork(): a child forked while another
+   * thread refills a size class waits forever inside ASan's malloc (seen: a child in
+   * SizeClassAllocator64::GetFromAllocator), whatever this library does. The plain build
+   * (make test) runs this test; ThreadSanitizer runs the fork gate's own tests. */
+  fprintf(stderr, "  skipped under AddressSanitizer (its allocator is not fork-safe)\n");
+  return true;
+#endif
   pert_pool *pool = NULL;
   CHECK_OK(pert_pool_new(WIDE_SHAPE, 1, WIDE_CAPACITY, &pool));
   pert_config *c = NULL;
