@@ -1393,8 +1393,10 @@ void pert_pool_free(struct pert_pool *pool);
 
 /*
  Gives `op` a solution pool (NULL: takes its pool away). Its `pert_forward`,
- `pert_forward_with_tape` and `pert_fenchel_young` calls then answer each perturbed
- sample from the pool with probability 1 - solve_ratio (`pert_config_set_solve_ratio`,
+ `pert_forward_with_tape` and `pert_fenchel_young` calls, and the perturbed samples of
+ I-MLE and AI-MLE (`pert_imle_forward` and the solves of their VJPs at the samples moved
+ by ±lambda·grad_output), then answer each perturbed sample from the pool with
+ probability 1 - solve_ratio (`pert_config_set_solve_ratio`,
  decided by the op's own random stream: the same for any number of threads): by the
  pool's solution y of best <x, y> for the sample's input x in the op's sense
  (maximizing for the built-ins; the oldest of equals). The other samples are solved.
@@ -1406,9 +1408,10 @@ void pert_pool_free(struct pert_pool *pool);
  again): with no other addition during the call, the pool ends as `pert_pool_add` of
  all its solutions in row order would leave it. Its extra memory is at most capacity + 1
  rows of output_numel floats and a few words per row, however many samples it solves.
- The solutions of
- `pert_op_solve`, of the methods and of the pool losses' refreshes join as each of their
- solves succeeds (a call that fails later may have added some). While the pool is
+ I-MLE's samples join the same way, once all of a forward's or a VJP's samples are
+ solved. The solutions of `pert_op_solve`, of the other methods and of the pool
+ losses' refreshes join as each of their solves succeeds (a call that fails later may
+ have added some). While the pool is
  empty every sample is solved. A solver told where its rows sit (`pert_op_new_ex`,
  `pert_op_new_device`) gets each run of consecutive solved rows as a call of its own; a
  plain callback gets a block's solved rows gathered into one call.

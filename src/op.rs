@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tch::{Device, Tensor};
 
+mod host_rows;
+
 /// XORed into the seed for the stream that decides whether a pool-based loss solves its
 /// batch (apart from the noise's and the samples' decisions).
 const REFRESH_KEY: u64 = 0x706f_6f6c_7265_6672; // "poolrefr"
@@ -177,7 +179,8 @@ impl PerturbedOp {
     }
 
     /// Gives the op a solution pool (None: takes it away). Its forward and Fenchel-Young
-    /// calls then answer each perturbed sample from the pool with probability
+    /// calls, and I-MLE's perturbed samples (its forward's, and those its VJPs move by
+    /// ±λ·grad_output), then answer each perturbed sample from the pool with probability
     /// 1 − solve_ratio (see [`Config::set_solve_ratio`]): the pool member y of best
     /// ⟨x, y⟩ for the sample's input x in the op's sense (maximizing for the built-ins),
     /// which is y*(x) itself whenever
@@ -185,8 +188,8 @@ impl PerturbedOp {
     /// pool: a forward or Fenchel-Young call's once the call has succeeded (those new to
     /// the pool when it began, the capacity that occur last in row order, added by
     /// [`Pool::add_rows`]' rule; meanwhile the call keeps at most the capacity), those of
-    /// [`PerturbedOp::solve`], the methods and the pool losses' refreshes as each solve
-    /// succeeds. The
+    /// [`PerturbedOp::solve`], the other methods and the pool losses' refreshes as each
+    /// solve succeeds. The
     /// estimate is then the mean over samples of those answers: exact where the pool holds
     /// each answered sample's optimum, biased towards the pool's members where it does
     /// not (a sample's answer is never better than its optimum).
@@ -257,14 +260,6 @@ impl PerturbedOp {
         let stream = crate::rng::Stream::new(c.seed() ^ REFRESH_KEY, 0);
         let threshold = (c.solve_ratio() * 4_294_967_296.0).ceil() as u64;
         u64::from(stream.block(k)[0]) < threshold
-    }
-
-    /// Adds a plain solve's solutions to the op's pool, if it has one.
-    fn grow_pool(&self, y: &[f32]) -> Result<()> {
-        match self.pool() {
-            Some(pool) => pool.add_rows(y),
-            None => Ok(()),
-        }
     }
 
     /// Stops the forward and Fenchel-Young calls running on this op now, from any thread:
@@ -380,72 +375,6 @@ impl PerturbedOp {
             self.grow_pool(&crate::tensors::host_floats(&y)?)?;
         }
         self.spec.output_tensor(&y, batch, x.device())
-    }
-
-    /// y*(x) for the `rows` problems of host rows `x` (`rows × input_numel`, finite), as
-    /// [`PerturbedOp::solve`] gives it: a host solver is called on the slices themselves
-    /// (no tensor is made), others through the op's solve. For the methods of
-    /// `crate::methods`, whose inputs are host rows of their own.
-    pub(crate) fn solve_host_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let y = self.solve_rows_at(x, rows, self.spec.rows_at(true, 0, rows))?;
-        self.grow_pool(&y)?;
-        Ok(y)
-    }
-
-    /// y*(x) for the perturbed samples of `batch` problems (`batch × num_samples` rows of
-    /// host values in problem-major order, as a draw's inputs): the solver is told which
-    /// problem and sample each row is (`SolveInfo::clean` not set), as in a forward call.
-    pub(crate) fn solve_host_samples(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
-        let rows = batch * self.config().num_samples() as usize;
-        let y = self.solve_rows_at(x, rows, self.spec.rows_at(false, 0, batch))?;
-        self.grow_pool(&y)?;
-        Ok(y)
-    }
-
-    /// y*(x) for `rows` host rows that `at` describes (the pool, if any, not grown).
-    pub(crate) fn solve_rows_at(
-        &self,
-        x: &[f32],
-        rows: usize,
-        at: crate::solver::SolveInfo,
-    ) -> Result<Vec<f32>> {
-        if let SolverKind::External = self.solver {
-            return Err(Error::invalid(
-                "this op has no solver (it was made for the two-phase API): solve its draws' inputs yourself",
-            ));
-        }
-        let stop = self.interrupts.stop();
-        let _cap = crate::intraop::cap(self.config().max_threads());
-        let (d, o) = (self.spec.input_numel, self.spec.output_numel);
-        let len = crate::shape::checked_product(&[rows, o], "rows * output_numel")?;
-        stop.check()?;
-        let y = match &self.solver {
-            SolverKind::Host(host) => {
-                let mut y = crate::tensors::host_room(len, "the solutions")?;
-                y.resize(len, 0.0);
-                let at = crate::solver::SolveInfo {
-                    cuda_device: None, // host solvers get host memory
-                    ..at
-                };
-                let threads = self.config().effective_threads();
-                crate::pipeline::solve_rows(host, x, &mut y, rows, d, o, threads, at)?;
-                self.spec.count_solved(rows);
-                y
-            }
-            solver => {
-                if rows == 0 {
-                    return Ok(Vec::new());
-                }
-                let x = crate::tensors::from_slice(x)?
-                    .f_view([rows as i64, d as i64])?
-                    .f_to_device(self.spec.device)?;
-                let y = self.spec.solve(solver, &x, at)?.dense(o as i64)?;
-                crate::tensors::host_floats(&y)?
-            }
-        };
-        // solver calls are not cut short: an interrupt while they ran fails the call here
-        stop.check()?;
-        Ok(y)
     }
 
     /// The op's spec (its identity for records of its calls, such as I-MLE's).

@@ -102,6 +102,11 @@ impl Draw {
         &self.inputs
     }
     /// The drawn inputs, given up (no copy).
+    /// The call count of the op that this draw took.
+    pub(crate) fn call(&self) -> u64 {
+        self.call
+    }
+
     pub(crate) fn into_inputs(self) -> Vec<f32> {
         self.inputs
     }

@@ -191,6 +191,42 @@ fn an_empty_pool_grows_from_the_solves() {
     assert_eq!(members[0], members[1]);
 }
 
+/// I-MLE's samples (its forward's and those its VJP moves by ±λg) are answered from a
+/// pool holding every solution as the solver would answer them, bit for bit, for one and
+/// two sides and for AI-MLE, with fewer rows solved; with solve_ratio 1 every one is solved.
+#[test]
+fn imle_samples_are_answered_from_the_pool() {
+    let make = |ratio: f64| {
+        let op = PerturbedOp::new(&config(2, ratio), &[D as i64], &[D as i64], argmax).unwrap();
+        op.set_pool(Some(pool_of(&one_hots()))).unwrap();
+        op
+    };
+    let (solved, cached) = (make(1.0), make(0.3));
+    let g = Tensor::from_slice(&[0.5f32, -1.0, 0.25, 2.0, 0.0, -0.5]).repeat([3, 1]);
+    let (y1, r1) = solved.imle_forward(&theta()).unwrap();
+    let (y2, r2) = cached.imle_forward(&theta()).unwrap();
+    assert!(same_bits(&y1, &y2), "forward");
+    assert_eq!(solved.solver_rows(), 3 * 400);
+    let forward_rows = cached.solver_rows();
+    assert!(forward_rows < 3 * 400 / 2, "{forward_rows}");
+    for two_sided in [false, true] {
+        let v1 = solved.imle_vjp(&r1, &g, 0.7, two_sided).unwrap();
+        let v2 = cached.imle_vjp(&r2, &g, 0.7, two_sided).unwrap();
+        assert!(same_bits(&v1, &v2), "two-sided {two_sided}");
+    }
+    let (mut s1, mut s2) = (
+        perturbations::AimleState::default(),
+        perturbations::AimleState::default(),
+    );
+    let a1 = solved.aimle_vjp(&r1, &g, false, &mut s1).unwrap();
+    let a2 = cached.aimle_vjp(&r2, &g, false, &mut s2).unwrap();
+    assert!(same_bits(&a1, &a2), "AI-MLE");
+    // the VJPs' moved samples too: one side, two sides, AI-MLE's one side
+    assert_eq!(solved.solver_rows(), 5 * 3 * 400);
+    assert!(cached.solver_rows() - forward_rows < 4 * 3 * 400 / 2);
+    assert_eq!(cached.pool().unwrap().len(), D, "nothing new");
+}
+
 /// Tags each solution with its row of the call modulo 700 (so rows 0..500 and 700..1200
 /// repeat tags): a solver told where its rows sit.
 struct Tagger;

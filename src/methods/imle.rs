@@ -13,6 +13,11 @@ use crate::pipeline::OpSpec;
 use std::sync::Arc;
 use tch::{Device, Tensor};
 
+/// XORed into the seed for the pool's decisions on the backward's solves at x + λg and
+/// x − λg (apart from the forward's).
+const MOVED_UP_KEY: u64 = 0x696d_6c65_7570_2b2b; // "imleup++"
+const MOVED_DOWN_KEY: u64 = 0x696d_6c65_646e_2d2d; // "imledn--"
+
 /// The record of an I-MLE forward call: its perturbed inputs and their solutions, for
 /// [`PerturbedOp::imle_vjp`] and [`PerturbedOp::aimle_vjp`] on the same op.
 pub struct ImleRecord {
@@ -22,6 +27,8 @@ pub struct ImleRecord {
     theta: Vec<f32>,
     inputs: Vec<f32>,
     solutions: Vec<f32>,
+    /// The op's call count the forward took (the pool's decisions of the backward's solves).
+    call: u64,
     shape: Vec<i64>,
     device: Device,
 }
@@ -108,9 +115,12 @@ impl PerturbedOp {
         self.require_square("I-MLE")?;
         let n = self.config().num_samples() as usize;
         // the draw's own buffer (its rows of θ under the clean-input baseline dropped)
-        let mut inputs = self.draw(tensor)?.into_inputs();
+        let draw = self.draw(tensor)?;
+        let call = draw.call();
+        let mut inputs = draw.into_inputs();
         inputs.truncate(rows.batch * n * rows.d);
-        let solutions = self.solve_host_samples(&inputs, rows.batch)?;
+        // (with a pool: the samples a forward call of this count would solve or answer)
+        let solutions = self.solve_host_samples(&inputs, rows.batch, (0, call))?;
         let mean = sample_means(&solutions, rows, n, f64::from)?;
         let record = ImleRecord {
             spec: self.spec().clone(),
@@ -119,6 +129,7 @@ impl PerturbedOp {
             theta,
             inputs,
             solutions,
+            call,
             shape: vec![rows.batch as i64, rows.d as i64],
             device: Device::Cpu,
         };
@@ -257,7 +268,14 @@ impl PerturbedOp {
         let moved = |shift: f32| -> Result<Vec<f32>> {
             let x = shifted(&record.inputs, g, rows, n, shift)?;
             rows.check_derived(&x, "the perturbed inputs moved by lambda * grad_output")?;
-            self.solve_host_samples(&x, rows.batch)
+            // (with a pool: solved or answered as a forward call's samples, by decisions
+            // of their own for each direction)
+            let key = if shift > 0.0 {
+                MOVED_UP_KEY
+            } else {
+                MOVED_DOWN_KEY
+            };
+            self.solve_host_samples(&x, rows.batch, (key, record.call))
         };
         let sign = pyepo_sign(self.config().sense());
         let grad = if two_sided {

@@ -1,0 +1,110 @@
+//! Solves of host rows for the methods of `crate::methods` (whose inputs are host rows of
+//! their own), with the op's pool where it has one.
+
+use super::PerturbedOp;
+use crate::error::{Error, Result};
+use crate::pipeline::{Additions, CallCache, SolverKind};
+
+impl PerturbedOp {
+    /// y*(x) for the `rows` problems of host rows `x` (`rows × input_numel`, finite), as
+    /// [`PerturbedOp::solve`] gives it: a host solver is called on the slices themselves
+    /// (no tensor is made), others through the op's solve. For the methods of
+    /// `crate::methods`, whose inputs are host rows of their own.
+    pub(crate) fn solve_host_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let y = self.solve_rows_at(x, rows, self.spec.rows_at(true, 0, rows))?;
+        self.grow_pool(&y)?;
+        Ok(y)
+    }
+
+    /// y*(x) for the perturbed samples of `batch` problems (`batch × num_samples` rows of
+    /// host values in problem-major order, as a draw's inputs): the solver is told which
+    /// problem and sample each row is (`SolveInfo::clean` not set), as in a forward call.
+    /// With a pool, as in a pooled forward call: each row goes to the solver with
+    /// probability solve_ratio, decided by the stream of (seed ^ `key`, `call`) (a forward
+    /// call's own decisions for `key` 0), the others are the pool's best members, and the
+    /// rows solved join the pool once all are solved.
+    pub(crate) fn solve_host_samples(
+        &self,
+        x: &[f32],
+        batch: usize,
+        (key, call): (u64, u64),
+    ) -> Result<Vec<f32>> {
+        let rows = batch * self.config().num_samples() as usize;
+        let at = self.spec.rows_at(false, 0, batch);
+        let Some(pool) = self.pool() else {
+            return self.solve_rows_at(x, rows, at);
+        };
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let stop = self.interrupts.stop();
+        let _cap = crate::intraop::cap(self.config().max_threads());
+        stop.check()?;
+        let c = self.config();
+        let sense = self.objective_sense();
+        let cache = CallCache::new(pool, (c.seed() ^ key, call), c.solve_ratio(), sense);
+        let (d, o) = (self.spec.input_numel, self.spec.output_numel);
+        let x = crate::tensors::from_slice(x)?
+            .f_view([rows as i64, d as i64])?
+            .f_to_device(self.spec.device)?;
+        let y = self.spec.solve_cached(&self.solver, &x, at, &cache)?;
+        let y = crate::tensors::host_floats(&y.dense(o as i64)?)?;
+        stop.check()?;
+        Additions(Some(cache)).commit()?;
+        Ok(y)
+    }
+
+    /// y*(x) for `rows` host rows that `at` describes (the pool, if any, not grown).
+    pub(crate) fn solve_rows_at(
+        &self,
+        x: &[f32],
+        rows: usize,
+        at: crate::solver::SolveInfo,
+    ) -> Result<Vec<f32>> {
+        if let SolverKind::External = self.solver {
+            return Err(Error::invalid(
+                "this op has no solver (it was made for the two-phase API): solve its draws' inputs yourself",
+            ));
+        }
+        let stop = self.interrupts.stop();
+        let _cap = crate::intraop::cap(self.config().max_threads());
+        let (d, o) = (self.spec.input_numel, self.spec.output_numel);
+        let len = crate::shape::checked_product(&[rows, o], "rows * output_numel")?;
+        stop.check()?;
+        let y = match &self.solver {
+            SolverKind::Host(host) => {
+                let mut y = crate::tensors::host_room(len, "the solutions")?;
+                y.resize(len, 0.0);
+                let at = crate::solver::SolveInfo {
+                    cuda_device: None, // host solvers get host memory
+                    ..at
+                };
+                let threads = self.config().effective_threads();
+                crate::pipeline::solve_rows(host, x, &mut y, rows, d, o, threads, at)?;
+                self.spec.count_solved(rows);
+                y
+            }
+            solver => {
+                if rows == 0 {
+                    return Ok(Vec::new());
+                }
+                let x = crate::tensors::from_slice(x)?
+                    .f_view([rows as i64, d as i64])?
+                    .f_to_device(self.spec.device)?;
+                let y = self.spec.solve(solver, &x, at)?.dense(o as i64)?;
+                crate::tensors::host_floats(&y)?
+            }
+        };
+        // solver calls are not cut short: an interrupt while they ran fails the call here
+        stop.check()?;
+        Ok(y)
+    }
+
+    /// Adds a plain solve's solutions to the op's pool, if it has one.
+    pub(super) fn grow_pool(&self, y: &[f32]) -> Result<()> {
+        match self.pool() {
+            Some(pool) => pool.add_rows(y),
+            None => Ok(()),
+        }
+    }
+}
