@@ -204,7 +204,9 @@ def imle(op: Op, theta, lambd, two_sided: bool = False) -> torch.Tensor:
     al. 2021; PyEPO's implicitMLE): backward solves the forward's perturbed inputs moved by
     s lambd g (s = +1 minimizing, -1 maximizing: the target distribution theta - lambd g
     when maximizing) and returns s mean(y*(x + s lambd g) - y*(x)) / lambd, or the central
-    difference when two_sided. lambd > 0."""
+    difference when two_sided. lambd > 0. With a pool (`Op.set_pool`) and solve_ratio < 1,
+    each of those samples is answered from the pool with probability 1 - solve_ratio, as
+    PyEPO's `solve_ratio` does."""
     _check_op(op)
     return _imle_layer(op, theta, _check_step(lambd, "lambd"), two_sided, None)
 

@@ -216,6 +216,29 @@ def test_a_child_forked_while_a_thread_adds_to_the_pool_can_use_it():
     assert not failed, f"children ended with wait statuses {failed} (SIGALRM {signal.SIGALRM}: hung)"
 
 
+def test_imle_samples_are_answered_from_the_pool():
+    """I-MLE through autograd on a pooled op (solve_ratio 0.3, a pool of every solution):
+    the forward and the gradient equal those of solving every sample, bit for bit, with
+    fewer rows solved."""
+    def make(ratio):
+        op = pt.Op.builtin(pt.Config(solve_ratio=ratio, num_samples=300, sigma=0.7, seed=3, device="cpu"),
+                           "argmax", D)
+        op.set_pool(pt.Pool(D, 10).add(np.eye(D, dtype=np.float32)))
+        return op
+    theta = torch.tensor(np.random.default_rng(1).normal(size=(B, D)), dtype=torch.float32)
+    weights = torch.arange(D, dtype=torch.float32)
+    results = []
+    for ratio in (1.0, 0.3):
+        op = make(ratio)
+        t = theta.clone().requires_grad_(True)
+        y = ptt.imle(op, t, 0.5, two_sided=True)
+        (y * weights).sum().backward()
+        results.append((y.detach(), t.grad, op.solver_calls))
+    (y1, g1, rows1), (y2, g2, rows2) = results
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    assert rows1 == 3 * B * 300 and rows2 < rows1 / 2, (rows1, rows2)
+
+
 def test_warm_starts_get_the_pools_best():
     """A per-worker solver of a pooled op gets `info.pool_best(x)`: the pool's member of
     best <x, y> (the pool as the call began), checked by hand; without a pool, None."""
