@@ -882,6 +882,11 @@ pert_status pert_imle_forward(struct pert_op *op,
    distribution theta - lambda g when maximizing): one solve per sample;
  - two-sided: mean_k (y*(x_k + lambda g) - y*(x_k - lambda g)) / (2 lambda): two.
 
+ With a solution pool (`pert_op_set_pool`), a moved sample is answered from the pool
+ (as it was when this call began) where the forward answered x_k from it, and solved
+ where the forward solved x_k: each difference is of two solves or of two answers. The
+ new solutions join the pool once the call has succeeded.
+
  @param op         The op whose `pert_imle_forward` made `record` (another op is refused).
  @param lambda     The step, finite and > 0.
  @param two_sided  Non-zero for central differences.

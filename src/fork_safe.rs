@@ -11,7 +11,8 @@
 //! Code inside the gate must neither call user code nor wait for anything a forking thread
 //! may hold (it allocates at most: the allocator's own fork handlers run after ours). A
 //! fork waits for the threads inside; threads that come to the gate during a fork wait for
-//! it to end, except the forking thread itself (other fork handlers may use a pool). The
+//! it to end, except the forking thread itself (other fork handlers may use a pool; a fork
+//! from a signal handler that interrupted its thread inside the gate is not supported). The
 //! handlers are registered when the library is loaded (so that, in a program linked with
 //! it, the program's own handlers run before ours at a fork and after ours in the child),
 //! else at the first use.
@@ -31,9 +32,10 @@ static REGISTERED: AtomicBool = AtomicBool::new(false);
 static REGISTERING: AtomicU32 = AtomicU32::new(0);
 
 thread_local! {
-    /// This thread's fork under way (it passes the gate), and its own entries inside (a
-    /// fork from a signal handler that interrupted it there does not wait for itself).
-    static HERE: Cell<(bool, usize)> = const { Cell::new((false, 0)) };
+    /// Whether this thread's fork is under way (it passes the gate: other fork handlers
+    /// may use a pool). A fork from a signal handler that interrupted this thread inside
+    /// the gate is not supported (it would wait for itself).
+    static FORKING_HERE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Waits a little: yields first, then sleeps (a fork may wait for a long addition).
@@ -50,32 +52,24 @@ fn pause(spins: &mut u32) {
 /// is inside.
 extern "C" fn before_fork() {
     FORKING.fetch_add(1, SeqCst);
-    let own = HERE.with(|h| {
-        let (_, own) = h.get();
-        h.set((true, own));
-        own
-    });
+    FORKING_HERE.with(|f| f.set(true));
     let mut spins = 0;
-    while INSIDE.load(SeqCst) > own {
+    while INSIDE.load(SeqCst) != 0 {
         pause(&mut spins);
     }
 }
 
 /// After a fork, in the parent: opens the gate (when no other fork is under way).
 extern "C" fn after_fork_in_parent() {
-    HERE.with(|h| h.set((false, h.get().1)));
+    FORKING_HERE.with(|f| f.set(false));
     FORKING.fetch_sub(1, SeqCst);
 }
 
 /// After a fork, in the child: its only thread is the forking one, so nobody else is
 /// inside and no other fork is under way (the parent's other threads do not exist here).
 extern "C" fn after_fork_in_child() {
-    let own = HERE.with(|h| {
-        let (_, own) = h.get();
-        h.set((false, own));
-        own
-    });
-    INSIDE.store(own, SeqCst);
+    FORKING_HERE.with(|f| f.set(false));
+    INSIDE.store(0, SeqCst);
     FORKING.store(0, SeqCst);
     REGISTERED.store(true, SeqCst); // (the handlers ran: they are registered)
 }
@@ -136,8 +130,8 @@ fn register() -> Result<()> {
     }
 }
 
-/// Inside the gate until dropped.
-struct Inside;
+/// Inside the gate until dropped (on the thread that entered: not `Send`).
+struct Inside(std::marker::PhantomData<*const ()>);
 
 impl Inside {
     /// Waits while a fork is under way (unless this thread is forking), then enters.
@@ -145,9 +139,8 @@ impl Inside {
         let mut spins = 0;
         loop {
             INSIDE.fetch_add(1, SeqCst);
-            HERE.with(|h| h.set((h.get().0, h.get().1 + 1)));
-            let inside = Inside; // (leaves on drop, also when this thread waits)
-            if FORKING.load(SeqCst) == 0 || HERE.with(|h| h.get().0) {
+            let inside = Inside(std::marker::PhantomData); // (leaves on drop)
+            if FORKING.load(SeqCst) == 0 || FORKING_HERE.with(Cell::get) {
                 return inside; // (a fork that begins now waits for this thread to leave)
             }
             drop(inside);
@@ -160,7 +153,6 @@ impl Inside {
 
 impl Drop for Inside {
     fn drop(&mut self) {
-        HERE.with(|h| h.set((h.get().0, h.get().1 - 1)));
         INSIDE.fetch_sub(1, SeqCst);
     }
 }
@@ -199,13 +191,24 @@ mod tests {
         assert!(cfg!(miri) || REGISTERED.load(SeqCst));
     }
 
-    /// The forking thread passes the closed gate (another fork handler may use a pool),
-    /// and does not wait for its own entry (a fork from a signal handler that interrupted
-    /// it inside); other threads wait until the fork has ended.
+    /// Ends the pretended fork of a test, also when the test fails (else every later
+    /// use of a pool in the test process would wait).
+    struct PretendFork;
+
+    impl Drop for PretendFork {
+        fn drop(&mut self) {
+            if FORKING_HERE.with(Cell::get) {
+                after_fork_in_parent();
+            }
+        }
+    }
+
+    /// The forking thread passes the closed gate (another fork handler may use a pool);
+    /// other threads wait until the fork has ended.
     #[test]
     fn the_forking_thread_passes_the_gate_others_wait() {
         let m = std::sync::Arc::new(ForkSafeMutex::new(0).unwrap());
-        let outer = Inside::enter(); // (as if a signal handler forked from inside)
+        let _end = PretendFork;
         before_fork();
         assert_eq!(m.with(|v| *v + 1), 1, "the forking thread passes");
         let other = {
@@ -221,6 +224,5 @@ mod tests {
         after_fork_in_parent();
         other.join().unwrap();
         assert_eq!(m.with(|v| *v), 1);
-        drop(outer);
     }
 }

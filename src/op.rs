@@ -519,7 +519,7 @@ impl PerturbedOp {
             theta_dev.size()[0] as usize,
             theta_dev,
             estimate,
-            Additions(cache),
+            Additions(cache.into_iter().collect()),
         ))
     }
 }

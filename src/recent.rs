@@ -72,16 +72,22 @@ impl Recent {
             Some(s) => s,
             None => {
                 let s = self.places.len();
-                if self.places.capacity() == s {
-                    // room for twice the slots, never beyond capacity + 1
-                    let more = s.max(1).min(self.capacity + 1 - s);
+                // room for twice the slots, never beyond capacity + 1 (each checked: an
+                // earlier failure may have left one short)
+                let more = s.max(1).min(self.capacity + 1 - s);
+                if self.free.capacity() < s + 1 {
+                    let len = self.free.len();
+                    self.free
+                        .try_reserve_exact(s + more - len)
+                        .map_err(|_| no_room())?;
+                }
+                if self.values.capacity() < (s + 1) * numel {
                     self.values
                         .try_reserve_exact(more * numel)
                         .map_err(|_| no_room())?;
+                }
+                if self.places.capacity() == s {
                     self.places.try_reserve_exact(more).map_err(|_| no_room())?;
-                    self.free
-                        .try_reserve_exact(s + more)
-                        .map_err(|_| no_room())?;
                 }
                 self.values.resize((s + 1) * numel, 0.0);
                 self.places.push(NOWHERE);
@@ -136,7 +142,7 @@ impl Recent {
     }
 
     /// The rows kept, in the order of their last occurrences.
-    pub(crate) fn into_rows(self) -> Result<Vec<f32>> {
+    pub(crate) fn rows(&self) -> Result<Vec<f32>> {
         let mut kept = Vec::new();
         kept.try_reserve_exact(self.index.len())
             .map_err(|_| no_room())?;
@@ -214,7 +220,7 @@ mod tests {
                     assert!(recent.order.len() <= 2 * (capacity + 1) + 9);
                     assert!(recent.values.capacity() <= (capacity + 1) * 2);
                 }
-                let got = recent.into_rows().unwrap();
+                let got = recent.rows().unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "capacity {capacity}");
             }

@@ -101,12 +101,12 @@ impl Draw {
     pub fn inputs(&self) -> &[f32] {
         &self.inputs
     }
-    /// The drawn inputs, given up (no copy).
     /// The call count of the op that this draw took.
     pub(crate) fn call(&self) -> u64 {
         self.call
     }
 
+    /// The drawn inputs, given up (no copy).
     pub(crate) fn into_inputs(self) -> Vec<f32> {
         self.inputs
     }

@@ -227,6 +227,36 @@ fn imle_samples_are_answered_from_the_pool() {
     assert_eq!(cached.pool().unwrap().len(), D, "nothing new");
 }
 
+/// A failed I-MLE VJP adds nothing to the pool, even when one of its sides was solved: the
+/// solutions join once the whole call has succeeded.
+#[test]
+fn a_failed_imle_vjp_adds_nothing_to_the_pool() {
+    let identity = |x: &[f32], _count: usize, y: &mut [f32]| -> Result<(), String> {
+        y.copy_from_slice(x); // every solution its own: each one new to the pool
+        Ok(())
+    };
+    let mut c = config(1, 0.5);
+    c.set_num_samples(10).unwrap();
+    let op = PerturbedOp::new(&c, &[D as i64], &[D as i64], identity).unwrap();
+    let pool = Arc::new(Pool::new(&[D as i64], 10_000).unwrap());
+    op.set_pool(Some(pool.clone())).unwrap();
+    let theta = Tensor::from_slice(&[-3e38f32, 0.0, 0.0, 0.0, 0.0, 0.0]).reshape([1, D as i64]);
+    let (_, record) = op.imle_forward(&theta).unwrap();
+    assert_eq!(
+        pool.len(),
+        10,
+        "the forward's samples (an empty pool: all solved)"
+    );
+    let g = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0, 0.0, 0.0]).reshape([1, D as i64]);
+    // up: -2e38, solved; down: -4e38 overflows: the call fails
+    let e = op.imle_vjp(&record, &g, 1e38, true).unwrap_err();
+    assert_eq!(e.status(), Status::NonFiniteInput, "{e}");
+    assert_eq!(pool.len(), 10, "nothing added by the failed call");
+    let g = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 0.0, 0.0, 0.0]).reshape([1, D as i64]);
+    let _ = op.imle_vjp(&record, &g, 1.0, false).unwrap();
+    assert!(pool.len() > 10, "a call that succeeds adds its solutions");
+}
+
 /// Tags each solution with its row of the call modulo 700 (so rows 0..500 and 700..1200
 /// repeat tags): a solver told where its rows sit.
 struct Tagger;

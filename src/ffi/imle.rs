@@ -85,9 +85,10 @@ pub unsafe extern "C" fn pert_imle_forward(
         rows.check_finite(values, "theta")?;
         let tensor =
             crate::tensors::from_slice(values)?.f_reshape(batched(batch, op.input_shape()))?;
-        let (mean, inner) = op.imle_forward_rows(rows, values.to_vec(), &tensor)?;
+        let (mean, inner, additions) = op.imle_forward_rows(rows, values.to_vec(), &tensor)?;
         let staged = out.stage_host(mean)?;
         let handle = pert_imle::boxed(inner);
+        additions.commit()?; // (the last step that can fail: a failed call adds nothing)
         staged.write();
         *record = handle.into_raw();
         Ok(())
@@ -133,6 +134,11 @@ unsafe fn record_and_grad<'a>(
 ///   distribution theta - lambda g when maximizing): one solve per sample;
 /// - two-sided: mean_k (y*(x_k + lambda g) - y*(x_k - lambda g)) / (2 lambda): two.
 ///
+/// With a solution pool (`pert_op_set_pool`), a moved sample is answered from the pool
+/// (as it was when this call began) where the forward answered x_k from it, and solved
+/// where the forward solved x_k: each difference is of two solves or of two answers. The
+/// new solutions join the pool once the call has succeeded.
+///
 /// @param op         The op whose `pert_imle_forward` made `record` (another op is refused).
 /// @param lambda     The step, finite and > 0.
 /// @param two_sided  Non-zero for central differences.
@@ -153,8 +159,10 @@ pub unsafe extern "C" fn pert_imle_vjp(
     guard(|| {
         crate::methods::check_step(lambda, "lambda")?;
         let (op, record, g, out) = unsafe { record_and_grad(op, record, grad_output, grad_theta) }?;
-        let grad = op.imle_vjp_rows(record, g, lambda, two_sided != 0)?;
-        out.stage_host(grad)?.write();
+        let (grad, additions) = op.imle_vjp_rows(record, g, lambda, two_sided != 0)?;
+        let staged = out.stage_host(grad)?;
+        additions.commit()?;
+        staged.write();
         Ok(())
     })
 }
@@ -183,8 +191,9 @@ pub unsafe extern "C" fn pert_aimle_vjp(
             grad_norm_avg: state.grad_norm_avg,
             step: state.step,
         };
-        let grad = op.aimle_vjp_rows(record, g, two_sided != 0, &mut s)?;
+        let (grad, additions) = op.aimle_vjp_rows(record, g, two_sided != 0, &mut s)?;
         let staged = out.stage_host(grad)?;
+        additions.commit()?;
         staged.write();
         *state = pert_aimle_state {
             alpha: s.alpha,

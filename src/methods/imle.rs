@@ -9,14 +9,9 @@
 use super::{pyepo_sign, step, Call, Rows};
 use crate::error::{Error, Result};
 use crate::op::PerturbedOp;
-use crate::pipeline::OpSpec;
+use crate::pipeline::{Additions, CallCache, OpSpec};
 use std::sync::Arc;
 use tch::{Device, Tensor};
-
-/// XORed into the seed for the pool's decisions on the backward's solves at x + λg and
-/// x − λg (apart from the forward's).
-const MOVED_UP_KEY: u64 = 0x696d_6c65_7570_2b2b; // "imleup++"
-const MOVED_DOWN_KEY: u64 = 0x696d_6c65_646e_2d2d; // "imledn--"
 
 /// The record of an I-MLE forward call: its perturbed inputs and their solutions, for
 /// [`PerturbedOp::imle_vjp`] and [`PerturbedOp::aimle_vjp`] on the same op.
@@ -95,23 +90,26 @@ impl PerturbedOp {
     /// must equal its input shape.
     pub fn imle_forward(&self, theta: &Tensor) -> Result<(Tensor, ImleRecord)> {
         let (call, theta_host) = Call::of(self, "I-MLE", theta, "theta")?;
-        let (mean, record) = self.imle_forward_rows(call.rows, theta_host, theta)?;
+        let (mean, record, additions) = self.imle_forward_rows(call.rows, theta_host, theta)?;
         let record = ImleRecord {
             shape: call.shape.clone(),
             device: call.device,
             ..record
         };
-        Ok((call.like_first(&mean)?, record))
+        let mean = call.like_first(&mean)?;
+        additions.commit()?;
+        Ok((mean, record))
     }
 
     /// [`PerturbedOp::imle_forward`] on host rows (finite, checked by the caller); `theta`
-    /// is the same values as a tensor when the caller has one.
+    /// is the same values as a tensor when the caller has one. With the solutions to add
+    /// to the op's pool once the caller's outputs are made.
     pub(crate) fn imle_forward_rows(
         &self,
         rows: Rows,
         theta: Vec<f32>,
         tensor: &Tensor,
-    ) -> Result<(Vec<f32>, ImleRecord)> {
+    ) -> Result<(Vec<f32>, ImleRecord, Additions)> {
         self.require_square("I-MLE")?;
         let n = self.config().num_samples() as usize;
         // the draw's own buffer (its rows of θ under the clean-input baseline dropped)
@@ -120,7 +118,8 @@ impl PerturbedOp {
         let mut inputs = draw.into_inputs();
         inputs.truncate(rows.batch * n * rows.d);
         // (with a pool: the samples a forward call of this count would solve or answer)
-        let solutions = self.solve_host_samples(&inputs, rows.batch, (0, call))?;
+        let cache = self.samples_cache(call);
+        let solutions = self.solve_host_samples(&inputs, rows.batch, cache.as_ref())?;
         let mean = sample_means(&solutions, rows, n, f64::from)?;
         let record = ImleRecord {
             spec: self.spec().clone(),
@@ -133,7 +132,7 @@ impl PerturbedOp {
             shape: vec![rows.batch as i64, rows.d as i64],
             device: Device::Cpu,
         };
-        Ok((mean, record))
+        Ok((mean, record, Additions(cache.into_iter().collect())))
     }
 
     /// I-MLE's gradient with respect to θ of a loss whose gradient with respect to the
@@ -144,8 +143,9 @@ impl PerturbedOp {
     ///   perturbed inputs (the target distribution θ − λg for maximize);
     /// - two-sided: mean of (y*(x_k + λg) − y*(x_k − λg)) / (2λ).
     ///
-    /// One solve per sample (two when two-sided). λ (`lambda`) finite and > 0; `record`
-    /// from [`PerturbedOp::imle_forward`] of this op.
+    /// One solve per sample (two when two-sided; with a pool, the samples the forward
+    /// answered from it are answered from it too, on both sides). λ (`lambda`) finite and
+    /// > 0; `record` from [`PerturbedOp::imle_forward`] of this op.
     pub fn imle_vjp(
         &self,
         record: &ImleRecord,
@@ -154,8 +154,10 @@ impl PerturbedOp {
         two_sided: bool,
     ) -> Result<Tensor> {
         let g = self.record_grad(record, grad_output)?;
-        let grad = self.imle_vjp_rows(record, &g, lambda, two_sided)?;
-        like_record(record, &grad)
+        let (grad, additions) = self.imle_vjp_rows(record, &g, lambda, two_sided)?;
+        let grad = like_record(record, &grad)?;
+        additions.commit()?;
+        Ok(grad)
     }
 
     /// AI-MLE's gradient: I-MLE's with λ = α‖θ‖/‖g‖ (norms over the whole batch; no solve
@@ -170,10 +172,9 @@ impl PerturbedOp {
     ) -> Result<Tensor> {
         let g = self.record_grad(record, grad_output)?;
         let mut next = *state;
-        let grad = like_record(
-            record,
-            &self.aimle_vjp_rows(record, &g, two_sided, &mut next)?,
-        )?;
+        let (grad, additions) = self.aimle_vjp_rows(record, &g, two_sided, &mut next)?;
+        let grad = like_record(record, &grad)?;
+        additions.commit()?;
         *state = next; // only once everything has succeeded
         Ok(grad)
     }
@@ -198,27 +199,29 @@ impl PerturbedOp {
         ))
     }
 
-    /// [`PerturbedOp::imle_vjp`] on host values (`g` finite, checked by the caller).
+    /// [`PerturbedOp::imle_vjp`] on host values (`g` finite, checked by the caller), with
+    /// the solutions to add to the op's pool once the caller's outputs are made.
     pub(crate) fn imle_vjp_rows(
         &self,
         record: &ImleRecord,
         g: &[f32],
         lambda: f64,
         two_sided: bool,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<(Vec<f32>, Additions)> {
         let lambda = step(lambda, "lambda")?;
         self.check_record(record)?;
         self.imle_gradient(record, g, lambda, two_sided, "the I-MLE gradient")
     }
 
-    /// [`PerturbedOp::aimle_vjp`] on host values (`g` finite, checked by the caller).
+    /// [`PerturbedOp::aimle_vjp`] on host values (`g` finite, checked by the caller), with
+    /// the solutions to add to the op's pool once the caller's outputs are made.
     pub(crate) fn aimle_vjp_rows(
         &self,
         record: &ImleRecord,
         g: &[f32],
         two_sided: bool,
         state: &mut AimleState,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<(Vec<f32>, Additions)> {
         self.check_record(record)?;
         state.check()?;
         let norm = |v: &[f32]| {
@@ -239,10 +242,10 @@ impl PerturbedOp {
                 state.alpha
             )));
         }
-        let grad = if lambda > 0.0 {
+        let (grad, additions) = if lambda > 0.0 {
             self.imle_gradient(record, g, lambda, two_sided, "the AI-MLE gradient")?
         } else {
-            vec![0.0; g.len()] // no step: the solutions do not move
+            (vec![0.0; g.len()], Additions::none()) // no step: the solutions do not move
         };
         // the moving average of the fraction of non-zero entries, and α, as PyEPO
         let nonzero =
@@ -253,7 +256,7 @@ impl PerturbedOp {
         } else {
             (state.alpha - state.step).max(0.0)
         };
-        Ok(grad)
+        Ok((grad, additions))
     }
 
     fn imle_gradient(
@@ -263,27 +266,26 @@ impl PerturbedOp {
         lambda: f32,
         two_sided: bool,
         what: &str,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<(Vec<f32>, Additions)> {
         let (rows, n) = (record.rows, record.samples);
-        let moved = |shift: f32| -> Result<Vec<f32>> {
+        // with a pool: each moved sample solved or answered as the forward's sample was
+        // (the forward call's decisions, from the pool as this call began), so that a
+        // sample's difference is that of two solves or of two answers
+        let first = self.samples_cache(record.call);
+        let second = first.as_ref().map(CallCache::sibling);
+        let moved = |shift: f32, cache: Option<&CallCache>| -> Result<Vec<f32>> {
             let x = shifted(&record.inputs, g, rows, n, shift)?;
             rows.check_derived(&x, "the perturbed inputs moved by lambda * grad_output")?;
-            // (with a pool: solved or answered as a forward call's samples, by decisions
-            // of their own for each direction)
-            let key = if shift > 0.0 {
-                MOVED_UP_KEY
-            } else {
-                MOVED_DOWN_KEY
-            };
-            self.solve_host_samples(&x, rows.batch, (key, record.call))
+            self.solve_host_samples(&x, rows.batch, cache)
         };
         let sign = pyepo_sign(self.config().sense());
         let grad = if two_sided {
-            let (mut diff, down) = (moved(lambda)?, moved(-lambda)?);
+            let up = moved(lambda, first.as_ref())?;
+            let (mut diff, down) = (up, moved(-lambda, second.as_ref())?);
             diff.iter_mut().zip(&down).for_each(|(a, b)| *a -= b);
             sample_means(&diff, rows, n, |v| f64::from(v) / (2.0 * f64::from(lambda)))?
         } else {
-            let mut diff = moved(sign * lambda)?;
+            let mut diff = moved(sign * lambda, first.as_ref())?;
             diff.iter_mut()
                 .zip(&record.solutions)
                 .for_each(|(a, b)| *a -= b);
@@ -292,7 +294,8 @@ impl PerturbedOp {
             })?
         };
         rows.check_result(&grad, what)?;
-        Ok(grad)
+        let caches = first.into_iter().chain(second.filter(|_| two_sided));
+        Ok((grad, Additions(caches.collect())))
     }
 }
 

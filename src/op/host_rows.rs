@@ -3,7 +3,7 @@
 
 use super::PerturbedOp;
 use crate::error::{Error, Result};
-use crate::pipeline::{Additions, CallCache, SolverKind};
+use crate::pipeline::{CallCache, SolverKind};
 
 impl PerturbedOp {
     /// y*(x) for the `rows` problems of host rows `x` (`rows × input_numel`, finite), as
@@ -16,22 +16,30 @@ impl PerturbedOp {
         Ok(y)
     }
 
+    /// The cache of I-MLE's samples of call `call` (the decisions of a forward call of
+    /// that count), when the op has a pool.
+    pub(crate) fn samples_cache(&self, call: u64) -> Option<CallCache> {
+        let c = self.config();
+        let sense = self.objective_sense();
+        self.pool()
+            .map(|pool| CallCache::new(pool, (c.seed(), call), c.solve_ratio(), sense))
+    }
+
     /// y*(x) for the perturbed samples of `batch` problems (`batch × num_samples` rows of
     /// host values in problem-major order, as a draw's inputs): the solver is told which
     /// problem and sample each row is (`SolveInfo::clean` not set), as in a forward call.
-    /// With a pool, as in a pooled forward call: each row goes to the solver with
-    /// probability solve_ratio, decided by the stream of (seed ^ `key`, `call`) (a forward
-    /// call's own decisions for `key` 0), the others are the pool's best members, and the
-    /// rows solved join the pool once all are solved.
+    /// With a `cache` ([`PerturbedOp::samples_cache`]), as in a pooled forward call: each
+    /// row goes to the solver with probability solve_ratio, the others are the pool's best
+    /// members, and the rows solved are kept in the cache for the pool.
     pub(crate) fn solve_host_samples(
         &self,
         x: &[f32],
         batch: usize,
-        (key, call): (u64, u64),
+        cache: Option<&CallCache>,
     ) -> Result<Vec<f32>> {
         let rows = batch * self.config().num_samples() as usize;
         let at = self.spec.rows_at(false, 0, batch);
-        let Some(pool) = self.pool() else {
+        let Some(cache) = cache else {
             return self.solve_rows_at(x, rows, at);
         };
         if rows == 0 {
@@ -40,17 +48,13 @@ impl PerturbedOp {
         let stop = self.interrupts.stop();
         let _cap = crate::intraop::cap(self.config().max_threads());
         stop.check()?;
-        let c = self.config();
-        let sense = self.objective_sense();
-        let cache = CallCache::new(pool, (c.seed() ^ key, call), c.solve_ratio(), sense);
         let (d, o) = (self.spec.input_numel, self.spec.output_numel);
         let x = crate::tensors::from_slice(x)?
             .f_view([rows as i64, d as i64])?
             .f_to_device(self.spec.device)?;
-        let y = self.spec.solve_cached(&self.solver, &x, at, &cache)?;
+        let y = self.spec.solve_cached(&self.solver, &x, at, cache)?;
         let y = crate::tensors::host_floats(&y.dense(o as i64)?)?;
         stop.check()?;
-        Additions(Some(cache)).commit()?;
         Ok(y)
     }
 

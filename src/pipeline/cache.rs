@@ -85,6 +85,21 @@ impl CallCache {
         }
     }
 
+    /// A cache of the same call for another set of its rows (I-MLE's samples moved the
+    /// other way): the same snapshot and decisions, its own solutions to add.
+    pub(crate) fn sibling(&self) -> CallCache {
+        CallCache {
+            view: self.view.clone(),
+            pool: self.pool.clone(),
+            members: self.members.clone(),
+            threshold: self.threshold,
+            decisions: self.decisions,
+            sense: self.sense,
+            o: self.o,
+            solved: Mutex::new(Recent::new(self.o, self.pool.capacity())),
+        }
+    }
+
     /// The pool as this call sees it, for the warm starts of a solver of rows in host
     /// memory (a device solver's rows on a GPU are not: it gets none).
     fn view_for(&self, at: &SolveInfo) -> Option<crate::solver::PoolView> {
@@ -189,9 +204,8 @@ impl CallCache {
         Ok(())
     }
 
-    /// Adds the call's solved rows to the pool, in the call's row order (after the call
-    /// has succeeded).
-    pub(crate) fn commit(self) -> Result<()> {
+    /// The pool and the solutions to add to it, the call's snapshot let go.
+    fn into_additions(self) -> (Arc<Pool>, Recent) {
         let CallCache {
             pool,
             members,
@@ -199,17 +213,8 @@ impl CallCache {
             view,
             ..
         } = self;
-        // the call's own references to its snapshot go first, so that the pool changes in
-        // place when no other call reads it (else the addition copies it)
         drop((members, view));
-        let rows = solved
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .into_rows()?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        pool.add_rows(&rows)
+        (pool, solved.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -236,16 +241,42 @@ pub(crate) fn solve_or_answer(
     Ok(())
 }
 
-/// The solutions a forward or Fenchel-Young call adds to its op's pool: committed once
-/// everything else of the call has succeeded (its outputs made, in the C layer staged), so
-/// that a call that fails leaves the pool as it was.
+/// The solutions a call adds to its op's pool (a forward or Fenchel-Young call's, I-MLE's
+/// samples): committed once everything else of the call has succeeded (its outputs made,
+/// in the C layer staged), so that a call that fails leaves the pool as it was.
 #[must_use]
-pub(crate) struct Additions(pub(crate) Option<CallCache>);
+pub(crate) struct Additions(pub(crate) Vec<CallCache>);
 
 impl Additions {
-    /// Adds them (all or nothing).
+    /// None to add.
+    pub(crate) fn none() -> Additions {
+        Additions(Vec::new())
+    }
+
+    /// Adds them, each cache's in turn, in the call's row order (all or nothing: one
+    /// addition of them all when they share a pool, as a call's do).
     pub(crate) fn commit(self) -> Result<()> {
-        self.0.map_or(Ok(()), CallCache::commit)
+        // every snapshot of the call goes first, so that the pool changes in place when no
+        // other call reads it (else the addition copies it)
+        let parts: Vec<(Arc<Pool>, Recent)> =
+            self.0.into_iter().map(CallCache::into_additions).collect();
+        let mut i = 0;
+        while i < parts.len() {
+            let pool = &parts[i].0;
+            let mut j = i;
+            let mut rows = Vec::new();
+            while j < parts.len() && Arc::ptr_eq(&parts[j].0, pool) {
+                let part = parts[j].1.rows()?;
+                rows.try_reserve(part.len()).map_err(|_| no_room())?;
+                rows.extend_from_slice(&part);
+                j += 1;
+            }
+            if !rows.is_empty() {
+                pool.add_rows(&rows)?;
+            }
+            i = j;
+        }
+        Ok(())
     }
 }
 

@@ -771,7 +771,8 @@ class Op(_Handle):
 
     def set_pool(self, pool):
         """Gives the op a solution pool (None: takes it away; pert_op_set_pool). Its forward
-        and Fenchel-Young calls then answer each perturbed sample from the pool with
+        and Fenchel-Young calls, and I-MLE's and AI-MLE's samples (forward and backward),
+        then answer each perturbed sample from the pool with
         probability 1 - solve_ratio (a Config setting; decided by the op's own stream, so
         the same for any number of threads): the pool's solution y of best <x, y> for the
         sample x in the op's sense, exact whenever the pool holds x's optimum; the others are

@@ -1487,7 +1487,8 @@ end
     set_pool!(op, nothing)
 
 Gives `op` a solution pool, or takes it away (`pert_op_set_pool`). Its forward and
-Fenchel-Young calls then answer each perturbed sample from the pool with probability
+Fenchel-Young calls, and I-MLE's and AI-MLE's samples (forward and backward), then answer
+each perturbed sample from the pool with probability
 1 − `solve_ratio` (a `Config` setting, default 1): the pool's solution y of best ⟨x, y⟩ for
 the sample x in the op's sense, exact whenever the pool holds x's optimum; the others are
 solved, and every solve adds its solution to the pool. The objective must be linear: a
