@@ -14,6 +14,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "forking.h"
 #include "harness.h"
 #include "solvers.h"
 
@@ -402,7 +403,8 @@ static void *call_until_stopped(void *arg) {
 }
 
 /* In a child: the inherited pool is read and grown, and serves a new op. */
-static int child_uses_the_pool(pert_pool *pool) {
+static int child_uses_the_pool(void *arg) {
+  pert_pool *pool = arg;
   size_t before = pert_pool_size(pool);
   float *row = calloc(WIDE, sizeof(float)), *y = malloc(sizeof(float) * WIDE);
   if (row == NULL || y == NULL || before == 0) return 2;
@@ -461,24 +463,10 @@ static bool a_child_forked_while_threads_use_a_pool_can_use_it(void) {
   }
   for (int wait = 0; wait < 100000 && pert_pool_size(pool) < 8; wait++) usleep(100);
   int hung = 0, failed = pert_pool_size(pool) < 8, forks = 100; /* (the adder added nothing) */
-  for (int k = 0; k < forks; k++) {
+  for (int k = 0; k < forks && !hung && !failed; k++) { /* (one is enough: a hang takes 20 s) */
     usleep((useconds_t)(k * 37 % 300));
-    pid_t child = fork();
-    if (child < 0) {
-      failed++;
-      break;
-    }
-    if (child == 0) {
-      alarm(20); /* a hang ends as SIGALRM */
-      _exit(child_uses_the_pool(pool));
-    }
-    int status = 0;
-    if (waitpid(child, &status, 0) != child) failed++;
-    else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM) hung++;
-    else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-      if (failed++ == 0) fprintf(stderr, "  a child exited with %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
-    }
-    if (hung || failed) break; /* (one is enough: a hung child takes 20 s) */
+    child_end end = fork_and_wait(child_uses_the_pool, pool);
+    hung += end == CHILD_HUNG, failed += end == CHILD_FAILED;
   }
   atomic_store(&u.stop, 1);
   pthread_join(adder, NULL);

@@ -13,6 +13,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include "forking.h"
 #include "harness.h"
 #include "solvers.h"
 
@@ -74,6 +75,13 @@ static int32_t device_argmax_fork(void *user_data, const pert_solve_info *info, 
 
 #define OPS 6
 
+/* In a child: frees every op of the parent's callers. */
+static int free_every_op(void *arg) {
+  caller *callers = arg;
+  for (int i = 0; i < OPS; i++) pert_op_free(callers[i].op);
+  return 0;
+}
+
 /* Children forked at random moments of other threads' calls (ops with workers and hooks,
  * a plain op on helper threads, built-in top-k and argmax, a device solver) free every op
  * and exit: none hangs. $PERT_FORK_SWEEP sets the number of forks (150; the fork sweep of
@@ -96,20 +104,8 @@ static bool freeing_ops_in_a_child_forked_during_calls_never_hangs(void) {
   int hung = 0, failed = 0;
   for (int k = 0; k < forks; k++) {
     usleep((useconds_t)(k * 37 % 400));
-    pid_t child = fork();
-    if (child < 0) {
-      failed++;
-      break;
-    }
-    if (child == 0) {
-      alarm(20); /* a hang ends as SIGALRM */
-      for (int i = 0; i < OPS; i++) pert_op_free(callers[i].op);
-      _exit(0);
-    }
-    int status = 0;
-    if (waitpid(child, &status, 0) != child) failed++;
-    else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM) hung++;
-    else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failed++;
+    child_end end = fork_and_wait(free_every_op, callers);
+    hung += end == CHILD_HUNG, failed += end == CHILD_FAILED;
   }
   for (int i = 0; i < OPS; i++) atomic_store(&callers[i].stop, 1);
   for (int i = 0; i < OPS; i++) pthread_join(threads[i], NULL);
