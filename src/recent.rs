@@ -141,8 +141,8 @@ impl Recent {
         }
     }
 
-    /// The rows kept, in the order of their last occurrences.
-    pub(crate) fn rows(&self) -> Result<Vec<f32>> {
+    /// Appends the rows kept to `rows`, in the order of their last occurrences.
+    pub(crate) fn append_to(&self, rows: &mut Vec<f32>) -> Result<()> {
         let mut kept = Vec::new();
         kept.try_reserve_exact(self.index.len())
             .map_err(|_| no_room())?;
@@ -152,14 +152,12 @@ impl Recent {
                 .map(|s| (self.places[s], s)),
         );
         kept.sort_unstable();
-        let mut rows = crate::tensors::host_room(
-            kept.len() * self.numel,
-            "the solutions a call adds to its pool",
-        )?;
+        rows.try_reserve(kept.len() * self.numel)
+            .map_err(|_| no_room())?;
         for &(_, s) in &kept {
             rows.extend_from_slice(self.slot(s));
         }
-        Ok(rows)
+        Ok(())
     }
 }
 
@@ -220,7 +218,8 @@ mod tests {
                     assert!(recent.order.len() <= 2 * (capacity + 1) + 9);
                     assert!(recent.values.capacity() <= (capacity + 1) * 2);
                 }
-                let got = recent.rows().unwrap();
+                let mut got = Vec::new();
+                recent.append_to(&mut got).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "capacity {capacity}");
             }

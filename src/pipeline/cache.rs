@@ -266,9 +266,7 @@ impl Additions {
             let mut j = i;
             let mut rows = Vec::new();
             while j < parts.len() && Arc::ptr_eq(&parts[j].0, pool) {
-                let part = parts[j].1.rows()?;
-                rows.try_reserve(part.len()).map_err(|_| no_room())?;
-                rows.extend_from_slice(&part);
+                parts[j].1.append_to(&mut rows)?;
                 j += 1;
             }
             if !rows.is_empty() {
