@@ -227,6 +227,20 @@ fn imle_samples_are_answered_from_the_pool() {
     assert_eq!(cached.pool().unwrap().len(), D, "nothing new");
 }
 
+/// With a pool lacking most optima, a two-sided I-MLE VJP whose step moves no sample's
+/// optimum gives exactly zero: each moved pair is two solves or two answers (the forward's
+/// decisions, one snapshot), never a solve against an answer.
+#[test]
+fn imle_moved_pairs_are_both_solved_or_both_answered() {
+    let op = PerturbedOp::new(&config(2, 0.5), &[D as i64], &[D as i64], argmax).unwrap();
+    op.set_pool(Some(pool_of(&one_hots()[..2 * D]))).unwrap(); // e0 and e1 only
+    let (_, record) = op.imle_forward(&theta()).unwrap();
+    let g = Tensor::from_slice(&[0.5f32, -1.0, 0.25, 2.0, 0.0, -0.5]).repeat([3, 1]);
+    let grad = op.imle_vjp(&record, &g, 1e-7, true).unwrap();
+    let grad = Vec::<f32>::try_from(grad.flatten(0, -1)).unwrap();
+    assert!(grad.iter().all(|&v| v == 0.0), "{grad:?}");
+}
+
 /// A failed I-MLE VJP adds nothing to the pool, even when one of its sides was solved: the
 /// solutions join once the whole call has succeeded.
 #[test]

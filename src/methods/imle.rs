@@ -144,8 +144,11 @@ impl PerturbedOp {
     /// - two-sided: mean of (y*(x_k + λg) − y*(x_k − λg)) / (2λ).
     ///
     /// One solve per sample (two when two-sided; with a pool, the samples the forward
-    /// answered from it are answered from it too, on both sides). λ (`lambda`) finite and
-    /// > 0; `record` from [`PerturbedOp::imle_forward`] of this op.
+    /// answered from it are answered from it too, on both sides, from the pool as this
+    /// call begins: one-sided, y*(x_k) is the forward's answer, from the pool as the
+    /// forward began, so a pool grown meanwhile may answer the moved sample better even
+    /// when λg moves nothing). λ (`lambda`) finite and > 0; `record` from
+    /// [`PerturbedOp::imle_forward`] of this op.
     pub fn imle_vjp(
         &self,
         record: &ImleRecord,

@@ -253,28 +253,29 @@ impl Additions {
         Additions(Vec::new())
     }
 
-    /// Adds them, each cache's in turn, in the call's row order (all or nothing: one
-    /// addition of them all when they share a pool, as a call's do).
+    /// Adds them, each cache's in turn in the call's row order, by one addition to their
+    /// pool (all or nothing; the caches of one call share its pool).
     pub(crate) fn commit(self) -> Result<()> {
         // every snapshot of the call goes first, so that the pool changes in place when no
         // other call reads it (else the addition copies it)
         let parts: Vec<(Arc<Pool>, Recent)> =
             self.0.into_iter().map(CallCache::into_additions).collect();
-        let mut i = 0;
-        while i < parts.len() {
-            let pool = &parts[i].0;
-            let mut j = i;
-            let mut rows = Vec::new();
-            while j < parts.len() && Arc::ptr_eq(&parts[j].0, pool) {
-                parts[j].1.append_to(&mut rows)?;
-                j += 1;
-            }
-            if !rows.is_empty() {
-                pool.add_rows(&rows)?;
-            }
-            i = j;
+        let Some(pool) = parts.first().map(|(pool, _)| pool.clone()) else {
+            return Ok(());
+        };
+        let mut rows = Vec::new();
+        for (other, recent) in &parts {
+            debug_assert!(
+                Arc::ptr_eq(other, &pool),
+                "the caches of one call share its pool"
+            );
+            recent.append_to(&mut rows)?;
         }
-        Ok(())
+        if rows.is_empty() {
+            return Ok(());
+        }
+        drop(parts);
+        pool.add_rows(&rows)
     }
 }
 
