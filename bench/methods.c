@@ -6,7 +6,8 @@
  *                                                              theta + lambda * g
  *   NID     pert_op_solve + pert_negative_identity_vjp          vs the solver at theta
  *   PG      pert_perturbation_gradient (two-sided)              vs the solver at pred +- sigma * cost
- * (each solver call on BATCH rows, on the inputs the method solves), and prints a Markdown
+ * (each solver call on BATCH rows, on the inputs the method solves; the method's calls and
+ * the solver's taken in turns, so that both see the same phases of the machine), and prints a Markdown
  * table with the ratio (the library's share beyond the solves), twice: with the grid's
  * dynamic programme of examples/c/grid_shortest_path.c (about 90 ns a problem, the cheapest
  * solver there is for this graph, so the ratio is the library's share at its largest), and
@@ -84,18 +85,25 @@ static void nid(void) {
 }
 static void pg(void) { check(pert_perturbation_gradient(op, pred, cost, batch, 1.0, 1, loss, out)); }
 
-static double median_us(void (*f)(void), int calls) {
-  double *t = malloc((size_t)calls * sizeof(double));
-  if (!t) exit(1);
+/* The medians, in microseconds, of CALLS timings of `a` and of `b` taken in turns (a, b, a,
+ * b, ...) after CALLS / 4 turns of warm-up: a phase of the machine (another process, the
+ * clock) then slows both alike, and the ratio of the medians stays put. */
+static void medians_us(void (*a)(void), void (*b)(void), int calls, double *ma, double *mb) {
+  double *ta = malloc((size_t)calls * sizeof(double)), *tb = malloc((size_t)calls * sizeof(double));
+  if (!ta || !tb) exit(1);
   for (int it = -calls / 4; it < calls; it++) {
     double t0 = now();
-    f();
-    if (it >= 0) t[it] = now() - t0;
+    a();
+    double t1 = now();
+    b();
+    double t2 = now();
+    if (it >= 0) ta[it] = t1 - t0, tb[it] = t2 - t1;
   }
-  qsort(t, (size_t)calls, sizeof(double), by_value);
-  double m = t[calls / 2] * 1e6;
-  free(t);
-  return m;
+  qsort(ta, (size_t)calls, sizeof(double), by_value);
+  qsort(tb, (size_t)calls, sizeof(double), by_value);
+  *ma = ta[calls / 2] * 1e6, *mb = tb[calls / 2] * 1e6;
+  free(ta);
+  free(tb);
 }
 
 int main(int argc, char **argv) {
@@ -152,7 +160,8 @@ int main(int argc, char **argv) {
            solvers[s].name, calls);
     printf("| method | library | solver calls alone | solves | library / solves |\n|---|---|---|---|---|\n");
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
-      double a = median_us(cases[k].method, calls), b = median_us(cases[k].solves, calls);
+      double a, b;
+      medians_us(cases[k].method, cases[k].solves, calls, &a, &b);
       printf("| %s | %.1f us | %.1f us | %s | %.2fx |\n", cases[k].name, a, b, cases[k].what, a / b);
     }
     printf("\n");
