@@ -8,53 +8,114 @@
 /// fuses a multiply and an add).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
     debug_assert_eq!(a.len(), b.len());
-    #[cfg(target_arch = "x86_64")]
-    if crate::fastmath::has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { dots_avx2([(a, b)]) }[0];
-    }
-    dot_lanes(a, b)
+    dots([(a, b)])[0]
 }
 
 /// (⟨a, b⟩, ⟨c, e⟩), each as [`dot`] gives it, in one loop (the two chains of additions
 /// overlap).
 pub(crate) fn dot2(a: &[f32], b: &[f32], c: &[f32], e: &[f32]) -> (f64, f64) {
     debug_assert!(a.len() == b.len() && c.len() == e.len());
+    let [x, y] = dots([(a, b), (c, e)]);
+    (x, y)
+}
+
+/// [`dot`] of each pair, on the widest vectors the CPU has (the pairs' chains of additions
+/// overlap).
+#[inline]
+pub(crate) fn dots<const K: usize>(pairs: [(&[f32], &[f32]); K]) -> [f64; K] {
     #[cfg(target_arch = "x86_64")]
-    if crate::fastmath::has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        let [x, y] = unsafe { dots_avx2([(a, b), (c, e)]) };
-        return (x, y);
+    {
+        if crate::fastmath::has_avx512() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { dots_avx512(pairs) };
+        }
+        if crate::fastmath::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { dots_avx2(pairs) };
+        }
     }
-    (dot_lanes(a, b), dot_lanes(c, e))
+    pairs.map(|(a, b)| dot_lanes(a, b))
 }
 
 /// [`dot_lanes`] of each pair in AVX, the pairs in one loop (over the shortest pair's whole
 /// groups of eight; each pair's own remaining groups after it): lanes 0-3 in one register,
-/// 4-7 in another, each a multiply then an add (no fused multiply-add), so the same bits.
+/// 4-7 in another, so the same bits. Each lane adds its product in one fused multiply-add:
+/// the product of two float32 values is exact in f64 (24 + 24 significant bits of 53), so
+/// rounding `x·y + acc` once is rounding `acc + x·y` as `dot_lanes` does.
+/// Each four floats are loaded and widened in one step (no lane extraction: the widening
+/// is what bounds the loop).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2<const K: usize>(pairs: [(&[f32], &[f32]); K]) -> [f64; K] {
+#[inline]
+pub(crate) unsafe fn dots_avx2<const K: usize>(pairs: [(&[f32], &[f32]); K]) -> [f64; K] {
     use std::arch::x86_64::*;
-    let lens = pairs.map(|(a, b)| a.len().min(b.len()));
-    let common = lens.iter().copied().min().unwrap_or(0) / 8 * 8;
-    let mut acc = [[_mm256_setzero_pd(); 2]; K];
-    // one group of eight of pair k at i (i + 8 <= lens[k])
+    // one group of eight of a pair at i (i + 8 <= its length)
     let group = |acc: &mut [__m256d; 2], (a, b): (&[f32], &[f32]), i: usize| {
+        // SAFETY: i + 8 <= both lengths (the callers' bounds).
+        let [x_low, x_high, y_low, y_high] = unsafe {
+            [
+                a.as_ptr().add(i),
+                a.as_ptr().add(i + 4),
+                b.as_ptr().add(i),
+                b.as_ptr().add(i + 4),
+            ]
+            .map(|p| _mm256_cvtps_pd(_mm_loadu_ps(p)))
+        };
+        acc[0] = _mm256_fmadd_pd(x_low, y_low, acc[0]);
+        acc[1] = _mm256_fmadd_pd(x_high, y_high, acc[1]);
+    };
+    let lanes = |acc: &[__m256d; 2]| {
+        let mut lanes = [0.0f64; 8];
+        // SAFETY: lanes holds 8 doubles.
+        unsafe {
+            _mm256_storeu_pd(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_pd(lanes.as_mut_ptr().add(4), acc[1]);
+        }
+        lanes
+    };
+    in_groups(pairs, [_mm256_setzero_pd(); 2], group, lanes)
+}
+
+/// [`dots_avx2`] sixteen lanes wide: lanes 0-7 in one register, the same operations
+/// lane by lane, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+pub(crate) unsafe fn dots_avx512<const K: usize>(pairs: [(&[f32], &[f32]); K]) -> [f64; K] {
+    use std::arch::x86_64::*;
+    let group = |acc: &mut __m512d, (a, b): (&[f32], &[f32]), i: usize| {
         // SAFETY: i + 8 <= both lengths (the callers' bounds).
         let (x, y) = unsafe {
             (
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
+                _mm512_cvtps_pd(_mm256_loadu_ps(a.as_ptr().add(i))),
+                _mm512_cvtps_pd(_mm256_loadu_ps(b.as_ptr().add(i))),
             )
         };
-        let x_low = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
-        let y_low = _mm256_cvtps_pd(_mm256_castps256_ps128(y));
-        let x_high = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
-        let y_high = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(y));
-        acc[0] = _mm256_add_pd(acc[0], _mm256_mul_pd(x_low, y_low));
-        acc[1] = _mm256_add_pd(acc[1], _mm256_mul_pd(x_high, y_high));
+        *acc = _mm512_fmadd_pd(x, y, *acc);
     };
+    let lanes = |acc: &__m512d| {
+        let mut lanes = [0.0f64; 8];
+        // SAFETY: lanes holds 8 doubles.
+        unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), *acc) };
+        lanes
+    };
+    in_groups(pairs, _mm512_setzero_pd(), group, lanes)
+}
+
+/// The loop of the vector dots: `group(acc, pair, i)` adds the pair's products i..i + 8
+/// to its accumulator, the pairs in turn over the shortest pair's whole groups of eight,
+/// then each pair's own remaining groups; `lanes` reads an accumulator's eight lanes,
+/// which [`combine`] sums with the pair's tail.
+#[inline(always)]
+fn in_groups<const K: usize, A: Copy>(
+    pairs: [(&[f32], &[f32]); K],
+    zero: A,
+    group: impl Fn(&mut A, (&[f32], &[f32]), usize),
+    lanes: impl Fn(&A) -> [f64; 8],
+) -> [f64; K] {
+    let lens = pairs.map(|(a, b)| a.len().min(b.len()));
+    let common = lens.iter().copied().min().unwrap_or(0) / 8 * 8;
+    let mut acc = [zero; K];
     let mut i = 0;
     while i < common {
         for k in 0..K {
@@ -70,19 +131,16 @@ unsafe fn dots_avx2<const K: usize>(pairs: [(&[f32], &[f32]); K]) -> [f64; K] {
             group(&mut acc[k], pairs[k], j);
             j += 8;
         }
-        let mut lanes = [0.0f64; 8];
-        // SAFETY: lanes holds 8 doubles.
-        unsafe {
-            _mm256_storeu_pd(lanes.as_mut_ptr(), acc[k][0]);
-            _mm256_storeu_pd(lanes.as_mut_ptr().add(4), acc[k][1]);
-        }
         let (a, b) = pairs[k];
-        out[k] = combine(&lanes, &a[whole..lens[k]], &b[whole..lens[k]]);
+        out[k] = combine(&lanes(&acc[k]), &a[whole..lens[k]], &b[whole..lens[k]]);
     }
     out
 }
 
-fn dot_lanes(a: &[f32], b: &[f32]) -> f64 {
+/// [`dot`] as plain Rust, inlined into its caller: vectorized as the caller is compiled
+/// (a [`crate::vectorized::Kernel`]), the same bits either way.
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f64 {
     let mut lanes = [0.0f64; 8];
     let (mut xs, mut ys) = (a.chunks_exact(8), b.chunks_exact(8));
     for (x, y) in (&mut xs).zip(&mut ys) {
@@ -94,6 +152,7 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The eight lanes combined pairwise, plus the tail's products summed in order.
+#[inline(always)]
 fn combine(lanes: &[f64; 8], a: &[f32], b: &[f32]) -> f64 {
     let tail: f64 = a
         .iter()
@@ -124,6 +183,20 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|_| next()).collect();
             let want = dot_lanes(&a, &b);
             assert_eq!(dot(&a, &b).to_bits(), want.to_bits(), "n {n}");
+            // each vector width this CPU has, not only the widest that `dot` picks
+            #[cfg(target_arch = "x86_64")]
+            {
+                if crate::fastmath::has_avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    let [x] = unsafe { dots_avx2([(&a[..], &b[..])]) };
+                    assert_eq!(x.to_bits(), want.to_bits(), "AVX2, n {n}");
+                }
+                if crate::fastmath::has_avx512() {
+                    // SAFETY: the CPU has AVX-512F.
+                    let [x] = unsafe { dots_avx512([(&a[..], &b[..])]) };
+                    assert_eq!(x.to_bits(), want.to_bits(), "AVX-512, n {n}");
+                }
+            }
             let naive: f64 = a
                 .iter()
                 .zip(&b)

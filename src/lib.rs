@@ -31,8 +31,10 @@ mod sum_of_gamma;
 mod tuning;
 mod uninit;
 
-// dot products in a fixed order (on fast math's AVX check)
+// dot products in a fixed order (on fast math's AVX check), and loops compiled for the
+// widest vectors the CPU has, which may call them
 mod dot;
+mod vectorized;
 
 // settings with their code, and helpers: devices, noise, perturbations, input checks,
 // libtorch's CUDA libraries loaded on demand, the fused noise kernel of CUDA ops, libtorch's per-thread thread counts, tensor and host-buffer helpers

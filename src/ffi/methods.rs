@@ -25,14 +25,20 @@ unsafe fn rows<'a>(
     batch: usize,
     name: &str,
 ) -> Result<&'a [f32]> {
-    let len = input_len(op, batch)?;
-    let values = unsafe { slice(ptr, len, name) }?;
-    Rows {
-        batch,
-        d: op.input_numel(),
-    }
-    .check_finite(values, name)?;
+    let values = unsafe { unchecked_rows(ptr, op, batch, name) }?;
+    shape(op, batch).check_finite(values, name)?;
     Ok(values)
+}
+
+/// The `batch` rows of input values at `ptr`, borrowed for the call, not yet checked
+/// finite (the method checks them as it reads them).
+unsafe fn unchecked_rows<'a>(
+    ptr: *const f32,
+    op: &PerturbedOp,
+    batch: usize,
+    name: &str,
+) -> Result<&'a [f32]> {
+    unsafe { slice(ptr, input_len(op, batch)?, name) }
 }
 
 /// `batch * input_numel`, or INVALID_ARGUMENT when it overflows.
@@ -232,9 +238,10 @@ pub unsafe extern "C" fn pert_blackbox_vjp(
             return Ok(());
         }
         let out = unsafe { grad_theta_output(op, grad_theta, batch) }?;
-        let theta = unsafe { rows(op, theta, batch, "theta") }?;
-        let y = unsafe { rows(op, y, batch, "y") }?;
-        let g = unsafe { rows(op, grad_output, batch, "grad_output") }?;
+        // (checked finite by blackbox_vjp_rows)
+        let theta = unsafe { unchecked_rows(theta, op, batch, "theta") }?;
+        let y = unsafe { unchecked_rows(y, op, batch, "y") }?;
+        let g = unsafe { unchecked_rows(grad_output, op, batch, "grad_output") }?;
         let grad = op.blackbox_vjp_rows(shape(op, batch), theta, y, g, lambda)?;
         out.stage_host(grad)?.write();
         Ok(())
@@ -266,8 +273,9 @@ pub unsafe extern "C" fn pert_negative_identity_vjp(
             return Ok(());
         }
         let out = unsafe { grad_theta_output(op, grad_theta, batch) }?;
-        let g = unsafe { rows(op, grad_output, batch, "grad_output") }?;
-        let grad = op.negative_identity_vjp_rows(g)?;
+        // (checked finite by negative_identity_vjp_rows)
+        let g = unsafe { unchecked_rows(grad_output, op, batch, "grad_output") }?;
+        let grad = op.negative_identity_vjp_rows(shape(op, batch), g)?;
         out.stage_host(grad)?.write();
         Ok(())
     })
@@ -322,8 +330,9 @@ pub unsafe extern "C" fn pert_perturbation_gradient(
         }
         let len = input_len(op, batch)?;
         let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
-        let pred = unsafe { rows(op, pred_cost, batch, "pred_cost") }?;
-        let cost = unsafe { rows(op, true_cost, batch, "true_cost") }?;
+        // (checked finite by perturbation_gradient_rows)
+        let pred = unsafe { unchecked_rows(pred_cost, op, batch, "pred_cost") }?;
+        let cost = unsafe { unchecked_rows(true_cost, op, batch, "true_cost") }?;
         let (l, g) =
             op.perturbation_gradient_rows(shape(op, batch), pred, cost, sigma, two_sided != 0)?;
         write(&outputs, l, g)

@@ -4,7 +4,7 @@
 //! ICLR 2023). Both return y*(θ) forward ([`PerturbedOp::solve`]); these are their
 //! backward passes.
 
-use super::{derived, filled, pyepo_sign, step, Call, Rows};
+use super::{passes, pyepo_sign, step, Call, Rows};
 use crate::error::Result;
 use crate::op::PerturbedOp;
 use tch::Tensor;
@@ -32,8 +32,11 @@ impl PerturbedOp {
         call.like_first(&self.blackbox_vjp_rows(call.rows, &theta, &y, &g, lambda)?)
     }
 
-    /// [`PerturbedOp::blackbox_vjp`] on host rows (finite, checked by the caller; they
-    /// must not change during the call: `y` is read after the solve).
+    /// [`PerturbedOp::blackbox_vjp`] on host rows, checked here (finite); they must not
+    /// change during the call (`y` is read after the solve). θ' = θ + s·λ·g is finite only
+    /// when θ and g are: one pass makes θ' and checks it and y, and each input is checked
+    /// by itself, for the message, only when that fails; one pass makes the gradient and
+    /// checks it (`passes`).
     pub(crate) fn blackbox_vjp_rows(
         &self,
         rows: Rows,
@@ -46,11 +49,18 @@ impl PerturbedOp {
         self.require_square("the black-box gradient (DBB)")?;
         let sign = pyepo_sign(self.config().sense());
         let step = sign * lambda;
-        let shifted = derived(theta, g, |t, g| t + step * g)?;
-        rows.check_derived(&shifted, "theta + lambda * grad_output")?;
+        let (shifted, finite) = passes::map2_checked(theta, g, [y], |t, g| t + step * g)?;
+        if !finite {
+            rows.check_finite(theta, "theta")?;
+            rows.check_finite(y, "y")?;
+            rows.check_finite(g, "grad_output")?;
+            rows.check_derived(&shifted, "theta + lambda * grad_output")?;
+        }
         let w = self.solve_host_rows(&shifted, rows.batch)?;
-        let grad = derived(&w, y, |w, y| (w - y) * sign / lambda)?;
-        rows.check_result(&grad, "the black-box gradient")?;
+        let (grad, finite) = passes::map2_checked(&w, y, [], |w, y| (w - y) * sign / lambda)?;
+        if !finite {
+            rows.check_result(&grad, "the black-box gradient")?;
+        }
         Ok(grad)
     }
 
@@ -65,13 +75,17 @@ impl PerturbedOp {
             grad_output,
             "grad_output",
         )?;
-        call.like_first(&self.negative_identity_vjp_rows(&g)?)
+        call.like_first(&self.negative_identity_vjp_rows(call.rows, &g)?)
     }
 
-    /// [`PerturbedOp::negative_identity_vjp`] on host values.
-    pub(crate) fn negative_identity_vjp_rows(&self, g: &[f32]) -> Result<Vec<f32>> {
+    /// [`PerturbedOp::negative_identity_vjp`] on host rows, checked here (finite).
+    pub(crate) fn negative_identity_vjp_rows(&self, rows: Rows, g: &[f32]) -> Result<Vec<f32>> {
         self.require_square("the negative identity (NID)")?;
         let sign = -pyepo_sign(self.config().sense());
-        filled(g.len(), g.iter().map(|&g| sign * g))
+        let (grad, finite) = passes::map2_checked(g, g, [], |g, _| sign * g)?;
+        if !finite {
+            rows.check_finite(g, "grad_output")?;
+        }
+        Ok(grad)
     }
 }

@@ -21,6 +21,7 @@
 
 mod blackbox;
 mod imle;
+mod passes;
 mod perturbation_gradient;
 mod pool_losses;
 mod spo_plus;
@@ -28,7 +29,6 @@ mod spo_plus;
 pub use imle::{AimleState, ImleRecord};
 pub use pool_losses::PoolLoss;
 
-use crate::dot::{dot, dot2};
 use crate::error::{Error, Result, Status};
 use crate::op::PerturbedOp;
 use crate::settings::Sense;
@@ -167,20 +167,6 @@ impl Call {
 fn host(t: &Tensor, name: &str) -> Result<Vec<f32>> {
     crate::input::check_floats(t, name)?;
     host_floats(t)
-}
-
-/// `f(a[i], b[i])` for every `i` (the input of a solve made from two of the call's inputs,
-/// or a result from two arrays), in a buffer reserved fallibly ([`filled`]).
-fn derived(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Result<Vec<f32>> {
-    filled(a.len(), a.iter().zip(b).map(|(&x, &y)| f(x, y)))
-}
-
-/// The `n` values of `values` in a buffer reserved fallibly (TORCH_ERROR instead of an
-/// abort when memory runs out).
-fn filled(n: usize, values: impl Iterator<Item = f32>) -> Result<Vec<f32>> {
-    let mut out = crate::tensors::host_room(n, "a method's values")?;
-    out.extend(values);
-    Ok(out)
 }
 
 /// PyEPO's sign of a sense: +1 minimizing, −1 maximizing.

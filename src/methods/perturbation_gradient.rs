@@ -1,7 +1,7 @@
 //! The perturbation gradient (PG: Huang & Gupta, "Decision-Focused Learning with
 //! Directional Gradients", NeurIPS 2024).
 
-use super::{derived, dot, pyepo_sign, step, Call, Rows};
+use super::{passes, pyepo_sign, step, Call, Rows};
 use crate::error::Result;
 use crate::op::PerturbedOp;
 use tch::Tensor;
@@ -43,8 +43,10 @@ impl PerturbedOp {
         Ok((call.per_problem(&loss)?, call.like_first(&grad)?))
     }
 
-    /// [`PerturbedOp::perturbation_gradient`] on host rows (finite, checked by the
-    /// caller), all read before the solve.
+    /// [`PerturbedOp::perturbation_gradient`] on host rows, checked here (finite), all
+    /// read before the solves. ĉ ± σc is finite only when ĉ and c are: one pass makes each
+    /// solve's input and checks it, and each input is checked by itself, for the message,
+    /// only when that fails (`passes`).
     pub(crate) fn perturbation_gradient_rows(
         &self,
         rows: Rows,
@@ -58,25 +60,25 @@ impl PerturbedOp {
         let up = if two_sided { sigma } else { 0.0 };
         // two solves of `batch` problems each (a solver learns each row's problem from
         // `first_row`: one solve of 2·batch rows would name problems that do not exist)
-        let plus = derived(pred, cost, |c_hat, c| c_hat + up * c)?;
-        let minus = derived(pred, cost, |c_hat, c| c_hat - sigma * c)?;
-        rows.check_derived(&plus, "pred_cost + sigma * true_cost")?;
-        rows.check_derived(&minus, "pred_cost - sigma * true_cost")?;
+        let (plus, plus_finite) = passes::map2_checked(pred, cost, [], |c_hat, c| c_hat + up * c)?;
+        let (minus, minus_finite) =
+            passes::map2_checked(pred, cost, [], |c_hat, c| c_hat - sigma * c)?;
+        if !(plus_finite && minus_finite) {
+            rows.check_finite(pred, "pred_cost")?;
+            rows.check_finite(cost, "true_cost")?;
+            rows.check_derived(&plus, "pred_cost + sigma * true_cost")?;
+            rows.check_derived(&minus, "pred_cost - sigma * true_cost")?;
+        }
         let w_plus = self.solve_host_rows(&plus, rows.batch)?;
         let w_minus = self.solve_host_rows(&minus, rows.batch)?;
-        let (plus, minus, w_plus, w_minus) = (&plus[..], &minus[..], &w_plus[..], &w_minus[..]);
         let sign = pyepo_sign(self.config().sense());
         let width = if two_sided { 2.0 * sigma } else { sigma };
-        let loss: Vec<f32> = (0..rows.batch)
-            .map(|i| {
-                let diff = dot(rows.row(plus, i), rows.row(w_plus, i))
-                    - dot(rows.row(minus, i), rows.row(w_minus, i));
-                (f64::from(sign) * diff / f64::from(width)) as f32
-            })
-            .collect();
-        let grad = derived(w_plus, w_minus, |a, b| sign * (a - b) / width)?;
-        Rows { d: 1, ..rows }.check_result(&loss, "the PG loss")?;
-        rows.check_result(&grad, "the PG gradient")?;
+        let (loss, grad, finite) =
+            passes::pg_results(rows.d, [&plus, &minus], [&w_plus, &w_minus], sign, width)?;
+        if !finite {
+            Rows { d: 1, ..rows }.check_result(&loss, "the PG loss")?;
+            rows.check_result(&grad, "the PG gradient")?;
+        }
         Ok((loss, grad))
     }
 }

@@ -1,10 +1,8 @@
 //! SPO+ (Elmachtoub & Grigas, "Smart 'Predict, then Optimize'", Management Science 2022).
 
-use super::{derived, dot2, host, pyepo_sign, Call, Rows};
+use super::{host, passes, pyepo_sign, Call, Rows};
 use crate::error::{Error, Result};
-use crate::input::all_finite;
 use crate::op::PerturbedOp;
-use crate::tensors::host_room;
 use tch::Tensor;
 
 impl PerturbedOp {
@@ -48,11 +46,11 @@ impl PerturbedOp {
     /// and the gradient. The inputs must not change during the call (the C API's buffers
     /// are borrowed for it): `true_sol` is read after the solve.
     ///
-    /// The solve aside, this is a few passes over the rows (the library's share of a call
-    /// is benchmarked against the solver's, `make bench-methods`): q = 2ĉ − c is finite only
-    /// when ĉ and c are, so one check of q (and one of w) stands for the three inputs'
-    /// (each input is checked by itself, for the message, only when that fails); the two
-    /// dot products of a problem run in one loop, its gradient row right after them.
+    /// The solve aside, this is two passes over the rows (the library's share of a call
+    /// is benchmarked against the solver's, `make bench-methods`), in `passes`: q = 2ĉ − c
+    /// is finite only when ĉ and c are, so the first pass's check of q (and of w) stands
+    /// for the three inputs' (each input is checked by itself, for the message, only when
+    /// that fails); the second makes each problem's loss and gradient row and checks them.
     pub(crate) fn spo_plus_rows(
         &self,
         rows: Rows,
@@ -62,27 +60,25 @@ impl PerturbedOp {
         obj: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         self.require_square("SPO+")?;
-        let q = derived(pred, cost, |c_hat, c| 2.0 * c_hat - c)?;
-        if !(all_finite(&q) && all_finite(sol)) {
+        // q, and whether q and w are finite, in one pass
+        let (q, finite) = passes::map2_checked(pred, cost, [sol], |c_hat, c| 2.0 * c_hat - c)?;
+        if !finite {
             rows.check_finite(pred, "pred_cost")?;
             rows.check_finite(cost, "true_cost")?;
             rows.check_finite(sol, "true_sol")?;
         }
         Rows { d: 1, ..rows }.check_finite(obj, "true_obj")?;
-        rows.check_derived(&q, "2 * pred_cost - true_cost")?; // finite inputs can overflow
+        if !finite {
+            rows.check_derived(&q, "2 * pred_cost - true_cost")?; // finite inputs can overflow
+        }
         let wq = self.solve_host_rows(&q, rows.batch)?;
         let sign = pyepo_sign(self.config().sense());
-        let mut loss = host_room(rows.batch, "the SPO+ loss")?;
-        let mut grad = host_room(q.len(), "the SPO+ gradient")?;
-        for (i, &z) in obj.iter().enumerate().take(rows.batch) {
-            let (w, w_q) = (rows.row(sol, i), rows.row(&wq, i));
-            let (q_wq, pred_w) = dot2(rows.row(&q, i), w_q, rows.row(pred, i), w);
-            let value = -q_wq + 2.0 * pred_w - f64::from(z);
-            loss.push((f64::from(sign) * value) as f32);
-            grad.extend(w.iter().zip(w_q).map(|(&w, &w_q)| sign * 2.0 * (w - w_q)));
+        let (loss, grad, finite) =
+            passes::spo_plus_results(rows.d, &q, &wq, pred, sol, &obj[..rows.batch], sign)?;
+        if !finite {
+            Rows { d: 1, ..rows }.check_result(&loss, "the SPO+ loss")?;
+            rows.check_result(&grad, "the SPO+ gradient")?;
         }
-        Rows { d: 1, ..rows }.check_result(&loss, "the SPO+ loss")?;
-        rows.check_result(&grad, "the SPO+ gradient")?;
         Ok((loss, grad))
     }
 }

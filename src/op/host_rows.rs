@@ -77,14 +77,15 @@ impl PerturbedOp {
         stop.check()?;
         let y = match &self.solver {
             SolverKind::Host(host) => {
+                // NaN until the solver writes it: an output left unwritten is caught
                 let mut y = crate::tensors::host_room(len, "the solutions")?;
-                y.resize(len, 0.0);
+                y.resize(len, f32::NAN);
                 let at = crate::solver::SolveInfo {
                     cuda_device: None, // host solvers get host memory
                     ..at
                 };
                 let threads = self.config().effective_threads();
-                crate::pipeline::solve_rows(host, x, &mut y, rows, d, o, threads, at)?;
+                crate::pipeline::solve_nan_filled_rows(host, x, &mut y, rows, d, o, threads, at)?;
                 self.spec.count_solved(rows);
                 y
             }

@@ -23,7 +23,7 @@ use tch::Tensor;
 
 pub(crate) use cache::{Additions, CallCache};
 pub(crate) use plan::OpSpec;
-pub(crate) use solve::{solve_rows, HostSolver, SolverKind, Source};
+pub(crate) use solve::{solve_nan_filled_rows, HostSolver, SolverKind, Source};
 
 /// What a forward call computes besides y_σ(θ) (and F_σ(θ) for square ops).
 #[derive(Debug, Clone, Copy, Default)]

@@ -421,10 +421,26 @@ pub(crate) fn solve_rows(
     threads: usize,
     at: SolveInfo,
 ) -> Result<()> {
+    y.fill(f32::NAN);
+    solve_nan_filled_rows(solver, x, y, rows, d, o, threads, at)
+}
+
+/// [`solve_rows`] on outputs `y` already filled with NaN.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn solve_nan_filled_rows(
+    solver: &HostSolver,
+    x: &[f32],
+    y: &mut [f32],
+    rows: usize,
+    d: usize,
+    o: usize,
+    threads: usize,
+    at: SolveInfo,
+) -> Result<()> {
+    debug_assert!(y.iter().all(|v| v.is_nan()));
     if rows == 0 {
         return Ok(()); // the solver is never called with count 0
     }
-    y.fill(f32::NAN);
     let threads = match solver.workers() {
         Some(workers) => threads.min(workers.count()),
         None => threads,

@@ -192,8 +192,29 @@ static bool errors_write_nothing(void) {
   }
   CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_blackbox_vjp(op, x, x, bad, 2, 1.0, grad));
   CHECK(last_error_contains("grad_output[1][1] is NaN"));
+  /* the methods check their inputs as they read them: each input still named, in order */
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_blackbox_vjp(op, bad, x, x, 2, 1.0, grad));
+  CHECK(last_error_contains("theta[1][1] is NaN"));
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_blackbox_vjp(op, x, minus_inf, x, 2, 1.0, grad));
+  CHECK(last_error_contains("y[1][0] is -inf"));
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_blackbox_vjp(op, inf, x, inf, 2, 1.0, grad));
+  CHECK(last_error_contains("theta[0][1] is inf"));
+  const float huge[6] = {3e38f, 3e38f, 3e38f, 3e38f, 3e38f, 3e38f};
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_blackbox_vjp(op, huge, x, huge, 2, 10.0, grad));
+  CHECK(last_error_contains("theta + lambda * grad_output is inf at [0][0]"));
   CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_negative_identity_vjp(op, x, 2, NULL));
-  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_perturbation_gradient(op, bad, x, 2, 1.0, 0, loss, grad));
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_negative_identity_vjp(op, minus_inf, 2, grad));
+  CHECK(last_error_contains("grad_output[1][0] is -inf"));
+  for (int two_sided = 0; two_sided < 2; two_sided++) {
+    CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT,
+                 pert_perturbation_gradient(op, bad, x, 2, 1.0, two_sided, loss, grad));
+    CHECK(last_error_contains("pred_cost[1][1] is NaN"));
+    CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT,
+                 pert_perturbation_gradient(op, x, minus_inf, 2, 1.0, two_sided, loss, grad));
+    CHECK(last_error_contains("true_cost[1][0] is -inf"));
+  }
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_perturbation_gradient(op, huge, huge, 2, 1.0, 1, loss, grad));
+  CHECK(last_error_contains("pred_cost + sigma * true_cost is inf at [0][0]"));
   pert_op *failing = NULL;
   pert_config *c = NULL;
   CHECK_OK(pert_config_new(&c));
