@@ -52,11 +52,17 @@ impl OpSpec {
             stop,
             input_sums: acc.keeps_input_sums(),
         };
-        let cores = c.library_threads();
         // read in place: no code of the caller's runs during the call
         let theta_values = HostFloats::of(theta)?;
         let theta_host: &[f32] = &theta_values;
         let batch = theta_host.len() / d;
+        // a core for at least HOST_THREAD_VALUES perturbed values: a smaller share costs
+        // more to hand over than it saves (a training step's 32 × 40 × 10 runs on one)
+        let values = batch.saturating_mul(n).saturating_mul(d);
+        let cores = c
+            .library_threads()
+            .min(values / crate::tuning::HOST_THREAD_VALUES)
+            .max(1);
         let problem = |b: usize| -> Result<Problem<'_>> {
             Ok(Problem {
                 theta: &theta_host[b * d..(b + 1) * d],
