@@ -56,19 +56,19 @@ impl FusedArgmax<'_> {
     /// The sums over the samples of problem `p`, on `threads` threads; `Err` when the
     /// call is interrupted.
     pub fn problem(&self, p: Problem<'_>, threads: usize) -> Result<ProblemSums> {
-        let (theta, n) = (p.theta, p.n);
-        let d = theta.len();
-        let multiplicative = self.perturbation == Perturbation::Multiplicative;
-        let mut total = ProblemSums::zeros(d, d, self.jacobian, multiplicative)
-            .with_input_sums(d, self.input_sums);
-        let blocks = self.blocks(n);
-        let mut scratch = vec![(); threads.clamp(1, blocks.max(1))];
+        let mut total = self.zeros(p.theta.len());
+        let blocks = self.blocks(p.n);
+        let mut scratch: Vec<Tiles> = (0..threads.clamp(1, blocks.max(1)))
+            .map(|_| Tiles::default())
+            .collect();
         run_blocks::<_, _, crate::error::Error>(
             blocks,
             &mut scratch,
-            |k, _| {
+            |k, tiles| {
                 self.stop.check()?;
-                Ok(self.block(p, k))
+                let mut part = self.zeros(p.theta.len());
+                self.block(p, k, tiles, &mut part);
+                Ok(part)
             },
             |_, part| {
                 total.add(&part);
@@ -78,24 +78,59 @@ impl FusedArgmax<'_> {
         Ok(total)
     }
 
-    /// The sums of block `k` of problem `p`.
-    fn block(&self, p: Problem<'_>, k: usize) -> ProblemSums {
+    /// [`FusedArgmax::problem`] into `out` (sums of this kernel's shape for the problem's
+    /// size, from [`FusedArgmax::zeros`], whatever they hold), with `tiles` for its
+    /// buffers: a problem of one block (up to [`FUSED_BLOCK`] samples, a training step's)
+    /// is made with no allocation. The same sums, bit for bit: a block's sums start at +0
+    /// and are never −0, so they equal zero sums with them added.
+    pub fn problem_into(
+        &self,
+        p: Problem<'_>,
+        threads: usize,
+        tiles: &mut Tiles,
+        out: &mut ProblemSums,
+    ) -> Result<()> {
+        if self.blocks(p.n) > 1 {
+            *out = self.problem(p, threads)?;
+            return Ok(());
+        }
+        self.stop.check()?;
+        out.reset();
+        self.block(p, 0, tiles, out);
+        Ok(())
+    }
+
+    /// Zero sums of this kernel's shape for a problem of `d` inputs.
+    pub fn zeros(&self, d: usize) -> ProblemSums {
+        let multiplicative = self.perturbation == Perturbation::Multiplicative;
+        ProblemSums::zeros(d, d, self.jacobian, multiplicative).with_input_sums(d, self.input_sums)
+    }
+
+    /// Adds the samples of block `k` of problem `p` to `sums` (zero sums of this kernel's
+    /// shape, [`FusedArgmax::zeros`]).
+    fn block(&self, p: Problem<'_>, k: usize, tiles: &mut Tiles, sums: &mut ProblemSums) {
         #[cfg(target_arch = "x86_64")]
         if crate::fastmath::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.block_avx2(p, k) };
+            return unsafe { self.block_avx2(p, k, tiles, sums) };
         }
-        self.block_impl(p, k)
+        self.block_impl(p, k, tiles, sums)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn block_avx2(&self, p: Problem<'_>, k: usize) -> ProblemSums {
-        self.block_impl(p, k)
+    unsafe fn block_avx2(
+        &self,
+        p: Problem<'_>,
+        k: usize,
+        tiles: &mut Tiles,
+        sums: &mut ProblemSums,
+    ) {
+        self.block_impl(p, k, tiles, sums)
     }
 
     #[inline(always)]
-    fn block_impl(&self, p: Problem<'_>, k: usize) -> ProblemSums {
+    fn block_impl(&self, p: Problem<'_>, k: usize, tiles: &mut Tiles, sums: &mut ProblemSums) {
         let Problem {
             theta,
             b,
@@ -104,14 +139,16 @@ impl FusedArgmax<'_> {
         } = p;
         let d = theta.len();
         let multiplicative = self.perturbation == Perturbation::Multiplicative;
-        let mut sums = ProblemSums::zeros(d, d, self.jacobian, multiplicative)
-            .with_input_sums(d, self.input_sums);
         let (start, end) = (k * FUSED_BLOCK, ((k + 1) * FUSED_BLOCK).min(n));
-        // tiles of at most the block's rows (a problem of few samples zeroes no more)
+        // tiles of at most the block's rows (a problem of few samples zeroes no more); each
+        // tile's rows are written (drawn, perturbed) before they are read
         let tile = FUSED_TILE.min(end - start);
-        let mut z = vec![0f32; tile * d];
-        let mut s = vec![0f32; tile * d];
-        let mut x = vec![0f32; tile * d];
+        let Tiles { z, s, x } = tiles;
+        for buffer in [&mut *z, &mut *s, &mut *x] {
+            if buffer.len() < tile * d {
+                buffer.resize(tile * d, 0.0);
+            }
+        }
         let shift = 0.5 * self.sigma * self.sigma;
         let mut n0 = start;
         while n0 < end {
@@ -175,8 +212,16 @@ impl FusedArgmax<'_> {
             }
             n0 += rows;
         }
-        sums
     }
+}
+
+/// The buffers of a thread's blocks (noise, scores, perturbed inputs of a tile), kept
+/// across its blocks and problems.
+#[derive(Default)]
+pub(crate) struct Tiles {
+    z: Vec<f32>,
+    s: Vec<f32>,
+    x: Vec<f32>,
 }
 
 #[cfg(test)]

@@ -50,6 +50,21 @@ impl ProblemSums {
         }
     }
 
+    /// These sums back to zero (their shape kept).
+    pub fn reset(&mut self) {
+        for v in [
+            &mut self.sum_y,
+            &mut self.sum_s,
+            &mut self.sum_ys,
+            &mut self.sum_wy,
+            &mut self.sum_x,
+        ] {
+            v.fill(0.0);
+        }
+        self.touched.fill(false);
+        self.objective = 0.0;
+    }
+
     /// These sums with Σ x_n over `d` inputs as well, when `wanted`.
     pub fn with_input_sums(mut self, d: usize, wanted: bool) -> ProblemSums {
         if wanted {

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::estimate::Accumulator;
 use crate::interrupt::Stop;
 use crate::kernels::blocks::run_blocks;
-use crate::kernels::fused_argmax::{FusedArgmax, Problem};
+use crate::kernels::fused_argmax::{FusedArgmax, Problem, Tiles};
 use crate::pipeline::plan::OpSpec;
 use crate::pipeline::solve::{check_provided, Source};
 use crate::rng::Stream;
@@ -73,19 +73,30 @@ impl OpSpec {
         };
         if kernel.blocks(n) >= cores || batch == 1 {
             // enough blocks within each problem for every core
+            // one set of buffers and sums for every problem (no allocation per problem)
+            let (mut tiles, mut sums) = (Tiles::default(), kernel.zeros(d));
+            let mut sums_of = acc.host_adder();
             for b in 0..batch {
-                let sums = kernel.problem(problem(b)?, cores)?;
-                acc.add_sums(b as i64, &sums)?;
+                kernel.problem_into(problem(b)?, cores, &mut tiles, &mut sums)?;
+                sums_of.add(b, &sums);
             }
             Ok(())
         } else {
             // problems shared by the cores (each made exactly as above, on one)
-            let mut scratch = vec![(); cores];
+            let mut scratch: Vec<Tiles> = (0..cores).map(|_| Tiles::default()).collect();
+            let mut sums_of = acc.host_adder();
             run_blocks(
                 batch,
                 &mut scratch,
-                |b, _| kernel.problem(problem(b)?, 1),
-                |b, sums| acc.add_sums(b as i64, &sums),
+                |b, tiles| {
+                    let mut sums = kernel.zeros(d);
+                    kernel.problem_into(problem(b)?, 1, tiles, &mut sums)?;
+                    Ok(sums)
+                },
+                |b, sums| {
+                    sums_of.add(b, &sums);
+                    Ok(())
+                },
             )
         }
     }

@@ -14,56 +14,48 @@ use tch::{Device, Kind, Tensor};
 
 impl Accumulator {
     /// Adds the sums over all samples of problem `b`, made on the host, to this CPU
-    /// accumulator: in place, and only over the outputs the sums touched.
+    /// accumulator: in place, and only over the outputs the sums touched. (For many
+    /// problems, take a [`HostAdder`] once.)
     pub fn add_sums(&mut self, b: i64, sums: &ProblemSums) -> Result<()> {
+        self.host_adder().add(b as usize, sums);
+        Ok(())
+    }
+
+    /// This CPU accumulator's sums as slices, to add many problems' sums to: each slice
+    /// taken from its tensor costs several libtorch calls, which a small call's many
+    /// problems would otherwise pay each.
+    pub fn host_adder(&mut self) -> HostAdder<'_> {
         self.zero_sums();
-        let (b, o) = (b as usize, self.o as usize);
-        let d = sums.sum_s.len();
-        let sum_y = &mut host_slice::<f64>(&mut self.sum_y)[b * o..(b + 1) * o];
-        let mut jacobian = match (&mut self.kept, &mut self.sum_s) {
+        let jacobian = match (&mut self.kept, &mut self.sum_s) {
             (Some(Kept::Sums(sum_ys)), Some(sum_s)) => {
-                for (a, v) in host_slice::<f64>(sum_s)[b * d..(b + 1) * d]
-                    .iter_mut()
-                    .zip(&sums.sum_s)
-                {
-                    *a += v;
-                }
-                Some(&mut host_slice::<f32>(sum_ys)[b * o * d..(b + 1) * o * d])
+                Some((host_slice::<f64>(sum_s), host_slice::<f32>(sum_ys)))
             }
             _ => None,
         };
-        let mut weighted = match &mut self.objective {
+        let objective = match &mut self.objective {
             Some(ObjectiveSums {
                 value,
                 weighted,
                 inputs,
             }) => {
-                host_slice::<f64>(value)[b] += sums.objective;
-                let xw = inputs.size()[1] as usize;
-                let target = &mut host_slice::<f64>(inputs)[b * xw..(b + 1) * xw];
-                for (a, v) in target.iter_mut().zip(&sums.sum_x) {
-                    *a += v;
-                }
-                let w = weighted.size()[1] as usize;
-                Some(&mut host_slice::<f64>(weighted)[b * w..(b + 1) * w]).filter(|s| !s.is_empty())
+                let (inputs_width, weighted_width) =
+                    (inputs.size()[1] as usize, weighted.size()[1] as usize);
+                Some(ObjectiveSlices {
+                    value: host_slice::<f64>(value),
+                    inputs: host_slice::<f64>(inputs),
+                    inputs_width,
+                    weighted: host_slice::<f64>(weighted),
+                    weighted_width,
+                })
             }
             None => None,
         };
-        for (i, _) in sums.touched.iter().enumerate().filter(|(_, &t)| t) {
-            sum_y[i] += sums.sum_y[i];
-            if let Some(target) = jacobian.as_deref_mut() {
-                for (a, v) in target[i * d..(i + 1) * d]
-                    .iter_mut()
-                    .zip(&sums.sum_ys[i * d..(i + 1) * d])
-                {
-                    *a += *v as f32;
-                }
-            }
-            if let Some(target) = weighted.as_deref_mut() {
-                target[i] += sums.sum_wy[i];
-            }
+        HostAdder {
+            o: self.o as usize,
+            sum_y: host_slice::<f64>(&mut self.sum_y),
+            jacobian,
+            objective,
         }
-        Ok(())
     }
 
     /// The call's float64 sums Σ Y_n `[batch, o]`, and Σ ⟨x_n, Y_n⟩ `[batch]` and
@@ -250,4 +242,74 @@ pub(super) fn mean_of(mut sums: Tensor, nf: f64) -> Result<Tensor> {
         .map(|&x| x / nf)
         .collect();
     crate::tensors::from_slice(&value)
+}
+
+/// A CPU accumulator's sums as slices ([`Accumulator::host_adder`]).
+pub(crate) struct HostAdder<'a> {
+    o: usize,
+    /// Σ Y_n `[batch, o]`.
+    sum_y: &'a mut [f64],
+    /// Σ s_n `[batch, d]` and Σ Y_n s_nᵀ `[batch, o, d]`, for a tape of sums.
+    jacobian: Option<(&'a mut [f64], &'a mut [f32])>,
+    objective: Option<ObjectiveSlices<'a>>,
+}
+
+/// The objective's sums as slices.
+struct ObjectiveSlices<'a> {
+    /// Σ ⟨x_n, Y_n⟩ `[batch]`.
+    value: &'a mut [f64],
+    /// Σ x_n `[batch, inputs_width]` (width 0 when not kept).
+    inputs: &'a mut [f64],
+    inputs_width: usize,
+    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, weighted_width]` (width 0 when not kept).
+    weighted: &'a mut [f64],
+    weighted_width: usize,
+}
+
+impl HostAdder<'_> {
+    /// Adds the sums over all samples of problem `b`: in place, and only over the outputs
+    /// the sums touched.
+    pub fn add(&mut self, b: usize, sums: &ProblemSums) {
+        let o = self.o;
+        let d = sums.sum_s.len();
+        let sum_y = &mut self.sum_y[b * o..(b + 1) * o];
+        let mut jacobian = match &mut self.jacobian {
+            Some((sum_s, sum_ys)) => {
+                for (a, v) in sum_s[b * d..(b + 1) * d].iter_mut().zip(&sums.sum_s) {
+                    *a += v;
+                }
+                Some(&mut sum_ys[b * o * d..(b + 1) * o * d])
+            }
+            None => None,
+        };
+        let mut weighted = match &mut self.objective {
+            Some(objective) => {
+                objective.value[b] += sums.objective;
+                let xw = objective.inputs_width;
+                for (a, v) in objective.inputs[b * xw..(b + 1) * xw]
+                    .iter_mut()
+                    .zip(&sums.sum_x)
+                {
+                    *a += v;
+                }
+                let w = objective.weighted_width;
+                Some(&mut objective.weighted[b * w..(b + 1) * w]).filter(|s| !s.is_empty())
+            }
+            None => None,
+        };
+        for (i, _) in sums.touched.iter().enumerate().filter(|(_, &t)| t) {
+            sum_y[i] += sums.sum_y[i];
+            if let Some(target) = jacobian.as_deref_mut() {
+                for (a, v) in target[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(&sums.sum_ys[i * d..(i + 1) * d])
+                {
+                    *a += *v as f32;
+                }
+            }
+            if let Some(target) = weighted.as_deref_mut() {
+                target[i] += sums.sum_wy[i];
+            }
+        }
+    }
 }
