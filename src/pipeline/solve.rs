@@ -386,7 +386,7 @@ pub(crate) fn solve_host(
     };
     let rows = x.size()[0] as usize;
     let d = x.numel() / rows.max(1);
-    // initialized before it is viewed as a slice (solve_rows then fills it with NaN)
+    // initialized before it is viewed as a slice (then filled with NaN)
     let y = staged(Tensor::f_zeros(
         [rows as i64, o as i64],
         (Kind::Float, Device::Cpu),
@@ -402,30 +402,15 @@ pub(crate) fn solve_host(
             std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, rows * o),
         )
     };
-    solve_rows(solver, xs, ys, rows, d, o, threads, at)?;
+    ys.fill(f32::NAN);
+    solve_nan_filled_rows(solver, xs, ys, rows, d, o, threads, at)?;
     Ok(y)
 }
 
 /// Calls the solver on `rows` problems, split into contiguous slices over `threads`
 /// threads (the solver's workers when it has them; row r of the whole is row `r` after
-/// `at.first_row`), and checks that every output is finite. Outputs are pre-filled with
-/// NaN so that a solver that writes nothing is caught.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn solve_rows(
-    solver: &HostSolver,
-    x: &[f32],
-    y: &mut [f32],
-    rows: usize,
-    d: usize,
-    o: usize,
-    threads: usize,
-    at: SolveInfo,
-) -> Result<()> {
-    y.fill(f32::NAN);
-    solve_nan_filled_rows(solver, x, y, rows, d, o, threads, at)
-}
-
-/// [`solve_rows`] on outputs `y` already filled with NaN.
+/// `at.first_row`), and checks that every output is finite. The outputs `y` come filled
+/// with NaN, so that a solver that writes nothing is caught.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn solve_nan_filled_rows(
     solver: &HostSolver,

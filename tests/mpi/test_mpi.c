@@ -277,6 +277,12 @@ static int32_t solve_wide(void *user_data, const pert_solve_info *info, const fl
       struct timespec t = {2, 0};
       nanosleep(&t, NULL);
     }
+    /* root's own blocks slow too: the dispatcher hands blocks to the other ranks meanwhile,
+     * whatever the scheduling (else root's driver can take all 60 rows, rank 1 none) */
+    if (x[r * D + 1] == SLEEPY && my_rank == 0 && r == 0) {
+      struct timespec t = {0, 300000000};
+      nanosleep(&t, NULL);
+    }
     memset(y + r * WIDE, 0, WIDE * sizeof(float));
     y[r * WIDE + (size_t)(r % WIDE)] = 1.0f;
   }
