@@ -499,3 +499,49 @@ fn pooled_equals_unpooled_and_plain_callbacks_get_gathered_rows() {
     let made = calls.load(Ordering::Relaxed);
     assert!(made * 3 < solved, "{made} solver calls for {solved} rows");
 }
+
+/// SPO+, DBB and PG grow the pool with their solves only when the call succeeds: a call
+/// whose results overflow float32 after its solves adds nothing (as I-MLE's).
+#[test]
+fn a_failed_method_call_adds_nothing_to_the_pool() {
+    let identity = |x: &[f32], _count: usize, y: &mut [f32]| -> Result<(), String> {
+        y.copy_from_slice(x); // every solution its own: each one new to the pool
+        Ok(())
+    };
+    let c = config(1, 1.0);
+    let op = PerturbedOp::new(&c, &[D as i64], &[D as i64], identity).unwrap();
+    let pool = Arc::new(Pool::new(&[D as i64], 10_000).unwrap());
+    op.set_pool(Some(pool.clone())).unwrap();
+    let row = |v: [f32; D]| Tensor::from_slice(&v).reshape([1, D as i64]);
+    let big = row([3e38, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    // DBB: w = θ + λg = -3e38 (g = 0 but in entry 0), y = 3e38: (w - y) / λ overflows
+    let theta = row([-3e38, 0.5, 0.5, 0.5, 0.5, 0.5]);
+    let g = row([0.0; D]);
+    let e = op.blackbox_vjp(&theta, &big, &g, 10.0).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+    // SPO+: q = 2ĉ - c = -3e38 solved to itself, w = 3e38: 2(w - w*(q)) overflows
+    let (pred, cost) = (row([0.0; D]), big.copy());
+    let obj = Tensor::from_slice(&[0.0f32]);
+    let e = op.spo_plus(&pred, &cost, &big, &obj).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+    // PG: ĉ ± σc = ±3e38 solved to themselves: w₊ - w₋ overflows
+    let zero = row([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    let e = op
+        .perturbation_gradient(&zero, &big, 1.0, true)
+        .unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+    assert_eq!(pool.len(), 0, "nothing added by the failed calls");
+    // the same calls that succeed add their solutions
+    let _ = op.blackbox_vjp(&zero, &zero, &g, 10.0).unwrap();
+    assert_eq!(pool.len(), 1, "DBB's solution");
+    let _ = op.spo_plus(&zero, &zero, &zero, &obj).unwrap();
+    assert_eq!(
+        pool.len(),
+        1,
+        "SPO+'s solution at 2ĉ - c = ĉ: already a member"
+    );
+    let _ = op
+        .perturbation_gradient(&zero, &row([1.0; D]), 1.0, true)
+        .unwrap();
+    assert_eq!(pool.len(), 3, "PG's two solutions");
+}

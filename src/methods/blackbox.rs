@@ -56,11 +56,12 @@ impl PerturbedOp {
             rows.check_finite(g, "grad_output")?;
             rows.check_derived(&shifted, "theta + lambda * grad_output")?;
         }
-        let w = self.solve_host_rows(&shifted, rows.batch)?;
+        let w = self.solve_host_rows_unpooled(&shifted, rows.batch)?;
         let (grad, finite) = passes::map2_checked(&w, y, [], |w, y| (w - y) * sign / lambda)?;
         if !finite {
             rows.check_result(&grad, "the black-box gradient")?;
         }
+        self.grow_pool(&w)?; // (once nothing can fail: a failed call adds nothing)
         Ok(grad)
     }
 

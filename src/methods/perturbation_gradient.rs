@@ -69,8 +69,8 @@ impl PerturbedOp {
             rows.check_derived(&plus, "pred_cost + sigma * true_cost")?;
             rows.check_derived(&minus, "pred_cost - sigma * true_cost")?;
         }
-        let w_plus = self.solve_host_rows(&plus, rows.batch)?;
-        let w_minus = self.solve_host_rows(&minus, rows.batch)?;
+        let w_plus = self.solve_host_rows_unpooled(&plus, rows.batch)?;
+        let w_minus = self.solve_host_rows_unpooled(&minus, rows.batch)?;
         let sign = pyepo_sign(self.config().sense());
         let width = if two_sided { 2.0 * sigma } else { sigma };
         let (loss, grad, finite) =
@@ -79,6 +79,9 @@ impl PerturbedOp {
             Rows { d: 1, ..rows }.check_result(&loss, "the PG loss")?;
             rows.check_result(&grad, "the PG gradient")?;
         }
+        // (once nothing can fail: a failed call adds nothing)
+        self.grow_pool(&w_plus)?;
+        self.grow_pool(&w_minus)?;
         Ok((loss, grad))
     }
 }

@@ -71,7 +71,7 @@ impl PerturbedOp {
         if !finite {
             rows.check_derived(&q, "2 * pred_cost - true_cost")?; // finite inputs can overflow
         }
-        let wq = self.solve_host_rows(&q, rows.batch)?;
+        let wq = self.solve_host_rows_unpooled(&q, rows.batch)?;
         let sign = pyepo_sign(self.config().sense());
         let (loss, grad, finite) =
             passes::spo_plus_results(rows.d, &q, &wq, pred, sol, &obj[..rows.batch], sign)?;
@@ -79,6 +79,7 @@ impl PerturbedOp {
             Rows { d: 1, ..rows }.check_result(&loss, "the SPO+ loss")?;
             rows.check_result(&grad, "the SPO+ gradient")?;
         }
+        self.grow_pool(&wq)?; // (once nothing can fail: a failed call adds nothing)
         Ok((loss, grad))
     }
 }

@@ -11,9 +11,16 @@ impl PerturbedOp {
     /// (no tensor is made), others through the op's solve. For the methods of
     /// `crate::methods`, whose inputs are host rows of their own.
     pub(crate) fn solve_host_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let y = self.solve_rows_at(x, rows, self.spec.rows_at(true, 0, rows))?;
+        let y = self.solve_host_rows_unpooled(x, rows)?;
         self.grow_pool(&y)?;
         Ok(y)
+    }
+
+    /// [`PerturbedOp::solve_host_rows`] with the pool, if any, not grown: a method that
+    /// can still fail after its solves grows it ([`PerturbedOp::grow_pool`]) once it has
+    /// succeeded, so that a failed call adds nothing to the pool.
+    pub(crate) fn solve_host_rows_unpooled(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.solve_rows_at(x, rows, self.spec.rows_at(true, 0, rows))
     }
 
     /// The cache of I-MLE's samples of call `call` (the decisions of a forward call of
@@ -106,7 +113,7 @@ impl PerturbedOp {
     }
 
     /// Adds a plain solve's solutions to the op's pool, if it has one.
-    pub(super) fn grow_pool(&self, y: &[f32]) -> Result<()> {
+    pub(crate) fn grow_pool(&self, y: &[f32]) -> Result<()> {
         match self.pool() {
             Some(pool) => pool.add_rows(y),
             None => Ok(()),
