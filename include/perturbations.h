@@ -1414,9 +1414,9 @@ void pert_pool_free(struct pert_pool *pool);
  all its solutions in row order would leave it. Its extra memory is at most capacity + 1
  rows of output_numel floats and a few words per row, however many samples it solves.
  I-MLE's samples join the same way, once all of a forward's or a VJP's samples are
- solved. The solutions of `pert_op_solve`, of the other methods and of the pool
- losses' refreshes join as each of their solves succeeds (a call that fails later may
- have added some). While the pool is
+ solved. Those of SPO+, DBB and PG join once the whole call has succeeded, as one
+ addition of the call's solutions in order (a call that fails adds nothing); those of
+ `pert_op_solve` and of the pool losses' refreshes as each solve succeeds. While the pool is
  empty every sample is solved. A solver told where its rows sit (`pert_op_new_ex`,
  `pert_op_new_device`) gets each run of consecutive solved rows as a call of its own; a
  plain callback gets a block's solved rows gathered into one call.

@@ -188,8 +188,9 @@ impl PerturbedOp {
     /// pool: a forward or Fenchel-Young call's once the call has succeeded (those new to
     /// the pool when it began, the capacity that occur last in row order, added by
     /// [`Pool::add_rows`]' rule; meanwhile the call keeps at most the capacity), those of
-    /// [`PerturbedOp::solve`], the other methods and the pool losses' refreshes as each
-    /// solve succeeds. The
+    /// SPO+, DBB and PG once the whole call has succeeded (one addition of the call's
+    /// solutions in order: a call that fails adds nothing), those of
+    /// [`PerturbedOp::solve`] and the pool losses' refreshes as each solve succeeds. The
     /// estimate is then the mean over samples of those answers: exact where the pool holds
     /// each answered sample's optimum, biased towards the pool's members where it does
     /// not (a sample's answer is never better than its optimum).

@@ -270,4 +270,68 @@ mod tests {
             assert_eq!(one.sum_y.iter().sum::<f64>(), n as f64);
         }
     }
+
+    /// A problem made into reused buffers and sums (after other problems, of more and of
+    /// fewer samples) equals the problem made alone, bit for bit: every noise and
+    /// perturbation, with and without Jacobian and input sums, and with solutions handed
+    /// back that hold negative values and signed zeros.
+    #[test]
+    fn problems_into_reused_sums_equal_problems_made_alone() {
+        let stream = Stream::new(5, 2);
+        let thetas = [[0.1f32, -0.2, 0.3, 0.0, 0.25], [-1.0, 2.0, 0.5, -0.5, 0.0]];
+        let d = 5;
+        let provided: Vec<f32> = (0..40 * d)
+            .map(|i| match i % 7 {
+                0 => -0.0,
+                1 => -2.5,
+                3 => 1.0,
+                5 => 0.75,
+                _ => 0.0,
+            })
+            .collect();
+        for (noise, perturbation, antithetic) in [
+            (Noise::Gumbel, Perturbation::Additive, false),
+            (Noise::Normal, Perturbation::Additive, true),
+            (Noise::Normal, Perturbation::Multiplicative, false),
+        ] {
+            for (jacobian, input_sums, solutions) in [
+                (true, false, None),
+                (false, true, None),
+                (true, true, Some(&provided[..])),
+            ] {
+                let k = FusedArgmax {
+                    jacobian,
+                    input_sums,
+                    ..kernel(&stream, noise, perturbation, antithetic)
+                };
+                let (mut tiles, mut sums) = (Tiles::default(), k.zeros(d));
+                for (b, n) in [(0, 40), (1, 3), (0, 17), (1, 40)] {
+                    let p = Problem {
+                        theta: &thetas[b],
+                        b,
+                        n,
+                        solutions: solutions.map(|all| &all[..n * d]),
+                    };
+                    k.problem_into(p, 1, &mut tiles, &mut sums).unwrap();
+                    let alone = k.problem(p, 1).unwrap();
+                    assert_eq!(
+                        sums, alone,
+                        "{noise:?} {perturbation:?} problem {b}, {n} samples"
+                    );
+                    // bit for bit (== would take -0.0 for +0.0)
+                    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    for (a, b) in [
+                        (&sums.sum_y, &alone.sum_y),
+                        (&sums.sum_s, &alone.sum_s),
+                        (&sums.sum_ys, &alone.sum_ys),
+                        (&sums.sum_wy, &alone.sum_wy),
+                        (&sums.sum_x, &alone.sum_x),
+                    ] {
+                        assert_eq!(bits(a), bits(b));
+                    }
+                    assert_eq!(sums.objective.to_bits(), alone.objective.to_bits());
+                }
+            }
+        }
+    }
 }

@@ -79,9 +79,8 @@ impl PerturbedOp {
             Rows { d: 1, ..rows }.check_result(&loss, "the PG loss")?;
             rows.check_result(&grad, "the PG gradient")?;
         }
-        // (once nothing can fail: a failed call adds nothing)
-        self.grow_pool(&w_plus)?;
-        self.grow_pool(&w_minus)?;
+        // (once nothing can fail, as one addition: a failed call adds nothing)
+        self.grow_pool_with(&[&w_plus, &w_minus])?;
         Ok((loss, grad))
     }
 }

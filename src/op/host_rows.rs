@@ -114,9 +114,25 @@ impl PerturbedOp {
 
     /// Adds a plain solve's solutions to the op's pool, if it has one.
     pub(crate) fn grow_pool(&self, y: &[f32]) -> Result<()> {
-        match self.pool() {
-            Some(pool) => pool.add_rows(y),
-            None => Ok(()),
+        self.grow_pool_with(&[y])
+    }
+
+    /// Adds the solutions of a call's solves (`parts`, in order) to the op's pool, if it
+    /// has one, as one addition: all or nothing.
+    pub(crate) fn grow_pool_with(&self, parts: &[&[f32]]) -> Result<()> {
+        let Some(pool) = self.pool() else {
+            return Ok(());
+        };
+        match parts {
+            [one] => pool.add_rows(one),
+            _ => {
+                let n = parts.iter().map(|p| p.len()).sum();
+                let mut rows = crate::tensors::host_room(n, "the solutions added to the pool")?;
+                for part in parts {
+                    rows.extend_from_slice(part);
+                }
+                pool.add_rows(&rows)
+            }
         }
     }
 }
