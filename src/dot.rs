@@ -22,7 +22,7 @@ pub(crate) fn dot2(a: &[f32], b: &[f32], c: &[f32], e: &[f32]) -> (f64, f64) {
 /// [`dot`] of each pair, on the widest vectors the CPU has (the pairs' chains of additions
 /// overlap).
 #[inline]
-pub(crate) fn dots<const K: usize>(pairs: [(&[f32], &[f32]); K]) -> [f64; K] {
+fn dots<const K: usize>(pairs: [(&[f32], &[f32]); K]) -> [f64; K] {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::fastmath::has_avx512() {

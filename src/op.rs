@@ -17,6 +17,7 @@ use std::sync::Arc;
 use tch::{Device, Tensor};
 
 mod host_rows;
+pub(crate) use host_rows::PoolAddition;
 
 /// XORed into the seed for the stream that decides whether a pool-based loss solves its
 /// batch (apart from the noise's and the samples' decisions).

@@ -149,7 +149,11 @@ impl Pool {
                 rows.len()
             )));
         }
-        if let Some(i) = rows.iter().position(|v| !v.is_finite()) {
+        // (one vectorized pass when all are finite, as solutions checked by a call are)
+        let first_bad = (!crate::input::all_finite(rows))
+            .then(|| rows.iter().position(|v| !v.is_finite()))
+            .flatten();
+        if let Some(i) = first_bad {
             return Err(Error::new(
                 Status::NonFiniteInput,
                 format!(

@@ -514,7 +514,7 @@ fn a_failed_method_call_adds_nothing_to_the_pool() {
     op.set_pool(Some(pool.clone())).unwrap();
     let row = |v: [f32; D]| Tensor::from_slice(&v).reshape([1, D as i64]);
     let big = row([3e38, 1.0, 2.0, 3.0, 4.0, 5.0]);
-    // DBB: w = θ + λg = -3e38 (g = 0 but in entry 0), y = 3e38: (w - y) / λ overflows
+    // DBB: g = 0, so w = θ = (-3e38, ...), against y = (3e38, ...): (w - y) / λ overflows
     let theta = row([-3e38, 0.5, 0.5, 0.5, 0.5, 0.5]);
     let g = row([0.0; D]);
     let e = op.blackbox_vjp(&theta, &big, &g, 10.0).unwrap_err();
@@ -534,14 +534,11 @@ fn a_failed_method_call_adds_nothing_to_the_pool() {
     // the same calls that succeed add their solutions
     let _ = op.blackbox_vjp(&zero, &zero, &g, 10.0).unwrap();
     assert_eq!(pool.len(), 1, "DBB's solution");
-    let _ = op.spo_plus(&zero, &zero, &zero, &obj).unwrap();
-    assert_eq!(
-        pool.len(),
-        1,
-        "SPO+'s solution at 2ĉ - c = ĉ: already a member"
-    );
+    // q = 2ĉ - c = 2 - (0, 1, ..., 5): a new solution
+    let _ = op.spo_plus(&row([1.0; D]), &zero, &zero, &obj).unwrap();
+    assert_eq!(pool.len(), 2, "SPO+'s solution");
     let _ = op
         .perturbation_gradient(&zero, &row([1.0; D]), 1.0, true)
         .unwrap();
-    assert_eq!(pool.len(), 3, "PG's two solutions");
+    assert_eq!(pool.len(), 4, "PG's two solutions");
 }

@@ -10,7 +10,7 @@ use super::op::pert_op;
 use super::status::pert_status;
 use crate::error::Result;
 use crate::methods::Rows;
-use crate::op::PerturbedOp;
+use crate::op::{PerturbedOp, PoolAddition};
 use crate::shape::checked_product;
 
 /// `batch` rows of the op's input shape at `ptr`, borrowed and checked finite
@@ -68,9 +68,9 @@ pub(super) fn shape(op: &PerturbedOp, batch: usize) -> Rows {
 
 /// Writes a loss and its gradient (when asked for), staged together.
 pub(super) fn write(
+    op: &PerturbedOp,
     outputs: &(boundary::Output, Option<boundary::Output>),
-    loss: Vec<f32>,
-    grad: Vec<f32>,
+    (loss, grad, addition): (Vec<f32>, Vec<f32>, PoolAddition),
 ) -> Result<()> {
     let loss = outputs.0.stage_host(loss)?;
     let grad = outputs
@@ -78,6 +78,8 @@ pub(super) fn write(
         .as_ref()
         .map(|out| out.stage_host(grad))
         .transpose()?;
+    // (the pool's addition once every output is staged, before any is written)
+    addition.commit(op)?;
     loss.write();
     if let Some(grad) = grad {
         grad.write();
@@ -192,12 +194,12 @@ pub unsafe extern "C" fn pert_spo_plus(
         let len = input_len(op, batch)?;
         let outputs = unsafe { boundary::loss_and_grad_outputs(loss, batch, (grad, len, "grad")) }?;
         // (checked finite by spo_plus_rows)
-        let pred = unsafe { slice(pred_cost, len, "pred_cost") }?;
-        let cost = unsafe { slice(true_cost, len, "true_cost") }?;
-        let sol = unsafe { slice(true_sol, len, "true_sol") }?;
+        let pred = unsafe { unchecked_rows(pred_cost, op, batch, "pred_cost") }?;
+        let cost = unsafe { unchecked_rows(true_cost, op, batch, "true_cost") }?;
+        let sol = unsafe { unchecked_rows(true_sol, op, batch, "true_sol") }?;
         let obj = unsafe { slice(true_obj, batch, "true_obj") }?;
-        let (l, g) = op.spo_plus_rows(shape(op, batch), pred, cost, sol, obj)?;
-        write(&outputs, l, g)
+        let results = op.spo_plus_rows(shape(op, batch), pred, cost, sol, obj)?;
+        write(op, &outputs, results)
     })
 }
 
@@ -242,8 +244,10 @@ pub unsafe extern "C" fn pert_blackbox_vjp(
         let theta = unsafe { unchecked_rows(theta, op, batch, "theta") }?;
         let y = unsafe { unchecked_rows(y, op, batch, "y") }?;
         let g = unsafe { unchecked_rows(grad_output, op, batch, "grad_output") }?;
-        let grad = op.blackbox_vjp_rows(shape(op, batch), theta, y, g, lambda)?;
-        out.stage_host(grad)?.write();
+        let (grad, addition) = op.blackbox_vjp_rows(shape(op, batch), theta, y, g, lambda)?;
+        let grad = out.stage_host(grad)?;
+        addition.commit(op)?; // (once the output is staged, before it is written)
+        grad.write();
         Ok(())
     })
 }
@@ -333,9 +337,9 @@ pub unsafe extern "C" fn pert_perturbation_gradient(
         // (checked finite by perturbation_gradient_rows)
         let pred = unsafe { unchecked_rows(pred_cost, op, batch, "pred_cost") }?;
         let cost = unsafe { unchecked_rows(true_cost, op, batch, "true_cost") }?;
-        let (l, g) =
+        let results =
             op.perturbation_gradient_rows(shape(op, batch), pred, cost, sigma, two_sided != 0)?;
-        write(&outputs, l, g)
+        write(op, &outputs, results)
     })
 }
 

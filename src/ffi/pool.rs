@@ -5,6 +5,7 @@ use super::handle::{handle, Handle};
 use super::methods::{input_len, method_op, shape as rows_of, write};
 use super::op::{pert_op, shape};
 use super::status::pert_status;
+use crate::op::PoolAddition;
 use crate::pool::Pool;
 use crate::shape::checked_product;
 use crate::PoolLoss;
@@ -190,7 +191,7 @@ unsafe fn pool_loss(
             return Ok(());
         }
         let (l, g) = op.pool_loss_rows(loss_kind, rows_of(op, batch), pred, target)?;
-        write(&outputs, l, g)
+        write(op, &outputs, (l, g, PoolAddition::none()))
     })
 }
 

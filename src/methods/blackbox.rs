@@ -6,7 +6,7 @@
 
 use super::{passes, pyepo_sign, step, Call, Rows};
 use crate::error::Result;
-use crate::op::PerturbedOp;
+use crate::op::{PerturbedOp, PoolAddition};
 use tch::Tensor;
 
 impl PerturbedOp {
@@ -29,14 +29,18 @@ impl PerturbedOp {
         let (call, theta) = Call::of(self, "the black-box gradient (DBB)", theta, "theta")?;
         let y = call.rows(y, "y")?;
         let g = call.rows(grad_output, "grad_output")?;
-        call.like_first(&self.blackbox_vjp_rows(call.rows, &theta, &y, &g, lambda)?)
+        let (grad, addition) = self.blackbox_vjp_rows(call.rows, &theta, &y, &g, lambda)?;
+        let grad = call.like_first(&grad)?;
+        addition.commit(self)?;
+        Ok(grad)
     }
 
     /// [`PerturbedOp::blackbox_vjp`] on host rows, checked here (finite); they must not
     /// change during the call (`y` is read after the solve). θ' = θ + s·λ·g is finite only
     /// when θ and g are: one pass makes θ' and checks it and y, and each input is checked
     /// by itself, for the message, only when that fails; one pass makes the gradient and
-    /// checks it (`passes`).
+    /// checks it (`passes`). The solutions, for the op's pool, are committed by the caller
+    /// once the call has succeeded ([`PoolAddition`]).
     pub(crate) fn blackbox_vjp_rows(
         &self,
         rows: Rows,
@@ -44,7 +48,7 @@ impl PerturbedOp {
         y: &[f32],
         g: &[f32],
         lambda: f64,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<(Vec<f32>, PoolAddition)> {
         let lambda = step(lambda, "lambda")?;
         self.require_square("the black-box gradient (DBB)")?;
         let sign = pyepo_sign(self.config().sense());
@@ -61,8 +65,7 @@ impl PerturbedOp {
         if !finite {
             rows.check_result(&grad, "the black-box gradient")?;
         }
-        self.grow_pool(&w)?; // (once nothing can fail: a failed call adds nothing)
-        Ok(grad)
+        Ok((grad, PoolAddition(vec![w])))
     }
 
     /// NID's gradient with respect to θ of a loss whose gradient with respect to the

@@ -102,17 +102,15 @@ pub(super) fn spo_plus_results(
 ) -> Result<(Vec<f32>, Vec<f32>, bool)> {
     let (batch, n) = (obj.len(), q.len());
     assert!(batch * d == n && [w_q, pred, sol].iter().all(|s| s.len() == n));
-    let loss = losses(
-        d,
-        batch,
+    let twice = sign * 2.0;
+    losses_and_gradient(
+        (d, batch),
         [(q, w_q), (pred, sol)],
         |i, [q_wq, pred_w]| (f64::from(sign) * (-q_wq + 2.0 * pred_w - f64::from(obj[i]))) as f32,
-        "the SPO+ loss",
-    )?;
-    let twice = sign * 2.0;
-    let (grad, finite) = map2_checked(sol, w_q, [], |w, w_q| twice * (w - w_q))?;
-    let finite = finite && crate::input::all_finite(&loss);
-    Ok((loss, grad, finite))
+        [sol, w_q],
+        |w, w_q| twice * (w - w_q),
+        "the SPO+ results",
+    )
 }
 
 /// PG's results from its two solves (rows of `d` values): per problem `i`, the loss
@@ -129,14 +127,29 @@ pub(super) fn pg_results(
     let n = plus.len();
     let batch = n.checked_div(d).unwrap_or(0);
     assert!(batch * d == n && [minus, w_plus, w_minus].iter().all(|s| s.len() == n));
-    let loss = losses(
-        d,
-        batch,
+    losses_and_gradient(
+        (d, batch),
         [(plus, w_plus), (minus, w_minus)],
         |_, [up, down]| (f64::from(sign) * (up - down) / f64::from(width)) as f32,
-        "the PG loss",
-    )?;
-    let (grad, finite) = map2_checked(w_plus, w_minus, [], |a, b| sign * (a - b) / width)?;
+        [w_plus, w_minus],
+        |a, b| sign * (a - b) / width,
+        "the PG results",
+    )
+}
+
+/// A method's results from its solves: per problem `i` (rows of `d`), the loss
+/// `value(i, dots)` ([`losses`]), and the gradient `f(g₀[k], g₁[k])` of `[g₀, g₁]`;
+/// and whether every loss and gradient value is finite.
+fn losses_and_gradient(
+    (d, batch): (usize, usize),
+    pairs: [(&[f32], &[f32]); 2],
+    value: impl Fn(usize, [f64; 2]) -> f32,
+    [g0, g1]: [&[f32]; 2],
+    f: impl Fn(f32, f32) -> f32,
+    what: &str,
+) -> Result<(Vec<f32>, Vec<f32>, bool)> {
+    let loss = losses(d, batch, pairs, value, what)?;
+    let (grad, finite) = map2_checked(g0, g1, [], f)?;
     let finite = finite && crate::input::all_finite(&loss);
     Ok((loss, grad, finite))
 }

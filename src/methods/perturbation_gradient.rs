@@ -3,7 +3,7 @@
 
 use super::{passes, pyepo_sign, step, Call, Rows};
 use crate::error::Result;
-use crate::op::PerturbedOp;
+use crate::op::{PerturbedOp, PoolAddition};
 use tch::Tensor;
 
 impl PerturbedOp {
@@ -38,15 +38,18 @@ impl PerturbedOp {
             "pred_cost",
         )?;
         let cost = call.rows(true_cost, "true_cost")?;
-        let (loss, grad) =
+        let (loss, grad, addition) =
             self.perturbation_gradient_rows(call.rows, &pred, &cost, sigma, two_sided)?;
-        Ok((call.per_problem(&loss)?, call.like_first(&grad)?))
+        let results = (call.per_problem(&loss)?, call.like_first(&grad)?);
+        addition.commit(self)?;
+        Ok(results)
     }
 
     /// [`PerturbedOp::perturbation_gradient`] on host rows, checked here (finite), all
     /// read before the solves. ĉ ± σc is finite only when ĉ and c are: one pass makes each
     /// solve's input and checks it, and each input is checked by itself, for the message,
-    /// only when that fails (`passes`).
+    /// only when that fails (`passes`). The two solves' solutions, for the op's pool, are
+    /// committed by the caller once the call has succeeded ([`PoolAddition`]).
     pub(crate) fn perturbation_gradient_rows(
         &self,
         rows: Rows,
@@ -54,7 +57,7 @@ impl PerturbedOp {
         cost: &[f32],
         sigma: f64,
         two_sided: bool,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
+    ) -> Result<(Vec<f32>, Vec<f32>, PoolAddition)> {
         let sigma = step(sigma, "sigma")?;
         self.require_square("the perturbation gradient (PG)")?;
         let up = if two_sided { sigma } else { 0.0 };
@@ -79,8 +82,6 @@ impl PerturbedOp {
             Rows { d: 1, ..rows }.check_result(&loss, "the PG loss")?;
             rows.check_result(&grad, "the PG gradient")?;
         }
-        // (once nothing can fail, as one addition: a failed call adds nothing)
-        self.grow_pool_with(&[&w_plus, &w_minus])?;
-        Ok((loss, grad))
+        Ok((loss, grad, PoolAddition(vec![w_plus, w_minus])))
     }
 }

@@ -2,7 +2,7 @@
 
 use super::{host, passes, pyepo_sign, Call, Rows};
 use crate::error::{Error, Result};
-use crate::op::PerturbedOp;
+use crate::op::{PerturbedOp, PoolAddition};
 use tch::Tensor;
 
 impl PerturbedOp {
@@ -38,19 +38,23 @@ impl PerturbedOp {
             )));
         }
         let obj = host(true_obj, "true_obj")?;
-        let (loss, grad) = self.spo_plus_rows(call.rows, &pred, &cost, &sol, &obj)?;
-        Ok((call.per_problem(&loss)?, call.like_first(&grad)?))
+        let (loss, grad, addition) = self.spo_plus_rows(call.rows, &pred, &cost, &sol, &obj)?;
+        let results = (call.per_problem(&loss)?, call.like_first(&grad)?);
+        addition.commit(self)?;
+        Ok(results)
     }
 
     /// [`PerturbedOp::spo_plus`] on host rows, checked here (finite): the loss per problem
     /// and the gradient. The inputs must not change during the call (the C API's buffers
     /// are borrowed for it): `true_sol` is read after the solve.
     ///
-    /// The solve aside, this is two passes over the rows (the library's share of a call
+    /// The solve aside, this is three passes over the rows (the library's share of a call
     /// is benchmarked against the solver's, `make bench-methods`), in `passes`: q = 2ĉ − c
     /// is finite only when ĉ and c are, so the first pass's check of q (and of w) stands
     /// for the three inputs' (each input is checked by itself, for the message, only when
-    /// that fails); the second makes each problem's loss and gradient row and checks them.
+    /// that fails); the second makes the losses, the third the gradient, checked as it is
+    /// written. The solutions go to the op's pool through the returned [`PoolAddition`],
+    /// once the caller has staged the results.
     pub(crate) fn spo_plus_rows(
         &self,
         rows: Rows,
@@ -58,7 +62,7 @@ impl PerturbedOp {
         cost: &[f32],
         sol: &[f32],
         obj: &[f32],
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
+    ) -> Result<(Vec<f32>, Vec<f32>, PoolAddition)> {
         self.require_square("SPO+")?;
         // q, and whether q and w are finite, in one pass
         let (q, finite) = passes::map2_checked(pred, cost, [sol], |c_hat, c| 2.0 * c_hat - c)?;
@@ -79,7 +83,6 @@ impl PerturbedOp {
             Rows { d: 1, ..rows }.check_result(&loss, "the SPO+ loss")?;
             rows.check_result(&grad, "the SPO+ gradient")?;
         }
-        self.grow_pool(&wq)?; // (once nothing can fail: a failed call adds nothing)
-        Ok((loss, grad))
+        Ok((loss, grad, PoolAddition(vec![wq])))
     }
 }

@@ -1,5 +1,5 @@
-//! Solves of host rows for the methods of `crate::methods` (whose inputs are host rows of
-//! their own), with the op's pool where it has one.
+//! Solves of host rows (`pert_op_solve`, the methods of `crate::methods`, whose inputs are
+//! host rows of their own), with the op's pool where it has one.
 
 use super::PerturbedOp;
 use crate::error::{Error, Result};
@@ -8,8 +8,8 @@ use crate::pipeline::{CallCache, SolverKind};
 impl PerturbedOp {
     /// y*(x) for the `rows` problems of host rows `x` (`rows × input_numel`, finite), as
     /// [`PerturbedOp::solve`] gives it: a host solver is called on the slices themselves
-    /// (no tensor is made), others through the op's solve. For the methods of
-    /// `crate::methods`, whose inputs are host rows of their own.
+    /// (no tensor is made), others through the op's solve; the solutions join the op's
+    /// pool at once (the plain solve, which cannot fail after its solve).
     pub(crate) fn solve_host_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let y = self.solve_host_rows_unpooled(x, rows)?;
         self.grow_pool(&y)?;
@@ -17,8 +17,8 @@ impl PerturbedOp {
     }
 
     /// [`PerturbedOp::solve_host_rows`] with the pool, if any, not grown: a method that
-    /// can still fail after its solves grows it ([`PerturbedOp::grow_pool`]) once it has
-    /// succeeded, so that a failed call adds nothing to the pool.
+    /// can still fail after its solves hands its solutions back as a [`PoolAddition`],
+    /// committed once the call has succeeded, so that a failed call adds nothing.
     pub(crate) fn solve_host_rows_unpooled(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         self.solve_rows_at(x, rows, self.spec.rows_at(true, 0, rows))
     }
@@ -114,19 +114,35 @@ impl PerturbedOp {
 
     /// Adds a plain solve's solutions to the op's pool, if it has one.
     pub(crate) fn grow_pool(&self, y: &[f32]) -> Result<()> {
-        self.grow_pool_with(&[y])
+        match self.pool() {
+            Some(pool) => pool.add_rows(y),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The solutions of a method call's solves (in order), for the op's pool: added by
+/// [`PoolAddition::commit`] once nothing else of the call can fail (its results staged
+/// for the caller), so that a call that fails adds nothing.
+#[must_use = "commit the addition once the call has succeeded"]
+pub(crate) struct PoolAddition(pub Vec<Vec<f32>>);
+
+impl PoolAddition {
+    /// No solutions (a call that solves nothing).
+    pub(crate) fn none() -> PoolAddition {
+        PoolAddition(Vec::new())
     }
 
-    /// Adds the solutions of a call's solves (`parts`, in order) to the op's pool, if it
-    /// has one, as one addition: all or nothing.
-    pub(crate) fn grow_pool_with(&self, parts: &[&[f32]]) -> Result<()> {
-        let Some(pool) = self.pool() else {
+    /// Adds the solutions to `op`'s pool, if it has one, as one addition (all or nothing).
+    pub(crate) fn commit(self, op: &PerturbedOp) -> Result<()> {
+        let Some(pool) = op.pool() else {
             return Ok(());
         };
-        match parts {
+        match &self.0[..] {
+            [] => Ok(()),
             [one] => pool.add_rows(one),
-            _ => {
-                let n = parts.iter().map(|p| p.len()).sum();
+            parts => {
+                let n = parts.iter().map(Vec::len).sum();
                 let mut rows = crate::tensors::host_room(n, "the solutions added to the pool")?;
                 for part in parts {
                     rows.extend_from_slice(part);

@@ -265,7 +265,7 @@ impl Additions {
         };
         let mut rows = Vec::new();
         for (other, recent) in &parts {
-            debug_assert!(
+            assert!(
                 Arc::ptr_eq(other, &pool),
                 "the caches of one call share its pool"
             );

@@ -386,9 +386,10 @@ pub(crate) fn solve_host(
     };
     let rows = x.size()[0] as usize;
     let d = x.numel() / rows.max(1);
-    // initialized before it is viewed as a slice (then filled with NaN)
-    let y = staged(Tensor::f_zeros(
+    // NaN (initialized) before it is viewed as a slice: an output left unwritten is caught
+    let y = staged(Tensor::f_full(
         [rows as i64, o as i64],
+        f64::NAN,
         (Kind::Float, Device::Cpu),
     )?)?;
     if rows == 0 {
@@ -402,7 +403,6 @@ pub(crate) fn solve_host(
             std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, rows * o),
         )
     };
-    ys.fill(f32::NAN);
     solve_nan_filled_rows(solver, xs, ys, rows, d, o, threads, at)?;
     Ok(y)
 }
