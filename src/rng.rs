@@ -173,9 +173,15 @@ pub(crate) const LANES64: usize = 16;
 pub(crate) type Words64 = [[u32; LANES64]; 4];
 
 impl Stream {
-    /// [`Stream::words64`] with AVX2 integer vectors (two halves of eight blocks), written
-    /// out with intrinsics (the compiler does not vectorize the 32 × 32 → 64-bit products
-    /// by itself): the same words, bit for bit.
+    /// [`Stream::words64`] with AVX2 integer vectors, written out with intrinsics (the
+    /// compiler does not vectorize the 32 × 32 → 64-bit products by itself): the same
+    /// words, bit for bit.
+    ///
+    /// Each 64-bit lane carries one block's word in its low half (four blocks a vector,
+    /// two vectors abreast): one `vpmuludq` gives both halves of a product, whose low half
+    /// is the next word as it stands and whose high half a lane shuffle brings down. The
+    /// high halves of the lanes are never read by the products, so they are left as they
+    /// fall, and only the low halves are stored.
     ///
     /// # Safety
     /// Outside code compiled for AVX2, callers must check that the CPU has it
@@ -185,43 +191,50 @@ impl Stream {
     #[inline]
     pub(crate) fn words64_avx2(&self, group: u64, out: &mut Words64) {
         use std::arch::x86_64::*;
-        // (high 32 bits, low 32 bits) of the products a · m, lane by lane
-        #[target_feature(enable = "avx2")]
-        #[inline]
-        fn mul_hi_lo(a: __m256i, m: __m256i) -> (__m256i, __m256i) {
-            let lo = _mm256_mullo_epi32(a, m);
-            let even = _mm256_srli_epi64::<32>(_mm256_mul_epu32(a, m));
-            let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
-            (_mm256_blend_epi32::<0b1010_1010>(even, odd), lo)
-        }
-        for half in 0..2 {
-            let (lo, hi) = counters::<8>(group * LANES64 as u64 + 8 * half as u64);
-            // SAFETY: unaligned loads of exactly 32 bytes of arrays
-            let mut c0 = unsafe { _mm256_loadu_si256(lo.as_ptr().cast()) };
-            let mut c1 = unsafe { _mm256_loadu_si256(hi.as_ptr().cast()) };
-            let mut c2 = _mm256_set1_epi32(self.stream as u32 as i32);
-            let mut c3 = _mm256_set1_epi32((self.stream >> 32) as u32 as i32);
-            let (m0, m1) = (_mm256_set1_epi32(M0 as i32), _mm256_set1_epi32(M1 as i32));
+        let (m0, m1) = (_mm256_set1_epi32(M0 as i32), _mm256_set1_epi32(M1 as i32));
+        // the low halves of the four 64-bit lanes, in order
+        let lows = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        let first = group.wrapping_mul(LANES64 as u64);
+        for pair in 0..2 {
+            // blocks first + 8·pair + 4·v + lane, for v = 0, 1
+            let index = |v: u64| {
+                let base = _mm256_set1_epi64x(first.wrapping_add(8 * pair + 4 * v) as i64);
+                _mm256_add_epi64(base, _mm256_setr_epi64x(0, 1, 2, 3))
+            };
+            let mut c0 = [index(0), index(1)];
+            let mut c1 = c0.map(|c| _mm256_srli_epi64::<32>(c));
+            let mut c2 = [_mm256_set1_epi32(self.stream as u32 as i32); 2];
+            let mut c3 = [_mm256_set1_epi32((self.stream >> 32) as u32 as i32); 2];
             let [mut k0, mut k1] = self.key;
             for _ in 0..10 {
-                let (hi0, lo0) = mul_hi_lo(c0, m0);
-                let (hi1, lo1) = mul_hi_lo(c2, m1);
-                c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(k0 as i32));
-                c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k1 as i32));
-                c1 = lo1;
-                c3 = lo0;
+                let (kv0, kv1) = (_mm256_set1_epi32(k0 as i32), _mm256_set1_epi32(k1 as i32));
+                for v in 0..2 {
+                    let p0 = _mm256_mul_epu32(c0[v], m0);
+                    let p1 = _mm256_mul_epu32(c2[v], m1);
+                    // the high halves, brought down to the low halves of the lanes
+                    let hi0 = _mm256_shuffle_epi32::<0b10_11_00_01>(p0);
+                    let hi1 = _mm256_shuffle_epi32::<0b10_11_00_01>(p1);
+                    c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), kv0);
+                    c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), kv1);
+                    c1[v] = p1;
+                    c3[v] = p0;
+                }
                 k0 = k0.wrapping_add(W0);
                 k1 = k1.wrapping_add(W1);
             }
             for (word, c) in out.iter_mut().zip([c0, c1, c2, c3]) {
-                // SAFETY: 8 u32 = 32 bytes of the array
-                unsafe { _mm256_storeu_si256(word[8 * half..].as_mut_ptr().cast(), c) };
+                for (v, c) in c.into_iter().enumerate() {
+                    let packed = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c, lows));
+                    let at = 8 * pair as usize + 4 * v;
+                    // SAFETY: 4 u32 = 16 bytes of the array, at `at` + 4 ≤ 16
+                    unsafe { _mm_storeu_si128(word[at..at + 4].as_mut_ptr().cast(), packed) };
+                }
             }
         }
     }
 
-    /// [`Stream::words64`] with AVX-512 integer vectors (sixteen blocks in one): the same
-    /// words, bit for bit.
+    /// [`Stream::words64`] with AVX-512 integer vectors: the same words, bit for bit, in
+    /// 64-bit lanes as [`Stream::words64_avx2`] (eight blocks a vector, two abreast).
     ///
     /// # Safety
     /// Outside code compiled for AVX-512 F, callers must check that the CPU has it
@@ -231,35 +244,41 @@ impl Stream {
     #[inline]
     pub(crate) fn words64_avx512(&self, group: u64, out: &mut Words64) {
         use std::arch::x86_64::*;
-        #[target_feature(enable = "avx512f")]
-        #[inline]
-        fn mul_hi_lo(a: __m512i, m: __m512i) -> (__m512i, __m512i) {
-            let lo = _mm512_mullo_epi32(a, m);
-            let even = _mm512_srli_epi64::<32>(_mm512_mul_epu32(a, m));
-            let odd = _mm512_mul_epu32(_mm512_srli_epi64::<32>(a), m);
-            (_mm512_mask_blend_epi32(0xAAAA, even, odd), lo)
-        }
-        let (lo, hi) = counters::<LANES64>(group * LANES64 as u64);
-        // SAFETY: unaligned loads of exactly 64 bytes of arrays
-        let mut c0 = unsafe { _mm512_loadu_si512(lo.as_ptr().cast()) };
-        let mut c1 = unsafe { _mm512_loadu_si512(hi.as_ptr().cast()) };
-        let mut c2 = _mm512_set1_epi32(self.stream as u32 as i32);
-        let mut c3 = _mm512_set1_epi32((self.stream >> 32) as u32 as i32);
         let (m0, m1) = (_mm512_set1_epi32(M0 as i32), _mm512_set1_epi32(M1 as i32));
+        let first = group.wrapping_mul(LANES64 as u64);
+        // blocks first + 8·v + lane, for v = 0, 1
+        let index = |v: u64| {
+            let base = _mm512_set1_epi64(first.wrapping_add(8 * v) as i64);
+            _mm512_add_epi64(base, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7))
+        };
+        let mut c0 = [index(0), index(1)];
+        let mut c1 = c0.map(|c| _mm512_srli_epi64::<32>(c));
+        let mut c2 = [_mm512_set1_epi32(self.stream as u32 as i32); 2];
+        let mut c3 = [_mm512_set1_epi32((self.stream >> 32) as u32 as i32); 2];
         let [mut k0, mut k1] = self.key;
         for _ in 0..10 {
-            let (hi0, lo0) = mul_hi_lo(c0, m0);
-            let (hi1, lo1) = mul_hi_lo(c2, m1);
-            c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(k0 as i32));
-            c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(k1 as i32));
-            c1 = lo1;
-            c3 = lo0;
+            let (kv0, kv1) = (_mm512_set1_epi32(k0 as i32), _mm512_set1_epi32(k1 as i32));
+            for v in 0..2 {
+                let p0 = _mm512_mul_epu32(c0[v], m0);
+                let p1 = _mm512_mul_epu32(c2[v], m1);
+                let hi0 = _mm512_shuffle_epi32::<0b10_11_00_01>(p0);
+                let hi1 = _mm512_shuffle_epi32::<0b10_11_00_01>(p1);
+                // three-way exclusive or (truth table 0x96)
+                c0[v] = _mm512_ternarylogic_epi32::<0x96>(hi1, c1[v], kv0);
+                c2[v] = _mm512_ternarylogic_epi32::<0x96>(hi0, c3[v], kv1);
+                c1[v] = p1;
+                c3[v] = p0;
+            }
             k0 = k0.wrapping_add(W0);
             k1 = k1.wrapping_add(W1);
         }
         for (word, c) in out.iter_mut().zip([c0, c1, c2, c3]) {
-            // SAFETY: 16 u32 = 64 bytes of the array
-            unsafe { _mm512_storeu_si512(word.as_mut_ptr().cast(), c) };
+            for (v, c) in c.into_iter().enumerate() {
+                // the low halves of the eight 64-bit lanes
+                let packed = _mm512_cvtepi64_epi32(c);
+                // SAFETY: 8 u32 = 32 bytes of the array, at 8·v + 8 ≤ 16
+                unsafe { _mm256_storeu_si256(word[8 * v..8 * v + 8].as_mut_ptr().cast(), packed) };
+            }
         }
     }
 }
