@@ -20,7 +20,7 @@ mod host;
 mod objective;
 mod tensor;
 
-pub(crate) use host::HostSlices;
+pub(crate) use host::{means_of_sums, HostSlices};
 pub(crate) use objective::Objective;
 
 /// What one forward call estimated.
@@ -60,6 +60,9 @@ pub(crate) struct Accumulator {
     /// or by the blocks of whole problems they are handed to, see
     /// [`Accumulator::take_host_sums`]).
     unzeroed: bool,
+    /// y_σ(θ), made by the blocks of whole problems of a host run from their own sums
+    /// (see [`Accumulator::put_host_sums`]); else made from Σ Y_n when finishing.
+    mean: Option<Tensor>,
 }
 
 impl Accumulator {
@@ -138,6 +141,7 @@ impl Accumulator {
             kept,
             objective,
             unzeroed: on_host,
+            mean: None,
         })
     }
 

@@ -61,27 +61,38 @@ impl Accumulator {
     /// The call's float64 sums Σ Y_n `[batch, o]`, and Σ ⟨x_n, Y_n⟩ `[batch]` and
     /// Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch, w]` when the objective is estimated, taken out of
     /// this CPU accumulator so that blocks of whole problems add their samples straight
-    /// into their problems' entries; give them back with [`Accumulator::put_host_sums`].
+    /// into their problems' entries, with room for the mean, which each such block
+    /// writes for its problems once their sums are complete (in its cache, where a pass
+    /// over the whole float64 sums afterwards would read them from memory); give them
+    /// back with [`Accumulator::put_host_sums`].
     /// They are not written yet when [`HostSums::unzeroed`] says so: then each block
     /// zeroes its problems' entries before it adds to them (every problem's, or the call
     /// fails).
-    pub fn take_host_sums(&mut self) -> HostSums {
-        HostSums {
+    pub fn take_host_sums(&mut self) -> Result<HostSums> {
+        let batch = self.sum_y.size()[0];
+        Ok(HostSums {
             sum_y: std::mem::replace(&mut self.sum_y, Tensor::new()),
             objective: self.objective.take(),
             unzeroed: std::mem::take(&mut self.unzeroed),
-        }
+            mean: Tensor::f_empty([batch, self.o], (Kind::Float, Device::Cpu))?,
+        })
     }
 
-    /// Gives back the sums taken with [`Accumulator::take_host_sums`].
+    /// Gives back the sums taken with [`Accumulator::take_host_sums`], once every block
+    /// of the run has written its problems' entries, the mean's included.
     pub fn put_host_sums(&mut self, sums: HostSums) {
         self.sum_y = sums.sum_y;
         self.objective = sums.objective;
+        self.mean = Some(sums.mean);
     }
 
-    /// y_σ(θ) `[batch, o]` float32: Σ Y_n / n, in Rust.
+    /// y_σ(θ) `[batch, o]` float32: Σ Y_n / n, in Rust (made by the blocks of whole
+    /// problems already, when they had the sums).
     pub(super) fn host_mean(&mut self, n: usize) -> Result<Tensor> {
-        let (nf, o) = (n as f64, self.o as usize);
+        if let Some(mean) = self.mean.take() {
+            return Ok(mean);
+        }
+        let o = self.o as usize;
         let batch = self.sum_y.numel() / o.max(1);
         let mean = Tensor::f_empty([batch as i64, o as i64], (Kind::Float, Device::Cpu))?;
         if batch * o == 0 {
@@ -93,19 +104,27 @@ impl Accumulator {
         let out = unsafe {
             std::slice::from_raw_parts_mut(mean.data_ptr() as *mut MaybeUninit<f32>, batch * o)
         };
-        if n.is_power_of_two() {
-            // 1/n is exact, and so is the product: the quotient, bit for bit, without a
-            // division per entry
-            let inv = 1.0 / nf;
-            for (m, &v) in out.iter_mut().zip(sum_y.iter()) {
-                m.write((v * inv) as f32);
-            }
-        } else {
-            for (m, &v) in out.iter_mut().zip(sum_y.iter()) {
-                m.write((v / nf) as f32);
-            }
-        }
+        means_of_sums(out, sum_y, n);
         Ok(mean)
+    }
+}
+
+/// The means Σ Y_n / n of the sums `sums`, as float32, into `out` (every entry written):
+/// the one rounding of the host paths' means, wherever they are made.
+pub(crate) fn means_of_sums(out: &mut [MaybeUninit<f32>], sums: &[f64], n: usize) {
+    assert_eq!(out.len(), sums.len(), "a mean for every sum");
+    let nf = n as f64;
+    if n.is_power_of_two() {
+        // 1/n is exact, and so is the product: the quotient, bit for bit, without a
+        // division per entry
+        let inv = 1.0 / nf;
+        for (m, &v) in out.iter_mut().zip(sums) {
+            m.write((v * inv) as f32);
+        }
+    } else {
+        for (m, &v) in out.iter_mut().zip(sums) {
+            m.write((v / nf) as f32);
+        }
     }
 }
 
@@ -115,32 +134,40 @@ pub(crate) struct HostSums {
     objective: Option<ObjectiveSums>,
     /// Not written yet: the blocks that take them zero their problems' entries.
     pub unzeroed: bool,
+    /// Room for y_σ(θ) `[batch, o]` float32, each block's problems written by the block
+    /// from its sums (while they are in its cache).
+    mean: Tensor,
 }
 
 /// The entries of a CPU accumulator's host sums: Σ Y_n, Σ ⟨x_n, Y_n⟩, Σ exp(σZ_n − σ²/2) ⊙ Y_n
-/// and Σ x_n (see [`HostSums::slices`]), written or not ([`HostSums::unzeroed`]).
+/// and Σ x_n (see [`HostSums::slices`]), written or not ([`HostSums::unzeroed`]); and the
+/// room for the means of Σ Y_n, not written.
 pub(crate) type HostSlices<'a> = (
     &'a mut [MaybeUninit<f64>],
     Option<&'a mut [MaybeUninit<f64>]>,
     &'a mut [MaybeUninit<f64>],
     &'a mut [MaybeUninit<f64>],
+    &'a mut [MaybeUninit<f32>],
 );
 
 impl HostSums {
     /// The entries of Σ Y_n `[batch · o]`, Σ ⟨x_n, Y_n⟩ (`[batch]`, or None),
     /// Σ exp(σZ_n − σ²/2) ⊙ Y_n (`[batch · w]`, w = d for the multiplicative objective,
     /// else 0) and Σ x_n (`[batch · d]` when kept, else empty): zeros, or not written yet
-    /// when [`HostSums::unzeroed`] says so (then the taker writes every one).
+    /// when [`HostSums::unzeroed`] says so (then the taker writes every one); and the
+    /// room for their means `[batch · o]`, which the taker writes, every entry.
     pub fn slices(&mut self) -> HostSlices<'_> {
         let sum_y = host_slice_uninit::<f64>(&mut self.sum_y);
+        let mean = host_slice_uninit::<f32>(&mut self.mean);
         match &mut self.objective {
             Some(sums) => (
                 sum_y,
                 Some(host_slice_uninit::<f64>(&mut sums.value)),
                 host_slice_uninit::<f64>(&mut sums.weighted),
                 host_slice_uninit::<f64>(&mut sums.inputs),
+                mean,
             ),
-            None => (sum_y, None, &mut [], &mut []),
+            None => (sum_y, None, &mut [], &mut [], mean),
         }
     }
 }

@@ -67,7 +67,7 @@ impl OpSpec {
         // the room for the tape's kept scores (not zeroed: each block writes its own), and
         // the call's sums, which blocks of whole problems add their samples straight into
         let mut kept = acc.take_scores();
-        let mut host_sums = plan.whole.then(|| acc.take_host_sums());
+        let mut host_sums = plan.whole.then(|| acc.take_host_sums()).transpose()?;
         let all_scores = plan.batch * plan.n * d;
         let mut run = HostRun {
             plan,
@@ -88,6 +88,7 @@ impl OpSpec {
             objective: Vec::new(),
             weighted: Vec::new(),
             inputs: Vec::new(),
+            means: Vec::new(),
         };
         run.cut(
             kept.as_mut()

@@ -89,12 +89,14 @@ pub(crate) struct HostRun<'a> {
     pub objective: Slots<'a, MaybeUninit<f64>>,
     pub weighted: Slots<'a, MaybeUninit<f64>>,
     pub inputs: Slots<'a, MaybeUninit<f64>>,
+    /// Each block's part of the mean (blocks of whole problems), written by the block.
+    pub means: Slots<'a, MaybeUninit<f32>>,
 }
 
 impl<'a> HostRun<'a> {
     /// Cuts the call's kept scores (`kept`, room for all of them) and, for blocks of whole
-    /// problems, the call's sums (`sums`: Σ Y_n, Σ ⟨x_n, Y_n⟩, weighted, Σ x_n) into the
-    /// blocks' slots.
+    /// problems, the call's sums (`sums`: Σ Y_n, Σ ⟨x_n, Y_n⟩, weighted, Σ x_n, and the
+    /// room for the means) into the blocks' slots.
     pub fn cut(&mut self, kept: Option<&'a mut [MaybeUninit<f32>]>, sums: Option<HostSlices<'a>>) {
         let (plan, d, o) = (self.plan, self.d, self.o);
         let block = |g: usize| plan.block(g);
@@ -104,13 +106,18 @@ impl<'a> HostRun<'a> {
             assert_eq!(lens.iter().sum::<usize>(), all.len());
             self.kept = slots(all, lens.into_iter());
         }
-        if let Some((sum_y, objective, weighted, inputs)) = sums {
+        if let Some((sum_y, objective, weighted, inputs, means)) = sums {
             let batch = plan.batch.max(1);
             let (w, xw) = (weighted.len() / batch, inputs.len() / batch);
             let count = |g: usize| block(g).count;
             // the blocks' parts cover the sums exactly (each block writes all of its own)
             assert_eq!((0..plan.blocks).map(count).sum::<usize>(), plan.batch);
-            let per_problem = [(sum_y.len(), o), (weighted.len(), w), (inputs.len(), xw)];
+            let per_problem = [
+                (sum_y.len(), o),
+                (weighted.len(), w),
+                (inputs.len(), xw),
+                (means.len(), o),
+            ];
             assert!(per_problem.iter().all(|&(len, w)| len == plan.batch * w));
             assert!(objective.as_ref().is_none_or(|v| v.len() == plan.batch));
             self.sum_y = slots(sum_y, (0..plan.blocks).map(|g| count(g) * o));
@@ -119,6 +126,7 @@ impl<'a> HostRun<'a> {
             }
             self.weighted = slots(weighted, (0..plan.blocks).map(|g| count(g) * w));
             self.inputs = slots(inputs, (0..plan.blocks).map(|g| count(g) * xw));
+            self.means = slots(means, (0..plan.blocks).map(|g| count(g) * o));
         }
     }
 
@@ -487,6 +495,10 @@ impl<'a> HostRun<'a> {
                         .push_scanned(y_i, nonzero_i().expect("solutions kept are scanned"))?,
                 }
             }
+        }
+        // blocks of whole problems: their means, from their complete sums
+        if let Some(means) = take(&self.means, g) {
+            whole.write_means(means, self.plan.n);
         }
         Ok((problem, solutions))
     }

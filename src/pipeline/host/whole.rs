@@ -1,5 +1,6 @@
 //! A block's part of a host run's sums when it holds whole problems ([`WholeSums`]).
 
+use crate::estimate::accumulator::means_of_sums;
 use crate::kernels::sums::SumsMut;
 use crate::uninit::written;
 use std::mem::MaybeUninit;
@@ -66,5 +67,15 @@ impl<'a> WholeSums<'a> {
             touched: &mut [],
             sum_x: part(self.inputs.as_deref_mut()),
         })
+    }
+
+    /// The means Σ Y_n / n of the block's problems, into `out` (every entry), from their
+    /// sums once complete (each problem's `n` samples added).
+    pub fn write_means(&self, out: &mut [MaybeUninit<f32>], n: usize) {
+        let sum_y = self
+            .sum_y
+            .as_deref()
+            .expect("blocks of whole problems have Σ Y_n");
+        means_of_sums(out, sum_y, n);
     }
 }
