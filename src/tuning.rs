@@ -130,6 +130,11 @@ pub(crate) const REPLAY_TILE: usize = 64;
 /// tape is started for: a smaller share costs less than its hand-over.
 pub(crate) const PRODUCT_WORK: usize = 1 << 16;
 
+/// About how many entries of the sums (samples × width) a block of a product with a CPU
+/// tape holds (whole problems; fewer when the batch is small): a block's hand-over to a
+/// thread stays small against its work.
+pub(crate) const REPLAY_BLOCK_WORK: usize = 1 << 14;
+
 /// The largest Jacobian of one problem (o · d entries) whose JVP rows are summed in order,
 /// one product after the other; larger ones are summed in eight lanes (faster, other
 /// bits). Decided by one problem's size, never the batch's. *(bits)*

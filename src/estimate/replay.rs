@@ -20,7 +20,7 @@ use crate::kernels::blocks::{run_blocks, slots, take};
 use crate::kernels::nonzero::nonzeros;
 use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::rng::Stream;
-use crate::tuning::{PRODUCT_WORK, REPLAY_TILE};
+use crate::tuning::{PRODUCT_WORK, REPLAY_BLOCK_WORK, REPLAY_TILE};
 use std::mem::MaybeUninit;
 use tch::Tensor;
 
@@ -205,23 +205,34 @@ impl Replay {
                 )
             }
         };
-        // each problem writes its own results
-        let rows = slots(out, (0..self.batch).map(|_| out_width));
+        // blocks of `group` whole problems: about REPLAY_BLOCK_WORK entries of the sums
+        // each (a block's hand-over stays small against its work), while every thread
+        // still has a few blocks to balance; each problem writes its own results
+        let per_problem = n.saturating_mul(width.max(d)).max(1);
+        let group = (REPLAY_BLOCK_WORK / per_problem)
+            .min(self.batch.div_ceil(4 * threads))
+            .max(1);
+        let blocks = self.batch.div_ceil(group);
+        let count = |k: usize| group.min(self.batch - k * group);
+        let rows = slots(out, (0..blocks).map(|k| count(k) * out_width));
         run_blocks::<_, _, Error>(
-            self.batch,
+            blocks,
             &mut scratch,
-            |b, (z, s, acc)| {
-                acc.fill(0.0);
-                let out = take(&rows, b).expect("a row per problem");
-                #[cfg(target_arch = "x86_64")]
-                if crate::fastmath::has_avx2() {
-                    // SAFETY: the CPU has AVX2 and FMA.
-                    unsafe { self.problem_avx2(b, (z, s, acc), (&f, &write_out), out) };
-                } else {
+            |k, (z, s, acc)| {
+                let out = take(&rows, k).expect("a part per block");
+                for i in 0..count(k) {
+                    let (b, out) = (k * group + i, &mut out[i * out_width..(i + 1) * out_width]);
+                    acc.fill(0.0);
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::fastmath::has_avx2() {
+                        // SAFETY: the CPU has AVX2 and FMA.
+                        unsafe { self.problem_avx2(b, (z, s, acc), (&f, &write_out), out) };
+                    } else {
+                        self.problem(b, (z, s, acc), (&f, &write_out), out);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
                     self.problem(b, (z, s, acc), (&f, &write_out), out);
                 }
-                #[cfg(not(target_arch = "x86_64"))]
-                self.problem(b, (z, s, acc), (&f, &write_out), out);
                 Ok(())
             },
             |_, ()| Ok(()),
