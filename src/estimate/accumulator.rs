@@ -6,7 +6,8 @@
 //! the sums that the CPU's host paths made in Rust and finishes in Rust (the OpenMP rule
 //! of [`crate::tuning`]). [`Accumulator::finish`] is the one place that turns sums into
 //! the estimate: the mean, the centering of the Jacobian, what the tape keeps, and the
-//! objective.
+//! objective (but for host runs of whole problems, whose blocks make their problems'
+//! means from their own sums: see [`Accumulator::take_host_sums`]).
 
 use crate::error::Result;
 use crate::estimate::centering::Centering;

@@ -23,8 +23,9 @@
 //! a size, drawing larger s_n again from the call's stream for each product (module
 //! `replay`); elsewhere (CUDA, the chunk pipeline) it keeps both as tensors.
 //!
-//! The `accumulator` adds the samples and finishes: the mean, the centering of the
-//! Jacobian (center and scale), what the tape keeps, and the objective. `jacobian`
+//! The `accumulator` adds the samples and finishes: the mean (made by the blocks
+//! themselves in host runs of whole problems), the centering of the Jacobian (center and
+//! scale), what the tape keeps, and the objective. `jacobian`
 //! makes the products from what the tape keeps.
 
 pub(crate) mod accumulator;

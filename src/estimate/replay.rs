@@ -10,8 +10,9 @@
 //! top-k and path indicators: a few entries of many), the whole row otherwise. Such a tape
 //! never takes more memory than the samples themselves, and usually far less.
 //!
-//! The products are computed on the CPU, one problem per block of work on all cores, in
-//! float64, in a fixed order: the results do not depend on the number of threads.
+//! The products are computed on the CPU, in blocks of whole problems on all cores, in
+//! float64, each problem in a fixed order: the results do not depend on the number of
+//! threads.
 
 use crate::error::{Error, Result, Status};
 use crate::estimate::centering::Centering;
