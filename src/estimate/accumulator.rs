@@ -199,7 +199,7 @@ impl Accumulator {
     }
 
     /// Appends the solutions of the next samples, in sample order, problem by problem.
-    pub fn add_solutions(&mut self, more: SolutionRows) -> Result<()> {
+    pub fn add_solutions(&mut self, more: &SolutionRows) -> Result<()> {
         match &mut self.kept {
             Some(Kept::Solutions(replay)) => replay.rows.append(more),
             _ => Ok(()),

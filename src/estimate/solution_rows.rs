@@ -102,8 +102,9 @@ impl SolutionRows {
         Ok(())
     }
 
-    /// Appends the rows of `other` (same `o`); TORCH_ERROR when memory runs out.
-    pub fn append(&mut self, other: SolutionRows) -> Result<()> {
+    /// Appends the rows of `other` (same `o`), which keeps them (and its memory, to be
+    /// [`SolutionRows::clear`]ed and filled again); TORCH_ERROR when memory runs out.
+    pub fn append(&mut self, other: &SolutionRows) -> Result<()> {
         self.reserve(other.ends.len(), other.words.len())?;
         let base = self.words.len() as u64;
         self.ends.extend(
@@ -112,8 +113,14 @@ impl SolutionRows {
                 .iter()
                 .map(|&e| ((e & !DENSE) + base) | (e & DENSE)),
         );
-        self.words.extend(other.words);
+        self.words.extend_from_slice(&other.words);
         Ok(())
+    }
+
+    /// No rows, the memory kept for the next ones.
+    pub fn clear(&mut self) {
+        self.ends.clear();
+        self.words.clear();
     }
 
     /// Room for `rows` more ends and `words` more words, growing geometrically (so that
@@ -231,7 +238,7 @@ mod tests {
         a.push(&y[..4]).unwrap();
         let mut b = SolutionRows::new(4);
         b.push(&y[4..]).unwrap();
-        a.append(b).unwrap();
+        a.append(&b).unwrap();
         assert_eq!(a.len(), 3);
         let mut back = vec![0f32; 12];
         for r in 0..3 {

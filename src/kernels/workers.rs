@@ -200,6 +200,25 @@ struct Latch {
 }
 
 impl Latch {
+    /// Waits until every job counted has ended (looking for it, yielding the core, during
+    /// [`WAIT_SPIN`] before it sleeps: jobs of a small call end within microseconds of
+    /// their last result, and a sleeping thread can take far longer to wake); the first
+    /// panic of the jobs.
+    fn wait_all(&self) -> Option<Panic> {
+        let start = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.0 > 0 {
+            if start.elapsed() < WAIT_SPIN {
+                drop(state);
+                std::thread::yield_now();
+                state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            } else {
+                state = self.done.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        state.1.take()
+    }
+
     /// One job ended (with its panic, if any).
     fn count_down(&self, panic: Option<Panic>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -345,18 +364,7 @@ impl Waiter<'_> {
     }
 
     fn wait_all(&self) -> Option<Panic> {
-        let start = std::time::Instant::now();
-        let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
-        while state.0 > 0 {
-            if start.elapsed() < WAIT_SPIN {
-                drop(state);
-                std::thread::yield_now();
-                state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
-            } else {
-                state = self.0.done.wait(state).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-        state.1.take()
+        self.0.wait_all()
     }
 }
 
@@ -440,16 +448,7 @@ impl Workers {
             _env: std::marker::PhantomData,
         };
         let result = catch_unwind(AssertUnwindSafe(|| f(&scope)));
-        let mut state = scope.latch.state.lock().unwrap_or_else(|e| e.into_inner());
-        while state.0 > 0 {
-            state = scope
-                .latch
-                .done
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner());
-        }
-        let job_panic = state.1.take();
-        drop(state);
+        let job_panic = scope.latch.wait_all();
         match result {
             Err(panic) => std::panic::resume_unwind(panic),
             Ok(_) if job_panic.is_some() => std::panic::resume_unwind(job_panic.expect("a panic")),

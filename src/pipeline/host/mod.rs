@@ -89,6 +89,7 @@ impl OpSpec {
             weighted: Vec::new(),
             inputs: Vec::new(),
             means: Vec::new(),
+            recycled: Default::default(),
         };
         run.cut(
             kept.as_mut()

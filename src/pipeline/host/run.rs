@@ -1,13 +1,12 @@
 //! A host run: the blocks of one call drawn, perturbed, solved and summed on host buffers
 //! by the solver threads (see [`HostRun`]).
 
-use super::combine::{BlockSums, Combine};
+use super::combine::{BlockSums, Combine, Recycled};
 use super::geometry::{Block, BlockPlan};
 use super::whole::WholeSums;
 use crate::config::Config;
 use crate::error::Result;
 use crate::estimate::accumulator::{Accumulator, HostSlices};
-use crate::estimate::replay::SolutionRows;
 use crate::interrupt::Stop;
 use crate::kernels::blocks::{run_blocks, run_blocks_on, slots, take, Slots};
 use crate::kernels::nonzero::NonZeros;
@@ -91,6 +90,8 @@ pub(crate) struct HostRun<'a> {
     pub inputs: Slots<'a, MaybeUninit<f64>>,
     /// Each block's part of the mean (blocks of whole problems), written by the block.
     pub means: Slots<'a, MaybeUninit<f32>>,
+    /// The blocks' results taken in, for later blocks to fill again.
+    pub recycled: Recycled,
 }
 
 impl<'a> HostRun<'a> {
@@ -443,7 +444,7 @@ impl<'a> HostRun<'a> {
         let (d, o, rows) = (self.d, self.o, block.rows);
         let (jacobian_sums, multiplicative) = (self.keeps.jacobian_sums, self.multiplicative());
         let ones_per_row = self.ones_per_row();
-        let mut solutions = self.keeps.solutions.then(|| SolutionRows::new(o));
+        let mut solutions = self.keeps.solutions.then(|| self.recycled.rows(o));
         let slots = [&self.sum_y, &self.objective, &self.weighted, &self.inputs];
         let mut whole = WholeSums::new(block.count, slots.map(|s| take(s, g)), self.zero_sums);
         let mut problem = None;
@@ -468,10 +469,10 @@ impl<'a> HostRun<'a> {
                 None => {
                     assert!(problem.is_none(), "a block of part of a problem has one");
                     problem
-                        .insert(
+                        .insert(self.recycled.sums(|| {
                             ProblemSums::zeros(d, o, jacobian_sums, multiplicative)
-                                .with_input_sums(d, self.keeps.input_sums),
-                        )
+                                .with_input_sums(d, self.keeps.input_sums)
+                        }))
                         .view()
                 }
             };
@@ -526,6 +527,7 @@ impl HostRun<'_> {
         let mut scratch: Vec<Scratch> = (0..plan.buffer_sets()).map(|_| self.scratch()).collect();
         let mut combine = Combine {
             acc,
+            recycled: &self.recycled,
             plan,
             total: None,
             zero: ProblemSums::zeros(
