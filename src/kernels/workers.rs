@@ -193,7 +193,7 @@ impl std::fmt::Debug for Workers {
     }
 }
 
-/// Counts the jobs of one `run_each` down to zero, keeping the first panic.
+/// Counts the jobs of one `run_each` or `try_scope` down to zero, keeping the first panic.
 struct Latch {
     state: Mutex<(usize, Option<Panic>)>,
     done: Condvar,

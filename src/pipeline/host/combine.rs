@@ -25,7 +25,8 @@ pub(super) struct Combine<'c> {
 
 impl Combine<'_> {
     /// Adds block `g`: its solutions to the tape, its sums to its problem's (added to the
-    /// accumulator with the problem's last block).
+    /// accumulator with the problem's last block); then hands them back to the pool, for
+    /// later blocks to fill again (also when adding them failed).
     pub fn block(&mut self, g: usize, block: BlockSums) -> Result<()> {
         let taken = self.take_in(g, &block);
         self.recycled.give_back(block);
@@ -54,9 +55,9 @@ impl Combine<'_> {
 
 /// The blocks' solutions and sums that the combine has taken in, handed back for later
 /// blocks to fill again (their memory kept): a block's results are made on one thread
-/// and dropped on another, and a worker's allocation and the calling thread's release of
-/// the same memory take the same allocator lock, which would otherwise put one of them
-/// to sleep for about a block's time on every block. At most the blocks in flight.
+/// and were dropped on another, where a worker's allocations and the calling thread's
+/// release of them contended for the allocator's lock (a thread put to sleep then waits
+/// for its wake-up). At most the blocks in flight.
 #[derive(Default)]
 pub(crate) struct Recycled {
     rows: std::sync::Mutex<Vec<SolutionRows>>,
@@ -66,8 +67,8 @@ pub(crate) struct Recycled {
 impl Recycled {
     /// Solutions to fill: handed back ones, cleared, or new ones of `o` outputs.
     pub(super) fn rows(&self, o: usize) -> SolutionRows {
-        let mut back = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-        match back.pop() {
+        let back = self.rows.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match back {
             Some(mut rows) => {
                 rows.clear();
                 rows
@@ -79,8 +80,9 @@ impl Recycled {
     /// Zero sums: handed back ones, zeroed (the call's blocks all have the same shape),
     /// or `make()`.
     pub(super) fn sums(&self, make: impl FnOnce() -> ProblemSums) -> ProblemSums {
-        let mut back = self.sums.lock().unwrap_or_else(|e| e.into_inner());
-        match back.pop() {
+        // (zeroed or made with the lock released: other blocks take and give back meanwhile)
+        let back = self.sums.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match back {
             Some(mut sums) => {
                 sums.reset();
                 sums
