@@ -137,23 +137,12 @@ pub fn has_avx2() -> bool {
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        // asked once, then one atomic load (small dots ask per call): 0 not yet asked, 1
-        // no, 2 yes (an atomic, not a lock: a child forked while another thread asks
-        // never waits)
-        use std::sync::atomic::{AtomicU8, Ordering};
-        static ANSWER: AtomicU8 = AtomicU8::new(0);
-        match ANSWER.load(Ordering::Relaxed) {
-            0 => {
-                let yes = has_avx2()
-                    && std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512vl")
-                    && std::is_x86_feature_detected!("avx512dq")
-                    && std::is_x86_feature_detected!("avx512bw");
-                ANSWER.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
-                yes
-            }
-            answer => answer == 2,
-        }
+        // (std caches the CPU's features in atomics, as for has_avx2)
+        has_avx2()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512bw")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -373,10 +373,13 @@ impl PerturbedOp {
             .dense(self.spec.output_numel as i64)?;
         // solver calls are not cut short: an interrupt while they ran fails the call here
         stop.check()?;
+        // the solutions join the pool once the result is made (a call that fails adds
+        // nothing)
+        let out = self.spec.output_tensor(&y, batch, x.device())?;
         if self.pool().is_some() {
             self.grow_pool(&crate::tensors::host_floats(&y)?)?;
         }
-        self.spec.output_tensor(&y, batch, x.device())
+        Ok(out)
     }
 
     /// The op's spec (its identity for records of its calls, such as I-MLE's).

@@ -221,11 +221,13 @@ impl Replay {
             &mut scratch,
             |k, (z, s, acc)| {
                 let out = take(&rows, k).expect("a part per block");
+                #[cfg(target_arch = "x86_64")]
+                let avx2 = crate::fastmath::has_avx2();
                 for i in 0..count(k) {
                     let (b, out) = (k * group + i, &mut out[i * out_width..(i + 1) * out_width]);
                     acc.fill(0.0);
                     #[cfg(target_arch = "x86_64")]
-                    if crate::fastmath::has_avx2() {
+                    if avx2 {
                         // SAFETY: the CPU has AVX2 and FMA.
                         unsafe { self.problem_avx2(b, (z, s, acc), (&f, &write_out), out) };
                     } else {

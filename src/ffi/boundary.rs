@@ -265,13 +265,18 @@ pub(crate) fn write_loss_and_grad(
     let loss = loss.stage(l)?;
     let grad = grad.as_ref().map(|out| out.stage(g)).transpose()?;
     let bound = bound.map(|(out, b)| out.stage(b)).transpose()?;
+    write_staged([Some(loss), grad, bound], before_writing)
+}
+
+/// Writes outputs staged before (all of a call's), once `before_writing` (the pool's
+/// additions) has succeeded: nothing is written when it fails.
+pub(crate) fn write_staged<const N: usize>(
+    staged: [Option<Staged<'_>>; N],
+    before_writing: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     before_writing()?;
-    loss.write();
-    if let Some(grad) = grad {
-        grad.write();
-    }
-    if let Some(bound) = bound {
-        bound.write();
+    for out in staged.into_iter().flatten() {
+        out.write();
     }
     Ok(())
 }

@@ -66,7 +66,8 @@ pub(super) fn shape(op: &PerturbedOp, batch: usize) -> Rows {
     }
 }
 
-/// Writes a loss and its gradient (when asked for), staged together.
+/// Writes a loss and its gradient (when asked for), staged together, once the solutions
+/// have joined the op's pool (nothing written or added when any step fails).
 pub(super) fn write(
     op: &PerturbedOp,
     outputs: &(boundary::Output, Option<boundary::Output>),
@@ -78,13 +79,7 @@ pub(super) fn write(
         .as_ref()
         .map(|out| out.stage_host(grad))
         .transpose()?;
-    // (the pool's addition once every output is staged, before any is written)
-    addition.commit(op)?;
-    loss.write();
-    if let Some(grad) = grad {
-        grad.write();
-    }
-    Ok(())
+    boundary::write_staged([Some(loss), grad], || addition.commit(op))
 }
 
 /// The op of a call of `method`, which needs a linear objective (output shape = input
@@ -245,10 +240,7 @@ pub unsafe extern "C" fn pert_blackbox_vjp(
         let y = unsafe { unchecked_rows(y, op, batch, "y") }?;
         let g = unsafe { unchecked_rows(grad_output, op, batch, "grad_output") }?;
         let (grad, addition) = op.blackbox_vjp_rows(shape(op, batch), theta, y, g, lambda)?;
-        let grad = out.stage_host(grad)?;
-        addition.commit(op)?; // (once the output is staged, before it is written)
-        grad.write();
-        Ok(())
+        boundary::write_staged([Some(out.stage_host(grad)?)], || addition.commit(op))
     })
 }
 

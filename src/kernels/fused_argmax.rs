@@ -272,7 +272,7 @@ mod tests {
     }
 
     /// A problem made into reused buffers and sums (after other problems, of more and of
-    /// fewer samples) equals the problem made alone, bit for bit: every noise and
+    /// fewer samples, one of more than a block) equals the problem made alone, bit for bit: every noise and
     /// perturbation, with and without Jacobian and input sums, and with solutions handed
     /// back that hold negative values and signed zeros.
     #[test]
@@ -305,7 +305,13 @@ mod tests {
                     ..kernel(&stream, noise, perturbation, antithetic)
                 };
                 let (mut tiles, mut sums) = (Tiles::default(), k.zeros(d));
-                for (b, n) in [(0, 40), (1, 3), (0, 17), (1, 40)] {
+                // (without solutions handed back, a problem of more than one block too)
+                let long = if solutions.is_some() {
+                    17
+                } else {
+                    FUSED_BLOCK + 17
+                };
+                for (b, n) in [(0, 40), (1, 3), (0, long), (1, 40), (0, 5)] {
                     let p = Problem {
                         theta: &thetas[b],
                         b,

@@ -50,18 +50,24 @@ impl ProblemSums {
         }
     }
 
-    /// These sums back to zero (their shape kept).
+    /// These sums back to zero (their shape kept): the rows of the outputs touched (the
+    /// others are zero: see [`ProblemSums::touched`]; a sparse solution's sums of o·d
+    /// entries cost what it touched), Σ s_n, Σ x_n and the objective.
     pub fn reset(&mut self) {
-        for v in [
-            &mut self.sum_y,
-            &mut self.sum_s,
-            &mut self.sum_ys,
-            &mut self.sum_wy,
-            &mut self.sum_x,
-        ] {
-            v.fill(0.0);
+        let d = self.sum_s.len();
+        for (i, touched) in self.touched.iter_mut().enumerate() {
+            if std::mem::take(touched) {
+                self.sum_y[i] = 0.0;
+                if let Some(v) = self.sum_wy.get_mut(i) {
+                    *v = 0.0;
+                }
+                if let Some(row) = self.sum_ys.get_mut(i * d..(i + 1) * d) {
+                    row.fill(0.0);
+                }
+            }
         }
-        self.touched.fill(false);
+        self.sum_s.fill(0.0);
+        self.sum_x.fill(0.0);
         self.objective = 0.0;
     }
 

@@ -113,7 +113,7 @@ impl PerturbedOp {
     }
 
     /// Adds a plain solve's solutions to the op's pool, if it has one.
-    pub(crate) fn grow_pool(&self, y: &[f32]) -> Result<()> {
+    pub(super) fn grow_pool(&self, y: &[f32]) -> Result<()> {
         match self.pool() {
             Some(pool) => pool.add_rows(y),
             None => Ok(()),

@@ -142,13 +142,18 @@ pub(crate) struct HostSums {
 /// The entries of a CPU accumulator's host sums: Σ Y_n, Σ ⟨x_n, Y_n⟩, Σ exp(σZ_n − σ²/2) ⊙ Y_n
 /// and Σ x_n (see [`HostSums::slices`]), written or not ([`HostSums::unzeroed`]); and the
 /// room for the means of Σ Y_n, not written.
-pub(crate) type HostSlices<'a> = (
-    &'a mut [MaybeUninit<f64>],
-    Option<&'a mut [MaybeUninit<f64>]>,
-    &'a mut [MaybeUninit<f64>],
-    &'a mut [MaybeUninit<f64>],
-    &'a mut [MaybeUninit<f32>],
-);
+pub(crate) struct HostSlices<'a> {
+    /// Σ Y_n `[batch · o]`.
+    pub sum_y: &'a mut [MaybeUninit<f64>],
+    /// Σ ⟨x_n, Y_n⟩ `[batch]`, when the objective is estimated.
+    pub objective: Option<&'a mut [MaybeUninit<f64>]>,
+    /// Σ exp(σZ_n − σ²/2) ⊙ Y_n `[batch · w]` (w = d for the multiplicative objective, else 0).
+    pub weighted: &'a mut [MaybeUninit<f64>],
+    /// Σ x_n `[batch · d]` when kept, else empty.
+    pub inputs: &'a mut [MaybeUninit<f64>],
+    /// The room for the means `[batch · o]`, not written.
+    pub means: &'a mut [MaybeUninit<f32>],
+}
 
 impl HostSums {
     /// The entries of Σ Y_n `[batch · o]`, Σ ⟨x_n, Y_n⟩ (`[batch]`, or None),
@@ -158,16 +163,22 @@ impl HostSums {
     /// room for their means `[batch · o]`, which the taker writes, every entry.
     pub fn slices(&mut self) -> HostSlices<'_> {
         let sum_y = host_slice_uninit::<f64>(&mut self.sum_y);
-        let mean = host_slice_uninit::<f32>(&mut self.mean);
+        let means = host_slice_uninit::<f32>(&mut self.mean);
         match &mut self.objective {
-            Some(sums) => (
+            Some(sums) => HostSlices {
                 sum_y,
-                Some(host_slice_uninit::<f64>(&mut sums.value)),
-                host_slice_uninit::<f64>(&mut sums.weighted),
-                host_slice_uninit::<f64>(&mut sums.inputs),
-                mean,
-            ),
-            None => (sum_y, None, &mut [], &mut [], mean),
+                objective: Some(host_slice_uninit::<f64>(&mut sums.value)),
+                weighted: host_slice_uninit::<f64>(&mut sums.weighted),
+                inputs: host_slice_uninit::<f64>(&mut sums.inputs),
+                means,
+            },
+            None => HostSlices {
+                sum_y,
+                objective: None,
+                weighted: &mut [],
+                inputs: &mut [],
+                means,
+            },
         }
     }
 }

@@ -20,6 +20,7 @@ pub(super) struct Combine<'c> {
     pub plan: BlockPlan,
     /// The sums of the current problem so far (blocks of part of a problem).
     pub total: Option<ProblemSums>,
+    /// Zero sums of the call's shape (the first of the recycled ones).
     pub zero: ProblemSums,
 }
 
@@ -43,11 +44,16 @@ impl Combine<'_> {
         let sums = sums
             .as_ref()
             .expect("a block of part of a problem has its sums");
-        let total = self.total.get_or_insert_with(|| self.zero.clone());
+        let (zero, recycled) = (&self.zero, self.recycled);
+        let total = self
+            .total
+            .get_or_insert_with(|| recycled.sums(|| zero.clone()));
         total.add(sums);
         if let Some(problem) = self.plan.ends_problem(g) {
             let total = self.total.take().expect("just added");
-            self.acc.add_sums(problem as i64, &total)?;
+            let added = self.acc.add_sums(problem as i64, &total);
+            self.recycled.sums.put(Some(total));
+            added?;
         }
         Ok(())
     }
@@ -57,53 +63,59 @@ impl Combine<'_> {
 /// blocks to fill again (their memory kept): a block's results are made on one thread
 /// and were dropped on another, where a worker's allocations and the calling thread's
 /// release of them contended for the allocator's lock (a thread put to sleep then waits
-/// for its wake-up). At most the blocks in flight.
+/// for its wake-up). At most the blocks in flight, and a problem's running total.
 #[derive(Default)]
 pub(crate) struct Recycled {
-    rows: std::sync::Mutex<Vec<SolutionRows>>,
-    sums: std::sync::Mutex<Vec<ProblemSums>>,
+    rows: FreeList<SolutionRows>,
+    sums: FreeList<ProblemSums>,
 }
 
 impl Recycled {
     /// Solutions to fill: handed back ones, cleared, or new ones of `o` outputs.
     pub(super) fn rows(&self, o: usize) -> SolutionRows {
-        let back = self.rows.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        match back {
-            Some(mut rows) => {
-                rows.clear();
-                rows
-            }
-            None => SolutionRows::new(o),
-        }
+        self.rows.take(SolutionRows::clear, || SolutionRows::new(o))
     }
 
     /// Zero sums: handed back ones, zeroed (the call's blocks all have the same shape),
     /// or `make()`.
     pub(super) fn sums(&self, make: impl FnOnce() -> ProblemSums) -> ProblemSums {
-        // (zeroed or made with the lock released: other blocks take and give back meanwhile)
-        let back = self.sums.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        self.sums.take(ProblemSums::reset, make)
+    }
+
+    /// Hands back a block's solutions and sums once they are taken in.
+    fn give_back(&self, (sums, rows): BlockSums) {
+        self.rows.put(rows);
+        self.sums.put(sums);
+    }
+}
+
+/// Values handed back for reuse.
+struct FreeList<T>(std::sync::Mutex<Vec<T>>);
+
+impl<T> Default for FreeList<T> {
+    fn default() -> Self {
+        FreeList(Default::default())
+    }
+}
+
+impl<T> FreeList<T> {
+    /// A value handed back, made ready by `ready` (with the lock released: other threads
+    /// take and hand back meanwhile), or `make()`.
+    fn take(&self, ready: impl FnOnce(&mut T), make: impl FnOnce() -> T) -> T {
+        let back = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match back {
-            Some(mut sums) => {
-                sums.reset();
-                sums
+            Some(mut value) => {
+                ready(&mut value);
+                value
             }
             None => make(),
         }
     }
 
-    /// Hands back a block's solutions and sums once they are taken in.
-    fn give_back(&self, (sums, rows): BlockSums) {
-        if let Some(rows) = rows {
-            self.rows
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(rows);
-        }
-        if let Some(sums) = sums {
-            self.sums
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(sums);
+    /// Hands `value` back, if any.
+    fn put(&self, value: Option<T>) {
+        if let Some(value) = value {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(value);
         }
     }
 }

@@ -107,7 +107,14 @@ impl<'a> HostRun<'a> {
             assert_eq!(lens.iter().sum::<usize>(), all.len());
             self.kept = slots(all, lens.into_iter());
         }
-        if let Some((sum_y, objective, weighted, inputs, means)) = sums {
+        if let Some(HostSlices {
+            sum_y,
+            objective,
+            weighted,
+            inputs,
+            means,
+        }) = sums
+        {
             let batch = plan.batch.max(1);
             let (w, xw) = (weighted.len() / batch, inputs.len() / batch);
             let count = |g: usize| block(g).count;
