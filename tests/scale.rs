@@ -648,6 +648,118 @@ fn one_thread_callback_in_two_stages(batch: i64, d: i64, n: u64) {
     }
 }
 
+/// A callback on one thread in two stages lists the non-zero entries of its short solution
+/// rows, with their values and inputs, for the sums on the helper: every estimate equals,
+/// bit for bit, that of two solver threads (whose sums read the rows themselves), for
+/// one-hot, dense and narrower rows, both noises and both models, with a tape of Jacobian
+/// sums (N = 4000), without a tape, and for the Fenchel-Young loss; a non-finite solution
+/// in a middle block is the same error. (On a machine of one core neither takes two
+/// stages, and they agree all the same.)
+#[test]
+fn short_rows_listed_in_two_stages_give_the_bits_of_two_threads() {
+    use perturbations::Perturbation;
+    let (batch, d, n) = (8i64, 12i64, 4000u64);
+    let cpu = (Kind::Float, tch::Device::Cpu);
+    let theta = (Tensor::arange(batch * d, cpu) * 0.37)
+        .sin()
+        .reshape([batch, d])
+        + 1.5;
+    // one-hot; signs of the entries beyond 1.4 (mostly non-zero: dense rows); the one-hot
+    // of the best of the first 6 entries (6 outputs)
+    type Solve = fn(&[f32], usize, &mut [f32]) -> Result<(), String>;
+    let signs: Solve = |x, _, y| {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = if (x - 1.4).abs() < 0.05 {
+                0.0
+            } else {
+                (x - 1.4).signum()
+            };
+        }
+        Ok(())
+    };
+    let narrower: Solve = |x, count, y| {
+        let first: Vec<f32> = x.chunks_exact(12).flat_map(|r| r[..6].to_vec()).collect();
+        argmax(&first, count, y)
+    };
+    let bits = |t: &Tensor| {
+        Vec::<f32>::try_from(t.flatten(0, -1))
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    for (noise, model) in [
+        (Noise::Normal, Perturbation::Additive),
+        (Noise::Gumbel, Perturbation::Additive),
+        (Noise::Normal, Perturbation::Multiplicative),
+    ] {
+        for (name, solve, o) in [
+            ("one-hot", argmax as Solve, d),
+            ("signs", signs, d),
+            ("narrower", narrower, 6),
+        ] {
+            let run = |threads: u32| {
+                let mut c = config(noise, 0.5, n, 11);
+                c.set_threads(threads).unwrap().set_perturbation(model);
+                let op = || PerturbedOp::new(&c, &[d], &[o], solve).unwrap();
+                let (y, tape) = op().forward_with_tape(&theta).unwrap();
+                let g = (Tensor::arange(batch * o, cpu) * 1.3)
+                    .cos()
+                    .reshape([batch, o]);
+                let mut out = vec![
+                    bits(&y),
+                    bits(&tape.vjp(&g).unwrap()),
+                    bits(&tape.jvp(&theta.cos()).unwrap()),
+                ];
+                // without a tape, and the loss (new ops: their first call draws the same noise)
+                out.push(bits(&op().forward(&theta).unwrap()));
+                if o == d {
+                    out.push(bits(&tape.objective().unwrap()));
+                    let y_true = (&theta * 2.0).sin().ge(0.5).to_kind(Kind::Float);
+                    let (loss, grad) = op().fenchel_young(&theta, &y_true).unwrap();
+                    out.extend([bits(&loss), bits(&grad)]);
+                }
+                out
+            };
+            let names = [
+                "y",
+                "vjp",
+                "jvp",
+                "y without a tape",
+                "F",
+                "loss",
+                "gradient",
+            ];
+            let (one, two) = (run(1), run(2));
+            assert_eq!(one.len(), two.len());
+            for ((a, b), out) in one.iter().zip(&two).zip(names) {
+                // (bits compared; a difference named, not printed whole)
+                assert!(
+                    a == b,
+                    "{name} rows, {noise:?} noise, {model:?}: {out} differs"
+                );
+            }
+        }
+    }
+    // a NaN in the first block that meets one: the same error either way
+    let bad: Solve = |x, count, y| {
+        argmax(x, count, y)?;
+        if x.iter().any(|&v| (v - 2.0).abs() < 1e-3) {
+            y[count / 2 * 12 + 5] = f32::NAN;
+        }
+        Ok(())
+    };
+    let fail = |threads: u32| {
+        let mut c = config(Noise::Normal, 0.5, n, 11);
+        c.set_threads(threads).unwrap();
+        let op = PerturbedOp::new(&c, &[d], &[d], bad).unwrap();
+        op.forward_with_tape(&theta)
+            .expect_err("a NaN solution")
+            .to_string()
+    };
+    assert_eq!(fail(1), fail(2));
+}
+
 /// The Fenchel-Young loss and gradient of a built-in top-k equal, bit for bit, those of the
 /// same draws solved outside and handed back through the two-phase API, for sparse rows
 /// (k = 3 of 8) and rows with more ones than zeros (k = 5 of 8), which the sums take as

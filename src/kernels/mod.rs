@@ -8,6 +8,7 @@ pub(crate) mod blocks;
 pub mod builtin;
 pub(crate) mod fused_argmax;
 pub(crate) mod largest;
+pub(crate) mod listed;
 pub(crate) mod nonzero;
 pub(crate) mod sums;
 pub(crate) mod two_stages;

@@ -2,8 +2,8 @@
 //! objective), made on the host from blocks of samples: float32 tiles, vectorized row
 //! updates, only the outputs a block touched. The same sums, bit for bit, on every CPU.
 
-use super::nonzero::RowsNonZero;
-use crate::tuning::SUM_TILE;
+use super::listed::Entries;
+use crate::tuning::{SUM_PREFETCH_FLOATS, SUM_TILE};
 
 /// The sums over the samples of one problem that the estimator needs, made on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -193,10 +193,10 @@ impl SumScratch {
 impl SumsMut<'_> {
     /// Adds samples: noise `z`, perturbed inputs `x`, scores `s` (`[rows, d]`; `s` may be
     /// empty without Jacobian sums) and solutions `y` (`[rows, o]`), whose non-zero
-    /// entries `nonzero` lists when given (a scan of these rows; rows with more non-zero
-    /// entries than zeros are summed as whole vectors unless Jacobian or weighted sums
-    /// need their entries one by one), else found here row by row; zero solution
-    /// entries cost nothing. Tiles of [`SUM_TILE`] rows are
+    /// entries `entries` gives (scanned or listed before, else found here row by row;
+    /// rows with more non-zero entries than zeros are summed as whole vectors unless
+    /// Jacobian or weighted sums need their entries one by one); zero solution entries
+    /// cost nothing. Tiles of [`SUM_TILE`] rows are
     /// summed in float32 (vectorized), then added into the float64 sums; the result
     /// depends on the rows given, never on threads.
     pub fn add_rows(
@@ -204,15 +204,15 @@ impl SumsMut<'_> {
         scratch: &mut SumScratch,
         d: usize,
         rows: (&[f32], &[f32], &[f32], &[f32]),
-        nonzero: Option<RowsNonZero<'_>>,
+        entries: Entries<'_>,
         sigma: f32,
     ) {
         #[cfg(target_arch = "x86_64")]
         if crate::fastmath::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.add_rows_avx2(scratch, d, rows, nonzero, sigma) };
+            return unsafe { self.add_rows_avx2(scratch, d, rows, entries, sigma) };
         }
-        self.add_rows_impl(scratch, d, rows, nonzero, sigma, add_scaled, copy_padded)
+        self.add_rows_impl(scratch, d, rows, entries, sigma, add_scaled, copy_padded)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -222,14 +222,14 @@ impl SumsMut<'_> {
         scratch: &mut SumScratch,
         d: usize,
         rows: (&[f32], &[f32], &[f32], &[f32]),
-        nonzero: Option<RowsNonZero<'_>>,
+        entries: Entries<'_>,
         sigma: f32,
     ) {
         self.add_rows_impl(
             scratch,
             d,
             rows,
-            nonzero,
+            entries,
             sigma,
             |a, v, b| add_scaled_avx2(a, v, b),
             |p, rest, d| copy_padded_avx2(p, rest, d),
@@ -243,7 +243,7 @@ impl SumsMut<'_> {
         scratch: &mut SumScratch,
         d: usize,
         (z, x, s, y): (&[f32], &[f32], &[f32], &[f32]),
-        nonzero: Option<RowsNonZero<'_>>,
+        entries: Entries<'_>,
         sigma: f32,
         add_scaled: impl Fn(&mut [f32], f32, &[f32]),
         copy_padded: impl Fn(&mut [f32], &[f32], usize),
@@ -253,9 +253,13 @@ impl SumsMut<'_> {
         let square = d == o;
         let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
         let rows = y.len() / o;
-        if let Some(nonzero) = nonzero {
-            assert_eq!(nonzero.len(), rows, "a scan of these rows");
+        match entries {
+            Entries::Scanned(nonzero) => assert_eq!(nonzero.len(), rows, "a scan of these rows"),
+            Entries::Listed(listed) => assert!(!square || listed.with_inputs()),
+            Entries::Unknown => {}
         }
+        // the next listed entry (rows in order)
+        let mut next = 0;
         // rows with more non-zero entries are summed whole, unless the sums need them one
         // by one
         let most = if jacobian || weighted { o } else { o / 2 };
@@ -281,8 +285,7 @@ impl SumsMut<'_> {
             } = &mut *scratch;
             for r in r0..r1 {
                 let yr = &y[r * o..(r + 1) * o];
-                let scanned = nonzero.map(|nonzero| nonzero.row(r));
-                let Some(listed) = listed_entries(yr, scanned, most, found) else {
+                let Some(listed) = entries.row(r, yr, most, &mut next, found) else {
                     // mostly non-zero (ranks, dense callbacks): whole vectors, no marks
                     for (t, &v) in tile_y[..o].iter_mut().zip(yr) {
                         *t += v;
@@ -294,12 +297,12 @@ impl SumsMut<'_> {
                     continue;
                 };
                 if jacobian {
+                    prefetch(s, r * d + SUM_PREFETCH_FLOATS);
                     copy_padded(padded, &s[r * d..], d);
                     add_scaled(&mut tile_s[..dp], 1.0, padded);
                 }
-                // the non-zero entries alone
-                for &i in listed {
-                    let (i, yv) = (i as usize, yr[i as usize]);
+                // the non-zero entries alone: entry i, its value and perturbed input
+                let mut add = |i: usize, yv: f32, xv: f32| {
                     if !tile_mark[i] {
                         tile_mark[i] = true;
                         tile_rows.push(i);
@@ -309,9 +312,29 @@ impl SumsMut<'_> {
                         add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, padded);
                     }
                     if square {
-                        tile_objective += x[r * d + i] * yv;
+                        tile_objective += xv * yv;
                         if weighted {
                             tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
+                        }
+                    }
+                };
+                let input = |i: usize| if square { x[r * d + i] } else { 0.0 };
+                match (listed.y, listed.x) {
+                    (Some(ys), Some(xs)) => {
+                        for ((&p, &yv), &xv) in listed.pos.iter().zip(ys).zip(xs) {
+                            add((p - listed.base) as usize, yv, xv);
+                        }
+                    }
+                    (Some(ys), None) => {
+                        for (&p, &yv) in listed.pos.iter().zip(ys) {
+                            let i = (p - listed.base) as usize;
+                            add(i, yv, input(i));
+                        }
+                    }
+                    (None, _) => {
+                        for &i in listed.pos {
+                            let i = i as usize;
+                            add(i, yr[i], input(i));
                         }
                     }
                 }
@@ -373,39 +396,6 @@ impl SumsMut<'_> {
         tile_rows.clear();
         for (a, t) in self.sum_s.iter_mut().zip(tile_s.iter_mut()) {
             *a += f64::from(std::mem::take(t));
-        }
-    }
-}
-
-/// The non-zero entries of solution row `yr` that the sums add one by one: as listed by
-/// the scan (`scanned`: Some(Some) a sparse row, Some(None) a dense one), or found here
-/// into `found`; None when the row is summed whole (more than `most` non-zero entries).
-#[inline(always)]
-fn listed_entries<'r>(
-    yr: &[f32],
-    scanned: Option<Option<&'r [u32]>>,
-    most: usize,
-    found: &'r mut Vec<u32>,
-) -> Option<&'r [u32]> {
-    let o = yr.len();
-    match scanned {
-        Some(Some(listed)) if listed.len() <= most => Some(listed),
-        Some(Some(_)) => None,
-        Some(None) if most < o => None,
-        // not scanned, or dense where the sums need its entries one by one
-        _ if most < o && 2 * yr.iter().filter(|v| **v != 0.0).count() > o => None,
-        _ => {
-            // 8 at a time as a bit mask (a vector compare), so that sparse solutions cost
-            // one test per 8 entries and no branch per entry
-            found.clear();
-            for (c, run) in yr.chunks(8).enumerate() {
-                let mut mask = nonzero_mask(run);
-                while mask != 0 {
-                    found.push(8 * c as u32 + mask.trailing_zeros());
-                    mask &= mask - 1;
-                }
-            }
-            Some(&found[..])
         }
     }
 }
@@ -480,13 +470,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Bit j set when `values[j]` (j < 8) is not ±0.
+/// Asks for the cache line of `values[at]` (nothing past the end): the scores of rows
+/// ahead, which the hardware's prefetchers fetch too late for short rows.
 #[inline(always)]
-fn nonzero_mask(values: &[f32]) -> u32 {
-    values
-        .iter()
-        .enumerate()
-        .fold(0u32, |mask, (j, v)| mask | (u32::from(*v != 0.0) << j))
+fn prefetch(values: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(ahead) = values.get(at) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch (of an element of the slice) reads nothing
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((ahead as *const f32).cast()) };
+    }
 }
 
 /// `row` into the first `row.len()` floats of `padded` (the rest stays as it is: zero).

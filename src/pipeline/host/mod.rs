@@ -5,11 +5,13 @@
 //! libtorch operation between solver calls (the OpenMP rule of [`crate::tuning`]).
 //!
 //! [`geometry`] cuts a call into blocks ([`geometry::BlockPlan`]); [`run`] runs them
-//! ([`run::HostRun`]: prepare, solve, combine).
+//! ([`run::HostRun`]: prepare, solve, combine); [`solutions`] makes and checks a block's
+//! solutions.
 
 mod combine;
 pub(crate) mod geometry;
 pub(crate) mod run;
+mod solutions;
 mod whole;
 
 use crate::error::Result;

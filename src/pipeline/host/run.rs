@@ -9,14 +9,15 @@ use crate::error::Result;
 use crate::estimate::accumulator::{Accumulator, HostSlices};
 use crate::interrupt::Stop;
 use crate::kernels::blocks::{run_blocks, run_blocks_on, slots, take, Slots};
+use crate::kernels::listed::{Found, Listed, Made};
 use crate::kernels::nonzero::NonZeros;
 use crate::kernels::sums::{ProblemSums, SumScratch};
 use crate::kernels::two_stages::run_two_stages;
 use crate::noise::{Noise, NoiseAt, Sampler};
 use crate::perturbation::Perturbation;
-use crate::pipeline::cache::{solve_or_answer, CallCache};
+use crate::pipeline::cache::CallCache;
 use crate::pipeline::plan::OpSpec;
-use crate::pipeline::solve::{check_finite, check_provided, HostSolver, SolverKind, Source};
+use crate::pipeline::solve::{HostSolver, SolverKind, Source};
 use crate::rng::Stream;
 use crate::solver::SolveInfo;
 use crate::uninit::{as_uninit, written};
@@ -42,9 +43,10 @@ pub(crate) struct Scratch {
     y: Vec<f32>,
     /// The positions of the ones of 0/1 built-in solutions.
     ones: Vec<u32>,
-    /// The non-zero entries of the block's solutions given as whole rows, for a tape that
-    /// keeps them.
+    /// The non-zero entries of the block's solutions given as whole rows: scanned for a
+    /// tape that keeps them, or listed with their values for sums on another thread.
     nonzero: NonZeros,
+    listed: Listed,
     sums: SumScratch,
 }
 
@@ -54,8 +56,8 @@ pub(crate) struct Scratch {
 type Prepared<'s> = (Option<&'s mut [f32]>, bool);
 
 /// What the second stage hands to the sums: the block's noise when it is in the tape's
-/// kept scores, and whether its solutions were scanned for their non-zero entries.
-type Solved<'s> = (Option<&'s mut [f32]>, bool);
+/// kept scores, and the list of its solutions' non-zero entries it made.
+type Solved<'s> = (Option<&'s mut [f32]>, Made);
 
 /// One call of the host pipeline: its geometry, what it reads, and each block's slots in
 /// the call's outputs. Its stages are methods: [`HostRun::prepare`] (noise drawn, scores
@@ -148,7 +150,7 @@ impl<'a> HostRun<'a> {
         }
     }
 
-    fn multiplicative(&self) -> bool {
+    pub(super) fn multiplicative(&self) -> bool {
         self.config.perturbation() == Perturbation::Multiplicative
     }
 
@@ -164,7 +166,7 @@ impl<'a> HostRun<'a> {
         (self.keeps.jacobian_sums || !self.kept.is_empty()) && !self.scores_are_noise()
     }
 
-    fn host_solver(&self) -> Option<&'a HostSolver> {
+    pub(super) fn host_solver(&self) -> Option<&'a HostSolver> {
         match self.source {
             Source::Solver(SolverKind::Host(solver)) => Some(solver),
             _ => None,
@@ -175,7 +177,7 @@ impl<'a> HostRun<'a> {
     /// and the tape take as they are, when there are no Jacobian or weighted sums (rows
     /// with more ones than zeros take the dense path of the sums, as the same solutions
     /// handed in through the two-phase API would).
-    fn ones_per_row(&self) -> Option<usize> {
+    pub(super) fn ones_per_row(&self) -> Option<usize> {
         match self.source {
             Source::Solver(SolverKind::Builtin(b))
                 if !self.keeps.jacobian_sums && !self.multiplicative() && self.cache.is_none() =>
@@ -206,6 +208,7 @@ impl<'a> HostRun<'a> {
             ],
             ones: Vec::new(),
             nonzero: NonZeros::default(),
+            listed: Listed::default(),
             sums: SumScratch::default(),
         }
     }
@@ -307,13 +310,14 @@ impl<'a> HostRun<'a> {
     ) -> Result<Solved<'p>> {
         self.stop.check()?;
         let block = self.plan.block(g);
-        let (d, o) = (self.d, self.o);
+        let d = self.d;
         let Scratch {
             z,
             x,
             y,
             ones,
             nonzero,
+            listed,
             ..
         } = buffers;
         let (x, y) = (&mut x[..block.len() * d], &mut y[..self.y_len(block)]);
@@ -332,26 +336,8 @@ impl<'a> HostRun<'a> {
             pool: None,
         };
         self.solutions(&at, block, x, y, ones)?;
-        // a callback's solutions checked finite (the error says where; the built-ins' and
-        // the provided ones are finite); for a tape that keeps the solutions, with their
-        // non-zero entries found once for it and the sums (the scan lists rows of up to
-        // o/2 of them, or every row when Jacobian or weighted sums need each entry), else
-        // the sums find them
-        let scanned = !y.is_empty() && self.keeps.solutions;
-        let called = self.host_solver().is_some();
-        if scanned {
-            let most = if self.keeps.jacobian_sums || (self.multiplicative() && o == d) {
-                o
-            } else {
-                o / 2
-            };
-            if !nonzero.scan(y, o, most) {
-                check_finite(y, o, &at)?;
-            }
-        } else if called && !y.is_empty() {
-            check_finite(y, o, &at)?;
-        }
-        Ok((noise, scanned))
+        let made = self.find_entries(&at, x, y, nonzero, listed)?;
+        Ok((noise, made))
     }
 
     /// The last stage of block `g`, once solved: its sums and solutions taken.
@@ -359,7 +345,7 @@ impl<'a> HostRun<'a> {
         &self,
         g: usize,
         buffers: &mut Scratch,
-        (noise, scanned): Solved<'_>,
+        (noise, made): Solved<'_>,
     ) -> Result<BlockSums> {
         let block = self.plan.block(g);
         let d = self.d;
@@ -370,6 +356,7 @@ impl<'a> HostRun<'a> {
             y,
             ones,
             nonzero,
+            listed,
             sums,
         } = buffers;
         let rows = BlockRows {
@@ -378,64 +365,13 @@ impl<'a> HostRun<'a> {
             x: &x[..block.len() * d],
             y: &y[..self.y_len(block)],
             ones,
-            nonzero: scanned.then_some(&*nonzero),
+            found: match made {
+                Made::Nothing => Found::Nothing,
+                Made::Scanned => Found::Scanned(nonzero),
+                Made::Listed => Found::Listed(listed),
+            },
         };
         self.sum(g, block, &rows, sums)
-    }
-
-    /// The floats of `block`'s dense solutions (none for 0/1 built-ins, which list the
-    /// positions of their ones).
-    fn y_len(&self, block: Block) -> usize {
-        if self.ones_per_row().is_some() {
-            0
-        } else {
-            block.len() * self.o
-        }
-    }
-
-    /// The solutions of the block's perturbed inputs `x` into `y` (or, for 0/1 built-ins,
-    /// the positions of their ones into `ones`).
-    fn solutions(
-        &self,
-        at: &SolveInfo,
-        block: Block,
-        x: &mut [f32],
-        y: &mut [f32],
-        ones: &mut Vec<u32>,
-    ) -> Result<()> {
-        let o = self.o;
-        match self.source {
-            Source::Solver(SolverKind::Host(solver)) => {
-                y.fill(f32::NAN);
-                // (the call puts back the thread's floating-point settings, whatever the
-                // callback did to them: which thread perturbs or sums a block never
-                // changes a bit); checked finite by the caller. With info: told its rows.
-                let solve = |at: &SolveInfo, x: &[f32], n, y: &mut [f32]| solver.call(at, x, n, y);
-                let rows = (&*x, self.d, solver.workers().is_some());
-                solve_or_answer((self.cache, self.spec), at, rows, y, solve)?;
-            }
-            Source::Solver(SolverKind::Builtin(builtin)) => match self.ones_per_row() {
-                Some(_) => {
-                    builtin.ones_host(x, self.d, self.last, ones);
-                    self.spec.count_solved(block.len());
-                }
-                None => {
-                    let solve = |_: &SolveInfo, x: &[f32], _, y: &mut [f32]| {
-                        builtin.solve_host(x, self.last, y);
-                        Ok(())
-                    };
-                    solve_or_answer((self.cache, self.spec), at, (x, self.d, false), y, solve)?
-                }
-            },
-            Source::Provided(all) => {
-                let first = at.first_row as usize;
-                let part = &all[first * o..(first + block.len()) * o];
-                check_provided(part, first, o)?;
-                y.copy_from_slice(part);
-            }
-            Source::Solver(_) => unreachable!("only host solutions take the host path"),
-        }
-        Ok(())
     }
 
     /// The sums of block `g`'s samples `rows`, into the call's sums of its problems
@@ -468,7 +404,7 @@ impl<'a> HostRun<'a> {
             let x_i = &samples.x[rd.clone()];
             // the positions of the ones of problem i's rows (0/1 built-ins)
             let ones_i = ones_per_row.map(|m| (&samples.ones[i * rows * m..(i + 1) * rows * m], m));
-            let nonzero_i = || samples.nonzero.map(|nz| nz.rows(i * rows..(i + 1) * rows));
+            let entries_i = || samples.found.rows(i * rows..(i + 1) * rows);
             let mut unused = 0.0;
             let mut sums = match whole.problem(i, &mut unused) {
                 // whole problems: into the call's sums of problem `first + i`
@@ -493,14 +429,18 @@ impl<'a> HostRun<'a> {
                         (true, false) => &samples.s[rd.clone()],
                     };
                     let rows_i = (&samples.z[rd], x_i, s_i, y_i);
-                    sums.add_rows(scratch, d, rows_i, nonzero_i(), self.config.sigma() as f32);
+                    sums.add_rows(scratch, d, rows_i, entries_i(), self.config.sigma() as f32);
                 }
             }
             if let Some(solutions) = &mut solutions {
                 match ones_i {
                     Some((ones_i, m)) => solutions.push_ones(ones_i, m)?,
-                    None => solutions
-                        .push_scanned(y_i, nonzero_i().expect("solutions kept are scanned"))?,
+                    None => match samples.found {
+                        Found::Scanned(scan) => {
+                            solutions.push_scanned(y_i, scan.rows(i * rows..(i + 1) * rows))?
+                        }
+                        _ => unreachable!("solutions kept are scanned"),
+                    },
                 }
             }
         }
@@ -521,8 +461,8 @@ struct BlockRows<'s> {
     x: &'s [f32],
     y: &'s [f32],
     ones: &'s [u32],
-    /// The non-zero entries of the solutions, when they were scanned for the tape.
-    nonzero: Option<&'s NonZeros>,
+    /// The lists of the solutions' non-zero entries that the solve made.
+    found: Found<'s>,
 }
 
 impl HostRun<'_> {
