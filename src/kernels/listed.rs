@@ -235,11 +235,39 @@ pub(crate) struct ListedRows<'a> {
     o: u32,
 }
 
-impl ListedRows<'_> {
+impl<'a> ListedRows<'a> {
     /// Whether the inputs were listed with the entries.
     pub fn with_inputs(&self) -> bool {
         self.with_x
     }
+
+    /// The entries of row `r` (the rows taken in order from 0: `next` is the first entry
+    /// of row r, moved past its last): their positions less `base` (the row's first
+    /// position), values, and inputs (none when not listed).
+    #[inline(always)]
+    pub fn row(&self, r: usize, next: &mut usize) -> ListedRow<'a> {
+        let (base, start) = (self.first + r as u32 * self.o, *next);
+        let end = base + self.o;
+        while *next < self.at.len() && self.at[*next] < end {
+            *next += 1;
+        }
+        let part = start..*next;
+        ListedRow {
+            pos: &self.at[part.clone()],
+            base,
+            y: &self.y[part.clone()],
+            x: if self.with_x { &self.x[part] } else { &[] },
+        }
+    }
+}
+
+/// The listed entries of one row: positions (less `base`), values and inputs (empty when
+/// not listed), all as long but the inputs.
+pub(crate) struct ListedRow<'a> {
+    pub pos: &'a [u32],
+    pub base: u32,
+    pub y: &'a [f32],
+    pub x: &'a [f32],
 }
 
 /// How the sums get the non-zero entries of a block's solution rows.
@@ -251,85 +279,6 @@ pub(crate) enum Entries<'a> {
     Scanned(RowsNonZero<'a>),
     /// Listed with their values (and inputs) by the thread that solved the rows.
     Listed(ListedRows<'a>),
-}
-
-/// The entries of one row that the sums add one at a time: positions (less `base`, the
-/// row's first position) and, when listed, their values and inputs.
-pub(crate) struct RowEntries<'r> {
-    pub pos: &'r [u32],
-    pub base: u32,
-    pub y: Option<&'r [f32]>,
-    pub x: Option<&'r [f32]>,
-}
-
-impl<'a> Entries<'a> {
-    /// The non-zero entries of row `r` (`yr`, the rows in order from 0: `next` the listed
-    /// entry where row r's start, moved past them), or None when the row is summed whole:
-    /// more than `most` non-zero entries. `found` is the room for the entries found here.
-    #[inline(always)]
-    pub fn row<'r>(
-        &'r self,
-        r: usize,
-        yr: &[f32],
-        most: usize,
-        next: &mut usize,
-        found: &'r mut Vec<u32>,
-    ) -> Option<RowEntries<'r>> {
-        let o = yr.len();
-        let positions = |pos| RowEntries {
-            pos,
-            base: 0,
-            y: None,
-            x: None,
-        };
-        let scanned = match self {
-            Entries::Listed(l) => {
-                let (base, start) = (l.first + r as u32 * l.o, *next);
-                let end = base + l.o;
-                while *next < l.at.len() && l.at[*next] < end {
-                    *next += 1;
-                }
-                let part = start..*next;
-                return (part.len() <= most).then(|| RowEntries {
-                    pos: &l.at[part.clone()],
-                    base,
-                    y: Some(&l.y[part.clone()]),
-                    x: l.with_inputs().then(|| &l.x[part]),
-                });
-            }
-            Entries::Scanned(rows) => Some(rows.row(r)),
-            Entries::Unknown => None,
-        };
-        match scanned {
-            Some(Some(listed)) if listed.len() <= most => Some(positions(listed)),
-            Some(Some(_)) => None,
-            Some(None) if most < o => None,
-            // not scanned, or dense where the sums need its entries one by one
-            _ if most < o && 2 * yr.iter().filter(|v| **v != 0.0).count() > o => None,
-            _ => {
-                // 8 at a time as a bit mask (a vector compare), so that sparse solutions
-                // cost one test per 8 entries and no branch per entry
-                found.clear();
-                for (c, run) in yr.chunks(8).enumerate() {
-                    let mut mask = nonzero_mask(run);
-                    while mask != 0 {
-                        found.push(8 * c as u32 + mask.trailing_zeros());
-                        mask &= mask - 1;
-                    }
-                }
-                Some(positions(&found[..]))
-            }
-        }
-    }
-}
-
-/// Bit j set when `values[j]` (j < 8) is not ±0.
-#[inline(always)]
-fn nonzero_mask(values: &[f32]) -> u32 {
-    values
-        .iter()
-        .enumerate()
-        .fold(0u32, |mask, (j, v)| mask | (u32::from(*v != 0.0) << j))
 }
 
 /// The list of a block's non-zero entries that its solve made for the sums, if any.
@@ -473,7 +422,7 @@ mod tests {
     }
 
     /// The entries of each row of a list, as the sums take them: positions less the row's
-    /// first, values and inputs; rows with more than `most` entries summed whole.
+    /// first, values and inputs.
     #[test]
     fn the_sums_take_each_rows_entries_from_the_list() {
         let o = 10;
@@ -486,37 +435,27 @@ mod tests {
         let x: Vec<f32> = (0..4 * o).map(|i| i as f32).collect();
         let mut l = Listed::default();
         assert!(l.list(&y, o, Some(&x)));
-        let entries = Entries::Listed(l.rows(0..4));
-        let (mut next, mut found) = (0, Vec::new());
-        let mut row = |r: usize, most: usize| {
-            let yr = &y[r * o..(r + 1) * o];
-            entries.row(r, yr, most, &mut next, &mut found).map(|e| {
-                let pos: Vec<u32> = e.pos.iter().map(|p| p - e.base).collect();
-                (pos, e.y.unwrap().to_vec(), e.x.unwrap().to_vec())
-            })
+        let rows = l.rows(0..4);
+        let mut next = 0;
+        let mut row = |r: usize| {
+            let e = rows.row(r, &mut next);
+            let pos: Vec<u32> = e.pos.iter().map(|p| p - e.base).collect();
+            (pos, e.y.to_vec(), e.x.to_vec())
         };
-        assert_eq!(row(0, 5), Some((vec![3], vec![1.0], vec![3.0])));
-        assert_eq!(row(1, 5), None);
-        assert_eq!(row(2, 5), Some((vec![], vec![], vec![])));
-        assert_eq!(
-            row(3, 5),
-            Some((vec![5, 9], vec![0.5, -0.25], vec![35.0, 39.0]))
-        );
+        assert_eq!(row(0), (vec![3], vec![1.0], vec![3.0]));
+        assert_eq!(row(1).0, (0..10).collect::<Vec<u32>>());
+        assert_eq!(row(2), (vec![], vec![], vec![]));
+        assert_eq!(row(3), (vec![5, 9], vec![0.5, -0.25], vec![35.0, 39.0]));
         // a list of rows 2 .. 4 alone: its rows count from 0
-        let entries = Entries::Listed(l.rows(2..4));
-        let (mut next, mut found) = (0, Vec::new());
-        assert!(entries
-            .row(0, &y[2 * o..3 * o], o, &mut next, &mut found)
-            .unwrap()
-            .pos
-            .is_empty());
-        let e = entries
-            .row(1, &y[3 * o..], o, &mut next, &mut found)
-            .unwrap();
+        let rows = l.rows(2..4);
+        let mut next = 0;
+        assert!(rows.row(0, &mut next).pos.is_empty());
+        let e = rows.row(1, &mut next);
         assert_eq!((e.pos, e.base), (&[35u32, 39][..], 30));
-        // a NaN and an infinity are listed, and the pass says so
+        // a NaN and an infinity are listed, and the pass says so; without the inputs
         y[2 * o + 1] = f32::NAN;
         assert!(!l.list(&y, o, None));
         assert_eq!(l.rows(2..3).at, &[21u32][..]);
+        assert!(l.rows(0..4).row(0, &mut 0).x.is_empty());
     }
 }

@@ -10,6 +10,7 @@ pub(crate) mod fused_argmax;
 pub(crate) mod largest;
 pub(crate) mod listed;
 pub(crate) mod nonzero;
+mod row_vectors;
 pub(crate) mod sums;
 pub(crate) mod two_stages;
 pub(crate) mod workers;

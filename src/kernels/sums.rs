@@ -2,7 +2,11 @@
 //! objective), made on the host from blocks of samples: float32 tiles, vectorized row
 //! updates, only the outputs a block touched. The same sums, bit for bit, on every CPU.
 
-use super::listed::Entries;
+use super::listed::{Entries, ListedRows};
+use super::nonzero::RowsNonZero;
+use super::row_vectors::{add_scaled, copy_padded, dot, nonzero_mask, prefetch};
+#[cfg(target_arch = "x86_64")]
+use super::row_vectors::{add_scaled_avx2, copy_padded_avx2};
 use crate::tuning::{SUM_PREFETCH_FLOATS, SUM_TILE};
 
 /// The sums over the samples of one problem that the estimator needs, made on the host.
@@ -193,10 +197,10 @@ impl SumScratch {
 impl SumsMut<'_> {
     /// Adds samples: noise `z`, perturbed inputs `x`, scores `s` (`[rows, d]`; `s` may be
     /// empty without Jacobian sums) and solutions `y` (`[rows, o]`), whose non-zero
-    /// entries `entries` gives (scanned or listed before, else found here row by row;
-    /// rows with more non-zero entries than zeros are summed as whole vectors unless
-    /// Jacobian or weighted sums need their entries one by one); zero solution entries
-    /// cost nothing. Tiles of [`SUM_TILE`] rows are
+    /// entries `entries` gives when they were scanned or listed with their values (else
+    /// they are found here row by row; rows with more non-zero entries than zeros are
+    /// summed as whole vectors unless Jacobian or weighted sums need their entries one by
+    /// one); zero solution entries cost nothing. Tiles of [`SUM_TILE`] rows are
     /// summed in float32 (vectorized), then added into the float64 sums; the result
     /// depends on the rows given, never on threads.
     pub fn add_rows(
@@ -212,7 +216,15 @@ impl SumsMut<'_> {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { self.add_rows_avx2(scratch, d, rows, entries, sigma) };
         }
-        self.add_rows_impl(scratch, d, rows, entries, sigma, add_scaled, copy_padded)
+        let nonzero = match entries {
+            Entries::Listed(listed) => {
+                let kernels = (add_scaled, copy_padded);
+                return self.add_listed_impl(scratch, d, rows, listed, sigma, kernels);
+            }
+            Entries::Scanned(nonzero) => Some(nonzero),
+            Entries::Unknown => None,
+        };
+        self.add_rows_impl(scratch, d, rows, nonzero, sigma, add_scaled, copy_padded)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -225,11 +237,22 @@ impl SumsMut<'_> {
         entries: Entries<'_>,
         sigma: f32,
     ) {
+        let nonzero = match entries {
+            Entries::Listed(listed) => {
+                let kernels = (
+                    |a: &mut [f32], v, b: &[f32]| add_scaled_avx2(a, v, b),
+                    |p: &mut [f32], rest: &[f32], d| copy_padded_avx2(p, rest, d),
+                );
+                return self.add_listed_impl(scratch, d, rows, listed, sigma, kernels);
+            }
+            Entries::Scanned(nonzero) => Some(nonzero),
+            Entries::Unknown => None,
+        };
         self.add_rows_impl(
             scratch,
             d,
             rows,
-            entries,
+            nonzero,
             sigma,
             |a, v, b| add_scaled_avx2(a, v, b),
             |p, rest, d| copy_padded_avx2(p, rest, d),
@@ -243,7 +266,7 @@ impl SumsMut<'_> {
         scratch: &mut SumScratch,
         d: usize,
         (z, x, s, y): (&[f32], &[f32], &[f32], &[f32]),
-        entries: Entries<'_>,
+        nonzero: Option<RowsNonZero<'_>>,
         sigma: f32,
         add_scaled: impl Fn(&mut [f32], f32, &[f32]),
         copy_padded: impl Fn(&mut [f32], &[f32], usize),
@@ -253,13 +276,9 @@ impl SumsMut<'_> {
         let square = d == o;
         let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
         let rows = y.len() / o;
-        match entries {
-            Entries::Scanned(nonzero) => assert_eq!(nonzero.len(), rows, "a scan of these rows"),
-            Entries::Listed(listed) => assert!(!square || listed.with_inputs()),
-            Entries::Unknown => {}
+        if let Some(nonzero) = nonzero {
+            assert_eq!(nonzero.len(), rows, "a scan of these rows");
         }
-        // the next listed entry (rows in order)
-        let mut next = 0;
         // rows with more non-zero entries are summed whole, unless the sums need them one
         // by one
         let most = if jacobian || weighted { o } else { o / 2 };
@@ -285,7 +304,8 @@ impl SumsMut<'_> {
             } = &mut *scratch;
             for r in r0..r1 {
                 let yr = &y[r * o..(r + 1) * o];
-                let Some(listed) = entries.row(r, yr, most, &mut next, found) else {
+                let scanned = nonzero.map(|nonzero| nonzero.row(r));
+                let Some(listed) = listed_entries(yr, scanned, most, found) else {
                     // mostly non-zero (ranks, dense callbacks): whole vectors, no marks
                     for (t, &v) in tile_y[..o].iter_mut().zip(yr) {
                         *t += v;
@@ -297,12 +317,12 @@ impl SumsMut<'_> {
                     continue;
                 };
                 if jacobian {
-                    prefetch(s, r * d + SUM_PREFETCH_FLOATS);
                     copy_padded(padded, &s[r * d..], d);
                     add_scaled(&mut tile_s[..dp], 1.0, padded);
                 }
-                // the non-zero entries alone: entry i, its value and perturbed input
-                let mut add = |i: usize, yv: f32, xv: f32| {
+                // the non-zero entries alone
+                for &i in listed {
+                    let (i, yv) = (i as usize, yr[i as usize]);
                     if !tile_mark[i] {
                         tile_mark[i] = true;
                         tile_rows.push(i);
@@ -312,29 +332,96 @@ impl SumsMut<'_> {
                         add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, padded);
                     }
                     if square {
-                        tile_objective += xv * yv;
+                        tile_objective += x[r * d + i] * yv;
                         if weighted {
                             tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
                         }
                     }
-                };
-                let input = |i: usize| if square { x[r * d + i] } else { 0.0 };
-                match (listed.y, listed.x) {
-                    (Some(ys), Some(xs)) => {
-                        for ((&p, &yv), &xv) in listed.pos.iter().zip(ys).zip(xs) {
-                            add((p - listed.base) as usize, yv, xv);
-                        }
+                }
+            }
+            *self.objective += f64::from(tile_objective);
+            self.flush_tile(scratch, d, tile_all);
+        }
+    }
+
+    /// [`SumsMut::add_rows`] of rows whose non-zero entries were listed with their values
+    /// and inputs ([`ListedRows`]): the same sums bit for bit (the same entries added in
+    /// the same order), read from the lists instead of the rows (but for rows with more
+    /// than `most` entries, summed whole from the rows as there). The scores of rows
+    /// ahead are asked for: the block was drawn on another thread's turn.
+    #[inline(always)]
+    fn add_listed_impl(
+        mut self,
+        scratch: &mut SumScratch,
+        d: usize,
+        (z, x, s, y): (&[f32], &[f32], &[f32], &[f32]),
+        listed: ListedRows<'_>,
+        sigma: f32,
+        (add_scaled, copy_padded): (
+            impl Fn(&mut [f32], f32, &[f32]),
+            impl Fn(&mut [f32], &[f32], usize),
+        ),
+    ) {
+        let o = self.sum_y.len();
+        let shift = 0.5 * sigma * sigma;
+        let square = d == o;
+        let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
+        let rows = y.len() / o;
+        assert!(
+            !square || listed.with_inputs(),
+            "the inputs listed with the entries"
+        );
+        let most = if jacobian || weighted { o } else { o / 2 };
+        let dp = d.div_ceil(8) * 8;
+        scratch.fit(o, d, jacobian, weighted);
+        // the first listed entry of the next row
+        let mut next = 0;
+        for r0 in (0..rows).step_by(SUM_TILE) {
+            let r1 = (r0 + SUM_TILE).min(rows);
+            let mut tile_objective = 0f32;
+            let mut tile_all = false;
+            let SumScratch {
+                tile_y,
+                tile_s,
+                tile_ys,
+                tile_wy,
+                tile_rows,
+                tile_mark,
+                padded,
+                ..
+            } = &mut *scratch;
+            for r in r0..r1 {
+                let row = listed.row(r, &mut next);
+                if row.pos.len() > most {
+                    let yr = &y[r * o..(r + 1) * o];
+                    for (t, &v) in tile_y[..o].iter_mut().zip(yr) {
+                        *t += v;
                     }
-                    (Some(ys), None) => {
-                        for (&p, &yv) in listed.pos.iter().zip(ys) {
-                            let i = (p - listed.base) as usize;
-                            add(i, yv, input(i));
-                        }
+                    if square {
+                        tile_objective += dot(&x[r * d..(r + 1) * d], yr);
                     }
-                    (None, _) => {
-                        for &i in listed.pos {
-                            let i = i as usize;
-                            add(i, yr[i], input(i));
+                    tile_all = true;
+                    continue;
+                }
+                if jacobian {
+                    prefetch(s, r * d + SUM_PREFETCH_FLOATS);
+                    copy_padded(padded, &s[r * d..], d);
+                    add_scaled(&mut tile_s[..dp], 1.0, padded);
+                }
+                for (k, (&p, &yv)) in row.pos.iter().zip(row.y).enumerate() {
+                    let i = (p - row.base) as usize;
+                    if !tile_mark[i] {
+                        tile_mark[i] = true;
+                        tile_rows.push(i);
+                    }
+                    tile_y[i] += yv;
+                    if jacobian {
+                        add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, padded);
+                    }
+                    if square {
+                        tile_objective += row.x[k] * yv;
+                        if weighted {
+                            tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
                         }
                     }
                 }
@@ -400,6 +487,39 @@ impl SumsMut<'_> {
     }
 }
 
+/// The non-zero entries of solution row `yr` that the sums add one by one: as listed by
+/// the scan (`scanned`: Some(Some) a sparse row, Some(None) a dense one), or found here
+/// into `found`; None when the row is summed whole (more than `most` non-zero entries).
+#[inline(always)]
+fn listed_entries<'r>(
+    yr: &[f32],
+    scanned: Option<Option<&'r [u32]>>,
+    most: usize,
+    found: &'r mut Vec<u32>,
+) -> Option<&'r [u32]> {
+    let o = yr.len();
+    match scanned {
+        Some(Some(listed)) if listed.len() <= most => Some(listed),
+        Some(Some(_)) => None,
+        Some(None) if most < o => None,
+        // not scanned, or dense where the sums need its entries one by one
+        _ if most < o && 2 * yr.iter().filter(|v| **v != 0.0).count() > o => None,
+        _ => {
+            // 8 at a time as a bit mask (a vector compare), so that sparse solutions cost
+            // one test per 8 entries and no branch per entry
+            found.clear();
+            for (c, run) in yr.chunks(8).enumerate() {
+                let mut mask = nonzero_mask(run);
+                while mask != 0 {
+                    found.push(8 * c as u32 + mask.trailing_zeros());
+                    mask &= mask - 1;
+                }
+            }
+            Some(&found[..])
+        }
+    }
+}
+
 impl SumsMut<'_> {
     /// Adds 0/1 solutions given by the positions of their ones (`per_row` increasing
     /// positions a row, `ones`), with their perturbed inputs `x` `[rows, d]`: the sums
@@ -451,172 +571,6 @@ impl SumsMut<'_> {
                 self.sum_y[i] += f64::from(std::mem::take(&mut tile_y[i]));
             }
             tile_rows.clear();
-        }
-    }
-}
-
-/// ⟨a, b⟩ in float32, in 8 lanes (vectorized).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ac, at) = a.as_chunks::<8>();
-    let (bc, bt) = b.as_chunks::<8>();
-    for (a, b) in ac.iter().zip(bc) {
-        for j in 0..8 {
-            lanes[j] += a[j] * b[j];
-        }
-    }
-    let tail: f32 = at.iter().zip(bt).map(|(a, b)| a * b).sum();
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// Asks for the cache line of `values[at]` (nothing past the end): the scores of rows
-/// ahead, which the hardware's prefetchers fetch too late for short rows.
-#[inline(always)]
-fn prefetch(values: &[f32], at: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(ahead) = values.get(at) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: a prefetch (of an element of the slice) reads nothing
-        unsafe { _mm_prefetch::<_MM_HINT_T0>((ahead as *const f32).cast()) };
-    }
-}
-
-/// `row` into the first `row.len()` floats of `padded` (the rest stays as it is: zero).
-fn copy_padded(padded: &mut [f32], rest: &[f32], d: usize) {
-    padded[..d].copy_from_slice(&rest[..d]);
-}
-
-/// [`copy_padded`] in whole 8-float vectors (the padding of the last one written as the
-/// zeros it holds), so that the vector loads of the padded row that follow get their data
-/// from the stores at once (a vector load of several narrower stores waits for them to
-/// reach the cache).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn copy_padded_avx2(padded: &mut [f32], rest: &[f32], d: usize) {
-    use std::arch::x86_64::*;
-    let row = &rest[..d];
-    let (chunks, tail) = row.as_chunks::<8>();
-    let (out, spare) = padded.as_chunks_mut::<8>();
-    debug_assert!(spare.is_empty());
-    assert!(
-        out.len() >= row.len().div_ceil(8),
-        "a padded row holds the row"
-    );
-    for (o, c) in out.iter_mut().zip(chunks) {
-        // SAFETY: arrays of 8 floats (32 bytes)
-        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_loadu_ps(c.as_ptr())) };
-    }
-    if !tail.is_empty() {
-        let (v, _) = tail_vector(rest, d - tail.len(), tail.len());
-        // SAFETY: one array of 8 floats
-        unsafe { _mm256_storeu_ps(out[chunks.len()].as_mut_ptr(), v) };
-    }
-}
-
-/// The `len` (< 8) floats of `rest` from `at` in a vector whose other lanes are zero, and
-/// whether it took one plain load over the floats that follow them (the next row's),
-/// cleared in the register (a masked load stalls on some CPUs): when 8 floats are left
-/// from `at`, else (the last row of its slice) a masked load.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn tail_vector(rest: &[f32], at: usize, len: usize) -> (std::arch::x86_64::__m256, bool) {
-    use std::arch::x86_64::*;
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), lanes);
-    match rest.get(at..at + 8) {
-        // SAFETY: a slice of 8 floats
-        Some(eight) => (
-            unsafe { _mm256_and_ps(_mm256_loadu_ps(eight.as_ptr()), _mm256_castsi256_ps(keep)) },
-            true,
-        ),
-        // SAFETY: the masked load reads only the lanes below `len`, which are in `rest`
-        // (the others neither read nor fault)
-        None => (
-            unsafe { _mm256_maskload_ps(rest[at..at + len].as_ptr(), keep) },
-            false,
-        ),
-    }
-}
-
-/// a += v · b over whole 8-float vectors (lengths multiples of 8).
-fn add_scaled(a: &mut [f32], v: f32, b: &[f32]) {
-    for (a, b) in a.iter_mut().zip(b) {
-        *a += v * b;
-    }
-}
-
-/// [`add_scaled`] one AVX vector at a time (the compiler vectorizes across vectors, which
-/// leaves the short rows of small problems scalar); a multiply then an add, as there, so
-/// the sums are the same bit for bit.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn add_scaled_avx2(a: &mut [f32], v: f32, b: &[f32]) {
-    use std::arch::x86_64::*;
-    let v = _mm256_set1_ps(v);
-    for (a, b) in a
-        .as_chunks_mut::<8>()
-        .0
-        .iter_mut()
-        .zip(b.as_chunks::<8>().0)
-    {
-        // SAFETY: a and b are arrays of 8 floats (32 bytes)
-        unsafe {
-            let sum = _mm256_add_ps(
-                _mm256_loadu_ps(a.as_ptr()),
-                _mm256_mul_ps(v, _mm256_loadu_ps(b.as_ptr())),
-            );
-            _mm256_storeu_ps(a.as_mut_ptr(), sum);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// A row copied into its padded vectors holds the row, then zeros up to the next
-    /// multiple of 8, whatever follows it (NaN and infinities of the next row included),
-    /// for a row followed by others and for the last row of its slice.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn padded_rows_hold_the_row_then_zeros_whatever_follows() {
-        if !crate::fastmath::has_avx2() {
-            return;
-        }
-        for d in 1..=20usize {
-            let dp = d.div_ceil(8) * 8;
-            let rows = 3;
-            let s: Vec<f32> = (0..rows * d)
-                .map(|k| match k % d {
-                    0 => f32::NAN,
-                    1 => f32::INFINITY,
-                    j => j as f32 - 7.5,
-                })
-                .collect();
-            for r in 0..rows {
-                let mut padded = vec![f32::NAN; dp];
-                // SAFETY: this CPU has AVX2
-                unsafe { super::copy_padded_avx2(&mut padded, &s[r * d..], d) };
-                let want: Vec<u32> = s[r * d..(r + 1) * d]
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .chain(std::iter::repeat_n(0, dp - d))
-                    .collect();
-                let got: Vec<u32> = padded.iter().map(|v| v.to_bits()).collect();
-                assert_eq!(got, want, "d {d}, row {r}");
-                // a row with 8 floats from its tail on takes the plain load, the last row
-                // of its slice (or one whose tail is 8 floats from the end) the masked one
-                let (tail, at) = (d % 8, r * d + d - d % 8);
-                if tail > 0 {
-                    // SAFETY: this CPU has AVX2
-                    let (v, plain) = unsafe { super::tail_vector(&s, at, tail) };
-                    assert_eq!(plain, at + 8 <= s.len(), "d {d}, row {r}");
-                    let mut lanes = [0f32; 8];
-                    // SAFETY: an array of 8 floats; this CPU has AVX2
-                    unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-                    let bits: Vec<u32> = lanes.iter().map(|v| v.to_bits()).collect();
-                    assert_eq!(bits, want[d - tail..d - tail + 8], "d {d}, row {r}");
-                }
-            }
         }
     }
 }
