@@ -60,9 +60,10 @@ pub(crate) const SUM_TILE: usize = 64;
 /// 8% faster); a longer row (one-hot of 100: 5% slower) is cheaper to read there whole.
 pub(crate) const LISTED_UP_TO: usize = 32;
 
-/// How far ahead of the row being summed its scores are asked for (floats): the rows of
-/// a block prepared on another thread come from L2 or further, and short rows are summed
-/// faster than the hardware prefetchers fetch them (1024 × 10 × 1000 in two stages: 9%).
+/// How far ahead of the row being summed its scores are asked for (floats), in the sums of
+/// listed rows: a two-stage block's scores were drawn two hand-overs before its sums (they
+/// have left L1), and short rows are summed faster than the hardware prefetchers fetch
+/// them (1024 × 10 × 1000 in two stages: 9%).
 pub(crate) const SUM_PREFETCH_FLOATS: usize = 256;
 
 // ---- the block scheduler and the threads (kernels/blocks, kernels/workers) ----------

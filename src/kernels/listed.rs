@@ -213,6 +213,7 @@ impl Listed {
         let (first, end) = ((rows.start * self.o) as u32, (rows.end * self.o) as u32);
         let entries = at.partition_point(|&p| p < first)..at.partition_point(|&p| p < end);
         ListedRows {
+            rows: rows.len(),
             at: &at[entries.clone()],
             y: &self.y[entries.clone()],
             x: if self.with_x { &self.x[entries] } else { &[] },
@@ -227,6 +228,7 @@ impl Listed {
 /// of their first row's first entry.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ListedRows<'a> {
+    rows: usize,
     at: &'a [u32],
     y: &'a [f32],
     x: &'a [f32],
@@ -241,12 +243,19 @@ impl<'a> ListedRows<'a> {
         self.with_x
     }
 
+    /// How many rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// The entries of row `r` (the rows taken in order from 0: `next` is the first entry
-    /// of row r, moved past its last): their positions less `base` (the row's first
-    /// position), values, and inputs (none when not listed).
+    /// of row r, moved past its last): their positions (from which `base`, the row's
+    /// first position, is subtracted for the output), values, and inputs (none when not
+    /// listed).
     #[inline(always)]
     pub fn row(&self, r: usize, next: &mut usize) -> ListedRow<'a> {
         let (base, start) = (self.first + r as u32 * self.o, *next);
+        debug_assert!(r < self.rows && self.at.get(start).is_none_or(|&p| p >= base));
         let end = base + self.o;
         while *next < self.at.len() && self.at[*next] < end {
             *next += 1;
@@ -261,8 +270,8 @@ impl<'a> ListedRows<'a> {
     }
 }
 
-/// The listed entries of one row: positions (less `base`), values and inputs (empty when
-/// not listed), all as long but the inputs.
+/// The listed entries of one row: positions (in the list's rows: less `base`, positions
+/// in the row), values and inputs (empty when not listed), all as long but the inputs.
 pub(crate) struct ListedRow<'a> {
     pub pos: &'a [u32],
     pub base: u32,
@@ -376,7 +385,10 @@ mod tests {
                         .map(|i| {
                             let h =
                                 (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(31);
-                            if h % 9 < seed {
+                            // seed 7: every entry non-zero (the widest stores)
+                            if seed == 7 {
+                                1.0 + (h % 5) as f32
+                            } else if h % 9 < seed {
                                 specials[(h % 7) as usize]
                             } else {
                                 0.0
@@ -413,6 +425,15 @@ mod tests {
                                     .collect();
                                 assert_eq!(part.at, &inside[..], "{what}");
                                 assert_eq!(part.first, lo, "{what}");
+                                assert_eq!(part.rows(), rows - 2, "{what}");
+                                let values: Vec<u32> =
+                                    inside.iter().map(|&p| y[p as usize].to_bits()).collect();
+                                assert_eq!(listed(&part).1, values, "{what}");
+                                if let Some(x) = x {
+                                    let inputs: Vec<u32> =
+                                        inside.iter().map(|&p| x[p as usize].to_bits()).collect();
+                                    assert_eq!(listed(&part).2, inputs, "{what}");
+                                }
                             }
                         }
                     }

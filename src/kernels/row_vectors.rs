@@ -36,6 +36,8 @@ pub(super) fn prefetch(values: &[f32], at: usize) {
         // SAFETY: a prefetch (of an element of the slice) reads nothing
         unsafe { _mm_prefetch::<_MM_HINT_T0>((ahead as *const f32).cast()) };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (values, at);
 }
 
 /// `row` into the first `row.len()` floats of `padded` (the rest stays as it is: zero).

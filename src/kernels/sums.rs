@@ -348,7 +348,7 @@ impl SumsMut<'_> {
     /// and inputs ([`ListedRows`]): the same sums bit for bit (the same entries added in
     /// the same order), read from the lists instead of the rows (but for rows with more
     /// than `most` entries, summed whole from the rows as there). The scores of rows
-    /// ahead are asked for: the block was drawn on another thread's turn.
+    /// ahead are asked for ([`SUM_PREFETCH_FLOATS`]).
     #[inline(always)]
     fn add_listed_impl(
         mut self,
@@ -367,6 +367,7 @@ impl SumsMut<'_> {
         let square = d == o;
         let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
         let rows = y.len() / o;
+        assert_eq!(listed.rows(), rows, "a list of these rows");
         assert!(
             !square || listed.with_inputs(),
             "the inputs listed with the entries"
@@ -571,6 +572,89 @@ impl SumsMut<'_> {
                 self.sum_y[i] += f64::from(std::mem::take(&mut tile_y[i]));
             }
             tile_rows.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::listed::Listed;
+
+    /// The sums of rows listed with their values equal, bit for bit, those of the same rows
+    /// found by the sums (the loop a list replaces), for every kind of sums (Jacobian,
+    /// weighted, neither; inputs and outputs of one shape or not), tiles mixing sparse,
+    /// empty, dense and −0 rows, through the portable kernels and through `add_rows` (AVX2
+    /// where the CPU has it).
+    #[test]
+    fn listed_rows_give_the_sums_of_the_rows_themselves() {
+        let sigma = 0.7f32;
+        let value =
+            |k: usize, salt: usize| ((k * 7919 + salt * 104_729) % 1000) as f32 / 250.0 - 2.0;
+        for (d, o) in [(10, 10), (12, 6), (3, 3), (17, 17)] {
+            let rows = 150; // three tiles, the last one short
+            let (z, x, s): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                (0..rows * d).map(|k| value(k, 1)).collect(),
+                (0..rows * d).map(|k| value(k, 2)).collect(),
+                (0..rows * d).map(|k| value(k, 3)).collect(),
+            );
+            let y: Vec<f32> = (0..rows * o)
+                .map(|k| {
+                    let (r, i) = (k / o, k % o);
+                    match r % 5 {
+                        0 => value(k, 4) + 3.0, // dense
+                        1 => 0.0,               // empty
+                        2 => f32::from(i == r % o),
+                        3 if i == 1 => -0.0,
+                        _ => f32::from(i == 0 || i == r % o) * 0.5,
+                    }
+                })
+                .collect();
+            for (jacobian, multiplicative) in
+                [(true, false), (false, false), (false, true), (true, true)]
+            {
+                let zeros = || ProblemSums::zeros(d, o, jacobian, multiplicative);
+                let samples = (&z[..], &x[..], &s[..], &y[..]);
+                let mut want = zeros();
+                want.view().add_rows_impl(
+                    &mut SumScratch::default(),
+                    d,
+                    samples,
+                    None,
+                    sigma,
+                    add_scaled,
+                    copy_padded,
+                );
+                let mut listed = Listed::default();
+                assert!(listed.list(&y, o, (o == d).then_some(&x[..])));
+                let mut portable = zeros();
+                portable.view().add_listed_impl(
+                    &mut SumScratch::default(),
+                    d,
+                    samples,
+                    listed.rows(0..rows),
+                    sigma,
+                    (add_scaled, copy_padded),
+                );
+                let mut dispatched = zeros();
+                let entries = Entries::Listed(listed.rows(0..rows));
+                dispatched
+                    .view()
+                    .add_rows(&mut SumScratch::default(), d, samples, entries, sigma);
+                let what =
+                    format!("d {d}, o {o}, Jacobian {jacobian}, multiplicative {multiplicative}");
+                // (Debug tells −0 from +0)
+                assert_eq!(
+                    format!("{portable:?}"),
+                    format!("{want:?}"),
+                    "{what}: portable"
+                );
+                assert_eq!(
+                    format!("{dispatched:?}"),
+                    format!("{want:?}"),
+                    "{what}: add_rows"
+                );
+            }
         }
     }
 }

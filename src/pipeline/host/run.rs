@@ -43,9 +43,11 @@ pub(crate) struct Scratch {
     y: Vec<f32>,
     /// The positions of the ones of 0/1 built-in solutions.
     ones: Vec<u32>,
-    /// The non-zero entries of the block's solutions given as whole rows: scanned for a
-    /// tape that keeps them, or listed with their values for sums on another thread.
+    /// The non-zero entries of the block's solutions given as whole rows, scanned for a
+    /// tape that keeps them.
     nonzero: NonZeros,
+    /// The same listed with their values (and inputs), for sums on the helper of a
+    /// two-stage run.
     listed: Listed,
     sums: SumScratch,
 }

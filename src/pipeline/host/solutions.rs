@@ -93,6 +93,10 @@ impl HostRun<'_> {
             }
             _ => Made::Nothing,
         };
+        #[cfg(test)]
+        if made == Made::Listed {
+            tests::LISTED_BLOCKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let finite = match made {
             Made::Listed => listed.list(y, o, (o == d).then_some(x)),
             Made::Scanned => {
@@ -105,5 +109,68 @@ impl HostRun<'_> {
             check_finite(y, o, at)?;
         }
         Ok(made)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::op::PerturbedOp;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tch::{Kind, Tensor};
+
+    /// The blocks whose solutions were listed (all tests of the process).
+    pub(super) static LISTED_BLOCKS: AtomicUsize = AtomicUsize::new(0);
+
+    /// A one-thread callback with short rows lists them when it runs in two stages (a
+    /// machine of two cores or more): blocks of part of a problem with a tape of Jacobian
+    /// sums, and blocks of several whole problems without a tape; the means are those of
+    /// two solver threads, bit for bit.
+    #[test]
+    fn short_rows_of_a_two_stage_call_are_listed() {
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+            return; // one core: no two stages
+        }
+        let d = 10i64;
+        for (batch, n, tape) in [(8i64, 4000u64, true), (64, 100, false)] {
+            let theta = Tensor::linspace(-3.0, 3.0, batch * d, (Kind::Float, tch::Device::Cpu))
+                .reshape([batch, d])
+                .cos();
+            let run = |threads: u32| {
+                let mut c = Config::new();
+                c.set_num_samples(n).unwrap().set_sigma(0.5).unwrap();
+                c.set_seed(5).set_threads(threads).unwrap();
+                let op = PerturbedOp::new(&c, &[d], &[d], |x: &[f32], rows, y: &mut [f32]| {
+                    for (xr, yr) in x.chunks_exact(x.len() / rows).zip(y.chunks_exact_mut(10)) {
+                        let best = (0..10).fold(0, |b, i| if xr[i] > xr[b] { i } else { b });
+                        yr.iter_mut()
+                            .enumerate()
+                            .for_each(|(i, v)| *v = f32::from(i == best));
+                    }
+                    Ok::<(), String>(())
+                })
+                .unwrap();
+                let y = if tape {
+                    op.forward_with_tape(&theta).unwrap().0
+                } else {
+                    op.forward(&theta).unwrap()
+                };
+                Vec::<f32>::try_from(y.flatten(0, -1))
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            let before = LISTED_BLOCKS.load(Ordering::Relaxed);
+            let one = run(1);
+            assert!(
+                LISTED_BLOCKS.load(Ordering::Relaxed) > before,
+                "{batch}x{d}x{n}: no block listed"
+            );
+            assert!(
+                one == run(2),
+                "{batch}x{d}x{n}: the mean differs from two threads'"
+            );
+        }
     }
 }
