@@ -405,7 +405,7 @@ fault: tools nightly $(TORCH_DEP)
 # pool's ring and table, the rows a call keeps for its pool, the fork gate), with their
 # AVX2 paths compiled in and taken, under several scheduling seeds. (The floating-point
 # state test is skipped: Miri runs no inline assembly.)
-MIRI_TESTS := dot:: methods::passes kernels::nonzero kernels::largest kernels::blocks kernels::two_stages kernels::workers kernels::listed kernels::row_vectors estimate::solution_rows pool::tests recent fork_safe
+MIRI_TESTS := dot:: methods::passes kernels::nonzero kernels::largest kernels::blocks kernels::two_stages kernels::workers kernels::sums kernels::listed kernels::row_vectors estimate::solution_rows pool::tests recent fork_safe
 MIRI_SEEDS ?= 0..3
 miri: nightly $(TORCH_DEP)
 	RUSTFLAGS="-Ctarget-feature=+avx2,+fma" MIRIFLAGS="-Zmiri-many-seeds=$(MIRI_SEEDS)" \

@@ -613,6 +613,9 @@ mod tests {
             for (jacobian, multiplicative) in
                 [(true, false), (false, false), (false, true), (true, true)]
             {
+                if multiplicative && cfg!(miri) {
+                    continue; // Miri's exp rounds each call its own way: weighted sums differ
+                }
                 let zeros = || ProblemSums::zeros(d, o, jacobian, multiplicative);
                 let samples = (&z[..], &x[..], &s[..], &y[..]);
                 let mut want = zeros();
