@@ -253,7 +253,7 @@ impl<'a> ListedRows<'a> {
     /// first position, is subtracted for the output), values, and inputs (none when not
     /// listed).
     #[inline(always)]
-    pub fn row(&self, r: usize, next: &mut usize) -> ListedRow<'a> {
+    pub fn row(&self, r: usize, next: &mut usize) -> RowEntries<'a> {
         let (base, start) = (self.first + r as u32 * self.o, *next);
         debug_assert!(r < self.rows && self.at.get(start).is_none_or(|&p| p >= base));
         let end = base + self.o;
@@ -261,7 +261,7 @@ impl<'a> ListedRows<'a> {
             *next += 1;
         }
         let part = start..*next;
-        ListedRow {
+        RowEntries {
             pos: &self.at[part.clone()],
             base,
             y: &self.y[part.clone()],
@@ -270,9 +270,10 @@ impl<'a> ListedRows<'a> {
     }
 }
 
-/// The listed entries of one row: positions (in the list's rows: less `base`, positions
-/// in the row), values and inputs (empty when not listed), all as long but the inputs.
-pub(crate) struct ListedRow<'a> {
+/// The non-zero entries of one row as the sums take them: positions (less `base`, the
+/// row's first position, positions in the row), and when listed their values and inputs
+/// (empty when not listed; the inputs also when they were not listed with the values).
+pub(crate) struct RowEntries<'a> {
     pub pos: &'a [u32],
     pub base: u32,
     pub y: &'a [f32],

@@ -2,7 +2,7 @@
 //! objective), made on the host from blocks of samples: float32 tiles, vectorized row
 //! updates, only the outputs a block touched. The same sums, bit for bit, on every CPU.
 
-use super::listed::{Entries, ListedRows};
+use super::listed::{Entries, ListedRows, RowEntries};
 use super::nonzero::RowsNonZero;
 use super::row_vectors::{add_scaled, copy_padded, dot, nonzero_mask, prefetch};
 #[cfg(target_arch = "x86_64")]
@@ -216,15 +216,17 @@ impl SumsMut<'_> {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { self.add_rows_avx2(scratch, d, rows, entries, sigma) };
         }
-        let nonzero = match entries {
-            Entries::Listed(listed) => {
-                let kernels = (add_scaled, copy_padded);
-                return self.add_listed_impl(scratch, d, rows, listed, sigma, kernels);
+        let kernels = (add_scaled, copy_padded);
+        match entries {
+            Entries::Listed(rows_listed) => {
+                let walk = ListedWalk(rows_listed, 0);
+                self.add_rows_impl(scratch, d, rows, walk, sigma, kernels)
             }
-            Entries::Scanned(nonzero) => Some(nonzero),
-            Entries::Unknown => None,
-        };
-        self.add_rows_impl(scratch, d, rows, nonzero, sigma, add_scaled, copy_padded)
+            Entries::Scanned(nonzero) => {
+                self.add_rows_impl(scratch, d, rows, Some(nonzero), sigma, kernels)
+            }
+            Entries::Unknown => self.add_rows_impl(scratch, d, rows, None, sigma, kernels),
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -237,48 +239,43 @@ impl SumsMut<'_> {
         entries: Entries<'_>,
         sigma: f32,
     ) {
+        let kernels = (
+            |a: &mut [f32], v, b: &[f32]| add_scaled_avx2(a, v, b),
+            |p: &mut [f32], rest: &[f32], d| copy_padded_avx2(p, rest, d),
+        );
+        // (Scanned and Unknown take one instantiation, as they always have)
         let nonzero = match entries {
-            Entries::Listed(listed) => {
-                let kernels = (
-                    |a: &mut [f32], v, b: &[f32]| add_scaled_avx2(a, v, b),
-                    |p: &mut [f32], rest: &[f32], d| copy_padded_avx2(p, rest, d),
-                );
-                return self.add_listed_impl(scratch, d, rows, listed, sigma, kernels);
+            Entries::Listed(rows_listed) => {
+                let walk = ListedWalk(rows_listed, 0);
+                return self.add_rows_impl(scratch, d, rows, walk, sigma, kernels);
             }
             Entries::Scanned(nonzero) => Some(nonzero),
             Entries::Unknown => None,
         };
-        self.add_rows_impl(
-            scratch,
-            d,
-            rows,
-            nonzero,
-            sigma,
-            |a, v, b| add_scaled_avx2(a, v, b),
-            |p, rest, d| copy_padded_avx2(p, rest, d),
-        )
+        self.add_rows_impl(scratch, d, rows, nonzero, sigma, kernels)
     }
 
+    /// [`SumsMut::add_rows`] with each row's non-zero entries from `source` (found or
+    /// scanned, or listed with their values: one loop, compiled for each).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn add_rows_impl(
+    fn add_rows_impl<S: RowSource>(
         mut self,
         scratch: &mut SumScratch,
         d: usize,
         (z, x, s, y): (&[f32], &[f32], &[f32], &[f32]),
-        nonzero: Option<RowsNonZero<'_>>,
+        mut source: S,
         sigma: f32,
-        add_scaled: impl Fn(&mut [f32], f32, &[f32]),
-        copy_padded: impl Fn(&mut [f32], &[f32], usize),
+        (add_scaled, copy_padded): (
+            impl Fn(&mut [f32], f32, &[f32]),
+            impl Fn(&mut [f32], &[f32], usize),
+        ),
     ) {
         let o = self.sum_y.len();
         let shift = 0.5 * sigma * sigma;
         let square = d == o;
         let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
         let rows = y.len() / o;
-        if let Some(nonzero) = nonzero {
-            assert_eq!(nonzero.len(), rows, "a scan of these rows");
-        }
+        source.check(rows, square);
         // rows with more non-zero entries are summed whole, unless the sums need them one
         // by one
         let most = if jacobian || weighted { o } else { o / 2 };
@@ -304,8 +301,7 @@ impl SumsMut<'_> {
             } = &mut *scratch;
             for r in r0..r1 {
                 let yr = &y[r * o..(r + 1) * o];
-                let scanned = nonzero.map(|nonzero| nonzero.row(r));
-                let Some(listed) = listed_entries(yr, scanned, most, found) else {
+                let Some(row) = source.row(r, yr, most, found) else {
                     // mostly non-zero (ranks, dense callbacks): whole vectors, no marks
                     for (t, &v) in tile_y[..o].iter_mut().zip(yr) {
                         *t += v;
@@ -317,100 +313,21 @@ impl SumsMut<'_> {
                     continue;
                 };
                 if jacobian {
+                    if S::LISTED {
+                        prefetch(s, r * d + SUM_PREFETCH_FLOATS);
+                    }
                     copy_padded(padded, &s[r * d..], d);
                     add_scaled(&mut tile_s[..dp], 1.0, padded);
                 }
-                // the non-zero entries alone
-                for &i in listed {
-                    let (i, yv) = (i as usize, yr[i as usize]);
-                    if !tile_mark[i] {
-                        tile_mark[i] = true;
-                        tile_rows.push(i);
-                    }
-                    tile_y[i] += yv;
-                    if jacobian {
-                        add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, padded);
-                    }
-                    if square {
-                        tile_objective += x[r * d + i] * yv;
-                        if weighted {
-                            tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
-                        }
-                    }
+                // the non-zero entries alone (listed: with their values and inputs)
+                if S::LISTED {
+                    assert!(
+                        row.y.len() == row.pos.len() && (!square || row.x.len() == row.pos.len())
+                    );
                 }
-            }
-            *self.objective += f64::from(tile_objective);
-            self.flush_tile(scratch, d, tile_all);
-        }
-    }
-
-    /// [`SumsMut::add_rows`] of rows whose non-zero entries were listed with their values
-    /// and inputs ([`ListedRows`]): the same sums bit for bit (the same entries added in
-    /// the same order), read from the lists instead of the rows (but for rows with more
-    /// than `most` entries, summed whole from the rows as there). The scores of rows
-    /// ahead are asked for ([`SUM_PREFETCH_FLOATS`]).
-    #[inline(always)]
-    fn add_listed_impl(
-        mut self,
-        scratch: &mut SumScratch,
-        d: usize,
-        (z, x, s, y): (&[f32], &[f32], &[f32], &[f32]),
-        listed: ListedRows<'_>,
-        sigma: f32,
-        (add_scaled, copy_padded): (
-            impl Fn(&mut [f32], f32, &[f32]),
-            impl Fn(&mut [f32], &[f32], usize),
-        ),
-    ) {
-        let o = self.sum_y.len();
-        let shift = 0.5 * sigma * sigma;
-        let square = d == o;
-        let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
-        let rows = y.len() / o;
-        assert_eq!(listed.rows(), rows, "a list of these rows");
-        assert!(
-            !square || listed.with_inputs(),
-            "the inputs listed with the entries"
-        );
-        let most = if jacobian || weighted { o } else { o / 2 };
-        let dp = d.div_ceil(8) * 8;
-        scratch.fit(o, d, jacobian, weighted);
-        // the first listed entry of the next row
-        let mut next = 0;
-        for r0 in (0..rows).step_by(SUM_TILE) {
-            let r1 = (r0 + SUM_TILE).min(rows);
-            let mut tile_objective = 0f32;
-            let mut tile_all = false;
-            let SumScratch {
-                tile_y,
-                tile_s,
-                tile_ys,
-                tile_wy,
-                tile_rows,
-                tile_mark,
-                padded,
-                ..
-            } = &mut *scratch;
-            for r in r0..r1 {
-                let row = listed.row(r, &mut next);
-                if row.pos.len() > most {
-                    let yr = &y[r * o..(r + 1) * o];
-                    for (t, &v) in tile_y[..o].iter_mut().zip(yr) {
-                        *t += v;
-                    }
-                    if square {
-                        tile_objective += dot(&x[r * d..(r + 1) * d], yr);
-                    }
-                    tile_all = true;
-                    continue;
-                }
-                if jacobian {
-                    prefetch(s, r * d + SUM_PREFETCH_FLOATS);
-                    copy_padded(padded, &s[r * d..], d);
-                    add_scaled(&mut tile_s[..dp], 1.0, padded);
-                }
-                for (k, (&p, &yv)) in row.pos.iter().zip(row.y).enumerate() {
+                for (k, &p) in row.pos.iter().enumerate() {
                     let i = (p - row.base) as usize;
+                    let yv = if S::LISTED { row.y[k] } else { yr[i] };
                     if !tile_mark[i] {
                         tile_mark[i] = true;
                         tile_rows.push(i);
@@ -420,7 +337,8 @@ impl SumsMut<'_> {
                         add_scaled(&mut tile_ys[i * dp..(i + 1) * dp], yv, padded);
                     }
                     if square {
-                        tile_objective += row.x[k] * yv;
+                        let xv = if S::LISTED { row.x[k] } else { x[r * d + i] };
+                        tile_objective += xv * yv;
                         if weighted {
                             tile_wy[i] += (sigma * z[r * d + i] - shift).exp() * yv;
                         }
@@ -488,36 +406,99 @@ impl SumsMut<'_> {
     }
 }
 
-/// The non-zero entries of solution row `yr` that the sums add one by one: as listed by
-/// the scan (`scanned`: Some(Some) a sparse row, Some(None) a dense one), or found here
-/// into `found`; None when the row is summed whole (more than `most` non-zero entries).
-#[inline(always)]
-fn listed_entries<'r>(
-    yr: &[f32],
-    scanned: Option<Option<&'r [u32]>>,
-    most: usize,
-    found: &'r mut Vec<u32>,
-) -> Option<&'r [u32]> {
-    let o = yr.len();
-    match scanned {
-        Some(Some(listed)) if listed.len() <= most => Some(listed),
-        Some(Some(_)) => None,
-        Some(None) if most < o => None,
-        // not scanned, or dense where the sums need its entries one by one
-        _ if most < o && 2 * yr.iter().filter(|v| **v != 0.0).count() > o => None,
-        _ => {
-            // 8 at a time as a bit mask (a vector compare), so that sparse solutions cost
-            // one test per 8 entries and no branch per entry
-            found.clear();
-            for (c, run) in yr.chunks(8).enumerate() {
-                let mut mask = nonzero_mask(run);
-                while mask != 0 {
-                    found.push(8 * c as u32 + mask.trailing_zeros());
-                    mask &= mask - 1;
-                }
-            }
-            Some(&found[..])
+/// Where [`SumsMut::add_rows`] takes each row's non-zero entries from, rows in order.
+pub(super) trait RowSource {
+    /// The entries come with their values and inputs ([`RowEntries`]), and the block's scores
+    /// were drawn two hand-overs before (asked for ahead: [`SUM_PREFETCH_FLOATS`]).
+    const LISTED: bool;
+
+    /// Asserts that the source gives `rows` rows (with their inputs when `square`).
+    fn check(&self, rows: usize, square: bool);
+
+    /// Row r's entries (`yr`, its solution; `found`, room to find them), or None when the
+    /// row is summed whole: more than `most` non-zero entries.
+    fn row<'r>(
+        &'r mut self,
+        r: usize,
+        yr: &[f32],
+        most: usize,
+        found: &'r mut Vec<u32>,
+    ) -> Option<RowEntries<'r>>;
+}
+
+/// A scan of the rows (`Some`), or none: each row's entries found here.
+impl RowSource for Option<RowsNonZero<'_>> {
+    const LISTED: bool = false;
+
+    fn check(&self, rows: usize, _: bool) {
+        if let Some(nonzero) = self {
+            assert_eq!(nonzero.len(), rows, "a scan of these rows");
         }
+    }
+
+    #[inline(always)]
+    fn row<'r>(
+        &'r mut self,
+        r: usize,
+        yr: &[f32],
+        most: usize,
+        found: &'r mut Vec<u32>,
+    ) -> Option<RowEntries<'r>> {
+        let scanned = self.map(|nonzero| nonzero.row(r));
+        let view = |pos| RowEntries {
+            pos,
+            base: 0,
+            y: &[],
+            x: &[],
+        };
+        let o = yr.len();
+        match scanned {
+            Some(Some(listed)) if listed.len() <= most => Some(view(listed)),
+            Some(Some(_)) => None,
+            Some(None) if most < o => None,
+            // not scanned, or dense where the sums need its entries one by one
+            _ if most < o && 2 * yr.iter().filter(|v| **v != 0.0).count() > o => None,
+            _ => {
+                // 8 at a time as a bit mask (a vector compare), so that sparse solutions cost
+                // one test per 8 entries and no branch per entry
+                found.clear();
+                for (c, run) in yr.chunks(8).enumerate() {
+                    let mut mask = nonzero_mask(run);
+                    while mask != 0 {
+                        found.push(8 * c as u32 + mask.trailing_zeros());
+                        mask &= mask - 1;
+                    }
+                }
+                Some(view(&found[..]))
+            }
+        }
+    }
+}
+
+/// Listed rows, with the next row's first entry.
+struct ListedWalk<'a>(ListedRows<'a>, usize);
+
+impl RowSource for ListedWalk<'_> {
+    const LISTED: bool = true;
+
+    fn check(&self, rows: usize, square: bool) {
+        assert_eq!(self.0.rows(), rows, "a list of these rows");
+        assert!(
+            !square || self.0.with_inputs(),
+            "the inputs listed with the entries"
+        );
+    }
+
+    #[inline(always)]
+    fn row<'r>(
+        &'r mut self,
+        r: usize,
+        _: &[f32],
+        most: usize,
+        _: &'r mut Vec<u32>,
+    ) -> Option<RowEntries<'r>> {
+        let row = self.0.row(r, &mut self.1);
+        (row.pos.len() <= most).then_some(row)
     }
 }
 
@@ -618,45 +599,43 @@ mod tests {
                 }
                 let zeros = || ProblemSums::zeros(d, o, jacobian, multiplicative);
                 let samples = (&z[..], &x[..], &s[..], &y[..]);
-                let mut want = zeros();
-                want.view().add_rows_impl(
-                    &mut SumScratch::default(),
-                    d,
-                    samples,
-                    None,
-                    sigma,
-                    add_scaled,
-                    copy_padded,
-                );
                 let mut listed = Listed::default();
                 assert!(listed.list(&y, o, (o == d).then_some(&x[..])));
-                let mut portable = zeros();
-                portable.view().add_listed_impl(
-                    &mut SumScratch::default(),
-                    d,
-                    samples,
-                    listed.rows(0..rows),
-                    sigma,
-                    (add_scaled, copy_padded),
-                );
-                let mut dispatched = zeros();
-                let entries = Entries::Listed(listed.rows(0..rows));
-                dispatched
-                    .view()
-                    .add_rows(&mut SumScratch::default(), d, samples, entries, sigma);
-                let what =
-                    format!("d {d}, o {o}, Jacobian {jacobian}, multiplicative {multiplicative}");
-                // (Debug tells −0 from +0)
-                assert_eq!(
-                    format!("{portable:?}"),
-                    format!("{want:?}"),
-                    "{what}: portable"
-                );
-                assert_eq!(
-                    format!("{dispatched:?}"),
-                    format!("{want:?}"),
-                    "{what}: add_rows"
-                );
+                // the rows found, the list through the portable kernels, and through add_rows
+                let sums = |how: usize| {
+                    let (mut sums, scratch, k) = (
+                        zeros(),
+                        &mut SumScratch::default(),
+                        (add_scaled, copy_padded),
+                    );
+                    let walk = ListedWalk(listed.rows(0..rows), 0);
+                    match how {
+                        0 => sums.view().add_rows_impl(
+                            scratch,
+                            d,
+                            samples,
+                            None::<RowsNonZero<'_>>,
+                            sigma,
+                            k,
+                        ),
+                        1 => sums
+                            .view()
+                            .add_rows_impl(scratch, d, samples, walk, sigma, k),
+                        _ => sums.view().add_rows(
+                            scratch,
+                            d,
+                            samples,
+                            Entries::Listed(walk.0),
+                            sigma,
+                        ),
+                    }
+                    // (Debug tells −0 from +0)
+                    format!("{sums:?}")
+                };
+                let want = sums(0);
+                for (how, name) in [(1, "portable"), (2, "add_rows")] {
+                    assert_eq!(sums(how), want, "d {d}, o {o}, Jacobian {jacobian}, multiplicative {multiplicative}: {name}");
+                }
             }
         }
     }
