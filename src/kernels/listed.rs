@@ -248,6 +248,11 @@ impl<'a> ListedRows<'a> {
         self.rows
     }
 
+    /// The entries of a row.
+    pub fn width(&self) -> usize {
+        self.o as usize
+    }
+
     /// The entries of row `r` (the rows taken in order from 0: `next` is the first entry
     /// of row r, moved past its last): their positions (from which `base`, the row's
     /// first position, is subtracted for the output), values, and inputs (none when not

@@ -166,7 +166,8 @@ pub(crate) struct SumScratch {
     tile_rows: Vec<usize>,
     tile_mark: Vec<bool>,
     padded: Vec<f32>,
-    /// The positions of the non-zero entries of the row being added (not scanned before).
+    /// The positions of the non-zero entries of the row being added (neither scanned nor
+    /// listed before).
     found: Vec<u32>,
 }
 
@@ -217,16 +218,16 @@ impl SumsMut<'_> {
             return unsafe { self.add_rows_avx2(scratch, d, rows, entries, sigma) };
         }
         let kernels = (add_scaled, copy_padded);
-        match entries {
+        // (Scanned and Unknown take one instantiation)
+        let nonzero = match entries {
             Entries::Listed(rows_listed) => {
                 let walk = ListedWalk(rows_listed, 0);
-                self.add_rows_impl(scratch, d, rows, walk, sigma, kernels)
+                return self.add_rows_impl(scratch, d, rows, walk, sigma, kernels);
             }
-            Entries::Scanned(nonzero) => {
-                self.add_rows_impl(scratch, d, rows, Some(nonzero), sigma, kernels)
-            }
-            Entries::Unknown => self.add_rows_impl(scratch, d, rows, None, sigma, kernels),
-        }
+            Entries::Scanned(nonzero) => Some(nonzero),
+            Entries::Unknown => None,
+        };
+        self.add_rows_impl(scratch, d, rows, nonzero, sigma, kernels)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -243,7 +244,7 @@ impl SumsMut<'_> {
             |a: &mut [f32], v, b: &[f32]| add_scaled_avx2(a, v, b),
             |p: &mut [f32], rest: &[f32], d| copy_padded_avx2(p, rest, d),
         );
-        // (Scanned and Unknown take one instantiation, as they always have)
+        // (Scanned and Unknown take one instantiation)
         let nonzero = match entries {
             Entries::Listed(rows_listed) => {
                 let walk = ListedWalk(rows_listed, 0);
@@ -275,7 +276,7 @@ impl SumsMut<'_> {
         let square = d == o;
         let (jacobian, weighted) = (!self.sum_ys.is_empty(), !self.sum_wy.is_empty());
         let rows = y.len() / o;
-        source.check(rows, square);
+        source.check(rows, o, square);
         // rows with more non-zero entries are summed whole, unless the sums need them one
         // by one
         let most = if jacobian || weighted { o } else { o / 2 };
@@ -321,8 +322,11 @@ impl SumsMut<'_> {
                 }
                 // the non-zero entries alone (listed: with their values and inputs)
                 if S::LISTED {
+                    // (cut from one range by the list; said here so that the reads below
+                    // need no bound checks)
                     assert!(
-                        row.y.len() == row.pos.len() && (!square || row.x.len() == row.pos.len())
+                        row.y.len() == row.pos.len() && (!square || row.x.len() == row.pos.len()),
+                        "values and inputs for every listed entry"
                     );
                 }
                 for (k, &p) in row.pos.iter().enumerate() {
@@ -408,12 +412,14 @@ impl SumsMut<'_> {
 
 /// Where [`SumsMut::add_rows`] takes each row's non-zero entries from, rows in order.
 pub(super) trait RowSource {
-    /// The entries come with their values and inputs ([`RowEntries`]), and the block's scores
-    /// were drawn two hand-overs before (asked for ahead: [`SUM_PREFETCH_FLOATS`]).
+    /// The entries come with their values, and their inputs when d = o ([`RowEntries`]);
+    /// the scores of rows ahead are asked for ([`SUM_PREFETCH_FLOATS`]: lists are made in
+    /// two-stage runs, whose blocks' scores were drawn two hand-overs before their sums).
     const LISTED: bool;
 
-    /// Asserts that the source gives `rows` rows (with their inputs when `square`).
-    fn check(&self, rows: usize, square: bool);
+    /// Asserts that the source gives `rows` rows of `o` outputs (with their inputs when
+    /// `square`).
+    fn check(&self, rows: usize, o: usize, square: bool);
 
     /// Row r's entries (`yr`, its solution; `found`, room to find them), or None when the
     /// row is summed whole: more than `most` non-zero entries.
@@ -430,7 +436,7 @@ pub(super) trait RowSource {
 impl RowSource for Option<RowsNonZero<'_>> {
     const LISTED: bool = false;
 
-    fn check(&self, rows: usize, _: bool) {
+    fn check(&self, rows: usize, _: usize, _: bool) {
         if let Some(nonzero) = self {
             assert_eq!(nonzero.len(), rows, "a scan of these rows");
         }
@@ -481,8 +487,12 @@ struct ListedWalk<'a>(ListedRows<'a>, usize);
 impl RowSource for ListedWalk<'_> {
     const LISTED: bool = true;
 
-    fn check(&self, rows: usize, square: bool) {
-        assert_eq!(self.0.rows(), rows, "a list of these rows");
+    fn check(&self, rows: usize, o: usize, square: bool) {
+        assert_eq!(
+            (self.0.rows(), self.0.width()),
+            (rows, o),
+            "a list of these rows"
+        );
         assert!(
             !square || self.0.with_inputs(),
             "the inputs listed with the entries"
@@ -562,17 +572,20 @@ mod tests {
     use super::*;
     use crate::kernels::listed::Listed;
 
-    /// The sums of rows listed with their values equal, bit for bit, those of the same rows
-    /// found by the sums (the loop a list replaces), for every kind of sums (Jacobian,
-    /// weighted, neither; inputs and outputs of one shape or not), tiles mixing sparse,
-    /// empty, dense and −0 rows, through the portable kernels and through `add_rows` (AVX2
-    /// where the CPU has it).
+    /// The sums of rows whose entries were scanned, or listed with their values and inputs,
+    /// equal bit for bit those of the same rows found by the sums themselves, for every kind
+    /// of sums (Jacobian, weighted, neither; d = o, d > o, d < o), tiles mixing sparse,
+    /// empty, dense, −0 and half-full rows (o/2 and o/2 + 1 entries: where the sums take a
+    /// row whole without Jacobian or weighted sums), through the portable kernels and
+    /// through `add_rows` (AVX2 where the CPU has it). The listed rows are summed with
+    /// their solutions and inputs spoilt (NaN) wherever the list stands for them: the
+    /// values must come from the list.
     #[test]
-    fn listed_rows_give_the_sums_of_the_rows_themselves() {
+    fn scanned_and_listed_rows_give_the_sums_of_the_rows_themselves() {
         let sigma = 0.7f32;
         let value =
             |k: usize, salt: usize| ((k * 7919 + salt * 104_729) % 1000) as f32 / 250.0 - 2.0;
-        for (d, o) in [(10, 10), (12, 6), (3, 3), (17, 17)] {
+        for (d, o) in [(10, 10), (12, 6), (3, 3), (17, 17), (4, 9)] {
             let rows = 150; // three tiles, the last one short
             let (z, x, s): (Vec<f32>, Vec<f32>, Vec<f32>) = (
                 (0..rows * d).map(|k| value(k, 1)).collect(),
@@ -582,11 +595,13 @@ mod tests {
             let y: Vec<f32> = (0..rows * o)
                 .map(|k| {
                     let (r, i) = (k / o, k % o);
-                    match r % 5 {
+                    match r % 7 {
                         0 => value(k, 4) + 3.0, // dense
                         1 => 0.0,               // empty
                         2 => f32::from(i == r % o),
                         3 if i == 1 => -0.0,
+                        4 => f32::from(i < o / 2) * 2.0, // o/2 entries
+                        5 => f32::from(i <= o / 2) * -1.5, // o/2 + 1 entries
                         _ => f32::from(i == 0 || i == r % o) * 0.5,
                     }
                 })
@@ -598,43 +613,61 @@ mod tests {
                     continue; // Miri's exp rounds each call its own way: weighted sums differ
                 }
                 let zeros = || ProblemSums::zeros(d, o, jacobian, multiplicative);
-                let samples = (&z[..], &x[..], &s[..], &y[..]);
+                let most = if jacobian || (multiplicative && d == o) {
+                    o
+                } else {
+                    o / 2
+                };
+                let mut scan = crate::kernels::nonzero::NonZeros::default();
+                assert!(scan.scan(&y, o, most));
                 let mut listed = Listed::default();
                 assert!(listed.list(&y, o, (o == d).then_some(&x[..])));
-                // the rows found, the list through the portable kernels, and through add_rows
+                // the rows the list stands for (at most `most` entries) spoilt
+                let (mut y_spoilt, mut x_spoilt) = (y.clone(), x.clone());
+                for r in 0..rows {
+                    if y[r * o..(r + 1) * o].iter().filter(|v| **v != 0.0).count() <= most {
+                        y_spoilt[r * o..(r + 1) * o].fill(f32::NAN);
+                        if d == o {
+                            x_spoilt[r * d..(r + 1) * d].fill(f32::NAN);
+                        }
+                    }
+                }
+                let spoilt = (&z[..], &x_spoilt[..], &s[..], &y_spoilt[..]);
+                let samples = (&z[..], &x[..], &s[..], &y[..]);
+                let kernels = (add_scaled, copy_padded);
+                // 0: found, 1: scanned, 2: listed (portable), 3: listed through add_rows
                 let sums = |how: usize| {
-                    let (mut sums, scratch, k) = (
-                        zeros(),
-                        &mut SumScratch::default(),
-                        (add_scaled, copy_padded),
-                    );
+                    let (mut sums, scratch) = (zeros(), &mut SumScratch::default());
+                    let view = sums.view();
                     let walk = ListedWalk(listed.rows(0..rows), 0);
                     match how {
-                        0 => sums.view().add_rows_impl(
+                        0 => view.add_rows_impl(
                             scratch,
                             d,
                             samples,
                             None::<RowsNonZero<'_>>,
                             sigma,
-                            k,
+                            kernels,
                         ),
-                        1 => sums
-                            .view()
-                            .add_rows_impl(scratch, d, samples, walk, sigma, k),
-                        _ => sums.view().add_rows(
+                        1 => view.add_rows_impl(
                             scratch,
                             d,
                             samples,
-                            Entries::Listed(walk.0),
+                            Some(scan.rows(0..rows)),
                             sigma,
+                            kernels,
                         ),
+                        2 => view.add_rows_impl(scratch, d, spoilt, walk, sigma, kernels),
+                        _ => view.add_rows(scratch, d, spoilt, Entries::Listed(walk.0), sigma),
                     }
                     // (Debug tells −0 from +0)
                     format!("{sums:?}")
                 };
                 let want = sums(0);
-                for (how, name) in [(1, "portable"), (2, "add_rows")] {
-                    assert_eq!(sums(how), want, "d {d}, o {o}, Jacobian {jacobian}, multiplicative {multiplicative}: {name}");
+                let what =
+                    format!("d {d}, o {o}, Jacobian {jacobian}, multiplicative {multiplicative}");
+                for how in 1..4 {
+                    assert_eq!(sums(how), want, "{what}: way {how}");
                 }
             }
         }
