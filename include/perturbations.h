@@ -1281,7 +1281,8 @@ size_t pert_op_output_numel(const struct pert_op *op);
 
  @param op      The op.
  @param theta   `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
-                borrowed for the call.
+                borrowed for the call: read in place (not copied), so it must not change
+                until the call returns (not from the callback, not from another thread).
  @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written to output
                 (theta and output may then be NULL), and a tape, when asked for, is a
                 valid empty tape whose products succeed and write nothing.

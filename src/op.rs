@@ -64,8 +64,9 @@ impl PerturbedOp {
         PerturbedOp::with_solver(config, input_shape, output_shape, host.into())
     }
 
-    /// [`PerturbedOp::new`] for the C layer, which always passes theta in a tensor of its
-    /// own (a copy of the caller's buffer): calls read it in place while the callback runs.
+    /// [`PerturbedOp::new`] for the C layer, which passes theta as a tensor of its own (a
+    /// copy) or as the caller's buffer, borrowed for the call, which the C contract keeps
+    /// unchanged until the call returns: calls read it in place while the callback runs.
     pub(crate) fn new_with_private_theta(
         config: &Config,
         shapes: (&[i64], &[i64]),

@@ -163,12 +163,29 @@ pub(crate) fn with_view<T: tch::kind::Element>(
     values: &[T],
     f: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    // SAFETY: f's result is checked (and copied if it shares the view), and nothing else
+    // leaves f
+    let (out, ()) = unsafe { with_view_and(values, |v| Ok((f(v)?, ()))) }?;
+    Ok(out)
+}
+
+/// As [`with_view`], for a call whose result is a tensor (checked: copied if it shares the
+/// view's memory, as there) and more of its own, `R`.
+///
+/// # Safety
+/// `R` must hold no tensor that shares the view's memory (no view of it, no shallow copy):
+/// the view ends when this returns, and `values`' borrow with it.
+pub(crate) unsafe fn with_view_and<T: tch::kind::Element, R>(
+    values: &[T],
+    f: impl FnOnce(&Tensor) -> Result<(Tensor, R)>,
+) -> Result<(Tensor, R)> {
     if values.is_empty() {
         return f(&from_slice(values)?); // an empty slice has no usable pointer
     }
     // SAFETY: `values.len()` elements of T, contiguous and readable while `values` is
     // borrowed, which outlasts the view: it is dropped at the end of this function, and
-    // `f` keeps no copy of it (its contract; no autograd graph records it either).
+    // `f` keeps no copy of it (its contract and this function's; no autograd graph records
+    // it either).
     let view = unsafe {
         Tensor::f_from_blob(
             values.as_ptr() as *const u8,
@@ -179,16 +196,16 @@ pub(crate) fn with_view<T: tch::kind::Element>(
         )
     }?;
     let _no_graph = tch::no_grad_guard();
-    let out = f(&view)?;
+    let (out, more) = f(&view)?;
     let (start, end) = (
         values.as_ptr() as usize,
         values.as_ptr() as usize + std::mem::size_of_val(values),
     );
     let at = out.data_ptr() as usize;
     if out.numel() > 0 && out.device() == Device::Cpu && (start..end).contains(&at) {
-        return copy(&out); // shares the viewed memory: made independent of it
+        return Ok((copy(&out)?, more)); // shares the viewed memory: made independent of it
     }
-    Ok(out)
+    Ok((out, more))
 }
 
 #[cfg(test)]

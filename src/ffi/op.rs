@@ -418,25 +418,25 @@ pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
     })
 }
 
-/// The `batch` problems at `input` (named `name`), copied into a tensor
-/// `[batch, *input_shape]`, and the checked output buffer of `batch * output_numel`
-/// floats: sizes in bytes and NULLs checked in the order of the calls' arguments.
+/// The `batch * input_numel` floats at `input` (named `name`), and the checked output
+/// buffer of `batch * output_numel` floats: sizes in bytes and NULLs checked in the order
+/// of the calls' arguments.
 ///
 /// # Safety
-/// `input` and `output` must be valid for those sizes, as the calls' contracts say.
-unsafe fn inputs_and_output(
+/// `input` and `output` must be valid for those sizes, as the calls' contracts say, and
+/// `input` must not change while the returned slice lives.
+unsafe fn input_and_output<'a>(
     op: &PerturbedOp,
     input: *const f32,
     batch: usize,
     output: *mut f32,
     name: &str,
-) -> Result<(tch::Tensor, boundary::Output)> {
+) -> Result<(&'a [f32], boundary::Output)> {
     let (d, o) = (op.input_numel(), op.output_numel());
     let input_len = checked_product(&[batch, d], "batch * input_numel")?;
     let output_len = checked_product(&[batch, o], "batch * output_numel")?;
     let output = unsafe { boundary::output(output, output_len, "output") }?;
-    let input = crate::tensors::from_slice(unsafe { slice(input, input_len, name) }?)?
-        .f_reshape(crate::shape::batched(batch, op.input_shape()))?;
+    let input = unsafe { slice(input, input_len, name) }?;
     Ok((input, output))
 }
 
@@ -449,7 +449,8 @@ unsafe fn inputs_and_output(
 ///
 /// @param op      The op.
 /// @param theta   `batch * input_numel` floats, row-major `[batch, *input_shape]`, finite;
-///                borrowed for the call.
+///                borrowed for the call: read in place (not copied), so it must not change
+///                until the call returns (not from the callback, not from another thread).
 /// @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written to output
 ///                (theta and output may then be NULL), and a tape, when asked for, is a
 ///                valid empty tape whose products succeed and write nothing.
@@ -478,22 +479,33 @@ pub unsafe extern "C" fn pert_forward(
             return Ok(()); // nothing to compute (batch 0 with a tape gives an empty tape)
         }
         op.check_batch(batch)?;
-        // theta is copied before anything is written: output may overlap it
-        let (theta, output) = unsafe { inputs_and_output(op, theta, batch, output, "theta") }?;
-        // everything that can fail (allocations, the pool's additions) before anything is
-        // written
-        if tape.is_null() {
-            let (y, additions) = op.forward_deferred(&theta)?;
-            let staged = output.stage(&y)?;
-            additions.commit()?;
-            staged.write();
-        } else {
-            let (y, t, additions) = op.forward_with_tape_deferred(&theta)?;
-            let staged = output.stage(&y)?;
-            let t = pert_tape::boxed(t);
-            additions.commit()?;
-            staged.write();
-            // SAFETY: checked non-NULL above; written only on success.
+        let (theta, output) = unsafe { input_and_output(op, theta, batch, output, "theta") }?;
+        let shape = crate::shape::batched(batch, op.input_shape());
+        // theta is read in place, borrowed for the call (its contract: it does not change
+        // meanwhile); what the call returns, the mean and the tape, is of its own (the
+        // tape's tensors are made by the call: tests/c/test_overlap.c), and the output,
+        // which may overlap theta, is written once theta is no longer read. Everything that
+        // can fail (allocations, the pool's additions) comes before anything is written.
+        // SAFETY: the tape and the additions hold no tensor that shares theta's memory
+        // (see above); the mean is checked by with_view_and.
+        let (y, (t, additions)) = unsafe {
+            crate::tensors::with_view_and(theta, |view| {
+                let theta = view.f_reshape(&shape)?;
+                Ok(if tape.is_null() {
+                    let (y, additions) = op.forward_deferred(&theta)?;
+                    (y, (None, additions))
+                } else {
+                    let (y, t, additions) = op.forward_with_tape_deferred(&theta)?;
+                    (y, (Some(t), additions))
+                })
+            })
+        }?;
+        let staged = output.stage(&y)?;
+        let t = t.map(pert_tape::boxed);
+        additions.commit()?;
+        staged.write();
+        if let Some(t) = t {
+            // SAFETY: non-NULL (t is made only then); written only on success.
             unsafe { *tape = t.into_raw() };
         }
         Ok(())

@@ -193,8 +193,9 @@ pub(crate) struct HostSolver {
     ready: Vec<AtomicBool>,
     /// The first failed init's message: every later call fails with it.
     broken: std::sync::Mutex<Option<String>>,
-    /// The op's theta is always a tensor of the library's own, which the solver cannot
-    /// reach (a C callback: the C layer copies theta), so a call may read it in place.
+    /// The op's theta does not change during a call while the solver runs (a C callback:
+    /// the C layer passes a copy, or the caller's buffer, which the C contract keeps
+    /// unchanged until the call returns), so a call may read it in place.
     private_theta: bool,
 }
 

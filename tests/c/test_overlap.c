@@ -152,11 +152,81 @@ static bool draw_finish_in_place(void) {
   return true;
 }
 
+/* pert_forward reads theta in place (borrowed for the call): a tape must hold nothing of
+ * the caller's buffer. Forward with a tape, then theta overwritten (with values that
+ * would change every product), then the tape's VJP, JVP and objective: the same bits as
+ * those of a tape whose theta stayed. For the tape's forms: additive and multiplicative
+ * noise (whose Jacobian scales by 1 / theta), each baseline (the clean input's y*(theta)
+ * is solved from theta itself), Gumbel, a kept score per sample (N = 1) and redrawn
+ * ones, one and two solver threads (two stages on two cores), small and large calls. */
+static bool tape_holds_nothing_of_theta(void) {
+  enum { BB = 48, DW = 100 };
+  static size_t dw = DW;
+  static const int64_t shape[1] = {DW};
+  static float theta[BB * DW], kept[BB * DW], g[BB * DW], want[BB * DW], got[BB * DW];
+  for (size_t i = 0; i < BB * DW; i++) {
+    theta[i] = 0.25f + (float)((i * 37) % 101) / 50.0f; /* positive: multiplicative works */
+    g[i] = (float)((i * 13) % 7) - 3.0f;
+  }
+  struct {
+    uint32_t noise, perturbation, baseline, samples, threads;
+  } cases[] = {
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_NONE, 1, 1},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_SAMPLE_MEAN, 16, 1},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_CLEAN_INPUT, 16, 2},
+      {PERT_NOISE_GUMBEL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_SAMPLE_MEAN, 8, 1},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_MULTIPLICATIVE, PERT_BASELINE_NONE, 1, 2},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_MULTIPLICATIVE, PERT_BASELINE_CLEAN_INPUT, 16, 1},
+  };
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    for (size_t batch = 2; batch <= BB; batch += BB - 2) {
+      pert_config *c = NULL;
+      CHECK_OK(pert_config_new(&c));
+      CHECK_OK(pert_config_set_noise(c, cases[k].noise));
+      CHECK_OK(pert_config_set_perturbation(c, cases[k].perturbation));
+      CHECK_OK(pert_config_set_baseline(c, cases[k].baseline));
+      CHECK_OK(pert_config_set_num_samples(c, cases[k].samples));
+      CHECK_OK(pert_config_set_threads(c, cases[k].threads));
+      CHECK_OK(pert_config_set_sigma(c, 0.3));
+      CHECK_OK(pert_config_set_device(c, test_device()));
+      pert_op *a = NULL, *b = NULL;
+      CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &dw, &a));
+      CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &dw, &b));
+      pert_config_free(c);
+      pert_tape *ta = NULL, *tb = NULL;
+      memcpy(kept, theta, sizeof kept);
+      CHECK_OK(pert_forward(a, theta, batch, want, &ta));
+      CHECK_OK(pert_forward(b, kept, batch, got, &tb));
+      CHECK(same(got, want, batch * DW));
+      for (size_t i = 0; i < batch * DW; i++) kept[i] = -1e6f - (float)i; /* theta changes */
+      CHECK_OK(pert_tape_vjp(ta, g, want));
+      CHECK_OK(pert_tape_vjp(tb, g, got));
+      if (!same(got, want, batch * DW)) {
+        fprintf(stderr, "  VJP, case %zu, batch %zu\n", k, batch);
+        return false;
+      }
+      CHECK_OK(pert_tape_jvp(ta, g, want));
+      CHECK_OK(pert_tape_jvp(tb, g, got));
+      CHECK(same(got, want, batch * DW));
+      float fa[BB], fb[BB];
+      CHECK_OK(pert_tape_objective(ta, fa));
+      CHECK_OK(pert_tape_objective(tb, fb));
+      CHECK(same(fa, fb, batch));
+      pert_tape_free(ta);
+      pert_tape_free(tb);
+      pert_op_free(a);
+      pert_op_free(b);
+    }
+  }
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
       TEST(forward_vjp_jvp_objective_in_place),
       TEST(fenchel_young_in_place),
       TEST(draw_finish_in_place),
+      TEST(tape_holds_nothing_of_theta),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

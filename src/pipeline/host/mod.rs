@@ -41,7 +41,8 @@ impl OpSpec {
         // a copy (batch · d floats, against batch · N · d of work) when the caller's
         // solver runs while it is read (a Rust solver could reach the caller's tensor);
         // read in place for the built-ins and provided solutions (no code of the caller's
-        // runs during the call) and for C callbacks (the C layer passes a copy of its own)
+        // runs during the call) and for C callbacks (the C layer passes a copy, or the
+        // caller's buffer, borrowed for the call and unchanged until it returns)
         let theta_host = match source {
             Source::Solver(SolverKind::Host(h)) if !h.theta_is_private() => {
                 HostFloats::Copied(host_floats(theta)?)
