@@ -88,9 +88,33 @@ impl PerturbedOp {
         output_shape: &[i64],
         solver: impl WorkerSolver + 'static,
     ) -> Result<PerturbedOp> {
+        PerturbedOp::with_workers_of(config, (input_shape, output_shape), solver, false)
+    }
+
+    /// [`PerturbedOp::with_workers`] for the C layer, whose theta does not change while a
+    /// call runs (see [`PerturbedOp::new_with_private_theta`]).
+    pub(crate) fn with_workers_private_theta(
+        config: &Config,
+        shapes: (&[i64], &[i64]),
+        solver: impl WorkerSolver + 'static,
+    ) -> Result<PerturbedOp> {
+        PerturbedOp::with_workers_of(config, shapes, solver, true)
+    }
+
+    fn with_workers_of(
+        config: &Config,
+        (input_shape, output_shape): (&[i64], &[i64]),
+        solver: impl WorkerSolver + 'static,
+        private_theta: bool,
+    ) -> Result<PerturbedOp> {
         // the settings first: no thread starts for an op that is refused
         PerturbedOp::with_solver(config, input_shape, output_shape, SolverKind::External)?;
         let host = HostSolver::with_workers(solver, config.effective_threads())?;
+        let host = if private_theta {
+            host.with_private_theta()
+        } else {
+            host
+        };
         PerturbedOp::with_solver(config, input_shape, output_shape, host.into())
     }
 
@@ -354,7 +378,8 @@ impl PerturbedOp {
         }
         let x_dev = self.spec.check_input(x, "x", 1)?;
         // a copy when the caller's solver runs while it is read (a Rust solver could
-        // reach the caller's tensor; a C callback's op passes a copy of its own)
+        // reach the caller's tensor; a C callback's op reads the caller's rows, which the
+        // C contract keeps unchanged until the call returns)
         let x_dev = match &self.solver {
             SolverKind::Host(h) if !h.theta_is_private() => crate::tensors::copy(&x_dev)?,
             _ => x_dev,

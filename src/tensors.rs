@@ -158,7 +158,8 @@ pub(crate) fn from_slice<T: tch::kind::Element>(values: &[T]) -> Result<Tensor> 
 /// `f` on a 1-d CPU tensor that views `values` in place (no copy), for an input that a call
 /// only reads: `f` must not keep the view (or a shallow copy of it) past its return and
 /// must not write through it. A result of `f` that shares the view's memory is copied
-/// before the view ends, so what is returned never refers to `values`.
+/// before the view ends, so what is returned never reads `values` (a result of no
+/// elements is returned as it is: it has nothing to read).
 pub(crate) fn with_view<T: tch::kind::Element>(
     values: &[T],
     f: impl FnOnce(&Tensor) -> Result<Tensor>,

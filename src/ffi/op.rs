@@ -235,7 +235,7 @@ pub unsafe extern "C" fn pert_op_new_ex(
             fini,
             user_data,
         };
-        args.make(|c, i, o| PerturbedOp::with_workers(c, i, o, solver))
+        args.make(|c, i, o| PerturbedOp::with_workers_private_theta(c, (i, o), solver))
     })
 }
 

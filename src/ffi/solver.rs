@@ -12,7 +12,9 @@ use std::ffi::{c_char, c_void, CStr};
 ///
 /// @param user_data  The pointer given to `pert_op_new`, passed through untouched.
 /// @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
-///                   host memory, valid only during the call.
+///                   host memory, valid only during the call; read-only (unperturbed
+///                   rows, of the clean-input baseline and of `pert_op_solve`, may be
+///                   the caller's own theta or x, read in place).
 /// @param count      Number of problems in this call (at least 1): consecutive perturbed
 ///                   problems of the call (rows of one or of several problems, see
 ///                   `pert_solve_info`), or of the unperturbed batch (the clean-input

@@ -232,7 +232,7 @@ impl HostSolver {
         }
     }
 
-    /// This solver, for an op whose theta is always the library's own copy (see
+    /// This solver, for an op whose theta does not change while a call runs (see
     /// `private_theta`).
     pub(crate) fn with_private_theta(mut self) -> HostSolver {
         self.private_theta = true;

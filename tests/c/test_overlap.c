@@ -4,6 +4,7 @@
  * seed, same call count), once with separate buffers and once overlapping. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "harness.h"
 #include "solvers.h"
@@ -152,31 +153,53 @@ static bool draw_finish_in_place(void) {
   return true;
 }
 
+/* A device solver (pert_op_new_device) of the argmax on host memory: a CPU op of such a
+ * solver runs the chunked libtorch path. */
+static int32_t device_argmax(void *user_data, const struct pert_solve_info *info, const float *x, size_t count,
+                             float *y, void *stream) {
+  (void)info, (void)stream;
+  return solve_argmax(user_data, x, count, y);
+}
+
+/* The argmax as a per-worker solver (pert_op_new_ex). */
+static int32_t worker_argmax(void *user_data, const struct pert_solve_info *info, const float *x, size_t count,
+                             float *y) {
+  (void)info;
+  return solve_argmax(user_data, x, count, y);
+}
+
 /* pert_forward reads theta in place (borrowed for the call): a tape must hold nothing of
- * the caller's buffer. Forward with a tape, then theta overwritten (with values that
- * would change every product), then the tape's VJP, JVP and objective: the same bits as
- * those of a tape whose theta stayed. For the tape's forms: additive and multiplicative
- * noise (whose Jacobian scales by 1 / theta), each baseline (the clean input's y*(theta)
- * is solved from theta itself), Gumbel, a kept score per sample (N = 1) and redrawn
- * ones, one and two solver threads (two stages on two cores), small and large calls. */
+ * the caller's buffer. Forward with a tape from a heap copy of theta, which is then
+ * overwritten (with values that would change every product) and freed (AddressSanitizer,
+ * `make sanitizers`, reports any later read of it), then the tape's VJP, JVP and
+ * objective: the same bits as those of a tape whose theta stayed. For the tape's forms:
+ * additive and multiplicative noise (whose Jacobian scales by 1 / theta), each baseline
+ * (the clean input's y*(theta) is solved from theta itself), Gumbel, kept scores (N = 1,
+ * 16) and Jacobian sums (N = 128), one and two solver threads (two stages on two cores),
+ * the host path (of a plain and of a per-worker solver) and the chunked path of a device
+ * solver, small and large calls. */
 static bool tape_holds_nothing_of_theta(void) {
   enum { BB = 48, DW = 100 };
   static size_t dw = DW;
   static const int64_t shape[1] = {DW};
-  static float theta[BB * DW], kept[BB * DW], g[BB * DW], want[BB * DW], got[BB * DW];
+  static float theta[BB * DW], g[BB * DW], want[BB * DW], got[BB * DW];
   for (size_t i = 0; i < BB * DW; i++) {
     theta[i] = 0.25f + (float)((i * 37) % 101) / 50.0f; /* positive: multiplicative works */
     g[i] = (float)((i * 13) % 7) - 3.0f;
   }
   struct {
-    uint32_t noise, perturbation, baseline, samples, threads;
+    uint32_t noise, perturbation, baseline, samples, threads, solver; /* 0 plain, 1 device, 2 workers */
   } cases[] = {
-      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_NONE, 1, 1},
-      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_SAMPLE_MEAN, 16, 1},
-      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_CLEAN_INPUT, 16, 2},
-      {PERT_NOISE_GUMBEL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_SAMPLE_MEAN, 8, 1},
-      {PERT_NOISE_NORMAL, PERT_PERTURBATION_MULTIPLICATIVE, PERT_BASELINE_NONE, 1, 2},
-      {PERT_NOISE_NORMAL, PERT_PERTURBATION_MULTIPLICATIVE, PERT_BASELINE_CLEAN_INPUT, 16, 1},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_NONE, 1, 1, 0},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_SAMPLE_MEAN, 16, 1, 0},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_CLEAN_INPUT, 16, 2, 0},
+      {PERT_NOISE_GUMBEL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_SAMPLE_MEAN, 8, 1, 0},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_MULTIPLICATIVE, PERT_BASELINE_NONE, 1, 2, 0},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_MULTIPLICATIVE, PERT_BASELINE_CLEAN_INPUT, 16, 1, 0},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_MULTIPLICATIVE, PERT_BASELINE_SAMPLE_MEAN, 128, 1, 0},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_MULTIPLICATIVE, PERT_BASELINE_CLEAN_INPUT, 16, 1, 1},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_ADDITIVE, PERT_BASELINE_SAMPLE_MEAN, 4, 2, 1},
+      {PERT_NOISE_NORMAL, PERT_PERTURBATION_MULTIPLICATIVE, PERT_BASELINE_CLEAN_INPUT, 16, 2, 2},
   };
   for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
     for (size_t batch = 2; batch <= BB; batch += BB - 2) {
@@ -188,17 +211,28 @@ static bool tape_holds_nothing_of_theta(void) {
       CHECK_OK(pert_config_set_num_samples(c, cases[k].samples));
       CHECK_OK(pert_config_set_threads(c, cases[k].threads));
       CHECK_OK(pert_config_set_sigma(c, 0.3));
-      CHECK_OK(pert_config_set_device(c, test_device()));
+      CHECK_OK(pert_config_set_device(c, cases[k].solver == 1 ? "cpu" : test_device()));
       pert_op *a = NULL, *b = NULL;
-      CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &dw, &a));
-      CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &dw, &b));
+      if (cases[k].solver == 1) {
+        CHECK_OK(pert_op_new_device(c, shape, 1, shape, 1, device_argmax, &dw, &a));
+        CHECK_OK(pert_op_new_device(c, shape, 1, shape, 1, device_argmax, &dw, &b));
+      } else if (cases[k].solver == 2) {
+        CHECK_OK(pert_op_new_ex(c, shape, 1, shape, 1, worker_argmax, &dw, NULL, NULL, &a));
+        CHECK_OK(pert_op_new_ex(c, shape, 1, shape, 1, worker_argmax, &dw, NULL, NULL, &b));
+      } else {
+        CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &dw, &a));
+        CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &dw, &b));
+      }
       pert_config_free(c);
       pert_tape *ta = NULL, *tb = NULL;
-      memcpy(kept, theta, sizeof kept);
+      float *kept = malloc(batch * DW * sizeof *kept);
+      CHECK(kept);
+      memcpy(kept, theta, batch * DW * sizeof *kept);
       CHECK_OK(pert_forward(a, theta, batch, want, &ta));
       CHECK_OK(pert_forward(b, kept, batch, got, &tb));
       CHECK(same(got, want, batch * DW));
       for (size_t i = 0; i < batch * DW; i++) kept[i] = -1e6f - (float)i; /* theta changes */
+      free(kept);                                                          /* and goes */
       CHECK_OK(pert_tape_vjp(ta, g, want));
       CHECK_OK(pert_tape_vjp(tb, g, got));
       if (!same(got, want, batch * DW)) {

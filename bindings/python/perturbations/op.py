@@ -1008,12 +1008,19 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
     _thread.start_new_thread(run, ())
     pending = None
     while "finished" not in box:
+        # (the inner loop's test and back-edge inside the try as well: an exception raised
+        # there cannot leave while the call still reads the caller's buffers)
         try:
-            if pending is not None:
-                op.interrupt()
-            if done.acquire(timeout=-1 if pending is None else 0.005):
-                done.release()
-        except BaseException as e:  # noqa: BLE001 - kept until the call has ended
+            while "finished" not in box:
+                try:
+                    if pending is not None:
+                        op.interrupt()
+                    if done.acquire(timeout=-1 if pending is None else 0.005):
+                        done.release()
+                except BaseException as e:  # noqa: BLE001 - kept until the call has ended
+                    if pending is None:
+                        pending = e
+        except BaseException as e:  # noqa: BLE001 - as above
             if pending is None:
                 pending = e
     if pending is not None:

@@ -11,8 +11,9 @@ their modules `SPOPlusLoss`, `BlackBox`, `NegativeIdentity`, `PerturbationGradie
     y = ptt.Perturbed(op)(theta)                          # differentiable in theta
     loss = ptt.FenchelYoungLoss(op)(theta, y_true)        # reduction="mean" | "sum" | "none"
 
-Each call runs one forward of the op on a CPU float32 copy of theta; the graph keeps that
-call's tape, and backward (or forward-mode AD) takes products with it: no dense
+Each call runs one forward of the op on theta's values as CPU float32 (a contiguous CPU
+float32 tensor is read in place, so it must not change until the call returns; any other
+is converted first); the graph keeps that call's tape, and backward (or forward-mode AD) takes products with it: no dense
 Jacobian, no further solver call. The tape is freed after backward unless
 `retain_graph=True`. Without grad mode, or when theta needs no gradient, no tape is made.
 Results come back on theta's device and dtype; theta may have any number of leading
