@@ -418,28 +418,6 @@ pub unsafe extern "C" fn pert_op_output_numel(op: *const pert_op) -> usize {
     })
 }
 
-/// The `batch * input_numel` floats at `input` (named `name`), and the checked output
-/// buffer of `batch * output_numel` floats: sizes in bytes and NULLs checked in the order
-/// of the calls' arguments.
-///
-/// # Safety
-/// `input` and `output` must be valid for those sizes, as the calls' contracts say, and
-/// `input` must not change while the returned slice lives.
-unsafe fn input_and_output<'a>(
-    op: &PerturbedOp,
-    input: *const f32,
-    batch: usize,
-    output: *mut f32,
-    name: &str,
-) -> Result<(&'a [f32], boundary::Output)> {
-    let (d, o) = (op.input_numel(), op.output_numel());
-    let input_len = checked_product(&[batch, d], "batch * input_numel")?;
-    let output_len = checked_product(&[batch, o], "batch * output_numel")?;
-    let output = unsafe { boundary::output(output, output_len, "output") }?;
-    let input = unsafe { slice(input, input_len, name) }?;
-    Ok((input, output))
-}
-
 /// The perturbed solution y_sigma(theta) = mean over num_samples of solver(theta + sigma Z),
 /// for a batch of problems, and optionally the tape for its gradient.
 ///
@@ -479,15 +457,17 @@ pub unsafe extern "C" fn pert_forward(
             return Ok(()); // nothing to compute (batch 0 with a tape gives an empty tape)
         }
         op.check_batch(batch)?;
-        let (theta, output) = unsafe { input_and_output(op, theta, batch, output, "theta") }?;
+        // (sizes, then NULLs, in this order)
+        let input_len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
+        let output_len = checked_product(&[batch, op.output_numel()], "batch * output_numel")?;
+        let output = unsafe { boundary::output(output, output_len, "output") }?;
+        let theta = unsafe { slice(theta, input_len, "theta") }?;
         let shape = crate::shape::batched(batch, op.input_shape());
-        // theta is read in place, borrowed for the call (its contract: it does not change
-        // meanwhile); what the call returns, the mean and the tape, is of its own (the
-        // tape's tensors are made by the call: tests/c/test_overlap.c), and the output,
-        // which may overlap theta, is written once theta is no longer read. Everything that
-        // can fail (allocations, the pool's additions) comes before anything is written.
-        // SAFETY: the tape and the additions hold no tensor that shares theta's memory
-        // (see above); the mean is checked by with_view_and.
+        // theta is read in place, borrowed for the call (its contract); the output, which
+        // may overlap it, is written once it is no longer read, and once everything that
+        // can fail (allocations, the pool's additions) has succeeded.
+        // SAFETY: the tape and the additions hold no tensor that shares theta's memory (the
+        // call makes its own: tests/c/test_overlap.c); with_view_and checks the mean.
         let (y, (t, additions)) = unsafe {
             crate::tensors::with_view_and(theta, |view| {
                 let theta = view.f_reshape(&shape)?;
