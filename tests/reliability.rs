@@ -633,8 +633,18 @@ fn sizes_are_checked_in_bytes_and_messages_are_short() {
     }
     // 2^58: every size fits in isize::MAX bytes, so libtorch is asked for the call's
     // buffers and refuses; its message is one short line, without the C++ stack (the
-    // caller's theta is never read: the first allocation fails)
-    let s = unsafe { pert_forward(o, theta.as_ptr(), 1 << 58, y.as_mut_ptr(), null_mut()) };
+    // Fenchel-Young loss copies theta first, and that allocation fails, so the short
+    // buffer is never read; pert_forward reads theta in place, so it is not called so)
+    let s = unsafe {
+        pert_fenchel_young(
+            o,
+            theta.as_ptr(),
+            theta.as_ptr(),
+            1 << 58,
+            y.as_mut_ptr(),
+            null_mut(),
+        )
+    };
     assert_eq!(s, PERT_STATUS_TORCH_ERROR, "{}", last_error());
     // a libtorch error: a tensor of 2^61 floats cannot be made; the message is one line
     let err = tch::Tensor::f_empty([1i64 << 61], (tch::Kind::Float, tch::Device::Cpu))
