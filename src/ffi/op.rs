@@ -457,7 +457,8 @@ pub unsafe extern "C" fn pert_forward(
             return Ok(()); // nothing to compute (batch 0 with a tape gives an empty tape)
         }
         op.check_batch(batch)?;
-        // (sizes, then NULLs, in this order)
+        // (sizes, then NULLs, in this order; SAFETY of both: the caller's contract, the
+        // buffers valid for these sizes during the call)
         let input_len = checked_product(&[batch, op.input_numel()], "batch * input_numel")?;
         let output_len = checked_product(&[batch, op.output_numel()], "batch * output_numel")?;
         let output = unsafe { boundary::output(output, output_len, "output") }?;
