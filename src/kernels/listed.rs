@@ -354,15 +354,7 @@ mod tests {
     /// of other lengths.
     #[test]
     fn every_width_lists_the_plain_entries_and_their_finiteness() {
-        let specials = [
-            1.0,
-            -0.0,
-            0.0,
-            f32::NAN,
-            f32::INFINITY,
-            -2.5,
-            f32::MIN_POSITIVE,
-        ];
+        let specials = crate::kernels::nonzero::SPECIAL_VALUES;
         #[allow(unused_mut)]
         let mut widths: Vec<(&str, Width)> = vec![("one at a time", |l, y, x| {
             let (len, finite) = l.list_from(y, x, 0, 0);

@@ -221,6 +221,19 @@ unsafe fn row_nonzeros_avx2(row: &[f32], most: usize, out: &mut [u32]) -> Option
     (count <= most).then_some(count)
 }
 
+/// Values whose zeroness and finiteness the kernels' tests try: ±0, NaN, ∞, a subnormal's
+/// neighbour (the smallest normal), negatives.
+#[cfg(test)]
+pub(crate) const SPECIAL_VALUES: [f32; 7] = [
+    1.0,
+    -0.0,
+    0.0,
+    f32::NAN,
+    f32::INFINITY,
+    -2.5,
+    f32::MIN_POSITIVE,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,15 +259,7 @@ mod tests {
 
     #[test]
     fn every_length_and_pattern_gives_the_plain_positions() {
-        let specials = [
-            1.0,
-            -0.0,
-            0.0,
-            f32::NAN,
-            f32::INFINITY,
-            -2.5,
-            f32::MIN_POSITIVE,
-        ];
+        let specials = SPECIAL_VALUES;
         // (under Miri, every third length: `make miri` runs it on several schedules)
         let step = if cfg!(miri) { 3 } else { 1 };
         for n in (0..80usize).step_by(step) {

@@ -218,16 +218,7 @@ impl SumsMut<'_> {
             return unsafe { self.add_rows_avx2(scratch, d, rows, entries, sigma) };
         }
         let kernels = (add_scaled, copy_padded);
-        // (Scanned and Unknown take one instantiation)
-        let nonzero = match entries {
-            Entries::Listed(rows_listed) => {
-                let walk = ListedWalk(rows_listed, 0);
-                return self.add_rows_impl(scratch, d, rows, walk, sigma, kernels);
-            }
-            Entries::Scanned(nonzero) => Some(nonzero),
-            Entries::Unknown => None,
-        };
-        self.add_rows_impl(scratch, d, rows, nonzero, sigma, kernels)
+        self.add_entries(scratch, d, rows, entries, sigma, kernels)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -244,7 +235,25 @@ impl SumsMut<'_> {
             |a: &mut [f32], v, b: &[f32]| add_scaled_avx2(a, v, b),
             |p: &mut [f32], rest: &[f32], d| copy_padded_avx2(p, rest, d),
         );
-        // (Scanned and Unknown take one instantiation)
+        self.add_entries(scratch, d, rows, entries, sigma, kernels)
+    }
+
+    /// [`SumsMut::add_rows_impl`] with the source `entries` gives: a walk of the listed
+    /// entries, or the scanned ones (found row by row when unknown). Scanned and unknown
+    /// entries take one instantiation, and one inlined copy of the loop.
+    #[inline(always)]
+    fn add_entries(
+        self,
+        scratch: &mut SumScratch,
+        d: usize,
+        rows: (&[f32], &[f32], &[f32], &[f32]),
+        entries: Entries<'_>,
+        sigma: f32,
+        kernels: (
+            impl Fn(&mut [f32], f32, &[f32]),
+            impl Fn(&mut [f32], &[f32], usize),
+        ),
+    ) {
         let nonzero = match entries {
             Entries::Listed(rows_listed) => {
                 let walk = ListedWalk(rows_listed, 0);

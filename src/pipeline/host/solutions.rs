@@ -95,7 +95,7 @@ impl HostRun<'_> {
         };
         #[cfg(test)]
         if made == Made::Listed {
-            tests::LISTED_BLOCKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tests::LISTED_BLOCKS.with(|n| n.set(n.get() + 1));
         }
         let finite = match made {
             Made::Listed => listed.list(y, o, (o == d).then_some(x)),
@@ -116,11 +116,14 @@ impl HostRun<'_> {
 mod tests {
     use crate::config::Config;
     use crate::op::PerturbedOp;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use tch::{Kind, Tensor};
 
-    /// The blocks whose solutions were listed (all tests of the process).
-    pub(super) static LISTED_BLOCKS: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        /// The blocks whose solutions this thread listed (lists are made where the
+        /// callback runs: in two stages, the calling thread), so that a test counts its
+        /// own calls' blocks, not those of tests running beside it.
+        pub(super) static LISTED_BLOCKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
 
     /// A one-thread callback with short rows lists them when it runs in two stages (a
     /// machine of two cores or more): blocks of part of a problem with a tape of Jacobian
@@ -161,10 +164,10 @@ mod tests {
                     .map(|v| v.to_bits())
                     .collect::<Vec<_>>()
             };
-            let before = LISTED_BLOCKS.load(Ordering::Relaxed);
+            let before = LISTED_BLOCKS.with(std::cell::Cell::get);
             let one = run(1);
             assert!(
-                LISTED_BLOCKS.load(Ordering::Relaxed) > before,
+                LISTED_BLOCKS.with(std::cell::Cell::get) > before,
                 "{batch}x{d}x{n}: no block listed"
             );
             assert!(
