@@ -41,6 +41,20 @@ pub(crate) fn host_room<T>(n: usize, what: &str) -> Result<Vec<T>> {
     Ok(out)
 }
 
+/// `n` floats, each a NaN, reserved as [`host_room`] does: the room a solver writes, where
+/// an output it leaves unwritten stays NaN and is caught. Filled as bytes (all ones, a
+/// NaN), at the speed of `memset`.
+pub(crate) fn nan_room(n: usize, what: &str) -> Result<Vec<f32>> {
+    let mut out = host_room::<f32>(n, what)?;
+    // SAFETY: the room holds n floats (reserved above); all-ones bits are a valid f32 (a
+    // NaN), so after the fill the first n elements are initialized.
+    unsafe {
+        std::ptr::write_bytes(out.as_mut_ptr(), 0xff, n);
+        out.set_len(n);
+    }
+    Ok(out)
+}
+
 /// The values of a tensor as `T` (converted to its kind), flattened, on the host (a copy).
 fn host_values<T: tch::kind::Element>(t: &Tensor) -> Result<Vec<T>> {
     let host = t

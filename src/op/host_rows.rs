@@ -85,8 +85,7 @@ impl PerturbedOp {
         let y = match &self.solver {
             SolverKind::Host(host) => {
                 // NaN until the solver writes it: an output left unwritten is caught
-                let mut y = crate::tensors::host_room(len, "the solutions")?;
-                y.resize(len, f32::NAN);
+                let mut y = crate::tensors::nan_room(len, "the solutions")?;
                 let at = crate::solver::SolveInfo {
                     cuda_device: None, // host solvers get host memory
                     ..at

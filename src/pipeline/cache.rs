@@ -162,8 +162,7 @@ impl CallCache {
             for &r in &solved {
                 xs.extend_from_slice(&x[r * d..(r + 1) * d]);
             }
-            let mut ys = crate::tensors::host_room(solved.len() * o, "their solutions")?;
-            ys.resize(solved.len() * o, f32::NAN);
+            let mut ys = crate::tensors::nan_room(solved.len() * o, "their solutions")?;
             let info = SolveInfo {
                 first_row: at.first_row + solved[0] as u64,
                 pool: self.view_for(at),

@@ -472,6 +472,15 @@ static bool op_solve_is_the_plain_solver(void) {
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_solve(op, x, SIZE_MAX / 2, out));
   pert_op *failing = make_op(solve_fail, &D3);
   CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(failing, x, 2, out));
+  /* a solver that leaves outputs unwritten, or writes NaN, is caught (the room it
+   * writes is NaN until it does) */
+  pert_solver_fn unfinished[2] = {solve_nothing, solve_nan};
+  for (int k = 0; k < 2; k++) {
+    pert_op *careless = make_op(unfinished[k], &D3);
+    CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(careless, x, 2, out));
+    CHECK(last_error_contains(k == 0 ? "NaN at output 0 of unperturbed problem 0" : "NaN at output 2 of unperturbed problem 1"));
+    pert_op_free(careless);
+  }
   pert_op *external = NULL;
   CHECK_OK(pert_op_new_external(c, SHAPE3, 1, SHAPE3, 1, &external));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_solve(external, x, 2, out));
