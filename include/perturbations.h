@@ -986,7 +986,8 @@ pert_status pert_op_solve(struct pert_op *op, const float *x, size_t batch, floa
  @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
                    may overlap the inputs (all are read first), not each other.
  @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
-         overflow, an op without a solver, a loss or gradient beyond float32's range),
+         overflow, an op without a solver, a loss, or a gradient asked for, beyond
+         float32's range),
          `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in an input,
          or 2 * pred_cost - true_cost overflowing float32), and the statuses of
          `pert_op_solve`. On error nothing is written.
@@ -1076,7 +1077,8 @@ pert_status pert_negative_identity_vjp(struct pert_op *op,
  @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
                    may overlap the inputs, not each other.
  @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
-         sigma, sizes overflow, a loss or gradient beyond float32's range),
+         sigma, sizes overflow, a loss, or a gradient asked for, beyond float32's
+         range),
          `PERT_STATUS_NULL_ARGUMENT`,
          `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
          nothing is written.

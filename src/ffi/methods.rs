@@ -166,7 +166,8 @@ pub unsafe extern "C" fn pert_op_solve(
 /// @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
 ///                   may overlap the inputs (all are read first), not each other.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
-///         overflow, an op without a solver, a loss or gradient beyond float32's range),
+///         overflow, an op without a solver, a loss, or a gradient asked for, beyond
+///         float32's range),
 ///         `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT` (NaN/Inf in an input,
 ///         or 2 * pred_cost - true_cost overflowing float32), and the statuses of
 ///         `pert_op_solve`. On error nothing is written.
@@ -193,7 +194,7 @@ pub unsafe extern "C" fn pert_spo_plus(
         let cost = unsafe { unchecked_rows(true_cost, op, batch, "true_cost") }?;
         let sol = unsafe { unchecked_rows(true_sol, op, batch, "true_sol") }?;
         let obj = unsafe { slice(true_obj, batch, "true_obj") }?;
-        let results = op.spo_plus_rows(shape(op, batch), pred, cost, sol, obj)?;
+        let results = op.spo_plus_rows(shape(op, batch), pred, cost, sol, obj, !grad.is_null())?;
         write(op, &outputs, results)
     })
 }
@@ -303,7 +304,8 @@ pub unsafe extern "C" fn pert_negative_identity_vjp(
 /// @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
 ///                   may overlap the inputs, not each other.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, a bad
-///         sigma, sizes overflow, a loss or gradient beyond float32's range),
+///         sigma, sizes overflow, a loss, or a gradient asked for, beyond float32's
+///         range),
 ///         `PERT_STATUS_NULL_ARGUMENT`,
 ///         `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of `pert_op_solve`. On error
 ///         nothing is written.
@@ -329,8 +331,14 @@ pub unsafe extern "C" fn pert_perturbation_gradient(
         // (checked finite by perturbation_gradient_rows)
         let pred = unsafe { unchecked_rows(pred_cost, op, batch, "pred_cost") }?;
         let cost = unsafe { unchecked_rows(true_cost, op, batch, "true_cost") }?;
-        let results =
-            op.perturbation_gradient_rows(shape(op, batch), pred, cost, sigma, two_sided != 0)?;
+        let results = op.perturbation_gradient_rows(
+            shape(op, batch),
+            pred,
+            cost,
+            sigma,
+            two_sided != 0,
+            !grad.is_null(),
+        )?;
         write(op, &outputs, results)
     })
 }

@@ -39,7 +39,7 @@ impl PerturbedOp {
         )?;
         let cost = call.rows(true_cost, "true_cost")?;
         let (loss, grad, addition) =
-            self.perturbation_gradient_rows(call.rows, &pred, &cost, sigma, two_sided)?;
+            self.perturbation_gradient_rows(call.rows, &pred, &cost, sigma, two_sided, true)?;
         let results = (call.per_problem(&loss)?, call.like_first(&grad)?);
         addition.commit(self)?;
         Ok(results)
@@ -49,7 +49,8 @@ impl PerturbedOp {
     /// read before the solves. ĉ ± σc is finite only when ĉ and c are: one pass makes each
     /// solve's input and checks it, and each input is checked by itself, for the message,
     /// only when that fails (`passes`). The two solves' solutions, for the op's pool, are
-    /// committed by the caller once the call has succeeded ([`PoolAddition`]).
+    /// committed by the caller once the call has succeeded ([`PoolAddition`]). Without
+    /// `grad_wanted` the gradient is not checked (as [`PerturbedOp::spo_plus_rows`]).
     pub(crate) fn perturbation_gradient_rows(
         &self,
         rows: Rows,
@@ -57,6 +58,7 @@ impl PerturbedOp {
         cost: &[f32],
         sigma: f64,
         two_sided: bool,
+        grad_wanted: bool,
     ) -> Result<(Vec<f32>, Vec<f32>, PoolAddition)> {
         let sigma = step(sigma, "sigma")?;
         self.require_square("the perturbation gradient (PG)")?;
@@ -80,7 +82,9 @@ impl PerturbedOp {
             passes::pg_results(rows.d, [&plus, &minus], [&w_plus, &w_minus], sign, width)?;
         if !finite {
             Rows { d: 1, ..rows }.check_result(&loss, "the PG loss")?;
-            rows.check_result(&grad, "the PG gradient")?;
+            if grad_wanted {
+                rows.check_result(&grad, "the PG gradient")?;
+            }
         }
         Ok((loss, grad, PoolAddition(vec![w_plus, w_minus])))
     }

@@ -248,6 +248,43 @@ static bool errors_write_nothing(void) {
   return true;
 }
 
+/* Results near float32's limit: a gradient beyond it fails only a call that asks for the
+ * gradient (the loss alone is returned when grad is NULL), and SPO+'s 2 pred - cost is
+ * refused only when it is itself beyond float32's range (not for an intermediate 2 pred). */
+static bool float32_limits(void) {
+  pert_op *op = op_of(PERT_SENSE_MINIMIZE, 1, 0);
+  CHECK(op != NULL);
+  float loss = -7, grad[3] = {-7, -7, -7};
+  /* SPO+: q = (0, 2, 2), y*(q) = e0, loss = -0 + 2 <pred, sol> - 0 = 0; grad[0] = 2 (3e38 - 1) */
+  const float pred[3] = {0, 1, 1}, cost[3] = {0, 0, 0}, sol[3] = {3e38f, 0, 0}, obj[1] = {0};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_spo_plus(op, pred, cost, sol, obj, 1, &loss, grad));
+  CHECK(last_error_contains("the SPO+ gradient is inf at [0][0]"));
+  CHECK(loss == -7 && grad[0] == -7 && grad[1] == -7 && grad[2] == -7);
+  CHECK_OK(pert_spo_plus(op, pred, cost, sol, obj, 1, &loss, NULL));
+  CHECK(loss == 0);
+  /* PG, two-sided, sigma 1e-40: w+ = e1, w- = e0, loss 0, grad (e1 - e0) / 2e-40 */
+  const float p2[3] = {0, 0, 5}, t2[3] = {1, -1, 0};
+  loss = -7;
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_perturbation_gradient(op, p2, t2, 1, 1e-40, 1, &loss, grad));
+  CHECK(last_error_contains("the PG gradient is"));
+  CHECK(loss == -7 && grad[0] == -7);
+  CHECK_OK(pert_perturbation_gradient(op, p2, t2, 1, 1e-40, 1, &loss, NULL));
+  CHECK(loss == 0);
+  /* SPO+ at 2 * 3e38 - 3e38 = 3e38 (finite; 2 pred alone is not): q = (3e38, 1, 2),
+   * y*(q) = e1, loss = -1 + 2 * 1 - 1 = 0, grad = 2 (e1 - e1) = 0 */
+  const float p3[3] = {3e38f, 1, 2}, c3[3] = {3e38f, 1, 2}, s3[3] = {0, 1, 0}, o3[1] = {1};
+  CHECK_OK(pert_spo_plus(op, p3, c3, s3, o3, 1, &loss, grad));
+  CHECK(loss == 0 && grad[0] == 0 && grad[1] == 0 && grad[2] == 0);
+  /* beyond it: 2 * 3e38 - (-3e38) */
+  const float c4[3] = {-3e38f, 1, 2};
+  loss = -7;
+  CHECK_STATUS(PERT_STATUS_NON_FINITE_INPUT, pert_spo_plus(op, p3, c4, s3, o3, 1, &loss, grad));
+  CHECK(last_error_contains("2 * pred_cost - true_cost is inf at [0][0]"));
+  CHECK(loss == -7);
+  pert_op_free(op);
+  return true;
+}
+
 /* Sum-of-Gamma noise: forward calls and the Fenchel-Young loss run, a tape is refused,
  * bad parameters are refused with the config unchanged. */
 static bool sum_of_gamma_noise(void) {
@@ -389,6 +426,7 @@ int main(void) {
       TEST(perturbation_gradient_by_hand),
       TEST(same_bits_for_any_threads),
       TEST(errors_write_nothing),
+      TEST(float32_limits),
       TEST(sum_of_gamma_noise),
       TEST(imle_by_its_formula),
   };
