@@ -546,6 +546,9 @@ impl PerturbedOp {
         });
         let source = (Source::Solver(&self.solver), cache.as_ref());
         let estimate = spec.run(&theta_dev, call, wants, source, stop)?;
+        // solver calls are not cut short: an interrupt during the last of them (after the
+        // run's last check between blocks) fails the call here, as any other
+        stop.check()?;
         Ok((
             theta_dev.size()[0] as usize,
             theta_dev,

@@ -121,6 +121,53 @@ static bool calls_after_an_interrupt_run_and_null_is_ignored(void) {
   return true;
 }
 
+/* A solver that interrupts its own op during its call number `fire_at` (counted from 0):
+ * the call it belongs to fails when that solver call returns, whichever call it is (the
+ * first, or the last of the call, after the last check between blocks). */
+static pert_op *self_op;
+static int solver_calls, fire_at;
+static int32_t interrupting_argmax(void *user_data, const float *x, size_t count, float *y) {
+  if (solver_calls++ == fire_at) pert_op_interrupt(self_op);
+  return solve_argmax(user_data, x, count, y);
+}
+
+static bool an_interrupt_during_any_solver_call_fails_the_call(void) {
+  enum { B = 7 };
+  float theta[B * D], y_true[B * D] = {0};
+  for (int i = 0; i < B * D; i++) theta[i] = (float)((i * 7) % 11) / 11.0f;
+  for (int b = 0; b < B; b++) y_true[b * D + b % D] = 1;
+  for (int which = 0; which < 3; which++) { /* forward, forward with a tape, Fenchel-Young */
+    /* the number of solver calls of such a call */
+    pert_config *c = NULL;
+    CHECK_OK(pert_config_new(&c));
+    pert_config_set_device(c, "cpu");
+    pert_config_set_num_samples(c, 16);
+    CHECK_OK(pert_op_new(c, SHAPE, 1, SHAPE, 1, interrupting_argmax, &DIM, &self_op));
+    float out[B * D], loss[B];
+    (solver_calls = 0, fire_at = -1);
+    CHECK_OK(pert_forward(self_op, theta, B, out, NULL));
+    const int calls = solver_calls;
+    CHECK(calls >= 1);
+    for (int fire = 0; fire < calls; fire++) {
+      (solver_calls = 0, fire_at = fire);
+      for (int i = 0; i < B * D; i++) out[i] = -7;
+      loss[0] = -7;
+      pert_tape *tape = NULL;
+      pert_status s = which == 2 ? pert_fenchel_young(self_op, theta, y_true, B, loss, out)
+                                 : pert_forward(self_op, theta, B, out, which ? &tape : NULL);
+      CHECK_STATUS(PERT_STATUS_INTERRUPTED, s);
+      CHECK(tape == NULL && loss[0] == -7);
+      for (int i = 0; i < B * D; i++) CHECK(out[i] == -7);
+    }
+    /* and the next call runs */
+    fire_at = -1;
+    CHECK_OK(pert_forward(self_op, theta, B, out, NULL));
+    pert_op_free(self_op);
+    pert_config_free(c);
+  }
+  return true;
+}
+
 /* Ctrl-C in a C program: the handler interrupts the op (async-signal-safe). */
 static pert_op *signalled_op;
 static void on_sigint(int sig) {
@@ -158,6 +205,7 @@ int main(void) {
       TEST(a_long_builtin_call_stops_and_writes_nothing),
       TEST(a_long_callback_call_stops_on_every_thread_count),
       TEST(calls_after_an_interrupt_run_and_null_is_ignored),
+      TEST(an_interrupt_during_any_solver_call_fails_the_call),
       TEST(a_signal_handler_may_interrupt),
   };
   return run_tests(tests, sizeof tests / sizeof tests[0]);
