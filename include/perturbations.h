@@ -9,7 +9,10 @@
  * - Errors: every fallible function returns a pert_status (PERT_STATUS_OK = 0). On
  *   error nothing is written to outputs, out-handles are not written, and
  *   pert_last_error() gives this thread's message naming the argument and the value.
- *   pert_status_name() names any status number.
+ *   pert_status_name() names any status number. PERT_STATUS_OK means every value
+ *   written is a number: a result that would be beyond float32's range (inputs near
+ *   its limit, whose perturbed values or sums overflow it; a sigma small enough for the
+ *   Jacobian's 1/sigma to) is refused with PERT_STATUS_INVALID_ARGUMENT instead.
  * - Ownership: handles are opaque. Each *_new / pert_forward result is freed by its
  *   one *_free, which accepts NULL. Buffers passed in are borrowed for the call only;
  *   outputs go to caller buffers whose sizes follow from the documented shapes.
@@ -301,7 +304,11 @@ typedef struct pert_aimle_state {
  @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
                    host memory, valid only during the call; read-only (unperturbed
                    rows, of the clean-input baseline and of `pert_op_solve`, may be
-                   the caller's own theta or x, read in place).
+                   the caller's own theta or x, read in place). Finite, but for
+                   theta so near float32's limit that theta + sigma Z (or its
+                   multiplicative form) overflows it: such a sample's entries are
+                   +-inf (a call whose loss or objective such a sample reaches then
+                   fails with `PERT_STATUS_INVALID_ARGUMENT`).
  @param count      Number of problems in this call (at least 1): consecutive perturbed
                    problems of the call (rows of one or of several problems, see
                    `pert_solve_info`), or of the unperturbed batch (the clean-input
@@ -533,7 +540,8 @@ pert_status pert_config_set_num_samples(struct pert_config *config, uint64_t num
 /*
  Sets the noise scale sigma (default 0.05).
 
- @return `PERT_STATUS_INVALID_ARGUMENT` unless `sigma` is finite and > 0.
+ @return `PERT_STATUS_INVALID_ARGUMENT` unless `sigma` is finite and > 0, and within
+         float32's normal range (FLT_MIN to FLT_MAX: the noise is float32).
  */
 pert_status pert_config_set_sigma(struct pert_config *config, double sigma);
 

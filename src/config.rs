@@ -89,11 +89,20 @@ impl Config {
         Ok(self)
     }
 
-    /// Scale of the noise; finite and > 0.
+    /// Scale of the noise; finite and > 0, within float32's normal range (the noise and
+    /// the Jacobian's 1/σ are float32: a σ beyond it would be 0 or inf there).
     pub fn set_sigma(&mut self, sigma: f64) -> Result<&mut Config> {
         if !(sigma.is_finite() && sigma > 0.0) {
             return Err(Error::invalid(format!(
                 "sigma must be finite and > 0, got {sigma}"
+            )));
+        }
+        let (least, most) = (f64::from(f32::MIN_POSITIVE), f64::from(f32::MAX));
+        if !(least..=most).contains(&sigma) {
+            return Err(Error::invalid(format!(
+                "sigma must be within float32's normal range ({:e} to {:e}), got {sigma:e}",
+                f32::MIN_POSITIVE,
+                f32::MAX
             )));
         }
         self.sigma = sigma;
@@ -491,6 +500,25 @@ mod tests {
             c.set_sigma(-1.0).unwrap_err().message(),
             "sigma must be finite and > 0, got -1"
         );
+        // finite and > 0, but 0 or inf as float32 (or subnormal: 1/sigma overflows)
+        for bad in [1e-300, 1e-39, 1e39, 1e300] {
+            let err = c.set_sigma(bad).unwrap_err();
+            assert!(
+                err.message()
+                    .starts_with("sigma must be within float32's normal range (1.1754944e-38 to 3.4028235e38), got"),
+                "{}",
+                err.message()
+            );
+        }
+        for good in [
+            f64::from(f32::MIN_POSITIVE),
+            1e-30,
+            1e30,
+            f64::from(f32::MAX),
+        ] {
+            c.set_sigma(good).unwrap();
+        }
+        c.set_sigma(0.05).unwrap();
         assert!(c.set_num_samples(0).is_err());
         assert!(c.set_num_samples(u64::MAX).is_err());
         assert_eq!(c, Config::new());

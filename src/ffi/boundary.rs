@@ -164,6 +164,8 @@ pub(crate) fn check_bytes<T>(len: usize, name: &str) -> Result<()> {
 pub(crate) struct Output {
     ptr: *mut f32,
     len: usize,
+    /// The parameter's name, for the messages.
+    name: &'static str,
 }
 
 /// The values of one output, ready to be copied into the caller's buffer.
@@ -183,17 +185,38 @@ enum Values {
 ///
 /// # Safety
 /// A non-NULL `ptr` must point to `len` writable floats for the rest of the call.
-pub(crate) unsafe fn output(ptr: *mut f32, len: usize, name: &str) -> Result<Output> {
+pub(crate) unsafe fn output(ptr: *mut f32, len: usize, name: &'static str) -> Result<Output> {
     if ptr.is_null() && len > 0 {
         return Err(null(name));
     }
     check_bytes::<f32>(len, name)?;
-    Ok(Output { ptr, len })
+    Ok(Output { ptr, len, name })
 }
 
 impl Output {
-    /// `t` (float32, any device, `len` elements) as the contiguous host values to write.
+    /// `t` (float32, any device, `len` elements) as the contiguous host values to write,
+    /// checked finite: every input of a call is finite, and a result beyond float32's
+    /// range (a sigma too small for the Jacobian's 1/sigma, costs or a sigma so large that
+    /// their sums overflow) is refused (INVALID_ARGUMENT) rather than written: a call that
+    /// returns OK wrote numbers.
     pub fn stage(&self, t: &Tensor) -> Result<Staged<'_>> {
+        let staged = self.stage_in_range(t)?;
+        if let Values::Tensor(values) = &staged.values {
+            if self.len > 0 {
+                // SAFETY: `values` is a contiguous float32 CPU tensor of `len` elements
+                // (made so by stage_in_range), alive for this borrow.
+                let host = unsafe {
+                    std::slice::from_raw_parts(values.data_ptr() as *const f32, self.len)
+                };
+                self.check_finite(host)?;
+            }
+        }
+        Ok(staged)
+    }
+
+    /// [`Output::stage`] without the check, for values within float32's range by their
+    /// making: a forward call's y, the mean of finite solutions (summed in float64).
+    pub fn stage_in_range(&self, t: &Tensor) -> Result<Staged<'_>> {
         let values = t
             .f_to_device(tch::Device::Cpu)?
             .f_to_kind(tch::Kind::Float)?
@@ -214,7 +237,22 @@ impl Output {
         })
     }
 
-    /// Host values (`len` of them) to write.
+    /// INVALID_ARGUMENT naming the first value of `values` beyond float32's range (or NaN:
+    /// an overflow met another, inf − inf), if any.
+    pub fn check_finite(&self, values: &[f32]) -> Result<()> {
+        if crate::input::all_finite(values) {
+            return Ok(());
+        }
+        let i = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        Err(Error::invalid(format!(
+            "{}[{i}] would be {:?}, beyond float32's range (from finite inputs: theta, the \
+             solutions or sigma too large, or sigma too small); nothing was written",
+            self.name, values[i]
+        )))
+    }
+
+    /// Host values (`len` of them) to write, which the caller has checked (or that are
+    /// finite by their making).
     pub fn stage_host(&self, values: Vec<f32>) -> Result<Staged<'_>> {
         if values.len() != self.len {
             return Err(Error::new(
@@ -241,7 +279,7 @@ impl Output {
 pub(crate) unsafe fn loss_and_grad_outputs(
     loss: *mut f32,
     batch: usize,
-    (grad, grad_len, grad_name): (*mut f32, usize, &str),
+    (grad, grad_len, grad_name): (*mut f32, usize, &'static str),
 ) -> Result<(Output, Option<Output>)> {
     let loss = unsafe { output(loss, batch, "loss") }?;
     let grad = if grad.is_null() {

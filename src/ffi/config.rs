@@ -104,7 +104,8 @@ pub unsafe extern "C" fn pert_config_set_num_samples(
 
 /// Sets the noise scale sigma (default 0.05).
 ///
-/// @return `PERT_STATUS_INVALID_ARGUMENT` unless `sigma` is finite and > 0.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` unless `sigma` is finite and > 0, and within
+///         float32's normal range (FLT_MIN to FLT_MAX: the noise is float32).
 #[no_mangle]
 pub unsafe extern "C" fn pert_config_set_sigma(
     config: *mut pert_config,

@@ -111,7 +111,7 @@ pub unsafe extern "C" fn pert_draw_finish(
             !tape.is_null(),
         )?;
         // everything that can fail (allocations included) before anything is written
-        let staged = output.stage(&y)?;
+        let staged = output.stage_in_range(&y)?; // (a mean of finite solutions)
         let t = t.map(pert_tape::boxed);
         staged.write();
         if let Some(t) = t {

@@ -86,6 +86,7 @@ pub unsafe extern "C" fn pert_imle_forward(
         let tensor =
             crate::tensors::from_slice(values)?.f_reshape(batched(batch, op.input_shape()))?;
         let (mean, inner, additions) = op.imle_forward_rows(rows, values.to_vec(), &tensor)?;
+        out.check_finite(&mean)?;
         let staged = out.stage_host(mean)?;
         let handle = pert_imle::boxed(inner);
         additions.commit()?; // (the last step that can fail: a failed call adds nothing)

@@ -3,6 +3,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <float.h>
+
 #include "harness.h"
 #include "solvers.h"
 
@@ -71,6 +73,14 @@ static bool config_rejects_bad_values(void) {
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sigma(c, 0.0));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sigma(c, NAN));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sigma(c, INFINITY));
+  /* finite and > 0, but 0, subnormal or inf as float32 */
+  const double beyond[4] = {1e-300, 1e-39, 1e39, 1e300};
+  for (int k = 0; k < 4; k++) {
+    CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_sigma(c, beyond[k]));
+    CHECK(last_error_contains("sigma must be within float32's normal range (1.1754944e-38 to 3.4028235e38)"));
+  }
+  CHECK_OK(pert_config_set_sigma(c, FLT_MIN));
+  CHECK_OK(pert_config_set_sigma(c, FLT_MAX));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_num_samples(c, 0));
   CHECK(last_error_contains("got 0"));
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_config_set_num_samples(c, UINT64_MAX));
@@ -94,6 +104,59 @@ static bool config_rejects_bad_values(void) {
   CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_config_set_device(NULL, "cpu"));
   pert_config_free(c);
   pert_config_free(NULL);
+  return true;
+}
+
+/* PERT_STATUS_OK means numbers: results beyond float32's range from finite inputs are
+ * refused with nothing written (theta near its limit, whose sums of samples overflow it;
+ * a sigma small enough for the Jacobian's 1/sigma to), and results that stay in range at
+ * such settings are returned. */
+static bool results_beyond_float32_are_refused(void) {
+  static size_t d3 = 3;
+  const int64_t shape[1] = {3};
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  pert_config_set_num_samples(c, 16);
+  pert_config_set_sigma(c, 1.0);
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &d3, &op));
+  /* 3e37 is in range, 16 samples of it summed are not */
+  const float theta[3] = {3e37f, 1, -1}, y_true[3] = {1, 0, 0};
+  float y[3] = {-7, -7, -7}, value = -7, loss = -7, grad[3] = {-7, -7, -7};
+  pert_tape *tape = NULL;
+  CHECK_OK(pert_forward(op, theta, 1, y, &tape));
+  CHECK(y[0] == 1 && y[1] == 0 && y[2] == 0);
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_tape_objective(tape, &value));
+  CHECK(last_error_contains("value[0] would be inf, beyond float32's range"));
+  CHECK(value == -7);
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_fenchel_young(op, theta, y_true, 1, &loss, grad));
+  CHECK(last_error_contains("would be"));
+  CHECK(loss == -7 && grad[0] == -7 && grad[1] == -7 && grad[2] == -7);
+  pert_tape_free(tape);
+  pert_op_free(op);
+  /* the smallest sigma: 1 / (N sigma) is 5e36; a cotangent of 1e30 takes the plain
+   * estimator's VJP beyond float32's range, while the clean-input baseline's stays 0 (every
+   * sample is solved as the clean input is) */
+  const float theta2[3] = {1, 0.5f, -1}, big_g[3] = {1e30f, 1e30f, 1e30f};
+  float v[3] = {-7, -7, -7};
+  CHECK_OK(pert_config_set_sigma(c, FLT_MIN));
+  CHECK_OK(pert_config_set_baseline(c, PERT_BASELINE_NONE));
+  CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &d3, &op));
+  CHECK_OK(pert_forward(op, theta2, 1, y, &tape));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_tape_vjp(tape, big_g, v));
+  CHECK(last_error_contains("grad_input["));
+  CHECK(v[0] == -7 && v[1] == -7 && v[2] == -7);
+  pert_tape_free(tape);
+  pert_op_free(op);
+  CHECK_OK(pert_config_set_baseline(c, PERT_BASELINE_CLEAN_INPUT));
+  CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &d3, &op));
+  CHECK_OK(pert_forward(op, theta2, 1, y, &tape));
+  CHECK_OK(pert_tape_vjp(tape, big_g, v));
+  CHECK(v[0] == 0 && v[1] == 0 && v[2] == 0);
+  pert_tape_free(tape);
+  pert_op_free(op);
+  pert_config_free(c);
   return true;
 }
 
@@ -596,6 +659,7 @@ int main(void) {
       TEST(status_names_cover_every_code),
       TEST(last_error_copies_truncates_and_terminates),
       TEST(config_rejects_bad_values),
+      TEST(results_beyond_float32_are_refused),
       TEST(op_new_checks_arguments),
       TEST(forward_errors_leave_outputs_untouched),
       TEST(tape_checks_arguments_and_outlives_op),
