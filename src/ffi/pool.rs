@@ -118,7 +118,10 @@ pub unsafe extern "C" fn pert_pool_free(pool: *mut pert_pool) {
 /// pool's solution y of best <x, y> for the sample's input x in the op's sense
 /// (maximizing for the built-ins; the oldest of equals). The other samples are solved.
 /// The solver's solutions join the pool: a forward or Fenchel-Young call's (samples and
-/// clean-input rows) once the call has succeeded. The call keeps those the pool did not
+/// clean-input rows) once the call has succeeded. The call's row order is the order it
+/// solves them in: the clean-input rows (problem by problem) first, then the samples
+/// (problem-major; not the order of a draw's inputs, where the clean rows come last).
+/// The call keeps those the pool did not
 /// hold when it began, each once, the `capacity` that occur last in the call's row order
 /// (by their last occurrences: the others could not stay), and adds them in that order by
 /// `pert_pool_add`'s rule (one evicted or added meanwhile by another call is not added

@@ -264,6 +264,83 @@ static bool pool_losses_by_hand(void) {
   return true;
 }
 
+/* One-hot of the larger of two entries (the first of equals). */
+static int32_t argmax2(void *user_data, const float *x, size_t count, float *y) {
+  (void)user_data;
+  for (size_t r = 0; r < count; r++) {
+    int second = x[2 * r + 1] > x[2 * r];
+    y[2 * r] = second ? 0.0f : 1.0f;
+    y[2 * r + 1] = second ? 1.0f : 0.0f;
+  }
+  return 0;
+}
+
+/* The member of a pool of capacity 1 (read by a probe whose calls are all answered from
+ * the pool: the NCE gradient against a zero target, maximizing, is the member). */
+static bool member_of(pert_pool *pool, float member[2]) {
+  const int64_t shape[1] = {2};
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  CHECK_OK(pert_config_set_linear_objective(c, true));
+  CHECK_OK(pert_config_set_solve_ratio(c, 1e-300));
+  pert_op *probe = NULL;
+  CHECK_OK(pert_op_new(c, shape, 1, shape, 1, argmax2, NULL, &probe));
+  pert_config_free(c);
+  CHECK_OK(pert_op_set_pool(probe, pool));
+  const float zero[2] = {0, 0};
+  float loss;
+  CHECK_OK(pert_nce(probe, zero, zero, 1, &loss, member));
+  pert_op_free(probe);
+  return true;
+}
+
+/* A forward call's row order for its pool: the clean-input rows first, then the samples
+ * (as pert_op_set_pool says), so the pool ends as pert_pool_add of them in that order. */
+static bool a_call_adds_its_clean_rows_first(void) {
+  const int64_t shape[1] = {2};
+  const float theta[2] = {1.0f, 0.0f}; /* y*(theta) = (1, 0) */
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  pert_config_set_num_samples(c, 1);
+  pert_config_set_sigma(c, 10.0);
+  pert_config_set_seed(c, 2); /* its one sample's solution is (0, 1) */
+  CHECK_OK(pert_config_set_baseline(c, PERT_BASELINE_CLEAN_INPUT));
+  CHECK_OK(pert_config_set_linear_objective(c, true));
+  pert_op *op = NULL, *external = NULL;
+  CHECK_OK(pert_op_new(c, shape, 1, shape, 1, argmax2, NULL, &op));
+  CHECK_OK(pert_op_new_external(c, shape, 1, shape, 1, &external));
+  pert_config_free(c);
+  pert_pool *pool = NULL, *twin = NULL;
+  CHECK_OK(pert_pool_new(shape, 1, 1, &pool));
+  CHECK_OK(pert_pool_new(shape, 1, 1, &twin));
+  CHECK_OK(pert_op_set_pool(op, pool));
+  float y[2];
+  pert_tape *tape = NULL;
+  CHECK_OK(pert_forward(op, theta, 1, y, &tape));
+  /* the same call's rows through a draw (the sample, then the clean row) */
+  pert_draw *draw = NULL;
+  CHECK_OK(pert_draw_new(external, theta, 1, &draw));
+  CHECK(pert_draw_count(draw) == 2);
+  float sol[4];
+  argmax2(NULL, pert_draw_inputs(draw), 2, sol);
+  CHECK(sol[0] == 0 && sol[1] == 1 && sol[2] == 1 && sol[3] == 0); /* (not vacuous) */
+  const float clean_then_sample[4] = {sol[2], sol[3], sol[0], sol[1]};
+  CHECK_OK(pert_pool_add(twin, clean_then_sample, 2));
+  float got[2], want[2];
+  CHECK(member_of(pool, got));
+  CHECK(member_of(twin, want));
+  CHECK(got[0] == want[0] && got[1] == want[1] && got[0] == 0 && got[1] == 1);
+  pert_tape_free(tape);
+  pert_draw_free(draw);
+  pert_pool_free(pool);
+  pert_pool_free(twin);
+  pert_op_free(op);
+  pert_op_free(external);
+  return true;
+}
+
 static bool bad_arguments_are_refused(void) {
   pert_config *c = NULL;
   CHECK_OK(pert_config_new(&c));
@@ -485,6 +562,7 @@ int main(void) {
       TEST(empty_pool_grows_the_same_for_any_threads),
       TEST(pool_shared_by_threads),
       TEST(pool_losses_by_hand),
+      TEST(a_call_adds_its_clean_rows_first),
       TEST(bad_arguments_are_refused),
       TEST(warm_starts_get_the_pools_best),
       TEST(a_child_forked_while_threads_use_a_pool_can_use_it),
