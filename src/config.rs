@@ -94,7 +94,8 @@ impl Config {
     pub fn set_sigma(&mut self, sigma: f64) -> Result<&mut Config> {
         if !(sigma.is_finite() && sigma > 0.0) {
             return Err(Error::invalid(format!(
-                "sigma must be finite and > 0, got {sigma}"
+                "sigma must be finite and > 0, got {}",
+                crate::error::number(sigma)
             )));
         }
         let (least, most) = (f64::from(f32::MIN_POSITIVE), f64::from(f32::MAX));
@@ -189,7 +190,8 @@ impl Config {
     pub fn set_solve_ratio(&mut self, ratio: f64) -> Result<&mut Config> {
         if !(ratio > 0.0 && ratio <= 1.0) {
             return Err(Error::invalid(format!(
-                "solve_ratio must be in (0, 1], got {ratio}"
+                "solve_ratio must be in (0, 1], got {}",
+                crate::error::number(ratio)
             )));
         }
         self.solve_ratio = ratio;

@@ -161,11 +161,31 @@ fn first_line(what: &str) -> &str {
 }
 
 /// The result type of the safe API.
+/// A number as a message shows it: as written (`-1`, `0.5`) at ordinary magnitudes, in
+/// scientific notation beyond them (`1e300`, not three hundred digits).
+pub(crate) fn number(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() || (1e-4..1e16).contains(&v.abs()) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_short() {
+        assert_eq!(number(-1.0), "-1");
+        assert_eq!(number(0.05), "0.05");
+        assert_eq!(number(1e300), "1e300");
+        assert_eq!(number(-1e-300), "-1e-300");
+        assert_eq!(number(f64::NAN), "NaN");
+        assert_eq!(number(0.0), "0");
+    }
 
     #[test]
     fn libtorch_messages_keep_their_first_line_only() {

@@ -186,7 +186,8 @@ fn step(value: f64, name: &str) -> Result<f32> {
     let f = value as f32;
     if !(value.is_finite() && value > 0.0 && f > 0.0 && f.is_finite()) {
         return Err(Error::invalid(format!(
-            "{name} must be finite and > 0 (and within float32's range), got {value}"
+            "{name} must be finite and > 0 (and within float32's range), got {}",
+            crate::error::number(value)
         )));
     }
     Ok(f)
