@@ -10,9 +10,10 @@
  *   error nothing is written to outputs, out-handles are not written, and
  *   pert_last_error() gives this thread's message naming the argument and the value.
  *   pert_status_name() names any status number. PERT_STATUS_OK means every value
- *   written is a number: a result that would be beyond float32's range (inputs near
- *   its limit, whose perturbed values or sums overflow it; a sigma small enough for the
- *   Jacobian's 1/sigma to) is refused with PERT_STATUS_INVALID_ARGUMENT instead.
+ *   written is a number: a result that finite inputs would take beyond float32's range,
+ *   or whose float32 partial sums would overflow it (theta or the solutions within about
+ *   a factor 64 of FLT_MAX; a sigma small enough for the Jacobian's 1/sigma to), is
+ *   refused with PERT_STATUS_INVALID_ARGUMENT instead.
  * - Ownership: handles are opaque. Each *_new / pert_forward result is freed by its
  *   one *_free, which accepts NULL. Buffers passed in are borrowed for the call only;
  *   outputs go to caller buffers whose sizes follow from the documented shapes.
@@ -304,11 +305,11 @@ typedef struct pert_aimle_state {
  @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
                    host memory, valid only during the call; read-only (unperturbed
                    rows, of the clean-input baseline and of `pert_op_solve`, may be
-                   the caller's own theta or x, read in place). Finite, but for
-                   theta so near float32's limit that theta + sigma Z (or its
-                   multiplicative form) overflows it: such a sample's entries are
-                   +-inf (a call whose loss or objective such a sample reaches then
-                   fails with `PERT_STATUS_INVALID_ARGUMENT`).
+                   the caller's own theta or x, read in place). Finite, but where
+                   theta + sigma Z (or theta exp(sigma Z - sigma^2 / 2)) overflows
+                   float32 (theta or sigma near its limit): such entries are +-inf (a
+                   call whose loss or objective such a sample reaches then fails with
+                   `PERT_STATUS_INVALID_ARGUMENT`).
  @param count      Number of problems in this call (at least 1): consecutive perturbed
                    problems of the call (rows of one or of several problems, see
                    `pert_solve_info`), or of the unperturbed batch (the clean-input
@@ -630,7 +631,9 @@ pert_status pert_config_set_max_threads(struct pert_config *config, uint32_t max
 
 /*
  Sets how the noise enters the input: `PERT_PERTURBATION_ADDITIVE` (default) or
- `PERT_PERTURBATION_MULTIPLICATIVE` (Normal noise only; checked by `pert_op_new`).
+ `PERT_PERTURBATION_MULTIPLICATIVE` (Normal noise only, and sigma at most 2.6e19, so that
+ sigma^2 / 2 is within float32's range; checked when an op is made). Its samples are
+ theta exp(sigma Z - sigma^2 / 2): beyond sigma of about 20 nearly all underflow to 0.
 
  @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
  */
@@ -767,11 +770,11 @@ int32_t pert_cuda_device_count(void);
  `pert_draw_inputs` anywhere, in any order or place, then pass their solutions to
  `pert_draw_finish`. With the same seed and number of earlier calls on the op, and the
  solutions the op's solver would give (a built-in's by its documented tie rule), the
- results equal those of `pert_forward` bit for bit: y, the loss, and every product of
- the tape; but for `PERT_BUILTIN_ARGMAX` on the CPU, whose forward calls sum their
- samples in a fused kernel of their own (counts of winners), where y is equal bit for
- bit and the loss and the tape's products up to the rounding of float32 sums. Counts
- as one forward call of the op.
+ results equal those of `pert_forward` on that op bit for bit: y, the loss, and every
+ product of the tape. (A draw of another op, an external one say, equals a CPU
+ `PERT_BUILTIN_ARGMAX` op's forward call in y bit for bit and in the loss and the tape's
+ products up to the rounding of float32 sums: that op sums its samples in a fused
+ kernel of its own, as its own draws do.) Counts as one forward call of the op.
 
  Rows `b * num_samples .. (b + 1) * num_samples - 1` are problem b's perturbed inputs;
  with the clean-input baseline (without antithetic pairs) `batch` more rows follow,
@@ -818,9 +821,9 @@ pert_status pert_draw_finish(const struct pert_draw *draw,
  Completes a draw with the Fenchel-Young loss instead of the output: for a batch solved
  elsewhere, the loss of theta against targets `y_true` and its gradient with respect to
  theta, from the solutions of every row of `pert_draw_inputs` (what
- `pert_fenchel_young` gives for the same seed and call count: bit for bit, but for the
- CPU argmax's fused kernel, as `pert_draw_new` says). May be called more than once,
- and mixed with `pert_draw_finish`.
+ `pert_fenchel_young` gives on that op for the same seed and call count, bit for bit;
+ see `pert_draw_new` for a draw of another op). May be called more than once, and mixed
+ with `pert_draw_finish`.
 
  @param solutions   `pert_draw_count(draw) * output_numel` floats, finite.
  @param y_true      `batch * input_numel` floats (the op's output shape must equal its
@@ -1423,7 +1426,10 @@ void pert_pool_free(struct pert_pool *pool);
  pool's solution y of best <x, y> for the sample's input x in the op's sense
  (maximizing for the built-ins; the oldest of equals). The other samples are solved.
  The solver's solutions join the pool: a forward or Fenchel-Young call's (samples and
- clean-input rows) once the call has succeeded. The call keeps those the pool did not
+ clean-input rows) once the call has succeeded. The call's row order puts the
+ clean-input rows (problem by problem) first, then the samples (problem-major; not the
+ order of a draw's inputs, where the clean rows come last), whatever thread solves them.
+ The call keeps those the pool did not
  hold when it began, each once, the `capacity` that occur last in the call's row order
  (by their last occurrences: the others could not stay), and adds them in that order by
  `pert_pool_add`'s rule (one evicted or added meanwhile by another call is not added
@@ -1488,7 +1494,8 @@ pert_status pert_op_solver_calls(const struct pert_op *op, uint64_t *rows);
  @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
                    may overlap the inputs, not each other.
  @return `PERT_STATUS_INVALID_ARGUMENT` (no pool, an empty pool, output shape differs
-         from input shape, sizes overflow, a result beyond float32's range),
+         from input shape, sizes overflow, a loss, or a gradient asked for, beyond
+         float32's range),
          `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of
          `pert_op_solve`. On error nothing is written.
  */

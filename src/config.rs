@@ -98,8 +98,9 @@ impl Config {
                 crate::error::number(sigma)
             )));
         }
-        let (least, most) = (f64::from(f32::MIN_POSITIVE), f64::from(f32::MAX));
-        if !(least..=most).contains(&sigma) {
+        // (as float32, what the noise is scaled by: a double that rounds to FLT_MAX is it)
+        let single = sigma as f32;
+        if !(single.is_finite() && single >= f32::MIN_POSITIVE) {
             return Err(Error::invalid(format!(
                 "sigma must be within float32's normal range ({:e} to {:e}), got {sigma:e}",
                 f32::MIN_POSITIVE,
@@ -342,6 +343,18 @@ impl Config {
                 self.noise.name()
             )));
         }
+        if self.perturbation == Perturbation::Multiplicative {
+            // x = θ·exp(σZ − σ²/2), σ²/2 in float32: beyond it, inf − inf would give NaN
+            let sigma = self.sigma as f32;
+            if !(0.5 * sigma * sigma).is_finite() {
+                return Err(Error::invalid(format!(
+                    "the multiplicative perturbation needs sigma^2 / 2 within float32's range \
+                     (sigma at most {:e}), got sigma {}",
+                    (2.0 * f64::from(f32::MAX)).sqrt() as f32,
+                    crate::error::number(self.sigma)
+                )));
+            }
+        }
         if self.antithetic && self.noise != Noise::Normal {
             return Err(Error::invalid(format!(
                 "antithetic pairs need symmetric (Normal) noise, got {} noise",
@@ -512,14 +525,26 @@ mod tests {
                 err.message()
             );
         }
+        // (the limits as printed round to them)
         for good in [
             f64::from(f32::MIN_POSITIVE),
+            1.1754944e-38,
             1e-30,
             1e30,
-            f64::from(f32::MAX),
+            3.4028235e38,
         ] {
             c.set_sigma(good).unwrap();
         }
+        // the multiplicative model also needs sigma^2 / 2 within float32's range
+        c.set_perturbation(Perturbation::Multiplicative);
+        c.set_sigma(1e20).unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err
+            .message()
+            .starts_with("the multiplicative perturbation needs sigma^2 / 2"));
+        c.set_sigma(1e19).unwrap();
+        c.validate().unwrap();
+        c.set_perturbation(Perturbation::Additive);
         c.set_sigma(0.05).unwrap();
         assert!(c.set_num_samples(0).is_err());
         assert!(c.set_num_samples(u64::MAX).is_err());

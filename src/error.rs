@@ -160,7 +160,6 @@ fn first_line(what: &str) -> &str {
     &line[..end]
 }
 
-/// The result type of the safe API.
 /// A number as a message shows it: as written (`-1`, `0.5`) at ordinary magnitudes, in
 /// scientific notation beyond them (`1e300`, not three hundred digits).
 pub(crate) fn number(v: f64) -> String {
@@ -171,6 +170,7 @@ pub(crate) fn number(v: f64) -> String {
     }
 }
 
+/// The result type of the safe API.
 pub type Result<T> = std::result::Result<T, Error>;
 
 #[cfg(test)]

@@ -195,28 +195,11 @@ pub(crate) unsafe fn output(ptr: *mut f32, len: usize, name: &'static str) -> Re
 
 impl Output {
     /// `t` (float32, any device, `len` elements) as the contiguous host values to write,
-    /// checked finite: every input of a call is finite, and a result beyond float32's
-    /// range (a sigma too small for the Jacobian's 1/sigma, costs or a sigma so large that
-    /// their sums overflow) is refused (INVALID_ARGUMENT) rather than written: a call that
-    /// returns OK wrote numbers.
+    /// checked finite: every input of a call is finite, and a result that they take beyond
+    /// float32's range, or whose float32 partial sums overflow it (theta or the solutions
+    /// near its limit; a sigma small enough for the Jacobian's 1/sigma to) is refused
+    /// (INVALID_ARGUMENT) rather than written: a call that returns OK wrote numbers.
     pub fn stage(&self, t: &Tensor) -> Result<Staged<'_>> {
-        let staged = self.stage_in_range(t)?;
-        if let Values::Tensor(values) = &staged.values {
-            if self.len > 0 {
-                // SAFETY: `values` is a contiguous float32 CPU tensor of `len` elements
-                // (made so by stage_in_range), alive for this borrow.
-                let host = unsafe {
-                    std::slice::from_raw_parts(values.data_ptr() as *const f32, self.len)
-                };
-                self.check_finite(host)?;
-            }
-        }
-        Ok(staged)
-    }
-
-    /// [`Output::stage`] without the check, for values within float32's range by their
-    /// making: a forward call's y, the mean of finite solutions (summed in float64).
-    pub fn stage_in_range(&self, t: &Tensor) -> Result<Staged<'_>> {
         let values = t
             .f_to_device(tch::Device::Cpu)?
             .f_to_kind(tch::Kind::Float)?
@@ -230,6 +213,13 @@ impl Output {
                     values.numel()
                 ),
             ));
+        }
+        if self.len > 0 {
+            // SAFETY: `values` is a contiguous float32 CPU tensor of `len` elements (made
+            // and checked above), alive for this borrow.
+            let host =
+                unsafe { std::slice::from_raw_parts(values.data_ptr() as *const f32, self.len) };
+            self.check_finite(host)?;
         }
         Ok(Staged {
             out: self,
@@ -246,7 +236,8 @@ impl Output {
         let i = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
         Err(Error::invalid(format!(
             "{}[{i}] would be {:?}, beyond float32's range (from finite inputs: theta, the \
-             solutions or sigma too large, or sigma too small); nothing was written",
+             solutions or sigma near its limit, whose sums overflow it, or sigma too small); \
+             nothing was written",
             self.name, values[i]
         )))
     }

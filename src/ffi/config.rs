@@ -247,7 +247,9 @@ pub unsafe extern "C" fn pert_config_set_max_threads(
 }
 
 /// Sets how the noise enters the input: `PERT_PERTURBATION_ADDITIVE` (default) or
-/// `PERT_PERTURBATION_MULTIPLICATIVE` (Normal noise only; checked by `pert_op_new`).
+/// `PERT_PERTURBATION_MULTIPLICATIVE` (Normal noise only, and sigma at most 2.6e19, so that
+/// sigma^2 / 2 is within float32's range; checked when an op is made). Its samples are
+/// theta exp(sigma Z - sigma^2 / 2): beyond sigma of about 20 nearly all underflow to 0.
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
 #[no_mangle]

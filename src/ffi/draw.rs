@@ -24,11 +24,11 @@ handle!(pert_draw, Draw);
 /// `pert_draw_inputs` anywhere, in any order or place, then pass their solutions to
 /// `pert_draw_finish`. With the same seed and number of earlier calls on the op, and the
 /// solutions the op's solver would give (a built-in's by its documented tie rule), the
-/// results equal those of `pert_forward` bit for bit: y, the loss, and every product of
-/// the tape; but for `PERT_BUILTIN_ARGMAX` on the CPU, whose forward calls sum their
-/// samples in a fused kernel of their own (counts of winners), where y is equal bit for
-/// bit and the loss and the tape's products up to the rounding of float32 sums. Counts
-/// as one forward call of the op.
+/// results equal those of `pert_forward` on that op bit for bit: y, the loss, and every
+/// product of the tape. (A draw of another op, an external one say, equals a CPU
+/// `PERT_BUILTIN_ARGMAX` op's forward call in y bit for bit and in the loss and the tape's
+/// products up to the rounding of float32 sums: that op sums its samples in a fused
+/// kernel of its own, as its own draws do.) Counts as one forward call of the op.
 ///
 /// Rows `b * num_samples .. (b + 1) * num_samples - 1` are problem b's perturbed inputs;
 /// with the clean-input baseline (without antithetic pairs) `batch` more rows follow,
@@ -114,7 +114,7 @@ pub unsafe extern "C" fn pert_draw_finish(
             !tape.is_null(),
         )?;
         // everything that can fail (allocations included) before anything is written
-        let staged = output.stage_in_range(&y)?; // (a mean of finite solutions)
+        let staged = output.stage(&y)?; // (float32 tile sums of solutions near its limit can overflow)
         let t = t.map(pert_tape::boxed);
         staged.write();
         if let Some(t) = t {
@@ -128,9 +128,9 @@ pub unsafe extern "C" fn pert_draw_finish(
 /// Completes a draw with the Fenchel-Young loss instead of the output: for a batch solved
 /// elsewhere, the loss of theta against targets `y_true` and its gradient with respect to
 /// theta, from the solutions of every row of `pert_draw_inputs` (what
-/// `pert_fenchel_young` gives for the same seed and call count: bit for bit, but for the
-/// CPU argmax's fused kernel, as `pert_draw_new` says). May be called more than once,
-/// and mixed with `pert_draw_finish`.
+/// `pert_fenchel_young` gives on that op for the same seed and call count, bit for bit;
+/// see `pert_draw_new` for a draw of another op). May be called more than once, and mixed
+/// with `pert_draw_finish`.
 ///
 /// @param solutions   `pert_draw_count(draw) * output_numel` floats, finite.
 /// @param y_true      `batch * input_numel` floats (the op's output shape must equal its

@@ -118,9 +118,9 @@ pub unsafe extern "C" fn pert_pool_free(pool: *mut pert_pool) {
 /// pool's solution y of best <x, y> for the sample's input x in the op's sense
 /// (maximizing for the built-ins; the oldest of equals). The other samples are solved.
 /// The solver's solutions join the pool: a forward or Fenchel-Young call's (samples and
-/// clean-input rows) once the call has succeeded. The call's row order is the order it
-/// solves them in: the clean-input rows (problem by problem) first, then the samples
-/// (problem-major; not the order of a draw's inputs, where the clean rows come last).
+/// clean-input rows) once the call has succeeded. The call's row order puts the
+/// clean-input rows (problem by problem) first, then the samples (problem-major; not the
+/// order of a draw's inputs, where the clean rows come last), whatever thread solves them.
 /// The call keeps those the pool did not
 /// hold when it began, each once, the `capacity` that occur last in the call's row order
 /// (by their last occurrences: the others could not stay), and adds them in that order by
@@ -190,10 +190,11 @@ unsafe fn pool_loss(
         let pred = unsafe { slice(pred_cost, len, "pred_cost") }?;
         let target = unsafe { slice(target, len, loss_kind.target_name()) }?;
         if batch == 0 {
-            op.pool_loss_rows(loss_kind, rows_of(op, 0), &[], &[])?; // (the pool checked)
+            op.pool_loss_rows(loss_kind, rows_of(op, 0), &[], &[], false)?; // (the pool checked)
             return Ok(());
         }
-        let (l, g) = op.pool_loss_rows(loss_kind, rows_of(op, batch), pred, target)?;
+        let (l, g) =
+            op.pool_loss_rows(loss_kind, rows_of(op, batch), pred, target, !grad.is_null())?;
         write(op, &outputs, (l, g, PoolAddition::none()))
     })
 }
@@ -220,7 +221,8 @@ unsafe fn pool_loss(
 /// @param grad       Receives `batch * input_numel` floats; may be NULL. `loss` and `grad`
 ///                   may overlap the inputs, not each other.
 /// @return `PERT_STATUS_INVALID_ARGUMENT` (no pool, an empty pool, output shape differs
-///         from input shape, sizes overflow, a result beyond float32's range),
+///         from input shape, sizes overflow, a loss, or a gradient asked for, beyond
+///         float32's range),
 ///         `PERT_STATUS_NULL_ARGUMENT`, `PERT_STATUS_NON_FINITE_INPUT`, and the statuses of
 ///         `pert_op_solve`. On error nothing is written.
 #[no_mangle]

@@ -14,11 +14,11 @@ use std::ffi::{c_char, c_void, CStr};
 /// @param inputs     `count * input_numel` floats, row-major `[count, *input_shape]`,
 ///                   host memory, valid only during the call; read-only (unperturbed
 ///                   rows, of the clean-input baseline and of `pert_op_solve`, may be
-///                   the caller's own theta or x, read in place). Finite, but for
-///                   theta so near float32's limit that theta + sigma Z (or its
-///                   multiplicative form) overflows it: such a sample's entries are
-///                   +-inf (a call whose loss or objective such a sample reaches then
-///                   fails with `PERT_STATUS_INVALID_ARGUMENT`).
+///                   the caller's own theta or x, read in place). Finite, but where
+///                   theta + sigma Z (or theta exp(sigma Z - sigma^2 / 2)) overflows
+///                   float32 (theta or sigma near its limit): such entries are +-inf (a
+///                   call whose loss or objective such a sample reaches then fails with
+///                   `PERT_STATUS_INVALID_ARGUMENT`).
 /// @param count      Number of problems in this call (at least 1): consecutive perturbed
 ///                   problems of the call (rows of one or of several problems, see
 ///                   `pert_solve_info`), or of the unperturbed batch (the clean-input

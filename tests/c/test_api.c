@@ -107,6 +107,13 @@ static bool config_rejects_bad_values(void) {
   return true;
 }
 
+/* A one-hot solver whose one is 3e38: its means fit in float32, sums of them do not. */
+static int32_t solve_huge(void *user_data, const float *x, size_t count, float *y) {
+  (void)user_data, (void)x;
+  for (size_t r = 0; r < count; r++) y[3 * r] = 3e38f, y[3 * r + 1] = 0, y[3 * r + 2] = 0;
+  return 0;
+}
+
 /* PERT_STATUS_OK means numbers: results beyond float32's range from finite inputs are
  * refused with nothing written (theta near its limit, whose sums of samples overflow it;
  * a sigma small enough for the Jacobian's 1/sigma to), and results that stay in range at
@@ -121,8 +128,9 @@ static bool results_beyond_float32_are_refused(void) {
   pert_config_set_sigma(c, 1.0);
   pert_op *op = NULL;
   CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_argmax, &d3, &op));
-  /* 3e37 is in range, 16 samples of it summed are not */
-  const float theta[3] = {3e37f, 1, -1}, y_true[3] = {1, 0, 0};
+  /* 3e38 is in range, sums of its samples are not (the float32 partial sums the header
+   * speaks of: any two of them) */
+  const float theta[3] = {3e38f, 1, -1}, y_true[3] = {1, 0, 0};
   float y[3] = {-7, -7, -7}, value = -7, loss = -7, grad[3] = {-7, -7, -7};
   pert_tape *tape = NULL;
   CHECK_OK(pert_forward(op, theta, 1, y, &tape));
@@ -134,6 +142,13 @@ static bool results_beyond_float32_are_refused(void) {
   CHECK(last_error_contains("would be"));
   CHECK(loss == -7 && grad[0] == -7 && grad[1] == -7 && grad[2] == -7);
   pert_tape_free(tape);
+  pert_op_free(op);
+  /* solutions whose float32 sums overflow: the forward's mean is refused too */
+  CHECK_OK(pert_op_new(c, shape, 1, shape, 1, solve_huge, NULL, &op));
+  y[0] = -7;
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_forward(op, theta, 1, y, NULL));
+  CHECK(last_error_contains("output[0] would be inf"));
+  CHECK(y[0] == -7);
   pert_op_free(op);
   /* the smallest sigma: 1 / (N sigma) is 5e36; a cotangent of 1e30 takes the plain
    * estimator's VJP beyond float32's range, while the clean-input baseline's stays 0 (every

@@ -341,6 +341,35 @@ static bool a_call_adds_its_clean_rows_first(void) {
   return true;
 }
 
+/* A pool loss whose gradient alone is beyond float32's range: refused when the gradient is
+ * asked for, the loss returned when grad is NULL. */
+static bool a_pool_loss_without_its_gradient(void) {
+  const int64_t shape[1] = {2};
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  CHECK_OK(pert_config_set_linear_objective(c, true));
+  CHECK_OK(pert_config_set_solve_ratio(c, 1e-300)); /* nothing solved: the pool as it is */
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new(c, shape, 1, shape, 1, argmax2, NULL, &op));
+  pert_config_free(c);
+  pert_pool *pool = NULL;
+  CHECK_OK(pert_pool_new(shape, 1, 1, &pool));
+  const float member[2] = {-3e38f, 0}, pred[2] = {0, 0}, true_sol[2] = {3e38f, 0};
+  CHECK_OK(pert_pool_add(pool, member, 1));
+  CHECK_OK(pert_op_set_pool(op, pool));
+  /* maximizing: loss = -(<0, w*> - <0, w>) = 0, grad = -(w* - w) = (-6e38, 0) */
+  float loss = -7, grad[2] = {-7, -7};
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_nce(op, pred, true_sol, 1, &loss, grad));
+  CHECK(last_error_contains("the NCE gradient is"));
+  CHECK(loss == -7 && grad[0] == -7 && grad[1] == -7);
+  CHECK_OK(pert_nce(op, pred, true_sol, 1, &loss, NULL));
+  CHECK(loss == 0);
+  pert_pool_free(pool);
+  pert_op_free(op);
+  return true;
+}
+
 static bool bad_arguments_are_refused(void) {
   pert_config *c = NULL;
   CHECK_OK(pert_config_new(&c));
@@ -563,6 +592,7 @@ int main(void) {
       TEST(pool_shared_by_threads),
       TEST(pool_losses_by_hand),
       TEST(a_call_adds_its_clean_rows_first),
+      TEST(a_pool_loss_without_its_gradient),
       TEST(bad_arguments_are_refused),
       TEST(warm_starts_get_the_pools_best),
       TEST(a_child_forked_while_threads_use_a_pool_can_use_it),

@@ -147,7 +147,8 @@ static int32_t init_ftz(void *user_data, uint32_t worker) {
 }
 
 /* y and the VJP of an op made by `make` (kind 0: plain, 1: device solver, 2: with workers
- * whose init switches FTZ on; ftz: the solver switches it on) on denormal theta. */
+ * whose init switches FTZ on; ftz: the solver switches it on) on denormal theta (the VJP:
+ * of theta just above them). */
 static bool run_denormal(int kind, bool ftz, uint32_t threads, float *y, float *vjp) {
   pert_config *c = config(64, threads, 0);
   CHECK(c != NULL);
@@ -161,14 +162,18 @@ static bool run_denormal(int kind, bool ftz, uint32_t threads, float *y, float *
     CHECK_OK(pert_op_new_device(c, shape, 1, shape, 1, ftz ? device_argmax_then_ftz : device_argmax, &fd_size, &op));
   else
     CHECK_OK(pert_op_new_ex(c, shape, 1, shape, 1, solve_ex_argmax, &fd_size, ftz ? init_ftz : NULL, NULL, &op));
-  /* just above float32's least normal: many perturbed inputs theta exp(sigma Z - sigma^2/2)
-   * are denormal, while the multiplicative Jacobian's 1/theta stays within float32 (a
-   * denormal theta takes it beyond, which the library refuses) */
-  const float theta[2 * FD] = {2e-38f, 3e-38f, -2e-38f, 2.5e-38f, 4e-38f, 1.5e-38f, 3.5e-38f, -3e-38f};
+  /* y of denormal theta (the clean rows and many perturbed inputs denormal); the VJP of
+   * theta just above float32's least normal, whose perturbed inputs theta exp(sigma Z -
+   * sigma^2/2) are often denormal too, while the multiplicative Jacobian's 1/theta stays
+   * within float32 (a denormal theta takes it beyond, which the library refuses) */
+  const float theta[2 * FD] = {1e-39f, 2e-39f, -1e-39f, 1.5e-39f, 3e-39f, 1e-40f, 2.5e-39f, -2e-39f};
+  const float theta_normal[2 * FD] = {2e-38f, 3e-38f, -2e-38f, 2.5e-38f, 4e-38f, 1.5e-38f, 3.5e-38f, -3e-38f};
   const float g[2 * FD] = {1, -2, 0.5f, 3, -1, 2, 1, 0.25f};
   pert_tape *tape = NULL;
   unsigned before = _mm_getcsr();
-  CHECK_OK(pert_forward(op, theta, 2, y, &tape));
+  CHECK_OK(pert_forward(op, theta, 2, y, NULL));
+  float y_normal[2 * FD];
+  CHECK_OK(pert_forward(op, theta_normal, 2, y_normal, &tape));
   CHECK_OK(pert_tape_vjp(tape, g, vjp));
   /* the caller's thread keeps its own settings (the sticky exception flags aside, which
    * any arithmetic sets) */
