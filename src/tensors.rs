@@ -227,6 +227,16 @@ pub(crate) unsafe fn with_view_and<T: tch::kind::Element, R>(
 mod tests {
     use super::*;
 
+    /// The room a solver writes is NaN everywhere, for every length (Miri checks the fill).
+    #[test]
+    fn nan_room_is_nan_everywhere() {
+        for n in [0, 1, 3, 16, 17, 100] {
+            let room = nan_room(n, "test").unwrap();
+            assert_eq!(room.len(), n);
+            assert!(room.iter().all(|v| v.is_nan()), "n {n}");
+        }
+    }
+
     #[test]
     fn a_view_never_outlives_its_call() {
         let values = vec![1.0f32, 2.0, 3.0, 4.0];
