@@ -21,13 +21,17 @@ batch dimensions.
 
 Gradients: an upstream gradient (or a forward-mode tangent) holding NaN or an infinity,
 as after a GradScaler overflow, gives NaN in the problems it touches, with no exception.
-`torch.func.grad`, `vjp`, `jvp`, `jacrev`, `jacfwd` and `vmap` work (the op is applied
-once to the whole vmapped batch); the derivative of a gradient (double backward,
-hessian) raises a clear error: the tape holds a Jacobian estimate, not its derivative.
-`torch.compile(fullgraph=True)` traces models using these functions and modules without
-a graph break, for built-ins and every kind of solver: under compilation they call the
-custom ops `perturbations::forward`, `perturbations::perturbed` (with
-`perturbations::tape_vjp` for backward) and `perturbations::fenchel_young`.
+`torch.func.grad`, `vjp`, `jvp`, `jacrev`, `jacfwd` and `vmap` work with `perturbed`,
+`fenchel_young` and their modules, nested too (`vmap(jacrev(f))` gives each problem's
+Jacobian; the op is applied once to the whole vmapped batch); the derivative of a
+gradient (double backward, hessian) raises a clear error: the tape holds a Jacobian
+estimate, not its derivative. `torch.compile(fullgraph=True)` traces models using
+`perturbed`, `fenchel_young` and their modules without a graph break, for built-ins and
+every kind of solver: under compilation they call the custom ops
+`perturbations::forward`, `perturbations::perturbed` (with `perturbations::tape_vjp` for
+backward) and `perturbations::fenchel_young`. The decision-focused methods and the pool
+losses run in eager mode (under torch.compile they break the graph; torch.func
+transforms do not apply to them).
 """
 
 import math
@@ -108,8 +112,10 @@ def _product(tape, which, v):
     rows = v.reshape((math.prod(lead), tape.batch, math.prod(inner))).to(torch.float32)
     finite = torch.isfinite(rows).all(dim=2)
     clean = torch.where(finite.unsqueeze(2), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-    out = torch.stack([fn(r.reshape((tape.batch,) + tuple(inner))) for r in clean.unbind(0)])
-    out = out.reshape((rows.shape[0], tape.batch, -1)).to(device=v.device, dtype=v.dtype)
+    parts = [torch.as_tensor(fn(r.reshape((tape.batch,) + tuple(inner)))) for r in clean.unbind(0)]
+    size = (rows.shape[0], tape.batch, math.prod(outer))
+    out = torch.stack(parts).reshape(size) if parts else torch.zeros(size)  # (none: jacrev of no output)
+    out = out.to(device=v.device, dtype=v.dtype)
     if not bool(finite.all()):
         out = torch.where(finite.unsqueeze(2), out, torch.full((), math.nan, dtype=out.dtype, device=out.device))
     return out.reshape(lead + tape.batch_shape + tuple(outer))
@@ -131,11 +137,11 @@ class _TapeProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(v, theta, tape, which):
-        return _product(tape, which, v)
+        return _product(tape, _kind(which), v)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.theta, ctx.tape, ctx.which = inputs[1], inputs[2], inputs[3]
+        ctx.theta, ctx.tape, ctx.which = inputs[1], inputs[2], _kind(inputs[3])
 
     @staticmethod
     def backward(ctx, u):
@@ -152,9 +158,27 @@ class _TapeProduct(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, v, theta, tape, which):
-        # theta only carries the dependence on it (it is not read): passed on as it is
-        v = v.movedim(in_dims[0], 0) if in_dims[0] is not None else v.expand((info.batch_size,) + tuple(v.shape))
-        return _TapeProduct.apply(v, theta, tape, which), 0
+        # Levels are unwrapped innermost first. A level that batches theta made the tape
+        # (its problems are the tape's leading batch dimension): its dimension goes right
+        # after the leading dimensions of the levels unwrapped before it (jacrev's basis
+        # inside vmap, say), which _product reads as several cotangents per problem; a level
+        # that does not batch theta adds such a leading dimension, in front. (theta only
+        # carries the dependence on it, it is not read: passed on as it is.)
+        kind, lead = which if isinstance(which, tuple) else (which, 0)
+        if in_dims[1] is None:
+            v = v.movedim(in_dims[0], 0)  # (v is batched here: theta is not)
+            return _TapeProduct.apply(v, theta, tape, (kind, lead + 1)), 0
+        if in_dims[0] is None:
+            v = v.unsqueeze(lead).expand(v.shape[:lead] + (info.batch_size,) + v.shape[lead:])
+        else:
+            v = v.movedim(in_dims[0], lead)
+        return _TapeProduct.apply(v, theta, tape, (kind, lead)), lead
+
+
+def _kind(which):
+    """"vjp" or "jvp" of _TapeProduct's `which` (with its count of leading dimensions
+    under vmap, see _TapeProduct.vmap)."""
+    return which[0] if isinstance(which, tuple) else which
 
 
 def _vjp(ctx, grad_y):

@@ -94,6 +94,35 @@ def test_torch_func_grad_vmap_jacrev_and_a_clear_error_for_second_derivatives():
     assert torch.equal(th.grad, -torch.ones(2, 5))
 
 
+def test_per_problem_jacobians_under_vmap_are_each_problems_own():
+    # vmap(jacrev(f)) / vmap(jacfwd(f)): the standard per-sample Jacobian, one call over the
+    # vmapped batch; a batch as large as the output (5 problems of 5) cannot pass for
+    # another layout, and the batch of 3 and the nested vmap check the layouts too
+    for batch in (5, 3):
+        theta = torch.linspace(-1, 1, batch * 5).reshape(batch, 5).cos()
+        _, tape = twin_tape(theta)
+        dense = torch.as_tensor(tape.jacobian())  # [batch, 5, 5]
+        f = lambda th: ptt.perturbed(pt.Op.builtin(cfg(), "argmax", 5), th)  # noqa: E731
+        for transform in (torch.func.jacrev, torch.func.jacfwd):
+            jac = torch.func.vmap(transform(f))(theta)
+            assert jac.shape == (batch, 5, 5)
+            assert torch.allclose(jac, dense, atol=1e-6), (batch, transform.__name__)
+        # vmap of a vjp with a cotangent per problem
+        g = torch.linspace(-2, 2, batch * 5).reshape(batch, 5)
+
+        def one(th, gg):
+            _, back = torch.func.vjp(f, th)
+            return back(gg)[0]
+        assert torch.allclose(torch.func.vmap(one)(theta, g), torch.as_tensor(tape.vjp(g)), atol=1e-6)
+        # two vmapped dimensions: the call sees [2, batch] problems
+        grid = torch.stack([theta, theta])
+        _, grid_tape = twin_tape(grid)
+        nested = torch.func.vmap(torch.func.vmap(torch.func.jacrev(f)))(grid)
+        assert torch.allclose(nested, torch.as_tensor(grid_tape.jacobian()), atol=1e-6)
+    # no problem: an empty Jacobian, as torch's own functions give
+    assert torch.func.jacrev(f)(torch.zeros(0, 5)).shape == (0, 5, 0, 5)
+
+
 def test_a_non_finite_upstream_gradient_comes_out_non_finite_without_an_exception():
     op = pt.Op.builtin(cfg(), "argmax", 5)
     theta = torch.tensor(THETA, requires_grad=True)
