@@ -32,9 +32,14 @@ __all__ = ["spo_plus", "blackbox", "negative_identity", "perturbation_gradient",
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_op(op):
+def _check_op(op, method=None):
     if not isinstance(op, Op):
         raise TypeError(f"op must be a perturbations.Op, got {type(op).__name__}")
+    if method is not None and tuple(op.output_shape) != tuple(op.input_shape):
+        # (checked before the forward: DBB's and NID's backward would fail only then)
+        raise InvalidArgumentError(2, f"{method} needs output_shape == input_shape (a linear objective "
+                                      f"<theta, y>), got output {list(op.output_shape)} and input "
+                                      f"{list(op.input_shape)}")
 
 
 def _check_reduction(reduction):
@@ -103,7 +108,7 @@ def spo_plus(op: Op, pred_cost, true_cost, true_sol, true_obj, reduction: str = 
     per problem, at 2 pred_cost - true_cost; the gradient in pred_cost is 2 (true_sol -
     y*(2 pred_cost - true_cost)) minimizing, 2 (y*(2 pred_cost - true_cost) - true_sol)
     maximizing. The op's output shape must equal its input shape."""
-    _check_op(op)
+    _check_op(op, "SPO+")
     _check_reduction(reduction)
     loss = _loss(lambda o, p, c, w, z: o.spo_plus(p, c, w, z), op, pred_cost, true_cost, true_sol, true_obj)
     return _reduce(loss, reduction)
@@ -159,14 +164,14 @@ def blackbox(op: Op, theta, lambd) -> torch.Tensor:
     backward solves once per problem at theta + s lambd g and returns
     s (y*(theta + s lambd g) - y*(theta)) / lambd, s = +1 minimizing, -1 maximizing
     (PyEPO's blackboxOpt). lambd > 0 (PyEPO recommends 10 to 20, in the units of theta)."""
-    _check_op(op)
+    _check_op(op, "the black-box gradient (DBB)")
     return _solve_layer(op, theta, _check_step(lambd, "lambd"))
 
 
 def negative_identity(op: Op, theta) -> torch.Tensor:
     """y*(theta), differentiable by the negative identity (NID, Sahoo et al. 2023): backward
     returns -g minimizing, g maximizing (PyEPO's negativeIdentity); no solve in backward."""
-    _check_op(op)
+    _check_op(op, "the negative identity (NID)")
     return _solve_layer(op, theta, None)
 
 

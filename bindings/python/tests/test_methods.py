@@ -199,6 +199,14 @@ def test_methods_refuse_bad_arguments():
     scalar = pt.Op(pt.Config(device="cpu"), D, (), lambda x: x.sum(-1))
     with pytest.raises(pt.InvalidArgumentError, match="needs output_shape == input_shape"):
         ptt.spo_plus(scalar, pred, cost, sol, obj)
+    # DBB and NID refuse such an op in their forward (their backward would need it), and
+    # SPO+ before it looks at true_sol's shape
+    half = pt.Op(pt.Config(device="cpu"), D, D // 2, lambda x: x[..., : D // 2])
+    theta = pred.clone().requires_grad_(True)
+    for method in (lambda: ptt.blackbox(half, theta, 10.0), lambda: ptt.negative_identity(half, theta),
+                   lambda: ptt.spo_plus(half, pred, cost, sol[..., : D // 2], obj)):
+        with pytest.raises(pt.InvalidArgumentError, match="needs output_shape == input_shape"):
+            method()
 
     def failing(x):
         raise KeyError("no path")
