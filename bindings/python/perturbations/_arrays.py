@@ -25,9 +25,10 @@ def as_host(x, what):
     if torch is not None and isinstance(x, torch.Tensor):
         if _functorch_wrapped(torch, x):
             raise InvalidArgumentError(2, f"{what} is a tensor of a torch.func transform (vmap, grad, jvp): "
-                                          "the Op's own methods take plain tensors; use "
-                                          "perturbations.torch.perturbed / fenchel_young (or the modules "
-                                          "Perturbed / FenchelYoungLoss), which support the transforms")
+                                          "the Op's own methods, the decision-focused methods (spo_plus, "
+                                          "blackbox, ...) and the pool losses take plain tensors; "
+                                          "perturbations.torch.perturbed / fenchel_young (and the modules "
+                                          "Perturbed / FenchelYoungLoss) support the transforms")
         device = x.device
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
         x = x.detach()
