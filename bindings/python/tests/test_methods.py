@@ -285,3 +285,11 @@ def test_aimle_module_keeps_and_adapts_its_state():
     # no gradient asked: a plain forward call
     with torch.no_grad():
         assert not ptt.imle(op, theta, 1.0).requires_grad
+    # no problem, with or without a gradient asked: an empty result (as the other methods)
+    empty = torch.zeros(0, D, requires_grad=True)
+    for layer_of in (lambda t: ptt.imle(op, t, 1.0), lambda t: ptt.aimle(op, t)):
+        y = layer_of(empty)
+        assert y.shape == (0, D) and y.requires_grad
+        y.sum().backward()
+        assert empty.grad.shape == (0, D)
+        assert layer_of(empty.detach()).shape == (0, D)
