@@ -123,7 +123,7 @@ def perturbation_gradient(op: Op, pred_cost, true_cost, sigma, two_sided: bool =
     backward differences; reduced by `reduction`. Two solves per problem; the gradient in
     pred_cost is s (w+ - w-) / (2 sigma) (two-sided) or s (w - w-) / sigma, s = +1
     minimizing, -1 maximizing."""
-    _check_op(op)
+    _check_op(op, "the perturbation gradient (PG)")
     _check_reduction(reduction)
     sigma = _check_step(sigma, "sigma")
     two_sided = bool(two_sided)
@@ -214,7 +214,7 @@ def imle(op: Op, theta, lambd, two_sided: bool = False) -> torch.Tensor:
     difference when two_sided. lambd > 0. With a pool (`Op.set_pool`) and solve_ratio < 1,
     each of those samples is answered from the pool with probability 1 - solve_ratio, as
     PyEPO's `solve_ratio` does."""
-    _check_op(op)
+    _check_op(op, "I-MLE")
     return _imle_layer(op, theta, _check_step(lambd, "lambd"), two_sided, None)
 
 
@@ -223,7 +223,7 @@ def aimle(op: Op, theta, two_sided: bool = False, state: AimleState = None) -> t
     adaptiveImplicitMLE): lambda = state.alpha |theta| / |g|, and `state` (an AimleState,
     updated by each backward pass) adapts alpha. Pass the same state at every step (the
     module AIMLE keeps one); None starts from a fresh one each call (no adaptation)."""
-    _check_op(op)
+    _check_op(op, "AI-MLE")
     if state is None:
         state = AimleState()
     elif not isinstance(state, AimleState):
@@ -237,7 +237,7 @@ class SPOPlusLoss(torch.nn.Module):
 
     def __init__(self, op: Op, reduction: str = "mean"):
         super().__init__()
-        _check_op(op)
+        _check_op(op, "SPO+")
         _check_reduction(reduction)
         self.op, self.reduction = op, reduction
 
@@ -254,7 +254,7 @@ class PerturbationGradientLoss(torch.nn.Module):
 
     def __init__(self, op: Op, sigma: float = 0.1, two_sided: bool = True, reduction: str = "mean"):
         super().__init__()
-        _check_op(op)
+        _check_op(op, "the perturbation gradient (PG)")
         _check_reduction(reduction)
         self.op, self.sigma, self.two_sided = op, _check_step(sigma, "sigma"), bool(two_sided)
         self.reduction = reduction
@@ -273,7 +273,7 @@ class BlackBox(torch.nn.Module):
 
     def __init__(self, op: Op, lambd: float = 10.0):
         super().__init__()
-        _check_op(op)
+        _check_op(op, "the black-box gradient (DBB)")
         self.op, self.lambd = op, _check_step(lambd, "lambd")
 
     def forward(self, theta):
@@ -308,7 +308,7 @@ class IMLE(torch.nn.Module):
 
     def __init__(self, op: Op, lambd: float = 10.0, two_sided: bool = False):
         super().__init__()
-        _check_op(op)
+        _check_op(op, "I-MLE")
         self.op, self.lambd, self.two_sided = op, _check_step(lambd, "lambd"), bool(two_sided)
 
     def forward(self, theta):
@@ -324,7 +324,7 @@ class AIMLE(torch.nn.Module):
 
     def __init__(self, op: Op, two_sided: bool = False):
         super().__init__()
-        _check_op(op)
+        _check_op(op, "AI-MLE")
         self.op, self.two_sided, self.state = op, bool(two_sided), AimleState()
 
     def forward(self, theta):

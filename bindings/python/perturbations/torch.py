@@ -23,7 +23,8 @@ Gradients: an upstream gradient (or a forward-mode tangent) holding NaN or an in
 as after a GradScaler overflow, gives NaN in the problems it touches, with no exception.
 `torch.func.grad`, `vjp`, `jvp`, `jacrev`, `jacfwd` and `vmap` work with `perturbed`,
 `fenchel_young` and their modules, nested too (`vmap(jacrev(f))` gives each problem's
-Jacobian; the op is applied once to the whole vmapped batch); the derivative of a
+Jacobian; the op is applied once to the whole vmapped batch, once per chunk with a
+chunk_size); the derivative of a
 gradient (double backward, hessian) raises a clear error: the tape holds a Jacobian
 estimate, not its derivative. `torch.compile(fullgraph=True)` traces models using
 `perturbed`, `fenchel_young` and their modules without a graph break, for built-ins and
@@ -112,7 +113,7 @@ def _product(tape, which, v):
     rows = v.reshape((math.prod(lead), tape.batch, math.prod(inner))).to(torch.float32)
     finite = torch.isfinite(rows).all(dim=2)
     clean = torch.where(finite.unsqueeze(2), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-    parts = [torch.as_tensor(fn(r.reshape((tape.batch,) + tuple(inner)))) for r in clean.unbind(0)]
+    parts = [fn(r.reshape((tape.batch,) + tuple(inner))) for r in clean.unbind(0)]
     size = (rows.shape[0], tape.batch, math.prod(outer))
     out = torch.stack(parts).reshape(size) if parts else torch.zeros(size)  # (none: jacrev of no output)
     out = out.to(device=v.device, dtype=v.dtype)
@@ -141,14 +142,20 @@ class _TapeProduct(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.theta, ctx.tape, ctx.which = inputs[1], inputs[2], _kind(inputs[3])
+        # (`which` with its count of leading dimensions: a product taken under a cotangent
+        # vmap keeps it in its own derivatives; tangents not given stay None, so that a
+        # derivative in v alone is not mistaken for one in theta)
+        ctx.theta, ctx.tape, ctx.which = inputs[1], inputs[2], inputs[3]
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, u):
         if ctx.needs_input_grad[1]:
             raise _no_second_derivative()
-        g = _TapeProduct.apply(u, ctx.theta, ctx.tape, _OTHER[ctx.which]) if ctx.needs_input_grad[0] else None
-        return g, None, None, None
+        if u is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        kind, lead = ctx.which if isinstance(ctx.which, tuple) else (ctx.which, 0)
+        return _TapeProduct.apply(u, ctx.theta, ctx.tape, (_OTHER[kind], lead)), None, None, None
 
     @staticmethod
     def jvp(ctx, v_t, theta_t, _tape, _which):
@@ -257,7 +264,7 @@ class _Frozen(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.set_materialize_grads(False)  # (a tangent in grad alone leaves theta's None)
 
     @staticmethod
     def backward(ctx, u):

@@ -207,6 +207,13 @@ def test_methods_refuse_bad_arguments():
                    lambda: ptt.spo_plus(half, pred, cost, sol[..., : D // 2], obj)):
         with pytest.raises(pt.InvalidArgumentError, match="needs output_shape == input_shape"):
             method()
+    # I-MLE and AI-MLE too (an empty batch included), and the modules when they are made
+    empty = torch.zeros(0, D, requires_grad=True)
+    for method in (lambda: ptt.imle(half, empty, 1.0), lambda: ptt.aimle(half, empty),
+                   lambda: ptt.BlackBox(half), lambda: ptt.SPOPlusLoss(half), lambda: ptt.IMLE(half),
+                   lambda: ptt.AIMLE(half), lambda: ptt.PerturbationGradientLoss(half)):
+        with pytest.raises(pt.InvalidArgumentError, match="needs output_shape == input_shape"):
+            method()
 
     def failing(x):
         raise KeyError("no path")

@@ -119,6 +119,20 @@ def test_per_problem_jacobians_under_vmap_are_each_problems_own():
         _, grid_tape = twin_tape(grid)
         nested = torch.func.vmap(torch.func.vmap(torch.func.jacrev(f)))(grid)
         assert torch.allclose(nested, torch.as_tensor(grid_tape.jacobian()), atol=1e-6)
+    # derivatives in the cotangent alone, under a vmap over the problems: the VJP is linear
+    # in v, its Jacobian in v is J^T per problem (by reverse and by forward mode)
+    theta = torch.linspace(-1, 1, 15).reshape(3, 5).cos()
+    _, tape = twin_tape(theta)
+    dense = torch.as_tensor(tape.jacobian())
+    cotangents = torch.linspace(-1, 1, 20).reshape(4, 5)
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        def per(th):
+            _, back = torch.func.vjp(f, th)
+            return transform(lambda vs: torch.func.vmap(lambda v: back(v)[0])(vs))(cotangents)
+        got = torch.func.vmap(per)(theta)  # [3 problems, 4, 5, 4, 5]
+        for r in range(4):
+            assert torch.allclose(got[:, r, :, r, :], dense.transpose(1, 2), atol=1e-6), transform.__name__
+            assert got[:, r, :, (r + 1) % 4, :].abs().max() == 0
     # no problem: an empty Jacobian, as torch's own functions give
     assert torch.func.jacrev(f)(torch.zeros(0, 5)).shape == (0, 5, 0, 5)
 
