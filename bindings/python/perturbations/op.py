@@ -1001,9 +1001,11 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
             box["error"] = e
         finally:
             op._errors.clear()
+            # the turn first: the caller, once it sees the call finished, may raise and
+            # its caller take the turn at once (an exception that waited for the call)
+            lock.release()
             box["finished"] = keep is not None  # (keep referenced until the call has ended)
             done.release()
-            lock.release()
 
     _thread.start_new_thread(run, ())
     pending = None
