@@ -126,8 +126,8 @@ def _(theta, y_true, op, site):
 
 
 def _fy_setup(ctx, inputs, output):
-    theta, _, op, _ = inputs
-    ctx.save_for_backward(output[1], theta)
+    theta, y_true, op, _ = inputs
+    ctx.save_for_backward(output[1], theta, y_true)
     ctx.sign = -1.0 if _op(op).sense == "maximize" else 1.0
     ctx.inner = len(_op(op).input_shape)
 

@@ -285,9 +285,10 @@ class _Frozen(torch.autograd.Function):
 
 
 def _fy_backward(ctx, grad_loss):
-    grad, theta = ctx.saved_tensors
+    grad, theta, y_true = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph (or a torch.func transform): see _Frozen
-        grad = _Frozen.apply(grad, theta)
+        # the gradient's own derivative in y_true is sign I (exact; the added term is 0)
+        grad = _Frozen.apply(grad, theta) + ctx.sign * (y_true - y_true.detach())
     per = grad_loss.reshape(grad_loss.shape + (1,) * ctx.inner)
     g_theta = grad * per if ctx.needs_input_grad[0] else None
     g_y = ctx.sign * theta * per if ctx.needs_input_grad[1] else None
@@ -300,7 +301,7 @@ class _PlainFenchelYoung(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, y_true, op):
         loss, grad = op.fenchel_young(theta.detach(), y_true.detach())
-        ctx.save_for_backward(grad, theta)
+        ctx.save_for_backward(grad, theta, y_true)
         ctx.sign = -1.0 if op.sense == "maximize" else 1.0
         ctx.inner = len(op.input_shape)
         return loss
@@ -320,8 +321,8 @@ class _FenchelYoung(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         theta, y_true, op = inputs
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1], theta)
-        ctx.save_for_forward(output[1], theta)
+        ctx.save_for_backward(output[1], theta, y_true)
+        ctx.save_for_forward(output[1], theta, y_true)
         ctx.sign = -1.0 if op.sense == "maximize" else 1.0
         ctx.inner = len(op.input_shape)
 
@@ -331,7 +332,7 @@ class _FenchelYoung(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, theta_t, y_t, _):
-        grad, theta = ctx.saved_tensors
+        grad, theta, _ = ctx.saved_tensors
         dims = tuple(range(-ctx.inner, 0))
         t = torch.zeros(grad.shape[:grad.dim() - ctx.inner], dtype=grad.dtype, device=grad.device)
         if theta_t is not None:

@@ -92,6 +92,18 @@ def test_torch_func_grad_vmap_jacrev_and_a_clear_error_for_second_derivatives():
     (gy,) = torch.autograd.grad(ptt.fenchel_young(op, th, yt, reduction="sum"), yt, create_graph=True)
     gy.sum().backward()
     assert torch.equal(th.grad, -torch.ones(2, 5))
+    # and the gradient in theta (y_sigma - y_true, maximizing) has derivative -I in y_true,
+    # by reverse and forward mode, and in eager mode with create_graph
+    def grad_theta(yy):
+        return torch.func.grad(lambda t: ptt.fenchel_young(op, t, yy, reduction="sum"))(theta)
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        jac = transform(grad_theta)(y_true)  # [2, 5, 2, 5]
+        assert torch.equal(jac.reshape(10, 10), -torch.eye(10)), transform.__name__
+    yt = y_true.clone().requires_grad_(True)
+    th = theta.clone().requires_grad_(True)
+    (gt,) = torch.autograd.grad(ptt.fenchel_young(op, th, yt, reduction="sum"), th, create_graph=True)
+    (gyt,) = torch.autograd.grad((gt * torch.arange(10.0).reshape(2, 5)).sum(), yt)
+    assert torch.equal(gyt, -torch.arange(10.0).reshape(2, 5))
 
 
 def test_per_problem_jacobians_under_vmap_are_each_problems_own():
