@@ -4,6 +4,7 @@ its gradient through perturbations.torch); the solver is told global rows; a Pyt
 solver's exception on rank 2 fails root's call naming the rank and the exception."""
 
 import sys
+import time
 
 import numpy as np
 import torch
@@ -22,8 +23,13 @@ def make_solver(worker):
         rows = info.first_row + np.arange(len(x))
         problems = rows if info.clean else rows // info.num_samples
         assert np.all(np.abs(x[:, 0] - (100 + 10 * problems)) < 5), "not the global rows"
-        if comm.rank == 2 and np.any(x[:, 1] == -777):
-            raise ValueError("poisoned on rank 2")
+        if np.any(x[:, 1] == -777):
+            if comm.rank == 2:
+                raise ValueError("poisoned on rank 2")
+            # the other ranks take their time with such rows, so that rank 2 asks for some
+            # too however the machine's load spreads the blocks (without it, ranks 0 and 1
+            # could solve them all before rank 2 asked: no failure to check)
+            time.sleep(0.2)
         y = np.zeros_like(x)
         y[np.arange(len(x)), 1 + np.argmax(x[:, 1:], axis=1)] = 1
         return y
