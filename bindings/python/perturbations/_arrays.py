@@ -53,6 +53,51 @@ def as_host(x, what):
     return host, (lambda r: r.astype(dtype))
 
 
+def _plain_tensor(torch, x):
+    """x detached when the library can read and write it where it is: a strided CPU float32
+    tensor, C-contiguous at an aligned address, that no torch.func transform wraps; else
+    None."""
+    if (x.dtype is not torch.float32 or x.device.type != "cpu" or x.layout is not torch.strided
+            or _functorch_wrapped(torch, x) or not x.is_contiguous()):
+        return None
+    try:
+        if x.data_ptr() % 4:
+            return None
+    except RuntimeError:  # (a tensor without storage: as_host says what it is)
+        return None
+    return x.detach()
+
+
+def _same(r):
+    return r
+
+
+def _tensor_room(shape):
+    return sys.modules["torch"].empty(shape, dtype=sys.modules["torch"].float32)
+
+
+def _array_room(shape):
+    return np.empty(shape, dtype=np.float32)
+
+
+def host_rows(x, inner, what):
+    """(batch_shape, rows, back, room) for x of shape [*batch_shape, *inner]: rows holds x's
+    values as float32 [batch, *inner], C-contiguous on the host; room(shape) makes a
+    float32 result of the same kind as rows, and back(r) turns such a result into the
+    caller's kind (as_host's). A contiguous CPU float32 tensor is used as it is: rows is a
+    view of it, results are tensors made by room, and back gives them as they are (no
+    numpy array in between)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        t = _plain_tensor(torch, x)
+        if t is not None:
+            batch_shape, flat = split_batch(t, inner, what)
+            return batch_shape, flat, _same, _tensor_room
+    a, back = as_host(x, what)
+    batch_shape, flat = split_batch(a, inner, what)
+    return batch_shape, np.ascontiguousarray(flat), back, _array_room
+
+
 def split_batch(a, inner, what):
     """(batch_shape, a viewed as [batch, *inner]) for a of shape [*batch_shape, *inner]."""
     k = len(inner)
@@ -74,6 +119,17 @@ def shape_of(shape, what):
     if any(s != t for s, t in zip(out, shape)):
         raise InvalidArgumentError(2, f"{what} must hold ints, got {shape!r}")
     return out
+
+
+def address(x):
+    """The address of a numpy array's or a tensor's data, for the library's pointer
+    arguments (None when empty); anything else as it is."""
+    if isinstance(x, np.ndarray):
+        return ptr(x)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.data_ptr() if x.numel() else None
+    return x
 
 
 def ptr(a):

@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 
 from . import _native
-from ._arrays import as_host, ptr, shape_of, split_batch
+from ._arrays import _array_room, address, as_host, host_rows, ptr, shape_of, split_batch
 from ._native import P, lib
 from .config import Config, choice
 from .errors import Error, InvalidArgumentError, SenseWarning, SolverFailedError, _check, _last_error
@@ -137,23 +137,22 @@ class Tape(_Handle):
 
     _free = staticmethod(lambda h: lib.pert_tape_free(h))
 
-    def __init__(self, handle, input_shape, output_shape, batch_shape, back):
+    def __init__(self, handle, input_shape, output_shape, batch_shape, back, room=_array_room):
         super().__init__(handle)
         self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
         self.batch_shape = tuple(batch_shape)
         self.batch = math.prod(self.batch_shape)
-        self._back = back
+        self._back, self._room = back, room
 
     def _run(self, fn, arg, in_shape, out_shape, what):
-        a, back = as_host(arg, what)
-        flat = (self.batch,) + tuple(in_shape)
-        if a.shape not in (self.batch_shape + tuple(in_shape), flat):
+        lead, a, back, room = host_rows(arg, in_shape, what)
+        if lead not in (self.batch_shape, (self.batch,)):
             raise InvalidArgumentError(2, f"{what} must have shape {list(self.batch_shape + tuple(in_shape))}, "
-                                          f"got {list(a.shape)}")
-        out = np.empty((self.batch,) + tuple(out_shape), dtype=np.float32)
+                                          f"got {list(lead + tuple(in_shape))}")
+        out = room((self.batch,) + tuple(out_shape))
         with self._lock:
-            _check(fn(self.handle, ptr(a), ptr(out)))
-        return back(out.reshape(a.shape[:len(a.shape) - len(in_shape)] + tuple(out_shape)))
+            _check(fn(self.handle, address(a), address(out)))
+        return back(out.reshape(lead + tuple(out_shape)))
 
     def vjp(self, grad_output):
         """Jᵀg per problem: grad_output [*batch_shape, *output_shape] -> [*batch_shape, *input_shape]."""
@@ -166,16 +165,16 @@ class Tape(_Handle):
     def jacobian(self):
         """The Jacobian estimates, [*batch_shape, output_numel, input_numel]."""
         o, d = math.prod(self.output_shape), math.prod(self.input_shape)
-        out = np.empty((self.batch, o, d), dtype=np.float32)
+        out = self._room((self.batch, o, d))
         with self._lock:
-            _check(lib.pert_tape_jacobian(self.handle, ptr(out)))
+            _check(lib.pert_tape_jacobian(self.handle, address(out)))
         return self._back(out.reshape(self.batch_shape + (o, d)))
 
     def objective(self):
         """F_sigma(theta) per problem, [*batch_shape] (output shape = input shape)."""
-        out = np.empty((self.batch,), dtype=np.float32)
+        out = self._room((self.batch,))
         with self._lock:
-            _check(lib.pert_tape_objective(self.handle, ptr(out)))
+            _check(lib.pert_tape_objective(self.handle, address(out)))
         return self._back(out.reshape(self.batch_shape))
 
 
@@ -633,7 +632,7 @@ class Op(_Handle):
         self._rekey_if_forked()
         if getattr(self._owner, "value", False) or _solving(self._errors):
             raise RuntimeError("a solver cannot call its own op (the op runs one call at a time)")
-        raw = tuple(ptr(x) if isinstance(x, np.ndarray) else x for x in args)
+        raw = tuple(address(x) for x in args)
         lock = self._lock
         # who gives the turn back after a long call: whichever of this thread (when it leaves
         # before the helper began) and the helper (when it begins) takes `claim` first; the
@@ -709,8 +708,8 @@ class Op(_Handle):
 
     def forward(self, theta):
         """y_sigma(theta) for theta [*batch, *input_shape]: [*batch, *output_shape]."""
-        batch_shape, a, back = self._theta(theta)
-        out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
+        batch_shape, a, back, room = host_rows(theta, self.input_shape, "theta")
+        out = room((a.shape[0],) + self.output_shape)
         self._call(lib.pert_forward, a, a.shape[0], out, None, work=self._work(a))
         return back(out.reshape(batch_shape + self.output_shape))
 
@@ -917,14 +916,23 @@ class Op(_Handle):
 
     def forward_with_tape(self, theta):
         """y_sigma(theta) and the Tape of the call."""
-        batch_shape, a, back = self._theta(theta)
-        out = np.empty((a.shape[0],) + self.output_shape, dtype=np.float32)
+        batch_shape, a, back, room = host_rows(theta, self.input_shape, "theta")
+        out = room((a.shape[0],) + self.output_shape)
         t = P()
         self._call(lib.pert_forward, a, a.shape[0], out, ctypes.byref(t), work=self._work(a))
         return back(out.reshape(batch_shape + self.output_shape)), \
-            Tape(t, self.input_shape, self.output_shape, batch_shape, back)
+            Tape(t, self.input_shape, self.output_shape, batch_shape, back, room)
 
     def _targets(self, y_true, full_shape):
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(y_true, torch.Tensor) and y_true.dim() <= len(full_shape):
+            try:  # (a tensor that broadcasts: the copy below when it is not plain already)
+                y = y_true.detach().expand(full_shape)
+            except RuntimeError:
+                pass
+            else:
+                _, rows, _, _ = host_rows(y if y.is_contiguous() else y.contiguous(), (), "y_true")
+                return rows.reshape(full_shape)
         y, _ = as_host(y_true, "y_true")
         try:
             return np.ascontiguousarray(np.broadcast_to(y, full_shape))
@@ -937,11 +945,11 @@ class Op(_Handle):
         broadcasts to theta's shape), and its gradient with respect to theta
         (y_sigma(theta) - y_true when maximizing, the negation when minimizing), from one
         call's draws."""
-        batch_shape, a, back = self._theta(theta)
+        batch_shape, a, back, room = host_rows(theta, self.input_shape, "theta")
         y = self._targets(y_true, batch_shape + self.input_shape).reshape(a.shape)
-        loss = np.empty((a.shape[0],), dtype=np.float32)
-        grad = np.empty(a.shape, dtype=np.float32)
-        bound = np.empty((a.shape[0],), dtype=np.float32)
+        loss = room((a.shape[0],))
+        grad = room(a.shape)
+        bound = room((a.shape[0],))
         self._call(lib.pert_fenchel_young_with_bound, a, y, a.shape[0], loss, grad, bound,
                    work=self._work(a))
         _check_sense(loss, bound, self.sense, True)
@@ -965,6 +973,7 @@ def _check_sense(loss, bound, sense, solved_by_op):
     below = loss < bound
     if not below.any():
         return
+    loss, bound, below = np.asarray(loss), np.asarray(bound), np.asarray(below)
     other = "minimize" if sense == "maximize" else "maximize"
     exact = "an exact solver" if solved_by_op else "optimal solutions"
     cause = "the solver is not exact" if solved_by_op else "the solutions are not optimal"
@@ -1116,8 +1125,8 @@ class Draw(_Handle):
             loss = np.empty((self.batch,), dtype=np.float32)
             grad = np.empty(full, dtype=np.float32)
             bound = np.empty((self.batch,), dtype=np.float32)
-            _check(lib.pert_draw_fenchel_young_with_bound(self.handle, ptr(s), ptr(y), ptr(loss), ptr(grad),
-                                                          ptr(bound)))
+            _check(lib.pert_draw_fenchel_young_with_bound(self.handle, address(s), address(y), address(loss),
+                                                          address(grad), address(bound)))
         _check_sense(loss, bound, self.op.sense, False)
         return self._back(loss.reshape(self.batch_shape)), \
             self._back(grad.reshape(self.batch_shape + self.op.input_shape))

@@ -57,3 +57,43 @@ def test_torch_retained_graphs_and_integer_inputs():
     assert torch.equal(g1, g2)
     out = op.forward(torch.tensor([[0, 3, 1, 2, 0]]))
     assert out.dtype == torch.float32 and float(out.sum()) == pytest.approx(1.0)
+
+
+def test_plain_cpu_float32_tensors_are_read_and_written_in_place_with_the_same_numbers():
+    # a contiguous CPU float32 tensor goes to the library as it is (no numpy array in
+    # between); its results must be the numpy path's, bit for bit, and float32 tensors
+    # whatever torch's default dtype; an odd address or a broadcast target still works
+    def ops():
+        cfg = pt.Config(num_samples=64, sigma=SIGMA, seed=11, device="cpu")
+        return pt.Op.builtin(cfg, "argmax", (5,)), pt.Op.builtin(cfg, "argmax", (5,))
+
+    op, twin = ops()
+    g = np.array([[1.0, -1.0, 0.5, 0.0, 2.0], [0.0, 1.0, 0.0, -0.5, 0.0]], dtype=np.float32)
+    y_np, tape_np = twin.forward_with_tape(THETA)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y, tape = op.forward_with_tape(torch.from_numpy(THETA.copy()))
+        vjp, jac, obj = tape.vjp(torch.from_numpy(g)), tape.jacobian(), tape.objective()
+        jvp = tape.jvp(torch.from_numpy(g))
+    finally:
+        torch.set_default_dtype(before)
+    for got, want in ((y, y_np), (vjp, tape_np.vjp(g)), (jac, tape_np.jacobian()), (obj, tape_np.objective()),
+                      (jvp, tape_np.jvp(g))):
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+        assert np.array_equal(got.numpy(), want)
+    # a float32 tensor at an address that is not a multiple of 4 (copied first)
+    raw = bytearray(THETA.size * 4 + 1)
+    buf = np.frombuffer(raw, dtype=np.uint8)[1:].view(np.float32).reshape(THETA.shape)
+    buf[...] = THETA
+    odd = torch.from_numpy(buf)
+    assert odd.data_ptr() % 4 != 0
+    op, twin = ops()
+    assert torch.equal(op.forward(odd), torch.from_numpy(twin.forward(THETA)))
+    # the Fenchel-Young loss with a target that broadcasts, tensors against numpy
+    op, twin = ops()
+    target = torch.eye(5)[1]
+    loss, grad = op.fenchel_young(torch.from_numpy(THETA.copy()), target)
+    loss_np, grad_np = twin.fenchel_young(THETA, np.eye(5, dtype=np.float32)[[1, 1]])
+    assert loss.dtype == torch.float32 and np.array_equal(loss.numpy(), loss_np)
+    assert np.array_equal(grad.numpy(), grad_np)
