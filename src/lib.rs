@@ -5,6 +5,12 @@
 //! N perturbed samples, with a Monte-Carlo Jacobian kept on a [`Tape`]. The safe API here
 //! knows nothing of C; the C API (`pert_*`, see `include/perturbations.h`) is a thin layer
 //! in [`ffi`].
+//!
+//! Inputs are checked here as the C API checks them (shapes, finiteness, sizes). The
+//! results of forward calls, tapes and the Fenchel-Young loss are returned as computed, as
+//! libtorch's own operations return theirs: a result beyond float32's range is ±inf in its
+//! tensor, where the C layer refuses it (`PERT_STATUS_INVALID_ARGUMENT`) before writing
+//! anything. The decision-focused methods ([`methods`]) check their results here.
 
 // The fault-injection build of `make check-deep` (nightly, `--cfg pert_fault_injection`):
 // a failed allocation panics (caught at the C boundary) instead of aborting, so that the

@@ -349,3 +349,17 @@ fn solve_is_the_plain_solver_and_draws_no_noise() {
         Status::InvalidArgument
     );
 }
+
+/// The contract the crate's docs state: inputs are checked, but a result beyond float32's
+/// range (here the objective ⟨θ + σZ, y⟩ of a θ near `f32::MAX`) is ±inf in its tensor,
+/// as libtorch's own operations give it (the C layer refuses it: tests/c/test_api.c).
+#[test]
+fn a_result_beyond_float32_is_inf_in_its_tensor() {
+    let mut c = config(1);
+    c.set_num_samples(16).unwrap();
+    let op = PerturbedOp::new(&c, &[5], &[5], argmax).unwrap();
+    let big = Tensor::from_slice(&[3e38f32, 3e38, 3e38, 3e38, 3e38]).reshape([1, 5]);
+    let (_, tape) = op.forward_with_tape(&big).unwrap();
+    let objective = f32::try_from(tape.objective().unwrap().sum(Kind::Float)).unwrap();
+    assert!(objective.is_infinite(), "{objective}");
+}
