@@ -31,7 +31,7 @@ def as_host(x, what):
                                           "Perturbed / FenchelYoungLoss) support the transforms")
         device = x.device
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-        x = x.detach()
+        x = x.detach().resolve_neg()  # (a negative view's values, not its memory's)
         if dtype == torch.float32 and device.type == "cpu":
             # the common case: the tensor's own memory (or a contiguous copy), no conversion back
             host = (x if x.is_contiguous() else x.contiguous()).numpy()
@@ -55,10 +55,10 @@ def as_host(x, what):
 
 def _plain_tensor(torch, x):
     """x detached when the library can read and write it where it is: a strided CPU float32
-    tensor, C-contiguous at an aligned address, that no torch.func transform wraps; else
-    None."""
+    tensor, C-contiguous at an aligned address, that no torch.func transform wraps and
+    that is not a negative view (torch._neg_view: its memory holds -x); else None."""
     if (x.dtype is not torch.float32 or x.device.type != "cpu" or x.layout is not torch.strided
-            or _functorch_wrapped(torch, x) or not x.is_contiguous()):
+            or _functorch_wrapped(torch, x) or x.is_neg() or not x.is_contiguous()):
         return None
     try:
         if x.data_ptr() % 4:

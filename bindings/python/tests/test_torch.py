@@ -90,6 +90,9 @@ def test_plain_cpu_float32_tensors_are_read_and_written_in_place_with_the_same_n
     assert odd.data_ptr() % 4 != 0
     op, twin = ops()
     assert torch.equal(op.forward(odd), torch.from_numpy(twin.forward(THETA)))
+    # a negative view (its memory holds -theta) gives theta's results, not its memory's
+    op, twin = ops()
+    assert torch.equal(op.forward(torch._neg_view(torch.from_numpy(-THETA))), torch.from_numpy(twin.forward(THETA)))
     # the Fenchel-Young loss with a target that broadcasts, tensors against numpy
     op, twin = ops()
     target = torch.eye(5)[1]
