@@ -29,10 +29,12 @@ def as_host(x, what):
                                           "blackbox, ...) and the pool losses take plain tensors; "
                                           "perturbations.torch.perturbed / fenchel_young (and the modules "
                                           "Perturbed / FenchelYoungLoss) support the transforms")
+        if x.dtype.is_complex:
+            raise InvalidArgumentError(2, f"{what} must hold real numbers, got a tensor of {x.dtype}")
         device = x.device
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
         x = x.detach().resolve_neg()  # (a negative view's values, not its memory's)
-        if dtype == torch.float32 and device.type == "cpu":
+        if x.dtype == torch.float32 and device.type == "cpu":
             # the common case: the tensor's own memory (or a contiguous copy), no conversion back
             host = (x if x.is_contiguous() else x.contiguous()).numpy()
             if host.ctypes.data % 4 == 0:

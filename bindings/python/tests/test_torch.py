@@ -100,3 +100,34 @@ def test_plain_cpu_float32_tensors_are_read_and_written_in_place_with_the_same_n
     loss_np, grad_np = twin.fenchel_young(THETA, np.eye(5, dtype=np.float32)[[1, 1]])
     assert loss.dtype == torch.float32 and np.array_equal(loss.numpy(), loss_np)
     assert np.array_equal(grad.numpy(), grad_np)
+
+
+def test_integer_and_boolean_tensors_are_converted_not_read_as_float_bytes():
+    # one-hot solutions kept as long or bool tensors, and integer costs, are common in
+    # decision-focused code: their values, not their bytes, reach the library
+    import perturbations.torch as ptt
+
+    def argmin_rows(x):
+        return np.eye(x.shape[1], dtype=np.float32)[np.argmin(x, axis=1)]
+
+    def op(**kw):
+        cfg = pt.Config(num_samples=8, sigma=1e-3, device="cpu", sense="minimize", linear_objective=True, **kw)
+        return pt.Op(cfg, 5, 5, argmin_rows)
+
+    cost = torch.tensor([[3.0, 1.0, 2.0, 5.0, 4.0], [2.0, 4.0, 1.0, 3.0, 5.0]])
+    sol = torch.from_numpy(argmin_rows(cost.numpy()))
+    obj = (cost * sol).sum(1)
+    for kind in (torch.long, torch.int32, torch.bool, torch.uint8):
+        assert torch.equal(ptt.spo_plus(op(), cost, cost, sol.to(kind), obj, "none"), torch.zeros(2)), kind
+        assert torch.equal(op().solve(cost.to(kind) if kind is not torch.bool else sol.bool()),
+                           sol if kind is not torch.bool else torch.from_numpy(argmin_rows(sol.numpy()))), kind
+    y = ptt.perturbed(op(), cost.long())
+    assert y.dtype == torch.float32 and torch.equal(y, sol)
+    with_long, with_float = op(), op()
+    for o, members in ((with_long, torch.eye(5).long()), (with_float, torch.eye(5))):
+        pool = pt.Pool(5, 10)
+        pool.add(members)
+        o.set_pool(pool)
+    assert torch.equal(ptt.nce(with_long, cost, sol.long(), "none"), ptt.nce(with_float, cost, sol, "none"))
+    with pytest.raises(pt.InvalidArgumentError, match="real numbers"):
+        op().solve(cost.to(torch.complex64))
