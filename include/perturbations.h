@@ -718,7 +718,10 @@ pert_status pert_config_set_antithetic(struct pert_config *config, bool antithet
 
 /*
  Says whether the solver maximizes (`PERT_SENSE_MAXIMIZE`, default) or minimizes
- (`PERT_SENSE_MINIMIZE`) <theta, y>; this sets the sign of the Fenchel-Young loss.
+ (`PERT_SENSE_MINIMIZE`) <theta, y>. This sets the sign of the Fenchel-Young loss and
+ of its sense bound, the signs of the decision-focused methods and the pool losses
+ (PyEPO's per sense), and which pool member is a sample's best. The built-in solvers
+ maximize: `pert_op_new_builtin` refuses a config that says minimize.
 
  @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
  */
@@ -1222,8 +1225,12 @@ pert_status pert_op_new_device(const struct pert_config *config,
  @param k            For top-k: 1 <= k <= the last dimension; ignored otherwise.
  @param input_shape  `input_rank` >= 1 dimensions, each >= 1.
  @param out          Receives the op on success; untouched on error.
- @return `PERT_STATUS_INVALID_ARGUMENT` for an unknown builtin, a bad k, rank 0, and the
-         errors of `pert_op_new`.
+ The built-ins maximize <theta, y> (top-k: the k largest entries; ranks: the largest
+ entry ranked highest): the config's sense must be `PERT_SENSE_MAXIMIZE` (to minimize,
+ negate theta, or give a solver callback).
+
+ @return `PERT_STATUS_INVALID_ARGUMENT` for an unknown builtin, a bad k, rank 0, a
+         config whose sense is `PERT_SENSE_MINIMIZE`, and the errors of `pert_op_new`.
  */
 pert_status pert_op_new_builtin(const struct pert_config *config,
                                 uint32_t builtin,
@@ -1424,7 +1431,7 @@ void pert_pool_free(struct pert_pool *pool);
  probability 1 - solve_ratio (`pert_config_set_solve_ratio`,
  decided by the op's own random stream: the same for any number of threads): by the
  pool's solution y of best <x, y> for the sample's input x in the op's sense
- (maximizing for the built-ins; the oldest of equals). The other samples are solved.
+ (the oldest of equals). The other samples are solved.
  The solver's solutions join the pool: a forward or Fenchel-Young call's (samples and
  clean-input rows) once the call has succeeded. The call's row order puts the
  clean-input rows (problem by problem) first, then the samples (problem-major; not the
@@ -1475,7 +1482,7 @@ pert_status pert_op_solver_calls(const struct pert_op *op, uint64_t *rows);
  The noise-contrastive estimation loss (NCE, Mulamba et al. 2021) of predicted costs
  against true solutions w*, over the op's solution pool P (`pert_op_set_pool`), and its
  gradient with respect to the predicted costs, per problem, as PyEPO's `NCE` (s = +1 for
- `PERT_SENSE_MINIMIZE`, -1 for `PERT_SENSE_MAXIMIZE`; maximize for the built-ins):
+ `PERT_SENSE_MINIMIZE`, -1 for `PERT_SENSE_MAXIMIZE`):
  loss = mean over w in P of s (<pred_cost, w*> - <pred_cost, w>),
  grad = s (w* - mean over w in P of w).
 

@@ -144,6 +144,12 @@ impl PerturbedOp {
         input_shape: &[i64],
     ) -> Result<PerturbedOp> {
         builtin.check(input_shape)?;
+        if config.sense() != crate::settings::Sense::Maximize {
+            return Err(Error::invalid(
+                "the built-in solvers maximize <theta, y> (argmax, top-k, ranks of the largest): an op over one \
+                 needs sense maximize (to minimize, negate theta, or give a solver callback)",
+            ));
+        }
         PerturbedOp::with_solver(
             config,
             input_shape,
@@ -208,7 +214,7 @@ impl PerturbedOp {
     /// calls, and I-MLE's perturbed samples (its forward's, and those its VJPs move by
     /// ±λ·grad_output), then answer each perturbed sample from the pool with probability
     /// 1 − solve_ratio (see [`Config::set_solve_ratio`]): the pool member y of best
-    /// ⟨x, y⟩ for the sample's input x in the op's sense (maximizing for the built-ins),
+    /// ⟨x, y⟩ for the sample's input x in the op's sense,
     /// which is y*(x) itself whenever
     /// the pool holds it; the other samples are solved. The solver's solutions join the
     /// pool: a forward or Fenchel-Young call's once the call has succeeded (those new to
@@ -269,13 +275,10 @@ impl PerturbedOp {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The sense of the objective ⟨x, y⟩ the solver optimizes: the config's, or maximize
-    /// for the built-ins (whatever the config says).
+    /// The sense of the objective ⟨x, y⟩ the solver optimizes: the config's (a built-in's
+    /// op is made only with maximize, the built-ins' sense).
     pub(crate) fn objective_sense(&self) -> crate::settings::Sense {
-        match self.solver {
-            SolverKind::Builtin(_) => crate::settings::Sense::Maximize,
-            _ => self.config().sense(),
-        }
+        self.config().sense()
     }
 
     /// Whether this call of a pool-based loss solves its batch first: with probability

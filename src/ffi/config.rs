@@ -386,7 +386,10 @@ pub unsafe extern "C" fn pert_config_set_antithetic(
 }
 
 /// Says whether the solver maximizes (`PERT_SENSE_MAXIMIZE`, default) or minimizes
-/// (`PERT_SENSE_MINIMIZE`) <theta, y>; this sets the sign of the Fenchel-Young loss.
+/// (`PERT_SENSE_MINIMIZE`) <theta, y>. This sets the sign of the Fenchel-Young loss and
+/// of its sense bound, the signs of the decision-focused methods and the pool losses
+/// (PyEPO's per sense), and which pool member is a sample's best. The built-in solvers
+/// maximize: `pert_op_new_builtin` refuses a config that says minimize.
 ///
 /// @return `PERT_STATUS_INVALID_ARGUMENT` for any other number.
 #[no_mangle]

@@ -300,8 +300,12 @@ pub const PERT_BUILTIN_RANKS: u32 = 2;
 /// @param k            For top-k: 1 <= k <= the last dimension; ignored otherwise.
 /// @param input_shape  `input_rank` >= 1 dimensions, each >= 1.
 /// @param out          Receives the op on success; untouched on error.
-/// @return `PERT_STATUS_INVALID_ARGUMENT` for an unknown builtin, a bad k, rank 0, and the
-///         errors of `pert_op_new`.
+/// The built-ins maximize <theta, y> (top-k: the k largest entries; ranks: the largest
+/// entry ranked highest): the config's sense must be `PERT_SENSE_MAXIMIZE` (to minimize,
+/// negate theta, or give a solver callback).
+///
+/// @return `PERT_STATUS_INVALID_ARGUMENT` for an unknown builtin, a bad k, rank 0, a
+///         config whose sense is `PERT_SENSE_MINIMIZE`, and the errors of `pert_op_new`.
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_new_builtin(
     config: *const pert_config,

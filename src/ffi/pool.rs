@@ -116,7 +116,7 @@ pub unsafe extern "C" fn pert_pool_free(pool: *mut pert_pool) {
 /// probability 1 - solve_ratio (`pert_config_set_solve_ratio`,
 /// decided by the op's own random stream: the same for any number of threads): by the
 /// pool's solution y of best <x, y> for the sample's input x in the op's sense
-/// (maximizing for the built-ins; the oldest of equals). The other samples are solved.
+/// (the oldest of equals). The other samples are solved.
 /// The solver's solutions join the pool: a forward or Fenchel-Young call's (samples and
 /// clean-input rows) once the call has succeeded. The call's row order puts the
 /// clean-input rows (problem by problem) first, then the samples (problem-major; not the
@@ -202,7 +202,7 @@ unsafe fn pool_loss(
 /// The noise-contrastive estimation loss (NCE, Mulamba et al. 2021) of predicted costs
 /// against true solutions w*, over the op's solution pool P (`pert_op_set_pool`), and its
 /// gradient with respect to the predicted costs, per problem, as PyEPO's `NCE` (s = +1 for
-/// `PERT_SENSE_MINIMIZE`, -1 for `PERT_SENSE_MAXIMIZE`; maximize for the built-ins):
+/// `PERT_SENSE_MINIMIZE`, -1 for `PERT_SENSE_MAXIMIZE`):
 /// loss = mean over w in P of s (<pred_cost, w*> - <pred_cost, w>),
 /// grad = s (w* - mean over w in P of w).
 ///

@@ -419,8 +419,31 @@ static bool imle_by_its_formula(void) {
   return true;
 }
 
+/* The built-ins maximize <theta, y>: an op over one with the minimize sense would give
+ * SPO+ and PG the minimizing formulas over a maximizing solver (the negated loss, silently)
+ * and disagree with the pool losses: refused when made, nothing written. */
+static bool a_builtin_op_needs_the_maximize_sense(void) {
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  pert_config_set_device(c, "cpu");
+  CHECK_OK(pert_config_set_sense(c, PERT_SENSE_MINIMIZE));
+  const uint32_t builtins[3] = {PERT_BUILTIN_ARGMAX, PERT_BUILTIN_TOPK, PERT_BUILTIN_RANKS};
+  for (int i = 0; i < 3; i++) {
+    pert_op *op = (pert_op *)&D3;
+    CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_op_new_builtin(c, builtins[i], 2, SHAPE3, 1, &op));
+    CHECK(op == (pert_op *)&D3 && last_error_contains("built-in solvers maximize"));
+  }
+  CHECK_OK(pert_config_set_sense(c, PERT_SENSE_MAXIMIZE));
+  pert_op *op = NULL;
+  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_TOPK, 2, SHAPE3, 1, &op));
+  pert_op_free(op);
+  pert_config_free(c);
+  return true;
+}
+
 int main(void) {
   const test_case tests[] = {
+      TEST(a_builtin_op_needs_the_maximize_sense),
       TEST(spo_plus_by_hand),
       TEST(blackbox_and_negative_identity_by_hand),
       TEST(perturbation_gradient_by_hand),

@@ -52,7 +52,16 @@ int main() {
   for (auto sense : {pert::Sense::Maximize, pert::Sense::Minimize}) {
     pert::Config c = config();
     c.sense(sense);
-    pert::Op fy_op = pert::Op::builtin(c, pert::Builtin::Argmax, {3});
+    // (the built-ins maximize: a callback for each sense)
+    pert::Op fy_op(c, {3}, {3}, [sense](const float* x, std::size_t count, float* out) {
+      float s = sense == pert::Sense::Maximize ? 1.0f : -1.0f;
+      for (std::size_t r = 0; r < count; r++) {
+        int best = 0;
+        for (int i = 1; i < 3; i++)
+          if (s * x[3 * r + i] > s * x[3 * r + best]) best = i;
+        for (int i = 0; i < 3; i++) out[3 * r + i] = i == best ? 1.0f : 0.0f;
+      }
+    });
     auto th = theta.detach().clone().requires_grad_(true);
     auto target = y_true.clone().requires_grad_(true);
     auto l = pert::autograd::fenchel_young(fy_op, th, target);

@@ -489,7 +489,9 @@ class Op(_Handle):
     @classmethod
     def builtin(cls, config, which, input_shape, k=0):
         """A built-in solver along the last dimension: "argmax", "topk" (with k) or "ranks".
-        The output shape is the input shape."""
+        The output shape is the input shape. The built-ins maximize <theta, y>: the config's
+        sense must be "maximize" (InvalidArgumentError otherwise; to minimize, negate theta
+        or give a solver)."""
         shape = shape_of(input_shape, "input_shape")
         code, _ = choice(BUILTIN, which, "builtin")
         op = cls.__new__(cls)

@@ -39,7 +39,9 @@ def test_torch_no_tape_without_grad_and_fenchel_young_gradients():
         y = ptt.perturbed(op, torch.tensor(THETA, requires_grad=True))
     assert not y.requires_grad
     for sense, sign in (("maximize", -1.0), ("minimize", 1.0)):
-        fy = pt.Op.builtin(pt.Config(num_samples=200, sigma=SIGMA, device="cpu", sense=sense), "argmax", (5,))
+        best = np.argmin if sense == "minimize" else np.argmax
+        fy = pt.Op(pt.Config(num_samples=200, sigma=SIGMA, device="cpu", sense=sense), 5, 5,
+                   lambda x, best=best: np.eye(5, dtype=np.float32)[best(x, axis=1)])
         theta = torch.tensor(THETA, requires_grad=True)
         target = torch.eye(5)[[1, 3]].requires_grad_(True)
         (ptt.fenchel_young(fy, theta, target) * torch.tensor([1.0, 2.0])).sum().backward()
@@ -131,3 +133,13 @@ def test_integer_and_boolean_tensors_are_converted_not_read_as_float_bytes():
     assert torch.equal(ptt.nce(with_long, cost, sol.long(), "none"), ptt.nce(with_float, cost, sol, "none"))
     with pytest.raises(pt.InvalidArgumentError, match="real numbers"):
         op().solve(cost.to(torch.complex64))
+
+
+def test_a_builtin_op_refuses_the_minimize_sense():
+    # the built-ins maximize: a minimizing op over one would give SPO+ and PG the wrong
+    # sign and disagree with the pool losses, silently
+    with pytest.raises(pt.InvalidArgumentError, match="built-in solvers maximize"):
+        pt.Op.builtin(pt.Config(sense="minimize", device="cpu"), "argmax", 5)
+    with pytest.raises(pt.InvalidArgumentError, match="sense maximize"):
+        pt.Op.builtin(pt.Config(sense="minimize", device="cpu"), "topk", 5, k=2)
+    pt.Op.builtin(pt.Config(sense="maximize", device="cpu"), "ranks", 5).close()
