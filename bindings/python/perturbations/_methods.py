@@ -14,14 +14,18 @@ reduced by `reduction`; DBB and NID return the solutions y*(theta).
 Gradients: SPO+ and PG give their gradient with the loss (no solve in backward); DBB
 solves once more per problem in backward; NID does not. The losses of SPO+ and PG are
 piecewise linear in the predicted costs, so their second derivative is 0 where it exists;
-DBB and NID are differentiable once (a second derivative through them raises).
+DBB and NID are differentiable once (a second derivative through them raises). An
+upstream gradient holding NaN or an infinity (a GradScaler overflow) gives no exception:
+NID returns -g or g as it is; DBB, I-MLE and AI-MLE give NaN in the problems it touches
+(AI-MLE's state is then left as it was); SPO+, PG and the pool losses multiply their
+gradient by it.
 """
 
 import math
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NonFiniteInputError
 from .op import AimleState, Op
 
 __all__ = ["spo_plus", "blackbox", "negative_identity", "perturbation_gradient", "imle", "aimle",
@@ -131,6 +135,23 @@ def perturbation_gradient(op: Op, pred_cost, true_cost, sigma, two_sided: bool =
     return _reduce(loss, reduction)
 
 
+def _tolerant_vjp(vjp, grad_y, inner):
+    """vjp(grad_y) as PyTorch gives a gradient from a non-finite one (a GradScaler
+    overflow): the problems whose grad_y holds NaN or an infinity (or a float64 beyond
+    float32's range) get NaN, with no exception; the others their own gradient, from the
+    call on grad_y with those problems' rows zeroed."""
+    try:
+        return vjp(grad_y)
+    except NonFiniteInputError:
+        pass  # (the library checks finiteness: only then is a pass made here)
+    lead = grad_y.shape[:grad_y.dim() - inner]
+    bad = ~torch.isfinite(grad_y.to(torch.float32).reshape(lead + (-1,))).all(dim=-1)
+    bad = bad.reshape(lead + (1,) * inner)
+    clean = torch.where(bad, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device), grad_y)
+    out = vjp(clean)
+    return torch.where(bad, torch.full((), math.nan, dtype=out.dtype, device=out.device), out)
+
+
 class _Solve(torch.autograd.Function):
     """y*(theta) forward; backward by DBB (lambd > 0) or NID (lambd None)."""
 
@@ -146,9 +167,13 @@ class _Solve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         theta, y = ctx.saved_tensors
+        op, inner = ctx.op, len(ctx.op.input_shape)
         if ctx.lambd is None:
-            return ctx.op.negative_identity_vjp(grad_y), None, None
-        return ctx.op.blackbox_vjp(theta, y, grad_y, ctx.lambd), None, None
+            try:
+                return op.negative_identity_vjp(grad_y), None, None
+            except NonFiniteInputError:  # -g or g exactly, as PyEPO gives it
+                return (-grad_y if op.sense == "minimize" else grad_y.clone()), None, None
+        return _tolerant_vjp(lambda g: op.blackbox_vjp(theta, y, g, ctx.lambd), grad_y, inner), None, None
 
 
 def _solve_layer(op, theta, lambd):
@@ -188,11 +213,19 @@ class _Imle(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        op, record = ctx.op, ctx.record
+        op, record, inner = ctx.op, ctx.record, len(ctx.op.input_shape)
         if ctx.state is None:
-            grad = op.imle_vjp(record, grad_y, ctx.lambd, ctx.two_sided)
+            grad = _tolerant_vjp(lambda g: op.imle_vjp(record, g, ctx.lambd, ctx.two_sided), grad_y, inner)
         else:
-            grad = op.aimle_vjp(record, grad_y, ctx.state, ctx.two_sided)
+            state = ctx.state
+
+            def vjp(g):
+                if g is not grad_y:  # (a non-finite grad_y: the state is left as it was)
+                    return op.aimle_vjp(record, g, AimleState(state.alpha, state.grad_norm_avg, state.step),
+                                        ctx.two_sided)
+                return op.aimle_vjp(record, g, state, ctx.two_sided)
+
+            grad = _tolerant_vjp(vjp, grad_y, inner)
         return grad, None, None, None, None
 
 

@@ -621,8 +621,8 @@ class Op(_Handle):
             self._pid = self._keyed_pid = os.getpid()
 
     def _call(self, fn, *args, work=0, pace=True):
-        """Runs fn(handle, *args) as this op's turn (numpy arrays in args are passed as
-        their addresses, and kept alive until the call has ended); `work` is the call's
+        """Runs fn(handle, *args) as this op's turn (numpy arrays and tensors in args are
+        passed as their addresses, and kept alive until the call has ended); `work` is the call's
         perturbed problems (batch x num_samples), for the choice below. Raises the
         solver's exception or the library's error. A call of a built-in expected to take
         long (from this op's earlier calls and its size) and every call of per-worker

@@ -300,3 +300,38 @@ def test_aimle_module_keeps_and_adapts_its_state():
         y.sum().backward()
         assert empty.grad.shape == (0, D)
         assert layer_of(empty.detach()).shape == (0, D)
+
+
+
+@pytest.mark.parametrize("sense", ["minimize", "maximize"])
+def test_a_non_finite_upstream_gradient_gives_nan_not_an_exception(sense):
+    # as after a GradScaler overflow: the problems the bad gradient touches get NaN (NID:
+    # -g or g itself), the others their own gradient; AI-MLE's state is left as it was
+    import math
+
+    def op():
+        cfg = pt.Config(sense=sense, device="cpu", noise="sum_of_gamma", num_samples=8, seed=3)
+        return pt.Op(cfg, 4, 4, lambda x: one_hot_best(x, sense))
+
+    theta = torch.tensor([[0.3, -0.2, 0.9, 0.1], [0.5, 0.4, -1.0, 0.0], [0.2, 0.1, 0.0, 0.3]])
+    w = torch.tensor([[1.0, 2.0, 0.5, -1.0], [math.inf, 0.0, 1.0, 0.0], [0.0, math.nan, 0.0, 1.0]])
+    clean = w.clone()
+    clean[1:] = 0.0  # (the rows of the problems the bad values touch, zeroed)
+    s = 1.0 if sense == "minimize" else -1.0
+    for name in ("DBB", "I-MLE", "AI-MLE", "NID"):
+        states = [pt.AimleState(), pt.AimleState()]
+        grads = []
+        for k, upstream in enumerate((w, clean)):
+            o, t = op(), theta.clone().requires_grad_(True)
+            y = {"DBB": lambda: ptt.blackbox(o, t, 2.0), "I-MLE": lambda: ptt.imle(o, t, 2.0),
+                 "AI-MLE": lambda: ptt.aimle(o, t, state=states[k]), "NID": lambda: ptt.negative_identity(o, t)}[name]()
+            (y * upstream).sum().backward()
+            grads.append(t.grad)
+        if name == "NID":
+            assert torch.allclose(grads[0], -s * w, rtol=0, atol=0, equal_nan=True), name
+            continue
+        assert torch.isnan(grads[0][1:]).all(), name
+        assert torch.isfinite(grads[1]).all() and torch.equal(grads[0][0], grads[1][0]), name
+        if name == "AI-MLE":
+            assert (states[0].alpha, states[0].grad_norm_avg, states[0].step) == (1.0, 1.0, 1e-3)
+            assert states[1].grad_norm_avg != 1.0
