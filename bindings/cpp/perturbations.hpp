@@ -807,6 +807,10 @@ class Op {
 
   std::size_t checked(View theta, std::size_t batch, const char* name = "theta") const {
     if (!handle_) throw detail::error(PERT_STATUS_NULL_ARGUMENT, "the op was moved from or closed");
+    std::size_t widest = std::max(input_numel(), output_numel());
+    if (widest != 0 && batch > SIZE_MAX / widest)  // (the results' rooms are made before the call)
+      throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "batch " + std::to_string(batch) + " times " +
+                                                        std::to_string(widest) + " floats a problem overflows size_t");
     if (theta.size != batch * input_numel())
       throw detail::error(PERT_STATUS_INVALID_ARGUMENT, std::string(name) + " must hold batch * input_numel = " +
                                                         std::to_string(batch * input_numel()) + " floats, got " +

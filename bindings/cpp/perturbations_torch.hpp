@@ -59,6 +59,15 @@ inline const Tape& kept(const ::torch::Tensor& holder) {
   return *static_cast<const Tape*>(holder.storage().data_ptr().get());
 }
 
+/// INVALID_ARGUMENT unless `t` has `like`'s shape (the library's buffers are flat: a
+/// transposed target of the same size would be read in the wrong order).
+inline void same_shape(const ::torch::Tensor& t, const ::torch::Tensor& like, const char* name, const char* like_name) {
+  if (t.sizes() != like.sizes())
+    throw pert::detail::error(PERT_STATUS_INVALID_ARGUMENT, std::string(name) + " must have " + like_name +
+                                                                "'s shape " + ::c10::str(like.sizes()) + ", got " +
+                                                                ::c10::str(t.sizes()));
+}
+
 inline std::vector<int64_t> with_batch(int64_t batch, std::vector<int64_t> shape) {
   shape.insert(shape.begin(), batch);
   return shape;
@@ -68,8 +77,10 @@ inline std::vector<int64_t> with_batch(int64_t batch, std::vector<int64_t> shape
 /// graph is being made of the backward; under create_graph, as outputs of a node that
 /// fails with a clear error when a second derivative (double backward, a gradient
 /// penalty) is taken through them, instead of a silently wrong one (as PyTorch's
-/// once_differentiable). The node also takes the function's `inputs`, so that it lies on
-/// every path from the gradients back to them.
+/// once_differentiable). The node also takes `inputs` (the function's, and the incoming
+/// gradients that the library's products were computed from, off the graph), so that it
+/// lies on every path from the gradients back to them: to theta, and to whatever the
+/// incoming gradient depends on.
 inline ::torch::autograd::variable_list once_differentiable(::torch::autograd::variable_list grads,
                                                             const ::torch::autograd::variable_list& inputs,
                                                             const char* function) {
@@ -109,7 +120,7 @@ struct Perturbed : public ::torch::autograd::Function<Perturbed> {
     auto input_shape = ctx->saved_data["input_shape"].toIntVector();
     auto g = host(grad[0]);
     return once_differentiable({from(tape.vjp(view(g)), input_shape, grad[0]), ::torch::Tensor(), ::torch::Tensor()},
-                               {ctx->saved_data["theta"].toTensor()}, "perturbed");
+                               {ctx->saved_data["theta"].toTensor(), grad[0]}, "perturbed");
   }
 };
 
@@ -246,7 +257,7 @@ struct SolveLayer : public ::torch::autograd::Function<SolveLayer> {
                              : op->negative_identity_vjp(view(g), batch);
     auto theta = ctx->saved_data["theta"].toTensor();
     return once_differentiable({from(std::move(values), theta.sizes().vec(), grad[0]), ::torch::Tensor(), ::torch::Tensor()},
-                               {theta}, lambda > 0 ? "blackbox" : "negative_identity");
+                               {theta, grad[0]}, lambda > 0 ? "blackbox" : "negative_identity");
   }
 };
 
@@ -282,7 +293,7 @@ struct ImleLayer : public ::torch::autograd::Function<ImleLayer> {
     auto theta = ctx->saved_data["theta"].toTensor();
     return once_differentiable({from(std::move(values), theta.sizes().vec(), grad[0]), ::torch::Tensor(),
                                 ::torch::Tensor(), ::torch::Tensor(), ::torch::Tensor()},
-                               {theta}, state ? "aimle" : "imle");
+                               {theta, grad[0]}, state ? "aimle" : "imle");
   }
 };
 }  // namespace detail
@@ -298,6 +309,19 @@ inline ::torch::Tensor perturbed(Op& op, const ::torch::Tensor& theta, std::vect
     } else {
       output_shape = {static_cast<int64_t>(op.output_numel())};
     }
+  } else {
+    // (checked before the forward: its solves and its place in the op's draws are not spent)
+    int64_t count = 1;
+    bool positive = true;
+    for (int64_t s : output_shape) {
+      positive = positive && s >= 1;
+      count = positive ? count * s : count;
+      positive = positive && count <= static_cast<int64_t>(op.output_numel());
+    }
+    if (!positive || count != static_cast<int64_t>(op.output_numel()))
+      throw pert::detail::error(PERT_STATUS_INVALID_ARGUMENT,
+                                "output_shape " + ::c10::str(output_shape) + " must hold the op's output_numel = " +
+                                    std::to_string(op.output_numel()) + " values, each dimension >= 1");
   }
   if (!::torch::GradMode::is_enabled() || !theta.requires_grad()) {
     // no gradient can be asked: a forward call without a tape
@@ -313,6 +337,7 @@ inline ::torch::Tensor perturbed(Op& op, const ::torch::Tensor& theta, std::vect
 /// once with respect to theta and y_true (a second derivative through it fails with an
 /// error, as through perturbed).
 inline ::torch::Tensor fenchel_young(Op& op, const ::torch::Tensor& theta, const ::torch::Tensor& y_true) {
+  detail::same_shape(y_true, theta, "y_true", "theta");
   return detail::FenchelYoung::apply(theta, y_true, &op);
 }
 
@@ -323,6 +348,8 @@ inline ::torch::Tensor fenchel_young(Op& op, const ::torch::Tensor& theta, const
 /// shape must equal its input shape.
 inline ::torch::Tensor spo_plus(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost,
                                 const ::torch::Tensor& true_sol, const ::torch::Tensor& true_obj) {
+  detail::same_shape(true_cost, pred_cost, "true_cost", "pred_cost");
+  detail::same_shape(true_sol, pred_cost, "true_sol", "pred_cost");
   return detail::SpoPlus::apply(pred_cost, true_cost, true_sol, true_obj, &op);
 }
 
@@ -331,18 +358,23 @@ inline ::torch::Tensor spo_plus(Op& op, const ::torch::Tensor& pred_cost, const 
 /// differentiable once in pred_cost (pert_nce, pert_cmap, pert_ltr_pointwise,
 /// pert_ltr_pairwise, pert_ltr_listwise: PyEPO's NCE, CMAP, ptLTR, prLTR, lsLTR).
 inline ::torch::Tensor nce(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_sol) {
+  detail::same_shape(true_sol, pred_cost, "true_sol", "pred_cost");
   return detail::PoolLossLayer::apply(pred_cost, true_sol, &op, 0);
 }
 inline ::torch::Tensor cmap(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_sol) {
+  detail::same_shape(true_sol, pred_cost, "true_sol", "pred_cost");
   return detail::PoolLossLayer::apply(pred_cost, true_sol, &op, 1);
 }
 inline ::torch::Tensor ltr_pointwise(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost) {
+  detail::same_shape(true_cost, pred_cost, "true_cost", "pred_cost");
   return detail::PoolLossLayer::apply(pred_cost, true_cost, &op, 2);
 }
 inline ::torch::Tensor ltr_pairwise(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost) {
+  detail::same_shape(true_cost, pred_cost, "true_cost", "pred_cost");
   return detail::PoolLossLayer::apply(pred_cost, true_cost, &op, 3);
 }
 inline ::torch::Tensor ltr_listwise(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost) {
+  detail::same_shape(true_cost, pred_cost, "true_cost", "pred_cost");
   return detail::PoolLossLayer::apply(pred_cost, true_cost, &op, 4);
 }
 
@@ -375,6 +407,7 @@ inline ::torch::Tensor negative_identity(Op& op, const ::torch::Tensor& theta) {
 /// two_sided).
 inline ::torch::Tensor perturbation_gradient(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost,
                                              double sigma, bool two_sided = true) {
+  detail::same_shape(true_cost, pred_cost, "true_cost", "pred_cost");
   return detail::PerturbationGradient::apply(pred_cost, true_cost, &op, sigma, two_sided);
 }
 

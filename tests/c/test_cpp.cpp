@@ -82,6 +82,23 @@ void test_forward_tape_and_loss() {
   EXPECT(loss.first[0] > 0.0f);
   std::vector<float> y = op.forward(theta, 2);
   EXPECT(y.size() == 6);
+  // a batch whose batch * input_numel wraps size_t to the buffer's size: a pert::Error
+  // (not std::length_error from a result room of batch floats)
+  {
+    std::size_t wrapping = (std::size_t(1) << 62) + 1;  // * 4 floats == 4 mod 2^64
+    pert::Op four = pert::Op::builtin(pert::Config(), pert::Builtin::Argmax, {4});
+    std::vector<float> th4 = {1, 2, 3, 4};
+    for (int which = 0; which < 2; which++) {
+      try {
+        if (which == 0) four.fenchel_young(th4, th4, wrapping);
+        else four.forward(th4, wrapping);
+        EXPECT(false);
+      } catch (const pert::Error& e) {
+        EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT &&
+               std::string(e.what()).find("overflows size_t") != std::string::npos);
+      }
+    }
+  }
   try {
     op.forward({1.0f, NAN, 0.0f}, 1);
     EXPECT(false);

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <functional>
 
 #include "expect.hpp"
 #include "perturbations_torch.hpp"
@@ -312,6 +313,66 @@ int main() {
       loud = std::string(e.what()).find("differentiable once") != std::string::npos;
     }
     EXPECT(loud);
+  }
+
+  // a second derivative with respect to what the incoming gradient depends on (a weight w
+  // of the loss) is refused too, not lost: the products were taken off the graph
+  {
+    auto w = torch::tensor({1.0f, -0.5f, 2.0f, 0.3f, 0.7f, -1.0f}).reshape({2, 3}).requires_grad_(true);
+    for (int which = 0; which < 3; which++) {
+      pert::Config c = config();
+      pert::Op square(c, {3}, {3}, [](const float* x, std::size_t count, float* out) {
+        for (std::size_t r = 0; r < count; r++)
+          for (int i = 0; i < 3; i++)
+            out[3 * r + i] = (x[3 * r + i] >= x[3 * r] && x[3 * r + i] >= x[3 * r + 1] && x[3 * r + i] >= x[3 * r + 2]) ? 1.0f : 0.0f;
+      });
+      auto th = theta.detach().clone().requires_grad_(true);
+      auto y = which == 0 ? pert::autograd::perturbed(square, th)
+             : which == 1 ? pert::autograd::blackbox(square, th, 2.0)
+                          : pert::autograd::imle(square, th, 2.0);
+      auto g_theta = torch::autograd::grad({(y * w).sum()}, {th}, {}, true, true);
+      bool loud = false;
+      try {
+        torch::autograd::grad({g_theta[0].pow(2).sum()}, {w}, {}, false, false, /*allow_unused=*/true);
+      } catch (const c10::Error& e) {
+        loud = std::string(e.what()).find("differentiable once") != std::string::npos;
+      }
+      EXPECT(loud);
+    }
+  }
+
+  // targets of another shape with the same size (a transposed one) are refused, not read
+  // in the wrong order; so is an output_shape that is not the op's, before the forward runs
+  {
+    auto th = theta.detach().clone();
+    auto shapes = [&](const std::function<void()>& call) {
+      try {
+        call();
+      } catch (const pert::Error& e) {
+        return e.status() == PERT_STATUS_INVALID_ARGUMENT && std::string(e.what()).find("shape") != std::string::npos;
+      }
+      return false;
+    };
+    auto transposed = y_true.t().contiguous();  // [3, 2] against theta's [2, 3]
+    EXPECT(shapes([&] { pert::autograd::fenchel_young(op, th, transposed); }));
+    pert::Config mc = config();
+    mc.sense(pert::Sense::Maximize).linear_objective(true);
+    pert::Op linear(mc, {3}, {3}, [](const float* x, std::size_t count, float* out) {
+      for (std::size_t r = 0; r < count; r++)
+        for (int i = 0; i < 3; i++) out[3 * r + i] = x[3 * r + i] > 0 ? 1.0f : 0.0f;
+    });
+    auto obj = torch::zeros({2});
+    EXPECT(shapes([&] { pert::autograd::spo_plus(linear, th, transposed, y_true, obj); }));
+    EXPECT(shapes([&] { pert::autograd::spo_plus(linear, th, th, transposed, obj); }));
+    EXPECT(shapes([&] { pert::autograd::perturbation_gradient(linear, th, transposed, 0.1); }));
+    EXPECT(shapes([&] { pert::autograd::nce(linear, th, transposed); }));
+    EXPECT(shapes([&] { pert::autograd::ltr_listwise(linear, th, transposed); }));
+    std::uint64_t before = linear.solver_calls();
+    EXPECT(shapes([&] { pert::autograd::perturbed(linear, th, {4}); }));
+    EXPECT(shapes([&] { pert::autograd::perturbed(linear, th, {3, 0}); }));
+    EXPECT(shapes([&] { pert::autograd::perturbed(linear, th, {-1, -3}); }));
+    EXPECT(linear.solver_calls() == before);
+    EXPECT(pert::autograd::perturbed(linear, th, {1, 3}).sizes() == torch::IntArrayRef({2, 1, 3}));
   }
 
   return expect_report();
