@@ -14,7 +14,8 @@ reduced by `reduction`; DBB and NID return the solutions y*(theta).
 Gradients: SPO+ and PG give their gradient with the loss (no solve in backward); DBB
 solves once more per problem in backward; NID does not. The losses of SPO+ and PG are
 piecewise linear in the predicted costs, so their second derivative is 0 where it exists;
-DBB and NID are differentiable once (a second derivative through them raises). An
+DBB, NID, I-MLE and AI-MLE are differentiable once (a second derivative through their
+gradient raises, with respect to theta and to whatever the incoming gradient depends on). An
 upstream gradient holding NaN or an infinity (a GradScaler overflow) gives no exception:
 NID returns -g or g as it is; DBB, I-MLE and AI-MLE give NaN in the problems it touches
 (AI-MLE's state is then left as it was); SPO+, PG and the pool losses multiply their
@@ -152,28 +153,54 @@ def _tolerant_vjp(vjp, grad_y, inner):
     return torch.where(bad, torch.full((), math.nan, dtype=out.dtype, device=out.device), out)
 
 
+class _Once(torch.autograd.Function):
+    """(name, grad, *inputs) -> grad, on a node whose own derivative raises: a gradient
+    that the library computed off the graph, joined to every path back to the inputs it
+    came from (theta, and the incoming gradient: whatever that depends on), so that a
+    second derivative through it fails loudly instead of being lost (PyTorch's
+    once_differentiable joins it to none of them)."""
+
+    @staticmethod
+    def forward(ctx, name, grad, *inputs):
+        ctx.name = name
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"perturbations: {ctx.name} is differentiable once: a second derivative (double "
+                           f"backward, a gradient penalty) through its gradient is not computed")
+
+
+def _differentiable_once(name, grad, *inputs):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _Once.apply(name, grad, *inputs)
+    return grad
+
+
 class _Solve(torch.autograd.Function):
     """y*(theta) forward; backward by DBB (lambd > 0) or NID (lambd None)."""
 
     @staticmethod
     def forward(ctx, theta, op, lambd):
-        t = theta.detach()
-        y = op.solve(t)
+        y = op.solve(theta.detach())
         ctx.op, ctx.lambd = op, lambd
-        ctx.save_for_backward(t, y)
+        ctx.save_for_backward(theta, y)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         theta, y = ctx.saved_tensors
         op, inner = ctx.op, len(ctx.op.input_shape)
-        if ctx.lambd is None:
-            try:
-                return op.negative_identity_vjp(grad_y), None, None
-            except NonFiniteInputError:  # -g or g exactly, as PyEPO gives it
-                return (-grad_y if op.sense == "minimize" else grad_y.clone()), None, None
-        return _tolerant_vjp(lambda g: op.blackbox_vjp(theta, y, g, ctx.lambd), grad_y, inner), None, None
+        with torch.no_grad():
+            if ctx.lambd is None:
+                try:
+                    grad = op.negative_identity_vjp(grad_y)
+                except NonFiniteInputError:  # -g or g exactly, as PyEPO gives it
+                    grad = -grad_y if op.sense == "minimize" else grad_y.clone()
+            else:
+                grad = _tolerant_vjp(lambda g: op.blackbox_vjp(theta.detach(), y, g, ctx.lambd), grad_y, inner)
+        name = "the negative identity (NID)" if ctx.lambd is None else "the black-box gradient (DBB)"
+        return _differentiable_once(name, grad, grad_y, theta), None, None
 
 
 def _solve_layer(op, theta, lambd):
@@ -208,25 +235,26 @@ class _Imle(torch.autograd.Function):
     def forward(ctx, theta, op, lambd, two_sided, state):
         y, record = op.imle_forward(theta.detach())
         ctx.op, ctx.record, ctx.lambd, ctx.two_sided, ctx.state = op, record, lambd, two_sided, state
+        ctx.save_for_backward(theta)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         op, record, inner = ctx.op, ctx.record, len(ctx.op.input_shape)
-        if ctx.state is None:
-            grad = _tolerant_vjp(lambda g: op.imle_vjp(record, g, ctx.lambd, ctx.two_sided), grad_y, inner)
-        else:
-            state = ctx.state
+        state = ctx.state
 
-            def vjp(g):
-                if g is not grad_y:  # (a non-finite grad_y: the state is left as it was)
-                    return op.aimle_vjp(record, g, AimleState(state.alpha, state.grad_norm_avg, state.step),
-                                        ctx.two_sided)
-                return op.aimle_vjp(record, g, state, ctx.two_sided)
+        def aimle_vjp(g):
+            if g is not grad_y:  # (a non-finite grad_y: the state is left as it was)
+                return op.aimle_vjp(record, g, AimleState(state.alpha, state.grad_norm_avg, state.step), ctx.two_sided)
+            return op.aimle_vjp(record, g, state, ctx.two_sided)
 
-            grad = _tolerant_vjp(vjp, grad_y, inner)
-        return grad, None, None, None, None
+        with torch.no_grad():
+            if state is None:
+                grad = _tolerant_vjp(lambda g: op.imle_vjp(record, g, ctx.lambd, ctx.two_sided), grad_y, inner)
+            else:
+                grad = _tolerant_vjp(aimle_vjp, grad_y, inner)
+        (theta,) = ctx.saved_tensors
+        return _differentiable_once("I-MLE" if state is None else "AI-MLE", grad, grad_y, theta), None, None, None, None
 
 
 def _imle_layer(op, theta, lambd, two_sided, state):

@@ -167,8 +167,21 @@ def test_blackbox_is_differentiable_once():
     # a loss whose gradient in y depends on theta: its second derivative would go through
     # DBB's backward, which has no derivative of its own
     (g,) = torch.autograd.grad((y * t).sum(), t, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="differentiable once"):
         g.sum().backward()
+    # a second derivative with respect to what the incoming gradient depends on (a weight
+    # of the loss), through DBB, NID, I-MLE and AI-MLE: refused too, not lost (None)
+    w = torch.linspace(-1.0, 1.0, t.numel()).reshape(t.shape).requires_grad_(True)
+    for method in (lambda o, x: ptt.blackbox(o, x, 10.0), ptt.negative_identity,
+                   lambda o, x: ptt.imle(o, x, 10.0), ptt.aimle):
+        x = t.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((method(op, x) * w).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(g.pow(2).sum(), w, allow_unused=True)
+    # create_graph alone (a second derivative of something else) still works
+    x = t.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((ptt.blackbox(op, x, 10.0) * w.detach()).sum(), x, create_graph=True)
+    assert torch.isfinite(g).all()
 
 
 def test_methods_refuse_bad_arguments():
