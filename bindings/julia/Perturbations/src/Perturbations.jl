@@ -69,7 +69,13 @@ const BUILTIN_RANKS = UInt32(2)
 const STATUS_OK = UInt32(0)
 const STATUS_SOLVER_FAILED = UInt32(4)
 
-"""An error of the library: its status number, the status name and the message."""
+"""
+An error of the library: its status number, the status name and the message.
+
+The message is the C library's, which counts from 0 in C's layout: `theta[p][j]` (or
+"problem p, sample s") names problem p + 1, which is column p + 1 here, and its entry
+j + 1 in that column's linear order: θ[j + 1, p + 1] for a matrix θ.
+"""
 struct PerturbationsError <: Exception
     status::UInt32
     name::String
@@ -310,7 +316,10 @@ end
 
 A perturbed optimizer. `solver(x::Matrix{Float32})` receives `d × count` perturbed
 problems and returns `o × count` solutions; it runs on the calling thread (the config
-must have `threads = 1`). Its exceptions are rethrown by the call that ran it, with the
+must have `threads = 1`). `x` wraps the library's own buffer: it is read-only (writing
+into it, as `sort!(x)` or `x .= -x` would, corrupts the call's estimates and, with the
+clean-input baseline, may write into the caller's θ) and valid only during the call
+(`copy(x)` to keep it). Its exceptions are rethrown by the call that ran it, with the
 solver's backtrace kept on the exception stack (`current_exceptions()`, shown as
 "caused by"). A built-in solver acts along the first Julia dimension of a problem.
 
@@ -606,10 +615,15 @@ function refuse_own_call(op::Op)
         throw(ArgumentError("a solver or hook cannot call or free its own op (it would wait for itself)"))
 end
 
-"""`free!(op)`: frees the op now (waiting for a call of another task to end)."""
+"""`free!(op)`: frees the op now (waiting for a call of another task to end). A solver or
+hook cannot free its own op (`ArgumentError`): its call still runs."""
 function free!(op::Op)
     refuse_own_call(op)
-    lock(() -> free_now!(op), op.lock)
+    lock(op.lock) do
+        # (the lock is reentrant: a plain or device solver runs on the task that holds it)
+        op.busy && throw(ArgumentError("a solver cannot free its own op while the op runs its call"))
+        free_now!(op)
+    end
 end
 
 Base.unsafe_convert(::Type{Ptr{Cvoid}}, op::Op) = op.handle
@@ -841,8 +855,13 @@ function fini_trampoline(user_data::Ptr{Cvoid}, worker::UInt32)::Cvoid
     op = unsafe_pointer_to_objref(user_data)::Op
     try
         in_callback(() -> op.fini(Int(worker)), op)
-    catch
-        # at pert_op_free there is no caller to give it to
+    catch err
+        # at pert_op_free there is no caller to give it to: reported, as Julia reports an
+        # error in a finalizer
+        try
+            Core.println("Perturbations: fini($(Int(worker))) threw: ", sprint(showerror, err))
+        catch
+        end
     end
     return nothing
 end
@@ -1315,7 +1334,9 @@ end
     Draw(op, θ)
 
 The perturbed inputs of one call (`inputs(draw)`, a `d × count` matrix), to be solved
-anywhere; `finish(draw, solutions)` (an `o × count` matrix) gives y_σ(θ) and a tape.
+anywhere; `finish(draw, solutions)` (an `o × count` matrix) gives y_σ(θ) and a tape
+(`finish(draw, solutions; tape=false)`: y_σ(θ) and `nothing`, for Sum-of-Gamma noise,
+which has no tape, or when no gradient is needed).
 """
 mutable struct Draw
     handle::Ptr{Cvoid}
@@ -1368,13 +1389,18 @@ function inputs(d::Draw)
     end
 end
 
-function finish(d::Draw, solutions::AbstractMatrix)
+function finish(d::Draw, solutions::AbstractMatrix; tape::Bool=true)
     s = Matrix{Float32}(solutions)
     size(s) == (d.o, draw_count(d)) || throw(DimensionMismatch("solutions must be $((d.o, draw_count(d))), got $(size(s))"))
     out = Matrix{Float32}(undef, d.o, d.batch)
-    tape = Ref{Ptr{Cvoid}}(C_NULL)
-    check(@ccall libperturbations.pert_draw_finish(d::Ptr{Cvoid}, s::Ptr{Float32}, out::Ptr{Float32}, tape::Ref{Ptr{Cvoid}})::UInt32)
-    return out, Tape(tape[], d.d, d.o, d.batch)
+    if !tape
+        check(@ccall libperturbations.pert_draw_finish(d::Ptr{Cvoid}, s::Ptr{Float32}, out::Ptr{Float32},
+            C_NULL::Ptr{Ptr{Cvoid}})::UInt32)
+        return out, nothing
+    end
+    made = Ref{Ptr{Cvoid}}(C_NULL)
+    check(@ccall libperturbations.pert_draw_finish(d::Ptr{Cvoid}, s::Ptr{Float32}, out::Ptr{Float32}, made::Ref{Ptr{Cvoid}})::UInt32)
+    return out, Tape(made[], d.d, d.o, d.batch)
 end
 
 # The checked inputs (Float32 copies) and the output buffers of a draw's Fenchel-Young call.

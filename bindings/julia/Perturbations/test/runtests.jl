@@ -130,6 +130,12 @@ end
         loss_two, grad_two = P.fenchel_young_with_grad(fy_draw, argmax_solver(inputs(fy_draw)), target)
         loss_cb, grad_cb = P.fenchel_young_with_grad(Op(argmax_solver, config, (3,), (3,)), θ, target)
         @test loss_two == loss_cb && grad_two == grad_cb
+        # Sum-of-Gamma noise has no tape: its draws are finished with tape=false
+        sog = Config(num_samples=200, sigma=0.5, noise=NOISE_SUM_OF_GAMMA, device="cpu")
+        sog_draw = Draw(Op(sog, (3,), (3,); external=true), θ)
+        @test_throws PerturbationsError finish(sog_draw, argmax_solver(inputs(sog_draw)))
+        y_sog, no_tape = finish(sog_draw, argmax_solver(inputs(sog_draw)); tape=false)
+        @test no_tape === nothing && y_sog == forward(Op(argmax_solver, sog, (3,), (3,)), θ)
     end
 
     @testset "solvers with info on the op's persistent workers" begin
@@ -207,6 +213,18 @@ end
         end
         @test thrown isa Infeasible && thrown.code == 7   # the solver's own exception
         @test size(forward(op, zeros(Float32, 3, 2))) == (3, 2)   # the library keeps working
+        # a solver cannot free its own op while its call runs (the call would go on with a
+        # freed handle); the op stays usable
+        holder = Ref{Any}(nothing)
+        selfish = Op(x -> (free!(holder[]); argmax_solver(x)), Config(num_samples=10, device="cpu"), (3,), (3,))
+        holder[] = selfish
+        freed = try
+            forward(selfish, zeros(Float32, 3, 1))
+        catch e
+            e
+        end
+        @test freed isa ArgumentError && occursin("cannot free its own op", freed.msg)
+        @test selfish.handle != C_NULL
     end
 
     @testset "rrules: Zygote through forward and the Fenchel-Young loss" begin
