@@ -60,10 +60,7 @@ unsafe fn grad_theta_output(
 
 /// The host rows of a call on `batch` problems of `op`.
 pub(super) fn shape(op: &PerturbedOp, batch: usize) -> Rows {
-    Rows {
-        batch,
-        d: op.input_numel(),
-    }
+    Rows::new(batch, op.input_numel())
 }
 
 /// Writes a loss and its gradient (when asked for), staged together, once the solutions

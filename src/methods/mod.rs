@@ -44,17 +44,28 @@ pub(crate) struct Rows {
 }
 
 impl Rows {
+    /// The call's rows of `d` values each (`d` ≥ 1).
+    pub(crate) fn new(batch: usize, d: usize) -> Rows {
+        Rows { batch, d }
+    }
+
+    /// One value per problem (a loss, an objective): messages name `name[p]`.
+    fn per_problem(self) -> Rows {
+        Rows { d: 0, ..self }
+    }
+
     /// Problem `i`'s row of `values`.
     fn row(self, values: &[f32], i: usize) -> &[f32] {
         &values[i * self.d..(i + 1) * self.d]
     }
 
-    /// NON_FINITE_INPUT naming the first non-finite value of `values` (`name[problem][index]`).
+    /// NON_FINITE_INPUT naming the first non-finite value of `values` (`name[problem][index]`,
+    /// or `name[problem]` for values per problem).
     pub(crate) fn check_finite(self, values: &[f32], name: &str) -> Result<()> {
-        self.first_non_finite(values).map_or(Ok(()), |(p, j, v)| {
+        self.first_non_finite(values).map_or(Ok(()), |(at, v)| {
             Err(Error::new(
                 Status::NonFiniteInput,
-                format!("{name}[{p}][{j}] is {v}; {name} must be finite"),
+                format!("{name}{at} is {v}; {name} must be finite"),
             ))
         })
     }
@@ -62,12 +73,10 @@ impl Rows {
     /// The input of a solve made from the call's inputs (2ĉ − c, θ + sλg, ĉ ± σc), checked:
     /// finite inputs can still overflow float32.
     fn check_derived(self, values: &[f32], what: &str) -> Result<()> {
-        self.first_non_finite(values).map_or(Ok(()), |(p, j, v)| {
+        self.first_non_finite(values).map_or(Ok(()), |(at, v)| {
             Err(Error::new(
                 Status::NonFiniteInput,
-                format!(
-                    "{what} is {v} at [{p}][{j}] (it overflows float32): the costs are too large"
-                ),
+                format!("{what} is {v} at {at} (it overflows float32): the costs are too large"),
             ))
         })
     }
@@ -76,28 +85,31 @@ impl Rows {
     /// inputs can give a result beyond float32's range (costs near its limit, a tiny λ or
     /// σ), which is refused (INVALID_ARGUMENT naming `what`) rather than returned as inf.
     fn check_result(self, values: &[f32], what: &str) -> Result<()> {
-        self.first_non_finite(values).map_or(Ok(()), |(p, j, v)| {
+        self.first_non_finite(values).map_or(Ok(()), |(at, v)| {
             Err(Error::invalid(format!(
-                "{what} is {v} at [{p}][{j}] (it overflows float32): the inputs are too large, or the step too small"
+                "{what} is {v} at {at} (it overflows float32): the inputs are too large, or the step too small"
             )))
         })
     }
 
-    /// (problem, index, value as text) of the first non-finite value, if any (one
-    /// vectorized pass when all are finite).
-    fn first_non_finite(self, values: &[f32]) -> Option<(usize, usize, String)> {
+    /// (`[problem][index]`, or `[problem]` per problem; the value as text) of the first
+    /// non-finite value, if any (one vectorized pass when all are finite).
+    fn first_non_finite(self, values: &[f32]) -> Option<(String, String)> {
         if crate::input::all_finite(values) {
             return None;
         }
         let i = values.iter().position(|v| !v.is_finite())?;
-        let d = self.d.max(1);
         let v = values[i];
         let text = if v.is_nan() {
             "NaN".to_string()
         } else {
-            v.to_string()
+            crate::error::number(f64::from(v))
         };
-        Some((i / d, i % d, text))
+        let at = match self.d {
+            0 => format!("[{i}]"),
+            d => format!("[{}][{}]", i / d, i % d),
+        };
+        Some((at, text))
     }
 }
 
@@ -127,10 +139,7 @@ impl Call {
             )));
         }
         let call = Call {
-            rows: Rows {
-                batch: size[0] as usize,
-                d: op.input_numel(),
-            },
+            rows: Rows::new(size[0] as usize, op.input_numel()),
             device: first.device(),
             shape: size,
         };

@@ -81,7 +81,7 @@ impl PerturbedOp {
         let (loss, grad, finite) =
             passes::pg_results(rows.d, [&plus, &minus], [&w_plus, &w_minus], sign, width)?;
         if !finite {
-            Rows { d: 1, ..rows }.check_result(&loss, "the PG loss")?;
+            rows.per_problem().check_result(&loss, "the PG loss")?;
             if grad_wanted {
                 rows.check_result(&grad, "the PG gradient")?;
             }

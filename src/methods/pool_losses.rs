@@ -151,7 +151,8 @@ impl PerturbedOp {
             losses.push(value as f32);
             grad.extend(g.iter().map(|&v| v as f32));
         }
-        Rows { d: 1, ..rows }.check_result(&losses, &format!("the {} loss", loss.name()))?;
+        rows.per_problem()
+            .check_result(&losses, &format!("the {} loss", loss.name()))?;
         if grad_wanted {
             rows.check_result(&grad, &format!("the {} gradient", loss.name()))?;
         }

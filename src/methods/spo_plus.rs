@@ -78,7 +78,7 @@ impl PerturbedOp {
             rows.check_finite(cost, "true_cost")?;
             rows.check_finite(sol, "true_sol")?;
         }
-        Rows { d: 1, ..rows }.check_finite(obj, "true_obj")?;
+        rows.per_problem().check_finite(obj, "true_obj")?;
         if !finite {
             rows.check_derived(&q, "2 * pred_cost - true_cost")?; // finite inputs can overflow
         }
@@ -87,7 +87,7 @@ impl PerturbedOp {
         let (loss, grad, finite) =
             passes::spo_plus_results(rows.d, &q, &wq, pred, sol, &obj[..rows.batch], sign)?;
         if !finite {
-            Rows { d: 1, ..rows }.check_result(&loss, "the SPO+ loss")?;
+            rows.per_problem().check_result(&loss, "the SPO+ loss")?;
             if grad_wanted {
                 rows.check_result(&grad, "the SPO+ gradient")?;
             }

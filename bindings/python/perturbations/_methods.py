@@ -81,28 +81,35 @@ def _needs_grad(t):
 
 class _LossWithGrad(torch.autograd.Function):
     """A loss per problem whose gradient in the predicted costs comes with it; `run(op,
-    pred, *rest)` gives (loss, grad)."""
+    pred, *rest)` gives (loss, grad). It is not differentiable in the other inputs (the
+    true costs, solutions, objectives): a gradient asked of them raises, as PyTorch's own
+    losses do for a target, instead of being left None."""
 
     @staticmethod
-    def forward(ctx, pred, run, op, *rest):
-        loss, grad = run(op, pred.detach(), *rest)
+    def forward(ctx, pred, run, op, names, *rest):
+        loss, grad = run(op, pred.detach(), *(r.detach() if isinstance(r, torch.Tensor) else r for r in rest))
         ctx.save_for_backward(grad)
         ctx.inner = len(op.input_shape)
-        ctx.count = len(rest)
+        ctx.names = names
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        for name, needed in zip(ctx.names, ctx.needs_input_grad[4:]):
+            if needed:
+                raise RuntimeError(f"perturbations: the derivative of this loss with respect to {name} is not "
+                                   f"implemented (it is differentiable in the predicted costs only): detach {name}")
         (grad,) = ctx.saved_tensors
         per = grad_loss.reshape(grad_loss.shape + (1,) * ctx.inner)
-        return (grad * per, None, None) + (None,) * ctx.count
+        return (grad * per, None, None, None) + (None,) * len(ctx.names)
 
 
-def _loss(run, op, pred, *rest):
+def _loss(run, op, pred, names, *rest):
     pred = _tensor(pred)
-    rest = tuple(r.detach() if isinstance(r, torch.Tensor) else r for r in rest)
-    if _needs_grad(pred):
-        return _LossWithGrad.apply(pred, run, op, *rest)
+    targets_need_grad = torch.is_grad_enabled() and any(isinstance(r, torch.Tensor) and r.requires_grad
+                                                        for r in rest)
+    if _needs_grad(pred) or targets_need_grad:
+        return _LossWithGrad.apply(pred, run, op, names, *rest)
     return run(op, pred, *rest)[0]
 
 
@@ -115,7 +122,8 @@ def spo_plus(op: Op, pred_cost, true_cost, true_sol, true_obj, reduction: str = 
     maximizing. The op's output shape must equal its input shape."""
     _check_op(op, "SPO+")
     _check_reduction(reduction)
-    loss = _loss(lambda o, p, c, w, z: o.spo_plus(p, c, w, z), op, pred_cost, true_cost, true_sol, true_obj)
+    loss = _loss(lambda o, p, c, w, z: o.spo_plus(p, c, w, z), op, pred_cost, ("true_cost", "true_sol", "true_obj"),
+                 true_cost, true_sol, true_obj)
     return _reduce(loss, reduction)
 
 
@@ -127,12 +135,14 @@ def perturbation_gradient(op: Op, pred_cost, true_cost, sigma, two_sided: bool =
     when minimizing, its negation when maximizing); central (two_sided) or
     backward differences; reduced by `reduction`. Two solves per problem; the gradient in
     pred_cost is s (w+ - w-) / (2 sigma) (two-sided) or s (w - w-) / sigma, s = +1
-    minimizing, -1 maximizing."""
+    minimizing, -1 maximizing. two_sided defaults to True, where PyEPO's
+    perturbationGradient defaults to backward differences (two_sides=False)."""
     _check_op(op, "the perturbation gradient (PG)")
     _check_reduction(reduction)
     sigma = _check_step(sigma, "sigma")
     two_sided = bool(two_sided)
-    loss = _loss(lambda o, p, c: o.perturbation_gradient(p, c, sigma, two_sided), op, pred_cost, true_cost)
+    loss = _loss(lambda o, p, c: o.perturbation_gradient(p, c, sigma, two_sided), op, pred_cost, ("true_cost",),
+                 true_cost)
     return _reduce(loss, reduction)
 
 
@@ -311,7 +321,9 @@ class SPOPlusLoss(torch.nn.Module):
 
 class PerturbationGradientLoss(torch.nn.Module):
     """PG as a module: `forward(pred_cost, true_cost)` returns the loss reduced by
-    `reduction` (see `perturbation_gradient`; sigma defaults to PyEPO's 0.1)."""
+    `reduction` (see `perturbation_gradient`). sigma defaults to PyEPO's 0.1; two_sided
+    defaults to True (central differences), where PyEPO's perturbationGradient defaults to
+    backward differences (two_sides=False): pass two_sided=False for PyEPO's default."""
 
     def __init__(self, op: Op, sigma: float = 0.1, two_sided: bool = True, reduction: str = "mean"):
         super().__init__()
@@ -398,10 +410,15 @@ class AIMLE(torch.nn.Module):
 # ---- losses over the op's solution pool (Op.set_pool; PyEPO's NCE, CMAP and LTR) ----------
 
 def _pool_loss(method, op, pred_cost, target, reduction):
-    _check_op(op)
+    _check_op(op, _POOL_LOSS_NAMES[method])
     _check_reduction(reduction)
-    loss = _loss(lambda o, p, t: getattr(o, method)(p, t), op, pred_cost, target)
+    name = "true_sol" if method in ("nce", "cmap") else "true_cost"
+    loss = _loss(lambda o, p, t: getattr(o, method)(p, t), op, pred_cost, (name,), target)
     return _reduce(loss, reduction)
+
+
+_POOL_LOSS_NAMES = {"nce": "NCE", "cmap": "CMAP", "ltr_pointwise": "the pointwise LTR loss",
+                    "ltr_pairwise": "the pairwise LTR loss", "ltr_listwise": "the listwise LTR loss"}
 
 
 def nce(op: Op, pred_cost, true_sol, reduction: str = "mean") -> torch.Tensor:
@@ -448,7 +465,7 @@ class _PoolLossModule(torch.nn.Module):
 
     def __init__(self, op: Op, reduction: str = "mean"):
         super().__init__()
-        _check_op(op)
+        _check_op(op, _POOL_LOSS_NAMES[type(self)._fn.__name__])
         _check_reduction(reduction)
         self.op, self.reduction = op, reduction
 

@@ -354,7 +354,7 @@ def fenchel_young(op: Op, theta: torch.Tensor, y_true, reduction: str = "none") 
     the default here), or its "mean" or "sum". Differentiable with respect to theta
     (y_sigma(theta) - y_true when maximizing, the negation when minimizing) and y_true
     (-theta when maximizing, +theta when minimizing)."""
-    _check_op(op)
+    _check_op(op, "the Fenchel-Young loss")
     _check_reduction(reduction)
     if not isinstance(theta, torch.Tensor):
         theta = torch.as_tensor(theta)
@@ -392,7 +392,7 @@ class FenchelYoungLoss(torch.nn.Module):
 
     def __init__(self, op: Op, reduction: str = "mean"):
         super().__init__()
-        _check_op(op)
+        _check_op(op, "the Fenchel-Young loss")
         _check_reduction(reduction)
         self.op, self.reduction = op, reduction
 

@@ -348,3 +348,36 @@ def test_a_non_finite_upstream_gradient_gives_nan_not_an_exception(sense):
         if name == "AI-MLE":
             assert (states[0].alpha, states[0].grad_norm_avg, states[0].step) == (1.0, 1.0, 1e-3)
             assert states[1].grad_norm_avg != 1.0
+
+
+def test_targets_that_require_grad_are_refused_in_backward_not_left_none():
+    # the losses are differentiable in the predicted costs only: a gradient asked of a
+    # target raises (as PyTorch's losses do), where PyEPO's NCE would give one and its
+    # SPOPlus None
+    op = make_op("minimize")
+    pred, cost, sol, obj = data(12, "minimize")
+    pool = pt.Pool(D, 64)
+    pool.add(sol)
+    pooled = pt.Op(pt.Config(sense="minimize", device="cpu", linear_objective=True), D, D,
+                   lambda x: one_hot_best(x, "minimize"))
+    pooled.set_pool(pool)
+    cases = [("true_cost", lambda c: ptt.spo_plus(op, pred, c, sol, obj)),
+             ("true_sol", lambda w: ptt.spo_plus(op, pred, cost, w, obj)),
+             ("true_obj", lambda z: ptt.spo_plus(op, pred, cost, sol, z)),
+             ("true_cost", lambda c: ptt.perturbation_gradient(op, pred, c, 0.1)),
+             ("true_sol", lambda w: ptt.nce(pooled, pred, w)),
+             ("true_cost", lambda c: ptt.ltr_listwise(pooled, pred, c))]
+    for name, loss in cases:
+        target = {"true_cost": cost, "true_sol": sol, "true_obj": obj}[name].clone().requires_grad_(True)
+        with pytest.raises(RuntimeError, match=f"with respect to {name} is not implemented"):
+            loss(target).backward()
+        with torch.no_grad():
+            loss(target)  # (no graph, no gradient asked: fine)
+
+
+def test_loss_modules_refuse_a_non_square_op_when_made():
+    odd = pt.Op(pt.Config(device="cpu"), 4, 3, lambda x: np.zeros((x.shape[0], 3), np.float32))
+    for module in (ptt.NCELoss, ptt.CMAPLoss, ptt.LTRPointwiseLoss, ptt.LTRPairwiseLoss, ptt.LTRListwiseLoss,
+                   ptt.FenchelYoungLoss, ptt.SPOPlusLoss):
+        with pytest.raises(pt.InvalidArgumentError, match="needs output_shape == input_shape"):
+            module(odd)
