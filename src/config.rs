@@ -183,15 +183,18 @@ impl Config {
     }
 
     /// The share of an op's perturbed samples that go to its solver when the op has a
-    /// solution pool, in (0, 1] (default 1: every sample is solved). Each sample is solved
+    /// solution pool, in [0, 1] (default 1: every sample is solved). Each sample is solved
     /// with this probability, decided by the op's own random stream (so the same for any
     /// number of threads); the others are answered by the pool's best member for their
-    /// linear objective ⟨x, y⟩ (see [`crate::pool`]). Without a pool every sample is
-    /// solved. 0, values above 1 and NaN are refused.
+    /// linear objective ⟨x, y⟩ (see [`crate::pool`]). While the pool is empty every sample
+    /// is solved; 0 solves none once it holds a solution (PyEPO's `solve_ratio = 0`: the
+    /// pool seeded with the training set's solutions answers them all, and the pool losses
+    /// never solve their batch). Without a pool every sample is solved. Values below 0 or
+    /// above 1 and NaN are refused.
     pub fn set_solve_ratio(&mut self, ratio: f64) -> Result<&mut Config> {
-        if !(ratio > 0.0 && ratio <= 1.0) {
+        if !(0.0..=1.0).contains(&ratio) {
             return Err(Error::invalid(format!(
-                "solve_ratio must be in (0, 1], got {}",
+                "solve_ratio must be in [0, 1], got {}",
                 crate::error::number(ratio)
             )));
         }

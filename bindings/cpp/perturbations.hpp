@@ -181,7 +181,7 @@ class Config {
   Sense sense() const noexcept { return sense_; }
   Config& chunk_bytes(std::uint64_t b) { return set(pert_config_set_chunk_bytes(get(), b)); }
   Config& max_tape_bytes(std::uint64_t b) { return set(pert_config_set_max_tape_bytes(get(), b)); }
-  /// The share of a pooled op's samples that are solved, in (0, 1] (pert_config_set_solve_ratio).
+  /// The share of a pooled op's samples that are solved, in [0, 1] (pert_config_set_solve_ratio).
   Config& solve_ratio(double r) { return set(pert_config_set_solve_ratio(get(), r)); }
   /// Declares the solver's objective linear, <x, y>, which a pool needs (pert_config_set_linear_objective).
   Config& linear_objective(bool l) { return set(pert_config_set_linear_objective(get(), l)); }

@@ -280,13 +280,15 @@ pub unsafe extern "C" fn pert_config_set_baseline(
     })
 }
 
-/// Sets the share of a pooled op's perturbed samples that its solver solves, in (0, 1]
+/// Sets the share of a pooled op's perturbed samples that its solver solves, in [0, 1]
 /// (default 1: all). Each sample is solved with this probability, decided by the op's
 /// own random stream (the same for any number of threads); the others are answered from
-/// the op's solution pool (see `pert_op_set_pool`). Without a pool every sample is
-/// solved.
+/// the op's solution pool (see `pert_op_set_pool`). While the pool is empty every sample
+/// is solved; 0 solves none once it holds a solution (PyEPO's solve_ratio 0: a pool
+/// seeded with the training set's solutions answers every sample, and the pool losses
+/// never solve their batch first). Without a pool every sample is solved.
 ///
-/// @return `PERT_STATUS_INVALID_ARGUMENT` for 0, a ratio above 1, NaN.
+/// @return `PERT_STATUS_INVALID_ARGUMENT` for a ratio below 0 or above 1, NaN.
 #[no_mangle]
 pub unsafe extern "C" fn pert_config_set_solve_ratio(
     config: *mut pert_config,

@@ -112,7 +112,8 @@ class Config:
     "clean_input"), antithetic (False), sense ("maximize" | "minimize"), chunk_bytes (0:
     the library's), max_tape_bytes (0: no limit), sog_kappa (5.0) and sog_terms (10): the
     parameters of Sum-of-Gamma noise (I-MLE's; no tape: see PERT_NOISE_SUM_OF_GAMMA),
-    solve_ratio (1.0: the share of a pooled op's samples that are solved, see `Op.set_pool`)
+    solve_ratio (1.0: the share of a pooled op's samples that are solved, see `Op.set_pool`;
+    0 solves none once the pool holds a solution, as PyEPO's solve_ratio=0)
     linear_objective (False: declares a solver's objective linear, <x, y>, which a pool
     needs) and remote_timeout (60.0 seconds: the longest one solve may take on a rank of
     an op of `perturbations.mpi` before the call fails).

@@ -105,7 +105,7 @@ def test_pool_object_and_solve_ratio():
     assert len(pool) == 2
     with pytest.raises(pt.InvalidArgumentError, match="capacity"):
         pt.Pool(3, 0)
-    for bad in (0, 1.5, float("nan")):
+    for bad in (-0.5, 1.5, float("nan")):
         with pytest.raises(pt.InvalidArgumentError, match="solve_ratio"):
             pt.Config(solve_ratio=bad)
     # a full pool answers 70% of the samples as the solver would, bit for bit
@@ -275,3 +275,31 @@ def test_warm_starts_get_the_pools_best():
     with pt.Op.with_workers(cfg, 6, 6, make_solver) as plain:
         plain.forward(theta)
         assert seen["none"] == 60
+
+
+def test_solve_ratio_zero_answers_every_sample_from_a_seeded_pool():
+    # PyEPO's solve_ratio=0: the pool seeded with the training set's solutions answers
+    # every sample, and the pool losses never solve their batch; an empty pool is filled
+    # by solving first
+    calls = []
+
+    def solver(x):
+        calls.append(x.shape[0])
+        return np.eye(4, dtype=np.float32)[np.argmax(x, axis=1)]
+
+    cfg = pt.Config(solve_ratio=0, num_samples=50, sigma=0.5, device="cpu", linear_objective=True)
+    assert cfg.solve_ratio == 0
+    op = pt.Op(cfg, 4, 4, solver)
+    pool = pt.Pool(4, 8)
+    op.set_pool(pool)
+    theta = np.array([[0.1, 0.9, 0.3, 0.2], [0.8, 0.1, 0.0, 0.7]], dtype=np.float32)
+    op.forward(theta)  # an empty pool: every sample solved, and their solutions kept
+    assert sum(calls) == 100 and len(pool) > 0
+    calls.clear()
+    pool.add(np.eye(4, dtype=np.float32))
+    y = op.forward(theta)
+    assert calls == [] and np.allclose(y.sum(axis=1), 1.0)
+    loss = torch.as_tensor(op.nce(theta, np.eye(4, dtype=np.float32)[[1, 0]])[0])
+    assert calls == [] and torch.isfinite(loss).all()
+    with pytest.raises(pt.InvalidArgumentError, match=r"solve_ratio must be in \[0, 1\]"):
+        pt.Config(solve_ratio=-0.1)

@@ -363,7 +363,7 @@ end
         forward(grow, θ)
         set_pool!(grow, nothing)
         @test_throws ArgumentError set_pool!(grow, pool)        # a freed pool
-        @test_throws PerturbationsError Config(solve_ratio=0)
+        @test_throws PerturbationsError Config(solve_ratio=-0.5)
         @test_throws PerturbationsError set_pool!(Op(argmax_solver, Config(device="cpu"), (3,), (3,)), p1)
         @test_throws PerturbationsError set_pool!(solved, Pool((4,), 3))
         @test_throws PerturbationsError add!(p1, Float32[NaN, 0, 1])
