@@ -59,12 +59,18 @@ inline const Tape& kept(const ::torch::Tensor& holder) {
   return *static_cast<const Tape*>(holder.storage().data_ptr().get());
 }
 
-/// INVALID_ARGUMENT unless `t` has `like`'s shape (the library's buffers are flat: a
-/// transposed target of the same size would be read in the wrong order).
+/// INVALID_ARGUMENT unless `t` holds `like`'s problems: the same leading (batch)
+/// dimension and as many values (a problem's values may be shaped otherwise, [batch, 12]
+/// against [batch, 3, 4]; a single problem may come without its batch dimension). The
+/// library's buffers are flat: a transposed target of the same size would be read in the
+/// wrong order.
 inline void same_shape(const ::torch::Tensor& t, const ::torch::Tensor& like, const char* name, const char* like_name) {
-  if (t.sizes() != like.sizes())
+  bool batch_first = t.dim() >= 1 && like.dim() >= 1 && t.size(0) == like.size(0);
+  bool single = like.dim() >= 1 && like.size(0) == 1;
+  if (t.numel() != like.numel() || !(batch_first || single))
     throw pert::detail::error(PERT_STATUS_INVALID_ARGUMENT, std::string(name) + " must have " + like_name +
-                                                                "'s shape " + ::c10::str(like.sizes()) + ", got " +
+                                                                "'s shape " + ::c10::str(like.sizes()) +
+                                                                " (its batch first, as many values), got " +
                                                                 ::c10::str(t.sizes()));
 }
 
@@ -311,12 +317,11 @@ inline ::torch::Tensor perturbed(Op& op, const ::torch::Tensor& theta, std::vect
     }
   } else {
     // (checked before the forward: its solves and its place in the op's draws are not spent)
-    int64_t count = 1;
+    int64_t count = 1, want = static_cast<int64_t>(op.output_numel());
     bool positive = true;
     for (int64_t s : output_shape) {
-      positive = positive && s >= 1;
+      positive = positive && s >= 1 && s <= want / count;  // (no product beyond want: no overflow)
       count = positive ? count * s : count;
-      positive = positive && count <= static_cast<int64_t>(op.output_numel());
     }
     if (!positive || count != static_cast<int64_t>(op.output_numel()))
       throw pert::detail::error(PERT_STATUS_INVALID_ARGUMENT,

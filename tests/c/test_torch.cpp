@@ -371,6 +371,14 @@ int main() {
     EXPECT(shapes([&] { pert::autograd::perturbed(linear, th, {4}); }));
     EXPECT(shapes([&] { pert::autograd::perturbed(linear, th, {3, 0}); }));
     EXPECT(shapes([&] { pert::autograd::perturbed(linear, th, {-1, -3}); }));
+    // (a product that wraps int64 to the op's 3 values)
+    EXPECT(shapes([&] { pert::autograd::perturbed(linear, th, {3, (int64_t(1) << 62) + 1, 4}); }));
+    // the same problems shaped otherwise are accepted: [2, 3] targets as [2, 1, 3], and a
+    // single problem without its batch dimension
+    auto reshaped = pert::autograd::fenchel_young(op, th, y_true.reshape({2, 1, 3}));
+    EXPECT(reshaped.sizes() == torch::IntArrayRef({2}));
+    auto one = th.narrow(0, 0, 1).contiguous();
+    EXPECT(pert::autograd::fenchel_young(op, one, y_true[0]).sizes() == torch::IntArrayRef({1}));
     EXPECT(linear.solver_calls() == before);
     EXPECT(pert::autograd::perturbed(linear, th, {1, 3}).sizes() == torch::IntArrayRef({2, 1, 3}));
   }

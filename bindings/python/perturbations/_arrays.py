@@ -63,9 +63,10 @@ def _plain_tensor(torch, x):
             or _functorch_wrapped(torch, x) or x.is_neg() or not x.is_contiguous()):
         return None
     try:
-        if x.data_ptr() % 4:
-            return None
+        at = x.data_ptr()
     except RuntimeError:  # (a tensor without storage: as_host says what it is)
+        return None
+    if at % 4 or (at == 0 and x.numel()):  # (a wrapper subclass or a zero tensor holds no data)
         return None
     return x.detach()
 
@@ -75,7 +76,8 @@ def _same(r):
 
 
 def _tensor_room(shape):
-    return sys.modules["torch"].empty(shape, dtype=sys.modules["torch"].float32)
+    # (on the CPU whatever torch's default device: the library writes it from the host)
+    return sys.modules["torch"].empty(shape, dtype=sys.modules["torch"].float32, device="cpu")
 
 
 def _array_room(shape):

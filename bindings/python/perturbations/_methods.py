@@ -81,36 +81,50 @@ def _needs_grad(t):
 
 class _LossWithGrad(torch.autograd.Function):
     """A loss per problem whose gradient in the predicted costs comes with it; `run(op,
-    pred, *rest)` gives (loss, grad). It is not differentiable in the other inputs (the
-    true costs, solutions, objectives): a gradient asked of them raises, as PyTorch's own
-    losses do for a target, instead of being left None."""
+    pred, *rest)` gives (loss, grad)."""
 
     @staticmethod
-    def forward(ctx, pred, run, op, names, *rest):
-        loss, grad = run(op, pred.detach(), *(r.detach() if isinstance(r, torch.Tensor) else r for r in rest))
+    def forward(ctx, pred, run, op, *rest):
+        loss, grad = run(op, pred.detach(), *rest)
         ctx.save_for_backward(grad)
         ctx.inner = len(op.input_shape)
-        ctx.names = names
+        ctx.count = len(rest)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        for name, needed in zip(ctx.names, ctx.needs_input_grad[4:]):
-            if needed:
-                raise RuntimeError(f"perturbations: the derivative of this loss with respect to {name} is not "
-                                   f"implemented (it is differentiable in the predicted costs only): detach {name}")
         (grad,) = ctx.saved_tensors
         per = grad_loss.reshape(grad_loss.shape + (1,) * ctx.inner)
-        return (grad * per, None, None, None) + (None,) * len(ctx.names)
+        return (grad * per, None, None) + (None,) * ctx.count
+
+
+class _NoDerivative(torch.autograd.Function):
+    """(target, name, like) -> -0.0 shaped as `like` (x + -0.0 is x, bits and all): added to a
+    loss, it joins the loss to a target that requires grad by a node whose backward raises.
+    The engine runs that backward only when the target's gradient is asked (backward()
+    reaching it, or autograd.grad naming what it leads to), as PyTorch's own losses raise
+    for a target only then."""
+
+    @staticmethod
+    def forward(ctx, target, name, like):
+        ctx.name = name
+        return torch.full_like(like, -0.0)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(f"perturbations: the derivative of this loss with respect to {ctx.name} is not "
+                           f"implemented (it is differentiable in the predicted costs only): detach {ctx.name}")
 
 
 def _loss(run, op, pred, names, *rest):
     pred = _tensor(pred)
-    targets_need_grad = torch.is_grad_enabled() and any(isinstance(r, torch.Tensor) and r.requires_grad
-                                                        for r in rest)
-    if _needs_grad(pred) or targets_need_grad:
-        return _LossWithGrad.apply(pred, run, op, names, *rest)
-    return run(op, pred, *rest)[0]
+    plain = tuple(r.detach() if isinstance(r, torch.Tensor) else r for r in rest)
+    loss = _LossWithGrad.apply(pred, run, op, *plain) if _needs_grad(pred) else run(op, pred, *plain)[0]
+    if torch.is_grad_enabled():
+        for name, r in zip(names, rest):
+            if isinstance(r, torch.Tensor) and r.requires_grad:
+                loss = loss + _NoDerivative.apply(r, name, loss.detach())
+    return loss
 
 
 def spo_plus(op: Op, pred_cost, true_cost, true_sol, true_obj, reduction: str = "mean") -> torch.Tensor:
@@ -154,9 +168,11 @@ def _tolerant_vjp(vjp, grad_y, inner):
     try:
         return vjp(grad_y)
     except NonFiniteInputError:
-        pass  # (the library checks finiteness: only then is a pass made here)
-    lead = grad_y.shape[:grad_y.dim() - inner]
-    bad = ~torch.isfinite(grad_y.to(torch.float32).reshape(lead + (-1,))).all(dim=-1)
+        # (the library checks finiteness: only then is a pass made here)
+        lead = grad_y.shape[:grad_y.dim() - inner]
+        bad = ~torch.isfinite(grad_y.to(torch.float32).reshape(lead + (-1,))).all(dim=-1)
+        if not bool(bad.any()):
+            raise  # (another input's: the call fails as it is)
     bad = bad.reshape(lead + (1,) * inner)
     clean = torch.where(bad, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device), grad_y)
     out = vjp(clean)
@@ -245,7 +261,9 @@ class _Imle(torch.autograd.Function):
     def forward(ctx, theta, op, lambd, two_sided, state):
         y, record = op.imle_forward(theta.detach())
         ctx.op, ctx.record, ctx.lambd, ctx.two_sided, ctx.state = op, record, lambd, two_sided, state
-        ctx.save_for_backward(theta)
+        # (a reference for _Once's node only: not saved, as backward never reads its values,
+        # so theta may change in place before backward)
+        ctx.theta = theta
         return y
 
     @staticmethod
@@ -263,8 +281,8 @@ class _Imle(torch.autograd.Function):
                 grad = _tolerant_vjp(lambda g: op.imle_vjp(record, g, ctx.lambd, ctx.two_sided), grad_y, inner)
             else:
                 grad = _tolerant_vjp(aimle_vjp, grad_y, inner)
-        (theta,) = ctx.saved_tensors
-        return _differentiable_once("I-MLE" if state is None else "AI-MLE", grad, grad_y, theta), None, None, None, None
+        return _differentiable_once("I-MLE" if state is None else "AI-MLE", grad, grad_y, ctx.theta), \
+            None, None, None, None
 
 
 def _imle_layer(op, theta, lambd, two_sided, state):

@@ -367,12 +367,26 @@ def test_targets_that_require_grad_are_refused_in_backward_not_left_none():
              ("true_cost", lambda c: ptt.perturbation_gradient(op, pred, c, 0.1)),
              ("true_sol", lambda w: ptt.nce(pooled, pred, w)),
              ("true_cost", lambda c: ptt.ltr_listwise(pooled, pred, c))]
+    x = pred.clone().requires_grad_(True)
     for name, loss in cases:
         target = {"true_cost": cost, "true_sol": sol, "true_obj": obj}[name].clone().requires_grad_(True)
         with pytest.raises(RuntimeError, match=f"with respect to {name} is not implemented"):
-            loss(target).backward()
+            loss(target).sum().backward()
         with torch.no_grad():
             loss(target)  # (no graph, no gradient asked: fine)
+        # only the predicted costs' gradient asked: given, with the loss's bits unchanged
+        pred_only = loss(target)
+        assert torch.equal(pred_only, loss(target.detach()))
+    for name, loss in [("true_cost", lambda c: ptt.spo_plus(op, x, c, sol, obj)),
+                       ("true_sol", lambda w: ptt.nce(pooled, x, w))]:
+        target = {"true_cost": cost, "true_sol": sol}[name].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(target), x)
+        (want,) = torch.autograd.grad(loss(target.detach()), x)
+        assert torch.equal(g, want)
+        x.grad = None
+        loss(target).backward(inputs=[x])
+        assert torch.equal(x.grad, want)
+        x.grad = None
 
 
 def test_loss_modules_refuse_a_non_square_op_when_made():
@@ -381,3 +395,16 @@ def test_loss_modules_refuse_a_non_square_op_when_made():
                    ptt.FenchelYoungLoss, ptt.SPOPlusLoss):
         with pytest.raises(pt.InvalidArgumentError, match="needs output_shape == input_shape"):
             module(odd)
+
+
+def test_imle_allows_theta_to_change_in_place_before_backward():
+    # I-MLE's backward reads only its record, never theta's values
+    cfg = pt.Config(sense="minimize", device="cpu", noise="sum_of_gamma", num_samples=8, seed=2)
+    op = pt.Op(cfg, D, D, lambda x: one_hot_best(x, "minimize"))
+    theta = data(14, "minimize")[0].clone().requires_grad_(True)
+    leaf = theta * 1.0
+    y = ptt.imle(op, leaf, 2.0)
+    with torch.no_grad():
+        leaf.mul_(3.0)
+    y.sum().backward()
+    assert theta.grad is not None and torch.isfinite(theta.grad).all()

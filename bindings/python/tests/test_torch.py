@@ -84,6 +84,11 @@ def test_plain_cpu_float32_tensors_are_read_and_written_in_place_with_the_same_n
                       (jvp, tape_np.jvp(g))):
         assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
         assert np.array_equal(got.numpy(), want)
+    # results are made on the CPU whatever torch's default device (the library writes them)
+    op, twin = ops()
+    with torch.device("meta"):
+        y_meta = op.forward(torch.from_numpy(THETA.copy()))
+    assert y_meta.device.type == "cpu" and np.array_equal(y_meta.numpy(), twin.forward(THETA))
     # a float32 tensor at an address that is not a multiple of 4 (copied first)
     raw = bytearray(THETA.size * 4 + 1)
     buf = np.frombuffer(raw, dtype=np.uint8)[1:].view(np.float32).reshape(THETA.shape)
