@@ -338,7 +338,7 @@ inline ::torch::Tensor perturbed(Op& op, const ::torch::Tensor& theta, std::vect
   return detail::Perturbed::apply(theta, &op, output_shape);
 }
 
-/// The Fenchel-Young loss [batch] of theta against y_true (same shape); differentiable
+/// The Fenchel-Young loss [batch] of theta against y_true (the same problems: its batch first and as many values, refused otherwise); differentiable
 /// once with respect to theta and y_true (a second derivative through it fails with an
 /// error, as through perturbed).
 inline ::torch::Tensor fenchel_young(Op& op, const ::torch::Tensor& theta, const ::torch::Tensor& y_true) {
@@ -348,7 +348,7 @@ inline ::torch::Tensor fenchel_young(Op& op, const ::torch::Tensor& theta, const
 
 
 /// The SPO+ loss [batch] of pred_cost [batch, *input_shape] against true_cost and true_sol
-/// (the same shape) and true_obj ([batch] or [batch, 1]); differentiable once in pred_cost
+/// (the same problems: batch first, as many values) and true_obj ([batch] or [batch, 1]); differentiable once in pred_cost
 /// (pert_spo_plus: one solve per problem at 2 pred_cost - true_cost). The op's output
 /// shape must equal its input shape.
 inline ::torch::Tensor spo_plus(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost,
@@ -359,7 +359,7 @@ inline ::torch::Tensor spo_plus(Op& op, const ::torch::Tensor& pred_cost, const 
 }
 
 /// The losses [batch] over the op's solution pool of pred_cost [batch, *input_shape]
-/// against the true solutions (nce, cmap) or the true costs (ltr_*), the same shape;
+/// against the true solutions (nce, cmap) or the true costs (ltr_*), the same problems (batch first, as many values);
 /// differentiable once in pred_cost (pert_nce, pert_cmap, pert_ltr_pointwise,
 /// pert_ltr_pairwise, pert_ltr_listwise: PyEPO's NCE, CMAP, ptLTR, prLTR, lsLTR).
 inline ::torch::Tensor nce(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_sol) {
@@ -407,7 +407,7 @@ inline ::torch::Tensor negative_identity(Op& op, const ::torch::Tensor& theta) {
   return detail::SolveLayer::apply(theta, &op, 0.0);
 }
 
-/// The perturbation-gradient loss [batch] of pred_cost along true_cost (same shape);
+/// The perturbation-gradient loss [batch] of pred_cost along true_cost (the same problems);
 /// differentiable once in pred_cost (pert_perturbation_gradient; central differences when
 /// two_sided).
 inline ::torch::Tensor perturbation_gradient(Op& op, const ::torch::Tensor& pred_cost, const ::torch::Tensor& true_cost,
