@@ -157,24 +157,34 @@ fn multiplicative_identity_gives_theta_and_unit_jacobian() {
 
 // ---- variance reduction ---------------------------------------------------------------
 
+/// The draws of one spread measurement: noise, σ, N, θ and the cotangent g of one problem.
+struct Setting<'a>(Noise, f64, u64, &'a [f32], &'a [f32]);
+
 /// The spread (summed variance over entries) of the VJP over `seeds` seeds.
-fn vjp_spread(baseline: Baseline, antithetic: bool, seeds: u64) -> f64 {
-    let theta = t(&[1.0, 0.0, -0.5], &[1, 3]);
-    let g = t(&[1.0, 0.0, 0.0], &[1, 3]);
+fn spread_of(setting: &Setting, baseline: Baseline, antithetic: bool, seeds: u64) -> f64 {
+    let Setting(noise, sigma, n, theta, g) = *setting;
+    let d = theta.len() as i64;
+    let (theta, g) = (t(theta, &[1, d]), t(g, &[1, d]));
     let mut samples = Vec::new();
     for seed in 0..seeds {
-        let mut c = config(Noise::Normal, 0.5, 64, 1000 + seed);
+        let mut c = config(noise, sigma, n, 1000 + seed);
         c.set_baseline(baseline).set_antithetic(antithetic);
-        let op = PerturbedOp::new(&c, &[3], &[3], argmax).unwrap();
+        let op = PerturbedOp::new(&c, &[d], &[d], argmax).unwrap();
         let (_, tape) = op.forward_with_tape(&theta).unwrap();
         samples.push(vec_f64(&tape.vjp(&g).unwrap()));
     }
-    (0..3)
+    (0..d as usize)
         .map(|k| {
             let m = samples.iter().map(|s| s[k]).sum::<f64>() / seeds as f64;
             samples.iter().map(|s| (s[k] - m).powi(2)).sum::<f64>() / (seeds - 1) as f64
         })
         .sum()
+}
+
+/// The spread of the VJP of a 3-class argmax, Normal noise, σ 0.5, N 64.
+fn vjp_spread(baseline: Baseline, antithetic: bool, seeds: u64) -> f64 {
+    let setting = Setting(Noise::Normal, 0.5, 64, &[1.0, 0.0, -0.5], &[1.0, 0.0, 0.0]);
+    spread_of(&setting, baseline, antithetic, seeds)
 }
 
 #[test]
@@ -200,6 +210,49 @@ fn baselines_and_antithetic_pairs_reduce_the_spread_of_the_vjp() {
             spread / plain
         );
         assert!(spread < 0.75 * plain, "{name}: {spread} vs plain {plain}");
+    }
+}
+
+/// Where each variance reducer raises the variance instead (the README and the header say
+/// so), against the plain estimator on the same seeds, with the ratio theory gives:
+/// - antithetic pairs at an exact tie of two entries (g = e0 - e1): y*(-Z) mirrors y*(Z),
+///   so a pair's two terms are equal and half the samples are lost: 2;
+/// - the clean-input baseline when y*(θ) is a rare solution of the samples (Gumbel, 5
+///   entries, σ = 2, p0 ≈ 0.26, g = e0): E(Y0 - 1)² = 1 - p0 against E Y0² = p0: 2.8;
+/// - the sample mean at N = 2 at a 5-way tie (p = 0.2 < 1/N, g = e0): about N(1 - p)/(N - 1)
+///   = 1.6 for the entries off the diagonal.
+///
+/// 2000 seeds: a ratio of two variances has relative s.d. about 2/sqrt(2000) ≈ 4.5%, so
+/// 1.25 is over 5 s.d. below the smallest of them.
+#[test]
+fn variance_reducers_raise_the_variance_in_their_known_bad_cases() {
+    let seeds = 2000;
+    let tie = Setting(Noise::Normal, 1.0, 2, &[0.0, 0.0], &[1.0, -1.0]);
+    let rare = Setting(
+        Noise::Gumbel,
+        2.0,
+        100,
+        &[0.6, 0.3, 0.0, -0.3, -0.6],
+        &[1.0, 0.0, 0.0, 0.0, 0.0],
+    );
+    let few = Setting(Noise::Gumbel, 1.0, 2, &[0.0; 5], &[1.0, 0.0, 0.0, 0.0, 0.0]);
+    for (name, setting, baseline, antithetic) in [
+        ("antithetic at a tie", &tie, Baseline::None, true),
+        (
+            "clean input, rare y*(θ)",
+            &rare,
+            Baseline::CleanInput,
+            false,
+        ),
+        ("sample mean, N = 2", &few, Baseline::SampleMean, false),
+    ] {
+        let plain = spread_of(setting, Baseline::None, false, seeds);
+        let spread = spread_of(setting, baseline, antithetic, seeds);
+        eprintln!(
+            "{name}: spread {spread:.4} vs plain {plain:.4} (ratio {:.2})",
+            spread / plain
+        );
+        assert!(spread > 1.25 * plain, "{name}: {spread} vs plain {plain}");
     }
 }
 
