@@ -91,7 +91,7 @@ typedef struct ctx {
   pid_t pid;
   double timeout;
   pert_op *local;
-  int serving;
+  int serving, ended; /* ended: root said stop (serve returns at once) */
   size_t *threads; /* each rank's workers */
   size_t all_threads, row_cap; /* row_cap: the most rows a message may carry */
   /* root only */
@@ -207,6 +207,28 @@ static void describe_row(const pert_solve_info *info, size_t row, char *buf, siz
     format(buf, len, "problem %llu, sample %llu", global / n, global % n);
 }
 
+/* `why` (n bytes) with the library's names of a block's rows, which pert_op_solve counts
+ * from 0 as "unperturbed problem k", as "row k of the block" (the block's own rows are
+ * named in the message around it). */
+static void block_rows_named(const char *why, int n, char *out, size_t len) {
+  static const char word[] = "unperturbed problem ";
+  const size_t w = sizeof word - 1;
+  size_t at = 0, i = 0, end = n > 0 ? (size_t)n : 0;
+  while (i < end && at + 1 < len) {
+    if (end - i > w && memcmp(why + i, word, w) == 0 && why[i + w] >= '0' && why[i + w] <= '9') {
+      size_t j = i + w;
+      while (j < end && why[j] >= '0' && why[j] <= '9') j++;
+      char named[64];
+      format(named, sizeof named, "row %.*s of the block", (int)(j - i - w), why + i + w);
+      for (const char *p = named; *p && at + 1 < len; p++) out[at++] = *p;
+      i = j;
+    } else {
+      out[at++] = why[i++];
+    }
+  }
+  out[at] = 0;
+}
+
 /* The failure of `count` rows from row `start` of the call on rank `rank`, with `why` (the
  * library's own naming of the rows, local to the block, taken off). */
 static void block_failed(const ctx *c, int rank, size_t start, size_t count, const char *why, int n, char *msg,
@@ -215,10 +237,11 @@ static void block_failed(const ctx *c, int rank, size_t start, size_t count, con
   const char *colon = n > 0 ? memchr(why, ':', (size_t)n) : NULL;
   if (n > (int)strlen(prefix) && strncmp(why, prefix, strlen(prefix)) == 0 && colon && colon + 2 <= why + n)
     n -= (int)(colon + 2 - why), why = colon + 2;
-  char first[64], last[64];
+  char first[64], last[64], named[MESSAGE_BYTES];
   describe_row(c->job.info, start, first, sizeof first);
   describe_row(c->job.info, start + count - 1, last, sizeof last);
-  format(msg, len, "rank %d%s failed on %s to %s: %.*s", rank, rank == c->root ? " (root)" : "", first, last, n, why);
+  block_rows_named(why, n, named, sizeof named);
+  format(msg, len, "rank %d%s failed on %s to %s: %s", rank, rank == c->root ? " (root)" : "", first, last, named);
 }
 
 /* The registry of serving ranks' contexts, to find a handle's in pert_mpi_serve. */
@@ -534,7 +557,10 @@ static void free_ctx(ctx *c) {
 /* Root's op is freed: the driver stops, root's local op is freed, every rank is told to
  * stop; root takes (and drops) the answers still coming until every rank has said it
  * stopped, or for a bounded time, then frees the communicator. Sends never taken (by a
- * rank that is stuck) are left to MPI, with their buffers. */
+ * rank that is stuck) are left to MPI, with their buffers. When a rank has not said it
+ * stopped (stuck, busy, or not serving yet), root keeps the communicator (a handle): that
+ * rank's late messages must find it, not a later communicator that MPI gave its context
+ * (which they would disorder: the next MPI_Comm_dup of the job hung). */
 static void root_freed(void *data) {
   ctx *c = data;
   if (getpid() != c->pid) return; /* a forked child: not a rank; the parent keeps all */
@@ -572,7 +598,9 @@ static void root_freed(void *data) {
         else leak = 1; /* (the CANCEL's buffer is in the peers' array) */
       }
     }
-    LOCKED(rc, MPI_Comm_free(&c->comm));
+    int all_stopped = 1;
+    for (int r = 0; r < c->size; r++) all_stopped &= r == c->rank || c->peers[r].stopped;
+    if (all_stopped) LOCKED(rc, MPI_Comm_free(&c->comm));
     (void)rc; /* (freeing: errors have nowhere to go) */
   }
   if (leak) c->peers = NULL, c->size = 0;
@@ -692,6 +720,7 @@ static pert_status serve(ctx *c) {
     MPI_Status st;
     if (stopping(c)) {
       LOCKED(rc, MPI_Recv(NULL, 0, MPI_BYTE, c->root, TAG_STOP, c->comm, MPI_STATUS_IGNORE));
+      c->ended = 1;
       break;
     }
     while (waiting(c->comm, c->root, TAG_CANCEL, &st, &rc)) {
@@ -735,8 +764,9 @@ pert_status pert_mpi_serve(pert_op *op) {
   c->serving = 1;
   pthread_mutex_unlock(&registry_lock);
   if (busy) return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "pert_mpi_serve already runs on this op");
-  pert_status s = mpi_usable() ? serve(c)
-                               : pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "MPI is not initialized, or finalized");
+  pert_status s = c->ended      ? PERT_STATUS_OK /* (root's op is freed: nothing will come) */
+                  : mpi_usable() ? serve(c)
+                                 : pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "MPI is not initialized, or finalized");
   pthread_mutex_lock(&registry_lock);
   c->serving = 0;
   pthread_mutex_unlock(&registry_lock);

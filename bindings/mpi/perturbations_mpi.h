@@ -6,7 +6,12 @@
  * to root's own workers and to the other ranks, whose results come back into the call.
  * On root the op is an ordinary pert_op (pert_forward, tapes, pert_fenchel_young, draws,
  * pert_op_solve, pools, the methods): its results are bit for bit those of the same op in
- * one process, for any number of ranks and threads.
+ * one process, for any number of ranks and threads. Two differences: each rank solves its
+ * blocks with pert_op_solve, which refuses rows that are not finite, so a call whose
+ * theta + sigma Z overflows float32 (theta or sigma near its limit; one process hands the
+ * solver +-inf) fails with PERT_STATUS_SOLVER_FAILED naming the rows; and the solver
+ * calls of an op with a pool get no `pool_best` (warm starts; the answers from the pool
+ * and the results are the same).
  *
  * Build: compiled against your MPI (implementations are not ABI-compatible): `make mpi`
  * in the repository, the CMake target perturbations::mpi (find_package(perturbations
@@ -14,7 +19,8 @@
  * libperturbations.
  *
  * Threads: MPI must be initialized with MPI_Init_thread and at least
- * MPI_THREAD_SERIALIZED on root (the op's own worker thread makes its MPI calls). The
+ * MPI_THREAD_SERIALIZED on every rank (on root the op's own worker thread makes its MPI
+ * calls; a serving rank may serve several ops on several threads). The
  * component makes its MPI calls one at a time in the process (several ops, several threads
  * in pert_mpi_serve), so SERIALIZED is enough for it; a program that calls MPI itself
  * while an op's call runs on another thread needs MPI_THREAD_MULTIPLE.
@@ -75,13 +81,17 @@ extern "C" {
  being spread have returned (a solver call is never cut short).
 
  Order: free every op of the component (root's first, which ends the service) before
- MPI_Finalize; a serving rank's pert_mpi_serve returns once root's op is freed.
+ MPI_Finalize; a serving rank's pert_mpi_serve returns once root's op is freed (and at
+ once when called again afterwards). When a rank has not acknowledged the end of the
+ service within min(remote_timeout, 5) + 1 seconds of root's pert_op_free (it was stuck,
+ busy, or not serving yet), root keeps the op's duplicate communicator allocated (a
+ handle), so that the rank's late messages cannot reach a later communicator.
 
  @param comm   An intracommunicator; the library works on a duplicate of it (MPI_Comm_dup,
                collective).
  @param root   The rank of `comm` that gets the op; the same on every rank.
  @return on every rank the same status: PERT_STATUS_INVALID_ARGUMENT when MPI is not
-         initialized, root is out of range, root's MPI thread level is below
+         initialized, root is out of range, a rank's MPI thread level is below
          MPI_THREAD_SERIALIZED, or a rank's settings or shapes differ from root's (the
          message names the rank and the setting), the errors of pert_op_new_ex on any
          rank (the message names the rank), and PERT_STATUS_SOLVER_FAILED when MPI fails.

@@ -20,6 +20,7 @@
 #define ROOT_FAILS (-888.0f) /* x[1] of a row that fails on root and takes 3 s on rank 1 */
 #define SLOWISH (-444.0f)    /* x[1] of a row that takes 0.5 s on rank 1: within the timeout */
 #define LATE_ROOT (-333.0f)  /* x[1] of a row that fails on root after 0.5 s */
+#define NAN_OUT (-222.0f)    /* x[1] of a row whose solution rank 2 leaves NaN */
 #define WIDE 4096           /* the output of the op whose answers are too large to go eagerly */
 
 static int my_rank = 0;
@@ -83,6 +84,13 @@ static int32_t solve(void *user_data, const pert_solve_info *info, const float *
       pert_solver_set_error("poisoned on rank 2");
       return 1;
     }
+    if ((row[1] == POISON || row[1] == NAN_OUT) && my_rank != 2) {
+      /* the other ranks take their time with these rows, so that rank 2 gets some however
+       * the machine schedules (root's driver could otherwise take all 60 before rank 2
+       * asks: the call then succeeded, and the check failed once) */
+      struct timespec t = {0, 20000000};
+      nanosleep(&t, NULL);
+    }
     if (row[1] == LATE_ROOT && my_rank == 0 && r == 0) {
       struct timespec t = {0, 500000000};
       nanosleep(&t, NULL);
@@ -105,6 +113,7 @@ static int32_t solve(void *user_data, const pert_solve_info *info, const float *
     for (size_t i = 2; i < D; i++)
       if (row[i] > row[best]) best = i;
     for (size_t i = 0; i < D; i++) y[r * D + i] = i == best ? 1.0f : 0.0f;
+    if (row[1] == NAN_OUT && my_rank == 2) y[r * D + 1] = NAN;
   }
   __atomic_add_fetch(&rows_solved, count, __ATOMIC_SEQ_CST);
   return 0;
@@ -233,6 +242,14 @@ static bool root_checks(pert_op *spread, uint32_t baseline) {
   for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
   if (!equal_to_one_process(spread, single, 7)) return false;
 
+  /* a NaN solution on rank 2: its rows are named in the call's terms, and the library's
+   * check of the block names the row within the block (not an "unperturbed problem") */
+  problems(theta, 60, NAN_OUT);
+  CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(spread, theta, 60, y));
+  CHECK(error_has("rank 2 failed on unperturbed problem") && error_has("wrote NaN at output 1 of row 0 of the block"));
+  for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
+  if (!equal_to_one_process(spread, single, 7)) return false;
+
   /* rank 1 slow but within its limit (0.5 s of 1 s): the call succeeds */
   problems(theta, 60, SLOWISH);
   float want[60 * D];
@@ -323,8 +340,54 @@ static bool free_while_busy(void) {
     pert_op_free(op); /* at once: rank 1 is still in its 2 s solve */
   } else {
     CHECK_STATUS(PERT_STATUS_OK, pert_mpi_serve(op));
+    double begin = seconds();
+    CHECK_STATUS(PERT_STATUS_OK, pert_mpi_serve(op)); /* the service has ended: at once */
+    CHECK(seconds() - begin < 0.5);
     pert_op_free(op);
   }
+  return true;
+}
+
+/* Rank 1 busy for 3 s on its first block (small answers, which go eagerly) while root's
+ * call fails (timeout 0.2 s a row) and root frees the op at once: rank 1 acknowledges the
+ * end only after root stopped waiting for it. The next communicator of the job (a new
+ * op's) must still be made and work (it hung: rank 1's late message reached it). */
+static int32_t solve_busy_once(void *user_data, const pert_solve_info *info, const float *x, size_t count,
+                               float *y) {
+  static int once = 0;
+  if (my_rank == 1 && !once++) {
+    struct timespec t = {3, 0};
+    nanosleep(&t, NULL);
+  }
+  if (my_rank == 0) {
+    struct timespec t = {0, 20000000};
+    nanosleep(&t, NULL);
+  }
+  (void)user_data, (void)info, (void)x;
+  for (size_t r = 0; r < count; r++)
+    for (size_t i = 0; i < D; i++) y[r * D + i] = i == 0 ? 1.0f : 0.0f;
+  return 0;
+}
+
+static bool late_rank_then_a_new_op(void) {
+  pert_config *c = make_config(PERT_BASELINE_SAMPLE_MEAN);
+  pert_config_set_threads(c, 1);
+  for (int round = 0; round < 2; round++) {
+    pert_op *op = NULL;
+    CHECK_STATUS(PERT_STATUS_OK, pert_mpi_op_new(c, SHAPE, 1, SHAPE, 1, MPI_COMM_WORLD, 0,
+                                                 round == 0 ? solve_busy_once : solve, NULL, NULL, NULL, &op));
+    if (my_rank == 0) {
+      static float theta[8 * D], y[8 * D];
+      problems(theta, 8, 0.0f);
+      pert_status s = pert_op_solve(op, theta, 8, y);
+      CHECK(round == 0 ? s == PERT_STATUS_SOLVER_FAILED : s == PERT_STATUS_OK);
+      pert_op_free(op);
+    } else {
+      CHECK_STATUS(PERT_STATUS_OK, pert_mpi_serve(op));
+      pert_op_free(op);
+    }
+  }
+  pert_config_free(c);
   return true;
 }
 
@@ -358,6 +421,7 @@ int main(int argc, char **argv) {
   if (!ok) fprintf(stderr, "run with mpirun -np 3\n");
   ok = ok && differing_settings_are_refused(size);
   ok = ok && free_while_busy();
+  ok = ok && late_rank_then_a_new_op();
   ok = ok && run(size, PERT_BASELINE_SAMPLE_MEAN);
   inits = finis = 0, rows_solved = 0;
   ok = ok && run(size, PERT_BASELINE_CLEAN_INPUT);
