@@ -36,6 +36,19 @@ def make_solver(worker):
     return solve
 
 
+def failing_maker(worker):
+    """Rank 2 cannot build its solver: root's call fails with make_solver's exception
+    (the other ranks take their time, so that rank 2 gets blocks)."""
+    if comm.rank == 2:
+        raise RuntimeError("rank 2 cannot build its model")
+    solve = make_solver(worker)
+
+    def slow(x, info):
+        time.sleep(0.05)
+        return solve(x, info)
+    return slow
+
+
 def problems(batch, marker=0.0):
     theta = np.random.default_rng(1).normal(size=(batch, D)).astype(np.float32)
     theta[:, 0] = 100 + 10 * np.arange(batch)
@@ -75,6 +88,21 @@ def main():
         except AssertionError as e:
             print("FAILED:", e, file=sys.stderr)
             ok = False
+        op.close()
+    else:
+        perturbations.mpi.serve(op)
+        op.close()
+    # an exception of make_solver on a serving rank reaches root's message, type and text
+    op = perturbations.mpi.op(cfg, D, D, failing_maker, comm, root=0)
+    if comm.rank == 0:
+        try:
+            op.solve(problems(40))
+            print("FAILED: rank 2's make_solver exception did not fail the call", file=sys.stderr)
+            ok = False
+        except pt.SolverFailedError as e:
+            if "rank 2" not in str(e) or "RuntimeError: rank 2 cannot build its model" not in str(e):
+                print("FAILED:", e, file=sys.stderr)
+                ok = False
         op.close()
     else:
         perturbations.mpi.serve(op)

@@ -22,8 +22,10 @@ solver, called as for `Op.with_workers` (one with a parameter `info` gets a `Sol
 whose rows are root's call's: global problems and samples). Results are bit for bit those
 of the same op in one process. A solver's exception on any rank fails root's call with
 `SolverFailedError` naming the rank and the exception; a rank that does not answer within
-the config's `remote_timeout` (seconds) fails it naming the rank. Close the op before
-the interpreter exits (mpi4py finalizes MPI at exit).
+the config's `remote_timeout` (seconds) fails it naming the rank. Ctrl-C on root
+interrupts a call once the solves of the chunk being spread have returned (a solver call
+is never cut short) and raises KeyboardInterrupt. Close the op before the interpreter
+exits (mpi4py finalizes MPI at exit).
 
 The component is compiled against your MPI (`make mpi` in the repository): its library is
 `PERTURBATIONS_MPI_LIB` when set, else `libperturbations_mpi.so` beside the library this

@@ -369,6 +369,8 @@ class _Workers:
                 return 0
             except BaseException as e:  # noqa: BLE001
                 _keep_error(errors, e)
+                # (its text for the library's message: the MPI component sends it to root)
+                lib.pert_solver_set_error(f"{type(e).__name__}: {e}".encode("utf-8", "replace"))
                 return 1
 
         def fini(_u, w):
@@ -626,7 +628,8 @@ class Op(_Handle):
         perturbed problems (batch x num_samples), for the choice below. Raises the
         solver's exception or the library's error. A call of a built-in expected to take
         long (from this op's earlier calls and its size) and every call of per-worker
-        solvers runs on a helper thread while this one waits, so that Ctrl-C interrupts it
+        solvers (and of an MPI op's, perturbations.mpi) runs on a helper thread while this
+        one waits, so that Ctrl-C interrupts it
         (pert_op_interrupt) within about a block of samples and raises KeyboardInterrupt:
         no code of the caller's runs on that thread (per-worker solvers run on their
         workers anyway). Callbacks run on this thread, as the C API says: Ctrl-C reaches a
@@ -673,7 +676,7 @@ class Op(_Handle):
 
     def _long(self, work):
         kind = self._recipe[0]
-        if kind == "workers":
+        if kind in ("workers", "mpi"):  # (solves on workers, or on other ranks: Ctrl-C waits for none)
             return bool(work)
         if kind != "builtin" or not work:
             return False
