@@ -97,7 +97,9 @@ def op(config, input_shape, output_shape, make_solver, comm=None, root=0, *, wri
 
 
 def serve(op):
-    """On a rank other than root: solves root's blocks until root closes its op."""
+    """On a rank other than root: solves root's blocks until root closes its op (at once
+    when called again after that). The service cannot be left before: Ctrl-C on a serving
+    rank is raised once root has closed its op (end the job from root, or kill it)."""
     if not isinstance(op, Op) or op._recipe[0] != "mpi":
         raise TypeError("serve takes an op of perturbations.mpi.op")
     try:
