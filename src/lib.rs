@@ -8,9 +8,15 @@
 //!
 //! Inputs are checked here as the C API checks them (shapes, finiteness, sizes). The
 //! results of forward calls, tapes and the Fenchel-Young loss are returned as computed, as
-//! libtorch's own operations return theirs: a result beyond float32's range is ±inf in its
-//! tensor, where the C layer refuses it (`PERT_STATUS_INVALID_ARGUMENT`) before writing
-//! anything. The decision-focused methods ([`methods`]) check their results here.
+//! libtorch's own operations return theirs: a result beyond float32's range is ±inf (or NaN
+//! where an inf meets an inf, in a Jacobian say) in its tensor, where the C layer refuses
+//! it (`PERT_STATUS_INVALID_ARGUMENT`) before writing anything. The decision-focused
+//! methods ([`methods`]) check their results here.
+//!
+//! [`autograd`] is differentiable once: tch has no custom backward, so a second derivative
+//! through it (a gradient penalty, a Hessian) is not refused but lacks the terms of the
+//! Jacobian estimate's own derivative and, for the Fenchel-Young loss, the Jacobian term:
+//! it is not the true one. The C++ and Python adapters refuse it.
 
 // The fault-injection build of `make check-deep` (nightly, `--cfg pert_fault_injection`):
 // a failed allocation panics (caught at the C boundary) instead of aborting, so that the

@@ -12,6 +12,11 @@ test -f "$PREFIX/lib/libperturbations.so.0.1.0" && test -L "$PREFIX/lib/libpertu
 test -L "$PREFIX/lib/libperturbations.so"
 readelf -d "$PREFIX/lib/libperturbations.so" | grep -q 'SONAME.*\[libperturbations\.so\.0\]'
 test -f "$PREFIX/include/perturbations_torch.hpp"
+# a relative prefix is made absolute (the .pc files carry it: pkg-config's flags must work
+# from anywhere)
+(cd "$BUILD" && TORCH_LIB= sh "$ROOT/packaging/install.sh" relative "$ROOT" 0.1.0 >/dev/null)
+grep -q "^prefix=$BUILD/relative\$" "$BUILD/relative/lib/pkgconfig/perturbations.pc"
+rm -rf "$BUILD/relative"
 export PKG_CONFIG_PATH="$PREFIX/lib/pkgconfig"
 cc -std=c11 -Wall -Werror "$ROOT/tests/install/consumer.c" -o "$BUILD/pc_consumer" \
   $(pkg-config --cflags --libs perturbations) -Wl,-rpath,"$PREFIX/lib"
