@@ -75,16 +75,21 @@ def root_checks(op):
     alone.close()
 
 
-def main():
-    cfg = pt.Config(num_samples=N, sigma=0.5, seed=5, device="cpu", threads=1 + comm.rank % 2)
-    op = perturbations.mpi.op(cfg, D, D, make_solver, comm, root=0)
-    maps = open("/proc/self/maps").read()
-    copies = {line.split()[-1] for line in maps.splitlines() if "libperturbations" in line}
-    assert len(copies) == 2, copies  # the component and one libperturbations: the package's
+def failing_rank_is_named(op):
+    try:
+        op.solve(problems(40))
+        raise AssertionError("rank 2's make_solver exception did not fail the call")
+    except pt.SolverFailedError as e:
+        assert "rank 2" in str(e) and "RuntimeError: rank 2 cannot build its model" in str(e), str(e)
+
+
+def on_ranks(op, checks):
+    """checks(op) on root, then closes the op; the other ranks serve it until then.
+    Whether root's checks passed."""
     ok = True
     if comm.rank == 0:
         try:
-            root_checks(op)
+            checks(op)
         except AssertionError as e:
             print("FAILED:", e, file=sys.stderr)
             ok = False
@@ -92,21 +97,18 @@ def main():
     else:
         perturbations.mpi.serve(op)
         op.close()
+    return ok
+
+
+def main():
+    cfg = pt.Config(num_samples=N, sigma=0.5, seed=5, device="cpu", threads=1 + comm.rank % 2)
+    op = perturbations.mpi.op(cfg, D, D, make_solver, comm, root=0)
+    maps = open("/proc/self/maps").read()
+    copies = {line.split()[-1] for line in maps.splitlines() if "libperturbations" in line}
+    assert len(copies) == 2, copies  # the component and one libperturbations: the package's
+    ok = on_ranks(op, root_checks)
     # an exception of make_solver on a serving rank reaches root's message, type and text
-    op = perturbations.mpi.op(cfg, D, D, failing_maker, comm, root=0)
-    if comm.rank == 0:
-        try:
-            op.solve(problems(40))
-            print("FAILED: rank 2's make_solver exception did not fail the call", file=sys.stderr)
-            ok = False
-        except pt.SolverFailedError as e:
-            if "rank 2" not in str(e) or "RuntimeError: rank 2 cannot build its model" not in str(e):
-                print("FAILED:", e, file=sys.stderr)
-                ok = False
-        op.close()
-    else:
-        perturbations.mpi.serve(op)
-        op.close()
+    ok = on_ranks(perturbations.mpi.op(cfg, D, D, failing_maker, comm, root=0), failing_rank_is_named) and ok
     ok = comm.allreduce(int(not ok)) == 0
     if comm.rank == 0:
         print(f"perturbations.mpi over {comm.size} ranks:", "all checks passed" if ok else "FAILED")
