@@ -130,20 +130,6 @@ fn register() -> Result<()> {
     }
 }
 
-/// Runs `f` inside the gate, so that a fork waits until it has returned: for calls into a
-/// library whose own locks no fork handler protects (MKL's per-thread set-up takes its
-/// spin lock), so that no thread of this library holds one at a fork (a child's first
-/// call, which runs that set-up, hung on a lock a parent's thread held at the fork). `f`
-/// must be short and call no user code. Without fork handlers (no memory to register
-/// them), `f` runs as it is.
-pub(crate) fn gated<R>(f: impl FnOnce() -> R) -> R {
-    if register().is_err() {
-        return f();
-    }
-    let _inside = Inside::enter();
-    f()
-}
-
 /// Inside the gate until dropped (on the thread that entered: not `Send`).
 struct Inside(std::marker::PhantomData<*const ()>);
 

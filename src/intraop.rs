@@ -178,12 +178,6 @@ pub(crate) fn cap(max_threads: u32) -> Cap {
             _thread: std::marker::PhantomData,
         };
     }
-    // (OpenMP's and MKL's calls inside the fork gate: MKL's set-up takes its own lock)
-    crate::fork_safe::gated(|| capped(max_threads))
-}
-
-/// [`cap`]'s work, inside the fork gate.
-fn capped(max_threads: u32) -> Cap {
     CAPS.with(|caps| {
         let mut caps = caps.borrow_mut();
         let set_up = SET_UP.with(std::cell::Cell::get);
@@ -235,7 +229,7 @@ impl Drop for Cap {
         CAPS.with(|caps| {
             let mut caps = caps.borrow_mut();
             caps.live.retain(|&(id, _)| id != self.id);
-            crate::fork_safe::gated(|| caps.apply());
+            caps.apply();
         })
     }
 }
