@@ -16,7 +16,7 @@ set -eu
 PREFIX="$1"; ROOT="$2"; VERSION="$3"
 major=${VERSION%%.*}; rest=${VERSION#*.}; minor=${rest%%.*}
 mkdir -p "$PREFIX"
-PREFIX=$(cd "$PREFIX" && pwd) # (absolute: the .pc files carry it; a relative one worked only from here)
+PREFIX=$(CDPATH= cd -- "$PREFIX" && pwd) # (absolute: the .pc files carry it; a relative one worked only from here)
 lib="$PREFIX/lib"
 mkdir -p "$lib/pkgconfig" "$lib/cmake/perturbations" "$PREFIX/include"
 so="$lib/libperturbations.so.$VERSION"

@@ -207,6 +207,24 @@ static void describe_row(const pert_solve_info *info, size_t row, char *buf, siz
     format(buf, len, "problem %llu, sample %llu", global / n, global % n);
 }
 
+/* Whether the text before `i` in `why` ends with one of the library's own phrases that
+ * precede a row's name ("output 3 of ", "cannot solve ", " to "): only those names are
+ * the library's (a solver's own message, inside the text, is left as it is). */
+static int library_phrase_before(const char *why, size_t i) {
+  static const char *phrases[] = {" of ", "cannot solve ", " to "};
+  for (size_t p = 0; p < sizeof phrases / sizeof *phrases; p++) {
+    size_t k = strlen(phrases[p]);
+    if (i >= k && memcmp(why + i - k, phrases[p], k) == 0) {
+      if (p > 0) return 1;
+      /* " of " only after "output <digits>" */
+      size_t j = i - k;
+      while (j > 0 && why[j - 1] >= '0' && why[j - 1] <= '9') j--;
+      return j < i - k && j >= 7 && memcmp(why + j - 7, "output ", 7) == 0;
+    }
+  }
+  return 0;
+}
+
 /* `why` (n bytes) with the library's names of a block's rows, which pert_op_solve counts
  * from 0 as "unperturbed problem k", as "row k of the block" (the block's own rows are
  * named in the message around it). */
@@ -215,7 +233,8 @@ static void block_rows_named(const char *why, int n, char *out, size_t len) {
   const size_t w = sizeof word - 1;
   size_t at = 0, i = 0, end = n > 0 ? (size_t)n : 0;
   while (i < end && at + 1 < len) {
-    if (end - i > w && memcmp(why + i, word, w) == 0 && why[i + w] >= '0' && why[i + w] <= '9') {
+    if (end - i > w && memcmp(why + i, word, w) == 0 && why[i + w] >= '0' && why[i + w] <= '9' &&
+        library_phrase_before(why, i)) {
       size_t j = i + w;
       while (j < end && why[j] >= '0' && why[j] <= '9') j++;
       char named[64];
@@ -749,6 +768,7 @@ static pert_status serve(ctx *c) {
   }
   if (!wind_down(c, &sending)) free(reply);
   free(work);
+  c->ended = 1; /* (root was told the service ended, whatever ended it: no second service) */
   return failed ? pert_set_last_error(PERT_STATUS_SOLVER_FAILED, msg) : PERT_STATUS_OK;
 }
 

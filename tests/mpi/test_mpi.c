@@ -81,7 +81,7 @@ static int32_t solve(void *user_data, const pert_solve_info *info, const float *
       return 1;
     }
     if (row[1] == POISON && my_rank == 2) {
-      pert_solver_set_error("poisoned on rank 2");
+      pert_solver_set_error("poisoned on rank 2 at unperturbed problem 3"); /* (the user's words: kept) */
       return 1;
     }
     if ((row[1] == POISON || row[1] == NAN_OUT) && my_rank != 2) {
@@ -238,7 +238,7 @@ static bool root_checks(pert_op *spread, uint32_t baseline) {
   problems(theta, 60, POISON);
   for (size_t i = 0; i < 60 * D; i++) y[i] = -9.0f;
   CHECK_STATUS(PERT_STATUS_SOLVER_FAILED, pert_op_solve(spread, theta, 60, y));
-  CHECK(error_has("rank 2 failed") && error_has("poisoned on rank 2"));
+  CHECK(error_has("rank 2 failed") && error_has("poisoned on rank 2 at unperturbed problem 3"));
   for (size_t i = 0; i < 60 * D; i++) CHECK(y[i] == -9.0f);
   if (!equal_to_one_process(spread, single, 7)) return false;
 

@@ -353,6 +353,16 @@ def _solver_callback(py, errors):
     return _callback(_native.SOLVER, call, errors)
 
 
+def _set_solver_error(e):
+    """The exception's type and text as the library's message of the failing callback
+    (an exception whose str() raises gives its type alone: the callback still fails)."""
+    try:
+        text = f"{type(e).__name__}: {e}"
+    except BaseException:  # noqa: BLE001
+        text = type(e).__name__
+    lib.pert_solver_set_error(text.encode("utf-8", "replace"))
+
+
 class _Workers:
     """The callbacks of a per-worker Python solver (pert_op_new_ex): make_solver(w) runs on
     worker w's own thread before its first solve, and its solver is used only there."""
@@ -370,7 +380,7 @@ class _Workers:
             except BaseException as e:  # noqa: BLE001
                 _keep_error(errors, e)
                 # (its text for the library's message: the MPI component sends it to root)
-                lib.pert_solver_set_error(f"{type(e).__name__}: {e}".encode("utf-8", "replace"))
+                _set_solver_error(e)
                 return 1
 
         def fini(_u, w):
@@ -394,7 +404,7 @@ class _Workers:
             except BaseException as e:  # noqa: BLE001
                 _keep_error(errors, e)
                 # the text for the library's message (which the MPI component sends to root)
-                lib.pert_solver_set_error(f"{type(e).__name__}: {e}".encode("utf-8", "replace"))
+                _set_solver_error(e)
                 return 1
 
         self.c_init = _callback(_native.WORKER_INIT, init, errors)
