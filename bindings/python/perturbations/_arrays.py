@@ -97,9 +97,15 @@ def host_rows(x, inner, what):
         if t is not None:
             batch_shape, flat = split_batch(t, inner, what)
             return batch_shape, flat, _same, _tensor_room
+    return array_rows(x, inner, what) + (_array_room,)
+
+
+def array_rows(x, inner, what):
+    """(batch_shape, rows, back) for x of shape [*batch_shape, *inner]: rows a float32
+    C-contiguous numpy array [batch, *inner] of x's values, back as as_host's."""
     a, back = as_host(x, what)
     batch_shape, flat = split_batch(a, inner, what)
-    return batch_shape, np.ascontiguousarray(flat), back, _array_room
+    return batch_shape, np.ascontiguousarray(flat), back
 
 
 def split_batch(a, inner, what):

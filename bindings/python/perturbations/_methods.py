@@ -98,22 +98,20 @@ class _LossWithGrad(torch.autograd.Function):
         return (grad * per, None, None) + (None,) * ctx.count
 
 
-class _NoDerivative(torch.autograd.Function):
-    """(target, name, like) -> -0.0 shaped as `like` (x + -0.0 is x, bits and all): added to a
-    loss, it joins the loss to a target that requires grad by a node whose backward raises.
-    The engine runs that backward only when the target's gradient is asked (backward()
-    reaching it, or autograd.grad naming what it leads to), as PyTorch's own losses raise
-    for a target only then."""
+class _Refused(torch.autograd.Function):
+    """(message, value, *inputs) -> value, on a node joined to `inputs` whose backward
+    raises RuntimeError(message). The engine runs that backward only when a gradient is
+    asked through it, toward one of the inputs: a derivative the library does not have
+    then fails loudly instead of being left None or zero."""
 
     @staticmethod
-    def forward(ctx, target, name, like):
-        ctx.name = name
-        return torch.full_like(like, -0.0)
+    def forward(ctx, message, value, *inputs):
+        ctx.message = message
+        return value.clone()
 
     @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError(f"perturbations: the derivative of this loss with respect to {ctx.name} is not "
-                           f"implemented (it is differentiable in the predicted costs only): detach {ctx.name}")
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
 
 
 def _loss(run, op, pred, names, *rest):
@@ -123,7 +121,12 @@ def _loss(run, op, pred, names, *rest):
     if torch.is_grad_enabled():
         for name, r in zip(names, rest):
             if isinstance(r, torch.Tensor) and r.requires_grad:
-                loss = loss + _NoDerivative.apply(r, name, loss.detach())
+                # (-0.0 joined to the target: x + -0.0 is x, bits and all; asked only when the
+                # target's gradient is, as PyTorch's own losses raise for a target only then)
+                loss = loss + _Refused.apply(
+                    f"perturbations: the derivative of this loss with respect to {name} is not implemented (it "
+                    f"is differentiable in the predicted costs only): detach {name}",
+                    torch.full_like(loss.detach(), -0.0), r)
     return loss
 
 
@@ -179,27 +182,15 @@ def _tolerant_vjp(vjp, grad_y, inner):
     return torch.where(bad, torch.full((), math.nan, dtype=out.dtype, device=out.device), out)
 
 
-class _Once(torch.autograd.Function):
-    """(name, grad, *inputs) -> grad, on a node whose own derivative raises: a gradient
-    that the library computed off the graph, joined to every path back to the inputs it
-    came from (theta, and the incoming gradient: whatever that depends on), so that a
-    second derivative through it fails loudly instead of being lost (PyTorch's
-    once_differentiable joins it to none of them)."""
-
-    @staticmethod
-    def forward(ctx, name, grad, *inputs):
-        ctx.name = name
-        return grad.clone()
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(f"perturbations: {ctx.name} is differentiable once: a second derivative (double "
-                           f"backward, a gradient penalty) through its gradient is not computed")
-
-
 def _differentiable_once(name, grad, *inputs):
+    """A gradient the library computed off the graph, joined (under create_graph) to every
+    path back to the inputs it came from (theta, and the incoming gradient: whatever that
+    depends on), so that a second derivative through it fails loudly instead of being lost
+    (PyTorch's once_differentiable joins it to none of them)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _Once.apply(name, grad, *inputs)
+        return _Refused.apply(f"perturbations: {name} is differentiable once: a second derivative (double "
+                              f"backward, a gradient penalty) through its gradient is not computed",
+                              grad, *inputs)
     return grad
 
 

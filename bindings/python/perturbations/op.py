@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 
 from . import _native
-from ._arrays import _array_room, address, as_host, host_rows, ptr, shape_of, split_batch
+from ._arrays import _array_room, address, array_rows, as_host, host_rows, ptr, shape_of
 from ._native import P, lib
 from .config import Config, choice
 from .errors import Error, InvalidArgumentError, SenseWarning, SolverFailedError, _check, _last_error
@@ -113,9 +113,7 @@ class Pool(_Handle):
         not hold join as its newest members, each once, in the order of their last
         occurrence, then its oldest leave down to its capacity. All or nothing. Returns the
         pool."""
-        a, _ = as_host(solutions, "solutions")
-        _, flat = split_batch(a, self.output_shape, "solutions")
-        flat = np.ascontiguousarray(flat)
+        _, flat, _ = array_rows(solutions, self.output_shape, "solutions")
         with self._lock:
             _check(lib.pert_pool_add(self.handle, ptr(flat), flat.shape[0]))
         return self
@@ -717,9 +715,7 @@ class Op(_Handle):
         return a.shape[0] * self._settings["num_samples"]
 
     def _theta(self, theta):
-        a, back = as_host(theta, "theta")
-        batch_shape, flat = split_batch(a, self.input_shape, "theta")
-        return batch_shape, np.ascontiguousarray(flat), back
+        return array_rows(theta, self.input_shape, "theta")
 
     def forward(self, theta):
         """y_sigma(theta) for theta [*batch, *input_shape]: [*batch, *output_shape]."""
@@ -732,10 +728,8 @@ class Op(_Handle):
         """y*(x): the op's solver on each problem of x [*batch, *input_shape], with no
         noise (its threads and workers, as a forward call's solves): [*batch,
         *output_shape], the same kind of array as x. Draws no noise."""
-        a, back = as_host(x, "x")
-        batch_shape, flat = split_batch(a, self.input_shape, "x")
-        flat = np.ascontiguousarray(flat)
-        out = np.empty((flat.shape[0],) + self.output_shape, dtype=np.float32)
+        batch_shape, flat, back, room = host_rows(x, self.input_shape, "x")
+        out = room((flat.shape[0],) + self.output_shape)
         self._call(lib.pert_op_solve, flat, flat.shape[0], out, work=flat.shape[0], pace=False)
         return back(out.reshape(batch_shape + self.output_shape))
 
@@ -744,15 +738,10 @@ class Op(_Handle):
     # first's shape) and gives results per problem, the same kind of array as the first.
 
     def _method_args(self, first, what, *others):
-        batch_shape, a, back = self._theta(first) if what == "theta" else self._named(first, what)
+        batch_shape, a, back = array_rows(first, self.input_shape, what)
         full = batch_shape + self.input_shape
         rest = [self._broadcast(x, full, name).reshape(a.shape) for x, name in others]
         return batch_shape, a, back, rest
-
-    def _named(self, x, what):
-        a, back = as_host(x, what)
-        batch_shape, flat = split_batch(a, self.input_shape, what)
-        return batch_shape, np.ascontiguousarray(flat), back
 
     @staticmethod
     def _broadcast(x, full_shape, what):
