@@ -38,6 +38,7 @@ enum { MESSAGE_BYTES = 2048 };        /* the longest error message carried */
 enum { ROWS_PER_WORKER = 32 };        /* the most rows of one block per worker of its rank */
 #define MAX_MESSAGE_BYTES (64u << 20) /* the largest block message, in bytes */
 enum { RESULT_OK = 0, RESULT_FAILED = 1, RESULT_SKIPPED = 2, RESULT_STOPPED = 3 };
+enum { ENDED_STOPPED = 1, ENDED_FAILED = 2 }; /* how a rank's service ended: root was told either way */
 static const double STOP_GRACE = 1.0; /* seconds a stopping rank waits for its last answer */
 
 /* The header of a block and of its answer (plain uint64 words: MPI_BYTE on the wire). */
@@ -91,7 +92,7 @@ typedef struct ctx {
   pid_t pid;
   double timeout;
   pert_op *local;
-  int serving, ended; /* ended: root said stop (serve returns at once) */
+  int serving, ended; /* ended: ENDED_STOPPED (root said stop) or ENDED_FAILED (an MPI failure) */
   size_t *threads; /* each rank's workers */
   size_t all_threads, row_cap; /* row_cap: the most rows a message may carry */
   /* root only */
@@ -739,7 +740,7 @@ static pert_status serve(ctx *c) {
     MPI_Status st;
     if (stopping(c)) {
       LOCKED(rc, MPI_Recv(NULL, 0, MPI_BYTE, c->root, TAG_STOP, c->comm, MPI_STATUS_IGNORE));
-      c->ended = 1;
+      c->ended = ENDED_STOPPED;
       break;
     }
     while (waiting(c->comm, c->root, TAG_CANCEL, &st, &rc)) {
@@ -768,7 +769,7 @@ static pert_status serve(ctx *c) {
   }
   if (!wind_down(c, &sending)) free(reply);
   free(work);
-  c->ended = 1; /* (root was told the service ended, whatever ended it: no second service) */
+  if (!c->ended) c->ended = ENDED_FAILED; /* (root was told the service ended: no second one) */
   return failed ? pert_set_last_error(PERT_STATUS_SOLVER_FAILED, msg) : PERT_STATUS_OK;
 }
 
@@ -784,7 +785,9 @@ pert_status pert_mpi_serve(pert_op *op) {
   c->serving = 1;
   pthread_mutex_unlock(&registry_lock);
   if (busy) return pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "pert_mpi_serve already runs on this op");
-  pert_status s = c->ended      ? PERT_STATUS_OK /* (root's op is freed: nothing will come) */
+  pert_status s = c->ended == ENDED_STOPPED ? PERT_STATUS_OK /* (root's op is freed: nothing will come) */
+                  : c->ended       ? pert_set_last_error(PERT_STATUS_SOLVER_FAILED,
+                                                         "this rank's service ended with an MPI failure: free the op")
                   : mpi_usable() ? serve(c)
                                  : pert_set_last_error(PERT_STATUS_INVALID_ARGUMENT, "MPI is not initialized, or finalized");
   pthread_mutex_lock(&registry_lock);

@@ -119,8 +119,9 @@ pert_status pert_mpi_op_new_f(const pert_config *config, const int64_t *input_sh
  @return PERT_STATUS_OK once root's op was freed; PERT_STATUS_NULL_ARGUMENT for NULL;
          PERT_STATUS_INVALID_ARGUMENT for a handle that is not a serving rank's (root's,
          or not from pert_mpi_op_new), or a call while pert_mpi_serve already runs on it;
-         PERT_STATUS_SOLVER_FAILED when MPI fails (the message says how). A solver
-         failure does not end the service: it is reported to root, whose call fails.
+         PERT_STATUS_SOLVER_FAILED when MPI fails (the message says how; a later call
+         fails the same way: free the op). A solver failure does not end the service: it
+         is reported to root, whose call fails.
  */
 pert_status pert_mpi_serve(pert_op *op);
 

@@ -134,7 +134,7 @@ def _fy_setup(ctx, inputs, output):
 
 def _fy_backward(ctx, grad_loss, _grad_grad):
     from .torch import _fy_backward as eager  # the same formulas (and refusals) as in eager mode
-    g_theta, g_y, _ = eager(ctx, grad_loss)
+    g_theta, g_y, _ = eager(ctx, grad_loss, ctx.saved_tensors[2])
     return g_theta, g_y, None, None
 
 

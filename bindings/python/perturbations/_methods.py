@@ -209,11 +209,8 @@ class _Solve(torch.autograd.Function):
         theta, y = ctx.saved_tensors
         op, inner = ctx.op, len(ctx.op.input_shape)
         with torch.no_grad():
-            if ctx.lambd is None:
-                try:
-                    grad = op.negative_identity_vjp(grad_y)
-                except NonFiniteInputError:  # -g or g exactly, as PyEPO gives it
-                    grad = -grad_y if op.sense == "minimize" else grad_y.clone()
+            if ctx.lambd is None:  # -g or g, exactly (pert_negative_identity_vjp's rule), in g's dtype
+                grad = -grad_y if op.sense == "minimize" else grad_y.clone()
             else:
                 grad = _tolerant_vjp(lambda g: op.blackbox_vjp(theta.detach(), y, g, ctx.lambd), grad_y, inner)
         name = "the negative identity (NID)" if ctx.lambd is None else "the black-box gradient (DBB)"
@@ -421,13 +418,14 @@ class AIMLE(torch.nn.Module):
 def _pool_loss(method, op, pred_cost, target, reduction):
     _check_op(op, _POOL_LOSS_NAMES[method])
     _check_reduction(reduction)
-    name = "true_sol" if method in ("nce", "cmap") else "true_cost"
-    loss = _loss(lambda o, p, t: getattr(o, method)(p, t), op, pred_cost, (name,), target)
+    loss = _loss(lambda o, p, t: getattr(o, method)(p, t), op, pred_cost, (_POOL_LOSS_TARGETS[method],), target)
     return _reduce(loss, reduction)
 
 
 _POOL_LOSS_NAMES = {"nce": "NCE", "cmap": "CMAP", "ltr_pointwise": "the pointwise LTR loss",
                     "ltr_pairwise": "the pairwise LTR loss", "ltr_listwise": "the listwise LTR loss"}
+_POOL_LOSS_TARGETS = {"nce": "true_sol", "cmap": "true_sol", "ltr_pointwise": "true_cost",
+                      "ltr_pairwise": "true_cost", "ltr_listwise": "true_cost"}
 
 
 def nce(op: Op, pred_cost, true_sol, reduction: str = "mean") -> torch.Tensor:

@@ -1014,6 +1014,9 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
             box["error"] = e
         finally:
             op._errors.clear()
+            # the call has returned: the caller interrupts the op no more (another thread's
+            # call, which may take the turn below, is not this one's to stop)
+            box["returned"] = True
             # the turn first: the caller, once it sees the call finished, may raise and
             # its caller take the turn at once (an exception that waited for the call)
             lock.release()
@@ -1028,7 +1031,7 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
         try:
             while "finished" not in box:
                 try:
-                    if pending is not None:
+                    if pending is not None and "returned" not in box:
                         op.interrupt()
                     if done.acquire(timeout=-1 if pending is None else 0.005):
                         done.release()

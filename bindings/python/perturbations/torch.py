@@ -284,8 +284,10 @@ class _Frozen(torch.autograd.Function):
         return _Frozen.apply(g, theta), 0
 
 
-def _fy_backward(ctx, grad_loss):
-    grad, theta, y_true = ctx.saved_tensors
+def _fy_backward(ctx, grad_loss, y_true):
+    """The loss's backward; `y_true` (the target, its values unused) carries the gradient's
+    own derivative in it under create_graph."""
+    grad, theta = ctx.saved_tensors[:2]
     if torch.is_grad_enabled():  # create_graph (or a torch.func transform): see _Frozen
         # the gradient's own derivative in y_true is sign I (exact; the added term is 0)
         grad = _Frozen.apply(grad, theta) + ctx.sign * (y_true - y_true.detach())
@@ -301,14 +303,17 @@ class _PlainFenchelYoung(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, y_true, op):
         loss, grad = op.fenchel_young(theta.detach(), y_true.detach())
-        ctx.save_for_backward(grad, theta, y_true)
+        ctx.save_for_backward(grad, theta)
+        # (a reference, not a saved tensor: its values are never read, so y_true may change
+        # in place before backward, as before the create_graph term that uses it)
+        ctx.y_true = y_true
         ctx.sign = -1.0 if op.sense == "maximize" else 1.0
         ctx.inner = len(op.input_shape)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _fy_backward(ctx, grad_loss)
+        return _fy_backward(ctx, grad_loss, ctx.y_true)
 
 
 class _FenchelYoung(torch.autograd.Function):
@@ -321,18 +326,18 @@ class _FenchelYoung(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         theta, y_true, op = inputs
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1], theta, y_true)
-        ctx.save_for_forward(output[1], theta, y_true)
+        ctx.save_for_backward(output[1], theta, y_true)  # (torch.func wraps what is saved)
+        ctx.save_for_forward(output[1], theta)
         ctx.sign = -1.0 if op.sense == "maximize" else 1.0
         ctx.inner = len(op.input_shape)
 
     @staticmethod
     def backward(ctx, grad_loss, _):
-        return _fy_backward(ctx, grad_loss)
+        return _fy_backward(ctx, grad_loss, ctx.saved_tensors[2])
 
     @staticmethod
     def jvp(ctx, theta_t, y_t, _):
-        grad, theta, _ = ctx.saved_tensors
+        grad, theta = ctx.saved_tensors
         dims = tuple(range(-ctx.inner, 0))
         t = torch.zeros(grad.shape[:grad.dim() - ctx.inner], dtype=grad.dtype, device=grad.device)
         if theta_t is not None:

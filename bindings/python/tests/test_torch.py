@@ -148,3 +148,18 @@ def test_a_builtin_op_refuses_the_minimize_sense():
     with pytest.raises(pt.InvalidArgumentError, match="sense maximize"):
         pt.Op.builtin(pt.Config(sense="minimize", device="cpu"), "topk", 5, k=2)
     pt.Op.builtin(pt.Config(sense="maximize", device="cpu"), "ranks", 5).close()
+
+
+def test_fenchel_young_target_may_change_in_place_before_backward():
+    # backward never reads y_true's values (only create_graph's derivative in it uses the
+    # tensor): changing it in place after the loss is computed leaves backward working
+    import perturbations.torch as ptt
+    op = pt.Op.builtin(pt.Config(num_samples=50, sigma=SIGMA, device="cpu"), "argmax", (5,))
+    theta = torch.tensor(THETA, requires_grad=True)
+    y = torch.eye(5)[[1, 3]].requires_grad_(True)
+    target = y * 1.0
+    loss = ptt.fenchel_young(op, theta, target, reduction="sum")
+    with torch.no_grad():
+        target.zero_()
+    loss.backward()
+    assert torch.isfinite(theta.grad).all() and torch.equal(y.grad, -theta.detach())
