@@ -890,12 +890,15 @@ struct pert_aimle_state pert_aimle_state_default(void);
  equal its input shape.
 
  @param theta   `batch * input_numel` floats, finite.
- @param batch   Number of problems, >= 1.
+ @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written to output
+                (theta and output may then be NULL), no noise is drawn (the call does
+                not count), and `*record` receives a valid empty record whose backward
+                passes succeed and write nothing.
  @param output  Receives `batch * input_numel` floats; may overlap theta.
  @param record  Receives the record on success (free it with `pert_imle_free`); untouched
                 on error.
- @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, batch 0,
-         sizes overflow), `PERT_STATUS_NULL_ARGUMENT`, and the statuses of
+ @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
+         overflow), `PERT_STATUS_NULL_ARGUMENT`, and the statuses of
          `pert_forward`. On error nothing is written.
  */
 pert_status pert_imle_forward(struct pert_op *op,
@@ -939,7 +942,9 @@ pert_status pert_imle_vjp(struct pert_op *op,
  AI-MLE's backward pass (Minervini et al. 2023; PyEPO's `adaptiveImplicitMLE`):
  `pert_imle_vjp` with lambda = state->alpha * |theta| / |grad_output| (no solve and a
  zero gradient when that is 0), then `state` updated (see `pert_aimle_state`). `state` is
- read and written only on success; one state must not be used by two calls at once.
+ read and written only on success; one state must not be used by two calls at once. A
+ record of batch 0 gives `PERT_STATUS_OK` with nothing written and `state` unchanged
+ (there is no step to adapt).
 
  @return the statuses of `pert_imle_vjp`; `PERT_STATUS_INVALID_ARGUMENT` for a state
          holding a negative or non-finite value. On error nothing is written.

@@ -267,3 +267,26 @@ fn errors_are_clear() {
         "{err}"
     );
 }
+
+#[test]
+fn an_empty_batch_gives_empty_results_and_moves_nothing() {
+    let o = op(Noise::Gumbel, Sense::Maximize, 10, 2);
+    let twin = op(Noise::Gumbel, Sense::Maximize, 10, 2);
+    let empty = theta().narrow(0, 0, 0);
+    let (y, record) = o.imle_forward(&empty).unwrap();
+    assert_eq!(y.size(), vec![0, D as i64]);
+    assert_eq!(record.batch(), 0);
+    let grad = o.imle_vjp(&record, &empty, 1.0, true).unwrap();
+    assert_eq!(grad.size(), vec![0, D as i64]);
+    // λ is still checked, and the record still belongs to its op
+    assert!(o.imle_vjp(&record, &empty, 0.0, false).is_err());
+    assert!(twin.imle_vjp(&record, &empty, 1.0, false).is_err());
+    let mut state = AimleState::default();
+    let grad = o.aimle_vjp(&record, &empty, false, &mut state).unwrap();
+    assert_eq!(grad.size(), vec![0, D as i64]);
+    assert_eq!(state, AimleState::default(), "no step to adapt");
+    // the empty call drew nothing: the next call draws what the twin's first does
+    let (a, _) = o.imle_forward(&theta()).unwrap();
+    let (b, _) = twin.imle_forward(&theta()).unwrap();
+    assert_eq!(host(&a), host(&b));
+}

@@ -4,7 +4,6 @@ use super::boundary::{self, guard, guard_or, slice};
 use super::handle::{handle, Handle};
 use super::op::pert_op;
 use super::status::pert_status;
-use crate::error::Error;
 use crate::methods::{AimleState, ImleRecord, Rows};
 use crate::shape::{batched, checked_product};
 
@@ -54,12 +53,15 @@ pub extern "C" fn pert_aimle_state_default() -> pert_aimle_state {
 /// equal its input shape.
 ///
 /// @param theta   `batch * input_numel` floats, finite.
-/// @param batch   Number of problems, >= 1.
+/// @param batch   Number of problems. 0: `PERT_STATUS_OK`, nothing is written to output
+///                (theta and output may then be NULL), no noise is drawn (the call does
+///                not count), and `*record` receives a valid empty record whose backward
+///                passes succeed and write nothing.
 /// @param output  Receives `batch * input_numel` floats; may overlap theta.
 /// @param record  Receives the record on success (free it with `pert_imle_free`); untouched
 ///                on error.
-/// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, batch 0,
-///         sizes overflow), `PERT_STATUS_NULL_ARGUMENT`, and the statuses of
+/// @return `PERT_STATUS_INVALID_ARGUMENT` (output shape differs from input shape, sizes
+///         overflow), `PERT_STATUS_NULL_ARGUMENT`, and the statuses of
 ///         `pert_forward`. On error nothing is written.
 #[no_mangle]
 pub unsafe extern "C" fn pert_imle_forward(
@@ -73,9 +75,6 @@ pub unsafe extern "C" fn pert_imle_forward(
         let op = unsafe { pert_op::borrow(op, "op") }?;
         op.require_square("I-MLE")?;
         let record = unsafe { boundary::arg_mut(record, "record") }?;
-        if batch == 0 {
-            return Err(Error::invalid("batch must be >= 1 for I-MLE, got 0"));
-        }
         op.check_batch(batch)?;
         let d = op.input_numel();
         let len = checked_product(&[batch, d], "batch * input_numel")?;
@@ -171,7 +170,9 @@ pub unsafe extern "C" fn pert_imle_vjp(
 /// AI-MLE's backward pass (Minervini et al. 2023; PyEPO's `adaptiveImplicitMLE`):
 /// `pert_imle_vjp` with lambda = state->alpha * |theta| / |grad_output| (no solve and a
 /// zero gradient when that is 0), then `state` updated (see `pert_aimle_state`). `state` is
-/// read and written only on success; one state must not be used by two calls at once.
+/// read and written only on success; one state must not be used by two calls at once. A
+/// record of batch 0 gives `PERT_STATUS_OK` with nothing written and `state` unchanged
+/// (there is no step to adapt).
 ///
 /// @return the statuses of `pert_imle_vjp`; `PERT_STATUS_INVALID_ARGUMENT` for a state
 ///         holding a negative or non-finite value. On error nothing is written.

@@ -87,7 +87,8 @@ impl PerturbedOp {
     /// [`PerturbedOp::forward`], from the same draws: one call of the op), and the record
     /// of the perturbed inputs and solutions that its backward passes use. Its noise may be
     /// any of the op's, Sum-of-Gamma included (no score is needed). The op's output shape
-    /// must equal its input shape.
+    /// must equal its input shape. A batch of 0 draws nothing (the call does not count) and
+    /// gives an empty mean and a record whose backward passes give empty gradients.
     pub fn imle_forward(&self, theta: &Tensor) -> Result<(Tensor, ImleRecord)> {
         let (call, theta_host) = Call::of(self, "I-MLE", theta, "theta")?;
         let (mean, record, additions) = self.imle_forward_rows(call.rows, theta_host, theta)?;
@@ -112,6 +113,22 @@ impl PerturbedOp {
     ) -> Result<(Vec<f32>, ImleRecord, Additions)> {
         self.require_square("I-MLE")?;
         let n = self.config().num_samples() as usize;
+        if rows.batch == 0 {
+            // no problem: an empty mean and an empty record, no noise drawn (the call does
+            // not count, as a forward call of batch 0), whose backward passes write nothing
+            let record = ImleRecord {
+                spec: self.spec().clone(),
+                rows,
+                samples: n,
+                theta,
+                inputs: Vec::new(),
+                solutions: Vec::new(),
+                call: 0,
+                shape: vec![0, rows.d as i64],
+                device: Device::Cpu,
+            };
+            return Ok((Vec::new(), record, Additions::none()));
+        }
         // the draw's own buffer (its rows of θ under the clean-input baseline dropped)
         let draw = self.draw(tensor)?;
         let call = draw.call();
@@ -165,7 +182,7 @@ impl PerturbedOp {
 
     /// AI-MLE's gradient: I-MLE's with λ = α‖θ‖/‖g‖ (norms over the whole batch; no solve
     /// and a zero gradient when g or α is 0), then α updated in `state` (see [`AimleState`];
-    /// on error `state` is unchanged).
+    /// on error, and for a record of no problem, `state` is unchanged).
     pub fn aimle_vjp(
         &self,
         record: &ImleRecord,
@@ -227,6 +244,9 @@ impl PerturbedOp {
     ) -> Result<(Vec<f32>, Additions)> {
         self.check_record(record)?;
         state.check()?;
+        if record.rows.batch == 0 {
+            return Ok((Vec::new(), Additions::none())); // no problem: no step, α unchanged
+        }
         let norm = |v: &[f32]| {
             v.iter()
                 .map(|&x| f64::from(x) * f64::from(x))
@@ -271,6 +291,9 @@ impl PerturbedOp {
         what: &str,
     ) -> Result<(Vec<f32>, Additions)> {
         let (rows, n) = (record.rows, record.samples);
+        if rows.batch == 0 {
+            return Ok((Vec::new(), Additions::none())); // no problem, nothing to solve
+        }
         // with a pool: each moved sample solved or answered as the forward's sample was
         // (the forward call's decisions, from the pool as this call began), so that a
         // sample's difference is that of two solves or of two answers

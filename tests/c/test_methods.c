@@ -407,9 +407,17 @@ static bool imle_by_its_formula(void) {
   CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_aimle_vjp(op, record, g, 0, &bad, keep));
   CHECK(bad.alpha == -1.0);
   for (int i = 0; i < 6; i++) CHECK(keep[i] == -7);
-  pert_imle *none = NULL;
-  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_imle_forward(op, theta, 0, y, &none));
-  CHECK(none == NULL && pert_imle_batch(NULL) == 0);
+  /* batch 0: an empty record (NULL buffers accepted), whose backward passes succeed and
+     write nothing; the AI-MLE state is left as it was */
+  pert_imle *empty = NULL;
+  CHECK_OK(pert_imle_forward(op, NULL, 0, NULL, &empty));
+  CHECK(empty != NULL && pert_imle_batch(empty) == 0 && pert_imle_batch(NULL) == 0);
+  CHECK_OK(pert_imle_vjp(op, empty, NULL, 1.0, 1, NULL));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_imle_vjp(op, empty, NULL, -1.0, 0, NULL));
+  pert_aimle_state kept = pert_aimle_state_default();
+  CHECK_OK(pert_aimle_vjp(op, empty, NULL, 0, &kept, NULL));
+  CHECK(kept.alpha == 1.0 && kept.grad_norm_avg == 1.0);
+  pert_imle_free(empty);
   pert_imle_free(NULL);
   pert_draw_free(draw);
   pert_imle_free(record);

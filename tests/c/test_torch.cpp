@@ -286,6 +286,16 @@ int main() {
       auto th8 = pred.detach().clone().requires_grad_(true);
       (pert::autograd::aimle(a, th8, state) * cost).sum().backward();
       EXPECT(th8.grad().defined() && state.alpha != 1.0);
+      // no problem: an empty result and an empty gradient; AI-MLE's state is kept
+      pert_aimle_state kept = pert_aimle_state_default();
+      for (int adaptive = 0; adaptive < 2; adaptive++) {
+        auto th9 = ::torch::zeros({0, 3}).requires_grad_(true);
+        auto y9 = adaptive ? pert::autograd::aimle(a, th9, kept) : pert::autograd::imle(a, th9, 2.0, true);
+        EXPECT(y9.size(0) == 0 && y9.size(1) == 3);
+        y9.sum().backward();
+        EXPECT(th9.grad().defined() && th9.grad().size(0) == 0);
+      }
+      EXPECT(kept.alpha == 1.0 && kept.grad_norm_avg == 1.0);
     }
 
     // the solve layers need a linear objective: a non-square op is refused in forward

@@ -276,8 +276,6 @@ class _Imle(torch.autograd.Function):
 def _imle_layer(op, theta, lambd, two_sided, state):
     theta = _tensor(theta)
     if _needs_grad(theta):
-        if theta.numel() == 0:  # no problem: an empty result, its (empty) gradient zero
-            return op.forward(theta.detach()) + theta * 0
         return _Imle.apply(theta, op, lambd, bool(two_sided), state)
     return op.forward(theta)
 

@@ -878,8 +878,6 @@ class Op(_Handle):
         Sum-of-Gamma included), and the `ImleRecord` of its perturbed inputs and solutions
         for `imle_vjp` / `aimle_vjp` on this op."""
         batch_shape, a, back = self._theta(theta)
-        if a.shape[0] == 0:
-            raise InvalidArgumentError(2, "theta must hold at least one problem for I-MLE")
         out = np.empty(a.shape, dtype=np.float32)
         h = P()
         self._call(lib.pert_imle_forward, a, a.shape[0], out, ctypes.byref(h), work=self._work(a))

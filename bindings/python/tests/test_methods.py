@@ -313,6 +313,13 @@ def test_aimle_module_keeps_and_adapts_its_state():
         y.sum().backward()
         assert empty.grad.shape == (0, D)
         assert layer_of(empty.detach()).shape == (0, D)
+    # the library's own empty record: backward passes write nothing, AI-MLE's state is kept
+    y, record = op.imle_forward(empty.detach())
+    assert y.shape == (0, D) and record.batch_shape == (0,)
+    assert op.imle_vjp(record, torch.zeros(0, D), 1.0, two_sided=True).shape == (0, D)
+    state = pt.AimleState()
+    assert op.aimle_vjp(record, torch.zeros(0, D), state).shape == (0, D)
+    assert (state.alpha, state.grad_norm_avg) == (1.0, 1.0)
 
 
 
