@@ -380,7 +380,9 @@ nightly:
 	@rustup +$(NIGHTLY) component list --installed | grep -q '^rust-src' || rustup +$(NIGHTLY) component add rust-src
 
 # The long sweeps: bit equality over random shapes, op kinds and thread settings, and
-# forks at random moments of other threads' calls (every child frees every op and exits).
+# forks at random moments of other threads' calls (every child frees every op and exits;
+# every child's first call on a new thread succeeds while the parent's new threads make
+# their first calls).
 SWEEP_CASES ?= 3000
 FORK_SWEEP ?= 2000
 sweeps: ctest

@@ -16,6 +16,10 @@
 //! handlers are registered when the library is loaded (so that, in a program linked with
 //! it, the program's own handlers run before ours at a fork and after ours in the child),
 //! else at the first use.
+//!
+//! A second gate, [`foreign`], is for short calls into other libraries whose locks no fork
+//! handler protects (MKL's): a fork waits for the threads inside it too, but only up to a
+//! bound, since such a call may wait for a lock that another fork handler holds.
 
 use crate::error::{Error, Result};
 use std::cell::Cell;
@@ -24,6 +28,13 @@ use std::sync::{Mutex, MutexGuard};
 
 /// Threads inside the gate now (or about to look whether it is open).
 static INSIDE: AtomicUsize = AtomicUsize::new(0);
+/// Threads inside the foreign gate now ([`foreign`]: calls into libraries whose locks no
+/// fork handler protects), or about to look whether it is open.
+static FOREIGN: AtomicUsize = AtomicUsize::new(0);
+/// How long a fork waits for the threads inside the foreign gate. Their calls take
+/// microseconds; a longer wait means that such a call waits for the forking thread (another
+/// runtime's fork handler, run before ours, holds a lock it needs), and the fork goes on.
+const FOREIGN_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// Forks under way in this process (the gate is closed while > 0).
 static FORKING: AtomicUsize = AtomicUsize::new(0);
 /// Whether the fork handlers are registered in this process.
@@ -57,6 +68,11 @@ extern "C" fn before_fork() {
     while INSIDE.load(SeqCst) != 0 {
         pause(&mut spins);
     }
+    // (clock_gettime, which Instant reads, may be called in a fork handler)
+    let start = std::time::Instant::now();
+    while FOREIGN.load(SeqCst) != 0 && start.elapsed() < FOREIGN_WAIT {
+        pause(&mut spins);
+    }
 }
 
 /// After a fork, in the parent: opens the gate (when no other fork is under way).
@@ -70,6 +86,7 @@ extern "C" fn after_fork_in_parent() {
 extern "C" fn after_fork_in_child() {
     FORKING_HERE.with(|f| f.set(false));
     INSIDE.store(0, SeqCst);
+    FOREIGN.store(0, SeqCst);
     FORKING.store(0, SeqCst);
     REGISTERED.store(true, SeqCst); // (the handlers ran: they are registered)
 }
@@ -130,16 +147,34 @@ fn register() -> Result<()> {
     }
 }
 
-/// Inside the gate until dropped (on the thread that entered: not `Send`).
-struct Inside(std::marker::PhantomData<*const ()>);
+/// Runs `f` inside the foreign gate: a fork waits for it to return, up to a bound
+/// (100 ms), and threads that come to the gate during a fork wait for it to end. For short
+/// calls into a library whose own locks no fork handler protects: MKL's per-thread set-up
+/// (run by libtorch's, and by MKL's thread-count calls) takes MKL's spin lock, and a
+/// child forked while a thread held it hung at its first call. `f` must call no user code.
+/// The bound keeps a fork from waiting forever where `f` waits for the forking thread (an
+/// OpenMP runtime whose fork handler runs before ours and holds the lock a new thread's
+/// first OpenMP call takes): such a fork goes on after the bound, as it would without the
+/// gate. Without fork handlers (no memory to register them), `f` runs as it is.
+pub(crate) fn foreign<R>(f: impl FnOnce() -> R) -> R {
+    if register().is_err() {
+        return f();
+    }
+    let _inside = Inside::enter(&FOREIGN);
+    f()
+}
+
+/// Inside a gate until dropped (on the thread that entered: not `Send`).
+struct Inside(&'static AtomicUsize, std::marker::PhantomData<*const ()>);
 
 impl Inside {
-    /// Waits while a fork is under way (unless this thread is forking), then enters.
-    fn enter() -> Inside {
+    /// Waits while a fork is under way (unless this thread is forking), then enters the
+    /// gate whose count of threads inside is `count`.
+    fn enter(count: &'static AtomicUsize) -> Inside {
         let mut spins = 0;
         loop {
-            INSIDE.fetch_add(1, SeqCst);
-            let inside = Inside(std::marker::PhantomData); // (leaves on drop)
+            count.fetch_add(1, SeqCst);
+            let inside = Inside(count, std::marker::PhantomData); // (leaves on drop)
             if FORKING.load(SeqCst) == 0 || FORKING_HERE.with(Cell::get) {
                 return inside; // (a fork that begins now waits for this thread to leave)
             }
@@ -153,7 +188,7 @@ impl Inside {
 
 impl Drop for Inside {
     fn drop(&mut self) {
-        INSIDE.fetch_sub(1, SeqCst);
+        self.0.fetch_sub(1, SeqCst);
     }
 }
 
@@ -172,7 +207,7 @@ impl<T> ForkSafeMutex<T> {
     /// Runs `f` on the value under the lock, inside the gate (a panic of an earlier holder
     /// does not poison it: every holder leaves the value whole).
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        let _inside = Inside::enter();
+        let _inside = Inside::enter(&INSIDE);
         let mut guard: MutexGuard<'_, T> = self.0.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut guard)
     }
@@ -224,5 +259,64 @@ mod tests {
         after_fork_in_parent();
         other.join().unwrap();
         assert_eq!(m.with(|v| *v), 1);
+    }
+
+    /// A fork waits for a thread inside the foreign gate until it leaves, and no longer
+    /// than the bound when it does not (its call waits for the forking thread); threads
+    /// that come to the foreign gate during a fork wait for it to end.
+    #[test]
+    fn a_fork_waits_for_foreign_calls_within_a_bound() {
+        use std::sync::{atomic::AtomicBool, mpsc, Arc};
+        use std::time::{Duration, Instant};
+        let _end = PretendFork;
+        // a short call: the fork goes on once it has returned (or after the bound, where
+        // the machine preempted it that long)
+        let left = Arc::new(AtomicBool::new(false));
+        let (entered, wait_entered) = mpsc::channel();
+        let short = {
+            let left = left.clone();
+            std::thread::spawn(move || {
+                foreign(|| {
+                    entered.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(5));
+                    left.store(true, SeqCst);
+                })
+            })
+        };
+        wait_entered.recv().unwrap();
+        let start = Instant::now();
+        before_fork();
+        assert!(
+            left.load(SeqCst) || start.elapsed() >= FOREIGN_WAIT,
+            "the fork waited for the call inside the gate"
+        );
+        // a thread that comes to the gate now waits until the fork has ended
+        let came = Arc::new(AtomicBool::new(false));
+        let late = {
+            let came = came.clone();
+            std::thread::spawn(move || foreign(|| came.store(true, SeqCst)))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!came.load(SeqCst), "a call waits while a fork is under way");
+        after_fork_in_parent();
+        late.join().unwrap();
+        short.join().unwrap();
+        assert!(came.load(SeqCst));
+        // a call that waits for the forking thread: the fork goes on after the bound
+        let (release, wait_release) = mpsc::channel::<()>();
+        let (entered, wait_entered) = mpsc::channel();
+        let stuck = std::thread::spawn(move || {
+            foreign(|| {
+                entered.send(()).unwrap();
+                wait_release.recv().unwrap();
+            })
+        });
+        wait_entered.recv().unwrap();
+        let start = Instant::now();
+        before_fork();
+        assert!(start.elapsed() >= FOREIGN_WAIT, "the fork waited the bound");
+        after_fork_in_parent();
+        release.send(()).unwrap();
+        stuck.join().unwrap();
     }
 }

@@ -178,6 +178,13 @@ pub(crate) fn cap(max_threads: u32) -> Cap {
             _thread: std::marker::PhantomData,
         };
     }
+    // (OpenMP's, MKL's and libtorch's set-up calls inside the fork gate: MKL's set-up takes
+    // its own spin lock, which a child forked meanwhile would find held forever)
+    crate::fork_safe::foreign(|| capped(max_threads))
+}
+
+/// [`cap`]'s work, inside the foreign fork gate.
+fn capped(max_threads: u32) -> Cap {
     CAPS.with(|caps| {
         let mut caps = caps.borrow_mut();
         let set_up = SET_UP.with(std::cell::Cell::get);
@@ -229,7 +236,7 @@ impl Drop for Cap {
         CAPS.with(|caps| {
             let mut caps = caps.borrow_mut();
             caps.live.retain(|&(id, _)| id != self.id);
-            caps.apply();
+            crate::fork_safe::foreign(|| caps.apply());
         })
     }
 }

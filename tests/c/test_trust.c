@@ -116,6 +116,68 @@ static bool freeing_ops_in_a_child_forked_during_calls_never_hangs(void) {
   return true;
 }
 
+/* A thread's first call runs libtorch's and MKL's per-thread set-up, which takes MKL's own
+ * lock: a child forked while a parent's thread held it hung at its own first call (about 1
+ * fork in 5000 here). Parent threads keep starting threads that make one call each; each
+ * child makes its first call on a new thread and frees the op. $PERT_FORK_SWEEP as above. */
+typedef struct {
+  pert_op *op;
+  atomic_int stop;
+  atomic_int failed;
+} first_calls;
+
+static void *one_first_call(void *arg) {
+  first_calls *f = arg;
+  float theta[FD] = {0.1f, 0.4f, -0.2f, 0.3f}, y[FD];
+  if (pert_forward(f->op, theta, 1, y, NULL) != PERT_STATUS_OK) atomic_store(&f->failed, 1);
+  return NULL;
+}
+
+static void *start_first_calls(void *arg) {
+  first_calls *f = arg;
+  while (!atomic_load(&f->stop)) {
+    pthread_t t;
+    if (pthread_create(&t, NULL, one_first_call, f) == 0) pthread_join(t, NULL);
+  }
+  return NULL;
+}
+
+/* In a child: one call on a new thread, then the op freed. */
+static int first_call_on_a_new_thread(void *arg) {
+  first_calls *f = arg;
+  pthread_t t;
+  if (pthread_create(&t, NULL, one_first_call, f) != 0) return 2;
+  pthread_join(t, NULL);
+  pert_op_free(f->op);
+  return atomic_load(&f->failed) ? 3 : 0;
+}
+
+static bool a_childs_first_call_never_hangs_on_a_lock_of_the_parents_first_calls(void) {
+  pert_config *c = config(8, 1, 0);
+  CHECK(c != NULL);
+  first_calls f = {0};
+  int64_t shape[] = {FD};
+  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, shape, 1, &f.op));
+  enum { STARTERS = 4 };
+  pthread_t threads[STARTERS];
+  for (int i = 0; i < STARTERS; i++) CHECK(pthread_create(&threads[i], NULL, start_first_calls, &f) == 0);
+  const char *sweep = getenv("PERT_FORK_SWEEP");
+  int forks = sweep && atoi(sweep) > 0 ? atoi(sweep) : 150;
+  int hung = 0, failed = 0;
+  for (int k = 0; k < forks; k++) {
+    usleep((useconds_t)(50 + k * 37 % 500));
+    child_end end = fork_and_wait(first_call_on_a_new_thread, &f);
+    hung += end == CHILD_HUNG, failed += end == CHILD_FAILED;
+  }
+  atomic_store(&f.stop, 1);
+  for (int i = 0; i < STARTERS; i++) pthread_join(threads[i], NULL);
+  if (hung || failed || forks > 150) fprintf(stderr, "  %d forks: %d children hung, %d failed\n", forks, hung, failed);
+  CHECK(hung == 0 && failed == 0 && !atomic_load(&f.failed));
+  pert_op_free(f.op);
+  pert_config_free(c);
+  return true;
+}
+
 /* ---- floating-point state ------------------------------------------------------------ */
 
 #if defined(__x86_64__)
@@ -454,6 +516,7 @@ static bool argmax_forward_equals_draw_and_finish(void) {
 int main(void) {
   const test_case tests[] = {
       TEST(freeing_ops_in_a_child_forked_during_calls_never_hangs),
+      TEST(a_childs_first_call_never_hangs_on_a_lock_of_the_parents_first_calls),
 #if defined(__x86_64__)
       TEST(a_callback_that_switches_on_flush_to_zero_changes_nothing),
 #endif
