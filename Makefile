@@ -80,10 +80,14 @@ $(TORCH_STAMP):
 
 # --- build ----------------------------------------------------------------
 MAJOR := $(shell sed -n 's/^version = "\([0-9]*\)\..*/\1/p' Cargo.toml | head -1)
+MINOR := $(shell sed -n 's/^version = "[0-9]*\.\([0-9]*\)\..*/\1/p' Cargo.toml | head -1)
+# The version the SONAMEs carry: the major, and before 1.0 the minor too (0.1 and 0.2
+# are incompatible: cargo-c's rule; build.rs and packaging/install.sh follow it)
+SOVERSION := $(if $(filter 0,$(MAJOR)),$(MAJOR).$(MINOR),$(MAJOR))
 build: tools $(TORCH_DEP)
 	$(CARGO) build --release
 	@test -f $(BUILD_DIR)/libperturbations.so && test -f $(BUILD_DIR)/libperturbations.a
-	@ln -sf libperturbations.so $(BUILD_DIR)/libperturbations.so.$(MAJOR)  # the SONAME, as installed
+	@ln -sf libperturbations.so $(BUILD_DIR)/libperturbations.so.$(SOVERSION)  # the SONAME, as installed
 
 # The code gates (make test, so CI): formatting, clippy with every warning an error (no
 # library function over 100 lines: clippy.toml, src/lib.rs), and the docs of every item,
@@ -197,10 +201,10 @@ mpi: mpi-tools
 mpi-lib: build
 	@if $(HAVE_MPI); then \
 	  echo "$(MPICC): building $(MPI_LIB)"; \
-	  $(MPICC) $(CFLAGS_STRICT) -fPIC -shared -Wl,-soname,libperturbations_mpi.so.$(MAJOR) -Iinclude \
+	  $(MPICC) $(CFLAGS_STRICT) -fPIC -shared -Wl,-soname,libperturbations_mpi.so.$(SOVERSION) -Iinclude \
 	    bindings/mpi/perturbations_mpi.c -o $(MPI_LIB) -L$(BUILD_DIR) -lperturbations \
 	    -Wl,-rpath,'$$ORIGIN' -lpthread && \
-	  ln -sf libperturbations_mpi.so $(BUILD_DIR)/libperturbations_mpi.so.$(MAJOR); \
+	  ln -sf libperturbations_mpi.so $(BUILD_DIR)/libperturbations_mpi.so.$(SOVERSION); \
 	else \
 	  echo "SKIPPED the MPI component: $(MPICC)/mpirun not found"; \
 	fi
@@ -397,7 +401,7 @@ sweeps: ctest
 FAULT_DIR := target/fault
 fault: tools nightly $(TORCH_DEP)
 	RUSTFLAGS="--cfg pert_fault_injection" $(CARGO_ENV) cargo +$(NIGHTLY) build --release --lib --target-dir $(FAULT_DIR)
-	@ln -sf libperturbations.so $(FAULT_DIR)/release/libperturbations.so.$(MAJOR)
+	@ln -sf libperturbations.so $(FAULT_DIR)/release/libperturbations.so.$(SOVERSION)
 	cc -std=c11 -O1 -g -Wall -Wextra -Werror -Iinclude tests/fault/fault_inject.c -o $(FAULT_DIR)/fault_inject \
 	  -L$(FAULT_DIR)/release -lperturbations -Wl,-rpath,$(abspath $(FAULT_DIR)/release) -lm -lpthread -ldl
 	$(FAULT_DIR)/fault_inject 2> target/fault-inject.log || { tail -40 target/fault-inject.log; exit 1; }
@@ -427,7 +431,7 @@ TSAN_RUN := TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$
 TSAN_PROGRAMS := test_threads sweep_bits
 tsan: tools nightly clang-tools $(TORCH_DEP)
 	$(TSAN_CARGO) build -Zbuild-std --target $(RUST_TARGET) --release --lib --target-dir $(TSAN_DIR)
-	@ln -sf libperturbations.so $(TSAN_LIB)/libperturbations.so.$(MAJOR)
+	@ln -sf libperturbations.so $(TSAN_LIB)/libperturbations.so.$(SOVERSION)
 	@runtime="$$(rustc +$(NIGHTLY) --print sysroot)/lib/rustlib/$(RUST_TARGET)/lib/librustc-nightly_rt.tsan.a"; \
 	for t in $(TSAN_PROGRAMS); do \
 	  clang-14 -fsanitize=thread -g -O1 -std=gnu11 -c tests/c/$$t.c -o $(TSAN_DIR)/$$t.o -Iinclude && \
@@ -480,7 +484,7 @@ SANCOV := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=3 \
 FUZZ_ENV := ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=0
 fuzz: build clang-tools
 	$(CARGO) rustc --release --lib --target-dir $(FUZZ_LIB_DIR) -- $(SANCOV)
-	@ln -sf libperturbations.so $(FUZZ_LIB_DIR)/release/libperturbations.so.$(MAJOR)
+	@ln -sf libperturbations.so $(FUZZ_LIB_DIR)/release/libperturbations.so.$(SOVERSION)
 	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_api.c -o target/fuzz_api -Iinclude \
 	  -L$(FUZZ_LIB_DIR)/release -lperturbations -Wl,-rpath,$(abspath $(FUZZ_LIB_DIR)/release) -Wl,--export-dynamic -lm
 	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_api.c -o target/fuzz_api_harness_only $(LINK_PERT)

@@ -7,10 +7,11 @@
 //! * libtorch_cuda NOT linked: torch-sys asks for it, and the default `--as-needed` drops
 //!   it (nothing refers to its symbols). The library loads it at run time when CUDA is
 //!   needed (src/cuda_libraries.rs), so that CPU-only processes do not map it.
-//! * A SONAME with the major version on the cdylib (`libperturbations.so.0`), so that
-//!   applications record it instead of the absolute path of the build tree, and two major
-//!   versions can be installed side by side (`make build` links `libperturbations.so.0`
-//!   to the build's `libperturbations.so`, as an install does).
+//! * A SONAME with the ABI version on the cdylib: the major, and before 1.0 the minor too
+//!   (`libperturbations.so.0.1`: 0.1 and 0.2 are incompatible, cargo-c's rule), so that
+//!   applications record it instead of the absolute path of the build tree, and two
+//!   incompatible versions can be installed side by side (`make build` links
+//!   `libperturbations.so.0.1` to the build's `libperturbations.so`, as an install does).
 //! * Only `pert_*` exported from the cdylib: rustc exports every `#[no_mangle]` function
 //!   of every dependency (torch-sys's `tch_*_stream_*`, bzip2's `bz_internal_error`), which
 //!   could collide with other libraries in the host process. A second version script does
@@ -31,6 +32,12 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{rpath}");
     println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
     let major = std::env::var("CARGO_PKG_VERSION_MAJOR").expect("cargo sets the version");
-    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libperturbations.so.{major}");
+    let minor = std::env::var("CARGO_PKG_VERSION_MINOR").expect("cargo sets the version");
+    let abi = if major == "0" {
+        format!("0.{minor}")
+    } else {
+        major
+    };
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libperturbations.so.{abi}");
     println!("cargo:rustc-cdylib-link-arg=-Wl,--exclude-libs,ALL");
 }

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the built library under PREFIX: lib/libperturbations.so.VERSION with the links
-# libperturbations.so.MAJOR (the SONAME: two majors install side by side) and
+# libperturbations.so.ABI (the SONAME: the major, and before 1.0 major.minor, so that two
+# incompatible versions install side by side) and
 # libperturbations.so, lib/libperturbations.a, include/perturbations.h,
 # perturbations.hpp and perturbations_torch.hpp, a pkg-config file and a CMake package; and
 # the MPI component (libperturbations_mpi.so.VERSION and its links, perturbations_mpi.h,
@@ -15,14 +16,15 @@
 set -eu
 PREFIX="$1"; ROOT="$2"; VERSION="$3"
 major=${VERSION%%.*}; rest=${VERSION#*.}; minor=${rest%%.*}
+if [ "$major" = 0 ]; then soversion="0.$minor"; else soversion="$major"; fi
 mkdir -p "$PREFIX"
 PREFIX=$(CDPATH= cd -- "$PREFIX" && pwd) # (absolute: the .pc files carry it; a relative one worked only from here)
 lib="$PREFIX/lib"
 mkdir -p "$lib/pkgconfig" "$lib/cmake/perturbations" "$PREFIX/include"
 so="$lib/libperturbations.so.$VERSION"
 install -m 755 "$ROOT/target/release/libperturbations.so" "$so"
-ln -sf "libperturbations.so.$VERSION" "$lib/libperturbations.so.$major"
-ln -sf "libperturbations.so.$major" "$lib/libperturbations.so"
+ln -sf "libperturbations.so.$VERSION" "$lib/libperturbations.so.$soversion"
+ln -sf "libperturbations.so.$soversion" "$lib/libperturbations.so"
 if [ -n "${TORCH_LIB:-}" ]; then
   command -v patchelf >/dev/null || { echo "TORCH_LIB needs patchelf (apt-get install patchelf)"; exit 1; }
   case "$TORCH_LIB" in
@@ -41,8 +43,8 @@ install -m 644 "$ROOT/bindings/cpp/perturbations_torch.hpp" "$PREFIX/include/per
 mpi_so="$ROOT/target/release/libperturbations_mpi.so"
 if [ -f "$mpi_so" ]; then
   install -m 755 "$mpi_so" "$lib/libperturbations_mpi.so.$VERSION"
-  ln -sf "libperturbations_mpi.so.$VERSION" "$lib/libperturbations_mpi.so.$major"
-  ln -sf "libperturbations_mpi.so.$major" "$lib/libperturbations_mpi.so"
+  ln -sf "libperturbations_mpi.so.$VERSION" "$lib/libperturbations_mpi.so.$soversion"
+  ln -sf "libperturbations_mpi.so.$soversion" "$lib/libperturbations_mpi.so"
   install -m 644 "$ROOT/bindings/mpi/perturbations_mpi.h" "$PREFIX/include/perturbations_mpi.h"
 fi
 runpath=$(readelf -d "$so" | sed -n 's/.*R\(UN\)*PATH.*\[\(.*\)\]/\2/p')
@@ -55,7 +57,7 @@ for dir in $(echo "$runpath" | tr ':' ' '); do
   esac
   if [ -f "$dir/libtorch_cpu.so" ]; then torch_link="-L$dir -Wl,-rpath,$dir"; fi
 done
-subst() { sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@VERSION@|$VERSION|g" -e "s|@VERSION_MAJOR@|$major|g" -e "s|@VERSION_MINOR@|$minor|g" -e "s|@TORCH_LINK@|$torch_link|g" "$1" > "$2"; }
+subst() { sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@VERSION@|$VERSION|g" -e "s|@VERSION_MAJOR@|$major|g" -e "s|@VERSION_MINOR@|$minor|g" -e "s|@SOVERSION@|$soversion|g" -e "s|@TORCH_LINK@|$torch_link|g" "$1" > "$2"; }
 subst "$ROOT/packaging/perturbations.pc.in" "$lib/pkgconfig/perturbations.pc"
 subst "$ROOT/packaging/perturbations-static.pc.in" "$lib/pkgconfig/perturbations-static.pc"
 subst "$ROOT/packaging/perturbationsConfig.cmake.in" "$lib/cmake/perturbations/perturbationsConfig.cmake"

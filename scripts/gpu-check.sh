@@ -9,7 +9,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 TORCH_LIB=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)
 # the test programs' RUNPATHs name the build machine's folders: find both libraries here
-[ -e target/release/libperturbations.so.0 ] || ln -sf libperturbations.so target/release/libperturbations.so.0
+soname=$(sed -n 's/^version = "\([0-9]*\)\.\([0-9]*\)\..*/\1 \2/p' Cargo.toml | head -1 |
+  awk '{ print "libperturbations.so." ($1 == 0 ? $1 "." $2 : $1) }')
+[ -e "target/release/$soname" ] || ln -sf libperturbations.so "target/release/$soname"
 export LD_LIBRARY_PATH="$PWD/target/release:${TORCH_LIB}:${LD_LIBRARY_PATH:-}"
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 echo "== perturbations GPU check on $(hostname): ${gpus} CUDA device(s)"

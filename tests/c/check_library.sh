@@ -1,12 +1,13 @@
 #!/bin/sh
-# The shared library links as promised: SONAME libperturbations.so.0 (the major), a RUNPATH to
+# The shared library links as promised: SONAME libperturbations.so.0.1 (before 1.0 the
+# major and the minor: 0.1 and 0.2 are incompatible), a RUNPATH to
 # libtorch, libtorch_cuda not linked (it is loaded at run time where a CUDA driver exists:
 # tests/c/test_cuda_loading.c), and only pert_* symbols exported.
 set -eu
 lib="$1"
 dyn=$(readelf -d "$lib")
 fail() { echo "FAIL: $*"; echo "$dyn"; exit 1; }
-echo "$dyn" | grep -q 'SONAME.*\[libperturbations\.so\.0\]' || fail "no SONAME libperturbations.so.0"
+echo "$dyn" | grep -q 'SONAME.*\[libperturbations\.so\.0\.1\]' || fail "no SONAME libperturbations.so.0.1"
 runpath=$(echo "$dyn" | sed -n 's/.*RUNPATH.*\[\(.*\)\]/\1/p')
 [ -n "$runpath" ] || fail "no RUNPATH"
 torch_lib=""

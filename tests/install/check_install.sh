@@ -7,10 +7,16 @@ PREFIX=$(mktemp -d)
 BUILD=$(mktemp -d)
 trap 'rm -rf "$PREFIX" "$BUILD"' EXIT
 make -s -C "$ROOT" install-files PREFIX="$PREFIX"
-# the full-version file, the SONAME link (major) and the development link
-test -f "$PREFIX/lib/libperturbations.so.0.1.0" && test -L "$PREFIX/lib/libperturbations.so.0"
+# the full-version file, the SONAME link (major.minor before 1.0) and the development link
+test -f "$PREFIX/lib/libperturbations.so.0.1.0" && test -L "$PREFIX/lib/libperturbations.so.0.1"
 test -L "$PREFIX/lib/libperturbations.so"
-readelf -d "$PREFIX/lib/libperturbations.so" | grep -q 'SONAME.*\[libperturbations\.so\.0\]'
+readelf -d "$PREFIX/lib/libperturbations.so" | grep -q 'SONAME.*\[libperturbations\.so\.0\.1\]'
+# a second, incompatible 0.x installs beside it: the first's SONAME link still names it
+(cd "$BUILD" && TORCH_LIB= sh "$ROOT/packaging/install.sh" "$PREFIX" "$ROOT" 0.2.0 >/dev/null)
+test "$(readlink "$PREFIX/lib/libperturbations.so.0.1")" = libperturbations.so.0.1.0
+test "$(readlink "$PREFIX/lib/libperturbations.so.0.2")" = libperturbations.so.0.2.0
+rm -f "$PREFIX"/lib/libperturbations*.so.0.2*
+make -s -C "$ROOT" install-files PREFIX="$PREFIX" # (this version's files and links again)
 test -f "$PREFIX/include/perturbations_torch.hpp"
 # a relative prefix is made absolute (the .pc files carry it: pkg-config's flags must work
 # from anywhere)
@@ -35,8 +41,8 @@ cmake --build "$BUILD/cmake" >/dev/null
 "$BUILD/cmake/consumer"
 "$BUILD/cmake/consumer_cpp"
 # the consumers record the SONAME, not a build path
-readelf -d "$BUILD/cmake/consumer" | grep -q 'NEEDED.*\[libperturbations\.so\.0\]'
-readelf -d "$BUILD/pc_consumer" | grep -q 'NEEDED.*\[libperturbations\.so\.0\]'
+readelf -d "$BUILD/cmake/consumer" | grep -q 'NEEDED.*\[libperturbations\.so\.0\.1\]'
+readelf -d "$BUILD/pc_consumer" | grep -q 'NEEDED.*\[libperturbations\.so\.0\.1\]'
 
 # where the installed library looks for libtorch: the build's libtorch by default, or
 # TORCH_LIB at install time
@@ -69,7 +75,7 @@ fi
 # the MPI component, where the build has it: pkg-config with mpicc, and CMake's COMPONENTS mpi
 if [ -f "$ROOT/target/release/libperturbations_mpi.so" ]; then
   test -L "$PREFIX/lib/libperturbations_mpi.so" && test -f "$PREFIX/include/perturbations_mpi.h"
-  readelf -d "$PREFIX/lib/libperturbations_mpi.so" | grep -q 'SONAME.*\[libperturbations_mpi\.so\.0\]'
+  readelf -d "$PREFIX/lib/libperturbations_mpi.so" | grep -q 'SONAME.*\[libperturbations_mpi\.so\.0\.1\]'
   run_mpi="mpirun $( [ "$(id -u)" = 0 ] && echo --allow-run-as-root ) --oversubscribe -np 2"
   mpicc -std=c11 -Wall -Werror "$ROOT/tests/install/mpi/consumer_mpi.c" -o "$BUILD/pc_consumer_mpi" \
     $(pkg-config --cflags --libs perturbations-mpi) -Wl,-rpath,"$PREFIX/lib"
