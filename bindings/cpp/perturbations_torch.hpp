@@ -9,7 +9,8 @@
 // does the sampling). The autograd graph keeps that forward's tape (shared ownership) and
 // backward calls the tape's VJP: no dense Jacobian is ever made, and no solver is called
 // again. Without grad mode, or when theta does not require grad, no tape is made at all.
-// The returned tensors live on theta's device, in float32.
+// The returned tensors live on theta's device, in float32. A NaN or infinite incoming
+// gradient gives NaN in the gradients of the problems it reaches, with no exception.
 #ifndef PERTURBATIONS_TORCH_HPP
 #define PERTURBATIONS_TORCH_HPP
 
@@ -17,8 +18,10 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -103,6 +106,26 @@ inline ::torch::autograd::variable_list once_differentiable(::torch::autograd::v
   return out;
 }
 
+/// vjp(g, cleaned) as PyTorch gives a gradient from a non-finite incoming one (an overflow
+/// under mixed precision): the problems whose g holds NaN or an infinity get NaN, with no
+/// exception; the others their own gradient, from the call on g with those problems' rows
+/// zeroed (cleaned true: AI-MLE then leaves its state as it was). g: the host float32 copy
+/// of the incoming gradient, [batch, ...].
+template <class Vjp>
+std::vector<float> tolerant_vjp(const ::torch::Tensor& g, Vjp&& vjp) {
+  if (g.dim() == 0 || g.numel() == 0) return vjp(g, false);
+  auto rows = g.reshape({g.size(0), -1});
+  auto finite = ::torch::isfinite(rows).all(1);
+  if (finite.all().item<bool>()) return vjp(g, false);
+  auto clean = ::torch::where(finite.unsqueeze(1), rows, ::torch::zeros_like(rows)).reshape(g.sizes()).contiguous();
+  std::vector<float> out = vjp(clean, true);
+  auto ok = finite.accessor<bool, 1>();
+  auto per = static_cast<std::ptrdiff_t>(out.size() / static_cast<std::size_t>(g.size(0)));
+  for (int64_t b = 0; b < g.size(0); b++)
+    if (!ok[b]) std::fill(out.begin() + b * per, out.begin() + (b + 1) * per, std::numeric_limits<float>::quiet_NaN());
+  return out;
+}
+
 /// y_sigma(theta), its tape kept for backward: J^T g from the same draws.
 struct Perturbed : public ::torch::autograd::Function<Perturbed> {
   static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, ::torch::Tensor theta, Op* op,
@@ -124,8 +147,8 @@ struct Perturbed : public ::torch::autograd::Function<Perturbed> {
     auto holder = ctx->get_saved_variables()[0];
     const Tape& tape = kept(holder);
     auto input_shape = ctx->saved_data["input_shape"].toIntVector();
-    auto g = host(grad[0]);
-    return once_differentiable({from(tape.vjp(view(g)), input_shape, grad[0]), ::torch::Tensor(), ::torch::Tensor()},
+    auto values = tolerant_vjp(host(grad[0]), [&](const ::torch::Tensor& g, bool) { return tape.vjp(view(g)); });
+    return once_differentiable({from(std::move(values), input_shape, grad[0]), ::torch::Tensor(), ::torch::Tensor()},
                                {ctx->saved_data["theta"].toTensor(), grad[0]}, "perturbed");
   }
 };
@@ -256,14 +279,22 @@ struct SolveLayer : public ::torch::autograd::Function<SolveLayer> {
     auto* op = reinterpret_cast<Op*>(static_cast<std::intptr_t>(ctx->saved_data["op"].toInt()));
     auto saved = ctx->get_saved_variables();
     auto t = saved[0], y = host(saved[1]);
-    auto g = host(grad[0]);
     auto batch = static_cast<std::size_t>(t.size(0));
     double lambda = ctx->saved_data["lambda"].toDouble();
-    auto values = lambda > 0 ? op->blackbox_vjp(view(t), view(y), view(g), batch, lambda)
-                             : op->negative_identity_vjp(view(g), batch);
     auto theta = ctx->saved_data["theta"].toTensor();
-    return once_differentiable({from(std::move(values), theta.sizes().vec(), grad[0]), ::torch::Tensor(), ::torch::Tensor()},
-                               {theta, grad[0]}, lambda > 0 ? "blackbox" : "negative_identity");
+    ::torch::Tensor g_theta;
+    if (lambda > 0) {
+      auto values = tolerant_vjp(host(grad[0]), [&](const ::torch::Tensor& g, bool) {
+        return op->blackbox_vjp(view(t), view(y), view(g), batch, lambda);
+      });
+      g_theta = from(std::move(values), theta.sizes().vec(), grad[0]);
+    } else {
+      // -g or g, exactly (pert_negative_identity_vjp's rule), in g's dtype and on its device
+      auto g = grad[0].detach();
+      g_theta = (op->sense() == Sense::Minimize ? g.neg() : g.clone()).reshape(theta.sizes());
+    }
+    return once_differentiable({g_theta, ::torch::Tensor(), ::torch::Tensor()}, {theta, grad[0]},
+                               lambda > 0 ? "blackbox" : "negative_identity");
   }
 };
 
@@ -293,9 +324,12 @@ struct ImleLayer : public ::torch::autograd::Function<ImleLayer> {
     auto* op = reinterpret_cast<Op*>(static_cast<std::intptr_t>(ctx->saved_data["op"].toInt()));
     auto* state = reinterpret_cast<pert_aimle_state*>(static_cast<std::intptr_t>(ctx->saved_data["state"].toInt()));
     bool two_sided = ctx->saved_data["two_sided"].toBool();
-    auto g = host(grad[0]);
-    auto values = state ? op->aimle_vjp(record, view(g), *state, two_sided)
-                        : op->imle_vjp(record, view(g), ctx->saved_data["lambda"].toDouble(), two_sided);
+    auto values = tolerant_vjp(host(grad[0]), [&](const ::torch::Tensor& g, bool cleaned) {
+      if (!state) return op->imle_vjp(record, view(g), ctx->saved_data["lambda"].toDouble(), two_sided);
+      if (!cleaned) return op->aimle_vjp(record, view(g), *state, two_sided);
+      pert_aimle_state copy = *state;  // (a non-finite incoming gradient: the state is left as it was)
+      return op->aimle_vjp(record, view(g), copy, two_sided);
+    });
     auto theta = ctx->saved_data["theta"].toTensor();
     return once_differentiable({from(std::move(values), theta.sizes().vec(), grad[0]), ::torch::Tensor(),
                                 ::torch::Tensor(), ::torch::Tensor(), ::torch::Tensor()},

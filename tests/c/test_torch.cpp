@@ -298,6 +298,42 @@ int main() {
       EXPECT(kept.alpha == 1.0 && kept.grad_norm_avg == 1.0);
     }
 
+    // a non-finite incoming gradient (an overflow under mixed precision) gives NaN for its
+    // problem and the others their own gradient, with no exception, as in PyTorch; NID
+    // passes -g through exactly; AI-MLE's state is left as it was
+    {
+      pert::Config nc = config();
+      nc.num_samples(16).sense(pert::Sense::Minimize);
+      auto bad = torch::tensor({1.0f, -1.0f, 0.5f, INFINITY, 2.0f, -0.5f}).reshape({2, 3});
+      auto clean = torch::tensor({1.0f, -1.0f, 0.5f, 0.0f, 0.0f, 0.0f}).reshape({2, 3});
+      using Layer = std::function<torch::Tensor(pert::Op&, const torch::Tensor&)>;
+      pert_aimle_state state = pert_aimle_state_default();
+      std::vector<Layer> layers = {
+          [](pert::Op& o, const torch::Tensor& t) { return pert::autograd::perturbed(o, t); },
+          [](pert::Op& o, const torch::Tensor& t) { return pert::autograd::blackbox(o, t, 2.0); },
+          [](pert::Op& o, const torch::Tensor& t) { return pert::autograd::imle(o, t, 2.0); },
+          [&state](pert::Op& o, const torch::Tensor& t) { return pert::autograd::aimle(o, t, state); }};
+      for (auto& layer : layers) {
+        pert::Op a(nc, {3}, {3}, argmin), b(nc, {3}, {3}, argmin);  // (twins: the same draws)
+        auto th_bad = pred.detach().clone().requires_grad_(true);
+        auto th_clean = pred.detach().clone().requires_grad_(true);
+        layer(a, th_bad).backward(bad);
+        layer(b, th_clean).backward(clean);
+        EXPECT(torch::isnan(th_bad.grad()[1]).all().item<bool>());
+        EXPECT(torch::equal(th_bad.grad()[0], th_clean.grad()[0]));
+      }
+      // one step of alpha: the clean call's
+      EXPECT(std::abs(state.alpha - 1.001) < 1e-12 || std::abs(state.alpha - 0.999) < 1e-12);
+      pert_aimle_state kept = pert_aimle_state_default();
+      pert::Op a(nc, {3}, {3}, argmin);
+      auto th = pred.detach().clone().requires_grad_(true);
+      pert::autograd::aimle(a, th, kept).backward(bad);
+      EXPECT(kept.alpha == 1.0 && kept.grad_norm_avg == 1.0);
+      auto th_nid = pred.detach().clone().requires_grad_(true);
+      pert::autograd::negative_identity(a, th_nid).backward(bad);
+      EXPECT(torch::equal(th_nid.grad(), -bad));
+    }
+
     // the solve layers need a linear objective: a non-square op is refused in forward
     {
       pert::Op narrow(c, {3}, {1}, [](const float*, std::size_t count, float* out) {
