@@ -496,7 +496,7 @@ typedef void (*pert_free_hook)(void *data);
 
 #ifdef __cplusplus
 extern "C" {
-#endif // __cplusplus
+#endif /* __cplusplus */
 
 /*
  Copies the calling thread's last error message into `buf`.
@@ -1666,7 +1666,7 @@ size_t pert_tape_batch(const struct pert_tape *tape);
 void pert_tape_free(struct pert_tape *tape);
 
 #ifdef __cplusplus
-}  // extern "C"
-#endif  // __cplusplus
+}  /* extern "C" */
+#endif  /* __cplusplus */
 
 #endif  /* PERTURBATIONS_H */

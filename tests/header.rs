@@ -3,6 +3,22 @@
 
 use std::path::PathBuf;
 
+/// cbindgen's own `// ...` comments after `#endif` and the closing brace of `extern "C"`
+/// as `/* ... */`: C89 has no line comments (`gcc -std=c89 -pedantic` warns at each).
+fn c89_comments(header: &str) -> String {
+    header
+        .lines()
+        .map(|line| match line.split_once("//") {
+            Some((code, comment)) if line.starts_with("#endif") || line.starts_with('}') => {
+                format!("{code}/* {} */", comment.trim())
+            }
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
 #[test]
 fn header_is_up_to_date() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -14,7 +30,7 @@ fn header_is_up_to_date() {
         .generate()
         .expect("cbindgen failed")
         .write(&mut generated);
-    let generated = String::from_utf8(generated).unwrap();
+    let generated = c89_comments(&String::from_utf8(generated).unwrap());
     let path = root.join("include/perturbations.h");
     if std::env::var_os("PERT_UPDATE_HEADER").is_some() {
         std::fs::write(&path, &generated).unwrap();
