@@ -288,8 +288,7 @@ impl PerturbedOp {
         let k = self.refreshes.fetch_add(1, Ordering::Relaxed);
         let c = self.config();
         let stream = crate::rng::Stream::new(c.seed() ^ REFRESH_KEY, 0);
-        let threshold = (c.solve_ratio() * 4_294_967_296.0).ceil() as u64;
-        u64::from(stream.block(k)[0]) < threshold
+        u64::from(stream.block(k)[0]) < crate::rng::chance_threshold(c.solve_ratio())
     }
 
     /// Stops the forward and Fenchel-Young calls running on this op now, from any thread:

@@ -290,6 +290,12 @@ pub fn unit(w: u32) -> f32 {
     ((w >> 9) as f32 + 0.5) * (1.0 / (1u32 << 23) as f32)
 }
 
+/// The threshold below which a uniform 32-bit word falls with probability `p` (in [0, 1]):
+/// ⌈p · 2³²⌉, so that p = 1 takes every word and p = 0 none.
+pub(crate) fn chance_threshold(p: f64) -> u64 {
+    (p * 4_294_967_296.0).ceil() as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,7 +77,7 @@ impl CallCache {
             view,
             pool,
             members,
-            threshold: (ratio * 4_294_967_296.0).ceil() as u64,
+            threshold: crate::rng::chance_threshold(ratio),
             decisions: Stream::new(seed ^ DECISION_KEY, call),
             sense,
             o,
