@@ -12,10 +12,15 @@ fn theta() -> Tensor {
 }
 
 /// Whether this machine has a CUDA device (the GPU tests say so and pass where it has none:
-/// scripts/gpu-check.sh runs them on one).
+/// scripts/gpu-check.sh runs them on one, with PERT_REQUIRE_GPU set, under which a machine
+/// without a device fails them instead of passing them unchecked).
 fn on_a_gpu() -> bool {
     let gpu = perturbations::cuda_device_count() > 0;
     if !gpu {
+        assert!(
+            std::env::var_os("PERT_REQUIRE_GPU").is_none_or(|v| v.is_empty()),
+            "PERT_REQUIRE_GPU is set, but libtorch sees no CUDA device: nothing would be checked"
+        );
         eprintln!("no CUDA device: checked on a GPU by scripts/gpu-check.sh");
     }
     gpu

@@ -75,7 +75,16 @@ static bool cpu_work_runs(void) {
   return true;
 }
 
+/* The CUDA devices the caller expects (PERT_EXPECT_CUDA_DEVICES, set by
+ * scripts/gpu-check.sh), or -1 when it expects nothing. */
+static int expected_devices(void) {
+  const char *expect = getenv("PERT_EXPECT_CUDA_DEVICES");
+  return expect && *expect ? atoi(expect) : -1;
+}
+
 static bool no_driver_maps_no_cuda(void) {
+  /* a GPU machine whose driver does not load fails here, instead of passing unchecked */
+  if (expected_devices() > 0) CHECK(driver_present());
   if (driver_present()) {
     printf("     (this machine has a CUDA driver: checked by gpu_machines_load_cuda)\n");
     return true;
@@ -100,8 +109,7 @@ static bool gpu_machines_load_cuda(void) {
   pert_config *c = NULL;
   CHECK_OK(pert_config_new(&c));
   CHECK(cuda_mapped());
-  const char *expect = getenv("PERT_EXPECT_CUDA_DEVICES");
-  if (expect && *expect) CHECK(pert_cuda_device_count() == atoi(expect));
+  if (expected_devices() >= 0) CHECK(pert_cuda_device_count() == expected_devices());
   CHECK(cpu_work_runs());
   if (pert_cuda_device_count() > 0) {
     CHECK_OK(pert_config_set_device(c, "cuda"));

@@ -66,8 +66,11 @@ int main() {
   pert_config_set_noise(c, PERT_NOISE_GUMBEL);
   pert_config_set_seed(c, 17);
   if (pert_config_set_device(c, device.c_str()) != PERT_STATUS_OK) {
-    std::printf("device %s not available: skipped\n", device.c_str());
-    return 0;
+    // (scripts/gpu-check.sh sets PERT_REQUIRE_GPU: there, a skip is a failure)
+    const char* required = std::getenv("PERT_REQUIRE_GPU");
+    bool fail = required && *required;
+    std::printf("device %s not available: %s\n", device.c_str(), fail ? "FAILED (PERT_REQUIRE_GPU is set)" : "skipped");
+    return fail ? 1 : 0;
   }
   int64_t shape[1] = {kD};
   pert_op* op = nullptr;
