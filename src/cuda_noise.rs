@@ -152,31 +152,35 @@ fn nvrtc_handle() -> Option<*mut c_void> {
         (!h.is_null()).then_some(h)
     };
     let names = ["libnvrtc.so.13", "libnvrtc.so.12"];
+    // NVRTC opens its builtins library by name when it compiles, and a wheel's folder is
+    // on no search path: the builtins beside the NVRTC found are loaded first, so that the
+    // name finds them (also when torch or the application loaded that NVRTC)
+    let with_builtins = |h: *mut c_void, folder: Option<std::path::PathBuf>| {
+        if let Some(Ok(entries)) = folder.map(std::fs::read_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("libnvrtc-builtins.so.") {
+                    open(
+                        &entry.path().to_string_lossy(),
+                        libc::RTLD_NOW | libc::RTLD_LOCAL,
+                    );
+                }
+            }
+        }
+        h
+    };
     if let Some(h) = names
         .iter()
         .find_map(|n| open(n, libc::RTLD_NOW | libc::RTLD_NOLOAD))
     {
-        return Some(h);
+        return Some(with_builtins(h, folder_of(h, c"nvrtcVersion")));
     }
     if let Some(folder) = crate::cuda_libraries::torch_lib_folder() {
         let wheel = folder.join("../../nvidia");
         for sub in ["cu13/lib/libnvrtc.so.13", "cuda_nvrtc/lib/libnvrtc.so.12"] {
             let path = wheel.join(sub);
             if let Some(h) = open(&path.to_string_lossy(), libc::RTLD_NOW | libc::RTLD_LOCAL) {
-                // NVRTC opens its builtins library by name when it compiles, and that folder
-                // is on no search path: load it first, so that the name finds it
-                if let Some(Ok(entries)) = path.parent().map(std::fs::read_dir) {
-                    for entry in entries.flatten() {
-                        let name = entry.file_name().to_string_lossy().into_owned();
-                        if name.starts_with("libnvrtc-builtins.so.") {
-                            open(
-                                &entry.path().to_string_lossy(),
-                                libc::RTLD_NOW | libc::RTLD_LOCAL,
-                            );
-                        }
-                    }
-                }
-                return Some(h);
+                return Some(with_builtins(h, path.parent().map(Into::into)));
             }
         }
         // dlsym on this handle searches its dependencies, NVRTC among them
@@ -190,6 +194,23 @@ fn nvrtc_handle() -> Option<*mut c_void> {
     names
         .iter()
         .find_map(|n| open(n, libc::RTLD_NOW | libc::RTLD_LOCAL))
+}
+
+/// The folder of the loaded library that defines `name` in the scope of handle `h`.
+fn folder_of(h: *mut c_void, name: &CStr) -> Option<std::path::PathBuf> {
+    // SAFETY: dlsym on a live handle; dladdr fills `info` for an address of a loaded
+    // object, whose file name is a NUL-terminated string that lives as long as the object.
+    unsafe {
+        let symbol = libc::dlsym(h, name.as_ptr());
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if symbol.is_null() || libc::dladdr(symbol, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        let file = CStr::from_ptr(info.dli_fname)
+            .to_string_lossy()
+            .into_owned();
+        std::path::Path::new(&file).parent().map(Into::into)
+    }
 }
 
 /// NVRTC's functions, loaded once (None when it cannot be found).
@@ -507,5 +528,44 @@ mod tests {
             let text = String::from_utf8_lossy(&ptx);
             assert!(text.contains(".entry pert_noise"), "{text}");
         }
+    }
+
+    /// NVRTC that torch or the application loaded before the library looked for it (found
+    /// by RTLD_NOLOAD) compiles the kernel too: its builtins library, which it opens by
+    /// name from a folder on no search path, is loaded first from NVRTC's own folder. Run
+    /// in a child process whose NVRTC is preloaded (LD_PRELOAD of the wheel's).
+    #[test]
+    fn the_kernel_compiles_with_an_nvrtc_loaded_before() {
+        if std::env::var_os("PERT_TEST_NVRTC_PRELOADED").is_some() {
+            let nvrtc = nvrtc().expect("the preloaded NVRTC is found");
+            nvrtc.compile(9, 0).unwrap();
+            return;
+        }
+        let Some(folder) = crate::cuda_libraries::torch_lib_folder() else {
+            return;
+        };
+        let wheel = folder.join("../../nvidia/cu13/lib/libnvrtc.so.13");
+        if !wheel.exists() {
+            eprintln!("no NVRTC in this torch wheel: not checked");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "cuda_noise::tests::the_kernel_compiles_with_an_nvrtc_loaded_before",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("LD_PRELOAD", &wheel)
+            .env("PERT_TEST_NVRTC_PRELOADED", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
