@@ -780,6 +780,29 @@ pert_status pert_config_set_max_tape_bytes(struct pert_config *config, uint64_t 
 int32_t pert_cuda_device_count(void);
 
 /*
+ A text report of what this process found of CUDA and how each device draws its noise,
+ for logs and bug reports: one `name: value` line per item (the library's version, the
+ libtorch folder, the CUDA driver's version or why there is none or why it did not
+ start, libtorch's CUDA runtime, the devices libtorch sees and why fewer than the
+ driver, NVRTC, then for each CUDA device `noise on cuda:N (name, sm_XY): fused kernel,
+ CUBIN sm_XY` or `...: libtorch operations (the slow path): why`, and the CPU's sampler).
+ Where the fused kernel is unavailable, CUDA ops still give the same values, about 90
+ times slower; the library then also says so once on stderr, unless the environment
+ variable `PERTURBATIONS_QUIET` is set (not empty, not "0"). On a machine with a CUDA
+ driver, the report loads libtorch's CUDA libraries and the noise kernel on each device,
+ as the first CUDA op would. Any thread.
+
+ @param buf  Receives the report, NUL-terminated, cut to `*len - 1` bytes when longer;
+             may be NULL when `*len` is 0 (to ask for the length).
+ @param len  In: the size of `buf` in bytes. Out: the report's full length in bytes,
+             without the NUL (a value `>=` the size given means the copy was cut: call
+             again with `*len + 1` bytes).
+ @return `PERT_STATUS_NULL_ARGUMENT` when `len` is NULL, or `buf` is NULL with `*len`
+         > 0 (nothing written).
+ */
+pert_status pert_device_report(char *buf, size_t *len);
+
+/*
  Draws the perturbed inputs of one call on `op` (any op: callback, built-in or external),
  for `batch` problems theta `[batch, *input_shape]`. Solve the rows of
  `pert_draw_inputs` anywhere, in any order or place, then pass their solutions to

@@ -43,7 +43,13 @@ pub(crate) fn load() -> &'static Loaded {
                     "this libtorch has no CUDA support (no libtorch_cuda.so in {})",
                     folder.display()
                 )),
-                Some(path) => open_global(&path.to_string_lossy()),
+                Some(path) => {
+                    let loaded = open_global(&path.to_string_lossy());
+                    if let Loaded::Yes = loaded {
+                        LOADED_IN.store(std::process::id(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                    loaded
+                }
             },
         })
     })
@@ -95,42 +101,147 @@ pub(crate) fn runtime_device_count() -> Option<Result<usize, i32>> {
     }
 }
 
-/// The CUDA devices the driver reports (0 without a driver or when it fails to start).
-pub(crate) fn driver_device_count() -> usize {
+/// What the CUDA driver says about itself and its devices.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Driver {
+    /// `cuDriverGetVersion` (13000 for CUDA 13.0), if it answered.
+    pub version: Option<i32>,
+    /// The devices, or why the driver did not start.
+    pub devices: Result<Vec<CudaDevice>, String>,
+}
+
+/// A CUDA device as the driver names it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CudaDevice {
+    /// `cuDeviceGetName`.
+    pub name: String,
+    /// The compute capability (major, minor).
+    pub capability: (i32, i32),
+}
+
+/// The CUDA driver's account of itself (None without a driver).
+pub(crate) fn driver() -> Option<Driver> {
     if !driver_present() {
-        return 0;
+        return None;
     }
+    type IntOut = unsafe extern "C" fn(*mut i32) -> i32;
     type CuInit = unsafe extern "C" fn(u32) -> i32;
-    type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
-    // SAFETY: the driver is loaded (driver_present); RTLD_NOLOAD only finds it. cuInit and
-    // cuDeviceGetCount have these signatures in every CUDA driver API version; cuInit may
-    // be called any number of times, from any thread.
+    type CuName = unsafe extern "C" fn(*mut libc::c_char, i32, i32) -> i32;
+    type CuAttribute = unsafe extern "C" fn(*mut i32, i32, i32) -> i32;
+    type CuErrorText = unsafe extern "C" fn(i32, *mut *const libc::c_char) -> i32;
+    // SAFETY: the driver is loaded (driver_present); RTLD_NOLOAD only finds it (else it is
+    // loaded by name, as driver_present did). These functions have these C signatures in
+    // every CUDA driver API version (CUdevice is an int, the ordinal, as cuDeviceGet gives
+    // it); cuInit may be called any number of times, from any thread; the error texts
+    // are static strings.
     unsafe {
-        let lib = libc::dlopen(
+        let mut lib = libc::dlopen(
             c"libcuda.so.1".as_ptr(),
             libc::RTLD_LAZY | libc::RTLD_NOLOAD,
         );
         if lib.is_null() {
-            return 0;
+            lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
         }
-        let init = libc::dlsym(lib, c"cuInit".as_ptr());
-        let count = libc::dlsym(lib, c"cuDeviceGetCount".as_ptr());
-        let found = if init.is_null() || count.is_null() {
-            0
-        } else {
-            let init = std::mem::transmute::<*mut libc::c_void, CuInit>(init);
-            let count = std::mem::transmute::<*mut libc::c_void, CuDeviceGetCount>(count);
-            let mut n = 0i32;
-            if init(0) == 0 && count(&mut n) == 0 {
-                n.max(0) as usize
-            } else {
-                0
+        if lib.is_null() {
+            return Some(Driver {
+                version: None,
+                devices: Err("libcuda.so.1 cannot be loaded".into()),
+            });
+        }
+        let find = |name: &CStr| {
+            let f = libc::dlsym(lib, name.as_ptr());
+            (!f.is_null()).then_some(f)
+        };
+        let version = find(c"cuDriverGetVersion").and_then(|f| {
+            let mut v = 0;
+            (std::mem::transmute::<*mut libc::c_void, IntOut>(f)(&mut v) == 0).then_some(v)
+        });
+        let text = |code: i32| {
+            let describe = |name: &CStr| {
+                let f = find(name)?;
+                let mut out: *const libc::c_char = std::ptr::null();
+                let ok = std::mem::transmute::<*mut libc::c_void, CuErrorText>(f)(code, &mut out);
+                (ok == 0 && !out.is_null()).then(|| CStr::from_ptr(out).to_string_lossy())
+            };
+            match (describe(c"cuGetErrorName"), describe(c"cuGetErrorString")) {
+                (Some(name), Some(what)) => format!("{name} ({code}: {what})"),
+                (Some(name), None) => format!("{name} ({code})"),
+                _ => format!("CUDA error {code}"),
             }
         };
-        libc::dlclose(lib); // drops the reference RTLD_NOLOAD took, not the library
-        found
+        let devices = match (
+            find(c"cuInit"),
+            find(c"cuDeviceGetCount"),
+            find(c"cuDeviceGetName"),
+            find(c"cuDeviceGetAttribute"),
+        ) {
+            (Some(init), Some(count), Some(name), Some(attribute)) => {
+                let init = std::mem::transmute::<*mut libc::c_void, CuInit>(init);
+                let count = std::mem::transmute::<*mut libc::c_void, IntOut>(count);
+                let name = std::mem::transmute::<*mut libc::c_void, CuName>(name);
+                let attribute = std::mem::transmute::<*mut libc::c_void, CuAttribute>(attribute);
+                let mut n = 0;
+                match init(0) {
+                    0 => match count(&mut n) {
+                        0 => Ok((0..n)
+                            .map(|d| {
+                                let mut buf = [0 as libc::c_char; 256];
+                                let named = name(buf.as_mut_ptr(), 255, d) == 0;
+                                let (mut major, mut minor) = (0, 0);
+                                // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
+                                attribute(&mut major, 75, d);
+                                attribute(&mut minor, 76, d);
+                                let name = if named {
+                                    CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
+                                } else {
+                                    "(no name)".into()
+                                };
+                                CudaDevice {
+                                    name,
+                                    capability: (major, minor),
+                                }
+                            })
+                            .collect()),
+                        code => Err(format!("cuDeviceGetCount returned {}", text(code))),
+                    },
+                    code => Err(why_init_failed(&text(code), forked_after_cuda())),
+                }
+            }
+            _ => Err("the driver lacks cuInit, cuDeviceGetCount, cuDeviceGetName or cuDeviceGetAttribute".into()),
+        };
+        libc::dlclose(lib); // drops the reference dlopen took, not the library
+        Some(Driver { version, devices })
     }
 }
+
+/// The cause of a failed cuInit (`error`, the driver's name and text of it), with what
+/// makes it so where this process can tell: CUDA_VISIBLE_DEVICES, a fork after the parent
+/// had started CUDA.
+fn why_init_failed(error: &str, forked_after_cuda: bool) -> String {
+    let mut why = format!("cuInit returned {error}");
+    match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) if v.trim().is_empty() => {
+            why += "; CUDA_VISIBLE_DEVICES is empty, which hides every device"
+        }
+        Ok(v) => why += &format!("; CUDA_VISIBLE_DEVICES is {v:?}"),
+        Err(_) => {}
+    }
+    if forked_after_cuda {
+        why += "; this process was forked from one that had loaded CUDA, and CUDA cannot \
+                be used in such a child (make the op in the child, or start it with spawn)";
+    }
+    why
+}
+
+/// Whether this process is a child forked after its parent loaded libtorch's CUDA
+/// libraries (through this library).
+fn forked_after_cuda() -> bool {
+    let loaded_in = LOADED_IN.load(std::sync::atomic::Ordering::Relaxed);
+    loaded_in != 0 && loaded_in != std::process::id()
+}
+
+/// The process that loaded libtorch's CUDA libraries (0: none did).
+static LOADED_IN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// `dlopen(path, RTLD_NOW | RTLD_GLOBAL)`: global, so that the CUDA kernels and hooks it
 /// registers are seen by libtorch_cpu.
@@ -218,6 +329,26 @@ mod tests {
             "{}",
             folder.display()
         );
+    }
+
+    #[test]
+    fn a_failed_cuinit_says_why() {
+        let error = "CUDA_ERROR_NO_DEVICE (100: no CUDA-capable device is detected)";
+        let why = why_init_failed(error, true);
+        assert!(
+            why.starts_with(&format!("cuInit returned {error}")),
+            "{why}"
+        );
+        assert!(
+            why.contains("forked from one that had loaded CUDA"),
+            "{why}"
+        );
+        assert!(!why_init_failed(error, false).contains("forked"));
+        match std::env::var("CUDA_VISIBLE_DEVICES") {
+            Ok(v) if v.trim().is_empty() => assert!(why.contains("hides every device")),
+            Ok(v) => assert!(why.contains(&format!("{v:?}")), "{why}"),
+            Err(_) => assert!(!why.contains("CUDA_VISIBLE_DEVICES"), "{why}"),
+        }
     }
 
     #[test]

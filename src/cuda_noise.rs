@@ -113,6 +113,10 @@ struct Api {
     nvrtc: &'static Nvrtc,
 }
 
+/// An NVRTC function that gives a size (`size_t *`), or copies a result, of a compiled
+/// program (nvrtcGetPTXSize, nvrtcGetPTX, nvrtcGetCUBINSize, nvrtcGetCUBIN).
+type Getter = unsafe extern "C" fn(NvrtcProgram, *mut c_void) -> c_int;
+
 /// NVRTC's functions (also used alone, to compile the source on machines without a GPU).
 pub(crate) struct Nvrtc {
     create: unsafe extern "C" fn(
@@ -124,8 +128,14 @@ pub(crate) struct Nvrtc {
         *const *const c_char,
     ) -> c_int,
     compile: unsafe extern "C" fn(NvrtcProgram, c_int, *const *const c_char) -> c_int,
-    ptx_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int,
-    ptx: unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int,
+    ptx_size: Getter,
+    ptx: Getter,
+    /// nvrtcGetCUBINSize and nvrtcGetCUBIN (NVRTC 11.1 and later).
+    cubin: Option<(Getter, Getter)>,
+    /// nvrtcVersion.
+    version: Option<unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int>,
+    /// The folder of the NVRTC library found.
+    folder: Option<std::path::PathBuf>,
     log_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int,
     log: unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int,
     destroy: unsafe extern "C" fn(*mut NvrtcProgram) -> c_int,
@@ -209,7 +219,8 @@ fn folder_of(h: *mut c_void, name: &CStr) -> Option<std::path::PathBuf> {
         let file = CStr::from_ptr(info.dli_fname)
             .to_string_lossy()
             .into_owned();
-        std::path::Path::new(&file).parent().map(Into::into)
+        let folder = std::path::Path::new(&file).parent()?;
+        Some(std::fs::canonicalize(folder).unwrap_or_else(|_| folder.into()))
     }
 }
 
@@ -226,6 +237,10 @@ pub(crate) fn nvrtc() -> Option<&'static Nvrtc> {
                     compile: symbol(h, c"nvrtcCompileProgram")?,
                     ptx_size: symbol(h, c"nvrtcGetPTXSize")?,
                     ptx: symbol(h, c"nvrtcGetPTX")?,
+                    cubin: symbol::<Getter>(h, c"nvrtcGetCUBINSize")
+                        .zip(symbol::<Getter>(h, c"nvrtcGetCUBIN")),
+                    version: symbol(h, c"nvrtcVersion"),
+                    folder: folder_of(h, c"nvrtcCompileProgram"),
                     log_size: symbol(h, c"nvrtcGetProgramLogSize")?,
                     log: symbol(h, c"nvrtcGetProgramLog")?,
                     destroy: symbol(h, c"nvrtcDestroyProgram")?,
@@ -236,19 +251,51 @@ pub(crate) fn nvrtc() -> Option<&'static Nvrtc> {
 }
 
 impl Nvrtc {
-    /// PTX of [`SOURCE`] for compute capability `major.minor`, or the compiler's log.
-    pub(crate) fn compile(
+    /// PTX of [`SOURCE`] for compute capability `major.minor` (NUL-terminated, as
+    /// cuModuleLoadData wants; the driver compiles it for the device, which needs a driver
+    /// at least as new as this NVRTC), or the compiler's log.
+    pub(crate) fn ptx(&self, major: c_int, minor: c_int) -> std::result::Result<Vec<u8>, String> {
+        let arch = format!("compute_{major}{minor}");
+        self.compile(&arch, self.ptx_size, self.ptx, "nvrtcGetPTX")
+    }
+
+    /// The CUBIN (device code, run as it is: no JIT in the driver) of [`SOURCE`] for the
+    /// architecture sm_`major``minor`, or why not (an NVRTC without CUBIN output, or one
+    /// that does not know the architecture).
+    pub(crate) fn cubin(&self, major: c_int, minor: c_int) -> std::result::Result<Vec<u8>, String> {
+        let (size, get) = self.cubin.ok_or("this NVRTC has no nvrtcGetCUBIN")?;
+        self.compile(&format!("sm_{major}{minor}"), size, get, "nvrtcGetCUBIN")
+    }
+
+    /// The folder of the NVRTC library in use (None when the loader does not say).
+    pub(crate) fn folder(&self) -> Option<&std::path::Path> {
+        self.folder.as_deref()
+    }
+
+    /// NVRTC's version, "major.minor" (None when it does not say).
+    pub(crate) fn version(&self) -> Option<String> {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: nvrtcVersion writes two ints.
+        let f = self.version?;
+        (unsafe { f(&mut major, &mut minor) } == 0).then(|| format!("{major}.{minor}"))
+    }
+
+    /// [`SOURCE`] compiled for `--gpu-architecture=arch`, its result read by `size` and
+    /// `get` (named `what` in errors), or the compiler's log.
+    fn compile(
         &self,
-        major: c_int,
-        minor: c_int,
+        arch: &str,
+        size: Getter,
+        get: Getter,
+        what: &str,
     ) -> std::result::Result<Vec<u8>, String> {
         let source = CString::new(SOURCE).expect("no NUL in the source");
-        let arch =
-            CString::new(format!("--gpu-architecture=compute_{major}{minor}")).expect("no NUL");
+        let arch = CString::new(format!("--gpu-architecture={arch}")).expect("no NUL");
         let options = [arch.as_ptr()];
         let mut program: NvrtcProgram = std::ptr::null_mut();
-        // SAFETY: NVRTC calls with valid NUL-terminated strings and out-pointers; the
-        // program is destroyed on every path after its creation.
+        // SAFETY: NVRTC calls with valid NUL-terminated strings and out-pointers, and
+        // result buffers of the size NVRTC gave; the program is destroyed on every path
+        // after its creation.
         unsafe {
             let code = (self.create)(
                 &mut program,
@@ -276,13 +323,13 @@ impl Nvrtc {
                     String::from_utf8_lossy(&log).trim_end_matches('\0')
                 ))
             } else {
-                let mut size = 0usize;
-                let sized = (self.ptx_size)(program, &mut size) == 0 && size > 0;
-                let mut ptx = vec![0u8; size];
-                if sized && (self.ptx)(program, ptx.as_mut_ptr().cast()) == 0 {
-                    Ok(ptx) // NUL-terminated, as cuModuleLoadData wants
+                let mut bytes = 0usize;
+                let sized = size(program, (&mut bytes as *mut usize).cast()) == 0 && bytes > 0;
+                let mut image = vec![0u8; bytes];
+                if sized && get(program, image.as_mut_ptr().cast()) == 0 {
+                    Ok(image)
                 } else {
-                    Err("nvrtcGetPTX failed".into())
+                    Err(format!("{what} failed"))
                 }
             };
             (self.destroy)(&mut program);
@@ -330,25 +377,47 @@ fn api() -> Option<&'static Api> {
 
 /// The kernel on one device: its primary context and function.
 #[derive(Clone, Copy)]
-struct Loaded {
+struct Launcher {
     context: CuContext,
     function: CuFunction,
+}
+
+/// The kernel loaded on one device, and the form of its code: "CUBIN sm_90", or "PTX
+/// compute_90 (no CUBIN: why)".
+struct Loaded {
+    launcher: Launcher,
+    form: String,
 }
 
 // SAFETY: a CUDA context and function handle may be used from any thread.
 unsafe impl Send for Loaded {}
 
-/// The kernel for device `index`, compiled and loaded once (or why it is unavailable; the
-/// first failure is remembered).
-fn kernel(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
+/// `f` of the kernel for device `index`, compiled and loaded once (or of why it is
+/// unavailable; the first failure is remembered).
+fn kernel<R>(
+    api: &Api,
+    index: usize,
+    f: impl FnOnce(&std::result::Result<Loaded, String>) -> R,
+) -> R {
     static KERNELS: OnceCell<Mutex<HashMap<usize, std::result::Result<Loaded, String>>>> =
         OnceCell::new();
     let kernels = KERNELS.get_or_init(|| Mutex::new(HashMap::new()));
     let mut kernels = kernels.lock().unwrap_or_else(|p| p.into_inner());
-    kernels
-        .entry(index)
-        .or_insert_with(|| load(api, index))
-        .clone()
+    f(kernels.entry(index).or_insert_with(|| load(api, index)))
+}
+
+/// Says once per process, on stderr, that CUDA noise takes the slow path and why, unless
+/// the environment variable PERTURBATIONS_QUIET is set (not empty, not "0").
+fn warn_fallback(why: &str) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) || crate::report::quiet() {
+        return;
+    }
+    eprintln!(
+        "perturbations: the fused CUDA noise kernel is unavailable ({why}); CUDA ops draw \
+         their noise with libtorch operations instead: the same values, about 90 times \
+         slower. pert_device_report() says more; PERTURBATIONS_QUIET=1 silences this message."
+    );
 }
 
 fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
@@ -379,35 +448,60 @@ fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
             "cuDeviceGetAttribute",
             (api.cu_device_get_attribute)(&mut minor, 76, device),
         )?;
-        let ptx = api.nvrtc.compile(major, minor)?;
         let mut context: CuContext = std::ptr::null_mut();
         check(
             "cuDevicePrimaryCtxRetain",
             (api.cu_primary_ctx_retain)(&mut context, device),
         )?;
         check("cuCtxPushCurrent", (api.cu_ctx_push)(context))?;
-        let mut module: CuModule = std::ptr::null_mut();
-        let mut function: CuFunction = std::ptr::null_mut();
-        let loaded = check(
-            "cuModuleLoadData",
-            (api.cu_module_load_data)(&mut module, ptx.as_ptr().cast()),
-        )
-        .and_then(|()| {
+        // the device's own code first (nothing for the driver to compile: a driver older
+        // than this NVRTC runs it), else PTX for the driver to compile
+        let module_of = |image: &[u8]| -> std::result::Result<CuFunction, String> {
+            let mut module: CuModule = std::ptr::null_mut();
+            let mut function: CuFunction = std::ptr::null_mut();
+            check(
+                "cuModuleLoadData",
+                (api.cu_module_load_data)(&mut module, image.as_ptr().cast()),
+            )?;
             check(
                 "cuModuleGetFunction",
                 (api.cu_module_get_function)(&mut function, module, c"pert_noise".as_ptr()),
-            )
-        });
+            )?;
+            Ok(function)
+        };
+        let loaded = match api.nvrtc.cubin(major, minor).and_then(|c| module_of(&c)) {
+            Ok(function) => Ok((function, format!("CUBIN sm_{major}{minor}"))),
+            Err(no_cubin) => api
+                .nvrtc
+                .ptx(major, minor)
+                .and_then(|p| module_of(&p))
+                .map(|f| {
+                    (
+                        f,
+                        format!("PTX compute_{major}{minor} (no CUBIN: {no_cubin})"),
+                    )
+                })
+                .map_err(|why| format!("{why} (and no CUBIN: {no_cubin})")),
+        };
         let mut popped: CuContext = std::ptr::null_mut();
         (api.cu_ctx_pop)(&mut popped);
-        loaded.map(|()| Loaded { context, function })
+        loaded.map(|(function, form)| Loaded {
+            launcher: Launcher { context, function },
+            form,
+        })
     }
 }
 
-/// Whether the kernel runs on CUDA device `index`, or why not.
-pub(crate) fn status(index: usize) -> std::result::Result<(), String> {
-    let api = api().ok_or("no CUDA driver API or no NVRTC found")?;
-    kernel(api, index).map(|_| ())
+/// Why the kernel is unavailable when the driver API or NVRTC is missing.
+const NO_API: &str = "no CUDA driver API or no NVRTC found";
+
+/// The form of the kernel's code on CUDA device `index` (loading it there if need be), or
+/// why it does not run there.
+pub(crate) fn status(index: usize) -> std::result::Result<String, String> {
+    let api = api().ok_or(NO_API)?;
+    kernel(api, index, |k| {
+        k.as_ref().map(|l| l.form.clone()).map_err(Clone::clone)
+    })
 }
 
 /// Elements `first .. first + count` of the noise of `stream` on CUDA device `device`
@@ -423,14 +517,23 @@ pub(crate) fn sample(
     let Device::Cuda(index) = device else {
         return None;
     };
-    let api = api()?;
-    let loaded = kernel(api, index).ok()?;
-    Some(launch(api, loaded, gumbel, stream, first, count, device))
+    let Some(api) = api() else {
+        warn_fallback(NO_API);
+        return None;
+    };
+    let launcher = kernel(api, index, |k| match k {
+        Ok(loaded) => Some(loaded.launcher),
+        Err(why) => {
+            warn_fallback(&format!("cuda:{index}: {why}"));
+            None
+        }
+    })?;
+    Some(launch(api, launcher, gumbel, stream, first, count, device))
 }
 
 fn launch(
     api: &Api,
-    loaded: Loaded,
+    loaded: Launcher,
     gumbel: bool,
     stream: &Stream,
     first: u64,
@@ -524,10 +627,15 @@ mod tests {
             return;
         };
         for (major, minor) in [(8, 0), (9, 0)] {
-            let ptx = nvrtc.compile(major, minor).unwrap();
+            let ptx = nvrtc.ptx(major, minor).unwrap();
             let text = String::from_utf8_lossy(&ptx);
             assert!(text.contains(".entry pert_noise"), "{text}");
+            // and the device code itself, which the driver loads without compiling
+            let cubin = nvrtc.cubin(major, minor).unwrap();
+            assert!(cubin.starts_with(b"\x7fELF"), "{} bytes", cubin.len());
         }
+        assert!(nvrtc.version().is_some_and(|v| v.contains('.')));
+        assert!(nvrtc.folder().is_some_and(|f| f.is_dir()));
     }
 
     /// NVRTC that torch or the application loaded before the library looked for it (found
@@ -538,7 +646,7 @@ mod tests {
     fn the_kernel_compiles_with_an_nvrtc_loaded_before() {
         if std::env::var_os("PERT_TEST_NVRTC_PRELOADED").is_some() {
             let nvrtc = nvrtc().expect("the preloaded NVRTC is found");
-            nvrtc.compile(9, 0).unwrap();
+            nvrtc.ptx(9, 0).unwrap();
             return;
         }
         let Some(folder) = crate::cuda_libraries::torch_lib_folder() else {

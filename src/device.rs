@@ -202,12 +202,16 @@ pub fn cuda_device_count() -> usize {
 
 /// Why libtorch sees fewer CUDA devices than the driver (appended to DEVICE_UNAVAILABLE
 /// messages), or "".
-fn why_no_cuda(count: usize) -> String {
+pub(crate) fn why_no_cuda(count: usize) -> String {
     match cuda_libraries::load() {
         Loaded::NoDriver => " (no CUDA driver: libcuda.so.1 cannot be loaded)".into(),
         Loaded::Failed(why) => format!(" (libtorch's CUDA libraries: {why})"),
         Loaded::Yes => {
-            let driver = cuda_libraries::driver_device_count();
+            let driver = match cuda_libraries::driver().map(|d| d.devices) {
+                Some(Err(why)) => return format!(" (the CUDA driver did not start: {why})"),
+                Some(Ok(devices)) => devices.len(),
+                None => 0,
+            };
             if driver <= count {
                 return String::new();
             }

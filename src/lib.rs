@@ -64,6 +64,7 @@ pub mod config;
 // the solution pool (distinct solutions for expensive solvers), and what a call adds to it
 pub mod pool;
 mod recent;
+pub mod report;
 
 // kernels: the block scheduler, host sums, built-in solvers, the fused argmax
 mod kernels;

@@ -221,10 +221,11 @@ impl Noise {
         self.sample_on_libtorch(stream, first, count, device)
     }
 
-    /// Whether [`Noise::sample_on`] uses the fused kernel on CUDA device `index`, or why not
-    /// (for the GPU check and benchmarks).
+    /// Whether [`Noise::sample_on`] uses the fused kernel on CUDA device `index` (the form
+    /// of its code: "CUBIN sm_90", or PTX and why not CUBIN), or why not (for the GPU
+    /// check and benchmarks).
     #[doc(hidden)]
-    pub fn fused_cuda_kernel(index: usize) -> std::result::Result<(), String> {
+    pub fn fused_cuda_kernel(index: usize) -> std::result::Result<String, String> {
         crate::cuda_noise::status(index)
     }
 

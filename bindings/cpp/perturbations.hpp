@@ -151,6 +151,23 @@ enum class Builtin : uint32_t { Argmax = PERT_BUILTIN_ARGMAX, TopK = PERT_BUILTI
 /// The library's version string.
 inline std::string version() { return pert_version(); }
 
+/// What this process found of CUDA and how each device draws its noise
+/// (pert_device_report): one `name: value` line per item.
+inline std::string device_report() {
+  std::size_t len = 0;
+  detail::check(pert_device_report(nullptr, &len));
+  for (;;) {
+    std::string text(len + 1, '\0');
+    std::size_t room = text.size();
+    len = room;
+    detail::check(pert_device_report(&text[0], &len));
+    if (len < room) {
+      text.resize(len);
+      return text;
+    }
+  }
+}
+
 /// Settings for ops, with fluent setters. Copied by each op made from it.
 class Config {
  public:

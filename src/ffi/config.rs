@@ -1,6 +1,6 @@
 //! `pert_config`: the settings an op copies when it is made.
 
-use super::boundary::{arg, arg_mut, guard, guard_or};
+use super::boundary::{self, arg, arg_mut, guard, guard_or};
 use super::handle::{handle, Handle};
 use super::status::pert_status;
 use crate::config::Config;
@@ -468,5 +468,38 @@ pub unsafe extern "C" fn pert_config_set_max_tape_bytes(
 pub extern "C" fn pert_cuda_device_count() -> i32 {
     guard_or(0, || {
         i32::try_from(crate::device::cuda_device_count()).unwrap_or(i32::MAX)
+    })
+}
+
+/// A text report of what this process found of CUDA and how each device draws its noise,
+/// for logs and bug reports: one `name: value` line per item (the library's version, the
+/// libtorch folder, the CUDA driver's version or why there is none or why it did not
+/// start, libtorch's CUDA runtime, the devices libtorch sees and why fewer than the
+/// driver, NVRTC, then for each CUDA device `noise on cuda:N (name, sm_XY): fused kernel,
+/// CUBIN sm_XY` or `...: libtorch operations (the slow path): why`, and the CPU's sampler).
+/// Where the fused kernel is unavailable, CUDA ops still give the same values, about 90
+/// times slower; the library then also says so once on stderr, unless the environment
+/// variable `PERTURBATIONS_QUIET` is set (not empty, not "0"). On a machine with a CUDA
+/// driver, the report loads libtorch's CUDA libraries and the noise kernel on each device,
+/// as the first CUDA op would. Any thread.
+///
+/// @param buf  Receives the report, NUL-terminated, cut to `*len - 1` bytes when longer;
+///             may be NULL when `*len` is 0 (to ask for the length).
+/// @param len  In: the size of `buf` in bytes. Out: the report's full length in bytes,
+///             without the NUL (a value `>=` the size given means the copy was cut: call
+///             again with `*len + 1` bytes).
+/// @return `PERT_STATUS_NULL_ARGUMENT` when `len` is NULL, or `buf` is NULL with `*len`
+///         > 0 (nothing written).
+#[no_mangle]
+pub unsafe extern "C" fn pert_device_report(buf: *mut c_char, len: *mut usize) -> pert_status {
+    guard(|| {
+        let len = unsafe { arg_mut(len, "len") }?;
+        if buf.is_null() && *len > 0 {
+            return Err(boundary::null("buf"));
+        }
+        let report = crate::report::device_report();
+        // SAFETY: the caller gives `*len` writable bytes at a non-NULL `buf`.
+        *len = unsafe { boundary::copy_text(&report, buf, *len) };
+        Ok(())
     })
 }

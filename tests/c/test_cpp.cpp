@@ -51,6 +51,9 @@ void test_config_errors() {
       .perturbation(pert::Perturbation::Additive).antithetic(false).sense(pert::Sense::Maximize).chunk_bytes(0).max_tape_bytes(0);
   EXPECT(c.get() != nullptr);
   EXPECT(!pert::version().empty());
+  std::string report = pert::device_report();
+  EXPECT(report.rfind("perturbations: " + pert::version() + "\n", 0) == 0);
+  EXPECT(report.find("noise on the CPU: ") != std::string::npos && report.back() == '\n');
 }
 
 void test_forward_tape_and_loss() {

@@ -82,6 +82,28 @@ static int expected_devices(void) {
   return expect && *expect ? atoi(expect) : -1;
 }
 
+/* pert_device_report: the length asked with no buffer, a copy cut to the buffer, NULLs
+ * refused; returns the report in `report` (size `size`). */
+static bool report_into(char *report, size_t size) {
+  size_t len = 0;
+  CHECK_OK(pert_device_report(NULL, &len));
+  CHECK(len > 0 && len + 1 <= size);
+  size_t full = len;
+  len = size;
+  CHECK_OK(pert_device_report(report, &len));
+  CHECK(len == full && strlen(report) == full);
+  char cut[8] = "xxxxxxx";
+  len = sizeof cut;
+  CHECK_OK(pert_device_report(cut, &len));
+  CHECK(len == full && strlen(cut) == sizeof cut - 1 && strncmp(cut, report, sizeof cut - 1) == 0);
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_device_report(report, NULL));
+  len = 4;
+  CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_device_report(NULL, &len));
+  CHECK(len == 4);
+  CHECK(strstr(report, "perturbations: ") == report && strstr(report, "noise on the CPU: "));
+  return true;
+}
+
 static bool no_driver_maps_no_cuda(void) {
   /* a GPU machine whose driver does not load fails here, instead of passing unchecked */
   if (expected_devices() > 0) CHECK(driver_present());
@@ -92,6 +114,10 @@ static bool no_driver_maps_no_cuda(void) {
   CHECK(!cuda_mapped());
   CHECK(cpu_work_runs());
   CHECK(pert_cuda_device_count() == 0);
+  char report[4096];
+  CHECK(report_into(report, sizeof report));
+  CHECK(strstr(report, "CUDA driver: none") && strstr(report, "CUDA devices seen by libtorch: 0"));
+  CHECK(strstr(report, "noise on cuda:") == NULL);
   pert_config *c = NULL;
   CHECK_OK(pert_config_new(&c));
   CHECK_STATUS(PERT_STATUS_DEVICE_UNAVAILABLE, pert_config_set_device(c, "cuda"));
@@ -121,6 +147,12 @@ static bool gpu_machines_load_cuda(void) {
     CHECK_OK(pert_forward(op, x, 2, y, NULL));
     CHECK(rows_sum_to_one(y, 2));
     pert_op_free(op);
+    /* the report names each device's noise path: the fused kernel (issue 33) */
+    char report[8192];
+    CHECK(report_into(report, sizeof report));
+    printf("%s", report);
+    const char *line = strstr(report, "noise on cuda:0");
+    CHECK(line != NULL && strstr(line, "fused kernel, CUBIN sm_") != NULL);
   }
   pert_config_free(c);
   return true;

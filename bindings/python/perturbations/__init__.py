@@ -28,7 +28,7 @@ from .op import AimleState, Draw, ImleRecord, Op, Pool, SolveInfo, Tape
 
 __all__ = ["Config", "Op", "Tape", "Draw", "SolveInfo", "ImleRecord", "AimleState", "Pool", "Error", "NullArgumentError", "InvalidArgumentError",
            "NonFiniteInputError", "SolverFailedError", "DeviceUnavailableError", "TorchError", "PanicError",
-           "InterruptedCallError", "SenseWarning", "library_path", "version"]
+           "InterruptedCallError", "SenseWarning", "library_path", "version", "device_report"]
 __version__ = "0.1.0"
 LIBRARY_VERSION = _native.LIBRARY_VERSION
 
@@ -41,6 +41,25 @@ def library_path():
 def version():
     """The library's version string."""
     return _native.lib.pert_version().decode()
+
+
+def device_report():
+    """What this process found of CUDA and how each device draws its noise
+    (pert_device_report), one `name: value` line per item: the CUDA driver and runtime, the
+    devices libtorch sees (and why fewer than the driver), NVRTC, and for each CUDA device
+    `fused kernel` or `libtorch operations (the slow path)` and why. Where the fused kernel
+    is unavailable the library also says so once on stderr, unless PERTURBATIONS_QUIET=1."""
+    import ctypes
+    from .errors import _check
+    size = ctypes.c_size_t(0)
+    _check(_native.lib.pert_device_report(None, ctypes.byref(size)))
+    while True:
+        room = size.value + 1
+        buf = ctypes.create_string_buffer(room)
+        size = ctypes.c_size_t(room)
+        _check(_native.lib.pert_device_report(buf, ctypes.byref(size)))
+        if size.value < room:
+            return buf.value.decode(errors="replace")
 
 
 del _library_path

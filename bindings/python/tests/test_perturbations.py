@@ -26,6 +26,16 @@ def argmax_solver(x):
     return y
 
 
+def test_device_report():
+    report = pt.device_report()
+    lines = dict(line.split(": ", 1) for line in report.splitlines())
+    assert lines["perturbations"] == pt.version()
+    for name in ("CUDA driver", "CUDA runtime", "CUDA devices seen by libtorch", "NVRTC", "noise on the CPU"):
+        assert name in lines, report
+    devices = int(lines["CUDA devices seen by libtorch"].split()[0])
+    assert sum(name.startswith("noise on cuda:") for name in lines) == devices
+
+
 def test_version_and_errors():
     assert pt.version().startswith("0.1.")
     with pytest.raises(pt.Error) as e:

@@ -88,6 +88,26 @@ version() = unsafe_string(@ccall libperturbations.pert_version()::Cstring)
 status_name(status::UInt32) = unsafe_string(@ccall libperturbations.pert_status_name(status::UInt32)::Cstring)
 cuda_device_count() = Int(@ccall libperturbations.pert_cuda_device_count()::Int32)
 
+"""
+    device_report() -> String
+
+What this process found of CUDA and how each device draws its noise
+(`pert_device_report`): one `name: value` line per item (the CUDA driver and runtime, the
+devices libtorch sees and why fewer than the driver, NVRTC, and for each CUDA device
+`fused kernel` or `libtorch operations (the slow path)` and why).
+"""
+function device_report()
+    len = Ref{Csize_t}(0)
+    check(@ccall libperturbations.pert_device_report(C_NULL::Ptr{UInt8}, len::Ref{Csize_t})::UInt32)
+    while true
+        room = len[] + 1
+        buf = Vector{UInt8}(undef, room)
+        len[] = room
+        check(@ccall libperturbations.pert_device_report(buf::Ptr{UInt8}, len::Ref{Csize_t})::UInt32)
+        len[] < room && return String(buf[1:len[]])
+    end
+end
+
 function last_error()
     n = @ccall libperturbations.pert_last_error(C_NULL::Ptr{UInt8}, 0::Csize_t)::Csize_t
     buf = Vector{UInt8}(undef, n + 1)
