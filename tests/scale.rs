@@ -350,12 +350,56 @@ fn cuda_ops_match_the_cpu_host_paths_on_a_gpu() {
     });
 }
 
+/// (first value, count) of the noise checks: blocks of four words started and ended
+/// inside, 2^32 words crossed, and block counters whose high word is set (2^34 values and
+/// beyond: the block index's bits 32 and up), up to 2^62.
+const OFFSETS: [(u64, usize); 8] = [
+    (0, 1),
+    (1, 6),
+    (3, 1001),
+    ((1 << 32) - 5, 100_003),
+    ((1 << 34) - 6, 13),
+    ((1 << 34) + 1, 1001),
+    ((1 << 40) + 3, 70_001),
+    ((1 << 62) - 2, 9),
+];
+
+#[test]
+fn the_libtorch_noise_equals_the_cpu_noise_at_every_offset() {
+    // The libtorch operations that CUDA ops fall back on (int64 arithmetic for the Philox
+    // rounds), run on the CPU here, against the CPU sampler: the same words, so the same
+    // values up to the float rounding of the transforms, also where the block counter's
+    // high word is set.
+    for (seed, id) in [(0u64, 0u64), (u64::MAX, 1 << 40)] {
+        let stream = perturbations::rng::Stream::new(seed, id);
+        for noise in [Noise::Normal, Noise::Gumbel] {
+            for (first, count) in OFFSETS {
+                let cpu = noise.sample(&stream, first, count, 2).unwrap();
+                let ops = noise
+                    .sample_on_libtorch(&stream, first, count, tch::Device::Cpu)
+                    .unwrap();
+                let what = format!("{noise:?} seed {seed} stream {id} first {first} count {count}");
+                assert_eq!(ops.size(), [count as i64], "{what}");
+                assert!(max_abs(&cpu, &ops) < 4e-6 * 17.0, "{what}");
+            }
+        }
+    }
+    // the words themselves: block 2^32 + 5 is Philox of the counter (5, 1, stream)
+    let stream = perturbations::rng::Stream::new(7, 9);
+    let key = [7u32, 0];
+    assert_eq!(
+        stream.block((1 << 32) + 5),
+        perturbations::rng::philox4x32([5, 1, 9, 0], key)
+    );
+}
+
 #[test]
 fn the_cuda_noise_kernel_equals_the_cpu_noise_on_a_gpu() {
     // The fused CUDA noise kernel (and the libtorch operations it replaces) against the CPU
     // sampler: the same Philox words, so equal values up to the float rounding of the
     // transforms (|Normal| < 5.8, Gumbel < 16.7: a few ulps of a value below 17), at
-    // offsets that start and end inside a block of four words and across 2^32 words.
+    // offsets that start and end inside a block of four words, across 2^32 words, and
+    // with the block counter's high word set.
     if !on_a_gpu() {
         return;
     }
@@ -364,7 +408,7 @@ fn the_cuda_noise_kernel_equals_the_cpu_noise_on_a_gpu() {
     for (seed, id) in [(0u64, 0u64), (11, 3), (u64::MAX, 1 << 40)] {
         let stream = perturbations::rng::Stream::new(seed, id);
         for noise in [Noise::Normal, Noise::Gumbel] {
-            for (first, count) in [(0u64, 1usize), (1, 6), (3, 1001), ((1 << 32) - 5, 100_003)] {
+            for (first, count) in OFFSETS {
                 let cpu = noise.sample(&stream, first, count, 2).unwrap();
                 let kernel = noise.sample_on(&stream, first, count, cuda).unwrap();
                 let ops = noise
