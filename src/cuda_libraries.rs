@@ -235,7 +235,7 @@ fn why_init_failed(error: &str, forked_after_cuda: bool) -> String {
 
 /// Whether this process is a child forked after its parent loaded libtorch's CUDA
 /// libraries (through this library).
-fn forked_after_cuda() -> bool {
+pub(crate) fn forked_after_cuda() -> bool {
     let loaded_in = LOADED_IN.load(std::sync::atomic::Ordering::Relaxed);
     loaded_in != 0 && loaded_in != std::process::id()
 }

@@ -416,8 +416,28 @@ impl PerturbedOp {
     }
 
     /// The spec a call on `theta` runs with: the CPU twin for a small call, else the op's.
-    fn spec_for(&self, theta: &Tensor) -> &Arc<OpSpec> {
-        match &self.cpu_twin {
+    /// In a child forked after its parent started CUDA, where CUDA cannot be used, an
+    /// `"auto"` op runs every call on the CPU twin, and a CUDA op without one fails
+    /// (DEVICE_UNAVAILABLE) instead of with libtorch's error from deep inside the call.
+    fn spec_for(&self, theta: &Tensor) -> Result<&Arc<OpSpec>> {
+        if self.spec.device.is_cuda() && crate::cuda_libraries::forked_after_cuda() {
+            return self.cpu_twin.as_ref().ok_or_else(|| {
+                Error::new(
+                    crate::Status::DeviceUnavailable,
+                    format!(
+                        "this op computes on CUDA device {}, but this process was forked from \
+                         one that had started CUDA, and CUDA cannot be used in such a child: make \
+                         the op in the child with device \"auto\" or \"cpu\", or start the child \
+                         with spawn",
+                        match self.spec.device {
+                            tch::Device::Cuda(index) => index,
+                            _ => 0,
+                        }
+                    ),
+                )
+            });
+        }
+        Ok(match &self.cpu_twin {
             Some(cpu) => {
                 let c = &self.spec.config;
                 let batch = theta.size().first().map_or(0, |&b| b.max(0) as u128);
@@ -429,7 +449,7 @@ impl PerturbedOp {
                 }
             }
             None => &self.spec,
-        }
+        })
     }
 
     /// The Fenchel-Young loss `[batch]` of `theta` against targets `y_true` (both
@@ -496,7 +516,7 @@ impl PerturbedOp {
         let _cap = crate::intraop::cap(self.config().max_threads());
         // the draw keeps theta past this call: its own copy, never the caller's storage
         // on the spec a forward call of theta would use, so that finish gives its results
-        let spec = self.spec_for(theta);
+        let spec = self.spec_for(theta)?;
         let theta_dev = crate::tensors::copy(&spec.check_theta(theta)?)?;
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         Draw::new(spec.clone(), theta_dev, call)
@@ -528,7 +548,7 @@ impl PerturbedOp {
                 "this op has no solver (it was made for the two-phase API): use draw and finish",
             ));
         }
-        let spec = self.spec_for(theta);
+        let spec = self.spec_for(theta)?;
         let theta_dev = spec.check_theta(theta)?;
         // a call on no problem draws nothing: it does not count (so later draws do not
         // depend on whether an empty call asked for a tape)

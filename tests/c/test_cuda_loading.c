@@ -4,6 +4,9 @@
  * PERT_EXPECT_CUDA_DEVICES set to the number of devices torch sees. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "harness.h"
 
@@ -127,6 +130,51 @@ static bool no_driver_maps_no_cuda(void) {
   return true;
 }
 
+/* A child forked after its parent started CUDA cannot use CUDA: an "auto" built-in op
+ * made before the fork runs the child's calls, small and large, on the CPU; a "cuda" op
+ * fails with DEVICE_UNAVAILABLE saying why (issue 33). */
+static int child_after_cuda(void *arg) {
+  pert_op **ops = arg;
+  enum { B = 512, D = 4 };
+  static float x[B * D], y[B * D];
+  for (int i = 0; i < B * D; i++) x[i] = (float)(i % 7) * 0.1f;
+  if (pert_forward(ops[0], x, 2, y, NULL) != PERT_STATUS_OK) return 2;  /* small */
+  if (pert_forward(ops[0], x, B, y, NULL) != PERT_STATUS_OK) return 3;  /* large */
+  if (!rows_sum_to_one(y, B)) return 4;
+  if (pert_forward(ops[1], x, B, y, NULL) != PERT_STATUS_DEVICE_UNAVAILABLE) return 5;
+  if (!last_error_contains("forked from one that had started CUDA")) return 6;
+  return 0;
+}
+
+static bool forked_children_use_the_cpu_or_fail_clearly(void) {
+  pert_config *c = NULL;
+  CHECK_OK(pert_config_new(&c));
+  CHECK_OK(pert_config_set_num_samples(c, 1000));
+  int64_t d = 4;
+  pert_op *ops[2] = {NULL, NULL};
+  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, &d, 1, &ops[0])); /* "auto" */
+  CHECK_OK(pert_config_set_device(c, "cuda"));
+  CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, &d, 1, &ops[1]));
+  float x[8] = {0.1f, 0.4f, 0.3f, 0.2f, 1.0f, 0.0f, 0.5f, 0.9f}, y[8];
+  CHECK_OK(pert_forward(ops[1], x, 2, y, NULL)); /* CUDA started in the parent */
+  pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0) {
+    alarm(60);
+    _exit(child_after_cuda(ops));
+  }
+  int status = 0;
+  CHECK(waitpid(child, &status, 0) == child);
+  if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0))
+    fprintf(stderr, "  the child ended with %s %d\n", WIFEXITED(status) ? "exit status" : "signal",
+            WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  pert_op_free(ops[0]);
+  pert_op_free(ops[1]);
+  pert_config_free(c);
+  return true;
+}
+
 static bool gpu_machines_load_cuda(void) {
   if (!driver_present()) {
     printf("     (no CUDA driver here: checked by scripts/gpu-check.sh on a GPU)\n");
@@ -153,6 +201,7 @@ static bool gpu_machines_load_cuda(void) {
     printf("%s", report);
     const char *line = strstr(report, "noise on cuda:0");
     CHECK(line != NULL && strstr(line, "fused kernel, CUBIN sm_") != NULL);
+    CHECK(forked_children_use_the_cpu_or_fail_clearly());
   }
   pert_config_free(c);
   return true;
