@@ -16,7 +16,7 @@ use crate::error::{Error, Result, Status};
 use crate::rng::Stream;
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -82,7 +82,6 @@ type CuDevice = c_int;
 type CuContext = *mut c_void;
 type CuModule = *mut c_void;
 type CuFunction = *mut c_void;
-type NvrtcProgram = *mut c_void;
 
 /// The driver and NVRTC functions the kernel needs.
 struct Api {
@@ -110,232 +109,7 @@ struct Api {
         *mut *mut c_void,
         *mut *mut c_void,
     ) -> CuResult,
-    nvrtc: &'static Nvrtc,
-}
-
-/// An NVRTC function that gives a size (`size_t *`), or copies a result, of a compiled
-/// program (nvrtcGetPTXSize, nvrtcGetPTX, nvrtcGetCUBINSize, nvrtcGetCUBIN).
-type Getter = unsafe extern "C" fn(NvrtcProgram, *mut c_void) -> c_int;
-
-/// NVRTC's functions (also used alone, to compile the source on machines without a GPU).
-pub(crate) struct Nvrtc {
-    create: unsafe extern "C" fn(
-        *mut NvrtcProgram,
-        *const c_char,
-        *const c_char,
-        c_int,
-        *const *const c_char,
-        *const *const c_char,
-    ) -> c_int,
-    compile: unsafe extern "C" fn(NvrtcProgram, c_int, *const *const c_char) -> c_int,
-    ptx_size: Getter,
-    ptx: Getter,
-    /// nvrtcGetCUBINSize and nvrtcGetCUBIN (NVRTC 11.1 and later).
-    cubin: Option<(Getter, Getter)>,
-    /// nvrtcVersion.
-    version: Option<unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int>,
-    /// The folder of the NVRTC library found.
-    folder: Option<std::path::PathBuf>,
-    log_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int,
-    log: unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int,
-    destroy: unsafe extern "C" fn(*mut NvrtcProgram) -> c_int,
-}
-
-/// `dlsym(lib, name)` as a function pointer of type `F`, or None.
-///
-/// # Safety
-/// `F` must be the C signature of the symbol `name`.
-unsafe fn symbol<F: Copy>(lib: *mut c_void, name: &CStr) -> Option<F> {
-    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut c_void>()) };
-    let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
-    // SAFETY: F is a function pointer type (the caller's contract), the size of a pointer.
-    (!p.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
-}
-
-/// A handle to NVRTC: already loaded, beside libtorch (the pip wheels' nvidia folder, or
-/// through libcaffe2_nvrtc.so, which links it in standalone libtorch), or on the system.
-fn nvrtc_handle() -> Option<*mut c_void> {
-    let open = |path: &str, flags: c_int| -> Option<*mut c_void> {
-        let c = CString::new(path).ok()?;
-        // SAFETY: dlopen of a library by path or name; handles are never closed.
-        let h = unsafe { libc::dlopen(c.as_ptr(), flags) };
-        (!h.is_null()).then_some(h)
-    };
-    let names = ["libnvrtc.so.13", "libnvrtc.so.12"];
-    // NVRTC opens its builtins library by name when it compiles, and a wheel's folder is
-    // on no search path: the builtins beside the NVRTC found are loaded first, so that the
-    // name finds them (also when torch or the application loaded that NVRTC)
-    let with_builtins = |h: *mut c_void, folder: Option<std::path::PathBuf>| {
-        if let Some(Ok(entries)) = folder.map(std::fs::read_dir) {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with("libnvrtc-builtins.so.") {
-                    open(
-                        &entry.path().to_string_lossy(),
-                        libc::RTLD_NOW | libc::RTLD_LOCAL,
-                    );
-                }
-            }
-        }
-        h
-    };
-    if let Some(h) = names
-        .iter()
-        .find_map(|n| open(n, libc::RTLD_NOW | libc::RTLD_NOLOAD))
-    {
-        return Some(with_builtins(h, folder_of(h, c"nvrtcVersion")));
-    }
-    if let Some(folder) = crate::cuda_libraries::torch_lib_folder() {
-        let wheel = folder.join("../../nvidia");
-        for sub in ["cu13/lib/libnvrtc.so.13", "cuda_nvrtc/lib/libnvrtc.so.12"] {
-            let path = wheel.join(sub);
-            if let Some(h) = open(&path.to_string_lossy(), libc::RTLD_NOW | libc::RTLD_LOCAL) {
-                return Some(with_builtins(h, path.parent().map(Into::into)));
-            }
-        }
-        // dlsym on this handle searches its dependencies, NVRTC among them
-        if let Some(h) = open(
-            &folder.join("libcaffe2_nvrtc.so").to_string_lossy(),
-            libc::RTLD_NOW | libc::RTLD_LOCAL,
-        ) {
-            return Some(h);
-        }
-    }
-    names
-        .iter()
-        .find_map(|n| open(n, libc::RTLD_NOW | libc::RTLD_LOCAL))
-}
-
-/// The folder of the loaded library that defines `name` in the scope of handle `h`.
-fn folder_of(h: *mut c_void, name: &CStr) -> Option<std::path::PathBuf> {
-    // SAFETY: dlsym on a live handle; dladdr fills `info` for an address of a loaded
-    // object, whose file name is a NUL-terminated string that lives as long as the object.
-    unsafe {
-        let symbol = libc::dlsym(h, name.as_ptr());
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if symbol.is_null() || libc::dladdr(symbol, &mut info) == 0 || info.dli_fname.is_null() {
-            return None;
-        }
-        let file = CStr::from_ptr(info.dli_fname)
-            .to_string_lossy()
-            .into_owned();
-        let folder = std::path::Path::new(&file).parent()?;
-        Some(std::fs::canonicalize(folder).unwrap_or_else(|_| folder.into()))
-    }
-}
-
-/// NVRTC's functions, loaded once (None when it cannot be found).
-pub(crate) fn nvrtc() -> Option<&'static Nvrtc> {
-    static NVRTC: OnceCell<Option<Nvrtc>> = OnceCell::new();
-    NVRTC
-        .get_or_init(|| {
-            let h = nvrtc_handle()?;
-            // SAFETY: NVRTC's documented C signatures.
-            unsafe {
-                Some(Nvrtc {
-                    create: symbol(h, c"nvrtcCreateProgram")?,
-                    compile: symbol(h, c"nvrtcCompileProgram")?,
-                    ptx_size: symbol(h, c"nvrtcGetPTXSize")?,
-                    ptx: symbol(h, c"nvrtcGetPTX")?,
-                    cubin: symbol::<Getter>(h, c"nvrtcGetCUBINSize")
-                        .zip(symbol::<Getter>(h, c"nvrtcGetCUBIN")),
-                    version: symbol(h, c"nvrtcVersion"),
-                    folder: folder_of(h, c"nvrtcCompileProgram"),
-                    log_size: symbol(h, c"nvrtcGetProgramLogSize")?,
-                    log: symbol(h, c"nvrtcGetProgramLog")?,
-                    destroy: symbol(h, c"nvrtcDestroyProgram")?,
-                })
-            }
-        })
-        .as_ref()
-}
-
-impl Nvrtc {
-    /// PTX of [`SOURCE`] for compute capability `major.minor` (NUL-terminated, as
-    /// cuModuleLoadData wants; the driver compiles it for the device, which needs a driver
-    /// at least as new as this NVRTC), or the compiler's log.
-    pub(crate) fn ptx(&self, major: c_int, minor: c_int) -> std::result::Result<Vec<u8>, String> {
-        let arch = format!("compute_{major}{minor}");
-        self.compile(&arch, self.ptx_size, self.ptx, "nvrtcGetPTX")
-    }
-
-    /// The CUBIN (device code, run as it is: no JIT in the driver) of [`SOURCE`] for the
-    /// architecture sm_`major``minor`, or why not (an NVRTC without CUBIN output, or one
-    /// that does not know the architecture).
-    pub(crate) fn cubin(&self, major: c_int, minor: c_int) -> std::result::Result<Vec<u8>, String> {
-        let (size, get) = self.cubin.ok_or("this NVRTC has no nvrtcGetCUBIN")?;
-        self.compile(&format!("sm_{major}{minor}"), size, get, "nvrtcGetCUBIN")
-    }
-
-    /// The folder of the NVRTC library in use (None when the loader does not say).
-    pub(crate) fn folder(&self) -> Option<&std::path::Path> {
-        self.folder.as_deref()
-    }
-
-    /// NVRTC's version, "major.minor" (None when it does not say).
-    pub(crate) fn version(&self) -> Option<String> {
-        let (mut major, mut minor) = (0, 0);
-        // SAFETY: nvrtcVersion writes two ints.
-        let f = self.version?;
-        (unsafe { f(&mut major, &mut minor) } == 0).then(|| format!("{major}.{minor}"))
-    }
-
-    /// [`SOURCE`] compiled for `--gpu-architecture=arch`, its result read by `size` and
-    /// `get` (named `what` in errors), or the compiler's log.
-    fn compile(
-        &self,
-        arch: &str,
-        size: Getter,
-        get: Getter,
-        what: &str,
-    ) -> std::result::Result<Vec<u8>, String> {
-        let source = CString::new(SOURCE).expect("no NUL in the source");
-        let arch = CString::new(format!("--gpu-architecture={arch}")).expect("no NUL");
-        let options = [arch.as_ptr()];
-        let mut program: NvrtcProgram = std::ptr::null_mut();
-        // SAFETY: NVRTC calls with valid NUL-terminated strings and out-pointers, and
-        // result buffers of the size NVRTC gave; the program is destroyed on every path
-        // after its creation.
-        unsafe {
-            let code = (self.create)(
-                &mut program,
-                source.as_ptr(),
-                c"pert_noise.cu".as_ptr(),
-                0,
-                std::ptr::null(),
-                std::ptr::null(),
-            );
-            if code != 0 {
-                return Err(format!("nvrtcCreateProgram failed ({code})"));
-            }
-            let compiled = (self.compile)(program, options.len() as c_int, options.as_ptr());
-            let result = if compiled != 0 {
-                let mut size = 0usize;
-                let mut log = Vec::new();
-                if (self.log_size)(program, &mut size) == 0 && size > 0 {
-                    log = vec![0u8; size];
-                    if (self.log)(program, log.as_mut_ptr().cast()) != 0 {
-                        log.clear();
-                    }
-                }
-                Err(format!(
-                    "nvrtcCompileProgram failed ({compiled}): {}",
-                    String::from_utf8_lossy(&log).trim_end_matches('\0')
-                ))
-            } else {
-                let mut bytes = 0usize;
-                let sized = size(program, (&mut bytes as *mut usize).cast()) == 0 && bytes > 0;
-                let mut image = vec![0u8; bytes];
-                if sized && get(program, image.as_mut_ptr().cast()) == 0 {
-                    Ok(image)
-                } else {
-                    Err(format!("{what} failed"))
-                }
-            };
-            (self.destroy)(&mut program);
-            result
-        }
-    }
+    nvrtc: &'static crate::nvrtc::Nvrtc,
 }
 
 /// The driver API and NVRTC, loaded once (None when either is missing).
@@ -358,17 +132,17 @@ fn api() -> Option<&'static Api> {
                 return None;
             }
             Some(Api {
-                cu_init: symbol(lib, c"cuInit")?,
-                cu_device_get: symbol(lib, c"cuDeviceGet")?,
-                cu_device_get_attribute: symbol(lib, c"cuDeviceGetAttribute")?,
-                cu_primary_ctx_retain: symbol(lib, c"cuDevicePrimaryCtxRetain")?,
-                cu_ctx_push: symbol(lib, c"cuCtxPushCurrent_v2")?,
-                cu_ctx_pop: symbol(lib, c"cuCtxPopCurrent_v2")?,
-                cu_ctx_synchronize: symbol(lib, c"cuCtxSynchronize")?,
-                cu_module_load_data: symbol(lib, c"cuModuleLoadData")?,
-                cu_module_get_function: symbol(lib, c"cuModuleGetFunction")?,
-                cu_launch_kernel: symbol(lib, c"cuLaunchKernel")?,
-                nvrtc: nvrtc()?,
+                cu_init: crate::nvrtc::symbol(lib, c"cuInit")?,
+                cu_device_get: crate::nvrtc::symbol(lib, c"cuDeviceGet")?,
+                cu_device_get_attribute: crate::nvrtc::symbol(lib, c"cuDeviceGetAttribute")?,
+                cu_primary_ctx_retain: crate::nvrtc::symbol(lib, c"cuDevicePrimaryCtxRetain")?,
+                cu_ctx_push: crate::nvrtc::symbol(lib, c"cuCtxPushCurrent_v2")?,
+                cu_ctx_pop: crate::nvrtc::symbol(lib, c"cuCtxPopCurrent_v2")?,
+                cu_ctx_synchronize: crate::nvrtc::symbol(lib, c"cuCtxSynchronize")?,
+                cu_module_load_data: crate::nvrtc::symbol(lib, c"cuModuleLoadData")?,
+                cu_module_get_function: crate::nvrtc::symbol(lib, c"cuModuleGetFunction")?,
+                cu_launch_kernel: crate::nvrtc::symbol(lib, c"cuLaunchKernel")?,
+                nvrtc: crate::nvrtc::nvrtc()?,
             })
         }
     })
@@ -406,11 +180,17 @@ fn kernel<R>(
     f(kernels.entry(index).or_insert_with(|| load(api, index)))
 }
 
+/// Whether the library's stderr message is silenced: the environment variable
+/// PERTURBATIONS_QUIET is set, not empty and not "0".
+pub(crate) fn quiet() -> bool {
+    std::env::var_os("PERTURBATIONS_QUIET").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Says once per process, on stderr, that CUDA noise takes the slow path and why, unless
 /// the environment variable PERTURBATIONS_QUIET is set (not empty, not "0").
 fn warn_fallback(why: &str) {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) || crate::report::quiet() {
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) || quiet() {
         return;
     }
     eprintln!(
@@ -469,11 +249,15 @@ fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
             )?;
             Ok(function)
         };
-        let loaded = match api.nvrtc.cubin(major, minor).and_then(|c| module_of(&c)) {
+        let loaded = match api
+            .nvrtc
+            .cubin(SOURCE, major, minor)
+            .and_then(|c| module_of(&c))
+        {
             Ok(function) => Ok((function, format!("CUBIN sm_{major}{minor}"))),
             Err(no_cubin) => api
                 .nvrtc
-                .ptx(major, minor)
+                .ptx(SOURCE, major, minor)
                 .and_then(|p| module_of(&p))
                 .map(|f| {
                     (
@@ -622,16 +406,16 @@ mod tests {
     fn the_kernel_compiles_where_nvrtc_is_found() {
         // NVRTC needs no GPU: the pip wheel of torch ships it, so the source is checked
         // here; the kernel's values are checked on a GPU (tests/scale.rs, gpu-check.sh)
-        let Some(nvrtc) = nvrtc() else {
+        let Some(nvrtc) = crate::nvrtc::nvrtc() else {
             eprintln!("no NVRTC beside this libtorch: the source is not compiled");
             return;
         };
         for (major, minor) in [(8, 0), (9, 0)] {
-            let ptx = nvrtc.ptx(major, minor).unwrap();
+            let ptx = nvrtc.ptx(SOURCE, major, minor).unwrap();
             let text = String::from_utf8_lossy(&ptx);
             assert!(text.contains(".entry pert_noise"), "{text}");
             // and the device code itself, which the driver loads without compiling
-            let cubin = nvrtc.cubin(major, minor).unwrap();
+            let cubin = nvrtc.cubin(SOURCE, major, minor).unwrap();
             assert!(cubin.starts_with(b"\x7fELF"), "{} bytes", cubin.len());
         }
         assert!(nvrtc.version().is_some_and(|v| v.contains('.')));
@@ -645,8 +429,8 @@ mod tests {
     #[test]
     fn the_kernel_compiles_with_an_nvrtc_loaded_before() {
         if std::env::var_os("PERT_TEST_NVRTC_PRELOADED").is_some() {
-            let nvrtc = nvrtc().expect("the preloaded NVRTC is found");
-            nvrtc.ptx(9, 0).unwrap();
+            let nvrtc = crate::nvrtc::nvrtc().expect("the preloaded NVRTC is found");
+            nvrtc.ptx(SOURCE, 9, 0).unwrap();
             return;
         }
         let Some(folder) = crate::cuda_libraries::torch_lib_folder() else {

@@ -48,9 +48,14 @@ mod uninit;
 mod dot;
 mod vectorized;
 
-// settings with their code, and helpers: devices, noise, perturbations, input checks,
-// libtorch's CUDA libraries loaded on demand, the fused noise kernel of CUDA ops, libtorch's per-thread thread counts, tensor and host-buffer helpers
+// libtorch's CUDA libraries loaded on demand, and NVRTC, CUDA's run-time compiler (found
+// beside them), for the fused noise kernel
 mod cuda_libraries;
+mod nvrtc;
+
+// settings with their code, and helpers: devices, noise, perturbations, input checks,
+// the fused noise kernel of CUDA ops, libtorch's per-thread thread counts, tensor and
+// host-buffer helpers
 mod cuda_noise;
 pub mod device;
 mod input;

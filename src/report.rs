@@ -1,15 +1,8 @@
 //! The device report (`pert_device_report`): what this process found of CUDA (driver,
-//! runtime, devices, NVRTC) and which noise path each device uses, and whether the
-//! library's one stderr message (the slow CUDA noise path) is silenced.
+//! runtime, devices, NVRTC) and which noise path each device uses.
 
 use crate::cuda_libraries::{self, Loaded};
 use std::fmt::Write;
-
-/// Whether the library's stderr message is silenced: the environment variable
-/// PERTURBATIONS_QUIET is set, not empty and not "0".
-pub(crate) fn quiet() -> bool {
-    std::env::var_os("PERTURBATIONS_QUIET").is_some_and(|v| !v.is_empty() && v != "0")
-}
 
 /// A CUDA version number (13000) as "13.0".
 fn version(v: i32) -> String {
@@ -83,7 +76,7 @@ pub fn device_report() -> String {
     );
     line(
         "NVRTC",
-        &match crate::cuda_noise::nvrtc() {
+        &match crate::nvrtc::nvrtc() {
             None => "not found (CUDA noise would take the slow path)".into(),
             Some(n) => format!(
                 "{}{}",
