@@ -7,16 +7,25 @@
 # OUT is set.
 #
 # Exit status: 0 when every check ran and passed; 1 when one failed or could not run (a
-# missing program is a failure, not a skip); 77 when this machine has no usable GPU
-# (python3 without torch, or torch sees no CUDA device), saying that nothing was checked.
+# missing program is a failure, not a skip, and so is a machine with an NVIDIA driver whose
+# python3 has no torch or whose torch sees no device: a broken CUDA is what this checks);
+# 77 when this machine has no NVIDIA driver, saying that nothing was checked.
 # The programs run with PERT_REQUIRE_GPU=1, under which a test that finds no device fails
 # instead of passing unchecked.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+driver=no
+if [ -e /proc/driver/nvidia/version ] || [ -e /dev/nvidiactl ] || command -v nvidia-smi >/dev/null 2>&1; then
+  driver=yes
+fi
 TORCH_LIB=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)
 if [ -z "$TORCH_LIB" ]; then
-  echo "== perturbations GPU check on $(hostname): python3 has no torch; nothing was checked"
-  exit 77
+  if [ $driver = no ]; then
+    echo "== perturbations GPU check on $(hostname): no NVIDIA driver (and python3 has no torch): nothing was checked"
+    exit 77
+  fi
+  echo "== perturbations GPU check on $(hostname): FAILED: an NVIDIA driver is present, but python3 has no torch"
+  exit 1
 fi
 # the test programs' RUNPATHs name the build machine's folders: find both libraries here
 soname=$(sed -n 's/^version = "\([0-9]*\)\.\([0-9]*\)\..*/\1 \2/p' Cargo.toml | head -1 |
@@ -27,8 +36,14 @@ export PERT_REQUIRE_GPU=1
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 echo "== perturbations GPU check on $(hostname): ${gpus} CUDA device(s)"
 if [ "${gpus}" = 0 ]; then
-  echo "no usable GPU (torch sees no CUDA device): nothing was checked"
-  exit 77
+  if [ $driver = no ]; then
+    echo "no NVIDIA driver: nothing was checked"
+    exit 77
+  fi
+  echo "FAILED: an NVIDIA driver is present, but torch sees no CUDA device; the library's report:"
+  PYTHONPATH="$PWD/bindings/python" PERTURBATIONS_LIB="$PWD/target/release/libperturbations.so" \
+    python3 -c 'import perturbations; print(perturbations.device_report())' 2>&1 || true
+  exit 1
 fi
 nvidia-smi -L 2>/dev/null || python3 -c 'import torch; print("GPU:", torch.cuda.get_device_name(0))'
 failed=()

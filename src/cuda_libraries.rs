@@ -43,13 +43,7 @@ pub(crate) fn load() -> &'static Loaded {
                     "this libtorch has no CUDA support (no libtorch_cuda.so in {})",
                     folder.display()
                 )),
-                Some(path) => {
-                    let loaded = open_global(&path.to_string_lossy());
-                    if let Loaded::Yes = loaded {
-                        LOADED_IN.store(std::process::id(), std::sync::atomic::Ordering::Relaxed);
-                    }
-                    loaded
-                }
+                Some(path) => open_global(&path.to_string_lossy()),
             },
         })
     })
@@ -181,7 +175,11 @@ pub(crate) fn driver() -> Option<Driver> {
                 let name = std::mem::transmute::<*mut libc::c_void, CuName>(name);
                 let attribute = std::mem::transmute::<*mut libc::c_void, CuAttribute>(attribute);
                 let mut n = 0;
-                match init(0) {
+                let started = init(0);
+                if started == 0 {
+                    mark_cuda_started();
+                }
+                match started {
                     0 => match count(&mut n) {
                         0 => Ok((0..n)
                             .map(|d| {
@@ -227,21 +225,34 @@ fn why_init_failed(error: &str, forked_after_cuda: bool) -> String {
         Err(_) => {}
     }
     if forked_after_cuda {
-        why += "; this process was forked from one that had loaded CUDA, and CUDA cannot \
+        why += "; this process was forked from one that had started CUDA, and CUDA cannot \
                 be used in such a child (make the op in the child, or start it with spawn)";
     }
     why
 }
 
-/// Whether this process is a child forked after its parent loaded libtorch's CUDA
-/// libraries (through this library).
+/// Whether this process is a child forked after its parent (or an ancestor) started the
+/// CUDA driver through this library (cuInit, or the runtime's device count, which calls
+/// it): CUDA cannot be used in such a child. Loading libtorch_cuda alone does not count.
 pub(crate) fn forked_after_cuda() -> bool {
-    let loaded_in = LOADED_IN.load(std::sync::atomic::Ordering::Relaxed);
-    loaded_in != 0 && loaded_in != std::process::id()
+    let started_in = STARTED_IN.load(std::sync::atomic::Ordering::Relaxed);
+    started_in != 0 && started_in != std::process::id()
 }
 
-/// The process that loaded libtorch's CUDA libraries (0: none did).
-static LOADED_IN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// Records that this process started the CUDA driver (see [`forked_after_cuda`]); a
+/// process that inherited the mark keeps its parent's.
+pub(crate) fn mark_cuda_started() {
+    let me = std::process::id();
+    let _ = STARTED_IN.compare_exchange(
+        0,
+        me,
+        std::sync::atomic::Ordering::Relaxed,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The process that started the CUDA driver through this library (0: none did).
+static STARTED_IN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// `dlopen(path, RTLD_NOW | RTLD_GLOBAL)`: global, so that the CUDA kernels and hooks it
 /// registers are seen by libtorch_cpu.
@@ -340,7 +351,7 @@ mod tests {
             "{why}"
         );
         assert!(
-            why.contains("forked from one that had loaded CUDA"),
+            why.contains("forked from one that had started CUDA"),
             "{why}"
         );
         assert!(!why_init_failed(error, false).contains("forked"));

@@ -14,6 +14,7 @@
 
 use crate::error::{Error, Result, Status};
 use crate::rng::Stream;
+use once_cell::race::OnceBox;
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -114,8 +115,14 @@ struct Api {
 
 /// The driver API and NVRTC, loaded once (None when either is missing).
 fn api() -> Option<&'static Api> {
-    static API: OnceCell<Option<Api>> = OnceCell::new();
-    API.get_or_init(|| {
+    // (no lock, as nvrtc(): a child forked during another thread's look-up never waits)
+    static API: OnceBox<Option<Api>> = OnceBox::new();
+    API.get_or_init(|| Box::new(find_api())).as_ref()
+}
+
+/// [`api`]'s look-up.
+fn find_api() -> Option<Api> {
+    {
         if !crate::cuda_libraries::driver_present() {
             return None;
         }
@@ -145,8 +152,7 @@ fn api() -> Option<&'static Api> {
                 nvrtc: crate::nvrtc::nvrtc()?,
             })
         }
-    })
-    .as_ref()
+    }
 }
 
 /// The kernel on one device: its primary context and function.
@@ -213,6 +219,7 @@ fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
     // only around the module calls and popped on every path.
     unsafe {
         check("cuInit", (api.cu_init)(0))?;
+        crate::cuda_libraries::mark_cuda_started();
         let mut device: CuDevice = 0;
         check(
             "cuDeviceGet",
@@ -255,17 +262,19 @@ fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
             .and_then(|c| module_of(&c))
         {
             Ok(function) => Ok((function, format!("CUBIN sm_{major}{minor}"))),
-            Err(no_cubin) => api
-                .nvrtc
-                .ptx(SOURCE, major, minor)
-                .and_then(|p| module_of(&p))
-                .map(|f| {
-                    (
-                        f,
-                        format!("PTX compute_{major}{minor} (no CUBIN: {no_cubin})"),
-                    )
-                })
-                .map_err(|why| format!("{why} (and no CUBIN: {no_cubin})")),
+            // PTX of the newest architecture NVRTC knows that the device runs (a device
+            // newer than this NVRTC gets older PTX, which its driver compiles for it)
+            Err(no_cubin) => match api.nvrtc.ptx_target(major, minor) {
+                None => Err(format!(
+                    "this NVRTC compiles for no architecture that sm_{major}{minor} runs (no CUBIN: {no_cubin})"
+                )),
+                Some((pm, pn)) => api
+                    .nvrtc
+                    .ptx(SOURCE, pm, pn)
+                    .and_then(|p| module_of(&p))
+                    .map(|f| (f, format!("PTX compute_{pm}{pn} (no CUBIN: {no_cubin})")))
+                    .map_err(|why| format!("{why} (and no CUBIN: {no_cubin})")),
+            },
         };
         let mut popped: CuContext = std::ptr::null_mut();
         (api.cu_ctx_pop)(&mut popped);
@@ -419,6 +428,18 @@ mod tests {
             assert!(cubin.starts_with(b"\x7fELF"), "{} bytes", cubin.len());
         }
         assert!(nvrtc.version().is_some_and(|v| v.contains('.')));
+        // a device newer than this NVRTC: PTX of the newest architecture it knows (which
+        // compiles), an older one: none below it
+        let newest = nvrtc
+            .ptx_target(99, 9)
+            .expect("an architecture below sm_999");
+        assert!(newest.0 >= 9, "{newest:?}");
+        assert!(nvrtc.ptx(SOURCE, newest.0, newest.1).is_ok());
+        assert_eq!(nvrtc.ptx_target(9, 0), Some((9, 0)));
+        assert_eq!(crate::nvrtc::ptx_arch(&[75, 80, 90, 120], 122), Some(120));
+        assert_eq!(crate::nvrtc::ptx_arch(&[75, 80, 90, 120], 89), Some(80));
+        assert_eq!(crate::nvrtc::ptx_arch(&[75, 80], 70), None);
+        assert_eq!(crate::nvrtc::ptx_arch(&[], 86), Some(86));
         assert!(nvrtc.folder().is_some_and(|f| f.is_dir()));
     }
 

@@ -98,9 +98,16 @@ type CudaSetDevice = unsafe extern "C" fn(std::ffi::c_int) -> std::ffi::c_int;
 
 /// `cudaGetDevice` and `cudaSetDevice` of the CUDA runtime libtorch loaded, if any.
 fn cuda_runtime() -> Option<(CudaGetDevice, CudaSetDevice)> {
-    static FOUND: once_cell::sync::OnceCell<Option<(CudaGetDevice, CudaSetDevice)>> =
-        once_cell::sync::OnceCell::new();
-    *FOUND.get_or_init(|| {
+    // (no lock: threads that race each look them up, the first answer is kept, so a child
+    // forked during another thread's look-up never waits)
+    static FOUND: once_cell::race::OnceBox<Option<(CudaGetDevice, CudaSetDevice)>> =
+        once_cell::race::OnceBox::new();
+    *FOUND.get_or_init(|| Box::new(find_cuda_runtime()))
+}
+
+/// [`cuda_runtime`]'s look-up.
+fn find_cuda_runtime() -> Option<(CudaGetDevice, CudaSetDevice)> {
+    {
         // libtorch_cuda is loaded RTLD_GLOBAL (cuda_libraries), so its CUDA runtime is in the
         // global scope whatever its file is called (standalone libtorch hashes the name)
         // SAFETY: lookups of the CUDA runtime's functions, with their documented signatures.
@@ -140,7 +147,7 @@ fn cuda_runtime() -> Option<(CudaGetDevice, CudaSetDevice)> {
                 })
             }
         })
-    })
+    }
 }
 
 /// Runs `f` with CUDA device `index` current on this thread (when `index` is given and the
@@ -191,12 +198,16 @@ fn auto_device(host_solver: bool, cuda_devices: usize) -> Device {
 /// `cuda_libraries`): Rust programs that ask tch about CUDA before making any
 /// [`crate::Config`] should call this first, or link libtorch_cuda themselves.
 pub fn cuda_device_count() -> usize {
-    static COUNT: once_cell::sync::OnceCell<usize> = once_cell::sync::OnceCell::new();
+    // (no lock: threads that race each count, the first answer is kept, so a child forked
+    // during another thread's count never waits)
+    static COUNT: once_cell::race::OnceBox<usize> = once_cell::race::OnceBox::new();
     *COUNT.get_or_init(|| {
         if matches!(cuda_libraries::load(), Loaded::NoDriver) {
-            return 0; // no driver: libtorch would find no device either
+            return Box::new(0); // no driver: libtorch would find no device either
         }
-        usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+        let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+        cuda_libraries::mark_cuda_started(); // (cudaGetDeviceCount starts the driver)
+        Box::new(count)
     })
 }
 

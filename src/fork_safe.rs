@@ -31,10 +31,13 @@ static INSIDE: AtomicUsize = AtomicUsize::new(0);
 /// Threads inside the foreign gate now ([`foreign`]: calls into libraries whose locks no
 /// fork handler protects), or about to look whether it is open.
 static FOREIGN: AtomicUsize = AtomicUsize::new(0);
-/// How long a fork waits for the threads inside the foreign gate. Their calls take
-/// microseconds; a longer wait means that such a call waits for the forking thread (another
-/// runtime's fork handler, run before ours, holds a lock it needs), and the fork goes on.
-const FOREIGN_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// How many pauses (see [`pause`]: 64 yields, then sleeps of 50 µs: at least about 100 ms
+/// in all) a fork waits for the threads inside the foreign gate while none of them leaves.
+/// Their calls take microseconds; a longer wait means that such a call waits for the
+/// forking thread (another runtime's fork handler, run before ours, holds a lock it
+/// needs), and the fork goes on. Counted in pauses, not in time: a forking thread that was
+/// descheduled for a while still gives the threads inside all its pauses.
+const FOREIGN_PAUSES: u32 = 2064;
 /// Forks under way in this process (the gate is closed while > 0).
 static FORKING: AtomicUsize = AtomicUsize::new(0);
 /// Whether the fork handlers are registered in this process.
@@ -68,10 +71,15 @@ extern "C" fn before_fork() {
     while INSIDE.load(SeqCst) != 0 {
         pause(&mut spins);
     }
-    // (clock_gettime, which Instant reads, may be called in a fork handler)
-    let start = std::time::Instant::now();
-    while FOREIGN.load(SeqCst) != 0 && start.elapsed() < FOREIGN_WAIT {
+    // bounded: FOREIGN_PAUSES pauses without progress (a thread leaving restarts the count;
+    // none can enter meanwhile)
+    let (mut waited, mut inside) = (0, FOREIGN.load(SeqCst));
+    while inside != 0 && waited < FOREIGN_PAUSES {
+        let mut spins = waited;
         pause(&mut spins);
+        let now = FOREIGN.load(SeqCst);
+        waited = if now < inside { 0 } else { waited + 1 };
+        inside = now;
     }
 }
 
@@ -147,15 +155,19 @@ fn register() -> Result<()> {
     }
 }
 
-/// Runs `f` inside the foreign gate: a fork waits for it to return, up to a bound
-/// (100 ms), and threads that come to the gate during a fork wait for it to end. For short
+/// Runs `f` inside the foreign gate: a fork waits for it to return, up to a bound (about
+/// 100 ms of pauses without progress, [`FOREIGN_PAUSES`]), and threads that come to the
+/// gate during a fork wait for it to end. For short
 /// calls into a library whose own locks no fork handler protects: MKL's per-thread set-up
 /// (run by libtorch's, and by MKL's thread-count calls) takes MKL's spin lock, and a
 /// child forked while a thread held it hung at its first call. `f` must call no user code.
 /// The bound keeps a fork from waiting forever where `f` waits for the forking thread (an
 /// OpenMP runtime whose fork handler runs before ours and holds the lock a new thread's
 /// first OpenMP call takes): such a fork goes on after the bound, as it would without the
-/// gate. Without fork handlers (no memory to register them), `f` runs as it is.
+/// gate. What remains: where `f` holds MKL's lock while it waits for that forking thread
+/// (Intel's OpenMP runtime, whose fork handler takes its own locks), or was kept off the
+/// CPU for the whole bound, the child can still find the lock held. Without fork handlers
+/// (no memory to register them), `f` runs as it is.
 pub(crate) fn foreign<R>(f: impl FnOnce() -> R) -> R {
     if register().is_err() {
         return f();
@@ -261,6 +273,12 @@ mod tests {
         assert_eq!(m.with(|v| *v), 1);
     }
 
+    /// The least time a fork waits for a thread that never leaves the foreign gate: its
+    /// sleeps of 50 µs.
+    fn least_bound() -> std::time::Duration {
+        std::time::Duration::from_micros(50 * u64::from(FOREIGN_PAUSES - 64))
+    }
+
     /// A fork waits for a thread inside the foreign gate until it leaves, and no longer
     /// than the bound when it does not (its call waits for the forking thread); threads
     /// that come to the foreign gate during a fork wait for it to end.
@@ -287,7 +305,7 @@ mod tests {
         let start = Instant::now();
         before_fork();
         assert!(
-            left.load(SeqCst) || start.elapsed() >= FOREIGN_WAIT,
+            left.load(SeqCst) || start.elapsed() >= least_bound(),
             "the fork waited for the call inside the gate"
         );
         // a thread that comes to the gate now waits until the fork has ended
@@ -314,7 +332,10 @@ mod tests {
         wait_entered.recv().unwrap();
         let start = Instant::now();
         before_fork();
-        assert!(start.elapsed() >= FOREIGN_WAIT, "the fork waited the bound");
+        assert!(
+            start.elapsed() >= least_bound(),
+            "the fork waited the bound"
+        );
         after_fork_in_parent();
         release.send(()).unwrap();
         stuck.join().unwrap();

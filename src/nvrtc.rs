@@ -4,7 +4,7 @@
 //! its own folder. It compiles CUDA source to PTX or to a device's CUBIN, also on machines
 //! without a GPU (the library's noise kernel, `cuda_noise`, is checked so everywhere).
 
-use once_cell::sync::OnceCell;
+use once_cell::race::OnceBox;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
 type NvrtcProgram = *mut c_void;
@@ -32,6 +32,9 @@ pub(crate) struct Nvrtc {
     version: Option<unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int>,
     /// The folder of the NVRTC library found.
     folder: Option<std::path::PathBuf>,
+    /// The architectures it compiles for (nvrtcGetSupportedArchs, NVRTC 11.2 and later:
+    /// 90 for sm_90), ascending.
+    archs: Vec<c_int>,
     log_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int,
     log: unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int,
     destroy: unsafe extern "C" fn(*mut NvrtcProgram) -> c_int,
@@ -120,14 +123,51 @@ fn folder_of(h: *mut c_void, name: &CStr) -> Option<std::path::PathBuf> {
     }
 }
 
-/// NVRTC's functions, loaded once (None when it cannot be found).
+/// The architectures the NVRTC of handle `h` compiles for, ascending (empty when it does not
+/// say).
+fn supported_archs(h: *mut c_void) -> Vec<c_int> {
+    type Count = unsafe extern "C" fn(*mut c_int) -> c_int;
+    // SAFETY: NVRTC's documented signatures: the count, then that many ints written.
+    unsafe {
+        let (Some(count), Some(list)) = (
+            symbol::<Count>(h, c"nvrtcGetNumSupportedArchs"),
+            symbol::<Count>(h, c"nvrtcGetSupportedArchs"),
+        ) else {
+            return Vec::new();
+        };
+        let mut n: c_int = 0;
+        if count(&mut n) != 0 || n <= 0 || n > 1024 {
+            return Vec::new();
+        }
+        let mut archs = vec![0 as c_int; n as usize];
+        if list(archs.as_mut_ptr()) != 0 {
+            return Vec::new();
+        }
+        archs.sort_unstable();
+        archs
+    }
+}
+
+/// The architecture to build PTX for, for a device of architecture `device` (90 for
+/// sm_90): the newest that NVRTC supports and the device runs (the driver compiles PTX of
+/// an older architecture for a newer device), or `device` itself when NVRTC does not say.
+pub(crate) fn ptx_arch(supported: &[c_int], device: c_int) -> Option<c_int> {
+    if supported.is_empty() {
+        return Some(device);
+    }
+    supported.iter().copied().filter(|&a| a <= device).max()
+}
+
+/// NVRTC's functions, loaded once (None when it cannot be found). No lock: threads that
+/// race each look NVRTC up (dlopen counts references) and the first answer is kept, so a
+/// child forked while another thread looks it up never waits for that thread.
 pub(crate) fn nvrtc() -> Option<&'static Nvrtc> {
-    static NVRTC: OnceCell<Option<Nvrtc>> = OnceCell::new();
+    static NVRTC: OnceBox<Option<Nvrtc>> = OnceBox::new();
     NVRTC
         .get_or_init(|| {
-            let h = nvrtc_handle()?;
+            let h = nvrtc_handle();
             // SAFETY: NVRTC's documented C signatures.
-            unsafe {
+            Box::new(h.and_then(|h| unsafe {
                 Some(Nvrtc {
                     create: symbol(h, c"nvrtcCreateProgram")?,
                     compile: symbol(h, c"nvrtcCompileProgram")?,
@@ -137,11 +177,12 @@ pub(crate) fn nvrtc() -> Option<&'static Nvrtc> {
                         .zip(symbol::<Getter>(h, c"nvrtcGetCUBIN")),
                     version: symbol(h, c"nvrtcVersion"),
                     folder: folder_of(h, c"nvrtcCompileProgram"),
+                    archs: supported_archs(h),
                     log_size: symbol(h, c"nvrtcGetProgramLogSize")?,
                     log: symbol(h, c"nvrtcGetProgramLog")?,
                     destroy: symbol(h, c"nvrtcDestroyProgram")?,
                 })
-            }
+            }))
         })
         .as_ref()
 }
@@ -182,6 +223,13 @@ impl Nvrtc {
     /// The folder of the NVRTC library in use (None when the loader does not say).
     pub(crate) fn folder(&self) -> Option<&std::path::Path> {
         self.folder.as_deref()
+    }
+
+    /// The architecture of the PTX to build for a device of compute capability
+    /// `major.minor` (see [`ptx_arch`]), as (major, minor); None when NVRTC supports none
+    /// that the device runs.
+    pub(crate) fn ptx_target(&self, major: c_int, minor: c_int) -> Option<(c_int, c_int)> {
+        ptx_arch(&self.archs, major * 10 + minor).map(|a| (a / 10, a % 10))
     }
 
     /// NVRTC's version, "major.minor" (None when it does not say).

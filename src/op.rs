@@ -378,7 +378,8 @@ impl PerturbedOp {
                 "this op has no solver (it was made for the two-phase API): solve its draws' inputs yourself",
             ));
         }
-        let x_dev = self.spec.check_input(x, "x", 1)?;
+        let spec = self.spec_here()?;
+        let x_dev = spec.check_input(x, "x", 1)?;
         // a copy when the caller's solver runs while it is read (a Rust solver could
         // reach the caller's tensor; a C callback's op reads the caller's rows, which the
         // C contract keeps unchanged until the call returns)
@@ -389,21 +390,20 @@ impl PerturbedOp {
         let batch = x_dev.size()[0] as usize;
         if batch == 0 {
             let empty = Tensor::f_zeros(
-                [0, self.spec.output_numel as i64],
+                [0, spec.output_numel as i64],
                 (tch::Kind::Float, x.device()),
             )?;
-            return self.spec.output_tensor(&empty, 0, x.device());
+            return spec.output_tensor(&empty, 0, x.device());
         }
         stop.check()?;
-        let y = self
-            .spec
-            .solve(&self.solver, &x_dev, self.spec.rows_at(true, 0, batch))?
-            .dense(self.spec.output_numel as i64)?;
+        let y = spec
+            .solve(&self.solver, &x_dev, spec.rows_at(true, 0, batch))?
+            .dense(spec.output_numel as i64)?;
         // solver calls are not cut short: an interrupt while they ran fails the call here
         stop.check()?;
         // the solutions join the pool once the result is made (a call that fails adds
         // nothing)
-        let out = self.spec.output_tensor(&y, batch, x.device())?;
+        let out = spec.output_tensor(&y, batch, x.device())?;
         if self.pool().is_some() {
             self.grow_pool(&crate::tensors::host_floats(&y)?)?;
         }
@@ -415,27 +415,11 @@ impl PerturbedOp {
         &self.spec
     }
 
-    /// The spec a call on `theta` runs with: the CPU twin for a small call, else the op's.
-    /// In a child forked after its parent started CUDA, where CUDA cannot be used, an
-    /// `"auto"` op runs every call on the CPU twin, and a CUDA op without one fails
-    /// (DEVICE_UNAVAILABLE) instead of with libtorch's error from deep inside the call.
+    /// The spec a call on `theta` runs with: the CPU twin for a small call, else the op's
+    /// ([`PerturbedOp::spec_here`] in a child forked after its parent started CUDA).
     fn spec_for(&self, theta: &Tensor) -> Result<&Arc<OpSpec>> {
-        if self.spec.device.is_cuda() && crate::cuda_libraries::forked_after_cuda() {
-            return self.cpu_twin.as_ref().ok_or_else(|| {
-                Error::new(
-                    crate::Status::DeviceUnavailable,
-                    format!(
-                        "this op computes on CUDA device {}, but this process was forked from \
-                         one that had started CUDA, and CUDA cannot be used in such a child: make \
-                         the op in the child with device \"auto\" or \"cpu\", or start the child \
-                         with spawn",
-                        match self.spec.device {
-                            tch::Device::Cuda(index) => index,
-                            _ => 0,
-                        }
-                    ),
-                )
-            });
+        if crate::cuda_libraries::forked_after_cuda() {
+            return self.spec_here();
         }
         Ok(match &self.cpu_twin {
             Some(cpu) => {
@@ -449,6 +433,31 @@ impl PerturbedOp {
                 }
             }
             None => &self.spec,
+        })
+    }
+
+    /// The spec of a call that always runs on the op's device (a solve, the methods'
+    /// solves): the op's, except in a child forked after its parent started CUDA, where
+    /// CUDA cannot be used: there an `"auto"` op runs on its CPU twin, and a CUDA op
+    /// without one fails (DEVICE_UNAVAILABLE) instead of with libtorch's error from deep
+    /// inside the call.
+    pub(crate) fn spec_here(&self) -> Result<&Arc<OpSpec>> {
+        if !(self.spec.device.is_cuda() && crate::cuda_libraries::forked_after_cuda()) {
+            return Ok(&self.spec);
+        }
+        self.cpu_twin.as_ref().ok_or_else(|| {
+            Error::new(
+                crate::Status::DeviceUnavailable,
+                format!(
+                    "this op computes on CUDA device {}, but this process was forked from one \
+                     that had started CUDA, and CUDA cannot be used in such a child: make the op \
+                     in the child with device \"auto\" or \"cpu\", or start the child with spawn",
+                    match self.spec.device {
+                        tch::Device::Cuda(index) => index,
+                        _ => 0,
+                    }
+                ),
+            )
         })
     }
 

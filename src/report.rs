@@ -91,9 +91,17 @@ pub fn device_report() -> String {
         let what = devices.get(index).map_or(String::new(), |d| {
             format!(" ({}, sm_{}{})", d.name, d.capability.0, d.capability.1)
         });
-        let path = match crate::cuda_noise::status(index) {
-            Ok(form) => format!("fused kernel, {form}"),
-            Err(why) => format!("libtorch operations (the slow path): {why}"),
+        // (in a child forked after CUDA started, the kernel's state is the parent's: not
+        // looked at, nor waited for)
+        let path = if crate::cuda_libraries::forked_after_cuda() {
+            "none: this process was forked from one that had started CUDA, and CUDA cannot be \
+             used here (\"auto\" built-in ops run on the CPU)"
+                .into()
+        } else {
+            match crate::cuda_noise::status(index) {
+                Ok(form) => format!("fused kernel, {form}"),
+                Err(why) => format!("libtorch operations (the slow path): {why}"),
+            }
         };
         line(&format!("noise on cuda:{index}{what}"), &path);
     }

@@ -282,19 +282,14 @@ struct SolveLayer : public ::torch::autograd::Function<SolveLayer> {
     auto batch = static_cast<std::size_t>(t.size(0));
     double lambda = ctx->saved_data["lambda"].toDouble();
     auto theta = ctx->saved_data["theta"].toTensor();
-    ::torch::Tensor g_theta;
-    if (lambda > 0) {
-      auto values = tolerant_vjp(host(grad[0]), [&](const ::torch::Tensor& g, bool) {
-        return op->blackbox_vjp(view(t), view(y), view(g), batch, lambda);
-      });
-      g_theta = from(std::move(values), theta.sizes().vec(), grad[0]);
-    } else {
-      // -g or g, exactly (pert_negative_identity_vjp's rule), in g's dtype and on its device
-      auto g = grad[0].detach();
-      g_theta = (op->sense() == Sense::Minimize ? g.neg() : g.clone()).reshape(theta.sizes());
-    }
-    return once_differentiable({g_theta, ::torch::Tensor(), ::torch::Tensor()}, {theta, grad[0]},
-                               lambda > 0 ? "blackbox" : "negative_identity");
+    // (the op's own sense, in the library: the wrapper's copy may not know a sense set
+    // through the raw config handle)
+    auto values = tolerant_vjp(host(grad[0]), [&](const ::torch::Tensor& g, bool) {
+      return lambda > 0 ? op->blackbox_vjp(view(t), view(y), view(g), batch, lambda)
+                        : op->negative_identity_vjp(view(g), batch);
+    });
+    return once_differentiable({from(std::move(values), theta.sizes().vec(), grad[0]), ::torch::Tensor(), ::torch::Tensor()},
+                               {theta, grad[0]}, lambda > 0 ? "blackbox" : "negative_identity");
   }
 };
 

@@ -55,11 +55,12 @@ impl PerturbedOp {
         let stop = self.interrupts.stop();
         let _cap = crate::intraop::cap(self.config().max_threads());
         stop.check()?;
-        let (d, o) = (self.spec.input_numel, self.spec.output_numel);
+        let spec = self.spec_here()?;
+        let (d, o) = (spec.input_numel, spec.output_numel);
         let x = crate::tensors::from_slice(x)?
             .f_view([rows as i64, d as i64])?
-            .f_to_device(self.spec.device)?;
-        let y = self.spec.solve_cached(&self.solver, &x, at, cache)?;
+            .f_to_device(spec.device)?;
+        let y = spec.solve_cached(&self.solver, &x, at, cache)?;
         let y = crate::tensors::host_floats(&y.dense(o as i64)?)?;
         stop.check()?;
         Ok(y)
@@ -99,10 +100,11 @@ impl PerturbedOp {
                 if rows == 0 {
                     return Ok(Vec::new());
                 }
+                let spec = self.spec_here()?;
                 let x = crate::tensors::from_slice(x)?
                     .f_view([rows as i64, d as i64])?
-                    .f_to_device(self.spec.device)?;
-                let y = self.spec.solve(solver, &x, at)?.dense(o as i64)?;
+                    .f_to_device(spec.device)?;
+                let y = spec.solve(solver, &x, at)?.dense(o as i64)?;
                 crate::tensors::host_floats(&y)?
             }
         };

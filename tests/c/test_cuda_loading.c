@@ -143,6 +143,14 @@ static int child_after_cuda(void *arg) {
   if (!rows_sum_to_one(y, B)) return 4;
   if (pert_forward(ops[1], x, B, y, NULL) != PERT_STATUS_DEVICE_UNAVAILABLE) return 5;
   if (!last_error_contains("forked from one that had started CUDA")) return 6;
+  /* the other entry points too: a plain solve, I-MLE's forward and backward */
+  if (pert_op_solve(ops[0], x, B, y) != PERT_STATUS_OK || !rows_sum_to_one(y, B)) return 7;
+  pert_imle *record = NULL;
+  if (pert_imle_forward(ops[0], x, B, y, &record) != PERT_STATUS_OK) return 8;
+  int failed = pert_imle_vjp(ops[0], record, x, 1.0, 0, y) != PERT_STATUS_OK;
+  pert_imle_free(record);
+  if (failed) return 9;
+  if (pert_op_solve(ops[1], x, B, y) != PERT_STATUS_DEVICE_UNAVAILABLE) return 10;
   return 0;
 }
 

@@ -331,7 +331,14 @@ int main() {
       EXPECT(kept.alpha == 1.0 && kept.grad_norm_avg == 1.0);
       auto th_nid = pred.detach().clone().requires_grad_(true);
       pert::autograd::negative_identity(a, th_nid).backward(bad);
-      EXPECT(torch::equal(th_nid.grad(), -bad));
+      EXPECT(torch::equal(th_nid.grad()[0], -bad[0]) && torch::isnan(th_nid.grad()[1]).all().item<bool>());
+      // the op's own sense, also when it was set through the raw config handle
+      pert::Config raw = config();
+      EXPECT(pert_config_set_sense(raw.get(), PERT_SENSE_MINIMIZE) == PERT_STATUS_OK);
+      pert::Op r(raw, {3}, {3}, argmin);
+      auto th_raw = pred.detach().clone().requires_grad_(true);
+      pert::autograd::negative_identity(r, th_raw).backward(clean);
+      EXPECT(torch::equal(th_raw.grad(), -clean));
     }
 
     // the solve layers need a linear objective: a non-square op is refused in forward
