@@ -4,8 +4,10 @@
  * PERT_EXPECT_CUDA_DEVICES set to the number of devices torch sees. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -104,6 +106,40 @@ static bool report_into(char *report, size_t size) {
   CHECK_STATUS(PERT_STATUS_NULL_ARGUMENT, pert_device_report(NULL, &len));
   CHECK(len == 4);
   CHECK(strstr(report, "perturbations: ") == report && strstr(report, "noise on the CPU: "));
+  return true;
+}
+
+/* A child forked while another thread makes the process's first device report (NVRTC and
+ * the CUDA look-ups, some milliseconds) can report too: the look-ups take no lock that the
+ * child could find held (a child waited forever). Runs first, in a fresh process. */
+static void *first_report(void *arg) {
+  (void)arg;
+  size_t len = 0;
+  pert_device_report(NULL, &len);
+  return NULL;
+}
+
+static int report_in_child(void *arg) {
+  (void)arg;
+  size_t len = 0;
+  return pert_device_report(NULL, &len) == PERT_STATUS_OK && len > 0 ? 0 : 1;
+}
+
+static bool a_child_forked_during_the_first_report_can_report(void) {
+  pthread_t t;
+  CHECK(pthread_create(&t, NULL, first_report, NULL) == 0);
+  struct timespec pause = {0, 2000000}; /* inside the first report's look-ups */
+  nanosleep(&pause, NULL);
+  pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0) {
+    alarm(20);
+    _exit(report_in_child(NULL));
+  }
+  int status = 0;
+  CHECK(waitpid(child, &status, 0) == child);
+  pthread_join(t, NULL);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   return true;
 }
 
@@ -216,6 +252,7 @@ static bool gpu_machines_load_cuda(void) {
 }
 
 int main(void) {
-  test_case tests[] = {TEST(no_driver_maps_no_cuda), TEST(gpu_machines_load_cuda)};
+  test_case tests[] = {TEST(a_child_forked_during_the_first_report_can_report), TEST(no_driver_maps_no_cuda),
+                       TEST(gpu_machines_load_cuda)};
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }
