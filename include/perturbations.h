@@ -1519,6 +1519,14 @@ pert_status pert_op_set_pool(struct pert_op *op, struct pert_pool *pool);
 pert_status pert_op_solver_calls(const struct pert_op *op, uint64_t *rows);
 
 /*
+ The op's sense, from the config it was made with.
+
+ @param sense  Receives `PERT_SENSE_MAXIMIZE` or `PERT_SENSE_MINIMIZE`.
+ @return `PERT_STATUS_NULL_ARGUMENT` when `op` or `sense` is NULL.
+ */
+pert_status pert_op_sense(const struct pert_op *op, uint32_t *sense);
+
+/*
  The noise-contrastive estimation loss (NCE, Mulamba et al. 2021) of predicted costs
  against true solutions w*, over the op's solution pool P (`pert_op_set_pool`), and its
  gradient with respect to the predicted costs, per problem, as PyEPO's `NCE` (s = +1 for

@@ -118,6 +118,19 @@ pub(crate) fn driver() -> Option<Driver> {
     if !driver_present() {
         return None;
     }
+    if forked_after_cuda() {
+        // (the driver is not called: in such a child it fails, or waits for a lock of the
+        // parent's start)
+        return Some(Driver {
+            version: None,
+            devices: Err(
+                "not started here: this process was forked from one that had started \
+                          CUDA, and CUDA cannot be used in such a child (make the op in the \
+                          child, or start it with spawn)"
+                    .into(),
+            ),
+        });
+    }
     type IntOut = unsafe extern "C" fn(*mut i32) -> i32;
     type CuInit = unsafe extern "C" fn(u32) -> i32;
     type CuName = unsafe extern "C" fn(*mut libc::c_char, i32, i32) -> i32;
@@ -175,9 +188,10 @@ pub(crate) fn driver() -> Option<Driver> {
                 let name = std::mem::transmute::<*mut libc::c_void, CuName>(name);
                 let attribute = std::mem::transmute::<*mut libc::c_void, CuAttribute>(attribute);
                 let mut n = 0;
+                let mark = mark_cuda_started();
                 let started = init(0);
-                if started == 0 {
-                    mark_cuda_started();
+                if started != 0 {
+                    mark.undo();
                 }
                 match started {
                     0 => match count(&mut n) {
@@ -239,16 +253,33 @@ pub(crate) fn forked_after_cuda() -> bool {
     started_in != 0 && started_in != std::process::id()
 }
 
-/// Records that this process started the CUDA driver (see [`forked_after_cuda`]); a
-/// process that inherited the mark keeps its parent's.
-pub(crate) fn mark_cuda_started() {
+/// Records, before the call that starts the CUDA driver, that this process starts it (see
+/// [`forked_after_cuda`]: a child forked during that call must not call CUDA either); a
+/// process that inherited the mark keeps its parent's. [`Started::undo`] takes it back
+/// where the call started nothing.
+pub(crate) fn mark_cuda_started() -> Started {
     let me = std::process::id();
-    let _ = STARTED_IN.compare_exchange(
-        0,
-        me,
-        std::sync::atomic::Ordering::Relaxed,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    let marked = STARTED_IN
+        .compare_exchange(
+            0,
+            me,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        )
+        .is_ok();
+    Started(marked)
+}
+
+/// A mark of [`mark_cuda_started`] (whether this call set it).
+pub(crate) struct Started(bool);
+
+impl Started {
+    /// Takes the mark back when this call set it (the driver did not start).
+    pub(crate) fn undo(self) {
+        if self.0 {
+            STARTED_IN.store(0, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// The process that started the CUDA driver through this library (0: none did).

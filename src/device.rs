@@ -201,13 +201,27 @@ pub fn cuda_device_count() -> usize {
     // (no lock: threads that race each count, the first answer is kept, so a child forked
     // during another thread's count never waits)
     static COUNT: once_cell::race::OnceBox<usize> = once_cell::race::OnceBox::new();
-    *COUNT.get_or_init(|| {
-        if matches!(cuda_libraries::load(), Loaded::NoDriver) {
-            return Box::new(0); // no driver: libtorch would find no device either
+    if let Some(&count) = COUNT.get() {
+        return count;
+    }
+    // a child forked during its parent's first count: libtorch's count (a C++ static whose
+    // initializer was running) and the driver would wait forever; CUDA cannot be used here
+    if cuda_libraries::forked_after_cuda() {
+        return 0;
+    }
+    *COUNT.get_or_init(|| match cuda_libraries::load() {
+        Loaded::Yes => {
+            // (cudaGetDeviceCount starts the driver: marked before, so that a child forked
+            // meanwhile knows)
+            let started = cuda_libraries::mark_cuda_started();
+            let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+            if count == 0 {
+                started.undo(); // (nothing started: no device)
+            }
+            Box::new(count)
         }
-        let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
-        cuda_libraries::mark_cuda_started(); // (cudaGetDeviceCount starts the driver)
-        Box::new(count)
+        // no driver, or no CUDA in this libtorch: libtorch would find no device either
+        Loaded::NoDriver | Loaded::Failed(_) => Box::new(0),
     })
 }
 

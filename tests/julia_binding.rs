@@ -92,6 +92,7 @@ fn julia_types(c_type: &str) -> &'static [&'static str] {
         "float*" => &["Ptr{Float32}", "Ptr{Cfloat}"],
         "int64_t*" => &["Ptr{Int64}", "Ptr{Clonglong}"],
         "uint64_t*" => &["Ref{UInt64}", "Ptr{UInt64}"],
+        "uint32_t*" => &["Ref{UInt32}", "Ptr{UInt32}"],
         "size_t*" => &["Ref{Csize_t}", "Ptr{Csize_t}"],
         "void*"
         | "pert_solver_fn"

@@ -438,7 +438,13 @@ class Op {
   /// written nothing. Calls that start afterwards are not affected.
   void interrupt() const noexcept { pert_op_interrupt(get()); }
   /// The sense of the config the op was made from.
-  Sense sense() const noexcept { return sense_; }
+  /// The op's sense, as the library has it (also when it was set through the raw config
+  /// handle, which the wrapper's own copy misses).
+  Sense sense() const noexcept {
+    std::uint32_t s = 0;
+    if (get() && pert_op_sense(get(), &s) == PERT_STATUS_OK) return static_cast<Sense>(s);
+    return sense_;
+  }
 
   /// y_sigma(theta) for theta [batch, input_numel].
   std::vector<float> forward(View theta, std::size_t batch) {
@@ -605,7 +611,7 @@ class Op {
     if (grad_loss.size != batch)
       throw detail::error(PERT_STATUS_INVALID_ARGUMENT, "grad_loss must hold batch = " + std::to_string(batch) + " floats, got " +
                                                     std::to_string(grad_loss.size));
-    float sign = sense_ == Sense::Maximize ? -1.0f : 1.0f;
+    float sign = sense() == Sense::Maximize ? -1.0f : 1.0f;
     std::vector<float> out(theta.size);
     for (std::size_t b = 0; b < batch; b++)
       for (std::size_t i = 0; i < d; i++) out[b * d + i] = sign * grad_loss.data[b] * theta.data[b * d + i];

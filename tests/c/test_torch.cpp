@@ -339,6 +339,11 @@ int main() {
       auto th_raw = pred.detach().clone().requires_grad_(true);
       pert::autograd::negative_identity(r, th_raw).backward(clean);
       EXPECT(torch::equal(th_raw.grad(), -clean));
+      EXPECT(r.sense() == pert::Sense::Minimize);
+      // and the Fenchel-Young loss's gradient in y_true: +theta when minimizing
+      auto target = torch::tensor({1.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f}).reshape({2, 3}).requires_grad_(true);
+      pert::autograd::fenchel_young(r, pred.detach(), target).sum().backward();
+      EXPECT((target.grad() - pred.detach()).abs().max().item<float>() < 1e-6);
     }
 
     // the solve layers need a linear objective: a non-square op is refused in forward

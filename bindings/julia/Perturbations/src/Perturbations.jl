@@ -683,6 +683,13 @@ solver_threads(op::Op) = Int(@ccall libperturbations.pert_op_solver_threads(op::
 input_numel(op::Op) = Int(@ccall libperturbations.pert_op_input_numel(op::Ptr{Cvoid})::Csize_t)
 output_numel(op::Op) = Int(@ccall libperturbations.pert_op_output_numel(op::Ptr{Cvoid})::Csize_t)
 
+"""`sense(op)`: the op's sense as the library has it, `:maximize` or `:minimize` (`pert_op_sense`)."""
+function sense(op::Op)
+    s = Ref{UInt32}(0)
+    check(@ccall libperturbations.pert_op_sense(op::Ptr{Cvoid}, s::Ref{UInt32})::UInt32)
+    return s[] == SENSE_MINIMIZE ? :minimize : :maximize
+end
+
 # The C callback: recovers the Op from user_data, runs its solver on the columns, and
 # stashes any exception (returning non-zero) so that it is rethrown after the C call.
 function trampoline(user_data::Ptr{Cvoid}, inputs::Ptr{Float32}, count::Csize_t, outputs::Ptr{Float32})::Int32
