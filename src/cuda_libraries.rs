@@ -131,6 +131,11 @@ pub(crate) fn driver() -> Option<Driver> {
             ),
         });
     }
+    Some(query_driver())
+}
+
+/// [`driver`]'s questions to the driver (present, in a process that may call it).
+fn query_driver() -> Driver {
     type IntOut = unsafe extern "C" fn(*mut i32) -> i32;
     type CuInit = unsafe extern "C" fn(u32) -> i32;
     type CuName = unsafe extern "C" fn(*mut libc::c_char, i32, i32) -> i32;
@@ -150,10 +155,10 @@ pub(crate) fn driver() -> Option<Driver> {
             lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
         }
         if lib.is_null() {
-            return Some(Driver {
+            return Driver {
                 version: None,
                 devices: Err("libcuda.so.1 cannot be loaded".into()),
-            });
+            };
         }
         let find = |name: &CStr| {
             let f = libc::dlsym(lib, name.as_ptr());
@@ -222,7 +227,7 @@ pub(crate) fn driver() -> Option<Driver> {
             _ => Err("the driver lacks cuInit, cuDeviceGetCount, cuDeviceGetName or cuDeviceGetAttribute".into()),
         };
         libc::dlclose(lib); // drops the reference dlopen took, not the library
-        Some(Driver { version, devices })
+        Driver { version, devices }
     }
 }
 
