@@ -5,11 +5,9 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
-#include <signal.h>
-#include <sys/wait.h>
 #include <time.h>
-#include <unistd.h>
 
+#include "forking.h"
 #include "harness.h"
 
 static bool cuda_mapped(void) {
@@ -136,16 +134,9 @@ static bool a_child_forked_during_the_first_report_can_report(void) {
   CHECK(pthread_create(&t, NULL, first_report, NULL) == 0);
   struct timespec pause = {0, 2000000}; /* inside the first report's look-ups */
   nanosleep(&pause, NULL);
-  pid_t child = fork();
-  CHECK(child >= 0);
-  if (child == 0) {
-    alarm(20);
-    _exit(report_in_child(NULL));
-  }
-  int status = 0;
-  CHECK(waitpid(child, &status, 0) == child);
+  child_end end = fork_and_wait(report_in_child, NULL);
   pthread_join(t, NULL);
-  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  CHECK(end == CHILD_OK);
   return true;
 }
 
@@ -207,18 +198,7 @@ static bool forked_children_use_the_cpu_or_fail_clearly(void) {
   CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, &d, 1, &ops[1]));
   float x[8] = {0.1f, 0.4f, 0.3f, 0.2f, 1.0f, 0.0f, 0.5f, 0.9f}, y[8];
   CHECK_OK(pert_forward(ops[1], x, 2, y, NULL)); /* CUDA started in the parent */
-  pid_t child = fork();
-  CHECK(child >= 0);
-  if (child == 0) {
-    alarm(60);
-    _exit(child_after_cuda(ops));
-  }
-  int status = 0;
-  CHECK(waitpid(child, &status, 0) == child);
-  if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0))
-    fprintf(stderr, "  the child ended with %s %d\n", WIFEXITED(status) ? "exit status" : "signal",
-            WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
-  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  CHECK(fork_and_wait(child_after_cuda, ops) == CHILD_OK);
   pert_op_free(ops[0]);
   pert_op_free(ops[1]);
   pert_config_free(c);
