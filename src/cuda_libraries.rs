@@ -193,12 +193,8 @@ fn query_driver() -> Driver {
                 let name = std::mem::transmute::<*mut libc::c_void, CuName>(name);
                 let attribute = std::mem::transmute::<*mut libc::c_void, CuAttribute>(attribute);
                 let mut n = 0;
-                let mark = mark_cuda_started();
-                let started = init(0);
-                if started != 0 {
-                    mark.undo();
-                }
-                match started {
+                mark_cuda_started();
+                match init(0) {
                     0 => match count(&mut n) {
                         0 => Ok((0..n)
                             .map(|d| {
@@ -258,33 +254,18 @@ pub(crate) fn forked_after_cuda() -> bool {
     started_in != 0 && started_in != std::process::id()
 }
 
-/// Records, before the call that starts the CUDA driver, that this process starts it (see
-/// [`forked_after_cuda`]: a child forked during that call must not call CUDA either); a
-/// process that inherited the mark keeps its parent's. [`Started::undo`] takes it back
-/// where the call started nothing.
-pub(crate) fn mark_cuda_started() -> Started {
-    let me = std::process::id();
-    let marked = STARTED_IN
-        .compare_exchange(
-            0,
-            me,
-            std::sync::atomic::Ordering::SeqCst,
-            std::sync::atomic::Ordering::SeqCst,
-        )
-        .is_ok();
-    Started(marked)
-}
-
-/// A mark of [`mark_cuda_started`] (whether this call set it).
-pub(crate) struct Started(bool);
-
-impl Started {
-    /// Takes the mark back when this call set it (the driver did not start).
-    pub(crate) fn undo(self) {
-        if self.0 {
-            STARTED_IN.store(0, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
+/// Records, before the call that may start the CUDA driver, that this process starts it
+/// (see [`forked_after_cuda`]: a child forked during that call must not call CUDA either);
+/// a process that inherited the mark keeps its parent's. The mark stays where the call
+/// then started nothing (no device): taking it back could erase another thread's start,
+/// and such a child has no CUDA to use anyway.
+pub(crate) fn mark_cuda_started() {
+    let _ = STARTED_IN.compare_exchange(
+        0,
+        std::process::id(),
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+    );
 }
 
 /// The process that started the CUDA driver through this library (0: none did).

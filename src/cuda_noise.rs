@@ -218,7 +218,7 @@ fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
     // context (retained, never released: it lives as long as the process), made current
     // only around the module calls and popped on every path.
     unsafe {
-        let _ = crate::cuda_libraries::mark_cuda_started(); // (before: see the function)
+        crate::cuda_libraries::mark_cuda_started(); // (before: see the function)
         check("cuInit", (api.cu_init)(0))?;
         let mut device: CuDevice = 0;
         check(

@@ -209,19 +209,14 @@ pub fn cuda_device_count() -> usize {
     if cuda_libraries::forked_after_cuda() {
         return 0;
     }
-    *COUNT.get_or_init(|| match cuda_libraries::load() {
-        Loaded::Yes => {
-            // (cudaGetDeviceCount starts the driver: marked before, so that a child forked
-            // meanwhile knows)
-            let started = cuda_libraries::mark_cuda_started();
-            let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
-            if count == 0 {
-                started.undo(); // (nothing started: no device)
-            }
-            Box::new(count)
+    *COUNT.get_or_init(|| {
+        if matches!(cuda_libraries::load(), Loaded::NoDriver) {
+            return Box::new(0); // no driver: libtorch would find no device either
         }
-        // no driver, or no CUDA in this libtorch: libtorch would find no device either
-        Loaded::NoDriver | Loaded::Failed(_) => Box::new(0),
+        // (cudaGetDeviceCount starts the driver: marked before, so that a child forked
+        // meanwhile knows)
+        cuda_libraries::mark_cuda_started();
+        Box::new(usize::try_from(tch::Cuda::device_count()).unwrap_or(0))
     })
 }
 

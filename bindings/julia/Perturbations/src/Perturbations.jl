@@ -1104,7 +1104,8 @@ function ChainRulesCore.rrule(::typeof(fenchel_young), op::Op, theta::AbstractMa
     loss, grad = fenchel_young_with_grad(op, theta, y_true)
     project_theta, project_y = ProjectTo(theta), ProjectTo(y_true)
     # d loss / d y_true: -θ when maximizing, +θ when minimizing
-    sign = op.sense == SENSE_MAXIMIZE ? -1.0f0 : 1.0f0
+    # (the library's sense: also one set through the raw config handle)
+    sign = sense(op) === :maximize ? -1.0f0 : 1.0f0
     theta_value = Matrix{Float32}(theta)
     function fenchel_young_pullback(l̄)
         g = unthunk(l̄)
