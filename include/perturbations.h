@@ -1327,14 +1327,6 @@ pert_status pert_op_on_free(struct pert_op *op, pert_free_hook hook, void *data)
 void pert_op_interrupt(const struct pert_op *op);
 
 /*
- The op's sense, from the config it was made with.
-
- @param sense  Receives `PERT_SENSE_MAXIMIZE` or `PERT_SENSE_MINIMIZE`.
- @return `PERT_STATUS_NULL_ARGUMENT` when `op` or `sense` is NULL.
- */
-pert_status pert_op_sense(const struct pert_op *op, uint32_t *sense);
-
-/*
  The number of floats in one problem's input (the product of `input_shape`); 0 for NULL.
  */
 size_t pert_op_input_numel(const struct pert_op *op);
@@ -1525,6 +1517,14 @@ pert_status pert_op_set_pool(struct pert_op *op, struct pert_pool *pool);
  @return `PERT_STATUS_NULL_ARGUMENT` when `op` or `rows` is NULL.
  */
 pert_status pert_op_solver_calls(const struct pert_op *op, uint64_t *rows);
+
+/*
+ The op's sense, from the config it was made with.
+
+ @param sense  Receives `PERT_SENSE_MAXIMIZE` or `PERT_SENSE_MINIMIZE`.
+ @return `PERT_STATUS_NULL_ARGUMENT` when `op` or `sense` is NULL.
+ */
+pert_status pert_op_sense(const struct pert_op *op, uint32_t *sense);
 
 /*
  The noise-contrastive estimation loss (NCE, Mulamba et al. 2021) of predicted costs

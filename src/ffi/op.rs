@@ -405,20 +405,6 @@ pub unsafe extern "C" fn pert_op_interrupt(op: *const pert_op) {
     }
 }
 
-/// The op's sense, from the config it was made with.
-///
-/// @param sense  Receives `PERT_SENSE_MAXIMIZE` or `PERT_SENSE_MINIMIZE`.
-/// @return `PERT_STATUS_NULL_ARGUMENT` when `op` or `sense` is NULL.
-#[no_mangle]
-pub unsafe extern "C" fn pert_op_sense(op: *const pert_op, sense: *mut u32) -> pert_status {
-    guard(|| {
-        let op = unsafe { pert_op::borrow(op, "op") }?;
-        let sense = unsafe { arg_mut(sense, "sense") }?;
-        *sense = op.config().sense() as u32;
-        Ok(())
-    })
-}
-
 /// The number of floats in one problem's input (the product of `input_shape`); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn pert_op_input_numel(op: *const pert_op) -> usize {

@@ -175,6 +175,20 @@ pub unsafe extern "C" fn pert_op_solver_calls(op: *const pert_op, rows: *mut u64
     })
 }
 
+/// The op's sense, from the config it was made with.
+///
+/// @param sense  Receives `PERT_SENSE_MAXIMIZE` or `PERT_SENSE_MINIMIZE`.
+/// @return `PERT_STATUS_NULL_ARGUMENT` when `op` or `sense` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pert_op_sense(op: *const pert_op, sense: *mut u32) -> pert_status {
+    guard(|| {
+        let op = unsafe { pert_op::borrow(op, "op") }?;
+        let sense = unsafe { arg_mut(sense, "sense") }?;
+        *sense = op.config().sense() as u32;
+        Ok(())
+    })
+}
+
 /// One pool-based loss through the C API: checks, the loss, the outputs written.
 unsafe fn pool_loss(
     loss_kind: PoolLoss,
