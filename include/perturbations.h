@@ -785,7 +785,9 @@ int32_t pert_cuda_device_count(void);
  libtorch folder, the CUDA driver's version or why there is none or why it did not
  start, libtorch's CUDA runtime, the devices libtorch sees and why fewer than the
  driver, NVRTC, then for each CUDA device `noise on cuda:N (name, sm_XY): fused kernel,
- CUBIN sm_XY` or `...: libtorch operations (the slow path): why`, and the CPU's sampler).
+ CUBIN sm_XY` or `...: libtorch operations (the slow path): why`, the stream the kernel
+ is ordered on (`CUDA noise kernel runs on: libtorch's current stream ...`), and the
+ CPU's sampler).
  Where the fused kernel is unavailable, CUDA ops still give the same values, about 90
  times slower; the library then also says so once on stderr, unless the environment
  variable `PERTURBATIONS_QUIET` is set (not empty, not "0"). On a machine with a CUDA

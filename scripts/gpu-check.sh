@@ -70,6 +70,10 @@ check() {  # check NAME SECONDS COMMAND...: runs it; records a failure (a missin
 }
 # first, before anything else loads CUDA into a process: the on-demand loading
 check cuda_loading 120 env PERT_EXPECT_CUDA_DEVICES="$gpus" target/ctest/test_cuda_loading
+# the current stream, graph capture, racing threads, a non-primary context, hidden devices
+check "streams, graph capture, contexts (tests/gpu/streams.py)" 300 env PYTHONPATH="$PWD/bindings/python" \
+  PERTURBATIONS_LIB="$PWD/target/release/libperturbations.so" python3 tests/gpu/streams.py
+check "c10 stream ABI" 60 target/ctest/test_c10_stream_abi
 for t in test_oracles test_estimators test_scale test_device_torch; do
   check "$t on cuda" 180 env PERT_TEST_DEVICE=cuda "target/ctest/$t"
 done

@@ -147,19 +147,12 @@ fn query_driver() -> Driver {
     // it); cuInit may be called any number of times, from any thread; the error texts
     // are static strings.
     unsafe {
-        let mut lib = libc::dlopen(
-            c"libcuda.so.1".as_ptr(),
-            libc::RTLD_LAZY | libc::RTLD_NOLOAD,
-        );
-        if lib.is_null() {
-            lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
-        }
-        if lib.is_null() {
+        let Some(lib) = driver_library() else {
             return Driver {
                 version: None,
                 devices: Err("libcuda.so.1 cannot be loaded".into()),
             };
-        }
+        };
         let find = |name: &CStr| {
             let f = libc::dlsym(lib, name.as_ptr());
             (!f.is_null()).then_some(f)
@@ -244,6 +237,30 @@ fn why_init_failed(error: &str, forked_after_cuda: bool) -> String {
                 be used in such a child (make the op in the child, or start it with spawn)";
     }
     why
+}
+
+/// `dlsym(lib, name)` as a function pointer of type `F`, or None.
+///
+/// # Safety
+/// `F` must be the C signature of the symbol `name`.
+pub(crate) unsafe fn symbol<F: Copy>(lib: *mut std::ffi::c_void, name: &CStr) -> Option<F> {
+    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut std::ffi::c_void>()) };
+    let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+    // SAFETY: F is a function pointer type (the caller's contract), the size of a pointer.
+    (!p.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut std::ffi::c_void, F>(&p) })
+}
+
+/// The CUDA driver library (`libcuda.so.1`) as loaded (RTLD_NOLOAD finds it wherever it
+/// came from), else loaded by name; None when it cannot be loaded.
+pub(crate) fn driver_library() -> Option<*mut std::ffi::c_void> {
+    // SAFETY: dlopen of the system's CUDA driver by name; handles are never closed.
+    unsafe {
+        let mut lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if lib.is_null() {
+            lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        }
+        (!lib.is_null()).then_some(lib)
+    }
 }
 
 /// Whether this process is a child forked after its parent (or an ancestor) started the

@@ -4,14 +4,18 @@
 //!
 //! The kernel is compiled at run time with NVRTC (shipped with libtorch's CUDA build) for
 //! the device's compute capability, once per process and device, and launched through the
-//! CUDA driver API in the device's primary context (the one libtorch uses). The device is
-//! synchronized before the launch (the output block may have been freed by libtorch work
-//! on another stream) and after it (libtorch reads the output on its own stream).
+//! CUDA driver API in the device's primary context (the one libtorch uses), on libtorch's
+//! current stream ([`crate::cuda_stream`]): ordered after that stream's earlier work and
+//! before libtorch's next operation there, with no device-wide synchronization. Where
+//! libtorch's stream functions are not found, it runs on the legacy default stream with
+//! the device synchronized before and after.
 //!
-//! Anything missing (no NVRTC, a driver without the functions, a compile failure) makes
-//! [`sample`] answer `None` and the caller uses the libtorch operations: slower, the same
-//! values.
+//! Anything missing (no NVRTC, a driver without the functions, a compile failure), or
+//! libtorch's memory or stream in a CUDA context other than the device's primary one,
+//! makes [`sample`] answer `None` and the caller uses the libtorch operations: slower, the
+//! same values.
 
+use crate::cuda_libraries::symbol;
 use crate::error::{Error, Result, Status};
 use crate::rng::Stream;
 use once_cell::race::OnceBox;
@@ -122,36 +126,26 @@ fn api() -> Option<&'static Api> {
 
 /// [`api`]'s look-up.
 fn find_api() -> Option<Api> {
-    {
-        if !crate::cuda_libraries::driver_present() {
-            return None;
-        }
-        // SAFETY: the driver as libtorch loaded it (RTLD_NOLOAD finds it wherever it came
-        // from; else by name). The functions have the CUDA driver API's documented C
-        // signatures (the _v2 names are the current ABI of the context functions).
-        unsafe {
-            let mut lib =
-                libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
-            if lib.is_null() {
-                lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
-            }
-            if lib.is_null() {
-                return None;
-            }
-            Some(Api {
-                cu_init: crate::nvrtc::symbol(lib, c"cuInit")?,
-                cu_device_get: crate::nvrtc::symbol(lib, c"cuDeviceGet")?,
-                cu_device_get_attribute: crate::nvrtc::symbol(lib, c"cuDeviceGetAttribute")?,
-                cu_primary_ctx_retain: crate::nvrtc::symbol(lib, c"cuDevicePrimaryCtxRetain")?,
-                cu_ctx_push: crate::nvrtc::symbol(lib, c"cuCtxPushCurrent_v2")?,
-                cu_ctx_pop: crate::nvrtc::symbol(lib, c"cuCtxPopCurrent_v2")?,
-                cu_ctx_synchronize: crate::nvrtc::symbol(lib, c"cuCtxSynchronize")?,
-                cu_module_load_data: crate::nvrtc::symbol(lib, c"cuModuleLoadData")?,
-                cu_module_get_function: crate::nvrtc::symbol(lib, c"cuModuleGetFunction")?,
-                cu_launch_kernel: crate::nvrtc::symbol(lib, c"cuLaunchKernel")?,
-                nvrtc: crate::nvrtc::nvrtc()?,
-            })
-        }
+    if !crate::cuda_libraries::driver_present() {
+        return None;
+    }
+    let lib = crate::cuda_libraries::driver_library()?;
+    // SAFETY: the functions have the CUDA driver API's documented C signatures (the _v2
+    // names are the current ABI of the context functions).
+    unsafe {
+        Some(Api {
+            cu_init: symbol(lib, c"cuInit")?,
+            cu_device_get: symbol(lib, c"cuDeviceGet")?,
+            cu_device_get_attribute: symbol(lib, c"cuDeviceGetAttribute")?,
+            cu_primary_ctx_retain: symbol(lib, c"cuDevicePrimaryCtxRetain")?,
+            cu_ctx_push: symbol(lib, c"cuCtxPushCurrent_v2")?,
+            cu_ctx_pop: symbol(lib, c"cuCtxPopCurrent_v2")?,
+            cu_ctx_synchronize: symbol(lib, c"cuCtxSynchronize")?,
+            cu_module_load_data: symbol(lib, c"cuModuleLoadData")?,
+            cu_module_get_function: symbol(lib, c"cuModuleGetFunction")?,
+            cu_launch_kernel: symbol(lib, c"cuLaunchKernel")?,
+            nvrtc: crate::nvrtc::nvrtc()?,
+        })
     }
 }
 
@@ -298,8 +292,9 @@ pub(crate) fn status(index: usize) -> std::result::Result<String, String> {
 }
 
 /// Elements `first .. first + count` of the noise of `stream` on CUDA device `device`
-/// (Gumbel when `gumbel`, else Normal), made by the fused kernel; None when the kernel is
-/// unavailable (the caller then uses libtorch operations).
+/// (Gumbel when `gumbel`, else Normal), made by the fused kernel on libtorch's current
+/// stream; None when the kernel is unavailable, or cannot run in the CUDA context that
+/// libtorch's memory or stream belongs to (the caller then uses libtorch operations).
 pub(crate) fn sample(
     gumbel: bool,
     stream: &Stream,
@@ -321,22 +316,70 @@ pub(crate) fn sample(
             None
         }
     })?;
-    Some(launch(api, launcher, gumbel, stream, first, count, device))
+    let out = match Tensor::f_empty([count as i64], (Kind::Float, device)) {
+        Ok(out) => out,
+        Err(e) => return Some(Err(e.into())),
+    };
+    if count == 0 {
+        return Some(Ok(out));
+    }
+    // libtorch's current stream (None: its functions are not found, and the legacy
+    // default stream is used, with device synchronizations around the kernel)
+    let cuda_stream = crate::cuda_stream::current(index);
+    if let Some(s) = cuda_stream {
+        let memory = crate::cuda_stream::context_of_pointer(out.data_ptr() as u64);
+        let of_stream = crate::cuda_stream::context_of_stream(s);
+        if [memory, of_stream]
+            .iter()
+            .any(|c| c.is_some_and(|c| c != launcher.context))
+        {
+            warn_other_context(index);
+            return None;
+        }
+    }
+    let words = (stream.key(), stream.id());
+    Some(
+        launch(
+            api,
+            launcher,
+            cuda_stream,
+            (&out, first, count),
+            words,
+            gumbel,
+        )
+        .map(|()| out),
+    )
 }
 
+/// Says once per process, on stderr (unless PERTURBATIONS_QUIET), that libtorch's memory or
+/// stream on a device belongs to a CUDA context other than the device's primary one (where
+/// the kernel is loaded), so that device's noise takes libtorch's operations.
+fn warn_other_context(index: usize) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) || quiet() {
+        return;
+    }
+    eprintln!(
+        "perturbations: libtorch's memory or current stream on cuda:{index} belongs to a CUDA \
+         context other than the device's primary context (another library made its own \
+         context current?); the fused noise kernel runs only in the primary context, so CUDA \
+         noise there is drawn with libtorch operations: the same values, slower. \
+         PERTURBATIONS_QUIET=1 silences this message."
+    );
+}
+
+/// Enqueues the kernel writing elements `first .. first + count` of the noise of the
+/// stream with `(key, id)` into `out` (a fresh float32 tensor of `count` elements on the
+/// launcher's device, in its context), on `cuda_stream` (None: the legacy default stream,
+/// with the device synchronized before and after).
 fn launch(
     api: &Api,
     loaded: Launcher,
+    cuda_stream: Option<crate::cuda_stream::CuStream>,
+    (out, first, count): (&Tensor, u64, usize),
+    (key, id): ([u32; 2], u64),
     gumbel: bool,
-    stream: &Stream,
-    first: u64,
-    count: usize,
-    device: Device,
-) -> Result<Tensor> {
-    let out = Tensor::f_empty([count as i64], (Kind::Float, device))?;
-    if count == 0 {
-        return Ok(out);
-    }
+) -> Result<()> {
     let fail = |what: &str, code: CuResult| {
         Error::new(
             Status::TorchError,
@@ -347,7 +390,6 @@ fn launch(
     let grid = blocks
         .div_ceil(crate::tuning::CUDA_NOISE_THREADS)
         .clamp(1, 1 << 16) as c_uint;
-    let (key, id) = (stream.key(), stream.id());
     let mut out_ptr = out.data_ptr() as u64;
     let (mut first_arg, mut count_arg) = (first, count as u64);
     let (mut k0, mut k1) = (key[0], key[1]);
@@ -365,18 +407,24 @@ fn launch(
     ];
     // SAFETY: the context is the device's primary context (libtorch's), pushed on this
     // thread for the calls and popped after; `out` is a fresh float32 device tensor of
-    // `count` elements on that device, alive until the synchronization after the kernel,
-    // which writes exactly its elements; the parameters match the kernel's signature and
-    // outlive the launch call (which copies them).
+    // `count` elements in that context (checked by the caller where the driver can tell),
+    // which the kernel writes exactly. On libtorch's current stream the kernel is ordered
+    // after the stream's earlier work (libtorch's allocator gave `out` for that stream)
+    // and before libtorch's later work there, which reads `out`; on the legacy stream the
+    // device is synchronized before and after it. The parameters match the kernel's
+    // signature and outlive the launch call (which copies them).
     unsafe {
         let code = (api.cu_ctx_push)(loaded.context);
         if code != 0 {
             return Err(fail("cuCtxPushCurrent", code));
         }
+        let sync = || match (api.cu_ctx_synchronize)() {
+            0 => Ok(()),
+            code => Err(fail("cuCtxSynchronize", code)),
+        };
         let result = (|| {
-            let code = (api.cu_ctx_synchronize)();
-            if code != 0 {
-                return Err(fail("cuCtxSynchronize", code));
+            if cuda_stream.is_none() {
+                sync()?;
             }
             let code = (api.cu_launch_kernel)(
                 loaded.function,
@@ -387,24 +435,22 @@ fn launch(
                 1,
                 1,
                 0,
-                std::ptr::null_mut(),
+                cuda_stream.unwrap_or(std::ptr::null_mut()),
                 params.as_mut_ptr(),
                 std::ptr::null_mut(),
             );
             if code != 0 {
                 return Err(fail("cuLaunchKernel", code));
             }
-            let code = (api.cu_ctx_synchronize)();
-            if code != 0 {
-                return Err(fail("cuCtxSynchronize", code));
+            if cuda_stream.is_none() {
+                sync()?;
             }
             Ok(())
         })();
         let mut popped: CuContext = std::ptr::null_mut();
         (api.cu_ctx_pop)(&mut popped);
-        result?;
+        result
     }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -48,9 +48,10 @@ mod uninit;
 mod dot;
 mod vectorized;
 
-// libtorch's CUDA libraries loaded on demand, and NVRTC, CUDA's run-time compiler (found
-// beside them), for the fused noise kernel
+// libtorch's CUDA libraries loaded on demand, its current CUDA stream, and NVRTC, CUDA's
+// run-time compiler (found beside them), for the fused noise kernel
 mod cuda_libraries;
+mod cuda_stream;
 mod nvrtc;
 
 // settings with their code, and helpers: devices, noise, perturbations, input checks,

@@ -4,6 +4,7 @@
 //! its own folder. It compiles CUDA source to PTX or to a device's CUBIN, also on machines
 //! without a GPU (the library's noise kernel, `cuda_noise`, is checked so everywhere).
 
+use crate::cuda_libraries::symbol;
 use once_cell::race::OnceBox;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
@@ -38,17 +39,6 @@ pub(crate) struct Nvrtc {
     log_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int,
     log: unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int,
     destroy: unsafe extern "C" fn(*mut NvrtcProgram) -> c_int,
-}
-
-/// `dlsym(lib, name)` as a function pointer of type `F`, or None.
-///
-/// # Safety
-/// `F` must be the C signature of the symbol `name`.
-pub(crate) unsafe fn symbol<F: Copy>(lib: *mut c_void, name: &CStr) -> Option<F> {
-    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut c_void>()) };
-    let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
-    // SAFETY: F is a function pointer type (the caller's contract), the size of a pointer.
-    (!p.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
 }
 
 /// A handle to NVRTC: already loaded, beside libtorch (the pip wheels' nvidia folder, or

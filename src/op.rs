@@ -416,12 +416,13 @@ impl PerturbedOp {
     }
 
     /// The spec a call on `theta` runs with: the CPU twin for a small call, else the op's
-    /// ([`PerturbedOp::spec_here`] in a child forked after its parent started CUDA).
+    /// ([`PerturbedOp::spec_here`] in a child forked after its parent started CUDA); refused
+    /// under a CUDA graph capture, as there.
     fn spec_for(&self, theta: &Tensor) -> Result<&Arc<OpSpec>> {
         if crate::cuda_libraries::forked_after_cuda() {
             return self.spec_here();
         }
-        Ok(match &self.cpu_twin {
+        let spec = match &self.cpu_twin {
             Some(cpu) => {
                 let c = &self.spec.config;
                 let batch = theta.size().first().map_or(0, |&b| b.max(0) as u128);
@@ -433,16 +434,20 @@ impl PerturbedOp {
                 }
             }
             None => &self.spec,
-        })
+        };
+        crate::cuda_stream::check_not_capturing(spec.device)?;
+        Ok(spec)
     }
 
     /// The spec of a call that always runs on the op's device (a solve, the methods'
     /// solves): the op's, except in a child forked after its parent started CUDA, where
     /// CUDA cannot be used: there an `"auto"` op runs on its CPU twin, and a CUDA op
     /// without one fails (DEVICE_UNAVAILABLE) instead of with libtorch's error from deep
-    /// inside the call.
+    /// inside the call; and on a CUDA device whose current stream captures a CUDA graph,
+    /// the call fails (DEVICE_UNAVAILABLE) before anything is enqueued.
     pub(crate) fn spec_here(&self) -> Result<&Arc<OpSpec>> {
         if !(self.spec.device.is_cuda() && crate::cuda_libraries::forked_after_cuda()) {
+            crate::cuda_stream::check_not_capturing(self.spec.device)?;
             return Ok(&self.spec);
         }
         self.cpu_twin.as_ref().ok_or_else(|| {

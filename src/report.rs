@@ -28,8 +28,8 @@ fn runtime_version() -> Option<i32> {
 /// libtorch folder, the CUDA driver (version, or why there is none or why it did not
 /// start), libtorch's CUDA libraries and runtime, the CUDA devices libtorch sees (and why
 /// fewer than the driver), NVRTC, the noise path of each CUDA device (`fused kernel`
-/// with the form of its code, or `libtorch operations (the slow path)` and why), and the
-/// CPU's. On a machine with a CUDA driver, making it loads libtorch's CUDA libraries and
+/// with the form of its code, or `libtorch operations (the slow path)` and why), the
+/// stream the kernel is ordered on (where a device is seen), and the CPU's. On a machine with a CUDA driver, making it loads libtorch's CUDA libraries and
 /// the noise kernel on each device, as the first CUDA op would.
 pub fn device_report() -> String {
     let mut out = String::new();
@@ -104,6 +104,9 @@ pub fn device_report() -> String {
             }
         };
         line(&format!("noise on cuda:{index}{what}"), &path);
+    }
+    if count > 0 && !crate::cuda_libraries::forked_after_cuda() {
+        line("CUDA noise kernel runs on", crate::cuda_stream::ordering());
     }
     let simd = if crate::fastmath::has_avx512() {
         "AVX-512"

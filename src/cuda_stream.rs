@@ -1,0 +1,224 @@
+//! libtorch's current CUDA stream, which the library's own CUDA work (the fused noise
+//! kernel) is ordered on, as libtorch orders its operations: no device-wide
+//! synchronization, so a call waits for nothing but its own stream's earlier work, and the
+//! rest of the process (other streams, other threads) runs on.
+//!
+//! libtorch gives its current stream only through C++ (`c10::cuda::getCurrentCUDAStream`
+//! and `c10::cuda::CUDAStream::stream`, in libc10_cuda.so). This module calls those two
+//! functions by their symbols, with the C layout of their types in libtorch 2.11 (the
+//! version this crate is built for; `tests/c/test_c10_stream_abi.cpp` compiles libtorch's
+//! own header against this layout and checks the symbols). Where they are not found, the
+//! kernel falls back to the legacy default stream with device synchronizations around it.
+//!
+//! A stream capturing a CUDA graph is refused before anything is enqueued on it: a call
+//! reads results on the host and calls host solvers, which a graph cannot hold.
+
+use crate::cuda_libraries::symbol;
+use crate::error::{Error, Result, Status};
+use once_cell::race::OnceBox;
+use std::ffi::{c_int, c_void};
+use tch::Device;
+
+/// A `cudaStream_t` / `CUstream` (NULL: the legacy default stream).
+pub(crate) type CuStream = *mut c_void;
+
+/// `c10::cuda::CUDAStream` as C sees it: a `c10::Stream`, that is a `c10::Device`
+/// (`DeviceType`, `DeviceIndex`: two int8) and a `StreamId` (int64). Trivially copyable
+/// and 16 bytes, so returned by value in two registers, as this C struct is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct C10Stream {
+    device_type: i8,
+    device_index: i8,
+    id: i64,
+}
+
+/// `c10::cuda::getCurrentCUDAStream(DeviceIndex)`, mangled.
+pub(crate) const CURRENT_STREAM_SYMBOL: &std::ffi::CStr = c"_ZN3c104cuda20getCurrentCUDAStreamEa";
+/// `c10::cuda::CUDAStream::stream() const`, mangled.
+pub(crate) const STREAM_HANDLE_SYMBOL: &std::ffi::CStr = c"_ZNK3c104cuda10CUDAStream6streamEv";
+
+/// libtorch's two stream functions and the driver's stream questions.
+struct Functions {
+    current: unsafe extern "C" fn(i8) -> C10Stream,
+    handle: unsafe extern "C" fn(*const C10Stream) -> CuStream,
+    /// `cuStreamIsCapturing(CUstream, CUstreamCaptureStatus *)`.
+    is_capturing: unsafe extern "C" fn(CuStream, *mut c_int) -> c_int,
+    /// `cuStreamGetCtx(CUstream, CUcontext *)`.
+    context_of_stream: unsafe extern "C" fn(CuStream, *mut *mut c_void) -> c_int,
+    /// `cuPointerGetAttribute(void *, CUpointer_attribute, CUdeviceptr)`.
+    pointer_attribute: unsafe extern "C" fn(*mut c_void, c_int, u64) -> c_int,
+}
+
+// SAFETY: plain function pointers.
+unsafe impl Send for Functions {}
+unsafe impl Sync for Functions {}
+
+/// The functions, once libc10_cuda.so is loaded (None before, and where a symbol is
+/// missing; asked again then, as libtorch_cuda may be loaded later).
+fn functions() -> Option<&'static Functions> {
+    // (no lock, as the library's other look-ups: a child forked during another thread's
+    // look-up never waits)
+    static FUNCTIONS: OnceBox<Functions> = OnceBox::new();
+    if let Some(f) = FUNCTIONS.get() {
+        return Some(f);
+    }
+    // SAFETY: dlopen only finds a library already loaded (libtorch_cuda's dependency);
+    // handles are never closed. The symbols have these C signatures: libtorch's, by the
+    // layout above (the member function takes `this` first); the driver's, documented.
+    let found = unsafe {
+        let c10 = libc::dlopen(
+            c"libc10_cuda.so".as_ptr(),
+            libc::RTLD_NOW | libc::RTLD_NOLOAD,
+        );
+        if c10.is_null() {
+            return None;
+        }
+        let driver = crate::cuda_libraries::driver_library()?;
+        Functions {
+            current: symbol(c10, CURRENT_STREAM_SYMBOL)?,
+            handle: symbol(c10, STREAM_HANDLE_SYMBOL)?,
+            is_capturing: symbol(driver, c"cuStreamIsCapturing")?,
+            context_of_stream: symbol(driver, c"cuStreamGetCtx")?,
+            pointer_attribute: symbol(driver, c"cuPointerGetAttribute")?,
+        }
+    };
+    Some(FUNCTIONS.get_or_init(|| Box::new(found)))
+}
+
+/// How the noise kernel is ordered, for the device report: on libtorch's current stream,
+/// or (its functions not found) on the legacy default stream with device synchronizations.
+pub(crate) fn ordering() -> &'static str {
+    if functions().is_some() {
+        "libtorch's current stream (no device-wide synchronization)"
+    } else {
+        "the legacy default stream with device synchronizations (libtorch's stream functions \
+         c10::cuda::getCurrentCUDAStream and CUDAStream::stream, or the driver's stream \
+         functions, were not found)"
+    }
+}
+
+/// libtorch's current stream on CUDA device `index` for this thread (what its next
+/// operation on that device runs on), or None when libtorch's stream functions are not
+/// found. Only for a device that libtorch uses already (a tensor on it, an op made for it):
+/// the call would start CUDA otherwise.
+pub(crate) fn current(index: usize) -> Option<CuStream> {
+    let f = functions()?;
+    let index = i8::try_from(index).ok()?;
+    // SAFETY: libtorch's functions with their C signatures (module doc); a valid device
+    // index (libtorch throws for another, which an op's own device never is).
+    unsafe {
+        let stream = (f.current)(index);
+        Some((f.handle)(&stream))
+    }
+}
+
+/// The CUDA context a device pointer's memory belongs to, or None when the driver cannot
+/// tell.
+pub(crate) fn context_of_pointer(pointer: u64) -> Option<*mut c_void> {
+    let f = functions()?;
+    let mut context: *mut c_void = std::ptr::null_mut();
+    // CU_POINTER_ATTRIBUTE_CONTEXT = 1: writes a CUcontext
+    // SAFETY: the attribute's documented output type, a pointer-sized handle.
+    let code =
+        unsafe { (f.pointer_attribute)((&mut context as *mut *mut c_void).cast(), 1, pointer) };
+    (code == 0 && !context.is_null()).then_some(context)
+}
+
+/// The CUDA context of `stream` (None: the legacy default stream, whose context is the
+/// current one, or the driver cannot tell).
+pub(crate) fn context_of_stream(stream: CuStream) -> Option<*mut c_void> {
+    if stream.is_null() {
+        return None;
+    }
+    let f = functions()?;
+    let mut context: *mut c_void = std::ptr::null_mut();
+    // SAFETY: a stream handle libtorch gave; the output is one CUcontext.
+    let code = unsafe { (f.context_of_stream)(stream, &mut context) };
+    (code == 0 && !context.is_null()).then_some(context)
+}
+
+/// Fails (DEVICE_UNAVAILABLE, nothing enqueued) when `device` is a CUDA device whose
+/// current stream on this thread is capturing a CUDA graph, or cannot be used while
+/// another stream captures (the legacy stream under a global capture). Anything else, a
+/// process where libtorch's stream functions are not found, and a child forked after CUDA
+/// started (whose calls fail or run on the CPU: `PerturbedOp::spec_here`) pass.
+pub(crate) fn check_not_capturing(device: Device) -> Result<()> {
+    let Device::Cuda(index) = device else {
+        return Ok(());
+    };
+    if crate::cuda_libraries::forked_after_cuda() {
+        return Ok(()); // (CUDA is not called in such a child: the call fails as it says)
+    }
+    let (Some(f), Some(stream)) = (functions(), current(index)) else {
+        return Ok(());
+    };
+    let mut status: c_int = 0;
+    // SAFETY: a stream handle libtorch gave; the output is one CUstreamCaptureStatus.
+    let code = unsafe { (f.is_capturing)(stream, &mut status) };
+    // CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906; CU_STREAM_CAPTURE_STATUS_NONE = 0
+    let why = match (code, status) {
+        (0, 0) => return Ok(()),
+        (0, 1) => "is capturing a CUDA graph",
+        (0, _) => "is in a CUDA graph capture that was invalidated",
+        (906, _) => "is the legacy default stream, which cannot be used while another stream captures a CUDA graph",
+        (code, _) => return Err(Error::new(
+            Status::TorchError,
+            format!("cuStreamIsCapturing on the current stream of cuda:{index} returned CUDA error {code}"),
+        )),
+    };
+    Err(Error::new(
+        Status::DeviceUnavailable,
+        format!(
+            "the current CUDA stream of cuda:{index} {why}: a perturbations call cannot be \
+             captured (it reads results on the host and calls host solvers), and nothing \
+             was enqueued; make the call outside the capture"
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without libtorch's CUDA libraries loaded (a machine without a driver), nothing is
+    /// found, and a CUDA device is never refused for a capture that cannot exist.
+    #[test]
+    fn without_cuda_there_is_no_stream_and_no_capture() {
+        if crate::cuda_libraries::driver_present() {
+            return; // (a GPU machine: gpu-check.sh's streams test covers it there)
+        }
+        assert!(current(0).is_none());
+        assert!(context_of_pointer(0x1000).is_none());
+        assert!(context_of_stream(0x1000 as CuStream).is_none());
+        assert!(check_not_capturing(Device::Cuda(0)).is_ok());
+        assert!(check_not_capturing(Device::Cpu).is_ok());
+    }
+
+    /// The C++ test that holds libtorch's declarations to this module's layout checks the
+    /// names this module looks up.
+    #[test]
+    fn the_abi_test_checks_these_symbols() {
+        let test = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/c/test_c10_stream_abi.cpp"),
+        )
+        .unwrap();
+        for name in [CURRENT_STREAM_SYMBOL, STREAM_HANDLE_SYMBOL] {
+            let name = name.to_str().unwrap();
+            assert!(
+                test.contains(&format!("\"{name}\"")),
+                "{name} in the C++ test"
+            );
+        }
+    }
+
+    /// The layout that libtorch's CUDAStream has (the C++ test checks the C++ side).
+    #[test]
+    fn the_stream_struct_is_sixteen_bytes_in_two_words() {
+        assert_eq!(std::mem::size_of::<C10Stream>(), 16);
+        assert_eq!(std::mem::align_of::<C10Stream>(), 8);
+        assert_eq!(std::mem::offset_of!(C10Stream, device_index), 1);
+        assert_eq!(std::mem::offset_of!(C10Stream, id), 8);
+    }
+}

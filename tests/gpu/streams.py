@@ -1,0 +1,196 @@
+"""The GPU check of issue 33's streams, graph capture, contexts and device hiding, run by
+scripts/gpu-check.sh on a machine with a CUDA device (python3 with torch; the package
+from bindings/python, the library from PERTURBATIONS_LIB). Each check prints one line;
+the exit status is the number of checks that failed (0: all passed).
+
+  stream     a call on a side stream gives the default stream's bits, and waits for no
+             other stream (another stream's long kernel is still running when it returns)
+  capture    a call during CUDA graph capture fails cleanly (DEVICE_UNAVAILABLE naming the
+             capture, nothing enqueued), the capture still ends, and CUDA works after it
+  threads    threads on their own streams racing on their own ops give the sequential bits
+  context    a call with a non-primary CUDA context current (as PyCUDA makes) gives the
+             right values (the fused kernel where libtorch's memory is in the primary
+             context, libtorch operations otherwise) or a clear error, never wrong values
+  hidden     with CUDA_VISIBLE_DEVICES="", a "cuda" op fails naming the variable, and the
+             device report says why no device is seen
+"""
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+import perturbations as pt
+import perturbations.torch as ptt
+
+B, D, N = 64, 100, 1000  # 6.4 M noise values a call: the fused kernel's size
+FAILED = []
+
+
+def check(name, ok, detail):
+    print(f"{'ok' if ok else 'FAILED'}: {name}: {detail}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def make_op(seed=7):
+    cfg = pt.Config(num_samples=N, sigma=0.5, noise="normal", seed=seed, device="cuda")
+    return pt.Op.builtin(cfg, "argmax", D)
+
+
+def theta_on(device):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(B, D, generator=g).to(device)
+
+
+def stream_check():
+    reference = ptt.perturbed(make_op(), theta_on("cuda")).cpu()
+    op = make_op()
+    theta = theta_on("cuda")
+    side, busy = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ptt.perturbed(make_op(), theta)  # warm-up: the allocator's blocks for this stream
+    torch.cuda.synchronize()
+    with torch.cuda.stream(busy):
+        torch.cuda._sleep(4_000_000_000)  # a few seconds of one GPU thread spinning
+    t0 = time.perf_counter()
+    with torch.cuda.stream(side):
+        y = ptt.perturbed(op, theta)
+        side.synchronize()
+    took = time.perf_counter() - t0
+    still_busy = not busy.query()
+    busy.synchronize()
+    check("stream", torch.equal(y.cpu(), reference),
+          f"side stream equals the default stream's bits: {torch.equal(y.cpu(), reference)}")
+    check("stream", still_busy,
+          f"the call ({took:.3f} s) returned while another stream's kernel still ran: {still_busy}")
+
+
+def capture_check():
+    op = make_op()
+    theta = theta_on("cpu")  # host input: the library copies it to the device
+    reference = ptt.perturbed(make_op(), theta)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    raised = None
+    try:
+        with torch.cuda.graph(graph):
+            try:
+                ptt.perturbed(op, theta)
+            except pt.Error as e:
+                raised = e
+            # (a CUDA op's output, so that the graph is not empty)
+            _ = torch.zeros(4, device="cuda") + 1
+    except Exception as e:  # the capture must still end
+        check("capture", False, f"the capture did not end cleanly: {type(e).__name__}: {e}")
+        return
+    check("capture", isinstance(raised, pt.DeviceUnavailableError) and "CUDA graph" in str(raised),
+          f"refused with {type(raised).__name__}: {raised}")
+    graph.replay()
+    torch.cuda.synchronize()
+    after = ptt.perturbed(make_op(), theta)
+    check("capture", torch.equal(after, reference), "CUDA works after the capture, with the same bits")
+
+
+def threads_check():
+    thetas = [theta_on("cuda") * (1 + k) for k in range(4)]
+    want = [ptt.perturbed(make_op(seed=k), thetas[k]).cpu() for k in range(4)]
+    got, errors = [None] * 4, []
+
+    def run(k):
+        try:
+            s = torch.cuda.Stream()
+            with torch.cuda.stream(s):
+                op = make_op(seed=k)
+                for _ in range(3):
+                    y = ptt.perturbed(op, thetas[k])
+                    op = make_op(seed=k)
+                got[k] = y.cpu()
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    same = not errors and all(torch.equal(got[k], want[k]) for k in range(4))
+    check("threads", same, f"4 threads on 4 streams equal the sequential bits: {same} {errors}")
+
+
+def context_check():
+    cuda = ctypes.CDLL("libcuda.so.1")
+    theta = theta_on("cpu")
+    reference = ptt.perturbed(make_op(), theta)
+    ctx, dev = ctypes.c_void_p(), ctypes.c_int()
+    if cuda.cuDeviceGet(ctypes.byref(dev), 0) != 0:
+        check("context", False, "cuDeviceGet failed")
+        return
+    create = getattr(cuda, "cuCtxCreate_v4", None)
+    code = (create(ctypes.byref(ctx), None, 0, dev) if create is not None
+            else cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev))
+    if code != 0:
+        check("context", False, f"cuCtxCreate returned {code}")
+        return
+    try:
+        try:
+            y = ptt.perturbed(make_op(), theta)
+            outcome = ("values", torch.allclose(y, reference, atol=1e-5, rtol=0))
+        except pt.Error as e:
+            outcome = ("error", str(e))
+    finally:
+        popped = ctypes.c_void_p()
+        cuda.cuCtxPopCurrent_v2(ctypes.byref(popped))
+        cuda.cuCtxDestroy_v2(ctx)
+    if outcome[0] == "values":
+        check("context", outcome[1], f"with a non-primary context current, the values are right: {outcome[1]}")
+    else:
+        check("context", "context" in outcome[1].lower(), f"refused: {outcome[1]}")
+    after = ptt.perturbed(make_op(), theta)
+    check("context", torch.equal(after, reference), "the primary context works after it, with the same bits")
+
+
+def hidden_check():
+    code = (
+        "import perturbations as pt\n"
+        "print(pt.device_report())\n"
+        "try:\n"
+        "    pt.Op.builtin(pt.Config(device='cuda'), 'argmax', 5)\n"
+        "    print('MADE')\n"
+        "except pt.Error as e:\n"
+        "    print('ERROR', type(e).__name__, e)\n"
+    )
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    error = [line for line in text.splitlines() if line.startswith("ERROR")]
+    check("hidden", out.returncode == 0 and bool(error) and "CUDA_VISIBLE_DEVICES" in error[0],
+          f"a cuda op fails naming the variable: {error[0] if error else text[-400:]}")
+    seen = [line for line in text.splitlines() if line.startswith("CUDA devices seen by libtorch")]
+    check("hidden", bool(seen) and "CUDA_VISIBLE_DEVICES" in seen[0],
+          f"the report says why: {seen[0] if seen else text[-400:]}")
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("FAILED: torch sees no CUDA device")
+        return 1
+    report = pt.device_report()
+    print(report, flush=True)
+    check("report", "CUDA noise kernel runs on: libtorch's current stream" in report,
+          "the kernel runs on libtorch's current stream")
+    for f in (stream_check, capture_check, threads_check, context_check, hidden_check):
+        try:
+            f()
+        except Exception as e:  # noqa: BLE001 (a check that raises fails)
+            check(f.__name__, False, f"raised {type(e).__name__}: {e}")
+    print(f"== streams: {len(FAILED)} failed: {FAILED}" if FAILED else "== streams: all passed")
+    return min(len(FAILED), 100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
