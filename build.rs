@@ -19,9 +19,20 @@
 //!   dependencies are kept out of the dynamic symbol table with `--exclude-libs,ALL`; our
 //!   own crate is linked as object files, so its `pert_*` functions stay exported.
 //!
+//! * The C++ shim of src/cuda_stream_shim.cpp (libtorch's current CUDA stream with its
+//!   C++ exceptions caught), compiled into the crate.
+//!
 //! This script never writes into the source tree.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/cuda_stream_shim.cpp");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .warnings(true)
+        .flag_if_supported("-Wextra")
+        .file("src/cuda_stream_shim.cpp")
+        .compile("perturbations_cuda_stream_shim");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("torch-sys did not report the libtorch lib folder (DEP_TCH_LIBTORCH_LIB)");
     println!("cargo:rerun-if-env-changed=PERTURBATIONS_RPATH");

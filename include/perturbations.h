@@ -277,6 +277,22 @@ typedef struct pert_pool pert_pool;
 typedef struct pert_tape pert_tape;
 
 /*
+ `c10::cuda::CUDAStream` as C sees it: a `c10::Stream`, that is a `c10::Device`
+ (`DeviceType`, `DeviceIndex`: two int8) and a `StreamId` (int64). Trivially copyable
+ and 16 bytes, so returned by value in two registers, as this C struct is.
+ */
+typedef struct C10Stream {
+  int8_t device_type;
+  int8_t device_index;
+  int64_t id;
+} C10Stream;
+
+/*
+ A `cudaStream_t` / `CUstream` (NULL: the legacy default stream).
+ */
+typedef void *CuStream;
+
+/*
  The result of every fallible function: `PERT_STATUS_OK` (0) or an error class.
  The numbers are stable and never reused.
  */
@@ -497,6 +513,15 @@ typedef void (*pert_free_hook)(void *data);
 #ifdef __cplusplus
 extern "C" {
 #endif /* __cplusplus */
+
+/*
+ src/cuda_stream_shim.cpp: `handle(&current(index))` with libtorch's exceptions
+ caught (1: it threw).
+ */
+extern int perturbations_shim_current_stream(struct C10Stream (*current)(int8_t),
+                                             CuStream (*handle)(const struct C10Stream*),
+                                             int8_t index,
+                                             CuStream *out);
 
 /*
  Copies the calling thread's last error message into `buf`.

@@ -215,7 +215,6 @@ fn query_driver() -> Driver {
             }
             _ => Err("the driver lacks cuInit, cuDeviceGetCount, cuDeviceGetName or cuDeviceGetAttribute".into()),
         };
-        libc::dlclose(lib); // drops the reference dlopen took, not the library
         Driver { version, devices }
     }
 }

@@ -325,7 +325,10 @@ pub(crate) fn sample(
     }
     // libtorch's current stream (None: its functions are not found, and the legacy
     // default stream is used, with device synchronizations around the kernel)
-    let cuda_stream = crate::cuda_stream::current(index);
+    let cuda_stream = match crate::cuda_stream::current(index) {
+        Ok(s) => s,
+        Err(e) => return Some(Err(e)),
+    };
     if let Some(s) = cuda_stream {
         let memory = crate::cuda_stream::context_of_pointer(out.data_ptr() as u64);
         let of_stream = crate::cuda_stream::context_of_stream(s);

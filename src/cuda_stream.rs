@@ -10,8 +10,12 @@
 //! own header against this layout and checks the symbols). Where they are not found, the
 //! kernel falls back to the legacy default stream with device synchronizations around it.
 //!
-//! A stream capturing a CUDA graph is refused before anything is enqueued on it: a call
-//! reads results on the host and calls host solvers, which a graph cannot hold.
+//! The call goes through a C++ shim (src/cuda_stream_shim.cpp) that catches libtorch's
+//! exceptions, which must not unwind into Rust.
+//!
+//! A stream capturing a CUDA graph is refused before anything is enqueued on it (a call
+//! reads results on the host and calls host solvers, which a graph cannot hold), and so is
+//! a thread where another library made its own CUDA context current ([`check_usable`]).
 
 use crate::cuda_libraries::symbol;
 use crate::error::{Error, Result, Status};
@@ -48,6 +52,25 @@ struct Functions {
     context_of_stream: unsafe extern "C" fn(CuStream, *mut *mut c_void) -> c_int,
     /// `cuPointerGetAttribute(void *, CUpointer_attribute, CUdeviceptr)`.
     pointer_attribute: unsafe extern "C" fn(*mut c_void, c_int, u64) -> c_int,
+    /// `cuCtxGetCurrent(CUcontext *)`.
+    current_context: unsafe extern "C" fn(*mut *mut c_void) -> c_int,
+    /// `cuCtxGetDevice(CUdevice *)`: the current context's device.
+    context_device: unsafe extern "C" fn(*mut c_int) -> c_int,
+    /// `cuDevicePrimaryCtxGetState(CUdevice, unsigned *, int *)`.
+    primary_state: unsafe extern "C" fn(c_int, *mut std::ffi::c_uint, *mut c_int) -> c_int,
+    /// `cuDevicePrimaryCtxRetain(CUcontext *, CUdevice)`.
+    primary_retain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> c_int,
+}
+
+extern "C" {
+    /// src/cuda_stream_shim.cpp: `handle(&current(index))` with libtorch's exceptions
+    /// caught (1: it threw).
+    fn perturbations_shim_current_stream(
+        current: unsafe extern "C" fn(i8) -> C10Stream,
+        handle: unsafe extern "C" fn(*const C10Stream) -> CuStream,
+        index: i8,
+        out: *mut CuStream,
+    ) -> c_int;
 }
 
 // SAFETY: plain function pointers.
@@ -81,6 +104,10 @@ fn functions() -> Option<&'static Functions> {
             is_capturing: symbol(driver, c"cuStreamIsCapturing")?,
             context_of_stream: symbol(driver, c"cuStreamGetCtx")?,
             pointer_attribute: symbol(driver, c"cuPointerGetAttribute")?,
+            current_context: symbol(driver, c"cuCtxGetCurrent")?,
+            context_device: symbol(driver, c"cuCtxGetDevice")?,
+            primary_state: symbol(driver, c"cuDevicePrimaryCtxGetState")?,
+            primary_retain: symbol(driver, c"cuDevicePrimaryCtxRetain")?,
         }
     };
     Some(FUNCTIONS.get_or_init(|| Box::new(found)))
@@ -99,17 +126,30 @@ pub(crate) fn ordering() -> &'static str {
 }
 
 /// libtorch's current stream on CUDA device `index` for this thread (what its next
-/// operation on that device runs on), or None when libtorch's stream functions are not
-/// found. Only for a device that libtorch uses already (a tensor on it, an op made for it):
-/// the call would start CUDA otherwise.
-pub(crate) fn current(index: usize) -> Option<CuStream> {
-    let f = functions()?;
-    let index = i8::try_from(index).ok()?;
-    // SAFETY: libtorch's functions with their C signatures (module doc); a valid device
-    // index (libtorch throws for another, which an op's own device never is).
-    unsafe {
-        let stream = (f.current)(index);
-        Some((f.handle)(&stream))
+/// operation on that device runs on; NULL: the legacy default stream, libtorch's default),
+/// or None when libtorch's stream functions are not found. Only for a device that libtorch
+/// uses already (a tensor on it, an op made for it): the call would start CUDA otherwise.
+/// Fails (TORCH_ERROR) where libtorch throws: its first use of its streams could not start
+/// CUDA on the device.
+pub(crate) fn current(index: usize) -> Result<Option<CuStream>> {
+    let Some(f) = functions() else {
+        return Ok(None);
+    };
+    let device = i8::try_from(index)
+        .map_err(|_| Error::invalid(format!("CUDA device index {index} is out of range")))?;
+    let mut stream: CuStream = std::ptr::null_mut();
+    // SAFETY: libtorch's functions with their C signatures (module doc), called by the
+    // shim, which catches what they throw; `stream` is one handle for it to write.
+    match unsafe { perturbations_shim_current_stream(f.current, f.handle, device, &mut stream) } {
+        0 => Ok(Some(stream)),
+        _ => Err(Error::new(
+            Status::TorchError,
+            format!(
+                "libtorch could not give its current CUDA stream of cuda:{index} (its streams \
+                 could not start CUDA on the device: held by another process in exclusive \
+                 mode, or out of memory?)"
+            ),
+        )),
     }
 }
 
@@ -138,34 +178,61 @@ pub(crate) fn context_of_stream(stream: CuStream) -> Option<*mut c_void> {
     (code == 0 && !context.is_null()).then_some(context)
 }
 
-/// Fails (DEVICE_UNAVAILABLE, nothing enqueued) when `device` is a CUDA device whose
-/// current stream on this thread is capturing a CUDA graph, or cannot be used while
-/// another stream captures (the legacy stream under a global capture). Anything else, a
+/// Fails (DEVICE_UNAVAILABLE, nothing enqueued) when `device` is a CUDA device and
+/// - a CUDA context other than a device's primary context is current on this thread
+///   (another library made its own context current: libtorch and this library work in
+///   the primary contexts, and libtorch would run the call's operations in the other), or
+/// - libtorch's current stream of the device on this thread is capturing a CUDA graph (or
+///   in a capture that was invalidated).
+///
+/// Not seen: a capture on a stream that is not this thread's current one, or on another
+/// thread (libtorch's default, the legacy stream, cannot capture; a call while another
+/// thread captures in CUDA's global mode fails in libtorch and ends that capture). A
 /// process where libtorch's stream functions are not found, and a child forked after CUDA
-/// started (whose calls fail or run on the CPU: `PerturbedOp::spec_here`) pass.
-pub(crate) fn check_not_capturing(device: Device) -> Result<()> {
+/// started (whose calls fail or run on the CPU: `PerturbedOp::spec_here`), pass.
+pub(crate) fn check_usable(device: Device) -> Result<()> {
     let Device::Cuda(index) = device else {
         return Ok(());
     };
     if crate::cuda_libraries::forked_after_cuda() {
         return Ok(()); // (CUDA is not called in such a child: the call fails as it says)
     }
-    let (Some(f), Some(stream)) = (functions(), current(index)) else {
+    let Some(f) = functions() else {
         return Ok(());
     };
+    if let Some(context) = foreign_context(f) {
+        return Err(Error::new(
+            Status::DeviceUnavailable,
+            format!(
+                "a CUDA context other than a device's primary context is current on this \
+                 thread ({context:?}; another library, PyCUDA say, made its own context \
+                 current): libtorch and this library work in the devices' primary contexts, \
+                 so nothing was enqueued; pop that context (cuCtxPopCurrent) around the call"
+            ),
+        ));
+    }
+    let Some(stream) = current(index)? else {
+        return Ok(());
+    };
+    if stream.is_null() {
+        return Ok(()); // the legacy default stream never captures
+    }
     let mut status: c_int = 0;
     // SAFETY: a stream handle libtorch gave; the output is one CUstreamCaptureStatus.
     let code = unsafe { (f.is_capturing)(stream, &mut status) };
-    // CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906; CU_STREAM_CAPTURE_STATUS_NONE = 0
+    // CU_STREAM_CAPTURE_STATUS_NONE = 0, _ACTIVE = 1, _INVALIDATED = 2
     let why = match (code, status) {
         (0, 0) => return Ok(()),
         (0, 1) => "is capturing a CUDA graph",
         (0, _) => "is in a CUDA graph capture that was invalidated",
-        (906, _) => "is the legacy default stream, which cannot be used while another stream captures a CUDA graph",
-        (code, _) => return Err(Error::new(
-            Status::TorchError,
-            format!("cuStreamIsCapturing on the current stream of cuda:{index} returned CUDA error {code}"),
-        )),
+        (code, _) => {
+            return Err(Error::new(
+                Status::TorchError,
+                format!(
+                    "cuStreamIsCapturing on the current stream of cuda:{index} returned CUDA error {code}"
+                ),
+            ))
+        }
     };
     Err(Error::new(
         Status::DeviceUnavailable,
@@ -177,6 +244,51 @@ pub(crate) fn check_not_capturing(device: Device) -> Result<()> {
     ))
 }
 
+/// The context current on this thread when it is not its device's primary context (None:
+/// none is current, or the primary one, or the driver cannot tell).
+fn foreign_context(f: &Functions) -> Option<*mut c_void> {
+    let mut context: *mut c_void = std::ptr::null_mut();
+    // SAFETY: driver calls with valid out-pointers, each writing one value of its type.
+    unsafe {
+        if (f.current_context)(&mut context) != 0 || context.is_null() {
+            return None;
+        }
+        let mut device: c_int = 0;
+        if (f.context_device)(&mut device) != 0 {
+            return None;
+        }
+        let (mut flags, mut active): (std::ffi::c_uint, c_int) = (0, 0);
+        if (f.primary_state)(device, &mut flags, &mut active) != 0 {
+            return None;
+        }
+        if active == 0 {
+            return Some(context); // (the primary context is not even started)
+        }
+        (primary(f, device)? != context).then_some(context)
+    }
+}
+
+/// Device `device`'s primary context, retained once per process and device (never
+/// released: it lives as long as the process, as libtorch's does); None for a device
+/// beyond the first 64 or when the driver refuses.
+fn primary(f: &Functions, device: c_int) -> Option<*mut c_void> {
+    use std::sync::atomic::{AtomicPtr, Ordering};
+    static PRIMARY: [AtomicPtr<c_void>; 64] = [const { AtomicPtr::new(std::ptr::null_mut()) }; 64];
+    let slot = PRIMARY.get(usize::try_from(device).ok()?)?;
+    let known = slot.load(Ordering::Acquire);
+    if !known.is_null() {
+        return Some(known);
+    }
+    let mut context: *mut c_void = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; the device's primary context is active (the caller
+    // checked), so retaining it only counts a reference (two racing threads count two).
+    if unsafe { (f.primary_retain)(&mut context, device) } != 0 || context.is_null() {
+        return None;
+    }
+    slot.store(context, Ordering::Release);
+    Some(context)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,15 +296,15 @@ mod tests {
     /// Without libtorch's CUDA libraries loaded (a machine without a driver), nothing is
     /// found, and a CUDA device is never refused for a capture that cannot exist.
     #[test]
-    fn without_cuda_there_is_no_stream_and_no_capture() {
+    fn without_cuda_there_is_no_stream_and_nothing_is_refused() {
         if crate::cuda_libraries::driver_present() {
             return; // (a GPU machine: gpu-check.sh's streams test covers it there)
         }
-        assert!(current(0).is_none());
+        assert!(matches!(current(0), Ok(None)));
         assert!(context_of_pointer(0x1000).is_none());
         assert!(context_of_stream(0x1000 as CuStream).is_none());
-        assert!(check_not_capturing(Device::Cuda(0)).is_ok());
-        assert!(check_not_capturing(Device::Cpu).is_ok());
+        assert!(check_usable(Device::Cuda(0)).is_ok());
+        assert!(check_usable(Device::Cpu).is_ok());
     }
 
     /// The C++ test that holds libtorch's declarations to this module's layout checks the

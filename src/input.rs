@@ -15,7 +15,7 @@ pub(crate) fn check_floats(t: &Tensor, what: &str) -> Result<()> {
     }
     // (a CUDA tensor's check reads its result on the host, which a CUDA graph capture
     // forbids: refused before anything is enqueued)
-    crate::cuda_stream::check_not_capturing(t.device())?;
+    crate::cuda_stream::check_usable(t.device())?;
     if t.numel() == 0 {
         return Ok(()); // nothing to check (and libtorch gives no data pointer)
     }

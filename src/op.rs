@@ -435,7 +435,7 @@ impl PerturbedOp {
             }
             None => &self.spec,
         };
-        crate::cuda_stream::check_not_capturing(spec.device)?;
+        crate::cuda_stream::check_usable(spec.device)?;
         Ok(spec)
     }
 
@@ -447,7 +447,7 @@ impl PerturbedOp {
     /// the call fails (DEVICE_UNAVAILABLE) before anything is enqueued.
     pub(crate) fn spec_here(&self) -> Result<&Arc<OpSpec>> {
         if !(self.spec.device.is_cuda() && crate::cuda_libraries::forked_after_cuda()) {
-            crate::cuda_stream::check_not_capturing(self.spec.device)?;
+            crate::cuda_stream::check_usable(self.spec.device)?;
             return Ok(&self.spec);
         }
         self.cpu_twin.as_ref().ok_or_else(|| {

@@ -103,6 +103,7 @@ impl Tape {
     /// see [`crate::estimate`] for the estimator each setting gives.
     pub fn jacobian(&self) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
+        crate::cuda_stream::check_usable(self.device())?; // (a capture: nothing enqueued)
         let d = self.input_shape.iter().product::<i64>();
         let o = self.output_shape.iter().product::<i64>();
         self.kept.jacobian([self.batch as i64, o, d])
@@ -113,6 +114,7 @@ impl Tape {
     /// tensor. Only for ops whose output shape equals their input shape.
     pub fn objective(&self) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
+        crate::cuda_stream::check_usable(self.device())?; // (a capture: nothing enqueued)
         match &self.objective {
             Some(f) => crate::tensors::copy(f),
             None => Err(Error::invalid(format!(
@@ -126,6 +128,7 @@ impl Tape {
     /// the result has shape `[batch, *input_shape]`, on the device of `grad_output`.
     pub fn vjp(&self, grad_output: &Tensor) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
+        crate::cuda_stream::check_usable(self.device())?; // (a capture: nothing enqueued)
         let g = self.check_tensor(grad_output, &self.output_shape, "grad_output")?; // [b, o]
         Ok(self
             .kept
@@ -138,6 +141,7 @@ impl Tape {
     /// the result has shape `[batch, *output_shape]`, on the device of `tangent`.
     pub fn jvp(&self, tangent: &Tensor) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
+        crate::cuda_stream::check_usable(self.device())?; // (a capture: nothing enqueued)
         let t = self.check_tensor(tangent, &self.input_shape, "tangent_input")?; // [b, d]
         Ok(self
             .kept
@@ -151,6 +155,7 @@ impl Tape {
     /// keeps (see `Kept::linear`): for [`crate::autograd`].
     pub(crate) fn linear(&self, delta: &Tensor) -> Result<Tensor> {
         let _cap = crate::intraop::cap(self.max_threads);
+        crate::cuda_stream::check_usable(self.device())?; // (a capture: nothing enqueued)
         self.kept.linear(delta)
     }
 

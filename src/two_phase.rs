@@ -136,6 +136,7 @@ impl Draw {
     /// tape when `want_tape`.
     pub fn finish(&self, solutions: &[f32], want_tape: bool) -> Result<(Tensor, Option<Tape>)> {
         let _cap = crate::intraop::cap(self.spec.config.max_threads());
+        crate::cuda_stream::check_usable(self.spec.device)?; // (a capture: nothing enqueued)
         self.check_solutions(solutions)?;
         let wants = Wants {
             jacobian: want_tape,
@@ -190,6 +191,7 @@ impl Draw {
         input_sums: bool,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let _cap = crate::intraop::cap(self.spec.config.max_threads());
+        crate::cuda_stream::check_usable(self.spec.device)?; // (a capture: nothing enqueued)
         self.spec.require_square("the Fenchel-Young loss")?;
         let theta_size = crate::shape::batched(self.batch(), &self.spec.input_shape);
         crate::fenchel_young::check_targets(&theta_size, y_true)?;

@@ -70,7 +70,7 @@ impl OpSpec {
         self.check_rows(batch, samples)?;
         check_floats(x, name)?;
         // (a host input copied to a CUDA op's device, under a graph capture: refused)
-        crate::cuda_stream::check_not_capturing(self.device)?;
+        crate::cuda_stream::check_usable(self.device)?;
         Ok(x.f_to_device(self.device)?
             .f_reshape([batch as i64, self.input_numel as i64])?)
     }

@@ -1001,11 +1001,13 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
     box = {}
     done = threading.Lock()  # held while the call runs: released by the helper at its end
     done.acquire()
+    streams = _current_cuda_streams()
 
     def run():
         if not claim.acquire(False):
             return  # the caller left before this thread began, and gave the turn back
         try:
+            _set_cuda_streams(streams)
             code = fn(h, *raw)
             box["result"] = (code, _last_error() if code else None, list(op._errors))
         except BaseException as e:  # noqa: BLE001 - raised on the calling thread
@@ -1044,6 +1046,22 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def _current_cuda_streams():
+    """This thread's current CUDA stream of each device, where torch has started CUDA (else
+    none): a call run on a helper thread runs on the caller's streams, as it would here
+    (and is refused as it would be here while one of them captures a CUDA graph)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return ()
+    return tuple(torch.cuda.current_stream(i) for i in range(torch.cuda.device_count()))
+
+
+def _set_cuda_streams(streams):
+    """Makes `streams` (from _current_cuda_streams) this thread's current ones."""
+    for stream in streams:
+        sys.modules["torch"].cuda.set_stream(stream)
 
 
 def _after_fork_in_child():
