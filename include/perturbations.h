@@ -277,22 +277,6 @@ typedef struct pert_pool pert_pool;
 typedef struct pert_tape pert_tape;
 
 /*
- `c10::cuda::CUDAStream` as C sees it: a `c10::Stream`, that is a `c10::Device`
- (`DeviceType`, `DeviceIndex`: two int8) and a `StreamId` (int64). Trivially copyable
- and 16 bytes, so returned by value in two registers, as this C struct is.
- */
-typedef struct C10Stream {
-  int8_t device_type;
-  int8_t device_index;
-  int64_t id;
-} C10Stream;
-
-/*
- A `cudaStream_t` / `CUstream` (NULL: the legacy default stream).
- */
-typedef void *CuStream;
-
-/*
  The result of every fallible function: `PERT_STATUS_OK` (0) or an error class.
  The numbers are stable and never reused.
  */
@@ -491,7 +475,9 @@ typedef void (*pert_free_hook)(void *data);
 #define PERT_STATUS_SOLVER_FAILED 4
 
 /*
- The requested device does not exist on this machine.
+ The requested device does not exist on this machine, or this call cannot use it now: a
+ process forked after CUDA started, a CUDA graph capture on the current stream, or a
+ CUDA context other than a primary one current on the thread (`pert_cuda_check_thread`).
  */
 #define PERT_STATUS_DEVICE_UNAVAILABLE 5
 
@@ -513,15 +499,6 @@ typedef void (*pert_free_hook)(void *data);
 #ifdef __cplusplus
 extern "C" {
 #endif /* __cplusplus */
-
-/*
- src/cuda_stream_shim.cpp: `handle(&current(index))` with libtorch's exceptions
- caught (1: it threw).
- */
-extern int perturbations_shim_current_stream(struct C10Stream (*current)(int8_t),
-                                             CuStream (*handle)(const struct C10Stream*),
-                                             int8_t index,
-                                             CuStream *out);
 
 /*
  Copies the calling thread's last error message into `buf`.
@@ -803,6 +780,22 @@ pert_status pert_config_set_max_tape_bytes(struct pert_config *config, uint64_t 
  libtorch_cuda) sees no device here, and `"cuda"` then fails with a message saying so.
  */
 int32_t pert_cuda_device_count(void);
+
+/*
+ Whether a call on CUDA device `device` can run on this thread now. Every call on a CUDA
+ op checks this itself before it enqueues anything; call it before work of your own that
+ a refused call would make useless, such as copying a CUDA tensor to the host for the
+ call (the C++ adapter and the Python package do). Any thread.
+
+ @return `PERT_STATUS_DEVICE_UNAVAILABLE` when there is no such CUDA device, when
+         libtorch's current stream of that device on this thread is capturing a CUDA
+         graph (a call cannot be captured: it reads results on the host and calls host
+         solvers), or when a CUDA context other than a device's primary context is current
+         on this thread (another library's, such as PyCUDA's, or a torch green context:
+         libtorch and this library work in the devices' primary contexts);
+         `PERT_STATUS_INVALID_ARGUMENT` when `device` is negative.
+ */
+pert_status pert_cuda_check_thread(int32_t device);
 
 /*
  A text report of what this process found of CUDA and how each device draws its noise,

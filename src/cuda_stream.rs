@@ -64,7 +64,7 @@ struct Functions {
 
 extern "C" {
     /// src/cuda_stream_shim.cpp: `handle(&current(index))` with libtorch's exceptions
-    /// caught (1: it threw).
+    /// caught (1: it threw). (Not in the C header: cbindgen.toml excludes it.)
     fn perturbations_shim_current_stream(
         current: unsafe extern "C" fn(i8) -> C10Stream,
         handle: unsafe extern "C" fn(*const C10Stream) -> CuStream,
@@ -205,17 +205,21 @@ pub(crate) fn check_usable(device: Device) -> Result<()> {
             Status::DeviceUnavailable,
             format!(
                 "a CUDA context other than a device's primary context is current on this \
-                 thread ({context:?}; another library, PyCUDA say, made its own context \
-                 current): libtorch and this library work in the devices' primary contexts, \
-                 so nothing was enqueued; pop that context (cuCtxPopCurrent) around the call"
+                 thread ({context:?}: another library's, PyCUDA's say, or a torch green \
+                 context): libtorch and this library work in the devices' primary contexts, \
+                 so nothing was enqueued; make the call where no such context is current \
+                 (pop it around the call, or leave the green context)"
             ),
         ));
     }
     let Some(stream) = current(index)? else {
         return Ok(());
     };
-    if stream.is_null() {
-        return Ok(()); // the legacy default stream never captures
+    // the legacy default stream never captures (nor do the pseudo-handles
+    // cudaStreamLegacy, 0x1, and cudaStreamPerThread, 0x2, that torch.cuda.ExternalStream
+    // may wrap, which the driver resolves only in a current context)
+    if (stream as usize) <= 2 {
+        return Ok(());
     }
     let mut status: c_int = 0;
     // SAFETY: a stream handle libtorch gave; the output is one CUstreamCaptureStatus.
@@ -270,7 +274,10 @@ fn foreign_context(f: &Functions) -> Option<*mut c_void> {
 
 /// Device `device`'s primary context, retained once per process and device (never
 /// released: it lives as long as the process, as libtorch's does); None for a device
-/// beyond the first 64 or when the driver refuses.
+/// beyond the first 64 or when the driver refuses. (A primary context reset by the
+/// application, `cudaDeviceReset`, may come back as a new handle: calls on that thread are
+/// then refused as in another context, as the noise kernel, loaded in the old one, could
+/// not run there either.)
 fn primary(f: &Functions, device: c_int) -> Option<*mut c_void> {
     use std::sync::atomic::{AtomicPtr, Ordering};
     static PRIMARY: [AtomicPtr<c_void>; 64] = [const { AtomicPtr::new(std::ptr::null_mut()) }; 64];

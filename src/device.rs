@@ -193,6 +193,28 @@ fn auto_device(host_solver: bool, cuda_devices: usize) -> Device {
     }
 }
 
+/// Whether a call on CUDA device `index` can run on this thread now: fails
+/// (DEVICE_UNAVAILABLE) when there is no such device, when libtorch's current stream of
+/// that device on this thread is capturing a CUDA graph, or when a CUDA context other than
+/// a device's primary context is current on this thread (PyCUDA's, a torch green
+/// context's). Every call on a CUDA op checks this itself before it enqueues anything; a
+/// binding that copies a CUDA tensor to the host for a call (as the Python package and the
+/// C++ adapter do) checks it first, so that the copy is not what fails, or runs in the
+/// wrong context.
+pub fn check_cuda_thread(index: usize) -> Result<()> {
+    let count = cuda_device_count();
+    if index >= count {
+        return Err(Error::new(
+            Status::DeviceUnavailable,
+            format!(
+                "CUDA device {index} does not exist: libtorch sees {count} CUDA device(s){}",
+                why_no_cuda(count)
+            ),
+        ));
+    }
+    crate::cuda_stream::check_usable(Device::Cuda(index))
+}
+
 /// The number of CUDA devices libtorch sees (0 without a GPU or without CUDA libraries).
 /// On a machine with a CUDA driver this loads libtorch's CUDA libraries first (see
 /// `cuda_libraries`): Rust programs that ask tch about CUDA before making any

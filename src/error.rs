@@ -70,7 +70,8 @@ statuses! {
     /// The solver returned non-zero or wrote non-finite values.
     SolverFailed = 4, "SOLVER_FAILED";
     /// The requested device does not exist on this machine, or this call cannot use it (a
-    /// process forked after CUDA started; a CUDA graph capture on the current stream).
+    /// process forked after CUDA started; a CUDA graph capture on the current stream; a
+    /// CUDA context other than a primary one current on the thread).
     DeviceUnavailable = 5, "DEVICE_UNAVAILABLE";
     /// libtorch reported an error, or memory could not be allocated.
     TorchError = 6, "TORCH_ERROR";

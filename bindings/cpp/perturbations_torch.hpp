@@ -32,7 +32,14 @@ namespace pert {
 namespace autograd {
 
 namespace detail {
-inline ::torch::Tensor host(const ::torch::Tensor& t) { return t.detach().to(::torch::kCPU, ::torch::kFloat).contiguous(); }
+// theta's (or a gradient's) values on the host. A CUDA tensor is first checked as the
+// library checks a call (pert_cuda_check_thread: no CUDA graph capture on the current
+// stream, no other library's context current), so that a refused call fails here with the
+// library's status rather than in the copy.
+inline ::torch::Tensor host(const ::torch::Tensor& t) {
+  if (t.is_cuda()) pert::detail::check(pert_cuda_check_thread(t.device().index()));
+  return t.detach().to(::torch::kCPU, ::torch::kFloat).contiguous();
+}
 
 inline ::torch::Tensor from(std::vector<float> values, std::vector<int64_t> shape, const ::torch::Tensor& like) {
   int64_t count = 1;

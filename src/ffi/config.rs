@@ -471,6 +471,30 @@ pub extern "C" fn pert_cuda_device_count() -> i32 {
     })
 }
 
+/// Whether a call on CUDA device `device` can run on this thread now. Every call on a CUDA
+/// op checks this itself before it enqueues anything; call it before work of your own that
+/// a refused call would make useless, such as copying a CUDA tensor to the host for the
+/// call (the C++ adapter and the Python package do). Any thread.
+///
+/// @return `PERT_STATUS_DEVICE_UNAVAILABLE` when there is no such CUDA device, when
+///         libtorch's current stream of that device on this thread is capturing a CUDA
+///         graph (a call cannot be captured: it reads results on the host and calls host
+///         solvers), or when a CUDA context other than a device's primary context is current
+///         on this thread (another library's, such as PyCUDA's, or a torch green context:
+///         libtorch and this library work in the devices' primary contexts);
+///         `PERT_STATUS_INVALID_ARGUMENT` when `device` is negative.
+#[no_mangle]
+pub extern "C" fn pert_cuda_check_thread(device: i32) -> pert_status {
+    guard(|| {
+        let index = usize::try_from(device).map_err(|_| {
+            Error::invalid(format!(
+                "device must be a CUDA device index >= 0, got {device}"
+            ))
+        })?;
+        crate::device::check_cuda_thread(index)
+    })
+}
+
 /// A text report of what this process found of CUDA and how each device draws its noise,
 /// for logs and bug reports: one `name: value` line per item (the library's version, the
 /// libtorch folder, the CUDA driver's version or why there is none or why it did not

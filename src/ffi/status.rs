@@ -20,7 +20,9 @@ pub const PERT_STATUS_INVALID_ARGUMENT: pert_status = 2;
 pub const PERT_STATUS_NON_FINITE_INPUT: pert_status = 3;
 /// The solver callback returned non-zero, or wrote a non-finite value (or nothing).
 pub const PERT_STATUS_SOLVER_FAILED: pert_status = 4;
-/// The requested device does not exist on this machine.
+/// The requested device does not exist on this machine, or this call cannot use it now: a
+/// process forked after CUDA started, a CUDA graph capture on the current stream, or a
+/// CUDA context other than a primary one current on the thread (`pert_cuda_check_thread`).
 pub const PERT_STATUS_DEVICE_UNAVAILABLE: pert_status = 5;
 /// libtorch reported an error, or memory could not be allocated (the message says which).
 pub const PERT_STATUS_TORCH_ERROR: pert_status = 6;

@@ -237,8 +237,23 @@ static bool gpu_machines_load_cuda(void) {
   return true;
 }
 
+/* pert_cuda_check_thread: OK for each device on a thread that neither captures nor has
+ * another library's context current; DEVICE_UNAVAILABLE for a device that does not exist
+ * (every index on a machine without one), INVALID_ARGUMENT for a negative index; and the
+ * CUDA libraries stay unmapped where there is no driver (issue 33). */
+static bool the_thread_check_answers_for_each_device(void) {
+  int count = pert_cuda_device_count();
+  for (int d = 0; d < count; d++) CHECK_OK(pert_cuda_check_thread(d));
+  CHECK_STATUS(PERT_STATUS_DEVICE_UNAVAILABLE, pert_cuda_check_thread(count));
+  CHECK(last_error_contains("does not exist"));
+  CHECK_STATUS(PERT_STATUS_INVALID_ARGUMENT, pert_cuda_check_thread(-1));
+  CHECK(last_error_contains("got -1"));
+  if (!driver_present()) CHECK(!cuda_mapped());
+  return true;
+}
+
 int main(void) {
   test_case tests[] = {TEST(a_child_forked_during_the_first_report_can_report), TEST(no_driver_maps_no_cuda),
-                       TEST(gpu_machines_load_cuda)};
+                       TEST(gpu_machines_load_cuda), TEST(the_thread_check_answers_for_each_device)};
   return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

@@ -11,8 +11,10 @@ the exit status is the number of checks that failed (0: all passed).
              a fresh thread that has done no CUDA work gets the same bits; a long call
              (run by the Python package on a helper thread) runs on the caller's stream
              and is refused under capture as a short one
-  context    a call with a non-primary CUDA context current (as PyCUDA makes) is refused
-             (DEVICE_UNAVAILABLE naming the context), in a child process
+  context    in a child process, with a non-primary CUDA context current (as PyCUDA makes):
+             a call is refused (DEVICE_UNAVAILABLE naming the context), a CUDA theta before
+             its copy to the host too; a long call (the package's helper thread, where that
+             context is not current) runs in the primary context with the right values
   hidden     with CUDA_VISIBLE_DEVICES="", a "cuda" op fails naming the variable, and the
              device report says why no device is seen
 """
@@ -39,8 +41,44 @@ def check(name, ok, detail):
 
 
 def make_op(seed=7):
+    """An op whose calls the Python package makes on the calling thread (a short call)."""
     cfg = pt.Config(num_samples=N, sigma=0.5, noise="normal", seed=seed, device="cuda")
-    return pt.Op.builtin(cfg, "argmax", D)
+    op = pt.Op.builtin(cfg, "argmax", D)
+    op._seconds_per_row = 1e-15  # (the package's estimate of a call's time, kept short)
+    return op
+
+
+SLEEP_CYCLES = 4_000_000_000  # torch.cuda._sleep: a few seconds of one GPU thread spinning
+
+
+def sleep_seconds():
+    """How long torch.cuda._sleep(SLEEP_CYCLES) takes on this GPU."""
+    s = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    s.synchronize()
+    return time.perf_counter() - t0
+
+
+def waits_for_own_stream(name, make, sleep):
+    """A call with host theta on a side stream that sleeps first must wait for the sleep:
+    the call's copy of theta to the device is ordered after it on that stream (on any
+    other stream it would not be: torch's side streams do not synchronize with others)."""
+    theta = theta_on("cpu")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ptt.perturbed(make(), theta)  # warm-up
+    side.synchronize()
+    t0 = time.perf_counter()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        ptt.perturbed(make(), theta)
+    took = time.perf_counter() - t0
+    check("stream", took >= 0.8 * sleep,
+          f"{name} runs on the caller's stream: it waited for that stream's work ({took:.2f} s, "
+          f"the work {sleep:.2f} s)")
 
 
 def theta_on(device):
@@ -57,7 +95,7 @@ def stream_check():
         ptt.perturbed(make_op(), theta)  # warm-up: the allocator's blocks for this stream
     torch.cuda.synchronize()
     with torch.cuda.stream(busy):
-        torch.cuda._sleep(4_000_000_000)  # a few seconds of one GPU thread spinning
+        torch.cuda._sleep(SLEEP_CYCLES)
     t0 = time.perf_counter()
     with torch.cuda.stream(side):
         y = ptt.perturbed(op, theta)
@@ -69,6 +107,9 @@ def stream_check():
           f"side stream equals the default stream's bits: {torch.equal(y.cpu(), reference)}")
     check("stream", still_busy,
           f"the call ({took:.3f} s) returned while another stream's kernel still ran: {still_busy}")
+    sleep = sleep_seconds()
+    waits_for_own_stream("a call", make_op, sleep)
+    waits_for_own_stream("a long call (the package's helper thread)", long_op, sleep)
 
 
 def long_op(seed=7):
@@ -82,6 +123,7 @@ def capture_check():
     op = make_op()
     theta = theta_on("cpu")  # host input: the library copies it to the device
     reference = ptt.perturbed(make_op(), theta)
+    theta_cuda = theta.to("cuda")
     leaf = theta.clone().requires_grad_(True)
     y = ptt.perturbed(make_op(), leaf)  # a tape, for a VJP under capture
     torch.cuda.synchronize()
@@ -91,6 +133,7 @@ def capture_check():
         with torch.cuda.graph(graph):
             for name, call in (("forward", lambda: ptt.perturbed(op, theta)),
                                ("long forward", lambda: ptt.perturbed(long_op(), theta)),
+                               ("forward of a CUDA theta", lambda: ptt.perturbed(op, theta_cuda)),
                                ("VJP", lambda: y.backward(torch.ones_like(y)))):
                 try:
                     call()
@@ -162,7 +205,7 @@ def threads_check():
         ptt.perturbed(long_op(), theta_cuda)  # warm-up
     torch.cuda.synchronize()
     with torch.cuda.stream(busy):
-        torch.cuda._sleep(4_000_000_000)
+        torch.cuda._sleep(SLEEP_CYCLES)
     with torch.cuda.stream(side):
         y = ptt.perturbed(long_op(), theta_cuda)
         side.synchronize()
@@ -178,33 +221,51 @@ import ctypes, torch
 import perturbations as pt, perturbations.torch as ptt
 cuda = ctypes.CDLL("libcuda.so.1")
 theta = torch.randn(8, 100)
-op = pt.Op.builtin(pt.Config(num_samples=1000, sigma=0.5, device="cuda"), "argmax", 100)
-reference = ptt.perturbed(op, theta)  # (CUDA started, in the primary context)
+
+
+def op(seconds_per_row):
+    o = pt.Op.builtin(pt.Config(num_samples=1000, sigma=0.5, device="cuda"), "argmax", 100)
+    o._seconds_per_row = seconds_per_row  # short: this thread; long: the package's helper
+    return o
+
+
+reference = ptt.perturbed(op(1e-15), theta)  # (CUDA started, in the primary context)
 ctx, dev = ctypes.c_void_p(), ctypes.c_int()
 assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
 create = getattr(cuda, "cuCtxCreate_v4", None)
 code = (create(ctypes.byref(ctx), None, 0, dev) if create is not None
         else cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev))
 assert code == 0, f"cuCtxCreate returned {code}"
+for name, call in (("SHORT", lambda: ptt.perturbed(op(1e-15), theta)),
+                   ("CUDA", lambda: ptt.perturbed(op(1e-15), theta.to("cuda")))):
+    try:
+        call()
+        print(name, "values")
+    except pt.Error as e:
+        print(name, type(e).__name__, e)
 try:
-    ptt.perturbed(op, theta)
-    print("RESULT values")
+    print("LONG", torch.equal(ptt.perturbed(op(1.0), theta), reference))
 except pt.Error as e:
-    print("RESULT", type(e).__name__, e)
+    print("LONG", type(e).__name__, e)
 popped = ctypes.c_void_p()
 cuda.cuCtxPopCurrent_v2(ctypes.byref(popped))  # (not destroyed: torch may hold its memory)
-after = ptt.perturbed(op, theta)
-print("AFTER", after.shape == reference.shape)
+print("AFTER", torch.equal(ptt.perturbed(op(1e-15), theta), reference))
 """
 
 
 def context_check():
     out = subprocess.run([sys.executable, "-c", CONTEXT_CHILD], capture_output=True, text=True, timeout=120)
     text = out.stdout + out.stderr
-    result = [line for line in text.splitlines() if line.startswith("RESULT")]
-    ok = bool(result) and "DeviceUnavailableError" in result[0] and "context" in result[0]
-    check("context", ok, f"with a non-primary context current, refused: {result[0] if result else text[-600:]}")
-    check("context", "AFTER True" in text, "calls work again once that context is popped")
+    lines = {line.split(" ", 1)[0]: line for line in text.splitlines() if line.split(" ", 1)[0] in
+             ("SHORT", "CUDA", "LONG", "AFTER")}
+    for name, what in (("SHORT", "a call (host theta)"), ("CUDA", "a call of a CUDA theta (before its copy)")):
+        line = lines.get(name, "")
+        check("context", "DeviceUnavailableError" in line and "context" in line,
+              f"with a non-primary context current, {what} is refused: {line or text[-600:]}")
+    check("context", lines.get("LONG") == "LONG True",
+          f"a long call (the helper thread, where that context is not current) runs in the primary "
+          f"context, right: {lines.get('LONG') or text[-600:]}")
+    check("context", lines.get("AFTER") == "AFTER True", "calls work again once that context is popped")
 
 
 def hidden_check():

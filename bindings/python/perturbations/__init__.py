@@ -28,7 +28,8 @@ from .op import AimleState, Draw, ImleRecord, Op, Pool, SolveInfo, Tape
 
 __all__ = ["Config", "Op", "Tape", "Draw", "SolveInfo", "ImleRecord", "AimleState", "Pool", "Error", "NullArgumentError", "InvalidArgumentError",
            "NonFiniteInputError", "SolverFailedError", "DeviceUnavailableError", "TorchError", "PanicError",
-           "InterruptedCallError", "SenseWarning", "library_path", "version", "device_report"]
+           "InterruptedCallError", "SenseWarning", "library_path", "version", "device_report",
+           "cuda_check_thread"]
 __version__ = "0.1.0"
 LIBRARY_VERSION = _native.LIBRARY_VERSION
 
@@ -41,6 +42,16 @@ def library_path():
 def version():
     """The library's version string."""
     return _native.lib.pert_version().decode()
+
+
+def cuda_check_thread(device):
+    """Raises DeviceUnavailableError unless a call on CUDA device `device` (an index) can run
+    on this thread now (pert_cuda_check_thread): the device exists, torch's current stream
+    of it on this thread is not capturing a CUDA graph, and no CUDA context other than a
+    device's primary one (PyCUDA's, a torch green context) is current here. The package
+    checks this itself before it copies a CUDA tensor to the host for a call."""
+    from .errors import _check
+    _check(_native.lib.pert_cuda_check_thread(int(device)))
 
 
 def device_report():

@@ -39,6 +39,14 @@ def as_host(x, what):
             host = (x if x.is_contiguous() else x.contiguous()).numpy()
             if host.ctypes.data % 4 == 0:
                 return host, torch.from_numpy
+        if device.type == "cuda":
+            # refused here, as the library would refuse the call (a CUDA graph capture on
+            # the current stream, another library's CUDA context current), rather than by
+            # the copy below failing in the capture or running in the wrong context
+            from ._native import lib
+            from .errors import _check
+            _check(lib.pert_cuda_check_thread(device.index if device.index is not None
+                                              else torch.cuda.current_device()))
         host = np.require(x.to("cpu", torch.float32).contiguous().numpy(), np.float32, ["C", "A"])
 
         def back(a):

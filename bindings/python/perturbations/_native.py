@@ -100,6 +100,7 @@ _SIG = {
     "pert_status_name": ([ctypes.c_uint32], ctypes.c_char_p),
     "pert_last_error": ([ctypes.c_char_p, ctypes.c_size_t], ctypes.c_size_t),
     "pert_cuda_device_count": ([], ctypes.c_int32),
+    "pert_cuda_check_thread": ([ctypes.c_int32], ctypes.c_uint32),
     "pert_device_report": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)], ctypes.c_uint32),
     "pert_config_new": ([ctypes.POINTER(P)], ctypes.c_uint32),
     "pert_config_free": ([P], None),

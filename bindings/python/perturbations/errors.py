@@ -72,7 +72,9 @@ class SolverFailedError(Error, RuntimeError):
 
 
 class DeviceUnavailableError(Error, RuntimeError):
-    """The device asked for does not exist here (PERT_STATUS_DEVICE_UNAVAILABLE)."""
+    """The device asked for does not exist here, or cannot be used by this call now: a
+    process forked after CUDA started, a CUDA graph capture on the current stream, or a CUDA
+    context other than a primary one current on the thread (PERT_STATUS_DEVICE_UNAVAILABLE)."""
     code = 5
 
 

@@ -1049,13 +1049,16 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
 
 
 def _current_cuda_streams():
-    """This thread's current CUDA stream of each device, where torch has started CUDA (else
-    none): a call run on a helper thread runs on the caller's streams, as it would here
-    (and is refused as it would be here while one of them captures a CUDA graph)."""
+    """This thread's current CUDA streams other than the default ones, where torch has
+    started CUDA (else none): a call run on a helper thread runs on the caller's streams, as
+    it would here (and is refused as it would be here while one of them captures a CUDA
+    graph). Default streams are left out: the helper's are those, and setting one would
+    start CUDA on its device."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_initialized():
         return ()
-    return tuple(torch.cuda.current_stream(i) for i in range(torch.cuda.device_count()))
+    streams = (torch.cuda.current_stream(i) for i in range(torch.cuda.device_count()))
+    return tuple(s for s in streams if s.cuda_stream != 0)
 
 
 def _set_cuda_streams(streams):

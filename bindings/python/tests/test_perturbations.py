@@ -36,6 +36,23 @@ def test_device_report():
     assert sum(name.startswith("noise on cuda:") for name in lines) == devices
 
 
+def test_cuda_check_thread():
+    """OK for each device seen here; a device that does not exist (every one without a
+    GPU) is DeviceUnavailableError, a negative index InvalidArgumentError (a ValueError)."""
+    devices = _cuda_devices()
+    for d in range(devices):
+        pt.cuda_check_thread(d)
+    with pytest.raises(pt.DeviceUnavailableError, match="does not exist"):
+        pt.cuda_check_thread(devices)
+    with pytest.raises(pt.InvalidArgumentError, match="got -1"):
+        pt.cuda_check_thread(-1)
+
+
+def _cuda_devices():
+    lines = dict(line.split(": ", 1) for line in pt.device_report().splitlines())
+    return int(lines["CUDA devices seen by libtorch"].split()[0])
+
+
 def test_version_and_errors():
     assert pt.version().startswith("0.1.")
     with pytest.raises(pt.Error) as e:

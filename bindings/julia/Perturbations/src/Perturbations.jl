@@ -108,6 +108,17 @@ function device_report()
     end
 end
 
+"""
+    cuda_check_thread(device::Integer)
+
+Throws `PerturbationsError` (`DEVICE_UNAVAILABLE`) unless a call on CUDA device `device`
+(0-based, as the library counts) can run on this thread now (`pert_cuda_check_thread`):
+the device exists, libtorch's current stream of it on this thread is not capturing a CUDA
+graph, and no CUDA context other than a device's primary one (CUDA.jl's own, say) is
+current here. Every call on a CUDA op checks this itself.
+"""
+cuda_check_thread(device::Integer) = check(@ccall libperturbations.pert_cuda_check_thread(Int32(device)::Int32)::UInt32)
+
 function last_error()
     n = @ccall libperturbations.pert_last_error(C_NULL::Ptr{UInt8}, 0::Csize_t)::Csize_t
     buf = Vector{UInt8}(undef, n + 1)
