@@ -262,6 +262,98 @@ pub(crate) fn driver_library() -> Option<*mut std::ffi::c_void> {
     }
 }
 
+/// A CUDA driver API status (`CUresult`: 0 is success).
+pub(crate) type CuResult = std::ffi::c_int;
+/// A CUDA driver handle (`CUcontext`, `CUmodule`, `CUfunction`, `CUstream`).
+pub(crate) type CuHandle = *mut std::ffi::c_void;
+
+/// The CUDA driver API functions the library calls, with their documented C signatures
+/// (the `_v2` names are the current ABI of the context functions; `CUdevice` is an int).
+pub(crate) struct DriverApi {
+    pub cu_init: unsafe extern "C" fn(std::ffi::c_uint) -> CuResult,
+    pub cu_device_get: unsafe extern "C" fn(*mut std::ffi::c_int, std::ffi::c_int) -> CuResult,
+    pub cu_device_get_attribute:
+        unsafe extern "C" fn(*mut std::ffi::c_int, std::ffi::c_int, std::ffi::c_int) -> CuResult,
+    pub cu_primary_ctx_retain: unsafe extern "C" fn(*mut CuHandle, std::ffi::c_int) -> CuResult,
+    pub cu_primary_ctx_state: unsafe extern "C" fn(
+        std::ffi::c_int,
+        *mut std::ffi::c_uint,
+        *mut std::ffi::c_int,
+    ) -> CuResult,
+    pub cu_ctx_push: unsafe extern "C" fn(CuHandle) -> CuResult,
+    pub cu_ctx_pop: unsafe extern "C" fn(*mut CuHandle) -> CuResult,
+    pub cu_ctx_get_current: unsafe extern "C" fn(*mut CuHandle) -> CuResult,
+    pub cu_ctx_get_device: unsafe extern "C" fn(*mut std::ffi::c_int) -> CuResult,
+    pub cu_ctx_synchronize: unsafe extern "C" fn() -> CuResult,
+    pub cu_module_load_data:
+        unsafe extern "C" fn(*mut CuHandle, *const std::ffi::c_void) -> CuResult,
+    pub cu_module_get_function:
+        unsafe extern "C" fn(*mut CuHandle, CuHandle, *const std::ffi::c_char) -> CuResult,
+    #[allow(clippy::type_complexity)]
+    pub cu_launch_kernel: unsafe extern "C" fn(
+        CuHandle,
+        std::ffi::c_uint,
+        std::ffi::c_uint,
+        std::ffi::c_uint,
+        std::ffi::c_uint,
+        std::ffi::c_uint,
+        std::ffi::c_uint,
+        std::ffi::c_uint,
+        CuHandle,
+        *mut *mut std::ffi::c_void,
+        *mut *mut std::ffi::c_void,
+    ) -> CuResult,
+    /// `cuStreamIsCapturing(CUstream, CUstreamCaptureStatus *)`.
+    pub cu_stream_is_capturing: unsafe extern "C" fn(CuHandle, *mut std::ffi::c_int) -> CuResult,
+    /// `cuStreamGetCtx(CUstream, CUcontext *)`.
+    pub cu_stream_get_ctx: unsafe extern "C" fn(CuHandle, *mut CuHandle) -> CuResult,
+    /// `cuPointerGetAttribute(void *, CUpointer_attribute, CUdeviceptr)`.
+    pub cu_pointer_get_attribute:
+        unsafe extern "C" fn(*mut std::ffi::c_void, std::ffi::c_int, u64) -> CuResult,
+}
+
+// SAFETY: plain function pointers.
+unsafe impl Send for DriverApi {}
+unsafe impl Sync for DriverApi {}
+
+/// The driver's functions, looked up once (None without a driver, or where one is
+/// missing: every function here is in the CUDA 12 driver API).
+pub(crate) fn driver_api() -> Option<&'static DriverApi> {
+    // (no lock, as the library's other look-ups: a child forked during another thread's
+    // look-up never waits)
+    static API: OnceBox<Option<DriverApi>> = OnceBox::new();
+    API.get_or_init(|| Box::new(find_driver_api())).as_ref()
+}
+
+/// [`driver_api`]'s look-up.
+fn find_driver_api() -> Option<DriverApi> {
+    if !driver_present() {
+        return None;
+    }
+    let lib = driver_library()?;
+    // SAFETY: each symbol has the C signature of its field (see DriverApi).
+    unsafe {
+        Some(DriverApi {
+            cu_init: symbol(lib, c"cuInit")?,
+            cu_device_get: symbol(lib, c"cuDeviceGet")?,
+            cu_device_get_attribute: symbol(lib, c"cuDeviceGetAttribute")?,
+            cu_primary_ctx_retain: symbol(lib, c"cuDevicePrimaryCtxRetain")?,
+            cu_primary_ctx_state: symbol(lib, c"cuDevicePrimaryCtxGetState")?,
+            cu_ctx_push: symbol(lib, c"cuCtxPushCurrent_v2")?,
+            cu_ctx_pop: symbol(lib, c"cuCtxPopCurrent_v2")?,
+            cu_ctx_get_current: symbol(lib, c"cuCtxGetCurrent")?,
+            cu_ctx_get_device: symbol(lib, c"cuCtxGetDevice")?,
+            cu_ctx_synchronize: symbol(lib, c"cuCtxSynchronize")?,
+            cu_module_load_data: symbol(lib, c"cuModuleLoadData")?,
+            cu_module_get_function: symbol(lib, c"cuModuleGetFunction")?,
+            cu_launch_kernel: symbol(lib, c"cuLaunchKernel")?,
+            cu_stream_is_capturing: symbol(lib, c"cuStreamIsCapturing")?,
+            cu_stream_get_ctx: symbol(lib, c"cuStreamGetCtx")?,
+            cu_pointer_get_attribute: symbol(lib, c"cuPointerGetAttribute")?,
+        })
+    }
+}
+
 /// Whether this process is a child forked after its parent (or an ancestor) started the
 /// CUDA driver through this library (cuInit, or the runtime's device count, which calls
 /// it): CUDA cannot be used in such a child. Loading libtorch_cuda alone does not count.

@@ -15,13 +15,11 @@
 //! makes [`sample`] answer `None` and the caller uses the libtorch operations: slower, the
 //! same values.
 
-use crate::cuda_libraries::symbol;
 use crate::error::{Error, Result, Status};
 use crate::rng::Stream;
-use once_cell::race::OnceBox;
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::ffi::{c_int, c_uint, c_void};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -82,7 +80,7 @@ extern "C" __global__ void pert_noise(float *__restrict__ out, unsigned long lon
 }
 "#;
 
-type CuResult = c_int;
+use crate::cuda_libraries::CuResult;
 type CuDevice = c_int;
 type CuContext = *mut c_void;
 type CuModule = *mut c_void;
@@ -90,63 +88,16 @@ type CuFunction = *mut c_void;
 
 /// The driver and NVRTC functions the kernel needs.
 struct Api {
-    cu_init: unsafe extern "C" fn(c_uint) -> CuResult,
-    cu_device_get: unsafe extern "C" fn(*mut CuDevice, c_int) -> CuResult,
-    cu_device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, CuDevice) -> CuResult,
-    cu_primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, CuDevice) -> CuResult,
-    cu_ctx_push: unsafe extern "C" fn(CuContext) -> CuResult,
-    cu_ctx_pop: unsafe extern "C" fn(*mut CuContext) -> CuResult,
-    cu_ctx_synchronize: unsafe extern "C" fn() -> CuResult,
-    cu_module_load_data: unsafe extern "C" fn(*mut CuModule, *const c_void) -> CuResult,
-    cu_module_get_function:
-        unsafe extern "C" fn(*mut CuFunction, CuModule, *const c_char) -> CuResult,
-    #[allow(clippy::type_complexity)]
-    cu_launch_kernel: unsafe extern "C" fn(
-        CuFunction,
-        c_uint,
-        c_uint,
-        c_uint,
-        c_uint,
-        c_uint,
-        c_uint,
-        c_uint,
-        *mut c_void,
-        *mut *mut c_void,
-        *mut *mut c_void,
-    ) -> CuResult,
+    driver: &'static crate::cuda_libraries::DriverApi,
     nvrtc: &'static crate::nvrtc::Nvrtc,
 }
 
-/// The driver API and NVRTC, loaded once (None when either is missing).
-fn api() -> Option<&'static Api> {
-    // (no lock, as nvrtc(): a child forked during another thread's look-up never waits)
-    static API: OnceBox<Option<Api>> = OnceBox::new();
-    API.get_or_init(|| Box::new(find_api())).as_ref()
-}
-
-/// [`api`]'s look-up.
-fn find_api() -> Option<Api> {
-    if !crate::cuda_libraries::driver_present() {
-        return None;
-    }
-    let lib = crate::cuda_libraries::driver_library()?;
-    // SAFETY: the functions have the CUDA driver API's documented C signatures (the _v2
-    // names are the current ABI of the context functions).
-    unsafe {
-        Some(Api {
-            cu_init: symbol(lib, c"cuInit")?,
-            cu_device_get: symbol(lib, c"cuDeviceGet")?,
-            cu_device_get_attribute: symbol(lib, c"cuDeviceGetAttribute")?,
-            cu_primary_ctx_retain: symbol(lib, c"cuDevicePrimaryCtxRetain")?,
-            cu_ctx_push: symbol(lib, c"cuCtxPushCurrent_v2")?,
-            cu_ctx_pop: symbol(lib, c"cuCtxPopCurrent_v2")?,
-            cu_ctx_synchronize: symbol(lib, c"cuCtxSynchronize")?,
-            cu_module_load_data: symbol(lib, c"cuModuleLoadData")?,
-            cu_module_get_function: symbol(lib, c"cuModuleGetFunction")?,
-            cu_launch_kernel: symbol(lib, c"cuLaunchKernel")?,
-            nvrtc: crate::nvrtc::nvrtc()?,
-        })
-    }
+/// The driver API and NVRTC (None when either is missing).
+fn api() -> Option<Api> {
+    Some(Api {
+        driver: crate::cuda_libraries::driver_api()?,
+        nvrtc: crate::nvrtc::nvrtc()?,
+    })
 }
 
 /// The kernel on one device: its primary context and function.
@@ -213,28 +164,28 @@ fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
     // only around the module calls and popped on every path.
     unsafe {
         crate::cuda_libraries::mark_cuda_started(); // (before: see the function)
-        check("cuInit", (api.cu_init)(0))?;
+        check("cuInit", (api.driver.cu_init)(0))?;
         let mut device: CuDevice = 0;
         check(
             "cuDeviceGet",
-            (api.cu_device_get)(&mut device, index as c_int),
+            (api.driver.cu_device_get)(&mut device, index as c_int),
         )?;
         let (mut major, mut minor) = (0, 0);
         // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
         check(
             "cuDeviceGetAttribute",
-            (api.cu_device_get_attribute)(&mut major, 75, device),
+            (api.driver.cu_device_get_attribute)(&mut major, 75, device),
         )?;
         check(
             "cuDeviceGetAttribute",
-            (api.cu_device_get_attribute)(&mut minor, 76, device),
+            (api.driver.cu_device_get_attribute)(&mut minor, 76, device),
         )?;
         let mut context: CuContext = std::ptr::null_mut();
         check(
             "cuDevicePrimaryCtxRetain",
-            (api.cu_primary_ctx_retain)(&mut context, device),
+            (api.driver.cu_primary_ctx_retain)(&mut context, device),
         )?;
-        check("cuCtxPushCurrent", (api.cu_ctx_push)(context))?;
+        check("cuCtxPushCurrent", (api.driver.cu_ctx_push)(context))?;
         // the device's own code first (nothing for the driver to compile: a driver older
         // than this NVRTC runs it), else PTX for the driver to compile
         let module_of = |image: &[u8]| -> std::result::Result<CuFunction, String> {
@@ -242,11 +193,11 @@ fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
             let mut function: CuFunction = std::ptr::null_mut();
             check(
                 "cuModuleLoadData",
-                (api.cu_module_load_data)(&mut module, image.as_ptr().cast()),
+                (api.driver.cu_module_load_data)(&mut module, image.as_ptr().cast()),
             )?;
             check(
                 "cuModuleGetFunction",
-                (api.cu_module_get_function)(&mut function, module, c"pert_noise".as_ptr()),
+                (api.driver.cu_module_get_function)(&mut function, module, c"pert_noise".as_ptr()),
             )?;
             Ok(function)
         };
@@ -271,7 +222,7 @@ fn load(api: &Api, index: usize) -> std::result::Result<Loaded, String> {
             },
         };
         let mut popped: CuContext = std::ptr::null_mut();
-        (api.cu_ctx_pop)(&mut popped);
+        (api.driver.cu_ctx_pop)(&mut popped);
         loaded.map(|(function, form)| Loaded {
             launcher: Launcher { context, function },
             form,
@@ -286,7 +237,7 @@ const NO_API: &str = "no CUDA driver API or no NVRTC found";
 /// why it does not run there.
 pub(crate) fn status(index: usize) -> std::result::Result<String, String> {
     let api = api().ok_or(NO_API)?;
-    kernel(api, index, |k| {
+    kernel(&api, index, |k| {
         k.as_ref().map(|l| l.form.clone()).map_err(Clone::clone)
     })
 }
@@ -309,7 +260,7 @@ pub(crate) fn sample(
         warn_fallback(NO_API);
         return None;
     };
-    let launcher = kernel(api, index, |k| match k {
+    let launcher = kernel(&api, index, |k| match k {
         Ok(loaded) => Some(loaded.launcher),
         Err(why) => {
             warn_fallback(&format!("cuda:{index}: {why}"));
@@ -343,7 +294,7 @@ pub(crate) fn sample(
     let words = (stream.key(), stream.id());
     Some(
         launch(
-            api,
+            &api,
             launcher,
             cuda_stream,
             (&out, first, count),
@@ -417,11 +368,11 @@ fn launch(
     // device is synchronized before and after it. The parameters match the kernel's
     // signature and outlive the launch call (which copies them).
     unsafe {
-        let code = (api.cu_ctx_push)(loaded.context);
+        let code = (api.driver.cu_ctx_push)(loaded.context);
         if code != 0 {
             return Err(fail("cuCtxPushCurrent", code));
         }
-        let sync = || match (api.cu_ctx_synchronize)() {
+        let sync = || match (api.driver.cu_ctx_synchronize)() {
             0 => Ok(()),
             code => Err(fail("cuCtxSynchronize", code)),
         };
@@ -429,7 +380,7 @@ fn launch(
             if cuda_stream.is_none() {
                 sync()?;
             }
-            let code = (api.cu_launch_kernel)(
+            let code = (api.driver.cu_launch_kernel)(
                 loaded.function,
                 grid,
                 1,
@@ -451,7 +402,7 @@ fn launch(
             Ok(())
         })();
         let mut popped: CuContext = std::ptr::null_mut();
-        (api.cu_ctx_pop)(&mut popped);
+        (api.driver.cu_ctx_pop)(&mut popped);
         result
     }
 }

@@ -42,25 +42,16 @@ pub(crate) const CURRENT_STREAM_SYMBOL: &std::ffi::CStr = c"_ZN3c104cuda20getCur
 /// `c10::cuda::CUDAStream::stream() const`, mangled.
 pub(crate) const STREAM_HANDLE_SYMBOL: &std::ffi::CStr = c"_ZNK3c104cuda10CUDAStream6streamEv";
 
-/// libtorch's two stream functions and the driver's stream questions.
+/// libtorch's two stream functions, and the driver's.
 struct Functions {
     current: unsafe extern "C" fn(i8) -> C10Stream,
     handle: unsafe extern "C" fn(*const C10Stream) -> CuStream,
-    /// `cuStreamIsCapturing(CUstream, CUstreamCaptureStatus *)`.
-    is_capturing: unsafe extern "C" fn(CuStream, *mut c_int) -> c_int,
-    /// `cuStreamGetCtx(CUstream, CUcontext *)`.
-    context_of_stream: unsafe extern "C" fn(CuStream, *mut *mut c_void) -> c_int,
-    /// `cuPointerGetAttribute(void *, CUpointer_attribute, CUdeviceptr)`.
-    pointer_attribute: unsafe extern "C" fn(*mut c_void, c_int, u64) -> c_int,
-    /// `cuCtxGetCurrent(CUcontext *)`.
-    current_context: unsafe extern "C" fn(*mut *mut c_void) -> c_int,
-    /// `cuCtxGetDevice(CUdevice *)`: the current context's device.
-    context_device: unsafe extern "C" fn(*mut c_int) -> c_int,
-    /// `cuDevicePrimaryCtxGetState(CUdevice, unsigned *, int *)`.
-    primary_state: unsafe extern "C" fn(c_int, *mut std::ffi::c_uint, *mut c_int) -> c_int,
-    /// `cuDevicePrimaryCtxRetain(CUcontext *, CUdevice)`.
-    primary_retain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> c_int,
+    driver: &'static crate::cuda_libraries::DriverApi,
 }
+
+// SAFETY: plain function pointers.
+unsafe impl Send for Functions {}
+unsafe impl Sync for Functions {}
 
 extern "C" {
     /// src/cuda_stream_shim.cpp: `handle(&current(index))` with libtorch's exceptions
@@ -72,10 +63,6 @@ extern "C" {
         out: *mut CuStream,
     ) -> c_int;
 }
-
-// SAFETY: plain function pointers.
-unsafe impl Send for Functions {}
-unsafe impl Sync for Functions {}
 
 /// The functions, once libc10_cuda.so is loaded (None before, and where a symbol is
 /// missing; asked again then, as libtorch_cuda may be loaded later).
@@ -97,17 +84,10 @@ fn functions() -> Option<&'static Functions> {
         if c10.is_null() {
             return None;
         }
-        let driver = crate::cuda_libraries::driver_library()?;
         Functions {
             current: symbol(c10, CURRENT_STREAM_SYMBOL)?,
             handle: symbol(c10, STREAM_HANDLE_SYMBOL)?,
-            is_capturing: symbol(driver, c"cuStreamIsCapturing")?,
-            context_of_stream: symbol(driver, c"cuStreamGetCtx")?,
-            pointer_attribute: symbol(driver, c"cuPointerGetAttribute")?,
-            current_context: symbol(driver, c"cuCtxGetCurrent")?,
-            context_device: symbol(driver, c"cuCtxGetDevice")?,
-            primary_state: symbol(driver, c"cuDevicePrimaryCtxGetState")?,
-            primary_retain: symbol(driver, c"cuDevicePrimaryCtxRetain")?,
+            driver: crate::cuda_libraries::driver_api()?,
         }
     };
     Some(FUNCTIONS.get_or_init(|| Box::new(found)))
@@ -160,8 +140,9 @@ pub(crate) fn context_of_pointer(pointer: u64) -> Option<*mut c_void> {
     let mut context: *mut c_void = std::ptr::null_mut();
     // CU_POINTER_ATTRIBUTE_CONTEXT = 1: writes a CUcontext
     // SAFETY: the attribute's documented output type, a pointer-sized handle.
-    let code =
-        unsafe { (f.pointer_attribute)((&mut context as *mut *mut c_void).cast(), 1, pointer) };
+    let code = unsafe {
+        (f.driver.cu_pointer_get_attribute)((&mut context as *mut *mut c_void).cast(), 1, pointer)
+    };
     (code == 0 && !context.is_null()).then_some(context)
 }
 
@@ -174,7 +155,7 @@ pub(crate) fn context_of_stream(stream: CuStream) -> Option<*mut c_void> {
     let f = functions()?;
     let mut context: *mut c_void = std::ptr::null_mut();
     // SAFETY: a stream handle libtorch gave; the output is one CUcontext.
-    let code = unsafe { (f.context_of_stream)(stream, &mut context) };
+    let code = unsafe { (f.driver.cu_stream_get_ctx)(stream, &mut context) };
     (code == 0 && !context.is_null()).then_some(context)
 }
 
@@ -223,7 +204,7 @@ pub(crate) fn check_usable(device: Device) -> Result<()> {
     }
     let mut status: c_int = 0;
     // SAFETY: a stream handle libtorch gave; the output is one CUstreamCaptureStatus.
-    let code = unsafe { (f.is_capturing)(stream, &mut status) };
+    let code = unsafe { (f.driver.cu_stream_is_capturing)(stream, &mut status) };
     // CU_STREAM_CAPTURE_STATUS_NONE = 0, _ACTIVE = 1, _INVALIDATED = 2
     let why = match (code, status) {
         (0, 0) => return Ok(()),
@@ -254,15 +235,15 @@ fn foreign_context(f: &Functions) -> Option<*mut c_void> {
     let mut context: *mut c_void = std::ptr::null_mut();
     // SAFETY: driver calls with valid out-pointers, each writing one value of its type.
     unsafe {
-        if (f.current_context)(&mut context) != 0 || context.is_null() {
+        if (f.driver.cu_ctx_get_current)(&mut context) != 0 || context.is_null() {
             return None;
         }
         let mut device: c_int = 0;
-        if (f.context_device)(&mut device) != 0 {
+        if (f.driver.cu_ctx_get_device)(&mut device) != 0 {
             return None;
         }
         let (mut flags, mut active): (std::ffi::c_uint, c_int) = (0, 0);
-        if (f.primary_state)(device, &mut flags, &mut active) != 0 {
+        if (f.driver.cu_primary_ctx_state)(device, &mut flags, &mut active) != 0 {
             return None;
         }
         if active == 0 {
@@ -289,7 +270,7 @@ fn primary(f: &Functions, device: c_int) -> Option<*mut c_void> {
     let mut context: *mut c_void = std::ptr::null_mut();
     // SAFETY: a valid out-pointer; the device's primary context is active (the caller
     // checked), so retaining it only counts a reference (two racing threads count two).
-    if unsafe { (f.primary_retain)(&mut context, device) } != 0 || context.is_null() {
+    if unsafe { (f.driver.cu_primary_ctx_retain)(&mut context, device) } != 0 || context.is_null() {
         return None;
     }
     slot.store(context, Ordering::Release);
