@@ -787,13 +787,19 @@ int32_t pert_cuda_device_count(void);
  a refused call would make useless, such as copying a CUDA tensor to the host for the
  call (the C++ adapter and the Python package do). Any thread.
 
- @return `PERT_STATUS_DEVICE_UNAVAILABLE` when there is no such CUDA device, when
-         libtorch's current stream of that device on this thread is capturing a CUDA
-         graph (a call cannot be captured: it reads results on the host and calls host
+ On a machine with a CUDA driver this loads libtorch's CUDA libraries, as
+ `pert_cuda_device_count` does; it starts no CUDA context.
+
+ @return `PERT_STATUS_DEVICE_UNAVAILABLE` when there is no such CUDA device, in a child
+         forked after its parent started CUDA, when libtorch's current stream of that
+         device on this thread is capturing a CUDA graph or is in an invalidated capture
+         (a call cannot be captured: it reads results on the host and calls host
          solvers), or when a CUDA context other than a device's primary context is current
          on this thread (another library's, such as PyCUDA's, or a torch green context:
          libtorch and this library work in the devices' primary contexts);
-         `PERT_STATUS_INVALID_ARGUMENT` when `device` is negative.
+         `PERT_STATUS_TORCH_ERROR` when libtorch cannot give its current stream (or the
+         driver cannot say whether it captures); `PERT_STATUS_INVALID_ARGUMENT` when
+         `device` is negative.
  */
 pert_status pert_cuda_check_thread(int32_t device);
 

@@ -74,8 +74,8 @@ fn functions() -> Option<&'static Functions> {
         return Some(f);
     }
     // SAFETY: dlopen only finds a library already loaded (libtorch_cuda's dependency);
-    // handles are never closed. The symbols have these C signatures: libtorch's, by the
-    // layout above (the member function takes `this` first); the driver's, documented.
+    // handles are never closed. libtorch's symbols have these C signatures, by the layout
+    // above (the member function takes `this` first).
     let found = unsafe {
         let c10 = libc::dlopen(
             c"libc10_cuda.so".as_ptr(),
@@ -118,9 +118,16 @@ pub(crate) fn current(index: usize) -> Result<Option<CuStream>> {
     let device = i8::try_from(index)
         .map_err(|_| Error::invalid(format!("CUDA device index {index} is out of range")))?;
     let mut stream: CuStream = std::ptr::null_mut();
+    // the device's primary context current around the call, where it is active: libtorch's
+    // first use of its streams starts the CUDA runtime, which would otherwise take (and
+    // start) the primary context of this thread's current device
+    let pushed = active_primary(f, index).map(|context| Pushed::new(f, context));
     // SAFETY: libtorch's functions with their C signatures (module doc), called by the
     // shim, which catches what they throw; `stream` is one handle for it to write.
-    match unsafe { perturbations_shim_current_stream(f.current, f.handle, device, &mut stream) } {
+    let code =
+        unsafe { perturbations_shim_current_stream(f.current, f.handle, device, &mut stream) };
+    drop(pushed);
+    match code {
         0 => Ok(Some(stream)),
         _ => Err(Error::new(
             Status::TorchError,
@@ -193,18 +200,26 @@ pub(crate) fn check_usable(device: Device) -> Result<()> {
             ),
         ));
     }
+    // a device whose primary context has not started has nothing of libtorch's on it (and
+    // is not started here)
+    let Some(primary) = active_primary(f, index) else {
+        return Ok(());
+    };
     let Some(stream) = current(index)? else {
         return Ok(());
     };
-    // the legacy default stream never captures (nor do the pseudo-handles
-    // cudaStreamLegacy, 0x1, and cudaStreamPerThread, 0x2, that torch.cuda.ExternalStream
-    // may wrap, which the driver resolves only in a current context)
-    if (stream as usize) <= 2 {
+    // the legacy default stream (NULL, or the pseudo-handle cudaStreamLegacy, 0x1) never
+    // captures; the per-thread default stream (cudaStreamPerThread, 0x2, which
+    // torch.cuda.ExternalStream may wrap) can, and is resolved in the current context
+    if (stream as usize) <= 1 {
         return Ok(());
     }
     let mut status: c_int = 0;
-    // SAFETY: a stream handle libtorch gave; the output is one CUstreamCaptureStatus.
+    let pushed = ((stream as usize) == 2).then(|| Pushed::new(f, primary));
+    // SAFETY: a stream handle libtorch gave (the per-thread one with its device's primary
+    // context current); the output is one CUstreamCaptureStatus.
     let code = unsafe { (f.driver.cu_stream_is_capturing)(stream, &mut status) };
+    drop(pushed);
     // CU_STREAM_CAPTURE_STATUS_NONE = 0, _ACTIVE = 1, _INVALIDATED = 2
     let why = match (code, status) {
         (0, 0) => return Ok(()),
@@ -250,6 +265,39 @@ fn foreign_context(f: &Functions) -> Option<*mut c_void> {
             return Some(context); // (the primary context is not even started)
         }
         (primary(f, device)? != context).then_some(context)
+    }
+}
+
+/// CUDA device `index`'s primary context when it is active (started), else None (also
+/// where the driver cannot tell). The driver's device numbers are the runtime's.
+fn active_primary(f: &Functions, index: usize) -> Option<*mut c_void> {
+    let device = c_int::try_from(index).ok()?;
+    let (mut flags, mut active): (std::ffi::c_uint, c_int) = (0, 0);
+    // SAFETY: valid out-pointers, each written with one value of its type.
+    let code = unsafe { (f.driver.cu_primary_ctx_state)(device, &mut flags, &mut active) };
+    (code == 0 && active != 0)
+        .then(|| primary(f, device))
+        .flatten()
+}
+
+/// A context pushed on this thread, popped when dropped.
+struct Pushed<'a>(&'a Functions, bool);
+
+impl<'a> Pushed<'a> {
+    fn new(f: &'a Functions, context: *mut c_void) -> Pushed<'a> {
+        // SAFETY: an active primary context, retained (so alive); pushing it makes it
+        // current on this thread until the pop below.
+        Pushed(f, unsafe { (f.driver.cu_ctx_push)(context) } == 0)
+    }
+}
+
+impl Drop for Pushed<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            let mut popped: *mut c_void = std::ptr::null_mut();
+            // SAFETY: pops the context this guard pushed on this thread.
+            unsafe { (self.0.driver.cu_ctx_pop)(&mut popped) };
+        }
     }
 }
 

@@ -194,14 +194,25 @@ fn auto_device(host_solver: bool, cuda_devices: usize) -> Device {
 }
 
 /// Whether a call on CUDA device `index` can run on this thread now: fails
-/// (DEVICE_UNAVAILABLE) when there is no such device, when libtorch's current stream of
-/// that device on this thread is capturing a CUDA graph, or when a CUDA context other than
-/// a device's primary context is current on this thread (PyCUDA's, a torch green
-/// context's). Every call on a CUDA op checks this itself before it enqueues anything; a
+/// (DEVICE_UNAVAILABLE) when there is no such device, in a child forked after its parent
+/// started CUDA, when libtorch's current stream of that device on this thread is capturing
+/// a CUDA graph (or in an invalidated capture), or when a CUDA context other than a
+/// device's primary context is current on this thread (PyCUDA's, a torch green
+/// context's); TORCH_ERROR when libtorch cannot give its current stream. On a machine with
+/// a CUDA driver this loads libtorch's CUDA libraries (as [`cuda_device_count`]); it
+/// starts no CUDA context. Every call on a CUDA op checks this itself before it enqueues anything; a
 /// binding that copies a CUDA tensor to the host for a call (as the Python package and the
 /// C++ adapter do) checks it first, so that the copy is not what fails, or runs in the
 /// wrong context.
 pub fn check_cuda_thread(index: usize) -> Result<()> {
+    if cuda_libraries::forked_after_cuda() {
+        return Err(Error::new(
+            Status::DeviceUnavailable,
+            "this process was forked from one that had started CUDA, and CUDA cannot be used \
+             in such a child (an \"auto\" built-in op made before the fork runs its calls on \
+             the CPU; make CUDA ops in the child, or start it with spawn)",
+        ));
+    }
     let count = cuda_device_count();
     if index >= count {
         return Err(Error::new(

@@ -184,6 +184,9 @@ static int child_after_cuda(void *arg) {
   pert_imle_free(record);
   if (failed) return 9;
   if (pert_op_solve(ops[1], x, B, y) != PERT_STATUS_DEVICE_UNAVAILABLE) return 10;
+  /* and the thread check says so (the bindings ask it before copying a CUDA tensor) */
+  if (pert_cuda_check_thread(0) != PERT_STATUS_DEVICE_UNAVAILABLE) return 11;
+  if (!last_error_contains("forked from one that had started CUDA")) return 12;
   return 0;
 }
 

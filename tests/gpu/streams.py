@@ -13,8 +13,8 @@ the exit status is the number of checks that failed (0: all passed).
              and is refused under capture as a short one
   context    in a child process, with a non-primary CUDA context current (as PyCUDA makes):
              a call is refused (DEVICE_UNAVAILABLE naming the context), a CUDA theta before
-             its copy to the host too; a long call (the package's helper thread, where that
-             context is not current) runs in the primary context with the right values
+             its copy to the host too, and a long call (the package checks the calling
+             thread before it hands the call to its helper thread)
   hidden     with CUDA_VISIBLE_DEVICES="", a "cuda" op fails naming the variable, and the
              device report says why no device is seen
 """
@@ -230,6 +230,8 @@ def op(seconds_per_row):
 
 
 reference = ptt.perturbed(op(1e-15), theta)  # (CUDA started, in the primary context)
+theta_cuda = theta.to("cuda")  # (made before the other context is current)
+torch.cuda.synchronize()
 ctx, dev = ctypes.c_void_p(), ctypes.c_int()
 assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
 create = getattr(cuda, "cuCtxCreate_v4", None)
@@ -237,15 +239,15 @@ code = (create(ctypes.byref(ctx), None, 0, dev) if create is not None
         else cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev))
 assert code == 0, f"cuCtxCreate returned {code}"
 for name, call in (("SHORT", lambda: ptt.perturbed(op(1e-15), theta)),
-                   ("CUDA", lambda: ptt.perturbed(op(1e-15), theta.to("cuda")))):
+                   ("CUDA", lambda: ptt.perturbed(op(1e-15), theta_cuda))):
     try:
         call()
         print(name, "values")
-    except pt.Error as e:
+    except Exception as e:
         print(name, type(e).__name__, e)
 try:
     print("LONG", torch.equal(ptt.perturbed(op(1.0), theta), reference))
-except pt.Error as e:
+except Exception as e:
     print("LONG", type(e).__name__, e)
 popped = ctypes.c_void_p()
 cuda.cuCtxPopCurrent_v2(ctypes.byref(popped))  # (not destroyed: torch may hold its memory)
@@ -262,9 +264,9 @@ def context_check():
         line = lines.get(name, "")
         check("context", "DeviceUnavailableError" in line and "context" in line,
               f"with a non-primary context current, {what} is refused: {line or text[-600:]}")
-    check("context", lines.get("LONG") == "LONG True",
-          f"a long call (the helper thread, where that context is not current) runs in the primary "
-          f"context, right: {lines.get('LONG') or text[-600:]}")
+    line = lines.get("LONG", "")
+    check("context", "DeviceUnavailableError" in line and "context" in line,
+          f"a long call (made by the package's helper thread) is refused as well: {line or text[-600:]}")
     check("context", lines.get("AFTER") == "AFTER True", "calls work again once that context is popped")
 
 

@@ -46,12 +46,16 @@ def version():
 
 def cuda_check_thread(device):
     """Raises DeviceUnavailableError unless a call on CUDA device `device` (an index) can run
-    on this thread now (pert_cuda_check_thread): the device exists, torch's current stream
-    of it on this thread is not capturing a CUDA graph, and no CUDA context other than a
-    device's primary one (PyCUDA's, a torch green context) is current here. The package
+    on this thread now (pert_cuda_check_thread): the device exists, this is not a child
+    forked after CUDA started, torch's current stream of it on this thread is not capturing
+    a CUDA graph, and no CUDA context other than a device's primary one (PyCUDA's, a torch
+    green context) is current here. The package
     checks this itself before it copies a CUDA tensor to the host for a call."""
-    from .errors import _check
-    _check(_native.lib.pert_cuda_check_thread(int(device)))
+    from .errors import InvalidArgumentError, _check
+    device = int(device)
+    if not -2**31 <= device < 2**31:
+        raise InvalidArgumentError(2, f"device must be a CUDA device index >= 0, got {device}")
+    _check(_native.lib.pert_cuda_check_thread(device))
 
 
 def device_report():

@@ -32,6 +32,15 @@ def as_host(x, what):
         if x.dtype.is_complex:
             raise InvalidArgumentError(2, f"{what} must hold real numbers, got a tensor of {x.dtype}")
         device = x.device
+        if device.type == "cuda":
+            # refused here, as the library would refuse the call (a CUDA graph capture on
+            # the current stream, another library's CUDA context current), before any CUDA
+            # work of this package's (the copy below would fail in the capture, or run in
+            # the wrong context)
+            from ._native import lib
+            from .errors import _check
+            _check(lib.pert_cuda_check_thread(device.index if device.index is not None
+                                              else torch.cuda.current_device()))
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
         x = x.detach().resolve_neg()  # (a negative view's values, not its memory's)
         if x.dtype == torch.float32 and device.type == "cpu":
@@ -39,14 +48,6 @@ def as_host(x, what):
             host = (x if x.is_contiguous() else x.contiguous()).numpy()
             if host.ctypes.data % 4 == 0:
                 return host, torch.from_numpy
-        if device.type == "cuda":
-            # refused here, as the library would refuse the call (a CUDA graph capture on
-            # the current stream, another library's CUDA context current), rather than by
-            # the copy below failing in the capture or running in the wrong context
-            from ._native import lib
-            from .errors import _check
-            _check(lib.pert_cuda_check_thread(device.index if device.index is not None
-                                              else torch.cuda.current_device()))
         host = np.require(x.to("cpu", torch.float32).contiguous().numpy(), np.float32, ["C", "A"])
 
         def back(a):

@@ -998,6 +998,11 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
     call; the first exception raised here meanwhile (a KeyboardInterrupt of Ctrl-C, or
     what another signal handler raises) interrupts the op's calls, again every 5 ms until
     this one has ended (it may not have started yet), and is raised after."""
+    # the checks the library makes of the calling thread (a CUDA graph capture, another
+    # library's CUDA context current), made here: the helper thread is not this one
+    cuda = _cuda_index(op)
+    if cuda is not None:
+        _check(lib.pert_cuda_check_thread(cuda))
     box = {}
     done = threading.Lock()  # held while the call runs: released by the helper at its end
     done.acquire()
@@ -1048,6 +1053,22 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
     return box["result"]
 
 
+def _cuda_index(op):
+    """The CUDA device a long call of `op` computes on, where torch has started CUDA in
+    this process (None otherwise, or for an op on the CPU): "cuda" or "cuda:N" ops, and
+    "auto" built-ins, which go to CUDA device 0 when there is one (their small calls run on
+    the CPU, but a long call is not small)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    device = str(op._settings.get("device", "auto"))
+    if device.startswith("cuda"):
+        return int(device.split(":", 1)[1]) if ":" in device else 0
+    if device == "auto" and op._recipe[0] == "builtin" and lib.pert_cuda_device_count() > 0:
+        return 0
+    return None
+
+
 def _current_cuda_streams():
     """This thread's current CUDA streams other than the default ones, where torch has
     started CUDA (else none): a call run on a helper thread runs on the caller's streams, as
@@ -1058,7 +1079,10 @@ def _current_cuda_streams():
     if torch is None or not torch.cuda.is_initialized():
         return ()
     streams = (torch.cuda.current_stream(i) for i in range(torch.cuda.device_count()))
-    return tuple(s for s in streams if s.cuda_stream != 0)
+    # (the legacy stream's handles, 0 and 0x1, and the per-thread default stream, 0x2, which
+    # on the helper would be the helper's own: there the legacy stream, which is ordered
+    # with every thread's per-thread default stream, stands for them)
+    return tuple(s for s in streams if s.cuda_stream not in (0, 1, 2))
 
 
 def _set_cuda_streams(streams):

@@ -113,9 +113,10 @@ end
 
 Throws `PerturbationsError` (`DEVICE_UNAVAILABLE`) unless a call on CUDA device `device`
 (0-based, as the library counts) can run on this thread now (`pert_cuda_check_thread`):
-the device exists, libtorch's current stream of it on this thread is not capturing a CUDA
-graph, and no CUDA context other than a device's primary one (CUDA.jl's own, say) is
-current here. Every call on a CUDA op checks this itself.
+the device exists, this is not a child forked after CUDA started, libtorch's current
+stream of it on this thread is not capturing a CUDA graph, and no CUDA context other than
+a device's primary one (PyCUDA's, a torch green context; CUDA.jl uses the primary
+contexts) is current here. Every call on a CUDA op checks this itself.
 """
 cuda_check_thread(device::Integer) = check(@ccall libperturbations.pert_cuda_check_thread(Int32(device)::Int32)::UInt32)
 
