@@ -791,7 +791,8 @@ int32_t pert_cuda_device_count(void);
  `pert_cuda_device_count` does; it starts no CUDA context.
 
  @return `PERT_STATUS_DEVICE_UNAVAILABLE` when there is no such CUDA device, in a child
-         forked after its parent started CUDA, when libtorch's current stream of that
+         forked after its parent started CUDA through this library (a child of a parent
+         whose CUDA something else started fails in the call), when libtorch's current stream of that
          device on this thread is capturing a CUDA graph or is in an invalidated capture
          (a call cannot be captured: it reads results on the host and calls host
          solvers), or when a CUDA context other than a device's primary context is current

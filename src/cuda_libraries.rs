@@ -275,6 +275,7 @@ pub(crate) struct DriverApi {
     pub cu_device_get_attribute:
         unsafe extern "C" fn(*mut std::ffi::c_int, std::ffi::c_int, std::ffi::c_int) -> CuResult,
     pub cu_primary_ctx_retain: unsafe extern "C" fn(*mut CuHandle, std::ffi::c_int) -> CuResult,
+    pub cu_primary_ctx_release: unsafe extern "C" fn(std::ffi::c_int) -> CuResult,
     pub cu_primary_ctx_state: unsafe extern "C" fn(
         std::ffi::c_int,
         *mut std::ffi::c_uint,
@@ -338,6 +339,7 @@ fn find_driver_api() -> Option<DriverApi> {
             cu_device_get: symbol(lib, c"cuDeviceGet")?,
             cu_device_get_attribute: symbol(lib, c"cuDeviceGetAttribute")?,
             cu_primary_ctx_retain: symbol(lib, c"cuDevicePrimaryCtxRetain")?,
+            cu_primary_ctx_release: symbol(lib, c"cuDevicePrimaryCtxRelease_v2")?,
             cu_primary_ctx_state: symbol(lib, c"cuDevicePrimaryCtxGetState")?,
             cu_ctx_push: symbol(lib, c"cuCtxPushCurrent_v2")?,
             cu_ctx_pop: symbol(lib, c"cuCtxPopCurrent_v2")?,

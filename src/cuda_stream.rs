@@ -121,12 +121,14 @@ pub(crate) fn current(index: usize) -> Result<Option<CuStream>> {
     // the device's primary context current around the call, where it is active: libtorch's
     // first use of its streams starts the CUDA runtime, which would otherwise take (and
     // start) the primary context of this thread's current device
-    let pushed = active_primary(f, index).map(|context| Pushed::new(f, context));
+    let primary = Primary::active(f, index);
+    let pushed = primary.as_ref().map(Primary::push).transpose()?;
     // SAFETY: libtorch's functions with their C signatures (module doc), called by the
     // shim, which catches what they throw; `stream` is one handle for it to write.
     let code =
         unsafe { perturbations_shim_current_stream(f.current, f.handle, device, &mut stream) };
     drop(pushed);
+    drop(primary);
     match code {
         0 => Ok(Some(stream)),
         _ => Err(Error::new(
@@ -153,11 +155,11 @@ pub(crate) fn context_of_pointer(pointer: u64) -> Option<*mut c_void> {
     (code == 0 && !context.is_null()).then_some(context)
 }
 
-/// The CUDA context of `stream` (None: the legacy default stream, whose context is the
-/// current one, or the driver cannot tell).
+/// The CUDA context of `stream` (None: the legacy or per-thread default stream, NULL,
+/// 0x1 or 0x2, whose context is the current one, or the driver cannot tell).
 pub(crate) fn context_of_stream(stream: CuStream) -> Option<*mut c_void> {
-    if stream.is_null() {
-        return None;
+    if (stream as usize) <= 2 {
+        return None; // (NULL and the pseudo-handles resolve in the current context)
     }
     let f = functions()?;
     let mut context: *mut c_void = std::ptr::null_mut();
@@ -200,9 +202,9 @@ pub(crate) fn check_usable(device: Device) -> Result<()> {
             ),
         ));
     }
-    // a device whose primary context has not started has nothing of libtorch's on it (and
-    // is not started here)
-    let Some(primary) = active_primary(f, index) else {
+    // a device whose primary context has not started has no stream of libtorch's on it
+    // (and is not started here)
+    let Some(primary) = Primary::active(f, index) else {
         return Ok(());
     };
     let Some(stream) = current(index)? else {
@@ -215,11 +217,14 @@ pub(crate) fn check_usable(device: Device) -> Result<()> {
         return Ok(());
     }
     let mut status: c_int = 0;
-    let pushed = ((stream as usize) == 2).then(|| Pushed::new(f, primary));
+    let pushed = ((stream as usize) == 2)
+        .then(|| primary.push())
+        .transpose()?;
     // SAFETY: a stream handle libtorch gave (the per-thread one with its device's primary
     // context current); the output is one CUstreamCaptureStatus.
     let code = unsafe { (f.driver.cu_stream_is_capturing)(stream, &mut status) };
     drop(pushed);
+    drop(primary);
     // CU_STREAM_CAPTURE_STATUS_NONE = 0, _ACTIVE = 1, _INVALIDATED = 2
     let why = match (code, status) {
         (0, 0) => return Ok(()),
@@ -264,65 +269,74 @@ fn foreign_context(f: &Functions) -> Option<*mut c_void> {
         if active == 0 {
             return Some(context); // (the primary context is not even started)
         }
-        (primary(f, device)? != context).then_some(context)
+        let primary = Primary::active(f, usize::try_from(device).ok()?)?;
+        (primary.context != context).then_some(context)
     }
 }
 
-/// CUDA device `index`'s primary context when it is active (started), else None (also
-/// where the driver cannot tell). The driver's device numbers are the runtime's.
-fn active_primary(f: &Functions, index: usize) -> Option<*mut c_void> {
-    let device = c_int::try_from(index).ok()?;
-    let (mut flags, mut active): (std::ffi::c_uint, c_int) = (0, 0);
-    // SAFETY: valid out-pointers, each written with one value of its type.
-    let code = unsafe { (f.driver.cu_primary_ctx_state)(device, &mut flags, &mut active) };
-    (code == 0 && active != 0)
-        .then(|| primary(f, device))
-        .flatten()
+/// A device's primary context, retained for the guard's life (released when dropped): a
+/// handle held no longer than a call, so that an application's reset of the context
+/// (`cudaDeviceReset`) leaves no stale handle here.
+struct Primary<'a> {
+    f: &'a Functions,
+    device: c_int,
+    context: *mut c_void,
 }
 
-/// A context pushed on this thread, popped when dropped.
-struct Pushed<'a>(&'a Functions, bool);
-
-impl<'a> Pushed<'a> {
-    fn new(f: &'a Functions, context: *mut c_void) -> Pushed<'a> {
-        // SAFETY: an active primary context, retained (so alive); pushing it makes it
-        // current on this thread until the pop below.
-        Pushed(f, unsafe { (f.driver.cu_ctx_push)(context) } == 0)
+impl<'a> Primary<'a> {
+    /// CUDA device `index`'s primary context when it is active (started), else None (also
+    /// where the driver cannot tell or refuses). The driver's device numbers are the
+    /// runtime's. Nothing is started: an inactive context is left so.
+    fn active(f: &'a Functions, index: usize) -> Option<Primary<'a>> {
+        let device = c_int::try_from(index).ok()?;
+        let (mut flags, mut active): (std::ffi::c_uint, c_int) = (0, 0);
+        let mut context: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointers, each written with one value of its type; the
+        // context is active, so retaining it counts a reference (released by Drop).
+        unsafe {
+            if (f.driver.cu_primary_ctx_state)(device, &mut flags, &mut active) != 0 || active == 0
+            {
+                return None;
+            }
+            if (f.driver.cu_primary_ctx_retain)(&mut context, device) != 0 || context.is_null() {
+                return None;
+            }
+        }
+        Some(Primary { f, device, context })
     }
-}
 
-impl Drop for Pushed<'_> {
-    fn drop(&mut self) {
-        if self.1 {
-            let mut popped: *mut c_void = std::ptr::null_mut();
-            // SAFETY: pops the context this guard pushed on this thread.
-            unsafe { (self.0.driver.cu_ctx_pop)(&mut popped) };
+    /// The context made current on this thread until the guard returned is dropped
+    /// (TORCH_ERROR when the driver refuses).
+    fn push(&self) -> Result<Pushed<'a>> {
+        // SAFETY: a retained (so live) context; current on this thread until the pop.
+        match unsafe { (self.f.driver.cu_ctx_push)(self.context) } {
+            0 => Ok(Pushed(self.f)),
+            code => Err(Error::new(
+                Status::TorchError,
+                format!(
+                    "cuCtxPushCurrent of a device's primary context returned CUDA error {code}"
+                ),
+            )),
         }
     }
 }
 
-/// Device `device`'s primary context, retained once per process and device (never
-/// released: it lives as long as the process, as libtorch's does); None for a device
-/// beyond the first 64 or when the driver refuses. (A primary context reset by the
-/// application, `cudaDeviceReset`, may come back as a new handle: calls on that thread are
-/// then refused as in another context, as the noise kernel, loaded in the old one, could
-/// not run there either.)
-fn primary(f: &Functions, device: c_int) -> Option<*mut c_void> {
-    use std::sync::atomic::{AtomicPtr, Ordering};
-    static PRIMARY: [AtomicPtr<c_void>; 64] = [const { AtomicPtr::new(std::ptr::null_mut()) }; 64];
-    let slot = PRIMARY.get(usize::try_from(device).ok()?)?;
-    let known = slot.load(Ordering::Acquire);
-    if !known.is_null() {
-        return Some(known);
+impl Drop for Primary<'_> {
+    fn drop(&mut self) {
+        // SAFETY: releases the reference `active` took.
+        unsafe { (self.f.driver.cu_primary_ctx_release)(self.device) };
     }
-    let mut context: *mut c_void = std::ptr::null_mut();
-    // SAFETY: a valid out-pointer; the device's primary context is active (the caller
-    // checked), so retaining it only counts a reference (two racing threads count two).
-    if unsafe { (f.driver.cu_primary_ctx_retain)(&mut context, device) } != 0 || context.is_null() {
-        return None;
+}
+
+/// A context pushed on this thread ([`Primary::push`]), popped when dropped.
+struct Pushed<'a>(&'a Functions);
+
+impl Drop for Pushed<'_> {
+    fn drop(&mut self) {
+        let mut popped: *mut c_void = std::ptr::null_mut();
+        // SAFETY: pops the context this guard's push made current on this thread.
+        unsafe { (self.0.driver.cu_ctx_pop)(&mut popped) };
     }
-    slot.store(context, Ordering::Release);
-    Some(context)
 }
 
 #[cfg(test)]

@@ -195,7 +195,7 @@ fn auto_device(host_solver: bool, cuda_devices: usize) -> Device {
 
 /// Whether a call on CUDA device `index` can run on this thread now: fails
 /// (DEVICE_UNAVAILABLE) when there is no such device, in a child forked after its parent
-/// started CUDA, when libtorch's current stream of that device on this thread is capturing
+/// started CUDA through this library (`cuda_libraries::forked_after_cuda`), when libtorch's current stream of that device on this thread is capturing
 /// a CUDA graph (or in an invalidated capture), or when a CUDA context other than a
 /// device's primary context is current on this thread (PyCUDA's, a torch green
 /// context's); TORCH_ERROR when libtorch cannot give its current stream. On a machine with

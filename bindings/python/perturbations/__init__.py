@@ -18,6 +18,8 @@ wrong arguments are also `ValueError`, the rest `RuntimeError`. Handles own libr
 memory: `close()` or `with` frees it at once, garbage collection otherwise.
 """
 
+import sys
+
 from . import _native
 from ._native import library_path as _library_path
 from .config import Config
@@ -51,10 +53,16 @@ def cuda_check_thread(device):
     a CUDA graph, and no CUDA context other than a device's primary one (PyCUDA's, a torch
     green context) is current here. The package
     checks this itself before it copies a CUDA tensor to the host for a call."""
-    from .errors import InvalidArgumentError, _check
+    from .errors import DeviceUnavailableError, InvalidArgumentError, _check
     device = int(device)
     if not -2**31 <= device < 2**31:
         raise InvalidArgumentError(2, f"device must be a CUDA device index >= 0, got {device}")
+    torch = sys.modules.get("torch")
+    if device >= 0 and torch is not None and torch.cuda._is_in_bad_fork():
+        # (torch started CUDA in the parent; the library knows of forks after its own start)
+        raise DeviceUnavailableError(5, "this process was forked from one that had started CUDA, and CUDA "
+                                        "cannot be used in such a child (make CUDA ops and tensors in the "
+                                        "child, or start it with spawn)")
     _check(_native.lib.pert_cuda_check_thread(device))
 
 

@@ -37,10 +37,8 @@ def as_host(x, what):
             # the current stream, another library's CUDA context current), before any CUDA
             # work of this package's (the copy below would fail in the capture, or run in
             # the wrong context)
-            from ._native import lib
-            from .errors import _check
-            _check(lib.pert_cuda_check_thread(device.index if device.index is not None
-                                              else torch.cuda.current_device()))
+            from . import cuda_check_thread
+            cuda_check_thread(device.index if device.index is not None else torch.cuda.current_device())
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
         x = x.detach().resolve_neg()  # (a negative view's values, not its memory's)
         if x.dtype == torch.float32 and device.type == "cpu":

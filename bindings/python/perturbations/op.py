@@ -1002,7 +1002,8 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
     # library's CUDA context current), made here: the helper thread is not this one
     cuda = _cuda_index(op)
     if cuda is not None:
-        _check(lib.pert_cuda_check_thread(cuda))
+        from . import cuda_check_thread
+        cuda_check_thread(cuda)
     box = {}
     done = threading.Lock()  # held while the call runs: released by the helper at its end
     done.acquire()
@@ -1054,16 +1055,17 @@ def _run_interruptibly(op, h, fn, raw, keep, lock, claim):
 
 
 def _cuda_index(op):
-    """The CUDA device a long call of `op` computes on, where torch has started CUDA in
-    this process (None otherwise, or for an op on the CPU): "cuda" or "cuda:N" ops, and
-    "auto" built-ins, which go to CUDA device 0 when there is one (their small calls run on
-    the CPU, but a long call is not small)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
-        return None
+    """The CUDA device a long call of `op` computes on (None for an op on the CPU): "cuda"
+    or "cuda:N" ops; and "auto" built-ins where torch has started CUDA in this process,
+    which go to CUDA device 0 when there is one (a long call of theirs is usually not one
+    of the small calls that run on the CPU, but may be: such a call is then refused under
+    a capture or another context, as one on CUDA would be)."""
     device = str(op._settings.get("device", "auto"))
     if device.startswith("cuda"):
         return int(device.split(":", 1)[1]) if ":" in device else 0
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
     if device == "auto" and op._recipe[0] == "builtin" and lib.pert_cuda_device_count() > 0:
         return 0
     return None

@@ -40,7 +40,7 @@ import weakref
 
 import torch
 
-from . import _compile
+from . import _compile, cuda_check_thread
 from .errors import InvalidArgumentError, NonFiniteInputError
 from .op import Op
 
@@ -103,6 +103,8 @@ def _product(tape, which, v):
         raise InvalidArgumentError(2, f"perturbations: a {which} product needs [..., {', '.join(map(str, per))}],"
                                       f" got {list(v.shape)}")
     lead = tuple(v.shape[:v.dim() - k])
+    if lead and v.is_cuda and not torch.compiler.is_compiling():  # (the library's checks, first)
+        cuda_check_thread(v.device.index)
     fn = tape.vjp if which == "vjp" else tape.jvp
     if not lead:
         try:
@@ -363,6 +365,8 @@ def fenchel_young(op: Op, theta: torch.Tensor, y_true, reduction: str = "none") 
     _check_reduction(reduction)
     if not isinstance(theta, torch.Tensor):
         theta = torch.as_tensor(theta)
+    if theta.is_cuda and not torch.compiler.is_compiling():  # (the library's checks, first)
+        cuda_check_thread(theta.device.index)
     dtype = theta.dtype if theta.dtype.is_floating_point else torch.float32
     y = torch.as_tensor(y_true, device=theta.device)
     y = y.to(dtype)
