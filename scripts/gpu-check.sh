@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (issues 15 and 33), meant for the device machine: libtorch_cuda loaded on
-# demand, the closed-form C harness and the Rust comparison of CUDA ops with the CPU on
-# device "cuda", the rest of the C and Rust tests on a machine that has a GPU, and the GPU
-# table (bench/gpu.py). Needs the files of `make gpu-files` (built elsewhere, carried
+# demand, libtorch's current stream, graph capture, racing threads, other CUDA contexts
+# and hidden devices (tests/gpu/streams.py) and the c10 stream ABI, the closed-form C
+# harness and the Rust comparison of CUDA ops with the CPU on device "cuda", the rest of
+# the C and Rust tests on a machine that has a GPU, and the GPU table (bench/gpu.py). Needs the files of `make gpu-files` (built elsewhere, carried
 # here) and the machine's python3 with torch. Writes the table to $OUT/gpu_table.md when
 # OUT is set.
 #
