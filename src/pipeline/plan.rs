@@ -53,7 +53,9 @@ impl OpSpec {
     }
 
     /// Checks the shape, kind and values of `x` (named `name` in errors), an input of
-    /// `samples` rows per problem; returns it as `[batch, d]` on the op's device.
+    /// `samples` rows per problem; returns it as `[batch, d]` on the op's device. (Whether
+    /// this thread may use that device now, `cuda_stream::check_usable`, its callers have
+    /// checked: they take the spec from `PerturbedOp::spec_here` or `spec_for`.)
     pub(crate) fn check_input(&self, x: &Tensor, name: &str, samples: usize) -> Result<Tensor> {
         let size = x.size();
         if size.len() != self.input_shape.len() + 1 || size[1..] != self.input_shape[..] {
@@ -69,8 +71,6 @@ impl OpSpec {
         let batch = size[0] as usize;
         self.check_rows(batch, samples)?;
         check_floats(x, name)?;
-        // (a host input copied to a CUDA op's device, under a graph capture: refused)
-        crate::cuda_stream::check_usable(self.device)?;
         Ok(x.f_to_device(self.device)?
             .f_reshape([batch as i64, self.input_numel as i64])?)
     }
