@@ -29,8 +29,9 @@ fn runtime_version() -> Option<i32> {
 /// start), libtorch's CUDA libraries and runtime, the CUDA devices libtorch sees (and why
 /// fewer than the driver), NVRTC, the noise path of each CUDA device (`fused kernel`
 /// with the form of its code, or `libtorch operations (the slow path)` and why), the
-/// stream the kernel is ordered on (where a device is seen), and the CPU's. On a machine with a CUDA driver, making it loads libtorch's CUDA libraries and
-/// the noise kernel on each device, as the first CUDA op would.
+/// stream the kernel is ordered on (where it runs on a device), and the CPU's. On a
+/// machine with a CUDA driver, making it loads libtorch's CUDA libraries and the noise
+/// kernel on each device, as the first CUDA op would.
 pub fn device_report() -> String {
     let mut out = String::new();
     let mut line = |name: &str, value: &str| {
@@ -87,6 +88,7 @@ pub fn device_report() -> String {
         },
     );
     let devices = driver.and_then(|d| d.devices.ok()).unwrap_or_default();
+    let mut kernel_somewhere = false;
     for index in 0..count {
         let what = devices.get(index).map_or(String::new(), |d| {
             format!(" ({}, sm_{}{})", d.name, d.capability.0, d.capability.1)
@@ -99,13 +101,16 @@ pub fn device_report() -> String {
                 .into()
         } else {
             match crate::cuda_noise::status(index) {
-                Ok(form) => format!("fused kernel, {form}"),
+                Ok(form) => {
+                    kernel_somewhere = true;
+                    format!("fused kernel, {form}")
+                }
                 Err(why) => format!("libtorch operations (the slow path): {why}"),
             }
         };
         line(&format!("noise on cuda:{index}{what}"), &path);
     }
-    if count > 0 && !crate::cuda_libraries::forked_after_cuda() {
+    if kernel_somewhere {
         line("CUDA noise kernel runs on", crate::cuda_stream::ordering());
     }
     let simd = if crate::fastmath::has_avx512() {

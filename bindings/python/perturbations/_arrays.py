@@ -38,7 +38,7 @@ def as_host(x, what):
             # work of this package's (the copy below would fail in the capture, or run in
             # the wrong context)
             from . import cuda_check_thread
-            cuda_check_thread(device.index if device.index is not None else torch.cuda.current_device())
+            cuda_check_thread(device.index)  # (a CUDA tensor's device has its index)
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
         x = x.detach().resolve_neg()  # (a negative view's values, not its memory's)
         if x.dtype == torch.float32 and device.type == "cpu":
