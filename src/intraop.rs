@@ -100,6 +100,28 @@ thread_local! {
     /// libtorch's per-thread set-up has run on this thread (under a guard, which put the
     /// thread's own OpenMP count back after it): later calls cannot have it overwritten.
     static SET_UP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// libtorch's per-thread operation state exists on this thread ([`prepare_thread`]).
+    static PREPARED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes libtorch's per-thread operation state on this thread, once, inside the foreign
+/// fork gate. A thread's first libtorch operation builds its record-function state, which
+/// copies the process-wide callbacks under a mutex of libtorch's that no fork handler
+/// protects: a child forked while another thread's first operation held it hung at its
+/// own first operation (1 fork in about 20,000 in the C fork sweep). Called where the C
+/// boundary begins a fallible call, before any libtorch work; cheap after the first time.
+/// A failure here (no memory) changes nothing: the call's own first operation then builds
+/// the state, outside the gate.
+pub(crate) fn prepare_thread() {
+    if PREPARED.with(std::cell::Cell::get) {
+        return;
+    }
+    // (any operation through libtorch's dispatcher builds the state; an empty one is the
+    // cheapest)
+    let made = crate::fork_safe::foreign(|| {
+        tch::Tensor::f_empty([0i64], (tch::Kind::Float, tch::Device::Cpu)).is_ok()
+    });
+    PREPARED.with(|p| p.set(made));
 }
 
 /// A guard that changes nothing (a call without a cap on a thread already set up).

@@ -57,13 +57,18 @@ fn out_of_memory(what: &str) -> bool {
     .any(|m| what.contains(m))
 }
 
-/// Runs a fallible body: OK on success; otherwise the error's status, with its message as
+/// Runs a fallible body, after this thread's libtorch set-up (`intraop::prepare_thread`,
+/// for forks): OK on success; otherwise the error's status, with its message as
 /// this thread's last error. A panic becomes `PERT_STATUS_PANIC` (`PERT_STATUS_TORCH_ERROR`
 /// when it is an allocation that failed).
 pub(crate) fn guard(f: impl FnOnce() -> Result<()>) -> pert_status {
     #[cfg(pert_fault_injection)]
     panic_on_failed_allocations();
-    match catch_unwind(AssertUnwindSafe(f)) {
+    let call = || {
+        crate::intraop::prepare_thread(); // (before any libtorch work: see there)
+        f()
+    };
+    match catch_unwind(AssertUnwindSafe(call)) {
         Ok(Ok(())) => PERT_STATUS_OK,
         Ok(Err(err)) => {
             set_last_error(err.message());
