@@ -172,6 +172,10 @@ static bool a_childs_first_call_never_hangs_on_a_lock_of_the_parents_first_calls
   first_calls f = {0};
   int64_t shape[] = {FD};
   CHECK_OK(pert_op_new_builtin(c, PERT_BUILTIN_ARGMAX, 0, shape, 1, &f.op));
+  /* one call first: libtorch sets up each of its operations once per process, under
+   * locks no fork handler can reach (README, "fork()"); the threads' first calls follow */
+  one_first_call(&f);
+  CHECK(!atomic_load(&f.failed));
   enum { STARTERS = 4 };
   pthread_t threads[STARTERS];
   for (int i = 0; i < STARTERS; i++) CHECK(pthread_create(&threads[i], NULL, start_first_calls, &f) == 0);
