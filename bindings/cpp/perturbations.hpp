@@ -151,10 +151,16 @@ enum class Builtin : uint32_t { Argmax = PERT_BUILTIN_ARGMAX, TopK = PERT_BUILTI
 /// The library's version string.
 inline std::string version() { return pert_version(); }
 
+/// The number of CUDA devices libtorch sees (pert_cuda_device_count): 0 where it sees none
+/// (no GPU or driver, a CPU-only libtorch, CUDA_VISIBLE_DEVICES="", a child forked after
+/// its parent started CUDA).
+inline int cuda_device_count() { return pert_cuda_device_count(); }
+
 /// Throws pert::Error (PERT_STATUS_DEVICE_UNAVAILABLE) unless a call on CUDA device
-/// `device` can run on this thread now (pert_cuda_check_thread): the device exists, its
-/// current stream here is not capturing a CUDA graph, and no CUDA context other than a
-/// device's primary one is current here. Every call on a CUDA op checks this itself.
+/// `device` (0-based) can run on this thread now (pert_cuda_check_thread): the device
+/// exists, its current stream here is not capturing a CUDA graph, and no CUDA context other
+/// than a device's primary one is current here; PERT_STATUS_INVALID_ARGUMENT for a negative
+/// `device`. Every call on a CUDA op checks this itself.
 inline void cuda_check_thread(int device) { detail::check(pert_cuda_check_thread(device)); }
 
 /// What this process found of CUDA and how each device draws its noise

@@ -56,6 +56,27 @@ void test_config_errors() {
   EXPECT(report.find("noise on the CPU: ") != std::string::npos && report.back() == '\n');
 }
 
+// pert::cuda_check_thread: no exception for each device, DEVICE_UNAVAILABLE beyond them,
+// INVALID_ARGUMENT for a negative ordinal (on any machine, with or without a GPU)
+void test_cuda_check_thread() {
+  int count = pert::cuda_device_count();
+  for (int d = 0; d < count; d++) pert::cuda_check_thread(d);
+  try {
+    pert::cuda_check_thread(count);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_DEVICE_UNAVAILABLE);
+    EXPECT(std::string(e.what()).find("does not exist") != std::string::npos);
+  }
+  try {
+    pert::cuda_check_thread(-1);
+    EXPECT(false);
+  } catch (const pert::Error& e) {
+    EXPECT(e.status() == PERT_STATUS_INVALID_ARGUMENT);
+    EXPECT(std::string(e.what()).find("got -1") != std::string::npos);
+  }
+}
+
 void test_forward_tape_and_loss() {
   pert::Config c;
   c.num_samples(20000).sigma(0.5).noise(pert::Noise::Gumbel).device("cpu");
@@ -607,6 +628,7 @@ int main() {
   test_batch_zero_gives_an_empty_tape();
   test_fenchel_young_gradient_of_the_target();
   test_config_errors();
+  test_cuda_check_thread();
   test_forward_tape_and_loss();
   test_throwing_solver_reaches_the_caller_intact();
   test_member_functions_and_functors();
