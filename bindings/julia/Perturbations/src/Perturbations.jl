@@ -148,13 +148,12 @@ defaults (1000 samples, σ 0.05, Normal noise, seed 0, device "auto", 1 thread, 
 mutable struct Config
     handle::Ptr{Cvoid}
     threads::UInt32
-    sense::UInt32
     # a config around a handle the library made (`copy`), which it then owns
-    Config(handle::Ptr{Cvoid}, threads::UInt32, sense::UInt32) = finalizer(free!, new(handle, threads, sense))
+    Config(handle::Ptr{Cvoid}, threads::UInt32) = finalizer(free!, new(handle, threads))
     function Config(; kwargs...)
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(@ccall libperturbations.pert_config_new(out::Ref{Ptr{Cvoid}})::UInt32)
-        c = finalizer(free!, new(out[], UInt32(1), SENSE_MAXIMIZE))
+        c = finalizer(free!, new(out[], UInt32(1)))
         for (key, value) in kwargs
             set!(c, Val(key), value)
         end
@@ -192,10 +191,7 @@ set!(c::Config, ::Val{:max_threads}, v) = check(@ccall libperturbations.pert_con
 set!(c::Config, ::Val{:perturbation}, v) = check(@ccall libperturbations.pert_config_set_perturbation(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 set!(c::Config, ::Val{:baseline}, v) = check(@ccall libperturbations.pert_config_set_baseline(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 set!(c::Config, ::Val{:antithetic}, v) = check(@ccall libperturbations.pert_config_set_antithetic(c::Ptr{Cvoid}, Bool(v)::Bool)::UInt32)
-function set!(c::Config, ::Val{:sense}, v)
-    check(@ccall libperturbations.pert_config_set_sense(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
-    c.sense = UInt32(v)
-end
+set!(c::Config, ::Val{:sense}, v) = check(@ccall libperturbations.pert_config_set_sense(c::Ptr{Cvoid}, UInt32(v)::UInt32)::UInt32)
 
 # Symbols for the enumerated settings
 const SYMBOLS = Dict(
@@ -224,7 +220,7 @@ set!(::Config, ::Val{K}, _) where {K} = throw(ArgumentError("unknown Config sett
 function Base.copy(c::Config)
     out = Ref{Ptr{Cvoid}}(C_NULL)
     check(@ccall libperturbations.pert_config_clone(c::Ptr{Cvoid}, out::Ref{Ptr{Cvoid}})::UInt32)
-    return Config(out[], c.threads, c.sense)
+    return Config(out[], c.threads)
 end
 
 """`describe(c::Config)`: every setting as `name=value` lines (`pert_config_describe`); two
@@ -397,7 +393,6 @@ mutable struct Op
     busy::Bool                 # a call runs (a solver may not call its own op)
     d::Int
     o::Int
-    sense::UInt32
     workers::Bool              # made with info=true: solves run on the op's worker threads
     init::Any
     fini::Any
@@ -412,7 +407,7 @@ mutable struct Op
         info || device || config.threads == 1 ||
             throw(ArgumentError("Julia solvers run on one thread: the config must have threads = 1 (or use info=true)"))
         op = new(C_NULL, solver, nothing, ReentrantLock(), false, prod(input_shape; init=1), prod(output_shape; init=1),
-            config.sense, info, init, fini, Threads.SpinLock())
+            info, init, fini, Threads.SpinLock())
         ins = Int64[reverse(collect(input_shape))...]    # Julia column-major = C row-major reversed
         outs = Int64[reverse(collect(output_shape))...]
         out = Ref{Ptr{Cvoid}}(C_NULL)
@@ -445,7 +440,7 @@ mutable struct Op
         check(@ccall libperturbations.pert_op_new_external(config::Ptr{Cvoid}, ins::Ptr{Int64}, length(ins)::Csize_t,
             outs::Ptr{Int64}, length(outs)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
         return finalizer(release!, new(out[], nothing, nothing, ReentrantLock(), false, prod(input_shape; init=1),
-            prod(output_shape; init=1), config.sense, false, nothing, nothing, Threads.SpinLock()))
+            prod(output_shape; init=1), false, nothing, nothing, Threads.SpinLock()))
     end
     function Op(config::Config, builtin::UInt32; input_shape, k::Integer=0)
         ins = Int64[reverse(collect(input_shape))...]
@@ -453,7 +448,7 @@ mutable struct Op
         check(@ccall libperturbations.pert_op_new_builtin(config::Ptr{Cvoid}, builtin::UInt32, Int64(k)::Int64,
             ins::Ptr{Int64}, length(ins)::Csize_t, out::Ref{Ptr{Cvoid}})::UInt32)
         n = prod(input_shape; init=1)
-        return finalizer(release!, new(out[], nothing, nothing, ReentrantLock(), false, n, n, config.sense, false, nothing,
+        return finalizer(release!, new(out[], nothing, nothing, ReentrantLock(), false, n, n, false, nothing,
             nothing, Threads.SpinLock()))
     end
 end
