@@ -597,15 +597,21 @@ fn libtorch_path_matches_the_host_paths(device: tch::Device, set: impl Fn(&mut C
             );
             assert_eq!(ta.keeps_samples(), tb.keeps_samples(), "{what}");
             let scale = 1.0 + f64::try_from(ya.abs().max()).unwrap();
-            let flipped = if device.is_cuda() {
-                flips(&ya, &yb, n, &what)
-            } else {
-                0.0
+            // y equal up to rounding, plus (on a GPU) whole flipped samples: how many
+            let same_y = |yb: &Tensor, what: &str| {
+                let flipped = if device.is_cuda() {
+                    flips(&ya, yb, n, what)
+                } else {
+                    0.0
+                };
+                let diff = max_abs(&ya, yb);
+                assert!(
+                    diff < 1e-5 * scale + flipped / n as f64,
+                    "{what}: y by {diff}"
+                );
+                flipped
             };
-            assert!(
-                max_abs(&ya, &yb) < 1e-5 * scale + flipped / n as f64,
-                "{what}"
-            );
+            let flipped = same_y(&yb, &what);
             // a flipped sample's term: (Y − c)·s·col / σ, Y − c moving by 1 in two outputs
             // (and c by 1/N), |s| < 6 (Normal) or 16 (Gumbel's score), col = 1/|θ| ≤ 10
             // (multiplicative) or 1
@@ -651,15 +657,7 @@ fn libtorch_path_matches_the_host_paths(device: tch::Device, set: impl Fn(&mut C
                 let mut sol = vec![0f32; draw.count() * 5];
                 argmax(draw.inputs(), draw.count(), &mut sol).unwrap();
                 let (yd, _) = draw.finish(&sol, false).unwrap();
-                let flipped = if device.is_cuda() {
-                    flips(&ya, &yd, n, &what)
-                } else {
-                    0.0
-                };
-                assert!(
-                    max_abs(&ya, &yd) < 1e-5 * scale + flipped / n as f64,
-                    "two-phase {what}"
-                );
+                same_y(&yd, &format!("two-phase {what}"));
             }
         }
     }
