@@ -32,7 +32,9 @@ static inline void print_stacks(pid_t pid) {
  * up to 20 s (a child still running then is CHILD_HUNG: its stacks are printed, and it is
  * killed). A failed fork or a child's non-zero exit is CHILD_FAILED (said on stderr). */
 static inline child_end fork_and_wait(int (*body)(void *), void *arg) {
+  pid_t parent = getpid();
   pid_t child = fork();
+  (void)parent; /* (read only on Linux) */
   if (child < 0) {
     perror("  fork");
     return CHILD_FAILED;
@@ -41,6 +43,7 @@ static inline child_end fork_and_wait(int (*body)(void *), void *arg) {
 #if defined(__linux__)
     prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY); /* (Yama: gdb, not an ancestor, may attach) */
     prctl(PR_SET_PDEATHSIG, SIGKILL);          /* (no orphan if the parent dies) */
+    if (getppid() != parent) _exit(4);         /* (it died before that) */
 #endif
     alarm(120); /* (and no child outlives a parent stuck in gdb) */
     _exit(body(arg));
