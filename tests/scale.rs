@@ -470,15 +470,28 @@ fn auto_runs_small_builtin_calls_on_the_cpu_on_a_gpu() {
     assert!(max_abs(&ya, &yg) < 1e-6, "{}", max_abs(&ya, &yg));
 }
 
-/// The most samples of a problem whose solutions may flip between two draws of the same
-/// noise rounded differently (see [`flips`]). A flip needs two of a sample's perturbed
-/// inputs within the rounding difference of each other (under 1e-6 here: 0.4 times the
+/// σ of the comparison of the libtorch path with the host paths.
+const SIGMA: f64 = 0.4;
+
+/// The most samples of a problem of `n` whose solutions may flip between two draws of the
+/// same noise rounded differently (see [`flips`]). A flip needs two of a sample's perturbed
+/// inputs within the rounding difference of each other (under 1e-6 here: σ = 0.4 times the
 /// noise values' difference of a few ulps), and the gaps between this test's perturbed
 /// inputs have densities below 3 near 0 (additive Normal 0.71, Gumbel 0.63, the
 /// multiplicative pair 0.1 and 0.2 about 2.7), over at most 10 pairs of outputs (ranks):
-/// under 1e-4 of the samples, so under 0.2 flips are expected per problem of N = 2000,
-/// and more than 4 in one problem has odds below 3e-6 (Poisson).
-const MAX_FLIPS: f64 = 4.0;
+/// under 1e-4 of the samples flip, λ = 1e-4·n are expected per problem, and this is the
+/// least count that more flips exceed with odds below 3e-6 (Poisson): 4 at n = 2000 (λ =
+/// 0.2), 1 at n = 4.
+fn max_flips(n: u64) -> f64 {
+    let lambda = 1e-4 * n as f64;
+    let (mut k, mut term, mut below) = (0.0, (-lambda).exp(), (-lambda).exp());
+    while 1.0 - below >= 3e-6 {
+        k += 1.0;
+        term *= lambda / k;
+        below += term;
+    }
+    k
+}
 
 /// The largest number of flipped samples of a problem between `ya` and `yb`, means over
 /// `n` samples of one draw each of the same noise where the two draws round differently:
@@ -488,7 +501,7 @@ const MAX_FLIPS: f64 = 4.0;
 /// y then moves by 1/N in two entries. Checks that y's differences have that form (each
 /// entry of N·(ya − yb) a whole number, up to float32 rounding, for N up to about 10⁴;
 /// summing to 0 over each problem, as a moved 1 or a swap does; a lost or doubled sample
-/// does not), and that no problem has more than [`MAX_FLIPS`]. The count is a lower
+/// does not), and that no problem has more than [`max_flips`]. The count is a lower
 /// bound: two opposite flips of one problem cancel in y (odds about λ²/8 a problem, λ
 /// the expected flips, under 0.005 at λ = 0.2, under 3e-4 at the likelier λ ≲ 0.05), and
 /// the seeds are fixed, so a machine where that happens fails the products' checks each
@@ -511,9 +524,10 @@ fn flips(ya: &Tensor, yb: &Tensor, n: u64, what: &str) -> f64 {
     );
     let per_problem = whole.abs().sum_dim_intlist(1, false, Kind::Double) / 2.0;
     let most = f64::try_from(per_problem.max()).unwrap();
+    let most_expected = max_flips(n);
     assert!(
-        most <= MAX_FLIPS,
-        "{what}: {most} samples of a problem flipped (at most {MAX_FLIPS} expected)"
+        most <= most_expected,
+        "{what}: {most} samples of a problem flipped (at most {most_expected} expected)"
     );
     if most > 0.0 {
         eprintln!("{what}: up to {most} flipped samples a problem (rounding at a tie)");
@@ -535,6 +549,7 @@ fn flips_counts_whole_flipped_samples_and_nothing_else() {
         }
         yb
     };
+    assert_eq!((max_flips(2000), max_flips(4)), (4.0, 1.0));
     assert_eq!(flips(&ya, &ya, n, "same"), 0.0);
     // one sample of problem 0 moves its 1 from output 1 to output 3; two of problem 1
     let yb = moved(&[(1, -step), (3, step), (6, -2.0 * step), (7, 2.0 * step)]);
@@ -593,7 +608,7 @@ fn libtorch_path_matches_the_host_paths(device: tch::Device, set: impl Fn(&mut C
             (Noise::Normal, false, true, Baseline::None, 1),
         ] {
             let n = if name.starts_with("small") { 4 } else { 2000 };
-            let mut host = config(noise, 0.4, n, 21);
+            let mut host = config(noise, SIGMA, n, 21);
             host.set_antithetic(antithetic).set_baseline(baseline);
             if multiplicative {
                 host.set_perturbation(perturbations::Perturbation::Multiplicative);
@@ -633,7 +648,7 @@ fn libtorch_path_matches_the_host_paths(device: tch::Device, set: impl Fn(&mut C
             // (multiplicative) or 1
             let s_bound = if noise == Noise::Normal { 6.0 } else { 16.0 };
             let col = if multiplicative { 10.0 } else { 1.0 };
-            let flip_j = flipped * 2.0 * s_bound * col / 0.4 / n as f64;
+            let flip_j = flipped * 2.0 * s_bound * col / SIGMA / n as f64;
             let j = ta.jacobian().unwrap();
             let jscale = 1.0 + f64::try_from(j.abs().max()).unwrap();
             assert!(

@@ -55,8 +55,10 @@ def cuda_check_thread(device):
     checks this itself before it copies a CUDA tensor to the host for a call."""
     from .errors import DeviceUnavailableError, InvalidArgumentError, _check
     device = int(device)
-    if not -2**31 <= device < 2**31:
+    if device < -2**31:
         raise InvalidArgumentError(2, f"device must be a CUDA device index >= 0, got {device}")
+    if device >= 2**31:  # (as the library says of any index beyond its devices)
+        raise DeviceUnavailableError(5, f"CUDA device {device} does not exist")
     torch = sys.modules.get("torch")
     if device >= 0 and torch is not None and torch.cuda._is_in_bad_fork():
         # (torch started CUDA in the parent; the library knows of forks after its own start)
