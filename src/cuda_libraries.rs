@@ -123,12 +123,10 @@ pub(crate) fn driver() -> Option<Driver> {
         // parent's start)
         return Some(Driver {
             version: None,
-            devices: Err(
-                "not started here: this process was forked from one that had started \
-                          CUDA, and CUDA cannot be used in such a child (make the op in the \
-                          child, or start it with spawn)"
-                    .into(),
-            ),
+            devices: Err(format!(
+                "not started here: {FORKED_AFTER_CUDA} (make the op in the child, or start it \
+                 with spawn)"
+            )),
         });
     }
     Some(query_driver())
@@ -232,8 +230,7 @@ fn why_init_failed(error: &str, forked_after_cuda: bool) -> String {
         Err(_) => {}
     }
     if forked_after_cuda {
-        why += "; this process was forked from one that had started CUDA, and CUDA cannot \
-                be used in such a child (make the op in the child, or start it with spawn)";
+        why += &format!("; {FORKED_AFTER_CUDA} (make the op in the child, or start it with spawn)");
     }
     why
 }
@@ -355,6 +352,10 @@ fn find_driver_api() -> Option<DriverApi> {
         })
     }
 }
+
+/// What a child forked after its parent started CUDA is told, wherever it asks for CUDA.
+pub(crate) const FORKED_AFTER_CUDA: &str =
+    "this process was forked from one that had started CUDA, and CUDA cannot be used in such a child";
 
 /// Whether this process is a child forked after its parent (or an ancestor) started the
 /// CUDA driver through this library (cuInit, or the runtime's device count, which calls

@@ -208,9 +208,11 @@ pub fn check_cuda_thread(index: usize) -> Result<()> {
     if cuda_libraries::forked_after_cuda() {
         return Err(Error::new(
             Status::DeviceUnavailable,
-            "this process was forked from one that had started CUDA, and CUDA cannot be used \
-             in such a child (an \"auto\" built-in op made before the fork runs its calls on \
-             the CPU; make CUDA ops in the child, or start it with spawn)",
+            format!(
+                "{} (an \"auto\" built-in op made before the fork runs its calls on the CPU; \
+                 make CUDA ops in the child, or start it with spawn)",
+                cuda_libraries::FORKED_AFTER_CUDA
+            ),
         ));
     }
     let count = cuda_device_count();

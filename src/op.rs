@@ -454,13 +454,13 @@ impl PerturbedOp {
             Error::new(
                 crate::Status::DeviceUnavailable,
                 format!(
-                    "this op computes on CUDA device {}, but this process was forked from one \
-                     that had started CUDA, and CUDA cannot be used in such a child: make the op \
-                     in the child with device \"auto\" or \"cpu\", or start the child with spawn",
+                    "this op computes on CUDA device {}, but {}: make the op in the child with \
+                     device \"auto\" or \"cpu\", or start the child with spawn",
                     match self.spec.device {
                         tch::Device::Cuda(index) => index,
                         _ => 0,
-                    }
+                    },
+                    crate::cuda_libraries::FORKED_AFTER_CUDA
                 ),
             )
         })

@@ -96,9 +96,10 @@ pub fn device_report() -> String {
         // (in a child forked after CUDA started, the kernel's state is the parent's: not
         // looked at, nor waited for)
         let path = if crate::cuda_libraries::forked_after_cuda() {
-            "none: this process was forked from one that had started CUDA, and CUDA cannot be \
-             used here (\"auto\" built-in ops run on the CPU)"
-                .into()
+            format!(
+                "none: {} (\"auto\" built-in ops run on the CPU)",
+                crate::cuda_libraries::FORKED_AFTER_CUDA
+            )
         } else {
             match crate::cuda_noise::status(index) {
                 Ok(form) => {

@@ -37,7 +37,7 @@ namespace detail {
 // stream, no other library's context current), so that a refused call fails here with the
 // library's status rather than in the copy.
 inline ::torch::Tensor host(const ::torch::Tensor& t) {
-  if (t.is_cuda()) pert::detail::check(pert_cuda_check_thread(t.device().index()));
+  if (t.is_cuda()) pert::cuda_check_thread(t.device().index());
   return t.detach().to(::torch::kCPU, ::torch::kFloat).contiguous();
 }
 
